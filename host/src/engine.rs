@@ -1,0 +1,410 @@
+//! The Wasm engine: compiling plugins and running device instances.
+//!
+//! One [`Engine`] per process holds the wasmtime engine, the linker that defines what guests
+//! may import, and the epoch ticker that bounds how long a guest call may run. Each plugin
+//! version is compiled once into a [`CompiledPlugin`] (pre-instantiated, so creating a device's
+//! instance skips import resolution). Each live device owns one [`Instance`]: its own `Store`,
+//! memory and state, so a device can never see or corrupt another's.
+//!
+//! # What guests can reach
+//!
+//! The `wasm32-wasip2` standard library imports a handful of WASI interfaces (`wasi:io/*`, the
+//! `wasi:cli` stdio, environment and exit). Only those are linked, backed by a context that
+//! grants nothing: no arguments, an empty environment, closed stdin, stdout and stderr that
+//! discard. Clocks, randomness, filesystem and sockets are *not linked at all*, so a component
+//! that imports them is refused when it is uploaded rather than getting nondeterministic
+//! answers at run time: a guest's only view of time is the event context.
+//!
+//! # Containment
+//!
+//! * Every call runs under an epoch deadline ([`EngineConfig::call_timeout`]); a guest stuck in
+//!   a loop traps with [`CallError::Timeout`].
+//! * Each store's linear memory is capped ([`EngineConfig::max_memory`]); growing past it
+//!   fails inside the guest, which typically traps.
+//! * Outputs are bounded by the caller (see the actor), which refuses oversized transitions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "device",
+    });
+}
+
+use bindings::drover::device::host::LogLevel;
+pub use bindings::drover::device::types::EventContext;
+use bindings::{Device, DevicePre};
+
+/// The version of the WIT package this host implements.
+pub const WIT_PACKAGE: &str = "drover:device@0.1.0";
+
+/// Engine settings. Precompiled artifacts are only valid for the settings they were built
+/// with; wasmtime checks this when loading them.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Longest a single guest call may run before it is interrupted.
+    pub call_timeout: Duration,
+    /// Cap on one instance's linear memory.
+    pub max_memory: usize,
+    /// Granularity of the deadline clock. Smaller is more precise and costs a wakeup each tick.
+    pub epoch_tick: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            call_timeout: Duration::from_secs(1),
+            max_memory: 64 * 1024 * 1024,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Why a guest call did not return normally.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The guest refused on purpose (`result::err`). The instance is still good.
+    #[error("{code}: {message}")]
+    Rejected { code: String, message: String },
+    /// The guest trapped (panic, unreachable, out-of-bounds, memory cap). The instance is
+    /// poisoned and must be discarded.
+    #[error("guest trapped: {0}")]
+    Trap(String),
+    /// The guest exceeded its time budget. The instance must be discarded.
+    #[error("guest exceeded its {0:?} time budget")]
+    Timeout(Duration),
+}
+
+impl CallError {
+    /// Whether the instance must be discarded after this error.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, CallError::Rejected { .. })
+    }
+}
+
+/// Why a plugin could not be compiled or linked.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("not a valid WebAssembly component: {0}")]
+    Invalid(String),
+    #[error("component does not fit the {WIT_PACKAGE} `device` world: {0}")]
+    Incompatible(String),
+}
+
+/// Per-store data: the WASI context that grants nothing, the memory cap, and the last error
+/// the guest logged (a panicking guest logs its panic message before it traps).
+pub struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    device: Arc<str>,
+    last_error: Option<String>,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::drover::device::host::Host for GuestState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        let device = &*self.device;
+        let message: String = message.chars().take(4096).collect();
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "drover::guest", device, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "drover::guest", device, "{message}"),
+            LogLevel::Info => tracing::info!(target: "drover::guest", device, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "drover::guest", device, "{message}"),
+            LogLevel::Error => {
+                tracing::error!(target: "drover::guest", device, "{message}");
+                self.last_error = Some(message);
+            }
+        }
+    }
+}
+
+impl bindings::drover::device::types::Host for GuestState {}
+
+/// The process-wide engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: wasmtime::Engine,
+    linker: Linker<GuestState>,
+    config: EngineConfig,
+    deadline_ticks: u64,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Release);
+    }
+}
+
+impl Engine {
+    /// Builds the engine and starts its epoch ticker thread.
+    pub fn new(config: EngineConfig) -> anyhow::Result<Engine> {
+        let mut wasm = wasmtime::Config::new();
+        wasm.epoch_interruption(true);
+        // Component-model concurrency makes every call ~3x dearer and Drover calls guests
+        // synchronously, one event at a time.
+        wasm.wasm_component_model(true);
+        let engine = wasmtime::Engine::new(&wasm)?;
+
+        let mut linker = Linker::new(&engine);
+        link_granted_wasi(&mut linker)?;
+        Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let stop = stop_ticker.clone();
+        let tick = config.epoch_tick;
+        std::thread::Builder::new()
+            .name("drover-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(tick);
+                    match ticker_engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        let deadline_ticks =
+            (config.call_timeout.as_nanos() / config.epoch_tick.as_nanos().max(1)).max(1) as u64;
+        // One extra tick: the current tick may be about to end.
+        let deadline_ticks = deadline_ticks + 1;
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                config,
+                deadline_ticks,
+                stop_ticker,
+            }),
+        })
+    }
+
+    /// The settings this engine was built with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Compiles a component (or loads a precompiled artifact) and checks it against the
+    /// `device` world and the imports Drover grants.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
+        let component = Component::new(&self.inner.engine, bytes)
+            .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
+        self.prepare(component)
+    }
+
+    /// Serializes a compiled plugin so later starts can skip Cranelift (84 ms → 0.1 ms).
+    pub fn precompile(&self, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+        Ok(self.inner.engine.precompile_component(bytes)?)
+    }
+
+    /// Loads an artifact produced by [`Engine::precompile`] from a file that only Drover
+    /// writes. Fails (and the caller recompiles) if it was built by another engine config or
+    /// wasmtime version.
+    pub fn load_precompiled(&self, path: &std::path::Path) -> Result<CompiledPlugin, PluginError> {
+        // SAFETY: the file is written by `precompile` into the runtime's own data directory,
+        // content-addressed and written atomically; wasmtime still checks its header, version
+        // and engine settings before using it.
+        let component = unsafe { Component::deserialize_file(&self.inner.engine, path) }
+            .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
+        self.prepare(component)
+    }
+
+    fn prepare(&self, component: Component) -> Result<CompiledPlugin, PluginError> {
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Incompatible(explain_link_error(&e)))?;
+        let pre = DevicePre::new(pre).map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
+        Ok(CompiledPlugin {
+            engine: self.clone(),
+            pre: Arc::new(pre),
+        })
+    }
+}
+
+/// Names the capability a link failure is about, since the raw message only names an import.
+fn explain_link_error(e: &wasmtime::Error) -> String {
+    let raw = format!("{e:#}");
+    for denied in ["wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:http"] {
+        if raw.contains(denied) {
+            return format!(
+                "{raw}; Drover does not grant {denied} to guests (time and seeds come from the \
+                 event context, so that replay is deterministic)"
+            );
+        }
+    }
+    raw
+}
+
+/// Links the WASI interfaces the Rust `wasm32-wasip2` std needs, and nothing else.
+fn link_granted_wasi(linker: &mut Linker<GuestState>) -> anyhow::Result<()> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::p2::bindings::cli;
+    use wasmtime_wasi::p2::bindings::sync::io;
+
+    struct HasIo;
+    impl wasmtime::component::HasData for HasIo {
+        type Data<'a> = &'a mut ResourceTable;
+    }
+    let l = linker;
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<GuestState, HasIo>(l, |t| {
+        &mut t.table
+    })?;
+    io::poll::add_to_linker::<GuestState, HasIo>(l, |t| &mut t.table)?;
+    io::streams::add_to_linker::<GuestState, HasIo>(l, |t| &mut t.table)?;
+    cli::exit::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::environment::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::stdin::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::stdout::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::stderr::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::terminal_input::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::terminal_output::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::terminal_stdin::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::terminal_stdout::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    cli::terminal_stderr::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
+    Ok(())
+}
+
+/// A plugin version compiled for this engine, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    engine: Engine,
+    pre: Arc<DevicePre<GuestState>>,
+}
+
+impl CompiledPlugin {
+    /// Creates a fresh instance for `device` (state not yet initialized: call
+    /// [`Instance::init`] or [`Instance::restore`]).
+    pub fn instantiate(&self, device: Arc<str>) -> Result<Instance, CallError> {
+        let inner = &self.engine.inner;
+        let state = GuestState {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(inner.config.max_memory)
+                .instances(4)
+                .tables(16)
+                .memories(4)
+                .build(),
+            device,
+            last_error: None,
+        };
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(inner.deadline_ticks);
+        let device = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
+        Ok(Instance {
+            store,
+            device,
+            deadline_ticks: inner.deadline_ticks,
+            timeout: inner.config.call_timeout,
+        })
+    }
+}
+
+/// One device's live guest instance. Not `Sync`: exactly one actor owns it.
+pub struct Instance {
+    store: Store<GuestState>,
+    device: Device,
+    deadline_ticks: u64,
+    timeout: Duration,
+}
+
+impl Instance {
+    /// Builds the initial state from the device's JSON configuration.
+    pub fn init(&mut self, device_id: &str, config: &str) -> Result<(), CallError> {
+        self.arm();
+        let r = self.device.call_init(&mut self.store, device_id, config);
+        self.settle(r)
+    }
+
+    /// Asks the guest what `event` means; returns the transitions (JSON documents).
+    pub fn handle(&mut self, ctx: &EventContext, event: &str) -> Result<Vec<String>, CallError> {
+        self.arm();
+        let r = self.device.call_handle(&mut self.store, ctx, event);
+        self.settle(r).map(|o| o.transitions)
+    }
+
+    /// Applies one transition.
+    pub fn apply(&mut self, transition: &str) -> Result<(), CallError> {
+        self.arm();
+        let r = self.device.call_apply(&mut self.store, transition);
+        self.settle(r)
+    }
+
+    /// Serializes the state.
+    pub fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
+        self.arm();
+        let r = self.device.call_snapshot(&mut self.store).map(Ok);
+        self.settle(r)
+    }
+
+    /// Replaces the state with a snapshot.
+    pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), CallError> {
+        self.arm();
+        let r = self.device.call_restore(&mut self.store, snapshot);
+        self.settle(r)
+    }
+
+    /// The state as JSON text.
+    pub fn query(&mut self) -> Result<String, CallError> {
+        self.arm();
+        let r = self.device.call_query(&mut self.store).map(Ok);
+        self.settle(r)
+    }
+
+    fn arm(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+    }
+
+    fn settle<T>(
+        &mut self,
+        r: wasmtime::Result<Result<T, bindings::drover::device::types::DeviceError>>,
+    ) -> Result<T, CallError> {
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(CallError::Rejected {
+                code: e.code,
+                message: e.message,
+            }),
+            Err(e) => {
+                if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+                    return Err(CallError::Timeout(self.timeout));
+                }
+                let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
+                    Some(trap) => trap.to_string(),
+                    None => format!("{e:#}"),
+                };
+                if let Some(logged) = self.store.data_mut().last_error.take() {
+                    msg = format!("{msg} (guest said: {logged})");
+                }
+                Err(CallError::Trap(msg))
+            }
+        }
+    }
+}

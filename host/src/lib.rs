@@ -1,0 +1,3 @@
+//! Drover host.
+pub mod engine;
+pub mod journal;
