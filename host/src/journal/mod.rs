@@ -152,7 +152,7 @@ impl Journal {
             file.sync_all()?;
             File::open(dir)?.sync_all()?;
         }
-        let (index, recovery) = recover(&file, &path)?;
+        let (index, recovery) = recover(&file, &path, true)?;
         let reader = File::open(&path)?;
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
@@ -174,6 +174,33 @@ impl Journal {
                     shared,
                     tx: Mutex::new(Some(tx)),
                     writer: Mutex::new(Some(handle)),
+                }),
+            },
+            recovery,
+        ))
+    }
+
+    /// Opens the journal for reading only: no writer, no lock needed, and a bad tail is
+    /// reported but left on disk (the owner of the directory cuts it on its next open). For
+    /// offline tools such as `drover replay`, which may run beside a live server.
+    pub fn open_read_only(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
+        let path = dir.join(FILE_NAME);
+        let file = File::open(&path)?;
+        let (index, recovery) = recover(&file, &path, false)?;
+        let shared = Arc::new(writer::Shared {
+            index: RwLock::new(index),
+            stats: Stats::default(),
+            broken: AtomicBool::new(true),
+            inject_failures: AtomicU32::new(0),
+        });
+        Ok((
+            Journal {
+                inner: Arc::new(Inner {
+                    path,
+                    reader: file,
+                    shared,
+                    tx: Mutex::new(None),
+                    writer: Mutex::new(None),
                 }),
             },
             recovery,
@@ -326,7 +353,7 @@ impl Journal {
 }
 
 /// Scans `file` from the start, building the index; cuts a bad tail (see module docs).
-fn recover(file: &File, path: &Path) -> Result<(Index, Recovery), std::io::Error> {
+fn recover(file: &File, path: &Path, cut: bool) -> Result<(Index, Recovery), std::io::Error> {
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut index = Index::default();
@@ -367,7 +394,15 @@ fn recover(file: &File, path: &Path) -> Result<(Index, Recovery), std::io::Error
     };
     recovery.valid_len = offset;
     index.durable_len = offset;
-    if let Some((reason, torn)) = bad {
+    if let Some((reason, torn)) = bad.clone().filter(|_| !cut) {
+        recovery.dropped = Some(DroppedTail {
+            offset,
+            bytes: file_len - offset,
+            reason,
+            torn,
+            saved_to: path.to_path_buf(),
+        });
+    } else if let Some((reason, torn)) = bad {
         let saved_to = path.with_file_name(format!("{FILE_NAME}.dropped-{offset}"));
         let dropped = file_len - offset;
         let mut tail = vec![0u8; usize::try_from(dropped).unwrap_or(usize::MAX)];

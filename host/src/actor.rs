@@ -1,0 +1,386 @@
+//! The device actor: one task, one guest instance, one bounded mailbox per live device.
+//!
+//! The actor takes messages from its mailbox strictly one at a time, which is what makes a
+//! device free of races by construction: the guest never sees two events at once, and seqs
+//! are assigned in handling order.
+//!
+//! # Pipelining
+//!
+//! Handling an event costs microseconds; making it durable costs an fsync (about a
+//! millisecond). So the actor does not wait for the journal: it hands the record to the
+//! group-commit writer and moves on to its next message. The writer acknowledges records in
+//! submission order once they are durable, so a device's acks still leave in seq order and
+//! only after durability. At most [`ActorConfig::max_in_flight`] records per device may be
+//! waiting for the disk; past that the actor stops taking messages, its mailbox fills, and
+//! senders get [`Error::MailboxFull`]: backpressure reaches the client instead of memory
+//! growing.
+//!
+//! # When things break
+//!
+//! * The guest refuses an event: the sender gets [`Error::Rejected`]; no seq is used and
+//!   nothing is written. The instance is kept (refusing is normal behavior).
+//! * The guest traps or times out (in `handle` or in `apply`): the instance is discarded, the
+//!   event fails with nothing written, and the next message rebuilds the device from the
+//!   journal (invariant 2: in-memory state always equals the journal's).
+//! * A commit fails: the writer fails every unacknowledged record of this device and fences
+//!   its generation; the actor notices before its next message and rebuilds from the journal.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::clock;
+use crate::engine::{EventContext, Instance};
+use crate::error::Error;
+use crate::journal::{Entry, Fence, IndexEffect, JournalError, Record, record};
+use crate::replay::{self, DeviceHead, Start};
+use crate::runtime::Shared;
+
+/// Per-actor limits, taken from the runtime builder.
+#[derive(Debug, Clone)]
+pub struct ActorConfig {
+    /// Messages that may wait in a device's mailbox.
+    pub mailbox: usize,
+    /// Records per device that may be waiting for the disk.
+    pub max_in_flight: usize,
+    /// Take a snapshot after this many transitions since the last one (0: never).
+    pub snapshot_every: u64,
+    /// Largest total size of the transitions one event may produce.
+    pub max_output_bytes: usize,
+}
+
+/// An event that is durable: what the sender gets back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    pub at_ms: u64,
+    /// The transitions, each one JSON document.
+    pub transitions: Vec<String>,
+}
+
+/// The state of a device as of a durable seq.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub seq: u64,
+    /// The guest's `query` answer (JSON text).
+    pub state: String,
+}
+
+/// A message in an actor's mailbox.
+pub enum Message {
+    Event {
+        event: String,
+        accepted: Instant,
+        reply: oneshot::Sender<Result<Committed, Error>>,
+    },
+    Query {
+        reply: oneshot::Sender<Result<Snapshot, Error>>,
+    },
+}
+
+/// The sending side of a live actor, and its task.
+pub struct ActorHandle {
+    pub tx: mpsc::Sender<Message>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ActorHandle {
+    /// Closes the mailbox and waits until the actor has handled everything already in it.
+    pub async fn closed(self) {
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "actor task failed");
+        }
+    }
+}
+
+/// Starts the actor for `head` and returns its handle.
+pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
+    let (tx, rx) = mpsc::channel(shared.actor.mailbox);
+    let actor = Actor {
+        in_flight: Arc::new(Semaphore::new(shared.actor.max_in_flight)),
+        shared,
+        head,
+        live: None,
+        fence: Arc::new(Fence::default()),
+        generation: 0,
+    };
+    let task = tokio::spawn(actor.run(rx));
+    ActorHandle { tx, task }
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    head: DeviceHead,
+    live: Option<Live>,
+    fence: Arc<Fence>,
+    generation: u64,
+    in_flight: Arc<Semaphore>,
+}
+
+/// The instance and the bookkeeping that is only meaningful while it lives.
+struct Live {
+    instance: Instance,
+    /// Seq of the last event handled (possibly not yet durable).
+    seq: u64,
+    /// Timestamp of that event; stamps never go backwards within a device.
+    last_at_ms: u64,
+    since_snapshot: u64,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let span = tracing::debug_span!("actor", device = %self.head.id);
+        let _enter = span.enter();
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Message::Event {
+                    event,
+                    accepted,
+                    reply,
+                } => self.on_event(event, accepted, reply).await,
+                Message::Query { reply } => self.on_query(reply).await,
+            }
+        }
+    }
+
+    /// Makes sure a consistent instance is live, rebuilding it from the journal if there is
+    /// none or the journal fenced the current one.
+    async fn ensure_live(&mut self) -> Result<(), Error> {
+        let fenced = self.generation > 0 && self.fence.is_failed(self.generation);
+        if fenced {
+            tracing::warn!("commit failed under this actor: rebuilding from the journal");
+            self.live = None;
+        }
+        if self.live.is_none() {
+            // Records this actor already submitted must be durable (or failed) before the
+            // journal is read, or the rebuild would miss them.
+            self.shared.journal.barrier().await?;
+            self.generation = self.fence.next_generation();
+            self.head = DeviceHead::load(&self.shared.journal, &self.head.id)?;
+            let shared = self.shared.clone();
+            let head = self.head.clone();
+            // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
+            let rebuilt = replay::rebuild(
+                &shared.journal,
+                &shared.registry,
+                &head,
+                head.seq,
+                Start::Snapshot,
+            )?;
+            self.shared
+                .metrics
+                .activations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(
+                seq = rebuilt.seq,
+                snapshot = ?rebuilt.snapshot,
+                applied = rebuilt.applied,
+                "activated"
+            );
+            self.live = Some(Live {
+                instance: rebuilt.instance,
+                seq: rebuilt.seq,
+                last_at_ms: rebuilt.last_at_ms,
+                since_snapshot: rebuilt.applied,
+            });
+        }
+        Ok(())
+    }
+
+    async fn on_event(
+        &mut self,
+        event: String,
+        accepted: Instant,
+        reply: oneshot::Sender<Result<Committed, Error>>,
+    ) {
+        let permit = match self.in_flight.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => {
+                let _ = reply.send(Err(Error::ShuttingDown));
+                return;
+            }
+        };
+        if let Err(e) = self.ensure_live().await {
+            self.shared.metrics.error(e.code());
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let Some(live) = self.live.as_mut() else {
+            let _ = reply.send(Err(Error::Internal("no live instance".into())));
+            return;
+        };
+        let seq = live.seq + 1;
+        let at_ms = clock::now_ms().max(live.last_at_ms);
+        let ctx = EventContext {
+            device_id: self.head.id.to_string(),
+            seq,
+            at_ms,
+            seed: clock::seed(&self.head.id, seq),
+        };
+        let outcome = decide(live, &ctx, &event, self.shared.actor.max_output_bytes);
+        let transitions = match outcome {
+            Ok(t) => t,
+            Err((e, fatal)) => {
+                if fatal {
+                    tracing::warn!(seq, error = %e, "guest failed: discarding the instance");
+                    self.live = None;
+                }
+                self.shared.metrics.error(e.code());
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+
+        let mut bytes = Vec::with_capacity(64 + event.len() + transitions.iter().map(String::len).sum::<usize>());
+        record::encode_event(
+            &mut bytes,
+            self.head.num,
+            seq,
+            at_ms,
+            self.head.version,
+            event.as_bytes(),
+            transitions.iter().map(String::as_bytes),
+        );
+        let count = transitions.len() as u64;
+        live.seq = seq;
+        live.last_at_ms = at_ms;
+        live.since_snapshot += count;
+        let take_snapshot = self.shared.actor.snapshot_every > 0
+            && live.since_snapshot >= self.shared.actor.snapshot_every;
+
+        let metrics = self.shared.clone();
+        self.shared.journal.submit(Entry::Append {
+            bytes,
+            effect: IndexEffect::Event {
+                device: self.head.num,
+                seq,
+            },
+            fence: Some((self.fence.clone(), self.generation)),
+            done: Some(Box::new(move |r: Result<(), JournalError>| {
+                drop(permit);
+                let answer = match r {
+                    Ok(()) => {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        metrics.metrics.events_committed.fetch_add(1, Relaxed);
+                        metrics.metrics.transitions_committed.fetch_add(count, Relaxed);
+                        metrics.metrics.latency(accepted.elapsed());
+                        Ok(Committed {
+                            seq,
+                            at_ms,
+                            transitions,
+                        })
+                    }
+                    Err(e) => {
+                        metrics.metrics.error("journal");
+                        Err(Error::Journal(e))
+                    }
+                };
+                let _ = reply.send(answer);
+            })),
+        });
+
+        if take_snapshot {
+            self.snapshot();
+        }
+    }
+
+    /// Submits a snapshot of the current state. Best effort: a failure only means a longer
+    /// replay at the next activation.
+    fn snapshot(&mut self) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        match live.instance.snapshot() {
+            Ok(data) => {
+                live.since_snapshot = 0;
+                let mut bytes = Vec::with_capacity(data.len() + 32);
+                Record::Snapshot {
+                    device: self.head.num,
+                    seq: live.seq,
+                    version: self.head.version,
+                    data,
+                }
+                .encode_into(&mut bytes);
+                self.shared
+                    .metrics
+                    .snapshots
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.shared.journal.submit(Entry::Append {
+                    bytes,
+                    effect: IndexEffect::Snapshot {
+                        device: self.head.num,
+                        seq: live.seq,
+                        version: self.head.version,
+                    },
+                    fence: Some((self.fence.clone(), self.generation)),
+                    done: None,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot failed; discarding the instance");
+                if e.is_fatal() {
+                    self.live = None;
+                }
+            }
+        }
+    }
+
+    async fn on_query(&mut self, reply: oneshot::Sender<Result<Snapshot, Error>>) {
+        let result = match self.ensure_live().await {
+            Ok(()) => match self.live.as_mut().map(|live| (live.seq, live.instance.query())) {
+                None => Err(Error::Internal("no live instance".into())),
+                Some((seq, Ok(state))) => Ok(Snapshot { seq, state }),
+                Some((_, Err(e))) => {
+                    if e.is_fatal() {
+                        self.live = None;
+                    }
+                    Err(Error::from(e))
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            // The state may include events still on their way to disk: answer once they are
+            // durable, so a read never shows what a crash could take back.
+            Ok(snapshot) => self.shared.journal.submit(Entry::Barrier(Box::new(move |r| {
+                let _ = reply.send(r.map(|()| snapshot).map_err(Error::from));
+            }))),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Runs `handle` and then `apply` for each transition. The error's flag says whether the
+/// instance must be discarded.
+fn decide(
+    live: &mut Live,
+    ctx: &EventContext,
+    event: &str,
+    max_output: usize,
+) -> Result<Vec<String>, (Error, bool)> {
+    let transitions = live
+        .instance
+        .handle(ctx, event)
+        .map_err(|e| (e.is_fatal(), Error::from(e)))
+        .map_err(|(f, e)| (e, f))?;
+    let size: usize = transitions.iter().map(String::len).sum();
+    if size > max_output {
+        // `handle` must not change state, so the instance is still consistent.
+        return Err((
+            Error::OutputTooLarge {
+                size,
+                limit: max_output,
+            },
+            false,
+        ));
+    }
+    for t in &transitions {
+        // A failed apply leaves the state half-changed: always fatal.
+        live.instance.apply(t).map_err(|e| (Error::from(e), true))?;
+    }
+    Ok(transitions)
+}

@@ -1,0 +1,125 @@
+//! Runtime counters and the end-to-end latency histogram, rendered in Prometheus text format.
+//!
+//! Plain atomics: recording is a few relaxed increments on the hot path, and a scrape reads
+//! them without stopping anyone.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub events_committed: AtomicU64,
+    pub transitions_committed: AtomicU64,
+    pub activations: AtomicU64,
+    pub snapshots: AtomicU64,
+    errors: [AtomicU64; ERROR_CODES.len()],
+    latency_buckets: [AtomicU64; BUCKETS_US.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+/// The error codes counted by kind (see [`crate::Error::code`]).
+const ERROR_CODES: [&str; 18] = [
+    "unknown-device",
+    "unknown-plugin",
+    "invalid-id",
+    "device-conflict",
+    "malformed-event",
+    "malformed-config",
+    "payload-too-large",
+    "rejected",
+    "trap",
+    "timeout",
+    "output-too-large",
+    "mailbox-full",
+    "invalid-plugin",
+    "seq-out-of-range",
+    "journal",
+    "activation-failed",
+    "shutting-down",
+    "internal",
+];
+
+impl Metrics {
+    /// Counts one failed request by its error code.
+    pub fn error(&self, code: &str) {
+        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Errors counted so far with `code`.
+    pub fn errors(&self, code: &str) -> u64 {
+        ERROR_CODES
+            .iter()
+            .position(|c| *c == code)
+            .map_or(0, |i| self.errors[i].load(Ordering::Relaxed))
+    }
+
+    /// Records the latency of one committed event, from acceptance to acknowledgement.
+    pub fn latency(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Renders everything in Prometheus text format; `gauges` adds point-in-time values.
+    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        };
+        counter(&mut out, "drover_events_total", "Events committed to the journal.", &self.events_committed);
+        counter(&mut out, "drover_transitions_total", "Transitions committed.", &self.transitions_committed);
+        counter(&mut out, "drover_activations_total", "Actor activations (instantiate + restore + replay).", &self.activations);
+        counter(&mut out, "drover_snapshots_total", "Snapshots written.", &self.snapshots);
+        let _ = writeln!(out, "# HELP drover_errors_total Failed requests by error code.\n# TYPE drover_errors_total counter");
+        for (code, v) in ERROR_CODES.iter().zip(&self.errors) {
+            let _ = writeln!(out, "drover_errors_total{{code=\"{code}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# HELP drover_event_latency_seconds Time from accepting an event to its durable acknowledgement.\n# TYPE drover_event_latency_seconds histogram");
+        let mut cumulative = 0;
+        for (bound, v) in BUCKETS_US.iter().zip(&self.latency_buckets) {
+            cumulative += v.load(Ordering::Relaxed);
+            let _ = writeln!(out, "drover_event_latency_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "drover_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "drover_event_latency_seconds_sum {}", self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "drover_event_latency_seconds_count {count}");
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_is_counted() {
+        let m = Metrics::default();
+        for code in ERROR_CODES {
+            m.error(code);
+        }
+        let text = m.render(&[("drover_live_actors", "Live actors.", 3)]);
+        for code in ERROR_CODES {
+            assert!(text.contains(&format!("drover_errors_total{{code=\"{code}\"}} 1")), "{code}");
+        }
+        assert!(text.contains("drover_live_actors 3"));
+    }
+}
