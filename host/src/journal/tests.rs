@@ -1,0 +1,286 @@
+//! Crash simulations and failure-path tests for the journal.
+
+use std::sync::Arc;
+
+use super::*;
+
+fn version_record(id: u32) -> (Record, IndexEffect) {
+    let info = VersionInfo {
+        id,
+        plugin: "p".into(),
+        number: id + 1,
+        digest: [id as u8; 32],
+        at_ms: 1,
+    };
+    (
+        Record::Version {
+            id,
+            plugin: info.plugin.clone(),
+            number: info.number,
+            digest: info.digest,
+            at_ms: 1,
+        },
+        IndexEffect::Version(info),
+    )
+}
+
+fn device_record(num: u32, id: &str) -> (Record, IndexEffect) {
+    (
+        Record::Device {
+            num,
+            id: id.into(),
+            version: 0,
+            config: b"{}".to_vec(),
+            at_ms: 2,
+        },
+        IndexEffect::Device(DeviceInfo {
+            num,
+            id: Arc::from(id),
+            version: 0,
+            config: Arc::from(&b"{}"[..]),
+            created_at_ms: 2,
+            events: Vec::new(),
+            snapshots: Vec::new(),
+        }),
+    )
+}
+
+fn event(device: u32, seq: u64) -> (Record, IndexEffect) {
+    (
+        Record::Event(EventRecord {
+            device,
+            seq,
+            at_ms: 1000 + seq,
+            version: 0,
+            event: format!(r#"{{"n":{seq}}}"#).into_bytes(),
+            transitions: vec![format!(r#"{{"t":{seq}}}"#).into_bytes()],
+        }),
+        IndexEffect::Event { device, seq },
+    )
+}
+
+/// Submits without waiting, fenced under `generation`; the receiver yields the outcome.
+fn submit_fenced(
+    journal: &Journal,
+    (record, effect): (Record, IndexEffect),
+    fence: &Arc<Fence>,
+    generation: u64,
+) -> tokio::sync::oneshot::Receiver<Result<(), JournalError>> {
+    let mut bytes = Vec::new();
+    record.encode_into(&mut bytes);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    journal.submit(Entry::Append {
+        bytes,
+        effect,
+        fence: Some((fence.clone(), generation)),
+        done: Some(Box::new(move |r| {
+            let _ = tx.send(r);
+        })),
+    });
+    rx
+}
+
+async fn seeded(dir: &Path, events: u64) -> Journal {
+    let (journal, recovery) = Journal::open(dir).expect("open");
+    assert!(recovery.dropped.is_none());
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    for seq in 1..=events {
+        let (r, e) = event(0, seq);
+        journal.append(&r, e).await.expect("event");
+    }
+    journal
+}
+
+#[tokio::test]
+async fn records_survive_reopen_with_the_same_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 10).await;
+    let before = journal.read_events(0, 1, 10).expect("read");
+    let len = journal.durable_len();
+    journal.close();
+    drop(journal);
+
+    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    assert!(recovery.dropped.is_none());
+    assert_eq!(recovery.records, 12);
+    assert_eq!(recovery.valid_len, len);
+    assert_eq!(journal.read_events(0, 1, 10).expect("read"), before);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(10));
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 5).await;
+    let intact = journal.read_events(0, 1, 4).expect("read");
+    let len = journal.durable_len();
+    journal.close();
+    drop(journal);
+
+    // The process died in the middle of writing record 5: its last 3 bytes never arrived.
+    let path = dir.path().join(FILE_NAME);
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.set_len(len - 3).expect("truncate");
+    drop(file);
+
+    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let dropped = recovery.dropped.expect("torn tail reported");
+    assert!(dropped.torn, "{dropped:?}");
+    assert!(dropped.saved_to.exists(), "dropped bytes are kept for inspection");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+    assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), dropped.offset);
+
+    // The journal continues cleanly after the cut: seq 5 is free again.
+    let (r, e) = event(0, 5);
+    journal.append(&r, e).await.expect("append after recovery");
+    journal.close();
+    drop(journal);
+    let (journal, recovery) = Journal::open(dir.path()).expect("reopen again");
+    assert!(recovery.dropped.is_none());
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_the_last_record_is_reported_and_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 5).await;
+    let intact = journal.read_events(0, 1, 4).expect("read");
+    let last_offset = journal.index().device("a").expect("device").events[4];
+    let len = journal.durable_len();
+    journal.close();
+    drop(journal);
+
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read file");
+    let mid = (last_offset + (len - last_offset) / 2) as usize;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&path, &bytes).expect("write file");
+
+    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let dropped = recovery.dropped.expect("corruption reported");
+    assert!(!dropped.torn);
+    assert_eq!(dropped.offset, last_offset);
+    assert!(dropped.reason.contains("checksum"), "{}", dropped.reason);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+    assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
+}
+
+#[tokio::test]
+async fn a_well_formed_record_that_does_not_fit_is_not_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 2).await;
+    journal.close();
+    drop(journal);
+    // A record with a valid checksum but a seq gap (3 is missing).
+    let mut bytes = Vec::new();
+    event(0, 4).0.encode_into(&mut bytes);
+    let path = dir.path().join(FILE_NAME);
+    let file = OpenOptions::new().append(true).open(&path).expect("open");
+    std::io::Write::write_all(&mut &file, &bytes).expect("append");
+    drop(file);
+
+    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let dropped = recovery.dropped.expect("gap reported");
+    assert!(dropped.reason.contains("expected seq 3"), "{}", dropped.reason);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_fsyncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 0).await;
+    let devices = 200u32;
+    for num in 1..=devices {
+        let (r, e) = device_record(num, &format!("d{num}"));
+        journal.append(&r, e).await.expect("device");
+    }
+    let commits_before = journal.stats().commits.load(Ordering::Relaxed);
+    let fence = Arc::new(Fence::default());
+    let mut pending = Vec::new();
+    for seq in 1..=5 {
+        for num in 1..=devices {
+            pending.push(submit_fenced(&journal, event(num, seq), &fence, 1));
+        }
+    }
+    for rx in pending {
+        rx.await.expect("completion").expect("committed");
+    }
+    let commits = journal.stats().commits.load(Ordering::Relaxed) - commits_before;
+    assert!(commits < 1000 / 4, "1000 records took {commits} commits");
+    for num in 1..=devices {
+        assert_eq!(journal.index().device(&format!("d{num}")).map(DeviceInfo::seq), Some(5));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_fails_the_batch_and_fences_the_device_without_a_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    let len = journal.durable_len();
+    let fence = Arc::new(Fence::default());
+
+    journal.inject_commit_failures(1);
+    let failed = submit_fenced(&journal, event(0, 4), &fence, 1);
+    assert!(matches!(failed.await.expect("completion"), Err(JournalError::Commit(_))));
+    assert!(fence.is_failed(1));
+
+    // The same incarnation's next record (seq 5) must not land after the missing seq 4.
+    let fenced = submit_fenced(&journal, event(0, 5), &fence, 1);
+    assert_eq!(fenced.await.expect("completion"), Err(JournalError::Fenced));
+    assert_eq!(journal.durable_len(), len, "nothing of the failed batch stays");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
+
+    // A rebuilt incarnation continues at seq 4.
+    let generation = fence.next_generation();
+    let ok = submit_fenced(&journal, event(0, 4), &fence, generation);
+    ok.await.expect("completion").expect("committed after rebuild");
+    journal.close();
+    drop(journal);
+
+    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    assert!(recovery.dropped.is_none(), "{:?}", recovery.dropped);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+}
+
+#[tokio::test]
+async fn a_barrier_completes_after_earlier_records_are_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 0).await;
+    let fence = Arc::new(Fence::default());
+    let rx = submit_fenced(&journal, event(0, 1), &fence, 1);
+    journal.barrier().await.expect("barrier");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(1));
+    rx.await.expect("completion").expect("committed");
+}
+
+#[tokio::test]
+async fn submissions_after_close_fail_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 1).await;
+    journal.close();
+    let (r, e) = event(0, 2);
+    assert_eq!(journal.append(&r, e).await, Err(JournalError::Closed));
+    assert_eq!(journal.barrier().await, Err(JournalError::Closed));
+}
+
+#[tokio::test]
+async fn read_only_open_reports_a_bad_tail_but_leaves_the_file_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    let len = journal.durable_len();
+    journal.close();
+    drop(journal);
+    let path = dir.path().join(FILE_NAME);
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.set_len(len - 1).expect("truncate");
+    drop(file);
+
+    let (journal, recovery) = Journal::open_read_only(dir.path()).expect("open read-only");
+    assert!(recovery.dropped.is_some());
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), len - 1);
+}
