@@ -77,6 +77,10 @@ pub enum Message {
     Query {
         reply: oneshot::Sender<Result<Snapshot, Error>>,
     },
+    /// The guest's snapshot bytes of the current durable state, with its seq.
+    Export {
+        reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>,
+    },
 }
 
 /// The sending side of a live actor, and its task.
@@ -141,6 +145,7 @@ impl Actor {
                     reply,
                 } => self.on_event(event, accepted, reply).await,
                 Message::Query { reply } => self.on_query(reply).await,
+                Message::Export { reply } => self.on_export(reply).await,
             }
         }
     }
@@ -349,6 +354,33 @@ impl Actor {
             }))),
             Err(e) => {
                 let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+impl Actor {
+    async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
+        if let Err(e) = self.ensure_live().await {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let Some(live) = self.live.as_mut() else {
+            let _ = reply.send(Err(Error::Internal("no live instance".into())));
+            return;
+        };
+        match live.instance.snapshot() {
+            Ok(bytes) => {
+                let seq = live.seq;
+                self.shared.journal.submit(Entry::Barrier(Box::new(move |r| {
+                    let _ = reply.send(r.map(|()| (seq, bytes)).map_err(Error::from));
+                })));
+            }
+            Err(e) => {
+                if e.is_fatal() {
+                    self.live = None;
+                }
+                let _ = reply.send(Err(e.into()));
             }
         }
     }

@@ -8,12 +8,16 @@
 //!
 //! # What guests can reach
 //!
-//! The `wasm32-wasip2` standard library imports a handful of WASI interfaces (`wasi:io/*`, the
-//! `wasi:cli` stdio, environment and exit). Only those are linked, backed by a context that
-//! grants nothing: no arguments, an empty environment, closed stdin, stdout and stderr that
-//! discard. Clocks, randomness, filesystem and sockets are *not linked at all*, so a component
-//! that imports them is refused when it is uploaded rather than getting nondeterministic
-//! answers at run time: a guest's only view of time is the event context.
+//! Only the `drover:device/host` interface. The `wasm32-wasip2` standard library also imports
+//! a handful of WASI interfaces (`wasi:io/*` and `wasi:cli/*`: stdio, environment, exit);
+//! those are accepted at upload but every function in them traps if called, so a guest that
+//! prints traps with a message saying so (the guest SDK routes panics and logs through
+//! `host.log` instead). Any other import (clocks, randomness, filesystem, sockets, ...) is
+//! refused when the plugin is uploaded, so nondeterminism can never creep in at run time:
+//! a guest's only view of time is the event context.
+//!
+//! (wasmtime-wasi's synchronous bindings are not used for the stdio stubs: they block on a
+//! nested tokio runtime, which panics on the runtime's worker threads where actors run.)
 //!
 //! # Containment
 //!
@@ -27,9 +31,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -98,23 +101,16 @@ pub enum PluginError {
     Incompatible(String),
 }
 
-/// Per-store data: the WASI context that grants nothing, the memory cap, and the last error
-/// the guest logged (a panicking guest logs its panic message before it traps).
+/// Import namespaces a plugin may name: Drover's own, and the WASI interfaces the Rust
+/// `wasm32-wasip2` std imports whether or not it uses them (stubbed as traps).
+const ACCEPTED_IMPORTS: [&str; 3] = ["drover:device/", "wasi:io/", "wasi:cli/"];
+
+/// Per-store data: the memory cap, and the last error the guest logged (a panicking guest
+/// logs its panic message before it traps).
 pub struct GuestState {
-    wasi: WasiCtx,
-    table: ResourceTable,
     limits: StoreLimits,
     device: Arc<str>,
     last_error: Option<String>,
-}
-
-impl WasiView for GuestState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -167,7 +163,6 @@ impl Engine {
         let engine = wasmtime::Engine::new(&wasm)?;
 
         let mut linker = Linker::new(&engine);
-        link_granted_wasi(&mut linker)?;
         Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -231,11 +226,21 @@ impl Engine {
     }
 
     fn prepare(&self, component: Component) -> Result<CompiledPlugin, PluginError> {
-        let pre = self
-            .inner
-            .linker
+        let engine = &self.inner.engine;
+        for (name, _) in component.component_type().imports(engine) {
+            if !ACCEPTED_IMPORTS.iter().any(|p| name.starts_with(p)) {
+                return Err(PluginError::Incompatible(denied_import(name)));
+            }
+        }
+        // The accepted WASI imports become traps, defined on a copy of the linker so the
+        // shared one only ever holds Drover's own interface.
+        let mut linker = self.inner.linker.clone();
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
+        let pre = linker
             .instantiate_pre(&component)
-            .map_err(|e| PluginError::Incompatible(explain_link_error(&e)))?;
+            .map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
         let pre = DevicePre::new(pre).map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
         Ok(CompiledPlugin {
             engine: self.clone(),
@@ -244,47 +249,19 @@ impl Engine {
     }
 }
 
-/// Names the capability a link failure is about, since the raw message only names an import.
-fn explain_link_error(e: &wasmtime::Error) -> String {
-    let raw = format!("{e:#}");
-    for denied in ["wasi:clocks", "wasi:random", "wasi:filesystem", "wasi:sockets", "wasi:http"] {
-        if raw.contains(denied) {
-            return format!(
-                "{raw}; Drover does not grant {denied} to guests (time and seeds come from the \
-                 event context, so that replay is deterministic)"
-            );
-        }
-    }
-    raw
-}
-
-/// Links the WASI interfaces the Rust `wasm32-wasip2` std needs, and nothing else.
-fn link_granted_wasi(linker: &mut Linker<GuestState>) -> anyhow::Result<()> {
-    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
-    use wasmtime_wasi::p2::bindings::cli;
-    use wasmtime_wasi::p2::bindings::sync::io;
-
-    struct HasIo;
-    impl wasmtime::component::HasData for HasIo {
-        type Data<'a> = &'a mut ResourceTable;
-    }
-    let l = linker;
-    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<GuestState, HasIo>(l, |t| {
-        &mut t.table
-    })?;
-    io::poll::add_to_linker::<GuestState, HasIo>(l, |t| &mut t.table)?;
-    io::streams::add_to_linker::<GuestState, HasIo>(l, |t| &mut t.table)?;
-    cli::exit::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::environment::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::stdin::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::stdout::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::stderr::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::terminal_input::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::terminal_output::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::terminal_stdin::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::terminal_stdout::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    cli::terminal_stderr::add_to_linker::<GuestState, WasiCli>(l, GuestState::cli)?;
-    Ok(())
+/// Explains why an import is refused, naming the capability where it is a known one.
+fn denied_import(name: &str) -> String {
+    let why = if ["wasi:clocks", "wasi:random"].iter().any(|p| name.starts_with(p)) {
+        "time and seeds come from the event context, so that replay is deterministic"
+    } else if ["wasi:filesystem", "wasi:sockets", "wasi:http"]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
+        "device behavior is pure: state lives in the journal and effects go through the host"
+    } else {
+        "only the drover:device host interface is provided"
+    };
+    format!("the component imports `{name}`, which Drover does not grant to guests: {why}")
 }
 
 /// A plugin version compiled for this engine, ready to instantiate. Cheap to clone.
@@ -300,8 +277,6 @@ impl CompiledPlugin {
     pub fn instantiate(&self, device: Arc<str>) -> Result<Instance, CallError> {
         let inner = &self.engine.inner;
         let state = GuestState {
-            wasi: WasiCtxBuilder::new().build(),
-            table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(inner.config.max_memory)
                 .instances(4)
@@ -398,7 +373,17 @@ impl Instance {
                 }
                 let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
                     Some(trap) => trap.to_string(),
-                    None => format!("{e:#}"),
+                    None => {
+                        let raw = format!("{e:#}");
+                        if raw.contains("unknown import") {
+                            format!(
+                                "{raw}: guests have no stdio or environment (log through the \
+                                 host's `log` instead)"
+                            )
+                        } else {
+                            raw
+                        }
+                    }
                 };
                 if let Some(logged) = self.store.data_mut().last_error.take() {
                     msg = format!("{msg} (guest said: {logged})");

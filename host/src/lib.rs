@@ -8,6 +8,7 @@
 //! * [`journal`]: the durable, group-committed, checksummed event log and its index.
 //! * [`replay`]: rebuilding a device from snapshot + journal tail.
 //! * [`registry`]: versioned, content-addressed plugins.
+//! * [`embedded`]: the example plugins, built from `plugins/` and embedded in the binary.
 //! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
 //! * [`metrics`]: counters and latency histogram in Prometheus format.
 //! * [`error`]: the typed errors every caller sees.
@@ -15,8 +16,10 @@
 
 pub mod actor;
 pub mod clock;
+pub mod embedded;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod journal;
 pub mod metrics;
 pub mod registry;

@@ -129,7 +129,7 @@ impl RuntimeBuilder {
             next_device: AtomicU32::new(next_device),
             closing: AtomicBool::new(false),
             recovery,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         });
         let rt = Runtime { shared };
 
@@ -197,7 +197,9 @@ pub(crate) struct Shared {
     next_device: AtomicU32,
     closing: AtomicBool,
     recovery: Recovery,
-    _lock: File,
+    /// The data directory's lock, released by [`Runtime::shutdown`] so the directory can be
+    /// reopened in the same process.
+    lock: Mutex<Option<File>>,
 }
 
 /// A provisioned device as stored (no state).
@@ -460,6 +462,14 @@ impl Runtime {
         })
     }
 
+    /// The guest's snapshot bytes of device `id`'s current durable state, with the seq they
+    /// cover. For inspection and for checking that a rebuilt device equals the live one.
+    pub async fn export_snapshot(&self, id: &str) -> Result<(u64, Vec<u8>), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.deliver(id, Message::Export { reply })?;
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
     /// Reads up to `limit` journal records of device `id` starting at seq `from`.
     pub fn journal_page(&self, id: &str, from: u64, limit: usize) -> Result<JournalPage, Error> {
         let head = DeviceHead::load(&self.shared.journal, id)?;
@@ -566,6 +576,7 @@ impl Runtime {
             tracing::error!(error = %e, "final journal flush failed");
         }
         self.shared.journal.close();
+        self.shared.lock.lock().take();
         tracing::info!(actors = n, "runtime stopped");
     }
 

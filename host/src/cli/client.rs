@@ -1,0 +1,146 @@
+//! The blocking HTTP client behind the one-call commands (`send`, `state`, `journal`, ...).
+//!
+//! Each command makes one or a few requests, so a blocking client keeps them simple. A failed
+//! request becomes an [`ApiFailure`] carrying the server's error code and message, which
+//! `main` prints before exiting non-zero.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+/// Options every client command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOpts {
+    /// Base URL of the server.
+    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// Print the server's JSON answer as is instead of readable text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The server answered with an error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message} (HTTP {status})")]
+pub struct ApiFailure {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+/// A client for one server.
+pub struct ApiClient {
+    base: String,
+    http: Client,
+}
+
+impl ApiClient {
+    /// A client for the server in `opts`.
+    pub fn new(opts: &ClientOpts) -> anyhow::Result<ApiClient> {
+        let http = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("creating the HTTP client")?;
+        Ok(ApiClient {
+            base: opts.server.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    /// The URL of `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A GET request for `path`.
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.http.get(self.url(path))
+    }
+
+    /// A POST request for `path`.
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.http.post(self.url(path))
+    }
+
+    /// A PUT request for `path`.
+    pub fn put(&self, path: &str) -> RequestBuilder {
+        self.http.put(self.url(path))
+    }
+
+    /// Sends `req`; a non-2xx answer becomes an [`ApiFailure`]. Returns the status and the
+    /// body text.
+    pub fn call(&self, req: RequestBuilder) -> anyhow::Result<(u16, String)> {
+        let response = req
+            .send()
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        read(response)
+    }
+
+    /// Like [`ApiClient::call`], parsing the body as JSON into `T` as well.
+    pub fn call_json<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<(String, T)> {
+        let (_, text) = self.call(req)?;
+        let value = serde_json::from_str(&text)
+            .with_context(|| format!("the server answered something unexpected: {text}"))?;
+        Ok((text, value))
+    }
+}
+
+/// Reads a response: the body on success, an [`ApiFailure`] otherwise.
+fn read(response: Response) -> anyhow::Result<(u16, String)> {
+    let status = response.status().as_u16();
+    let text = response.text().context("reading the answer")?;
+    if (200..300).contains(&status) {
+        return Ok((status, text));
+    }
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        code: String,
+        message: String,
+    }
+    let failure = match serde_json::from_str::<Shape>(&text) {
+        Ok(Shape { error }) => ApiFailure {
+            status,
+            code: error.code,
+            message: error.message,
+        },
+        Err(_) => ApiFailure {
+            status,
+            code: "http".into(),
+            message: text,
+        },
+    };
+    Err(failure.into())
+}
+
+/// `s` as one path segment: percent-encodes everything but unreserved characters, so an id
+/// the server would refuse reaches it as typed instead of changing the path.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':' | b'@') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(segment("hall-1"), "hall-1");
+        assert_eq!(segment("a/b c"), "a%2Fb%20c");
+        assert_eq!(segment("site:a@3"), "site:a@3");
+    }
+}

@@ -1,0 +1,296 @@
+//! Device commands: `send`, `state`, `journal`, `provision`, `devices`.
+
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::client::{ApiClient, ClientOpts, segment};
+use super::format::{compact, pretty, timestamp};
+
+/// `drover send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The device id.
+    pub device: String,
+    /// The event, a JSON value (`-` reads it from stdin).
+    pub event: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// An event's acknowledgement.
+#[derive(Debug, Deserialize)]
+struct Ack {
+    seq: u64,
+    at: u64,
+    transitions: Vec<Value>,
+}
+
+/// Sends one event and prints the acknowledgement.
+pub fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let event = if args.event == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the event from stdin")?;
+        s
+    } else {
+        args.event
+    };
+    let path = format!("/v1/devices/{}/events", segment(&args.device));
+    let (text, ack): (String, Ack) = api.call_json(
+        api.post(&path)
+            .header("content-type", "application/json")
+            .body(event),
+    )?;
+    if args.client.json {
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let n = ack.transitions.len();
+    println!(
+        "{} seq {} at {}: {n} transition{}",
+        args.device,
+        ack.seq,
+        timestamp(ack.at),
+        if n == 1 { "" } else { "s" }
+    );
+    for t in &ack.transitions {
+        println!("  {}", compact(t));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drover state`.
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// The device id.
+    pub device: String,
+    /// Show the state right after this seq (0: right after provisioning) instead of now.
+    #[arg(long)]
+    pub at: Option<u64>,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// `GET /v1/devices/{id}`.
+#[derive(Debug, Deserialize)]
+struct DeviceOut {
+    id: String,
+    plugin: String,
+    version: u32,
+    seq: u64,
+    status: String,
+    state: Value,
+}
+
+/// `{"seq","state"}`.
+#[derive(Debug, Deserialize)]
+struct StateOut {
+    seq: u64,
+    state: Value,
+}
+
+/// Prints a device's state.
+pub fn state(args: StateArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let id = segment(&args.device);
+    match args.at {
+        Some(at) => {
+            let (text, out): (String, StateOut) =
+                api.call_json(api.get(&format!("/v1/devices/{id}/state?at={at}")))?;
+            if args.client.json {
+                println!("{text}");
+            } else {
+                println!("{} at seq {}", args.device, out.seq);
+                println!("{}", pretty(&out.state, ""));
+            }
+        }
+        None => {
+            let (text, out): (String, DeviceOut) =
+                api.call_json(api.get(&format!("/v1/devices/{id}")))?;
+            if args.client.json {
+                println!("{text}");
+            } else {
+                println!(
+                    "{}  {} v{}  seq {}  {}",
+                    out.id, out.plugin, out.version, out.seq, out.status
+                );
+                println!("{}", pretty(&out.state, ""));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drover journal`.
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    /// The device id.
+    pub device: String,
+    /// First seq to show.
+    #[arg(long, default_value_t = 1)]
+    pub from: u64,
+    /// Records per page (the server caps it).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Follow the pages to the end of the journal instead of stopping after one.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// One journal record.
+#[derive(Debug, Deserialize)]
+struct RecordOut {
+    seq: u64,
+    at: u64,
+    event: Value,
+    transitions: Vec<Value>,
+    plugin: String,
+    version: u32,
+}
+
+/// One page.
+#[derive(Debug, Deserialize)]
+struct PageOut {
+    records: Vec<RecordOut>,
+    next: Option<u64>,
+}
+
+/// Prints a device's journal.
+pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let id = segment(&args.device);
+    let mut from = args.from;
+    loop {
+        let (text, page): (String, PageOut) = api.call_json(api.get(&format!(
+            "/v1/devices/{id}/journal?from={from}&limit={}",
+            args.limit
+        )))?;
+        if args.client.json {
+            println!("{text}");
+        } else {
+            for r in &page.records {
+                println!(
+                    "#{:<6} {}  {} v{}  {}",
+                    r.seq,
+                    timestamp(r.at),
+                    r.plugin,
+                    r.version,
+                    compact(&r.event)
+                );
+                for t in &r.transitions {
+                    println!("          -> {}", compact(t));
+                }
+            }
+        }
+        match page.next {
+            Some(next) if args.all => from = next,
+            Some(next) => {
+                if !args.client.json {
+                    println!("(more: --from {next}, or --all)");
+                }
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drover provision`.
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// The new device's id.
+    pub device: String,
+    /// The plugin (device type) it runs.
+    #[arg(long)]
+    pub plugin: String,
+    /// Its configuration, a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub config: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// The stored device.
+#[derive(Debug, Deserialize)]
+struct Provisioned {
+    id: String,
+    plugin: String,
+    version: u32,
+    seq: u64,
+}
+
+/// Creates a device.
+pub fn provision(args: ProvisionArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let config: Value = serde_json::from_str(&args.config)
+        .with_context(|| format!("--config is not JSON: {}", args.config))?;
+    let body = serde_json::json!({"plugin": args.plugin, "config": config});
+    let req = api
+        .put(&format!("/v1/devices/{}", segment(&args.device)))
+        .json(&body);
+    let (status, text) = api.call(req)?;
+    if args.client.json {
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d: Provisioned =
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?;
+    if status == 201 {
+        println!("created {} ({} v{})", d.id, d.plugin, d.version);
+    } else {
+        println!(
+            "{} already exists ({} v{}, seq {}): unchanged",
+            d.id, d.plugin, d.version, d.seq
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drover devices`.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// A page of ids.
+#[derive(Debug, Deserialize)]
+struct DeviceList {
+    devices: Vec<String>,
+    next: Option<String>,
+}
+
+/// Lists every device id, one per line.
+pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/v1/devices?after={}", segment(a)),
+            None => "/v1/devices".to_string(),
+        };
+        let (text, page): (String, DeviceList) = api.call_json(api.get(&path))?;
+        if args.client.json {
+            println!("{text}");
+        } else {
+            for id in &page.devices {
+                println!("{id}");
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

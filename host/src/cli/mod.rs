@@ -1,0 +1,86 @@
+//! The `drover` command line: the server, a client for the v1 API, and the tools around it.
+//!
+//! * [`serve`]: `drover serve`, the server (the public contract's flags).
+//! * [`device`]: `send`, `state`, `journal`, `provision`, `devices`: one HTTP call each.
+//! * [`plugins`]: `plugins` (list) and `plugins upload NAME FILE`.
+//! * [`replay`]: `replay`, rebuilding a device from a data directory without a server.
+//! * [`fleet`]: `sim` (the fleet simulator over HTTP), `demo` (server + simulated fleet in
+//!   one process) and `bench http`.
+//! * [`client`]: the blocking HTTP client the one-call commands share, and how server errors
+//!   become exit codes; [`format`]: readable output.
+//!
+//! Client commands print readable text by default and the server's JSON with `--json`.
+//! Failures print the server's error code and message on stderr and exit non-zero.
+
+pub mod client;
+pub mod device;
+pub mod fleet;
+pub mod format;
+pub mod plugins;
+pub mod replay;
+pub mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Drover: a runtime for device fleets, one sandboxed event-sourced actor per device.
+#[derive(Debug, Parser)]
+#[command(name = "drover", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: the HTTP API over a data directory.
+    Serve(serve::ServeArgs),
+    /// Send one event (JSON) to a device and print its seq and transitions.
+    Send(device::SendArgs),
+    /// Print a device's state (now, or right after seq `--at`).
+    State(device::StateArgs),
+    /// Print a device's journal, a page at a time.
+    Journal(device::JournalArgs),
+    /// Create a device running a plugin.
+    Provision(device::ProvisionArgs),
+    /// List the provisioned devices.
+    Devices(device::DevicesArgs),
+    /// List plugins, or upload a new plugin version.
+    Plugins(plugins::PluginsArgs),
+    /// Rebuild a device's state from a data directory, without a server.
+    Replay(replay::ReplayArgs),
+    /// Simulate a fleet against a running server.
+    Sim(fleet::SimArgs),
+    /// Start a server with the example plugins and a simulated fleet, in one process.
+    Demo(fleet::DemoArgs),
+    /// Measure throughput and latency.
+    Bench(fleet::BenchArgs),
+}
+
+/// Runs the parsed command line. Errors are reported by the caller.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Send(args) => device::send(args),
+        Command::State(args) => device::state(args),
+        Command::Journal(args) => device::journal(args),
+        Command::Provision(args) => device::provision(args),
+        Command::Devices(args) => device::devices(args),
+        Command::Plugins(args) => plugins::run(args),
+        Command::Replay(args) => replay::run(args),
+        Command::Sim(args) => fleet::sim(args),
+        Command::Demo(args) => fleet::demo(args),
+        Command::Bench(args) => fleet::bench(args),
+    }
+}
+
+/// Whether this command's own logs should be quiet by default: client commands print their
+/// answer on stdout and only warnings on stderr; long-running ones log at `info`.
+pub fn default_log_level(cli: &Cli) -> &'static str {
+    match cli.command {
+        Command::Serve(_) | Command::Demo(_) => "info",
+        _ => "warn",
+    }
+}

@@ -1,0 +1,52 @@
+//! `drover replay`: rebuild a device's state from a data directory, without a server.
+//!
+//! The journal is opened read-only, so this runs beside a live server on the same directory
+//! (a debugging session on production data) and after a crash (before the server is
+//! restarted). The output is the same `{"seq","state"}` JSON as `GET /v1/devices/{id}/state`,
+//! so the two can be compared directly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use serde_json::value::RawValue;
+
+use crate::replay::{self, Start};
+
+/// `drover replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The device id.
+    pub device: String,
+    /// The server's data directory.
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    /// Rebuild the state right after this seq (default: the latest).
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// Ignore snapshots and replay every transition from `init` (the reference rebuild).
+    #[arg(long)]
+    pub genesis: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Out {
+    seq: u64,
+    state: Box<RawValue>,
+}
+
+/// Prints `{"seq","state"}` for the device.
+pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let start = if args.genesis {
+        Start::Genesis
+    } else {
+        Start::Snapshot
+    };
+    let snap = replay::offline(&args.data, &args.device, args.to, start)?;
+    let out = Out {
+        seq: snap.seq,
+        state: crate::http::json::raw_or_string(snap.state),
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,205 @@
+//! Batch ingest for gateways: `POST /v1/events`.
+//!
+//! A gateway forwards the events of many devices at once; one request per event would spend
+//! most of the server's time on HTTP framing. A batch carries them all:
+//!
+//! ```json
+//! {"events": [{"device": "hall", "event": {"type": "reading", "celsius": 19.5}},
+//!             {"device": "door-3", "event": {"type": "lock"}}, ...]}
+//! ```
+//!
+//! and is answered, once every accepted event is durable, with one result per item **in
+//! request order**:
+//!
+//! ```json
+//! {"ok": 1, "failed": 1,
+//!  "results": [{"seq": 12, "at": 1700000000000, "transitions": [...]},
+//!              {"error": {"code": "mailbox-full", "message": "..."}}]}
+//! ```
+//!
+//! # Semantics
+//!
+//! * **Per item, not all or nothing.** Each item succeeds or fails on its own, exactly as the
+//!   same event sent alone to `POST /v1/devices/{id}/events` would; an item's error has the
+//!   API's error shape and code. The request itself is 200 whenever its body is a valid
+//!   batch; only a malformed or oversized body (400 / 413) fails it as a whole.
+//! * **Order within a device.** A device's items are put into its mailbox in request order
+//!   before the handler waits for any of them, so they are handled (and get seqs) in request
+//!   order. Different devices proceed concurrently, each on its own actor, and their commits
+//!   share the journal's group commits: a batch of N events costs about one fsync, not N.
+//! * **Backpressure keeps order.** If an item is refused because its device's mailbox is full,
+//!   every later item of that device in the batch is refused with `mailbox-full` too, even if
+//!   the mailbox drained meanwhile. So the refused items of a device are a suffix of its
+//!   accepted-or-refused sequence, and resending them in order (after `Retry-After`) keeps the
+//!   device's order intact. (Items refused for their own content, such as a malformed event or
+//!   a plugin refusal, do not hold back later items, as with single sends.)
+//! * **Bounded.** At most [`Limits::max_batch_items`] items and
+//!   [`Limits::max_batch_bytes`] bytes per request; a device's items beyond its mailbox
+//!   capacity are refused with `mailbox-full`, so a gateway's batch can never queue more
+//!   work than the mailboxes hold.
+//!
+//! # How
+//!
+//! The body is parsed once, borrowing: each item's event is a [`RawValue`] slice of the body,
+//! handed to the runtime as text without being re-serialized. [`Runtime::send`] puts its
+//! message into the mailbox on its first poll (and fails fast there with `mailbox-full`);
+//! the handler polls every item's future once, in request order, which enqueues all of them
+//! in order, then awaits them together.
+//!
+//! [`Limits::max_batch_items`]: super::Limits::max_batch_items
+//! [`Limits::max_batch_bytes`]: super::Limits::max_batch_bytes
+//! [`Runtime::send`]: crate::Runtime::send
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::extract::State;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::App;
+use super::devices::Ack;
+use super::error::{ApiError, message_of};
+use super::extract::Body;
+use super::json;
+use crate::actor::Committed;
+use crate::error::{Error, validate_id};
+
+/// Body of `POST /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchIn<'a> {
+    #[serde(borrow)]
+    events: Vec<ItemIn<'a>>,
+}
+
+/// One item of a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemIn<'a> {
+    #[serde(borrow)]
+    device: Cow<'a, str>,
+    #[serde(borrow)]
+    event: &'a RawValue,
+}
+
+/// One item's result.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ItemOut {
+    Ok(Ack),
+    Err { error: ErrorOut },
+}
+
+/// A per-item error: `{"code","message"}`, the detail of the API's error shape.
+#[derive(Debug, Serialize)]
+struct ErrorOut {
+    code: &'static str,
+    message: String,
+}
+
+impl From<Result<Committed, Error>> for ItemOut {
+    fn from(r: Result<Committed, Error>) -> Self {
+        match r {
+            Ok(c) => ItemOut::Ok(Ack::from(c)),
+            Err(e) => ItemOut::Err {
+                error: ErrorOut {
+                    code: e.code(),
+                    message: message_of(&e),
+                },
+            },
+        }
+    }
+}
+
+/// The answer to a batch.
+#[derive(Debug, Serialize)]
+struct BatchOut {
+    ok: usize,
+    failed: usize,
+    results: Vec<ItemOut>,
+}
+
+type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<Committed, Error>> + Send + 'a>>;
+
+/// Starts every item's send in request order (see the module docs). Returns the results
+/// known already (validation, fail-fast refusals) and the futures still waiting for
+/// durability, with their item's index.
+#[allow(clippy::type_complexity)]
+fn enqueue<'a>(
+    app: &'a App,
+    items: &'a [ItemIn<'a>],
+) -> (Vec<Option<Result<Committed, Error>>>, Vec<(usize, SendFuture<'a>)>) {
+    let mut results = Vec::with_capacity(items.len());
+    let mut pending = Vec::with_capacity(items.len());
+    let mut full: HashSet<&str> = HashSet::new();
+    // Not `Send`: lives only in this synchronous function, never across an await.
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    for (i, item) in items.iter().enumerate() {
+        let device: &str = &item.device;
+        let refused = match validate_id(device) {
+            Err(e) => Some(e),
+            Ok(()) if full.contains(device) => Some(Error::MailboxFull),
+            Ok(()) => None,
+        };
+        if let Some(e) = refused {
+            // Counted like the runtime counts the refusals it makes itself.
+            app.rt.metrics().error(e.code());
+            results.push(Some(Err(e)));
+            continue;
+        }
+        let mut send: SendFuture<'a> = Box::pin(app.rt.send(device, item.event.get()));
+        // The first poll puts the event into the mailbox (or fails fast): in request order.
+        // Polling with a no-op waker is fine: `join_all` polls again with a real one.
+        match send.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => {
+                if matches!(r, Err(Error::MailboxFull)) {
+                    full.insert(device);
+                }
+                results.push(Some(r));
+            }
+            Poll::Pending => {
+                results.push(None);
+                pending.push((i, send));
+            }
+        }
+    }
+    (results, pending)
+}
+
+/// `POST /v1/events`: see the module docs.
+pub async fn ingest(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
+    let batch: BatchIn<'_> = body.json()?;
+    let n = batch.events.len();
+    let max = app.limits.max_batch_items;
+    if n > max {
+        let mut api = ApiError::from(Error::PayloadTooLarge { size: n, limit: max });
+        api.message = format!("a batch may carry at most {max} events, this one has {n}");
+        return Err(api);
+    }
+    let (mut results, pending) = enqueue(&app, &batch.events);
+    let (slots, futures): (Vec<usize>, Vec<SendFuture<'_>>) = pending.into_iter().unzip();
+    let done = futures::future::join_all(futures).await;
+    for (i, r) in slots.into_iter().zip(done) {
+        results[i] = Some(r);
+    }
+
+    let mut ok = 0;
+    let results: Vec<ItemOut> = results
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap_or_else(|| Err(Error::Internal("batch item lost".into())));
+            ok += usize::from(r.is_ok());
+            ItemOut::from(r)
+        })
+        .collect();
+    Ok(json::ok(&BatchOut {
+        ok,
+        failed: n - ok,
+        results,
+    }))
+}

@@ -1,0 +1,253 @@
+//! Device routes: provisioning, events, reads of the state and of the journal.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::error::ApiError;
+use super::extract::{Body, Id, QueryOf};
+use super::json::{self, raw_all, raw_or_string};
+use super::App;
+use crate::actor::Committed;
+use crate::error::Error;
+use crate::runtime::{DeviceSummary, JournalEntry};
+
+/// Body of `PUT /v1/devices/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionBody {
+    plugin: String,
+    /// Defaults to `{}`: an absent config and an empty one are the same device.
+    #[serde(default = "empty_object")]
+    config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// `PUT /v1/devices/{id}`: creates the device (201) or confirms an identical one (200). The
+/// answer is the stored device: `{"id","plugin","version","seq","config","created_at_ms"}`.
+pub async fn provision(State(app): State<App>, Id(id): Id, body: Body) -> Result<Response, ApiError> {
+    let req: ProvisionBody = body.json()?;
+    let (summary, created) = app.rt.provision(&id, &req.plugin, &req.config).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json::reply(status, &summary))
+}
+
+/// The acknowledgement of one durable event.
+#[derive(Debug, Serialize)]
+pub struct Ack {
+    pub seq: u64,
+    /// When the event was handled: host time in ms since the Unix epoch, as journaled.
+    pub at: u64,
+    pub transitions: Vec<Box<RawValue>>,
+}
+
+impl From<Committed> for Ack {
+    fn from(c: Committed) -> Self {
+        Ack {
+            seq: c.seq,
+            at: c.at_ms,
+            transitions: raw_all(c.transitions),
+        }
+    }
+}
+
+/// `POST /v1/devices/{id}/events`: the body is the event (any JSON value). Answers
+/// `{"seq","at","transitions"}` once the record is durable.
+pub async fn send(State(app): State<App>, Id(id): Id, body: Body) -> Result<Response, ApiError> {
+    let event = body.text(|m| Error::MalformedEvent(m).into())?;
+    let committed = app.rt.send(&id, event).await?;
+    Ok(json::ok(&Ack::from(committed)))
+}
+
+/// Answer of `GET /v1/devices/{id}`.
+#[derive(Debug, Serialize)]
+struct DeviceOut {
+    id: String,
+    plugin: String,
+    version: u32,
+    seq: u64,
+    status: &'static str,
+    state: Box<RawValue>,
+    config: serde_json::Value,
+    created_at_ms: u64,
+}
+
+/// `GET /v1/devices/{id}`: the device with its current durable state.
+pub async fn show(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+    let view = app.rt.device(&id).await?;
+    let DeviceSummary {
+        id,
+        plugin,
+        version,
+        seq,
+        config,
+        created_at_ms,
+    } = view.summary;
+    Ok(json::ok(&DeviceOut {
+        id,
+        plugin,
+        version,
+        seq,
+        status: view.status,
+        state: raw_or_string(view.state),
+        config,
+        created_at_ms,
+    }))
+}
+
+/// Query of `GET /v1/devices`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Ids strictly after this one (the previous page's `next`).
+    after: Option<String>,
+    /// Page size, 1..=10000 (default 1000).
+    limit: Option<usize>,
+}
+
+/// One page of device ids.
+#[derive(Debug, Serialize)]
+struct DeviceList {
+    devices: Vec<String>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    next: Option<String>,
+}
+
+/// `GET /v1/devices?after=ID&limit=N`: device ids in order, a page at a time.
+pub async fn list(
+    State(app): State<App>,
+    QueryOf(q): QueryOf<ListQuery>,
+) -> Result<Response, ApiError> {
+    let limit = page_size(q.limit, 1000, 10_000)?;
+    let ids = app.rt.device_ids();
+    let start = match &q.after {
+        Some(after) => ids.partition_point(|id| id.as_str() <= after.as_str()),
+        None => 0,
+    };
+    let rest = &ids[start.min(ids.len())..];
+    let page: Vec<String> = rest.iter().take(limit).cloned().collect();
+    let next = (rest.len() > limit).then(|| page.last().cloned()).flatten();
+    Ok(json::ok(&DeviceList {
+        devices: page,
+        next,
+    }))
+}
+
+/// Checks a page size: absent is `default`, 0 is refused, above `max` is clamped.
+fn page_size(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(0) => Err(ApiError::malformed_query("limit must be at least 1")),
+        Some(n) => Ok(n.min(max)),
+    }
+}
+
+/// Query of `GET /v1/devices/{id}/journal`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalQuery {
+    /// First seq of the page (default 1).
+    from: Option<u64>,
+    /// Records per page, 1..=the server's page limit (default 100; larger is clamped).
+    limit: Option<usize>,
+}
+
+/// One journal record as the API shows it.
+#[derive(Debug, Serialize)]
+struct RecordOut {
+    seq: u64,
+    /// Host time of the event, ms since the Unix epoch.
+    at: u64,
+    event: Box<RawValue>,
+    transitions: Vec<Box<RawValue>>,
+    plugin: String,
+    version: u32,
+}
+
+impl From<JournalEntry> for RecordOut {
+    fn from(e: JournalEntry) -> Self {
+        RecordOut {
+            seq: e.seq,
+            at: e.at_ms,
+            event: raw_or_string(e.event),
+            transitions: raw_all(e.transitions),
+            plugin: e.plugin,
+            version: e.version,
+        }
+    }
+}
+
+/// One page of the journal.
+#[derive(Debug, Serialize)]
+struct JournalOut {
+    records: Vec<RecordOut>,
+    /// The `from` of the next page; `null` when this page reaches the device's latest seq.
+    next: Option<u64>,
+}
+
+/// `GET /v1/devices/{id}/journal?from=SEQ&limit=N`: the device's records in seq order.
+pub async fn journal(
+    State(app): State<App>,
+    Id(id): Id,
+    QueryOf(q): QueryOf<JournalQuery>,
+) -> Result<Response, ApiError> {
+    let limit = page_size(q.limit, 100, app.limits.max_page)?;
+    let from = q.from.unwrap_or(1);
+    let rt = app.rt.clone();
+    // Pages are read from the journal file: keep the reads off the async workers.
+    let page = tokio::task::spawn_blocking(move || rt.journal_page(&id, from, limit))
+        .await
+        .map_err(|e| Error::Internal(format!("journal read task: {e}")))??;
+    Ok(json::ok(&JournalOut {
+        records: page.records.into_iter().map(RecordOut::from).collect(),
+        next: page.next,
+    }))
+}
+
+/// Query of `GET /v1/devices/{id}/state`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateQuery {
+    /// The seq to rebuild the state at (0: right after provisioning). Absent: now.
+    at: Option<u64>,
+}
+
+/// `{"seq","state"}`.
+#[derive(Debug, Serialize)]
+struct StateOut {
+    seq: u64,
+    state: Box<RawValue>,
+}
+
+/// `GET /v1/devices/{id}/state?at=SEQ`: the state right after record SEQ, rebuilt from the
+/// journal; without `at`, the current durable state. A seq past the latest is 404
+/// `seq-out-of-range`.
+pub async fn state(
+    State(app): State<App>,
+    Id(id): Id,
+    QueryOf(q): QueryOf<StateQuery>,
+) -> Result<Response, ApiError> {
+    let snapshot = match q.at {
+        Some(seq) => app.rt.state_at(&id, seq).await?,
+        None => {
+            let view = app.rt.device(&id).await?;
+            crate::actor::Snapshot {
+                seq: view.summary.seq,
+                state: view.state,
+            }
+        }
+    };
+    Ok(json::ok(&StateOut {
+        seq: snapshot.seq,
+        state: raw_or_string(snapshot.state),
+    }))
+}

@@ -1,0 +1,239 @@
+//! The one error shape of the API and the status of every error.
+//!
+//! Every failure answers `{"error": {"code": STRING, "message": STRING}}`. The code is
+//! [`Error::code`] for failures of the runtime, or one of the HTTP-level codes below for
+//! requests that never reached it. Clients branch on the code and the status; the message is
+//! for people.
+//!
+//! Statuses say whose move it is:
+//!
+//! | status | codes | meaning |
+//! | --- | --- | --- |
+//! | 400 | `invalid-id`, `malformed-event`, `malformed-config`, `malformed-request`, `malformed-query` | fix the request |
+//! | 404 | `unknown-device`, `unknown-plugin`, `seq-out-of-range`, `not-found` | no such thing (yet) |
+//! | 405 | `method-not-allowed` | |
+//! | 409 | `device-conflict` | the id is taken by another plugin or config |
+//! | 413 | `payload-too-large` | |
+//! | 422 | `rejected`, `trap`, `timeout`, `output-too-large`, `invalid-plugin` | the request was fine, the plugin refused or failed on it |
+//! | 429 | `mailbox-full` (with `Retry-After`) | slow down and retry |
+//! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
+//! | 501 | `not-implemented` | |
+//! | 503 | `shutting-down`, `journal` (write errors, with `Retry-After`) | retry later or elsewhere |
+//!
+//! A state asked for at a seq the device has not reached is 404 `seq-out-of-range`: the
+//! request is well formed, the record does not exist yet.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::journal::JournalError;
+
+/// HTTP-level codes: requests refused before the runtime saw them.
+pub mod codes {
+    /// The body is not what the route takes (not JSON, wrong fields, not UTF-8).
+    pub const MALFORMED_REQUEST: &str = "malformed-request";
+    /// A query parameter does not parse or is out of range.
+    pub const MALFORMED_QUERY: &str = "malformed-query";
+    /// No route has this path.
+    pub const NOT_FOUND: &str = "not-found";
+    /// The route exists but not with this method.
+    pub const METHOD_NOT_ALLOWED: &str = "method-not-allowed";
+    /// The route is reserved for a later version.
+    pub const NOT_IMPLEMENTED: &str = "not-implemented";
+    /// The body exceeds the route's limit (same code as the runtime's own size check).
+    pub const PAYLOAD_TOO_LARGE: &str = "payload-too-large";
+}
+
+/// Who raised an error: counted separately on `/metrics`, since the runtime counts its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The runtime returned it (already counted in `drover_errors_total`).
+    Runtime,
+    /// The HTTP layer refused the request before the runtime saw it.
+    Http,
+}
+
+/// An error on its way to becoming a response. Handlers return `Result<_, ApiError>`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
+    pub origin: Origin,
+}
+
+/// Marker put into the extensions of an error response so the metrics middleware can count
+/// HTTP-level errors by code.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorMark {
+    pub code: &'static str,
+    pub origin: Origin,
+}
+
+impl ApiError {
+    /// An HTTP-level error.
+    pub fn http(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            origin: Origin::Http,
+        }
+    }
+
+    /// 400 `malformed-request`.
+    pub fn malformed_request(message: impl Into<String>) -> Self {
+        Self::http(StatusCode::BAD_REQUEST, codes::MALFORMED_REQUEST, message)
+    }
+
+    /// 400 `malformed-query`.
+    pub fn malformed_query(message: impl Into<String>) -> Self {
+        Self::http(StatusCode::BAD_REQUEST, codes::MALFORMED_QUERY, message)
+    }
+
+    /// The body of this error, as the API shows it.
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        }
+    }
+}
+
+/// `{"error": {...}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+/// `{"code": ..., "message": ...}`; also used for the per-item errors of a batch.
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+/// The status an error of the runtime answers with (see the module docs).
+pub fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::UnknownDevice(_) | Error::UnknownPlugin(_) | Error::SeqOutOfRange { .. } => {
+            StatusCode::NOT_FOUND
+        }
+        Error::InvalidId(_) | Error::MalformedEvent(_) | Error::MalformedConfig(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        Error::DeviceConflict { .. } => StatusCode::CONFLICT,
+        Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::Rejected { .. }
+        | Error::Trap(_)
+        | Error::Timeout(_)
+        | Error::OutputTooLarge { .. }
+        | Error::InvalidPlugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::MailboxFull => StatusCode::TOO_MANY_REQUESTS,
+        Error::Journal(JournalError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::Journal(JournalError::Read { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Journal(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Activation(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The message shown for a runtime error. Failures of the guest say so, so that nobody
+/// debugs their request for a plugin bug.
+pub fn message_of(e: &Error) -> String {
+    match e {
+        Error::Trap(_) | Error::Timeout(_) | Error::OutputTooLarge { .. } => {
+            format!("{e} (a fault of the device's plugin, not of the request)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = status_of(&e);
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message: message_of(&e),
+            retry_after,
+            origin: Origin::Runtime,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&self.body()).unwrap_or_else(|_| {
+            br#"{"error":{"code":"internal","message":"error not serializable"}}"#.to_vec()
+        });
+        let mut response = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response.extensions_mut().insert(ErrorMark {
+            code: self.code,
+            origin: self.origin,
+        });
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_whose_fault_it_is() {
+        let cases = [
+            (Error::UnknownDevice("d".into()), 404),
+            (Error::InvalidId("x".into()), 400),
+            (Error::MailboxFull, 429),
+            (
+                Error::Rejected {
+                    code: "out-of-range".into(),
+                    message: "no".into(),
+                },
+                422,
+            ),
+            (Error::Trap("boom".into()), 422),
+            (
+                Error::SeqOutOfRange {
+                    requested: 9,
+                    latest: 1,
+                },
+                404,
+            ),
+            (Error::ShuttingDown, 503),
+            (Error::Journal(JournalError::Commit("disk".into())), 503),
+        ];
+        for (e, status) in cases {
+            let api = ApiError::from(e.clone());
+            assert_eq!(api.status.as_u16(), status, "{e}");
+            assert_eq!(api.code, e.code());
+        }
+        let full = ApiError::from(Error::MailboxFull).into_response();
+        assert_eq!(full.headers()[header::RETRY_AFTER], "1");
+        assert!(message_of(&Error::Trap("x".into())).contains("plugin"));
+    }
+}

@@ -1,0 +1,95 @@
+//! Extractors that refuse bad requests with the API's error shape.
+//!
+//! axum's own extractors answer plain-text rejections; these wrap them so that a bad path, a
+//! bad query or an unreadable body is answered like every other error (see [`super::error`]).
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::error::{ApiError, codes};
+use crate::error::{Error, validate_id};
+
+/// A device id or plugin name taken from the single path parameter of a route, checked with
+/// [`validate_id`]. The segment is percent-decoded first, so `%2F`, `%00` and friends are
+/// refused like their literal forms.
+#[derive(Debug, Clone)]
+pub struct Id(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(path_rejection)?;
+        validate_id(&id)?;
+        Ok(Id(id))
+    }
+}
+
+fn path_rejection(r: PathRejection) -> ApiError {
+    // The only way a matched route's parameter fails is bad percent-encoding (not UTF-8).
+    ApiError::from(Error::InvalidId(r.body_text()))
+}
+
+/// Query parameters deserialized into `T`; a parameter that does not parse is 400
+/// `malformed-query`.
+#[derive(Debug, Clone)]
+pub struct QueryOf<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(t)| QueryOf(t))
+            .map_err(|r: QueryRejection| ApiError::malformed_query(r.body_text()))
+    }
+}
+
+/// The raw request body, within the route's [`axum::extract::DefaultBodyLimit`]. Over the
+/// limit is 413 `payload-too-large`; a body that cannot be read is 400 `malformed-request`.
+#[derive(Debug, Clone)]
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(body_rejection)
+    }
+}
+
+fn body_rejection(r: BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::http(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            "the request body exceeds this route's size limit",
+        )
+    } else {
+        ApiError::malformed_request(r.body_text())
+    }
+}
+
+impl Body {
+    /// The body as UTF-8 text, or the error `not_text` makes of the decoding failure.
+    pub fn text(&self, not_text: impl FnOnce(String) -> ApiError) -> Result<&str, ApiError> {
+        std::str::from_utf8(&self.0).map_err(|e| not_text(format!("the body is not UTF-8: {e}")))
+    }
+
+    /// The body parsed as JSON into `T` (borrowing from it where `T` allows); any failure is
+    /// 400 `malformed-request`.
+    pub fn json<'a, T: serde::Deserialize<'a>>(&'a self) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.0)
+            .map_err(|e| ApiError::malformed_request(format!("invalid JSON body: {e}")))
+    }
+}

@@ -1,0 +1,37 @@
+//! Size limits of the HTTP API.
+//!
+//! Every body is buffered before a handler sees it, so every route has a cap: the runtime's own
+//! event limit for single events, a larger one for gateway batches and plugin uploads. A body
+//! over its cap is refused with 413 `payload-too-large` before it is fully read, so a client
+//! cannot make the server hold an arbitrary amount of memory.
+
+/// See the module docs. Defaults suit a single server; `drover serve` flags override them.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest single event body (`POST /v1/devices/{id}/events`). Keep it equal to the
+    /// runtime's `max_event_bytes` so both layers refuse the same events.
+    pub max_event_bytes: usize,
+    /// Largest other JSON request body (provisioning, deploy).
+    pub max_request_bytes: usize,
+    /// Largest gateway batch body (`POST /v1/events`).
+    pub max_batch_bytes: usize,
+    /// Most items in one gateway batch.
+    pub max_batch_items: usize,
+    /// Largest plugin upload (`POST /v1/plugins/{name}`).
+    pub max_plugin_bytes: usize,
+    /// Most records one journal page may ask for.
+    pub max_page: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: 64 * 1024,
+            max_request_bytes: 1024 * 1024,
+            max_batch_bytes: 32 * 1024 * 1024,
+            max_batch_items: 10_000,
+            max_plugin_bytes: 64 * 1024 * 1024,
+            max_page: 1000,
+        }
+    }
+}

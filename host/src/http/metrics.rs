@@ -1,0 +1,174 @@
+//! HTTP-level counters, rendered on `/metrics` after the runtime's own.
+//!
+//! The runtime already counts events, latency and its errors by kind; this adds what only the
+//! HTTP layer sees: requests per route and status class, requests in flight, and the errors
+//! refused before the runtime was called (bad paths, bodies, queries, routes), by code.
+//! Fixed arrays of atomics, so counting costs a few relaxed increments per request.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::App;
+use super::error::{ErrorMark, Origin, codes};
+
+/// Route templates counted individually; anything else is counted as `unmatched`.
+const ROUTES: [&str; 12] = [
+    "/v1/devices",
+    "/v1/devices/{id}",
+    "/v1/devices/{id}/events",
+    "/v1/devices/{id}/journal",
+    "/v1/devices/{id}/state",
+    "/v1/events",
+    "/v1/plugins",
+    "/v1/plugins/{name}",
+    "/v1/plugins/{name}/deploy",
+    "/v1/plugins/{name}/dry-run",
+    "/healthz",
+    "/metrics",
+];
+const UNMATCHED: usize = ROUTES.len();
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// HTTP-level error codes counted here; the runtime's codes are counted by the runtime.
+const HTTP_CODES: [&str; 7] = [
+    codes::MALFORMED_REQUEST,
+    codes::MALFORMED_QUERY,
+    codes::NOT_FOUND,
+    codes::METHOD_NOT_ALLOWED,
+    codes::NOT_IMPLEMENTED,
+    codes::PAYLOAD_TOO_LARGE,
+    "invalid-id",
+];
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    requests: [[AtomicU64; CLASSES.len()]; ROUTES.len() + 1],
+    errors: [AtomicU64; HTTP_CODES.len()],
+    in_flight: AtomicI64,
+}
+
+impl HttpMetrics {
+    fn record(&self, route: usize, status: u16, mark: Option<ErrorMark>) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[route.min(UNMATCHED)][class].fetch_add(1, Ordering::Relaxed);
+        if let Some(mark) = mark.filter(|m| m.origin == Origin::Http)
+            && let Some(i) = HTTP_CODES.iter().position(|c| *c == mark.code)
+        {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests answered so far on `route` (a template from the route table) with a status in
+    /// `class` (`"2xx"`, `"4xx"`, ...).
+    pub fn requests(&self, route: &str, class: &str) -> u64 {
+        let r = ROUTES.iter().position(|t| *t == route).unwrap_or(UNMATCHED);
+        CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .map_or(0, |c| self.requests[r][c].load(Ordering::Relaxed))
+    }
+
+    /// Appends the counters in Prometheus text format.
+    pub fn render_into(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP drover_http_requests_total HTTP requests answered, by route and status class.\n\
+             # TYPE drover_http_requests_total counter"
+        );
+        for (r, counters) in self.requests.iter().enumerate() {
+            let route = ROUTES.get(r).copied().unwrap_or("unmatched");
+            for (class, v) in CLASSES.iter().zip(counters) {
+                let v = v.load(Ordering::Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        out,
+                        "drover_http_requests_total{{route=\"{route}\",status=\"{class}\"}} {v}"
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_http_errors_total Requests refused by the HTTP layer before reaching the runtime, by code.\n\
+             # TYPE drover_http_errors_total counter"
+        );
+        for (code, v) in HTTP_CODES.iter().zip(&self.errors) {
+            let _ = writeln!(
+                out,
+                "drover_http_errors_total{{code=\"{code}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_http_in_flight HTTP requests being handled.\n\
+             # TYPE drover_http_in_flight gauge\n\
+             drover_http_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Middleware counting every request (see the module docs).
+pub async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|p| ROUTES.iter().position(|t| *t == p.as_str()))
+        .unwrap_or(UNMATCHED);
+    let metrics = &app.metrics;
+    let guard = InFlight::enter(&metrics.in_flight);
+    let response = next.run(req).await;
+    drop(guard);
+    let mark = response.extensions().get::<ErrorMark>().copied();
+    metrics.record(route, response.status().as_u16(), mark);
+    response
+}
+
+/// Counts a request in flight until dropped, so a request whose client went away (and whose
+/// future was dropped mid-way) is still counted out.
+struct InFlight<'a>(&'a AtomicI64);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_route_class_and_http_code() {
+        let m = HttpMetrics::default();
+        m.record(2, 200, None);
+        m.record(2, 429, None);
+        m.record(
+            UNMATCHED,
+            404,
+            Some(ErrorMark {
+                code: codes::NOT_FOUND,
+                origin: Origin::Http,
+            }),
+        );
+        assert_eq!(m.requests("/v1/devices/{id}/events", "2xx"), 1);
+        assert_eq!(m.requests("/v1/devices/{id}/events", "4xx"), 1);
+        let mut text = String::new();
+        m.render_into(&mut text);
+        assert!(text.contains("drover_http_requests_total{route=\"unmatched\",status=\"4xx\"} 1"));
+        assert!(text.contains("drover_http_errors_total{code=\"not-found\"} 1"));
+    }
+}

@@ -1,0 +1,110 @@
+//! The v1 HTTP API: how clients, gateways and the CLI talk to a [`Runtime`].
+//!
+//! The routes and their bodies are the public contract in `DESIGN.md` ("The public contract
+//! (v1)"); this module only translates between HTTP and the runtime and adds nothing the
+//! runtime does not already guarantee: an event is answered once its record is durable, a
+//! full mailbox is a 429 with `Retry-After`, and every failure, including the ones axum
+//! raises before a handler runs (bad path, bad query, unreadable body, unknown route, wrong
+//! method), has the one error shape `{"error": {"code", "message"}}` (see [`error`]).
+//!
+//! | call | answer |
+//! | --- | --- |
+//! | `PUT /v1/devices/{id}` | 201 created / 200 unchanged: the device |
+//! | `GET /v1/devices?after=ID&limit=N` | 200 a page of device ids |
+//! | `GET /v1/devices/{id}` | 200 `{"id","plugin","version","seq","status","state",...}` |
+//! | `POST /v1/devices/{id}/events` | 200 `{"seq","at","transitions"}` once durable |
+//! | `GET /v1/devices/{id}/journal?from=&limit=` | 200 `{"records":[...],"next"}` |
+//! | `GET /v1/devices/{id}/state?at=SEQ` | 200 `{"seq","state"}` |
+//! | `POST /v1/events` | 200 per-item results of a gateway batch (see [`batch`]) |
+//! | `POST /v1/plugins/{name}` | 201 new version / 200 same bytes: `{"name","version","digest"}` |
+//! | `GET /v1/plugins` | 200 the plugins and their versions |
+//! | `POST /v1/plugins/{name}/deploy`, `.../dry-run` | 501 until hot reload lands |
+//! | `GET /healthz`, `GET /metrics` | liveness; Prometheus text |
+//!
+//! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`] and
+//! [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
+//! error shape; [`error`] the status mapping; [`limits`] the size limits; [`json`] the
+//! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
+//! HTTP-level counters.
+//!
+//! [`Runtime`]: crate::Runtime
+
+pub mod batch;
+pub mod devices;
+pub mod error;
+pub mod extract;
+pub mod json;
+pub mod limits;
+pub mod metrics;
+pub mod ops;
+pub mod plugins;
+pub mod server;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+
+use crate::Runtime;
+
+pub use error::ApiError;
+pub use limits::Limits;
+pub use server::Server;
+
+/// What every handler can reach: the runtime, the limits and the HTTP counters.
+pub struct AppState {
+    /// The runtime the API is a view of.
+    pub rt: Runtime,
+    /// Body and page size limits.
+    pub limits: Limits,
+    /// Request counters rendered after the runtime's own on `/metrics`.
+    pub metrics: metrics::HttpMetrics,
+}
+
+/// The state as handlers receive it.
+pub type App = Arc<AppState>;
+
+/// Builds the v1 router for `rt`. Separate from [`Server`] so tests and embedders can mount
+/// it on their own listener or inside a larger router.
+pub fn router(rt: Runtime, limits: Limits) -> Router {
+    let app: App = Arc::new(AppState {
+        rt,
+        limits: limits.clone(),
+        metrics: metrics::HttpMetrics::default(),
+    });
+    Router::new()
+        .route("/v1/devices", get(devices::list))
+        .route(
+            "/v1/devices/{id}",
+            put(devices::provision)
+                .get(devices::show)
+                .layer(DefaultBodyLimit::max(limits.max_request_bytes)),
+        )
+        .route(
+            "/v1/devices/{id}/events",
+            post(devices::send).layer(DefaultBodyLimit::max(limits.max_event_bytes)),
+        )
+        .route("/v1/devices/{id}/journal", get(devices::journal))
+        .route("/v1/devices/{id}/state", get(devices::state))
+        .route(
+            "/v1/events",
+            post(batch::ingest).layer(DefaultBodyLimit::max(limits.max_batch_bytes)),
+        )
+        .route("/v1/plugins", get(plugins::list))
+        .route(
+            "/v1/plugins/{name}",
+            post(plugins::upload).layer(DefaultBodyLimit::max(limits.max_plugin_bytes)),
+        )
+        .route("/v1/plugins/{name}/deploy", post(plugins::deploy))
+        .route("/v1/plugins/{name}/dry-run", post(plugins::dry_run))
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            metrics::track,
+        ))
+        .with_state(app)
+}

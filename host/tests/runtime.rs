@@ -1,0 +1,451 @@
+//! Acceptance tests of the actor core, in-process, driving the real compiled plugins.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use drover::journal::Journal;
+use drover::replay::{self, DeviceHead, Start};
+use drover::{Error, Runtime};
+use serde_json::{Value, json};
+
+const PLUGINS: &str = drover::embedded::TEST_PLUGIN_DIR;
+
+async fn open(dir: &Path, snapshot_every: u64) -> Runtime {
+    Runtime::builder(dir)
+        .plugin_dir(PLUGINS)
+        .snapshot_every(snapshot_every)
+        .call_timeout(Duration::from_millis(300))
+        .mailbox_capacity(4096)
+        .open()
+        .await
+        .expect("runtime opens")
+}
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).expect("valid JSON")
+}
+
+async fn state(rt: &Runtime, id: &str) -> Value {
+    parse(&rt.device(id).await.expect("device reads").state)
+}
+
+/// A small deterministic PRNG so the mixed workload is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn thermostat_event(rng: &mut Rng) -> String {
+    match rng.below(10) {
+        0 => json!({"type": "set_point", "celsius": 15 + rng.below(10)}).to_string(),
+        // Out of range: refused by the guest, writes nothing.
+        1 => json!({"type": "set_point", "celsius": 99}).to_string(),
+        2 => json!({"type": "mode", "mode": if rng.below(2) == 0 { "off" } else { "heat" }})
+            .to_string(),
+        _ => json!({"type": "reading", "celsius": 150.0 + rng.below(150) as f64 / 10.0 - 140.0})
+            .to_string(),
+    }
+}
+
+fn lock_event(rng: &mut Rng) -> String {
+    match rng.below(7) {
+        0 => json!({"type": "lock"}).to_string(),
+        1 => json!({"type": "unlock", "code": "4711"}).to_string(),
+        2 => json!({"type": "unlock", "code": "0000"}).to_string(),
+        3 => json!({"type": "door_opened"}).to_string(),
+        4 => json!({"type": "door_closed"}).to_string(),
+        _ => json!({"type": "battery", "percent": rng.below(101)}).to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_of_both_plugins_compute_their_state_from_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 100).await;
+
+    let (device, created) = rt
+        .provision("hall", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .expect("provision thermostat");
+    assert!(created);
+    assert_eq!((device.plugin.as_str(), device.version, device.seq), ("thermostat", 1, 0));
+    let ack = rt
+        .send("hall", r#"{"type":"reading","celsius":19.0}"#)
+        .await
+        .expect("reading accepted");
+    assert_eq!(ack.seq, 1);
+    let kinds: Vec<String> = ack.transitions.iter().map(|t| parse(t)["type"].to_string()).collect();
+    assert_eq!(kinds, [r#""temperature_recorded""#, r#""heating_on""#]);
+    let s = state(&rt, "hall").await;
+    assert_eq!(s["heating"], json!(true));
+    assert_eq!(s["readings"], json!(1));
+
+    rt.provision("front", "door-lock", &json!({"code": "4711"}))
+        .await
+        .expect("provision lock");
+    let ack = rt
+        .send("front", r#"{"type":"unlock","code":"1234"}"#)
+        .await
+        .expect("wrong code is recorded");
+    assert_eq!(parse(&ack.transitions[0])["type"], json!("unlock_failed"));
+    rt.send("front", r#"{"type":"unlock","code":"4711"}"#)
+        .await
+        .expect("unlock");
+    let s = state(&rt, "front").await;
+    assert_eq!(s["locked"], json!(false));
+    assert_eq!(s["failed_attempts"], json!(0));
+
+    // Provisioning again with the same plugin and config is a no-op; another config conflicts.
+    let (_, created) = rt
+        .provision("hall", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .expect("idempotent");
+    assert!(!created);
+    let err = rt
+        .provision("hall", "thermostat", &json!({"setpoint": 25.0}))
+        .await
+        .expect_err("conflict");
+    assert_eq!(err.code(), "device-conflict");
+
+    let page = rt.journal_page("hall", 1, 10).expect("journal");
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.records[0].plugin, "thermostat");
+    assert_eq!(parse(&page.records[0].event)["celsius"], json!(19.0));
+    assert_eq!(page.next, None);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_restores_identical_state_and_snapshot_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 4).await;
+    let mut rng = Rng(7);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (id, plugin, config) = if i % 2 == 0 {
+            (format!("t{i}"), "thermostat", json!({"setpoint": 20.0}))
+        } else {
+            (format!("l{i}"), "door-lock", json!({"code": "4711"}))
+        };
+        rt.provision(&id, plugin, &config).await.expect("provision");
+        for _ in 0..15 {
+            let event = if i % 2 == 0 { thermostat_event(&mut rng) } else { lock_event(&mut rng) };
+            let _ = rt.send(&id, &event).await;
+        }
+        ids.push(id);
+    }
+    let mut before = HashMap::new();
+    for id in &ids {
+        let view = rt.device(id).await.expect("read");
+        let snap = rt.export_snapshot(id).await.expect("export");
+        before.insert(id.clone(), (view.summary.seq, view.state, snap));
+    }
+    rt.shutdown().await;
+
+    let rt = open(dir.path(), 4).await;
+    assert!(rt.recovery().dropped.is_none());
+    for id in &ids {
+        let view = rt.device(id).await.expect("read after reopen");
+        let snap = rt.export_snapshot(id).await.expect("export after reopen");
+        assert_eq!(before[id], (view.summary.seq, view.state, snap), "device {id}");
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_state_equals_full_replay_snapshot_replay_and_offline_replay_for_1000_devices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 5).await;
+    let devices = 1000;
+    let mut ids = Vec::new();
+    for i in 0..devices {
+        let id = format!("dev-{i:04}");
+        let (plugin, config) = if i % 2 == 0 {
+            ("thermostat", json!({"setpoint": 20.0 + (i % 5) as f64}))
+        } else {
+            ("door-lock", json!({"code": "4711", "max_attempts": 2}))
+        };
+        rt.provision(&id, plugin, &config).await.expect("provision");
+        ids.push(id);
+    }
+    // Every device gets its own ordered stream; the devices run concurrently.
+    let mut tasks = Vec::new();
+    for (i, chunk) in ids.chunks(50).enumerate() {
+        let rt = rt.clone();
+        let chunk: Vec<String> = chunk.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9e37_79b9 + i as u64);
+            let mut committed = 0u64;
+            for round in 0..12 {
+                let mut pending = Vec::new();
+                for id in &chunk {
+                    let event = if id.ends_with(['0', '2', '4', '6', '8']) {
+                        thermostat_event(&mut rng)
+                    } else {
+                        lock_event(&mut rng)
+                    };
+                    let rt = rt.clone();
+                    let id = id.clone();
+                    pending.push(async move { rt.send(&id, &event).await });
+                }
+                for r in futures_join(pending).await {
+                    match r {
+                        Ok(_) => committed += 1,
+                        Err(Error::Rejected { .. }) => {}
+                        Err(e) => panic!("round {round}: unexpected {e}"),
+                    }
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for t in tasks {
+        committed += t.await.expect("task");
+    }
+    assert!(committed > 8000, "only {committed} events committed");
+
+    let mut live = HashMap::new();
+    for id in &ids {
+        let view = rt.device(id).await.expect("live read");
+        let (seq, bytes) = rt.export_snapshot(id).await.expect("export");
+        assert_eq!(seq, view.summary.seq);
+        live.insert(id.clone(), (seq, parse(&view.state), bytes));
+    }
+    let mut with_snapshot = 0;
+    for id in &ids {
+        let (seq, state, bytes) = &live[id];
+        let head = DeviceHead::load(rt.journal(), id).expect("head");
+        assert_eq!(head.seq, *seq);
+        let registry_view = rt.state_at(id, *seq).await.expect("state_at");
+        assert_eq!(parse(&registry_view.state), *state, "{id}: state_at");
+        with_snapshot += u64::from(!rt.journal().index().devices[&head.num].snapshots.is_empty());
+        let _ = bytes;
+    }
+    assert!(with_snapshot > 500, "snapshots were taken ({with_snapshot} devices)");
+    rt.shutdown().await;
+
+    // Offline, from the files alone: genesis replay, snapshot + tail, and `drover replay`'s path.
+    let (journal, _) = Journal::open_read_only(dir.path()).expect("journal");
+    let engine = drover::engine::Engine::new(Default::default()).expect("engine");
+    let registry = drover::registry::Registry::new(engine, journal.clone(), dir.path()).expect("registry");
+    for id in &ids {
+        let (seq, state, bytes) = &live[id];
+        let head = DeviceHead::load(&journal, id).expect("head");
+        for start in [Start::Genesis, Start::Snapshot] {
+            let mut rebuilt = replay::rebuild(&journal, &registry, &head, *seq, start).expect("rebuild");
+            assert_eq!(rebuilt.seq, *seq);
+            assert_eq!(parse(&rebuilt.instance.query().expect("query")), *state, "{id} {start:?}");
+            assert_eq!(rebuilt.instance.snapshot().expect("snapshot"), *bytes, "{id} {start:?}");
+        }
+        let offline = replay::offline(dir.path(), id, None, Start::Snapshot).expect("offline replay");
+        assert_eq!((offline.seq, parse(&offline.state)), (*seq, state.clone()), "{id} offline");
+        if id.ends_with("00") {
+            // The snapshot path really skipped work where a snapshot existed.
+            let r = replay::rebuild(&journal, &registry, &head, *seq, Start::Snapshot).expect("rebuild");
+            if r.snapshot.is_some() {
+                assert!(r.applied < 5 * 3 + 3, "{id}: replayed {} transitions after the snapshot", r.applied);
+            }
+        }
+    }
+}
+
+/// Joins futures concurrently without pulling in a futures crate.
+async fn futures_join<F, T>(futures: Vec<F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_millis(200))
+        .max_guest_memory(32 * 1024 * 1024)
+        .max_event_bytes(1024)
+        .max_output_bytes(16 * 1024)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("m", "misbehave", &json!({})).await.expect("provision");
+    rt.provision("t", "thermostat", &json!({})).await.expect("provision");
+    rt.send("m", r#"{"type":"ok"}"#).await.expect("ok");
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("m", r#"{"type":"reject"}"#.into(), "rejected"),
+        ("m", r#"{"type":"panic"}"#.into(), "trap"),
+        ("m", r#"{"type":"loop"}"#.into(), "timeout"),
+        ("m", r#"{"type":"alloc","mb":64}"#.into(), "trap"),
+        ("m", r#"{"type":"big","kb":64}"#.into(), "output-too-large"),
+        ("m", r#"{"type":"panic_on_apply"}"#.into(), "trap"),
+        ("t", r#"{"type":"set_point","celsius":99}"#.into(), "rejected"),
+        ("t", r#"{"type":"reading","celsius":"warm"}"#.into(), "rejected"),
+        ("t", r#"{"type":"reading", "#.into(), "malformed-event"),
+        ("t", "not json".into(), "malformed-event"),
+        ("t", format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000)), "payload-too-large"),
+        ("nobody", r#"{"type":"ok"}"#.into(), "unknown-device"),
+        ("a/b", r#"{"type":"ok"}"#.into(), "invalid-id"),
+    ];
+    for (device, event, code) in cases {
+        let len = rt.journal().durable_len();
+        let seqs = (rt.summary("m").map(|d| d.seq), rt.summary("t").map(|d| d.seq));
+        let err = rt.send(device, &event).await.expect_err(&event);
+        assert_eq!(err.code(), code, "{event}: {err}");
+        assert_eq!(rt.journal().durable_len(), len, "{event} wrote to the journal");
+        assert_eq!(
+            (rt.summary("m").map(|d| d.seq), rt.summary("t").map(|d| d.seq)),
+            seqs
+        );
+        // The device keeps working, rebuilt from the journal if its instance was discarded.
+        if device == "m" {
+            let ack = rt.send("m", r#"{"type":"ok"}"#).await.expect("works after failure");
+            assert_eq!(ack.seq, seqs.0.unwrap_or(0) + 1);
+        }
+    }
+    assert_eq!(state(&rt, "m").await["count"], json!(7));
+    if let Err(e) = rt.send("m", r#"{"type":"panic"}"#).await {
+        assert!(e.to_string().contains("panic"), "trap message names the panic: {e}");
+    }
+
+    let err = rt.provision("x", "no-such-plugin", &json!({})).await.expect_err("unknown plugin");
+    assert_eq!(err.code(), "unknown-plugin");
+    let err = rt
+        .provision("x", "thermostat", &json!({"setpoint": "warm"}))
+        .await
+        .expect_err("bad config");
+    assert_eq!(err.code(), "malformed-config");
+    let err = rt.provision("x", "misbehave", &json!({"fail_init": true})).await.expect_err("init refuses");
+    assert_eq!(err.code(), "malformed-config");
+    assert!(rt.summary("x").is_none(), "nothing was provisioned");
+    let err = rt.provision("../x", "thermostat", &json!({})).await.expect_err("bad id");
+    assert_eq!(err.code(), "invalid-id");
+    let err = rt.device("nobody").await.expect_err("unknown");
+    assert_eq!(err.code(), "unknown-device");
+    let err = rt.state_at("t", 5).await.expect_err("future seq");
+    assert_eq!(err.code(), "seq-out-of-range");
+
+    let err = rt
+        .register_plugin("broken", b"\0asm not really".to_vec())
+        .await
+        .expect_err("not a component");
+    assert_eq!(err.code(), "invalid-plugin");
+    assert!(rt.plugins().iter().all(|(n, _)| n != "broken"));
+    assert!(rt.metrics().errors("trap") >= 3);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 50).await;
+    rt.provision("one", "misbehave", &json!({})).await.expect("provision");
+    let senders = 8;
+    let per_sender = 150;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let rt = rt.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..per_sender {
+                let event = json!({"type": "ok", "sender": s, "n": n}).to_string();
+                let ack = rt.send("one", &event).await.expect("accepted");
+                acked.push((ack.seq, event));
+            }
+            acked
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let acked = t.await.expect("sender");
+        assert!(acked.windows(2).all(|w| w[0].0 < w[1].0), "a sender saw seqs go backwards");
+        all.extend(acked);
+    }
+    all.sort();
+    let total = senders * per_sender;
+    assert_eq!(all.len(), total);
+    let page = rt.journal_page("one", 1, 1000).expect("journal");
+    let mut records = page.records;
+    let page2 = rt.journal_page("one", 1001, 1000).expect("journal");
+    records.extend(page2.records);
+    assert_eq!(records.len(), total);
+    for ((seq, event), record) in all.iter().zip(&records) {
+        assert_eq!(*seq, record.seq);
+        assert_eq!(*event, record.event, "the journal holds each event at the seq it was acked with");
+        // The guest handled them in that same order: its counter equals the seq.
+        assert_eq!(parse(&record.transitions[0])["count"], json!(record.seq));
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 3).await;
+    rt.provision("c", "misbehave", &json!({})).await.expect("provision");
+    for _ in 0..4 {
+        rt.send("c", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    rt.journal().inject_commit_failures(1);
+    let err = rt.send("c", r#"{"type":"ok"}"#).await.expect_err("commit fails");
+    assert_eq!(err.code(), "journal");
+    let ack = rt.send("c", r#"{"type":"ok"}"#).await.expect("next event commits");
+    assert_eq!(ack.seq, 5, "the failed event's seq is reused: no gap");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(5), "state was rebuilt without the failed event");
+    let live = state(&rt, "c").await;
+    let replayed = rt.state_at("c", 5).await.expect("replay");
+    assert_eq!(live, parse(&replayed.state));
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_reopens_over_a_torn_journal_with_the_intact_prefix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 1000).await;
+    rt.provision("d", "misbehave", &json!({})).await.expect("provision");
+    for _ in 0..10 {
+        rt.send("d", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    let len = rt.journal().durable_len();
+    rt.shutdown().await;
+    let path = dir.path().join(drover::journal::FILE_NAME);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+    file.set_len(len - 5).expect("tear the last record");
+    drop(file);
+
+    let rt = open(dir.path(), 1000).await;
+    let dropped = rt.recovery().dropped.clone().expect("reported");
+    assert!(dropped.torn);
+    assert_eq!(state(&rt, "d").await["count"], json!(9));
+    let ack = rt.send("d", r#"{"type":"ok"}"#).await.expect("continues");
+    assert_eq!(ack.seq, 10);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_runtime_cannot_open_the_same_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 10).await;
+    let second = Runtime::builder(dir.path()).open().await;
+    let err = second.err().expect("refused").to_string();
+    assert!(err.contains("in use"), "{err}");
+    rt.shutdown().await;
+}
