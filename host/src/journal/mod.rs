@@ -122,13 +122,19 @@ struct Inner {
     path: PathBuf,
     reader: File,
     shared: Arc<writer::Shared>,
-    tx: Mutex<Option<Sender<Entry>>>,
+    /// `None` for a read-only journal. A plain `Sender` (it is `Sync`): submitting is one
+    /// channel push, with no lock in front of it.
+    tx: Option<Sender<Entry>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.tx.lock().take();
+        self.shared.closing.store(true, Ordering::Release);
+        if let Some(tx) = &self.tx {
+            // Wakes the writer so it sees the flag.
+            let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
+        }
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
@@ -158,6 +164,7 @@ impl Journal {
             index: RwLock::new(index),
             stats: Stats::default(),
             broken: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             inject_failures: AtomicU32::new(0),
         });
         let (tx, rx) = channel();
@@ -172,7 +179,7 @@ impl Journal {
                     path,
                     reader,
                     shared,
-                    tx: Mutex::new(Some(tx)),
+                    tx: Some(tx),
                     writer: Mutex::new(Some(handle)),
                 }),
             },
@@ -191,6 +198,7 @@ impl Journal {
             index: RwLock::new(index),
             stats: Stats::default(),
             broken: AtomicBool::new(true),
+            closing: AtomicBool::new(true),
             inject_failures: AtomicU32::new(0),
         });
         Ok((
@@ -199,7 +207,7 @@ impl Journal {
                     path,
                     reader: file,
                     shared,
-                    tx: Mutex::new(None),
+                    tx: None,
                     writer: Mutex::new(None),
                 }),
             },
@@ -215,8 +223,7 @@ impl Journal {
     /// Queues an entry for the writer. Never blocks; the entry's completion reports the
     /// outcome (immediately, with [`JournalError::Closed`], if the journal is closed).
     pub fn submit(&self, entry: Entry) {
-        let tx = self.inner.tx.lock().clone();
-        let entry = match tx {
+        let entry = match &self.inner.tx {
             Some(tx) => match tx.send(entry) {
                 Ok(()) => return,
                 Err(e) => e.0,
@@ -345,7 +352,10 @@ impl Journal {
     /// Stops the writer after everything queued so far is durable. Later submissions fail with
     /// [`JournalError::Closed`].
     pub fn close(&self) {
-        self.inner.tx.lock().take();
+        self.inner.shared.closing.store(true, Ordering::Release);
+        if let Some(tx) = &self.inner.tx {
+            let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
+        }
         if let Some(handle) = self.inner.writer.lock().take() {
             let _ = handle.join();
         }

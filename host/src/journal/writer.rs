@@ -78,6 +78,9 @@ pub struct Shared {
     pub stats: Stats,
     /// Set when the file could not be restored after a failed commit.
     pub broken: AtomicBool,
+    /// Set by `close`: the writer exits once the queue is empty. Entries that race past the
+    /// exit are dropped unanswered, which their submitters observe as a closed channel.
+    pub closing: AtomicBool,
     /// Test hook: the next this-many commits fail after their write.
     pub inject_failures: AtomicU32,
 }
@@ -102,6 +105,16 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
         }
         commit(&mut file, &mut durable_len, &mut buf, &mut offsets, &mut batch, &shared);
         batch.clear();
+        if shared.closing.load(Ordering::Acquire) {
+            // Drain what is already queued, then stop.
+            let rest: Vec<Entry> = rx.try_iter().collect();
+            if !rest.is_empty() {
+                batch.extend(rest);
+                commit(&mut file, &mut durable_len, &mut buf, &mut offsets, &mut batch, &shared);
+                batch.clear();
+            }
+            break;
+        }
     }
     tracing::debug!(durable_len, "journal writer stopped");
 }

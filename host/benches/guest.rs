@@ -1,0 +1,100 @@
+//! Cost of the sandbox itself: guest calls into the real thermostat component, no journal.
+//!
+//! `cargo bench -p drover --bench guest` prints medians of: instantiate + init, handle + apply
+//! of one reading, snapshot, restore, and replay (`apply` only) throughput.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use drover::engine::{Engine, EngineConfig, EventContext};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let engine = Engine::new(EngineConfig::default())?;
+    let plugin = engine.compile(drover::embedded::EMBEDDED[0].1)?;
+    let id: Arc<str> = Arc::from("t-1");
+    let config = r#"{"setpoint":21.0}"#;
+
+    let mut inst_us = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let mut i = plugin.instantiate(id.clone())?;
+        i.init(&id, config)?;
+        inst_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+
+    let mut i = plugin.instantiate(id.clone())?;
+    i.init(&id, config)?;
+    let events: Vec<String> = (0..64)
+        .map(|n| format!(r#"{{"type":"reading","celsius":{}}}"#, 18.0 + n as f64 / 10.0))
+        .collect();
+    let mut per_event = Vec::new();
+    let mut transitions = Vec::new();
+    for round in 0..50 {
+        let n = 10_000;
+        let t = Instant::now();
+        for k in 0..n {
+            let ctx = EventContext {
+                device_id: "t-1".into(),
+                seq: (round * n + k + 1) as u64,
+                at_ms: 1_700_000_000_000,
+                seed: 7,
+            };
+            let out = i.handle(&ctx, &events[k % events.len()])?;
+            for tr in &out {
+                i.apply(tr)?;
+            }
+            if round == 0 && transitions.len() < 100_000 {
+                transitions.extend(out);
+            }
+        }
+        per_event.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    let snapshot = i.snapshot()?;
+    let mut snap_us = Vec::new();
+    let mut restore_us = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let s = i.snapshot()?;
+        snap_us.push(t.elapsed().as_secs_f64() * 1e6);
+        let mut j = plugin.instantiate(id.clone())?;
+        let t = Instant::now();
+        j.restore(&s)?;
+        restore_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut j = plugin.instantiate(id.clone())?;
+    j.restore(&snapshot)?;
+    let t = Instant::now();
+    for tr in &transitions {
+        j.apply(tr)?;
+    }
+    let replay_rate = transitions.len() as f64 / t.elapsed().as_secs_f64();
+
+    // The floor: a call that does almost nothing (misbehave's `query` of a two-field state).
+    let misbehave = engine.compile(&std::fs::read(
+        std::path::Path::new(drover::embedded::TEST_PLUGIN_DIR).join("misbehave.wasm"),
+    )?)?;
+    let mut m = misbehave.instantiate(id.clone())?;
+    m.init(&id, "{}")?;
+    let mut bare = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        for _ in 0..10_000 {
+            m.query()?;
+        }
+        bare.push(t.elapsed().as_secs_f64() * 1e6 / 10_000.0);
+    }
+
+    println!("drover guest bench (thermostat component, medians)");
+    println!("  near-empty call (query) {:>8.2} µs", median(bare));
+    println!("  instantiate + init      {:>8.1} µs", median(inst_us));
+    println!("  handle + apply (1 event){:>8.2} µs", median(per_event));
+    println!("  snapshot                {:>8.2} µs ({} bytes)", median(snap_us), snapshot.len());
+    println!("  instantiate-free restore{:>8.2} µs", median(restore_us));
+    println!("  replay (apply only)     {:>8.0} transitions/s", replay_rate);
+    Ok(())
+}
