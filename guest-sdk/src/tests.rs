@@ -1,0 +1,229 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{Context, Device, Error, Instance, codes};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Light {
+    id: String,
+    on: bool,
+    switches: u64,
+    #[serde(default)]
+    last_at_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LightConfig {
+    #[serde(default)]
+    on: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum LightEvent {
+    Switch { on: bool },
+    Explode,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum LightTransition {
+    Switched { on: bool, at_ms: u64 },
+}
+
+impl Device for Light {
+    type Config = LightConfig;
+    type Event = LightEvent;
+    type Transition = LightTransition;
+
+    fn init(device_id: &str, config: LightConfig) -> Result<Self, Error> {
+        if device_id.is_empty() {
+            return Err(Error::invalid_config("empty device id"));
+        }
+        Ok(Light {
+            id: device_id.to_owned(),
+            on: config.on,
+            switches: 0,
+            last_at_ms: None,
+        })
+    }
+
+    fn handle(&self, ctx: &Context, event: LightEvent) -> Result<Vec<LightTransition>, Error> {
+        match event {
+            LightEvent::Switch { on } if on == self.on => Ok(vec![]),
+            LightEvent::Switch { on } => Ok(vec![LightTransition::Switched {
+                on,
+                at_ms: ctx.at_ms(),
+            }]),
+            LightEvent::Explode => Err(Error::new("boom", "lights do not explode")),
+        }
+    }
+
+    fn apply(&mut self, transition: LightTransition) {
+        match transition {
+            LightTransition::Switched { on, at_ms } => {
+                self.on = on;
+                self.switches += 1;
+                self.last_at_ms = Some(at_ms);
+            }
+        }
+    }
+}
+
+crate::export_device!(Light);
+
+fn ctx(seq: u64) -> Context {
+    Context::new("l-1", seq, 1_000 + seq, 7)
+}
+
+fn ready() -> Instance<Light> {
+    let mut i = Instance::new();
+    i.init("l-1", "{}").unwrap();
+    i
+}
+
+#[test]
+fn handle_then_apply_round_trips_json() {
+    let mut i = ready();
+    let out = i.handle(&ctx(1), r#"{"type":"switch","on":true}"#).unwrap();
+    assert_eq!(out, [r#"{"type":"switched","on":true,"at_ms":1001}"#]);
+    // handle alone does not change the state
+    assert!(!i.state().unwrap().on);
+    i.apply(&out[0]).unwrap();
+    assert_eq!(
+        i.state().unwrap(),
+        &Light {
+            id: "l-1".into(),
+            on: true,
+            switches: 1,
+            last_at_ms: Some(1001)
+        }
+    );
+    assert!(
+        i.handle_and_apply(&ctx(2), r#"{"type":"switch","on":true}"#)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn malformed_inputs_become_typed_errors() {
+    let mut i = ready();
+    for bad in [
+        "",
+        "nope",
+        "{}",
+        r#"{"type":"dim"}"#,
+        r#"{"type":"switch"}"#,
+    ] {
+        let err = i.handle(&ctx(1), bad).unwrap_err();
+        assert_eq!(err.code, codes::INVALID_EVENT, "{bad}: {err}");
+        assert!(err.message.starts_with("malformed event"), "{err}");
+    }
+    for bad in ["", "[]", r#"{"type":"switched","on":1}"#] {
+        let err = i.apply(bad).unwrap_err();
+        assert_eq!(err.code, codes::INVALID_TRANSITION, "{bad}: {err}");
+    }
+    let mut fresh = Instance::<Light>::new();
+    for bad in ["[", r#"{"on":"yes"}"#, r#"{"colour":"red"}"#] {
+        let err = fresh.init("l-1", bad).unwrap_err();
+        assert_eq!(err.code, codes::INVALID_CONFIG, "{bad}: {err}");
+    }
+    // errors from the device itself pass through unchanged
+    assert_eq!(
+        i.handle(&ctx(1), r#"{"type":"explode"}"#).unwrap_err(),
+        Error::new("boom", "lights do not explode")
+    );
+    assert_eq!(
+        fresh.init("", "{}").unwrap_err().code,
+        codes::INVALID_CONFIG
+    );
+}
+
+#[test]
+fn calls_before_init_are_errors_not_panics() {
+    let mut i = Instance::<Light>::new();
+    assert_eq!(
+        i.handle(&ctx(1), r#"{"type":"switch","on":true}"#)
+            .unwrap_err()
+            .code,
+        codes::NOT_INITIALIZED
+    );
+    assert_eq!(
+        i.apply(r#"{"type":"switched","on":true,"at_ms":1}"#)
+            .unwrap_err()
+            .code,
+        codes::NOT_INITIALIZED
+    );
+    assert_eq!(i.query(), "null");
+    assert!(i.snapshot().is_empty());
+    assert_eq!(i.restore(&[]).unwrap_err().code, codes::INVALID_SNAPSHOT);
+}
+
+#[test]
+fn absent_config_reads_as_empty_object() {
+    for absent in ["", "  ", "null"] {
+        let mut i = Instance::<Light>::new();
+        i.init("l-1", absent).unwrap();
+        assert!(!i.state().unwrap().on);
+    }
+    let mut i = Instance::<Light>::new();
+    i.init("l-1", r#"{"on":true}"#).unwrap();
+    assert!(i.state().unwrap().on);
+}
+
+#[test]
+fn snapshot_restore_and_query() {
+    let mut i = ready();
+    i.handle_and_apply(&ctx(1), r#"{"type":"switch","on":true}"#)
+        .unwrap();
+    let snap = i.snapshot();
+    assert_eq!(
+        std::str::from_utf8(&snap).unwrap(),
+        r#"{"id":"l-1","on":true,"switches":1,"last_at_ms":1001}"#
+    );
+    // query goes through serde_json::Value, whose maps are sorted by key
+    assert_eq!(
+        i.query(),
+        r#"{"id":"l-1","last_at_ms":1001,"on":true,"switches":1}"#
+    );
+
+    // restore works without init
+    let mut j = Instance::<Light>::new();
+    j.restore(&snap).unwrap();
+    assert_eq!(j.state(), i.state());
+
+    // an older snapshot without the defaulted field still restores
+    j.restore(br#"{"id":"l-1","on":false,"switches":9}"#)
+        .unwrap();
+    assert_eq!(j.state().unwrap().switches, 9);
+
+    // a bad snapshot is refused and the previous state kept
+    let err = j.restore(b"\x00garbage").unwrap_err();
+    assert_eq!(err.code, codes::INVALID_SNAPSHOT);
+    assert_eq!(j.state().unwrap().switches, 9);
+}
+
+#[test]
+fn init_again_resets_the_state() {
+    let mut i = ready();
+    i.handle_and_apply(&ctx(1), r#"{"type":"switch","on":true}"#)
+        .unwrap();
+    i.init("l-1", "{}").unwrap();
+    assert_eq!(i.state().unwrap().switches, 0);
+}
+
+#[test]
+fn context_and_error_accessors() {
+    let c = Context::new("d", 1, 2, 3);
+    assert_eq!(
+        (c.device_id(), c.seq(), c.at_ms(), c.seed()),
+        ("d", 1, 2, 3)
+    );
+    let e = Error::invalid("nope");
+    assert_eq!(e.code, codes::INVALID_EVENT);
+    assert_eq!(e.to_string(), "invalid-event: nope");
+    assert_eq!(Error::out_of_range("x").code, codes::OUT_OF_RANGE);
+    assert_eq!(Error::not_initialized().code, codes::NOT_INITIALIZED);
+    crate::log::info(format_args!("{} {}", "log", "works natively"));
+}

@@ -1,0 +1,302 @@
+//! A deliberately misbehaving device, **for tests only**.
+//!
+//! The host's containment tests (invariant 5: a misbehaving plugin harms only its own
+//! devices) need a guest that traps, spins, hoards memory or floods output on demand. Each
+//! event asks for one misbehavior; well-behaved events are there to check that the device (and
+//! the rest of the fleet) still works afterwards. Never deploy it outside tests.
+//!
+//! # Config
+//!
+//! Any JSON object (or none). `{"fail_init": true}` makes `init` fail with code `rejected`.
+//!
+//! # Events and what they do
+//!
+//! | event | outcome |
+//! | --- | --- |
+//! | `{"type": "ok"}` | one transition `{"type": "counted", "count": N}` (N = count after it) |
+//! | `{"type": "reject"}` | error, code `rejected` |
+//! | `{"type": "panic"}` | `panic!` (a trap in Wasm) |
+//! | `{"type": "loop"}` | spins forever (stopped only by fuel or an epoch deadline) |
+//! | `{"type": "alloc", "mb": N}` | allocates and touches N MiB, keeps it for the instance's lifetime, then returns `{"type": "allocated", "mb": N}`; beyond the store's memory limit this traps |
+//! | `{"type": "big", "kb": N}` | one transition `{"type": "big", "payload": "xxx..."}` whose payload is N KiB |
+//! | `{"type": "log", "message": "...", "level": "warn"}` | logs through the host (level defaults to `info`), no transition |
+//! | `{"type": "echo"}` | one transition `{"type": "echoed", "device_id": .., "seq": .., "at_ms": .., "seed": ..}` copying the event context |
+//! | `{"type": "panic_on_apply"}` | one transition `{"type": "poison"}` whose `apply` panics: handle succeeds, apply (and every replay) traps |
+//!
+//! # State
+//!
+//! `{"count": N, "applied": M}`: `ok` events counted, and transitions applied of any kind.
+#![warn(missing_docs)]
+
+use std::cell::RefCell;
+
+use drover_guest::log::{self, Level};
+use drover_guest::{Context, Device, Error};
+use serde::{Deserialize, Serialize};
+
+/// Error code of `reject` events and of `init` with `fail_init`.
+pub const REJECTED: &str = "rejected";
+
+std::thread_local! {
+    /// Memory grabbed by `alloc` events: outside the state, so snapshots stay small.
+    static BALLAST: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The state (its snapshot and queried JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Misbehave {
+    /// `ok` events applied.
+    pub count: u64,
+    /// Transitions applied, of any kind.
+    pub applied: u64,
+}
+
+/// Provisioning configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Config {
+    /// Make `init` fail.
+    #[serde(default)]
+    pub fail_init: bool,
+}
+
+/// An incoming event; see the crate docs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Behave.
+    Ok,
+    /// Refuse with code `rejected`.
+    Reject,
+    /// Panic (trap).
+    Panic,
+    /// Spin forever.
+    Loop,
+    /// Allocate and keep `mb` MiB.
+    Alloc {
+        /// MiB to allocate.
+        mb: u32,
+    },
+    /// Return a transition of `kb` KiB.
+    Big {
+        /// KiB of payload.
+        kb: u32,
+    },
+    /// Log a line through the host.
+    Log {
+        /// The line.
+        message: String,
+        /// `trace`, `debug`, `info` (default), `warn` or `error`.
+        #[serde(default)]
+        level: LogLevel,
+    },
+    /// Return the event context as a transition.
+    Echo,
+    /// Return a transition whose `apply` panics.
+    PanicOnApply,
+}
+
+/// Log level of a `log` event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    /// `trace`
+    Trace,
+    /// `debug`
+    Debug,
+    /// `info`
+    #[default]
+    Info,
+    /// `warn`
+    Warn,
+    /// `error`
+    Error,
+}
+
+/// A state change; see the crate docs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Transition {
+    /// An `ok` event; `count` is the count after it.
+    Counted {
+        /// The new count.
+        count: u64,
+    },
+    /// `mb` MiB were allocated.
+    Allocated {
+        /// MiB allocated.
+        mb: u32,
+    },
+    /// A large transition.
+    Big {
+        /// `kb` KiB of `x`.
+        payload: String,
+    },
+    /// A copy of the event context.
+    Echoed {
+        /// The context's device id.
+        device_id: String,
+        /// The context's sequence number.
+        seq: u64,
+        /// The context's time.
+        at_ms: u64,
+        /// The context's seed.
+        seed: u64,
+    },
+    /// Panics when applied.
+    Poison,
+}
+
+impl Device for Misbehave {
+    type Config = Config;
+    type Event = Event;
+    type Transition = Transition;
+
+    fn init(_device_id: &str, config: Config) -> Result<Self, Error> {
+        if config.fail_init {
+            return Err(Error::new(REJECTED, "init failed on request (fail_init)"));
+        }
+        Ok(Misbehave::default())
+    }
+
+    fn handle(&self, ctx: &Context, event: Event) -> Result<Vec<Transition>, Error> {
+        Ok(match event {
+            Event::Ok => vec![Transition::Counted {
+                count: self.count + 1,
+            }],
+            Event::Reject => return Err(Error::new(REJECTED, "rejected on request")),
+            Event::Panic => panic!("misbehave: panic on request"),
+            Event::Loop => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            Event::Alloc { mb } => {
+                let bytes = usize::try_from(mb)
+                    .ok()
+                    .and_then(|mb| mb.checked_mul(1 << 20))
+                    .unwrap_or_else(|| panic!("misbehave: {mb} MiB is not addressable"));
+                // Non-zero fill so every page is really touched.
+                let block = vec![0xA5u8; bytes];
+                BALLAST.with_borrow_mut(|b| b.push(block));
+                vec![Transition::Allocated { mb }]
+            }
+            Event::Big { kb } => vec![Transition::Big {
+                payload: "x".repeat(kb as usize * 1024),
+            }],
+            Event::Log { message, level } => {
+                let level = match level {
+                    LogLevel::Trace => Level::Trace,
+                    LogLevel::Debug => Level::Debug,
+                    LogLevel::Info => Level::Info,
+                    LogLevel::Warn => Level::Warn,
+                    LogLevel::Error => Level::Error,
+                };
+                log::log(level, message);
+                vec![]
+            }
+            Event::Echo => vec![Transition::Echoed {
+                device_id: ctx.device_id().to_owned(),
+                seq: ctx.seq(),
+                at_ms: ctx.at_ms(),
+                seed: ctx.seed(),
+            }],
+            Event::PanicOnApply => vec![Transition::Poison],
+        })
+    }
+
+    fn apply(&mut self, transition: Transition) {
+        self.applied += 1;
+        match transition {
+            Transition::Counted { count } => self.count = count,
+            Transition::Poison => panic!("misbehave: poison transition applied"),
+            Transition::Allocated { .. } | Transition::Big { .. } | Transition::Echoed { .. } => {}
+        }
+    }
+}
+
+drover_guest::export_device!(Misbehave);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_guest::Instance;
+
+    fn ctx() -> Context {
+        Context::new("m-1", 5, 1_000, 99)
+    }
+
+    fn ready() -> Instance<Misbehave> {
+        let mut i = Instance::new();
+        i.init("m-1", "").unwrap();
+        i
+    }
+
+    #[test]
+    fn ok_counts() {
+        let mut i = ready();
+        assert_eq!(
+            i.handle_and_apply(&ctx(), r#"{"type":"ok"}"#).unwrap(),
+            [r#"{"type":"counted","count":1}"#]
+        );
+        i.handle_and_apply(&ctx(), r#"{"type":"ok"}"#).unwrap();
+        assert_eq!(i.query(), r#"{"applied":2,"count":2}"#);
+    }
+
+    #[test]
+    fn reject_and_fail_init() {
+        let i = ready();
+        assert_eq!(
+            i.handle(&ctx(), r#"{"type":"reject"}"#).unwrap_err().code,
+            REJECTED
+        );
+        let err = Instance::<Misbehave>::new()
+            .init("m-1", r#"{"fail_init":true}"#)
+            .unwrap_err();
+        assert_eq!(err.code, REJECTED);
+    }
+
+    #[test]
+    #[should_panic(expected = "panic on request")]
+    fn panic_panics() {
+        let _ = ready().handle(&ctx(), r#"{"type":"panic"}"#);
+    }
+
+    #[test]
+    #[should_panic(expected = "poison")]
+    fn poison_panics_on_apply() {
+        let mut i = ready();
+        let out = i.handle(&ctx(), r#"{"type":"panic_on_apply"}"#).unwrap();
+        assert_eq!(out, [r#"{"type":"poison"}"#]);
+        let _ = i.apply(&out[0]);
+    }
+
+    #[test]
+    fn alloc_keeps_memory() {
+        let i = ready();
+        i.handle(&ctx(), r#"{"type":"alloc","mb":2}"#).unwrap();
+        let kept = BALLAST.with_borrow(|b| b.iter().map(Vec::len).sum::<usize>());
+        assert_eq!(kept, 2 << 20);
+    }
+
+    #[test]
+    fn big_transition_has_the_requested_size() {
+        let out = ready().handle(&ctx(), r#"{"type":"big","kb":64}"#).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].len() > 64 * 1024 && out[0].len() < 64 * 1024 + 64);
+    }
+
+    #[test]
+    fn echo_and_log() {
+        let i = ready();
+        assert_eq!(
+            i.handle(&ctx(), r#"{"type":"echo"}"#).unwrap(),
+            [r#"{"type":"echoed","device_id":"m-1","seq":5,"at_ms":1000,"seed":99}"#]
+        );
+        assert!(
+            i.handle(&ctx(), r#"{"type":"log","message":"hi","level":"warn"}"#)
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
