@@ -48,6 +48,8 @@ pub struct ActorConfig {
     pub snapshot_every: u64,
     /// Largest total size of the transitions one event may produce.
     pub max_output_bytes: usize,
+    /// An actor with no message for this long drops its instance (passivation).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// An event that is durable: what the sender gets back.
@@ -110,7 +112,8 @@ pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
         fence: Arc::new(Fence::default()),
         generation: 0,
     };
-    let task = tokio::spawn(actor.run(rx));
+    let span = tracing::debug_span!("actor", device = %actor.head.id);
+    let task = tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
     ActorHandle { tx, task }
 }
 
@@ -123,8 +126,32 @@ struct Actor {
     in_flight: Arc<Semaphore>,
 }
 
+/// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
+/// every way an instance dies (passivation, trap, fenced commit) is counted.
+struct LiveToken(Arc<Shared>);
+
+impl LiveToken {
+    fn new(shared: &Arc<Shared>) -> LiveToken {
+        shared
+            .metrics
+            .live_instances
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LiveToken(shared.clone())
+    }
+}
+
+impl Drop for LiveToken {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .live_instances
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The instance and the bookkeeping that is only meaningful while it lives.
 struct Live {
+    _token: LiveToken,
     instance: Instance,
     /// Seq of the last event handled (possibly not yet durable).
     seq: u64,
@@ -135,18 +162,58 @@ struct Live {
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        let span = tracing::debug_span!("actor", device = %self.head.id);
-        let _enter = span.enter();
-        while let Some(msg) = rx.recv().await {
-            match msg {
-                Message::Event {
-                    event,
-                    accepted,
-                    reply,
-                } => self.on_event(event, accepted, reply).await,
-                Message::Query { reply } => self.on_query(reply).await,
-                Message::Export { reply } => self.on_export(reply).await,
+        let idle = self.shared.actor.idle_timeout;
+        let mut last_activity = tokio::time::Instant::now();
+        // One timer per actor, re-armed lazily: a message only records the time, and the timer
+        // only looks at it when it fires. So the hot path never touches the timer wheel.
+        let sleep = tokio::time::sleep(idle);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    last_activity = tokio::time::Instant::now();
+                    match msg {
+                        Message::Event {
+                            event,
+                            accepted,
+                            reply,
+                        } => self.on_event(event, accepted, reply).await,
+                        Message::Query { reply } => self.on_query(reply).await,
+                        Message::Export { reply } => self.on_export(reply).await,
+                    }
+                    if sleep.is_elapsed() && self.live.is_some() {
+                        sleep.as_mut().reset(last_activity + idle);
+                    }
+                }
+                () = &mut sleep, if self.live.is_some() => {
+                    let deadline = last_activity + idle;
+                    if tokio::time::Instant::now() >= deadline {
+                        self.passivate();
+                    } else {
+                        sleep.as_mut().reset(deadline);
+                    }
+                }
             }
+        }
+        // The mailbox is closed and drained: leave a snapshot so the next start replays less.
+        self.passivate();
+    }
+
+    /// Drops the instance after snapshotting what the last snapshot does not cover. The task
+    /// and its mailbox stay (a few hundred bytes); the next message reactivates the device
+    /// from snapshot + tail.
+    fn passivate(&mut self) {
+        if self.live.as_ref().is_some_and(|l| l.since_snapshot > 0) {
+            self.snapshot();
+        }
+        if self.live.take().is_some() {
+            tracing::debug!("passivated");
+            self.shared
+                .metrics
+                .passivations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -185,6 +252,7 @@ impl Actor {
                 "activated"
             );
             self.live = Some(Live {
+                _token: LiveToken::new(&self.shared),
                 instance: rebuilt.instance,
                 seq: rebuilt.seq,
                 last_at_ms: rebuilt.last_at_ms,

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub transitions_committed: AtomicU64,
     pub activations: AtomicU64,
     pub snapshots: AtomicU64,
+    pub passivations: AtomicU64,
+    /// Guest instances alive right now (a gauge).
+    pub live_instances: AtomicU64,
     errors: [AtomicU64; ERROR_CODES.len()],
     latency_buckets: [AtomicU64; BUCKETS_US.len()],
     latency_count: AtomicU64,
@@ -85,6 +88,12 @@ impl Metrics {
         counter(&mut out, "drover_transitions_total", "Transitions committed.", &self.transitions_committed);
         counter(&mut out, "drover_activations_total", "Actor activations (instantiate + restore + replay).", &self.activations);
         counter(&mut out, "drover_snapshots_total", "Snapshots written.", &self.snapshots);
+        counter(&mut out, "drover_passivations_total", "Instances dropped after an idle timeout.", &self.passivations);
+        let _ = writeln!(
+            out,
+            "# HELP drover_live_instances Guest instances alive now.\n# TYPE drover_live_instances gauge\ndrover_live_instances {}",
+            self.live_instances.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# HELP drover_errors_total Failed requests by error code.\n# TYPE drover_errors_total counter");
         for (code, v) in ERROR_CODES.iter().zip(&self.errors) {
             let _ = writeln!(out, "drover_errors_total{{code=\"{code}\"}} {}", v.load(Ordering::Relaxed));

@@ -73,6 +73,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Drop a device's instance after this long without a message (default 5 minutes); the
+    /// next message reactivates it from snapshot + journal tail.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.actor.idle_timeout = d;
+        self
+    }
+
     /// Records per device that may be waiting for the disk (default 128).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.actor.max_in_flight = n.max(1);
@@ -261,6 +268,7 @@ impl Runtime {
                 max_in_flight: 128,
                 snapshot_every: 1000,
                 max_output_bytes: 1024 * 1024,
+                idle_timeout: Duration::from_secs(300),
             },
             max_event_bytes: 64 * 1024,
             plugins: Vec::new(),

@@ -449,3 +449,39 @@ async fn a_second_runtime_cannot_open_the_same_data_dir() {
     assert!(err.contains("in use"), "{err}");
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .snapshot_every(1000)
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime");
+    for id in ["p1", "p2"] {
+        rt.provision(id, "misbehave", &json!({})).await.expect("provision");
+        for _ in 0..3 {
+            rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
+        }
+    }
+    assert_eq!(rt.metrics().live_instances.load(Relaxed), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rt.metrics().live_instances.load(Relaxed) > 0 {
+        assert!(std::time::Instant::now() < deadline, "idle instances were never dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rt.metrics().passivations.load(Relaxed), 2);
+    // Passivation left a snapshot covering everything, so reactivation replays nothing.
+    let num = rt.journal().index().device("p1").expect("p1").num;
+    assert_eq!(rt.journal().index().devices[&num].snapshots.last().map(|s| s.seq), Some(3));
+
+    let activations = rt.metrics().activations.load(Relaxed);
+    let ack = rt.send("p1", r#"{"type":"ok"}"#).await.expect("reactivates");
+    assert_eq!((ack.seq, parse(&ack.transitions[0])["count"].clone()), (4, json!(4)));
+    assert_eq!(rt.metrics().activations.load(Relaxed), activations + 1);
+    assert_eq!(rt.metrics().live_instances.load(Relaxed), 1);
+    rt.shutdown().await;
+}
