@@ -13,8 +13,12 @@
 //! * [`metrics`]: counters and latency histogram in Prometheus format.
 //! * [`error`]: the typed errors every caller sees.
 //! * [`clock`]: host time and per-event seeds (guests have no clock of their own).
+//! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
+//! * [`cli`]: the `drover` command line: server, client commands, replay, demo, benches.
+//! * [`sim`]: the fleet simulator that drives a server over HTTP.
 
 pub mod actor;
+pub mod cli;
 pub mod clock;
 pub mod embedded;
 pub mod engine;
@@ -25,6 +29,7 @@ pub mod metrics;
 pub mod registry;
 pub mod replay;
 pub mod runtime;
+pub mod sim;
 
 pub use actor::{Committed, Snapshot};
 pub use error::Error;
