@@ -26,6 +26,7 @@
 //!   its generation; the actor notices before its next message and rebuilds from the journal.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -50,6 +51,8 @@ pub struct ActorConfig {
     pub max_output_bytes: usize,
     /// An actor with no message for this long drops its instance (passivation).
     pub idle_timeout: std::time::Duration,
+    /// Past this many live instances, the least recently used are passivated.
+    pub max_live: usize,
 }
 
 /// An event that is durable: what the sender gets back.
@@ -83,11 +86,25 @@ pub enum Message {
     Export {
         reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>,
     },
+    /// Drop the instance now: the runtime is over its live-instance cap and this device is
+    /// among the least recently used.
+    Passivate,
+}
+
+/// What the runtime can see of an actor without asking it: for least-recently-used
+/// passivation when the live-instance cap is reached.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// When the actor last took a message, in ms of [`crate::clock::mono_ms`].
+    pub last_used_ms: AtomicU64,
+    /// Whether it holds an instance.
+    pub live: AtomicBool,
 }
 
 /// The sending side of a live actor, and its task.
 pub struct ActorHandle {
     pub tx: mpsc::Sender<Message>,
+    pub activity: Arc<Activity>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -104,7 +121,9 @@ impl ActorHandle {
 /// Starts the actor for `head` and returns its handle.
 pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
     let (tx, rx) = mpsc::channel(shared.actor.mailbox);
+    let activity = Arc::new(Activity::default());
     let actor = Actor {
+        activity: activity.clone(),
         in_flight: Arc::new(Semaphore::new(shared.actor.max_in_flight)),
         shared,
         head,
@@ -115,10 +134,11 @@ pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
     let task = tokio::spawn(actor.run(rx));
-    ActorHandle { tx, task }
+    ActorHandle { tx, activity, task }
 }
 
 struct Actor {
+    activity: Arc<Activity>,
     shared: Arc<Shared>,
     head: DeviceHead,
     live: Option<Live>,
@@ -129,24 +149,23 @@ struct Actor {
 
 /// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
 /// every way an instance dies (passivation, trap, fenced commit) is counted.
-struct LiveToken(Arc<Shared>);
+struct LiveToken(Arc<Shared>, Arc<Activity>);
 
 impl LiveToken {
-    fn new(shared: &Arc<Shared>) -> LiveToken {
-        shared
-            .metrics
-            .live_instances
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        LiveToken(shared.clone())
+    fn new(shared: &Arc<Shared>, activity: &Arc<Activity>) -> LiveToken {
+        let live = shared.metrics.live_instances.fetch_add(1, Ordering::Relaxed) + 1;
+        activity.live.store(true, Ordering::Relaxed);
+        if live > shared.actor.max_live as u64 {
+            shared.evict_lru();
+        }
+        LiveToken(shared.clone(), activity.clone())
     }
 }
 
 impl Drop for LiveToken {
     fn drop(&mut self) {
-        self.0
-            .metrics
-            .live_instances
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.1.live.store(false, Ordering::Relaxed);
+        self.0.metrics.live_instances.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -175,7 +194,9 @@ impl Actor {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     last_activity = tokio::time::Instant::now();
+                    self.activity.last_used_ms.store(clock::mono_ms(), Ordering::Relaxed);
                     match msg {
+                        Message::Passivate => self.passivate(),
                         Message::Event {
                             event,
                             accepted,
@@ -257,7 +278,7 @@ impl Actor {
                 "activated"
             );
             self.live = Some(Live {
-                _token: LiveToken::new(&self.shared),
+                _token: LiveToken::new(&self.shared, &self.activity),
                 instance: rebuilt.instance,
                 seq: rebuilt.seq,
                 last_at_ms: rebuilt.last_at_ms,

@@ -80,6 +80,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Keep at most this many guest instances alive (default 10,000); past it the least
+    /// recently used devices are passivated. Each instance reserves address space and memory
+    /// mappings, so one process cannot hold more than ~16k with wasmtime's default memory
+    /// settings (see `shared/WASMTIME-NOTES.md`).
+    pub fn max_live_instances(mut self, n: usize) -> Self {
+        self.actor.max_live = n.max(1);
+        self
+    }
+
     /// Records per device that may be waiting for the disk (default 128).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.actor.max_in_flight = n.max(1);
@@ -135,6 +144,7 @@ impl RuntimeBuilder {
             provisioning: Mutex::new(HashSet::new()),
             next_device: AtomicU32::new(next_device),
             closing: AtomicBool::new(false),
+            evicting: AtomicBool::new(false),
             recovery,
             lock: Mutex::new(Some(lock)),
         });
@@ -203,10 +213,45 @@ pub(crate) struct Shared {
     provisioning: Mutex<HashSet<String>>,
     next_device: AtomicU32,
     closing: AtomicBool,
+    /// Set while an LRU passivation sweep is running, so activations do not pile up sweeps.
+    evicting: AtomicBool,
     recovery: Recovery,
     /// The data directory's lock, released by [`Runtime::shutdown`] so the directory can be
     /// reopened in the same process.
     lock: Mutex<Option<File>>,
+}
+
+impl Shared {
+    /// Asks the least recently used live actors to passivate until the live count is 10%
+    /// under the cap (the margin keeps a busy runtime from sweeping on every activation).
+    pub(crate) fn evict_lru(self: &Arc<Self>) {
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let cap = shared.actor.max_live as u64;
+            let target = cap - cap / 10;
+            let live = shared.metrics.live_instances.load(Ordering::Relaxed);
+            if live > target {
+                let mut candidates: Vec<(u64, mpsc::Sender<Message>)> = shared
+                    .actors
+                    .read()
+                    .values()
+                    .filter(|a| a.activity.live.load(Ordering::Relaxed))
+                    .map(|a| (a.activity.last_used_ms.load(Ordering::Relaxed), a.tx.clone()))
+                    .collect();
+                candidates.sort_unstable_by_key(|c| c.0);
+                let excess = (live - target) as usize;
+                tracing::debug!(live, cap, excess, "passivating least recently used devices");
+                for (_, tx) in candidates.into_iter().take(excess) {
+                    // A full mailbox means the device is busy, hence not a good victim anyway.
+                    let _ = tx.try_send(Message::Passivate);
+                }
+            }
+            shared.evicting.store(false, Ordering::Release);
+        });
+    }
 }
 
 /// A provisioned device as stored (no state).
@@ -269,6 +314,7 @@ impl Runtime {
                 snapshot_every: 1000,
                 max_output_bytes: 1024 * 1024,
                 idle_timeout: Duration::from_secs(300),
+                max_live: 10_000,
             },
             max_event_bytes: 64 * 1024,
             plugins: Vec::new(),

@@ -475,6 +475,7 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
     }
     assert_eq!(rt.metrics().passivations.load(Relaxed), 2);
     // Passivation left a snapshot covering everything, so reactivation replays nothing.
+    rt.journal().barrier().await.expect("snapshot records durable");
     let num = rt.journal().index().device("p1").expect("p1").num;
     assert_eq!(rt.journal().index().devices[&num].snapshots.last().map(|s| s.seq), Some(3));
 
@@ -483,5 +484,36 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
     assert_eq!((ack.seq, parse(&ack.transitions[0])["count"].clone()), (4, json!(4)));
     assert_eq!(rt.metrics().activations.load(Relaxed), activations + 1);
     assert_eq!(rt.metrics().live_instances.load(Relaxed), 1);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_live_instance_cap_the_least_recently_used_devices_are_passivated() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_live_instances(10)
+        .open()
+        .await
+        .expect("runtime");
+    let ids: Vec<String> = (0..30).map(|i| format!("c{i:02}")).collect();
+    for id in &ids {
+        rt.provision(id, "misbehave", &json!({})).await.expect("provision");
+        rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
+        // Distinct recency stamps (they have millisecond resolution).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rt.metrics().live_instances.load(Relaxed) > 10 {
+        assert!(std::time::Instant::now() < deadline, "the cap was never enforced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rt.metrics().passivations.load(Relaxed) >= 20);
+    // The most recent device is still live; every device still answers with its full state.
+    for id in &ids {
+        let ack = rt.send(id, r#"{"type":"ok"}"#).await.expect("reactivates");
+        assert_eq!((ack.seq, parse(&ack.transitions[0])["count"].clone()), (2, json!(2)), "{id}");
+    }
     rt.shutdown().await;
 }
