@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::clock;
 use crate::engine::{EventContext, Instance};
@@ -124,7 +124,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
     let activity = Arc::new(Activity::default());
     let actor = Actor {
         activity: activity.clone(),
-        in_flight: Arc::new(Semaphore::new(shared.actor.max_in_flight)),
+        in_flight: Arc::new(InFlight::default()),
         shared,
         head,
         live: None,
@@ -144,7 +144,42 @@ struct Actor {
     live: Option<Live>,
     fence: Arc<Fence>,
     generation: u64,
-    in_flight: Arc<Semaphore>,
+    in_flight: Arc<InFlight>,
+}
+
+/// Records of one actor waiting for the disk. A counter plus a `Notify` that is only touched
+/// when the actor is at its limit: cheaper than a semaphore, whose release takes a lock on
+/// every acknowledgement.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    freed: Notify,
+}
+
+impl InFlight {
+    /// Waits until fewer than `max` records are in flight, then counts one more.
+    async fn acquire(&self, max: usize) {
+        loop {
+            if self.count.load(Ordering::Acquire) < max {
+                break;
+            }
+            let freed = self.freed.notified();
+            if self.count.load(Ordering::Acquire) < max {
+                break;
+            }
+            freed.await;
+        }
+        // Only the actor increments, so the check above still holds.
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Called by the journal writer when a record is acknowledged (or failed).
+    fn release(&self, max: usize) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) >= max {
+            // `notify_one` keeps a permit if the actor is not waiting yet: no lost wakeup.
+            self.freed.notify_one();
+        }
+    }
 }
 
 /// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
@@ -294,13 +329,9 @@ impl Actor {
         accepted: Instant,
         reply: oneshot::Sender<Result<Committed, Error>>,
     ) {
-        let permit = match self.in_flight.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => {
-                let _ = reply.send(Err(Error::ShuttingDown));
-                return;
-            }
-        };
+        let max_in_flight = self.shared.actor.max_in_flight;
+        self.in_flight.acquire(max_in_flight).await;
+        let permit = InFlightPermit(self.in_flight.clone(), max_in_flight);
         if let Err(e) = self.ensure_live().await {
             self.shared.metrics.error(e.code());
             let _ = reply.send(Err(e));
@@ -486,6 +517,15 @@ impl Actor {
                 let _ = reply.send(Err(e.into()));
             }
         }
+    }
+}
+
+/// One counted in-flight record; releases on drop, whichever way the event ends.
+struct InFlightPermit(Arc<InFlight>, usize);
+
+impl Drop for InFlightPermit {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
 
