@@ -49,7 +49,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()> {
-    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-core-{devices}"));
+    let root =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-core-{devices}"));
     let _ = std::fs::remove_dir_all(&root);
     let rt = Runtime::builder(&root)
         .plugin("thermostat", drover::embedded::EMBEDDED[0].1)

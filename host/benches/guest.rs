@@ -30,7 +30,12 @@ fn main() -> anyhow::Result<()> {
     let mut i = plugin.instantiate(id.clone())?;
     i.init(&id, config)?;
     let events: Vec<String> = (0..64)
-        .map(|n| format!(r#"{{"type":"reading","celsius":{}}}"#, 18.0 + n as f64 / 10.0))
+        .map(|n| {
+            format!(
+                r#"{{"type":"reading","celsius":{}}}"#,
+                18.0 + n as f64 / 10.0
+            )
+        })
         .collect();
     let mut per_event = Vec::new();
     let mut transitions = Vec::new();
@@ -93,8 +98,15 @@ fn main() -> anyhow::Result<()> {
     println!("  near-empty call (query) {:>8.2} µs", median(bare));
     println!("  instantiate + init      {:>8.1} µs", median(inst_us));
     println!("  handle + apply (1 event){:>8.2} µs", median(per_event));
-    println!("  snapshot                {:>8.2} µs ({} bytes)", median(snap_us), snapshot.len());
+    println!(
+        "  snapshot                {:>8.2} µs ({} bytes)",
+        median(snap_us),
+        snapshot.len()
+    );
     println!("  instantiate-free restore{:>8.2} µs", median(restore_us));
-    println!("  replay (apply only)     {:>8.0} transitions/s", replay_rate);
+    println!(
+        "  replay (apply only)     {:>8.0} transitions/s",
+        replay_rate
+    );
     Ok(())
 }

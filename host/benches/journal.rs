@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use drover::journal::{DeviceInfo, Entry, Fence, IndexEffect, Journal, Record, VersionInfo, record};
+use drover::journal::{
+    DeviceInfo, Entry, Fence, IndexEffect, Journal, Record, VersionInfo, record,
+};
 use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -29,7 +31,10 @@ async fn main() -> anyhow::Result<()> {
 
     // Raw fsync cost of a small append, for scale.
     let probe = root.join("probe");
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&probe)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&probe)?;
     let mut fsync_us = Vec::new();
     for _ in 0..200 {
         use std::io::Write;
@@ -41,16 +46,34 @@ async fn main() -> anyhow::Result<()> {
     fsync_us.sort_by(f64::total_cmp);
 
     let (journal, _) = Journal::open(&root)?;
-    let v = VersionInfo { id: 0, plugin: "p".into(), number: 1, digest: [0; 32], at_ms: 0 };
+    let v = VersionInfo {
+        id: 0,
+        plugin: "p".into(),
+        number: 1,
+        digest: [0; 32],
+        at_ms: 0,
+    };
     journal
         .append(
-            &Record::Version { id: 0, plugin: "p".into(), number: 1, digest: [0; 32], at_ms: 0 },
+            &Record::Version {
+                id: 0,
+                plugin: "p".into(),
+                number: 1,
+                digest: [0; 32],
+                at_ms: 0,
+            },
             IndexEffect::Version(v),
         )
         .await?;
     for num in 0..DEVICES {
         let id = format!("dev-{num:05}");
-        let rec = Record::Device { num, id: id.clone(), version: 0, config: b"{}".to_vec(), at_ms: 0 };
+        let rec = Record::Device {
+            num,
+            id: id.clone(),
+            version: 0,
+            config: b"{}".to_vec(),
+            at_ms: 0,
+        };
         let info = DeviceInfo {
             num,
             id: Arc::from(id.as_str()),
@@ -78,7 +101,15 @@ async fn main() -> anyhow::Result<()> {
         seqs[device as usize] += 1;
         let seq = seqs[device as usize];
         let mut bytes = Vec::with_capacity(160);
-        record::encode_event(&mut bytes, device, seq, 1_764_000_000_000 + n, 0, event, [&t1[..]].into_iter());
+        record::encode_event(
+            &mut bytes,
+            device,
+            seq,
+            1_764_000_000_000 + n,
+            0,
+            event,
+            [&t1[..]].into_iter(),
+        );
         let submitted = Instant::now();
         let lat_tx = lat_tx.clone();
         journal.submit(Entry::Append {
@@ -103,11 +134,27 @@ async fn main() -> anyhow::Result<()> {
     let bytes = journal.durable_len() - bytes_before;
     let commits = journal.stats().commits.load(Ordering::Relaxed) - commits_before;
     println!("drover journal bench: {records} records, {IN_FLIGHT} in flight, {DEVICES} devices");
-    println!("  lone 4 KiB append + fdatasync  p50 {:>8.0} µs", fsync_us[fsync_us.len() / 2]);
-    println!("  durable records/s              {:>12.0}", records as f64 / elapsed.as_secs_f64());
-    println!("  bytes per record               {:>12.1}", bytes as f64 / records as f64);
-    println!("  records per fsync              {:>12.1}", records as f64 / commits.max(1) as f64);
-    println!("  submit -> durable p50 / p99    {:>8} / {} µs", hist.value_at_quantile(0.5), hist.value_at_quantile(0.99));
+    println!(
+        "  lone 4 KiB append + fdatasync  p50 {:>8.0} µs",
+        fsync_us[fsync_us.len() / 2]
+    );
+    println!(
+        "  durable records/s              {:>12.0}",
+        records as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  bytes per record               {:>12.1}",
+        bytes as f64 / records as f64
+    );
+    println!(
+        "  records per fsync              {:>12.1}",
+        records as f64 / commits.max(1) as f64
+    );
+    println!(
+        "  submit -> durable p50 / p99    {:>8} / {} µs",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99)
+    );
     journal.close();
     let _ = std::fs::remove_dir_all(&root);
     Ok(())

@@ -188,7 +188,11 @@ struct LiveToken(Arc<Shared>, Arc<Activity>);
 
 impl LiveToken {
     fn new(shared: &Arc<Shared>, activity: &Arc<Activity>) -> LiveToken {
-        let live = shared.metrics.live_instances.fetch_add(1, Ordering::Relaxed) + 1;
+        let live = shared
+            .metrics
+            .live_instances
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         activity.live.store(true, Ordering::Relaxed);
         if live > shared.actor.max_live as u64 {
             shared.evict_lru();
@@ -200,7 +204,10 @@ impl LiveToken {
 impl Drop for LiveToken {
     fn drop(&mut self) {
         self.1.live.store(false, Ordering::Relaxed);
-        self.0.metrics.live_instances.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .metrics
+            .live_instances
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -368,7 +375,9 @@ impl Actor {
             }
         };
 
-        let mut bytes = Vec::with_capacity(64 + event.len() + transitions.iter().map(String::len).sum::<usize>());
+        let mut bytes = Vec::with_capacity(
+            64 + event.len() + transitions.iter().map(String::len).sum::<usize>(),
+        );
         record::encode_event(
             &mut bytes,
             self.head.num,
@@ -399,7 +408,10 @@ impl Actor {
                     Ok(()) => {
                         use std::sync::atomic::Ordering::Relaxed;
                         metrics.metrics.events_committed.fetch_add(1, Relaxed);
-                        metrics.metrics.transitions_committed.fetch_add(count, Relaxed);
+                        metrics
+                            .metrics
+                            .transitions_committed
+                            .fetch_add(count, Relaxed);
                         metrics.metrics.latency(accepted.elapsed());
                         Ok(Committed {
                             seq,
@@ -468,7 +480,11 @@ impl Actor {
 
     async fn on_query(&mut self, reply: oneshot::Sender<Result<Snapshot, Error>>) {
         let result = match self.ensure_live().await {
-            Ok(()) => match self.live.as_mut().map(|live| (live.seq, live.instance.query())) {
+            Ok(()) => match self
+                .live
+                .as_mut()
+                .map(|live| (live.seq, live.instance.query()))
+            {
                 None => Err(Error::Internal("no live instance".into())),
                 Some((seq, Ok(state))) => Ok(Snapshot { seq, state }),
                 Some((_, Err(e))) => {
@@ -483,9 +499,12 @@ impl Actor {
         match result {
             // The state may include events still on their way to disk: answer once they are
             // durable, so a read never shows what a crash could take back.
-            Ok(snapshot) => self.shared.journal.submit(Entry::Barrier(Box::new(move |r| {
-                let _ = reply.send(r.map(|()| snapshot).map_err(Error::from));
-            }))),
+            Ok(snapshot) => self
+                .shared
+                .journal
+                .submit(Entry::Barrier(Box::new(move |r| {
+                    let _ = reply.send(r.map(|()| snapshot).map_err(Error::from));
+                }))),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -506,9 +525,11 @@ impl Actor {
         match live.instance.snapshot() {
             Ok(bytes) => {
                 let seq = live.seq;
-                self.shared.journal.submit(Entry::Barrier(Box::new(move |r| {
-                    let _ = reply.send(r.map(|()| (seq, bytes)).map_err(Error::from));
-                })));
+                self.shared
+                    .journal
+                    .submit(Entry::Barrier(Box::new(move |r| {
+                        let _ = reply.send(r.map(|()| (seq, bytes)).map_err(Error::from));
+                    })));
             }
             Err(e) => {
                 if e.is_fatal() {

@@ -27,5 +27,8 @@ pub fn seed(device: &str, seq: u64) -> u64 {
 /// Milliseconds since this process first asked: a cheap monotonic clock for recency.
 pub fn mono_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }

@@ -251,7 +251,10 @@ impl Engine {
 
 /// Explains why an import is refused, naming the capability where it is a known one.
 fn denied_import(name: &str) -> String {
-    let why = if ["wasi:clocks", "wasi:random"].iter().any(|p| name.starts_with(p)) {
+    let why = if ["wasi:clocks", "wasi:random"]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
         "time and seeds come from the event context, so that replay is deterministic"
     } else if ["wasi:filesystem", "wasi:sockets", "wasi:http"]
         .iter()
@@ -368,7 +371,10 @@ impl Instance {
                 message: e.message,
             }),
             Err(e) => {
-                if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+                if matches!(
+                    e.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt)
+                ) {
                     return Err(CallError::Timeout(self.timeout));
                 }
                 let mut msg = match e.downcast_ref::<wasmtime::Trap>() {

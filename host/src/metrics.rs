@@ -84,29 +84,75 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         };
-        counter(&mut out, "drover_events_total", "Events committed to the journal.", &self.events_committed);
-        counter(&mut out, "drover_transitions_total", "Transitions committed.", &self.transitions_committed);
-        counter(&mut out, "drover_activations_total", "Actor activations (instantiate + restore + replay).", &self.activations);
-        counter(&mut out, "drover_snapshots_total", "Snapshots written.", &self.snapshots);
-        counter(&mut out, "drover_passivations_total", "Instances dropped after an idle timeout.", &self.passivations);
+        counter(
+            &mut out,
+            "drover_events_total",
+            "Events committed to the journal.",
+            &self.events_committed,
+        );
+        counter(
+            &mut out,
+            "drover_transitions_total",
+            "Transitions committed.",
+            &self.transitions_committed,
+        );
+        counter(
+            &mut out,
+            "drover_activations_total",
+            "Actor activations (instantiate + restore + replay).",
+            &self.activations,
+        );
+        counter(
+            &mut out,
+            "drover_snapshots_total",
+            "Snapshots written.",
+            &self.snapshots,
+        );
+        counter(
+            &mut out,
+            "drover_passivations_total",
+            "Instances dropped after an idle timeout.",
+            &self.passivations,
+        );
         let _ = writeln!(
             out,
             "# HELP drover_live_instances Guest instances alive now.\n# TYPE drover_live_instances gauge\ndrover_live_instances {}",
             self.live_instances.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP drover_errors_total Failed requests by error code.\n# TYPE drover_errors_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP drover_errors_total Failed requests by error code.\n# TYPE drover_errors_total counter"
+        );
         for (code, v) in ERROR_CODES.iter().zip(&self.errors) {
-            let _ = writeln!(out, "drover_errors_total{{code=\"{code}\"}} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "drover_errors_total{{code=\"{code}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
-        let _ = writeln!(out, "# HELP drover_event_latency_seconds Time from accepting an event to its durable acknowledgement.\n# TYPE drover_event_latency_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# HELP drover_event_latency_seconds Time from accepting an event to its durable acknowledgement.\n# TYPE drover_event_latency_seconds histogram"
+        );
         let mut cumulative = 0;
         for (bound, v) in BUCKETS_US.iter().zip(&self.latency_buckets) {
             cumulative += v.load(Ordering::Relaxed);
-            let _ = writeln!(out, "drover_event_latency_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+            let _ = writeln!(
+                out,
+                "drover_event_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
         }
         let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "drover_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "drover_event_latency_seconds_sum {}", self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "drover_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "drover_event_latency_seconds_sum {}",
+            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "drover_event_latency_seconds_count {count}");
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -127,7 +173,10 @@ mod tests {
         }
         let text = m.render(&[("drover_live_actors", "Live actors.", 3)]);
         for code in ERROR_CODES {
-            assert!(text.contains(&format!("drover_errors_total{{code=\"{code}\"}} 1")), "{code}");
+            assert!(
+                text.contains(&format!("drover_errors_total{{code=\"{code}\"}} 1")),
+                "{code}"
+            );
         }
         assert!(text.contains("drover_live_actors 3"));
     }

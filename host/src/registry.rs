@@ -67,7 +67,11 @@ impl Registry {
 
     /// Registers `bytes` as the newest version of plugin `name`, unless the newest version
     /// already has these exact bytes. Returns the version and whether it is new.
-    pub async fn register(&self, name: &str, bytes: Vec<u8>) -> Result<(PluginVersion, bool), Error> {
+    pub async fn register(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(PluginVersion, bool), Error> {
         validate_id(name)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let _guard = self.registering.lock().await;
@@ -181,7 +185,10 @@ impl Registry {
                 }
                 let wasm = self.dir.join(format!("{digest}.wasm"));
                 let bytes = std::fs::read(&wasm).map_err(|e| {
-                    Error::Internal(format!("plugin artifact {} unreadable: {e}", wasm.display()))
+                    Error::Internal(format!(
+                        "plugin artifact {} unreadable: {e}",
+                        wasm.display()
+                    ))
                 })?;
                 let c = self.engine.compile(&bytes)?;
                 if let Ok(artifact) = self.engine.precompile(&bytes) {

@@ -93,7 +93,9 @@ pub fn rebuild(
 
     let mut restored = None;
     if let Some(snap) = snapshot {
-        let mut instance = compiled.instantiate(device.id.clone()).map_err(activation)?;
+        let mut instance = compiled
+            .instantiate(device.id.clone())
+            .map_err(activation)?;
         let outcome = journal
             .read_snapshot(snap.offset)
             .map_err(Error::from)
@@ -111,7 +113,9 @@ pub fn rebuild(
     let (mut instance, from) = match restored {
         Some((instance, seq)) => (instance, seq),
         None => {
-            let mut instance = compiled.instantiate(device.id.clone()).map_err(activation)?;
+            let mut instance = compiled
+                .instantiate(device.id.clone())
+                .map_err(activation)?;
             let config = std::str::from_utf8(&device.config)
                 .map_err(|_| Error::Activation("stored config is not UTF-8".into()))?;
             instance.init(&device.id, config).map_err(activation)?;
@@ -126,11 +130,12 @@ pub fn rebuild(
         let to = (next + CHUNK - 1).min(upto);
         for record in journal.read_events(device.num, next, to)? {
             for t in &record.transitions {
-                let t = std::str::from_utf8(t)
-                    .map_err(|_| Error::Activation(format!("seq {}: transition is not UTF-8", record.seq)))?;
-                instance.apply(t).map_err(|e| {
-                    Error::Activation(format!("replaying seq {}: {e}", record.seq))
+                let t = std::str::from_utf8(t).map_err(|_| {
+                    Error::Activation(format!("seq {}: transition is not UTF-8", record.seq))
                 })?;
+                instance
+                    .apply(t)
+                    .map_err(|e| Error::Activation(format!("replaying seq {}: {e}", record.seq)))?;
                 applied += 1;
             }
             last_at_ms = record.at_ms;

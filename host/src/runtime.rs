@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::actor::{self, ActorConfig, ActorHandle, Committed, Message};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, validate_id};
-use crate::journal::{DeviceInfo, IndexEffect, Journal, Recovery, Record};
+use crate::journal::{DeviceInfo, IndexEffect, Journal, Record, Recovery};
 use crate::metrics::Metrics;
 use crate::registry::{PluginVersion, Registry};
 use crate::replay::{self, DeviceHead, Start};
@@ -178,7 +178,8 @@ fn read_plugin_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
                 .and_then(|s| s.to_str())
                 .with_context(|| format!("plugin file name {} is not UTF-8", path.display()))?
                 .to_string();
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             out.push((name, bytes));
         }
     }
@@ -239,7 +240,12 @@ impl Shared {
                     .read()
                     .values()
                     .filter(|a| a.activity.live.load(Ordering::Relaxed))
-                    .map(|a| (a.activity.last_used_ms.load(Ordering::Relaxed), a.tx.clone()))
+                    .map(|a| {
+                        (
+                            a.activity.last_used_ms.load(Ordering::Relaxed),
+                            a.tx.clone(),
+                        )
+                    })
                     .collect();
                 candidates.sort_unstable_by_key(|c| c.0);
                 let excess = (live - target) as usize;
@@ -339,7 +345,11 @@ impl Runtime {
 
     /// Validates and registers a plugin version (a no-op returning the existing version if
     /// the newest version of `name` has the same bytes). The bool says whether it is new.
-    pub async fn register_plugin(&self, name: &str, bytes: Vec<u8>) -> Result<(PluginVersion, bool), Error> {
+    pub async fn register_plugin(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(PluginVersion, bool), Error> {
         self.shared.registry.register(name, bytes).await
     }
 
@@ -373,8 +383,8 @@ impl Runtime {
     ) -> Result<(DeviceSummary, bool), Error> {
         validate_id(id)?;
         self.check_open()?;
-        let config_text = serde_json::to_string(config)
-            .map_err(|e| Error::MalformedConfig(e.to_string()))?;
+        let config_text =
+            serde_json::to_string(config).map_err(|e| Error::MalformedConfig(e.to_string()))?;
         if let Some(existing) = self.summary(id) {
             return if existing.plugin == plugin && existing.config == *config {
                 Ok((existing, false))
@@ -429,7 +439,12 @@ impl Runtime {
         let appended = self.shared.journal.append(&record, effect).await;
         self.shared.provisioning.lock().remove(id);
         appended?;
-        tracing::info!(device = id, plugin, version = version.number, "device provisioned");
+        tracing::info!(
+            device = id,
+            plugin,
+            version = version.number,
+            "device provisioned"
+        );
         let summary = self
             .summary(id)
             .ok_or_else(|| Error::Internal("provisioned device missing from the index".into()))?;
@@ -539,7 +554,10 @@ impl Runtime {
             .iter()
             .map(|v| (v.plugin.clone(), v.number))
             .collect();
-        let text = |b: Vec<u8>| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        let text = |b: Vec<u8>| {
+            String::from_utf8(b)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        };
         let records: Vec<JournalEntry> = records
             .into_iter()
             .map(|r| {
@@ -573,8 +591,13 @@ impl Runtime {
         }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let mut rebuilt =
-                replay::rebuild(&shared.journal, &shared.registry, &head, seq, Start::Snapshot)?;
+            let mut rebuilt = replay::rebuild(
+                &shared.journal,
+                &shared.registry,
+                &head,
+                seq,
+                Start::Snapshot,
+            )?;
             let state = rebuilt.instance.query()?;
             Ok(actor::Snapshot {
                 seq: rebuilt.seq,
@@ -598,9 +621,17 @@ impl Runtime {
         };
         let stats = self.shared.journal.stats();
         self.shared.metrics.render(&[
-            ("drover_live_actors", "Devices with a live actor.", self.live_actors() as u64),
+            (
+                "drover_live_actors",
+                "Devices with a live actor.",
+                self.live_actors() as u64,
+            ),
             ("drover_devices", "Provisioned devices.", devices),
-            ("drover_journal_bytes", "Size of the durable journal.", durable_len),
+            (
+                "drover_journal_bytes",
+                "Size of the durable journal.",
+                durable_len,
+            ),
             (
                 "drover_journal_commits",
                 "Group commits (fsyncs) since start.",

@@ -78,13 +78,20 @@ async fn devices_of_both_plugins_compute_their_state_from_events() {
         .await
         .expect("provision thermostat");
     assert!(created);
-    assert_eq!((device.plugin.as_str(), device.version, device.seq), ("thermostat", 1, 0));
+    assert_eq!(
+        (device.plugin.as_str(), device.version, device.seq),
+        ("thermostat", 1, 0)
+    );
     let ack = rt
         .send("hall", r#"{"type":"reading","celsius":19.0}"#)
         .await
         .expect("reading accepted");
     assert_eq!(ack.seq, 1);
-    let kinds: Vec<String> = ack.transitions.iter().map(|t| parse(t)["type"].to_string()).collect();
+    let kinds: Vec<String> = ack
+        .transitions
+        .iter()
+        .map(|t| parse(t)["type"].to_string())
+        .collect();
     assert_eq!(kinds, [r#""temperature_recorded""#, r#""heating_on""#]);
     let s = state(&rt, "hall").await;
     assert_eq!(s["heating"], json!(true));
@@ -139,7 +146,11 @@ async fn reopening_restores_identical_state_and_snapshot_bytes() {
         };
         rt.provision(&id, plugin, &config).await.expect("provision");
         for _ in 0..15 {
-            let event = if i % 2 == 0 { thermostat_event(&mut rng) } else { lock_event(&mut rng) };
+            let event = if i % 2 == 0 {
+                thermostat_event(&mut rng)
+            } else {
+                lock_event(&mut rng)
+            };
             let _ = rt.send(&id, &event).await;
         }
         ids.push(id);
@@ -157,7 +168,11 @@ async fn reopening_restores_identical_state_and_snapshot_bytes() {
     for id in &ids {
         let view = rt.device(id).await.expect("read after reopen");
         let snap = rt.export_snapshot(id).await.expect("export after reopen");
-        assert_eq!(before[id], (view.summary.seq, view.state, snap), "device {id}");
+        assert_eq!(
+            before[id],
+            (view.summary.seq, view.state, snap),
+            "device {id}"
+        );
     }
     rt.shutdown().await;
 }
@@ -232,29 +247,52 @@ async fn live_state_equals_full_replay_snapshot_replay_and_offline_replay_for_10
         with_snapshot += u64::from(!rt.journal().index().devices[&head.num].snapshots.is_empty());
         let _ = bytes;
     }
-    assert!(with_snapshot > 500, "snapshots were taken ({with_snapshot} devices)");
+    assert!(
+        with_snapshot > 500,
+        "snapshots were taken ({with_snapshot} devices)"
+    );
     rt.shutdown().await;
 
     // Offline, from the files alone: genesis replay, snapshot + tail, and `drover replay`'s path.
     let (journal, _) = Journal::open_read_only(dir.path()).expect("journal");
     let engine = drover::engine::Engine::new(Default::default()).expect("engine");
-    let registry = drover::registry::Registry::new(engine, journal.clone(), dir.path()).expect("registry");
+    let registry =
+        drover::registry::Registry::new(engine, journal.clone(), dir.path()).expect("registry");
     for id in &ids {
         let (seq, state, bytes) = &live[id];
         let head = DeviceHead::load(&journal, id).expect("head");
         for start in [Start::Genesis, Start::Snapshot] {
-            let mut rebuilt = replay::rebuild(&journal, &registry, &head, *seq, start).expect("rebuild");
+            let mut rebuilt =
+                replay::rebuild(&journal, &registry, &head, *seq, start).expect("rebuild");
             assert_eq!(rebuilt.seq, *seq);
-            assert_eq!(parse(&rebuilt.instance.query().expect("query")), *state, "{id} {start:?}");
-            assert_eq!(rebuilt.instance.snapshot().expect("snapshot"), *bytes, "{id} {start:?}");
+            assert_eq!(
+                parse(&rebuilt.instance.query().expect("query")),
+                *state,
+                "{id} {start:?}"
+            );
+            assert_eq!(
+                rebuilt.instance.snapshot().expect("snapshot"),
+                *bytes,
+                "{id} {start:?}"
+            );
         }
-        let offline = replay::offline(dir.path(), id, None, Start::Snapshot).expect("offline replay");
-        assert_eq!((offline.seq, parse(&offline.state)), (*seq, state.clone()), "{id} offline");
+        let offline =
+            replay::offline(dir.path(), id, None, Start::Snapshot).expect("offline replay");
+        assert_eq!(
+            (offline.seq, parse(&offline.state)),
+            (*seq, state.clone()),
+            "{id} offline"
+        );
         if id.ends_with("00") {
             // The snapshot path really skipped work where a snapshot existed.
-            let r = replay::rebuild(&journal, &registry, &head, *seq, Start::Snapshot).expect("rebuild");
+            let r = replay::rebuild(&journal, &registry, &head, *seq, Start::Snapshot)
+                .expect("rebuild");
             if r.snapshot.is_some() {
-                assert!(r.applied < 5 * 3 + 3, "{id}: replayed {} transitions after the snapshot", r.applied);
+                assert!(
+                    r.applied < 5 * 3 + 3,
+                    "{id}: replayed {} transitions after the snapshot",
+                    r.applied
+                );
             }
         }
     }
@@ -286,8 +324,12 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         .open()
         .await
         .expect("runtime");
-    rt.provision("m", "misbehave", &json!({})).await.expect("provision");
-    rt.provision("t", "thermostat", &json!({})).await.expect("provision");
+    rt.provision("m", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    rt.provision("t", "thermostat", &json!({}))
+        .await
+        .expect("provision");
     rt.send("m", r#"{"type":"ok"}"#).await.expect("ok");
 
     let cases: Vec<(&str, String, &str)> = vec![
@@ -297,46 +339,83 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         ("m", r#"{"type":"alloc","mb":64}"#.into(), "trap"),
         ("m", r#"{"type":"big","kb":64}"#.into(), "output-too-large"),
         ("m", r#"{"type":"panic_on_apply"}"#.into(), "trap"),
-        ("t", r#"{"type":"set_point","celsius":99}"#.into(), "rejected"),
-        ("t", r#"{"type":"reading","celsius":"warm"}"#.into(), "rejected"),
+        (
+            "t",
+            r#"{"type":"set_point","celsius":99}"#.into(),
+            "rejected",
+        ),
+        (
+            "t",
+            r#"{"type":"reading","celsius":"warm"}"#.into(),
+            "rejected",
+        ),
         ("t", r#"{"type":"reading", "#.into(), "malformed-event"),
         ("t", "not json".into(), "malformed-event"),
-        ("t", format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000)), "payload-too-large"),
+        (
+            "t",
+            format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000)),
+            "payload-too-large",
+        ),
         ("nobody", r#"{"type":"ok"}"#.into(), "unknown-device"),
         ("a/b", r#"{"type":"ok"}"#.into(), "invalid-id"),
     ];
     for (device, event, code) in cases {
         let len = rt.journal().durable_len();
-        let seqs = (rt.summary("m").map(|d| d.seq), rt.summary("t").map(|d| d.seq));
+        let seqs = (
+            rt.summary("m").map(|d| d.seq),
+            rt.summary("t").map(|d| d.seq),
+        );
         let err = rt.send(device, &event).await.expect_err(&event);
         assert_eq!(err.code(), code, "{event}: {err}");
-        assert_eq!(rt.journal().durable_len(), len, "{event} wrote to the journal");
         assert_eq!(
-            (rt.summary("m").map(|d| d.seq), rt.summary("t").map(|d| d.seq)),
+            rt.journal().durable_len(),
+            len,
+            "{event} wrote to the journal"
+        );
+        assert_eq!(
+            (
+                rt.summary("m").map(|d| d.seq),
+                rt.summary("t").map(|d| d.seq)
+            ),
             seqs
         );
         // The device keeps working, rebuilt from the journal if its instance was discarded.
         if device == "m" {
-            let ack = rt.send("m", r#"{"type":"ok"}"#).await.expect("works after failure");
+            let ack = rt
+                .send("m", r#"{"type":"ok"}"#)
+                .await
+                .expect("works after failure");
             assert_eq!(ack.seq, seqs.0.unwrap_or(0) + 1);
         }
     }
     assert_eq!(state(&rt, "m").await["count"], json!(7));
     if let Err(e) = rt.send("m", r#"{"type":"panic"}"#).await {
-        assert!(e.to_string().contains("panic"), "trap message names the panic: {e}");
+        assert!(
+            e.to_string().contains("panic"),
+            "trap message names the panic: {e}"
+        );
     }
 
-    let err = rt.provision("x", "no-such-plugin", &json!({})).await.expect_err("unknown plugin");
+    let err = rt
+        .provision("x", "no-such-plugin", &json!({}))
+        .await
+        .expect_err("unknown plugin");
     assert_eq!(err.code(), "unknown-plugin");
     let err = rt
         .provision("x", "thermostat", &json!({"setpoint": "warm"}))
         .await
         .expect_err("bad config");
     assert_eq!(err.code(), "malformed-config");
-    let err = rt.provision("x", "misbehave", &json!({"fail_init": true})).await.expect_err("init refuses");
+    let err = rt
+        .provision("x", "misbehave", &json!({"fail_init": true}))
+        .await
+        .expect_err("init refuses");
     assert_eq!(err.code(), "malformed-config");
     assert!(rt.summary("x").is_none(), "nothing was provisioned");
-    let err = rt.provision("../x", "thermostat", &json!({})).await.expect_err("bad id");
+    let err = rt
+        .provision("../x", "thermostat", &json!({}))
+        .await
+        .expect_err("bad id");
     assert_eq!(err.code(), "invalid-id");
     let err = rt.device("nobody").await.expect_err("unknown");
     assert_eq!(err.code(), "unknown-device");
@@ -357,7 +436,9 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
 async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = open(dir.path(), 50).await;
-    rt.provision("one", "misbehave", &json!({})).await.expect("provision");
+    rt.provision("one", "misbehave", &json!({}))
+        .await
+        .expect("provision");
     let senders = 8;
     let per_sender = 150;
     let mut tasks = Vec::new();
@@ -376,7 +457,10 @@ async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order()
     let mut all = Vec::new();
     for t in tasks {
         let acked = t.await.expect("sender");
-        assert!(acked.windows(2).all(|w| w[0].0 < w[1].0), "a sender saw seqs go backwards");
+        assert!(
+            acked.windows(2).all(|w| w[0].0 < w[1].0),
+            "a sender saw seqs go backwards"
+        );
         all.extend(acked);
     }
     all.sort();
@@ -389,7 +473,10 @@ async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order()
     assert_eq!(records.len(), total);
     for ((seq, event), record) in all.iter().zip(&records) {
         assert_eq!(*seq, record.seq);
-        assert_eq!(*event, record.event, "the journal holds each event at the seq it was acked with");
+        assert_eq!(
+            *event, record.event,
+            "the journal holds each event at the seq it was acked with"
+        );
         // The guest handled them in that same order: its counter equals the seq.
         assert_eq!(parse(&record.transitions[0])["count"], json!(record.seq));
     }
@@ -400,16 +487,28 @@ async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order()
 async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = open(dir.path(), 3).await;
-    rt.provision("c", "misbehave", &json!({})).await.expect("provision");
+    rt.provision("c", "misbehave", &json!({}))
+        .await
+        .expect("provision");
     for _ in 0..4 {
         rt.send("c", r#"{"type":"ok"}"#).await.expect("ok");
     }
     rt.journal().inject_commit_failures(1);
-    let err = rt.send("c", r#"{"type":"ok"}"#).await.expect_err("commit fails");
+    let err = rt
+        .send("c", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("commit fails");
     assert_eq!(err.code(), "journal");
-    let ack = rt.send("c", r#"{"type":"ok"}"#).await.expect("next event commits");
+    let ack = rt
+        .send("c", r#"{"type":"ok"}"#)
+        .await
+        .expect("next event commits");
     assert_eq!(ack.seq, 5, "the failed event's seq is reused: no gap");
-    assert_eq!(parse(&ack.transitions[0])["count"], json!(5), "state was rebuilt without the failed event");
+    assert_eq!(
+        parse(&ack.transitions[0])["count"],
+        json!(5),
+        "state was rebuilt without the failed event"
+    );
     let live = state(&rt, "c").await;
     let replayed = rt.state_at("c", 5).await.expect("replay");
     assert_eq!(live, parse(&replayed.state));
@@ -420,14 +519,19 @@ async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap(
 async fn a_runtime_reopens_over_a_torn_journal_with_the_intact_prefix() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = open(dir.path(), 1000).await;
-    rt.provision("d", "misbehave", &json!({})).await.expect("provision");
+    rt.provision("d", "misbehave", &json!({}))
+        .await
+        .expect("provision");
     for _ in 0..10 {
         rt.send("d", r#"{"type":"ok"}"#).await.expect("ok");
     }
     let len = rt.journal().durable_len();
     rt.shutdown().await;
     let path = dir.path().join(drover::journal::FILE_NAME);
-    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
     file.set_len(len - 5).expect("tear the last record");
     drop(file);
 
@@ -462,7 +566,9 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
         .await
         .expect("runtime");
     for id in ["p1", "p2"] {
-        rt.provision(id, "misbehave", &json!({})).await.expect("provision");
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
         for _ in 0..3 {
             rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
         }
@@ -470,18 +576,36 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
     assert_eq!(rt.metrics().live_instances.load(Relaxed), 2);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rt.metrics().live_instances.load(Relaxed) > 0 {
-        assert!(std::time::Instant::now() < deadline, "idle instances were never dropped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle instances were never dropped"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(rt.metrics().passivations.load(Relaxed), 2);
     // Passivation left a snapshot covering everything, so reactivation replays nothing.
-    rt.journal().barrier().await.expect("snapshot records durable");
+    rt.journal()
+        .barrier()
+        .await
+        .expect("snapshot records durable");
     let num = rt.journal().index().device("p1").expect("p1").num;
-    assert_eq!(rt.journal().index().devices[&num].snapshots.last().map(|s| s.seq), Some(3));
+    assert_eq!(
+        rt.journal().index().devices[&num]
+            .snapshots
+            .last()
+            .map(|s| s.seq),
+        Some(3)
+    );
 
     let activations = rt.metrics().activations.load(Relaxed);
-    let ack = rt.send("p1", r#"{"type":"ok"}"#).await.expect("reactivates");
-    assert_eq!((ack.seq, parse(&ack.transitions[0])["count"].clone()), (4, json!(4)));
+    let ack = rt
+        .send("p1", r#"{"type":"ok"}"#)
+        .await
+        .expect("reactivates");
+    assert_eq!(
+        (ack.seq, parse(&ack.transitions[0])["count"].clone()),
+        (4, json!(4))
+    );
     assert_eq!(rt.metrics().activations.load(Relaxed), activations + 1);
     assert_eq!(rt.metrics().live_instances.load(Relaxed), 1);
     rt.shutdown().await;
@@ -499,21 +623,30 @@ async fn past_the_live_instance_cap_the_least_recently_used_devices_are_passivat
         .expect("runtime");
     let ids: Vec<String> = (0..30).map(|i| format!("c{i:02}")).collect();
     for id in &ids {
-        rt.provision(id, "misbehave", &json!({})).await.expect("provision");
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
         rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
         // Distinct recency stamps (they have millisecond resolution).
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rt.metrics().live_instances.load(Relaxed) > 10 {
-        assert!(std::time::Instant::now() < deadline, "the cap was never enforced");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cap was never enforced"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(rt.metrics().passivations.load(Relaxed) >= 20);
     // The most recent device is still live; every device still answers with its full state.
     for id in &ids {
         let ack = rt.send(id, r#"{"type":"ok"}"#).await.expect("reactivates");
-        assert_eq!((ack.seq, parse(&ack.transitions[0])["count"].clone()), (2, json!(2)), "{id}");
+        assert_eq!(
+            (ack.seq, parse(&ack.transitions[0])["count"].clone()),
+            (2, json!(2)),
+            "{id}"
+        );
     }
     rt.shutdown().await;
 }

@@ -99,7 +99,11 @@ pub enum Inconsistency {
     #[error("record refers to unknown plugin version {0}")]
     UnknownVersion(u32),
     #[error("device {device} expected seq {expected}, found {found}")]
-    SeqGap { device: u32, expected: u64, found: u64 },
+    SeqGap {
+        device: u32,
+        expected: u64,
+        found: u64,
+    },
     #[error("plugin version id {0} recorded twice")]
     DuplicateVersion(u32),
 }

@@ -283,7 +283,10 @@ impl Journal {
         buf[..record::HEADER_LEN].copy_from_slice(&header);
         self.inner
             .reader
-            .read_exact_at(&mut buf[record::HEADER_LEN..], offset + record::HEADER_LEN as u64)
+            .read_exact_at(
+                &mut buf[record::HEADER_LEN..],
+                offset + record::HEADER_LEN as u64,
+            )
             .map_err(|e| err(e.to_string()))?;
         Record::decode(&buf)
             .map(|(r, _)| r)
@@ -302,7 +305,12 @@ impl Journal {
     }
 
     /// Reads the events of device `num` with seqs in `from..=to` (clamped to what exists).
-    pub fn read_events(&self, num: u32, from: u64, to: u64) -> Result<Vec<EventRecord>, JournalError> {
+    pub fn read_events(
+        &self,
+        num: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<EventRecord>, JournalError> {
         let offsets: Vec<u64> = {
             let index = self.index();
             let Some(d) = index.devices.get(&num) else {

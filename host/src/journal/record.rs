@@ -139,7 +139,15 @@ impl Record {
                 put_bytes(out, config);
                 put_varint(out, *at_ms);
             }
-            Record::Event(e) => encode_event_body(out, e.device, e.seq, e.at_ms, e.version, &e.event, e.transitions.iter().map(Vec::as_slice)),
+            Record::Event(e) => encode_event_body(
+                out,
+                e.device,
+                e.seq,
+                e.at_ms,
+                e.version,
+                &e.event,
+                e.transitions.iter().map(Vec::as_slice),
+            ),
             Record::Snapshot {
                 device,
                 seq,

@@ -129,10 +129,16 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("torn tail reported");
     assert!(dropped.torn, "{dropped:?}");
-    assert!(dropped.saved_to.exists(), "dropped bytes are kept for inspection");
+    assert!(
+        dropped.saved_to.exists(),
+        "dropped bytes are kept for inspection"
+    );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
     assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
-    assert_eq!(std::fs::metadata(&path).expect("stat").len(), dropped.offset);
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        dropped.offset
+    );
 
     // The journal continues cleanly after the cut: seq 5 is free again.
     let (r, e) = event(0, 5);
@@ -185,7 +191,11 @@ async fn a_well_formed_record_that_does_not_fit_is_not_applied() {
 
     let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("gap reported");
-    assert!(dropped.reason.contains("expected seq 3"), "{}", dropped.reason);
+    assert!(
+        dropped.reason.contains("expected seq 3"),
+        "{}",
+        dropped.reason
+    );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
 }
 
@@ -212,7 +222,13 @@ async fn concurrent_appends_share_fsyncs() {
     let commits = journal.stats().commits.load(Ordering::Relaxed) - commits_before;
     assert!(commits < 1000 / 4, "1000 records took {commits} commits");
     for num in 1..=devices {
-        assert_eq!(journal.index().device(&format!("d{num}")).map(DeviceInfo::seq), Some(5));
+        assert_eq!(
+            journal
+                .index()
+                .device(&format!("d{num}"))
+                .map(DeviceInfo::seq),
+            Some(5)
+        );
     }
 }
 
@@ -225,19 +241,28 @@ async fn a_failed_commit_fails_the_batch_and_fences_the_device_without_a_gap() {
 
     journal.inject_commit_failures(1);
     let failed = submit_fenced(&journal, event(0, 4), &fence, 1);
-    assert!(matches!(failed.await.expect("completion"), Err(JournalError::Commit(_))));
+    assert!(matches!(
+        failed.await.expect("completion"),
+        Err(JournalError::Commit(_))
+    ));
     assert!(fence.is_failed(1));
 
     // The same incarnation's next record (seq 5) must not land after the missing seq 4.
     let fenced = submit_fenced(&journal, event(0, 5), &fence, 1);
     assert_eq!(fenced.await.expect("completion"), Err(JournalError::Fenced));
-    assert_eq!(journal.durable_len(), len, "nothing of the failed batch stays");
+    assert_eq!(
+        journal.durable_len(),
+        len,
+        "nothing of the failed batch stays"
+    );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
 
     // A rebuilt incarnation continues at seq 4.
     let generation = fence.next_generation();
     let ok = submit_fenced(&journal, event(0, 4), &fence, generation);
-    ok.await.expect("completion").expect("committed after rebuild");
+    ok.await
+        .expect("completion")
+        .expect("committed after rebuild");
     journal.close();
     drop(journal);
 

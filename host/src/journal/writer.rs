@@ -103,14 +103,28 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
                 Err(_) => break,
             }
         }
-        commit(&mut file, &mut durable_len, &mut buf, &mut offsets, &mut batch, &shared);
+        commit(
+            &mut file,
+            &mut durable_len,
+            &mut buf,
+            &mut offsets,
+            &mut batch,
+            &shared,
+        );
         batch.clear();
         if shared.closing.load(Ordering::Acquire) {
             // Drain what is already queued, then stop.
             let rest: Vec<Entry> = rx.try_iter().collect();
             if !rest.is_empty() {
                 batch.extend(rest);
-                commit(&mut file, &mut durable_len, &mut buf, &mut offsets, &mut batch, &shared);
+                commit(
+                    &mut file,
+                    &mut durable_len,
+                    &mut buf,
+                    &mut offsets,
+                    &mut batch,
+                    &shared,
+                );
                 batch.clear();
             }
             break;
@@ -134,10 +148,7 @@ fn commit(
     // writing, so they never reach the file.
     for entry in batch.iter_mut() {
         if let Entry::Append {
-            bytes,
-            fence,
-            done,
-            ..
+            bytes, fence, done, ..
         } = entry
         {
             let refused = if broken {
