@@ -18,7 +18,12 @@ fn main() -> ExitCode {
     match drover::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Runtime errors (from offline commands) lead with their stable code, like the
+            // server's errors do.
+            match e.downcast_ref::<drover::Error>() {
+                Some(d) => eprintln!("error: {}: {e:#}", d.code()),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

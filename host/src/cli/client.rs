@@ -15,10 +15,15 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// Base URL of the server.
-    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub server: String,
     /// Print the server's JSON answer as is instead of readable text.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 
@@ -80,7 +85,10 @@ impl ApiClient {
     }
 
     /// Like [`ApiClient::call`], parsing the body as JSON into `T` as well.
-    pub fn call_json<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<(String, T)> {
+    pub fn call_json<T: DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+    ) -> anyhow::Result<(String, T)> {
         let (_, text) = self.call(req)?;
         let value = serde_json::from_str(&text)
             .with_context(|| format!("the server answered something unexpected: {text}"))?;

@@ -7,9 +7,10 @@ use anyhow::Context as _;
 use clap::Args;
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::client::{ApiClient, ClientOpts, segment};
-use super::format::{compact, pretty, timestamp};
+use super::format::{pretty, timestamp};
 
 /// `drover send`.
 #[derive(Debug, Args)]
@@ -27,7 +28,8 @@ pub struct SendArgs {
 struct Ack {
     seq: u64,
     at: u64,
-    transitions: Vec<Value>,
+    /// Raw, so they print exactly as the plugin wrote them.
+    transitions: Vec<Box<RawValue>>,
 }
 
 /// Sends one event and prints the acknowledgement.
@@ -61,7 +63,7 @@ pub fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         if n == 1 { "" } else { "s" }
     );
     for t in &ack.transitions {
-        println!("  {}", compact(t));
+        println!("  {}", t.get());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,8 +153,8 @@ pub struct JournalArgs {
 struct RecordOut {
     seq: u64,
     at: u64,
-    event: Value,
-    transitions: Vec<Value>,
+    event: Box<RawValue>,
+    transitions: Vec<Box<RawValue>>,
     plugin: String,
     version: u32,
 }
@@ -184,10 +186,10 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
                     timestamp(r.at),
                     r.plugin,
                     r.version,
-                    compact(&r.event)
+                    r.event.get()
                 );
                 for t in &r.transitions {
-                    println!("          -> {}", compact(t));
+                    println!("          -> {}", t.get());
                 }
             }
         }

@@ -38,11 +38,6 @@ pub fn pretty(value: &serde_json::Value, indent: &str) -> String {
         .join("\n")
 }
 
-/// `value` as compact JSON on one line.
-pub fn compact(value: &serde_json::Value) -> String {
-    value.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

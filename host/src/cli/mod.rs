@@ -76,11 +76,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Whether this command's own logs should be quiet by default: client commands print their
-/// answer on stdout and only warnings on stderr; long-running ones log at `info`.
+/// The log filter when `RUST_LOG` is not set: the server logs at `info`; every other command
+/// prints its own output on stdout and only warnings on stderr (the demo included: its
+/// server's per-event logs would bury the simulator's progress line).
 pub fn default_log_level(cli: &Cli) -> &'static str {
     match cli.command {
-        Command::Serve(_) | Command::Demo(_) => "info",
+        Command::Serve(_) => "info",
         _ => "warn",
     }
 }

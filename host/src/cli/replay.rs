@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use serde_json::value::RawValue;
 
 use crate::replay::{self, Start};
 
@@ -32,7 +31,7 @@ pub struct ReplayArgs {
 #[derive(serde::Serialize)]
 struct Out {
     seq: u64,
-    state: Box<RawValue>,
+    state: crate::http::json::Json,
 }
 
 /// Prints `{"seq","state"}` for the device.
@@ -45,7 +44,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let snap = replay::offline(&args.data, &args.device, args.to, start)?;
     let out = Out {
         seq: snap.seq,
-        state: crate::http::json::raw_or_string(snap.state),
+        state: crate::http::json::Json(snap.state),
     };
     println!("{}", serde_json::to_string(&out)?);
     Ok(ExitCode::SUCCESS)

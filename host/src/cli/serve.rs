@@ -49,6 +49,13 @@ pub struct Tuning {
     /// Records per device that may be waiting for the disk.
     #[arg(long, default_value_t = 128)]
     pub max_in_flight: usize,
+    /// Keep at most this many devices' instances alive; past it the least recently used are
+    /// passivated (they reactivate from snapshot + journal on their next message).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_live: usize,
+    /// Passivate a device after this many seconds without a message.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_secs: u64,
     /// Snapshot a device after this many transitions (0 disables).
     #[arg(long, default_value_t = 1000)]
     pub snapshot_every: u64,
@@ -89,6 +96,8 @@ impl Tuning {
         let mut builder = Runtime::builder(data)
             .mailbox_capacity(self.mailbox)
             .max_in_flight(self.max_in_flight)
+            .max_live_instances(self.max_live)
+            .idle_timeout(Duration::from_secs(self.idle_timeout_secs))
             .snapshot_every(self.snapshot_every)
             .call_timeout(Duration::from_millis(self.call_timeout_ms))
             .max_event_bytes(self.max_event_bytes);

@@ -4,12 +4,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
+use super::App;
 use super::error::ApiError;
 use super::extract::{Body, Id, QueryOf};
-use super::json::{self, raw_all, raw_or_string};
-use super::App;
+use super::json::{self, Json};
 use crate::actor::Committed;
 use crate::error::Error;
 use crate::runtime::{DeviceSummary, JournalEntry};
@@ -30,7 +29,11 @@ fn empty_object() -> serde_json::Value {
 
 /// `PUT /v1/devices/{id}`: creates the device (201) or confirms an identical one (200). The
 /// answer is the stored device: `{"id","plugin","version","seq","config","created_at_ms"}`.
-pub async fn provision(State(app): State<App>, Id(id): Id, body: Body) -> Result<Response, ApiError> {
+pub async fn provision(
+    State(app): State<App>,
+    Id(id): Id,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: ProvisionBody = body.json()?;
     let (summary, created) = app.rt.provision(&id, &req.plugin, &req.config).await?;
     let status = if created {
@@ -47,7 +50,7 @@ pub struct Ack {
     pub seq: u64,
     /// When the event was handled: host time in ms since the Unix epoch, as journaled.
     pub at: u64,
-    pub transitions: Vec<Box<RawValue>>,
+    pub transitions: Vec<Json>,
 }
 
 impl From<Committed> for Ack {
@@ -55,7 +58,7 @@ impl From<Committed> for Ack {
         Ack {
             seq: c.seq,
             at: c.at_ms,
-            transitions: raw_all(c.transitions),
+            transitions: json::all(c.transitions),
         }
     }
 }
@@ -63,7 +66,7 @@ impl From<Committed> for Ack {
 /// `POST /v1/devices/{id}/events`: the body is the event (any JSON value). Answers
 /// `{"seq","at","transitions"}` once the record is durable.
 pub async fn send(State(app): State<App>, Id(id): Id, body: Body) -> Result<Response, ApiError> {
-    let event = body.text(|m| Error::MalformedEvent(m).into())?;
+    let event = body.text(|m| ApiError::refused(Error::MalformedEvent(m)))?;
     let committed = app.rt.send(&id, event).await?;
     Ok(json::ok(&Ack::from(committed)))
 }
@@ -76,7 +79,7 @@ struct DeviceOut {
     version: u32,
     seq: u64,
     status: &'static str,
-    state: Box<RawValue>,
+    state: Json,
     config: serde_json::Value,
     created_at_ms: u64,
 }
@@ -98,7 +101,7 @@ pub async fn show(State(app): State<App>, Id(id): Id) -> Result<Response, ApiErr
         version,
         seq,
         status: view.status,
-        state: raw_or_string(view.state),
+        state: Json(view.state),
         config,
         created_at_ms,
     }))
@@ -167,8 +170,8 @@ struct RecordOut {
     seq: u64,
     /// Host time of the event, ms since the Unix epoch.
     at: u64,
-    event: Box<RawValue>,
-    transitions: Vec<Box<RawValue>>,
+    event: Json,
+    transitions: Vec<Json>,
     plugin: String,
     version: u32,
 }
@@ -178,8 +181,8 @@ impl From<JournalEntry> for RecordOut {
         RecordOut {
             seq: e.seq,
             at: e.at_ms,
-            event: raw_or_string(e.event),
-            transitions: raw_all(e.transitions),
+            event: Json(e.event),
+            transitions: json::all(e.transitions),
             plugin: e.plugin,
             version: e.version,
         }
@@ -225,7 +228,7 @@ pub struct StateQuery {
 #[derive(Debug, Serialize)]
 struct StateOut {
     seq: u64,
-    state: Box<RawValue>,
+    state: Json,
 }
 
 /// `GET /v1/devices/{id}/state?at=SEQ`: the state right after record SEQ, rebuilt from the
@@ -248,6 +251,6 @@ pub async fn state(
     };
     Ok(json::ok(&StateOut {
         seq: snapshot.seq,
-        state: raw_or_string(snapshot.state),
+        state: Json(snapshot.state),
     }))
 }

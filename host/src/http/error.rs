@@ -86,6 +86,15 @@ impl ApiError {
         }
     }
 
+    /// A runtime error raised by the HTTP layer itself, before calling the runtime (such as
+    /// an invalid id in the path): same status and code, counted as an HTTP-level error.
+    pub fn refused(e: Error) -> Self {
+        ApiError {
+            origin: Origin::Http,
+            ..ApiError::from(e)
+        }
+    }
+
     /// 400 `malformed-request`.
     pub fn malformed_request(message: impl Into<String>) -> Self {
         Self::http(StatusCode::BAD_REQUEST, codes::MALFORMED_REQUEST, message)

@@ -26,14 +26,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(path_rejection)?;
-        validate_id(&id)?;
+        validate_id(&id).map_err(ApiError::refused)?;
         Ok(Id(id))
     }
 }
 
 fn path_rejection(r: PathRejection) -> ApiError {
     // The only way a matched route's parameter fails is bad percent-encoding (not UTF-8).
-    ApiError::from(Error::InvalidId(r.body_text()))
+    ApiError::refused(Error::InvalidId(r.body_text()))
 }
 
 /// Query parameters deserialized into `T`; a parameter that does not parse is 400

@@ -2,34 +2,37 @@
 //!
 //! Events, transitions and states reach the HTTP layer as JSON text (from the journal or the
 //! guest). Parsing them into `serde_json::Value` only to print them again would cost more
-//! than the rest of the request, so they are embedded as [`RawValue`]s: checked to be one
-//! well-formed JSON document (a scan without allocation) and copied through verbatim.
+//! than the rest of the request, so they are wrapped in [`Json`], which writes the text
+//! through verbatim as a [`RawValue`] after one allocation-free validity scan.
 //!
-//! A guest is untrusted code and could answer text that is not JSON. Such text is embedded as
-//! a JSON *string* instead, so the answer stays valid JSON, and a warning is logged.
+//! A guest is untrusted code and could answer text that is not one JSON document. Such text
+//! is written as a JSON *string* instead, so the answer stays valid JSON, and a warning is
+//! logged.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
-/// `text` as a raw JSON value, or as a JSON string if it is not one JSON document (see the
-/// module docs).
-pub fn raw_or_string(text: String) -> Box<RawValue> {
-    // Checking first keeps the text for the fallback; the check is an allocation-free scan.
-    if serde_json::from_str::<&RawValue>(&text).is_ok() {
-        if let Ok(raw) = RawValue::from_string(text) {
-            return raw;
+/// JSON text embedded as is in a serialized answer (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Json(pub String);
+
+impl Serialize for Json {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<&RawValue>(&self.0) {
+            Ok(raw) => raw.serialize(s),
+            Err(_) => {
+                tracing::warn!("guest or journal text is not JSON; embedding it as a string");
+                s.serialize_str(&self.0)
+            }
         }
-        return RawValue::NULL.to_owned();
     }
-    tracing::warn!("guest or journal text is not JSON; embedding it as a string");
-    serde_json::value::to_raw_value(&text).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
-/// Each of `texts` as a raw JSON value.
-pub fn raw_all(texts: Vec<String>) -> Vec<Box<RawValue>> {
-    texts.into_iter().map(raw_or_string).collect()
+/// Each of `texts` as [`Json`].
+pub fn all(texts: Vec<String>) -> Vec<Json> {
+    texts.into_iter().map(Json).collect()
 }
 
 /// A JSON answer with `status`.
@@ -46,8 +49,10 @@ pub fn reply(status: StatusCode, body: &impl Serialize) -> Response {
             .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "answer not serializable");
-            super::ApiError::from(crate::Error::Internal(format!("answer not serializable: {e}")))
-                .into_response()
+            super::ApiError::from(crate::Error::Internal(format!(
+                "answer not serializable: {e}"
+            )))
+            .into_response()
         }
     }
 }
@@ -63,11 +68,12 @@ mod tests {
 
     #[test]
     fn guest_text_that_is_not_json_stays_valid_json() {
-        assert_eq!(raw_or_string(r#"{"a": 1}"#.into()).get(), r#"{"a": 1}"#);
-        assert_eq!(raw_or_string("not json".into()).get(), r#""not json""#);
-        assert_eq!(raw_or_string("{} {}".into()).get(), r#""{} {}""#);
-        let all = raw_all(vec!["1".into(), "[".into()]);
-        let text = serde_json::to_string(&all).unwrap();
-        assert_eq!(text, r#"[1,"["]"#);
+        let text = |s: &str| serde_json::to_string(&Json(s.into())).unwrap();
+        assert_eq!(text(r#"{"a": 1}"#), r#"{"a": 1}"#);
+        assert_eq!(text(" 7 "), "7");
+        assert_eq!(text("not json"), r#""not json""#);
+        assert_eq!(text("{} {}"), r#""{} {}""#);
+        let list = serde_json::to_string(&all(vec!["1".into(), "[".into()])).unwrap();
+        assert_eq!(list, r#"[1,"["]"#);
     }
 }

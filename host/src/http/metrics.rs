@@ -34,7 +34,7 @@ const UNMATCHED: usize = ROUTES.len();
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// HTTP-level error codes counted here; the runtime's codes are counted by the runtime.
-const HTTP_CODES: [&str; 7] = [
+const HTTP_CODES: [&str; 8] = [
     codes::MALFORMED_REQUEST,
     codes::MALFORMED_QUERY,
     codes::NOT_FOUND,
@@ -42,6 +42,7 @@ const HTTP_CODES: [&str; 7] = [
     codes::NOT_IMPLEMENTED,
     codes::PAYLOAD_TOO_LARGE,
     "invalid-id",
+    "malformed-event",
 ];
 
 /// See the module docs.

@@ -81,7 +81,10 @@ impl Server {
         match tokio::time::timeout(drain, &mut self.task).await {
             Ok(_) => true,
             Err(_) => {
-                tracing::warn!(?drain, "connections still open after the drain timeout; closing them");
+                tracing::warn!(
+                    ?drain,
+                    "connections still open after the drain timeout; closing them"
+                );
                 self.task.abort();
                 false
             }

@@ -1,0 +1,455 @@
+//! `drover sim`, `drover demo` and `drover bench http`: the fleet simulator from the command
+//! line, alone, with a server in the same process, and as a benchmark.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+use super::serve::{Tuning, announce};
+use crate::http::{Server, server::shutdown_signal};
+use crate::sim::{self, Fleet, Load, SimConfig, Summary, fmt_count, fmt_us};
+
+/// Pacing and shape options shared by `sim` and `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Number of devices.
+    #[arg(long, default_value_t = 300)]
+    pub devices: usize,
+    /// Device types: thermostat, door-lock or mixed.
+    #[arg(long, default_value = "mixed")]
+    pub plugin: Fleet,
+    /// Prefix of the device ids (followed by a six-digit number).
+    #[arg(long, default_value = "sim-")]
+    pub prefix: String,
+    /// Send this many events per second (default: closed loop, as fast as answered).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Requests in flight (closed loop), or at most in flight (with --rate).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds to run (default 10 unless --events is given).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Events per request: above 1, gateway batches via POST /v1/events.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Seed of the event generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl LoadArgs {
+    fn config(&self, server: &str) -> SimConfig {
+        let duration = match (self.duration, self.events) {
+            (Some(d), _) => Some(Duration::from_secs_f64(d.max(0.0))),
+            (None, Some(_)) => None,
+            (None, None) => Some(Duration::from_secs(10)),
+        };
+        SimConfig {
+            server: server.to_string(),
+            devices: self.devices,
+            fleet: self.plugin,
+            prefix: self.prefix.clone(),
+            load: self.rate.map_or(Load::Closed, Load::Rate),
+            concurrency: self.concurrency,
+            duration,
+            events: self.events,
+            batch: self.batch,
+            progress: !self.quiet,
+            seed: self.seed,
+        }
+    }
+}
+
+/// `drover sim`.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Base URL of the server.
+    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Do not provision the devices first (they exist already).
+    #[arg(long)]
+    pub no_provision: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn tokio_runtime(name: &str, workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().thread_name(name);
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.build().context("starting the async runtime")
+}
+
+/// Provisions and runs a simulated fleet against a server, then prints the summary. Exits
+/// non-zero if no event at all was acknowledged.
+pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.load.config(&args.server);
+    let summary = tokio_runtime("drover-sim", None)?.block_on(async {
+        if !args.no_provision {
+            eprintln!("provisioning {} devices ({}) ...", cfg.devices, cfg.fleet);
+            sim::provision(&cfg).await?;
+        }
+        sim::run(&cfg).await
+    })?;
+    print_summary(&summary, args.json)?;
+    Ok(if summary.events_ok > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
+    } else {
+        print!("{summary}");
+    }
+    Ok(())
+}
+
+/// `drover demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Data directory of the demo server.
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    /// Address the demo server listens on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Stop after the simulation instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub exit: bool,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// The README's "run" command: a server on the embedded example plugins and a simulated
+/// fleet in one process, then directions for looking around.
+pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    tokio_runtime("drover-demo", None)?.block_on(run_demo(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let rt = args
+        .tuning
+        .open(&args.data, None)
+        .await
+        .with_context(|| format!("opening {}", args.data.display()))?;
+    let server = Server::start(rt.clone(), &args.listen, args.tuning.limits()).await?;
+    announce(&server)?;
+    let url = server.url();
+    let cfg = args.load.config(&url);
+    println!(
+        "simulating {} devices ({}) for {} ...",
+        cfg.devices,
+        cfg.fleet,
+        match (cfg.duration, cfg.events) {
+            (Some(d), _) => format!("{:.0} s", d.as_secs_f64()),
+            (None, Some(n)) => format!("{} events", fmt_count(n)),
+            (None, None) => "a while".into(),
+        }
+    );
+    let outcome = async {
+        sim::provision(&cfg).await?;
+        sim::run(&cfg).await
+    }
+    .await;
+    match &outcome {
+        Ok(summary) => {
+            println!();
+            print!("{summary}");
+            print_directions(&cfg, &url, &args.data);
+        }
+        Err(e) => tracing::error!(error = %e, "simulation failed"),
+    }
+    if !args.exit {
+        println!("\nserving on {url} until Ctrl-C");
+        shutdown_signal().await;
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+    outcome.map(|_| ())
+}
+
+fn print_directions(cfg: &SimConfig, url: &str, data: &Path) {
+    let (thermo, _) = cfg.device(0);
+    let door = (0..cfg.devices)
+        .map(|i| cfg.device(i))
+        .find(|(_, k)| *k == sim::Kind::DoorLock)
+        .map(|(id, _)| id);
+    let server = if url == "http://127.0.0.1:7070" {
+        String::new()
+    } else {
+        format!(" --server {url}")
+    };
+    println!("\nLook at a device:");
+    println!("  curl -s {url}/v1/devices/{thermo}");
+    println!("  curl -s '{url}/v1/devices/{thermo}/journal?from=1&limit=5'");
+    println!("  curl -s '{url}/v1/devices/{thermo}/state?at=1'");
+    println!(
+        "  curl -s -X POST {url}/v1/devices/{thermo}/events -d '{{\"type\":\"reading\",\"celsius\":17.5}}'"
+    );
+    println!("  curl -s {url}/metrics | grep drover_events_total");
+    println!("or with the CLI:");
+    println!("  drover state {thermo}{server}");
+    println!("  drover journal {thermo} --limit 5{server}");
+    println!("  drover send {thermo} '{{\"type\":\"set_point\",\"celsius\":23}}'{server}");
+    if let Some(door) = door {
+        println!("  drover send {door} '{{\"type\":\"unlock\",\"code\":\"4711\"}}'{server}");
+    }
+    println!(
+        "  drover replay {thermo} --data {}   (offline, from the journal)",
+        data.display()
+    );
+}
+
+/// `drover bench ...`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+/// What to measure.
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Events/s and latency over HTTP with keep-alive: single events and gateway batches.
+    Http(BenchHttpArgs),
+}
+
+/// `drover bench http`.
+#[derive(Debug, Args)]
+pub struct BenchHttpArgs {
+    /// Fleet sizes to measure (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub devices: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Seconds of warm-up before each fleet size (activates the actors).
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Requests in flight for single events.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Events per batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Batches in flight.
+    #[arg(long, default_value_t = 4)]
+    pub batch_concurrency: usize,
+    /// Device type.
+    #[arg(long, default_value = "thermostat")]
+    pub plugin: Fleet,
+    /// Measure this server instead of starting one in this process.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Data directory of the in-process server (default: a fresh temporary one, removed after).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run the clients on their own async runtime with this many worker threads instead of
+    /// on the in-process server's (0: share the server's, the default: on a small machine the
+    /// cross-runtime wake-ups cost more than they isolate).
+    #[arg(long, default_value_t = 0)]
+    pub client_threads: usize,
+    /// Print the results as JSON (one summary per line).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// One measurement of `drover bench http`.
+#[derive(Debug, serde::Serialize)]
+struct Measured {
+    summary: Summary,
+    /// CPU time of this whole process (the in-process server and the clients) per
+    /// acknowledged event: unlike events/s, it does not depend on what else the machine runs.
+    cpu_us_per_event: Option<f64>,
+}
+
+/// Runs one simulation and the process CPU time it took.
+async fn measure(cfg: &SimConfig) -> anyhow::Result<Measured> {
+    let before = process_cpu();
+    let summary = sim::run(cfg).await?;
+    let cpu_us_per_event = match (before, process_cpu()) {
+        (Some(a), Some(b)) if summary.events_ok > 0 => {
+            Some((b - a).as_secs_f64() * 1e6 / summary.events_ok as f64)
+        }
+        _ => None,
+    };
+    Ok(Measured {
+        summary,
+        cpu_us_per_event,
+    })
+}
+
+/// User + system CPU time of this process so far (Linux; `None` elsewhere).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesized command name; utime and stime are the 14th and 15th
+    // fields overall, in USER_HZ (100 per second on Linux).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// Runs `drover bench`.
+pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    match args.what {
+        BenchWhat::Http(a) => bench_http(a),
+    }
+}
+
+fn bench_http(args: BenchHttpArgs) -> anyhow::Result<ExitCode> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cfg!(debug_assertions) {
+        eprintln!("warning: debug build; use `cargo run --release -- bench http` for real figures");
+    }
+    // The server gets its own async runtime (as `drover serve` would have its own process);
+    // the clients get another. Both share the machine's cores, as they would on one box.
+    let server_rt = tokio_runtime("drover-server", None)?;
+    let temp = args.data.is_none() && args.server.is_none();
+    let data = args.data.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("drover-bench-{}", std::process::id()))
+    });
+    let started = match &args.server {
+        Some(_) => None,
+        None => Some(server_rt.block_on(async {
+            let rt = args.tuning.open(&data, None).await?;
+            let server = Server::start(rt.clone(), "127.0.0.1:0", args.tuning.limits()).await?;
+            anyhow::Ok((rt, server))
+        })?),
+    };
+    let url = match &started {
+        Some((_, server)) => server.url(),
+        None => args.server.clone().unwrap_or_default(),
+    };
+    eprintln!(
+        "drover bench http: {cores} cores, {} build, server {} ({})",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        url,
+        if started.is_some() {
+            format!("in this process, data in {}", data.display())
+        } else {
+            "external".to_string()
+        }
+    );
+
+    let client_rt = match args.client_threads {
+        0 if started.is_some() => None,
+        n => Some(tokio_runtime("drover-bench", Some(n.max(1)))?),
+    };
+    let work = async {
+        let mut results: Vec<Measured> = Vec::new();
+        for &devices in &args.devices {
+            let base = SimConfig {
+                server: url.clone(),
+                devices,
+                fleet: args.plugin,
+                prefix: "bench-".into(),
+                load: Load::Closed,
+                concurrency: args.concurrency,
+                duration: Some(Duration::from_secs_f64(args.warmup)),
+                events: None,
+                batch: 1,
+                progress: false,
+                seed: devices as u64,
+            };
+            eprintln!("{devices} devices: provisioning ...");
+            sim::provision(&base).await?;
+            // Warm-up: every device activated, caches and connections hot.
+            sim::run(&base).await?;
+            let single = SimConfig {
+                duration: Some(Duration::from_secs_f64(args.duration)),
+                ..base.clone()
+            };
+            eprintln!("{devices} devices: single events ...");
+            results.push(measure(&single).await?);
+            let batched = SimConfig {
+                concurrency: args.batch_concurrency,
+                batch: args.batch,
+                ..single
+            };
+            eprintln!("{devices} devices: batches of {} ...", args.batch);
+            results.push(measure(&batched).await?);
+        }
+        anyhow::Ok(results)
+    };
+    let results = match &client_rt {
+        Some(rt) => rt.block_on(work),
+        None => server_rt.block_on(work),
+    };
+
+    if let Some((rt, server)) = started {
+        server_rt.block_on(async {
+            server.shutdown(Duration::from_secs(5)).await;
+            rt.shutdown().await;
+        });
+    }
+    if temp {
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    let results = results?;
+
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!(
+            "{:>8}  {:<7} {:>6} {:>6} {:>12} {:>10} {:>10} {:>10} {:>12}  errors",
+            "devices", "mode", "conc", "batch", "events/s", "p50", "p99", "max", "CPU/event"
+        );
+        for Measured {
+            summary: r,
+            cpu_us_per_event,
+        } in &results
+        {
+            let errors: u64 = r.errors.values().sum();
+            println!(
+                "{:>8}  {:<7} {:>6} {:>6} {:>12} {:>10} {:>10} {:>10} {:>12}  {}",
+                r.devices,
+                if r.batch > 1 { "batch" } else { "single" },
+                r.concurrency,
+                r.batch,
+                fmt_count(r.events_per_sec.round() as u64),
+                fmt_us(r.latency_us.p50),
+                fmt_us(r.latency_us.p99),
+                fmt_us(r.latency_us.max),
+                cpu_us_per_event.map_or("-".to_string(), |us| format!("{us:.1} µs")),
+                errors
+            );
+        }
+        println!(
+            "(latency is per request: a batch counts once; CPU/event is this process's CPU \
+             time, server and clients together, per acknowledged event)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

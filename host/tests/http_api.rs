@@ -1,0 +1,684 @@
+//! The v1 HTTP API over real HTTP against a real `drover serve` process: the round trip of
+//! both example plugins, restarts, bad input, backpressure and misbehaving plugins.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Answer, Api, Server, cli, raw_request};
+
+fn reading(celsius: f64) -> Value {
+    json!({"type": "reading", "celsius": celsius})
+}
+
+/// Acceptance 1: provision devices of both plugins, send events, read back the state, the
+/// journal page by page and past states; the CLI reads the same.
+#[test]
+fn provision_send_and_read_back_both_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+
+    let t = api.provision("hall", "thermostat", json!({"setpoint": 21.0}));
+    assert_eq!(t["id"], "hall");
+    assert_eq!(t["plugin"], "thermostat");
+    assert_eq!(t["version"], 1);
+    assert_eq!(t["seq"], 0);
+    // Same again: 200, unchanged. Another config: 409.
+    let again = api.put(
+        "/v1/devices/hall",
+        &json!({"plugin": "thermostat", "config": {"setpoint": 21.0}}),
+    );
+    assert_eq!(again.status, 200, "{}", again.text);
+    api.put(
+        "/v1/devices/hall",
+        &json!({"plugin": "thermostat", "config": {"setpoint": 25.0}}),
+    )
+    .assert_error(409, "device-conflict");
+    api.provision("front", "door-lock", json!({"code": "4711"}));
+
+    let temps = [19.0, 19.5, 20.2, 21.7, 22.0, 18.4, 20.9];
+    let mut acks = Vec::new();
+    for (i, c) in temps.iter().enumerate() {
+        let ack = api.send("hall", &reading(*c));
+        assert_eq!(ack["seq"], i as u64 + 1);
+        assert!(ack["at"].as_u64().unwrap() > 0);
+        assert_eq!(ack["transitions"][0]["type"], "temperature_recorded");
+        assert_eq!(ack["transitions"][0]["celsius"], *c);
+        acks.push(ack);
+    }
+    // 19.0 < 20.5: the first reading turns the heating on.
+    assert_eq!(acks[0]["transitions"][1]["type"], "heating_on");
+
+    let lock_events = [
+        json!({"type": "unlock", "code": "0000"}),
+        json!({"type": "unlock", "code": "4711"}),
+        json!({"type": "door_opened"}),
+        json!({"type": "door_closed"}),
+        json!({"type": "lock"}),
+        json!({"type": "battery", "percent": 12}),
+    ];
+    for e in &lock_events {
+        api.send("front", e);
+    }
+    // A refusal by the plugin is 422 `rejected` and uses no seq.
+    api.send("front", &json!({"type": "door_opened"}));
+    api.post("/v1/devices/front/events", &json!({"type": "lock"}))
+        .assert_error(422, "rejected");
+
+    let hall = api.get("/v1/devices/hall");
+    assert_eq!(hall.status, 200);
+    for field in ["id", "plugin", "version", "seq", "status", "state"] {
+        assert!(hall.body.get(field).is_some(), "{field} in {}", hall.text);
+    }
+    assert_eq!(hall.body["seq"], temps.len() as u64);
+    assert_eq!(hall.body["state"]["readings"], temps.len() as u64);
+    assert_eq!(hall.body["state"]["last_celsius"], 20.9);
+    let front = api.get("/v1/devices/front").body;
+    assert_eq!(front["plugin"], "door-lock");
+    assert_eq!(front["seq"], 7);
+    // Locked, then opened: forced entry, and the lock still reports locked.
+    assert_eq!(front["state"]["locked"], true);
+    assert_eq!(front["state"]["door_open"], true);
+    assert_eq!(front["state"]["forced_entries"], 1);
+    assert_eq!(front["state"]["low_battery"], true);
+    assert_eq!(front["state"]["failed_attempts"], 0);
+    assert!(front["state"].get("code").is_none(), "the PIN never shows");
+
+    // The journal, three records a page.
+    let records = api.journal("hall", 3);
+    assert_eq!(records.len(), temps.len());
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1);
+        assert_eq!(r["event"], reading(temps[i]));
+        assert_eq!(r["transitions"], acks[i]["transitions"]);
+        assert_eq!(r["at"], acks[i]["at"]);
+        assert_eq!(r["plugin"], "thermostat");
+        assert_eq!(r["version"], 1);
+    }
+    let page = api.get("/v1/devices/hall/journal?from=6&limit=3").body;
+    assert_eq!(page["records"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next"], Value::Null);
+    let past = api.get("/v1/devices/hall/journal?from=100").body;
+    assert_eq!(past["records"], json!([]));
+    assert_eq!(past["next"], Value::Null);
+
+    // Past states.
+    let s0 = api.get("/v1/devices/hall/state?at=0").body;
+    assert_eq!(s0["seq"], 0);
+    assert_eq!(s0["state"]["readings"], 0);
+    assert_eq!(s0["state"]["setpoint"], 21.0);
+    let s3 = api.get("/v1/devices/hall/state?at=3").body;
+    assert_eq!(s3["seq"], 3);
+    assert_eq!(s3["state"]["readings"], 3);
+    assert_eq!(s3["state"]["last_celsius"], 20.2);
+    let now = api.get("/v1/devices/hall/state").body;
+    assert_eq!(now["seq"], temps.len() as u64);
+    assert_eq!(now["state"], hall.body["state"]);
+
+    // Lists.
+    let devices = api.get("/v1/devices?limit=1").body;
+    assert_eq!(devices["devices"], json!(["front"]));
+    assert_eq!(devices["next"], "front");
+    let rest = api.get("/v1/devices?after=front").body;
+    assert_eq!(rest["devices"], json!(["hall"]));
+    assert_eq!(rest["next"], Value::Null);
+    let plugins = api.get("/v1/plugins").body;
+    let names: Vec<&str> = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["door-lock", "misbehave", "thermostat"]);
+    assert!(
+        plugins["plugins"][2]["versions"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+
+    // Uploading the same bytes again answers the existing version with 200.
+    let bytes = std::fs::read(format!(
+        "{}/thermostat.wasm",
+        drover::embedded::TEST_PLUGIN_DIR
+    ))
+    .unwrap();
+    let up = api.call(Method::POST, "/v1/plugins/thermostat", Some(bytes));
+    assert_eq!(up.status, 200, "{}", up.text);
+    assert_eq!(up.body["version"], 1);
+    // Garbage is not a component: 422, nothing registered.
+    api.call(Method::POST, "/v1/plugins/junk", Some(b"not wasm".to_vec()))
+        .assert_error(422, "invalid-plugin");
+    assert_eq!(
+        api.get("/v1/plugins").body["plugins"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // Hot reload is a later issue.
+    api.post("/v1/plugins/thermostat/deploy", &json!({"version": 1}))
+        .assert_error(501, "not-implemented");
+
+    // The CLI against the same server.
+    let url = server.url.as_str();
+    let (ok, out, err) = cli(&["state", "hall", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("hall  thermostat v1  seq 7  active"), "{out}");
+    let (ok, out, err) = cli(&["state", "hall", "--at", "3", "--json", "--server", url]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), s3);
+    let (ok, out, err) = cli(&[
+        "send",
+        "hall",
+        r#"{"type":"set_point","celsius":23}"#,
+        "--server",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("hall seq 8 at "), "{out}");
+    assert!(out.contains("setpoint_changed"), "{out}");
+    let (ok, out, err) = cli(&["journal", "hall", "--from", "7", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("#7") && out.contains("#8"), "{out}");
+    let (ok, out, err) = cli(&[
+        "provision",
+        "porch",
+        "--plugin",
+        "thermostat",
+        "--server",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("created porch (thermostat v1)"), "{out}");
+    let (ok, out, err) = cli(&["plugins", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("misbehave (latest v1)"), "{out}");
+    let (ok, out, _) = cli(&["devices", "--server", url]);
+    assert!(ok);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["front", "hall", "porch"]);
+    // Errors: the server's code and message, non-zero exit.
+    let (ok, _, err) = cli(&["state", "nobody", "--server", url]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown-device") && err.contains("nobody"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["send", "hall", "{not json", "--server", url]);
+    assert!(!ok);
+    assert!(err.contains("malformed-event"), "{err}");
+}
+
+/// Acceptance 2: a graceful restart on the same data directory serves every device with the
+/// same seq, state and journal as before.
+#[test]
+fn restart_on_the_same_data_dir_keeps_every_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Snapshots every 5 transitions, so the restart restores snapshots and replays tails.
+    let flags = ["--snapshot-every", "5"];
+    let mut server = Server::start(&data, &flags);
+    let api = server.api();
+    let ids: Vec<String> = (0..8).map(|i| format!("dev-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        if i % 2 == 0 {
+            api.provision(id, "thermostat", json!({"setpoint": 20.0 + i as f64}));
+        } else {
+            api.provision(id, "door-lock", json!({"code": "1234", "max_attempts": 2}));
+        }
+    }
+    // Through the batch route: 25 events per device in 5 batches.
+    for round in 0..5 {
+        let mut events = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            for k in 0..5 {
+                let n = round * 5 + k;
+                let event = if i % 2 == 0 {
+                    reading(15.0 + (n * 7 % 11) as f64)
+                } else {
+                    match n % 5 {
+                        0 => json!({"type": "unlock", "code": "9999"}),
+                        1 => json!({"type": "unlock", "code": "1234"}),
+                        2 => json!({"type": "battery", "percent": 90 - n}),
+                        3 => json!({"type": "lock"}),
+                        _ => json!({"type": "door_closed"}),
+                    }
+                };
+                events.push(json!({"device": id, "event": event}));
+            }
+        }
+        let a = api.post("/v1/events", &json!({"events": events}));
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.body["failed"], 0, "{}", a.text);
+    }
+
+    let before: HashMap<&String, (Value, Vec<Value>)> = ids
+        .iter()
+        .map(|id| {
+            let d = api.get(&format!("/v1/devices/{id}")).body;
+            assert_eq!(d["seq"], 25);
+            (id, (d, api.journal(id, 10)))
+        })
+        .collect();
+
+    let status = server.terminate();
+    assert!(status.success(), "graceful exit: {status}");
+    let server = Server::start(&data, &flags);
+    let api = server.api();
+    for id in &ids {
+        let d = api.get(&format!("/v1/devices/{id}")).body;
+        let (old, journal) = &before[id];
+        assert_eq!(d["seq"], old["seq"], "{id}");
+        assert_eq!(d["state"], old["state"], "{id}");
+        assert_eq!(d["plugin"], old["plugin"], "{id}");
+        assert_eq!(&api.journal(id, 7), journal, "{id}");
+    }
+    // And the devices keep going from where they were.
+    assert_eq!(api.send(&ids[0], &reading(30.0))["seq"], 26);
+}
+
+/// Acceptance 4: bad input gets a clear 4xx in the error shape and writes nothing; the server
+/// stays healthy.
+#[test]
+fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({}));
+    api.send("t1", &reading(20.0));
+    let journal_len = server.journal_len();
+    let state = api.get("/v1/devices/t1").body;
+
+    let long = "a".repeat(129);
+    let cases: Vec<(Answer, u16, &str, &str)> = vec![
+        (
+            api.post_raw("/v1/devices/t1/events", b"{\"type\":"),
+            400,
+            "malformed-event",
+            "truncated JSON",
+        ),
+        (
+            api.post_raw("/v1/devices/t1/events", b"reading 20"),
+            400,
+            "malformed-event",
+            "not JSON",
+        ),
+        (
+            api.post_raw("/v1/devices/t1/events", b""),
+            400,
+            "malformed-event",
+            "empty body",
+        ),
+        (
+            api.post_raw("/v1/devices/t1/events", b"{\"a\":\"\xff\xfe\"}"),
+            400,
+            "malformed-event",
+            "not UTF-8",
+        ),
+        (
+            api.post_raw("/v1/devices/t1/events", &vec![b' '; 65 * 1024]),
+            413,
+            "payload-too-large",
+            "oversized event",
+        ),
+        (
+            api.post("/v1/devices/ghost/events", &reading(1.0)),
+            404,
+            "unknown-device",
+            "unknown device",
+        ),
+        (
+            api.get("/v1/devices/ghost"),
+            404,
+            "unknown-device",
+            "unknown device read",
+        ),
+        (
+            api.get("/v1/devices/ghost/journal"),
+            404,
+            "unknown-device",
+            "unknown device journal",
+        ),
+        (
+            api.put("/v1/devices/t2", &json!({"plugin": "toaster"})),
+            404,
+            "unknown-plugin",
+            "unknown plugin",
+        ),
+        (
+            api.put("/v1/devices/t2", &json!({"config": {}})),
+            400,
+            "malformed-request",
+            "no plugin",
+        ),
+        (
+            api.put(
+                "/v1/devices/t2",
+                &json!({"plugin": "thermostat", "confg": {}}),
+            ),
+            400,
+            "malformed-request",
+            "unknown field",
+        ),
+        (
+            api.call(Method::PUT, "/v1/devices/t2", Some(b"\xff".to_vec())),
+            400,
+            "malformed-request",
+            "provision not UTF-8",
+        ),
+        (
+            api.put(
+                "/v1/devices/t2",
+                &json!({"plugin": "thermostat", "config": {"setpoint": 99}}),
+            ),
+            400,
+            "malformed-config",
+            "config the plugin refuses",
+        ),
+        (
+            api.put(
+                &format!("/v1/devices/{long}"),
+                &json!({"plugin": "thermostat"}),
+            ),
+            400,
+            "invalid-id",
+            "id too long",
+        ),
+        (
+            api.put("/v1/devices/a%2Fb", &json!({"plugin": "thermostat"})),
+            400,
+            "invalid-id",
+            "id with /",
+        ),
+        (
+            api.put("/v1/devices/a%00b", &json!({"plugin": "thermostat"})),
+            400,
+            "invalid-id",
+            "id with NUL",
+        ),
+        (
+            api.put("/v1/devices/a%0Ab", &json!({"plugin": "thermostat"})),
+            400,
+            "invalid-id",
+            "id with newline",
+        ),
+        (
+            api.put("/v1/devices/a%FFb", &json!({"plugin": "thermostat"})),
+            400,
+            "invalid-id",
+            "id not UTF-8",
+        ),
+        (
+            api.get("/v1/devices/t1/journal?from=-1"),
+            400,
+            "malformed-query",
+            "from=-1",
+        ),
+        (
+            api.get("/v1/devices/t1/journal?limit=abc"),
+            400,
+            "malformed-query",
+            "limit=abc",
+        ),
+        (
+            api.get("/v1/devices/t1/journal?limit=0"),
+            400,
+            "malformed-query",
+            "limit=0",
+        ),
+        (
+            api.get("/v1/devices/t1/journal?from=99999999999999999999999"),
+            400,
+            "malformed-query",
+            "from overflows",
+        ),
+        (
+            api.get("/v1/devices/t1/state?at=2"),
+            404,
+            "seq-out-of-range",
+            "state at a future seq",
+        ),
+        (
+            api.get("/v1/devices/t1/state?at=x"),
+            400,
+            "malformed-query",
+            "state at=x",
+        ),
+        (
+            api.post("/v1/events", &json!({"events": [{"device": "t1"}]})),
+            400,
+            "malformed-request",
+            "batch item without event",
+        ),
+        (
+            api.post_raw("/v1/events", b"[1,2"),
+            400,
+            "malformed-request",
+            "batch not JSON",
+        ),
+        (api.get("/v1/nothing"), 404, "not-found", "unknown route"),
+        (
+            api.call(Method::DELETE, "/v1/devices/t1", None),
+            405,
+            "method-not-allowed",
+            "wrong method",
+        ),
+    ];
+    for (answer, status, code, what) in &cases {
+        eprintln!("case: {what}");
+        answer.assert_error(*status, code);
+    }
+    // Paths a URL library would normalize: sent raw.
+    for (path, what) in [
+        ("/v1/devices/..", "id `..`"),
+        ("/v1/devices/../events", "id `..` with a suffix"),
+        ("/v1/devices/a%00/events", "NUL in an event path"),
+        ("/v1/devices/x%2F..%2Fy/journal", "encoded traversal"),
+    ] {
+        let (status, body) = raw_request(&server.addr, "POST", path, b"{}");
+        assert!(
+            status == 400 || status == 404 || status == 405,
+            "{what}: status {status}"
+        );
+        assert!(body["error"]["code"].is_string(), "{what}: {body}");
+    }
+    let (status, body) = raw_request(&server.addr, "GET", "/v1/devices/..", b"");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid-id"))
+    );
+    // A batch: per-item errors, the good item goes through.
+    let batch = api.post(
+        "/v1/events",
+        &json!({"events": [
+            {"device": "ghost", "event": {}},
+            {"device": "a/b", "event": {}},
+            {"device": "t1", "event": {"type": "set_point", "celsius": 99}},
+        ]}),
+    );
+    assert_eq!(batch.status, 200, "{}", batch.text);
+    assert_eq!(batch.body["ok"], 0);
+    let codes: Vec<&str> = batch.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["unknown-device", "invalid-id", "rejected"]);
+
+    // Nothing was written, nothing changed, and the server is fine.
+    assert_eq!(
+        server.journal_len(),
+        journal_len,
+        "the journal did not grow"
+    );
+    assert_eq!(api.get("/v1/devices/t1").body, state);
+    assert_eq!(api.get("/v1/devices").body["devices"], json!(["t1"]));
+    let health = api.get("/healthz");
+    assert_eq!(
+        (health.status, health.body["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let metrics = api.get("/metrics").text;
+    assert!(
+        metrics.contains("drover_http_errors_total{code=\"invalid-id\"}"),
+        "{metrics}"
+    );
+    assert_eq!(api.send("t1", &reading(21.0))["seq"], 2);
+}
+
+/// Acceptance 5: flooding one device with a tiny mailbox yields 429 + Retry-After, memory
+/// stays bounded, and every accepted event is handled in order: per client, acks come back
+/// with increasing seqs, and the journal holds exactly the accepted events, gap-free.
+#[test]
+fn backpressure_floods_get_429_and_accepted_events_stay_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--mailbox", "1", "--max-in-flight", "1"],
+    );
+    let api = server.api();
+    api.provision("hot", "thermostat", json!({}));
+    api.send("hot", &reading(20.0)); // activates the actor
+    let rss_before = server.rss_kib();
+
+    const CLIENTS: usize = 12;
+    const PER_CLIENT: usize = 40;
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let api = Api::new(&server.url);
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let mut acked = Vec::new();
+                let mut refused = 0;
+                for n in 0..PER_CLIENT {
+                    let event =
+                        json!({"type": "reading", "celsius": 20.0, "nonce": format!("c{c}-{n}")});
+                    let a = api.post("/v1/devices/hot/events", &event);
+                    match a.status {
+                        200 => acked.push((a.body["seq"].as_u64().unwrap(), format!("c{c}-{n}"))),
+                        429 => {
+                            a.assert_error(429, "mailbox-full");
+                            assert_eq!(a.headers.get("retry-after").unwrap(), "1");
+                            refused += 1;
+                        }
+                        other => panic!("unexpected {other}: {}", a.text),
+                    }
+                }
+                (acked, refused)
+            })
+        })
+        .collect();
+    let mut acked: Vec<(u64, String)> = Vec::new();
+    let mut refused = 0;
+    for t in threads {
+        let (a, r) = t.join().unwrap();
+        // One client's acks come back in the order it sent: increasing seqs.
+        assert!(
+            a.windows(2).all(|w| w[0].0 < w[1].0),
+            "per-client order: {a:?}"
+        );
+        acked.extend(a);
+        refused += r;
+    }
+    assert!(
+        refused > 0,
+        "a flood of {CLIENTS} clients on a mailbox of 1 must see 429s"
+    );
+    assert!(!acked.is_empty());
+
+    // A batch of 60 events for the same device: a prefix is accepted in order, then every
+    // later item is refused with mailbox-full.
+    let events: Vec<Value> = (0..60)
+        .map(|n| json!({"device": "hot", "event": {"type": "reading", "celsius": 21.0, "nonce": format!("b-{n}")}}))
+        .collect();
+    let batch = api.post("/v1/events", &json!({"events": events}));
+    assert_eq!(batch.status, 200, "{}", batch.text);
+    let results = batch.body["results"].as_array().unwrap();
+    let first_refused = results
+        .iter()
+        .position(|r| r.get("error").is_some())
+        .expect("a batch of 60 on a mailbox of 1 is refused in part");
+    assert!(first_refused >= 1, "the first item fits");
+    for (n, r) in results.iter().enumerate() {
+        if n < first_refused {
+            let seq = r["seq"].as_u64().expect("accepted");
+            acked.push((seq, format!("b-{n}")));
+        } else {
+            assert_eq!(r["error"]["code"], "mailbox-full", "item {n}: {r}");
+        }
+    }
+    let batch_seqs: Vec<u64> = results[..first_refused]
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        batch_seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "batch order: {batch_seqs:?}"
+    );
+
+    // The journal holds exactly the accepted events, each once, at its acked seq, gap-free.
+    let journal = api.journal("hot", 1000);
+    assert_eq!(journal.len(), acked.len() + 1);
+    for (i, r) in journal.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1);
+    }
+    for (seq, nonce) in &acked {
+        assert_eq!(
+            journal[*seq as usize - 1]["event"]["nonce"],
+            *nonce,
+            "seq {seq}"
+        );
+    }
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "memory stays bounded: {rss_before} KiB -> {rss_after} KiB"
+    );
+    let metrics = api.get("/metrics").text;
+    assert!(
+        !metrics.contains("drover_errors_total{code=\"mailbox-full\"} 0\n"),
+        "429s are counted"
+    );
+}
+
+/// Invariant 5 over HTTP: a plugin that traps, spins or floods its output gets 422 with a
+/// code that says so; its device recovers, and other devices never notice.
+#[test]
+fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--call-timeout-ms", "300"]);
+    let api = server.api();
+    api.provision("bad", "misbehave", json!({}));
+    api.provision("good", "thermostat", json!({}));
+    assert_eq!(api.send("bad", &json!({"type": "ok"}))["seq"], 1);
+    let cases = [
+        (json!({"type": "panic"}), "trap"),
+        (json!({"type": "loop"}), "timeout"),
+        (json!({"type": "big", "kb": 2048}), "output-too-large"),
+        (json!({"type": "reject"}), "rejected"),
+    ];
+    for (event, code) in cases {
+        let a = api.post("/v1/devices/bad/events", &event);
+        a.assert_error(422, code);
+        if code != "rejected" {
+            let msg = a.body["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("plugin"), "says whose fault it is: {msg}");
+        }
+        assert_eq!(
+            api.send("good", &reading(19.0))["transitions"][0]["type"],
+            "temperature_recorded"
+        );
+    }
+    // The bad device was rebuilt from its journal and goes on at seq 2.
+    let ack = api.send("bad", &json!({"type": "ok"}));
+    assert_eq!(ack["seq"], 2);
+    assert_eq!(ack["transitions"][0]["count"], 2);
+    assert_eq!(api.get("/v1/devices/good").body["seq"], 4);
+}

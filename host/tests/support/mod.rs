@@ -1,0 +1,366 @@
+//! Shared helpers of the HTTP integration tests: a real `drover serve` child process, a small
+//! JSON client, raw HTTP for requests a URL library would normalize away, and poll loops.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `drover` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
+/// A `drover serve` child process on a free port. Killed (SIGKILL) when dropped; when the
+/// test is failing, the tail of its log is printed first.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    /// `host:port`.
+    pub addr: String,
+    pub data: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `drover serve` on `data` with every test plugin (thermostat, door-lock,
+    /// misbehave) and `extra` flags, and waits for its listening line.
+    pub fn start(data: &Path, extra: &[&str]) -> Server {
+        let log = data.with_extension("log");
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("opening the server log");
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--plugins",
+                drover::embedded::TEST_PLUGIN_DIR,
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawning drover serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("drover listening on ") {
+                        break url.trim().to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "drover serve did not announce its address; log:\n{}",
+                        tail(&log, 40)
+                    );
+                }
+            }
+        };
+        let addr = url.trim_start_matches("http://").to_string();
+        Server {
+            child: Some(child),
+            url,
+            addr,
+            data: data.to_path_buf(),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL, as `kill -9` (what `std::process::Child::kill` sends on Unix).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaping the server");
+        }
+    }
+
+    /// SIGTERM, then waits for the graceful exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "sending SIGTERM");
+        poll_until(
+            Duration::from_secs(60),
+            "graceful exit after SIGTERM",
+            || child.try_wait().expect("waiting for the server"),
+        )
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// A JSON client for this server.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url)
+    }
+
+    /// Size of the journal file on disk.
+    pub fn journal_len(&self) -> u64 {
+        std::fs::metadata(self.data.join("journal.log"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- server log ({}) ---\n{}",
+                self.log.display(),
+                tail(&self.log, 60)
+            );
+        }
+        self.kill();
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Calls `f` until it returns `Some`, at most for `timeout`.
+pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An answer: status, headers and the body as JSON (`Value::Null` if it is not JSON).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Answer {
+    /// Asserts this is an error with `status` and `code` in the API's error shape.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "status of {}", self.text);
+        assert_eq!(self.body["error"]["code"], code, "code of {}", self.text);
+        assert!(
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "message of {}",
+            self.text
+        );
+        assert_eq!(
+            self.body.as_object().map(|o| o.len()),
+            Some(1),
+            "only `error` at the top: {}",
+            self.text
+        );
+        assert_eq!(
+            self.headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/json"),
+            "content type of {}",
+            self.text
+        );
+    }
+}
+
+/// A blocking JSON client (keep-alive) for one server.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.to_string(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    /// Sends a request; `Err` only for transport failures.
+    pub fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> reqwest::Result<Answer> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let response = req.send()?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Answer {
+            status,
+            headers,
+            body,
+            text,
+        })
+    }
+
+    pub fn call(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Answer {
+        self.try_call(method.clone(), path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        self.call(reqwest::Method::GET, path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Answer {
+        self.call(
+            reqwest::Method::POST,
+            path,
+            Some(body.to_string().into_bytes()),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Answer {
+        self.call(reqwest::Method::POST, path, Some(body.to_vec()))
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> Answer {
+        self.call(
+            reqwest::Method::PUT,
+            path,
+            Some(body.to_string().into_bytes()),
+        )
+    }
+
+    /// Provisions a device, asserting 201.
+    pub fn provision(&self, id: &str, plugin: &str, config: Value) -> Value {
+        let a = self.put(
+            &format!("/v1/devices/{id}"),
+            &serde_json::json!({"plugin": plugin, "config": config}),
+        );
+        assert_eq!(a.status, 201, "provisioning {id}: {}", a.text);
+        a.body
+    }
+
+    /// Sends an event, asserting 200; returns the acknowledgement.
+    pub fn send(&self, id: &str, event: &Value) -> Value {
+        let a = self.post(&format!("/v1/devices/{id}/events"), event);
+        assert_eq!(a.status, 200, "sending to {id}: {}", a.text);
+        a.body
+    }
+
+    /// Every journal record of a device, following `next` with pages of `limit`.
+    pub fn journal(&self, id: &str, limit: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let a = self.get(&format!(
+                "/v1/devices/{id}/journal?from={from}&limit={limit}"
+            ));
+            assert_eq!(a.status, 200, "journal of {id}: {}", a.text);
+            out.extend(
+                a.body["records"]
+                    .as_array()
+                    .expect("records")
+                    .iter()
+                    .cloned(),
+            );
+            match a.body["next"].as_u64() {
+                Some(next) => {
+                    assert_eq!(next, from + limit as u64, "next of a full page");
+                    from = next;
+                }
+                None => return out,
+            }
+        }
+    }
+}
+
+/// Sends one raw HTTP/1.1 request (for paths a URL library would normalize, such as `..`)
+/// and returns the status and body.
+pub fn raw_request(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("connecting");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("writing");
+    s.write_all(body).expect("writing");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("reading");
+    let text = String::from_utf8_lossy(&answer);
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Runs the `drover` CLI with `args`; returns (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("DROVER_SERVER")
+        .output()
+        .expect("running drover");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
