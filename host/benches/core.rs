@@ -74,14 +74,19 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     while let Some(r) = provisioning.join_next().await {
         r??;
     }
-    // Warm up: activate every device once so the measurement is steady state.
+    // Warm up: a few events per device, so that every instance is active and has touched
+    // the guest memory pages it keeps using (the first write to a page is a copy-on-write
+    // fault with a TLB shootdown); the measurement is then the steady state.
     let mut warm = tokio::task::JoinSet::new();
     for chunk in ids.chunks(devices.div_ceil(64)) {
         let rt = rt.clone();
         let chunk = chunk.to_vec();
         warm.spawn(async move {
-            for id in chunk {
-                rt.send(&id, r#"{"type":"reading","celsius":20.0}"#).await?;
+            for round in 0..5 {
+                for id in &chunk {
+                    let event = format!(r#"{{"type":"reading","celsius":{}}}"#, 19.0 + round as f64);
+                    rt.send(id, &event).await?;
+                }
             }
             anyhow::Ok(())
         });
@@ -111,7 +116,10 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
                 }
                 let id = &ids[i % ids.len()];
                 i += in_flight;
-                let celsius = 18.0 + (n % 70) as f64 / 10.0;
+                // Each device's readings drift slowly through the hysteresis band, as a real
+                // sensor's would: mostly one transition per event, sometimes two.
+                let step = n / ids.len() as u64;
+                let celsius = 19.0 + (step % 50) as f64 / 10.0;
                 let event = format!(r#"{{"type":"reading","celsius":{celsius}}}"#);
                 let t = Instant::now();
                 loop {
@@ -149,3 +157,4 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
+

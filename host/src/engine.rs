@@ -116,7 +116,12 @@ pub struct GuestState {
 impl bindings::drover::device::host::Host for GuestState {
     fn log(&mut self, level: LogLevel, message: String) {
         let device = &*self.device;
-        let message: String = message.chars().take(4096).collect();
+        // Bounded, without copying: the longest char-boundary prefix of at most 4 KiB.
+        let mut end = message.len().min(4096);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
         match level {
             LogLevel::Trace => tracing::trace!(target: "drover::guest", device, "{message}"),
             LogLevel::Debug => tracing::debug!(target: "drover::guest", device, "{message}"),
@@ -124,7 +129,7 @@ impl bindings::drover::device::host::Host for GuestState {
             LogLevel::Warn => tracing::warn!(target: "drover::guest", device, "{message}"),
             LogLevel::Error => {
                 tracing::error!(target: "drover::guest", device, "{message}");
-                self.last_error = Some(message);
+                self.last_error = Some(message.to_string());
             }
         }
     }

@@ -80,7 +80,7 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Keep at most this many guest instances alive (default 10,000); past it the least
+    /// Keep at most this many guest instances alive (default 14,000); past it the least
     /// recently used devices are passivated. Each instance reserves address space and memory
     /// mappings, so one process cannot hold more than ~16k with wasmtime's default memory
     /// settings (see `shared/WASMTIME-NOTES.md`).
@@ -320,7 +320,7 @@ impl Runtime {
                 snapshot_every: 1000,
                 max_output_bytes: 1024 * 1024,
                 idle_timeout: Duration::from_secs(300),
-                max_live: 10_000,
+                max_live: 14_000,
             },
             max_event_bytes: 64 * 1024,
             plugins: Vec::new(),
