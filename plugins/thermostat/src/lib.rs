@@ -288,11 +288,13 @@ impl Device for Thermostat {
             _ => return Ok(out),
         };
         match next.last_celsius {
-            Some(t) => log::info(format_args!(
+            // Debug, not info: a fleet's thermostats switch all day long, and every line
+            // costs a host call and, when enabled, a log write.
+            Some(t) => log::debug(format_args!(
                 "heating {what}: {t} °C, setpoint {} °C",
                 next.setpoint
             )),
-            None => log::info(format_args!("heating {what}")),
+            None => log::debug(format_args!("heating {what}")),
         }
         out.push(switch);
         Ok(out)
