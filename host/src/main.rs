@@ -14,6 +14,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colors only for a person at a terminal, not in log files and CI output.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match drover::cli::run(cli) {
         Ok(code) => code,
