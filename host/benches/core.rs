@@ -84,7 +84,8 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
         warm.spawn(async move {
             for round in 0..5 {
                 for id in &chunk {
-                    let event = format!(r#"{{"type":"reading","celsius":{}}}"#, 19.0 + round as f64);
+                    let event =
+                        format!(r#"{{"type":"reading","celsius":{}}}"#, 19.0 + round as f64);
                     rt.send(id, &event).await?;
                 }
             }
@@ -157,4 +158,3 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
-
