@@ -124,6 +124,8 @@ pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
     let activity = Arc::new(Activity::default());
     let actor = Actor {
         activity: activity.clone(),
+        failures: 0,
+        quarantine: None,
         in_flight: Arc::new(InFlight::default()),
         shared,
         head,
@@ -139,6 +141,10 @@ pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
 
 struct Actor {
     activity: Arc<Activity>,
+    /// Consecutive fatal guest failures (traps, timeouts, failed activations).
+    failures: u32,
+    /// While set and in the future, messages fail fast without running the guest.
+    quarantine: Option<Quarantine>,
     shared: Arc<Shared>,
     head: DeviceHead,
     live: Option<Live>,
@@ -180,6 +186,21 @@ impl InFlight {
             self.freed.notify_one();
         }
     }
+}
+
+/// After this many consecutive fatal failures a device is quarantined: a plugin that traps
+/// or spins on every event would otherwise spend a worker's time on each one (up to the call
+/// timeout), which on a small machine is time taken from the whole fleet.
+const QUARANTINE_AFTER: u32 = 3;
+/// First quarantine; each further failure right after one doubles it, up to the maximum.
+const QUARANTINE_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const QUARANTINE_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A device sitting out a quarantine.
+struct Quarantine {
+    until: Instant,
+    length: std::time::Duration,
+    last: String,
 }
 
 /// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
@@ -237,6 +258,12 @@ impl Actor {
                     let Some(msg) = msg else { break };
                     last_activity = tokio::time::Instant::now();
                     self.activity.last_used_ms.store(clock::mono_ms(), Ordering::Relaxed);
+                    if !matches!(msg, Message::Passivate)
+                        && let Some(e) = self.quarantined()
+                    {
+                        msg.refuse(e);
+                        continue;
+                    }
                     match msg {
                         Message::Passivate => self.passivate(),
                         Message::Event {
@@ -263,6 +290,41 @@ impl Actor {
         }
         // The mailbox is closed and drained: leave a snapshot so the next start replays less.
         self.passivate();
+    }
+
+    /// The error to answer with while quarantined.
+    fn quarantined(&self) -> Option<Error> {
+        let q = self.quarantine.as_ref()?;
+        let now = Instant::now();
+        (now < q.until).then(|| Error::Quarantined {
+            failures: self.failures,
+            last: q.last.clone(),
+            retry_in_ms: (q.until - now).as_millis() as u64,
+        })
+    }
+
+    /// Counts a fatal guest failure; enough in a row start (or lengthen) a quarantine. A
+    /// success resets the count (in `on_event`).
+    fn record_failure(&mut self, e: &Error) {
+        self.failures += 1;
+        if self.failures >= QUARANTINE_AFTER {
+            let length = match &self.quarantine {
+                Some(q) => (q.length * 2).min(QUARANTINE_MAX),
+                None => QUARANTINE_FIRST,
+            };
+            tracing::warn!(
+                device = %self.head.id,
+                failures = self.failures,
+                seconds = length.as_secs(),
+                error = %e,
+                "device quarantined"
+            );
+            self.quarantine = Some(Quarantine {
+                until: Instant::now() + length,
+                length,
+                last: e.to_string(),
+            });
+        }
     }
 
     /// Drops the instance after snapshotting what the last snapshot does not cover. The task
@@ -340,6 +402,9 @@ impl Actor {
         self.in_flight.acquire(max_in_flight).await;
         let permit = InFlightPermit(self.in_flight.clone(), max_in_flight);
         if let Err(e) = self.ensure_live().await {
+            if matches!(e, Error::Activation(_)) {
+                self.record_failure(&e);
+            }
             self.shared.metrics.error(e.code());
             let _ = reply.send(Err(e));
             return;
@@ -361,6 +426,7 @@ impl Actor {
             Ok(t) => t,
             Err((e, fatal)) => {
                 if fatal {
+                    self.record_failure(&e);
                     tracing::warn!(
                         device = %self.head.id,
                         seq,
@@ -375,6 +441,9 @@ impl Actor {
             }
         };
 
+        // A success ends any failure streak (fields, not a method: `live` is borrowed).
+        self.failures = 0;
+        self.quarantine = None;
         let mut bytes = Vec::with_capacity(
             64 + event.len() + transitions.iter().map(String::len).sum::<usize>(),
         );
@@ -440,6 +509,14 @@ impl Actor {
             return;
         };
         match live.instance.snapshot() {
+            Ok(data) if data.len() > record::MAX_BODY_LEN - 64 => {
+                // Would not fit a journal record; the device just replays a longer tail.
+                tracing::warn!(
+                    device = %self.head.id,
+                    bytes = data.len(),
+                    "snapshot too large for the journal; not written"
+                );
+            }
             Ok(data) => {
                 live.since_snapshot = 0;
                 let mut bytes = Vec::with_capacity(data.len() + 32);
@@ -498,13 +575,20 @@ impl Actor {
         };
         match result {
             // The state may include events still on their way to disk: answer once they are
-            // durable, so a read never shows what a crash could take back.
-            Ok(snapshot) => self
-                .shared
-                .journal
-                .submit(Entry::Barrier(Box::new(move |r| {
-                    let _ = reply.send(r.map(|()| snapshot).map_err(Error::from));
-                }))),
+            // durable, so a read never shows what a crash could take back, and not at all if
+            // one of them failed to commit (the fence says so).
+            Ok(snapshot) => {
+                let durable = self.durability_check();
+                self.shared
+                    .journal
+                    .submit(Entry::Barrier(Box::new(move |r| {
+                        let _ = reply.send(
+                            r.and_then(|()| durable())
+                                .map(|()| snapshot)
+                                .map_err(Error::from),
+                        );
+                    })))
+            }
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -513,6 +597,20 @@ impl Actor {
 }
 
 impl Actor {
+    /// Run after a read's barrier: fails if any record of this incarnation failed to commit,
+    /// since the state being answered then includes it.
+    fn durability_check(&self) -> impl FnOnce() -> Result<(), JournalError> + Send + 'static {
+        let fence = self.fence.clone();
+        let generation = self.generation;
+        move || {
+            if fence.is_failed(generation) {
+                Err(JournalError::Fenced)
+            } else {
+                Ok(())
+            }
+        }
+    }
+
     async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
         if let Err(e) = self.ensure_live().await {
             let _ = reply.send(Err(e));
@@ -525,10 +623,15 @@ impl Actor {
         match live.instance.snapshot() {
             Ok(bytes) => {
                 let seq = live.seq;
+                let durable = self.durability_check();
                 self.shared
                     .journal
                     .submit(Entry::Barrier(Box::new(move |r| {
-                        let _ = reply.send(r.map(|()| (seq, bytes)).map_err(Error::from));
+                        let _ = reply.send(
+                            r.and_then(|()| durable())
+                                .map(|()| (seq, bytes))
+                                .map_err(Error::from),
+                        );
                     })));
             }
             Err(e) => {
@@ -537,6 +640,24 @@ impl Actor {
                 }
                 let _ = reply.send(Err(e.into()));
             }
+        }
+    }
+}
+
+impl Message {
+    /// Answers the message with `e` without handling it.
+    fn refuse(self, e: Error) {
+        match self {
+            Message::Event { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Message::Query { reply } => {
+                let _ = reply.send(Err(e));
+            }
+            Message::Export { reply } => {
+                let _ = reply.send(Err(e));
+            }
+            Message::Passivate => {}
         }
     }
 }

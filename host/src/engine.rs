@@ -63,7 +63,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            call_timeout: Duration::from_secs(1),
+            call_timeout: Duration::from_millis(250),
             max_memory: 64 * 1024 * 1024,
             epoch_tick: Duration::from_millis(10),
         }
@@ -289,7 +289,7 @@ impl CompiledPlugin {
                 .memory_size(inner.config.max_memory)
                 .instances(4)
                 .tables(16)
-                .memories(4)
+                .memories(1)
                 .build(),
             device,
             last_error: None,

@@ -33,6 +33,15 @@ pub enum Error {
     OutputTooLarge { size: usize, limit: usize },
     #[error("the device's mailbox is full; retry later")]
     MailboxFull,
+    #[error(
+        "the device is quarantined after {failures} consecutive plugin failures (last: {last}); \
+         it is retried in {retry_in_ms} ms"
+    )]
+    Quarantined {
+        failures: u32,
+        last: String,
+        retry_in_ms: u64,
+    },
     #[error("invalid plugin: {0}")]
     InvalidPlugin(String),
     #[error("seq {requested} is past the device's latest seq {latest}")]
@@ -63,6 +72,7 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::OutputTooLarge { .. } => "output-too-large",
             Error::MailboxFull => "mailbox-full",
+            Error::Quarantined { .. } => "quarantined",
             Error::InvalidPlugin(_) => "invalid-plugin",
             Error::SeqOutOfRange { .. } => "seq-out-of-range",
             Error::Journal(_) => "journal",

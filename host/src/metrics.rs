@@ -30,7 +30,7 @@ pub struct Metrics {
 }
 
 /// The error codes counted by kind (see [`crate::Error::code`]).
-const ERROR_CODES: [&str; 18] = [
+const ERROR_CODES: [&str; 19] = [
     "unknown-device",
     "unknown-plugin",
     "invalid-id",
@@ -43,6 +43,7 @@ const ERROR_CODES: [&str; 18] = [
     "timeout",
     "output-too-large",
     "mailbox-full",
+    "quarantined",
     "invalid-plugin",
     "seq-out-of-range",
     "journal",

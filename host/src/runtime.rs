@@ -45,10 +45,11 @@ pub struct RuntimeBuilder {
     max_event_bytes: usize,
     plugins: Vec<(String, Vec<u8>)>,
     plugin_dirs: Vec<PathBuf>,
+    salvage: bool,
 }
 
 impl RuntimeBuilder {
-    /// Longest a guest call may run (default 1 s).
+    /// Longest a guest call may run (default 250 ms; guest calls normally take microseconds).
     pub fn call_timeout(mut self, d: Duration) -> Self {
         self.engine.call_timeout = d;
         self
@@ -95,15 +96,25 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Largest accepted event, in bytes (default 64 KiB).
+    /// Largest accepted event, in bytes (default 64 KiB, at most 16 MiB so that an event
+    /// and its transitions always fit one journal record).
     pub fn max_event_bytes(mut self, n: usize) -> Self {
-        self.max_event_bytes = n;
+        self.max_event_bytes = n.min(MAX_PAYLOAD_LIMIT);
         self
     }
 
-    /// Largest total size of the transitions one event may produce (default 1 MiB).
+    /// Largest total size of the transitions one event may produce (default 1 MiB, at most
+    /// 16 MiB).
     pub fn max_output_bytes(mut self, n: usize) -> Self {
-        self.actor.max_output_bytes = n;
+        self.actor.max_output_bytes = n.min(MAX_PAYLOAD_LIMIT);
+        self
+    }
+
+    /// Whether to open a journal that is damaged before its tail by cutting it at the first
+    /// bad record (default false: such a journal is refused, since the records after the
+    /// damage were acknowledged; see [`crate::journal`]).
+    pub fn salvage_journal(mut self, salvage: bool) -> Self {
+        self.salvage = salvage;
         self
     }
 
@@ -125,7 +136,12 @@ impl RuntimeBuilder {
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("creating {}", self.data_dir.display()))?;
         let lock = lock_data_dir(&self.data_dir)?;
-        let (journal, recovery) = Journal::open(&self.data_dir)
+        let opened = if self.salvage {
+            Journal::open_salvaging(&self.data_dir)
+        } else {
+            Journal::open(&self.data_dir)
+        };
+        let (journal, recovery) = opened
             .with_context(|| format!("opening the journal in {}", self.data_dir.display()))?;
         if let Some(d) = &recovery.dropped {
             tracing::warn!(offset = d.offset, bytes = d.bytes, reason = %d.reason, "journal tail was dropped on open");
@@ -164,6 +180,10 @@ impl RuntimeBuilder {
         Ok(rt)
     }
 }
+
+/// Ceiling of the event and output limits: both at their maximum still fit one journal record
+/// ([`crate::journal::record::MAX_BODY_LEN`], 64 MiB) with room to spare.
+const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
 
 /// Reads every `NAME.wasm` in `dir`.
 fn read_plugin_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
@@ -260,6 +280,18 @@ impl Shared {
     }
 }
 
+/// An id being provisioned; released on drop.
+struct ProvisionClaim {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl Drop for ProvisionClaim {
+    fn drop(&mut self) {
+        self.shared.provisioning.lock().remove(&self.id);
+    }
+}
+
 /// A provisioned device as stored (no state).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceSummary {
@@ -325,6 +357,7 @@ impl Runtime {
             max_event_bytes: 64 * 1024,
             plugins: Vec::new(),
             plugin_dirs: Vec::new(),
+            salvage: false,
         }
     }
 
@@ -385,6 +418,10 @@ impl Runtime {
         self.check_open()?;
         let config_text =
             serde_json::to_string(config).map_err(|e| Error::MalformedConfig(e.to_string()))?;
+        // One provisioning per id at a time, from before the existence check until the record
+        // is durable (the guard releases it on every path, cancellation included): two
+        // concurrent PUTs must never both find the id free and create it twice.
+        let _claim = self.claim_provisioning(id).await?;
         if let Some(existing) = self.summary(id) {
             return if existing.plugin == plugin && existing.config == *config {
                 Ok((existing, false))
@@ -412,12 +449,6 @@ impl Runtime {
         })?;
         drop(trial);
 
-        if !self.shared.provisioning.lock().insert(id.to_string()) {
-            return Err(Error::DeviceConflict {
-                id: id.to_string(),
-                plugin: plugin.to_string(),
-            });
-        }
         let num = self.shared.next_device.fetch_add(1, Ordering::Relaxed);
         let at_ms = crate::clock::now_ms();
         let record = Record::Device {
@@ -436,9 +467,7 @@ impl Runtime {
             events: Vec::new(),
             snapshots: Vec::new(),
         });
-        let appended = self.shared.journal.append(&record, effect).await;
-        self.shared.provisioning.lock().remove(id);
-        appended?;
+        self.shared.journal.append(&record, effect).await?;
         tracing::info!(
             device = id,
             plugin,
@@ -449,6 +478,26 @@ impl Runtime {
             .summary(id)
             .ok_or_else(|| Error::Internal("provisioned device missing from the index".into()))?;
         Ok((summary, true))
+    }
+
+    /// Waits (briefly) until no other provisioning of `id` is under way, and claims it.
+    async fn claim_provisioning(&self, id: &str) -> Result<ProvisionClaim, Error> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.shared.provisioning.lock().insert(id.to_string()) {
+                return Ok(ProvisionClaim {
+                    shared: self.shared.clone(),
+                    id: id.to_string(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Internal(format!(
+                    "device `{id}` has been being provisioned for 5 s"
+                )));
+            }
+            // The other provisioning finishes within one group commit.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// The stored description of device `id`, if provisioned.

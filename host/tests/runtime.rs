@@ -650,3 +650,87 @@ async fn past_the_live_instance_cap_the_least_recently_used_devices_are_passivat
     }
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_provisioning_of_one_id_creates_it_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 100).await;
+    for round in 0..5 {
+        let id = format!("race-{round}");
+        let mut tasks = Vec::new();
+        for k in 0..16 {
+            let rt = rt.clone();
+            let id = id.clone();
+            // Half ask for one config, half for another: exactly one config may win.
+            let config = json!({"setpoint": 20.0 + (k % 2) as f64});
+            tasks.push(tokio::spawn(async move {
+                rt.provision(&id, "thermostat", &config).await
+            }));
+        }
+        let mut created = 0;
+        let mut unchanged = 0;
+        let mut conflicts = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok((_, true)) => created += 1,
+                Ok((_, false)) => unchanged += 1,
+                Err(e) => {
+                    assert_eq!(e.code(), "device-conflict", "{e}");
+                    conflicts += 1;
+                }
+            }
+        }
+        assert_eq!(created, 1, "round {round}");
+        assert_eq!((unchanged, conflicts), (7, 8), "round {round}");
+        let index = rt.journal().index();
+        assert_eq!(index.devices.values().filter(|d| *d.id == *id).count(), 1);
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("bad", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    rt.provision("good", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    for event in [
+        r#"{"type":"loop"}"#,
+        r#"{"type":"panic"}"#,
+        r#"{"type":"loop"}"#,
+    ] {
+        let err = rt.send("bad", event).await.expect_err("fails");
+        assert!(matches!(err.code(), "timeout" | "trap"), "{err}");
+    }
+    // Three fatal failures in a row: the device now fails fast, without running its guest.
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let err = rt
+            .send("bad", r#"{"type":"loop"}"#)
+            .await
+            .expect_err("quarantined");
+        assert_eq!(err.code(), "quarantined", "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "quarantine ran the guest"
+    );
+    let err = rt.device("bad").await.expect_err("reads are refused too");
+    assert_eq!(err.code(), "quarantined");
+    // Its neighbour is unaffected, and nothing of the failures was written.
+    assert_eq!(
+        rt.send("good", r#"{"type":"ok"}"#).await.expect("ok").seq,
+        1
+    );
+    assert_eq!(rt.summary("bad").map(|d| d.seq), Some(0));
+    rt.shutdown().await;
+}

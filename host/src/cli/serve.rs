@@ -60,7 +60,7 @@ pub struct Tuning {
     #[arg(long, default_value_t = 1000)]
     pub snapshot_every: u64,
     /// Longest a guest call may run, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 250)]
     pub call_timeout_ms: u64,
     /// Largest accepted event, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
@@ -74,6 +74,11 @@ pub struct Tuning {
     /// Seconds to let open requests finish at shutdown.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Open a journal that is damaged in the middle (not just at its tail) by cutting it at
+    /// the first bad record. Everything after it is set aside in `journal.log.dropped-*`,
+    /// acknowledged events included: inspect before using this.
+    #[arg(long)]
+    pub salvage: bool,
 }
 
 impl Tuning {
@@ -100,7 +105,8 @@ impl Tuning {
             .idle_timeout(Duration::from_secs(self.idle_timeout_secs))
             .snapshot_every(self.snapshot_every)
             .call_timeout(Duration::from_millis(self.call_timeout_ms))
-            .max_event_bytes(self.max_event_bytes);
+            .max_event_bytes(self.max_event_bytes)
+            .salvage_journal(self.salvage);
         match plugins {
             Some(dir) => builder = builder.plugin_dir(dir),
             None => {

@@ -18,7 +18,7 @@
 //! | 429 | `mailbox-full` (with `Retry-After`) | slow down and retry |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
 //! | 501 | `not-implemented` | |
-//! | 503 | `shutting-down`, `journal` (write errors, with `Retry-After`) | retry later or elsewhere |
+//! | 503 | `shutting-down`, `journal` (write errors), `quarantined` (the plugin failed on this device repeatedly), all with `Retry-After` | retry later or elsewhere |
 //!
 //! A state asked for at a seq the device has not reached is 404 `seq-out-of-range`: the
 //! request is well formed, the record does not exist yet.
@@ -145,6 +145,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         | Error::Timeout(_)
         | Error::OutputTooLarge { .. }
         | Error::InvalidPlugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::Quarantined { .. } => StatusCode::SERVICE_UNAVAILABLE,
         Error::MailboxFull => StatusCode::TOO_MANY_REQUESTS,
         Error::Journal(JournalError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Journal(JournalError::Read { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -167,8 +168,13 @@ pub fn message_of(e: &Error) -> String {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = status_of(&e);
-        let retry_after = match status {
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Some(1),
+        let retry_after = match (&e, status) {
+            (Error::Quarantined { retry_in_ms, .. }, _) => Some(
+                u32::try_from(retry_in_ms.div_ceil(1000))
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            ),
+            (_, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => Some(1),
             _ => None,
         };
         ApiError {

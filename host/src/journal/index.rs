@@ -106,6 +106,8 @@ pub enum Inconsistency {
     },
     #[error("plugin version id {0} recorded twice")]
     DuplicateVersion(u32),
+    #[error("device `{id}` provisioned again under another number ({num})")]
+    DuplicateDevice { id: String, num: u32 },
 }
 
 impl Index {
@@ -139,6 +141,12 @@ impl Index {
                 at_ms,
             } => {
                 self.check_version(*version)?;
+                if self.by_id.get(id.as_str()).is_some_and(|n| n != num) {
+                    return Err(Inconsistency::DuplicateDevice {
+                        id: id.clone(),
+                        num: *num,
+                    });
+                }
                 IndexEffect::Device(DeviceInfo {
                     num: *num,
                     id: Arc::from(id.as_str()),

@@ -145,6 +145,17 @@ impl Journal {
     /// Opens (or creates) the journal in `dir`, recovering its index and cutting any torn or
     /// corrupt tail (see the module docs).
     pub fn open(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
+        Journal::open_with(dir, false)
+    }
+
+    /// Like [`Journal::open`], but also opens a journal damaged *before* its tail, by cutting
+    /// it at the first bad record. The records after it were acknowledged once; they are
+    /// set aside in `journal.log.dropped-<offset>`, not applied.
+    pub fn open_salvaging(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
+        Journal::open_with(dir, true)
+    }
+
+    fn open_with(dir: &Path, salvage: bool) -> Result<(Journal, Recovery), std::io::Error> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let existed = path.exists();
@@ -158,7 +169,7 @@ impl Journal {
             file.sync_all()?;
             File::open(dir)?.sync_all()?;
         }
-        let (index, recovery) = recover(&file, &path, true)?;
+        let (index, recovery) = recover(&file, &path, Cut::Tail { salvage })?;
         let reader = File::open(&path)?;
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
@@ -193,7 +204,7 @@ impl Journal {
     pub fn open_read_only(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
         let path = dir.join(FILE_NAME);
         let file = File::open(&path)?;
-        let (index, recovery) = recover(&file, &path, false)?;
+        let (index, recovery) = recover(&file, &path, Cut::Never)?;
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
             stats: Stats::default(),
@@ -371,7 +382,22 @@ impl Journal {
 }
 
 /// Scans `file` from the start, building the index; cuts a bad tail (see module docs).
-fn recover(file: &File, path: &Path, cut: bool) -> Result<(Index, Recovery), std::io::Error> {
+/// What recovery may do to a bad tail.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// Report it only (read-only opens).
+    Never,
+    /// Cut it if it can be a torn write: no longer than the largest batch a crash can tear.
+    /// Damage further from the end is refused unless `salvage`.
+    Tail { salvage: bool },
+}
+
+/// The most bytes a crash can leave half-written at the end of the file: one batch, whose
+/// last record may exceed the batch limit by up to one record.
+const MAX_TORN_BYTES: u64 =
+    (writer::MAX_BATCH_BYTES + record::MAX_BODY_LEN + record::HEADER_LEN) as u64;
+
+fn recover(file: &File, path: &Path, cut: Cut) -> Result<(Index, Recovery), std::io::Error> {
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut index = Index::default();
@@ -412,7 +438,22 @@ fn recover(file: &File, path: &Path, cut: bool) -> Result<(Index, Recovery), std
     };
     recovery.valid_len = offset;
     index.durable_len = offset;
-    if let Some((reason, torn)) = bad.clone().filter(|_| !cut) {
+    let dropped = file_len - offset;
+    if let (Some((reason, _)), Cut::Tail { salvage: false }) = (&bad, cut)
+        && dropped > MAX_TORN_BYTES
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: bad record at offset {offset} ({reason}) with {dropped} bytes after it: \
+                 that is damage, not a torn write, and the records after it were \
+                 acknowledged. Refusing to open; inspect the file, or open with salvage \
+                 (`drover serve --salvage`) to cut it there and set the rest aside",
+                path.display()
+            ),
+        ));
+    }
+    if let Some((reason, torn)) = bad.clone().filter(|_| matches!(cut, Cut::Never)) {
         recovery.dropped = Some(DroppedTail {
             offset,
             bytes: file_len - offset,
@@ -422,11 +463,11 @@ fn recover(file: &File, path: &Path, cut: bool) -> Result<(Index, Recovery), std
         });
     } else if let Some((reason, torn)) = bad {
         let saved_to = path.with_file_name(format!("{FILE_NAME}.dropped-{offset}"));
-        let dropped = file_len - offset;
-        let mut tail = vec![0u8; usize::try_from(dropped).unwrap_or(usize::MAX)];
-        file.read_exact_at(&mut tail, offset)?;
-        let saved = File::create(&saved_to)?;
-        saved.write_all_at(&tail, 0)?;
+        // Streamed, so a large salvage does not need the tail in memory.
+        let mut saved = File::create(&saved_to)?;
+        let mut source = file.try_clone()?;
+        std::io::Seek::seek(&mut source, std::io::SeekFrom::Start(offset))?;
+        std::io::copy(&mut source, &mut saved)?;
         saved.sync_all()?;
         file.set_len(offset)?;
         file.sync_all()?;

@@ -309,3 +309,54 @@ async fn read_only_open_reports_a_bad_tail_but_leaves_the_file_alone() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), len - 1);
 }
+
+#[tokio::test]
+async fn damage_far_from_the_tail_is_refused_unless_salvaging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    let first_event = journal.index().device("a").expect("device").events[0];
+    journal.close();
+    drop(journal);
+
+    // Flip a byte in seq 1, then put more than any torn write could leave after it: valid
+    // records for seqs 4.. that were (as far as anyone knows) acknowledged.
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[first_event as usize + record::HEADER_LEN + 2] ^= 0x01;
+    let payload = vec![b'x'; 60 * 1024];
+    let mut seq = 4;
+    while (bytes.len() as u64) < first_event + MAX_TORN_BYTES + 1024 {
+        let mut event = br#"{"pad":""#.to_vec();
+        event.extend_from_slice(&payload);
+        event.extend_from_slice(br#""}"#);
+        Record::Event(EventRecord {
+            device: 0,
+            seq,
+            at_ms: seq,
+            version: 0,
+            event,
+            transitions: vec![],
+        })
+        .encode_into(&mut bytes);
+        seq += 1;
+    }
+    std::fs::write(&path, &bytes).expect("write");
+
+    let err = Journal::open(dir.path()).err().expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("Refusing to open"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        bytes.len() as u64,
+        "untouched"
+    );
+
+    let (journal, recovery) = Journal::open_salvaging(dir.path()).expect("salvage");
+    let dropped = recovery.dropped.expect("reported");
+    assert_eq!(dropped.offset, first_event);
+    assert_eq!(
+        std::fs::metadata(&dropped.saved_to).expect("saved").len(),
+        bytes.len() as u64 - first_event
+    );
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(0));
+}

@@ -186,7 +186,11 @@ fn commit(
                     if let Some(done) = done.take() {
                         done(Err(err));
                     }
-                    *fence = None;
+                    // The device's in-memory state includes this record: its actor must
+                    // rebuild before it answers anything else.
+                    if let Some((f, g)) = fence.take() {
+                        f.fail(g);
+                    }
                     bytes.clear();
                     offsets.push(u64::MAX);
                 }
@@ -231,6 +235,8 @@ fn commit(
                             done(Ok(()));
                         }
                     }
+                    // A read-only journal makes no promise about what is durable.
+                    Entry::Barrier(done) if broken => done(Err(JournalError::ReadOnly)),
                     Entry::Barrier(done) => done(Ok(())),
                 }
             }
@@ -243,7 +249,17 @@ fn commit(
                 .and_then(|()| file.sync_all())
                 .is_ok();
             if !restored {
-                tracing::error!("journal could not be cut back to its durable length: read-only");
+                // The failed batch may still be on disk with valid checksums; blank the first
+                // header so recovery stops there instead of resurrecting records whose
+                // senders were told they failed.
+                let blanked = file
+                    .write_all_at(&[0u8; super::record::HEADER_LEN], *durable_len)
+                    .and_then(|()| file.sync_data())
+                    .is_ok();
+                tracing::error!(
+                    blanked,
+                    "journal could not be cut back to its durable length: read-only"
+                );
                 shared.broken.store(true, Ordering::Release);
             }
             for entry in batch.drain(..) {
