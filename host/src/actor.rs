@@ -574,21 +574,7 @@ impl Actor {
             Err(e) => Err(e),
         };
         match result {
-            // The state may include events still on their way to disk: answer once they are
-            // durable, so a read never shows what a crash could take back, and not at all if
-            // one of them failed to commit (the fence says so).
-            Ok(snapshot) => {
-                let durable = self.durability_check();
-                self.shared
-                    .journal
-                    .submit(Entry::Barrier(Box::new(move |r| {
-                        let _ = reply.send(
-                            r.and_then(|()| durable())
-                                .map(|()| snapshot)
-                                .map_err(Error::from),
-                        );
-                    })))
-            }
+            Ok(snapshot) => self.reply_when_durable(snapshot, reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -597,18 +583,28 @@ impl Actor {
 }
 
 impl Actor {
-    /// Run after a read's barrier: fails if any record of this incarnation failed to commit,
-    /// since the state being answered then includes it.
-    fn durability_check(&self) -> impl FnOnce() -> Result<(), JournalError> + Send + 'static {
+    /// Answers a read once everything this actor submitted before it is durable. The state
+    /// read may include events still on their way to disk: a read must never show what a crash
+    /// could take back, nor anything of an event whose commit failed (the fence says so).
+    fn reply_when_durable<T: Send + 'static>(
+        &self,
+        value: T,
+        reply: oneshot::Sender<Result<T, Error>>,
+    ) {
         let fence = self.fence.clone();
         let generation = self.generation;
-        move || {
-            if fence.is_failed(generation) {
-                Err(JournalError::Fenced)
-            } else {
-                Ok(())
-            }
-        }
+        self.shared
+            .journal
+            .submit(Entry::Barrier(Box::new(move |r| {
+                let r = r.and_then(|()| {
+                    if fence.is_failed(generation) {
+                        Err(JournalError::Fenced)
+                    } else {
+                        Ok(())
+                    }
+                });
+                let _ = reply.send(r.map(|()| value).map_err(Error::from));
+            })));
     }
 
     async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
@@ -623,16 +619,7 @@ impl Actor {
         match live.instance.snapshot() {
             Ok(bytes) => {
                 let seq = live.seq;
-                let durable = self.durability_check();
-                self.shared
-                    .journal
-                    .submit(Entry::Barrier(Box::new(move |r| {
-                        let _ = reply.send(
-                            r.and_then(|()| durable())
-                                .map(|()| (seq, bytes))
-                                .map_err(Error::from),
-                        );
-                    })));
+                self.reply_when_durable((seq, bytes), reply);
             }
             Err(e) => {
                 if e.is_fatal() {

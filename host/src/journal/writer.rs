@@ -105,7 +105,14 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
     let mut batch: Vec<Entry> = Vec::new();
     let mut offsets: Vec<u64> = Vec::new();
     let mut last_records = 0usize;
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Once closing, drain what is queued without waiting, then stop.
+        let first = if shared.closing.load(Ordering::Acquire) {
+            rx.try_recv().ok()
+        } else {
+            rx.recv().ok()
+        };
+        let Some(first) = first else { break };
         if last_records >= COMMIT_DELAY_MIN_BATCH {
             // Sustained load: let the next batch grow a little before paying for an fsync.
             // Fewer, larger commits cost the kernel less CPU per record, and that CPU is the
@@ -135,23 +142,6 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
             &shared,
         );
         batch.clear();
-        if shared.closing.load(Ordering::Acquire) {
-            // Drain what is already queued, then stop.
-            let rest: Vec<Entry> = rx.try_iter().collect();
-            if !rest.is_empty() {
-                batch.extend(rest);
-                commit(
-                    &mut file,
-                    &mut durable_len,
-                    &mut buf,
-                    &mut offsets,
-                    &mut batch,
-                    &shared,
-                );
-                batch.clear();
-            }
-            break;
-        }
     }
     tracing::debug!(durable_len, "journal writer stopped");
 }
