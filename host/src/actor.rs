@@ -274,16 +274,25 @@ impl Actor {
                         Message::Query { reply } => self.on_query(reply).await,
                         Message::Export { reply } => self.on_export(reply).await,
                     }
-                    if sleep.is_elapsed() && self.live.is_some() {
+                    if sleep.is_elapsed() {
                         sleep.as_mut().reset(last_activity + idle);
                     }
                 }
-                () = &mut sleep, if self.live.is_some() => {
+                () = &mut sleep => {
+                    let now = tokio::time::Instant::now();
                     let deadline = last_activity + idle;
-                    if tokio::time::Instant::now() >= deadline {
-                        self.passivate();
-                    } else {
+                    if now < deadline {
                         sleep.as_mut().reset(deadline);
+                    } else if self.live.is_some() {
+                        self.passivate();
+                        sleep.as_mut().reset(now + idle);
+                    } else if self.quarantine.is_none() && self.shared.retire(&self.head.id, &rx) {
+                        // Idle for two periods: the task and mailbox go too, so a fleet of
+                        // millions costs memory only for the devices that are in use. The
+                        // next message starts a new actor.
+                        break;
+                    } else {
+                        sleep.as_mut().reset(now + idle);
                     }
                 }
             }
@@ -328,8 +337,8 @@ impl Actor {
     }
 
     /// Drops the instance after snapshotting what the last snapshot does not cover. The task
-    /// and its mailbox stay (a few hundred bytes); the next message reactivates the device
-    /// from snapshot + tail.
+    /// and its mailbox stay for one more idle period (then they are retired too); the next
+    /// message reactivates the device from snapshot + tail.
     fn passivate(&mut self) {
         if self.live.as_ref().is_some_and(|l| l.since_snapshot > 0) {
             self.snapshot();

@@ -243,6 +243,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Removes an idle actor from the router, if nobody can still send to it: its mailbox is
+    /// empty and the router holds the only sender. Both are checked under the router's write
+    /// lock, which is where every new sender is cloned, so no message can slip in afterwards.
+    pub(crate) fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool {
+        let mut actors = self.actors.write();
+        if !rx.is_empty() || rx.sender_strong_count() > 1 {
+            return false;
+        }
+        actors.remove(id).is_some()
+    }
+
     /// Asks the least recently used live actors to passivate until the live count is 10%
     /// under the cap (the margin keeps a busy runtime from sweeping on every activation).
     pub(crate) fn evict_lru(self: &Arc<Self>) {
@@ -657,7 +668,7 @@ impl Runtime {
         .map_err(|e| Error::Internal(format!("replay task: {e}")))?
     }
 
-    /// Number of devices with a live actor.
+    /// Number of devices with an actor (a task and mailbox; its instance may be passivated).
     pub fn live_actors(&self) -> usize {
         self.shared.actors.read().len()
     }

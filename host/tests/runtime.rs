@@ -608,6 +608,26 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
     );
     assert_eq!(rt.metrics().activations.load(Relaxed), activations + 1);
     assert_eq!(rt.metrics().live_instances.load(Relaxed), 1);
+
+    // After a second idle period the actors themselves (task + mailbox) are retired, and a
+    // later message starts a fresh one that continues where the device left off.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rt.live_actors() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle actors were never retired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ack = rt
+        .send("p2", r#"{"type":"ok"}"#)
+        .await
+        .expect("a new actor");
+    assert_eq!(
+        (ack.seq, parse(&ack.transitions[0])["count"].clone()),
+        (4, json!(4))
+    );
+    assert_eq!(rt.live_actors(), 1);
     rt.shutdown().await;
 }
 
