@@ -7,7 +7,8 @@
 //! `fdatasync`, ack. The data directory lives under `target/` (a real disk, not tmpfs).
 //!
 //! Options (environment): `DROVER_BENCH_EVENTS` (per size, default 1,000,000),
-//! `DROVER_BENCH_SIZES` (default `1000,10000`), `DROVER_BENCH_INFLIGHT` (default 4096).
+//! `DROVER_BENCH_SIZES` (default `1000,10000`), `DROVER_BENCH_INFLIGHT` (default 4096),
+//! `DROVER_BENCH_WARMUP` (events per device before measuring, default 5).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,12 +78,13 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     // Warm up: a few events per device, so that every instance is active and has touched
     // the guest memory pages it keeps using (the first write to a page is a copy-on-write
     // fault with a TLB shootdown); the measurement is then the steady state.
+    let warmup = env_or("DROVER_BENCH_WARMUP", 5);
     let mut warm = tokio::task::JoinSet::new();
     for chunk in ids.chunks(devices.div_ceil(64)) {
         let rt = rt.clone();
         let chunk = chunk.to_vec();
         warm.spawn(async move {
-            for round in 0..5 {
+            for round in 0..warmup {
                 for id in &chunk {
                     let event =
                         format!(r#"{{"type":"reading","celsius":{}}}"#, 19.0 + round as f64);
