@@ -604,8 +604,31 @@ impl Runtime {
         let head = DeviceHead::load(&self.shared.journal, id)?;
         let from = from.max(1);
         let limit = limit.clamp(1, 1000) as u64;
-        let to = from.saturating_add(limit - 1).min(head.seq);
-        let records = self.shared.journal.read_events(head.num, from, to)?;
+        let last = from.saturating_add(limit - 1).min(head.seq);
+        // A page also stops at ~4 MiB of records, so one request cannot pull a thousand
+        // megabyte-sized records into memory; `next` continues where it stopped.
+        const PAGE_BYTES: usize = 4 * 1024 * 1024;
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        let mut to = from.saturating_sub(1);
+        while to < last && bytes < PAGE_BYTES {
+            let chunk_end = (to + 64).min(last);
+            let chunk = self
+                .shared
+                .journal
+                .read_events(head.num, to + 1, chunk_end)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for r in chunk {
+                bytes += r.event.len() + r.transitions.iter().map(Vec::len).sum::<usize>();
+                to = r.seq;
+                records.push(r);
+                if bytes >= PAGE_BYTES {
+                    break;
+                }
+            }
+        }
         let versions: Vec<(String, u32)> = self
             .shared
             .journal

@@ -754,3 +754,34 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     assert_eq!(rt.summary("bad").map(|d| d.seq), Some(0));
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_page_stops_at_a_few_megabytes_and_continues_from_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 1000).await;
+    rt.provision("big", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    for _ in 0..8 {
+        rt.send("big", r#"{"type":"big","kb":900}"#)
+            .await
+            .expect("900 KiB transition");
+    }
+    let first = rt.journal_page("big", 1, 1000).expect("page");
+    assert!(
+        first.records.len() < 8,
+        "{} records in one page",
+        first.records.len()
+    );
+    let next = first.next.expect("more to read");
+    assert_eq!(next, first.records.len() as u64 + 1);
+    let mut seqs: Vec<u64> = first.records.iter().map(|r| r.seq).collect();
+    let mut from = Some(next);
+    while let Some(f) = from {
+        let page = rt.journal_page("big", f, 1000).expect("page");
+        seqs.extend(page.records.iter().map(|r| r.seq));
+        from = page.next;
+    }
+    assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
+    rt.shutdown().await;
+}
