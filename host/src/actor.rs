@@ -257,7 +257,9 @@ impl Actor {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     last_activity = tokio::time::Instant::now();
-                    self.activity.last_used_ms.store(clock::mono_ms(), Ordering::Relaxed);
+                    self.activity
+                        .last_used_ms
+                        .store(clock::mono_ms(last_activity.into_std()), Ordering::Relaxed);
                     if !matches!(msg, Message::Passivate)
                         && let Some(e) = self.quarantined()
                     {

@@ -24,11 +24,10 @@ pub fn seed(device: &str, seq: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Milliseconds since this process first asked: a cheap monotonic clock for recency.
-pub fn mono_ms() -> u64 {
+/// `at` as milliseconds since this process first asked: a cheap monotonic scale for recency
+/// that reuses an instant the caller already read.
+pub fn mono_ms(at: std::time::Instant) -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
+    at.saturating_duration_since(*START.get_or_init(std::time::Instant::now))
         .as_millis() as u64
 }

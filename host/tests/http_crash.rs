@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use support::{Api, Server, cli, poll_until};
+use support::{Api, Rng, Server, cli, poll_until};
 
 const ROUNDS: usize = 3;
 const SINGLE_CLIENTS: usize = 3;
@@ -38,19 +38,6 @@ fn all_devices() -> Vec<String> {
 
 fn event(nonce: &str, n: usize) -> Value {
     json!({"type": "reading", "celsius": 15.0 + (n % 100) as f64 / 10.0, "nonce": nonce})
-}
-
-/// A small xorshift generator seeded from the clock; the seed is printed so a failing run
-/// can be understood.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Starts the load: single-event clients on their own devices and a shared one, plus a

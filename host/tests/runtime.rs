@@ -8,6 +8,9 @@ use drover::journal::Journal;
 use drover::replay::{self, DeviceHead, Start};
 use drover::{Error, Runtime};
 use serde_json::{Value, json};
+use support::Rng;
+
+mod support;
 
 const PLUGINS: &str = drover::embedded::TEST_PLUGIN_DIR;
 
@@ -28,21 +31,6 @@ fn parse(text: &str) -> Value {
 
 async fn state(rt: &Runtime, id: &str) -> Value {
     parse(&rt.device(id).await.expect("device reads").state)
-}
-
-/// A small deterministic PRNG so the mixed workload is the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn thermostat_event(rng: &mut Rng) -> String {

@@ -156,7 +156,7 @@ fn enqueue<'a>(
             results.push(Some(Err(e)));
             continue;
         }
-        let mut send: SendFuture<'a> = Box::pin(app.rt.send(device, item.event.get()));
+        let mut send: SendFuture<'a> = Box::pin(app.rt.send_json(device, item.event));
         // The first poll puts the event into the mailbox (or fails fast): in request order.
         // Polling with a no-op waker is fine: `join_all` polls again with a real one.
         match send.as_mut().poll(&mut cx) {
