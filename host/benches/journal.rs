@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use drover::journal::{
-    DeviceInfo, Entry, Fence, IndexEffect, Journal, Record, VersionInfo, record,
-};
+use drover::journal::{Journal, JournalOptions, VersionInfo};
 use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -45,50 +43,32 @@ async fn main() -> anyhow::Result<()> {
     }
     fsync_us.sort_by(f64::total_cmp);
 
-    let (journal, _) = Journal::open(&root)?;
-    let v = VersionInfo {
-        id: 0,
-        plugin: "p".into(),
-        number: 1,
-        digest: [0; 32],
-        at_ms: 0,
-    };
+    let journal = Journal::open(
+        &root,
+        &JournalOptions {
+            commit_delay: drover::config::defaults::COMMIT_DELAY,
+            ..JournalOptions::default()
+        },
+    )?;
     journal
-        .append(
-            &Record::Version {
-                id: 0,
-                plugin: "p".into(),
-                number: 1,
-                digest: [0; 32],
-                at_ms: 0,
-            },
-            IndexEffect::Version(v),
-        )
-        .await?;
-    for num in 0..DEVICES {
-        let id = format!("dev-{num:05}");
-        let rec = Record::Device {
-            num,
-            id: id.clone(),
-            version: 0,
-            config: b"{}".to_vec(),
+        .record_version(&VersionInfo {
+            id: 0,
+            plugin: "p".into(),
+            number: 1,
+            digest: [0; 32],
             at_ms: 0,
-        };
-        let info = DeviceInfo {
-            num,
-            id: Arc::from(id.as_str()),
-            version: 0,
-            config: Arc::from(&b"{}"[..]),
-            created_at_ms: 0,
-            events: Vec::new(),
-            snapshots: Vec::new(),
-        };
-        journal.append(&rec, IndexEffect::Device(info)).await?;
+        })
+        .await?;
+    let mut writers = Vec::new();
+    for num in 0..DEVICES {
+        let head = journal
+            .record_device(&format!("dev-{num:05}"), 0, b"{}", 0)
+            .await?;
+        writers.push(journal.device_writer(head.num, IN_FLIGHT));
     }
 
-    let event = br#"{"type":"reading","celsius":21.5}"#;
-    let t1 = br#"{"type":"temperature_recorded","celsius":21.5,"at_ms":1764000000000}"#;
-    let fence = Arc::new(Fence::default());
+    let event = r#"{"type":"reading","celsius":21.5}"#;
+    let t1 = r#"{"type":"temperature_recorded","celsius":21.5,"at_ms":1764000000000}"#;
     let window = Arc::new(Semaphore::new(IN_FLIGHT));
     let (lat_tx, mut lat_rx) = mpsc::unbounded_channel::<u64>();
     let bytes_before = journal.durable_len();
@@ -97,32 +77,23 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     for n in 0..records {
         let permit = window.clone().acquire_owned().await?;
-        let device = (n % u64::from(DEVICES)) as u32;
-        seqs[device as usize] += 1;
-        let seq = seqs[device as usize];
-        let mut bytes = Vec::with_capacity(160);
-        record::encode_event(
-            &mut bytes,
-            device,
-            seq,
+        let device = (n % u64::from(DEVICES)) as usize;
+        seqs[device] += 1;
+        let submitted = Instant::now();
+        let lat_tx = lat_tx.clone();
+        writers[device].append_event(
+            seqs[device],
             1_764_000_000_000 + n,
             0,
             event,
-            [&t1[..]].into_iter(),
-        );
-        let submitted = Instant::now();
-        let lat_tx = lat_tx.clone();
-        journal.submit(Entry::Append {
-            bytes,
-            effect: IndexEffect::Event { device, seq },
-            fence: Some((fence.clone(), 1)),
-            done: Some(Box::new(move |r| {
+            vec![t1.to_string()],
+            move |r, _| {
                 drop(permit);
                 if r.is_ok() {
                     let _ = lat_tx.send(submitted.elapsed().as_micros() as u64);
                 }
-            })),
-        });
+            },
+        );
     }
     journal.barrier().await?;
     let elapsed = start.elapsed();

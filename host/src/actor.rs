@@ -11,9 +11,15 @@
 //! group-commit writer and moves on to its next message. The writer acknowledges records in
 //! submission order once they are durable, so a device's acks still leave in seq order and
 //! only after durability. At most [`ActorConfig::max_in_flight`] records per device may be
-//! waiting for the disk; past that the actor stops taking messages, its mailbox fills, and
-//! senders get [`Error::MailboxFull`]: backpressure reaches the client instead of memory
-//! growing.
+//! waiting for the disk (the journal's [`DeviceWriter`] counts them); past that the actor stops
+//! taking messages, its mailbox fills, and senders get [`Error::MailboxFull`]: backpressure
+//! reaches the client instead of memory growing.
+//!
+//! # What an actor is given
+//!
+//! An [`ActorEnv`] (journal, registry, metrics, limits) and a [`Directory`], the narrow view of
+//! the router it needs (retire an idle actor, report that the live-instance cap is exceeded).
+//! It knows nothing else of the runtime.
 //!
 //! # When things break
 //!
@@ -25,51 +31,41 @@
 //! * A commit fails: the writer fails every unacknowledged record of this device and fences
 //!   its generation; the actor notices before its next message and rebuilds from the journal.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock;
+pub use crate::config::ActorConfig;
+use crate::decide::{self, Failed};
 use crate::engine::{EventContext, Instance};
 use crate::error::Error;
-use crate::journal::{Entry, Fence, IndexEffect, JournalError, Record, record};
-use crate::replay::{self, DeviceHead, Start};
-use crate::runtime::Shared;
+use crate::journal::{DeviceHead, DeviceWriter, Journal, JournalError};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::replay::{self, Start};
+use crate::view::{Committed, DeviceState, DeviceStatus};
 
-/// Per-actor limits, taken from the runtime builder.
-#[derive(Debug, Clone)]
-pub struct ActorConfig {
-    /// Messages that may wait in a device's mailbox.
-    pub mailbox: usize,
-    /// Records per device that may be waiting for the disk.
-    pub max_in_flight: usize,
-    /// Take a snapshot after this many transitions since the last one (0: never).
-    pub snapshot_every: u64,
-    /// Largest total size of the transitions one event may produce.
-    pub max_output_bytes: usize,
-    /// An actor with no message for this long drops its instance (passivation).
-    pub idle_timeout: std::time::Duration,
-    /// Past this many live instances, the least recently used are passivated.
-    pub max_live: usize,
+/// Everything an actor uses, shared by all actors of a runtime.
+pub struct ActorEnv {
+    pub journal: Journal,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub config: ActorConfig,
+    /// The router, seen through what actors may ask of it. Weak: the router owns the actors.
+    pub directory: Weak<dyn Directory>,
 }
 
-/// An event that is durable: what the sender gets back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Committed {
-    pub seq: u64,
-    pub at_ms: u64,
-    /// The transitions, each one JSON document.
-    pub transitions: Vec<String>,
-}
-
-/// The state of a device as of a durable seq.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub seq: u64,
-    /// The guest's `query` answer (JSON text).
-    pub state: String,
+/// What an actor may ask of the router that owns it.
+pub trait Directory: Send + Sync {
+    /// Removes the idle actor of `id` from the router if nobody can still send to it (its
+    /// mailbox `rx` is empty and the router holds the only sender). Returns whether it did:
+    /// then the actor's task ends.
+    fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
+    /// The count of live instances went over the cap: passivate the least recently used.
+    fn over_capacity(&self);
 }
 
 /// A message in an actor's mailbox.
@@ -79,8 +75,9 @@ pub enum Message {
         accepted: Instant,
         reply: oneshot::Sender<Result<Committed, Error>>,
     },
+    /// The durable state and the lifecycle status as the read found it.
     Query {
-        reply: oneshot::Sender<Result<Snapshot, Error>>,
+        reply: oneshot::Sender<Result<(DeviceState, DeviceStatus), Error>>,
     },
     /// The guest's snapshot bytes of the current durable state, with its seq.
     Export {
@@ -91,14 +88,16 @@ pub enum Message {
     Passivate,
 }
 
-/// What the runtime can see of an actor without asking it: for least-recently-used
-/// passivation when the live-instance cap is reached.
+/// What the router can see of an actor without asking it: for least-recently-used
+/// passivation and for the status of a device.
 #[derive(Debug, Default)]
 pub struct Activity {
     /// When the actor last took a message, in ms of [`crate::clock::mono_ms`].
     pub last_used_ms: AtomicU64,
     /// Whether it holds an instance.
     pub live: AtomicBool,
+    /// Whether it sits out a quarantine.
+    pub quarantined: AtomicBool,
 }
 
 /// The sending side of a live actor, and its task.
@@ -119,19 +118,20 @@ impl ActorHandle {
 }
 
 /// Starts the actor for `head` and returns its handle.
-pub(crate) fn spawn(shared: Arc<Shared>, head: DeviceHead) -> ActorHandle {
-    let (tx, rx) = mpsc::channel(shared.actor.mailbox);
+pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead) -> ActorHandle {
+    let (tx, rx) = mpsc::channel(env.config.mailbox);
     let activity = Arc::new(Activity::default());
+    let writer = env
+        .journal
+        .device_writer(head.num, env.config.max_in_flight);
     let actor = Actor {
         activity: activity.clone(),
         failures: 0,
         quarantine: None,
-        in_flight: Arc::new(InFlight::default()),
-        shared,
+        writer,
+        env,
         head,
         live: None,
-        fence: Arc::new(Fence::default()),
-        generation: 0,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -143,49 +143,12 @@ struct Actor {
     activity: Arc<Activity>,
     /// Consecutive fatal guest failures (traps, timeouts, failed activations).
     failures: u32,
-    /// While set and in the future, messages fail fast without running the guest.
+    /// While set and in the future, events fail fast without running the guest.
     quarantine: Option<Quarantine>,
-    shared: Arc<Shared>,
+    env: Arc<ActorEnv>,
     head: DeviceHead,
     live: Option<Live>,
-    fence: Arc<Fence>,
-    generation: u64,
-    in_flight: Arc<InFlight>,
-}
-
-/// Records of one actor waiting for the disk. A counter plus a `Notify` that is only touched
-/// when the actor is at its limit: cheaper than a semaphore, whose release takes a lock on
-/// every acknowledgement.
-#[derive(Default)]
-struct InFlight {
-    count: std::sync::atomic::AtomicUsize,
-    freed: Notify,
-}
-
-impl InFlight {
-    /// Waits until fewer than `max` records are in flight, then counts one more.
-    async fn acquire(&self, max: usize) {
-        loop {
-            if self.count.load(Ordering::Acquire) < max {
-                break;
-            }
-            let freed = self.freed.notified();
-            if self.count.load(Ordering::Acquire) < max {
-                break;
-            }
-            freed.await;
-        }
-        // Only the actor increments, so the check above still holds.
-        self.count.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Called by the journal writer when a record is acknowledged (or failed).
-    fn release(&self, max: usize) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) >= max {
-            // `notify_one` keeps a permit if the actor is not waiting yet: no lost wakeup.
-            self.freed.notify_one();
-        }
-    }
+    writer: DeviceWriter,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -193,32 +156,30 @@ impl InFlight {
 /// timeout), which on a small machine is time taken from the whole fleet.
 const QUARANTINE_AFTER: u32 = 3;
 /// First quarantine; each further failure right after one doubles it, up to the maximum.
-const QUARANTINE_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
-const QUARANTINE_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+const QUARANTINE_FIRST: Duration = Duration::from_secs(5);
+const QUARANTINE_MAX: Duration = Duration::from_secs(300);
 
 /// A device sitting out a quarantine.
 struct Quarantine {
     until: Instant,
-    length: std::time::Duration,
+    length: Duration,
     last: String,
 }
 
 /// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
 /// every way an instance dies (passivation, trap, fenced commit) is counted.
-struct LiveToken(Arc<Shared>, Arc<Activity>);
+struct LiveToken(Arc<ActorEnv>, Arc<Activity>);
 
 impl LiveToken {
-    fn new(shared: &Arc<Shared>, activity: &Arc<Activity>) -> LiveToken {
-        let live = shared
-            .metrics
-            .live_instances
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
+    fn new(env: &Arc<ActorEnv>, activity: &Arc<Activity>) -> LiveToken {
+        let live = env.metrics.live_instances.fetch_add(1, Ordering::Relaxed) + 1;
         activity.live.store(true, Ordering::Relaxed);
-        if live > shared.actor.max_live as u64 {
-            shared.evict_lru();
+        if live > env.config.max_live as u64
+            && let Some(directory) = env.directory.upgrade()
+        {
+            directory.over_capacity();
         }
-        LiveToken(shared.clone(), activity.clone())
+        LiveToken(env.clone(), activity.clone())
     }
 }
 
@@ -245,7 +206,7 @@ struct Live {
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        let idle = self.shared.actor.idle_timeout;
+        let idle = self.env.config.idle_timeout;
         let mut last_activity = tokio::time::Instant::now();
         // One timer per actor, re-armed lazily: a message only records the time, and the timer
         // only looks at it when it fires. So the hot path never touches the timer wheel.
@@ -260,14 +221,13 @@ impl Actor {
                     self.activity
                         .last_used_ms
                         .store(clock::mono_ms(last_activity.into_std()), Ordering::Relaxed);
-                    if !matches!(msg, Message::Passivate)
-                        && let Some(e) = self.quarantined()
-                    {
-                        msg.refuse(e);
-                        continue;
-                    }
                     match msg {
                         Message::Passivate => self.passivate(),
+                        Message::Event { reply, .. } if self.quarantined().is_some() => {
+                            if let Some(e) = self.quarantined() {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
                         Message::Event {
                             event,
                             accepted,
@@ -288,7 +248,13 @@ impl Actor {
                     } else if self.live.is_some() {
                         self.passivate();
                         sleep.as_mut().reset(now + idle);
-                    } else if self.quarantine.is_none() && self.shared.retire(&self.head.id, &rx) {
+                    } else if self.quarantine.is_none()
+                        && self
+                            .env
+                            .directory
+                            .upgrade()
+                            .is_some_and(|d| d.retire(&self.head.id, &rx))
+                    {
                         // Idle for two periods: the task and mailbox go too, so a fleet of
                         // millions costs memory only for the devices that are in use. The
                         // next message starts a new actor.
@@ -303,7 +269,7 @@ impl Actor {
         self.passivate();
     }
 
-    /// The error to answer with while quarantined.
+    /// The error to answer events with while quarantined.
     fn quarantined(&self) -> Option<Error> {
         let q = self.quarantine.as_ref()?;
         let now = Instant::now();
@@ -312,6 +278,17 @@ impl Actor {
             last: q.last.clone(),
             retry_in_ms: (q.until - now).as_millis() as u64,
         })
+    }
+
+    /// The status a read reports.
+    fn status(&self) -> DeviceStatus {
+        if self.quarantined().is_some() {
+            DeviceStatus::Quarantined
+        } else if self.live.is_some() {
+            DeviceStatus::Active
+        } else {
+            DeviceStatus::Passivated
+        }
     }
 
     /// Counts a fatal guest failure; enough in a row start (or lengthen) a quarantine. A
@@ -335,6 +312,14 @@ impl Actor {
                 length,
                 last: e.to_string(),
             });
+            self.activity.quarantined.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn recovered(&mut self) {
+        self.failures = 0;
+        if self.quarantine.take().is_some() {
+            self.activity.quarantined.store(false, Ordering::Relaxed);
         }
     }
 
@@ -347,59 +332,60 @@ impl Actor {
         }
         if self.live.take().is_some() {
             tracing::debug!(device = %self.head.id, "passivated");
-            self.shared
+            self.env
                 .metrics
                 .passivations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Makes sure a consistent instance is live, rebuilding it from the journal if there is
-    /// none or the journal fenced the current one.
+    /// none or a commit of the current one failed.
     async fn ensure_live(&mut self) -> Result<(), Error> {
-        let fenced = self.generation > 0 && self.fence.is_failed(self.generation);
-        if fenced {
+        if self.live.is_some() && self.writer.is_fenced() {
             tracing::warn!(
                 device = %self.head.id,
                 "commit failed under this actor: rebuilding from the journal"
             );
             self.live = None;
         }
-        if self.live.is_none() {
-            // Records this actor already submitted must be durable (or failed) before the
-            // journal is read, or the rebuild would miss them.
-            self.shared.journal.barrier().await?;
-            self.generation = self.fence.next_generation();
-            self.head = DeviceHead::load(&self.shared.journal, &self.head.id)?;
-            let shared = self.shared.clone();
-            let head = self.head.clone();
-            // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
-            let rebuilt = replay::rebuild(
-                &shared.journal,
-                &shared.registry,
-                &head,
-                head.seq,
-                Start::Snapshot,
-            )?;
-            self.shared
-                .metrics
-                .activations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(
-                device = %self.head.id,
-                seq = rebuilt.seq,
-                snapshot = ?rebuilt.snapshot,
-                applied = rebuilt.applied,
-                "activated"
-            );
-            self.live = Some(Live {
-                _token: LiveToken::new(&self.shared, &self.activity),
-                instance: rebuilt.instance,
-                seq: rebuilt.seq,
-                last_at_ms: rebuilt.last_at_ms,
-                since_snapshot: rebuilt.applied,
-            });
+        if self.live.is_some() {
+            return Ok(());
         }
+        // Records this actor already submitted must be durable (or failed) before the journal
+        // is read, or the rebuild would miss them. Nothing in flight: no round trip.
+        if !self.writer.is_idle() {
+            self.env.journal.barrier().await?;
+        }
+        self.writer.next_generation();
+        self.head = self
+            .env
+            .journal
+            .device(&self.head.id)
+            .ok_or_else(|| Error::UnknownDevice(self.head.id.to_string()))?;
+        // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
+        let rebuilt = replay::rebuild(
+            &self.env.journal,
+            &self.env.registry,
+            &self.head,
+            self.head.seq,
+            Start::Snapshot,
+        )?;
+        self.env.metrics.activations.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            device = %self.head.id,
+            seq = rebuilt.seq,
+            snapshot = ?rebuilt.snapshot,
+            applied = rebuilt.applied,
+            "activated"
+        );
+        self.live = Some(Live {
+            _token: LiveToken::new(&self.env, &self.activity),
+            instance: rebuilt.instance,
+            seq: rebuilt.seq,
+            last_at_ms: rebuilt.last_at_ms,
+            since_snapshot: rebuilt.applied,
+        });
         Ok(())
     }
 
@@ -409,14 +395,11 @@ impl Actor {
         accepted: Instant,
         reply: oneshot::Sender<Result<Committed, Error>>,
     ) {
-        let max_in_flight = self.shared.actor.max_in_flight;
-        self.in_flight.acquire(max_in_flight).await;
-        let permit = InFlightPermit(self.in_flight.clone(), max_in_flight);
+        self.writer.room().await;
         if let Err(e) = self.ensure_live().await {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
             }
-            self.shared.metrics.error(e.code());
             let _ = reply.send(Err(e));
             return;
         }
@@ -432,81 +415,57 @@ impl Actor {
             at_ms,
             seed: clock::seed(&self.head.id, seq),
         };
-        let outcome = decide(live, &ctx, &event, self.shared.actor.max_output_bytes);
-        let transitions = match outcome {
+        let max_output = self.env.config.max_output_bytes;
+        let transitions = match decide::decide(&mut live.instance, &ctx, &event, max_output) {
             Ok(t) => t,
-            Err((e, fatal)) => {
-                if fatal {
-                    self.record_failure(&e);
+            Err(Failed {
+                error,
+                instance_lost,
+            }) => {
+                if instance_lost {
+                    self.record_failure(&error);
                     tracing::warn!(
                         device = %self.head.id,
                         seq,
-                        error = %e,
+                        error = %error,
                         "guest failed: discarding the instance"
                     );
                     self.live = None;
                 }
-                self.shared.metrics.error(e.code());
-                let _ = reply.send(Err(e));
+                let _ = reply.send(Err(error));
                 return;
             }
         };
-
-        // A success ends any failure streak (fields, not a method: `live` is borrowed).
-        self.failures = 0;
-        self.quarantine = None;
-        let mut bytes = Vec::with_capacity(
-            64 + event.len() + transitions.iter().map(String::len).sum::<usize>(),
-        );
-        record::encode_event(
-            &mut bytes,
-            self.head.num,
-            seq,
-            at_ms,
-            self.head.version,
-            event.as_bytes(),
-            transitions.iter().map(String::as_bytes),
-        );
         let count = transitions.len() as u64;
         live.seq = seq;
         live.last_at_ms = at_ms;
         live.since_snapshot += count;
-        let take_snapshot = self.shared.actor.snapshot_every > 0
-            && live.since_snapshot >= self.shared.actor.snapshot_every;
+        let take_snapshot = self.env.config.snapshot_every > 0
+            && live.since_snapshot >= self.env.config.snapshot_every;
+        self.recovered();
 
-        let metrics = self.shared.clone();
-        self.shared.journal.submit(Entry::Append {
-            bytes,
-            effect: IndexEffect::Event {
-                device: self.head.num,
-                seq,
-            },
-            fence: Some((self.fence.clone(), self.generation)),
-            done: Some(Box::new(move |r: Result<(), JournalError>| {
-                drop(permit);
+        let env = self.env.clone();
+        self.writer.append_event(
+            seq,
+            at_ms,
+            self.head.version,
+            &event,
+            transitions,
+            move |r: Result<(), JournalError>, transitions| {
                 let answer = match r {
                     Ok(()) => {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        metrics.metrics.events_committed.fetch_add(1, Relaxed);
-                        metrics
-                            .metrics
-                            .transitions_committed
-                            .fetch_add(count, Relaxed);
-                        metrics.metrics.latency(accepted.elapsed());
+                        env.metrics.committed(count, accepted.elapsed());
                         Ok(Committed {
                             seq,
                             at_ms,
                             transitions,
                         })
                     }
-                    Err(e) => {
-                        metrics.metrics.error("journal");
-                        Err(Error::Journal(e))
-                    }
+                    Err(e) => Err(Error::Journal(e)),
                 };
                 let _ = reply.send(answer);
-            })),
-        });
+            },
+        );
 
         if take_snapshot {
             self.snapshot();
@@ -520,38 +479,24 @@ impl Actor {
             return;
         };
         match live.instance.snapshot() {
-            Ok(data) if data.len() > record::MAX_BODY_LEN - 64 => {
-                // Would not fit a journal record; the device just replays a longer tail.
-                tracing::warn!(
-                    device = %self.head.id,
-                    bytes = data.len(),
-                    "snapshot too large for the journal; not written"
-                );
-            }
             Ok(data) => {
-                live.since_snapshot = 0;
-                let mut bytes = Vec::with_capacity(data.len() + 32);
-                Record::Snapshot {
-                    device: self.head.num,
-                    seq: live.seq,
-                    version: self.head.version,
-                    data,
+                let bytes = data.len();
+                match self
+                    .writer
+                    .append_snapshot(live.seq, self.head.version, data)
+                {
+                    Ok(()) => {
+                        live.since_snapshot = 0;
+                        self.env.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Would not fit a journal record; the device just replays a longer tail.
+                    Err(e) => tracing::warn!(
+                        device = %self.head.id,
+                        bytes,
+                        error = %e,
+                        "snapshot not written"
+                    ),
                 }
-                .encode_into(&mut bytes);
-                self.shared
-                    .metrics
-                    .snapshots
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.shared.journal.submit(Entry::Append {
-                    bytes,
-                    effect: IndexEffect::Snapshot {
-                        device: self.head.num,
-                        seq: live.seq,
-                        version: self.head.version,
-                    },
-                    fence: Some((self.fence.clone(), self.generation)),
-                    done: None,
-                });
             }
             Err(e) => {
                 tracing::warn!(
@@ -566,7 +511,15 @@ impl Actor {
         }
     }
 
-    async fn on_query(&mut self, reply: oneshot::Sender<Result<Snapshot, Error>>) {
+    /// Answers a read with the durable state. A read does not change the lifecycle: a
+    /// passivated device is activated for the read and passivated again right after, so a
+    /// dashboard polling every device neither fills the live-instance cap nor evicts the
+    /// devices that are busy.
+    async fn on_query(
+        &mut self,
+        reply: oneshot::Sender<Result<(DeviceState, DeviceStatus), Error>>,
+    ) {
+        let status = self.status();
         let result = match self.ensure_live().await {
             Ok(()) => match self
                 .live
@@ -574,7 +527,7 @@ impl Actor {
                 .map(|live| (live.seq, live.instance.query()))
             {
                 None => Err(Error::Internal("no live instance".into())),
-                Some((seq, Ok(state))) => Ok(Snapshot { seq, state }),
+                Some((seq, Ok(state))) => Ok((DeviceState { seq, state }, status)),
                 Some((_, Err(e))) => {
                     if e.is_fatal() {
                         self.live = None;
@@ -584,38 +537,32 @@ impl Actor {
             },
             Err(e) => Err(e),
         };
+        if status != DeviceStatus::Active {
+            self.passivate();
+        }
         match result {
-            Ok(snapshot) => self.reply_when_durable(snapshot, reply),
+            Ok(answer) => self.reply_when_durable(answer, reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
         }
     }
-}
 
-impl Actor {
     /// Answers a read once everything this actor submitted before it is durable. The state
     /// read may include events still on their way to disk: a read must never show what a crash
-    /// could take back, nor anything of an event whose commit failed (the fence says so).
+    /// could take back, nor anything of an event whose commit failed.
     fn reply_when_durable<T: Send + 'static>(
         &self,
         value: T,
         reply: oneshot::Sender<Result<T, Error>>,
     ) {
-        let fence = self.fence.clone();
-        let generation = self.generation;
-        self.shared
-            .journal
-            .submit(Entry::Barrier(Box::new(move |r| {
-                let r = r.and_then(|()| {
-                    if fence.is_failed(generation) {
-                        Err(JournalError::Fenced)
-                    } else {
-                        Ok(())
-                    }
-                });
-                let _ = reply.send(r.map(|()| value).map_err(Error::from));
-            })));
+        if self.writer.is_idle() && !self.writer.is_fenced() {
+            let _ = reply.send(Ok(value));
+            return;
+        }
+        self.writer.when_durable(Box::new(move |r| {
+            let _ = reply.send(r.map(|()| value).map_err(Error::from));
+        }));
     }
 
     async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
@@ -640,62 +587,4 @@ impl Actor {
             }
         }
     }
-}
-
-impl Message {
-    /// Answers the message with `e` without handling it.
-    fn refuse(self, e: Error) {
-        match self {
-            Message::Event { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
-            Message::Query { reply } => {
-                let _ = reply.send(Err(e));
-            }
-            Message::Export { reply } => {
-                let _ = reply.send(Err(e));
-            }
-            Message::Passivate => {}
-        }
-    }
-}
-
-/// One counted in-flight record; releases on drop, whichever way the event ends.
-struct InFlightPermit(Arc<InFlight>, usize);
-
-impl Drop for InFlightPermit {
-    fn drop(&mut self) {
-        self.0.release(self.1);
-    }
-}
-
-/// Runs `handle` and then `apply` for each transition. The error's flag says whether the
-/// instance must be discarded.
-fn decide(
-    live: &mut Live,
-    ctx: &EventContext,
-    event: &str,
-    max_output: usize,
-) -> Result<Vec<String>, (Error, bool)> {
-    let transitions = live
-        .instance
-        .handle(ctx, event)
-        .map_err(|e| (e.is_fatal(), Error::from(e)))
-        .map_err(|(f, e)| (e, f))?;
-    let size: usize = transitions.iter().map(String::len).sum();
-    if size > max_output {
-        // `handle` must not change state, so the instance is still consistent.
-        return Err((
-            Error::OutputTooLarge {
-                size,
-                limit: max_output,
-            },
-            false,
-        ));
-    }
-    for t in &transitions {
-        // A failed apply leaves the state half-changed: always fatal.
-        live.instance.apply(t).map_err(|e| (Error::from(e), true))?;
-    }
-    Ok(transitions)
 }

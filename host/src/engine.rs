@@ -32,6 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker};
+
+pub use crate::config::EngineConfig;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
 
 mod bindings {
@@ -47,28 +49,6 @@ use bindings::{Device, DevicePre};
 
 /// The version of the WIT package this host implements.
 pub const WIT_PACKAGE: &str = "drover:device@0.1.0";
-
-/// Engine settings. Precompiled artifacts are only valid for the settings they were built
-/// with; wasmtime checks this when loading them.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    /// Longest a single guest call may run before it is interrupted.
-    pub call_timeout: Duration,
-    /// Cap on one instance's linear memory.
-    pub max_memory: usize,
-    /// Granularity of the deadline clock. Smaller is more precise and costs a wakeup each tick.
-    pub epoch_tick: Duration,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            call_timeout: Duration::from_millis(250),
-            max_memory: 64 * 1024 * 1024,
-            epoch_tick: Duration::from_millis(10),
-        }
-    }
-}
 
 /// Why a guest call did not return normally.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,6 +8,7 @@ use crate::journal::JournalError;
 
 /// Why a runtime operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("unknown device `{0}`")]
     UnknownDevice(String),
@@ -56,30 +57,84 @@ pub enum Error {
     Internal(String),
 }
 
+/// Declares [`ErrorKind`] from one list, so [`ErrorKind::ALL`] holds every variant by
+/// construction: the metrics count each kind and the HTTP layer maps each to a status, and a
+/// new kind cannot be forgotten by either.
+macro_rules! error_kinds {
+    ($($(#[$doc:meta])* $variant:ident => $code:literal,)*) => {
+        /// The kind of an [`Error`], without its details: what metrics count and clients
+        /// branch on.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorKind {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorKind {
+            /// Every kind, in declaration order (`ALL[k as usize] == k`).
+            pub const ALL: &'static [ErrorKind] = &[$(ErrorKind::$variant,)*];
+
+            /// The short stable word used in the HTTP error shape and the metrics labels.
+            pub fn code(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+error_kinds! {
+    UnknownDevice => "unknown-device",
+    UnknownPlugin => "unknown-plugin",
+    InvalidId => "invalid-id",
+    DeviceConflict => "device-conflict",
+    MalformedEvent => "malformed-event",
+    MalformedConfig => "malformed-config",
+    PayloadTooLarge => "payload-too-large",
+    Rejected => "rejected",
+    Trap => "trap",
+    Timeout => "timeout",
+    OutputTooLarge => "output-too-large",
+    MailboxFull => "mailbox-full",
+    Quarantined => "quarantined",
+    InvalidPlugin => "invalid-plugin",
+    SeqOutOfRange => "seq-out-of-range",
+    Journal => "journal",
+    ActivationFailed => "activation-failed",
+    ShuttingDown => "shutting-down",
+    Internal => "internal",
+}
+
 impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::UnknownDevice(_) => ErrorKind::UnknownDevice,
+            Error::UnknownPlugin(_) => ErrorKind::UnknownPlugin,
+            Error::InvalidId(_) => ErrorKind::InvalidId,
+            Error::DeviceConflict { .. } => ErrorKind::DeviceConflict,
+            Error::MalformedEvent(_) => ErrorKind::MalformedEvent,
+            Error::MalformedConfig(_) => ErrorKind::MalformedConfig,
+            Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
+            Error::Rejected { .. } => ErrorKind::Rejected,
+            Error::Trap(_) => ErrorKind::Trap,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
+            Error::MailboxFull => ErrorKind::MailboxFull,
+            Error::Quarantined { .. } => ErrorKind::Quarantined,
+            Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
+            Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
+            Error::Journal(_) => ErrorKind::Journal,
+            Error::Activation(_) => ErrorKind::ActivationFailed,
+            Error::ShuttingDown => ErrorKind::ShuttingDown,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
     /// A short stable word naming the kind of error, as used in the HTTP error shape.
     pub fn code(&self) -> &'static str {
-        match self {
-            Error::UnknownDevice(_) => "unknown-device",
-            Error::UnknownPlugin(_) => "unknown-plugin",
-            Error::InvalidId(_) => "invalid-id",
-            Error::DeviceConflict { .. } => "device-conflict",
-            Error::MalformedEvent(_) => "malformed-event",
-            Error::MalformedConfig(_) => "malformed-config",
-            Error::PayloadTooLarge { .. } => "payload-too-large",
-            Error::Rejected { .. } => "rejected",
-            Error::Trap(_) => "trap",
-            Error::Timeout(_) => "timeout",
-            Error::OutputTooLarge { .. } => "output-too-large",
-            Error::MailboxFull => "mailbox-full",
-            Error::Quarantined { .. } => "quarantined",
-            Error::InvalidPlugin(_) => "invalid-plugin",
-            Error::SeqOutOfRange { .. } => "seq-out-of-range",
-            Error::Journal(_) => "journal",
-            Error::Activation(_) => "activation-failed",
-            Error::ShuttingDown => "shutting-down",
-            Error::Internal(_) => "internal",
-        }
+        self.kind().code()
     }
 }
 
@@ -129,6 +184,15 @@ pub fn validate_id(id: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_are_listed_in_order_with_distinct_codes() {
+        for (i, kind) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i);
+        }
+        let codes: std::collections::HashSet<_> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
+        assert_eq!(codes.len(), ErrorKind::ALL.len());
+    }
 
     #[test]
     fn ids_refuse_path_tricks_and_control_characters() {

@@ -18,8 +18,11 @@
 //! * [`sim`]: the fleet simulator that drives a server over HTTP.
 
 pub mod actor;
+mod builder;
 pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod decide;
 pub mod embedded;
 pub mod engine;
 pub mod error;
@@ -28,10 +31,16 @@ pub mod journal;
 pub mod metrics;
 pub mod registry;
 pub mod replay;
+pub mod router;
 pub mod runtime;
 pub mod sim;
+pub mod view;
 
-pub use actor::{Committed, Snapshot};
-pub use error::Error;
+pub use builder::RuntimeBuilder;
+pub use config::Config;
+pub use error::{Error, ErrorKind};
 pub use registry::PluginVersion;
-pub use runtime::{DeviceSummary, DeviceView, JournalEntry, JournalPage, Runtime, RuntimeBuilder};
+pub use runtime::Runtime;
+pub use view::{
+    Committed, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry, JournalPage,
+};

@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::error::ErrorKind;
+
 /// Upper bounds of the latency buckets, in microseconds.
 const BUCKETS_US: [u64; 14] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
@@ -23,49 +25,30 @@ pub struct Metrics {
     pub passivations: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
-    errors: [AtomicU64; ERROR_CODES.len()],
+    errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS_US.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
 }
 
-/// The error codes counted by kind (see [`crate::Error::code`]).
-const ERROR_CODES: [&str; 19] = [
-    "unknown-device",
-    "unknown-plugin",
-    "invalid-id",
-    "device-conflict",
-    "malformed-event",
-    "malformed-config",
-    "payload-too-large",
-    "rejected",
-    "trap",
-    "timeout",
-    "output-too-large",
-    "mailbox-full",
-    "quarantined",
-    "invalid-plugin",
-    "seq-out-of-range",
-    "journal",
-    "activation-failed",
-    "shutting-down",
-    "internal",
-];
-
 impl Metrics {
-    /// Counts one failed request by its error code.
-    pub fn error(&self, code: &str) {
-        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
-            self.errors[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// Counts one failed request by the kind of its error.
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Errors counted so far with `code`.
-    pub fn errors(&self, code: &str) -> u64 {
-        ERROR_CODES
-            .iter()
-            .position(|c| *c == code)
-            .map_or(0, |i| self.errors[i].load(Ordering::Relaxed))
+    /// Errors of `kind` counted so far.
+    pub fn errors(&self, kind: ErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts one durable event with `transitions` transitions, acknowledged `latency` after
+    /// it was accepted.
+    pub fn committed(&self, transitions: u64, latency: Duration) {
+        self.events_committed.fetch_add(1, Ordering::Relaxed);
+        self.transitions_committed
+            .fetch_add(transitions, Ordering::Relaxed);
+        self.latency(latency);
     }
 
     /// Records the latency of one committed event, from acceptance to acknowledgement.
@@ -124,10 +107,11 @@ impl Metrics {
             out,
             "# HELP drover_errors_total Failed requests by error code.\n# TYPE drover_errors_total counter"
         );
-        for (code, v) in ERROR_CODES.iter().zip(&self.errors) {
+        for (kind, v) in ErrorKind::ALL.iter().zip(&self.errors) {
             let _ = writeln!(
                 out,
-                "drover_errors_total{{code=\"{code}\"}} {}",
+                "drover_errors_total{{code=\"{}\"}} {}",
+                kind.code(),
                 v.load(Ordering::Relaxed)
             );
         }
@@ -169,11 +153,12 @@ mod tests {
     #[test]
     fn every_error_code_is_counted() {
         let m = Metrics::default();
-        for code in ERROR_CODES {
-            m.error(code);
+        for kind in ErrorKind::ALL {
+            m.error(*kind);
         }
         let text = m.render(&[("drover_live_actors", "Live actors.", 3)]);
-        for code in ERROR_CODES {
+        for kind in ErrorKind::ALL {
+            let code = kind.code();
             assert!(
                 text.contains(&format!("drover_errors_total{{code=\"{code}\"}} 1")),
                 "{code}"

@@ -13,14 +13,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{CompiledPlugin, Engine};
 use crate::error::{Error, validate_id};
-use crate::journal::{IndexEffect, Journal, Record, VersionInfo};
+use crate::journal::{Journal, VersionInfo};
 
 /// A plugin version as shown to users.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -42,24 +41,50 @@ impl PluginVersion {
     }
 }
 
+/// The registry's table: every version by journal-local id, and the current version of each
+/// plugin.
+#[derive(Debug, Default)]
+struct Table {
+    /// `versions[id]` is the version with that id: ids are dense from 0.
+    versions: Vec<VersionInfo>,
+    /// Plugin name → id of its current version (for now the newest registered).
+    current: HashMap<String, u32>,
+}
+
+impl Table {
+    fn add(&mut self, v: VersionInfo) {
+        self.current.insert(v.plugin.clone(), v.id);
+        self.versions.push(v);
+    }
+}
+
 /// See the module docs.
 pub struct Registry {
     engine: Engine,
     journal: Journal,
     dir: PathBuf,
+    table: parking_lot::RwLock<Table>,
     compiled: Mutex<HashMap<u32, CompiledPlugin>>,
     /// Serializes registrations so version ids and numbers are allocated without races.
     registering: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
-    pub fn new(engine: Engine, journal: Journal, data_dir: &Path) -> std::io::Result<Registry> {
+    /// Opens the registry of the data directory `data_dir`, whose journal is `journal`.
+    pub fn open(engine: Engine, journal: Journal, data_dir: &Path) -> std::io::Result<Registry> {
         let dir = data_dir.join("plugins");
-        std::fs::create_dir_all(&dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let mut table = Table::default();
+        for v in journal.versions() {
+            table.add(v);
+        }
         Ok(Registry {
             engine,
             journal,
             dir,
+            table: parking_lot::RwLock::new(table),
             compiled: Mutex::new(HashMap::new()),
             registering: tokio::sync::Mutex::new(()),
         })
@@ -76,13 +101,13 @@ impl Registry {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let _guard = self.registering.lock().await;
         let (id, number) = {
-            let index = self.journal.index();
-            let latest = index.versions.iter().rev().find(|v| v.plugin == name);
+            let table = self.table.read();
+            let latest = table.versions.iter().rev().find(|v| v.plugin == name);
             if let Some(v) = latest.filter(|v| v.digest == digest) {
                 return Ok((PluginVersion::from_info(v), false));
             }
             (
-                index.versions.len() as u32,
+                table.versions.len() as u32,
                 latest.map_or(1, |v| v.number + 1),
             )
         };
@@ -114,37 +139,30 @@ impl Registry {
             digest,
             at_ms: crate::clock::now_ms(),
         };
-        let record = Record::Version {
-            id,
-            plugin: info.plugin.clone(),
-            number,
-            digest,
-            at_ms: info.at_ms,
-        };
-        self.journal
-            .append(&record, IndexEffect::Version(info.clone()))
-            .await?;
+        self.journal.record_version(&info).await?;
         self.compiled.lock().insert(id, compiled);
+        self.table.write().add(info.clone());
         tracing::info!(plugin = name, version = number, digest = %hex::encode(digest), "plugin registered");
         Ok((PluginVersion::from_info(&info), true))
     }
 
-    /// The newest version of `name`.
-    pub fn latest(&self, name: &str) -> Option<VersionInfo> {
-        self.journal
-            .index()
-            .versions
-            .iter()
-            .rev()
-            .find(|v| v.plugin == name)
-            .cloned()
+    /// The current version of `name`: what new devices get.
+    pub fn current(&self, name: &str) -> Option<VersionInfo> {
+        let table = self.table.read();
+        let id = *table.current.get(name)?;
+        table.versions.get(id as usize).cloned()
     }
 
-    /// Every plugin with all its versions, oldest first.
+    /// The version with journal-local id `id`.
+    pub fn version(&self, id: u32) -> Option<VersionInfo> {
+        self.table.read().versions.get(id as usize).cloned()
+    }
+
+    /// Every plugin with all its versions, oldest first, by name.
     pub fn list(&self) -> Vec<(String, Vec<PluginVersion>)> {
-        let index = self.journal.index();
+        let table = self.table.read();
         let mut out: Vec<(String, Vec<PluginVersion>)> = Vec::new();
-        for v in &index.versions {
+        for v in &table.versions {
             match out.iter_mut().find(|(n, _)| *n == v.plugin) {
                 Some((_, versions)) => versions.push(PluginVersion::from_info(v)),
                 None => out.push((v.plugin.clone(), vec![PluginVersion::from_info(v)])),
@@ -154,10 +172,10 @@ impl Registry {
         out
     }
 
-    /// Public description of the version with journal id `id`.
+    /// Public description of the version with journal-local id `id`.
     pub fn describe(&self, id: u32) -> Option<PluginVersion> {
-        self.journal
-            .index()
+        self.table
+            .read()
             .versions
             .get(id as usize)
             .map(PluginVersion::from_info)
@@ -170,10 +188,7 @@ impl Registry {
             return Ok(c.clone());
         }
         let digest = self
-            .journal
-            .index()
-            .versions
-            .get(id as usize)
+            .version(id)
             .map(|v| hex::encode(v.digest))
             .ok_or_else(|| Error::Internal(format!("plugin version id {id} is not recorded")))?;
         let cwasm = self.dir.join(format!("{digest}.cwasm"));
@@ -226,6 +241,3 @@ fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
-
-/// The registry as an `Arc`, the way the runtime shares it.
-pub type SharedRegistry = Arc<Registry>;

@@ -6,46 +6,18 @@
 //! order. Transitions are applied as recorded; `handle` is never called, so replay has no side
 //! effects and needs no clock.
 
-use std::sync::Arc;
+use std::path::Path;
 
-use crate::engine::Instance;
+use crate::config::EngineConfig;
+use crate::decide;
+use crate::engine::{Engine, Instance};
 use crate::error::Error;
-use crate::journal::{Journal, SnapshotRef};
+use crate::journal::{DeviceHead, Journal};
 use crate::registry::Registry;
+use crate::view::DeviceState;
 
 /// How many event records are read from the journal per step of a replay.
 const CHUNK: u64 = 1024;
-
-/// What a rebuild needs to know about a device, copied out of the index so the index lock
-/// is not held while the guest runs.
-#[derive(Debug, Clone)]
-pub struct DeviceHead {
-    pub num: u32,
-    pub id: Arc<str>,
-    pub version: u32,
-    pub config: Arc<[u8]>,
-    /// Latest durable seq.
-    pub seq: u64,
-    pub created_at_ms: u64,
-}
-
-impl DeviceHead {
-    /// The device `id` as the journal knows it now.
-    pub fn load(journal: &Journal, id: &str) -> Result<DeviceHead, Error> {
-        let index = journal.index();
-        let d = index
-            .device(id)
-            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
-        Ok(DeviceHead {
-            num: d.num,
-            id: d.id.clone(),
-            version: d.version,
-            config: d.config.clone(),
-            seq: d.seq(),
-            created_at_ms: d.created_at_ms,
-        })
-    }
-}
 
 /// Where to start a rebuild from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,13 +54,9 @@ pub fn rebuild(
     let compiled = registry.compiled(device.version)?;
     let activation = |e: crate::engine::CallError| Error::Activation(e.to_string());
 
-    let snapshot: Option<SnapshotRef> = match start {
+    let snapshot = match start {
         Start::Genesis => None,
-        Start::Snapshot => journal
-            .index()
-            .devices
-            .get(&device.num)
-            .and_then(|d| d.snapshot_at(upto, device.version)),
+        Start::Snapshot => journal.snapshot_at(device.num, upto, device.version),
     };
 
     let mut restored = None;
@@ -97,7 +65,7 @@ pub fn rebuild(
             .instantiate(device.id.clone())
             .map_err(activation)?;
         let outcome = journal
-            .read_snapshot(snap.offset)
+            .read_snapshot(snap)
             .map_err(Error::from)
             .and_then(|data| instance.restore(&data).map_err(Error::from));
         match outcome {
@@ -129,15 +97,16 @@ pub fn rebuild(
     while next <= upto {
         let to = (next + CHUNK - 1).min(upto);
         for record in journal.read_events(device.num, next, to)? {
-            for t in &record.transitions {
-                let t = std::str::from_utf8(t).map_err(|_| {
+            let transitions = record
+                .transitions
+                .iter()
+                .map(|t| std::str::from_utf8(t))
+                .collect::<Result<Vec<&str>, _>>()
+                .map_err(|_| {
                     Error::Activation(format!("seq {}: transition is not UTF-8", record.seq))
                 })?;
-                instance
-                    .apply(t)
-                    .map_err(|e| Error::Activation(format!("replaying seq {}: {e}", record.seq)))?;
-                applied += 1;
-            }
+            applied += decide::fold(&mut instance, transitions)
+                .map_err(|e| Error::Activation(format!("replaying seq {}: {e}", record.seq)))?;
             last_at_ms = record.at_ms;
         }
         next = to + 1;
@@ -164,21 +133,27 @@ fn restored_seq(from: u64) -> Option<u64> {
 /// Rebuilds device `id` from the journal in `data_dir` without a running server (and without
 /// disturbing one: the journal is opened read-only). Returns the seq and the guest's `query`
 /// answer. `to` defaults to the latest seq.
+///
+/// The engine gets the settings the server recorded in the data directory (call timeout,
+/// memory cap; see [`EngineConfig::load`]), so a device that the server can run never times
+/// out here.
 pub fn offline(
-    data_dir: &std::path::Path,
+    data_dir: &Path,
     id: &str,
     to: Option<u64>,
     start: Start,
-) -> anyhow::Result<crate::actor::Snapshot> {
+) -> anyhow::Result<DeviceState> {
     use anyhow::Context as _;
-    let (journal, recovery) = Journal::open_read_only(data_dir)
+    let journal = Journal::open_read_only(data_dir)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
-    if let Some(d) = &recovery.dropped {
+    if let Some(d) = &journal.recovery().dropped {
         tracing::warn!(offset = d.offset, reason = %d.reason, "journal has a bad tail; it is ignored");
     }
-    let engine = crate::engine::Engine::new(crate::engine::EngineConfig::default())?;
-    let registry = Registry::new(engine, journal.clone(), data_dir)?;
-    let head = DeviceHead::load(&journal, id)?;
+    let engine = Engine::new(EngineConfig::load(data_dir)?)?;
+    let registry = Registry::open(engine, journal.clone(), data_dir)?;
+    let head = journal
+        .device(id)
+        .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
     let upto = match to {
         Some(seq) if seq > head.seq => {
             return Err(Error::SeqOutOfRange {
@@ -192,7 +167,7 @@ pub fn offline(
     };
     let mut rebuilt = rebuild(&journal, &registry, &head, upto, start)?;
     let state = rebuilt.instance.query()?;
-    Ok(crate::actor::Snapshot {
+    Ok(DeviceState {
         seq: rebuilt.seq,
         state,
     })

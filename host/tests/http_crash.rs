@@ -225,7 +225,8 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
 
         // What a restart will find: at most a torn tail (a write cut short), never a corrupt
         // record.
-        let (_, recovery) = drover::journal::Journal::open_read_only(&data).expect("journal opens");
+        let journal = drover::journal::Journal::open_read_only(&data).expect("journal opens");
+        let recovery = journal.recovery();
         if let Some(d) = &recovery.dropped {
             assert!(d.torn, "only a torn tail may be dropped, found {d:?}");
             eprintln!(
@@ -252,7 +253,8 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
     for t in threads {
         acked.extend(t.join().expect("client thread"));
     }
-    let (_, recovery) = drover::journal::Journal::open_read_only(&data).expect("journal opens");
+    let journal = drover::journal::Journal::open_read_only(&data).expect("journal opens");
+    let recovery = journal.recovery();
     assert!(
         recovery.dropped.is_none(),
         "a graceful stop leaves no torn tail"

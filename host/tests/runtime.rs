@@ -4,9 +4,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use drover::journal::Journal;
-use drover::replay::{self, DeviceHead, Start};
-use drover::{Error, Runtime};
+use std::sync::Arc;
+
+use drover::journal::{FaultyBackend, FileBackend, Journal};
+use drover::replay::{self, Start};
+use drover::{DeviceStatus, Error, ErrorKind, Runtime};
 use serde_json::{Value, json};
 use support::Rng;
 
@@ -228,11 +230,11 @@ async fn live_state_equals_full_replay_snapshot_replay_and_offline_replay_for_10
     let mut with_snapshot = 0;
     for id in &ids {
         let (seq, state, bytes) = &live[id];
-        let head = DeviceHead::load(rt.journal(), id).expect("head");
+        let head = rt.journal().device(id).expect("head");
         assert_eq!(head.seq, *seq);
         let registry_view = rt.state_at(id, *seq).await.expect("state_at");
         assert_eq!(parse(&registry_view.state), *state, "{id}: state_at");
-        with_snapshot += u64::from(!rt.journal().index().devices[&head.num].snapshots.is_empty());
+        with_snapshot += u64::from(!rt.journal().snapshots(head.num).is_empty());
         let _ = bytes;
     }
     assert!(
@@ -242,13 +244,13 @@ async fn live_state_equals_full_replay_snapshot_replay_and_offline_replay_for_10
     rt.shutdown().await;
 
     // Offline, from the files alone: genesis replay, snapshot + tail, and `drover replay`'s path.
-    let (journal, _) = Journal::open_read_only(dir.path()).expect("journal");
+    let journal = Journal::open_read_only(dir.path()).expect("journal");
     let engine = drover::engine::Engine::new(Default::default()).expect("engine");
     let registry =
-        drover::registry::Registry::new(engine, journal.clone(), dir.path()).expect("registry");
+        drover::registry::Registry::open(engine, journal.clone(), dir.path()).expect("registry");
     for id in &ids {
         let (seq, state, bytes) = &live[id];
-        let head = DeviceHead::load(&journal, id).expect("head");
+        let head = journal.device(id).expect("head");
         for start in [Start::Genesis, Start::Snapshot] {
             let mut rebuilt =
                 replay::rebuild(&journal, &registry, &head, *seq, start).expect("rebuild");
@@ -416,7 +418,8 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         .expect_err("not a component");
     assert_eq!(err.code(), "invalid-plugin");
     assert!(rt.plugins().iter().all(|(n, _)| n != "broken"));
-    assert!(rt.metrics().errors("trap") >= 3);
+    assert!(rt.metrics().errors(ErrorKind::Trap) >= 3);
+    assert!(rt.metrics().errors(ErrorKind::InvalidPlugin) >= 1);
     rt.shutdown().await;
 }
 
@@ -474,19 +477,35 @@ async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = open(dir.path(), 3).await;
+    // The journal's storage fails on command, as a full disk would.
+    let file = FileBackend::open(&dir.path().join(drover::journal::FILE_NAME)).expect("file");
+    let (storage, faults) = FaultyBackend::new(file);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .snapshot_every(3)
+        .journal_storage(Arc::new(storage))
+        .open()
+        .await
+        .expect("runtime opens");
     rt.provision("c", "misbehave", &json!({}))
         .await
         .expect("provision");
     for _ in 0..4 {
         rt.send("c", r#"{"type":"ok"}"#).await.expect("ok");
     }
-    rt.journal().inject_commit_failures(1);
+    faults
+        .with_kind(std::io::ErrorKind::StorageFull)
+        .fail_syncs(1);
     let err = rt
         .send("c", r#"{"type":"ok"}"#)
         .await
         .expect_err("commit fails");
     assert_eq!(err.code(), "journal");
+    match &err {
+        Error::Journal(j) => assert!(j.is_storage_full(), "a full disk is told apart: {j:?}"),
+        other => panic!("expected a journal error, got {other:?}"),
+    }
+    assert_eq!(rt.metrics().errors(ErrorKind::Journal), 1);
     let ack = rt
         .send("c", r#"{"type":"ok"}"#)
         .await
@@ -576,14 +595,8 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
         .barrier()
         .await
         .expect("snapshot records durable");
-    let num = rt.journal().index().device("p1").expect("p1").num;
-    assert_eq!(
-        rt.journal().index().devices[&num]
-            .snapshots
-            .last()
-            .map(|s| s.seq),
-        Some(3)
-    );
+    let num = rt.journal().device("p1").expect("p1").num;
+    assert_eq!(rt.journal().snapshots(num).last().map(|s| s.seq), Some(3));
 
     let activations = rt.metrics().activations.load(Relaxed);
     let ack = rt
@@ -690,8 +703,8 @@ async fn concurrent_provisioning_of_one_id_creates_it_exactly_once() {
         }
         assert_eq!(created, 1, "round {round}");
         assert_eq!((unchanged, conflicts), (7, 8), "round {round}");
-        let index = rt.journal().index();
-        assert_eq!(index.devices.values().filter(|d| *d.id == *id).count(), 1);
+        // One device record per id: a second one would have taken another device number.
+        assert_eq!(rt.journal().device_count(), round + 1);
     }
     rt.shutdown().await;
 }

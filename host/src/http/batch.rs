@@ -67,8 +67,8 @@ use super::devices::Ack;
 use super::error::{ApiError, message_of};
 use super::extract::Body;
 use super::json;
-use crate::actor::Committed;
 use crate::error::{Error, validate_id};
+use crate::view::Committed;
 
 /// Body of `POST /v1/events`.
 #[derive(Debug, Deserialize)]
@@ -152,7 +152,7 @@ fn enqueue<'a>(
         };
         if let Some(e) = refused {
             // Counted like the runtime counts the refusals it makes itself.
-            app.rt.metrics().error(e.code());
+            app.rt.metrics().error(e.kind());
             results.push(Some(Err(e)));
             continue;
         }

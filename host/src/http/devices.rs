@@ -9,9 +9,8 @@ use super::App;
 use super::error::ApiError;
 use super::extract::{Body, Id, QueryOf};
 use super::json::{self, Json};
-use crate::actor::Committed;
 use crate::error::Error;
-use crate::runtime::{DeviceSummary, JournalEntry};
+use crate::view::{Committed, DeviceStatus, DeviceSummary, JournalEntry};
 
 /// Body of `PUT /v1/devices/{id}`.
 #[derive(Debug, Deserialize)]
@@ -78,7 +77,8 @@ struct DeviceOut {
     plugin: String,
     version: u32,
     seq: u64,
-    status: &'static str,
+    /// `active`, `passivated` or `quarantined`, as the read found the device.
+    status: DeviceStatus,
     state: Json,
     config: serde_json::Value,
     created_at_ms: u64,
@@ -243,7 +243,7 @@ pub async fn state(
         Some(seq) => app.rt.state_at(&id, seq).await?,
         None => {
             let view = app.rt.device(&id).await?;
-            crate::actor::Snapshot {
+            crate::view::DeviceState {
                 seq: view.summary.seq,
                 state: view.state,
             }

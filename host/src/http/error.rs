@@ -27,7 +27,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::journal::JournalError;
 
 /// HTTP-level codes: requests refused before the runtime saw them.
@@ -132,25 +132,34 @@ pub struct ErrorDetail<'a> {
 /// The status an error of the runtime answers with (see the module docs).
 pub fn status_of(e: &Error) -> StatusCode {
     match e {
-        Error::UnknownDevice(_) | Error::UnknownPlugin(_) | Error::SeqOutOfRange { .. } => {
-            StatusCode::NOT_FOUND
-        }
-        Error::InvalidId(_) | Error::MalformedEvent(_) | Error::MalformedConfig(_) => {
-            StatusCode::BAD_REQUEST
-        }
-        Error::DeviceConflict { .. } => StatusCode::CONFLICT,
-        Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Error::Rejected { .. }
-        | Error::Trap(_)
-        | Error::Timeout(_)
-        | Error::OutputTooLarge { .. }
-        | Error::InvalidPlugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::Quarantined { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        Error::MailboxFull => StatusCode::TOO_MANY_REQUESTS,
         Error::Journal(JournalError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Journal(JournalError::Read { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-        Error::Journal(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Activation(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        other => status_of_kind(other.kind()),
+    }
+}
+
+/// The status of each kind of error; a journal error is 503 (a write that may succeed
+/// later) unless [`status_of`] knows better. Exhaustive, so a new kind needs a status.
+pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::UnknownDevice | ErrorKind::UnknownPlugin | ErrorKind::SeqOutOfRange => {
+            StatusCode::NOT_FOUND
+        }
+        ErrorKind::InvalidId | ErrorKind::MalformedEvent | ErrorKind::MalformedConfig => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorKind::DeviceConflict => StatusCode::CONFLICT,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Rejected
+        | ErrorKind::Trap
+        | ErrorKind::Timeout
+        | ErrorKind::OutputTooLarge
+        | ErrorKind::InvalidPlugin => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Quarantined | ErrorKind::Journal | ErrorKind::ShuttingDown => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::MailboxFull => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::ActivationFailed | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -240,7 +249,13 @@ mod tests {
                 404,
             ),
             (Error::ShuttingDown, 503),
-            (Error::Journal(JournalError::Commit("disk".into())), 503),
+            (
+                Error::Journal(JournalError::Commit {
+                    kind: std::io::ErrorKind::StorageFull,
+                    message: "disk".into(),
+                }),
+                503,
+            ),
         ];
         for (e, status) in cases {
             let api = ApiError::from(e.clone());
@@ -250,5 +265,24 @@ mod tests {
         let full = ApiError::from(Error::MailboxFull).into_response();
         assert_eq!(full.headers()[header::RETRY_AFTER], "1");
         assert!(message_of(&Error::Trap("x".into())).contains("plugin"));
+    }
+
+    #[test]
+    fn every_error_kind_has_an_error_status_and_a_metrics_counter() {
+        let metrics = crate::metrics::Metrics::default();
+        for kind in ErrorKind::ALL {
+            let status = status_of_kind(*kind);
+            assert!(
+                status.is_client_error() || status.is_server_error(),
+                "{kind:?} answers {status}"
+            );
+            metrics.error(*kind);
+            assert_eq!(metrics.errors(*kind), 1, "{kind:?}");
+        }
+        let text = metrics.render(&[]);
+        for kind in ErrorKind::ALL {
+            let line = format!("drover_errors_total{{code=\"{}\"}} 1", kind.code());
+            assert!(text.contains(&line), "{line}");
+        }
     }
 }

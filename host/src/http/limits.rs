@@ -5,6 +5,8 @@
 //! over its cap is refused with 413 `payload-too-large` before it is fully read, so a client
 //! cannot make the server hold an arbitrary amount of memory.
 
+use crate::config::defaults;
+
 /// See the module docs. Defaults suit a single server; `drover serve` flags override them.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -26,12 +28,12 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_event_bytes: 64 * 1024,
-            max_request_bytes: 1024 * 1024,
-            max_batch_bytes: 32 * 1024 * 1024,
-            max_batch_items: 10_000,
-            max_plugin_bytes: 64 * 1024 * 1024,
-            max_page: 1000,
+            max_event_bytes: defaults::MAX_EVENT_BYTES,
+            max_request_bytes: defaults::MAX_REQUEST_BYTES,
+            max_batch_bytes: defaults::MAX_BATCH_BYTES,
+            max_batch_items: defaults::MAX_BATCH_ITEMS,
+            max_plugin_bytes: defaults::MAX_PLUGIN_BYTES,
+            max_page: defaults::MAX_PAGE,
         }
     }
 }

@@ -26,34 +26,45 @@
 //! * A freshly created file is followed by an fsync of its directory, so the file itself
 //!   survives a crash.
 
-pub mod index;
-pub mod record;
+mod index;
+mod record;
+pub mod storage;
 mod writer;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use tokio::sync::Notify;
 
-pub use index::{DeviceInfo, Index, IndexEffect, SnapshotRef, VersionInfo};
-pub use record::{DecodeError, EventRecord, Record};
-pub use writer::{Done, Entry, Fence};
+use index::{DeviceInfo, Index, IndexEffect};
+pub use index::{SnapshotRef, VersionInfo};
+use record::{DecodeError, Record};
+pub use record::{EventRecord, FORMAT_VERSION};
+pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
+use writer::Entry;
+pub use writer::OnDurable;
 
 /// File name of the journal inside the data directory.
 pub const FILE_NAME: &str = "journal.log";
 
 /// Why a journal operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JournalError {
-    /// Writing or syncing a batch failed; nothing of the batch is durable.
-    #[error("journal commit failed: {0}")]
-    Commit(String),
+    /// Writing or syncing a batch failed; nothing of the batch is durable. `kind` is the
+    /// storage's own error kind: `StorageFull` is a full disk.
+    #[error("journal commit failed: {message}")]
+    Commit {
+        kind: std::io::ErrorKind,
+        message: String,
+    },
     /// An earlier record of the same device failed to commit, so this one was not written
     /// either (it would have left a hole in the device's seqs).
     #[error("an earlier record of this device failed to commit")]
@@ -70,6 +81,19 @@ pub enum JournalError {
     /// A record exceeds the size limit.
     #[error("record of {0} bytes exceeds the journal's limit")]
     TooLarge(usize),
+}
+
+impl JournalError {
+    /// Whether the failure is the storage being full (it clears when space returns).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Commit {
+                kind: std::io::ErrorKind::StorageFull,
+                ..
+            }
+        )
+    }
 }
 
 /// Counters about what the journal wrote.
@@ -92,6 +116,8 @@ pub struct Recovery {
     pub records: u64,
     /// Length of the valid prefix.
     pub valid_len: u64,
+    /// The file's format version (1: the header-less format of the first releases).
+    pub format: u32,
     /// The record that ended the valid prefix, if the file did not end cleanly.
     pub dropped: Option<DroppedTail>,
 }
@@ -107,25 +133,73 @@ pub struct DroppedTail {
     pub reason: String,
     /// Whether it was torn (a cut-short write) rather than corrupt.
     pub torn: bool,
-    /// Where the dropped bytes were saved.
-    pub saved_to: PathBuf,
+    /// Where the dropped bytes were saved (for a read-only open: the journal itself, which
+    /// still holds them; `None` for storage without a file system path).
+    pub saved_to: Option<PathBuf>,
+}
+
+/// How to open a journal.
+#[derive(Debug, Clone, Default)]
+pub struct JournalOptions {
+    /// Open a journal damaged before its tail by cutting it at the first bad record (the
+    /// records after it were acknowledged once; they are set aside, not applied).
+    pub salvage: bool,
+    /// How long the writer lets a batch grow once it is under load (see [`writer`]).
+    pub commit_delay: Duration,
+}
+
+/// What the journal knows of one device: enough to activate, replay or describe it, copied
+/// out so no lock is held while a guest runs.
+#[derive(Debug, Clone)]
+pub struct DeviceHead {
+    /// Dense, journal-local number that the device's records refer to.
+    pub num: u32,
+    pub id: Arc<str>,
+    /// The plugin version (journal-local id, see [`VersionInfo::id`]) the device runs.
+    pub version: u32,
+    /// JSON configuration given at provisioning.
+    pub config: Arc<[u8]>,
+    /// Latest durable seq (0: none yet).
+    pub seq: u64,
+    pub created_at_ms: u64,
+}
+
+impl DeviceHead {
+    fn of(d: &DeviceInfo) -> DeviceHead {
+        DeviceHead {
+            num: d.num,
+            id: d.id.clone(),
+            version: d.version,
+            config: d.config.clone(),
+            seq: d.seq(),
+            created_at_ms: d.created_at_ms,
+        }
+    }
 }
 
 /// The journal handle. Cheap to clone; the writer stops when the last clone is dropped or
 /// [`Journal::close`] is called.
+///
+/// The write side speaks the domain's terms ([`Journal::record_version`],
+/// [`Journal::record_device`], and a [`DeviceWriter`] per actor for events and snapshots);
+/// record encoding, the index and the writer thread are private. The read side
+/// ([`Journal::device`], [`Journal::read_events`], [`Journal::snapshot_at`], ...) only ever
+/// sees durable records, and works the same on a journal opened read-only beside a running
+/// server ([`Journal::open_read_only`]).
 #[derive(Clone)]
 pub struct Journal {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    path: PathBuf,
-    reader: File,
+    storage: Arc<dyn StorageBackend>,
     shared: Arc<writer::Shared>,
     /// `None` for a read-only journal. A plain `Sender` (it is `Sync`): submitting is one
     /// channel push, with no lock in front of it.
     tx: Option<Sender<Entry>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    next_device: AtomicU32,
+    recovery: Recovery,
 }
 
 impl Drop for Inner {
@@ -142,129 +216,139 @@ impl Drop for Inner {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal in `dir`, recovering its index and cutting any torn or
-    /// corrupt tail (see the module docs).
-    pub fn open(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
-        Journal::open_with(dir, false)
-    }
-
-    /// Like [`Journal::open`], but also opens a journal damaged *before* its tail, by cutting
-    /// it at the first bad record. The records after it were acknowledged once; they are
-    /// set aside in `journal.log.dropped-<offset>`, not applied.
-    pub fn open_salvaging(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
-        Journal::open_with(dir, true)
-    }
-
-    fn open_with(dir: &Path, salvage: bool) -> Result<(Journal, Recovery), std::io::Error> {
+    /// Opens (or creates) `journal.log` in `dir`, recovering its index and cutting any torn
+    /// or corrupt tail (see the module docs).
+    pub fn open(dir: &Path, options: &JournalOptions) -> std::io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(FILE_NAME);
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        if !existed {
-            file.sync_all()?;
-            File::open(dir)?.sync_all()?;
-        }
-        let (index, recovery) = recover(&file, &path, Cut::Tail { salvage })?;
-        let reader = File::open(&path)?;
+        let storage = FileBackend::open(&dir.join(FILE_NAME))?;
+        Journal::open_on(Arc::new(storage), options)
+    }
+
+    /// Opens a journal on any storage (a [`FaultyBackend`] in failure tests).
+    pub fn open_on(
+        storage: Arc<dyn StorageBackend>,
+        options: &JournalOptions,
+    ) -> std::io::Result<Journal> {
+        let cut = Cut::Tail {
+            salvage: options.salvage,
+        };
+        let (index, recovery) = recover(&*storage, cut)?;
+        let durable_len = recovery.valid_len;
+        let next_device = index.next_device_num();
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
             stats: Stats::default(),
             broken: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            inject_failures: AtomicU32::new(0),
         });
         let (tx, rx) = channel();
-        let writer_shared = shared.clone();
-        let durable_len = recovery.valid_len;
-        let handle = std::thread::Builder::new()
-            .name("drover-journal".into())
-            .spawn(move || writer::run(file, durable_len, rx, writer_shared))?;
-        Ok((
-            Journal {
-                inner: Arc::new(Inner {
-                    path,
-                    reader,
-                    shared,
-                    tx: Some(tx),
-                    writer: Mutex::new(Some(handle)),
-                }),
-            },
-            recovery,
-        ))
+        let handle = {
+            let shared = shared.clone();
+            let storage = storage.clone();
+            let delay = options.commit_delay;
+            std::thread::Builder::new()
+                .name("drover-journal".into())
+                .spawn(move || writer::run(&*storage, durable_len, delay, rx, shared))?
+        };
+        Ok(Journal {
+            inner: Arc::new(Inner {
+                storage,
+                shared,
+                tx: Some(tx),
+                writer: Mutex::new(Some(handle)),
+                next_device: AtomicU32::new(next_device),
+                recovery,
+            }),
+        })
     }
 
-    /// Opens the journal for reading only: no writer, no lock needed, and a bad tail is
-    /// reported but left on disk (the owner of the directory cuts it on its next open). For
-    /// offline tools such as `drover replay`, which may run beside a live server.
-    pub fn open_read_only(dir: &Path) -> Result<(Journal, Recovery), std::io::Error> {
-        let path = dir.join(FILE_NAME);
-        let file = File::open(&path)?;
-        let (index, recovery) = recover(&file, &path, Cut::Never)?;
+    /// Opens the journal in `dir` for reading only: no writer, no lock needed, and a bad tail
+    /// is reported but left on disk (the owner of the directory cuts it on its next open).
+    /// For offline tools such as `drover replay`, which may run beside a live server.
+    pub fn open_read_only(dir: &Path) -> std::io::Result<Journal> {
+        let storage = Arc::new(FileBackend::open_read_only(&dir.join(FILE_NAME))?);
+        let (index, recovery) = recover(&*storage, Cut::Never)?;
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
             stats: Stats::default(),
             broken: AtomicBool::new(true),
             closing: AtomicBool::new(true),
-            inject_failures: AtomicU32::new(0),
         });
-        Ok((
-            Journal {
-                inner: Arc::new(Inner {
-                    path,
-                    reader: file,
-                    shared,
-                    tx: None,
-                    writer: Mutex::new(None),
-                }),
-            },
-            recovery,
-        ))
+        Ok(Journal {
+            inner: Arc::new(Inner {
+                storage,
+                shared,
+                tx: None,
+                writer: Mutex::new(None),
+                next_device: AtomicU32::new(u32::MAX),
+                recovery,
+            }),
+        })
     }
 
-    /// Path of the journal file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// What opening the journal found.
+    pub fn recovery(&self) -> &Recovery {
+        &self.inner.recovery
     }
 
-    /// Queues an entry for the writer. Never blocks; the entry's completion reports the
-    /// outcome (immediately, with [`JournalError::Closed`], if the journal is closed).
-    pub fn submit(&self, entry: Entry) {
-        let entry = match &self.inner.tx {
-            Some(tx) => match tx.send(entry) {
-                Ok(()) => return,
-                Err(e) => e.0,
-            },
-            None => entry,
+    // ---- write side -------------------------------------------------------------------
+
+    /// Records a new plugin version and waits until it is durable. `v.id` must be the next
+    /// free version id (the registry allocates them, one registration at a time).
+    pub async fn record_version(&self, v: &VersionInfo) -> Result<(), JournalError> {
+        let record = Record::Version {
+            id: v.id,
+            plugin: v.plugin.clone(),
+            number: v.number,
+            digest: v.digest,
+            at_ms: v.at_ms,
         };
-        match entry {
-            Entry::Append { done, .. } => {
-                if let Some(done) = done {
-                    done(Err(JournalError::Closed));
-                }
-            }
-            Entry::Barrier(done) => done(Err(JournalError::Closed)),
-        }
+        self.append(&record, IndexEffect::Version(v.clone())).await
     }
 
-    /// Appends one record and waits until it is durable.
-    pub async fn append(&self, record: &Record, effect: IndexEffect) -> Result<(), JournalError> {
-        let mut bytes = Vec::new();
-        record.encode_into(&mut bytes);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(Entry::Append {
-            bytes,
-            effect,
-            fence: None,
-            done: Some(Box::new(move |r| {
-                let _ = tx.send(r);
-            })),
-        });
-        rx.await.unwrap_or(Err(JournalError::Closed))
+    /// Records a newly provisioned device bound to plugin version `version` and waits until
+    /// it is durable. The caller makes sure `id` is not provisioned yet (one provisioning per
+    /// id at a time).
+    pub async fn record_device(
+        &self,
+        id: &str,
+        version: u32,
+        config: &[u8],
+        at_ms: u64,
+    ) -> Result<DeviceHead, JournalError> {
+        let num = self.inner.next_device.fetch_add(1, Ordering::Relaxed);
+        let record = Record::Device {
+            num,
+            id: id.to_string(),
+            version,
+            config: config.to_vec(),
+            at_ms,
+        };
+        let info = DeviceInfo {
+            num,
+            id: Arc::from(id),
+            version,
+            config: Arc::from(config),
+            created_at_ms: at_ms,
+            events: Vec::new(),
+            snapshots: Vec::new(),
+        };
+        let head = DeviceHead::of(&info);
+        self.append(&record, IndexEffect::Device(info)).await?;
+        Ok(head)
+    }
+
+    /// The write lane of one device, for its actor: see [`DeviceWriter`].
+    pub fn device_writer(&self, device: u32, max_in_flight: usize) -> DeviceWriter {
+        DeviceWriter {
+            journal: self.clone(),
+            device,
+            lane: Arc::new(Lane {
+                max_in_flight: max_in_flight.max(1),
+                ..Lane::default()
+            }),
+            generation: 1,
+        }
     }
 
     /// Waits until everything submitted so far is durable.
@@ -276,46 +360,75 @@ impl Journal {
         rx.await.unwrap_or(Err(JournalError::Closed))
     }
 
-    /// Read access to the index of durable records.
-    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
-        self.inner.shared.index.read()
-    }
-
-    /// Reads the record at `offset` (an offset the index handed out).
-    pub fn read_at(&self, offset: u64) -> Result<Record, JournalError> {
-        let err = |reason: String| JournalError::Read { offset, reason };
-        let mut header = [0u8; record::HEADER_LEN];
-        self.inner
-            .reader
-            .read_exact_at(&mut header, offset)
-            .map_err(|e| err(e.to_string()))?;
-        let len = record::body_len(&header).map_err(|e| err(e.to_string()))?;
-        let mut buf = vec![0u8; record::HEADER_LEN + len];
-        buf[..record::HEADER_LEN].copy_from_slice(&header);
-        self.inner
-            .reader
-            .read_exact_at(
-                &mut buf[record::HEADER_LEN..],
-                offset + record::HEADER_LEN as u64,
-            )
-            .map_err(|e| err(e.to_string()))?;
-        Record::decode(&buf)
-            .map(|(r, _)| r)
-            .map_err(|e| err(e.to_string()))
-    }
-
-    /// Reads the event record at `offset`.
-    pub fn read_event(&self, offset: u64) -> Result<EventRecord, JournalError> {
-        match self.read_at(offset)? {
-            Record::Event(e) => Ok(e),
-            other => Err(JournalError::Read {
-                offset,
-                reason: format!("expected an event record, found {other:?}"),
-            }),
+    /// Stops the writer after everything queued so far is durable. Later submissions fail with
+    /// [`JournalError::Closed`].
+    pub fn close(&self) {
+        self.inner.shared.closing.store(true, Ordering::Release);
+        if let Some(tx) = &self.inner.tx {
+            let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
+        }
+        if let Some(handle) = self.inner.writer.lock().take() {
+            let _ = handle.join();
         }
     }
 
-    /// Reads the events of device `num` with seqs in `from..=to` (clamped to what exists).
+    /// Queues an entry for the writer. Never blocks; the entry's completion reports the
+    /// outcome (immediately, with [`JournalError::Closed`], if the journal is closed).
+    fn submit(&self, entry: Entry) {
+        let entry = match &self.inner.tx {
+            Some(tx) => match tx.send(entry) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => entry,
+        };
+        entry.fail(JournalError::Closed);
+    }
+
+    /// Appends one record and waits until it is durable.
+    async fn append(&self, record: &Record, effect: IndexEffect) -> Result<(), JournalError> {
+        let mut bytes = Vec::new();
+        record.encode_into(&mut bytes);
+        if bytes.len() > record::HEADER_LEN + record::MAX_BODY_LEN {
+            return Err(JournalError::TooLarge(bytes.len()));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Entry::Append {
+            bytes,
+            effect,
+            lane: None,
+            done: Some(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        });
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    // ---- read side (durable records only) ----------------------------------------------
+
+    /// The device with this id, as of its latest durable record.
+    pub fn device(&self, id: &str) -> Option<DeviceHead> {
+        self.index().device(id).map(DeviceHead::of)
+    }
+
+    /// Ids of every provisioned device, sorted.
+    pub fn device_ids(&self) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = self.index().by_id.keys().cloned().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Number of provisioned devices.
+    pub fn device_count(&self) -> usize {
+        self.index().devices.len()
+    }
+
+    /// Every plugin version recorded, in id order.
+    pub fn versions(&self) -> Vec<VersionInfo> {
+        self.index().versions.clone()
+    }
+
+    /// The events of device `num` with seqs in `from..=to` (clamped to what exists).
     pub fn read_events(
         &self,
         num: u32,
@@ -337,12 +450,30 @@ impl Journal {
         offsets.into_iter().map(|o| self.read_event(o)).collect()
     }
 
-    /// Reads the snapshot data at `offset`.
-    pub fn read_snapshot(&self, offset: u64) -> Result<Vec<u8>, JournalError> {
-        match self.read_at(offset)? {
+    /// The newest snapshot of device `num` taken by plugin version `version` at or before
+    /// `seq`.
+    pub fn snapshot_at(&self, num: u32, seq: u64, version: u32) -> Option<SnapshotRef> {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.snapshot_at(seq, version))
+    }
+
+    /// Every snapshot of device `num`, oldest first.
+    pub fn snapshots(&self, num: u32) -> Vec<SnapshotRef> {
+        self.index()
+            .devices
+            .get(&num)
+            .map(|d| d.snapshots.clone())
+            .unwrap_or_default()
+    }
+
+    /// The guest's snapshot bytes behind `at`.
+    pub fn read_snapshot(&self, at: SnapshotRef) -> Result<Vec<u8>, JournalError> {
+        match self.read_at(at.offset)? {
             Record::Snapshot { data, .. } => Ok(data),
             other => Err(JournalError::Read {
-                offset,
+                offset: at.offset,
                 reason: format!("expected a snapshot record, found {other:?}"),
             }),
         }
@@ -353,35 +484,240 @@ impl Journal {
         &self.inner.shared.stats
     }
 
-    /// Length of the durable prefix of the file.
+    /// Length of the durable prefix of the journal.
     pub fn durable_len(&self) -> u64 {
         self.index().durable_len
     }
 
-    /// Makes the next `n` commits fail after writing, as a full disk would. For tests of the
-    /// failure path; never called by the runtime itself.
-    #[doc(hidden)]
-    pub fn inject_commit_failures(&self, n: u32) {
-        self.inner
-            .shared
-            .inject_failures
-            .store(n, Ordering::Release);
+    fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.inner.shared.index.read()
     }
 
-    /// Stops the writer after everything queued so far is durable. Later submissions fail with
-    /// [`JournalError::Closed`].
-    pub fn close(&self) {
-        self.inner.shared.closing.store(true, Ordering::Release);
-        if let Some(tx) = &self.inner.tx {
-            let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
-        }
-        if let Some(handle) = self.inner.writer.lock().take() {
-            let _ = handle.join();
+    /// Reads the record at `offset` (an offset the index handed out).
+    fn read_at(&self, offset: u64) -> Result<Record, JournalError> {
+        let err = |reason: String| JournalError::Read { offset, reason };
+        let storage = &*self.inner.storage;
+        let mut header = [0u8; record::HEADER_LEN];
+        storage
+            .read_exact_at(&mut header, offset)
+            .map_err(|e| err(e.to_string()))?;
+        let len = record::body_len(&header).map_err(|e| err(e.to_string()))?;
+        let mut buf = vec![0u8; record::HEADER_LEN + len];
+        buf[..record::HEADER_LEN].copy_from_slice(&header);
+        storage
+            .read_exact_at(
+                &mut buf[record::HEADER_LEN..],
+                offset + record::HEADER_LEN as u64,
+            )
+            .map_err(|e| err(e.to_string()))?;
+        Record::decode(&buf)
+            .map(|(r, _)| r)
+            .map_err(|e| err(e.to_string()))
+    }
+
+    fn read_event(&self, offset: u64) -> Result<EventRecord, JournalError> {
+        match self.read_at(offset)? {
+            Record::Event(e) => Ok(e),
+            other => Err(JournalError::Read {
+                offset,
+                reason: format!("expected an event record, found {other:?}"),
+            }),
         }
     }
 }
 
-/// Scans `file` from the start, building the index; cuts a bad tail (see module docs).
+/// One device's write lane, owned by its actor: appends its events and snapshots in seq
+/// order, bounds how many may wait for the disk, and fences it when a commit fails.
+///
+/// # Pipelining and backpressure
+///
+/// [`DeviceWriter::append_event`] queues the record and returns at once; the completion runs
+/// on the journal's writer thread once the record is durable (or failed). At most
+/// `max_in_flight` records of the lane may be waiting; [`DeviceWriter::room`] waits until
+/// there is room, which is how backpressure reaches the actor's mailbox and then the sender.
+///
+/// # Fencing
+///
+/// Each incarnation of the device's state (each rebuild from the journal) appends under its
+/// own generation. When a commit fails, the writer fences the lane at that generation: its
+/// later records, already queued, fail too (so a device's durable seqs never have a hole),
+/// and [`DeviceWriter::is_fenced`] tells the actor to rebuild and call
+/// [`DeviceWriter::next_generation`].
+pub struct DeviceWriter {
+    journal: Journal,
+    device: u32,
+    lane: Arc<Lane>,
+    generation: u64,
+}
+
+/// What a lane shares with the writer thread.
+#[derive(Default)]
+struct Lane {
+    /// The highest failed generation.
+    failed_gen: AtomicU64,
+    /// Records waiting for the disk. A counter plus a `Notify` that is only touched when the
+    /// lane is at its limit: cheaper than a semaphore, whose release takes a lock on every
+    /// acknowledgement.
+    in_flight: AtomicUsize,
+    freed: Notify,
+    max_in_flight: usize,
+}
+
+impl Lane {
+    fn is_failed(&self, generation: u64) -> bool {
+        self.failed_gen.load(Ordering::Acquire) >= generation
+    }
+
+    fn fail(&self, generation: u64) {
+        self.failed_gen.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// Called by the writer when one of the lane's records is durable or failed.
+    fn release(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) >= self.max_in_flight {
+            // `notify_one` keeps a permit if the actor is not waiting yet: no lost wakeup.
+            self.freed.notify_one();
+        }
+    }
+}
+
+impl DeviceWriter {
+    /// Whether a commit of the current generation failed: the caller's in-memory state
+    /// includes a record that is not in the journal, so it must rebuild.
+    pub fn is_fenced(&self) -> bool {
+        self.lane.is_failed(self.generation)
+    }
+
+    /// Starts a new generation after the caller rebuilt its state from the journal (and
+    /// after [`Journal::barrier`], so nothing of the old generation is still queued).
+    pub fn next_generation(&mut self) {
+        self.generation = self
+            .lane
+            .failed_gen
+            .load(Ordering::Acquire)
+            .max(self.generation)
+            + 1;
+    }
+
+    /// Waits until fewer than `max_in_flight` records of this lane are waiting for the disk.
+    pub async fn room(&self) {
+        let lane = &*self.lane;
+        loop {
+            if lane.in_flight.load(Ordering::Acquire) < lane.max_in_flight {
+                return;
+            }
+            let freed = lane.freed.notified();
+            if lane.in_flight.load(Ordering::Acquire) < lane.max_in_flight {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Whether every record this lane submitted is durable (or failed): a read or a rebuild
+    /// then needs no round trip through the writer.
+    pub fn is_idle(&self) -> bool {
+        self.lane.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Appends the outcome of one handled event: the input `event` (JSON text) at `seq`,
+    /// stamped `at_ms`, decided by plugin version `version`, and its `transitions` (JSON
+    /// texts). `on_durable` runs on the writer thread once the record is durable or failed,
+    /// and gets the transitions back (so the caller can answer with them without a copy); it
+    /// must be quick and never block (send on a channel, bump a counter).
+    pub fn append_event<F>(
+        &self,
+        seq: u64,
+        at_ms: u64,
+        version: u32,
+        event: &str,
+        transitions: Vec<String>,
+        on_durable: F,
+    ) where
+        F: FnOnce(Result<(), JournalError>, Vec<String>) + Send + 'static,
+    {
+        let mut bytes = Vec::with_capacity(
+            64 + event.len() + transitions.iter().map(String::len).sum::<usize>(),
+        );
+        record::encode_event(
+            &mut bytes,
+            self.device,
+            seq,
+            at_ms,
+            version,
+            event.as_bytes(),
+            transitions.iter().map(String::as_bytes),
+        );
+        self.submit(
+            bytes,
+            IndexEffect::Event {
+                device: self.device,
+                seq,
+            },
+            Some(Box::new(move |r| on_durable(r, transitions))),
+        );
+    }
+
+    /// Appends a snapshot of the guest's state right after `seq`, taken by plugin version
+    /// `version`. Best effort: a snapshot that fails only means a longer replay later.
+    pub fn append_snapshot(
+        &self,
+        seq: u64,
+        version: u32,
+        data: Vec<u8>,
+    ) -> Result<(), JournalError> {
+        if data.len() > record::MAX_BODY_LEN - 64 {
+            return Err(JournalError::TooLarge(data.len()));
+        }
+        let mut bytes = Vec::with_capacity(data.len() + 32);
+        Record::Snapshot {
+            device: self.device,
+            seq,
+            version,
+            data,
+        }
+        .encode_into(&mut bytes);
+        self.submit(
+            bytes,
+            IndexEffect::Snapshot {
+                device: self.device,
+                seq,
+                version,
+            },
+            None,
+        );
+        Ok(())
+    }
+
+    /// Runs `done` once everything this lane submitted so far is durable, with an error if
+    /// any of it failed (so a read answered through it never shows what a crash or a failed
+    /// commit could take back).
+    pub fn when_durable(&self, done: OnDurable) {
+        let lane = self.lane.clone();
+        let generation = self.generation;
+        self.journal.submit(Entry::Barrier(Box::new(move |r| {
+            let r = r.and_then(|()| {
+                if lane.is_failed(generation) {
+                    Err(JournalError::Fenced)
+                } else {
+                    Ok(())
+                }
+            });
+            done(r);
+        })));
+    }
+
+    fn submit(&self, bytes: Vec<u8>, effect: IndexEffect, done: Option<OnDurable>) {
+        self.lane.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.journal.submit(Entry::Append {
+            bytes,
+            effect,
+            lane: Some((self.lane.clone(), self.generation)),
+            done,
+        });
+    }
+}
+
 /// What recovery may do to a bad tail.
 #[derive(Clone, Copy)]
 enum Cut {
@@ -397,19 +733,50 @@ enum Cut {
 const MAX_TORN_BYTES: u64 =
     (writer::MAX_BATCH_BYTES + record::MAX_BODY_LEN + record::HEADER_LEN) as u64;
 
-fn recover(file: &File, path: &Path, cut: Cut) -> Result<(Index, Recovery), std::io::Error> {
-    let file_len = file.metadata()?.len();
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut index = Index::default();
+/// Scans the journal from the start, building the index; cuts a bad tail (see module docs).
+fn recover(storage: &dyn StorageBackend, cut: Cut) -> std::io::Result<(Index, Recovery)> {
+    let file_len = storage.len()?;
     let mut recovery = Recovery::default();
-    let mut offset = 0u64;
+    let start = match record::read_file_header(storage, file_len)? {
+        record::FileHeader::Present { format } => {
+            recovery.format = format;
+            record::FILE_HEADER_LEN as u64
+        }
+        record::FileHeader::Legacy => {
+            recovery.format = 1;
+            0
+        }
+        record::FileHeader::Missing => {
+            // New (or never got past writing its header): write it, unless read-only.
+            recovery.format = FORMAT_VERSION;
+            if matches!(cut, Cut::Never) {
+                0
+            } else {
+                storage.set_len(0)?;
+                storage.write_all_at(&record::file_header(), 0)?;
+                storage.sync_data()?;
+                record::FILE_HEADER_LEN as u64
+            }
+        }
+    };
+    let file_len = file_len.max(start);
+    let mut reader = BufReader::with_capacity(
+        1 << 20,
+        storage::SeqReader {
+            backend: storage,
+            pos: start,
+            len: file_len,
+        },
+    );
+    let mut index = Index::default();
+    let mut offset = start;
     let mut buf = Vec::new();
     let bad: Option<(String, bool)> = loop {
         if offset == file_len {
             break None;
         }
         let mut header = [0u8; record::HEADER_LEN];
-        if let Err(e) = read_fully(&mut reader, &mut header) {
+        if let Err(e) = reader.read_exact(&mut header) {
             break Some((format!("short header: {e}"), true));
         }
         let len = match record::body_len(&header) {
@@ -422,7 +789,7 @@ fn recover(file: &File, path: &Path, cut: Cut) -> Result<(Index, Recovery), std:
         buf.clear();
         buf.extend_from_slice(&header);
         buf.resize(record::HEADER_LEN + len, 0);
-        if let Err(e) = read_fully(&mut reader, &mut buf[record::HEADER_LEN..]) {
+        if let Err(e) = reader.read_exact(&mut buf[record::HEADER_LEN..]) {
             break Some((format!("short body: {e}"), true));
         }
         let record = match Record::decode(&buf) {
@@ -439,61 +806,75 @@ fn recover(file: &File, path: &Path, cut: Cut) -> Result<(Index, Recovery), std:
     recovery.valid_len = offset;
     index.durable_len = offset;
     let dropped = file_len - offset;
+    let name = storage
+        .path()
+        .map_or_else(|| "journal".to_string(), |p| p.display().to_string());
     if let (Some((reason, _)), Cut::Tail { salvage: false }) = (&bad, cut)
         && dropped > MAX_TORN_BYTES
     {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "{}: bad record at offset {offset} ({reason}) with {dropped} bytes after it: \
+                "{name}: bad record at offset {offset} ({reason}) with {dropped} bytes after it: \
                  that is damage, not a torn write, and the records after it were \
                  acknowledged. Refusing to open; inspect the file, or open with salvage \
-                 (`drover serve --salvage`) to cut it there and set the rest aside",
-                path.display()
+                 (`drover serve --salvage`) to cut it there and set the rest aside"
             ),
         ));
     }
-    if let Some((reason, torn)) = bad.clone().filter(|_| matches!(cut, Cut::Never)) {
-        recovery.dropped = Some(DroppedTail {
-            offset,
-            bytes: file_len - offset,
-            reason,
-            torn,
-            saved_to: path.to_path_buf(),
-        });
-    } else if let Some((reason, torn)) = bad {
-        let saved_to = path.with_file_name(format!("{FILE_NAME}.dropped-{offset}"));
-        // Streamed, so a large salvage does not need the tail in memory.
-        let mut saved = File::create(&saved_to)?;
-        let mut source = file.try_clone()?;
-        std::io::Seek::seek(&mut source, std::io::SeekFrom::Start(offset))?;
-        std::io::copy(&mut source, &mut saved)?;
-        saved.sync_all()?;
-        file.set_len(offset)?;
-        file.sync_all()?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        tracing::warn!(
-            offset,
-            dropped,
-            %reason,
-            saved_to = %saved_to.display(),
-            "journal tail dropped on open: not applied"
-        );
+    let Some((reason, torn)) = bad else {
+        return Ok((index, recovery));
+    };
+    if matches!(cut, Cut::Never) {
         recovery.dropped = Some(DroppedTail {
             offset,
             bytes: dropped,
             reason,
             torn,
-            saved_to,
+            saved_to: storage.path().map(Path::to_path_buf),
         });
+        return Ok((index, recovery));
     }
+    let saved_to = match storage.path() {
+        Some(path) => {
+            let saved_to = path.with_file_name(format!(
+                "{}.dropped-{offset}",
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(FILE_NAME)
+            ));
+            // Streamed, so a large salvage does not need the tail in memory.
+            let mut saved = File::create(&saved_to)?;
+            let mut source = storage::SeqReader {
+                backend: storage,
+                pos: offset,
+                len: file_len,
+            };
+            std::io::copy(&mut source, &mut saved)?;
+            saved.sync_all()?;
+            Some(saved_to)
+        }
+        None => None,
+    };
+    storage.set_len(offset)?;
+    if let Some(dir) = storage.path().and_then(Path::parent) {
+        File::open(dir)?.sync_all()?;
+    }
+    tracing::warn!(
+        offset,
+        dropped,
+        %reason,
+        saved_to = ?saved_to,
+        "journal tail dropped on open: not applied"
+    );
+    recovery.dropped = Some(DroppedTail {
+        offset,
+        bytes: dropped,
+        reason,
+        torn,
+        saved_to,
+    });
     Ok((index, recovery))
-}
-
-fn read_fully(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
-    reader.read_exact(buf)
 }
 
 #[cfg(test)]

@@ -15,6 +15,20 @@
 //! detectable on open; the body format is what keeps a typical event record near 40 bytes of
 //! overhead on top of the event and transition JSON.
 //!
+//! # File header
+//!
+//! Since format 2 the file starts with a 16-byte header, so the record format can change
+//! again without guessing:
+//!
+//! ```text
+//! +----------------------+----------------+------------------------+
+//! | magic: b"DROVERJL"   | format: u32 LE | crc32 of the 12 before |
+//! +----------------------+----------------+------------------------+
+//! ```
+//!
+//! A file without the magic is format 1 (the first releases): the same records from offset 0.
+//! A file with a newer format is refused, naming the format.
+//!
 //! Devices and plugin versions are interned: a `Device` record gives the device a dense number
 //! and a `Version` record gives a plugin version one, and event and snapshot records refer to
 //! those numbers instead of repeating names and 32-byte digests.
@@ -27,6 +41,67 @@ pub const HEADER_LEN: usize = 8;
 /// Upper bound of one record's body. Larger bodies are refused before they are written, and a
 /// header announcing more is treated as corruption on read.
 pub const MAX_BODY_LEN: usize = 64 * 1024 * 1024;
+
+/// The record format this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Size of the file header.
+pub const FILE_HEADER_LEN: usize = 16;
+
+const FILE_MAGIC: [u8; 8] = *b"DROVERJL";
+
+/// The file header of a journal written by this build.
+pub fn file_header() -> [u8; FILE_HEADER_LEN] {
+    let mut h = [0u8; FILE_HEADER_LEN];
+    h[..8].copy_from_slice(&FILE_MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let crc = crc32fast::hash(&h[..12]);
+    h[12..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// What the start of a journal file says about its format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileHeader {
+    /// A header with this format version.
+    Present { format: u32 },
+    /// No header: a format-1 journal, records from offset 0.
+    Legacy,
+    /// Empty, or a header cut short by a crash while the file was created.
+    Missing,
+}
+
+/// Reads and checks the file header of a journal of `len` bytes.
+pub fn read_file_header(
+    storage: &dyn super::StorageBackend,
+    len: u64,
+) -> std::io::Result<FileHeader> {
+    let n = len.min(FILE_HEADER_LEN as u64) as usize;
+    let mut buf = [0u8; FILE_HEADER_LEN];
+    storage.read_exact_at(&mut buf[..n], 0)?;
+    let expected = file_header();
+    if n < FILE_HEADER_LEN && buf[..n.min(8)] == expected[..n.min(8)] {
+        return Ok(FileHeader::Missing);
+    }
+    if buf[..8.min(n)] != FILE_MAGIC[..8.min(n)] || n < 8 {
+        return Ok(FileHeader::Legacy);
+    }
+    let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidData, msg);
+    let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+    if crc32fast::hash(&buf[..12]) != crc {
+        return Err(invalid(
+            "the journal's file header is damaged (checksum mismatch)".into(),
+        ));
+    }
+    let format = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+    if format == 0 || format > FORMAT_VERSION {
+        return Err(invalid(format!(
+            "the journal is in format {format}; this build reads formats 1 to {FORMAT_VERSION} \
+             (was it written by a newer Drover?)"
+        )));
+    }
+    Ok(FileHeader::Present { format })
+}
 
 const KIND_VERSION: u8 = 1;
 const KIND_DEVICE: u8 = 2;

@@ -1,8 +1,32 @@
 //! Crash simulations and failure-path tests for the journal.
 
+use std::fs::OpenOptions;
 use std::sync::Arc;
 
 use super::*;
+
+/// Opens `dir`'s journal (as the runtime does) and returns it with what recovery found.
+fn open_dir(dir: &Path) -> std::io::Result<(Journal, Recovery)> {
+    open_with(dir, false)
+}
+
+fn open_with(dir: &Path, salvage: bool) -> std::io::Result<(Journal, Recovery)> {
+    let options = JournalOptions {
+        salvage,
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(dir, &options)?;
+    let recovery = journal.recovery().clone();
+    Ok((journal, recovery))
+}
+
+/// A journal in `dir` whose storage fails on command.
+fn open_faulty(dir: &Path) -> (Journal, Arc<Faults>) {
+    let file = FileBackend::open(&dir.join(FILE_NAME)).expect("file");
+    let (faulty, faults) = FaultyBackend::new(file);
+    let journal = Journal::open_on(Arc::new(faulty), &JournalOptions::default()).expect("open");
+    (journal, faults)
+}
 
 fn version_record(id: u32) -> (Record, IndexEffect) {
     let info = VersionInfo {
@@ -59,29 +83,27 @@ fn event(device: u32, seq: u64) -> (Record, IndexEffect) {
     )
 }
 
-/// Submits without waiting, fenced under `generation`; the receiver yields the outcome.
-fn submit_fenced(
-    journal: &Journal,
-    (record, effect): (Record, IndexEffect),
-    fence: &Arc<Fence>,
-    generation: u64,
+/// Appends event `seq` through `writer` without waiting; the receiver yields the outcome.
+fn append_event(
+    writer: &DeviceWriter,
+    seq: u64,
 ) -> tokio::sync::oneshot::Receiver<Result<(), JournalError>> {
-    let mut bytes = Vec::new();
-    record.encode_into(&mut bytes);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    journal.submit(Entry::Append {
-        bytes,
-        effect,
-        fence: Some((fence.clone(), generation)),
-        done: Some(Box::new(move |r| {
+    writer.append_event(
+        seq,
+        1000 + seq,
+        0,
+        &format!(r#"{{"n":{seq}}}"#),
+        vec![format!(r#"{{"t":{seq}}}"#)],
+        move |r, _| {
             let _ = tx.send(r);
-        })),
-    });
+        },
+    );
     rx
 }
 
 async fn seeded(dir: &Path, events: u64) -> Journal {
-    let (journal, recovery) = Journal::open(dir).expect("open");
+    let (journal, recovery) = open_dir(dir).expect("open");
     assert!(recovery.dropped.is_none());
     let (r, e) = version_record(0);
     journal.append(&r, e).await.expect("version");
@@ -103,7 +125,7 @@ async fn records_survive_reopen_with_the_same_index() {
     journal.close();
     drop(journal);
 
-    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     assert!(recovery.dropped.is_none());
     assert_eq!(recovery.records, 12);
     assert_eq!(recovery.valid_len, len);
@@ -126,11 +148,11 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     file.set_len(len - 3).expect("truncate");
     drop(file);
 
-    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("torn tail reported");
     assert!(dropped.torn, "{dropped:?}");
     assert!(
-        dropped.saved_to.exists(),
+        dropped.saved_to.as_ref().is_some_and(|p| p.exists()),
         "dropped bytes are kept for inspection"
     );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
@@ -145,7 +167,7 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     journal.append(&r, e).await.expect("append after recovery");
     journal.close();
     drop(journal);
-    let (journal, recovery) = Journal::open(dir.path()).expect("reopen again");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen again");
     assert!(recovery.dropped.is_none());
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
 }
@@ -166,7 +188,7 @@ async fn a_flipped_byte_in_the_last_record_is_reported_and_dropped() {
     bytes[mid] ^= 0x20;
     std::fs::write(&path, &bytes).expect("write file");
 
-    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("corruption reported");
     assert!(!dropped.torn);
     assert_eq!(dropped.offset, last_offset);
@@ -189,7 +211,7 @@ async fn a_well_formed_record_that_does_not_fit_is_not_applied() {
     std::io::Write::write_all(&mut &file, &bytes).expect("append");
     drop(file);
 
-    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("gap reported");
     assert!(
         dropped.reason.contains("expected seq 3"),
@@ -209,11 +231,13 @@ async fn concurrent_appends_share_fsyncs() {
         journal.append(&r, e).await.expect("device");
     }
     let commits_before = journal.stats().commits.load(Ordering::Relaxed);
-    let fence = Arc::new(Fence::default());
+    let writers: Vec<DeviceWriter> = (1..=devices)
+        .map(|num| journal.device_writer(num, 64))
+        .collect();
     let mut pending = Vec::new();
     for seq in 1..=5 {
-        for num in 1..=devices {
-            pending.push(submit_fenced(&journal, event(num, seq), &fence, 1));
+        for writer in &writers {
+            pending.push(append_event(writer, seq));
         }
     }
     for rx in pending {
@@ -235,20 +259,24 @@ async fn concurrent_appends_share_fsyncs() {
 #[tokio::test]
 async fn a_failed_commit_fails_the_batch_and_fences_the_device_without_a_gap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = seeded(dir.path(), 3).await;
+    seeded(dir.path(), 3).await.close();
+    let (journal, faults) = open_faulty(dir.path());
     let len = journal.durable_len();
-    let fence = Arc::new(Fence::default());
+    let mut writer = journal.device_writer(0, 64);
 
-    journal.inject_commit_failures(1);
-    let failed = submit_fenced(&journal, event(0, 4), &fence, 1);
-    assert!(matches!(
-        failed.await.expect("completion"),
-        Err(JournalError::Commit(_))
-    ));
-    assert!(fence.is_failed(1));
+    faults
+        .with_kind(std::io::ErrorKind::StorageFull)
+        .fail_syncs(1);
+    let failed = append_event(&writer, 4);
+    let err = failed.await.expect("completion").expect_err("commit fails");
+    assert!(
+        err.is_storage_full(),
+        "the disk-full kind survives: {err:?}"
+    );
+    assert!(writer.is_fenced());
 
     // The same incarnation's next record (seq 5) must not land after the missing seq 4.
-    let fenced = submit_fenced(&journal, event(0, 5), &fence, 1);
+    let fenced = append_event(&writer, 5);
     assert_eq!(fenced.await.expect("completion"), Err(JournalError::Fenced));
     assert_eq!(
         journal.durable_len(),
@@ -256,27 +284,54 @@ async fn a_failed_commit_fails_the_batch_and_fences_the_device_without_a_gap() {
         "nothing of the failed batch stays"
     );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
+    assert!(writer.is_idle(), "failed records are released");
 
     // A rebuilt incarnation continues at seq 4.
-    let generation = fence.next_generation();
-    let ok = submit_fenced(&journal, event(0, 4), &fence, generation);
+    writer.next_generation();
+    assert!(!writer.is_fenced());
+    let ok = append_event(&writer, 4);
     ok.await
         .expect("completion")
         .expect("committed after rebuild");
     journal.close();
     drop(journal);
 
-    let (journal, recovery) = Journal::open(dir.path()).expect("reopen");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     assert!(recovery.dropped.is_none(), "{:?}", recovery.dropped);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+}
+
+#[tokio::test]
+async fn a_commit_that_cannot_be_cut_back_turns_the_journal_read_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 2).await.close();
+    let (journal, faults) = open_faulty(dir.path());
+    let writer = journal.device_writer(0, 64);
+    faults.fail_syncs(1);
+    faults.fail_set_lens(1);
+    assert!(append_event(&writer, 3).await.expect("completion").is_err());
+    // Nothing is accepted any more, and a barrier does not pretend durability.
+    let mut other = journal.device_writer(0, 64);
+    other.next_generation();
+    assert_eq!(
+        append_event(&other, 3).await.expect("completion"),
+        Err(JournalError::ReadOnly)
+    );
+    assert_eq!(journal.barrier().await, Err(JournalError::ReadOnly));
+    journal.close();
+    drop(journal);
+
+    // The failed batch was blanked, so reopening never resurrects seq 3.
+    let (journal, _) = open_dir(dir.path()).expect("reopen");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
 }
 
 #[tokio::test]
 async fn a_barrier_completes_after_earlier_records_are_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 0).await;
-    let fence = Arc::new(Fence::default());
-    let rx = submit_fenced(&journal, event(0, 1), &fence, 1);
+    let writer = journal.device_writer(0, 64);
+    let rx = append_event(&writer, 1);
     journal.barrier().await.expect("barrier");
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(1));
     rx.await.expect("completion").expect("committed");
@@ -304,7 +359,8 @@ async fn read_only_open_reports_a_bad_tail_but_leaves_the_file_alone() {
     file.set_len(len - 1).expect("truncate");
     drop(file);
 
-    let (journal, recovery) = Journal::open_read_only(dir.path()).expect("open read-only");
+    let journal = Journal::open_read_only(dir.path()).expect("open read-only");
+    let recovery = journal.recovery().clone();
     assert!(recovery.dropped.is_some());
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), len - 1);
@@ -342,7 +398,7 @@ async fn damage_far_from_the_tail_is_refused_unless_salvaging() {
     }
     std::fs::write(&path, &bytes).expect("write");
 
-    let err = Journal::open(dir.path()).err().expect("refused");
+    let err = open_dir(dir.path()).err().expect("refused");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert!(err.to_string().contains("Refusing to open"), "{err}");
     assert_eq!(
@@ -351,12 +407,52 @@ async fn damage_far_from_the_tail_is_refused_unless_salvaging() {
         "untouched"
     );
 
-    let (journal, recovery) = Journal::open_salvaging(dir.path()).expect("salvage");
+    let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
     let dropped = recovery.dropped.expect("reported");
     assert_eq!(dropped.offset, first_event);
     assert_eq!(
-        std::fs::metadata(&dropped.saved_to).expect("saved").len(),
+        std::fs::metadata(dropped.saved_to.expect("saved to a file"))
+            .expect("saved")
+            .len(),
         bytes.len() as u64 - first_event
     );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(0));
+}
+
+#[tokio::test]
+async fn a_new_journal_starts_with_a_versioned_header_and_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 1).await.close();
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    assert_eq!(&bytes[..8], b"DROVERJL");
+    let (journal, recovery) = open_dir(dir.path()).expect("reopen");
+    assert_eq!(recovery.format, FORMAT_VERSION);
+    journal.close();
+    drop(journal);
+
+    // A format this build does not know: refused, the file untouched.
+    bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..12]);
+    bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    let err = open_dir(dir.path()).err().expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("newer Drover"), "{err}");
+    assert_eq!(std::fs::read(&path).expect("read"), bytes);
+}
+
+#[tokio::test]
+async fn a_header_less_format_1_journal_still_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 3).await.close();
+    let path = dir.path().join(FILE_NAME);
+    let bytes = std::fs::read(&path).expect("read");
+    // The first releases wrote the same records without the header.
+    std::fs::write(&path, &bytes[record::FILE_HEADER_LEN..]).expect("write");
+    let (journal, recovery) = open_dir(dir.path()).expect("opens");
+    assert_eq!(recovery.format, 1);
+    assert!(recovery.dropped.is_none());
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
+    assert_eq!(journal.read_events(0, 3, 3).expect("read")[0].seq, 3);
 }

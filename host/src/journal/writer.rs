@@ -16,75 +16,56 @@
 //! 4. Barriers complete after every record submitted before them is durable; a batch of only
 //!    barriers completes without touching the disk.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 
 use super::index::{Index, IndexEffect};
-use super::{JournalError, Stats};
+use super::{JournalError, Lane, Stats, StorageBackend};
 
 /// A batch stops growing past this many bytes, so one commit's latency stays bounded.
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
-/// A batch of at least this many entries means the journal is under load (see `run`).
+/// A batch of at least this many entries means the journal is under load: the writer then
+/// waits the configured commit delay before the next batch (see `run`).
 const COMMIT_DELAY_MIN_BATCH: usize = 64;
 
-/// How long the writer lets a batch grow under load: 500 µs, or `DROVER_COMMIT_DELAY_US`.
-fn commit_delay() -> std::time::Duration {
-    static DELAY: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    *DELAY.get_or_init(|| {
-        let us = std::env::var("DROVER_COMMIT_DELAY_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(500);
-        std::time::Duration::from_micros(us)
-    })
-}
-
-/// Called exactly once with the outcome of an append or barrier, on the writer thread.
-pub type Done = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
-
-/// A device's commit fence, shared by its actor and the writer.
-///
-/// Each actor incarnation appends with its own generation number. When a commit fails the
-/// writer raises `failed_gen` to that generation, which fails every later record of the
-/// same incarnation and tells the actor to rebuild from the journal under a new generation.
-#[derive(Debug, Default)]
-pub struct Fence {
-    failed_gen: AtomicU64,
-}
-
-impl Fence {
-    /// Whether records of incarnation `generation` are refused.
-    pub fn is_failed(&self, generation: u64) -> bool {
-        self.failed_gen.load(Ordering::Acquire) >= generation
-    }
-
-    fn fail(&self, generation: u64) {
-        self.failed_gen.fetch_max(generation, Ordering::AcqRel);
-    }
-
-    /// The lowest generation a rebuilt incarnation may use.
-    pub fn next_generation(&self) -> u64 {
-        self.failed_gen.load(Ordering::Acquire) + 1
-    }
-}
+/// Called exactly once with the outcome of an append or barrier, on the writer thread, after
+/// the fsync that covers it. Must be quick and never block: it runs between two commits.
+pub type OnDurable = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
 
 /// One unit of work for the writer.
 pub enum Entry {
-    /// A framed record, what the index learns once it is durable, and who to tell.
+    /// A framed record, what the index learns once it is durable, the device lane it belongs
+    /// to (with the generation it was appended under), and who to tell.
     Append {
         bytes: Vec<u8>,
         effect: IndexEffect,
-        fence: Option<(Arc<Fence>, u64)>,
-        done: Option<Done>,
+        lane: Option<(Arc<Lane>, u64)>,
+        done: Option<OnDurable>,
     },
     /// Completes once everything submitted before it is durable.
-    Barrier(Done),
+    Barrier(OnDurable),
+}
+
+impl Entry {
+    /// Completes the entry with `err` without writing it.
+    pub fn fail(self, err: JournalError) {
+        match self {
+            Entry::Append { lane, done, .. } => {
+                if let Some((lane, _)) = lane {
+                    lane.release();
+                }
+                if let Some(done) = done {
+                    done(Err(err));
+                }
+            }
+            Entry::Barrier(done) => done(Err(err)),
+        }
+    }
 }
 
 /// State shared between the writer thread and [`super::Journal`].
@@ -96,11 +77,15 @@ pub struct Shared {
     /// Set by `close`: the writer exits once the queue is empty. Entries that race past the
     /// exit are dropped unanswered, which their submitters observe as a closed channel.
     pub closing: AtomicBool,
-    /// Test hook: the next this-many commits fail after their write.
-    pub inject_failures: AtomicU32,
 }
 
-pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Arc<Shared>) {
+pub fn run(
+    storage: &dyn StorageBackend,
+    mut durable_len: u64,
+    commit_delay: Duration,
+    rx: Receiver<Entry>,
+    shared: Arc<Shared>,
+) {
     let mut buf = Vec::with_capacity(1 << 20);
     let mut batch: Vec<Entry> = Vec::new();
     let mut offsets: Vec<u64> = Vec::new();
@@ -117,7 +102,9 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
             // Sustained load: let the next batch grow a little before paying for an fsync.
             // Fewer, larger commits cost the kernel less CPU per record, and that CPU is the
             // actors'. A quiet journal never waits.
-            std::thread::sleep(commit_delay());
+            if !commit_delay.is_zero() {
+                std::thread::sleep(commit_delay);
+            }
         }
         batch.push(first);
         let mut bytes = 0usize;
@@ -134,7 +121,7 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
         }
         last_records = batch.len();
         commit(
-            &mut file,
+            storage,
             &mut durable_len,
             &mut buf,
             &mut offsets,
@@ -147,7 +134,7 @@ pub fn run(mut file: File, mut durable_len: u64, rx: Receiver<Entry>, shared: Ar
 }
 
 fn commit(
-    file: &mut File,
+    storage: &dyn StorageBackend,
     durable_len: &mut u64,
     buf: &mut Vec<u8>,
     offsets: &mut Vec<u64>,
@@ -161,12 +148,12 @@ fn commit(
     // writing, so they never reach the file.
     for entry in batch.iter_mut() {
         if let Entry::Append {
-            bytes, fence, done, ..
+            bytes, lane, done, ..
         } = entry
         {
             let refused = if broken {
                 Some(JournalError::ReadOnly)
-            } else if fence.as_ref().is_some_and(|(f, g)| f.is_failed(*g)) {
+            } else if lane.as_ref().is_some_and(|(l, g)| l.is_failed(*g)) {
                 Some(JournalError::Fenced)
             } else {
                 None
@@ -178,8 +165,9 @@ fn commit(
                     }
                     // The device's in-memory state includes this record: its actor must
                     // rebuild before it answers anything else.
-                    if let Some((f, g)) = fence.take() {
-                        f.fail(g);
+                    if let Some((l, g)) = lane.take() {
+                        l.fail(g);
+                        l.release();
                     }
                     bytes.clear();
                     offsets.push(u64::MAX);
@@ -195,7 +183,7 @@ fn commit(
     let result = if buf.is_empty() {
         Ok(())
     } else {
-        write_and_sync(file, *durable_len, buf, shared)
+        write_and_sync(storage, *durable_len, buf)
     };
 
     match result {
@@ -220,7 +208,10 @@ fn commit(
             }
             for entry in batch.drain(..) {
                 match entry {
-                    Entry::Append { done, .. } => {
+                    Entry::Append { lane, done, .. } => {
+                        if let Some((lane, _)) = lane {
+                            lane.release();
+                        }
                         if let Some(done) = done {
                             done(Ok(()));
                         }
@@ -234,17 +225,14 @@ fn commit(
         Err(err) => {
             tracing::error!(error = %err, batch = batch.len(), "journal commit failed");
             shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-            let restored = file
-                .set_len(*durable_len)
-                .and_then(|()| file.sync_all())
-                .is_ok();
+            let restored = storage.set_len(*durable_len).is_ok();
             if !restored {
                 // The failed batch may still be on disk with valid checksums; blank the first
                 // header so recovery stops there instead of resurrecting records whose
                 // senders were told they failed.
-                let blanked = file
+                let blanked = storage
                     .write_all_at(&[0u8; super::record::HEADER_LEN], *durable_len)
-                    .and_then(|()| file.sync_data())
+                    .and_then(|()| storage.sync_data())
                     .is_ok();
                 tracing::error!(
                     blanked,
@@ -252,36 +240,32 @@ fn commit(
                 );
                 shared.broken.store(true, Ordering::Release);
             }
+            let failure = JournalError::Commit {
+                kind: err.kind(),
+                message: err.to_string(),
+            };
             for entry in batch.drain(..) {
-                match entry {
-                    Entry::Append { fence, done, .. } => {
-                        if let Some((fence, generation)) = fence {
-                            fence.fail(generation);
-                        }
-                        if let Some(done) = done {
-                            done(Err(JournalError::Commit(err.clone())));
-                        }
-                    }
-                    Entry::Barrier(done) => done(Err(JournalError::Commit(err.clone()))),
+                if let Entry::Append {
+                    lane: Some((lane, generation)),
+                    ..
+                } = &entry
+                {
+                    lane.fail(*generation);
                 }
+                entry.fail(failure.clone());
             }
         }
     }
 }
 
-fn write_and_sync(file: &File, at: u64, buf: &[u8], shared: &Shared) -> Result<(), String> {
-    // Positioned writes: after a failed commit the file is cut back and the next batch lands
-    // exactly at the durable end, whatever the failed write did to a file cursor.
-    file.write_all_at(buf, at)
-        .map_err(|e| format!("write: {e}"))?;
-    let injected = shared
-        .inject_failures
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok();
-    if injected {
-        return Err("fdatasync: injected failure".into());
-    }
-    file.sync_data().map_err(|e| format!("fdatasync: {e}"))
+/// Writes the batch at the durable end, then syncs. Errors keep their kind (a full disk
+/// stays `StorageFull`) with the step that failed in the message.
+fn write_and_sync(storage: &dyn StorageBackend, at: u64, buf: &[u8]) -> std::io::Result<()> {
+    let step = |what: &'static str| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    storage.write_all_at(buf, at).map_err(step("write"))?;
+    storage.sync_data().map_err(step("fdatasync"))
 }
 
 impl Stats {

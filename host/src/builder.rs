@@ -1,0 +1,219 @@
+//! Configuring and opening a [`Runtime`]: the one builder, in the wasmtime style (every
+//! setting a method over [`Config::default`], whose figures live in
+//! [`crate::config::defaults`]).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::config::{Config, MAX_PAYLOAD_LIMIT};
+use crate::journal::{FileBackend, Journal, JournalOptions, StorageBackend};
+use crate::runtime::Runtime;
+
+/// Everything configurable about a runtime, with defaults that suit a single server (see
+/// [`crate::config::defaults`] for each figure and where it comes from).
+pub struct RuntimeBuilder {
+    data_dir: PathBuf,
+    config: Config,
+    plugins: Vec<(String, Vec<u8>)>,
+    plugin_dirs: Vec<PathBuf>,
+    storage: Option<Arc<dyn StorageBackend>>,
+}
+
+impl RuntimeBuilder {
+    /// The settings as configured so far.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Longest a guest call may run (default 250 ms; guest calls normally take microseconds).
+    pub fn call_timeout(mut self, d: Duration) -> Self {
+        self.config.engine.call_timeout = d;
+        self
+    }
+
+    /// Cap on one instance's linear memory (default 64 MiB).
+    pub fn max_guest_memory(mut self, bytes: usize) -> Self {
+        self.config.engine.max_memory = bytes;
+        self
+    }
+
+    /// Snapshot a device after this many transitions (default 1,000; 0 disables).
+    pub fn snapshot_every(mut self, n: u64) -> Self {
+        self.config.actor.snapshot_every = n;
+        self
+    }
+
+    /// Messages that may wait in one device's mailbox before senders get
+    /// [`crate::Error::MailboxFull`] (default 256).
+    pub fn mailbox_capacity(mut self, n: usize) -> Self {
+        self.config.actor.mailbox = n.max(1);
+        self
+    }
+
+    /// Drop a device's instance after this long without a message (default 5 minutes); the
+    /// next message reactivates it from snapshot + journal tail.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.config.actor.idle_timeout = d;
+        self
+    }
+
+    /// Keep at most this many guest instances alive (default 14,000); past it the least
+    /// recently used devices are passivated. Each instance reserves address space and memory
+    /// mappings, so one process cannot hold more than ~16k with wasmtime's default memory
+    /// settings (see [`crate::config::defaults::MAX_LIVE`]).
+    pub fn max_live_instances(mut self, n: usize) -> Self {
+        self.config.actor.max_live = n.max(1);
+        self
+    }
+
+    /// Records per device that may be waiting for the disk (default 128).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.actor.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Largest accepted event, in bytes (default 64 KiB, at most 16 MiB so that an event
+    /// and its transitions always fit one journal record).
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.config.max_event_bytes = n.min(MAX_PAYLOAD_LIMIT);
+        self
+    }
+
+    /// Largest total size of the transitions one event may produce (default 1 MiB, at most
+    /// 16 MiB).
+    pub fn max_output_bytes(mut self, n: usize) -> Self {
+        self.config.actor.max_output_bytes = n.min(MAX_PAYLOAD_LIMIT);
+        self
+    }
+
+    /// How long the journal writer lets a batch grow once it is under load (default 500 µs;
+    /// zero commits as soon as the previous fsync returns).
+    pub fn commit_delay(mut self, d: Duration) -> Self {
+        self.config.commit_delay = d;
+        self
+    }
+
+    /// Whether to open a journal that is damaged before its tail by cutting it at the first
+    /// bad record (default false: such a journal is refused, since the records after the
+    /// damage were acknowledged; see [`crate::journal`]).
+    pub fn salvage_journal(mut self, salvage: bool) -> Self {
+        self.config.salvage = salvage;
+        self
+    }
+
+    /// Registers `bytes` under `name` at start-up (a new version if the bytes changed).
+    pub fn plugin(mut self, name: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        self.plugins.push((name.into(), bytes.into()));
+        self
+    }
+
+    /// Keeps the journal on `storage` instead of `DATA/journal.log` (failure tests wrap the
+    /// file in a [`crate::journal::FaultyBackend`]).
+    pub fn journal_storage(mut self, storage: Arc<dyn StorageBackend>) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Registers every `NAME.wasm` in `dir` under `NAME` at start-up.
+    pub fn plugin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.plugin_dirs.push(dir.into());
+        self
+    }
+
+    /// Opens the data directory (taking its lock), recovers the journal, records the engine
+    /// settings for offline tools and registers the start-up plugins.
+    pub async fn open(self) -> anyhow::Result<Runtime> {
+        let dir = &self.data_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = lock_data_dir(dir)?;
+        let options = JournalOptions {
+            salvage: self.config.salvage,
+            commit_delay: self.config.commit_delay,
+        };
+        let storage: Arc<dyn StorageBackend> = match self.storage {
+            Some(s) => s,
+            None => Arc::new(
+                FileBackend::open(&dir.join(crate::journal::FILE_NAME))
+                    .with_context(|| format!("opening the journal in {}", dir.display()))?,
+            ),
+        };
+        let journal = Journal::open_on(storage, &options)
+            .with_context(|| format!("opening the journal in {}", dir.display()))?;
+        if let Some(d) = &journal.recovery().dropped {
+            tracing::warn!(offset = d.offset, bytes = d.bytes, reason = %d.reason, "journal tail was dropped on open");
+        }
+        self.config
+            .engine
+            .store(dir)
+            .with_context(|| format!("recording the engine settings in {}", dir.display()))?;
+        let rt = Runtime::start(dir, journal, self.config, lock)?;
+
+        let mut plugins = self.plugins;
+        for dir in &self.plugin_dirs {
+            plugins.extend(read_plugin_dir(dir)?);
+        }
+        for (name, bytes) in plugins {
+            let (v, new) = rt
+                .register_plugin(&name, bytes)
+                .await
+                .with_context(|| format!("registering plugin `{name}`"))?;
+            tracing::info!(plugin = %v.name, version = v.version, new, "plugin ready");
+        }
+        Ok(rt)
+    }
+}
+
+impl Runtime {
+    /// Starts configuring a runtime whose journal, plugins and lock live in `data_dir`.
+    pub fn builder(data_dir: impl Into<PathBuf>) -> RuntimeBuilder {
+        RuntimeBuilder {
+            data_dir: data_dir.into(),
+            config: Config::default(),
+            plugins: Vec::new(),
+            plugin_dirs: Vec::new(),
+            storage: None,
+        }
+    }
+}
+
+/// Reads every `NAME.wasm` in `dir`.
+fn read_plugin_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading plugin dir {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "wasm") {
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .with_context(|| format!("plugin file name {} is not UTF-8", path.display()))?
+                .to_string();
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            out.push((name, bytes));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Takes an exclusive lock on the data directory so two processes never write one journal.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join("LOCK");
+    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "data directory {} is in use by another Drover process",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Every tunable of a runtime, its default, and why the default is what it is.
+//!
+//! This is the one source of truth: [`crate::RuntimeBuilder`] starts from [`Config::default`],
+//! the `drover serve` flags are optional overrides applied over the builder, and the HTTP
+//! limits start from [`defaults`] too. A test checks that the command line's defaults equal
+//! the builder's.
+
+use std::time::Duration;
+
+/// The default of every setting, with where the figure comes from.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Messages that may wait in one device's mailbox before senders get `mailbox-full`. A
+    /// device handles an event in microseconds, so 256 waiting is a burst, not a backlog.
+    pub const MAILBOX: usize = 256;
+    /// Records of one device that may be waiting for the disk (pipelining depth). Past it the
+    /// actor stops taking messages, so backpressure reaches the sender.
+    pub const MAX_IN_FLIGHT: usize = 128;
+    /// Transitions between two snapshots of a device: at ~2M applies/s, reactivation replays
+    /// at most ~0.5 ms of tail.
+    pub const SNAPSHOT_EVERY: u64 = 1000;
+    /// Largest total size of the transitions of one event.
+    pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+    /// A device without messages for this long drops its instance (passivation).
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Live guest instances. With wasmtime's default memory settings each instance reserves
+    /// address space and ~4 memory mappings; `vm.max_map_count` (65,530) caps a process near
+    /// 16k (measured, `shared/WASMTIME-NOTES.md`), so 14k leaves room for everything else.
+    pub const MAX_LIVE: usize = 14_000;
+    /// Largest accepted event. At most [`super::MAX_PAYLOAD_LIMIT`].
+    pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+    /// Longest one guest call may run; guest calls normally take microseconds.
+    pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+    /// Cap on one instance's linear memory.
+    pub const MAX_GUEST_MEMORY: usize = 64 * 1024 * 1024;
+    /// Granularity of the guest deadline clock: one wakeup per tick for the whole process.
+    pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+    /// How long the journal writer lets a batch grow once it is under load (a batch of 64
+    /// records or more). Fewer, larger fsyncs cost the kernel less CPU per record: measured
+    /// with the core bench, this was the second largest throughput win of the skeleton.
+    pub const COMMIT_DELAY: Duration = Duration::from_micros(500);
+
+    /// Largest JSON request body other than events and batches (provisioning, deploy).
+    pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+    /// Largest gateway batch body (`POST /v1/events`).
+    pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+    /// Most items in one gateway batch.
+    pub const MAX_BATCH_ITEMS: usize = 10_000;
+    /// Largest plugin upload; the example plugins are ~260 KB.
+    pub const MAX_PLUGIN_BYTES: usize = 64 * 1024 * 1024;
+    /// Most records one journal page may ask for.
+    pub const MAX_PAGE: usize = 1000;
+    /// How long a graceful shutdown lets open requests finish.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// Ceiling of the event and output limits: both at their maximum still fit one journal record
+/// (64 MiB) with room to spare.
+pub const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Settings of the wasm engine. Precompiled plugin artifacts are only valid for the settings
+/// they were built with (wasmtime checks this when loading them), and a replay must use the
+/// server's call timeout and memory cap or it could fail where the server succeeded: the
+/// runtime records them in the data directory for offline tools (see [`crate::replay`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// Longest a single guest call may run before it is interrupted.
+    #[serde(with = "millis")]
+    pub call_timeout: Duration,
+    /// Cap on one instance's linear memory, in bytes.
+    pub max_memory: usize,
+    /// Granularity of the deadline clock. Smaller is more precise and costs a wakeup each tick.
+    #[serde(with = "millis")]
+    pub epoch_tick: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            call_timeout: defaults::CALL_TIMEOUT,
+            max_memory: defaults::MAX_GUEST_MEMORY,
+            epoch_tick: defaults::EPOCH_TICK,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// File in the data directory where a runtime records its engine settings.
+    pub const FILE_NAME: &'static str = "engine.json";
+
+    /// The settings recorded in `data_dir` by the runtime that owns it, or the defaults if
+    /// none were recorded.
+    pub fn load(data_dir: &std::path::Path) -> std::io::Result<EngineConfig> {
+        match std::fs::read(data_dir.join(Self::FILE_NAME)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EngineConfig::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records these settings in `data_dir` (atomically: temp file, fsync, rename), for
+    /// offline tools that must run guests exactly as the server does.
+    pub fn store(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let path = data_dir.join(Self::FILE_NAME);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+}
+
+/// Per-actor limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorConfig {
+    /// Messages that may wait in a device's mailbox.
+    pub mailbox: usize,
+    /// Records per device that may be waiting for the disk.
+    pub max_in_flight: usize,
+    /// Take a snapshot after this many transitions since the last one (0: never).
+    pub snapshot_every: u64,
+    /// Largest total size of the transitions one event may produce.
+    pub max_output_bytes: usize,
+    /// An actor with no message for this long drops its instance (passivation).
+    pub idle_timeout: Duration,
+    /// Past this many live instances, the least recently used are passivated.
+    pub max_live: usize,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig {
+            mailbox: defaults::MAILBOX,
+            max_in_flight: defaults::MAX_IN_FLIGHT,
+            snapshot_every: defaults::SNAPSHOT_EVERY,
+            max_output_bytes: defaults::MAX_OUTPUT_BYTES,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_live: defaults::MAX_LIVE,
+        }
+    }
+}
+
+/// Every setting of a runtime. Built through [`crate::RuntimeBuilder`]; readable with
+/// [`crate::RuntimeBuilder::config`] and [`crate::Runtime::config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub engine: EngineConfig,
+    pub actor: ActorConfig,
+    /// Largest accepted event, in bytes.
+    pub max_event_bytes: usize,
+    /// How long the journal writer lets a batch grow under load.
+    pub commit_delay: Duration,
+    /// Open a journal damaged before its tail by cutting it at the first bad record.
+    pub salvage: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            engine: EngineConfig::default(),
+            actor: ActorConfig::default(),
+            max_event_bytes: defaults::MAX_EVENT_BYTES,
+            commit_delay: defaults::COMMIT_DELAY,
+            salvage: false,
+        }
+    }
+}
+
+/// Durations as whole milliseconds in the engine settings file.
+mod millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = <u64 as serde::Deserialize>::deserialize(d)?;
+        Ok(Duration::from_millis(ms))
+    }
+}

@@ -1,0 +1,228 @@
+//! The storage seam under the journal: where its bytes live.
+//!
+//! The journal needs very little from storage: positioned reads and writes, a length, a
+//! durable sync, and cutting the end off. [`StorageBackend`] is exactly that (the shape of
+//! redb's `StorageBackend`), so that
+//!
+//! * the production journal runs on a real file with `fdatasync` ([`FileBackend`]);
+//! * crash and failure tests run the same journal code over a backend that fails, tears or
+//!   forgets unsynced writes on command ([`FaultyBackend`], and an in-memory backend in the
+//!   journal's own tests), instead of test-only switches on the production type;
+//! * errors keep their [`std::io::ErrorKind`], so a full disk (`StorageFull`) is told apart
+//!   from other failures all the way up to the HTTP answer.
+//!
+//! A clustered backend (NATS JetStream) replaces the journal as a whole, not this seam: it
+//! implements the journal's domain calls over streams rather than a byte range.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use parking_lot::Mutex;
+
+/// A byte range with durable syncs: what the journal file needs from storage.
+///
+/// Every method takes `&self`: the writer thread appends while any number of readers read
+/// durable records, so implementations synchronize internally (positioned I/O on a file
+/// needs nothing more).
+pub trait StorageBackend: Send + Sync + 'static {
+    /// Current length in bytes (including unsynced writes).
+    fn len(&self) -> io::Result<u64>;
+    /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the range ends first.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the range if needed. Not durable until
+    /// [`StorageBackend::sync_data`] returns.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Cuts (or extends) the range to `len` and makes the new length durable.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Where the bytes live, if on a file system: recovery saves a dropped tail next to it.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// The journal file on a real file system.
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+}
+
+impl FileBackend {
+    /// Opens (creating if needed) the file at `path`. A new file is followed by an fsync of
+    /// its directory, so the file itself survives a crash.
+    pub fn open(path: &Path) -> io::Result<FileBackend> {
+        let existed = path.exists();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if !existed {
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        Ok(FileBackend {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing file for reading only; every write fails.
+    pub fn open_read_only(path: &Path) -> io::Result<FileBackend> {
+        Ok(FileBackend {
+            file: File::open(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl StorageBackend for FileBackend {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // Positioned writes: after a failed commit the file is cut back and the next batch
+        // lands exactly at the durable end, whatever the failed write did.
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_all()
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+}
+
+/// A backend that fails on command, wrapped around another one: how tests reach the journal's
+/// failure paths (a full disk, a failing device, a file that cannot be cut back) through the
+/// real journal and runtime code. Control it through the [`Faults`] handle.
+pub struct FaultyBackend {
+    inner: Box<dyn StorageBackend>,
+    faults: Arc<Faults>,
+}
+
+/// What a [`FaultyBackend`] should fail next. Counters count down one per failed call.
+#[derive(Debug, Default)]
+pub struct Faults {
+    syncs: AtomicU32,
+    writes: AtomicU32,
+    set_lens: AtomicU32,
+    kind: Mutex<Option<io::ErrorKind>>,
+}
+
+impl Faults {
+    /// Fails the next `n` syncs (the write before each one succeeds: the data is in the page
+    /// cache but not durable, as when `fdatasync` reports an I/O error).
+    pub fn fail_syncs(&self, n: u32) {
+        self.syncs.store(n, Ordering::Release);
+    }
+
+    /// Fails the next `n` writes.
+    pub fn fail_writes(&self, n: u32) {
+        self.writes.store(n, Ordering::Release);
+    }
+
+    /// Fails the next `n` attempts to cut the range back.
+    pub fn fail_set_lens(&self, n: u32) {
+        self.set_lens.store(n, Ordering::Release);
+    }
+
+    /// The error kind of injected failures (default `Other`; `StorageFull` for a full disk).
+    pub fn with_kind(&self, kind: io::ErrorKind) -> &Self {
+        *self.kind.lock() = Some(kind);
+        self
+    }
+
+    fn take(&self, counter: &AtomicU32, what: &str) -> io::Result<()> {
+        if counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let kind = self.kind.lock().unwrap_or(io::ErrorKind::Other);
+            return Err(io::Error::new(kind, format!("injected {what} failure")));
+        }
+        Ok(())
+    }
+}
+
+impl FaultyBackend {
+    /// Wraps `inner`; the returned handle injects failures.
+    pub fn new(inner: impl StorageBackend) -> (FaultyBackend, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        (
+            FaultyBackend {
+                inner: Box::new(inner),
+                faults: faults.clone(),
+            },
+            faults,
+        )
+    }
+}
+
+impl StorageBackend for FaultyBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.faults.take(&self.faults.writes, "write")?;
+        self.inner.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.faults.take(&self.faults.syncs, "fdatasync")?;
+        self.inner.sync_data()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.faults.take(&self.faults.set_lens, "set_len")?;
+        self.inner.set_len(len)
+    }
+
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+}
+
+/// Sequential reads over a backend, for the recovery scan.
+pub(super) struct SeqReader<'a> {
+    pub backend: &'a dyn StorageBackend,
+    pub pos: u64,
+    pub len: u64,
+}
+
+impl io::Read for SeqReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.backend.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,149 @@
+//! The router: device id → actor, activation on demand, and the live-instance cap.
+//!
+//! Every message to a device goes through [`Router::deliver`], which finds the device's actor
+//! or starts one (the *virtual actor* model: a device has an actor whenever someone talks to
+//! it, and callers never manage its lifecycle). Actors leave the table on their own after two
+//! idle periods ([`Directory::retire`]), and the router passivates the least recently used
+//! instances when more than the cap are live ([`Directory::over_capacity`]).
+//!
+//! The table is a `RwLock<HashMap>`: the hot path takes the read lock and clones a sender;
+//! the write lock is taken only to start or retire an actor, which is also where a sender
+//! could be cloned, so retiring can prove that nobody can still send to the actor.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+
+use crate::actor::{self, ActorEnv, ActorHandle, Directory, Message};
+use crate::error::{Error, validate_id};
+
+/// See the module docs.
+pub struct Router {
+    env: Arc<ActorEnv>,
+    actors: RwLock<HashMap<Arc<str>, ActorHandle>>,
+    closing: AtomicBool,
+    /// Set while an LRU passivation sweep is running, so activations do not pile up sweeps.
+    evicting: AtomicBool,
+    me: Weak<Router>,
+}
+
+impl Router {
+    /// A router whose actors get `env` (with its directory pointed back at this router).
+    pub fn new(make_env: impl FnOnce(Weak<dyn Directory>) -> ActorEnv) -> Arc<Router> {
+        Arc::new_cyclic(|me: &Weak<Router>| {
+            let directory: Weak<dyn Directory> = me.clone();
+            Router {
+                env: Arc::new(make_env(directory)),
+                actors: RwLock::new(HashMap::new()),
+                closing: AtomicBool::new(false),
+                evicting: AtomicBool::new(false),
+                me: me.clone(),
+            }
+        })
+    }
+
+    /// Puts `msg` into device `id`'s mailbox, starting its actor if it has none. Fails fast:
+    /// [`Error::MailboxFull`] when the mailbox is full, [`Error::UnknownDevice`] (or
+    /// [`Error::InvalidId`] for an id that could never exist) when it is not provisioned.
+    pub fn deliver(&self, id: &str, msg: Message) -> Result<(), Error> {
+        let tx = self.mailbox(id)?;
+        match tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Error::MailboxFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::ShuttingDown),
+        }
+    }
+
+    fn mailbox(&self, id: &str) -> Result<mpsc::Sender<Message>, Error> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(a) = self.actors.read().get(id) {
+            return Ok(a.tx.clone());
+        }
+        let Some(head) = self.env.journal.device(id) else {
+            validate_id(id)?;
+            return Err(Error::UnknownDevice(id.to_string()));
+        };
+        let mut actors = self.actors.write();
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let handle = actors
+            .entry(head.id.clone())
+            .or_insert_with(|| actor::spawn(self.env.clone(), head));
+        Ok(handle.tx.clone())
+    }
+
+    /// Number of devices with an actor (a task and mailbox; its instance may be passivated).
+    pub fn actors(&self) -> usize {
+        self.actors.read().len()
+    }
+
+    /// Stops taking messages, closes every mailbox and waits until each actor has handled
+    /// what was already in it. Returns how many actors there were.
+    pub async fn shutdown(&self) -> usize {
+        self.closing.store(true, Ordering::Release);
+        let actors: Vec<ActorHandle> = self.actors.write().drain().map(|(_, a)| a).collect();
+        let n = actors.len();
+        for a in actors {
+            // Dropping the last sender closes the mailbox; the actor exits after draining it.
+            a.closed().await;
+        }
+        n
+    }
+
+    /// Asks the least recently used live actors to passivate until the live count is 10%
+    /// under the cap (the margin keeps a busy runtime from sweeping on every activation).
+    fn evict_lru(self: Arc<Self>) {
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            let cap = self.env.config.max_live as u64;
+            let target = cap - cap / 10;
+            let live = self.env.metrics.live_instances.load(Ordering::Relaxed);
+            if live > target {
+                let mut candidates: Vec<(u64, mpsc::Sender<Message>)> = self
+                    .actors
+                    .read()
+                    .values()
+                    .filter(|a| a.activity.live.load(Ordering::Relaxed))
+                    .map(|a| {
+                        (
+                            a.activity.last_used_ms.load(Ordering::Relaxed),
+                            a.tx.clone(),
+                        )
+                    })
+                    .collect();
+                candidates.sort_unstable_by_key(|c| c.0);
+                let excess = (live - target) as usize;
+                tracing::debug!(live, cap, excess, "passivating least recently used devices");
+                for (_, tx) in candidates.into_iter().take(excess) {
+                    // A full mailbox means the device is busy, hence not a good victim anyway.
+                    let _ = tx.try_send(Message::Passivate);
+                }
+            }
+            self.evicting.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl Directory for Router {
+    fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool {
+        let mut actors = self.actors.write();
+        if !rx.is_empty() || rx.sender_strong_count() > 1 {
+            return false;
+        }
+        actors.remove(id).is_some()
+    }
+
+    fn over_capacity(&self) {
+        if let Some(me) = self.me.upgrade() {
+            me.evict_lru();
+        }
+    }
+}

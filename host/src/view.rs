@@ -1,0 +1,92 @@
+//! What callers see of devices: the answers of [`crate::Runtime`]'s methods.
+//!
+//! Plain data, shared by the runtime, the HTTP API and embedders. JSON produced by guests is
+//! kept as text (`String`) so it travels to the client without a parse/reserialize round
+//! trip.
+
+use serde::Serialize;
+
+/// An event that is durable: what the sender gets back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    /// When the event was handled: host time in ms since the Unix epoch, as journaled.
+    pub at_ms: u64,
+    /// The transitions, each one JSON document.
+    pub transitions: Vec<String>,
+}
+
+/// A device's state as of a durable seq (the guest's `query` answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    pub seq: u64,
+    /// JSON text.
+    pub state: String,
+}
+
+/// Where a device is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    /// A guest instance is live and takes events without an activation.
+    Active,
+    /// No instance: the next event activates the device from snapshot + journal tail.
+    Passivated,
+    /// The plugin failed on this device repeatedly; events are refused until the quarantine
+    /// ends. Reads still answer the last durable state.
+    Quarantined,
+}
+
+impl DeviceStatus {
+    /// The lowercase word used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Active => "active",
+            DeviceStatus::Passivated => "passivated",
+            DeviceStatus::Quarantined => "quarantined",
+        }
+    }
+}
+
+/// A provisioned device as stored (no state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceSummary {
+    pub id: String,
+    pub plugin: String,
+    pub version: u32,
+    pub seq: u64,
+    pub config: serde_json::Value,
+    pub created_at_ms: u64,
+}
+
+/// A device with its current durable state.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    pub summary: DeviceSummary,
+    /// The lifecycle status when the read arrived. A read does not change it: reading a
+    /// passivated device answers from a temporary instance and leaves it passivated.
+    pub status: DeviceStatus,
+    /// The guest's `query` answer, JSON text.
+    pub state: String,
+}
+
+/// One journal record as shown to users.
+#[derive(Debug, Clone)]
+pub struct JournalEntry {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub plugin: String,
+    pub version: u32,
+    /// JSON text.
+    pub event: String,
+    /// JSON texts.
+    pub transitions: Vec<String>,
+}
+
+/// One page of a device's journal.
+#[derive(Debug, Clone)]
+pub struct JournalPage {
+    pub records: Vec<JournalEntry>,
+    /// The seq to ask for next, if there are more records.
+    pub next: Option<u64>,
+}
