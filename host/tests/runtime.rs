@@ -581,6 +581,10 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
         }
     }
     assert_eq!(rt.metrics().live_instances.load(Relaxed), 2);
+    assert_eq!(
+        rt.device("p1").await.expect("read").status,
+        DeviceStatus::Active
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rt.metrics().live_instances.load(Relaxed) > 0 {
         assert!(
@@ -597,6 +601,21 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
         .expect("snapshot records durable");
     let num = rt.journal().device("p1").expect("p1").num;
     assert_eq!(rt.journal().snapshots(num).last().map(|s| s.seq), Some(3));
+
+    // A read of a passivated device says so, answers its state, and leaves it passivated.
+    let passivations = rt.metrics().passivations.load(Relaxed);
+    let view = rt.device("p1").await.expect("read");
+    assert_eq!(view.status, DeviceStatus::Passivated);
+    assert_eq!(
+        (view.summary.seq, parse(&view.state)["count"].clone()),
+        (3, json!(3))
+    );
+    assert_eq!(rt.metrics().live_instances.load(Relaxed), 0);
+    assert_eq!(rt.metrics().passivations.load(Relaxed), passivations + 1);
+    assert_eq!(
+        rt.device("p1").await.expect("read").status,
+        DeviceStatus::Passivated
+    );
 
     let activations = rt.metrics().activations.load(Relaxed);
     let ack = rt
@@ -745,8 +764,11 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
         started.elapsed() < Duration::from_millis(100),
         "quarantine ran the guest"
     );
-    let err = rt.device("bad").await.expect_err("reads are refused too");
-    assert_eq!(err.code(), "quarantined");
+    // Reads still answer the last durable state, and say why events are refused.
+    let view = rt.device("bad").await.expect("reads are served");
+    assert_eq!(view.status, DeviceStatus::Quarantined);
+    assert_eq!(view.summary.seq, 0);
+    assert!(rt.metrics().errors(ErrorKind::Quarantined) >= 20);
     // Its neighbour is unaffected, and nothing of the failures was written.
     assert_eq!(
         rt.send("good", r#"{"type":"ok"}"#).await.expect("ok").seq,
