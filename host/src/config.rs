@@ -26,7 +26,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
     /// Live guest instances. With wasmtime's default memory settings each instance reserves
     /// address space and ~4 memory mappings; `vm.max_map_count` (65,530) caps a process near
-    /// 16k (measured, `shared/WASMTIME-NOTES.md`), so 14k leaves room for everything else.
+    /// 16k (measured; `host/DESIGN.md`, "Measured facts"), so 14k leaves room for everything else.
     pub const MAX_LIVE: usize = 14_000;
     /// Largest accepted event. At most [`super::MAX_PAYLOAD_LIMIT`].
     pub const MAX_EVENT_BYTES: usize = 64 * 1024;

@@ -1,29 +1,41 @@
 //! Drover: a runtime for device fleets in which every device is an isolated, event-sourced
 //! actor whose behavior is a sandboxed WebAssembly component.
 //!
+//! Start at [`Runtime`] (configured with [`RuntimeBuilder`]); serve it over HTTP with
+//! [`http::router`] or [`http::Server`]. `host/DESIGN.md` has the invariants, the journal
+//! format, the crash rules and the map of threads.
+//!
 //! # Layout
 //!
-//! * [`runtime`]: the public entry point; [`Runtime`] and its one builder.
-//! * [`actor`]: the per-device actor loop: mailbox, guest calls, pipelined commits.
-//! * [`journal`]: the durable, group-committed, checksummed event log and its index.
-//! * [`replay`]: rebuilding a device from snapshot + journal tail.
-//! * [`registry`]: versioned, content-addressed plugins.
-//! * [`embedded`]: the example plugins, built from `plugins/` and embedded in the binary.
-//! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
-//! * [`metrics`]: counters and latency histogram in Prometheus format.
-//! * [`error`]: the typed errors every caller sees.
+//! In dependency order: no module uses one listed after it.
+//!
 //! * [`clock`]: host time and per-event seeds (guests have no clock of their own).
+//! * [`config`]: every setting and its default, in one place.
+//! * [`error`]: the typed errors every caller sees, and their [`ErrorKind`]s.
+//! * [`view`]: what callers get back: devices, states, journal pages.
+//! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
+//! * [`journal`]: the durable, group-committed, checksummed log, in domain terms, over a
+//!   storage seam ([`journal::storage`]).
+//! * [`registry`]: versioned, content-addressed plugins and which version is current.
+//! * `decide`: the one path from an event to state (handle + apply), shared by actors,
+//!   replay and dry-run.
+//! * [`replay`]: rebuilding a device from snapshot + journal tail, online and offline.
+//! * [`metrics`]: counters and latency histogram in Prometheus format.
+//! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits.
+//! * `router`: device id → actor, activation on demand, the live-instance cap.
+//! * `builder`, `runtime`: [`RuntimeBuilder`] and the [`Runtime`] facade.
 //! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
-//! * [`cli`]: the `drover` command line: server, client commands, replay, demo, benches.
-//! * [`sim`]: the fleet simulator that drives a server over HTTP.
+//!
+//! The `drover` binary (CLI, fleet simulator, embedded example plugins) lives in
+//! `src/bin/drover/` and is not part of the library.
 
-pub mod actor;
+mod actor;
 mod builder;
-pub mod cli;
+pub mod cli; // moving to the binary
 pub mod clock;
 pub mod config;
-pub mod decide;
-pub mod embedded;
+mod decide;
+pub mod embedded; // moving to the binary
 pub mod engine;
 pub mod error;
 pub mod http;
@@ -31,9 +43,9 @@ pub mod journal;
 pub mod metrics;
 pub mod registry;
 pub mod replay;
-pub mod router;
-pub mod runtime;
-pub mod sim;
+mod router;
+mod runtime;
+pub mod sim; // moving to the binary
 pub mod view;
 
 pub use builder::RuntimeBuilder;

@@ -1,6 +1,6 @@
 //! The v1 HTTP API: how clients, gateways and the CLI talk to a [`Runtime`].
 //!
-//! The routes and their bodies are the public contract in `DESIGN.md` ("The public contract
+//! The routes and their bodies are the public contract in `host/DESIGN.md` ("The public contract
 //! (v1)"); this module only translates between HTTP and the runtime and adds nothing the
 //! runtime does not already guarantee: an event is answered once its record is durable, a
 //! full mailbox is a 429 with `Retry-After`, and every failure, including the ones axum

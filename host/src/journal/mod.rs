@@ -735,7 +735,7 @@ const MAX_TORN_BYTES: u64 =
 
 /// Scans the journal from the start, building the index; cuts a bad tail (see module docs).
 fn recover(storage: &dyn StorageBackend, cut: Cut) -> std::io::Result<(Index, Recovery)> {
-    let file_len = storage.len()?;
+    let file_len = storage.size()?;
     let mut recovery = Recovery::default();
     let start = match record::read_file_header(storage, file_len)? {
         record::FileHeader::Present { format } => {

@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 /// needs nothing more).
 pub trait StorageBackend: Send + Sync + 'static {
     /// Current length in bytes (including unsynced writes).
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the range ends first.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the range if needed. Not durable until
@@ -85,7 +85,7 @@ impl FileBackend {
 }
 
 impl StorageBackend for FileBackend {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 
@@ -180,8 +180,8 @@ impl FaultyBackend {
 }
 
 impl StorageBackend for FaultyBackend {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
