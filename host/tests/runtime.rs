@@ -808,3 +808,60 @@ async fn a_journal_page_stops_at_a_few_megabytes_and_continues_from_next() {
     assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A server whose guests may run 5 s per call, and a device whose `apply` takes longer
+    // than the default 250 ms deadline: the server runs it fine.
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("slow", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // Guests have no clock: calibrate the spin count to this machine.
+    let probe = 20_000_000u64;
+    let started = std::time::Instant::now();
+    rt.send(
+        "slow",
+        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
+    )
+    .await
+    .expect("probe");
+    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
+    let spin = (0.7 / per_spin.max(1e-12)) as u64;
+    rt.send(
+        "slow",
+        &format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#),
+    )
+    .await
+    .expect("a 0.7 s apply is within the server's 5 s budget");
+    let engine = rt.config().engine.clone();
+    rt.shutdown().await;
+
+    // `drover replay`'s path uses the settings the server recorded, so it replays the device
+    // the server ran.
+    assert_eq!(
+        drover::config::EngineConfig::load(dir.path()).expect("recorded"),
+        engine
+    );
+    let replayed =
+        replay::offline(dir.path(), "slow", None, Start::Genesis).expect("offline replay");
+    assert_eq!(replayed.seq, 2);
+    assert_eq!(parse(&replayed.state)["applied"], json!(2));
+
+    // With the default settings the same replay times out: the recorded settings matter.
+    let journal = Journal::open_read_only(dir.path()).expect("journal");
+    let default_engine = drover::engine::Engine::new(Default::default()).expect("engine");
+    let registry = drover::registry::Registry::open(default_engine, journal.clone(), dir.path())
+        .expect("registry");
+    let head = journal.device("slow").expect("head");
+    let err = replay::rebuild(&journal, &registry, &head, head.seq, Start::Genesis)
+        .err()
+        .expect("times out under the default deadline");
+    assert!(err.to_string().contains("time budget"), "{err}");
+}

@@ -22,6 +22,7 @@
 //! | `{"type": "log", "message": "...", "level": "warn"}` | logs through the host (level defaults to `info`), no transition |
 //! | `{"type": "echo"}` | one transition `{"type": "echoed", "device_id": .., "seq": .., "at_ms": .., "seed": ..}` copying the event context |
 //! | `{"type": "panic_on_apply"}` | one transition `{"type": "poison"}` whose `apply` panics: handle succeeds, apply (and every replay) traps |
+//! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //!
 //! # State
 //!
@@ -93,6 +94,13 @@ pub enum Event {
     Echo,
     /// Return a transition whose `apply` panics.
     PanicOnApply,
+    /// Return `count` transitions whose `apply` each spins `spin` iterations.
+    SlowApply {
+        /// Loop iterations per apply.
+        spin: u64,
+        /// Transitions.
+        count: u32,
+    },
 }
 
 /// Log level of a `log` event.
@@ -144,6 +152,11 @@ pub enum Transition {
     },
     /// Panics when applied.
     Poison,
+    /// Spins `spin` iterations when applied.
+    Slow {
+        /// Loop iterations.
+        spin: u64,
+    },
 }
 
 impl Device for Misbehave {
@@ -202,6 +215,9 @@ impl Device for Misbehave {
                 seed: ctx.seed(),
             }],
             Event::PanicOnApply => vec![Transition::Poison],
+            Event::SlowApply { spin, count } => {
+                (0..count).map(|_| Transition::Slow { spin }).collect()
+            }
         })
     }
 
@@ -210,6 +226,13 @@ impl Device for Misbehave {
         match transition {
             Transition::Counted { count } => self.count = count,
             Transition::Poison => panic!("misbehave: poison transition applied"),
+            Transition::Slow { spin } => {
+                let mut x = 0u64;
+                for i in 0..spin {
+                    x = std::hint::black_box(x.wrapping_add(i));
+                }
+                std::hint::black_box(x);
+            }
             Transition::Allocated { .. } | Transition::Big { .. } | Transition::Echoed { .. } => {}
         }
     }
