@@ -54,6 +54,8 @@ pub struct ActorEnv {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub config: ActorConfig,
+    /// Time budget of one event (handle plus every apply).
+    pub call_timeout: Duration,
     /// The router, seen through what actors may ask of it. Weak: the router owns the actors.
     pub directory: Weak<dyn Directory>,
 }
@@ -416,7 +418,9 @@ impl Actor {
             seed: clock::seed(&self.head.id, seq),
         };
         let max_output = self.env.config.max_output_bytes;
-        let transitions = match decide::decide(&mut live.instance, &ctx, &event, max_output) {
+        let budget = self.env.call_timeout;
+        let transitions = match decide::decide(&mut live.instance, &ctx, &event, max_output, budget)
+        {
             Ok(t) => t,
             Err(Failed {
                 error,

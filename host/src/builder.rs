@@ -29,9 +29,16 @@ impl RuntimeBuilder {
         &self.config
     }
 
-    /// Longest a guest call may run (default 250 ms; guest calls normally take microseconds).
+    /// Longest one event (its `handle` and every `apply`) or one other guest call may run
+    /// (default 250 ms; guest calls normally take microseconds).
     pub fn call_timeout(mut self, d: Duration) -> Self {
         self.config.engine.call_timeout = d;
+        self
+    }
+
+    /// Longest one activation (snapshot restore plus the replayed tail) may run (default 5 s).
+    pub fn activation_timeout(mut self, d: Duration) -> Self {
+        self.config.engine.activation_timeout = d;
         self
     }
 

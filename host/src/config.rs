@@ -30,8 +30,12 @@ pub mod defaults {
     pub const MAX_LIVE: usize = 14_000;
     /// Largest accepted event. At most [`super::MAX_PAYLOAD_LIMIT`].
     pub const MAX_EVENT_BYTES: usize = 64 * 1024;
-    /// Longest one guest call may run; guest calls normally take microseconds.
+    /// Longest one event (its `handle` and every `apply`) or one other guest call may run;
+    /// guest calls normally take microseconds.
     pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+    /// Longest one activation (restore a snapshot, replay the tail) may run. Replay applies
+    /// ~2M transitions/s, so this covers a tail of millions of transitions.
+    pub const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(5);
     /// Cap on one instance's linear memory.
     pub const MAX_GUEST_MEMORY: usize = 64 * 1024 * 1024;
     /// Granularity of the guest deadline clock: one wakeup per tick for the whole process.
@@ -66,9 +70,13 @@ pub const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct EngineConfig {
-    /// Longest a single guest call may run before it is interrupted.
+    /// Longest one event (`handle` plus every `apply`), or one other guest call, may run
+    /// before it is interrupted.
     #[serde(with = "millis")]
     pub call_timeout: Duration,
+    /// Longest one activation (restore plus the replayed tail) may run.
+    #[serde(with = "millis")]
+    pub activation_timeout: Duration,
     /// Cap on one instance's linear memory, in bytes.
     pub max_memory: usize,
     /// Granularity of the deadline clock. Smaller is more precise and costs a wakeup each tick.
@@ -80,6 +88,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             call_timeout: defaults::CALL_TIMEOUT,
+            activation_timeout: defaults::ACTIVATION_TIMEOUT,
             max_memory: defaults::MAX_GUEST_MEMORY,
             epoch_tick: defaults::EPOCH_TICK,
         }

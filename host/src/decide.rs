@@ -15,6 +15,8 @@
 //! as it was (handle does not change state); a trap or timeout in `handle`, and any failure
 //! in `apply` (the state is then half-changed), loses the instance.
 
+use std::time::Duration;
+
 use crate::engine::{EventContext, Instance};
 use crate::error::Error;
 
@@ -27,8 +29,21 @@ pub struct Failed {
 }
 
 /// Runs `handle` on `event`, checks the output against `max_output_bytes`, then `apply`s each
-/// transition. Returns the transitions (JSON texts) to journal.
+/// transition, all within one time budget (`budget`: the whole event, not each call). Returns
+/// the transitions (JSON texts) to journal.
 pub fn decide(
+    instance: &mut Instance,
+    ctx: &EventContext,
+    event: &str,
+    max_output_bytes: usize,
+    budget: Duration,
+) -> Result<Vec<String>, Failed> {
+    instance.within(budget, |instance| {
+        decide_now(instance, ctx, event, max_output_bytes)
+    })
+}
+
+fn decide_now(
     instance: &mut Instance,
     ctx: &EventContext,
     event: &str,

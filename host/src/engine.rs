@@ -21,7 +21,9 @@
 //!
 //! # Containment
 //!
-//! * Every call runs under an epoch deadline ([`EngineConfig::call_timeout`]); a guest stuck in
+//! * Every event (handle plus every apply) and every other call runs under an epoch deadline
+//!   ([`EngineConfig::call_timeout`]; an activation under [`EngineConfig::activation_timeout`],
+//!   see [`Instance::within`]); a guest stuck in
 //!   a loop traps with [`CallError::Timeout`].
 //! * Each store's linear memory is capped ([`EngineConfig::max_memory`]); growing past it
 //!   fails inside the guest, which typically traps.
@@ -127,7 +129,6 @@ struct EngineInner {
     engine: wasmtime::Engine,
     linker: Linker<GuestState>,
     config: EngineConfig,
-    deadline_ticks: u64,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -165,16 +166,11 @@ impl Engine {
                     }
                 }
             })?;
-        let deadline_ticks =
-            (config.call_timeout.as_nanos() / config.epoch_tick.as_nanos().max(1)).max(1) as u64;
-        // One extra tick: the current tick may be about to end.
-        let deadline_ticks = deadline_ticks + 1;
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 engine,
                 linker,
                 config,
-                deadline_ticks,
                 stop_ticker,
             }),
         })
@@ -276,7 +272,12 @@ impl CompiledPlugin {
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(inner.deadline_ticks);
+        // Instantiation runs the component's start code: one call's budget.
+        let call_ticks = (inner.config.call_timeout.as_nanos()
+            / inner.config.epoch_tick.as_nanos().max(1))
+        .max(1) as u64
+            + 1;
+        store.set_epoch_deadline(call_ticks);
         let device = self
             .pre
             .instantiate(&mut store)
@@ -284,18 +285,35 @@ impl CompiledPlugin {
         Ok(Instance {
             store,
             device,
-            deadline_ticks: inner.deadline_ticks,
-            timeout: inner.config.call_timeout,
+            epoch_tick: inner.config.epoch_tick,
+            call_timeout: inner.config.call_timeout,
+            unit: None,
         })
+    }
+
+    /// The engine this plugin was compiled for.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 }
 
 /// One device's live guest instance. Not `Sync`: exactly one actor owns it.
+///
+/// # Time budgets
+///
+/// A guest call runs under an epoch deadline. Work that takes several calls (an event:
+/// `handle` then one `apply` per transition; an activation: `restore` then the replayed
+/// `apply`s) runs inside [`Instance::within`], which gives the whole unit one budget:
+/// otherwise a `handle` returning thousands of transitions whose `apply`s each stay just under
+/// the per-call deadline could hold a thread for hours. Outside a unit each call gets
+/// [`EngineConfig::call_timeout`].
 pub struct Instance {
     store: Store<GuestState>,
     device: Device,
-    deadline_ticks: u64,
-    timeout: Duration,
+    epoch_tick: Duration,
+    call_timeout: Duration,
+    /// The budget of the unit of work under way, if any: calls inside it do not re-arm.
+    unit: Option<Duration>,
 }
 
 impl Instance {
@@ -341,8 +359,25 @@ impl Instance {
         self.settle(r)
     }
 
+    /// Runs `f` as one unit of work: every guest call inside shares one deadline, `budget`
+    /// from now (see the type's docs).
+    pub fn within<T>(&mut self, budget: Duration, f: impl FnOnce(&mut Instance) -> T) -> T {
+        let outer = self.unit.replace(budget);
+        self.store.set_epoch_deadline(self.ticks(budget));
+        let out = f(self);
+        self.unit = outer;
+        out
+    }
+
+    /// Epoch ticks for `budget`, plus one: the current tick may be about to end.
+    fn ticks(&self, budget: Duration) -> u64 {
+        (budget.as_nanos() / self.epoch_tick.as_nanos().max(1)).max(1) as u64 + 1
+    }
+
     fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        if self.unit.is_none() {
+            self.store.set_epoch_deadline(self.ticks(self.call_timeout));
+        }
     }
 
     fn settle<T>(
@@ -360,7 +395,7 @@ impl Instance {
                     e.downcast_ref::<wasmtime::Trap>(),
                     Some(wasmtime::Trap::Interrupt)
                 ) {
-                    return Err(CallError::Timeout(self.timeout));
+                    return Err(CallError::Timeout(self.unit.unwrap_or(self.call_timeout)));
                 }
                 let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
                     Some(trap) => trap.to_string(),

@@ -7,12 +7,13 @@
 //! effects and needs no clock.
 
 use std::path::Path;
+use std::time::Instant;
 
 use crate::config::EngineConfig;
 use crate::decide;
 use crate::engine::{Engine, Instance};
 use crate::error::Error;
-use crate::journal::{DeviceHead, Journal};
+use crate::journal::{DeviceHead, Journal, SnapshotRef};
 use crate::registry::Registry;
 use crate::view::DeviceState;
 
@@ -53,29 +54,52 @@ pub fn rebuild(
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
     let activation = |e: crate::engine::CallError| Error::Activation(e.to_string());
+    // One budget for the whole rebuild (restore, init, every replayed apply), not per call.
+    let deadline = Instant::now() + compiled.engine().config().activation_timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
 
-    let snapshot = match start {
-        Start::Genesis => None,
-        Start::Snapshot => journal.snapshot_at(device.num, upto, device.version),
+    // Newest usable snapshot first; one that will not restore falls back to the one before
+    // it, and past a few failures to a full replay from `init`.
+    let candidates: Vec<SnapshotRef> = match start {
+        Start::Genesis => Vec::new(),
+        Start::Snapshot => journal
+            .snapshots(device.num)
+            .into_iter()
+            .rev()
+            .filter(|s| s.seq <= upto && s.version == device.version)
+            .take(MAX_SNAPSHOT_TRIES)
+            .collect(),
     };
-
     let mut restored = None;
-    if let Some(snap) = snapshot {
+    for (i, snap) in candidates.iter().enumerate() {
         let mut instance = compiled
             .instantiate(device.id.clone())
             .map_err(activation)?;
         let outcome = journal
-            .read_snapshot(snap)
+            .read_snapshot(*snap)
             .map_err(Error::from)
-            .and_then(|data| instance.restore(&data).map_err(Error::from));
+            .and_then(|data| {
+                instance
+                    .within(left(), |i| i.restore(&data))
+                    .map_err(Error::from)
+            });
         match outcome {
-            Ok(()) => restored = Some((instance, snap.seq)),
-            Err(e) => tracing::warn!(
-                device = %device.id,
-                seq = snap.seq,
-                error = %e,
-                "snapshot did not restore; replaying from the start"
-            ),
+            Ok(()) => {
+                restored = Some((instance, snap.seq));
+                break;
+            }
+            Err(e) => {
+                let next = match candidates.get(i + 1) {
+                    Some(older) => format!("trying the snapshot at seq {}", older.seq),
+                    None => "replaying from the start".to_string(),
+                };
+                tracing::warn!(
+                    device = %device.id,
+                    seq = snap.seq,
+                    error = %e,
+                    "snapshot did not restore; {next}"
+                );
+            }
         }
     }
     let (mut instance, from) = match restored {
@@ -86,7 +110,9 @@ pub fn rebuild(
                 .map_err(activation)?;
             let config = std::str::from_utf8(&device.config)
                 .map_err(|_| Error::Activation("stored config is not UTF-8".into()))?;
-            instance.init(&device.id, config).map_err(activation)?;
+            instance
+                .within(left(), |i| i.init(&device.id, config))
+                .map_err(activation)?;
             (instance, 0)
         }
     };
@@ -96,19 +122,23 @@ pub fn rebuild(
     let mut next = from + 1;
     while next <= upto {
         let to = (next + CHUNK - 1).min(upto);
-        for record in journal.read_events(device.num, next, to)? {
-            let transitions = record
-                .transitions
-                .iter()
-                .map(|t| std::str::from_utf8(t))
-                .collect::<Result<Vec<&str>, _>>()
-                .map_err(|_| {
-                    Error::Activation(format!("seq {}: transition is not UTF-8", record.seq))
-                })?;
-            applied += decide::fold(&mut instance, transitions)
-                .map_err(|e| Error::Activation(format!("replaying seq {}: {e}", record.seq)))?;
-            last_at_ms = record.at_ms;
-        }
+        let records = journal.read_events(device.num, next, to)?;
+        instance.within(left(), |instance| -> Result<(), Error> {
+            for record in &records {
+                let transitions = record
+                    .transitions
+                    .iter()
+                    .map(|t| std::str::from_utf8(t))
+                    .collect::<Result<Vec<&str>, _>>()
+                    .map_err(|_| {
+                        Error::Activation(format!("seq {}: transition is not UTF-8", record.seq))
+                    })?;
+                applied += decide::fold(instance, transitions)
+                    .map_err(|e| Error::Activation(format!("replaying seq {}: {e}", record.seq)))?;
+                last_at_ms = record.at_ms;
+            }
+            Ok(())
+        })?;
         next = to + 1;
     }
     if from > 0 && from == upto {
@@ -125,6 +155,9 @@ pub fn rebuild(
         applied,
     })
 }
+
+/// How many snapshots a rebuild tries, newest first, before replaying from `init`.
+const MAX_SNAPSHOT_TRIES: usize = 3;
 
 fn restored_seq(from: u64) -> Option<u64> {
     (from > 0).then_some(from)

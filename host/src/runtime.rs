@@ -93,6 +93,7 @@ impl Runtime {
             registry: registry.clone(),
             metrics: metrics.clone(),
             config: config.actor.clone(),
+            call_timeout: config.engine.call_timeout,
             directory,
         });
         Ok(Runtime {

@@ -812,11 +812,12 @@ async fn a_journal_page_stops_at_a_few_megabytes_and_continues_from_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // A server whose guests may run 5 s per call, and a device whose `apply` takes longer
-    // than the default 250 ms deadline: the server runs it fine.
+    // A server whose guests may run 3 s per event and per activation, and a device whose
+    // `apply` takes 0.7 s: the server runs it fine.
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
-        .call_timeout(Duration::from_secs(5))
+        .call_timeout(Duration::from_secs(3))
+        .activation_timeout(Duration::from_secs(3))
         .open()
         .await
         .expect("runtime");
@@ -854,9 +855,14 @@ async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     assert_eq!(replayed.seq, 2);
     assert_eq!(parse(&replayed.state)["applied"], json!(2));
 
-    // With the default settings the same replay times out: the recorded settings matter.
+    // With a shorter activation budget the same replay times out: the recorded settings
+    // matter.
     let journal = Journal::open_read_only(dir.path()).expect("journal");
-    let default_engine = drover::engine::Engine::new(Default::default()).expect("engine");
+    let default_engine = drover::engine::Engine::new(drover::config::EngineConfig {
+        activation_timeout: Duration::from_millis(250),
+        ..Default::default()
+    })
+    .expect("engine");
     let registry = drover::registry::Registry::open(default_engine, journal.clone(), dir.path())
         .expect("registry");
     let head = journal.device("slow").expect("head");
@@ -864,4 +870,48 @@ async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
         .err()
         .expect("times out under the default deadline");
     assert!(err.to_string().contains("time budget"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_budget_bounds_a_whole_event_not_each_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_millis(400))
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("s", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    let probe = 20_000_000u64;
+    let started = std::time::Instant::now();
+    rt.send(
+        "s",
+        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
+    )
+    .await
+    .expect("probe");
+    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
+    // 20 applies of ~120 ms each: every call is well under the 400 ms budget, the event is
+    // six times over it.
+    let spin = (0.12 / per_spin.max(1e-12)) as u64;
+    let started = std::time::Instant::now();
+    let err = rt
+        .send(
+            "s",
+            &format!(r#"{{"type":"slow_apply","spin":{spin},"count":20}}"#),
+        )
+        .await
+        .expect_err("the event exceeds its budget");
+    let took = started.elapsed();
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert!(
+        took < Duration::from_millis(1600),
+        "stopped at the event's budget, not after every apply: {took:?}"
+    );
+    // Nothing of it was written, and the device goes on from the journal.
+    let ack = rt.send("s", r#"{"type":"ok"}"#).await.expect("recovers");
+    assert_eq!(ack.seq, 2);
+    rt.shutdown().await;
 }
