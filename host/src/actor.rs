@@ -58,6 +58,52 @@ pub struct ActorEnv {
     pub call_timeout: Duration,
     /// The router, seen through what actors may ask of it. Weak: the router owns the actors.
     pub directory: Weak<dyn Directory>,
+    /// Where actors run: a runtime of their own, so guest code never holds the threads that
+    /// accept connections and answer `/healthz` (see [`ActorPool`]).
+    pub pool: tokio::runtime::Handle,
+}
+
+/// The threads that run actors, and so all guest code of live devices.
+///
+/// A tokio runtime of its own, apart from the one that serves HTTP: a guest that spins until
+/// its deadline, or many of them at once, occupies these threads only, and the server keeps
+/// accepting connections, answering `/healthz` and refusing with 429/503 on time. On a
+/// machine with few cores the kernel still shares the cores between both; what the split
+/// guarantees is that a spinning guest never sits on a thread an HTTP task is waiting for.
+pub struct ActorPool {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ActorPool {
+    /// Starts `threads` worker threads named `drover-actor`.
+    pub fn new(threads: usize) -> std::io::Result<ActorPool> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("drover-actor")
+            .enable_time()
+            .build()?;
+        Ok(ActorPool {
+            runtime: Some(runtime),
+        })
+    }
+
+    /// A handle to spawn onto the pool.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.runtime {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for ActorPool {
+    fn drop(&mut self) {
+        // A runtime may not be dropped (which blocks) from async code: let it go in the
+        // background. Actors are drained by `Runtime::shutdown` before this.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// What an actor may ask of the router that owns it.
@@ -137,7 +183,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead) -> ActorHandle {
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
-    let task = tokio::spawn(actor.run(rx));
+    let task = actor.env.pool.clone().spawn(actor.run(rx));
     ActorHandle { tx, activity, task }
 }
 

@@ -77,6 +77,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Threads that run actors and guest code, apart from the caller's (HTTP) threads
+    /// (default 0: one per core).
+    pub fn actor_threads(mut self, n: usize) -> Self {
+        self.config.actor.threads = n;
+        self
+    }
+
     /// Records per device that may be waiting for the disk (default 128).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.actor.max_in_flight = n.max(1);

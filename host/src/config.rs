@@ -138,6 +138,8 @@ pub struct ActorConfig {
     pub idle_timeout: Duration,
     /// Past this many live instances, the least recently used are passivated.
     pub max_live: usize,
+    /// Threads that run actors and guest code (0: one per core).
+    pub threads: usize,
 }
 
 impl Default for ActorConfig {
@@ -149,6 +151,7 @@ impl Default for ActorConfig {
             max_output_bytes: defaults::MAX_OUTPUT_BYTES,
             idle_timeout: defaults::IDLE_TIMEOUT,
             max_live: defaults::MAX_LIVE,
+            threads: 0,
         }
     }
 }

@@ -102,7 +102,8 @@ impl Router {
         if self.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
-        tokio::spawn(async move {
+        let pool = self.env.pool.clone();
+        pool.spawn(async move {
             let cap = self.env.config.max_live as u64;
             let target = cap - cap / 10;
             let live = self.env.metrics.live_instances.load(Ordering::Relaxed);

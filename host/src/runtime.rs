@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::actor::{ActorEnv, Message};
+use crate::actor::{ActorEnv, ActorPool, Message};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{Error, validate_id};
@@ -60,6 +60,8 @@ struct Shared {
     /// The data directory's lock, released by [`Runtime::shutdown`] so the directory can be
     /// reopened in the same process.
     lock: Mutex<Option<File>>,
+    /// The actors' threads; stopped by [`Runtime::shutdown`] (or when the last handle goes).
+    pool: Mutex<Option<ActorPool>>,
 }
 
 /// An id being provisioned; released on drop.
@@ -88,6 +90,12 @@ impl Runtime {
                 .context("opening the plugin registry")?,
         );
         let metrics = Arc::new(Metrics::default());
+        let threads = match config.actor.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let pool = ActorPool::new(threads).context("starting the actor threads")?;
+        let handle = pool.handle();
         let router = Router::new(|directory| ActorEnv {
             journal: journal.clone(),
             registry: registry.clone(),
@@ -95,6 +103,7 @@ impl Runtime {
             config: config.actor.clone(),
             call_timeout: config.engine.call_timeout,
             directory,
+            pool: handle,
         });
         Ok(Runtime {
             shared: Arc::new(Shared {
@@ -106,6 +115,7 @@ impl Runtime {
                 closing: AtomicBool::new(false),
                 provisioning: Mutex::new(HashSet::new()),
                 lock: Mutex::new(Some(lock)),
+                pool: Mutex::new(Some(pool)),
             }),
         })
     }
@@ -203,15 +213,21 @@ impl Runtime {
             .ok_or_else(|| Error::UnknownPlugin(plugin.to_string()))?;
 
         // Trial init: a config the plugin refuses would make a device that can never activate.
+        // Guest code, so on the actors' threads.
         let compiled = self.shared.registry.compiled(version.id)?;
-        let mut trial = compiled.instantiate(Arc::from(id))?;
-        trial.init(id, &config_text).map_err(|e| match e {
-            crate::engine::CallError::Rejected { code, message } => {
-                Error::MalformedConfig(format!("{code}: {message}"))
-            }
-            other => Error::from(other),
-        })?;
-        drop(trial);
+        let (trial_id, trial_config) = (id.to_string(), config_text.clone());
+        self.pool()?
+            .spawn(async move {
+                let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
+                trial.init(&trial_id, &trial_config).map_err(|e| match e {
+                    crate::engine::CallError::Rejected { code, message } => {
+                        Error::MalformedConfig(format!("{code}: {message}"))
+                    }
+                    other => Error::from(other),
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("trial init task: {e}")))??;
 
         let head = self
             .shared
@@ -518,8 +534,18 @@ impl Runtime {
             tracing::error!(error = %e, "final journal flush failed");
         }
         self.shared.journal.close();
+        self.shared.pool.lock().take();
         self.shared.lock.lock().take();
         tracing::info!(actors = n, "runtime stopped");
+    }
+
+    fn pool(&self) -> Result<tokio::runtime::Handle, Error> {
+        self.shared
+            .pool
+            .lock()
+            .as_ref()
+            .map(ActorPool::handle)
+            .ok_or(Error::ShuttingDown)
     }
 
     fn check_open(&self) -> Result<(), Error> {
