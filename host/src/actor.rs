@@ -165,13 +165,18 @@ impl ActorHandle {
     }
 }
 
-/// Starts the actor for `head` and returns its handle.
-pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead) -> ActorHandle {
+/// Starts the actor for `head` and returns its handle. `after_crash`: an earlier actor of
+/// this device died without draining its appends, so the first activation waits for the
+/// journal to settle them.
+pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHandle {
     let (tx, rx) = mpsc::channel(env.config.mailbox);
     let activity = Arc::new(Activity::default());
     let writer = env
         .journal
         .device_writer(head.num, env.config.max_in_flight);
+    let pool = env.pool.clone();
+    let metrics = env.metrics.clone();
+    let device = head.id.clone();
     let actor = Actor {
         activity: activity.clone(),
         failures: 0,
@@ -180,10 +185,29 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead) -> ActorHandle {
         env,
         head,
         live: None,
+        must_sync: after_crash,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
-    let task = actor.env.pool.clone().spawn(actor.run(rx));
+    //
+    // Supervision: a panic anywhere in the actor (a bug, a failing log write) ends this task
+    // only. Its mailbox closes, its instance is dropped, callers waiting on it get an error,
+    // and the router starts a fresh actor, rebuilt from the journal, for the next message.
+    let task = pool.spawn(async move {
+        use futures::FutureExt as _;
+        if let Err(panic) = std::panic::AssertUnwindSafe(actor.run(rx))
+            .catch_unwind()
+            .await
+        {
+            metrics.actor_panics.fetch_add(1, Ordering::Relaxed);
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(device = %device, panic = %what, "actor panicked; the next message restarts it from the journal");
+        }
+    });
     ActorHandle { tx, activity, task }
 }
 
@@ -197,6 +221,8 @@ struct Actor {
     head: DeviceHead,
     live: Option<Live>,
     writer: DeviceWriter,
+    /// Wait for the journal before the first activation (see [`spawn`]).
+    must_sync: bool,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -297,6 +323,7 @@ impl Actor {
                         self.passivate();
                         sleep.as_mut().reset(now + idle);
                     } else if self.quarantine.is_none()
+                        && self.writer.is_idle()
                         && self
                             .env
                             .directory
@@ -402,8 +429,9 @@ impl Actor {
         }
         // Records this actor already submitted must be durable (or failed) before the journal
         // is read, or the rebuild would miss them. Nothing in flight: no round trip.
-        if !self.writer.is_idle() {
+        if self.must_sync || !self.writer.is_idle() {
             self.env.journal.barrier().await?;
+            self.must_sync = false;
         }
         self.writer.next_generation();
         self.head = self

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub activations: AtomicU64,
     pub snapshots: AtomicU64,
     pub passivations: AtomicU64,
+    /// Actor tasks that panicked (each is restarted by the next message).
+    pub actor_panics: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
@@ -97,6 +99,12 @@ impl Metrics {
             "drover_passivations_total",
             "Instances dropped after an idle timeout.",
             &self.passivations,
+        );
+        counter(
+            &mut out,
+            "drover_actor_panics_total",
+            "Actor tasks that panicked and were restarted from the journal.",
+            &self.actor_panics,
         );
         let _ = writeln!(
             out,

@@ -48,13 +48,54 @@ impl Router {
     /// Puts `msg` into device `id`'s mailbox, starting its actor if it has none. Fails fast:
     /// [`Error::MailboxFull`] when the mailbox is full, [`Error::UnknownDevice`] (or
     /// [`Error::InvalidId`] for an id that could never exist) when it is not provisioned.
+    ///
+    /// An actor whose task died (a panic: see [`actor::spawn`]) has a closed mailbox; it is
+    /// replaced by a fresh one here, so the device is rebuilt by its next message.
     pub fn deliver(&self, id: &str, msg: Message) -> Result<(), Error> {
         let tx = self.mailbox(id)?;
+        let msg = match tx.try_send(msg) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(Error::MailboxFull),
+            Err(mpsc::error::TrySendError::Closed(msg)) => msg,
+        };
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let tx = self.restart(id, &tx)?;
         match tx.try_send(msg) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(Error::MailboxFull),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::ShuttingDown),
         }
+    }
+
+    /// Replaces the dead actor whose sender is `dead` (unless someone already did).
+    fn restart(
+        &self,
+        id: &str,
+        dead: &mpsc::Sender<Message>,
+    ) -> Result<mpsc::Sender<Message>, Error> {
+        let head = self
+            .env
+            .journal
+            .device(id)
+            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        let mut actors = self.actors.write();
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        match actors.get(id) {
+            Some(a) if !a.tx.same_channel(dead) => return Ok(a.tx.clone()),
+            _ => {}
+        }
+        tracing::warn!(
+            device = id,
+            "restarting the device's actor after it stopped"
+        );
+        let handle = actor::spawn(self.env.clone(), head.clone(), true);
+        let tx = handle.tx.clone();
+        actors.insert(head.id, handle);
+        Ok(tx)
     }
 
     fn mailbox(&self, id: &str) -> Result<mpsc::Sender<Message>, Error> {
@@ -74,7 +115,7 @@ impl Router {
         }
         let handle = actors
             .entry(head.id.clone())
-            .or_insert_with(|| actor::spawn(self.env.clone(), head));
+            .or_insert_with(|| actor::spawn(self.env.clone(), head, false));
         Ok(handle.tx.clone())
     }
 

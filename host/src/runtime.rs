@@ -347,7 +347,19 @@ impl Runtime {
             reply,
         };
         self.shared.router.deliver(id, msg)?;
-        rx.await.unwrap_or(Err(Error::ShuttingDown))
+        rx.await.unwrap_or_else(|_| Err(self.actor_gone()))
+    }
+
+    /// The error for a request whose actor dropped it unanswered: the runtime is stopping, or
+    /// the actor panicked (and the next message restarts it).
+    fn actor_gone(&self) -> Error {
+        if self.shared.closing.load(Ordering::Acquire) {
+            Error::ShuttingDown
+        } else {
+            Error::Internal(
+                "the device's actor stopped unexpectedly; the next request restarts it".into(),
+            )
+        }
     }
 
     /// Reads device `id` with its current durable state and its lifecycle status. Reading a
@@ -360,7 +372,7 @@ impl Runtime {
     async fn device_inner(&self, id: &str) -> Result<DeviceView, Error> {
         let (reply, rx) = oneshot::channel();
         self.shared.router.deliver(id, Message::Query { reply })?;
-        let (state, status) = rx.await.unwrap_or(Err(Error::ShuttingDown))?;
+        let (state, status) = rx.await.unwrap_or_else(|_| Err(self.actor_gone()))?;
         let mut summary = self
             .summary(id)
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
@@ -377,7 +389,7 @@ impl Runtime {
     pub async fn export_snapshot(&self, id: &str) -> Result<(u64, Vec<u8>), Error> {
         let (reply, rx) = oneshot::channel();
         let result = match self.shared.router.deliver(id, Message::Export { reply }) {
-            Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(self.actor_gone())),
             Err(e) => Err(e),
         };
         self.counted(result)
