@@ -134,6 +134,10 @@ pub enum Message {
     /// Drop the instance now: the runtime is over its live-instance cap and this device is
     /// among the least recently used.
     Passivate,
+    /// End a quarantine now (an operator fixed the cause): the next event runs the guest.
+    Resume {
+        reply: oneshot::Sender<Result<DeviceStatus, Error>>,
+    },
 }
 
 /// What the router can see of an actor without asking it: for least-recently-used
@@ -297,6 +301,13 @@ impl Actor {
                         .store(clock::mono_ms(last_activity.into_std()), Ordering::Relaxed);
                     match msg {
                         Message::Passivate => self.passivate(),
+                        Message::Resume { reply } => {
+                            if self.quarantine.is_some() {
+                                tracing::info!(device = %self.head.id, "quarantine lifted on request");
+                            }
+                            self.recovered();
+                            let _ = reply.send(Ok(self.status()));
+                        }
                         Message::Event { reply, .. } if self.quarantined().is_some() => {
                             if let Some(e) = self.quarantined() {
                                 let _ = reply.send(Err(e));
@@ -371,10 +382,13 @@ impl Actor {
     fn record_failure(&mut self, e: &Error) {
         self.failures += 1;
         if self.failures >= QUARANTINE_AFTER {
+            // Exponential, with ±25% jitter so devices that failed together (one bad plugin
+            // version) do not all come back in the same instant.
             let length = match &self.quarantine {
                 Some(q) => (q.length * 2).min(QUARANTINE_MAX),
                 None => QUARANTINE_FIRST,
             };
+            let length = length.mul_f64(0.75 + 0.5 * clock::jitter());
             tracing::warn!(
                 device = %self.head.id,
                 failures = self.failures,

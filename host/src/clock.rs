@@ -31,3 +31,15 @@ pub fn mono_ms(at: std::time::Instant) -> u64 {
     at.saturating_duration_since(*START.get_or_init(std::time::Instant::now))
         .as_millis() as u64
 }
+
+/// A number in `[0, 1)` that differs from call to call: host-side jitter for backoffs.
+/// Never given to guests (their seeds come from [`seed`]).
+pub fn jitter() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    (seed("jitter", nanos ^ n.rotate_left(32)) >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -38,7 +38,9 @@ use crate::metrics::Metrics;
 use crate::registry::{PluginVersion, Registry};
 use crate::replay::{self, Start};
 use crate::router::Router;
-use crate::view::{Committed, DeviceState, DeviceSummary, DeviceView, JournalEntry, JournalPage};
+use crate::view::{
+    Committed, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry, JournalPage,
+};
 
 /// The runtime handle. Cheap to clone; see the module docs.
 #[derive(Clone)]
@@ -382,6 +384,17 @@ impl Runtime {
             status,
             state: state.state,
         })
+    }
+
+    /// Ends device `id`'s quarantine now, so its next event runs the guest again; answers
+    /// the status after. A device that is not quarantined is left as it is.
+    pub async fn resume(&self, id: &str) -> Result<DeviceStatus, Error> {
+        let (reply, rx) = oneshot::channel();
+        let result = match self.shared.router.deliver(id, Message::Resume { reply }) {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(self.actor_gone())),
+            Err(e) => Err(e),
+        };
+        self.counted(result)
     }
 
     /// The guest's snapshot bytes of device `id`'s current durable state, with the seq they

@@ -775,6 +775,20 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
         1
     );
     assert_eq!(rt.summary("bad").map(|d| d.seq), Some(0));
+
+    // An operator lifts the quarantine: the next event runs the guest again.
+    assert_eq!(
+        rt.resume("bad").await.expect("resume"),
+        DeviceStatus::Passivated
+    );
+    assert_eq!(
+        rt.send("bad", r#"{"type":"ok"}"#).await.expect("runs").seq,
+        1
+    );
+    assert_eq!(
+        rt.device("bad").await.expect("read").status,
+        DeviceStatus::Active
+    );
     rt.shutdown().await;
 }
 

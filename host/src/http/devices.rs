@@ -254,3 +254,17 @@ pub async fn state(
         state: Json(snapshot.state),
     }))
 }
+
+/// Answer of `POST /v1/devices/{id}/resume`.
+#[derive(Debug, Serialize)]
+struct Resumed {
+    id: String,
+    status: DeviceStatus,
+}
+
+/// `POST /v1/devices/{id}/resume`: ends the device's quarantine now (after fixing what made
+/// its plugin fail), so its next event runs the guest again. 200 `{"id","status"}`.
+pub async fn resume(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+    let status = app.rt.resume(&id).await?;
+    Ok(json::ok(&Resumed { id, status }))
+}
