@@ -42,7 +42,7 @@ pub use crate::config::ActorConfig;
 use crate::decide::{self, Failed};
 use crate::engine::{EventContext, Instance};
 use crate::error::Error;
-use crate::journal::{DeviceHead, DeviceWriter, Journal, JournalError};
+use crate::journal::{DeadLetter, DeviceHead, DeviceWriter, Journal, JournalError};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::replay::{self, Start};
@@ -514,6 +514,19 @@ impl Actor {
                 error,
                 instance_lost,
             }) => {
+                // A refusal is the plugin's answer; anything else is a fault on this input:
+                // kept as a dead letter so it is visible and can be re-sent after a fix.
+                if !matches!(error, Error::Rejected { .. }) {
+                    self.writer.append_dead_letter(DeadLetter {
+                        device: self.head.num,
+                        after_seq: seq - 1,
+                        at_ms,
+                        version: self.head.version,
+                        event: event.into_bytes(),
+                        code: error.code().to_string(),
+                        message: error.to_string(),
+                    });
+                }
                 if instance_lost {
                     self.record_failure(&error);
                     tracing::warn!(

@@ -54,5 +54,6 @@ pub use error::{Error, ErrorKind};
 pub use registry::PluginVersion;
 pub use runtime::Runtime;
 pub use view::{
-    Committed, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry, JournalPage,
+    Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
+    JournalPage,
 };

@@ -39,7 +39,8 @@ use crate::registry::{PluginVersion, Registry};
 use crate::replay::{self, Start};
 use crate::router::Router;
 use crate::view::{
-    Committed, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry, JournalPage,
+    Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
+    JournalPage,
 };
 
 /// The runtime handle. Cheap to clone; see the module docs.
@@ -384,6 +385,33 @@ impl Runtime {
             status,
             state: state.state,
         })
+    }
+
+    /// The most recent events device `id`'s plugin failed on, oldest first (at most 100).
+    pub fn dead_letters(&self, id: &str) -> Result<Vec<DeadLetterView>, Error> {
+        let result = self.head(id).and_then(|head| {
+            let letters = self.shared.journal.dead_letters(head.num)?;
+            Ok(letters
+                .into_iter()
+                .map(|d| {
+                    let (plugin, version) = self
+                        .shared
+                        .registry
+                        .version(d.version)
+                        .map_or_else(|| (String::new(), 0), |v| (v.plugin, v.number));
+                    DeadLetterView {
+                        after_seq: d.after_seq,
+                        at_ms: d.at_ms,
+                        plugin,
+                        version,
+                        event: String::from_utf8_lossy(&d.event).into_owned(),
+                        code: d.code,
+                        message: d.message,
+                    }
+                })
+                .collect())
+        });
+        self.counted(result)
     }
 
     /// Ends device `id`'s quarantine now, so its next event runs the guest again; answers

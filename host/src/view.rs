@@ -90,3 +90,22 @@ pub struct JournalPage {
     /// The seq to ask for next, if there are more records.
     pub next: Option<u64>,
 }
+
+/// An event a device's plugin failed on (trapped, ran out of time, produced too much): not
+/// applied, no seq used. Kept in the journal so the failure stays visible and the event can
+/// be re-sent once the plugin is fixed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterView {
+    /// The device's last durable seq when the event failed.
+    pub after_seq: u64,
+    /// When it failed, ms since the Unix epoch.
+    pub at_ms: u64,
+    pub plugin: String,
+    pub version: u32,
+    /// The event, JSON text as received.
+    #[serde(skip)]
+    pub event: String,
+    /// The error's code and message, as the sender got them.
+    pub code: String,
+    pub message: String,
+}

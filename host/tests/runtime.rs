@@ -769,12 +769,28 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     assert_eq!(view.status, DeviceStatus::Quarantined);
     assert_eq!(view.summary.seq, 0);
     assert!(rt.metrics().errors(ErrorKind::Quarantined) >= 20);
+    // The three events the plugin failed on are dead letters, with the error each got;
+    // refused ones (quarantine) are not.
+    rt.journal().barrier().await.expect("durable");
+    let letters = rt.dead_letters("bad").expect("dead letters");
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert_eq!(
+        letters.iter().map(|d| d.code.as_str()).collect::<Vec<_>>(),
+        ["timeout", "trap", "timeout"]
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|d| d.after_seq == 0 && d.plugin == "misbehave")
+    );
+    assert_eq!(parse(&letters[1].event), json!({"type": "panic"}));
     // Its neighbour is unaffected, and nothing of the failures was written.
     assert_eq!(
         rt.send("good", r#"{"type":"ok"}"#).await.expect("ok").seq,
         1
     );
     assert_eq!(rt.summary("bad").map(|d| d.seq), Some(0));
+    assert!(rt.dead_letters("good").expect("none").is_empty());
 
     // An operator lifts the quarantine: the next event runs the guest again.
     assert_eq!(

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::extract::{Body, Id, QueryOf};
 use super::json::{self, Json};
 use crate::error::Error;
-use crate::view::{Committed, DeviceStatus, DeviceSummary, JournalEntry};
+use crate::view::{Committed, DeadLetterView, DeviceStatus, DeviceSummary, JournalEntry};
 
 /// Body of `PUT /v1/devices/{id}`.
 #[derive(Debug, Deserialize)]
@@ -267,4 +267,36 @@ struct Resumed {
 pub async fn resume(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
     let status = app.rt.resume(&id).await?;
     Ok(json::ok(&Resumed { id, status }))
+}
+
+/// One dead letter as answered: the view plus the event as JSON.
+#[derive(Debug, Serialize)]
+struct DeadLetterOut {
+    #[serde(flatten)]
+    letter: DeadLetterView,
+    event: Json,
+}
+
+/// Answer of `GET /v1/devices/{id}/dead-letters`.
+#[derive(Debug, Serialize)]
+struct DeadLetters {
+    dead_letters: Vec<DeadLetterOut>,
+}
+
+/// `GET /v1/devices/{id}/dead-letters`: the most recent events the device's plugin failed on
+/// (trap, timeout, oversized output), oldest first, at most 100:
+/// `{"dead_letters": [{"after_seq","at_ms","plugin","version","code","message","event"}]}`.
+pub async fn dead_letters(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+    let rt = app.rt.clone();
+    let letters = tokio::task::spawn_blocking(move || rt.dead_letters(&id))
+        .await
+        .map_err(|e| ApiError::from(Error::Internal(format!("read task: {e}"))))??;
+    let dead_letters = letters
+        .into_iter()
+        .map(|mut letter| DeadLetterOut {
+            event: Json(std::mem::take(&mut letter.event)),
+            letter,
+        })
+        .collect();
+    Ok(json::ok(&DeadLetters { dead_letters }))
 }

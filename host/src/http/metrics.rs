@@ -16,12 +16,13 @@ use super::App;
 use super::error::{ErrorMark, Origin, codes};
 
 /// Route templates counted individually; anything else is counted as `unmatched`.
-const ROUTES: [&str; 13] = [
+const ROUTES: [&str; 14] = [
     "/v1/devices",
     "/v1/devices/{id}",
     "/v1/devices/{id}/events",
     "/v1/devices/{id}/journal",
     "/v1/devices/{id}/resume",
+    "/v1/devices/{id}/dead-letters",
     "/v1/devices/{id}/state",
     "/v1/events",
     "/v1/plugins",

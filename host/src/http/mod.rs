@@ -15,6 +15,7 @@
 //! | `POST /v1/devices/{id}/events` | 200 `{"seq","at","transitions"}` once durable |
 //! | `GET /v1/devices/{id}/journal?from=&limit=` | 200 `{"records":[...],"next"}` |
 //! | `POST /v1/devices/{id}/resume` | 200 `{"id","status"}`: ends a quarantine now |
+//! | `GET /v1/devices/{id}/dead-letters` | 200 `{"dead_letters":[...]}`: events the plugin failed on |
 //! | `GET /v1/devices/{id}/state?at=SEQ` | 200 `{"seq","state"}` |
 //! | `POST /v1/events` | 200 per-item results of a gateway batch (see [`batch`]) |
 //! | `POST /v1/plugins/{name}` | 201 new version / 200 same bytes: `{"name","version","digest"}` |
@@ -88,6 +89,7 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         )
         .route("/v1/devices/{id}/journal", get(devices::journal))
         .route("/v1/devices/{id}/resume", post(devices::resume))
+        .route("/v1/devices/{id}/dead-letters", get(devices::dead_letters))
         .route("/v1/devices/{id}/state", get(devices::state))
         .route(
             "/v1/events",

@@ -37,7 +37,12 @@ pub struct DeviceInfo {
     pub events: Vec<u64>,
     /// `(seq, version, offset)` of each snapshot, in seq order.
     pub snapshots: Vec<SnapshotRef>,
+    /// Offsets of the device's most recent dead letters (at most [`DEAD_LETTERS_KEPT`]).
+    pub dead_letters: std::collections::VecDeque<u64>,
 }
+
+/// Dead letters indexed per device; older ones stay in the journal but are not listed.
+pub const DEAD_LETTERS_KEPT: usize = 100;
 
 /// Where a snapshot lives and what it covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,9 @@ pub enum IndexEffect {
         device: u32,
         seq: u64,
         version: u32,
+    },
+    DeadLetter {
+        device: u32,
     },
 }
 
@@ -155,6 +163,7 @@ impl Index {
                     created_at_ms: *at_ms,
                     events: Vec::new(),
                     snapshots: Vec::new(),
+                    dead_letters: Default::default(),
                 })
             }
             Record::Event(e) => {
@@ -198,6 +207,13 @@ impl Index {
                     seq: *seq,
                     version: *version,
                 }
+            }
+            Record::DeadLetter(d) => {
+                self.check_version(d.version)?;
+                if !self.devices.contains_key(&d.device) {
+                    return Err(Inconsistency::UnknownDevice(d.device));
+                }
+                IndexEffect::DeadLetter { device: d.device }
             }
         })
     }
@@ -245,6 +261,14 @@ impl Index {
                         version,
                         offset,
                     });
+                }
+            }
+            IndexEffect::DeadLetter { device } => {
+                if let Some(d) = self.devices.get_mut(&device) {
+                    if d.dead_letters.len() == DEAD_LETTERS_KEPT {
+                        d.dead_letters.pop_front();
+                    }
+                    d.dead_letters.push_back(offset);
                 }
             }
         }

@@ -45,8 +45,8 @@ use tokio::sync::Notify;
 
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
+pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
 use record::{DecodeError, Record};
-pub use record::{EventRecord, FORMAT_VERSION};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
 use writer::Entry;
 pub use writer::OnDurable;
@@ -332,6 +332,7 @@ impl Journal {
             created_at_ms: at_ms,
             events: Vec::new(),
             snapshots: Vec::new(),
+            dead_letters: Default::default(),
         };
         let head = DeviceHead::of(&info);
         self.append(&record, IndexEffect::Device(info)).await?;
@@ -477,6 +478,26 @@ impl Journal {
                 reason: format!("expected a snapshot record, found {other:?}"),
             }),
         }
+    }
+
+    /// The most recent dead letters of device `num`, oldest first (at most 100).
+    pub fn dead_letters(&self, num: u32) -> Result<Vec<DeadLetter>, JournalError> {
+        let offsets: Vec<u64> = self
+            .index()
+            .devices
+            .get(&num)
+            .map(|d| d.dead_letters.iter().copied().collect())
+            .unwrap_or_default();
+        offsets
+            .into_iter()
+            .map(|offset| match self.read_at(offset)? {
+                Record::DeadLetter(d) => Ok(d),
+                other => Err(JournalError::Read {
+                    offset,
+                    reason: format!("expected a dead letter, found {other:?}"),
+                }),
+            })
+            .collect()
     }
 
     /// Write counters.
@@ -687,6 +708,18 @@ impl DeviceWriter {
             None,
         );
         Ok(())
+    }
+
+    /// Records an event the plugin failed on (see [`DeadLetter`]). Best effort: the sender
+    /// already has its error; this makes the failure visible afterwards.
+    pub fn append_dead_letter(&self, letter: DeadLetter) {
+        let mut bytes = Vec::with_capacity(64 + letter.event.len() + letter.message.len());
+        let device = letter.device;
+        Record::DeadLetter(letter).encode_into(&mut bytes);
+        if bytes.len() > record::HEADER_LEN + record::MAX_BODY_LEN {
+            return;
+        }
+        self.submit(bytes, IndexEffect::DeadLetter { device }, None);
     }
 
     /// Runs `done` once everything this lane submitted so far is durable, with an error if

@@ -107,6 +107,7 @@ const KIND_VERSION: u8 = 1;
 const KIND_DEVICE: u8 = 2;
 const KIND_EVENT: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
+const KIND_DEAD_LETTER: u8 = 5;
 
 /// One journal record, decoded.
 #[derive(Clone, PartialEq, Eq)]
@@ -136,6 +137,25 @@ pub enum Record {
         version: u32,
         data: Vec<u8>,
     },
+    /// An event the device's plugin failed on (trap, timeout, oversized output): not
+    /// applied, no seq used, kept so the failure is visible and the event can be re-sent.
+    DeadLetter(DeadLetter),
+}
+
+/// An event a plugin failed on; see [`Record::DeadLetter`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct DeadLetter {
+    pub device: u32,
+    /// The device's last durable seq when the event failed (the event came after it).
+    pub after_seq: u64,
+    pub at_ms: u64,
+    /// The plugin version (journal-local id) that failed on it.
+    pub version: u32,
+    /// The input event, JSON text as received.
+    pub event: Vec<u8>,
+    /// The error's code (`trap`, `timeout`, ...).
+    pub code: String,
+    pub message: String,
 }
 
 /// One handled event: the unit of replay and of acknowledgement.
@@ -164,6 +184,13 @@ impl fmt::Debug for Record {
             Record::Event(e) => write!(f, "Event(device {} seq {})", e.device, e.seq),
             Record::Snapshot { device, seq, .. } => {
                 write!(f, "Snapshot(device {device} seq {seq})")
+            }
+            Record::DeadLetter(d) => {
+                write!(
+                    f,
+                    "DeadLetter(device {} after seq {})",
+                    d.device, d.after_seq
+                )
             }
         }
     }
@@ -234,6 +261,16 @@ impl Record {
                 put_varint(out, *seq);
                 put_varint(out, u64::from(*version));
                 put_bytes(out, data);
+            }
+            Record::DeadLetter(d) => {
+                out.push(KIND_DEAD_LETTER);
+                put_varint(out, u64::from(d.device));
+                put_varint(out, d.after_seq);
+                put_varint(out, d.at_ms);
+                put_varint(out, u64::from(d.version));
+                put_bytes(out, &d.event);
+                put_bytes(out, d.code.as_bytes());
+                put_bytes(out, d.message.as_bytes());
             }
         }
         seal(out, start);
@@ -364,6 +401,15 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
                 transitions,
             })
         }
+        KIND_DEAD_LETTER => Record::DeadLetter(DeadLetter {
+            device: r.u32()?,
+            after_seq: r.varint()?,
+            at_ms: r.varint()?,
+            version: r.u32()?,
+            event: r.bytes()?.to_vec(),
+            code: r.string()?,
+            message: r.string()?,
+        }),
         KIND_SNAPSHOT => Record::Snapshot {
             device: r.u32()?,
             seq: r.varint()?,
@@ -495,6 +541,15 @@ mod tests {
                 version: 0,
                 data: vec![1, 2, 3],
             },
+            Record::DeadLetter(DeadLetter {
+                device: 3,
+                after_seq: 300,
+                at_ms: 1_700_000_000_999,
+                version: 0,
+                event: br#"{"type":"poison"}"#.to_vec(),
+                code: "trap".into(),
+                message: "guest trapped: unreachable".into(),
+            }),
         ]
     }
 

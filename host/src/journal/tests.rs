@@ -65,6 +65,7 @@ fn device_record(num: u32, id: &str) -> (Record, IndexEffect) {
             created_at_ms: 2,
             events: Vec::new(),
             snapshots: Vec::new(),
+            dead_letters: Default::default(),
         }),
     )
 }
