@@ -55,6 +55,13 @@ pub mod defaults {
     pub const MAX_PLUGIN_BYTES: usize = 64 * 1024 * 1024;
     /// Most records one journal page may ask for.
     pub const MAX_PAGE: usize = 1000;
+    /// How long a client may take to send a request head, and how long a keep-alive
+    /// connection may sit idle between requests: past it the connection is closed, so a
+    /// client that never finishes its head holds neither a connection nor the shutdown.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
+    /// are closed. Well under the process's file limit (20,000 on this machine's kind).
+    pub const MAX_CONNECTIONS: usize = 8192;
     /// How long a graceful shutdown lets open requests finish.
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 }

@@ -23,6 +23,11 @@ pub struct Limits {
     pub max_plugin_bytes: usize,
     /// Most records one journal page may ask for.
     pub max_page: usize,
+    /// Longest a client may take to send a request head, and longest a keep-alive
+    /// connection may stay idle.
+    pub header_read_timeout: std::time::Duration,
+    /// Most open connections; past it new ones are refused with 503.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -34,6 +39,8 @@ impl Default for Limits {
             max_batch_items: defaults::MAX_BATCH_ITEMS,
             max_plugin_bytes: defaults::MAX_PLUGIN_BYTES,
             max_page: defaults::MAX_PAGE,
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS,
         }
     }
 }

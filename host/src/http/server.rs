@@ -12,11 +12,16 @@
 //! hold the process up; requests cut off there were never acknowledged.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
-use tokio::sync::oneshot;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 use super::Limits;
@@ -30,29 +35,77 @@ pub struct Server {
     task: JoinHandle<()>,
 }
 
+/// The answer to a connection over [`Limits::max_connections`], written before closing it.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 94\r\n\r\n\
+{\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
+
 impl Server {
     /// Binds `listen` (`host:port`; port 0 picks a free one) and starts serving the v1 API of
     /// `rt` on the current tokio runtime.
+    ///
+    /// Each connection is served by hyper's HTTP/1 with a header-read timeout
+    /// ([`Limits::header_read_timeout`]), which also bounds how long a keep-alive connection
+    /// may sit idle, and at most [`Limits::max_connections`] are open at once.
     pub async fn start(rt: Runtime, listen: &str, limits: Limits) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr().context("reading the bound address")?;
-        let listener = listener.tap_io(|tcp| {
-            // Answers are small and written once: do not let Nagle hold them back.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
+        let header_timeout = limits.header_read_timeout;
+        let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         let app = super::router(rt, limits);
-        let (stop, stopped) = oneshot::channel::<()>();
+        let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
+            let graceful = GracefulShutdown::new();
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = &mut stopped => break,
+                };
+                // Answers are small and written once: do not let Nagle hold them back.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many open connections: refusing one");
+                    tokio::spawn(async move {
+                        let mut tcp = tcp;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            tcp.write_all(TOO_MANY_CONNECTIONS),
+                        )
+                        .await;
+                    });
+                    continue;
+                };
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection closed with an error");
+                    }
+                    drop(permit);
+                });
             }
+            // Step 1 done (the listener is dropped here); step 2: idle connections close
+            // now, busy ones after their current request.
+            drop(listener);
+            graceful.shutdown().await;
         });
         tracing::info!(%addr, "HTTP API listening");
         Ok(Server {

@@ -1,0 +1,131 @@
+//! The HTTP server's connection limits, against a real listener: slow and idle clients are
+//! cut off, the connection count is bounded with a clear refusal, and shutdown is not held
+//! by clients that never finish a request.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use drover::Runtime;
+use drover::http::{Limits, Server};
+
+async fn serve(limits: Limits) -> (tempfile::TempDir, Runtime, Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path()).open().await.expect("runtime");
+    let server = Server::start(rt.clone(), "127.0.0.1:0", limits)
+        .await
+        .expect("server");
+    (dir, rt, server)
+}
+
+fn limits(header_ms: u64, max_connections: usize) -> Limits {
+    Limits {
+        header_read_timeout: Duration::from_millis(header_ms),
+        max_connections,
+        ..Limits::default()
+    }
+}
+
+/// Reads until the server closes the connection; returns what it sent and when it closed.
+fn read_to_close(mut conn: TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    let _ = conn.read_to_end(&mut out);
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_request_head_is_cut_off() {
+    let (_dir, rt, server) = serve(limits(300, 100)).await;
+    let addr = server.local_addr();
+    let (_, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .expect("half a head");
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    assert!(took < Duration::from_secs(5), "held for {took:?}");
+
+    // An idle keep-alive connection is closed after the same time.
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("request");
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took < Duration::from_secs(5), "idle for {took:?}");
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_new_clients_get_a_clear_503() {
+    let (_dir, rt, server) = serve(limits(10_000, 4)).await;
+    let addr = server.local_addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+        // Let the server accept the four before the fifth arrives.
+        std::thread::sleep(Duration::from_millis(200));
+        let (answer, _) = read_to_close(connect(addr));
+        drop(held);
+        answer
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let json: serde_json::Value = serde_json::from_str(body).expect("the error shape");
+    assert_eq!(json["error"]["code"], "too-many-connections");
+
+    // Once the held connections are gone, clients are served again.
+    let answer = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        read_to_close(conn).0
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_by_a_client_that_never_finishes_its_request() {
+    let (_dir, rt, server) = serve(limits(500, 100)).await;
+    let addr = server.local_addr();
+    let slow = std::thread::spawn(move || {
+        let mut conn = connect(addr);
+        conn.write_all(b"POST /v1/devices/x/events HTTP/1.1\r\nHost: x\r\n")
+            .expect("half a head");
+        read_to_close(conn)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let drained = server.shutdown(Duration::from_secs(30)).await;
+    assert!(drained, "drained without hitting the 30 s drain timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?}",
+        started.elapsed()
+    );
+    rt.shutdown().await;
+    slow.join().expect("client");
+}
