@@ -18,7 +18,7 @@
 //! | 429 | `mailbox-full` (with `Retry-After`) | slow down and retry |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
 //! | 501 | `not-implemented` | |
-//! | 503 | `shutting-down`, `journal` (write errors), `quarantined` (the plugin failed on this device repeatedly), all with `Retry-After` | retry later or elsewhere |
+//! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `too-many-connections`, all with `Retry-After` | retry later or elsewhere |
 //!
 //! A state asked for at a seq the device has not reached is 404 `seq-out-of-range`: the
 //! request is well formed, the record does not exist yet.
@@ -44,6 +44,9 @@ pub mod codes {
     pub const NOT_IMPLEMENTED: &str = "not-implemented";
     /// The body exceeds the route's limit (same code as the runtime's own size check).
     pub const PAYLOAD_TOO_LARGE: &str = "payload-too-large";
+    /// The server is at its connection cap; written by the accept loop, which then closes
+    /// the connection (see [`super::super::server`]).
+    pub const TOO_MANY_CONNECTIONS: &str = "too-many-connections";
 }
 
 /// Who raised an error: counted separately on `/metrics`, since the runtime counts its own.

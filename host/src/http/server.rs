@@ -35,7 +35,8 @@ pub struct Server {
     task: JoinHandle<()>,
 }
 
-/// The answer to a connection over [`Limits::max_connections`], written before closing it.
+/// The answer to a connection over [`Limits::max_connections`], written before closing it
+/// (code [`super::error::codes::TOO_MANY_CONNECTIONS`]).
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\n\
 retry-after: 1\r\n\

@@ -1,8 +1,17 @@
 //! The journal: Drover's durable, append-only record of everything that happened.
 //!
-//! One file, `journal.log`, holds every record (see [`record`] for the format): plugin
-//! versions, device provisioning, handled events with their transitions, and snapshots. It is
-//! the single source of truth; actors, snapshots and reads are all derived from it.
+//! One file, `journal.log`, holds every record: plugin versions, device provisioning, handled
+//! events with their transitions, snapshots and dead letters (the format is in
+//! `host/DESIGN.md` and `journal/record.rs`). It is the single source of truth; actors,
+//! snapshots and reads are all derived from it.
+//!
+//! # Layout
+//!
+//! * this file: the domain API ([`Journal`], [`DeviceWriter`]) and recovery on open;
+//! * [`storage`]: the byte-level seam ([`StorageBackend`]) and its file and faulty backends;
+//! * `record.rs` (private): the record format and the file header;
+//! * `index.rs` (private): the in-memory index of durable records;
+//! * `writer.rs` (private): the group-commit thread.
 //!
 //! # Why a home-made log
 //!
@@ -15,8 +24,8 @@
 //! # Crash-safety rules
 //!
 //! * A record is acknowledged only after the `fdatasync` that covers it returned (see
-//!   [`writer`] for the batch rules, the fence that keeps a device's seqs gap-free, and what
-//!   happens when a commit fails).
+//!   `journal/writer.rs` for the batch rules, the fence that keeps a device's seqs gap-free,
+//!   and what happens when a commit fails).
 //! * On open, the file is scanned from the start. The first record that is torn (cut short:
 //!   the process died mid-write) or corrupt (checksum mismatch, or a record that does not fit
 //!   the ones before it) ends the valid prefix. It and everything after it is **never
@@ -144,7 +153,7 @@ pub struct JournalOptions {
     /// Open a journal damaged before its tail by cutting it at the first bad record (the
     /// records after it were acknowledged once; they are set aside, not applied).
     pub salvage: bool,
-    /// How long the writer lets a batch grow once it is under load (see [`writer`]).
+    /// How long the writer lets a batch grow once it is under load (see `journal/writer.rs`).
     pub commit_delay: Duration,
 }
 

@@ -142,7 +142,7 @@ pub enum Record {
     DeadLetter(DeadLetter),
 }
 
-/// An event a plugin failed on; see [`Record::DeadLetter`].
+/// An event a plugin failed on; not applied, no seq used.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct DeadLetter {
     pub device: u32,

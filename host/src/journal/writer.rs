@@ -160,14 +160,15 @@ fn commit(
             };
             match refused {
                 Some(err) => {
-                    if let Some(done) = done.take() {
-                        done(Err(err));
-                    }
                     // The device's in-memory state includes this record: its actor must
-                    // rebuild before it answers anything else.
+                    // rebuild before it answers anything else. Released before the completion
+                    // runs, so whoever hears of it sees the lane settled.
                     if let Some((l, g)) = lane.take() {
                         l.fail(g);
                         l.release();
+                    }
+                    if let Some(done) = done.take() {
+                        done(Err(err));
                     }
                     bytes.clear();
                     offsets.push(u64::MAX);
