@@ -276,12 +276,16 @@ impl Runtime {
         self.shared.journal.device(id).map(|h| self.describe(&h))
     }
 
-    fn describe(&self, head: &DeviceHead) -> DeviceSummary {
-        let (plugin, version) = self
-            .shared
+    /// Plugin name and version number of the version with journal-local id `id`.
+    fn plugin_of(&self, id: u32) -> (String, u32) {
+        self.shared
             .registry
-            .version(head.version)
-            .map_or_else(|| (String::new(), 0), |v| (v.plugin, v.number));
+            .version(id)
+            .map_or_else(|| (String::new(), 0), |v| (v.plugin, v.number))
+    }
+
+    fn describe(&self, head: &DeviceHead) -> DeviceSummary {
+        let (plugin, version) = self.plugin_of(head.version);
         DeviceSummary {
             id: head.id.to_string(),
             plugin,
@@ -394,11 +398,7 @@ impl Runtime {
             Ok(letters
                 .into_iter()
                 .map(|d| {
-                    let (plugin, version) = self
-                        .shared
-                        .registry
-                        .version(d.version)
-                        .map_or_else(|| (String::new(), 0), |v| (v.plugin, v.number));
+                    let (plugin, version) = self.plugin_of(d.version);
                     DeadLetterView {
                         after_seq: d.after_seq,
                         at_ms: d.at_ms,
@@ -482,13 +482,10 @@ impl Runtime {
             String::from_utf8(b)
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
         };
-        let registry = &self.shared.registry;
         let records: Vec<JournalEntry> = records
             .into_iter()
             .map(|r| {
-                let (plugin, version) = registry
-                    .version(r.version)
-                    .map_or_else(|| (String::new(), 0), |v| (v.plugin, v.number));
+                let (plugin, version) = self.plugin_of(r.version);
                 JournalEntry {
                     seq: r.seq,
                     at_ms: r.at_ms,

@@ -839,6 +839,21 @@ async fn a_journal_page_stops_at_a_few_megabytes_and_continues_from_next() {
     rt.shutdown().await;
 }
 
+/// How many `slow_apply` spins take `seconds` on this machine, measured on device `id` (a
+/// misbehave device; the probe event is committed). Guests have no clock, so tests calibrate.
+async fn spins_for(rt: &Runtime, id: &str, seconds: f64) -> u64 {
+    let probe = 20_000_000u64;
+    let started = std::time::Instant::now();
+    rt.send(
+        id,
+        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
+    )
+    .await
+    .expect("probe");
+    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
+    (seconds / per_spin.max(1e-12)) as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -854,17 +869,7 @@ async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     rt.provision("slow", "misbehave", &json!({}))
         .await
         .expect("provision");
-    // Guests have no clock: calibrate the spin count to this machine.
-    let probe = 20_000_000u64;
-    let started = std::time::Instant::now();
-    rt.send(
-        "slow",
-        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
-    )
-    .await
-    .expect("probe");
-    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
-    let spin = (0.7 / per_spin.max(1e-12)) as u64;
+    let spin = spins_for(&rt, "slow", 0.7).await;
     rt.send(
         "slow",
         &format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#),
@@ -914,18 +919,9 @@ async fn the_time_budget_bounds_a_whole_event_not_each_call() {
     rt.provision("s", "misbehave", &json!({}))
         .await
         .expect("provision");
-    let probe = 20_000_000u64;
-    let started = std::time::Instant::now();
-    rt.send(
-        "s",
-        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
-    )
-    .await
-    .expect("probe");
-    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
     // 20 applies of ~120 ms each: every call is well under the 400 ms budget, the event is
     // six times over it.
-    let spin = (0.12 / per_spin.max(1e-12)) as u64;
+    let spin = spins_for(&rt, "s", 0.12).await;
     let started = std::time::Instant::now();
     let err = rt
         .send(
