@@ -941,3 +941,58 @@ async fn the_time_budget_bounds_a_whole_event_not_each_call() {
     assert_eq!(ack.seq, 2);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_will_not_restore_falls_back_to_the_one_before_then_to_genesis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 2).await;
+    rt.provision("f", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    for _ in 0..6 {
+        rt.send("f", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    rt.shutdown().await;
+
+    // Reopen on storage where bytes can go bad after the journal was checked.
+    let file = FileBackend::open(&dir.path().join(drover::journal::FILE_NAME)).expect("file");
+    let (storage, faults) = FaultyBackend::new(file);
+    let journal = Journal::open_on(Arc::new(storage), &Default::default()).expect("journal");
+    let engine = drover::engine::Engine::new(Default::default()).expect("engine");
+    let registry =
+        drover::registry::Registry::open(engine, journal.clone(), dir.path()).expect("registry");
+    let head = journal.device("f").expect("head");
+    let snapshots = journal.snapshots(head.num);
+    assert!(snapshots.len() >= 3, "{snapshots:?}");
+    let genesis = replay::rebuild(&journal, &registry, &head, head.seq, Start::Genesis)
+        .expect("genesis")
+        .instance
+        .query()
+        .expect("query");
+
+    // The newest snapshot rots: the rebuild uses the one before it, same state.
+    let newest = snapshots[snapshots.len() - 1];
+    let older = snapshots[snapshots.len() - 2];
+    faults.rot_byte(newest.offset + 12);
+    let mut rebuilt =
+        replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot).expect("rebuild");
+    assert_eq!(rebuilt.snapshot, Some(older.seq));
+    assert_eq!(
+        parse(&rebuilt.instance.query().expect("query")),
+        parse(&genesis)
+    );
+
+    // Every snapshot rots: a full replay from `init`, same state.
+    for s in &snapshots[..snapshots.len() - 1] {
+        faults.rot_byte(s.offset + 12);
+    }
+    let mut rebuilt =
+        replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot).expect("rebuild");
+    assert_eq!(rebuilt.snapshot, None);
+    assert_eq!(rebuilt.applied, 6);
+    assert_eq!(
+        parse(&rebuilt.instance.query().expect("query")),
+        parse(&genesis)
+    );
+    journal.close();
+}

@@ -128,6 +128,8 @@ pub struct Faults {
     writes: AtomicU32,
     set_lens: AtomicU32,
     kind: Mutex<Option<io::ErrorKind>>,
+    /// Offsets whose byte reads back flipped, as a bad sector would.
+    rotten: Mutex<Vec<u64>>,
 }
 
 impl Faults {
@@ -145,6 +147,13 @@ impl Faults {
     /// Fails the next `n` attempts to cut the range back.
     pub fn fail_set_lens(&self, n: u32) {
         self.set_lens.store(n, Ordering::Release);
+    }
+
+    /// Makes the byte at `offset` read back flipped from now on (the data on storage is
+    /// untouched): damage that appears after the journal was opened and checked. Rotting
+    /// the same byte twice flips it back.
+    pub fn rot_byte(&self, offset: u64) {
+        self.rotten.lock().push(offset);
     }
 
     /// The error kind of injected failures (default `Other`; `StorageFull` for a full disk).
@@ -185,7 +194,14 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_exact_at(buf, offset)
+        self.inner.read_exact_at(buf, offset)?;
+        let end = offset + buf.len() as u64;
+        for &bad in self.faults.rotten.lock().iter() {
+            if (offset..end).contains(&bad) {
+                buf[(bad - offset) as usize] ^= 0x5a;
+            }
+        }
+        Ok(())
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
