@@ -8,22 +8,17 @@
 //! * [`journal`]: the durable, group-committed, checksummed event log and its index.
 //! * [`replay`]: rebuilding a device from snapshot + journal tail.
 //! * [`registry`]: versioned, content-addressed plugins.
-//! * [`embedded`]: the example plugins, built from `plugins/` and embedded in the binary.
 //! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
 //! * [`metrics`]: counters and latency histogram in Prometheus format.
 //! * [`error`]: the typed errors every caller sees.
 //! * [`clock`]: host time and per-event seeds (guests have no clock of their own).
 //! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
-//! * [`cli`]: the `drover` command line: server, client commands, replay, demo, benches.
-//! * [`sim`]: the fleet simulator that drives a server over HTTP.
 
 pub mod actor;
 mod builder;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod decide;
-pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod http;
@@ -33,7 +28,6 @@ pub mod registry;
 pub mod replay;
 pub mod router;
 pub mod runtime;
-pub mod sim;
 pub mod view;
 
 pub use builder::RuntimeBuilder;

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! so scripts and tests can start it with `--listen 127.0.0.1:0` and read the port.
-//! SIGTERM or Ctrl-C shut it down gracefully (see [`crate::http::server`]); a second signal
+//! SIGTERM or Ctrl-C shut it down gracefully (see [`drover::http::server`]); a second signal
 //! during the drain exits at once (acknowledged events are durable either way).
 
 use std::io::Write as _;
@@ -21,8 +21,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::Runtime;
-use crate::http::{Limits, Server, server::shutdown_signal};
+use drover::Runtime;
+use drover::http::{Limits, Server, server::shutdown_signal};
 
 /// `drover serve`.
 #[derive(Debug, Args)]
