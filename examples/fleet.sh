@@ -10,7 +10,7 @@ run "$DROVER" sim --devices 300 --rate 2000 --duration 10 --concurrency 64
 
 step "a thermostat"
 run "$DROVER" state sim-000000
-run curl -s "$URL/v1/devices/sim-000000/journal?from=1&limit=3"
+run curl -sSf "$URL/v1/devices/sim-000000/journal?from=1&limit=3"
 echo
 
 step "a door lock"
@@ -18,4 +18,4 @@ run "$DROVER" send sim-000001 '{"type":"unlock","code":"4711"}'
 run "$DROVER" state sim-000001
 
 step "what the server counted"
-run bash -c "curl -s $URL/metrics | grep -E '^drover_(events_total|live_actors|devices|journal_commits) '"
+run bash -c "set -o pipefail; curl -sSf $URL/metrics | grep -E '^drover_(events_total|live_actors|devices|journal_commits) '"

@@ -11,7 +11,7 @@ run "$DROVER" provision bedroom --plugin thermostat --config '{"setpoint": 18}'
 run "$DROVER" provision front-door --plugin door-lock --config '{"code": "4711"}'
 
 step "one batch: six events for three devices, one refused by its plugin, one for an unknown device"
-run curl -s -X POST "$URL/v1/events" -d '{"events": [
+run curl -sSf -X POST "$URL/v1/events" -d '{"events": [
   {"device": "kitchen",    "event": {"type": "reading", "celsius": 19.5}},
   {"device": "bedroom",    "event": {"type": "reading", "celsius": 18.9}},
   {"device": "front-door", "event": {"type": "unlock", "code": "4711"}},

@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 use drover::Runtime;
 use hdrhistogram::Histogram;
 
+/// The example thermostat component, as the build made it.
+const THERMOSTAT: &[u8] = include_bytes!(concat!(
+    env!("DROVER_EXAMPLE_PLUGIN_DIR"),
+    "/thermostat.wasm"
+));
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -54,7 +60,7 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-core-{devices}"));
     let _ = std::fs::remove_dir_all(&root);
     let rt = Runtime::builder(&root)
-        .plugin("thermostat", drover::embedded::EMBEDDED[0].1)
+        .plugin("thermostat", THERMOSTAT)
         .mailbox_capacity(1024)
         .snapshot_every(1000)
         .open()

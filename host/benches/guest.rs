@@ -8,6 +8,15 @@ use std::time::Instant;
 
 use drover::engine::{Engine, EngineConfig, EventContext};
 
+#[path = "../tests/support/plugins.rs"]
+mod plugins;
+
+/// The example thermostat component, as the build made it.
+const THERMOSTAT: &[u8] = include_bytes!(concat!(
+    env!("DROVER_EXAMPLE_PLUGIN_DIR"),
+    "/thermostat.wasm"
+));
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -15,7 +24,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let engine = Engine::new(EngineConfig::default())?;
-    let plugin = engine.compile(drover::embedded::EMBEDDED[0].1)?;
+    let plugin = engine.compile(THERMOSTAT)?;
     let id: Arc<str> = Arc::from("t-1");
     let config = r#"{"setpoint":21.0}"#;
 
@@ -81,7 +90,7 @@ fn main() -> anyhow::Result<()> {
 
     // The floor: a call that does almost nothing (misbehave's `query` of a two-field state).
     let misbehave = engine.compile(&std::fs::read(
-        std::path::Path::new(drover::embedded::TEST_PLUGIN_DIR).join("misbehave.wasm"),
+        plugins::plugin_dir().join("misbehave.wasm"),
     )?)?;
     let mut m = misbehave.instantiate(id.clone())?;
     m.init(&id, "{}")?;

@@ -31,11 +31,9 @@
 
 mod actor;
 mod builder;
-pub mod cli; // moving to the binary
 pub mod clock;
 pub mod config;
 mod decide;
-pub mod embedded; // moving to the binary
 pub mod engine;
 pub mod error;
 pub mod http;
@@ -45,7 +43,6 @@ pub mod registry;
 pub mod replay;
 mod router;
 mod runtime;
-pub mod sim; // moving to the binary
 pub mod view;
 
 pub use builder::RuntimeBuilder;

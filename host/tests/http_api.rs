@@ -142,11 +142,7 @@ fn provision_send_and_read_back_both_plugins() {
     );
 
     // Uploading the same bytes again answers the existing version with 200.
-    let bytes = std::fs::read(format!(
-        "{}/thermostat.wasm",
-        drover::embedded::TEST_PLUGIN_DIR
-    ))
-    .unwrap();
+    let bytes = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
     let up = api.call(Method::POST, "/v1/plugins/thermostat", Some(bytes));
     assert_eq!(up.status, 200, "{}", up.text);
     assert_eq!(up.body["version"], 1);

@@ -14,7 +14,7 @@ use support::Rng;
 
 mod support;
 
-const PLUGINS: &str = drover::embedded::TEST_PLUGIN_DIR;
+const PLUGINS: support::PluginDir = support::PluginDir;
 
 async fn open(dir: &Path, snapshot_every: u64) -> Runtime {
     Runtime::builder(dir)

@@ -52,7 +52,7 @@ async fn a_panicking_actor_is_replaced_and_the_device_rebuilt_from_the_journal()
     tracing::subscriber::set_global_default(PanickyLog).expect("one subscriber per process");
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path())
-        .plugin_dir(drover::embedded::TEST_PLUGIN_DIR)
+        .plugin_dir(support::plugin_dir())
         .open()
         .await
         .expect("runtime");

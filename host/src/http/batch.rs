@@ -142,7 +142,7 @@ fn enqueue<'a>(
     let mut pending = Vec::with_capacity(items.len());
     let mut full: HashSet<&str> = HashSet::new();
     // Not `Send`: lives only in this synchronous function, never across an await.
-    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    let mut cx = Context::from_waker(std::task::Waker::noop());
     for (i, item) in items.iter().enumerate() {
         let device: &str = &item.device;
         let refused = match validate_id(device) {

@@ -8,7 +8,7 @@
 use crate::config::defaults;
 
 /// See the module docs. Defaults suit a single server; `drover serve` flags override them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest single event body (`POST /v1/devices/{id}/events`). Keep it equal to the
     /// runtime's `max_event_bytes` so both layers refuse the same events.

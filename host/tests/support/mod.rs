@@ -1,5 +1,6 @@
 //! Shared helpers of the HTTP integration tests: a real `drover serve` child process, a small
-//! JSON client, raw HTTP for requests a URL library would normalize away, and poll loops.
+//! JSON client, raw HTTP for requests a URL library would normalize away, poll loops, and
+//! the plugin directory every test loads ([`plugin_dir`], see `plugins.rs`).
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
@@ -11,6 +12,35 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod plugins;
+
+pub use plugins::plugin_dir;
+
+/// [`plugin_dir`] where a constant is wanted: converts to the directory's path (for
+/// `RuntimeBuilder::plugin_dir`) and derefs to it.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginDir;
+
+impl From<PluginDir> for PathBuf {
+    fn from(_: PluginDir) -> PathBuf {
+        plugin_dir().to_path_buf()
+    }
+}
+
+impl AsRef<Path> for PluginDir {
+    fn as_ref(&self) -> &Path {
+        plugin_dir()
+    }
+}
+
+impl std::ops::Deref for PluginDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        plugin_dir()
+    }
+}
 
 /// The `drover` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
@@ -40,12 +70,8 @@ impl Server {
             .arg("serve")
             .arg("--data")
             .arg(data)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--plugins",
-                drover::embedded::TEST_PLUGIN_DIR,
-            ])
+            .args(["--listen", "127.0.0.1:0", "--plugins"])
+            .arg(plugin_dir())
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

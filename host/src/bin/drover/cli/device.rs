@@ -296,3 +296,87 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `drover resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The device id.
+    pub device: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// `{"id","status"}`.
+#[derive(Debug, Deserialize)]
+struct ResumedOut {
+    id: String,
+    status: String,
+}
+
+/// Ends a device's quarantine now (`POST /v1/devices/{id}/resume`).
+pub fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let id = segment(&args.device);
+    let (text, out): (String, ResumedOut) =
+        api.call_json(api.post(&format!("/v1/devices/{id}/resume")))?;
+    if args.client.json {
+        println!("{text}");
+    } else {
+        println!("{}  {}", out.id, out.status);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drover dead-letters`.
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// The device id.
+    pub device: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// `{"dead_letters":[...]}`.
+#[derive(Debug, Deserialize)]
+struct DeadLettersOut {
+    dead_letters: Vec<DeadLetterOut>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeadLetterOut {
+    after_seq: u64,
+    at_ms: u64,
+    plugin: String,
+    version: u32,
+    code: String,
+    message: String,
+    event: Value,
+}
+
+/// Lists the events a device's plugin failed on (`GET /v1/devices/{id}/dead-letters`).
+pub fn dead_letters(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let id = segment(&args.device);
+    let (text, out): (String, DeadLettersOut) =
+        api.call_json(api.get(&format!("/v1/devices/{id}/dead-letters")))?;
+    if args.client.json {
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if out.dead_letters.is_empty() {
+        println!("{}: no dead letters", args.device);
+    }
+    for d in out.dead_letters {
+        println!(
+            "after seq {}  {}  {} v{}  {}: {}",
+            d.after_seq,
+            timestamp(d.at_ms),
+            d.plugin,
+            d.version,
+            d.code,
+            d.message
+        );
+        println!("  {}", d.event);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use super::serve::{Tuning, announce};
-use crate::http::{Server, server::shutdown_signal};
 use crate::sim::{self, Fleet, Load, SimConfig, Summary, fmt_count, fmt_us};
+use drover::http::{Server, server::shutdown_signal};
 
 /// Pacing and shape options shared by `sim` and `demo`.
 #[derive(Debug, Clone, Args)]

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::replay::{self, Start};
+use drover::replay::{self, Start};
 
 /// `drover replay`.
 #[derive(Debug, Args)]
@@ -31,7 +31,7 @@ pub struct ReplayArgs {
 #[derive(serde::Serialize)]
 struct Out {
     seq: u64,
-    state: crate::http::json::Json,
+    state: drover::http::json::Json,
 }
 
 /// Prints `{"seq","state"}` for the device.
@@ -44,7 +44,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let snap = replay::offline(&args.data, &args.device, args.to, start)?;
     let out = Out {
         seq: snap.seq,
-        state: crate::http::json::Json(snap.state),
+        state: drover::http::json::Json(snap.state),
     };
     println!("{}", serde_json::to_string(&out)?);
     Ok(ExitCode::SUCCESS)

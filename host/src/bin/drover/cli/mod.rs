@@ -47,6 +47,10 @@ pub enum Command {
     Provision(device::ProvisionArgs),
     /// List the provisioned devices.
     Devices(device::DevicesArgs),
+    /// End a device's quarantine now, so its next event runs its plugin again.
+    Resume(device::ResumeArgs),
+    /// List the events a device's plugin failed on (trap, timeout, oversized output).
+    DeadLetters(device::DeadLettersArgs),
     /// List plugins, or upload a new plugin version.
     Plugins(plugins::PluginsArgs),
     /// Rebuild a device's state from a data directory, without a server.
@@ -68,6 +72,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Journal(args) => device::journal(args),
         Command::Provision(args) => device::provision(args),
         Command::Devices(args) => device::devices(args),
+        Command::Resume(args) => device::resume(args),
+        Command::DeadLetters(args) => device::dead_letters(args),
         Command::Plugins(args) => plugins::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Sim(args) => fleet::sim(args),

@@ -1,0 +1,332 @@
+//! `drover serve`: the server.
+//!
+//! `drover serve --data DIR --listen ADDR [--plugins DIR]` is part of the public contract.
+//! Without `--plugins`, the example plugins embedded in the binary are registered; with it,
+//! every `NAME.wasm` in the directory is registered under `NAME` (and the embedded ones are
+//! not). Once the API is listening, one line goes to stdout:
+//!
+//! ```text
+//! drover listening on http://127.0.0.1:7070
+//! ```
+//!
+//! so scripts and tests can start it with `--listen 127.0.0.1:0` and read the port.
+//! SIGTERM or Ctrl-C shut it down gracefully (see [`drover::http::server`]); a second signal
+//! during the drain exits at once (acknowledged events are durable either way).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use drover::config::{MAX_PAYLOAD_LIMIT, defaults};
+use drover::http::{Limits, Server, server::shutdown_signal};
+use drover::{Runtime, RuntimeBuilder};
+
+/// `drover serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory: journal, plugin store, lock.
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the listening line tells which).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Register every NAME.wasm in this directory instead of the embedded example plugins.
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// `"{what} [default: {default}]"`: the help of a tuning flag, whose default is the library's
+/// (`drover::config::defaults`), so that the help cannot drift from what the flag does.
+fn help(what: &str, default: impl std::fmt::Display) -> String {
+    format!("{what} [default: {default}]")
+}
+
+/// Runtime and HTTP knobs shared by `serve`, `demo` and `bench`.
+///
+/// Every flag is an optional override: left out, the setting is the library's default (the
+/// one of `Runtime::builder` for the runtime, of `Limits::default` for the HTTP layer, both
+/// from [`drover::config::defaults`]), which the help text shows. There is no second copy of
+/// any default here.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Tuning {
+    #[arg(long, help = help(
+        "Messages that may wait in one device's mailbox before senders get 429",
+        defaults::MAILBOX,
+    ))]
+    pub mailbox: Option<usize>,
+    #[arg(long, help = help(
+        "Records per device that may be waiting for the disk",
+        defaults::MAX_IN_FLIGHT,
+    ))]
+    pub max_in_flight: Option<usize>,
+    #[arg(long, help = help(
+        "Keep at most this many devices' instances alive; past it the least recently used are \
+         passivated (they reactivate from snapshot + journal on their next message)",
+        defaults::MAX_LIVE,
+    ))]
+    pub max_live: Option<usize>,
+    #[arg(long, help = help(
+        "Passivate a device after this many seconds without a message",
+        defaults::IDLE_TIMEOUT.as_secs(),
+    ))]
+    pub idle_timeout_secs: Option<u64>,
+    #[arg(long, help = help(
+        "Snapshot a device after this many transitions (0 disables)",
+        defaults::SNAPSHOT_EVERY,
+    ))]
+    pub snapshot_every: Option<u64>,
+    #[arg(long, help = help(
+        "Longest a guest call may run, in milliseconds",
+        defaults::CALL_TIMEOUT.as_millis(),
+    ))]
+    pub call_timeout_ms: Option<u64>,
+    #[arg(long, help = help(
+        "Cap on one guest instance's linear memory, in bytes",
+        defaults::MAX_GUEST_MEMORY,
+    ))]
+    pub max_guest_memory: Option<usize>,
+    #[arg(long, help = help(
+        "Largest accepted event, in bytes (at most 16 MiB)",
+        defaults::MAX_EVENT_BYTES,
+    ))]
+    pub max_event_bytes: Option<usize>,
+    #[arg(long, help = help(
+        "Largest total size of the transitions of one event, in bytes (at most 16 MiB)",
+        defaults::MAX_OUTPUT_BYTES,
+    ))]
+    pub max_output_bytes: Option<usize>,
+    #[arg(long, help = help(
+        "Microseconds the journal writer lets a batch grow once it is under load (0 commits \
+         as soon as the previous fsync returns)",
+        defaults::COMMIT_DELAY.as_micros(),
+    ))]
+    pub commit_delay_us: Option<u64>,
+    #[arg(long, help = help(
+        "Largest accepted plugin upload, in bytes",
+        defaults::MAX_PLUGIN_BYTES,
+    ))]
+    pub max_plugin_bytes: Option<usize>,
+    #[arg(long, help = help(
+        "Most events in one `POST /v1/events` batch",
+        defaults::MAX_BATCH_ITEMS,
+    ))]
+    pub max_batch_items: Option<usize>,
+    #[arg(long, help = help(
+        "Seconds to let open requests finish at shutdown",
+        defaults::DRAIN_TIMEOUT.as_secs(),
+    ))]
+    pub drain_timeout_secs: Option<u64>,
+    /// Open a journal that is damaged in the middle (not just at its tail) by cutting it at
+    /// the first bad record. Everything after it is set aside in `journal.log.dropped-*`,
+    /// acknowledged events included: inspect before using this.
+    #[arg(long)]
+    pub salvage: bool,
+}
+
+impl Tuning {
+    /// The HTTP limits these flags ask for: [`Limits::default`] with the flags given applied.
+    pub fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        if let Some(n) = self.max_event_bytes {
+            // The runtime caps its own limit the same way; both layers refuse the same events.
+            limits.max_event_bytes = n.min(MAX_PAYLOAD_LIMIT);
+        }
+        if let Some(n) = self.max_plugin_bytes {
+            limits.max_plugin_bytes = n;
+        }
+        if let Some(n) = self.max_batch_items {
+            limits.max_batch_items = n;
+            // Room for every item at the event limit would be absurd; the default body limit
+            // or the items at 1 KiB each, whichever is larger.
+            limits.max_batch_bytes = limits.max_batch_bytes.max(n.saturating_mul(1024));
+        }
+        limits
+    }
+
+    /// How long a graceful shutdown lets open requests finish.
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout_secs
+            .map_or(defaults::DRAIN_TIMEOUT, Duration::from_secs)
+    }
+
+    /// A runtime builder on `data`: [`Runtime::builder`]'s defaults with the flags given
+    /// applied over them.
+    pub fn builder(&self, data: &Path) -> RuntimeBuilder {
+        let mut b = Runtime::builder(data).salvage_journal(self.salvage);
+        if let Some(n) = self.mailbox {
+            b = b.mailbox_capacity(n);
+        }
+        if let Some(n) = self.max_in_flight {
+            b = b.max_in_flight(n);
+        }
+        if let Some(n) = self.max_live {
+            b = b.max_live_instances(n);
+        }
+        if let Some(s) = self.idle_timeout_secs {
+            b = b.idle_timeout(Duration::from_secs(s));
+        }
+        if let Some(n) = self.snapshot_every {
+            b = b.snapshot_every(n);
+        }
+        if let Some(ms) = self.call_timeout_ms {
+            b = b.call_timeout(Duration::from_millis(ms));
+        }
+        if let Some(n) = self.max_guest_memory {
+            b = b.max_guest_memory(n);
+        }
+        if let Some(n) = self.max_event_bytes {
+            b = b.max_event_bytes(n);
+        }
+        if let Some(n) = self.max_output_bytes {
+            b = b.max_output_bytes(n);
+        }
+        if let Some(us) = self.commit_delay_us {
+            b = b.commit_delay(Duration::from_micros(us));
+        }
+        b
+    }
+
+    /// Opens the runtime on `data` with these settings and `plugins` (`None`: the embedded
+    /// example plugins).
+    pub async fn open(&self, data: &Path, plugins: Option<&Path>) -> anyhow::Result<Runtime> {
+        let mut builder = self.builder(data);
+        match plugins {
+            Some(dir) => builder = builder.plugin_dir(dir),
+            None => {
+                for (name, bytes) in crate::embedded::EMBEDDED {
+                    builder = builder.plugin(*name, *bytes);
+                }
+            }
+        }
+        builder.open().await
+    }
+}
+
+/// Runs `drover serve` until SIGTERM or Ctrl-C.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("drover-worker")
+        .build()
+        .context("starting the async runtime")?;
+    tokio.block_on(serve(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rt = args
+        .tuning
+        .open(&args.data, args.plugins.as_deref())
+        .await
+        .with_context(|| format!("opening {}", args.data.display()))?;
+    let server = Server::start(rt.clone(), &args.listen, args.tuning.limits()).await?;
+    announce(&server)?;
+
+    shutdown_signal().await;
+    // A second signal while draining: leave now. Every acknowledged event is already durable.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting for the drain");
+        std::process::exit(130);
+    });
+    let drained = server.shutdown(args.tuning.drain_timeout()).await;
+    rt.shutdown().await;
+    tracing::info!(drained, "stopped");
+    Ok(())
+}
+
+/// Prints the machine-readable listening line on stdout.
+pub fn announce(server: &Server) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "drover listening on {}", server.url()).context("writing to stdout")?;
+    out.flush().context("flushing stdout")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn serve(flags: &[&str]) -> ServeArgs {
+        let argv = ["drover", "serve"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(args) => args,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    /// One source of truth: `drover serve` without flags runs exactly the library's defaults.
+    #[test]
+    fn no_flags_means_the_library_defaults() {
+        let args = serve(&[]);
+        let data = Path::new("unused");
+        assert_eq!(
+            args.tuning.builder(data).config(),
+            Runtime::builder(data).config()
+        );
+        assert_eq!(args.tuning.limits(), Limits::default());
+        assert_eq!(args.tuning.drain_timeout(), defaults::DRAIN_TIMEOUT);
+        assert_eq!(args.data, Path::new("./data"));
+        assert_eq!(args.listen, "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn a_flag_overrides_its_setting_only() {
+        let args = serve(&[
+            "--max-live",
+            "5",
+            "--commit-delay-us",
+            "0",
+            "--max-event-bytes",
+            "1000",
+            "--max-output-bytes",
+            "2000",
+            "--max-guest-memory",
+            "1048576",
+            "--drain-timeout-secs",
+            "3",
+        ]);
+        let data = Path::new("unused");
+        let config = args.tuning.builder(data).config().clone();
+        let expected = Runtime::builder(data)
+            .max_live_instances(5)
+            .commit_delay(Duration::ZERO)
+            .max_event_bytes(1000)
+            .max_output_bytes(2000)
+            .max_guest_memory(1 << 20)
+            .config()
+            .clone();
+        assert_eq!(config, expected);
+        assert_eq!(config.actor.max_live, 5);
+        assert_eq!(config.commit_delay, Duration::ZERO);
+        assert_eq!(
+            args.tuning.limits(),
+            Limits {
+                max_event_bytes: 1000,
+                ..Limits::default()
+            }
+        );
+        assert_eq!(args.tuning.drain_timeout(), Duration::from_secs(3));
+    }
+
+    /// The help states each default from the library's constant.
+    #[test]
+    fn help_shows_the_library_defaults() {
+        let err = Cli::try_parse_from(["drover", "serve", "--help"]).unwrap_err();
+        let help = err.to_string();
+        assert!(
+            help.contains(&format!("[default: {}]", defaults::MAX_LIVE)),
+            "{help}"
+        );
+        assert!(help.contains("--commit-delay-us"), "{help}");
+    }
+}

@@ -1,0 +1,52 @@
+//! The `drover` binary: the server, a client for the v1 API, and the tools around it.
+//!
+//! Only the binary needs these modules, so they live beside it rather than in the library
+//! (embedders build `drover` with `--no-default-features` and get neither clap nor an HTTP
+//! client nor the plugins' build):
+//!
+//! * [`cli`]: the command line (`serve`, the client commands, `replay`, `sim`, `demo`,
+//!   `bench`); see its docs for each command.
+//! * [`sim`]: the fleet simulator that drives a server over HTTP (`sim`, `demo`,
+//!   `bench http`).
+//! * [`embedded`]: the example plugins (thermostat, door-lock), built from `plugins/` by
+//!   `host/build.rs` and compiled into the binary.
+
+mod cli;
+mod embedded;
+mod sim;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    // Logs go to stderr, filtered by RUST_LOG; stdout is for answers and the machine-readable
+    // listening line.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(cli::default_log_level(&cli)));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colors only for a person at a terminal, not in log files and CI output.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr on a full disk) is dropped: by default
+        // the subscriber reports it with `eprintln!`, which panics when stderr fails.
+        .log_internal_errors(false)
+        .init();
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // Runtime errors (from offline commands) lead with their stable code, like the
+            // server's errors do.
+            // Written without `eprintln!`, which panics when stderr cannot be written.
+            let line = match e.downcast_ref::<drover::Error>() {
+                Some(d) => format!("error: {}: {e:#}\n", d.code()),
+                None => format!("error: {e:#}\n"),
+            };
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            ExitCode::FAILURE
+        }
+    }
+}

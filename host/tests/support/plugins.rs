@@ -1,0 +1,56 @@
+//! The plugin directory of the tests: the example plugins the build made for the binary
+//! (`DROVER_EXAMPLE_PLUGIN_DIR`) plus the test-only `misbehave`, built here on first use
+//! with the same nested `cargo` as `host/build.rs` (see `guest_build.rs`).
+//!
+//! `misbehave` traps, spins, hoards memory and floods output on demand; it is never part of
+//! the binary, so the build script does not build it and only test processes pay for it
+//! (once per process: a no-op cargo run once it is built).
+//!
+//! Shared by the integration tests (through `support`) and by the `guest` bench, which
+//! includes this file with `#[path]`.
+#![allow(dead_code)]
+
+#[path = "guest_build.rs"]
+mod guest_build;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The example plugins, as the build script made them.
+pub const EXAMPLES: &[&str] = &["thermostat", "door-lock"];
+/// The test-only plugins, built by [`plugin_dir`].
+pub const TEST_ONLY: &[&str] = &["misbehave"];
+
+/// A directory holding `thermostat.wasm`, `door-lock.wasm` and `misbehave.wasm`: a
+/// ready-made `--plugins` dir (or `RuntimeBuilder::plugin_dir`) for tests. Built once per
+/// process; panics with the cargo output if the plugins do not build.
+pub fn plugin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(make_plugin_dir)
+}
+
+fn make_plugin_dir() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ lives in the workspace root");
+    // The cargo running the tests, else the one that built them.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let target_dir = guest_build::plugin_target_dir(workspace);
+    let built = guest_build::build(cargo, workspace, &target_dir, TEST_ONLY);
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drover-test-plugins");
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    for name in EXAMPLES {
+        let file = format!("{name}.wasm");
+        let from = Path::new(env!("DROVER_EXAMPLE_PLUGIN_DIR")).join(&file);
+        let bytes =
+            std::fs::read(&from).unwrap_or_else(|e| panic!("cannot read {}: {e}", from.display()));
+        guest_build::write_if_changed(&dir.join(file), &bytes);
+    }
+    for name in TEST_ONLY {
+        let bytes = guest_build::read_component(&built, name);
+        guest_build::write_if_changed(&dir.join(format!("{name}.wasm")), &bytes);
+    }
+    dir
+}
