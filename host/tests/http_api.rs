@@ -678,3 +678,51 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     assert_eq!(ack["transitions"][0]["count"], 2);
     assert_eq!(api.get("/v1/devices/good").body["seq"], 4);
 }
+
+/// Logging can never take down the server: with stderr on a full disk (`/dev/full`) it
+/// starts, provisions, handles events and answers reads (it used to panic at start-up).
+#[test]
+fn a_server_whose_stderr_is_a_full_disk_keeps_serving() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = std::process::Command::new(support::BIN)
+        .arg("serve")
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--plugins"])
+        .arg(support::plugin_dir())
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(full)
+        .spawn()
+        .expect("spawning drover serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let url = line
+        .trim()
+        .strip_prefix("drover listening on ")
+        .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+        .to_string();
+    let api = Api::new(&url);
+    api.provision("full", "misbehave", json!({}));
+    for seq in 1..=3 {
+        let ack = api.send(
+            "full",
+            &json!({"type": "log", "message": "to a full disk", "level": "error"}),
+        );
+        assert_eq!(ack["seq"], json!(seq));
+    }
+    assert_eq!(api.send("full", &json!({"type": "ok"}))["seq"], 4);
+    let device = api.get("/v1/devices/full");
+    assert_eq!(device.status, 200, "{}", device.text);
+    assert_eq!(api.get("/healthz").status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
