@@ -11,11 +11,11 @@
 //!
 //! * [`clock`]: host time and per-event seeds (guests have no clock of their own).
 //! * [`config`]: every setting and its default, in one place.
-//! * [`error`]: the typed errors every caller sees, and their [`ErrorKind`]s.
 //! * [`view`]: what callers get back: devices, states, journal pages.
 //! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
 //! * [`journal`]: the durable, group-committed, checksummed log, in domain terms, over a
 //!   storage seam ([`journal::storage`]).
+//! * [`error`]: the typed errors every caller sees, and their [`ErrorKind`]s.
 //! * [`registry`]: versioned, content-addressed plugins and which version is current.
 //! * `decide`: the one path from an event to state (handle + apply), shared by actors,
 //!   replay and dry-run.
@@ -23,7 +23,7 @@
 //! * [`metrics`]: counters and latency histogram in Prometheus format.
 //! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits.
 //! * `router`: device id → actor, activation on demand, the live-instance cap.
-//! * `builder`, `runtime`: [`RuntimeBuilder`] and the [`Runtime`] facade.
+//! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
 //! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
 //!
 //! The `drover` binary (CLI, fleet simulator, embedded example plugins) lives in
