@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::{Config, MAX_PAYLOAD_LIMIT};
+use crate::config::Config;
 use crate::journal::{FileBackend, Journal, JournalOptions, StorageBackend};
 use crate::runtime::Runtime;
 
@@ -57,7 +57,7 @@ impl RuntimeBuilder {
     /// Messages that may wait in one device's mailbox before senders get
     /// [`crate::Error::MailboxFull`] (default 256).
     pub fn mailbox_capacity(mut self, n: usize) -> Self {
-        self.config.actor.mailbox = n.max(1);
+        self.config.actor.mailbox = n;
         self
     }
 
@@ -73,7 +73,7 @@ impl RuntimeBuilder {
     /// mappings, so one process cannot hold more than ~16k with wasmtime's default memory
     /// settings (see [`crate::config::defaults::MAX_LIVE`]).
     pub fn max_live_instances(mut self, n: usize) -> Self {
-        self.config.actor.max_live = n.max(1);
+        self.config.actor.max_live = n;
         self
     }
 
@@ -86,21 +86,21 @@ impl RuntimeBuilder {
 
     /// Records per device that may be waiting for the disk (default 128).
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.config.actor.max_in_flight = n.max(1);
+        self.config.actor.max_in_flight = n;
         self
     }
 
     /// Largest accepted event, in bytes (default 64 KiB, at most 16 MiB so that an event
     /// and its transitions always fit one journal record).
     pub fn max_event_bytes(mut self, n: usize) -> Self {
-        self.config.max_event_bytes = n.min(MAX_PAYLOAD_LIMIT);
+        self.config.max_event_bytes = n;
         self
     }
 
     /// Largest total size of the transitions one event may produce (default 1 MiB, at most
     /// 16 MiB).
     pub fn max_output_bytes(mut self, n: usize) -> Self {
-        self.config.actor.max_output_bytes = n.min(MAX_PAYLOAD_LIMIT);
+        self.config.actor.max_output_bytes = n;
         self
     }
 
@@ -140,7 +140,14 @@ impl RuntimeBuilder {
 
     /// Opens the data directory (taking its lock), recovers the journal, records the engine
     /// settings for offline tools and registers the start-up plugins.
+    ///
+    /// Settings out of range (see [`Config::validate`]) are refused here, before anything is
+    /// opened, with a message naming the setting: a zero output limit, say, would otherwise
+    /// fail every event and blame the plugin.
     pub async fn open(self) -> anyhow::Result<Runtime> {
+        self.config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid runtime settings: {e}"))?;
         let dir = &self.data_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lock = lock_data_dir(dir)?;

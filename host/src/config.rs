@@ -189,6 +189,52 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Checks every setting is in range: counts and sizes at least 1, the event and output
+    /// limits at most [`MAX_PAYLOAD_LIMIT`], time budgets at least one deadline tick.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("mailbox capacity", self.actor.mailbox),
+            ("max in flight", self.actor.max_in_flight),
+            ("max live instances", self.actor.max_live),
+            ("max event bytes", self.max_event_bytes),
+            ("max output bytes", self.actor.max_output_bytes),
+            ("max guest memory", self.engine.max_memory),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        for (name, v) in [
+            ("max event bytes", self.max_event_bytes),
+            ("max output bytes", self.actor.max_output_bytes),
+        ] {
+            if v > MAX_PAYLOAD_LIMIT {
+                return Err(format!(
+                    "{name} is {v}, over the limit of {MAX_PAYLOAD_LIMIT} (an event and its \
+                     transitions must fit one journal record)"
+                ));
+            }
+        }
+        let tick = self.engine.epoch_tick;
+        for (name, d) in [
+            ("call timeout", self.engine.call_timeout),
+            ("activation timeout", self.engine.activation_timeout),
+        ] {
+            if d < tick {
+                return Err(format!(
+                    "{name} is {d:?}, shorter than the deadline clock's tick of {tick:?}"
+                ));
+            }
+        }
+        if self.actor.idle_timeout.is_zero() {
+            return Err("idle timeout must be more than zero".into());
+        }
+        Ok(())
+    }
+}
+
 /// Durations as whole milliseconds in the engine settings file.
 mod millis {
     use std::time::Duration;

@@ -97,7 +97,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_passivations_total",
-            "Instances dropped after an idle timeout.",
+            "Instances dropped: idle timeout, live-instance cap, or the end of a read of a passivated device.",
             &self.passivations,
         );
         counter(

@@ -996,3 +996,36 @@ async fn a_snapshot_that_will_not_restore_falls_back_to_the_one_before_then_to_g
     );
     journal.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_out_of_range_are_refused_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: Vec<(drover::RuntimeBuilder, &str)> = vec![
+        (
+            Runtime::builder(dir.path()).max_output_bytes(0),
+            "max output bytes must be at least 1",
+        ),
+        (
+            Runtime::builder(dir.path()).max_event_bytes(20_000_000),
+            "max event bytes is 20000000, over the limit",
+        ),
+        (
+            Runtime::builder(dir.path()).mailbox_capacity(0),
+            "mailbox capacity must be at least 1",
+        ),
+        (
+            Runtime::builder(dir.path()).call_timeout(Duration::ZERO),
+            "call timeout is 0ns, shorter than",
+        ),
+        (
+            Runtime::builder(dir.path()).idle_timeout(Duration::ZERO),
+            "idle timeout must be more than zero",
+        ),
+    ];
+    for (builder, expected) in cases {
+        let err = builder.open().await.err().expect("refused");
+        assert!(format!("{err:#}").contains(expected), "{err:#}");
+    }
+    // Nothing was opened: the directory is still free.
+    assert!(!dir.path().join("journal.log").exists());
+}
