@@ -308,7 +308,7 @@ impl Actor {
                             self.recovered();
                             let _ = reply.send(Ok(self.status()));
                         }
-                        Message::Event { reply, .. } if self.quarantined().is_some() => {
+                        Message::Event { reply, .. } if self.in_quarantine() => {
                             if let Some(e) = self.quarantined() {
                                 let _ = reply.send(Err(e));
                             }
@@ -355,6 +355,13 @@ impl Actor {
         self.passivate();
     }
 
+    /// Whether a quarantine is under way (no error built: checked for every event).
+    fn in_quarantine(&self) -> bool {
+        self.quarantine
+            .as_ref()
+            .is_some_and(|q| Instant::now() < q.until)
+    }
+
     /// The error to answer events with while quarantined.
     fn quarantined(&self) -> Option<Error> {
         let q = self.quarantine.as_ref()?;
@@ -368,7 +375,7 @@ impl Actor {
 
     /// The status a read reports.
     fn status(&self) -> DeviceStatus {
-        if self.quarantined().is_some() {
+        if self.in_quarantine() {
             DeviceStatus::Quarantined
         } else if self.live.is_some() {
             DeviceStatus::Active
