@@ -68,10 +68,9 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Keep at most this many guest instances alive (default 14,000); past it the least
-    /// recently used devices are passivated. Each instance reserves address space and memory
-    /// mappings, so one process cannot hold more than ~16k with wasmtime's default memory
-    /// settings (see [`crate::config::defaults::MAX_LIVE`]).
+    /// Keep at most this many guest instances alive; past it the least recently used
+    /// devices are passivated. The default is what the machine can hold
+    /// ([`crate::config::defaults::max_live`]: half its memory at ~96 KiB per live actor).
     pub fn max_live_instances(mut self, n: usize) -> Self {
         self.config.actor.max_live = n;
         self

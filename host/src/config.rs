@@ -24,10 +24,44 @@ pub mod defaults {
     pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
     /// A device without messages for this long drops its instance (passivation).
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-    /// Live guest instances. With wasmtime's default memory settings each instance reserves
-    /// address space and ~4 memory mappings; `vm.max_map_count` (65,530) caps a process near
-    /// 16k (measured; `host/DESIGN.md`, "Measured facts"), so 14k leaves room for everything else.
-    pub const MAX_LIVE: usize = 14_000;
+    /// Memory budgeted per live actor when sizing the default live-instance cap: the fleet
+    /// bench measures ~74 KiB resident per live thermostat (guest pages it touched, its
+    /// store and instance, mailbox and actor), so this leaves headroom for larger guests.
+    pub const LIVE_ACTOR_BUDGET_BYTES: u64 = 96 * 1024;
+    /// Share of the machine's (or the cgroup's) memory the default cap may spend on live
+    /// actors; passivated devices cost ~0.5 KiB each and stay outside this budget.
+    pub const LIVE_MEMORY_SHARE: f64 = 0.5;
+    /// Bounds of the default cap, whatever the machine.
+    pub const MAX_LIVE_RANGE: (usize, usize) = (1_000, 1_000_000);
+
+    /// Default live-instance cap: what this machine can hold, half its memory at
+    /// [`LIVE_ACTOR_BUDGET_BYTES`] each (131,072 on a 24 GiB machine), within
+    /// [`MAX_LIVE_RANGE`]. Instances no longer cost memory mappings (see
+    /// [`crate::engine::Engine::new`]), so memory is the limit. Reads `/proc/meminfo` and the
+    /// cgroup v2 limit; 100,000 where neither can be read.
+    pub fn max_live() -> usize {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let kib: u64 = m
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        });
+        let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let memory = match (meminfo, cgroup) {
+            (Some(m), Some(c)) => m.min(c),
+            (Some(m), None) => m,
+            (None, Some(c)) => c,
+            (None, None) => return 100_000,
+        };
+        let n = (memory as f64 * LIVE_MEMORY_SHARE) as u64 / LIVE_ACTOR_BUDGET_BYTES;
+        (n as usize).clamp(MAX_LIVE_RANGE.0, MAX_LIVE_RANGE.1)
+    }
     /// Largest accepted event. At most [`super::MAX_PAYLOAD_LIMIT`].
     pub const MAX_EVENT_BYTES: usize = 64 * 1024;
     /// Longest one event (its `handle` and every `apply`) or one other guest call may run;
@@ -157,7 +191,7 @@ impl Default for ActorConfig {
             snapshot_every: defaults::SNAPSHOT_EVERY,
             max_output_bytes: defaults::MAX_OUTPUT_BYTES,
             idle_timeout: defaults::IDLE_TIMEOUT,
-            max_live: defaults::MAX_LIVE,
+            max_live: defaults::max_live(),
             threads: 0,
         }
     }

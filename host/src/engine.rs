@@ -149,6 +149,21 @@ impl Engine {
         // Component-model concurrency makes every call ~3x dearer and Drover calls guests
         // synchronously, one event at a time.
         wasm.wasm_component_model(true);
+        // Compact linear memories, so one process holds 100k+ live instances. The kernel caps
+        // a process's memory mappings (`vm.max_map_count`, 65,530 by default); wasmtime's
+        // defaults cost ~4 per instance (a 4 GiB reservation, guard regions, a copy-on-write
+        // image of the data segments), which capped a process near 16k. Here a memory is one
+        // anonymous read-write mapping of exactly its current size, and adjacent ones merge,
+        // so mappings stop being the limit (see `host/DESIGN.md`, "Live instances"). The
+        // costs, measured: every access is bounds-checked (no guard pages; guest calls
+        // 10-20% dearer, a few percent of an event), instantiation copies the data segments
+        // (a few µs), and `memory.grow` moves the memory (a guest grows it rarely: its
+        // allocator asks for 64 KiB at a time and keeps what it got).
+        wasm.memory_reservation(0);
+        wasm.memory_reservation_for_growth(0);
+        wasm.memory_guard_size(0);
+        wasm.guard_before_linear_memory(false);
+        wasm.memory_init_cow(false);
         let engine = wasmtime::Engine::new(&wasm)?;
 
         let mut linker = Linker::new(&engine);

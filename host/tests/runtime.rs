@@ -1039,3 +1039,35 @@ async fn settings_out_of_range_are_refused_naming_the_setting() {
     // Nothing was opened: the directory is still free.
     assert!(!dir.path().join("journal.log").exists());
 }
+
+/// Live instances are bounded by memory, not by the kernel's cap on memory mappings
+/// (`vm.max_map_count`, 65,530): with wasmtime's default memory layout each instance cost ~4
+/// mappings and a process failed near 16k instances. 20,000 live thermostats must fit in
+/// far fewer mappings than instances, and each still runs.
+#[test]
+fn live_instances_do_not_cost_memory_mappings() {
+    use drover::engine::{Engine, EngineConfig};
+    let count = |path: &str| std::fs::read_to_string(path).map_or(0, |m| m.lines().count());
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    let bytes = std::fs::read(PLUGINS.join("thermostat.wasm")).expect("thermostat built");
+    let plugin = engine.compile(&bytes).expect("compiles");
+    let before = count("/proc/self/maps");
+    let n = 20_000;
+    let mut live = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("t-{i}");
+        let mut instance = plugin
+            .instantiate(Arc::from(id.as_str()))
+            .expect("instance");
+        instance.init(&id, r#"{"setpoint":21.0}"#).expect("init");
+        live.push(instance);
+    }
+    let added = count("/proc/self/maps").saturating_sub(before);
+    assert!(
+        added < n / 10,
+        "{n} live instances added {added} memory mappings"
+    );
+    let last = live.last_mut().expect("instances");
+    let query = last.query().expect("query");
+    assert!(query.contains("21"), "{query}");
+}

@@ -67,8 +67,9 @@ pub struct Tuning {
     pub max_in_flight: Option<usize>,
     #[arg(long, help = help(
         "Keep at most this many devices' instances alive; past it the least recently used are \
-         passivated (they reactivate from snapshot + journal on their next message)",
-        defaults::MAX_LIVE,
+         passivated (they reactivate from snapshot + journal on their next message). The default \
+         is what this machine holds: half its memory at 96 KiB per live actor",
+        defaults::max_live(),
     ))]
     pub max_live: Option<usize>,
     #[arg(long, help = help(
@@ -324,7 +325,7 @@ mod tests {
         let err = Cli::try_parse_from(["drover", "serve", "--help"]).unwrap_err();
         let help = err.to_string();
         assert!(
-            help.contains(&format!("[default: {}]", defaults::MAX_LIVE)),
+            help.contains(&format!("[default: {}]", defaults::max_live())),
             "{help}"
         );
         assert!(help.contains("--commit-delay-us"), "{help}");

@@ -1,0 +1,197 @@
+//! Memory and throughput of a large fleet in one process: live actors, passivated devices.
+//!
+//! `cargo bench -p drover --bench fleet` provisions N thermostats (each provisioning runs
+//! the plugin's `init` once and writes one durable record; no instance stays live), then
+//! activates every one of them with one event, then sends events uniformly at random over
+//! all of them. It prints, per N:
+//!
+//! * RSS (resident set, `/proc/self/status`) and PSS after provisioning and after activation;
+//!   **per passivated device** = growth over provisioning / N, **per live actor** = growth
+//!   over activation / N. Both include everything the process keeps per device (journal
+//!   index, router entry, the instance with its store and the guest pages it touched).
+//! * memory mappings (`/proc/self/maps` lines) with N live: the kernel caps a process at
+//!   `vm.max_map_count` (65,530 here), which is what limited live instances before.
+//! * events/s over the N live actors (durable, 4,096 in flight).
+//!
+//! Options (environment): `DROVER_BENCH_LIVE` (sizes, default `10000,100000`),
+//! `DROVER_BENCH_PROVISIONED` (devices provisioned per size, default: the size; e.g.
+//! `1000000` with size 100000 measures 1M provisioned, 100k live), `DROVER_BENCH_EVENTS`
+//! (events of the throughput round, default 500,000).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use drover::Runtime;
+
+const THERMOSTAT: &[u8] = include_bytes!(concat!(
+    env!("DROVER_EXAMPLE_PLUGIN_DIR"),
+    "/thermostat.wasm"
+));
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// (RSS, PSS) of this process in KiB.
+fn memory_kib() -> (u64, u64) {
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    (field(&status, "VmRSS:"), field(&rollup, "Pss:"))
+}
+
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count())
+}
+
+fn main() -> anyhow::Result<()> {
+    let sizes: Vec<usize> = std::env::var("DROVER_BENCH_LIVE")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "drover fleet bench: {} cores; memory in KiB; per-device figures are growth / devices",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "{:>9} {:>8} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>10} {:>10}",
+        "provisnd",
+        "live",
+        "RSS idle",
+        "RSS live",
+        "B/passivatd",
+        "B/live RSS",
+        "B/live PSS",
+        "mappings",
+        "events/s",
+        "activate/s"
+    );
+    for live in sizes {
+        let provisioned = env_or("DROVER_BENCH_PROVISIONED", live as u64).max(live as u64);
+        rt.block_on(run(provisioned as usize, live))?;
+    }
+    Ok(())
+}
+
+async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
+    let root =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-fleet-{live}"));
+    let _ = std::fs::remove_dir_all(&root);
+    let rt = Runtime::builder(&root)
+        .plugin("thermostat", THERMOSTAT)
+        .max_live_instances(live + 1024)
+        .idle_timeout(Duration::from_secs(3600))
+        .open()
+        .await?;
+    let ids: Arc<Vec<String>> = Arc::new((0..provisioned).map(|i| format!("t-{i:07}")).collect());
+    let (base_rss, _) = memory_kib();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(provisioned.div_ceil(512)) {
+        let rt = rt.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            for id in chunk {
+                rt.provision(&id, "thermostat", &serde_json::json!({"setpoint": 21.0}))
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let (idle_rss, idle_pss) = memory_kib();
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let live_ids: Arc<Vec<String>> = Arc::new(ids[..live].to_vec());
+    for chunk in live_ids.chunks(live.div_ceil(1024)) {
+        let rt = rt.clone();
+        let chunk = chunk.to_vec();
+        tasks.spawn(async move {
+            for id in chunk {
+                rt.send(&id, r#"{"type":"reading","celsius":20.0}"#).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let activate_rate = live as f64 / started.elapsed().as_secs_f64();
+    let (live_rss, live_pss) = memory_kib();
+    let maps = mappings();
+    if let Ok(out) = std::env::var("DROVER_BENCH_MAPS_OUT") {
+        std::fs::copy("/proc/self/maps", out)?;
+    }
+    let actually_live = rt.live_actors();
+
+    let events = env_or("DROVER_BENCH_EVENTS", 500_000);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..4096u64 {
+        let rt = rt.clone();
+        let ids = live_ids.clone();
+        let next = next.clone();
+        workers.spawn(async move {
+            // A per-worker xorshift: uniformly random devices, no shared state.
+            let mut x = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= events {
+                    break;
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let id = &ids[(x % ids.len() as u64) as usize];
+                let event = format!(r#"{{"type":"reading","celsius":{}}}"#, 19 + n % 5);
+                loop {
+                    match rt.send(id, &event).await {
+                        Ok(_) => break,
+                        Err(drover::Error::MailboxFull) => tokio::task::yield_now().await,
+                        Err(e) => return Err(anyhow::anyhow!("{id}: {e}")),
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r??;
+    }
+    let rate = events as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "{:>9} {:>8} {:>10} {:>10} {:>12.0} {:>12.0} {:>9.0} {:>9} {:>10.0} {:>10.0}",
+        provisioned,
+        actually_live,
+        idle_rss,
+        live_rss,
+        (idle_rss.saturating_sub(base_rss) * 1024) as f64 / provisioned as f64,
+        (live_rss.saturating_sub(idle_rss) * 1024) as f64 / live as f64,
+        (live_pss.saturating_sub(idle_pss) * 1024) as f64 / live as f64,
+        maps,
+        rate,
+        activate_rate,
+    );
+    rt.shutdown().await;
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&root);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
