@@ -31,7 +31,7 @@
 //! * A commit fails: the writer fails every unacknowledged record of this device and fences
 //!   its generation; the actor notices before its next message and rebuilds from the journal.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,7 @@ use crate::journal::{DeadLetter, DeviceHead, DeviceWriter, Journal, JournalError
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::replay::{self, Start};
+use crate::upgrade::{self, DeviceUpgrade, UpgradeOutcome};
 use crate::view::{Committed, DeviceState, DeviceStatus};
 
 /// Everything an actor uses, shared by all actors of a runtime.
@@ -138,6 +139,12 @@ pub enum Message {
     Resume {
         reply: oneshot::Sender<Result<DeviceStatus, Error>>,
     },
+    /// Move to plugin version `version` between two events (a deploy or rollback): see
+    /// `crate::upgrade`.
+    Upgrade {
+        version: u32,
+        reply: oneshot::Sender<DeviceUpgrade>,
+    },
 }
 
 /// What the router can see of an actor without asking it: for least-recently-used
@@ -150,6 +157,8 @@ pub struct Activity {
     pub live: AtomicBool,
     /// Whether it sits out a quarantine.
     pub quarantined: AtomicBool,
+    /// The plugin version (journal-local id) it runs, or will run at activation.
+    pub version: AtomicU32,
 }
 
 /// The sending side of a live actor, and its task.
@@ -175,6 +184,7 @@ impl ActorHandle {
 pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHandle {
     let (tx, rx) = mpsc::channel(env.config.mailbox);
     let activity = Arc::new(Activity::default());
+    activity.version.store(head.version, Ordering::Relaxed);
     let writer = env
         .journal
         .device_writer(head.num, env.config.max_in_flight);
@@ -190,6 +200,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         head,
         live: None,
         must_sync: after_crash,
+        upgrade_failed: None,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -227,6 +238,8 @@ struct Actor {
     writer: DeviceWriter,
     /// Wait for the journal before the first activation (see [`spawn`]).
     must_sync: bool,
+    /// A version this device could not be brought up on: activations do not retry it.
+    upgrade_failed: Option<u32>,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -319,6 +332,10 @@ impl Actor {
                             reply,
                         } => self.on_event(event, accepted, reply).await,
                         Message::Query { reply } => self.on_query(reply).await,
+                        Message::Upgrade { version, reply } => {
+                            let report = self.on_upgrade(version).await;
+                            let _ = reply.send(report);
+                        }
                         Message::Export { reply } => self.on_export(reply).await,
                     }
                     if sleep.is_elapsed() {
@@ -461,13 +478,16 @@ impl Actor {
             .device(&self.head.id)
             .ok_or_else(|| Error::UnknownDevice(self.head.id.to_string()))?;
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
-        let rebuilt = replay::rebuild(
-            &self.env.journal,
-            &self.env.registry,
-            &self.head,
-            self.head.seq,
-            Start::Snapshot,
-        )?;
+        let rebuilt = match self.lazy_upgrade().await? {
+            Some(rebuilt) => rebuilt,
+            None => replay::rebuild(
+                &self.env.journal,
+                &self.env.registry,
+                &self.head,
+                self.head.seq,
+                Start::Snapshot,
+            )?,
+        };
         self.env.metrics.activations.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             device = %self.head.id,
@@ -484,6 +504,147 @@ impl Actor {
             since_snapshot: rebuilt.applied,
         });
         Ok(())
+    }
+
+    /// At activation: if the plugin's current version is not the one this device runs (a
+    /// deploy happened while it was passivated), brings it up on the current one. Returns
+    /// `None` to activate on the device's own version: no deploy pending, or the current
+    /// version cannot fold this device's history (logged, not retried until restart).
+    async fn lazy_upgrade(&mut self) -> Result<Option<replay::Rebuilt>, Error> {
+        let from = self.head.version;
+        let Some(to) = self.env.registry.target_of(from) else {
+            return Ok(None);
+        };
+        if to == from || self.upgrade_failed == Some(to) {
+            return Ok(None);
+        }
+        let mut want = self.head.clone();
+        want.version = to;
+        match upgrade::bring_up(&self.env.journal, &self.env.registry, &want, from) {
+            Ok((rebuilt, _)) => {
+                self.env
+                    .journal
+                    .record_rebind(&want, clock::now_ms())
+                    .await?;
+                tracing::info!(device = %self.head.id, from, to, seq = want.seq, "upgraded at activation");
+                self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
+                self.head = want;
+                self.activity.version.store(to, Ordering::Relaxed);
+                Ok(Some(rebuilt))
+            }
+            Err(f) => {
+                tracing::warn!(
+                    device = %self.head.id,
+                    from,
+                    to,
+                    seq = ?f.seq,
+                    error = %f.error,
+                    "cannot bring the device up on its plugin's current version; it stays on its own"
+                );
+                self.env
+                    .metrics
+                    .upgrade_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.upgrade_failed = Some(to);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Moves the live instance to version `to` between two events (see `crate::upgrade`).
+    /// Events that arrive meanwhile wait in the mailbox; none is lost or reordered.
+    async fn on_upgrade(&mut self, to: u32) -> DeviceUpgrade {
+        let started = Instant::now();
+        let registry = &self.env.registry;
+        let number = |id: u32| registry.version(id).map_or(0, |v| v.number);
+        let from = self.head.version;
+        let mut report = DeviceUpgrade {
+            device: self.head.id.to_string(),
+            from: number(from),
+            to: number(to),
+            outcome: UpgradeOutcome::Lazy,
+            path: None,
+            seq: self.head.seq,
+            applied: 0,
+            failed_seq: None,
+            error: None,
+            snapshot_readable: None,
+            pause_us: 0,
+        };
+        if from == to {
+            report.outcome = UpgradeOutcome::Unchanged;
+            return report;
+        }
+        // Not live, or lost meanwhile: the next activation upgrades it (lazily).
+        if self.live.is_none() || self.writer.is_fenced() {
+            return report;
+        }
+        // The journal must hold everything this instance handled before it is folded anew.
+        if !self.writer.is_idle()
+            && let Err(e) = self.env.journal.barrier().await
+        {
+            report.outcome = UpgradeOutcome::Failed;
+            report.error = Some(Error::from(e).to_string());
+            return report;
+        }
+        if self.writer.is_fenced() {
+            return report;
+        }
+        let Some(live_seq) = self.live.as_ref().map(|l| l.seq) else {
+            return report;
+        };
+        report.seq = live_seq;
+        let Some(mut want) = self.env.journal.device(&self.head.id) else {
+            report.outcome = UpgradeOutcome::Failed;
+            report.error = Some("the device is no longer in the journal".into());
+            return report;
+        };
+        // Every event this instance acknowledged is durable, once: the journal's seq is the
+        // instance's.
+        if want.seq != live_seq {
+            report.outcome = UpgradeOutcome::Failed;
+            report.error = Some(format!(
+                "journal check: the live instance is at seq {live_seq}, the journal at {}",
+                want.seq
+            ));
+            return report;
+        }
+        want.version = to;
+        match upgrade::bring_up(&self.env.journal, registry, &want, from) {
+            Err(f) => {
+                report.outcome = UpgradeOutcome::Failed;
+                report.failed_seq = f.seq;
+                report.error = Some(f.error.to_string());
+                self.upgrade_failed = Some(to);
+                self.env
+                    .metrics
+                    .upgrade_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((rebuilt, snapshot_readable)) => {
+                report.path = Some(upgrade::path_of(&rebuilt));
+                report.applied = rebuilt.applied;
+                report.snapshot_readable = snapshot_readable;
+                if let Err(e) = self.env.journal.record_rebind(&want, clock::now_ms()).await {
+                    report.outcome = UpgradeOutcome::Failed;
+                    report.error = Some(Error::from(e).to_string());
+                } else if let Some(live) = self.live.as_mut() {
+                    live.instance = rebuilt.instance;
+                    live.since_snapshot = rebuilt.applied;
+                    self.head = want;
+                    self.activity.version.store(to, Ordering::Relaxed);
+                    self.upgrade_failed = None;
+                    self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
+                    report.outcome = UpgradeOutcome::Upgraded;
+                    // The next activation starts from the new version's own snapshot.
+                    if rebuilt.applied > 0 {
+                        self.snapshot();
+                    }
+                }
+            }
+        }
+        report.pause_us = started.elapsed().as_micros() as u64;
+        report
     }
 
     async fn on_event(

@@ -178,7 +178,7 @@ impl RuntimeBuilder {
         }
         for (name, bytes) in plugins {
             let (v, new) = rt
-                .register_plugin(&name, bytes)
+                .register_plugin(&name, bytes, crate::registry::Origin::Startup)
                 .await
                 .with_context(|| format!("registering plugin `{name}`"))?;
             tracing::info!(plugin = %v.name, version = v.version, new, "plugin ready");

@@ -14,6 +14,8 @@ pub enum Error {
     UnknownDevice(String),
     #[error("unknown plugin `{0}`")]
     UnknownPlugin(String),
+    #[error("plugin `{plugin}` has no version {version}")]
+    UnknownVersion { plugin: String, version: u32 },
     #[error("invalid id: {0}")]
     InvalidId(String),
     #[error("device `{id}` already exists with plugin `{plugin}` and another configuration")]
@@ -45,6 +47,11 @@ pub enum Error {
     },
     #[error("invalid plugin: {0}")]
     InvalidPlugin(String),
+    /// A deploy or rollback that would leave devices unable to run: the dry-run sample
+    /// found recorded transitions the new version cannot fold, or there is nothing to roll
+    /// back to. `force` overrides the first.
+    #[error("deploy refused: {0}")]
+    DeployRefused(String),
     #[error("seq {requested} is past the device's latest seq {latest}")]
     SeqOutOfRange { requested: u64, latest: u64 },
     #[error("journal: {0}")]
@@ -87,6 +94,7 @@ macro_rules! error_kinds {
 error_kinds! {
     UnknownDevice => "unknown-device",
     UnknownPlugin => "unknown-plugin",
+    UnknownVersion => "unknown-version",
     InvalidId => "invalid-id",
     DeviceConflict => "device-conflict",
     MalformedEvent => "malformed-event",
@@ -99,6 +107,7 @@ error_kinds! {
     MailboxFull => "mailbox-full",
     Quarantined => "quarantined",
     InvalidPlugin => "invalid-plugin",
+    DeployRefused => "deploy-refused",
     SeqOutOfRange => "seq-out-of-range",
     Journal => "journal",
     ActivationFailed => "activation-failed",
@@ -112,6 +121,7 @@ impl Error {
         match self {
             Error::UnknownDevice(_) => ErrorKind::UnknownDevice,
             Error::UnknownPlugin(_) => ErrorKind::UnknownPlugin,
+            Error::UnknownVersion { .. } => ErrorKind::UnknownVersion,
             Error::InvalidId(_) => ErrorKind::InvalidId,
             Error::DeviceConflict { .. } => ErrorKind::DeviceConflict,
             Error::MalformedEvent(_) => ErrorKind::MalformedEvent,
@@ -124,6 +134,7 @@ impl Error {
             Error::MailboxFull => ErrorKind::MailboxFull,
             Error::Quarantined { .. } => ErrorKind::Quarantined,
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
+            Error::DeployRefused(_) => ErrorKind::DeployRefused,
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
             Error::Journal(_) => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,

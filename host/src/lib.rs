@@ -21,9 +21,13 @@
 //!   replay and dry-run.
 //! * [`replay`]: rebuilding a device from snapshot + journal tail, online and offline.
 //! * [`metrics`]: counters and latency histogram in Prometheus format.
+//! * [`upgrade`]: one device brought up on another plugin version by folding its history.
+//! * [`dry_run`]: a plugin version re-deciding a device's recorded events, compared.
 //! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits.
 //! * `router`: device id → actor, activation on demand, the live-instance cap.
 //! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
+//! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
+//!   ([`Runtime::deploy`], [`DeployReport`]).
 //! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
 //!
 //! The `drover` binary (CLI, fleet simulator, embedded example plugins) lives in
@@ -34,6 +38,8 @@ mod builder;
 pub mod clock;
 pub mod config;
 mod decide;
+mod deploy;
+pub mod dry_run;
 pub mod engine;
 pub mod error;
 pub mod http;
@@ -43,10 +49,12 @@ pub mod registry;
 pub mod replay;
 mod router;
 mod runtime;
+pub mod upgrade;
 pub mod view;
 
 pub use builder::RuntimeBuilder;
 pub use config::Config;
+pub use deploy::{DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE, Selection};
 pub use error::{Error, ErrorKind};
 pub use registry::PluginVersion;
 pub use runtime::Runtime;

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub passivations: AtomicU64,
     /// Actor tasks that panicked (each is restarted by the next message).
     pub actor_panics: AtomicU64,
+    /// Devices moved to another plugin version (deploy, rollback, or lazily at activation).
+    pub upgrades: AtomicU64,
+    /// Devices that could not be brought up on a new version and stayed on their old one.
+    pub upgrade_failures: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
@@ -105,6 +109,18 @@ impl Metrics {
             "drover_actor_panics_total",
             "Actor tasks that panicked and were restarted from the journal.",
             &self.actor_panics,
+        );
+        counter(
+            &mut out,
+            "drover_upgrades_total",
+            "Devices moved to another plugin version (deploy, rollback, or lazily at activation).",
+            &self.upgrades,
+        );
+        counter(
+            &mut out,
+            "drover_upgrade_failures_total",
+            "Devices that could not be brought up on a new plugin version and stayed on their old one.",
+            &self.upgrade_failures,
         );
         let _ = writeln!(
             out,

@@ -8,6 +8,21 @@
 //!
 //! Uploads are validated before anything is stored: the bytes must compile as a component,
 //! import nothing Drover does not grant and export the `device` world.
+//!
+//! # The current version
+//!
+//! Each plugin has a *current* version: what new devices get, and what devices of the plugin
+//! are moved to (live ones by a deploy, passivated ones lazily at their next activation; see
+//! `crate::deploy`). Registering a version does not by itself change what running devices
+//! execute. The first version of a plugin becomes current. After that:
+//!
+//! * an upload ([`Origin::Upload`]) never changes the current version: a deploy does;
+//! * a start-up plugin (`--plugins DIR`, the embedded examples; [`Origin::Startup`]) becomes
+//!   current only while the current version also came from start-up, so restarting a server
+//!   never silently replaces a version that was uploaded (or deployed) over HTTP.
+//!
+//! The pointers live in `<data>/plugins/current.json` (written atomically), with the versions
+//! each plugin was on before, which is what a rollback returns to.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,6 +45,28 @@ pub struct PluginVersion {
     pub registered_at_ms: u64,
 }
 
+/// Where a registration came from; decides whether it may become current (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `POST /v1/plugins/{name}`, `drover plugin push`, or a deploy.
+    Upload,
+    /// Registered when the runtime opened: `--plugins DIR` or the embedded examples.
+    Startup,
+}
+
+/// A plugin's current version and the ones it was on before (newest last).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Pointer {
+    /// Journal-local id of the current version.
+    current: u32,
+    origin: Origin,
+    previous: Vec<u32>,
+}
+
+/// How many earlier current versions a plugin remembers for rollback.
+const PREVIOUS_KEPT: usize = 32;
+
 impl PluginVersion {
     fn from_info(v: &VersionInfo) -> Self {
         PluginVersion {
@@ -41,22 +78,56 @@ impl PluginVersion {
     }
 }
 
-/// The registry's table: every version by journal-local id, and the current version of each
-/// plugin.
+/// The registry's table: every version by journal-local id, and each plugin's pointer.
 #[derive(Debug, Default)]
 struct Table {
     /// `versions[id]` is the version with that id: ids are dense from 0.
     versions: Vec<VersionInfo>,
-    /// Plugin name → id of its current version (for now the newest registered).
-    current: HashMap<String, u32>,
+    current: HashMap<String, Pointer>,
 }
 
 impl Table {
-    fn add(&mut self, v: VersionInfo) {
-        self.current.insert(v.plugin.clone(), v.id);
+    /// Adds a recorded version; the first of its plugin becomes current.
+    fn add(&mut self, v: VersionInfo, origin: Origin) {
+        self.current.entry(v.plugin.clone()).or_insert(Pointer {
+            current: v.id,
+            origin,
+            previous: Vec::new(),
+        });
         self.versions.push(v);
     }
+
+    /// Makes version `id` current for its plugin, remembering the one it replaces.
+    fn point(&mut self, id: u32, origin: Origin) {
+        let Some(v) = self.versions.get(id as usize) else {
+            return;
+        };
+        match self.current.get_mut(&v.plugin) {
+            Some(p) if p.current == id => p.origin = origin,
+            Some(p) => {
+                p.previous.push(p.current);
+                if p.previous.len() > PREVIOUS_KEPT {
+                    p.previous.remove(0);
+                }
+                p.current = id;
+                p.origin = origin;
+            }
+            None => {
+                self.current.insert(
+                    v.plugin.clone(),
+                    Pointer {
+                        current: id,
+                        origin,
+                        previous: Vec::new(),
+                    },
+                );
+            }
+        }
+    }
 }
+
+/// File in the registry directory holding the current-version pointers.
+const POINTERS_FILE: &str = "current.json";
 
 /// See the module docs.
 pub struct Registry {
@@ -77,8 +148,39 @@ impl Registry {
             std::fs::create_dir_all(&dir)?;
         }
         let mut table = Table::default();
-        for v in journal.versions() {
-            table.add(v);
+        let versions = journal.versions();
+        // Before pointers were recorded, the newest version of a plugin was its current one.
+        for v in &versions {
+            table.add(v.clone(), Origin::Startup);
+            table.point(v.id, Origin::Startup);
+        }
+        for p in table.current.values_mut() {
+            p.previous.clear();
+        }
+        match std::fs::read(dir.join(POINTERS_FILE)) {
+            Ok(bytes) => {
+                let saved: HashMap<String, Pointer> = serde_json::from_slice(&bytes)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                for (name, p) in saved {
+                    // Pointers to versions the journal does not have (a journal restored
+                    // from an older backup) are ignored.
+                    let known =
+                        |id: u32| versions.get(id as usize).is_some_and(|v| v.plugin == name);
+                    if known(p.current) {
+                        let previous = p.previous.into_iter().filter(|id| known(*id)).collect();
+                        table.current.insert(
+                            name,
+                            Pointer {
+                                current: p.current,
+                                origin: p.origin,
+                                previous,
+                            },
+                        );
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         Ok(Registry {
             engine,
@@ -90,25 +192,31 @@ impl Registry {
         })
     }
 
-    /// Registers `bytes` as the newest version of plugin `name`, unless the newest version
-    /// already has these exact bytes. Returns the version and whether it is new.
+    /// Registers `bytes` as a version of plugin `name`, from `origin`. Bytes identical to an
+    /// existing version of `name` answer that version (content addressing). Returns the
+    /// version and whether it is new. Whether it becomes current: see the module docs.
     pub async fn register(
         &self,
         name: &str,
         bytes: Vec<u8>,
+        origin: Origin,
     ) -> Result<(PluginVersion, bool), Error> {
         validate_id(name)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let _guard = self.registering.lock().await;
         let (id, number) = {
             let table = self.table.read();
-            let latest = table.versions.iter().rev().find(|v| v.plugin == name);
-            if let Some(v) = latest.filter(|v| v.digest == digest) {
-                return Ok((PluginVersion::from_info(v), false));
+            let mine = || table.versions.iter().filter(|v| v.plugin == name);
+            if let Some(v) = mine().find(|v| v.digest == digest).cloned() {
+                drop(table);
+                if origin == Origin::Startup && self.startup_may_point(name) {
+                    self.point(v.id, Origin::Startup)?;
+                }
+                return Ok((PluginVersion::from_info(&v), false));
             }
             (
                 table.versions.len() as u32,
-                latest.map_or(1, |v| v.number + 1),
+                mine().last().map_or(1, |v| v.number + 1),
             )
         };
 
@@ -141,15 +249,98 @@ impl Registry {
         };
         self.journal.record_version(&info).await?;
         self.compiled.lock().insert(id, compiled);
-        self.table.write().add(info.clone());
-        tracing::info!(plugin = name, version = number, digest = %hex::encode(digest), "plugin registered");
+        let first = !self.table.read().current.contains_key(name);
+        let becomes_current = first || (origin == Origin::Startup && self.startup_may_point(name));
+        self.table.write().add(info.clone(), origin);
+        if becomes_current {
+            self.point(id, origin)?;
+        } else {
+            // The first version's pointer is only in memory until written.
+            self.save()?;
+        }
+        tracing::info!(plugin = name, version = number, current = becomes_current, digest = %hex::encode(digest), "plugin registered");
         Ok((PluginVersion::from_info(&info), true))
+    }
+
+    /// Whether a start-up registration may move `name`'s current version: only while the
+    /// current version came from start-up too.
+    fn startup_may_point(&self, name: &str) -> bool {
+        self.table
+            .read()
+            .current
+            .get(name)
+            .is_none_or(|p| p.origin == Origin::Startup)
+    }
+
+    /// Makes version `id` the current version of its plugin (durably).
+    pub fn point(&self, id: u32, origin: Origin) -> Result<(), Error> {
+        self.table.write().point(id, origin);
+        self.save()
+    }
+
+    /// The version `name` was current on before its current one: what a rollback returns to.
+    pub fn previous(&self, name: &str) -> Option<VersionInfo> {
+        let table = self.table.read();
+        let id = *table.current.get(name)?.previous.last()?;
+        table.versions.get(id as usize).cloned()
+    }
+
+    /// Undoes the last [`Registry::point`] of `name` (a rollback): the previous version
+    /// becomes current again and leaves the history.
+    pub fn point_back(&self, name: &str) -> Result<Option<VersionInfo>, Error> {
+        let back = {
+            let mut table = self.table.write();
+            let Some(p) = table.current.get_mut(name) else {
+                return Ok(None);
+            };
+            let Some(id) = p.previous.pop() else {
+                return Ok(None);
+            };
+            p.current = id;
+            p.origin = Origin::Upload;
+            table.versions.get(id as usize).cloned()
+        };
+        self.save()?;
+        Ok(back)
+    }
+
+    /// Version `number` of plugin `name`.
+    pub fn find(&self, name: &str, number: u32) -> Result<VersionInfo, Error> {
+        let table = self.table.read();
+        if !table.current.contains_key(name) {
+            return Err(Error::UnknownPlugin(name.to_string()));
+        }
+        table
+            .versions
+            .iter()
+            .find(|v| v.plugin == name && v.number == number)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVersion {
+                plugin: name.to_string(),
+                version: number,
+            })
+    }
+
+    /// The current version of the plugin that version `id` belongs to: where a device on
+    /// `id` is headed (itself when it is current).
+    pub fn target_of(&self, id: u32) -> Option<u32> {
+        let table = self.table.read();
+        let plugin = &table.versions.get(id as usize)?.plugin;
+        table.current.get(plugin).map(|p| p.current)
+    }
+
+    /// Writes the pointers (temp file, fsync, rename, fsync directory).
+    fn save(&self) -> Result<(), Error> {
+        let bytes = serde_json::to_vec_pretty(&self.table.read().current)
+            .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
+        write_replace(&self.dir.join(POINTERS_FILE), &bytes)
+            .map_err(|e| Error::Internal(format!("recording the current plugin versions: {e}")))
     }
 
     /// The current version of `name`: what new devices get.
     pub fn current(&self, name: &str) -> Option<VersionInfo> {
         let table = self.table.read();
-        let id = *table.current.get(name)?;
+        let id = table.current.get(name)?.current;
         table.versions.get(id as usize).cloned()
     }
 
@@ -221,6 +412,21 @@ impl Registry {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+}
+
+/// Replaces a file atomically: temp file, fsync, rename, fsync the directory.
+fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Writes a content-addressed file atomically (temp file, fsync, rename, fsync dir); a file

@@ -51,6 +51,38 @@ pub fn rebuild(
     upto: u64,
     start: Start,
 ) -> Result<Rebuilt, Error> {
+    rebuild_reporting(journal, registry, device, upto, start).map_err(|f| f.error)
+}
+
+/// Why a rebuild failed, and at which recorded seq if it was folding the journal.
+#[derive(Debug)]
+pub struct RebuildFailure {
+    /// The seq whose transitions the plugin could not apply (`None`: it failed before, in
+    /// instantiation, `init` or reading the journal).
+    pub seq: Option<u64>,
+    pub error: Error,
+}
+
+impl From<Error> for RebuildFailure {
+    fn from(error: Error) -> Self {
+        RebuildFailure { seq: None, error }
+    }
+}
+
+impl From<crate::journal::JournalError> for RebuildFailure {
+    fn from(e: crate::journal::JournalError) -> Self {
+        Error::from(e).into()
+    }
+}
+
+/// [`rebuild`], saying at which seq it failed: what a deploy reports per device.
+pub fn rebuild_reporting(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
     let activation = |e: crate::engine::CallError| Error::Activation(e.to_string());
@@ -123,22 +155,35 @@ pub fn rebuild(
     while next <= upto {
         let to = (next + CHUNK - 1).min(upto);
         let records = journal.read_events(device.num, next, to)?;
-        instance.within(left(), |instance| -> Result<(), Error> {
-            for record in &records {
-                let transitions = record
-                    .transitions
-                    .iter()
-                    .map(|t| std::str::from_utf8(t))
-                    .collect::<Result<Vec<&str>, _>>()
-                    .map_err(|_| {
-                        Error::Activation(format!("seq {}: transition is not UTF-8", record.seq))
+        let mut at = None;
+        instance
+            .within(left(), |instance| -> Result<(), RebuildFailure> {
+                for record in &records {
+                    at = Some(record.seq);
+                    let transitions = record
+                        .transitions
+                        .iter()
+                        .map(|t| std::str::from_utf8(t))
+                        .collect::<Result<Vec<&str>, _>>()
+                        .map_err(|_| {
+                            Error::Activation(format!(
+                                "seq {}: transition is not UTF-8",
+                                record.seq
+                            ))
+                        })?;
+                    applied += decide::fold(instance, transitions).map_err(|e| RebuildFailure {
+                        seq: Some(record.seq),
+                        error: Error::Activation(format!("replaying seq {}: {e}", record.seq)),
                     })?;
-                applied += decide::fold(instance, transitions)
-                    .map_err(|e| Error::Activation(format!("replaying seq {}: {e}", record.seq)))?;
-                last_at_ms = record.at_ms;
-            }
-            Ok(())
-        })?;
+                    last_at_ms = record.at_ms;
+                }
+                Ok(())
+            })
+            .map_err(|mut f| {
+                // A deadline that expired between records is blamed on the last one started.
+                f.seq = f.seq.or(at);
+                f
+            })?;
         next = to + 1;
     }
     if from > 0 && from == upto {

@@ -119,6 +119,20 @@ impl Router {
         Ok(handle.tx.clone())
     }
 
+    /// The mailboxes of the actors holding a live instance whose version satisfies `pick`
+    /// (a deploy's targets). Passivated actors are left out: they upgrade lazily.
+    pub fn live_where(&self, pick: impl Fn(u32) -> bool) -> Vec<(Arc<str>, mpsc::Sender<Message>)> {
+        self.actors
+            .read()
+            .iter()
+            .filter(|(_, a)| {
+                a.activity.live.load(Ordering::Relaxed)
+                    && pick(a.activity.version.load(Ordering::Relaxed))
+            })
+            .map(|(id, a)| (id.clone(), a.tx.clone()))
+            .collect()
+    }
+
     /// Number of devices with an actor (a task and mailbox; its instance may be passivated).
     pub fn actors(&self) -> usize {
         self.actors.read().len()

@@ -35,7 +35,7 @@ use crate::engine::Engine;
 use crate::error::{Error, validate_id};
 use crate::journal::{DeviceHead, Journal, Recovery};
 use crate::metrics::Metrics;
-use crate::registry::{PluginVersion, Registry};
+use crate::registry::{Origin, PluginVersion, Registry};
 use crate::replay::{self, Start};
 use crate::router::Router;
 use crate::view::{
@@ -46,25 +46,27 @@ use crate::view::{
 /// The runtime handle. Cheap to clone; see the module docs.
 #[derive(Clone)]
 pub struct Runtime {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// What every clone of the handle shares.
-struct Shared {
-    journal: Journal,
-    registry: Arc<Registry>,
-    router: Arc<Router>,
-    metrics: Arc<Metrics>,
-    config: Config,
+pub(crate) struct Shared {
+    pub(crate) journal: Journal,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config: Config,
     /// Set once shutdown starts: new requests are refused.
-    closing: AtomicBool,
+    pub(crate) closing: AtomicBool,
     /// Ids being provisioned right now (see [`Runtime::provision`]).
-    provisioning: Mutex<HashSet<String>>,
+    pub(crate) provisioning: Mutex<HashSet<String>>,
     /// The data directory's lock, released by [`Runtime::shutdown`] so the directory can be
     /// reopened in the same process.
-    lock: Mutex<Option<File>>,
+    pub(crate) lock: Mutex<Option<File>>,
     /// The actors' threads; stopped by [`Runtime::shutdown`] (or when the last handle goes).
-    pool: Mutex<Option<ActorPool>>,
+    pub(crate) pool: Mutex<Option<ActorPool>>,
+    /// One deploy or rollback at a time (see `crate::deploy`).
+    pub(crate) deploying: tokio::sync::Mutex<()>,
 }
 
 /// An id being provisioned; released on drop.
@@ -119,6 +121,7 @@ impl Runtime {
                 provisioning: Mutex::new(HashSet::new()),
                 lock: Mutex::new(Some(lock)),
                 pool: Mutex::new(Some(pool)),
+                deploying: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -145,7 +148,7 @@ impl Runtime {
 
     /// Counts an error returned to a caller: every public method answers through here, so
     /// each failure is counted exactly once, whatever raised it.
-    fn counted<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+    pub(crate) fn counted<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         if let Err(e) = &result {
             self.shared.metrics.error(e.kind());
         }
@@ -153,17 +156,25 @@ impl Runtime {
     }
 
     /// Validates and registers a plugin version (a no-op returning the existing version if
-    /// the newest version of `name` has the same bytes). The bool says whether it is new.
+    /// a version of `name` has the same bytes). The bool says whether it is new. Whether it
+    /// becomes the current version depends on `origin` (see [`crate::registry`]): an upload
+    /// never changes what devices run; [`Runtime::deploy`] does.
     pub async fn register_plugin(
         &self,
         name: &str,
         bytes: Vec<u8>,
+        origin: Origin,
     ) -> Result<(PluginVersion, bool), Error> {
         let result = match self.check_open() {
-            Ok(()) => self.shared.registry.register(name, bytes).await,
+            Ok(()) => self.shared.registry.register(name, bytes, origin).await,
             Err(e) => Err(e),
         };
         self.counted(result)
+    }
+
+    /// The current version (number) of `plugin`: what new devices get.
+    pub fn current_version(&self, plugin: &str) -> Option<u32> {
+        self.shared.registry.current(plugin).map(|v| v.number)
     }
 
     /// Every plugin and its versions.
@@ -589,7 +600,7 @@ impl Runtime {
         tracing::info!(actors = n, "runtime stopped");
     }
 
-    fn pool(&self) -> Result<tokio::runtime::Handle, Error> {
+    pub(crate) fn pool(&self) -> Result<tokio::runtime::Handle, Error> {
         self.shared
             .pool
             .lock()
@@ -598,7 +609,7 @@ impl Runtime {
             .ok_or(Error::ShuttingDown)
     }
 
-    fn check_open(&self) -> Result<(), Error> {
+    pub(crate) fn check_open(&self) -> Result<(), Error> {
         if self.shared.closing.load(Ordering::Acquire) {
             Err(Error::ShuttingDown)
         } else {

@@ -145,13 +145,14 @@ pub fn status_of(e: &Error) -> StatusCode {
 /// later) unless [`status_of`] knows better. Exhaustive, so a new kind needs a status.
 pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
     match kind {
-        ErrorKind::UnknownDevice | ErrorKind::UnknownPlugin | ErrorKind::SeqOutOfRange => {
-            StatusCode::NOT_FOUND
-        }
+        ErrorKind::UnknownDevice
+        | ErrorKind::UnknownPlugin
+        | ErrorKind::UnknownVersion
+        | ErrorKind::SeqOutOfRange => StatusCode::NOT_FOUND,
         ErrorKind::InvalidId | ErrorKind::MalformedEvent | ErrorKind::MalformedConfig => {
             StatusCode::BAD_REQUEST
         }
-        ErrorKind::DeviceConflict => StatusCode::CONFLICT,
+        ErrorKind::DeviceConflict | ErrorKind::DeployRefused => StatusCode::CONFLICT,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Rejected
         | ErrorKind::Trap

@@ -20,7 +20,9 @@
 //! | `POST /v1/events` | 200 per-item results of a gateway batch (see [`batch`]) |
 //! | `POST /v1/plugins/{name}` | 201 new version / 200 same bytes: `{"name","version","digest"}` |
 //! | `GET /v1/plugins` | 200 the plugins and their versions |
-//! | `POST /v1/plugins/{name}/deploy`, `.../dry-run` | 501 until hot reload lands |
+//! | `POST /v1/plugins/{name}/deploy` | `{"version","force"}`: 200 the deploy report; 409 `deploy-refused` |
+//! | `POST /v1/plugins/{name}/rollback` | 200 the deploy report of the return to the previous version |
+//! | `POST /v1/plugins/{name}/dry-run` | `{"version","devices"|"sample"}`: 200 the comparison |
 //! | `GET /healthz`, `GET /metrics` | liveness; Prometheus text |
 //!
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`] and
@@ -102,6 +104,7 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         )
         .route("/v1/plugins/{name}/deploy", post(plugins::deploy))
         .route("/v1/plugins/{name}/dry-run", post(plugins::dry_run))
+        .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

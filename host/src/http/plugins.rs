@@ -1,15 +1,16 @@
-//! Plugin routes: upload and list. Deploy and dry-run are reserved (501) until hot reload.
+//! Plugin routes: upload, list, deploy, rollback and dry-run (see `crate::deploy`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::App;
-use super::error::{ApiError, codes};
+use super::error::ApiError;
 use super::extract::{Body, Id};
 use super::json;
-use crate::registry::PluginVersion;
+use crate::Selection;
+use crate::registry::{Origin, PluginVersion};
 
 /// Answer of an upload.
 #[derive(Debug, Serialize)]
@@ -27,7 +28,10 @@ pub async fn upload(
     Id(name): Id,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (v, new) = app.rt.register_plugin(&name, body.0.to_vec()).await?;
+    let (v, new) = app
+        .rt
+        .register_plugin(&name, body.0.to_vec(), Origin::Upload)
+        .await?;
     let status = if new {
         StatusCode::CREATED
     } else {
@@ -47,8 +51,10 @@ pub async fn upload(
 #[derive(Debug, Serialize)]
 struct PluginOut {
     name: String,
-    /// The version new devices get.
+    /// The newest version registered.
     latest: u32,
+    /// The version new devices get and devices are moved to (see `crate::registry`).
+    current: u32,
     /// Every version, oldest first.
     versions: Vec<PluginVersion>,
 }
@@ -67,6 +73,7 @@ pub async fn list(State(app): State<App>) -> Response {
         .into_iter()
         .map(|(name, versions)| PluginOut {
             latest: versions.last().map_or(0, |v| v.version),
+            current: app.rt.current_version(&name).unwrap_or(0),
             name,
             versions,
         })
@@ -74,20 +81,76 @@ pub async fn list(State(app): State<App>) -> Response {
     json::ok(&PluginList { plugins })
 }
 
-fn not_yet(what: &str) -> ApiError {
-    ApiError::http(
-        StatusCode::NOT_IMPLEMENTED,
-        codes::NOT_IMPLEMENTED,
-        format!("{what} is not implemented yet (it comes with hot reload)"),
-    )
+/// Body of a deploy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    version: u32,
+    #[serde(default)]
+    force: bool,
 }
 
-/// `POST /v1/plugins/{name}/deploy`: reserved, 501.
-pub async fn deploy(Id(_name): Id) -> ApiError {
-    not_yet("deploy")
+/// `POST /v1/plugins/{name}/deploy` `{"version": V, "force": false}`: moves every device of
+/// the plugin to version V and answers the deploy report (200). 404 unknown plugin or
+/// version; 409 `deploy-refused` when the dry-run sample finds devices V cannot fold.
+pub async fn deploy(
+    State(app): State<App>,
+    Id(name): Id,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: DeployBody = body.json()?;
+    let report = app.rt.deploy(&name, req.version, req.force).await?;
+    Ok(json::ok(&report))
 }
 
-/// `POST /v1/plugins/{name}/dry-run`: reserved, 501.
-pub async fn dry_run(Id(_name): Id) -> ApiError {
-    not_yet("dry-run")
+/// `POST /v1/plugins/{name}/rollback`: back to the version current before the last deploy,
+/// the same way; 409 `deploy-refused` if there is none.
+pub async fn rollback(State(app): State<App>, Id(name): Id) -> Result<Response, ApiError> {
+    let report = app.rt.rollback(&name).await?;
+    Ok(json::ok(&report))
+}
+
+/// Body of a dry-run: a version and either device ids or a sample size.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunBody {
+    version: u32,
+    #[serde(default)]
+    devices: Option<Vec<String>>,
+    #[serde(default)]
+    sample: Option<usize>,
+}
+
+/// Devices a dry-run samples when the body names neither devices nor a sample size.
+const DEFAULT_DRY_RUN_SAMPLE: usize = 16;
+/// Most devices one dry-run request may examine.
+const MAX_DRY_RUN_DEVICES: usize = 1000;
+
+/// `POST /v1/plugins/{name}/dry-run` `{"version": V, "devices": [...] | "sample": N}`:
+/// re-decides the recorded events of those devices with version V, writing nothing, and
+/// answers the comparison (200).
+pub async fn dry_run(
+    State(app): State<App>,
+    Id(name): Id,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: DryRunBody = body.json()?;
+    let selection = match (req.devices, req.sample) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::malformed_request(
+                "give either `devices` or `sample`, not both",
+            ));
+        }
+        (Some(ids), None) if ids.len() > MAX_DRY_RUN_DEVICES => {
+            return Err(ApiError::malformed_request(format!(
+                "at most {MAX_DRY_RUN_DEVICES} devices per dry-run"
+            )));
+        }
+        (Some(ids), None) => Selection::Devices(ids),
+        (None, n) => {
+            Selection::Sample(n.unwrap_or(DEFAULT_DRY_RUN_SAMPLE).min(MAX_DRY_RUN_DEVICES))
+        }
+    };
+    let report = app.rt.dry_run(&name, req.version, selection).await?;
+    Ok(json::ok(&report))
 }

@@ -348,6 +348,32 @@ impl Journal {
         Ok(head)
     }
 
+    /// Records that device `head.num` now runs plugin version `head.version` (a deploy, a
+    /// rollback or a lazy upgrade moved it) and waits until it is durable. Its history is
+    /// unchanged: from here on, replays fold it with the new version. Written in the same
+    /// file order as the device's events, so no event handled by the new version can be
+    /// durable without this record.
+    pub async fn record_rebind(&self, head: &DeviceHead, at_ms: u64) -> Result<(), JournalError> {
+        let record = Record::Device {
+            num: head.num,
+            id: head.id.to_string(),
+            version: head.version,
+            config: head.config.to_vec(),
+            at_ms,
+        };
+        let info = DeviceInfo {
+            num: head.num,
+            id: head.id.clone(),
+            version: head.version,
+            config: head.config.clone(),
+            created_at_ms: head.created_at_ms,
+            events: Vec::new(),
+            snapshots: Vec::new(),
+            dead_letters: Default::default(),
+        };
+        self.append(&record, IndexEffect::Device(info)).await
+    }
+
     /// The write lane of one device, for its actor: see [`DeviceWriter`].
     pub fn device_writer(&self, device: u32, max_in_flight: usize) -> DeviceWriter {
         DeviceWriter {

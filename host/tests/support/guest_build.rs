@@ -74,6 +74,17 @@ pub fn plugin_target_dir(workspace: &Path) -> PathBuf {
 /// returns the directory holding their artifacts (`<package with _ for ->.wasm`). The
 /// command's output is printed on stderr; a failure panics with the command.
 pub fn build(cargo: OsString, workspace: &Path, target_dir: &Path, packages: &[&str]) -> PathBuf {
+    build_with_features(cargo, workspace, target_dir, packages, "")
+}
+
+/// [`build`] with cargo `--features` (empty: none).
+pub fn build_with_features(
+    cargo: OsString,
+    workspace: &Path,
+    target_dir: &Path,
+    packages: &[&str],
+    features: &str,
+) -> PathBuf {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
         .arg("build")
@@ -84,6 +95,9 @@ pub fn build(cargo: OsString, workspace: &Path, target_dir: &Path, packages: &[&
         .arg(target_dir);
     for name in packages {
         cmd.args(["-p", name]);
+    }
+    if !features.is_empty() {
+        cmd.args(["--features", features]);
     }
     for var in STRIPPED_VARS {
         cmd.env_remove(var);

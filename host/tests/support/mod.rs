@@ -15,7 +15,7 @@ use serde_json::Value;
 
 mod plugins;
 
-pub use plugins::plugin_dir;
+pub use plugins::{misbehave_variant, plugin_dir};
 
 /// [`plugin_dir`] where a constant is wanted: converts to the directory's path (for
 /// `RuntimeBuilder::plugin_dir`) and derefs to it.

@@ -54,3 +54,25 @@ fn make_plugin_dir() -> PathBuf {
     }
     dir
 }
+
+/// The test-only `misbehave` plugin built with cargo `features` (`"v2"`, `"v3"`: see its
+/// crate docs), for the deploy tests. Built in a target directory of their own (one
+/// dependency build, then only the plugin crate per variant), one variant at a time, so the
+/// default artifact other tests use is never overwritten.
+pub fn misbehave_variant(features: &str) -> Vec<u8> {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ lives in the workspace root");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let target_dir = guest_build::plugin_target_dir(workspace).join("variants");
+    let built = guest_build::build_with_features(
+        cargo,
+        workspace,
+        &target_dir,
+        &["misbehave"],
+        &format!("misbehave/{features}"),
+    );
+    guest_build::read_component(&built, "misbehave")
+}

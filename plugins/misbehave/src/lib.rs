@@ -5,6 +5,13 @@
 //! event asks for one misbehavior; well-behaved events are there to check that the device (and
 //! the rest of the fleet) still works afterwards. Never deploy it outside tests.
 //!
+//! # Versions for the deploy tests
+//!
+//! Built with feature `v2`, `ok` counts by two (a behavior change: recorded histories still
+//! fold, decisions differ). Built with `v3`, `apply` refuses (traps on) a count over 4, so a
+//! device that counted past 4 cannot be brought up on it. Only the host's deploy tests build
+//! these; the default build is neither.
+//!
 //! # Config
 //!
 //! Any JSON object (or none). `{"fail_init": true}` makes `init` fail with code `rejected`.
@@ -159,6 +166,9 @@ pub enum Transition {
     },
 }
 
+/// How much `ok` adds to the count: see "Versions for the deploy tests".
+const STEP: u64 = if cfg!(feature = "v2") { 2 } else { 1 };
+
 impl Device for Misbehave {
     type Config = Config;
     type Event = Event;
@@ -174,7 +184,7 @@ impl Device for Misbehave {
     fn handle(&self, ctx: &Context, event: Event) -> Result<Vec<Transition>, Error> {
         Ok(match event {
             Event::Ok => vec![Transition::Counted {
-                count: self.count + 1,
+                count: self.count + STEP,
             }],
             Event::Reject => return Err(Error::new(REJECTED, "rejected on request")),
             Event::Panic => panic!("misbehave: panic on request"),
@@ -224,7 +234,12 @@ impl Device for Misbehave {
     fn apply(&mut self, transition: Transition) {
         self.applied += 1;
         match transition {
-            Transition::Counted { count } => self.count = count,
+            Transition::Counted { count } => {
+                if cfg!(feature = "v3") && count > 4 {
+                    panic!("misbehave v3: cannot fold a count over 4 (got {count})");
+                }
+                self.count = count
+            }
             Transition::Poison => panic!("misbehave: poison transition applied"),
             Transition::Slow { spin } => {
                 let mut x = 0u64;

@@ -1,0 +1,400 @@
+//! Deploy, rollback and dry-run of plugin versions across the fleet, while it runs.
+//!
+//! A deploy of version `V` of plugin `P`:
+//!
+//! 1. **Sample.** Dry-runs `V` on a sample of `P`'s devices (up to [`SAMPLE`], spread over
+//!    the fleet, read side only). If `V` cannot fold some device's recorded transitions, the
+//!    deploy is refused ([`Error::DeployRefused`]) unless forced: those devices could never
+//!    run `V`. Diverging decisions are reported, not refused: a behavior change is the point.
+//! 2. **Point.** `V` becomes `P`'s current version (durably): new devices get it, and
+//!    passivated devices come up on it at their next activation, without being woken or read
+//!    now (lazy upgrade).
+//! 3. **Swap live devices.** Every live actor of `P` gets an upgrade message in its mailbox,
+//!    behind the events already there. It brings a new instance of `V` up to its seq
+//!    (`crate::upgrade`), records the new binding durably and swaps between two events; a
+//!    device that cannot be brought up stays on its old version, and the report says why
+//!    and at which seq. Devices run their upgrades in parallel on the actor threads.
+//! 4. **Report** per device (versions, path, outcome, failing seq, pause) and per fleet
+//!    (totals, time, pause percentiles, devices left to upgrade lazily), with the journal
+//!    check each device made before switching: the live instance's seq equals the seq of
+//!    its last durable event, so no acknowledged event was lost or applied twice.
+//!
+//! A rollback is a deploy of the version that was current before, the same way (forced: the
+//! devices ran it already).
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::actor::Message;
+use crate::dry_run::{self, DryRunReport, Limits};
+use crate::error::Error;
+use crate::journal::{DeviceHead, VersionInfo};
+use crate::registry::Origin;
+use crate::runtime::Runtime;
+use crate::upgrade::{DeviceUpgrade, UpgradeOutcome};
+
+/// Devices a deploy dry-runs before it changes anything.
+pub const SAMPLE: usize = 16;
+
+/// Which devices a dry-run looks at.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// These ids (each must be a device of the plugin).
+    Devices(Vec<String>),
+    /// Up to this many of the plugin's devices, spread evenly over them.
+    Sample(usize),
+}
+
+/// Fleet totals of a deploy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeployTotals {
+    /// Devices of the plugin in the journal.
+    pub devices: usize,
+    /// Of them, live when the deploy started and not yet on the new version.
+    pub live: usize,
+    pub upgraded: usize,
+    pub failed: usize,
+    pub unchanged: usize,
+    /// Devices that will come up on the new version at their next activation.
+    pub pending_lazy: usize,
+}
+
+/// The journal check of a deploy: see the module docs.
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalCheck {
+    /// Devices that switched, each after checking its live seq against the journal.
+    pub devices: usize,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// What a deploy or rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployReport {
+    pub plugin: String,
+    /// The current version (number) before.
+    pub from: u32,
+    pub to: u32,
+    pub rollback: bool,
+    pub forced: bool,
+    pub totals: DeployTotals,
+    pub elapsed_ms: u64,
+    /// Pauses of the upgraded devices' mailboxes, µs.
+    pub pause_p50_us: u64,
+    pub pause_p99_us: u64,
+    pub pause_max_us: u64,
+    pub journal_check: JournalCheck,
+    /// The dry-run sample taken before anything changed.
+    pub sample: DryRunReport,
+    /// Every live device the deploy touched.
+    pub devices: Vec<DeviceUpgrade>,
+}
+
+impl Runtime {
+    /// Moves every device of plugin `plugin` to its version `version` (see the module
+    /// docs). Refused with [`Error::DeployRefused`] when the sample shows devices the version
+    /// cannot fold, unless `force`.
+    pub async fn deploy(
+        &self,
+        plugin: &str,
+        version: u32,
+        force: bool,
+    ) -> Result<DeployReport, Error> {
+        let result = self.deploy_inner(plugin, Some(version), force).await;
+        self.counted(result)
+    }
+
+    /// Returns plugin `plugin` to the version that was current before the last deploy, the
+    /// same way a deploy moves devices.
+    pub async fn rollback(&self, plugin: &str) -> Result<DeployReport, Error> {
+        let result = self.deploy_inner(plugin, None, true).await;
+        self.counted(result)
+    }
+
+    /// Dry-runs version `version` of `plugin` on recorded history (see `crate::dry_run`).
+    /// Writes nothing and leaves live actors alone.
+    pub async fn dry_run(
+        &self,
+        plugin: &str,
+        version: u32,
+        selection: Selection,
+    ) -> Result<DryRunReport, Error> {
+        let result = self.dry_run_inner(plugin, version, selection).await;
+        self.counted(result)
+    }
+
+    async fn dry_run_inner(
+        &self,
+        plugin: &str,
+        version: u32,
+        selection: Selection,
+    ) -> Result<DryRunReport, Error> {
+        self.check_open()?;
+        let candidate = self.shared.registry.find(plugin, version)?;
+        let heads = match selection {
+            Selection::Sample(n) => spread(self.devices_of(plugin), n),
+            Selection::Devices(ids) => ids
+                .iter()
+                .map(|id| {
+                    let head = self
+                        .shared
+                        .journal
+                        .device(id)
+                        .ok_or_else(|| Error::UnknownDevice(id.clone()))?;
+                    if self.plugin_name(head.version).as_deref() != Some(plugin) {
+                        return Err(Error::MalformedConfig(format!(
+                            "device `{id}` does not run plugin `{plugin}`"
+                        )));
+                    }
+                    Ok(head)
+                })
+                .collect::<Result<Vec<_>, Error>>()?,
+        };
+        Ok(self.sample(plugin, &candidate, heads).await)
+    }
+
+    /// Runs a dry-run of `candidate` on `heads` on a blocking thread.
+    async fn sample(
+        &self,
+        plugin: &str,
+        candidate: &VersionInfo,
+        heads: Vec<DeviceHead>,
+    ) -> DryRunReport {
+        let journal = self.shared.journal.clone();
+        let registry = self.shared.registry.clone();
+        let limits = Limits {
+            max_output_bytes: self.shared.config.actor.max_output_bytes,
+            call_timeout: self.shared.config.engine.call_timeout,
+        };
+        let (plugin, id) = (plugin.to_string(), candidate.id);
+        let task = tokio::task::spawn_blocking(move || {
+            dry_run::run(&journal, &registry, &plugin, id, &heads, limits)
+        });
+        match task.await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::error!(error = %e, "dry-run task failed");
+                DryRunReport {
+                    plugin: candidate.plugin.clone(),
+                    version: candidate.number,
+                    devices: Vec::new(),
+                    totals: Default::default(),
+                    elapsed_ms: 0,
+                }
+            }
+        }
+    }
+
+    async fn deploy_inner(
+        &self,
+        plugin: &str,
+        version: Option<u32>,
+        force: bool,
+    ) -> Result<DeployReport, Error> {
+        self.check_open()?;
+        let _one_at_a_time = self.shared.deploying.lock().await;
+        let started = Instant::now();
+        let registry = &self.shared.registry;
+        let current = registry
+            .current(plugin)
+            .ok_or_else(|| Error::UnknownPlugin(plugin.to_string()))?;
+        let rollback = version.is_none();
+        let target = match version {
+            Some(n) => registry.find(plugin, n)?,
+            None => registry.previous(plugin).ok_or_else(|| {
+                Error::DeployRefused(format!(
+                    "plugin `{plugin}` has no earlier current version to roll back to"
+                ))
+            })?,
+        };
+
+        // 1. Sample.
+        let others: Vec<DeviceHead> = self
+            .devices_of(plugin)
+            .into_iter()
+            .filter(|h| h.version != target.id)
+            .collect();
+        let sample = self.sample(plugin, &target, spread(others, SAMPLE)).await;
+        let cannot_fold: Vec<String> = sample
+            .devices
+            .iter()
+            .filter(|d| !d.folds)
+            .map(|d| match d.fold_failed_seq {
+                Some(seq) => format!("{} at seq {seq}", d.device),
+                None => d.device.clone(),
+            })
+            .collect();
+        if !cannot_fold.is_empty() && !force {
+            return Err(Error::DeployRefused(format!(
+                "version {} of `{plugin}` cannot fold the recorded transitions of {} of {} \
+                 sampled devices ({}); dry-run them for details, or force the deploy to \
+                 upgrade the others and leave these on their version",
+                target.number,
+                cannot_fold.len(),
+                sample.devices.len(),
+                cannot_fold.join(", ")
+            )));
+        }
+
+        // 2. Point.
+        if rollback {
+            registry.point_back(plugin)?;
+        } else {
+            registry.point(target.id, Origin::Upload)?;
+        }
+        tracing::info!(
+            plugin,
+            from = current.number,
+            to = target.number,
+            rollback,
+            "deploying"
+        );
+
+        // 3. Swap live devices, all in parallel.
+        let reg = registry.clone();
+        let plugin_name = plugin.to_string();
+        let target_id = target.id;
+        let live = self.shared.router.live_where(move |v| {
+            v != target_id
+                && reg
+                    .version(v)
+                    .is_some_and(|info| info.plugin == plugin_name)
+        });
+        let mut waiting = Vec::with_capacity(live.len());
+        for (id, tx) in &live {
+            let (reply, rx) = oneshot::channel();
+            let msg = Message::Upgrade {
+                version: target.id,
+                reply,
+            };
+            // Waits for room: the upgrade queues behind the events already in the mailbox.
+            let sent = tx.send(msg).await.is_ok();
+            waiting.push((id.clone(), sent.then_some(rx)));
+        }
+        let mut devices = Vec::with_capacity(waiting.len());
+        for (id, rx) in waiting {
+            let report = match rx {
+                Some(rx) => rx.await.ok(),
+                None => None,
+            };
+            devices.push(report.unwrap_or_else(|| DeviceUpgrade {
+                device: id.to_string(),
+                from: current.number,
+                to: target.number,
+                outcome: UpgradeOutcome::Lazy,
+                path: None,
+                seq: 0,
+                applied: 0,
+                failed_seq: None,
+                error: None,
+                snapshot_readable: None,
+                pause_us: 0,
+            }));
+        }
+
+        // 4. Report.
+        let all = self.devices_of(plugin);
+        let mut totals = DeployTotals {
+            devices: all.len(),
+            live: devices.len(),
+            ..Default::default()
+        };
+        let mut pauses = Vec::new();
+        for d in &devices {
+            match d.outcome {
+                UpgradeOutcome::Upgraded => {
+                    totals.upgraded += 1;
+                    pauses.push(d.pause_us);
+                }
+                UpgradeOutcome::Failed => totals.failed += 1,
+                UpgradeOutcome::Unchanged => totals.unchanged += 1,
+                UpgradeOutcome::Lazy => {}
+            }
+        }
+        let failed: std::collections::HashSet<&str> = devices
+            .iter()
+            .filter(|d| d.outcome == UpgradeOutcome::Failed)
+            .map(|d| d.device.as_str())
+            .collect();
+        totals.pending_lazy = all
+            .iter()
+            .filter(|h| h.version != target.id && !failed.contains(&*h.id))
+            .count();
+        let problems: Vec<String> = devices
+            .iter()
+            .filter_map(|d| {
+                d.error
+                    .as_ref()
+                    .filter(|e| e.starts_with("journal check"))
+                    .map(|e| format!("{}: {e}", d.device))
+            })
+            .collect();
+        pauses.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if pauses.is_empty() {
+                0
+            } else {
+                pauses[((pauses.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        let report = DeployReport {
+            plugin: plugin.to_string(),
+            from: current.number,
+            to: target.number,
+            rollback,
+            forced: force && !rollback,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            pause_p50_us: pct(0.5),
+            pause_p99_us: pct(0.99),
+            pause_max_us: pauses.last().copied().unwrap_or(0),
+            journal_check: JournalCheck {
+                devices: totals.upgraded,
+                ok: problems.is_empty(),
+                problems,
+            },
+            totals,
+            sample,
+            devices,
+        };
+        tracing::info!(
+            plugin,
+            to = target.number,
+            upgraded = report.totals.upgraded,
+            failed = report.totals.failed,
+            pending_lazy = report.totals.pending_lazy,
+            ms = report.elapsed_ms,
+            "deploy done"
+        );
+        Ok(report)
+    }
+
+    /// Every device of `plugin`, from the journal (durable state; no actor is asked).
+    fn devices_of(&self, plugin: &str) -> Vec<DeviceHead> {
+        let journal = &self.shared.journal;
+        journal
+            .device_ids()
+            .iter()
+            .filter_map(|id| journal.device(id))
+            .filter(|h| self.plugin_name(h.version).as_deref() == Some(plugin))
+            .collect()
+    }
+
+    fn plugin_name(&self, version: u32) -> Option<String> {
+        self.shared.registry.version(version).map(|v| v.plugin)
+    }
+}
+
+/// Up to `n` of `heads`, evenly spread (every k-th), so a sample is not just the oldest.
+fn spread(mut heads: Vec<DeviceHead>, n: usize) -> Vec<DeviceHead> {
+    heads.sort_by(|a, b| a.id.cmp(&b.id));
+    if heads.len() <= n {
+        return heads;
+    }
+    let step = heads.len() as f64 / n as f64;
+    (0..n)
+        .map(|i| heads[(i as f64 * step) as usize].clone())
+        .collect()
+}

@@ -1,0 +1,304 @@
+//! Dry-run: what a plugin version would have decided on a device's real history.
+//!
+//! For each device, a sandboxed instance of the candidate version is `init`ed with the
+//! device's config and given every recorded input event again, with the recorded seq, time
+//! and seed in its context, through the same [`crate::decide`] path and limits the live
+//! actor uses. Its transitions are compared with the recorded ones, event by event, and its
+//! final state with the device's recorded state (the journal folded by the device's own
+//! version). Nothing is written, no live actor is involved, and the journal is only read:
+//! it runs on the read side, on a blocking thread, and works on a journal opened read-only
+//! beside a running server (or on an exported one in CI).
+//!
+//! Separately, it answers the question a deploy requires: can the candidate *fold* the
+//! recorded transitions ([`crate::upgrade`]). A version that decides differently can still
+//! be deployed (that is what a behavior change is); one that cannot fold cannot.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::clock;
+use crate::decide::{self, Failed};
+use crate::engine::EventContext;
+use crate::error::Error;
+use crate::journal::{DeviceHead, Journal};
+use crate::registry::Registry;
+use crate::replay::{self, Start};
+
+/// Limits a dry-run applies, the same as the live actor's.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_output_bytes: usize,
+    /// Time budget of one re-decided event.
+    pub call_timeout: Duration,
+}
+
+/// The first event where the candidate decided differently.
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    pub seq: u64,
+    /// The recorded input event.
+    pub event: Value,
+    /// The transitions recorded at this seq.
+    pub recorded: Vec<Value>,
+    /// The candidate's transitions (absent when it refused or failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<Vec<Value>>,
+    /// Why the candidate produced no transitions: a refusal (`rejected: CODE: message`), a
+    /// trap, a timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One change between the recorded state and the candidate's, as an RFC 6902 JSON Patch
+/// operation (`op`, `path`, `value`) plus `was`: the recorded value at `path`.
+pub type StateChange = Value;
+
+/// One device's dry-run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceDryRun {
+    pub device: String,
+    /// The device's version (number) whose recorded history is compared.
+    pub recorded_version: u32,
+    /// Recorded events re-decided.
+    pub events: u64,
+    /// Whether every event got the same transitions and the final states are equal.
+    pub identical: bool,
+    /// Events whose transitions differ.
+    pub diverged_events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_divergence: Option<Divergence>,
+    pub state_matches: bool,
+    /// Recorded state → candidate's state, when they differ.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_diff: Vec<StateChange>,
+    /// Whether the candidate folds the recorded transitions (required for a deploy).
+    pub folds: bool,
+    /// The recorded seq the candidate could not fold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fold_failed_seq: Option<u64>,
+    /// A failure that stopped the dry-run of this device (the candidate trapped, the
+    /// journal could not be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Dry-runs plugin version `candidate` (journal-local id) on `device`'s recorded history.
+pub fn device(
+    journal: &Journal,
+    registry: &Registry,
+    head: &DeviceHead,
+    candidate: u32,
+    limits: Limits,
+) -> DeviceDryRun {
+    let mut out = DeviceDryRun {
+        device: head.id.to_string(),
+        recorded_version: registry.version(head.version).map_or(0, |v| v.number),
+        events: 0,
+        identical: false,
+        diverged_events: 0,
+        first_divergence: None,
+        state_matches: false,
+        state_diff: Vec::new(),
+        folds: false,
+        fold_failed_seq: None,
+        error: None,
+    };
+    // Can it fold? (What a deploy requires.)
+    let mut want = head.clone();
+    want.version = candidate;
+    match replay::rebuild_reporting(journal, registry, &want, head.seq, Start::Genesis) {
+        Ok(_) => out.folds = true,
+        Err(f) => {
+            out.fold_failed_seq = f.seq;
+            out.error = Some(format!("cannot fold the recorded transitions: {}", f.error));
+        }
+    }
+    // Would it decide the same?
+    if let Err(e) = redecide(journal, registry, head, candidate, limits, &mut out) {
+        out.error.get_or_insert(e.to_string());
+    }
+    out.identical = out.error.is_none() && out.diverged_events == 0 && out.state_matches;
+    out
+}
+
+fn redecide(
+    journal: &Journal,
+    registry: &Registry,
+    head: &DeviceHead,
+    candidate: u32,
+    limits: Limits,
+    out: &mut DeviceDryRun,
+) -> Result<(), Error> {
+    let recorded_state = {
+        let mut rebuilt = replay::rebuild(journal, registry, head, head.seq, Start::Snapshot)?;
+        parse(&rebuilt.instance.query()?)
+    };
+    let compiled = registry.compiled(candidate)?;
+    let mut instance = compiled.instantiate(head.id.clone())?;
+    let config = std::str::from_utf8(&head.config)
+        .map_err(|_| Error::Internal("stored config is not UTF-8".into()))?;
+    instance.within(limits.call_timeout, |i| i.init(&head.id, config))?;
+
+    const CHUNK: u64 = 1024;
+    let mut next = 1;
+    while next <= head.seq {
+        let to = (next + CHUNK - 1).min(head.seq);
+        for record in journal.read_events(head.num, next, to)? {
+            out.events += 1;
+            let event = String::from_utf8_lossy(&record.event);
+            let ctx = EventContext {
+                device_id: head.id.to_string(),
+                seq: record.seq,
+                at_ms: record.at_ms,
+                seed: clock::seed(&head.id, record.seq),
+            };
+            let decided = decide::decide(
+                &mut instance,
+                &ctx,
+                &event,
+                limits.max_output_bytes,
+                limits.call_timeout,
+            );
+            let same = match &decided {
+                Ok(ts) => {
+                    ts.len() == record.transitions.len()
+                        && ts.iter().zip(&record.transitions).all(|(a, b)| {
+                            a.as_bytes() == b.as_slice() || parse(a) == parse_bytes(b)
+                        })
+                }
+                Err(_) => false,
+            };
+            if same {
+                continue;
+            }
+            out.diverged_events += 1;
+            if out.first_divergence.is_none() {
+                out.first_divergence = Some(Divergence {
+                    seq: record.seq,
+                    event: parse(&event),
+                    recorded: record.transitions.iter().map(|t| parse_bytes(t)).collect(),
+                    candidate: decided
+                        .as_ref()
+                        .ok()
+                        .map(|ts| ts.iter().map(|t| parse(t)).collect()),
+                    error: decided.as_ref().err().map(|f| f.error.to_string()),
+                });
+            }
+            if let Err(Failed {
+                instance_lost: true,
+                error,
+            }) = decided
+            {
+                return Err(Error::Internal(format!(
+                    "the candidate failed at seq {} and its state is lost: {error}",
+                    record.seq
+                )));
+            }
+        }
+        next = to + 1;
+    }
+    let candidate_state = parse(&instance.query()?);
+    out.state_matches = candidate_state == recorded_state;
+    if !out.state_matches {
+        out.state_diff = state_diff(&recorded_state, &candidate_state);
+    }
+    Ok(())
+}
+
+/// The changes from `recorded` to `candidate` as JSON Patch operations, each with the value
+/// it replaces (`was`) so a reader sees both sides.
+pub fn state_diff(recorded: &Value, candidate: &Value) -> Vec<StateChange> {
+    let patch = json_patch::diff(recorded, candidate);
+    let Ok(Value::Array(ops)) = serde_json::to_value(&patch) else {
+        return Vec::new();
+    };
+    ops.into_iter()
+        .map(|mut op| {
+            let was = op
+                .get("path")
+                .and_then(Value::as_str)
+                .and_then(|p| recorded.pointer(p))
+                .cloned();
+            if let (Some(was), Some(map)) = (was, op.as_object_mut()) {
+                map.insert("was".into(), was);
+            }
+            op
+        })
+        .collect()
+}
+
+/// JSON text as a value; text that is not JSON stays a string, so it still compares.
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+fn parse_bytes(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// A dry-run over several devices.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    pub plugin: String,
+    pub version: u32,
+    pub devices: Vec<DeviceDryRun>,
+    pub totals: DryRunTotals,
+    pub elapsed_ms: u64,
+}
+
+/// Fleet totals of a dry-run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DryRunTotals {
+    pub devices: usize,
+    pub identical: usize,
+    /// Devices where some event was decided differently or the final state differs.
+    pub diverged: usize,
+    /// Devices whose recorded transitions the candidate cannot fold.
+    pub cannot_fold: usize,
+    pub events: u64,
+    /// Re-decided events per second of wall time.
+    pub events_per_s: u64,
+}
+
+/// Dry-runs `candidate` on `heads`, one after another on the calling thread.
+pub fn run(
+    journal: &Journal,
+    registry: &Registry,
+    plugin: &str,
+    candidate: u32,
+    heads: &[DeviceHead],
+    limits: Limits,
+) -> DryRunReport {
+    let started = Instant::now();
+    let devices: Vec<DeviceDryRun> = heads
+        .iter()
+        .map(|h| device(journal, registry, h, candidate, limits))
+        .collect();
+    let elapsed = started.elapsed();
+    let mut totals = DryRunTotals {
+        devices: devices.len(),
+        ..Default::default()
+    };
+    for d in &devices {
+        totals.events += d.events;
+        if d.identical {
+            totals.identical += 1;
+        } else {
+            totals.diverged += 1;
+        }
+        if !d.folds {
+            totals.cannot_fold += 1;
+        }
+    }
+    totals.events_per_s = (totals.events as f64 / elapsed.as_secs_f64().max(1e-9)) as u64;
+    DryRunReport {
+        plugin: plugin.to_string(),
+        version: registry.version(candidate).map_or(0, |v| v.number),
+        devices,
+        totals,
+        elapsed_ms: elapsed.as_millis() as u64,
+    }
+}

@@ -1,0 +1,120 @@
+//! One device moving to another plugin version: bringing a new instance up to the device's
+//! seq, and what that says about the new version.
+//!
+//! A device's journal holds every transition it ever committed. So a new version `V` can be
+//! checked against the device's real history before it runs a single new event: build an
+//! instance of `V`, `init` it with the provisioned config and fold every recorded transition
+//! (or restore a snapshot `V` itself took, after a rollback, and fold the tail). If that
+//! works, `V` holds the state it would hold had it run from the start, and the actor swaps
+//! instances between two events. If it does not, the device stays on its old version and the
+//! caller learns the seq that `V` could not fold.
+//!
+//! Three questions are kept apart, as the journal lets us answer each:
+//!
+//! * **can `V` fold the recorded transitions** (required: [`bring_up`] fails otherwise);
+//! * **would `V` decide differently** on the recorded inputs (information: the dry-run,
+//!   `crate::dry_run`);
+//! * **can `V` read the old version's snapshot** (an optimisation for later; reported as
+//!   [`DeviceUpgrade::snapshot_readable`]). A snapshot taken by another version is never used
+//!   to build `V`'s state: its meaning is the old version's, and only a fold of the
+//!   transitions is guaranteed to equal a replay under `V`.
+//!
+//! The actor runs this for live devices (a deploy) and at activation for passivated ones
+//! (a lazy upgrade); see `crate::deploy` for the fleet-level operation.
+
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::journal::{DeviceHead, Journal};
+use crate::registry::Registry;
+use crate::replay::{self, RebuildFailure, Rebuilt, Start};
+
+/// How a device was brought up on its new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradePath {
+    /// Restored a snapshot the new version itself took earlier (a rollback), then folded
+    /// the tail.
+    Snapshot,
+    /// Folded every recorded transition from `init`.
+    Replay,
+}
+
+/// What happened to one device in a deploy or rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradeOutcome {
+    /// Now runs the new version.
+    Upgraded,
+    /// Could not be brought up on the new version; still runs its old one.
+    Failed,
+    /// Already on the new version.
+    Unchanged,
+    /// Not live (passivated, or its instance was lost meanwhile): it comes up on the new
+    /// version at its next activation, and nothing of it was read.
+    Lazy,
+}
+
+/// One device's line in a deploy report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceUpgrade {
+    pub device: String,
+    /// Version numbers (per plugin, as users see them).
+    pub from: u32,
+    pub to: u32,
+    pub outcome: UpgradeOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<UpgradePath>,
+    /// The device's seq when it switched (or was examined).
+    pub seq: u64,
+    /// Transitions the new version folded to catch up.
+    pub applied: u64,
+    /// The recorded seq the new version could not fold (outcome `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the new version's `restore` accepts the old version's newest snapshot (`None`:
+    /// there was none). Information only, see the module docs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_readable: Option<bool>,
+    /// How long the device's mailbox waited: from taking the upgrade message to handling
+    /// its next event (includes the durable write of the new binding), µs.
+    pub pause_us: u64,
+}
+
+/// A new instance of `want.version` at the device's seq `want.seq`, and whether that version
+/// reads the newest snapshot of `old_version` (the device's version until now).
+pub fn bring_up(
+    journal: &Journal,
+    registry: &Registry,
+    want: &DeviceHead,
+    old_version: u32,
+) -> Result<(Rebuilt, Option<bool>), RebuildFailure> {
+    // Only snapshots taken by `want.version` itself qualify (the rebuild filters by version).
+    let rebuilt = replay::rebuild_reporting(journal, registry, want, want.seq, Start::Snapshot)?;
+    let snapshot_readable = journal
+        .snapshots(want.num)
+        .into_iter()
+        .rev()
+        .find(|s| s.seq <= want.seq && s.version == old_version)
+        .map(|snap| -> Result<(), Error> {
+            let data = journal.read_snapshot(snap)?;
+            let compiled = registry.compiled(want.version)?;
+            let mut probe = compiled.instantiate(want.id.clone())?;
+            let budget = compiled.engine().config().call_timeout;
+            probe.within(budget, |i| i.restore(&data))?;
+            Ok(())
+        })
+        .map(|r| r.is_ok());
+    Ok((rebuilt, snapshot_readable))
+}
+
+/// The path a rebuild took.
+pub fn path_of(rebuilt: &Rebuilt) -> UpgradePath {
+    if rebuilt.snapshot.is_some() {
+        UpgradePath::Snapshot
+    } else {
+        UpgradePath::Replay
+    }
+}

@@ -1,0 +1,436 @@
+//! Plugins that change while the fleet runs: deploy by replay, refusal, partial failure,
+//! rollback, lazy upgrade, dry-run, and which version a restart keeps current.
+//!
+//! The versions are real builds of the test-only `misbehave` plugin: v1 the default, v2
+//! with feature `v2` (`ok` counts by two: a behavior change whose history still folds), v3
+//! with feature `v3` (cannot fold a count over 4).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use drover::registry::Origin;
+use drover::replay::{self, Start};
+use drover::upgrade::UpgradeOutcome;
+use drover::{ErrorKind, Runtime, Selection};
+use serde_json::{Value, json};
+
+mod support;
+
+const OK: &str = r#"{"type":"ok"}"#;
+
+async fn open(dir: &Path) -> Runtime {
+    Runtime::builder(dir)
+        .plugin_dir(support::PluginDir)
+        .snapshot_every(8)
+        .mailbox_capacity(4096)
+        .open()
+        .await
+        .expect("runtime opens")
+}
+
+fn v1() -> Vec<u8> {
+    std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built")
+}
+
+/// The same component with a custom section appended: other bytes (another version),
+/// identical behavior. A component-level custom section is id 0, a LEB128 size, then a
+/// name and a payload.
+fn identical_rebuild(bytes: &[u8]) -> Vec<u8> {
+    let name = b"drover-test-rebuild";
+    let payload = b"same code, other bytes";
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push((1 + name.len() + payload.len()) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(payload);
+    out
+}
+
+async fn count(rt: &Runtime, id: &str) -> u64 {
+    let view = rt.device(id).await.expect("device reads");
+    let state: Value = serde_json::from_str(&view.state).expect("state is JSON");
+    state["count"].as_u64().expect("count")
+}
+
+fn version(rt: &Runtime, id: &str) -> u32 {
+    rt.summary(id).expect("device").version
+}
+
+/// The device's live state equals a replay of its whole journal from `init` by the version
+/// it is bound to, read beside the running server.
+async fn assert_live_equals_full_replay(rt: &Runtime, dir: &Path, id: &str) {
+    let live = rt.device(id).await.expect("device reads");
+    let replayed = replay::offline(dir, id, None, Start::Genesis).expect("offline replay");
+    assert_eq!(live.summary.seq, replayed.seq, "{id}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&live.state).unwrap(),
+        serde_json::from_str::<Value>(&replayed.state).unwrap(),
+        "{id}: live state differs from a full replay"
+    );
+}
+
+/// Acceptance 2: while clients send events to 1,000 devices, deploying v2 moves every live
+/// device; every acknowledged event is in the journal exactly once and in order; afterwards
+/// each device runs v2, its state equals a full replay under v2, and the new behavior is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_under_load_moves_every_live_device_and_loses_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let ids: Arc<Vec<String>> = Arc::new((0..1000).map(|i| format!("m-{i:04}")).collect());
+    for id in ids.iter() {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+        rt.send(id, OK).await.unwrap();
+    }
+    let (v2, new) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    assert!(new);
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        rt.current_version("misbehave"),
+        Some(1),
+        "an upload does not change what devices run"
+    );
+
+    // Load: 8 clients, each over its own slice of the devices, recording every ack.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (rt, ids, stop) = (rt.clone(), ids.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut acks: Vec<(String, u64, Vec<String>)> = Vec::new();
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let id = &ids[i % ids.len()];
+                i += 8;
+                let ack = rt.send(id, OK).await.expect("event acknowledged");
+                acks.push((id.clone(), ack.seq, ack.transitions));
+            }
+            acks
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = rt.deploy("misbehave", 2, false).await.expect("deploy");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acks = Vec::new();
+    for c in clients {
+        acks.extend(c.await.unwrap());
+    }
+
+    assert_eq!((report.from, report.to), (1, 2));
+    assert_eq!(report.totals.devices, 1000);
+    assert_eq!(report.totals.failed, 0, "{:?}", report.devices);
+    assert_eq!(report.totals.upgraded, report.totals.live);
+    assert!(report.totals.upgraded > 900, "{:?}", report.totals);
+    assert!(report.journal_check.ok, "{:?}", report.journal_check);
+    assert_eq!(report.sample.totals.cannot_fold, 0);
+    assert!(
+        report.sample.totals.diverged > 0,
+        "v2 decides differently on recorded events: {:?}",
+        report.sample.totals
+    );
+    assert!(acks.len() > 1000, "the load ran during the deploy");
+
+    // Every acknowledged event is in the journal exactly once, at its seq, in order.
+    let mut per_device: HashMap<&str, Vec<(u64, &Vec<String>)>> = HashMap::new();
+    for (id, seq, transitions) in &acks {
+        per_device.entry(id).or_default().push((*seq, transitions));
+    }
+    for id in ids.iter() {
+        let page = rt.journal_page(id, 1, 1000).expect("journal");
+        let acked = per_device.remove(id.as_str()).unwrap_or_default();
+        // The provisioning-time event plus every ack, nothing else.
+        assert_eq!(page.records.len(), acked.len() + 1, "{id}");
+        for (i, r) in page.records.iter().enumerate() {
+            assert_eq!(r.seq, i as u64 + 1, "{id}: seqs are dense");
+        }
+        for (seq, transitions) in acked {
+            assert_eq!(
+                &page.records[seq as usize - 1].transitions,
+                transitions,
+                "{id} seq {seq}"
+            );
+        }
+        assert_eq!(version(&rt, id), 2, "{id} runs v2");
+    }
+
+    // The new behavior is live and the state kept: `ok` now adds two.
+    let before = count(&rt, "m-0007").await;
+    rt.send("m-0007", OK).await.unwrap();
+    assert_eq!(count(&rt, "m-0007").await, before + 2);
+    for id in ["m-0000", "m-0007", "m-0500", "m-0999"] {
+        assert_live_equals_full_replay(&rt, dir.path(), id).await;
+    }
+    rt.shutdown().await;
+}
+
+/// Acceptance 3: a version whose replay traps for some devices is refused unless forced;
+/// forced, those devices stay on their version and are listed with the seq, the rest
+/// upgrade; rollback brings everyone back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let (v2, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    rt.deploy("misbehave", v2.version, false).await.unwrap();
+    // Under v2: two `ok`s count to 4 (v3 folds it), three count to 6 (v3 traps at seq 3).
+    for i in 0..12 {
+        let id = format!("d-{i:02}");
+        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+        for _ in 0..(if i < 6 { 2 } else { 3 }) {
+            rt.send(&id, OK).await.unwrap();
+        }
+    }
+    let (v3, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v3"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+
+    let refused = rt.deploy("misbehave", v3.version, false).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::DeployRefused, "{refused}");
+    assert!(refused.to_string().contains("at seq 3"), "{refused}");
+    assert_eq!(rt.current_version("misbehave"), Some(2), "nothing changed");
+    assert!((0..12).all(|i| version(&rt, &format!("d-{i:02}")) == 2));
+
+    let report = rt.deploy("misbehave", v3.version, true).await.unwrap();
+    assert!(report.forced);
+    assert_eq!(report.totals.upgraded, 6, "{:?}", report.devices);
+    assert_eq!(report.totals.failed, 6, "{:?}", report.devices);
+    for d in &report.devices {
+        let i: usize = d.device[2..].parse().unwrap();
+        if i < 6 {
+            assert_eq!(d.outcome, UpgradeOutcome::Upgraded, "{d:?}");
+        } else {
+            assert_eq!(d.outcome, UpgradeOutcome::Failed, "{d:?}");
+            assert_eq!(d.failed_seq, Some(3), "{d:?}");
+            assert!(
+                d.error.as_deref().unwrap().contains("count over 4"),
+                "{d:?}"
+            );
+        }
+    }
+    assert_eq!(report.totals.pending_lazy, 0);
+    // A device left on v2 keeps working on v2.
+    let before = count(&rt, "d-09").await;
+    rt.send("d-09", OK).await.unwrap();
+    assert_eq!(count(&rt, "d-09").await, before + 2);
+    assert_eq!(version(&rt, "d-09"), 2);
+    assert_eq!(version(&rt, "d-00"), 3);
+
+    let back = rt.rollback("misbehave").await.unwrap();
+    assert!(back.rollback);
+    assert_eq!((back.from, back.to), (3, 2));
+    assert_eq!(back.totals.upgraded, 6, "{:?}", back.devices);
+    assert_eq!(back.totals.failed, 0);
+    assert_eq!(rt.current_version("misbehave"), Some(2));
+    for i in 0..12 {
+        let id = format!("d-{i:02}");
+        assert_eq!(version(&rt, &id), 2, "{id}");
+        assert_live_equals_full_replay(&rt, dir.path(), &id).await;
+    }
+    // Back to v1, and nothing further to roll back to.
+    rt.rollback("misbehave").await.unwrap();
+    assert_eq!(rt.current_version("misbehave"), Some(1));
+    let none = rt.rollback("misbehave").await.unwrap_err();
+    assert_eq!(none.kind(), ErrorKind::DeployRefused);
+    rt.shutdown().await;
+}
+
+/// Acceptance 4: passivated devices are not woken by a deploy; they come back on the new
+/// version at their next activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passivated_devices_upgrade_lazily_at_their_next_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .snapshot_every(8)
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let id = format!("p-{i:02}");
+        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+        for _ in 0..3 {
+            rt.send(&id, OK).await.unwrap();
+        }
+    }
+    let live = |rt: &Runtime| rt.metrics().live_instances.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        if live(&rt) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live(&rt), 0, "every device passivated");
+    let (v2, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    let activations = rt.metrics().activations.load(Ordering::Relaxed);
+    let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
+    assert_eq!(report.totals.live, 0);
+    assert_eq!(report.totals.pending_lazy, 20);
+    assert_eq!(
+        rt.metrics().activations.load(Ordering::Relaxed),
+        activations,
+        "the deploy woke nobody"
+    );
+    assert_eq!(live(&rt), 0);
+    assert_eq!(version(&rt, "p-05"), 1, "not upgraded until it activates");
+
+    for i in 0..20 {
+        let id = format!("p-{i:02}");
+        rt.send(&id, OK).await.unwrap();
+        assert_eq!(version(&rt, &id), 2, "{id}");
+        assert_eq!(
+            count(&rt, &id).await,
+            5,
+            "{id}: 3 under v1, then +2 under v2"
+        );
+        assert_live_equals_full_replay(&rt, dir.path(), &id).await;
+    }
+    rt.shutdown().await;
+}
+
+/// Acceptance 5: a behavior change yields the expected divergences with the first seq and a
+/// diff; an identical rebuild yields none; a dry-run writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    for i in 0..5 {
+        let id = format!("r-{i}");
+        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+        for _ in 0..4 {
+            rt.send(&id, OK).await.unwrap();
+        }
+        rt.send(&id, r#"{"type":"echo"}"#).await.unwrap();
+    }
+    let (v2, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    let (same, new) = rt
+        .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
+        .await
+        .unwrap();
+    assert!(new, "other bytes are another version");
+    let written = rt.journal().durable_len();
+
+    let report = rt
+        .dry_run("misbehave", v2.version, Selection::Sample(10))
+        .await
+        .unwrap();
+    assert_eq!(report.totals.devices, 5);
+    assert_eq!(report.totals.diverged, 5);
+    assert_eq!(report.totals.cannot_fold, 0);
+    assert_eq!(report.totals.events, 25);
+    let d = &report.devices[0];
+    assert!(d.folds && !d.identical && !d.state_matches);
+    assert_eq!(d.diverged_events, 4, "the four `ok`s, not the echo");
+    let first = d.first_divergence.as_ref().unwrap();
+    assert_eq!(first.seq, 1);
+    assert_eq!(first.recorded, [json!({"type": "counted", "count": 1})]);
+    assert_eq!(
+        first.candidate.as_deref(),
+        Some(&[json!({"type": "counted", "count": 2})][..])
+    );
+    assert!(
+        d.state_diff
+            .contains(&json!({"op": "replace", "path": "/count", "value": 8, "was": 4})),
+        "{:?}",
+        d.state_diff
+    );
+
+    let report = rt
+        .dry_run(
+            "misbehave",
+            same.version,
+            Selection::Devices(vec!["r-1".into(), "r-3".into()]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.totals.devices, 2);
+    assert_eq!(report.totals.identical, 2, "{:?}", report.devices);
+    assert!(report.devices.iter().all(|d| d.first_divergence.is_none()));
+
+    let unknown = rt
+        .dry_run("misbehave", 99, Selection::Sample(1))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::UnknownVersion);
+    assert_eq!(
+        rt.journal().durable_len(),
+        written,
+        "a dry-run writes nothing"
+    );
+    rt.shutdown().await;
+}
+
+/// Acceptance 8: restarting with the start-up plugins after an upload keeps the uploaded
+/// version current; a start-up plugin replaces only a start-up version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_never_replaces_an_uploaded_current_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let startup = |bytes: Vec<u8>| Runtime::builder(dir.path()).plugin("m", bytes).open();
+    let rt = startup(v1()).await.unwrap();
+    rt.provision("a", "m", &json!({})).await.unwrap();
+    rt.send("a", OK).await.unwrap();
+    rt.shutdown().await;
+    drop(rt);
+
+    // New start-up bytes over a start-up version: they become current.
+    let rt = startup(identical_rebuild(&v1())).await.unwrap();
+    assert_eq!(rt.current_version("m"), Some(2));
+    // An upload, deployed.
+    let (v3, _) = rt
+        .register_plugin("m", support::misbehave_variant("v2"), Origin::Upload)
+        .await
+        .unwrap();
+    rt.deploy("m", v3.version, false).await.unwrap();
+    assert_eq!(rt.current_version("m"), Some(3));
+    rt.shutdown().await;
+    drop(rt);
+
+    // Restarting with the original start-up plugin keeps the deployed upload current.
+    let rt = startup(v1()).await.unwrap();
+    assert_eq!(rt.current_version("m"), Some(3));
+    rt.send("a", OK).await.unwrap();
+    assert_eq!(version(&rt, "a"), 3);
+    assert_eq!(
+        count(&rt, "a").await,
+        3,
+        "1 under v1, then +2 under v2's code"
+    );
+    rt.shutdown().await;
+}
