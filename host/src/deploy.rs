@@ -144,10 +144,13 @@ impl Runtime {
                         .journal
                         .device(id)
                         .ok_or_else(|| Error::UnknownDevice(id.clone()))?;
-                    if self.plugin_name(head.version).as_deref() != Some(plugin) {
-                        return Err(Error::MalformedConfig(format!(
-                            "device `{id}` does not run plugin `{plugin}`"
-                        )));
+                    let runs = self.plugin_name(head.version).unwrap_or_default();
+                    if runs != plugin {
+                        return Err(Error::WrongPlugin {
+                            device: id.clone(),
+                            runs,
+                            plugin: plugin.to_string(),
+                        });
                     }
                     Ok(head)
                 })

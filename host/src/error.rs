@@ -52,6 +52,13 @@ pub enum Error {
     /// back to. `force` overrides the first.
     #[error("deploy refused: {0}")]
     DeployRefused(String),
+    /// A plugin operation named a device that runs another plugin.
+    #[error("device `{device}` runs plugin `{runs}`, not `{plugin}`")]
+    WrongPlugin {
+        device: String,
+        runs: String,
+        plugin: String,
+    },
     #[error("seq {requested} is past the device's latest seq {latest}")]
     SeqOutOfRange { requested: u64, latest: u64 },
     #[error("journal: {0}")]
@@ -108,6 +115,7 @@ error_kinds! {
     Quarantined => "quarantined",
     InvalidPlugin => "invalid-plugin",
     DeployRefused => "deploy-refused",
+    WrongPlugin => "wrong-plugin",
     SeqOutOfRange => "seq-out-of-range",
     Journal => "journal",
     ActivationFailed => "activation-failed",
@@ -135,6 +143,7 @@ impl Error {
             Error::Quarantined { .. } => ErrorKind::Quarantined,
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
             Error::DeployRefused(_) => ErrorKind::DeployRefused,
+            Error::WrongPlugin { .. } => ErrorKind::WrongPlugin,
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
             Error::Journal(_) => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,

@@ -216,7 +216,7 @@ impl Registry {
             }
             (
                 table.versions.len() as u32,
-                mine().last().map_or(1, |v| v.number + 1),
+                mine().next_back().map_or(1, |v| v.number + 1),
             )
         };
 

@@ -143,7 +143,7 @@ fn provision_send_and_read_back_both_plugins() {
 
     // Uploading the same bytes again answers the existing version with 200.
     let bytes = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
-    let up = api.call(Method::POST, "/v1/plugins/thermostat", Some(bytes));
+    let up = api.call(Method::POST, "/v1/plugins/thermostat", Some(bytes.clone()));
     assert_eq!(up.status, 200, "{}", up.text);
     assert_eq!(up.body["version"], 1);
     // Garbage is not a component: 422, nothing registered.
@@ -156,9 +156,43 @@ fn provision_send_and_read_back_both_plugins() {
             .len(),
         3
     );
-    // Hot reload is a later issue.
-    api.post("/v1/plugins/thermostat/deploy", &json!({"version": 1}))
-        .assert_error(501, "not-implemented");
+    // Hot reload over HTTP: an upload does not change what runs; dry-run, deploy, rollback.
+    let mut rebuilt = bytes.clone();
+    let name = b"drover-test";
+    rebuilt.extend_from_slice(&[0, (1 + name.len()) as u8, name.len() as u8]);
+    rebuilt.extend_from_slice(name);
+    let up = api.call(Method::POST, "/v1/plugins/thermostat", Some(rebuilt));
+    assert_eq!(up.status, 201, "{}", up.text);
+    assert_eq!(up.body["version"], 2);
+    let listed = api.get("/v1/plugins").body;
+    assert_eq!(listed["plugins"][2]["latest"], 2);
+    assert_eq!(listed["plugins"][2]["current"], 1);
+    let dry = api.post(
+        "/v1/plugins/thermostat/dry-run",
+        &json!({"version": 2, "devices": ["hall"]}),
+    );
+    assert_eq!(dry.status, 200, "{}", dry.text);
+    assert_eq!(dry.body["totals"]["identical"], 1, "{}", dry.text);
+    api.post(
+        "/v1/plugins/thermostat/dry-run",
+        &json!({"version": 2, "devices": ["hall"], "sample": 3}),
+    )
+    .assert_error(400, "malformed-request");
+    api.post("/v1/plugins/thermostat/deploy", &json!({"version": 9}))
+        .assert_error(404, "unknown-version");
+    api.post("/v1/plugins/thermostat/deploy", &json!({"versoin": 2}))
+        .assert_error(400, "malformed-request");
+    let deployed = api.post("/v1/plugins/thermostat/deploy", &json!({"version": 2}));
+    assert_eq!(deployed.status, 200, "{}", deployed.text);
+    assert_eq!(deployed.body["to"], 2);
+    assert_eq!(deployed.body["totals"]["failed"], 0);
+    assert_eq!(api.get("/v1/devices/hall").body["version"], 2);
+    let back = api.post("/v1/plugins/thermostat/rollback", &json!({}));
+    assert_eq!(back.status, 200, "{}", back.text);
+    assert_eq!(back.body["to"], 1);
+    assert_eq!(api.get("/v1/devices/hall").body["version"], 1);
+    api.post("/v1/plugins/thermostat/rollback", &json!({}))
+        .assert_error(409, "deploy-refused");
 
     // The CLI against the same server.
     let url = server.url.as_str();

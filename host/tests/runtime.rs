@@ -423,7 +423,11 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
     assert_eq!(err.code(), "seq-out-of-range");
 
     let err = rt
-        .register_plugin("broken", b"\0asm not really".to_vec())
+        .register_plugin(
+            "broken",
+            b"\0asm not really".to_vec(),
+            drover::registry::Origin::Upload,
+        )
         .await
         .expect_err("not a component");
     assert_eq!(err.code(), "invalid-plugin");

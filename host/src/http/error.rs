@@ -149,9 +149,10 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         | ErrorKind::UnknownPlugin
         | ErrorKind::UnknownVersion
         | ErrorKind::SeqOutOfRange => StatusCode::NOT_FOUND,
-        ErrorKind::InvalidId | ErrorKind::MalformedEvent | ErrorKind::MalformedConfig => {
-            StatusCode::BAD_REQUEST
-        }
+        ErrorKind::InvalidId
+        | ErrorKind::MalformedEvent
+        | ErrorKind::MalformedConfig
+        | ErrorKind::WrongPlugin => StatusCode::BAD_REQUEST,
         ErrorKind::DeviceConflict | ErrorKind::DeployRefused => StatusCode::CONFLICT,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Rejected

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 mod plugins;
 
+#[allow(unused_imports)] // each test binary uses its own part of the support code
 pub use plugins::{misbehave_variant, plugin_dir};
 
 /// [`plugin_dir`] where a constant is wanted: converts to the directory's path (for
