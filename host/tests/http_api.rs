@@ -227,7 +227,21 @@ fn provision_send_and_read_back_both_plugins() {
     assert!(out.contains("created porch (thermostat v1)"), "{out}");
     let (ok, out, err) = cli(&["plugins", "--server", url]);
     assert!(ok, "{err}");
-    assert!(out.contains("misbehave (latest v1)"), "{out}");
+    assert!(out.contains("misbehave (current v1, latest v1)"), "{out}");
+    assert!(out.contains("thermostat (current v1, latest v2)"), "{out}");
+    let (ok, out, err) = cli(&["plugin", "diff", "thermostat", "2", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("thermostat v2 on 2 devices: 2 identical, 0 diverge, 0 cannot fold"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&["plugin", "deploy", "thermostat", "2", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("thermostat v1 -> v2: "), "{out}");
+    assert!(out.contains("0 failed"), "{out}");
+    let (ok, out, err) = cli(&["plugin", "rollback", "thermostat", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("thermostat v2 -> v1 (rollback)"), "{out}");
     let (ok, out, _) = cli(&["devices", "--server", url]);
     assert!(ok);
     assert_eq!(out.lines().collect::<Vec<_>>(), ["front", "hall", "porch"]);

@@ -51,8 +51,9 @@ pub enum Command {
     Resume(device::ResumeArgs),
     /// List the events a device's plugin failed on (trap, timeout, oversized output).
     DeadLetters(device::DeadLettersArgs),
-    /// List plugins, or upload a new plugin version.
-    Plugins(plugins::PluginsArgs),
+    /// Plugins: push a version, list, show, deploy, roll back, diff (dry-run).
+    #[command(alias = "plugins")]
+    Plugin(plugins::PluginsArgs),
     /// Rebuild a device's state from a data directory, without a server.
     Replay(replay::ReplayArgs),
     /// Simulate a fleet against a running server.
@@ -74,7 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Devices(args) => device::devices(args),
         Command::Resume(args) => device::resume(args),
         Command::DeadLetters(args) => device::dead_letters(args),
-        Command::Plugins(args) => plugins::run(args),
+        Command::Plugin(args) => plugins::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Sim(args) => fleet::sim(args),
         Command::Demo(args) => fleet::demo(args),

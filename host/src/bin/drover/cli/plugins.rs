@@ -1,16 +1,19 @@
-//! `drover plugins`: list plugins, or upload a new version.
+//! `drover plugin`: push, list, show, deploy, roll back and diff plugin versions.
+//!
+//! `drover plugins` and `drover plugin upload` are kept as aliases of `plugin list` and
+//! `plugin push`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use serde::Deserialize;
+use serde_json::{Value, json};
 
 use super::client::{ApiClient, ClientOpts, segment};
-use super::format::timestamp;
+use super::format::{pretty, timestamp};
 
-/// `drover plugins [upload NAME FILE]`.
+/// `drover plugin [push|list|show|deploy|rollback|diff]`.
 #[derive(Debug, Args)]
 pub struct PluginsArgs {
     #[command(subcommand)]
@@ -22,69 +25,82 @@ pub struct PluginsArgs {
 /// What to do with plugins (default: list them).
 #[derive(Debug, Subcommand)]
 pub enum PluginsAction {
-    /// List every plugin and its versions.
+    /// List every plugin: its current version (what devices run) and its versions.
     List,
-    /// Upload a component as the next version of plugin NAME.
-    Upload {
+    /// Upload a component as a new version of plugin NAME. Devices keep running their
+    /// version until `deploy`; the first version of a plugin is current at once.
+    #[command(alias = "upload")]
+    Push {
         /// The plugin name (device type).
         name: String,
-        /// The `.wasm` component file.
+        /// The `.wasm` component file (built for `wasm32-wasip2`).
         file: PathBuf,
+        /// Deploy it right away (refused if it cannot fold sampled devices' history).
+        #[arg(long)]
+        deploy: bool,
+    },
+    /// One plugin's versions, which is current, and how many devices run each.
+    Show { name: String },
+    /// Move every device of plugin NAME to VERSION, by replaying each live device's journal
+    /// into the new version (passivated devices upgrade at their next activation).
+    Deploy {
+        name: String,
+        version: u32,
+        /// Deploy even if the dry-run sample finds devices the version cannot fold (those
+        /// stay on their version).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Return plugin NAME to the version that was current before the last deploy.
+    Rollback { name: String },
+    /// Dry-run VERSION of plugin NAME on recorded history: would it decide the same, can it
+    /// fold, and how would the state differ. Writes nothing.
+    Diff {
+        name: String,
+        version: u32,
+        /// Devices to compare (default: a sample spread over the plugin's devices).
+        #[arg(long = "device", value_name = "ID")]
+        devices: Vec<String>,
+        /// How many devices to sample when none are named.
+        #[arg(long, default_value_t = 16)]
+        sample: usize,
     },
 }
 
-#[derive(Debug, Deserialize)]
-struct Version {
-    version: u32,
-    digest: String,
-    registered_at_ms: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct Plugin {
-    name: String,
-    latest: u32,
-    versions: Vec<Version>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PluginList {
-    plugins: Vec<Plugin>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Uploaded {
-    name: String,
-    version: u32,
-    digest: String,
-}
-
-/// Runs `drover plugins`.
+/// Runs `drover plugin`.
 pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
+    let json_out = args.client.json;
     match args.action.unwrap_or(PluginsAction::List) {
         PluginsAction::List => {
-            let (text, list): (String, PluginList) = api.call_json(api.get("/v1/plugins"))?;
-            if args.client.json {
+            let (text, list): (String, Value) = api.call_json(api.get("/v1/plugins"))?;
+            if json_out {
                 println!("{text}");
                 return Ok(ExitCode::SUCCESS);
             }
-            if list.plugins.is_empty() {
+            let plugins = list["plugins"].as_array().cloned().unwrap_or_default();
+            if plugins.is_empty() {
                 println!("no plugins");
             }
-            for p in &list.plugins {
-                println!("{} (latest v{})", p.name, p.latest);
-                for v in &p.versions {
-                    println!(
-                        "  v{:<4} {}  {}",
-                        v.version,
-                        timestamp(v.registered_at_ms),
-                        v.digest
-                    );
-                }
+            for p in &plugins {
+                print_plugin(p);
             }
         }
-        PluginsAction::Upload { name, file } => {
+        PluginsAction::Show { name } => {
+            let (text, list): (String, Value) = api.call_json(api.get("/v1/plugins"))?;
+            let Some(p) = list["plugins"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name.as_str()))
+            else {
+                anyhow::bail!("no plugin `{name}` on this server");
+            };
+            if json_out {
+                println!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_plugin(p);
+        }
+        PluginsAction::Push { name, file, deploy } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let req = api
@@ -92,21 +108,238 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 .header("content-type", "application/wasm")
                 .body(bytes);
             let (status, text) = api.call(req)?;
-            if args.client.json {
+            let u: Value = serde_json::from_str(&text)
+                .with_context(|| format!("unexpected answer: {text}"))?;
+            if json_out && !deploy {
                 println!("{text}");
                 return Ok(ExitCode::SUCCESS);
             }
-            let u: Uploaded = serde_json::from_str(&text)
-                .with_context(|| format!("unexpected answer: {text}"))?;
             if status == 201 {
-                println!("{} v{} registered ({})", u.name, u.version, u.digest);
+                println!(
+                    "{} v{} registered ({})",
+                    u["name"], u["version"], u["digest"]
+                );
             } else {
                 println!(
                     "{} v{} already has these bytes ({}): unchanged",
-                    u.name, u.version, u.digest
+                    u["name"], u["version"], u["digest"]
                 );
+            }
+            if deploy {
+                let version = u["version"].as_u64().unwrap_or(0);
+                return deploy_and_print(&api, &name, json!({"version": version}), json_out);
+            }
+        }
+        PluginsAction::Deploy {
+            name,
+            version,
+            force,
+        } => {
+            return deploy_and_print(
+                &api,
+                &name,
+                json!({"version": version, "force": force}),
+                json_out,
+            );
+        }
+        PluginsAction::Rollback { name } => {
+            let req = api
+                .post(&format!("/v1/plugins/{}/rollback", segment(&name)))
+                .json(&json!({}));
+            let (text, report): (String, Value) = api.call_json(req)?;
+            if json_out {
+                println!("{text}");
+            } else {
+                print_deploy(&report);
+            }
+            return Ok(outcome(&report));
+        }
+        PluginsAction::Diff {
+            name,
+            version,
+            devices,
+            sample,
+        } => {
+            let body = if devices.is_empty() {
+                json!({"version": version, "sample": sample})
+            } else {
+                json!({"version": version, "devices": devices})
+            };
+            let req = api
+                .post(&format!("/v1/plugins/{}/dry-run", segment(&name)))
+                .json(&body);
+            let (text, report): (String, Value) = api.call_json(req)?;
+            if json_out {
+                println!("{text}");
+            } else {
+                print_dry_run(&report);
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn deploy_and_print(
+    api: &ApiClient,
+    name: &str,
+    body: Value,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let req = api
+        .post(&format!("/v1/plugins/{}/deploy", segment(name)))
+        .json(&body);
+    let (text, report): (String, Value) = api.call_json(req)?;
+    if json_out {
+        println!("{text}");
+    } else {
+        print_deploy(&report);
+    }
+    Ok(outcome(&report))
+}
+
+/// A deploy that left devices behind exits with 1, so scripts notice.
+fn outcome(report: &Value) -> ExitCode {
+    if report["totals"]["failed"].as_u64().unwrap_or(0) > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_plugin(p: &Value) {
+    let current = p["current"].as_u64().unwrap_or(0);
+    println!(
+        "{} (current v{current}, latest v{})",
+        p["name"].as_str().unwrap_or("?"),
+        p["latest"]
+    );
+    for v in p["versions"].as_array().into_iter().flatten() {
+        let n = v["version"].as_u64().unwrap_or(0);
+        println!(
+            "  {} v{n:<4} {}  {}",
+            if n == current { "*" } else { " " },
+            timestamp(v["registered_at_ms"].as_u64().unwrap_or(0)),
+            v["digest"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// Prints a deploy report as a few readable lines (the JSON has every detail).
+pub fn print_deploy(r: &Value) {
+    let t = &r["totals"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    println!(
+        "{} v{} -> v{}{}: {} upgraded, {} failed, {} unchanged; {} of {} devices upgrade at their next activation ({} ms)",
+        r["plugin"].as_str().unwrap_or("?"),
+        r["from"],
+        r["to"],
+        if r["rollback"] == true {
+            " (rollback)"
+        } else {
+            ""
+        },
+        n(&t["upgraded"]),
+        n(&t["failed"]),
+        n(&t["unchanged"]),
+        n(&t["pending_lazy"]),
+        n(&t["devices"]),
+        n(&r["elapsed_ms"]),
+    );
+    if n(&t["upgraded"]) > 0 {
+        println!(
+            "  pause per device: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; journal check {} ({} devices)",
+            n(&r["pause_p50_us"]) as f64 / 1000.0,
+            n(&r["pause_p99_us"]) as f64 / 1000.0,
+            n(&r["pause_max_us"]) as f64 / 1000.0,
+            if r["journal_check"]["ok"] == true {
+                "ok"
+            } else {
+                "FAILED"
+            },
+            n(&r["journal_check"]["devices"]),
+        );
+    }
+    let s = &r["sample"]["totals"];
+    if n(&s["devices"]) > 0 {
+        println!(
+            "  sample of {} devices: {} decide the same, {} differently, {} cannot fold",
+            n(&s["devices"]),
+            n(&s["identical"]),
+            n(&s["diverged"]),
+            n(&s["cannot_fold"]),
+        );
+    }
+    for d in r["devices"].as_array().into_iter().flatten() {
+        if d["outcome"] == "failed" {
+            let at = d["failed_seq"]
+                .as_u64()
+                .map(|s| format!(" at seq {s}"))
+                .unwrap_or_default();
+            println!(
+                "  {} stays on v{}{at}: {}",
+                d["device"].as_str().unwrap_or("?"),
+                d["from"],
+                d["error"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// Prints a dry-run report: totals, then each device's first divergence and state diff.
+pub fn print_dry_run(r: &Value) {
+    let t = &r["totals"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    println!(
+        "{} v{} on {} devices: {} identical, {} diverge, {} cannot fold ({} events re-decided, {} events/s)",
+        r["plugin"].as_str().unwrap_or("?"),
+        r["version"],
+        n(&t["devices"]),
+        n(&t["identical"]),
+        n(&t["diverged"]),
+        n(&t["cannot_fold"]),
+        n(&t["events"]),
+        n(&t["events_per_s"]),
+    );
+    let version = r["version"].as_u64().unwrap_or(0);
+    for d in r["devices"].as_array().into_iter().flatten() {
+        let id = d["device"].as_str().unwrap_or("?");
+        if d["identical"] == true {
+            println!("{id}: identical ({} events)", n(&d["events"]));
+            continue;
+        }
+        if d["folds"] != true {
+            let at = d["fold_failed_seq"]
+                .as_u64()
+                .map(|s| format!(" at seq {s}"))
+                .unwrap_or_default();
+            println!("{id}: cannot fold its recorded transitions{at}");
+        }
+        if let Some(f) = d["first_divergence"].as_object() {
+            println!(
+                "{id}: decides differently from seq {} ({} of {} events)",
+                f.get("seq").map_or(0, n),
+                n(&d["diverged_events"]),
+                n(&d["events"])
+            );
+            let line = |v: Option<&Value>| v.map_or_else(String::new, |v| v.to_string());
+            println!("  event      {}", line(f.get("event")));
+            println!("  recorded   {}", line(f.get("recorded")));
+            match f.get("candidate") {
+                Some(c) => println!("  v{version:<9} {c}"),
+                None => println!("  v{version:<9} {}", line(f.get("error"))),
+            }
+        }
+        if let Some(e) = d["error"].as_str() {
+            println!("  error: {e}");
+        }
+        for change in d["state_diff"].as_array().into_iter().flatten() {
+            let path = change["path"].as_str().unwrap_or("");
+            match change["op"].as_str().unwrap_or("") {
+                "replace" => println!("  state {path}: {} -> {}", change["was"], change["value"]),
+                "add" => println!("  state {path}: added {}", change["value"]),
+                "remove" => println!("  state {path}: removed (was {})", change["was"]),
+                _ => println!("{}", pretty(change, "  ")),
+            }
+        }
+    }
 }
