@@ -85,7 +85,7 @@ pub fn build_with_features(
     packages: &[&str],
     features: &str,
 ) -> PathBuf {
-    let mut cmd = Command::new(cargo);
+    let mut cmd = clean_cargo(cargo);
     cmd.current_dir(workspace)
         .arg("build")
         .arg("--manifest-path")
@@ -98,16 +98,6 @@ pub fn build_with_features(
     }
     if !features.is_empty() {
         cmd.args(["--features", features]);
-    }
-    for var in STRIPPED_VARS {
-        cmd.env_remove(var);
-    }
-    for (key, _) in env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        let build_config = key.starts_with("CARGO_BUILD_") && key != "CARGO_BUILD_JOBS";
-        if build_config || STRIPPED_PREFIXES.iter().any(|p| key.starts_with(p)) {
-            cmd.env_remove(key);
-        }
     }
 
     eprintln!("running: {cmd:?}");
@@ -124,6 +114,27 @@ pub fn build_with_features(
         );
     }
     target_dir.join(TARGET).join(PROFILE)
+}
+
+/// A `cargo` command with the outer build's environment stripped (see the module docs).
+pub fn clean_cargo(cargo: impl Into<OsString>) -> Command {
+    let mut cmd = Command::new(cargo.into());
+    strip_build_env(&mut cmd);
+    cmd
+}
+
+/// Removes the outer build's environment from `cmd` (see the module docs).
+pub fn strip_build_env(cmd: &mut Command) {
+    for var in STRIPPED_VARS {
+        cmd.env_remove(var);
+    }
+    for (key, _) in env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let build_config = key.starts_with("CARGO_BUILD_") && key != "CARGO_BUILD_JOBS";
+        if build_config || STRIPPED_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            cmd.env_remove(key);
+        }
+    }
 }
 
 /// The component built for `package` in `built` (from [`build`]), checked to be a component.

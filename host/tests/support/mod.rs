@@ -16,7 +16,9 @@ use serde_json::Value;
 mod plugins;
 
 #[allow(unused_imports)] // each test binary uses its own part of the support code
-pub use plugins::{misbehave_variant, plugin_dir};
+pub use plugins::{
+    cargo_command, misbehave_variant, outside_target_dir, plugin_dir, strip_build_env,
+};
 
 /// [`plugin_dir`] where a constant is wanted: converts to the directory's path (for
 /// `RuntimeBuilder::plugin_dir`) and derefs to it.
@@ -380,7 +382,13 @@ pub fn raw_request(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, V
 
 /// Runs the `drover` CLI with `args`; returns (success, stdout, stderr).
 pub fn cli(args: &[&str]) -> (bool, String, String) {
+    cli_in(Path::new("."), args)
+}
+
+/// [`cli`] in the working directory `dir`.
+pub fn cli_in(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
+        .current_dir(dir)
         .args(args)
         .env_remove("DROVER_SERVER")
         .output()

@@ -76,3 +76,24 @@ pub fn misbehave_variant(features: &str) -> Vec<u8> {
     );
     guest_build::read_component(&built, "misbehave")
 }
+
+/// A `cargo` command for building crates outside the workspace (a scaffolded plugin), with
+/// the test run's environment stripped, and the cargo that runs the tests.
+pub fn cargo_command() -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    guest_build::clean_cargo(cargo)
+}
+
+/// Removes the test run's cargo environment from `cmd` (for a process that runs cargo).
+pub fn strip_build_env(cmd: &mut std::process::Command) {
+    guest_build::strip_build_env(cmd);
+}
+
+/// A target directory for crates the tests build outside the workspace, shared across runs
+/// so their dependencies are built once.
+pub fn outside_target_dir() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ lives in the workspace root");
+    guest_build::plugin_target_dir(workspace).join("outside")
+}

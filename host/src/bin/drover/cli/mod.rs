@@ -2,7 +2,9 @@
 //!
 //! * [`serve`]: `drover serve`, the server (the public contract's flags).
 //! * [`device`]: `send`, `state`, `journal`, `provision`, `devices`: one HTTP call each.
-//! * [`plugins`]: `plugins` (list) and `plugins upload NAME FILE`.
+//! * [`plugins`]: `plugin push|list|show|deploy|rollback|diff` (hot reload).
+//! * [`new`]: `new NAME`, a plugin crate that builds, tests and uploads as it is.
+//! * [`dev`]: `dev [DIR]`, rebuild + push + deploy on every save, against a local server.
 //! * [`replay`]: `replay`, rebuilding a device from a data directory without a server.
 //! * [`fleet`]: `sim` (the fleet simulator over HTTP), `demo` (server + simulated fleet in
 //!   one process) and `bench http`.
@@ -13,9 +15,11 @@
 //! Failures print the server's error code and message on stderr and exit non-zero.
 
 pub mod client;
+pub mod dev;
 pub mod device;
 pub mod fleet;
 pub mod format;
+pub mod new;
 pub mod plugins;
 pub mod replay;
 pub mod serve;
@@ -54,6 +58,10 @@ pub enum Command {
     /// Plugins: push a version, list, show, deploy, roll back, diff (dry-run).
     #[command(alias = "plugins")]
     Plugin(plugins::PluginsArgs),
+    /// Create a plugin crate (builds, tests and uploads as it is).
+    New(new::NewArgs),
+    /// Develop a plugin: local server, rebuild and hot-reload into its devices on every save.
+    Dev(dev::DevArgs),
     /// Rebuild a device's state from a data directory, without a server.
     Replay(replay::ReplayArgs),
     /// Simulate a fleet against a running server.
@@ -76,6 +84,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(args) => device::resume(args),
         Command::DeadLetters(args) => device::dead_letters(args),
         Command::Plugin(args) => plugins::run(args),
+        Command::New(args) => new::run(args),
+        Command::Dev(args) => dev::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Sim(args) => fleet::sim(args),
         Command::Demo(args) => fleet::demo(args),
@@ -89,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub fn default_log_level(cli: &Cli) -> &'static str {
     match cli.command {
         Command::Serve(_) => "info",
+        // The local server's warnings (a device that stays on its version) matter here.
+        Command::Dev(_) => "warn,drover::deploy=info",
         _ => "warn",
     }
 }

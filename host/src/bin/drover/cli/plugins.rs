@@ -114,16 +114,15 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 println!("{text}");
                 return Ok(ExitCode::SUCCESS);
             }
+            let (n, v, digest) = (
+                u["name"].as_str().unwrap_or("?"),
+                u["version"].as_u64().unwrap_or(0),
+                u["digest"].as_str().unwrap_or("?"),
+            );
             if status == 201 {
-                println!(
-                    "{} v{} registered ({})",
-                    u["name"], u["version"], u["digest"]
-                );
+                println!("{n} v{v} registered ({digest})");
             } else {
-                println!(
-                    "{} v{} already has these bytes ({}): unchanged",
-                    u["name"], u["version"], u["digest"]
-                );
+                println!("{n} v{v} already has these bytes ({digest}): unchanged");
             }
             if deploy {
                 let version = u["version"].as_u64().unwrap_or(0);

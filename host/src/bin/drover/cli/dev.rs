@@ -1,0 +1,415 @@
+//! `drover dev [DIR]`: the plugin author's loop. Save a file; the new behavior is live in the
+//! running devices, their state kept.
+//!
+//! Starts a local server (data in `DIR/target/drover-dev`, so devices survive restarts of
+//! `drover dev`) or targets one (`--server`), then on start and after every change under
+//! `DIR` (debounced; `target/` and hidden directories ignored):
+//!
+//! 1. **build**: `cargo build --target wasm32-wasip2` in `DIR`, with the crate's
+//!    `drover-dev` profile if it has one (`drover new` writes it: release settings without
+//!    LTO, incremental; 0.65 s per rebuild instead of 2.2 s), else `--release`. A failing
+//!    build prints the compiler's errors; the version that was serving keeps serving.
+//! 2. **push**: uploads the component as a new version (the server validates and compiles
+//!    it; identical bytes are no change).
+//! 3. **deploy**: moves the plugin's devices to it by replaying their journals (see the
+//!    deploy report); refused, with the reason, if the new version cannot fold a sampled
+//!    device's history, unless `--force`.
+//! 4. **show**: the state diff of a few live devices, and where the time went.
+//!
+//! The machine-readable line `live: NAME vN` marks each version going live.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode};
+use serde_json::{Value, json};
+
+use super::client::{ApiClient, ApiFailure, ClientOpts, segment};
+use super::plugins::print_deploy;
+use super::serve::announce;
+
+/// `drover dev [DIR] [--server URL | --data DIR --listen ADDR]`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The plugin crate (default: the current directory).
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+    /// The plugin's name on the server (default: the crate's package name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Target this server instead of starting a local one.
+    #[arg(long, env = "DROVER_SERVER")]
+    pub server: Option<String>,
+    /// Data directory of the local server (default: DIR/target/drover-dev).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Address of the local server.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Deploy even when the new version cannot fold some sampled device's history (those
+    /// devices stay on their version).
+    #[arg(long)]
+    pub force: bool,
+    /// Quiet period after a change before rebuilding, in ms.
+    #[arg(long, default_value_t = 200)]
+    pub debounce_ms: u64,
+    /// Build, push and deploy once, then exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Runs `drover dev`.
+pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let dir = args
+        .dir
+        .canonicalize()
+        .with_context(|| format!("no plugin crate at {}", args.dir.display()))?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => package_name(&dir)?,
+    };
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("drover-dev")
+        .build()
+        .context("starting the async runtime")?;
+    // The local server, if any, runs on the tokio threads; this thread runs the loop with the
+    // blocking client.
+    let (url, local) = match &args.server {
+        Some(url) => (url.clone(), None),
+        None => {
+            let data = args
+                .data
+                .clone()
+                .unwrap_or_else(|| dir.join("target").join("drover-dev"));
+            let (rt, server) = tokio.block_on(async {
+                let rt = drover::Runtime::builder(&data)
+                    .open()
+                    .await
+                    .with_context(|| format!("opening {}", data.display()))?;
+                let server =
+                    drover::http::Server::start(rt.clone(), &args.listen, Default::default())
+                        .await?;
+                anyhow::Ok((rt, server))
+            })?;
+            announce(&server)?;
+            (server.url(), Some((rt, server)))
+        }
+    };
+    let api = ApiClient::new(&ClientOpts {
+        server: url.clone(),
+        json: false,
+    })?;
+    let mut dev = Dev {
+        api,
+        dir: dir.clone(),
+        name,
+        force: args.force,
+    };
+    println!(
+        "watching {} (plugin `{}`, server {url}); Ctrl-C stops",
+        dir.display(),
+        dev.name
+    );
+    dev.cycle();
+    if !args.once {
+        dev.watch(Duration::from_millis(args.debounce_ms))?;
+    }
+    if let Some((rt, server)) = local {
+        tokio.block_on(async {
+            server.shutdown(Duration::from_secs(5)).await;
+            rt.shutdown().await;
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The crate's package name, from `cargo metadata`.
+fn package_name(dir: &Path) -> anyhow::Result<String> {
+    let output = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !output.status.success() {
+        anyhow::bail!("{} is not a cargo crate", dir.display());
+    }
+    let meta: Value = serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
+    match meta["packages"].as_array().map(Vec::as_slice) {
+        Some([one]) => Ok(one["name"].as_str().unwrap_or_default().to_string()),
+        _ => anyhow::bail!(
+            "{} holds several packages: name the plugin with --name",
+            dir.display()
+        ),
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+struct Dev {
+    api: ApiClient,
+    dir: PathBuf,
+    name: String,
+    force: bool,
+}
+
+impl Dev {
+    /// Waits for changes and runs a cycle after each quiet period, until the process ends.
+    fn watch(&mut self, debounce: Duration) -> anyhow::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        let mut debouncer = new_debouncer(debounce, tx).context("starting the file watcher")?;
+        debouncer
+            .watcher()
+            .watch(&self.dir, RecursiveMode::Recursive)
+            .with_context(|| format!("watching {}", self.dir.display()))?;
+        let mut seen = self.fingerprint();
+        for batch in rx {
+            let Ok(events) = batch else { continue };
+            // The watcher also reports reads (cargo reads the manifest on every build): only
+            // a change of a source file's size or modification time counts.
+            if events.iter().any(|e| self.is_source(&e.path)) {
+                let now = self.fingerprint();
+                if now != seen {
+                    seen = now;
+                    self.cycle();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Size and modification time of every source file of the crate.
+    fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !self.is_source(&path) {
+                    continue;
+                }
+                match entry.metadata() {
+                    Ok(m) if m.is_dir() => dirs.push(path),
+                    Ok(m) => out.push((path, m.len(), m.modified().ok())),
+                    Err(_) => {}
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Whether a changed path is the crate's source (not build output, not hidden files).
+    fn is_source(&self, path: &Path) -> bool {
+        let Ok(rel) = path.strip_prefix(&self.dir) else {
+            return false;
+        };
+        let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy());
+        match parts.next() {
+            // Cargo rewrites the lock file itself; a dependency change shows in Cargo.toml.
+            Some(first) if first == "target" || first == "Cargo.lock" || first.starts_with('.') => {
+                false
+            }
+            Some(_) => !rel
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with('.')),
+            None => false,
+        }
+    }
+
+    /// Build, push, deploy, show. Failures are printed; the loop goes on.
+    fn cycle(&mut self) {
+        let started = Instant::now();
+        println!("building {} ...", self.name);
+        let wasm = match self.build() {
+            Ok(path) => path,
+            Err(e) => {
+                println!("build failed: {e:#}; the current version keeps serving");
+                return;
+            }
+        };
+        let built = started.elapsed();
+        match self.push_and_deploy(&wasm, started, built) {
+            Ok(()) => {}
+            Err(e) => match e.downcast_ref::<ApiFailure>() {
+                Some(f) if f.code == "deploy-refused" => println!(
+                    "deploy refused: {}\n  (the new version stays registered; --force deploys it anyway)",
+                    f.message
+                ),
+                _ => println!("push/deploy failed: {e:#}"),
+            },
+        }
+    }
+
+    /// `cargo build --release --target wasm32-wasip2`; the compiler's messages go to the
+    /// terminal as usual, the artifact's path comes from cargo's JSON messages.
+    fn build(&self) -> anyhow::Result<PathBuf> {
+        let manifest = std::fs::read_to_string(self.dir.join("Cargo.toml")).unwrap_or_default();
+        let profile = if manifest.contains("[profile.drover-dev]") {
+            "drover-dev"
+        } else {
+            "release"
+        };
+        let mut child = cargo()
+            .args([
+                "build",
+                "--profile",
+                profile,
+                "--target",
+                "wasm32-wasip2",
+                "--message-format=json-render-diagnostics",
+            ])
+            .current_dir(&self.dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("running cargo (is it installed?)")?;
+        let mut artifact = None;
+        if let Some(stdout) = child.stdout.take() {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                let is_cdylib = msg["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "cdylib"));
+                if msg["reason"] == "compiler-artifact" && is_cdylib {
+                    artifact = msg["filenames"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .find(|f| f.ends_with(".wasm"))
+                        .map(PathBuf::from);
+                }
+            }
+        }
+        let status = child.wait().context("waiting for cargo")?;
+        if !status.success() {
+            anyhow::bail!("cargo build exited with {status} (its errors are above)");
+        }
+        artifact.context(
+            "cargo built no .wasm component: the crate needs `crate-type = [\"cdylib\", \"rlib\"]` \
+             (and `rustup target add wasm32-wasip2`)",
+        )
+    }
+
+    fn push_and_deploy(
+        &self,
+        wasm: &Path,
+        started: Instant,
+        built: Duration,
+    ) -> anyhow::Result<()> {
+        let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+        let size = bytes.len();
+        let plugin = segment(&self.name);
+        let req = self
+            .api
+            .post(&format!("/v1/plugins/{plugin}"))
+            .header("content-type", "application/wasm")
+            .body(bytes);
+        let (status, text) = self.api.call(req)?;
+        let up: Value = serde_json::from_str(&text).context("reading the upload answer")?;
+        let version = up["version"].as_u64().unwrap_or(0);
+        let pushed = started.elapsed();
+        let (_, list): (String, Value) = self.api.call_json(self.api.get("/v1/plugins"))?;
+        let current = list["plugins"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == self.name.as_str()))
+            .and_then(|p| p["current"].as_u64())
+            .unwrap_or(0);
+        if status == 200 && current == version {
+            println!("no change: v{version} is live");
+            return Ok(());
+        }
+        let devices = self.sample_devices(3)?;
+        let before = self.states(&devices);
+        if current != version {
+            let req = self
+                .api
+                .post(&format!("/v1/plugins/{plugin}/deploy"))
+                .json(&json!({"version": version, "force": self.force}));
+            let (_, report): (String, Value) = self.api.call_json(req)?;
+            print_deploy(&report);
+        }
+        let after = self.states(&devices);
+        for ((id, old), (_, new)) in before.iter().zip(&after) {
+            let (Some(old), Some(new)) = (old, new) else {
+                continue;
+            };
+            let diff = drover::dry_run::state_diff(old, new);
+            if diff.is_empty() {
+                println!("  {id}: state unchanged");
+            }
+            for change in diff {
+                println!(
+                    "  {id} {}: {} -> {}",
+                    change["path"].as_str().unwrap_or(""),
+                    change.get("was").map_or("(none)".into(), Value::to_string),
+                    change
+                        .get("value")
+                        .map_or("(removed)".into(), Value::to_string),
+                );
+            }
+        }
+        let total = started.elapsed();
+        println!(
+            "live: {} v{version} in {} ms (build {} ms, upload + compile {} ms of {} KB, deploy {} ms)",
+            self.name,
+            total.as_millis(),
+            built.as_millis(),
+            (pushed - built).as_millis(),
+            size / 1024,
+            (total - pushed).as_millis(),
+        );
+        Ok(())
+    }
+
+    /// Up to `n` devices of this plugin (the first ones in id order).
+    fn sample_devices(&self, n: usize) -> anyhow::Result<Vec<String>> {
+        let (_, page): (String, Value) =
+            self.api.call_json(self.api.get("/v1/devices?limit=200"))?;
+        let mut out = Vec::new();
+        for id in page["devices"].as_array().into_iter().flatten() {
+            let Some(id) = id.as_str() else { continue };
+            let Ok((_, d)) = self
+                .api
+                .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id))))
+            else {
+                continue;
+            };
+            if d["plugin"] == self.name.as_str() {
+                out.push(id.to_string());
+                if out.len() == n {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn states(&self, ids: &[String]) -> Vec<(String, Option<Value>)> {
+        ids.iter()
+            .map(|id| {
+                let state = self
+                    .api
+                    .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id))))
+                    .ok()
+                    .map(|(_, d)| d["state"].clone());
+                (id.clone(), state)
+            })
+            .collect()
+    }
+}

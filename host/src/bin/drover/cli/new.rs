@@ -1,0 +1,93 @@
+//! `drover new NAME`: scaffolds a plugin crate that builds, tests and uploads as it is.
+//!
+//! The crate is a workspace of its own (it builds wherever it is put), carries the build
+//! settings that make guests small and fast (`[profile.release]`), a first behavior with
+//! native tests, and a README with the commands. The guest SDK is not published on a
+//! registry yet, so the crate depends on it by path: the SDK this `drover` was built from
+//! (`guest-sdk/` of its source tree), or `--sdk DIR`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+
+/// `drover new NAME [--path DIR] [--sdk DIR]`.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The plugin's name: the crate name and the name it is pushed under (letters, digits,
+    /// `-` and `_`).
+    pub name: String,
+    /// Where to create the crate (default: `./NAME`).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// The `drover-guest` SDK directory (default: the one of this `drover`'s source tree).
+    #[arg(long, env = "DROVER_SDK")]
+    pub sdk: Option<PathBuf>,
+}
+
+const CARGO_TOML: &str = include_str!("template/Cargo.toml.in");
+const LIB_RS: &str = include_str!("template/lib.rs.in");
+const README: &str = include_str!("template/README.md.in");
+
+/// The SDK of the source tree this binary was built from.
+fn built_in_sdk() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("guest-sdk"), |p| p.join("guest-sdk"))
+}
+
+/// Runs `drover new`.
+pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
+    let name = args.name.as_str();
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name.starts_with(|c: char| c.is_ascii_alphabetic());
+    if !valid {
+        anyhow::bail!(
+            "`{name}` is not a valid plugin name: use a letter, then letters, digits, `-` or `_` \
+             (at most 64)"
+        );
+    }
+    let sdk = args.sdk.unwrap_or_else(built_in_sdk);
+    let sdk = sdk.canonicalize().with_context(|| {
+        format!(
+            "the guest SDK is not at {} (pass --sdk DIR: the `guest-sdk` directory of a Drover \
+             source tree)",
+            sdk.display()
+        )
+    })?;
+    if !sdk.join("Cargo.toml").is_file() {
+        anyhow::bail!("{} holds no Cargo.toml: not the guest SDK", sdk.display());
+    }
+    let dir = args.path.unwrap_or_else(|| PathBuf::from(name));
+    if dir.exists() && std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_some()) {
+        anyhow::bail!("{} already exists and is not empty", dir.display());
+    }
+    let lib = name.replace('-', "_");
+    let fill = |text: &str| {
+        text.replace("{{name}}", name)
+            .replace("{{lib}}", &lib)
+            .replace("{{sdk}}", &sdk.display().to_string().replace('\\', "/"))
+    };
+    std::fs::create_dir_all(dir.join("src"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let files = [
+        ("Cargo.toml", fill(CARGO_TOML)),
+        ("src/lib.rs", fill(LIB_RS)),
+        ("README.md", fill(README)),
+        (".gitignore", "/target\n".to_string()),
+    ];
+    for (file, text) in files {
+        let path = dir.join(file);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("created plugin `{name}` in {}", dir.display());
+    println!("  cd {}", dir.display());
+    println!("  cargo test");
+    println!("  drover dev .        # local server; rebuilds and hot-reloads on every save");
+    Ok(ExitCode::SUCCESS)
+}

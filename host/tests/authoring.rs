@@ -1,0 +1,194 @@
+//! Writing a plugin without this repository: `drover new`, then `cargo test`, a build, a
+//! push, and the `drover dev` loop (save → new behavior live, state kept; a broken save
+//! leaves the old version serving). Real processes, real cargo, in a temporary directory
+//! outside the workspace.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod support;
+
+/// Runs a cargo command in `dir` with the shared outside target dir; panics with its output.
+fn cargo(dir: &Path, args: &[&str]) -> String {
+    let out = support::cargo_command()
+        .args(args)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", support::outside_target_dir())
+        .output()
+        .expect("running cargo");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cargo {args:?} failed:\n{text}");
+    text
+}
+
+/// `drover dev` as a child process, its stdout lines on a channel.
+struct Dev {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Dev {
+    fn start(dir: &Path, data: &Path) -> Dev {
+        let mut dev = Command::new(support::BIN);
+        support::strip_build_env(&mut dev);
+        let mut child = dev
+            .arg("dev")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--debounce-ms", "100", "--data"])
+            .arg(data)
+            .env("CARGO_TARGET_DIR", support::outside_target_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning drover dev");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("dev> {line}");
+                let _ = tx.send(line);
+            }
+        });
+        Dev {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line starting with `prefix` and returns it.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "drover dev never printed `{prefix}`; it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::new()
+}
+
+fn send(url: &str, id: &str, event: Value) -> Value {
+    let r = http()
+        .post(format!("{url}/v1/devices/{id}/events"))
+        .json(&event)
+        .send()
+        .expect("send");
+    assert!(r.status().is_success(), "{}", r.text().unwrap_or_default());
+    r.json().expect("json")
+}
+
+fn device(url: &str, id: &str) -> Value {
+    http()
+        .get(format!("{url}/v1/devices/{id}"))
+        .send()
+        .expect("get")
+        .json()
+        .expect("json")
+}
+
+/// Acceptance 6 and 7 of hot reload: a scaffolded crate outside the workspace tests, builds
+/// and pushes as it is; under `drover dev`, an edit goes live with the device's state kept,
+/// and a syntax error leaves the running version serving.
+#[test]
+fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (ok, out, err) = support::cli_in(tmp.path(), &["new", "sensor"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("created plugin `sensor`"), "{out}");
+    let krate = tmp.path().join("sensor");
+
+    let tested = cargo(&krate, &["test"]);
+    assert!(tested.contains("2 passed"), "{tested}");
+    cargo(&krate, &["build", "--release", "--target", "wasm32-wasip2"]);
+    let wasm = support::outside_target_dir().join("wasm32-wasip2/release/sensor.wasm");
+
+    let server = support::Server::start(&tmp.path().join("served"), &[]);
+    let (ok, out, err) = support::cli(&[
+        "plugin",
+        "push",
+        "sensor",
+        wasm.to_str().unwrap(),
+        "--server",
+        &server.url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("sensor v1 registered"), "{out}");
+    drop(server);
+
+    // The dev loop.
+    let mut dev = Dev::start(&krate, &tmp.path().join("dev-data"));
+    let url = dev
+        .wait_for("drover listening on ")
+        .trim_start_matches("drover listening on ")
+        .trim()
+        .to_string();
+    dev.wait_for("live: sensor v1");
+    let put = http()
+        .put(format!("{url}/v1/devices/s1"))
+        .json(&json!({"plugin": "sensor", "config": {"threshold": 30}}))
+        .send()
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    send(&url, "s1", json!({"type": "reading", "value": 10}));
+    send(&url, "s1", json!({"type": "reading", "value": 20}));
+
+    // A behavior change: the alarm now needs 100 more than the threshold.
+    let lib = krate.join("src/lib.rs");
+    let source = std::fs::read_to_string(&lib).unwrap();
+    let edited = source.replace(
+        "let high = value > self.threshold;",
+        "let high = value > self.threshold + 100.0;",
+    );
+    assert_ne!(source, edited, "the template has the line the test edits");
+    std::fs::write(&lib, &edited).unwrap();
+    dev.wait_for("live: sensor v2");
+    let ack = send(&url, "s1", json!({"type": "reading", "value": 50}));
+    assert_eq!(
+        ack["transitions"].as_array().unwrap().len(),
+        1,
+        "no alarm: {ack}"
+    );
+    let s1 = device(&url, "s1");
+    assert_eq!(s1["version"], 2);
+    assert_eq!(
+        s1["state"]["readings"], 3,
+        "state kept across the reload: {s1}"
+    );
+    assert_eq!(s1["state"]["alarm"], false);
+
+    // A syntax error: the build fails and v2 keeps serving.
+    std::fs::write(&lib, format!("{edited}\nfn broken( {{\n")).unwrap();
+    dev.wait_for("build failed");
+    send(&url, "s1", json!({"type": "reading", "value": 60}));
+    let s1 = device(&url, "s1");
+    assert_eq!(s1["version"], 2);
+    assert_eq!(s1["state"]["readings"], 4);
+}
