@@ -202,8 +202,16 @@ impl Engine {
     /// Compiles a component (or loads a precompiled artifact) and checks it against the
     /// `device` world and the imports Drover grants.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
-        let component = Component::new(&self.inner.engine, bytes)
-            .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
+        check_shape(bytes)?;
+        let component = Component::new(&self.inner.engine, bytes).map_err(|e| {
+            let text = format!("{e:#}");
+            let hint = if text.contains("unexpected end") || text.contains("out of bounds") {
+                " (the file looks truncated: upload the whole .wasm file)"
+            } else {
+                ""
+            };
+            PluginError::Invalid(format!("{text}{hint}"))
+        })?;
         self.prepare(component)
     }
 
@@ -226,10 +234,20 @@ impl Engine {
 
     fn prepare(&self, component: Component) -> Result<CompiledPlugin, PluginError> {
         let engine = &self.inner.engine;
-        for (name, _) in component.component_type().imports(engine) {
-            if !ACCEPTED_IMPORTS.iter().any(|p| name.starts_with(p)) {
-                return Err(PluginError::Incompatible(denied_import(name)));
-            }
+        // Every refused import at once, each with its likely cause in the guest's code.
+        let denied: Vec<String> = component
+            .component_type()
+            .imports(engine)
+            .filter(|(name, _)| !ACCEPTED_IMPORTS.iter().any(|p| name.starts_with(p)))
+            .map(|(name, _)| denied_import(name))
+            .collect();
+        if !denied.is_empty() {
+            return Err(PluginError::Incompatible(format!(
+                "the component imports what Drover does not grant to guests (guests are \
+                 deterministic: time and seeds come from the event context, state lives in \
+                 the journal):\n- {}",
+                denied.join("\n- ")
+            )));
         }
         // The accepted WASI imports become traps, defined on a copy of the linker so the
         // shared one only ever holds Drover's own interface.
@@ -240,7 +258,13 @@ impl Engine {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
-        let pre = DevicePre::new(pre).map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
+        let pre = DevicePre::new(pre).map_err(|e| {
+            PluginError::Incompatible(format!(
+                "{e:#}: the component does not export the `device` world; a Rust plugin \
+                 exports it with `drover_guest::export_device!(YourState);` at the crate's top \
+                 level"
+            ))
+        })?;
         Ok(CompiledPlugin {
             engine: self.clone(),
             pre: Arc::new(pre),
@@ -248,22 +272,51 @@ impl Engine {
     }
 }
 
-/// Explains why an import is refused, naming the capability where it is a known one.
+/// Refuses bytes that are not a component before Cranelift sees them, saying what they are
+/// instead and how to build a component.
+fn check_shape(bytes: &[u8]) -> Result<(), PluginError> {
+    const BUILD: &str = "build the plugin for `wasm32-wasip2` (`rustup target add wasm32-wasip2`, \
+                         then `cargo build --release --target wasm32-wasip2`)";
+    if !bytes.starts_with(b"\0asm") {
+        return Err(PluginError::Invalid(format!(
+            "not WebAssembly (no `\\0asm` header): upload the `.wasm` component; {BUILD}"
+        )));
+    }
+    if bytes.len() < 8 {
+        return Err(PluginError::Invalid(format!(
+            "truncated: {} bytes; upload the whole `.wasm` file",
+            bytes.len()
+        )));
+    }
+    // Version 1, layer 0 is a core module: what `wasm32-wasip1` and `wasm32-unknown-unknown`
+    // produce. A component is layer 1.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(PluginError::Invalid(format!(
+            "a core WebAssembly module, not a component (`wasm32-wasip1` and \
+             `wasm32-unknown-unknown` builds are core modules); {BUILD}"
+        )));
+    }
+    Ok(())
+}
+
+/// Explains why an import is refused, naming what in a Rust guest usually causes it.
 fn denied_import(name: &str) -> String {
-    let why = if ["wasi:clocks", "wasi:random"]
-        .iter()
-        .any(|p| name.starts_with(p))
-    {
-        "time and seeds come from the event context, so that replay is deterministic"
-    } else if ["wasi:filesystem", "wasi:sockets", "wasi:http"]
-        .iter()
-        .any(|p| name.starts_with(p))
-    {
-        "device behavior is pure: state lives in the journal and effects go through the host"
+    let why = if name.starts_with("wasi:random/insecure-seed") {
+        "a `HashMap`/`HashSet` with std's default hasher seeds itself from it: use `BTreeMap`/\
+         `BTreeSet`, or a map with a fixed hasher"
+    } else if name.starts_with("wasi:random") {
+        "a random source (`rand`, `getrandom`, `uuid` v4): derive randomness from the event \
+         context's seed (`ctx.seed()`)"
+    } else if name.starts_with("wasi:clocks") {
+        "`std::time::SystemTime` or `Instant`: take time from the event context (`ctx.at_ms()`)"
+    } else if name.starts_with("wasi:filesystem") {
+        "`std::fs` (or `std::env::current_dir`): state lives in the device's state and journal"
+    } else if name.starts_with("wasi:sockets") || name.starts_with("wasi:http") {
+        "network access: a device behavior only decides; effects go through the host"
     } else {
-        "only the drover:device host interface is provided"
+        "only the `drover:device` host interface (and inert stdio) is provided"
     };
-    format!("the component imports `{name}`, which Drover does not grant to guests: {why}")
+    format!("`{name}`: {why}")
 }
 
 /// A plugin version compiled for this engine, ready to instantiate. Cheap to clone.
@@ -429,8 +482,13 @@ impl Instance {
                         }
                     }
                 };
-                if let Some(logged) = self.store.data_mut().last_error.take() {
-                    msg = format!("{msg} (guest said: {logged})");
+                // Clients get the short story: the guest's own last words (a Rust guest's
+                // panic message and location) and the kind of trap. The full error, with the
+                // guest's backtrace, goes to the server log.
+                let state = self.store.data_mut();
+                tracing::warn!(device = %state.device, error = ?e, "guest trapped");
+                if let Some(logged) = state.last_error.take() {
+                    msg = format!("{logged} ({msg})");
                 }
                 Err(CallError::Trap(msg))
             }

@@ -133,6 +133,17 @@ impl Router {
             .collect()
     }
 
+    /// Where device `id` is in its lifecycle, as its actor last recorded it, without asking
+    /// (or waking) it: no actor or no instance is passivated.
+    pub fn status(&self, id: &str) -> crate::view::DeviceStatus {
+        use crate::view::DeviceStatus;
+        match self.actors.read().get(id) {
+            Some(a) if a.activity.quarantined.load(Ordering::Relaxed) => DeviceStatus::Quarantined,
+            Some(a) if a.activity.live.load(Ordering::Relaxed) => DeviceStatus::Active,
+            _ => DeviceStatus::Passivated,
+        }
+    }
+
     /// Number of devices with an actor (a task and mailbox; its instance may be passivated).
     pub fn actors(&self) -> usize {
         self.actors.read().len()

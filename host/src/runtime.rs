@@ -287,6 +287,12 @@ impl Runtime {
         self.shared.journal.device(id).map(|h| self.describe(&h))
     }
 
+    /// Device `id`'s lifecycle status as last recorded, without waking it (a listing of a
+    /// fleet must not activate it). [`Runtime::device`] is exact: it asks the actor.
+    pub fn status(&self, id: &str) -> DeviceStatus {
+        self.shared.router.status(id)
+    }
+
     /// Plugin name and version number of the version with journal-local id `id`.
     fn plugin_of(&self, id: u32) -> (String, u32) {
         self.shared

@@ -434,3 +434,28 @@ async fn a_restart_never_replaces_an_uploaded_current_version() {
     );
     rt.shutdown().await;
 }
+
+/// Acceptance 1 (the part that needs a real build): a plugin whose code uses std's
+/// `HashMap` imports `wasi:random/insecure-seed`; the upload is refused naming the import,
+/// its likely cause and the fix, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_with_a_refused_import_names_its_cause_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let before = rt.plugins();
+    let err = rt
+        .register_plugin(
+            "hashy",
+            support::misbehave_variant("hashmap"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidPlugin);
+    let message = err.to_string();
+    for hint in ["wasi:random/insecure-seed", "HashMap", "BTreeMap"] {
+        assert!(message.contains(hint), "no `{hint}` in: {message}");
+    }
+    assert_eq!(rt.plugins(), before, "nothing registered");
+    rt.shutdown().await;
+}

@@ -66,8 +66,15 @@ fn provision_send_and_read_back_both_plugins() {
     }
     // A refusal by the plugin is 422 `rejected` and uses no seq.
     api.send("front", &json!({"type": "door_opened"}));
-    api.post("/v1/devices/front/events", &json!({"type": "lock"}))
-        .assert_error(422, "rejected");
+    let refused = api.post("/v1/devices/front/events", &json!({"type": "lock"}));
+    refused.assert_error(422, "rejected");
+    // The plugin's own code and message, as a structured field.
+    assert_eq!(
+        refused.body["error"]["plugin"],
+        json!({"code": "door-open", "message": "cannot lock while the door is open"}),
+        "{}",
+        refused.text
+    );
 
     let hall = api.get("/v1/devices/hall");
     assert_eq!(hall.status, 200);
@@ -242,9 +249,30 @@ fn provision_send_and_read_back_both_plugins() {
     let (ok, out, err) = cli(&["plugin", "rollback", "thermostat", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("thermostat v2 -> v1 (rollback)"), "{out}");
-    let (ok, out, _) = cli(&["devices", "--server", url]);
+    let (ok, out, _) = cli(&["devices", "--ids", "--server", url]);
     assert!(ok);
     assert_eq!(out.lines().collect::<Vec<_>>(), ["front", "hall", "porch"]);
+    let (ok, out, _) = cli(&["devices", "--server", url]);
+    assert!(ok);
+    let table: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(table[0], ["ID", "PLUGIN", "STATUS", "SEQ"], "{out}");
+    assert_eq!(table[2][0], "hall", "{out}");
+    assert_eq!(table[2][1..3], ["thermostat", "v1"], "{out}");
+    assert_eq!(table[2][4], "8", "{out}");
+    // A reader that goes away early (`drover devices | head`): no panic, just gone.
+    let mut child = std::process::Command::new(support::BIN)
+        .args(["devices", "--server", url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
     // Errors: the server's code and message, non-zero exit.
     let (ok, _, err) = cli(&["state", "nobody", "--server", url]);
     assert!(!ok);
@@ -553,6 +581,12 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
         .map(|r| r["error"]["code"].as_str().unwrap())
         .collect();
     assert_eq!(codes, ["unknown-device", "invalid-id", "rejected"]);
+    assert_eq!(
+        batch.body["results"][2]["error"]["plugin"]["code"], "out-of-range",
+        "{}",
+        batch.text
+    );
+    assert!(batch.body["results"][0]["error"].get("plugin").is_none());
 
     // Nothing was written, nothing changed, and the server is fine.
     assert_eq!(

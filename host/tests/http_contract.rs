@@ -51,7 +51,13 @@ impl Reply {
             .expect("`error` is an object");
         let mut keys: Vec<_> = error.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["code", "message"], "{what}: fields of {}", self.text);
+        // A plugin's refusal carries the plugin's own code and message besides.
+        let expected: &[&str] = if code == "rejected" {
+            &["code", "message", "plugin"]
+        } else {
+            &["code", "message"]
+        };
+        assert_eq!(keys, expected, "{what}: fields of {}", self.text);
         assert_eq!(
             self.body["error"]["code"], code,
             "{what}: code of {}",
@@ -615,6 +621,36 @@ async fn every_bad_input_answers_its_status_and_code() {
             "unknown-device",
         ),
     ];
+
+    // Uploads that are not a `device` component: 422 with a hint saying what to do.
+    let uploads: [(&str, Vec<u8>, &str); 5] = [
+        ("not wasm", b"not wasm".to_vec(), "wasm32-wasip2"),
+        (
+            "a core module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module",
+        ),
+        (
+            "a truncated component",
+            thermostat[..4000].to_vec(),
+            "truncated",
+        ),
+        ("eight bytes", thermostat[..6].to_vec(), "truncated"),
+        (
+            "a component of another world",
+            b"\0asm\x0d\0\x01\0".to_vec(),
+            "export_device!",
+        ),
+    ];
+    for (what, bytes, hint) in uploads {
+        let reply = c.call(M::POST, "/v1/plugins/junk", bytes).await;
+        reply.assert_error(422, "invalid-plugin", what);
+        let message = reply.body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains(hint),
+            "{what}: no hint `{hint}` in {message}"
+        );
+    }
 
     let journal_before = c.get("/v1/devices/t1/journal").await.body;
     for case in cases {

@@ -64,7 +64,7 @@ use serde_json::value::RawValue;
 
 use super::App;
 use super::devices::Ack;
-use super::error::{ApiError, message_of};
+use super::error::{ApiError, PluginRefusal, message_of};
 use super::extract::Body;
 use super::json;
 use crate::error::{Error, validate_id};
@@ -96,11 +96,13 @@ enum ItemOut {
     Err { error: ErrorOut },
 }
 
-/// A per-item error: `{"code","message"}`, the detail of the API's error shape.
+/// A per-item error: `{"code","message","plugin"?}`, the detail of the API's error shape.
 #[derive(Debug, Serialize)]
 struct ErrorOut {
     code: &'static str,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plugin: Option<PluginRefusal>,
 }
 
 impl From<Result<Committed, Error>> for ItemOut {
@@ -111,6 +113,7 @@ impl From<Result<Committed, Error>> for ItemOut {
                 error: ErrorOut {
                     code: e.code(),
                     message: message_of(&e),
+                    plugin: PluginRefusal::of(&e),
                 },
             },
         }

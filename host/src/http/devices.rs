@@ -115,14 +115,28 @@ pub struct ListQuery {
     after: Option<String>,
     /// Page size, 1..=10000 (default 1000).
     limit: Option<usize>,
+    /// `true`: each device as `{"id","plugin","version","seq","status"}` instead of its id.
+    /// Read from the journal and the router: no device is woken.
+    #[serde(default)]
+    detail: bool,
 }
 
 /// One page of device ids.
 #[derive(Debug, Serialize)]
-struct DeviceList {
-    devices: Vec<String>,
+struct DeviceList<T> {
+    devices: Vec<T>,
     /// Pass as `after` for the next page; `null` on the last page.
     next: Option<String>,
+}
+
+/// A device in a detailed listing.
+#[derive(Debug, Serialize)]
+struct DeviceLine {
+    id: String,
+    plugin: String,
+    version: u32,
+    seq: u64,
+    status: DeviceStatus,
 }
 
 /// `GET /v1/devices?after=ID&limit=N`: device ids in order, a page at a time.
@@ -139,10 +153,26 @@ pub async fn list(
     let rest = &ids[start.min(ids.len())..];
     let page: Vec<String> = rest.iter().take(limit).cloned().collect();
     let next = (rest.len() > limit).then(|| page.last().cloned()).flatten();
-    Ok(json::ok(&DeviceList {
-        devices: page,
-        next,
-    }))
+    if !q.detail {
+        return Ok(json::ok(&DeviceList {
+            devices: page,
+            next,
+        }));
+    }
+    let devices = page
+        .into_iter()
+        .filter_map(|id| {
+            let s = app.rt.summary(&id)?;
+            Some(DeviceLine {
+                status: app.rt.status(&id),
+                id,
+                plugin: s.plugin,
+                version: s.version,
+                seq: s.seq,
+            })
+        })
+        .collect();
+    Ok(json::ok(&DeviceList { devices, next }))
 }
 
 /// Checks a page size: absent is `default`, 0 is refused, above `max` is clamped.

@@ -67,6 +67,29 @@ pub struct ApiError {
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u32>,
     pub origin: Origin,
+    /// The plugin's own refusal, when the device's plugin refused the request.
+    pub plugin: Option<PluginRefusal>,
+}
+
+/// A plugin's refusal as the plugin put it: its own code (`out-of-range`, `invalid-event`,
+/// ...) and message. Shown as the `plugin` field of the error, next to the API's `rejected`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PluginRefusal {
+    pub code: String,
+    pub message: String,
+}
+
+impl PluginRefusal {
+    /// The refusal inside `e`, if `e` is one.
+    pub fn of(e: &Error) -> Option<PluginRefusal> {
+        match e {
+            Error::Rejected { code, message } => Some(PluginRefusal {
+                code: code.clone(),
+                message: message.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Marker put into the extensions of an error response so the metrics middleware can count
@@ -86,6 +109,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             origin: Origin::Http,
+            plugin: None,
         }
     }
 
@@ -114,6 +138,7 @@ impl ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: &self.message,
+                plugin: self.plugin.as_ref(),
             },
         }
     }
@@ -125,11 +150,13 @@ pub struct ErrorBody<'a> {
     pub error: ErrorDetail<'a>,
 }
 
-/// `{"code": ..., "message": ...}`; also used for the per-item errors of a batch.
+/// `{"code": ..., "message": ..., "plugin": {"code", "message"}?}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorDetail<'a> {
     pub code: &'a str,
     pub message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<&'a PluginRefusal>,
 }
 
 /// The status an error of the runtime answers with (see the module docs).
@@ -197,6 +224,7 @@ impl From<Error> for ApiError {
             message: message_of(&e),
             retry_after,
             origin: Origin::Runtime,
+            plugin: PluginRefusal::of(&e),
         }
     }
 }

@@ -9,7 +9,9 @@
 //!
 //! Built with feature `v2`, `ok` counts by two (a behavior change: recorded histories still
 //! fold, decisions differ). Built with `v3`, `apply` refuses (traps on) a count over 4, so a
-//! device that counted past 4 cannot be brought up on it. Only the host's deploy tests build
+//! device that counted past 4 cannot be brought up on it. With `hashmap`, it uses a std
+//! `HashMap` (whose default hasher imports `wasi:random/insecure-seed`): the upload tests'
+//! example of a refused import. Only the host's deploy tests build
 //! these; the default build is neither.
 //!
 //! # Config
@@ -183,9 +185,13 @@ impl Device for Misbehave {
 
     fn handle(&self, ctx: &Context, event: Event) -> Result<Vec<Transition>, Error> {
         Ok(match event {
-            Event::Ok => vec![Transition::Counted {
-                count: self.count + STEP,
-            }],
+            Event::Ok => {
+                #[cfg(feature = "hashmap")]
+                std::hint::black_box(std::collections::HashMap::<u8, u8>::new());
+                vec![Transition::Counted {
+                    count: self.count + STEP,
+                }]
+            }
             Event::Reject => return Err(Error::new(REJECTED, "rejected on request")),
             Event::Panic => panic!("misbehave: panic on request"),
             Event::Loop => {

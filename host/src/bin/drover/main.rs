@@ -22,6 +22,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if cli::writes_a_stream(&cli) {
+        restore_sigpipe();
+    }
     // Logs go to stderr, filtered by RUST_LOG; stdout is for answers and the machine-readable
     // listening line.
     let filter = EnvFilter::try_from_default_env()
@@ -48,5 +51,18 @@ fn main() -> ExitCode {
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets a one-shot command die quietly of SIGPIPE when its reader goes away
+/// (`drover devices | head`), as Unix tools do. Rust ignores SIGPIPE, so the next `println!`
+/// would fail with `EPIPE` and panic instead. Long-running commands (the server, `dev`,
+/// `demo`) keep ignoring it: a client that hangs up must never kill a server.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -261,32 +261,69 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<ExitCode> {
 /// `drover devices`.
 #[derive(Debug, Args)]
 pub struct DevicesArgs {
+    /// Only the ids, one per line (for scripts).
+    #[arg(long)]
+    pub ids: bool,
     #[command(flatten)]
     pub client: ClientOpts,
 }
 
-/// A page of ids.
+/// A page of devices.
 #[derive(Debug, Deserialize)]
 struct DeviceList {
-    devices: Vec<String>,
+    devices: Vec<DeviceLine>,
     next: Option<String>,
 }
 
-/// Lists every device id, one per line.
+/// One device of a detailed listing.
+#[derive(Debug, Deserialize)]
+struct DeviceLine {
+    id: String,
+    plugin: String,
+    version: u32,
+    seq: u64,
+    status: String,
+}
+
+/// Lists every device: id, plugin and version, status, seq (a page of requests at a time;
+/// no device is woken to be listed).
 pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
     let mut after: Option<String> = None;
+    let mut header = !args.ids && !args.client.json;
     loop {
         let path = match &after {
-            Some(a) => format!("/v1/devices?after={}", segment(a)),
-            None => "/v1/devices".to_string(),
+            Some(a) => format!("/v1/devices?detail=true&after={}", segment(a)),
+            None => "/v1/devices?detail=true".to_string(),
         };
         let (text, page): (String, DeviceList) = api.call_json(api.get(&path))?;
         if args.client.json {
             println!("{text}");
         } else {
-            for id in &page.devices {
-                println!("{id}");
+            let width = page
+                .devices
+                .iter()
+                .map(|d| d.id.len())
+                .max()
+                .unwrap_or(2)
+                .max(2);
+            if header {
+                println!(
+                    "{:<width$}  {:<20} {:<11} {:>10}",
+                    "ID", "PLUGIN", "STATUS", "SEQ"
+                );
+                header = false;
+            }
+            for d in &page.devices {
+                if args.ids {
+                    println!("{}", d.id);
+                } else {
+                    let plugin = format!("{} v{}", d.plugin, d.version);
+                    println!(
+                        "{:<width$}  {plugin:<20} {:<11} {:>10}",
+                        d.id, d.status, d.seq
+                    );
+                }
             }
         }
         match page.next {

@@ -93,6 +93,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Whether the command prints its answer and exits (so dying of SIGPIPE when the reader
+/// leaves is right), as opposed to serving (see `main`).
+pub fn writes_a_stream(cli: &Cli) -> bool {
+    !matches!(
+        cli.command,
+        Command::Serve(_)
+            | Command::Dev(_)
+            | Command::Demo(_)
+            | Command::Bench(_)
+            | Command::Sim(_)
+    )
+}
+
 /// The log filter when `RUST_LOG` is not set: the server logs at `info`; every other command
 /// prints its own output on stdout and only warnings on stderr (the demo included: its
 /// server's per-event logs would bury the simulator's progress line).
