@@ -478,7 +478,7 @@ impl Actor {
             .device(&self.head.id)
             .ok_or_else(|| Error::UnknownDevice(self.head.id.to_string()))?;
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
-        let rebuilt = match self.lazy_upgrade().await? {
+        let rebuilt = match self.lazy_upgrade()? {
             Some(rebuilt) => rebuilt,
             None => replay::rebuild(
                 &self.env.journal,
@@ -510,7 +510,7 @@ impl Actor {
     /// deploy happened while it was passivated), brings it up on the current one. Returns
     /// `None` to activate on the device's own version: no deploy pending, or the current
     /// version cannot fold this device's history (logged, not retried until restart).
-    async fn lazy_upgrade(&mut self) -> Result<Option<replay::Rebuilt>, Error> {
+    fn lazy_upgrade(&mut self) -> Result<Option<replay::Rebuilt>, Error> {
         let from = self.head.version;
         let Some(to) = self.env.registry.target_of(from) else {
             return Ok(None);
@@ -522,10 +522,7 @@ impl Actor {
         want.version = to;
         match upgrade::bring_up(&self.env.journal, &self.env.registry, &want, from) {
             Ok((rebuilt, _)) => {
-                self.env
-                    .journal
-                    .record_rebind(&want, clock::now_ms())
-                    .await?;
+                self.writer.append_rebind(&want, clock::now_ms());
                 tracing::info!(device = %self.head.id, from, to, seq = want.seq, "upgraded at activation");
                 self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                 self.head = want;
@@ -625,10 +622,10 @@ impl Actor {
                 report.path = Some(upgrade::path_of(&rebuilt));
                 report.applied = rebuilt.applied;
                 report.snapshot_readable = snapshot_readable;
-                if let Err(e) = self.env.journal.record_rebind(&want, clock::now_ms()).await {
-                    report.outcome = UpgradeOutcome::Failed;
-                    report.error = Some(Error::from(e).to_string());
-                } else if let Some(live) = self.live.as_mut() {
+                // Not awaited: the binding is queued before any event the new version
+                // handles, and the deploy waits for the journal before it reports.
+                self.writer.append_rebind(&want, clock::now_ms());
+                if let Some(live) = self.live.as_mut() {
                     live.instance = rebuilt.instance;
                     live.since_snapshot = rebuilt.applied;
                     self.head = want;

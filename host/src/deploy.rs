@@ -24,6 +24,7 @@
 
 use std::time::Instant;
 
+use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -34,6 +35,9 @@ use crate::journal::{DeviceHead, VersionInfo};
 use crate::registry::Origin;
 use crate::runtime::Runtime;
 use crate::upgrade::{DeviceUpgrade, UpgradeOutcome};
+
+/// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
+const UPGRADES_PER_THREAD: usize = 8;
 
 /// Devices a deploy dry-runs before it changes anything.
 pub const SAMPLE: usize = 16;
@@ -266,36 +270,56 @@ impl Runtime {
                     .version(v)
                     .is_some_and(|info| info.plugin == plugin_name)
         });
-        let mut waiting = Vec::with_capacity(live.len());
-        for (id, tx) in &live {
-            let (reply, rx) = oneshot::channel();
-            let msg = Message::Upgrade {
-                version: target.id,
-                reply,
-            };
-            // Waits for room: the upgrade queues behind the events already in the mailbox.
-            let sent = tx.send(msg).await.is_ok();
-            waiting.push((id.clone(), sent.then_some(rx)));
-        }
-        let mut devices = Vec::with_capacity(waiting.len());
-        for (id, rx) in waiting {
-            let report = match rx {
-                Some(rx) => rx.await.ok(),
-                None => None,
-            };
-            devices.push(report.unwrap_or_else(|| DeviceUpgrade {
-                device: id.to_string(),
-                from: current.number,
-                to: target.number,
-                outcome: UpgradeOutcome::Lazy,
-                path: None,
-                seq: 0,
-                applied: 0,
-                failed_seq: None,
-                error: None,
-                snapshot_readable: None,
-                pause_us: 0,
-            }));
+        // A bounded number of devices upgrade at a time: each one's mailbox waits only for
+        // its own replay, and events of the rest of the fleet keep their share of the
+        // threads.
+        let in_parallel = self.upgrade_parallelism();
+        let (from_number, to_number) = (current.number, target.number);
+        let mut devices: Vec<DeviceUpgrade> = futures::stream::iter(live)
+            .map(|(id, tx)| async move {
+                let (reply, rx) = oneshot::channel();
+                let msg = Message::Upgrade {
+                    version: target_id,
+                    reply,
+                };
+                // Waits for room: the upgrade queues behind the events already in the mailbox.
+                let report = match tx.send(msg).await {
+                    Ok(()) => rx.await.ok(),
+                    Err(_) => None,
+                };
+                report.unwrap_or_else(|| DeviceUpgrade {
+                    device: id.to_string(),
+                    from: from_number,
+                    to: to_number,
+                    outcome: UpgradeOutcome::Lazy,
+                    path: None,
+                    seq: 0,
+                    applied: 0,
+                    failed_seq: None,
+                    error: None,
+                    snapshot_readable: None,
+                    pause_us: 0,
+                })
+            })
+            .buffer_unordered(in_parallel)
+            .collect()
+            .await;
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        // The new bindings were queued without waiting; the report speaks of durable ones.
+        self.shared.journal.barrier().await?;
+        for d in devices
+            .iter_mut()
+            .filter(|d| d.outcome == UpgradeOutcome::Upgraded)
+        {
+            let durable = self.shared.journal.device(&d.device).map(|h| h.version);
+            if durable != Some(target_id) {
+                d.outcome = UpgradeOutcome::Failed;
+                d.error = Some(
+                    "journal check: the new binding was not made durable (a failed commit); \
+                     the device runs its old version"
+                        .into(),
+                );
+            }
         }
 
         // 4. Report.
@@ -372,6 +396,17 @@ impl Runtime {
             "deploy done"
         );
         Ok(report)
+    }
+
+    /// How many devices upgrade at once: a few per actor thread, enough to overlap one
+    /// device's replay with another's journal reads, few enough that live traffic keeps
+    /// most of the threads.
+    fn upgrade_parallelism(&self) -> usize {
+        let threads = match self.shared.config.actor.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        threads * UPGRADES_PER_THREAD
     }
 
     /// Every device of `plugin`, from the journal (durable state; no actor is asked).

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::clock;
 use crate::decide::{self, Failed};
-use crate::engine::EventContext;
+use crate::engine::{EventContext, Instance};
 use crate::error::Error;
 use crate::journal::{DeviceHead, Journal};
 use crate::registry::Registry;
@@ -85,6 +85,11 @@ pub struct DeviceDryRun {
 }
 
 /// Dry-runs plugin version `candidate` (journal-local id) on `device`'s recorded history.
+///
+/// One pass over the journal. The candidate re-decides each recorded event; while its
+/// transitions equal the recorded ones, its instance is also the proof that it folds them.
+/// From the first divergence on, a second instance folds the recorded transitions (brought
+/// up to that point by a replay), to answer "can it fold" separately.
 pub fn device(
     journal: &Journal,
     registry: &Registry,
@@ -105,25 +110,23 @@ pub fn device(
         fold_failed_seq: None,
         error: None,
     };
-    // Can it fold? (What a deploy requires.)
-    let mut want = head.clone();
-    want.version = candidate;
-    match replay::rebuild_reporting(journal, registry, &want, head.seq, Start::Genesis) {
-        Ok(_) => out.folds = true,
-        Err(f) => {
-            out.fold_failed_seq = f.seq;
-            out.error = Some(format!("cannot fold the recorded transitions: {}", f.error));
-        }
-    }
-    // Would it decide the same?
-    if let Err(e) = redecide(journal, registry, head, candidate, limits, &mut out) {
+    if let Err(e) = one_pass(journal, registry, head, candidate, limits, &mut out) {
         out.error.get_or_insert(e.to_string());
     }
     out.identical = out.error.is_none() && out.diverged_events == 0 && out.state_matches;
     out
 }
 
-fn redecide(
+/// The candidate's fold instance, once decisions diverged.
+enum Folder {
+    /// Decisions have matched so far: the deciding instance folds the same transitions.
+    SameAsDecider,
+    Own(Instance),
+    /// It could not fold (reported); folding stops.
+    Failed,
+}
+
+fn one_pass(
     journal: &Journal,
     registry: &Registry,
     head: &DeviceHead,
@@ -135,11 +138,16 @@ fn redecide(
         let mut rebuilt = replay::rebuild(journal, registry, head, head.seq, Start::Snapshot)?;
         parse(&rebuilt.instance.query()?)
     };
+    let mut want = head.clone();
+    want.version = candidate;
     let compiled = registry.compiled(candidate)?;
-    let mut instance = compiled.instantiate(head.id.clone())?;
+    let mut decider = Some(compiled.instantiate(head.id.clone())?);
     let config = std::str::from_utf8(&head.config)
         .map_err(|_| Error::Internal("stored config is not UTF-8".into()))?;
-    instance.within(limits.call_timeout, |i| i.init(&head.id, config))?;
+    if let Some(d) = decider.as_mut() {
+        d.within(limits.call_timeout, |i| i.init(&head.id, config))?;
+    }
+    let mut folder = Folder::SameAsDecider;
 
     const CHUNK: u64 = 1024;
     let mut next = 1;
@@ -148,58 +156,102 @@ fn redecide(
         for record in journal.read_events(head.num, next, to)? {
             out.events += 1;
             let event = String::from_utf8_lossy(&record.event);
-            let ctx = EventContext {
-                device_id: head.id.to_string(),
-                seq: record.seq,
-                at_ms: record.at_ms,
-                seed: clock::seed(&head.id, record.seq),
-            };
-            let decided = decide::decide(
-                &mut instance,
-                &ctx,
-                &event,
-                limits.max_output_bytes,
-                limits.call_timeout,
-            );
+            let decided = decider.as_mut().map(|instance| {
+                let ctx = EventContext {
+                    device_id: head.id.to_string(),
+                    seq: record.seq,
+                    at_ms: record.at_ms,
+                    seed: clock::seed(&head.id, record.seq),
+                };
+                decide::decide(
+                    instance,
+                    &ctx,
+                    &event,
+                    limits.max_output_bytes,
+                    limits.call_timeout,
+                )
+            });
             let same = match &decided {
-                Ok(ts) => {
+                Some(Ok(ts)) => {
                     ts.len() == record.transitions.len()
                         && ts.iter().zip(&record.transitions).all(|(a, b)| {
                             a.as_bytes() == b.as_slice() || parse(a) == parse_bytes(b)
                         })
                 }
-                Err(_) => false,
+                _ => false,
             };
-            if same {
-                continue;
+            if !same {
+                // From here the decider's state is its own: fold the recorded transitions in
+                // an instance of their own, brought up to just before this event.
+                if matches!(folder, Folder::SameAsDecider) {
+                    folder = match replay::rebuild_reporting(
+                        journal,
+                        registry,
+                        &want,
+                        record.seq - 1,
+                        Start::Genesis,
+                    ) {
+                        Ok(r) => Folder::Own(r.instance),
+                        Err(f) => {
+                            out.fold_failed_seq = f.seq;
+                            out.error.get_or_insert(format!(
+                                "cannot fold the recorded transitions: {}",
+                                f.error
+                            ));
+                            Folder::Failed
+                        }
+                    };
+                }
+                if let Some(decided) = decided {
+                    out.diverged_events += 1;
+                    if out.first_divergence.is_none() {
+                        out.first_divergence = Some(Divergence {
+                            seq: record.seq,
+                            event: parse(&event),
+                            recorded: record.transitions.iter().map(|t| parse_bytes(t)).collect(),
+                            candidate: decided
+                                .as_ref()
+                                .ok()
+                                .map(|ts| ts.iter().map(|t| parse(t)).collect()),
+                            error: decided.as_ref().err().map(|f| f.error.to_string()),
+                        });
+                    }
+                    if let Err(Failed {
+                        instance_lost: true,
+                        error,
+                    }) = decided
+                    {
+                        out.error = Some(format!(
+                            "the candidate failed at seq {} and its state is lost: {error}",
+                            record.seq
+                        ));
+                        decider = None;
+                    }
+                }
             }
-            out.diverged_events += 1;
-            if out.first_divergence.is_none() {
-                out.first_divergence = Some(Divergence {
-                    seq: record.seq,
-                    event: parse(&event),
-                    recorded: record.transitions.iter().map(|t| parse_bytes(t)).collect(),
-                    candidate: decided
-                        .as_ref()
-                        .ok()
-                        .map(|ts| ts.iter().map(|t| parse(t)).collect()),
-                    error: decided.as_ref().err().map(|f| f.error.to_string()),
-                });
-            }
-            if let Err(Failed {
-                instance_lost: true,
-                error,
-            }) = decided
-            {
-                return Err(Error::Internal(format!(
-                    "the candidate failed at seq {} and its state is lost: {error}",
-                    record.seq
-                )));
+            if let Folder::Own(instance) = &mut folder {
+                let transitions = record
+                    .transitions
+                    .iter()
+                    .map(|t| std::str::from_utf8(t).unwrap_or_default());
+                let folded = instance.within(limits.call_timeout, |i| decide::fold(i, transitions));
+                if let Err(e) = folded {
+                    out.fold_failed_seq = Some(record.seq);
+                    out.error.get_or_insert(format!(
+                        "cannot fold the recorded transitions at seq {}: {e}",
+                        record.seq
+                    ));
+                    folder = Folder::Failed;
+                }
             }
         }
         next = to + 1;
     }
-    let candidate_state = parse(&instance.query()?);
+    out.folds = !matches!(folder, Folder::Failed);
+    let Some(mut decider) = decider else {
+        return Ok(());
+    };
+    let candidate_state = parse(&decider.query()?);
     out.state_matches = candidate_state == recorded_state;
     if !out.state_matches {
         out.state_diff = state_diff(&recorded_state, &candidate_state);
