@@ -220,6 +220,26 @@ impl Engine {
         Ok(self.inner.engine.precompile_component(bytes)?)
     }
 
+    /// Compiles a component once into both a ready plugin and its precompiled artifact
+    /// (what an upload needs: [`Engine::compile`] then [`Engine::precompile`] would run
+    /// Cranelift twice).
+    pub fn compile_with_artifact(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(CompiledPlugin, Vec<u8>), PluginError> {
+        check_shape(bytes)?;
+        let artifact = match self.inner.engine.precompile_component(bytes) {
+            Ok(a) => a,
+            // Let `compile` phrase the error (with its hints).
+            Err(_) => return self.compile(bytes).map(|c| (c, Vec::new())),
+        };
+        // SAFETY: the artifact was produced just now, in memory, by this engine's own
+        // `precompile_component`; nothing else could have changed it.
+        let component = unsafe { Component::deserialize(&self.inner.engine, &artifact) }
+            .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
+        Ok((self.prepare(component)?, artifact))
+    }
+
     /// Loads an artifact produced by [`Engine::precompile`] from a file that only Drover
     /// writes. Fails (and the caller recompiles) if it was built by another engine config or
     /// wasmtime version.

@@ -223,17 +223,14 @@ impl Registry {
         let engine = self.engine.clone();
         let dir = self.dir.clone();
         let compiled = tokio::task::spawn_blocking(move || -> Result<CompiledPlugin, Error> {
-            let compiled = engine.compile(&bytes)?;
+            let (compiled, artifact) = engine.compile_with_artifact(&bytes)?;
             let hex = hex::encode(digest);
             write_once(&dir.join(format!("{hex}.wasm")), &bytes)
                 .map_err(|e| Error::Internal(format!("storing plugin: {e}")))?;
-            match engine.precompile(&bytes) {
-                Ok(artifact) => {
-                    if let Err(e) = write_once(&dir.join(format!("{hex}.cwasm")), &artifact) {
-                        tracing::warn!(error = %e, "could not cache precompiled plugin");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not precompile plugin"),
+            if !artifact.is_empty()
+                && let Err(e) = write_once(&dir.join(format!("{hex}.cwasm")), &artifact)
+            {
+                tracing::warn!(error = %e, "could not cache precompiled plugin");
             }
             Ok(compiled)
         })

@@ -115,8 +115,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         dir.display(),
         dev.name
     );
-    dev.cycle();
-    if !args.once {
+    if args.once {
+        dev.cycle();
+    } else {
         dev.watch(Duration::from_millis(args.debounce_ms))?;
     }
     if let Some((rt, server)) = local {
@@ -161,7 +162,9 @@ struct Dev {
 }
 
 impl Dev {
-    /// Waits for changes and runs a cycle after each quiet period, until the process ends.
+    /// Runs a first cycle, then one after each quiet period following a change, until the
+    /// process ends. The watcher starts first and each cycle compares against the sources
+    /// as they were when its build started, so a save made during a build is not lost.
     fn watch(&mut self, debounce: Duration) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::channel();
         let mut debouncer = new_debouncer(debounce, tx).context("starting the file watcher")?;
@@ -170,6 +173,7 @@ impl Dev {
             .watch(&self.dir, RecursiveMode::Recursive)
             .with_context(|| format!("watching {}", self.dir.display()))?;
         let mut seen = self.fingerprint();
+        self.cycle();
         for batch in rx {
             let Ok(events) = batch else { continue };
             // The watcher also reports reads (cargo reads the manifest on every build): only
