@@ -262,6 +262,28 @@ fn provision_send_and_read_back_both_plugins() {
     assert_eq!(table[2][0], "hall", "{out}");
     assert_eq!(table[2][1..3], ["thermostat", "v1"], "{out}");
     assert_eq!(table[2][4], "8", "{out}");
+    // The simulator drives any plugin from event templates.
+    let (ok, out, err) = cli(&[
+        "sim",
+        "--server",
+        url,
+        "--plugin",
+        "misbehave",
+        "--prefix",
+        "custom-",
+        "--event",
+        r#"{"type": "{{pick:ok|echo}}"}"#,
+        "--devices",
+        "3",
+        "--events",
+        "30",
+        "--quiet",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let custom = api.get("/v1/devices/custom-000001").body;
+    assert_eq!(custom["plugin"], "misbehave", "{custom}");
+    let (ok, _, err) = cli(&["sim", "--server", url, "--plugin", "misbehave", "--quiet"]);
+    assert!(!ok && err.contains("--event"), "{err}");
     // A reader that goes away early (`drover devices | head`): no panic, just gone.
     let mut child = std::process::Command::new(support::BIN)
         .args(["devices", "--server", url])

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 
 use super::serve::{Tuning, announce};
-use crate::sim::{self, Fleet, Load, SimConfig, Summary, fmt_count, fmt_us};
+use crate::sim::{self, Custom, Fleet, Load, SimConfig, Summary, fmt_count, fmt_us};
 use drover::http::{Server, server::shutdown_signal};
 
 /// Pacing and shape options shared by `sim` and `demo`.
@@ -18,9 +18,20 @@ pub struct LoadArgs {
     /// Number of devices.
     #[arg(long, default_value_t = 300)]
     pub devices: usize,
-    /// Device types: thermostat, door-lock or mixed.
+    /// Device types: thermostat, door-lock, mixed (built-in event generators), or the name
+    /// of any plugin on the server, with `--event` or `--events-file` templates.
     #[arg(long, default_value = "mixed")]
-    pub plugin: Fleet,
+    pub plugin: String,
+    /// Provisioning config of a plugin without a built-in generator (JSON).
+    #[arg(long, default_value = "{}")]
+    pub config: String,
+    /// An event template (JSON; repeatable). Strings `{{int:LO:HI}}`, `{{float:LO:HI}}` and
+    /// `{{pick:A|B}}` inside it become random values per event.
+    #[arg(long = "event", value_name = "JSON")]
+    pub event_templates: Vec<String>,
+    /// Event templates from a file: a JSON array, or one JSON event per line.
+    #[arg(long)]
+    pub events_file: Option<std::path::PathBuf>,
     /// Prefix of the device ids (followed by a six-digit number).
     #[arg(long, default_value = "sim-")]
     pub prefix: String,
@@ -48,16 +59,49 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    fn config(&self, server: &str) -> SimConfig {
+    fn config(&self, server: &str) -> anyhow::Result<SimConfig> {
+        let fleet: Fleet = self
+            .plugin
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
+        let mut templates = Vec::new();
+        for t in &self.event_templates {
+            templates.extend(Custom::parse_templates(t).context("--event")?);
+        }
+        if let Some(path) = &self.events_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            templates.extend(
+                Custom::parse_templates(&text).with_context(|| format!("in {}", path.display()))?,
+            );
+        }
+        let custom = match fleet {
+            Fleet::Custom if templates.is_empty() => anyhow::bail!(
+                "no built-in events for plugin `{}`: give templates with --event JSON or \
+                 --events-file FILE",
+                self.plugin
+            ),
+            Fleet::Custom => Some(std::sync::Arc::new(Custom {
+                plugin: self.plugin.clone(),
+                config: serde_json::from_str(&self.config).context("--config is not JSON")?,
+                templates,
+            })),
+            _ if !templates.is_empty() => anyhow::bail!(
+                "--event and --events-file are for plugins without a built-in generator; `{}` \
+                 has one",
+                self.plugin
+            ),
+            _ => None,
+        };
         let duration = match (self.duration, self.events) {
             (Some(d), _) => Some(Duration::from_secs_f64(d.max(0.0))),
             (None, Some(_)) => None,
             (None, None) => Some(Duration::from_secs(10)),
         };
-        SimConfig {
+        Ok(SimConfig {
             server: server.to_string(),
             devices: self.devices,
-            fleet: self.plugin,
+            fleet,
             prefix: self.prefix.clone(),
             load: self.rate.map_or(Load::Closed, Load::Rate),
             concurrency: self.concurrency,
@@ -66,7 +110,8 @@ impl LoadArgs {
             batch: self.batch,
             progress: !self.quiet,
             seed: self.seed,
-        }
+            custom,
+        })
     }
 }
 
@@ -98,10 +143,14 @@ fn tokio_runtime(name: &str, workers: Option<usize>) -> anyhow::Result<tokio::ru
 /// Provisions and runs a simulated fleet against a server, then prints the summary. Exits
 /// non-zero if no event at all was acknowledged.
 pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
-    let cfg = args.load.config(&args.server);
+    let cfg = args.load.config(&args.server)?;
     let summary = tokio_runtime("drover-sim", None)?.block_on(async {
         if !args.no_provision {
-            eprintln!("provisioning {} devices ({}) ...", cfg.devices, cfg.fleet);
+            eprintln!(
+                "provisioning {} devices ({}) ...",
+                cfg.devices,
+                cfg.fleet_name()
+            );
             sim::provision(&cfg).await?;
         }
         sim::run(&cfg).await
@@ -157,11 +206,11 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let server = Server::start(rt.clone(), &args.listen, args.tuning.limits()).await?;
     announce(&server)?;
     let url = server.url();
-    let cfg = args.load.config(&url);
+    let cfg = args.load.config(&url)?;
     println!(
         "simulating {} devices ({}) for {} ...",
         cfg.devices,
-        cfg.fleet,
+        cfg.fleet_name(),
         match (cfg.duration, cfg.events) {
             (Some(d), _) => format!("{:.0} s", d.as_secs_f64()),
             (None, Some(n)) => format!("{} events", fmt_count(n)),
@@ -257,8 +306,8 @@ pub struct BenchHttpArgs {
     /// Batches in flight.
     #[arg(long, default_value_t = 4)]
     pub batch_concurrency: usize,
-    /// Device type.
-    #[arg(long, default_value = "thermostat")]
+    /// Device type: thermostat, door-lock or mixed.
+    #[arg(long, default_value = "thermostat", value_parser = builtin_fleet)]
     pub plugin: Fleet,
     /// Measure this server instead of starting one in this process.
     #[arg(long)]
@@ -316,6 +365,16 @@ fn process_cpu() -> Option<Duration> {
 }
 
 /// Runs `drover bench`.
+/// A fleet with a built-in event generator (the HTTP bench compares runs of those).
+fn builtin_fleet(s: &str) -> Result<Fleet, String> {
+    match s.parse()? {
+        Fleet::Custom => Err(format!(
+            "no built-in events for `{s}`: the bench drives thermostat, door-lock or mixed"
+        )),
+        f => Ok(f),
+    }
+}
+
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchWhat::Http(a) => bench_http(a),
@@ -380,6 +439,7 @@ fn bench_http(args: BenchHttpArgs) -> anyhow::Result<ExitCode> {
                 batch: 1,
                 progress: false,
                 seed: devices as u64,
+                custom: None,
             };
             eprintln!("{devices} devices: provisioning ...");
             sim::provision(&base).await?;
