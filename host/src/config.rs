@@ -93,6 +93,11 @@ pub mod defaults {
     /// connection may sit idle between requests: past it the connection is closed, so a
     /// client that never finishes its head holds neither a connection nor the shutdown.
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long a client may take to send a request body once its head is in: past it the
+    /// request gets 408 `body-timeout` and the connection is closed, so a stalled upload
+    /// holds neither a connection nor the shutdown. 64 MiB (the largest plugin) at 10 Mbit/s
+    /// takes ~54 s.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
     /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
     /// are closed. Well under the process's file limit (20,000 on this machine's kind).
     pub const MAX_CONNECTIONS: usize = 8192;

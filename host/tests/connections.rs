@@ -129,3 +129,58 @@ async fn shutdown_is_not_held_by_a_client_that_never_finishes_its_request() {
     rt.shutdown().await;
     slow.join().expect("client");
 }
+
+/// A request whose declared length is over the route's limit gets its 413, in the API's
+/// error shape, before any `100 Continue`: the client never sends the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_limit_is_refused_before_100_continue() {
+    let (_dir, rt, server) = serve(limits(5_000, 100)).await;
+    let addr = server.local_addr();
+    let (answer, _) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(
+            b"POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 10000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        )
+        .expect("head");
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert!(
+        answer.contains(r#""code":"payload-too-large""#) && answer.contains("10000000"),
+        "{answer}"
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}
+
+/// A client that stops in the middle of its body gets 408 `body-timeout` and its connection
+/// is closed, instead of holding it (and the shutdown) until the drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_off_with_408() {
+    let limits = Limits {
+        body_read_timeout: Duration::from_millis(500),
+        ..limits(5_000, 100)
+    };
+    let (_dir, rt, server) = serve(limits).await;
+    let addr = server.local_addr();
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(
+            b"POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"type\":",
+        )
+        .expect("head and part of the body");
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"body-timeout""#), "{answer}");
+    assert!(took < Duration::from_secs(5), "held for {took:?}");
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}

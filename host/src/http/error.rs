@@ -44,6 +44,8 @@ pub mod codes {
     pub const NOT_IMPLEMENTED: &str = "not-implemented";
     /// The body exceeds the route's limit (same code as the runtime's own size check).
     pub const PAYLOAD_TOO_LARGE: &str = "payload-too-large";
+    /// The body did not arrive within the body-read timeout.
+    pub const BODY_TIMEOUT: &str = "body-timeout";
     /// The server is at its connection cap; written by the accept loop, which then closes
     /// the connection (see [`super::super::server`]).
     pub const TOO_MANY_CONNECTIONS: &str = "too-many-connections";

@@ -57,14 +57,47 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
 #[derive(Debug, Clone)]
 pub struct Body(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for Body {
+impl FromRequest<super::App> for Body {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(req, state)
-            .await
-            .map(Body)
-            .map_err(body_rejection)
+    async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
+        let limit = state.limits.body_read_timeout;
+        match tokio::time::timeout(limit, Bytes::from_request(req, state)).await {
+            Ok(read) => read.map(Body).map_err(body_rejection),
+            Err(_) => Err(ApiError::http(
+                StatusCode::REQUEST_TIMEOUT,
+                codes::BODY_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    limit.as_secs_f64()
+                ),
+            )),
+        }
+    }
+}
+
+/// Refuses a request whose declared `Content-Length` is over `max` before its body is read
+/// (see `limits.rs`); the route's `DefaultBodyLimit` still counts the bytes of a body that
+/// declares no length.
+pub async fn declared_length(
+    max: usize,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > max as u64 => ApiError::http(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("the request body of {n} bytes exceeds this route's limit of {max} bytes"),
+        )
+        .into_response(),
+        _ => next.run(req).await,
     }
 }
 

@@ -3,7 +3,10 @@
 //! Every body is buffered before a handler sees it, so every route has a cap: the runtime's own
 //! event limit for single events, a larger one for gateway batches and plugin uploads. A body
 //! over its cap is refused with 413 `payload-too-large` before it is fully read, so a client
-//! cannot make the server hold an arbitrary amount of memory.
+//! cannot make the server hold an arbitrary amount of memory; a declared `Content-Length`
+//! over the cap is refused before the body is read at all (a client that sent
+//! `Expect: 100-continue` gets the 413 instead of a `100 Continue`). A body that does not
+//! arrive within [`Limits::body_read_timeout`] is 408 `body-timeout`.
 
 use crate::config::defaults;
 
@@ -28,6 +31,8 @@ pub struct Limits {
     pub header_read_timeout: std::time::Duration,
     /// Most open connections; past it new ones are refused with 503.
     pub max_connections: usize,
+    /// Longest a client may take to send a request body.
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -41,6 +46,7 @@ impl Default for Limits {
             max_page: defaults::MAX_PAGE,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,
+            body_read_timeout: defaults::BODY_READ_TIMEOUT,
         }
     }
 }

@@ -48,7 +48,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, get, post, put};
 
 use crate::Runtime;
 
@@ -71,6 +71,16 @@ pub type App = Arc<AppState>;
 
 /// Builds the v1 router for `rt`. Separate from [`Server`] so tests and embedders can mount
 /// it on their own listener or inside a larger router.
+/// `route` with a body limit of `max` bytes: the declared length checked before the body is
+/// read, then the bytes counted as they arrive (see `limits.rs`).
+fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
+    route
+        .layer(DefaultBodyLimit::max(max))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            extract::declared_length(max, req, next)
+        }))
+}
+
 pub fn router(rt: Runtime, limits: Limits) -> Router {
     let app: App = Arc::new(AppState {
         rt,
@@ -81,13 +91,14 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route("/v1/devices", get(devices::list))
         .route(
             "/v1/devices/{id}",
-            put(devices::provision)
-                .get(devices::show)
-                .layer(DefaultBodyLimit::max(limits.max_request_bytes)),
+            limited(
+                put(devices::provision).get(devices::show),
+                limits.max_request_bytes,
+            ),
         )
         .route(
             "/v1/devices/{id}/events",
-            post(devices::send).layer(DefaultBodyLimit::max(limits.max_event_bytes)),
+            limited(post(devices::send), limits.max_event_bytes),
         )
         .route("/v1/devices/{id}/journal", get(devices::journal))
         .route("/v1/devices/{id}/resume", post(devices::resume))
@@ -95,16 +106,25 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route("/v1/devices/{id}/state", get(devices::state))
         .route(
             "/v1/events",
-            post(batch::ingest).layer(DefaultBodyLimit::max(limits.max_batch_bytes)),
+            limited(post(batch::ingest), limits.max_batch_bytes),
         )
         .route("/v1/plugins", get(plugins::list))
         .route(
             "/v1/plugins/{name}",
-            post(plugins::upload).layer(DefaultBodyLimit::max(limits.max_plugin_bytes)),
+            limited(post(plugins::upload), limits.max_plugin_bytes),
         )
-        .route("/v1/plugins/{name}/deploy", post(plugins::deploy))
-        .route("/v1/plugins/{name}/dry-run", post(plugins::dry_run))
-        .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
+        .route(
+            "/v1/plugins/{name}/deploy",
+            limited(post(plugins::deploy), limits.max_request_bytes),
+        )
+        .route(
+            "/v1/plugins/{name}/dry-run",
+            limited(post(plugins::dry_run), limits.max_request_bytes),
+        )
+        .route(
+            "/v1/plugins/{name}/rollback",
+            limited(post(plugins::rollback), limits.max_request_bytes),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

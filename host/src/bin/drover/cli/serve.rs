@@ -123,6 +123,27 @@ pub struct Tuning {
         defaults::DRAIN_TIMEOUT.as_secs(),
     ))]
     pub drain_timeout_secs: Option<u64>,
+    #[arg(long, help = help(
+        "Seconds a client may take to send a request head (and a keep-alive connection may \
+         stay idle)",
+        defaults::HEADER_READ_TIMEOUT.as_secs(),
+    ))]
+    pub header_read_timeout_secs: Option<u64>,
+    #[arg(long, help = help(
+        "Seconds a client may take to send a request body",
+        defaults::BODY_READ_TIMEOUT.as_secs(),
+    ))]
+    pub body_read_timeout_secs: Option<u64>,
+    #[arg(long, help = help(
+        "Most open HTTP connections; past it new ones get 503 too-many-connections",
+        defaults::MAX_CONNECTIONS,
+    ))]
+    pub max_connections: Option<usize>,
+    #[arg(long, help = help(
+        "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds",
+        defaults::ACTIVATION_TIMEOUT.as_millis(),
+    ))]
+    pub activation_timeout_ms: Option<u64>,
     /// Open a journal that is damaged in the middle (not just at its tail) by cutting it at
     /// the first bad record. Everything after it is set aside in `journal.log.dropped-*`,
     /// acknowledged events included: inspect before using this.
@@ -146,6 +167,15 @@ impl Tuning {
             // Room for every item at the event limit would be absurd; the default body limit
             // or the items at 1 KiB each, whichever is larger.
             limits.max_batch_bytes = limits.max_batch_bytes.max(n.saturating_mul(1024));
+        }
+        if let Some(secs) = self.header_read_timeout_secs {
+            limits.header_read_timeout = Duration::from_secs(secs.max(1));
+        }
+        if let Some(secs) = self.body_read_timeout_secs {
+            limits.body_read_timeout = Duration::from_secs(secs.max(1));
+        }
+        if let Some(n) = self.max_connections {
+            limits.max_connections = n.max(1);
         }
         limits
     }
@@ -177,6 +207,9 @@ impl Tuning {
         }
         if let Some(ms) = self.call_timeout_ms {
             b = b.call_timeout(Duration::from_millis(ms));
+        }
+        if let Some(ms) = self.activation_timeout_ms {
+            b = b.activation_timeout(Duration::from_millis(ms));
         }
         if let Some(n) = self.max_guest_memory {
             b = b.max_guest_memory(n);
