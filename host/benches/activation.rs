@@ -35,7 +35,7 @@ fn reading(i: u64) -> String {
     // Alternating around the setpoint: one or two transitions per event.
     format!(
         r#"{{"type":"reading","celsius":{}}}"#,
-        if i % 2 == 0 { 18.0 } else { 24.0 }
+        if i.is_multiple_of(2) { 18.0 } else { 24.0 }
     )
 }
 

@@ -23,7 +23,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let engine = Engine::new(EngineConfig::default())?;
+    // `DROVER_BENCH_GUARD_PAGES=1`: wasmtime's default memory layout (see
+    // `EngineConfig::guard_pages`), to compare with the compact default in the same session.
+    let engine = Engine::new(EngineConfig {
+        guard_pages: std::env::var_os("DROVER_BENCH_GUARD_PAGES").is_some(),
+        ..EngineConfig::default()
+    })?;
     let plugin = engine.compile(THERMOSTAT)?;
     let id: Arc<str> = Arc::from("t-1");
     let config = r#"{"setpoint":21.0}"#;

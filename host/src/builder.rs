@@ -68,6 +68,21 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Lay guest memories out with guard pages (see [`crate::config::EngineConfig::guard_pages`]):
+    /// faster guest code, at most [`crate::config::defaults::GUARD_PAGES_MAX_LIVE`] live
+    /// instances (the cap is lowered to it).
+    pub fn guard_pages(mut self, on: bool) -> Self {
+        self.config.engine.guard_pages = on;
+        if on {
+            self.config.actor.max_live = self
+                .config
+                .actor
+                .max_live
+                .min(crate::config::defaults::GUARD_PAGES_MAX_LIVE);
+        }
+        self
+    }
+
     /// Keep at most this many guest instances alive; past it the least recently used
     /// devices are passivated. The default is what the machine can hold
     /// ([`crate::config::defaults::max_live`]: half its memory at ~96 KiB per live actor).

@@ -159,11 +159,14 @@ impl Engine {
         // 10-20% dearer, a few percent of an event), instantiation copies the data segments
         // (a few µs), and `memory.grow` moves the memory (a guest grows it rarely: its
         // allocator asks for 64 KiB at a time and keeps what it got).
-        wasm.memory_reservation(0);
-        wasm.memory_reservation_for_growth(0);
-        wasm.memory_guard_size(0);
-        wasm.guard_before_linear_memory(false);
-        wasm.memory_init_cow(false);
+        // `EngineConfig::guard_pages` trades that for faster guest code on fewer instances.
+        if !config.guard_pages {
+            wasm.memory_reservation(0);
+            wasm.memory_reservation_for_growth(0);
+            wasm.memory_guard_size(0);
+            wasm.guard_before_linear_memory(false);
+            wasm.memory_init_cow(false);
+        }
         let engine = wasmtime::Engine::new(&wasm)?;
 
         let mut linker = Linker::new(&engine);

@@ -1075,3 +1075,39 @@ fn live_instances_do_not_cost_memory_mappings() {
     let query = last.query().expect("query");
     assert!(query.contains("21"), "{query}");
 }
+
+/// The faster memory layout with guard pages runs the same guests; it lowers the live cap to
+/// what the mapping limit allows and refuses an explicit cap over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_pages_run_guests_and_bound_the_live_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .guard_pages(true)
+        .max_live_instances(20_000)
+        .open()
+        .await
+        .err()
+        .expect("a cap over the mapping limit is refused");
+    assert!(
+        format!("{refused:#}").contains("guard pages"),
+        "{refused:#}"
+    );
+
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .guard_pages(true)
+        .open()
+        .await
+        .expect("runtime");
+    assert!(rt.config().actor.max_live <= drover::config::defaults::GUARD_PAGES_MAX_LIVE);
+    assert!(rt.config().engine.guard_pages);
+    rt.provision("g", "thermostat", &json!({"setpoint": 20.0}))
+        .await
+        .expect("provision");
+    rt.send("g", r#"{"type":"reading","celsius":18.0}"#)
+        .await
+        .expect("event");
+    assert_eq!(state(&rt, "g").await["heating"], true);
+    rt.shutdown().await;
+}

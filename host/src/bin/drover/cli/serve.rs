@@ -144,6 +144,10 @@ pub struct Tuning {
         defaults::ACTIVATION_TIMEOUT.as_millis(),
     ))]
     pub activation_timeout_ms: Option<u64>,
+    /// Lay guest memories out with guard pages: guest code runs ~20% faster, but a process
+    /// then holds at most 14,000 live instances (the live cap is lowered to it).
+    #[arg(long)]
+    pub guard_pages: bool,
     /// Open a journal that is damaged in the middle (not just at its tail) by cutting it at
     /// the first bad record. Everything after it is set aside in `journal.log.dropped-*`,
     /// acknowledged events included: inspect before using this.
@@ -195,6 +199,10 @@ impl Tuning {
         }
         if let Some(n) = self.max_in_flight {
             b = b.max_in_flight(n);
+        }
+        // Before `--max-live`: guard pages lower the cap, an explicit one over it is refused.
+        if self.guard_pages {
+            b = b.guard_pages(true);
         }
         if let Some(n) = self.max_live {
             b = b.max_live_instances(n);
