@@ -10,14 +10,15 @@
 //!
 //! Only the `drover:device/host` interface. The `wasm32-wasip2` standard library also imports
 //! a handful of WASI interfaces (`wasi:io/*` and `wasi:cli/*`: stdio, environment, exit);
-//! those are accepted at upload but every function in them traps if called, so a guest that
-//! prints traps with a message saying so (the guest SDK routes panics and logs through
-//! `host.log` instead). Any other import (clocks, randomness, filesystem, sockets, ...) is
+//! those are accepted at upload. Printing works: stdout and stderr lines go to the server's
+//! log under the device (`stdio`). Every other function in them (input, environment, exit)
+//! traps if called. Any other import (clocks, randomness, filesystem, sockets, ...) is
 //! refused when the plugin is uploaded, so nondeterminism can never creep in at run time:
 //! a guest's only view of time is the event context.
 //!
-//! (wasmtime-wasi's synchronous bindings are not used for the stdio stubs: they block on a
-//! nested tokio runtime, which panics on the runtime's worker threads where actors run.)
+//! (wasmtime-wasi is not used for stdio: its synchronous bindings block on a nested tokio
+//! runtime, which panics on the runtime's worker threads where actors run, and a print needs
+//! six functions.)
 //!
 //! # Containment
 //!
@@ -37,6 +38,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 
 pub use crate::config::EngineConfig;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+
+mod stdio;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -93,6 +96,8 @@ pub struct GuestState {
     limits: StoreLimits,
     device: Arc<str>,
     last_error: Option<String>,
+    /// Partial lines the guest printed (see `stdio`).
+    stdio: stdio::Buffers,
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -171,6 +176,7 @@ impl Engine {
 
         let mut linker = Linker::new(&engine);
         Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
+        stdio::add_to_linker(&mut linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.weak();
@@ -363,6 +369,7 @@ impl CompiledPlugin {
                 .build(),
             device,
             last_error: None,
+            stdio: stdio::Buffers::default(),
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -497,8 +504,8 @@ impl Instance {
                         let raw = format!("{e:#}");
                         if raw.contains("unknown import") {
                             format!(
-                                "{raw}: guests have no stdio or environment (log through the \
-                                 host's `log` instead)"
+                                "{raw}: guests have no input, environment or exit (print, or \
+                                 log through the host's `log`, instead)"
                             )
                         } else {
                             raw

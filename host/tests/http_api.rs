@@ -781,6 +781,17 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     assert_eq!(ack["seq"], 2);
     assert_eq!(ack["transitions"][0]["count"], 2);
     assert_eq!(api.get("/v1/devices/good").body["seq"], 4);
+
+    // A guest's `println!` / `eprintln!` go to the server's log under the device, instead of
+    // trapping.
+    let printed = api.send("bad", &json!({"type": "print", "message": "debugging 42"}));
+    assert_eq!(printed["seq"], 3, "{printed}");
+    let log = server.log_text();
+    let line = |needle: &str| log.lines().any(|l| l.contains(needle) && l.contains("bad"));
+    assert!(
+        line("debugging 42") && line("stderr: debugging 42"),
+        "{log}"
+    );
 }
 
 /// Logging can never take down the server: with stderr on a full disk (`/dev/full`) it

@@ -118,6 +118,11 @@ impl Server {
         }
     }
 
+    /// Everything the server has logged so far (its stderr).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

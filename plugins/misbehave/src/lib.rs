@@ -29,6 +29,7 @@
 //! | `{"type": "alloc", "mb": N}` | allocates and touches N MiB, keeps it for the instance's lifetime, then returns `{"type": "allocated", "mb": N}`; beyond the store's memory limit this traps |
 //! | `{"type": "big", "kb": N}` | one transition `{"type": "big", "payload": "xxx..."}` whose payload is N KiB |
 //! | `{"type": "log", "message": "...", "level": "warn"}` | logs through the host (level defaults to `info`), no transition |
+//! | `{"type": "print", "message": "..."}` | `println!` the message and `eprintln!` it with `stderr: ` before it (std's WASI stdio), no transition |
 //! | `{"type": "echo"}` | one transition `{"type": "echoed", "device_id": .., "seq": .., "at_ms": .., "seed": ..}` copying the event context |
 //! | `{"type": "panic_on_apply"}` | one transition `{"type": "poison"}` whose `apply` panics: handle succeeds, apply (and every replay) traps |
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
@@ -91,6 +92,8 @@ pub enum Event {
         /// KiB of payload.
         kb: u32,
     },
+    /// Print a line on stdout and on stderr, as a plugin author debugging would.
+    Print { message: String },
     /// Log a line through the host.
     Log {
         /// The line.
@@ -213,6 +216,11 @@ impl Device for Misbehave {
             Event::Big { kb } => vec![Transition::Big {
                 payload: "x".repeat(kb as usize * 1024),
             }],
+            Event::Print { message } => {
+                println!("{message}");
+                eprintln!("stderr: {message}");
+                vec![]
+            }
             Event::Log { message, level } => {
                 let level = match level {
                     LogLevel::Trace => Level::Trace,
