@@ -26,6 +26,7 @@
 //! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits.
 //! * `router`: device id → actor, activation on demand, the live-instance cap.
 //! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
+//! * `removal`: removing a device, with an archive of its history ([`Runtime::remove_device`]).
 //! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
 //!   ([`Runtime::deploy`], [`DeployReport`]).
 //! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
@@ -46,6 +47,7 @@ pub mod http;
 pub mod journal;
 pub mod metrics;
 pub mod registry;
+mod removal;
 pub mod replay;
 mod router;
 mod runtime;
@@ -57,6 +59,7 @@ pub use config::Config;
 pub use deploy::{DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE, Selection};
 pub use error::{Error, ErrorKind};
 pub use registry::PluginVersion;
+pub use removal::Removal;
 pub use runtime::Runtime;
 pub use view::{
     Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,

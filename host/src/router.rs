@@ -27,6 +27,8 @@ pub struct Router {
     closing: AtomicBool,
     /// Set while an LRU passivation sweep is running, so activations do not pile up sweeps.
     evicting: AtomicBool,
+    /// Devices being removed: no actor may start for them (see [`Router::stop_for_removal`]).
+    removing: parking_lot::Mutex<std::collections::HashSet<String>>,
     me: Weak<Router>,
 }
 
@@ -40,6 +42,7 @@ impl Router {
                 actors: RwLock::new(HashMap::new()),
                 closing: AtomicBool::new(false),
                 evicting: AtomicBool::new(false),
+                removing: Default::default(),
                 me: me.clone(),
             }
         })
@@ -84,6 +87,7 @@ impl Router {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
+        self.refuse_if_removing(id)?;
         match actors.get(id) {
             Some(a) if !a.tx.same_channel(dead) => return Ok(a.tx.clone()),
             _ => {}
@@ -113,10 +117,34 @@ impl Router {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
+        self.refuse_if_removing(id)?;
         let handle = actors
             .entry(head.id.clone())
             .or_insert_with(|| actor::spawn(self.env.clone(), head, false));
         Ok(handle.tx.clone())
+    }
+
+    /// Stops device `id`'s actor for its removal: from now on no actor starts for it (its
+    /// messages get [`Error::UnknownDevice`]), and this waits until the actor has handled
+    /// what was already in its mailbox. [`Router::end_removal`] lifts the bar.
+    pub async fn stop_for_removal(&self, id: &str) {
+        self.removing.lock().insert(id.to_string());
+        let handle = self.actors.write().remove(id);
+        if let Some(handle) = handle {
+            handle.closed().await;
+        }
+    }
+
+    /// Ends what [`Router::stop_for_removal`] started (removed or not).
+    pub fn end_removal(&self, id: &str) {
+        self.removing.lock().remove(id);
+    }
+
+    fn refuse_if_removing(&self, id: &str) -> Result<(), Error> {
+        if self.removing.lock().contains(id) {
+            return Err(Error::UnknownDevice(id.to_string()));
+        }
+        Ok(())
     }
 
     /// The mailboxes of the actors holding a live instance whose version satisfies `pick`

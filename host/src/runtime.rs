@@ -67,10 +67,12 @@ pub(crate) struct Shared {
     pub(crate) pool: Mutex<Option<ActorPool>>,
     /// One deploy or rollback at a time (see `crate::deploy`).
     pub(crate) deploying: tokio::sync::Mutex<()>,
+    /// The data directory (archives of removed devices go under it).
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 /// An id being provisioned; released on drop.
-struct ProvisionClaim {
+pub(crate) struct ProvisionClaim {
     shared: Arc<Shared>,
     id: String,
 }
@@ -122,6 +124,7 @@ impl Runtime {
                 lock: Mutex::new(Some(lock)),
                 pool: Mutex::new(Some(pool)),
                 deploying: tokio::sync::Mutex::new(()),
+                data_dir: data_dir.to_path_buf(),
             }),
         })
     }
@@ -263,7 +266,7 @@ impl Runtime {
     }
 
     /// Waits (briefly) until no other provisioning of `id` is under way, and claims it.
-    async fn claim_provisioning(&self, id: &str) -> Result<ProvisionClaim, Error> {
+    pub(crate) async fn claim_provisioning(&self, id: &str) -> Result<ProvisionClaim, Error> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if self.shared.provisioning.lock().insert(id.to_string()) {

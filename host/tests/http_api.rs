@@ -295,6 +295,15 @@ fn provision_send_and_read_back_both_plugins() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Removing a device, with an archive of its history on the server.
+    let (ok, out, err) = cli(&["remove", "porch", "--archive", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("removed porch at seq"), "{out}");
+    assert!(out.contains("archive"), "{out}");
+    api.get("/v1/devices/porch")
+        .assert_error(404, "unknown-device");
+    api.call(Method::DELETE, "/v1/devices/porch", None)
+        .assert_error(404, "unknown-device");
     // Errors: the server's code and message, non-zero exit.
     let (ok, _, err) = cli(&["state", "nobody", "--server", url]);
     assert!(!ok);

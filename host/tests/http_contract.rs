@@ -223,7 +223,7 @@ async fn every_bad_input_answers_its_status_and_code() {
         ),
         case(
             "wrong method",
-            M::DELETE,
+            M::PATCH,
             "/v1/devices/t1",
             "",
             405,
@@ -554,6 +554,22 @@ async fn every_bad_input_answers_its_status_and_code() {
             json_bytes(json!({"events": [{"device": "t1"}]})),
             400,
             "malformed-request",
+        ),
+        case(
+            "removal of an unknown device",
+            M::DELETE,
+            "/v1/devices/ghost",
+            "",
+            404,
+            "unknown-device",
+        ),
+        case(
+            "removal with a malformed query",
+            M::DELETE,
+            "/v1/devices/t1?archive=maybe",
+            "",
+            400,
+            "malformed-query",
         ),
         // Plugins.
         case(

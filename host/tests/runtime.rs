@@ -1111,3 +1111,89 @@ async fn guard_pages_run_guests_and_bound_the_live_cap() {
     assert_eq!(state(&rt, "g").await["heating"], true);
     rt.shutdown().await;
 }
+
+/// Removing a device: events racing the removal either commit before it or get
+/// `unknown-device`; the archive holds its whole history; the id comes back as a new device
+/// from seq 1; all of it survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_is_gone_archived_and_its_id_reusable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 4).await;
+    rt.provision("r", "thermostat", &json!({"setpoint": 20.0}))
+        .await
+        .expect("provision");
+    rt.provision("keep", "thermostat", &json!({}))
+        .await
+        .expect("provision");
+    rt.send("keep", r#"{"type":"reading","celsius":19.0}"#)
+        .await
+        .expect("event");
+    for i in 0..5 {
+        rt.send(
+            "r",
+            &format!(r#"{{"type":"reading","celsius":{}}}"#, 18 + i),
+        )
+        .await
+        .expect("event");
+    }
+    let racer = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let mut acked = 0u64;
+            loop {
+                match rt.send("r", r#"{"type":"reading","celsius":21.5}"#).await {
+                    Ok(_) => acked += 1,
+                    Err(Error::UnknownDevice(_)) => return acked,
+                    Err(e) => panic!("unexpected: {e}"),
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let removal = rt.remove_device("r", true).await.expect("removed");
+    let acked = racer.await.expect("racer");
+    assert_eq!(
+        removal.seq,
+        5 + acked,
+        "every acknowledged event came before the removal"
+    );
+    for err in [
+        rt.send("r", r#"{"type":"reading","celsius":20.0}"#)
+            .await
+            .expect_err("gone"),
+        rt.device("r").await.expect_err("gone"),
+        rt.remove_device("r", false).await.expect_err("gone"),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::UnknownDevice, "{err}");
+    }
+    assert!(!rt.device_ids().contains(&"r".to_string()));
+
+    let archive = std::fs::read_to_string(removal.archive.expect("archived")).expect("archive");
+    let lines: Vec<Value> = archive.lines().map(parse).collect();
+    assert_eq!(lines.len() as u64, 1 + removal.seq);
+    assert_eq!(lines[0]["device"], "r");
+    assert_eq!(lines[0]["config"]["setpoint"], 20.0);
+    assert_eq!(lines[1]["seq"], 1);
+    assert_eq!(lines[1]["event"]["celsius"], 18.0);
+    assert_eq!(lines.last().unwrap()["seq"], removal.seq);
+
+    // The id, provisioned again, is a new device.
+    let (again, created) = rt
+        .provision("r", "door-lock", &json!({"code": "1234"}))
+        .await
+        .expect("provision again");
+    assert!(created);
+    assert_eq!((again.plugin.as_str(), again.seq), ("door-lock", 0));
+    assert_eq!(
+        rt.send("r", r#"{"type":"lock"}"#).await.expect("event").seq,
+        1
+    );
+    rt.shutdown().await;
+
+    let rt = open(dir.path(), 4).await;
+    let r = rt.summary("r").expect("the new `r`");
+    assert_eq!((r.plugin.as_str(), r.seq), ("door-lock", 1));
+    assert_eq!(rt.summary("keep").expect("kept").seq, 1);
+    assert_eq!(rt.journal().recovery().format, 3);
+    rt.shutdown().await;
+}

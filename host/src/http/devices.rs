@@ -299,6 +299,26 @@ pub async fn resume(State(app): State<App>, Id(id): Id) -> Result<Response, ApiE
     Ok(json::ok(&Resumed { id, status }))
 }
 
+/// Query of `DELETE /v1/devices/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    /// Write the device's history to `<data>/archive/` first.
+    #[serde(default)]
+    archive: bool,
+}
+
+/// `DELETE /v1/devices/{id}[?archive=true]`: removes the device (see `crate::removal`).
+/// 200 `{"id","seq","archive"}` with the archive's path or `null`; 404 if unknown.
+pub async fn remove(
+    State(app): State<App>,
+    Id(id): Id,
+    QueryOf(q): QueryOf<RemoveQuery>,
+) -> Result<Response, ApiError> {
+    let removal = app.rt.remove_device(&id, q.archive).await?;
+    Ok(json::ok(&removal))
+}
+
 /// One dead letter as answered: the view plus the event as JSON.
 #[derive(Debug, Serialize)]
 struct DeadLetterOut {

@@ -166,6 +166,8 @@ pub fn status_of(e: &Error) -> StatusCode {
     match e {
         Error::Journal(JournalError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Journal(JournalError::Read { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+        // Retrying cannot help: the data directory's format cannot hold the request.
+        Error::Journal(JournalError::Format(_)) => StatusCode::CONFLICT,
         other => status_of_kind(other.kind()),
     }
 }

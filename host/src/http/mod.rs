@@ -10,6 +10,7 @@
 //! | call | answer |
 //! | --- | --- |
 //! | `PUT /v1/devices/{id}` | 201 created / 200 unchanged: the device |
+//! | `DELETE /v1/devices/{id}[?archive=true]` | 200 `{"id","seq","archive"}`: removed (see `crate::removal`) |
 //! | `GET /v1/devices?after=ID&limit=N` | 200 a page of device ids |
 //! | `GET /v1/devices/{id}` | 200 `{"id","plugin","version","seq","status","state",...}` |
 //! | `POST /v1/devices/{id}/events` | 200 `{"seq","at","transitions"}` once durable |
@@ -92,7 +93,9 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route(
             "/v1/devices/{id}",
             limited(
-                put(devices::provision).get(devices::show),
+                put(devices::provision)
+                    .get(devices::show)
+                    .delete(devices::remove),
                 limits.max_request_bytes,
             ),
         )

@@ -87,6 +87,9 @@ pub enum IndexEffect {
     DeadLetter {
         device: u32,
     },
+    Removed {
+        device: u32,
+    },
 }
 
 /// The index proper. See the module docs.
@@ -95,6 +98,9 @@ pub struct Index {
     pub versions: Vec<VersionInfo>,
     pub devices: HashMap<u32, DeviceInfo>,
     pub by_id: HashMap<Arc<str>, u32>,
+    /// One past the highest device number ever recorded, removed devices included: numbers
+    /// are never reused, so an old record can never be taken for a new device's.
+    pub next_num: u32,
     /// Length of the durable prefix of the journal file.
     pub durable_len: u64,
 }
@@ -215,6 +221,12 @@ impl Index {
                 }
                 IndexEffect::DeadLetter { device: d.device }
             }
+            Record::Removed { device, .. } => {
+                if !self.devices.contains_key(device) {
+                    return Err(Inconsistency::UnknownDevice(*device));
+                }
+                IndexEffect::Removed { device: *device }
+            }
         })
     }
 
@@ -232,6 +244,7 @@ impl Index {
             IndexEffect::None => {}
             IndexEffect::Version(v) => self.versions.push(v),
             IndexEffect::Device(d) => {
+                self.next_num = self.next_num.max(d.num.saturating_add(1));
                 // A re-provisioned device keeps its history and rebinds its version.
                 match self.devices.get_mut(&d.num) {
                     Some(existing) => {
@@ -271,6 +284,11 @@ impl Index {
                     d.dead_letters.push_back(offset);
                 }
             }
+            IndexEffect::Removed { device } => {
+                if let Some(d) = self.devices.remove(&device) {
+                    self.by_id.remove(&d.id);
+                }
+            }
         }
     }
 
@@ -281,6 +299,6 @@ impl Index {
 
     /// The next free device number.
     pub fn next_device_num(&self) -> u32 {
-        self.devices.keys().max().map_or(0, |m| m + 1)
+        self.next_num
     }
 }

@@ -90,6 +90,9 @@ pub enum JournalError {
     /// A record exceeds the size limit.
     #[error("record of {0} bytes exceeds the journal's limit")]
     TooLarge(usize),
+    /// The journal's file format cannot hold this record (a format-1 journal and a removal).
+    #[error("{0}")]
+    Format(String),
 }
 
 impl JournalError {
@@ -209,6 +212,8 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     next_device: AtomicU32,
     recovery: Recovery,
+    /// The format the file's header names now (raised to 3 before a first kind-6 record).
+    format: AtomicU32,
 }
 
 impl Drop for Inner {
@@ -266,6 +271,7 @@ impl Journal {
                 tx: Some(tx),
                 writer: Mutex::new(Some(handle)),
                 next_device: AtomicU32::new(next_device),
+                format: AtomicU32::new(recovery.format),
                 recovery,
             }),
         })
@@ -290,6 +296,7 @@ impl Journal {
                 tx: None,
                 writer: Mutex::new(None),
                 next_device: AtomicU32::new(u32::MAX),
+                format: AtomicU32::new(recovery.format),
                 recovery,
             }),
         })
@@ -346,6 +353,47 @@ impl Journal {
         let head = DeviceHead::of(&info);
         self.append(&record, IndexEffect::Device(info)).await?;
         Ok(head)
+    }
+
+    /// Records that device `num` is removed, and waits until it is durable. Its records stay
+    /// in the file; the index forgets it, and its id may be provisioned again as a new device
+    /// (with a new number: numbers are never reused). The caller makes sure nothing else
+    /// writes for the device meanwhile (its actor is stopped).
+    pub async fn record_removal(&self, num: u32, at_ms: u64) -> Result<(), JournalError> {
+        self.require_format(3)?;
+        self.append(
+            &Record::Removed { device: num, at_ms },
+            IndexEffect::Removed { device: num },
+        )
+        .await
+    }
+
+    /// Makes sure the file's header names at least `format`, raising it (durably, before
+    /// any record that needs it is submitted) if it names format 2. A header-less format-1
+    /// file cannot be raised in place.
+    fn require_format(&self, format: u32) -> Result<(), JournalError> {
+        let now = self.inner.format.load(Ordering::Acquire);
+        if now >= format {
+            return Ok(());
+        }
+        if now < 2 {
+            return Err(JournalError::Format(format!(
+                "this journal is in format {now} (from the first releases, without a file \
+                 header) and cannot hold this record: export its devices and import them into \
+                 a new data directory"
+            )));
+        }
+        let storage = &*self.inner.storage;
+        storage
+            .write_all_at(&record::file_header_of(format), 0)
+            .and_then(|()| storage.sync_data())
+            .map_err(|e| JournalError::Commit {
+                kind: e.kind(),
+                message: format!("raising the journal's format to {format}: {e}"),
+            })?;
+        self.inner.format.fetch_max(format, Ordering::AcqRel);
+        tracing::info!(format, "journal format raised");
+        Ok(())
     }
 
     /// The write lane of one device, for its actor: see [`DeviceWriter`].

@@ -42,8 +42,11 @@ pub const HEADER_LEN: usize = 8;
 /// header announcing more is treated as corruption on read.
 pub const MAX_BODY_LEN: usize = 64 * 1024 * 1024;
 
-/// The record format this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// The record format this build writes. Format 3 added record kind 6 (a removed device);
+/// formats 1 and 2 hold kinds 1-5 only and are read as they are. A format-2 file is marked
+/// format 3 before its first kind-6 record is written, so an older build refuses it by name
+/// instead of misreading it.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 16;
@@ -52,9 +55,14 @@ const FILE_MAGIC: [u8; 8] = *b"DROVERJL";
 
 /// The file header of a journal written by this build.
 pub fn file_header() -> [u8; FILE_HEADER_LEN] {
+    file_header_of(FORMAT_VERSION)
+}
+
+/// The file header naming `format`.
+pub fn file_header_of(format: u32) -> [u8; FILE_HEADER_LEN] {
     let mut h = [0u8; FILE_HEADER_LEN];
     h[..8].copy_from_slice(&FILE_MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&format.to_le_bytes());
     let crc = crc32fast::hash(&h[..12]);
     h[12..].copy_from_slice(&crc.to_le_bytes());
     h
@@ -108,6 +116,7 @@ const KIND_DEVICE: u8 = 2;
 const KIND_EVENT: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_DEAD_LETTER: u8 = 5;
+const KIND_REMOVED: u8 = 6;
 
 /// One journal record, decoded.
 #[derive(Clone, PartialEq, Eq)]
@@ -140,6 +149,9 @@ pub enum Record {
     /// An event the device's plugin failed on (trap, timeout, oversized output): not
     /// applied, no seq used, kept so the failure is visible and the event can be re-sent.
     DeadLetter(DeadLetter),
+    /// Device `device` was removed (format 3): its earlier records stay in the file but no
+    /// longer belong to any device, and its id may be provisioned again (as a new device).
+    Removed { device: u32, at_ms: u64 },
 }
 
 /// An event a plugin failed on; not applied, no seq used.
@@ -192,6 +204,7 @@ impl fmt::Debug for Record {
                     d.device, d.after_seq
                 )
             }
+            Record::Removed { device, .. } => write!(f, "Removed(device {device})"),
         }
     }
 }
@@ -271,6 +284,11 @@ impl Record {
                 put_bytes(out, &d.event);
                 put_bytes(out, d.code.as_bytes());
                 put_bytes(out, d.message.as_bytes());
+            }
+            Record::Removed { device, at_ms } => {
+                out.push(KIND_REMOVED);
+                put_varint(out, u64::from(*device));
+                put_varint(out, *at_ms);
             }
         }
         seal(out, start);
@@ -416,6 +434,10 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
             version: r.u32()?,
             data: r.bytes()?.to_vec(),
         },
+        KIND_REMOVED => Record::Removed {
+            device: r.u32()?,
+            at_ms: r.varint()?,
+        },
         _ => return Err(DecodeError::Corrupt("unknown record kind")),
     };
     if !r.buf.is_empty() {
@@ -550,6 +572,10 @@ mod tests {
                 code: "trap".into(),
                 message: "guest trapped: unreachable".into(),
             }),
+            Record::Removed {
+                device: 3,
+                at_ms: 1_700_000_001_000,
+            },
         ]
     }
 

@@ -457,3 +457,69 @@ async fn a_header_less_format_1_journal_still_opens() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
     assert_eq!(journal.read_events(0, 3, 3).expect("read")[0].seq, 3);
 }
+
+#[tokio::test]
+async fn a_removal_raises_a_format_2_journal_to_3_and_never_reuses_the_number() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 3).await.close();
+    // Mark the file format 2, as a journal written by the previous release.
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[..record::FILE_HEADER_LEN].copy_from_slice(&record::file_header_of(2));
+    std::fs::write(&path, &bytes).expect("write");
+    let (journal, recovery) = open_dir(dir.path()).expect("opens");
+    assert_eq!(recovery.format, 2, "opening alone changes nothing");
+    assert_eq!(
+        &std::fs::read(&path).expect("read")[8..12],
+        &2u32.to_le_bytes()
+    );
+
+    journal.record_removal(0, 1).await.expect("removed");
+    assert!(journal.device("a").is_none());
+    assert_eq!(
+        &std::fs::read(&path).expect("read")[8..12],
+        &3u32.to_le_bytes()
+    );
+    // The id can come back, as a new device with a new number.
+    let head = journal
+        .record_device("a", 0, b"{}", 2)
+        .await
+        .expect("again");
+    assert_eq!((head.num, head.seq), (1, 0));
+    journal.close();
+    drop(journal);
+
+    let (journal, recovery) = open_dir(dir.path()).expect("reopens");
+    assert_eq!(recovery.format, 3);
+    let a = journal.device("a").expect("the new `a`");
+    assert_eq!((a.num, a.seq), (1, 0));
+    assert_eq!(journal.index().next_device_num(), 2);
+    // A removal of a device that does not exist does not fit the records before it.
+    assert!(
+        journal
+            .index()
+            .effect_of(&Record::Removed {
+                device: 0,
+                at_ms: 3
+            })
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_format_1_journal_refuses_a_removal_and_stays_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 2).await.close();
+    let path = dir.path().join(FILE_NAME);
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[record::FILE_HEADER_LEN..]).expect("write");
+    let (journal, _) = open_dir(dir.path()).expect("opens");
+    let err = journal.record_removal(0, 1).await.expect_err("refused");
+    assert!(matches!(err, JournalError::Format(_)), "{err}");
+    assert!(journal.device("a").is_some());
+    journal.close();
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        &bytes[record::FILE_HEADER_LEN..]
+    );
+}

@@ -71,6 +71,10 @@ impl ApiClient {
     }
 
     /// A PUT request for `path`.
+    pub fn delete(&self, path: &str) -> RequestBuilder {
+        self.http.delete(self.url(path))
+    }
+
     pub fn put(&self, path: &str) -> RequestBuilder {
         self.http.put(self.url(path))
     }

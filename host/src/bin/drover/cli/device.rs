@@ -364,6 +364,42 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `drover remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The device id.
+    pub device: String,
+    /// First write the device's whole history to `DATA/archive/ID.MS.jsonl` on the server.
+    #[arg(long)]
+    pub archive: bool,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// Removes a device (`DELETE /v1/devices/{id}`).
+pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let id = segment(&args.device);
+    let path = if args.archive {
+        format!("/v1/devices/{id}?archive=true")
+    } else {
+        format!("/v1/devices/{id}")
+    };
+    let (text, out): (String, serde_json::Value) = api.call_json(api.delete(&path))?;
+    if args.client.json {
+        println!("{text}");
+    } else {
+        match out["archive"].as_str() {
+            Some(archive) => println!(
+                "removed {} at seq {}; its history is archived in {archive} on the server",
+                args.device, out["seq"]
+            ),
+            None => println!("removed {} at seq {}", args.device, out["seq"]),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `drover dead-letters`.
 #[derive(Debug, Args)]
 pub struct DeadLettersArgs {

@@ -53,6 +53,8 @@ pub enum Command {
     Devices(device::DevicesArgs),
     /// End a device's quarantine now, so its next event runs its plugin again.
     Resume(device::ResumeArgs),
+    /// Remove a device (its records stay in the journal; `--archive` also exports them).
+    Remove(device::RemoveArgs),
     /// List the events a device's plugin failed on (trap, timeout, oversized output).
     DeadLetters(device::DeadLettersArgs),
     /// Plugins: push a version, list, show, deploy, roll back, diff (dry-run).
@@ -82,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Provision(args) => device::provision(args),
         Command::Devices(args) => device::devices(args),
         Command::Resume(args) => device::resume(args),
+        Command::Remove(args) => device::remove(args),
         Command::DeadLetters(args) => device::dead_letters(args),
         Command::Plugin(args) => plugins::run(args),
         Command::New(args) => new::run(args),

@@ -1,0 +1,138 @@
+//! Removing a device, with or without an archive of its history.
+//!
+//! A removal stops the device's actor (after it has handled what was already in its
+//! mailbox), waits until everything it wrote is durable, optionally writes the device's
+//! whole journal to `<data>/archive/<id>.<ms>.jsonl`, and records the removal in the journal
+//! (record kind 6). The device's records stay in the journal file: the index forgets the
+//! device, its id answers `unknown-device`, and the id may be provisioned again as a new
+//! device starting at seq 1.
+//!
+//! # The archive
+//!
+//! JSON lines: first the device (`{"device", "plugin", "version", "config",
+//! "created_at_ms", "seq", "removed_at_ms"}`), then one line per journal record in seq order
+//! (`{"seq", "at_ms", "plugin", "version", "event", "transitions"}`, the shape of
+//! `GET /v1/devices/{id}/journal`). Written to a temporary file, fsynced, then renamed.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::clock;
+use crate::error::{Error, validate_id};
+use crate::runtime::Runtime;
+
+/// What a removal did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Removal {
+    pub id: String,
+    /// The device's last seq.
+    pub seq: u64,
+    /// The archive written, if one was asked for.
+    pub archive: Option<PathBuf>,
+}
+
+impl Runtime {
+    /// Removes device `id`; with `archive`, first writes its history to a JSON-lines file
+    /// under the data directory (see the module docs). Events that reach the device during
+    /// the removal either commit before it or get [`Error::UnknownDevice`].
+    pub async fn remove_device(&self, id: &str, archive: bool) -> Result<Removal, Error> {
+        let result = self.remove_inner(id, archive).await;
+        self.counted(result)
+    }
+
+    async fn remove_inner(&self, id: &str, archive: bool) -> Result<Removal, Error> {
+        validate_id(id)?;
+        self.check_open()?;
+        // No provisioning of the same id while it goes.
+        let _claim = self.claim_provisioning(id).await?;
+        if self.shared.journal.device(id).is_none() {
+            return Err(Error::UnknownDevice(id.to_string()));
+        }
+        let router = &self.shared.router;
+        router.stop_for_removal(id).await;
+        let result = self.remove_stopped(id, archive).await;
+        router.end_removal(id);
+        if let Ok(r) = &result {
+            tracing::info!(device = id, seq = r.seq, archive = ?r.archive, "device removed");
+        }
+        result
+    }
+
+    async fn remove_stopped(&self, id: &str, archive: bool) -> Result<Removal, Error> {
+        let journal = &self.shared.journal;
+        // The stopped actor's last appends (and a passivation snapshot) must be durable
+        // before the device's history is archived and closed.
+        journal.barrier().await?;
+        let head = journal
+            .device(id)
+            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        let at_ms = clock::now_ms();
+        let archive = if archive {
+            Some(self.write_archive(id, head.seq, at_ms)?)
+        } else {
+            None
+        };
+        journal.record_removal(head.num, at_ms).await?;
+        Ok(Removal {
+            id: id.to_string(),
+            seq: head.seq,
+            archive,
+        })
+    }
+
+    /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.
+    fn write_archive(&self, id: &str, seq: u64, at_ms: u64) -> Result<PathBuf, Error> {
+        let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
+        let json = |v: &str| {
+            serde_json::from_str::<serde_json::Value>(v)
+                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
+        };
+        let summary = self
+            .summary(id)
+            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        let dir = self.shared.data_dir.join("archive");
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let path = dir.join(format!("{id}.{at_ms}.jsonl"));
+        let tmp = path.with_extension("jsonl.tmp");
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut out = std::io::BufWriter::new(file);
+        let header = serde_json::json!({
+            "device": id,
+            "plugin": summary.plugin,
+            "version": summary.version,
+            "config": summary.config,
+            "created_at_ms": summary.created_at_ms,
+            "seq": seq,
+            "removed_at_ms": at_ms,
+        });
+        writeln!(out, "{header}").map_err(io)?;
+        let mut from = 1;
+        while from <= seq {
+            let page = self.journal_page(id, from, 1000)?;
+            for r in &page.records {
+                let line = serde_json::json!({
+                    "seq": r.seq,
+                    "at_ms": r.at_ms,
+                    "plugin": r.plugin,
+                    "version": r.version,
+                    "event": json(&r.event),
+                    "transitions": r.transitions.iter().map(|t| json(t)).collect::<Vec<_>>(),
+                });
+                writeln!(out, "{line}").map_err(io)?;
+            }
+            match page.next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(path)
+    }
+}
