@@ -52,6 +52,13 @@ pub enum Error {
     /// back to. `force` overrides the first.
     #[error("deploy refused: {0}")]
     DeployRefused(String),
+    /// A plugin version cannot be removed while devices run it (or while it is current).
+    #[error("version {version} of plugin `{plugin}` cannot be removed: {why}")]
+    VersionInUse {
+        plugin: String,
+        version: u32,
+        why: String,
+    },
     /// A plugin operation named a device that runs another plugin.
     #[error("device `{device}` runs plugin `{runs}`, not `{plugin}`")]
     WrongPlugin {
@@ -116,6 +123,7 @@ error_kinds! {
     InvalidPlugin => "invalid-plugin",
     DeployRefused => "deploy-refused",
     WrongPlugin => "wrong-plugin",
+    VersionInUse => "version-in-use",
     SeqOutOfRange => "seq-out-of-range",
     Journal => "journal",
     ActivationFailed => "activation-failed",
@@ -144,6 +152,7 @@ impl Error {
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
             Error::DeployRefused(_) => ErrorKind::DeployRefused,
             Error::WrongPlugin { .. } => ErrorKind::WrongPlugin,
+            Error::VersionInUse { .. } => ErrorKind::VersionInUse,
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
             Error::Journal(_) => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,

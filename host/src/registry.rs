@@ -81,9 +81,25 @@ impl PluginVersion {
 /// The registry's table: every version by journal-local id, and each plugin's pointer.
 #[derive(Debug, Default)]
 struct Table {
-    /// `versions[id]` is the version with that id: ids are dense from 0.
+    /// `versions[id]` is the version with that id: ids are dense from 0 (removed ones
+    /// included: the journal's version records stay).
     versions: Vec<VersionInfo>,
     current: HashMap<String, Pointer>,
+    /// Removed versions: not listed, not deployable, their files deleted.
+    removed: std::collections::BTreeSet<u32>,
+}
+
+/// What `current.json` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Saved {
+    Now {
+        current: HashMap<String, Pointer>,
+        #[serde(default)]
+        removed: std::collections::BTreeSet<u32>,
+    },
+    /// The first shape: the pointers alone.
+    Pointers(HashMap<String, Pointer>),
 }
 
 impl Table {
@@ -159,8 +175,20 @@ impl Registry {
         }
         match std::fs::read(dir.join(POINTERS_FILE)) {
             Ok(bytes) => {
-                let saved: HashMap<String, Pointer> = serde_json::from_slice(&bytes)
+                let saved: Saved = serde_json::from_slice(&bytes)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                let (saved, removed) = match saved {
+                    Saved::Now { current, removed } => (current, removed),
+                    Saved::Pointers(current) => (current, Default::default()),
+                };
+                table.removed = removed;
+                // A plugin whose versions are all removed has no pointer.
+                for (name, p) in &mut table.current {
+                    if !saved.contains_key(name) && table.removed.contains(&p.current) {
+                        p.current = u32::MAX;
+                    }
+                }
+                table.current.retain(|_, p| p.current != u32::MAX);
                 for (name, p) in saved {
                     // Pointers to versions the journal does not have (a journal restored
                     // from an older backup) are ignored.
@@ -207,7 +235,8 @@ impl Registry {
         let (id, number) = {
             let table = self.table.read();
             let mine = || table.versions.iter().filter(|v| v.plugin == name);
-            if let Some(v) = mine().find(|v| v.digest == digest).cloned() {
+            let live = |v: &&VersionInfo| !table.removed.contains(&v.id);
+            if let Some(v) = mine().filter(live).find(|v| v.digest == digest).cloned() {
                 drop(table);
                 if origin == Origin::Startup && self.startup_may_point(name) {
                     self.point(v.id, Origin::Startup)?;
@@ -310,12 +339,73 @@ impl Registry {
         table
             .versions
             .iter()
-            .find(|v| v.plugin == name && v.number == number)
+            .find(|v| v.plugin == name && v.number == number && !table.removed.contains(&v.id))
             .cloned()
             .ok_or_else(|| Error::UnknownVersion {
                 plugin: name.to_string(),
                 version: number,
             })
+    }
+
+    /// Removes versions `ids` of plugin `name` (the caller checked that no device runs them):
+    /// they leave the list, cannot be deployed, and their files are deleted. Removing the
+    /// current version is refused unless every version of the plugin goes, which removes the
+    /// plugin. The journal's version records stay (ids are dense).
+    pub fn remove_versions(&self, name: &str, ids: &[u32]) -> Result<(), Error> {
+        let digests: Vec<[u8; 32]> = {
+            let mut table = self.table.write();
+            let Some(pointer) = table.current.get(name).cloned() else {
+                return Err(Error::UnknownPlugin(name.to_string()));
+            };
+            let remaining = table
+                .versions
+                .iter()
+                .filter(|v| v.plugin == name && !table.removed.contains(&v.id))
+                .filter(|v| !ids.contains(&v.id))
+                .count();
+            if ids.contains(&pointer.current) && remaining > 0 {
+                let number = table.versions[pointer.current as usize].number;
+                return Err(Error::VersionInUse {
+                    plugin: name.to_string(),
+                    version: number,
+                    why: "it is the current version: deploy another first".into(),
+                });
+            }
+            table.removed.extend(ids.iter().copied());
+            if remaining == 0 {
+                table.current.remove(name);
+            } else if let Some(p) = table.current.get_mut(name) {
+                p.previous.retain(|id| !ids.contains(id));
+            }
+            ids.iter()
+                .filter_map(|id| table.versions.get(*id as usize).map(|v| v.digest))
+                .collect()
+        };
+        {
+            let mut compiled = self.compiled.lock();
+            for id in ids {
+                compiled.remove(id);
+            }
+        }
+        self.save()?;
+        for digest in digests {
+            let hex = hex::encode(digest);
+            for ext in ["wasm", "cwasm"] {
+                let _ = std::fs::remove_file(self.dir.join(format!("{hex}.{ext}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids of `name`'s versions that are not removed.
+    pub fn version_ids(&self, name: &str) -> Vec<u32> {
+        let table = self.table.read();
+        table
+            .versions
+            .iter()
+            .filter(|v| v.plugin == name && !table.removed.contains(&v.id))
+            .map(|v| v.id)
+            .collect()
     }
 
     /// The current version of the plugin that version `id` belongs to: where a device on
@@ -328,8 +418,14 @@ impl Registry {
 
     /// Writes the pointers (temp file, fsync, rename, fsync directory).
     fn save(&self) -> Result<(), Error> {
-        let bytes = serde_json::to_vec_pretty(&self.table.read().current)
-            .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
+        let bytes = {
+            let table = self.table.read();
+            serde_json::to_vec_pretty(&Saved::Now {
+                current: table.current.clone(),
+                removed: table.removed.clone(),
+            })
+        }
+        .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
         write_replace(&self.dir.join(POINTERS_FILE), &bytes)
             .map_err(|e| Error::Internal(format!("recording the current plugin versions: {e}")))
     }
@@ -350,7 +446,11 @@ impl Registry {
     pub fn list(&self) -> Vec<(String, Vec<PluginVersion>)> {
         let table = self.table.read();
         let mut out: Vec<(String, Vec<PluginVersion>)> = Vec::new();
-        for v in &table.versions {
+        for v in table
+            .versions
+            .iter()
+            .filter(|v| !table.removed.contains(&v.id))
+        {
             match out.iter_mut().find(|(n, _)| *n == v.plugin) {
                 Some((_, versions)) => versions.push(PluginVersion::from_info(v)),
                 None => out.push((v.plugin.clone(), vec![PluginVersion::from_info(v)])),

@@ -1,4 +1,11 @@
-//! Removing a device, with or without an archive of its history.
+//! Removing a device, with or without an archive of its history; removing plugin versions.
+//!
+//! # Plugin versions
+//!
+//! A version can be removed once no device runs it and it is not the plugin's current
+//! version (removing every version removes the plugin). It leaves the list and cannot be
+//! deployed; its component and precompiled artifact are deleted from `<data>/plugins/`; the
+//! journal's version record stays, so old records still say which version decided them.
 //!
 //! A removal stops the device's actor (after it has handled what was already in its
 //! mailbox), waits until everything it wrote is durable, optionally writes the device's
@@ -80,6 +87,64 @@ impl Runtime {
             seq: head.seq,
             archive,
         })
+    }
+
+    /// Removes version `version` of plugin `plugin` (see the module docs): 409
+    /// [`Error::VersionInUse`] while a device runs it or it is current.
+    pub async fn remove_plugin_version(&self, plugin: &str, version: u32) -> Result<(), Error> {
+        let result = async {
+            self.check_open()?;
+            let v = self.shared.registry.find(plugin, version)?;
+            self.remove_versions(plugin, &[v.id]).await
+        }
+        .await;
+        self.counted(result)
+    }
+
+    /// Removes plugin `plugin` and all its versions: 409 [`Error::VersionInUse`] while a device
+    /// runs any of them. Returns the version numbers removed.
+    pub async fn remove_plugin(&self, plugin: &str) -> Result<Vec<u32>, Error> {
+        let result = async {
+            self.check_open()?;
+            let registry = &self.shared.registry;
+            if registry.current(plugin).is_none() {
+                return Err(Error::UnknownPlugin(plugin.to_string()));
+            }
+            let ids = registry.version_ids(plugin);
+            let numbers = ids
+                .iter()
+                .filter_map(|id| registry.version(*id).map(|v| v.number))
+                .collect();
+            self.remove_versions(plugin, &ids).await?;
+            Ok(numbers)
+        }
+        .await;
+        self.counted(result)
+    }
+
+    async fn remove_versions(&self, plugin: &str, ids: &[u32]) -> Result<(), Error> {
+        // No provisioning, deploy or rollback while versions go.
+        let _binding = self.shared.binding.write().await;
+        let _no_deploy = self.shared.deploying.lock().await;
+        let journal = &self.shared.journal;
+        let registry = &self.shared.registry;
+        for id in ids {
+            let users = journal
+                .device_ids()
+                .iter()
+                .filter(|d| journal.device(d).is_some_and(|h| h.version == *id))
+                .count();
+            if users > 0 {
+                return Err(Error::VersionInUse {
+                    plugin: plugin.to_string(),
+                    version: registry.version(*id).map_or(0, |v| v.number),
+                    why: format!("{users} device(s) run it: deploy another version or remove them"),
+                });
+            }
+        }
+        registry.remove_versions(plugin, ids)?;
+        tracing::info!(plugin, versions = ?ids, "plugin versions removed");
+        Ok(())
     }
 
     /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.

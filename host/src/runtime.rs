@@ -69,6 +69,9 @@ pub(crate) struct Shared {
     pub(crate) deploying: tokio::sync::Mutex<()>,
     /// The data directory (archives of removed devices go under it).
     pub(crate) data_dir: std::path::PathBuf,
+    /// Provisioning holds it shared, removing plugin versions exclusively: no device can be
+    /// bound to a version while it is being removed.
+    pub(crate) binding: tokio::sync::RwLock<()>,
 }
 
 /// An id being provisioned; released on drop.
@@ -125,6 +128,7 @@ impl Runtime {
                 pool: Mutex::new(Some(pool)),
                 deploying: tokio::sync::Mutex::new(()),
                 data_dir: data_dir.to_path_buf(),
+                binding: tokio::sync::RwLock::new(()),
             }),
         })
     }
@@ -213,6 +217,7 @@ impl Runtime {
         // is durable (the guard releases it on every path, cancellation included): two
         // concurrent PUTs must never both find the id free and create it twice.
         let _claim = self.claim_provisioning(id).await?;
+        let _binding = self.shared.binding.read().await;
         if let Some(existing) = self.summary(id) {
             return if existing.plugin == plugin && existing.config == *config {
                 Ok((existing, false))

@@ -459,3 +459,87 @@ async fn an_upload_with_a_refused_import_names_its_cause_and_stores_nothing() {
     assert_eq!(rt.plugins(), before, "nothing registered");
     rt.shutdown().await;
 }
+
+/// A plugin version can be removed once no device runs it and it is not current; a plugin,
+/// once no device runs any of its versions. Removals survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_versions_are_removed_only_when_unused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    rt.provision("d", "misbehave", &json!({})).await.unwrap();
+    rt.send("d", OK).await.unwrap();
+    let (v2, _) = rt
+        .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
+        .await
+        .unwrap();
+    let (v3, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    let in_use = |e: drover::Error| {
+        assert_eq!(e.kind(), ErrorKind::VersionInUse, "{e}");
+        e.to_string()
+    };
+    let why = in_use(rt.remove_plugin_version("misbehave", 1).await.unwrap_err());
+    assert!(why.contains("1 device(s) run it"), "{why}");
+
+    rt.remove_plugin_version("misbehave", v2.version)
+        .await
+        .unwrap();
+    let listed: Vec<u32> = rt
+        .plugins()
+        .into_iter()
+        .find(|(n, _)| n == "misbehave")
+        .unwrap()
+        .1
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(listed, [1, v3.version]);
+    let gone = rt.deploy("misbehave", v2.version, false).await.unwrap_err();
+    assert_eq!(gone.kind(), ErrorKind::UnknownVersion);
+
+    rt.deploy("misbehave", v3.version, false).await.unwrap();
+    in_use(
+        rt.remove_plugin_version("misbehave", v3.version)
+            .await
+            .unwrap_err(),
+    );
+    rt.remove_plugin_version("misbehave", 1).await.unwrap();
+    in_use(rt.remove_plugin("misbehave").await.unwrap_err());
+    rt.remove_device("d", false).await.unwrap();
+    // The current version goes only with the whole plugin.
+    let thermostat = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
+    rt.register_plugin("thermostat", identical_rebuild(&thermostat), Origin::Upload)
+        .await
+        .unwrap();
+    let why = in_use(rt.remove_plugin_version("thermostat", 1).await.unwrap_err());
+    assert!(why.contains("current"), "{why}");
+    assert_eq!(rt.remove_plugin("misbehave").await.unwrap(), [v3.version]);
+    assert!(rt.plugins().iter().all(|(n, _)| n != "misbehave"));
+    assert_eq!(
+        rt.provision("e", "misbehave", &json!({}))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::UnknownPlugin
+    );
+    rt.shutdown().await;
+    drop(rt);
+
+    // Still removed after a restart; an upload brings the name back as a new version.
+    let rt = Runtime::builder(dir.path()).open().await.unwrap();
+    assert!(rt.plugins().iter().all(|(n, _)| n != "misbehave"));
+    let (back, new) = rt
+        .register_plugin("misbehave", v1(), Origin::Upload)
+        .await
+        .unwrap();
+    assert!(new);
+    assert_eq!(back.version, v3.version + 1);
+    assert_eq!(rt.current_version("misbehave"), Some(back.version));
+    rt.shutdown().await;
+}

@@ -184,7 +184,9 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         | ErrorKind::MalformedEvent
         | ErrorKind::MalformedConfig
         | ErrorKind::WrongPlugin => StatusCode::BAD_REQUEST,
-        ErrorKind::DeviceConflict | ErrorKind::DeployRefused => StatusCode::CONFLICT,
+        ErrorKind::DeviceConflict | ErrorKind::DeployRefused | ErrorKind::VersionInUse => {
+            StatusCode::CONFLICT
+        }
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Rejected
         | ErrorKind::Trap

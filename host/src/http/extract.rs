@@ -31,6 +31,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
     }
 }
 
+/// A plugin name and a version number from a `/v1/plugins/{name}/versions/{version}` path.
+#[derive(Debug, Clone)]
+pub struct NameAndVersion(pub String, pub u32);
+
+impl<S: Send + Sync> FromRequestParts<S> for NameAndVersion {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((name, version)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(path_rejection)?;
+        validate_id(&name).map_err(ApiError::refused)?;
+        let version = version.parse().map_err(|_| {
+            ApiError::malformed_request(format!("`{version}` is not a version number"))
+        })?;
+        Ok(NameAndVersion(name, version))
+    }
+}
+
 fn path_rejection(r: PathRejection) -> ApiError {
     // The only way a matched route's parameter fails is bad percent-encoding (not UTF-8).
     ApiError::refused(Error::InvalidId(r.body_text()))

@@ -21,6 +21,7 @@
 //! | `POST /v1/events` | 200 per-item results of a gateway batch (see [`batch`]) |
 //! | `POST /v1/plugins/{name}` | 201 new version / 200 same bytes: `{"name","version","digest"}` |
 //! | `GET /v1/plugins` | 200 the plugins and their versions |
+//! | `DELETE /v1/plugins/{name}[/versions/{v}]` | 200 `{"name","removed"}`; 409 `version-in-use` |
 //! | `POST /v1/plugins/{name}/deploy` | `{"version","force"}`: 200 the deploy report; 409 `deploy-refused` |
 //! | `POST /v1/plugins/{name}/rollback` | 200 the deploy report of the return to the previous version |
 //! | `POST /v1/plugins/{name}/dry-run` | `{"version","devices"|"sample"}`: 200 the comparison |
@@ -114,7 +115,10 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route("/v1/plugins", get(plugins::list))
         .route(
             "/v1/plugins/{name}",
-            limited(post(plugins::upload), limits.max_plugin_bytes),
+            limited(
+                post(plugins::upload).delete(plugins::remove),
+                limits.max_plugin_bytes,
+            ),
         )
         .route(
             "/v1/plugins/{name}/deploy",
@@ -127,6 +131,10 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route(
             "/v1/plugins/{name}/rollback",
             limited(post(plugins::rollback), limits.max_request_bytes),
+        )
+        .route(
+            "/v1/plugins/{name}/versions/{version}",
+            axum::routing::delete(plugins::remove_version),
         )
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::App;
 use super::error::ApiError;
-use super::extract::{Body, Id};
+use super::extract::{Body, Id, NameAndVersion};
 use super::json;
 use crate::Selection;
 use crate::registry::{Origin, PluginVersion};
@@ -153,4 +153,27 @@ pub async fn dry_run(
     };
     let report = app.rt.dry_run(&name, req.version, selection).await?;
     Ok(json::ok(&report))
+}
+
+/// `DELETE /v1/plugins/{name}`: removes the plugin and every version (see
+/// `crate::removal`). 200 `{"name","removed":[versions]}`; 409 `version-in-use` while a device
+/// runs one of them.
+pub async fn remove(State(app): State<App>, Id(name): Id) -> Result<Response, ApiError> {
+    let removed = app.rt.remove_plugin(&name).await?;
+    Ok(json::ok(
+        &serde_json::json!({"name": name, "removed": removed}),
+    ))
+}
+
+/// `DELETE /v1/plugins/{name}/versions/{version}`: removes one version. 200
+/// `{"name","removed":[version]}`; 409 `version-in-use` while a device runs it or it is the
+/// current version.
+pub async fn remove_version(
+    State(app): State<App>,
+    NameAndVersion(name, version): NameAndVersion,
+) -> Result<Response, ApiError> {
+    app.rt.remove_plugin_version(&name, version).await?;
+    Ok(json::ok(
+        &serde_json::json!({"name": name, "removed": [version]}),
+    ))
 }

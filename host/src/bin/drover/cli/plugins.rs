@@ -53,6 +53,9 @@ pub enum PluginsAction {
     },
     /// Return plugin NAME to the version that was current before the last deploy.
     Rollback { name: String },
+    /// Remove VERSION of plugin NAME, or the whole plugin (refused while devices run it).
+    #[command(alias = "rm")]
+    Remove { name: String, version: Option<u32> },
     /// Dry-run VERSION of plugin NAME on recorded history: would it decide the same, can it
     /// fold, and how would the state differ. Writes nothing.
     Diff {
@@ -152,6 +155,24 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 print_deploy(&report);
             }
             return Ok(outcome(&report));
+        }
+        PluginsAction::Remove { name, version } => {
+            let path = match version {
+                Some(v) => format!("/v1/plugins/{}/versions/{v}", segment(&name)),
+                None => format!("/v1/plugins/{}", segment(&name)),
+            };
+            let (text, out): (String, Value) = api.call_json(api.delete(&path))?;
+            if json_out {
+                println!("{text}");
+            } else {
+                let versions: Vec<String> = out["removed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| format!("v{v}"))
+                    .collect();
+                println!("removed {name} {}", versions.join(", "));
+            }
         }
         PluginsAction::Diff {
             name,
