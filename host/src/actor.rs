@@ -523,17 +523,19 @@ impl Actor {
         match upgrade::bring_up(&self.env.journal, &self.env.registry, &want, from) {
             Ok((rebuilt, _)) => {
                 self.writer.append_rebind(&want, clock::now_ms());
-                tracing::info!(device = %self.head.id, from, to, seq = want.seq, "upgraded at activation");
+                let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
+                tracing::info!(device = %self.head.id, from = number(from), to = number(to), seq = want.seq, "upgraded at activation");
                 self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                 self.head = want;
                 self.activity.version.store(to, Ordering::Relaxed);
                 Ok(Some(rebuilt))
             }
             Err(f) => {
+                let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
                 tracing::warn!(
                     device = %self.head.id,
-                    from,
-                    to,
+                    from = number(from),
+                    to = number(to),
                     seq = ?f.seq,
                     error = %f.error,
                     "cannot bring the device up on its plugin's current version; it stays on its own"

@@ -60,8 +60,14 @@ pub struct DeployTotals {
     pub live: usize,
     pub upgraded: usize,
     pub failed: usize,
+    /// Devices already on the new version.
     pub unchanged: usize,
-    /// Devices that will come up on the new version at their next activation.
+    /// Passivated devices of the sample that the new version cannot fold (a forced deploy):
+    /// they stay on their version.
+    pub cannot_fold: usize,
+    /// Other devices not live now: they come up on the new version at their next activation
+    /// if it can fold their history (else they stay on theirs, with a warning in the log and
+    /// `drover_upgrade_failures_total`).
     pub pending_lazy: usize,
 }
 
@@ -112,9 +118,10 @@ impl Runtime {
     }
 
     /// Returns plugin `plugin` to the version that was current before the last deploy, the
-    /// same way a deploy moves devices.
-    pub async fn rollback(&self, plugin: &str) -> Result<DeployReport, Error> {
-        let result = self.deploy_inner(plugin, None, true).await;
+    /// same way a deploy moves devices (refused, unless `force`, when the sample shows devices
+    /// whose newer transitions that version cannot fold).
+    pub async fn rollback(&self, plugin: &str, force: bool) -> Result<DeployReport, Error> {
+        let result = self.deploy_inner(plugin, None, force).await;
         self.counted(result)
     }
 
@@ -140,27 +147,37 @@ impl Runtime {
         let candidate = self.shared.registry.find(plugin, version)?;
         let heads = match selection {
             Selection::Sample(n) => spread(self.devices_of(plugin), n),
-            Selection::Devices(ids) => ids
-                .iter()
-                .map(|id| {
-                    let head = self
-                        .shared
-                        .journal
-                        .device(id)
-                        .ok_or_else(|| Error::UnknownDevice(id.clone()))?;
-                    let runs = self.plugin_name(head.version).unwrap_or_default();
-                    if runs != plugin {
-                        return Err(Error::WrongPlugin {
-                            device: id.clone(),
-                            runs,
-                            plugin: plugin.to_string(),
-                        });
-                    }
-                    Ok(head)
-                })
-                .collect::<Result<Vec<_>, Error>>()?,
+            Selection::Devices(mut ids) => {
+                // Each device once, in the order given.
+                let mut seen = std::collections::HashSet::new();
+                ids.retain(|id| seen.insert(id.clone()));
+                self.heads_of(plugin, &ids)?
+            }
         };
         Ok(self.sample(plugin, &candidate, heads).await)
+    }
+
+    /// The heads of devices `ids`, each checked to be a device of `plugin`.
+    fn heads_of(&self, plugin: &str, ids: &[String]) -> Result<Vec<DeviceHead>, Error> {
+        ids.iter()
+            .map(|id| {
+                crate::error::validate_id(id)?;
+                let head = self
+                    .shared
+                    .journal
+                    .device(id)
+                    .ok_or_else(|| Error::UnknownDevice(id.clone()))?;
+                let runs = self.plugin_name(head.version).unwrap_or_default();
+                if runs != plugin {
+                    return Err(Error::WrongPlugin {
+                        device: id.clone(),
+                        runs,
+                        plugin: plugin.to_string(),
+                    });
+                }
+                Ok(head)
+            })
+            .collect()
     }
 
     /// Runs a dry-run of `candidate` on `heads` on a blocking thread.
@@ -219,32 +236,37 @@ impl Runtime {
         };
 
         // 1. Sample.
-        let others: Vec<DeviceHead> = self
+        let (already, others): (Vec<DeviceHead>, Vec<DeviceHead>) = self
             .devices_of(plugin)
             .into_iter()
-            .filter(|h| h.version != target.id)
-            .collect();
+            .partition(|h| h.version == target.id);
         let sample = self.sample(plugin, &target, spread(others, SAMPLE)).await;
-        let cannot_fold: Vec<String> = sample
-            .devices
-            .iter()
-            .filter(|d| !d.folds)
-            .map(|d| match d.fold_failed_seq {
+        let unfoldable: Vec<&crate::dry_run::DeviceDryRun> =
+            sample.devices.iter().filter(|d| !d.folds).collect();
+        if !unfoldable.is_empty() && !force {
+            let at = |d: &crate::dry_run::DeviceDryRun| match d.fold_failed_seq {
                 Some(seq) => format!("{} at seq {seq}", d.device),
                 None => d.device.clone(),
-            })
-            .collect();
-        if !cannot_fold.is_empty() && !force {
+            };
+            let first = unfoldable[0];
             return Err(Error::DeployRefused(format!(
                 "version {} of `{plugin}` cannot fold the recorded transitions of {} of {} \
-                 sampled devices ({}); dry-run them for details, or force the deploy to \
-                 upgrade the others and leave these on their version",
+                 sampled devices ({}); the first: {}. `drover plugin diff {plugin} {}` shows \
+                 each; force the deploy to move the others and leave these on their version",
                 target.number,
-                cannot_fold.len(),
+                unfoldable.len(),
                 sample.devices.len(),
-                cannot_fold.join(", ")
+                unfoldable
+                    .iter()
+                    .map(|d| at(d))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                first.error.as_deref().unwrap_or("no detail"),
+                target.number,
             )));
         }
+        let cannot_fold: std::collections::HashSet<String> =
+            unfoldable.iter().map(|d| d.device.clone()).collect();
 
         // 2. Point.
         if rollback {
@@ -327,6 +349,7 @@ impl Runtime {
         let mut totals = DeployTotals {
             devices: all.len(),
             live: devices.len(),
+            unchanged: already.len(),
             ..Default::default()
         };
         let mut pauses = Vec::new();
@@ -346,10 +369,15 @@ impl Runtime {
             .filter(|d| d.outcome == UpgradeOutcome::Failed)
             .map(|d| d.device.as_str())
             .collect();
-        totals.pending_lazy = all
-            .iter()
-            .filter(|h| h.version != target.id && !failed.contains(&*h.id))
-            .count();
+        for h in all.iter().filter(|h| h.version != target.id) {
+            if failed.contains(&*h.id) {
+                // Counted in `failed`.
+            } else if cannot_fold.contains(&*h.id) {
+                totals.cannot_fold += 1;
+            } else {
+                totals.pending_lazy += 1;
+            }
+        }
         let problems: Vec<String> = devices
             .iter()
             .filter_map(|d| {

@@ -308,6 +308,10 @@ pub struct DryRunTotals {
     pub identical: usize,
     /// Devices where some event was decided differently or the final state differs.
     pub diverged: usize,
+    /// Devices where some recorded event was decided differently.
+    pub decide_differently: usize,
+    /// Devices whose final state differs from the recorded one.
+    pub state_differs: usize,
     /// Devices whose recorded transitions the candidate cannot fold.
     pub cannot_fold: usize,
     pub events: u64,
@@ -343,6 +347,12 @@ pub fn run(
         }
         if !d.folds {
             totals.cannot_fold += 1;
+        }
+        if d.diverged_events > 0 {
+            totals.decide_differently += 1;
+        }
+        if !d.state_matches {
+            totals.state_differs += 1;
         }
     }
     totals.events_per_s = (totals.events as f64 / elapsed.as_secs_f64().max(1e-9)) as u64;

@@ -191,4 +191,23 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     let s1 = device(&url, "s1");
     assert_eq!(s1["version"], 2);
     assert_eq!(s1["state"]["readings"], 4);
+    drop(dev);
+
+    // `--once` reports a failed build in its exit status, for scripts and CI.
+    let mut once = Command::new(support::BIN);
+    support::strip_build_env(&mut once);
+    let out = once
+        .arg("dev")
+        .arg(&krate)
+        .args(["--once", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("once-data"))
+        .env("CARGO_TARGET_DIR", support::outside_target_dir())
+        .output()
+        .expect("drover dev --once");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("build failed") && stdout.contains("nothing is live yet"),
+        "{stdout}"
+    );
 }

@@ -238,11 +238,22 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
     assert_eq!(version(&rt, "d-09"), 2);
     assert_eq!(version(&rt, "d-00"), 3);
 
-    let back = rt.rollback("misbehave").await.unwrap();
+    assert_eq!(
+        (
+            report.totals.unchanged,
+            report.totals.cannot_fold,
+            report.totals.pending_lazy
+        ),
+        (0, 0, 0),
+        "{:?}",
+        report.totals
+    );
+    let back = rt.rollback("misbehave", false).await.unwrap();
     assert!(back.rollback);
     assert_eq!((back.from, back.to), (3, 2));
     assert_eq!(back.totals.upgraded, 6, "{:?}", back.devices);
     assert_eq!(back.totals.failed, 0);
+    assert_eq!(back.totals.unchanged, 6, "the ones left on v2 are counted");
     assert_eq!(rt.current_version("misbehave"), Some(2));
     for i in 0..12 {
         let id = format!("d-{i:02}");
@@ -250,9 +261,9 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
         assert_live_equals_full_replay(&rt, dir.path(), &id).await;
     }
     // Back to v1, and nothing further to roll back to.
-    rt.rollback("misbehave").await.unwrap();
+    rt.rollback("misbehave", false).await.unwrap();
     assert_eq!(rt.current_version("misbehave"), Some(1));
-    let none = rt.rollback("misbehave").await.unwrap_err();
+    let none = rt.rollback("misbehave", false).await.unwrap_err();
     assert_eq!(none.kind(), ErrorKind::DeployRefused);
     rt.shutdown().await;
 }

@@ -239,12 +239,12 @@ fn provision_send_and_read_back_both_plugins() {
     let (ok, out, err) = cli(&["plugin", "diff", "thermostat", "2", "--server", url]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("thermostat v2 on 2 devices: 2 identical, 0 diverge, 0 cannot fold"),
+        out.contains("thermostat v2 on 2 devices: 2 identical, 0 decide differently"),
         "{out}"
     );
     let (ok, out, err) = cli(&["plugin", "deploy", "thermostat", "2", "--server", url]);
     assert!(ok, "{err}");
-    assert!(out.contains("thermostat v1 -> v2: "), "{out}");
+    assert!(out.contains("thermostat v1 -> v2: of 2 devices"), "{out}");
     assert!(out.contains("0 failed"), "{out}");
     let (ok, out, err) = cli(&["plugin", "rollback", "thermostat", "--server", url]);
     assert!(ok, "{err}");
@@ -565,7 +565,7 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
         ),
         (api.get("/v1/nothing"), 404, "not-found", "unknown route"),
         (
-            api.call(Method::DELETE, "/v1/devices/t1", None),
+            api.call(Method::PATCH, "/v1/devices/t1", None),
             405,
             "method-not-allowed",
             "wrong method",

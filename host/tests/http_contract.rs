@@ -653,6 +653,14 @@ async fn every_bad_input_answers_its_status_and_code() {
             "wrong-plugin",
         ),
         case(
+            "dry-run of an invalid device id",
+            M::POST,
+            "/v1/plugins/thermostat/dry-run",
+            json_bytes(json!({"version": 1, "devices": ["../x"]})),
+            400,
+            "invalid-id",
+        ),
+        case(
             "dry-run of an unknown device",
             M::POST,
             "/v1/plugins/thermostat/dry-run",

@@ -103,10 +103,28 @@ pub async fn deploy(
     Ok(json::ok(&report))
 }
 
-/// `POST /v1/plugins/{name}/rollback`: back to the version current before the last deploy,
-/// the same way; 409 `deploy-refused` if there is none.
-pub async fn rollback(State(app): State<App>, Id(name): Id) -> Result<Response, ApiError> {
-    let report = app.rt.rollback(&name).await?;
+/// Body of a rollback (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/plugins/{name}/rollback` (body optional: `{"force": true}`): back to the version
+/// current before the last deploy, the same way (sample check included); 409
+/// `deploy-refused` if there is none or the sample refuses it.
+pub async fn rollback(
+    State(app): State<App>,
+    Id(name): Id,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: RollbackBody = if body.0.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        body.json()?
+    };
+    let report = app.rt.rollback(&name, req.force).await?;
     Ok(json::ok(&report))
 }
 

@@ -50,14 +50,15 @@ pub struct DevArgs {
     /// Address of the local server.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
-    /// Deploy even when the new version cannot fold some sampled device's history (those
-    /// devices stay on their version).
+    /// Deploy every save even when the new version cannot fold some sampled device's history
+    /// (those devices stay on their version; the `live:` line counts them).
     #[arg(long)]
     pub force: bool,
     /// Quiet period after a change before rebuilding, in ms.
     #[arg(long, default_value_t = 200)]
     pub debounce_ms: u64,
-    /// Build, push and deploy once, then exit.
+    /// Build, push and deploy once, then exit: 0 if it went live on every live device, 1
+    /// otherwise (a failed build, a refused deploy, devices left behind).
     #[arg(long)]
     pub once: bool,
 }
@@ -109,15 +110,19 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         dir: dir.clone(),
         name,
         force: args.force,
+        live_version: None,
     };
-    println!(
-        "watching {} (plugin `{}`, server {url}); Ctrl-C stops",
-        dir.display(),
-        dev.name
-    );
+    let mut code = ExitCode::SUCCESS;
     if args.once {
-        dev.cycle();
+        if !dev.cycle() {
+            code = ExitCode::FAILURE;
+        }
     } else {
+        println!(
+            "watching {} (plugin `{}`, server {url}); Ctrl-C stops",
+            dir.display(),
+            dev.name
+        );
         dev.watch(Duration::from_millis(args.debounce_ms))?;
     }
     if let Some((rt, server)) = local {
@@ -126,7 +131,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             rt.shutdown().await;
         });
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// The crate's package name, from `cargo metadata`.
@@ -159,6 +164,8 @@ struct Dev {
     dir: PathBuf,
     name: String,
     force: bool,
+    /// The version this loop last made live.
+    live_version: Option<u64>,
 }
 
 impl Dev {
@@ -231,27 +238,38 @@ impl Dev {
         }
     }
 
-    /// Build, push, deploy, show. Failures are printed; the loop goes on.
-    fn cycle(&mut self) {
+    /// Build, push, deploy, show. Failures are printed; the loop goes on. Returns whether
+    /// the build went live on every live device.
+    fn cycle(&mut self) -> bool {
         let started = Instant::now();
         println!("building {} ...", self.name);
         let wasm = match self.build() {
             Ok(path) => path,
             Err(e) => {
-                println!("build failed: {e:#}; the current version keeps serving");
-                return;
+                let serving = if self.live_version.is_some() {
+                    "the version that was live keeps serving"
+                } else {
+                    "nothing is live yet"
+                };
+                println!("build failed: {e:#}; {serving}");
+                return false;
             }
         };
         let built = started.elapsed();
         match self.push_and_deploy(&wasm, started, built) {
-            Ok(()) => {}
-            Err(e) => match e.downcast_ref::<ApiFailure>() {
-                Some(f) if f.code == "deploy-refused" => println!(
-                    "deploy refused: {}\n  (the new version stays registered; --force deploys it anyway)",
-                    f.message
-                ),
-                _ => println!("push/deploy failed: {e:#}"),
-            },
+            Ok(ok) => ok,
+            Err(e) => {
+                match e.downcast_ref::<ApiFailure>() {
+                    Some(f) if f.code == "deploy-refused" => println!(
+                        "deploy refused: {}\n  (the new version stays registered, the devices on \
+                         their version; `drover plugin diff {} VERSION` shows why; `drover dev \
+                         --force` deploys every save anyway, leaving such devices behind)",
+                        f.message, self.name
+                    ),
+                    _ => println!("push/deploy failed: {e:#}"),
+                }
+                false
+            }
         }
     }
 
@@ -311,11 +329,11 @@ impl Dev {
     }
 
     fn push_and_deploy(
-        &self,
+        &mut self,
         wasm: &Path,
         started: Instant,
         built: Duration,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
         let size = bytes.len();
         let plugin = segment(&self.name);
@@ -336,10 +354,12 @@ impl Dev {
             .unwrap_or(0);
         if status == 200 && current == version {
             println!("no change: v{version} is live");
-            return Ok(());
+            self.live_version = Some(version);
+            return Ok(true);
         }
         let devices = self.sample_devices(3)?;
         let before = self.states(&devices);
+        let mut left_behind = 0;
         if current != version {
             let req = self
                 .api
@@ -347,6 +367,8 @@ impl Dev {
                 .json(&json!({"version": version, "force": self.force}));
             let (_, report): (String, Value) = self.api.call_json(req)?;
             print_deploy(&report);
+            left_behind = report["totals"]["failed"].as_u64().unwrap_or(0)
+                + report["totals"]["cannot_fold"].as_u64().unwrap_or(0);
         }
         let after = self.states(&devices);
         for ((id, old), (_, new)) in before.iter().zip(&after) {
@@ -369,8 +391,13 @@ impl Dev {
             }
         }
         let total = started.elapsed();
+        let behind = if left_behind > 0 {
+            format!("; {left_behind} device(s) cannot run it and stay on their version")
+        } else {
+            String::new()
+        };
         println!(
-            "live: {} v{version} in {} ms (build {} ms, upload + compile {} ms of {} KB, deploy {} ms)",
+            "live: {} v{version} in {} ms (build {} ms, upload + compile {} ms of {} KB, deploy {} ms){behind}",
             self.name,
             total.as_millis(),
             built.as_millis(),
@@ -378,7 +405,8 @@ impl Dev {
             size / 1024,
             (total - pushed).as_millis(),
         );
-        Ok(())
+        self.live_version = Some(version);
+        Ok(left_behind == 0)
     }
 
     /// Up to `n` devices of this plugin (the first ones in id order).

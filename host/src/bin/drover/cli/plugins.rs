@@ -39,10 +39,11 @@ pub enum PluginsAction {
         #[arg(long)]
         deploy: bool,
     },
-    /// One plugin's versions, which is current, and how many devices run each.
+    /// One plugin's versions and which is current.
     Show { name: String },
     /// Move every device of plugin NAME to VERSION, by replaying each live device's journal
-    /// into the new version (passivated devices upgrade at their next activation).
+    /// into the new version (passivated devices upgrade at their next activation). Exits 1
+    /// if devices were left on their version.
     Deploy {
         name: String,
         version: u32,
@@ -51,8 +52,14 @@ pub enum PluginsAction {
         #[arg(long)]
         force: bool,
     },
-    /// Return plugin NAME to the version that was current before the last deploy.
-    Rollback { name: String },
+    /// Return plugin NAME to the version that was current before the last deploy (checked on
+    /// a sample like a deploy; exits 1 if devices were left behind).
+    Rollback {
+        name: String,
+        /// Roll back even if the older version cannot fold some sampled device's history.
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove VERSION of plugin NAME, or the whole plugin (refused while devices run it).
     #[command(alias = "rm")]
     Remove { name: String, version: Option<u32> },
@@ -144,10 +151,10 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 json_out,
             );
         }
-        PluginsAction::Rollback { name } => {
+        PluginsAction::Rollback { name, force } => {
             let req = api
                 .post(&format!("/v1/plugins/{}/rollback", segment(&name)))
-                .json(&json!({}));
+                .json(&json!({"force": force}));
             let (text, report): (String, Value) = api.call_json(req)?;
             if json_out {
                 println!("{text}");
@@ -249,7 +256,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: {} upgraded, {} failed, {} unchanged; {} of {} devices upgrade at their next activation ({} ms)",
+        "{} v{} -> v{}{}: of {} devices, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}  ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -258,11 +265,15 @@ pub fn print_deploy(r: &Value) {
         } else {
             ""
         },
+        n(&t["devices"]),
         n(&t["upgraded"]),
         n(&t["failed"]),
         n(&t["unchanged"]),
         n(&t["pending_lazy"]),
-        n(&t["devices"]),
+        match n(&t["cannot_fold"]) {
+            0 => String::new(),
+            k => format!(", {k} cannot fold it and stay on theirs"),
+        },
         n(&r["elapsed_ms"]),
     );
     if n(&t["upgraded"]) > 0 {
@@ -282,10 +293,11 @@ pub fn print_deploy(r: &Value) {
     let s = &r["sample"]["totals"];
     if n(&s["devices"]) > 0 {
         println!(
-            "  sample of {} devices: {} decide the same, {} differently, {} cannot fold",
+            "  dry-run sample of {}: {} identical, {} decide differently, {} end in another state, {} cannot fold",
             n(&s["devices"]),
             n(&s["identical"]),
-            n(&s["diverged"]),
+            n(&s["decide_differently"]),
+            n(&s["state_differs"]),
             n(&s["cannot_fold"]),
         );
     }
@@ -309,39 +321,48 @@ pub fn print_deploy(r: &Value) {
 pub fn print_dry_run(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let plural = |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
     println!(
-        "{} v{} on {} devices: {} identical, {} diverge, {} cannot fold ({} events re-decided, {} events/s)",
+        "{} v{} on {}: {} identical, {} decide differently, {} end in another state, {} cannot fold ({} re-decided, {} events/s)",
         r["plugin"].as_str().unwrap_or("?"),
         r["version"],
-        n(&t["devices"]),
+        plural(n(&t["devices"]), "device", "devices"),
         n(&t["identical"]),
-        n(&t["diverged"]),
+        n(&t["decide_differently"]),
+        n(&t["state_differs"]),
         n(&t["cannot_fold"]),
-        n(&t["events"]),
+        plural(n(&t["events"]), "event", "events"),
         n(&t["events_per_s"]),
     );
     let version = r["version"].as_u64().unwrap_or(0);
     for d in r["devices"].as_array().into_iter().flatten() {
         let id = d["device"].as_str().unwrap_or("?");
+        let events = plural(n(&d["events"]), "event", "events");
         if d["identical"] == true {
-            println!("{id}: identical ({} events)", n(&d["events"]));
+            println!("{id}: identical ({events})");
             continue;
         }
+        // One header per device, so every detail below is under the device it belongs to.
+        let mut what = Vec::new();
         if d["folds"] != true {
-            let at = d["fold_failed_seq"]
-                .as_u64()
-                .map(|s| format!(" at seq {s}"))
-                .unwrap_or_default();
-            println!("{id}: cannot fold its recorded transitions{at}");
+            what.push(match d["fold_failed_seq"].as_u64() {
+                Some(seq) => format!("cannot fold its recorded transitions at seq {seq}"),
+                None => "cannot fold its recorded transitions".to_string(),
+            });
         }
+        if n(&d["diverged_events"]) > 0 {
+            what.push(format!(
+                "decides differently on {} of {events}",
+                n(&d["diverged_events"])
+            ));
+        }
+        if d["state_matches"] != true {
+            what.push("ends in another state".to_string());
+        }
+        println!("{id}: {}", what.join("; "));
         if let Some(f) = d["first_divergence"].as_object() {
-            println!(
-                "{id}: decides differently from seq {} ({} of {} events)",
-                f.get("seq").map_or(0, n),
-                n(&d["diverged_events"]),
-                n(&d["events"])
-            );
             let line = |v: Option<&Value>| v.map_or_else(String::new, |v| v.to_string());
+            println!("  first at seq {}", f.get("seq").map_or(0, n));
             println!("  event      {}", line(f.get("event")));
             println!("  recorded   {}", line(f.get("recorded")));
             match f.get("candidate") {
