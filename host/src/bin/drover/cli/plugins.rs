@@ -256,7 +256,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: of {} devices, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}  ({} ms)",
+        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{} ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -266,6 +266,7 @@ pub fn print_deploy(r: &Value) {
             ""
         },
         n(&t["devices"]),
+        if n(&t["devices"]) == 1 { "" } else { "s" },
         n(&t["upgraded"]),
         n(&t["failed"]),
         n(&t["unchanged"]),
@@ -278,7 +279,7 @@ pub fn print_deploy(r: &Value) {
     );
     if n(&t["upgraded"]) > 0 {
         println!(
-            "  pause per device: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; journal check {} ({} devices)",
+            "  pause per device: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; journal check {} ({} upgraded)",
             n(&r["pause_p50_us"]) as f64 / 1000.0,
             n(&r["pause_p99_us"]) as f64 / 1000.0,
             n(&r["pause_max_us"]) as f64 / 1000.0,
