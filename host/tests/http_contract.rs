@@ -842,3 +842,40 @@ async fn device_status_is_passivated_until_an_event_then_active() {
     assert_eq!(after.body["seq"], 1, "{}", after.text);
     c.rt.shutdown().await;
 }
+
+/// Acceptance 1 of hot reload, the last case: an upload over the plugin size limit is 413
+/// (declared length or counted bytes) and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_plugin_upload_is_413_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let rt = Runtime::builder(&data)
+        .plugin_dir(support::plugin_dir())
+        .open()
+        .await
+        .expect("runtime opens");
+    let limits = Limits {
+        max_plugin_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let app = drover::http::router(rt.clone(), limits);
+    let stored = || std::fs::read_dir(data.join("plugins")).map_or(0, |d| d.count());
+    let before = stored();
+    let thermostat = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
+    assert!(thermostat.len() > 64 * 1024);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/plugins/big")
+        .body(Body::from(thermostat))
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let body: Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(body["error"]["code"], "payload-too-large", "{body}");
+    assert_eq!(stored(), before, "nothing stored");
+    assert!(rt.plugins().iter().all(|(n, _)| n != "big"));
+    rt.shutdown().await;
+}
