@@ -282,7 +282,7 @@ impl Runtime {
             "deploying"
         );
 
-        // 3. Swap live devices, all in parallel.
+        // 3. Swap live devices, several at a time.
         let reg = registry.clone();
         let plugin_name = plugin.to_string();
         let target_id = target.id;
