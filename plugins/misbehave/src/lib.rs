@@ -93,7 +93,10 @@ pub enum Event {
         kb: u32,
     },
     /// Print a line on stdout and on stderr, as a plugin author debugging would.
-    Print { message: String },
+    Print {
+        /// The line.
+        message: String,
+    },
     /// Log a line through the host.
     Log {
         /// The line.
