@@ -377,8 +377,17 @@ impl Registry {
             } else if let Some(p) = table.current.get_mut(name) {
                 p.previous.retain(|id| !ids.contains(id));
             }
+            // Files are content-addressed: keep those another live version (of any plugin)
+            // has the same bytes as.
+            let kept: std::collections::HashSet<[u8; 32]> = table
+                .versions
+                .iter()
+                .filter(|v| !table.removed.contains(&v.id))
+                .map(|v| v.digest)
+                .collect();
             ids.iter()
                 .filter_map(|id| table.versions.get(*id as usize).map(|v| v.digest))
+                .filter(|d| !kept.contains(d))
                 .collect()
         };
         {

@@ -539,6 +539,22 @@ async fn plugin_versions_are_removed_only_when_unused() {
             .kind(),
         ErrorKind::UnknownPlugin
     );
+
+    // The same bytes under another plugin name share the stored file: removing one keeps
+    // the other loadable.
+    rt.register_plugin("twin-a", v1(), Origin::Upload)
+        .await
+        .unwrap();
+    rt.register_plugin("twin-b", v1(), Origin::Upload)
+        .await
+        .unwrap();
+    rt.remove_plugin("twin-a").await.unwrap();
+    rt.shutdown().await;
+    drop(rt);
+    let rt = Runtime::builder(dir.path()).open().await.unwrap();
+    rt.provision("t", "twin-b", &json!({}))
+        .await
+        .expect("twin-b still loads");
     rt.shutdown().await;
     drop(rt);
 
