@@ -62,6 +62,9 @@ pub struct ActorEnv {
     /// Where actors run: a runtime of their own, so guest code never holds the threads that
     /// accept connections and answer `/healthz` (see [`ActorPool`]).
     pub pool: tokio::runtime::Handle,
+    /// (device number, plugin version id) pairs that failed to upgrade: activations do not
+    /// retry them until the process restarts (actors come and go; this outlives them).
+    pub upgrade_failures: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
 }
 
 /// The threads that run actors, and so all guest code of live devices.
@@ -200,7 +203,6 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         head,
         live: None,
         must_sync: after_crash,
-        upgrade_failed: None,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -238,8 +240,6 @@ struct Actor {
     writer: DeviceWriter,
     /// Wait for the journal before the first activation (see [`spawn`]).
     must_sync: bool,
-    /// A version this device could not be brought up on: activations do not retry it.
-    upgrade_failed: Option<u32>,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -472,11 +472,17 @@ impl Actor {
             self.must_sync = false;
         }
         self.writer.next_generation();
-        self.head = self
+        let fresh = self
             .env
             .journal
             .device(&self.head.id)
             .ok_or_else(|| Error::UnknownDevice(self.head.id.to_string()))?;
+        // This actor writes under its device's number: if the id now names another device
+        // (removed and provisioned again), it must not write for it.
+        if fresh.num != self.head.num {
+            return Err(Error::UnknownDevice(self.head.id.to_string()));
+        }
+        self.head = fresh;
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
         let rebuilt = match self.lazy_upgrade()? {
             Some(rebuilt) => rebuilt,
@@ -515,7 +521,12 @@ impl Actor {
         let Some(to) = self.env.registry.target_of(from) else {
             return Ok(None);
         };
-        if to == from || self.upgrade_failed == Some(to) {
+        let failed_before = self
+            .env
+            .upgrade_failures
+            .lock()
+            .contains(&(self.head.num, to));
+        if to == from || failed_before {
             return Ok(None);
         }
         let mut want = self.head.clone();
@@ -544,7 +555,7 @@ impl Actor {
                     .metrics
                     .upgrade_failures
                     .fetch_add(1, Ordering::Relaxed);
-                self.upgrade_failed = Some(to);
+                self.env.upgrade_failures.lock().insert((self.head.num, to));
                 Ok(None)
             }
         }
@@ -614,7 +625,7 @@ impl Actor {
                 report.outcome = UpgradeOutcome::Failed;
                 report.failed_seq = f.seq;
                 report.error = Some(f.error.to_string());
-                self.upgrade_failed = Some(to);
+                self.env.upgrade_failures.lock().insert((self.head.num, to));
                 self.env
                     .metrics
                     .upgrade_failures
@@ -632,7 +643,10 @@ impl Actor {
                     live.since_snapshot = rebuilt.applied;
                     self.head = want;
                     self.activity.version.store(to, Ordering::Relaxed);
-                    self.upgrade_failed = None;
+                    self.env
+                        .upgrade_failures
+                        .lock()
+                        .remove(&(self.head.num, to));
                     self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                     report.outcome = UpgradeOutcome::Upgraded;
                     // The next activation starts from the new version's own snapshot.

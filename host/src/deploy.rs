@@ -338,7 +338,8 @@ impl Runtime {
                 d.outcome = UpgradeOutcome::Failed;
                 d.error = Some(
                     "journal check: the new binding was not made durable (a failed commit); \
-                     the device runs its old version"
+                     the device was rebuilt from the journal on its old version and moves at \
+                     its next activation"
                         .into(),
                 );
             }
@@ -400,7 +401,7 @@ impl Runtime {
             from: current.number,
             to: target.number,
             rollback,
-            forced: force && !rollback,
+            forced: force,
             elapsed_ms: started.elapsed().as_millis() as u64,
             pause_p50_us: pct(0.5),
             pause_p99_us: pct(0.99),

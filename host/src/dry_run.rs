@@ -106,7 +106,9 @@ pub fn device(
         first_divergence: None,
         state_matches: false,
         state_diff: Vec::new(),
-        folds: false,
+        // Until a fold fails: a failure elsewhere (the device's own version, a journal read)
+        // says nothing about the candidate and must not block its deploy.
+        folds: true,
         fold_failed_seq: None,
         error: None,
     };
@@ -140,13 +142,21 @@ fn one_pass(
     };
     let mut want = head.clone();
     want.version = candidate;
-    let compiled = registry.compiled(candidate)?;
-    let mut decider = Some(compiled.instantiate(head.id.clone())?);
     let config = std::str::from_utf8(&head.config)
         .map_err(|_| Error::Internal("stored config is not UTF-8".into()))?;
-    if let Some(d) = decider.as_mut() {
+    // A candidate that cannot even start on this device cannot fold its history.
+    let started = registry.compiled(candidate).and_then(|compiled| {
+        let mut d = compiled.instantiate(head.id.clone())?;
         d.within(limits.call_timeout, |i| i.init(&head.id, config))?;
-    }
+        Ok(d)
+    });
+    let mut decider = match started {
+        Ok(d) => Some(d),
+        Err(e) => {
+            out.folds = false;
+            return Err(e);
+        }
+    };
     let mut folder = Folder::SameAsDecider;
 
     const CHUNK: u64 = 1024;

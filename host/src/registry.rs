@@ -79,7 +79,7 @@ impl PluginVersion {
 }
 
 /// The registry's table: every version by journal-local id, and each plugin's pointer.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Table {
     /// `versions[id]` is the version with that id: ids are dense from 0 (removed ones
     /// included: the journal's version records stay).
@@ -152,8 +152,11 @@ pub struct Registry {
     dir: PathBuf,
     table: parking_lot::RwLock<Table>,
     compiled: Mutex<HashMap<u32, CompiledPlugin>>,
-    /// Serializes registrations so version ids and numbers are allocated without races.
+    /// Serializes registrations (and removals) so version ids and numbers are allocated,
+    /// and stored files written or deleted, without races.
     registering: tokio::sync::Mutex<()>,
+    /// Serializes changes of the table with their save (see [`Registry::update`]).
+    saving: Mutex<()>,
 }
 
 impl Registry {
@@ -217,6 +220,7 @@ impl Registry {
             table: parking_lot::RwLock::new(table),
             compiled: Mutex::new(HashMap::new()),
             registering: tokio::sync::Mutex::new(()),
+            saving: Mutex::new(()),
         })
     }
 
@@ -277,12 +281,18 @@ impl Registry {
         self.compiled.lock().insert(id, compiled);
         let first = !self.table.read().current.contains_key(name);
         let becomes_current = first || (origin == Origin::Startup && self.startup_may_point(name));
-        self.table.write().add(info.clone(), origin);
-        if becomes_current {
-            self.point(id, origin)?;
-        } else {
-            // The first version's pointer is only in memory until written.
-            self.save()?;
+        let saved = self.update(|t| {
+            t.add(info.clone(), origin);
+            if becomes_current {
+                t.point(id, origin);
+            }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            // The version is in the journal (it is listed again at the next open); only the
+            // pointer change is lost.
+            self.table.write().versions.push(info.clone());
+            return Err(e);
         }
         tracing::info!(plugin = name, version = number, current = becomes_current, digest = %hex::encode(digest), "plugin registered");
         Ok((PluginVersion::from_info(&info), true))
@@ -300,8 +310,10 @@ impl Registry {
 
     /// Makes version `id` the current version of its plugin (durably).
     pub fn point(&self, id: u32, origin: Origin) -> Result<(), Error> {
-        self.table.write().point(id, origin);
-        self.save()
+        self.update(|t| {
+            t.point(id, origin);
+            Ok(())
+        })
     }
 
     /// The version `name` was current on before its current one: what a rollback returns to.
@@ -314,8 +326,7 @@ impl Registry {
     /// Undoes the last [`Registry::point`] of `name` (a rollback): the previous version
     /// becomes current again and leaves the history.
     pub fn point_back(&self, name: &str) -> Result<Option<VersionInfo>, Error> {
-        let back = {
-            let mut table = self.table.write();
+        self.update(|table| {
             let Some(p) = table.current.get_mut(name) else {
                 return Ok(None);
             };
@@ -324,10 +335,8 @@ impl Registry {
             };
             p.current = id;
             p.origin = Origin::Upload;
-            table.versions.get(id as usize).cloned()
-        };
-        self.save()?;
-        Ok(back)
+            Ok(table.versions.get(id as usize).cloned())
+        })
     }
 
     /// Version `number` of plugin `name`.
@@ -351,9 +360,10 @@ impl Registry {
     /// they leave the list, cannot be deployed, and their files are deleted. Removing the
     /// current version is refused unless every version of the plugin goes, which removes the
     /// plugin. The journal's version records stay (ids are dense).
-    pub fn remove_versions(&self, name: &str, ids: &[u32]) -> Result<(), Error> {
-        let digests: Vec<[u8; 32]> = {
-            let mut table = self.table.write();
+    pub async fn remove_versions(&self, name: &str, ids: &[u32]) -> Result<(), Error> {
+        // No registration meanwhile: one could be about to reuse a file deleted here.
+        let _no_registration = self.registering.lock().await;
+        let digests: Vec<[u8; 32]> = self.update(|table| {
             let Some(pointer) = table.current.get(name).cloned() else {
                 return Err(Error::UnknownPlugin(name.to_string()));
             };
@@ -385,18 +395,18 @@ impl Registry {
                 .filter(|v| !table.removed.contains(&v.id))
                 .map(|v| v.digest)
                 .collect();
-            ids.iter()
+            Ok(ids
+                .iter()
                 .filter_map(|id| table.versions.get(*id as usize).map(|v| v.digest))
                 .filter(|d| !kept.contains(d))
-                .collect()
-        };
+                .collect())
+        })?;
         {
             let mut compiled = self.compiled.lock();
             for id in ids {
                 compiled.remove(id);
             }
         }
-        self.save()?;
         for digest in digests {
             let hex = hex::encode(digest);
             for ext in ["wasm", "cwasm"] {
@@ -426,17 +436,26 @@ impl Registry {
     }
 
     /// Writes the pointers (temp file, fsync, rename, fsync directory).
-    fn save(&self) -> Result<(), Error> {
-        let bytes = {
-            let table = self.table.read();
-            serde_json::to_vec_pretty(&Saved::Now {
-                current: table.current.clone(),
-                removed: table.removed.clone(),
-            })
-        }
+    fn save(&self, table: &Table) -> Result<(), Error> {
+        let bytes = serde_json::to_vec_pretty(&Saved::Now {
+            current: table.current.clone(),
+            removed: table.removed.clone(),
+        })
         .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
         write_replace(&self.dir.join(POINTERS_FILE), &bytes)
             .map_err(|e| Error::Internal(format!("recording the current plugin versions: {e}")))
+    }
+
+    /// Changes the table with `change` durably: on a copy, saved, then made the table. One
+    /// change at a time (so saves cannot overtake each other), and a change whose save
+    /// fails (or that `change` refuses) does not take effect.
+    fn update<R>(&self, change: impl FnOnce(&mut Table) -> Result<R, Error>) -> Result<R, Error> {
+        let _one_at_a_time = self.saving.lock();
+        let mut next = self.table.read().clone();
+        let out = change(&mut next)?;
+        self.save(&next)?;
+        *self.table.write() = next;
+        Ok(out)
     }
 
     /// The current version of `name`: what new devices get.

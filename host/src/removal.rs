@@ -45,7 +45,12 @@ impl Runtime {
     /// under the data directory (see the module docs). Events that reach the device during
     /// the removal either commit before it or get [`Error::UnknownDevice`].
     pub async fn remove_device(&self, id: &str, archive: bool) -> Result<Removal, Error> {
-        let result = self.remove_inner(id, archive).await;
+        // In a task of its own: a caller that goes away (an HTTP client hanging up) must not
+        // stop a removal half-way, with the device barred from every message.
+        let (rt, owned) = (self.clone(), id.to_string());
+        let result = tokio::spawn(async move { rt.remove_inner(&owned, archive).await })
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("removal task: {e}"))));
         self.counted(result)
     }
 
@@ -77,7 +82,12 @@ impl Runtime {
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
         let at_ms = clock::now_ms();
         let archive = if archive {
-            Some(self.write_archive(id, head.seq, at_ms)?)
+            // File writes and fsyncs: off the async threads.
+            let (rt, owned, seq) = (self.clone(), id.to_string(), head.seq);
+            let written = tokio::task::spawn_blocking(move || rt.write_archive(&owned, seq, at_ms))
+                .await
+                .map_err(|e| Error::Internal(format!("archive task: {e}")))??;
+            Some(written)
         } else {
             None
         };
@@ -142,7 +152,7 @@ impl Runtime {
                 });
             }
         }
-        registry.remove_versions(plugin, ids)?;
+        registry.remove_versions(plugin, ids).await?;
         tracing::info!(plugin, versions = ?ids, "plugin versions removed");
         Ok(())
     }

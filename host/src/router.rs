@@ -78,16 +78,18 @@ impl Router {
         id: &str,
         dead: &mpsc::Sender<Message>,
     ) -> Result<mpsc::Sender<Message>, Error> {
-        let head = self
-            .env
-            .journal
-            .device(id)
-            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
         let mut actors = self.actors.write();
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
         self.refuse_if_removing(id)?;
+        // Read under the lock, after the removal check: a head read before could belong to
+        // a device removed (and its id provisioned again) meanwhile.
+        let head = self
+            .env
+            .journal
+            .device(id)
+            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
         match actors.get(id) {
             Some(a) if !a.tx.same_channel(dead) => return Ok(a.tx.clone()),
             _ => {}
@@ -109,15 +111,21 @@ impl Router {
         if let Some(a) = self.actors.read().get(id) {
             return Ok(a.tx.clone());
         }
-        let Some(head) = self.env.journal.device(id) else {
+        if self.env.journal.device(id).is_none() {
             validate_id(id)?;
             return Err(Error::UnknownDevice(id.to_string()));
-        };
+        }
         let mut actors = self.actors.write();
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
         self.refuse_if_removing(id)?;
+        // Read under the lock, after the removal check (see `restart`).
+        let head = self
+            .env
+            .journal
+            .device(id)
+            .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
         let handle = actors
             .entry(head.id.clone())
             .or_insert_with(|| actor::spawn(self.env.clone(), head, false));

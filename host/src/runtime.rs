@@ -114,6 +114,7 @@ impl Runtime {
             call_timeout: config.engine.call_timeout,
             directory,
             pool: handle,
+            upgrade_failures: Default::default(),
         });
         Ok(Runtime {
             shared: Arc::new(Shared {

@@ -1197,3 +1197,35 @@ async fn a_removed_device_is_gone_archived_and_its_id_reusable() {
     assert_eq!(rt.journal().recovery().format, 3);
     rt.shutdown().await;
 }
+
+/// A removal whose caller goes away (an HTTP client hanging up) still completes: the device
+/// is not left barred from every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_whose_caller_goes_away_still_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 4).await;
+    rt.provision("c", "thermostat", &json!({}))
+        .await
+        .expect("provision");
+    rt.send("c", r#"{"type":"reading","celsius":19.0}"#)
+        .await
+        .expect("event");
+    // Polled once (the removal starts), then dropped.
+    let _ = tokio::time::timeout(Duration::ZERO, rt.remove_device("c", true)).await;
+    support::poll_until(Duration::from_secs(10), "the removal to finish", || {
+        rt.summary("c").is_none().then_some(())
+    });
+    let (again, created) = rt
+        .provision("c", "thermostat", &json!({}))
+        .await
+        .expect("the id is free again");
+    assert!(created && again.seq == 0);
+    assert_eq!(
+        rt.send("c", r#"{"type":"reading","celsius":19.0}"#)
+            .await
+            .expect("the new device takes events")
+            .seq,
+        1
+    );
+    rt.shutdown().await;
+}

@@ -10,8 +10,9 @@
 //!
 //! Output is line-buffered per stream and store: each complete line becomes one log record
 //! (`info` for stdout, `warn` for stderr, target `drover::guest`), capped at 4 KiB; a partial
-//! line waits for its newline, up to 4 KiB. Writing never fails and never blocks, so a guest
-//! cannot stall on its output; the bytes count against nothing but the event's time budget.
+//! line waits for its newline, up to 4 KiB. Writing never blocks; a write larger than the
+//! 4 KiB `check-write` allows fails as a closed stream, so one host call does bounded work
+//! and the event's time budget bounds the rest.
 
 use wasmtime::component::{ComponentType, Lift, Linker, Lower, Resource, ResourceType};
 
@@ -67,22 +68,25 @@ impl Buffers {
     }
 }
 
-/// Appends `bytes` to `stream`'s buffer and logs every complete (or over-long) line.
-fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) {
+/// Appends `bytes` to `stream`'s buffer and logs every complete (or over-long) line. A
+/// write longer than `check-write` allowed is refused (the guest broke the stream's
+/// contract), so one call costs at most [`MAX_LINE`] bytes of work.
+fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), StreamError> {
+    if bytes.len() > MAX_LINE {
+        return Err(StreamError::Closed);
+    }
     let device = state.device.clone();
     let buf = state.stdio.of(stream);
     buf.extend_from_slice(bytes);
-    loop {
-        let cut = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => i,
-            None if buf.len() >= MAX_LINE => MAX_LINE,
-            None => return,
+    let mut start = 0;
+    while start < buf.len() {
+        let rest = &buf[start..];
+        let (line, next) = match rest.iter().position(|b| *b == b'\n') {
+            Some(i) => (&rest[..i], start + i + 1),
+            None if rest.len() >= MAX_LINE => (&rest[..MAX_LINE], start + MAX_LINE),
+            None => break,
         };
-        let line: Vec<u8> = buf.drain(..cut.min(buf.len())).collect();
-        if buf.first() == Some(&b'\n') {
-            buf.remove(0);
-        }
-        let text = String::from_utf8_lossy(&line[..line.len().min(MAX_LINE)]);
+        let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches('\r');
         // As for `host.log`: a log write that fails must not take down the guest call.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -92,7 +96,10 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) {
                 tracing::info!(target: "drover::guest", device = &*device, stream = "stdout", "{text}");
             }
         }));
+        start = next;
     }
+    buf.drain(..start);
+    Ok(())
 }
 
 /// Defines the print path of `wasi:io` and `wasi:cli` in `linker` (see the module docs).
@@ -131,15 +138,13 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>) -> anyhow::Result<()> {
         streams.func_wrap(
             "[method]output-stream.write",
             |mut store, (this, bytes): (Resource<OutputStream>, Vec<u8>)| {
-                write(store.data_mut(), this.rep(), &bytes);
-                Ok((Ok::<(), StreamError>(()),))
+                Ok((write(store.data_mut(), this.rep(), &bytes),))
             },
         )?;
         streams.func_wrap(
             "[method]output-stream.blocking-write-and-flush",
             |mut store, (this, bytes): (Resource<OutputStream>, Vec<u8>)| {
-                write(store.data_mut(), this.rep(), &bytes);
-                Ok((Ok::<(), StreamError>(()),))
+                Ok((write(store.data_mut(), this.rep(), &bytes),))
             },
         )?;
         for name in [
