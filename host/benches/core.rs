@@ -8,7 +8,9 @@
 //!
 //! Options (environment): `DROVER_BENCH_EVENTS` (per size, default 1,000,000),
 //! `DROVER_BENCH_SIZES` (default `1000,10000`), `DROVER_BENCH_INFLIGHT` (default 4096),
-//! `DROVER_BENCH_WARMUP` (events per device before measuring, default 5).
+//! `DROVER_BENCH_WARMUP` (events per device before measuring, default 5),
+//! `DROVER_BENCH_GUARD_PAGES` (set: wasmtime's default memory layout, see
+//! `EngineConfig::guard_pages`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +65,7 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
         .plugin("thermostat", THERMOSTAT)
         .mailbox_capacity(1024)
         .snapshot_every(1000)
+        .guard_pages(std::env::var_os("DROVER_BENCH_GUARD_PAGES").is_some())
         .open()
         .await?;
     let ids: Arc<Vec<String>> = Arc::new((0..devices).map(|i| format!("t-{i:06}")).collect());
