@@ -19,17 +19,9 @@ use drover::Runtime;
 use drover::replay::{self, Start};
 use hdrhistogram::Histogram;
 
-const THERMOSTAT: &[u8] = include_bytes!(concat!(
-    env!("DROVER_EXAMPLE_PLUGIN_DIR"),
-    "/thermostat.wasm"
-));
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "support/mod.rs"]
+mod common;
+use common::{THERMOSTAT, env_or};
 
 fn reading(i: u64) -> String {
     // Alternating around the setpoint: one or two transitions per event.

@@ -19,18 +19,9 @@ use std::time::{Duration, Instant};
 use drover::Runtime;
 use hdrhistogram::Histogram;
 
-/// The example thermostat component, as the build made it.
-const THERMOSTAT: &[u8] = include_bytes!(concat!(
-    env!("DROVER_EXAMPLE_PLUGIN_DIR"),
-    "/thermostat.wasm"
-));
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "support/mod.rs"]
+mod common;
+use common::{THERMOSTAT, env_or};
 
 fn main() -> anyhow::Result<()> {
     let events = env_or("DROVER_BENCH_EVENTS", 1_000_000);

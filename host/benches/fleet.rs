@@ -24,17 +24,9 @@ use std::time::{Duration, Instant};
 
 use drover::Runtime;
 
-const THERMOSTAT: &[u8] = include_bytes!(concat!(
-    env!("DROVER_EXAMPLE_PLUGIN_DIR"),
-    "/thermostat.wasm"
-));
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "support/mod.rs"]
+mod common;
+use common::{THERMOSTAT, env_or};
 
 /// (RSS, PSS) of this process in KiB.
 fn memory_kib() -> (u64, u64) {

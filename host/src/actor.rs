@@ -568,19 +568,8 @@ impl Actor {
         let registry = &self.env.registry;
         let number = |id: u32| registry.version(id).map_or(0, |v| v.number);
         let from = self.head.version;
-        let mut report = DeviceUpgrade {
-            device: self.head.id.to_string(),
-            from: number(from),
-            to: number(to),
-            outcome: UpgradeOutcome::Lazy,
-            path: None,
-            seq: self.head.seq,
-            applied: 0,
-            failed_seq: None,
-            error: None,
-            snapshot_readable: None,
-            pause_us: 0,
-        };
+        let mut report =
+            DeviceUpgrade::lazy(&self.head.id, number(from), number(to), self.head.seq);
         if from == to {
             report.outcome = UpgradeOutcome::Unchanged;
             return report;

@@ -309,19 +309,7 @@ impl Runtime {
                     Ok(()) => rx.await.ok(),
                     Err(_) => None,
                 };
-                report.unwrap_or_else(|| DeviceUpgrade {
-                    device: id.to_string(),
-                    from: from_number,
-                    to: to_number,
-                    outcome: UpgradeOutcome::Lazy,
-                    path: None,
-                    seq: 0,
-                    applied: 0,
-                    failed_seq: None,
-                    error: None,
-                    snapshot_readable: None,
-                    pause_us: 0,
-                })
+                report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, from_number, to_number, 0))
             })
             .buffer_unordered(in_parallel)
             .collect()

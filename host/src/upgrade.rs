@@ -83,6 +83,26 @@ pub struct DeviceUpgrade {
     pub pause_us: u64,
 }
 
+impl DeviceUpgrade {
+    /// A device not moved (yet): it comes up on the new version at its next activation.
+    /// Upgrades start from it and fill in what happened.
+    pub fn lazy(device: &str, from: u32, to: u32, seq: u64) -> DeviceUpgrade {
+        DeviceUpgrade {
+            device: device.to_string(),
+            from,
+            to,
+            outcome: UpgradeOutcome::Lazy,
+            path: None,
+            seq,
+            applied: 0,
+            failed_seq: None,
+            error: None,
+            snapshot_readable: None,
+            pause_us: 0,
+        }
+    }
+}
+
 /// A new instance of `want.version` at the device's seq `want.seq`, and whether that version
 /// reads the newest snapshot of `old_version` (the device's version until now).
 pub fn bring_up(
