@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::journal::{FileBackend, Journal, JournalOptions, StorageBackend};
+use crate::journal::{Journal, JournalOptions, StorageBackend};
 use crate::runtime::Runtime;
 
 /// Everything configurable about a runtime, with defaults that suit a single server (see
@@ -125,9 +125,10 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Whether to open a journal that is damaged before its tail by cutting it at the first
-    /// bad record (default false: such a journal is refused, since the records after the
-    /// damage were acknowledged; see [`crate::journal`]).
+    /// Whether to open a journal with media damage by first rewriting it with every intact
+    /// record and the lost seqs marked (default false: such a journal is refused, since the
+    /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs
+    /// the journal on its file (not [`RuntimeBuilder::journal_storage`]).
     pub fn salvage_journal(mut self, salvage: bool) -> Self {
         self.config.salvage = salvage;
         self
@@ -169,18 +170,14 @@ impl RuntimeBuilder {
             salvage: self.config.salvage,
             commit_delay: self.config.commit_delay,
         };
-        let storage: Arc<dyn StorageBackend> = match self.storage {
-            Some(s) => s,
-            None => Arc::new(
-                FileBackend::open(&dir.join(crate::journal::FILE_NAME))
-                    .with_context(|| format!("opening the journal in {}", dir.display()))?,
-            ),
-        };
-        let journal = Journal::open_on(storage, &options)
-            .with_context(|| format!("opening the journal in {}", dir.display()))?;
-        if let Some(d) = &journal.recovery().dropped {
-            tracing::warn!(offset = d.offset, bytes = d.bytes, reason = %d.reason, "journal tail was dropped on open");
+        let journal = match self.storage {
+            Some(_) if options.salvage => {
+                anyhow::bail!("salvage rewrites the journal's file: it needs the journal on disk")
+            }
+            Some(storage) => Journal::open_on(storage, &options),
+            None => Journal::open(dir, &options),
         }
+        .with_context(|| format!("opening the journal in {}", dir.display()))?;
         self.config
             .engine
             .store(dir)

@@ -164,6 +164,10 @@ fn one_pass(
     while next <= head.seq {
         let to = (next + CHUNK - 1).min(head.seq);
         for record in journal.read_events(head.num, next, to)? {
+            if record.lost {
+                // Destroyed by media damage: no event to re-decide, nothing was folded.
+                continue;
+            }
             out.events += 1;
             let event = String::from_utf8_lossy(&record.event);
             let decided = decider.as_mut().map(|instance| {

@@ -187,7 +187,7 @@ impl Runtime {
         while from <= seq {
             let page = self.journal_page(id, from, 1000)?;
             for r in &page.records {
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "seq": r.seq,
                     "at_ms": r.at_ms,
                     "plugin": r.plugin,
@@ -195,6 +195,9 @@ impl Runtime {
                     "event": json(&r.event),
                     "transitions": r.transitions.iter().map(|t| json(t)).collect::<Vec<_>>(),
                 });
+                if r.lost {
+                    line["lost"] = true.into();
+                }
                 writeln!(out, "{line}").map_err(io)?;
             }
             match page.next {

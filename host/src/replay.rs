@@ -160,6 +160,10 @@ pub fn rebuild_reporting(
             .within(left(), |instance| -> Result<(), RebuildFailure> {
                 for record in &records {
                     at = Some(record.seq);
+                    if record.lost {
+                        // Salvaged away: nothing to apply, and its time is the salvage's.
+                        continue;
+                    }
                     let transitions = record
                         .transitions
                         .iter()
@@ -188,7 +192,11 @@ pub fn rebuild_reporting(
     }
     if from > 0 && from == upto {
         // Restored exactly at the target: the timestamp still comes from that event.
-        if let Some(e) = journal.read_events(device.num, upto, upto)?.pop() {
+        if let Some(e) = journal
+            .read_events(device.num, upto, upto)?
+            .pop()
+            .filter(|e| !e.lost)
+        {
             last_at_ms = e.at_ms;
         }
     }

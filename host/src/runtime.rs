@@ -519,6 +519,7 @@ impl Runtime {
                     version,
                     event: text(r.event),
                     transitions: r.transitions.into_iter().map(text).collect(),
+                    lost: r.lost,
                 }
             })
             .collect();

@@ -81,6 +81,9 @@ pub struct JournalEntry {
     pub event: String,
     /// JSON texts.
     pub transitions: Vec<String>,
+    /// The record of this seq was destroyed by media damage and salvaged away: `event` is
+    /// `null`, there are no transitions, and `at_ms` is when the salvage ran.
+    pub lost: bool,
 }
 
 /// One page of a device's journal.

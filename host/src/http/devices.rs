@@ -204,6 +204,10 @@ struct RecordOut {
     transitions: Vec<Json>,
     plugin: String,
     version: u32,
+    /// Present (`true`) only for a seq whose record was destroyed by media damage and
+    /// salvaged away: no event, no transitions.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    lost: bool,
 }
 
 impl From<JournalEntry> for RecordOut {
@@ -215,6 +219,7 @@ impl From<JournalEntry> for RecordOut {
             transitions: json::all(e.transitions),
             plugin: e.plugin,
             version: e.version,
+            lost: e.lost,
         }
     }
 }

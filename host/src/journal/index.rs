@@ -41,6 +41,10 @@ pub struct DeviceInfo {
     pub dead_letters: std::collections::VecDeque<u64>,
 }
 
+/// The most seqs one kind-8 record may stand for (salvage writes longer runs as several), so
+/// a damaged run length cannot make the index allocate without bound.
+pub const MAX_LOST_RUN: u64 = 1 << 24;
+
 /// Dead letters indexed per device; older ones stay in the journal but are not listed.
 pub const DEAD_LETTERS_KEPT: usize = 100;
 
@@ -90,10 +94,17 @@ pub enum IndexEffect {
     Removed {
         device: u32,
     },
+    /// Seqs `from..=to` lost to media damage (a salvage's kind-8 record).
+    Lost {
+        device: u32,
+        from: u64,
+        to: u64,
+    },
 }
 
-/// The index proper. See the module docs.
-#[derive(Debug, Default)]
+/// The index proper. See the module docs. Cloned only by recovery, which checks the records
+/// after a damaged one against a copy before deciding anything.
+#[derive(Debug, Default, Clone)]
 pub struct Index {
     pub versions: Vec<VersionInfo>,
     pub devices: HashMap<u32, DeviceInfo>,
@@ -227,6 +238,33 @@ impl Index {
                 }
                 IndexEffect::Removed { device: *device }
             }
+            // Where a marker sits is recovery's business; the index learns nothing from it.
+            Record::Commit { .. } => IndexEffect::None,
+            Record::Lost {
+                device,
+                from,
+                to,
+                version,
+                ..
+            } => {
+                self.check_version(*version)?;
+                let info = self
+                    .devices
+                    .get(device)
+                    .ok_or(Inconsistency::UnknownDevice(*device))?;
+                if *from != info.seq() + 1 || to < from || to - from >= MAX_LOST_RUN {
+                    return Err(Inconsistency::SeqGap {
+                        device: *device,
+                        expected: info.seq() + 1,
+                        found: *from,
+                    });
+                }
+                IndexEffect::Lost {
+                    device: *device,
+                    from: *from,
+                    to: *to,
+                }
+            }
         })
     }
 
@@ -287,6 +325,14 @@ impl Index {
             IndexEffect::Removed { device } => {
                 if let Some(d) = self.devices.remove(&device) {
                     self.by_id.remove(&d.id);
+                }
+            }
+            IndexEffect::Lost { device, from, to } => {
+                if let Some(d) = self.devices.get_mut(&device) {
+                    debug_assert_eq!(from, d.seq() + 1, "lost seqs out of order");
+                    // Every lost seq points at the one kind-8 record that stands for them.
+                    let n = (to - from + 1) as usize;
+                    d.events.resize(d.events.len() + n, offset);
                 }
             }
         }

@@ -26,22 +26,22 @@
 //! * A record is acknowledged only after the `fdatasync` that covers it returned (see
 //!   `journal/writer.rs` for the batch rules, the fence that keeps a device's seqs gap-free,
 //!   and what happens when a commit fails).
-//! * On open, the file is scanned from the start. The first record that is torn (cut short:
-//!   the process died mid-write) or corrupt (checksum mismatch, or a record that does not fit
-//!   the ones before it) ends the valid prefix. It and everything after it is **never
-//!   applied**: those bytes are copied to `journal.log.dropped-<offset>` for inspection, the
-//!   file is cut back to the valid prefix and synced, and [`Recovery`] reports it. Every record
-//!   before it is intact and served.
+//! * Every batch ends with a commit marker, so on open recovery knows exactly which bytes a
+//!   crash could have torn: those of the last commit. A bad record there (torn, corrupt, or
+//!   not fitting the records before it) ends the valid prefix; it and everything after it is
+//!   **never applied**: those bytes are copied to `journal.log.dropped-<offset>`, the file is
+//!   cut back and synced, and [`Recovery`] reports it. A bad record anywhere before is media
+//!   damage: opening refuses with [`Damaged`] (offset, ranges, devices affected) unless
+//!   salvaging (see `journal/recovery.rs`).
 //! * A freshly created file is followed by an fsync of its directory, so the file itself
 //!   survives a crash.
 
 mod index;
 mod record;
+mod recovery;
 pub mod storage;
 mod writer;
 
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -54,8 +54,12 @@ use tokio::sync::Notify;
 
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
+use record::Record;
 pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
-use record::{DecodeError, Record};
+#[cfg(test)]
+use recovery::MAX_TORN_BYTES;
+pub use recovery::{Affected, Damaged, Salvaged, salvage};
+use recovery::{Cut, recover};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
 use writer::Entry;
 pub use writer::OnDurable;
@@ -130,11 +134,14 @@ pub struct Recovery {
     pub valid_len: u64,
     /// The file's format version (1: the header-less format of the first releases).
     pub format: u32,
-    /// The record that ended the valid prefix, if the file did not end cleanly.
+    /// The torn tail of the last commit, cut because a crash could have left it so.
     pub dropped: Option<DroppedTail>,
+    /// What salvage did before this open, if the journal was damaged and opened with
+    /// [`JournalOptions::salvage`].
+    pub salvaged: Option<Salvaged>,
 }
 
-/// A torn or corrupt tail found on open.
+/// A torn tail found on open: the part of the last commit a crash left behind.
 #[derive(Debug, Clone)]
 pub struct DroppedTail {
     /// Offset of the first bad record.
@@ -153,8 +160,9 @@ pub struct DroppedTail {
 /// How to open a journal.
 #[derive(Debug, Clone, Default)]
 pub struct JournalOptions {
-    /// Open a journal damaged before its tail by cutting it at the first bad record (the
-    /// records after it were acknowledged once; they are set aside, not applied).
+    /// Open a journal with media damage (see [`Damaged`]) by first rewriting it with every
+    /// intact record ([`salvage`]); without it such a journal refuses to open. Only
+    /// [`Journal::open`] (a journal on a file) can salvage.
     pub salvage: bool,
     /// How long the writer lets a batch grow once it is under load (see `journal/writer.rs`).
     pub commit_delay: Duration,
@@ -212,8 +220,6 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     next_device: AtomicU32,
     recovery: Recovery,
-    /// The format the file's header names now (raised to 3 before a first kind-6 record).
-    format: AtomicU32,
 }
 
 impl Drop for Inner {
@@ -234,8 +240,14 @@ impl Journal {
     /// or corrupt tail (see the module docs).
     pub fn open(dir: &Path, options: &JournalOptions) -> std::io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
-        let storage = FileBackend::open(&dir.join(FILE_NAME))?;
-        Journal::open_on(Arc::new(storage), options)
+        let path = dir.join(FILE_NAME);
+        let salvaged = if options.salvage {
+            salvage(&path)?
+        } else {
+            None
+        };
+        let storage = FileBackend::open(&path)?;
+        Journal::start(Arc::new(storage), options, salvaged)
     }
 
     /// Opens a journal on any storage (a [`FaultyBackend`] in failure tests).
@@ -243,10 +255,16 @@ impl Journal {
         storage: Arc<dyn StorageBackend>,
         options: &JournalOptions,
     ) -> std::io::Result<Journal> {
-        let cut = Cut::Tail {
-            salvage: options.salvage,
-        };
-        let (index, recovery) = recover(&*storage, cut)?;
+        Journal::start(storage, options, None)
+    }
+
+    fn start(
+        storage: Arc<dyn StorageBackend>,
+        options: &JournalOptions,
+        salvaged: Option<Salvaged>,
+    ) -> std::io::Result<Journal> {
+        let (index, mut recovery) = recover(&*storage, Cut::Tail)?;
+        recovery.salvaged = salvaged;
         let durable_len = recovery.valid_len;
         let next_device = index.next_device_num();
         let shared = Arc::new(writer::Shared {
@@ -254,6 +272,7 @@ impl Journal {
             stats: Stats::default(),
             broken: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            format: AtomicU32::new(recovery.format),
         });
         let (tx, rx) = channel();
         let handle = {
@@ -271,7 +290,6 @@ impl Journal {
                 tx: Some(tx),
                 writer: Mutex::new(Some(handle)),
                 next_device: AtomicU32::new(next_device),
-                format: AtomicU32::new(recovery.format),
                 recovery,
             }),
         })
@@ -288,6 +306,7 @@ impl Journal {
             stats: Stats::default(),
             broken: AtomicBool::new(true),
             closing: AtomicBool::new(true),
+            format: AtomicU32::new(recovery.format),
         });
         Ok(Journal {
             inner: Arc::new(Inner {
@@ -296,7 +315,6 @@ impl Journal {
                 tx: None,
                 writer: Mutex::new(None),
                 next_device: AtomicU32::new(u32::MAX),
-                format: AtomicU32::new(recovery.format),
                 recovery,
             }),
         })
@@ -368,32 +386,23 @@ impl Journal {
         .await
     }
 
-    /// Makes sure the file's header names at least `format`, raising it (durably, before
-    /// any record that needs it is submitted) if it names format 2. A header-less format-1
-    /// file cannot be raised in place.
+    /// Makes sure the file's header names at least `format` before a record that needs it is
+    /// submitted (see `Shared::raise_format`).
     fn require_format(&self, format: u32) -> Result<(), JournalError> {
-        let now = self.inner.format.load(Ordering::Acquire);
-        if now >= format {
-            return Ok(());
-        }
-        if now < 2 {
-            return Err(JournalError::Format(format!(
-                "this journal is in format {now} (from the first releases, without a file \
+        let shared = &self.inner.shared;
+        match shared.raise_format(&*self.inner.storage, format) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JournalError::Format(format!(
+                "this journal is in format {} (from the first releases, without a file \
                  header) and cannot hold this record: export its devices and import them into \
-                 a new data directory"
-            )));
-        }
-        let storage = &*self.inner.storage;
-        storage
-            .write_all_at(&record::file_header_of(format), 0)
-            .and_then(|()| storage.sync_data())
-            .map_err(|e| JournalError::Commit {
+                 a new data directory",
+                shared.format.load(Ordering::Acquire)
+            ))),
+            Err(e) => Err(JournalError::Commit {
                 kind: e.kind(),
                 message: format!("raising the journal's format to {format}: {e}"),
-            })?;
-        self.inner.format.fetch_max(format, Ordering::AcqRel);
-        tracing::info!(format, "journal format raised");
-        Ok(())
+            }),
+        }
     }
 
     /// The write lane of one device, for its actor: see [`DeviceWriter`].
@@ -511,8 +520,23 @@ impl Journal {
         let mut buf = Vec::new();
         offsets
             .into_iter()
-            .map(|o| match self.read_into(o, end, &mut buf)? {
+            .zip(from.max(1)..)
+            .map(|(o, seq)| match self.read_into(o, end, &mut buf)? {
                 Record::Event(e) => Ok(e),
+                Record::Lost {
+                    device,
+                    version,
+                    at_ms,
+                    ..
+                } => Ok(EventRecord {
+                    device,
+                    seq,
+                    at_ms,
+                    version,
+                    event: b"null".to_vec(),
+                    transitions: Vec::new(),
+                    lost: true,
+                }),
                 other => Err(JournalError::Read {
                     offset: o,
                     reason: format!("expected an event record, found {other:?}"),
@@ -870,165 +894,6 @@ impl DeviceWriter {
             done,
         });
     }
-}
-
-/// What recovery may do to a bad tail.
-#[derive(Clone, Copy)]
-enum Cut {
-    /// Report it only (read-only opens).
-    Never,
-    /// Cut it if it can be a torn write: no longer than the largest batch a crash can tear.
-    /// Damage further from the end is refused unless `salvage`.
-    Tail { salvage: bool },
-}
-
-/// The most bytes a crash can leave half-written at the end of the file: one batch, whose
-/// last record may exceed the batch limit by up to one record.
-const MAX_TORN_BYTES: u64 =
-    (writer::MAX_BATCH_BYTES + record::MAX_BODY_LEN + record::HEADER_LEN) as u64;
-
-/// Scans the journal from the start, building the index; cuts a bad tail (see module docs).
-fn recover(storage: &dyn StorageBackend, cut: Cut) -> std::io::Result<(Index, Recovery)> {
-    let file_len = storage.size()?;
-    let mut recovery = Recovery::default();
-    let start = match record::read_file_header(storage, file_len)? {
-        record::FileHeader::Present { format } => {
-            recovery.format = format;
-            record::FILE_HEADER_LEN as u64
-        }
-        record::FileHeader::Legacy => {
-            recovery.format = 1;
-            0
-        }
-        record::FileHeader::Missing => {
-            // New (or never got past writing its header): write it, unless read-only.
-            recovery.format = FORMAT_VERSION;
-            if matches!(cut, Cut::Never) {
-                0
-            } else {
-                storage.set_len(0)?;
-                storage.write_all_at(&record::file_header(), 0)?;
-                storage.sync_data()?;
-                record::FILE_HEADER_LEN as u64
-            }
-        }
-    };
-    let file_len = file_len.max(start);
-    let mut reader = BufReader::with_capacity(
-        1 << 20,
-        storage::SeqReader {
-            backend: storage,
-            pos: start,
-            len: file_len,
-        },
-    );
-    let mut index = Index::default();
-    let mut offset = start;
-    let mut buf = Vec::new();
-    let bad: Option<(String, bool)> = loop {
-        if offset == file_len {
-            break None;
-        }
-        let mut header = [0u8; record::HEADER_LEN];
-        if let Err(e) = reader.read_exact(&mut header) {
-            break Some((format!("short header: {e}"), true));
-        }
-        let len = match record::body_len(&header) {
-            Ok(len) => len,
-            Err(e) => break Some((e.to_string(), false)),
-        };
-        if offset + (record::HEADER_LEN + len) as u64 > file_len {
-            break Some(("record extends past end of file".into(), true));
-        }
-        buf.clear();
-        buf.extend_from_slice(&header);
-        buf.resize(record::HEADER_LEN + len, 0);
-        if let Err(e) = reader.read_exact(&mut buf[record::HEADER_LEN..]) {
-            break Some((format!("short body: {e}"), true));
-        }
-        let record = match Record::decode(&buf) {
-            Ok((r, _)) => r,
-            Err(e) => break Some((e.to_string(), matches!(e, DecodeError::Torn(_)))),
-        };
-        match index.effect_of(&record) {
-            Ok(effect) => index.apply(effect, offset),
-            Err(e) => break Some((e.to_string(), false)),
-        }
-        offset += buf.len() as u64;
-        recovery.records += 1;
-    };
-    recovery.valid_len = offset;
-    index.durable_len = offset;
-    let dropped = file_len - offset;
-    let name = storage
-        .path()
-        .map_or_else(|| "journal".to_string(), |p| p.display().to_string());
-    if let (Some((reason, _)), Cut::Tail { salvage: false }) = (&bad, cut)
-        && dropped > MAX_TORN_BYTES
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "{name}: bad record at offset {offset} ({reason}) with {dropped} bytes after it: \
-                 that is damage, not a torn write, and the records after it were \
-                 acknowledged. Refusing to open; inspect the file, or open with salvage \
-                 (`drover serve --salvage`) to cut it there and set the rest aside"
-            ),
-        ));
-    }
-    let Some((reason, torn)) = bad else {
-        return Ok((index, recovery));
-    };
-    if matches!(cut, Cut::Never) {
-        recovery.dropped = Some(DroppedTail {
-            offset,
-            bytes: dropped,
-            reason,
-            torn,
-            saved_to: storage.path().map(Path::to_path_buf),
-        });
-        return Ok((index, recovery));
-    }
-    let saved_to = match storage.path() {
-        Some(path) => {
-            let saved_to = path.with_file_name(format!(
-                "{}.dropped-{offset}",
-                path.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or(FILE_NAME)
-            ));
-            // Streamed, so a large salvage does not need the tail in memory.
-            let mut saved = File::create(&saved_to)?;
-            let mut source = storage::SeqReader {
-                backend: storage,
-                pos: offset,
-                len: file_len,
-            };
-            std::io::copy(&mut source, &mut saved)?;
-            saved.sync_all()?;
-            Some(saved_to)
-        }
-        None => None,
-    };
-    storage.set_len(offset)?;
-    if let Some(dir) = storage.path().and_then(Path::parent) {
-        File::open(dir)?.sync_all()?;
-    }
-    tracing::warn!(
-        offset,
-        dropped,
-        %reason,
-        saved_to = ?saved_to,
-        "journal tail dropped on open: not applied"
-    );
-    recovery.dropped = Some(DroppedTail {
-        offset,
-        bytes: dropped,
-        reason,
-        torn,
-        saved_to,
-    });
-    Ok((index, recovery))
 }
 
 #[cfg(test)]

@@ -43,10 +43,11 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_BODY_LEN: usize = 64 * 1024 * 1024;
 
 /// The record format this build writes. Format 3 added record kind 6 (a removed device);
-/// formats 1 and 2 hold kinds 1-5 only and are read as they are. A format-2 file is marked
-/// format 3 before its first kind-6 record is written, so an older build refuses it by name
-/// instead of misreading it.
-pub const FORMAT_VERSION: u32 = 3;
+/// format 4 added kind 7 (the commit marker that ends every batch) and kind 8 (seqs lost to
+/// media damage, written by salvage). Formats 1 to 3 are read as they are; a format-2 or -3
+/// file is marked format 4 before the first batch this build writes to it, so an older build
+/// refuses it by name instead of misreading the new kinds.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 16;
@@ -117,6 +118,11 @@ const KIND_EVENT: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_DEAD_LETTER: u8 = 5;
 const KIND_REMOVED: u8 = 6;
+const KIND_COMMIT: u8 = 7;
+const KIND_LOST: u8 = 8;
+
+/// The largest framed commit marker: header, kind and two 10-byte varints.
+pub const MAX_COMMIT_LEN: usize = HEADER_LEN + 1 + 10 + 10;
 
 /// One journal record, decoded.
 #[derive(Clone, PartialEq, Eq)]
@@ -152,6 +158,25 @@ pub enum Record {
     /// Device `device` was removed (format 3): its earlier records stay in the file but no
     /// longer belong to any device, and its id may be provisioned again (as a new device).
     Removed { device: u32, at_ms: u64 },
+    /// The end of one commit (format 4): the writer ends every batch with it, in the same
+    /// write. `offset` is where this marker itself starts, `batch_start` where the batch's
+    /// first record starts (equal to `offset` for the empty batch written at a clean close).
+    /// A marker proves that the commit before its batch finished (the writer starts a batch
+    /// only after the previous one's `fdatasync` returned), which is how recovery tells the
+    /// bytes a crash could have torn from media damage (see `journal/recovery.rs`).
+    Commit { offset: u64, batch_start: u64 },
+    /// Seqs `from..=to` of `device` were acknowledged once but their records were destroyed
+    /// by media damage; written by salvage (format 4) so the seqs are never used again.
+    /// Replay applies nothing for them. `damaged_at` is the offset of the damage in the
+    /// original file, `at_ms` when the salvage ran.
+    Lost {
+        device: u32,
+        from: u64,
+        to: u64,
+        version: u32,
+        damaged_at: u64,
+        at_ms: u64,
+    },
 }
 
 /// An event a plugin failed on; not applied, no seq used.
@@ -182,6 +207,9 @@ pub struct EventRecord {
     pub event: Vec<u8>,
     /// The transitions, each one JSON document.
     pub transitions: Vec<Vec<u8>>,
+    /// A seq whose record was destroyed by media damage and salvaged away (a kind-8 record):
+    /// `event` is `null` and there are no transitions. Never set on records being written.
+    pub lost: bool,
 }
 
 impl fmt::Debug for Record {
@@ -205,6 +233,13 @@ impl fmt::Debug for Record {
                 )
             }
             Record::Removed { device, .. } => write!(f, "Removed(device {device})"),
+            Record::Commit {
+                offset,
+                batch_start,
+            } => write!(f, "Commit(at {offset}, batch from {batch_start})"),
+            Record::Lost {
+                device, from, to, ..
+            } => write!(f, "Lost(device {device} seqs {from}..={to})"),
         }
     }
 }
@@ -290,6 +325,30 @@ impl Record {
                 put_varint(out, u64::from(*device));
                 put_varint(out, *at_ms);
             }
+            Record::Commit {
+                offset,
+                batch_start,
+            } => {
+                out.push(KIND_COMMIT);
+                put_varint(out, *offset);
+                put_varint(out, *batch_start);
+            }
+            Record::Lost {
+                device,
+                from,
+                to,
+                version,
+                damaged_at,
+                at_ms,
+            } => {
+                out.push(KIND_LOST);
+                put_varint(out, u64::from(*device));
+                put_varint(out, *from);
+                put_varint(out, *to);
+                put_varint(out, u64::from(*version));
+                put_varint(out, *damaged_at);
+                put_varint(out, *at_ms);
+            }
         }
         seal(out, start);
     }
@@ -299,6 +358,42 @@ impl Record {
         let body = frame_body(buf)?;
         let record = decode_body(body)?;
         Ok((record, HEADER_LEN + body.len()))
+    }
+
+    /// Decodes a damaged record without checking its checksum, for salvage's best guess of
+    /// which device and seq it held. What it returns is unverified.
+    pub fn decode_unchecked(buf: &[u8]) -> Option<Record> {
+        let header: &[u8; HEADER_LEN] = buf.get(..HEADER_LEN)?.try_into().ok()?;
+        let len = body_len(header).ok()?;
+        decode_body(buf.get(HEADER_LEN..HEADER_LEN + len)?).ok()
+    }
+
+    /// The commit marker framed at the start of `buf`, if there is one and it says it sits
+    /// at `offset`: the cheap test recovery runs at every byte while it looks for the next
+    /// intact commit after damage.
+    pub fn commit_at(buf: &[u8], offset: u64) -> Option<u64> {
+        let header: &[u8; HEADER_LEN] = buf.get(..HEADER_LEN)?.try_into().ok()?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if !(3..=MAX_COMMIT_LEN - HEADER_LEN).contains(&len)
+            || buf.get(HEADER_LEN) != Some(&KIND_COMMIT)
+        {
+            return None;
+        }
+        match Record::decode(buf.get(..HEADER_LEN + len)?) {
+            Ok((
+                Record::Commit {
+                    offset: at,
+                    batch_start,
+                },
+                _,
+            )) if at == offset && batch_start <= offset => Some(batch_start),
+            _ => None,
+        }
+    }
+
+    /// Whether a record kind byte is one this build knows (a cheap filter for resync).
+    pub fn known_kind(kind: u8) -> bool {
+        (KIND_VERSION..=KIND_LOST).contains(&kind)
     }
 }
 
@@ -417,6 +512,7 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
                 version,
                 event,
                 transitions,
+                lost: false,
             })
         }
         KIND_DEAD_LETTER => Record::DeadLetter(DeadLetter {
@@ -436,6 +532,18 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
         },
         KIND_REMOVED => Record::Removed {
             device: r.u32()?,
+            at_ms: r.varint()?,
+        },
+        KIND_COMMIT => Record::Commit {
+            offset: r.varint()?,
+            batch_start: r.varint()?,
+        },
+        KIND_LOST => Record::Lost {
+            device: r.u32()?,
+            from: r.varint()?,
+            to: r.varint()?,
+            version: r.u32()?,
+            damaged_at: r.varint()?,
             at_ms: r.varint()?,
         },
         _ => return Err(DecodeError::Corrupt("unknown record kind")),
@@ -548,6 +656,7 @@ mod tests {
                 version: 0,
                 event: br#"{"type":"reading","celsius":20.5}"#.to_vec(),
                 transitions: vec![b"{}".to_vec(), br#"{"type":"heating_on"}"#.to_vec()],
+                lost: false,
             }),
             Record::Event(EventRecord {
                 device: 1,
@@ -556,6 +665,7 @@ mod tests {
                 version: 2,
                 event: b"null".to_vec(),
                 transitions: vec![],
+                lost: false,
             }),
             Record::Snapshot {
                 device: 3,
@@ -575,6 +685,18 @@ mod tests {
             Record::Removed {
                 device: 3,
                 at_ms: 1_700_000_001_000,
+            },
+            Record::Commit {
+                offset: 1 << 40,
+                batch_start: (1 << 40) - 123,
+            },
+            Record::Lost {
+                device: 3,
+                from: 301,
+                to: 305,
+                version: 0,
+                damaged_at: 4096,
+                at_ms: 1_700_000_002_000,
             },
         ]
     }
@@ -608,6 +730,27 @@ mod tests {
             e.transitions.iter().map(Vec::as_slice),
         );
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_commit_marker_is_found_only_where_it_says_it_is() {
+        let mut buf = vec![0xaa; 5];
+        Record::Commit {
+            offset: 5,
+            batch_start: 2,
+        }
+        .encode_into(&mut buf);
+        assert_eq!(Record::commit_at(&buf[5..], 5), Some(2));
+        assert_eq!(Record::commit_at(&buf[5..], 6), None, "misplaced");
+        assert_eq!(Record::commit_at(&buf[4..], 4), None);
+        let mut largest = Vec::new();
+        Record::Commit {
+            offset: u64::MAX,
+            batch_start: u64::MAX,
+        }
+        .encode_into(&mut largest);
+        assert_eq!(largest.len(), MAX_COMMIT_LEN);
+        assert_eq!(Record::commit_at(&largest, u64::MAX), Some(u64::MAX));
     }
 
     #[test]

@@ -79,6 +79,7 @@ fn event(device: u32, seq: u64) -> (Record, IndexEffect) {
             version: 0,
             event: format!(r#"{{"n":{seq}}}"#).into_bytes(),
             transitions: vec![format!(r#"{{"t":{seq}}}"#).into_bytes()],
+            lost: false,
         }),
         IndexEffect::Event { device, seq },
     )
@@ -117,6 +118,48 @@ async fn seeded(dir: &Path, events: u64) -> Journal {
     journal
 }
 
+/// The file as a crash right now would leave it: every acknowledged record, and no close
+/// marker (the journal is still open).
+fn crash_image(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(FILE_NAME)).expect("read journal")
+}
+
+/// Closes `journal` and puts `image` back as its file: a `kill -9` at the moment the image
+/// was taken.
+fn crash_with(journal: Journal, dir: &Path, image: &[u8]) {
+    journal.close();
+    drop(journal);
+    std::fs::write(dir.join(FILE_NAME), image).expect("write journal");
+}
+
+/// Every record of a journal file: `(offset, framed length, record)`, markers included.
+fn records_of(bytes: &[u8]) -> Vec<(usize, usize, Record)> {
+    let mut at = record::FILE_HEADER_LEN;
+    let mut out = Vec::new();
+    while at < bytes.len() {
+        let (r, len) = Record::decode(&bytes[at..]).expect("intact record");
+        out.push((at, len, r));
+        at += len;
+    }
+    out
+}
+
+/// A journal file as a release before format 4 wrote it: no commit markers (and no header
+/// for format 1), one version, device `a` and `events` events.
+fn legacy_file(format: u32, events: u64) -> Vec<u8> {
+    let mut bytes = if format >= 2 {
+        record::file_header_of(format).to_vec()
+    } else {
+        Vec::new()
+    };
+    version_record(0).0.encode_into(&mut bytes);
+    device_record(0, "a").0.encode_into(&mut bytes);
+    for seq in 1..=events {
+        event(0, seq).0.encode_into(&mut bytes);
+    }
+    bytes
+}
+
 #[tokio::test]
 async fn records_survive_reopen_with_the_same_index() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -129,7 +172,14 @@ async fn records_survive_reopen_with_the_same_index() {
     let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     assert!(recovery.dropped.is_none());
     assert_eq!(recovery.records, 12);
-    assert_eq!(recovery.valid_len, len);
+    let file_len = std::fs::metadata(dir.path().join(FILE_NAME))
+        .expect("stat")
+        .len();
+    assert_eq!(recovery.valid_len, file_len);
+    assert!(
+        file_len > len,
+        "a clean close adds the marker of an empty batch"
+    );
     assert_eq!(journal.read_events(0, 1, 10).expect("read"), before);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(10));
 }
@@ -139,31 +189,28 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 5).await;
     let intact = journal.read_events(0, 1, 4).expect("read");
-    let len = journal.durable_len();
-    journal.close();
-    drop(journal);
-
-    // The process died in the middle of writing record 5: its last 3 bytes never arrived.
-    let path = dir.path().join(FILE_NAME);
-    let file = OpenOptions::new().write(true).open(&path).expect("open");
-    file.set_len(len - 3).expect("truncate");
-    drop(file);
+    let last = journal.index().device("a").expect("device").events[4] as usize;
+    let image = crash_image(dir.path());
+    // The process died in the middle of writing record 5: only its first 10 bytes arrived.
+    crash_with(journal, dir.path(), &image[..last + 10]);
 
     let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("torn tail reported");
     assert!(dropped.torn, "{dropped:?}");
+    assert_eq!(dropped.offset, last as u64);
     assert!(
         dropped.saved_to.as_ref().is_some_and(|p| p.exists()),
         "dropped bytes are kept for inspection"
     );
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
     assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
+    let path = dir.path().join(FILE_NAME);
     assert_eq!(
         std::fs::metadata(&path).expect("stat").len(),
         dropped.offset
     );
 
-    // The journal continues cleanly after the cut: seq 5 is free again.
+    // The journal continues cleanly after the cut: seq 5 was never acknowledged.
     let (r, e) = event(0, 5);
     journal.append(&r, e).await.expect("append after recovery");
     journal.close();
@@ -174,30 +221,59 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
 }
 
 #[tokio::test]
-async fn a_flipped_byte_in_the_last_record_is_reported_and_dropped() {
+async fn a_flipped_byte_in_the_last_commit_of_a_crash_is_a_torn_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 5).await;
     let intact = journal.read_events(0, 1, 4).expect("read");
-    let last_offset = journal.index().device("a").expect("device").events[4];
-    let len = journal.durable_len();
-    journal.close();
-    drop(journal);
-
-    let path = dir.path().join(FILE_NAME);
-    let mut bytes = std::fs::read(&path).expect("read file");
-    let mid = (last_offset + (len - last_offset) / 2) as usize;
-    bytes[mid] ^= 0x20;
-    std::fs::write(&path, &bytes).expect("write file");
+    let last = journal.index().device("a").expect("device").events[4];
+    let mut image = crash_image(dir.path());
+    // The crash came mid-fsync: the marker's page reached the disk, the record's did not.
+    image[last as usize + record::HEADER_LEN + 3] ^= 0x20;
+    crash_with(journal, dir.path(), &image);
 
     let (journal, recovery) = open_dir(dir.path()).expect("reopen");
-    let dropped = recovery.dropped.expect("corruption reported");
+    let dropped = recovery.dropped.expect("reported");
     assert!(!dropped.torn);
-    assert_eq!(dropped.offset, last_offset);
+    assert_eq!(dropped.offset, last);
     assert!(dropped.reason.contains("checksum"), "{}", dropped.reason);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
     assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
 }
 
+#[tokio::test]
+async fn every_cut_inside_the_last_commit_opens_with_what_is_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    // One batch holding two records of two devices, as the writer groups them.
+    let (r, e) = device_record(1, "b");
+    journal.append(&r, e).await.expect("device b");
+    let batch_start = journal.durable_len();
+    let wa = journal.device_writer(0, 8);
+    let wb = journal.device_writer(1, 8);
+    let (ra, rb) = (append_event(&wa, 4), append_event(&wb, 1));
+    ra.await.expect("completion").expect("a4");
+    rb.await.expect("completion").expect("b1");
+    let image = crash_image(dir.path());
+    crash_with(journal, dir.path(), &image);
+
+    let boundaries: Vec<usize> = records_of(&image).iter().map(|(at, ..)| *at).collect();
+    for end in batch_start as usize..image.len() {
+        std::fs::write(dir.path().join(FILE_NAME), &image[..end]).expect("write");
+        let (journal, recovery) = open_dir(dir.path())
+            .unwrap_or_else(|e| panic!("a cut at {end} inside the last commit refused: {e}"));
+        let a = journal.index().device("a").map(DeviceInfo::seq);
+        assert!(a == Some(3) || a == Some(4), "cut at {end}: a at {a:?}");
+        assert_eq!(
+            recovery.dropped.is_some(),
+            !boundaries.contains(&end),
+            "cut at {end}"
+        );
+        journal.close();
+        drop(journal);
+        // What is left is whole: every record decodes.
+        records_of(&std::fs::read(dir.path().join(FILE_NAME)).expect("read"));
+    }
+}
 #[tokio::test]
 async fn a_well_formed_record_that_does_not_fit_is_not_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -352,37 +428,219 @@ async fn submissions_after_close_fail_cleanly() {
 async fn read_only_open_reports_a_bad_tail_but_leaves_the_file_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 3).await;
-    let len = journal.durable_len();
-    journal.close();
-    drop(journal);
+    let last = journal.index().device("a").expect("device").events[2] as usize;
+    let image = crash_image(dir.path());
+    crash_with(journal, dir.path(), &image[..last + 5]);
     let path = dir.path().join(FILE_NAME);
-    let file = OpenOptions::new().write(true).open(&path).expect("open");
-    file.set_len(len - 1).expect("truncate");
-    drop(file);
 
     let journal = Journal::open_read_only(dir.path()).expect("open read-only");
     let recovery = journal.recovery().clone();
     assert!(recovery.dropped.is_some());
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(2));
-    assert_eq!(std::fs::metadata(&path).expect("stat").len(), len - 1);
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        last as u64 + 5
+    );
+}
+
+/// The issue's reproduction: 100 events, each its own commit; a graceful stop; one byte of
+/// the 5th event's body flipped.
+async fn hundred_events_with_the_fifth_damaged(dir: &Path) -> (Vec<EventRecord>, Vec<u8>, u64) {
+    let journal = seeded(dir, 100).await;
+    let before = journal.read_events(0, 1, 100).expect("read");
+    let fifth = journal.index().device("a").expect("device").events[4];
+    journal.close();
+    drop(journal);
+    let path = dir.join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[fifth as usize + record::HEADER_LEN + 4] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write");
+    (before, bytes, fifth)
 }
 
 #[tokio::test]
-async fn damage_far_from_the_tail_is_refused_unless_salvaging() {
+async fn damage_before_the_last_commit_refuses_to_open_naming_offset_and_device() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = seeded(dir.path(), 3).await;
-    let first_event = journal.index().device("a").expect("device").events[0];
+    let (_, bytes, fifth) = hundred_events_with_the_fifth_damaged(dir.path()).await;
+    let path = dir.path().join(FILE_NAME);
+
+    for read_only in [false, true] {
+        let err = if read_only {
+            Journal::open_read_only(dir.path()).err()
+        } else {
+            open_dir(dir.path()).err()
+        }
+        .expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        let damage = Damaged::of(&err).expect("a damage report");
+        assert_eq!(damage.offset, fifth);
+        assert_eq!(damage.intact_after, 95);
+        assert_eq!(damage.ranges.len(), 1);
+        assert_eq!(
+            damage.devices,
+            vec![Affected {
+                device: "a".into(),
+                lost: vec![(5, 5)],
+                set_aside: 0
+            }]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("offset {fifth}")) && text.contains("a (seq 5 lost)"),
+            "{text}"
+        );
+        assert!(text.contains("--salvage"), "{text}");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "untouched");
+    }
+}
+
+#[tokio::test]
+async fn salvage_keeps_every_intact_record_and_never_reuses_an_acknowledged_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (before, bytes, fifth) = hundred_events_with_the_fifth_damaged(dir.path()).await;
+
+    let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+    let salvaged = recovery.salvaged.expect("reported");
+    assert_eq!((salvaged.kept, salvaged.lost_seqs), (95, 1));
+    assert_eq!(salvaged.damage.offset, fifth);
+    assert_eq!(
+        std::fs::read(&salvaged.original).expect("original kept"),
+        bytes
+    );
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(100));
+    let after = journal.read_events(0, 1, 100).expect("read");
+    for (seq, (a, b)) in (1..).zip(after.iter().zip(&before)) {
+        if seq == 5 {
+            assert!(a.lost && a.transitions.is_empty() && a.seq == 5, "{a:?}");
+        } else {
+            assert_eq!(a, b, "seq {seq}");
+        }
+    }
+    // The next event is 101: the lost seq 5 and the kept 6-100 are never handed out again.
+    let (r, e) = event(0, 100);
+    assert!(journal.index().effect_of(&r).is_err());
+    let (r, e2) = event(0, 101);
+    drop(e);
+    journal.append(&r, e2).await.expect("seq 101");
     journal.close();
     drop(journal);
 
-    // Flip a byte in seq 1, then put more than any torn write could leave after it: valid
-    // records for seqs 4.. that were (as far as anyone knows) acknowledged.
+    let (journal, recovery) = open_dir(dir.path()).expect("a salvaged journal opens cleanly");
+    assert!(recovery.dropped.is_none() && recovery.salvaged.is_none());
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(101));
+    assert!(journal.read_events(0, 5, 5).expect("read")[0].lost);
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_any_record_before_the_last_commit_refuses_with_its_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 0).await;
+    let (r, e) = device_record(1, "b");
+    journal.append(&r, e).await.expect("device b");
+    let wa = journal.device_writer(0, 8);
+    let wb = journal.device_writer(1, 8);
+    for seq in 1..=4 {
+        let (ra, rb) = (append_event(&wa, seq), append_event(&wb, seq));
+        ra.await.expect("completion").expect("a");
+        rb.await.expect("completion").expect("b");
+    }
+    let (r, e) = (
+        Record::Snapshot {
+            device: 0,
+            seq: 4,
+            version: 0,
+            data: vec![9; 40],
+        },
+        IndexEffect::Snapshot {
+            device: 0,
+            seq: 4,
+            version: 0,
+        },
+    );
+    journal.append(&r, e).await.expect("snapshot");
+    journal.close();
+    drop(journal);
+    let path = dir.path().join(FILE_NAME);
+    let clean = std::fs::read(&path).expect("read");
+    let records = records_of(&clean);
+
+    // After a clean close nothing is tearable: damage to any record, markers included, is
+    // refused with its offset, and salvage then opens with every other record.
+    let (last, records) = records.split_last().expect("records");
+    for (at, len, record) in records {
+        let mut bytes = clean.clone();
+        bytes[at + len / 2] ^= 0x10;
+        std::fs::write(&path, &bytes).expect("write");
+        let err = open_dir(dir.path())
+            .err()
+            .unwrap_or_else(|| panic!("damage to {record:?} at {at} opened"));
+        let damage = Damaged::of(&err).unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(damage.offset, *at as u64, "{record:?}");
+
+        let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+        let salvaged = recovery.salvaged.expect("salvaged");
+        let lost_seq = matches!(record, Record::Event(_));
+        assert_eq!(salvaged.lost_seqs, u64::from(lost_seq), "{record:?}");
+        if !matches!(record, Record::Version { .. } | Record::Device { .. }) {
+            // Nothing but the damaged record itself is missing.
+            assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+            assert_eq!(journal.index().device("b").map(DeviceInfo::seq), Some(4));
+        }
+        journal.close();
+        drop(journal);
+        std::fs::remove_file(&salvaged.original).expect("remove kept original");
+    }
+    // The close marker itself is the one record a crash could have torn: cut, nothing lost.
+    assert!(matches!(last.2, Record::Commit { .. }));
+    let mut bytes = clean.clone();
+    bytes[last.0 + last.1 / 2] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("write");
+    let (journal, recovery) = open_dir(dir.path()).expect("opens");
+    assert_eq!(recovery.dropped.expect("cut").offset, last.0 as u64);
+    assert_eq!(journal.index().device("b").map(DeviceInfo::seq), Some(4));
+}
+
+#[tokio::test]
+async fn a_device_whose_last_record_was_destroyed_still_never_reuses_its_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    let (r, e) = device_record(1, "b");
+    journal.append(&r, e).await.expect("device b");
+    let third = journal.index().device("a").expect("a").events[2];
+    let wb = journal.device_writer(1, 8);
+    for seq in 1..=3 {
+        append_event(&wb, seq)
+            .await
+            .expect("completion")
+            .expect("b");
+    }
+    journal.close();
+    drop(journal);
+    // `a`'s last record is damaged and nothing of `a` comes after it: only the damaged
+    // record's own header says which seq it was.
     let path = dir.path().join(FILE_NAME);
     let mut bytes = std::fs::read(&path).expect("read");
-    bytes[first_event as usize + record::HEADER_LEN + 2] ^= 0x01;
+    bytes[third as usize + record::HEADER_LEN + 9] ^= 0x04; // inside the event's JSON
+    std::fs::write(&path, &bytes).expect("write");
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    let damage = Damaged::of(&err).expect("report");
+    assert_eq!(damage.devices[0].lost, vec![(3, 3)], "{err}");
+    let (journal, _) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
+    assert_eq!(journal.index().device("b").map(DeviceInfo::seq), Some(3));
+}
+
+#[tokio::test]
+async fn damage_far_from_the_tail_of_a_file_without_markers_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A format-3 file (no commit markers): only the last MAX_TORN_BYTES can be torn.
+    let mut bytes = legacy_file(3, 3);
+    let first_event = records_of(&bytes)[2].0;
+    bytes[first_event + record::HEADER_LEN + 2] ^= 0x01;
     let payload = vec![b'x'; 60 * 1024];
     let mut seq = 4;
-    while (bytes.len() as u64) < first_event + MAX_TORN_BYTES + 1024 {
+    while (bytes.len() as u64) < first_event as u64 + MAX_TORN_BYTES + 1024 {
         let mut event = br#"{"pad":""#.to_vec();
         event.extend_from_slice(&payload);
         event.extend_from_slice(br#""}"#);
@@ -393,31 +651,27 @@ async fn damage_far_from_the_tail_is_refused_unless_salvaging() {
             version: 0,
             event,
             transitions: vec![],
+            lost: false,
         })
         .encode_into(&mut bytes);
         seq += 1;
     }
+    let path = dir.path().join(FILE_NAME);
     std::fs::write(&path, &bytes).expect("write");
 
     let err = open_dir(dir.path()).err().expect("refused");
-    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-    assert!(err.to_string().contains("Refusing to open"), "{err}");
-    assert_eq!(
-        std::fs::metadata(&path).expect("stat").len(),
-        bytes.len() as u64,
-        "untouched"
-    );
+    let damage = Damaged::of(&err).expect("report");
+    assert_eq!(damage.offset, first_event as u64);
+    assert_eq!(damage.intact_after, seq - 2);
+    assert_eq!(std::fs::read(&path).expect("read"), bytes, "untouched");
 
     let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
-    let dropped = recovery.dropped.expect("reported");
-    assert_eq!(dropped.offset, first_event);
+    assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 1);
+    assert_eq!(recovery.format, FORMAT_VERSION);
     assert_eq!(
-        std::fs::metadata(dropped.saved_to.expect("saved to a file"))
-            .expect("saved")
-            .len(),
-        bytes.len() as u64 - first_event
+        journal.index().device("a").map(DeviceInfo::seq),
+        Some(seq - 1)
     );
-    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(0));
 }
 
 #[tokio::test]
@@ -446,27 +700,31 @@ async fn a_new_journal_starts_with_a_versioned_header_and_a_newer_format_is_refu
 #[tokio::test]
 async fn a_header_less_format_1_journal_still_opens() {
     let dir = tempfile::tempdir().expect("tempdir");
-    seeded(dir.path(), 3).await.close();
     let path = dir.path().join(FILE_NAME);
-    let bytes = std::fs::read(&path).expect("read");
-    // The first releases wrote the same records without the header.
-    std::fs::write(&path, &bytes[record::FILE_HEADER_LEN..]).expect("write");
+    // The first releases wrote the same records without the header (and without markers).
+    std::fs::write(&path, legacy_file(1, 3)).expect("write");
     let (journal, recovery) = open_dir(dir.path()).expect("opens");
     assert_eq!(recovery.format, 1);
     assert!(recovery.dropped.is_none());
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
     assert_eq!(journal.read_events(0, 3, 3).expect("read")[0].seq, 3);
+    // It takes new events as format 1 (no markers: it cannot be raised in place).
+    let (r, e) = event(0, 4);
+    journal.append(&r, e).await.expect("append");
+    journal.close();
+    drop(journal);
+    let bytes = std::fs::read(&path).expect("read");
+    assert_ne!(&bytes[..8], b"DROVERJL");
+    let (journal, _) = open_dir(dir.path()).expect("reopens");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
 }
 
 #[tokio::test]
-async fn a_removal_raises_a_format_2_journal_to_3_and_never_reuses_the_number() {
+async fn a_format_2_journal_is_raised_before_its_first_write_and_never_reuses_a_number() {
     let dir = tempfile::tempdir().expect("tempdir");
-    seeded(dir.path(), 3).await.close();
-    // Mark the file format 2, as a journal written by the previous release.
+    // A journal written by a release before removals and commit markers.
     let path = dir.path().join(FILE_NAME);
-    let mut bytes = std::fs::read(&path).expect("read");
-    bytes[..record::FILE_HEADER_LEN].copy_from_slice(&record::file_header_of(2));
-    std::fs::write(&path, &bytes).expect("write");
+    std::fs::write(&path, legacy_file(2, 3)).expect("write");
     let (journal, recovery) = open_dir(dir.path()).expect("opens");
     assert_eq!(recovery.format, 2, "opening alone changes nothing");
     assert_eq!(
@@ -478,7 +736,7 @@ async fn a_removal_raises_a_format_2_journal_to_3_and_never_reuses_the_number() 
     assert!(journal.device("a").is_none());
     assert_eq!(
         &std::fs::read(&path).expect("read")[8..12],
-        &3u32.to_le_bytes()
+        &FORMAT_VERSION.to_le_bytes()
     );
     // The id can come back, as a new device with a new number.
     let head = journal
@@ -490,7 +748,7 @@ async fn a_removal_raises_a_format_2_journal_to_3_and_never_reuses_the_number() 
     drop(journal);
 
     let (journal, recovery) = open_dir(dir.path()).expect("reopens");
-    assert_eq!(recovery.format, 3);
+    assert_eq!(recovery.format, FORMAT_VERSION);
     let a = journal.device("a").expect("the new `a`");
     assert_eq!((a.num, a.seq), (1, 0));
     assert_eq!(journal.index().next_device_num(), 2);
@@ -509,17 +767,12 @@ async fn a_removal_raises_a_format_2_journal_to_3_and_never_reuses_the_number() 
 #[tokio::test]
 async fn a_format_1_journal_refuses_a_removal_and_stays_as_it_is() {
     let dir = tempfile::tempdir().expect("tempdir");
-    seeded(dir.path(), 2).await.close();
     let path = dir.path().join(FILE_NAME);
-    let bytes = std::fs::read(&path).expect("read");
-    std::fs::write(&path, &bytes[record::FILE_HEADER_LEN..]).expect("write");
+    std::fs::write(&path, legacy_file(1, 2)).expect("write");
     let (journal, _) = open_dir(dir.path()).expect("opens");
     let err = journal.record_removal(0, 1).await.expect_err("refused");
     assert!(matches!(err, JournalError::Format(_)), "{err}");
     assert!(journal.device("a").is_some());
     journal.close();
-    assert_eq!(
-        std::fs::read(&path).expect("read"),
-        &bytes[record::FILE_HEADER_LEN..]
-    );
+    assert_eq!(std::fs::read(&path).expect("read"), legacy_file(1, 2));
 }

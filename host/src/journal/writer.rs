@@ -15,15 +15,22 @@
 //!    If even that fails the journal turns read-only: all later appends fail.
 //! 4. Barriers complete after every record submitted before them is durable; a batch of only
 //!    barriers completes without touching the disk.
+//! 5. Every batch ends with a commit marker (record kind 7, in the same write), and a clean
+//!    close writes one more for an empty batch. Because a batch starts only after the previous
+//!    one's `fdatasync` returned, a marker proves every byte before its batch durable: only the
+//!    last batch in the file can have been torn by a crash (see `journal/recovery.rs`). A
+//!    format-2 or -3 file is raised to format 4 (header rewritten and synced) before the first
+//!    batch that carries a marker; a header-less format-1 file gets no markers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use parking_lot::RwLock;
 
 use super::index::{Index, IndexEffect};
+use super::record::{self, Record};
 use super::{JournalError, Lane, Stats, StorageBackend};
 
 /// A batch stops growing past this many bytes, so one commit's latency stays bounded.
@@ -77,6 +84,36 @@ pub struct Shared {
     /// Set by `close`: the writer exits once the queue is empty. Entries that race past the
     /// exit are dropped unanswered, which their submitters observe as a closed channel.
     pub closing: AtomicBool,
+    /// The format the file's header names now (raised before the first batch with a marker,
+    /// and by removals; see rule 5).
+    pub format: AtomicU32,
+}
+
+/// The first format whose batches end with commit markers.
+pub const MARKERS_FROM: u32 = 4;
+
+impl Shared {
+    /// Makes sure the file's header names at least `format`, raising it (durably, before
+    /// any record that needs it is written) if it names format 2 or later. A header-less
+    /// format-1 file cannot be raised in place: `Ok(false)`.
+    pub fn raise_format(&self, storage: &dyn StorageBackend, format: u32) -> std::io::Result<bool> {
+        let now = self.format.load(Ordering::Acquire);
+        if now >= format {
+            return Ok(true);
+        }
+        if now < 2 {
+            return Ok(false);
+        }
+        storage.write_all_at(&record::file_header_of(format), 0)?;
+        storage.sync_data()?;
+        self.format.fetch_max(format, Ordering::AcqRel);
+        tracing::info!(from = now, to = format, "journal format raised");
+        Ok(true)
+    }
+
+    fn markers(&self) -> bool {
+        self.format.load(Ordering::Acquire) >= MARKERS_FROM
+    }
 }
 
 pub fn run(
@@ -130,6 +167,20 @@ pub fn run(
         );
         batch.clear();
     }
+    if shared.markers() && !shared.broken.load(Ordering::Acquire) {
+        // The marker of an empty batch: it proves the last batch durable, so after a clean
+        // stop no byte of the journal is one a crash could have torn.
+        buf.clear();
+        Record::Commit {
+            offset: durable_len,
+            batch_start: durable_len,
+        }
+        .encode_into(&mut buf);
+        match write_and_sync(storage, durable_len, &buf) {
+            Ok(()) => durable_len += buf.len() as u64,
+            Err(e) => tracing::warn!(error = %e, "journal close marker not written"),
+        }
+    }
     tracing::debug!(durable_len, "journal writer stopped");
 }
 
@@ -181,10 +232,27 @@ fn commit(
         }
     }
 
+    // Where the batch's commit marker starts in `buf`, if it has one.
+    let mut marker_at = None;
     let result = if buf.is_empty() {
         Ok(())
     } else {
-        write_and_sync(storage, *durable_len, buf)
+        shared
+            .raise_format(storage, MARKERS_FROM)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("raising the journal's format: {e}"))
+            })
+            .and_then(|_| {
+                if shared.markers() {
+                    marker_at = Some(buf.len());
+                    Record::Commit {
+                        offset: *durable_len + buf.len() as u64,
+                        batch_start: *durable_len,
+                    }
+                    .encode_into(buf);
+                }
+                write_and_sync(storage, *durable_len, buf)
+            })
     };
 
     match result {
@@ -228,11 +296,17 @@ fn commit(
             shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
             let restored = storage.set_len(*durable_len).is_ok();
             if !restored {
-                // The failed batch may still be on disk with valid checksums; blank the first
-                // header so recovery stops there instead of resurrecting records whose
-                // senders were told they failed.
+                // The failed batch may still be on disk with valid checksums; blank its first
+                // header and its marker so recovery sees an unconfirmed, torn last batch and
+                // stops there instead of resurrecting records whose senders were told they
+                // failed.
+                let blank = [0u8; record::HEADER_LEN];
                 let blanked = storage
-                    .write_all_at(&[0u8; super::record::HEADER_LEN], *durable_len)
+                    .write_all_at(&blank, *durable_len)
+                    .and_then(|()| match marker_at {
+                        Some(at) => storage.write_all_at(&blank, *durable_len + at as u64),
+                        None => Ok(()),
+                    })
                     .and_then(|()| storage.sync_data())
                     .is_ok();
                 tracing::error!(

@@ -148,9 +148,10 @@ pub struct Tuning {
     /// then holds at most 14,000 live instances (the live cap is lowered to it).
     #[arg(long)]
     pub guard_pages: bool,
-    /// Open a journal that is damaged in the middle (not just at its tail) by cutting it at
-    /// the first bad record. Everything after it is set aside in `journal.log.dropped-*`,
-    /// acknowledged events included: inspect before using this.
+    /// Open a journal with media damage (a bad record before the last commit, which a plain
+    /// start refuses, naming the offset and the devices affected) by rewriting it: every
+    /// intact record is kept, the seqs whose records were destroyed are marked lost and never
+    /// reused, and the original file is kept as `journal.log.damaged-<offset>`.
     #[arg(long)]
     pub salvage: bool,
 }

@@ -1,0 +1,822 @@
+//! Recovery on open: the index rebuilt from the file, and a crash's torn tail told apart from
+//! media damage.
+//!
+//! # What a crash can tear
+//!
+//! The writer appends one batch at a time: one positioned write that ends with a commit
+//! marker (record kind 7, naming its own offset and where its batch starts), then one
+//! `fdatasync`, and only then the next batch. So when a marker is in the file, every byte
+//! before its batch was durable before the marker was even written. A crash can therefore
+//! have torn only the **last batch in the file**, in any way the disk likes (a later page
+//! persisted before an earlier one, a length extended over zeros):
+//!
+//! * bytes after the last marker: that unconfirmed batch, or
+//! * when the last marker ends the file: the batch that marker closes (its `fdatasync` may
+//!   not have returned). A clean close writes the marker of an empty batch, so after a
+//!   graceful stop nothing at all is tearable.
+//!
+//! Files written before format 4 have no markers; there, as before, only the last
+//! [`MAX_TORN_BYTES`] can be a torn write.
+//!
+//! # What recovery does with a bad record at offset X
+//!
+//! It scans past X for the next intact records (the next commit marker, found by a cheap test
+//! at every byte, bounds the search inside one batch; within it, a record that frames, decodes
+//! and checksums is a resync point), checks the later records against a copy of the index, and
+//! then:
+//!
+//! * **X is in the tearable part**: the tail from X is cut, saved to
+//!   `journal.log.dropped-<X>`, and reported ([`super::DroppedTail`]). Nothing cut was
+//!   acknowledged.
+//! * **X is before it**: media damage. The journal refuses to open with a [`Damaged`] error
+//!   naming the offset, the damaged ranges, the intact records after them and the devices
+//!   affected; the file is left untouched. [`salvage`] (`drover serve --salvage`) rewrites the
+//!   journal keeping every intact record: a device whose records were destroyed gets a kind-8
+//!   record for its lost seqs (found from the seqs of its later intact records, or, after the
+//!   last one, from the damaged record's own unverified header), so a seq that was once
+//!   acknowledged is never handed out again. The original file is kept as
+//!   `journal.log.damaged-<X>`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::index::{Inconsistency, Index, MAX_LOST_RUN};
+use super::record::{self, DecodeError, Record};
+use super::storage::{FileBackend, SeqReader, StorageBackend};
+use super::{DroppedTail, FILE_NAME, FORMAT_VERSION, Recovery, writer};
+
+/// The most bytes a crash can leave half-written at the end of a file without commit markers
+/// (formats 1-3): one batch, whose last record may exceed the batch limit by up to one record.
+pub(super) const MAX_TORN_BYTES: u64 =
+    (writer::MAX_BATCH_BYTES + record::MAX_BODY_LEN + record::HEADER_LEN) as u64;
+
+/// The most bytes searched for a resync point in one go where no marker bounds the search
+/// (a damaged journal of format 1-3); past it the rest counts as damaged.
+const MAX_RESYNC_WINDOW: u64 = 256 << 20;
+
+/// What recovery may do to a bad tail.
+#[derive(Clone, Copy)]
+pub(super) enum Cut {
+    /// Report it only (read-only opens).
+    Never,
+    /// Cut it if a crash could have torn it; refuse damage.
+    Tail,
+}
+
+/// Media damage: a bad record before the part of the journal a crash could have torn, so the
+/// records after it were acknowledged. Opening refuses with this (inside an `io::Error` of
+/// kind `InvalidData`; [`Damaged::of`] gets it back) and leaves the file as it is.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Damaged {
+    /// The journal file.
+    pub path: String,
+    /// Offset of the first damaged byte.
+    pub offset: u64,
+    /// Why the record there was rejected.
+    pub reason: String,
+    /// Every damaged byte range (`start..end`) from `offset` on.
+    pub ranges: Vec<(u64, u64)>,
+    /// Intact records after the first damage (commit markers not counted).
+    pub intact_after: u64,
+    /// Devices whose records were destroyed or cannot be applied, by id (or `#num` when
+    /// even the device's provisioning record is gone).
+    pub devices: Vec<Affected>,
+}
+
+/// One device that salvage would leave short of records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Affected {
+    /// The device's id, or `#num` if its provisioning record is lost too.
+    pub device: String,
+    /// Seqs known lost, as inclusive ranges.
+    pub lost: Vec<(u64, u64)>,
+    /// Intact records that cannot be applied any more (their device or plugin version was
+    /// recorded in a destroyed record): left out of a salvaged journal, kept in the original.
+    pub set_aside: u64,
+}
+
+impl Damaged {
+    /// The damage report inside an error returned by opening a journal, if that is the cause.
+    pub fn of(err: &std::io::Error) -> Option<&Damaged> {
+        err.get_ref().and_then(|e| e.downcast_ref::<Damaged>())
+    }
+
+    /// Bytes in all damaged ranges.
+    pub fn damaged_bytes(&self) -> u64 {
+        self.ranges.iter().map(|(a, b)| b - a).sum()
+    }
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: damaged record at offset {} ({}): that is media damage, not a torn write: \
+             {} damaged byte(s) in {} range(s), followed by {} intact record(s) that were \
+             acknowledged",
+            self.path,
+            self.offset,
+            self.reason,
+            self.damaged_bytes(),
+            self.ranges.len(),
+            self.intact_after,
+        )?;
+        if self.devices.is_empty() {
+            write!(
+                f,
+                "; no device lost a seq (the damage hit records salvage can do without)"
+            )?;
+        } else {
+            write!(f, "; devices affected:")?;
+            for (i, d) in self.devices.iter().enumerate() {
+                if i == 8 {
+                    write!(f, " and {} more", self.devices.len() - 8)?;
+                    break;
+                }
+                write!(f, " {}", d.device)?;
+                let lost: Vec<String> = d
+                    .lost
+                    .iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
+                if !lost.is_empty() {
+                    write!(f, " (seq {} lost)", lost.join(","))?;
+                }
+                if d.set_aside > 0 {
+                    write!(f, " ({} record(s) unusable)", d.set_aside)?;
+                }
+                if i + 1 < self.devices.len() {
+                    write!(f, ",")?;
+                }
+            }
+        }
+        write!(
+            f,
+            ". Refusing to open. Keep a copy of the file; `drover serve --salvage` keeps every \
+             intact record, marks the lost seqs so they are never reused, and keeps the \
+             original as journal.log.damaged-{}",
+            self.offset
+        )
+    }
+}
+
+impl std::error::Error for Damaged {}
+
+/// What [`salvage`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Salvaged {
+    /// The damage found (what opening without salvage refused).
+    pub damage: Damaged,
+    /// Intact records kept from after the damage.
+    pub kept: u64,
+    /// Seqs marked lost (kind-8 records), over all devices.
+    pub lost_seqs: u64,
+    /// Where the original file was kept.
+    pub original: PathBuf,
+}
+
+/// A commit marker found in the file.
+#[derive(Debug, Clone, Copy)]
+struct Marker {
+    batch_start: u64,
+    end: u64,
+}
+
+/// The valid prefix of the file and where (and why) it ends.
+struct Prefix {
+    index: Index,
+    format: u32,
+    /// Where records start (after the file header, if any).
+    start: u64,
+    file_len: u64,
+    /// End of the valid prefix: the bad record's offset, or `file_len`.
+    end: u64,
+    records: u64,
+    /// Why the record at `end` was rejected, and whether it looked cut short.
+    bad: Option<(String, bool)>,
+    last_marker: Option<Marker>,
+}
+
+/// Scans the journal from the start, building the index; cuts a torn tail and refuses damage
+/// (see the module docs).
+pub(super) fn recover(
+    storage: &dyn StorageBackend,
+    cut: Cut,
+) -> std::io::Result<(Index, Recovery)> {
+    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail))?;
+    let mut recovery = Recovery {
+        records: prefix.records,
+        valid_len: prefix.end,
+        format: prefix.format,
+        ..Recovery::default()
+    };
+    let Some((reason, torn)) = prefix.bad.clone() else {
+        let mut index = prefix.index;
+        index.durable_len = prefix.end;
+        return Ok((index, recovery));
+    };
+    let offset = prefix.end;
+    let file_len = prefix.file_len;
+    let tail = scan_tail(storage, &prefix, None)?;
+    if offset < tearable_from(&prefix, &tail) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            tail.damage(storage, offset, reason),
+        ));
+    }
+    let mut index = prefix.index;
+    index.durable_len = offset;
+    let dropped = file_len - offset;
+    if matches!(cut, Cut::Never) {
+        recovery.dropped = Some(DroppedTail {
+            offset,
+            bytes: dropped,
+            reason,
+            torn,
+            saved_to: storage.path().map(Path::to_path_buf),
+        });
+        return Ok((index, recovery));
+    }
+    let saved_to = match storage.path() {
+        Some(path) => {
+            let saved_to = side_file(path, &format!("dropped-{offset}"));
+            // Streamed, so a large tail does not need to fit in memory.
+            let mut saved = File::create(&saved_to)?;
+            let mut source = SeqReader {
+                backend: storage,
+                pos: offset,
+                len: file_len,
+            };
+            std::io::copy(&mut source, &mut saved)?;
+            saved.sync_all()?;
+            Some(saved_to)
+        }
+        None => None,
+    };
+    storage.set_len(offset)?;
+    if let Some(dir) = storage.path().and_then(Path::parent) {
+        File::open(dir)?.sync_all()?;
+    }
+    tracing::warn!(
+        offset,
+        dropped,
+        %reason,
+        saved_to = ?saved_to,
+        "journal: the last commit was torn by a crash; its unacknowledged tail was cut and not applied"
+    );
+    recovery.dropped = Some(DroppedTail {
+        offset,
+        bytes: dropped,
+        reason,
+        torn,
+        saved_to,
+    });
+    Ok((index, recovery))
+}
+
+/// Rewrites a damaged journal at `path` keeping every intact record (see the module docs), or
+/// does nothing (`Ok(None)`) if the journal has no damage a normal open would refuse. Crash
+/// safe: the new journal is written beside the old one, synced, and renamed over it; the
+/// original stays as `journal.log.damaged-<offset>` (a hard link made before the rename).
+pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let storage = FileBackend::open_read_only(path)?;
+    let prefix = scan_prefix(&storage, false)?;
+    let Some((reason, _)) = prefix.bad.clone() else {
+        return Ok(None);
+    };
+    let offset = prefix.end;
+    let tmp = side_file(path, "salvage");
+    let mut out = Output {
+        file: BufWriter::with_capacity(1 << 20, File::create(&tmp)?),
+        // A header-less format-1 file gains a header: every later offset moves by its size.
+        pos: record::FILE_HEADER_LEN as u64,
+    };
+    out.write(&record::file_header_of(FORMAT_VERSION))?;
+    let mut source = SeqReader {
+        backend: &storage,
+        pos: prefix.start,
+        len: offset,
+    };
+    out.pos += std::io::copy(&mut source, &mut out.file)?;
+    let tail_start = out.pos;
+    let tail = scan_tail(&storage, &prefix, Some(&mut out))?;
+    if offset >= tearable_from(&prefix, &tail) {
+        // A torn tail, not damage: the normal open cuts it.
+        drop(out);
+        std::fs::remove_file(&tmp)?;
+        return Ok(None);
+    }
+    let mut marker = Vec::new();
+    Record::Commit {
+        offset: out.pos,
+        batch_start: tail_start,
+    }
+    .encode_into(&mut marker);
+    out.write(&marker)?;
+    let file = out.file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+
+    let damage = tail.damage(&storage, offset, reason);
+    let mut original = side_file(path, &format!("damaged-{offset}"));
+    if original.exists() {
+        original = side_file(path, &format!("damaged-{offset}-{}", wall_ms()));
+    }
+    std::fs::hard_link(path, &original)?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    let salvaged = Salvaged {
+        kept: tail.intact - tail.set_aside,
+        lost_seqs: tail.lost_seqs,
+        damage,
+        original,
+    };
+    tracing::warn!(
+        offset,
+        damaged_bytes = salvaged.damage.damaged_bytes(),
+        kept = salvaged.kept,
+        lost_seqs = salvaged.lost_seqs,
+        original = %salvaged.original.display(),
+        "journal salvaged: media damage skipped, every intact record kept, lost seqs marked"
+    );
+    Ok(Some(salvaged))
+}
+
+/// Wall-clock milliseconds, for when a salvage ran (the journal imports nothing of the crate,
+/// so not through `clock`).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(FILE_NAME);
+    path.with_file_name(format!("{name}.{suffix}"))
+}
+
+/// Where the part of the file a crash could have torn begins (see the module docs).
+fn tearable_from(prefix: &Prefix, tail: &Tail) -> u64 {
+    match tail.last_marker.or(prefix.last_marker) {
+        Some(m) if m.end >= prefix.file_len => m.batch_start,
+        Some(m) => m.end,
+        None => prefix
+            .file_len
+            .saturating_sub(MAX_TORN_BYTES)
+            .max(prefix.start),
+    }
+}
+
+fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<Prefix> {
+    let file_len = storage.size()?;
+    let (start, format) = match record::read_file_header(storage, file_len)? {
+        record::FileHeader::Present { format } => (record::FILE_HEADER_LEN as u64, format),
+        record::FileHeader::Legacy => (0, 1),
+        record::FileHeader::Missing => {
+            // New (or never got past writing its header): write it, unless read-only.
+            if writable {
+                storage.set_len(0)?;
+                storage.write_all_at(&record::file_header(), 0)?;
+                storage.sync_data()?;
+                (record::FILE_HEADER_LEN as u64, FORMAT_VERSION)
+            } else {
+                (0, FORMAT_VERSION)
+            }
+        }
+    };
+    let file_len = file_len.max(start);
+    let mut cursor = Cursor::new(storage, start, file_len);
+    let mut index = Index::default();
+    let mut offset = start;
+    let mut records = 0;
+    let mut last_marker = None;
+    let bad = loop {
+        if offset == file_len {
+            break None;
+        }
+        let record = match cursor.next() {
+            Ok(r) => r,
+            Err(bad) => break Some(bad),
+        };
+        let len = cursor.last_len();
+        if let Record::Commit {
+            offset: at,
+            batch_start,
+        } = record
+        {
+            if at != offset || batch_start > offset {
+                break Some(("commit marker out of place".to_string(), false));
+            }
+            last_marker = Some(Marker {
+                batch_start,
+                end: offset + len,
+            });
+        } else {
+            match index.effect_of(&record) {
+                Ok(effect) => index.apply(effect, offset),
+                Err(e) => break Some((e.to_string(), false)),
+            }
+            records += 1;
+        }
+        offset += len;
+    };
+    Ok(Prefix {
+        index,
+        format,
+        start,
+        file_len,
+        end: offset,
+        records,
+        bad,
+        last_marker,
+    })
+}
+
+/// Reads records one after another through a large buffer.
+struct Cursor<'a> {
+    reader: BufReader<SeqReader<'a>>,
+    storage: &'a dyn StorageBackend,
+    len: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(storage: &'a dyn StorageBackend, pos: u64, len: u64) -> Cursor<'a> {
+        Cursor {
+            reader: BufReader::with_capacity(
+                1 << 20,
+                SeqReader {
+                    backend: storage,
+                    pos,
+                    len,
+                },
+            ),
+            storage,
+            len,
+            buf: Vec::new(),
+        }
+    }
+
+    fn seek(&mut self, pos: u64) {
+        *self = Cursor::new(self.storage, pos, self.len);
+    }
+
+    /// The framed length of the record `next` returned last.
+    fn last_len(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// The next record, or why the bytes there are not one (and whether they look cut short).
+    fn next(&mut self) -> Result<Record, (String, bool)> {
+        let pos = self.reader.get_ref().pos - self.reader.buffer().len() as u64;
+        let mut header = [0u8; record::HEADER_LEN];
+        if let Err(e) = self.reader.read_exact(&mut header) {
+            return Err((format!("short header: {e}"), true));
+        }
+        let len = record::body_len(&header).map_err(|e| (e.to_string(), false))?;
+        if pos + (record::HEADER_LEN + len) as u64 > self.len {
+            return Err(("record extends past end of file".into(), true));
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(&header);
+        self.buf.resize(record::HEADER_LEN + len, 0);
+        if let Err(e) = self.reader.read_exact(&mut self.buf[record::HEADER_LEN..]) {
+            return Err((format!("short body: {e}"), true));
+        }
+        Record::decode(&self.buf)
+            .map(|(r, _)| r)
+            .map_err(|e| (e.to_string(), matches!(e, DecodeError::Torn(_))))
+    }
+}
+
+/// Where salvage writes the rebuilt journal.
+struct Output {
+    file: BufWriter<File>,
+    pos: u64,
+}
+
+impl Output {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// What lies after the first bad record.
+#[derive(Default)]
+struct Tail {
+    ranges: Vec<(u64, u64)>,
+    /// The first record of each damaged range, decoded without its checksum.
+    guesses: Vec<Record>,
+    /// Intact records (markers not counted), and of those the ones that cannot be applied.
+    intact: u64,
+    set_aside: u64,
+    lost_seqs: u64,
+    last_marker: Option<Marker>,
+    /// By device number: lost seq ranges and unusable records.
+    affected: BTreeMap<u32, (Vec<(u64, u64)>, u64)>,
+    /// Ids of devices that were known at some point of the scan.
+    names: BTreeMap<u32, Arc<str>>,
+}
+
+impl Tail {
+    fn damage(&self, storage: &dyn StorageBackend, offset: u64, reason: String) -> Damaged {
+        Damaged {
+            path: storage
+                .path()
+                .map_or_else(|| "journal".to_string(), |p| p.display().to_string()),
+            offset,
+            reason,
+            ranges: self.ranges.clone(),
+            intact_after: self.intact,
+            devices: self
+                .affected
+                .iter()
+                .map(|(num, (lost, set_aside))| Affected {
+                    device: self
+                        .names
+                        .get(num)
+                        .map_or_else(|| format!("#{num}"), |id| id.to_string()),
+                    lost: lost.clone(),
+                    set_aside: *set_aside,
+                })
+                .collect(),
+        }
+    }
+
+    /// Marks `from..=to` of `device` lost: in the copy of the index, in the report and, when
+    /// salvaging, in the new journal.
+    fn lose(
+        &mut self,
+        shadow: &mut Index,
+        out: &mut Option<&mut Output>,
+        device: u32,
+        from: u64,
+        to: u64,
+        damaged_at: u64,
+    ) -> std::io::Result<()> {
+        let Some(version) = shadow.devices.get(&device).map(|d| d.version) else {
+            return Ok(());
+        };
+        let (lost, _) = self.affected.entry(device).or_default();
+        lost.push((from, to));
+        self.lost_seqs += to - from + 1;
+        let mut first = from;
+        while first <= to {
+            let last = to.min(first + MAX_LOST_RUN - 1);
+            let record = Record::Lost {
+                device,
+                from: first,
+                to: last,
+                version,
+                damaged_at,
+                at_ms: wall_ms(),
+            };
+            if let Ok(effect) = shadow.effect_of(&record) {
+                shadow.apply(effect, 0);
+            }
+            if let Some(out) = out.as_deref_mut() {
+                let mut bytes = Vec::new();
+                record.encode_into(&mut bytes);
+                out.write(&bytes)?;
+            }
+            first = last + 1;
+        }
+        Ok(())
+    }
+
+    /// Takes one intact record after the damage: applies it to the copy of the index (after
+    /// marking the seqs its device is missing), or sets it aside if it cannot be applied.
+    fn admit(
+        &mut self,
+        shadow: &mut Index,
+        out: &mut Option<&mut Output>,
+        record: &Record,
+        bytes: &[u8],
+        damaged_at: u64,
+    ) -> std::io::Result<()> {
+        self.intact += 1;
+        // A seq past the device's next one: the records between were destroyed.
+        let missing = match record {
+            Record::Event(e) => Some((e.device, e.seq.saturating_sub(1))),
+            Record::Snapshot { device, seq, .. } => Some((*device, *seq)),
+            _ => None,
+        };
+        if let Some((device, upto)) = missing
+            && let Some(seq) = shadow.devices.get(&device).map(|d| d.seq())
+            && upto > seq
+        {
+            self.lose(shadow, out, device, seq + 1, upto, damaged_at)?;
+        }
+        match shadow.effect_of(record) {
+            Ok(effect) => {
+                if let Record::Device { num, id, .. } = record {
+                    self.names.insert(*num, Arc::from(id.as_str()));
+                }
+                shadow.apply(effect, 0);
+                if let Some(out) = out.as_deref_mut() {
+                    out.write(bytes)?;
+                }
+            }
+            Err(e) => {
+                self.set_aside += 1;
+                let device = match (record, &e) {
+                    (_, Inconsistency::UnknownDevice(n)) => Some(*n),
+                    (Record::Event(ev), _) => Some(ev.device),
+                    (Record::Snapshot { device, .. }, _)
+                    | (Record::Removed { device, .. }, _)
+                    | (Record::Lost { device, .. }, _) => Some(*device),
+                    (Record::DeadLetter(d), _) => Some(d.device),
+                    (Record::Device { num, .. }, _) => Some(*num),
+                    _ => None,
+                };
+                if let Some(device) = device {
+                    self.affected.entry(device).or_default().1 += 1;
+                }
+                tracing::debug!(?record, error = %e, "record after journal damage cannot be applied");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scans everything from the bad record at `prefix.end` to the end of the file (see the
+/// module docs); with `out`, writes the salvaged tail as it goes.
+fn scan_tail(
+    storage: &dyn StorageBackend,
+    prefix: &Prefix,
+    mut out: Option<&mut Output>,
+) -> std::io::Result<Tail> {
+    let file_len = prefix.file_len;
+    let damaged_at = prefix.end;
+    let mut shadow = prefix.index.clone();
+    let mut tail = Tail {
+        names: shadow
+            .devices
+            .iter()
+            .map(|(num, d)| (*num, d.id.clone()))
+            .collect(),
+        ..Tail::default()
+    };
+    let mut pos = prefix.end;
+    let mut cursor = Cursor::new(storage, pos, file_len);
+    while pos < file_len {
+        match cursor.next() {
+            Ok(Record::Commit {
+                offset,
+                batch_start,
+            }) if offset == pos && batch_start <= pos => {
+                let end = pos + cursor.last_len();
+                tail.last_marker = Some(Marker { batch_start, end });
+                pos = end;
+            }
+            Ok(Record::Commit { .. }) => {
+                // A checksummed marker in the wrong place: nothing to apply either way.
+                pos += cursor.last_len();
+            }
+            Ok(record) => {
+                let bytes = std::mem::take(&mut cursor.buf);
+                tail.admit(&mut shadow, &mut out, &record, &bytes, damaged_at)?;
+                cursor.buf = bytes;
+                pos += cursor.last_len();
+            }
+            Err(_) => {
+                if let Some(guess) = guess_at(storage, pos, file_len)? {
+                    tail.guesses.push(guess);
+                }
+                let bound = match next_marker(storage, pos + 1, file_len)? {
+                    Some((_, m)) if m.batch_start > pos => m.batch_start,
+                    Some((at, _)) => at,
+                    None => file_len,
+                };
+                let resume = resync(storage, pos + 1, bound)?.unwrap_or(bound);
+                tail.ranges.push((pos, resume));
+                pos = resume;
+                cursor.seek(pos);
+            }
+        }
+    }
+    // A device whose last records were destroyed shows it by nothing after them: the damaged
+    // records' own (unverified) headers are the only witness. Believed only as far as the
+    // damaged bytes could have held that many records.
+    let damaged_bytes: u64 = tail.ranges.iter().map(|(a, b)| b - a).sum();
+    for guess in std::mem::take(&mut tail.guesses) {
+        let (device, seq) = match guess {
+            Record::Event(e) => (e.device, e.seq),
+            Record::Snapshot { device, seq, .. } => (device, seq),
+            _ => continue,
+        };
+        if let Some(now) = shadow.devices.get(&device).map(|d| d.seq())
+            && seq > now
+            && seq - now <= damaged_bytes / 16 + 1
+        {
+            tail.lose(&mut shadow, &mut out, device, now + 1, seq, damaged_at)?;
+        }
+    }
+    Ok(tail)
+}
+
+/// The record at `pos` decoded without its checksum, if its frame is plausible.
+fn guess_at(
+    storage: &dyn StorageBackend,
+    pos: u64,
+    file_len: u64,
+) -> std::io::Result<Option<Record>> {
+    let mut header = [0u8; record::HEADER_LEN];
+    if pos + record::HEADER_LEN as u64 > file_len {
+        return Ok(None);
+    }
+    storage.read_exact_at(&mut header, pos)?;
+    let Ok(len) = record::body_len(&header) else {
+        return Ok(None);
+    };
+    if pos + (record::HEADER_LEN + len) as u64 > file_len {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; record::HEADER_LEN + len];
+    storage.read_exact_at(&mut buf, pos)?;
+    Ok(Record::decode_unchecked(&buf))
+}
+
+/// The next intact commit marker at or after `from`: its offset and what it says.
+fn next_marker(
+    storage: &dyn StorageBackend,
+    from: u64,
+    file_len: u64,
+) -> std::io::Result<Option<(u64, Marker)>> {
+    const CHUNK: usize = 1 << 20;
+    let overlap = record::MAX_COMMIT_LEN as u64;
+    let mut buf = vec![0u8; CHUNK];
+    let mut base = from;
+    while base < file_len {
+        let n = (file_len - base).min(CHUNK as u64) as usize;
+        storage.read_exact_at(&mut buf[..n], base)?;
+        // Positions whose marker would reach past this chunk are tried in the next one.
+        let last = if base + (n as u64) < file_len {
+            n.saturating_sub(overlap as usize)
+        } else {
+            n
+        };
+        for i in 0..last {
+            let at = base + i as u64;
+            if let Some(batch_start) = Record::commit_at(&buf[i..n], at) {
+                // `commit_at` checked the frame, so the length is the marker's.
+                let len = u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+                let end = at + record::HEADER_LEN as u64 + u64::from(len);
+                return Ok(Some((at, Marker { batch_start, end })));
+            }
+        }
+        if last == 0 {
+            break;
+        }
+        base += last as u64;
+    }
+    Ok(None)
+}
+
+/// The first offset in `from..to` where an intact record starts and ends within `to`.
+fn resync(storage: &dyn StorageBackend, from: u64, to: u64) -> std::io::Result<Option<u64>> {
+    if from >= to {
+        return Ok(None);
+    }
+    let n = (to - from).min(MAX_RESYNC_WINDOW) as usize;
+    let mut region = vec![0u8; n];
+    storage.read_exact_at(&mut region, from)?;
+    for i in 0..n.saturating_sub(record::HEADER_LEN) {
+        let len =
+            u32::from_le_bytes([region[i], region[i + 1], region[i + 2], region[i + 3]]) as usize;
+        if len == 0
+            || len > record::MAX_BODY_LEN
+            || i + record::HEADER_LEN + len > n
+            || !Record::known_kind(region[i + record::HEADER_LEN])
+        {
+            continue;
+        }
+        let framed = &region[i..i + record::HEADER_LEN + len];
+        // The structure first: most garbage fails it long before a checksum over `len` bytes.
+        if Record::decode_unchecked(framed).is_some() && Record::decode(framed).is_ok() {
+            return Ok(Some(from + i as u64));
+        }
+    }
+    Ok(None)
+}
