@@ -570,6 +570,8 @@ impl Runtime {
     pub fn render_metrics(&self) -> String {
         let journal = &self.shared.journal;
         let stats = journal.stats();
+        let recovery = journal.recovery();
+        let salvaged = recovery.salvaged.as_ref();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         self.shared.metrics.render(&[
             (
@@ -596,6 +598,31 @@ impl Runtime {
                 "drover_journal_commit_failures",
                 "Failed group commits since start.",
                 load(&stats.commit_failures),
+            ),
+            (
+                "drover_journal_torn_tail_recoveries",
+                "1 if this start cut a last commit torn by a crash (never acknowledged), else 0.",
+                u64::from(recovery.dropped.is_some()),
+            ),
+            (
+                "drover_journal_torn_tail_bytes",
+                "Bytes of a torn last commit cut at this start.",
+                recovery.dropped.as_ref().map_or(0, |d| d.bytes),
+            ),
+            (
+                "drover_journal_salvages",
+                "1 if this start salvaged a journal with media damage (--salvage), else 0.",
+                u64::from(recovery.salvaged.is_some()),
+            ),
+            (
+                "drover_journal_salvaged_damaged_bytes",
+                "Damaged bytes skipped by this start's salvage.",
+                salvaged.map_or(0, |s| s.damage.damaged_bytes()),
+            ),
+            (
+                "drover_journal_salvaged_lost_seqs",
+                "Acknowledged seqs whose records this start's salvage found destroyed (marked lost, never reused).",
+                salvaged.map_or(0, |s| s.lost_seqs),
             ),
         ])
     }

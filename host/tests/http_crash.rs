@@ -3,6 +3,10 @@
 //! in the journal at the seq it was acknowledged with, exactly once; no torn or corrupt record
 //! is served; and the served state equals `drover replay` on the same data directory. Then
 //! the same under SIGTERM: the graceful drain loses nothing either.
+//!
+//! Also media damage (issue 9's reproduction): a flipped byte in an early, acknowledged
+//! record refuses the start, naming the offset and the device; `--salvage` keeps every intact
+//! event and never hands out an acknowledged seq again.
 
 mod support;
 
@@ -12,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use support::{Api, Rng, Server, cli, poll_until};
+use support::{Api, BIN, Rng, Server, cli, plugin_dir, poll_until};
 
 const ROUNDS: usize = 3;
 const SINGLE_CLIENTS: usize = 3;
@@ -262,4 +266,90 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
     server = Server::start(&data, &flags);
     verify(&server, &acked);
     assert!(server.terminate().success());
+}
+
+#[test]
+fn media_damage_refuses_to_start_and_salvage_keeps_every_intact_event() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("data");
+    let mut server = Server::start(&data, &[]);
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({"setpoint": 20.0}));
+    // One at a time: each event is its own commit.
+    let reading = |seq: u64| json!({"type": "reading", "celsius": 10.0 + seq as f64 / 1000.0});
+    for seq in 1..=100u64 {
+        assert_eq!(api.send("t1", &reading(seq))["seq"], json!(seq));
+    }
+    let before = api.journal("t1", 1000);
+    assert!(server.terminate().success());
+
+    // Flip one byte inside the 5th event's body (its JSON, found by its unique value).
+    let path = data.join(drover::journal::FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read journal");
+    let needle = b"10.005";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the 5th event is in the journal");
+    bytes[at + 3] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write journal");
+
+    // A plain start refuses, says where and who, and changes nothing.
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .arg("--plugins")
+        .arg(plugin_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn drover serve");
+    let status = poll_until(Duration::from_secs(60), "drover serve to refuse", || {
+        child.try_wait().expect("wait")
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(!status.success(), "a damaged journal was served: {stderr}");
+    assert!(
+        stderr.contains("damaged record at offset")
+            && stderr.contains("t1 (seq 5 lost)")
+            && stderr.contains("intact record(s) that were acknowledged")
+            && stderr.contains("--salvage"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), bytes, "untouched");
+
+    // Salvage: every intact event is kept at its seq, seq 5 is marked lost, the next is 101.
+    server = Server::start(&data, &["--salvage"]);
+    let api = server.api();
+    let after = api.journal("t1", 1000);
+    assert_eq!(after.len(), 100);
+    for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+        if i == 4 {
+            assert_eq!(a["lost"], json!(true), "{a}");
+            assert_eq!(a["transitions"], json!([]));
+        } else {
+            assert_eq!(a, b, "seq {}", i + 1);
+        }
+    }
+    assert_eq!(api.send("t1", &reading(101))["seq"], json!(101));
+    let metrics = api.get("/metrics").text;
+    assert!(
+        metrics.contains("drover_journal_salvages 1")
+            && metrics.contains("drover_journal_salvaged_lost_seqs 1"),
+        "{metrics}"
+    );
+    let kept = std::fs::read_dir(&data)
+        .expect("ls")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("journal.log.damaged-"));
+    assert!(kept, "the original is kept beside the journal");
+    assert!(server.terminate().success());
+
+    // And the salvaged journal starts plainly from now on.
+    let server = Server::start(&data, &[]);
+    let journal = server.api().journal("t1", 1000);
+    assert_eq!(journal.len(), 101);
+    assert!(server.log_text().contains("listening"));
 }
