@@ -2,7 +2,7 @@
 //!
 //! For each device, a sandboxed instance of the candidate version is `init`ed with the
 //! device's config and given every recorded input event again, with the recorded seq, time
-//! and seed in its context, through the same [`crate::decide`] path and limits the live
+//! and seed in its context, through the same `decide` path and limits the live
 //! actor uses. Its transitions are compared with the recorded ones, event by event, and its
 //! final state with the device's recorded state (the journal folded by the device's own
 //! version). Nothing is written, no live actor is involved, and the journal is only read:

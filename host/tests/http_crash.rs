@@ -343,7 +343,11 @@ fn media_damage_refuses_to_start_and_salvage_keeps_every_intact_event() {
     let kept = std::fs::read_dir(&data)
         .expect("ls")
         .filter_map(Result::ok)
-        .any(|e| e.file_name().to_string_lossy().starts_with("journal.log.damaged-"));
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("journal.log.damaged-")
+        });
     assert!(kept, "the original is kept beside the journal");
     assert!(server.terminate().success());
 

@@ -1,17 +1,20 @@
 //! The journal: Drover's durable, append-only record of everything that happened.
 //!
 //! One file, `journal.log`, holds every record: plugin versions, device provisioning, handled
-//! events with their transitions, snapshots and dead letters (the format is in
+//! events with their transitions, snapshots, dead letters, removals, commit markers and lost
+//! seqs (the format is in
 //! `host/DESIGN.md` and `journal/record.rs`). It is the single source of truth; actors,
 //! snapshots and reads are all derived from it.
 //!
 //! # Layout
 //!
-//! * this file: the domain API ([`Journal`], [`DeviceWriter`]) and recovery on open;
+//! * this file: the domain API ([`Journal`], [`DeviceWriter`]);
 //! * [`storage`]: the byte-level seam ([`StorageBackend`]) and its file and faulty backends;
 //! * `record.rs` (private): the record format and the file header;
 //! * `index.rs` (private): the in-memory index of durable records;
-//! * `writer.rs` (private): the group-commit thread.
+//! * `writer.rs` (private): the group-commit thread and its commit markers;
+//! * `recovery.rs` (private): the scan on open, torn tail versus media damage ([`Damaged`]),
+//!   and [`salvage`].
 //!
 //! # Why a home-made log
 //!
