@@ -29,12 +29,15 @@
 //! * `removal`: removing a device, with an archive of its history ([`Runtime::remove_device`]).
 //! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
 //!   ([`Runtime::deploy`], [`DeployReport`]).
+//! * [`export`]: devices' histories to portable JSON lines and back into a data directory.
+//! * [`backup`]: a consistent copy of a data directory while its server runs.
 //! * [`http`]: the v1 HTTP API (axum) over a [`Runtime`].
 //!
 //! The `drover` binary (CLI, fleet simulator, embedded example plugins) lives in
 //! `src/bin/drover/` and is not part of the library.
 
 mod actor;
+pub mod backup;
 mod builder;
 pub mod clock;
 pub mod config;
@@ -43,6 +46,7 @@ mod deploy;
 pub mod dry_run;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod http;
 pub mod journal;
 pub mod metrics;

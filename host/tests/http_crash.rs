@@ -349,6 +349,31 @@ fn media_damage_refuses_to_start_and_salvage_keeps_every_intact_event() {
                 .starts_with("journal.log.damaged-")
         });
     assert!(kept, "the original is kept beside the journal");
+
+    // The lost seq travels through an export and an import as it is.
+    let file = root.path().join("t1.jsonl");
+    let copy = root.path().join("copy");
+    let (ok, out, err) = cli(&[
+        "journal",
+        "export",
+        "t1",
+        "--data",
+        data.to_str().expect("utf-8"),
+        "-o",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&[
+        "journal",
+        "import",
+        file.to_str().expect("utf-8"),
+        "--data",
+        copy.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    let imported = Server::start(&copy, &[]);
+    assert_eq!(imported.api().journal("t1", 1000), api.journal("t1", 1000));
+    drop(imported);
     assert!(server.terminate().success());
 
     // And the salvaged journal starts plainly from now on.

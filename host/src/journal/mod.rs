@@ -135,6 +135,10 @@ pub struct Recovery {
     pub records: u64,
     /// Length of the valid prefix.
     pub valid_len: u64,
+    /// Length of the prefix proven durable by a later commit marker (see
+    /// `journal/recovery.rs`): a consistent cut even while a writer is appending, which is
+    /// what an online backup copies. Equal to `valid_len` for files without markers.
+    pub confirmed_len: u64,
     /// The file's format version (1: the header-less format of the first releases).
     pub format: u32,
     /// The torn tail of the last commit, cut because a crash could have left it so.
@@ -856,6 +860,33 @@ impl DeviceWriter {
             dead_letters: Default::default(),
         };
         self.submit(bytes, IndexEffect::Device(info), None);
+    }
+
+    /// Records that seq `seq`'s record is lost (a kind-8 record, as salvage writes): for an
+    /// import of a history that had such seqs. `on_durable` runs once it is durable.
+    pub fn append_lost<F>(&self, seq: u64, at_ms: u64, version: u32, on_durable: F)
+    where
+        F: FnOnce(Result<(), JournalError>) + Send + 'static,
+    {
+        let mut bytes = Vec::new();
+        Record::Lost {
+            device: self.device,
+            from: seq,
+            to: seq,
+            version,
+            damaged_at: 0,
+            at_ms,
+        }
+        .encode_into(&mut bytes);
+        self.submit(
+            bytes,
+            IndexEffect::Lost {
+                device: self.device,
+                from: seq,
+                to: seq,
+            },
+            Some(Box::new(on_durable)),
+        );
     }
 
     /// Records an event the plugin failed on (see [`DeadLetter`]). Best effort: the sender

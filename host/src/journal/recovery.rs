@@ -215,9 +215,16 @@ pub(super) fn recover(
     cut: Cut,
 ) -> std::io::Result<(Index, Recovery)> {
     let prefix = scan_prefix(storage, matches!(cut, Cut::Tail))?;
+    let confirmed_len = match prefix.last_marker {
+        // The last batch in the file is proven durable by nothing after it.
+        Some(m) if m.end >= prefix.end => m.batch_start,
+        Some(m) => m.end,
+        None => prefix.end,
+    };
     let mut recovery = Recovery {
         records: prefix.records,
         valid_len: prefix.end,
+        confirmed_len,
         format: prefix.format,
         ..Recovery::default()
     };

@@ -132,9 +132,13 @@ pub fn state(args: StateArgs) -> anyhow::Result<ExitCode> {
 
 /// `drover journal`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct JournalArgs {
+    #[command(subcommand)]
+    pub action: Option<super::history::JournalAction>,
     /// The device id.
-    pub device: String,
+    #[arg(required = true)]
+    pub device: Option<String>,
     /// First seq to show.
     #[arg(long, default_value_t = 1)]
     pub from: u64,
@@ -168,8 +172,12 @@ struct PageOut {
 
 /// Prints a device's journal.
 pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(action) = args.action {
+        return super::history::run(action);
+    }
+    let device = args.device.unwrap_or_default();
     let api = ApiClient::new(&args.client)?;
-    let id = segment(&args.device);
+    let id = segment(&device);
     let mut from = args.from;
     loop {
         let (text, page): (String, PageOut) = api.call_json(api.get(&format!(

@@ -6,6 +6,7 @@
 //! * [`new`]: `new NAME`, a plugin crate that builds, tests and uploads as it is.
 //! * [`dev`]: `dev [DIR]`, rebuild + push + deploy on every save, against a local server.
 //! * [`replay`]: `replay`, rebuilding a device from a data directory without a server.
+//! * [`history`]: `journal export|import` and `backup`, from and to data directories.
 //! * [`fleet`]: `sim` (the fleet simulator over HTTP), `demo` (server + simulated fleet in
 //!   one process) and `bench http`.
 //! * [`client`]: the blocking HTTP client the one-call commands share, and how server errors
@@ -19,6 +20,7 @@ pub mod dev;
 pub mod device;
 pub mod fleet;
 pub mod format;
+pub mod history;
 pub mod new;
 pub mod plugins;
 pub mod replay;
@@ -45,7 +47,8 @@ pub enum Command {
     Send(device::SendArgs),
     /// Print a device's state (now, or right after seq `--at`).
     State(device::StateArgs),
-    /// Print a device's journal, a page at a time.
+    /// Print a device's journal, a page at a time; `journal export|import` for portable
+    /// histories.
     Journal(device::JournalArgs),
     /// Create a device running a plugin.
     Provision(device::ProvisionArgs),
@@ -66,6 +69,8 @@ pub enum Command {
     Dev(dev::DevArgs),
     /// Rebuild a device's state from a data directory, without a server.
     Replay(replay::ReplayArgs),
+    /// Copy a data directory consistently, even while its server runs.
+    Backup(history::BackupArgs),
     /// Simulate a fleet against a running server.
     Sim(fleet::SimArgs),
     /// Start a server with the example plugins and a simulated fleet, in one process.
@@ -90,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::New(args) => new::run(args),
         Command::Dev(args) => dev::run(args),
         Command::Replay(args) => replay::run(args),
+        Command::Backup(args) => history::backup(args),
         Command::Sim(args) => fleet::sim(args),
         Command::Demo(args) => fleet::demo(args),
         Command::Bench(args) => fleet::bench(args),

@@ -1,0 +1,125 @@
+//! A consistent copy of a data directory, taken while its server runs.
+//!
+//! Nothing is stopped or locked: the journal is append-only and its commit markers say which
+//! prefix is proven durable (see `journal/recovery.rs`), the plugin files are write-once, and
+//! the registry's pointers are replaced atomically. So [`backup`] copies, in this order:
+//!
+//! 1. `plugins/current.json` (the current versions), read first: every version it names was
+//!    recorded in the journal before the file named it, so the journal cut taken next holds
+//!    them all;
+//! 2. the journal up to its confirmed length ([`crate::journal::Recovery::confirmed_len`]): a
+//!    batch boundary, and every record before it was durable before the copy started (a
+//!    batch still being synced, or one that fails and is cut back, is left out);
+//! 3. every plugin component (and its precompiled artifact) and `engine.json`.
+//!
+//! Each file is synced, then the directory. The copy is a data directory like any other:
+//! `drover serve --data <copy>` starts on it (the journal's last batch shows no close marker,
+//! exactly as after a `kill -9`, which recovery takes as it is).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+use crate::journal::{self, Journal, StorageBackend};
+
+/// What [`backup`] copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// Journal bytes copied (the confirmed length).
+    pub journal_bytes: u64,
+    /// Journal bytes that were past the confirmed length at the time (not copied).
+    pub left_out: u64,
+    /// Devices in the copied journal.
+    pub devices: usize,
+    /// Plugin files copied (components and precompiled artifacts).
+    pub plugin_files: usize,
+}
+
+/// Copies the data directory `data_dir` to `to`, which must not exist yet or be empty.
+pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
+    if !data_dir.join(journal::FILE_NAME).exists() {
+        bail!("{} holds no journal", data_dir.display());
+    }
+    if to.exists()
+        && std::fs::read_dir(to)
+            .with_context(|| format!("reading {}", to.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty: back up into a new directory",
+            to.display()
+        );
+    }
+    std::fs::create_dir_all(to.join("plugins"))
+        .with_context(|| format!("creating {}", to.display()))?;
+
+    let pointers = data_dir.join("plugins").join("current.json");
+    let pointers = match std::fs::read(&pointers) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pointers.display())),
+    };
+
+    // Step 2: the journal's confirmed prefix, read through the same handle that measured it.
+    let source = journal::FileBackend::open_read_only(&data_dir.join(journal::FILE_NAME))?;
+    let size = source.size()?;
+    let opened = Journal::open_read_only(data_dir)
+        .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
+    let confirmed = opened.recovery().confirmed_len;
+    let devices = opened.device_count();
+    drop(opened);
+    let mut copy = File::create(to.join(journal::FILE_NAME))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < confirmed {
+        let n = (confirmed - at).min(buf.len() as u64) as usize;
+        source.read_exact_at(&mut buf[..n], at)?;
+        copy.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    copy.sync_all()?;
+
+    // Step 3: write-once files.
+    let mut plugin_files = 0;
+    for entry in std::fs::read_dir(data_dir.join("plugins"))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let keep = name
+            .to_str()
+            .is_some_and(|n| n.ends_with(".wasm") || n.ends_with(".cwasm"));
+        if keep {
+            copy_synced(&entry.path(), &to.join("plugins").join(&name))?;
+            plugin_files += 1;
+        }
+    }
+    if let Some(bytes) = pointers {
+        let mut f = File::create(to.join("plugins").join("current.json"))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    let engine = data_dir.join("engine.json");
+    if engine.exists() {
+        copy_synced(&engine, &to.join("engine.json"))?;
+    }
+    File::open(to.join("plugins"))?.sync_all()?;
+    File::open(to)?.sync_all()?;
+
+    // The copy must open as it is.
+    Journal::open_read_only(to).context("checking the copied journal")?;
+    Ok(BackupSummary {
+        journal_bytes: confirmed,
+        left_out: size.saturating_sub(confirmed),
+        devices,
+        plugin_files,
+    })
+}
+
+fn copy_synced(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    File::open(to)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! `drover journal export|import` and `drover backup`: a data directory's history taken out,
+//! brought back, and copied whole, without a server (see `drover::export` and
+//! `drover::backup` for the format and the consistency argument).
+//!
+//! Export and backup open the journal read-only, so they run beside a live server on the same
+//! directory. Import writes into a data directory no server is using (it takes its lock).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+/// `drover journal export` / `drover journal import`.
+#[derive(Debug, Subcommand)]
+pub enum JournalAction {
+    /// Write devices' histories (with their plugins' components) as portable JSON lines.
+    Export(ExportArgs),
+    /// Import an export into a data directory (its devices must not exist there yet).
+    Import(ImportArgs),
+}
+
+/// `drover journal export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The device to export (or `--all`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub device: Option<String>,
+    /// Export every device.
+    #[arg(long)]
+    pub all: bool,
+    /// First seq of each device's records (a partial export cannot be imported).
+    #[arg(long, default_value_t = 1)]
+    pub from: u64,
+    /// The data directory (a live server's is fine).
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    /// Write to this file instead of stdout.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
+/// `drover journal import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The export file.
+    pub file: PathBuf,
+    /// The data directory to import into (created if missing; no server may be using it).
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+}
+
+/// `drover backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The data directory to copy (a live server's is fine).
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    /// Where to put the copy: a new or empty directory.
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+/// Runs `drover journal export|import`.
+pub fn run(action: JournalAction) -> anyhow::Result<ExitCode> {
+    match action {
+        JournalAction::Export(args) => export(args),
+        JournalAction::Import(args) => import(args),
+    }
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let only = if args.all {
+        None
+    } else {
+        args.device.as_deref()
+    };
+    let summary = match &args.output {
+        Some(path) => {
+            let tmp = path.with_extension("partial");
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let summary = drover::export::export(&args.data, only, args.from, &mut out)?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            summary
+        }
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let summary = drover::export::export(&args.data, only, args.from, &mut out)?;
+            out.flush()?;
+            summary
+        }
+    };
+    tracing::info!(
+        devices = summary.devices,
+        records = summary.records,
+        plugins = summary.plugins,
+        "exported"
+    );
+    if let Some(path) = &args.output {
+        println!(
+            "exported {} device(s), {} record(s), {} plugin version(s) to {}",
+            summary.devices,
+            summary.records,
+            summary.plugins,
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let runtime = drover::Runtime::builder(&args.data).open().await?;
+        let result = drover::export::import(&runtime, &args.file).await;
+        runtime.shutdown().await;
+        let summary = result?;
+        println!(
+            "imported {} device(s), {} record(s); {} plugin version(s) registered{}",
+            summary.devices,
+            summary.records,
+            summary.plugins_registered,
+            if summary.records_reattributed > 0 {
+                format!(
+                    "; {} record(s) named a plugin version not in the export and were \
+                     attributed to their device's version",
+                    summary.records_reattributed
+                )
+            } else {
+                String::new()
+            }
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Runs `drover backup`.
+pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
+    let summary = drover::backup::backup(&args.data, &args.to)?;
+    println!(
+        "backed up {} device(s): {} journal bytes ({} bytes not yet proven durable left out), \
+         {} plugin file(s), to {}",
+        summary.devices,
+        summary.journal_bytes,
+        summary.left_out,
+        summary.plugin_files,
+        args.to.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,580 @@
+//! Portable history: a data directory's devices exported to JSON lines, and imported into
+//! another data directory, so a production history becomes a regression test and a backup
+//! can be restored record for record.
+//!
+//! # Format (version 1)
+//!
+//! One JSON object per line, each with a `kind`:
+//!
+//! ```text
+//! {"kind":"drover-export","format":1,"exported_at_ms":1764500000000,"from":1}
+//! {"kind":"plugin","plugin":"thermostat","version":1,"digest":"<sha256 hex>","current":true,"component":"<base64>"}
+//! {"kind":"device","device":"t1","plugin":"thermostat","version":1,"config":{...},"created_at_ms":...,"seq":100}
+//! {"kind":"record","seq":1,"at_ms":...,"plugin":"thermostat","version":1,"event":{...},"transitions":[{...}]}
+//! {"kind":"record","seq":5,"at_ms":...,"plugin":"thermostat","version":1,"lost":true}
+//! {"kind":"end","devices":1,"records":100}
+//! ```
+//!
+//! * Plugin lines come first: every version a device runs or a record names, with the
+//!   component's bytes (so an import needs nothing else). A version whose file was removed
+//!   from the source has no `component`.
+//! * Each device line is followed by its records in seq order, from the header's `from`.
+//!   Events, transitions and configs are embedded as the exact JSON text recorded (so an
+//!   import reproduces the journal byte for byte); a text that is not JSON (a transition from
+//!   a plugin that printed something else) is given as a string under `event_text`,
+//!   `transitions_text` or `config_text` instead. `lost` marks a seq destroyed by media
+//!   damage and salvaged away (see `journal::salvage`).
+//! * The `end` line counts what came before it, so a cut-short file is refused.
+//!
+//! Snapshots and dead letters are not exported: snapshots are derived (an import replays),
+//! and dead letters are not part of any device's state.
+//!
+//! # Import
+//!
+//! [`import`] reads the whole file once to check it (format, digests of the components, the
+//! end line, dense seqs, and that no device exists yet in the target), then registers the
+//! plugin versions and writes each device's provisioning and records straight into the
+//! target journal (no guest runs: the recorded transitions are the truth), waits until they
+//! are durable, and finally rebuilds every imported device from its journal with its plugin
+//! to check that the history folds. A partial export (`from` > 1) cannot be imported.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest as _, Sha256};
+
+use crate::engine::{Engine, EngineConfig};
+use crate::journal::{Journal, JournalError, VersionInfo};
+use crate::registry::{Origin, Registry};
+use crate::runtime::Runtime;
+
+/// The export format this build writes and reads.
+pub const EXPORT_FORMAT: u32 = 1;
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub plugins: usize,
+    pub devices: usize,
+    pub records: u64,
+}
+
+/// What [`import`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    /// Plugin versions registered (new to the target).
+    pub plugins_registered: usize,
+    pub devices: usize,
+    pub records: u64,
+    /// Records whose plugin version was not in the export (removed from the source): they
+    /// are attributed to their device's version.
+    pub records_reattributed: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    kind: String,
+    format: u32,
+    exported_at_ms: u64,
+    from: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PluginLine {
+    kind: String,
+    plugin: String,
+    version: u32,
+    digest: String,
+    #[serde(default)]
+    current: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    component: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceLine {
+    kind: String,
+    device: String,
+    plugin: String,
+    version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config_text: Option<String>,
+    created_at_ms: u64,
+    seq: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RecordLine {
+    kind: String,
+    seq: u64,
+    at_ms: u64,
+    plugin: String,
+    version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event_text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transitions: Option<Vec<Box<RawValue>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transitions_text: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    lost: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EndLine {
+    kind: String,
+    devices: usize,
+    records: u64,
+}
+
+#[derive(Deserialize)]
+struct Kind {
+    kind: String,
+}
+
+/// JSON text as a raw value if it is JSON, else as a string for the `*_text` field.
+fn raw_or_text(bytes: &[u8]) -> (Option<Box<RawValue>>, Option<String>) {
+    match std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| RawValue::from_string(s.to_string()).ok())
+    {
+        Some(raw) => (Some(raw), None),
+        None => (None, Some(String::from_utf8_lossy(bytes).into_owned())),
+    }
+}
+
+/// Writes the devices `only` (all when `None`) of the data directory `data_dir`, their
+/// records from seq `from`, to `out` in the format above. The journal is opened read-only, so
+/// this runs beside a live server (it sees what is durable when it starts).
+pub fn export(
+    data_dir: &Path,
+    only: Option<&str>,
+    from: u64,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExportSummary> {
+    let journal = Journal::open_read_only(data_dir)
+        .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
+    let engine = Engine::new(EngineConfig::load(data_dir)?)?;
+    let registry = Registry::open(engine, journal.clone(), data_dir)?;
+    let versions: HashMap<u32, VersionInfo> =
+        journal.versions().into_iter().map(|v| (v.id, v)).collect();
+    let ids: Vec<Arc<str>> = match only {
+        Some(id) => {
+            if journal.device(id).is_none() {
+                bail!("no device `{id}` in {}", data_dir.display());
+            }
+            vec![Arc::from(id)]
+        }
+        None => journal.device_ids(),
+    };
+    let from = from.max(1);
+    let name = |id: u32| -> anyhow::Result<&VersionInfo> {
+        versions
+            .get(&id)
+            .with_context(|| format!("plugin version id {id} is not in the journal"))
+    };
+
+    // Every version a device runs or one of its records names, before any device.
+    let mut used: Vec<u32> = Vec::new();
+    for id in &ids {
+        let Some(head) = journal.device(id) else {
+            continue;
+        };
+        used.push(head.version);
+        let mut next = from;
+        while next <= head.seq {
+            let to = (next + 1023).min(head.seq);
+            used.extend(
+                journal
+                    .read_events(head.num, next, to)?
+                    .iter()
+                    .map(|r| r.version),
+            );
+            next = to + 1;
+        }
+        used.sort_unstable();
+        used.dedup();
+    }
+    let header = Header {
+        kind: "drover-export".into(),
+        format: EXPORT_FORMAT,
+        exported_at_ms: crate::clock::now_ms(),
+        from,
+    };
+    serde_json::to_writer(&mut *out, &header)?;
+    out.write_all(b"\n")?;
+    let plugins_dir = data_dir.join("plugins");
+    for id in &used {
+        let v = name(*id)?;
+        let hex = hex::encode(v.digest);
+        let component = std::fs::read(plugins_dir.join(format!("{hex}.wasm")))
+            .ok()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let line = PluginLine {
+            kind: "plugin".into(),
+            plugin: v.plugin.clone(),
+            version: v.number,
+            digest: hex,
+            current: registry.current(&v.plugin).is_some_and(|c| c.id == v.id),
+            component,
+        };
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
+    }
+
+    let mut summary = ExportSummary {
+        plugins: used.len(),
+        ..ExportSummary::default()
+    };
+    for id in &ids {
+        let Some(head) = journal.device(id) else {
+            continue;
+        };
+        let bound = name(head.version)?;
+        let (config, config_text) = raw_or_text(&head.config);
+        let line = DeviceLine {
+            kind: "device".into(),
+            device: id.to_string(),
+            plugin: bound.plugin.clone(),
+            version: bound.number,
+            config,
+            config_text,
+            created_at_ms: head.created_at_ms,
+            seq: head.seq,
+        };
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
+        summary.devices += 1;
+        let mut next = from;
+        while next <= head.seq {
+            let to = (next + 1023).min(head.seq);
+            for r in journal.read_events(head.num, next, to)? {
+                let v = name(r.version)?;
+                let mut line = RecordLine {
+                    kind: "record".into(),
+                    seq: r.seq,
+                    at_ms: r.at_ms,
+                    plugin: v.plugin.clone(),
+                    version: v.number,
+                    event: None,
+                    event_text: None,
+                    transitions: None,
+                    transitions_text: None,
+                    lost: r.lost,
+                };
+                if !r.lost {
+                    (line.event, line.event_text) = raw_or_text(&r.event);
+                    let raw: Option<Vec<Box<RawValue>>> =
+                        r.transitions.iter().map(|t| raw_or_text(t).0).collect();
+                    match raw {
+                        Some(raw) => line.transitions = Some(raw),
+                        None => {
+                            line.transitions_text = Some(
+                                r.transitions
+                                    .iter()
+                                    .map(|t| String::from_utf8_lossy(t).into_owned())
+                                    .collect(),
+                            )
+                        }
+                    }
+                }
+                serde_json::to_writer(&mut *out, &line)?;
+                out.write_all(b"\n")?;
+                summary.records += 1;
+            }
+            next = to + 1;
+        }
+    }
+    let end = EndLine {
+        kind: "end".into(),
+        devices: summary.devices,
+        records: summary.records,
+    };
+    serde_json::to_writer(&mut *out, &end)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(summary)
+}
+
+/// One parsed line of an export.
+enum Line {
+    Header(Header),
+    Plugin(PluginLine),
+    Device(DeviceLine),
+    Record(RecordLine),
+    End(EndLine),
+}
+
+fn parse(n: usize, text: &str) -> anyhow::Result<Line> {
+    let at = || format!("line {n}");
+    let kind: Kind = serde_json::from_str(text).with_context(at)?;
+    Ok(match kind.kind.as_str() {
+        "drover-export" => Line::Header(serde_json::from_str(text).with_context(at)?),
+        "plugin" => Line::Plugin(serde_json::from_str(text).with_context(at)?),
+        "device" => Line::Device(serde_json::from_str(text).with_context(at)?),
+        "record" => Line::Record(serde_json::from_str(text).with_context(at)?),
+        "end" => Line::End(serde_json::from_str(text).with_context(at)?),
+        other => bail!("line {n}: unknown kind `{other}`"),
+    })
+}
+
+/// Reads the export at `path` line by line.
+fn lines(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Line>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(std::io::BufReader::new(file)
+        .lines()
+        .enumerate()
+        .map(|(i, l)| parse(i + 1, &l.with_context(|| format!("line {}", i + 1))?)))
+}
+
+/// The components of the export, checked against their digests: `(plugin, number) ->
+/// (digest, bytes, current)`.
+type Components = HashMap<(String, u32), (String, Option<Vec<u8>>, bool)>;
+
+/// Checks the whole export before anything is written (see the module docs).
+fn check(path: &Path, rt: &Runtime) -> anyhow::Result<Components> {
+    let mut components = Components::new();
+    let mut devices = 0usize;
+    let mut records = 0u64;
+    let mut device: Option<(String, u64)> = None;
+    let mut ended = false;
+    let mut it = lines(path)?;
+    match it.next().transpose()? {
+        Some(Line::Header(h)) if h.kind == "drover-export" => {
+            if h.format != EXPORT_FORMAT {
+                bail!(
+                    "{}: export format {} (this build reads {EXPORT_FORMAT})",
+                    path.display(),
+                    h.format
+                );
+            }
+            if h.from > 1 {
+                bail!(
+                    "{}: a partial export (from seq {}) lacks the devices' earlier history and \
+                     cannot be imported",
+                    path.display(),
+                    h.from
+                );
+            }
+        }
+        _ => bail!("{}: not a Drover export (no header line)", path.display()),
+    }
+    let close = |device: &Option<(String, u64)>, expected: u64| -> anyhow::Result<()> {
+        if let Some((id, next)) = device
+            && *next != expected + 1
+        {
+            bail!(
+                "device `{id}`: records end at seq {} but the device is at {expected}",
+                next - 1
+            );
+        }
+        Ok(())
+    };
+    let mut expected_seq = 0u64;
+    for line in it {
+        if ended {
+            bail!("{}: lines after the end line", path.display());
+        }
+        match line? {
+            Line::Header(_) => bail!("a second header line"),
+            Line::Plugin(p) => {
+                if device.is_some() {
+                    bail!(
+                        "plugin `{}` v{} after the first device",
+                        p.plugin,
+                        p.version
+                    );
+                }
+                let bytes = match &p.component {
+                    Some(b64) => {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .with_context(|| {
+                                format!("plugin `{}` v{}: component", p.plugin, p.version)
+                            })?;
+                        let digest = hex::encode(Sha256::digest(&bytes));
+                        if digest != p.digest {
+                            bail!(
+                                "plugin `{}` v{}: the component's sha256 is {digest}, the export says {}",
+                                p.plugin,
+                                p.version,
+                                p.digest
+                            );
+                        }
+                        Some(bytes)
+                    }
+                    None => None,
+                };
+                components.insert((p.plugin, p.version), (p.digest, bytes, p.current));
+            }
+            Line::Device(d) => {
+                close(&device, expected_seq)?;
+                if rt.journal().device(&d.device).is_some() {
+                    bail!(
+                        "device `{}` already exists in the target data directory",
+                        d.device
+                    );
+                }
+                match components.get(&(d.plugin.clone(), d.version)) {
+                    Some((_, Some(_), _)) => {}
+                    _ => bail!(
+                        "device `{}` runs `{}` v{}, whose component is not in the export",
+                        d.device,
+                        d.plugin,
+                        d.version
+                    ),
+                }
+                if d.config.is_none() && d.config_text.is_none() {
+                    bail!("device `{}`: no config", d.device);
+                }
+                expected_seq = d.seq;
+                device = Some((d.device, 1));
+                devices += 1;
+            }
+            Line::Record(r) => {
+                let Some((id, next)) = device.as_mut() else {
+                    bail!("a record before any device");
+                };
+                if r.seq != *next {
+                    bail!("device `{id}`: expected seq {next}, found {}", r.seq);
+                }
+                if !r.lost && r.event.is_none() && r.event_text.is_none() {
+                    bail!("device `{id}` seq {}: no event", r.seq);
+                }
+                *next += 1;
+                records += 1;
+            }
+            Line::End(e) => {
+                close(&device, expected_seq)?;
+                if (e.devices, e.records) != (devices, records) {
+                    bail!(
+                        "the end line counts {} devices and {} records; the file holds {devices} and {records}",
+                        e.devices,
+                        e.records
+                    );
+                }
+                ended = true;
+            }
+        }
+    }
+    if !ended {
+        bail!("{}: no end line: the export was cut short", path.display());
+    }
+    Ok(components)
+}
+
+/// Imports the export at `path` into the data directory of `rt` (see the module docs).
+pub async fn import(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
+    let components = check(path, rt)?;
+    let mut summary = ImportSummary::default();
+    let journal = rt.journal().clone();
+
+    // (plugin, number in the export) -> journal version id in the target.
+    let mut ids: HashMap<(String, u32), u32> = HashMap::new();
+    let mut current = Vec::new();
+    for ((plugin, number), (digest, bytes, is_current)) in components {
+        let Some(bytes) = bytes else { continue };
+        let (_, new) = rt
+            .register_plugin(&plugin, bytes, Origin::Upload)
+            .await
+            .with_context(|| format!("registering `{plugin}` v{number}"))?;
+        summary.plugins_registered += usize::from(new);
+        let id = journal
+            .versions()
+            .into_iter()
+            .rev()
+            .find(|v| v.plugin == plugin && hex::encode(v.digest) == digest)
+            .map(|v| v.id)
+            .with_context(|| format!("`{plugin}` v{number} is not in the target journal"))?;
+        if is_current {
+            current.push(id);
+        }
+        ids.insert((plugin, number), id);
+    }
+    for id in current {
+        rt.shared.registry.point(id, Origin::Upload)?;
+    }
+
+    let mut imported: Vec<(String, u64)> = Vec::new();
+    let mut writer = None;
+    let mut bound = 0u32;
+    let failure: Arc<parking_lot::Mutex<Option<JournalError>>> = Arc::default();
+    for line in lines(path)? {
+        match line? {
+            Line::Device(d) => {
+                if writer.is_some() {
+                    journal.barrier().await?;
+                }
+                bound = ids[&(d.plugin.clone(), d.version)];
+                let config = match (&d.config, &d.config_text) {
+                    (Some(raw), _) => raw.get().as_bytes().to_vec(),
+                    (None, Some(text)) => text.as_bytes().to_vec(),
+                    (None, None) => Vec::new(),
+                };
+                let head = journal
+                    .record_device(&d.device, bound, &config, d.created_at_ms)
+                    .await?;
+                writer = Some(journal.device_writer(head.num, 1024));
+                imported.push((d.device, d.seq));
+                summary.devices += 1;
+            }
+            Line::Record(r) => {
+                let Some(w) = writer.as_ref() else { continue };
+                let version = match ids.get(&(r.plugin.clone(), r.version)) {
+                    Some(id) => *id,
+                    None => {
+                        summary.records_reattributed += 1;
+                        bound
+                    }
+                };
+                w.room().await;
+                let failed = failure.clone();
+                let done = move |result: Result<(), JournalError>| {
+                    if let Err(e) = result {
+                        failed.lock().get_or_insert(e);
+                    }
+                };
+                if r.lost {
+                    w.append_lost(r.seq, r.at_ms, version, done);
+                } else {
+                    let event = match (&r.event, &r.event_text) {
+                        (Some(raw), _) => raw.get().to_string(),
+                        (None, Some(text)) => text.clone(),
+                        (None, None) => String::new(),
+                    };
+                    let transitions: Vec<String> = match (&r.transitions, &r.transitions_text) {
+                        (Some(raw), _) => raw.iter().map(|t| t.get().to_string()).collect(),
+                        (None, Some(texts)) => texts.clone(),
+                        (None, None) => Vec::new(),
+                    };
+                    w.append_event(r.seq, r.at_ms, version, &event, transitions, move |r, _| {
+                        done(r)
+                    });
+                }
+                summary.records += 1;
+            }
+            _ => {}
+        }
+    }
+    journal.barrier().await?;
+    if let Some(e) = failure.lock().take() {
+        return Err(e).context("writing the imported records");
+    }
+    // The recorded transitions are the truth; check that the plugin can fold them.
+    for (id, seq) in &imported {
+        rt.state_at(id, *seq)
+            .await
+            .with_context(|| format!("device `{id}`: rebuilding the imported history"))?;
+    }
+    Ok(summary)
+}

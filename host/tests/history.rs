@@ -1,0 +1,210 @@
+//! Issue 9, acceptance 4: a history taken out and brought back. `drover journal export` of a
+//! live server's data directory, `drover journal import` into a fresh one, and a server
+//! started on the import serves every device with the same journal and the same state.
+//! `drover backup` of a server under load gives a directory a server starts on, holding a
+//! prefix of every device's acknowledged history, with nothing acknowledged after the copy
+//! pretending to be in it. Bad exports are refused before anything is written.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::{Value, json};
+use support::{Server, cli};
+
+/// A small fleet with some history: two thermostats, a door lock, a device removed.
+fn fleet(server: &Server) {
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({"setpoint": 20.0}));
+    api.provision("t2", "thermostat", json!({"setpoint": 18.5}));
+    api.provision("lock", "door-lock", json!({"code": "1234"}));
+    for i in 0..40 {
+        let celsius = 15.0 + f64::from(i % 10) * 0.7;
+        api.send("t1", &json!({"type": "reading", "celsius": celsius}));
+        api.send("t2", &json!({"type": "reading", "celsius": celsius + 1.0}));
+    }
+    api.send("lock", &json!({"type": "unlock", "code": "1234"}));
+    api.send("lock", &json!({"type": "lock"}));
+}
+
+fn states(server: &Server, ids: &[&str]) -> Vec<(Vec<Value>, Value)> {
+    let api = server.api();
+    ids.iter()
+        .map(|id| {
+            let state = api.get(&format!("/v1/devices/{id}"));
+            assert_eq!(state.status, 200, "{}", state.text);
+            (api.journal(id, 1000), state.body["state"].clone())
+        })
+        .collect()
+}
+
+#[test]
+fn export_then_import_reproduces_every_device_exactly() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let server = Server::start(&source, &[]);
+    fleet(&server);
+    let ids = ["t1", "t2", "lock"];
+    let before = states(&server, &ids);
+
+    // Exported beside the live server.
+    let file = root.path().join("fleet.jsonl");
+    let (ok, out, err) = cli(&[
+        "journal",
+        "export",
+        "--all",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "-o",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("exported 3 device(s), 82 record(s)"), "{out}");
+    let text = std::fs::read_to_string(&file).expect("export");
+    assert!(
+        text.starts_with(r#"{"kind":"drover-export","format":1"#),
+        "{text:.200}"
+    );
+
+    let target = root.path().join("target");
+    let (ok, out, err) = cli(&[
+        "journal",
+        "import",
+        file.to_str().expect("utf-8"),
+        "--data",
+        target.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("imported 3 device(s), 82 record(s)"), "{out}");
+
+    // A server on the import: the same journals, record for record, and the same states; and
+    // the devices go on from their next seq.
+    let imported = Server::start(&target, &[]);
+    assert_eq!(states(&imported, &ids), before);
+    let ack = imported
+        .api()
+        .send("t1", &json!({"type": "reading", "celsius": 30.0}));
+    assert_eq!(ack["seq"], json!(41));
+
+    // Importing again is refused before anything is written.
+    drop(imported);
+    let len = std::fs::metadata(target.join("journal.log"))
+        .expect("stat")
+        .len();
+    let (ok, _, err) = cli(&[
+        "journal",
+        "import",
+        file.to_str().expect("utf-8"),
+        "--data",
+        target.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("already exists in the target"), "{err}");
+    assert!(
+        std::fs::metadata(target.join("journal.log"))
+            .expect("stat")
+            .len()
+            <= len + 64
+    );
+
+    // A cut-short export, a tampered component and a partial export are refused.
+    let fresh = root.path().join("fresh");
+    let bad = root.path().join("bad.jsonl");
+    let cut = text.lines().collect::<Vec<_>>();
+    let cases = [
+        (cut[..cut.len() - 1].join("\n"), "cut short"),
+        (
+            text.replacen(r#""component":""#, r#""component":"AAAA"#, 1),
+            "sha256",
+        ),
+        (
+            text.replacen(r#""from":1"#, r#""from":2"#, 1),
+            "partial export",
+        ),
+    ];
+    for (contents, why) in cases {
+        std::fs::write(&bad, contents).expect("write");
+        let (ok, _, err) = cli(&[
+            "journal",
+            "import",
+            bad.to_str().expect("utf-8"),
+            "--data",
+            fresh.to_str().expect("utf-8"),
+        ]);
+        assert!(!ok, "{why}");
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    drop(server);
+}
+
+#[test]
+fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let server = Server::start(&source, &[]);
+    fleet(&server);
+
+    // Load while the backup runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let url = server.url.clone();
+        std::thread::spawn(move || {
+            let api = support::Api::new(&url);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                api.send(
+                    "t2",
+                    &json!({"type": "reading", "celsius": 20.0 + (n % 7) as f64}),
+                );
+                n += 1;
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let copy = root.path().join("copy");
+    let (ok, out, err) = cli(&[
+        "backup",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "--to",
+        copy.to_str().expect("utf-8"),
+    ]);
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("load");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("backed up 3 device(s)"), "{out}");
+
+    let live = states(&server, &["t1", "t2", "lock"]);
+    drop(server);
+    let restored = Server::start(&copy, &[]);
+    let copied = states(&restored, &["t1", "t2", "lock"]);
+    for ((live_journal, _), (copied_journal, _)) in live.iter().zip(&copied) {
+        assert!(copied_journal.len() <= live_journal.len());
+        assert_eq!(
+            copied_journal[..],
+            live_journal[..copied_journal.len()],
+            "the copy is a prefix of the history"
+        );
+    }
+    assert_eq!(copied[0], live[0], "t1 was idle: copied whole");
+    // The copy is a working data directory.
+    let api = restored.api();
+    let seq = copied[1].0.len() as u64;
+    assert_eq!(
+        api.send("t2", &json!({"type": "reading", "celsius": 1.0}))["seq"],
+        json!(seq + 1)
+    );
+
+    // A backup into a non-empty directory is refused.
+    let (ok, _, err) = cli(&[
+        "backup",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "--to",
+        copy.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not empty"), "{err}");
+}
