@@ -524,11 +524,10 @@ impl Journal {
                 index.durable_len,
             )
         };
-        let mut buf = Vec::new();
-        offsets
-            .into_iter()
+        let mut window = Window::default();
+        (0..offsets.len())
             .zip(from.max(1)..)
-            .map(|(o, seq)| match self.read_into(o, end, &mut buf)? {
+            .map(|(i, seq)| match window.record(self, &offsets[i..], end)? {
                 Record::Event(e) => Ok(e),
                 Record::Lost {
                     device,
@@ -545,7 +544,7 @@ impl Journal {
                     lost: true,
                 }),
                 other => Err(JournalError::Read {
-                    offset: o,
+                    offset: offsets[i],
                     reason: format!("expected an event record, found {other:?}"),
                 }),
             })
@@ -666,6 +665,71 @@ impl Journal {
                 .map_err(|e| err(e.to_string()))?;
         }
         Record::decode(&buf[..total])
+            .map(|(r, _)| r)
+            .map_err(|e| err(e.to_string()))
+    }
+}
+
+/// A read-ahead buffer for reading one device's records in seq order. Its records sit at
+/// rising offsets, often close together (a device that was busy, or alone in the journal), so
+/// one read covering the next few usually serves many of them: a replay pays one system call
+/// per window instead of one per record. A window spans only records known to be wanted (at
+/// most [`Window::SIZE`]), so a device whose records are far apart reads no more than before.
+#[derive(Default)]
+struct Window {
+    start: u64,
+    bytes: Vec<u8>,
+    /// For records that do not fit a window.
+    scratch: Vec<u8>,
+}
+
+impl Window {
+    const SIZE: u64 = 64 * 1024;
+    /// Bytes read past the last wanted record's start: a typical record's length.
+    const TAIL: u64 = 256;
+
+    /// The record at `wanted[0]`; `wanted` are the offsets still to be read, ascending.
+    fn record(
+        &mut self,
+        journal: &Journal,
+        wanted: &[u64],
+        end: u64,
+    ) -> Result<Record, JournalError> {
+        let offset = wanted[0];
+        let err = |reason: String| JournalError::Read { offset, reason };
+        let within = |w: &Window, len: u64| {
+            offset >= w.start && offset + len <= w.start + w.bytes.len() as u64
+        };
+        if !within(self, record::HEADER_LEN as u64) {
+            let last = wanted
+                .iter()
+                .take_while(|o| **o + Self::TAIL <= offset + Self::SIZE)
+                .last()
+                .copied()
+                .unwrap_or(offset);
+            let n = (last + Self::TAIL).min(end).saturating_sub(offset) as usize;
+            if n < record::HEADER_LEN {
+                return journal.read_into(offset, end, &mut self.scratch);
+            }
+            self.bytes.resize(n, 0);
+            journal
+                .inner
+                .storage
+                .read_exact_at(&mut self.bytes, offset)
+                .map_err(|e| err(e.to_string()))?;
+            self.start = offset;
+        }
+        let at = (offset - self.start) as usize;
+        let header: [u8; record::HEADER_LEN] = self.bytes[at..at + record::HEADER_LEN]
+            .try_into()
+            .map_err(|_| err("short header".into()))?;
+        let len = record::body_len(&header).map_err(|e| err(e.to_string()))?;
+        let framed = (record::HEADER_LEN + len) as u64;
+        if !within(self, framed) {
+            // Longer than what the window holds of it: read it on its own.
+            return journal.read_into(offset, end, &mut self.scratch);
+        }
+        Record::decode(&self.bytes[at..at + framed as usize])
             .map(|(r, _)| r)
             .map_err(|e| err(e.to_string()))
     }
