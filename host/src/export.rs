@@ -32,11 +32,16 @@
 //! # Import
 //!
 //! [`import`] reads the whole file once to check it (format, digests of the components, the
-//! end line, dense seqs, and that no device exists yet in the target), then registers the
-//! plugin versions and writes each device's provisioning and records straight into the
-//! target journal (no guest runs: the recorded transitions are the truth), waits until they
-//! are durable, and finally rebuilds every imported device from its journal with its plugin
-//! to check that the history folds. A partial export (`from` > 1) cannot be imported.
+//! end line, dense seqs, valid device ids, no id twice, and none already in the target, read
+//! without opening it for writing), so a bad file changes nothing. Then it registers the
+//! plugin versions (the export's current version becomes current only for a plugin the
+//! target did not have), writes each device's provisioning and records straight into the
+//! target journal (no guest runs: the recorded transitions are the truth; an event edited by
+//! hand is imported as it is), waits until they are durable, and rebuilds every imported
+//! device with its plugin to check that the history folds. If writing or that check fails,
+//! the devices written so far are removed again (their records stay in the journal, belonging
+//! to no device) so a retry starts from where it began. A partial export (`from` > 1) cannot
+//! be imported.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -341,15 +346,24 @@ fn lines(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Line
 /// (digest, bytes, current)`.
 type Components = HashMap<(String, u32), (String, Option<Vec<u8>>, bool)>;
 
-/// Checks the whole export before anything is written (see the module docs).
-fn check(path: &Path, rt: &Runtime) -> anyhow::Result<Components> {
+/// Checks the whole export before anything is written (see the module docs); `exists` says
+/// whether a device id is already in the target. Returns the components and the device ids.
+fn check(path: &Path, exists: &dyn Fn(&str) -> bool) -> anyhow::Result<(Components, Vec<String>)> {
     let mut components = Components::new();
+    let mut ids: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut devices = 0usize;
     let mut records = 0u64;
     let mut device: Option<(String, u64)> = None;
     let mut ended = false;
     let mut it = lines(path)?;
-    match it.next().transpose()? {
+    let first = it.next().transpose().map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a Drover export (its first line: {e:#})",
+            path.display()
+        )
+    })?;
+    match first {
         Some(Line::Header(h)) if h.kind == "drover-export" => {
             if h.format != EXPORT_FORMAT {
                 bail!(
@@ -419,12 +433,18 @@ fn check(path: &Path, rt: &Runtime) -> anyhow::Result<Components> {
             }
             Line::Device(d) => {
                 close(&device, expected_seq)?;
-                if rt.journal().device(&d.device).is_some() {
+                crate::error::validate_id(&d.device)
+                    .with_context(|| format!("device id `{}`", d.device))?;
+                if !seen.insert(d.device.clone()) {
+                    bail!("device `{}` appears twice in the export", d.device);
+                }
+                if exists(&d.device) {
                     bail!(
                         "device `{}` already exists in the target data directory",
                         d.device
                     );
                 }
+                ids.push(d.device.clone());
                 match components.get(&(d.plugin.clone(), d.version)) {
                     Some((_, Some(_), _)) => {}
                     _ => bail!(
@@ -470,20 +490,50 @@ fn check(path: &Path, rt: &Runtime) -> anyhow::Result<Components> {
     if !ended {
         bail!("{}: no end line: the export was cut short", path.display());
     }
-    Ok(components)
+    Ok((components, ids))
 }
 
-/// Imports the export at `path` into the data directory of `rt` (see the module docs).
-pub async fn import(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
-    let components = check(path, rt)?;
-    let mut summary = ImportSummary::default();
+/// Imports the export at `path` into the data directory `data_dir` (created if missing; no
+/// server may be using it). See the module docs: the file is checked whole before the
+/// directory is even opened for writing, and if anything fails once writing began, the
+/// devices written so far are removed again, so a retry starts from where it began.
+pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummary> {
+    let existing: Option<Journal> = if data_dir.join(crate::journal::FILE_NAME).exists() {
+        Some(
+            Journal::open_read_only(data_dir)
+                .with_context(|| format!("opening the journal in {}", data_dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let exists = |id: &str| existing.as_ref().is_some_and(|j| j.device(id).is_some());
+    check(path, &exists)?;
+    drop(existing);
+
+    let rt = Runtime::builder(data_dir).open().await?;
+    let result = write(&rt, path).await;
+    rt.shutdown().await;
+    result
+}
+
+/// The writing half of [`import`], on the target's runtime.
+async fn write(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
+    // Checked again under the data directory's lock: nobody can add a device meanwhile.
     let journal = rt.journal().clone();
+    let (components, _) = check(path, &|id| journal.device(id).is_some())?;
+    journal
+        .require_format(crate::journal::FORMAT_VERSION)
+        .context("the target journal cannot hold lost seqs")?;
+    let mut summary = ImportSummary::default();
 
     // (plugin, number in the export) -> journal version id in the target.
     let mut ids: HashMap<(String, u32), u32> = HashMap::new();
     let mut current = Vec::new();
     for ((plugin, number), (digest, bytes, is_current)) in components {
         let Some(bytes) = bytes else { continue };
+        // The export's current version becomes current only for a plugin new to the target:
+        // an import never changes what the target's own devices run or get.
+        let new_plugin = rt.shared.registry.current(&plugin).is_none();
         let (_, new) = rt
             .register_plugin(&plugin, bytes, Origin::Upload)
             .await
@@ -496,7 +546,7 @@ pub async fn import(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> 
             .find(|v| v.plugin == plugin && hex::encode(v.digest) == digest)
             .map(|v| v.id)
             .with_context(|| format!("`{plugin}` v{number} is not in the target journal"))?;
-        if is_current {
+        if is_current && new_plugin {
             current.push(id);
         }
         ids.insert((plugin, number), id);
@@ -505,7 +555,44 @@ pub async fn import(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> 
         rt.shared.registry.point(id, Origin::Upload)?;
     }
 
-    let mut imported: Vec<(String, u64)> = Vec::new();
+    let mut written: Vec<(u32, String, u64)> = Vec::new();
+    let result = write_devices(rt, path, &ids, &mut written, &mut summary).await;
+    let result = match result {
+        // The recorded transitions are the truth; check that the plugin can fold them.
+        Ok(()) => {
+            let mut folded = Ok(());
+            for (_, id, seq) in &written {
+                if let Err(e) = rt.state_at(id, *seq).await {
+                    folded = Err(anyhow::Error::new(e)
+                        .context(format!("device `{id}`: rebuilding the imported history")));
+                    break;
+                }
+            }
+            folded
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        // Leave the target as it was: the devices written so far are removed (their records
+        // stay in the journal, belonging to no device; their ids are free again).
+        for (num, id, _) in &written {
+            if let Err(removal) = journal.record_removal(*num, crate::clock::now_ms()).await {
+                tracing::error!(device = %id, error = %removal, "could not undo an imported device");
+            }
+        }
+        return Err(e.context("import undone: no device of the export was kept"));
+    }
+    Ok(summary)
+}
+
+async fn write_devices(
+    rt: &Runtime,
+    path: &Path,
+    ids: &HashMap<(String, u32), u32>,
+    written: &mut Vec<(u32, String, u64)>,
+    summary: &mut ImportSummary,
+) -> anyhow::Result<()> {
+    let journal = rt.journal().clone();
     let mut writer = None;
     let mut bound = 0u32;
     let failure: Arc<parking_lot::Mutex<Option<JournalError>>> = Arc::default();
@@ -521,11 +608,14 @@ pub async fn import(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> 
                     (None, Some(text)) => text.as_bytes().to_vec(),
                     (None, None) => Vec::new(),
                 };
+                if journal.device(&d.device).is_some() {
+                    bail!("device `{}` already exists in the target", d.device);
+                }
                 let head = journal
                     .record_device(&d.device, bound, &config, d.created_at_ms)
                     .await?;
                 writer = Some(journal.device_writer(head.num, 1024));
-                imported.push((d.device, d.seq));
+                written.push((head.num, d.device, d.seq));
                 summary.devices += 1;
             }
             Line::Record(r) => {
@@ -570,11 +660,5 @@ pub async fn import(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> 
     if let Some(e) = failure.lock().take() {
         return Err(e).context("writing the imported records");
     }
-    // The recorded transitions are the truth; check that the plugin can fold them.
-    for (id, seq) in &imported {
-        rt.state_at(id, *seq)
-            .await
-            .with_context(|| format!("device `{id}`: rebuilding the imported history"))?;
-    }
-    Ok(summary)
+    Ok(())
 }

@@ -280,6 +280,7 @@ impl Journal {
             broken: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             format: AtomicU32::new(recovery.format),
+            raising: Mutex::new(()),
         });
         let (tx, rx) = channel();
         let handle = {
@@ -314,6 +315,7 @@ impl Journal {
             broken: AtomicBool::new(true),
             closing: AtomicBool::new(true),
             format: AtomicU32::new(recovery.format),
+            raising: Mutex::new(()),
         });
         Ok(Journal {
             inner: Arc::new(Inner {
@@ -394,8 +396,8 @@ impl Journal {
     }
 
     /// Makes sure the file's header names at least `format` before a record that needs it is
-    /// submitted (see `Shared::raise_format`).
-    fn require_format(&self, format: u32) -> Result<(), JournalError> {
+    /// submitted (see `Shared::raise_format`); a header-less format-1 file cannot be raised.
+    pub fn require_format(&self, format: u32) -> Result<(), JournalError> {
         let shared = &self.inner.shared;
         match shared.raise_format(&*self.inner.storage, format) {
             Ok(true) => Ok(()),

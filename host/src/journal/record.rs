@@ -368,6 +368,12 @@ impl Record {
         decode_body(buf.get(HEADER_LEN..HEADER_LEN + len)?).ok()
     }
 
+    /// Decodes a record body (no frame) without any checksum: salvage's guess for a damaged
+    /// record whose length field may be the damaged part. Unverified.
+    pub fn decode_body_unchecked(body: &[u8]) -> Option<Record> {
+        decode_body(body).ok()
+    }
+
     /// The commit marker framed at the start of `buf`, if there is one and it says it sits
     /// at `offset`: the cheap test recovery runs at every byte while it looks for the next
     /// intact commit after damage.

@@ -85,6 +85,13 @@ pub struct Damaged {
     /// Devices whose records were destroyed or cannot be applied, by id (or `#num` when
     /// even the device's provisioning record is gone).
     pub devices: Vec<Affected>,
+    /// Plugin-version and provisioning records that were destroyed and that salvage rebuilds
+    /// (from their damaged bytes, unverified, or as placeholders), so that the records that
+    /// depend on them are kept.
+    pub rebuilt: Vec<String>,
+    /// Damaged ranges in which no record could be recognized at all: if the last records of
+    /// a device were there, their seqs cannot be known.
+    pub unrecognized: usize,
 }
 
 /// One device that salvage would leave short of records.
@@ -115,9 +122,9 @@ impl std::fmt::Display for Damaged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: damaged record at offset {} ({}): that is media damage, not a torn write: \
-             {} damaged byte(s) in {} range(s), followed by {} intact record(s) that were \
-             acknowledged",
+            "{}: damaged record at offset {} ({}): that is media damage, not a torn write \
+             (it lies before the last commit, which every later record proves durable): {} \
+             damaged byte(s) in {} range(s), followed by {} intact record(s)",
             self.path,
             self.offset,
             self.reason,
@@ -125,11 +132,13 @@ impl std::fmt::Display for Damaged {
             self.ranges.len(),
             self.intact_after,
         )?;
-        if self.devices.is_empty() {
+        if self.devices.is_empty() && self.unrecognized == 0 {
             write!(
                 f,
                 "; no device lost a seq (the damage hit records salvage can do without)"
             )?;
+        } else if self.devices.is_empty() {
+            write!(f, "; no device is known to have lost a seq")?;
         } else {
             write!(f, "; devices affected:")?;
             for (i, d) in self.devices.iter().enumerate() {
@@ -159,6 +168,17 @@ impl std::fmt::Display for Damaged {
                     write!(f, ",")?;
                 }
             }
+        }
+        if !self.rebuilt.is_empty() {
+            write!(f, "; salvage would rebuild: {}", self.rebuilt.join("; "))?;
+        }
+        if self.unrecognized > 0 {
+            write!(
+                f,
+                "; {} damaged range(s) hold no recognizable record: seqs of a device's last \
+                 records there cannot be known",
+                self.unrecognized
+            )?;
         }
         write!(
             f,
@@ -272,6 +292,21 @@ pub(super) fn recover(
         None => None,
     };
     storage.set_len(offset)?;
+    if prefix.format >= writer::MARKERS_FROM {
+        // What is left was acknowledged: close it with an empty batch's marker, or a later
+        // open would take its last batch for the tearable one again.
+        let mut marker = Vec::new();
+        Record::Commit {
+            offset,
+            batch_start: offset,
+        }
+        .encode_into(&mut marker);
+        storage.write_all_at(&marker, offset)?;
+        storage.sync_data()?;
+        index.durable_len = offset + marker.len() as u64;
+        recovery.valid_len = index.durable_len;
+        recovery.confirmed_len = offset;
+    }
     if let Some(dir) = storage.path().and_then(Path::parent) {
         File::open(dir)?.sync_all()?;
     }
@@ -309,9 +344,10 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     let tmp = side_file(path, "salvage");
     let mut out = Output {
         file: BufWriter::with_capacity(1 << 20, File::create(&tmp)?),
-        // A header-less format-1 file gains a header: every later offset moves by its size.
-        pos: record::FILE_HEADER_LEN as u64,
+        pos: 0,
     };
+    // A header-less format-1 file gains a header: every later offset moves by its size (its
+    // records hold no offsets: it has no markers).
     out.write(&record::file_header_of(FORMAT_VERSION))?;
     let mut source = SeqReader {
         backend: &storage,
@@ -319,7 +355,6 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         len: offset,
     };
     out.pos += std::io::copy(&mut source, &mut out.file)?;
-    let tail_start = out.pos;
     let tail = scan_tail(&storage, &prefix, Some(&mut out))?;
     if offset >= tearable_from(&prefix, &tail) {
         // A torn tail, not damage: the normal open cuts it.
@@ -327,10 +362,12 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         std::fs::remove_file(&tmp)?;
         return Ok(None);
     }
+    // The marker of an empty batch: the file is synced before it is used, so everything
+    // before the marker is durable and none of it is tearable.
     let mut marker = Vec::new();
     Record::Commit {
         offset: out.pos,
-        batch_start: tail_start,
+        batch_start: out.pos,
     }
     .encode_into(&mut marker);
     out.write(&marker)?;
@@ -529,12 +566,35 @@ impl Output {
     }
 }
 
+/// The smallest framed record that can carry a seq (an event with an empty body is ~15 bytes):
+/// how many records a number of damaged bytes can have held, at most.
+const MIN_RECORD_BYTES: u64 = 16;
+
+/// Writes `record` to the salvaged journal, if salvaging.
+fn emit(out: &mut Option<&mut Output>, record: &Record) -> std::io::Result<()> {
+    if let Some(out) = out.as_deref_mut() {
+        let mut bytes = Vec::new();
+        record.encode_into(&mut bytes);
+        out.write(&bytes)?;
+    }
+    Ok(())
+}
+
 /// What lies after the first bad record.
 #[derive(Default)]
 struct Tail {
     ranges: Vec<(u64, u64)>,
-    /// The first record of each damaged range, decoded without its checksum.
+    /// Records read out of damaged ranges without their checksums: unverified.
     guesses: Vec<Record>,
+    /// Damaged bytes so far: how many records the damage can have held is what makes a gap
+    /// in a device's seqs believable.
+    damaged_bytes: u64,
+    /// What salvage had to rebuild: plugin versions and devices whose own records were
+    /// destroyed (reported; the devices' histories are kept).
+    rebuilt: Vec<String>,
+    /// Damaged ranges in which no record could be recognized: if a device's last records
+    /// were there, nothing says which seqs they had.
+    unrecognized: usize,
     /// Intact records (markers not counted), and of those the ones that cannot be applied.
     intact: u64,
     set_aside: u64,
@@ -556,6 +616,8 @@ impl Tail {
             reason,
             ranges: self.ranges.clone(),
             intact_after: self.intact,
+            rebuilt: self.rebuilt.clone(),
+            unrecognized: self.unrecognized,
             devices: self
                 .affected
                 .iter()
@@ -612,6 +674,101 @@ impl Tail {
         Ok(())
     }
 
+    /// Makes sure the plugin versions and the device `record` refers to are known, rebuilding
+    /// destroyed ones: from a guess read out of the damage if there is one (unverified), else
+    /// as a placeholder. Without this, one damaged plugin-version or provisioning record would
+    /// take every later record of its devices with it.
+    fn rebuild_dependencies(
+        &mut self,
+        shadow: &mut Index,
+        out: &mut Option<&mut Output>,
+        record: &Record,
+    ) -> std::io::Result<()> {
+        let (version, device) = match record {
+            Record::Version { id, .. } => (id.checked_sub(1), None),
+            Record::Device { version, .. } => (Some(*version), None),
+            Record::Event(e) => (Some(e.version), Some(e.device)),
+            Record::Snapshot {
+                device, version, ..
+            } => (Some(*version), Some(*device)),
+            Record::DeadLetter(d) => (Some(d.version), Some(d.device)),
+            Record::Lost {
+                device, version, ..
+            } => (Some(*version), Some(*device)),
+            _ => (None, None),
+        };
+        if let Some(version) = version {
+            // At most as many as the damage could have held.
+            let limit = (self.damaged_bytes / MIN_RECORD_BYTES + 1) as usize;
+            let start = shadow.versions.len();
+            while (version as usize) >= shadow.versions.len()
+                && shadow.versions.len() < start + limit
+            {
+                let id = shadow.versions.len() as u32;
+                let guessed = self.guesses.iter().find_map(|g| match g {
+                    Record::Version { id: gid, .. } if *gid == id => Some(g.clone()),
+                    _ => None,
+                });
+                let (rebuilt, how) = match guessed {
+                    Some(g) => (g, "from its damaged bytes, unverified"),
+                    None => (
+                        Record::Version {
+                            id,
+                            plugin: format!("lost-version-{id}"),
+                            number: 0,
+                            digest: [0; 32],
+                            at_ms: 0,
+                        },
+                        "as a placeholder (upload and deploy a version to run its devices)",
+                    ),
+                };
+                let Ok(effect) = shadow.effect_of(&rebuilt) else {
+                    break;
+                };
+                shadow.apply(effect, 0);
+                self.rebuilt
+                    .push(format!("plugin version record {id} {how}"));
+                emit(out, &rebuilt)?;
+            }
+        }
+        // A record of a device the index does not know: its provisioning record was in the
+        // damage (a removed device has no records after its removal).
+        if let Some(num) = device
+            && !shadow.devices.contains_key(&num)
+        {
+            let guessed = self.guesses.iter().find_map(|g| match g {
+                Record::Device { num: n, id, .. }
+                    if *n == num && !shadow.by_id.contains_key(id.as_str()) =>
+                {
+                    Some(g.clone())
+                }
+                _ => None,
+            });
+            let (rebuilt, how) = match guessed {
+                Some(g) => (g, "from its damaged bytes, unverified"),
+                None => (
+                    Record::Device {
+                        num,
+                        id: format!("lost-device-{num}"),
+                        version: version.unwrap_or(0),
+                        config: b"{}".to_vec(),
+                        at_ms: 0,
+                    },
+                    "as a placeholder: its id and config were lost",
+                ),
+            };
+            if let Ok(effect) = shadow.effect_of(&rebuilt) {
+                if let Record::Device { id, .. } = &rebuilt {
+                    self.names.insert(num, Arc::from(id.as_str()));
+                    self.rebuilt.push(format!("provisioning of `{id}` {how}"));
+                }
+                shadow.apply(effect, 0);
+                emit(out, &rebuilt)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes one intact record after the damage: applies it to the copy of the index (after
     /// marking the seqs its device is missing), or sets it aside if it cannot be applied.
     fn admit(
@@ -623,7 +780,9 @@ impl Tail {
         damaged_at: u64,
     ) -> std::io::Result<()> {
         self.intact += 1;
-        // A seq past the device's next one: the records between were destroyed.
+        self.rebuild_dependencies(shadow, out, record)?;
+        // A seq past the device's next one: the records between were destroyed, if the
+        // damage was large enough to have held them.
         let missing = match record {
             Record::Event(e) => Some((e.device, e.seq.saturating_sub(1))),
             Record::Snapshot { device, seq, .. } => Some((*device, *seq)),
@@ -632,6 +791,7 @@ impl Tail {
         if let Some((device, upto)) = missing
             && let Some(seq) = shadow.devices.get(&device).map(|d| d.seq())
             && upto > seq
+            && upto - seq <= self.damaged_bytes / MIN_RECORD_BYTES + 1
         {
             self.lose(shadow, out, device, seq + 1, upto, damaged_at)?;
         }
@@ -687,6 +847,7 @@ fn scan_tail(
     };
     let mut pos = prefix.end;
     let mut cursor = Cursor::new(storage, pos, file_len);
+    let mut markers = MarkerSearch::default();
     while pos < file_len {
         match cursor.next() {
             Ok(Record::Commit {
@@ -708,16 +869,19 @@ fn scan_tail(
                 pos += cursor.last_len();
             }
             Err(_) => {
-                if let Some(guess) = guess_at(storage, pos, file_len)? {
-                    tail.guesses.push(guess);
-                }
-                let bound = match next_marker(storage, pos + 1, file_len)? {
+                let bound = match markers.next_after(storage, pos + 1, file_len)? {
                     Some((_, m)) if m.batch_start > pos => m.batch_start,
                     Some((at, _)) => at,
                     None => file_len,
                 };
                 let resume = resync(storage, pos + 1, bound)?.unwrap_or(bound);
+                let guesses = guesses_in(storage, pos, resume)?;
+                if guesses.is_empty() {
+                    tail.unrecognized += 1;
+                }
+                tail.guesses.extend(guesses);
                 tail.ranges.push((pos, resume));
+                tail.damaged_bytes += resume - pos;
                 pos = resume;
                 cursor.seek(pos);
             }
@@ -726,7 +890,6 @@ fn scan_tail(
     // A device whose last records were destroyed shows it by nothing after them: the damaged
     // records' own (unverified) headers are the only witness. Believed only as far as the
     // damaged bytes could have held that many records.
-    let damaged_bytes: u64 = tail.ranges.iter().map(|(a, b)| b - a).sum();
     for guess in std::mem::take(&mut tail.guesses) {
         let (device, seq) = match guess {
             Record::Event(e) => (e.device, e.seq),
@@ -735,7 +898,7 @@ fn scan_tail(
         };
         if let Some(now) = shadow.devices.get(&device).map(|d| d.seq())
             && seq > now
-            && seq - now <= damaged_bytes / 16 + 1
+            && seq - now <= tail.damaged_bytes / MIN_RECORD_BYTES + 1
         {
             tail.lose(&mut shadow, &mut out, device, now + 1, seq, damaged_at)?;
         }
@@ -743,26 +906,65 @@ fn scan_tail(
     Ok(tail)
 }
 
-/// The record at `pos` decoded without its checksum, if its frame is plausible.
-fn guess_at(
-    storage: &dyn StorageBackend,
-    pos: u64,
-    file_len: u64,
-) -> std::io::Result<Option<Record>> {
-    let mut header = [0u8; record::HEADER_LEN];
-    if pos + record::HEADER_LEN as u64 > file_len {
-        return Ok(None);
+/// Remembers the last marker search, so a file with many damaged ranges and no marker after
+/// them is scanned once, not once per range.
+#[derive(Default)]
+struct MarkerSearch {
+    /// `(from, found)`: the search from `from` found this (or nothing).
+    last: Option<(u64, Option<(u64, Marker)>)>,
+}
+
+impl MarkerSearch {
+    fn next_after(
+        &mut self,
+        storage: &dyn StorageBackend,
+        from: u64,
+        file_len: u64,
+    ) -> std::io::Result<Option<(u64, Marker)>> {
+        if let Some((searched_from, found)) = self.last {
+            let still = match found {
+                Some((at, _)) => from >= searched_from && from <= at,
+                None => from >= searched_from,
+            };
+            if still {
+                return Ok(found);
+            }
+        }
+        let found = next_marker(storage, from, file_len)?;
+        self.last = Some((from, found));
+        Ok(found)
     }
-    storage.read_exact_at(&mut header, pos)?;
-    let Ok(len) = record::body_len(&header) else {
-        return Ok(None);
-    };
-    if pos + (record::HEADER_LEN + len) as u64 > file_len {
-        return Ok(None);
+}
+
+/// Every record that can be read out of the damaged range `from..to` without checksums:
+/// frames that decode at any offset inside it, and the body at `from` as if the range were
+/// one record (for a damaged length field). Unverified guesses, for salvage's reports and
+/// lost seqs.
+fn guesses_in(storage: &dyn StorageBackend, from: u64, to: u64) -> std::io::Result<Vec<Record>> {
+    // Past this, a range is not searched for guesses (its seqs are reported unknown).
+    const MAX_GUESS_RANGE: u64 = 4 << 20;
+    let n = (to - from).min(MAX_GUESS_RANGE) as usize;
+    let mut bytes = vec![0u8; n];
+    storage.read_exact_at(&mut bytes, from)?;
+    let mut guesses = Vec::new();
+    if n > record::HEADER_LEN
+        && let Some(r) = Record::decode_body_unchecked(&bytes[record::HEADER_LEN..])
+    {
+        guesses.push(r);
     }
-    let mut buf = vec![0u8; record::HEADER_LEN + len];
-    storage.read_exact_at(&mut buf, pos)?;
-    Ok(Record::decode_unchecked(&buf))
+    for i in 0..n.saturating_sub(record::HEADER_LEN) {
+        let len = u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
+        if len == 0
+            || i + record::HEADER_LEN + len > n
+            || !Record::known_kind(bytes[i + record::HEADER_LEN])
+        {
+            continue;
+        }
+        if let Some(r) = Record::decode_unchecked(&bytes[i..i + record::HEADER_LEN + len]) {
+            guesses.push(r);
+        }
+    }
+    Ok(guesses)
 }
 
 /// The next intact commit marker at or after `from`: its offset and what it says.
@@ -802,28 +1004,54 @@ fn next_marker(
 }
 
 /// The first offset in `from..to` where an intact record starts and ends within `to`.
+/// Read in chunks, so a large region costs no more memory than a chunk (a candidate longer
+/// than what is left of a chunk is read on its own).
 fn resync(storage: &dyn StorageBackend, from: u64, to: u64) -> std::io::Result<Option<u64>> {
-    if from >= to {
-        return Ok(None);
-    }
-    let n = (to - from).min(MAX_RESYNC_WINDOW) as usize;
-    let mut region = vec![0u8; n];
-    storage.read_exact_at(&mut region, from)?;
-    for i in 0..n.saturating_sub(record::HEADER_LEN) {
-        let len =
-            u32::from_le_bytes([region[i], region[i + 1], region[i + 2], region[i + 3]]) as usize;
-        if len == 0
-            || len > record::MAX_BODY_LEN
-            || i + record::HEADER_LEN + len > n
-            || !Record::known_kind(region[i + record::HEADER_LEN])
-        {
-            continue;
+    const CHUNK: u64 = 1 << 20;
+    let to = to.min(from.saturating_add(MAX_RESYNC_WINDOW));
+    let mut chunk = Vec::new();
+    let mut base = from;
+    while base < to {
+        let n = (to - base).min(CHUNK) as usize;
+        chunk.resize(n, 0);
+        storage.read_exact_at(&mut chunk, base)?;
+        for i in 0..n {
+            let at = base + i as u64;
+            if at + record::HEADER_LEN as u64 + 1 > to {
+                return Ok(None);
+            }
+            const HEAD: usize = record::HEADER_LEN + 1;
+            let mut head = [0u8; HEAD];
+            if i + HEAD <= n {
+                head.copy_from_slice(&chunk[i..i + HEAD]);
+            } else {
+                storage.read_exact_at(&mut head, at)?;
+            }
+            let len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
+            let framed = record::HEADER_LEN as u64 + len;
+            if len == 0
+                || len > record::MAX_BODY_LEN as u64
+                || at + framed > to
+                || !Record::known_kind(head[record::HEADER_LEN])
+            {
+                continue;
+            }
+            let owned;
+            let bytes: &[u8] = if i + framed as usize <= n {
+                &chunk[i..i + framed as usize]
+            } else {
+                let mut b = vec![0u8; framed as usize];
+                storage.read_exact_at(&mut b, at)?;
+                owned = b;
+                &owned
+            };
+            // The structure first: most garbage fails it long before a checksum over `len`
+            // bytes.
+            if Record::decode_unchecked(bytes).is_some() && Record::decode(bytes).is_ok() {
+                return Ok(Some(at));
+            }
         }
-        let framed = &region[i..i + record::HEADER_LEN + len];
-        // The structure first: most garbage fails it long before a checksum over `len` bytes.
-        if Record::decode_unchecked(framed).is_some() && Record::decode(framed).is_ok() {
-            return Ok(Some(from + i as u64));
-        }
+        base += n as u64;
     }
     Ok(None)
 }

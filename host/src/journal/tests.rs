@@ -205,10 +205,16 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
     assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
     let path = dir.path().join(FILE_NAME);
-    assert_eq!(
-        std::fs::metadata(&path).expect("stat").len(),
-        dropped.offset
-    );
+    // Cut there, and closed with an empty batch's marker: what is left was acknowledged and
+    // is not tearable any more.
+    let left = std::fs::read(&path).expect("read");
+    let records = records_of(&left);
+    assert_eq!(records.last().expect("records").0 as u64, dropped.offset);
+    assert!(matches!(
+        records.last().expect("records").2,
+        Record::Commit { offset, batch_start } if offset == batch_start
+    ));
+    assert_eq!(recovery.valid_len, left.len() as u64);
 
     // The journal continues cleanly after the cut: seq 5 was never acknowledged.
     let (r, e) = event(0, 5);
@@ -578,14 +584,20 @@ async fn a_flipped_byte_in_any_record_before_the_last_commit_refuses_with_its_of
         assert_eq!(damage.offset, *at as u64, "{record:?}");
 
         let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+        assert!(recovery.dropped.is_none(), "a salvaged journal is whole");
         let salvaged = recovery.salvaged.expect("salvaged");
         let lost_seq = matches!(record, Record::Event(_));
         assert_eq!(salvaged.lost_seqs, u64::from(lost_seq), "{record:?}");
-        if !matches!(record, Record::Version { .. } | Record::Device { .. }) {
-            // Nothing but the damaged record itself is missing.
-            assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
-            assert_eq!(journal.index().device("b").map(DeviceInfo::seq), Some(4));
-        }
+        // Nothing but the damaged record itself is missing: a destroyed plugin-version or
+        // provisioning record is rebuilt and its devices keep their histories.
+        let mut seqs: Vec<u64> = journal
+            .index()
+            .devices
+            .values()
+            .map(DeviceInfo::seq)
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, [4, 4], "{record:?}: {:?}", salvaged.damage.rebuilt);
         journal.close();
         drop(journal);
         std::fs::remove_file(&salvaged.original).expect("remove kept original");
@@ -775,4 +787,85 @@ async fn a_format_1_journal_refuses_a_removal_and_stays_as_it_is() {
     assert!(journal.device("a").is_some());
     journal.close();
     assert_eq!(std::fs::read(&path).expect("read"), legacy_file(1, 2));
+}
+
+#[tokio::test]
+async fn a_damaged_length_field_still_tells_which_seq_was_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    let (r, e) = device_record(1, "b");
+    journal.append(&r, e).await.expect("device b");
+    let third = journal.index().device("a").expect("a").events[2] as usize;
+    let wb = journal.device_writer(1, 8);
+    for seq in 1..=3 {
+        append_event(&wb, seq)
+            .await
+            .expect("completion")
+            .expect("b");
+    }
+    journal.close();
+    drop(journal);
+    // One bit of `a`'s last record's length: its frame no longer says where it ends.
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[third] ^= 0x02;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    let damage = Damaged::of(&err).expect("report");
+    assert_eq!(damage.devices[0].lost, vec![(3, 3)], "{err}");
+    let (journal, _) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
+}
+
+#[tokio::test]
+async fn a_damaged_provisioning_record_keeps_the_device_and_its_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 5).await;
+    journal.close();
+    drop(journal);
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let records = records_of(&bytes);
+    let (at, len, _) = records
+        .iter()
+        .find(|(_, _, r)| matches!(r, Record::Device { .. }))
+        .expect("device record");
+    // The last byte of its body (its at_ms): the id survives in the damaged bytes.
+    bytes[at + len - 1] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    assert!(err.to_string().contains("provisioning of `a`"), "{err}");
+    let (journal, _) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
+}
+
+#[tokio::test]
+async fn a_huge_seq_after_damage_is_not_believed_and_costs_no_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 2).await;
+    let second = journal.index().device("a").expect("a").events[1] as usize;
+    let (r, e) = event(0, 3);
+    journal.append(&r, e).await.expect("3");
+    journal.close();
+    drop(journal);
+    // A checksummed record with an absurd seq right after a damaged one.
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[second + record::HEADER_LEN + 4] ^= 0x01;
+    let mut absurd = Vec::new();
+    event(0, 1 << 40).0.encode_into(&mut absurd);
+    bytes.extend_from_slice(&absurd);
+    Record::Commit {
+        offset: bytes.len() as u64,
+        batch_start: bytes.len() as u64,
+    }
+    .encode_into(&mut bytes);
+    std::fs::write(&path, &bytes).expect("write");
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    let damage = Damaged::of(&err).expect("report");
+    assert_eq!(damage.devices[0].lost, vec![(2, 2)], "{err}");
+    assert_eq!(damage.devices[0].set_aside, 1, "{err}");
 }

@@ -87,6 +87,8 @@ pub struct Shared {
     /// The format the file's header names now (raised before the first batch with a marker,
     /// and by removals; see rule 5).
     pub format: AtomicU32,
+    /// Held while the header is rewritten, so two raises cannot leave the lower one on disk.
+    pub raising: parking_lot::Mutex<()>,
 }
 
 /// The first format whose batches end with commit markers.
@@ -97,6 +99,10 @@ impl Shared {
     /// any record that needs it is written) if it names format 2 or later. A header-less
     /// format-1 file cannot be raised in place: `Ok(false)`.
     pub fn raise_format(&self, storage: &dyn StorageBackend, format: u32) -> std::io::Result<bool> {
+        if self.format.load(Ordering::Acquire) >= format {
+            return Ok(true);
+        }
+        let _raising = self.raising.lock();
         let now = self.format.load(Ordering::Acquire);
         if now >= format {
             return Ok(true);

@@ -161,6 +161,9 @@ struct RecordOut {
     transitions: Vec<Box<RawValue>>,
     plugin: String,
     version: u32,
+    /// A seq whose record was destroyed by media damage and salvaged away.
+    #[serde(default)]
+    lost: bool,
 }
 
 /// One page.
@@ -188,6 +191,14 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
             println!("{text}");
         } else {
             for r in &page.records {
+                if r.lost {
+                    println!(
+                        "#{:<6} lost: its record was destroyed by media damage (salvaged {})",
+                        r.seq,
+                        timestamp(r.at)
+                    );
+                    continue;
+                }
                 println!(
                     "#{:<6} {}  {} v{}  {}",
                     r.seq,

@@ -119,10 +119,7 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let runtime = drover::Runtime::builder(&args.data).open().await?;
-        let result = drover::export::import(&runtime, &args.file).await;
-        runtime.shutdown().await;
-        let summary = result?;
+        let summary = drover::export::import(&args.data, &args.file).await?;
         println!(
             "imported {} device(s), {} record(s); {} plugin version(s) registered{}",
             summary.devices,
