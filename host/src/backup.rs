@@ -9,7 +9,9 @@
 //!    them all;
 //! 2. the journal up to its confirmed length ([`crate::journal::Recovery::confirmed_len`]): a
 //!    batch boundary, and every record before it was durable before the copy started (a
-//!    batch still being synced, or one that fails and is cut back, is left out);
+//!    batch still being synced, or one that fails and is cut back, is left out; a writer
+//!    idle for 50 ms marks its last batch proven, so a backup of an idle server holds
+//!    everything acknowledged);
 //! 3. every plugin component (and its precompiled artifact) and `engine.json`.
 //!
 //! Each file is synced, then the directory. The copy is a data directory like any other:
@@ -37,12 +39,14 @@ pub struct BackupSummary {
     pub plugin_files: usize,
 }
 
-/// Copies the data directory `data_dir` to `to`, which must not exist yet or be empty.
+/// Copies the data directory `data_dir` to `to`, which must not exist yet or be empty, and
+/// must not be inside `data_dir`. If the copy fails, what it created is removed again.
 pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     if !data_dir.join(journal::FILE_NAME).exists() {
         bail!("{} holds no journal", data_dir.display());
     }
-    if to.exists()
+    let existed = to.exists();
+    if existed
         && std::fs::read_dir(to)
             .with_context(|| format!("reading {}", to.display()))?
             .next()
@@ -51,6 +55,36 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
         bail!(
             "{} is not empty: back up into a new directory",
             to.display()
+        );
+    }
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let result = copy(data_dir, to);
+    if result.is_err() {
+        // Leave nothing half-made behind, so a retry can use the same directory.
+        if existed {
+            for e in std::fs::read_dir(to).into_iter().flatten().flatten() {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(to);
+        }
+    }
+    result
+}
+
+fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
+    let source_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", data_dir.display()))?;
+    let target_dir = to
+        .canonicalize()
+        .with_context(|| format!("resolving {}", to.display()))?;
+    if target_dir.starts_with(&source_dir) {
+        bail!(
+            "{} is inside the data directory {}: back up somewhere else",
+            to.display(),
+            data_dir.display()
         );
     }
     std::fs::create_dir_all(to.join("plugins"))
@@ -69,7 +103,6 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     let opened = Journal::open_read_only(data_dir)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
     let confirmed = opened.recovery().confirmed_len;
-    let devices = opened.device_count();
     drop(opened);
     let mut copy = File::create(to.join(journal::FILE_NAME))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -107,8 +140,10 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     File::open(to.join("plugins"))?.sync_all()?;
     File::open(to)?.sync_all()?;
 
-    // The copy must open as it is.
-    Journal::open_read_only(to).context("checking the copied journal")?;
+    // The copy must open as it is; what it holds is what was copied.
+    let devices = Journal::open_read_only(to)
+        .context("checking the copied journal")?
+        .device_count();
     Ok(BackupSummary {
         journal_bytes: confirmed,
         left_out: size.saturating_sub(confirmed),

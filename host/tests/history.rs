@@ -108,12 +108,27 @@ fn export_then_import_reproduces_every_device_exactly() {
             <= len + 64
     );
 
-    // A cut-short export, a tampered component and a partial export are refused.
+    // Bad exports are refused before the target is even created.
     let fresh = root.path().join("fresh");
     let bad = root.path().join("bad.jsonl");
-    let cut = text.lines().collect::<Vec<_>>();
+    let lines = text.lines().collect::<Vec<_>>();
+    let t1 = lines
+        .iter()
+        .position(|l| l.contains(r#""kind":"device","device":"t1""#))
+        .expect("t1's line");
+    let t1_end = lines[t1 + 1..]
+        .iter()
+        .position(|l| !l.contains(r#""kind":"record""#))
+        .map_or(lines.len(), |n| t1 + 1 + n);
+    let mut twice = lines[..lines.len() - 1].to_vec();
+    twice.extend_from_slice(&lines[t1..t1_end]);
+    let end = format!(
+        r#"{{"kind":"end","devices":4,"records":{}}}"#,
+        82 + (t1_end - t1 - 1)
+    );
+    twice.push(&end);
     let cases = [
-        (cut[..cut.len() - 1].join("\n"), "cut short"),
+        (lines[..lines.len() - 1].join("\n"), "cut short"),
         (
             text.replacen(r#""component":""#, r#""component":"AAAA"#, 1),
             "sha256",
@@ -122,6 +137,12 @@ fn export_then_import_reproduces_every_device_exactly() {
             text.replacen(r#""from":1"#, r#""from":2"#, 1),
             "partial export",
         ),
+        (twice.join("\n"), "appears twice"),
+        (
+            text.replacen(r#""device":"t2""#, r#""device":"../t2""#, 1),
+            "device id",
+        ),
+        (r#"{"a":1}"#.to_string(), "not a Drover export"),
     ];
     for (contents, why) in cases {
         std::fs::write(&bad, contents).expect("write");
@@ -134,7 +155,35 @@ fn export_then_import_reproduces_every_device_exactly() {
         ]);
         assert!(!ok, "{why}");
         assert!(err.contains(why), "{why}: {err}");
+        assert!(!fresh.exists(), "{why}: nothing was written");
     }
+
+    // A history the plugin cannot fold is written, found out, and undone: a retry with the
+    // good file then imports everything.
+    std::fs::write(
+        &bad,
+        text.replacen("temperature_recorded", "bogus_transition", 1),
+    )
+    .expect("write");
+    let (ok, _, err) = cli(&[
+        "journal",
+        "import",
+        bad.to_str().expect("utf-8"),
+        "--data",
+        fresh.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("import undone"), "{err}");
+    let (ok, out, err) = cli(&[
+        "journal",
+        "import",
+        file.to_str().expect("utf-8"),
+        "--data",
+        fresh.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    let again = Server::start(&fresh, &[]);
+    assert_eq!(states(&again, &ids), before);
     drop(server);
 }
 
@@ -177,7 +226,34 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     assert!(out.contains("backed up 3 device(s)"), "{out}");
 
     let live = states(&server, &["t1", "t2", "lock"]);
+
+    // Once the server is idle, a backup holds everything acknowledged.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let idle = root.path().join("idle");
+    let (ok, out, err) = cli(&[
+        "backup",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "--to",
+        idle.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    // Into the data directory itself: refused, and nothing left there.
+    let (ok, _, err) = cli(&[
+        "backup",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "--to",
+        source.join("inner").to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("inside the data directory"), "{err}");
+    assert!(!source.join("inner").exists());
     drop(server);
+    let whole = Server::start(&idle, &[]);
+    assert_eq!(states(&whole, &["t1", "t2", "lock"]), live);
+    drop(whole);
+
     let restored = Server::start(&copy, &[]);
     let copied = states(&restored, &["t1", "t2", "lock"]);
     for ((live_journal, _), (copied_journal, _)) in live.iter().zip(&copied) {

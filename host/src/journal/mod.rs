@@ -139,6 +139,9 @@ pub struct Recovery {
     /// `journal/recovery.rs`): a consistent cut even while a writer is appending, which is
     /// what an online backup copies. Equal to `valid_len` for files without markers.
     pub confirmed_len: u64,
+    /// Whether the file ends with the marker of an empty batch (a clean close, an idle
+    /// writer, or a recovery that cut a torn tail): nothing in it is tearable.
+    pub closed_cleanly: bool,
     /// The file's format version (1: the header-less format of the first releases).
     pub format: u32,
     /// The torn tail of the last commit, cut because a crash could have left it so.
@@ -273,6 +276,7 @@ impl Journal {
         let (index, mut recovery) = recover(&*storage, Cut::Tail)?;
         recovery.salvaged = salvaged;
         let durable_len = recovery.valid_len;
+        let confirmed = recovery.closed_cleanly;
         let next_device = index.next_device_num();
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
@@ -289,7 +293,7 @@ impl Journal {
             let delay = options.commit_delay;
             std::thread::Builder::new()
                 .name("drover-journal".into())
-                .spawn(move || writer::run(&*storage, durable_len, delay, rx, shared))?
+                .spawn(move || writer::run(&*storage, durable_len, confirmed, delay, rx, shared))?
         };
         Ok(Journal {
             inner: Arc::new(Inner {

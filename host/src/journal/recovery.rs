@@ -241,10 +241,15 @@ pub(super) fn recover(
         Some(m) => m.end,
         None => prefix.end,
     };
+    let closed_cleanly = prefix.bad.is_none()
+        && prefix
+            .last_marker
+            .is_some_and(|m| m.end == prefix.end && m.end - m.batch_start <= MAX_COMMIT);
     let mut recovery = Recovery {
         records: prefix.records,
         valid_len: prefix.end,
         confirmed_len,
+        closed_cleanly,
         format: prefix.format,
         ..Recovery::default()
     };
@@ -565,6 +570,9 @@ impl Output {
         Ok(())
     }
 }
+
+/// The largest framed commit marker: an empty batch's marker spans only itself.
+const MAX_COMMIT: u64 = record::MAX_COMMIT_LEN as u64;
 
 /// The smallest framed record that can carry a seq (an event with an empty body is ~15 bytes):
 /// how many records a number of damaged bytes can have held, at most.

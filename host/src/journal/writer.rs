@@ -36,6 +36,11 @@ use super::{JournalError, Lane, Stats, StorageBackend};
 /// A batch stops growing past this many bytes, so one commit's latency stays bounded.
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
+/// After this long without work, the writer writes the marker of an empty batch (without a
+/// sync): it proves the last batch durable to a reader of the file, so an online backup of an
+/// idle server copies everything acknowledged (see `crate::backup`).
+const IDLE_CONFIRM: Duration = Duration::from_millis(50);
+
 /// A batch of at least this many entries means the journal is under load: the writer then
 /// waits the configured commit delay before the next batch (see `run`).
 const COMMIT_DELAY_MIN_BATCH: usize = 64;
@@ -125,6 +130,7 @@ impl Shared {
 pub fn run(
     storage: &dyn StorageBackend,
     mut durable_len: u64,
+    mut confirmed: bool,
     commit_delay: Duration,
     rx: Receiver<Entry>,
     shared: Arc<Shared>,
@@ -137,8 +143,17 @@ pub fn run(
         // Once closing, drain what is queued without waiting, then stop.
         let first = if shared.closing.load(Ordering::Acquire) {
             rx.try_recv().ok()
-        } else {
+        } else if confirmed || !shared.markers() {
             rx.recv().ok()
+        } else {
+            match rx.recv_timeout(IDLE_CONFIRM) {
+                Ok(entry) => Some(entry),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    confirmed = confirm(storage, &mut durable_len, &mut buf, &shared, false);
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            }
         };
         let Some(first) = first else { break };
         if last_records >= COMMIT_DELAY_MIN_BATCH {
@@ -163,6 +178,7 @@ pub fn run(
             }
         }
         last_records = batch.len();
+        let before = durable_len;
         commit(
             storage,
             &mut durable_len,
@@ -172,22 +188,51 @@ pub fn run(
             &shared,
         );
         batch.clear();
+        confirmed &= durable_len == before;
     }
-    if shared.markers() && !shared.broken.load(Ordering::Acquire) {
-        // The marker of an empty batch: it proves the last batch durable, so after a clean
-        // stop no byte of the journal is one a crash could have torn.
-        buf.clear();
-        Record::Commit {
-            offset: durable_len,
-            batch_start: durable_len,
-        }
-        .encode_into(&mut buf);
-        match write_and_sync(storage, durable_len, &buf) {
-            Ok(()) => durable_len += buf.len() as u64,
-            Err(e) => tracing::warn!(error = %e, "journal close marker not written"),
-        }
+    if !confirmed {
+        // The marker of an empty batch, synced: it proves the last batch durable, so after a
+        // clean stop no byte of the journal is one a crash could have torn.
+        confirm(storage, &mut durable_len, &mut buf, &shared, true);
     }
     tracing::debug!(durable_len, "journal writer stopped");
+}
+
+/// Writes the marker of an empty batch at the durable end (synced if `sync`); returns whether
+/// it is there. Called only between commits, after the last one's `fdatasync` returned, so it
+/// proves that commit.
+fn confirm(
+    storage: &dyn StorageBackend,
+    durable_len: &mut u64,
+    buf: &mut Vec<u8>,
+    shared: &Shared,
+    sync: bool,
+) -> bool {
+    if !shared.markers() || shared.broken.load(Ordering::Acquire) {
+        return true;
+    }
+    buf.clear();
+    Record::Commit {
+        offset: *durable_len,
+        batch_start: *durable_len,
+    }
+    .encode_into(buf);
+    let written = if sync {
+        write_and_sync(storage, *durable_len, buf)
+    } else {
+        storage.write_all_at(buf, *durable_len)
+    };
+    match written {
+        Ok(()) => {
+            *durable_len += buf.len() as u64;
+            shared.index.write().durable_len = *durable_len;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "journal: the marker of an empty batch was not written");
+            false
+        }
+    }
 }
 
 fn commit(
