@@ -112,6 +112,9 @@ pub struct Index {
     /// One past the highest device number ever recorded, removed devices included: numbers
     /// are never reused, so an old record can never be taken for a new device's.
     pub next_num: u32,
+    /// Numbers of removed devices: a checkpoint that still lists one is not taken for a
+    /// device whose records were lost.
+    pub removed: std::collections::HashSet<u32>,
     /// Length of the durable prefix of the journal file.
     pub durable_len: u64,
 }
@@ -326,6 +329,7 @@ impl Index {
                 if let Some(d) = self.devices.remove(&device) {
                     self.by_id.remove(&d.id);
                 }
+                self.removed.insert(device);
             }
             IndexEffect::Lost { device, from, to } => {
                 if let Some(d) = self.devices.get_mut(&device) {

@@ -18,6 +18,14 @@
 //! Files written before format 4 have no markers; there, as before, only the last
 //! [`MAX_TORN_BYTES`] can be a torn write.
 //!
+//! # What a crash cannot do: make the file shorter
+//!
+//! A clean close also writes `journal.log.checkpoint`: the file's length then and each
+//! device's last seq. The journal only grows, so that length stays a lower bound for good: a
+//! file found shorter than it was cut short by something other than a crash (and the
+//! tearable part never starts before it). Opening refuses such a file like any damage, and
+//! salvage marks every seq the checkpoint knows of and the file no longer holds as lost.
+//!
 //! # What recovery does with a bad record at offset X
 //!
 //! It scans past X for the next intact records (the next commit marker, found by a cheap test
@@ -226,6 +234,66 @@ struct Prefix {
     /// Why the record at `end` was rejected, and whether it looked cut short.
     bad: Option<(String, bool)>,
     last_marker: Option<Marker>,
+    /// What the last clean close recorded, if anything.
+    checkpoint: Option<Checkpoint>,
+}
+
+/// What a clean close records beside the journal (see the module docs).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct Checkpoint {
+    format: u32,
+    /// The file's length at the close.
+    len: u64,
+    /// `(number, id, plugin version id, last seq)` of every device.
+    devices: Vec<(u32, String, u32, u64)>,
+}
+
+impl Checkpoint {
+    /// Whether the file is shorter than at the close.
+    fn cut_short(&self, file_len: u64) -> bool {
+        self.len > file_len
+    }
+}
+
+/// Writes the checkpoint of a cleanly closed journal of `len` bytes at `path` (atomically:
+/// a new file, synced, renamed over the old one, the directory synced).
+pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io::Result<()> {
+    let checkpoint = Checkpoint {
+        format: 1,
+        len,
+        devices: index
+            .devices
+            .values()
+            .map(|d| (d.num, d.id.to_string(), d.version, d.seq()))
+            .collect(),
+    };
+    let target = side_file(path, "checkpoint");
+    let tmp = side_file(path, "checkpoint.tmp");
+    let mut file = BufWriter::new(File::create(&tmp)?);
+    serde_json::to_writer(&mut file, &checkpoint)?;
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &target)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_checkpoint(storage: &dyn StorageBackend) -> Option<Checkpoint> {
+    let path = side_file(storage.path()?, "checkpoint");
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<Checkpoint>(&bytes) {
+        Ok(c) if c.format == 1 => Some(c),
+        Ok(c) => {
+            tracing::warn!(path = %path.display(), format = c.format, "journal checkpoint of an unknown format ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "damaged journal checkpoint ignored");
+            None
+        }
+    }
 }
 
 /// Scans the journal from the start, building the index; cuts a torn tail and refuses damage
@@ -253,15 +321,31 @@ pub(super) fn recover(
         format: prefix.format,
         ..Recovery::default()
     };
+    let cut_short = prefix
+        .checkpoint
+        .as_ref()
+        .is_some_and(|c| c.cut_short(prefix.file_len));
     let Some((reason, torn)) = prefix.bad.clone() else {
+        if cut_short {
+            let (tail, _) = scan_tail(storage, &prefix, None)?;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                tail.damage(storage, prefix.end, cut_short_reason(&prefix)),
+            ));
+        }
         let mut index = prefix.index;
         index.durable_len = prefix.end;
         return Ok((index, recovery));
     };
     let offset = prefix.end;
     let file_len = prefix.file_len;
-    let tail = scan_tail(storage, &prefix, None)?;
-    if offset < tearable_from(&prefix, &tail) {
+    let (tail, _) = scan_tail(storage, &prefix, None)?;
+    if offset < tearable_from(&prefix, &tail) || cut_short {
+        let reason = if cut_short {
+            format!("{reason}; {}", cut_short_reason(&prefix))
+        } else {
+            reason
+        };
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             tail.damage(storage, offset, reason),
@@ -342,8 +426,14 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     }
     let storage = FileBackend::open_read_only(path)?;
     let prefix = scan_prefix(&storage, false)?;
-    let Some((reason, _)) = prefix.bad.clone() else {
-        return Ok(None);
+    let cut_short = prefix
+        .checkpoint
+        .as_ref()
+        .is_some_and(|c| c.cut_short(prefix.file_len));
+    let reason = match prefix.bad.clone() {
+        Some((reason, _)) => reason,
+        None if cut_short => cut_short_reason(&prefix),
+        None => return Ok(None),
     };
     let offset = prefix.end;
     let tmp = side_file(path, "salvage");
@@ -360,8 +450,8 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         len: offset,
     };
     out.pos += std::io::copy(&mut source, &mut out.file)?;
-    let tail = scan_tail(&storage, &prefix, Some(&mut out))?;
-    if offset >= tearable_from(&prefix, &tail) {
+    let (tail, _) = scan_tail(&storage, &prefix, Some(&mut out))?;
+    if offset >= tearable_from(&prefix, &tail) && !cut_short {
         // A torn tail, not damage: the normal open cuts it.
         drop(out);
         std::fs::remove_file(&tmp)?;
@@ -387,6 +477,11 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     }
     std::fs::hard_link(path, &original)?;
     std::fs::rename(&tmp, path)?;
+    // The checkpoint described the old file; the next clean close writes one for this one.
+    match std::fs::remove_file(side_file(path, "checkpoint")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
@@ -425,14 +520,24 @@ fn side_file(path: &Path, suffix: &str) -> PathBuf {
 
 /// Where the part of the file a crash could have torn begins (see the module docs).
 fn tearable_from(prefix: &Prefix, tail: &Tail) -> u64 {
-    match tail.last_marker.or(prefix.last_marker) {
+    let checkpointed = prefix.checkpoint.as_ref().map_or(0, |c| c.len);
+    checkpointed.max(match tail.last_marker.or(prefix.last_marker) {
         Some(m) if m.end >= prefix.file_len => m.batch_start,
         Some(m) => m.end,
         None => prefix
             .file_len
             .saturating_sub(MAX_TORN_BYTES)
             .max(prefix.start),
-    }
+    })
+}
+
+fn cut_short_reason(prefix: &Prefix) -> String {
+    format!(
+        "the file is {} bytes long but was {} at its last clean stop (journal.log.checkpoint): \
+         it was cut short",
+        prefix.file_len,
+        prefix.checkpoint.as_ref().map_or(0, |c| c.len)
+    )
 }
 
 fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<Prefix> {
@@ -497,6 +602,7 @@ fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<
         records,
         bad,
         last_marker,
+        checkpoint: read_checkpoint(storage),
     })
 }
 
@@ -841,7 +947,7 @@ fn scan_tail(
     storage: &dyn StorageBackend,
     prefix: &Prefix,
     mut out: Option<&mut Output>,
-) -> std::io::Result<Tail> {
+) -> std::io::Result<(Tail, Index)> {
     let file_len = prefix.file_len;
     let damaged_at = prefix.end;
     let mut shadow = prefix.index.clone();
@@ -911,7 +1017,40 @@ fn scan_tail(
             tail.lose(&mut shadow, &mut out, device, now + 1, seq, damaged_at)?;
         }
     }
-    Ok(tail)
+    // What the last clean close knew and the file no longer holds (a file cut short).
+    if let Some(checkpoint) = &prefix.checkpoint
+        && checkpoint.cut_short(file_len)
+    {
+        tail.ranges.push((file_len, checkpoint.len));
+        for (num, id, version, seq) in &checkpoint.devices {
+            if shadow.removed.contains(num) {
+                continue;
+            }
+            if !shadow.devices.contains_key(num) && !shadow.by_id.contains_key(id.as_str()) {
+                let provisioning = Record::Device {
+                    num: *num,
+                    id: id.clone(),
+                    version: *version,
+                    config: b"{}".to_vec(),
+                    at_ms: 0,
+                };
+                if let Ok(effect) = shadow.effect_of(&provisioning) {
+                    shadow.apply(effect, 0);
+                    tail.names.insert(*num, Arc::from(id.as_str()));
+                    tail.rebuilt.push(format!(
+                        "provisioning of `{id}` from the checkpoint (its config was lost)"
+                    ));
+                    emit(&mut out, &provisioning)?;
+                }
+            }
+            if let Some(now) = shadow.devices.get(num).map(|d| d.seq())
+                && *seq > now
+            {
+                tail.lose(&mut shadow, &mut out, *num, now + 1, *seq, damaged_at)?;
+            }
+        }
+    }
+    Ok((tail, shadow))
 }
 
 /// Remembers the last marker search, so a file with many damaged ranges and no marker after

@@ -125,11 +125,12 @@ fn crash_image(dir: &Path) -> Vec<u8> {
 }
 
 /// Closes `journal` and puts `image` back as its file: a `kill -9` at the moment the image
-/// was taken.
+/// was taken (so without the checkpoint a clean close writes).
 fn crash_with(journal: Journal, dir: &Path, image: &[u8]) {
     journal.close();
     drop(journal);
     std::fs::write(dir.join(FILE_NAME), image).expect("write journal");
+    std::fs::remove_file(dir.join("journal.log.checkpoint")).expect("no checkpoint");
 }
 
 /// Every record of a journal file: `(offset, framed length, record)`, markers included.
@@ -278,6 +279,8 @@ async fn every_cut_inside_the_last_commit_opens_with_what_is_intact() {
         drop(journal);
         // What is left is whole: every record decodes.
         records_of(&std::fs::read(dir.path().join(FILE_NAME)).expect("read"));
+        // The next round is another crash, not a clean stop.
+        std::fs::remove_file(dir.path().join("journal.log.checkpoint")).expect("checkpoint");
     }
 }
 #[tokio::test]
@@ -868,4 +871,40 @@ async fn a_huge_seq_after_damage_is_not_believed_and_costs_no_memory() {
     let damage = Damaged::of(&err).expect("report");
     assert_eq!(damage.devices[0].lost, vec![(2, 2)], "{err}");
     assert_eq!(damage.devices[0].set_aside, 1, "{err}");
+}
+
+#[tokio::test]
+async fn a_file_cut_short_after_a_clean_stop_is_refused_and_salvage_keeps_its_seqs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 10).await;
+    let (r, e) = device_record(1, "b");
+    journal.append(&r, e).await.expect("device b");
+    let sixth = journal.index().device("a").expect("a").events[5] as usize;
+    journal.close();
+    drop(journal);
+    // Cut at a record boundary: nothing in the file itself looks wrong, but the clean stop's
+    // checkpoint knows it held more (seqs 6-10 of `a`, and `b`).
+    let path = dir.path().join(FILE_NAME);
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.set_len(sixth as u64).expect("truncate");
+    drop(file);
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    let damage = Damaged::of(&err).expect("report");
+    assert!(err.to_string().contains("cut short"), "{err}");
+    assert_eq!(damage.devices[0].lost, vec![(6, 10)], "{err}");
+    assert!(Journal::open_read_only(dir.path()).is_err());
+
+    let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 10 - 5);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(10));
+    assert_eq!(
+        journal.index().device("b").map(DeviceInfo::seq),
+        Some(0),
+        "`b` comes back from the checkpoint"
+    );
+    journal.close();
+    drop(journal);
+    let (_, recovery) = open_dir(dir.path()).expect("opens cleanly after salvage");
+    assert!(recovery.dropped.is_none());
 }

@@ -193,7 +193,18 @@ pub fn run(
     if !confirmed {
         // The marker of an empty batch, synced: it proves the last batch durable, so after a
         // clean stop no byte of the journal is one a crash could have torn.
-        confirm(storage, &mut durable_len, &mut buf, &shared, true);
+        confirmed = confirm(storage, &mut durable_len, &mut buf, &shared, true);
+    }
+    if confirmed
+        && shared.markers()
+        && !shared.broken.load(Ordering::Acquire)
+        && let Some(path) = storage.path()
+    {
+        // The length and the devices' seqs, for the next open to notice a file cut short.
+        let index = shared.index.read();
+        if let Err(e) = super::recovery::write_checkpoint(path, &index, durable_len) {
+            tracing::warn!(error = %e, "journal checkpoint not written");
+        }
     }
     tracing::debug!(durable_len, "journal writer stopped");
 }
