@@ -1198,7 +1198,10 @@ async fn a_removed_device_is_gone_archived_and_its_id_reusable() {
     let r = rt.summary("r").expect("the new `r`");
     assert_eq!((r.plugin.as_str(), r.seq), ("door-lock", 1));
     assert_eq!(rt.summary("keep").expect("kept").seq, 1);
-    assert_eq!(rt.journal().recovery().format, 3);
+    assert_eq!(
+        rt.journal().recovery().format,
+        drover::journal::FORMAT_VERSION
+    );
     rt.shutdown().await;
 }
 

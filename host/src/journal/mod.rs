@@ -14,7 +14,8 @@
 //! * `index.rs` (private): the in-memory index of durable records;
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
 //! * `recovery.rs` (private): the scan on open, torn tail versus media damage ([`Damaged`]),
-//!   and [`salvage`].
+//!   and [`salvage`];
+//! * `checkpoint.rs` (private): what a clean close records, so a file cut short is noticed.
 //!
 //! # Why a home-made log
 //!
@@ -39,6 +40,7 @@
 //! * A freshly created file is followed by an fsync of its directory, so the file itself
 //!   survives a crash.
 
+mod checkpoint;
 mod index;
 mod record;
 mod recovery;

@@ -51,6 +51,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::checkpoint::{Checkpoint, read_checkpoint};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN};
 use super::record::{self, DecodeError, Record};
 use super::storage::{FileBackend, SeqReader, StorageBackend};
@@ -236,64 +237,6 @@ struct Prefix {
     last_marker: Option<Marker>,
     /// What the last clean close recorded, if anything.
     checkpoint: Option<Checkpoint>,
-}
-
-/// What a clean close records beside the journal (see the module docs).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(super) struct Checkpoint {
-    format: u32,
-    /// The file's length at the close.
-    len: u64,
-    /// `(number, id, plugin version id, last seq)` of every device.
-    devices: Vec<(u32, String, u32, u64)>,
-}
-
-impl Checkpoint {
-    /// Whether the file is shorter than at the close.
-    fn cut_short(&self, file_len: u64) -> bool {
-        self.len > file_len
-    }
-}
-
-/// Writes the checkpoint of a cleanly closed journal of `len` bytes at `path` (atomically:
-/// a new file, synced, renamed over the old one, the directory synced).
-pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io::Result<()> {
-    let checkpoint = Checkpoint {
-        format: 1,
-        len,
-        devices: index
-            .devices
-            .values()
-            .map(|d| (d.num, d.id.to_string(), d.version, d.seq()))
-            .collect(),
-    };
-    let target = side_file(path, "checkpoint");
-    let tmp = side_file(path, "checkpoint.tmp");
-    let mut file = BufWriter::new(File::create(&tmp)?);
-    serde_json::to_writer(&mut file, &checkpoint)?;
-    let file = file.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &target)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn read_checkpoint(storage: &dyn StorageBackend) -> Option<Checkpoint> {
-    let path = side_file(storage.path()?, "checkpoint");
-    let bytes = std::fs::read(&path).ok()?;
-    match serde_json::from_slice::<Checkpoint>(&bytes) {
-        Ok(c) if c.format == 1 => Some(c),
-        Ok(c) => {
-            tracing::warn!(path = %path.display(), format = c.format, "journal checkpoint of an unknown format ignored");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "damaged journal checkpoint ignored");
-            None
-        }
-    }
 }
 
 /// Scans the journal from the start, building the index; cuts a torn tail and refuses damage
@@ -510,7 +453,7 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn side_file(path: &Path, suffix: &str) -> PathBuf {
+pub(super) fn side_file(path: &Path, suffix: &str) -> PathBuf {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

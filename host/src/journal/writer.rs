@@ -202,7 +202,7 @@ pub fn run(
     {
         // The length and the devices' seqs, for the next open to notice a file cut short.
         let index = shared.index.read();
-        if let Err(e) = super::recovery::write_checkpoint(path, &index, durable_len) {
+        if let Err(e) = super::checkpoint::write_checkpoint(path, &index, durable_len) {
             tracing::warn!(error = %e, "journal checkpoint not written");
         }
     }

@@ -1,0 +1,75 @@
+//! The checkpoint a clean close writes beside the journal: `journal.log.checkpoint`, the
+//! file's length then and each device's last seq.
+//!
+//! The journal only grows (a failed commit is cut back only to its durable length), so the
+//! checkpoint's length stays a lower bound of the file for good: recovery never takes
+//! anything before it for a torn write, and a file found shorter was cut by something other
+//! than a crash (see `journal/recovery.rs`). Its seqs are what salvage marks lost when that
+//! happens. Periodic checkpoints of the whole index, so that a restart scans only what came
+//! after one, are the next step (issue 9); this is the first half of that file.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use super::index::Index;
+use super::recovery::side_file;
+use super::storage::StorageBackend;
+
+/// What a clean close records beside the journal (see the module docs).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct Checkpoint {
+    pub format: u32,
+    /// The file's length at the close.
+    pub len: u64,
+    /// `(number, id, plugin version id, last seq)` of every device.
+    pub devices: Vec<(u32, String, u32, u64)>,
+}
+
+impl Checkpoint {
+    /// Whether the file is shorter than at the close.
+    pub fn cut_short(&self, file_len: u64) -> bool {
+        self.len > file_len
+    }
+}
+
+/// Writes the checkpoint of a cleanly closed journal of `len` bytes at `path` (atomically:
+/// a new file, synced, renamed over the old one, the directory synced).
+pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io::Result<()> {
+    let checkpoint = Checkpoint {
+        format: 1,
+        len,
+        devices: index
+            .devices
+            .values()
+            .map(|d| (d.num, d.id.to_string(), d.version, d.seq()))
+            .collect(),
+    };
+    let target = side_file(path, "checkpoint");
+    let tmp = side_file(path, "checkpoint.tmp");
+    let mut file = BufWriter::new(File::create(&tmp)?);
+    serde_json::to_writer(&mut file, &checkpoint)?;
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &target)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+pub(super) fn read_checkpoint(storage: &dyn StorageBackend) -> Option<Checkpoint> {
+    let path = side_file(storage.path()?, "checkpoint");
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<Checkpoint>(&bytes) {
+        Ok(c) if c.format == 1 => Some(c),
+        Ok(c) => {
+            tracing::warn!(path = %path.display(), format = c.format, "journal checkpoint of an unknown format ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "damaged journal checkpoint ignored");
+            None
+        }
+    }
+}
