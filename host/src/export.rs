@@ -347,8 +347,13 @@ fn lines(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Line
 type Components = HashMap<(String, u32), (String, Option<Vec<u8>>, bool)>;
 
 /// Checks the whole export before anything is written (see the module docs); `exists` says
-/// whether a device id is already in the target. Returns the components and the device ids.
-fn check(path: &Path, exists: &dyn Fn(&str) -> bool) -> anyhow::Result<(Components, Vec<String>)> {
+/// whether a device id is already in the target; with `engine`, every component is also
+/// compiled (what registering it would do first). Returns the components and the device ids.
+fn check(
+    path: &Path,
+    exists: &dyn Fn(&str) -> bool,
+    engine: Option<&Engine>,
+) -> anyhow::Result<(Components, Vec<String>)> {
     let mut components = Components::new();
     let mut ids: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -409,6 +414,8 @@ fn check(path: &Path, exists: &dyn Fn(&str) -> bool) -> anyhow::Result<(Componen
                         p.version
                     );
                 }
+                crate::error::validate_id(&p.plugin)
+                    .with_context(|| format!("plugin name `{}`", p.plugin))?;
                 let bytes = match &p.component {
                     Some(b64) => {
                         let bytes = base64::engine::general_purpose::STANDARD
@@ -424,6 +431,15 @@ fn check(path: &Path, exists: &dyn Fn(&str) -> bool) -> anyhow::Result<(Componen
                                 p.version,
                                 p.digest
                             );
+                        }
+                        if let Some(engine) = engine {
+                            engine.compile(&bytes).map_err(|e| {
+                                anyhow::anyhow!(
+                                    "plugin `{}` v{}: the component does not load: {e}",
+                                    p.plugin,
+                                    p.version
+                                )
+                            })?;
                         }
                         Some(bytes)
                     }
@@ -507,8 +523,9 @@ pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummar
         None
     };
     let exists = |id: &str| existing.as_ref().is_some_and(|j| j.device(id).is_some());
-    check(path, &exists)?;
-    drop(existing);
+    let engine = Engine::new(EngineConfig::default())?;
+    check(path, &exists, Some(&engine))?;
+    drop((existing, engine));
 
     let rt = Runtime::builder(data_dir).open().await?;
     let result = write(&rt, path).await;
@@ -520,7 +537,7 @@ pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummar
 async fn write(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
     // Checked again under the data directory's lock: nobody can add a device meanwhile.
     let journal = rt.journal().clone();
-    let (components, _) = check(path, &|id| journal.device(id).is_some())?;
+    let (components, _) = check(path, &|id| journal.device(id).is_some(), None)?;
     journal
         .require_format(crate::journal::FORMAT_VERSION)
         .context("the target journal cannot hold lost seqs")?;

@@ -28,6 +28,29 @@ fn fleet(server: &Server) {
     api.send("lock", &json!({"type": "lock"}));
 }
 
+/// `text` with its first component replaced by bytes that are not WebAssembly (and the
+/// digest to match, so only loading it can tell).
+fn not_wasm(text: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let bytes = b"not a component".to_vec();
+    let digest = hex::encode(sha2::Sha256::digest(&bytes));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    text.lines()
+        .map(|l| {
+            if l.contains(r#""kind":"plugin""#) && l.contains(r#""plugin":"thermostat""#) {
+                let mut v: Value = serde_json::from_str(l).expect("plugin line");
+                v["component"] = json!(b64);
+                v["digest"] = json!(digest);
+                v.to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn states(server: &Server, ids: &[&str]) -> Vec<(Vec<Value>, Value)> {
     let api = server.api();
     ids.iter()
@@ -143,6 +166,11 @@ fn export_then_import_reproduces_every_device_exactly() {
             "device id",
         ),
         (r#"{"a":1}"#.to_string(), "not a Drover export"),
+        (not_wasm(&text), "does not load"),
+        (
+            text.replace(r#""plugin":"door-lock""#, r#""plugin":"../evil""#),
+            "plugin name",
+        ),
     ];
     for (contents, why) in cases {
         std::fs::write(&bad, contents).expect("write");

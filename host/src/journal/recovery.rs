@@ -652,6 +652,8 @@ struct Tail {
     /// Damaged ranges in which no record could be recognized: if a device's last records
     /// were there, nothing says which seqs they had.
     unrecognized: usize,
+    /// Device number -> (id, plugin version id), as the last clean close's checkpoint knew.
+    known: std::collections::HashMap<u32, (String, u32)>,
     /// Intact records (markers not counted), and of those the ones that cannot be applied.
     intact: u64,
     set_aside: u64,
@@ -732,9 +734,9 @@ impl Tail {
     }
 
     /// Makes sure the plugin versions and the device `record` refers to are known, rebuilding
-    /// destroyed ones: from a guess read out of the damage if there is one (unverified), else
-    /// as a placeholder. Without this, one damaged plugin-version or provisioning record would
-    /// take every later record of its devices with it.
+    /// destroyed ones (see [`Tail::ensure_version`], [`Tail::ensure_device`]). Without this,
+    /// one damaged plugin-version or provisioning record would take every later record of its
+    /// devices with it.
     fn rebuild_dependencies(
         &mut self,
         shadow: &mut Index,
@@ -755,73 +757,122 @@ impl Tail {
             _ => (None, None),
         };
         if let Some(version) = version {
-            // At most as many as the damage could have held.
-            let limit = (self.damaged_bytes / MIN_RECORD_BYTES + 1) as usize;
-            let start = shadow.versions.len();
-            while (version as usize) >= shadow.versions.len()
-                && shadow.versions.len() < start + limit
-            {
-                let id = shadow.versions.len() as u32;
-                let guessed = self.guesses.iter().find_map(|g| match g {
-                    Record::Version { id: gid, .. } if *gid == id => Some(g.clone()),
-                    _ => None,
-                });
-                let (rebuilt, how) = match guessed {
-                    Some(g) => (g, "from its damaged bytes, unverified"),
-                    None => (
-                        Record::Version {
-                            id,
-                            plugin: format!("lost-version-{id}"),
-                            number: 0,
-                            digest: [0; 32],
-                            at_ms: 0,
-                        },
-                        "as a placeholder (upload and deploy a version to run its devices)",
-                    ),
-                };
-                let Ok(effect) = shadow.effect_of(&rebuilt) else {
-                    break;
-                };
-                shadow.apply(effect, 0);
-                self.rebuilt
-                    .push(format!("plugin version record {id} {how}"));
-                emit(out, &rebuilt)?;
-            }
+            self.ensure_version(shadow, out, version)?;
         }
         // A record of a device the index does not know: its provisioning record was in the
         // damage (a removed device has no records after its removal).
         if let Some(num) = device
             && !shadow.devices.contains_key(&num)
         {
+            self.ensure_device(shadow, out, num, version.unwrap_or(0))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the plugin-version records up to id `version` that are missing: from a guess
+    /// read out of the damage if there is one (unverified), else as a placeholder. At most as
+    /// many as the damage could have held.
+    fn ensure_version(
+        &mut self,
+        shadow: &mut Index,
+        out: &mut Option<&mut Output>,
+        version: u32,
+    ) -> std::io::Result<()> {
+        let limit = (self.damaged_bytes / MIN_RECORD_BYTES + 1) as usize;
+        let start = shadow.versions.len();
+        while (version as usize) >= shadow.versions.len() && shadow.versions.len() < start + limit {
+            let id = shadow.versions.len() as u32;
             let guessed = self.guesses.iter().find_map(|g| match g {
-                Record::Device { num: n, id, .. }
-                    if *n == num && !shadow.by_id.contains_key(id.as_str()) =>
-                {
-                    Some(g.clone())
-                }
+                Record::Version { id: gid, .. } if *gid == id => Some(g.clone()),
                 _ => None,
             });
             let (rebuilt, how) = match guessed {
                 Some(g) => (g, "from its damaged bytes, unverified"),
                 None => (
-                    Record::Device {
-                        num,
-                        id: format!("lost-device-{num}"),
-                        version: version.unwrap_or(0),
-                        config: b"{}".to_vec(),
+                    Record::Version {
+                        id,
+                        plugin: format!("lost-version-{id}"),
+                        number: 0,
+                        digest: [0; 32],
                         at_ms: 0,
                     },
-                    "as a placeholder: its id and config were lost",
+                    "as a placeholder (upload and deploy a version to run its devices)",
                 ),
             };
-            if let Ok(effect) = shadow.effect_of(&rebuilt) {
-                if let Record::Device { id, .. } = &rebuilt {
-                    self.names.insert(num, Arc::from(id.as_str()));
-                    self.rebuilt.push(format!("provisioning of `{id}` {how}"));
-                }
-                shadow.apply(effect, 0);
-                emit(out, &rebuilt)?;
+            let Ok(effect) = shadow.effect_of(&rebuilt) else {
+                break;
+            };
+            shadow.apply(effect, 0);
+            self.rebuilt
+                .push(format!("plugin version record {id} {how}"));
+            emit(out, &rebuilt)?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the provisioning record of device `num`: with the id and version the last
+    /// clean close's checkpoint knew (verified when written), else from a guess read out of
+    /// the damage (unverified), else as a placeholder. Its config is lost unless guessed.
+    fn ensure_device(
+        &mut self,
+        shadow: &mut Index,
+        out: &mut Option<&mut Output>,
+        num: u32,
+        version: u32,
+    ) -> std::io::Result<()> {
+        let known = self
+            .known
+            .get(&num)
+            .filter(|(id, _)| !shadow.by_id.contains_key(id.as_str()))
+            .cloned();
+        let guessed = self.guesses.iter().find_map(|g| match g {
+            Record::Device { num: n, id, .. }
+                if *n == num && !shadow.by_id.contains_key(id.as_str()) =>
+            {
+                Some(g.clone())
             }
+            _ => None,
+        });
+        let (rebuilt, how) = match (known, guessed) {
+            (Some((id, known_version)), guess) => {
+                // The checkpoint's id is sure; the config may still be in the damaged bytes.
+                let config = match guess {
+                    Some(Record::Device {
+                        id: gid, config, ..
+                    }) if gid == id => config,
+                    _ => b"{}".to_vec(),
+                };
+                self.ensure_version(shadow, out, known_version)?;
+                (
+                    Record::Device {
+                        num,
+                        id,
+                        version: known_version,
+                        config,
+                        at_ms: 0,
+                    },
+                    "with the id the last clean stop's checkpoint recorded",
+                )
+            }
+            (None, Some(g)) => (g, "from its damaged bytes, unverified"),
+            (None, None) => (
+                Record::Device {
+                    num,
+                    id: format!("lost-device-{num}"),
+                    version,
+                    config: b"{}".to_vec(),
+                    at_ms: 0,
+                },
+                "as a placeholder: its id and config were lost",
+            ),
+        };
+        if let Ok(effect) = shadow.effect_of(&rebuilt) {
+            if let Record::Device { id, .. } = &rebuilt {
+                self.names.insert(num, Arc::from(id.as_str()));
+                self.rebuilt.push(format!("provisioning of `{id}` {how}"));
+            }
+            shadow.apply(effect, 0);
+            emit(out, &rebuilt)?;
         }
         Ok(())
     }
@@ -900,6 +951,12 @@ fn scan_tail(
             .iter()
             .map(|(num, d)| (*num, d.id.clone()))
             .collect(),
+        known: prefix
+            .checkpoint
+            .iter()
+            .flat_map(|c| &c.devices)
+            .map(|(num, id, version, _)| (*num, (id.clone(), *version)))
+            .collect(),
         ..Tail::default()
     };
     let mut pos = prefix.end;
@@ -965,26 +1022,13 @@ fn scan_tail(
         && checkpoint.cut_short(file_len)
     {
         tail.ranges.push((file_len, checkpoint.len));
+        tail.damaged_bytes += checkpoint.len - file_len;
         for (num, id, version, seq) in &checkpoint.devices {
             if shadow.removed.contains(num) {
                 continue;
             }
             if !shadow.devices.contains_key(num) && !shadow.by_id.contains_key(id.as_str()) {
-                let provisioning = Record::Device {
-                    num: *num,
-                    id: id.clone(),
-                    version: *version,
-                    config: b"{}".to_vec(),
-                    at_ms: 0,
-                };
-                if let Ok(effect) = shadow.effect_of(&provisioning) {
-                    shadow.apply(effect, 0);
-                    tail.names.insert(*num, Arc::from(id.as_str()));
-                    tail.rebuilt.push(format!(
-                        "provisioning of `{id}` from the checkpoint (its config was lost)"
-                    ));
-                    emit(&mut out, &provisioning)?;
-                }
+                tail.ensure_device(&mut shadow, &mut out, *num, *version)?;
             }
             if let Some(now) = shadow.devices.get(num).map(|d| d.seq())
                 && *seq > now

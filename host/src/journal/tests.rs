@@ -908,3 +908,49 @@ async fn a_file_cut_short_after_a_clean_stop_is_refused_and_salvage_keeps_its_se
     let (_, recovery) = open_dir(dir.path()).expect("opens cleanly after salvage");
     assert!(recovery.dropped.is_none());
 }
+
+#[tokio::test]
+async fn a_destroyed_id_comes_back_from_the_checkpoint_and_stays_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 5).await;
+    journal.close();
+    drop(journal);
+    let path = dir.path().join(FILE_NAME);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let (at, _, _) = records_of(&bytes)
+        .into_iter()
+        .find(|(_, _, r)| matches!(r, Record::Device { .. }))
+        .expect("device record");
+    // The kind byte: nothing of the record can be read back.
+    bytes[at + record::HEADER_LEN] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let (journal, _) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
+    assert!(
+        journal.index().effect_of(&device_record(1, "a").0).is_err(),
+        "the id is still taken"
+    );
+}
+
+#[tokio::test]
+async fn a_file_cut_inside_its_first_record_keeps_every_device_the_checkpoint_knew() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 4).await;
+    journal.close();
+    drop(journal);
+    let path = dir.path().join(FILE_NAME);
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.set_len(record::FILE_HEADER_LEN as u64 + 5)
+        .expect("truncate");
+    drop(file);
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    assert_eq!(
+        Damaged::of(&err).expect("report").devices[0].lost,
+        vec![(1, 4)]
+    );
+    let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 4);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+}
