@@ -523,7 +523,13 @@ pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummar
         None
     };
     let exists = |id: &str| existing.as_ref().is_some_and(|j| j.device(id).is_some());
-    let engine = Engine::new(EngineConfig::default())?;
+    // The target's own engine settings, if it has any: what registering will use.
+    let config = if data_dir.join("engine.json").exists() {
+        EngineConfig::load(data_dir)?
+    } else {
+        EngineConfig::default()
+    };
+    let engine = Engine::new(config)?;
     check(path, &exists, Some(&engine))?;
     drop((existing, engine));
 
@@ -590,12 +596,22 @@ async fn write(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        // Leave the target as it was: the devices written so far are removed (their records
-        // stay in the journal, belonging to no device; their ids are free again).
+        // Leave the target's devices as they were: the ones written so far are removed (their
+        // records stay in the journal, belonging to no device; their ids are free again). The
+        // plugin versions registered stay (content-addressed, used by nothing).
+        let mut left = Vec::new();
         for (num, id, _) in &written {
             if let Err(removal) = journal.record_removal(*num, crate::clock::now_ms()).await {
                 tracing::error!(device = %id, error = %removal, "could not undo an imported device");
+                left.push(id.as_str());
             }
+        }
+        if !left.is_empty() {
+            return Err(e.context(format!(
+                "import failed and could not be fully undone: devices {} remain in the \
+                 target; remove them (`drover remove`) before importing again",
+                left.join(", ")
+            )));
         }
         return Err(e.context("import undone: no device of the export was kept"));
     }

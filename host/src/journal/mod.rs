@@ -279,6 +279,9 @@ impl Journal {
         recovery.salvaged = salvaged;
         let durable_len = recovery.valid_len;
         let confirmed = recovery.closed_cleanly;
+        // What recovery read may sit in the page cache only (after a kill -9): synced before
+        // the writer starts, so its first batch's marker proves only durable bytes.
+        storage.sync_data()?;
         let next_device = index.next_device_num();
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),

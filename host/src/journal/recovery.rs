@@ -220,6 +220,9 @@ pub struct Salvaged {
 struct Marker {
     batch_start: u64,
     end: u64,
+    /// An empty batch's marker (`batch_start` is its own offset): a clean close or an idle
+    /// writer's.
+    empty: bool,
 }
 
 /// The valid prefix of the file and where (and why) it ends.
@@ -255,7 +258,7 @@ pub(super) fn recover(
     let closed_cleanly = prefix.bad.is_none()
         && prefix
             .last_marker
-            .is_some_and(|m| m.end == prefix.end && m.end - m.batch_start <= MAX_COMMIT);
+            .is_some_and(|m| m.end == prefix.end && m.empty);
     let mut recovery = Recovery {
         records: prefix.records,
         valid_len: prefix.end,
@@ -419,12 +422,16 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         original = side_file(path, &format!("damaged-{offset}-{}", wall_ms()));
     }
     std::fs::hard_link(path, &original)?;
-    std::fs::rename(&tmp, path)?;
-    // The checkpoint described the old file; the next clean close writes one for this one.
+    // The checkpoint described the old file (the next clean close writes one for the new):
+    // gone before the new file is in place, so the two are never seen together.
     match std::fs::remove_file(side_file(path, "checkpoint")) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
@@ -484,6 +491,9 @@ fn cut_short_reason(prefix: &Prefix) -> String {
 }
 
 fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<Prefix> {
+    // Before the length: a server closing cleanly meanwhile writes its checkpoint after its
+    // last bytes, so a checkpoint read first never claims more than the length read next.
+    let checkpoint = read_checkpoint(storage);
     let file_len = storage.size()?;
     let (start, format) = match record::read_file_header(storage, file_len)? {
         record::FileHeader::Present { format } => (record::FILE_HEADER_LEN as u64, format),
@@ -526,6 +536,7 @@ fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<
             last_marker = Some(Marker {
                 batch_start,
                 end: offset + len,
+                empty: batch_start == offset,
             });
         } else {
             match index.effect_of(&record) {
@@ -545,7 +556,7 @@ fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<
         records,
         bad,
         last_marker,
-        checkpoint: read_checkpoint(storage),
+        checkpoint,
     })
 }
 
@@ -619,9 +630,6 @@ impl Output {
         Ok(())
     }
 }
-
-/// The largest framed commit marker: an empty batch's marker spans only itself.
-const MAX_COMMIT: u64 = record::MAX_COMMIT_LEN as u64;
 
 /// The smallest framed record that can carry a seq (an event with an empty body is ~15 bytes):
 /// how many records a number of damaged bytes can have held, at most.
@@ -969,7 +977,11 @@ fn scan_tail(
                 batch_start,
             }) if offset == pos && batch_start <= pos => {
                 let end = pos + cursor.last_len();
-                tail.last_marker = Some(Marker { batch_start, end });
+                tail.last_marker = Some(Marker {
+                    batch_start,
+                    end,
+                    empty: batch_start == pos,
+                });
                 pos = end;
             }
             Ok(Record::Commit { .. }) => {
@@ -1126,7 +1138,15 @@ fn next_marker(
                 // `commit_at` checked the frame, so the length is the marker's.
                 let len = u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
                 let end = at + record::HEADER_LEN as u64 + u64::from(len);
-                return Ok(Some((at, Marker { batch_start, end })));
+                let empty = batch_start == at;
+                return Ok(Some((
+                    at,
+                    Marker {
+                        batch_start,
+                        end,
+                        empty,
+                    },
+                )));
             }
         }
         if last == 0 {

@@ -954,3 +954,35 @@ async fn a_file_cut_inside_its_first_record_keeps_every_device_the_checkpoint_kn
     assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 4);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
 }
+
+#[tokio::test]
+async fn an_unsynced_idle_marker_is_part_of_the_next_commit_a_crash_can_tear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 1).await;
+    // Idle: the writer marks its last commit proven, without a sync.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let idle_at = journal.durable_len() - record::MAX_COMMIT_LEN as u64;
+    let image = crash_image(dir.path());
+    let (at, _, idle) = records_of(&image).pop().expect("records");
+    assert!(
+        matches!(idle, Record::Commit { offset, batch_start } if offset == batch_start),
+        "{idle:?}"
+    );
+    assert!(at as u64 >= idle_at);
+    let (r, e) = event(0, 2);
+    journal.append(&r, e).await.expect("2");
+    let mut image = crash_image(dir.path());
+    let (_, _, last) = records_of(&image).pop().expect("records");
+    assert!(
+        matches!(last, Record::Commit { batch_start, .. } if batch_start == at as u64),
+        "the next batch starts at the unsynced marker: {last:?}"
+    );
+    // Power lost mid-commit: the idle marker's page never reached the disk, the batch's did.
+    for b in &mut image[at..at + 13] {
+        *b = 0;
+    }
+    crash_with(journal, dir.path(), &image);
+    let (journal, recovery) = open_dir(dir.path()).expect("torn, not damage");
+    assert_eq!(recovery.dropped.expect("cut").offset, at as u64);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(1));
+}

@@ -16,9 +16,11 @@
 //! 4. Barriers complete after every record submitted before them is durable; a batch of only
 //!    barriers completes without touching the disk.
 //! 5. Every batch ends with a commit marker (record kind 7, in the same write), and a clean
-//!    close writes one more for an empty batch. Because a batch starts only after the previous
-//!    one's `fdatasync` returned, a marker proves every byte before its batch durable: only the
-//!    last batch in the file can have been torn by a crash (see `journal/recovery.rs`). A
+//!    close writes one more for an empty batch. A marker names where its batch starts: the
+//!    length last synced, so a batch starts only after the previous one's `fdatasync` returned
+//!    and a marker proves every byte before its batch durable: only the last batch in the file
+//!    can have been torn by a crash (see `journal/recovery.rs`). An idle writer's empty-batch
+//!    marker is not synced, so the next batch's marker counts it as part of its own batch. A
 //!    format-2 or -3 file is raised to format 4 (header rewritten and synced) before the first
 //!    batch that carries a marker; a header-less format-1 file gets no markers.
 
@@ -43,7 +45,7 @@ const IDLE_CONFIRM: Duration = Duration::from_millis(50);
 
 /// A batch of at least this many entries means the journal is under load: the writer then
 /// waits the configured commit delay before the next batch (see `run`).
-const COMMIT_DELAY_MIN_BATCH: usize = 64;
+const COMMIT_DELAY_MIN_BATCH: usize = 16;
 
 /// Called exactly once with the outcome of an append or barrier, on the writer thread, after
 /// the fsync that covers it. Must be quick and never block: it runs between two commits.
@@ -139,17 +141,23 @@ pub fn run(
     let mut batch: Vec<Entry> = Vec::new();
     let mut offsets: Vec<u64> = Vec::new();
     let mut last_records = 0usize;
+    // The length known synced (`Journal::open_on` synced what recovery read): a batch's marker names it as where the batch starts, so an
+    // unsynced idle marker before the batch is part of what a crash can tear.
+    let mut synced_len = durable_len;
+    // An idle marker was tried since the last commit (written or not: not retried).
+    let mut idle_done = confirmed;
     loop {
         // Once closing, drain what is queued without waiting, then stop.
         let first = if shared.closing.load(Ordering::Acquire) {
             rx.try_recv().ok()
-        } else if confirmed || !shared.markers() {
+        } else if idle_done || !shared.markers() {
             rx.recv().ok()
         } else {
             match rx.recv_timeout(IDLE_CONFIRM) {
                 Ok(entry) => Some(entry),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     confirmed = confirm(storage, &mut durable_len, &mut buf, &shared, false);
+                    idle_done = true;
                     continue;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
@@ -182,18 +190,25 @@ pub fn run(
         commit(
             storage,
             &mut durable_len,
+            &mut synced_len,
             &mut buf,
             &mut offsets,
             &mut batch,
             &shared,
         );
         batch.clear();
-        confirmed &= durable_len == before;
+        if durable_len != before {
+            confirmed = false;
+            idle_done = false;
+        }
     }
     if !confirmed {
         // The marker of an empty batch, synced: it proves the last batch durable, so after a
         // clean stop no byte of the journal is one a crash could have torn.
         confirmed = confirm(storage, &mut durable_len, &mut buf, &shared, true);
+    } else if synced_len < durable_len {
+        // An idle marker not synced yet: the checkpoint below must name durable bytes only.
+        confirmed = storage.sync_data().is_ok();
     }
     if confirmed
         && shared.markers()
@@ -249,6 +264,7 @@ fn confirm(
 fn commit(
     storage: &dyn StorageBackend,
     durable_len: &mut u64,
+    synced_len: &mut u64,
     buf: &mut Vec<u8>,
     offsets: &mut Vec<u64>,
     batch: &mut Vec<Entry>,
@@ -309,7 +325,7 @@ fn commit(
                     marker_at = Some(buf.len());
                     Record::Commit {
                         offset: *durable_len + buf.len() as u64,
-                        batch_start: *durable_len,
+                        batch_start: *synced_len,
                     }
                     .encode_into(buf);
                 }
@@ -321,6 +337,9 @@ fn commit(
         Ok(()) => {
             let written = buf.len() as u64;
             *durable_len += written;
+            if written > 0 {
+                *synced_len = *durable_len;
+            }
             if written > 0 {
                 let mut index = shared.index.write();
                 let mut offs = offsets.iter();
