@@ -51,7 +51,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::checkpoint::{Checkpoint, read_checkpoint};
+use super::checkpoint::{Checkpoint, read_checkpoint, write_checkpoint};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN};
 use super::record::{self, DecodeError, Record};
 use super::storage::{FileBackend, SeqReader, StorageBackend};
@@ -364,8 +364,9 @@ pub(super) fn recover(
 
 /// Rewrites a damaged journal at `path` keeping every intact record (see the module docs), or
 /// does nothing (`Ok(None)`) if the journal has no damage a normal open would refuse. Crash
-/// safe: the new journal is written beside the old one, synced, and renamed over it; the
-/// original stays as `journal.log.damaged-<offset>` (a hard link made before the rename).
+/// safe: the new journal is written beside the old one, synced, its checkpoint written, and
+/// renamed over the old one; the original stays as `journal.log.damaged-<offset>` (a hard
+/// link made before the rename).
 pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     if !path.exists() {
         return Ok(None);
@@ -396,7 +397,7 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         len: offset,
     };
     out.pos += std::io::copy(&mut source, &mut out.file)?;
-    let (tail, _) = scan_tail(&storage, &prefix, Some(&mut out))?;
+    let (tail, shadow) = scan_tail(&storage, &prefix, Some(&mut out))?;
     if offset >= tearable_from(&prefix, &tail) && !cut_short {
         // A torn tail, not damage: the normal open cuts it.
         drop(out);
@@ -412,6 +413,7 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     }
     .encode_into(&mut marker);
     out.write(&marker)?;
+    let out_len = out.pos;
     let file = out.file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     drop(file);
@@ -422,15 +424,10 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         original = side_file(path, &format!("damaged-{offset}-{}", wall_ms()));
     }
     std::fs::hard_link(path, &original)?;
-    // The checkpoint described the old file (the next clean close writes one for the new):
-    // gone before the new file is in place, so the two are never seen together.
-    match std::fs::remove_file(side_file(path, "checkpoint")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    // The checkpoint of the new file, before it is in place: with the old file (a crash
+    // before the rename) it still refuses to open (the old file is shorter than the new one,
+    // or damaged), and after the rename the two agree.
+    write_checkpoint(path, &shadow, out_len)?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;

@@ -897,6 +897,12 @@ async fn a_file_cut_short_after_a_clean_stop_is_refused_and_salvage_keeps_its_se
 
     let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
     assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 10 - 5);
+    // Salvage wrote the new file's checkpoint before renaming it in.
+    let checkpoint: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("journal.log.checkpoint")).expect("checkpoint"),
+    )
+    .expect("json");
+    assert_eq!(checkpoint["len"], serde_json::json!(recovery.valid_len));
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(10));
     assert_eq!(
         journal.index().device("b").map(DeviceInfo::seq),
