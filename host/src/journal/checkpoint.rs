@@ -22,8 +22,23 @@ pub(super) struct Checkpoint {
     pub format: u32,
     /// The file's length at the close.
     pub len: u64,
-    /// `(number, id, plugin version id, last seq)` of every device.
-    pub devices: Vec<(u32, String, u32, u64)>,
+    /// Every device.
+    pub devices: Vec<CheckpointDevice>,
+}
+
+/// One device as a checkpoint records it: enough to provision it again, with its seqs, if its
+/// records are lost.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct CheckpointDevice {
+    pub num: u32,
+    pub id: String,
+    /// Plugin version (journal-local id).
+    pub version: u32,
+    /// The JSON configuration given at provisioning (as bytes: it was validated then).
+    pub config: Vec<u8>,
+    pub created_at_ms: u64,
+    /// Last durable seq.
+    pub seq: u64,
 }
 
 impl Checkpoint {
@@ -42,7 +57,14 @@ pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io:
         devices: index
             .devices
             .values()
-            .map(|d| (d.num, d.id.to_string(), d.version, d.seq()))
+            .map(|d| CheckpointDevice {
+                num: d.num,
+                id: d.id.to_string(),
+                version: d.version,
+                config: d.config.to_vec(),
+                created_at_ms: d.created_at_ms,
+                seq: d.seq(),
+            })
             .collect(),
     };
     let target = side_file(path, "checkpoint");

@@ -51,7 +51,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::checkpoint::{Checkpoint, read_checkpoint, write_checkpoint};
+use super::checkpoint::{Checkpoint, CheckpointDevice, read_checkpoint, write_checkpoint};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN};
 use super::record::{self, DecodeError, Record};
 use super::storage::{FileBackend, SeqReader, StorageBackend};
@@ -658,7 +658,7 @@ struct Tail {
     /// were there, nothing says which seqs they had.
     unrecognized: usize,
     /// Device number -> (id, plugin version id), as the last clean close's checkpoint knew.
-    known: std::collections::HashMap<u32, (String, u32)>,
+    known: std::collections::HashMap<u32, CheckpointDevice>,
     /// Intact records (markers not counted), and of those the ones that cannot be applied.
     intact: u64,
     set_aside: u64,
@@ -828,7 +828,7 @@ impl Tail {
         let known = self
             .known
             .get(&num)
-            .filter(|(id, _)| !shadow.by_id.contains_key(id.as_str()))
+            .filter(|d| !shadow.by_id.contains_key(d.id.as_str()))
             .cloned();
         let guessed = self.guesses.iter().find_map(|g| match g {
             Record::Device { num: n, id, .. }
@@ -839,24 +839,18 @@ impl Tail {
             _ => None,
         });
         let (rebuilt, how) = match (known, guessed) {
-            (Some((id, known_version)), guess) => {
-                // The checkpoint's id is sure; the config may still be in the damaged bytes.
-                let config = match guess {
-                    Some(Record::Device {
-                        id: gid, config, ..
-                    }) if gid == id => config,
-                    _ => b"{}".to_vec(),
-                };
-                self.ensure_version(shadow, out, known_version)?;
+            (Some(known), _) => {
+                // Written at a clean stop from the index: sure, unlike a guess.
+                self.ensure_version(shadow, out, known.version)?;
                 (
                     Record::Device {
                         num,
-                        id,
-                        version: known_version,
-                        config,
-                        at_ms: 0,
+                        id: known.id,
+                        version: known.version,
+                        config: known.config,
+                        at_ms: known.created_at_ms,
                     },
-                    "with the id the last clean stop's checkpoint recorded",
+                    "as the last clean stop's checkpoint recorded it",
                 )
             }
             (None, Some(g)) => (g, "from its damaged bytes, unverified"),
@@ -960,7 +954,7 @@ fn scan_tail(
             .checkpoint
             .iter()
             .flat_map(|c| &c.devices)
-            .map(|(num, id, version, _)| (*num, (id.clone(), *version)))
+            .map(|d| (d.num, d.clone()))
             .collect(),
         ..Tail::default()
     };
@@ -1032,7 +1026,14 @@ fn scan_tail(
     {
         tail.ranges.push((file_len, checkpoint.len));
         tail.damaged_bytes += checkpoint.len - file_len;
-        for (num, id, version, seq) in &checkpoint.devices {
+        for CheckpointDevice {
+            num,
+            id,
+            version,
+            seq,
+            ..
+        } in &checkpoint.devices
+        {
             if shadow.removed.contains(num) {
                 continue;
             }

@@ -932,7 +932,8 @@ async fn a_destroyed_id_comes_back_from_the_checkpoint_and_stays_taken() {
     std::fs::write(&path, &bytes).expect("write");
 
     let (journal, _) = open_with(dir.path(), true).expect("salvage");
-    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
+    let a = journal.device("a").expect("`a` is back");
+    assert_eq!((a.seq, &a.config[..], a.created_at_ms), (5, &b"{}"[..], 2));
     assert!(
         journal.index().effect_of(&device_record(1, "a").0).is_err(),
         "the id is still taken"
