@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -51,6 +52,28 @@ fn not_wasm(text: &str) -> String {
         .join("\n")
 }
 
+/// `drover journal import FILE --data DATA`: (success, stdout, stderr).
+fn import(file: &Path, data: &Path) -> (bool, String, String) {
+    cli(&[
+        "journal",
+        "import",
+        file.to_str().expect("utf-8"),
+        "--data",
+        data.to_str().expect("utf-8"),
+    ])
+}
+
+/// `drover backup --data DATA --to TO`: (success, stdout, stderr).
+fn backup(data: &Path, to: &Path) -> (bool, String, String) {
+    cli(&[
+        "backup",
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--to",
+        to.to_str().expect("utf-8"),
+    ])
+}
+
 fn states(server: &Server, ids: &[&str]) -> Vec<(Vec<Value>, Value)> {
     let api = server.api();
     ids.iter()
@@ -91,13 +114,7 @@ fn export_then_import_reproduces_every_device_exactly() {
     );
 
     let target = root.path().join("target");
-    let (ok, out, err) = cli(&[
-        "journal",
-        "import",
-        file.to_str().expect("utf-8"),
-        "--data",
-        target.to_str().expect("utf-8"),
-    ]);
+    let (ok, out, err) = import(&file, &target);
     assert!(ok, "{out}{err}");
     assert!(out.contains("imported 3 device(s), 82 record(s)"), "{out}");
 
@@ -115,13 +132,7 @@ fn export_then_import_reproduces_every_device_exactly() {
     let len = std::fs::metadata(target.join("journal.log"))
         .expect("stat")
         .len();
-    let (ok, _, err) = cli(&[
-        "journal",
-        "import",
-        file.to_str().expect("utf-8"),
-        "--data",
-        target.to_str().expect("utf-8"),
-    ]);
+    let (ok, _, err) = import(&file, &target);
     assert!(!ok);
     assert!(err.contains("already exists in the target"), "{err}");
     assert!(
@@ -174,13 +185,7 @@ fn export_then_import_reproduces_every_device_exactly() {
     ];
     for (contents, why) in cases {
         std::fs::write(&bad, contents).expect("write");
-        let (ok, _, err) = cli(&[
-            "journal",
-            "import",
-            bad.to_str().expect("utf-8"),
-            "--data",
-            fresh.to_str().expect("utf-8"),
-        ]);
+        let (ok, _, err) = import(&bad, &fresh);
         assert!(!ok, "{why}");
         assert!(err.contains(why), "{why}: {err}");
         assert!(!fresh.exists(), "{why}: nothing was written");
@@ -193,22 +198,10 @@ fn export_then_import_reproduces_every_device_exactly() {
         text.replacen("temperature_recorded", "bogus_transition", 1),
     )
     .expect("write");
-    let (ok, _, err) = cli(&[
-        "journal",
-        "import",
-        bad.to_str().expect("utf-8"),
-        "--data",
-        fresh.to_str().expect("utf-8"),
-    ]);
+    let (ok, _, err) = import(&bad, &fresh);
     assert!(!ok);
     assert!(err.contains("import undone"), "{err}");
-    let (ok, out, err) = cli(&[
-        "journal",
-        "import",
-        file.to_str().expect("utf-8"),
-        "--data",
-        fresh.to_str().expect("utf-8"),
-    ]);
+    let (ok, out, err) = import(&file, &fresh);
     assert!(ok, "{out}{err}");
     let again = Server::start(&fresh, &[]);
     assert_eq!(states(&again, &ids), before);
@@ -241,13 +234,7 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     };
     std::thread::sleep(std::time::Duration::from_millis(300));
     let copy = root.path().join("copy");
-    let (ok, out, err) = cli(&[
-        "backup",
-        "--data",
-        source.to_str().expect("utf-8"),
-        "--to",
-        copy.to_str().expect("utf-8"),
-    ]);
+    let (ok, out, err) = backup(&source, &copy);
     stop.store(true, Ordering::Relaxed);
     load.join().expect("load");
     assert!(ok, "{out}{err}");
@@ -258,22 +245,10 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     // Once the server is idle, a backup holds everything acknowledged.
     std::thread::sleep(std::time::Duration::from_millis(200));
     let idle = root.path().join("idle");
-    let (ok, out, err) = cli(&[
-        "backup",
-        "--data",
-        source.to_str().expect("utf-8"),
-        "--to",
-        idle.to_str().expect("utf-8"),
-    ]);
+    let (ok, out, err) = backup(&source, &idle);
     assert!(ok, "{out}{err}");
     // Into the data directory itself: refused, and nothing left there.
-    let (ok, _, err) = cli(&[
-        "backup",
-        "--data",
-        source.to_str().expect("utf-8"),
-        "--to",
-        source.join("inner").to_str().expect("utf-8"),
-    ]);
+    let (ok, _, err) = backup(&source, &source.join("inner"));
     assert!(!ok);
     assert!(err.contains("inside the data directory"), "{err}");
     assert!(!source.join("inner").exists());
@@ -302,13 +277,7 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     );
 
     // A backup into a non-empty directory is refused.
-    let (ok, _, err) = cli(&[
-        "backup",
-        "--data",
-        source.to_str().expect("utf-8"),
-        "--to",
-        copy.to_str().expect("utf-8"),
-    ]);
+    let (ok, _, err) = backup(&source, &copy);
     assert!(!ok);
     assert!(err.contains("not empty"), "{err}");
 }
