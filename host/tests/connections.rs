@@ -180,7 +180,62 @@ async fn a_body_that_stalls_is_cut_off_with_408() {
     .expect("client");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""code":"body-timeout""#), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
     assert!(took < Duration::from_secs(5), "held for {took:?}");
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}
+
+/// An answer given before the request body was read says `Connection: close` and the
+/// connection is closed, so a client never pools a connection that has unread bytes on it
+/// (it would send its next request into a closing socket); an answer to a request whose body
+/// was read keeps the connection open for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_connections_whose_body_was_read_are_kept_alive() {
+    let (_dir, rt, server) = serve(limits(5_000, 100)).await;
+    let addr = server.local_addr();
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        let body = vec![b' '; 100 * 1024];
+        conn.write_all(
+            format!(
+                "POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .expect("head");
+        // The server may answer and close before it has read all of this.
+        let _ = conn.write_all(&body);
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(took < Duration::from_secs(4), "held for {took:?}");
+
+    // A refusal after the body was read (an unknown device) keeps the connection: the
+    // second request on it is answered too.
+    let (answer, _) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(
+            b"POST /v1/devices/ghost/events HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}\
+              GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .expect("two requests");
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    let second = answer
+        .find("HTTP/1.1 200")
+        .expect("the second request answered");
+    let first = &answer[..second];
+    assert!(first.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(!first.contains("connection: close"), "{answer}");
     server.shutdown(Duration::from_secs(1)).await;
     rt.shutdown().await;
 }

@@ -29,7 +29,8 @@
 //!
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`] and
 //! [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
-//! error shape; [`error`] the status mapping; [`limits`] the size limits; [`json`] the
+//! error shape; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
+//! connections stay open after an answer; [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
 //! HTTP-level counters.
 //!
@@ -40,6 +41,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 pub mod json;
+pub mod keep_alive;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
@@ -71,8 +73,6 @@ pub struct AppState {
 /// The state as handlers receive it.
 pub type App = Arc<AppState>;
 
-/// Builds the v1 router for `rt`. Separate from [`Server`] so tests and embedders can mount
-/// it on their own listener or inside a larger router.
 /// `route` with a body limit of `max` bytes: the declared length checked before the body is
 /// read, then the bytes counted as they arrive (see `limits.rs`).
 fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
@@ -83,6 +83,8 @@ fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
         }))
 }
 
+/// Builds the v1 router for `rt`. Separate from [`Server`] so tests and embedders can mount
+/// it on their own listener or inside a larger router.
 pub fn router(rt: Runtime, limits: Limits) -> Router {
     let app: App = Arc::new(AppState {
         rt,
@@ -144,5 +146,6 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
             app.clone(),
             metrics::track,
         ))
+        .layer(axum::middleware::from_fn(keep_alive::close_unless_read))
         .with_state(app)
 }
