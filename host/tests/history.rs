@@ -281,3 +281,25 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     assert!(!ok);
     assert!(err.contains("not empty"), "{err}");
 }
+
+/// `journal export|import` and `backup` work on data directories: their help offers no
+/// server flags that they would silently ignore, while reading a journal page does.
+#[test]
+fn the_data_directory_commands_offer_no_server_flags() {
+    for command in [
+        &["journal", "export", "--help"][..],
+        &["journal", "import", "--help"],
+        &["backup", "--help"],
+    ] {
+        let (ok, out, err) = cli(command);
+        assert!(ok, "{command:?}: {err}");
+        assert!(out.contains("--data"), "{command:?}: {out}");
+        assert!(
+            !out.contains("--server") && !out.contains("--json"),
+            "{command:?} offers flags it ignores: {out}"
+        );
+    }
+    let (ok, out, err) = cli(&["journal", "--help"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("--server"), "{out}");
+}

@@ -148,8 +148,14 @@ pub struct JournalArgs {
     /// Follow the pages to the end of the journal instead of stopping after one.
     #[arg(long)]
     pub all: bool,
-    #[command(flatten)]
-    pub client: ClientOpts,
+    // `ClientOpts` by hand rather than flattened: its flags are global, and `journal
+    // export|import` work on data directories, so they must not offer `--server`/`--json`.
+    /// Base URL of the server.
+    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// Print the server's JSON answer as is instead of readable text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// One journal record.
@@ -179,7 +185,10 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         return super::history::run(action);
     }
     let device = args.device.unwrap_or_default();
-    let api = ApiClient::new(&args.client)?;
+    let api = ApiClient::new(&ClientOpts {
+        server: args.server.clone(),
+        json: args.json,
+    })?;
     let id = segment(&device);
     let mut from = args.from;
     loop {
@@ -187,7 +196,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
             "/v1/devices/{id}/journal?from={from}&limit={}",
             args.limit
         )))?;
-        if args.client.json {
+        if args.json {
             println!("{text}");
         } else {
             for r in &page.records {
@@ -215,7 +224,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         match page.next {
             Some(next) if args.all => from = next,
             Some(next) => {
-                if !args.client.json {
+                if !args.json {
                     println!("(more: --from {next}, or --all)");
                 }
                 break;
