@@ -44,6 +44,14 @@
 //!   last one, from the damaged record's own unverified header), so a seq that was once
 //!   acknowledged is never handed out again. The original file is kept as
 //!   `journal.log.damaged-<X>`.
+//!
+//! # Bytes the disk cannot read
+//!
+//! Recovery and salvage read through [`Tolerant`]: a read that fails with an I/O error (a bad
+//! sector's `EIO`) is retried a page at a time and the pages that still fail read as zeros,
+//! so they are damaged bytes like any others, found, reported ([`Damaged::unreadable`]) and
+//! skipped by salvage, instead of an error that leaves the journal neither open nor
+//! salvageable. They are never taken for a torn write, wherever they are.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -54,7 +62,7 @@ use std::sync::Arc;
 use super::checkpoint::{Checkpoint, CheckpointDevice, read_checkpoint, write_checkpoint};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN};
 use super::record::{self, DecodeError, Record};
-use super::storage::{FileBackend, SeqReader, StorageBackend};
+use super::storage::{FileBackend, SeqReader, StorageBackend, Tolerant};
 use super::{DroppedTail, FILE_NAME, FORMAT_VERSION, Recovery, writer};
 
 /// The most bytes a crash can leave half-written at the end of a file without commit markers
@@ -101,6 +109,9 @@ pub struct Damaged {
     /// Damaged ranges in which no record could be recognized at all: if the last records of
     /// a device were there, their seqs cannot be known.
     pub unrecognized: usize,
+    /// Byte ranges (`start..end`) the storage failed to read (an I/O error such as `EIO`: a
+    /// bad sector). They read as damaged bytes and salvage skips them like any others.
+    pub unreadable: Vec<(u64, u64)>,
 }
 
 /// One device that salvage would leave short of records.
@@ -178,6 +189,14 @@ impl std::fmt::Display for Damaged {
                 }
             }
         }
+        if !self.unreadable.is_empty() {
+            let bytes: u64 = self.unreadable.iter().map(|(a, b)| b - a).sum();
+            write!(
+                f,
+                "; {bytes} byte(s) could not be read at all (I/O error) from offset {}",
+                self.unreadable[0].0
+            )?;
+        }
         if !self.rebuilt.is_empty() {
             write!(f, "; salvage would rebuild: {}", self.rebuilt.join("; "))?;
         }
@@ -248,6 +267,13 @@ pub(super) fn recover(
     storage: &dyn StorageBackend,
     cut: Cut,
 ) -> std::io::Result<(Index, Recovery)> {
+    let tolerant = Tolerant::new(storage);
+    let storage: &dyn StorageBackend = &tolerant;
+    let damaged = |tail: &Tail, offset: u64, reason: String| {
+        let mut damage = tail.damage(storage, offset, reason);
+        damage.unreadable = tolerant.unreadable();
+        std::io::Error::new(std::io::ErrorKind::InvalidData, damage)
+    };
     let prefix = scan_prefix(storage, matches!(cut, Cut::Tail))?;
     let confirmed_len = match prefix.last_marker {
         // The last batch in the file is proven durable by nothing after it.
@@ -274,10 +300,7 @@ pub(super) fn recover(
     let Some((reason, torn)) = prefix.bad.clone() else {
         if cut_short {
             let (tail, _) = scan_tail(storage, &prefix, None)?;
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                tail.damage(storage, prefix.end, cut_short_reason(&prefix)),
-            ));
+            return Err(damaged(&tail, prefix.end, cut_short_reason(&prefix)));
         }
         let mut index = prefix.index;
         index.durable_len = prefix.end;
@@ -286,16 +309,18 @@ pub(super) fn recover(
     let offset = prefix.end;
     let file_len = prefix.file_len;
     let (tail, _) = scan_tail(storage, &prefix, None)?;
-    if offset < tearable_from(&prefix, &tail) || cut_short {
+    // Bytes the disk cannot read are never a torn write, wherever they are: cutting them
+    // would drop records that may have been acknowledged.
+    let unreadable = !tolerant.unreadable().is_empty();
+    if offset < tearable_from(&prefix, &tail) || cut_short || unreadable {
         let reason = if cut_short {
             format!("{reason}; {}", cut_short_reason(&prefix))
+        } else if unreadable {
+            format!("{reason}; part of the file cannot be read (I/O error)")
         } else {
             reason
         };
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            tail.damage(storage, offset, reason),
-        ));
+        return Err(damaged(&tail, offset, reason));
     }
     let mut index = prefix.index;
     index.durable_len = offset;
@@ -371,8 +396,18 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     if !path.exists() {
         return Ok(None);
     }
-    let storage = FileBackend::open_read_only(path)?;
-    let prefix = scan_prefix(&storage, false)?;
+    salvage_from(&FileBackend::open_read_only(path)?, path)
+}
+
+/// [`salvage`], reading the damaged journal through `source` (the file at `path`, or a test's
+/// view of it that fails on command); what is written goes beside `path`.
+pub(super) fn salvage_from(
+    source: &dyn StorageBackend,
+    path: &Path,
+) -> std::io::Result<Option<Salvaged>> {
+    let tolerant = Tolerant::new(source);
+    let storage = &tolerant;
+    let prefix = scan_prefix(storage, false)?;
     let cut_short = prefix
         .checkpoint
         .as_ref()
@@ -391,14 +426,15 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     // A header-less format-1 file gains a header: every later offset moves by its size (its
     // records hold no offsets: it has no markers).
     out.write(&record::file_header_of(FORMAT_VERSION))?;
-    let mut source = SeqReader {
-        backend: &storage,
+    let mut copied = SeqReader {
+        backend: storage,
         pos: prefix.start,
         len: offset,
     };
-    out.pos += std::io::copy(&mut source, &mut out.file)?;
-    let (tail, shadow) = scan_tail(&storage, &prefix, Some(&mut out))?;
-    if offset >= tearable_from(&prefix, &tail) && !cut_short {
+    out.pos += std::io::copy(&mut copied, &mut out.file)?;
+    let (tail, shadow) = scan_tail(storage, &prefix, Some(&mut out))?;
+    let unreadable = tolerant.unreadable();
+    if offset >= tearable_from(&prefix, &tail) && !cut_short && unreadable.is_empty() {
         // A torn tail, not damage: the normal open cuts it.
         drop(out);
         std::fs::remove_file(&tmp)?;
@@ -418,7 +454,8 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     file.sync_all()?;
     drop(file);
 
-    let damage = tail.damage(&storage, offset, reason);
+    let mut damage = tail.damage(storage, offset, reason);
+    damage.unreadable = unreadable;
     let mut original = side_file(path, &format!("damaged-{offset}"));
     if original.exists() {
         original = side_file(path, &format!("damaged-{offset}-{}", wall_ms()));
@@ -682,6 +719,7 @@ impl Tail {
             intact_after: self.intact,
             rebuilt: self.rebuilt.clone(),
             unrecognized: self.unrecognized,
+            unreadable: Vec::new(),
             devices: self
                 .affected
                 .iter()

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 /// Every method takes `&self`: the writer thread appends while any number of readers read
 /// durable records, so implementations synchronize internally (positioned I/O on a file
 /// needs nothing more).
-pub trait StorageBackend: Send + Sync + 'static {
+pub trait StorageBackend: Send + Sync {
     /// Current length in bytes (including unsynced writes).
     fn size(&self) -> io::Result<u64>;
     /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the range ends first.
@@ -130,6 +130,8 @@ pub struct Faults {
     kind: Mutex<Option<io::ErrorKind>>,
     /// Offsets whose byte reads back flipped, as a bad sector would.
     rotten: Mutex<Vec<u64>>,
+    /// Byte ranges whose reads fail with `EIO`, as an unreadable sector's do.
+    unreadable: Mutex<Vec<std::ops::Range<u64>>>,
 }
 
 impl Faults {
@@ -156,6 +158,12 @@ impl Faults {
         self.rotten.lock().push(offset);
     }
 
+    /// Makes every read that touches `range` fail with `EIO` from now on, as reads of a
+    /// sector the disk can no longer read do.
+    pub fn unreadable(&self, range: std::ops::Range<u64>) {
+        self.unreadable.lock().push(range);
+    }
+
     /// The error kind of injected failures (default `Other`; `StorageFull` for a full disk).
     pub fn with_kind(&self, kind: io::ErrorKind) -> &Self {
         *self.kind.lock() = Some(kind);
@@ -176,7 +184,7 @@ impl Faults {
 
 impl FaultyBackend {
     /// Wraps `inner`; the returned handle injects failures.
-    pub fn new(inner: impl StorageBackend) -> (FaultyBackend, Arc<Faults>) {
+    pub fn new(inner: impl StorageBackend + 'static) -> (FaultyBackend, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
         (
             FaultyBackend {
@@ -194,8 +202,17 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_exact_at(buf, offset)?;
         let end = offset + buf.len() as u64;
+        if self
+            .faults
+            .unreadable
+            .lock()
+            .iter()
+            .any(|r| r.start < end && offset < r.end)
+        {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        self.inner.read_exact_at(buf, offset)?;
         for &bad in self.faults.rotten.lock().iter() {
             if (offset..end).contains(&bad) {
                 buf[(bad - offset) as usize] ^= 0x5a;
@@ -224,6 +241,10 @@ impl StorageBackend for FaultyBackend {
     }
 }
 
+/// `EIO`, the error a read of an unreadable sector fails with (Linux's number; the crate has
+/// no libc dependency for one constant).
+pub(super) const EIO: i32 = 5;
+
 /// Sequential reads over a backend, for the recovery scan.
 pub(super) struct SeqReader<'a> {
     pub backend: &'a dyn StorageBackend,
@@ -240,5 +261,99 @@ impl io::Read for SeqReader<'_> {
         self.backend.read_exact_at(&mut buf[..n], self.pos)?;
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+/// A read-only view of a backend that reads through unreadable sectors: what recovery and
+/// salvage scan with, so that an I/O error in the middle of the file is media damage like a
+/// flipped byte (reported with its offset, skipped by salvage) instead of an error that
+/// stops the scan and leaves the journal neither open nor salvageable.
+///
+/// A read that fails (other than by ending early) is retried one [`Tolerant::SECTOR`] at a
+/// time; a sector that still fails reads as zeros, which no record checksums as, and its
+/// range is remembered ([`Tolerant::unreadable`]). Writes go to the backend unchanged.
+pub(super) struct Tolerant<'a> {
+    inner: &'a dyn StorageBackend,
+    unreadable: Mutex<Vec<(u64, u64)>>,
+}
+
+impl<'a> Tolerant<'a> {
+    /// The unit an unreadable read is retried in: a page, the most a disk's bad sector can
+    /// cost through the page cache.
+    pub const SECTOR: u64 = 4096;
+
+    pub fn new(inner: &'a dyn StorageBackend) -> Tolerant<'a> {
+        Tolerant {
+            inner,
+            unreadable: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The byte ranges (`start..end`, merged, ascending) that could not be read.
+    pub fn unreadable(&self) -> Vec<(u64, u64)> {
+        self.unreadable.lock().clone()
+    }
+
+    fn remember(&self, start: u64, end: u64, error: &io::Error) {
+        let mut ranges = self.unreadable.lock();
+        if ranges.iter().any(|&(a, b)| a <= start && end <= b) {
+            return;
+        }
+        tracing::error!(offset = start, bytes = end - start, %error, "journal: unreadable bytes");
+        ranges.push((start, end));
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for &(a, b) in ranges.iter() {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        *ranges = merged;
+    }
+}
+
+impl StorageBackend for Tolerant<'_> {
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self.inner.read_exact_at(buf, offset) {
+            Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => {}
+            done => return done,
+        }
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let next = ((at / Self::SECTOR + 1) * Self::SECTOR).min(end);
+            let piece = &mut buf[(at - offset) as usize..(next - offset) as usize];
+            match self.inner.read_exact_at(piece, at) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(e),
+                Err(e) => {
+                    piece.fill(0);
+                    self.remember(at, next, &e);
+                }
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
     }
 }

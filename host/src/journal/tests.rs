@@ -993,3 +993,119 @@ async fn an_unsynced_idle_marker_is_part_of_the_next_commit_a_crash_can_tear() {
     assert_eq!(recovery.dropped.expect("cut").offset, at as u64);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(1));
 }
+
+/// A journal of `events` events of device "a", closed cleanly, and a view of its file whose
+/// reads fail with `EIO` over `unreadable` (a bad sector): returns the records as written and
+/// the offset of each seq.
+async fn journal_with_a_bad_sector(
+    dir: &Path,
+    events: u64,
+    unreadable: std::ops::Range<u64>,
+) -> (Vec<EventRecord>, Vec<u64>, FaultyBackend) {
+    let journal = seeded(dir, events).await;
+    let before = journal.read_events(0, 1, events).expect("read");
+    let offsets = journal.index().device("a").expect("device").events.clone();
+    journal.close();
+    drop(journal);
+    let file = FileBackend::open_read_only(&dir.join(FILE_NAME)).expect("file");
+    let (faulty, faults) = FaultyBackend::new(file);
+    faults.unreadable(unreadable);
+    (before, offsets, faulty)
+}
+
+/// A sector that cannot be read (`EIO`) in the middle of the journal is media damage like a
+/// flipped byte: opening refuses naming the unreadable range and the seqs in it, instead of
+/// failing on the I/O error; salvage reads around it, keeps every record outside it, marks
+/// the seqs inside lost, and the salvaged journal opens.
+#[tokio::test]
+async fn an_unreadable_sector_is_damage_that_salvage_reads_around() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sector = storage::Tolerant::SECTOR;
+    let (before, offsets, faulty) =
+        journal_with_a_bad_sector(dir.path(), 1000, 2 * sector..3 * sector).await;
+    let path = dir.path().join(FILE_NAME);
+    let bytes = std::fs::read(&path).expect("read");
+    // Seqs whose records touch the sector are lost; the one that starts before it and ends in
+    // it too.
+    let ends: Vec<u64> = (0..offsets.len())
+        .map(|i| offsets.get(i + 1).copied().unwrap_or(u64::MAX))
+        .collect();
+    let lost: Vec<u64> = (1..=1000u64)
+        .filter(|&seq| {
+            let i = (seq - 1) as usize;
+            offsets[i] < 3 * sector && ends[i] > 2 * sector
+        })
+        .collect();
+    assert!(lost.len() > 10 && *lost.last().expect("some") < 1000);
+
+    let faulty = Arc::new(faulty);
+    let err = Journal::open_on(faulty.clone(), &JournalOptions::default())
+        .err()
+        .expect("refused");
+    let damage = Damaged::of(&err).expect("a damage report");
+    assert_eq!(damage.unreadable, vec![(2 * sector, 3 * sector)]);
+    assert!(damage.offset <= 2 * sector, "{}", damage.offset);
+    let (first, last) = (lost[0], *lost.last().expect("some"));
+    assert_eq!(damage.devices.len(), 1);
+    assert_eq!(damage.devices[0].lost, vec![(first, last)], "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("{sector} byte(s) could not be read")),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), bytes, "untouched");
+
+    let salvaged = recovery::salvage_from(&*faulty, &path)
+        .expect("salvage")
+        .expect("something to salvage");
+    assert_eq!(salvaged.lost_seqs, lost.len() as u64);
+    assert_eq!(salvaged.damage.unreadable, vec![(2 * sector, 3 * sector)]);
+    let (journal, recovery) = open_dir(dir.path()).expect("the salvaged journal opens");
+    assert!(recovery.dropped.is_none());
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(1000));
+    let after = journal.read_events(0, 1, 1000).expect("read");
+    for (a, b) in after.iter().zip(&before) {
+        if lost.contains(&a.seq) {
+            assert!(a.lost, "seq {} should be lost", a.seq);
+        } else {
+            assert_eq!(a, b, "seq {}", a.seq);
+        }
+    }
+}
+
+/// Unreadable bytes inside the last commit are not taken for a torn write and cut: they may
+/// hold acknowledged records, so opening refuses.
+#[tokio::test]
+async fn an_unreadable_last_commit_is_refused_not_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 3).await;
+    let third = journal.index().device("a").expect("device").events[2];
+    let mut image = crash_image(dir.path());
+    // A crash right after the last batch's marker (before any idle writer's empty marker):
+    // that batch, seq 3's, is the tearable one.
+    if let Some((at, _, Record::Commit { batch_start, .. })) = records_of(&image).last()
+        && *batch_start as usize == *at
+    {
+        image.truncate(*at);
+    }
+    match records_of(&image).last() {
+        Some((_, _, Record::Commit { batch_start, .. })) => assert!(*batch_start <= third),
+        other => panic!("the file should end with seq 3's batch marker: {other:?}"),
+    }
+    crash_with(journal, dir.path(), &image);
+    let file = FileBackend::open(&dir.path().join(FILE_NAME)).expect("file");
+    let len = file.size().expect("size");
+    let (faulty, faults) = FaultyBackend::new(file);
+    faults.unreadable(third..third + 1);
+    let err = Journal::open_on(Arc::new(faulty), &JournalOptions::default())
+        .err()
+        .expect("refused");
+    let damage = Damaged::of(&err).expect("a damage report");
+    assert!(!damage.unreadable.is_empty(), "{err}");
+    let path = dir.path().join(FILE_NAME);
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        len,
+        "not cut"
+    );
+}
