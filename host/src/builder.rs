@@ -125,6 +125,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How many record offsets (8 bytes each) the journal index keeps in memory before it
+    /// spills the older ones to run files beside the journal (default 4Mi, 32 MiB; 0 keeps
+    /// every offset in memory). See `host/src/journal/runs.rs`.
+    pub fn index_spill_at(mut self, offsets: u64) -> Self {
+        self.config.index_spill_at = offsets;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs
@@ -169,6 +177,7 @@ impl RuntimeBuilder {
         let options = JournalOptions {
             salvage: self.config.salvage,
             commit_delay: self.config.commit_delay,
+            index_spill_at: self.config.index_spill_at,
         };
         let journal = match self.storage {
             Some(_) if options.salvage => {

@@ -225,6 +225,9 @@ pub struct Config {
     pub commit_delay: Duration,
     /// Open a journal damaged before its tail by cutting it at the first bad record.
     pub salvage: bool,
+    /// Record offsets the journal index keeps in memory before spilling them to disk (see
+    /// [`crate::journal::JournalOptions::index_spill_at`]; 0: never spill).
+    pub index_spill_at: u64,
 }
 
 impl Default for Config {
@@ -235,6 +238,7 @@ impl Default for Config {
             max_event_bytes: defaults::MAX_EVENT_BYTES,
             commit_delay: defaults::COMMIT_DELAY,
             salvage: false,
+            index_spill_at: crate::journal::INDEX_SPILL_AT,
         }
     }
 }

@@ -572,6 +572,7 @@ impl Runtime {
         let stats = journal.stats();
         let recovery = journal.recovery();
         let salvaged = recovery.salvaged.as_ref();
+        let index = journal.index_usage();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         self.shared.metrics.render(&[
             (
@@ -618,6 +619,21 @@ impl Runtime {
                 "drover_journal_salvaged_damaged_bytes",
                 "Damaged bytes skipped by this start's salvage.",
                 salvaged.map_or(0, |s| s.damage.damaged_bytes()),
+            ),
+            (
+                "drover_journal_index_memory_offsets",
+                "Record offsets the journal index holds in memory (8 bytes each; older ones are spilled to run files).",
+                index.memory_offsets,
+            ),
+            (
+                "drover_journal_index_spilled_offsets",
+                "Record offsets the journal index holds in run files beside the journal.",
+                index.spilled_offsets,
+            ),
+            (
+                "drover_journal_index_runs",
+                "Run files of the journal index (merged in size tiers: about log2 of history / spill size).",
+                index.runs,
             ),
             (
                 "drover_journal_salvaged_lost_seqs",

@@ -170,7 +170,16 @@ async fn reopening_restores_identical_state_and_snapshot_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_state_equals_full_replay_snapshot_replay_and_offline_replay_for_1000_devices() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = open(dir.path(), 5).await;
+    // A small spill size: most offsets are read back from the index's run files.
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .snapshot_every(5)
+        .call_timeout(Duration::from_millis(300))
+        .mailbox_capacity(4096)
+        .index_spill_at(1000)
+        .open()
+        .await
+        .expect("runtime opens");
     let devices = 1000;
     let mut ids = Vec::new();
     for i in 0..devices {
@@ -219,6 +228,11 @@ async fn live_state_equals_full_replay_snapshot_replay_and_offline_replay_for_10
         committed += t.await.expect("task");
     }
     assert!(committed > 8000, "only {committed} events committed");
+    let metrics = rt.render_metrics();
+    assert!(
+        !metrics.contains("drover_journal_index_runs 0\n"),
+        "the index spilled: {metrics}"
+    );
 
     let mut live = HashMap::new();
     for id in &ids {

@@ -2,13 +2,17 @@
 //! where each device's event and snapshot records live.
 //!
 //! It holds only durable records: recovery builds it from the file, and afterwards only the
-//! writer changes it, after the fsync that made a batch durable. Its cost is 8 bytes per event
-//! (the record's offset) plus a small entry per device and per snapshot.
+//! writer changes it, after the fsync that made a batch durable (and the spiller, which moves
+//! old offsets out to disk). Its memory: a small entry per device, its last
+//! [`SNAPSHOTS_KEPT`] snapshots and [`DEAD_LETTERS_KEPT`] dead letters, and 8 bytes per
+//! event for the recent events only: older offsets are spilled to run files (see
+//! `journal/runs.rs`), which cost 24 bytes per device per run in memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::record::Record;
+use super::runs::{Run, Runs, Spill};
 
 /// A plugin version as recorded in the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,9 +37,12 @@ pub struct DeviceInfo {
     /// JSON configuration given at provisioning.
     pub config: Arc<[u8]>,
     pub created_at_ms: u64,
-    /// `events[i]` is the offset of the record with seq `i + 1`: seqs are dense from 1.
-    pub events: Vec<u64>,
-    /// `(seq, version, offset)` of each snapshot, in seq order.
+    /// The seq of the device's last durable event (0 if none). Seqs are dense from 1.
+    pub seq: u64,
+    /// Offsets of the records of the last `tail.len()` seqs (up to `seq`); those of earlier
+    /// seqs are in the index's runs.
+    pub tail: Vec<u64>,
+    /// `(seq, version, offset)` of the last [`SNAPSHOTS_KEPT`] snapshots, in seq order.
     pub snapshots: Vec<SnapshotRef>,
     /// Offsets of the device's most recent dead letters (at most [`DEAD_LETTERS_KEPT`]).
     pub dead_letters: std::collections::VecDeque<u64>,
@@ -48,6 +55,10 @@ pub const MAX_LOST_RUN: u64 = 1 << 24;
 /// Dead letters indexed per device; older ones stay in the journal but are not listed.
 pub const DEAD_LETTERS_KEPT: usize = 100;
 
+/// Snapshots indexed per device. Older ones stay in the journal; a rebuild that needs the
+/// state at an older seq replays from `init` instead (a rebuild tries at most three).
+pub const SNAPSHOTS_KEPT: usize = 8;
+
 /// Where a snapshot lives and what it covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotRef {
@@ -57,9 +68,35 @@ pub struct SnapshotRef {
 }
 
 impl DeviceInfo {
+    /// A device provisioned with no records yet.
+    pub fn new(
+        num: u32,
+        id: Arc<str>,
+        version: u32,
+        config: Arc<[u8]>,
+        created_at_ms: u64,
+    ) -> DeviceInfo {
+        DeviceInfo {
+            num,
+            id,
+            version,
+            config,
+            created_at_ms,
+            seq: 0,
+            tail: Vec::new(),
+            snapshots: Vec::new(),
+            dead_letters: Default::default(),
+        }
+    }
+
     /// The seq of the device's last durable event (0 if none).
     pub fn seq(&self) -> u64 {
-        self.events.len() as u64
+        self.seq
+    }
+
+    /// The first seq whose offset is in [`DeviceInfo::tail`] rather than in a run.
+    fn tail_from(&self) -> u64 {
+        self.seq + 1 - self.tail.len() as u64
     }
 
     /// The newest snapshot of `version` taken at or before `seq`.
@@ -117,6 +154,53 @@ pub struct Index {
     pub removed: std::collections::HashSet<u32>,
     /// Length of the durable prefix of the journal file.
     pub durable_len: u64,
+    /// The offsets spilled out of the devices' tails.
+    pub runs: Runs,
+    /// Offsets held in all devices' tails.
+    pub tail_entries: u64,
+    /// Where tails are spilled, and from how many entries on; `None`: never (a read-only
+    /// journal, storage without a path, and recovery's copies).
+    pub spill: Option<Arc<Spill>>,
+}
+
+/// Where the offsets of seqs `from..=to` of one device are: read with [`Located::offsets`]
+/// after the index lock is released.
+pub struct Located {
+    runs: Runs,
+    num: u32,
+    from: u64,
+    /// Last seq in the runs (those after it are in `tail`).
+    runs_to: u64,
+    tail: Vec<u64>,
+}
+
+impl Located {
+    /// The offsets, in seq order.
+    pub fn offsets(self) -> std::io::Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(
+            (self.runs_to + 1).saturating_sub(self.from) as usize + self.tail.len(),
+        );
+        if self.from <= self.runs_to {
+            self.runs
+                .read(self.num, self.from, self.runs_to, &mut out)?;
+            let want = (self.runs_to - self.from + 1) as usize;
+            if out.len() != want {
+                return Err(std::io::Error::other(format!(
+                    "the index's runs hold {} of the {want} offsets of device {} from seq {}",
+                    out.len(),
+                    self.num,
+                    self.from
+                )));
+            }
+        }
+        out.extend_from_slice(&self.tail);
+        Ok(out)
+    }
+}
+
+/// A spill in progress: the tail prefix of each device copied out of the index.
+pub struct SpillPlan {
+    devices: Vec<(u32, u64, Vec<u64>)>,
 }
 
 /// Why a well-formed record does not fit the records before it.
@@ -175,16 +259,13 @@ impl Index {
                         num: *num,
                     });
                 }
-                IndexEffect::Device(DeviceInfo {
-                    num: *num,
-                    id: Arc::from(id.as_str()),
-                    version: *version,
-                    config: Arc::from(config.as_slice()),
-                    created_at_ms: *at_ms,
-                    events: Vec::new(),
-                    snapshots: Vec::new(),
-                    dead_letters: Default::default(),
-                })
+                IndexEffect::Device(DeviceInfo::new(
+                    *num,
+                    Arc::from(id.as_str()),
+                    *version,
+                    Arc::from(config.as_slice()),
+                    *at_ms,
+                ))
             }
             Record::Event(e) => {
                 self.check_version(e.version)?;
@@ -301,7 +382,9 @@ impl Index {
             IndexEffect::Event { device, seq } => {
                 if let Some(d) = self.devices.get_mut(&device) {
                     debug_assert_eq!(seq, d.seq() + 1, "writer appended out of order");
-                    d.events.push(offset);
+                    d.tail.push(offset);
+                    d.seq += 1;
+                    self.tail_entries += 1;
                 }
             }
             IndexEffect::Snapshot {
@@ -310,6 +393,9 @@ impl Index {
                 version,
             } => {
                 if let Some(d) = self.devices.get_mut(&device) {
+                    if d.snapshots.len() == SNAPSHOTS_KEPT {
+                        d.snapshots.remove(0);
+                    }
                     d.snapshots.push(SnapshotRef {
                         seq,
                         version,
@@ -328,6 +414,7 @@ impl Index {
             IndexEffect::Removed { device } => {
                 if let Some(d) = self.devices.remove(&device) {
                     self.by_id.remove(&d.id);
+                    self.tail_entries -= d.tail.len() as u64;
                 }
                 self.removed.insert(device);
             }
@@ -336,7 +423,9 @@ impl Index {
                     debug_assert_eq!(from, d.seq() + 1, "lost seqs out of order");
                     // Every lost seq points at the one kind-8 record that stands for them.
                     let n = (to - from + 1) as usize;
-                    d.events.resize(d.events.len() + n, offset);
+                    d.tail.resize(d.tail.len() + n, offset);
+                    d.seq += n as u64;
+                    self.tail_entries += n as u64;
                 }
             }
         }
@@ -350,5 +439,102 @@ impl Index {
     /// The next free device number.
     pub fn next_device_num(&self) -> u32 {
         self.next_num
+    }
+
+    /// Where the offsets of seqs `from..=to` of device `num` are (clamped to its seqs), or
+    /// `None` for an unknown device or an empty range.
+    pub fn locate(&self, num: u32, from: u64, to: u64) -> Option<Located> {
+        let d = self.devices.get(&num)?;
+        let (from, to) = (from.max(1), to.min(d.seq));
+        if from > to {
+            return None;
+        }
+        let tail_from = d.tail_from();
+        let runs_to = to.min(tail_from - 1);
+        let tail = if to >= tail_from {
+            let start = (from.max(tail_from) - tail_from) as usize;
+            d.tail[start..=(to - tail_from) as usize].to_vec()
+        } else {
+            Vec::new()
+        };
+        Some(Located {
+            runs: if from <= runs_to {
+                self.runs.clone()
+            } else {
+                Runs::default()
+            },
+            num,
+            from,
+            runs_to,
+            tail,
+        })
+    }
+
+    /// The offset of seq `seq` of device `num`, if it has one.
+    #[cfg(test)]
+    pub fn offset_of(&self, num: u32, seq: u64) -> Option<u64> {
+        self.locate(num, seq, seq)?.offsets().ok()?.first().copied()
+    }
+
+    /// Whether the tails have grown to the spill size.
+    pub fn wants_spill(&self) -> bool {
+        self.spill
+            .as_ref()
+            .is_some_and(|s| self.tail_entries >= s.flush_at)
+    }
+
+    /// Step 1 of a spill: copies every device's tail out (under the read lock).
+    pub fn spill_plan(&self) -> SpillPlan {
+        let mut devices: Vec<(u32, u64, Vec<u64>)> = self
+            .devices
+            .values()
+            .filter(|d| !d.tail.is_empty())
+            .map(|d| (d.num, d.tail_from(), d.tail.clone()))
+            .collect();
+        devices.sort_unstable_by_key(|d| d.0);
+        SpillPlan { devices }
+    }
+
+    /// Step 3 of a spill: `run` (written from `plan`, step 2, without a lock) takes over the
+    /// tail prefixes it holds (under the write lock). A device removed meanwhile is skipped;
+    /// its offsets in the run are never read.
+    pub fn spilled(&mut self, plan: SpillPlan, run: Arc<Run>) {
+        for (num, first_seq, offsets) in plan.devices {
+            if let Some(d) = self.devices.get_mut(&num)
+                && d.tail_from() == first_seq
+                && d.tail.len() >= offsets.len()
+            {
+                d.tail.drain(..offsets.len());
+                if d.tail.capacity() > 2 * d.tail.len() + 8 {
+                    d.tail.shrink_to_fit();
+                }
+                self.tail_entries -= offsets.len() as u64;
+            }
+        }
+        self.runs = self.runs.with(run);
+    }
+
+    /// A whole spill at once, then any merge it calls for: for recovery, which owns its index
+    /// alone.
+    pub fn spill_now(&mut self) -> std::io::Result<()> {
+        let Some(spill) = self.spill.clone() else {
+            return Ok(());
+        };
+        let plan = self.spill_plan();
+        let run = spill.write(plan.devices())?;
+        self.spilled(plan, run);
+        let n = Spill::to_merge(&self.runs);
+        if n > 0 {
+            let merged = spill.merge(&self.runs, n)?;
+            self.runs = self.runs.merged(n, merged);
+        }
+        Ok(())
+    }
+}
+
+impl SpillPlan {
+    /// The devices' tail prefixes, for [`Spill::write`].
+    pub fn devices(&self) -> impl Iterator<Item = (u32, u64, &[u64])> {
+        self.devices.iter().map(|(n, f, o)| (*n, *f, o.as_slice()))
     }
 }

@@ -44,6 +44,7 @@ mod checkpoint;
 mod index;
 mod record;
 mod recovery;
+mod runs;
 pub mod storage;
 mod writer;
 
@@ -169,8 +170,22 @@ pub struct DroppedTail {
     pub saved_to: Option<PathBuf>,
 }
 
+/// Where the index keeps record offsets (see `journal/runs.rs`), for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexUsage {
+    /// Offsets held in memory (8 bytes each), bounded by [`JournalOptions::index_spill_at`]
+    /// plus what arrives while a spill is written.
+    pub memory_offsets: u64,
+    /// Run files on disk.
+    pub runs: u64,
+    /// Offsets held in run files.
+    pub spilled_offsets: u64,
+    /// Memory taken by the runs' directories (24 bytes per device per run).
+    pub run_directory_bytes: u64,
+}
+
 /// How to open a journal.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JournalOptions {
     /// Open a journal with media damage (see [`Damaged`]) by first rewriting it with every
     /// intact record ([`salvage`]); without it such a journal refuses to open. Only
@@ -178,6 +193,24 @@ pub struct JournalOptions {
     pub salvage: bool,
     /// How long the writer lets a batch grow once it is under load (see `journal/writer.rs`).
     pub commit_delay: Duration,
+    /// How many record offsets the index keeps in memory before it spills them to a run
+    /// file beside the journal (`journal.log.index/`; see `journal/runs.rs`): 8 bytes each.
+    /// 0 keeps them all in memory.
+    pub index_spill_at: u64,
+}
+
+/// Default of [`JournalOptions::index_spill_at`]: 4Mi offsets, 32 MiB of memory, spilled in
+/// a run of 32 MiB (written in well under a second).
+pub const INDEX_SPILL_AT: u64 = 1 << 22;
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            salvage: false,
+            commit_delay: Duration::ZERO,
+            index_spill_at: INDEX_SPILL_AT,
+        }
+    }
 }
 
 /// What the journal knows of one device: enough to activate, replay or describe it, copied
@@ -230,6 +263,8 @@ struct Inner {
     /// channel push, with no lock in front of it.
     tx: Option<Sender<Entry>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The thread that spills the index's offsets to runs (see [`spiller`]).
+    spiller: Mutex<Option<JoinHandle<()>>>,
     next_device: AtomicU32,
     recovery: Recovery,
 }
@@ -243,6 +278,44 @@ impl Drop for Inner {
         }
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
+        }
+        // The writer dropped its wake-up sender on exit, which ends the spiller; dropped here
+        // too in case the writer never got that far.
+        self.shared.spiller.lock().take();
+        if let Some(handle) = self.spiller.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The spiller thread: each time the writer wakes it (the index's tails have grown to the
+/// spill size), moves the tails into a run file and merges runs as `journal/runs.rs`
+/// describes. The index lock is held only to copy the tails out and to swap the result in,
+/// never while writing a file. A failure (a full disk) leaves the offsets in memory, where
+/// they are as good, and is retried at the next wake-up.
+fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc::Receiver<()>) {
+    while woken.recv().is_ok() {
+        let plan = shared.index.read().spill_plan();
+        let run = match spill.write(plan.devices()) {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
+                continue;
+            }
+        };
+        shared.index.write().spilled(plan, run);
+        let now = shared.index.read().runs.clone();
+        let n = runs::Spill::to_merge(&now);
+        if n > 0 {
+            match spill.merge(&now, n) {
+                Ok(merged) => {
+                    let mut index = shared.index.write();
+                    index.runs = index.runs.merged(n, merged);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are")
+                }
+            }
         }
     }
 }
@@ -275,7 +348,14 @@ impl Journal {
         options: &JournalOptions,
         salvaged: Option<Salvaged>,
     ) -> std::io::Result<Journal> {
-        let (index, mut recovery) = recover(&*storage, Cut::Tail)?;
+        let spill = match storage.path() {
+            Some(path) if options.index_spill_at > 0 => Some(Arc::new(runs::Spill::open(
+                &recovery::side_file(path, "index"),
+                options.index_spill_at,
+            )?)),
+            _ => None,
+        };
+        let (index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone())?;
         recovery.salvaged = salvaged;
         let durable_len = recovery.valid_len;
         let confirmed = recovery.closed_cleanly;
@@ -290,8 +370,22 @@ impl Journal {
             closing: AtomicBool::new(false),
             format: AtomicU32::new(recovery.format),
             raising: Mutex::new(()),
+            spiller: Mutex::new(None),
         });
         let (tx, rx) = channel();
+        let spiller = match spill {
+            Some(spill) => {
+                let (wake, woken) = std::sync::mpsc::sync_channel(1);
+                *shared.spiller.lock() = Some(wake);
+                let shared = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("drover-index".into())
+                        .spawn(move || spiller(&shared, &spill, &woken))?,
+                )
+            }
+            None => None,
+        };
         let handle = {
             let shared = shared.clone();
             let storage = storage.clone();
@@ -306,6 +400,7 @@ impl Journal {
                 shared,
                 tx: Some(tx),
                 writer: Mutex::new(Some(handle)),
+                spiller: Mutex::new(spiller),
                 next_device: AtomicU32::new(next_device),
                 recovery,
             }),
@@ -317,7 +412,7 @@ impl Journal {
     /// For offline tools such as `drover replay`, which may run beside a live server.
     pub fn open_read_only(dir: &Path) -> std::io::Result<Journal> {
         let storage = Arc::new(FileBackend::open_read_only(&dir.join(FILE_NAME))?);
-        let (index, recovery) = recover(&*storage, Cut::Never)?;
+        let (index, recovery) = recover(&*storage, Cut::Never, None)?;
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
             stats: Stats::default(),
@@ -325,6 +420,7 @@ impl Journal {
             closing: AtomicBool::new(true),
             format: AtomicU32::new(recovery.format),
             raising: Mutex::new(()),
+            spiller: Mutex::new(None),
         });
         Ok(Journal {
             inner: Arc::new(Inner {
@@ -332,6 +428,7 @@ impl Journal {
                 shared,
                 tx: None,
                 writer: Mutex::new(None),
+                spiller: Mutex::new(None),
                 next_device: AtomicU32::new(u32::MAX),
                 recovery,
             }),
@@ -376,16 +473,7 @@ impl Journal {
             config: config.to_vec(),
             at_ms,
         };
-        let info = DeviceInfo {
-            num,
-            id: Arc::from(id),
-            version,
-            config: Arc::from(config),
-            created_at_ms: at_ms,
-            events: Vec::new(),
-            snapshots: Vec::new(),
-            dead_letters: Default::default(),
-        };
+        let info = DeviceInfo::new(num, Arc::from(id), version, Arc::from(config), at_ms);
         let head = DeviceHead::of(&info);
         self.append(&record, IndexEffect::Device(info)).await?;
         Ok(head)
@@ -520,24 +608,21 @@ impl Journal {
         from: u64,
         to: u64,
     ) -> Result<Vec<EventRecord>, JournalError> {
-        let (offsets, end): (Vec<u64>, u64) = {
+        let from = from.max(1);
+        let (located, end) = {
             let index = self.index();
-            let Some(d) = index.devices.get(&num) else {
+            let Some(located) = index.locate(num, from, to) else {
                 return Ok(Vec::new());
             };
-            let from = from.max(1);
-            let to = to.min(d.seq());
-            if from > to {
-                return Ok(Vec::new());
-            }
-            (
-                d.events[(from - 1) as usize..to as usize].to_vec(),
-                index.durable_len,
-            )
+            (located, index.durable_len)
         };
+        let offsets = located.offsets().map_err(|e| JournalError::Read {
+            offset: 0,
+            reason: format!("reading the index: {e}"),
+        })?;
         let mut window = Window::default();
         (0..offsets.len())
-            .zip(from.max(1)..)
+            .zip(from..)
             .map(|(i, seq)| match window.record(self, &offsets[i..], end)? {
                 Record::Event(e) => Ok(e),
                 Record::Lost {
@@ -619,6 +704,17 @@ impl Journal {
     /// Length of the durable prefix of the journal.
     pub fn durable_len(&self) -> u64 {
         self.index().durable_len
+    }
+
+    /// How the index holds the records' offsets now.
+    pub fn index_usage(&self) -> IndexUsage {
+        let index = self.index();
+        IndexUsage {
+            memory_offsets: index.tail_entries,
+            runs: index.runs.len() as u64,
+            spilled_offsets: index.runs.entries(),
+            run_directory_bytes: index.runs.directory_bytes() as u64,
+        }
     }
 
     fn index(&self) -> RwLockReadGuard<'_, Index> {
@@ -924,16 +1020,13 @@ impl DeviceWriter {
             at_ms,
         }
         .encode_into(&mut bytes);
-        let info = DeviceInfo {
-            num: head.num,
-            id: head.id.clone(),
-            version: head.version,
-            config: head.config.clone(),
-            created_at_ms: head.created_at_ms,
-            events: Vec::new(),
-            snapshots: Vec::new(),
-            dead_letters: Default::default(),
-        };
+        let info = DeviceInfo::new(
+            head.num,
+            head.id.clone(),
+            head.version,
+            head.config.clone(),
+            head.created_at_ms,
+        );
         self.submit(bytes, IndexEffect::Device(info), None);
     }
 

@@ -62,6 +62,7 @@ use std::sync::Arc;
 use super::checkpoint::{Checkpoint, CheckpointDevice, read_checkpoint, write_checkpoint};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN};
 use super::record::{self, DecodeError, Record};
+use super::runs::Spill;
 use super::storage::{FileBackend, SeqReader, StorageBackend, Tolerant};
 use super::{DroppedTail, FILE_NAME, FORMAT_VERSION, Recovery, writer};
 
@@ -266,6 +267,7 @@ struct Prefix {
 pub(super) fn recover(
     storage: &dyn StorageBackend,
     cut: Cut,
+    spill: Option<Arc<Spill>>,
 ) -> std::io::Result<(Index, Recovery)> {
     let tolerant = Tolerant::new(storage);
     let storage: &dyn StorageBackend = &tolerant;
@@ -274,7 +276,7 @@ pub(super) fn recover(
         damage.unreadable = tolerant.unreadable();
         std::io::Error::new(std::io::ErrorKind::InvalidData, damage)
     };
-    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail))?;
+    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail), spill)?;
     let confirmed_len = match prefix.last_marker {
         // The last batch in the file is proven durable by nothing after it.
         Some(m) if m.end >= prefix.end => m.batch_start,
@@ -407,7 +409,7 @@ pub(super) fn salvage_from(
 ) -> std::io::Result<Option<Salvaged>> {
     let tolerant = Tolerant::new(source);
     let storage = &tolerant;
-    let prefix = scan_prefix(storage, false)?;
+    let prefix = scan_prefix(storage, false, None)?;
     let cut_short = prefix
         .checkpoint
         .as_ref()
@@ -524,7 +526,11 @@ fn cut_short_reason(prefix: &Prefix) -> String {
     )
 }
 
-fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<Prefix> {
+fn scan_prefix(
+    storage: &dyn StorageBackend,
+    writable: bool,
+    spill: Option<Arc<Spill>>,
+) -> std::io::Result<Prefix> {
     // Before the length: a server closing cleanly meanwhile writes its checkpoint after its
     // last bytes, so a checkpoint read first never claims more than the length read next.
     let checkpoint = read_checkpoint(storage);
@@ -546,7 +552,10 @@ fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<
     };
     let file_len = file_len.max(start);
     let mut cursor = Cursor::new(storage, start, file_len);
-    let mut index = Index::default();
+    let mut index = Index {
+        spill,
+        ..Index::default()
+    };
     let mut offset = start;
     let mut records = 0;
     let mut last_marker = None;
@@ -574,7 +583,12 @@ fn scan_prefix(storage: &dyn StorageBackend, writable: bool) -> std::io::Result<
             });
         } else {
             match index.effect_of(&record) {
-                Ok(effect) => index.apply(effect, offset),
+                Ok(effect) => {
+                    index.apply(effect, offset);
+                    if index.wants_spill() {
+                        index.spill_now()?;
+                    }
+                }
                 Err(e) => break Some((e.to_string(), false)),
             }
             records += 1;

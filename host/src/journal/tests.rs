@@ -57,16 +57,13 @@ fn device_record(num: u32, id: &str) -> (Record, IndexEffect) {
             config: b"{}".to_vec(),
             at_ms: 2,
         },
-        IndexEffect::Device(DeviceInfo {
+        IndexEffect::Device(DeviceInfo::new(
             num,
-            id: Arc::from(id),
-            version: 0,
-            config: Arc::from(&b"{}"[..]),
-            created_at_ms: 2,
-            events: Vec::new(),
-            snapshots: Vec::new(),
-            dead_letters: Default::default(),
-        }),
+            Arc::from(id),
+            0,
+            Arc::from(&b"{}"[..]),
+            2,
+        )),
     )
 }
 
@@ -190,7 +187,7 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 5).await;
     let intact = journal.read_events(0, 1, 4).expect("read");
-    let last = journal.index().device("a").expect("device").events[4] as usize;
+    let last = journal.index().offset_of(0, 5).expect("offset") as usize;
     let image = crash_image(dir.path());
     // The process died in the middle of writing record 5: only its first 10 bytes arrived.
     crash_with(journal, dir.path(), &image[..last + 10]);
@@ -232,7 +229,7 @@ async fn a_flipped_byte_in_the_last_commit_of_a_crash_is_a_torn_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 5).await;
     let intact = journal.read_events(0, 1, 4).expect("read");
-    let last = journal.index().device("a").expect("device").events[4];
+    let last = journal.index().offset_of(0, 5).expect("offset");
     let mut image = crash_image(dir.path());
     // The crash came mid-fsync: the marker's page reached the disk, the record's did not.
     image[last as usize + record::HEADER_LEN + 3] ^= 0x20;
@@ -437,7 +434,7 @@ async fn submissions_after_close_fail_cleanly() {
 async fn read_only_open_reports_a_bad_tail_but_leaves_the_file_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 3).await;
-    let last = journal.index().device("a").expect("device").events[2] as usize;
+    let last = journal.index().offset_of(0, 3).expect("offset") as usize;
     let image = crash_image(dir.path());
     crash_with(journal, dir.path(), &image[..last + 5]);
     let path = dir.path().join(FILE_NAME);
@@ -457,7 +454,7 @@ async fn read_only_open_reports_a_bad_tail_but_leaves_the_file_alone() {
 async fn hundred_events_with_the_fifth_damaged(dir: &Path) -> (Vec<EventRecord>, Vec<u8>, u64) {
     let journal = seeded(dir, 100).await;
     let before = journal.read_events(0, 1, 100).expect("read");
-    let fifth = journal.index().device("a").expect("device").events[4];
+    let fifth = journal.index().offset_of(0, 5).expect("offset");
     journal.close();
     drop(journal);
     let path = dir.join(FILE_NAME);
@@ -621,7 +618,7 @@ async fn a_device_whose_last_record_was_destroyed_still_never_reuses_its_seq() {
     let journal = seeded(dir.path(), 3).await;
     let (r, e) = device_record(1, "b");
     journal.append(&r, e).await.expect("device b");
-    let third = journal.index().device("a").expect("a").events[2];
+    let third = journal.index().offset_of(0, 3).expect("offset");
     let wb = journal.device_writer(1, 8);
     for seq in 1..=3 {
         append_event(&wb, seq)
@@ -798,7 +795,7 @@ async fn a_damaged_length_field_still_tells_which_seq_was_lost() {
     let journal = seeded(dir.path(), 3).await;
     let (r, e) = device_record(1, "b");
     journal.append(&r, e).await.expect("device b");
-    let third = journal.index().device("a").expect("a").events[2] as usize;
+    let third = journal.index().offset_of(0, 3).expect("offset") as usize;
     let wb = journal.device_writer(1, 8);
     for seq in 1..=3 {
         append_event(&wb, seq)
@@ -848,7 +845,7 @@ async fn a_damaged_provisioning_record_keeps_the_device_and_its_history() {
 async fn a_huge_seq_after_damage_is_not_believed_and_costs_no_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 2).await;
-    let second = journal.index().device("a").expect("a").events[1] as usize;
+    let second = journal.index().offset_of(0, 2).expect("offset") as usize;
     let (r, e) = event(0, 3);
     journal.append(&r, e).await.expect("3");
     journal.close();
@@ -879,7 +876,7 @@ async fn a_file_cut_short_after_a_clean_stop_is_refused_and_salvage_keeps_its_se
     let journal = seeded(dir.path(), 10).await;
     let (r, e) = device_record(1, "b");
     journal.append(&r, e).await.expect("device b");
-    let sixth = journal.index().device("a").expect("a").events[5] as usize;
+    let sixth = journal.index().offset_of(0, 6).expect("offset") as usize;
     journal.close();
     drop(journal);
     // Cut at a record boundary: nothing in the file itself looks wrong, but the clean stop's
@@ -1004,7 +1001,9 @@ async fn journal_with_a_bad_sector(
 ) -> (Vec<EventRecord>, Vec<u64>, FaultyBackend) {
     let journal = seeded(dir, events).await;
     let before = journal.read_events(0, 1, events).expect("read");
-    let offsets = journal.index().device("a").expect("device").events.clone();
+    let offsets: Vec<u64> = (1..=events)
+        .map(|seq| journal.index().offset_of(0, seq).expect("offset"))
+        .collect();
     journal.close();
     drop(journal);
     let file = FileBackend::open_read_only(&dir.join(FILE_NAME)).expect("file");
@@ -1079,7 +1078,7 @@ async fn an_unreadable_sector_is_damage_that_salvage_reads_around() {
 async fn an_unreadable_last_commit_is_refused_not_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 3).await;
-    let third = journal.index().device("a").expect("device").events[2];
+    let third = journal.index().offset_of(0, 3).expect("offset");
     let mut image = crash_image(dir.path());
     // A crash right after the last batch's marker (before any idle writer's empty marker):
     // that batch, seq 3's, is the tearable one.
@@ -1108,4 +1107,149 @@ async fn an_unreadable_last_commit_is_refused_not_cut() {
         len,
         "not cut"
     );
+}
+
+fn open_spilling(dir: &Path, spill_at: u64) -> Journal {
+    let options = JournalOptions {
+        index_spill_at: spill_at,
+        ..JournalOptions::default()
+    };
+    Journal::open(dir, &options).expect("open")
+}
+
+/// The event `append_event` records for seq `seq`.
+fn expected_event(seq: u64) -> Vec<u8> {
+    format!(r#"{{"n":{seq}}}"#).into_bytes()
+}
+
+/// Checks every device's whole history and a few ranges that cross run boundaries.
+fn check_histories(journal: &Journal, devices: u32, events: u64) {
+    for device in 0..devices {
+        let all = journal.read_events(device, 1, events).expect("read");
+        assert_eq!(all.len() as u64, events, "device {device}");
+        for (seq, e) in (1..).zip(&all) {
+            assert_eq!((e.device, e.seq), (device, seq));
+            assert_eq!(e.event, expected_event(seq));
+        }
+        for (from, to) in [(1, 1), (63, 66), (100, 357), (events - 3, events + 10)] {
+            let part = journal.read_events(device, from, to).expect("read");
+            let seqs: Vec<u64> = part.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (from..=to.min(events)).collect::<Vec<_>>());
+        }
+    }
+}
+
+/// `devices` devices with `events` events each, interleaved, written with a tiny spill size
+/// so that the index spills and merges many runs while the writer runs.
+async fn spilled_fleet(dir: &Path, devices: u32, events: u64, spill_at: u64) -> Journal {
+    let journal = open_spilling(dir, spill_at);
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    for num in 0..devices {
+        let (r, e) = device_record(num, &format!("d{num}"));
+        journal.append(&r, e).await.expect("device");
+    }
+    let writers: Vec<DeviceWriter> = (0..devices).map(|n| journal.device_writer(n, 64)).collect();
+    for seq in 1..=events {
+        let mut pending = Vec::new();
+        for w in &writers {
+            w.room().await;
+            pending.push(append_event(w, seq));
+        }
+        if seq % 50 == 0 {
+            for p in pending {
+                p.await.expect("completion").expect("durable");
+            }
+        }
+    }
+    journal.barrier().await.expect("barrier");
+    journal
+}
+
+/// The index spills old offsets to run files and merges them while events keep coming:
+/// every record reads back exactly, from runs, from the in-memory tail and across both,
+/// during the writes, after them and after a restart (which rebuilds the runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_spilled_to_runs_read_back_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, events, spill_at) = (5u32, 600u64, 64u64);
+    let journal = spilled_fleet(dir.path(), devices, events, spill_at).await;
+    // The spiller runs beside the writer: wait until it has caught up.
+    for _ in 0..200 {
+        if !journal.index().wants_spill() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let index = journal.index();
+        assert!(index.tail_entries < spill_at, "{}", index.tail_entries);
+        assert!(index.runs.len() >= 1);
+        // Merged in tiers: far fewer runs than spills.
+        assert!(index.runs.len() <= 8, "{} runs", index.runs.len());
+        assert_eq!(
+            index.runs.entries() + index.tail_entries,
+            u64::from(devices) * events
+        );
+    }
+    check_histories(&journal, devices, events);
+    journal.close();
+    drop(journal);
+
+    let journal = open_spilling(dir.path(), spill_at);
+    assert!(journal.index().runs.len() >= 1, "recovery spills too");
+    check_histories(&journal, devices, events);
+    // Without spilling, the same.
+    journal.close();
+    drop(journal);
+    let journal = open_spilling(dir.path(), 0);
+    assert_eq!(journal.index().runs.len(), 0);
+    check_histories(&journal, devices, events);
+}
+
+/// Reads racing the spiller (which swaps runs in and tails out under the index lock) always
+/// see each seq exactly once, at its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_spills_see_every_record_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open_spilling(dir.path(), 16);
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (journal, stop) = (journal.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let seq = journal.device("a").map_or(0, |h| h.seq);
+                if seq == 0 {
+                    continue;
+                }
+                let from = seq.saturating_sub(40).max(1);
+                let got = journal.read_events(0, from, seq).expect("read");
+                let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+                assert_eq!(seqs, (from..=seq).collect::<Vec<_>>());
+                for e in &got {
+                    assert_eq!(e.event, expected_event(e.seq));
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let writer = journal.device_writer(0, 32);
+    for seq in 1..=3000 {
+        writer.room().await;
+        let done = append_event(&writer, seq);
+        if seq % 32 == 0 {
+            done.await.expect("completion").expect("durable");
+        }
+    }
+    journal.barrier().await.expect("barrier");
+    stop.store(true, Ordering::Release);
+    let reads = reader.join().expect("reader");
+    assert!(reads > 10, "{reads} reads");
+    assert!(journal.index().runs.len() >= 1);
 }

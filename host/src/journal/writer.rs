@@ -96,6 +96,9 @@ pub struct Shared {
     pub format: AtomicU32,
     /// Held while the header is rewritten, so two raises cannot leave the lower one on disk.
     pub raising: parking_lot::Mutex<()>,
+    /// Wakes the index's spiller thread (`None`: the index never spills). Taken, and so
+    /// closed, when the writer exits.
+    pub spiller: parking_lot::Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
 
 /// The first format whose batches end with commit markers.
@@ -221,6 +224,8 @@ pub fn run(
             tracing::warn!(error = %e, "journal checkpoint not written");
         }
     }
+    // Ends the spiller thread.
+    shared.spiller.lock().take();
     tracing::debug!(durable_len, "journal writer stopped");
 }
 
@@ -352,7 +357,12 @@ fn commit(
                     }
                 }
                 index.durable_len = *durable_len;
+                let spill = index.wants_spill();
                 drop(index);
+                if spill && let Some(wake) = &*shared.spiller.lock() {
+                    // Full: a wake-up is pending already.
+                    let _ = wake.try_send(());
+                }
                 let records = offsets.iter().filter(|o| **o != u64::MAX).count() as u64;
                 shared.stats.record_commit(written, records);
             }

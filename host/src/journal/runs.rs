@@ -1,0 +1,289 @@
+//! Where the index keeps the offsets of old records: sorted files on disk ("runs"), so that
+//! its memory is bounded by the number of devices rather than the length of history.
+//!
+//! The index needs, for every device, the file offset of each of its records (seq `s` of
+//! device `d` is at offset `o`). Kept in memory that costs 8 bytes per event forever: a fleet
+//! writing a billion events a day would need gigabytes after a day. So only the offsets of
+//! recent records stay in memory (each device's *tail*, bounded in total by
+//! [`Spill::flush_at`]); when the tails hold that many, they are written out as one run:
+//!
+//! ```text
+//! run file:  for each device in the run, ascending by number: its offsets as u64 LE,
+//!            consecutive seqs, nothing else (the file is the offsets; no header)
+//! in memory: per run, per device in it: (num, first seq, count, position in the file)
+//! ```
+//!
+//! A device's seqs are spread over the runs in order (older runs hold lower seqs) and then
+//! its in-memory tail. Runs are merged in size tiers (a run is merged into the one before it
+//! when that one is not more than twice its size, as a binary counter carries), so there are
+//! about log2(history / flush size) runs, each record's offset is rewritten as many times,
+//! and the memory per device is one 24-byte entry per run that holds it.
+//!
+//! Runs are derived data: the journal is the truth, and recovery rebuilds them from it on
+//! every open (the directory is emptied first), so they need no fsync, no checksum and no
+//! crash rule. A journal opened read-only or on storage without a path keeps every offset in
+//! memory, as before.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One device's offsets within a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub num: u32,
+    pub count: u32,
+    pub first_seq: u64,
+    /// Byte position of the first offset in the run file.
+    pub pos: u64,
+}
+
+/// An immutable run file and its directory.
+#[derive(Debug)]
+pub struct Run {
+    file: File,
+    path: PathBuf,
+    /// Ascending by device number.
+    blocks: Vec<Block>,
+    entries: u64,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        // Merged away or the journal closed: readers that still hold it are gone too.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Writes a run file block by block.
+struct RunWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    blocks: Vec<Block>,
+    pos: u64,
+}
+
+impl RunWriter {
+    fn create(path: PathBuf) -> io::Result<RunWriter> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        Ok(RunWriter {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path,
+            blocks: Vec::new(),
+            pos: 0,
+        })
+    }
+
+    /// Adds device `num`'s offsets of seqs `first_seq..first_seq + offsets.len()`. Devices
+    /// must come in ascending order, each once.
+    fn device(&mut self, num: u32, first_seq: u64, offsets: &[u64]) -> io::Result<()> {
+        for (i, chunk) in offsets.chunks(u32::MAX as usize).enumerate() {
+            self.blocks.push(Block {
+                num,
+                count: chunk.len() as u32,
+                first_seq: first_seq + i as u64 * u64::from(u32::MAX),
+                pos: self.pos,
+            });
+            for o in chunk {
+                self.out.write_all(&o.to_le_bytes())?;
+            }
+            self.pos += chunk.len() as u64 * 8;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> io::Result<Arc<Run>> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        Ok(Arc::new(Run {
+            file,
+            path: self.path,
+            blocks: self.blocks,
+            entries: self.pos / 8,
+        }))
+    }
+}
+
+impl Run {
+    /// The blocks of device `num` in this run (one, unless it held more than 2^32 seqs).
+    fn blocks_of(&self, num: u32) -> &[Block] {
+        let start = self.blocks.partition_point(|b| b.num < num);
+        let end = start + self.blocks[start..].partition_point(|b| b.num == num);
+        &self.blocks[start..end]
+    }
+
+    /// Appends the offsets of seqs `from..=to` of `block` (clamped to it) to `out`.
+    fn read(&self, block: &Block, from: u64, to: u64, out: &mut Vec<u64>) -> io::Result<()> {
+        let last = block.first_seq + u64::from(block.count) - 1;
+        let (from, to) = (from.max(block.first_seq), to.min(last));
+        if from > to {
+            return Ok(());
+        }
+        let n = (to - from + 1) as usize;
+        let mut bytes = vec![0u8; n * 8];
+        self.file
+            .read_exact_at(&mut bytes, block.pos + (from - block.first_seq) * 8)?;
+        out.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
+        );
+        Ok(())
+    }
+}
+
+/// The runs of one index, oldest first, shared by the index and its readers.
+#[derive(Debug, Clone, Default)]
+pub struct Runs {
+    list: Vec<Arc<Run>>,
+}
+
+impl Runs {
+    /// Offsets of seqs `from..=to` of device `num` held in runs, appended to `out` in seq
+    /// order. The runs hold a prefix of the device's seqs; the caller adds the tail.
+    pub fn read(&self, num: u32, from: u64, to: u64, out: &mut Vec<u64>) -> io::Result<()> {
+        for run in &self.list {
+            for block in run.blocks_of(num) {
+                run.read(block, from, to, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of runs (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Entries held in all runs.
+    pub fn entries(&self) -> u64 {
+        self.list.iter().map(|r| r.entries).sum()
+    }
+
+    /// Bytes of memory the runs' directories take.
+    pub fn directory_bytes(&self) -> usize {
+        self.list
+            .iter()
+            .map(|r| r.blocks.capacity() * std::mem::size_of::<Block>())
+            .sum()
+    }
+}
+
+/// Where and when an index spills its tails into runs.
+#[derive(Debug)]
+pub struct Spill {
+    dir: PathBuf,
+    /// Spill once the tails hold this many offsets in all.
+    pub flush_at: u64,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Which open of the journal in this process: a run of an earlier open that is dropped
+    /// late (its journal still referenced) never removes this open's file of the same number.
+    open: u64,
+}
+
+/// Counts the spilling opens in this process (see [`Spill::open`]).
+static OPENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Spill {
+    /// Spills into `dir` (emptied: runs of an earlier process are not trusted) once the
+    /// tails hold `flush_at` offsets.
+    pub fn open(dir: &Path, flush_at: u64) -> io::Result<Spill> {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::create_dir_all(dir)?;
+        Ok(Spill {
+            dir: dir.to_path_buf(),
+            flush_at: flush_at.max(1),
+            next_id: Default::default(),
+            open: OPENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir.join(format!("run-{}-{id}", self.open))
+    }
+
+    /// Writes a new run holding, for each `(num, first_seq, offsets)` (ascending by `num`,
+    /// no device twice), the offsets of seqs `first_seq..first_seq + offsets.len()`.
+    pub fn write<'a>(
+        &self,
+        devices: impl IntoIterator<Item = (u32, u64, &'a [u64])>,
+    ) -> io::Result<Arc<Run>> {
+        let mut run = RunWriter::create(self.path())?;
+        for (num, first_seq, offsets) in devices {
+            run.device(num, first_seq, offsets)?;
+        }
+        run.finish()
+    }
+
+    /// The runs that should be merged into one after `runs` grew by a run: the newest ones,
+    /// as far back as a run is not more than twice the size of all newer ones together.
+    /// Empty if nothing needs merging.
+    pub fn to_merge(runs: &Runs) -> usize {
+        let mut newer = 0u64;
+        let mut take = 0;
+        for run in runs.list.iter().rev() {
+            if take > 0 && run.entries > 2 * newer {
+                break;
+            }
+            newer += run.entries;
+            take += 1;
+        }
+        if take > 1 { take } else { 0 }
+    }
+
+    /// Merges the last `n` runs of `runs` into one new run (the device blocks of older runs
+    /// first, since they hold lower seqs).
+    pub fn merge(&self, runs: &Runs, n: usize) -> io::Result<Arc<Run>> {
+        let merged = &runs.list[runs.list.len() - n..];
+        let mut nums: Vec<u32> = merged
+            .iter()
+            .flat_map(|r| r.blocks.iter().map(|b| b.num))
+            .collect();
+        nums.sort_unstable();
+        nums.dedup();
+        let mut run = RunWriter::create(self.path())?;
+        let mut offsets = Vec::new();
+        for num in nums {
+            offsets.clear();
+            let mut first = None;
+            for old in merged {
+                for block in old.blocks_of(num) {
+                    first.get_or_insert(block.first_seq);
+                    old.read(block, block.first_seq, u64::MAX, &mut offsets)?;
+                }
+            }
+            if let Some(first_seq) = first {
+                run.device(num, first_seq, &offsets)?;
+            }
+        }
+        run.finish()
+    }
+}
+
+impl Runs {
+    /// `self` with `run` added as the newest.
+    pub fn with(&self, run: Arc<Run>) -> Runs {
+        let mut list = self.list.clone();
+        list.push(run);
+        Runs { list }
+    }
+
+    /// `self` with its last `n` runs replaced by `merged`.
+    pub fn merged(&self, n: usize, merged: Arc<Run>) -> Runs {
+        let mut list = self.list[..self.list.len() - n].to_vec();
+        list.push(merged);
+        Runs { list }
+    }
+}
