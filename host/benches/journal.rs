@@ -8,7 +8,8 @@
 //!
 //! Then the restart: a fresh process (this binary again) opens the journal as a server start
 //! does and prints how long the recovery scan took and the resident memory the open added
-//! (the in-memory index). `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
+//! (the in-memory index), twice with the default index spill size and twice with every
+//! offset kept in memory (the baseline), alternated. `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
 //! 10,000,000 for the README's restart figure).
 
 use std::sync::Arc;
@@ -38,7 +39,15 @@ fn rss_kib() -> u64 {
 fn reopen(dir: &std::path::Path) -> anyhow::Result<()> {
     let before = rss_kib();
     let t = Instant::now();
-    let journal = Journal::open(dir, &JournalOptions::default())?;
+    let spill_at = std::env::var("DROVER_BENCH_SPILL_AT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(drover::journal::INDEX_SPILL_AT);
+    let options = JournalOptions {
+        index_spill_at: spill_at,
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(dir, &options)?;
     let took = t.elapsed();
     let after = rss_kib();
     println!(
@@ -166,28 +175,38 @@ async fn main() -> anyhow::Result<()> {
     journal.close();
     drop(journal);
 
-    // A server start, in a process of its own so the memory figure is the index alone.
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .env("DROVER_BENCH_REOPEN", &root)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let fields: Vec<u64> = text
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    if let [us, kib, scanned, len] = fields[..] {
-        println!(
-            "  restart: open {:.2} s, +{} MiB resident, {scanned} records, {} MiB journal              ({:.1} bytes of memory per record)",
-            us as f64 / 1e6,
-            kib / 1024,
-            len >> 20,
-            (kib * 1024) as f64 / scanned.max(1) as f64
-        );
-    } else {
-        anyhow::bail!(
-            "reopen failed: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // A server start, in a process of its own so the memory figure is the index alone: with
+    // the default spill size, and with every offset kept in memory (spill size 0) as the
+    // baseline, alternated.
+    for round in 0..2 {
+        for (what, spill_at) in [
+            ("spilling", drover::journal::INDEX_SPILL_AT),
+            ("all in memory", 0),
+        ] {
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .env("DROVER_BENCH_REOPEN", &root)
+                .env("DROVER_BENCH_SPILL_AT", spill_at.to_string())
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let fields: Vec<u64> = text
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            if let [us, kib, scanned, len] = fields[..] {
+                println!(
+                    "  restart {round}, index {what:<13}: open {:.2} s, +{} MiB resident, {scanned} records, {} MiB journal ({:.1} bytes of memory per record)",
+                    us as f64 / 1e6,
+                    kib / 1024,
+                    len >> 20,
+                    (kib * 1024) as f64 / scanned.max(1) as f64
+                );
+            } else {
+                anyhow::bail!(
+                    "reopen failed: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
