@@ -9,7 +9,8 @@
 //! Then the restart: a fresh process (this binary again) opens the journal as a server start
 //! does and prints how long the recovery scan took and the resident memory the open added
 //! (the in-memory index), twice with the default index spill size and twice with every
-//! offset kept in memory (the baseline), alternated. `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
+//! offset kept in memory (the baseline), alternated. `DROVER_BENCH_KEEP=1` leaves the journal
+//! in `target/tmp/bench-journal` (reopen it with another build: `DROVER_BENCH_REOPEN=DIR`). `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
 //! 10,000,000 for the README's restart figure).
 
 use std::sync::Arc;
@@ -208,6 +209,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&root);
+    if std::env::var_os("DROVER_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
     Ok(())
 }

@@ -520,9 +520,17 @@ impl Index {
         let Some(spill) = self.spill.clone() else {
             return Ok(());
         };
-        let plan = self.spill_plan();
-        let run = spill.write(plan.devices())?;
-        self.spilled(plan, run);
+        // Alone with the index: the tails are moved out, not copied.
+        let mut devices: Vec<(u32, u64, Vec<u64>)> = self
+            .devices
+            .values_mut()
+            .filter(|d| !d.tail.is_empty())
+            .map(|d| (d.num, d.tail_from(), std::mem::take(&mut d.tail)))
+            .collect();
+        devices.sort_unstable_by_key(|d| d.0);
+        let run = spill.write(devices.iter().map(|(n, f, o)| (*n, *f, o.as_slice())))?;
+        self.tail_entries = 0;
+        self.runs = self.runs.with(run);
         let n = Spill::to_merge(&self.runs);
         if n > 0 {
             let merged = spill.merge(&self.runs, n)?;

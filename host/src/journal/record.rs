@@ -356,7 +356,17 @@ impl Record {
     /// Decodes one record from the start of `buf`, returning it and the framed length.
     pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
         let body = frame_body(buf)?;
-        let record = decode_body(body)?;
+        let record = decode_body(body, Payloads::Copy)?;
+        Ok((record, HEADER_LEN + body.len()))
+    }
+
+    /// [`Record::decode`] checked exactly as strictly (frame, checksum, every field, the
+    /// transition count), but an event's event and transitions and a snapshot's data come
+    /// back empty: what the recovery scan needs (where and whose each record is), without
+    /// copying every payload of the journal.
+    pub fn decode_head(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
+        let body = frame_body(buf)?;
+        let record = decode_body(body, Payloads::Skip)?;
         Ok((record, HEADER_LEN + body.len()))
     }
 
@@ -365,13 +375,13 @@ impl Record {
     pub fn decode_unchecked(buf: &[u8]) -> Option<Record> {
         let header: &[u8; HEADER_LEN] = buf.get(..HEADER_LEN)?.try_into().ok()?;
         let len = body_len(header).ok()?;
-        decode_body(buf.get(HEADER_LEN..HEADER_LEN + len)?).ok()
+        decode_body(buf.get(HEADER_LEN..HEADER_LEN + len)?, Payloads::Copy).ok()
     }
 
     /// Decodes a record body (no frame) without any checksum: salvage's guess for a damaged
     /// record whose length field may be the damaged part. Unverified.
     pub fn decode_body_unchecked(body: &[u8]) -> Option<Record> {
-        decode_body(body).ok()
+        decode_body(body, Payloads::Copy).ok()
     }
 
     /// The commit marker framed at the start of `buf`, if there is one and it says it sits
@@ -478,7 +488,21 @@ fn frame_body(buf: &[u8]) -> Result<&[u8], DecodeError> {
     Ok(body)
 }
 
-fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
+/// Whether [`decode_body`] copies the payloads of events and snapshots out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Payloads {
+    Copy,
+    Skip,
+}
+
+fn decode_body(body: &[u8], payloads: Payloads) -> Result<Record, DecodeError> {
+    let copy = |b: &[u8]| {
+        if payloads == Payloads::Copy {
+            b.to_vec()
+        } else {
+            Vec::new()
+        }
+    };
     let mut r = Reader { buf: body };
     let kind = r.u8()?;
     let record = match kind {
@@ -501,14 +525,19 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
             let seq = r.varint()?;
             let at_ms = r.varint()?;
             let version = r.u32()?;
-            let event = r.bytes()?.to_vec();
+            let event = copy(r.bytes()?);
             let mut transitions = Vec::new();
+            let mut found = 0u64;
             // Transitions run up to the trailing count; a count that disagrees is corruption.
             while r.buf.len() > varint_len_at(r.buf) {
-                transitions.push(r.bytes()?.to_vec());
+                let t = r.bytes()?;
+                if payloads == Payloads::Copy {
+                    transitions.push(t.to_vec());
+                }
+                found += 1;
             }
             let count = r.varint()?;
-            if count != transitions.len() as u64 {
+            if count != found {
                 return Err(DecodeError::Corrupt("transition count mismatch"));
             }
             Record::Event(EventRecord {
@@ -534,7 +563,7 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
             device: r.u32()?,
             seq: r.varint()?,
             version: r.u32()?,
-            data: r.bytes()?.to_vec(),
+            data: copy(r.bytes()?),
         },
         KIND_REMOVED => Record::Removed {
             device: r.u32()?,
@@ -781,5 +810,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The recovery scan's head-only decode accepts and refuses exactly what the full decode
+    /// does, and differs from it only in leaving payloads out.
+    #[test]
+    fn decoding_heads_only_checks_as_strictly_and_drops_only_payloads() {
+        for record in samples() {
+            let mut buf = Vec::new();
+            record.encode_into(&mut buf);
+            let (head, len) = Record::decode_head(&buf).expect("decodes");
+            assert_eq!(len, buf.len());
+            let expected = match record.clone() {
+                Record::Event(e) => Record::Event(EventRecord {
+                    event: Vec::new(),
+                    transitions: Vec::new(),
+                    ..e
+                }),
+                Record::Snapshot {
+                    device,
+                    seq,
+                    version,
+                    ..
+                } => Record::Snapshot {
+                    device,
+                    seq,
+                    version,
+                    data: Vec::new(),
+                },
+                other => other,
+            };
+            assert_eq!(head, expected);
+            for cut in 0..buf.len() {
+                assert_eq!(
+                    Record::decode_head(&buf[..cut]).err(),
+                    Record::decode(&buf[..cut]).err()
+                );
+            }
+            for i in 0..buf.len() {
+                let mut bad = buf.clone();
+                bad[i] ^= 0x10;
+                assert_eq!(
+                    Record::decode_head(&bad).err(),
+                    Record::decode(&bad).err(),
+                    "byte {i} of {record:?}"
+                );
+            }
+        }
+        // A transition count that disagrees, behind a valid checksum, is refused by both.
+        let Record::Event(e) = &samples()[2] else {
+            unreachable!()
+        };
+        let mut body = Vec::new();
+        Record::Event(e.clone()).encode_into(&mut body);
+        let mut body = body[HEADER_LEN..].to_vec();
+        *body.last_mut().expect("count") += 1;
+        let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        framed.extend_from_slice(&body);
+        assert!(Record::decode(&framed).is_err());
+        assert_eq!(
+            Record::decode_head(&framed).err(),
+            Record::decode(&framed).err()
+        );
     }
 }

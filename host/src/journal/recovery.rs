@@ -55,7 +55,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -551,7 +551,7 @@ fn scan_prefix(
         }
     };
     let file_len = file_len.max(start);
-    let mut cursor = Cursor::new(storage, start, file_len);
+    let mut cursor = Cursor::new(storage, start, file_len).heads_only();
     let mut index = Index {
         spill,
         ..Index::default()
@@ -614,6 +614,10 @@ struct Cursor<'a> {
     storage: &'a dyn StorageBackend,
     len: u64,
     buf: Vec<u8>,
+    /// The framed length of the record returned last (in `buf`, unless `heads`).
+    last: u64,
+    /// Decode only what the index needs ([`Record::decode_head`]): the prefix scan.
+    heads: bool,
 }
 
 impl<'a> Cursor<'a> {
@@ -630,21 +634,62 @@ impl<'a> Cursor<'a> {
             storage,
             len,
             buf: Vec::new(),
+            last: 0,
+            heads: false,
         }
     }
 
+    /// Returns only what the index needs of events and snapshots (their payloads empty),
+    /// checked as strictly.
+    fn heads_only(mut self) -> Cursor<'a> {
+        self.heads = true;
+        self
+    }
+
     fn seek(&mut self, pos: u64) {
+        let heads = self.heads;
         *self = Cursor::new(self.storage, pos, self.len);
+        self.heads = heads;
     }
 
     /// The framed length of the record `next` returned last.
     fn last_len(&self) -> u64 {
-        self.buf.len() as u64
+        self.last
+    }
+
+    fn decode(&self, framed: &[u8]) -> Result<Record, (String, bool)> {
+        let decoded = if self.heads {
+            Record::decode_head(framed)
+        } else {
+            Record::decode(framed)
+        };
+        decoded
+            .map(|(r, _)| r)
+            .map_err(|e| (e.to_string(), matches!(e, DecodeError::Torn(_))))
     }
 
     /// The next record, or why the bytes there are not one (and whether they look cut short).
     fn next(&mut self) -> Result<Record, (String, bool)> {
         let pos = self.reader.get_ref().pos - self.reader.buffer().len() as u64;
+        // Most records sit whole in the read buffer: the prefix scan decodes them where they
+        // are. (The tail scan copies each into `buf`: salvage writes those bytes out.)
+        let buffered = self.reader.buffer();
+        if self.heads && buffered.len() >= record::HEADER_LEN {
+            let header: [u8; record::HEADER_LEN] = buffered[..record::HEADER_LEN]
+                .try_into()
+                .map_err(|_| ("short header".to_string(), true))?;
+            let len = record::body_len(&header).map_err(|e| (e.to_string(), false))?;
+            let framed = record::HEADER_LEN + len;
+            if buffered.len() >= framed {
+                if pos + framed as u64 > self.len {
+                    return Err(("record extends past end of file".into(), true));
+                }
+                let record = self.decode(&buffered[..framed]);
+                self.reader.consume(framed);
+                self.last = framed as u64;
+                return record;
+            }
+        }
         let mut header = [0u8; record::HEADER_LEN];
         if let Err(e) = self.reader.read_exact(&mut header) {
             return Err((format!("short header: {e}"), true));
@@ -659,9 +704,8 @@ impl<'a> Cursor<'a> {
         if let Err(e) = self.reader.read_exact(&mut self.buf[record::HEADER_LEN..]) {
             return Err((format!("short body: {e}"), true));
         }
-        Record::decode(&self.buf)
-            .map(|(r, _)| r)
-            .map_err(|e| (e.to_string(), matches!(e, DecodeError::Torn(_))))
+        self.last = self.buf.len() as u64;
+        self.decode(&self.buf)
     }
 }
 

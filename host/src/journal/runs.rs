@@ -63,6 +63,8 @@ struct RunWriter {
     path: PathBuf,
     blocks: Vec<Block>,
     pos: u64,
+    /// One device's offsets encoded, written with one call.
+    bytes: Vec<u8>,
 }
 
 impl RunWriter {
@@ -78,6 +80,7 @@ impl RunWriter {
             path,
             blocks: Vec::new(),
             pos: 0,
+            bytes: Vec::new(),
         })
     }
 
@@ -91,9 +94,12 @@ impl RunWriter {
                 first_seq: first_seq + i as u64 * u64::from(u32::MAX),
                 pos: self.pos,
             });
+            self.bytes.clear();
+            self.bytes.reserve(chunk.len() * 8);
             for o in chunk {
-                self.out.write_all(&o.to_le_bytes())?;
+                self.bytes.extend_from_slice(&o.to_le_bytes());
             }
+            self.out.write_all(&self.bytes)?;
             self.pos += chunk.len() as u64 * 8;
         }
         Ok(())
