@@ -300,6 +300,8 @@ fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc
             Ok(run) => run,
             Err(e) => {
                 tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
+                // A full disk fails every try at once: do not retry at every batch.
+                std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         };
