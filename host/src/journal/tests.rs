@@ -1253,3 +1253,49 @@ async fn reads_during_spills_see_every_record_once() {
     assert!(reads > 10, "{reads} reads");
     assert!(journal.index().runs.len() >= 1);
 }
+
+/// A spill that cannot be written (here the runs' directory is gone, as on a full or broken
+/// disk) loses nothing: the offsets stay in memory, every record reads back, and a later spill
+/// succeeds once the directory is writable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_spill_keeps_the_offsets_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open_spilling(dir.path(), 32);
+    let runs_dir = dir.path().join("journal.log.index");
+    std::fs::remove_dir_all(&runs_dir).expect("remove the runs' directory");
+    std::fs::write(&runs_dir, b"not a directory").expect("a file in its place");
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    let writer = journal.device_writer(0, 8);
+    for seq in 1..=200 {
+        writer.room().await;
+        append_event(&writer, seq)
+            .await
+            .expect("completion")
+            .expect("durable");
+    }
+    assert_eq!(journal.index().runs.len(), 0);
+    assert_eq!(journal.index().tail_entries, 200);
+    check_histories(&journal, 1, 200);
+
+    std::fs::remove_file(&runs_dir).expect("remove the file");
+    std::fs::create_dir(&runs_dir).expect("the directory back");
+    // The spiller waits a second after a failure before it tries again.
+    let mut seq = 200;
+    for _ in 0..400 {
+        seq += 1;
+        writer.room().await;
+        append_event(&writer, seq)
+            .await
+            .expect("completion")
+            .expect("durable");
+        if journal.index().runs.len() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(journal.index().runs.len() > 0, "spilled once it could");
+    check_histories(&journal, 1, seq);
+}
