@@ -161,6 +161,8 @@ pub struct Index {
     /// Where tails are spilled, and from how many entries on; `None`: never (a read-only
     /// journal, storage without a path, and recovery's copies).
     pub spill: Option<Arc<Spill>>,
+    /// After a failed spill: the tail size at which to try again.
+    pub spill_retry_at: u64,
 }
 
 /// Where the offsets of seqs `from..=to` of one device are: read with [`Located::offsets`]
@@ -476,11 +478,12 @@ impl Index {
         self.locate(num, seq, seq)?.offsets().ok()?.first().copied()
     }
 
-    /// Whether the tails have grown to the spill size.
+    /// Whether the tails have grown to the spill size (and, after a failed spill, by another
+    /// spill's worth since).
     pub fn wants_spill(&self) -> bool {
         self.spill
             .as_ref()
-            .is_some_and(|s| self.tail_entries >= s.flush_at)
+            .is_some_and(|s| self.tail_entries >= s.flush_at.max(self.spill_retry_at))
     }
 
     /// Step 1 of a spill: copies every device's tail out (under the read lock).
@@ -511,14 +514,16 @@ impl Index {
                 self.tail_entries -= offsets.len() as u64;
             }
         }
+        self.spill_retry_at = 0;
         self.runs = self.runs.with(run);
     }
 
     /// A whole spill at once, then any merge it calls for: for recovery, which owns its index
-    /// alone.
-    pub fn spill_now(&mut self) -> std::io::Result<()> {
+    /// alone. A failure (a full disk) is logged and leaves the offsets in memory, where they
+    /// are as good: the journal still opens. The next try waits for another spill's worth.
+    pub fn spill_now(&mut self) {
         let Some(spill) = self.spill.clone() else {
-            return Ok(());
+            return;
         };
         // Alone with the index: the tails are moved out, not copied.
         let mut devices: Vec<(u32, u64, Vec<u64>)> = self
@@ -528,15 +533,32 @@ impl Index {
             .map(|d| (d.num, d.tail_from(), std::mem::take(&mut d.tail)))
             .collect();
         devices.sort_unstable_by_key(|d| d.0);
-        let run = spill.write(devices.iter().map(|(n, f, o)| (*n, *f, o.as_slice())))?;
-        self.tail_entries = 0;
-        self.runs = self.runs.with(run);
+        match spill.write(devices.iter().map(|(n, f, o)| (*n, *f, o.as_slice()))) {
+            Ok(run) => {
+                self.tail_entries = 0;
+                self.spill_retry_at = 0;
+                self.runs = self.runs.with(run);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
+                for (num, _, tail) in devices {
+                    if let Some(d) = self.devices.get_mut(&num) {
+                        d.tail = tail;
+                    }
+                }
+                self.spill_retry_at = self.tail_entries + spill.flush_at;
+                return;
+            }
+        }
         let n = Spill::to_merge(&self.runs);
         if n > 0 {
-            let merged = spill.merge(&self.runs, n)?;
-            self.runs = self.runs.merged(n, merged);
+            match spill.merge(&self.runs, n) {
+                Ok(merged) => self.runs = self.runs.merged(n, merged),
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are")
+                }
+            }
         }
-        Ok(())
     }
 }
 

@@ -351,10 +351,17 @@ impl Journal {
         salvaged: Option<Salvaged>,
     ) -> std::io::Result<Journal> {
         let spill = match storage.path() {
-            Some(path) if options.index_spill_at > 0 => Some(Arc::new(runs::Spill::open(
-                &recovery::side_file(path, "index"),
-                options.index_spill_at,
-            )?)),
+            Some(path) if options.index_spill_at > 0 => {
+                let dir = recovery::side_file(path, "index");
+                match runs::Spill::open(&dir, options.index_spill_at) {
+                    Ok(spill) => Some(Arc::new(spill)),
+                    // The offsets stay in memory: the journal opens all the same.
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "journal index: cannot spill offsets to disk; keeping them all in memory");
+                        None
+                    }
+                }
+            }
             _ => None,
         };
         let (index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone())?;

@@ -586,7 +586,7 @@ fn scan_prefix(
                 Ok(effect) => {
                     index.apply(effect, offset);
                     if index.wants_spill() {
-                        index.spill_now()?;
+                        index.spill_now();
                     }
                 }
                 Err(e) => break Some((e.to_string(), false)),

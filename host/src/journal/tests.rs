@@ -1299,3 +1299,61 @@ async fn a_failed_spill_keeps_the_offsets_in_memory() {
     assert!(journal.index().runs.len() > 0, "spilled once it could");
     check_histories(&journal, 1, seq);
 }
+
+/// A journal opens even where its index cannot spill at all (the runs' directory cannot be
+/// made): every offset stays in memory.
+#[tokio::test]
+async fn a_journal_whose_runs_directory_cannot_be_made_still_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 50).await.close();
+    let runs_dir = dir.path().join("journal.log.index");
+    std::fs::remove_dir_all(&runs_dir).expect("remove the runs' directory");
+    std::fs::write(&runs_dir, b"a file").expect("a file in its place");
+    let journal = open_spilling(dir.path(), 8);
+    assert_eq!(journal.index().runs.len(), 0);
+    assert!(journal.index().spill.is_none());
+    check_histories(&journal, 1, 50);
+}
+
+/// Recovery's own spills: a failure leaves the offsets in memory and waits for another
+/// spill's worth before trying again; the next one that can be written takes them all.
+#[test]
+fn a_failed_spill_during_recovery_keeps_the_offsets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs_dir = dir.path().join("runs");
+    let mut index = Index {
+        spill: Some(Arc::new(runs::Spill::open(&runs_dir, 4).expect("spill"))),
+        ..Index::default()
+    };
+    for (r, _) in [version_record(0), device_record(0, "a")] {
+        let effect = index.effect_of(&r).expect("fits");
+        index.apply(effect, 0);
+    }
+    let mut apply = |index: &mut Index, seq: u64| {
+        let (r, _) = event(0, seq);
+        let effect = index.effect_of(&r).expect("fits");
+        index.apply(effect, seq * 100);
+    };
+    std::fs::remove_dir_all(&runs_dir).expect("remove");
+    std::fs::write(&runs_dir, b"a file").expect("a file in its place");
+    for seq in 1..=4 {
+        apply(&mut index, seq);
+    }
+    assert!(index.wants_spill());
+    index.spill_now();
+    assert_eq!((index.runs.len(), index.tail_entries), (0, 4));
+    assert_eq!(index.offset_of(0, 3), Some(300));
+    apply(&mut index, 5);
+    assert!(!index.wants_spill(), "waits for another spill's worth");
+    std::fs::remove_file(&runs_dir).expect("remove the file");
+    std::fs::create_dir(&runs_dir).expect("the directory back");
+    for seq in 6..=8 {
+        apply(&mut index, seq);
+    }
+    assert!(index.wants_spill());
+    index.spill_now();
+    assert_eq!((index.runs.len(), index.tail_entries), (1, 0));
+    for seq in 1..=8 {
+        assert_eq!(index.offset_of(0, seq), Some(seq * 100));
+    }
+}
