@@ -1329,7 +1329,7 @@ fn a_failed_spill_during_recovery_keeps_the_offsets() {
         let effect = index.effect_of(&r).expect("fits");
         index.apply(effect, 0);
     }
-    let mut apply = |index: &mut Index, seq: u64| {
+    let apply = |index: &mut Index, seq: u64| {
         let (r, _) = event(0, seq);
         let effect = index.effect_of(&r).expect("fits");
         index.apply(effect, seq * 100);
