@@ -21,8 +21,9 @@
 //! * Each device line is followed by its records in seq order, from the header's `from`.
 //!   Events, transitions and configs are embedded as the exact JSON text recorded (so an
 //!   import reproduces the journal byte for byte); a text that is not JSON (a transition from
-//!   a plugin that printed something else) is given as a string under `event_text`,
-//!   `transitions_text` or `config_text` instead. `lost` marks a seq destroyed by media
+//!   a plugin that printed something else), or is JSON spread over several lines (an event
+//!   sent pretty-printed), is given as a string under `event_text`, `transitions_text` or
+//!   `config_text` instead. `lost` marks a seq destroyed by media
 //!   damage and salvaged away (see `journal::salvage`).
 //! * The `end` line counts what came before it, so a cut-short file is refused.
 //!
@@ -147,10 +148,13 @@ struct Kind {
     kind: String,
 }
 
-/// JSON text as a raw value if it is JSON, else as a string for the `*_text` field.
+/// JSON text as a raw value if it is JSON on one line, else as a string for the `*_text`
+/// field: a JSON text with line breaks (an event a client sent pretty-printed) would break
+/// the one-line-per-record format, and re-serializing it would change its bytes.
 fn raw_or_text(bytes: &[u8]) -> (Option<Box<RawValue>>, Option<String>) {
     match std::str::from_utf8(bytes)
         .ok()
+        .filter(|s| !s.contains(['\n', '\r']))
         .and_then(|s| RawValue::from_string(s.to_string()).ok())
     {
         Some(raw) => (Some(raw), None),

@@ -27,6 +27,12 @@ fn fleet(server: &Server) {
     }
     api.send("lock", &json!({"type": "unlock", "code": "1234"}));
     api.send("lock", &json!({"type": "lock"}));
+    // Sent pretty-printed: recorded as sent, line breaks and all, and exported on one line.
+    let pretty = api.post_raw(
+        "/v1/devices/t2/events",
+        b"{\n  \"type\": \"reading\",\r\n  \"celsius\": 19.25\n}",
+    );
+    assert_eq!(pretty.status, 200, "{}", pretty.text);
 }
 
 /// `text` with its first component replaced by bytes that are not WebAssembly (and the
@@ -106,17 +112,27 @@ fn export_then_import_reproduces_every_device_exactly() {
         file.to_str().expect("utf-8"),
     ]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("exported 3 device(s), 82 record(s)"), "{out}");
+    assert!(out.contains("exported 3 device(s), 83 record(s)"), "{out}");
     let text = std::fs::read_to_string(&file).expect("export");
     assert!(
         text.starts_with(r#"{"kind":"drover-export","format":1"#),
         "{text:.200}"
     );
+    // Header, 2 plugins, 3 devices, 83 records, end.
+    assert_eq!(
+        text.lines().count(),
+        1 + 2 + 3 + 83 + 1,
+        "one line per record"
+    );
+    assert!(
+        text.contains(r#""event_text":"{\n  \"type\": \"reading\",\r\n  \"celsius\": 19.25\n}""#),
+        "the pretty-printed event as its exact text"
+    );
 
     let target = root.path().join("target");
     let (ok, out, err) = import(&file, &target);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("imported 3 device(s), 82 record(s)"), "{out}");
+    assert!(out.contains("imported 3 device(s), 83 record(s)"), "{out}");
 
     // A server on the import: the same journals, record for record, and the same states; and
     // the devices go on from their next seq.
@@ -158,7 +174,7 @@ fn export_then_import_reproduces_every_device_exactly() {
     twice.extend_from_slice(&lines[t1..t1_end]);
     let end = format!(
         r#"{{"kind":"end","devices":4,"records":{}}}"#,
-        82 + (t1_end - t1 - 1)
+        83 + (t1_end - t1 - 1)
     );
     twice.push(&end);
     let cases = [
