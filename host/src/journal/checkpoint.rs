@@ -7,9 +7,13 @@
 //! than a crash (see `journal/recovery.rs`). Its seqs are what salvage marks lost when that
 //! happens. Periodic checkpoints of the whole index, so that a restart scans only what came
 //! after one, are the next step (issue 9); this is the first half of that file.
+//!
+//! The file is the checkpoint's JSON, a line break, and the CRC-32 of the JSON in 8 hex
+//! digits (format 2): a damaged checkpoint is ignored with a warning, never taken for a file
+//! cut short. A format-1 checkpoint (no CRC, written by earlier builds) is still read.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::index::Index;
@@ -52,7 +56,7 @@ impl Checkpoint {
 /// a new file, synced, renamed over the old one, the directory synced).
 pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io::Result<()> {
     let checkpoint = Checkpoint {
-        format: 1,
+        format: 2,
         len,
         devices: index
             .devices
@@ -69,8 +73,10 @@ pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io:
     };
     let target = side_file(path, "checkpoint");
     let tmp = side_file(path, "checkpoint.tmp");
+    let json = serde_json::to_vec(&checkpoint)?;
     let mut file = BufWriter::new(File::create(&tmp)?);
-    serde_json::to_writer(&mut file, &checkpoint)?;
+    file.write_all(&json)?;
+    write!(file, "\n{:08x}\n", crc32fast::hash(&json))?;
     let file = file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     std::fs::rename(&tmp, &target)?;
@@ -83,8 +89,27 @@ pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io:
 pub(super) fn read_checkpoint(storage: &dyn StorageBackend) -> Option<Checkpoint> {
     let path = side_file(storage.path()?, "checkpoint");
     let bytes = std::fs::read(&path).ok()?;
-    match serde_json::from_slice::<Checkpoint>(&bytes) {
-        Ok(c) if c.format == 1 => Some(c),
+    let (json, crc) = match bytes.trim_ascii_end().rsplit(|b| *b == b'\n').next() {
+        Some(last) if last.len() == 8 && last.len() < bytes.len() => {
+            let json = &bytes[..bytes.trim_ascii_end().len() - 9];
+            let crc = std::str::from_utf8(last)
+                .ok()
+                .and_then(|h| u32::from_str_radix(h, 16).ok());
+            (json, Some(crc))
+        }
+        _ => (&bytes[..], None),
+    };
+    match crc {
+        Some(Some(crc)) if crc == crc32fast::hash(json) => {}
+        Some(_) => {
+            tracing::warn!(path = %path.display(), "damaged journal checkpoint ignored (checksum mismatch)");
+            return None;
+        }
+        None => {}
+    }
+    match serde_json::from_slice::<Checkpoint>(json) {
+        // Format 1 carries no checksum; format 2 must have had one.
+        Ok(c) if (c.format == 1 && crc.is_none()) || (c.format == 2 && crc.is_some()) => Some(c),
         Ok(c) => {
             tracing::warn!(path = %path.display(), format = c.format, "journal checkpoint of an unknown format ignored");
             None

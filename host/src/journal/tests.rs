@@ -895,10 +895,13 @@ async fn a_file_cut_short_after_a_clean_stop_is_refused_and_salvage_keeps_its_se
     let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
     assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 10 - 5);
     // Salvage wrote the new file's checkpoint before renaming it in.
-    let checkpoint: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("journal.log.checkpoint")).expect("checkpoint"),
-    )
-    .expect("json");
+    let bytes = std::fs::read(dir.path().join("journal.log.checkpoint")).expect("checkpoint");
+    // The JSON, then its checksum on a line of its own.
+    let checkpoint: serde_json::Value = serde_json::Deserializer::from_slice(&bytes)
+        .into_iter()
+        .next()
+        .expect("a value")
+        .expect("json");
     assert_eq!(checkpoint["len"], serde_json::json!(recovery.valid_len));
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(10));
     assert_eq!(
@@ -1356,4 +1359,26 @@ fn a_failed_spill_during_recovery_keeps_the_offsets() {
     for seq in 1..=8 {
         assert_eq!(index.offset_of(0, seq), Some(seq * 100));
     }
+}
+
+/// A checkpoint edited or damaged after a clean stop is ignored (it carries a checksum), not
+/// taken for proof that a healthy journal was cut short.
+#[tokio::test]
+async fn a_damaged_checkpoint_is_ignored_not_taken_for_a_cut_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 20).await.close();
+    let path = dir.path().join("journal.log.checkpoint");
+    let text = std::fs::read_to_string(&path).expect("checkpoint");
+    let len = std::fs::metadata(dir.path().join(FILE_NAME))
+        .expect("stat")
+        .len();
+    let edited = text.replace(
+        &format!("\"len\":{len}"),
+        &format!("\"len\":{}", len + 20_000),
+    );
+    assert_ne!(edited, text, "{text}");
+    std::fs::write(&path, edited).expect("edit");
+    let (journal, recovery) = open_dir(dir.path()).expect("opens");
+    assert!(recovery.dropped.is_none());
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(20));
 }
