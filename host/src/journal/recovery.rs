@@ -539,8 +539,11 @@ fn scan_prefix(
         record::FileHeader::Present { format } => (record::FILE_HEADER_LEN as u64, format),
         record::FileHeader::Legacy => (0, 1),
         record::FileHeader::Missing => {
-            // New (or never got past writing its header): write it, unless read-only.
-            if writable {
+            // New (or never got past writing its header): write it, unless read-only or the
+            // last clean stop's checkpoint says the file was longer (it was cut: refused
+            // below, and left as it was found).
+            let cut = checkpoint.as_ref().is_some_and(|c| c.cut_short(file_len));
+            if writable && !cut {
                 storage.set_len(0)?;
                 storage.write_all_at(&record::file_header(), 0)?;
                 storage.sync_data()?;

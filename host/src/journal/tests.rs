@@ -1382,3 +1382,32 @@ async fn a_damaged_checkpoint_is_ignored_not_taken_for_a_cut_journal() {
     assert!(recovery.dropped.is_none());
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(20));
 }
+
+/// A journal cut inside its file header after a clean stop is refused as it is: opening
+/// writes no new header over it, and the report gives the length found.
+#[tokio::test]
+async fn a_journal_cut_inside_its_header_is_refused_and_left_as_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 5).await.close();
+    let path = dir.path().join(FILE_NAME);
+    for len in [0u64, 5] {
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(len).expect("cut");
+        drop(file);
+        let err = open_dir(dir.path()).err().expect("refused");
+        assert!(err.to_string().contains("cut short"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("the file is {len} bytes long")),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            len,
+            "untouched"
+        );
+    }
+    let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 5);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
+}
