@@ -319,3 +319,34 @@ fn the_data_directory_commands_offer_no_server_flags() {
     assert!(ok, "{err}");
     assert!(out.contains("--server"), "{out}");
 }
+
+/// An export that fails (an unknown device, a directory with no journal) exits non-zero with
+/// the reason and leaves no file behind, complete or partial.
+#[test]
+fn a_failed_export_leaves_no_file() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let server = Server::start(&source, &[]);
+    server.api().provision("t1", "thermostat", json!({}));
+    for (data, device) in [(&source, "nosuch"), (&root.path().join("empty"), "t1")] {
+        let out = root.path().join("out.jsonl");
+        let (ok, stdout, err) = cli(&[
+            "journal",
+            "export",
+            device,
+            "--data",
+            data.to_str().expect("utf-8"),
+            "-o",
+            out.to_str().expect("utf-8"),
+        ]);
+        assert!(!ok, "{stdout}");
+        assert!(!err.is_empty());
+        let left: Vec<String> = std::fs::read_dir(root.path())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("out"))
+            .collect();
+        assert!(left.is_empty(), "{device}: left {left:?}: {err}");
+    }
+}

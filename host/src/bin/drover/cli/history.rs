@@ -78,15 +78,26 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = match &args.output {
         Some(path) => {
-            let tmp = path.with_extension("partial");
-            let file = std::fs::File::create(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            let mut out = std::io::BufWriter::new(file);
-            let summary = drover::export::export(&args.data, only, args.from, &mut out)?;
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            summary
+            // Written beside the target and renamed over it once complete, so the target
+            // never holds half an export; removed again if the export fails.
+            let mut tmp = path.clone().into_os_string();
+            tmp.push(".partial");
+            let tmp = std::path::PathBuf::from(tmp);
+            let written = (|| -> anyhow::Result<_> {
+                let file = std::fs::File::create(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                let mut out = std::io::BufWriter::new(file);
+                let summary = drover::export::export(&args.data, only, args.from, &mut out)?;
+                let file = out.into_inner().map_err(|e| e.into_error())?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, path)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+                Ok(summary)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written?
         }
         None => {
             let stdout = std::io::stdout();
