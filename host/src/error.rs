@@ -72,6 +72,18 @@ pub enum Error {
     Journal(#[from] JournalError),
     #[error("the device failed to activate: {0}")]
     Activation(String),
+    /// The component of the plugin version a device runs is not in the data directory (a
+    /// version record rebuilt by salvage as a placeholder, or a file removed by hand):
+    /// nothing can run the device until a version of the plugin is uploaded and deployed.
+    #[error(
+        "version {version} of plugin `{plugin}` cannot run: {why}; upload a version of the \
+         plugin and deploy it to run this device"
+    )]
+    PluginUnavailable {
+        plugin: String,
+        version: u32,
+        why: String,
+    },
     #[error("the runtime is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -127,6 +139,7 @@ error_kinds! {
     SeqOutOfRange => "seq-out-of-range",
     Journal => "journal",
     ActivationFailed => "activation-failed",
+    PluginUnavailable => "plugin-unavailable",
     ShuttingDown => "shutting-down",
     Internal => "internal",
 }
@@ -156,6 +169,7 @@ impl Error {
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
             Error::Journal(_) => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,
+            Error::PluginUnavailable { .. } => ErrorKind::PluginUnavailable,
             Error::ShuttingDown => ErrorKind::ShuttingDown,
             Error::Internal(_) => ErrorKind::Internal,
         }

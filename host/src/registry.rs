@@ -503,10 +503,10 @@ impl Registry {
         if let Some(c) = self.compiled.lock().get(&id) {
             return Ok(c.clone());
         }
-        let digest = self
+        let version = self
             .version(id)
-            .map(|v| hex::encode(v.digest))
             .ok_or_else(|| Error::Internal(format!("plugin version id {id} is not recorded")))?;
+        let digest = hex::encode(version.digest);
         let cwasm = self.dir.join(format!("{digest}.cwasm"));
         let compiled = match self.engine.load_precompiled(&cwasm) {
             Ok(c) => c,
@@ -516,10 +516,16 @@ impl Registry {
                 }
                 let wasm = self.dir.join(format!("{digest}.wasm"));
                 let bytes = std::fs::read(&wasm).map_err(|e| {
-                    Error::Internal(format!(
-                        "plugin artifact {} unreadable: {e}",
-                        wasm.display()
-                    ))
+                    tracing::error!(file = %wasm.display(), error = %e, plugin = %version.plugin, version = version.number, "plugin component unreadable");
+                    Error::PluginUnavailable {
+                        plugin: version.plugin.clone(),
+                        version: version.number,
+                        why: if e.kind() == std::io::ErrorKind::NotFound {
+                            format!("its component (sha256 {digest}) is not in the data directory")
+                        } else {
+                            format!("its component (sha256 {digest}) cannot be read: {e}")
+                        },
+                    }
                 })?;
                 let c = self.engine.compile(&bytes)?;
                 if let Ok(artifact) = self.engine.precompile(&bytes) {

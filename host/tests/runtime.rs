@@ -1250,3 +1250,55 @@ async fn a_removal_whose_caller_goes_away_still_completes() {
     );
     rt.shutdown().await;
 }
+
+/// A device whose plugin version's component is missing from the data directory (a version
+/// record salvage rebuilt as a placeholder, a file removed by hand) answers a clear
+/// `plugin-unavailable` naming the plugin and what to do, not an internal error with a
+/// server path, and is not quarantined for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_component_is_missing_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 0).await;
+    rt.provision("t1", "thermostat", &json!({}))
+        .await
+        .expect("provision");
+    rt.send("t1", r#"{"type":"reading","celsius":20}"#)
+        .await
+        .expect("event");
+    let digest = rt
+        .journal()
+        .versions()
+        .into_iter()
+        .find(|v| v.plugin == "thermostat")
+        .map(|v| hex::encode(v.digest))
+        .expect("thermostat");
+    rt.shutdown().await;
+    drop(rt);
+    for ext in ["wasm", "cwasm"] {
+        std::fs::remove_file(dir.path().join("plugins").join(format!("{digest}.{ext}")))
+            .expect("remove the component");
+    }
+
+    let rt = Runtime::builder(dir.path())
+        .call_timeout(Duration::from_millis(300))
+        .open()
+        .await
+        .expect("runtime opens");
+    for _ in 0..3 {
+        let err = rt.device("t1").await.err().expect("no component");
+        assert_eq!(err.kind(), ErrorKind::PluginUnavailable, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("plugin `thermostat`") && text.contains("deploy"),
+            "{text}"
+        );
+        assert!(!text.contains(&dir.path().display().to_string()), "{text}");
+    }
+    let err = rt
+        .send("t1", r#"{"type":"reading","celsius":20}"#)
+        .await
+        .err()
+        .expect("no component");
+    assert_eq!(err.kind(), ErrorKind::PluginUnavailable, "{err}");
+    rt.shutdown().await;
+}

@@ -18,7 +18,7 @@
 //! | 429 | `mailbox-full` (with `Retry-After`) | slow down and retry |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
 //! | 501 | `not-implemented` | |
-//! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `too-many-connections`, all with `Retry-After` | retry later or elsewhere |
+//! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `too-many-connections`, all with `Retry-After`; `plugin-unavailable` (the component of the device's plugin version is missing, e.g. a placeholder salvage rebuilt: deploy a version), without | retry later or elsewhere |
 //!
 //! A state asked for at a seq the device has not reached is 404 `seq-out-of-range`: the
 //! request is well formed, the record does not exist yet.
@@ -193,9 +193,10 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         | ErrorKind::Timeout
         | ErrorKind::OutputTooLarge
         | ErrorKind::InvalidPlugin => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorKind::Quarantined | ErrorKind::Journal | ErrorKind::ShuttingDown => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ErrorKind::Quarantined
+        | ErrorKind::Journal
+        | ErrorKind::ShuttingDown
+        | ErrorKind::PluginUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::MailboxFull => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::ActivationFailed | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -221,6 +222,8 @@ impl From<Error> for ApiError {
                     .unwrap_or(u32::MAX)
                     .max(1),
             ),
+            // Retrying does not help until someone deploys a version.
+            (Error::PluginUnavailable { .. }, _) => None,
             (_, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => Some(1),
             _ => None,
         };
