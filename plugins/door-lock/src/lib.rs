@@ -63,7 +63,10 @@
 //!
 //! # State (what `GET /v1/devices/{id}` shows)
 //!
-//! The PIN is part of the snapshot but never of the queried state:
+//! The PIN is part of the snapshot but never of the queried state. It is not a secret from
+//! API clients all the same: the host shows every device's provisioning config (here the PIN)
+//! in `GET /v1/devices/{id}`, and the journal API shows each `unlock` event as sent, PIN
+//! included. Anyone who can read the API can read the PIN; protect the API accordingly.
 //!
 //! ```json
 //! {"device_id": "front-door", "locked": true, "door_open": false, "failed_attempts": 0,
