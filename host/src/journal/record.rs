@@ -78,6 +78,10 @@ pub enum FileHeader {
     Legacy,
     /// Empty, or a header cut short by a crash while the file was created.
     Missing,
+    /// The magic is there but the checksum of the header does not match: media damage in
+    /// the header (its format field cannot be trusted). Refused on open; salvage writes a
+    /// new header.
+    Damaged,
 }
 
 /// Reads and checks the file header of a journal of `len` bytes.
@@ -98,9 +102,7 @@ pub fn read_file_header(
     let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidData, msg);
     let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
     if crc32fast::hash(&buf[..12]) != crc {
-        return Err(invalid(
-            "the journal's file header is damaged (checksum mismatch)".into(),
-        ));
+        return Ok(FileHeader::Damaged);
     }
     let format = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
     if format == 0 || format > FORMAT_VERSION {

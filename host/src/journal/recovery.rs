@@ -260,6 +260,8 @@ struct Prefix {
     last_marker: Option<Marker>,
     /// What the last clean close recorded, if anything.
     checkpoint: Option<Checkpoint>,
+    /// The file header failed its checksum (its records were read as this build's format).
+    bad_header: bool,
 }
 
 /// Scans the journal from the start, building the index; cuts a torn tail and refuses damage
@@ -299,6 +301,18 @@ pub(super) fn recover(
         .checkpoint
         .as_ref()
         .is_some_and(|c| c.cut_short(prefix.file_len));
+    if prefix.bad_header {
+        let (tail, _) = scan_tail(storage, &prefix, None)?;
+        let mut damage = tail.damage(
+            storage,
+            8,
+            "the file header is damaged (checksum mismatch)".to_string(),
+        );
+        damage.ranges.insert(0, (8, record::FILE_HEADER_LEN as u64));
+        damage.intact_after += prefix.records;
+        damage.unreadable = tolerant.unreadable();
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, damage));
+    }
     let Some((reason, torn)) = prefix.bad.clone() else {
         if cut_short {
             let (tail, _) = scan_tail(storage, &prefix, None)?;
@@ -417,6 +431,7 @@ pub(super) fn salvage_from(
     let reason = match prefix.bad.clone() {
         Some((reason, _)) => reason,
         None if cut_short => cut_short_reason(&prefix),
+        None if prefix.bad_header => "the file header is damaged (checksum mismatch)".into(),
         None => return Ok(None),
     };
     let offset = prefix.end;
@@ -436,7 +451,11 @@ pub(super) fn salvage_from(
     out.pos += std::io::copy(&mut copied, &mut out.file)?;
     let (tail, shadow) = scan_tail(storage, &prefix, Some(&mut out))?;
     let unreadable = tolerant.unreadable();
-    if offset >= tearable_from(&prefix, &tail) && !cut_short && unreadable.is_empty() {
+    if offset >= tearable_from(&prefix, &tail)
+        && !cut_short
+        && unreadable.is_empty()
+        && !prefix.bad_header
+    {
         // A torn tail, not damage: the normal open cuts it.
         drop(out);
         std::fs::remove_file(&tmp)?;
@@ -456,11 +475,16 @@ pub(super) fn salvage_from(
     file.sync_all()?;
     drop(file);
 
-    let mut damage = tail.damage(storage, offset, reason);
+    // The first damaged byte: the header's, if that is where the damage is.
+    let first = if prefix.bad_header { 8 } else { offset };
+    let mut damage = tail.damage(storage, first, reason);
     damage.unreadable = unreadable;
-    let mut original = side_file(path, &format!("damaged-{offset}"));
+    if prefix.bad_header {
+        damage.ranges.insert(0, (8, record::FILE_HEADER_LEN as u64));
+    }
+    let mut original = side_file(path, &format!("damaged-{first}"));
     if original.exists() {
-        original = side_file(path, &format!("damaged-{offset}-{}", wall_ms()));
+        original = side_file(path, &format!("damaged-{first}-{}", wall_ms()));
     }
     std::fs::hard_link(path, &original)?;
     // The checkpoint of the new file, before it is in place: with the old file (a crash
@@ -478,7 +502,7 @@ pub(super) fn salvage_from(
         original,
     };
     tracing::warn!(
-        offset,
+        offset = first,
         damaged_bytes = salvaged.damage.damaged_bytes(),
         kept = salvaged.kept,
         lost_seqs = salvaged.lost_seqs,
@@ -535,8 +559,15 @@ fn scan_prefix(
     // last bytes, so a checkpoint read first never claims more than the length read next.
     let checkpoint = read_checkpoint(storage);
     let file_len = storage.size()?;
+    let mut bad_header = false;
     let (start, format) = match record::read_file_header(storage, file_len)? {
         record::FileHeader::Present { format } => (record::FILE_HEADER_LEN as u64, format),
+        record::FileHeader::Damaged => {
+            // Which format the header named is lost; the records tell (every format since 2
+            // reads as this build's), and the damage is reported like any other.
+            bad_header = true;
+            (record::FILE_HEADER_LEN as u64, FORMAT_VERSION)
+        }
         record::FileHeader::Legacy => (0, 1),
         record::FileHeader::Missing => {
             // New (or never got past writing its header): write it, unless read-only or the
@@ -608,6 +639,7 @@ fn scan_prefix(
         bad,
         last_marker,
         checkpoint,
+        bad_header,
     })
 }
 

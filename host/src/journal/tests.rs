@@ -1411,3 +1411,39 @@ async fn a_journal_cut_inside_its_header_is_refused_and_left_as_found() {
     assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 5);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
 }
+
+/// A damaged byte in the file header (its format field or its checksum) is media damage like
+/// any other: opening refuses naming the header, and salvage writes a new header and keeps
+/// every record.
+#[tokio::test]
+async fn a_damaged_file_header_is_refused_and_salvaged() {
+    for at in [9usize, 12] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let before = {
+            let journal = seeded(dir.path(), 30).await;
+            let before = journal.read_events(0, 1, 30).expect("read");
+            journal.close();
+            before
+        };
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[at] ^= 0x04;
+        std::fs::write(&path, &bytes).expect("write");
+
+        let err = open_dir(dir.path()).err().expect("refused");
+        let damage = Damaged::of(&err).expect("a damage report");
+        assert_eq!(damage.offset, 8, "{err}");
+        assert!(err.to_string().contains("file header"), "{err}");
+        assert!(err.to_string().contains("--salvage"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "untouched");
+
+        let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+        let salvaged = recovery.salvaged.expect("salvaged");
+        assert_eq!(salvaged.lost_seqs, 0);
+        assert_eq!(journal.read_events(0, 1, 30).expect("read"), before);
+        journal.close();
+        drop(journal);
+        let (_, recovery) = open_dir(dir.path()).expect("opens cleanly");
+        assert!(recovery.salvaged.is_none() && recovery.dropped.is_none());
+    }
+}
