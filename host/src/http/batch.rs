@@ -189,6 +189,8 @@ pub async fn ingest(State(app): State<App>, body: Body) -> Result<Response, ApiE
             limit: max,
         });
         api.message = format!("a batch may carry at most {max} events, this one has {n}");
+        // Refused here, before the runtime saw it: counted with the HTTP layer's refusals.
+        api.origin = super::error::Origin::Http;
         return Err(api);
     }
     let (mut results, pending) = enqueue(&app, &batch.events);
