@@ -874,3 +874,36 @@ fn a_server_whose_stderr_is_a_full_disk_keeps_serving() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `drover serve` checks its address and its data directory before it touches anything: a
+/// port in use fails without creating the data directory, and a `--data` that is a file
+/// says so.
+#[test]
+fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let data = dir.path().join("data");
+    let (ok, _, err) = cli(&[
+        "serve",
+        "--listen",
+        &addr,
+        "--data",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
+    assert!(!data.exists(), "the data directory was created");
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("file");
+    let (ok, _, err) = cli(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("is a file, not a directory"), "{err}");
+}

@@ -52,9 +52,17 @@ impl Server {
     /// ([`Limits::header_read_timeout`]), which also bounds how long a keep-alive connection
     /// may sit idle, and at most [`Limits::max_connections`] are open at once.
     pub async fn start(rt: Runtime, listen: &str, limits: Limits) -> anyhow::Result<Server> {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
+        Server::start_on(rt, bind(listen).await?, limits)
+    }
+
+    /// [`Server::start`] on a listener bound already: `drover serve` binds before it opens
+    /// the data directory, so a bad address or a port in use fails before anything is
+    /// created or locked.
+    pub fn start_on(
+        rt: Runtime,
+        listener: tokio::net::TcpListener,
+        limits: Limits,
+    ) -> anyhow::Result<Server> {
         let addr = listener.local_addr().context("reading the bound address")?;
         let header_timeout = limits.header_read_timeout;
         let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -144,6 +152,13 @@ impl Server {
             }
         }
     }
+}
+
+/// Binds `listen` (`host:port`; port 0 picks a free one), for [`Server::start_on`].
+pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))
 }
 
 /// Resolves at the first SIGTERM or Ctrl-C (SIGINT).

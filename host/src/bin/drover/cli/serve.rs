@@ -263,12 +263,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // The address first: a bad one or a port in use fails before the data directory is
+    // created, locked or scanned.
+    let listener = drover::http::server::bind(&args.listen).await?;
+    if args.data.exists() && !args.data.is_dir() {
+        anyhow::bail!(
+            "--data {} is a file, not a directory: give the directory to keep the journal and plugins in",
+            args.data.display()
+        );
+    }
     let rt = args
         .tuning
         .open(&args.data, args.plugins.as_deref())
         .await
         .with_context(|| format!("opening {}", args.data.display()))?;
-    let server = Server::start(rt.clone(), &args.listen, args.tuning.limits()).await?;
+    let server = Server::start_on(rt.clone(), listener, args.tuning.limits())?;
     announce(&server)?;
 
     shutdown_signal().await;
