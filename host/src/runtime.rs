@@ -220,7 +220,7 @@ impl Runtime {
         let _claim = self.claim_provisioning(id).await?;
         let _binding = self.shared.binding.read().await;
         if let Some(existing) = self.summary(id) {
-            return if existing.plugin == plugin && existing.config == *config {
+            return if existing.plugin == plugin && same_json(&existing.config, config) {
                 Ok((existing, false))
             } else {
                 Err(Error::DeviceConflict {
@@ -674,5 +674,26 @@ impl Runtime {
         } else {
             Ok(())
         }
+    }
+}
+
+/// JSON equality as a reader means it: `21` and `21.0` are the same number (serde_json's
+/// `Value` tells an integer from a float), so re-provisioning with a config written by another
+/// tool is not a conflict.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            x == y || ((x.is_f64() || y.is_f64()) && x.as_f64() == y.as_f64())
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
     }
 }

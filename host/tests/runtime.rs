@@ -108,6 +108,12 @@ async fn devices_of_both_plugins_compute_their_state_from_events() {
         .await
         .expect("idempotent");
     assert!(!created);
+    // The same number written as an integer is the same config.
+    let (_, created) = rt
+        .provision("hall", "thermostat", &json!({"setpoint": 21}))
+        .await
+        .expect("21 is 21.0");
+    assert!(!created);
     let err = rt
         .provision("hall", "thermostat", &json!({"setpoint": 25.0}))
         .await
