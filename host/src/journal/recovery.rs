@@ -144,8 +144,9 @@ impl std::fmt::Display for Damaged {
         write!(
             f,
             "{}: damaged record at offset {} ({}): that is media damage, not a torn write \
-             (it lies before the last commit, which every later record proves durable): {} \
-             damaged byte(s) in {} range(s), followed by {} intact record(s)",
+             (it lies in the part of the file proven durable: before the last commit, or \
+             within the length the last clean stop recorded): {} damaged byte(s) in {} \
+             range(s), followed by {} intact record(s)",
             self.path,
             self.offset,
             self.reason,
