@@ -89,9 +89,13 @@ pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io:
 pub(super) fn read_checkpoint(storage: &dyn StorageBackend) -> Option<Checkpoint> {
     let path = side_file(storage.path()?, "checkpoint");
     let bytes = std::fs::read(&path).ok()?;
-    let (json, crc) = match bytes.trim_ascii_end().rsplit(|b| *b == b'\n').next() {
-        Some(last) if last.len() == 8 && last.len() < bytes.len() => {
-            let json = &bytes[..bytes.trim_ascii_end().len() - 9];
+    let trimmed = bytes.trim_ascii_end();
+    let (json, crc) = match trimmed.rsplit(|b| *b == b'\n').next() {
+        // `JSON \n CRC`: the CRC line is 8 hex digits after a line break.
+        Some(last)
+            if last.len() == 8 && trimmed.len() > 8 && trimmed[trimmed.len() - 9] == b'\n' =>
+        {
+            let json = &trimmed[..trimmed.len() - 9];
             let crc = std::str::from_utf8(last)
                 .ok()
                 .and_then(|h| u32::from_str_radix(h, 16).ok());

@@ -498,6 +498,14 @@ impl Index {
         SpillPlan { devices }
     }
 
+    /// A spill could not be written: the offsets stay in memory, and the next try waits for
+    /// another spill's worth.
+    pub fn spill_failed(&mut self) {
+        if let Some(spill) = &self.spill {
+            self.spill_retry_at = self.tail_entries + spill.flush_at;
+        }
+    }
+
     /// Step 3 of a spill: `run` (written from `plan`, step 2, without a lock) takes over the
     /// tail prefixes it holds (under the write lock). A device removed meanwhile is skipped;
     /// its offsets in the run are never read.
@@ -546,13 +554,13 @@ impl Index {
                         d.tail = tail;
                     }
                 }
-                self.spill_retry_at = self.tail_entries + spill.flush_at;
+                self.spill_failed();
                 return;
             }
         }
         let n = Spill::to_merge(&self.runs);
         if n > 0 {
-            match spill.merge(&self.runs, n) {
+            match spill.merge(&self.runs, n, &self.removed) {
                 Ok(merged) => self.runs = self.runs.merged(n, merged),
                 Err(e) => {
                     tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are")

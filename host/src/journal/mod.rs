@@ -292,24 +292,33 @@ impl Drop for Inner {
 /// spill size), moves the tails into a run file and merges runs as `journal/runs.rs`
 /// describes. The index lock is held only to copy the tails out and to swap the result in,
 /// never while writing a file. A failure (a full disk) leaves the offsets in memory, where
-/// they are as good, and is retried at the next wake-up.
+/// they are as good, and the next try waits for another spill's worth of offsets.
 fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc::Receiver<()>) {
     while woken.recv().is_ok() {
-        let plan = shared.index.read().spill_plan();
+        // A wake-up sent while the last spill ran may be stale.
+        let plan = {
+            let index = shared.index.read();
+            if !index.wants_spill() {
+                continue;
+            }
+            index.spill_plan()
+        };
         let run = match spill.write(plan.devices()) {
             Ok(run) => run,
             Err(e) => {
                 tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
-                // A full disk fails every try at once: do not retry at every batch.
-                std::thread::sleep(Duration::from_secs(1));
+                shared.index.write().spill_failed();
                 continue;
             }
         };
         shared.index.write().spilled(plan, run);
-        let now = shared.index.read().runs.clone();
+        let (now, removed) = {
+            let index = shared.index.read();
+            (index.runs.clone(), index.removed.clone())
+        };
         let n = runs::Spill::to_merge(&now);
         if n > 0 {
-            match spill.merge(&now, n) {
+            match spill.merge(&now, n, &removed) {
                 Ok(merged) => {
                     let mut index = shared.index.write();
                     index.runs = index.runs.merged(n, merged);
@@ -382,26 +391,45 @@ impl Journal {
             spiller: Mutex::new(None),
         });
         let (tx, rx) = channel();
-        let spiller = match spill {
-            Some(spill) => {
-                let (wake, woken) = std::sync::mpsc::sync_channel(1);
-                *shared.spiller.lock() = Some(wake);
-                let shared = shared.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("drover-index".into())
-                        .spawn(move || spiller(&shared, &spill, &woken))?,
-                )
-            }
-            None => None,
-        };
+        // The spiller's wake-up sender is in place before the writer runs; the spiller starts
+        // after it, so a writer that cannot start leaves no thread behind.
+        let woken = spill.as_ref().map(|_| {
+            let (wake, woken) = std::sync::mpsc::sync_channel(1);
+            *shared.spiller.lock() = Some(wake);
+            woken
+        });
         let handle = {
             let shared = shared.clone();
             let storage = storage.clone();
             let delay = options.commit_delay;
             std::thread::Builder::new()
                 .name("drover-journal".into())
-                .spawn(move || writer::run(&*storage, durable_len, confirmed, delay, rx, shared))?
+                .spawn(move || writer::run(&*storage, durable_len, confirmed, delay, rx, shared))
+        };
+        let handle = match handle {
+            Ok(handle) => handle,
+            Err(e) => {
+                shared.spiller.lock().take();
+                return Err(e);
+            }
+        };
+        let spiller = match (spill, woken) {
+            (Some(spill), Some(woken)) => {
+                let theirs = shared.clone();
+                match std::thread::Builder::new()
+                    .name("drover-index".into())
+                    .spawn(move || spiller(&theirs, &spill, &woken))
+                {
+                    Ok(handle) => Some(handle),
+                    // Without it the offsets stay in memory; the journal works all the same.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "journal index: no spiller thread; offsets stay in memory");
+                        shared.spiller.lock().take();
+                        None
+                    }
+                }
+            }
+            _ => None,
         };
         Ok(Journal {
             inner: Arc::new(Inner {

@@ -303,7 +303,11 @@ pub(super) fn recover(
         .as_ref()
         .is_some_and(|c| c.cut_short(prefix.file_len));
     if prefix.bad_header {
-        let (tail, _) = scan_tail(storage, &prefix, None)?;
+        let (mut tail, _) = scan_tail(storage, &prefix, None)?;
+        if torn_after_bad_header(&prefix, &tail, tolerant.unreadable().is_empty()) {
+            // Only the header is damage; the bad tail is a crash's, which salvage drops.
+            tail = Tail::default();
+        }
         let mut damage = tail.damage(
             storage,
             8,
@@ -450,7 +454,18 @@ pub(super) fn salvage_from(
         len: offset,
     };
     out.pos += std::io::copy(&mut copied, &mut out.file)?;
-    let (tail, shadow) = scan_tail(storage, &prefix, Some(&mut out))?;
+    let (tail, shadow) = if prefix.bad_header
+        && torn_after_bad_header(
+            &prefix,
+            &scan_tail(storage, &prefix, None)?.0,
+            tolerant.unreadable().is_empty(),
+        ) {
+        // The header is the damage; after the intact records comes a crash's torn tail,
+        // never acknowledged: left out (the original keeps it), like a normal open cuts it.
+        (Tail::default(), prefix.index.clone())
+    } else {
+        scan_tail(storage, &prefix, Some(&mut out))?
+    };
     let unreadable = tolerant.unreadable();
     if offset >= tearable_from(&prefix, &tail)
         && !cut_short
@@ -527,6 +542,16 @@ pub(super) fn side_file(path: &Path, suffix: &str) -> PathBuf {
         .and_then(|n| n.to_str())
         .unwrap_or(FILE_NAME);
     path.with_file_name(format!("{name}.{suffix}"))
+}
+
+/// With a damaged header: whether the records end in a bad tail that a crash could have torn
+/// (and no byte was unreadable), so the header is the only damage.
+fn torn_after_bad_header(prefix: &Prefix, tail: &Tail, readable: bool) -> bool {
+    let cut_short = prefix
+        .checkpoint
+        .as_ref()
+        .is_some_and(|c| c.cut_short(prefix.file_len));
+    prefix.bad.is_some() && prefix.end >= tearable_from(prefix, tail) && !cut_short && readable
 }
 
 /// Where the part of the file a crash could have torn begins (see the module docs).

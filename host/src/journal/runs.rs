@@ -57,14 +57,26 @@ impl Drop for Run {
     }
 }
 
-/// Writes a run file block by block.
+/// Writes a run file block by block. Dropped before [`RunWriter::finish`] (a write failed),
+/// it removes its file: a failed spill on a nearly full disk must not keep the space it took.
 struct RunWriter {
-    out: BufWriter<File>,
+    /// `None` once finished.
+    out: Option<BufWriter<File>>,
     path: PathBuf,
     blocks: Vec<Block>,
     pos: u64,
-    /// One device's offsets encoded, written with one call.
+    /// Offsets encoded, written with one call.
     bytes: Vec<u8>,
+}
+
+impl Drop for RunWriter {
+    fn drop(&mut self) {
+        if let Some(out) = self.out.take() {
+            // Discard what is buffered rather than write it, then remove the file.
+            drop(out.into_parts());
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl RunWriter {
@@ -76,7 +88,7 @@ impl RunWriter {
             .truncate(true)
             .open(&path)?;
         Ok(RunWriter {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
             path,
             blocks: Vec::new(),
             pos: 0,
@@ -84,33 +96,64 @@ impl RunWriter {
         })
     }
 
-    /// Adds device `num`'s offsets of seqs `first_seq..first_seq + offsets.len()`. Devices
-    /// must come in ascending order, each once.
-    fn device(&mut self, num: u32, first_seq: u64, offsets: &[u64]) -> io::Result<()> {
-        for (i, chunk) in offsets.chunks(u32::MAX as usize).enumerate() {
-            self.blocks.push(Block {
-                num,
-                count: chunk.len() as u32,
-                first_seq: first_seq + i as u64 * u64::from(u32::MAX),
-                pos: self.pos,
-            });
+    /// Adds device `num`'s offsets of seqs `first_seq..first_seq + offsets.len()`, extending
+    /// its last block when they follow it. Devices must come in ascending order, and a
+    /// device's seqs in ascending order.
+    fn append(&mut self, num: u32, first_seq: u64, offsets: &[u64]) -> io::Result<()> {
+        let Some(out) = self.out.as_mut() else {
+            return Err(io::Error::other("run already finished"));
+        };
+        let mut seq = first_seq;
+        let mut rest = offsets;
+        while !rest.is_empty() {
+            let room = match self.blocks.last() {
+                Some(b)
+                    if b.num == num
+                        && b.first_seq + u64::from(b.count) == seq
+                        && b.count < u32::MAX =>
+                {
+                    (u32::MAX - b.count) as usize
+                }
+                _ => {
+                    self.blocks.push(Block {
+                        num,
+                        count: 0,
+                        first_seq: seq,
+                        pos: self.pos,
+                    });
+                    u32::MAX as usize
+                }
+            };
+            let (chunk, after) = rest.split_at(rest.len().min(room));
             self.bytes.clear();
             self.bytes.reserve(chunk.len() * 8);
             for o in chunk {
                 self.bytes.extend_from_slice(&o.to_le_bytes());
             }
-            self.out.write_all(&self.bytes)?;
+            out.write_all(&self.bytes)?;
             self.pos += chunk.len() as u64 * 8;
+            if let Some(b) = self.blocks.last_mut() {
+                b.count += chunk.len() as u32;
+            }
+            seq += chunk.len() as u64;
+            rest = after;
         }
         Ok(())
     }
 
-    fn finish(self) -> io::Result<Arc<Run>> {
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+    fn finish(mut self) -> io::Result<Arc<Run>> {
+        let Some(out) = self.out.as_mut() else {
+            return Err(io::Error::other("run already finished"));
+        };
+        out.flush()?;
+        let file = match self.out.take().map(BufWriter::into_parts) {
+            Some((file, Ok(_))) => file,
+            _ => return Err(io::Error::other("run buffer lost")),
+        };
         Ok(Arc::new(Run {
             file,
-            path: self.path,
-            blocks: self.blocks,
+            path: std::mem::take(&mut self.path),
+            blocks: std::mem::take(&mut self.blocks),
             entries: self.pos / 8,
         }))
     }
@@ -228,7 +271,7 @@ impl Spill {
     ) -> io::Result<Arc<Run>> {
         let mut run = RunWriter::create(self.path())?;
         for (num, first_seq, offsets) in devices {
-            run.device(num, first_seq, offsets)?;
+            run.append(num, first_seq, offsets)?;
         }
         run.finish()
     }
@@ -250,33 +293,45 @@ impl Spill {
     }
 
     /// Merges the last `n` runs of `runs` into one new run (the device blocks of older runs
-    /// first, since they hold lower seqs).
-    pub fn merge(&self, runs: &Runs, n: usize) -> io::Result<Arc<Run>> {
+    /// first, since they hold lower seqs), leaving out the devices in `removed`. Copies at most
+    /// [`MERGE_CHUNK`] offsets at a time, so a device with a long history costs no memory.
+    pub fn merge(
+        &self,
+        runs: &Runs,
+        n: usize,
+        removed: &std::collections::HashSet<u32>,
+    ) -> io::Result<Arc<Run>> {
         let merged = &runs.list[runs.list.len() - n..];
         let mut nums: Vec<u32> = merged
             .iter()
             .flat_map(|r| r.blocks.iter().map(|b| b.num))
+            .filter(|num| !removed.contains(num))
             .collect();
         nums.sort_unstable();
         nums.dedup();
         let mut run = RunWriter::create(self.path())?;
         let mut offsets = Vec::new();
         for num in nums {
-            offsets.clear();
-            let mut first = None;
             for old in merged {
                 for block in old.blocks_of(num) {
-                    first.get_or_insert(block.first_seq);
-                    old.read(block, block.first_seq, u64::MAX, &mut offsets)?;
+                    let last = block.first_seq + u64::from(block.count) - 1;
+                    let mut from = block.first_seq;
+                    while from <= last {
+                        let to = last.min(from + MERGE_CHUNK - 1);
+                        offsets.clear();
+                        old.read(block, from, to, &mut offsets)?;
+                        run.append(num, from, &offsets)?;
+                        from = to + 1;
+                    }
                 }
-            }
-            if let Some(first_seq) = first {
-                run.device(num, first_seq, &offsets)?;
             }
         }
         run.finish()
     }
 }
+
+/// Offsets a merge copies at a time (8 MiB; a handful in tests, so that they cross chunks).
+const MERGE_CHUNK: u64 = if cfg!(test) { 7 } else { 1 << 20 };
 
 impl Runs {
     /// `self` with `run` added as the newest.
@@ -291,5 +346,54 @@ impl Runs {
         let mut list = self.list[..self.list.len() - n].to_vec();
         list.push(merged);
         Runs { list }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run whose writing fails part way (dropped before `finish`) leaves no file behind.
+    #[test]
+    fn an_unfinished_run_removes_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run");
+        let mut run = RunWriter::create(path.clone()).expect("create");
+        run.append(1, 1, &[10, 20, 30]).expect("append");
+        assert!(path.exists());
+        drop(run);
+        assert!(!path.exists(), "removed");
+    }
+
+    /// Appends that follow a device's last block extend it; a merge of several runs copies
+    /// each device's offsets in chunks and keeps them in seq order, leaving removed devices
+    /// out.
+    #[test]
+    fn merges_keep_every_offset_in_order_and_drop_removed_devices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = Spill::open(&dir.path().join("runs"), 4).expect("spill");
+        let offsets = |from: u64, n: u64| (from..from + n).map(|s| s * 10).collect::<Vec<_>>();
+        let first = spill
+            .write([(1, 1, &offsets(1, 20)[..]), (2, 1, &offsets(1, 3)[..])])
+            .expect("run");
+        let second = spill
+            .write([(1, 21, &offsets(21, 9)[..]), (3, 1, &offsets(1, 5)[..])])
+            .expect("run");
+        let runs = Runs::default().with(first).with(second);
+        let removed = std::collections::HashSet::from([3u32]);
+        let merged = spill.merge(&runs, 2, &removed).expect("merge");
+        assert_eq!(merged.blocks_of(1).len(), 1, "one block per device");
+        assert!(merged.blocks_of(3).is_empty());
+        let runs = runs.merged(2, merged);
+        assert_eq!(runs.len(), 1);
+        let mut out = Vec::new();
+        runs.read(1, 1, 29, &mut out).expect("read");
+        assert_eq!(out, offsets(1, 29));
+        out.clear();
+        runs.read(1, 5, 23, &mut out).expect("read");
+        assert_eq!(out, offsets(5, 19));
+        out.clear();
+        runs.read(2, 1, 3, &mut out).expect("read");
+        assert_eq!(out, offsets(1, 3));
     }
 }

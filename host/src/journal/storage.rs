@@ -245,6 +245,16 @@ impl StorageBackend for FaultyBackend {
 /// no libc dependency for one constant).
 pub(super) const EIO: i32 = 5;
 
+/// Whether a read failed because the medium cannot return those bytes (`EIO`, `ENODATA`,
+/// `EBADMSG`: a bad sector, a failed checksum of the file system), as opposed to a failure
+/// that says nothing about the bytes (a network file system timing out), which must not be
+/// taken for damage.
+fn is_media_error(e: &io::Error) -> bool {
+    const ENODATA: i32 = 61;
+    const EBADMSG: i32 = 74;
+    matches!(e.raw_os_error(), Some(EIO | ENODATA | EBADMSG))
+}
+
 /// Sequential reads over a backend, for the recovery scan.
 pub(super) struct SeqReader<'a> {
     pub backend: &'a dyn StorageBackend,
@@ -269,8 +279,9 @@ impl io::Read for SeqReader<'_> {
 /// flipped byte (reported with its offset, skipped by salvage) instead of an error that
 /// stops the scan and leaves the journal neither open nor salvageable.
 ///
-/// A read that fails (other than by ending early) is retried one [`Tolerant::SECTOR`] at a
-/// time; a sector that still fails reads as zeros, which no record checksums as, and its
+/// A read that fails with a media error ([`is_media_error`]: `EIO` and the like; any other
+/// failure is passed on) is retried one [`Tolerant::SECTOR`] at a time; a sector that still
+/// fails reads as zeros, which no record checksums as, and its
 /// range is remembered ([`Tolerant::unreadable`]). Writes go to the backend unchanged.
 pub(super) struct Tolerant<'a> {
     inner: &'a dyn StorageBackend,
@@ -320,7 +331,7 @@ impl StorageBackend for Tolerant<'_> {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self.inner.read_exact_at(buf, offset) {
-            Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => {}
+            Err(e) if is_media_error(&e) => {}
             done => return done,
         }
         let end = offset + buf.len() as u64;
@@ -330,11 +341,11 @@ impl StorageBackend for Tolerant<'_> {
             let piece = &mut buf[(at - offset) as usize..(next - offset) as usize];
             match self.inner.read_exact_at(piece, at) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(e),
-                Err(e) => {
+                Err(e) if is_media_error(&e) => {
                     piece.fill(0);
                     self.remember(at, next, &e);
                 }
+                Err(e) => return Err(e),
             }
             at = next;
         }

@@ -1447,3 +1447,48 @@ async fn a_damaged_file_header_is_refused_and_salvaged() {
         assert!(recovery.salvaged.is_none() && recovery.dropped.is_none());
     }
 }
+
+/// A checkpoint file of any shape (here eight hex digits alone, which look like a CRC line)
+/// is read or ignored, never a panic.
+#[tokio::test]
+async fn a_checkpoint_of_any_shape_never_panics_the_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 3).await.close();
+    for text in [
+        "deadbeef\n",
+        "deadbeef",
+        "\n",
+        "{}\n00000000\n",
+        "x\ndeadbeef\n",
+    ] {
+        std::fs::write(dir.path().join("journal.log.checkpoint"), text).expect("write");
+        let (journal, _) = open_dir(dir.path()).expect("opens");
+        assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3));
+        journal.close();
+    }
+}
+
+/// A damaged header on a journal whose last batch a crash tore: the header is the damage
+/// refused, and salvage keeps every acknowledged record and leaves the torn tail out.
+#[tokio::test]
+async fn a_damaged_header_with_a_torn_tail_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 10).await;
+    let before = journal.read_events(0, 1, 9).expect("read");
+    let tenth = journal.index().offset_of(0, 10).expect("offset") as usize;
+    let mut image = crash_image(dir.path());
+    // Torn inside seq 10's batch (never acknowledged, as far as a crash can tell).
+    image.truncate(tenth + 6);
+    image[9] ^= 0x02;
+    crash_with(journal, dir.path(), &image);
+
+    let err = open_dir(dir.path()).err().expect("refused");
+    let damage = Damaged::of(&err).expect("a damage report");
+    assert_eq!(damage.offset, 8, "{err}");
+    assert!(damage.devices.is_empty(), "{err}");
+
+    let (journal, recovery) = open_with(dir.path(), true).expect("salvage");
+    assert_eq!(recovery.salvaged.expect("salvaged").lost_seqs, 0);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(9));
+    assert_eq!(journal.read_events(0, 1, 9).expect("read"), before);
+}
