@@ -907,3 +907,34 @@ fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
     assert!(!ok);
     assert!(err.contains("is a file, not a directory"), "{err}");
 }
+
+/// A simulator whose server answers nothing (here: nothing listens) stops after a few
+/// seconds with a clear reason and a failing exit code, instead of counting failures to the
+/// end of its run.
+#[test]
+fn the_simulator_stops_when_the_server_answers_nothing() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let started = std::time::Instant::now();
+    let (ok, out, err) = cli(&[
+        "sim",
+        "--server",
+        &format!("http://127.0.0.1:{port}"),
+        "--no-provision",
+        "--duration",
+        "120",
+        "--quiet",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "ran {:?}",
+        started.elapsed()
+    );
+    assert!(
+        out.contains("stopped early") || err.contains("stopped early"),
+        "{out}{err}"
+    );
+}

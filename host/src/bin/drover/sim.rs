@@ -382,6 +382,10 @@ pub struct Summary {
     pub latency_us: Latency,
     /// Failed events by error code (`transport` for connection failures).
     pub errors: BTreeMap<String, u64>,
+    /// Why the run stopped before its duration or event count (the server stopped
+    /// answering), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early: Option<String>,
 }
 
 /// Microseconds as a short readable duration.
@@ -450,6 +454,9 @@ impl fmt::Display for Summary {
                 .map(|(code, n)| format!("{code} {}", fmt_count(*n)))
                 .collect();
             writeln!(f, "  errors: {}", list.join(", "))?;
+        }
+        if let Some(why) = &self.stopped_early {
+            writeln!(f, "  stopped early: {why}")?;
         }
         Ok(())
     }
@@ -645,7 +652,15 @@ struct Shared {
     ok: AtomicU64,
     failed: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Milliseconds after `start` of the last answer the server gave (any status).
+    answered_ms: AtomicU64,
+    /// Set when the server gave no answer for [`GIVE_UP_AFTER`]: the run stops.
+    gave_up: AtomicBool,
 }
+
+/// How long the simulator keeps sending to a server that answers nothing (every connection
+/// refused or reset) before it stops instead of counting failures to the end of its run.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
 
 impl Shared {
     fn fail(&self, code: String, events: u64) {
@@ -687,6 +702,8 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
+        answered_ms: AtomicU64::new(0),
+        gave_up: AtomicBool::new(false),
     });
     let recorders: Vec<Arc<Mutex<Recorder>>> = (0..concurrency)
         .map(|_| {
@@ -755,6 +772,13 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         events_per_sec: ok as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_us: Latency::of(&total),
         errors: shared.errors.lock().clone(),
+        stopped_early: shared.gave_up.load(Ordering::Relaxed).then(|| {
+            format!(
+                "{} answered nothing for {} s (stopped or unreachable)",
+                cfg.server,
+                GIVE_UP_AFTER.as_secs()
+            )
+        }),
     })
 }
 
@@ -819,10 +843,22 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
             .await;
         let latency = scheduled.elapsed();
         shared.requests.fetch_add(1, Ordering::Relaxed);
+        if result.is_ok() {
+            shared
+                .answered_ms
+                .fetch_max(shared.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
         match result {
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
                 shared.fail("transport".into(), n as u64);
+                let silent = (shared.start.elapsed().as_millis() as u64)
+                    .saturating_sub(shared.answered_ms.load(Ordering::Relaxed));
+                if silent >= GIVE_UP_AFTER.as_millis() as u64 {
+                    shared.gave_up.store(true, Ordering::Relaxed);
+                    shared.stop.store(true, Ordering::Relaxed);
+                    return;
+                }
                 // Do not spin on a dead server.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

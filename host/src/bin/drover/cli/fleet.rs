@@ -156,11 +156,13 @@ pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
         sim::run(&cfg).await
     })?;
     print_summary(&summary, args.json)?;
-    Ok(if summary.events_ok > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if summary.events_ok > 0 && summary.stopped_early.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
@@ -198,12 +200,13 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let listener = drover::http::server::bind(&args.listen).await?;
     let rt = args
         .tuning
         .open(&args.data, None)
         .await
         .with_context(|| format!("opening {}", args.data.display()))?;
-    let server = Server::start(rt.clone(), &args.listen, args.tuning.limits()).await?;
+    let server = Server::start_on(rt.clone(), listener, args.tuning.limits())?;
     announce(&server)?;
     let url = server.url();
     let cfg = args.load.config(&url)?;
@@ -226,7 +229,11 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         Ok(summary) => {
             println!();
             print!("{summary}");
-            print_directions(&cfg, &url, &args.data);
+            if args.exit {
+                print_offline_directions(&cfg, &args.data);
+            } else {
+                print_directions(&cfg, &url, &args.data);
+            }
         }
         Err(e) => tracing::error!(error = %e, "simulation failed"),
     }
@@ -267,6 +274,23 @@ fn print_directions(cfg: &SimConfig, url: &str, data: &Path) {
     }
     println!(
         "  drover replay {thermo} --data {}   (offline, from the journal)",
+        data.display()
+    );
+}
+
+/// What to look at once a demo run with `--exit` has stopped its server.
+fn print_offline_directions(cfg: &SimConfig, data: &Path) {
+    let (thermo, _) = cfg.device(0);
+    println!(
+        "\nThe server has stopped; the fleet is in {}:",
+        data.display()
+    );
+    println!(
+        "  drover replay {thermo} --data {}   (a device rebuilt from the journal)",
+        data.display()
+    );
+    println!(
+        "  drover serve --data {}   (serve it again)",
         data.display()
     );
 }
