@@ -130,8 +130,9 @@ pub struct Faults {
     kind: Mutex<Option<io::ErrorKind>>,
     /// Offsets whose byte reads back flipped, as a bad sector would.
     rotten: Mutex<Vec<u64>>,
-    /// Byte ranges whose reads fail with `EIO`, as an unreadable sector's do.
-    unreadable: Mutex<Vec<std::ops::Range<u64>>>,
+    /// Byte ranges whose reads fail, with the OS error they fail with (`EIO`: an unreadable
+    /// sector).
+    unreadable: Mutex<Vec<(std::ops::Range<u64>, i32)>>,
 }
 
 impl Faults {
@@ -161,7 +162,13 @@ impl Faults {
     /// Makes every read that touches `range` fail with `EIO` from now on, as reads of a
     /// sector the disk can no longer read do.
     pub fn unreadable(&self, range: std::ops::Range<u64>) {
-        self.unreadable.lock().push(range);
+        self.fail_reads(range, EIO);
+    }
+
+    /// Makes every read that touches `range` fail with OS error `code` from now on (say
+    /// `ETIMEDOUT` from a network file system: a failure that says nothing about the bytes).
+    pub fn fail_reads(&self, range: std::ops::Range<u64>, code: i32) {
+        self.unreadable.lock().push((range, code));
     }
 
     /// The error kind of injected failures (default `Other`; `StorageFull` for a full disk).
@@ -203,14 +210,14 @@ impl StorageBackend for FaultyBackend {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset + buf.len() as u64;
-        if self
+        if let Some((_, code)) = self
             .faults
             .unreadable
             .lock()
             .iter()
-            .any(|r| r.start < end && offset < r.end)
+            .find(|(r, _)| r.start < end && offset < r.end)
         {
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(io::Error::from_raw_os_error(*code));
         }
         self.inner.read_exact_at(buf, offset)?;
         for &bad in self.faults.rotten.lock().iter() {

@@ -1492,3 +1492,21 @@ async fn a_damaged_header_with_a_torn_tail_loses_nothing_acknowledged() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(9));
     assert_eq!(journal.read_events(0, 1, 9).expect("read"), before);
 }
+
+/// A read failure that is not the medium's (a network file system timing out) is passed on
+/// as the error it is, not taken for damage: opening fails and says why, and nothing is
+/// reported lost.
+#[tokio::test]
+async fn a_read_failure_that_is_not_media_damage_is_not_called_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    seeded(dir.path(), 20).await.close();
+    let file = FileBackend::open_read_only(&dir.path().join(FILE_NAME)).expect("file");
+    let (faulty, faults) = FaultyBackend::new(file);
+    const ETIMEDOUT: i32 = 110;
+    faults.fail_reads(100..101, ETIMEDOUT);
+    let err = Journal::open_on(Arc::new(faulty), &JournalOptions::default())
+        .err()
+        .expect("fails");
+    assert!(Damaged::of(&err).is_none(), "{err}");
+    assert_eq!(err.raw_os_error(), Some(ETIMEDOUT), "{err}");
+}
