@@ -498,9 +498,10 @@ impl Index {
         SpillPlan { devices }
     }
 
-    /// A spill could not be written: the offsets stay in memory, and the next try waits for
-    /// another spill's worth.
-    pub fn spill_failed(&mut self) {
+    /// A spill could not be written (logged here): the offsets stay in memory, and the next
+    /// try waits for another spill's worth.
+    pub fn spill_failed(&mut self, e: &std::io::Error) {
+        tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
         if let Some(spill) = &self.spill {
             self.spill_retry_at = self.tail_entries + spill.flush_at;
         }
@@ -548,24 +549,17 @@ impl Index {
                 self.runs = self.runs.with(run);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
                 for (num, _, tail) in devices {
                     if let Some(d) = self.devices.get_mut(&num) {
                         d.tail = tail;
                     }
                 }
-                self.spill_failed();
+                self.spill_failed(&e);
                 return;
             }
         }
-        let n = Spill::to_merge(&self.runs);
-        if n > 0 {
-            match spill.merge(&self.runs, n, &self.removed) {
-                Ok(merged) => self.runs = self.runs.merged(n, merged),
-                Err(e) => {
-                    tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are")
-                }
-            }
+        if let Some(merged) = spill.merge_tier(&self.runs, &self.removed) {
+            self.runs = merged;
         }
     }
 }

@@ -306,8 +306,7 @@ fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc
         let run = match spill.write(plan.devices()) {
             Ok(run) => run,
             Err(e) => {
-                tracing::warn!(error = %e, "journal index: spilling offsets to disk failed; they stay in memory");
-                shared.index.write().spill_failed();
+                shared.index.write().spill_failed(&e);
                 continue;
             }
         };
@@ -316,17 +315,8 @@ fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc
             let index = shared.index.read();
             (index.runs.clone(), index.removed.clone())
         };
-        let n = runs::Spill::to_merge(&now);
-        if n > 0 {
-            match spill.merge(&now, n, &removed) {
-                Ok(merged) => {
-                    let mut index = shared.index.write();
-                    index.runs = index.runs.merged(n, merged);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are")
-                }
-            }
+        if let Some(merged) = spill.merge_tier(&now, &removed) {
+            shared.index.write().runs = merged;
         }
     }
 }

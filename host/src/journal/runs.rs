@@ -276,10 +276,32 @@ impl Spill {
         run.finish()
     }
 
+    /// After `runs` grew by a run: `runs` with the runs that call for it merged into one
+    /// (see [`Spill::to_merge`]), or `None` when nothing needs merging or the merge failed
+    /// (logged; the runs stay as they are, as good). The caller swaps the result in; only one
+    /// thread ever changes an index's runs, so nothing can have changed them meanwhile.
+    pub fn merge_tier(
+        &self,
+        runs: &Runs,
+        removed: &std::collections::HashSet<u32>,
+    ) -> Option<Runs> {
+        let n = Spill::to_merge(runs);
+        if n == 0 {
+            return None;
+        }
+        match self.merge(runs, n, removed) {
+            Ok(merged) => Some(runs.merged(n, merged)),
+            Err(e) => {
+                tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are");
+                None
+            }
+        }
+    }
+
     /// The runs that should be merged into one after `runs` grew by a run: the newest ones,
     /// as far back as a run is not more than twice the size of all newer ones together.
-    /// Empty if nothing needs merging.
-    pub fn to_merge(runs: &Runs) -> usize {
+    /// Zero if nothing needs merging.
+    fn to_merge(runs: &Runs) -> usize {
         let mut newer = 0u64;
         let mut take = 0;
         for run in runs.list.iter().rev() {
