@@ -7,9 +7,11 @@
 //! to justify a home-made log over an embedded database.
 //!
 //! Then the restart: a fresh process (this binary again) opens the journal as a server start
-//! does and prints how long the recovery scan took and the resident memory the open added
-//! (the in-memory index), twice with the default index spill size and twice with every
-//! offset kept in memory (the baseline), alternated. `DROVER_BENCH_KEEP=1` leaves the journal
+//! does and prints how long the open took and the resident memory it added (the in-memory
+//! index), in four ways, alternated over two rounds: from the index checkpoint a clean close
+//! wrote (nothing left to scan); from the last periodic checkpoint, as after a `kill -9`
+//! (the records after it scanned); with no checkpoint (a full scan, offsets spilled); and
+//! with every offset kept in memory (the full scan of earlier builds). `DROVER_BENCH_KEEP=1` leaves the journal
 //! in `target/tmp/bench-journal` (reopen it with another build: `DROVER_BENCH_REOPEN=DIR`). `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
 //! 10,000,000 for the README's restart figure).
 
@@ -36,6 +38,17 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Copies the files of directory `from` into a new directory `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
 /// The child's part: open the journal in `dir` and report the time and memory it took.
 fn reopen(dir: &std::path::Path) -> anyhow::Result<()> {
     let before = rss_kib();
@@ -51,13 +64,16 @@ fn reopen(dir: &std::path::Path) -> anyhow::Result<()> {
     let journal = Journal::open(dir, &options)?;
     let took = t.elapsed();
     let after = rss_kib();
+    let len = journal.durable_len();
     println!(
-        "{} {} {} {}",
+        "{} {} {} {} {}",
         took.as_micros(),
         after.saturating_sub(before),
         journal.recovery().records,
-        journal.durable_len()
+        len,
+        len - journal.recovery().from_checkpoint.unwrap_or(0)
     );
+    journal.close();
     Ok(())
 }
 
@@ -144,6 +160,12 @@ async fn main() -> anyhow::Result<()> {
     }
     journal.barrier().await?;
     let elapsed = start.elapsed();
+    // The index directory as a `kill -9` now would leave it: the last periodic checkpoint
+    // (once the index's thread is done with the last spill or checkpoint).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let index_dir = root.join("journal.log.index");
+    let after_crash = root.join("index-after-crash");
+    copy_dir(&index_dir, &after_crash)?;
     drop(lat_tx);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     while let Some(us) = lat_rx.recv().await {
@@ -175,15 +197,22 @@ async fn main() -> anyhow::Result<()> {
     );
     journal.close();
     drop(journal);
+    let after_close = root.join("index-after-close");
+    copy_dir(&index_dir, &after_close)?;
 
-    // A server start, in a process of its own so the memory figure is the index alone: with
-    // the default spill size, and with every offset kept in memory (spill size 0) as the
-    // baseline, alternated.
+    // A server start, in a process of its own so the memory figure is the index alone.
+    let spilling = drover::journal::INDEX_SPILL_AT;
     for round in 0..2 {
-        for (what, spill_at) in [
-            ("spilling", drover::journal::INDEX_SPILL_AT),
-            ("all in memory", 0),
+        for (what, spill_at, index) in [
+            ("clean close checkpoint", spilling, Some(&after_close)),
+            ("kill -9 checkpoint", spilling, Some(&after_crash)),
+            ("no checkpoint", spilling, None),
+            ("all in memory", 0, None),
         ] {
+            let _ = std::fs::remove_dir_all(&index_dir);
+            if let Some(saved) = index {
+                copy_dir(saved, &index_dir)?;
+            }
             let out = std::process::Command::new(std::env::current_exe()?)
                 .env("DROVER_BENCH_REOPEN", &root)
                 .env("DROVER_BENCH_SPILL_AT", spill_at.to_string())
@@ -193,13 +222,14 @@ async fn main() -> anyhow::Result<()> {
                 .split_whitespace()
                 .filter_map(|f| f.parse().ok())
                 .collect();
-            if let [us, kib, scanned, len] = fields[..] {
+            if let [us, kib, records, len, scanned] = fields[..] {
                 println!(
-                    "  restart {round}, index {what:<13}: open {:.2} s, +{} MiB resident, {scanned} records, {} MiB journal ({:.1} bytes of memory per record)",
+                    "  restart {round}, {what:<22}: open {:.2} s, +{} MiB resident, {records} records, {} MiB journal, {} MiB scanned ({:.1} bytes of memory per record)",
                     us as f64 / 1e6,
                     kib / 1024,
                     len >> 20,
-                    (kib * 1024) as f64 / scanned.max(1) as f64
+                    scanned >> 20,
+                    (kib * 1024) as f64 / records.max(1) as f64
                 );
             } else {
                 anyhow::bail!(

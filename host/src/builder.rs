@@ -133,6 +133,23 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Bytes of journal between index checkpoints (default 256 MiB; 0: never). A restart
+    /// reads the last one and scans only the records after it, so restart time does not grow
+    /// with history; a background scrub then reads the records it skipped. See
+    /// `host/src/journal/index_checkpoint.rs`. Needs the index to spill (see
+    /// [`RuntimeBuilder::index_spill_at`]).
+    pub fn index_checkpoint_every(mut self, bytes: u64) -> Self {
+        self.config.index_checkpoint_every = bytes;
+        self
+    }
+
+    /// How fast the scrub after a restart from an index checkpoint reads the records the
+    /// restart skipped (default 128 MiB/s; 0: unbounded). See `host/src/journal/scrub.rs`.
+    pub fn scrub_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.config.scrub_rate = bytes_per_sec;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs
@@ -178,6 +195,8 @@ impl RuntimeBuilder {
             salvage: self.config.salvage,
             commit_delay: self.config.commit_delay,
             index_spill_at: self.config.index_spill_at,
+            index_checkpoint_every: self.config.index_checkpoint_every,
+            scrub_rate: self.config.scrub_rate,
         };
         let journal = match self.storage {
             Some(_) if options.salvage => {

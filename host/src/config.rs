@@ -228,6 +228,12 @@ pub struct Config {
     /// Record offsets the journal index keeps in memory before spilling them to disk (see
     /// [`crate::journal::JournalOptions::index_spill_at`]; 0: never spill).
     pub index_spill_at: u64,
+    /// Bytes of journal between index checkpoints (see
+    /// [`crate::journal::JournalOptions::index_checkpoint_every`]; 0: never).
+    pub index_checkpoint_every: u64,
+    /// How fast the scrub after an open from an index checkpoint reads (bytes per second;
+    /// see [`crate::journal::JournalOptions::scrub_rate`]; 0: unbounded).
+    pub scrub_rate: u64,
 }
 
 impl Default for Config {
@@ -239,6 +245,8 @@ impl Default for Config {
             commit_delay: defaults::COMMIT_DELAY,
             salvage: false,
             index_spill_at: crate::journal::INDEX_SPILL_AT,
+            index_checkpoint_every: crate::journal::INDEX_CHECKPOINT_EVERY,
+            scrub_rate: crate::journal::SCRUB_RATE,
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::actor::{ActorEnv, ActorPool, Message};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{Error, validate_id};
-use crate::journal::{DeviceHead, Journal, Recovery};
+use crate::journal::{DeviceHead, Journal, Recovery, ScrubState};
 use crate::metrics::Metrics;
 use crate::registry::{Origin, PluginVersion, Registry};
 use crate::replay::{self, Start};
@@ -573,6 +573,7 @@ impl Runtime {
         let recovery = journal.recovery();
         let salvaged = recovery.salvaged.as_ref();
         let index = journal.index_usage();
+        let scrub = journal.scrub();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         self.shared.metrics.render(&[
             (
@@ -634,6 +635,34 @@ impl Runtime {
                 "drover_journal_index_runs",
                 "Run files of the journal index (merged in size tiers: about log2 of history / spill size).",
                 index.runs,
+            ),
+            (
+                "drover_journal_index_checkpoint_start",
+                "1 if this start opened from an index checkpoint (scanning only the records after it), else 0.",
+                u64::from(recovery.from_checkpoint.is_some()),
+            ),
+            (
+                "drover_journal_scanned_bytes",
+                "Bytes of journal this start scanned (after its index checkpoint, if it had one).",
+                recovery.valid_len - recovery.from_checkpoint.unwrap_or(0),
+            ),
+            (
+                "drover_journal_scrub_bytes",
+                "Bytes the scrub has read of what this start skipped (those before its index checkpoint).",
+                scrub.scanned,
+            ),
+            (
+                "drover_journal_scrub_pending_bytes",
+                "Bytes before the index checkpoint the scrub has yet to read (0 once done or stopped).",
+                match scrub.state {
+                    ScrubState::Running => scrub.total - scrub.scanned,
+                    _ => 0,
+                },
+            ),
+            (
+                "drover_journal_scrub_damaged",
+                "1 if the scrub found media damage before the index checkpoint (logged with its offset; the next start refuses until salvaged), else 0.",
+                u64::from(matches!(scrub.state, ScrubState::Damaged { .. })),
             ),
             (
                 "drover_journal_salvaged_lost_seqs",

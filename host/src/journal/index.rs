@@ -15,7 +15,7 @@ use super::record::Record;
 use super::runs::{Run, Runs, Spill};
 
 /// A plugin version as recorded in the journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VersionInfo {
     /// Dense, journal-local id that event and snapshot records refer to.
     pub id: u32,
@@ -60,7 +60,7 @@ pub const DEAD_LETTERS_KEPT: usize = 100;
 pub const SNAPSHOTS_KEPT: usize = 8;
 
 /// Where a snapshot lives and what it covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotRef {
     pub seq: u64,
     pub version: u32,
@@ -163,6 +163,29 @@ pub struct Index {
     pub spill: Option<Arc<Spill>>,
     /// After a failed spill: the tail size at which to try again.
     pub spill_retry_at: u64,
+    /// Records applied (commit markers are not records).
+    pub records: u64,
+    /// The commit marker that ends the durable prefix, if the last thing written was one.
+    pub last_marker: Option<MarkerAt>,
+    /// Position of the last index checkpoint written or loaded (or tried: a failed one
+    /// waits for another interval too); see `journal/index_checkpoint.rs`.
+    pub checkpoint_at: u64,
+    /// Set by an open from an index checkpoint: what the scrub is to check, taken by the
+    /// journal when it starts the scrub (see `journal/scrub.rs`).
+    pub scrub: Option<super::scrub::Plan>,
+}
+
+/// Where a commit marker is, and whether it is known to be synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkerAt {
+    /// Where the batch it closes started, as the marker says.
+    pub batch_start: u64,
+    /// The marker's own offset.
+    pub at: u64,
+    /// Its end.
+    pub end: u64,
+    /// Synced (an idle writer's marker is written without a sync).
+    pub synced: bool,
 }
 
 /// Where the offsets of seqs `from..=to` of one device are: read with [`Located::offsets`]
@@ -364,6 +387,7 @@ impl Index {
 
     /// Records that the record behind `effect` is durable at `offset`.
     pub fn apply(&mut self, effect: IndexEffect, offset: u64) {
+        self.records += 1;
         match effect {
             IndexEffect::None => {}
             IndexEffect::Version(v) => self.versions.push(v),
@@ -484,6 +508,13 @@ impl Index {
         self.spill
             .as_ref()
             .is_some_and(|s| self.tail_entries >= s.flush_at.max(self.spill_retry_at))
+    }
+
+    /// Whether an index checkpoint is due (see `journal/index_checkpoint.rs`).
+    pub fn wants_checkpoint(&self) -> bool {
+        self.spill
+            .as_ref()
+            .is_some_and(|s| s.checkpoints.due(self, false))
     }
 
     /// Step 1 of a spill: copies every device's tail out (under the read lock).

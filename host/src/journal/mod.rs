@@ -15,7 +15,11 @@
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
 //! * `recovery.rs` (private): the scan on open, torn tail versus media damage ([`Damaged`]),
 //!   and [`salvage`];
-//! * `checkpoint.rs` (private): what a clean close records, so a file cut short is noticed.
+//! * `checkpoint.rs` (private): what a clean close records, so a file cut short is noticed;
+//! * `runs.rs` (private): the old offsets of the index, spilled to sorted files;
+//! * `index_checkpoint.rs` (private): the index written out now and then, so that a restart
+//!   scans only what came after it;
+//! * `scrub.rs` (private): after such a restart, the background check of what it skipped.
 //!
 //! # Why a home-made log
 //!
@@ -42,9 +46,11 @@
 
 mod checkpoint;
 mod index;
+mod index_checkpoint;
 mod record;
 mod recovery;
 mod runs;
+mod scrub;
 pub mod storage;
 mod writer;
 
@@ -60,12 +66,14 @@ use tokio::sync::Notify;
 
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
+pub use index_checkpoint::INDEX_CHECKPOINT_EVERY;
 use record::Record;
 pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
 #[cfg(test)]
 use recovery::MAX_TORN_BYTES;
 pub use recovery::{Affected, Damaged, Salvaged, salvage};
 use recovery::{Cut, recover};
+pub use scrub::{SCRUB_RATE, ScrubState, ScrubStatus};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
 use writer::Entry;
 pub use writer::OnDurable;
@@ -152,6 +160,10 @@ pub struct Recovery {
     /// What salvage did before this open, if the journal was damaged and opened with
     /// [`JournalOptions::salvage`].
     pub salvaged: Option<Salvaged>,
+    /// The position of the index checkpoint the open started from (it scanned only the
+    /// records after it; the scrub reads those before: [`Journal::scrub`]); `None`: the
+    /// open scanned the whole journal.
+    pub from_checkpoint: Option<u64>,
 }
 
 /// A torn tail found on open: the part of the last commit a crash left behind.
@@ -195,8 +207,16 @@ pub struct JournalOptions {
     pub commit_delay: Duration,
     /// How many record offsets the index keeps in memory before it spills them to a run
     /// file beside the journal (`journal.log.index/`; see `journal/runs.rs`): 8 bytes each.
-    /// 0 keeps them all in memory.
+    /// 0 keeps them all in memory (and writes no index checkpoints).
     pub index_spill_at: u64,
+    /// Write an index checkpoint each time the journal has grown by this many bytes, and at
+    /// a clean close, so that an open scans only what came after the last one
+    /// (`journal/index_checkpoint.rs`). A journal smaller than this is never checkpointed:
+    /// a full scan of it takes a fraction of a second and checks every record. 0: never.
+    pub index_checkpoint_every: u64,
+    /// After an open from an index checkpoint, read the records before it at most this fast
+    /// (bytes per second; 0: unbounded) to find damage the open skipped (`journal/scrub.rs`).
+    pub scrub_rate: u64,
 }
 
 /// Default of [`JournalOptions::index_spill_at`]: 4Mi offsets, 32 MiB of memory, spilled in
@@ -209,6 +229,8 @@ impl Default for JournalOptions {
             salvage: false,
             commit_delay: Duration::ZERO,
             index_spill_at: INDEX_SPILL_AT,
+            index_checkpoint_every: INDEX_CHECKPOINT_EVERY,
+            scrub_rate: SCRUB_RATE,
         }
     }
 }
@@ -265,6 +287,9 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// The thread that spills the index's offsets to runs (see [`spiller`]).
     spiller: Mutex<Option<JoinHandle<()>>>,
+    /// After an open from an index checkpoint: the scrub and its thread.
+    scrub: Arc<scrub::Scrub>,
+    scrubber: Mutex<Option<JoinHandle<()>>>,
     next_device: AtomicU32,
     recovery: Recovery,
 }
@@ -285,6 +310,10 @@ impl Drop for Inner {
         if let Some(handle) = self.spiller.lock().take() {
             let _ = handle.join();
         }
+        self.scrub.stop.store(true, Ordering::Release);
+        if let Some(handle) = self.scrubber.lock().take() {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -295,11 +324,22 @@ impl Drop for Inner {
 /// they are as good, and the next try waits for another spill's worth of offsets.
 fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc::Receiver<()>) {
     while woken.recv().is_ok() {
+        spill_once(shared, spill);
+        // After the spill, when one was due: its tails are short then, so is the checkpoint.
+        spill
+            .checkpoints
+            .write(&shared.index, shared.format.load(Ordering::Acquire), false);
+    }
+}
+
+/// One spill and the merge it calls for, if the index wants one.
+fn spill_once(shared: &writer::Shared, spill: &runs::Spill) {
+    {
         // A wake-up sent while the last spill ran may be stale.
         let plan = {
             let index = shared.index.read();
             if !index.wants_spill() {
-                continue;
+                return;
             }
             index.spill_plan()
         };
@@ -307,7 +347,7 @@ fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc
             Ok(run) => run,
             Err(e) => {
                 shared.index.write().spill_failed(&e);
-                continue;
+                return;
             }
         };
         shared.index.write().spilled(plan, run);
@@ -352,7 +392,11 @@ impl Journal {
         let spill = match storage.path() {
             Some(path) if options.index_spill_at > 0 => {
                 let dir = recovery::side_file(path, "index");
-                match runs::Spill::open(&dir, options.index_spill_at) {
+                match runs::Spill::open(
+                    &dir,
+                    options.index_spill_at,
+                    options.index_checkpoint_every,
+                ) {
                     Ok(spill) => Some(Arc::new(spill)),
                     // The offsets stay in memory: the journal opens all the same.
                     Err(e) => {
@@ -363,8 +407,10 @@ impl Journal {
             }
             _ => None,
         };
-        let (index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone())?;
+        let (mut index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone())?;
         recovery.salvaged = salvaged;
+        let scrub_plan = index.scrub.take();
+        recovery.from_checkpoint = scrub_plan.as_ref().map(|p| p.end);
         let durable_len = recovery.valid_len;
         let confirmed = recovery.closed_cleanly;
         // What recovery read may sit in the page cache only (after a kill -9): synced before
@@ -403,6 +449,20 @@ impl Journal {
                 return Err(e);
             }
         };
+        let (scrub, scrubber) = match (scrub_plan, &spill) {
+            (Some(plan), Some(spill)) => {
+                let scrub = Arc::new(scrub::Scrub::running(&plan));
+                let handle = scrub::spawn(
+                    storage.clone(),
+                    plan,
+                    options.scrub_rate,
+                    scrub.clone(),
+                    spill.clone(),
+                );
+                (scrub, handle)
+            }
+            _ => (Arc::new(scrub::Scrub::not_needed()), None),
+        };
         let spiller = match (spill, woken) {
             (Some(spill), Some(woken)) => {
                 let theirs = shared.clone();
@@ -428,6 +488,8 @@ impl Journal {
                 tx: Some(tx),
                 writer: Mutex::new(Some(handle)),
                 spiller: Mutex::new(spiller),
+                scrub,
+                scrubber: Mutex::new(scrubber),
                 next_device: AtomicU32::new(next_device),
                 recovery,
             }),
@@ -456,6 +518,8 @@ impl Journal {
                 tx: None,
                 writer: Mutex::new(None),
                 spiller: Mutex::new(None),
+                scrub: Arc::new(scrub::Scrub::not_needed()),
+                scrubber: Mutex::new(None),
                 next_device: AtomicU32::new(u32::MAX),
                 recovery,
             }),
@@ -465,6 +529,12 @@ impl Journal {
     /// What opening the journal found.
     pub fn recovery(&self) -> &Recovery {
         &self.inner.recovery
+    }
+
+    /// Where the scrub of the records an open from an index checkpoint skipped is (see
+    /// `journal/scrub.rs`).
+    pub fn scrub(&self) -> ScrubStatus {
+        self.inner.scrub.status()
     }
 
     // ---- write side -------------------------------------------------------------------
@@ -564,6 +634,7 @@ impl Journal {
     /// [`JournalError::Closed`].
     pub fn close(&self) {
         self.inner.shared.closing.store(true, Ordering::Release);
+        self.inner.scrub.stop.store(true, Ordering::Release);
         if let Some(tx) = &self.inner.tx {
             let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
         }

@@ -60,7 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::checkpoint::{Checkpoint, CheckpointDevice, read_checkpoint, write_checkpoint};
-use super::index::{Inconsistency, Index, MAX_LOST_RUN};
+use super::index::{Inconsistency, Index, MAX_LOST_RUN, MarkerAt};
 use super::record::{self, DecodeError, Record};
 use super::runs::Spill;
 use super::storage::{FileBackend, SeqReader, StorageBackend, Tolerant};
@@ -240,6 +240,8 @@ pub struct Salvaged {
 #[derive(Debug, Clone, Copy)]
 struct Marker {
     batch_start: u64,
+    /// The marker's own offset.
+    at: u64,
     end: u64,
     /// An empty batch's marker (`batch_start` is its own offset): a clean close or an idle
     /// writer's.
@@ -325,6 +327,15 @@ pub(super) fn recover(
         }
         let mut index = prefix.index;
         index.durable_len = prefix.end;
+        index.last_marker = prefix
+            .last_marker
+            .filter(|m| m.end == prefix.end)
+            .map(|m| MarkerAt {
+                batch_start: m.batch_start,
+                at: m.at,
+                end: m.end,
+                synced: true,
+            });
         return Ok((index, recovery));
     };
     let offset = prefix.end;
@@ -385,6 +396,12 @@ pub(super) fn recover(
         storage.write_all_at(&marker, offset)?;
         storage.sync_data()?;
         index.durable_len = offset + marker.len() as u64;
+        index.last_marker = Some(MarkerAt {
+            batch_start: offset,
+            at: offset,
+            end: index.durable_len,
+            synced: true,
+        });
         recovery.valid_len = index.durable_len;
         recovery.confirmed_len = offset;
     }
@@ -507,6 +524,11 @@ pub(super) fn salvage_from(
     // before the rename) it still refuses to open (the old file is shorter than the new one,
     // or damaged), and after the rename the two agree.
     write_checkpoint(path, &shadow, out_len)?;
+    // The index checkpoint describes the old file: gone before the new one is in place.
+    match std::fs::remove_file(side_file(path, "index").join(super::index_checkpoint::FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
@@ -611,14 +633,57 @@ fn scan_prefix(
         }
     };
     let file_len = file_len.max(start);
-    let mut cursor = Cursor::new(storage, start, file_len).heads_only();
     let mut index = Index {
-        spill,
+        spill: spill.clone(),
         ..Index::default()
     };
     let mut offset = start;
     let mut records = 0;
     let mut last_marker = None;
+    if let Some(spill) = spill.filter(|_| writable) {
+        // An index checkpoint saves scanning what came before it (see
+        // `journal/index_checkpoint.rs`); the scrub reads that part later.
+        let cut = checkpoint.as_ref().is_some_and(|c| c.cut_short(file_len));
+        let loaded = if bad_header || cut || format < writer::MARKERS_FROM {
+            Ok(None)
+        } else {
+            spill
+                .checkpoints
+                .load(storage, format, start, file_len, &spill)
+        };
+        match loaded {
+            Ok(Some(loaded)) => {
+                let mut keep = loaded.keep;
+                keep.push(super::index_checkpoint::FILE.to_string());
+                spill.tidy(&keep);
+                tracing::info!(
+                    at = loaded.at,
+                    devices = loaded.index.devices.len(),
+                    "journal: index checkpoint loaded; scanning only the records after it"
+                );
+                records = loaded.index.records;
+                last_marker = Some(Marker {
+                    batch_start: loaded.marker.batch_start,
+                    at: loaded.marker.at,
+                    end: loaded.marker.end,
+                    empty: loaded.marker.batch_start == loaded.marker.at,
+                });
+                offset = loaded.at;
+                index = loaded.index;
+                index.scrub = Some(super::scrub::Plan {
+                    start,
+                    end: loaded.at,
+                    seqs: loaded.seqs,
+                });
+            }
+            Ok(None) => spill.tidy(&[]),
+            Err(e) => {
+                tracing::warn!(error = %e, "journal: index checkpoint not used; scanning the whole journal");
+                spill.tidy(&[]);
+            }
+        }
+    }
+    let mut cursor = Cursor::new(storage, offset, file_len).heads_only();
     let bad = loop {
         if offset == file_len {
             break None;
@@ -638,6 +703,7 @@ fn scan_prefix(
             }
             last_marker = Some(Marker {
                 batch_start,
+                at: offset,
                 end: offset + len,
                 empty: batch_start == offset,
             });
@@ -670,7 +736,7 @@ fn scan_prefix(
 }
 
 /// Reads records one after another through a large buffer.
-struct Cursor<'a> {
+pub(super) struct Cursor<'a> {
     reader: BufReader<SeqReader<'a>>,
     storage: &'a dyn StorageBackend,
     len: u64,
@@ -682,7 +748,7 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    fn new(storage: &'a dyn StorageBackend, pos: u64, len: u64) -> Cursor<'a> {
+    pub(super) fn new(storage: &'a dyn StorageBackend, pos: u64, len: u64) -> Cursor<'a> {
         Cursor {
             reader: BufReader::with_capacity(
                 1 << 20,
@@ -702,7 +768,7 @@ impl<'a> Cursor<'a> {
 
     /// Returns only what the index needs of events and snapshots (their payloads empty),
     /// checked as strictly.
-    fn heads_only(mut self) -> Cursor<'a> {
+    pub(super) fn heads_only(mut self) -> Cursor<'a> {
         self.heads = true;
         self
     }
@@ -714,7 +780,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// The framed length of the record `next` returned last.
-    fn last_len(&self) -> u64 {
+    pub(super) fn last_len(&self) -> u64 {
         self.last
     }
 
@@ -730,7 +796,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// The next record, or why the bytes there are not one (and whether they look cut short).
-    fn next(&mut self) -> Result<Record, (String, bool)> {
+    pub(super) fn next(&mut self) -> Result<Record, (String, bool)> {
         let pos = self.reader.get_ref().pos - self.reader.buffer().len() as u64;
         // Most records sit whole in the read buffer: the prefix scan decodes them where they
         // are. (The tail scan copies each into `buf`: salvage writes those bytes out.)
@@ -1127,6 +1193,7 @@ fn scan_tail(
                 let end = pos + cursor.last_len();
                 tail.last_marker = Some(Marker {
                     batch_start,
+                    at: pos,
                     end,
                     empty: batch_start == pos,
                 });
@@ -1298,6 +1365,7 @@ fn next_marker(
                     at,
                     Marker {
                         batch_start,
+                        at,
                         end,
                         empty,
                     },

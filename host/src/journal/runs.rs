@@ -19,19 +19,24 @@
 //! about log2(history / flush size) runs, each record's offset is rewritten as many times,
 //! and the memory per device is one 24-byte entry per run that holds it.
 //!
-//! Runs are derived data: the journal is the truth, and recovery rebuilds them from it on
-//! every open (the directory is emptied first), so they need no fsync, no checksum and no
-//! crash rule. A journal opened read-only or on storage without a path keeps every offset in
-//! memory, as before.
+//! Runs are derived data: the journal is the truth. They are synced when written, because an
+//! index checkpoint (`journal/index_checkpoint.rs`) may name them; a run that no checkpoint
+//! names is removed once the index no longer uses it, and on open every file of the
+//! directory that the checkpoint in use does not name is removed (an open without one
+//! rebuilds the runs from the journal). A journal opened read-only or on storage without a
+//! path keeps every offset in memory.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::index_checkpoint::Checkpoints;
 
 /// One device's offsets within a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Block {
     pub num: u32,
     pub count: u32,
@@ -48,12 +53,17 @@ pub struct Run {
     /// Ascending by device number.
     blocks: Vec<Block>,
     entries: u64,
+    /// Named by the index checkpoint on disk: its file outlives it (see the module docs).
+    pub(super) pinned: AtomicBool,
 }
 
 impl Drop for Run {
     fn drop(&mut self) {
-        // Merged away or the journal closed: readers that still hold it are gone too.
-        let _ = std::fs::remove_file(&self.path);
+        // Merged away or the journal closed, and no checkpoint names it: readers that still
+        // hold it are gone too.
+        if !self.pinned.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -81,11 +91,11 @@ impl Drop for RunWriter {
 
 impl RunWriter {
     fn create(path: PathBuf) -> io::Result<RunWriter> {
+        // Never over a file that exists: it may be a run an index checkpoint names.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&path)?;
         Ok(RunWriter {
             out: Some(BufWriter::with_capacity(1 << 20, file)),
@@ -150,16 +160,75 @@ impl RunWriter {
             Some((file, Ok(_))) => file,
             _ => return Err(io::Error::other("run buffer lost")),
         };
-        Ok(Arc::new(Run {
+        // Synced so that an index checkpoint may name it (a spill's worth every 32 MiB).
+        let synced = file.sync_data();
+        let run = Arc::new(Run {
             file,
             path: std::mem::take(&mut self.path),
             blocks: std::mem::take(&mut self.blocks),
             entries: self.pos / 8,
-        }))
+            pinned: AtomicBool::new(false),
+        });
+        // On failure `run` is dropped here, unpinned: its file goes with it.
+        synced?;
+        Ok(run)
     }
 }
 
 impl Run {
+    /// Opens the run file `name` in `dir` as an index checkpoint describes it, pinned. Checks
+    /// that the directory fits the file (ascending devices, blocks inside it, no overlaps),
+    /// so a damaged or stale description fails here rather than on a read.
+    pub fn load(dir: &Path, name: &str, blocks: Vec<Block>) -> io::Result<Arc<Run>> {
+        if name.contains('/') || !name.starts_with("run-") {
+            return Err(io::Error::other(format!("`{name}` is not a run file name")));
+        }
+        let path = dir.join(name);
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        let mut pos = 0u64;
+        let mut last: Option<(u32, u64)> = None;
+        for b in &blocks {
+            let fits = b.count > 0
+                && b.first_seq > 0
+                && b.pos == pos
+                && last
+                    .is_none_or(|(num, end)| num < b.num || (num == b.num && end == b.first_seq));
+            if !fits {
+                return Err(io::Error::other(format!(
+                    "run `{name}`: its directory is inconsistent"
+                )));
+            }
+            pos += u64::from(b.count) * 8;
+            last = Some((b.num, b.first_seq + u64::from(b.count)));
+        }
+        if pos != len {
+            return Err(io::Error::other(format!(
+                "run `{name}` is {len} bytes long; its directory says {pos}"
+            )));
+        }
+        Ok(Arc::new(Run {
+            file,
+            path,
+            blocks,
+            entries: pos / 8,
+            pinned: AtomicBool::new(true),
+        }))
+    }
+
+    /// The file's name in the runs' directory.
+    pub fn name(&self) -> &str {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    }
+
+    /// The run's directory, ascending by device.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
     /// The blocks of device `num` in this run (one, unless it held more than 2^32 seqs).
     fn blocks_of(&self, num: u32) -> &[Block] {
         let start = self.blocks.partition_point(|b| b.num < num);
@@ -210,6 +279,16 @@ impl Runs {
         self.list.len()
     }
 
+    /// The runs, oldest first.
+    pub fn list(&self) -> &[Arc<Run>] {
+        &self.list
+    }
+
+    /// Runs made of `list`, oldest first (loaded from an index checkpoint).
+    pub fn from_list(list: Vec<Arc<Run>>) -> Runs {
+        Runs { list }
+    }
+
     /// Entries held in all runs.
     pub fn entries(&self) -> u64 {
         self.list.iter().map(|r| r.entries).sum()
@@ -224,36 +303,66 @@ impl Runs {
     }
 }
 
-/// Where and when an index spills its tails into runs.
+/// Where and when an index spills its tails into runs, and checkpoints itself.
 #[derive(Debug)]
 pub struct Spill {
     dir: PathBuf,
     /// Spill once the tails hold this many offsets in all.
     pub flush_at: u64,
+    /// The index checkpoints written to (and read from) the same directory.
+    pub checkpoints: Checkpoints,
     next_id: std::sync::atomic::AtomicU64,
-    /// Which open of the journal in this process: a run of an earlier open that is dropped
-    /// late (its journal still referenced) never removes this open's file of the same number.
-    open: u64,
+    /// Which open this is: run files of other opens (earlier processes, whose files a
+    /// checkpoint may name, or an earlier open in this process whose runs are dropped late)
+    /// never share a name with this open's.
+    open: String,
 }
 
 /// Counts the spilling opens in this process (see [`Spill::open`]).
 static OPENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Spill {
-    /// Spills into `dir` (emptied: runs of an earlier process are not trusted) once the
-    /// tails hold `flush_at` offsets.
-    pub fn open(dir: &Path, flush_at: u64) -> io::Result<Spill> {
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+    /// Spills into `dir` once the tails hold `flush_at` offsets, and checkpoints the index
+    /// there every `checkpoint_every` bytes of journal (0: never). What the directory holds
+    /// is left alone until [`Spill::tidy`].
+    pub fn open(dir: &Path, flush_at: u64, checkpoint_every: u64) -> io::Result<Spill> {
         std::fs::create_dir_all(dir)?;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
         Ok(Spill {
             dir: dir.to_path_buf(),
             flush_at: flush_at.max(1),
+            checkpoints: Checkpoints::new(dir, checkpoint_every),
             next_id: Default::default(),
-            open: OPENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            open: format!(
+                "{started:x}-{}",
+                OPENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
         })
+    }
+
+    /// Removes every file of the directory but `keep` (the runs and checkpoint an open
+    /// uses): runs of earlier opens, a half-written checkpoint. Failures are logged only.
+    pub fn tidy(&self, keep: &[String]) {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "journal index: cannot list the runs' directory");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if keep.iter().any(|k| *k == name) {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "journal index: cannot remove a stale file");
+            }
+        }
     }
 
     fn path(&self) -> PathBuf {
@@ -393,7 +502,7 @@ mod tests {
     #[test]
     fn merges_keep_every_offset_in_order_and_drop_removed_devices() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spill = Spill::open(&dir.path().join("runs"), 4).expect("spill");
+        let spill = Spill::open(&dir.path().join("runs"), 4, 0).expect("spill");
         let offsets = |from: u64, n: u64| (from..from + n).map(|s| s * 10).collect::<Vec<_>>();
         let first = spill
             .write([(1, 1, &offsets(1, 20)[..]), (2, 1, &offsets(1, 3)[..])])

@@ -1325,7 +1325,7 @@ fn a_failed_spill_during_recovery_keeps_the_offsets() {
     let dir = tempfile::tempdir().expect("tempdir");
     let runs_dir = dir.path().join("runs");
     let mut index = Index {
-        spill: Some(Arc::new(runs::Spill::open(&runs_dir, 4).expect("spill"))),
+        spill: Some(Arc::new(runs::Spill::open(&runs_dir, 4, 0).expect("spill"))),
         ..Index::default()
     };
     for (r, _) in [version_record(0), device_record(0, "a")] {
@@ -1509,4 +1509,371 @@ async fn a_read_failure_that_is_not_media_damage_is_not_called_damage() {
         .expect("fails");
     assert!(Damaged::of(&err).is_none(), "{err}");
     assert_eq!(err.raw_os_error(), Some(ETIMEDOUT), "{err}");
+}
+
+// ---- index checkpoints and the scrub (journal/index_checkpoint.rs, journal/scrub.rs) ----
+
+/// A journal that spills after `spill_at` offsets and checkpoints its index every `every`
+/// bytes; its scrub runs unthrottled.
+fn open_checkpointing(dir: &Path, spill_at: u64, every: u64) -> std::io::Result<Journal> {
+    let options = JournalOptions {
+        index_spill_at: spill_at,
+        index_checkpoint_every: every,
+        scrub_rate: 0,
+        ..JournalOptions::default()
+    };
+    Journal::open(dir, &options)
+}
+
+/// Version 0 and devices `d0..d{devices}` (numbers `0..devices`).
+async fn provision(journal: &Journal, devices: u32) {
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    for num in 0..devices {
+        let (r, e) = device_record(num, &format!("d{num}"));
+        journal.append(&r, e).await.expect("device");
+    }
+}
+
+/// Events `seqs` of every device, interleaved, each seq of all devices one commit or more.
+async fn write_events(journal: &Journal, devices: u32, seqs: std::ops::RangeInclusive<u64>) {
+    let writers: Vec<DeviceWriter> = (0..devices).map(|n| journal.device_writer(n, 64)).collect();
+    for seq in seqs {
+        let pending: Vec<_> = writers.iter().map(|w| append_event(w, seq)).collect();
+        for p in pending {
+            p.await.expect("completion").expect("durable");
+        }
+    }
+}
+
+/// Waits until the index's thread has nothing left to do (no spill or checkpoint due).
+async fn index_settled(journal: &Journal) {
+    for _ in 0..500 {
+        {
+            let index = journal.index();
+            if !index.wants_spill() && !index.wants_checkpoint() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the index's thread never caught up");
+}
+
+/// Waits for the scrub to finish.
+async fn scrubbed(journal: &Journal) -> ScrubStatus {
+    for _ in 0..1000 {
+        let status = journal.scrub();
+        if status.state != ScrubState::Running {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the scrub never finished: {:?}", journal.scrub());
+}
+
+fn index_dir(dir: &Path) -> PathBuf {
+    dir.join("journal.log.index")
+}
+
+/// The files of the index's directory, by name.
+fn index_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(index_dir(dir))
+        .expect("index dir")
+        .flatten()
+        .map(|e| {
+            let bytes = std::fs::read(e.path()).expect("read");
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn restore_index_files(dir: &Path, files: &[(String, Vec<u8>)]) {
+    let _ = std::fs::remove_dir_all(index_dir(dir));
+    std::fs::create_dir_all(index_dir(dir)).expect("index dir");
+    for (name, bytes) in files {
+        std::fs::write(index_dir(dir).join(name), bytes).expect("write");
+    }
+}
+
+/// Each device's seq as the index has it.
+fn seqs(journal: &Journal) -> Vec<(u32, u64)> {
+    let index = journal.index();
+    let mut seqs: Vec<(u32, u64)> = index.devices.values().map(|d| (d.num, d.seq)).collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+/// After a clean close, and after a crash, an open reads the index checkpoint and scans only
+/// what came after it; every record reads back as after a full scan, and the scrub finds the
+/// skipped part intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_from_an_index_checkpoint_scans_only_what_came_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, every) = (4u32, 8 << 10);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
+    provision(&journal, devices).await;
+    write_events(&journal, devices, 1..=300).await;
+    index_settled(&journal).await;
+    let first = journal.index().checkpoint_at;
+    assert!(first >= every, "a checkpoint was written ({first})");
+    // A crash now: the file and the index's directory as they are.
+    let image = crash_image(dir.path());
+    let index_image = index_files(dir.path());
+    write_events(&journal, devices, 301..=400).await;
+    journal.close();
+    let end = journal.index().durable_len;
+    drop(journal);
+
+    // A clean close checkpointed at its very end: nothing to scan.
+    let journal = open_checkpointing(dir.path(), 64, every).expect("reopen");
+    let recovery = journal.recovery().clone();
+    assert_eq!(recovery.from_checkpoint, Some(end));
+    assert_eq!(recovery.valid_len, end);
+    assert!(recovery.dropped.is_none());
+    check_histories(&journal, devices, 400);
+    let from_checkpoint = seqs(&journal);
+    let status = scrubbed(&journal).await;
+    assert_eq!(status.state, ScrubState::Clean, "{status:?}");
+    assert_eq!(status.scanned, status.total);
+    assert!(status.total > 0);
+    journal.close();
+    drop(journal);
+    // A full scan (no spilling: no checkpoint) finds the same.
+    let journal = open_spilling(dir.path(), 0);
+    assert_eq!(journal.recovery().from_checkpoint, None);
+    assert_eq!(seqs(&journal), from_checkpoint);
+    check_histories(&journal, devices, 400);
+
+    // The crash: the last checkpoint before it, then a scan of the rest.
+    crash_with(journal, dir.path(), &image);
+    restore_index_files(dir.path(), &index_image);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("after the crash");
+    let recovery = journal.recovery().clone();
+    let at = recovery
+        .from_checkpoint
+        .expect("opened from the checkpoint");
+    assert!(at >= first && at < image.len() as u64, "{at}");
+    check_histories(&journal, devices, 300);
+    assert_eq!(scrubbed(&journal).await.state, ScrubState::Clean);
+    // Writing goes on from there, checkpoints included.
+    write_events(&journal, devices, 301..=500).await;
+    index_settled(&journal).await;
+    assert!(journal.index().checkpoint_at > at);
+    check_histories(&journal, devices, 500);
+}
+
+/// A journal smaller than one interval is never checkpointed: its opens scan (and check)
+/// every record.
+#[tokio::test]
+async fn a_small_journal_is_never_checkpointed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open_checkpointing(dir.path(), 64, 1 << 20).expect("open");
+    provision(&journal, 2).await;
+    write_events(&journal, 2, 1..=50).await;
+    journal.close();
+    drop(journal);
+    assert!(!index_dir(dir.path()).join("checkpoint").exists());
+    let journal = open_checkpointing(dir.path(), 64, 1 << 20).expect("reopen");
+    assert_eq!(journal.recovery().from_checkpoint, None);
+    assert_eq!(journal.scrub().state, ScrubState::NotNeeded);
+}
+
+/// Media damage before the checkpoint, which an open from it does not read: the scrub finds
+/// it and removes the checkpoint, so the next open scans everything and refuses naming the
+/// offset, exactly as without checkpoints; `--salvage` then keeps every intact record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrub_finds_damage_before_the_checkpoint_and_the_next_open_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, every) = (3u32, 8 << 10);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
+    provision(&journal, devices).await;
+    write_events(&journal, devices, 1..=200).await;
+    journal.close();
+    drop(journal);
+    // Flip a byte inside the body of device 1's seq 10.
+    let mut bytes = std::fs::read(dir.path().join(FILE_NAME)).expect("read");
+    let (at, len) = records_of(&bytes)
+        .into_iter()
+        .find_map(|(at, len, r)| match r {
+            Record::Event(e) if e.device == 1 && e.seq == 10 => Some((at, len)),
+            _ => None,
+        })
+        .expect("seq 10");
+    bytes[at + len / 2] ^= 0x40;
+    std::fs::write(dir.path().join(FILE_NAME), &bytes).expect("write");
+
+    let journal = open_checkpointing(dir.path(), 64, every).expect("opens from the checkpoint");
+    assert!(journal.recovery().from_checkpoint.is_some());
+    let status = scrubbed(&journal).await;
+    match &status.state {
+        ScrubState::Damaged { offset, .. } => assert_eq!(*offset, at as u64),
+        other => panic!("the scrub should find the damage: {other:?}"),
+    }
+    assert!(!index_dir(dir.path()).join("checkpoint").exists());
+    // Reads of the damaged record fail; nothing damaged is served as good.
+    assert!(journal.read_events(1, 10, 10).is_err());
+    check_histories_of(&journal, 0, 200);
+    // Appends go on, and the close writes no new checkpoint over the damage.
+    write_events(&journal, devices, 201..=210).await;
+    journal.close();
+    drop(journal);
+    assert!(!index_dir(dir.path()).join("checkpoint").exists());
+
+    let err = open_checkpointing(dir.path(), 64, every)
+        .err()
+        .expect("the next open refuses");
+    let damage = Damaged::of(&err).unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(damage.offset, at as u64);
+    assert_eq!(damage.devices[0].device, "d1");
+    let journal = Journal::open(
+        dir.path(),
+        &JournalOptions {
+            salvage: true,
+            index_checkpoint_every: every,
+            index_spill_at: 64,
+            ..JournalOptions::default()
+        },
+    )
+    .expect("salvaged");
+    assert_eq!(journal.recovery().from_checkpoint, None);
+    check_histories_of(&journal, 0, 210);
+    check_histories_of(&journal, 2, 210);
+    assert_eq!(journal.device("d1").expect("d1").seq, 210);
+}
+
+/// One device's whole history reads back.
+fn check_histories_of(journal: &Journal, device: u32, events: u64) {
+    let all = journal.read_events(device, 1, events).expect("read");
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events).collect::<Vec<_>>(), "device {device}");
+    for e in &all {
+        assert_eq!(e.event, expected_event(e.seq));
+    }
+}
+
+/// A checkpoint that cannot be trusted (damaged, naming a missing run, or taken of another
+/// journal) is not used: the open scans the whole journal, with the same result, and clears
+/// the stale files out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_checkpoint_is_ignored_for_a_full_scan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, every) = (3u32, 8 << 10);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
+    provision(&journal, devices).await;
+    write_events(&journal, devices, 1..=200).await;
+    journal.close();
+    drop(journal);
+    let files = index_files(dir.path());
+    let run = files
+        .iter()
+        .find(|(n, _)| n.starts_with("run-"))
+        .map(|(n, _)| n.clone())
+        .expect("a run");
+
+    type Spoil = Box<dyn Fn(&Path)>;
+    let other = tempfile::tempdir().expect("tempdir");
+    {
+        // Another journal with a commit marker elsewhere.
+        let journal = open_checkpointing(other.path(), 64, every).expect("open");
+        provision(&journal, 1).await;
+        write_events(&journal, 1, 1..=700).await;
+        journal.close();
+    }
+    let other_journal = std::fs::read(other.path().join(FILE_NAME)).expect("read");
+    let spoils: Vec<(&str, Spoil)> = vec![
+        (
+            "a flipped byte",
+            Box::new(|d: &Path| {
+                let path = index_dir(d).join("checkpoint");
+                let mut bytes = std::fs::read(&path).expect("read");
+                let at = bytes.len() / 2;
+                bytes[at] ^= 1;
+                std::fs::write(&path, bytes).expect("write");
+            }),
+        ),
+        (
+            "a missing run",
+            Box::new(move |d: &Path| {
+                std::fs::remove_file(index_dir(d).join(&run)).expect("remove");
+            }),
+        ),
+    ];
+    for (what, spoil) in spoils {
+        restore_index_files(dir.path(), &files);
+        std::fs::write(index_dir(dir.path()).join("run-stale"), b"x").expect("stale");
+        spoil(dir.path());
+        let journal = open_checkpointing(dir.path(), 64, every).expect(what);
+        assert_eq!(journal.recovery().from_checkpoint, None, "{what}");
+        check_histories(&journal, devices, 200);
+        assert!(
+            !index_dir(dir.path()).join("run-stale").exists(),
+            "{what}: stale files are cleared"
+        );
+        journal.close();
+    }
+    // The checkpoint of this journal beside another journal (as big, or bigger).
+    restore_index_files(dir.path(), &files);
+    std::fs::write(dir.path().join(FILE_NAME), &other_journal).expect("swap");
+    let _ = std::fs::remove_file(dir.path().join("journal.log.checkpoint"));
+    let journal = open_checkpointing(dir.path(), 64, every).expect("another journal");
+    assert_eq!(journal.recovery().from_checkpoint, None);
+    check_histories(&journal, 1, 700);
+}
+
+/// After an open from a checkpoint, what came after it gets the usual recovery: a torn last
+/// commit is cut, and damage before the last commit refuses to open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_checkpoint_recovery_cuts_torn_tails_and_refuses_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, every) = (2u32, 8 << 10);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
+    provision(&journal, devices).await;
+    write_events(&journal, devices, 1..=200).await;
+    journal.close();
+    drop(journal);
+    // Reopened from the close's checkpoint with checkpoints too far apart to write another:
+    // ten more seqs after it, then a crash.
+    let journal = open_checkpointing(dir.path(), 64, 1 << 40).expect("reopen");
+    let at = journal
+        .recovery()
+        .from_checkpoint
+        .expect("from the checkpoint");
+    write_events(&journal, devices, 201..=210).await;
+    let image = crash_image(dir.path());
+    let index_image = index_files(dir.path());
+    let records = records_of(&image);
+    let (last_at, last_len) = records
+        .iter()
+        .rev()
+        .find(|(_, _, r)| matches!(r, Record::Event(_)))
+        .map(|(a, l, _)| (*a, *l))
+        .expect("an event");
+    let (early_at, early_len) = records
+        .iter()
+        .find(|(a, _, r)| *a as u64 > at && matches!(r, Record::Event(e) if e.seq == 202))
+        .map(|(a, l, _)| (*a, *l))
+        .expect("seq 202");
+
+    // Torn: the last event cut in half.
+    crash_with(journal, dir.path(), &image[..last_at + last_len / 2]);
+    restore_index_files(dir.path(), &index_image);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("torn tail cut");
+    assert_eq!(journal.recovery().from_checkpoint, Some(at));
+    let dropped = journal.recovery().dropped.clone().expect("dropped");
+    assert_eq!(dropped.offset, last_at as u64);
+    assert_eq!(seqs(&journal), vec![(0, 210), (1, 209)]);
+
+    // Damaged: a flipped byte in seq 202 (not in the last commit).
+    let mut damaged = image.clone();
+    damaged[early_at + early_len / 2] ^= 0x10;
+    crash_with(journal, dir.path(), &damaged);
+    restore_index_files(dir.path(), &index_image);
+    let err = open_checkpointing(dir.path(), 64, every)
+        .err()
+        .expect("refused");
+    let damage = Damaged::of(&err).unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(damage.offset, early_at as u64);
 }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use super::index::{Index, IndexEffect};
+use super::index::{Index, IndexEffect, MarkerAt};
 use super::record::{self, Record};
 use super::{JournalError, Lane, Stats, StorageBackend};
 
@@ -212,6 +212,9 @@ pub fn run(
     } else if synced_len < durable_len {
         // An idle marker not synced yet: the checkpoint below must name durable bytes only.
         confirmed = storage.sync_data().is_ok();
+        if confirmed && let Some(marker) = shared.index.write().last_marker.as_mut() {
+            marker.synced = true;
+        }
     }
     if confirmed
         && shared.markers()
@@ -219,9 +222,17 @@ pub fn run(
         && let Some(path) = storage.path()
     {
         // The length and the devices' seqs, for the next open to notice a file cut short.
-        let index = shared.index.read();
-        if let Err(e) = super::checkpoint::write_checkpoint(path, &index, durable_len) {
-            tracing::warn!(error = %e, "journal checkpoint not written");
+        let spill = {
+            let index = shared.index.read();
+            if let Err(e) = super::checkpoint::write_checkpoint(path, &index, durable_len) {
+                tracing::warn!(error = %e, "journal checkpoint not written");
+            }
+            index.spill.clone()
+        };
+        // And the index's, so that the next open scans nothing (journal/index_checkpoint.rs).
+        if let Some(spill) = spill {
+            let format = shared.format.load(Ordering::Acquire);
+            spill.checkpoints.write(&shared.index, format, true);
         }
     }
     // Ends the spiller thread.
@@ -255,8 +266,16 @@ fn confirm(
     };
     match written {
         Ok(()) => {
+            let at = *durable_len;
             *durable_len += buf.len() as u64;
-            shared.index.write().durable_len = *durable_len;
+            let mut index = shared.index.write();
+            index.durable_len = *durable_len;
+            index.last_marker = Some(MarkerAt {
+                batch_start: at,
+                at,
+                end: *durable_len,
+                synced: sync,
+            });
             true
         }
         Err(e) => {
@@ -327,7 +346,7 @@ fn commit(
             })
             .and_then(|_| {
                 if shared.markers() {
-                    marker_at = Some(buf.len());
+                    marker_at = Some((buf.len(), *synced_len));
                     Record::Commit {
                         offset: *durable_len + buf.len() as u64,
                         batch_start: *synced_len,
@@ -357,7 +376,13 @@ fn commit(
                     }
                 }
                 index.durable_len = *durable_len;
-                let spill = index.wants_spill();
+                index.last_marker = marker_at.map(|(at, batch_start)| MarkerAt {
+                    batch_start,
+                    at: *durable_len - written + at as u64,
+                    end: *durable_len,
+                    synced: true,
+                });
+                let spill = index.wants_spill() || index.wants_checkpoint();
                 drop(index);
                 if spill && let Some(wake) = &*shared.spiller.lock() {
                     // Full: a wake-up is pending already.
@@ -395,7 +420,7 @@ fn commit(
                 let blanked = storage
                     .write_all_at(&blank, *durable_len)
                     .and_then(|()| match marker_at {
-                        Some(at) => storage.write_all_at(&blank, *durable_len + at as u64),
+                        Some((at, _)) => storage.write_all_at(&blank, *durable_len + at as u64),
                         None => Ok(()),
                     })
                     .and_then(|()| storage.sync_data())

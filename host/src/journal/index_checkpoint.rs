@@ -1,0 +1,425 @@
+//! Index checkpoints: the whole index written beside the journal now and then, so that a
+//! restart reads it and scans only the records written after it.
+//!
+//! Without one, every open scans the whole journal to rebuild the index: ~0.2 s per million
+//! records on this machine, so a fleet's history of a few hundred million records would keep
+//! a restart from serving for a minute. With one, the open reads the checkpoint (devices,
+//! plugin versions, each device's recent offsets, snapshots and dead letters, and the
+//! directories of the run files that hold the older offsets, see `journal/runs.rs`) and
+//! scans from the position it was taken at: restart time follows the number of devices and
+//! the checkpoint interval, not the length of history.
+//!
+//! # File
+//!
+//! `journal.log.index/checkpoint`, beside the runs it names:
+//!
+//! ```text
+//! "DRVIXCK1"   8 bytes, magic and version of this file
+//! image        postcard encoding of `Image` (below)
+//! crc32        4 bytes LE, CRC-32 of the image bytes
+//! ```
+//!
+//! # When
+//!
+//! The index's thread (`drover-index`) writes one each time the journal has grown by
+//! [`JournalOptions::index_checkpoint_every`](super::JournalOptions::index_checkpoint_every)
+//! bytes (256 MiB by default), and a clean close writes one; never for a journal smaller than
+//! that interval, which a full scan opens in a fraction of a second anyway. Each is taken at
+//! a commit marker that is synced (the end of a durable batch), written to a new file,
+//! synced, renamed over the old one, and the directory synced. The run files it names were
+//! synced when written, and stay on disk until a newer checkpoint no longer names them
+//! (`Run::pinned`).
+//!
+//! # Trust
+//!
+//! An open uses a checkpoint only if it is whole (magic, CRC), names this journal format, and
+//! its position is inside the file at the end of the very commit marker it recorded (read
+//! back and decoded, checksum and offset included); if its runs exist with the lengths and
+//! directories it gives, and every device's runs and tail add up to its seq. Anything else
+//! is logged and the open scans the whole journal, as if there were none. A checkpoint is
+//! never needed: deleting the directory costs one full scan.
+//!
+//! What an open from a checkpoint does not do is read the records before it, so damage
+//! there would not be found at open. A background scrub (`journal/scrub.rs`) reads them
+//! after the open, and on damage discards the checkpoint so that the next open scans
+//! everything and refuses as the module docs of `journal/recovery.rs` describe.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use super::index::{DeviceInfo, Index, MarkerAt, SnapshotRef, VersionInfo};
+use super::record::Record;
+use super::runs::{Block, Run, Runs, Spill};
+use super::storage::StorageBackend;
+
+/// Default of [`JournalOptions::index_checkpoint_every`](super::JournalOptions::index_checkpoint_every):
+/// 256 MiB of journal, about two million records of the thermostat's size, which a restart
+/// scans in ~0.3 s.
+pub const INDEX_CHECKPOINT_EVERY: u64 = 256 << 20;
+
+/// The checkpoint's file name in the runs' directory.
+pub const FILE: &str = "checkpoint";
+
+const MAGIC: &[u8; 8] = b"DRVIXCK1";
+
+/// The index at one position of the journal, as the file holds it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Image {
+    /// The journal's format version.
+    journal_format: u32,
+    /// The position: the end of the commit marker at `marker_at`.
+    at: u64,
+    marker_at: u64,
+    /// What that marker says its batch started at.
+    batch_start: u64,
+    /// Records (not counting markers) before `at`.
+    records: u64,
+    next_num: u32,
+    versions: Vec<VersionInfo>,
+    devices: Vec<DeviceImage>,
+    removed: Vec<u32>,
+    runs: Vec<RunImage>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DeviceImage {
+    num: u32,
+    id: String,
+    version: u32,
+    config: Vec<u8>,
+    created_at_ms: u64,
+    seq: u64,
+    tail: Vec<u64>,
+    snapshots: Vec<SnapshotRef>,
+    dead_letters: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RunImage {
+    name: String,
+    blocks: Vec<Block>,
+}
+
+impl Image {
+    fn of(index: &Index, journal_format: u32, marker: MarkerAt) -> Image {
+        let mut devices: Vec<DeviceImage> = index
+            .devices
+            .values()
+            .map(|d| DeviceImage {
+                num: d.num,
+                id: d.id.to_string(),
+                version: d.version,
+                config: d.config.to_vec(),
+                created_at_ms: d.created_at_ms,
+                seq: d.seq,
+                tail: d.tail.clone(),
+                snapshots: d.snapshots.clone(),
+                dead_letters: d.dead_letters.iter().copied().collect(),
+            })
+            .collect();
+        devices.sort_unstable_by_key(|d| d.num);
+        let mut removed: Vec<u32> = index.removed.iter().copied().collect();
+        removed.sort_unstable();
+        Image {
+            journal_format,
+            at: marker.end,
+            marker_at: marker.at,
+            batch_start: marker.batch_start,
+            records: index.records,
+            next_num: index.next_num,
+            versions: index.versions.clone(),
+            devices,
+            removed,
+            runs: index
+                .runs
+                .list()
+                .iter()
+                .map(|r| RunImage {
+                    name: r.name().to_string(),
+                    blocks: r.blocks().to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Writes and loads one journal's index checkpoints (see the module docs). Owned by the
+/// index's [`Spill`], whose directory it shares.
+#[derive(Debug)]
+pub struct Checkpoints {
+    dir: PathBuf,
+    /// Take one each time the journal has grown by this many bytes; 0: never.
+    pub every: u64,
+    /// The runs the checkpoint on disk names, kept from removal; the lock also makes
+    /// writers take turns, so checkpoints are written in the order of their positions.
+    pinned: Mutex<Vec<Arc<Run>>>,
+    /// Set when the scrub found damage before the checkpoint: no further checkpoint is
+    /// written, so the next open scans the whole journal and reports it.
+    disabled: AtomicBool,
+}
+
+/// What an open takes from a checkpoint it trusts.
+pub struct Loaded {
+    /// The index at the checkpoint's position, its runs in place.
+    pub index: Index,
+    /// The position: the scan goes on from here.
+    pub at: u64,
+    /// The commit marker that ends at `at`.
+    pub marker: MarkerAt,
+    /// For the scrub: each device's seq at `at`.
+    pub seqs: Vec<(u32, u64)>,
+    /// File names in the directory to keep.
+    pub keep: Vec<String>,
+}
+
+impl Checkpoints {
+    pub fn new(dir: &Path, every: u64) -> Checkpoints {
+        Checkpoints {
+            dir: dir.to_path_buf(),
+            every,
+            pinned: Mutex::new(Vec::new()),
+            disabled: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `index` is due a checkpoint: at a synced marker, the journal at least one
+    /// interval long and grown by one since the last checkpoint (by anything, when closing).
+    pub fn due(&self, index: &Index, closing: bool) -> bool {
+        if self.every == 0 || self.disabled.load(Ordering::Acquire) {
+            return false;
+        }
+        let at_marker = index
+            .last_marker
+            .is_some_and(|m| m.synced && m.end == index.durable_len);
+        let grown = if closing {
+            index.durable_len > index.checkpoint_at
+        } else {
+            index.durable_len >= index.checkpoint_at.saturating_add(self.every)
+        };
+        at_marker && grown && index.durable_len >= self.every
+    }
+
+    /// Writes a checkpoint of the index behind `lock` if it is due (see [`Checkpoints::due`]);
+    /// returns its position. The read lock is held only while the index is copied. A
+    /// failure (a full disk) is logged; the checkpoint on disk, if any, stays as good, and
+    /// the next try waits for another interval.
+    pub fn write(&self, lock: &RwLock<Index>, journal_format: u32, closing: bool) -> Option<u64> {
+        let mut pinned = self.pinned.lock();
+        let (image, runs) = {
+            let index = lock.read();
+            if !self.due(&index, closing) {
+                return None;
+            }
+            let marker = index.last_marker?;
+            (
+                Image::of(&index, journal_format, marker),
+                index.runs.list().to_vec(),
+            )
+        };
+        let at = image.at;
+        let written = self.write_file(&image);
+        lock.write().checkpoint_at = at;
+        match written {
+            Ok(bytes) => {
+                // The new checkpoint is durable: its runs are kept, and those only the old
+                // one named are released (removed once the index no longer uses them).
+                for run in &runs {
+                    run.pinned.store(true, Ordering::Release);
+                }
+                for old in pinned.drain(..) {
+                    if !runs.iter().any(|r| Arc::ptr_eq(r, &old)) {
+                        old.pinned.store(false, Ordering::Release);
+                    }
+                }
+                *pinned = runs;
+                tracing::debug!(
+                    at,
+                    bytes,
+                    devices = image.devices.len(),
+                    "journal index checkpoint written"
+                );
+                Some(at)
+            }
+            Err(e) => {
+                tracing::warn!(at, error = %e, "journal index checkpoint not written; the next try waits for another interval");
+                None
+            }
+        }
+    }
+
+    fn write_file(&self, image: &Image) -> io::Result<u64> {
+        let body = postcard::to_stdvec(image).map_err(io::Error::other)?;
+        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let mut file = std::io::BufWriter::new(File::create(&tmp)?);
+        file.write_all(MAGIC)?;
+        file.write_all(&body)?;
+        file.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, self.dir.join(FILE))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok((MAGIC.len() + body.len() + 4) as u64)
+    }
+
+    /// The checkpoint in the directory, if there is one and it can be trusted for the
+    /// journal on `storage` (see the module docs); `Err` says why one was found but not used.
+    pub fn load(
+        &self,
+        storage: &dyn StorageBackend,
+        journal_format: u32,
+        start: u64,
+        file_len: u64,
+        spill: &Arc<Spill>,
+    ) -> io::Result<Option<Loaded>> {
+        let bytes = match std::fs::read(self.dir.join(FILE)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(bad("not an index checkpoint (bad magic)".into()));
+        }
+        let (body, crc) = bytes[MAGIC.len()..].split_at(bytes.len() - MAGIC.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let image: Image = postcard::from_bytes(body).map_err(|e| bad(e.to_string()))?;
+        if image.journal_format != journal_format {
+            return Err(bad(format!(
+                "taken of a format-{} journal; this one is format {journal_format}",
+                image.journal_format
+            )));
+        }
+        if !(start <= image.marker_at && image.marker_at < image.at && image.at <= file_len) {
+            return Err(bad(format!(
+                "its position {} is not inside the journal ({file_len} bytes)",
+                image.at
+            )));
+        }
+        let mut marker = vec![0u8; (image.at - image.marker_at) as usize];
+        storage.read_exact_at(&mut marker, image.marker_at)?;
+        match Record::decode(&marker) {
+            Ok((
+                Record::Commit {
+                    offset,
+                    batch_start,
+                },
+                len,
+            )) if offset == image.marker_at
+                && batch_start == image.batch_start
+                && len == marker.len() => {}
+            _ => {
+                return Err(bad(format!(
+                    "the journal holds no commit marker at offset {} (a different or rewritten journal)",
+                    image.marker_at
+                )));
+            }
+        }
+        let runs = image
+            .runs
+            .into_iter()
+            .map(|r| Run::load(&self.dir, &r.name, r.blocks))
+            .collect::<io::Result<Vec<_>>>()?;
+        let keep: Vec<String> = runs.iter().map(|r| r.name().to_string()).collect();
+        let mut in_runs: HashMap<u32, u64> = HashMap::new();
+        for run in &runs {
+            for b in run.blocks() {
+                *in_runs.entry(b.num).or_default() += u64::from(b.count);
+            }
+        }
+
+        let mut index = Index {
+            spill: Some(spill.clone()),
+            ..Index::default()
+        };
+        for (i, v) in image.versions.iter().enumerate() {
+            if v.id as usize != i {
+                return Err(bad(format!("plugin version ids out of order at {i}")));
+            }
+        }
+        index.versions = image.versions;
+        index.removed = image.removed.into_iter().collect::<HashSet<u32>>();
+        let mut seqs = Vec::with_capacity(image.devices.len());
+        for d in image.devices {
+            let consistent = (d.version as usize) < index.versions.len()
+                && d.num < image.next_num
+                && !index.removed.contains(&d.num)
+                && d.tail.len() as u64 <= d.seq
+                && in_runs.get(&d.num).copied().unwrap_or(0) + d.tail.len() as u64 == d.seq
+                && d.tail.iter().chain(&d.dead_letters).all(|&o| o < image.at)
+                && d.snapshots
+                    .iter()
+                    .all(|s| s.seq <= d.seq && s.offset < image.at);
+            if !consistent {
+                return Err(bad(format!("device {} does not add up", d.num)));
+            }
+            let id: Arc<str> = Arc::from(d.id.as_str());
+            if index.by_id.insert(id.clone(), d.num).is_some() {
+                return Err(bad(format!("device `{id}` listed twice")));
+            }
+            seqs.push((d.num, d.seq));
+            index.tail_entries += d.tail.len() as u64;
+            let mut info = DeviceInfo::new(
+                d.num,
+                id,
+                d.version,
+                Arc::from(d.config.as_slice()),
+                d.created_at_ms,
+            );
+            info.seq = d.seq;
+            info.tail = d.tail;
+            info.snapshots = d.snapshots;
+            info.dead_letters = d.dead_letters.into();
+            if index.devices.insert(d.num, info).is_some() {
+                return Err(bad(format!("device {} listed twice", d.num)));
+            }
+        }
+        let marker = MarkerAt {
+            batch_start: image.batch_start,
+            at: image.marker_at,
+            end: image.at,
+            synced: true,
+        };
+        index.next_num = image.next_num;
+        index.runs = Runs::from_list(runs.clone());
+        index.durable_len = image.at;
+        index.records = image.records;
+        index.checkpoint_at = image.at;
+        index.last_marker = Some(marker);
+        *self.pinned.lock() = runs;
+        Ok(Some(Loaded {
+            index,
+            at: image.at,
+            marker,
+            seqs,
+            keep,
+        }))
+    }
+
+    /// Removes the checkpoint on disk and writes no other (the scrub found damage before
+    /// it: the next open must scan everything to report it).
+    pub fn discard(&self) {
+        self.disabled.store(true, Ordering::Release);
+        let _pinned = self.pinned.lock();
+        match std::fs::remove_file(self.dir.join(FILE)) {
+            Ok(()) => {
+                if let Ok(dir) = File::open(&self.dir) {
+                    let _ = dir.sync_all();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(error = %e, dir = %self.dir.display(), "journal: the index checkpoint could not be removed; remove it by hand so that the next open scans the whole journal")
+            }
+        }
+    }
+}
