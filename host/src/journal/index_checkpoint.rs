@@ -49,13 +49,16 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use super::index::{DeviceInfo, Index, MarkerAt, SnapshotRef, VersionInfo};
-use super::record::Record;
+use super::checkpoint::{Checkpoint, CheckpointDevice};
+use super::index::{
+    DEAD_LETTERS_KEPT, DeviceInfo, Index, MarkerAt, SNAPSHOTS_KEPT, SnapshotRef, VersionInfo,
+};
+use super::record::{FILE_HEADER_LEN, MAX_COMMIT_LEN, Record};
 use super::runs::{Block, Run, Runs, Spill};
 use super::storage::StorageBackend;
 
@@ -69,6 +72,24 @@ pub const FILE: &str = "checkpoint";
 
 const MAGIC: &[u8; 8] = b"DRVIXCK1";
 
+/// How many bytes at each end of the checkpointed prefix its CRCs cover.
+const IDENTITY_BYTES: u64 = 64 << 10;
+
+/// CRC-32 of the journal's bytes `from..to`.
+fn crc_of(storage: &dyn StorageBackend, from: u64, to: u64) -> io::Result<u32> {
+    let mut bytes = vec![0u8; to.saturating_sub(from) as usize];
+    storage.read_exact_at(&mut bytes, from)?;
+    Ok(crc32fast::hash(&bytes))
+}
+
+/// The CRCs of the first and last [`IDENTITY_BYTES`] of `start..at`.
+fn identity(storage: &dyn StorageBackend, start: u64, at: u64) -> io::Result<(u32, u32)> {
+    Ok((
+        crc_of(storage, start, at.min(start + IDENTITY_BYTES))?,
+        crc_of(storage, at.saturating_sub(IDENTITY_BYTES).max(start), at)?,
+    ))
+}
+
 /// The index at one position of the journal, as the file holds it.
 #[derive(Debug, Serialize, Deserialize)]
 struct Image {
@@ -81,6 +102,13 @@ struct Image {
     batch_start: u64,
     /// Records (not counting markers) before `at`.
     records: u64,
+    /// CRC-32 of the journal's first bytes after its header (up to [`IDENTITY_BYTES`]) and of
+    /// its last bytes before `at` (as many): which journal this is, beyond the marker.
+    head_crc: u32,
+    end_crc: u32,
+    /// The journal is known intact up to here: the scan of an open or the scrub read it.
+    /// The next scrub starts here rather than at the beginning.
+    scrubbed: u64,
     next_num: u32,
     versions: Vec<VersionInfo>,
     devices: Vec<DeviceImage>,
@@ -108,7 +136,7 @@ struct RunImage {
 }
 
 impl Image {
-    fn of(index: &Index, journal_format: u32, marker: MarkerAt) -> Image {
+    fn of(index: &Index, journal_format: u32, marker: MarkerAt, scrubbed: u64) -> Image {
         let mut devices: Vec<DeviceImage> = index
             .devices
             .values()
@@ -133,6 +161,9 @@ impl Image {
             marker_at: marker.at,
             batch_start: marker.batch_start,
             records: index.records,
+            head_crc: 0,
+            end_crc: 0,
+            scrubbed: scrubbed.min(marker.end),
             next_num: index.next_num,
             versions: index.versions.clone(),
             devices,
@@ -163,6 +194,11 @@ pub struct Checkpoints {
     /// Set when the scrub found damage before the checkpoint: no further checkpoint is
     /// written, so the next open scans the whole journal and reports it.
     disabled: AtomicBool,
+    /// The journal is known intact up to here (see `Image::scrubbed`).
+    pub scrubbed: AtomicU64,
+    /// What the checkpoint on disk says of it: a close writes a new checkpoint when the
+    /// scrub got further, so the next scrub starts there.
+    scrubbed_on_disk: AtomicU64,
 }
 
 /// What an open takes from a checkpoint it trusts.
@@ -175,6 +211,8 @@ pub struct Loaded {
     pub marker: MarkerAt,
     /// For the scrub: each device's seq at `at`.
     pub seqs: Vec<(u32, u64)>,
+    /// For the scrub: the journal was read intact up to here before.
+    pub scrubbed: u64,
     /// File names in the directory to keep.
     pub keep: Vec<String>,
 }
@@ -186,6 +224,8 @@ impl Checkpoints {
             every,
             pinned: Mutex::new(Vec::new()),
             disabled: AtomicBool::new(false),
+            scrubbed: AtomicU64::new(0),
+            scrubbed_on_disk: AtomicU64::new(0),
         }
     }
 
@@ -200,6 +240,8 @@ impl Checkpoints {
             .is_some_and(|m| m.synced && m.end == index.durable_len);
         let grown = if closing {
             index.durable_len > index.checkpoint_at
+                || self.scrubbed.load(Ordering::Acquire)
+                    > self.scrubbed_on_disk.load(Ordering::Acquire)
         } else {
             index.durable_len >= index.checkpoint_at.saturating_add(self.every)
         };
@@ -210,21 +252,32 @@ impl Checkpoints {
     /// returns its position. The read lock is held only while the index is copied. A
     /// failure (a full disk) is logged; the checkpoint on disk, if any, stays as good, and
     /// the next try waits for another interval.
-    pub fn write(&self, lock: &RwLock<Index>, journal_format: u32, closing: bool) -> Option<u64> {
+    pub fn write(
+        &self,
+        lock: &RwLock<Index>,
+        storage: &dyn StorageBackend,
+        journal_format: u32,
+        closing: bool,
+    ) -> Option<u64> {
         let mut pinned = self.pinned.lock();
-        let (image, runs) = {
+        let scrubbed = self.scrubbed.load(Ordering::Acquire);
+        let (mut image, runs) = {
             let index = lock.read();
             if !self.due(&index, closing) {
                 return None;
             }
             let marker = index.last_marker?;
             (
-                Image::of(&index, journal_format, marker),
+                Image::of(&index, journal_format, marker, scrubbed),
                 index.runs.list().to_vec(),
             )
         };
         let at = image.at;
-        let written = self.write_file(&image);
+        let written = identity(storage, FILE_HEADER_LEN as u64, at).and_then(|(head, end)| {
+            image.head_crc = head;
+            image.end_crc = end;
+            self.write_file(&image)
+        });
         lock.write().checkpoint_at = at;
         match written {
             Ok(bytes) => {
@@ -239,6 +292,8 @@ impl Checkpoints {
                     }
                 }
                 *pinned = runs;
+                self.scrubbed_on_disk
+                    .store(image.scrubbed, Ordering::Release);
                 tracing::debug!(
                     at,
                     bytes,
@@ -257,55 +312,101 @@ impl Checkpoints {
     fn write_file(&self, image: &Image) -> io::Result<u64> {
         let body = postcard::to_stdvec(image).map_err(io::Error::other)?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let mut file = std::io::BufWriter::new(File::create(&tmp)?);
-        file.write_all(MAGIC)?;
-        file.write_all(&body)?;
-        file.write_all(&crc32fast::hash(&body).to_le_bytes())?;
-        let file = file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, self.dir.join(FILE))?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok((MAGIC.len() + body.len() + 4) as u64)
+        let written = (|| {
+            let mut file = std::io::BufWriter::new(File::create(&tmp)?);
+            file.write_all(MAGIC)?;
+            file.write_all(&body)?;
+            file.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+            let file = file.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&tmp, self.dir.join(FILE))?;
+            File::open(&self.dir)?.sync_all()
+        })();
+        if written.is_err() {
+            // A full disk must not keep the space a half-written checkpoint took.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map(|()| (MAGIC.len() + body.len() + 4) as u64)
+    }
+
+    /// Reads and decodes the checkpoint file, checking only that it is whole.
+    fn read_image(&self) -> io::Result<Option<Image>> {
+        let bytes = match std::fs::read(self.dir.join(FILE)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(untrusted("not an index checkpoint (bad magic)".into()));
+        }
+        let (body, crc) = bytes[MAGIC.len()..].split_at(bytes.len() - MAGIC.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(untrusted("checksum mismatch".into()));
+        }
+        postcard::from_bytes(body)
+            .map(Some)
+            .map_err(|e| untrusted(e.to_string()))
+    }
+
+    /// What the checkpoint on disk says of the journal's length and devices, in the form a
+    /// clean close records (`journal/checkpoint.rs`): the index checkpoint proves that much
+    /// durable too, so a file found shorter was cut by something other than a crash, and
+    /// salvage marks the seqs it lost. `None` if there is none or it is not whole.
+    pub fn as_clean_close(&self) -> Option<Checkpoint> {
+        let image = self.read_image().ok()??;
+        Some(Checkpoint {
+            format: 2,
+            len: image.at,
+            devices: image
+                .devices
+                .into_iter()
+                .map(|d| CheckpointDevice {
+                    num: d.num,
+                    id: d.id,
+                    version: d.version,
+                    config: d.config,
+                    created_at_ms: d.created_at_ms,
+                    seq: d.seq,
+                })
+                .collect(),
+        })
     }
 
     /// The checkpoint in the directory, if there is one and it can be trusted for the
     /// journal on `storage` (see the module docs); `Err` says why one was found but not used.
+    /// The index it returns spills into `spill`; a read-only open passes `None` (and its
+    /// runs, opened here, stay readable even if the server that owns them removes them).
     pub fn load(
         &self,
         storage: &dyn StorageBackend,
         journal_format: u32,
         start: u64,
         file_len: u64,
-        spill: &Arc<Spill>,
+        spill: Option<&Arc<Spill>>,
     ) -> io::Result<Option<Loaded>> {
-        let bytes = match std::fs::read(self.dir.join(FILE)) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(image) = self.read_image()? else {
+            return Ok(None);
         };
-        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-        if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(bad("not an index checkpoint (bad magic)".into()));
-        }
-        let (body, crc) = bytes[MAGIC.len()..].split_at(bytes.len() - MAGIC.len() - 4);
-        if crc32fast::hash(body).to_le_bytes() != crc {
-            return Err(bad("checksum mismatch".into()));
-        }
-        let image: Image = postcard::from_bytes(body).map_err(|e| bad(e.to_string()))?;
+        let bad = untrusted;
         if image.journal_format != journal_format {
             return Err(bad(format!(
                 "taken of a format-{} journal; this one is format {journal_format}",
                 image.journal_format
             )));
         }
-        if !(start <= image.marker_at && image.marker_at < image.at && image.at <= file_len) {
+        let marker_len = image.at.saturating_sub(image.marker_at);
+        if !(start <= image.marker_at
+            && image.marker_at < image.at
+            && image.at <= file_len
+            && marker_len <= MAX_COMMIT_LEN as u64)
+        {
             return Err(bad(format!(
                 "its position {} is not inside the journal ({file_len} bytes)",
                 image.at
             )));
         }
-        let mut marker = vec![0u8; (image.at - image.marker_at) as usize];
+        let mut marker = vec![0u8; marker_len as usize];
         storage.read_exact_at(&mut marker, image.marker_at)?;
         match Record::decode(&marker) {
             Ok((
@@ -324,21 +425,37 @@ impl Checkpoints {
                 )));
             }
         }
+        if identity(storage, start, image.at)? != (image.head_crc, image.end_crc) {
+            return Err(bad(
+                "the journal's bytes differ from those it was taken of (a different or rewritten journal)"
+                    .into(),
+            ));
+        }
         let runs = image
             .runs
             .into_iter()
             .map(|r| Run::load(&self.dir, &r.name, r.blocks))
-            .collect::<io::Result<Vec<_>>>()?;
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| bad(format!("a run it names: {e}")))?;
         let keep: Vec<String> = runs.iter().map(|r| r.name().to_string()).collect();
+        // Each device's runs hold its seqs from 1 on, in order, without gaps or overlaps:
+        // the next seq after them, per device.
         let mut in_runs: HashMap<u32, u64> = HashMap::new();
         for run in &runs {
             for b in run.blocks() {
-                *in_runs.entry(b.num).or_default() += u64::from(b.count);
+                let next = in_runs.entry(b.num).or_insert(1);
+                if b.first_seq != *next {
+                    return Err(bad(format!(
+                        "the runs of device {} are not in order",
+                        b.num
+                    )));
+                }
+                *next += u64::from(b.count);
             }
         }
 
         let mut index = Index {
-            spill: Some(spill.clone()),
+            spill: spill.cloned(),
             ..Index::default()
         };
         for (i, v) in image.versions.iter().enumerate() {
@@ -354,7 +471,9 @@ impl Checkpoints {
                 && d.num < image.next_num
                 && !index.removed.contains(&d.num)
                 && d.tail.len() as u64 <= d.seq
-                && in_runs.get(&d.num).copied().unwrap_or(0) + d.tail.len() as u64 == d.seq
+                && in_runs.get(&d.num).copied().unwrap_or(1) - 1 + d.tail.len() as u64 == d.seq
+                && d.snapshots.len() <= SNAPSHOTS_KEPT
+                && d.dead_letters.len() <= DEAD_LETTERS_KEPT
                 && d.tail.iter().chain(&d.dead_letters).all(|&o| o < image.at)
                 && d.snapshots
                     .iter()
@@ -396,11 +515,15 @@ impl Checkpoints {
         index.checkpoint_at = image.at;
         index.last_marker = Some(marker);
         *self.pinned.lock() = runs;
+        self.scrubbed.store(image.scrubbed, Ordering::Release);
+        self.scrubbed_on_disk
+            .store(image.scrubbed, Ordering::Release);
         Ok(Some(Loaded {
             index,
             at: image.at,
             marker,
             seqs,
+            scrubbed: image.scrubbed,
             keep,
         }))
     }
@@ -422,4 +545,10 @@ impl Checkpoints {
             }
         }
     }
+}
+
+/// A checkpoint that was found but cannot be trusted (as opposed to one that could not be
+/// read): the open scans the whole journal and replaces it.
+fn untrusted(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
 }

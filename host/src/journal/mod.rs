@@ -322,13 +322,21 @@ impl Drop for Inner {
 /// describes. The index lock is held only to copy the tails out and to swap the result in,
 /// never while writing a file. A failure (a full disk) leaves the offsets in memory, where
 /// they are as good, and the next try waits for another spill's worth of offsets.
-fn spiller(shared: &writer::Shared, spill: &runs::Spill, woken: &std::sync::mpsc::Receiver<()>) {
+fn spiller(
+    shared: &writer::Shared,
+    storage: &dyn StorageBackend,
+    spill: &runs::Spill,
+    woken: &std::sync::mpsc::Receiver<()>,
+) {
     while woken.recv().is_ok() {
         spill_once(shared, spill);
         // After the spill, when one was due: its tails are short then, so is the checkpoint.
-        spill
-            .checkpoints
-            .write(&shared.index, shared.format.load(Ordering::Acquire), false);
+        spill.checkpoints.write(
+            &shared.index,
+            storage,
+            shared.format.load(Ordering::Acquire),
+            false,
+        );
     }
 }
 
@@ -410,7 +418,6 @@ impl Journal {
         let (mut index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone())?;
         recovery.salvaged = salvaged;
         let scrub_plan = index.scrub.take();
-        recovery.from_checkpoint = scrub_plan.as_ref().map(|p| p.end);
         let durable_len = recovery.valid_len;
         let confirmed = recovery.closed_cleanly;
         // What recovery read may sit in the page cache only (after a kill -9): synced before
@@ -466,9 +473,10 @@ impl Journal {
         let spiller = match (spill, woken) {
             (Some(spill), Some(woken)) => {
                 let theirs = shared.clone();
+                let storage = storage.clone();
                 match std::thread::Builder::new()
                     .name("drover-index".into())
-                    .spawn(move || spiller(&theirs, &spill, &woken))
+                    .spawn(move || spiller(&theirs, &*storage, &spill, &woken))
                 {
                     Ok(handle) => Some(handle),
                     // Without it the offsets stay in memory; the journal works all the same.
@@ -641,6 +649,14 @@ impl Journal {
         if let Some(handle) = self.inner.writer.lock().take() {
             let _ = handle.join();
         }
+        // The writer dropped the spiller's wake-up sender: it ends after its current spill.
+        // Joined, with the scrub, so that a reopen in this process finds them gone.
+        if let Some(handle) = self.inner.spiller.lock().take() {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self.inner.scrubber.lock().take() {
+            let _ = handle.join();
+        }
     }
 
     /// Queues an entry for the writer. Never blocks; the entry's completion reports the
@@ -722,13 +738,15 @@ impl Journal {
         (0..offsets.len())
             .zip(from..)
             .map(|(i, seq)| match window.record(self, &offsets[i..], end)? {
-                Record::Event(e) => Ok(e),
+                Record::Event(e) if e.device == num && e.seq == seq => Ok(e),
                 Record::Lost {
                     device,
                     version,
                     at_ms,
+                    from,
+                    to,
                     ..
-                } => Ok(EventRecord {
+                } if device == num && (from..=to).contains(&seq) => Ok(EventRecord {
                     device,
                     seq,
                     at_ms,
@@ -737,12 +755,38 @@ impl Journal {
                     transitions: Vec::new(),
                     lost: true,
                 }),
-                other => Err(JournalError::Read {
-                    offset: offsets[i],
-                    reason: format!("expected an event record, found {other:?}"),
-                }),
+                other => {
+                    Err(self.index_damaged(offsets[i], format!("device {num} seq {seq}"), &other))
+                }
             })
             .collect()
+    }
+
+    /// A read found another record than the index said: the index (a run file, or the
+    /// checkpoint it came from) is damaged, since records are checksummed. Logged; the
+    /// index checkpoint is removed so that the next start rebuilds the index from the
+    /// journal.
+    fn index_damaged(&self, offset: u64, wanted: String, found: &Record) -> JournalError {
+        let found = match found {
+            Record::Event(e) => format!("device {} seq {}", e.device, e.seq),
+            other => format!("{:?}", std::mem::discriminant(other)),
+        };
+        tracing::error!(
+            offset,
+            %wanted,
+            %found,
+            "journal: the index points at the wrong record; its checkpoint is removed so the next start rebuilds it from the journal"
+        );
+        if let Some(spill) = self.index().spill.clone() {
+            spill.checkpoints.discard();
+        }
+        JournalError::Read {
+            offset,
+            reason: format!(
+                "the index is damaged: it gave this offset for {wanted}, which holds {found} \
+                 (restart the server to rebuild the index from the journal)"
+            ),
+        }
     }
 
     /// The newest snapshot of device `num` taken by plugin version `version` at or before
@@ -766,11 +810,14 @@ impl Journal {
     /// The guest's snapshot bytes behind `at`.
     pub fn read_snapshot(&self, at: SnapshotRef) -> Result<Vec<u8>, JournalError> {
         match self.read_at(at.offset)? {
-            Record::Snapshot { data, .. } => Ok(data),
-            other => Err(JournalError::Read {
-                offset: at.offset,
-                reason: format!("expected a snapshot record, found {other:?}"),
-            }),
+            Record::Snapshot {
+                data, seq, version, ..
+            } if seq == at.seq && version == at.version => Ok(data),
+            other => Err(self.index_damaged(
+                at.offset,
+                format!("the snapshot at seq {} (version {})", at.seq, at.version),
+                &other,
+            )),
         }
     }
 
@@ -785,11 +832,12 @@ impl Journal {
         offsets
             .into_iter()
             .map(|offset| match self.read_at(offset)? {
-                Record::DeadLetter(d) => Ok(d),
-                other => Err(JournalError::Read {
+                Record::DeadLetter(d) if d.device == num => Ok(d),
+                other => Err(self.index_damaged(
                     offset,
-                    reason: format!("expected a dead letter, found {other:?}"),
-                }),
+                    format!("a dead letter of device {num}"),
+                    &other,
+                )),
             })
             .collect()
     }

@@ -61,6 +61,7 @@ use std::sync::Arc;
 
 use super::checkpoint::{Checkpoint, CheckpointDevice, read_checkpoint, write_checkpoint};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN, MarkerAt};
+use super::index_checkpoint::Checkpoints;
 use super::record::{self, DecodeError, Record};
 use super::runs::Spill;
 use super::storage::{FileBackend, SeqReader, StorageBackend, Tolerant};
@@ -265,6 +266,8 @@ struct Prefix {
     checkpoint: Option<Checkpoint>,
     /// The file header failed its checksum (its records were read as this build's format).
     bad_header: bool,
+    /// The index checkpoint's position, if the scan started there.
+    from_checkpoint: Option<u64>,
 }
 
 /// Scans the journal from the start, building the index; cuts a torn tail and refuses damage
@@ -281,7 +284,7 @@ pub(super) fn recover(
         damage.unreadable = tolerant.unreadable();
         std::io::Error::new(std::io::ErrorKind::InvalidData, damage)
     };
-    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail), spill)?;
+    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail), spill, true)?;
     let confirmed_len = match prefix.last_marker {
         // The last batch in the file is proven durable by nothing after it.
         Some(m) if m.end >= prefix.end => m.batch_start,
@@ -298,6 +301,7 @@ pub(super) fn recover(
         confirmed_len,
         closed_cleanly,
         format: prefix.format,
+        from_checkpoint: prefix.from_checkpoint,
         ..Recovery::default()
     };
     let cut_short = prefix
@@ -445,7 +449,8 @@ pub(super) fn salvage_from(
 ) -> std::io::Result<Option<Salvaged>> {
     let tolerant = Tolerant::new(source);
     let storage = &tolerant;
-    let prefix = scan_prefix(storage, false, None)?;
+    // Every record: salvage must see all the damage.
+    let prefix = scan_prefix(storage, false, None, false)?;
     let cut_short = prefix
         .checkpoint
         .as_ref()
@@ -525,7 +530,9 @@ pub(super) fn salvage_from(
     // or damaged), and after the rename the two agree.
     write_checkpoint(path, &shadow, out_len)?;
     // The index checkpoint describes the old file: gone before the new one is in place.
-    match std::fs::remove_file(side_file(path, "index").join(super::index_checkpoint::FILE)) {
+    let index_dir = side_file(path, "index");
+    match std::fs::remove_file(index_dir.join(super::index_checkpoint::FILE)) {
+        Ok(()) => File::open(&index_dir)?.sync_all()?,
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
@@ -591,21 +598,45 @@ fn tearable_from(prefix: &Prefix, tail: &Tail) -> u64 {
 
 fn cut_short_reason(prefix: &Prefix) -> String {
     format!(
-        "the file is {} bytes long but was {} at its last clean stop (journal.log.checkpoint): \
-         it was cut short",
+        "the file is {} bytes long but was {} at its last checkpoint (journal.log.checkpoint, or \
+         journal.log.index/checkpoint): it was cut short (if it was restored from a backup on \
+         purpose, remove those two first)",
         prefix.file_len,
         prefix.checkpoint.as_ref().map_or(0, |c| c.len)
     )
 }
 
+/// Scans the journal into an index; from the index checkpoint on, if `from_index_checkpoint`
+/// and there is one it can trust. A writable open (`writable`) writes a missing header, and
+/// with `spill`, tidies the index's directory.
 fn scan_prefix(
     storage: &dyn StorageBackend,
     writable: bool,
     spill: Option<Arc<Spill>>,
+    from_index_checkpoint: bool,
 ) -> std::io::Result<Prefix> {
+    // An index checkpoint saves scanning what came before it (see
+    // `journal/index_checkpoint.rs`); the scrub reads that part later. A read-only open (no
+    // spill) uses one too, and leaves the directory as it is.
+    let read_only = match (&spill, storage.path()) {
+        (None, Some(path)) if !writable => Some(Checkpoints::new(&side_file(path, "index"), 0)),
+        _ => None,
+    };
+    let checkpoints = match (&spill, &read_only) {
+        (Some(spill), _) if writable => Some(&spill.checkpoints),
+        (None, Some(checkpoints)) => Some(checkpoints),
+        _ => None,
+    };
     // Before the length: a server closing cleanly meanwhile writes its checkpoint after its
     // last bytes, so a checkpoint read first never claims more than the length read next.
-    let checkpoint = read_checkpoint(storage);
+    // An index checkpoint proves its position durable just as well: the longer one counts.
+    let checkpoint = match (
+        read_checkpoint(storage),
+        checkpoints.and_then(|c| c.as_clean_close()),
+    ) {
+        (Some(a), Some(b)) => Some(if b.len > a.len { b } else { a }),
+        (a, b) => a.or(b),
+    };
     let file_len = storage.size()?;
     let mut bad_header = false;
     let (start, format) = match record::read_file_header(storage, file_len)? {
@@ -640,22 +671,24 @@ fn scan_prefix(
     let mut offset = start;
     let mut records = 0;
     let mut last_marker = None;
-    if let Some(spill) = spill.filter(|_| writable) {
-        // An index checkpoint saves scanning what came before it (see
-        // `journal/index_checkpoint.rs`); the scrub reads that part later.
+    let mut from_checkpoint = None;
+    if let Some(checkpoints) = checkpoints.filter(|_| from_index_checkpoint) {
         let cut = checkpoint.as_ref().is_some_and(|c| c.cut_short(file_len));
         let loaded = if bad_header || cut || format < writer::MARKERS_FROM {
             Ok(None)
         } else {
-            spill
-                .checkpoints
-                .load(storage, format, start, file_len, &spill)
+            checkpoints.load(storage, format, start, file_len, spill.as_ref())
+        };
+        let tidy = |keep: &[String]| {
+            if let Some(spill) = &spill {
+                spill.tidy(keep);
+            }
         };
         match loaded {
             Ok(Some(loaded)) => {
                 let mut keep = loaded.keep;
                 keep.push(super::index_checkpoint::FILE.to_string());
-                spill.tidy(&keep);
+                tidy(&keep);
                 tracing::info!(
                     at = loaded.at,
                     devices = loaded.index.devices.len(),
@@ -669,17 +702,29 @@ fn scan_prefix(
                     empty: loaded.marker.batch_start == loaded.marker.at,
                 });
                 offset = loaded.at;
+                from_checkpoint = Some(loaded.at);
                 index = loaded.index;
-                index.scrub = Some(super::scrub::Plan {
-                    start,
-                    end: loaded.at,
-                    seqs: loaded.seqs,
-                });
+                if spill.is_some() {
+                    index.scrub = Some(super::scrub::Plan {
+                        from_start: loaded.scrubbed <= start,
+                        start: loaded.scrubbed.max(start),
+                        end: loaded.at,
+                        seqs: loaded.seqs,
+                        versions: index.versions.len() as u32,
+                        next_num: index.next_num,
+                    });
+                }
             }
-            Ok(None) => spill.tidy(&[]),
+            // A file cut short: refused below, with the checkpoint kept as evidence.
+            Ok(None) if cut => {}
+            Ok(None) => tidy(&[]),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(error = %e, "journal: index checkpoint not trusted; scanning the whole journal");
+                tidy(&[]);
+            }
+            // It could not be read (a transient error): scan, but leave it for the next open.
             Err(e) => {
-                tracing::warn!(error = %e, "journal: index checkpoint not used; scanning the whole journal");
-                spill.tidy(&[]);
+                tracing::warn!(error = %e, "journal: index checkpoint unreadable; scanning the whole journal");
             }
         }
     }
@@ -721,6 +766,15 @@ fn scan_prefix(
         }
         offset += len;
     };
+    if from_checkpoint.is_none()
+        && let Some(spill) = spill.as_ref().filter(|_| writable)
+    {
+        // Every record up to here was just read and checked.
+        spill
+            .checkpoints
+            .scrubbed
+            .store(offset, std::sync::atomic::Ordering::Release);
+    }
     Ok(Prefix {
         index,
         format,
@@ -732,6 +786,7 @@ fn scan_prefix(
         last_marker,
         checkpoint,
         bad_header,
+        from_checkpoint,
     })
 }
 

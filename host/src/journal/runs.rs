@@ -191,6 +191,7 @@ impl Run {
         for b in &blocks {
             let fits = b.count > 0
                 && b.first_seq > 0
+                && b.first_seq.checked_add(u64::from(b.count)).is_some()
                 && b.pos == pos
                 && last
                     .is_none_or(|(num, end)| num < b.num || (num == b.num && end == b.first_seq));

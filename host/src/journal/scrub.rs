@@ -1,6 +1,10 @@
 //! The scrub: after an open from an index checkpoint, a background read of the records
 //! before it, which that open skipped.
 //!
+//! Each checkpoint carries how far the journal is known intact (the scan of an open that
+//! read everything, or a scrub, got that far), so a scrub starts where the last one stopped
+//! rather than at the beginning, and frequent restarts still get the whole journal read.
+//!
 //! An open that scans the whole journal finds media damage anywhere and refuses to start
 //! (see `journal/recovery.rs`); an open from a checkpoint (`journal/index_checkpoint.rs`)
 //! reads only what came after it, so that restart time does not grow with history. The
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::index::MAX_LOST_RUN;
 use super::index_checkpoint::Checkpoints;
 use super::record::Record;
 use super::recovery::Cursor;
@@ -36,8 +41,14 @@ pub const SCRUB_RATE: u64 = 128 << 20;
 /// What the scrub is to check: set by an open from a checkpoint.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// First record's offset (after the file header).
+    /// Where to start: the first record after the file header, or where the journal was
+    /// last known intact up to.
     pub start: u64,
+    /// Whether `start` is the first record: then every device's seqs are checked from 1.
+    pub from_start: bool,
+    /// Plugin versions and device numbers at `end`: a record naming a later one is damage.
+    pub versions: u32,
+    pub next_num: u32,
     /// The checkpoint's position: the scrub reads `start..end`.
     pub end: u64,
     /// Each device's seq at `end`, as the checkpoint says.
@@ -57,6 +68,12 @@ pub enum ScrubState {
     Damaged {
         offset: u64,
         reason: String,
+    },
+    /// A read failed for a reason other than the medium (say a timeout): nothing is known
+    /// of the bytes there, so the checkpoint stays and the next open's scrub tries again.
+    Failed {
+        offset: u64,
+        error: String,
     },
     /// Stopped by the journal's close before it finished.
     Stopped,
@@ -119,7 +136,12 @@ pub fn run(
     checkpoints: &Checkpoints,
 ) {
     let began = Instant::now();
-    let outcome = check(storage, &plan, rate, scrub);
+    let watched = Watched {
+        inner: storage,
+        failure: Mutex::new(None),
+    };
+    let outcome = check(&watched, &plan, rate, scrub, checkpoints);
+    let failure = watched.failure.lock().take();
     let state = match outcome {
         Ok(true) => {
             tracing::info!(
@@ -130,6 +152,13 @@ pub fn run(
             ScrubState::Clean
         }
         Ok(false) => ScrubState::Stopped,
+        Err((offset, _)) if let Some(error) = failure => {
+            tracing::warn!(offset, %error, "journal scrub: a read failed (not media damage); the next start scrubs again");
+            ScrubState::Failed {
+                offset,
+                error: error.to_string(),
+            }
+        }
         Err((offset, reason)) => {
             tracing::error!(
                 offset,
@@ -146,11 +175,16 @@ pub fn run(
 }
 
 /// Reads `plan.start..plan.end`; `Ok(false)` if stopped, `Err((offset, why))` on damage.
+/// Applies the checks of `Index::effect_of` that need no index: plugin versions and devices
+/// that exist by the checkpoint, markers in place, and each device's seqs one after another
+/// (from 1 when the scrub starts at the beginning; from the first one seen otherwise); at
+/// the end, the seqs counted against the checkpoint's.
 fn check(
     storage: &dyn StorageBackend,
     plan: &Plan,
     rate: u64,
     scrub: &Scrub,
+    checkpoints: &Checkpoints,
 ) -> Result<bool, (u64, String)> {
     let mut cursor = Cursor::new(storage, plan.start, plan.end).heads_only();
     let mut seqs: HashMap<u32, u64> = HashMap::new();
@@ -163,44 +197,89 @@ fn check(
         }
         let record = cursor.next().map_err(|(why, _)| (offset, why))?;
         let len = cursor.last_len();
+        let known = |version: u32, device: u32| {
+            if version >= plan.versions || device >= plan.next_num {
+                Err((
+                    offset,
+                    format!("record of unknown device {device} or plugin version {version}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let mut follow = |device: u32, from: u64, to: u64| {
+            let before = if plan.from_start {
+                0
+            } else {
+                from.saturating_sub(1)
+            };
+            let seq = seqs.entry(device).or_insert(before);
+            if from != *seq + 1 || to < from || to - from >= MAX_LOST_RUN {
+                return Err((
+                    offset,
+                    format!("device {device} expected seq {}, found {from}", *seq + 1),
+                ));
+            }
+            *seq = to;
+            Ok(())
+        };
+        let marker = matches!(record, Record::Commit { .. });
         match record {
-            Record::Commit { offset: at, .. } if at != offset => {
+            Record::Commit {
+                offset: at,
+                batch_start,
+            } if at != offset || batch_start > offset => {
                 return Err((offset, "commit marker out of place".into()));
             }
-            Record::Device { num, .. } => {
-                seqs.entry(num).or_insert(0);
+            Record::Version { id, .. } if id >= plan.versions => {
+                return Err((offset, format!("unknown plugin version {id}")));
+            }
+            Record::Device { num, version, .. } => {
+                known(version, num)?;
+                if plan.from_start {
+                    seqs.entry(num).or_insert(0);
+                }
             }
             Record::Event(e) => {
-                let seq = seqs.entry(e.device).or_insert(0);
-                if e.seq != *seq + 1 {
-                    return Err((
-                        offset,
-                        format!(
-                            "device {} expected seq {}, found {}",
-                            e.device,
-                            *seq + 1,
-                            e.seq
-                        ),
-                    ));
-                }
-                *seq = e.seq;
+                known(e.version, e.device)?;
+                follow(e.device, e.seq, e.seq)?;
             }
             Record::Lost {
-                device, from, to, ..
+                device,
+                from,
+                to,
+                version,
+                ..
             } => {
-                let seq = seqs.entry(device).or_insert(0);
-                if from != *seq + 1 || to < from {
-                    return Err((offset, format!("device {device}: lost seqs out of order")));
-                }
-                *seq = to;
+                known(version, device)?;
+                follow(device, from, to)?;
             }
+            Record::Snapshot {
+                device,
+                seq,
+                version,
+                ..
+            } => {
+                known(version, device)?;
+                if seqs.get(&device).is_some_and(|s| seq > *s) {
+                    return Err((offset, format!("snapshot of device {device} past its seq")));
+                }
+            }
+            Record::DeadLetter(d) => known(d.version, d.device)?,
             Record::Removed { device, .. } => {
+                if device >= plan.next_num {
+                    return Err((offset, format!("removal of unknown device {device}")));
+                }
                 seqs.remove(&device);
             }
             _ => {}
         }
         offset += len;
         scrub.scanned.fetch_add(len, Ordering::Relaxed);
+        if marker {
+            // Known intact up to here; kept at markers only, where a batch ends.
+            checkpoints.scrubbed.fetch_max(offset, Ordering::AcqRel);
+        }
         // Paced every 4 MiB: sleep for whatever the rate has not used up.
         if rate > 0 && offset - plan.start - paced >= 4 << 20 {
             paced = offset - plan.start;
@@ -218,7 +297,12 @@ fn check(
     }
     let counted = seqs.len();
     for &(num, seq) in &plan.seqs {
-        let found = seqs.remove(&num).unwrap_or(0);
+        let found = match seqs.remove(&num) {
+            Some(found) => found,
+            None if plan.from_start => 0,
+            // Nothing of it in the part scrubbed now.
+            None => continue,
+        };
         if found != seq {
             return Err((
                 plan.end,
@@ -229,7 +313,9 @@ fn check(
             ));
         }
     }
-    if let Some(num) = seqs.keys().next() {
+    if plan.from_start
+        && let Some(num) = seqs.keys().next()
+    {
         return Err((
             plan.end,
             format!(
@@ -261,5 +347,40 @@ pub fn spawn(
             tracing::warn!(error = %e, "journal scrub: no thread; the records before the index checkpoint are not checked in this run");
             None
         }
+    }
+}
+
+/// The storage as the scrub reads it: a failure that is not the medium's is remembered, so
+/// that it is not reported as damage.
+struct Watched<'a> {
+    inner: &'a dyn StorageBackend,
+    failure: Mutex<Option<std::io::Error>>,
+}
+
+impl StorageBackend for Watched<'_> {
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let read = self.inner.read_exact_at(buf, offset);
+        if let Err(e) = &read
+            && !super::storage::is_media_error(e)
+        {
+            *self.failure.lock() = Some(std::io::Error::new(e.kind(), e.to_string()));
+        }
+        read
+    }
+
+    fn write_all_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("the scrub never writes"))
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("the scrub never writes"))
     }
 }

@@ -256,7 +256,7 @@ pub(super) const EIO: i32 = 5;
 /// `EBADMSG`: a bad sector, a failed checksum of the file system), as opposed to a failure
 /// that says nothing about the bytes (a network file system timing out), which must not be
 /// taken for damage.
-fn is_media_error(e: &io::Error) -> bool {
+pub(super) fn is_media_error(e: &io::Error) -> bool {
     const ENODATA: i32 = 61;
     const EBADMSG: i32 = 74;
     matches!(e.raw_os_error(), Some(EIO | ENODATA | EBADMSG))

@@ -232,7 +232,9 @@ pub fn run(
         // And the index's, so that the next open scans nothing (journal/index_checkpoint.rs).
         if let Some(spill) = spill {
             let format = shared.format.load(Ordering::Acquire);
-            spill.checkpoints.write(&shared.index, format, true);
+            spill
+                .checkpoints
+                .write(&shared.index, storage, format, true);
         }
     }
     // Ends the spiller thread.
