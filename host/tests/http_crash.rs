@@ -188,8 +188,9 @@ fn verify(server: &Server, acked: &[Acked]) {
 fn sigkill_under_load_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // Small snapshot interval: restarts restore snapshots written under load.
-    let flags = ["--snapshot-every", "7"];
+    // Small snapshot and index checkpoint intervals: restarts restore snapshots written
+    // under load and start from index checkpoints, and kills land while both are written.
+    let flags = ["--snapshot-every", "7", "--index-checkpoint-bytes", "65536"];
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -241,6 +242,11 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
 
         server = Server::start(&data, &flags);
         verify(&server, &acked);
+        let metrics = server.api().get("/metrics").text;
+        eprintln!(
+            "round {round}: started from an index checkpoint: {}",
+            metrics.contains("drover_journal_index_checkpoint_start 1")
+        );
     }
 
     // Last, the graceful path under the same load: SIGTERM drains the open requests, and
@@ -265,6 +271,13 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
     );
     server = Server::start(&data, &flags);
     verify(&server, &acked);
+    // The graceful stop wrote an index checkpoint at its end: nothing was scanned.
+    let metrics = server.api().get("/metrics").text;
+    assert!(
+        metrics.contains("drover_journal_index_checkpoint_start 1\n")
+            && metrics.contains("drover_journal_scanned_bytes 0\n"),
+        "{metrics}"
+    );
     assert!(server.terminate().success());
 }
 

@@ -144,6 +144,18 @@ pub struct Tuning {
         defaults::ACTIVATION_TIMEOUT.as_millis(),
     ))]
     pub activation_timeout_ms: Option<u64>,
+    #[arg(long, help = help(
+        "Bytes of journal between checkpoints of its index (a restart reads the last one and \
+         scans only the records after it; 0: never)",
+        drover::journal::INDEX_CHECKPOINT_EVERY,
+    ))]
+    pub index_checkpoint_bytes: Option<u64>,
+    #[arg(long, help = help(
+        "MiB per second the scrub reads, after a restart from an index checkpoint, of the \
+         records the restart skipped (0: unbounded)",
+        drover::journal::SCRUB_RATE >> 20,
+    ))]
+    pub scrub_mib_per_sec: Option<u64>,
     /// Lay guest memories out with guard pages: guest code runs ~20% faster, but a process
     /// then holds at most 14,000 live instances (the live cap is lowered to it).
     #[arg(long)]
@@ -231,6 +243,12 @@ impl Tuning {
         }
         if let Some(us) = self.commit_delay_us {
             b = b.commit_delay(Duration::from_micros(us));
+        }
+        if let Some(bytes) = self.index_checkpoint_bytes {
+            b = b.index_checkpoint_every(bytes);
+        }
+        if let Some(mib) = self.scrub_mib_per_sec {
+            b = b.scrub_rate(mib.saturating_mul(1 << 20));
         }
         b
     }
