@@ -329,8 +329,11 @@ fn spiller(
     woken: &std::sync::mpsc::Receiver<()>,
 ) {
     while woken.recv().is_ok() {
-        spill_once(shared, spill);
-        // After the spill, when one was due: its tails are short then, so is the checkpoint.
+        // A checkpoint due spills the tails first, whatever their size: the checkpoint then
+        // holds O(devices) (the tails would be up to 32 MiB, copied under the index lock and
+        // written again in every checkpoint), and the runs hold the offsets once.
+        let checkpoint = shared.index.read().wants_checkpoint();
+        spill_once(shared, spill, checkpoint);
         spill.checkpoints.write(
             &shared.index,
             storage,
@@ -340,13 +343,14 @@ fn spiller(
     }
 }
 
-/// One spill and the merge it calls for, if the index wants one.
-fn spill_once(shared: &writer::Shared, spill: &runs::Spill) {
+/// One spill and the merge it calls for, if the index wants one (or has any tails, if
+/// `force`).
+fn spill_once(shared: &writer::Shared, spill: &runs::Spill, force: bool) {
     {
         // A wake-up sent while the last spill ran may be stale.
         let plan = {
             let index = shared.index.read();
-            if !index.wants_spill() {
+            if !index.wants_spill() && !(force && index.tail_entries > 0) {
                 return;
             }
             index.spill_plan()
