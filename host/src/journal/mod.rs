@@ -350,7 +350,8 @@ fn spill_once(shared: &writer::Shared, spill: &runs::Spill, force: bool) {
         // A wake-up sent while the last spill ran may be stale.
         let plan = {
             let index = shared.index.read();
-            if !index.wants_spill() && !(force && index.tail_entries > 0) {
+            let wanted = index.wants_spill() || (force && index.tail_entries > 0);
+            if !wanted {
                 return;
             }
             index.spill_plan()
