@@ -13,7 +13,8 @@
 //! (the records after it scanned); with no checkpoint (a full scan, offsets spilled); and
 //! with every offset kept in memory (the full scan of earlier builds). `DROVER_BENCH_KEEP=1` leaves the journal
 //! in `target/tmp/bench-journal` (reopen it with another build: `DROVER_BENCH_REOPEN=DIR`). `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
-//! 10,000,000 for the README's restart figure).
+//! 10,000,000 for the README's restart figure); `DROVER_BENCH_CHECKPOINT_EVERY` the bytes
+//! between index checkpoints while writing (0: none).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -106,10 +107,17 @@ async fn main() -> anyhow::Result<()> {
     }
     fsync_us.sort_by(f64::total_cmp);
 
+    // `DROVER_BENCH_CHECKPOINT_EVERY=0` writes without index checkpoints (to compare the
+    // append rate with and without them).
+    let checkpoint_every = std::env::var("DROVER_BENCH_CHECKPOINT_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(drover::journal::INDEX_CHECKPOINT_EVERY);
     let journal = Journal::open(
         &root,
         &JournalOptions {
             commit_delay: drover::config::defaults::COMMIT_DELAY,
+            index_checkpoint_every: checkpoint_every,
             ..JournalOptions::default()
         },
     )?;
