@@ -648,14 +648,18 @@ impl Journal {
     pub fn close(&self) {
         self.inner.shared.closing.store(true, Ordering::Release);
         self.inner.scrub.stop.store(true, Ordering::Release);
+        if let Some(spill) = self.index().spill.clone() {
+            spill.stopping.store(true, Ordering::Release);
+        }
         if let Some(tx) = &self.inner.tx {
             let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
         }
         if let Some(handle) = self.inner.writer.lock().take() {
             let _ = handle.join();
         }
-        // The writer dropped the spiller's wake-up sender: it ends after its current spill.
-        // Joined, with the scrub, so that a reopen in this process finds them gone.
+        // The writer dropped the spiller's wake-up sender: it ends after its current spill
+        // (a merge gives up). Joined, with the scrub, so that a reopen in this process finds
+        // them gone.
         if let Some(handle) = self.inner.spiller.lock().take() {
             let _ = handle.join();
         }

@@ -312,6 +312,8 @@ pub struct Spill {
     pub flush_at: u64,
     /// The index checkpoints written to (and read from) the same directory.
     pub checkpoints: Checkpoints,
+    /// Set when the journal closes: a merge in progress gives up.
+    pub stopping: AtomicBool,
     next_id: std::sync::atomic::AtomicU64,
     /// Which open this is: run files of other opens (earlier processes, whose files a
     /// checkpoint may name, or an earlier open in this process whose runs are dropped late)
@@ -336,6 +338,7 @@ impl Spill {
             dir: dir.to_path_buf(),
             flush_at: flush_at.max(1),
             checkpoints: Checkpoints::new(dir, checkpoint_every),
+            stopping: AtomicBool::new(false),
             next_id: Default::default(),
             open: format!(
                 "{started:x}-{}",
@@ -402,7 +405,9 @@ impl Spill {
         match self.merge(runs, n, removed) {
             Ok(merged) => Some(runs.merged(n, merged)),
             Err(e) => {
-                tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are");
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are");
+                }
                 None
             }
         }
@@ -444,6 +449,14 @@ impl Spill {
         let mut run = RunWriter::create(self.path())?;
         let mut offsets = Vec::new();
         for num in nums {
+            if self.stopping.load(Ordering::Acquire) {
+                // The journal is closing: a merge can take seconds, and is only an
+                // optimisation. The unfinished run removes its file.
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "journal closing",
+                ));
+            }
             for old in merged {
                 for block in old.blocks_of(num) {
                     let last = block.first_seq + u64::from(block.count) - 1;
