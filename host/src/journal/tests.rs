@@ -2166,3 +2166,32 @@ async fn a_damaged_run_is_caught_on_read_and_the_next_open_rebuilds() {
     assert_eq!(journal.recovery().from_checkpoint, None);
     check_histories_of(&journal, 0, 300);
 }
+
+/// A checkpoint that cannot be written (the index's directory unusable, as on a full or
+/// broken disk) costs nothing but the checkpoint: every append succeeds and reads back, and
+/// checkpoints resume once the directory is usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_written_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, every) = (2u32, 8 << 10);
+    let journal = open_checkpointing(dir.path(), 1 << 20, every).expect("open");
+    std::fs::remove_dir_all(index_dir(dir.path())).expect("remove the index directory");
+    std::fs::write(index_dir(dir.path()), b"not a directory").expect("a file in its place");
+    provision(&journal, devices).await;
+    write_events(&journal, devices, 1..=200).await;
+    index_settled(&journal).await;
+    let tried = journal.index().checkpoint_at;
+    assert!(tried > 0, "a checkpoint was tried");
+    check_histories_of(&journal, 1, 200);
+    std::fs::remove_file(index_dir(dir.path())).expect("remove the file");
+    std::fs::create_dir(index_dir(dir.path())).expect("the directory again");
+    write_events(&journal, devices, 201..=400).await;
+    index_settled(&journal).await;
+    assert!(index_dir(dir.path()).join("checkpoint").exists());
+    journal.close();
+    drop(journal);
+    let journal = open_checkpointing(dir.path(), 1 << 20, every).expect("reopen");
+    assert!(journal.recovery().from_checkpoint.is_some());
+    check_histories_of(&journal, 0, 400);
+    check_histories_of(&journal, 1, 400);
+}
