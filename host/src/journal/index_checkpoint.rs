@@ -26,8 +26,8 @@
 //! bytes (256 MiB by default), and a clean close writes one; never for a journal smaller than
 //! that interval, which a full scan opens in a fraction of a second anyway. Each is taken at
 //! a commit marker that is synced (the end of a durable batch), written to a new file,
-//! synced, renamed over the old one, and the directory synced. The run files it names were
-//! synced when written, and stay on disk until a newer checkpoint no longer names them
+//! synced, renamed over the old one, and the directory synced. The run files it names are
+//! synced first, and stay on disk until a newer checkpoint no longer names them
 //! (`Run::pinned`).
 //!
 //! # Trust
@@ -273,11 +273,15 @@ impl Checkpoints {
             )
         };
         let at = image.at;
-        let written = identity(storage, FILE_HEADER_LEN as u64, at).and_then(|(head, end)| {
-            image.head_crc = head;
-            image.end_crc = end;
-            self.write_file(&image)
-        });
+        let written = runs
+            .iter()
+            .try_for_each(|r| r.sync())
+            .and_then(|()| identity(storage, FILE_HEADER_LEN as u64, at))
+            .and_then(|(head, end)| {
+                image.head_crc = head;
+                image.end_crc = end;
+                self.write_file(&image)
+            });
         lock.write().checkpoint_at = at;
         match written {
             Ok(bytes) => {

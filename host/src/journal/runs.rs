@@ -19,8 +19,8 @@
 //! about log2(history / flush size) runs, each record's offset is rewritten as many times,
 //! and the memory per device is one 24-byte entry per run that holds it.
 //!
-//! Runs are derived data: the journal is the truth. They are synced when written, because an
-//! index checkpoint (`journal/index_checkpoint.rs`) may name them; a run that no checkpoint
+//! Runs are derived data: the journal is the truth. They are synced before an index checkpoint
+//! (`journal/index_checkpoint.rs`) names them (most are merged away before); a run that no checkpoint
 //! names is removed once the index no longer uses it, and on open every file of the
 //! directory that the checkpoint in use does not name is removed (an open without one
 //! rebuilds the runs from the journal). A journal opened read-only or on storage without a
@@ -55,6 +55,8 @@ pub struct Run {
     entries: u64,
     /// Named by the index checkpoint on disk: its file outlives it (see the module docs).
     pub(super) pinned: AtomicBool,
+    /// Its file is synced (done before a checkpoint names it: [`Run::sync`]).
+    synced: AtomicBool,
 }
 
 impl Drop for Run {
@@ -160,18 +162,16 @@ impl RunWriter {
             Some((file, Ok(_))) => file,
             _ => return Err(io::Error::other("run buffer lost")),
         };
-        // Synced so that an index checkpoint may name it (a spill's worth every 32 MiB).
-        let synced = file.sync_data();
-        let run = Arc::new(Run {
+        // Not synced here: most runs are merged away before any checkpoint names one, and
+        // syncing tens of MiB stalls the journal's own fsyncs behind it.
+        Ok(Arc::new(Run {
             file,
             path: std::mem::take(&mut self.path),
             blocks: std::mem::take(&mut self.blocks),
             entries: self.pos / 8,
             pinned: AtomicBool::new(false),
-        });
-        // On failure `run` is dropped here, unpinned: its file goes with it.
-        synced?;
-        Ok(run)
+            synced: AtomicBool::new(false),
+        }))
     }
 }
 
@@ -214,7 +214,17 @@ impl Run {
             blocks,
             entries: pos / 8,
             pinned: AtomicBool::new(true),
+            synced: AtomicBool::new(true),
         }))
+    }
+
+    /// Syncs the run's file, once: before an index checkpoint names it.
+    pub fn sync(&self) -> io::Result<()> {
+        if !self.synced.load(Ordering::Acquire) {
+            self.file.sync_data()?;
+            self.synced.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// The file's name in the runs' directory.
