@@ -75,6 +75,9 @@ const MAGIC: &[u8; 8] = b"DRVIXCK1";
 /// How many bytes at each end of the checkpointed prefix its CRCs cover.
 const IDENTITY_BYTES: u64 = 64 << 10;
 
+/// The bytes `small_crc` covers: the first plugin versions and devices.
+const IDENTITY_SMALL: u64 = 4 << 10;
+
 /// CRC-32 of the journal's bytes `from..to`.
 fn crc_of(storage: &dyn StorageBackend, from: u64, to: u64) -> io::Result<u32> {
     let mut bytes = vec![0u8; to.saturating_sub(from) as usize];
@@ -92,7 +95,7 @@ fn identity(storage: &dyn StorageBackend, start: u64, at: u64) -> io::Result<(u3
 
 /// The index at one position of the journal, as the file holds it.
 #[derive(Debug, Serialize, Deserialize)]
-struct Image {
+pub struct Image {
     /// The journal's format version.
     journal_format: u32,
     /// The position: the end of the commit marker at `marker_at`.
@@ -106,8 +109,11 @@ struct Image {
     /// its last bytes before `at` (as many): which journal this is, beyond the marker.
     head_crc: u32,
     end_crc: u32,
-    /// The journal is known intact up to here: the scan of an open or the scrub read it.
-    /// The next scrub starts here rather than at the beginning.
+    /// CRC-32 of the first [`IDENTITY_SMALL`] bytes after the header: to tell this journal
+    /// from another when the file is found too short for `head_crc`.
+    small_crc: u32,
+    /// How far the current scrub pass has read the journal (0: no pass under way). A pass
+    /// cut short by a stop resumes here; a complete one starts the next from the beginning.
     scrubbed: u64,
     next_num: u32,
     versions: Vec<VersionInfo>,
@@ -163,6 +169,7 @@ impl Image {
             records: index.records,
             head_crc: 0,
             end_crc: 0,
+            small_crc: 0,
             scrubbed: scrubbed.min(marker.end),
             next_num: index.next_num,
             versions: index.versions.clone(),
@@ -194,10 +201,10 @@ pub struct Checkpoints {
     /// Set when the scrub found damage before the checkpoint: no further checkpoint is
     /// written, so the next open scans the whole journal and reports it.
     disabled: AtomicBool,
-    /// The journal is known intact up to here (see `Image::scrubbed`).
+    /// How far the current scrub pass has read (see `Image::scrubbed`).
     pub scrubbed: AtomicU64,
-    /// What the checkpoint on disk says of it: a close writes a new checkpoint when the
-    /// scrub got further, so the next scrub starts there.
+    /// What the checkpoint on disk says of it: a close writes a new checkpoint when it
+    /// changed, so the next scrub resumes (or starts anew) as it should.
     scrubbed_on_disk: AtomicU64,
 }
 
@@ -241,7 +248,7 @@ impl Checkpoints {
         let grown = if closing {
             index.durable_len > index.checkpoint_at
                 || self.scrubbed.load(Ordering::Acquire)
-                    > self.scrubbed_on_disk.load(Ordering::Acquire)
+                    != self.scrubbed_on_disk.load(Ordering::Acquire)
         } else {
             index.durable_len >= index.checkpoint_at.saturating_add(self.every)
         };
@@ -273,15 +280,14 @@ impl Checkpoints {
             )
         };
         let at = image.at;
-        let written = runs
-            .iter()
-            .try_for_each(|r| r.sync())
-            .and_then(|()| identity(storage, FILE_HEADER_LEN as u64, at))
-            .and_then(|(head, end)| {
-                image.head_crc = head;
-                image.end_crc = end;
-                self.write_file(&image)
-            });
+        let written = runs.iter().try_for_each(|r| r.sync()).and_then(|()| {
+            let start = FILE_HEADER_LEN as u64;
+            let (head, end) = identity(storage, start, at)?;
+            image.head_crc = head;
+            image.end_crc = end;
+            image.small_crc = crc_of(storage, start, at.min(start + IDENTITY_SMALL))?;
+            self.write_file(&image)
+        });
         lock.write().checkpoint_at = at;
         match written {
             Ok(bytes) => {
@@ -334,8 +340,9 @@ impl Checkpoints {
         written.map(|()| (MAGIC.len() + body.len() + 4) as u64)
     }
 
-    /// Reads and decodes the checkpoint file, checking only that it is whole.
-    fn read_image(&self) -> io::Result<Option<Image>> {
+    /// Reads and decodes the checkpoint file, checking only that it is whole. Read before
+    /// the journal's length (a server beside a read-only open may write a newer one).
+    pub fn read_image(&self) -> io::Result<Option<Image>> {
         let bytes = match std::fs::read(self.dir.join(FILE)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -353,23 +360,39 @@ impl Checkpoints {
             .map_err(|e| untrusted(e.to_string()))
     }
 
-    /// What the checkpoint on disk says of the journal's length and devices, in the form a
-    /// clean close records (`journal/checkpoint.rs`): the index checkpoint proves that much
-    /// durable too, so a file found shorter was cut by something other than a crash, and
-    /// salvage marks the seqs it lost. `None` if there is none or it is not whole.
-    pub fn as_clean_close(&self) -> Option<Checkpoint> {
-        let image = self.read_image().ok()??;
+    /// What `image` says of the journal's length and devices, in the form a clean close
+    /// records (`journal/checkpoint.rs`): the index checkpoint proves that much durable too,
+    /// so a file found shorter was cut by something other than a crash, and salvage marks
+    /// the seqs it lost. `None` unless its CRC of the journal's first bytes matches this
+    /// journal's (it may be another journal's, left beside this one), which needs the file to
+    /// hold them.
+    pub fn as_clean_close(
+        image: &Image,
+        storage: &dyn StorageBackend,
+        start: u64,
+        file_len: u64,
+    ) -> Option<Checkpoint> {
+        let head_end = image.at.min(start + IDENTITY_BYTES);
+        let small_end = image.at.min(start + IDENTITY_SMALL);
+        let tied = if file_len >= head_end {
+            crc_of(storage, start, head_end).ok()? == image.head_crc
+        } else {
+            file_len >= small_end && crc_of(storage, start, small_end).ok()? == image.small_crc
+        };
+        if !tied {
+            return None;
+        }
         Some(Checkpoint {
             format: 2,
             len: image.at,
             devices: image
                 .devices
-                .into_iter()
+                .iter()
                 .map(|d| CheckpointDevice {
                     num: d.num,
-                    id: d.id,
+                    id: d.id.clone(),
                     version: d.version,
-                    config: d.config,
+                    config: d.config.clone(),
                     created_at_ms: d.created_at_ms,
                     seq: d.seq,
                 })
@@ -383,15 +406,13 @@ impl Checkpoints {
     /// runs, opened here, stay readable even if the server that owns them removes them).
     pub fn load(
         &self,
+        image: Image,
         storage: &dyn StorageBackend,
         journal_format: u32,
         start: u64,
         file_len: u64,
         spill: Option<&Arc<Spill>>,
-    ) -> io::Result<Option<Loaded>> {
-        let Some(image) = self.read_image()? else {
-            return Ok(None);
-        };
+    ) -> io::Result<Loaded> {
         let bad = untrusted;
         if image.journal_format != journal_format {
             return Err(bad(format!(
@@ -522,14 +543,14 @@ impl Checkpoints {
         self.scrubbed.store(image.scrubbed, Ordering::Release);
         self.scrubbed_on_disk
             .store(image.scrubbed, Ordering::Release);
-        Ok(Some(Loaded {
+        Ok(Loaded {
             index,
             at: image.at,
             marker,
             seqs,
             scrubbed: image.scrubbed,
             keep,
-        }))
+        })
     }
 
     /// Removes the checkpoint on disk and writes no other (the scrub found damage before

@@ -746,29 +746,61 @@ impl Journal {
         let mut window = Window::default();
         (0..offsets.len())
             .zip(from..)
-            .map(|(i, seq)| match window.record(self, &offsets[i..], end)? {
-                Record::Event(e) if e.device == num && e.seq == seq => Ok(e),
-                Record::Lost {
-                    device,
-                    version,
-                    at_ms,
-                    from,
-                    to,
-                    ..
-                } if device == num && (from..=to).contains(&seq) => Ok(EventRecord {
-                    device,
-                    seq,
-                    at_ms,
-                    version,
-                    event: b"null".to_vec(),
-                    transitions: Vec::new(),
-                    lost: true,
-                }),
-                other => {
-                    Err(self.index_damaged(offsets[i], format!("device {num} seq {seq}"), &other))
+            .map(|(i, seq)| {
+                match window
+                    .record(self, &offsets[i..], end)
+                    .map_err(|e| self.unreadable(e))?
+                {
+                    Record::Event(e) if e.device == num && e.seq == seq => Ok(e),
+                    Record::Lost {
+                        device,
+                        version,
+                        at_ms,
+                        from,
+                        to,
+                        ..
+                    } if device == num && (from..=to).contains(&seq) => Ok(EventRecord {
+                        device,
+                        seq,
+                        at_ms,
+                        version,
+                        event: b"null".to_vec(),
+                        transitions: Vec::new(),
+                        lost: true,
+                    }),
+                    other => Err(self.index_damaged(
+                        offsets[i],
+                        format!("device {num} seq {seq}"),
+                        &other,
+                    )),
                 }
             })
             .collect()
+    }
+
+    /// A record the index pointed at could not be read back: media damage in the journal, or
+    /// a damaged index (a run file's offset into the middle of a record). Logged; the index
+    /// checkpoint is removed, so that the next start scans and checks the whole journal: it
+    /// refuses naming journal damage (then `--salvage`), or rebuilds a damaged index.
+    fn unreadable(&self, e: JournalError) -> JournalError {
+        let JournalError::Read { offset, reason } = e else {
+            return e;
+        };
+        tracing::error!(
+            offset,
+            %reason,
+            "journal: a record could not be read back (media damage, or a damaged index); the next start checks the whole journal"
+        );
+        if let Some(spill) = self.index().spill.clone() {
+            spill.checkpoints.discard();
+        }
+        JournalError::Read {
+            offset,
+            reason: format!(
+                "{reason} (media damage, or a damaged index: the next start checks the whole \
+                 journal, and refuses naming the damage or rebuilds the index)"
+            ),
+        }
     }
 
     /// A read found another record than the index said: the index (a run file, or the
@@ -818,7 +850,7 @@ impl Journal {
 
     /// The guest's snapshot bytes behind `at`.
     pub fn read_snapshot(&self, at: SnapshotRef) -> Result<Vec<u8>, JournalError> {
-        match self.read_at(at.offset)? {
+        match self.read_at(at.offset).map_err(|e| self.unreadable(e))? {
             Record::Snapshot {
                 data, seq, version, ..
             } if seq == at.seq && version == at.version => Ok(data),
@@ -840,14 +872,16 @@ impl Journal {
             .unwrap_or_default();
         offsets
             .into_iter()
-            .map(|offset| match self.read_at(offset)? {
-                Record::DeadLetter(d) if d.device == num => Ok(d),
-                other => Err(self.index_damaged(
-                    offset,
-                    format!("a dead letter of device {num}"),
-                    &other,
-                )),
-            })
+            .map(
+                |offset| match self.read_at(offset).map_err(|e| self.unreadable(e))? {
+                    Record::DeadLetter(d) if d.device == num => Ok(d),
+                    other => Err(self.index_damaged(
+                        offset,
+                        format!("a dead letter of device {num}"),
+                        &other,
+                    )),
+                },
+            )
             .collect()
     }
 

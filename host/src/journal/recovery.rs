@@ -619,7 +619,10 @@ fn scan_prefix(
     // `journal/index_checkpoint.rs`); the scrub reads that part later. A read-only open (no
     // spill) uses one too, and leaves the directory as it is.
     let read_only = match (&spill, storage.path()) {
-        (None, Some(path)) if !writable => Some(Checkpoints::new(&side_file(path, "index"), 0)),
+        (None, Some(path)) if !writable => Some(Checkpoints::new(
+            &side_file(path, "index"),
+            super::index_checkpoint::INDEX_CHECKPOINT_EVERY,
+        )),
         _ => None,
     };
     let checkpoints = match (&spill, &read_only) {
@@ -630,13 +633,8 @@ fn scan_prefix(
     // Before the length: a server closing cleanly meanwhile writes its checkpoint after its
     // last bytes, so a checkpoint read first never claims more than the length read next.
     // An index checkpoint proves its position durable just as well: the longer one counts.
-    let checkpoint = match (
-        read_checkpoint(storage),
-        checkpoints.and_then(|c| c.as_clean_close()),
-    ) {
-        (Some(a), Some(b)) => Some(if b.len > a.len { b } else { a }),
-        (a, b) => a.or(b),
-    };
+    let mut checkpoint = read_checkpoint(storage);
+    let image = checkpoints.map(|c| c.read_image());
     let file_len = storage.size()?;
     let mut bad_header = false;
     let (start, format) = match record::read_file_header(storage, file_len)? {
@@ -664,6 +662,20 @@ fn scan_prefix(
         }
     };
     let file_len = file_len.max(start);
+    let image = match image {
+        Some(Ok(Some(image))) => {
+            // An index checkpoint of this journal proves its position durable just as well:
+            // the longer of the two counts for a file cut short.
+            if let Some(b) = Checkpoints::as_clean_close(&image, storage, start, file_len)
+                && checkpoint.as_ref().is_none_or(|a| b.len > a.len)
+            {
+                checkpoint = Some(b);
+            }
+            Ok(Some(image))
+        }
+        Some(other) => other,
+        None => Ok(None),
+    };
     let mut index = Index {
         spill: spill.clone(),
         ..Index::default()
@@ -674,10 +686,14 @@ fn scan_prefix(
     let mut from_checkpoint = None;
     if let Some(checkpoints) = checkpoints.filter(|_| from_index_checkpoint) {
         let cut = checkpoint.as_ref().is_some_and(|c| c.cut_short(file_len));
-        let loaded = if bad_header || cut || format < writer::MARKERS_FROM {
-            Ok(None)
-        } else {
-            checkpoints.load(storage, format, start, file_len, spill.as_ref())
+        // `every == 0`: checkpoints are off; one left by an earlier run is not used either.
+        let usable = checkpoints.every > 0 && !(bad_header || cut || format < writer::MARKERS_FROM);
+        let loaded = match image {
+            Ok(Some(image)) if usable => checkpoints
+                .load(image, storage, format, start, file_len, spill.as_ref())
+                .map(Some),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
         };
         let tidy = |keep: &[String]| {
             if let Some(spill) = &spill {
@@ -766,15 +782,6 @@ fn scan_prefix(
         }
         offset += len;
     };
-    if from_checkpoint.is_none()
-        && let Some(spill) = spill.as_ref().filter(|_| writable)
-    {
-        // Every record up to here was just read and checked.
-        spill
-            .checkpoints
-            .scrubbed
-            .store(offset, std::sync::atomic::Ordering::Release);
-    }
     Ok(Prefix {
         index,
         format,

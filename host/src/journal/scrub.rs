@@ -1,9 +1,10 @@
 //! The scrub: after an open from an index checkpoint, a background read of the records
 //! before it, which that open skipped.
 //!
-//! Each checkpoint carries how far the journal is known intact (the scan of an open that
-//! read everything, or a scrub, got that far), so a scrub starts where the last one stopped
-//! rather than at the beginning, and frequent restarts still get the whole journal read.
+//! Every start from a checkpoint reads the whole prefix again (damage can appear at rest in
+//! bytes read intact before), but a pass cut short by a stop resumes where it got to: each
+//! checkpoint carries how far the current pass has read, so frequent restarts still get the
+//! whole journal read.
 //!
 //! An open that scans the whole journal finds media damage anywhere and refuses to start
 //! (see `journal/recovery.rs`); an open from a checkpoint (`journal/index_checkpoint.rs`)
@@ -37,6 +38,10 @@ use super::storage::StorageBackend;
 /// a 100M-record journal (~12 GiB) in under two minutes, leaving the disk and the cores to
 /// the fleet.
 pub const SCRUB_RATE: u64 = 128 << 20;
+
+/// Bytes between two checks of the scrub's pace (a few KiB in tests, so that a slow scrub can
+/// be stopped part way).
+const PACE_EVERY: u64 = if cfg!(test) { 4 << 10 } else { 4 << 20 };
 
 /// What the scrub is to check: set by an open from a checkpoint.
 #[derive(Debug, Clone)]
@@ -144,6 +149,8 @@ pub fn run(
     let failure = watched.failure.lock().take();
     let state = match outcome {
         Ok(true) => {
+            // The pass is complete: the next start begins a new one.
+            checkpoints.scrubbed.store(0, Ordering::Release);
             tracing::info!(
                 bytes = plan.end - plan.start,
                 secs = began.elapsed().as_secs_f64(),
@@ -280,8 +287,8 @@ fn check(
             // Known intact up to here; kept at markers only, where a batch ends.
             checkpoints.scrubbed.fetch_max(offset, Ordering::AcqRel);
         }
-        // Paced every 4 MiB: sleep for whatever the rate has not used up.
-        if rate > 0 && offset - plan.start - paced >= 4 << 20 {
+        // Paced every few MiB: sleep for whatever the rate has not used up.
+        if rate > 0 && offset - plan.start - paced >= PACE_EVERY {
             paced = offset - plan.start;
             let due = Duration::from_secs_f64(paced as f64 / rate as f64);
             if let Some(ahead) = due.checked_sub(began.elapsed()) {

@@ -1954,6 +1954,33 @@ async fn an_untrusted_checkpoint_is_ignored_for_a_full_scan() {
     assert_eq!(journal.recovery().from_checkpoint, Some(own_len));
     journal.close();
     drop(journal);
+    // With checkpoints off, one left by an earlier run is not used either.
+    let journal = open_checkpointing(dir.path(), 64, 0).expect("open");
+    assert_eq!(journal.recovery().from_checkpoint, None);
+    check_histories(&journal, devices, 200);
+    journal.close();
+    drop(journal);
+    // A shorter journal of another directory beside the checkpoint: not taken for this one
+    // cut short (its first bytes differ), but opened as what it is.
+    let shorter = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open_checkpointing(shorter.path(), 64, every).expect("open");
+        provision(&journal, 1).await;
+        write_events(&journal, 1, 1..=50).await;
+        journal.close();
+    }
+    let own = std::fs::read(dir.path().join(FILE_NAME)).expect("read");
+    let checkpoint = std::fs::read(dir.path().join("journal.log.checkpoint")).expect("read");
+    std::fs::copy(shorter.path().join(FILE_NAME), dir.path().join(FILE_NAME)).expect("swap");
+    std::fs::remove_file(dir.path().join("journal.log.checkpoint")).expect("remove");
+    restore_index_files(dir.path(), &files);
+    let journal = open_checkpointing(dir.path(), 64, every).expect("another, shorter journal");
+    assert_eq!(journal.recovery().from_checkpoint, None);
+    check_histories(&journal, 1, 50);
+    journal.close();
+    drop(journal);
+    std::fs::write(dir.path().join(FILE_NAME), &own).expect("put back");
+    std::fs::write(dir.path().join("journal.log.checkpoint"), &checkpoint).expect("put back");
     let spoils: Vec<(&str, Spoil)> = vec![
         (
             "a flipped byte",
@@ -2098,38 +2125,55 @@ async fn after_the_checkpoint_recovery_cuts_torn_tails_and_refuses_damage() {
     assert_eq!(damage.offset, early_at as u64);
 }
 
-/// The scrub resumes: once it has read the journal up to a checkpoint, the next close records
-/// that, and the next open scrubs only what came after.
+/// Every start from a checkpoint reads the whole prefix again (damage can appear at rest in
+/// bytes read intact before), and a pass cut short by a stop resumes where it got to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_scrub_starts_where_the_last_one_finished() {
+async fn every_start_scrubs_again_and_a_stopped_pass_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (devices, every) = (2u32, 8 << 10);
+    let (devices, every) = (3u32, 8 << 10);
     let journal = open_checkpointing(dir.path(), 64, every).expect("open");
     provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=200).await;
+    write_events(&journal, devices, 1..=1000).await;
     journal.close();
-    let first = journal.durable_len();
+    let prefix = journal.durable_len() - record::FILE_HEADER_LEN as u64;
     drop(journal);
-    // Written, not read back: the first open from the checkpoint scrubs all of it.
-    let journal = open_checkpointing(dir.path(), 64, every).expect("reopen");
+    let with_rate = |rate: u64| {
+        Journal::open(
+            dir.path(),
+            &JournalOptions {
+                index_spill_at: 64,
+                index_checkpoint_every: every,
+                scrub_rate: rate,
+                ..JournalOptions::default()
+            },
+        )
+        .expect("open")
+    };
+    // A slow scrub, stopped part way by a close.
+    let journal = with_rate(64 << 10);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    journal.close();
+    let stopped = journal.scrub();
+    drop(journal);
+    assert_eq!(stopped.state, ScrubState::Stopped, "{stopped:?}");
+    assert!(
+        stopped.scanned > 0 && stopped.scanned < prefix,
+        "{stopped:?}"
+    );
+    // The next start resumes it: less than the whole prefix is left.
+    let journal = with_rate(0);
     let status = scrubbed(&journal).await;
     assert_eq!(status.state, ScrubState::Clean);
-    assert_eq!(status.total, first - record::FILE_HEADER_LEN as u64);
+    assert!(
+        status.total < prefix && status.total > 0,
+        "{status:?} of {prefix}"
+    );
     journal.close();
     drop(journal);
-    // Nothing new: nothing to scrub.
-    let journal = open_checkpointing(dir.path(), 64, every).expect("reopen");
+    // That pass complete, the next start reads everything again.
+    let journal = with_rate(0);
     let status = scrubbed(&journal).await;
-    assert_eq!((status.state, status.total), (ScrubState::Clean, 0));
-    write_events(&journal, devices, 201..=300).await;
-    journal.close();
-    let second = journal.durable_len();
-    drop(journal);
-    // Only what was written since.
-    let journal = open_checkpointing(dir.path(), 64, every).expect("reopen");
-    let status = scrubbed(&journal).await;
-    assert_eq!(status.state, ScrubState::Clean);
-    assert_eq!(status.total, second - first);
+    assert_eq!((status.state, status.total), (ScrubState::Clean, prefix));
 }
 
 /// A damaged run file (the offsets it holds are not checksummed) never serves another
