@@ -1187,6 +1187,22 @@ impl Tail {
         {
             self.lose(shadow, out, device, seq + 1, upto, damaged_at)?;
         }
+        // A snapshot taken after a seq now lost holds that event's effect, which no replay
+        // can reproduce: left out, so that the state rebuilt from the salvaged journal is
+        // one answer whichever way it is rebuilt (from an earlier snapshot or from `init`).
+        if let Record::Snapshot { device, seq, .. } = record
+            && self
+                .affected
+                .get(device)
+                .is_some_and(|(lost, _)| lost.iter().any(|&(from, _)| from <= *seq))
+        {
+            tracing::debug!(
+                device,
+                seq,
+                "salvage leaves out a snapshot that covers a lost seq"
+            );
+            return Ok(());
+        }
         match shadow.effect_of(record) {
             Ok(effect) => {
                 if let Record::Device { num, id, .. } = record {
