@@ -363,9 +363,10 @@ impl Checkpoints {
     /// What `image` says of the journal's length and devices, in the form a clean close
     /// records (`journal/checkpoint.rs`): the index checkpoint proves that much durable too,
     /// so a file found shorter was cut by something other than a crash, and salvage marks
-    /// the seqs it lost. `None` unless its CRC of the journal's first bytes matches this
-    /// journal's (it may be another journal's, left beside this one), which needs the file to
-    /// hold them.
+    /// the seqs it lost. `None` if the journal is not the one it was taken of (its CRC of the
+    /// journal's first bytes differs: another journal left beside this one). A file too
+    /// short to hold those bytes cannot be told apart, and is taken as this one cut: refused,
+    /// with advice to remove the checkpoint if it is another journal.
     pub fn as_clean_close(
         image: &Image,
         storage: &dyn StorageBackend,
@@ -376,13 +377,12 @@ impl Checkpoints {
         let small_end = image.at.min(start + IDENTITY_SMALL);
         let tied = if file_len >= head_end {
             crc_of(storage, start, head_end).ok()? == image.head_crc
+        } else if file_len >= small_end {
+            crc_of(storage, start, small_end).ok()? == image.small_crc
         } else {
-            file_len >= small_end && crc_of(storage, start, small_end).ok()? == image.small_crc
+            true
         };
-        if !tied {
-            return None;
-        }
-        Some(Checkpoint {
+        tied.then(|| Checkpoint {
             format: 2,
             len: image.at,
             devices: image
@@ -419,6 +419,9 @@ impl Checkpoints {
                 "taken of a format-{} journal; this one is format {journal_format}",
                 image.journal_format
             )));
+        }
+        if image.scrubbed > image.at {
+            return Err(bad("its scrub position is past it".into()));
         }
         let marker_len = image.at.saturating_sub(image.marker_at);
         if !(start <= image.marker_at

@@ -648,8 +648,16 @@ impl Journal {
     pub fn close(&self) {
         self.inner.shared.closing.store(true, Ordering::Release);
         self.inner.scrub.stop.store(true, Ordering::Release);
-        if let Some(spill) = self.index().spill.clone() {
+        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
+        // checkpoint being written holds while it takes the index lock.
+        let spill = self.index().spill.clone();
+        if let Some(spill) = spill {
             spill.stopping.store(true, Ordering::Release);
+        }
+        // The scrub first: the checkpoint the writer writes as it stops records how far it
+        // got.
+        if let Some(handle) = self.inner.scrubber.lock().take() {
+            let _ = handle.join();
         }
         if let Some(tx) = &self.inner.tx {
             let _ = tx.send(Entry::Barrier(Box::new(|_| {})));
@@ -658,12 +666,8 @@ impl Journal {
             let _ = handle.join();
         }
         // The writer dropped the spiller's wake-up sender: it ends after its current spill
-        // (a merge gives up). Joined, with the scrub, so that a reopen in this process finds
-        // them gone.
+        // (a merge gives up). Joined so that a reopen in this process finds it gone.
         if let Some(handle) = self.inner.spiller.lock().take() {
-            let _ = handle.join();
-        }
-        if let Some(handle) = self.inner.scrubber.lock().take() {
             let _ = handle.join();
         }
     }
@@ -791,7 +795,10 @@ impl Journal {
             %reason,
             "journal: a record could not be read back (media damage, or a damaged index); the next start checks the whole journal"
         );
-        if let Some(spill) = self.index().spill.clone() {
+        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
+        // checkpoint being written holds while it takes the index lock.
+        let spill = self.index().spill.clone();
+        if let Some(spill) = spill {
             spill.checkpoints.discard();
         }
         JournalError::Read {
@@ -818,7 +825,10 @@ impl Journal {
             %found,
             "journal: the index points at the wrong record; its checkpoint is removed so the next start rebuilds it from the journal"
         );
-        if let Some(spill) = self.index().spill.clone() {
+        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
+        // checkpoint being written holds while it takes the index lock.
+        let spill = self.index().spill.clone();
+        if let Some(spill) = spill {
             spill.checkpoints.discard();
         }
         JournalError::Read {

@@ -636,6 +636,18 @@ fn scan_prefix(
     let mut checkpoint = read_checkpoint(storage);
     let image = checkpoints.map(|c| c.read_image());
     let file_len = storage.size()?;
+    if let Some(Ok(Some(image))) = &image
+        && file_len < record::FILE_HEADER_LEN as u64
+    {
+        // Not even a header: an index checkpoint says how long it was (checked below, once
+        // the header is read, for longer files). Before the header is written afresh.
+        if let Some(b) =
+            Checkpoints::as_clean_close(image, storage, record::FILE_HEADER_LEN as u64, file_len)
+            && checkpoint.as_ref().is_none_or(|a| b.len > a.len)
+        {
+            checkpoint = Some(b);
+        }
+    }
     let mut bad_header = false;
     let (start, format) = match record::read_file_header(storage, file_len)? {
         record::FileHeader::Present { format } => (record::FILE_HEADER_LEN as u64, format),
@@ -1201,6 +1213,7 @@ impl Tail {
                 seq,
                 "salvage leaves out a snapshot that covers a lost seq"
             );
+            self.set_aside += 1;
             return Ok(());
         }
         match shadow.effect_of(record) {

@@ -57,6 +57,8 @@ pub struct Run {
     pub(super) pinned: AtomicBool,
     /// Its file is synced (done before a checkpoint names it: [`Run::sync`]).
     synced: AtomicBool,
+    /// A sync of its file failed: it is never synced again, nor named by a checkpoint.
+    sync_failed: AtomicBool,
 }
 
 impl Drop for Run {
@@ -171,6 +173,7 @@ impl RunWriter {
             entries: self.pos / 8,
             pinned: AtomicBool::new(false),
             synced: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
         }))
     }
 }
@@ -215,13 +218,25 @@ impl Run {
             entries: pos / 8,
             pinned: AtomicBool::new(true),
             synced: AtomicBool::new(true),
+            sync_failed: AtomicBool::new(false),
         }))
     }
 
     /// Syncs the run's file, once: before an index checkpoint names it.
     pub fn sync(&self) -> io::Result<()> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            // After a failed fsync the kernel may have dropped the dirty pages and report
+            // the next one as a success: no checkpoint names this run (until merged away).
+            return Err(io::Error::other(format!(
+                "run `{}` failed to sync before",
+                self.name()
+            )));
+        }
         if !self.synced.load(Ordering::Acquire) {
-            self.file.sync_data()?;
+            if let Err(e) = self.file.sync_data() {
+                self.sync_failed.store(true, Ordering::Release);
+                return Err(e);
+            }
             self.synced.store(true, Ordering::Release);
         }
         Ok(())

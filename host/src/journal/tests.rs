@@ -1966,9 +1966,14 @@ async fn an_untrusted_checkpoint_is_ignored_for_a_full_scan() {
     {
         let journal = open_checkpointing(shorter.path(), 64, every).expect("open");
         provision(&journal, 1).await;
-        write_events(&journal, 1, 1..=50).await;
+        write_events(&journal, 1, 1..=300).await;
         journal.close();
     }
+    let shorter_len = std::fs::metadata(shorter.path().join(FILE_NAME))
+        .expect("len")
+        .len();
+    // Long enough to hold the first bytes the checkpoint's identity covers, shorter than it.
+    assert!(shorter_len > 5000 && shorter_len < own_len, "{shorter_len}");
     let own = std::fs::read(dir.path().join(FILE_NAME)).expect("read");
     let checkpoint = std::fs::read(dir.path().join("journal.log.checkpoint")).expect("read");
     std::fs::copy(shorter.path().join(FILE_NAME), dir.path().join(FILE_NAME)).expect("swap");
@@ -1976,7 +1981,7 @@ async fn an_untrusted_checkpoint_is_ignored_for_a_full_scan() {
     restore_index_files(dir.path(), &files);
     let journal = open_checkpointing(dir.path(), 64, every).expect("another, shorter journal");
     assert_eq!(journal.recovery().from_checkpoint, None);
-    check_histories(&journal, 1, 50);
+    check_histories(&journal, 1, 300);
     journal.close();
     drop(journal);
     std::fs::write(dir.path().join(FILE_NAME), &own).expect("put back");
@@ -2044,6 +2049,22 @@ async fn a_journal_shorter_than_its_index_checkpoint_is_refused_as_cut() {
             _ => None,
         })
         .expect("seq 150");
+    // Cut so short that it no longer holds the bytes the checkpoint's identity covers (or
+    // not even a header): refused all the same, never opened as an empty journal.
+    for short in [0, 10, 1000] {
+        std::fs::write(dir.path().join(FILE_NAME), &bytes[..short]).expect("cut");
+        let err = open_checkpointing(dir.path(), 64, every)
+            .err()
+            .unwrap_or_else(|| panic!("a journal cut to {short} bytes is refused"));
+        assert!(Damaged::of(&err).is_some(), "{short}: {err}");
+        assert_eq!(
+            std::fs::metadata(dir.path().join(FILE_NAME))
+                .expect("len")
+                .len(),
+            short as u64,
+            "left as found"
+        );
+    }
     std::fs::write(dir.path().join(FILE_NAME), &bytes[..cut]).expect("cut");
     let err = open_checkpointing(dir.path(), 64, every)
         .err()
