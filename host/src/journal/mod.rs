@@ -648,8 +648,6 @@ impl Journal {
     pub fn close(&self) {
         self.inner.shared.closing.store(true, Ordering::Release);
         self.inner.scrub.stop.store(true, Ordering::Release);
-        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
-        // checkpoint being written holds while it takes the index lock.
         let spill = self.index().spill.clone();
         if let Some(spill) = spill {
             spill.stopping.store(true, Ordering::Release);
@@ -817,7 +815,17 @@ impl Journal {
     fn index_damaged(&self, offset: u64, wanted: String, found: &Record) -> JournalError {
         let found = match found {
             Record::Event(e) => format!("device {} seq {}", e.device, e.seq),
-            other => format!("{:?}", std::mem::discriminant(other)),
+            Record::Lost {
+                device, from, to, ..
+            } => format!("device {device} seqs {from}-{to} (lost)"),
+            Record::Snapshot { device, seq, .. } => {
+                format!("a snapshot of device {device} at seq {seq}")
+            }
+            Record::DeadLetter(d) => format!("a dead letter of device {}", d.device),
+            Record::Version { .. } => "a plugin version".to_string(),
+            Record::Device { num, .. } => format!("the provisioning of device {num}"),
+            Record::Removed { device, .. } => format!("the removal of device {device}"),
+            Record::Commit { .. } => "a commit marker".to_string(),
         };
         tracing::error!(
             offset,

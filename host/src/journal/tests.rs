@@ -2170,9 +2170,15 @@ async fn every_start_scrubs_again_and_a_stopped_pass_resumes() {
         )
         .expect("open")
     };
-    // A slow scrub, stopped part way by a close.
-    let journal = with_rate(64 << 10);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A slow scrub (about 6 s for the whole prefix), stopped part way by a close once it has
+    // passed a few commit markers (where its progress is kept).
+    let journal = with_rate(16 << 10);
+    for _ in 0..1000 {
+        if journal.scrub().scanned >= 8 << 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     journal.close();
     let stopped = journal.scrub();
     drop(journal);
