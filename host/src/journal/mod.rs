@@ -780,6 +780,17 @@ impl Journal {
             .collect()
     }
 
+    /// Removes the index checkpoint and writes no other, so that the next start scans and
+    /// checks the whole journal.
+    fn discard_checkpoint(&self) {
+        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
+        // checkpoint being written holds while it takes the index lock.
+        let spill = self.index().spill.clone();
+        if let Some(spill) = spill {
+            spill.checkpoints.discard();
+        }
+    }
+
     /// A record the index pointed at could not be read back: media damage in the journal, or
     /// a damaged index (a run file's offset into the middle of a record). Logged; the index
     /// checkpoint is removed, so that the next start scans and checks the whole journal: it
@@ -793,12 +804,7 @@ impl Journal {
             %reason,
             "journal: a record could not be read back (media damage, or a damaged index); the next start checks the whole journal"
         );
-        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
-        // checkpoint being written holds while it takes the index lock.
-        let spill = self.index().spill.clone();
-        if let Some(spill) = spill {
-            spill.checkpoints.discard();
-        }
+        self.discard_checkpoint();
         JournalError::Read {
             offset,
             reason: format!(
@@ -833,12 +839,7 @@ impl Journal {
             %found,
             "journal: the index points at the wrong record; its checkpoint is removed so the next start rebuilds it from the journal"
         );
-        // The index guard is dropped first: `discard` takes the checkpoint lock, which a
-        // checkpoint being written holds while it takes the index lock.
-        let spill = self.index().spill.clone();
-        if let Some(spill) = spill {
-            spill.checkpoints.discard();
-        }
+        self.discard_checkpoint();
         JournalError::Read {
             offset,
             reason: format!(

@@ -693,7 +693,6 @@ fn scan_prefix(
         ..Index::default()
     };
     let mut offset = start;
-    let mut records = 0;
     let mut last_marker = None;
     let mut from_checkpoint = None;
     if let Some(checkpoints) = checkpoints.filter(|_| from_index_checkpoint) {
@@ -722,7 +721,6 @@ fn scan_prefix(
                     devices = loaded.index.devices.len(),
                     "journal: index checkpoint loaded; scanning only the records after it"
                 );
-                records = loaded.index.records;
                 last_marker = Some(Marker {
                     batch_start: loaded.marker.batch_start,
                     at: loaded.marker.at,
@@ -790,17 +788,16 @@ fn scan_prefix(
                 }
                 Err(e) => break Some((e.to_string(), false)),
             }
-            records += 1;
         }
         offset += len;
     };
     Ok(Prefix {
+        records: index.records,
         index,
         format,
         start,
         file_len,
         end: offset,
-        records,
         bad,
         last_marker,
         checkpoint,

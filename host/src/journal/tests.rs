@@ -1555,6 +1555,16 @@ async fn write_events(journal: &Journal, devices: u32, seqs: std::ops::RangeIncl
     }
 }
 
+/// `devices` devices with events `1..=events` each, in a journal that checkpoints every
+/// `every` bytes (spilling after 64 offsets), closed; returns its length.
+async fn closed_fleet(dir: &Path, devices: u32, events: u64, every: u64) -> u64 {
+    let journal = open_checkpointing(dir, 64, every).expect("open");
+    provision(&journal, devices).await;
+    write_events(&journal, devices, 1..=events).await;
+    journal.close();
+    journal.durable_len()
+}
+
 /// Waits until the index's thread has nothing left to do (no spill or checkpoint due).
 async fn index_settled(journal: &Journal) {
     for _ in 0..500 {
@@ -1822,11 +1832,7 @@ async fn a_small_journal_is_never_checkpointed() {
 async fn the_scrub_finds_damage_before_the_checkpoint_and_the_next_open_refuses() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (devices, every) = (3u32, 8 << 10);
-    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
-    provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=1500).await;
-    journal.close();
-    drop(journal);
+    closed_fleet(dir.path(), devices, 1500, every).await;
     // Flip a byte inside the body of device 1's seq 700 (away from both ends, whose bytes
     // the checkpoint's identity check covers).
     let mut bytes = std::fs::read(dir.path().join(FILE_NAME)).expect("read");
@@ -1919,11 +1925,7 @@ fn check_histories_of(journal: &Journal, device: u32, events: u64) {
 async fn an_untrusted_checkpoint_is_ignored_for_a_full_scan() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (devices, every) = (3u32, 8 << 10);
-    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
-    provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=200).await;
-    journal.close();
-    drop(journal);
+    closed_fleet(dir.path(), devices, 200, every).await;
     let files = index_files(dir.path());
     let run = files
         .iter()
@@ -2034,11 +2036,7 @@ async fn an_untrusted_checkpoint_is_ignored_for_a_full_scan() {
 async fn a_journal_shorter_than_its_index_checkpoint_is_refused_as_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (devices, every) = (2u32, 8 << 10);
-    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
-    provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=200).await;
-    journal.close();
-    drop(journal);
+    closed_fleet(dir.path(), devices, 200, every).await;
     std::fs::remove_file(dir.path().join("journal.log.checkpoint")).expect("remove");
     let bytes = std::fs::read(dir.path().join(FILE_NAME)).expect("read");
     // Cut at the start of device 1's seq 150.
@@ -2094,11 +2092,7 @@ async fn a_journal_shorter_than_its_index_checkpoint_is_refused_as_cut() {
 async fn after_the_checkpoint_recovery_cuts_torn_tails_and_refuses_damage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (devices, every) = (2u32, 8 << 10);
-    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
-    provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=200).await;
-    journal.close();
-    drop(journal);
+    closed_fleet(dir.path(), devices, 200, every).await;
     // Reopened from the close's checkpoint with checkpoints too far apart to write another:
     // ten more seqs after it, then a crash.
     let journal = open_checkpointing(dir.path(), 64, 1 << 40).expect("reopen");
@@ -2152,12 +2146,8 @@ async fn after_the_checkpoint_recovery_cuts_torn_tails_and_refuses_damage() {
 async fn every_start_scrubs_again_and_a_stopped_pass_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (devices, every) = (3u32, 8 << 10);
-    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
-    provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=1000).await;
-    journal.close();
-    let prefix = journal.durable_len() - record::FILE_HEADER_LEN as u64;
-    drop(journal);
+    let prefix =
+        closed_fleet(dir.path(), devices, 1000, every).await - record::FILE_HEADER_LEN as u64;
     let with_rate = |rate: u64| {
         Journal::open(
             dir.path(),
@@ -2210,11 +2200,7 @@ async fn every_start_scrubs_again_and_a_stopped_pass_resumes() {
 async fn a_damaged_run_is_caught_on_read_and_the_next_open_rebuilds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (devices, every) = (1u32, 8 << 10);
-    let journal = open_checkpointing(dir.path(), 64, every).expect("open");
-    provision(&journal, devices).await;
-    write_events(&journal, devices, 1..=300).await;
-    journal.close();
-    drop(journal);
+    closed_fleet(dir.path(), devices, 300, every).await;
     // Swap the first two offsets of every run: seqs 1 and 2 (of some run) point at each
     // other's records.
     for (name, mut bytes) in index_files(dir.path()) {
