@@ -1,6 +1,6 @@
 //! Write Drover device behaviors in plain Rust.
 //!
-//! A Drover plugin is a WebAssembly component exporting the `drover:device@0.1.0` world
+//! A Drover plugin is a WebAssembly component exporting the `drover:device@0.2.0` world
 //! (`wit/device.wit`). That contract speaks JSON strings and snapshot bytes so the host never
 //! needs to know a plugin's schema. This crate lets a plugin author forget about it: you write
 //! one serde-serializable struct that *is* the device's state, implement [`Device`] for it,
@@ -194,28 +194,155 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// What the host tells the device about the event being handled.
+/// What the host tells the device about the event being handled, and where the device asks
+/// for effects.
 ///
 /// Mirrors the WIT `event-context`. It is the guest's only window on the outside world: the
 /// host records it in the journal so replay reproduces the same decisions. Build one with
 /// [`Context::new`] in native tests.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// # Effects
+///
+/// Besides transitions, [`Device::handle`] may ask for effects through the context:
+/// [`command`](Context::command) the physical device, [`send`](Context::send) a message to
+/// another device, [`set_timer`](Context::set_timer) / [`cancel_timer`](Context::cancel_timer).
+/// The host records them in the same journal record as the transitions and carries them out
+/// only once that record is durable; if `handle` returns an error, they are dropped with the
+/// event. Replay never carries them out again. [`Context::effects`] lists what was asked, for
+/// tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Context {
     device_id: String,
     seq: u64,
     at_ms: u64,
     seed: u64,
+    origin: Origin,
+    effects: std::cell::RefCell<Vec<Effect>>,
+    /// The first effect whose payload did not serialize: `handle` then fails with it.
+    failed: std::cell::RefCell<Option<Error>>,
+}
+
+/// Why the event is being handled (WIT `origin`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// From outside: HTTP, the CLI, a gateway.
+    External,
+    /// A message another device sent with [`Context::send`].
+    Message {
+        /// The sending device's id.
+        sender: String,
+        /// With `index`, the message's stable id (the seq of the sender's record holding it
+        /// and its place among that record's effects): the same message delivered twice (after
+        /// a crash) has the same id.
+        seq: u64,
+        /// See `seq`.
+        index: u32,
+    },
+    /// One of this device's timers fired.
+    Timer {
+        /// The key it was set under.
+        key: String,
+        /// When it was due (ms since the Unix epoch); [`Context::at_ms`] is never earlier.
+        due_ms: u64,
+        /// For a periodic timer: whole periods missed (the host was down) and folded into this
+        /// one firing. 0 for a one-shot timer.
+        missed: u64,
+    },
+}
+
+/// When a timer fires; see [`Context::set_timer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timer {
+    due: Due,
+    every_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    After(u64),
+    At(u64),
+}
+
+impl Timer {
+    /// Fires `delay_ms` milliseconds after the event being handled ([`Context::at_ms`]).
+    pub fn after_ms(delay_ms: u64) -> Timer {
+        Timer {
+            due: Due::After(delay_ms),
+            every_ms: None,
+        }
+    }
+
+    /// Fires at `at_ms` (ms since the Unix epoch), or at once if that has passed.
+    pub fn at_ms(at_ms: u64) -> Timer {
+        Timer {
+            due: Due::At(at_ms),
+            every_ms: None,
+        }
+    }
+
+    /// Fires again every `period_ms` milliseconds after the first time, until cancelled or
+    /// replaced. After downtime a periodic timer fires once, with the count of periods it
+    /// missed ([`Origin::Timer`]'s `missed`).
+    pub fn every_ms(mut self, period_ms: u64) -> Timer {
+        self.every_ms = Some(period_ms.max(1));
+        self
+    }
+}
+
+/// One effect asked for while handling an event, as the host receives it (payloads are JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// A command for the physical device, queued in its outbox until acknowledged.
+    Command {
+        /// The command, JSON.
+        payload: String,
+        /// Dropped unacknowledged this long after the event, if set.
+        ttl_ms: Option<u64>,
+    },
+    /// A one-way message to another device.
+    Send {
+        /// The target device's id.
+        to: String,
+        /// The event the target's `handle` gets, JSON.
+        event: String,
+    },
+    /// Sets (or replaces) a timer.
+    SetTimer {
+        /// Its key: setting a key again replaces the timer.
+        key: String,
+        /// When it fires, ms since the Unix epoch.
+        due_ms: u64,
+        /// Its period, for a periodic timer.
+        every_ms: Option<u64>,
+        /// The event `handle` gets when it fires, JSON.
+        event: String,
+    },
+    /// Cancels a timer.
+    CancelTimer {
+        /// The timer's key.
+        key: String,
+    },
 }
 
 impl Context {
-    /// A context as the host would pass it; lets native tests choose time, sequence and seed.
+    /// A context as the host would pass it for an external event; lets native tests choose
+    /// time, sequence and seed.
     pub fn new(device_id: impl Into<String>, seq: u64, at_ms: u64, seed: u64) -> Self {
         Context {
             device_id: device_id.into(),
             seq,
             at_ms,
             seed,
+            origin: Origin::External,
+            effects: Default::default(),
+            failed: Default::default(),
         }
+    }
+
+    /// The same context for an event of another origin (a message or a timer firing).
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
+        self
     }
 
     /// The device this instance embodies.
@@ -239,6 +366,102 @@ impl Context {
     pub fn seed(&self) -> u64 {
         self.seed
     }
+
+    /// Why this event is being handled: from outside, a message, or a timer.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Queues `command` (any serializable value, sent as JSON) for the physical device. It
+    /// waits in the device's outbox until a gateway acknowledges it.
+    pub fn command(&self, command: &impl Serialize) {
+        self.command_with_ttl(command, None);
+    }
+
+    /// [`Context::command`], dropped unacknowledged `ttl_ms` after this event if `Some`.
+    pub fn command_with_ttl(&self, command: &impl Serialize, ttl_ms: Option<u64>) {
+        if let Some(payload) = self.json(command) {
+            self.push(Effect::Command { payload, ttl_ms });
+        }
+    }
+
+    /// Sends `event` (serialized as JSON; the target parses it as its own event type) to
+    /// device `to`, one way. It arrives once this event's record is durable, after every
+    /// earlier message this device sent it. A message to a device that does not exist is
+    /// listed with this device's dead letters.
+    pub fn send(&self, to: impl Into<String>, event: &impl Serialize) {
+        if let Some(event) = self.json(event) {
+            self.push(Effect::Send {
+                to: to.into(),
+                event,
+            });
+        }
+    }
+
+    /// Sets timer `key`: when it fires, `handle` gets `event` (this device's own event type,
+    /// as JSON) with origin [`Origin::Timer`]. Setting a key again replaces the timer; a
+    /// replaced or cancelled timer never fires. Timers are durable: they survive restarts.
+    pub fn set_timer(&self, key: impl Into<String>, when: Timer, event: &impl Serialize) {
+        let Some(event) = self.json(event) else {
+            return;
+        };
+        let due_ms = match when.due {
+            Due::After(delay) => self.at_ms.saturating_add(delay),
+            Due::At(at) => at,
+        };
+        self.push(Effect::SetTimer {
+            key: key.into(),
+            due_ms,
+            every_ms: when.every_ms,
+            event,
+        });
+    }
+
+    /// Cancels timer `key` (nothing happens if it is not set).
+    pub fn cancel_timer(&self, key: impl Into<String>) {
+        self.push(Effect::CancelTimer { key: key.into() });
+    }
+
+    /// The effects asked for so far while handling this event, in order.
+    pub fn effects(&self) -> Vec<Effect> {
+        self.effects.borrow().clone()
+    }
+
+    fn push(&self, effect: Effect) {
+        self.effects.borrow_mut().push(effect);
+    }
+
+    fn json(&self, value: &impl Serialize) -> Option<String> {
+        match serde_json::to_string(value) {
+            Ok(json) => Some(json),
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert_with(|| {
+                    Error::new(
+                        codes::INTERNAL,
+                        format!("an effect's payload does not serialize: {e}"),
+                    )
+                });
+                None
+            }
+        }
+    }
+
+    /// Takes the effects out (for the host boundary), or the first serialization error.
+    fn take_effects(&self) -> Result<Vec<Effect>, Error> {
+        if let Some(e) = self.failed.borrow_mut().take() {
+            return Err(e);
+        }
+        Ok(std::mem::take(&mut *self.effects.borrow_mut()))
+    }
+}
+
+/// What handling one event produced, through the JSON boundary: see [`Instance::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The transitions, JSON.
+    pub transitions: Vec<String>,
+    /// The effects, in the order they were asked for.
+    pub effects: Vec<Effect>,
 }
 
 /// A device behavior. The implementing struct is the device's whole state.
@@ -374,8 +597,20 @@ impl<T: Device> Instance<T> {
         Ok(())
     }
 
+    /// WIT `handle` whole: the transitions as JSON and the effects `handle` asked for
+    /// through `ctx` (taken out of it), without changing the state.
+    pub fn decide(&self, ctx: &Context, event: &str) -> Result<Outcome, Error> {
+        let transitions = self.handle(ctx, event);
+        // Effects asked for before a refusal go with it.
+        let effects = ctx.take_effects();
+        Ok(Outcome {
+            transitions: transitions?,
+            effects: effects?,
+        })
+    }
+
     /// What the host does live for one event: `handle`, then `apply` of each transition.
-    /// Returns the transitions as JSON.
+    /// Returns the transitions as JSON (the effects stay in `ctx`: [`Context::effects`]).
     pub fn handle_and_apply(&mut self, ctx: &Context, event: &str) -> Result<Vec<String>, Error> {
         let transitions = self.handle(ctx, event)?;
         for t in &transitions {
@@ -602,6 +837,8 @@ pub mod __private {
 
         use crate::{Context, Device, Error, Instance};
 
+        #[cfg(not(feature = "contract-v0-1"))]
+        use super::bindings::drover::device::types as wit;
         pub use super::bindings::{DeviceError, EventContext, Guest, Outcome, export};
 
         /// The slot [`export_device!`] generates for the concrete device type.
@@ -638,9 +875,56 @@ pub mod __private {
             }
         }
 
+        #[cfg(feature = "contract-v0-1")]
         impl From<EventContext> for Context {
             fn from(ctx: EventContext) -> Self {
                 Context::new(ctx.device_id, ctx.seq, ctx.at_ms, ctx.seed)
+            }
+        }
+
+        #[cfg(not(feature = "contract-v0-1"))]
+        impl From<EventContext> for Context {
+            fn from(ctx: EventContext) -> Self {
+                let origin = match ctx.origin {
+                    wit::Origin::External => crate::Origin::External,
+                    wit::Origin::Message(m) => crate::Origin::Message {
+                        sender: m.sender,
+                        seq: m.seq,
+                        index: m.index,
+                    },
+                    wit::Origin::Timer(t) => crate::Origin::Timer {
+                        key: t.key,
+                        due_ms: t.due_ms,
+                        missed: t.missed,
+                    },
+                };
+                Context::new(ctx.device_id, ctx.seq, ctx.at_ms, ctx.seed).with_origin(origin)
+            }
+        }
+
+        #[cfg(not(feature = "contract-v0-1"))]
+        impl From<crate::Effect> for wit::Effect {
+            fn from(e: crate::Effect) -> Self {
+                match e {
+                    crate::Effect::Command { payload, ttl_ms } => {
+                        wit::Effect::Command(wit::Command { payload, ttl_ms })
+                    }
+                    crate::Effect::Send { to, event } => {
+                        wit::Effect::Send(wit::Message { to, event })
+                    }
+                    crate::Effect::SetTimer {
+                        key,
+                        due_ms,
+                        every_ms,
+                        event,
+                    } => wit::Effect::SetTimer(wit::Timer {
+                        key,
+                        due_ms,
+                        every_ms,
+                        event,
+                    }),
+                    crate::Effect::CancelTimer { key } => wit::Effect::CancelTimer(key),
+                }
             }
         }
 
@@ -661,9 +945,26 @@ pub mod __private {
         ) -> Result<Outcome, DeviceError> {
             ensure_panic_hook();
             let ctx = Context::from(ctx);
-            slot.with_borrow(|i| i.handle(&ctx, &event))
-                .map(|transitions| Outcome { transitions })
-                .map_err(Into::into)
+            let outcome = slot.with_borrow(|i| i.decide(&ctx, &event))?;
+            #[cfg(feature = "contract-v0-1")]
+            {
+                if !outcome.effects.is_empty() {
+                    return Err(Error::new(
+                        crate::codes::INTERNAL,
+                        "effects need the drover:device@0.2.0 contract; this plugin is built \
+                         against 0.1.0 (the `contract-v0-1` feature)",
+                    )
+                    .into());
+                }
+                Ok(Outcome {
+                    transitions: outcome.transitions,
+                })
+            }
+            #[cfg(not(feature = "contract-v0-1"))]
+            Ok(Outcome {
+                transitions: outcome.transitions,
+                effects: outcome.effects.into_iter().map(Into::into).collect(),
+            })
         }
 
         pub fn apply<T: Device>(
@@ -696,11 +997,25 @@ pub mod __private {
     }
 
     /// The wit-bindgen bindings of the `device` world.
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", not(feature = "contract-v0-1")))]
     #[allow(missing_docs, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
             path: "../wit",
+            world: "device",
+            pub_export_macro: true,
+            default_bindings_module: "drover_guest::__private::bindings",
+        });
+    }
+
+    /// The bindings of the frozen first contract (`wit/v0.1.0`), for the feature
+    /// `contract-v0-1`: a plugin built with it is what a plugin built before effects existed
+    /// looks like to the host.
+    #[cfg(all(target_arch = "wasm32", feature = "contract-v0-1"))]
+    #[allow(missing_docs, clippy::all)]
+    pub mod bindings {
+        wit_bindgen::generate!({
+            path: "../wit/v0.1.0",
             world: "device",
             pub_export_macro: true,
             default_bindings_module: "drover_guest::__private::bindings",

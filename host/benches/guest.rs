@@ -62,8 +62,9 @@ fn main() -> anyhow::Result<()> {
                 seq: (round * n + k + 1) as u64,
                 at_ms: 1_700_000_000_000,
                 seed: 7,
+                origin: drover::engine::Origin::External,
             };
-            let out = i.handle(&ctx, &events[k % events.len()])?;
+            let out = i.handle(&ctx, &events[k % events.len()])?.transitions;
             for tr in &out {
                 i.apply(tr)?;
             }

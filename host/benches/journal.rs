@@ -158,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             0,
             event,
             vec![t1.to_string()],
+            None,
             move |r, _| {
                 drop(permit);
                 if r.is_ok() {

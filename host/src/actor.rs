@@ -40,9 +40,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock;
 pub use crate::config::ActorConfig;
 use crate::decide::{self, Failed};
-use crate::engine::{EventContext, Instance};
+use crate::engine::Instance;
 use crate::error::Error;
-use crate::journal::{DeadLetter, DeviceHead, DeviceWriter, Journal, JournalError};
+use crate::journal::{
+    DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, Origin,
+};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::replay::{self, Start};
@@ -65,6 +67,20 @@ pub struct ActorEnv {
     /// (device number, plugin version id) pairs that failed to upgrade: activations do not
     /// retry them until the process restarts (actors come and go; this outlives them).
     pub upgrade_failures: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// Where a record with effects goes once it is durable (see `crate::dispatch`).
+    pub dispatch: mpsc::UnboundedSender<Durable>,
+}
+
+/// A durable record whose effects are owed: what the actor hands the dispatcher from the
+/// writer thread (an unbounded send: it never blocks the writer).
+#[derive(Debug)]
+pub struct Durable {
+    pub device: Arc<str>,
+    pub num: u32,
+    pub seq: u64,
+    pub effects: Vec<Effect>,
+    /// The record fired or changed a timer: the timer wheel re-reads the device's timers.
+    pub timers_changed: bool,
 }
 
 /// The threads that run actors, and so all guest code of live devices.
@@ -142,6 +158,12 @@ pub enum Message {
     Resume {
         reply: oneshot::Sender<Result<DeviceStatus, Error>>,
     },
+    /// An event from inside: a message another device sent (after its record was durable)
+    /// or a timer of this device firing. Handled like an event, except that it is checked
+    /// first (a message already handled or a timer replaced meanwhile is dropped), a refusal
+    /// consumes it (recorded with no transitions, so it is not delivered again), and nobody
+    /// waits for an answer. See `crate::dispatch`.
+    Internal { event: String, origin: Origin },
     /// Move to plugin version `version` between two events (a deploy or rollback): see
     /// `crate::upgrade`.
     Upgrade {
@@ -203,6 +225,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         head,
         live: None,
         must_sync: after_crash,
+        handled: Default::default(),
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -240,6 +263,8 @@ struct Actor {
     writer: DeviceWriter,
     /// Wait for the journal before the first activation (see [`spawn`]).
     must_sync: bool,
+    /// The last message handled from each sender by this actor (see `message_owed`).
+    handled: std::collections::HashMap<Arc<str>, EffectId>,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -330,7 +355,14 @@ impl Actor {
                             event,
                             accepted,
                             reply,
-                        } => self.on_event(event, accepted, reply).await,
+                        } => self.on_event(event, Origin::External, accepted, Some(reply)).await,
+                        Message::Internal { .. } if self.in_quarantine() => {
+                            // Still owed in the journal: delivered again at the next start.
+                            self.env.metrics.internal_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Message::Internal { event, origin } => {
+                            self.on_internal(event, origin).await
+                        }
                         Message::Query { reply } => self.on_query(reply).await,
                         Message::Upgrade { version, reply } => {
                             let report = self.on_upgrade(version).await;
@@ -649,37 +681,127 @@ impl Actor {
         report
     }
 
+    /// Checks an internal event (see [`Message::Internal`]) against the journal, then
+    /// handles it like an event.
+    async fn on_internal(&mut self, event: String, origin: Origin) {
+        let owed = match &origin {
+            Origin::External => true,
+            Origin::Message { sender, id } => self.message_owed(sender, *id),
+            Origin::Timer {
+                key, set, due_ms, ..
+            } => self.timer_owed(key, *set, *due_ms).await,
+        };
+        if !owed {
+            self.env
+                .metrics
+                .internal_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(device = %self.head.id, ?origin, "dropped: already handled, or replaced");
+            return;
+        }
+        self.on_event(event, origin, Instant::now(), None).await;
+    }
+
+    /// Whether message `id` of `sender` is still owed to this device: the sender's journal
+    /// still lists it as undelivered, and this incarnation has not handled it (its record
+    /// may still be on its way to disk). Messages from one sender arrive in order, so the
+    /// last id handled per sender is enough.
+    fn message_owed(&mut self, sender: &str, id: EffectId) -> bool {
+        if self.handled.get(sender).is_some_and(|last| *last >= id) {
+            return false;
+        }
+        let journal = &self.env.journal;
+        let owed = journal
+            .device(sender)
+            .is_some_and(|s| journal.message_owed(s.num, id));
+        if owed {
+            self.handled.insert(sender.into(), id);
+        }
+        owed
+    }
+
+    /// Whether timer `key` is still set by effect `set` and due at `due_ms`: not cancelled,
+    /// replaced or fired since. Waits for this device's records in flight first, since one of
+    /// them may have changed it.
+    async fn timer_owed(&mut self, key: &str, set: EffectId, due_ms: u64) -> bool {
+        if !self.writer.is_idle() {
+            let (tx, rx) = oneshot::channel();
+            self.writer.when_durable(Box::new(move |r| {
+                let _ = tx.send(r);
+            }));
+            if !matches!(rx.await, Ok(Ok(()))) {
+                return false;
+            }
+        }
+        self.env
+            .journal
+            .timer(self.head.num, key)
+            .is_some_and(|t| t.set == set && t.due_ms == due_ms)
+    }
+
     async fn on_event(
         &mut self,
         event: String,
+        origin: Origin,
         accepted: Instant,
-        reply: oneshot::Sender<Result<Committed, Error>>,
+        reply: Option<oneshot::Sender<Result<Committed, Error>>>,
     ) {
+        let answer = |reply: Option<oneshot::Sender<Result<Committed, Error>>>, r| {
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
+        };
         self.writer.room().await;
         if let Err(e) = self.ensure_live().await {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
             }
-            let _ = reply.send(Err(e));
+            answer(reply, Err(e));
             return;
         }
         let Some(live) = self.live.as_mut() else {
-            let _ = reply.send(Err(Error::Internal("no live instance".into())));
+            answer(reply, Err(Error::Internal("no live instance".into())));
             return;
         };
         let seq = live.seq + 1;
         let at_ms = clock::now_ms().max(live.last_at_ms);
-        let ctx = EventContext {
-            device_id: self.head.id.to_string(),
-            seq,
-            at_ms,
-            seed: clock::seed(&self.head.id, seq),
+        // A periodic timer that fires late folds the periods it missed into this firing.
+        let origin = match origin {
+            Origin::Timer {
+                key,
+                set,
+                due_ms,
+                missed: _,
+            } => {
+                let every = self
+                    .env
+                    .journal
+                    .timer(self.head.num, &key)
+                    .and_then(|t| t.every_ms);
+                Origin::Timer {
+                    missed: every.map_or(0, |p| at_ms.saturating_sub(due_ms) / p.max(1)),
+                    key,
+                    set,
+                    due_ms,
+                }
+            }
+            other => other,
         };
+        let ctx = decide::context(&self.head.id, seq, at_ms, &origin);
         let max_output = self.env.config.max_output_bytes;
         let budget = self.env.call_timeout;
-        let transitions = match decide::decide(&mut live.instance, &ctx, &event, max_output, budget)
-        {
-            Ok(t) => t,
+        let internal = origin != Origin::External;
+        let decided = match decide::decide(&mut live.instance, &ctx, &event, max_output, budget) {
+            Ok(d) => d,
+            // A message or timer the plugin refuses is consumed all the same (recorded with no
+            // transitions), or it would come back at every start.
+            Err(Failed {
+                error: Error::Rejected { code, message },
+                ..
+            }) if internal => {
+                tracing::debug!(device = %self.head.id, seq, %code, %message, "internal event refused by the plugin");
+                decide::Decided::default()
+            }
             Err(Failed {
                 error,
                 instance_lost,
@@ -707,11 +829,11 @@ impl Actor {
                     );
                     self.live = None;
                 }
-                let _ = reply.send(Err(error));
+                answer(reply, Err(error));
                 return;
             }
         };
-        let count = transitions.len() as u64;
+        let count = decided.transitions.len() as u64;
         live.seq = seq;
         live.last_at_ms = at_ms;
         live.since_snapshot += count;
@@ -719,17 +841,39 @@ impl Actor {
             && live.since_snapshot >= self.env.config.snapshot_every;
         self.recovered();
 
+        let timers_changed = matches!(origin, Origin::Timer { .. })
+            || decided
+                .effects
+                .iter()
+                .any(|e| matches!(e, Effect::SetTimer { .. } | Effect::CancelTimer { .. }));
+        let owed = (timers_changed || !decided.effects.is_empty()).then(|| Durable {
+            device: self.head.id.clone(),
+            num: self.head.num,
+            seq,
+            effects: decided.effects.clone(),
+            timers_changed,
+        });
+        let fx = Fx {
+            origin,
+            effects: decided.effects,
+        };
         let env = self.env.clone();
         self.writer.append_event(
             seq,
             at_ms,
             self.head.version,
             &event,
-            transitions,
+            decided.transitions,
+            Some(fx),
             move |r: Result<(), JournalError>, transitions| {
-                let answer = match r {
+                let r = match r {
                     Ok(()) => {
                         env.metrics.committed(count, accepted.elapsed());
+                        if let Some(owed) = owed {
+                            // The dispatcher outlives actors; it is gone only at shutdown,
+                            // when what is owed stays in the journal for the next start.
+                            let _ = env.dispatch.send(owed);
+                        }
                         Ok(Committed {
                             seq,
                             at_ms,
@@ -738,7 +882,9 @@ impl Actor {
                     }
                     Err(e) => Err(Error::Journal(e)),
                 };
-                let _ = reply.send(answer);
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
             },
         );
 

@@ -17,8 +17,25 @@
 
 use std::time::Duration;
 
-use crate::engine::{EventContext, Instance};
-use crate::error::Error;
+use crate::engine::{EventContext, GuestEffect, Instance};
+use crate::error::{Error, validate_id};
+use crate::journal::{Effect, Origin};
+
+/// The most effects one event may produce. An event that fans out wider is a plugin bug more
+/// often than a design; the bound keeps one event from flooding the fleet.
+pub const MAX_EFFECTS: usize = 1024;
+
+/// The longest timer key, in bytes.
+pub const MAX_TIMER_KEY: usize = 256;
+
+/// What deciding on one event produced, ready to journal.
+#[derive(Debug, Default)]
+pub struct Decided {
+    /// The transitions (JSON texts), already applied to the instance.
+    pub transitions: Vec<String>,
+    /// The effects, checked, in the order the guest asked for them.
+    pub effects: Vec<Effect>,
+}
 
 /// Why an event could not be decided, and whether the instance is still consistent.
 #[derive(Debug)]
@@ -28,16 +45,17 @@ pub struct Failed {
     pub instance_lost: bool,
 }
 
-/// Runs `handle` on `event`, checks the output against `max_output_bytes`, then `apply`s each
-/// transition, all within one time budget (`budget`: the whole event, not each call). Returns
-/// the transitions (JSON texts) to journal.
+/// Runs `handle` on `event`, checks the output (transitions and effect payloads together)
+/// against `max_output_bytes` and the effects against what the host can carry out, then
+/// `apply`s each transition, all within one time budget (`budget`: the whole event, not each
+/// call). Returns the transitions and effects to journal.
 pub fn decide(
     instance: &mut Instance,
     ctx: &EventContext,
     event: &str,
     max_output_bytes: usize,
     budget: Duration,
-) -> Result<Vec<String>, Failed> {
+) -> Result<Decided, Failed> {
     instance.within(budget, |instance| {
         decide_now(instance, ctx, event, max_output_bytes)
     })
@@ -48,12 +66,14 @@ fn decide_now(
     ctx: &EventContext,
     event: &str,
     max_output_bytes: usize,
-) -> Result<Vec<String>, Failed> {
-    let transitions = instance.handle(ctx, event).map_err(|e| Failed {
+) -> Result<Decided, Failed> {
+    let outcome = instance.handle(ctx, event).map_err(|e| Failed {
         instance_lost: e.is_fatal(),
         error: Error::from(e),
     })?;
-    let size: usize = transitions.iter().map(String::len).sum();
+    let transitions = outcome.transitions;
+    let size: usize = transitions.iter().map(String::len).sum::<usize>()
+        + outcome.effects.iter().map(payload_len).sum::<usize>();
     if size > max_output_bytes {
         return Err(Failed {
             error: Error::OutputTooLarge {
@@ -63,11 +83,122 @@ fn decide_now(
             instance_lost: false,
         });
     }
+    let effects = effects_of(outcome.effects).map_err(|error| Failed {
+        error,
+        instance_lost: false,
+    })?;
     fold(instance, transitions.iter().map(String::as_str)).map_err(|error| Failed {
         error,
         instance_lost: true,
     })?;
-    Ok(transitions)
+    Ok(Decided {
+        transitions,
+        effects,
+    })
+}
+
+/// The context the guest gets for event `seq` of `device` at `at_ms`, from `origin` (as the
+/// journal records it, so a dry-run re-decides with the very context the record was decided
+/// with).
+pub fn context(device: &str, seq: u64, at_ms: u64, origin: &Origin) -> EventContext {
+    use crate::engine::{MessageOrigin, Origin as Wit, TimerOrigin};
+    EventContext {
+        device_id: device.to_string(),
+        seq,
+        at_ms,
+        seed: crate::clock::seed(device, seq),
+        origin: match origin {
+            Origin::External => Wit::External,
+            Origin::Message { sender, id } => Wit::Message(MessageOrigin {
+                sender: sender.clone(),
+                seq: id.seq,
+                index: id.index,
+            }),
+            Origin::Timer {
+                key,
+                due_ms,
+                missed,
+                ..
+            } => Wit::Timer(TimerOrigin {
+                key: key.clone(),
+                due_ms: *due_ms,
+                missed: *missed,
+            }),
+        },
+    }
+}
+
+fn payload_len(e: &GuestEffect) -> usize {
+    match e {
+        GuestEffect::Command(c) => c.payload.len(),
+        GuestEffect::Send(m) => m.to.len() + m.event.len(),
+        GuestEffect::SetTimer(t) => t.key.len() + t.event.len(),
+        GuestEffect::CancelTimer(key) => key.len(),
+    }
+}
+
+/// Checks the guest's effects and turns them into what the journal records. Payloads must be
+/// JSON (they become events and commands other parties parse), targets valid device ids,
+/// timer keys non-empty and short.
+fn effects_of(effects: Vec<GuestEffect>) -> Result<Vec<Effect>, Error> {
+    if effects.len() > MAX_EFFECTS {
+        return Err(Error::InvalidEffect(format!(
+            "{} effects from one event, over the limit of {MAX_EFFECTS}",
+            effects.len()
+        )));
+    }
+    let json = |what: &str, text: &str| {
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map(drop)
+            .map_err(|e| Error::InvalidEffect(format!("{what} is not JSON: {e}")))
+    };
+    let key = |key: &str| {
+        if key.is_empty() || key.len() > MAX_TIMER_KEY {
+            Err(Error::InvalidEffect(format!(
+                "a timer key must have 1 to {MAX_TIMER_KEY} bytes, not {}",
+                key.len()
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    effects
+        .into_iter()
+        .map(|e| {
+            Ok(match e {
+                GuestEffect::Command(c) => {
+                    json("a command", &c.payload)?;
+                    Effect::Command {
+                        payload: c.payload,
+                        ttl_ms: c.ttl_ms,
+                    }
+                }
+                GuestEffect::Send(m) => {
+                    validate_id(&m.to)
+                        .map_err(|e| Error::InvalidEffect(format!("a message's target: {e}")))?;
+                    json("a message", &m.event)?;
+                    Effect::Send {
+                        to: m.to,
+                        event: m.event,
+                    }
+                }
+                GuestEffect::SetTimer(t) => {
+                    key(&t.key)?;
+                    json("a timer's event", &t.event)?;
+                    Effect::SetTimer {
+                        key: t.key,
+                        due_ms: t.due_ms,
+                        every_ms: t.every_ms.map(|p| p.max(1)),
+                        event: t.event,
+                    }
+                }
+                GuestEffect::CancelTimer(k) => {
+                    key(&k)?;
+                    Effect::CancelTimer { key: k }
+                }
+            })
+        })
+        .collect()
 }
 
 /// `apply`s each transition in order; returns how many were applied. After an error the

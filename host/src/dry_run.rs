@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::clock;
 use crate::decide::{self, Failed};
-use crate::engine::{EventContext, Instance};
+use crate::engine::Instance;
 use crate::error::Error;
-use crate::journal::{DeviceHead, Journal};
+use crate::journal::{DeviceHead, Journal, Origin};
 use crate::registry::Registry;
 use crate::replay::{self, Start};
 
@@ -171,12 +170,11 @@ fn one_pass(
             out.events += 1;
             let event = String::from_utf8_lossy(&record.event);
             let decided = decider.as_mut().map(|instance| {
-                let ctx = EventContext {
-                    device_id: head.id.to_string(),
-                    seq: record.seq,
-                    at_ms: record.at_ms,
-                    seed: clock::seed(&head.id, record.seq),
-                };
+                let origin = record
+                    .fx
+                    .as_ref()
+                    .map_or(&Origin::External, |fx| &fx.origin);
+                let ctx = decide::context(&head.id, record.seq, record.at_ms, origin);
                 decide::decide(
                     instance,
                     &ctx,
@@ -186,7 +184,8 @@ fn one_pass(
                 )
             });
             let same = match &decided {
-                Some(Ok(ts)) => {
+                Some(Ok(decided)) => {
+                    let ts = &decided.transitions;
                     ts.len() == record.transitions.len()
                         && ts.iter().zip(&record.transitions).all(|(a, b)| {
                             a.as_bytes() == b.as_slice() || parse(a) == parse_bytes(b)
@@ -226,7 +225,7 @@ fn one_pass(
                             candidate: decided
                                 .as_ref()
                                 .ok()
-                                .map(|ts| ts.iter().map(|t| parse(t)).collect()),
+                                .map(|d| d.transitions.iter().map(|t| parse(t)).collect()),
                             error: decided.as_ref().err().map(|f| f.error.to_string()),
                         });
                     }

@@ -48,12 +48,26 @@ mod bindings {
     });
 }
 
+/// The first contract, frozen: plugins built against it keep loading (see `wit/device.wit`).
+mod bindings_v1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "device",
+    });
+}
+
 use bindings::drover::device::host::LogLevel;
-pub use bindings::drover::device::types::EventContext;
+pub use bindings::drover::device::types::{
+    Command as GuestCommand, Effect as GuestEffect, EventContext, Message as GuestMessage,
+    MessageOrigin, Origin, Outcome, Timer as GuestTimer, TimerOrigin,
+};
 use bindings::{Device, DevicePre};
 
-/// The version of the WIT package this host implements.
-pub const WIT_PACKAGE: &str = "drover:device@0.1.0";
+/// The version of the WIT package this host's SDK builds against (the newest it links).
+pub const WIT_PACKAGE: &str = "drover:device@0.2.0";
+
+/// Every contract version the host links, oldest first.
+pub const WIT_PACKAGES: [&str; 2] = ["drover:device@0.1.0", "drover:device@0.2.0"];
 
 /// Why a guest call did not return normally.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,7 +96,7 @@ impl CallError {
 pub enum PluginError {
     #[error("not a valid WebAssembly component: {0}")]
     Invalid(String),
-    #[error("component does not fit the {WIT_PACKAGE} `device` world: {0}")]
+    #[error("component does not fit the `device` world of drover:device@0.1.0 or @0.2.0: {0}")]
     Incompatible(String),
 }
 
@@ -126,6 +140,22 @@ impl bindings::drover::device::host::Host for GuestState {
 }
 
 impl bindings::drover::device::types::Host for GuestState {}
+
+impl bindings_v1::drover::device::host::Host for GuestState {
+    fn log(&mut self, level: bindings_v1::drover::device::host::LogLevel, message: String) {
+        use bindings_v1::drover::device::host::LogLevel as V1;
+        let level = match level {
+            V1::Trace => LogLevel::Trace,
+            V1::Debug => LogLevel::Debug,
+            V1::Info => LogLevel::Info,
+            V1::Warn => LogLevel::Warn,
+            V1::Error => LogLevel::Error,
+        };
+        bindings::drover::device::host::Host::log(self, level, message)
+    }
+}
+
+impl bindings_v1::drover::device::types::Host for GuestState {}
 
 /// The process-wide engine. Cheap to clone.
 #[derive(Clone)]
@@ -176,6 +206,7 @@ impl Engine {
 
         let mut linker = Linker::new(&engine);
         Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
+        bindings_v1::Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
         stdio::add_to_linker(&mut linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -287,18 +318,38 @@ impl Engine {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
-        let pre = DevicePre::new(pre).map_err(|e| {
-            PluginError::Incompatible(format!(
-                "{e:#}: the component does not export the `device` world; a Rust plugin \
-                 exports it with `drover_guest::export_device!(YourState);` at the crate's top \
-                 level"
-            ))
-        })?;
+        // The newest contract first; a component exporting neither is explained in terms
+        // of the newest.
+        let exports = match DevicePre::new(pre.clone()) {
+            Ok(v2) => Pre::V2(v2),
+            Err(e) => match bindings_v1::DevicePre::new(pre) {
+                Ok(v1) => Pre::V1(v1),
+                Err(_) => {
+                    return Err(PluginError::Incompatible(format!(
+                        "{e:#}: the component does not export the `device` world; a Rust \
+                         plugin exports it with `drover_guest::export_device!(YourState);` at \
+                         the crate's top level"
+                    )));
+                }
+            },
+        };
         Ok(CompiledPlugin {
             engine: self.clone(),
-            pre: Arc::new(pre),
+            pre: Arc::new(exports),
         })
     }
+}
+
+/// A pre-instantiated component, by the contract version it exports.
+enum Pre {
+    V1(bindings_v1::DevicePre<GuestState>),
+    V2(DevicePre<GuestState>),
+}
+
+/// A live instance's exports, by contract version.
+enum Exports {
+    V1(bindings_v1::Device),
+    V2(Device),
 }
 
 /// Refuses bytes that are not a component before Cranelift sees them, saying what they are
@@ -352,7 +403,7 @@ fn denied_import(name: &str) -> String {
 #[derive(Clone)]
 pub struct CompiledPlugin {
     engine: Engine,
-    pre: Arc<DevicePre<GuestState>>,
+    pre: Arc<Pre>,
 }
 
 impl CompiledPlugin {
@@ -379,10 +430,11 @@ impl CompiledPlugin {
         .max(1) as u64
             + 1;
         store.set_epoch_deadline(call_ticks);
-        let device = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
+        let device = match &*self.pre {
+            Pre::V1(pre) => pre.instantiate(&mut store).map(Exports::V1),
+            Pre::V2(pre) => pre.instantiate(&mut store).map(Exports::V2),
+        }
+        .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
         Ok(Instance {
             store,
             device,
@@ -395,6 +447,23 @@ impl CompiledPlugin {
     /// The engine this plugin was compiled for.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The contract version the component exports (one of [`WIT_PACKAGES`]).
+    pub fn contract(&self) -> &'static str {
+        match &*self.pre {
+            Pre::V1(_) => WIT_PACKAGES[0],
+            Pre::V2(_) => WIT_PACKAGES[1],
+        }
+    }
+}
+
+fn v1_error(
+    e: bindings_v1::drover::device::types::DeviceError,
+) -> bindings::drover::device::types::DeviceError {
+    bindings::drover::device::types::DeviceError {
+        code: e.code,
+        message: e.message,
     }
 }
 
@@ -410,7 +479,7 @@ impl CompiledPlugin {
 /// [`EngineConfig::call_timeout`].
 pub struct Instance {
     store: Store<GuestState>,
-    device: Device,
+    device: Exports,
     epoch_tick: Duration,
     call_timeout: Duration,
     /// The budget of the unit of work under way, if any: calls inside it do not re-arm.
@@ -421,42 +490,83 @@ impl Instance {
     /// Builds the initial state from the device's JSON configuration.
     pub fn init(&mut self, device_id: &str, config: &str) -> Result<(), CallError> {
         self.arm();
-        let r = self.device.call_init(&mut self.store, device_id, config);
+        let r = match &self.device {
+            Exports::V1(d) => d
+                .call_init(&mut self.store, device_id, config)
+                .map(|r| r.map_err(v1_error)),
+            Exports::V2(d) => d.call_init(&mut self.store, device_id, config),
+        };
         self.settle(r)
     }
 
-    /// Asks the guest what `event` means; returns the transitions (JSON documents).
-    pub fn handle(&mut self, ctx: &EventContext, event: &str) -> Result<Vec<String>, CallError> {
+    /// Asks the guest what `event` means: the transitions (JSON documents) and effects. A
+    /// plugin built against `0.1.0` returns no effects and does not see the context's origin.
+    pub fn handle(&mut self, ctx: &EventContext, event: &str) -> Result<Outcome, CallError> {
         self.arm();
-        let r = self.device.call_handle(&mut self.store, ctx, event);
-        self.settle(r).map(|o| o.transitions)
+        let r = match &self.device {
+            Exports::V1(d) => {
+                let ctx = bindings_v1::drover::device::types::EventContext {
+                    device_id: ctx.device_id.clone(),
+                    seq: ctx.seq,
+                    at_ms: ctx.at_ms,
+                    seed: ctx.seed,
+                };
+                d.call_handle(&mut self.store, &ctx, event).map(|r| {
+                    r.map(|o| Outcome {
+                        transitions: o.transitions,
+                        effects: Vec::new(),
+                    })
+                    .map_err(v1_error)
+                })
+            }
+            Exports::V2(d) => d.call_handle(&mut self.store, ctx, event),
+        };
+        self.settle(r)
     }
 
     /// Applies one transition.
     pub fn apply(&mut self, transition: &str) -> Result<(), CallError> {
         self.arm();
-        let r = self.device.call_apply(&mut self.store, transition);
+        let r = match &self.device {
+            Exports::V1(d) => d
+                .call_apply(&mut self.store, transition)
+                .map(|r| r.map_err(v1_error)),
+            Exports::V2(d) => d.call_apply(&mut self.store, transition),
+        };
         self.settle(r)
     }
 
     /// Serializes the state.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, CallError> {
         self.arm();
-        let r = self.device.call_snapshot(&mut self.store).map(Ok);
+        let r = match &self.device {
+            Exports::V1(d) => d.call_snapshot(&mut self.store),
+            Exports::V2(d) => d.call_snapshot(&mut self.store),
+        }
+        .map(Ok);
         self.settle(r)
     }
 
     /// Replaces the state with a snapshot.
     pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), CallError> {
         self.arm();
-        let r = self.device.call_restore(&mut self.store, snapshot);
+        let r = match &self.device {
+            Exports::V1(d) => d
+                .call_restore(&mut self.store, snapshot)
+                .map(|r| r.map_err(v1_error)),
+            Exports::V2(d) => d.call_restore(&mut self.store, snapshot),
+        };
         self.settle(r)
     }
 
     /// The state as JSON text.
     pub fn query(&mut self) -> Result<String, CallError> {
         self.arm();
-        let r = self.device.call_query(&mut self.store).map(Ok);
+        let r = match &self.device {
+            Exports::V1(d) => d.call_query(&mut self.store),
+            Exports::V2(d) => d.call_query(&mut self.store),
+        }
+        .map(Ok);
         self.settle(r)
     }
 

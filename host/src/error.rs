@@ -34,6 +34,11 @@ pub enum Error {
     Timeout(std::time::Duration),
     #[error("the device's plugin produced {size} bytes of transitions, over the limit of {limit}")]
     OutputTooLarge { size: usize, limit: usize },
+    /// The plugin asked for an effect the host cannot carry out (a message to an id that
+    /// cannot exist, an empty timer key, too many effects): a plugin bug, kept as a dead
+    /// letter like a trap, but the instance stays good.
+    #[error("the device's plugin asked for an invalid effect: {0}")]
+    InvalidEffect(String),
     #[error("the device's mailbox is full; retry later")]
     MailboxFull,
     #[error(
@@ -130,6 +135,7 @@ error_kinds! {
     Trap => "trap",
     Timeout => "timeout",
     OutputTooLarge => "output-too-large",
+    InvalidEffect => "invalid-effect",
     MailboxFull => "mailbox-full",
     Quarantined => "quarantined",
     InvalidPlugin => "invalid-plugin",
@@ -160,6 +166,7 @@ impl Error {
             Error::Trap(_) => ErrorKind::Trap,
             Error::Timeout(_) => ErrorKind::Timeout,
             Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
+            Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
             Error::MailboxFull => ErrorKind::MailboxFull,
             Error::Quarantined { .. } => ErrorKind::Quarantined,
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,

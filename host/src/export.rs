@@ -12,6 +12,7 @@
 //! {"kind":"device","device":"t1","plugin":"thermostat","version":1,"config":{...},"created_at_ms":...,"seq":100}
 //! {"kind":"record","seq":1,"at_ms":...,"plugin":"thermostat","version":1,"event":{...},"transitions":[{...}]}
 //! {"kind":"record","seq":5,"at_ms":...,"plugin":"thermostat","version":1,"lost":true}
+//! {"kind":"record","seq":6,...,"fx":{"origin":{"type":"timer","key":"hb","set":{"seq":4,"index":0},"due_ms":...,"missed":0},"effects":[{"type":"send","to":"room-1","event":"{...}"}]}}
 //! {"kind":"end","devices":1,"records":100}
 //! ```
 //!
@@ -23,7 +24,9 @@
 //!   import reproduces the journal byte for byte); a text that is not JSON (a transition from
 //!   a plugin that printed something else), or is JSON spread over several lines (an event
 //!   sent pretty-printed), is given as a string under `event_text`, `transitions_text` or
-//!   `config_text` instead. `lost` marks a seq destroyed by media
+//!   `config_text` instead. `fx` holds the origin and effects of an event that was a message
+//!   or a timer firing or produced effects (absent: an external event without effects), as
+//!   the journal records them (payloads are JSON texts). `lost` marks a seq destroyed by media
 //!   damage and salvaged away (see `journal::salvage`).
 //! * The `end` line counts what came before it, so a cut-short file is refused.
 //!
@@ -56,7 +59,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 
 use crate::engine::{Engine, EngineConfig};
-use crate::journal::{Journal, JournalError, VersionInfo};
+use crate::journal::{Fx, Journal, JournalError, VersionInfo};
 use crate::registry::{Origin, Registry};
 use crate::runtime::Runtime;
 
@@ -134,6 +137,10 @@ struct RecordLine {
     transitions_text: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     lost: bool,
+    /// The origin and effects of an event that did not come from outside or produced
+    /// effects (see `journal/effects.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fx: Option<Fx>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -280,6 +287,7 @@ pub fn export(
                     transitions: None,
                     transitions_text: None,
                     lost: r.lost,
+                    fx: r.fx.clone(),
                 };
                 if !r.lost {
                     (line.event, line.event_text) = raw_or_text(&r.event);
@@ -684,9 +692,15 @@ async fn write_devices(
                         (None, Some(texts)) => texts.clone(),
                         (None, None) => Vec::new(),
                     };
-                    w.append_event(r.seq, r.at_ms, version, &event, transitions, move |r, _| {
-                        done(r)
-                    });
+                    w.append_event(
+                        r.seq,
+                        r.at_ms,
+                        version,
+                        &event,
+                        transitions,
+                        r.fx.clone(),
+                        move |r, _| done(r),
+                    );
                 }
                 summary.records += 1;
             }

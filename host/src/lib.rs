@@ -25,6 +25,11 @@
 //! * [`dry_run`]: a plugin version re-deciding a device's recorded events, compared.
 //! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits.
 //! * `router`: device id → actor, activation on demand, the live-instance cap.
+//! * `outbox`: who waits for a device's commands (long polls, streams).
+//! * `dispatch`: effects carried out after commit: messages into mailboxes (in order per
+//!   sender, never lost to a full mailbox), timers into the wheel, commands to their
+//!   watchers; what a crash left owed, sent again at start.
+//! * `timers`: the timer wheel over every pending durable timer of the fleet.
 //! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
 //! * `removal`: removing a device, with an archive of its history ([`Runtime::remove_device`]).
 //! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
@@ -43,6 +48,7 @@ pub mod clock;
 pub mod config;
 mod decide;
 mod deploy;
+mod dispatch;
 pub mod dry_run;
 pub mod engine;
 pub mod error;
@@ -50,11 +56,13 @@ pub mod export;
 pub mod http;
 pub mod journal;
 pub mod metrics;
+mod outbox;
 pub mod registry;
 mod removal;
 pub mod replay;
 mod router;
 mod runtime;
+mod timers;
 pub mod upgrade;
 pub mod view;
 

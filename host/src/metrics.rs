@@ -31,6 +31,16 @@ pub struct Metrics {
     pub upgrade_failures: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
+    /// Messages delivered to other devices' mailboxes (see `crate::dispatch`).
+    pub messages_delivered: AtomicU64,
+    /// Messages found undeliverable (unknown target), listed as the sender's dead letters.
+    pub messages_undeliverable: AtomicU64,
+    /// Timer firings delivered to their device.
+    pub timers_fired: AtomicU64,
+    /// Internal events (messages, timer firings) dropped on arrival: already handled, timer
+    /// replaced or cancelled meanwhile, or the device quarantined (then delivered again at
+    /// the next start).
+    pub internal_dropped: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS_US.len()],
     latency_count: AtomicU64,
@@ -109,6 +119,30 @@ impl Metrics {
             "drover_actor_panics_total",
             "Actor tasks that panicked and were restarted from the journal.",
             &self.actor_panics,
+        );
+        counter(
+            &mut out,
+            "drover_messages_delivered_total",
+            "Messages between devices put into their target's mailbox.",
+            &self.messages_delivered,
+        );
+        counter(
+            &mut out,
+            "drover_messages_undeliverable_total",
+            "Messages whose target does not exist (listed as the sender's dead letters).",
+            &self.messages_undeliverable,
+        );
+        counter(
+            &mut out,
+            "drover_timers_fired_total",
+            "Timer firings delivered to their device.",
+            &self.timers_fired,
+        );
+        counter(
+            &mut out,
+            "drover_internal_dropped_total",
+            "Messages and timer firings dropped on arrival: already handled, timer replaced or cancelled, or device quarantined (then redelivered at the next start).",
+            &self.internal_dropped,
         );
         counter(
             &mut out,

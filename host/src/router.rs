@@ -20,6 +20,14 @@ use tokio::sync::mpsc;
 use crate::actor::{self, ActorEnv, ActorHandle, Directory, Message};
 use crate::error::{Error, validate_id};
 
+/// Why [`Router::offer`] did not take a message.
+pub enum Refused {
+    /// The mailbox is full: here is the message back.
+    Full(Message),
+    /// Any other reason (unknown device, shutting down).
+    Error(Error),
+}
+
 /// See the module docs.
 pub struct Router {
     env: Arc<ActorEnv>,
@@ -70,6 +78,35 @@ impl Router {
             Err(mpsc::error::TrySendError::Full(_)) => Err(Error::MailboxFull),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::ShuttingDown),
         }
+    }
+
+    /// [`Router::deliver`] that hands the message back when the mailbox is full, for the
+    /// dispatcher, which must not lose it (see `crate::dispatch`).
+    pub fn offer(&self, id: &str, msg: Message) -> Result<(), Refused> {
+        let tx = self.mailbox(id).map_err(Refused::Error)?;
+        let msg = match tx.try_send(msg) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => return Err(Refused::Full(msg)),
+            Err(mpsc::error::TrySendError::Closed(msg)) => msg,
+        };
+        let tx = self.restart(id, &tx).map_err(Refused::Error)?;
+        match tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => Err(Refused::Full(msg)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Error(Error::ShuttingDown)),
+        }
+    }
+
+    /// Puts `msg` into device `id`'s mailbox, waiting for room. Only for the dispatcher's
+    /// tasks: an actor never waits on another's mailbox, so no cycle of full mailboxes can
+    /// deadlock.
+    pub async fn deliver_waiting(&self, id: &str, msg: Message) -> Result<(), Error> {
+        let tx = self.mailbox(id)?;
+        let Err(mpsc::error::SendError(msg)) = tx.send(msg).await else {
+            return Ok(());
+        };
+        let tx = self.restart(id, &tx)?;
+        tx.send(msg).await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Replaces the dead actor whose sender is `dead` (unless someone already did).

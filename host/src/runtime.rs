@@ -31,13 +31,16 @@ use tokio::sync::oneshot;
 
 use crate::actor::{ActorEnv, ActorPool, Message};
 use crate::config::Config;
+use crate::dispatch::{Dispatcher, Postman};
 use crate::engine::Engine;
 use crate::error::{Error, validate_id};
 use crate::journal::{DeviceHead, Journal, Recovery, ScrubState};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::registry::{Origin, PluginVersion, Registry};
 use crate::replay::{self, Start};
 use crate::router::Router;
+use crate::timers::TimerWheel;
 use crate::view::{
     Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
     JournalPage,
@@ -72,6 +75,12 @@ pub(crate) struct Shared {
     /// Provisioning holds it shared, removing plugin versions exclusively: no device can be
     /// bound to a version while it is being removed.
     pub(crate) binding: tokio::sync::RwLock<()>,
+    /// Every pending timer of the fleet, by due time (see `crate::timers`).
+    pub(crate) timers: Arc<TimerWheel>,
+    /// Who waits for which device's commands (see `crate::outbox`).
+    pub(crate) outbox: Arc<Outbox>,
+    /// The dispatcher and the timer wheel's task, stopped at shutdown.
+    pub(crate) effect_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// An id being provisioned; released on drop.
@@ -106,6 +115,7 @@ impl Runtime {
         };
         let pool = ActorPool::new(threads).context("starting the actor threads")?;
         let handle = pool.handle();
+        let (dispatch, owed) = tokio::sync::mpsc::unbounded_channel();
         let router = Router::new(|directory| ActorEnv {
             journal: journal.clone(),
             registry: registry.clone(),
@@ -113,9 +123,29 @@ impl Runtime {
             config: config.actor.clone(),
             call_timeout: config.engine.call_timeout,
             directory,
-            pool: handle,
+            pool: handle.clone(),
             upgrade_failures: Default::default(),
+            dispatch,
         });
+        let postman = Postman::new(
+            Arc::downgrade(&router),
+            journal.clone(),
+            metrics.clone(),
+            handle.clone(),
+        );
+        let timers = Arc::new(TimerWheel::default());
+        let outbox = Arc::new(Outbox::default());
+        let dispatcher = Dispatcher::new(
+            journal.clone(),
+            metrics.clone(),
+            postman.clone(),
+            timers.clone(),
+            outbox.clone(),
+        );
+        let effect_tasks = vec![
+            handle.spawn(dispatcher.run(owed)),
+            handle.spawn(timers.clone().run(postman, metrics.clone())),
+        ];
         Ok(Runtime {
             shared: Arc::new(Shared {
                 journal,
@@ -130,6 +160,9 @@ impl Runtime {
                 deploying: tokio::sync::Mutex::new(()),
                 data_dir: data_dir.to_path_buf(),
                 binding: tokio::sync::RwLock::new(()),
+                timers,
+                outbox,
+                effect_tasks: Mutex::new(effect_tasks),
             }),
         })
     }
@@ -677,6 +710,10 @@ impl Runtime {
     pub async fn shutdown(&self) {
         if self.shared.closing.swap(true, Ordering::AcqRel) {
             return;
+        }
+        // No more dispatching: whatever is still owed stays in the journal, for the next start.
+        for task in self.shared.effect_tasks.lock().drain(..) {
+            task.abort();
         }
         let n = self.shared.router.shutdown().await;
         if let Err(e) = self.shared.journal.barrier().await {

@@ -192,6 +192,7 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         | ErrorKind::Trap
         | ErrorKind::Timeout
         | ErrorKind::OutputTooLarge
+        | ErrorKind::InvalidEffect
         | ErrorKind::InvalidPlugin => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Quarantined
         | ErrorKind::Journal
@@ -206,7 +207,10 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
 /// debugs their request for a plugin bug.
 pub fn message_of(e: &Error) -> String {
     match e {
-        Error::Trap(_) | Error::Timeout(_) | Error::OutputTooLarge { .. } => {
+        Error::Trap(_)
+        | Error::Timeout(_)
+        | Error::OutputTooLarge { .. }
+        | Error::InvalidEffect(_) => {
             format!("{e} (a fault of the device's plugin, not of the request)")
         }
         _ => e.to_string(),

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::effects::{DeviceFx, EffectId, Fx};
 use super::record::Record;
 use super::runs::{Run, Runs, Spill};
 
@@ -44,8 +45,12 @@ pub struct DeviceInfo {
     pub tail: Vec<u64>,
     /// `(seq, version, offset)` of the last [`SNAPSHOTS_KEPT`] snapshots, in seq order.
     pub snapshots: Vec<SnapshotRef>,
-    /// Offsets of the device's most recent dead letters (at most [`DEAD_LETTERS_KEPT`]).
+    /// Offsets of the device's most recent dead letters (at most [`DEAD_LETTERS_KEPT`]),
+    /// undeliverable messages included.
     pub dead_letters: std::collections::VecDeque<u64>,
+    /// Pending timers, undelivered messages and unacknowledged commands (see
+    /// `journal/effects.rs`); `None` for a device with none.
+    pub fx: Option<Box<DeviceFx>>,
 }
 
 /// The most seqs one kind-8 record may stand for (salvage writes longer runs as several), so
@@ -86,6 +91,7 @@ impl DeviceInfo {
             tail: Vec::new(),
             snapshots: Vec::new(),
             dead_letters: Default::default(),
+            fx: None,
         }
     }
 
@@ -119,6 +125,8 @@ pub enum IndexEffect {
     Event {
         device: u32,
         seq: u64,
+        /// The origin and effects of a kind-9 record, with the event's time.
+        fx: Option<Box<(u64, Fx)>>,
     },
     Snapshot {
         device: u32,
@@ -136,6 +144,16 @@ pub enum IndexEffect {
         device: u32,
         from: u64,
         to: u64,
+    },
+    /// Message `id` of `device` was undeliverable (kind 10).
+    Undeliverable {
+        device: u32,
+        id: EffectId,
+    },
+    /// Command `id` of `device` was acknowledged (kind 11).
+    CommandAck {
+        device: u32,
+        id: EffectId,
     },
 }
 
@@ -308,6 +326,25 @@ impl Index {
                 IndexEffect::Event {
                     device: e.device,
                     seq: e.seq,
+                    fx: e.fx.as_ref().map(|fx| Box::new((e.at_ms, fx.clone()))),
+                }
+            }
+            Record::Undeliverable { device, id, .. } => {
+                if !self.devices.contains_key(device) {
+                    return Err(Inconsistency::UnknownDevice(*device));
+                }
+                IndexEffect::Undeliverable {
+                    device: *device,
+                    id: *id,
+                }
+            }
+            Record::CommandAck { device, id, .. } => {
+                if !self.devices.contains_key(device) {
+                    return Err(Inconsistency::UnknownDevice(*device));
+                }
+                IndexEffect::CommandAck {
+                    device: *device,
+                    id: *id,
                 }
             }
             Record::Snapshot {
@@ -405,12 +442,44 @@ impl Index {
                     }
                 }
             }
-            IndexEffect::Event { device, seq } => {
+            IndexEffect::Event { device, seq, fx } => {
                 if let Some(d) = self.devices.get_mut(&device) {
                     debug_assert_eq!(seq, d.seq() + 1, "writer appended out of order");
                     d.tail.push(offset);
                     d.seq += 1;
                     self.tail_entries += 1;
+                    if let Some(fx) = fx {
+                        let (at_ms, fx) = *fx;
+                        let state = d.fx.get_or_insert_with(Default::default);
+                        state.fold(seq, at_ms, &fx);
+                        if state.is_empty() {
+                            d.fx = None;
+                        }
+                        if let Some((sender, id)) = fx.delivered() {
+                            self.strike_sent(sender, id);
+                        }
+                    }
+                }
+            }
+            IndexEffect::Undeliverable { device, id } => {
+                if let Some(d) = self.devices.get_mut(&device) {
+                    if d.dead_letters.len() == DEAD_LETTERS_KEPT {
+                        d.dead_letters.pop_front();
+                    }
+                    d.dead_letters.push_back(offset);
+                }
+                if let Some(id_str) = self.devices.get(&device).map(|d| d.id.clone()) {
+                    self.strike_sent(&id_str, id);
+                }
+            }
+            IndexEffect::CommandAck { device, id } => {
+                if let Some(d) = self.devices.get_mut(&device)
+                    && let Some(fx) = d.fx.as_mut()
+                {
+                    fx.outbox.remove(&id);
+                    if fx.is_empty() {
+                        d.fx = None;
+                    }
                 }
             }
             IndexEffect::Snapshot {
@@ -453,6 +522,22 @@ impl Index {
                     d.seq += n as u64;
                     self.tail_entries += n as u64;
                 }
+            }
+        }
+    }
+
+    /// Message `id` of device `sender` was handled or found undeliverable: it is no longer
+    /// owed.
+    fn strike_sent(&mut self, sender: &str, id: EffectId) {
+        let Some(num) = self.by_id.get(sender) else {
+            return;
+        };
+        if let Some(d) = self.devices.get_mut(num)
+            && let Some(fx) = d.fx.as_mut()
+        {
+            fx.sent.remove(&id);
+            if fx.is_empty() {
+                d.fx = None;
             }
         }
     }

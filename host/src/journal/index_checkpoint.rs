@@ -14,7 +14,7 @@
 //! `journal.log.index/checkpoint`, beside the runs it names:
 //!
 //! ```text
-//! "DRVIXCK1"   8 bytes, magic and version of this file
+//! "DRVIXCK2"   8 bytes, magic and version of this file
 //! image        postcard encoding of `Image` (below)
 //! crc32        4 bytes LE, CRC-32 of the image bytes
 //! ```
@@ -55,6 +55,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{Checkpoint, CheckpointDevice};
+use super::effects::DeviceFx;
 use super::index::{
     DEAD_LETTERS_KEPT, DeviceInfo, Index, MarkerAt, SNAPSHOTS_KEPT, SnapshotRef, VersionInfo,
 };
@@ -70,7 +71,9 @@ pub const INDEX_CHECKPOINT_EVERY: u64 = 256 << 20;
 /// The checkpoint's file name in the runs' directory.
 pub const FILE: &str = "checkpoint";
 
-const MAGIC: &[u8; 8] = b"DRVIXCK1";
+/// Version 2 added each device's pending effects; a version-1 file is not read (the start
+/// scans the journal once and writes a version-2 checkpoint).
+const MAGIC: &[u8; 8] = b"DRVIXCK2";
 
 /// How many bytes at each end of the checkpointed prefix its CRCs cover.
 const IDENTITY_BYTES: u64 = 64 << 10;
@@ -133,6 +136,8 @@ struct DeviceImage {
     tail: Vec<u64>,
     snapshots: Vec<SnapshotRef>,
     dead_letters: Vec<u64>,
+    /// Pending timers, undelivered messages, unacknowledged commands.
+    fx: Option<DeviceFx>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -156,6 +161,7 @@ impl Image {
                 tail: d.tail.clone(),
                 snapshots: d.snapshots.clone(),
                 dead_letters: d.dead_letters.iter().copied().collect(),
+                fx: d.fx.as_deref().cloned(),
             })
             .collect();
         devices.sort_unstable_by_key(|d| d.num);
@@ -505,7 +511,15 @@ impl Checkpoints {
                 && d.tail.iter().chain(&d.dead_letters).all(|&o| o < image.at)
                 && d.snapshots
                     .iter()
-                    .all(|s| s.seq <= d.seq && s.offset < image.at);
+                    .all(|s| s.seq <= d.seq && s.offset < image.at)
+                && d.fx.as_ref().is_none_or(|fx| {
+                    fx.timers.values().all(|t| t.set.seq <= d.seq)
+                        && fx
+                            .sent
+                            .keys()
+                            .chain(fx.outbox.keys())
+                            .all(|id| id.seq <= d.seq)
+                });
             if !consistent {
                 return Err(bad(format!("device {} does not add up", d.num)));
             }
@@ -526,6 +540,7 @@ impl Checkpoints {
             info.tail = d.tail;
             info.snapshots = d.snapshots;
             info.dead_letters = d.dead_letters.into();
+            info.fx = d.fx.filter(|fx| !fx.is_empty()).map(Box::new);
             if index.devices.insert(d.num, info).is_some() {
                 return Err(bad(format!("device {} listed twice", d.num)));
             }

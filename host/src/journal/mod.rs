@@ -45,6 +45,7 @@
 //!   survives a crash.
 
 mod checkpoint;
+pub mod effects;
 mod index;
 mod index_checkpoint;
 mod record;
@@ -64,6 +65,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::Notify;
 
+pub use effects::{DeviceFx, Effect, EffectId, Fx, Origin, TimerEntry};
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
 pub use index_checkpoint::INDEX_CHECKPOINT_EVERY;
@@ -769,6 +771,7 @@ impl Journal {
                         event: b"null".to_vec(),
                         transitions: Vec::new(),
                         lost: true,
+                        fx: None,
                     }),
                     other => Err(self.index_damaged(
                         offsets[i],
@@ -832,6 +835,13 @@ impl Journal {
             Record::Device { num, .. } => format!("the provisioning of device {num}"),
             Record::Removed { device, .. } => format!("the removal of device {device}"),
             Record::Commit { .. } => "a commit marker".to_string(),
+            Record::Undeliverable { device, id, .. } => format!(
+                "an undeliverable message of device {device} ({}.{})",
+                id.seq, id.index
+            ),
+            Record::CommandAck { device, .. } => {
+                format!("a command acknowledgement of device {device}")
+            }
         };
         tracing::error!(
             offset,
@@ -881,7 +891,9 @@ impl Journal {
         }
     }
 
-    /// The most recent dead letters of device `num`, oldest first (at most 100).
+    /// The most recent dead letters of device `num`, oldest first (at most 100): events its
+    /// plugin failed on, and messages it sent that could not be delivered (code
+    /// `undeliverable`, `after_seq` the seq of the record that sent it, `event` the message).
     pub fn dead_letters(&self, num: u32) -> Result<Vec<DeadLetter>, JournalError> {
         let offsets: Vec<u64> = self
             .index()
@@ -894,6 +906,33 @@ impl Journal {
             .map(
                 |offset| match self.read_at(offset).map_err(|e| self.unreadable(e))? {
                     Record::DeadLetter(d) if d.device == num => Ok(d),
+                    Record::Undeliverable {
+                        device,
+                        id,
+                        at_ms,
+                        to,
+                        reason,
+                    } if device == num => {
+                        let sent = self.read_events(num, id.seq, id.seq)?.pop();
+                        let (version, event) = match sent.as_ref().and_then(|e| {
+                            let effect = e.fx.as_ref()?.effects.get(id.index as usize)?;
+                            Some((e.version, effect))
+                        }) {
+                            Some((version, Effect::Send { event, .. })) => {
+                                (version, event.clone().into_bytes())
+                            }
+                            _ => (0, b"null".to_vec()),
+                        };
+                        Ok(DeadLetter {
+                            device,
+                            after_seq: id.seq,
+                            at_ms,
+                            version,
+                            event,
+                            code: "undeliverable".into(),
+                            message: format!("message {}.{} to `{to}`: {reason}", id.seq, id.index),
+                        })
+                    }
                     other => Err(self.index_damaged(
                         offset,
                         format!("a dead letter of device {num}"),
@@ -902,6 +941,88 @@ impl Journal {
                 },
             )
             .collect()
+    }
+
+    /// What device `num` still owes: pending timers, undelivered messages, unacknowledged
+    /// commands (durable records only).
+    pub fn device_fx(&self, num: u32) -> Option<DeviceFx> {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref().cloned())
+    }
+
+    /// Whether message `id` of device `num` is still owed (sent, durable, and neither handled
+    /// by its target nor found undeliverable).
+    pub fn message_owed(&self, num: u32, id: EffectId) -> bool {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .is_some_and(|fx| fx.sent.contains_key(&id))
+    }
+
+    /// Device `num`'s pending timer `key`, as durable.
+    pub fn timer(&self, num: u32, key: &str) -> Option<TimerEntry> {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .and_then(|fx| fx.timers.get(key).cloned())
+    }
+
+    /// Every device that owes something, with what it owes: what a start needs to arm the
+    /// timers and re-dispatch the messages a stop or crash left pending.
+    pub fn pending_fx(&self) -> Vec<(Arc<str>, u32, DeviceFx)> {
+        self.index()
+            .devices
+            .values()
+            .filter_map(|d| Some((d.id.clone(), d.num, d.fx.as_deref()?.clone())))
+            .collect()
+    }
+
+    /// Records that message `id` of device `num` could not be delivered to `to`, and waits
+    /// until it is durable: it stops being owed and is listed with the dead letters.
+    pub async fn record_undeliverable(
+        &self,
+        num: u32,
+        id: EffectId,
+        to: &str,
+        reason: &str,
+        at_ms: u64,
+    ) -> Result<(), JournalError> {
+        self.require_format(record::EFFECTS_FROM)?;
+        self.append(
+            &Record::Undeliverable {
+                device: num,
+                id,
+                at_ms,
+                to: to.to_string(),
+                reason: reason.to_string(),
+            },
+            IndexEffect::Undeliverable { device: num, id },
+        )
+        .await
+    }
+
+    /// Records that command `id` of device `num` was acknowledged, and waits until it is
+    /// durable: it leaves the outbox for good.
+    pub async fn record_command_ack(
+        &self,
+        num: u32,
+        id: EffectId,
+        at_ms: u64,
+    ) -> Result<(), JournalError> {
+        self.require_format(record::EFFECTS_FROM)?;
+        self.append(
+            &Record::CommandAck {
+                device: num,
+                id,
+                at_ms,
+            },
+            IndexEffect::CommandAck { device: num, id },
+        )
+        .await
     }
 
     /// Write counters.
@@ -1145,10 +1266,15 @@ impl DeviceWriter {
     }
 
     /// Appends the outcome of one handled event: the input `event` (JSON text) at `seq`,
-    /// stamped `at_ms`, decided by plugin version `version`, and its `transitions` (JSON
-    /// texts). `on_durable` runs on the writer thread once the record is durable or failed,
-    /// and gets the transitions back (so the caller can answer with them without a copy); it
-    /// must be quick and never block (send on a channel, bump a counter).
+    /// stamped `at_ms`, decided by plugin version `version`, its `transitions` (JSON texts)
+    /// and, for an event that did not come from outside or produced effects, its [`Fx`].
+    /// `on_durable` runs on the writer thread once the record is durable or failed, and gets
+    /// the transitions back (so the caller can answer with them without a copy); it must be
+    /// quick and never block (send on a channel, bump a counter).
+    ///
+    /// A record with effects needs journal format 5: an older file's header is raised first,
+    /// and a header-less format-1 file refuses it (`on_durable` gets the error).
+    #[allow(clippy::too_many_arguments)]
     pub fn append_event<F>(
         &self,
         seq: u64,
@@ -1156,12 +1282,25 @@ impl DeviceWriter {
         version: u32,
         event: &str,
         transitions: Vec<String>,
+        fx: Option<Fx>,
         on_durable: F,
     ) where
         F: FnOnce(Result<(), JournalError>, Vec<String>) + Send + 'static,
     {
+        let fx = fx.filter(|fx| !fx.is_empty());
+        if fx.is_some()
+            && let Err(e) = self.journal.require_format(record::EFFECTS_FROM)
+        {
+            // Fenced like a failed commit: the actor's state includes this event.
+            self.lane.fail(self.generation);
+            on_durable(Err(e), transitions);
+            return;
+        }
+        let block = fx.as_ref().map(Fx::encode);
         let mut bytes = Vec::with_capacity(
-            64 + event.len() + transitions.iter().map(String::len).sum::<usize>(),
+            64 + event.len()
+                + block.as_ref().map_or(0, Vec::len)
+                + transitions.iter().map(String::len).sum::<usize>(),
         );
         record::encode_event(
             &mut bytes,
@@ -1170,6 +1309,7 @@ impl DeviceWriter {
             at_ms,
             version,
             event.as_bytes(),
+            block.as_deref(),
             transitions.iter().map(String::as_bytes),
         );
         self.submit(
@@ -1177,6 +1317,7 @@ impl DeviceWriter {
             IndexEffect::Event {
                 device: self.device,
                 seq,
+                fx: fx.map(|fx| Box::new((at_ms, fx))),
             },
             Some(Box::new(move |r| on_durable(r, transitions))),
         );

@@ -35,6 +35,8 @@
 
 use std::fmt;
 
+use super::effects::{EffectId, Fx};
+
 /// Size of the `len` + `crc` frame header.
 pub const HEADER_LEN: usize = 8;
 
@@ -44,10 +46,15 @@ pub const MAX_BODY_LEN: usize = 64 * 1024 * 1024;
 
 /// The record format this build writes. Format 3 added record kind 6 (a removed device);
 /// format 4 added kind 7 (the commit marker that ends every batch) and kind 8 (seqs lost to
-/// media damage, written by salvage). Formats 1 to 3 are read as they are; a format-2 or -3
-/// file is marked format 4 before the first batch this build writes to it, so an older build
-/// refuses it by name instead of misreading the new kinds.
-pub const FORMAT_VERSION: u32 = 4;
+/// media damage, written by salvage); format 5 added kinds 9 (an event with its origin and
+/// effects), 10 (a message found undeliverable) and 11 (a command acknowledged). Formats 1
+/// to 4 are read as they are; a format-2 to -4 file is marked with the newer format before
+/// the first batch this build writes to it that needs it, so an older build refuses it by
+/// name instead of misreading the new kinds.
+pub const FORMAT_VERSION: u32 = 5;
+
+/// The first format with effects (kinds 9 to 11).
+pub const EFFECTS_FROM: u32 = 5;
 
 /// Size of the file header.
 pub const FILE_HEADER_LEN: usize = 16;
@@ -122,6 +129,9 @@ const KIND_DEAD_LETTER: u8 = 5;
 const KIND_REMOVED: u8 = 6;
 const KIND_COMMIT: u8 = 7;
 const KIND_LOST: u8 = 8;
+const KIND_EVENT_FX: u8 = 9;
+const KIND_UNDELIVERABLE: u8 = 10;
+const KIND_COMMAND_ACK: u8 = 11;
 
 /// The largest framed commit marker: header, kind and two 10-byte varints.
 pub const MAX_COMMIT_LEN: usize = HEADER_LEN + 1 + 10 + 10;
@@ -179,6 +189,21 @@ pub enum Record {
         damaged_at: u64,
         at_ms: u64,
     },
+    /// Message `id` of device `device` could not be delivered to `to` (format 5): it is
+    /// struck from the sender's undelivered messages and listed with its dead letters.
+    Undeliverable {
+        device: u32,
+        id: EffectId,
+        at_ms: u64,
+        to: String,
+        reason: String,
+    },
+    /// Command `id` of device `device` was acknowledged (format 5): it leaves the outbox.
+    CommandAck {
+        device: u32,
+        id: EffectId,
+        at_ms: u64,
+    },
 }
 
 /// An event a plugin failed on; not applied, no seq used.
@@ -212,6 +237,9 @@ pub struct EventRecord {
     /// A seq whose record was destroyed by media damage and salvaged away (a kind-8 record):
     /// `event` is `null` and there are no transitions. Never set on records being written.
     pub lost: bool,
+    /// Where the event came from and the effects it produced (kind 9); `None`: an external
+    /// event without effects (kind 3).
+    pub fx: Option<Fx>,
 }
 
 impl fmt::Debug for Record {
@@ -242,6 +270,18 @@ impl fmt::Debug for Record {
             Record::Lost {
                 device, from, to, ..
             } => write!(f, "Lost(device {device} seqs {from}..={to})"),
+            Record::Undeliverable { device, id, to, .. } => write!(
+                f,
+                "Undeliverable(device {device} message {}.{} to {to})",
+                id.seq, id.index
+            ),
+            Record::CommandAck { device, id, .. } => {
+                write!(
+                    f,
+                    "CommandAck(device {device} command {}.{})",
+                    id.seq, id.index
+                )
+            }
         }
     }
 }
@@ -298,6 +338,7 @@ impl Record {
                 e.at_ms,
                 e.version,
                 &e.event,
+                e.fx.as_ref().map(Fx::encode).as_deref(),
                 e.transitions.iter().map(Vec::as_slice),
             ),
             Record::Snapshot {
@@ -349,6 +390,28 @@ impl Record {
                 put_varint(out, *to);
                 put_varint(out, u64::from(*version));
                 put_varint(out, *damaged_at);
+                put_varint(out, *at_ms);
+            }
+            Record::Undeliverable {
+                device,
+                id,
+                at_ms,
+                to,
+                reason,
+            } => {
+                out.push(KIND_UNDELIVERABLE);
+                put_varint(out, u64::from(*device));
+                put_varint(out, id.seq);
+                put_varint(out, u64::from(id.index));
+                put_varint(out, *at_ms);
+                put_bytes(out, to.as_bytes());
+                put_bytes(out, reason.as_bytes());
+            }
+            Record::CommandAck { device, id, at_ms } => {
+                out.push(KIND_COMMAND_ACK);
+                put_varint(out, u64::from(*device));
+                put_varint(out, id.seq);
+                put_varint(out, u64::from(id.index));
                 put_varint(out, *at_ms);
             }
         }
@@ -411,7 +474,7 @@ impl Record {
 
     /// Whether a record kind byte is one this build knows (a cheap filter for resync).
     pub fn known_kind(kind: u8) -> bool {
-        (KIND_VERSION..=KIND_LOST).contains(&kind)
+        (KIND_VERSION..=KIND_COMMAND_ACK).contains(&kind)
     }
 }
 
@@ -424,11 +487,12 @@ pub fn encode_event<'a>(
     at_ms: u64,
     version: u32,
     event: &[u8],
+    fx: Option<&[u8]>,
     transitions: impl Iterator<Item = &'a [u8]>,
 ) {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    encode_event_body(out, device, seq, at_ms, version, event, transitions);
+    encode_event_body(out, device, seq, at_ms, version, event, fx, transitions);
     seal(out, start);
 }
 
@@ -439,14 +503,23 @@ fn encode_event_body<'a>(
     at_ms: u64,
     version: u32,
     event: &[u8],
+    fx: Option<&[u8]>,
     transitions: impl Iterator<Item = &'a [u8]>,
 ) {
-    out.push(KIND_EVENT);
+    out.push(if fx.is_some() {
+        KIND_EVENT_FX
+    } else {
+        KIND_EVENT
+    });
     put_varint(out, u64::from(device));
     put_varint(out, seq);
     put_varint(out, at_ms);
     put_varint(out, u64::from(version));
     put_bytes(out, event);
+    // Kind 9: the origin and effects, before the transitions (which run to the count).
+    if let Some(fx) = fx {
+        put_bytes(out, fx);
+    }
     // The count goes after the transitions so they can be streamed without a first pass.
     let mut count = 0u64;
     for t in transitions {
@@ -522,12 +595,19 @@ fn decode_body(body: &[u8], payloads: Payloads) -> Result<Record, DecodeError> {
             config: r.bytes()?.to_vec(),
             at_ms: r.varint()?,
         },
-        KIND_EVENT => {
+        KIND_EVENT | KIND_EVENT_FX => {
             let device = r.u32()?;
             let seq = r.varint()?;
             let at_ms = r.varint()?;
             let version = r.u32()?;
             let event = copy(r.bytes()?);
+            // Decoded even when payloads are skipped: the index keeps what effects leave
+            // pending (timers, messages, commands).
+            let fx = if kind == KIND_EVENT_FX {
+                Some(Fx::decode(r.bytes()?).ok_or(DecodeError::Corrupt("bad effects block"))?)
+            } else {
+                None
+            };
             let mut transitions = Vec::new();
             let mut found = 0u64;
             // Transitions run up to the trailing count; a count that disagrees is corruption.
@@ -550,6 +630,7 @@ fn decode_body(body: &[u8], payloads: Payloads) -> Result<Record, DecodeError> {
                 event,
                 transitions,
                 lost: false,
+                fx,
             })
         }
         KIND_DEAD_LETTER => Record::DeadLetter(DeadLetter {
@@ -581,6 +662,24 @@ fn decode_body(body: &[u8], payloads: Payloads) -> Result<Record, DecodeError> {
             to: r.varint()?,
             version: r.u32()?,
             damaged_at: r.varint()?,
+            at_ms: r.varint()?,
+        },
+        KIND_UNDELIVERABLE => Record::Undeliverable {
+            device: r.u32()?,
+            id: EffectId {
+                seq: r.varint()?,
+                index: r.u32()?,
+            },
+            at_ms: r.varint()?,
+            to: r.string()?,
+            reason: r.string()?,
+        },
+        KIND_COMMAND_ACK => Record::CommandAck {
+            device: r.u32()?,
+            id: EffectId {
+                seq: r.varint()?,
+                index: r.u32()?,
+            },
             at_ms: r.varint()?,
         },
         _ => return Err(DecodeError::Corrupt("unknown record kind")),
@@ -694,6 +793,7 @@ mod tests {
                 event: br#"{"type":"reading","celsius":20.5}"#.to_vec(),
                 transitions: vec![b"{}".to_vec(), br#"{"type":"heating_on"}"#.to_vec()],
                 lost: false,
+                fx: None,
             }),
             Record::Event(EventRecord {
                 device: 1,
@@ -703,6 +803,7 @@ mod tests {
                 event: b"null".to_vec(),
                 transitions: vec![],
                 lost: false,
+                fx: None,
             }),
             Record::Snapshot {
                 device: 3,
@@ -735,6 +836,39 @@ mod tests {
                 damaged_at: 4096,
                 at_ms: 1_700_000_002_000,
             },
+            Record::Event(EventRecord {
+                device: 4,
+                seq: 2,
+                at_ms: 1_700_000_003_000,
+                version: 1,
+                event: br#"{"type":"tick"}"#.to_vec(),
+                transitions: vec![b"{}".to_vec()],
+                lost: false,
+                fx: Some(Fx {
+                    origin: super::super::effects::Origin::Timer {
+                        key: "hb".into(),
+                        set: EffectId { seq: 1, index: 0 },
+                        due_ms: 1_700_000_002_900,
+                        missed: 2,
+                    },
+                    effects: vec![super::super::effects::Effect::Send {
+                        to: "room-1".into(),
+                        event: "{}".into(),
+                    }],
+                }),
+            }),
+            Record::Undeliverable {
+                device: 4,
+                id: EffectId { seq: 2, index: 0 },
+                at_ms: 1_700_000_003_001,
+                to: "room-1".into(),
+                reason: "no such device".into(),
+            },
+            Record::CommandAck {
+                device: 4,
+                id: EffectId { seq: 2, index: 1 },
+                at_ms: 1_700_000_003_002,
+            },
         ]
     }
 
@@ -751,22 +885,23 @@ mod tests {
 
     #[test]
     fn borrowed_event_encoding_matches_owned() {
-        let Record::Event(e) = &samples()[2] else {
-            unreachable!()
-        };
-        let mut a = Vec::new();
-        Record::Event(e.clone()).encode_into(&mut a);
-        let mut b = Vec::new();
-        encode_event(
-            &mut b,
-            e.device,
-            e.seq,
-            e.at_ms,
-            e.version,
-            &e.event,
-            e.transitions.iter().map(Vec::as_slice),
-        );
-        assert_eq!(a, b);
+        for record in samples() {
+            let Record::Event(e) = record else { continue };
+            let mut a = Vec::new();
+            Record::Event(e.clone()).encode_into(&mut a);
+            let mut b = Vec::new();
+            encode_event(
+                &mut b,
+                e.device,
+                e.seq,
+                e.at_ms,
+                e.version,
+                &e.event,
+                e.fx.as_ref().map(Fx::encode).as_deref(),
+                e.transitions.iter().map(Vec::as_slice),
+            );
+            assert_eq!(a, b);
+        }
     }
 
     #[test]

@@ -279,6 +279,17 @@ fn check(
                 }
                 seqs.remove(&device);
             }
+            Record::Undeliverable { device, id, .. } | Record::CommandAck { device, id, .. } => {
+                if device >= plan.next_num {
+                    return Err((offset, format!("effect record of unknown device {device}")));
+                }
+                if seqs.get(&device).is_some_and(|s| id.seq > *s) {
+                    return Err((
+                        offset,
+                        format!("effect record of device {device} past its seq"),
+                    ));
+                }
+            }
             _ => {}
         }
         offset += len;

@@ -77,8 +77,13 @@ fn event(device: u32, seq: u64) -> (Record, IndexEffect) {
             event: format!(r#"{{"n":{seq}}}"#).into_bytes(),
             transitions: vec![format!(r#"{{"t":{seq}}}"#).into_bytes()],
             lost: false,
+            fx: None,
         }),
-        IndexEffect::Event { device, seq },
+        IndexEffect::Event {
+            device,
+            seq,
+            fx: None,
+        },
     )
 }
 
@@ -94,6 +99,7 @@ fn append_event(
         0,
         &format!(r#"{{"n":{seq}}}"#),
         vec![format!(r#"{{"t":{seq}}}"#)],
+        None,
         move |r, _| {
             let _ = tx.send(r);
         },
@@ -664,6 +670,7 @@ async fn damage_far_from_the_tail_of_a_file_without_markers_is_refused() {
             event,
             transitions: vec![],
             lost: false,
+            fx: None,
         })
         .encode_into(&mut bytes);
         seq += 1;
@@ -746,9 +753,11 @@ async fn a_format_2_journal_is_raised_before_its_first_write_and_never_reuses_a_
 
     journal.record_removal(0, 1).await.expect("removed");
     assert!(journal.device("a").is_none());
+    // Raised as far as its writes need (commit markers), not further: an older build can
+    // still open it until something of format 5 (effects) is written.
     assert_eq!(
         &std::fs::read(&path).expect("read")[8..12],
-        &FORMAT_VERSION.to_le_bytes()
+        &super::writer::MARKERS_FROM.to_le_bytes()
     );
     // The id can come back, as a new device with a new number.
     let head = journal
@@ -760,7 +769,7 @@ async fn a_format_2_journal_is_raised_before_its_first_write_and_never_reuses_a_
     drop(journal);
 
     let (journal, recovery) = open_dir(dir.path()).expect("reopens");
-    assert_eq!(recovery.format, FORMAT_VERSION);
+    assert_eq!(recovery.format, super::writer::MARKERS_FROM);
     let a = journal.device("a").expect("the new `a`");
     assert_eq!((a.num, a.seq), (1, 0));
     assert_eq!(journal.index().next_device_num(), 2);
@@ -2280,4 +2289,250 @@ async fn salvage_leaves_out_snapshots_that_cover_a_lost_seq() {
     let kept: Vec<u64> = journal.snapshots(0).iter().map(|s| s.seq).collect();
     assert_eq!(kept, vec![3]);
     assert_eq!(journal.device("a").expect("a").seq, 10);
+}
+
+// ---- effects (journal/effects.rs) ----
+
+/// Appends event `seq` of `writer`'s device with `fx`, and waits until it is durable.
+async fn append_fx(writer: &DeviceWriter, seq: u64, at_ms: u64, fx: Fx) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    writer.append_event(seq, at_ms, 0, "{}", vec![], Some(fx), move |r, _| {
+        let _ = tx.send(r);
+    });
+    rx.await.expect("completion").expect("durable");
+}
+
+fn set_timer(key: &str, due_ms: u64, every_ms: Option<u64>) -> Effect {
+    Effect::SetTimer {
+        key: key.into(),
+        due_ms,
+        every_ms,
+        event: format!(r#"{{"timer":"{key}"}}"#),
+    }
+}
+
+fn external(effects: Vec<Effect>) -> Fx {
+    Fx {
+        origin: Origin::External,
+        effects,
+    }
+}
+
+/// What every device owes, comparable.
+fn owed(journal: &Journal) -> Vec<(String, DeviceFx)> {
+    let mut all: Vec<(String, DeviceFx)> = journal
+        .pending_fx()
+        .into_iter()
+        .map(|(id, _, fx)| (id.to_string(), fx))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// A history that leaves one of everything owed: timers (one replaced, one cancelled, one
+/// fired and gone, one periodic moved on), a message handled, one undeliverable and one
+/// still owed, a command acknowledged and one waiting.
+async fn effects_history(journal: &Journal) {
+    let a = journal.device_writer(0, 64);
+    let b = journal.device_writer(1, 64);
+    append_fx(
+        &a,
+        1,
+        1000,
+        external(vec![
+            set_timer("once", 5000, None),
+            set_timer("gone", 6000, None),
+            set_timer("tick", 2000, Some(1000)),
+            Effect::Send {
+                to: "d1".into(),
+                event: r#"{"hello":1}"#.into(),
+            },
+            Effect::Send {
+                to: "nobody".into(),
+                event: "{}".into(),
+            },
+            Effect::Command {
+                payload: r#"{"heat":true}"#.into(),
+                ttl_ms: None,
+            },
+            Effect::Command {
+                payload: r#"{"heat":false}"#.into(),
+                ttl_ms: None,
+            },
+        ]),
+    )
+    .await;
+    // Replaced, cancelled, and one more message for d1.
+    append_fx(
+        &a,
+        2,
+        1100,
+        external(vec![
+            set_timer("once", 7000, None),
+            Effect::CancelTimer { key: "gone".into() },
+            Effect::Send {
+                to: "d1".into(),
+                event: r#"{"hello":2}"#.into(),
+            },
+        ]),
+    )
+    .await;
+    // The periodic timer fires late, two periods missed: next due 2000 + 3 * 1000.
+    append_fx(
+        &a,
+        3,
+        4500,
+        Fx {
+            origin: Origin::Timer {
+                key: "tick".into(),
+                set: EffectId { seq: 1, index: 2 },
+                due_ms: 2000,
+                missed: 2,
+            },
+            effects: vec![],
+        },
+    )
+    .await;
+    // d1 handles the first message.
+    append_fx(
+        &b,
+        1,
+        1200,
+        Fx {
+            origin: Origin::Message {
+                sender: "d0".into(),
+                id: EffectId { seq: 1, index: 3 },
+            },
+            effects: vec![],
+        },
+    )
+    .await;
+    journal
+        .record_undeliverable(
+            0,
+            EffectId { seq: 1, index: 4 },
+            "nobody",
+            "no such device",
+            1300,
+        )
+        .await
+        .expect("undeliverable");
+    journal
+        .record_command_ack(0, EffectId { seq: 1, index: 5 }, 1400)
+        .await
+        .expect("ack");
+}
+
+fn expected_owed() -> Vec<(String, DeviceFx)> {
+    let mut fx = DeviceFx::default();
+    fx.timers.insert(
+        "once".into(),
+        TimerEntry {
+            due_ms: 7000,
+            every_ms: None,
+            event: r#"{"timer":"once"}"#.into(),
+            set: EffectId { seq: 2, index: 0 },
+        },
+    );
+    fx.timers.insert(
+        "tick".into(),
+        TimerEntry {
+            due_ms: 5000,
+            every_ms: Some(1000),
+            event: r#"{"timer":"tick"}"#.into(),
+            set: EffectId { seq: 1, index: 2 },
+        },
+    );
+    fx.sent.insert(EffectId { seq: 2, index: 2 }, "d1".into());
+    fx.outbox.insert(
+        EffectId { seq: 1, index: 6 },
+        effects::CommandEntry {
+            at_ms: 1000,
+            expires_ms: None,
+        },
+    );
+    vec![("d0".into(), fx)]
+}
+
+#[tokio::test]
+async fn what_effects_leave_owed_is_the_same_live_after_a_full_scan_and_from_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open_checkpointing(dir.path(), 64, 1).expect("open");
+    provision(&journal, 2).await;
+    effects_history(&journal).await;
+    assert_eq!(owed(&journal), expected_owed(), "live");
+    let dead = journal.dead_letters(0).expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].code, "undeliverable");
+    assert_eq!(dead[0].event, b"{}");
+    assert!(dead[0].message.contains("nobody"), "{}", dead[0].message);
+    journal.close();
+    drop(journal);
+
+    // A clean close wrote an index checkpoint: the next open starts from it.
+    let journal = open_checkpointing(dir.path(), 64, 1).expect("reopen");
+    assert!(
+        journal.recovery().from_checkpoint.is_some(),
+        "{:?}",
+        journal.recovery()
+    );
+    assert_eq!(owed(&journal), expected_owed(), "from the checkpoint");
+    assert_eq!(scrubbed(&journal).await.state, ScrubState::Clean);
+    journal.close();
+    drop(journal);
+
+    // Without it, the full scan rebuilds the same.
+    std::fs::remove_dir_all(dir.path().join(format!("{FILE_NAME}.index"))).expect("rm index");
+    let (journal, recovery) = open_dir(dir.path()).expect("full scan");
+    assert!(recovery.from_checkpoint.is_none());
+    assert_eq!(owed(&journal), expected_owed(), "full scan");
+    assert_eq!(recovery.format, FORMAT_VERSION);
+}
+
+#[tokio::test]
+async fn the_first_effect_raises_a_format_4_journal_and_a_format_1_one_refuses_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(FILE_NAME);
+    std::fs::write(&path, legacy_file(2, 3)).expect("write");
+    let (journal, _) = open_dir(dir.path()).expect("opens");
+    let w = journal.device_writer(0, 8);
+    // A plain event raises it only to markers.
+    let rx = append_event(&w, 4);
+    rx.await.expect("completion").expect("durable");
+    assert_eq!(journal.recovery().format, 2);
+    assert_eq!(
+        &std::fs::read(&path).expect("read")[8..12],
+        &super::writer::MARKERS_FROM.to_le_bytes()
+    );
+    append_fx(&w, 5, 2000, external(vec![set_timer("t", 9000, None)])).await;
+    assert_eq!(
+        &std::fs::read(&path).expect("read")[8..12],
+        &FORMAT_VERSION.to_le_bytes()
+    );
+    journal.close();
+    drop(journal);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(FILE_NAME), legacy_file(1, 3)).expect("write");
+    let (journal, _) = open_dir(dir.path()).expect("opens");
+    let w = journal.device_writer(0, 8);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    w.append_event(
+        4,
+        2000,
+        0,
+        "{}",
+        vec![],
+        Some(external(vec![set_timer("t", 9000, None)])),
+        move |r, _| {
+            let _ = tx.send(r);
+        },
+    );
+    let err = rx.await.expect("completion").expect_err("refused");
+    assert!(matches!(err, JournalError::Format(_)), "{err}");
+    assert!(
+        w.is_fenced(),
+        "the actor's state has the event: it must rebuild"
+    );
+    assert_eq!(journal.device("a").map(|d| d.seq), Some(3));
 }

@@ -1,0 +1,297 @@
+//! Effects after commit: messages into other devices' mailboxes, timers into the wheel,
+//! commands to their outbox's watchers.
+//!
+//! An actor never carries out an effect itself. When a record with effects is durable, the
+//! writer thread hands a [`Durable`] to the one dispatcher task (an unbounded send, so the
+//! writer never waits), which takes them in commit order:
+//!
+//! * a `Send` becomes a [`Message::Internal`] in the target's mailbox (activating it). A full
+//!   mailbox does not drop it and does not hold the dispatcher: the [`Postman`] parks the
+//!   target's messages in a queue of their own, drained by a task that waits for room, and
+//!   everything later for that target queues behind them. So messages from one sender
+//!   arrive in the order they were sent, one slow device delays nobody else, and since no
+//!   actor ever waits on another's mailbox, full mailboxes cannot deadlock;
+//! * a target that does not exist makes the message *undeliverable*: recorded (kind 10) and
+//!   listed with the sender's dead letters;
+//! * a record that set, cancelled or fired a timer makes the [`TimerWheel`] re-read that
+//!   device's timers from the journal's index;
+//! * a `Command` wakes whoever long-polls the device's outbox ([`Outbox`]).
+//!
+//! # At least once, exactly once in effect
+//!
+//! What is still owed is in the journal's index (see `journal/effects.rs`): a message stays
+//! owed until the target's record that handled it is durable. At start, before anything
+//! else, the dispatcher arms every pending timer and re-sends every owed message, in order,
+//! from the records themselves (with their original ids): a crash between a commit and its
+//! dispatch loses nothing. The target drops a message it already handled (see the actor's
+//! `message_owed`), so redelivery never runs an event twice. Replay folds transitions only
+//! and dispatches nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use crate::actor::{Durable, Message};
+use crate::clock;
+use crate::error::Error;
+use crate::journal::{Effect, EffectId, Journal, Origin};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::router::{Refused, Router};
+use crate::timers::TimerWheel;
+
+/// Puts internal events into mailboxes without losing them or blocking (see the module
+/// docs).
+pub struct Postman {
+    router: Weak<Router>,
+    journal: Journal,
+    metrics: Arc<Metrics>,
+    pool: tokio::runtime::Handle,
+    /// Targets whose mailbox was full: their messages, in order, for the task draining them.
+    parked: Mutex<HashMap<String, VecDeque<Message>>>,
+    me: Weak<Postman>,
+}
+
+impl Postman {
+    pub fn new(
+        router: Weak<Router>,
+        journal: Journal,
+        metrics: Arc<Metrics>,
+        pool: tokio::runtime::Handle,
+    ) -> Arc<Postman> {
+        Arc::new_cyclic(|me| Postman {
+            router,
+            journal,
+            metrics,
+            pool,
+            parked: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// Puts `msg` into device `to`'s mailbox, after anything parked for it (a message to
+    /// an unknown device is recorded as undeliverable).
+    pub fn post(&self, to: &str, msg: Message) {
+        let mut parked = self.parked.lock();
+        if let Some(queue) = parked.get_mut(to) {
+            queue.push_back(msg);
+            return;
+        }
+        let Some(router) = self.router.upgrade() else {
+            return;
+        };
+        let sent_by = sent_by(&msg);
+        match router.offer(to, msg) {
+            Ok(()) => {}
+            Err(Refused::Full(msg)) => {
+                parked.insert(to.to_string(), VecDeque::from([msg]));
+                if let Some(me) = self.me.upgrade() {
+                    let to = to.to_string();
+                    self.pool.spawn(async move { me.drain(to).await });
+                }
+            }
+            Err(Refused::Error(e)) => {
+                drop(parked);
+                self.undeliverable(to, sent_by, e);
+            }
+        }
+    }
+
+    /// Delivers what is parked for `to`, oldest first, waiting for room each time; ends
+    /// when nothing is left (later messages then go straight to the mailbox again).
+    async fn drain(self: Arc<Self>, to: String) {
+        loop {
+            let msg = {
+                let mut parked = self.parked.lock();
+                match parked.get_mut(&to).and_then(VecDeque::pop_front) {
+                    Some(msg) => msg,
+                    None => {
+                        parked.remove(&to);
+                        return;
+                    }
+                }
+            };
+            let Some(router) = self.router.upgrade() else {
+                return;
+            };
+            let sent_by = sent_by(&msg);
+            match router.deliver_waiting(&to, msg).await {
+                Ok(()) => {}
+                Err(Error::ShuttingDown) => {
+                    // Still owed in the journal: the next start sends it again.
+                    self.parked.lock().remove(&to);
+                    return;
+                }
+                Err(e) => self.undeliverable(&to, sent_by, e),
+            }
+        }
+    }
+
+    /// A message (`sent_by`) or timer firing (`None`) could not be put into `to`'s mailbox
+    /// for reason `e`.
+    fn undeliverable(&self, to: &str, sent_by: Option<(String, EffectId)>, e: Error) {
+        let Some((sender, id)) = sent_by else {
+            // A timer of a device removed meanwhile, or a stop under way: nothing owed.
+            return;
+        };
+        if !matches!(e, Error::UnknownDevice(_) | Error::InvalidId(_)) {
+            // Shutting down: still owed, sent again at the next start.
+            return;
+        }
+        let Some(head) = self.journal.device(&sender) else {
+            return;
+        };
+        self.metrics
+            .messages_undeliverable
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(sender = %sender, to, seq = id.seq, index = id.index, "message undeliverable: no such device");
+        let journal = self.journal.clone();
+        let to = to.to_string();
+        self.pool.spawn(async move {
+            if let Err(e) = journal
+                .record_undeliverable(head.num, id, &to, "no such device", clock::now_ms())
+                .await
+            {
+                tracing::warn!(sender = %sender, to, error = %e, "recording an undeliverable message failed; it is retried at the next start");
+            }
+        });
+    }
+}
+
+/// Who sent `msg`, if it is a message.
+fn sent_by(msg: &Message) -> Option<(String, EffectId)> {
+    match msg {
+        Message::Internal {
+            origin: Origin::Message { sender, id },
+            ..
+        } => Some((sender.clone(), *id)),
+        _ => None,
+    }
+}
+
+/// The dispatcher task's state. See the module docs.
+pub struct Dispatcher {
+    journal: Journal,
+    metrics: Arc<Metrics>,
+    postman: Arc<Postman>,
+    timers: Arc<TimerWheel>,
+    outbox: Arc<Outbox>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        journal: Journal,
+        metrics: Arc<Metrics>,
+        postman: Arc<Postman>,
+        timers: Arc<TimerWheel>,
+        outbox: Arc<Outbox>,
+    ) -> Dispatcher {
+        Dispatcher {
+            journal,
+            metrics,
+            postman,
+            timers,
+            outbox,
+        }
+    }
+
+    /// Arms what the journal says is pending, then carries out each durable record's
+    /// effects as it comes.
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Durable>) {
+        self.resume();
+        while let Some(durable) = rx.recv().await {
+            self.dispatch(durable);
+        }
+    }
+
+    /// At start: every pending timer into the wheel, every owed message sent again in
+    /// (sender, seq, index) order, from its record.
+    fn resume(&self) {
+        let mut timers = 0usize;
+        let mut messages = 0usize;
+        let mut pending = self.journal.pending_fx();
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        for (device, num, fx) in pending {
+            timers += fx.timers.len();
+            if !fx.timers.is_empty() {
+                self.timers.sync(&device, &fx.timers);
+            }
+            let mut by_seq: Vec<(EffectId, String)> = fx.sent.into_iter().collect();
+            by_seq.sort();
+            let mut i = 0;
+            while i < by_seq.len() {
+                let seq = by_seq[i].0.seq;
+                let record = match self.journal.read_events(num, seq, seq) {
+                    Ok(mut r) => r.pop(),
+                    Err(e) => {
+                        tracing::warn!(device = %device, seq, error = %e, "cannot read a record with owed messages; they stay owed");
+                        None
+                    }
+                };
+                while i < by_seq.len() && by_seq[i].0.seq == seq {
+                    let (id, to) = &by_seq[i];
+                    let effect = record
+                        .as_ref()
+                        .and_then(|r| r.fx.as_ref())
+                        .and_then(|fx| fx.effects.get(id.index as usize));
+                    if let Some(Effect::Send { event, .. }) = effect {
+                        self.send(&device, *id, to, event.clone());
+                        messages += 1;
+                    }
+                    i += 1;
+                }
+            }
+        }
+        if timers + messages > 0 {
+            tracing::info!(
+                timers,
+                messages,
+                "effects owed at start: timers armed, messages sent again"
+            );
+        }
+    }
+
+    fn dispatch(&self, d: Durable) {
+        let mut commands = false;
+        for (index, effect) in d.effects.iter().enumerate() {
+            let id = EffectId {
+                seq: d.seq,
+                index: index as u32,
+            };
+            match effect {
+                Effect::Send { to, event } => self.send(&d.device, id, to, event.clone()),
+                Effect::Command { .. } => commands = true,
+                Effect::SetTimer { .. } | Effect::CancelTimer { .. } => {}
+            }
+        }
+        if commands {
+            self.outbox.notify(&d.device);
+        }
+        if d.timers_changed {
+            let timers = self
+                .journal
+                .device_fx(d.num)
+                .map(|fx| fx.timers)
+                .unwrap_or_default();
+            self.timers.sync(&d.device, &timers);
+        }
+    }
+
+    fn send(&self, sender: &Arc<str>, id: EffectId, to: &str, event: String) {
+        self.metrics
+            .messages_delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.postman.post(
+            to,
+            Message::Internal {
+                event,
+                origin: Origin::Message {
+                    sender: sender.to_string(),
+                    id,
+                },
+            },
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! Effects as the journal records them, and the per-device state they leave behind: pending
+//! timers, undelivered messages and the command outbox.
+//!
+//! An event handled by a plugin built against `drover:device@0.2.0` may produce effects
+//! besides transitions (see `wit/device.wit`). They are part of the event's own journal record
+//! (kind 9, which is kind 3 plus an [`Fx`] block), so they are durable exactly when the
+//! transitions are, and replay, which folds transitions only, never sees them again.
+//!
+//! What is still owed after a record is durable is a function of the journal alone, kept per
+//! device in the index ([`DeviceFx`]) and rebuilt by recovery like the rest of the index:
+//!
+//! * **timers**: set by a `SetTimer` effect, replaced by another under the same key, removed
+//!   by `CancelTimer` or by the record of their own firing (a periodic timer moves on to its
+//!   next due time instead);
+//! * **messages sent and not yet handled**: added by a `Send` effect, removed when the
+//!   target's record whose origin is that message is durable, or when the message is found
+//!   undeliverable (kind 10);
+//! * **commands not yet acknowledged**: added by a `Command` effect, removed by an
+//!   acknowledgement (kind 11) or when their time to live has passed.
+//!
+//! Every effect has a stable id, [`EffectId`]: the seq of its record and its index among the
+//! record's effects.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The stable id of one effect: the seq of the record that holds it and its place among that
+/// record's effects. With the device id it names the effect across restarts, so receivers can
+/// de-duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EffectId {
+    pub seq: u64,
+    pub index: u32,
+}
+
+/// Why an event was handled, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Origin {
+    External,
+    /// A message from device `sender`, effect `id` of its journal.
+    Message {
+        sender: String,
+        id: EffectId,
+    },
+    /// The firing of this device's timer `key`, set by effect `set`, due at `due_ms`;
+    /// `missed` whole periods of a periodic timer are folded into it.
+    Timer {
+        key: String,
+        set: EffectId,
+        due_ms: u64,
+        missed: u64,
+    },
+}
+
+/// One effect, as recorded. Payloads (`payload`, `event`) are JSON texts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Effect {
+    /// A command for the physical device (JSON), kept in the outbox until acknowledged or
+    /// `ttl_ms` after the event.
+    Command {
+        payload: String,
+        ttl_ms: Option<u64>,
+    },
+    /// A one-way message (an event, JSON) to device `to`.
+    Send { to: String, event: String },
+    /// Sets (or replaces) timer `key`.
+    SetTimer {
+        key: String,
+        due_ms: u64,
+        every_ms: Option<u64>,
+        event: String,
+    },
+    /// Cancels timer `key`.
+    CancelTimer { key: String },
+}
+
+/// The origin and effects of one event record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fx {
+    pub origin: Origin,
+    pub effects: Vec<Effect>,
+}
+
+impl Fx {
+    /// Whether the record needs the effects block at all (an external event without effects
+    /// is written as a plain kind-3 record).
+    pub fn is_empty(&self) -> bool {
+        self.origin == Origin::External && self.effects.is_empty()
+    }
+
+    /// Encodes the block: JSON, the same shape the journal API and exports show, so the
+    /// record is readable with nothing but the format's description. Effects records are
+    /// the minority; the few dozen bytes JSON costs over a binary encoding do not matter.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain owned data (strings, integers) into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a block written by [`Fx::encode`].
+    pub fn decode(bytes: &[u8]) -> Option<Fx> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// A pending timer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerEntry {
+    pub due_ms: u64,
+    pub every_ms: Option<u64>,
+    /// The event its firing hands to `handle`.
+    pub event: String,
+    /// The effect that set it: a firing names it, so a firing of a timer since replaced is
+    /// recognised and dropped.
+    pub set: EffectId,
+}
+
+impl TimerEntry {
+    /// Where a periodic timer goes after a firing at `due_ms` with `missed` periods folded in.
+    pub fn next_due(&self, due_ms: u64, missed: u64) -> Option<u64> {
+        let every = self.every_ms?.max(1);
+        Some(due_ms.saturating_add(every.saturating_mul(missed.saturating_add(1))))
+    }
+}
+
+/// A command waiting in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandEntry {
+    /// When the command was issued (its event's time).
+    pub at_ms: u64,
+    /// When it is dropped unacknowledged, if ever.
+    pub expires_ms: Option<u64>,
+}
+
+/// What a device still owes or is owed. Absent (`None` in the index) for devices that never
+/// used effects, so they cost nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFx {
+    pub timers: BTreeMap<String, TimerEntry>,
+    /// Messages this device sent whose target has not handled them yet: id → target.
+    pub sent: BTreeMap<EffectId, String>,
+    /// Commands not yet acknowledged (nor expired): id → when issued and until when.
+    pub outbox: BTreeMap<EffectId, CommandEntry>,
+}
+
+impl DeviceFx {
+    pub fn is_empty(&self) -> bool {
+        self.timers.is_empty() && self.sent.is_empty() && self.outbox.is_empty()
+    }
+
+    /// Folds what record `seq` (at `at_ms`) says about this device's own effects: its
+    /// origin when it is a timer firing, then each effect in order. A message origin
+    /// concerns the sender's state (see [`Fx::delivered`]).
+    pub fn fold(&mut self, seq: u64, at_ms: u64, fx: &Fx) {
+        if let Origin::Timer {
+            key,
+            set,
+            due_ms,
+            missed,
+        } = &fx.origin
+            && let Some(timer) = self.timers.get_mut(key)
+            && timer.set == *set
+            && timer.due_ms == *due_ms
+        {
+            match timer.next_due(*due_ms, *missed) {
+                Some(next) => timer.due_ms = next,
+                None => {
+                    self.timers.remove(key);
+                }
+            }
+        }
+        for (index, effect) in fx.effects.iter().enumerate() {
+            let id = EffectId {
+                seq,
+                index: index as u32,
+            };
+            match effect {
+                Effect::Command { ttl_ms, .. } => {
+                    self.outbox.insert(
+                        id,
+                        CommandEntry {
+                            at_ms,
+                            expires_ms: ttl_ms.map(|t| at_ms.saturating_add(t)),
+                        },
+                    );
+                }
+                Effect::Send { to, .. } => {
+                    self.sent.insert(id, to.clone());
+                }
+                Effect::SetTimer {
+                    key,
+                    due_ms,
+                    every_ms,
+                    event,
+                } => {
+                    self.timers.insert(
+                        key.clone(),
+                        TimerEntry {
+                            due_ms: *due_ms,
+                            every_ms: *every_ms,
+                            event: event.clone(),
+                            set: id,
+                        },
+                    );
+                }
+                Effect::CancelTimer { key } => {
+                    self.timers.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Drops commands whose time to live has passed by `now_ms`; returns how many.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let before = self.outbox.len();
+        self.outbox
+            .retain(|_, c| c.expires_ms.is_none_or(|e| e > now_ms));
+        before - self.outbox.len()
+    }
+}
+
+impl Fx {
+    /// The message this record handled, if it handled one: (sender id, effect id), to be
+    /// struck from the sender's [`DeviceFx::sent`].
+    pub fn delivered(&self) -> Option<(&str, EffectId)> {
+        match &self.origin {
+            Origin::Message { sender, id } => Some((sender, *id)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timer(key: &str, due_ms: u64, every_ms: Option<u64>) -> Effect {
+        Effect::SetTimer {
+            key: key.into(),
+            due_ms,
+            every_ms,
+            event: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn a_replaced_timer_ignores_the_old_ones_firing_and_a_periodic_one_moves_on() {
+        let mut fx = DeviceFx::default();
+        fx.fold(
+            1,
+            0,
+            &Fx {
+                origin: Origin::External,
+                effects: vec![timer("a", 100, None), timer("p", 50, Some(10))],
+            },
+        );
+        // Replaced by seq 2 before it fired.
+        fx.fold(
+            2,
+            10,
+            &Fx {
+                origin: Origin::External,
+                effects: vec![timer("a", 200, None)],
+            },
+        );
+        let stale = Fx {
+            origin: Origin::Timer {
+                key: "a".into(),
+                set: EffectId { seq: 1, index: 0 },
+                due_ms: 100,
+                missed: 0,
+            },
+            effects: vec![],
+        };
+        fx.fold(3, 100, &stale);
+        assert_eq!(fx.timers["a"].due_ms, 200, "a stale firing changes nothing");
+        // The periodic one fires late, three periods missed: next due 50 + 4 * 10.
+        fx.fold(
+            4,
+            85,
+            &Fx {
+                origin: Origin::Timer {
+                    key: "p".into(),
+                    set: EffectId { seq: 1, index: 1 },
+                    due_ms: 50,
+                    missed: 3,
+                },
+                effects: vec![],
+            },
+        );
+        assert_eq!(fx.timers["p"].due_ms, 90);
+        // Its own firing record cancels it.
+        fx.fold(
+            5,
+            200,
+            &Fx {
+                origin: Origin::Timer {
+                    key: "a".into(),
+                    set: EffectId { seq: 2, index: 0 },
+                    due_ms: 200,
+                    missed: 0,
+                },
+                effects: vec![Effect::CancelTimer { key: "p".into() }],
+            },
+        );
+        assert!(fx.timers.is_empty());
+    }
+
+    #[test]
+    fn the_block_round_trips_and_commands_expire() {
+        let block = Fx {
+            origin: Origin::Message {
+                sender: "room-1".into(),
+                id: EffectId { seq: 7, index: 2 },
+            },
+            effects: vec![
+                Effect::Command {
+                    payload: r#"{"heat":true}"#.into(),
+                    ttl_ms: Some(1000),
+                },
+                Effect::Send {
+                    to: "t-2".into(),
+                    event: "{}".into(),
+                },
+            ],
+        };
+        assert_eq!(Fx::decode(&block.encode()), Some(block.clone()));
+        assert_eq!(
+            block.delivered(),
+            Some(("room-1", EffectId { seq: 7, index: 2 }))
+        );
+        let mut fx = DeviceFx::default();
+        fx.fold(9, 5000, &block);
+        assert_eq!(fx.sent.len(), 1);
+        assert_eq!(fx.expire(5999), 0);
+        assert_eq!(fx.expire(6000), 1);
+        assert!(!fx.is_empty());
+    }
+}
