@@ -24,7 +24,7 @@ use std::process::Command;
 use guest_build::TARGET;
 
 /// The example plugins: embedded in the binary, used by tests and benches.
-const EXAMPLES: &[&str] = &["thermostat", "door-lock"];
+const EXAMPLES: &[&str] = &["thermostat", "door-lock", "room"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -31,6 +31,8 @@
 //!   watchers; what a crash left owed, sent again at start.
 //! * `timers`: the timer wheel over every pending durable timer of the fleet.
 //! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
+//! * `outbox_api`: the runtime's face of effects: a device's commands (long poll,
+//!   acknowledgement) and timers.
 //! * `removal`: removing a device, with an archive of its history ([`Runtime::remove_device`]).
 //! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
 //!   ([`Runtime::deploy`], [`DeployReport`]).
@@ -57,6 +59,7 @@ pub mod http;
 pub mod journal;
 pub mod metrics;
 mod outbox;
+mod outbox_api;
 pub mod registry;
 mod removal;
 pub mod replay;
@@ -70,10 +73,11 @@ pub use builder::RuntimeBuilder;
 pub use config::Config;
 pub use deploy::{DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE, Selection};
 pub use error::{Error, ErrorKind};
+pub use outbox_api::MAX_COMMAND_WAIT;
 pub use registry::PluginVersion;
 pub use removal::Removal;
 pub use runtime::Runtime;
 pub use view::{
-    Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
-    JournalPage,
+    CommandView, Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView,
+    JournalEntry, JournalPage, TimerView,
 };

@@ -495,7 +495,7 @@ impl Runtime {
         self.counted(result)
     }
 
-    fn head(&self, id: &str) -> Result<DeviceHead, Error> {
+    pub(crate) fn head(&self, id: &str) -> Result<DeviceHead, Error> {
         self.shared
             .journal
             .device(id)
@@ -553,6 +553,17 @@ impl Runtime {
                     event: text(r.event),
                     transitions: r.transitions.into_iter().map(text).collect(),
                     lost: r.lost,
+                    origin: r
+                        .fx
+                        .as_ref()
+                        .filter(|fx| fx.origin != crate::journal::Origin::External)
+                        .and_then(|fx| serde_json::to_string(&fx.origin).ok()),
+                    effects: r
+                        .fx
+                        .iter()
+                        .flat_map(|fx| &fx.effects)
+                        .filter_map(|e| serde_json::to_string(e).ok())
+                        .collect(),
                 }
             })
             .collect();
@@ -618,6 +629,11 @@ impl Runtime {
                 "drover_devices",
                 "Provisioned devices.",
                 journal.device_count() as u64,
+            ),
+            (
+                "drover_timers_scheduled",
+                "Pending durable timers in the timer wheel, fleet-wide.",
+                self.timers_scheduled() as u64,
             ),
             (
                 "drover_journal_bytes",

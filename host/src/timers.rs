@@ -89,13 +89,8 @@ impl TimerWheel {
     }
 
     /// Timers scheduled.
-    pub fn len(&self) -> usize {
+    pub fn scheduled(&self) -> usize {
         self.state.lock().due.len()
-    }
-
-    /// Whether no timer is scheduled.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Fires timers as they fall due, forever (the runtime aborts it at shutdown).
@@ -193,7 +188,7 @@ mod tests {
         wheel.sync(&b, &BTreeMap::from([("x".into(), timer(200, 1))]));
         // `a` replaces x and cancels y.
         wheel.sync(&a, &BTreeMap::from([("x".into(), timer(150, 2))]));
-        assert_eq!(wheel.len(), 2);
+        assert_eq!(wheel.scheduled(), 2);
         let (due, next) = wheel.take_due(149);
         assert!(due.is_empty());
         assert_eq!(next, Some(150));
@@ -204,7 +199,7 @@ mod tests {
             .collect();
         assert_eq!(fired, [("a", 150, 2), ("b", 200, 1)]);
         assert_eq!(next, None);
-        assert!(wheel.is_empty());
+        assert_eq!(wheel.scheduled(), 0);
         wheel.sync(&b, &BTreeMap::new());
         assert!(wheel.state.lock().by_device.is_empty());
     }

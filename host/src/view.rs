@@ -84,6 +84,11 @@ pub struct JournalEntry {
     /// The record of this seq was destroyed by media damage and salvaged away: `event` is
     /// `null`, there are no transitions, and `at_ms` is when the salvage ran.
     pub lost: bool,
+    /// Where the event came from, JSON text (`{"type":"message","sender",...}` or
+    /// `{"type":"timer","key",...}`); `None` for an event from outside.
+    pub origin: Option<String>,
+    /// The effects the event produced, JSON texts (`{"type":"send","to","event"}`, ...).
+    pub effects: Vec<String>,
 }
 
 /// One page of a device's journal.
@@ -111,4 +116,35 @@ pub struct DeadLetterView {
     /// The error's code and message, as the sender got them.
     pub code: String,
     pub message: String,
+}
+
+/// A command waiting in a device's outbox (see `GET /v1/devices/{id}/commands`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandView {
+    /// Its stable id, `"<seq>.<index>"`: the seq of the record that issued it and its place
+    /// among that record's effects. Acknowledge it by this id; a command delivered twice
+    /// (redelivery until acknowledged) has the same id both times.
+    pub id: String,
+    pub seq: u64,
+    pub index: u32,
+    /// When it was issued (its event's time), ms since the Unix epoch.
+    pub at_ms: u64,
+    /// When it is dropped unacknowledged, if ever.
+    pub expires_ms: Option<u64>,
+    /// The command, JSON text as the plugin wrote it.
+    #[serde(skip)]
+    pub command: String,
+}
+
+/// A pending durable timer of a device (see `GET /v1/devices/{id}/timers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TimerView {
+    pub key: String,
+    /// When it fires next, ms since the Unix epoch.
+    pub due_ms: u64,
+    /// Its period, for a periodic timer.
+    pub every_ms: Option<u64>,
+    /// The event it hands the device, JSON text.
+    #[serde(skip)]
+    pub event: String,
 }

@@ -10,7 +10,9 @@ use super::error::ApiError;
 use super::extract::{Body, Id, QueryOf};
 use super::json::{self, Json};
 use crate::error::Error;
-use crate::view::{Committed, DeadLetterView, DeviceStatus, DeviceSummary, JournalEntry};
+use crate::view::{
+    CommandView, Committed, DeadLetterView, DeviceStatus, DeviceSummary, JournalEntry, TimerView,
+};
 
 /// Body of `PUT /v1/devices/{id}`.
 #[derive(Debug, Deserialize)]
@@ -208,6 +210,15 @@ struct RecordOut {
     /// salvaged away: no event, no transitions.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     lost: bool,
+    /// Present for a message (`{"type":"message","sender","id":{"seq","index"}}`) or a timer
+    /// firing (`{"type":"timer","key","set","due_ms","missed"}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<Json>,
+    /// Present when the event produced effects, in order: `{"type":"command","payload",
+    /// "ttl_ms"}`, `{"type":"send","to","event"}`, `{"type":"set_timer","key","due_ms",
+    /// "every_ms","event"}`, `{"type":"cancel_timer","key"}` (payloads are JSON texts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    effects: Vec<Json>,
 }
 
 impl From<JournalEntry> for RecordOut {
@@ -220,6 +231,8 @@ impl From<JournalEntry> for RecordOut {
             plugin: e.plugin,
             version: e.version,
             lost: e.lost,
+            origin: e.origin.map(Json),
+            effects: json::all(e.effects),
         }
     }
 }
@@ -354,4 +367,86 @@ pub async fn dead_letters(State(app): State<App>, Id(id): Id) -> Result<Response
         })
         .collect();
     Ok(json::ok(&DeadLetters { dead_letters }))
+}
+
+/// One command as answered: the view plus the command as JSON.
+#[derive(Debug, Serialize)]
+struct CommandOut {
+    #[serde(flatten)]
+    view: CommandView,
+    command: Json,
+}
+
+/// Answer of `GET /v1/devices/{id}/commands`.
+#[derive(Debug, Serialize)]
+struct Commands {
+    commands: Vec<CommandOut>,
+}
+
+/// Query of `GET /v1/devices/{id}/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsQuery {
+    /// With an empty outbox, wait up to this many ms (at most 60,000) for a command: a
+    /// long poll. Absent or 0: answer at once.
+    wait_ms: Option<u64>,
+}
+
+/// `GET /v1/devices/{id}/commands[?wait_ms=N]`: the device's outbox, the commands its plugin
+/// issued that nobody acknowledged yet, oldest first:
+/// `{"commands":[{"id":"<seq>.<index>","seq","index","at_ms","expires_ms","command"}]}`.
+/// Reading does not acknowledge: a command is answered again until
+/// `POST /v1/devices/{id}/commands/{command}/ack`.
+pub async fn commands(
+    State(app): State<App>,
+    Id(id): Id,
+    QueryOf(q): QueryOf<CommandsQuery>,
+) -> Result<Response, ApiError> {
+    let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0));
+    let commands = app.rt.wait_commands(&id, wait).await?;
+    Ok(json::ok(&Commands {
+        commands: commands
+            .into_iter()
+            .map(|mut view| CommandOut {
+                command: Json(std::mem::take(&mut view.command)),
+                view,
+            })
+            .collect(),
+    }))
+}
+
+/// `POST /v1/devices/{id}/commands/{command}/ack`: the command was carried out (or will
+/// never be): it leaves the outbox once that is durable. 200 `{"id","acked"}`, `acked`
+/// false when it was no longer pending (acknowledged before, or expired).
+pub async fn ack_command(
+    State(app): State<App>,
+    super::extract::IdAndCommand(id, command): super::extract::IdAndCommand,
+) -> Result<Response, ApiError> {
+    let acked = app.rt.ack_command(&id, &command).await?;
+    Ok(json::ok(
+        &serde_json::json!({"id": command, "acked": acked}),
+    ))
+}
+
+/// One timer as answered.
+#[derive(Debug, Serialize)]
+struct TimerOut {
+    #[serde(flatten)]
+    view: TimerView,
+    event: Json,
+}
+
+/// `GET /v1/devices/{id}/timers`: the device's pending durable timers:
+/// `{"timers":[{"key","due_ms","every_ms","event"}]}`.
+pub async fn timers(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+    let timers: Vec<TimerOut> = app
+        .rt
+        .timers(&id)?
+        .into_iter()
+        .map(|mut view| TimerOut {
+            event: Json(std::mem::take(&mut view.event)),
+            view,
+        })
+        .collect();
+    Ok(json::ok(&serde_json::json!({ "timers": timers })))
 }

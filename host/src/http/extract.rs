@@ -50,6 +50,23 @@ impl<S: Send + Sync> FromRequestParts<S> for NameAndVersion {
     }
 }
 
+/// A device id and a command id from a `/v1/devices/{id}/commands/{command}/ack` path (the
+/// command id is checked by the runtime).
+#[derive(Debug, Clone)]
+pub struct IdAndCommand(pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdAndCommand {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((id, command)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(path_rejection)?;
+        validate_id(&id).map_err(ApiError::refused)?;
+        Ok(IdAndCommand(id, command))
+    }
+}
+
 fn path_rejection(r: PathRejection) -> ApiError {
     // The only way a matched route's parameter fails is bad percent-encoding (not UTF-8).
     ApiError::refused(Error::InvalidId(r.body_text()))

@@ -16,13 +16,16 @@ use super::App;
 use super::error::{ErrorMark, Origin, codes};
 
 /// Route templates counted individually; anything else is counted as `unmatched`.
-const ROUTES: [&str; 14] = [
+const ROUTES: [&str; 17] = [
     "/v1/devices",
     "/v1/devices/{id}",
     "/v1/devices/{id}/events",
     "/v1/devices/{id}/journal",
     "/v1/devices/{id}/resume",
     "/v1/devices/{id}/dead-letters",
+    "/v1/devices/{id}/commands",
+    "/v1/devices/{id}/commands/{command}/ack",
+    "/v1/devices/{id}/timers",
     "/v1/devices/{id}/state",
     "/v1/events",
     "/v1/plugins",

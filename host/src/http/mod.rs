@@ -16,7 +16,10 @@
 //! | `POST /v1/devices/{id}/events` | 200 `{"seq","at","transitions"}` once durable |
 //! | `GET /v1/devices/{id}/journal?from=&limit=` | 200 `{"records":[...],"next"}` |
 //! | `POST /v1/devices/{id}/resume` | 200 `{"id","status"}`: ends a quarantine now |
-//! | `GET /v1/devices/{id}/dead-letters` | 200 `{"dead_letters":[...]}`: events the plugin failed on |
+//! | `GET /v1/devices/{id}/dead-letters` | 200 `{"dead_letters":[...]}`: events the plugin failed on, undeliverable messages |
+//! | `GET /v1/devices/{id}/commands[?wait_ms=N]` | 200 `{"commands":[...]}`: the outbox, long-polled |
+//! | `POST /v1/devices/{id}/commands/{command}/ack` | 200 `{"id","acked"}`: the command leaves the outbox |
+//! | `GET /v1/devices/{id}/timers` | 200 `{"timers":[...]}`: pending durable timers |
 //! | `GET /v1/devices/{id}/state?at=SEQ` | 200 `{"seq","state"}` |
 //! | `POST /v1/events` | 200 per-item results of a gateway batch (see [`batch`]) |
 //! | `POST /v1/plugins/{name}` | 201 new version / 200 same bytes: `{"name","version","digest"}` |
@@ -109,6 +112,12 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route("/v1/devices/{id}/journal", get(devices::journal))
         .route("/v1/devices/{id}/resume", post(devices::resume))
         .route("/v1/devices/{id}/dead-letters", get(devices::dead_letters))
+        .route("/v1/devices/{id}/commands", get(devices::commands))
+        .route(
+            "/v1/devices/{id}/commands/{command}/ack",
+            post(devices::ack_command),
+        )
+        .route("/v1/devices/{id}/timers", get(devices::timers))
         .route("/v1/devices/{id}/state", get(devices::state))
         .route(
             "/v1/events",

@@ -962,6 +962,39 @@ impl Journal {
             .is_some_and(|fx| fx.sent.contains_key(&id))
     }
 
+    /// Device `num`'s outbox: its commands not yet acknowledged, oldest first. Commands whose
+    /// time to live ended by `now_ms` are dropped from the index here (expiry needs no
+    /// record: a rebuild from the journal drops them again at their first read).
+    pub fn outbox(&self, num: u32, now_ms: u64) -> Vec<(EffectId, effects::CommandEntry)> {
+        let expired = self
+            .index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .is_some_and(|fx| {
+                fx.outbox
+                    .values()
+                    .any(|c| c.expires_ms.is_some_and(|e| e <= now_ms))
+            });
+        if expired {
+            let mut index = self.inner.shared.index.write();
+            if let Some(d) = index.devices.get_mut(&num)
+                && let Some(fx) = d.fx.as_mut()
+            {
+                fx.expire(now_ms);
+                if fx.is_empty() {
+                    d.fx = None;
+                }
+            }
+        }
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .map(|fx| fx.outbox.iter().map(|(id, c)| (*id, *c)).collect())
+            .unwrap_or_default()
+    }
+
     /// Device `num`'s pending timer `key`, as durable.
     pub fn timer(&self, num: u32, key: &str) -> Option<TimerEntry> {
         self.index()

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The example plugins, as the build script made them.
-pub const EXAMPLES: &[&str] = &["thermostat", "door-lock"];
+pub const EXAMPLES: &[&str] = &["thermostat", "door-lock", "room"];
 /// The test-only plugins, built by [`plugin_dir`].
 pub const TEST_ONLY: &[&str] = &["misbehave"];
 
@@ -75,6 +75,27 @@ pub fn misbehave_variant(features: &str) -> Vec<u8> {
         &format!("misbehave/{features}"),
     );
     guest_build::read_component(&built, "misbehave")
+}
+
+/// The `thermostat` example built against the frozen first contract,
+/// `drover:device@0.1.0` (the SDK's `contract-v0-1` feature): what a plugin built before
+/// effects existed looks like to the host. In a target directory of its own.
+pub fn thermostat_v0_1() -> Vec<u8> {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ lives in the workspace root");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let target_dir = guest_build::plugin_target_dir(workspace).join("contract-v0-1");
+    let built = guest_build::build_with_features(
+        cargo,
+        workspace,
+        &target_dir,
+        &["thermostat"],
+        "drover-guest/contract-v0-1",
+    );
+    guest_build::read_component(&built, "thermostat")
 }
 
 /// A `cargo` command for building crates outside the workspace (a scaffolded plugin), with

@@ -6,6 +6,16 @@
 //! state, which stops it from flapping around the setpoint). Time comes only from the event
 //! context, so replay reproduces the same state.
 //!
+//! It also shows the three kinds of effects, each switched on by its config field:
+//!
+//! * **a durable timer** (`offline_after_ms`): every reading (re)sets the `heartbeat` timer;
+//!   if it fires, no reading came for that long and the thermostat marks itself offline
+//!   (`went_offline`), until the next reading (`back_online`);
+//! * **device commands** (`commands: true`): each switch of the heating also queues
+//!   `{"heating": true|false}` in the device's outbox for its gateway;
+//! * **messages** (`room`): each reading, switch and change of connectivity is reported to the
+//!   `room` device (the `room` example plugin), which aggregates its thermostats.
+//!
 //! # Config
 //!
 //! Every field is optional; unknown fields are refused (`invalid-config`) so typos show.
@@ -20,6 +30,9 @@
 //! | `hysteresis` | `0.5` | half-width of the dead band around the setpoint, °C, `>= 0` |
 //! | `min_setpoint`, `max_setpoint` | `5.0`, `30.0` | range accepted for setpoints |
 //! | `mode` | `"heat"` | `"heat"` (regulate) or `"off"` (heating always off) |
+//! | `offline_after_ms` | none | mark the thermostat offline after this long without a reading |
+//! | `commands` | `false` | queue a `{"heating": bool}` command at each switch |
+//! | `room` | none | the id of a `room` device to report to |
 //!
 //! # Events
 //!
@@ -28,6 +41,9 @@
 //! {"type": "set_point", "celsius": 22}
 //! {"type": "mode", "mode": "off"}
 //! ```
+//!
+//! `{"type": "silent"}` is what the heartbeat timer delivers; sent from outside it is refused
+//! (`invalid-event`).
 //!
 //! Refusals: a setpoint outside the configured range (or not finite) is `out-of-range`; a
 //! reading below absolute zero (or not finite) is `invalid-reading`; anything that does not
@@ -41,6 +57,8 @@
 //! {"type": "mode_changed", "mode": "off"}
 //! {"type": "heating_on"}
 //! {"type": "heating_off"}
+//! {"type": "went_offline", "at_ms": 1700000300000}
+//! {"type": "back_online"}
 //! ```
 //!
 //! A reading yields `temperature_recorded`, followed by `heating_on`/`heating_off` when it
@@ -52,11 +70,11 @@
 //! ```json
 //! {"device_id": "t-1", "setpoint": 21.0, "hysteresis": 0.5, "min_setpoint": 5.0,
 //!  "max_setpoint": 30.0, "mode": "heat", "heating": true, "last_celsius": 19.8,
-//!  "last_reading_at_ms": 1700000000000, "readings": 12}
+//!  "last_reading_at_ms": 1700000000000, "readings": 12, "online": true}
 //! ```
 #![warn(missing_docs)]
 
-use drover_guest::{Context, Device, Error, log};
+use drover_guest::{Context, Device, Error, Origin, Timer, codes, log, serde_json};
 use serde::{Deserialize, Serialize};
 
 /// Error code for a reading that cannot be a temperature.
@@ -99,6 +117,22 @@ pub struct Thermostat {
     pub last_reading_at_ms: Option<u64>,
     /// How many readings were recorded.
     pub readings: u64,
+    /// Whether readings arrive (false after `offline_after_ms` without one).
+    #[serde(default = "online")]
+    pub online: bool,
+    /// See [`Config::offline_after_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_after_ms: Option<u64>,
+    /// See [`Config::commands`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commands: bool,
+    /// See [`Config::room`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+}
+
+fn online() -> bool {
+    true
 }
 
 /// Provisioning configuration; see the crate docs for the JSON.
@@ -120,6 +154,15 @@ pub struct Config {
     /// Initial mode.
     #[serde(default)]
     pub mode: Mode,
+    /// Mark the thermostat offline after this many ms without a reading.
+    #[serde(default)]
+    pub offline_after_ms: Option<u64>,
+    /// Queue a `{"heating": bool}` command for the device at each switch.
+    #[serde(default)]
+    pub commands: bool,
+    /// Report to this `room` device.
+    #[serde(default)]
+    pub room: Option<String>,
 }
 
 fn default_setpoint() -> f64 {
@@ -154,6 +197,8 @@ pub enum Event {
         /// New mode.
         mode: Mode,
     },
+    /// No reading for `offline_after_ms`: delivered by the heartbeat timer only.
+    Silent,
 }
 
 /// A state change; see the crate docs for the JSON.
@@ -181,7 +226,17 @@ pub enum Transition {
     HeatingOn,
     /// The heating was switched off.
     HeatingOff,
+    /// No reading came for `offline_after_ms`.
+    WentOffline {
+        /// When the heartbeat timer fired.
+        at_ms: u64,
+    },
+    /// A reading came after the thermostat was offline.
+    BackOnline,
 }
+
+/// The key of the heartbeat timer.
+pub const HEARTBEAT: &str = "heartbeat";
 
 impl Thermostat {
     /// Whether the heating should run in this state: the hysteresis rule.
@@ -208,7 +263,13 @@ impl Device for Thermostat {
             min_setpoint,
             max_setpoint,
             mode,
+            offline_after_ms,
+            commands,
+            room,
         } = config;
+        if offline_after_ms == Some(0) {
+            return Err(Error::invalid_config("offline_after_ms must be > 0"));
+        }
         if ![setpoint, hysteresis, min_setpoint, max_setpoint]
             .iter()
             .all(|v| v.is_finite())
@@ -241,6 +302,10 @@ impl Device for Thermostat {
             last_celsius: None,
             last_reading_at_ms: None,
             readings: 0,
+            online: true,
+            offline_after_ms,
+            commands,
+            room,
         })
     }
 
@@ -258,6 +323,28 @@ impl Device for Thermostat {
                     celsius,
                     at_ms: ctx.at_ms(),
                 });
+                if !self.online {
+                    out.push(Transition::BackOnline);
+                }
+                if let Some(after) = self.offline_after_ms {
+                    // Replaces the pending one: it fires only after `after` ms of silence.
+                    ctx.set_timer(
+                        HEARTBEAT,
+                        Timer::after_ms(after),
+                        &serde_json::json!({"type": "silent"}),
+                    );
+                }
+            }
+            Event::Silent => {
+                if !matches!(ctx.origin(), Origin::Timer { .. }) {
+                    return Err(Error::new(
+                        codes::INVALID_EVENT,
+                        "`silent` comes from the heartbeat timer, not from outside",
+                    ));
+                }
+                if self.online {
+                    out.push(Transition::WentOffline { at_ms: ctx.at_ms() });
+                }
             }
             Event::SetPoint { celsius } => {
                 if !(self.min_setpoint..=self.max_setpoint).contains(&celsius) {
@@ -285,7 +372,10 @@ impl Device for Thermostat {
         let (switch, what) = match (next.heating, next.wants_heating()) {
             (false, true) => (Transition::HeatingOn, "on"),
             (true, false) => (Transition::HeatingOff, "off"),
-            _ => return Ok(out),
+            _ => {
+                next.report(ctx, &out);
+                return Ok(out);
+            }
         };
         match next.last_celsius {
             // Debug, not info: a fleet's thermostats switch all day long, and every line
@@ -296,7 +386,12 @@ impl Device for Thermostat {
             )),
             None => log::debug(format_args!("heating {what}")),
         }
+        if self.commands {
+            ctx.command(&serde_json::json!({"heating": what == "on"}));
+        }
+        next.apply(switch.clone());
         out.push(switch);
+        next.report(ctx, &out);
         Ok(out)
     }
 
@@ -311,7 +406,30 @@ impl Device for Thermostat {
             Transition::ModeChanged { mode } => self.mode = mode,
             Transition::HeatingOn => self.heating = true,
             Transition::HeatingOff => self.heating = false,
+            Transition::WentOffline { .. } => self.online = false,
+            Transition::BackOnline => self.online = true,
         }
+    }
+}
+
+impl Thermostat {
+    /// Reports this state (the one `transitions` lead to) to the room, if there is one and
+    /// anything changed.
+    fn report(&self, ctx: &Context, transitions: &[Transition]) {
+        let Some(room) = &self.room else { return };
+        if transitions.is_empty() {
+            return;
+        }
+        ctx.send(
+            room.clone(),
+            &serde_json::json!({
+                "type": "report",
+                "device": self.device_id,
+                "celsius": self.last_celsius,
+                "heating": self.heating,
+                "online": self.online,
+            }),
+        );
     }
 }
 
@@ -329,6 +447,9 @@ mod tests {
             min_setpoint: 5.0,
             max_setpoint: 30.0,
             mode: Mode::Heat,
+            offline_after_ms: None,
+            commands: false,
+            room: None,
         }
     }
 
@@ -514,7 +635,8 @@ mod tests {
             serde_json::json!({
                 "device_id": "t-1", "setpoint": 22.0, "hysteresis": 0.5,
                 "min_setpoint": 5.0, "max_setpoint": 30.0, "mode": "off", "heating": false,
-                "last_celsius": 19.5, "last_reading_at_ms": 1_700_000_001_000u64, "readings": 1
+                "last_celsius": 19.5, "last_reading_at_ms": 1_700_000_001_000u64, "readings": 1,
+                "online": true
             })
         );
 
@@ -554,5 +676,67 @@ mod tests {
         let mut restored = Instance::<Thermostat>::new();
         restored.restore(&live.snapshot()).unwrap();
         assert_eq!(restored.state(), live.state());
+    }
+
+    #[test]
+    fn effects_heartbeat_timer_commands_and_room_reports() {
+        let mut t = Thermostat::init(
+            "t-1",
+            Config {
+                offline_after_ms: Some(60_000),
+                commands: true,
+                room: Some("hall".into()),
+                ..config()
+            },
+        )
+        .unwrap();
+        let c = ctx(1);
+        let out = t.handle(&c, Event::Reading { celsius: 18.0 }).unwrap();
+        assert_eq!(out.last(), Some(&Transition::HeatingOn));
+        let effects = c.effects();
+        assert_eq!(effects.len(), 3, "{effects:?}");
+        assert!(matches!(
+            &effects[0],
+            drover_guest::Effect::SetTimer { key, due_ms, every_ms: None, event }
+                if key == HEARTBEAT && *due_ms == c.at_ms() + 60_000 && event == r#"{"type":"silent"}"#
+        ));
+        assert!(
+            matches!(&effects[1], drover_guest::Effect::Command { payload, .. } if payload == r#"{"heating":true}"#)
+        );
+        let drover_guest::Effect::Send { to, event } = &effects[2] else {
+            panic!("{effects:?}")
+        };
+        assert_eq!(to, "hall");
+        let report: serde_json::Value = serde_json::from_str(event).unwrap();
+        assert_eq!(report["heating"], true);
+        assert_eq!(report["celsius"], 18.0);
+        for tr in out {
+            t.apply(tr);
+        }
+
+        // Silence: the timer delivers `silent`; from outside it is refused.
+        let err = t.handle(&ctx(2), Event::Silent).unwrap_err();
+        assert_eq!(err.code, codes::INVALID_EVENT);
+        let fired = ctx(2).with_origin(Origin::Timer {
+            key: HEARTBEAT.into(),
+            due_ms: 1,
+            missed: 0,
+        });
+        let out = t.handle(&fired, Event::Silent).unwrap();
+        assert_eq!(
+            out,
+            [Transition::WentOffline {
+                at_ms: fired.at_ms()
+            }]
+        );
+        assert!(matches!(
+            &fired.effects()[..],
+            [drover_guest::Effect::Send { .. }]
+        ));
+        t.apply(out[0].clone());
+        assert!(!t.online);
+        let out = send(&mut t, 3, Event::Reading { celsius: 18.5 }).unwrap();
+        assert!(out.contains(&Transition::BackOnline));
+        assert!(t.online);
     }
 }

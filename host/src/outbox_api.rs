@@ -1,0 +1,154 @@
+//! The runtime's face of effects: a device's outbox (commands, long-polled, acknowledged by
+//! id) and its pending timers. What is owed lives in the journal (`journal/effects.rs`);
+//! these read it and add the waiting.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::Runtime;
+use crate::clock;
+use crate::error::Error;
+use crate::journal::{Effect, EffectId};
+use crate::view::{CommandView, TimerView};
+
+/// The longest a long poll of an outbox may wait.
+pub const MAX_COMMAND_WAIT: Duration = Duration::from_secs(60);
+
+impl Runtime {
+    /// Device `id`'s outbox: the commands its plugin issued that nobody acknowledged yet (and
+    /// whose time to live has not ended), oldest first. Reading does not acknowledge: a
+    /// command is delivered again at every read until [`Runtime::ack_command`].
+    pub fn commands(&self, id: &str) -> Result<Vec<CommandView>, Error> {
+        let result = self.commands_inner(id);
+        self.counted(result)
+    }
+
+    fn commands_inner(&self, id: &str) -> Result<Vec<CommandView>, Error> {
+        let head = self.head(id)?;
+        let journal = &self.shared.journal;
+        let pending = journal.outbox(head.num, clock::now_ms());
+        // One read per record, however many commands it issued.
+        let mut by_seq: BTreeMap<u64, Vec<(EffectId, crate::journal::effects::CommandEntry)>> =
+            BTreeMap::new();
+        for (id, c) in pending {
+            by_seq.entry(id.seq).or_default().push((id, c));
+        }
+        let mut out = Vec::new();
+        for (seq, commands) in by_seq {
+            let record = journal.read_events(head.num, seq, seq)?.pop();
+            for (cid, c) in commands {
+                let payload = record
+                    .as_ref()
+                    .and_then(|r| r.fx.as_ref())
+                    .and_then(|fx| fx.effects.get(cid.index as usize));
+                let Some(Effect::Command { payload, .. }) = payload else {
+                    return Err(Error::Internal(format!(
+                        "command {}.{} of `{id}` is not in its record",
+                        cid.seq, cid.index
+                    )));
+                };
+                out.push(CommandView {
+                    id: format!("{}.{}", cid.seq, cid.index),
+                    seq: cid.seq,
+                    index: cid.index,
+                    at_ms: c.at_ms,
+                    expires_ms: c.expires_ms,
+                    command: payload.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Runtime::commands`], waiting up to `wait` (at most [`MAX_COMMAND_WAIT`]) for one to
+    /// arrive when there is none: a long poll, so a gateway gets a command as soon as its
+    /// record is durable without polling in a loop.
+    pub async fn wait_commands(&self, id: &str, wait: Duration) -> Result<Vec<CommandView>, Error> {
+        let head = match self.head(id) {
+            Ok(h) => h,
+            Err(e) => return self.counted(Err(e)),
+        };
+        let notify = self.shared.outbox.waiter(&head.id);
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_COMMAND_WAIT);
+        loop {
+            // Registered before the read, so a command that lands in between still wakes it.
+            let arrived = notify.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let commands = self.commands(id)?;
+            if !commands.is_empty() || self.check_open().is_err() {
+                return Ok(commands);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// Acknowledges command `command` (`"<seq>.<index>"`, as [`CommandView::id`]) of device
+    /// `id`, once durable: it leaves the outbox for good. Returns whether it was still
+    /// pending; acknowledging twice (a gateway retrying) is not an error.
+    pub async fn ack_command(&self, id: &str, command: &str) -> Result<bool, Error> {
+        let result = self.ack_inner(id, command).await;
+        self.counted(result)
+    }
+
+    async fn ack_inner(&self, id: &str, command: &str) -> Result<bool, Error> {
+        self.check_open()?;
+        let head = self.head(id)?;
+        let cid = parse_command_id(command)?;
+        let journal = &self.shared.journal;
+        if !journal
+            .outbox(head.num, clock::now_ms())
+            .iter()
+            .any(|(c, _)| *c == cid)
+        {
+            return Ok(false);
+        }
+        journal
+            .record_command_ack(head.num, cid, clock::now_ms())
+            .await?;
+        Ok(true)
+    }
+
+    /// Device `id`'s pending timers, by key.
+    pub fn timers(&self, id: &str) -> Result<Vec<TimerView>, Error> {
+        let result = self.head(id).map(|head| {
+            self.shared
+                .journal
+                .device_fx(head.num)
+                .map(|fx| {
+                    fx.timers
+                        .into_iter()
+                        .map(|(key, t)| TimerView {
+                            key,
+                            due_ms: t.due_ms,
+                            every_ms: t.every_ms,
+                            event: t.event,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        self.counted(result)
+    }
+
+    /// Timers scheduled in the wheel, fleet-wide (a gauge for `/metrics`).
+    pub fn timers_scheduled(&self) -> usize {
+        self.shared.timers.scheduled()
+    }
+}
+
+/// `"<seq>.<index>"` → the effect id.
+fn parse_command_id(text: &str) -> Result<EffectId, Error> {
+    let bad = || {
+        Error::MalformedEvent(format!(
+            "`{text}` is not a command id (`<seq>.<index>`, as listed by the outbox)"
+        ))
+    };
+    let (seq, index) = text.split_once('.').ok_or_else(bad)?;
+    Ok(EffectId {
+        seq: seq.parse().map_err(|_| bad())?,
+        index: index.parse().map_err(|_| bad())?,
+    })
+}

@@ -1,0 +1,374 @@
+//! Effects end to end, in process, with the real example plugins: durable timers, messages
+//! between actors, the command outbox, redelivery after a crash, and plugins built against the
+//! first contract.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use drover::journal::{Effect, Fx, Journal, JournalOptions, Origin};
+use drover::registry::Origin as Registered;
+use drover::{JournalEntry, Runtime};
+use serde_json::{Value, json};
+
+mod support;
+
+const PLUGINS: support::PluginDir = support::PluginDir;
+
+async fn open(dir: &Path) -> Runtime {
+    Runtime::builder(dir)
+        .plugin_dir(PLUGINS)
+        .snapshot_every(4)
+        .open()
+        .await
+        .expect("runtime opens")
+}
+
+async fn state(rt: &Runtime, id: &str) -> Value {
+    serde_json::from_str(&rt.device(id).await.expect("device reads").state).expect("JSON")
+}
+
+fn records(rt: &Runtime, id: &str) -> Vec<JournalEntry> {
+    rt.journal_page(id, 1, 10_000).expect("journal").records
+}
+
+fn origin(r: &JournalEntry) -> Option<Value> {
+    r.origin
+        .as_deref()
+        .map(|o| serde_json::from_str(o).expect("origin JSON"))
+}
+
+/// Records of `id` that a timer delivered.
+fn timer_firings(rt: &Runtime, id: &str) -> Vec<Value> {
+    records(rt, id)
+        .iter()
+        .filter_map(origin)
+        .filter(|o| o["type"] == "timer")
+        .collect()
+}
+
+/// Waits (up to 20 s) until `f` holds.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn reading(celsius: f64) -> String {
+    json!({"type": "reading", "celsius": celsius}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_set_before_a_restart_fires_after_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("t", "thermostat", &json!({"offline_after_ms": 1500}))
+        .await
+        .expect("provision");
+    let ack = rt.send("t", &reading(20.0)).await.expect("reading");
+    let timers = rt.timers("t").expect("timers");
+    assert_eq!(timers.len(), 1);
+    assert_eq!(timers[0].key, "heartbeat");
+    assert_eq!(timers[0].due_ms, ack.at_ms + 1500);
+    rt.shutdown().await;
+    drop(rt);
+
+    // Down while it falls due; it fires after the restart, once.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let rt = open(dir.path()).await;
+    eventually("the thermostat to go offline", async || {
+        state(&rt, "t").await["online"] == false
+    })
+    .await;
+    let fired = timer_firings(&rt, "t");
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0]["key"], "heartbeat");
+    assert_eq!(fired[0]["due_ms"], ack.at_ms + 1500);
+    assert!(rt.timers("t").expect("timers").is_empty());
+    let last = records(&rt, "t").pop().expect("a record");
+    assert!(last.at_ms >= ack.at_ms + 1500, "never early");
+
+    // Nothing fires again, here or after another restart.
+    rt.shutdown().await;
+    drop(rt);
+    let rt = open(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(timer_firings(&rt, "t").len(), 1);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_timer_never_fires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("t", "thermostat", &json!({"offline_after_ms": 600}))
+        .await
+        .expect("provision");
+    // Each reading replaces the heartbeat before it is due.
+    let mut last = 0;
+    for i in 0..10 {
+        last = rt
+            .send("t", &reading(20.0 + f64::from(i) / 10.0))
+            .await
+            .expect("reading")
+            .at_ms;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(timer_firings(&rt, "t").is_empty(), "a replaced timer fired");
+    eventually("the last heartbeat to fire", async || {
+        !timer_firings(&rt, "t").is_empty()
+    })
+    .await;
+    let fired = timer_firings(&rt, "t");
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0]["due_ms"], last + 600, "only the last one");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_reach_the_room_in_order_per_sender_and_an_unknown_target_is_a_dead_letter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("hall", "room", &json!({"name": "Hall"}))
+        .await
+        .expect("room");
+    for t in ["t1", "t2"] {
+        rt.provision(t, "thermostat", &json!({"room": "hall"}))
+            .await
+            .expect("thermostat");
+    }
+    rt.provision("lost", "thermostat", &json!({"room": "nowhere"}))
+        .await
+        .expect("thermostat");
+    // Interleaved, concurrent senders; each reading makes one report.
+    let mut sends = Vec::new();
+    for i in 0..20 {
+        for t in ["t1", "t2"] {
+            let rt = rt.clone();
+            let celsius = 15.0 + f64::from(i) / 2.0;
+            sends.push(tokio::spawn(async move {
+                rt.send(t, &reading(celsius)).await.expect("reading")
+            }));
+        }
+        // One at a time per thermostat, so its readings have a known order.
+        for s in sends.drain(..) {
+            s.await.expect("task");
+        }
+    }
+    rt.send("lost", &reading(18.0)).await.expect("reading");
+
+    eventually("40 reports in the room", async || {
+        rt.device("hall").await.expect("room").summary.seq == 40
+    })
+    .await;
+    let mut last: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    for r in records(&rt, "hall") {
+        let o = origin(&r).expect("a message");
+        assert_eq!(o["type"], "message");
+        let sender = o["sender"].as_str().expect("sender").to_string();
+        let id = (
+            o["id"]["seq"].as_u64().expect("seq"),
+            o["id"]["index"].as_u64().expect("index"),
+        );
+        if let Some(before) = last.insert(sender.clone(), id) {
+            assert!(before < id, "{sender}: {before:?} then {id:?}");
+        }
+    }
+    let room = state(&rt, "hall").await;
+    assert_eq!(room["thermostats"]["t1"]["celsius"], 24.5);
+    assert_eq!(room["thermostats"]["t2"]["celsius"], 24.5);
+    assert_eq!(room["online"], 2);
+    // Live state equals the state replayed from the journal.
+    let replayed = rt.state_at("hall", 40).await.expect("replay");
+    assert_eq!(
+        serde_json::from_str::<Value>(&replayed.state).unwrap(),
+        room
+    );
+
+    eventually("the undeliverable message as a dead letter", async || {
+        !rt.dead_letters("lost").expect("dead letters").is_empty()
+    })
+    .await;
+    let dead = rt.dead_letters("lost").expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].code, "undeliverable");
+    assert!(dead[0].message.contains("nowhere"), "{}", dead[0].message);
+    assert_eq!(
+        serde_json::from_str::<Value>(&dead[0].event).unwrap()["device"],
+        "lost"
+    );
+    // Replay (reads, state at a seq) dispatched nothing: the room saw only the 40.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rt.device("hall").await.expect("room").summary.seq, 40);
+    rt.shutdown().await;
+
+    // After a restart nothing is owed, so nothing is sent again.
+    let rt = open(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rt.device("hall").await.expect("room").summary.seq, 40);
+    assert_eq!(rt.dead_letters("lost").expect("dead letters").len(), 1);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_commit_and_dispatch_redelivers_with_the_original_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("hall", "room", &json!({}))
+        .await
+        .expect("room");
+    rt.provision("t1", "thermostat", &json!({"room": "hall"}))
+        .await
+        .expect("thermostat");
+    rt.send("t1", &reading(19.0)).await.expect("reading");
+    eventually("the first report", async || {
+        rt.device("hall").await.expect("room").summary.seq == 1
+    })
+    .await;
+    rt.shutdown().await;
+    drop(rt);
+
+    // What a crash right after a commit leaves: t1's record with two messages for the room is
+    // durable, and nothing was dispatched.
+    {
+        let journal = Journal::open(dir.path(), &JournalOptions::default()).expect("journal");
+        let t1 = journal.device("t1").expect("t1");
+        let writer = journal.device_writer(t1.num, 8);
+        let report = |celsius: f64| Effect::Send {
+            to: "hall".into(),
+            event: json!({"type": "report", "device": "t1", "celsius": celsius,
+                          "heating": true, "online": true})
+            .to_string(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        writer.append_event(
+            t1.seq + 1,
+            drover::clock::now_ms(),
+            t1.version,
+            &reading(17.0),
+            vec![json!({"type": "temperature_recorded", "celsius": 17.0, "at_ms": 1}).to_string()],
+            Some(Fx {
+                origin: Origin::External,
+                effects: vec![report(17.0), report(16.5)],
+            }),
+            move |r, _| {
+                let _ = tx.send(r);
+            },
+        );
+        rx.await.expect("completion").expect("durable");
+        journal.close();
+    }
+
+    let rt = open(dir.path()).await;
+    eventually("the owed messages", async || {
+        rt.device("hall").await.expect("room").summary.seq == 3
+    })
+    .await;
+    let ids: Vec<Value> = records(&rt, "hall")
+        .iter()
+        .filter_map(origin)
+        .map(|o| o["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            json!({"seq": 1, "index": 0}),
+            json!({"seq": 2, "index": 0}),
+            json!({"seq": 2, "index": 1})
+        ]
+    );
+    assert_eq!(
+        state(&rt, "hall").await["thermostats"]["t1"]["celsius"],
+        16.5
+    );
+    rt.shutdown().await;
+    drop(rt);
+    // Delivered once: a further restart owes nothing.
+    let rt = open(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rt.device("hall").await.expect("room").summary.seq, 3);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_wait_in_the_outbox_until_acknowledged_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision(
+        "t",
+        "thermostat",
+        &json!({"commands": true, "setpoint": 21}),
+    )
+    .await
+    .expect("provision");
+    assert!(rt.commands("t").expect("outbox").is_empty());
+
+    // A long poll waiting when the command is issued gets it.
+    let poll = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.wait_commands("t", Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let ack = rt.send("t", &reading(18.0)).await.expect("reading");
+    let got = poll.await.expect("task").expect("commands");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, format!("{}.0", ack.seq));
+    assert_eq!(got[0].command, r#"{"heating":true}"#);
+
+    // Redelivered until acknowledged.
+    assert_eq!(rt.commands("t").expect("outbox").len(), 1);
+    assert!(rt.ack_command("t", &got[0].id).await.expect("ack"));
+    assert!(!rt.ack_command("t", &got[0].id).await.expect("ack again"));
+    assert!(rt.commands("t").expect("outbox").is_empty());
+    let err = rt.ack_command("t", "x.y").await.expect_err("bad id");
+    assert_eq!(err.code(), "malformed-event");
+
+    // An unacknowledged command survives a restart, with its id.
+    let off = rt.send("t", &reading(25.0)).await.expect("reading");
+    rt.shutdown().await;
+    drop(rt);
+    let rt = open(dir.path()).await;
+    let pending = rt.commands("t").expect("outbox");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, format!("{}.0", off.seq));
+    assert_eq!(pending[0].command, r#"{"heating":false}"#);
+    assert!(
+        rt.wait_commands("t", Duration::from_millis(50))
+            .await
+            .expect("poll")
+            .len()
+            == 1
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_the_first_contract_still_loads_and_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    let bytes = support::thermostat_v0_1();
+    let names = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(names("drover:device/host@0.1.0"), "built against 0.1.0");
+    assert!(!names("drover:device/host@0.2.0"));
+    rt.register_plugin("thermostat-v01", bytes, Registered::Upload)
+        .await
+        .expect("a 0.1.0 component registers");
+    rt.provision("old", "thermostat-v01", &json!({"setpoint": 21}))
+        .await
+        .expect("provision");
+    let ack = rt.send("old", &reading(18.0)).await.expect("reading");
+    let kinds: Vec<Value> = ack
+        .transitions
+        .iter()
+        .map(|t| serde_json::from_str::<Value>(t).unwrap()["type"].clone())
+        .collect();
+    assert_eq!(kinds, ["temperature_recorded", "heating_on"]);
+    assert_eq!(state(&rt, "old").await["heating"], true);
+    rt.shutdown().await;
+}
