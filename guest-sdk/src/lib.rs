@@ -1023,5 +1023,7 @@ pub mod __private {
     }
 }
 
+pub mod twin;
+
 #[cfg(test)]
 mod tests;

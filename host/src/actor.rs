@@ -226,6 +226,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         live: None,
         must_sync: after_crash,
         handled: Default::default(),
+        commands: None,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -265,6 +266,10 @@ struct Actor {
     must_sync: bool,
     /// The last message handled from each sender by this actor (see `message_owed`).
     handled: std::collections::HashMap<Arc<str>, EffectId>,
+    /// The device has issued commands (in this actor's life, or before: checked at the first
+    /// event): only then is its outbox checked against the cap, so devices that never
+    /// command pay nothing per event.
+    commands: Option<bool>,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -702,6 +707,29 @@ impl Actor {
         self.on_event(event, origin, Instant::now(), None).await;
     }
 
+    /// Refuses an event from outside while the device's outbox is at its cap (commands in
+    /// flight are not counted: the cap may be passed by those of the events in flight).
+    fn outbox_room(&mut self) -> Result<(), Error> {
+        let journal = &self.env.journal;
+        let num = self.head.num;
+        if !*self
+            .commands
+            .get_or_insert_with(|| journal.outbox_len(num) > 0)
+        {
+            return Ok(());
+        }
+        let pending = journal.outbox_len(num);
+        let limit = self.env.config.max_outbox;
+        if pending >= limit {
+            // Expired commands leave at a read of the outbox: look again after one.
+            let pending = journal.outbox(num, clock::now_ms()).len();
+            if pending >= limit {
+                return Err(Error::OutboxFull { pending, limit });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether message `id` of `sender` is still owed to this device: the sender's journal
     /// still lists it as undelivered, and this incarnation has not handled it (its record
     /// may still be on its way to disk). Messages from one sender arrive in order, so the
@@ -752,6 +780,12 @@ impl Actor {
             }
         };
         self.writer.room().await;
+        if origin == Origin::External
+            && let Err(e) = self.outbox_room()
+        {
+            answer(reply, Err(e));
+            return;
+        }
         if let Err(e) = self.ensure_live().await {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
@@ -841,6 +875,13 @@ impl Actor {
             && live.since_snapshot >= self.env.config.snapshot_every;
         self.recovered();
 
+        if decided
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Command { .. }))
+        {
+            self.commands = Some(true);
+        }
         let timers_changed = matches!(origin, Origin::Timer { .. })
             || decided
                 .effects

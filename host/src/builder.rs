@@ -61,6 +61,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Commands that may wait unacknowledged in one device's outbox before its events from
+    /// outside are refused with [`crate::Error::OutboxFull`] (default 1,000). Messages and
+    /// timer firings are never refused for it.
+    pub fn max_outbox(mut self, n: usize) -> Self {
+        self.config.actor.max_outbox = n;
+        self
+    }
+
     /// Drop a device's instance after this long without a message (default 5 minutes); the
     /// next message reactivates it from snapshot + journal tail.
     pub fn idle_timeout(mut self, d: Duration) -> Self {

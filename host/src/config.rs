@@ -14,6 +14,11 @@ pub mod defaults {
     /// Messages that may wait in one device's mailbox before senders get `mailbox-full`. A
     /// device handles an event in microseconds, so 256 waiting is a burst, not a backlog.
     pub const MAILBOX: usize = 256;
+    /// Commands that may wait unacknowledged in one device's outbox before its events are
+    /// refused (429 `outbox-full`). A gateway that is away for a while leaves a few dozen
+    /// (one per heating switch, say); a thousand means nobody acknowledges, and the
+    /// device's record of commands should not grow without bound meanwhile.
+    pub const MAX_OUTBOX: usize = 1_000;
     /// Records of one device that may be waiting for the disk (pipelining depth). Past it the
     /// actor stops taking messages, so backpressure reaches the sender.
     pub const MAX_IN_FLIGHT: usize = 128;
@@ -197,6 +202,8 @@ pub struct ActorConfig {
     pub max_live: usize,
     /// Threads that run actors and guest code (0: one per core).
     pub threads: usize,
+    /// Unacknowledged commands per device past which its external events are refused.
+    pub max_outbox: usize,
 }
 
 impl Default for ActorConfig {
@@ -209,6 +216,7 @@ impl Default for ActorConfig {
             idle_timeout: defaults::IDLE_TIMEOUT,
             max_live: defaults::max_live(),
             threads: 0,
+            max_outbox: defaults::MAX_OUTBOX,
         }
     }
 }
@@ -259,6 +267,7 @@ impl Config {
             ("mailbox capacity", self.actor.mailbox),
             ("max in flight", self.actor.max_in_flight),
             ("max live instances", self.actor.max_live),
+            ("max outbox", self.actor.max_outbox),
             ("max event bytes", self.max_event_bytes),
             ("max output bytes", self.actor.max_output_bytes),
             ("max guest memory", self.engine.max_memory),

@@ -41,6 +41,13 @@ pub enum Error {
     InvalidEffect(String),
     #[error("the device's mailbox is full; retry later")]
     MailboxFull,
+    /// The device's outbox holds `pending` unacknowledged commands, at or over `limit`:
+    /// its gateway is not acknowledging, so its events wait until it does.
+    #[error(
+        "the device's outbox holds {pending} unacknowledged commands (limit {limit}); \
+         acknowledge them (POST /v1/devices/ID/commands/CMD/ack), then retry"
+    )]
+    OutboxFull { pending: usize, limit: usize },
     #[error(
         "the device is quarantined after {failures} consecutive plugin failures (last: {last}); \
          it is retried in {retry_in_ms} ms"
@@ -137,6 +144,7 @@ error_kinds! {
     OutputTooLarge => "output-too-large",
     InvalidEffect => "invalid-effect",
     MailboxFull => "mailbox-full",
+    OutboxFull => "outbox-full",
     Quarantined => "quarantined",
     InvalidPlugin => "invalid-plugin",
     DeployRefused => "deploy-refused",
@@ -168,6 +176,7 @@ impl Error {
             Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
             Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
             Error::MailboxFull => ErrorKind::MailboxFull,
+            Error::OutboxFull { .. } => ErrorKind::OutboxFull,
             Error::Quarantined { .. } => ErrorKind::Quarantined,
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
             Error::DeployRefused(_) => ErrorKind::DeployRefused,

@@ -33,6 +33,19 @@ impl Outbox {
         n
     }
 
+    /// The runtime is stopping: wake every waiter, so long polls and streams end now.
+    pub fn close(&self) {
+        let waiters: Vec<Arc<Notify>> = self
+            .waiters
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for n in waiters {
+            n.notify_waiters();
+        }
+    }
+
     /// A command for `device` became durable: wake its waiters.
     pub fn notify(&self, device: &str) {
         let n = self.waiters.lock().get(device).and_then(Weak::upgrade);

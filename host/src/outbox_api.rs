@@ -85,6 +85,19 @@ impl Runtime {
         }
     }
 
+    /// A watch of device `id`'s outbox: each [`CommandWatch::next`] answers the commands not
+    /// answered before by this watch (for a stream: each command once per connection until
+    /// it is acknowledged; a new connection gets every waiting command again).
+    pub fn watch_commands(&self, id: &str) -> Result<CommandWatch, Error> {
+        let head = self.counted(self.head(id))?;
+        Ok(CommandWatch {
+            notify: self.shared.outbox.waiter(&head.id),
+            rt: self.clone(),
+            id: id.to_string(),
+            seen: Default::default(),
+        })
+    }
+
     /// Acknowledges command `command` (`"<seq>.<index>"`, as [`CommandView::id`]) of device
     /// `id`, once durable: it leaves the outbox for good. Returns whether it was still
     /// pending; acknowledging twice (a gateway retrying) is not an error.
@@ -136,6 +149,44 @@ impl Runtime {
     /// Timers scheduled in the wheel, fleet-wide (a gauge for `/metrics`).
     pub fn timers_scheduled(&self) -> usize {
         self.shared.timers.scheduled()
+    }
+}
+
+/// See [`Runtime::watch_commands`].
+pub struct CommandWatch {
+    rt: Runtime,
+    id: String,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    /// Ids answered already and still waiting.
+    seen: std::collections::HashSet<String>,
+}
+
+impl CommandWatch {
+    /// The commands that arrived since the last call (every waiting one the first time),
+    /// waiting for one if there are none; `None` once the runtime is stopping.
+    pub async fn next(&mut self) -> Result<Option<Vec<CommandView>>, Error> {
+        loop {
+            // Registered before the read, so a command that lands in between still wakes it.
+            let arrived = self.notify.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.rt.check_open().is_err() {
+                return Ok(None);
+            }
+            let all = self.rt.commands(&self.id)?;
+            let waiting: std::collections::HashSet<&str> =
+                all.iter().map(|c| c.id.as_str()).collect();
+            self.seen.retain(|id| waiting.contains(id.as_str()));
+            let fresh: Vec<CommandView> = all
+                .into_iter()
+                .filter(|c| self.seen.insert(c.id.clone()))
+                .collect();
+            if !fresh.is_empty() {
+                return Ok(Some(fresh));
+            }
+            // Woken by a new command or a stop; looked at again now and then for expiries.
+            let _ = tokio::time::timeout(MAX_COMMAND_WAIT, arrived).await;
+        }
     }
 }
 

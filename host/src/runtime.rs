@@ -731,6 +731,7 @@ impl Runtime {
         for task in self.shared.effect_tasks.lock().drain(..) {
             task.abort();
         }
+        self.shared.outbox.close();
         let n = self.shared.router.shutdown().await;
         if let Err(e) = self.shared.journal.barrier().await {
             tracing::error!(error = %e, "final journal flush failed");

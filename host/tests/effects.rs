@@ -372,3 +372,34 @@ async fn a_plugin_built_against_the_first_contract_still_loads_and_runs() {
     assert_eq!(state(&rt, "old").await["heating"], true);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_outbox(2)
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision(
+        "t",
+        "thermostat",
+        &json!({"commands": true, "setpoint": 21}),
+    )
+    .await
+    .expect("provision");
+    // Each reading switches the heating: one command each.
+    rt.send("t", &reading(18.0)).await.expect("on");
+    rt.send("t", &reading(25.0)).await.expect("off");
+    let err = rt.send("t", &reading(18.0)).await.expect_err("outbox full");
+    assert_eq!(err.code(), "outbox-full", "{err}");
+    assert!(err.to_string().contains("2 unacknowledged"), "{err}");
+    // Nothing was written for the refused event.
+    assert_eq!(rt.device("t").await.expect("reads").summary.seq, 2);
+    let waiting = rt.commands("t").expect("outbox");
+    assert!(rt.ack_command("t", &waiting[0].id).await.expect("ack"));
+    rt.send("t", &reading(18.0)).await.expect("room again");
+    assert_eq!(rt.commands("t").expect("outbox").len(), 2);
+    rt.shutdown().await;
+}

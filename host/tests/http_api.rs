@@ -140,7 +140,7 @@ fn provision_send_and_read_back_both_plugins() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["door-lock", "misbehave", "thermostat"]);
+    assert_eq!(names, ["door-lock", "misbehave", "room", "thermostat"]);
     assert!(
         plugins["plugins"][2]["versions"][0]["digest"]
             .as_str()
@@ -161,7 +161,7 @@ fn provision_send_and_read_back_both_plugins() {
             .as_array()
             .unwrap()
             .len(),
-        3
+        4
     );
     // Hot reload over HTTP: an upload does not change what runs; dry-run, deploy, rollback.
     let mut rebuilt = bytes.clone();
@@ -172,8 +172,8 @@ fn provision_send_and_read_back_both_plugins() {
     assert_eq!(up.status, 201, "{}", up.text);
     assert_eq!(up.body["version"], 2);
     let listed = api.get("/v1/plugins").body;
-    assert_eq!(listed["plugins"][2]["latest"], 2);
-    assert_eq!(listed["plugins"][2]["current"], 1);
+    assert_eq!(listed["plugins"][3]["latest"], 2);
+    assert_eq!(listed["plugins"][3]["current"], 1);
     let dry = api.post(
         "/v1/plugins/thermostat/dry-run",
         &json!({"version": 2, "devices": ["hall"]}),

@@ -718,7 +718,7 @@ async fn every_bad_input_answers_its_status_and_code() {
             .as_array()
             .unwrap()
             .len(),
-        3
+        4
     );
     // The trapped device was rebuilt from its journal and goes on.
     assert_eq!(c.send("bad", &json!({"type": "ok"})).await["seq"], 2);

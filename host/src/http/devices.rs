@@ -450,3 +450,39 @@ pub async fn timers(State(app): State<App>, Id(id): Id) -> Result<Response, ApiE
         .collect();
     Ok(json::ok(&serde_json::json!({ "timers": timers })))
 }
+
+/// `GET /v1/devices/{id}/commands/stream`: the outbox as server-sent events. Every waiting
+/// command is sent at once, then each new one as it becomes durable: `event: command`, `id:
+/// <seq>.<index>`, `data:` the command view as JSON (as in `GET .../commands`). A command is
+/// sent once per connection; until acknowledged, a new connection gets it again. A comment
+/// line every 15 s keeps proxies from closing an idle stream; the stream ends when the
+/// server stops.
+pub async fn commands_stream(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let watch = app.rt.watch_commands(&id)?;
+    let stream = futures::stream::unfold(
+        (watch, std::collections::VecDeque::new()),
+        |(mut watch, mut ready)| async move {
+            loop {
+                if let Some(event) = ready.pop_front() {
+                    return Some((Ok::<Event, std::convert::Infallible>(event), (watch, ready)));
+                }
+                let fresh = match watch.next().await {
+                    Ok(Some(fresh)) => fresh,
+                    Ok(None) | Err(_) => return None,
+                };
+                for mut view in fresh {
+                    let command = Json(std::mem::take(&mut view.command));
+                    let id = view.id.clone();
+                    let data =
+                        serde_json::to_string(&CommandOut { view, command }).unwrap_or_default();
+                    ready.push_back(Event::default().event("command").id(id).data(data));
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
+}

@@ -16,7 +16,7 @@ use super::App;
 use super::error::{ErrorMark, Origin, codes};
 
 /// Route templates counted individually; anything else is counted as `unmatched`.
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 18] = [
     "/v1/devices",
     "/v1/devices/{id}",
     "/v1/devices/{id}/events",
@@ -24,6 +24,7 @@ const ROUTES: [&str; 17] = [
     "/v1/devices/{id}/resume",
     "/v1/devices/{id}/dead-letters",
     "/v1/devices/{id}/commands",
+    "/v1/devices/{id}/commands/stream",
     "/v1/devices/{id}/commands/{command}/ack",
     "/v1/devices/{id}/timers",
     "/v1/devices/{id}/state",

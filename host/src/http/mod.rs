@@ -18,6 +18,7 @@
 //! | `POST /v1/devices/{id}/resume` | 200 `{"id","status"}`: ends a quarantine now |
 //! | `GET /v1/devices/{id}/dead-letters` | 200 `{"dead_letters":[...]}`: events the plugin failed on, undeliverable messages |
 //! | `GET /v1/devices/{id}/commands[?wait_ms=N]` | 200 `{"commands":[...]}`: the outbox, long-polled |
+//! | `GET /v1/devices/{id}/commands/stream` | 200 `text/event-stream`: each command as it arrives |
 //! | `POST /v1/devices/{id}/commands/{command}/ack` | 200 `{"id","acked"}`: the command leaves the outbox |
 //! | `GET /v1/devices/{id}/timers` | 200 `{"timers":[...]}`: pending durable timers |
 //! | `GET /v1/devices/{id}/state?at=SEQ` | 200 `{"seq","state"}` |
@@ -113,6 +114,10 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         .route("/v1/devices/{id}/resume", post(devices::resume))
         .route("/v1/devices/{id}/dead-letters", get(devices::dead_letters))
         .route("/v1/devices/{id}/commands", get(devices::commands))
+        .route(
+            "/v1/devices/{id}/commands/stream",
+            get(devices::commands_stream),
+        )
         .route(
             "/v1/devices/{id}/commands/{command}/ack",
             post(devices::ack_command),

@@ -995,6 +995,16 @@ impl Journal {
             .unwrap_or_default()
     }
 
+    /// How many commands of device `num` wait unacknowledged (expired ones included until
+    /// the next read of its outbox drops them).
+    pub fn outbox_len(&self, num: u32) -> usize {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .map_or(0, |fx| fx.outbox.len())
+    }
+
     /// Device `num`'s pending timer `key`, as durable.
     pub fn timer(&self, num: u32, key: &str) -> Option<TimerEntry> {
         self.index()

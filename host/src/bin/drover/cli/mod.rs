@@ -2,6 +2,7 @@
 //!
 //! * [`serve`]: `drover serve`, the server (the public contract's flags).
 //! * [`device`]: `send`, `state`, `journal`, `provision`, `devices`: one HTTP call each.
+//! * [`effects`]: `commands list|watch|ack` (a device's outbox) and `timers`.
 //! * [`plugins`]: `plugin push|list|show|deploy|rollback|diff` (hot reload).
 //! * [`new`]: `new NAME`, a plugin crate that builds, tests and uploads as it is.
 //! * [`dev`]: `dev [DIR]`, rebuild + push + deploy on every save, against a local server.
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod dev;
 pub mod device;
+pub mod effects;
 pub mod fleet;
 pub mod format;
 pub mod history;
@@ -58,8 +60,14 @@ pub enum Command {
     Resume(device::ResumeArgs),
     /// Remove a device (its records stay in the journal; `--archive` also exports them).
     Remove(device::RemoveArgs),
-    /// List the events a device's plugin failed on (trap, timeout, oversized output).
+    /// List the events a device's plugin failed on (trap, timeout, oversized output) and the
+    /// messages it sent that could not be delivered.
     DeadLetters(device::DeadLettersArgs),
+    /// A device's outbox: the commands its plugin issued for the physical device (list,
+    /// watch as they come, acknowledge).
+    Commands(effects::CommandsArgs),
+    /// List a device's pending durable timers.
+    Timers(effects::TimersArgs),
     /// Plugins: push a version, list, show, deploy, roll back, diff (dry-run).
     #[command(alias = "plugins")]
     Plugin(plugins::PluginsArgs),
@@ -91,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(args) => device::resume(args),
         Command::Remove(args) => device::remove(args),
         Command::DeadLetters(args) => device::dead_letters(args),
+        Command::Commands(args) => effects::commands(args),
+        Command::Timers(args) => effects::timers(args),
         Command::Plugin(args) => plugins::run(args),
         Command::New(args) => new::run(args),
         Command::Dev(args) => dev::run(args),

@@ -61,6 +61,11 @@ pub struct Tuning {
     ))]
     pub mailbox: Option<usize>,
     #[arg(long, help = help(
+        "Unacknowledged commands per device before its events get 429 outbox-full",
+        defaults::MAX_OUTBOX,
+    ))]
+    pub max_outbox: Option<usize>,
+    #[arg(long, help = help(
         "Records per device that may be waiting for the disk",
         defaults::MAX_IN_FLIGHT,
     ))]
@@ -209,6 +214,9 @@ impl Tuning {
         let mut b = Runtime::builder(data).salvage_journal(self.salvage);
         if let Some(n) = self.mailbox {
             b = b.mailbox_capacity(n);
+        }
+        if let Some(n) = self.max_outbox {
+            b = b.max_outbox(n);
         }
         if let Some(n) = self.max_in_flight {
             b = b.max_in_flight(n);

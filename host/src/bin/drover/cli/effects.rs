@@ -1,0 +1,175 @@
+//! `drover commands` (a device's outbox: list, watch, acknowledge) and `drover timers`.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::client::{ApiClient, ClientOpts, segment};
+use super::format::timestamp;
+
+/// `drover commands`.
+#[derive(Debug, Args)]
+pub struct CommandsArgs {
+    #[command(subcommand)]
+    pub action: CommandsAction,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// What to do with a device's outbox.
+#[derive(Debug, Subcommand)]
+pub enum CommandsAction {
+    /// Print the commands waiting for the device (not acknowledged yet).
+    List {
+        /// The device id.
+        device: String,
+    },
+    /// Print each command as it arrives (a long poll, one JSON line per command with
+    /// `--json`), until interrupted. Acknowledges each once printed with `--ack`; without
+    /// it, a command is printed once per watch and stays in the outbox.
+    Watch {
+        /// The device id.
+        device: String,
+        /// Acknowledge each command after printing it (a gateway that carried it out).
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Acknowledge a command by its id (`<seq>.<index>`, as listed).
+    Ack {
+        /// The device id.
+        device: String,
+        /// The command's id.
+        id: String,
+    },
+}
+
+/// `{"commands":[...]}`.
+#[derive(Debug, Deserialize)]
+struct CommandsOut {
+    commands: Vec<CommandOut>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct CommandOut {
+    id: String,
+    at_ms: u64,
+    expires_ms: Option<u64>,
+    command: Value,
+}
+
+/// How long one long poll of `watch` waits, in ms (under the client's 60 s timeout).
+const WATCH_POLL_MS: u64 = 25_000;
+
+/// Runs `drover commands`.
+pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    match args.action {
+        CommandsAction::List { device } => {
+            let path = format!("/v1/devices/{}/commands", segment(&device));
+            let (text, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
+            if args.client.json {
+                println!("{text}");
+            } else if out.commands.is_empty() {
+                println!("{device}: no commands waiting");
+            } else {
+                for c in out.commands {
+                    print_command(&c);
+                }
+            }
+        }
+        CommandsAction::Watch { device, ack } => {
+            let id = segment(&device);
+            let mut shown = std::collections::HashSet::new();
+            loop {
+                let path = format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}");
+                let (_, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
+                let mut fresh = 0;
+                for c in out.commands {
+                    if !shown.insert(c.id.clone()) {
+                        continue;
+                    }
+                    fresh += 1;
+                    if args.client.json {
+                        println!("{}", serde_json::to_string(&c)?);
+                    } else {
+                        print_command(&c);
+                    }
+                    if ack {
+                        let path = format!("/v1/devices/{id}/commands/{}/ack", segment(&c.id));
+                        api.call(api.post(&path))?;
+                    }
+                }
+                // Everything waiting was shown already (and not acknowledged): wait for
+                // something new instead of asking again at once.
+                if fresh == 0 && !ack {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
+        }
+        CommandsAction::Ack { device, id } => {
+            let path = format!(
+                "/v1/devices/{}/commands/{}/ack",
+                segment(&device),
+                segment(&id)
+            );
+            let (text, out): (String, Value) = api.call_json(api.post(&path))?;
+            if args.client.json {
+                println!("{text}");
+            } else if out["acked"] == true {
+                println!("{device}: command {id} acknowledged");
+            } else {
+                println!(
+                    "{device}: command {id} was not waiting (acknowledged before, or expired)"
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_command(c: &CommandOut) {
+    let expires = c
+        .expires_ms
+        .map(|e| format!("  expires {}", timestamp(e)))
+        .unwrap_or_default();
+    println!("{}  {}{expires}  {}", c.id, timestamp(c.at_ms), c.command);
+}
+
+/// `drover timers`.
+#[derive(Debug, Args)]
+pub struct TimersArgs {
+    /// The device id.
+    pub device: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// Lists a device's pending durable timers (`GET /v1/devices/{id}/timers`).
+pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
+    let api = ApiClient::new(&args.client)?;
+    let path = format!("/v1/devices/{}/timers", segment(&args.device));
+    let (text, out): (String, Value) = api.call_json(api.get(&path))?;
+    if args.client.json {
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let timers = out["timers"].as_array().cloned().unwrap_or_default();
+    if timers.is_empty() {
+        println!("{}: no timers", args.device);
+    }
+    for t in timers {
+        let every = t["every_ms"]
+            .as_u64()
+            .map(|p| format!("  every {p} ms"))
+            .unwrap_or_default();
+        println!(
+            "{}  due {}{every}  {}",
+            t["key"].as_str().unwrap_or_default(),
+            timestamp(t["due_ms"].as_u64().unwrap_or_default()),
+            t["event"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
