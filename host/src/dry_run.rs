@@ -122,7 +122,7 @@ pub fn device(
 enum Folder {
     /// Decisions have matched so far: the deciding instance folds the same transitions.
     SameAsDecider,
-    Own(Instance),
+    Own(Box<Instance>),
     /// It could not fold (reported); folding stops.
     Failed,
 }
@@ -204,7 +204,7 @@ fn one_pass(
                         record.seq - 1,
                         Start::Genesis,
                     ) {
-                        Ok(r) => Folder::Own(r.instance),
+                        Ok(r) => Folder::Own(Box::new(r.instance)),
                         Err(f) => {
                             out.fold_failed_seq = f.seq;
                             out.error.get_or_insert(format!(

@@ -1347,10 +1347,12 @@ impl DeviceWriter {
         );
         record::encode_event(
             &mut bytes,
-            self.device,
-            seq,
-            at_ms,
-            version,
+            record::EventHead {
+                device: self.device,
+                seq,
+                at_ms,
+                version,
+            },
             event.as_bytes(),
             block.as_deref(),
             transitions.iter().map(String::as_bytes),

@@ -333,10 +333,12 @@ impl Record {
             }
             Record::Event(e) => encode_event_body(
                 out,
-                e.device,
-                e.seq,
-                e.at_ms,
-                e.version,
+                EventHead {
+                    device: e.device,
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                    version: e.version,
+                },
                 &e.event,
                 e.fx.as_ref().map(Fx::encode).as_deref(),
                 e.transitions.iter().map(Vec::as_slice),
@@ -478,30 +480,33 @@ impl Record {
     }
 }
 
+/// Whose event a record is: the fixed fields of kinds 3 and 9.
+#[derive(Debug, Clone, Copy)]
+pub struct EventHead {
+    pub device: u32,
+    pub seq: u64,
+    pub at_ms: u64,
+    pub version: u32,
+}
+
 /// Encodes an event record straight from borrowed parts, so the hot path does not build an
-/// owned [`EventRecord`] first.
+/// owned [`EventRecord`] first. `fx`: the encoded [`Fx`] block (kind 9), if any.
 pub fn encode_event<'a>(
     out: &mut Vec<u8>,
-    device: u32,
-    seq: u64,
-    at_ms: u64,
-    version: u32,
+    head: EventHead,
     event: &[u8],
     fx: Option<&[u8]>,
     transitions: impl Iterator<Item = &'a [u8]>,
 ) {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    encode_event_body(out, device, seq, at_ms, version, event, fx, transitions);
+    encode_event_body(out, head, event, fx, transitions);
     seal(out, start);
 }
 
 fn encode_event_body<'a>(
     out: &mut Vec<u8>,
-    device: u32,
-    seq: u64,
-    at_ms: u64,
-    version: u32,
+    head: EventHead,
     event: &[u8],
     fx: Option<&[u8]>,
     transitions: impl Iterator<Item = &'a [u8]>,
@@ -511,10 +516,10 @@ fn encode_event_body<'a>(
     } else {
         KIND_EVENT
     });
-    put_varint(out, u64::from(device));
-    put_varint(out, seq);
-    put_varint(out, at_ms);
-    put_varint(out, u64::from(version));
+    put_varint(out, u64::from(head.device));
+    put_varint(out, head.seq);
+    put_varint(out, head.at_ms);
+    put_varint(out, u64::from(head.version));
     put_bytes(out, event);
     // Kind 9: the origin and effects, before the transitions (which run to the count).
     if let Some(fx) = fx {
@@ -892,10 +897,12 @@ mod tests {
             let mut b = Vec::new();
             encode_event(
                 &mut b,
-                e.device,
-                e.seq,
-                e.at_ms,
-                e.version,
+                EventHead {
+                    device: e.device,
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                    version: e.version,
+                },
                 &e.event,
                 e.fx.as_ref().map(Fx::encode).as_deref(),
                 e.transitions.iter().map(Vec::as_slice),
