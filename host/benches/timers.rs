@@ -1,0 +1,223 @@
+//! Durable timers at fleet scale: what setting them costs, how late they fire, and how soon
+//! they fire again after a restart.
+//!
+//! `cargo bench -p drover --bench timers` provisions N thermostats with a heartbeat timer
+//! (`offline_after_ms`) and N without, in one process, then:
+//!
+//! 1. **baseline**: one reading to each device without a timer (activation + event + commit);
+//! 2. **schedule**: one reading to each device with one: the same, plus a kind-9 record and a
+//!    timer set, its index entry and its place in the wheel. Prints both rates and the extra
+//!    resident memory per timer (growth of round 2 minus growth of round 1, over N);
+//! 3. **firing**: waits until every timer fired (the thermostat marks itself offline) and
+//!    prints the lateness of each firing (its record's `at_ms` minus its due time) p50 /
+//!    p99 / max, and how long the whole wave took from the first due time;
+//! 4. **restart**: sets every timer again, stops the runtime, waits until they are all
+//!    overdue, opens it again and prints the time from the open to the first firing and to
+//!    the last.
+//!
+//! Options (environment): `DROVER_BENCH_TIMERS` (N, default 100,000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover::Runtime;
+
+#[path = "support/mod.rs"]
+mod common;
+use common::{THERMOSTAT, env_or};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn open(root: &std::path::Path) -> anyhow::Result<Runtime> {
+    Ok(Runtime::builder(root)
+        .plugin("thermostat", THERMOSTAT)
+        .idle_timeout(Duration::from_secs(3600))
+        .open()
+        .await?)
+}
+
+/// Runs `f(id)` for every id, 4,096 tasks at a time; returns the rate per second.
+async fn each(
+    rt: &Runtime,
+    ids: &Arc<Vec<String>>,
+    f: impl Fn(Runtime, String) -> futures::future::BoxFuture<'static, anyhow::Result<()>>
+    + Send
+    + Sync
+    + 'static,
+) -> anyhow::Result<f64> {
+    let f = Arc::new(f);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(ids.len().div_ceil(4096).max(1)) {
+        let (rt, chunk, f) = (rt.clone(), chunk.to_vec(), f.clone());
+        tasks.spawn(async move {
+            for id in chunk {
+                f(rt.clone(), id).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(ids.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+fn reading(rt: Runtime, id: String) -> futures::future::BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        loop {
+            match rt.send(&id, r#"{"type":"reading","celsius":20.0}"#).await {
+                Ok(_) => return Ok(()),
+                Err(drover::Error::MailboxFull) => tokio::task::yield_now().await,
+                Err(e) => return Err(anyhow::anyhow!("{id}: {e}")),
+            }
+        }
+    })
+}
+
+/// Waits until `committed` events in all are durable (timer firings included).
+async fn committed(rt: &Runtime, committed: u64, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while rt
+        .metrics()
+        .events_committed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < committed
+    {
+        if started.elapsed() > limit {
+            anyhow::bail!("timer firings not committed within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// Lateness (ms) of each device's last timer firing, sorted.
+fn lateness(rt: &Runtime, ids: &[String]) -> anyhow::Result<Vec<u64>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let seq = rt.journal().device(id).map_or(0, |d| d.seq);
+        let page = rt.journal_page(id, seq, 1)?;
+        let r = page
+            .records
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("{id} has no record"))?;
+        let origin: serde_json::Value =
+            serde_json::from_str(r.origin.as_deref().unwrap_or("null"))?;
+        let due = origin["due_ms"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("{id}: the last record is not a timer firing"))?;
+        out.push(r.at_ms.saturating_sub(due));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let n = env_or("DROVER_BENCH_TIMERS", 100_000) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(n))
+}
+
+async fn run(n: usize) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-timers");
+    let _ = std::fs::remove_dir_all(&root);
+    let rt = open(&root).await?;
+    println!(
+        "drover timers bench: {n} timers over {n} devices ({} cores)",
+        std::thread::available_parallelism().map_or(1, |c| c.get())
+    );
+    // Long enough that every timer is set before the first falls due.
+    let due_after_ms = (n as u64 / 5).max(5_000);
+    let plain: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("p-{i:07}")).collect());
+    let timed: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("t-{i:07}")).collect());
+    let started = Instant::now();
+    each(&rt, &plain, |rt, id| {
+        Box::pin(async move {
+            rt.provision(&id, "thermostat", &serde_json::json!({})).await?;
+            Ok(())
+        })
+    })
+    .await?;
+    each(&rt, &timed, move |rt, id| {
+        Box::pin(async move {
+            let config = serde_json::json!({"offline_after_ms": due_after_ms});
+            rt.provision(&id, "thermostat", &config).await?;
+            Ok(())
+        })
+    })
+    .await?;
+    println!(
+        "provisioned {} devices in {:.1} s",
+        2 * n,
+        started.elapsed().as_secs_f64()
+    );
+
+    let before = rss_kib();
+    let baseline = each(&rt, &plain, reading).await?;
+    let after_plain = rss_kib();
+    let first_due = drover::clock::now_ms() + due_after_ms;
+    let schedule = each(&rt, &timed, reading).await?;
+    let after_timed = rss_kib();
+    let extra = (after_timed.saturating_sub(after_plain) as i64
+        - after_plain.saturating_sub(before) as i64)
+        .max(0) as f64
+        * 1024.0
+        / n as f64;
+    println!(
+        "events/s, one reading each: without a timer {baseline:.0}, setting one {schedule:.0}; \
+         scheduled {}; extra resident memory per timer {extra:.0} B",
+        rt.timers_scheduled()
+    );
+
+    let limit = Duration::from_millis(due_after_ms) + Duration::from_secs(600);
+    committed(&rt, 3 * n as u64, limit).await?;
+    let wave = drover::clock::now_ms().saturating_sub(first_due);
+    let late = lateness(&rt, &timed)?;
+    println!(
+        "fired {n}: lateness p50 {} ms, p99 {} ms, max {} ms; last firing handled {:.2} s \
+         after the first was due",
+        pct(&late, 0.5),
+        pct(&late, 0.99),
+        late[late.len() - 1],
+        wave as f64 / 1000.0
+    );
+
+    // Restart with every timer overdue.
+    each(&rt, &timed, reading).await?;
+    let due_by = drover::clock::now_ms() + due_after_ms;
+    rt.shutdown().await;
+    drop(rt);
+    let wait = due_by.saturating_sub(drover::clock::now_ms()) + 100;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let started = Instant::now();
+    let rt = open(&root).await?;
+    let opened = started.elapsed();
+    committed(&rt, 1, Duration::from_secs(600)).await?;
+    let first = started.elapsed();
+    committed(&rt, n as u64, Duration::from_secs(600)).await?;
+    let all = started.elapsed();
+    println!(
+        "restart with {n} overdue: open {:.2} s, first firing {:.2} s, all fired {:.2} s",
+        opened.as_secs_f64(),
+        first.as_secs_f64(),
+        all.as_secs_f64()
+    );
+    rt.shutdown().await;
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
