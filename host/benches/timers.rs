@@ -147,7 +147,8 @@ async fn run(n: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     each(&rt, &plain, |rt, id| {
         Box::pin(async move {
-            rt.provision(&id, "thermostat", &serde_json::json!({})).await?;
+            rt.provision(&id, "thermostat", &serde_json::json!({}))
+                .await?;
             Ok(())
         })
     })

@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use crate::actor::Message;
 use crate::clock;
 use crate::dispatch::Postman;
+use crate::journal::effects::VecMap;
 use crate::journal::{EffectId, Origin, TimerEntry};
 use crate::metrics::Metrics;
 
@@ -58,7 +59,7 @@ struct Firing {
 
 impl TimerWheel {
     /// Makes `device`'s entries exactly `timers` (its pending timers, as the index has them).
-    pub fn sync(&self, device: &Arc<str>, timers: &BTreeMap<String, TimerEntry>) {
+    pub fn sync(&self, device: &Arc<str>, timers: &VecMap<String, TimerEntry>) {
         let mut wheel = self.state.lock();
         let earliest = wheel.due.first_key_value().map(|(k, _)| k.0);
         if let Some(old) = wheel.by_device.remove(device) {
@@ -70,7 +71,7 @@ impl TimerWheel {
             return;
         }
         let mut mine = Vec::with_capacity(timers.len());
-        for (key, t) in timers {
+        for (key, t) in timers.iter() {
             wheel.due.insert(
                 (t.due_ms, device.clone(), key.clone()),
                 Firing {
@@ -181,13 +182,16 @@ mod tests {
         let wheel = TimerWheel::default();
         let a: Arc<str> = Arc::from("a");
         let b: Arc<str> = Arc::from("b");
-        wheel.sync(
-            &a,
-            &BTreeMap::from([("x".into(), timer(100, 1)), ("y".into(), timer(300, 1))]),
-        );
-        wheel.sync(&b, &BTreeMap::from([("x".into(), timer(200, 1))]));
+        let map = |entries: Vec<(&str, TimerEntry)>| -> VecMap<String, TimerEntry> {
+            entries
+                .into_iter()
+                .map(|(k, t)| (k.to_string(), t))
+                .collect()
+        };
+        wheel.sync(&a, &map(vec![("x", timer(100, 1)), ("y", timer(300, 1))]));
+        wheel.sync(&b, &map(vec![("x", timer(200, 1))]));
         // `a` replaces x and cancels y.
-        wheel.sync(&a, &BTreeMap::from([("x".into(), timer(150, 2))]));
+        wheel.sync(&a, &map(vec![("x", timer(150, 2))]));
         assert_eq!(wheel.scheduled(), 2);
         let (due, next) = wheel.take_due(149);
         assert!(due.is_empty());
@@ -200,7 +204,7 @@ mod tests {
         assert_eq!(fired, [("a", 150, 2), ("b", 200, 1)]);
         assert_eq!(next, None);
         assert_eq!(wheel.scheduled(), 0);
-        wheel.sync(&b, &BTreeMap::new());
+        wheel.sync(&b, &VecMap::default());
         assert!(wheel.state.lock().by_device.is_empty());
     }
 }

@@ -21,8 +21,6 @@
 //! Every effect has a stable id, [`EffectId`]: the seq of its record and its index among the
 //! record's effects.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// The stable id of one effect: the seq of the record that holds it and its place among that
@@ -138,11 +136,126 @@ pub struct CommandEntry {
 /// used effects, so they cost nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFx {
-    pub timers: BTreeMap<String, TimerEntry>,
+    pub timers: VecMap<String, TimerEntry>,
     /// Messages this device sent whose target has not handled them yet: id → target.
-    pub sent: BTreeMap<EffectId, String>,
+    pub sent: VecMap<EffectId, String>,
     /// Commands not yet acknowledged (nor expired): id → when issued and until when.
-    pub outbox: BTreeMap<EffectId, CommandEntry>,
+    pub outbox: VecMap<EffectId, CommandEntry>,
+}
+
+/// A small ordered map in one sorted `Vec`. A device has a handful of timers and owed effects
+/// at a time; a `BTreeMap` would allocate a whole node (11 slots, ~1 KiB for timers) for the
+/// first one, and a fleet holds one per device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VecMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for VecMap<K, V> {
+    fn default() -> Self {
+        VecMap(Vec::new())
+    }
+}
+
+impl<K: Ord, V> VecMap<K, V> {
+    fn find<Q: Ord + ?Sized>(&self, key: &Q) -> Result<usize, usize>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.0.binary_search_by(|(k, _)| k.borrow().cmp(key))
+    }
+
+    pub fn get<Q: Ord + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.find(key).ok().map(|i| &mut self.0[i].1)
+    }
+
+    pub fn contains_key<Q: Ord + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.find(key).is_ok()
+    }
+
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        let i = self.find(key).ok()?;
+        let (_, v) = self.0.remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(v)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        self.0.retain(|(k, v)| keep(k, v));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    /// Whether the keys are strictly increasing (a map read from a checkpoint is checked).
+    pub fn is_sorted(&self) -> bool {
+        self.0.windows(2).all(|w| w[0].0 < w[1].0)
+    }
+}
+
+impl<K, V> IntoIterator for VecMap<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+
+    /// In key order.
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut map = VecMap::default();
+        for (k, v) in iter {
+            map.insert(k, v);
+        }
+        map
+    }
 }
 
 impl DeviceFx {
@@ -219,6 +332,11 @@ impl DeviceFx {
             .retain(|_, c| c.expires_ms.is_none_or(|e| e > now_ms));
         before - self.outbox.len()
     }
+
+    /// Whether every map is in key order (a checkpoint's copy is checked before use).
+    pub fn is_well_formed(&self) -> bool {
+        self.timers.is_sorted() && self.sent.is_sorted() && self.outbox.is_sorted()
+    }
 }
 
 impl Fx {
@@ -275,7 +393,11 @@ mod tests {
             effects: vec![],
         };
         fx.fold(3, 100, &stale);
-        assert_eq!(fx.timers["a"].due_ms, 200, "a stale firing changes nothing");
+        assert_eq!(
+            fx.timers.get("a").map(|t| t.due_ms),
+            Some(200),
+            "a stale firing changes nothing"
+        );
         // The periodic one fires late, three periods missed: next due 50 + 4 * 10.
         fx.fold(
             4,
@@ -290,7 +412,7 @@ mod tests {
                 effects: vec![],
             },
         );
-        assert_eq!(fx.timers["p"].due_ms, 90);
+        assert_eq!(fx.timers.get("p").map(|t| t.due_ms), Some(90));
         // Its own firing record cancels it.
         fx.fold(
             5,

@@ -513,7 +513,8 @@ impl Checkpoints {
                     .iter()
                     .all(|s| s.seq <= d.seq && s.offset < image.at)
                 && d.fx.as_ref().is_none_or(|fx| {
-                    fx.timers.values().all(|t| t.set.seq <= d.seq)
+                    fx.is_well_formed()
+                        && fx.timers.values().all(|t| t.set.seq <= d.seq)
                         && fx
                             .sent
                             .keys()
