@@ -36,11 +36,11 @@ fn rss_kib() -> u64 {
 }
 
 async fn open(root: &std::path::Path) -> anyhow::Result<Runtime> {
-    Ok(Runtime::builder(root)
+    Runtime::builder(root)
         .plugin("thermostat", THERMOSTAT)
         .idle_timeout(Duration::from_secs(3600))
         .open()
-        .await?)
+        .await
 }
 
 /// Runs `f(id)` for every id, 4,096 tasks at a time; returns the rate per second.

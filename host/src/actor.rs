@@ -81,7 +81,14 @@ pub struct Durable {
     pub effects: Vec<Effect>,
     /// The record fired or changed a timer: the timer wheel re-reads the device's timers.
     pub timers_changed: bool,
+    /// Not a record: a timer firing of this device ended without one, so the wheel re-reads
+    /// its timers after [`TIMER_RETRY`] (`effects` is empty, `seq` 0).
+    pub retry: bool,
 }
+
+/// How long a timer whose firing was not recorded (the guest failed on it, the device is
+/// quarantined, a commit failed) waits before it fires again.
+pub const TIMER_RETRY: Duration = Duration::from_secs(5);
 
 /// The threads that run actors, and so all guest code of live devices.
 ///
@@ -264,8 +271,9 @@ struct Actor {
     writer: DeviceWriter,
     /// Wait for the journal before the first activation (see [`spawn`]).
     must_sync: bool,
-    /// The last message handled from each sender by this actor (see `message_owed`).
-    handled: std::collections::HashMap<Arc<str>, EffectId>,
+    /// The last message handled from each sender (by device number) by this actor (see
+    /// `message_owed`).
+    handled: std::collections::HashMap<u32, EffectId>,
     /// The device has issued commands (in this actor's life, or before: checked at the first
     /// event): only then is its outbox checked against the cap, so devices that never
     /// command pay nothing per event.
@@ -360,10 +368,14 @@ impl Actor {
                             event,
                             accepted,
                             reply,
-                        } => self.on_event(event, Origin::External, accepted, Some(reply)).await,
-                        Message::Internal { .. } if self.in_quarantine() => {
-                            // Still owed in the journal: delivered again at the next start.
+                        } => {
+                            self.on_event(event, Origin::External, accepted, Some(reply)).await;
+                        }
+                        Message::Internal { origin, .. } if self.in_quarantine() => {
+                            // Still owed in the journal: a timer is put back in the wheel for
+                            // later, a message is delivered again at the next start.
                             self.env.metrics.internal_dropped.fetch_add(1, Ordering::Relaxed);
+                            self.timer_not_handled(&origin);
                         }
                         Message::Internal { event, origin } => {
                             self.on_internal(event, origin).await
@@ -689,9 +701,18 @@ impl Actor {
     /// Checks an internal event (see [`Message::Internal`]) against the journal, then
     /// handles it like an event.
     async fn on_internal(&mut self, event: String, origin: Origin) {
+        // After a crash of this device's previous actor, its records may still be on their way
+        // to disk: the checks below read the journal, so wait for them first.
+        if self.must_sync {
+            if self.env.journal.barrier().await.is_err() {
+                self.timer_not_handled(&origin);
+                return;
+            }
+            self.must_sync = false;
+        }
         let owed = match &origin {
             Origin::External => true,
-            Origin::Message { sender, id } => self.message_owed(sender, *id),
+            Origin::Message { num, id, .. } => self.message_owed(*num, *id),
             Origin::Timer {
                 key, set, due_ms, ..
             } => self.timer_owed(key, *set, *due_ms).await,
@@ -704,7 +725,28 @@ impl Actor {
             tracing::debug!(device = %self.head.id, ?origin, "dropped: already handled, or replaced");
             return;
         }
-        self.on_event(event, origin, Instant::now(), None).await;
+        let timer = matches!(origin, Origin::Timer { .. }).then(|| origin.clone());
+        let submitted = self.on_event(event, origin, Instant::now(), None).await;
+        if !submitted && let Some(timer) = timer {
+            self.timer_not_handled(&timer);
+        }
+    }
+
+    /// A timer firing ended without a record (the guest failed on it, the device could not
+    /// activate, ...): the timer is still pending in the journal but no longer in the wheel.
+    /// Ask for it to be put back, after [`TIMER_RETRY`] so a timer whose event always fails
+    /// does not spin.
+    fn timer_not_handled(&self, origin: &Origin) {
+        if matches!(origin, Origin::Timer { .. }) {
+            let _ = self.env.dispatch.send(Durable {
+                device: self.head.id.clone(),
+                num: self.head.num,
+                seq: 0,
+                effects: Vec::new(),
+                timers_changed: true,
+                retry: true,
+            });
+        }
     }
 
     /// Refuses an event from outside while the device's outbox is at its cap (commands in
@@ -719,6 +761,11 @@ impl Actor {
             return Ok(());
         }
         let pending = journal.outbox_len(num);
+        if pending == 0 {
+            // All acknowledged: back to no check until the next command.
+            self.commands = Some(false);
+            return Ok(());
+        }
         let limit = self.env.config.max_outbox;
         if pending >= limit {
             // Expired commands leave at a read of the outbox: look again after one.
@@ -734,16 +781,13 @@ impl Actor {
     /// still lists it as undelivered, and this incarnation has not handled it (its record
     /// may still be on its way to disk). Messages from one sender arrive in order, so the
     /// last id handled per sender is enough.
-    fn message_owed(&mut self, sender: &str, id: EffectId) -> bool {
-        if self.handled.get(sender).is_some_and(|last| *last >= id) {
+    fn message_owed(&mut self, sender: u32, id: EffectId) -> bool {
+        if self.handled.get(&sender).is_some_and(|last| *last >= id) {
             return false;
         }
-        let journal = &self.env.journal;
-        let owed = journal
-            .device(sender)
-            .is_some_and(|s| journal.message_owed(s.num, id));
+        let owed = self.env.journal.message_owed(sender, id, &self.head.id);
         if owed {
-            self.handled.insert(sender.into(), id);
+            self.handled.insert(sender, id);
         }
         owed
     }
@@ -767,13 +811,14 @@ impl Actor {
             .is_some_and(|t| t.set == set && t.due_ms == due_ms)
     }
 
+    /// Handles one event; returns whether its record was submitted to the journal.
     async fn on_event(
         &mut self,
         event: String,
         origin: Origin,
         accepted: Instant,
         reply: Option<oneshot::Sender<Result<Committed, Error>>>,
-    ) {
+    ) -> bool {
         let answer = |reply: Option<oneshot::Sender<Result<Committed, Error>>>, r| {
             if let Some(reply) = reply {
                 let _ = reply.send(r);
@@ -784,18 +829,18 @@ impl Actor {
             && let Err(e) = self.outbox_room()
         {
             answer(reply, Err(e));
-            return;
+            return false;
         }
         if let Err(e) = self.ensure_live().await {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
             }
             answer(reply, Err(e));
-            return;
+            return false;
         }
         let Some(live) = self.live.as_mut() else {
             answer(reply, Err(Error::Internal("no live instance".into())));
-            return;
+            return false;
         };
         let seq = live.seq + 1;
         let at_ms = clock::now_ms().max(live.last_at_ms);
@@ -836,6 +881,23 @@ impl Actor {
                 tracing::debug!(device = %self.head.id, seq, %code, %message, "internal event refused by the plugin");
                 decide::Decided::default()
             }
+            // So is one whose output the host refuses (too large, an invalid effect): the
+            // same event would fail the same way at every delivery. Kept as a dead letter.
+            Err(Failed {
+                error: error @ (Error::OutputTooLarge { .. } | Error::InvalidEffect(_)),
+                instance_lost: false,
+            }) if internal => {
+                self.writer.append_dead_letter(DeadLetter {
+                    device: self.head.num,
+                    after_seq: seq - 1,
+                    at_ms,
+                    version: self.head.version,
+                    event: event.clone().into_bytes(),
+                    code: error.code().to_string(),
+                    message: error.to_string(),
+                });
+                decide::Decided::default()
+            }
             Err(Failed {
                 error,
                 instance_lost,
@@ -864,7 +926,7 @@ impl Actor {
                     self.live = None;
                 }
                 answer(reply, Err(error));
-                return;
+                return false;
             }
         };
         let count = decided.transitions.len() as u64;
@@ -893,12 +955,21 @@ impl Actor {
             seq,
             effects: decided.effects.clone(),
             timers_changed,
+            retry: false,
         });
         let fx = Fx {
             origin,
             effects: decided.effects,
         };
         let env = self.env.clone();
+        let retry_timer = matches!(fx.origin, Origin::Timer { .. }).then(|| Durable {
+            device: self.head.id.clone(),
+            num: self.head.num,
+            seq: 0,
+            effects: Vec::new(),
+            timers_changed: true,
+            retry: true,
+        });
         self.writer.append_event(
             seq,
             at_ms,
@@ -921,7 +992,14 @@ impl Actor {
                             transitions,
                         })
                     }
-                    Err(e) => Err(Error::Journal(e)),
+                    Err(e) => {
+                        // A timer firing that did not commit is still pending: back in the
+                        // wheel, later.
+                        if let Some(retry) = retry_timer {
+                            let _ = env.dispatch.send(retry);
+                        }
+                        Err(Error::Journal(e))
+                    }
                 };
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
@@ -932,6 +1010,7 @@ impl Actor {
         if take_snapshot {
             self.snapshot();
         }
+        true
     }
 
     /// Submits a snapshot of the current state. Best effort: a failure only means a longer

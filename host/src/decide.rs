@@ -109,7 +109,7 @@ pub fn context(device: &str, seq: u64, at_ms: u64, origin: &Origin) -> EventCont
         seed: crate::clock::seed(device, seq),
         origin: match origin {
             Origin::External => Wit::External,
-            Origin::Message { sender, id } => Wit::Message(MessageOrigin {
+            Origin::Message { sender, id, .. } => Wit::Message(MessageOrigin {
                 sender: sender.clone(),
                 seq: id.seq,
                 index: id.index,

@@ -82,8 +82,7 @@ impl Postman {
         let Some(router) = self.router.upgrade() else {
             return;
         };
-        let sent_by = sent_by(&msg);
-        match router.offer(to, msg) {
+        match router.offer(to, msg).map_err(|r| *r) {
             Ok(()) => {}
             Err(Refused::Full(msg)) => {
                 parked.insert(to.to_string(), VecDeque::from([msg]));
@@ -92,9 +91,9 @@ impl Postman {
                     self.pool.spawn(async move { me.drain(to).await });
                 }
             }
-            Err(Refused::Error(e)) => {
+            Err(Refused::Error(e, msg)) => {
                 drop(parked);
-                self.undeliverable(to, sent_by, e);
+                self.undeliverable(to, msg, e);
             }
         }
     }
@@ -116,31 +115,38 @@ impl Postman {
             let Some(router) = self.router.upgrade() else {
                 return;
             };
-            let sent_by = sent_by(&msg);
-            match router.deliver_waiting(&to, msg).await {
-                Ok(()) => {}
-                Err(Error::ShuttingDown) => {
+            match router.deliver_waiting(&to, msg).await.map_err(|r| *r) {
+                Ok(()) | Err(Refused::Full(_)) => {}
+                Err(Refused::Error(Error::ShuttingDown, _)) => {
                     // Still owed in the journal: the next start sends it again.
                     self.parked.lock().remove(&to);
                     return;
                 }
-                Err(e) => self.undeliverable(&to, sent_by, e),
+                Err(Refused::Error(e, msg)) => self.undeliverable(&to, msg, e),
             }
         }
     }
 
-    /// A message (`sent_by`) or timer firing (`None`) could not be put into `to`'s mailbox
-    /// for reason `e`.
-    fn undeliverable(&self, to: &str, sent_by: Option<(String, EffectId)>, e: Error) {
-        let Some((sender, id)) = sent_by else {
-            // A timer of a device removed meanwhile, or a stop under way: nothing owed.
-            return;
-        };
+    /// `msg` could not be put into `to`'s mailbox for reason `e`.
+    fn undeliverable(&self, to: &str, msg: Message, e: Error) {
         if !matches!(e, Error::UnknownDevice(_) | Error::InvalidId(_)) {
             // Shutting down: still owed, sent again at the next start.
             return;
         }
-        let Some(head) = self.journal.device(&sender) else {
+        if self.journal.device(to).is_some() {
+            // Refused while being removed: if the removal fails, the device stays and this
+            // message or timer firing is still owed to it. Try again in a moment.
+            if let Some(me) = self.me.upgrade() {
+                let to = to.to_string();
+                self.pool.spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    me.post(&to, msg);
+                });
+            }
+            return;
+        }
+        let Some((sender, num, id)) = sent_by(&msg) else {
+            // A timer of a device removed meanwhile: nothing owed.
             return;
         };
         self.metrics
@@ -151,7 +157,7 @@ impl Postman {
         let to = to.to_string();
         self.pool.spawn(async move {
             if let Err(e) = journal
-                .record_undeliverable(head.num, id, &to, "no such device", clock::now_ms())
+                .record_undeliverable(num, id, &to, "no such device", clock::now_ms())
                 .await
             {
                 tracing::warn!(sender = %sender, to, error = %e, "recording an undeliverable message failed; it is retried at the next start");
@@ -160,13 +166,22 @@ impl Postman {
     }
 }
 
-/// Who sent `msg`, if it is a message.
-fn sent_by(msg: &Message) -> Option<(String, EffectId)> {
+/// Makes the wheel's entries of `device` what the journal's index says are pending.
+fn sync_timers(journal: &Journal, timers: &TimerWheel, device: &Arc<str>, num: u32) {
+    let pending = journal
+        .device_fx(num)
+        .map(|fx| fx.timers)
+        .unwrap_or_default();
+    timers.sync(device, &pending);
+}
+
+/// Who sent `msg` (id, device number) and its id, if it is a message.
+fn sent_by(msg: &Message) -> Option<(String, u32, EffectId)> {
     match msg {
         Message::Internal {
-            origin: Origin::Message { sender, id },
+            origin: Origin::Message { sender, num, id },
             ..
-        } => Some((sender.clone(), *id)),
+        } => Some((sender.clone(), *num, *id)),
         _ => None,
     }
 }
@@ -237,7 +252,7 @@ impl Dispatcher {
                         .and_then(|r| r.fx.as_ref())
                         .and_then(|fx| fx.effects.get(id.index as usize));
                     if let Some(Effect::Send { event, .. }) = effect {
-                        self.send(&device, *id, to, event.clone());
+                        self.send(&device, num, *id, to, event.clone());
                         messages += 1;
                     }
                     i += 1;
@@ -261,7 +276,7 @@ impl Dispatcher {
                 index: index as u32,
             };
             match effect {
-                Effect::Send { to, event } => self.send(&d.device, id, to, event.clone()),
+                Effect::Send { to, event } => self.send(&d.device, d.num, id, to, event.clone()),
                 Effect::Command { .. } => commands = true,
                 Effect::SetTimer { .. } | Effect::CancelTimer { .. } => {}
             }
@@ -269,17 +284,18 @@ impl Dispatcher {
         if commands {
             self.outbox.notify(&d.device);
         }
-        if d.timers_changed {
-            let timers = self
-                .journal
-                .device_fx(d.num)
-                .map(|fx| fx.timers)
-                .unwrap_or_default();
-            self.timers.sync(&d.device, &timers);
+        if d.retry {
+            let (journal, timers) = (self.journal.clone(), self.timers.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::actor::TIMER_RETRY).await;
+                sync_timers(&journal, &timers, &d.device, d.num);
+            });
+        } else if d.timers_changed {
+            sync_timers(&self.journal, &self.timers, &d.device, d.num);
         }
     }
 
-    fn send(&self, sender: &Arc<str>, id: EffectId, to: &str, event: String) {
+    fn send(&self, sender: &Arc<str>, num: u32, id: EffectId, to: &str, event: String) {
         self.metrics
             .messages_delivered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -289,6 +305,7 @@ impl Dispatcher {
                 event,
                 origin: Origin::Message {
                     sender: sender.to_string(),
+                    num,
                     id,
                 },
             },

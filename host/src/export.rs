@@ -692,13 +692,23 @@ async fn write_devices(
                         (None, Some(texts)) => texts.clone(),
                         (None, None) => Vec::new(),
                     };
+                    // Device numbers are journal-local: a message's sender is renumbered to
+                    // its number here (none yet if it comes later in the file: the message
+                    // then stays owed to its target as far as this journal knows).
+                    let fx = r.fx.clone().map(|mut fx| {
+                        if let crate::journal::Origin::Message { sender, num, .. } = &mut fx.origin
+                        {
+                            *num = journal.device(sender).map_or(u32::MAX, |h| h.num);
+                        }
+                        fx
+                    });
                     w.append_event(
                         r.seq,
                         r.at_ms,
                         version,
                         &event,
                         transitions,
-                        r.fx.clone(),
+                        fx,
                         move |r, _| done(r),
                     );
                 }

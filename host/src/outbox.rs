@@ -16,6 +16,8 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub struct Outbox {
     waiters: Mutex<HashMap<Arc<str>, Weak<Notify>>>,
+    /// Set by [`Outbox::close`]: waits end at once from then on.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Outbox {
@@ -33,8 +35,16 @@ impl Outbox {
         n
     }
 
-    /// The runtime is stopping: wake every waiter, so long polls and streams end now.
+    /// Whether [`Outbox::close`] was called: waiters answer at once.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The server or runtime is stopping: wake every waiter, so long polls and streams end
+    /// now, and let no wait start any more.
     pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         let waiters: Vec<Arc<Notify>> = self
             .waiters
             .lock()

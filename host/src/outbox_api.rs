@@ -76,7 +76,7 @@ impl Runtime {
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             let commands = self.commands(id)?;
-            if !commands.is_empty() || self.check_open().is_err() {
+            if !commands.is_empty() || self.shared.outbox.is_closed() {
                 return Ok(commands);
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
@@ -146,6 +146,13 @@ impl Runtime {
         self.counted(result)
     }
 
+    /// Ends every long poll and command stream now, and lets none wait any more: what a
+    /// server does before it drains its connections, so they do not hold the drain. Called by
+    /// [`crate::http::Server::shutdown`] and [`Runtime::shutdown`].
+    pub fn stop_waiting(&self) {
+        self.shared.outbox.close();
+    }
+
     /// Timers scheduled in the wheel, fleet-wide (a gauge for `/metrics`).
     pub fn timers_scheduled(&self) -> usize {
         self.shared.timers.scheduled()
@@ -170,7 +177,7 @@ impl CommandWatch {
             let arrived = self.notify.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if self.rt.check_open().is_err() {
+            if self.rt.shared.outbox.is_closed() {
                 return Ok(None);
             }
             let all = self.rt.commands(&self.id)?;

@@ -24,8 +24,8 @@ use crate::error::{Error, validate_id};
 pub enum Refused {
     /// The mailbox is full: here is the message back.
     Full(Message),
-    /// Any other reason (unknown device, shutting down).
-    Error(Error),
+    /// Any other reason (unknown device, shutting down): the error and the message back.
+    Error(Error, Message),
 }
 
 /// See the module docs.
@@ -82,31 +82,47 @@ impl Router {
 
     /// [`Router::deliver`] that hands the message back when the mailbox is full, for the
     /// dispatcher, which must not lose it (see `crate::dispatch`).
-    pub fn offer(&self, id: &str, msg: Message) -> Result<(), Refused> {
-        let tx = self.mailbox(id).map_err(Refused::Error)?;
+    pub fn offer(&self, id: &str, msg: Message) -> Result<(), Box<Refused>> {
+        let tx = match self.mailbox(id) {
+            Ok(tx) => tx,
+            Err(e) => return Err(Box::new(Refused::Error(e, msg))),
+        };
         let msg = match tx.try_send(msg) {
             Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => return Err(Refused::Full(msg)),
+            Err(mpsc::error::TrySendError::Full(msg)) => return Err(Box::new(Refused::Full(msg))),
             Err(mpsc::error::TrySendError::Closed(msg)) => msg,
         };
-        let tx = self.restart(id, &tx).map_err(Refused::Error)?;
+        let tx = match self.restart(id, &tx) {
+            Ok(tx) => tx,
+            Err(e) => return Err(Box::new(Refused::Error(e, msg))),
+        };
         match tx.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => Err(Refused::Full(msg)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Error(Error::ShuttingDown)),
+            Err(mpsc::error::TrySendError::Full(msg)) => Err(Box::new(Refused::Full(msg))),
+            Err(mpsc::error::TrySendError::Closed(msg)) => {
+                Err(Box::new(Refused::Error(Error::ShuttingDown, msg)))
+            }
         }
     }
 
     /// Puts `msg` into device `id`'s mailbox, waiting for room. Only for the dispatcher's
     /// tasks: an actor never waits on another's mailbox, so no cycle of full mailboxes can
     /// deadlock.
-    pub async fn deliver_waiting(&self, id: &str, msg: Message) -> Result<(), Error> {
-        let tx = self.mailbox(id)?;
+    pub async fn deliver_waiting(&self, id: &str, msg: Message) -> Result<(), Box<Refused>> {
+        let tx = match self.mailbox(id) {
+            Ok(tx) => tx,
+            Err(e) => return Err(Box::new(Refused::Error(e, msg))),
+        };
         let Err(mpsc::error::SendError(msg)) = tx.send(msg).await else {
             return Ok(());
         };
-        let tx = self.restart(id, &tx)?;
-        tx.send(msg).await.map_err(|_| Error::ShuttingDown)
+        let tx = match self.restart(id, &tx) {
+            Ok(tx) => tx,
+            Err(e) => return Err(Box::new(Refused::Error(e, msg))),
+        };
+        tx.send(msg).await.map_err(|mpsc::error::SendError(msg)| {
+            Box::new(Refused::Error(Error::ShuttingDown, msg))
+        })
     }
 
     /// Replaces the dead actor whose sender is `dead` (unless someone already did).

@@ -403,3 +403,71 @@ async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledg
     assert_eq!(rt.commands("t").expect("outbox").len(), 2);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_whose_firing_fails_fires_again_later_and_a_refused_one_is_consumed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("m", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    let arm = |key: &str, event: Value| {
+        json!({"type": "arm", "key": key, "after_ms": 50, "event": event}).to_string()
+    };
+    // Refused when it fires: consumed, recorded with no transitions, no dead letter.
+    rt.send("m", &arm("refused", json!({"type": "reject"})))
+        .await
+        .expect("armed");
+    eventually("the refused firing recorded", async || {
+        !timer_firings(&rt, "m").is_empty()
+    })
+    .await;
+    assert!(rt.timers("m").expect("timers").is_empty());
+    assert!(rt.dead_letters("m").expect("dead letters").is_empty());
+
+    // Traps when it fires: a dead letter, and the timer stays pending and fires again
+    // (after `TIMER_RETRY`), instead of waiting for the next start.
+    rt.send("m", &arm("poison", json!({"type": "panic"})))
+        .await
+        .expect("armed");
+    eventually("two failed firings", async || {
+        rt.dead_letters("m").expect("dead letters").len() >= 2
+    })
+    .await;
+    assert_eq!(rt.timers("m").expect("timers").len(), 1, "still pending");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_removed_and_provisioned_again_is_a_new_sender() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("hall", "room", &json!({}))
+        .await
+        .expect("room");
+    rt.provision("t1", "thermostat", &json!({"room": "hall"}))
+        .await
+        .expect("thermostat");
+    for c in [18.0, 19.0, 20.0] {
+        rt.send("t1", &reading(c)).await.expect("reading");
+    }
+    eventually("three reports", async || {
+        rt.device("hall").await.expect("room").summary.seq == 3
+    })
+    .await;
+    rt.remove_device("t1", false).await.expect("removed");
+    rt.provision("t1", "thermostat", &json!({"room": "hall"}))
+        .await
+        .expect("again");
+    // Its seqs start at 1 again: its messages must not be taken for the old ones.
+    rt.send("t1", &reading(21.5)).await.expect("reading");
+    eventually("the new t1's report", async || {
+        rt.device("hall").await.expect("room").summary.seq == 4
+    })
+    .await;
+    assert_eq!(
+        state(&rt, "hall").await["thermostats"]["t1"]["celsius"],
+        21.5
+    );
+    rt.shutdown().await;
+}

@@ -76,7 +76,7 @@ fn timers_messages_and_commands_survive_kill_9_without_loss_or_duplicates() {
     }
 
     // The last start: whatever is owed is carried out.
-    let server = Server::start(&data, &[]);
+    let mut server = Server::start(&data, &[]);
     let api = server.api();
     poll_until(Duration::from_secs(30), "every timer fired", || {
         (0..THERMOSTATS)
@@ -195,6 +195,23 @@ fn timers_messages_and_commands_survive_kill_9_without_loss_or_duplicates() {
         .as_array()
         .map_or(0, Vec::len);
     assert_eq!(left, listed.len() - 1);
+
+    // A gateway still connected to the stream does not hold a graceful stop.
+    let mut watcher = std::net::TcpStream::connect(&server.addr).expect("connect");
+    std::io::Write::write_all(
+        &mut watcher,
+        format!("GET /v1/devices/{device}/commands/stream HTTP/1.1\r\nHost: drover\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("request");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    assert!(server.terminate().success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?} with a stream open",
+        started.elapsed()
+    );
 }
 
 /// Reads `n` command ids from `device`'s server-sent-event stream.

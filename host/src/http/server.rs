@@ -30,6 +30,7 @@ use crate::Runtime;
 /// A running HTTP server. Dropping it without [`Server::shutdown`] stops nothing: the serving
 /// task keeps running until the process exits.
 pub struct Server {
+    rt: Runtime,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -66,7 +67,7 @@ impl Server {
         let addr = listener.local_addr().context("reading the bound address")?;
         let header_timeout = limits.header_read_timeout;
         let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-        let app = super::router(rt, limits);
+        let app = super::router(rt.clone(), limits);
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
@@ -118,6 +119,7 @@ impl Server {
         });
         tracing::info!(%addr, "HTTP API listening");
         Ok(Server {
+            rt,
             addr,
             stop: Some(stop),
             task,
@@ -140,6 +142,9 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        // Long polls and command streams would otherwise hold their connections (and the
+        // drain) until they time out.
+        self.rt.stop_waiting();
         match tokio::time::timeout(drain, &mut self.task).await {
             Ok(_) => true,
             Err(_) => {

@@ -37,9 +37,11 @@ pub struct EffectId {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Origin {
     External,
-    /// A message from device `sender`, effect `id` of its journal.
+    /// A message from device `sender` (device number `num` in this journal: an id removed
+    /// and provisioned again is another device), effect `id` of its journal.
     Message {
         sender: String,
+        num: u32,
         id: EffectId,
     },
     /// The firing of this device's timer `key`, set by effect `set`, due at `due_ms`;
@@ -340,11 +342,11 @@ impl DeviceFx {
 }
 
 impl Fx {
-    /// The message this record handled, if it handled one: (sender id, effect id), to be
-    /// struck from the sender's [`DeviceFx::sent`].
-    pub fn delivered(&self) -> Option<(&str, EffectId)> {
+    /// The message this record handled, if it handled one: (sender's device number, effect
+    /// id), to be struck from the sender's [`DeviceFx::sent`].
+    pub fn delivered(&self) -> Option<(u32, EffectId)> {
         match &self.origin {
-            Origin::Message { sender, id } => Some((sender, *id)),
+            Origin::Message { num, id, .. } => Some((*num, *id)),
             _ => None,
         }
     }
@@ -435,6 +437,7 @@ mod tests {
         let block = Fx {
             origin: Origin::Message {
                 sender: "room-1".into(),
+                num: 3,
                 id: EffectId { seq: 7, index: 2 },
             },
             effects: vec![
@@ -449,10 +452,7 @@ mod tests {
             ],
         };
         assert_eq!(Fx::decode(&block.encode()), Some(block.clone()));
-        assert_eq!(
-            block.delivered(),
-            Some(("room-1", EffectId { seq: 7, index: 2 }))
-        );
+        assert_eq!(block.delivered(), Some((3, EffectId { seq: 7, index: 2 })));
         let mut fx = DeviceFx::default();
         fx.fold(9, 5000, &block);
         assert_eq!(fx.sent.len(), 1);

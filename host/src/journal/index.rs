@@ -329,6 +329,13 @@ impl Index {
                     fx: e.fx.as_ref().map(|fx| Box::new((e.at_ms, fx.clone()))),
                 }
             }
+            // Written after the device's removal (an acknowledgement or an undeliverable
+            // message racing it): about nothing any more, and no damage.
+            Record::Undeliverable { device, .. } | Record::CommandAck { device, .. }
+                if self.removed.contains(device) =>
+            {
+                IndexEffect::None
+            }
             Record::Undeliverable { device, id, .. } => {
                 if !self.devices.contains_key(device) {
                     return Err(Inconsistency::UnknownDevice(*device));
@@ -468,9 +475,7 @@ impl Index {
                     }
                     d.dead_letters.push_back(offset);
                 }
-                if let Some(id_str) = self.devices.get(&device).map(|d| d.id.clone()) {
-                    self.strike_sent(&id_str, id);
-                }
+                self.strike_sent(device, id);
             }
             IndexEffect::CommandAck { device, id } => {
                 if let Some(d) = self.devices.get_mut(&device)
@@ -528,11 +533,8 @@ impl Index {
 
     /// Message `id` of device `sender` was handled or found undeliverable: it is no longer
     /// owed.
-    fn strike_sent(&mut self, sender: &str, id: EffectId) {
-        let Some(num) = self.by_id.get(sender) else {
-            return;
-        };
-        if let Some(d) = self.devices.get_mut(num)
+    fn strike_sent(&mut self, sender: u32, id: EffectId) {
+        if let Some(d) = self.devices.get_mut(&sender)
             && let Some(fx) = d.fx.as_mut()
         {
             fx.sent.remove(&id);

@@ -952,14 +952,15 @@ impl Journal {
             .and_then(|d| d.fx.as_deref().cloned())
     }
 
-    /// Whether message `id` of device `num` is still owed (sent, durable, and neither handled
-    /// by its target nor found undeliverable).
-    pub fn message_owed(&self, num: u32, id: EffectId) -> bool {
+    /// Whether message `id` of device `num` is still owed to device `to` (sent to it,
+    /// durable, and neither handled nor found undeliverable).
+    pub fn message_owed(&self, num: u32, id: EffectId, to: &str) -> bool {
         self.index()
             .devices
             .get(&num)
             .and_then(|d| d.fx.as_deref())
-            .is_some_and(|fx| fx.sent.contains_key(&id))
+            .and_then(|fx| fx.sent.get(&id))
+            .is_some_and(|target| target == to)
     }
 
     /// Device `num`'s outbox: its commands not yet acknowledged, oldest first. Commands whose
@@ -1034,6 +1035,10 @@ impl Journal {
         reason: &str,
         at_ms: u64,
     ) -> Result<(), JournalError> {
+        if !self.index().devices.contains_key(&num) {
+            // The sender is gone (removed): nothing of it is owed any more.
+            return Ok(());
+        }
         self.require_format(record::EFFECTS_FROM)?;
         self.append(
             &Record::Undeliverable {

@@ -2401,6 +2401,7 @@ async fn effects_history(journal: &Journal) {
         Fx {
             origin: Origin::Message {
                 sender: "d0".into(),
+                num: 0,
                 id: EffectId { seq: 1, index: 3 },
             },
             effects: vec![],
@@ -2535,4 +2536,44 @@ async fn the_first_effect_raises_a_format_4_journal_and_a_format_1_one_refuses_i
         "the actor's state has the event: it must rebuild"
     );
     assert_eq!(journal.device("a").map(|d| d.seq), Some(3));
+}
+
+#[tokio::test]
+async fn an_acknowledgement_or_undeliverable_racing_a_removal_is_no_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open_checkpointing(dir.path(), 64, 0).expect("open");
+    provision(&journal, 1).await;
+    let w = journal.device_writer(0, 8);
+    append_fx(
+        &w,
+        1,
+        1000,
+        external(vec![
+            Effect::Command {
+                payload: "{}".into(),
+                ttl_ms: None,
+            },
+            Effect::Send {
+                to: "x".into(),
+                event: "{}".into(),
+            },
+        ]),
+    )
+    .await;
+    journal.record_removal(0, 1100).await.expect("removed");
+    // What a gateway's acknowledgement and the postman could still write afterwards.
+    journal
+        .record_command_ack(0, EffectId { seq: 1, index: 0 }, 1200)
+        .await
+        .expect("ack");
+    journal
+        .record_undeliverable(0, EffectId { seq: 1, index: 1 }, "x", "gone", 1300)
+        .await
+        .expect("undeliverable");
+    journal.close();
+    drop(journal);
+    let (journal, recovery) = open_dir(dir.path()).expect("opens: no damage");
+    assert!(recovery.dropped.is_none());
+    assert!(journal.device("d0").is_none());
+    assert!(owed(&journal).is_empty());
 }

@@ -116,6 +116,16 @@ pub enum Event {
         /// Transitions.
         count: u32,
     },
+    /// Set timer `key` to deliver `event` (any of these events) after `after_ms`: a timer
+    /// whose firing misbehaves.
+    Arm {
+        /// The timer's key.
+        key: String,
+        /// Delay, ms.
+        after_ms: u64,
+        /// The event the firing delivers.
+        event: drover_guest::serde_json::Value,
+    },
 }
 
 /// Log level of a `log` event.
@@ -244,6 +254,14 @@ impl Device for Misbehave {
             Event::PanicOnApply => vec![Transition::Poison],
             Event::SlowApply { spin, count } => {
                 (0..count).map(|_| Transition::Slow { spin }).collect()
+            }
+            Event::Arm {
+                key,
+                after_ms,
+                event,
+            } => {
+                ctx.set_timer(key, drover_guest::Timer::after_ms(after_ms), &event);
+                Vec::new()
             }
         })
     }
