@@ -170,6 +170,61 @@ struct RecordOut {
     /// A seq whose record was destroyed by media damage and salvaged away.
     #[serde(default)]
     lost: bool,
+    /// A message or timer firing: where the event came from.
+    #[serde(default)]
+    origin: Option<Value>,
+    /// What the event asked for besides transitions.
+    #[serde(default)]
+    effects: Vec<Value>,
+}
+
+/// One line for a record's origin, as `drover journal` prints it.
+fn origin_line(o: &Value) -> String {
+    match o["type"].as_str() {
+        Some("message") => format!(
+            "message from {} (its #{}, effect {})",
+            o["sender"].as_str().unwrap_or("?"),
+            o["id"]["seq"],
+            o["id"]["index"]
+        ),
+        Some("timer") => {
+            let missed = o["missed"].as_u64().unwrap_or(0);
+            let missed = if missed > 0 {
+                format!(", {missed} periods missed")
+            } else {
+                String::new()
+            };
+            format!(
+                "timer {} due {}{missed}",
+                o["key"].as_str().unwrap_or("?"),
+                timestamp(o["due_ms"].as_u64().unwrap_or(0))
+            )
+        }
+        _ => o.to_string(),
+    }
+}
+
+/// One line for an effect, as `drover journal` prints it.
+fn effect_line(e: &Value) -> String {
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    match e["type"].as_str() {
+        Some("send") => format!("send to {}: {}", text(&e["to"]), text(&e["event"])),
+        Some("command") => format!("command: {}", text(&e["payload"])),
+        Some("set_timer") => {
+            let every = e["every_ms"]
+                .as_u64()
+                .map(|p| format!(" every {p} ms"))
+                .unwrap_or_default();
+            format!(
+                "timer {} at {}{every}: {}",
+                text(&e["key"]),
+                timestamp(e["due_ms"].as_u64().unwrap_or(0)),
+                text(&e["event"])
+            )
+        }
+        Some("cancel_timer") => format!("cancel timer {}", text(&e["key"])),
+        _ => e.to_string(),
+    }
 }
 
 /// One page.
@@ -216,8 +271,14 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
                     r.version,
                     r.event.get()
                 );
+                if let Some(origin) = &r.origin {
+                    println!("          <- {}", origin_line(origin));
+                }
                 for t in &r.transitions {
                     println!("          -> {}", t.get());
+                }
+                for e in &r.effects {
+                    println!("          => {}", effect_line(e));
                 }
             }
         }
