@@ -471,3 +471,47 @@ async fn a_sender_removed_and_provisioned_again_is_a_new_sender() {
     );
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_messages_across_three_devices_keeps_each_senders_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    for id in ["a", "b", "c"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // Each event to `a` is relayed to `b`, which relays it to `c`, while `a` takes the next.
+    for tag in 1..=30u64 {
+        let event = json!({"type": "send", "to": "b", "tag": tag, "event":
+            {"type": "send", "to": "c", "tag": tag, "event": {"type": "ok"}}});
+        rt.send("a", &event.to_string()).await.expect("sent");
+    }
+    eventually("30 events at the end of the chain", async || {
+        rt.device("c").await.expect("c").summary.seq == 30
+    })
+    .await;
+    // `b` relayed in the order `a` sent, so `c` got them in that order too.
+    let tags = |id: &str| -> Vec<u64> {
+        records(&rt, id)
+            .iter()
+            .filter_map(|r| r.transitions.first())
+            .filter_map(|t| serde_json::from_str::<Value>(t).ok()?["tag"].as_u64())
+            .collect()
+    };
+    let order: Vec<u64> = (1..=30).collect();
+    assert_eq!(tags("b"), order);
+    let c_from: Vec<(u64, u64)> = records(&rt, "c")
+        .iter()
+        .filter_map(origin)
+        .map(|o| {
+            (
+                o["id"]["seq"].as_u64().unwrap(),
+                o["id"]["index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(c_from.windows(2).all(|w| w[0] < w[1]), "{c_from:?}");
+    assert_eq!(state(&rt, "c").await["count"], 30);
+    rt.shutdown().await;
+}

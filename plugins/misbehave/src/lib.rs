@@ -116,6 +116,17 @@ pub enum Event {
         /// Transitions.
         count: u32,
     },
+    /// Send `event` (any of these events) to device `to`, and record `tag`: a relay, for
+    /// chains of messages.
+    Send {
+        /// The target.
+        to: String,
+        /// The event it gets.
+        event: drover_guest::serde_json::Value,
+        /// Recorded in the transition, to follow an event along the chain.
+        #[serde(default)]
+        tag: u64,
+    },
     /// Set timer `key` to deliver `event` (any of these events) after `after_ms`: a timer
     /// whose firing misbehaves.
     Arm {
@@ -177,6 +188,11 @@ pub enum Transition {
     },
     /// Panics when applied.
     Poison,
+    /// A `send` event relayed its event.
+    Relayed {
+        /// The event's tag.
+        tag: u64,
+    },
     /// Spins `spin` iterations when applied.
     Slow {
         /// Loop iterations.
@@ -255,6 +271,10 @@ impl Device for Misbehave {
             Event::SlowApply { spin, count } => {
                 (0..count).map(|_| Transition::Slow { spin }).collect()
             }
+            Event::Send { to, event, tag } => {
+                ctx.send(to, &event);
+                vec![Transition::Relayed { tag }]
+            }
             Event::Arm {
                 key,
                 after_ms,
@@ -283,7 +303,10 @@ impl Device for Misbehave {
                 }
                 std::hint::black_box(x);
             }
-            Transition::Allocated { .. } | Transition::Big { .. } | Transition::Echoed { .. } => {}
+            Transition::Allocated { .. }
+            | Transition::Big { .. }
+            | Transition::Echoed { .. }
+            | Transition::Relayed { .. } => {}
         }
     }
 }
