@@ -32,7 +32,10 @@ pub enum Error {
     Trap(String),
     #[error("the device's plugin exceeded its time budget of {0:?}")]
     Timeout(std::time::Duration),
-    #[error("the device's plugin produced {size} bytes of transitions, over the limit of {limit}")]
+    #[error(
+        "the device's plugin produced {size} bytes of output (transitions and effects), over the \
+         limit of {limit}"
+    )]
     OutputTooLarge { size: usize, limit: usize },
     /// The plugin asked for an effect the host cannot carry out (a message to an id that
     /// cannot exist, an empty timer key, too many effects): a plugin bug, kept as a dead

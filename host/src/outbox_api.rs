@@ -110,16 +110,27 @@ impl Runtime {
         self.check_open()?;
         let head = self.head(id)?;
         let cid = parse_command_id(command)?;
+        // Of concurrent acknowledgements of one command, one writes and answers `true`; the
+        // others find it taken (here, or gone from the outbox once it is durable).
+        if !self.shared.acking.lock().insert((head.num, cid)) {
+            return Ok(false);
+        }
+        let result = self.ack_pending(head.num, cid).await;
+        self.shared.acking.lock().remove(&(head.num, cid));
+        result
+    }
+
+    async fn ack_pending(&self, num: u32, cid: EffectId) -> Result<bool, Error> {
         let journal = &self.shared.journal;
         if !journal
-            .outbox(head.num, clock::now_ms())
+            .outbox(num, clock::now_ms())
             .iter()
             .any(|(c, _)| *c == cid)
         {
             return Ok(false);
         }
         journal
-            .record_command_ack(head.num, cid, clock::now_ms())
+            .record_command_ack(num, cid, clock::now_ms())
             .await?;
         Ok(true)
     }

@@ -81,6 +81,9 @@ pub(crate) struct Shared {
     pub(crate) outbox: Arc<Outbox>,
     /// The dispatcher and the timer wheel's task, stopped at shutdown.
     pub(crate) effect_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Commands being acknowledged right now (device number, command id): see
+    /// `Runtime::ack_command`.
+    pub(crate) acking: Mutex<HashSet<(u32, crate::journal::EffectId)>>,
 }
 
 /// An id being provisioned; released on drop.
@@ -163,6 +166,7 @@ impl Runtime {
                 timers,
                 outbox,
                 effect_tasks: Mutex::new(effect_tasks),
+                acking: Mutex::new(HashSet::new()),
             }),
         })
     }

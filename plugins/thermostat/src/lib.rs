@@ -270,6 +270,20 @@ impl Device for Thermostat {
         if offline_after_ms == Some(0) {
             return Err(Error::invalid_config("offline_after_ms must be > 0"));
         }
+        // The host's rule for device ids: refused here, or every report would fail.
+        if let Some(room) = &room
+            && (room.is_empty()
+                || room.len() > 128
+                || room == "."
+                || room == ".."
+                || !room
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b)))
+        {
+            return Err(Error::invalid_config(format!(
+                "room `{room}` is not a device id (1 to 128 of letters, digits and -_.:@)"
+            )));
+        }
         if ![setpoint, hysteresis, min_setpoint, max_setpoint]
             .iter()
             .all(|v| v.is_finite())
@@ -738,5 +752,18 @@ mod tests {
         let out = send(&mut t, 3, Event::Reading { celsius: 18.5 }).unwrap();
         assert!(out.contains(&Transition::BackOnline));
         assert!(t.online);
+
+        // A room that could not be a device id is refused at provisioning, not at every report.
+        for room in ["", "a/b", ".."] {
+            let err = Thermostat::init(
+                "t-1",
+                Config {
+                    room: Some(room.into()),
+                    ..config()
+                },
+            )
+            .unwrap_err();
+            assert_eq!(err.code, codes::INVALID_CONFIG, "{room:?}");
+        }
     }
 }

@@ -27,8 +27,10 @@ pub enum CommandsAction {
         device: String,
     },
     /// Print each command as it arrives (a long poll, one JSON line per command with
-    /// `--json`), until interrupted. Acknowledges each once printed with `--ack`; without
-    /// it, a command is printed once per watch and stays in the outbox.
+    /// `--json`), until interrupted; a server that restarts or drops the connection is waited
+    /// for. Acknowledges each once printed with `--ack`; without it, a command is printed
+    /// once per watch and stays in the outbox (one acknowledged meanwhile by someone else is
+    /// never printed).
     Watch {
         /// The device id.
         device: String,
@@ -84,7 +86,17 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
             let mut shown = std::collections::HashSet::new();
             loop {
                 let path = format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}");
-                let (_, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
+                let out: CommandsOut = match api.call_json(api.get(&path)) {
+                    Ok((_, out)) => out,
+                    // The server restarting, or the connection dropping: a gateway keeps
+                    // watching. An answer from the server (an unknown device) ends the watch.
+                    Err(e) if e.downcast_ref::<super::client::ApiFailure>().is_none() => {
+                        tracing::warn!(error = %e, "watch: the server did not answer; trying again in 1 s");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let mut fresh = 0;
                 for c in out.commands {
                     if !shown.insert(c.id.clone()) {
