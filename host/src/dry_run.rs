@@ -48,6 +48,13 @@ pub struct Divergence {
     /// trap, a timeout.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The effects recorded at this seq, when the candidate's differ (same transitions,
+    /// other commands, messages or timers: a divergence too, since effects reach the world).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recorded_effects: Vec<Value>,
+    /// The candidate's effects, when they differ from the recorded ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate_effects: Option<Vec<Value>>,
 }
 
 /// One change between the recorded state and the candidate's, as an RFC 6902 JSON Patch
@@ -62,9 +69,10 @@ pub struct DeviceDryRun {
     pub recorded_version: u32,
     /// Recorded events re-decided.
     pub events: u64,
-    /// Whether every event got the same transitions and the final states are equal.
+    /// Whether every event got the same transitions and effects and the final states are
+    /// equal.
     pub identical: bool,
-    /// Events whose transitions differ.
+    /// Events whose transitions or effects differ.
     pub diverged_events: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_divergence: Option<Divergence>,
@@ -193,6 +201,30 @@ fn one_pass(
                 }
                 _ => false,
             };
+            // Effects are compared as recorded (their payloads are the plugin's JSON texts).
+            let recorded_effects = record.fx.as_ref().map_or(&[][..], |fx| &fx.effects[..]);
+            let same_effects = match &decided {
+                Some(Ok(decided)) => decided.effects == recorded_effects,
+                _ => true,
+            };
+            if same && !same_effects {
+                out.diverged_events += 1;
+                if out.first_divergence.is_none()
+                    && let Some(Ok(decided)) = &decided
+                {
+                    let json =
+                        |e: &crate::journal::Effect| serde_json::to_value(e).unwrap_or_default();
+                    out.first_divergence = Some(Divergence {
+                        seq: record.seq,
+                        event: parse(&event),
+                        recorded: record.transitions.iter().map(|t| parse_bytes(t)).collect(),
+                        candidate: Some(decided.transitions.iter().map(|t| parse(t)).collect()),
+                        error: None,
+                        recorded_effects: recorded_effects.iter().map(json).collect(),
+                        candidate_effects: Some(decided.effects.iter().map(json).collect()),
+                    });
+                }
+            }
             if !same {
                 // From here the decider's state is its own: fold the recorded transitions in
                 // an instance of their own, brought up to just before this event.
@@ -227,6 +259,8 @@ fn one_pass(
                                 .ok()
                                 .map(|d| d.transitions.iter().map(|t| parse(t)).collect()),
                             error: decided.as_ref().err().map(|f| f.error.to_string()),
+                            recorded_effects: Vec::new(),
+                            candidate_effects: None,
                         });
                     }
                     if let Err(Failed {

@@ -525,3 +525,43 @@ async fn a_chain_of_messages_across_three_devices_keeps_each_senders_order() {
     assert_eq!(state(&rt, "c").await["count"], 30);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_sees_a_version_whose_effects_differ() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    rt.provision("m", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    let arm = json!({"type": "arm", "key": "k", "after_ms": 600_000, "event": {"type": "ok"}});
+    rt.send("m", &arm.to_string()).await.expect("armed");
+    // Version 2 arms 1 ms later: same transitions (none), same state, other effects.
+    let (v2, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Registered::Upload,
+        )
+        .await
+        .expect("v2");
+    let report = rt
+        .dry_run(
+            "misbehave",
+            v2.version,
+            drover::Selection::Devices(vec!["m".into()]),
+        )
+        .await
+        .expect("dry-run");
+    let d = &report.devices[0];
+    assert!(d.state_matches && d.folds, "{d:?}");
+    assert!(!d.identical, "{d:?}");
+    assert_eq!(d.diverged_events, 1);
+    let first = d.first_divergence.as_ref().expect("a divergence");
+    assert_eq!(first.recorded_effects.len(), 1);
+    let candidate = first.candidate_effects.as_ref().expect("candidate effects");
+    assert_eq!(
+        candidate[0]["due_ms"].as_u64().unwrap(),
+        first.recorded_effects[0]["due_ms"].as_u64().unwrap() + 1
+    );
+    rt.shutdown().await;
+}

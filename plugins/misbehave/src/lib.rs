@@ -280,6 +280,9 @@ impl Device for Misbehave {
                 after_ms,
                 event,
             } => {
+                // Version 2 arms 1 ms later: the same transitions, other effects (for the
+                // dry-run, which must see that as a divergence).
+                let after_ms = after_ms + u64::from(cfg!(feature = "v2"));
                 ctx.set_timer(key, drover_guest::Timer::after_ms(after_ms), &event);
                 Vec::new()
             }

@@ -8,7 +8,7 @@
 //!   `bench`); see its docs for each command.
 //! * [`sim`]: the fleet simulator that drives a server over HTTP (`sim`, `demo`,
 //!   `bench http`).
-//! * [`embedded`]: the example plugins (thermostat, door-lock), built from `plugins/` by
+//! * [`embedded`]: the example plugins (thermostat, room, door-lock), built from `plugins/` by
 //!   `host/build.rs` and compiled into the binary.
 
 mod cli;
