@@ -86,6 +86,20 @@ pub struct Durable {
     pub retry: bool,
 }
 
+impl Durable {
+    /// Not a record: `head`'s timers are to be put back in the wheel after [`TIMER_RETRY`].
+    fn timer_retry(head: &DeviceHead) -> Durable {
+        Durable {
+            device: head.id.clone(),
+            num: head.num,
+            seq: 0,
+            effects: Vec::new(),
+            timers_changed: true,
+            retry: true,
+        }
+    }
+}
+
 /// How long a timer whose firing was not recorded (the guest failed on it, the device is
 /// quarantined, a commit failed) waits before it fires again.
 pub const TIMER_RETRY: Duration = Duration::from_secs(5);
@@ -738,14 +752,7 @@ impl Actor {
     /// does not spin.
     fn timer_not_handled(&self, origin: &Origin) {
         if matches!(origin, Origin::Timer { .. }) {
-            let _ = self.env.dispatch.send(Durable {
-                device: self.head.id.clone(),
-                num: self.head.num,
-                seq: 0,
-                effects: Vec::new(),
-                timers_changed: true,
-                retry: true,
-            });
+            let _ = self.env.dispatch.send(Durable::timer_retry(&self.head));
         }
     }
 
@@ -962,14 +969,8 @@ impl Actor {
             effects: decided.effects,
         };
         let env = self.env.clone();
-        let retry_timer = matches!(fx.origin, Origin::Timer { .. }).then(|| Durable {
-            device: self.head.id.clone(),
-            num: self.head.num,
-            seq: 0,
-            effects: Vec::new(),
-            timers_changed: true,
-            retry: true,
-        });
+        let retry_timer =
+            matches!(fx.origin, Origin::Timer { .. }).then(|| Durable::timer_retry(&self.head));
         self.writer.append_event(
             seq,
             at_ms,

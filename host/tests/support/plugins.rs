@@ -60,42 +60,29 @@ fn make_plugin_dir() -> PathBuf {
 /// dependency build, then only the plugin crate per variant), one variant at a time, so the
 /// default artifact other tests use is never overwritten.
 pub fn misbehave_variant(features: &str) -> Vec<u8> {
-    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ lives in the workspace root");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let target_dir = guest_build::plugin_target_dir(workspace).join("variants");
-    let built = guest_build::build_with_features(
-        cargo,
-        workspace,
-        &target_dir,
-        &["misbehave"],
-        &format!("misbehave/{features}"),
-    );
-    guest_build::read_component(&built, "misbehave")
+    variant("variants", "misbehave", &format!("misbehave/{features}"))
 }
 
 /// The `thermostat` example built against the frozen first contract,
 /// `drover:device@0.1.0` (the SDK's `contract-v0-1` feature): what a plugin built before
 /// effects existed looks like to the host. In a target directory of its own.
 pub fn thermostat_v0_1() -> Vec<u8> {
+    variant("contract-v0-1", "thermostat", "drover-guest/contract-v0-1")
+}
+
+/// Plugin `package` built with cargo `features` in target directory `dir` (under the
+/// plugins' own), one build at a time.
+fn variant(dir: &str, package: &str, features: &str) -> Vec<u8> {
     static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("host/ lives in the workspace root");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let target_dir = guest_build::plugin_target_dir(workspace).join("contract-v0-1");
-    let built = guest_build::build_with_features(
-        cargo,
-        workspace,
-        &target_dir,
-        &["thermostat"],
-        "drover-guest/contract-v0-1",
-    );
-    guest_build::read_component(&built, "thermostat")
+    let target_dir = guest_build::plugin_target_dir(workspace).join(dir);
+    let built =
+        guest_build::build_with_features(cargo, workspace, &target_dir, &[package], features);
+    guest_build::read_component(&built, package)
 }
 
 /// A `cargo` command for building crates outside the workspace (a scaffolded plugin), with
