@@ -181,8 +181,8 @@ async fn run(n: usize) -> anyhow::Result<()> {
     let extra = (after_timed as f64 - after_plain as f64) - (after_plain as f64 - before as f64);
     println!(
         "events/s, one reading each: without a timer {baseline:.0}, setting one {schedule:.0}; \
-         scheduled {}",
-        rt.timers_scheduled()
+         devices in the timer wheel {}",
+        rt.timer_wheel_devices()
     );
     println!(
         "heap in use per device: {:.0} B after a reading without a timer, {:.0} B with one: \

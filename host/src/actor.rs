@@ -184,7 +184,12 @@ pub enum Message {
     /// first (a message already handled or a timer replaced meanwhile is dropped), a refusal
     /// consumes it (recorded with no transitions, so it is not delivered again), and nobody
     /// waits for an answer. See `crate::dispatch`.
-    Internal { event: String, origin: Origin },
+    Internal {
+        /// The event; `None` for a timer firing, whose event the actor reads from the record
+        /// that set the timer (the wheel and the index do not keep timers' events).
+        event: Option<String>,
+        origin: Origin,
+    },
     /// Move to plugin version `version` between two events (a deploy or rollback): see
     /// `crate::upgrade`.
     Upgrade {
@@ -714,7 +719,7 @@ impl Actor {
 
     /// Checks an internal event (see [`Message::Internal`]) against the journal, then
     /// handles it like an event.
-    async fn on_internal(&mut self, event: String, origin: Origin) {
+    async fn on_internal(&mut self, event: Option<String>, origin: Origin) {
         // After a crash of this device's previous actor, its records may still be on their way
         // to disk: the checks below read the journal, so wait for them first.
         if self.must_sync {
@@ -739,6 +744,27 @@ impl Actor {
             tracing::debug!(device = %self.head.id, ?origin, "dropped: already handled, or replaced");
             return;
         }
+        let event = match (event, &origin) {
+            (Some(event), _) => event,
+            (None, Origin::Timer { key, set, .. }) => {
+                match self.env.journal.timer_event(self.head.num, *set) {
+                    Ok(Some(event)) => event,
+                    Ok(None) => {
+                        tracing::error!(device = %self.head.id, key, seq = set.seq, index = set.index, "the record that set this timer holds no timer; dropped");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %self.head.id, key, error = %e, "cannot read the event of a timer that fired; it fires again later");
+                        self.timer_not_handled(&origin);
+                        return;
+                    }
+                }
+            }
+            (None, _) => {
+                tracing::error!(device = %self.head.id, ?origin, "an internal event without its event; dropped");
+                return;
+            }
+        };
         let timer = matches!(origin, Origin::Timer { .. }).then(|| origin.clone());
         let submitted = self.on_event(event, origin, Instant::now(), None).await;
         if !submitted && let Some(timer) = timer {

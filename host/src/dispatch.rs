@@ -166,13 +166,13 @@ impl Postman {
     }
 }
 
-/// Makes the wheel's entries of `device` what the journal's index says are pending.
-fn sync_timers(journal: &Journal, timers: &TimerWheel, device: &Arc<str>, num: u32) {
+/// Makes the wheel's entry of device `num` what the journal's index says is pending.
+fn sync_timers(journal: &Journal, timers: &TimerWheel, num: u32) {
     let pending = journal
         .device_fx(num)
         .map(|fx| fx.timers)
         .unwrap_or_default();
-    timers.sync(device, &pending);
+    timers.sync(num, &pending);
 }
 
 /// Who sent `msg` (id, device number) and its id, if it is a message.
@@ -231,7 +231,7 @@ impl Dispatcher {
         for (device, num, fx) in pending {
             timers += fx.timers.len();
             if !fx.timers.is_empty() {
-                self.timers.sync(&device, &fx.timers);
+                self.timers.sync(num, &fx.timers);
             }
             let mut by_seq: Vec<(EffectId, String)> = fx.sent.into_iter().collect();
             by_seq.sort();
@@ -288,10 +288,10 @@ impl Dispatcher {
             let (journal, timers) = (self.journal.clone(), self.timers.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(crate::actor::TIMER_RETRY).await;
-                sync_timers(&journal, &timers, &d.device, d.num);
+                sync_timers(&journal, &timers, d.num);
             });
         } else if d.timers_changed {
-            sync_timers(&self.journal, &self.timers, &d.device, d.num);
+            sync_timers(&self.journal, &self.timers, d.num);
         }
     }
 
@@ -302,7 +302,7 @@ impl Dispatcher {
         self.postman.post(
             to,
             Message::Internal {
-                event,
+                event: Some(event),
                 origin: Origin::Message {
                     sender: sender.to_string(),
                     num,

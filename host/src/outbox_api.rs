@@ -135,26 +135,30 @@ impl Runtime {
         Ok(true)
     }
 
-    /// Device `id`'s pending timers, by key.
+    /// Device `id`'s pending timers, by key, with their events (read from the records that
+    /// set them).
     pub fn timers(&self, id: &str) -> Result<Vec<TimerView>, Error> {
-        let result = self.head(id).map(|head| {
-            self.shared
-                .journal
-                .device_fx(head.num)
-                .map(|fx| {
-                    fx.timers
-                        .into_iter()
-                        .map(|(key, t)| TimerView {
-                            key,
-                            due_ms: t.due_ms,
-                            every_ms: t.every_ms,
-                            event: t.event,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
+        let result = self.timers_inner(id);
         self.counted(result)
+    }
+
+    fn timers_inner(&self, id: &str) -> Result<Vec<TimerView>, Error> {
+        let head = self.head(id)?;
+        let journal = &self.shared.journal;
+        let Some(fx) = journal.device_fx(head.num) else {
+            return Ok(Vec::new());
+        };
+        fx.timers
+            .into_iter()
+            .map(|(key, t)| {
+                Ok(TimerView {
+                    key: key.into(),
+                    due_ms: t.due_ms,
+                    every_ms: t.every_ms,
+                    event: journal.timer_event(head.num, t.set)?.unwrap_or_default(),
+                })
+            })
+            .collect()
     }
 
     /// Ends every long poll and command stream now, and lets none wait any more: what a
@@ -164,8 +168,9 @@ impl Runtime {
         self.shared.outbox.close();
     }
 
-    /// Timers scheduled in the wheel, fleet-wide (a gauge for `/metrics`).
-    pub fn timers_scheduled(&self) -> usize {
+    /// Devices with a pending timer: the timer wheel's entries, one per device at its earliest
+    /// timer (a gauge for `/metrics`).
+    pub fn timer_wheel_devices(&self) -> usize {
         self.shared.timers.scheduled()
     }
 }

@@ -147,7 +147,11 @@ impl Runtime {
         );
         let effect_tasks = vec![
             handle.spawn(dispatcher.run(owed)),
-            handle.spawn(timers.clone().run(postman, metrics.clone())),
+            handle.spawn(
+                timers
+                    .clone()
+                    .run(journal.clone(), postman, metrics.clone()),
+            ),
         ];
         Ok(Runtime {
             shared: Arc::new(Shared {
@@ -635,9 +639,9 @@ impl Runtime {
                 journal.device_count() as u64,
             ),
             (
-                "drover_timers_scheduled",
-                "Pending durable timers in the timer wheel, fleet-wide.",
-                self.timers_scheduled() as u64,
+                "drover_timer_wheel_devices",
+                "Devices with a pending durable timer: the timer wheel's entries (one per device, at its earliest timer).",
+                self.timer_wheel_devices() as u64,
             ),
             (
                 "drover_journal_bytes",

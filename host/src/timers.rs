@@ -4,11 +4,20 @@
 //! Timers are durable because the journal says so: a timer is pending from the record whose
 //! effect set it until the record of its firing (or of its cancellation or replacement) is
 //! durable, and the journal's index keeps each device's pending timers (see
-//! `journal/effects.rs`). The wheel is only a schedule over that truth: one ordered map for
+//! `journal/effects.rs`). The wheel is only a schedule over that truth: one ordered set for
 //! the whole fleet rather than a task or a tokio timer per timer, re-synced per device from
 //! the index whenever a record of that device touched its timers (see `crate::dispatch`),
 //! and loaded whole at start, where timers that fell due while the process was down fire at
 //! once.
+//!
+//! # Small by design
+//!
+//! A fleet may have a million pending timers, so the wheel holds one entry per *device*, not
+//! per timer: `(earliest due time, device number)`, 16 bytes in a B-tree plus 16 in a map
+//! from the device to its entry. When an entry falls due the wheel asks the index which of
+//! that device's timers are due (and puts the device back at the next one); the timer's
+//! event is not in memory at all, the actor reads it from the record that set the timer.
+//! The index keeps 40 bytes and the key per timer (see [`crate::journal::TimerEntry`]).
 //!
 //! Firing a timer puts a [`Message::Internal`] with origin `timer` into the device's mailbox
 //! (activating it). The actor checks it against the journal before handling it, so a timer
@@ -16,7 +25,7 @@
 //! leaves the wheel only once the host's clock has reached its due time, and the event's
 //! `at_ms` is taken after that.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,14 +36,14 @@ use crate::actor::Message;
 use crate::clock;
 use crate::dispatch::Postman;
 use crate::journal::effects::VecMap;
-use crate::journal::{EffectId, Origin, TimerEntry};
+use crate::journal::{Journal, Origin, TimerEntry};
 use crate::metrics::Metrics;
 
 /// The longest the wheel sleeps without looking again, so a wall clock stepped forward is
 /// noticed within this.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
-/// The most firings taken in one turn before the task yields.
+/// The most devices taken in one turn before the task yields.
 const BATCH: usize = 4096;
 
 /// See the module docs.
@@ -46,87 +55,94 @@ pub struct TimerWheel {
 
 #[derive(Default)]
 struct Wheel {
-    /// (due, device, key) → the firing.
-    due: BTreeMap<(u64, Arc<str>, String), Firing>,
-    /// Each device's entries in `due`, to replace them all at a sync.
-    by_device: HashMap<Arc<str>, Vec<(u64, String)>>,
+    /// (due, device number): each device with pending timers once, at its earliest.
+    due: BTreeSet<(u64, u32)>,
+    /// Each device's place in `due`.
+    at: HashMap<u32, u64>,
 }
 
-struct Firing {
-    set: EffectId,
-    event: String,
+impl Wheel {
+    /// Puts device `num` at `due_ms` (or nowhere); returns whether that is now the earliest
+    /// entry of all, so the task must look again.
+    fn place(&mut self, num: u32, due_ms: Option<u64>) -> bool {
+        if let Some(old) = self.at.remove(&num) {
+            self.due.remove(&(old, num));
+        }
+        let Some(due_ms) = due_ms else {
+            return false;
+        };
+        self.at.insert(num, due_ms);
+        self.due.insert((due_ms, num));
+        self.due.first() == Some(&(due_ms, num))
+    }
 }
 
 impl TimerWheel {
-    /// Makes `device`'s entries exactly `timers` (its pending timers, as the index has them).
-    pub fn sync(&self, device: &Arc<str>, timers: &VecMap<String, TimerEntry>) {
-        let mut wheel = self.state.lock();
-        let earliest = wheel.due.first_key_value().map(|(k, _)| k.0);
-        if let Some(old) = wheel.by_device.remove(device) {
-            for (due, key) in old {
-                wheel.due.remove(&(due, device.clone(), key));
-            }
-        }
-        if timers.is_empty() {
-            return;
-        }
-        let mut mine = Vec::with_capacity(timers.len());
-        for (key, t) in timers.iter() {
-            wheel.due.insert(
-                (t.due_ms, device.clone(), key.clone()),
-                Firing {
-                    set: t.set,
-                    event: t.event.clone(),
-                },
-            );
-            mine.push((t.due_ms, key.clone()));
-        }
-        wheel.by_device.insert(device.clone(), mine);
-        let now_first = wheel.due.first_key_value().map(|(k, _)| k.0);
-        drop(wheel);
-        if now_first < earliest || earliest.is_none() {
+    /// Makes device `num`'s entry match `timers` (its pending timers, as the index has them).
+    pub fn sync(&self, num: u32, timers: &VecMap<Box<str>, TimerEntry>) {
+        let earliest = timers.values().map(|t| t.due_ms).min();
+        if self.state.lock().place(num, earliest) {
             self.wake.notify_one();
         }
     }
 
-    /// Timers scheduled.
+    /// Devices with a timer scheduled.
     pub fn scheduled(&self) -> usize {
         self.state.lock().due.len()
     }
 
     /// Fires timers as they fall due, forever (the runtime aborts it at shutdown).
-    pub async fn run(self: Arc<Self>, postman: Arc<Postman>, metrics: Arc<Metrics>) {
+    pub async fn run(
+        self: Arc<Self>,
+        journal: Journal,
+        postman: Arc<Postman>,
+        metrics: Arc<Metrics>,
+    ) {
         loop {
             // Registered before looking, so a sync between the look and the sleep wakes it.
             let woken = self.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
             let now = clock::now_ms();
-            let (due, next) = self.take_due(now);
-            let fired = due.len();
-            for (device, key, due_ms, firing) in due {
-                postman.post(
-                    &device,
-                    Message::Internal {
-                        event: firing.event,
-                        origin: Origin::Timer {
-                            key,
-                            set: firing.set,
-                            due_ms,
-                            missed: 0,
+            let (devices, next) = self.take_due(now);
+            let mut fired = 0u64;
+            for num in &devices {
+                let Some(timers) = journal.due_timers(*num, now) else {
+                    continue;
+                };
+                for (key, t) in timers.due {
+                    fired += 1;
+                    postman.post(
+                        &timers.device,
+                        Message::Internal {
+                            // Read by the actor from the record that set the timer.
+                            event: None,
+                            origin: Origin::Timer {
+                                key: key.into(),
+                                set: t.set,
+                                due_ms: t.due_ms,
+                                missed: 0,
+                            },
                         },
-                    },
-                );
+                    );
+                }
+                // The due ones are back at their next due time (or gone) once their firing
+                // records are durable (a sync); until then the device waits for its others.
+                let mut wheel = self.state.lock();
+                if !wheel.at.contains_key(num) {
+                    wheel.place(*num, timers.next_ms);
+                }
             }
             if fired > 0 {
                 metrics
                     .timers_fired
-                    .fetch_add(fired as u64, std::sync::atomic::Ordering::Relaxed);
-                if fired == BATCH {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
+                    .fetch_add(fired, std::sync::atomic::Ordering::Relaxed);
             }
+            if devices.len() == BATCH {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let next = self.state.lock().due.first().map(|e| e.0).or(next);
             let sleep = match next {
                 Some(at) => Duration::from_millis(at.saturating_sub(now)).min(MAX_SLEEP),
                 None => MAX_SLEEP,
@@ -138,28 +154,22 @@ impl TimerWheel {
         }
     }
 
-    /// Takes up to [`BATCH`] timers due at `now`, and says when the next one is due.
-    #[allow(clippy::type_complexity)]
-    fn take_due(&self, now: u64) -> (Vec<(Arc<str>, String, u64, Firing)>, Option<u64>) {
+    /// Takes up to [`BATCH`] devices with an entry due at `now`, and says when the next
+    /// entry is due.
+    fn take_due(&self, now: u64) -> (Vec<u32>, Option<u64>) {
         let mut wheel = self.state.lock();
         let mut out = Vec::new();
         while out.len() < BATCH {
-            match wheel.due.first_key_value() {
-                Some(((due, _, _), _)) if *due <= now => {}
+            match wheel.due.first() {
+                Some(&(due, num)) if due <= now => {
+                    wheel.due.pop_first();
+                    wheel.at.remove(&num);
+                    out.push(num);
+                }
                 _ => break,
             }
-            let Some(((due, device, key), firing)) = wheel.due.pop_first() else {
-                break;
-            };
-            if let Some(mine) = wheel.by_device.get_mut(&device) {
-                mine.retain(|(d, k)| !(*d == due && *k == key));
-                if mine.is_empty() {
-                    wheel.by_device.remove(&device);
-                }
-            }
-            out.push((device, key, due, firing));
         }
-        let next = wheel.due.first_key_value().map(|(k, _)| k.0);
+        let next = wheel.due.first().map(|e| e.0);
         (out, next)
     }
 }
@@ -167,44 +177,38 @@ impl TimerWheel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::EffectId;
 
     fn timer(due_ms: u64, seq: u64) -> TimerEntry {
         TimerEntry {
             due_ms,
             every_ms: None,
-            event: "{}".into(),
             set: EffectId { seq, index: 0 },
         }
     }
 
+    fn map(entries: Vec<(&str, TimerEntry)>) -> VecMap<Box<str>, TimerEntry> {
+        entries.into_iter().map(|(k, t)| (k.into(), t)).collect()
+    }
+
     #[test]
-    fn a_sync_replaces_a_devices_timers_and_only_due_ones_are_taken() {
+    fn a_device_is_in_the_wheel_once_at_its_earliest_and_a_sync_moves_it() {
         let wheel = TimerWheel::default();
-        let a: Arc<str> = Arc::from("a");
-        let b: Arc<str> = Arc::from("b");
-        let map = |entries: Vec<(&str, TimerEntry)>| -> VecMap<String, TimerEntry> {
-            entries
-                .into_iter()
-                .map(|(k, t)| (k.to_string(), t))
-                .collect()
-        };
-        wheel.sync(&a, &map(vec![("x", timer(100, 1)), ("y", timer(300, 1))]));
-        wheel.sync(&b, &map(vec![("x", timer(200, 1))]));
-        // `a` replaces x and cancels y.
-        wheel.sync(&a, &map(vec![("x", timer(150, 2))]));
+        wheel.sync(1, &map(vec![("x", timer(100, 1)), ("y", timer(300, 1))]));
+        wheel.sync(2, &map(vec![("x", timer(200, 1))]));
+        assert_eq!(wheel.scheduled(), 2);
+        // Device 1 replaces x and cancels y.
+        wheel.sync(1, &map(vec![("x", timer(150, 2))]));
         assert_eq!(wheel.scheduled(), 2);
         let (due, next) = wheel.take_due(149);
         assert!(due.is_empty());
         assert_eq!(next, Some(150));
         let (due, next) = wheel.take_due(200);
-        let fired: Vec<(&str, u64, u64)> = due
-            .iter()
-            .map(|(d, _, at, f)| (&**d, *at, f.set.seq))
-            .collect();
-        assert_eq!(fired, [("a", 150, 2), ("b", 200, 1)]);
+        assert_eq!(due, [1, 2]);
         assert_eq!(next, None);
         assert_eq!(wheel.scheduled(), 0);
-        wheel.sync(&b, &VecMap::default());
-        assert!(wheel.state.lock().by_device.is_empty());
+        wheel.sync(2, &VecMap::default());
+        let state = wheel.state.lock();
+        assert!(state.at.is_empty() && state.due.is_empty());
     }
 }

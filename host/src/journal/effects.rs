@@ -105,13 +105,13 @@ impl Fx {
     }
 }
 
-/// A pending timer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A pending timer: 40 bytes, plus its key. A fleet may hold a million of them, so the event
+/// its firing hands to `handle` is not kept here: it is read from the record that set the
+/// timer (effect `set`, see [`Fx::timer_event`]) when the timer fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimerEntry {
     pub due_ms: u64,
     pub every_ms: Option<u64>,
-    /// The event its firing hands to `handle`.
-    pub event: String,
     /// The effect that set it: a firing names it, so a firing of a timer since replaced is
     /// recognised and dropped.
     pub set: EffectId,
@@ -123,6 +123,17 @@ impl TimerEntry {
         let every = self.every_ms?.max(1);
         Some(due_ms.saturating_add(every.saturating_mul(missed.saturating_add(1))))
     }
+}
+
+/// One device's timers that fell due, as the journal's index has them: see
+/// [`crate::journal::Journal::due_timers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimers {
+    pub device: std::sync::Arc<str>,
+    /// The timers due, by key.
+    pub due: Vec<(Box<str>, TimerEntry)>,
+    /// When the earliest of the device's other timers is due, if it has any.
+    pub next_ms: Option<u64>,
 }
 
 /// A command waiting in the outbox.
@@ -138,7 +149,7 @@ pub struct CommandEntry {
 /// used effects, so they cost nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFx {
-    pub timers: VecMap<String, TimerEntry>,
+    pub timers: VecMap<Box<str>, TimerEntry>,
     /// Messages this device sent whose target has not handled them yet: id → target.
     pub sent: VecMap<EffectId, String>,
     /// Commands not yet acknowledged (nor expired): id → when issued and until when.
@@ -275,14 +286,14 @@ impl DeviceFx {
             due_ms,
             missed,
         } = &fx.origin
-            && let Some(timer) = self.timers.get_mut(key)
+            && let Some(timer) = self.timers.get_mut(key.as_str())
             && timer.set == *set
             && timer.due_ms == *due_ms
         {
             match timer.next_due(*due_ms, *missed) {
                 Some(next) => timer.due_ms = next,
                 None => {
-                    self.timers.remove(key);
+                    self.timers.remove(key.as_str());
                 }
             }
         }
@@ -308,20 +319,19 @@ impl DeviceFx {
                     key,
                     due_ms,
                     every_ms,
-                    event,
+                    ..
                 } => {
                     self.timers.insert(
-                        key.clone(),
+                        key.as_str().into(),
                         TimerEntry {
                             due_ms: *due_ms,
                             every_ms: *every_ms,
-                            event: event.clone(),
                             set: id,
                         },
                     );
                 }
                 Effect::CancelTimer { key } => {
-                    self.timers.remove(key);
+                    self.timers.remove(key.as_str());
                 }
             }
         }
@@ -342,6 +352,14 @@ impl DeviceFx {
 }
 
 impl Fx {
+    /// The event of the timer set by effect `index` of this record, if that effect set one.
+    pub fn timer_event(&self, index: u32) -> Option<&str> {
+        match self.effects.get(index as usize)? {
+            Effect::SetTimer { event, .. } => Some(event),
+            _ => None,
+        }
+    }
+
     /// The message this record handled, if it handled one: (sender's device number, effect
     /// id), to be struck from the sender's [`DeviceFx::sent`].
     pub fn delivered(&self) -> Option<(u32, EffectId)> {

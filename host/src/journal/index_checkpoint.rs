@@ -14,7 +14,7 @@
 //! `journal.log.index/checkpoint`, beside the runs it names:
 //!
 //! ```text
-//! "DRVIXCK2"   8 bytes, magic and version of this file
+//! "DRVIXCK3"   8 bytes, magic and version of this file
 //! image        postcard encoding of `Image` (below)
 //! crc32        4 bytes LE, CRC-32 of the image bytes
 //! ```
@@ -71,9 +71,10 @@ pub const INDEX_CHECKPOINT_EVERY: u64 = 256 << 20;
 /// The checkpoint's file name in the runs' directory.
 pub const FILE: &str = "checkpoint";
 
-/// Version 2 added each device's pending effects; a version-1 file is not read (the start
-/// scans the journal once and writes a version-2 checkpoint).
-const MAGIC: &[u8; 8] = b"DRVIXCK2";
+/// Version 2 added each device's pending effects, version 3 left timers' events out of them
+/// (they are read from their records). An older file is not read: the start scans the
+/// journal once and writes a version-3 checkpoint.
+const MAGIC: &[u8; 8] = b"DRVIXCK3";
 
 /// How many bytes at each end of the checkpointed prefix its CRCs cover.
 const IDENTITY_BYTES: u64 = 64 << 10;

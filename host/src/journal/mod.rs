@@ -65,7 +65,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::Notify;
 
-pub use effects::{DeviceFx, Effect, EffectId, Fx, Origin, TimerEntry};
+pub use effects::{DeviceFx, DueTimers, Effect, EffectId, Fx, Origin, TimerEntry};
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
 pub use index_checkpoint::INDEX_CHECKPOINT_EVERY;
@@ -1012,7 +1012,44 @@ impl Journal {
             .devices
             .get(&num)
             .and_then(|d| d.fx.as_deref())
-            .and_then(|fx| fx.timers.get(key).cloned())
+            .and_then(|fx| fx.timers.get(key).copied())
+    }
+
+    /// Device `num`'s pending timers due by `now_ms`, with the device's id and when the
+    /// earliest of its other timers is due: what the timer wheel needs when the device's
+    /// entry falls due. `None` for a device that does not exist.
+    pub fn due_timers(&self, num: u32, now_ms: u64) -> Option<DueTimers> {
+        let index = self.index();
+        let d = index.devices.get(&num)?;
+        let mut due = Vec::new();
+        let mut next_ms: Option<u64> = None;
+        for (key, t) in
+            d.fx.as_deref()
+                .map(|fx| fx.timers.iter())
+                .into_iter()
+                .flatten()
+        {
+            if t.due_ms <= now_ms {
+                due.push((key.clone(), *t));
+            } else {
+                next_ms = Some(next_ms.map_or(t.due_ms, |n| n.min(t.due_ms)));
+            }
+        }
+        Some(DueTimers {
+            device: d.id.clone(),
+            due,
+            next_ms,
+        })
+    }
+
+    /// The event that timer `set` of device `num` hands to `handle` when it fires, read from
+    /// the record that set it (the index keeps timers without their events); `None` if that
+    /// effect set no timer.
+    pub fn timer_event(&self, num: u32, set: EffectId) -> Result<Option<String>, JournalError> {
+        let record = self.read_events(num, set.seq, set.seq)?.pop();
+        Ok(record
+            .and_then(|r| r.fx)
+            .and_then(|fx| fx.timer_event(set.index).map(str::to_owned)))
     }
 
     /// Every device that owes something, with what it owes: what a start needs to arm the

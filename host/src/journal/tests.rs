@@ -2331,7 +2331,17 @@ fn owed(journal: &Journal) -> Vec<(String, DeviceFx)> {
     let mut all: Vec<(String, DeviceFx)> = journal
         .pending_fx()
         .into_iter()
-        .map(|(id, _, fx)| (id.to_string(), fx))
+        .map(|(id, num, fx)| {
+            // The index keeps no events: each pending timer's is read from its record.
+            for (key, t) in fx.timers.iter() {
+                assert_eq!(
+                    journal.timer_event(num, t.set).expect("read"),
+                    Some(format!(r#"{{"timer":"{key}"}}"#)),
+                    "{id}: the event of timer {key}"
+                );
+            }
+            (id.to_string(), fx)
+        })
         .collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
     all
@@ -2439,7 +2449,6 @@ fn expected_owed() -> Vec<(String, DeviceFx)> {
         TimerEntry {
             due_ms: 7000,
             every_ms: None,
-            event: r#"{"timer":"once"}"#.into(),
             set: EffectId { seq: 2, index: 0 },
         },
     );
@@ -2448,7 +2457,6 @@ fn expected_owed() -> Vec<(String, DeviceFx)> {
         TimerEntry {
             due_ms: 5000,
             every_ms: Some(1000),
-            event: r#"{"timer":"tick"}"#.into(),
             set: EffectId { seq: 1, index: 2 },
         },
     );

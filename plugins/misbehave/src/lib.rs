@@ -127,13 +127,17 @@ pub enum Event {
         #[serde(default)]
         tag: u64,
     },
-    /// Set timer `key` to deliver `event` (any of these events) after `after_ms`: a timer
-    /// whose firing misbehaves.
+    /// Set timer `key` to deliver `event` (any of these events) after `after_ms`, or at
+    /// `at_ms`: a timer whose firing misbehaves, or many due at once.
     Arm {
         /// The timer's key.
         key: String,
         /// Delay, ms.
+        #[serde(default)]
         after_ms: u64,
+        /// Due time, ms since the Unix epoch (instead of `after_ms`).
+        #[serde(default)]
+        at_ms: Option<u64>,
         /// The event the firing delivers.
         event: drover_guest::serde_json::Value,
     },
@@ -278,12 +282,17 @@ impl Device for Misbehave {
             Event::Arm {
                 key,
                 after_ms,
+                at_ms,
                 event,
             } => {
                 // Version 2 arms 1 ms later: the same transitions, other effects (for the
                 // dry-run, which must see that as a divergence).
-                let after_ms = after_ms + u64::from(cfg!(feature = "v2"));
-                ctx.set_timer(key, drover_guest::Timer::after_ms(after_ms), &event);
+                let later = u64::from(cfg!(feature = "v2"));
+                let timer = match at_ms {
+                    Some(at) => drover_guest::Timer::at_ms(at + later),
+                    None => drover_guest::Timer::after_ms(after_ms + later),
+                };
+                ctx.set_timer(key, timer, &event);
                 Vec::new()
             }
         })
