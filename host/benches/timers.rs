@@ -1,8 +1,16 @@
-//! Durable timers at fleet scale: what setting them costs, how late they fire, and how soon
-//! they fire again after a restart.
+//! Durable timers at fleet scale: what they cost in memory, what setting them costs, how
+//! late they fire, and how soon they fire again after a restart.
 //!
-//! `cargo bench -p drover --bench timers` provisions N thermostats with a heartbeat timer
-//! (`offline_after_ms`) and N without, in one process, then:
+//! `cargo bench -p drover --bench timers` first measures the memory of the timer index alone,
+//! with M timers over M devices (default 1,000,000): it writes two journals straight through
+//! the journal API (no guest runs), M devices with one event each, setting a timer due in an
+//! hour in one and no timer in the other, then opens them side by side and prints the heap
+//! in use per timer (glibc `mallinfo2`): of the journal's index (each device's pending
+//! timers), and of a runtime (index plus the timer wheel), and how long the runtime took to
+//! arm them all at open.
+//!
+//! Then it provisions N thermostats with a heartbeat timer (`offline_after_ms`) and N
+//! without, in one process, and:
 //!
 //! 1. **baseline**: one reading to each device without a timer (activation + event + commit);
 //! 2. **schedule**: one reading to each device with one: the same, plus a kind-9 record and a
@@ -16,15 +24,19 @@
 //!    overdue, opens it again and prints the time from the open to the first firing and to
 //!    the last.
 //!
-//! Options (environment): `DROVER_BENCH_TIMERS` (N, default 100,000).
+//! Options (environment): `DROVER_BENCH_TIMERS` (N, default 100,000),
+//! `DROVER_BENCH_TIMER_INDEX` (M, default 1,000,000; 0 skips that part).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover::Runtime;
+use drover::journal::{Effect, Fx, Journal, JournalOptions, Origin};
 
 #[path = "support/mod.rs"]
 mod common;
+#[path = "../tests/support/plugins.rs"]
+mod plugins;
 use common::{THERMOSTAT, env_or};
 
 /// Bytes the allocator has handed out and not taken back (glibc's `mallinfo2`): heap in use,
@@ -74,9 +86,18 @@ async fn each(
 }
 
 fn reading(rt: Runtime, id: String) -> futures::future::BoxFuture<'static, anyhow::Result<()>> {
+    send(rt, id, r#"{"type":"reading","celsius":20.0}"#.into())
+}
+
+/// Sends `event` to `id`, again while its mailbox is full.
+fn send(
+    rt: Runtime,
+    id: String,
+    event: String,
+) -> futures::future::BoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
         loop {
-            match rt.send(&id, r#"{"type":"reading","celsius":20.0}"#).await {
+            match rt.send(&id, &event).await {
                 Ok(_) => return Ok(()),
                 Err(drover::Error::MailboxFull) => tokio::task::yield_now().await,
                 Err(e) => return Err(anyhow::anyhow!("{id}: {e}")),
@@ -127,11 +148,202 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p) as usize]
 }
 
+/// Writes `n` thermostats straight through the journal, each with one event record; with
+/// `timer`, that record sets a timer due in an hour (as a thermostat's heartbeat does).
+async fn write_fleet(root: &std::path::Path, n: usize, timer: bool) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(root);
+    // Registered as a runtime does, so that a runtime opens this journal afterwards.
+    let rt = open(root, 0).await?;
+    let version = rt
+        .journal()
+        .versions()
+        .last()
+        .map(|v| v.id)
+        .ok_or_else(|| anyhow::anyhow!("no plugin version recorded"))?;
+    rt.shutdown().await;
+    drop(rt);
+    let journal = Journal::open(root, &JournalOptions::default())?;
+    let at = drover::clock::now_ms();
+    let fx = Fx {
+        origin: Origin::External,
+        effects: vec![Effect::SetTimer {
+            key: "heartbeat".into(),
+            due_ms: at + 3_600_000,
+            every_ms: None,
+            event: r#"{"type":"silent"}"#.into(),
+        }],
+    };
+    let ids: Vec<String> = (0..n).map(|i| format!("t-{i:07}")).collect();
+    for chunk in ids.chunks(4096) {
+        let heads = futures::future::try_join_all(
+            chunk
+                .iter()
+                .map(|id| journal.record_device(id, version, b"{}", at)),
+        )
+        .await?;
+        for head in heads {
+            journal.device_writer(head.num, 1).append_event(
+                1,
+                at,
+                version,
+                r#"{"type":"reading","celsius":20.0}"#,
+                vec![r#"{"type":"temperature_recorded","celsius":20.0}"#.into()],
+                timer.then(|| fx.clone()),
+                |_, _| {},
+            );
+        }
+    }
+    journal.barrier().await?;
+    journal.close();
+    Ok(())
+}
+
+/// The memory of `m` pending timers, without guests: see the module docs.
+async fn index_memory(m: usize) -> anyhow::Result<()> {
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (plain, timed) = (
+        base.join("bench-timers-plain"),
+        base.join("bench-timers-timed"),
+    );
+    let started = Instant::now();
+    write_fleet(&plain, m, false).await?;
+    write_fleet(&timed, m, true).await?;
+    println!(
+        "timer index: wrote 2 x {m} devices with one record each in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let per_timer =
+        |h: [u64; 3]| ((h[2] as f64 - h[1] as f64) - (h[1] as f64 - h[0] as f64)) / m as f64;
+    let options = JournalOptions::default();
+    let h0 = heap_bytes();
+    let a = Journal::open(&plain, &options)?;
+    let h1 = heap_bytes();
+    let b = Journal::open(&timed, &options)?;
+    let h2 = heap_bytes();
+    let index = per_timer([h0, h1, h2]);
+    for j in [a, b] {
+        j.close();
+    }
+    let h0 = heap_bytes();
+    let a = open(&plain, 0).await?;
+    let h1 = heap_bytes();
+    let started = Instant::now();
+    let b = open(&timed, 0).await?;
+    let opened = started.elapsed();
+    while b.timer_wheel_devices() < m {
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("timers not armed within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let armed = started.elapsed();
+    let h2 = heap_bytes();
+    let total = per_timer([h0, h1, h2]);
+    println!(
+        "timer index, {m} timers over {m} devices: heap per pending timer {total:.0} B \
+         ({:.0} MB in all): the journal's index {index:.0} B, the timer wheel {:.0} B; \
+         open {:.2} s, all armed {:.2} s after it",
+        total * m as f64 / 1e6,
+        total - index,
+        opened.as_secs_f64(),
+        (armed - opened).as_secs_f64()
+    );
+    for rt in [a, b] {
+        rt.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&plain);
+    let _ = std::fs::remove_dir_all(&timed);
+    Ok(())
+}
+
+/// `n` timers due at the same instant on `n` live devices (the test plugin `misbehave`,
+/// whose `arm` event sets a timer at a given time): how long after the due time the wheel
+/// had handed them all out, and all their firings were handled and durable.
+async fn burst(n: usize) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-timers-burst");
+    let _ = std::fs::remove_dir_all(&root);
+    let misbehave = std::fs::read(plugins::plugin_dir().join("misbehave.wasm"))?;
+    let rt = Runtime::builder(&root)
+        .plugin("misbehave", misbehave)
+        .max_live_instances(n + 1024)
+        .idle_timeout(Duration::from_secs(3600))
+        .open()
+        .await?;
+    let ids: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("m-{i:07}")).collect());
+    each(&rt, &ids, |rt, id| {
+        Box::pin(async move {
+            rt.provision(&id, "misbehave", &serde_json::json!({}))
+                .await?;
+            send(rt, id, r#"{"type":"ok"}"#.into()).await
+        })
+    })
+    .await?;
+    // Every device is live now; arming them takes a fraction of activating them.
+    let started = Instant::now();
+    let due = drover::clock::now_ms() + 5_000;
+    let arm = format!(r#"{{"type":"arm","key":"k","at_ms":{due},"event":{{"type":"ok"}}}}"#);
+    each(&rt, &ids, move |rt, id| send(rt, id, arm.clone())).await?;
+    let armed = drover::clock::now_ms();
+    anyhow::ensure!(
+        armed < due,
+        "arming {n} live devices took {:.1} s: due time passed before all were set",
+        started.elapsed().as_secs_f64()
+    );
+    let committed_before = rt
+        .metrics()
+        .events_committed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut handed_out = None;
+    loop {
+        let now = drover::clock::now_ms();
+        let metrics = rt.metrics();
+        let fired = metrics
+            .timers_fired
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if handed_out.is_none() && fired >= n as u64 {
+            handed_out = Some(now.saturating_sub(due));
+        }
+        let committed = metrics
+            .events_committed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if committed >= committed_before + n as u64 {
+            let late = lateness(&rt, &ids)?;
+            println!(
+                "burst of {n} timers due at once on live devices: all handed out {} ms after \
+                 the due time, all handled and durable {} ms after it; lateness p50 {} ms, \
+                 p99 {} ms",
+                handed_out.unwrap_or(0),
+                now.saturating_sub(due),
+                pct(&late, 0.5),
+                pct(&late, 0.99)
+            );
+            break;
+        }
+        anyhow::ensure!(
+            now < due + 600_000,
+            "the burst was not handled within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    rt.shutdown().await;
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let n = env_or("DROVER_BENCH_TIMERS", 100_000) as usize;
+    let m = env_or("DROVER_BENCH_TIMER_INDEX", 1_000_000) as usize;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if m > 0 {
+        rt.block_on(index_memory(m))?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    rt.block_on(burst(n))?;
     rt.block_on(run(n))
 }
 

@@ -202,6 +202,11 @@ impl<K: Ord, V> VecMap<K, V> {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
+                // A `Vec`'s first growth makes room for four entries; most devices hold one
+                // (a heartbeat), and a fleet holds a million of these maps.
+                if self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
                 self.0.insert(i, (key, value));
                 None
             }
