@@ -903,6 +903,8 @@ impl Actor {
         let max_output = self.env.config.max_output_bytes;
         let budget = self.env.call_timeout;
         let internal = origin != Origin::External;
+        // A message or timer firing that trapped: consumed, then the instance is dropped.
+        let mut poisoned: Option<(Error, bool)> = None;
         let decided = match decide::decide(&mut live.instance, &ctx, &event, max_output, budget) {
             Ok(d) => d,
             // A message or timer the plugin refuses is consumed all the same (recorded with no
@@ -929,6 +931,28 @@ impl Actor {
                     code: error.code().to_string(),
                     message: error.to_string(),
                 });
+                decide::Decided::default()
+            }
+            // And so is one the guest traps on: a trap is deterministic (the same state and
+            // event trap again), so a poison message would come back at every start and let
+            // its sender's later messages overtake it, and a poison timer would fire every
+            // few seconds forever. Kept as a dead letter. A timeout is not deterministic (a
+            // loaded machine): that one is tried again.
+            Err(Failed {
+                error: error @ Error::Trap(_),
+                instance_lost,
+            }) if internal => {
+                self.writer.append_dead_letter(DeadLetter {
+                    device: self.head.num,
+                    after_seq: seq - 1,
+                    at_ms,
+                    version: self.head.version,
+                    event: event.clone().into_bytes(),
+                    code: error.code().to_string(),
+                    message: error.to_string(),
+                });
+                tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event trapped: consumed, kept as a dead letter");
+                poisoned = Some((error, instance_lost));
                 decide::Decided::default()
             }
             Err(Failed {
@@ -966,9 +990,21 @@ impl Actor {
         live.seq = seq;
         live.last_at_ms = at_ms;
         live.since_snapshot += count;
-        let take_snapshot = self.env.config.snapshot_every > 0
+        let take_snapshot = poisoned.is_none()
+            && self.env.config.snapshot_every > 0
             && live.since_snapshot >= self.env.config.snapshot_every;
-        self.recovered();
+        match &poisoned {
+            None => self.recovered(),
+            Some((error, lost)) => {
+                // The record below consumes the event; the next event rebuilds the device
+                // from the journal (which waits for that record) if the trap cost the
+                // instance.
+                self.record_failure(error);
+                if *lost {
+                    self.live = None;
+                }
+            }
+        }
 
         if decided
             .effects

@@ -416,9 +416,15 @@ async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timer_whose_firing_fails_fires_again_later_and_a_refused_one_is_consumed() {
+async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapping_one_is_consumed()
+ {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = open(dir.path()).await;
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime opens");
     rt.provision("m", "misbehave", &json!({}))
         .await
         .expect("provision");
@@ -436,16 +442,90 @@ async fn a_timer_whose_firing_fails_fires_again_later_and_a_refused_one_is_consu
     assert!(rt.timers("m").expect("timers").is_empty());
     assert!(rt.dead_letters("m").expect("dead letters").is_empty());
 
-    // Traps when it fires: a dead letter, and the timer stays pending and fires again
-    // (after `TIMER_RETRY`), instead of waiting for the next start.
+    // Traps when it fires: a trap is deterministic, so the firing is consumed too (recorded
+    // with no transitions) and kept as a dead letter; it does not fire again.
     rt.send("m", &arm("poison", json!({"type": "panic"})))
         .await
         .expect("armed");
-    eventually("two failed firings", async || {
-        rt.dead_letters("m").expect("dead letters").len() >= 2
+    eventually("the trapping firing recorded", async || {
+        timer_firings(&rt, "m").len() == 2
+    })
+    .await;
+    let dead = rt.dead_letters("m").expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].code, "trap");
+    assert!(rt.timers("m").expect("timers").is_empty());
+    assert_eq!(state(&rt, "m").await["count"], 0);
+
+    // Times out when it fires: not deterministic (a loaded machine), so the timer stays
+    // pending and fires again after `TIMER_RETRY`, instead of waiting for the next start.
+    rt.send("m", &arm("slow", json!({"type": "loop"})))
+        .await
+        .expect("armed");
+    eventually("two timed-out firings", async || {
+        rt.dead_letters("m")
+            .expect("dead letters")
+            .iter()
+            .filter(|d| d.code == "timeout")
+            .count()
+            >= 2
     })
     .await;
     assert_eq!(rt.timers("m").expect("timers").len(), 1, "still pending");
+    assert_eq!(timer_firings(&rt, "m").len(), 2, "no record for a timeout");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_target_traps_on_is_consumed_in_its_place_and_never_redelivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // The fifth of ten messages from `a` makes `b` trap.
+    for tag in 1..=10u64 {
+        let inner = if tag == 5 {
+            json!({"type": "panic"})
+        } else {
+            json!({"type": "ok"})
+        };
+        let event = json!({"type": "send", "to": "b", "tag": tag, "event": inner});
+        rt.send("a", &event.to_string()).await.expect("sent");
+    }
+    eventually("ten messages recorded by b", async || {
+        rt.device("b").await.expect("b").summary.seq == 10
+    })
+    .await;
+    let check = async |rt: &Runtime| {
+        let from: Vec<u64> = records(rt, "b")
+            .iter()
+            .filter_map(origin)
+            .map(|o| o["id"]["seq"].as_u64().expect("a message's id"))
+            .collect();
+        assert_eq!(from, (1..=10).collect::<Vec<u64>>(), "in a's order");
+        let poison = &records(rt, "b")[4];
+        assert!(poison.transitions.is_empty(), "{poison:?}");
+        let dead = rt.dead_letters("b").expect("dead letters");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].code, "trap");
+        assert_eq!(state(rt, "b").await["count"], 9);
+        assert!(
+            rt.journal()
+                .device_fx(rt.journal().device("a").expect("a").num)
+                .is_none(),
+            "nothing owed"
+        );
+    };
+    check(&rt).await;
+    rt.shutdown().await;
+    drop(rt);
+    // Not owed any more: the next start does not deliver it again.
+    let rt = open(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    check(&rt).await;
     rt.shutdown().await;
 }
 
