@@ -82,12 +82,16 @@ pub struct Durable {
     /// The record fired or changed a timer: the timer wheel re-reads the device's timers.
     pub timers_changed: bool,
     /// Not a record: a timer firing of this device ended without one, so the wheel re-reads
-    /// its timers after [`TIMER_RETRY`] (`effects` is empty, `seq` 0).
+    /// its timers after [`INTERNAL_RETRY`] (`effects` is empty, `seq` 0).
     pub retry: bool,
+    /// Not a record: a message to this device was not handled (it timed out, the device was
+    /// quarantined, ...), so every message still owed to it is sent again after this long.
+    pub redeliver: Option<Duration>,
 }
 
 impl Durable {
-    /// Not a record: `head`'s timers are to be put back in the wheel after [`TIMER_RETRY`].
+    /// Not a record: `head`'s timers are to be put back in the wheel after
+    /// [`INTERNAL_RETRY`].
     fn timer_retry(head: &DeviceHead) -> Durable {
         Durable {
             device: head.id.clone(),
@@ -96,13 +100,32 @@ impl Durable {
             effects: Vec::new(),
             timers_changed: true,
             retry: true,
+            redeliver: None,
+        }
+    }
+
+    /// Not a record: the messages owed to `head` are to be sent again after `after`.
+    fn redeliver(head: &DeviceHead, after: Duration) -> Durable {
+        Durable {
+            device: head.id.clone(),
+            num: head.num,
+            seq: 0,
+            effects: Vec::new(),
+            timers_changed: false,
+            retry: false,
+            redeliver: Some(after),
         }
     }
 }
 
-/// How long a timer whose firing was not recorded (the guest failed on it, the device is
-/// quarantined, a commit failed) waits before it fires again.
-pub const TIMER_RETRY: Duration = Duration::from_secs(5);
+/// How long a timer firing or a message that was not recorded (the guest timed out on it, the
+/// device could not activate, a commit failed) waits before it comes again. A quarantined
+/// device gets its messages again when the quarantine ends.
+pub const INTERNAL_RETRY: Duration = Duration::from_secs(5);
+
+/// Size of an actor's set of handled messages past which the durable ones are dropped from
+/// it (at most `max_in_flight` are not).
+const HANDLED_PRUNE: usize = 1024;
 
 /// The threads that run actors, and so all guest code of live devices.
 ///
@@ -253,6 +276,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         must_sync: after_crash,
         handled: Default::default(),
         commands: None,
+        sends: None,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -290,13 +314,16 @@ struct Actor {
     writer: DeviceWriter,
     /// Wait for the journal before the first activation (see [`spawn`]).
     must_sync: bool,
-    /// The last message handled from each sender (by device number) by this actor (see
-    /// `message_owed`).
-    handled: std::collections::HashMap<u32, EffectId>,
+    /// Messages (sender's device number, id) this actor handled whose records may not be
+    /// durable yet, when the journal still lists them as owed: a second copy is dropped (see
+    /// `message_owed`). Pruned of durable ones as it grows; emptied at every rebuild.
+    handled: std::collections::HashSet<(u32, EffectId)>,
     /// The device has issued commands (in this actor's life, or before: checked at the first
     /// event): only then is its outbox checked against the cap, so devices that never
     /// command pay nothing per event.
     commands: Option<bool>,
+    /// The same for messages sent and not yet handled by their targets.
+    sends: Option<bool>,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -374,6 +401,11 @@ impl Actor {
                         Message::Resume { reply } => {
                             if self.quarantine.is_some() {
                                 tracing::info!(device = %self.head.id, "quarantine lifted on request");
+                                // Messages dropped meanwhile come now, not at its planned end.
+                                let _ = self
+                                    .env
+                                    .dispatch
+                                    .send(Durable::redeliver(&self.head, Duration::ZERO));
                             }
                             self.recovered();
                             let _ = reply.send(Ok(self.status()));
@@ -392,9 +424,9 @@ impl Actor {
                         }
                         Message::Internal { origin, .. } if self.in_quarantine() => {
                             // Still owed in the journal: a timer is put back in the wheel for
-                            // later, a message is delivered again at the next start.
+                            // later, a message is delivered again when the quarantine ends.
                             self.env.metrics.internal_dropped.fetch_add(1, Ordering::Relaxed);
-                            self.timer_not_handled(&origin);
+                            self.internal_not_handled(&origin);
                         }
                         Message::Internal { event, origin } => {
                             self.on_internal(event, origin).await
@@ -539,6 +571,9 @@ impl Actor {
             self.env.journal.barrier().await?;
             self.must_sync = false;
         }
+        // Nothing of this actor is in flight now: the journal alone says what is owed (a
+        // message whose commit failed is owed again).
+        self.handled.clear();
         self.writer.next_generation();
         let fresh = self
             .env
@@ -724,7 +759,7 @@ impl Actor {
         // to disk: the checks below read the journal, so wait for them first.
         if self.must_sync {
             if self.env.journal.barrier().await.is_err() {
-                self.timer_not_handled(&origin);
+                self.internal_not_handled(&origin);
                 return;
             }
             self.must_sync = false;
@@ -755,7 +790,7 @@ impl Actor {
                     }
                     Err(e) => {
                         tracing::warn!(device = %self.head.id, key, error = %e, "cannot read the event of a timer that fired; it fires again later");
-                        self.timer_not_handled(&origin);
+                        self.internal_not_handled(&origin);
                         return;
                     }
                 }
@@ -765,21 +800,43 @@ impl Actor {
                 return;
             }
         };
-        let timer = matches!(origin, Origin::Timer { .. }).then(|| origin.clone());
-        let submitted = self.on_event(event, origin, Instant::now(), None).await;
-        if !submitted && let Some(timer) = timer {
-            self.timer_not_handled(&timer);
+        let submitted = self
+            .on_event(event, origin.clone(), Instant::now(), None)
+            .await;
+        match origin {
+            // Handled (its record is on its way): a second copy in the mailbox is dropped.
+            Origin::Message { num, id, .. } if submitted => {
+                if self.handled.len() >= HANDLED_PRUNE {
+                    let (journal, me) = (&self.env.journal, &self.head.id);
+                    self.handled
+                        .retain(|(sender, id)| journal.message_owed(*sender, *id, me));
+                }
+                self.handled.insert((num, id));
+            }
+            _ if !submitted => self.internal_not_handled(&origin),
+            _ => {}
         }
     }
 
-    /// A timer firing ended without a record (the guest failed on it, the device could not
-    /// activate, ...): the timer is still pending in the journal but no longer in the wheel.
-    /// Ask for it to be put back, after [`TIMER_RETRY`] so a timer whose event always fails
-    /// does not spin.
-    fn timer_not_handled(&self, origin: &Origin) {
-        if matches!(origin, Origin::Timer { .. }) {
-            let _ = self.env.dispatch.send(Durable::timer_retry(&self.head));
-        }
+    /// A timer firing or a message ended without a record (the guest timed out on it, the
+    /// device is quarantined or could not activate, ...): still owed in the journal, but no
+    /// longer in the wheel or on its way. Ask for it to come again, after [`INTERNAL_RETRY`]
+    /// (or when the quarantine ends) so an event that always fails does not spin. Every
+    /// message owed to the device comes again then, in each sender's order; those already
+    /// handled meanwhile are dropped on arrival.
+    fn internal_not_handled(&self, origin: &Origin) {
+        let d = match origin {
+            Origin::External => return,
+            Origin::Timer { .. } => Durable::timer_retry(&self.head),
+            Origin::Message { .. } => {
+                let after = match &self.quarantine {
+                    Some(q) => q.until.saturating_duration_since(Instant::now()),
+                    None => Duration::ZERO,
+                };
+                Durable::redeliver(&self.head, after.max(INTERNAL_RETRY))
+            }
+        };
+        let _ = self.env.dispatch.send(d);
     }
 
     /// Refuses an event from outside while the device's outbox is at its cap (commands in
@@ -810,19 +867,34 @@ impl Actor {
         Ok(())
     }
 
+    /// Refuses an event from outside while this device has sent messages that their targets
+    /// have not handled, at the cap: backpressure from a target that falls behind (or is
+    /// quarantined) to what feeds it. Messages in flight are not counted.
+    fn sent_room(&mut self) -> Result<(), Error> {
+        let journal = &self.env.journal;
+        let num = self.head.num;
+        if !*self.sends.get_or_insert_with(|| journal.sent_len(num) > 0) {
+            return Ok(());
+        }
+        let pending = journal.sent_len(num);
+        if pending == 0 {
+            self.sends = Some(false);
+            return Ok(());
+        }
+        let limit = self.env.config.max_messages_pending;
+        if pending >= limit {
+            return Err(Error::MessagesPending { pending, limit });
+        }
+        Ok(())
+    }
+
     /// Whether message `id` of `sender` is still owed to this device: the sender's journal
     /// still lists it as undelivered, and this incarnation has not handled it (its record
-    /// may still be on its way to disk). Messages from one sender arrive in order, so the
-    /// last id handled per sender is enough.
-    fn message_owed(&mut self, sender: u32, id: EffectId) -> bool {
-        if self.handled.get(&sender).is_some_and(|last| *last >= id) {
-            return false;
-        }
-        let owed = self.env.journal.message_owed(sender, id, &self.head.id);
-        if owed {
-            self.handled.insert(sender, id);
-        }
-        owed
+    /// may still be on its way to disk). A message that failed comes again after later ones
+    /// of its sender, so this is a set of ids, not the last one per sender.
+    fn message_owed(&self, sender: u32, id: EffectId) -> bool {
+        !self.handled.contains(&(sender, id))
+            && self.env.journal.message_owed(sender, id, &self.head.id)
     }
 
     /// Whether timer `key` is still set by effect `set` and due at `due_ms`: not cancelled,
@@ -859,7 +931,7 @@ impl Actor {
         };
         self.writer.room().await;
         if origin == Origin::External
-            && let Err(e) = self.outbox_room()
+            && let Err(e) = self.outbox_room().and_then(|()| self.sent_room())
         {
             answer(reply, Err(e));
             return false;
@@ -1006,12 +1078,12 @@ impl Actor {
             }
         }
 
-        if decided
-            .effects
-            .iter()
-            .any(|e| matches!(e, Effect::Command { .. }))
-        {
-            self.commands = Some(true);
+        for e in &decided.effects {
+            match e {
+                Effect::Command { .. } => self.commands = Some(true),
+                Effect::Send { .. } => self.sends = Some(true),
+                Effect::SetTimer { .. } | Effect::CancelTimer { .. } => {}
+            }
         }
         let timers_changed = matches!(origin, Origin::Timer { .. })
             || decided
@@ -1025,14 +1097,19 @@ impl Actor {
             effects: decided.effects.clone(),
             timers_changed,
             retry: false,
+            redeliver: None,
         });
         let fx = Fx {
             origin,
             effects: decided.effects,
         };
         let env = self.env.clone();
-        let retry_timer =
-            matches!(fx.origin, Origin::Timer { .. }).then(|| Durable::timer_retry(&self.head));
+        // A timer firing or message whose record fails is still owed: it comes again later.
+        let retry = match fx.origin {
+            Origin::External => None,
+            Origin::Timer { .. } => Some(Durable::timer_retry(&self.head)),
+            Origin::Message { .. } => Some(Durable::redeliver(&self.head, INTERNAL_RETRY)),
+        };
         self.writer.append_event(
             seq,
             at_ms,
@@ -1056,9 +1133,7 @@ impl Actor {
                         })
                     }
                     Err(e) => {
-                        // A timer firing that did not commit is still pending: back in the
-                        // wheel, later.
-                        if let Some(retry) = retry_timer {
+                        if let Some(retry) = retry {
                             let _ = env.dispatch.send(retry);
                         }
                         Err(Error::Journal(e))

@@ -69,6 +69,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Messages one device may have sent that their targets have not handled yet before its
+    /// events from outside are refused with [`crate::Error::MessagesPending`] (default
+    /// 1,000): backpressure from a target that falls behind (or is quarantined) to the
+    /// devices feeding it. Messages and timer firings are never refused for it.
+    pub fn max_messages_pending(mut self, n: usize) -> Self {
+        self.config.actor.max_messages_pending = n;
+        self
+    }
+
     /// Drop a device's instance after this long without a message (default 5 minutes); the
     /// next message reactivates it from snapshot + journal tail.
     pub fn idle_timeout(mut self, d: Duration) -> Self {

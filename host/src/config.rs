@@ -19,6 +19,12 @@ pub mod defaults {
     /// (one per heating switch, say); a thousand means nobody acknowledges, and the
     /// device's record of commands should not grow without bound meanwhile.
     pub const MAX_OUTBOX: usize = 1_000;
+    /// Messages one device may have sent that their targets have not handled yet before its
+    /// events from outside are refused (429 `messages-pending`). A device reports to a
+    /// handful of others, each handling a message in microseconds; a thousand waiting means
+    /// a target is stuck (quarantined, say) or far slower than its senders, and what waits
+    /// for it is held in memory until it catches up.
+    pub const MAX_MESSAGES_PENDING: usize = 1_000;
     /// Records of one device that may be waiting for the disk (pipelining depth). Past it the
     /// actor stops taking messages, so backpressure reaches the sender.
     pub const MAX_IN_FLIGHT: usize = 128;
@@ -204,6 +210,9 @@ pub struct ActorConfig {
     pub threads: usize,
     /// Unacknowledged commands per device past which its external events are refused.
     pub max_outbox: usize,
+    /// Messages per device not yet handled by their targets past which its external events
+    /// are refused.
+    pub max_messages_pending: usize,
 }
 
 impl Default for ActorConfig {
@@ -217,6 +226,7 @@ impl Default for ActorConfig {
             max_live: defaults::max_live(),
             threads: 0,
             max_outbox: defaults::MAX_OUTBOX,
+            max_messages_pending: defaults::MAX_MESSAGES_PENDING,
         }
     }
 }
@@ -268,6 +278,7 @@ impl Config {
             ("max in flight", self.actor.max_in_flight),
             ("max live instances", self.actor.max_live),
             ("max outbox", self.actor.max_outbox),
+            ("max messages pending", self.actor.max_messages_pending),
             ("max event bytes", self.max_event_bytes),
             ("max output bytes", self.actor.max_output_bytes),
             ("max guest memory", self.engine.max_memory),

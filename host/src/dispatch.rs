@@ -51,6 +51,9 @@ pub struct Postman {
     pool: tokio::runtime::Handle,
     /// Targets whose mailbox was full: their messages, in order, for the task draining them.
     parked: Mutex<HashMap<String, VecDeque<Message>>>,
+    /// Devices waiting for a redelivery of what is owed to them, and when it is due (see
+    /// `redeliver_later`).
+    redeliveries: Mutex<HashMap<Arc<str>, std::time::Instant>>,
     me: Weak<Postman>,
 }
 
@@ -67,8 +70,98 @@ impl Postman {
             metrics,
             pool,
             parked: Mutex::new(HashMap::new()),
+            redeliveries: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
+    }
+
+    /// Sends message `id` of device `sender` (number `num`) to `to`.
+    pub fn send(&self, sender: &Arc<str>, num: u32, id: EffectId, to: &str, event: String) {
+        self.metrics
+            .messages_delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.post(
+            to,
+            Message::Internal {
+                event: Some(event),
+                origin: Origin::Message {
+                    sender: sender.to_string(),
+                    num,
+                    id,
+                },
+            },
+        );
+    }
+
+    /// Sends again messages of device `sender` (number `num`) that are still owed, in id
+    /// order, each read from its record; returns how many.
+    pub fn resend(&self, sender: &Arc<str>, num: u32, mut owed: Vec<(EffectId, String)>) -> usize {
+        owed.sort();
+        let mut sent = 0;
+        let mut i = 0;
+        while i < owed.len() {
+            let seq = owed[i].0.seq;
+            let record = match self.journal.read_events(num, seq, seq) {
+                Ok(mut r) => r.pop(),
+                Err(e) => {
+                    tracing::warn!(device = %sender, seq, error = %e, "cannot read a record with owed messages; they stay owed");
+                    None
+                }
+            };
+            while i < owed.len() && owed[i].0.seq == seq {
+                let (id, to) = &owed[i];
+                let effect = record
+                    .as_ref()
+                    .and_then(|r| r.fx.as_ref())
+                    .and_then(|fx| fx.effects.get(id.index as usize));
+                if let Some(Effect::Send { event, .. }) = effect {
+                    self.send(sender, num, *id, to, event.clone());
+                    sent += 1;
+                }
+                i += 1;
+            }
+        }
+        sent
+    }
+
+    /// After `after`, sends again every message still owed to device `to` (one that was
+    /// not handled: it timed out, the device was quarantined, a commit failed), in each
+    /// sender's order. A request for a device already waiting for an earlier one is merged
+    /// into it.
+    pub fn redeliver_later(&self, to: Arc<str>, after: std::time::Duration) {
+        let due = std::time::Instant::now() + after;
+        {
+            let mut waiting = self.redeliveries.lock();
+            if waiting.get(&to).is_some_and(|at| *at <= due) {
+                return;
+            }
+            waiting.insert(to.clone(), due);
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        self.pool.spawn(async move {
+            tokio::time::sleep(after).await;
+            {
+                let mut waiting = me.redeliveries.lock();
+                if waiting.get(&to) == Some(&due) {
+                    waiting.remove(&to);
+                }
+            }
+            let owed = me.journal.owed_to(&to);
+            let mut sent = 0;
+            for chunk in owed.chunk_by(|a, b| a.1 == b.1) {
+                let (sender, num) = (chunk[0].0.clone(), chunk[0].1);
+                let ids = chunk
+                    .iter()
+                    .map(|(_, _, id)| (*id, to.to_string()))
+                    .collect();
+                sent += me.resend(&sender, num, ids);
+            }
+            if sent > 0 {
+                tracing::info!(device = %to, messages = sent, "messages not handled sent again");
+            }
+        });
     }
 
     /// Puts `msg` into device `to`'s mailbox, after anything parked for it (a message to
@@ -189,7 +282,6 @@ fn sent_by(msg: &Message) -> Option<(String, u32, EffectId)> {
 /// The dispatcher task's state. See the module docs.
 pub struct Dispatcher {
     journal: Journal,
-    metrics: Arc<Metrics>,
     postman: Arc<Postman>,
     timers: Arc<TimerWheel>,
     outbox: Arc<Outbox>,
@@ -198,14 +290,12 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(
         journal: Journal,
-        metrics: Arc<Metrics>,
         postman: Arc<Postman>,
         timers: Arc<TimerWheel>,
         outbox: Arc<Outbox>,
     ) -> Dispatcher {
         Dispatcher {
             journal,
-            metrics,
             postman,
             timers,
             outbox,
@@ -233,31 +323,8 @@ impl Dispatcher {
             if !fx.timers.is_empty() {
                 self.timers.sync(num, &fx.timers);
             }
-            let mut by_seq: Vec<(EffectId, String)> = fx.sent.into_iter().collect();
-            by_seq.sort();
-            let mut i = 0;
-            while i < by_seq.len() {
-                let seq = by_seq[i].0.seq;
-                let record = match self.journal.read_events(num, seq, seq) {
-                    Ok(mut r) => r.pop(),
-                    Err(e) => {
-                        tracing::warn!(device = %device, seq, error = %e, "cannot read a record with owed messages; they stay owed");
-                        None
-                    }
-                };
-                while i < by_seq.len() && by_seq[i].0.seq == seq {
-                    let (id, to) = &by_seq[i];
-                    let effect = record
-                        .as_ref()
-                        .and_then(|r| r.fx.as_ref())
-                        .and_then(|fx| fx.effects.get(id.index as usize));
-                    if let Some(Effect::Send { event, .. }) = effect {
-                        self.send(&device, num, *id, to, event.clone());
-                        messages += 1;
-                    }
-                    i += 1;
-                }
-            }
+            let owed: Vec<(EffectId, String)> = fx.sent.into_iter().collect();
+            messages += self.postman.resend(&device, num, owed);
         }
         if timers + messages > 0 {
             tracing::info!(
@@ -276,7 +343,9 @@ impl Dispatcher {
                 index: index as u32,
             };
             match effect {
-                Effect::Send { to, event } => self.send(&d.device, d.num, id, to, event.clone()),
+                Effect::Send { to, event } => {
+                    self.postman.send(&d.device, d.num, id, to, event.clone())
+                }
                 Effect::Command { .. } => commands = true,
                 Effect::SetTimer { .. } | Effect::CancelTimer { .. } => {}
             }
@@ -284,31 +353,17 @@ impl Dispatcher {
         if commands {
             self.outbox.notify(&d.device);
         }
+        if let Some(after) = d.redeliver {
+            self.postman.redeliver_later(d.device.clone(), after);
+        }
         if d.retry {
             let (journal, timers) = (self.journal.clone(), self.timers.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(crate::actor::TIMER_RETRY).await;
+                tokio::time::sleep(crate::actor::INTERNAL_RETRY).await;
                 sync_timers(&journal, &timers, d.num);
             });
         } else if d.timers_changed {
             sync_timers(&self.journal, &self.timers, d.num);
         }
-    }
-
-    fn send(&self, sender: &Arc<str>, num: u32, id: EffectId, to: &str, event: String) {
-        self.metrics
-            .messages_delivered
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.postman.post(
-            to,
-            Message::Internal {
-                event: Some(event),
-                origin: Origin::Message {
-                    sender: sender.to_string(),
-                    num,
-                    id,
-                },
-            },
-        );
     }
 }

@@ -51,6 +51,13 @@ pub enum Error {
          acknowledge them (POST /v1/devices/ID/commands/CMD/ack), then retry"
     )]
     OutboxFull { pending: usize, limit: usize },
+    /// The device sent `pending` messages that their targets have not handled yet, at or
+    /// over `limit`: a target is behind (or quarantined), so this device's events wait.
+    #[error(
+        "the device has {pending} messages its targets have not handled yet (limit {limit}); \
+         retry once they catch up"
+    )]
+    MessagesPending { pending: usize, limit: usize },
     #[error(
         "the device is quarantined after {failures} consecutive plugin failures (last: {last}); \
          it is retried in {retry_in_ms} ms"
@@ -148,6 +155,7 @@ error_kinds! {
     InvalidEffect => "invalid-effect",
     MailboxFull => "mailbox-full",
     OutboxFull => "outbox-full",
+    MessagesPending => "messages-pending",
     Quarantined => "quarantined",
     InvalidPlugin => "invalid-plugin",
     DeployRefused => "deploy-refused",
@@ -180,6 +188,7 @@ impl Error {
             Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
             Error::MailboxFull => ErrorKind::MailboxFull,
             Error::OutboxFull { .. } => ErrorKind::OutboxFull,
+            Error::MessagesPending { .. } => ErrorKind::MessagesPending,
             Error::Quarantined { .. } => ErrorKind::Quarantined,
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
             Error::DeployRefused(_) => ErrorKind::DeployRefused,

@@ -140,7 +140,6 @@ impl Runtime {
         let outbox = Arc::new(Outbox::default());
         let dispatcher = Dispatcher::new(
             journal.clone(),
-            metrics.clone(),
             postman.clone(),
             timers.clone(),
             outbox.clone(),

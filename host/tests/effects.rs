@@ -385,6 +385,82 @@ async fn a_plugin_built_against_the_first_contract_still_loads_and_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_whose_target_is_stuck_is_held_back_and_the_target_gets_its_messages_when_resumed()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_messages_pending(2)
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // Three traps in a row quarantine `b`.
+    for _ in 0..3 {
+        let err = rt
+            .send("b", r#"{"type":"panic"}"#)
+            .await
+            .expect_err("traps");
+        assert_eq!(err.code(), "trap", "{err}");
+    }
+    assert_eq!(
+        rt.device("b").await.expect("b").status,
+        drover::view::DeviceStatus::Quarantined
+    );
+    let relay = |tag: u64| {
+        json!({"type": "send", "to": "b", "tag": tag, "event": {"type": "ok"}}).to_string()
+    };
+    rt.send("a", &relay(1)).await.expect("first");
+    rt.send("a", &relay(2)).await.expect("second");
+    // Both are durable at `a` and owed to `b`, which drops them while quarantined.
+    eventually("two messages owed", async || {
+        rt.journal()
+            .sent_len(rt.journal().device("a").expect("a").num)
+            == 2
+    })
+    .await;
+    let err = rt.send("a", &relay(3)).await.expect_err("held back");
+    assert_eq!(err.code(), "messages-pending", "{err}");
+    assert!(err.to_string().contains("2 messages"), "{err}");
+    assert_eq!(
+        rt.device("a").await.expect("a").summary.seq,
+        2,
+        "nothing written"
+    );
+    assert_eq!(rt.device("b").await.expect("b").summary.seq, 0);
+
+    // Lifting the quarantine delivers what it dropped, in order, without a restart.
+    rt.resume("b").await.expect("resumed");
+    eventually("b handled both", async || {
+        rt.device("b").await.expect("b").summary.seq == 2
+    })
+    .await;
+    let from: Vec<u64> = records(&rt, "b")
+        .iter()
+        .filter_map(origin)
+        .map(|o| o["id"]["seq"].as_u64().expect("a message's id"))
+        .collect();
+    assert_eq!(from, [1, 2]);
+    eventually("nothing owed", async || {
+        rt.journal()
+            .sent_len(rt.journal().device("a").expect("a").num)
+            == 0
+    })
+    .await;
+    rt.send("a", &relay(3)).await.expect("room again");
+    eventually("b handled the third", async || {
+        rt.device("b").await.expect("b").summary.seq == 3
+    })
+    .await;
+    assert_eq!(state(&rt, "b").await["count"], 3);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path())

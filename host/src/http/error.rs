@@ -15,7 +15,7 @@
 //! | 409 | `device-conflict` | the id is taken by another plugin or config |
 //! | 413 | `payload-too-large` | |
 //! | 422 | `rejected`, `trap`, `timeout`, `output-too-large`, `invalid-plugin` | the request was fine, the plugin refused or failed on it |
-//! | 429 | `mailbox-full`, `outbox-full` (with `Retry-After`) | slow down and retry (after acknowledging commands, for `outbox-full`) |
+//! | 429 | `mailbox-full`, `outbox-full`, `messages-pending` (with `Retry-After`) | slow down and retry (after acknowledging commands, for `outbox-full`; once the device's message targets catch up, for `messages-pending`) |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
 //! | 501 | `not-implemented` | |
 //! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `too-many-connections`, all with `Retry-After`; `plugin-unavailable` (the component of the device's plugin version is missing, e.g. a placeholder salvage rebuilt: deploy a version), without | retry later or elsewhere |
@@ -198,7 +198,9 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         | ErrorKind::Journal
         | ErrorKind::ShuttingDown
         | ErrorKind::PluginUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::MailboxFull | ErrorKind::OutboxFull => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::MailboxFull | ErrorKind::OutboxFull | ErrorKind::MessagesPending => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         ErrorKind::ActivationFailed | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -1006,6 +1006,36 @@ impl Journal {
             .map_or(0, |fx| fx.outbox.len())
     }
 
+    /// Every message still owed to device `to`: (sender's id and number, the message's id),
+    /// in (sender number, id) order. Scans the devices that owe something: for the rare
+    /// redelivery after a failure, not for each message.
+    pub fn owed_to(&self, to: &str) -> Vec<(Arc<str>, u32, EffectId)> {
+        let index = self.index();
+        let mut out: Vec<(Arc<str>, u32, EffectId)> = index
+            .devices
+            .values()
+            .filter_map(|d| Some((d, d.fx.as_deref()?)))
+            .flat_map(|(d, fx)| {
+                fx.sent
+                    .iter()
+                    .filter(|(_, target)| target.as_str() == to)
+                    .map(|(id, _)| (d.id.clone(), d.num, *id))
+            })
+            .collect();
+        out.sort_by_key(|(_, num, id)| (*num, *id));
+        out
+    }
+
+    /// How many messages device `num` sent that their targets have not handled yet (nor
+    /// found undeliverable).
+    pub fn sent_len(&self, num: u32) -> usize {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .map_or(0, |fx| fx.sent.len())
+    }
+
     /// Device `num`'s pending timer `key`, as durable.
     pub fn timer(&self, num: u32, key: &str) -> Option<TimerEntry> {
         self.index()

@@ -66,6 +66,11 @@ pub struct Tuning {
     ))]
     pub max_outbox: Option<usize>,
     #[arg(long, help = help(
+        "Messages per device not yet handled by their targets before its events get 429 messages-pending",
+        defaults::MAX_MESSAGES_PENDING,
+    ))]
+    pub max_messages_pending: Option<usize>,
+    #[arg(long, help = help(
         "Records per device that may be waiting for the disk",
         defaults::MAX_IN_FLIGHT,
     ))]
@@ -217,6 +222,9 @@ impl Tuning {
         }
         if let Some(n) = self.max_outbox {
             b = b.max_outbox(n);
+        }
+        if let Some(n) = self.max_messages_pending {
+            b = b.max_messages_pending(n);
         }
         if let Some(n) = self.max_in_flight {
             b = b.max_in_flight(n);
