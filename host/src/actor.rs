@@ -277,6 +277,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         handled: Default::default(),
         commands: None,
         sends: None,
+        timer_record: None,
     };
     // No span around the task: entering one on every poll showed up at ~2.5% of the hot
     // path. The few log lines an actor writes name the device themselves.
@@ -324,6 +325,9 @@ struct Actor {
     commands: Option<bool>,
     /// The same for messages sent and not yet handled by their targets.
     sends: Option<bool>,
+    /// The last record read for a timer's event, if it set several timers (see
+    /// `timer_event`); dropped at passivation.
+    timer_record: Option<(u64, Fx)>,
 }
 
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
@@ -540,6 +544,7 @@ impl Actor {
     /// and its mailbox stay for one more idle period (then they are retired too); the next
     /// message reactivates the device from snapshot + tail.
     fn passivate(&mut self) {
+        self.timer_record = None;
         if self.live.as_ref().is_some_and(|l| l.since_snapshot > 0) {
             self.snapshot();
         }
@@ -782,13 +787,18 @@ impl Actor {
         let event = match (event, &origin) {
             (Some(event), _) => event,
             (None, Origin::Timer { key, set, .. }) => {
-                match self.env.journal.timer_event(self.head.num, *set) {
+                match self.timer_event(*set) {
                     Ok(Some(event)) => event,
                     Ok(None) => {
-                        tracing::error!(device = %self.head.id, key, seq = set.seq, index = set.index, "the record that set this timer holds no timer; dropped");
+                        // The device was removed meanwhile (its records are no longer
+                        // indexed): nothing is owed.
+                        tracing::debug!(device = %self.head.id, key, seq = set.seq, "timer's record gone; dropped");
                         return;
                     }
                     Err(e) => {
+                        // Damaged: the read has already logged it and removed the index
+                        // checkpoint, so the next start checks the whole journal. Until
+                        // then the timer is tried again every few seconds.
                         tracing::warn!(device = %self.head.id, key, error = %e, "cannot read the event of a timer that fired; it fires again later");
                         self.internal_not_handled(&origin);
                         return;
@@ -867,6 +877,32 @@ impl Actor {
         Ok(())
     }
 
+    /// The event of the timer set by effect `set`, read from the record that set it. A
+    /// record that set several timers (which often fall due together) is kept until another
+    /// is read, so it is decoded once, not once per timer.
+    fn timer_event(&mut self, set: EffectId) -> Result<Option<String>, JournalError> {
+        if let Some((seq, fx)) = &self.timer_record
+            && *seq == set.seq
+        {
+            return Ok(fx.timer_event(set.index).map(str::to_owned));
+        }
+        let fx = self.env.journal.record_fx(self.head.num, set.seq)?;
+        let event = fx
+            .as_ref()
+            .and_then(|fx| fx.timer_event(set.index))
+            .map(str::to_owned);
+        self.timer_record = fx
+            .filter(|fx| {
+                fx.effects
+                    .iter()
+                    .filter(|e| matches!(e, Effect::SetTimer { .. }))
+                    .count()
+                    > 1
+            })
+            .map(|fx| (set.seq, fx));
+        Ok(event)
+    }
+
     /// Refuses an event from outside while this device has sent messages that their targets
     /// have not handled, at the cap: backpressure from a target that falls behind (or is
     /// quarantined) to what feeds it. Messages in flight are not counted.
@@ -907,6 +943,9 @@ impl Actor {
                 let _ = tx.send(r);
             }));
             if !matches!(rx.await, Ok(Ok(()))) {
+                // A record of this device failed: the timer is still pending, but out of the
+                // wheel. Back in later (the actor rebuilds from the journal meanwhile).
+                let _ = self.env.dispatch.send(Durable::timer_retry(&self.head));
                 return false;
             }
         }
@@ -1008,7 +1047,8 @@ impl Actor {
             // And so is one the guest traps on: a trap is deterministic (the same state and
             // event trap again), so a poison message would come back at every start and let
             // its sender's later messages overtake it, and a poison timer would fire every
-            // few seconds forever. Kept as a dead letter. A timeout is not deterministic (a
+            // few seconds forever (a periodic one moves on to its next period). Kept as a
+            // dead letter. A timeout is not deterministic (a
             // loaded machine): that one is tried again.
             Err(Failed {
                 error: error @ Error::Trap(_),

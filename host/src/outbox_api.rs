@@ -136,7 +136,8 @@ impl Runtime {
     }
 
     /// Device `id`'s pending timers, by key, with their events (read from the records that
-    /// set them).
+    /// set them, each record once; a record that cannot be read gives its timers the event
+    /// `null`, and is logged). Reads the journal file: call it off the async workers.
     pub fn timers(&self, id: &str) -> Result<Vec<TimerView>, Error> {
         let result = self.timers_inner(id);
         self.counted(result)
@@ -148,17 +149,33 @@ impl Runtime {
         let Some(fx) = journal.device_fx(head.num) else {
             return Ok(Vec::new());
         };
-        fx.timers
+        let mut records: std::collections::HashMap<u64, Option<crate::journal::Fx>> =
+            Default::default();
+        Ok(fx
+            .timers
             .into_iter()
             .map(|(key, t)| {
-                Ok(TimerView {
+                let fx = records.entry(t.set.seq).or_insert_with(|| {
+                    match journal.record_fx(head.num, t.set.seq) {
+                        Ok(fx) => fx,
+                        Err(e) => {
+                            tracing::warn!(device = id, seq = t.set.seq, error = %e, "cannot read the record that set a timer");
+                            None
+                        }
+                    }
+                });
+                TimerView {
                     key: key.into(),
                     due_ms: t.due_ms,
                     every_ms: t.every_ms,
-                    event: journal.timer_event(head.num, t.set)?.unwrap_or_default(),
-                })
+                    event: fx
+                        .as_ref()
+                        .and_then(|fx| fx.timer_event(t.set.index))
+                        .unwrap_or("null")
+                        .to_string(),
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Ends every long poll and command stream now, and lets none wait any more: what a

@@ -92,6 +92,8 @@ impl Runtime {
             None
         };
         journal.record_removal(head.num, at_ms).await?;
+        // Its timers are gone with it: out of the wheel now rather than at their due time.
+        self.shared.timers.sync(head.num, &Default::default());
         Ok(Removal {
             id: id.to_string(),
             seq: head.seq,

@@ -98,6 +98,17 @@ async fn a_timer_set_before_a_restart_fires_after_it_once() {
     let rt = open(dir.path()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(timer_firings(&rt, "t").len(), 1);
+
+    // A device removed with a timer pending leaves the wheel at once, not at its due time.
+    rt.send("t", &reading(20.0))
+        .await
+        .expect("sets the heartbeat again");
+    eventually("the timer in the wheel", async || {
+        rt.timer_wheel_devices() == 1
+    })
+    .await;
+    rt.remove_device("t", false).await.expect("removed");
+    assert_eq!(rt.timer_wheel_devices(), 0);
     rt.shutdown().await;
 }
 

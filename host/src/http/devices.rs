@@ -439,9 +439,12 @@ struct TimerOut {
 /// `GET /v1/devices/{id}/timers`: the device's pending durable timers:
 /// `{"timers":[{"key","due_ms","every_ms","event"}]}`.
 pub async fn timers(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
-    let timers: Vec<TimerOut> = app
-        .rt
-        .timers(&id)?
+    let rt = app.rt.clone();
+    // Events are read from the records that set the timers: off the async workers.
+    let timers = tokio::task::spawn_blocking(move || rt.timers(&id))
+        .await
+        .map_err(|e| ApiError::from(Error::Internal(format!("read task: {e}"))))??;
+    let timers: Vec<TimerOut> = timers
         .into_iter()
         .map(|mut view| TimerOut {
             event: Json(std::mem::take(&mut view.event)),

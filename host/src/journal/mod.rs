@@ -1072,14 +1072,11 @@ impl Journal {
         })
     }
 
-    /// The event that timer `set` of device `num` hands to `handle` when it fires, read from
-    /// the record that set it (the index keeps timers without their events); `None` if that
-    /// effect set no timer.
-    pub fn timer_event(&self, num: u32, set: EffectId) -> Result<Option<String>, JournalError> {
-        let record = self.read_events(num, set.seq, set.seq)?.pop();
-        Ok(record
-            .and_then(|r| r.fx)
-            .and_then(|fx| fx.timer_event(set.index).map(str::to_owned)))
+    /// The origin and effects of device `num`'s record `seq` (`None`: an external event
+    /// without effects, or no such record): where a timer's event is read when it fires
+    /// (the index keeps timers without their events, see [`Fx::timer_event`]).
+    pub fn record_fx(&self, num: u32, seq: u64) -> Result<Option<Fx>, JournalError> {
+        Ok(self.read_events(num, seq, seq)?.pop().and_then(|r| r.fx))
     }
 
     /// Every device that owes something, with what it owes: what a start needs to arm the
