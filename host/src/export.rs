@@ -638,6 +638,27 @@ async fn write_devices(
     summary: &mut ImportSummary,
 ) -> anyhow::Result<()> {
     let journal = rt.journal().clone();
+    // Every device first, so that each has its number here before any record names it (a
+    // message's sender may come later in the file than its target).
+    let mut nums: HashMap<String, u32> = HashMap::new();
+    for line in lines(path)? {
+        let Line::Device(d) = line? else { continue };
+        let bound = ids[&(d.plugin.clone(), d.version)];
+        let config = match (&d.config, &d.config_text) {
+            (Some(raw), _) => raw.get().as_bytes().to_vec(),
+            (None, Some(text)) => text.as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        if journal.device(&d.device).is_some() {
+            bail!("device `{}` already exists in the target", d.device);
+        }
+        let head = journal
+            .record_device(&d.device, bound, &config, d.created_at_ms)
+            .await?;
+        nums.insert(d.device.clone(), head.num);
+        written.push((head.num, d.device, d.seq));
+        summary.devices += 1;
+    }
     let mut writer = None;
     let mut bound = 0u32;
     let failure: Arc<parking_lot::Mutex<Option<JournalError>>> = Arc::default();
@@ -648,20 +669,10 @@ async fn write_devices(
                     journal.barrier().await?;
                 }
                 bound = ids[&(d.plugin.clone(), d.version)];
-                let config = match (&d.config, &d.config_text) {
-                    (Some(raw), _) => raw.get().as_bytes().to_vec(),
-                    (None, Some(text)) => text.as_bytes().to_vec(),
-                    (None, None) => Vec::new(),
-                };
-                if journal.device(&d.device).is_some() {
-                    bail!("device `{}` already exists in the target", d.device);
-                }
-                let head = journal
-                    .record_device(&d.device, bound, &config, d.created_at_ms)
-                    .await?;
-                writer = Some(journal.device_writer(head.num, 1024));
-                written.push((head.num, d.device, d.seq));
-                summary.devices += 1;
+                let num = nums
+                    .get(&d.device)
+                    .with_context(|| format!("device `{}` was not provisioned", d.device))?;
+                writer = Some(journal.device_writer(*num, 1024));
             }
             Line::Record(r) => {
                 let Some(w) = writer.as_ref() else { continue };
@@ -693,12 +704,14 @@ async fn write_devices(
                         (None, None) => Vec::new(),
                     };
                     // Device numbers are journal-local: a message's sender is renumbered to
-                    // its number here (none yet if it comes later in the file: the message
-                    // then stays owed to its target as far as this journal knows).
+                    // its number here if this import brought it (otherwise `u32::MAX`,
+                    // nobody: a device of the target with the same id is another device,
+                    // which owes nothing of this). Its sending record may come later in the
+                    // file: the index then notes it as handled ahead.
                     let fx = r.fx.clone().map(|mut fx| {
                         if let crate::journal::Origin::Message { sender, num, .. } = &mut fx.origin
                         {
-                            *num = journal.device(sender).map_or(u32::MAX, |h| h.num);
+                            *num = nums.get(sender.as_str()).copied().unwrap_or(u32::MAX);
                         }
                         fx
                     });

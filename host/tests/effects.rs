@@ -733,3 +733,67 @@ async fn a_dry_run_sees_a_version_whose_effects_differ() {
     );
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_whose_targets_come_before_their_senders_owes_nothing_and_handles_nothing_twice()
+{
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let rt = open(&source).await;
+    // Exported in id order: the room `hall` comes before its thermostats.
+    rt.provision("hall", "room", &json!({"name": "Hall"}))
+        .await
+        .expect("room");
+    for t in ["t1", "t2"] {
+        rt.provision(t, "thermostat", &json!({"room": "hall"}))
+            .await
+            .expect("thermostat");
+    }
+    for c in [18.0, 19.0, 20.0] {
+        for t in ["t1", "t2"] {
+            rt.send(t, &reading(c)).await.expect("reading");
+        }
+    }
+    eventually("six reports", async || {
+        rt.device("hall").await.expect("hall").summary.seq == 6
+    })
+    .await;
+    let before = records(&rt, "hall");
+    let state_before = state(&rt, "hall").await;
+    rt.shutdown().await;
+    drop(rt);
+
+    let file = root.path().join("fleet.jsonl");
+    let mut out = std::fs::File::create(&file).expect("create");
+    drover::export::export(&source, None, 1, &mut out).expect("export");
+    drop(out);
+    let target = root.path().join("target");
+    drover::export::import(&target, &file)
+        .await
+        .expect("import");
+
+    let rt = open(&target).await;
+    // Whatever the first start would send again has had time to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for t in ["t1", "t2"] {
+        let num = rt.journal().device(t).expect(t).num;
+        assert_eq!(rt.journal().sent_len(num), 0, "{t} owes nothing");
+    }
+    assert_eq!(rt.journal().owed_to("hall"), Vec::new());
+    let after = records(&rt, "hall");
+    assert_eq!(after.len(), 6, "nothing handled twice");
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(
+            (a.seq, &a.event, &a.transitions),
+            (b.seq, &b.event, &b.transitions)
+        );
+    }
+    assert_eq!(state(&rt, "hall").await, state_before);
+    // And the devices go on: a new report is handled once.
+    rt.send("t1", &reading(21.0)).await.expect("reading");
+    eventually("the seventh report", async || {
+        rt.device("hall").await.expect("hall").summary.seq == 7
+    })
+    .await;
+    rt.shutdown().await;
+}

@@ -154,6 +154,11 @@ pub struct DeviceFx {
     pub sent: VecMap<EffectId, String>,
     /// Commands not yet acknowledged (nor expired): id → when issued and until when.
     pub outbox: VecMap<EffectId, CommandEntry>,
+    /// Messages of this device that a target's record says it handled before the record
+    /// that sent them was indexed: they are not owed when it is. Only an import writes
+    /// records in that order (a device's records after another's, whatever their causal
+    /// order); a live journal never does, so this stays empty.
+    pub handled_ahead: VecMap<EffectId, ()>,
 }
 
 /// A small ordered map in one sorted `Vec`. A device has a handful of timers and owed effects
@@ -278,7 +283,10 @@ impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
 
 impl DeviceFx {
     pub fn is_empty(&self) -> bool {
-        self.timers.is_empty() && self.sent.is_empty() && self.outbox.is_empty()
+        self.timers.is_empty()
+            && self.sent.is_empty()
+            && self.outbox.is_empty()
+            && self.handled_ahead.is_empty()
     }
 
     /// Folds what record `seq` (at `at_ms`) says about this device's own effects: its
@@ -318,7 +326,9 @@ impl DeviceFx {
                     );
                 }
                 Effect::Send { to, .. } => {
-                    self.sent.insert(id, to.clone());
+                    if self.handled_ahead.remove(&id).is_none() {
+                        self.sent.insert(id, to.clone());
+                    }
                 }
                 Effect::SetTimer {
                     key,
@@ -352,7 +362,10 @@ impl DeviceFx {
 
     /// Whether every map is in key order (a checkpoint's copy is checked before use).
     pub fn is_well_formed(&self) -> bool {
-        self.timers.is_sorted() && self.sent.is_sorted() && self.outbox.is_sorted()
+        self.timers.is_sorted()
+            && self.sent.is_sorted()
+            && self.outbox.is_sorted()
+            && self.handled_ahead.is_sorted()
     }
 }
 

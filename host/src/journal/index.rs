@@ -532,11 +532,19 @@ impl Index {
     }
 
     /// Message `id` of device `sender` was handled or found undeliverable: it is no longer
-    /// owed.
+    /// owed. If the sender's record that sent it is not indexed yet (an import, see
+    /// [`DeviceFx::handled_ahead`]), it will not be owed when it is.
     fn strike_sent(&mut self, sender: u32, id: EffectId) {
-        if let Some(d) = self.devices.get_mut(&sender)
-            && let Some(fx) = d.fx.as_mut()
-        {
+        let Some(d) = self.devices.get_mut(&sender) else {
+            return;
+        };
+        if id.seq > d.seq {
+            d.fx.get_or_insert_with(Default::default)
+                .handled_ahead
+                .insert(id, ());
+            return;
+        }
+        if let Some(fx) = d.fx.as_mut() {
             fx.sent.remove(&id);
             if fx.is_empty() {
                 d.fx = None;
