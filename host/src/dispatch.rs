@@ -323,7 +323,11 @@ impl Dispatcher {
             if !fx.timers.is_empty() {
                 self.timers.sync(num, &fx.timers);
             }
-            let owed: Vec<(EffectId, String)> = fx.sent.into_iter().collect();
+            let owed: Vec<(EffectId, String)> = fx
+                .sent
+                .into_iter()
+                .filter_map(|(id, s)| Some((id, s.owed_to()?.to_string())))
+                .collect();
             messages += self.postman.resend(&device, num, owed);
         }
         if timers + messages > 0 {

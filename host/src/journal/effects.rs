@@ -151,14 +151,31 @@ pub struct CommandEntry {
 pub struct DeviceFx {
     pub timers: VecMap<Box<str>, TimerEntry>,
     /// Messages this device sent whose target has not handled them yet: id → target.
-    pub sent: VecMap<EffectId, String>,
+    pub sent: VecMap<EffectId, Sent>,
     /// Commands not yet acknowledged (nor expired): id → when issued and until when.
     pub outbox: VecMap<EffectId, CommandEntry>,
-    /// Messages of this device that a target's record says it handled before the record
-    /// that sent them was indexed: they are not owed when it is. Only an import writes
-    /// records in that order (a device's records after another's, whatever their causal
-    /// order); a live journal never does, so this stays empty.
-    pub handled_ahead: VecMap<EffectId, ()>,
+}
+
+/// An entry of [`DeviceFx::sent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Sent {
+    /// Sent to this device and not handled yet: owed.
+    To(String),
+    /// A target's record says it handled this message before the record that sent it was
+    /// indexed: not owed when it is. Only an import writes records in that order (a
+    /// device's records after another's, whatever their causal order); a live journal
+    /// never does. Kept in this map so that it costs nothing per device.
+    HandledAhead,
+}
+
+impl Sent {
+    /// The target it is owed to, if it is owed.
+    pub fn owed_to(&self) -> Option<&str> {
+        match self {
+            Sent::To(to) => Some(to),
+            Sent::HandledAhead => None,
+        }
+    }
 }
 
 /// A small ordered map in one sorted `Vec`. A device has a handful of timers and owed effects
@@ -283,10 +300,7 @@ impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
 
 impl DeviceFx {
     pub fn is_empty(&self) -> bool {
-        self.timers.is_empty()
-            && self.sent.is_empty()
-            && self.outbox.is_empty()
-            && self.handled_ahead.is_empty()
+        self.timers.is_empty() && self.sent.is_empty() && self.outbox.is_empty()
     }
 
     /// Folds what record `seq` (at `at_ms`) says about this device's own effects: its
@@ -326,8 +340,8 @@ impl DeviceFx {
                     );
                 }
                 Effect::Send { to, .. } => {
-                    if self.handled_ahead.remove(&id).is_none() {
-                        self.sent.insert(id, to.clone());
+                    if self.sent.remove(&id) != Some(Sent::HandledAhead) {
+                        self.sent.insert(id, Sent::To(to.clone()));
                     }
                 }
                 Effect::SetTimer {
@@ -362,10 +376,7 @@ impl DeviceFx {
 
     /// Whether every map is in key order (a checkpoint's copy is checked before use).
     pub fn is_well_formed(&self) -> bool {
-        self.timers.is_sorted()
-            && self.sent.is_sorted()
-            && self.outbox.is_sorted()
-            && self.handled_ahead.is_sorted()
+        self.timers.is_sorted() && self.sent.is_sorted() && self.outbox.is_sorted()
     }
 }
 

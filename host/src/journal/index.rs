@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::effects::{DeviceFx, EffectId, Fx};
+use super::effects::{DeviceFx, EffectId, Fx, Sent};
 use super::record::Record;
 use super::runs::{Run, Runs, Spill};
 
@@ -533,15 +533,15 @@ impl Index {
 
     /// Message `id` of device `sender` was handled or found undeliverable: it is no longer
     /// owed. If the sender's record that sent it is not indexed yet (an import, see
-    /// [`DeviceFx::handled_ahead`]), it will not be owed when it is.
+    /// [`Sent::HandledAhead`]), it will not be owed when it is.
     fn strike_sent(&mut self, sender: u32, id: EffectId) {
         let Some(d) = self.devices.get_mut(&sender) else {
             return;
         };
         if id.seq > d.seq {
             d.fx.get_or_insert_with(Default::default)
-                .handled_ahead
-                .insert(id, ());
+                .sent
+                .insert(id, Sent::HandledAhead);
             return;
         }
         if let Some(fx) = d.fx.as_mut() {

@@ -518,7 +518,9 @@ impl Checkpoints {
                         && fx.timers.values().all(|t| t.set.seq <= d.seq)
                         && fx
                             .sent
-                            .keys()
+                            .iter()
+                            .filter(|(_, s)| s.owed_to().is_some())
+                            .map(|(id, _)| id)
                             .chain(fx.outbox.keys())
                             .all(|id| id.seq <= d.seq)
                 });

@@ -65,7 +65,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::Notify;
 
-pub use effects::{DeviceFx, DueTimers, Effect, EffectId, Fx, Origin, TimerEntry};
+pub use effects::{DeviceFx, DueTimers, Effect, EffectId, Fx, Origin, Sent, TimerEntry};
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
 pub use index_checkpoint::INDEX_CHECKPOINT_EVERY;
@@ -960,7 +960,7 @@ impl Journal {
             .get(&num)
             .and_then(|d| d.fx.as_deref())
             .and_then(|fx| fx.sent.get(&id))
-            .is_some_and(|target| target == to)
+            .is_some_and(|sent| sent.owed_to() == Some(to))
     }
 
     /// Device `num`'s outbox: its commands not yet acknowledged, oldest first. Commands whose
@@ -1018,7 +1018,7 @@ impl Journal {
             .flat_map(|(d, fx)| {
                 fx.sent
                     .iter()
-                    .filter(|(_, target)| target.as_str() == to)
+                    .filter(|(_, sent)| sent.owed_to() == Some(to))
                     .map(|(id, _)| (d.id.clone(), d.num, *id))
             })
             .collect();
@@ -1033,7 +1033,9 @@ impl Journal {
             .devices
             .get(&num)
             .and_then(|d| d.fx.as_deref())
-            .map_or(0, |fx| fx.sent.len())
+            .map_or(0, |fx| {
+                fx.sent.values().filter(|s| s.owed_to().is_some()).count()
+            })
     }
 
     /// Device `num`'s pending timer `key`, as durable.

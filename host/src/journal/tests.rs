@@ -2462,7 +2462,10 @@ fn expected_owed() -> Vec<(String, DeviceFx)> {
             set: EffectId { seq: 1, index: 2 },
         },
     );
-    fx.sent.insert(EffectId { seq: 2, index: 2 }, "d1".into());
+    fx.sent.insert(
+        EffectId { seq: 2, index: 2 },
+        effects::Sent::To("d1".into()),
+    );
     fx.outbox.insert(
         EffectId { seq: 1, index: 6 },
         effects::CommandEntry {
