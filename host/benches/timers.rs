@@ -7,7 +7,8 @@
 //! hour in one and no timer in the other, then opens them side by side and prints the heap
 //! in use per timer (glibc `mallinfo2`): of the journal's index (each device's pending
 //! timers), and of a runtime (index plus the timer wheel), and how long the runtime took to
-//! arm them all at open.
+//! arm them all at open. Once the timers are overdue it opens that journal again and prints
+//! how soon the first fired and how many fired in the next five seconds.
 //!
 //! Then it provisions N thermostats with a heartbeat timer (`offline_after_ms`) and N
 //! without, in one process, and:
@@ -149,8 +150,8 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 }
 
 /// Writes `n` thermostats straight through the journal, each with one event record; with
-/// `timer`, that record sets a timer due in an hour (as a thermostat's heartbeat does).
-async fn write_fleet(root: &std::path::Path, n: usize, timer: bool) -> anyhow::Result<()> {
+/// `due`, that record sets a timer due then (as a thermostat's heartbeat does).
+async fn write_fleet(root: &std::path::Path, n: usize, due: Option<u64>) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(root);
     // Registered as a runtime does, so that a runtime opens this journal afterwards.
     let rt = open(root, 0).await?;
@@ -168,7 +169,7 @@ async fn write_fleet(root: &std::path::Path, n: usize, timer: bool) -> anyhow::R
         origin: Origin::External,
         effects: vec![Effect::SetTimer {
             key: "heartbeat".into(),
-            due_ms: at + 3_600_000,
+            due_ms: due.unwrap_or(0),
             every_ms: None,
             event: r#"{"type":"silent"}"#.into(),
         }],
@@ -187,8 +188,10 @@ async fn write_fleet(root: &std::path::Path, n: usize, timer: bool) -> anyhow::R
                 at,
                 version,
                 r#"{"type":"reading","celsius":20.0}"#,
-                vec![r#"{"type":"temperature_recorded","celsius":20.0}"#.into()],
-                timer.then(|| fx.clone()),
+                vec![format!(
+                    r#"{{"type":"temperature_recorded","celsius":20.0,"at_ms":{at}}}"#
+                )],
+                due.map(|_| fx.clone()),
                 |_, _| {},
             );
         }
@@ -206,8 +209,12 @@ async fn index_memory(m: usize) -> anyhow::Result<()> {
         base.join("bench-timers-timed"),
     );
     let started = Instant::now();
-    write_fleet(&plain, m, false).await?;
-    write_fleet(&timed, m, true).await?;
+    write_fleet(&plain, m, None).await?;
+    // Due once the memory has been measured (writing the second journal and opening both
+    // take less than three times writing the first), so that a restart then finds them all
+    // overdue.
+    let due = drover::clock::now_ms() + 3 * started.elapsed().as_millis() as u64 + 20_000;
+    write_fleet(&timed, m, Some(due)).await?;
     println!(
         "timer index: wrote 2 x {m} devices with one record each in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -252,6 +259,38 @@ async fn index_memory(m: usize) -> anyhow::Result<()> {
         rt.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&plain);
+    anyhow::ensure!(
+        drover::clock::now_ms() < due,
+        "the timers fell due before the memory was measured: the figures above are not valid"
+    );
+
+    // A restart with every one of them overdue: how soon the first fires, and how many
+    // fire (each activating its cold device) in the next five seconds.
+    let wait = due.saturating_sub(drover::clock::now_ms()) + 100;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let started = Instant::now();
+    let rt = open(&timed, 0).await?;
+    let opened = started.elapsed();
+    committed(&rt, 1, Duration::from_secs(600)).await?;
+    let first = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let fired = rt
+        .metrics()
+        .events_committed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "restart with {m} timers overdue: open {:.2} s, first firing {:.2} s after the open, \
+         {fired} fired in the 5 s after that",
+        opened.as_secs_f64(),
+        (first - opened).as_secs_f64()
+    );
+    let stopping = Instant::now();
+    rt.shutdown().await;
+    println!(
+        "  (shutdown with the rest still due took {:.2} s)",
+        stopping.elapsed().as_secs_f64()
+    );
+    drop(rt);
     let _ = std::fs::remove_dir_all(&timed);
     Ok(())
 }

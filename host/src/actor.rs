@@ -178,6 +178,8 @@ pub trait Directory: Send + Sync {
     fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
     /// The count of live instances went over the cap: passivate the least recently used.
     fn over_capacity(&self);
+    /// The runtime is shutting down: mailboxes are being drained.
+    fn is_closing(&self) -> bool;
 }
 
 /// A message in an actor's mailbox.
@@ -425,6 +427,12 @@ impl Actor {
                             reply,
                         } => {
                             self.on_event(event, Origin::External, accepted, Some(reply)).await;
+                        }
+                        Message::Internal { .. } if self.stopping() => {
+                            // Still owed in the journal: the next start sends it again. A
+                            // stop answers the events it accepted from outside; it does not
+                            // wait for a burst of timer firings or messages to be handled.
+                            self.env.metrics.internal_dropped.fetch_add(1, Ordering::Relaxed);
                         }
                         Message::Internal { origin, .. } if self.in_quarantine() => {
                             // Still owed in the journal: a timer is put back in the wheel for
@@ -847,6 +855,11 @@ impl Actor {
             }
         };
         let _ = self.env.dispatch.send(d);
+    }
+
+    /// Whether the runtime is shutting down.
+    fn stopping(&self) -> bool {
+        self.env.directory.upgrade().is_none_or(|d| d.is_closing())
     }
 
     /// Refuses an event from outside while the device's outbox is at its cap (commands in

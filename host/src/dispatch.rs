@@ -340,7 +340,7 @@ impl Dispatcher {
     }
 
     fn dispatch(&self, d: Durable) {
-        let mut commands = false;
+        let mut commands = 0u64;
         for (index, effect) in d.effects.iter().enumerate() {
             let id = EffectId {
                 seq: d.seq,
@@ -350,11 +350,15 @@ impl Dispatcher {
                 Effect::Send { to, event } => {
                     self.postman.send(&d.device, d.num, id, to, event.clone())
                 }
-                Effect::Command { .. } => commands = true,
+                Effect::Command { .. } => commands += 1,
                 Effect::SetTimer { .. } | Effect::CancelTimer { .. } => {}
             }
         }
-        if commands {
+        if commands > 0 {
+            self.postman
+                .metrics
+                .commands_issued
+                .fetch_add(commands, std::sync::atomic::Ordering::Relaxed);
             self.outbox.notify(&d.device);
         }
         if let Some(after) = d.redeliver {

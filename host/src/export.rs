@@ -9,7 +9,7 @@
 //! ```text
 //! {"kind":"drover-export","format":1,"exported_at_ms":1764500000000,"from":1}
 //! {"kind":"plugin","plugin":"thermostat","version":1,"digest":"<sha256 hex>","current":true,"component":"<base64>"}
-//! {"kind":"device","device":"t1","plugin":"thermostat","version":1,"config":{...},"created_at_ms":...,"seq":100}
+//! {"kind":"device","device":"t1","plugin":"thermostat","version":1,"config":{...},"created_at_ms":...,"seq":100,"owed":{"commands":[{"seq":98,"index":0}],"messages":[]}}
 //! {"kind":"record","seq":1,"at_ms":...,"plugin":"thermostat","version":1,"event":{...},"transitions":[{...}]}
 //! {"kind":"record","seq":5,"at_ms":...,"plugin":"thermostat","version":1,"lost":true}
 //! {"kind":"record","seq":6,...,"fx":{"origin":{"type":"timer","key":"hb","set":{"seq":4,"index":0},"due_ms":...,"missed":0},"effects":[{"type":"send","to":"room-1","event":"{...}"}]}}
@@ -28,6 +28,12 @@
 //!   or a timer firing or produced effects (absent: an external event without effects), as
 //!   the journal records them (payloads are JSON texts). `lost` marks a seq destroyed by media
 //!   damage and salvaged away (see `journal::salvage`).
+//! * `owed` on a device line lists the effects the device still owed when exported: commands
+//!   not acknowledged (nor expired) and messages not yet handled by their targets. An import
+//!   records every other command and message its records issued as settled (kind 11), so an
+//!   acknowledged command is not delivered again and a message handled by a device outside
+//!   the file, or found undeliverable in the source, is not sent again. Absent in files from
+//!   before it existed: their effects are then owed as their records say.
 //! * The `end` line counts what came before it, so a cut-short file is refused.
 //!
 //! Snapshots and dead letters are not exported: snapshots are derived (an import replays),
@@ -59,7 +65,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 
 use crate::engine::{Engine, EngineConfig};
-use crate::journal::{Fx, Journal, JournalError, VersionInfo};
+use crate::journal::{EffectId, Fx, Journal, JournalError, VersionInfo};
 use crate::registry::{Origin, Registry};
 use crate::runtime::Runtime;
 
@@ -84,6 +90,10 @@ pub struct ImportSummary {
     /// Records whose plugin version was not in the export (removed from the source): they
     /// are attributed to their device's version.
     pub records_reattributed: u64,
+    /// Commands and messages the records issued that the source no longer owed
+    /// (acknowledged, handled by a device not in the export, undeliverable): recorded as
+    /// settled, so they are not carried out again.
+    pub effects_settled: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -118,6 +128,20 @@ struct DeviceLine {
     config_text: Option<String>,
     created_at_ms: u64,
     seq: u64,
+    /// What the device still owed when exported; absent in exports made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owed: Option<Owed>,
+}
+
+/// The effects a device still owed when it was exported, by id: an import settles every
+/// other command and message its records issued (acknowledged, delivered elsewhere, or found
+/// undeliverable in the source), so they are not carried out a second time.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Owed {
+    /// Commands not yet acknowledged (nor expired).
+    commands: Vec<EffectId>,
+    /// Messages not yet handled by their targets.
+    messages: Vec<EffectId>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -258,6 +282,22 @@ pub fn export(
         };
         let bound = name(head.version)?;
         let (config, config_text) = raw_or_text(&head.config);
+        let fx = journal.device_fx(head.num).unwrap_or_default();
+        let now = crate::clock::now_ms();
+        let owed = Owed {
+            commands: fx
+                .outbox
+                .iter()
+                .filter(|(id, c)| id.seq <= head.seq && c.expires_ms.is_none_or(|e| e > now))
+                .map(|(id, _)| *id)
+                .collect(),
+            messages: fx
+                .sent
+                .iter()
+                .filter(|(id, s)| id.seq <= head.seq && s.owed_to().is_some())
+                .map(|(id, _)| *id)
+                .collect(),
+        };
         let line = DeviceLine {
             kind: "device".into(),
             device: id.to_string(),
@@ -267,6 +307,7 @@ pub fn export(
             config_text,
             created_at_ms: head.created_at_ms,
             seq: head.seq,
+            owed: Some(owed),
         };
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
@@ -641,8 +682,9 @@ async fn write_devices(
     // Every device first, so that each has its number here before any record names it (a
     // message's sender may come later in the file than its target).
     let mut nums: HashMap<String, u32> = HashMap::new();
+    let mut owed_by: Vec<(u32, Owed)> = Vec::new();
     for line in lines(path)? {
-        let Line::Device(d) = line? else { continue };
+        let Line::Device(mut d) = line? else { continue };
         let bound = ids[&(d.plugin.clone(), d.version)];
         let config = match (&d.config, &d.config_text) {
             (Some(raw), _) => raw.get().as_bytes().to_vec(),
@@ -656,6 +698,9 @@ async fn write_devices(
             .record_device(&d.device, bound, &config, d.created_at_ms)
             .await?;
         nums.insert(d.device.clone(), head.num);
+        if let Some(owed) = d.owed.take() {
+            owed_by.push((head.num, owed));
+        }
         written.push((head.num, d.device, d.seq));
         summary.devices += 1;
     }
@@ -734,5 +779,47 @@ async fn write_devices(
     if let Some(e) = failure.lock().take() {
         return Err(e).context("writing the imported records");
     }
+    summary.effects_settled = settle(&journal, owed_by).await?;
     Ok(())
+}
+
+/// Records as settled every command and message the imported records left owed that the
+/// source did not owe any more (see [`Owed`]); returns how many. After every record is
+/// written, so that messages handled by an imported target are already struck.
+async fn settle(journal: &Journal, owed_by: Vec<(u32, Owed)>) -> anyhow::Result<usize> {
+    let at_ms = crate::clock::now_ms();
+    let mut settle: Vec<(u32, EffectId)> = Vec::new();
+    for (num, owed) in owed_by {
+        let Some(fx) = journal.device_fx(num) else {
+            continue;
+        };
+        let keep: std::collections::HashSet<EffectId> = owed
+            .commands
+            .iter()
+            .chain(&owed.messages)
+            .copied()
+            .collect();
+        let owed_here = fx.outbox.keys().copied().chain(
+            fx.sent
+                .iter()
+                .filter(|(_, s)| s.owed_to().is_some())
+                .map(|(id, _)| *id),
+        );
+        settle.extend(
+            owed_here
+                .filter(|id| !keep.contains(id))
+                .map(|id| (num, id)),
+        );
+    }
+    // Concurrently, so that they share commits.
+    for chunk in settle.chunks(1024) {
+        futures::future::try_join_all(
+            chunk
+                .iter()
+                .map(|(num, id)| journal.record_command_ack(*num, *id, at_ms)),
+        )
+        .await
+        .context("recording settled effects")?;
+    }
+    Ok(settle.len())
 }

@@ -31,16 +31,21 @@ pub struct Metrics {
     pub upgrade_failures: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
-    /// Messages delivered to other devices' mailboxes (see `crate::dispatch`).
+    /// Messages put into other devices' mailboxes, redeliveries included (see
+    /// `crate::dispatch`).
     pub messages_delivered: AtomicU64,
     /// Messages found undeliverable (unknown target), listed as the sender's dead letters.
     pub messages_undeliverable: AtomicU64,
     /// Timer firings delivered to their device.
     pub timers_fired: AtomicU64,
     /// Internal events (messages, timer firings) dropped on arrival: already handled, timer
-    /// replaced or cancelled meanwhile, or the device quarantined (then delivered again at
-    /// the next start).
+    /// replaced or cancelled meanwhile, the device quarantined (delivered again when the
+    /// quarantine ends), or the runtime stopping (again at the next start).
     pub internal_dropped: AtomicU64,
+    /// Commands for devices that became durable (entered an outbox).
+    pub commands_issued: AtomicU64,
+    /// Commands acknowledged.
+    pub commands_acked: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS_US.len()],
     latency_count: AtomicU64,
@@ -123,7 +128,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_messages_delivered_total",
-            "Messages between devices put into their target's mailbox.",
+            "Messages between devices put into their target's mailbox, redeliveries included (a copy already handled is dropped on arrival).",
             &self.messages_delivered,
         );
         counter(
@@ -141,8 +146,20 @@ impl Metrics {
         counter(
             &mut out,
             "drover_internal_dropped_total",
-            "Messages and timer firings dropped on arrival: already handled, timer replaced or cancelled, or device quarantined (then redelivered at the next start).",
+            "Messages and timer firings dropped on arrival: already handled, timer replaced or cancelled, device quarantined (delivered again when the quarantine ends), or the runtime stopping (again at the next start).",
             &self.internal_dropped,
+        );
+        counter(
+            &mut out,
+            "drover_commands_issued_total",
+            "Commands for devices that became durable and entered their outbox.",
+            &self.commands_issued,
+        );
+        counter(
+            &mut out,
+            "drover_commands_acked_total",
+            "Commands acknowledged (each once).",
+            &self.commands_acked,
         );
         counter(
             &mut out,

@@ -132,6 +132,10 @@ impl Runtime {
         journal
             .record_command_ack(num, cid, clock::now_ms())
             .await?;
+        self.shared
+            .metrics
+            .commands_acked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 

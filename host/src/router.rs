@@ -302,4 +302,8 @@ impl Directory for Router {
             me.evict_lru();
         }
     }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
 }

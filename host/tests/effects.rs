@@ -3,6 +3,7 @@
 //! first contract.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use drover::journal::{Effect, Fx, Journal, JournalOptions, Origin};
@@ -497,6 +498,10 @@ async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledg
     assert_eq!(rt.device("t").await.expect("reads").summary.seq, 2);
     let waiting = rt.commands("t").expect("outbox");
     assert!(rt.ack_command("t", &waiting[0].id).await.expect("ack"));
+    assert!(!rt.ack_command("t", &waiting[0].id).await.expect("ack"));
+    let metrics = rt.metrics();
+    assert_eq!(metrics.commands_issued.load(Ordering::Relaxed), 2);
+    assert_eq!(metrics.commands_acked.load(Ordering::Relaxed), 1, "once");
     rt.send("t", &reading(18.0)).await.expect("room again");
     assert_eq!(rt.commands("t").expect("outbox").len(), 2);
     rt.shutdown().await;
@@ -735,31 +740,61 @@ async fn a_dry_run_sees_a_version_whose_effects_differ() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_import_whose_targets_come_before_their_senders_owes_nothing_and_handles_nothing_twice()
-{
+async fn an_import_owes_exactly_what_the_source_owed_and_handles_nothing_twice() {
     let root = tempfile::tempdir().expect("tempdir");
     let source = root.path().join("source");
     let rt = open(&source).await;
-    // Exported in id order: the room `hall` comes before its thermostats.
+    // Exported in id order: the room `hall` comes before its thermostats, so the records
+    // that handled their messages are imported before the records that sent them.
     rt.provision("hall", "room", &json!({"name": "Hall"}))
         .await
         .expect("room");
-    for t in ["t1", "t2"] {
-        rt.provision(t, "thermostat", &json!({"room": "hall"}))
-            .await
-            .expect("thermostat");
-    }
-    for c in [18.0, 19.0, 20.0] {
+    rt.provision(
+        "t1",
+        "thermostat",
+        &json!({"room": "hall", "commands": true, "setpoint": 21}),
+    )
+    .await
+    .expect("thermostat");
+    rt.provision("t2", "thermostat", &json!({"room": "hall"}))
+        .await
+        .expect("thermostat");
+    // `t3` reports to a room that does not exist yet: undeliverable, then it does.
+    rt.provision("t3", "thermostat", &json!({"room": "ghost"}))
+        .await
+        .expect("thermostat");
+    for c in [18.0, 25.0, 20.0] {
         for t in ["t1", "t2"] {
             rt.send(t, &reading(c)).await.expect("reading");
         }
     }
-    eventually("six reports", async || {
+    for c in [18.0, 19.0] {
+        rt.send("t3", &reading(c)).await.expect("reading");
+    }
+    eventually("six reports and two undeliverable", async || {
         rt.device("hall").await.expect("hall").summary.seq == 6
+            && rt.dead_letters("t3").expect("dead letters").len() == 2
     })
     .await;
-    let before = records(&rt, "hall");
-    let state_before = state(&rt, "hall").await;
+    rt.provision("ghost", "room", &json!({"name": "Ghost"}))
+        .await
+        .expect("room");
+    rt.send("t3", &reading(20.0)).await.expect("reading");
+    eventually("ghost's one report", async || {
+        rt.device("ghost").await.expect("ghost").summary.seq == 1
+    })
+    .await;
+    // `t1` switched heating on (18), off (25) and on (20): the first command is
+    // acknowledged.
+    let commands = rt.commands("t1").expect("outbox");
+    assert_eq!(commands.len(), 3, "{commands:?}");
+    assert!(rt.ack_command("t1", &commands[0].id).await.expect("ack"));
+    let waiting = rt.commands("t1").expect("outbox");
+    let rooms = ["hall", "ghost"];
+    let mut before = Vec::new();
+    for room in rooms {
+        before.push((records(&rt, room), state(&rt, room).await));
+    }
     rt.shutdown().await;
     drop(rt);
 
@@ -768,29 +803,42 @@ async fn an_import_whose_targets_come_before_their_senders_owes_nothing_and_hand
     drover::export::export(&source, None, 1, &mut out).expect("export");
     drop(out);
     let target = root.path().join("target");
-    drover::export::import(&target, &file)
+    let summary = drover::export::import(&target, &file)
         .await
         .expect("import");
+    // The acknowledged command and the two undeliverable messages.
+    assert_eq!(summary.effects_settled, 3, "{summary:?}");
 
     let rt = open(&target).await;
     // Whatever the first start would send again has had time to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for t in ["t1", "t2"] {
+    for t in ["t1", "t2", "t3"] {
         let num = rt.journal().device(t).expect(t).num;
-        assert_eq!(rt.journal().sent_len(num), 0, "{t} owes nothing");
+        assert_eq!(rt.journal().sent_len(num), 0, "{t} owes no message");
     }
-    assert_eq!(rt.journal().owed_to("hall"), Vec::new());
-    let after = records(&rt, "hall");
-    assert_eq!(after.len(), 6, "nothing handled twice");
-    for (a, b) in after.iter().zip(&before) {
+    let ids = |c: Vec<drover::view::CommandView>| c.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(rt.commands("t1").expect("outbox")),
+        ids(waiting),
+        "the same outbox"
+    );
+    for (room, (records_before, state_before)) in rooms.iter().zip(before) {
+        let after = records(&rt, room);
         assert_eq!(
-            (a.seq, &a.event, &a.transitions),
-            (b.seq, &b.event, &b.transitions)
+            after.len(),
+            records_before.len(),
+            "{room}: nothing handled twice"
         );
+        for (a, b) in after.iter().zip(&records_before) {
+            assert_eq!(
+                (a.seq, &a.event, &a.transitions),
+                (b.seq, &b.event, &b.transitions)
+            );
+        }
+        assert_eq!(state(&rt, room).await, state_before, "{room}");
     }
-    assert_eq!(state(&rt, "hall").await, state_before);
     // And the devices go on: a new report is handled once.
-    rt.send("t1", &reading(21.0)).await.expect("reading");
+    rt.send("t2", &reading(21.0)).await.expect("reading");
     eventually("the seventh report", async || {
         rt.device("hall").await.expect("hall").summary.seq == 7
     })

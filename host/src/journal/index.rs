@@ -478,10 +478,13 @@ impl Index {
                 self.strike_sent(device, id);
             }
             IndexEffect::CommandAck { device, id } => {
+                // A command acknowledged, or a message settled by an import: ids are unique
+                // per device, so at most one of the two maps holds it.
                 if let Some(d) = self.devices.get_mut(&device)
                     && let Some(fx) = d.fx.as_mut()
                 {
                     fx.outbox.remove(&id);
+                    fx.sent.remove(&id);
                     if fx.is_empty() {
                         d.fx = None;
                     }

@@ -1120,7 +1120,9 @@ impl Journal {
     }
 
     /// Records that command `id` of device `num` was acknowledged, and waits until it is
-    /// durable: it leaves the outbox for good.
+    /// durable: it leaves the outbox for good. The same record (kind 11) settles a message
+    /// `id` of the device, which is then no longer owed: what an import writes for a message
+    /// the exporting journal no longer owed (see `crate::export`).
     pub async fn record_command_ack(
         &self,
         num: u32,

@@ -110,7 +110,16 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
                     }
                     if ack {
                         let path = format!("/v1/devices/{id}/commands/{}/ack", segment(&c.id));
-                        api.call(api.post(&path))?;
+                        let (_, answer): (String, Value) = api.call_json(api.post(&path))?;
+                        // Said on stderr, so that stdout stays one command per line.
+                        if answer["acked"] == true {
+                            eprintln!("{id}: command {} acknowledged", c.id);
+                        } else {
+                            eprintln!(
+                                "{id}: command {} was acknowledged by someone else meanwhile",
+                                c.id
+                            );
+                        }
                     }
                 }
                 // Everything waiting was shown already (and not acknowledged): wait for

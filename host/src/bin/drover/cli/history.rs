@@ -132,10 +132,18 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let summary = drover::export::import(&args.data, &args.file).await?;
         println!(
-            "imported {} device(s), {} record(s); {} plugin version(s) registered{}",
+            "imported {} device(s), {} record(s); {} plugin version(s) registered{}{}",
             summary.devices,
             summary.records,
             summary.plugins_registered,
+            if summary.effects_settled > 0 {
+                format!(
+                    "; {} command(s) or message(s) the source no longer owed recorded as settled",
+                    summary.effects_settled
+                )
+            } else {
+                String::new()
+            },
             if summary.records_reattributed > 0 {
                 format!(
                     "; {} record(s) named a plugin version not in the export and were \
