@@ -125,7 +125,7 @@ pub const INTERNAL_RETRY: Duration = Duration::from_secs(5);
 
 /// Size of an actor's set of handled messages past which the durable ones are dropped from
 /// it (at most `max_in_flight` are not).
-const HANDLED_PRUNE: usize = 1024;
+const HANDLED_PRUNE: usize = 256;
 
 /// The threads that run actors, and so all guest code of live devices.
 ///
@@ -267,6 +267,8 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
     let pool = env.pool.clone();
     let metrics = env.metrics.clone();
     let device = head.id.clone();
+    // What a panic lost from the mailbox is still owed: asked for again (see below).
+    let (dispatch, lost) = (env.dispatch.clone(), head.clone());
     let actor = Actor {
         activity: activity.clone(),
         failures: 0,
@@ -300,6 +302,9 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             tracing::error!(device = %device, panic = %what, "actor panicked; the next message restarts it from the journal");
+            // Timer firings and messages waiting in its mailbox went with it.
+            let _ = dispatch.send(Durable::timer_retry(&lost));
+            let _ = dispatch.send(Durable::redeliver(&lost, INTERNAL_RETRY));
         }
     });
     ActorHandle { tx, activity, task }
@@ -768,6 +773,11 @@ impl Actor {
     /// Checks an internal event (see [`Message::Internal`]) against the journal, then
     /// handles it like an event.
     async fn on_internal(&mut self, event: Option<String>, origin: Origin) {
+        // With nothing in flight (or everything in flight failed), the journal alone says
+        // what is owed: a message whose record failed is owed again.
+        if !self.handled.is_empty() && (self.writer.is_idle() || self.writer.is_fenced()) {
+            self.handled = Default::default();
+        }
         // After a crash of this device's previous actor, its records may still be on their way
         // to disk: the checks below read the journal, so wait for them first.
         if self.must_sync {

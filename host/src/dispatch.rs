@@ -126,40 +126,56 @@ impl Postman {
 
     /// After `after`, sends again every message still owed to device `to` (one that was
     /// not handled: it timed out, the device was quarantined, a commit failed), in each
-    /// sender's order. A request for a device already waiting for an earlier one is merged
-    /// into it.
+    /// sender's order. Finding them scans the index, so requests are gathered: due times are
+    /// rounded up to a whole second, a request for a device already waiting for an earlier
+    /// one is merged into it, and one scan serves every device due by then.
     pub fn redeliver_later(&self, to: Arc<str>, after: std::time::Duration) {
+        let after = std::time::Duration::from_secs(after.as_millis().div_ceil(1000) as u64);
         let due = std::time::Instant::now() + after;
         {
             let mut waiting = self.redeliveries.lock();
             if waiting.get(&to).is_some_and(|at| *at <= due) {
                 return;
             }
-            waiting.insert(to.clone(), due);
+            waiting.insert(to, due);
         }
         let Some(me) = self.me.upgrade() else {
             return;
         };
         self.pool.spawn(async move {
             tokio::time::sleep(after).await;
-            {
+            let now = std::time::Instant::now();
+            let targets: std::collections::HashSet<Arc<str>> = {
                 let mut waiting = me.redeliveries.lock();
-                if waiting.get(&to) == Some(&due) {
-                    waiting.remove(&to);
+                let due: Vec<Arc<str>> = waiting
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(to, _)| to.clone())
+                    .collect();
+                for to in &due {
+                    waiting.remove(to);
                 }
+                due.into_iter().collect()
+            };
+            if targets.is_empty() {
+                return;
             }
-            let owed = me.journal.owed_to(&to);
+            let owed = me.journal.owed_to_any(&targets);
             let mut sent = 0;
             for chunk in owed.chunk_by(|a, b| a.1 == b.1) {
                 let (sender, num) = (chunk[0].0.clone(), chunk[0].1);
                 let ids = chunk
                     .iter()
-                    .map(|(_, _, id)| (*id, to.to_string()))
+                    .map(|(_, _, id, to)| (*id, to.to_string()))
                     .collect();
                 sent += me.resend(&sender, num, ids);
             }
             if sent > 0 {
-                tracing::info!(device = %to, messages = sent, "messages not handled sent again");
+                tracing::info!(
+                    devices = targets.len(),
+                    messages = sent,
+                    "messages not handled sent again"
+                );
             }
         });
     }

@@ -131,6 +131,10 @@ struct DeviceLine {
     /// What the device still owed when exported; absent in exports made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owed: Option<Owed>,
+    /// The device's number in the source journal, which messages it sent name (an id
+    /// removed and provisioned again is another number); absent in older exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    num: Option<u32>,
 }
 
 /// The effects a device still owed when it was exported, by id: an import settles every
@@ -308,6 +312,7 @@ pub fn export(
             created_at_ms: head.created_at_ms,
             seq: head.seq,
             owed: Some(owed),
+            num: Some(head.num),
         };
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
@@ -682,6 +687,8 @@ async fn write_devices(
     // Every device first, so that each has its number here before any record names it (a
     // message's sender may come later in the file than its target).
     let mut nums: HashMap<String, u32> = HashMap::new();
+    // Id -> number in the source: a message's sender is that device only if it matches.
+    let mut source_nums: HashMap<String, Option<u32>> = HashMap::new();
     let mut owed_by: Vec<(u32, Owed)> = Vec::new();
     for line in lines(path)? {
         let Line::Device(mut d) = line? else { continue };
@@ -698,6 +705,7 @@ async fn write_devices(
             .record_device(&d.device, bound, &config, d.created_at_ms)
             .await?;
         nums.insert(d.device.clone(), head.num);
+        source_nums.insert(d.device.clone(), d.num);
         if let Some(owed) = d.owed.take() {
             owed_by.push((head.num, owed));
         }
@@ -749,14 +757,22 @@ async fn write_devices(
                         (None, None) => Vec::new(),
                     };
                     // Device numbers are journal-local: a message's sender is renumbered to
-                    // its number here if this import brought it (otherwise `u32::MAX`,
-                    // nobody: a device of the target with the same id is another device,
-                    // which owes nothing of this). Its sending record may come later in the
-                    // file: the index then notes it as handled ahead.
+                    // its number here if this import brought that very device (same id and
+                    // source number); otherwise `u32::MAX`, nobody: a device of the target
+                    // with the same id, or one the source removed and provisioned again, is
+                    // another device, which owes nothing of this. Its sending record may come
+                    // later in the file: the index then notes it as handled ahead.
                     let fx = r.fx.clone().map(|mut fx| {
                         if let crate::journal::Origin::Message { sender, num, .. } = &mut fx.origin
                         {
-                            *num = nums.get(sender.as_str()).copied().unwrap_or(u32::MAX);
+                            let same = source_nums
+                                .get(sender.as_str())
+                                .is_some_and(|source| source.is_none_or(|n| n == *num));
+                            *num = nums
+                                .get(sender.as_str())
+                                .filter(|_| same)
+                                .copied()
+                                .unwrap_or(u32::MAX);
                         }
                         fx
                     });

@@ -1006,23 +1006,26 @@ impl Journal {
             .map_or(0, |fx| fx.outbox.len())
     }
 
-    /// Every message still owed to device `to`: (sender's id and number, the message's id),
-    /// in (sender number, id) order. Scans the devices that owe something: for the rare
-    /// redelivery after a failure, not for each message.
-    pub fn owed_to(&self, to: &str) -> Vec<(Arc<str>, u32, EffectId)> {
+    /// Every message still owed to any of `targets`: (sender's id and number, the message's
+    /// id, its target), in (sender number, id) order. Scans every device of the index: for
+    /// redeliveries after failures, gathered (see `crate::dispatch`), not for each message.
+    pub fn owed_to_any(
+        &self,
+        targets: &std::collections::HashSet<Arc<str>>,
+    ) -> Vec<(Arc<str>, u32, EffectId, Arc<str>)> {
         let index = self.index();
-        let mut out: Vec<(Arc<str>, u32, EffectId)> = index
+        let mut out: Vec<(Arc<str>, u32, EffectId, Arc<str>)> = index
             .devices
             .values()
             .filter_map(|d| Some((d, d.fx.as_deref()?)))
             .flat_map(|(d, fx)| {
-                fx.sent
-                    .iter()
-                    .filter(|(_, sent)| sent.owed_to() == Some(to))
-                    .map(|(id, _)| (d.id.clone(), d.num, *id))
+                fx.sent.iter().filter_map(|(id, sent)| {
+                    let to = targets.get(sent.owed_to()?)?;
+                    Some((d.id.clone(), d.num, *id, to.clone()))
+                })
             })
             .collect();
-        out.sort_by_key(|(_, num, id)| (*num, *id));
+        out.sort_by_key(|(_, num, id, _)| (*num, *id));
         out
     }
 

@@ -278,7 +278,7 @@ impl fmt::Debug for Record {
             Record::CommandAck { device, id, .. } => {
                 write!(
                     f,
-                    "CommandAck(device {device} command {}.{})",
+                    "CommandAck(device {device} effect {}.{} settled)",
                     id.seq, id.index
                 )
             }
