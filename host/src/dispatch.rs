@@ -330,27 +330,18 @@ impl Dispatcher {
     /// At start: every pending timer into the wheel, every owed message sent again in
     /// (sender, seq, index) order, from its record.
     fn resume(&self) {
-        let mut timers = 0usize;
+        let schedule = self.journal.timer_schedule();
+        let timers = schedule.len();
+        self.timers.place_all(schedule);
         let mut messages = 0usize;
-        let mut pending = self.journal.pending_fx();
-        pending.sort_by(|a, b| a.0.cmp(&b.0));
-        for (device, num, fx) in pending {
-            timers += fx.timers.len();
-            if !fx.timers.is_empty() {
-                self.timers.sync(num, &fx.timers);
-            }
-            let owed: Vec<(EffectId, String)> = fx
-                .sent
-                .into_iter()
-                .filter_map(|(id, s)| Some((id, s.owed_to()?.to_string())))
-                .collect();
+        for (device, num, owed) in self.journal.owed_messages() {
             messages += self.postman.resend(&device, num, owed);
         }
         if timers + messages > 0 {
             tracing::info!(
                 timers,
                 messages,
-                "effects owed at start: timers armed, messages sent again"
+                "effects owed at start: devices with timers armed, messages sent again"
             );
         }
     }

@@ -86,6 +86,20 @@ impl TimerWheel {
         }
     }
 
+    /// Places each `(device number, earliest due)` at once: the whole fleet at start.
+    pub fn place_all(&self, schedule: Vec<(u32, u64)>) {
+        if schedule.is_empty() {
+            return;
+        }
+        {
+            let mut wheel = self.state.lock();
+            for (num, due) in schedule {
+                wheel.place(num, Some(due));
+            }
+        }
+        self.wake.notify_one();
+    }
+
     /// Devices with a timer scheduled.
     pub fn scheduled(&self) -> usize {
         self.state.lock().due.len()

@@ -128,6 +128,10 @@ impl JournalError {
     }
 }
 
+/// A device that owes messages (see [`Journal::owed_messages`]): its id, its number, and the
+/// messages (id, target).
+pub type OwedMessages = (Arc<str>, u32, Vec<(EffectId, String)>);
+
 /// Counters about what the journal wrote.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -1084,8 +1088,41 @@ impl Journal {
         Ok(self.read_events(num, seq, seq)?.pop().and_then(|r| r.fx))
     }
 
-    /// Every device that owes something, with what it owes: what a start needs to arm the
-    /// timers and re-dispatch the messages a stop or crash left pending.
+    /// Each device with pending timers, with when its earliest is due: what a start arms the
+    /// timer wheel with (16 bytes per device, not a copy of every timer).
+    pub fn timer_schedule(&self) -> Vec<(u32, u64)> {
+        self.index()
+            .devices
+            .values()
+            .filter_map(|d| {
+                let earliest = d.fx.as_deref()?.timers.values().map(|t| t.due_ms).min()?;
+                Some((d.num, earliest))
+            })
+            .collect()
+    }
+
+    /// Each device that owes messages, with them (id and target), in (device id, message
+    /// id) order: what a start sends again.
+    pub fn owed_messages(&self) -> Vec<OwedMessages> {
+        let mut out: Vec<OwedMessages> = self
+            .index()
+            .devices
+            .values()
+            .filter_map(|d| {
+                let owed: Vec<(EffectId, String)> =
+                    d.fx.as_deref()?
+                        .sent
+                        .iter()
+                        .filter_map(|(id, s)| Some((*id, s.owed_to()?.to_string())))
+                        .collect();
+                (!owed.is_empty()).then(|| (d.id.clone(), d.num, owed))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Every device that owes something, with what it owes.
     pub fn pending_fx(&self) -> Vec<(Arc<str>, u32, DeviceFx)> {
         self.index()
             .devices
