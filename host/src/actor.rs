@@ -337,6 +337,19 @@ struct Actor {
     timer_record: Option<(u64, Fx)>,
 }
 
+/// How many commands or messages a device still owes, by `count`, when it may owe any:
+/// `flag` says whether it issued some (unknown until the first look). `None` while it owes
+/// none, and then the flag goes down until the device issues some again, so devices that
+/// never command or send pay nothing per event.
+fn owing(flag: &mut Option<bool>, count: impl Fn() -> usize) -> Option<usize> {
+    if *flag == Some(false) {
+        return None;
+    }
+    let n = count();
+    *flag = Some(n > 0);
+    (n > 0).then_some(n)
+}
+
 /// After this many consecutive fatal failures a device is quarantined: a plugin that traps
 /// or spins on every event would otherwise spend a worker's time on each one (up to the call
 /// timeout), which on a small machine is time taken from the whole fleet.
@@ -877,18 +890,9 @@ impl Actor {
     fn outbox_room(&mut self) -> Result<(), Error> {
         let journal = &self.env.journal;
         let num = self.head.num;
-        if !*self
-            .commands
-            .get_or_insert_with(|| journal.outbox_len(num) > 0)
-        {
+        let Some(pending) = owing(&mut self.commands, || journal.outbox_len(num)) else {
             return Ok(());
-        }
-        let pending = journal.outbox_len(num);
-        if pending == 0 {
-            // All acknowledged: back to no check until the next command.
-            self.commands = Some(false);
-            return Ok(());
-        }
+        };
         let limit = self.env.config.max_outbox;
         if pending >= limit {
             // Expired commands leave at a read of the outbox: look again after one.
@@ -932,14 +936,9 @@ impl Actor {
     fn sent_room(&mut self) -> Result<(), Error> {
         let journal = &self.env.journal;
         let num = self.head.num;
-        if !*self.sends.get_or_insert_with(|| journal.sent_len(num) > 0) {
+        let Some(pending) = owing(&mut self.sends, || journal.sent_len(num)) else {
             return Ok(());
-        }
-        let pending = journal.sent_len(num);
-        if pending == 0 {
-            self.sends = Some(false);
-            return Ok(());
-        }
+        };
         let limit = self.env.config.max_messages_pending;
         if pending >= limit {
             return Err(Error::MessagesPending { pending, limit });
