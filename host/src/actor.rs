@@ -43,7 +43,8 @@ use crate::decide::{self, Failed};
 use crate::engine::Instance;
 use crate::error::Error;
 use crate::journal::{
-    DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, Origin,
+    DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, MessageTurn,
+    Origin,
 };
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -279,6 +280,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
         live: None,
         must_sync: after_crash,
         handled: Default::default(),
+        timeouts: Default::default(),
         commands: None,
         sends: None,
         timer_record: None,
@@ -324,8 +326,11 @@ struct Actor {
     must_sync: bool,
     /// Messages (sender's device number, id) this actor handled whose records may not be
     /// durable yet, when the journal still lists them as owed: a second copy is dropped (see
-    /// `message_owed`). Pruned of durable ones as it grows; emptied at every rebuild.
+    /// `message_turn`). Pruned of durable ones as it grows; emptied at every rebuild.
     handled: std::collections::HashSet<(u32, EffectId)>,
+    /// How many times the guest timed out on each internal event that has not become a
+    /// record yet (see [`TIMEOUTS_BEFORE_CONSUMED`]).
+    timeouts: std::collections::HashMap<InternalKey, u32>,
     /// The device has issued commands (in this actor's life, or before: checked at the first
     /// event): only then is its outbox checked against the cap, so devices that never
     /// command pay nothing per event.
@@ -357,6 +362,31 @@ const QUARANTINE_AFTER: u32 = 3;
 /// First quarantine; each further failure right after one doubles it, up to the maximum.
 const QUARANTINE_FIRST: Duration = Duration::from_secs(5);
 const QUARANTINE_MAX: Duration = Duration::from_secs(300);
+
+/// A timeout is not deterministic (a loaded machine), so a message or timer firing the guest
+/// timed out on is tried again; after this many timeouts it is consumed like one the guest
+/// traps on (a record with no transitions and a dead letter `timeout`), or a message the
+/// guest always spins on would hold back its sender's later messages to this device for
+/// ever. Three tries span at least two `INTERNAL_RETRY` periods.
+const TIMEOUTS_BEFORE_CONSUMED: u32 = 3;
+
+/// An internal event, as the timeout count knows it: a message by (sender, id), a timer
+/// firing by (setting effect, due time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum InternalKey {
+    Message(u32, EffectId),
+    Timer(EffectId, u64),
+}
+
+impl InternalKey {
+    fn of(origin: &Origin) -> Option<InternalKey> {
+        match origin {
+            Origin::External => None,
+            Origin::Message { num, id, .. } => Some(InternalKey::Message(*num, *id)),
+            Origin::Timer { set, due_ms, .. } => Some(InternalKey::Timer(*set, *due_ms)),
+        }
+    }
+}
 
 /// A device sitting out a quarantine.
 struct Quarantine {
@@ -802,7 +832,17 @@ impl Actor {
         }
         let owed = match &origin {
             Origin::External => true,
-            Origin::Message { num, id, .. } => self.message_owed(*num, *id),
+            Origin::Message { num, id, .. } => match self.message_turn(*num, *id) {
+                MessageTurn::Next => true,
+                MessageTurn::NotOwed => false,
+                MessageTurn::Behind(earlier) => {
+                    // An earlier message of this sender was not handled and is on its way
+                    // again (every drop asks for one); this one comes again after it.
+                    tracing::debug!(device = %self.head.id, ?origin, ?earlier, "held back behind an earlier message of its sender");
+                    self.internal_not_handled(&origin);
+                    return;
+                }
+            },
             Origin::Timer {
                 key, set, due_ms, ..
             } => self.timer_owed(key, *set, *due_ms).await,
@@ -946,13 +986,21 @@ impl Actor {
         Ok(())
     }
 
-    /// Whether message `id` of `sender` is still owed to this device: the sender's journal
-    /// still lists it as undelivered, and this incarnation has not handled it (its record
-    /// may still be on its way to disk). A message that failed comes again after later ones
-    /// of its sender, so this is a set of ids, not the last one per sender.
-    fn message_owed(&self, sender: u32, id: EffectId) -> bool {
-        !self.handled.contains(&(sender, id))
-            && self.env.journal.message_owed(sender, id, &self.head.id)
+    /// Whether message `id` of `sender` is still owed to this device (the sender's journal
+    /// still lists it as undelivered, and this incarnation has not handled it: its record
+    /// may still be on its way to disk), and whether it is its turn (every earlier message
+    /// of that sender to this device is handled). A message that was not handled comes
+    /// again with every later one of its sender, so `handled` is a set of ids, not the last
+    /// one per sender.
+    fn message_turn(&self, sender: u32, id: EffectId) -> MessageTurn {
+        if self.handled.contains(&(sender, id)) {
+            return MessageTurn::NotOwed;
+        }
+        self.env
+            .journal
+            .message_turn(sender, id, &self.head.id, |earlier| {
+                self.handled.contains(&(sender, earlier))
+            })
     }
 
     /// Whether timer `key` is still set by effect `set` and due at `due_ms`: not cancelled,
@@ -1038,7 +1086,32 @@ impl Actor {
         let internal = origin != Origin::External;
         // A message or timer firing that trapped: consumed, then the instance is dropped.
         let mut poisoned: Option<(Error, bool)> = None;
-        let decided = match decide::decide(&mut live.instance, &ctx, &event, max_output, budget) {
+        let decided = decide::decide(&mut live.instance, &ctx, &event, max_output, budget);
+        let key = InternalKey::of(&origin);
+        let timed_out_enough = match (&decided, key) {
+            (
+                Err(Failed {
+                    error: Error::Timeout(_),
+                    ..
+                }),
+                Some(key),
+            ) => {
+                // Bounded: a device has few internal events failing at once; a burst of
+                // distinct ones that each timed out once is forgotten rather than kept.
+                if self.timeouts.len() >= 1024 {
+                    self.timeouts.clear();
+                }
+                let n = self.timeouts.entry(key).or_default();
+                *n += 1;
+                *n >= TIMEOUTS_BEFORE_CONSUMED
+            }
+            (_, Some(key)) => {
+                self.timeouts.remove(&key);
+                false
+            }
+            (_, None) => false,
+        };
+        let decided = match decided {
             Ok(d) => d,
             // A message or timer the plugin refuses is consumed all the same (recorded with no
             // transitions), or it would come back at every start.
@@ -1070,12 +1143,12 @@ impl Actor {
             // event trap again), so a poison message would come back at every start and let
             // its sender's later messages overtake it, and a poison timer would fire every
             // few seconds forever (a periodic one moves on to its next period). Kept as a
-            // dead letter. A timeout is not deterministic (a
-            // loaded machine): that one is tried again.
+            // dead letter. A timeout is not deterministic (a loaded machine): that one is
+            // tried again, up to `TIMEOUTS_BEFORE_CONSUMED` times.
             Err(Failed {
-                error: error @ Error::Trap(_),
+                error,
                 instance_lost,
-            }) if internal => {
+            }) if internal && (matches!(error, Error::Trap(_)) || timed_out_enough) => {
                 self.writer.append_dead_letter(DeadLetter {
                     device: self.head.num,
                     after_seq: seq - 1,
@@ -1085,7 +1158,7 @@ impl Actor {
                     code: error.code().to_string(),
                     message: error.to_string(),
                 });
-                tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event trapped: consumed, kept as a dead letter");
+                tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event trapped or kept timing out: consumed, kept as a dead letter");
                 poisoned = Some((error, instance_lost));
                 decide::Decided::default()
             }

@@ -622,6 +622,69 @@ async fn a_message_the_target_traps_on_is_consumed_in_its_place_and_never_redeli
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_target_keeps_timing_out_on_is_consumed_after_three_tries_and_later_ones_wait()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // `b` spins on the second of three messages from `a`.
+    for (tag, inner) in [(1u64, "ok"), (2, "loop"), (3, "ok")] {
+        let event = json!({"type": "send", "to": "b", "tag": tag, "event": {"type": inner}});
+        rt.send("a", &event.to_string()).await.expect("sent");
+    }
+    // Tried at once, then twice more `INTERNAL_RETRY` apart, then consumed; the third waits
+    // for it all along (and for the quarantine that three timeouts in a row start).
+    let start = Instant::now();
+    while rt.device("b").await.expect("b").summary.seq < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "b never got past the message it spins on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_secs(9),
+        "tried three times"
+    );
+    let check = async |rt: &Runtime| {
+        let b = records(rt, "b");
+        let from: Vec<u64> = b
+            .iter()
+            .filter_map(origin)
+            .map(|o| o["id"]["seq"].as_u64().expect("a message's id"))
+            .collect();
+        assert_eq!(from, [1, 2, 3], "in a's order");
+        assert!(b[1].transitions.is_empty(), "{:?}", b[1]);
+        let dead = rt.dead_letters("b").expect("dead letters");
+        assert_eq!(dead.len(), 3, "one per timeout: {dead:?}");
+        assert!(dead.iter().all(|d| d.code == "timeout"), "{dead:?}");
+        assert_eq!(state(rt, "b").await["count"], 2);
+        assert_eq!(
+            rt.journal()
+                .sent_len(rt.journal().device("a").expect("a").num),
+            0,
+            "nothing owed"
+        );
+    };
+    check(&rt).await;
+    rt.shutdown().await;
+    drop(rt);
+    let rt = open(dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    check(&rt).await;
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_removed_and_provisioned_again_is_a_new_sender() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = open(dir.path()).await;

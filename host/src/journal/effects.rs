@@ -178,6 +178,20 @@ impl Sent {
     }
 }
 
+/// Where a message that reached its target stands (see `Journal::message_turn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageTurn {
+    /// Owed, and every earlier message of its sender to this target has been handled: its
+    /// turn.
+    Next,
+    /// Owed, but this earlier message of the same sender to the same target is still owed
+    /// (it was not handled: it timed out, the target was quarantined, ...). Handling this
+    /// one first would break the sender's order; both come again, in order.
+    Behind(EffectId),
+    /// Handled already, found undeliverable, or its sender is gone: dropped.
+    NotOwed,
+}
+
 /// A small ordered map in one sorted `Vec`. A device has a handful of timers and owed effects
 /// at a time; a `BTreeMap` would allocate a whole node (11 slots, ~1 KiB for timers) for the
 /// first one, and a fleet holds one per device.
@@ -257,6 +271,15 @@ impl<K: Ord, V> VecMap<K, V> {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The entries whose key is below `key`, in key order.
+    pub fn before<Q: Ord + ?Sized>(&self, key: &Q) -> impl Iterator<Item = (&K, &V)>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        let end = self.find(key).unwrap_or_else(|i| i);
+        self.0[..end].iter().map(|(k, v)| (k, v))
     }
 
     /// In key order.
@@ -363,6 +386,27 @@ impl DeviceFx {
                     self.timers.remove(key.as_str());
                 }
             }
+        }
+    }
+
+    /// Where message `id` of this device stands for its target `to`; an earlier message
+    /// for which `in_flight` says yes counts as handled. See [`MessageTurn`].
+    pub fn turn(
+        &self,
+        id: EffectId,
+        to: &str,
+        in_flight: impl Fn(EffectId) -> bool,
+    ) -> MessageTurn {
+        if self.sent.get(&id).and_then(Sent::owed_to) != Some(to) {
+            return MessageTurn::NotOwed;
+        }
+        match self
+            .sent
+            .before(&id)
+            .find(|(earlier, sent)| sent.owed_to() == Some(to) && !in_flight(**earlier))
+        {
+            Some((earlier, _)) => MessageTurn::Behind(*earlier),
+            None => MessageTurn::Next,
         }
     }
 
@@ -506,5 +550,44 @@ mod tests {
         assert_eq!(fx.expire(5999), 0);
         assert_eq!(fx.expire(6000), 1);
         assert!(!fx.is_empty());
+    }
+
+    #[test]
+    fn a_message_takes_its_turn_only_after_every_earlier_one_to_its_target() {
+        let send = |to: &str| Effect::Send {
+            to: to.into(),
+            event: "{}".into(),
+        };
+        let mut fx = DeviceFx::default();
+        fx.fold(
+            1,
+            0,
+            &Fx {
+                origin: Origin::External,
+                effects: vec![send("b"), send("c")],
+            },
+        );
+        fx.fold(
+            2,
+            0,
+            &Fx {
+                origin: Origin::External,
+                effects: vec![send("b")],
+            },
+        );
+        let id = |seq, index| EffectId { seq, index };
+        let none = |_| false;
+        assert_eq!(fx.turn(id(1, 0), "b", none), MessageTurn::Next);
+        // Another target's message does not hold this one back.
+        assert_eq!(fx.turn(id(1, 1), "c", none), MessageTurn::Next);
+        assert_eq!(fx.turn(id(2, 0), "b", none), MessageTurn::Behind(id(1, 0)));
+        // Handled, its record on its way to disk: no longer in the way.
+        assert_eq!(fx.turn(id(2, 0), "b", |e| e == id(1, 0)), MessageTurn::Next);
+        // Wrong target, unknown id.
+        assert_eq!(fx.turn(id(2, 0), "c", none), MessageTurn::NotOwed);
+        assert_eq!(fx.turn(id(3, 0), "b", none), MessageTurn::NotOwed);
+        // The target's record of the first is durable.
+        fx.sent.remove(&id(1, 0));
+        assert_eq!(fx.turn(id(2, 0), "b", none), MessageTurn::Next);
     }
 }

@@ -65,7 +65,9 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::Notify;
 
-pub use effects::{DeviceFx, DueTimers, Effect, EffectId, Fx, Origin, Sent, TimerEntry};
+pub use effects::{
+    DeviceFx, DueTimers, Effect, EffectId, Fx, MessageTurn, Origin, Sent, TimerEntry,
+};
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
 pub use index_checkpoint::INDEX_CHECKPOINT_EVERY;
@@ -965,6 +967,23 @@ impl Journal {
             .and_then(|d| d.fx.as_deref())
             .and_then(|fx| fx.sent.get(&id))
             .is_some_and(|sent| sent.owed_to() == Some(to))
+    }
+
+    /// Where message `id` of device `num` stands for its target `to`: owed and next in
+    /// the sender's order, owed behind an earlier message to `to` that is still owed (and
+    /// for which `in_flight` says no: the target has not handled it yet), or not owed.
+    pub fn message_turn(
+        &self,
+        num: u32,
+        id: EffectId,
+        to: &str,
+        in_flight: impl Fn(EffectId) -> bool,
+    ) -> MessageTurn {
+        self.index()
+            .devices
+            .get(&num)
+            .and_then(|d| d.fx.as_deref())
+            .map_or(MessageTurn::NotOwed, |fx| fx.turn(id, to, in_flight))
     }
 
     /// Device `num`'s outbox: its commands not yet acknowledged, oldest first. Commands whose
