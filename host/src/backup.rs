@@ -98,7 +98,7 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     };
 
     // Step 2: the journal's confirmed prefix, read through the same handle that measured it.
-    let source = journal::FileBackend::open_read_only(&data_dir.join(journal::FILE_NAME))?;
+    let source = journal::SegmentedBackend::open_read_only(data_dir)?;
     let size = source.size()?;
     let opened = Journal::open_read_only(data_dir)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;

@@ -167,6 +167,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Bytes after which the journal starts a new segment file (default 256 MiB). Segments
+    /// are what retention deletes and backups copy; see `host/src/journal/segments.rs`.
+    pub fn journal_segment_bytes(mut self, bytes: u64) -> Self {
+        self.config.segment_bytes = bytes;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs
@@ -214,6 +221,7 @@ impl RuntimeBuilder {
             index_spill_at: self.config.index_spill_at,
             index_checkpoint_every: self.config.index_checkpoint_every,
             scrub_rate: self.config.scrub_rate,
+            segment_bytes: self.config.segment_bytes,
         };
         let journal = match self.storage {
             Some(_) if options.salvage => {

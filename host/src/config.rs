@@ -252,6 +252,9 @@ pub struct Config {
     /// How fast the scrub after an open from an index checkpoint reads (bytes per second;
     /// see [`crate::journal::JournalOptions::scrub_rate`]; 0: unbounded).
     pub scrub_rate: u64,
+    /// Bytes after which the journal starts a new segment file (see
+    /// [`crate::journal::JournalOptions::segment_bytes`]).
+    pub segment_bytes: u64,
 }
 
 impl Default for Config {
@@ -265,6 +268,7 @@ impl Default for Config {
             index_spill_at: crate::journal::INDEX_SPILL_AT,
             index_checkpoint_every: crate::journal::INDEX_CHECKPOINT_EVERY,
             scrub_rate: crate::journal::SCRUB_RATE,
+            segment_bytes: crate::journal::SEGMENT_BYTES,
         }
     }
 }
@@ -282,6 +286,7 @@ impl Config {
             ("max event bytes", self.max_event_bytes),
             ("max output bytes", self.actor.max_output_bytes),
             ("max guest memory", self.engine.max_memory),
+            ("journal segment bytes", self.segment_bytes as usize),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -228,7 +228,8 @@ fn export_then_import_reproduces_every_device_exactly() {
 fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     let root = tempfile::tempdir().expect("tempdir");
     let source = root.path().join("source");
-    let server = Server::start(&source, &[]);
+    // Small segments: the backup reads a journal spread over many files.
+    let server = Server::start(&source, &["--journal-segment-bytes", "4096"]);
     fleet(&server);
 
     // Load while the backup runs.
@@ -269,6 +270,8 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     assert!(err.contains("inside the data directory"), "{err}");
     assert!(!source.join("inner").exists());
     drop(server);
+    let segments = drover::journal::SegmentedBackend::list(&source).expect("segments");
+    assert!(segments.len() > 3, "{segments:?}");
     let whole = Server::start(&idle, &[]);
     assert_eq!(states(&whole, &["t1", "t2", "lock"]), live);
     drop(whole);

@@ -188,9 +188,17 @@ fn verify(server: &Server, acked: &[Acked]) {
 fn sigkill_under_load_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // Small snapshot and index checkpoint intervals: restarts restore snapshots written
-    // under load and start from index checkpoints, and kills land while both are written.
-    let flags = ["--snapshot-every", "7", "--index-checkpoint-bytes", "65536"];
+    // Small snapshot, index checkpoint and segment sizes: restarts restore snapshots written
+    // under load and start from index checkpoints, and kills land while all three are
+    // written (a new segment every few hundred commits).
+    let flags = [
+        "--snapshot-every",
+        "7",
+        "--index-checkpoint-bytes",
+        "65536",
+        "--journal-segment-bytes",
+        "16384",
+    ];
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -269,6 +277,9 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
         recovery.dropped.is_none(),
         "a graceful stop leaves no torn tail"
     );
+    let segments = drover::journal::SegmentedBackend::list(&data).expect("segments");
+    eprintln!("{} journal segments", segments.len());
+    assert!(segments.len() > ROUNDS, "rolled over often: {segments:?}");
     server = Server::start(&data, &flags);
     verify(&server, &acked);
     // The graceful stop wrote an index checkpoint at its end: nothing was scanned.

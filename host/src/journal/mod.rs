@@ -1,15 +1,16 @@
 //! The journal: Drover's durable, append-only record of everything that happened.
 //!
-//! One file, `journal.log`, holds every record: plugin versions, device provisioning, handled
-//! events with their transitions, snapshots, dead letters, removals, commit markers and lost
-//! seqs (the format is in
-//! `host/DESIGN.md` and `journal/record.rs`). It is the single source of truth; actors,
-//! snapshots and reads are all derived from it.
+//! One range of positions, kept in segment files (`journal.log`, then
+//! `journal.<position>.seg`), holds every record: plugin versions, device provisioning,
+//! handled events with their transitions, snapshots, dead letters, removals, commit markers
+//! and lost seqs (the format is in `host/DESIGN.md` and `journal/record.rs`). It is the single
+//! source of truth; actors, snapshots and reads are all derived from it.
 //!
 //! # Layout
 //!
 //! * this file: the domain API ([`Journal`], [`DeviceWriter`]);
 //! * [`storage`]: the byte-level seam ([`StorageBackend`]) and its file and faulty backends;
+//! * [`segments`]: the production backend, the range kept as bounded segment files;
 //! * `record.rs` (private): the record format and the file header;
 //! * `index.rs` (private): the in-memory index of durable records;
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
@@ -52,6 +53,7 @@ mod record;
 mod recovery;
 mod runs;
 mod scrub;
+pub mod segments;
 pub mod storage;
 mod writer;
 
@@ -78,6 +80,7 @@ use recovery::MAX_TORN_BYTES;
 pub use recovery::{Affected, Damaged, Salvaged, salvage};
 use recovery::{Cut, recover};
 pub use scrub::{SCRUB_RATE, ScrubState, ScrubStatus};
+pub use segments::{SEGMENT_BYTES, SegmentInfo, SegmentedBackend};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
 use writer::Entry;
 pub use writer::OnDurable;
@@ -225,6 +228,9 @@ pub struct JournalOptions {
     /// After an open from an index checkpoint, read the records before it at most this fast
     /// (bytes per second; 0: unbounded) to find damage the open skipped (`journal/scrub.rs`).
     pub scrub_rate: u64,
+    /// Start a new segment file once the last one holds this many bytes (see
+    /// `journal/segments.rs`). A commit is never split, so a segment may pass it by one.
+    pub segment_bytes: u64,
 }
 
 /// Default of [`JournalOptions::index_spill_at`]: 4Mi offsets, 32 MiB of memory, spilled in
@@ -239,6 +245,7 @@ impl Default for JournalOptions {
             index_spill_at: INDEX_SPILL_AT,
             index_checkpoint_every: INDEX_CHECKPOINT_EVERY,
             scrub_rate: SCRUB_RATE,
+            segment_bytes: SEGMENT_BYTES,
         }
     }
 }
@@ -383,8 +390,8 @@ fn spill_once(shared: &writer::Shared, spill: &runs::Spill, force: bool) {
 }
 
 impl Journal {
-    /// Opens (or creates) `journal.log` in `dir`, recovering its index and cutting any torn
-    /// or corrupt tail (see the module docs).
+    /// Opens (or creates) the journal in `dir` (`journal.log` and the segments after it),
+    /// recovering its index and cutting any torn or corrupt tail (see the module docs).
     pub fn open(dir: &Path, options: &JournalOptions) -> std::io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
@@ -393,7 +400,7 @@ impl Journal {
         } else {
             None
         };
-        let storage = FileBackend::open(&path)?;
+        let storage = SegmentedBackend::open(dir, options.segment_bytes, FORMAT_VERSION)?;
         Journal::start(Arc::new(storage), options, salvaged)
     }
 
@@ -521,7 +528,7 @@ impl Journal {
     /// is reported but left on disk (the owner of the directory cuts it on its next open).
     /// For offline tools such as `drover replay`, which may run beside a live server.
     pub fn open_read_only(dir: &Path) -> std::io::Result<Journal> {
-        let storage = Arc::new(FileBackend::open_read_only(&dir.join(FILE_NAME))?);
+        let storage = Arc::new(SegmentedBackend::open_read_only(dir)?);
         let (index, recovery) = recover(&*storage, Cut::Never, None)?;
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),

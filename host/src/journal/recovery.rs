@@ -64,7 +64,8 @@ use super::index::{Inconsistency, Index, MAX_LOST_RUN, MarkerAt};
 use super::index_checkpoint::Checkpoints;
 use super::record::{self, DecodeError, Record};
 use super::runs::Spill;
-use super::storage::{FileBackend, SeqReader, StorageBackend, Tolerant};
+use super::segments::SegmentedBackend;
+use super::storage::{SeqReader, StorageBackend, Tolerant};
 use super::{DroppedTail, FILE_NAME, FORMAT_VERSION, Recovery, writer};
 
 /// The most bytes a crash can leave half-written at the end of a file without commit markers
@@ -435,10 +436,11 @@ pub(super) fn recover(
 /// renamed over the old one; the original stays as `journal.log.damaged-<offset>` (a hard
 /// link made before the rename).
 pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
-    if !path.exists() {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if SegmentedBackend::list(dir)?.is_empty() {
         return Ok(None);
     }
-    salvage_from(&FileBackend::open_read_only(path)?, path)
+    salvage_from(&SegmentedBackend::open_read_only(dir)?, path)
 }
 
 /// [`salvage`], reading the damaged journal through `source` (the file at `path`, or a test's
@@ -537,7 +539,16 @@ pub(super) fn salvage_from(
         _ => {}
     }
     std::fs::rename(&tmp, path)?;
+    // The new `journal.log` holds every segment's intact records: the later segments are
+    // kept aside with the original. (A crash before they are moved leaves segments that do
+    // not follow the new file: the open refuses, nothing is lost.)
     if let Some(dir) = path.parent() {
+        for segment in SegmentedBackend::list(dir)? {
+            if segment.first > 0 {
+                let aside = side_file(&segment.path, &format!("damaged-{first}"));
+                std::fs::rename(&segment.path, aside)?;
+            }
+        }
         File::open(dir)?.sync_all()?;
     }
     let salvaged = Salvaged {

@@ -2598,3 +2598,127 @@ async fn an_acknowledgement_or_undeliverable_racing_a_removal_is_no_damage() {
     assert!(journal.device("d0").is_none());
     assert!(owed(&journal).is_empty());
 }
+
+/// A journal in `dir` whose segments roll over every `segment_bytes`, with `events` events of
+/// device `a`, each its own commit, closed.
+async fn segmented(dir: &Path, segment_bytes: u64, events: u64) -> Vec<EventRecord> {
+    let options = JournalOptions {
+        segment_bytes,
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(dir, &options).expect("open");
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    for seq in 1..=events {
+        let (r, e) = event(0, seq);
+        journal.append(&r, e).await.expect("event");
+    }
+    let all = journal.read_events(0, 1, events).expect("read");
+    journal.close();
+    all
+}
+
+fn open_segmented(dir: &Path, segment_bytes: u64, salvage: bool) -> std::io::Result<Journal> {
+    let options = JournalOptions {
+        segment_bytes,
+        salvage,
+        ..JournalOptions::default()
+    };
+    Journal::open(dir, &options)
+}
+
+#[tokio::test]
+async fn segments_roll_over_and_a_reopen_reads_every_record_across_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = segmented(dir.path(), 512, 300).await;
+    let segments = SegmentedBackend::list(dir.path()).expect("list");
+    assert!(segments.len() > 20, "{} segments", segments.len());
+    assert_eq!(segments[0].path, dir.path().join(FILE_NAME));
+
+    let journal = open_segmented(dir.path(), 512, false).expect("reopen");
+    assert!(journal.recovery().dropped.is_none());
+    assert_eq!(journal.read_events(0, 1, 300).expect("read"), before);
+    // And on: the next record goes to the last segment or a new one.
+    let (r, e) = event(0, 301);
+    journal.append(&r, e).await.expect("event 301");
+    journal.close();
+    drop(journal);
+
+    // A crash that tore the last commit (here the close's marker of an empty batch): only
+    // that commit is dropped.
+    std::fs::remove_file(dir.path().join("journal.log.checkpoint")).expect("checkpoint");
+    let last = SegmentedBackend::list(dir.path())
+        .expect("list")
+        .pop()
+        .expect("last");
+    let len = std::fs::metadata(&last.path).expect("meta").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&last.path)
+        .and_then(|f| f.set_len(len - 5))
+        .expect("tear");
+    let journal = open_segmented(dir.path(), 512, false).expect("torn tail cut");
+    let dropped = journal.recovery().dropped.clone().expect("dropped");
+    assert!(dropped.torn, "{dropped:?}");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(301));
+    assert_eq!(journal.read_events(0, 1, 300).expect("read"), before);
+}
+
+#[tokio::test]
+async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segments_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = segmented(dir.path(), 512, 300).await;
+    let segments = SegmentedBackend::list(dir.path()).expect("list");
+    // The first record of a segment in the middle is an event (a segment starts a commit).
+    let victim = &segments[segments.len() / 2];
+    let mut bytes = std::fs::read(&victim.path).expect("read");
+    let at = segments::SEGMENT_HEADER_LEN as usize;
+    let Ok((Record::Event(damaged), _)) = Record::decode(&bytes[at..]) else {
+        panic!("a segment starts with an event record");
+    };
+    bytes[at + record::HEADER_LEN + 4] ^= 0x01;
+    std::fs::write(&victim.path, &bytes).expect("write");
+
+    let err = open_segmented(dir.path(), 512, false)
+        .err()
+        .expect("refused");
+    let damage = Damaged::of(&err).expect("a damage report");
+    assert_eq!(damage.offset, victim.first, "the position, across segments");
+    assert_eq!(
+        damage.devices,
+        vec![Affected {
+            device: "a".into(),
+            lost: vec![(damaged.seq, damaged.seq)],
+            set_aside: 0
+        }]
+    );
+
+    let journal = open_segmented(dir.path(), 512, true).expect("salvage");
+    let salvaged = journal.recovery().salvaged.clone().expect("salvaged");
+    assert_eq!(salvaged.lost_seqs, 1);
+    let after = journal.read_events(0, 1, 300).expect("read");
+    for (a, b) in after.iter().zip(&before) {
+        if a.seq == damaged.seq {
+            assert!(a.lost, "{a:?}");
+        } else {
+            assert_eq!(a, b);
+        }
+    }
+    // The later segments are kept aside with the original; the journal is one file again,
+    // and rolls over from there.
+    assert_eq!(SegmentedBackend::list(dir.path()).expect("list").len(), 1);
+    let aside = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".seg.damaged-"))
+        .count();
+    assert_eq!(aside, segments.len() - 1);
+    let (r, e) = event(0, 301);
+    journal.append(&r, e).await.expect("event 301");
+    journal.close();
+    drop(journal);
+    let journal = open_segmented(dir.path(), 512, false).expect("opens cleanly");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(301));
+}

@@ -166,6 +166,12 @@ pub struct Tuning {
         drover::journal::SCRUB_RATE >> 20,
     ))]
     pub scrub_mib_per_sec: Option<u64>,
+    #[arg(long, help = help(
+        "Bytes after which the journal starts a new segment file (`journal.<position>.seg`); \
+         whole segments are what retention deletes",
+        drover::journal::SEGMENT_BYTES,
+    ))]
+    pub journal_segment_bytes: Option<u64>,
     /// Lay guest memories out with guard pages: guest code runs ~20% faster, but a process
     /// then holds at most 14,000 live instances (the live cap is lowered to it).
     #[arg(long)]
@@ -265,6 +271,9 @@ impl Tuning {
         }
         if let Some(mib) = self.scrub_mib_per_sec {
             b = b.scrub_rate(mib.saturating_mul(1 << 20));
+        }
+        if let Some(bytes) = self.journal_segment_bytes {
+            b = b.journal_segment_bytes(bytes);
         }
         b
     }

@@ -1,0 +1,621 @@
+//! Journal segments: the journal's one byte range, kept as a sequence of bounded files.
+//!
+//! The rest of the journal sees a single range of positions (offsets) from 0, as it always
+//! did; [`SegmentedBackend`] maps a position to a file. Bounded files are what lets old
+//! history be archived or deleted (retention) and copied piece by piece (backups), without
+//! rewriting anything.
+//!
+//! # Files
+//!
+//! * `journal.log` is the first segment: positions from 0, starting with the journal's own
+//!   file header (`journal/record.rs`). A journal written before segments existed is exactly
+//!   this one file, so it opens unchanged, whatever its size.
+//! * `journal.<first position, 20 digits>.seg` holds the positions from its first one. It
+//!   starts with a 32-byte header:
+//!
+//!   | bytes | field |
+//!   | --- | --- |
+//!   | 0..8 | magic `DRVSEG\0\x01` |
+//!   | 8..12 | journal format version, u32 LE |
+//!   | 12..20 | first position, u64 LE (the same as in the name) |
+//!   | 20..24 | CRC-32 of bytes 0..20 |
+//!   | 24..32 | zero |
+//!
+//! # Rules
+//!
+//! * A new segment starts only at the start of a write at the end of the range, once the
+//!   last segment holds [`SegmentedBackend::segment_bytes`] or more. The writer writes a whole
+//!   commit (its records and its marker) in one write, so a commit never spans two files and
+//!   a file ends on a commit boundary.
+//! * Before a segment is created, the one before it is synced, and after, the new file (its
+//!   header) and the directory are: so on any open the segments are contiguous (each starts
+//!   where the one before ends), and a gap, a missing file or a bad header is damage, never a
+//!   crash. The one exception is a crash while creating a segment: a last segment no longer
+//!   than its header holds no record and is removed.
+//! * Cutting the range back (a torn tail, a failed commit) removes whole segments after the
+//!   new end and cuts the one it falls in.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::FILE_NAME;
+use super::storage::StorageBackend;
+
+/// Bytes of a segment header (`journal.log` has none: it starts at position 0).
+pub const SEGMENT_HEADER_LEN: u64 = 32;
+const SEGMENT_MAGIC: [u8; 8] = *b"DRVSEG\0\x01";
+
+/// Default [`SegmentedBackend::segment_bytes`]: 256 MiB. Small enough that retention frees
+/// space in useful steps and a backup copies files of a manageable size; large enough that
+/// a busy journal (a few hundred MB a minute) creates a file every minute or so, not every
+/// second, and a year of history is thousands of files, not millions.
+pub const SEGMENT_BYTES: u64 = 256 << 20;
+
+/// The name of the segment that starts at `first` (`journal.log` for 0).
+pub fn segment_name(first: u64) -> String {
+    if first == 0 {
+        FILE_NAME.to_string()
+    } else {
+        format!("journal.{first:020}.seg")
+    }
+}
+
+/// The first position named by a segment file name, if it is one.
+pub fn parse_segment_name(name: &str) -> Option<u64> {
+    if name == FILE_NAME {
+        return Some(0);
+    }
+    let digits = name.strip_prefix("journal.")?.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|first| *first > 0)
+}
+
+fn segment_header(format: u32, first: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+    h[..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&format.to_le_bytes());
+    h[12..20].copy_from_slice(&first.to_le_bytes());
+    let crc = crc32fast::hash(&h[..20]);
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Checks a segment header; returns its format version and first position.
+fn parse_segment_header(h: &[u8]) -> Result<(u32, u64), String> {
+    if h.len() < SEGMENT_HEADER_LEN as usize {
+        return Err(format!("header cut short ({} bytes)", h.len()));
+    }
+    if h[..8] != SEGMENT_MAGIC {
+        return Err("not a journal segment (bad magic)".into());
+    }
+    let crc = u32::from_le_bytes(h[20..24].try_into().unwrap_or_default());
+    if crc32fast::hash(&h[..20]) != crc {
+        return Err("header checksum mismatch".into());
+    }
+    let format = u32::from_le_bytes(h[8..12].try_into().unwrap_or_default());
+    let first = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
+    Ok((format, first))
+}
+
+/// One file of the range.
+struct Segment {
+    /// Its first position.
+    first: u64,
+    /// Bytes before position `first` in the file: 0 for `journal.log`, else the header.
+    header: u64,
+    file: File,
+    path: PathBuf,
+}
+
+impl Segment {
+    fn data_len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len().saturating_sub(self.header))
+    }
+}
+
+/// What a segment file looks like on disk (see [`SegmentedBackend::list`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub path: PathBuf,
+    /// Its first position.
+    pub first: u64,
+    /// Positions it holds (file length less its header).
+    pub len: u64,
+}
+
+/// The journal's range over segment files in one directory; see the module docs.
+pub struct SegmentedBackend {
+    dir: PathBuf,
+    origin: PathBuf,
+    segment_bytes: u64,
+    format: u32,
+    read_only: bool,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// The range's length: the last segment's first position plus its data.
+    end: AtomicU64,
+    /// Earlier segments written since the last sync (a format raise rewrites the header of
+    /// `journal.log`): synced with the last one.
+    dirty: Mutex<Vec<Arc<Segment>>>,
+}
+
+impl SegmentedBackend {
+    /// Opens the segments in `dir` (creating `journal.log` if there are none), new ones
+    /// starting once the last holds `segment_bytes`. New segment headers name `format`.
+    pub fn open(dir: &Path, segment_bytes: u64, format: u32) -> io::Result<SegmentedBackend> {
+        SegmentedBackend::open_with(dir, segment_bytes, format, false)
+    }
+
+    /// Opens the segments in `dir` for reading; every write fails. A torn last segment
+    /// header is left on disk (and its segment ignored).
+    pub fn open_read_only(dir: &Path) -> io::Result<SegmentedBackend> {
+        SegmentedBackend::open_with(dir, u64::MAX, 0, true)
+    }
+
+    fn open_with(
+        dir: &Path,
+        segment_bytes: u64,
+        format: u32,
+        read_only: bool,
+    ) -> io::Result<SegmentedBackend> {
+        let origin = dir.join(FILE_NAME);
+        let mut found = SegmentedBackend::list(dir)?;
+        if found.is_empty() {
+            if read_only {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no journal in {}", dir.display()),
+                ));
+            }
+            found.push(SegmentInfo {
+                path: origin.clone(),
+                first: 0,
+                len: 0,
+            });
+        }
+        let mut segments = Vec::with_capacity(found.len());
+        let last = found.len() - 1;
+        for (i, info) in found.iter().enumerate() {
+            let header = if info.first == 0 {
+                0
+            } else {
+                SEGMENT_HEADER_LEN
+            };
+            let file = if read_only {
+                File::open(&info.path)?
+            } else {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(info.first == 0)
+                    .truncate(false)
+                    .open(&info.path)?
+            };
+            if header > 0 {
+                let size = file.metadata()?.len();
+                let mut h = vec![0u8; size.min(SEGMENT_HEADER_LEN) as usize];
+                file.read_exact_at(&mut h, 0)?;
+                let parsed = parse_segment_header(&h);
+                if i == last && size <= SEGMENT_HEADER_LEN && parsed.is_err() {
+                    // A crash while this segment was created: its header is synced before
+                    // any record goes in, so it holds nothing that was acknowledged.
+                    if !read_only {
+                        tracing::warn!(file = %info.path.display(), "journal: removing a segment whose creation a crash interrupted");
+                        std::fs::remove_file(&info.path)?;
+                        sync_dir(dir)?;
+                    }
+                    continue;
+                }
+                match parsed {
+                    Ok((_, first)) if first == info.first => {}
+                    Ok((_, first)) => {
+                        return Err(damaged(format!(
+                            "journal segment {} says it starts at position {first}, not {}",
+                            info.path.display(),
+                            info.first
+                        )));
+                    }
+                    Err(why) => {
+                        return Err(damaged(format!(
+                            "journal segment {}: {why}",
+                            info.path.display()
+                        )));
+                    }
+                }
+            }
+            segments.push(Arc::new(Segment {
+                first: info.first,
+                header,
+                file,
+                path: info.path.clone(),
+            }));
+        }
+        if segments.is_empty() {
+            // Only a torn first segment after a retention removed `journal.log`: cannot be.
+            return Err(damaged(format!(
+                "no usable journal segment in {}",
+                dir.display()
+            )));
+        }
+        for pair in segments.windows(2) {
+            let end = pair[0].first + pair[0].data_len()?;
+            if end != pair[1].first {
+                return Err(damaged(format!(
+                    "journal segment {} ends at position {end} but the next one, {}, starts at {}: \
+                     a segment is missing or was cut short",
+                    pair[0].path.display(),
+                    pair[1].path.display(),
+                    pair[1].first
+                )));
+            }
+        }
+        if !read_only && found.first().is_some_and(|f| f.first == 0 && f.len == 0) {
+            // A new `journal.log`: the file itself must survive a crash.
+            segments[0].file.sync_all()?;
+            sync_dir(dir)?;
+        }
+        let last = segments
+            .last()
+            .map_or(Ok(0), |s| s.data_len().map(|len| s.first + len))?;
+        Ok(SegmentedBackend {
+            dir: dir.to_path_buf(),
+            origin,
+            segment_bytes: segment_bytes.max(1),
+            format,
+            read_only,
+            segments: RwLock::new(segments),
+            end: AtomicU64::new(last),
+            dirty: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The segment files in `dir`, in position order (their headers unchecked).
+    pub fn list(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
+        let mut found = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(first) = entry.file_name().to_str().and_then(parse_segment_name) else {
+                continue;
+            };
+            let size = entry.metadata()?.len();
+            let header = if first == 0 { 0 } else { SEGMENT_HEADER_LEN };
+            found.push(SegmentInfo {
+                path: entry.path(),
+                first,
+                len: size.saturating_sub(header),
+            });
+        }
+        found.sort_by_key(|s| s.first);
+        Ok(found)
+    }
+
+    /// The size at which a new segment starts.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    /// The segments as they are now.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let end = self.end.load(Ordering::Acquire);
+        let segments = self.segments.read();
+        segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegmentInfo {
+                path: s.path.clone(),
+                first: s.first,
+                len: segments.get(i + 1).map_or(end, |next| next.first) - s.first,
+            })
+            .collect()
+    }
+
+    /// The segment holding `pos` and the end of its positions (the range's end for the last).
+    fn locate(&self, pos: u64) -> io::Result<(Arc<Segment>, u64)> {
+        let segments = self.segments.read();
+        let i = segments.partition_point(|s| s.first <= pos);
+        if i == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("journal position {pos} is before the first segment"),
+            ));
+        }
+        let end = segments.get(i).map_or(u64::MAX, |next| next.first);
+        Ok((segments[i - 1].clone(), end))
+    }
+
+    /// Starts a segment at `first` (the range's end): the last one synced first, then the
+    /// new file with its header and the directory.
+    fn roll_over(&self, first: u64) -> io::Result<Arc<Segment>> {
+        let mut segments = self.segments.write();
+        if let Some(last) = segments.last() {
+            last.file.sync_data()?;
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let made = file
+            .write_all_at(&segment_header(self.format, first), 0)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| sync_dir(&self.dir));
+        if let Err(e) = made {
+            // Nothing was written after the header: gone, the range ends where it did.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        tracing::debug!(first, file = %path.display(), "journal: new segment");
+        let segment = Arc::new(Segment {
+            first,
+            header: SEGMENT_HEADER_LEN,
+            file,
+            path,
+        });
+        segments.push(segment.clone());
+        Ok(segment)
+    }
+
+    fn refuse_write(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the journal is open for reading only",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StorageBackend for SegmentedBackend {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.end.load(Ordering::Acquire))
+    }
+
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            let (segment, end) = self.locate(offset)?;
+            let n = (buf.len() as u64).min(end - offset) as usize;
+            let (now, rest) = buf.split_at_mut(n);
+            segment
+                .file
+                .read_exact_at(now, segment.header + offset - segment.first)?;
+            buf = rest;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.refuse_write()?;
+        let end = self.end.load(Ordering::Acquire);
+        let (mut segment, mut limit) = self.locate(offset.min(end))?;
+        if offset >= end && !buf.is_empty() && end - segment.first >= self.segment_bytes {
+            segment = self.roll_over(end)?;
+            limit = u64::MAX;
+        }
+        if offset + buf.len() as u64 > limit {
+            // Only a header raise writes before the end, and it stays in `journal.log`.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a journal write at {offset} of {} bytes would cross into the next segment",
+                    buf.len()
+                ),
+            ));
+        }
+        segment
+            .file
+            .write_all_at(buf, segment.header + offset - segment.first)?;
+        if limit != u64::MAX {
+            self.dirty.lock().push(segment);
+        }
+        self.end
+            .fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let earlier: Vec<Arc<Segment>> = std::mem::take(&mut *self.dirty.lock());
+        for segment in earlier {
+            segment.file.sync_data()?;
+        }
+        let last = self.segments.read().last().cloned();
+        match last {
+            Some(last) => last.file.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.refuse_write()?;
+        let mut segments = self.segments.write();
+        let mut removed = false;
+        while segments.len() > 1 && segments.last().is_some_and(|s| s.first > len) {
+            if let Some(s) = segments.pop() {
+                std::fs::remove_file(&s.path)?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        let Some(last) = segments.last() else {
+            return Ok(());
+        };
+        if len < last.first {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot cut the journal to {len}: before its first segment"),
+            ));
+        }
+        last.file.set_len(last.header + len - last.first)?;
+        last.file.sync_all()?;
+        self.end.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.origin)
+    }
+}
+
+fn damaged(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(segment_name(0), "journal.log");
+        assert_eq!(parse_segment_name("journal.log"), Some(0));
+        let name = segment_name(4096);
+        assert_eq!(name, "journal.00000000000000004096.seg");
+        assert_eq!(parse_segment_name(&name), Some(4096));
+        for other in [
+            "journal.log.checkpoint",
+            "journal.4096.seg",
+            "journal.00000000000000000000.seg",
+            "journal.0000000000000000409x.seg",
+        ] {
+            assert_eq!(parse_segment_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn writes_roll_over_at_write_boundaries_and_read_back_across_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = SegmentedBackend::open(dir.path(), 100, 5).expect("open");
+        let mut all = Vec::new();
+        for i in 0..10u8 {
+            let chunk = bytes(40 + usize::from(i), i);
+            b.write_all_at(&chunk, all.len() as u64).expect("write");
+            all.extend_from_slice(&chunk);
+        }
+        b.sync_data().expect("sync");
+        let segments = b.segments();
+        assert!(segments.len() >= 4, "{segments:?}");
+        // Each segment but the last holds at least the bound, and ends where a write ended.
+        for pair in segments.windows(2) {
+            assert!(pair[0].len >= 100, "{segments:?}");
+            assert_eq!(pair[0].first + pair[0].len, pair[1].first);
+        }
+        let mut back = vec![0u8; all.len()];
+        b.read_exact_at(&mut back, 0).expect("read all");
+        assert_eq!(back, all);
+        // A read across a boundary.
+        let at = segments[1].first - 3;
+        let mut six = [0u8; 6];
+        b.read_exact_at(&mut six, at).expect("read across");
+        assert_eq!(&six[..], &all[at as usize..at as usize + 6]);
+        drop(b);
+
+        // Reopened: the same range, from the files and their headers.
+        let b = SegmentedBackend::open(dir.path(), 100, 5).expect("reopen");
+        assert_eq!(b.size().expect("size"), all.len() as u64);
+        assert_eq!(b.segments(), segments);
+        let mut back = vec![0u8; all.len()];
+        b.read_exact_at(&mut back, 0).expect("read all");
+        assert_eq!(back, all);
+        let ro = SegmentedBackend::open_read_only(dir.path()).expect("read-only");
+        assert!(ro.write_all_at(b"x", all.len() as u64).is_err());
+        let mut back = vec![0u8; all.len()];
+        ro.read_exact_at(&mut back, 0).expect("read all");
+        assert_eq!(back, all);
+    }
+
+    #[test]
+    fn cutting_back_removes_later_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = SegmentedBackend::open(dir.path(), 64, 5).expect("open");
+        let mut all = Vec::new();
+        for i in 0..8u8 {
+            let chunk = bytes(50, i);
+            b.write_all_at(&chunk, all.len() as u64).expect("write");
+            all.extend_from_slice(&chunk);
+        }
+        let before = b.segments();
+        let cut = before[1].first + 10;
+        b.set_len(cut).expect("cut");
+        assert_eq!(b.size().expect("size"), cut);
+        assert_eq!(b.segments().len(), 2);
+        assert_eq!(SegmentedBackend::list(dir.path()).expect("list").len(), 2);
+        // The next write lands at the new end, in the segment it falls in.
+        b.write_all_at(b"tail", cut).expect("write");
+        drop(b);
+        let b = SegmentedBackend::open(dir.path(), 64, 5).expect("reopen");
+        let mut back = vec![0u8; cut as usize + 4];
+        b.read_exact_at(&mut back, 0).expect("read");
+        assert_eq!(&back[..cut as usize], &all[..cut as usize]);
+        assert_eq!(&back[cut as usize..], b"tail");
+    }
+
+    #[test]
+    fn a_missing_or_damaged_segment_refuses_and_a_torn_new_one_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = SegmentedBackend::open(dir.path(), 64, 5).expect("open");
+        let mut at = 0;
+        for i in 0..8u8 {
+            b.write_all_at(&bytes(50, i), at).expect("write");
+            at += 50;
+        }
+        let segments = b.segments();
+        drop(b);
+        assert!(segments.len() >= 4);
+
+        // A crash while creating the next segment: a header cut short.
+        let torn = dir.path().join(segment_name(at));
+        std::fs::write(&torn, &segment_header(5, at)[..10]).expect("write");
+        let b = SegmentedBackend::open(dir.path(), 64, 5).expect("opens");
+        assert_eq!(b.size().expect("size"), at);
+        assert!(!torn.exists(), "removed");
+        drop(b);
+
+        // A damaged header of a segment that holds records.
+        let victim = &segments[2].path;
+        let original = std::fs::read(victim).expect("read");
+        let mut spoiled = original.clone();
+        spoiled[13] ^= 0xff;
+        std::fs::write(victim, &spoiled).expect("write");
+        let err = SegmentedBackend::open(dir.path(), 64, 5)
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("checksum"), "{err}");
+        std::fs::write(victim, &original).expect("put back");
+
+        // A missing segment in the middle.
+        std::fs::rename(victim, dir.path().join("aside")).expect("move");
+        let err = SegmentedBackend::open(dir.path(), 64, 5)
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("missing"), "{err}");
+        std::fs::rename(dir.path().join("aside"), victim).expect("back");
+        SegmentedBackend::open(dir.path(), 64, 5).expect("whole again");
+    }
+}
