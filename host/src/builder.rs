@@ -174,6 +174,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Which history the journal deletes (default: none). See
+    /// `host/src/journal/retention.rs`: whole segments go once every device they hold has a
+    /// later snapshot, and nothing it needs to restart.
+    pub fn journal_retention(mut self, retention: crate::journal::Retention) -> Self {
+        self.config.retention = retention;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs
@@ -222,6 +230,7 @@ impl RuntimeBuilder {
             index_checkpoint_every: self.config.index_checkpoint_every,
             scrub_rate: self.config.scrub_rate,
             segment_bytes: self.config.segment_bytes,
+            retention: self.config.retention.clone(),
         };
         let journal = match self.storage {
             Some(_) if options.salvage => {

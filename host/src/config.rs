@@ -255,6 +255,8 @@ pub struct Config {
     /// Bytes after which the journal starts a new segment file (see
     /// [`crate::journal::JournalOptions::segment_bytes`]).
     pub segment_bytes: u64,
+    /// Which history the journal deletes (see [`crate::journal::Retention`]).
+    pub retention: crate::journal::Retention,
 }
 
 impl Default for Config {
@@ -269,6 +271,7 @@ impl Default for Config {
             index_checkpoint_every: crate::journal::INDEX_CHECKPOINT_EVERY,
             scrub_rate: crate::journal::SCRUB_RATE,
             segment_bytes: crate::journal::SEGMENT_BYTES,
+            retention: crate::journal::Retention::default(),
         }
     }
 }
@@ -292,6 +295,15 @@ impl Config {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if self.retention.policy != crate::journal::RetentionPolicy::KeepAll
+            && (self.index_spill_at == 0 || self.index_checkpoint_every == 0)
+        {
+            return Err(
+                "journal retention needs index checkpoints (a journal whose first segments were \
+                 deleted opens from one): index checkpoint bytes and index spill must not be 0"
+                    .into(),
+            );
         }
         for (name, v) in [
             ("max event bytes", self.max_event_bytes),

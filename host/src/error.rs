@@ -162,6 +162,8 @@ error_kinds! {
     WrongPlugin => "wrong-plugin",
     VersionInUse => "version-in-use",
     SeqOutOfRange => "seq-out-of-range",
+    /// The history asked for was deleted by the journal's retention policy.
+    RetainedAway => "retained-away",
     Journal => "journal",
     ActivationFailed => "activation-failed",
     PluginUnavailable => "plugin-unavailable",
@@ -195,6 +197,7 @@ impl Error {
             Error::WrongPlugin { .. } => ErrorKind::WrongPlugin,
             Error::VersionInUse { .. } => ErrorKind::VersionInUse,
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
+            Error::Journal(JournalError::RetainedAway { .. }) => ErrorKind::RetainedAway,
             Error::Journal(_) => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,
             Error::PluginUnavailable { .. } => ErrorKind::PluginUnavailable,

@@ -71,6 +71,8 @@ pub struct ApiError {
     pub origin: Origin,
     /// The plugin's own refusal, when the device's plugin refused the request.
     pub plugin: Option<PluginRefusal>,
+    /// For `410 retained-away`: the oldest seq of the device still kept.
+    pub oldest_seq: Option<u64>,
 }
 
 /// A plugin's refusal as the plugin put it: its own code (`out-of-range`, `invalid-event`,
@@ -112,6 +114,7 @@ impl ApiError {
             retry_after: None,
             origin: Origin::Http,
             plugin: None,
+            oldest_seq: None,
         }
     }
 
@@ -141,6 +144,7 @@ impl ApiError {
                 code: self.code,
                 message: &self.message,
                 plugin: self.plugin.as_ref(),
+                oldest_seq: self.oldest_seq,
             },
         }
     }
@@ -159,6 +163,9 @@ pub struct ErrorDetail<'a> {
     pub message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin: Option<&'a PluginRefusal>,
+    /// `410 retained-away`: the oldest seq of the device the journal still holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_seq: Option<u64>,
 }
 
 /// The status an error of the runtime answers with (see the module docs).
@@ -180,6 +187,7 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
         | ErrorKind::UnknownPlugin
         | ErrorKind::UnknownVersion
         | ErrorKind::SeqOutOfRange => StatusCode::NOT_FOUND,
+        ErrorKind::RetainedAway => StatusCode::GONE,
         ErrorKind::InvalidId
         | ErrorKind::MalformedEvent
         | ErrorKind::MalformedConfig
@@ -240,6 +248,10 @@ impl From<Error> for ApiError {
             retry_after,
             origin: Origin::Runtime,
             plugin: PluginRefusal::of(&e),
+            oldest_seq: match &e {
+                Error::Journal(JournalError::RetainedAway { oldest }) => Some(*oldest),
+                _ => None,
+            },
         }
     }
 }
@@ -297,6 +309,10 @@ mod tests {
                 404,
             ),
             (Error::ShuttingDown, 503),
+            (
+                Error::Journal(JournalError::RetainedAway { oldest: 40 }),
+                410,
+            ),
             (
                 Error::Journal(JournalError::Commit {
                     kind: std::io::ErrorKind::StorageFull,

@@ -213,6 +213,8 @@ pub struct Checkpoints {
     /// What the checkpoint on disk says of it: a close writes a new checkpoint when it
     /// changed, so the next scrub resumes (or starts anew) as it should.
     scrubbed_on_disk: AtomicU64,
+    /// The position of the checkpoint on disk (0: none known).
+    on_disk_at: AtomicU64,
 }
 
 /// What an open takes from a checkpoint it trusts.
@@ -240,7 +242,24 @@ impl Checkpoints {
             disabled: AtomicBool::new(false),
             scrubbed: AtomicU64::new(0),
             scrubbed_on_disk: AtomicU64::new(0),
+            on_disk_at: AtomicU64::new(0),
         }
+    }
+
+    /// The first position the checkpoint on disk needs to be trusted by an open (its
+    /// identity check reads the bytes before its position back); 0 if there is none.
+    /// Retention deletes nothing from here on (`journal/retention.rs`).
+    pub fn identity_from(&self) -> u64 {
+        let _turn = self.pinned.lock();
+        if self.disabled.load(Ordering::Acquire) {
+            return 0;
+        }
+        let at = self.on_disk_at.load(Ordering::Acquire);
+        if at == 0 {
+            return 0;
+        }
+        at.saturating_sub(IDENTITY_BYTES)
+            .max(FILE_HEADER_LEN as u64)
     }
 
     /// Whether `index` is due a checkpoint: at a synced marker, the journal at least one
@@ -289,10 +308,15 @@ impl Checkpoints {
         let at = image.at;
         let written = runs.iter().try_for_each(|r| r.sync()).and_then(|()| {
             let start = FILE_HEADER_LEN as u64;
-            let (head, end) = identity(storage, start, at)?;
-            image.head_crc = head;
-            image.end_crc = end;
-            image.small_crc = crc_of(storage, start, at.min(start + IDENTITY_SMALL))?;
+            if storage.retained_from() > start {
+                // The first bytes were deleted by retention: only the last ones tie it.
+                image.end_crc = crc_of(storage, at.saturating_sub(IDENTITY_BYTES).max(start), at)?;
+            } else {
+                let (head, end) = identity(storage, start, at)?;
+                image.head_crc = head;
+                image.end_crc = end;
+                image.small_crc = crc_of(storage, start, at.min(start + IDENTITY_SMALL))?;
+            }
             self.write_file(&image)
         });
         lock.write().checkpoint_at = at;
@@ -311,6 +335,7 @@ impl Checkpoints {
                 *pinned = runs;
                 self.scrubbed_on_disk
                     .store(image.scrubbed, Ordering::Release);
+                self.on_disk_at.store(at, Ordering::Release);
                 tracing::debug!(
                     at,
                     bytes,
@@ -382,7 +407,10 @@ impl Checkpoints {
     ) -> Option<Checkpoint> {
         let head_end = image.at.min(start + IDENTITY_BYTES);
         let small_end = image.at.min(start + IDENTITY_SMALL);
-        let tied = if file_len >= head_end {
+        let tied = if storage.retained_from() > start {
+            // The first bytes were deleted by retention: the load checks the last ones.
+            true
+        } else if file_len >= head_end {
             crc_of(storage, start, head_end).ok()? == image.head_crc
         } else if file_len >= small_end {
             crc_of(storage, start, small_end).ok()? == image.small_crc
@@ -460,7 +488,19 @@ impl Checkpoints {
                 )));
             }
         }
-        if identity(storage, start, image.at)? != (image.head_crc, image.end_crc) {
+        // After retention deleted the journal's first bytes, the bytes before the position
+        // (which retention keeps) and the marker tie the checkpoint to this journal.
+        let retained = storage.retained_from();
+        let end_from = image.at.saturating_sub(IDENTITY_BYTES).max(start);
+        if end_from < retained {
+            return Err(bad(format!(
+                "the bytes before its position were deleted by retention (the journal starts at \
+                 position {retained})"
+            )));
+        }
+        let head_ok = retained > start
+            || crc_of(storage, start, image.at.min(start + IDENTITY_BYTES))? == image.head_crc;
+        if !head_ok || crc_of(storage, end_from, image.at)? != image.end_crc {
             return Err(bad(
                 "the journal's bytes differ from those it was taken of (a different or rewritten journal)"
                     .into(),
@@ -562,6 +602,7 @@ impl Checkpoints {
         index.checkpoint_at = image.at;
         index.last_marker = Some(marker);
         *self.pinned.lock() = runs;
+        self.on_disk_at.store(image.at, Ordering::Release);
         self.scrubbed.store(image.scrubbed, Ordering::Release);
         self.scrubbed_on_disk
             .store(image.scrubbed, Ordering::Release);

@@ -51,6 +51,7 @@ mod index;
 mod index_checkpoint;
 mod record;
 mod recovery;
+mod retention;
 mod runs;
 mod scrub;
 pub mod segments;
@@ -79,6 +80,7 @@ pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
 use recovery::MAX_TORN_BYTES;
 pub use recovery::{Affected, Damaged, Salvaged, salvage};
 use recovery::{Cut, recover};
+pub use retention::{Pin, Retention, RetentionPolicy};
 pub use scrub::{SCRUB_RATE, ScrubState, ScrubStatus};
 pub use segments::{SEGMENT_BYTES, SegmentInfo, SegmentedBackend};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
@@ -118,6 +120,13 @@ pub enum JournalError {
     /// The journal's file format cannot hold this record (a format-1 journal and a removal).
     #[error("{0}")]
     Format(String),
+    /// The records asked for were deleted by retention (`journal/retention.rs`): this
+    /// device's history is kept from seq `oldest` on (past its last seq if none is left).
+    #[error("history before seq {oldest} was deleted by the journal's retention policy")]
+    RetainedAway { oldest: u64 },
+    /// A retention pass failed (nothing was deleted, or only some segments were).
+    #[error("journal retention: {0}")]
+    Retention(String),
 }
 
 impl JournalError {
@@ -231,6 +240,9 @@ pub struct JournalOptions {
     /// Start a new segment file once the last one holds this many bytes (see
     /// `journal/segments.rs`). A commit is never split, so a segment may pass it by one.
     pub segment_bytes: u64,
+    /// Which history to delete, and when (`journal/retention.rs`; default: none). Needs
+    /// index checkpoints.
+    pub retention: Retention,
 }
 
 /// Default of [`JournalOptions::index_spill_at`]: 4Mi offsets, 32 MiB of memory, spilled in
@@ -246,6 +258,7 @@ impl Default for JournalOptions {
             index_checkpoint_every: INDEX_CHECKPOINT_EVERY,
             scrub_rate: SCRUB_RATE,
             segment_bytes: SEGMENT_BYTES,
+            retention: Retention::default(),
         }
     }
 }
@@ -349,13 +362,90 @@ fn spiller(
         // written again in every checkpoint), and the runs hold the offsets once.
         let checkpoint = shared.index.read().wants_checkpoint();
         spill_once(shared, spill, checkpoint);
-        spill.checkpoints.write(
+        let written = spill.checkpoints.write(
             &shared.index,
             storage,
             shared.format.load(Ordering::Acquire),
             false,
         );
+        if written.is_some()
+            && let Err(e) = retain(shared, storage, spill)
+        {
+            tracing::warn!(error = %e, "journal retention: nothing deleted this time");
+        }
     }
+}
+
+/// The journal's retention, as `GET /v1/journal` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionStatus {
+    /// `keep-all` or `after-snapshot`.
+    pub policy: &'static str,
+    pub keep_events: u64,
+    pub keep_for_secs: u64,
+    /// The first position still stored.
+    pub retained_from: u64,
+    /// Segment files now.
+    pub segments: usize,
+    /// Since open.
+    pub passes: u64,
+    pub deleted_segments: u64,
+    pub deleted_bytes: u64,
+    /// What held the last pass back.
+    pub pinned_by: Option<Pin>,
+}
+
+/// What a retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionPass {
+    /// Segment files deleted, and the bytes they held.
+    pub deleted_segments: usize,
+    pub deleted_bytes: u64,
+    /// The first position still stored after it.
+    pub retained_from: u64,
+    /// What holds the rest back.
+    pub pinned_by: Option<Pin>,
+}
+
+/// One retention pass (see `journal/retention.rs`): deletes the segments that end before
+/// both the lowest position a device still needs and the index checkpoint on disk.
+fn retain(
+    shared: &writer::Shared,
+    storage: &dyn StorageBackend,
+    spill: &runs::Spill,
+) -> Result<RetentionPass, String> {
+    let retention = &shared.retention;
+    if retention.policy == RetentionPolicy::KeepAll {
+        return Ok(RetentionPass {
+            retained_from: storage.retained_from(),
+            ..RetentionPass::default()
+        });
+    }
+    let _turn = shared.retention_state.running.lock();
+    // The checkpoint a restart opens from must stay usable: its identity check reads back
+    // the bytes just before its position.
+    let limit = spill.checkpoints.identity_from();
+    let pin = retention::low_water(&shared.index, retention)?;
+    let mark = pin.as_ref().map_or(limit, |p| p.position.min(limit));
+    let (files, bytes) = storage
+        .delete_before(mark, retention::written_before(retention))
+        .map_err(|e| format!("deleting segments: {e}"))?;
+    if files > 0 {
+        tracing::info!(
+            files,
+            bytes,
+            retained_from = storage.retained_from(),
+            pinned_by = ?pin,
+            "journal retention: segments deleted"
+        );
+    }
+    retention::record(&shared.retention_state, files, bytes, pin.clone());
+    Ok(RetentionPass {
+        deleted_segments: files,
+        deleted_bytes: bytes,
+        retained_from: storage.retained_from(),
+        pinned_by: pin,
+    })
 }
 
 /// One spill and the merge it calls for, if the index wants one (or has any tails, if
@@ -452,6 +542,8 @@ impl Journal {
             format: AtomicU32::new(recovery.format),
             raising: Mutex::new(()),
             spiller: Mutex::new(None),
+            retention: options.retention.clone(),
+            retention_state: Default::default(),
         });
         let (tx, rx) = channel();
         // The spiller's wake-up sender is in place before the writer runs; the spiller starts
@@ -538,6 +630,8 @@ impl Journal {
             format: AtomicU32::new(recovery.format),
             raising: Mutex::new(()),
             spiller: Mutex::new(None),
+            retention: Retention::default(),
+            retention_state: Default::default(),
         });
         Ok(Journal {
             inner: Arc::new(Inner {
@@ -760,6 +854,11 @@ impl Journal {
             offset: 0,
             reason: format!("reading the index: {e}"),
         })?;
+        if offsets.first().is_some_and(|at| *at < self.retained_from()) {
+            return Err(JournalError::RetainedAway {
+                oldest: self.oldest_retained_seq(num),
+            });
+        }
         let mut window = Window::default();
         (0..offsets.len())
             .zip(from..)
@@ -875,19 +974,93 @@ impl Journal {
     /// The newest snapshot of device `num` taken by plugin version `version` at or before
     /// `seq`.
     pub fn snapshot_at(&self, num: u32, seq: u64, version: u32) -> Option<SnapshotRef> {
+        let from = self.retained_from();
         self.index()
             .devices
             .get(&num)
             .and_then(|d| d.snapshot_at(seq, version))
+            .filter(|s| s.offset >= from)
     }
 
-    /// Every snapshot of device `num`, oldest first.
+    /// Every snapshot of device `num` still stored, oldest first.
     pub fn snapshots(&self, num: u32) -> Vec<SnapshotRef> {
+        let from = self.retained_from();
         self.index()
             .devices
             .get(&num)
-            .map(|d| d.snapshots.clone())
+            .map(|d| {
+                d.snapshots
+                    .iter()
+                    .filter(|s| s.offset >= from)
+                    .copied()
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// The first position still stored: 0 unless retention deleted old segments.
+    pub fn retained_from(&self) -> u64 {
+        self.inner.storage.retained_from()
+    }
+
+    /// Runs a retention pass now (one also follows every index checkpoint the index's
+    /// thread writes); see `journal/retention.rs`.
+    pub fn retain_now(&self) -> Result<RetentionPass, JournalError> {
+        let spill = self.index().spill.clone();
+        match spill {
+            Some(spill) if !self.inner.shared.broken.load(Ordering::Acquire) => {
+                retain(&self.inner.shared, &*self.inner.storage, &spill)
+                    .map_err(JournalError::Retention)
+            }
+            _ => Ok(RetentionPass {
+                retained_from: self.retained_from(),
+                ..RetentionPass::default()
+            }),
+        }
+    }
+
+    /// The retention policy, what it deleted since open and what holds it back.
+    pub fn retention(&self) -> RetentionStatus {
+        let shared = &self.inner.shared;
+        let state = &shared.retention_state;
+        RetentionStatus {
+            policy: match shared.retention.policy {
+                RetentionPolicy::KeepAll => "keep-all",
+                RetentionPolicy::AfterSnapshot => "after-snapshot",
+            },
+            keep_events: shared.retention.keep_events,
+            keep_for_secs: shared.retention.keep_for.as_secs(),
+            retained_from: self.retained_from(),
+            segments: self.inner.storage.segment_count(),
+            passes: state.passes.load(Ordering::Relaxed),
+            deleted_segments: state.deleted_segments.load(Ordering::Relaxed),
+            deleted_bytes: state.deleted_bytes.load(Ordering::Relaxed),
+            pinned_by: state.pinned_by(),
+        }
+    }
+
+    /// The oldest seq of device `num` whose record is still stored (its seq + 1 if none
+    /// is; 1 if nothing was ever deleted).
+    pub fn oldest_retained_seq(&self, num: u32) -> u64 {
+        let from = self.retained_from();
+        let seq = self.index().devices.get(&num).map_or(0, |d| d.seq);
+        if from == 0 {
+            return 1;
+        }
+        // Offsets grow with seqs: the first seq whose record is at or after `from`.
+        let (mut lo, mut hi) = (1u64, seq + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let located = self.index().locate(num, mid, mid);
+            let at = located
+                .and_then(|l| l.offsets().ok())
+                .and_then(|o| o.first().copied());
+            match at {
+                Some(at) if at >= from => hi = mid,
+                _ => lo = mid + 1,
+            }
+        }
+        lo
     }
 
     /// The guest's snapshot bytes behind `at`.
@@ -908,11 +1081,18 @@ impl Journal {
     /// plugin failed on, and messages it sent that could not be delivered (code
     /// `undeliverable`, `after_seq` the seq of the record that sent it, `event` the message).
     pub fn dead_letters(&self, num: u32) -> Result<Vec<DeadLetter>, JournalError> {
+        let from = self.retained_from();
         let offsets: Vec<u64> = self
             .index()
             .devices
             .get(&num)
-            .map(|d| d.dead_letters.iter().copied().collect())
+            .map(|d| {
+                d.dead_letters
+                    .iter()
+                    .copied()
+                    .filter(|o| *o >= from)
+                    .collect()
+            })
             .unwrap_or_default();
         offsets
             .into_iter()
@@ -926,7 +1106,11 @@ impl Journal {
                         to,
                         reason,
                     } if device == num => {
-                        let sent = self.read_events(num, id.seq, id.seq)?.pop();
+                        let sent = match self.read_events(num, id.seq, id.seq) {
+                            Ok(mut sent) => sent.pop(),
+                            Err(JournalError::RetainedAway { .. }) => None,
+                            Err(e) => return Err(e),
+                        };
                         let (version, event) = match sent.as_ref().and_then(|e| {
                             let effect = e.fx.as_ref()?.effects.get(id.index as usize)?;
                             Some((e.version, effect))

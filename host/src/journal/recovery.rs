@@ -437,8 +437,16 @@ pub(super) fn recover(
 /// link made before the rename).
 pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    if SegmentedBackend::list(dir)?.is_empty() {
+    let segments = SegmentedBackend::list(dir)?;
+    if segments.is_empty() {
         return Ok(None);
+    }
+    if segments[0].first > 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "salvage reads a journal from its first record, and retention deleted this one's \
+             first segments: restore the data directory from a backup instead",
+        ));
     }
     salvage_from(&SegmentedBackend::open_read_only(dir)?, path)
 }
@@ -660,7 +668,18 @@ fn scan_prefix(
         }
     }
     let mut bad_header = false;
-    let (start, format) = match record::read_file_header(storage, file_len)? {
+    // Retention deleted the first segments (`journal/retention.rs`): the file header went
+    // with them (only a current-format journal deletes anything), and only an index
+    // checkpoint can open what is left.
+    let retained = storage.retained_from();
+    let header = if retained > 0 {
+        record::FileHeader::Present {
+            format: FORMAT_VERSION,
+        }
+    } else {
+        record::read_file_header(storage, file_len)?
+    };
+    let (start, format) = match header {
         record::FileHeader::Present { format } => (record::FILE_HEADER_LEN as u64, format),
         record::FileHeader::Damaged => {
             // Which format the header named is lost; the records tell (every format since 2
@@ -718,7 +737,11 @@ fn scan_prefix(
             Err(e) => Err(e),
         };
         let tidy = |keep: &[String]| {
-            if let Some(spill) = &spill {
+            // A retained journal that cannot use its checkpoint refuses to open (below): its
+            // index files are all it has, kept as they are for whoever restores it.
+            if let Some(spill) = &spill
+                && (retained == 0 || !keep.is_empty())
+            {
                 spill.tidy(keep);
             }
         };
@@ -743,8 +766,8 @@ fn scan_prefix(
                 index = loaded.index;
                 if spill.is_some() {
                     index.scrub = Some(super::scrub::Plan {
-                        from_start: loaded.scrubbed <= start,
-                        start: loaded.scrubbed.max(start),
+                        from_start: loaded.scrubbed.max(retained) <= start,
+                        start: loaded.scrubbed.max(start).max(retained),
                         end: loaded.at,
                         seqs: loaded.seqs,
                         versions: index.versions.len() as u32,
@@ -764,6 +787,17 @@ fn scan_prefix(
                 tracing::warn!(error = %e, "journal: index checkpoint unreadable; scanning the whole journal");
             }
         }
+    }
+    if retained > 0 && from_checkpoint.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the journal's history before position {retained} was deleted by its retention \
+                 policy, so it opens only from its index checkpoint \
+                 (journal.log.index/checkpoint), which is missing or not usable (see the log \
+                 above for why): restore the data directory from a backup"
+            ),
+        ));
     }
     let mut cursor = Cursor::new(storage, offset, file_len).heads_only();
     let bad = loop {

@@ -471,6 +471,42 @@ impl StorageBackend for SegmentedBackend {
     fn path(&self) -> Option<&Path> {
         Some(&self.origin)
     }
+
+    fn retained_from(&self) -> u64 {
+        self.segments.read().first().map_or(0, |s| s.first)
+    }
+
+    fn segment_count(&self) -> usize {
+        self.segments.read().len()
+    }
+
+    fn delete_before(
+        &self,
+        pos: u64,
+        written_before: Option<std::time::SystemTime>,
+    ) -> io::Result<(usize, u64)> {
+        self.refuse_write()?;
+        let mut segments = self.segments.write();
+        let (mut files, mut bytes) = (0, 0);
+        // Oldest first, so that whatever a failure leaves is still one contiguous range. A
+        // reader holding a deleted segment keeps reading it (an open file outlives its name).
+        while segments.len() > 1 && segments[1].first <= pos {
+            if let Some(cutoff) = written_before
+                && segments[0].file.metadata()?.modified()? > cutoff
+            {
+                break;
+            }
+            let gone = segments.remove(0);
+            std::fs::remove_file(&gone.path)?;
+            files += 1;
+            bytes += segments[0].first - gone.first;
+            tracing::info!(file = %gone.path.display(), first = gone.first, "journal: segment deleted by retention");
+        }
+        if files > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok((files, bytes))
+    }
 }
 
 fn damaged(message: String) -> io::Error {

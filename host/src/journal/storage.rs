@@ -44,6 +44,25 @@ pub trait StorageBackend: Send + Sync {
     fn path(&self) -> Option<&Path> {
         None
     }
+    /// The first position still stored: 0 unless retention deleted the oldest segments
+    /// (`journal/retention.rs`). Reads before it fail with `NotFound`.
+    fn retained_from(&self) -> u64 {
+        0
+    }
+    /// How many files hold the range.
+    fn segment_count(&self) -> usize {
+        1
+    }
+    /// Deletes the oldest segments that end at or before `pos` (never the last one), and,
+    /// with `written_before`, only those last written before it; returns how many files and
+    /// bytes went. Storage without segments deletes nothing.
+    fn delete_before(
+        &self,
+        _pos: u64,
+        _written_before: Option<std::time::SystemTime>,
+    ) -> io::Result<(usize, u64)> {
+        Ok((0, 0))
+    }
 }
 
 /// The journal file on a real file system.
@@ -246,6 +265,22 @@ impl StorageBackend for FaultyBackend {
     fn path(&self) -> Option<&Path> {
         self.inner.path()
     }
+
+    fn retained_from(&self) -> u64 {
+        self.inner.retained_from()
+    }
+
+    fn segment_count(&self) -> usize {
+        self.inner.segment_count()
+    }
+
+    fn delete_before(
+        &self,
+        pos: u64,
+        written_before: Option<std::time::SystemTime>,
+    ) -> io::Result<(usize, u64)> {
+        self.inner.delete_before(pos, written_before)
+    }
 }
 
 /// `EIO`, the error a read of an unreadable sector fails with (Linux's number; the crate has
@@ -373,5 +408,9 @@ impl StorageBackend for Tolerant<'_> {
 
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+
+    fn retained_from(&self) -> u64 {
+        self.inner.retained_from()
     }
 }

@@ -2722,3 +2722,223 @@ async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segmen
     let journal = open_segmented(dir.path(), 512, false).expect("opens cleanly");
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(301));
 }
+
+fn snapshot(device: u32, seq: u64) -> (Record, IndexEffect) {
+    (
+        Record::Snapshot {
+            device,
+            seq,
+            version: 0,
+            data: format!("state at {seq}").into_bytes(),
+        },
+        IndexEffect::Snapshot {
+            device,
+            seq,
+            version: 0,
+        },
+    )
+}
+
+fn retaining(dir: &Path, keep_events: u64) -> std::io::Result<Journal> {
+    let options = JournalOptions {
+        segment_bytes: 2048,
+        index_spill_at: 64,
+        index_checkpoint_every: 8192,
+        scrub_rate: 0,
+        retention: Retention {
+            policy: RetentionPolicy::AfterSnapshot,
+            keep_events,
+            keep_for: Duration::ZERO,
+        },
+        ..JournalOptions::default()
+    };
+    Journal::open(dir, &options)
+}
+
+/// Devices `a` (snapshot every 50 events) and `b` (none), `events` events each.
+async fn snapshotting_fleet(journal: &Journal, events: u64) {
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    for (num, id) in [(0, "a"), (1, "b")] {
+        let (r, e) = device_record(num, id);
+        journal.append(&r, e).await.expect("device");
+    }
+    for seq in 1..=events {
+        for num in [0, 1] {
+            let (r, e) = event(num, seq);
+            journal.append(&r, e).await.expect("event");
+        }
+        if seq % 50 == 0 {
+            let (r, e) = snapshot(0, seq);
+            journal.append(&r, e).await.expect("snapshot");
+        }
+    }
+    index_settled(journal).await;
+}
+
+#[tokio::test]
+async fn retention_keeps_what_a_device_without_a_later_snapshot_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 0).expect("open");
+    snapshotting_fleet(&journal, 400).await;
+    let pass = journal.retain_now().expect("pass");
+    // `b` never took a snapshot: its first event holds everything.
+    assert_eq!(pass.deleted_segments, 0, "{pass:?}");
+    let pin = pass.pinned_by.expect("pinned");
+    assert_eq!((pin.device.as_str(), pin.reason), ("b", "no-snapshot"));
+    assert_eq!(journal.retained_from(), 0);
+    assert_eq!(journal.read_events(1, 1, 400).expect("b").len(), 400);
+    assert_eq!(journal.retention().pinned_by, Some(pin));
+}
+
+#[tokio::test]
+async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 10).expect("open");
+    snapshotting_fleet(&journal, 400).await;
+    // `b` goes: only `a`, with its snapshots, is left to hold segments.
+    let (r, e) = (
+        Record::Removed {
+            device: 1,
+            at_ms: 5,
+        },
+        IndexEffect::Removed { device: 1 },
+    );
+    journal.append(&r, e).await.expect("remove b");
+    // Past the index checkpoint's identity bytes (64 KiB), pipelined.
+    let writer = journal.device_writer(0, 4096);
+    let mut acks = Vec::new();
+    for seq in 401..=3000 {
+        acks.push(append_event(&writer, seq));
+        if seq % 50 == 0 {
+            writer
+                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
+                .expect("snapshot");
+        }
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("durable");
+    }
+    journal.barrier().await.expect("snapshots durable");
+    index_settled(&journal).await;
+    // The pass after each index checkpoint deleted segments already; one more finds the
+    // same mark.
+    let pass = journal.retain_now().expect("pass");
+    let status = journal.retention();
+    assert!(status.deleted_segments > 0, "{status:?}");
+    assert!(
+        !dir.path().join(FILE_NAME).exists(),
+        "the first segment went"
+    );
+    assert_eq!(
+        SegmentedBackend::list(dir.path()).expect("list").len(),
+        status.segments
+    );
+    let pin = pass.pinned_by.clone().expect("pinned");
+    assert_eq!((pin.device.as_str(), pin.reason), ("a", "snapshot"));
+    let from = journal.retained_from();
+    assert!(from > 0 && from <= pin.position, "{pass:?}");
+    assert_eq!(from, pass.retained_from);
+
+    // What `a` needs is there: its latest snapshot, 10 events before it, everything after.
+    let latest = journal.snapshot_at(0, 3000, 0).expect("latest snapshot");
+    assert_eq!(latest.seq, 3000);
+    assert!(journal.read_snapshot(latest).is_ok());
+    let oldest = journal.oldest_retained_seq(0);
+    assert!(oldest <= 2991, "keep_events: {oldest}");
+    assert!(oldest > 1);
+    let kept = journal.read_events(0, oldest, 3000).expect("kept");
+    assert_eq!(kept.first().map(|e| e.seq), Some(oldest));
+    assert_eq!(kept.len() as u64, 3000 - oldest + 1);
+    // What went answers with the oldest seq kept.
+    assert_eq!(
+        journal.read_events(0, 1, 3000),
+        Err(JournalError::RetainedAway { oldest })
+    );
+    assert!(journal.snapshots(0).iter().all(|s| s.offset >= from));
+    assert_eq!(journal.snapshot_at(0, 100, 0), None, "retained away");
+    journal.close();
+    drop(journal);
+
+    // A restart opens from the index checkpoint, and goes on.
+    let journal = retaining(dir.path(), 10).expect("reopen");
+    assert_eq!(journal.retained_from(), from);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3000));
+    assert_eq!(journal.read_events(0, oldest, 3000).expect("kept"), kept);
+    let (r, e) = event(0, 3001);
+    journal.append(&r, e).await.expect("event 3001");
+    journal.close();
+    drop(journal);
+    let reader = Journal::open_read_only(dir.path()).expect("read-only");
+    assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(3001));
+    drop(reader);
+
+    // Without its index checkpoint it cannot open, and says why.
+    let index = dir.path().join("journal.log.index");
+    std::fs::rename(index.join("checkpoint"), dir.path().join("kept")).expect("move");
+    let err = retaining(dir.path(), 10).err().expect("refused");
+    assert!(
+        err.to_string().contains("deleted by its retention policy"),
+        "{err}"
+    );
+    std::fs::rename(dir.path().join("kept"), index.join("checkpoint")).expect("back");
+    let journal = retaining(dir.path(), 10).expect("opens again");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3001));
+}
+
+#[tokio::test]
+async fn retention_keeps_the_record_of_a_pending_timer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 0).expect("open");
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    // Event 1 sets a timer due in a year; the snapshots after it do not free its record.
+    let fx = Fx {
+        origin: Origin::External,
+        effects: vec![Effect::SetTimer {
+            key: "yearly".into(),
+            due_ms: 365 * 86_400_000,
+            every_ms: None,
+            event: r#"{"type":"report"}"#.into(),
+        }],
+    };
+    let record = Record::Event(EventRecord {
+        device: 0,
+        seq: 1,
+        at_ms: 1001,
+        version: 0,
+        event: b"{}".to_vec(),
+        transitions: vec![],
+        lost: false,
+        fx: Some(fx.clone()),
+    });
+    let effect = IndexEffect::Event {
+        device: 0,
+        seq: 1,
+        fx: Some(Box::new((1001, fx))),
+    };
+    journal.append(&record, effect).await.expect("event 1");
+    let set = journal.index().offset_of(0, 1).expect("offset");
+    let writer = journal.device_writer(0, 4096);
+    let mut acks = Vec::new();
+    for seq in 2..=3000 {
+        acks.push(append_event(&writer, seq));
+        if seq % 50 == 0 {
+            writer
+                .append_snapshot(seq, 0, b"s".to_vec())
+                .expect("snapshot");
+        }
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("durable");
+    }
+    journal.barrier().await.expect("durable");
+    index_settled(&journal).await;
+    let pass = journal.retain_now().expect("pass");
+    let pin = pass.pinned_by.expect("pinned");
+    assert_eq!((pin.reason, pin.position), ("pending-effects", set));
+    assert!(journal.retained_from() <= set);
+    assert!(journal.record_fx(0, 1).expect("readable").is_some());
+}

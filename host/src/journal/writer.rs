@@ -99,6 +99,9 @@ pub struct Shared {
     /// Wakes the index's spiller thread (`None`: the index never spills). Taken, and so
     /// closed, when the writer exits.
     pub spiller: parking_lot::Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
+    /// Which history to delete (`journal/retention.rs`), and what was deleted.
+    pub retention: super::Retention,
+    pub retention_state: super::retention::RetentionState,
 }
 
 /// The first format whose batches end with commit markers.
