@@ -42,7 +42,10 @@ pub struct BackupSummary {
 /// Copies the data directory `data_dir` to `to`, which must not exist yet or be empty, and
 /// must not be inside `data_dir`. If the copy fails, what it created is removed again.
 pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
-    if !data_dir.join(journal::FILE_NAME).exists() {
+    if journal::SegmentedBackend::list(data_dir)
+        .with_context(|| format!("reading {}", data_dir.display()))?
+        .is_empty()
+    {
         bail!("{} holds no journal", data_dir.display());
     }
     let existed = to.exists();
@@ -98,22 +101,21 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     };
 
     // Step 2: the journal's confirmed prefix, read through the same handle that measured it.
-    let source = journal::SegmentedBackend::open_read_only(data_dir)?;
-    let size = source.size()?;
-    let opened = Journal::open_read_only(data_dir)
-        .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
-    let confirmed = opened.recovery().confirmed_len;
-    drop(opened);
-    let mut copy = File::create(to.join(journal::FILE_NAME))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < confirmed {
-        let n = (confirmed - at).min(buf.len() as u64) as usize;
-        source.read_exact_at(&mut buf[..n], at)?;
-        copy.write_all(&buf[..n])?;
-        at += n as u64;
-    }
-    copy.sync_all()?;
+    // A journal whose first segments retention deleted opens only from its index checkpoint,
+    // which the copy then needs too; retention or a newer checkpoint may change what is on
+    // disk meanwhile, so that copy is checked and taken again if it does not open.
+    let mut tries = 0;
+    let (confirmed, size) = loop {
+        tries += 1;
+        match copy_journal(data_dir, to) {
+            Ok(done) => break done,
+            Err(e) if tries < 3 => {
+                tracing::warn!(error = %e, "backup: the journal changed under the copy; taking it again");
+                remove_journal_copy(to)?;
+            }
+            Err(e) => return Err(e),
+        }
+    };
 
     // Step 3: write-once files.
     let mut plugin_files = 0;
@@ -150,6 +152,78 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
         devices,
         plugin_files,
     })
+}
+
+/// Copies the journal's confirmed prefix into `to` (and, for a journal that retention
+/// shortened, its index checkpoint and runs, first); returns the length copied and the
+/// journal's length at the time. The copy is checked to open.
+fn copy_journal(data_dir: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
+    let source = journal::SegmentedBackend::open_read_only(data_dir)?;
+    let retained = source.retained_from();
+    if retained > 0 {
+        copy_index(data_dir, to)?;
+    }
+    let size = source.size()?;
+    let opened = Journal::open_read_only(data_dir)
+        .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
+    // The index checkpoint's position was synced before it was written, so it is durable
+    // even when no later marker proves it yet (it may end on the marker of an idle writer),
+    // and the copy must reach it to open from the copied checkpoint.
+    let confirmed = opened
+        .recovery()
+        .confirmed_len
+        .max(opened.recovery().from_checkpoint.unwrap_or(0));
+    drop(opened);
+    // One file: `journal.log` from position 0, or one segment from the first one kept.
+    let mut copy = File::create(to.join(journal::segments::segment_name(retained)))?;
+    if retained > 0 {
+        copy.write_all(&journal::segments::segment_header(
+            journal::FORMAT_VERSION,
+            retained,
+        ))?;
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = retained;
+    while at < confirmed {
+        let n = (confirmed - at).min(buf.len() as u64) as usize;
+        source.read_exact_at(&mut buf[..n], at)?;
+        copy.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    copy.sync_all()?;
+    if retained > 0 {
+        Journal::open_read_only(to).context("checking the copied journal and index")?;
+    }
+    Ok((confirmed, size))
+}
+
+/// Copies the index checkpoint, then the runs beside it (`journal.log.index/`).
+fn copy_index(data_dir: &Path, to: &Path) -> anyhow::Result<()> {
+    let name = format!("{}.index", journal::FILE_NAME);
+    let (from, into) = (data_dir.join(&name), to.join(&name));
+    std::fs::create_dir_all(&into)?;
+    copy_synced(&from.join("checkpoint"), &into.join("checkpoint"))?;
+    for entry in std::fs::read_dir(&from)? {
+        let entry = entry?;
+        let file = entry.file_name();
+        if file.to_str().is_some_and(|n| n.starts_with("run-")) {
+            copy_synced(&entry.path(), &into.join(&file))?;
+        }
+    }
+    File::open(&into)?.sync_all()?;
+    Ok(())
+}
+
+/// Removes what a journal copy that failed left in `to`.
+fn remove_journal_copy(to: &Path) -> anyhow::Result<()> {
+    for segment in journal::SegmentedBackend::list(to)? {
+        std::fs::remove_file(&segment.path)?;
+    }
+    let index = to.join(format!("{}.index", journal::FILE_NAME));
+    if index.exists() {
+        std::fs::remove_dir_all(index)?;
+    }
+    Ok(())
 }
 
 fn copy_synced(from: &Path, to: &Path) -> anyhow::Result<()> {

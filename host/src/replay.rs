@@ -28,6 +28,10 @@ pub enum Start {
     Snapshot,
     /// Always `init` and replay everything: the reference that snapshots are checked against.
     Genesis,
+    /// The newest snapshot taken by plugin version `0` (another version than the device's:
+    /// an upgrade whose history before it was deleted by retention starts from the old
+    /// version's snapshot, if the new version restores it).
+    SnapshotOf(u32),
 }
 
 /// A rebuilt instance and how it was made.
@@ -94,13 +98,19 @@ pub fn rebuild_reporting(
     // it, and past a few failures to a full replay from `init`.
     let candidates: Vec<SnapshotRef> = match start {
         Start::Genesis => Vec::new(),
-        Start::Snapshot => journal
-            .snapshots(device.num)
-            .into_iter()
-            .rev()
-            .filter(|s| s.seq <= upto && s.version == device.version)
-            .take(MAX_SNAPSHOT_TRIES)
-            .collect(),
+        Start::Snapshot | Start::SnapshotOf(_) => {
+            let version = match start {
+                Start::SnapshotOf(v) => v,
+                _ => device.version,
+            };
+            journal
+                .snapshots(device.num)
+                .into_iter()
+                .rev()
+                .filter(|s| s.seq <= upto && s.version == version)
+                .take(MAX_SNAPSHOT_TRIES)
+                .collect()
+        }
     };
     let mut restored = None;
     for (i, snap) in candidates.iter().enumerate() {

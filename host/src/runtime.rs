@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::dispatch::{Dispatcher, Postman};
 use crate::engine::Engine;
 use crate::error::{Error, validate_id};
-use crate::journal::{DeviceHead, Journal, Recovery, ScrubState};
+use crate::journal::{DeviceHead, Journal, JournalError, Recovery, ScrubState};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::registry::{Origin, PluginVersion, Registry};
@@ -43,7 +43,7 @@ use crate::router::Router;
 use crate::timers::TimerWheel;
 use crate::view::{
     Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
-    JournalPage,
+    JournalPage, JournalStatus,
 };
 
 /// The runtime handle. Cheap to clone; see the module docs.
@@ -578,6 +578,25 @@ impl Runtime {
         Ok(JournalPage { records, next })
     }
 
+    /// The journal's size, segments and retention (`GET /v1/journal`).
+    pub fn journal_status(&self) -> JournalStatus {
+        let journal = &self.shared.journal;
+        JournalStatus {
+            durable_bytes: journal.durable_len(),
+            retention: journal.retention(),
+        }
+    }
+
+    /// Runs a journal retention pass now (one also follows every index checkpoint).
+    pub async fn retain_now(&self) -> Result<crate::journal::RetentionPass, Error> {
+        let journal = self.shared.journal.clone();
+        let result = tokio::task::spawn_blocking(move || journal.retain_now())
+            .await
+            .map_err(|e| Error::Internal(format!("retention task: {e}")))?
+            .map_err(Error::from);
+        self.counted(result)
+    }
+
     /// The state of device `id` right after record `seq` (0: right after provisioning),
     /// rebuilt from the journal without touching the live actor.
     pub async fn state_at(&self, id: &str, seq: u64) -> Result<DeviceState, Error> {
@@ -601,7 +620,22 @@ impl Runtime {
                 &head,
                 seq,
                 Start::Snapshot,
-            )?;
+            )
+            .map_err(|e| match e {
+                // Events kept are of no use without a snapshot before them: the oldest seq
+                // whose state can be rebuilt is that of the oldest snapshot kept.
+                Error::Journal(JournalError::RetainedAway { .. }) => {
+                    Error::Journal(JournalError::RetainedAway {
+                        oldest: shared
+                            .journal
+                            .snapshots(head.num)
+                            .iter()
+                            .find(|s| s.version == head.version)
+                            .map_or(head.seq, |s| s.seq),
+                    })
+                }
+                other => other,
+            })?;
             let state = rebuilt.instance.query()?;
             Ok(DeviceState {
                 seq: rebuilt.seq,
@@ -625,6 +659,7 @@ impl Runtime {
         let salvaged = recovery.salvaged.as_ref();
         let index = journal.index_usage();
         let scrub = journal.scrub();
+        let retention = journal.retention();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         self.shared.metrics.render(&[
             (
@@ -719,6 +754,26 @@ impl Runtime {
                 "drover_journal_scrub_damaged",
                 "1 if the scrub found media damage before the index checkpoint (logged with its offset; the next start refuses until salvaged), else 0.",
                 u64::from(matches!(scrub.state, ScrubState::Damaged { .. })),
+            ),
+            (
+                "drover_journal_segments",
+                "Segment files the journal is kept in (journal.log, then journal.<position>.seg).",
+                retention.segments as u64,
+            ),
+            (
+                "drover_journal_retained_from_bytes",
+                "The journal's first position still stored: 0 unless retention deleted segments.",
+                retention.retained_from,
+            ),
+            (
+                "drover_journal_retention_deleted_segments_total",
+                "Segment files retention deleted since start.",
+                retention.deleted_segments,
+            ),
+            (
+                "drover_journal_retention_deleted_bytes_total",
+                "Bytes of journal retention deleted since start.",
+                retention.deleted_bytes,
             ),
             (
                 "drover_journal_salvaged_lost_seqs",

@@ -25,7 +25,7 @@
 use serde::Serialize;
 
 use crate::error::Error;
-use crate::journal::{DeviceHead, Journal};
+use crate::journal::{DeviceHead, Journal, JournalError};
 use crate::registry::Registry;
 use crate::replay::{self, RebuildFailure, Rebuilt, Start};
 
@@ -33,8 +33,9 @@ use crate::replay::{self, RebuildFailure, Rebuilt, Start};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpgradePath {
-    /// Restored a snapshot the new version itself took earlier (a rollback), then folded
-    /// the tail.
+    /// Restored a snapshot the new version itself took earlier (a rollback), or, when
+    /// retention deleted the history a replay needs, the old version's latest snapshot (if
+    /// the new version restores it), then folded the tail.
     Snapshot,
     /// Folded every recorded transition from `init`.
     Replay,
@@ -112,7 +113,22 @@ pub fn bring_up(
     old_version: u32,
 ) -> Result<(Rebuilt, Option<bool>), RebuildFailure> {
     // Only snapshots taken by `want.version` itself qualify (the rebuild filters by version).
-    let rebuilt = replay::rebuild_reporting(journal, registry, want, want.seq, Start::Snapshot)?;
+    // When the history a replay needs was deleted by retention, the newest snapshot of the
+    // old version is the only start left: used if the new version restores it.
+    let rebuilt =
+        match replay::rebuild_reporting(journal, registry, want, want.seq, Start::Snapshot) {
+            Err(RebuildFailure {
+                error: Error::Journal(JournalError::RetainedAway { .. }),
+                ..
+            }) => replay::rebuild_reporting(
+                journal,
+                registry,
+                want,
+                want.seq,
+                Start::SnapshotOf(old_version),
+            )?,
+            other => other?,
+        };
     let snapshot_readable = journal
         .snapshots(want.num)
         .into_iter()

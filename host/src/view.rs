@@ -91,6 +91,15 @@ pub struct JournalEntry {
     pub effects: Vec<String>,
 }
 
+/// The journal as `GET /v1/journal` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JournalStatus {
+    /// Bytes of journal written and durable (positions, including any deleted by retention).
+    pub durable_bytes: u64,
+    /// Segments, the retention policy, what it deleted since start and what holds it back.
+    pub retention: crate::journal::RetentionStatus,
+}
+
 /// One page of a device's journal.
 #[derive(Debug, Clone)]
 pub struct JournalPage {

@@ -29,10 +29,12 @@
 //! | `POST /v1/plugins/{name}/deploy` | `{"version","force"}`: 200 the deploy report; 409 `deploy-refused` |
 //! | `POST /v1/plugins/{name}/rollback` | 200 the deploy report of the return to the previous version |
 //! | `POST /v1/plugins/{name}/dry-run` | `{"version","devices"|"sample"}`: 200 the comparison |
+//! | `GET /v1/journal` | 200 `{"durable_bytes","retention":{...}}`: segments and retention |
+//! | `POST /v1/journal/retention` | 200 `{"deleted_segments","deleted_bytes","retained_from","pinned_by"}` |
 //! | `GET /healthz`, `GET /metrics` | liveness; Prometheus text |
 //!
-//! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`] and
-//! [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
+//! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`],
+//! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
 //! error shape; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
 //! connections stay open after an answer; [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
@@ -44,6 +46,7 @@ pub mod batch;
 pub mod devices;
 pub mod error;
 pub mod extract;
+pub mod journal;
 pub mod json;
 pub mod keep_alive;
 pub mod limits;
@@ -152,6 +155,8 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
             "/v1/plugins/{name}/versions/{version}",
             axum::routing::delete(plugins::remove_version),
         )
+        .route("/v1/journal", get(journal::show))
+        .route("/v1/journal/retention", post(journal::retain))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

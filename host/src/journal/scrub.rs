@@ -159,6 +159,15 @@ pub fn run(
             ScrubState::Clean
         }
         Ok(false) => ScrubState::Stopped,
+        Err((offset, _)) if failure.is_some() && offset < storage.retained_from() => {
+            // Retention deleted the rest of what it was to read: nothing left to check.
+            checkpoints.scrubbed.store(0, Ordering::Release);
+            tracing::info!(
+                offset,
+                "journal scrub: the records it had left were deleted by retention"
+            );
+            ScrubState::Clean
+        }
         Err((offset, _)) if let Some(error) = failure => {
             tracing::warn!(offset, %error, "journal scrub: a read failed (not media damage); the next start scrubs again");
             ScrubState::Failed {

@@ -78,7 +78,8 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
     digits.parse().ok().filter(|first| *first > 0)
 }
 
-fn segment_header(format: u32, first: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+/// The header of a segment holding positions from `first` (see the module docs).
+pub fn segment_header(format: u32, first: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
     h[..8].copy_from_slice(&SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&format.to_le_bytes());

@@ -43,6 +43,13 @@ pub struct ServeArgs {
 
 /// `"{what} [default: {default}]"`: the help of a tuning flag, whose default is the library's
 /// (`drover::config::defaults`), so that the help cannot drift from what the flag does.
+/// `--retention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RetentionArg {
+    KeepAll,
+    AfterSnapshot,
+}
+
 fn help(what: &str, default: impl std::fmt::Display) -> String {
     format!("{what} [default: {default}]")
 }
@@ -172,6 +179,19 @@ pub struct Tuning {
         drover::journal::SEGMENT_BYTES,
     ))]
     pub journal_segment_bytes: Option<u64>,
+    /// Which journal history to delete: `keep-all` (every seq stays readable and
+    /// replayable), or `after-snapshot` (whole segments once every device in them has a
+    /// later snapshot and nothing pending in them; see `GET /v1/journal`) [default: keep-all]
+    #[arg(long, value_enum)]
+    pub retention: Option<RetentionArg>,
+    /// With `--retention after-snapshot`: events kept before each device's latest snapshot
+    /// [default: 0]
+    #[arg(long)]
+    pub retention_keep_events: Option<u64>,
+    /// With `--retention after-snapshot`: segments written within this many hours are kept
+    /// whatever they hold [default: 0]
+    #[arg(long)]
+    pub retention_keep_hours: Option<u64>,
     /// Lay guest memories out with guard pages: guest code runs ~20% faster, but a process
     /// then holds at most 14,000 live instances (the live cap is lowered to it).
     #[arg(long)]
@@ -274,6 +294,25 @@ impl Tuning {
         }
         if let Some(bytes) = self.journal_segment_bytes {
             b = b.journal_segment_bytes(bytes);
+        }
+        if self.retention.is_some()
+            || self.retention_keep_events.is_some()
+            || self.retention_keep_hours.is_some()
+        {
+            let mut r = b.config().retention.clone();
+            if let Some(policy) = self.retention {
+                r.policy = match policy {
+                    RetentionArg::KeepAll => drover::journal::RetentionPolicy::KeepAll,
+                    RetentionArg::AfterSnapshot => drover::journal::RetentionPolicy::AfterSnapshot,
+                };
+            }
+            if let Some(n) = self.retention_keep_events {
+                r.keep_events = n;
+            }
+            if let Some(h) = self.retention_keep_hours {
+                r.keep_for = Duration::from_secs(h.saturating_mul(3600));
+            }
+            b = b.journal_retention(r);
         }
         b
     }

@@ -1,0 +1,243 @@
+//! Issue 9, acceptance 3: retention deletes only segments whose devices all have later
+//! snapshots, and reads of a seq retained away answer clearly (410 with the oldest seq kept),
+//! through a real server, across a `kill -9` and a graceful restart.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Server, poll_until};
+
+const FLAGS: [&str; 8] = [
+    "--journal-segment-bytes",
+    "16384",
+    "--index-checkpoint-bytes",
+    "32768",
+    "--snapshot-every",
+    "100",
+    "--retention",
+    "after-snapshot",
+];
+
+/// `n` readings for each of `devices`, through the batch endpoint.
+fn readings(server: &Server, devices: &[&str], n: usize) {
+    let api = server.api();
+    for round in 0..n.div_ceil(100) {
+        let events: Vec<Value> = (0..100)
+            .flat_map(|i| {
+                devices.iter().map(move |d| {
+                    json!({"device": d, "event": {"type": "reading", "celsius": 15.0 + ((round * 100 + i) % 13) as f64}})
+                })
+            })
+            .collect();
+        let answer = api.post("/v1/events", &json!({ "events": events }));
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.body["failed"], 0, "{}", answer.text);
+    }
+}
+
+#[test]
+fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_for_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &FLAGS);
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({"setpoint": 20.0}));
+    api.provision("t2", "thermostat", json!({"setpoint": 18.0}));
+    // `quiet` has one event and so no snapshot: it holds every segment from its event on.
+    api.provision("quiet", "thermostat", json!({"setpoint": 18.0}));
+    api.send("quiet", &json!({"type": "reading", "celsius": 17.0}));
+    readings(&server, &["t1", "t2"], 1000);
+    let pass = api.post("/v1/journal/retention", &json!({}));
+    assert_eq!(pass.status, 200, "{}", pass.text);
+    assert_eq!(pass.body["pinned_by"]["device"], "quiet", "{}", pass.text);
+    assert_eq!(
+        pass.body["pinned_by"]["reason"], "no-snapshot",
+        "{}",
+        pass.text
+    );
+    let before = api.get("/v1/journal").body;
+    assert_eq!(before["retention"]["deleted_segments"], 0, "{before}");
+    assert_eq!(
+        api.journal("t1", 1000).first().map(|r| r["seq"].clone()),
+        Some(json!(1)),
+        "everything kept"
+    );
+
+    // Once `quiet` goes, only snapshots hold segments back.
+    assert_eq!(
+        api.call(reqwest::Method::DELETE, "/v1/devices/quiet", None)
+            .status,
+        200
+    );
+    readings(&server, &["t1", "t2"], 1000);
+    let status = poll_until(Duration::from_secs(30), "segments deleted", || {
+        api.post("/v1/journal/retention", &json!({}));
+        let status = api.get("/v1/journal").body;
+        (status["retention"]["deleted_segments"].as_u64() > Some(0)).then_some(status)
+    });
+    let retention = &status["retention"];
+    assert_eq!(retention["policy"], "after-snapshot", "{status}");
+    assert!(retention["retained_from"].as_u64() > Some(0), "{status}");
+    assert!(
+        retention["deleted_bytes"].as_u64() >= retention["retained_from"].as_u64(),
+        "{status}"
+    );
+    assert!(!data.join("journal.log").exists(), "the first segment went");
+
+    // What went: 410 with the oldest seq kept, in the error shape.
+    let gone = api.get("/v1/devices/t1/journal?from=1&limit=5");
+    gone.assert_error(410, "retained-away");
+    let oldest = gone.body["error"]["oldest_seq"]
+        .as_u64()
+        .expect("oldest_seq");
+    assert!(oldest > 1 && oldest <= 2000, "{}", gone.text);
+    let kept = api.get(&format!("/v1/devices/t1/journal?from={oldest}&limit=5"));
+    assert_eq!(kept.status, 200, "{}", kept.text);
+    assert_eq!(kept.body["records"][0]["seq"], oldest, "{}", kept.text);
+    let state_gone = api.get("/v1/devices/t1/state?at=1");
+    state_gone.assert_error(410, "retained-away");
+    let rebuildable = state_gone.body["error"]["oldest_seq"]
+        .as_u64()
+        .expect("oldest_seq");
+    let at = api.get(&format!("/v1/devices/t1/state?at={rebuildable}"));
+    assert_eq!(at.status, 200, "{}", at.text);
+    assert_eq!(at.body["seq"], rebuildable);
+    let metrics = api.get("/metrics").text;
+    assert!(
+        metrics.contains("drover_journal_retention_deleted_segments_total ")
+            && !metrics.contains("drover_journal_retention_deleted_segments_total 0\n"),
+        "{metrics}"
+    );
+
+    // A kill -9, then a graceful restart: the same states, and on from there.
+    let live: Vec<Value> = ["t1", "t2"]
+        .iter()
+        .map(|d| api.get(&format!("/v1/devices/{d}")).body["state"].clone())
+        .collect();
+
+    // A backup of the running server carries the index checkpoint a retained journal opens
+    // from, and starts as a server of its own. (Idle for a moment first, so that the
+    // writer's last batch is proven and the copy holds everything acknowledged.)
+    std::thread::sleep(Duration::from_millis(200));
+    let copy = dir.path().join("copy");
+    let (ok, out, err) = support::cli(&[
+        "backup",
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--to",
+        copy.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+    let restored = Server::start(&copy, &FLAGS);
+    let copied = restored.api();
+    for (d, state) in ["t1", "t2"].iter().zip(&live) {
+        assert_eq!(
+            &copied.get(&format!("/v1/devices/{d}")).body["state"],
+            state,
+            "{d} in the backup"
+        );
+    }
+    copied
+        .get("/v1/devices/t1/journal?from=1")
+        .assert_error(410, "retained-away");
+    drop(restored);
+    server.kill();
+    let mut server = Server::start(&data, &FLAGS);
+    let api = server.api();
+    for (d, state) in ["t1", "t2"].iter().zip(&live) {
+        let now = api.get(&format!("/v1/devices/{d}")).body;
+        assert_eq!(&now["state"], state, "{d} after kill -9");
+        assert_eq!(now["seq"], 2000, "{d}");
+    }
+    api.get("/v1/devices/t1/journal?from=1")
+        .assert_error(410, "retained-away");
+    assert!(server.terminate().success());
+    let server = Server::start(&data, &FLAGS);
+    let api = server.api();
+    assert_eq!(
+        api.send("t1", &json!({"type": "reading", "celsius": 21.0}))["seq"],
+        2001
+    );
+    assert_eq!(
+        api.get("/v1/devices/t2").body["state"],
+        live[1],
+        "t2 after a graceful restart"
+    );
+}
+
+/// A deploy after retention: the history a replay into the new version needs is gone, so
+/// each device comes up from its old version's latest snapshot, which the new version
+/// restores; the new behavior is live and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snapshot() {
+    use drover::journal::{Retention, RetentionPolicy};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = drover::Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .snapshot_every(8)
+        .journal_segment_bytes(4096)
+        .index_checkpoint_every(16384)
+        .journal_retention(Retention {
+            policy: RetentionPolicy::AfterSnapshot,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .expect("runtime opens");
+    let devices = ["m-0", "m-1", "m-2", "m-3"];
+    for id in devices {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    let mut senders = Vec::new();
+    for id in devices {
+        let rt = rt.clone();
+        senders.push(tokio::spawn(async move {
+            for _ in 0..600 {
+                rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
+            }
+        }));
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    rt.retain_now().await.expect("retention pass");
+    assert!(rt.journal().retained_from() > 0, "segments deleted");
+    let gone = rt.journal_page("m-0", 1, 10).expect_err("retained away");
+    assert_eq!(gone.code(), "retained-away");
+
+    let (v2, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            drover::registry::Origin::Upload,
+        )
+        .await
+        .expect("v2");
+    let report = rt
+        .deploy("misbehave", v2.version, false)
+        .await
+        .expect("deploy");
+    assert_eq!(report.totals.failed, 0, "{report:?}");
+    assert_eq!(report.devices.len(), devices.len(), "{report:?}");
+    assert!(
+        report
+            .devices
+            .iter()
+            .all(|d| d.path == Some(drover::upgrade::UpgradePath::Snapshot)),
+        "from the old version's snapshot: {report:?}"
+    );
+    for id in devices {
+        // v2 counts `ok` by two.
+        let sent = rt.send(id, r#"{"type":"ok"}"#).await.expect("ok under v2");
+        assert_eq!(sent.seq, 601);
+        assert_eq!(rt.summary(id).expect("device").version, v2.version, "{id}");
+        let state: Value =
+            serde_json::from_str(&rt.device(id).await.expect("device").state).expect("JSON");
+        assert_eq!(state["count"], 602, "{id}");
+    }
+    rt.shutdown().await;
+}
