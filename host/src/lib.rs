@@ -14,7 +14,8 @@
 //! * [`view`]: what callers get back: devices, states, journal pages.
 //! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
 //! * [`journal`]: the durable, group-committed, checksummed log, in domain terms, over a
-//!   storage seam ([`journal::storage`]).
+//!   storage seam ([`journal::storage`]), kept in segment files ([`journal::segments`]) that
+//!   retention deletes once nothing in them is needed.
 //! * [`error`]: the typed errors every caller sees, and their [`ErrorKind`]s.
 //! * [`registry`]: versioned, content-addressed plugins and which version is current.
 //! * `decide`: the one path from an event to state (handle + apply), shared by actors,

@@ -11,6 +11,7 @@
 //! * this file: the domain API ([`Journal`], [`DeviceWriter`]);
 //! * [`storage`]: the byte-level seam ([`StorageBackend`]) and its file and faulty backends;
 //! * [`segments`]: the production backend, the range kept as bounded segment files;
+//! * `retention.rs` (private): which segments a retention pass may delete;
 //! * `record.rs` (private): the record format and the file header;
 //! * `index.rs` (private): the in-memory index of durable records;
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
