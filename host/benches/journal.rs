@@ -15,6 +15,22 @@
 //! in `target/tmp/bench-journal` (reopen it with another build: `DROVER_BENCH_REOPEN=DIR`). `DROVER_BENCH_EVENTS` sets the records written (default 2,000,000;
 //! 10,000,000 for the README's restart figure); `DROVER_BENCH_CHECKPOINT_EVERY` the bytes
 //! between index checkpoints while writing (0: none).
+//!
+//! Before all that, two comparisons made in the same run, alternated three times on fresh
+//! journals of `DROVER_BENCH_COMPARE_EVENTS` records (default 1,000,000; 0 skips them):
+//!
+//! * **segments**: the durable append rate of the segmented journal (`Journal::open`, with
+//!   32 MiB segments so that it rolls over about every 250k records) against the same journal
+//!   on one plain file (`FileBackend`, as before segments);
+//! * **retention**: the append rate with `--retention after-snapshot` deleting segments as
+//!   it goes (each device snapshots every 100 events; 32 MiB segments and index checkpoints)
+//!   against keeping everything, then one more retention pass timed on its own, with what it
+//!   deleted and the bytes left on disk.
+//!
+//! And the cost of one retention pass over a large fleet (`DROVER_BENCH_RETENTION_DEVICES`,
+//! default 1,000,000; 0 skips it): three events per device, a snapshot after the second,
+//! offsets spilled to run files; a pass with `keep_events` 0 (each device bounded by its
+//! snapshot's position, in memory) and with 1 (one offset looked up per device in the runs).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -78,11 +94,246 @@ fn reopen(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Appends `records` event records round-robin over `devices` fresh devices, 4,096 in
+/// flight, each device also writing a snapshot every `snapshot_every` of its events (0:
+/// none); returns the time until the last is durable.
+async fn fill(
+    journal: &Journal,
+    records: u64,
+    devices: u32,
+    snapshot_every: u64,
+) -> anyhow::Result<std::time::Duration> {
+    journal
+        .record_version(&VersionInfo {
+            id: 0,
+            plugin: "p".into(),
+            number: 1,
+            digest: [0; 32],
+            at_ms: 0,
+        })
+        .await?;
+    // Provisioned 4,096 at a time, so they share commits.
+    let mut nums = vec![0u32; devices as usize];
+    for from in (0..devices).step_by(IN_FLIGHT) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in from..(from + IN_FLIGHT as u32).min(devices) {
+            let journal = journal.clone();
+            set.spawn(async move {
+                let head = journal
+                    .record_device(&format!("dev-{i:07}"), 0, b"{}", 0)
+                    .await;
+                (i, head)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            let (i, head) = done?;
+            nums[i as usize] = head?.num;
+        }
+    }
+    let writers: Vec<_> = nums
+        .iter()
+        .map(|num| journal.device_writer(*num, IN_FLIGHT))
+        .collect();
+    let event = r#"{"type":"reading","celsius":21.5}"#;
+    let t1 = r#"{"type":"temperature_recorded","celsius":21.5,"at_ms":1764000000000}"#;
+    let window = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut seqs = vec![0u64; devices as usize];
+    let start = Instant::now();
+    for n in 0..records {
+        let permit = window.clone().acquire_owned().await?;
+        let device = (n % u64::from(devices)) as usize;
+        seqs[device] += 1;
+        let seq = seqs[device];
+        writers[device].append_event(
+            seq,
+            1_764_000_000_000 + n,
+            0,
+            event,
+            vec![t1.to_string()],
+            None,
+            move |_, _| drop(permit),
+        );
+        if snapshot_every > 0 && seq.is_multiple_of(snapshot_every) {
+            writers[device].append_snapshot(seq, 0, vec![7u8; 64])?;
+        }
+    }
+    journal.barrier().await?;
+    Ok(start.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Bytes of the journal's segment files in `dir`.
+fn segment_bytes_on_disk(dir: &std::path::Path) -> u64 {
+    drover::journal::SegmentedBackend::list(dir)
+        .map(|l| l.iter().map(|s| s.len).sum())
+        .unwrap_or(0)
+}
+
+/// The two same-run comparisons described in the module docs.
+async fn compare(root: &std::path::Path, records: u64) -> anyhow::Result<()> {
+    use drover::journal::{FileBackend, Retention, RetentionPolicy};
+    const SEGMENT: u64 = 32 << 20;
+    let base = JournalOptions {
+        commit_delay: drover::config::defaults::COMMIT_DELAY,
+        segment_bytes: SEGMENT,
+        ..JournalOptions::default()
+    };
+    let rate = |d: std::time::Duration| records as f64 / d.as_secs_f64();
+    let (mut segmented, mut one_file) = (Vec::new(), Vec::new());
+    let (mut keep_all, mut retaining) = (Vec::new(), Vec::new());
+    let mut last_pass = None;
+    for _ in 0..3 {
+        let dir = root.join("compare");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let journal = Journal::open(&dir, &base)?;
+        segmented.push(rate(fill(&journal, records, DEVICES, 0).await?));
+        journal.close();
+        drop(journal);
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir)?;
+        let file = FileBackend::open(&dir.join(drover::journal::FILE_NAME))?;
+        let journal = Journal::open_on(Arc::new(file), &base)?;
+        one_file.push(rate(fill(&journal, records, DEVICES, 0).await?));
+        journal.close();
+        drop(journal);
+
+        for policy in [RetentionPolicy::KeepAll, RetentionPolicy::AfterSnapshot] {
+            std::fs::remove_dir_all(&dir)?;
+            std::fs::create_dir_all(&dir)?;
+            let options = JournalOptions {
+                index_checkpoint_every: SEGMENT,
+                retention: Retention {
+                    policy,
+                    ..Retention::default()
+                },
+                ..base.clone()
+            };
+            let journal = Journal::open(&dir, &options)?;
+            let took = fill(&journal, records, DEVICES, 100).await?;
+            if policy == RetentionPolicy::KeepAll {
+                keep_all.push(rate(took));
+            } else {
+                retaining.push(rate(took));
+                // Once the index's thread has written its last checkpoint.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let before = segment_bytes_on_disk(&dir);
+                let t = Instant::now();
+                let pass = journal.retain_now()?;
+                let secs = t.elapsed().as_secs_f64();
+                let status = journal.retention();
+                last_pass = Some((secs, pass, status, before, segment_bytes_on_disk(&dir)));
+            }
+            journal.close();
+        }
+    }
+    let _ = std::fs::remove_dir_all(root.join("compare"));
+    println!(
+        "drover journal bench, same-run comparisons: {records} records over {DEVICES} devices, 3 rounds alternated, medians (all runs)"
+    );
+    let runs = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{:.0}k", r / 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "  segmented (32 MiB segments)     {:>8.0}k records/s ({})",
+        median(segmented.clone()) / 1e3,
+        runs(&segmented)
+    );
+    println!(
+        "  one file (FileBackend)          {:>8.0}k records/s ({})",
+        median(one_file.clone()) / 1e3,
+        runs(&one_file)
+    );
+    println!(
+        "  snapshots every 100, keep-all   {:>8.0}k records/s ({})",
+        median(keep_all.clone()) / 1e3,
+        runs(&keep_all)
+    );
+    println!(
+        "  snapshots every 100, retention  {:>8.0}k records/s ({})",
+        median(retaining.clone()) / 1e3,
+        runs(&retaining)
+    );
+    if let Some((secs, pass, status, before, after)) = last_pass {
+        println!(
+            "  retention while appending: {} segments, {} MiB deleted; {} MiB on disk once the appends were done",
+            status.deleted_segments,
+            status.deleted_bytes >> 20,
+            before >> 20,
+        );
+        println!(
+            "  one more pass on its own: {:.1} ms, {} segments / {} MiB deleted ({:.0} MiB/s), {} MiB left in {} segments, pinned by {:?}",
+            secs * 1e3,
+            pass.deleted_segments,
+            pass.deleted_bytes >> 20,
+            (pass.deleted_bytes >> 20) as f64 / secs.max(1e-9),
+            after >> 20,
+            status.segments,
+            pass.pinned_by
+        );
+    }
+    Ok(())
+}
+
+/// The retention pass over a large fleet (see the module docs).
+async fn retention_at_scale(root: &std::path::Path, devices: u32) -> anyhow::Result<()> {
+    use drover::journal::{Retention, RetentionPolicy};
+    let dir = root.join("retention-scale");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let options = |keep_events| JournalOptions {
+        commit_delay: drover::config::defaults::COMMIT_DELAY,
+        index_spill_at: u64::from(devices),
+        index_checkpoint_every: 64 << 20,
+        retention: Retention {
+            policy: RetentionPolicy::AfterSnapshot,
+            keep_events,
+            ..Retention::default()
+        },
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(&dir, &options(0))?;
+    let took = fill(&journal, 3 * u64::from(devices), devices, 2).await?;
+    journal.close();
+    drop(journal);
+    println!(
+        "drover journal bench, retention pass over {devices} devices ({} records written in {:.1} s)",
+        3 * u64::from(devices),
+        took.as_secs_f64()
+    );
+    for keep_events in [0, 1, 0, 1] {
+        let journal = Journal::open(&dir, &options(keep_events))?;
+        let t = Instant::now();
+        let pass = journal.retain_now()?;
+        println!(
+            "  keep_events {keep_events}: pass {:.0} ms ({:.2} µs per device), {} segments deleted, pinned by {:?}",
+            t.elapsed().as_secs_f64() * 1e3,
+            t.elapsed().as_secs_f64() * 1e6 / f64::from(devices),
+            pass.deleted_segments,
+            pass.pinned_by.map(|p| p.reason)
+        );
+        journal.close();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     if let Some(dir) = std::env::var_os("DROVER_BENCH_REOPEN") {
         return reopen(std::path::Path::new(&dir));
     }
+    let compare_records: u64 = std::env::var("DROVER_BENCH_COMPARE_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let records: u64 = std::env::var("DROVER_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -90,6 +341,16 @@ async fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-journal");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
+    if compare_records > 0 {
+        compare(&root, compare_records).await?;
+    }
+    let retention_devices: u32 = std::env::var("DROVER_BENCH_RETENTION_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    if retention_devices > 0 {
+        retention_at_scale(&root, retention_devices).await?;
+    }
 
     // Raw fsync cost of a small append, for scale.
     let probe = root.join("probe");

@@ -666,6 +666,7 @@ impl Actor {
             applied = rebuilt.applied,
             "activated"
         );
+        let foreign = rebuilt.foreign_snapshot;
         self.live = Some(Live {
             _token: LiveToken::new(&self.env, &self.activity),
             instance: rebuilt.instance,
@@ -673,6 +674,12 @@ impl Actor {
             last_at_ms: rebuilt.last_at_ms,
             since_snapshot: rebuilt.applied,
         });
+        if foreign {
+            // Came up from another version's snapshot (retention deleted the history a
+            // replay needs): a snapshot of its own version, so the next activation does not
+            // depend on that one, and retention is not held back until the next one is due.
+            self.snapshot();
+        }
         Ok(())
     }
 
@@ -803,7 +810,7 @@ impl Actor {
                     self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                     report.outcome = UpgradeOutcome::Upgraded;
                     // The next activation starts from the new version's own snapshot.
-                    if rebuilt.applied > 0 {
+                    if rebuilt.applied > 0 || rebuilt.foreign_snapshot {
                         self.snapshot();
                     }
                 }

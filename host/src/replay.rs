@@ -43,6 +43,10 @@ pub struct Rebuilt {
     pub last_at_ms: u64,
     /// The snapshot restored, if any.
     pub snapshot: Option<u64>,
+    /// Whether that snapshot was taken by another plugin version than the device's (after
+    /// retention deleted the history a replay needs): the caller takes a snapshot of its own
+    /// at once, so later activations do not depend on the old one.
+    pub foreign_snapshot: bool,
     /// Transitions applied after the starting point.
     pub applied: u64,
 }
@@ -103,16 +107,32 @@ pub fn rebuild_reporting(
                 Start::SnapshotOf(v) => v,
                 _ => device.version,
             };
-            journal
-                .snapshots(device.num)
-                .into_iter()
+            let snapshots = journal.snapshots(device.num);
+            let mut candidates: Vec<SnapshotRef> = snapshots
+                .iter()
                 .rev()
                 .filter(|s| s.seq <= upto && s.version == version)
                 .take(MAX_SNAPSHOT_TRIES)
-                .collect()
+                .copied()
+                .collect();
+            if journal.retained_from() > 0 && start == Start::Snapshot {
+                // Retention may have deleted the history a replay from `init` needs: a
+                // device upgraded from its old version's snapshot (see `upgrade::bring_up`)
+                // comes up from that same snapshot until its version takes one of its own.
+                candidates.extend(
+                    snapshots
+                        .iter()
+                        .rev()
+                        .filter(|s| s.seq <= upto && s.version != version)
+                        .take(MAX_SNAPSHOT_TRIES)
+                        .copied(),
+                );
+            }
+            candidates
         }
     };
     let mut restored = None;
+    let mut foreign = false;
     for (i, snap) in candidates.iter().enumerate() {
         let mut instance = compiled
             .instantiate(device.id.clone())
@@ -128,6 +148,7 @@ pub fn rebuild_reporting(
         match outcome {
             Ok(()) => {
                 restored = Some((instance, snap.seq));
+                foreign = snap.version != device.version;
                 break;
             }
             Err(e) => {
@@ -215,6 +236,7 @@ pub fn rebuild_reporting(
         seq: upto,
         last_at_ms,
         snapshot: restored_seq(from),
+        foreign_snapshot: foreign,
         applied,
     })
 }
