@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::decide::{self, Failed};
 use crate::engine::Instance;
 use crate::error::Error;
-use crate::journal::{DeviceHead, Journal, Origin};
+use crate::journal::{DeviceHead, Journal, JournalError, Origin};
 use crate::registry::Registry;
 use crate::replay::{self, Start};
 
@@ -166,8 +166,34 @@ fn one_pass(
     };
     let mut folder = Folder::SameAsDecider;
 
-    const CHUNK: u64 = 1024;
+    // Retention deleted the start of the history: compare from the recorded version's
+    // newest snapshot, which the candidate must restore (that is how a deploy would bring
+    // the device up), on the events kept after it.
     let mut next = 1;
+    let kept_from = journal.oldest_retained_seq(head.num);
+    let start = if kept_from > 1 {
+        let snap = journal
+            .snapshots(head.num)
+            .into_iter()
+            .rev()
+            .find(|s| s.version == head.version && s.seq <= head.seq)
+            .ok_or(Error::Journal(JournalError::RetainedAway {
+                oldest: kept_from,
+            }))?;
+        let data = journal.read_snapshot(snap)?;
+        if let Some(d) = decider.as_mut()
+            && let Err(e) = d.within(limits.call_timeout, |i| i.restore(&data))
+        {
+            out.folds = false;
+            return Err(Error::from(e));
+        }
+        next = snap.seq + 1;
+        Start::SnapshotOf(head.version)
+    } else {
+        Start::Genesis
+    };
+
+    const CHUNK: u64 = 1024;
     while next <= head.seq {
         let to = (next + CHUNK - 1).min(head.seq);
         for record in journal.read_events(head.num, next, to)? {
@@ -234,7 +260,7 @@ fn one_pass(
                         registry,
                         &want,
                         record.seq - 1,
-                        Start::Genesis,
+                        start,
                     ) {
                         Ok(r) => Folder::Own(Box::new(r.instance)),
                         Err(f) => {

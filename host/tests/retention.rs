@@ -177,7 +177,7 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     let rt = drover::Runtime::builder(dir.path())
         .plugin_dir(support::PluginDir)
         .snapshot_every(8)
-        .idle_timeout(Duration::from_millis(300))
+        .idle_timeout(Duration::from_secs(2))
         .journal_segment_bytes(4096)
         .index_checkpoint_every(16384)
         .journal_retention(Retention {
@@ -197,7 +197,7 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     for id in devices {
         let rt = rt.clone();
         senders.push(tokio::spawn(async move {
-            for _ in 0..600 {
+            for _ in 0..602 {
                 rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
             }
         }));
@@ -210,6 +210,13 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     let gone = rt.journal_page("m-0", 1, 10).expect_err("retained away");
     assert_eq!(gone.code(), "retained-away");
 
+    // Three more events on each device, after its last snapshot: the dry-run and the
+    // upgrade fold them.
+    for id in devices {
+        for _ in 0..3 {
+            rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
+        }
+    }
     let (v2, _) = rt
         .register_plugin(
             "misbehave",
@@ -222,6 +229,16 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
         .deploy("misbehave", v2.version, false)
         .await
         .expect("deploy");
+    // The dry-run sample compared from each device's v1 snapshot (what is left of its
+    // history), which v2 restores: v2 decides the events after it differently (it counts
+    // by two) and folds what v1 recorded.
+    for d in &report.sample.devices {
+        assert_eq!(d.error, None, "{d:?}");
+        assert!(
+            d.folds && d.events >= 3 && d.diverged_events == d.events,
+            "{d:?}"
+        );
+    }
     // Live devices come up on v2 now, passivated ones at their next activation: both from
     // the old version's snapshot.
     assert_eq!(report.totals.failed, 0, "{report:?}");
@@ -240,11 +257,11 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     for id in devices {
         // v2 counts `ok` by two.
         let sent = rt.send(id, r#"{"type":"ok"}"#).await.expect("ok under v2");
-        assert_eq!(sent.seq, 601);
+        assert_eq!(sent.seq, 606);
         assert_eq!(rt.summary(id).expect("device").version, v2.version, "{id}");
         let state: Value =
             serde_json::from_str(&rt.device(id).await.expect("device").state).expect("JSON");
-        assert_eq!(state["count"], 602, "{id}");
+        assert_eq!(state["count"], 607, "{id}");
     }
     // Passivated before v2 took a snapshot of its own: the next activation comes up from
     // the same old snapshot (a replay from `init` would need the history that went).
@@ -266,10 +283,10 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
             .send(id, r#"{"type":"ok"}"#)
             .await
             .expect("ok after activation");
-        assert_eq!(sent.seq, 602);
+        assert_eq!(sent.seq, 607);
         let state: Value =
             serde_json::from_str(&rt.device(id).await.expect("device").state).expect("JSON");
-        assert_eq!(state["count"], 604, "{id}");
+        assert_eq!(state["count"], 609, "{id}");
     }
     // Each device wrote a v2 snapshot as it came up from v1's: retention is held by
     // snapshots, not by devices without one of their version.
