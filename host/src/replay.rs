@@ -115,7 +115,7 @@ pub fn rebuild_reporting(
                 .take(MAX_SNAPSHOT_TRIES)
                 .copied()
                 .collect();
-            if journal.retained_from() > 0 && start == Start::Snapshot {
+            if start == Start::Snapshot && journal.oldest_retained_seq(device.num) > 1 {
                 // Retention may have deleted the history a replay from `init` needs: a
                 // device upgraded from its old version's snapshot (see `upgrade::bring_up`)
                 // comes up from that same snapshot until its version takes one of its own.

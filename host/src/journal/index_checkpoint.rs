@@ -148,6 +148,12 @@ struct RunImage {
 }
 
 impl Image {
+    /// The journal format it was taken of (what names the format of a journal whose first
+    /// segment, and its header, retention deleted).
+    pub fn journal_format(&self) -> u32 {
+        self.journal_format
+    }
+
     fn of(index: &Index, journal_format: u32, marker: MarkerAt, scrubbed: u64) -> Image {
         let mut devices: Vec<DeviceImage> = index
             .devices
@@ -213,8 +219,10 @@ pub struct Checkpoints {
     /// What the checkpoint on disk says of it: a close writes a new checkpoint when it
     /// changed, so the next scrub resumes (or starts anew) as it should.
     scrubbed_on_disk: AtomicU64,
-    /// The position of the checkpoint on disk (0: none known).
+    /// The position of the checkpoint on disk (0: none known), and the journal format it
+    /// was taken of.
     on_disk_at: AtomicU64,
+    on_disk_format: std::sync::atomic::AtomicU32,
 }
 
 /// What an open takes from a checkpoint it trusts.
@@ -243,6 +251,7 @@ impl Checkpoints {
             scrubbed: AtomicU64::new(0),
             scrubbed_on_disk: AtomicU64::new(0),
             on_disk_at: AtomicU64::new(0),
+            on_disk_format: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -255,7 +264,9 @@ impl Checkpoints {
             return 0;
         }
         let at = self.on_disk_at.load(Ordering::Acquire);
-        if at == 0 {
+        // A journal whose first segment went has no header to name its format but this
+        // checkpoint's: only one taken at the current format lets retention go that far.
+        if at == 0 || self.on_disk_format.load(Ordering::Acquire) != super::FORMAT_VERSION {
             return 0;
         }
         at.saturating_sub(IDENTITY_BYTES)
@@ -336,6 +347,8 @@ impl Checkpoints {
                 self.scrubbed_on_disk
                     .store(image.scrubbed, Ordering::Release);
                 self.on_disk_at.store(at, Ordering::Release);
+                self.on_disk_format
+                    .store(image.journal_format, Ordering::Release);
                 tracing::debug!(
                     at,
                     bytes,
@@ -603,6 +616,8 @@ impl Checkpoints {
         index.last_marker = Some(marker);
         *self.pinned.lock() = runs;
         self.on_disk_at.store(image.at, Ordering::Release);
+        self.on_disk_format
+            .store(image.journal_format, Ordering::Release);
         self.scrubbed.store(image.scrubbed, Ordering::Release);
         self.scrubbed_on_disk
             .store(image.scrubbed, Ordering::Release);

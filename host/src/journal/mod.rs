@@ -423,6 +423,20 @@ fn retain(
         });
     }
     let _turn = shared.retention_state.running.lock();
+    // The first segment holds the header that names the journal's format: before it can go,
+    // the format is raised to the current one, and the deletion waits for an index
+    // checkpoint taken at it (see `Checkpoints::identity_from`).
+    match shared.raise_format(storage, FORMAT_VERSION) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(
+                "a format-1 journal (no header) cannot be raised to the current format: \
+                 export its devices and import them into a new data directory to use retention"
+                    .into(),
+            );
+        }
+        Err(e) => return Err(format!("raising the journal's format: {e}")),
+    }
     // The checkpoint a restart opens from must stay usable: its identity check reads back
     // the bytes just before its position.
     let limit = spill.checkpoints.identity_from();
@@ -866,7 +880,7 @@ impl Journal {
             .map(|(i, seq)| {
                 match window
                     .record(self, &offsets[i..], end)
-                    .map_err(|e| self.unreadable(e))?
+                    .map_err(|e| self.unreadable(e, || self.oldest_retained_seq(num)))?
                 {
                     Record::Event(e) if e.device == num && e.seq == seq => Ok(e),
                     Record::Lost {
@@ -899,6 +913,16 @@ impl Journal {
     /// Removes the index checkpoint and writes no other, so that the next start scans and
     /// checks the whole journal.
     fn discard_checkpoint(&self) {
+        if self.retained_from() > 0 {
+            // Retention deleted the journal's start: it opens only from this checkpoint, so
+            // it stays (the next start cannot check the whole journal anyway).
+            tracing::error!(
+                retained_from = self.retained_from(),
+                "journal: the index checkpoint is kept although a read failed, since the \
+                 journal opens only from it (retention deleted its first segments)"
+            );
+            return;
+        }
         // The index guard is dropped first: `discard` takes the checkpoint lock, which a
         // checkpoint being written holds while it takes the index lock.
         let spill = self.index().spill.clone();
@@ -911,10 +935,15 @@ impl Journal {
     /// a damaged index (a run file's offset into the middle of a record). Logged; the index
     /// checkpoint is removed, so that the next start scans and checks the whole journal: it
     /// refuses naming journal damage (then `--salvage`), or rebuilds a damaged index.
-    fn unreadable(&self, e: JournalError) -> JournalError {
+    fn unreadable(&self, e: JournalError, oldest: impl FnOnce() -> u64) -> JournalError {
         let JournalError::Read { offset, reason } = e else {
             return e;
         };
+        if offset < self.retained_from() {
+            // Deleted by a retention pass between the index lookup and the read: what went
+            // is answered as such, and is no sign of damage.
+            return JournalError::RetainedAway { oldest: oldest() };
+        }
         tracing::error!(
             offset,
             %reason,
@@ -1066,7 +1095,10 @@ impl Journal {
 
     /// The guest's snapshot bytes behind `at`.
     pub fn read_snapshot(&self, at: SnapshotRef) -> Result<Vec<u8>, JournalError> {
-        match self.read_at(at.offset).map_err(|e| self.unreadable(e))? {
+        match self
+            .read_at(at.offset)
+            .map_err(|e| self.unreadable(e, || at.seq + 1))?
+        {
             Record::Snapshot {
                 data, seq, version, ..
             } if seq == at.seq && version == at.version => Ok(data),
@@ -1097,8 +1129,11 @@ impl Journal {
             .unwrap_or_default();
         offsets
             .into_iter()
-            .map(
-                |offset| match self.read_at(offset).map_err(|e| self.unreadable(e))? {
+            .map(|offset| {
+                match self
+                    .read_at(offset)
+                    .map_err(|e| self.unreadable(e, || self.oldest_retained_seq(num)))?
+                {
                     Record::DeadLetter(d) if d.device == num => Ok(d),
                     Record::Undeliverable {
                         device,
@@ -1136,8 +1171,10 @@ impl Journal {
                         format!("a dead letter of device {num}"),
                         &other,
                     )),
-                },
-            )
+                }
+            })
+            // One deleted by a retention pass since the offsets were copied: gone.
+            .filter(|r| !matches!(r, Err(JournalError::RetainedAway { .. })))
             .collect()
     }
 

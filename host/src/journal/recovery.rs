@@ -674,7 +674,10 @@ fn scan_prefix(
     let retained = storage.retained_from();
     let header = if retained > 0 {
         record::FileHeader::Present {
-            format: FORMAT_VERSION,
+            format: match &image {
+                Some(Ok(Some(image))) => image.journal_format(),
+                _ => FORMAT_VERSION,
+            },
         }
     } else {
         record::read_file_header(storage, file_len)?

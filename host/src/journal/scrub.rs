@@ -175,6 +175,18 @@ pub fn run(
                 error: error.to_string(),
             }
         }
+        Err((offset, reason)) if storage.retained_from() > 0 => {
+            // The journal opens only from its checkpoint (retention deleted its start): the
+            // checkpoint stays, and the damage is reported here and in the metrics.
+            tracing::error!(
+                offset,
+                %reason,
+                "journal scrub: media damage before the index checkpoint; the checkpoint is \
+                 kept, since retention deleted the journal's first segments and the journal \
+                 opens only from it: restore the data directory from a backup"
+            );
+            ScrubState::Damaged { offset, reason }
+        }
         Err((offset, reason)) => {
             tracing::error!(
                 offset,

@@ -487,24 +487,33 @@ impl StorageBackend for SegmentedBackend {
         written_before: Option<std::time::SystemTime>,
     ) -> io::Result<(usize, u64)> {
         self.refuse_write()?;
-        let mut segments = self.segments.write();
-        let (mut files, mut bytes) = (0, 0);
-        // Oldest first, so that whatever a failure leaves is still one contiguous range. A
-        // reader holding a deleted segment keeps reading it (an open file outlives its name).
-        while segments.len() > 1 && segments[1].first <= pos {
-            if let Some(cutoff) = written_before
-                && segments[0].file.metadata()?.modified()? > cutoff
-            {
-                break;
+        // Taken out of the list under the lock (so no new read finds them), unlinked after
+        // it: the writer and readers never wait for the file system. A reader already
+        // holding one keeps reading it (an open file outlives its name).
+        let gone: Vec<(Arc<Segment>, u64)> = {
+            let mut segments = self.segments.write();
+            let mut n = 0;
+            while n + 1 < segments.len() && segments[n + 1].first <= pos {
+                if let Some(cutoff) = written_before
+                    && segments[n].file.metadata()?.modified()? > cutoff
+                {
+                    break;
+                }
+                n += 1;
             }
-            let gone = segments.remove(0);
-            std::fs::remove_file(&gone.path)?;
-            files += 1;
-            bytes += segments[0].first - gone.first;
-            tracing::info!(file = %gone.path.display(), first = gone.first, "journal: segment deleted by retention");
-        }
-        if files > 0 {
+            let ends: Vec<u64> = segments[1..=n].iter().map(|s| s.first).collect();
+            segments.drain(..n).zip(ends).collect()
+        };
+        let (mut files, mut bytes) = (0, 0);
+        // Oldest first, the directory synced after each: whatever a crash or a failure
+        // leaves on disk is one contiguous range (a segment the list lost but the disk kept
+        // is the oldest one there, and goes at a later pass after the next start).
+        for (segment, end) in gone {
+            std::fs::remove_file(&segment.path)?;
             sync_dir(&self.dir)?;
+            files += 1;
+            bytes += end - segment.first;
+            tracing::info!(file = %segment.path.display(), first = segment.first, "journal: segment deleted by retention");
         }
         Ok((files, bytes))
     }

@@ -2942,3 +2942,88 @@ async fn retention_keeps_the_record_of_a_pending_timer() {
     assert!(journal.retained_from() <= set);
     assert!(journal.record_fx(0, 1).expect("readable").is_some());
 }
+
+/// Events `from..=to` of device `num` and a snapshot every `every` (0: none), pipelined 100
+/// at a time (so they take many commits, and segments roll over between them).
+async fn events_with_snapshots(journal: &Journal, num: u32, from: u64, to: u64, every: u64) {
+    let writer = journal.device_writer(num, 4096);
+    let mut acks = Vec::new();
+    for seq in from..=to {
+        acks.push(append_event(&writer, seq));
+        if every > 0 && seq % every == 0 {
+            writer
+                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
+                .expect("snapshot");
+        }
+        if seq % 100 == 0 || seq == to {
+            for ack in acks.drain(..) {
+                ack.await.expect("answered").expect("durable");
+            }
+        }
+    }
+    journal.barrier().await.expect("durable");
+    index_settled(journal).await;
+}
+
+#[tokio::test]
+async fn a_read_of_what_a_retention_pass_just_deleted_answers_retained_away_and_keeps_the_checkpoint()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = JournalOptions {
+        segment_bytes: 2048,
+        index_spill_at: 64,
+        index_checkpoint_every: 8192,
+        scrub_rate: 0,
+        ..JournalOptions::default()
+    };
+    // Keep everything while writing, so the old snapshot is still there when it is looked
+    // up; then a journal that retains.
+    let journal = Journal::open(dir.path(), &options).expect("open");
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    events_with_snapshots(&journal, 0, 1, 3000, 50).await;
+    // The index keeps the last 8 snapshots (2650 to 3000); 2000 events after them push the
+    // index checkpoint far enough on that a pass deletes the segments of the older ones.
+    events_with_snapshots(&journal, 0, 3001, 5000, 0).await;
+    journal.close();
+    drop(journal);
+    let journal = retaining(dir.path(), 0).expect("reopen retaining");
+    let oldest = journal.snapshots(0)[0];
+    let pass = journal.retain_now().expect("pass");
+    assert!(pass.deleted_segments > 0, "{pass:?}");
+    assert!(oldest.offset < journal.retained_from());
+    assert_eq!(
+        journal.read_snapshot(oldest),
+        Err(JournalError::RetainedAway {
+            oldest: oldest.seq + 1
+        })
+    );
+    journal.close();
+    drop(journal);
+    let journal = retaining(dir.path(), 0).expect("still opens from its checkpoint");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5000));
+}
+
+#[tokio::test]
+async fn retention_raises_an_older_journal_to_the_current_format_before_deleting_its_header() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(FILE_NAME), legacy_file(3, 3)).expect("write");
+    let journal = retaining(dir.path(), 0).expect("open");
+    events_with_snapshots(&journal, 0, 4, 3000, 50).await;
+    journal.retain_now().expect("pass");
+    // Format raised; the deletion waited for a checkpoint taken at it.
+    events_with_snapshots(&journal, 0, 3001, 6000, 50).await;
+    journal.retain_now().expect("pass");
+    assert!(journal.retained_from() > 0, "segments deleted");
+    assert!(!dir.path().join(FILE_NAME).exists());
+    journal
+        .require_format(FORMAT_VERSION)
+        .expect("already current");
+    journal.close();
+    drop(journal);
+    let journal = retaining(dir.path(), 0).expect("reopens");
+    assert_eq!(journal.recovery().format, FORMAT_VERSION);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(6000));
+}
