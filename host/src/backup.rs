@@ -158,13 +158,23 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
 /// shortened, its index checkpoint and runs, first); returns the length copied and the
 /// journal's length at the time. The copy is checked to open.
 fn copy_journal(data_dir: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
-    let source = journal::SegmentedBackend::open_read_only(data_dir)?;
+    let retained = journal::SegmentedBackend::list(data_dir)?
+        .first()
+        .map_or(0, |s| s.first);
+    // A retained journal is read through links taken together (see `Pinned`).
+    let pinned = if retained > 0 {
+        Some(Pinned::take(data_dir)?)
+    } else {
+        None
+    };
+    let from = pinned.as_ref().map_or(data_dir, |p| p.dir.as_path());
+    let source = journal::SegmentedBackend::open_read_only(from)?;
     let retained = source.retained_from();
     if retained > 0 {
-        copy_index(data_dir, to)?;
+        copy_index(from, to)?;
     }
     let size = source.size()?;
-    let opened = Journal::open_read_only(data_dir)
+    let opened = Journal::open_read_only(from)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
     // The index checkpoint's position was synced before it was written, so it is durable
     // even when no later marker proves it yet (it may end on the marker of an idle writer),
@@ -195,6 +205,66 @@ fn copy_journal(data_dir: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
         Journal::open_read_only(to).context("checking the copied journal and index")?;
     }
     Ok((confirmed, size))
+}
+
+/// Hard links, in a directory inside the data directory, to a retained journal's segments and
+/// its index checkpoint and runs, all taken within a moment: a retention pass or a merge of
+/// runs that deletes files while the copy reads them cannot take them from under it (a link
+/// keeps a file's bytes). Taken again if a file vanished while linking, or the set does not
+/// open (a pass deleted what the linked checkpoint needs between the two). Removed on drop.
+struct Pinned {
+    dir: std::path::PathBuf,
+}
+
+impl Pinned {
+    fn take(data_dir: &Path) -> anyhow::Result<Pinned> {
+        let index = format!("{}.index", journal::FILE_NAME);
+        let mut last = None;
+        for attempt in 0..20 {
+            let pinned = Pinned {
+                dir: data_dir.join(format!("backup-{}-{attempt}.tmp", std::process::id())),
+            };
+            let _ = std::fs::remove_dir_all(&pinned.dir);
+            std::fs::create_dir_all(pinned.dir.join(&index))?;
+            let linked = (|| -> anyhow::Result<()> {
+                let source = data_dir.join(&index);
+                std::fs::hard_link(
+                    source.join("checkpoint"),
+                    pinned.dir.join(&index).join("checkpoint"),
+                )?;
+                for entry in std::fs::read_dir(&source)? {
+                    let entry = entry?;
+                    let file = entry.file_name();
+                    if file.to_str().is_some_and(|n| n.starts_with("run-")) {
+                        std::fs::hard_link(entry.path(), pinned.dir.join(&index).join(&file))?;
+                    }
+                }
+                for segment in journal::SegmentedBackend::list(data_dir)? {
+                    if let Some(name) = segment.path.file_name() {
+                        std::fs::hard_link(&segment.path, pinned.dir.join(name))?;
+                    }
+                }
+                Journal::open_read_only(&pinned.dir)?;
+                Ok(())
+            })();
+            match linked {
+                Ok(()) => return Ok(pinned),
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "backup: the journal's files changed while they were linked; again");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
+            .context("the journal's files kept changing while the backup linked them"))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Copies the index checkpoint, then the runs beside it (`journal.log.index/`).

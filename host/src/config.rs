@@ -296,12 +296,26 @@ impl Config {
                 return Err(format!("{name} must be at least 1"));
             }
         }
-        if self.retention.policy != crate::journal::RetentionPolicy::KeepAll
-            && (self.index_spill_at == 0 || self.index_checkpoint_every == 0)
-        {
+        let retaining = self.retention.policy != crate::journal::RetentionPolicy::KeepAll;
+        if retaining && (self.index_spill_at == 0 || self.index_checkpoint_every == 0) {
             return Err(
                 "journal retention needs index checkpoints (a journal whose first segments were \
-                 deleted opens from one): index checkpoint bytes and index spill must not be 0"
+                 deleted opens only from one): --index-checkpoint-bytes must not be 0 (nor \
+                 RuntimeBuilder::index_spill_at)"
+                    .into(),
+            );
+        }
+        if retaining && self.actor.snapshot_every == 0 {
+            return Err(
+                "journal retention after-snapshot deletes only what a snapshot covers: \
+                 --snapshot-every must not be 0"
+                    .into(),
+            );
+        }
+        if !retaining && (self.retention.keep_events > 0 || !self.retention.keep_for.is_zero()) {
+            return Err(
+                "--retention-keep-events and --retention-keep-hours apply to --retention \
+                 after-snapshot; with keep-all nothing is deleted"
                     .into(),
             );
         }

@@ -240,7 +240,16 @@ pub fn export(
             let to = (next + 1023).min(head.seq);
             used.extend(
                 journal
-                    .read_events(head.num, next, to)?
+                    .read_events(head.num, next, to)
+                    .map_err(|e| match e {
+                        crate::journal::JournalError::RetainedAway { oldest } => anyhow::anyhow!(
+                            "device `{}`: its history before seq {oldest} was deleted by the \
+                             journal's retention policy; export from there (`--from {oldest}`: \
+                             a partial export, for reading, which import refuses)",
+                            head.id
+                        ),
+                        other => anyhow::Error::from(other),
+                    })?
                     .iter()
                     .map(|r| r.version),
             );

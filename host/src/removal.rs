@@ -162,10 +162,6 @@ impl Runtime {
     /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.
     fn write_archive(&self, id: &str, seq: u64, at_ms: u64) -> Result<PathBuf, Error> {
         let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
-        let json = |v: &str| {
-            serde_json::from_str::<serde_json::Value>(v)
-                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
-        };
         let summary = self
             .summary(id)
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
@@ -173,7 +169,40 @@ impl Runtime {
         std::fs::create_dir_all(&dir).map_err(io)?;
         let path = dir.join(format!("{id}.{at_ms}.jsonl"));
         let tmp = path.with_extension("jsonl.tmp");
+        // What retention kept: an archive starts at the oldest record still in the journal.
+        let first = self
+            .shared
+            .journal
+            .device(id)
+            .map_or(1, |h| self.shared.journal.oldest_retained_seq(h.num));
         let file = std::fs::File::create(&tmp).map_err(io)?;
+        let written = self.write_archive_records(file, id, &summary, first, seq, at_ms);
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(path)
+    }
+
+    /// The archive's lines, from seq `first`, synced.
+    fn write_archive_records(
+        &self,
+        file: std::fs::File,
+        id: &str,
+        summary: &crate::view::DeviceSummary,
+        first: u64,
+        seq: u64,
+        at_ms: u64,
+    ) -> Result<(), Error> {
+        let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
+        let json = |v: &str| {
+            serde_json::from_str::<serde_json::Value>(v)
+                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
+        };
         let mut out = std::io::BufWriter::new(file);
         let header = serde_json::json!({
             "device": id,
@@ -182,10 +211,11 @@ impl Runtime {
             "config": summary.config,
             "created_at_ms": summary.created_at_ms,
             "seq": seq,
+            "first_seq": first,
             "removed_at_ms": at_ms,
         });
         writeln!(out, "{header}").map_err(io)?;
-        let mut from = 1;
+        let mut from = first;
         while from <= seq {
             let page = self.journal_page(id, from, 1000)?;
             for r in &page.records {
@@ -208,11 +238,6 @@ impl Runtime {
             }
         }
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(path)
+        file.sync_all().map_err(io)
     }
 }

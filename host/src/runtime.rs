@@ -512,7 +512,8 @@ impl Runtime {
             })
     }
 
-    /// Reads up to `limit` journal records of device `id` starting at seq `from`.
+    /// Reads up to `limit` journal records of device `id` starting at seq `from` (0: the
+    /// oldest one kept; a seq retention deleted is `RetainedAway`).
     pub fn journal_page(&self, id: &str, from: u64, limit: usize) -> Result<JournalPage, Error> {
         let result = self.journal_page_inner(id, from, limit);
         self.counted(result)
@@ -520,7 +521,11 @@ impl Runtime {
 
     fn journal_page_inner(&self, id: &str, from: u64, limit: usize) -> Result<JournalPage, Error> {
         let head = self.head(id)?;
-        let from = from.max(1);
+        // 0: from the oldest record kept (retention may have deleted the first ones).
+        let from = match from {
+            0 => self.shared.journal.oldest_retained_seq(head.num),
+            from => from,
+        };
         let limit = limit.clamp(1, 1000) as u64;
         let last = from.saturating_add(limit - 1).min(head.seq);
         // A page also stops at ~4 MiB of records, so one request cannot pull a thousand
@@ -766,12 +771,12 @@ impl Runtime {
                 retention.retained_from,
             ),
             (
-                "drover_journal_retention_deleted_segments_total",
+                "drover_journal_retention_deleted_segments",
                 "Segment files retention deleted since start.",
                 retention.deleted_segments,
             ),
             (
-                "drover_journal_retention_deleted_bytes_total",
+                "drover_journal_retention_deleted_bytes",
                 "Bytes of journal retention deleted since start.",
                 retention.deleted_bytes,
             ),

@@ -96,6 +96,13 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
     let kept = api.get(&format!("/v1/devices/t1/journal?from={oldest}&limit=5"));
     assert_eq!(kept.status, 200, "{}", kept.text);
     assert_eq!(kept.body["records"][0]["seq"], oldest, "{}", kept.text);
+    // Without `from`, a page starts at the oldest record kept.
+    let default = api.get("/v1/devices/t1/journal?limit=5");
+    assert_eq!(
+        default.body["records"][0]["seq"], oldest,
+        "{}",
+        default.text
+    );
     let state_gone = api.get("/v1/devices/t1/state?at=1");
     state_gone.assert_error(410, "retained-away");
     let rebuildable = state_gone.body["error"]["oldest_seq"]
@@ -106,8 +113,8 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
     assert_eq!(at.body["seq"], rebuildable);
     let metrics = api.get("/metrics").text;
     assert!(
-        metrics.contains("drover_journal_retention_deleted_segments_total ")
-            && !metrics.contains("drover_journal_retention_deleted_segments_total 0\n"),
+        metrics.contains("drover_journal_retention_deleted_segments ")
+            && !metrics.contains("drover_journal_retention_deleted_segments 0\n"),
         "{metrics}"
     );
 
@@ -165,6 +172,23 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
         live[1],
         "t2 after a graceful restart"
     );
+    // Removed with an archive: its history from the oldest record kept.
+    let removed = api.call(reqwest::Method::DELETE, "/v1/devices/t2?archive=true", None);
+    assert_eq!(removed.status, 200, "{}", removed.text);
+    let archive = std::fs::read_to_string(removed.body["archive"].as_str().expect("archive"))
+        .expect("archive written");
+    let mut lines = archive.lines();
+    let header: Value = serde_json::from_str(lines.next().expect("header")).expect("JSON");
+    let first = header["first_seq"].as_u64().expect("first_seq");
+    assert!(first > 1, "{header}");
+    let records: Vec<Value> = lines
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(
+        records.first().map(|r| r["seq"].clone()),
+        Some(json!(first))
+    );
+    assert_eq!(records.len() as u64, 2000 - first + 1);
 }
 
 /// A deploy after retention: the history a replay into the new version needs is gone, so
@@ -297,4 +321,65 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
         "each device has a snapshot of its version"
     );
     rt.shutdown().await;
+}
+
+/// `drover backup` of a server whose retention deletes segments (and whose index merges and
+/// rewrites run files) while the backup copies: every backup succeeds and opens.
+#[test]
+fn backups_under_load_while_retention_deletes_all_succeed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &FLAGS);
+    let api = server.api();
+    let ids: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for id in &ids {
+        api.provision(id, "thermostat", json!({"setpoint": 20.0}));
+    }
+    readings(&server, &ids, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let url = server.url.clone();
+        std::thread::spawn(move || {
+            let api = support::Api::new(&url);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let events: Vec<Value> = (0..200)
+                    .map(|i| json!({"device": format!("t{}", i % 20), "event": {"type": "reading", "celsius": 15.0 + ((n + i) % 9) as f64}}))
+                    .collect();
+                api.post("/v1/events", &json!({ "events": events }));
+                n += 1;
+            }
+        })
+    };
+    for round in 0..12 {
+        let copy = dir.path().join(format!("copy-{round}"));
+        let (ok, out, err) = support::cli(&[
+            "backup",
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--to",
+            copy.to_str().expect("utf-8"),
+        ]);
+        assert!(ok, "backup {round}: {out}{err}");
+        let journal = drover::journal::Journal::open_read_only(&copy).expect("the copy opens");
+        assert!(journal.device("t1").is_some());
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("load");
+    let status = api.get("/v1/journal").body;
+    assert!(
+        status["retention"]["deleted_segments"].as_u64() > Some(0),
+        "retention ran meanwhile: {status}"
+    );
+    assert!(
+        !std::fs::read_dir(&data)
+            .expect("data")
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("backup-")),
+        "the backups' links are gone"
+    );
 }

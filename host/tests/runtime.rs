@@ -1074,6 +1074,12 @@ async fn a_snapshot_that_will_not_restore_falls_back_to_the_one_before_then_to_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_out_of_range_are_refused_naming_the_setting() {
+    use drover::journal::{Retention, RetentionPolicy};
+    let retention = |policy, keep_events| Retention {
+        policy,
+        keep_events,
+        ..Retention::default()
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let cases: Vec<(drover::RuntimeBuilder, &str)> = vec![
         (
@@ -1095,6 +1101,22 @@ async fn settings_out_of_range_are_refused_naming_the_setting() {
         (
             Runtime::builder(dir.path()).idle_timeout(Duration::ZERO),
             "idle timeout must be more than zero",
+        ),
+        (
+            Runtime::builder(dir.path())
+                .journal_retention(retention(RetentionPolicy::AfterSnapshot, 0))
+                .index_checkpoint_every(0),
+            "journal retention needs index checkpoints",
+        ),
+        (
+            Runtime::builder(dir.path())
+                .journal_retention(retention(RetentionPolicy::AfterSnapshot, 0))
+                .snapshot_every(0),
+            "--snapshot-every must not be 0",
+        ),
+        (
+            Runtime::builder(dir.path()).journal_retention(retention(RetentionPolicy::KeepAll, 5)),
+            "apply to --retention after-snapshot",
         ),
     ];
     for (builder, expected) in cases {

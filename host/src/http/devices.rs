@@ -190,7 +190,7 @@ fn page_size(limit: Option<usize>, default: usize, max: usize) -> Result<usize, 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalQuery {
-    /// First seq of the page (default 1).
+    /// First seq of the page (default: the oldest kept, 1 unless retention deleted history).
     from: Option<u64>,
     /// Records per page, 1..=the server's page limit (default 100; larger is clamped).
     limit: Option<usize>,
@@ -252,7 +252,8 @@ pub async fn journal(
     QueryOf(q): QueryOf<JournalQuery>,
 ) -> Result<Response, ApiError> {
     let limit = page_size(q.limit, 100, app.limits.max_page)?;
-    let from = q.from.unwrap_or(1);
+    // Absent: from the oldest record kept (seq 1 unless retention deleted history).
+    let from = q.from.unwrap_or(0);
     let rt = app.rt.clone();
     // Pages are read from the journal file: keep the reads off the async workers.
     let page = tokio::task::spawn_blocking(move || rt.journal_page(&id, from, limit))

@@ -792,14 +792,24 @@ fn scan_prefix(
         }
     }
     if retained > 0 && from_checkpoint.is_none() {
+        let off = checkpoints.is_none_or(|c| c.every == 0);
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!(
-                "the journal's history before position {retained} was deleted by its retention \
-                 policy, so it opens only from its index checkpoint \
-                 (journal.log.index/checkpoint), which is missing or not usable (see the log \
-                 above for why): restore the data directory from a backup"
-            ),
+            if off && spill.is_some() {
+                format!(
+                    "the journal's history before position {retained} was deleted by its \
+                     retention policy, so it opens only from its index checkpoint, and index \
+                     checkpoints are turned off (--index-checkpoint-bytes 0): start without \
+                     that setting"
+                )
+            } else {
+                format!(
+                    "the journal's history before position {retained} was deleted by its \
+                     retention policy, so it opens only from its index checkpoint \
+                     (journal.log.index/checkpoint), which is missing or not usable (see the \
+                     log above for why): restore the data directory from a backup"
+                )
+            },
         ));
     }
     let mut cursor = Cursor::new(storage, offset, file_len).heads_only();

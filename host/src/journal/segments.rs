@@ -190,15 +190,27 @@ impl SegmentedBackend {
                 SEGMENT_HEADER_LEN
             };
             let file = if read_only {
-                File::open(&info.path)?
+                File::open(&info.path)
             } else {
                 std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(info.first == 0)
                     .truncate(false)
-                    .open(&info.path)?
-            };
+                    .open(&info.path)
+            }
+            .map_err(|e| {
+                // Each segment holds a file descriptor while the journal is open.
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "opening journal segment {} ({} of {}): {e}",
+                        info.path.display(),
+                        i + 1,
+                        found.len()
+                    ),
+                )
+            })?;
             if header > 0 {
                 let size = file.metadata()?.len();
                 let mut h = vec![0u8; size.min(SEGMENT_HEADER_LEN) as usize];
@@ -290,7 +302,12 @@ impl SegmentedBackend {
             let Some(first) = entry.file_name().to_str().and_then(parse_segment_name) else {
                 continue;
             };
-            let size = entry.metadata()?.len();
+            // Deleted by retention since the listing (a reader beside a live server).
+            let size = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let header = if first == 0 { 0 } else { SEGMENT_HEADER_LEN };
             found.push(SegmentInfo {
                 path: entry.path(),

@@ -139,9 +139,10 @@ pub struct JournalArgs {
     /// The device id.
     #[arg(required = true)]
     pub device: Option<String>,
-    /// First seq to show.
-    #[arg(long, default_value_t = 1)]
-    pub from: u64,
+    /// First seq to show [default: the oldest kept: 1 unless the journal's retention
+    /// deleted history]
+    #[arg(long)]
+    pub from: Option<u64>,
     /// Records per page (the server caps it).
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
@@ -247,8 +248,9 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
     let id = segment(&device);
     let mut from = args.from;
     loop {
+        let start = from.map(|f| format!("from={f}&")).unwrap_or_default();
         let (text, page): (String, PageOut) = api.call_json(api.get(&format!(
-            "/v1/devices/{id}/journal?from={from}&limit={}",
+            "/v1/devices/{id}/journal?{start}limit={}",
             args.limit
         )))?;
         if args.json {
@@ -283,7 +285,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
             }
         }
         match page.next {
-            Some(next) if args.all => from = next,
+            Some(next) if args.all => from = Some(next),
             Some(next) => {
                 if !args.json {
                     println!("(more: --from {next}, or --all)");
