@@ -216,6 +216,10 @@ pub enum Message {
         event: Option<String>,
         origin: Origin,
     },
+    /// Write a snapshot of the current state now (activating the device if it is not live):
+    /// retention asks a device whose old snapshot holds back the deletion of old segments
+    /// (see `Runtime::refresh_retention`). Nobody waits for it.
+    Snapshot,
     /// Move to plugin version `version` between two events (a deploy or rollback): see
     /// `crate::upgrade`.
     Upgrade {
@@ -492,6 +496,7 @@ impl Actor {
                             self.on_internal(event, origin).await
                         }
                         Message::Query { reply } => self.on_query(reply).await,
+                        Message::Snapshot => self.on_snapshot_request().await,
                         Message::Upgrade { version, reply } => {
                             let report = self.on_upgrade(version).await;
                             let _ = reply.send(report);
@@ -1291,6 +1296,20 @@ impl Actor {
             self.snapshot();
         }
         true
+    }
+
+    /// A snapshot asked for by retention: taken through this actor's lane, after every
+    /// record it submitted, so it lands after the events it covers. Skipped while
+    /// quarantined or stopping (retention asks again at its next pass).
+    async fn on_snapshot_request(&mut self) {
+        if self.in_quarantine() || self.stopping() {
+            return;
+        }
+        if let Err(e) = self.ensure_live().await {
+            tracing::debug!(device = %self.head.id, error = %e, "no snapshot for retention: the device did not activate");
+            return;
+        }
+        self.snapshot();
     }
 
     /// Submits a snapshot of the current state. Best effort: a failure only means a longer

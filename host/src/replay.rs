@@ -222,13 +222,17 @@ pub fn rebuild_reporting(
         next = to + 1;
     }
     if from > 0 && from == upto {
-        // Restored exactly at the target: the timestamp still comes from that event.
-        if let Some(e) = journal
-            .read_events(device.num, upto, upto)?
-            .pop()
-            .filter(|e| !e.lost)
-        {
-            last_at_ms = e.at_ms;
+        // Restored exactly at the target: the timestamp still comes from that event, unless
+        // retention deleted it (it lies just before the snapshot, which is what retention
+        // keeps): then the device's next stamps rest on the clock alone.
+        match journal.read_events(device.num, upto, upto) {
+            Ok(mut read) => {
+                if let Some(e) = read.pop().filter(|e| !e.lost) {
+                    last_at_ms = e.at_ms;
+                }
+            }
+            Err(crate::journal::JournalError::RetainedAway { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(Rebuilt {

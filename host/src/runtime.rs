@@ -144,7 +144,7 @@ impl Runtime {
             timers.clone(),
             outbox.clone(),
         );
-        let effect_tasks = vec![
+        let mut effect_tasks = vec![
             handle.spawn(dispatcher.run(owed)),
             handle.spawn(
                 timers
@@ -152,7 +152,7 @@ impl Runtime {
                     .run(journal.clone(), postman, metrics.clone()),
             ),
         ];
-        Ok(Runtime {
+        let rt = Runtime {
             shared: Arc::new(Shared {
                 journal,
                 registry,
@@ -168,10 +168,15 @@ impl Runtime {
                 binding: tokio::sync::RwLock::new(()),
                 timers,
                 outbox,
-                effect_tasks: Mutex::new(effect_tasks),
+                effect_tasks: Mutex::new(Vec::new()),
                 acking: Mutex::new(HashSet::new()),
             }),
-        })
+        };
+        if rt.shared.config.retention.policy != crate::journal::RetentionPolicy::KeepAll {
+            effect_tasks.push(handle.spawn(refresh_retention(Arc::downgrade(&rt.shared))));
+        }
+        *rt.shared.effect_tasks.lock() = effect_tasks;
+        Ok(rt)
     }
 
     /// The settings this runtime was opened with.
@@ -592,6 +597,35 @@ impl Runtime {
         }
     }
 
+    /// Asks up to `max` devices whose old snapshot (or lack of one) holds back the journal's
+    /// retention for a snapshot of their current state (`Journal::retention_laggards`): each
+    /// activates if it must and writes one through its own lane, after the records it
+    /// covers, so the next pass can delete the segments behind it. Returns how many were
+    /// asked. A background task does this after each retention pass that was held back.
+    pub fn refresh_retention(&self, max: usize) -> Result<usize, Error> {
+        let laggards = self.shared.journal.retention_laggards(max)?;
+        let mut asked = 0;
+        for pin in &laggards {
+            // A full mailbox is a busy device: it snapshots on its own soon enough.
+            if self
+                .shared
+                .router
+                .offer(&pin.device, Message::Snapshot)
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        if asked > 0 {
+            tracing::info!(
+                asked,
+                lowest = ?laggards.first(),
+                "journal retention: devices asked for a snapshot so that old segments can go"
+            );
+        }
+        Ok(asked)
+    }
+
     /// Runs a journal retention pass now (one also follows every index checkpoint).
     pub async fn retain_now(&self) -> Result<crate::journal::RetentionPass, Error> {
         let journal = self.shared.journal.clone();
@@ -845,5 +879,48 @@ fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
                     .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
         }
         _ => a == b,
+    }
+}
+
+/// How often the retention refresher looks for a pass that was held back.
+const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+/// Devices asked for a snapshot per refresh: each may cost an activation (~100 µs of CPU and
+/// an instance until it passivates again), so a fleet of idle devices is refreshed in
+/// steps, oldest first, one step per retention pass.
+const RETENTION_REFRESH_MAX: usize = 1000;
+
+/// After each retention pass (one per index checkpoint) that left segments the checkpoint
+/// would let go, asks the devices holding them for a fresh snapshot, waits a moment for
+/// those to be durable and runs another pass. Ends with the runtime.
+async fn refresh_retention(shared: std::sync::Weak<Shared>) {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(RETENTION_REFRESH_EVERY).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let rt = Runtime { shared };
+        if rt.shared.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let passes = rt.shared.journal.retention().passes;
+        if passes == seen {
+            continue;
+        }
+        seen = passes;
+        match rt.refresh_retention(RETENTION_REFRESH_MAX) {
+            Ok(0) => {}
+            Ok(_) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = rt.retain_now().await {
+                    tracing::warn!(error = %e, "journal retention after a refresh");
+                }
+                seen = rt.shared.journal.retention().passes;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "journal retention: finding the devices that hold it back")
+            }
+        }
     }
 }

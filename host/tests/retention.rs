@@ -383,3 +383,93 @@ fn backups_under_load_while_retention_deletes_all_succeed() {
         "the backups' links are gone"
     );
 }
+
+/// A device idle since an old snapshot holds back every later segment, until retention asks
+/// it for a fresh snapshot: then those segments go, and its state is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_device_holding_retention_back_is_asked_for_a_fresh_snapshot() {
+    use drover::journal::{Retention, RetentionPolicy};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = drover::Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .snapshot_every(8)
+        .idle_timeout(Duration::from_millis(200))
+        .journal_segment_bytes(4096)
+        .index_checkpoint_every(16384)
+        .journal_retention(Retention {
+            policy: RetentionPolicy::AfterSnapshot,
+            ..Retention::default()
+        })
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("quiet", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // A snapshot at 8, then two events after it; then quiet for good.
+    for _ in 0..10 {
+        rt.send("quiet", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    let busy = ["b-0", "b-1"];
+    for id in busy {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // Far enough past quiet's snapshot (taken when it passivated) that the index checkpoint
+    // would let retention delete the segments before it.
+    let mut senders = Vec::new();
+    for id in busy {
+        let rt = rt.clone();
+        senders.push(tokio::spawn(async move {
+            for _ in 0..1500 {
+                rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
+            }
+        }));
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let pass = rt.retain_now().await.expect("pass");
+    let pin = pass.pinned_by.expect("held back");
+    assert_eq!((pin.device.as_str(), pin.reason), ("quiet", "snapshot"));
+    let held = rt.journal().retained_from();
+    let before: Value =
+        serde_json::from_str(&rt.device("quiet").await.expect("quiet").state).expect("JSON");
+
+    let laggards = rt.journal().retention_laggards(10).expect("laggards");
+    assert_eq!(laggards.first().map(|p| p.device.as_str()), Some("quiet"));
+    assert!(rt.refresh_retention(10).expect("refresh") >= 1);
+    // A new snapshot record (of the same seq: nothing happened since) past the old one.
+    let start = std::time::Instant::now();
+    while rt
+        .journal()
+        .snapshots(rt.journal().device("quiet").expect("quiet").num)
+        .last()
+        .is_none_or(|s| s.seq != 10 || s.offset <= pin.position)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no fresh snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pass = rt.retain_now().await.expect("pass");
+    assert!(
+        rt.journal().retained_from() > held,
+        "segments behind the old snapshot went: {pass:?}"
+    );
+    assert_ne!(
+        pass.pinned_by.map(|p| p.device),
+        Some("quiet".to_string()),
+        "no longer held by quiet"
+    );
+    let after: Value =
+        serde_json::from_str(&rt.device("quiet").await.expect("quiet").state).expect("JSON");
+    assert_eq!(after, before, "the same state");
+    assert_eq!(
+        rt.send("quiet", r#"{"type":"ok"}"#).await.expect("ok").seq,
+        11
+    );
+    rt.shutdown().await;
+}

@@ -1049,6 +1049,27 @@ impl Journal {
         }
     }
 
+    /// Up to `max` devices, lowest first, whose bound holds retention back from what the
+    /// index checkpoint would let it delete, and that a snapshot taken now would free: those
+    /// idle since an old snapshot (or with events after it) and those without one. Not those
+    /// held by pending effects. The runtime asks them for a snapshot (see
+    /// `Runtime::refresh_retention`); empty under `keep-all`.
+    pub fn retention_laggards(&self, max: usize) -> Result<Vec<Pin>, JournalError> {
+        let shared = &self.inner.shared;
+        if shared.retention.policy == RetentionPolicy::KeepAll {
+            return Ok(Vec::new());
+        }
+        let Some(spill) = self.index().spill.clone() else {
+            return Ok(Vec::new());
+        };
+        let below = spill.checkpoints.identity_from();
+        if below <= self.retained_from() {
+            return Ok(Vec::new());
+        }
+        retention::laggards(&shared.index, &shared.retention, below, max)
+            .map_err(JournalError::Retention)
+    }
+
     /// The retention policy, what it deleted since open and what holds it back.
     pub fn retention(&self) -> RetentionStatus {
         let shared = &self.inner.shared;

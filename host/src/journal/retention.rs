@@ -95,12 +95,12 @@ impl RetentionState {
     }
 }
 
-/// A device whose bound needs an offset looked up (outside the lock): the seq whose record
-/// it still needs, located, and why.
-struct Lookup {
+/// One device's bound as a turn copies it out of the index: its snapshot's position, and the
+/// seq whose record it still needs, located (read outside the lock), and why.
+struct Bound {
     device: Arc<str>,
-    located: Located,
-    reason: &'static str,
+    snapshot: Option<u64>,
+    lookup: Option<(Located, &'static str)>,
 }
 
 /// Devices bounded per turn of the index's read lock: the writer waits for the lock to
@@ -108,28 +108,18 @@ struct Lookup {
 /// turns rather than once for half a second.
 const DEVICES_PER_TURN: usize = 4096;
 
-/// The lowest position the devices in `index` still need under `retention`, and what holds
-/// it there; `None` if nothing does (every device is empty). `Err` if an offset could not
-/// be read (the pass then deletes nothing).
-pub(super) fn low_water(
+/// Calls `visit` with each device's bound under `retention`: the lowest position it still
+/// needs, and why. `Err` if an offset could not be read.
+fn bounds(
     index: &RwLock<Index>,
     retention: &Retention,
-) -> Result<Option<Pin>, String> {
+    mut visit: impl FnMut(Pin),
+) -> Result<(), String> {
     let nums: Vec<u32> = index.read().devices.keys().copied().collect();
-    let mut low: Option<Pin> = None;
-    let mut keep = |device: &Arc<str>, position: u64, reason: &'static str| {
-        if low.as_ref().is_none_or(|l| position < l.position) {
-            low = Some(Pin {
-                device: device.to_string(),
-                reason,
-                position,
-            });
-        }
-    };
-    let mut lookups = Vec::new();
+    let mut turn_bounds = Vec::new();
     for turn in nums.chunks(DEVICES_PER_TURN) {
         let index = index.read();
-        lookups.clear();
+        turn_bounds.clear();
         for d in turn.iter().filter_map(|num| index.devices.get(num)) {
             let snapshot = d
                 .snapshots
@@ -161,39 +151,102 @@ pub(super) fn low_water(
                 Some(p) if p < first => (p, "pending-effects"),
                 _ => (first, why),
             };
-            if let Some(s) = snapshot {
-                keep(&d.id, s.offset, "snapshot");
-            }
             // A snapshot's record follows the event it was taken after and comes before the
             // next one (the actor writes it in between), so when the device needs nothing
             // before the event after its snapshot, the snapshot's own position bounds it: no
             // offset to look up.
             let after_snapshot = snapshot.is_some_and(|s| needed == s.seq + 1);
-            if needed <= d.seq
-                && !after_snapshot
-                && let Some(located) = index.locate(d.num, needed, needed)
-            {
-                lookups.push(Lookup {
+            let lookup = (needed <= d.seq && !after_snapshot)
+                .then(|| index.locate(d.num, needed, needed))
+                .flatten()
+                .map(|l| (l, why));
+            if snapshot.is_some() || lookup.is_some() {
+                turn_bounds.push(Bound {
                     device: d.id.clone(),
-                    located,
-                    reason: why,
+                    snapshot: snapshot.map(|s| s.offset),
+                    lookup,
                 });
             }
         }
         drop(index);
         // Looked up without the lock (a lookup may read a run file).
-        for l in lookups.drain(..) {
-            let offsets = l
-                .located
-                .offsets()
-                .map_err(|e| format!("reading the index of device {}: {e}", l.device))?;
-            let Some(&at) = offsets.first() else {
-                return Err(format!("no offset for a seq of device {}", l.device));
-            };
-            keep(&l.device, at, l.reason);
+        for b in turn_bounds.drain(..) {
+            let mut pin = b.snapshot.map(|position| Pin {
+                device: b.device.to_string(),
+                reason: "snapshot",
+                position,
+            });
+            if let Some((located, reason)) = b.lookup {
+                let offsets = located
+                    .offsets()
+                    .map_err(|e| format!("reading the index of device {}: {e}", b.device))?;
+                let Some(&position) = offsets.first() else {
+                    return Err(format!("no offset for a seq of device {}", b.device));
+                };
+                if pin.as_ref().is_none_or(|p| position < p.position) {
+                    pin = Some(Pin {
+                        device: b.device.to_string(),
+                        reason,
+                        position,
+                    });
+                }
+            }
+            if let Some(pin) = pin {
+                visit(pin);
+            }
         }
     }
+    Ok(())
+}
+
+/// The lowest position the devices in `index` still need under `retention`, and what holds
+/// it there; `None` if nothing does (every device is empty). `Err` if an offset could not
+/// be read (the pass then deletes nothing).
+pub(super) fn low_water(
+    index: &RwLock<Index>,
+    retention: &Retention,
+) -> Result<Option<Pin>, String> {
+    let mut low: Option<Pin> = None;
+    bounds(index, retention, |pin| {
+        if low.as_ref().is_none_or(|l| pin.position < l.position) {
+            low = Some(pin);
+        }
+    })?;
     Ok(low)
+}
+
+/// Up to `max` devices, lowest first, that hold retention below `below` and that a fresh
+/// snapshot would free (not those held by pending effects): see
+/// [`Journal::retention_laggards`](super::Journal::retention_laggards).
+pub(super) fn laggards(
+    index: &RwLock<Index>,
+    retention: &Retention,
+    below: u64,
+    max: usize,
+) -> Result<Vec<Pin>, String> {
+    // The `max` lowest, kept in a max-heap by position.
+    let mut heap: std::collections::BinaryHeap<(u64, Arc<str>, &'static str)> =
+        std::collections::BinaryHeap::new();
+    bounds(index, retention, |pin| {
+        if pin.position >= below || pin.reason == "pending-effects" || max == 0 {
+            return;
+        }
+        if heap.len() < max {
+            heap.push((pin.position, Arc::from(pin.device.as_str()), pin.reason));
+        } else if heap.peek().is_some_and(|top| pin.position < top.0) {
+            heap.pop();
+            heap.push((pin.position, Arc::from(pin.device.as_str()), pin.reason));
+        }
+    })?;
+    Ok(heap
+        .into_sorted_vec()
+        .into_iter()
+        .map(|(position, device, reason)| Pin {
+            device: device.to_string(),
+            reason,
+            position,
+        })
+        .collect())
 }
 
 /// The newest write time a segment may have to be deleted under `retention` (`None`: any).
