@@ -1300,16 +1300,21 @@ impl Actor {
 
     /// A snapshot asked for by retention: taken through this actor's lane, after every
     /// record it submitted, so it lands after the events it covers. Skipped while
-    /// quarantined or stopping (retention asks again at its next pass).
+    /// quarantined or stopping (retention asks again later). Like a read, it does not change
+    /// the lifecycle: a device activated for it is passivated again right after.
     async fn on_snapshot_request(&mut self) {
         if self.in_quarantine() || self.stopping() {
             return;
         }
+        let was_live = self.live.is_some();
         if let Err(e) = self.ensure_live().await {
             tracing::debug!(device = %self.head.id, error = %e, "no snapshot for retention: the device did not activate");
             return;
         }
         self.snapshot();
+        if !was_live {
+            self.passivate();
+        }
     }
 
     /// Submits a snapshot of the current state. Best effort: a failure only means a longer

@@ -163,7 +163,7 @@ fn copy_journal(data_dir: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
         .map_or(0, |s| s.first);
     // A retained journal is read through links taken together (see `Pinned`).
     let pinned = if retained > 0 {
-        Some(Pinned::take(data_dir)?)
+        Pinned::take(data_dir)?
     } else {
         None
     };
@@ -217,15 +217,26 @@ struct Pinned {
 }
 
 impl Pinned {
-    fn take(data_dir: &Path) -> anyhow::Result<Pinned> {
+    /// `None` when the data directory cannot take the links (a read-only mount, a file
+    /// system without hard links): the copy then reads the files in place.
+    fn take(data_dir: &Path) -> anyhow::Result<Option<Pinned>> {
+        static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Pinned::remove_stale(data_dir);
         let index = format!("{}.index", journal::FILE_NAME);
         let mut last = None;
-        for attempt in 0..20 {
-            let pinned = Pinned {
-                dir: data_dir.join(format!("backup-{}-{attempt}.tmp", std::process::id())),
-            };
-            let _ = std::fs::remove_dir_all(&pinned.dir);
-            std::fs::create_dir_all(pinned.dir.join(&index))?;
+        for _ in 0..20 {
+            let n = TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = data_dir.join(format!("backup-{}-{n}.tmp", std::process::id()));
+            if let Err(e) = std::fs::create_dir(&dir) {
+                tracing::warn!(error = %e, "backup: cannot link the journal's files in the data directory; copying them in place (a retention pass during the copy makes it start over)");
+                return Ok(None);
+            }
+            // Ours from here: removed on drop.
+            let pinned = Pinned { dir };
+            if let Err(e) = std::fs::create_dir(pinned.dir.join(&index)) {
+                tracing::warn!(error = %e, "backup: cannot link the journal's files in the data directory; copying them in place (a retention pass during the copy makes it start over)");
+                return Ok(None);
+            }
             let linked = (|| -> anyhow::Result<()> {
                 let source = data_dir.join(&index);
                 std::fs::hard_link(
@@ -248,16 +259,43 @@ impl Pinned {
                 Ok(())
             })();
             match linked {
-                Ok(()) => return Ok(pinned),
+                Ok(()) => return Ok(Some(pinned)),
+                // A file deleted meanwhile, or a set that does not open (a pass deleted what
+                // the linked checkpoint needs): again, a moment later.
                 Err(e) => {
-                    tracing::debug!(attempt, error = %e, "backup: the journal's files changed while they were linked; again");
+                    tracing::debug!(error = %e, "backup: the journal's files changed while they were linked; again");
                     last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             }
         }
         Err(last
             .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
             .context("the journal's files kept changing while the backup linked them"))
+    }
+
+    /// Removes the links a backup that died left behind (its process is gone): they would
+    /// keep deleted segments' bytes on disk.
+    fn remove_stale(data_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(data_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("backup-"))
+                .and_then(|n| n.strip_suffix(".tmp"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                tracing::info!(dir = %entry.path().display(), "backup: removing the links of a backup that did not finish");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 

@@ -169,7 +169,9 @@ impl Runtime {
         std::fs::create_dir_all(&dir).map_err(io)?;
         let path = dir.join(format!("{id}.{at_ms}.jsonl"));
         let tmp = path.with_extension("jsonl.tmp");
-        // What retention kept: an archive starts at the oldest record still in the journal.
+        // What retention kept: an archive starts at the oldest record still in the journal,
+        // and no pass deletes any of it while the archive reads it.
+        let _kept = self.shared.journal.pause_retention();
         let first = self
             .shared
             .journal

@@ -81,6 +81,10 @@ pub(crate) struct Shared {
     pub(crate) outbox: Arc<Outbox>,
     /// The dispatcher and the timer wheel's task, stopped at shutdown.
     pub(crate) effect_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Devices retention asked for a snapshot, with the pass count then: not asked again
+    /// for [`RETENTION_ASK_AGAIN_AFTER`] passes (one that cannot snapshot, or is busy, is
+    /// not asked at every pass).
+    retention_asked: Mutex<std::collections::HashMap<String, u64>>,
     /// Commands being acknowledged right now (device number, command id): see
     /// `Runtime::ack_command`.
     pub(crate) acking: Mutex<HashSet<(u32, crate::journal::EffectId)>>,
@@ -169,6 +173,7 @@ impl Runtime {
                 timers,
                 outbox,
                 effect_tasks: Mutex::new(Vec::new()),
+                retention_asked: Mutex::new(std::collections::HashMap::new()),
                 acking: Mutex::new(HashSet::new()),
             }),
         };
@@ -602,8 +607,26 @@ impl Runtime {
     /// activates if it must and writes one through its own lane, after the records it
     /// covers, so the next pass can delete the segments behind it. Returns how many were
     /// asked. A background task does this after each retention pass that was held back.
-    pub fn refresh_retention(&self, max: usize) -> Result<usize, Error> {
-        let laggards = self.shared.journal.retention_laggards(max)?;
+    pub async fn refresh_retention(&self, max: usize) -> Result<usize, Error> {
+        let journal = self.shared.journal.clone();
+        // A scan of every device's bound, which may read run files: off the async workers.
+        let laggards = tokio::task::spawn_blocking(move || journal.retention_laggards(2 * max))
+            .await
+            .map_err(|e| Error::Internal(format!("retention task: {e}")))??;
+        let pass = self.shared.journal.retention().passes;
+        let laggards: Vec<_> = {
+            let mut recent = self.shared.retention_asked.lock();
+            recent.retain(|_, at| pass < at.saturating_add(RETENTION_ASK_AGAIN_AFTER));
+            let fresh: Vec<_> = laggards
+                .into_iter()
+                .filter(|p| !recent.contains_key(&p.device))
+                .take(max)
+                .collect();
+            for p in &fresh {
+                recent.insert(p.device.clone(), pass);
+            }
+            fresh
+        };
         let mut asked = 0;
         for pin in &laggards {
             // A full mailbox is a busy device: it snapshots on its own soon enough.
@@ -890,37 +913,50 @@ const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// steps, oldest first, one step per retention pass.
 const RETENTION_REFRESH_MAX: usize = 1000;
 
+/// Passes after which a device retention asked for a snapshot may be asked again.
+const RETENTION_ASK_AGAIN_AFTER: u64 = 10;
+
 /// After each retention pass (one per index checkpoint) that left segments the checkpoint
 /// would let go, asks the devices holding them for a fresh snapshot, waits a moment for
-/// those to be durable and runs another pass. Ends with the runtime.
+/// those to be durable and runs another pass. Holds the runtime only while it works, never
+/// across a sleep; ends with it.
 async fn refresh_retention(shared: std::sync::Weak<Shared>) {
     let mut seen = 0;
+    let runtime = |shared: &std::sync::Weak<Shared>| {
+        shared
+            .upgrade()
+            .map(|shared| Runtime { shared })
+            .filter(|rt| !rt.shared.closing.load(Ordering::Acquire))
+    };
     loop {
         tokio::time::sleep(RETENTION_REFRESH_EVERY).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
+        let asked = {
+            let Some(rt) = runtime(&shared) else {
+                return;
+            };
+            let passes = rt.shared.journal.retention().passes;
+            if passes == seen {
+                continue;
+            }
+            seen = passes;
+            match rt.refresh_retention(RETENTION_REFRESH_MAX).await {
+                Ok(asked) => asked,
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal retention: finding the devices that hold it back");
+                    0
+                }
+            }
         };
-        let rt = Runtime { shared };
-        if rt.shared.closing.load(Ordering::Acquire) {
-            return;
-        }
-        let passes = rt.shared.journal.retention().passes;
-        if passes == seen {
+        if asked == 0 {
             continue;
         }
-        seen = passes;
-        match rt.refresh_retention(RETENTION_REFRESH_MAX) {
-            Ok(0) => {}
-            Ok(_) => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Err(e) = rt.retain_now().await {
-                    tracing::warn!(error = %e, "journal retention after a refresh");
-                }
-                seen = rt.shared.journal.retention().passes;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "journal retention: finding the devices that hold it back")
-            }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(rt) = runtime(&shared) else {
+            return;
+        };
+        if let Err(e) = rt.retain_now().await {
+            tracing::warn!(error = %e, "journal retention after a refresh");
         }
+        seen = rt.shared.journal.retention().passes;
     }
 }

@@ -439,7 +439,7 @@ async fn an_idle_device_holding_retention_back_is_asked_for_a_fresh_snapshot() {
 
     let laggards = rt.journal().retention_laggards(10).expect("laggards");
     assert_eq!(laggards.first().map(|p| p.device.as_str()), Some("quiet"));
-    assert!(rt.refresh_retention(10).expect("refresh") >= 1);
+    assert!(rt.refresh_retention(10).await.expect("refresh") >= 1);
     // A new snapshot record (of the same seq: nothing happened since) past the old one.
     let start = std::time::Instant::now();
     while rt

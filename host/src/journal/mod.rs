@@ -1070,6 +1070,12 @@ impl Journal {
             .map_err(JournalError::Retention)
     }
 
+    /// Holds retention passes off until the guard drops (a pass under way finishes first):
+    /// for a reader that must see a device's kept history whole, such as an archive.
+    pub fn pause_retention(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.inner.shared.retention_state.running.lock()
+    }
+
     /// The retention policy, what it deleted since open and what holds it back.
     pub fn retention(&self) -> RetentionStatus {
         let shared = &self.inner.shared;

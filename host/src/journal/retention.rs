@@ -101,6 +101,8 @@ struct Bound {
     device: Arc<str>,
     snapshot: Option<u64>,
     lookup: Option<(Located, &'static str)>,
+    /// Whether a snapshot taken now would raise the bound (see [`laggards`]).
+    refreshable: bool,
 }
 
 /// Devices bounded per turn of the index's read lock: the writer waits for the lock to
@@ -113,7 +115,7 @@ const DEVICES_PER_TURN: usize = 4096;
 fn bounds(
     index: &RwLock<Index>,
     retention: &Retention,
-    mut visit: impl FnMut(Pin),
+    mut visit: impl FnMut(Pin, bool),
 ) -> Result<(), String> {
     let nums: Vec<u32> = index.read().devices.keys().copied().collect();
     let mut turn_bounds = Vec::new();
@@ -160,11 +162,20 @@ fn bounds(
                 .then(|| index.locate(d.num, needed, needed))
                 .flatten()
                 .map(|l| (l, why));
+            // A snapshot taken now is at the device's seq: it raises the bound if there are
+            // events after the last one, if there is none, or (keeping no events before it)
+            // by its own, newer position. Not if pending effects hold the bound.
+            let refreshable = why != "pending-effects"
+                && match snapshot {
+                    None => d.seq > 0,
+                    Some(s) => d.seq > s.seq || retention.keep_events == 0,
+                };
             if snapshot.is_some() || lookup.is_some() {
                 turn_bounds.push(Bound {
                     device: d.id.clone(),
                     snapshot: snapshot.map(|s| s.offset),
                     lookup,
+                    refreshable,
                 });
             }
         }
@@ -192,7 +203,7 @@ fn bounds(
                 }
             }
             if let Some(pin) = pin {
-                visit(pin);
+                visit(pin, b.refreshable);
             }
         }
     }
@@ -207,7 +218,7 @@ pub(super) fn low_water(
     retention: &Retention,
 ) -> Result<Option<Pin>, String> {
     let mut low: Option<Pin> = None;
-    bounds(index, retention, |pin| {
+    bounds(index, retention, |pin, _| {
         if low.as_ref().is_none_or(|l| pin.position < l.position) {
             low = Some(pin);
         }
@@ -227,8 +238,8 @@ pub(super) fn laggards(
     // The `max` lowest, kept in a max-heap by position.
     let mut heap: std::collections::BinaryHeap<(u64, Arc<str>, &'static str)> =
         std::collections::BinaryHeap::new();
-    bounds(index, retention, |pin| {
-        if pin.position >= below || pin.reason == "pending-effects" || max == 0 {
+    bounds(index, retention, |pin, refreshable| {
+        if pin.position >= below || !refreshable || max == 0 {
             return;
         }
         if heap.len() < max {
