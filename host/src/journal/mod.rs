@@ -441,6 +441,9 @@ fn retain(
     // the bytes just before its position.
     let limit = spill.checkpoints.identity_from();
     let pin = retention::low_water(&shared.index, retention)?;
+    // Again, right before deleting: a checkpoint discarded meanwhile (damage found while
+    // the journal was still whole) lets nothing go.
+    let limit = limit.min(spill.checkpoints.identity_from());
     let mark = pin.as_ref().map_or(limit, |p| p.position.min(limit));
     let (files, bytes) = storage
         .delete_before(mark, retention::written_before(retention))
@@ -913,6 +916,10 @@ impl Journal {
     /// Removes the index checkpoint and writes no other, so that the next start scans and
     /// checks the whole journal.
     fn discard_checkpoint(&self) {
+        // Not while a retention pass may delete the journal's start (`try_lock`: an archive
+        // that paused retention may be the reader that failed, on this very thread; the
+        // pass re-checks the checkpoint right before it deletes).
+        let _no_pass = self.inner.shared.retention_state.running.try_lock();
         if self.retained_from() > 0 {
             // Retention deleted the journal's start: it opens only from this checkpoint, so
             // it stays (the next start cannot check the whole journal anyway).
