@@ -94,15 +94,8 @@ fn reopen(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends `records` event records round-robin over `devices` fresh devices, 4,096 in
-/// flight, each device also writing a snapshot every `snapshot_every` of its events (0:
-/// none); returns the time until the last is durable.
-async fn fill(
-    journal: &Journal,
-    records: u64,
-    devices: u32,
-    snapshot_every: u64,
-) -> anyhow::Result<std::time::Duration> {
+/// Records plugin version 0, which every device of these benches runs.
+async fn record_plugin_version(journal: &Journal) -> anyhow::Result<()> {
     journal
         .record_version(&VersionInfo {
             id: 0,
@@ -112,6 +105,19 @@ async fn fill(
             at_ms: 0,
         })
         .await?;
+    Ok(())
+}
+
+/// Appends `records` event records round-robin over `devices` fresh devices, 4,096 in
+/// flight, each device also writing a snapshot every `snapshot_every` of its events (0:
+/// none); returns the time until the last is durable.
+async fn fill(
+    journal: &Journal,
+    records: u64,
+    devices: u32,
+    snapshot_every: u64,
+) -> anyhow::Result<std::time::Duration> {
+    record_plugin_version(journal).await?;
     // Provisioned 4,096 at a time, so they share commits.
     let mut nums = vec![0u32; devices as usize];
     for from in (0..devices).step_by(IN_FLIGHT) {
@@ -382,15 +388,7 @@ async fn main() -> anyhow::Result<()> {
             ..JournalOptions::default()
         },
     )?;
-    journal
-        .record_version(&VersionInfo {
-            id: 0,
-            plugin: "p".into(),
-            number: 1,
-            digest: [0; 32],
-            at_ms: 0,
-        })
-        .await?;
+    record_plugin_version(&journal).await?;
     let mut writers = Vec::new();
     for num in 0..DEVICES {
         let head = journal

@@ -1118,7 +1118,9 @@ impl Actor {
                 *n >= TIMEOUTS_BEFORE_CONSUMED
             }
             (_, Some(key)) => {
-                self.timeouts.remove(&key);
+                if !self.timeouts.is_empty() {
+                    self.timeouts.remove(&key);
+                }
                 false
             }
             (_, None) => false,

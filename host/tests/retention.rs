@@ -191,17 +191,14 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
     assert_eq!(records.len() as u64, 2000 - first + 1);
 }
 
-/// A deploy after retention: the history a replay into the new version needs is gone, so
-/// each device comes up from its old version's latest snapshot, which the new version
-/// restores; the new behavior is live and nothing is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snapshot() {
+/// A runtime of the `misbehave` test plugin whose journal retains: 4 KiB segments, an index
+/// checkpoint (and so a retention pass) every 16 KiB, a snapshot every 8 events.
+async fn retaining_runtime(dir: &std::path::Path, idle: Duration) -> drover::Runtime {
     use drover::journal::{Retention, RetentionPolicy};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = drover::Runtime::builder(dir.path())
+    drover::Runtime::builder(dir)
         .plugin_dir(support::PluginDir)
         .snapshot_every(8)
-        .idle_timeout(Duration::from_secs(2))
+        .idle_timeout(idle)
         .journal_segment_bytes(4096)
         .index_checkpoint_every(16384)
         .journal_retention(Retention {
@@ -210,7 +207,16 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
         })
         .open()
         .await
-        .expect("runtime opens");
+        .expect("runtime opens")
+}
+
+/// A deploy after retention: the history a replay into the new version needs is gone, so
+/// each device comes up from its old version's latest snapshot, which the new version
+/// restores; the new behavior is live and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = retaining_runtime(dir.path(), Duration::from_secs(2)).await;
     let devices = ["m-0", "m-1", "m-2", "m-3"];
     for id in devices {
         rt.provision(id, "misbehave", &json!({}))
@@ -388,21 +394,8 @@ fn backups_under_load_while_retention_deletes_all_succeed() {
 /// it for a fresh snapshot: then those segments go, and its state is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_device_holding_retention_back_is_asked_for_a_fresh_snapshot() {
-    use drover::journal::{Retention, RetentionPolicy};
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = drover::Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .snapshot_every(8)
-        .idle_timeout(Duration::from_millis(200))
-        .journal_segment_bytes(4096)
-        .index_checkpoint_every(16384)
-        .journal_retention(Retention {
-            policy: RetentionPolicy::AfterSnapshot,
-            ..Retention::default()
-        })
-        .open()
-        .await
-        .expect("runtime opens");
+    let rt = retaining_runtime(dir.path(), Duration::from_millis(200)).await;
     rt.provision("quiet", "misbehave", &json!({}))
         .await
         .expect("provision");

@@ -11,7 +11,7 @@
 //! * this file: the domain API ([`Journal`], [`DeviceWriter`]);
 //! * [`storage`]: the byte-level seam ([`StorageBackend`]) and its file and faulty backends;
 //! * [`segments`]: the production backend, the range kept as bounded segment files;
-//! * `retention.rs` (private): which segments a retention pass may delete;
+//! * `retention.rs` (private): retention passes: which segments may go, and deleting them;
 //! * `record.rs` (private): the record format and the file header;
 //! * `index.rs` (private): the in-memory index of durable records;
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
@@ -81,7 +81,7 @@ pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
 use recovery::MAX_TORN_BYTES;
 pub use recovery::{Affected, Damaged, Salvaged, salvage};
 use recovery::{Cut, recover};
-pub use retention::{Pin, Retention, RetentionPolicy};
+pub use retention::{Pin, Retention, RetentionPass, RetentionPolicy, RetentionStatus};
 pub use scrub::{SCRUB_RATE, ScrubState, ScrubStatus};
 pub use segments::{SEGMENT_BYTES, SegmentInfo, SegmentedBackend};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
@@ -370,100 +370,11 @@ fn spiller(
             false,
         );
         if written.is_some()
-            && let Err(e) = retain(shared, storage, spill)
+            && let Err(e) = retention::retain(shared, storage, spill)
         {
             tracing::warn!(error = %e, "journal retention: nothing deleted this time");
         }
     }
-}
-
-/// The journal's retention, as `GET /v1/journal` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RetentionStatus {
-    /// `keep-all` or `after-snapshot`.
-    pub policy: &'static str,
-    pub keep_events: u64,
-    pub keep_for_secs: u64,
-    /// The first position still stored.
-    pub retained_from: u64,
-    /// Segment files now.
-    pub segments: usize,
-    /// Since open.
-    pub passes: u64,
-    pub deleted_segments: u64,
-    pub deleted_bytes: u64,
-    /// What held the last pass back.
-    pub pinned_by: Option<Pin>,
-}
-
-/// What a retention pass did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RetentionPass {
-    /// Segment files deleted, and the bytes they held.
-    pub deleted_segments: usize,
-    pub deleted_bytes: u64,
-    /// The first position still stored after it.
-    pub retained_from: u64,
-    /// What holds the rest back.
-    pub pinned_by: Option<Pin>,
-}
-
-/// One retention pass (see `journal/retention.rs`): deletes the segments that end before
-/// both the lowest position a device still needs and the index checkpoint on disk.
-fn retain(
-    shared: &writer::Shared,
-    storage: &dyn StorageBackend,
-    spill: &runs::Spill,
-) -> Result<RetentionPass, String> {
-    let retention = &shared.retention;
-    if retention.policy == RetentionPolicy::KeepAll {
-        return Ok(RetentionPass {
-            retained_from: storage.retained_from(),
-            ..RetentionPass::default()
-        });
-    }
-    let _turn = shared.retention_state.running.lock();
-    // The first segment holds the header that names the journal's format: before it can go,
-    // the format is raised to the current one, and the deletion waits for an index
-    // checkpoint taken at it (see `Checkpoints::identity_from`).
-    match shared.raise_format(storage, FORMAT_VERSION) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(
-                "a format-1 journal (no header) cannot be raised to the current format: \
-                 export its devices and import them into a new data directory to use retention"
-                    .into(),
-            );
-        }
-        Err(e) => return Err(format!("raising the journal's format: {e}")),
-    }
-    // The checkpoint a restart opens from must stay usable: its identity check reads back
-    // the bytes just before its position.
-    let limit = spill.checkpoints.identity_from();
-    let pin = retention::low_water(&shared.index, retention)?;
-    // Again, right before deleting: a checkpoint discarded meanwhile (damage found while
-    // the journal was still whole) lets nothing go.
-    let limit = limit.min(spill.checkpoints.identity_from());
-    let mark = pin.as_ref().map_or(limit, |p| p.position.min(limit));
-    let (files, bytes) = storage
-        .delete_before(mark, retention::written_before(retention))
-        .map_err(|e| format!("deleting segments: {e}"))?;
-    if files > 0 {
-        tracing::info!(
-            files,
-            bytes,
-            retained_from = storage.retained_from(),
-            pinned_by = ?pin,
-            "journal retention: segments deleted"
-        );
-    }
-    retention::record(&shared.retention_state, files, bytes, pin.clone());
-    Ok(RetentionPass {
-        deleted_segments: files,
-        deleted_bytes: bytes,
-        retained_from: storage.retained_from(),
-        pinned_by: pin,
-    })
 }
 
 /// One spill and the merge it calls for, if the index wants one (or has any tails, if
@@ -1046,7 +957,7 @@ impl Journal {
         let spill = self.index().spill.clone();
         match spill {
             Some(spill) if !self.inner.shared.broken.load(Ordering::Acquire) => {
-                retain(&self.inner.shared, &*self.inner.storage, &spill)
+                retention::retain(&self.inner.shared, &*self.inner.storage, &spill)
                     .map_err(JournalError::Retention)
             }
             _ => Ok(RetentionPass {

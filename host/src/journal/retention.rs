@@ -40,6 +40,8 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Mutex, RwLock};
 
 use super::index::{Index, Located};
+use super::record::FORMAT_VERSION;
+use super::storage::StorageBackend;
 
 /// Which history a journal deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -280,4 +282,93 @@ pub(super) fn record(state: &RetentionState, files: usize, bytes: u64, pin: Opti
         .fetch_add(files as u64, Ordering::Relaxed);
     state.deleted_bytes.fetch_add(bytes, Ordering::Relaxed);
     *state.pinned_by.lock() = pin;
+}
+
+/// The journal's retention, as `GET /v1/journal` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionStatus {
+    /// `keep-all` or `after-snapshot`.
+    pub policy: &'static str,
+    pub keep_events: u64,
+    pub keep_for_secs: u64,
+    /// The first position still stored.
+    pub retained_from: u64,
+    /// Segment files now.
+    pub segments: usize,
+    /// Since open.
+    pub passes: u64,
+    pub deleted_segments: u64,
+    pub deleted_bytes: u64,
+    /// What held the last pass back.
+    pub pinned_by: Option<Pin>,
+}
+
+/// What a retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionPass {
+    /// Segment files deleted, and the bytes they held.
+    pub deleted_segments: usize,
+    pub deleted_bytes: u64,
+    /// The first position still stored after it.
+    pub retained_from: u64,
+    /// What holds the rest back.
+    pub pinned_by: Option<Pin>,
+}
+
+/// One retention pass (see `journal/retention.rs`): deletes the segments that end before
+/// both the lowest position a device still needs and the index checkpoint on disk.
+pub(super) fn retain(
+    shared: &super::writer::Shared,
+    storage: &dyn StorageBackend,
+    spill: &super::runs::Spill,
+) -> Result<RetentionPass, String> {
+    let retention = &shared.retention;
+    if retention.policy == RetentionPolicy::KeepAll {
+        return Ok(RetentionPass {
+            retained_from: storage.retained_from(),
+            ..RetentionPass::default()
+        });
+    }
+    let _turn = shared.retention_state.running.lock();
+    // The first segment holds the header that names the journal's format: before it can go,
+    // the format is raised to the current one, and the deletion waits for an index
+    // checkpoint taken at it (see `Checkpoints::identity_from`).
+    match shared.raise_format(storage, FORMAT_VERSION) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(
+                "a format-1 journal (no header) cannot be raised to the current format: \
+                 export its devices and import them into a new data directory to use retention"
+                    .into(),
+            );
+        }
+        Err(e) => return Err(format!("raising the journal's format: {e}")),
+    }
+    // The checkpoint a restart opens from must stay usable: its identity check reads back
+    // the bytes just before its position.
+    let limit = spill.checkpoints.identity_from();
+    let pin = low_water(&shared.index, retention)?;
+    // Again, right before deleting: a checkpoint discarded meanwhile (damage found while
+    // the journal was still whole) lets nothing go.
+    let limit = limit.min(spill.checkpoints.identity_from());
+    let mark = pin.as_ref().map_or(limit, |p| p.position.min(limit));
+    let (files, bytes) = storage
+        .delete_before(mark, written_before(retention))
+        .map_err(|e| format!("deleting segments: {e}"))?;
+    if files > 0 {
+        tracing::info!(
+            files,
+            bytes,
+            retained_from = storage.retained_from(),
+            pinned_by = ?pin,
+            "journal retention: segments deleted"
+        );
+    }
+    record(&shared.retention_state, files, bytes, pin.clone());
+    Ok(RetentionPass {
+        deleted_segments: files,
+        deleted_bytes: bytes,
+        retained_from: storage.retained_from(),
+        pinned_by: pin,
+    })
 }
