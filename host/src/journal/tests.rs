@@ -2884,6 +2884,15 @@ async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_
     std::fs::rename(dir.path().join("kept"), index.join("checkpoint")).expect("back");
     let journal = retaining(dir.path(), 10).expect("opens again");
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3001));
+    journal.close();
+    drop(journal);
+
+    // Salvage reads from position 0, which is gone: refused, nothing touched.
+    let before = SegmentedBackend::list(dir.path()).expect("list");
+    let err = open_with(dir.path(), true).err().expect("salvage refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("retention"), "{err}");
+    assert_eq!(SegmentedBackend::list(dir.path()).expect("list"), before);
 }
 
 #[tokio::test]
