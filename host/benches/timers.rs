@@ -26,7 +26,8 @@
 //!    the last.
 //!
 //! Options (environment): `DROVER_BENCH_TIMERS` (N, default 100,000),
-//! `DROVER_BENCH_TIMER_INDEX` (M, default 1,000,000; 0 skips that part).
+//! `DROVER_BENCH_TIMER_INDEX` (M, default 1,000,000; 0 skips that part),
+//! `DROVER_BENCH_TIMER_PARTS` (which parts run, default `index,burst,devices`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -380,14 +381,22 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if m > 0 {
+    let parts =
+        std::env::var("DROVER_BENCH_TIMER_PARTS").unwrap_or_else(|_| "index,burst,devices".into());
+    let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
+    if m > 0 && part("index") {
         rt.block_on(index_memory(m))?;
     }
     if n == 0 {
         return Ok(());
     }
-    rt.block_on(burst(n))?;
-    rt.block_on(run(n))
+    if part("burst") {
+        rt.block_on(burst(n))?;
+    }
+    if part("devices") {
+        rt.block_on(run(n))?;
+    }
+    Ok(())
 }
 
 async fn run(n: usize) -> anyhow::Result<()> {

@@ -44,7 +44,7 @@ use crate::engine::Instance;
 use crate::error::Error;
 use crate::journal::{
     DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, MessageTurn,
-    Origin,
+    Origin, TimerEntry,
 };
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -62,6 +62,10 @@ pub struct ActorEnv {
     pub call_timeout: Duration,
     /// The router, seen through what actors may ask of it. Weak: the router owns the actors.
     pub directory: Weak<dyn Directory>,
+    /// Set when the router stops taking messages. A flag of its own rather than a question
+    /// to the router: upgrading the `Weak` above is an atomic read-modify-write of one cache
+    /// line every actor thread shares, and internal events ask it once each.
+    pub closing: Arc<AtomicBool>,
     /// Where actors run: a runtime of their own, so guest code never holds the threads that
     /// accept connections and answer `/healthz` (see [`ActorPool`]).
     pub pool: tokio::runtime::Handle,
@@ -179,8 +183,6 @@ pub trait Directory: Send + Sync {
     fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
     /// The count of live instances went over the cap: passivate the least recently used.
     fn over_capacity(&self);
-    /// The runtime is shutting down: mailboxes are being drained.
-    fn is_closing(&self) -> bool;
 }
 
 /// A message in an actor's mailbox.
@@ -478,7 +480,8 @@ impl Actor {
                             accepted,
                             reply,
                         } => {
-                            self.on_event(event, Origin::External, accepted, Some(reply)).await;
+                            self.on_event(event, Origin::External, None, accepted, Some(reply))
+                                .await;
                         }
                         Message::Internal { .. } if self.stopping() => {
                             // Still owed in the journal: the next start sends it again. A
@@ -842,6 +845,8 @@ impl Actor {
             }
             self.must_sync = false;
         }
+        // A periodic timer's period, read with the check that it is still owed.
+        let mut every_ms = None;
         let owed = match &origin {
             Origin::External => true,
             Origin::Message { num, id, .. } => match self.message_turn(*num, *id) {
@@ -857,7 +862,13 @@ impl Actor {
             },
             Origin::Timer {
                 key, set, due_ms, ..
-            } => self.timer_owed(key, *set, *due_ms).await,
+            } => match self.timer_owed(key, *set, *due_ms).await {
+                Some(t) => {
+                    every_ms = t.every_ms;
+                    true
+                }
+                None => false,
+            },
         };
         if !owed {
             self.env
@@ -894,7 +905,7 @@ impl Actor {
             }
         };
         let submitted = self
-            .on_event(event, origin.clone(), Instant::now(), None)
+            .on_event(event, origin.clone(), every_ms, Instant::now(), None)
             .await;
         match origin {
             // Handled (its record is on its way): a second copy in the mailbox is dropped.
@@ -934,7 +945,7 @@ impl Actor {
 
     /// Whether the runtime is shutting down.
     fn stopping(&self) -> bool {
-        self.env.directory.upgrade().is_none_or(|d| d.is_closing())
+        self.env.closing.load(Ordering::Acquire) || self.env.directory.strong_count() == 0
     }
 
     /// Refuses an event from outside while the device's outbox is at its cap (commands in
@@ -1015,10 +1026,10 @@ impl Actor {
             })
     }
 
-    /// Whether timer `key` is still set by effect `set` and due at `due_ms`: not cancelled,
+    /// Timer `key` if it is still set by effect `set` and due at `due_ms`: not cancelled,
     /// replaced or fired since. Waits for this device's records in flight first, since one of
     /// them may have changed it.
-    async fn timer_owed(&mut self, key: &str, set: EffectId, due_ms: u64) -> bool {
+    async fn timer_owed(&mut self, key: &str, set: EffectId, due_ms: u64) -> Option<TimerEntry> {
         if !self.writer.is_idle() {
             let (tx, rx) = oneshot::channel();
             self.writer.when_durable(Box::new(move |r| {
@@ -1028,20 +1039,23 @@ impl Actor {
                 // A record of this device failed: the timer is still pending, but out of the
                 // wheel. Back in later (the actor rebuilds from the journal meanwhile).
                 let _ = self.env.dispatch.send(Durable::timer_retry(&self.head));
-                return false;
+                return None;
             }
         }
         self.env
             .journal
             .timer(self.head.num, key)
-            .is_some_and(|t| t.set == set && t.due_ms == due_ms)
+            .filter(|t| t.set == set && t.due_ms == due_ms)
     }
 
     /// Handles one event; returns whether its record was submitted to the journal.
+    /// `every_ms` is the period of the timer an `Origin::Timer` event fires (looked up with
+    /// the check that it is owed, so not a second time here).
     async fn on_event(
         &mut self,
         event: String,
         origin: Origin,
+        every_ms: Option<u64>,
         accepted: Instant,
         reply: Option<oneshot::Sender<Result<Committed, Error>>>,
     ) -> bool {
@@ -1077,19 +1091,12 @@ impl Actor {
                 set,
                 due_ms,
                 missed: _,
-            } => {
-                let every = self
-                    .env
-                    .journal
-                    .timer(self.head.num, &key)
-                    .and_then(|t| t.every_ms);
-                Origin::Timer {
-                    missed: every.map_or(0, |p| at_ms.saturating_sub(due_ms) / p.max(1)),
-                    key,
-                    set,
-                    due_ms,
-                }
-            }
+            } => Origin::Timer {
+                missed: every_ms.map_or(0, |p| at_ms.saturating_sub(due_ms) / p.max(1)),
+                key,
+                set,
+                due_ms,
+            },
             other => other,
         };
         let ctx = decide::context(&self.head.id, seq, at_ms, &origin);

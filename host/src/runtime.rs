@@ -130,6 +130,7 @@ impl Runtime {
             config: config.actor.clone(),
             call_timeout: config.engine.call_timeout,
             directory,
+            closing: Default::default(),
             pool: handle.clone(),
             upgrade_failures: Default::default(),
             dispatch,

@@ -122,10 +122,9 @@ impl TimerWheel {
             let now = clock::now_ms();
             let (devices, next) = self.take_due(now);
             let mut fired = 0u64;
-            for num in &devices {
-                let Some(timers) = journal.due_timers(*num, now) else {
-                    continue;
-                };
+            let due = journal.due_timers(&devices, now);
+            let mut next_of = Vec::with_capacity(due.len());
+            for (num, timers) in due {
                 for (key, t) in timers.due {
                     fired += 1;
                     postman.post(
@@ -142,11 +141,16 @@ impl TimerWheel {
                         },
                     );
                 }
-                // The due ones are back at their next due time (or gone) once their firing
-                // records are durable (a sync); until then the device waits for its others.
+                next_of.push((num, timers.next_ms));
+            }
+            // The due ones are back at their next due time (or gone) once their firing
+            // records are durable (a sync); until then each device waits for its others.
+            {
                 let mut wheel = self.state.lock();
-                if !wheel.at.contains_key(num) {
-                    wheel.place(*num, timers.next_ms);
+                for (num, next_ms) in next_of {
+                    if !wheel.at.contains_key(&num) {
+                        wheel.place(num, next_ms);
+                    }
                 }
             }
             if fired > 0 {

@@ -1247,12 +1247,22 @@ impl Journal {
             .and_then(|fx| fx.timers.get(key).copied())
     }
 
-    /// Device `num`'s pending timers due by `now_ms`, with the device's id and when the
-    /// earliest of its other timers is due: what the timer wheel needs when the device's
-    /// entry falls due. `None` for a device that does not exist.
-    pub fn due_timers(&self, num: u32, now_ms: u64) -> Option<DueTimers> {
+    /// For each device of `nums`, its pending timers due by `now_ms`, with the device's id
+    /// and when the earliest of its other timers is due: what the timer wheel needs when the
+    /// devices' entries fall due. Devices that no longer exist are left out. One turn of the
+    /// index lock for the whole batch: the wheel hands out a burst of thousands of devices,
+    /// and a turn each would contend with the writer thread's updates thousands of times.
+    pub fn due_timers(&self, nums: &[u32], now_ms: u64) -> Vec<(u32, DueTimers)> {
         let index = self.index();
-        let d = index.devices.get(&num)?;
+        nums.iter()
+            .filter_map(|&num| {
+                let d = index.devices.get(&num)?;
+                Some((num, Self::due_of(d, now_ms)))
+            })
+            .collect()
+    }
+
+    fn due_of(d: &index::DeviceInfo, now_ms: u64) -> DueTimers {
         let mut due = Vec::new();
         let mut next_ms: Option<u64> = None;
         for (key, t) in
@@ -1267,11 +1277,11 @@ impl Journal {
                 next_ms = Some(next_ms.map_or(t.due_ms, |n| n.min(t.due_ms)));
             }
         }
-        Some(DueTimers {
+        DueTimers {
             device: d.id.clone(),
             due,
             next_ms,
-        })
+        }
     }
 
     /// The origin and effects of device `num`'s record `seq` (`None`: an external event
