@@ -224,9 +224,13 @@ fn deploy_and_print(
     Ok(outcome(&report))
 }
 
-/// A deploy that left devices behind exits with 1, so scripts notice.
+/// A deploy that left devices behind (failed, or a forced deploy whose devices cannot fold
+/// the new version) exits with 1, so scripts notice.
 fn outcome(report: &Value) -> ExitCode {
-    if report["totals"]["failed"].as_u64().unwrap_or(0) > 0 {
+    let totals = &report["totals"];
+    let left_behind =
+        totals["failed"].as_u64().unwrap_or(0) + totals["cannot_fold"].as_u64().unwrap_or(0);
+    if left_behind > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -383,5 +387,18 @@ pub fn print_dry_run(r: &Value) {
                 _ => println!("{}", pretty(change, "  ")),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deploy_that_left_devices_behind_exits_1_whether_they_failed_or_cannot_fold() {
+        let report = |failed: u64, cannot_fold: u64| serde_json::json!({"totals": {"failed": failed, "cannot_fold": cannot_fold, "upgraded": 3}});
+        assert_eq!(outcome(&report(0, 0)), ExitCode::SUCCESS);
+        assert_eq!(outcome(&report(1, 0)), ExitCode::from(1));
+        assert_eq!(outcome(&report(0, 1)), ExitCode::from(1));
     }
 }
