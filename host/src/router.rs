@@ -34,14 +34,16 @@ pub enum Refused {
 /// outside client chose freely (an unknown id is refused before it is ever inserted).
 type ActorTable = HashMap<Arc<str>, ActorHandle, foldhash::quality::RandomState>;
 
-/// What the fast path of a send found: the message was taken, or not (and why), or the
-/// device has no actor yet (the message comes back).
-enum Fast {
-    Sent(
-        Result<(), mpsc::error::TrySendError<Message>>,
-        Option<mpsc::Sender<Message>>,
-    ),
-    NoActor(Message),
+/// What offering a message to a device's mailbox came to.
+enum Offered {
+    Sent,
+    /// The mailbox is full: the message back.
+    Full(Message),
+    /// The actor is dead (its mailbox closed): its sender, for [`Router::restart`] to
+    /// recognise, and the message back.
+    Dead(mpsc::Sender<Message>, Message),
+    /// Refused as [`Router::mailbox`] refuses: the error and the message back.
+    Refused(Error, Message),
 }
 
 /// See the module docs.
@@ -80,20 +82,11 @@ impl Router {
         if self.env.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let (tx, msg) = match self.send_live(id, msg) {
-            Fast::Sent(Ok(()), _) => return Ok(()),
-            Fast::Sent(Err(mpsc::error::TrySendError::Full(_)), _) => {
-                return Err(Error::MailboxFull);
-            }
-            Fast::Sent(Err(mpsc::error::TrySendError::Closed(msg)), Some(tx)) => (tx, msg),
-            Fast::Sent(Err(mpsc::error::TrySendError::Closed(msg)), None) | Fast::NoActor(msg) => {
-                let tx = self.mailbox(id)?;
-                match tx.try_send(msg) {
-                    Ok(()) => return Ok(()),
-                    Err(mpsc::error::TrySendError::Full(_)) => return Err(Error::MailboxFull),
-                    Err(mpsc::error::TrySendError::Closed(msg)) => (tx, msg),
-                }
-            }
+        let (tx, msg) = match self.try_offer(id, msg) {
+            Offered::Sent => return Ok(()),
+            Offered::Full(_) => return Err(Error::MailboxFull),
+            Offered::Dead(tx, msg) => (tx, msg),
+            Offered::Refused(e, _) => return Err(e),
         };
         if self.env.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -112,25 +105,11 @@ impl Router {
         if self.env.closing.load(Ordering::Acquire) {
             return Err(Box::new(Refused::Error(Error::ShuttingDown, msg)));
         }
-        let (tx, msg) = match self.send_live(id, msg) {
-            Fast::Sent(Ok(()), _) => return Ok(()),
-            Fast::Sent(Err(mpsc::error::TrySendError::Full(msg)), _) => {
-                return Err(Box::new(Refused::Full(msg)));
-            }
-            Fast::Sent(Err(mpsc::error::TrySendError::Closed(msg)), Some(tx)) => (tx, msg),
-            Fast::Sent(Err(mpsc::error::TrySendError::Closed(msg)), None) | Fast::NoActor(msg) => {
-                let tx = match self.mailbox(id) {
-                    Ok(tx) => tx,
-                    Err(e) => return Err(Box::new(Refused::Error(e, msg))),
-                };
-                match tx.try_send(msg) {
-                    Ok(()) => return Ok(()),
-                    Err(mpsc::error::TrySendError::Full(msg)) => {
-                        return Err(Box::new(Refused::Full(msg)));
-                    }
-                    Err(mpsc::error::TrySendError::Closed(msg)) => (tx, msg),
-                }
-            }
+        let (tx, msg) = match self.try_offer(id, msg) {
+            Offered::Sent => return Ok(()),
+            Offered::Full(msg) => return Err(Box::new(Refused::Full(msg))),
+            Offered::Dead(tx, msg) => (tx, msg),
+            Offered::Refused(e, msg) => return Err(Box::new(Refused::Error(e, msg))),
         };
         let tx = match self.restart(id, &tx) {
             Ok(tx) => tx,
@@ -197,18 +176,23 @@ impl Router {
         Ok(tx)
     }
 
-    /// The hot path: the device's actor is in the table, and the message is offered to its
-    /// mailbox under the read lock, without cloning the sender (two atomic operations on a
-    /// cache line the actor's thread also writes). Only a closed mailbox (a dead actor) hands
-    /// its sender out, for [`Router::restart`] to recognise.
-    fn send_live(&self, id: &str, msg: Message) -> Fast {
-        let actors = self.actors.read();
-        let Some(a) = actors.get(id) else {
-            return Fast::NoActor(msg);
+    /// Offers `msg` to device `id`'s mailbox without waiting, starting its actor if it has
+    /// none. The hot path (the actor is in the table) offers it under the read lock, without
+    /// cloning the sender: two atomic operations on a cache line the actor's thread also
+    /// writes.
+    fn try_offer(&self, id: &str, msg: Message) -> Offered {
+        let offered = |tx: &mpsc::Sender<Message>, msg| match tx.try_send(msg) {
+            Ok(()) => Offered::Sent,
+            Err(mpsc::error::TrySendError::Full(msg)) => Offered::Full(msg),
+            Err(mpsc::error::TrySendError::Closed(msg)) => Offered::Dead(tx.clone(), msg),
         };
-        let sent = a.tx.try_send(msg);
-        let dead = matches!(sent, Err(mpsc::error::TrySendError::Closed(_))).then(|| a.tx.clone());
-        Fast::Sent(sent, dead)
+        if let Some(a) = self.actors.read().get(id) {
+            return offered(&a.tx, msg);
+        }
+        match self.mailbox(id) {
+            Ok(tx) => offered(&tx, msg),
+            Err(e) => Offered::Refused(e, msg),
+        }
     }
 
     fn mailbox(&self, id: &str) -> Result<mpsc::Sender<Message>, Error> {
