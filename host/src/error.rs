@@ -90,8 +90,10 @@ pub enum Error {
     },
     #[error("seq {requested} is past the device's latest seq {latest}")]
     SeqOutOfRange { requested: u64, latest: u64 },
+    // Not `#[from]`: that would also make it the `source`, and error chains (`{:#}` in the
+    // CLI) would print its sentence twice.
     #[error("journal: {0}")]
-    Journal(#[from] JournalError),
+    Journal(JournalError),
     #[error("the device failed to activate: {0}")]
     Activation(String),
     /// The component of the plugin version a device runs is not in the data directory (a
@@ -219,6 +221,12 @@ impl From<CallError> for Error {
             CallError::Trap(m) => Error::Trap(m),
             CallError::Timeout(d) => Error::Timeout(d),
         }
+    }
+}
+
+impl From<JournalError> for Error {
+    fn from(e: JournalError) -> Self {
+        Error::Journal(e)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::config::EngineConfig;
 use crate::decide;
 use crate::engine::{Engine, Instance};
 use crate::error::Error;
-use crate::journal::{DeviceHead, Journal, SnapshotRef};
+use crate::journal::{DeviceHead, Journal, JournalError, SnapshotRef};
 use crate::registry::Registry;
 use crate::view::DeviceState;
 
@@ -77,14 +77,50 @@ impl From<Error> for RebuildFailure {
     }
 }
 
-impl From<crate::journal::JournalError> for RebuildFailure {
-    fn from(e: crate::journal::JournalError) -> Self {
+impl From<JournalError> for RebuildFailure {
+    fn from(e: JournalError) -> Self {
         Error::from(e).into()
     }
 }
 
 /// [`rebuild`], saying at which seq it failed: what a deploy reports per device.
 pub fn rebuild_reporting(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+) -> Result<Rebuilt, RebuildFailure> {
+    rebuild_from(journal, registry, device, upto, start).map_err(|mut f| {
+        // What retention deleted is answered with the oldest seq a rebuild can still reach,
+        // not the oldest event kept: events are of no use without a snapshot before them.
+        if let Error::Journal(JournalError::RetainedAway { .. }) = f.error {
+            f.error = Error::Journal(JournalError::RetainedAway {
+                oldest: oldest_rebuildable(journal, device),
+            });
+        }
+        f
+    })
+}
+
+/// The oldest seq whose state [`rebuild`] can produce for `device` (`0`, right after
+/// provisioning, while the journal holds its whole history). Once retention deleted the
+/// start of its history, that of the oldest snapshot kept, of any plugin version: a device
+/// upgraded after retention comes up from its old version's snapshot (`Start::Snapshot`
+/// tries those when its history is gone).
+pub fn oldest_rebuildable(journal: &Journal, device: &DeviceHead) -> u64 {
+    if journal.oldest_retained_seq(device.num) <= 1 {
+        return 0;
+    }
+    journal
+        .snapshots(device.num)
+        .iter()
+        .map(|s| s.seq)
+        .min()
+        .unwrap_or(device.seq)
+}
+
+fn rebuild_from(
     journal: &Journal,
     registry: &Registry,
     device: &DeviceHead,
@@ -231,7 +267,7 @@ pub fn rebuild_reporting(
                     last_at_ms = e.at_ms;
                 }
             }
-            Err(crate::journal::JournalError::RetainedAway { .. }) => {}
+            Err(JournalError::RetainedAway { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }

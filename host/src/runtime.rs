@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::dispatch::{Dispatcher, Postman};
 use crate::engine::Engine;
 use crate::error::{Error, validate_id};
-use crate::journal::{DeviceHead, Journal, JournalError, Recovery, ScrubState};
+use crate::journal::{DeviceHead, Journal, Recovery, ScrubState};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::registry::{Origin, PluginVersion, Registry};
@@ -677,28 +677,14 @@ impl Runtime {
         }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
+            // What retention deleted answers with `replay::oldest_rebuildable`.
             let mut rebuilt = replay::rebuild(
                 &shared.journal,
                 &shared.registry,
                 &head,
                 seq,
                 Start::Snapshot,
-            )
-            .map_err(|e| match e {
-                // Events kept are of no use without a snapshot before them: the oldest seq
-                // whose state can be rebuilt is that of the oldest snapshot kept.
-                Error::Journal(JournalError::RetainedAway { .. }) => {
-                    Error::Journal(JournalError::RetainedAway {
-                        oldest: shared
-                            .journal
-                            .snapshots(head.num)
-                            .iter()
-                            .find(|s| s.version == head.version)
-                            .map_or(head.seq, |s| s.seq),
-                    })
-                }
-                other => other,
-            })?;
+            )?;
             let state = rebuilt.instance.query()?;
             Ok(DeviceState {
                 seq: rebuilt.seq,

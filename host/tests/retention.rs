@@ -293,6 +293,48 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
             serde_json::from_str(&rt.device(id).await.expect("device").state).expect("JSON");
         assert_eq!(state["count"], 607, "{id}");
     }
+    // The past, after the deploy: a rebuild into v2 reaches back to the oldest snapshot kept
+    // of either version (v2 restores v1's), which is what the 410 names; the CLI's offline
+    // replay, on the same data directory, rebuilds the same state there.
+    let gone = rt.state_at("m-0", 1).await.expect_err("retained away");
+    let drover::Error::Journal(drover::journal::JournalError::RetainedAway { oldest }) = gone
+    else {
+        panic!("{gone:?}")
+    };
+    let v1_snapshots: Vec<u64> = {
+        let num = rt.journal().device("m-0").expect("m-0").num;
+        rt.journal()
+            .snapshots(num)
+            .iter()
+            .filter(|s| s.version != v2.version)
+            .map(|s| s.seq)
+            .collect()
+    };
+    assert_eq!(v1_snapshots.first(), Some(&oldest), "{v1_snapshots:?}");
+    let at = rt
+        .state_at("m-0", oldest)
+        .await
+        .expect("oldest rebuildable");
+    assert_eq!(at.seq, oldest);
+    let offline = drover::replay::offline(
+        dir.path(),
+        "m-0",
+        Some(oldest),
+        drover::replay::Start::Snapshot,
+    )
+    .expect("offline replay");
+    assert_eq!((offline.seq, &offline.state), (oldest, &at.state));
+    let offline_gone = drover::replay::offline(
+        dir.path(),
+        "m-0",
+        Some(oldest - 1),
+        drover::replay::Start::Snapshot,
+    )
+    .expect_err("before the oldest snapshot");
+    // One sentence, not the journal's repeated by the error chain.
+    let text = format!("{offline_gone:#}");
+    assert_eq!(text.matches("retention").count(), 1, "{text}");
+    assert!(text.contains(&format!("before seq {oldest}")), "{text}");
     // Passivated before v2 took a snapshot of its own: the next activation comes up from
     // the same old snapshot (a replay from `init` would need the history that went).
     let live = |rt: &drover::Runtime| {
