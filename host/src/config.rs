@@ -289,12 +289,19 @@ impl Config {
             ("max event bytes", self.max_event_bytes),
             ("max output bytes", self.actor.max_output_bytes),
             ("max guest memory", self.engine.max_memory),
-            ("journal segment bytes", self.segment_bytes as usize),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if self.segment_bytes < crate::journal::MIN_SEGMENT_BYTES {
+            return Err(format!(
+                "journal segment bytes is {}, under the minimum of {}: each segment is a file \
+                 the server keeps open, and smaller ones make a file per commit",
+                self.segment_bytes,
+                crate::journal::MIN_SEGMENT_BYTES
+            ));
         }
         let retaining = self.retention.policy != crate::journal::RetentionPolicy::KeepAll;
         if retaining && (self.index_spill_at == 0 || self.index_checkpoint_every == 0) {

@@ -508,3 +508,74 @@ async fn an_idle_device_holding_retention_back_is_asked_for_a_fresh_snapshot() {
     );
     rt.shutdown().await;
 }
+
+/// Every segment is a file the server keeps open: under a shell's low soft limit on open
+/// files (`ulimit -Sn 64`), small segments used to run it out of descriptors ("Too many open
+/// files" on commit). The server raises its soft limit to the hard one at start, and a
+/// segment size under the minimum is refused.
+#[test]
+fn small_segments_under_a_low_open_files_limit_keep_committing() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `hard` is a valid, writable `rlimit`.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    let low = 64.min(hard.rlim_max);
+    let server = Server::start_with(&data, &["--journal-segment-bytes", "4096"], |cmd| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: low,
+                    rlim_max: hard.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(
+        open_files[0], open_files[1],
+        "soft raised to hard: {limits}"
+    );
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({"setpoint": 20.0}));
+    api.provision("t2", "thermostat", json!({"setpoint": 18.0}));
+    // 80 batches: a commit never spans two segments, so each batch's commit (~20 KiB) starts
+    // a segment of its own; more segments than the soft limit the server was given.
+    readings(&server, &["t1", "t2"], 8000);
+    let segments = api.get("/v1/journal").body["retention"]["segments"]
+        .as_u64()
+        .expect("segments");
+    assert!(segments > low, "{segments} segments");
+    assert_eq!(api.get("/v1/devices/t1").body["seq"], 8000);
+    drop(server);
+
+    let (ok, _, err) = support::cli(&[
+        "serve",
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--journal-segment-bytes",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("under the minimum of 4096"), "{err}");
+}

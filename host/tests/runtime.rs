@@ -1118,6 +1118,10 @@ async fn settings_out_of_range_are_refused_naming_the_setting() {
             Runtime::builder(dir.path()).journal_retention(retention(RetentionPolicy::KeepAll, 5)),
             "apply to --retention after-snapshot",
         ),
+        (
+            Runtime::builder(dir.path()).journal_segment_bytes(1),
+            "journal segment bytes is 1, under the minimum of 4096",
+        ),
     ];
     for (builder, expected) in cases {
         let err = builder.open().await.err().expect("refused");

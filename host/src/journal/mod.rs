@@ -83,7 +83,7 @@ pub use recovery::{Affected, Damaged, Salvaged, salvage};
 use recovery::{Cut, recover};
 pub use retention::{Pin, Retention, RetentionPass, RetentionPolicy, RetentionStatus};
 pub use scrub::{SCRUB_RATE, ScrubState, ScrubStatus};
-pub use segments::{SEGMENT_BYTES, SegmentInfo, SegmentedBackend};
+pub use segments::{MIN_SEGMENT_BYTES, SEGMENT_BYTES, SegmentInfo, SegmentedBackend};
 pub use storage::{Faults, FaultyBackend, FileBackend, StorageBackend};
 use writer::Entry;
 pub use writer::OnDurable;

@@ -57,6 +57,11 @@ const SEGMENT_MAGIC: [u8; 8] = *b"DRVSEG\0\x01";
 /// second, and a year of history is thousands of files, not millions.
 pub const SEGMENT_BYTES: u64 = 256 << 20;
 
+/// The smallest segment size a runtime accepts (`Config::validate`): 4 KiB. Every segment is
+/// a file kept open, and a commit never spans two segments, so a smaller size would make a
+/// file of nearly every commit and run a process out of file descriptors.
+pub const MIN_SEGMENT_BYTES: u64 = 4096;
+
 /// The name of the segment that starts at `first` (`journal.log` for 0).
 pub fn segment_name(first: u64) -> String {
     if first == 0 {

@@ -64,13 +64,19 @@ impl Server {
     /// Starts `drover serve` on `data` with every test plugin (thermostat, door-lock,
     /// misbehave) and `extra` flags, and waits for its listening line.
     pub fn start(data: &Path, extra: &[&str]) -> Server {
+        Server::start_with(data, extra, |_| {})
+    }
+
+    /// [`Server::start`], with `configure` applied to the command before it is spawned.
+    pub fn start_with(data: &Path, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let log = data.with_extension("log");
         let log_file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("opening the server log");
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("serve")
             .arg("--data")
             .arg(data)
@@ -79,9 +85,9 @@ impl Server {
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .expect("spawning drover serve");
+            .stderr(Stdio::from(log_file));
+        configure(&mut command);
+        let mut child = command.spawn().expect("spawning drover serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         // the subscriber reports it with `eprintln!`, which panics when stderr fails.
         .log_internal_errors(false)
         .init();
+    raise_open_files_limit();
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -64,5 +65,33 @@ fn restore_sigpipe() {
     // valid disposition for SIGPIPE.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as the Go runtime does for every
+/// program: the journal keeps each segment file open and each connection is a descriptor,
+/// and a soft limit of 1,024 (a common default) is a per-session convention, not a budget
+/// this process was given. A failure keeps the limit as it was (logged at debug).
+fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid, writable `rlimit` for the duration of the call.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return;
+        }
+        if limit.rlim_cur >= limit.rlim_max {
+            return;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: `limit` is a valid `rlimit`; raising the soft limit up to the hard one
+        // needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            tracing::debug!(soft, "the open-files limit could not be raised");
+        }
     }
 }
