@@ -491,6 +491,15 @@ impl Runtime {
         self.counted(result)
     }
 
+    /// How many of device `id`'s most recent dead letters retention deleted with their
+    /// segments (see [`Journal::dead_letters_retained_away`]).
+    pub fn dead_letters_retained_away(&self, id: &str) -> Result<usize, Error> {
+        let result = self
+            .head(id)
+            .map(|head| self.shared.journal.dead_letters_retained_away(head.num));
+        self.counted(result)
+    }
+
     /// Ends device `id`'s quarantine now, so its next event runs the guest again; answers
     /// the status after. A device that is not quarantined is left as it is.
     pub async fn resume(&self, id: &str) -> Result<DeviceStatus, Error> {

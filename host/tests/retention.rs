@@ -223,6 +223,17 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
             .await
             .expect("provision");
     }
+    // A dead letter in the history retention will delete: it holds nothing back, and the
+    // list then says it went.
+    let trapped = rt.send("m-0", r#"{"type":"panic"}"#).await;
+    assert_eq!(trapped.expect_err("traps").code(), "trap");
+    // Written behind the answer, through the device's lane.
+    let start = std::time::Instant::now();
+    while rt.dead_letters("m-0").expect("dead letters").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no dead letter");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rt.dead_letters_retained_away("m-0").expect("count"), 0);
     let mut senders = Vec::new();
     for id in devices {
         let rt = rt.clone();
@@ -239,6 +250,8 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     assert!(rt.journal().retained_from() > 0, "segments deleted");
     let gone = rt.journal_page("m-0", 1, 10).expect_err("retained away");
     assert_eq!(gone.code(), "retained-away");
+    assert!(rt.dead_letters("m-0").expect("dead letters").is_empty());
+    assert_eq!(rt.dead_letters_retained_away("m-0").expect("count"), 1);
 
     // Three more events on each device, after its last snapshot: the dry-run and the
     // upgrade fold them.

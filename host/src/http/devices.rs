@@ -350,16 +350,24 @@ struct DeadLetterOut {
 #[derive(Debug, Serialize)]
 struct DeadLetters {
     dead_letters: Vec<DeadLetterOut>,
+    /// Of the most recent 100, how many journal retention deleted (not listed).
+    retained_away: usize,
 }
 
 /// `GET /v1/devices/{id}/dead-letters`: the most recent events the device's plugin failed on
 /// (trap, timeout, oversized output), oldest first, at most 100:
-/// `{"dead_letters": [{"after_seq","at_ms","plugin","version","code","message","event"}]}`.
+/// `{"dead_letters": [{"after_seq","at_ms","plugin","version","code","message","event"}],
+/// "retained_away": n}`.
 pub async fn dead_letters(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
     let rt = app.rt.clone();
-    let letters = tokio::task::spawn_blocking(move || rt.dead_letters(&id))
-        .await
-        .map_err(|e| ApiError::from(Error::Internal(format!("read task: {e}"))))??;
+    let (letters, retained_away) = tokio::task::spawn_blocking(move || {
+        // Listed first: a retention pass between the two reads may count a letter listed,
+        // but never hides one from both.
+        let letters = rt.dead_letters(&id)?;
+        Ok::<_, Error>((letters, rt.dead_letters_retained_away(&id)?))
+    })
+    .await
+    .map_err(|e| ApiError::from(Error::Internal(format!("read task: {e}"))))??;
     let dead_letters = letters
         .into_iter()
         .map(|mut letter| DeadLetterOut {
@@ -367,7 +375,10 @@ pub async fn dead_letters(State(app): State<App>, Id(id): Id) -> Result<Response
             letter,
         })
         .collect();
-    Ok(json::ok(&DeadLetters { dead_letters }))
+    Ok(json::ok(&DeadLetters {
+        dead_letters,
+        retained_away,
+    }))
 }
 
 /// One command as answered: the view plus the command as JSON.

@@ -1055,6 +1055,17 @@ impl Journal {
         }
     }
 
+    /// How many of device `num`'s most recent dead letters (those [`Journal::dead_letters`]
+    /// would list) retention deleted with their segments: a dead letter pins nothing, so
+    /// reads say what went rather than leave it out silently.
+    pub fn dead_letters_retained_away(&self, num: u32) -> usize {
+        let from = self.retained_from();
+        self.index()
+            .devices
+            .get(&num)
+            .map_or(0, |d| d.dead_letters.iter().filter(|o| **o < from).count())
+    }
+
     /// The most recent dead letters of device `num`, oldest first (at most 100): events its
     /// plugin failed on, and messages it sent that could not be delivered (code
     /// `undeliverable`, `after_seq` the seq of the record that sent it, `event` the message).

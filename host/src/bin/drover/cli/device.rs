@@ -500,10 +500,13 @@ pub struct DeadLettersArgs {
     pub client: ClientOpts,
 }
 
-/// `{"dead_letters":[...]}`.
+/// `{"dead_letters":[...],"retained_away":n}`.
 #[derive(Debug, Deserialize)]
 struct DeadLettersOut {
     dead_letters: Vec<DeadLetterOut>,
+    /// Absent from servers before it was added.
+    #[serde(default)]
+    retained_away: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -527,7 +530,12 @@ pub fn dead_letters(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
         println!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
-    if out.dead_letters.is_empty() {
+    if out.retained_away > 0 {
+        println!(
+            "{}: {} older dead letter(s) deleted by journal retention",
+            args.device, out.retained_away
+        );
+    } else if out.dead_letters.is_empty() {
         println!("{}: no dead letters", args.device);
     }
     for d in out.dead_letters {
