@@ -814,6 +814,26 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     assert_eq!(ack["seq"], 2);
     assert_eq!(ack["transitions"][0]["count"], 2);
     assert_eq!(api.get("/v1/devices/good").body["seq"], 4);
+    // The three failures (not the refusal) are dead letters, oldest first, each with the
+    // event it failed on; none was deleted by retention.
+    let dead = support::poll_until(
+        std::time::Duration::from_secs(20),
+        "three dead letters",
+        || {
+            let body = api.get("/v1/devices/bad/dead-letters").body;
+            (body["dead_letters"].as_array().map(Vec::len) == Some(3)).then_some(body)
+        },
+    );
+    let codes: Vec<&str> = dead["dead_letters"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|d| d["code"].as_str().expect("code"))
+        .collect();
+    assert_eq!(codes, ["trap", "timeout", "output-too-large"], "{dead}");
+    assert_eq!(dead["dead_letters"][0]["event"], json!({"type": "panic"}));
+    assert_eq!(dead["dead_letters"][0]["after_seq"], 1);
+    assert_eq!(dead["retained_away"], 0, "{dead}");
 
     // A guest's `println!` / `eprintln!` go to the server's log under the device, instead of
     // trapping.
