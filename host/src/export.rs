@@ -19,7 +19,9 @@
 //! * Plugin lines come first: every version a device runs or a record names, with the
 //!   component's bytes (so an import needs nothing else). A version whose file was removed
 //!   from the source has no `component`.
-//! * Each device line is followed by its records in seq order, from the header's `from`.
+//! * Each device line is followed by its records in seq order, from the header's `from`,
+//!   or from the device line's `first_seq` when that is later (an export of what journal
+//!   retention kept, [`ExportStart::Kept`]: each device from its oldest record kept).
 //!   Events, transitions and configs are embedded as the exact JSON text recorded (so an
 //!   import reproduces the journal byte for byte); a text that is not JSON (a transition from
 //!   a plugin that printed something else), or is JSON spread over several lines (an event
@@ -50,8 +52,8 @@
 //! hand is imported as it is), waits until they are durable, and rebuilds every imported
 //! device with its plugin to check that the history folds. If writing or that check fails,
 //! the devices written so far are removed again (their records stay in the journal, belonging
-//! to no device) so a retry starts from where it began. A partial export (`from` > 1) cannot
-//! be imported.
+//! to no device) so a retry starts from where it began. A partial export (`from` > 1, or a
+//! device whose `first_seq` > 1) cannot be imported.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -135,6 +137,22 @@ struct DeviceLine {
     /// removed and provisioned again is another number); absent in older exports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     num: Option<u32>,
+    /// The seq of the device's first record in the file, when later than the header's
+    /// `from` (journal retention deleted the ones before); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_seq: Option<u64>,
+}
+
+/// Where each device's records in an export start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportStart {
+    /// From this seq (1: the whole history, which retention may have deleted the start
+    /// of: the export then fails naming the device and its oldest seq kept).
+    Seq(u64),
+    /// Each device from its oldest record journal retention kept (the whole history where
+    /// nothing was deleted): everything still readable, for reading; import refuses a
+    /// device that does not start at seq 1.
+    Kept,
 }
 
 /// The effects a device still owed when it was exported, by id: an import settles every
@@ -203,7 +221,7 @@ fn raw_or_text(bytes: &[u8]) -> (Option<Box<RawValue>>, Option<String>) {
 pub fn export(
     data_dir: &Path,
     only: Option<&str>,
-    from: u64,
+    start: ExportStart,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExportSummary> {
     let journal = Journal::open_read_only(data_dir)
@@ -221,7 +239,14 @@ pub fn export(
         }
         None => journal.device_ids(),
     };
-    let from = from.max(1);
+    let from = match start {
+        ExportStart::Seq(from) => from.max(1),
+        ExportStart::Kept => 1,
+    };
+    let first_of = |num: u32| match start {
+        ExportStart::Seq(_) => from,
+        ExportStart::Kept => journal.oldest_retained_seq(num).max(1),
+    };
     let name = |id: u32| -> anyhow::Result<&VersionInfo> {
         versions
             .get(&id)
@@ -235,7 +260,7 @@ pub fn export(
             continue;
         };
         used.push(head.version);
-        let mut next = from;
+        let mut next = first_of(head.num);
         while next <= head.seq {
             let to = (next + 1023).min(head.seq);
             used.extend(
@@ -244,8 +269,8 @@ pub fn export(
                     .map_err(|e| match e {
                         crate::journal::JournalError::RetainedAway { oldest } => anyhow::anyhow!(
                             "device `{}`: its history before seq {oldest} was deleted by the \
-                             journal's retention policy; export from there (`--from {oldest}`: \
-                             a partial export, for reading, which import refuses)",
+                             journal's retention policy; `--kept` exports each device from its \
+                             oldest record kept (for reading: import refuses it)",
                             head.id
                         ),
                         other => anyhow::Error::from(other),
@@ -294,6 +319,7 @@ pub fn export(
             continue;
         };
         let bound = name(head.version)?;
+        let first = first_of(head.num);
         let (config, config_text) = raw_or_text(&head.config);
         let fx = journal.device_fx(head.num).unwrap_or_default();
         let now = crate::clock::now_ms();
@@ -322,11 +348,12 @@ pub fn export(
             seq: head.seq,
             owed: Some(owed),
             num: Some(head.num),
+            first_seq: (first > from).then_some(first),
         };
         serde_json::to_writer(&mut *out, &line)?;
         out.write_all(b"\n")?;
         summary.devices += 1;
-        let mut next = from;
+        let mut next = first;
         while next <= head.seq {
             let to = (next + 1023).min(head.seq);
             for r in journal.read_events(head.num, next, to)? {
@@ -539,6 +566,14 @@ fn check(
                 }
                 if d.config.is_none() && d.config_text.is_none() {
                     bail!("device `{}`: no config", d.device);
+                }
+                if let Some(first) = d.first_seq.filter(|f| *f > 1) {
+                    bail!(
+                        "{}: device `{}` starts at seq {first} (journal retention deleted its \
+                         earlier history in the source): a partial export cannot be imported",
+                        path.display(),
+                        d.device
+                    );
                 }
                 expected_seq = d.seq;
                 device = Some((d.device, 1));

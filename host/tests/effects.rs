@@ -863,7 +863,8 @@ async fn an_import_owes_exactly_what_the_source_owed_and_handles_nothing_twice()
 
     let file = root.path().join("fleet.jsonl");
     let mut out = std::fs::File::create(&file).expect("create");
-    drover::export::export(&source, None, 1, &mut out).expect("export");
+    drover::export::export(&source, None, drover::export::ExportStart::Seq(1), &mut out)
+        .expect("export");
     drop(out);
     let target = root.path().join("target");
     let summary = drover::export::import(&target, &file)

@@ -111,6 +111,44 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
     let at = api.get(&format!("/v1/devices/t1/state?at={rebuildable}"));
     assert_eq!(at.status, 200, "{}", at.text);
     assert_eq!(at.body["seq"], rebuildable);
+    // An export of the whole history names what went and the way to what is kept; `--kept`
+    // exports each device from its oldest record kept, which import refuses as partial.
+    let data_arg = data.to_str().expect("utf-8");
+    let (ok, _, err) = support::cli(&["journal", "export", "--all", "--data", data_arg]);
+    assert!(!ok);
+    assert!(err.contains("retention") && err.contains("--kept"), "{err}");
+    let kept = dir.path().join("kept.jsonl");
+    let kept_arg = kept.to_str().expect("utf-8");
+    let (ok, out, err) = support::cli(&[
+        "journal", "export", "--all", "--kept", "--data", data_arg, "-o", kept_arg,
+    ]);
+    assert!(ok, "{out}{err}");
+    let text = std::fs::read_to_string(&kept).expect("export written");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    for id in ["t1", "t2"] {
+        let at = lines
+            .iter()
+            .position(|l| l["kind"] == "device" && l["device"] == id)
+            .expect("device line");
+        let first = lines[at]["first_seq"].as_u64().expect("first_seq");
+        assert!(first > 1, "{}", lines[at]);
+        assert_eq!(lines[at + 1]["seq"], first, "{id}: records from there");
+        if id == "t1" {
+            assert_eq!(first, oldest, "t1's oldest record kept");
+        }
+    }
+    let (ok, _, err) = support::cli(&[
+        "journal",
+        "import",
+        kept_arg,
+        "--data",
+        dir.path().join("imported").to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("partial export"), "{err}");
     let metrics = api.get("/metrics").text;
     assert!(
         metrics.contains("drover_journal_retention_deleted_segments ")

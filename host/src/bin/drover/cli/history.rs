@@ -33,6 +33,10 @@ pub struct ExportArgs {
     /// First seq of each device's records (a partial export cannot be imported).
     #[arg(long, default_value_t = 1)]
     pub from: u64,
+    /// Each device from its oldest record journal retention kept (`--retention
+    /// after-snapshot`): everything still readable. For reading; import refuses it.
+    #[arg(long, conflicts_with = "from")]
+    pub kept: bool,
     /// The data directory (a live server's is fine).
     #[arg(long, default_value = "./data")]
     pub data: PathBuf,
@@ -71,6 +75,11 @@ pub fn run(action: JournalAction) -> anyhow::Result<ExitCode> {
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let start = if args.kept {
+        drover::export::ExportStart::Kept
+    } else {
+        drover::export::ExportStart::Seq(args.from)
+    };
     let only = if args.all {
         None
     } else {
@@ -87,7 +96,7 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
                 let file = std::fs::File::create(&tmp)
                     .with_context(|| format!("creating {}", tmp.display()))?;
                 let mut out = std::io::BufWriter::new(file);
-                let summary = drover::export::export(&args.data, only, args.from, &mut out)?;
+                let summary = drover::export::export(&args.data, only, start, &mut out)?;
                 let file = out.into_inner().map_err(|e| e.into_error())?;
                 file.sync_all()?;
                 std::fs::rename(&tmp, path)
@@ -102,7 +111,7 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         None => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let summary = drover::export::export(&args.data, only, args.from, &mut out)?;
+            let summary = drover::export::export(&args.data, only, start, &mut out)?;
             out.flush()?;
             summary
         }
