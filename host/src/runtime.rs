@@ -624,28 +624,24 @@ impl Runtime {
             .await
             .map_err(|e| Error::Internal(format!("retention task: {e}")))??;
         let pass = self.shared.journal.retention().passes;
-        let laggards: Vec<_> = {
+        let laggards: Vec<String> = {
             let mut recent = self.shared.retention_asked.lock();
             recent.retain(|_, at| pass < at.saturating_add(RETENTION_ASK_AGAIN_AFTER));
-            let fresh: Vec<_> = laggards
+            let fresh: Vec<String> = laggards
                 .into_iter()
-                .filter(|p| !recent.contains_key(&p.device))
+                .filter_map(|p| p.device)
+                .filter(|device| !recent.contains_key(device))
                 .take(max)
                 .collect();
-            for p in &fresh {
-                recent.insert(p.device.clone(), pass);
+            for device in &fresh {
+                recent.insert(device.clone(), pass);
             }
             fresh
         };
         let mut asked = 0;
-        for pin in &laggards {
+        for device in &laggards {
             // A full mailbox is a busy device: it snapshots on its own soon enough.
-            if self
-                .shared
-                .router
-                .offer(&pin.device, Message::Snapshot)
-                .is_ok()
-            {
+            if self.shared.router.offer(device, Message::Snapshot).is_ok() {
                 asked += 1;
             }
         }

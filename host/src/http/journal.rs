@@ -9,7 +9,8 @@ use super::error::ApiError;
 
 /// `GET /v1/journal`: `{"durable_bytes", "retention": {"policy", "keep_events",
 /// "keep_for_secs", "retained_from", "segments", "passes", "deleted_segments",
-/// "deleted_bytes", "pinned_by": {"device", "reason", "position"} | null}}`.
+/// "deleted_bytes", "pinned_by": {"device", "reason", "position"} | null}}` (`device` null
+/// for the journal's own bounds: `index-checkpoint`, `keep-hours`; see `journal::Pin`).
 pub async fn show(State(app): State<App>) -> Response {
     Json(app.rt.journal_status()).into_response()
 }

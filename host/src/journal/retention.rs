@@ -41,7 +41,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::index::{Index, Located};
 use super::record::FORMAT_VERSION;
-use super::storage::StorageBackend;
+use super::storage::{Deleted, StorageBackend};
 
 /// Which history a journal deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,13 +65,17 @@ pub struct Retention {
     pub keep_for: Duration,
 }
 
-/// What holds the low-water mark where it is.
+/// What holds retention where it is: a device, or one of the journal's own bounds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Pin {
-    /// The device.
-    pub device: String,
-    /// `no-snapshot`, `snapshot` (its latest snapshot, or the events kept before it) or
-    /// `pending-effects`.
+    /// The device, for the device reasons; `None` for the journal's own bounds.
+    pub device: Option<String>,
+    /// A device's: `no-snapshot`, `snapshot` (its latest snapshot, or the
+    /// `keep_events` events kept before it) or `pending-effects`. The journal's own:
+    /// `index-checkpoint` (a pass never deletes past the index checkpoint on disk, less the
+    /// [`IDENTITY_BYTES`](super::index_checkpoint::IDENTITY_BYTES) before it that an open
+    /// reads back to trust it: the next checkpoint moves it) or `keep-hours` (a segment
+    /// written within [`Retention::keep_for`]).
     pub reason: &'static str,
     /// The position it holds.
     pub position: u64,
@@ -185,7 +189,7 @@ fn bounds(
         // Looked up without the lock (a lookup may read a run file).
         for b in turn_bounds.drain(..) {
             let mut pin = b.snapshot.map(|position| Pin {
-                device: b.device.to_string(),
+                device: Some(b.device.to_string()),
                 reason: "snapshot",
                 position,
             });
@@ -198,7 +202,7 @@ fn bounds(
                 };
                 if pin.as_ref().is_none_or(|p| position < p.position) {
                     pin = Some(Pin {
-                        device: b.device.to_string(),
+                        device: Some(b.device.to_string()),
                         reason,
                         position,
                     });
@@ -238,24 +242,27 @@ pub(super) fn laggards(
     max: usize,
 ) -> Result<Vec<Pin>, String> {
     // The `max` lowest, kept in a max-heap by position.
-    let mut heap: std::collections::BinaryHeap<(u64, Arc<str>, &'static str)> =
+    let mut heap: std::collections::BinaryHeap<(u64, String, &'static str)> =
         std::collections::BinaryHeap::new();
     bounds(index, retention, |pin, refreshable| {
+        let Some(device) = pin.device else {
+            return;
+        };
         if pin.position >= below || !refreshable || max == 0 {
             return;
         }
         if heap.len() < max {
-            heap.push((pin.position, Arc::from(pin.device.as_str()), pin.reason));
+            heap.push((pin.position, device, pin.reason));
         } else if heap.peek().is_some_and(|top| pin.position < top.0) {
             heap.pop();
-            heap.push((pin.position, Arc::from(pin.device.as_str()), pin.reason));
+            heap.push((pin.position, device, pin.reason));
         }
     })?;
     Ok(heap
         .into_sorted_vec()
         .into_iter()
         .map(|(position, device, reason)| Pin {
-            device: device.to_string(),
+            device: Some(device),
             reason,
             position,
         })
@@ -347,14 +354,36 @@ pub(super) fn retain(
     // The checkpoint a restart opens from must stay usable: its identity check reads back
     // the bytes just before its position.
     let limit = spill.checkpoints.identity_from();
-    let pin = low_water(&shared.index, retention)?;
+    let device = low_water(&shared.index, retention)?;
     // Again, right before deleting: a checkpoint discarded meanwhile (damage found while
     // the journal was still whole) lets nothing go.
     let limit = limit.min(spill.checkpoints.identity_from());
-    let mark = pin.as_ref().map_or(limit, |p| p.position.min(limit));
-    let (files, bytes) = storage
+    // Whole segments go: the device is what holds them unless the checkpoint's bound lies in
+    // an earlier segment than the device's.
+    let mut pin = match device {
+        Some(p) if storage.segment_start(p.position) <= storage.segment_start(limit) => p,
+        _ => Pin {
+            device: None,
+            reason: "index-checkpoint",
+            position: limit,
+        },
+    };
+    let mark = pin.position.min(limit);
+    let Deleted {
+        files,
+        bytes,
+        kept_recent,
+    } = storage
         .delete_before(mark, written_before(retention))
         .map_err(|e| format!("deleting segments: {e}"))?;
+    if kept_recent {
+        pin = Pin {
+            device: None,
+            reason: "keep-hours",
+            position: storage.retained_from(),
+        };
+    }
+    let pin = Some(pin);
     if files > 0 {
         tracing::info!(
             files,

@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use super::FILE_NAME;
-use super::storage::StorageBackend;
+use super::storage::{Deleted, StorageBackend};
 
 /// Bytes of a segment header (`journal.log` has none: it starts at position 0).
 pub const SEGMENT_HEADER_LEN: u64 = 32;
@@ -503,15 +503,22 @@ impl StorageBackend for SegmentedBackend {
         self.segments.read().len()
     }
 
+    fn segment_start(&self, pos: u64) -> u64 {
+        let segments = self.segments.read();
+        let after = segments.partition_point(|s| s.first <= pos);
+        segments.get(after.saturating_sub(1)).map_or(0, |s| s.first)
+    }
+
     fn delete_before(
         &self,
         pos: u64,
         written_before: Option<std::time::SystemTime>,
-    ) -> io::Result<(usize, u64)> {
+    ) -> io::Result<Deleted> {
         self.refuse_write()?;
         // Taken out of the list under the lock (so no new read finds them), unlinked after
         // it: the writer and readers never wait for the file system. A reader already
         // holding one keeps reading it (an open file outlives its name).
+        let mut kept_recent = false;
         let gone: Vec<(Arc<Segment>, u64)> = {
             let mut segments = self.segments.write();
             let mut n = 0;
@@ -519,6 +526,7 @@ impl StorageBackend for SegmentedBackend {
                 if let Some(cutoff) = written_before
                     && segments[n].file.metadata()?.modified()? > cutoff
                 {
+                    kept_recent = true;
                     break;
                 }
                 n += 1;
@@ -537,7 +545,11 @@ impl StorageBackend for SegmentedBackend {
             bytes += end - segment.first;
             tracing::info!(file = %segment.path.display(), first = segment.first, "journal: segment deleted by retention");
         }
-        Ok((files, bytes))
+        Ok(Deleted {
+            files,
+            bytes,
+            kept_recent,
+        })
     }
 }
 

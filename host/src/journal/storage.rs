@@ -53,16 +53,31 @@ pub trait StorageBackend: Send + Sync {
     fn segment_count(&self) -> usize {
         1
     }
+    /// The first position of the segment holding `pos` (what a deletion up to `pos` keeps).
+    fn segment_start(&self, _pos: u64) -> u64 {
+        0
+    }
     /// Deletes the oldest segments that end at or before `pos` (never the last one), and,
-    /// with `written_before`, only those last written before it; returns how many files and
-    /// bytes went. Storage without segments deletes nothing.
+    /// with `written_before`, only those last written before it; says what went. Storage
+    /// without segments deletes nothing.
     fn delete_before(
         &self,
         _pos: u64,
         _written_before: Option<std::time::SystemTime>,
-    ) -> io::Result<(usize, u64)> {
-        Ok((0, 0))
+    ) -> io::Result<Deleted> {
+        Ok(Deleted::default())
     }
+}
+
+/// What [`StorageBackend::delete_before`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// Segment files deleted, and the positions they held.
+    pub files: usize,
+    pub bytes: u64,
+    /// Whether it stopped at a segment that ends before the position but was written too
+    /// recently (`written_before`).
+    pub kept_recent: bool,
 }
 
 /// The journal file on a real file system.
@@ -274,11 +289,15 @@ impl StorageBackend for FaultyBackend {
         self.inner.segment_count()
     }
 
+    fn segment_start(&self, pos: u64) -> u64 {
+        self.inner.segment_start(pos)
+    }
+
     fn delete_before(
         &self,
         pos: u64,
         written_before: Option<std::time::SystemTime>,
-    ) -> io::Result<(usize, u64)> {
+    ) -> io::Result<Deleted> {
         self.inner.delete_before(pos, written_before)
     }
 }

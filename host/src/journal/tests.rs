@@ -2761,6 +2761,10 @@ fn snapshot(device: u32, seq: u64) -> (Record, IndexEffect) {
 }
 
 fn retaining(dir: &Path, keep_events: u64) -> std::io::Result<Journal> {
+    retaining_for(dir, keep_events, Duration::ZERO)
+}
+
+fn retaining_for(dir: &Path, keep_events: u64, keep_for: Duration) -> std::io::Result<Journal> {
     let options = JournalOptions {
         segment_bytes: 2048,
         index_spill_at: 64,
@@ -2769,7 +2773,7 @@ fn retaining(dir: &Path, keep_events: u64) -> std::io::Result<Journal> {
         retention: Retention {
             policy: RetentionPolicy::AfterSnapshot,
             keep_events,
-            keep_for: Duration::ZERO,
+            keep_for,
         },
         ..JournalOptions::default()
     };
@@ -2806,7 +2810,10 @@ async fn retention_keeps_what_a_device_without_a_later_snapshot_needs() {
     // `b` never took a snapshot: its first event holds everything.
     assert_eq!(pass.deleted_segments, 0, "{pass:?}");
     let pin = pass.pinned_by.expect("pinned");
-    assert_eq!((pin.device.as_str(), pin.reason), ("b", "no-snapshot"));
+    assert_eq!(
+        (pin.device.as_deref(), pin.reason),
+        (Some("b"), "no-snapshot")
+    );
     assert_eq!(journal.retained_from(), 0);
     assert_eq!(journal.read_events(1, 1, 400).expect("b").len(), 400);
     assert_eq!(journal.retention().pinned_by, Some(pin));
@@ -2816,34 +2823,10 @@ async fn retention_keeps_what_a_device_without_a_later_snapshot_needs() {
 async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = retaining(dir.path(), 10).expect("open");
-    snapshotting_fleet(&journal, 400).await;
-    // `b` goes: only `a`, with its snapshots, is left to hold segments.
-    let (r, e) = (
-        Record::Removed {
-            device: 1,
-            at_ms: 5,
-        },
-        IndexEffect::Removed { device: 1 },
-    );
-    journal.append(&r, e).await.expect("remove b");
-    // Past the index checkpoint's identity bytes (64 KiB), pipelined.
-    let writer = journal.device_writer(0, 4096);
-    let mut acks = Vec::new();
-    for seq in 401..=3000 {
-        acks.push(append_event(&writer, seq));
-        if seq % 50 == 0 {
-            writer
-                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
-                .expect("snapshot");
-        }
-    }
-    for ack in acks {
-        ack.await.expect("answered").expect("durable");
-    }
-    journal.barrier().await.expect("snapshots durable");
-    index_settled(&journal).await;
+    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
     // The pass after each index checkpoint deleted segments already; one more finds the
-    // same mark.
+    // same mark. `a` needs only its last ten events: what holds the rest is the index
+    // checkpoint, whose last 64 KiB an open reads back (the next checkpoint moves it).
     let pass = journal.retain_now().expect("pass");
     let status = journal.retention();
     assert!(status.deleted_segments > 0, "{status:?}");
@@ -2856,11 +2839,81 @@ async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_
         status.segments
     );
     let pin = pass.pinned_by.clone().expect("pinned");
-    assert_eq!((pin.device.as_str(), pin.reason), ("a", "snapshot"));
+    assert_eq!(
+        (pin.device.as_deref(), pin.reason),
+        (None, "index-checkpoint"),
+        "{pass:?}"
+    );
+    let checkpoint_at = journal.index().checkpoint_at;
+    assert_eq!(pin.position, checkpoint_at - (64 << 10), "{pass:?}");
     let from = journal.retained_from();
     assert!(from > 0 && from <= pin.position, "{pass:?}");
+    // Deleted up to the segment holding that position.
+    let segments = SegmentedBackend::list(dir.path()).expect("list");
+    assert_eq!(segments[0].first, from);
+    assert!(
+        segments.get(1).is_none_or(|s| s.first > pin.position),
+        "{pass:?}"
+    );
     assert_eq!(from, pass.retained_from);
+    a_reads_say_what_is_gone(journal, dir.path(), from).await;
+}
 
+/// `--retention-keep-hours`: a segment written within the window stays whatever it holds,
+/// and `pinned_by` says so.
+#[tokio::test]
+async fn retention_keeps_recent_segments_and_names_that_as_what_holds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining_for(dir.path(), 10, Duration::from_secs(3600)).expect("open");
+    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
+    let pass = journal.retain_now().expect("pass");
+    assert_eq!(pass.deleted_segments, 0, "{pass:?}");
+    assert_eq!(journal.retention().deleted_segments, 0);
+    let pin = pass.pinned_by.expect("pinned");
+    assert_eq!(
+        (pin.device, pin.reason, pin.position),
+        (None, "keep-hours", 0)
+    );
+    assert_eq!(journal.read_events(0, 1, 1).expect("kept").len(), 1);
+}
+
+/// The fleet of [`snapshotting_fleet`], then `b` removed and `a` written on (a snapshot
+/// every 50 events) past the index checkpoint's identity bytes (64 KiB).
+async fn a_alone_past_the_checkpoints_identity_bytes(journal: &Journal) {
+    snapshotting_fleet(journal, 400).await;
+    // `b` goes: only `a`, with its snapshots, is left to hold segments.
+    let (r, e) = (
+        Record::Removed {
+            device: 1,
+            at_ms: 5,
+        },
+        IndexEffect::Removed { device: 1 },
+    );
+    journal.append(&r, e).await.expect("remove b");
+    // Eight at a time: commits (and so segments, which end at a commit) stay small, so
+    // `a`'s bound at its end and the checkpoint's 64 KiB before it never share a segment.
+    let writer = journal.device_writer(0, 8);
+    let mut acks = Vec::new();
+    for seq in 401..=3000 {
+        acks.push(append_event(&writer, seq));
+        if seq % 50 == 0 {
+            writer
+                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
+                .expect("snapshot");
+        }
+        if seq % 8 == 0 || seq == 3000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("answered").expect("durable");
+            }
+        }
+    }
+    journal.barrier().await.expect("snapshots durable");
+    index_settled(journal).await;
+}
+
+/// What `a_alone_past_the_checkpoints_identity_bytes` left, after retention deleted the
+/// segments before `from`.
+async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     // What `a` needs is there: its latest snapshot, 10 events before it, everything after.
     let latest = journal.snapshot_at(0, 3000, 0).expect("latest snapshot");
     assert_eq!(latest.seq, 3000);
@@ -2882,7 +2935,7 @@ async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_
     drop(journal);
 
     // A restart opens from the index checkpoint, and goes on.
-    let journal = retaining(dir.path(), 10).expect("reopen");
+    let journal = retaining(dir, 10).expect("reopen");
     assert_eq!(journal.retained_from(), from);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3000));
     assert_eq!(journal.read_events(0, oldest, 3000).expect("kept"), kept);
@@ -2890,30 +2943,30 @@ async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_
     journal.append(&r, e).await.expect("event 3001");
     journal.close();
     drop(journal);
-    let reader = Journal::open_read_only(dir.path()).expect("read-only");
+    let reader = Journal::open_read_only(dir).expect("read-only");
     assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(3001));
     drop(reader);
 
     // Without its index checkpoint it cannot open, and says why.
-    let index = dir.path().join("journal.log.index");
-    std::fs::rename(index.join("checkpoint"), dir.path().join("kept")).expect("move");
-    let err = retaining(dir.path(), 10).err().expect("refused");
+    let index = dir.join("journal.log.index");
+    std::fs::rename(index.join("checkpoint"), dir.join("kept")).expect("move");
+    let err = retaining(dir, 10).err().expect("refused");
     assert!(
         err.to_string().contains("deleted by its retention policy"),
         "{err}"
     );
-    std::fs::rename(dir.path().join("kept"), index.join("checkpoint")).expect("back");
-    let journal = retaining(dir.path(), 10).expect("opens again");
+    std::fs::rename(dir.join("kept"), index.join("checkpoint")).expect("back");
+    let journal = retaining(dir, 10).expect("opens again");
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3001));
     journal.close();
     drop(journal);
 
     // Salvage reads from position 0, which is gone: refused, nothing touched.
-    let before = SegmentedBackend::list(dir.path()).expect("list");
-    let err = open_with(dir.path(), true).err().expect("salvage refused");
+    let before = SegmentedBackend::list(dir).expect("list");
+    let err = open_with(dir, true).err().expect("salvage refused");
     assert_eq!(err.kind(), std::io::ErrorKind::Unsupported, "{err}");
     assert!(err.to_string().contains("retention"), "{err}");
-    assert_eq!(SegmentedBackend::list(dir.path()).expect("list"), before);
+    assert_eq!(SegmentedBackend::list(dir).expect("list"), before);
 }
 
 #[tokio::test]

@@ -162,7 +162,15 @@ pub fn run(
             match rx.recv_timeout(IDLE_CONFIRM) {
                 Ok(entry) => Some(entry),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    confirmed = confirm(storage, &mut durable_len, &mut buf, &shared, false);
+                    // An index checkpoint is taken only at a synced marker at the end: one
+                    // due but not yet taken (its thread is behind) would otherwise wait for
+                    // the next commit, which an idle server may not see for hours. So that
+                    // one idle marker is synced.
+                    let sync = shared.index.read().wants_checkpoint();
+                    confirmed = confirm(storage, &mut durable_len, &mut buf, &shared, sync);
+                    if confirmed && sync {
+                        synced_len = durable_len;
+                    }
                     idle_done = true;
                     continue;
                 }
