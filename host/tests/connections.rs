@@ -92,13 +92,20 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
     let json: serde_json::Value = serde_json::from_str(body).expect("the error shape");
     assert_eq!(json["error"]["code"], "too-many-connections");
 
-    // Once the held connections are gone, clients are served again.
+    // Once the held connections are gone (the server frees their places as it sees each
+    // one close), clients are served again.
     let answer = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        let mut conn = connect(addr);
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .expect("request");
-        read_to_close(conn).0
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut conn = connect(addr);
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .expect("request");
+            let answer = read_to_close(conn).0;
+            if !answer.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     })
     .await
     .expect("client");
@@ -111,12 +118,19 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
 async fn shutdown_is_not_held_by_a_client_that_never_finishes_its_request() {
     let (_dir, rt, server) = serve(limits(500, 100)).await;
     let addr = server.local_addr();
+    let (connected, is_connected) = std::sync::mpsc::channel();
     let slow = std::thread::spawn(move || {
         let mut conn = connect(addr);
         conn.write_all(b"POST /v1/devices/x/events HTTP/1.1\r\nHost: x\r\n")
             .expect("half a head");
+        let _ = connected.send(());
         read_to_close(conn)
     });
+    tokio::task::spawn_blocking(move || is_connected.recv())
+        .await
+        .expect("waiting")
+        .expect("the client connected");
+    // Let the server accept it before it stops listening.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     let drained = server.shutdown(Duration::from_secs(30)).await;

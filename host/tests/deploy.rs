@@ -107,19 +107,26 @@ async fn deploy_under_load_moves_every_live_device_and_loses_no_event() {
     for c in 0..8 {
         let (rt, ids, stop) = (rt.clone(), ids.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
-            let mut acks: Vec<(String, u64, Vec<String>)> = Vec::new();
+            let mut acks: Vec<(String, u64, Vec<String>, std::time::Instant)> = Vec::new();
             let mut i = c;
             while !stop.load(Ordering::Relaxed) {
                 let id = &ids[i % ids.len()];
                 i += 8;
                 let ack = rt.send(id, OK).await.expect("event acknowledged");
-                acks.push((id.clone(), ack.seq, ack.transitions));
+                acks.push((
+                    id.clone(),
+                    ack.seq,
+                    ack.transitions,
+                    std::time::Instant::now(),
+                ));
             }
             acks
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let deploying = std::time::Instant::now();
     let report = rt.deploy("misbehave", 2, false).await.expect("deploy");
+    let deployed = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let mut acks = Vec::new();
@@ -139,11 +146,16 @@ async fn deploy_under_load_moves_every_live_device_and_loses_no_event() {
         "v2 decides differently on recorded events: {:?}",
         report.sample.totals
     );
-    assert!(acks.len() > 1000, "the load ran during the deploy");
+    // Counted by when, not how many: a slow disk makes fewer acks in the same time.
+    let during = acks
+        .iter()
+        .filter(|a| (deploying..deployed).contains(&a.3))
+        .count();
+    assert!(during > 0, "the load ran during the deploy");
 
     // Every acknowledged event is in the journal exactly once, at its seq, in order.
     let mut per_device: HashMap<&str, Vec<(u64, &Vec<String>)>> = HashMap::new();
-    for (id, seq, transitions) in &acks {
+    for (id, seq, transitions, _) in &acks {
         per_device.entry(id).or_default().push((*seq, transitions));
     }
     for id in ids.iter() {
@@ -356,7 +368,14 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
         .await
         .unwrap();
     assert!(new, "other bytes are another version");
-    let written = rt.journal().durable_len();
+    // Records, not bytes: an idle writer adds the marker of an empty batch on its own.
+    let records = || {
+        rt.journal()
+            .stats()
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let written = records();
 
     let report = rt
         .dry_run("misbehave", v2.version, Selection::Sample(10))
@@ -400,11 +419,7 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
         .await
         .unwrap_err();
     assert_eq!(unknown.kind(), ErrorKind::UnknownVersion);
-    assert_eq!(
-        rt.journal().durable_len(),
-        written,
-        "a dry-run writes nothing"
-    );
+    assert_eq!(records(), written, "a dry-run writes nothing");
     rt.shutdown().await;
 }
 

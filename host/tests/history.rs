@@ -260,7 +260,7 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     let live = states(&server, &["t1", "t2", "lock"]);
 
     // Once the server is idle, a backup holds everything acknowledged.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    support::wait_until_idle_proven(&source);
     let idle = root.path().join("idle");
     let (ok, out, err) = backup(&source, &idle);
     assert!(ok, "{out}{err}");

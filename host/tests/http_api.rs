@@ -933,10 +933,15 @@ fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
 /// end of its run.
 #[test]
 fn the_simulator_stops_when_the_server_answers_nothing() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // Kept bound (no other test's server can take the port), closing every connection
+    // unanswered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
     let started = std::time::Instant::now();
     let (ok, out, err) = cli(&[
         "sim",

@@ -408,7 +408,14 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
     ];
     for (device, event, code) in cases {
         rt.journal().barrier().await.expect("settled");
-        let len = rt.journal().durable_len();
+        // Records, not bytes: an idle writer adds the marker of an empty batch on its own.
+        let records = || {
+            rt.journal()
+                .stats()
+                .records
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let len = records();
         let letters = |id: &str| rt.dead_letters(id).map_or(0, |d| d.len());
         let dead_before = letters(device);
         let seqs = (
@@ -423,11 +430,7 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         if matches!(code, "trap" | "timeout" | "output-too-large") {
             assert_eq!(letters(device), dead_before + 1, "{event}: one dead letter");
         } else {
-            assert_eq!(
-                rt.journal().durable_len(),
-                len,
-                "{event} wrote to the journal"
-            );
+            assert_eq!(records(), len, "{event} wrote to the journal");
         }
         assert_eq!(
             (
@@ -643,7 +646,7 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
         .snapshot_every(1000)
-        .idle_timeout(Duration::from_millis(100))
+        .idle_timeout(Duration::from_secs(1))
         .open()
         .await
         .expect("runtime");
@@ -654,12 +657,14 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
         for _ in 0..3 {
             rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
         }
+        // Right after its events (the idle timeout counts from the last one).
+        assert_eq!(
+            rt.device(id).await.expect("read").status,
+            DeviceStatus::Active
+        );
     }
-    assert_eq!(rt.metrics().live_instances.load(Relaxed), 2);
-    assert_eq!(
-        rt.device("p1").await.expect("read").status,
-        DeviceStatus::Active
-    );
+    // Counted, not gauged: on a loaded machine `p1` may be passivated already.
+    assert_eq!(rt.metrics().activations.load(Relaxed), 2);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rt.metrics().live_instances.load(Relaxed) > 0 {
         assert!(
@@ -808,7 +813,7 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
-        .call_timeout(Duration::from_millis(100))
+        .call_timeout(Duration::from_millis(300))
         .open()
         .await
         .expect("runtime");
@@ -826,8 +831,9 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
         let err = rt.send("bad", event).await.expect_err("fails");
         assert!(matches!(err.code(), "timeout" | "trap"), "{err}");
     }
-    // Three fatal failures in a row: the device now fails fast, without running its guest.
-    let started = std::time::Instant::now();
+    // Three fatal failures in a row: the device now fails fast, without running its guest
+    // (a run of `loop` would time out).
+    let timeouts = rt.metrics().errors(ErrorKind::Timeout);
     for _ in 0..20 {
         let err = rt
             .send("bad", r#"{"type":"loop"}"#)
@@ -835,8 +841,9 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
             .expect_err("quarantined");
         assert_eq!(err.code(), "quarantined", "{err}");
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(100),
+    assert_eq!(
+        rt.metrics().errors(ErrorKind::Timeout),
+        timeouts,
         "quarantine ran the guest"
     );
     // Reads still answer the last durable state, and say why events are refused.
@@ -966,10 +973,10 @@ async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     assert_eq!(parse(&replayed.state)["applied"], json!(2));
 
     // With a shorter activation budget the same replay times out: the recorded settings
-    // matter.
+    // matter. (100 ms: seven times under the apply, should the probe have run slow.)
     let journal = Journal::open_read_only(dir.path()).expect("journal");
     let default_engine = drover::engine::Engine::new(drover::config::EngineConfig {
-        activation_timeout: Duration::from_millis(250),
+        activation_timeout: Duration::from_millis(100),
         ..Default::default()
     })
     .expect("engine");

@@ -127,6 +127,19 @@ fn crash_image(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join(FILE_NAME)).expect("read journal")
 }
 
+/// The crash image of a crash right after the last batch's marker, before an idle writer
+/// added the marker of an empty batch (which it does after 50 ms without work, so whether
+/// one is there depends on timing): that batch is then the tearable one.
+fn crash_image_before_idle(dir: &Path) -> Vec<u8> {
+    let mut image = crash_image(dir);
+    if let Some((at, _, Record::Commit { batch_start, .. })) = records_of(&image).last()
+        && *batch_start as usize == *at
+    {
+        image.truncate(*at);
+    }
+    image
+}
+
 /// Closes `journal` and puts `image` back as its file: a `kill -9` at the moment the image
 /// was taken (so without the checkpoint a clean close writes).
 fn crash_with(journal: Journal, dir: &Path, image: &[u8]) {
@@ -236,7 +249,7 @@ async fn a_flipped_byte_in_the_last_commit_of_a_crash_is_a_torn_write() {
     let journal = seeded(dir.path(), 5).await;
     let intact = journal.read_events(0, 1, 4).expect("read");
     let last = journal.index().offset_of(0, 5).expect("offset");
-    let mut image = crash_image(dir.path());
+    let mut image = crash_image_before_idle(dir.path());
     // The crash came mid-fsync: the marker's page reached the disk, the record's did not.
     image[last as usize + record::HEADER_LEN + 3] ^= 0x20;
     crash_with(journal, dir.path(), &image);
@@ -975,8 +988,14 @@ async fn a_file_cut_inside_its_first_record_keeps_every_device_the_checkpoint_kn
 async fn an_unsynced_idle_marker_is_part_of_the_next_commit_a_crash_can_tear() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 1).await;
-    // Idle: the writer marks its last commit proven, without a sync.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Idle: the writer marks its last commit proven, without a sync (50 ms after it).
+    let idle_marker = |image: &[u8]| matches!(records_of(image).pop(), Some((_, _, Record::Commit { offset, batch_start })) if offset == batch_start);
+    for _ in 0..1000 {
+        if idle_marker(&crash_image(dir.path())) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let idle_at = journal.durable_len() - record::MAX_COMMIT_LEN as u64;
     let image = crash_image(dir.path());
     let (at, _, idle) = records_of(&image).pop().expect("records");
@@ -1091,14 +1110,8 @@ async fn an_unreadable_last_commit_is_refused_not_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 3).await;
     let third = journal.index().offset_of(0, 3).expect("offset");
-    let mut image = crash_image(dir.path());
-    // A crash right after the last batch's marker (before any idle writer's empty marker):
-    // that batch, seq 3's, is the tearable one.
-    if let Some((at, _, Record::Commit { batch_start, .. })) = records_of(&image).last()
-        && *batch_start as usize == *at
-    {
-        image.truncate(*at);
-    }
+    // Seq 3's batch is the tearable one.
+    let image = crash_image_before_idle(dir.path());
     match records_of(&image).last() {
         Some((_, _, Record::Commit { batch_start, .. })) => assert!(*batch_start <= third),
         other => panic!("the file should end with seq 3's batch marker: {other:?}"),
@@ -1187,12 +1200,7 @@ async fn offsets_spilled_to_runs_read_back_exactly() {
     let (devices, events, spill_at) = (5u32, 600u64, 64u64);
     let journal = spilled_fleet(dir.path(), devices, events, spill_at).await;
     // The spiller runs beside the writer: wait until it has caught up.
-    for _ in 0..200 {
-        if !journal.index().wants_spill() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    index_settled(&journal).await;
     {
         let index = journal.index();
         assert!(index.tail_entries < spill_at, "{}", index.tail_entries);
@@ -1263,6 +1271,7 @@ async fn reads_during_spills_see_every_record_once() {
     stop.store(true, Ordering::Release);
     let reads = reader.join().expect("reader");
     assert!(reads > 10, "{reads} reads");
+    index_settled(&journal).await;
     assert!(journal.index().runs.len() >= 1);
 }
 
@@ -1576,7 +1585,7 @@ async fn closed_fleet(dir: &Path, devices: u32, events: u64, every: u64) -> u64 
 
 /// Waits until the index's thread has nothing left to do (no spill or checkpoint due).
 async fn index_settled(journal: &Journal) {
-    for _ in 0..500 {
+    for _ in 0..3000 {
         {
             let index = journal.index();
             if !index.wants_spill() && !index.wants_checkpoint() {
@@ -2692,13 +2701,24 @@ async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segmen
     let dir = tempfile::tempdir().expect("tempdir");
     let before = segmented(dir.path(), 512, 300).await;
     let segments = SegmentedBackend::list(dir.path()).expect("list");
-    // The first record of a segment in the middle is an event (a segment starts a commit).
-    let victim = &segments[segments.len() / 2];
-    let mut bytes = std::fs::read(&victim.path).expect("read");
+    // A segment in the middle that starts with an event (a segment starts a commit; one
+    // may start with an idle writer's empty batch marker instead).
     let at = segments::SEGMENT_HEADER_LEN as usize;
-    let Ok((Record::Event(damaged), _)) = Record::decode(&bytes[at..]) else {
-        panic!("a segment starts with an event record");
+    let first_event = |s: &SegmentInfo| {
+        let bytes = std::fs::read(&s.path).expect("read");
+        match Record::decode(&bytes[at..]) {
+            Ok((Record::Event(e), _)) => Some((bytes, e)),
+            _ => None,
+        }
     };
+    let middle = segments.len() / 2;
+    // `journal.log` (index 0) has no segment header.
+    let mut nearest: Vec<usize> = (1..segments.len()).collect();
+    nearest.sort_by_key(|i| i.abs_diff(middle));
+    let (victim, (mut bytes, damaged)) = nearest
+        .into_iter()
+        .find_map(|i| first_event(&segments[i]).map(|found| (&segments[i], found)))
+        .expect("a segment starting with an event record");
     bytes[at + record::HEADER_LEN + 4] ^= 0x01;
     std::fs::write(&victim.path, &bytes).expect("write");
 

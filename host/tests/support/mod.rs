@@ -428,3 +428,13 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Waits (up to 30 s) until the journal in `data` ends with the marker of an empty batch,
+/// which an idle writer adds 50 ms after its last commit: everything acknowledged is then
+/// proven durable, and an online backup copies all of it.
+pub fn wait_until_idle_proven(data: &Path) {
+    poll_until(Duration::from_secs(30), "the last batch proven", || {
+        let journal = drover::journal::Journal::open_read_only(data).ok()?;
+        journal.recovery().closed_cleanly.then_some(())
+    });
+}
