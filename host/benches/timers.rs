@@ -333,6 +333,10 @@ async fn burst(n: usize) -> anyhow::Result<()> {
         "arming {n} live devices took {:.1} s: due time passed before all were set",
         started.elapsed().as_secs_f64()
     );
+    eprintln!(
+        "armed {n} timers; due in {} ms",
+        due.saturating_sub(drover::clock::now_ms())
+    );
     let committed_before = rt
         .metrics()
         .events_committed
