@@ -513,7 +513,7 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
-        .call_timeout(Duration::from_millis(100))
+        .call_timeout(Duration::from_millis(400))
         .open()
         .await
         .expect("runtime opens");
@@ -627,7 +627,7 @@ async fn a_message_the_target_keeps_timing_out_on_is_consumed_after_three_tries_
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
-        .call_timeout(Duration::from_millis(100))
+        .call_timeout(Duration::from_millis(400))
         .open()
         .await
         .expect("runtime opens");

@@ -729,7 +729,7 @@ async fn every_bad_input_answers_its_status_and_code() {
 /// Plugin failures say whose fault they are, so nobody debugs their request for a plugin bug.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_faults_are_422_and_say_so() {
-    let c = Contract::open_with(|b| b.call_timeout(Duration::from_millis(200))).await;
+    let c = Contract::open_with(|b| b.call_timeout(Duration::from_millis(500))).await;
     c.provision("bad", "misbehave").await;
     for (event, code) in [
         (json!({"type": "panic"}), "trap"),
