@@ -297,7 +297,8 @@ impl Config {
         }
         if self.segment_bytes < crate::journal::MIN_SEGMENT_BYTES {
             return Err(format!(
-                "journal segment bytes is {}, under the minimum of {}: each segment is a file \
+                "journal segment bytes (--journal-segment-bytes) is {}, under the minimum of \
+                 {}: each segment is a file \
                  the server keeps open, and smaller ones make a file per commit",
                 self.segment_bytes,
                 crate::journal::MIN_SEGMENT_BYTES

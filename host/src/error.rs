@@ -90,6 +90,20 @@ pub enum Error {
     },
     #[error("seq {requested} is past the device's latest seq {latest}")]
     SeqOutOfRange { requested: u64, latest: u64 },
+    /// The state at `requested` cannot be rebuilt: journal retention deleted the start of the
+    /// device's history (its events from `events_from` on are kept), and a rebuild starts
+    /// from a snapshot, the oldest the index keeps (its last 8) being at `oldest`. Code
+    /// `retained-away`, like the journal's own.
+    #[error(
+        "the state at seq {requested} cannot be rebuilt: journal retention deleted the \
+         device's history before seq {events_from}, and a rebuild starts from a snapshot, the \
+         oldest kept being at seq {oldest}: states from seq {oldest} on can be rebuilt"
+    )]
+    StateRetainedAway {
+        requested: u64,
+        oldest: u64,
+        events_from: u64,
+    },
     // Not `#[from]`: that would also make it the `source`, and error chains (`{:#}` in the
     // CLI) would print its sentence twice.
     #[error("journal: {0}")]
@@ -199,7 +213,9 @@ impl Error {
             Error::WrongPlugin { .. } => ErrorKind::WrongPlugin,
             Error::VersionInUse { .. } => ErrorKind::VersionInUse,
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
-            Error::Journal(JournalError::RetainedAway { .. }) => ErrorKind::RetainedAway,
+            Error::Journal(JournalError::RetainedAway { .. }) | Error::StateRetainedAway { .. } => {
+                ErrorKind::RetainedAway
+            }
             Error::Journal(_) => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,
             Error::PluginUnavailable { .. } => ErrorKind::PluginUnavailable,

@@ -92,12 +92,19 @@ pub fn rebuild_reporting(
     start: Start,
 ) -> Result<Rebuilt, RebuildFailure> {
     rebuild_from(journal, registry, device, upto, start).map_err(|mut f| {
-        // What retention deleted is answered with the oldest seq a rebuild can still reach,
-        // not the oldest event kept: events are of no use without a snapshot before them.
-        if let Error::Journal(JournalError::RetainedAway { .. }) = f.error {
-            f.error = Error::Journal(JournalError::RetainedAway {
+        // What retention deleted is answered with the oldest seq a rebuild from a snapshot can
+        // still reach, not the oldest event kept: events are of no use without a snapshot
+        // before them. (A rebuild from `init` needs seq 1: the journal's answer stands.)
+        if let Error::Journal(JournalError::RetainedAway {
+            oldest: events_from,
+        }) = f.error
+            && start != Start::Genesis
+        {
+            f.error = Error::StateRetainedAway {
+                requested: upto.min(device.seq),
                 oldest: oldest_rebuildable(journal, device),
-            });
+                events_from,
+            };
         }
         f
     })

@@ -908,10 +908,12 @@ const RETENTION_REFRESH_MAX: usize = 1000;
 /// Passes after which a device retention asked for a snapshot may be asked again.
 const RETENTION_ASK_AGAIN_AFTER: u64 = 10;
 
-/// After each retention pass (one per index checkpoint) that left segments the checkpoint
-/// would let go, asks the devices holding them for a fresh snapshot, waits a moment for
-/// those to be durable and runs another pass. Holds the runtime only while it works, never
-/// across a sleep; ends with it.
+/// Runs a retention pass at start (so that `pinned_by` says what holds the journal back
+/// before the first index checkpoint, and what the last run left deletable goes); then,
+/// after each pass (one per index checkpoint) that left segments the checkpoint would let go,
+/// asks the devices holding them for a fresh snapshot, waits a moment for those to be
+/// durable and runs another pass. Holds the runtime only while it works, never across a
+/// sleep; ends with it.
 async fn refresh_retention(shared: std::sync::Weak<Shared>) {
     let mut seen = 0;
     let runtime = |shared: &std::sync::Weak<Shared>| {
@@ -920,6 +922,11 @@ async fn refresh_retention(shared: std::sync::Weak<Shared>) {
             .map(|shared| Runtime { shared })
             .filter(|rt| !rt.shared.closing.load(Ordering::Acquire))
     };
+    if let Some(rt) = runtime(&shared)
+        && let Err(e) = rt.retain_now().await
+    {
+        tracing::warn!(error = %e, "journal retention at start");
+    }
     loop {
         tokio::time::sleep(RETENTION_REFRESH_EVERY).await;
         let asked = {

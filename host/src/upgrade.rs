@@ -24,8 +24,8 @@
 
 use serde::Serialize;
 
-use crate::error::Error;
-use crate::journal::{DeviceHead, Journal, JournalError};
+use crate::error::{Error, ErrorKind};
+use crate::journal::{DeviceHead, Journal};
 use crate::registry::Registry;
 use crate::replay::{self, RebuildFailure, Rebuilt, Start};
 
@@ -117,16 +117,15 @@ pub fn bring_up(
     // old version is the only start left: used if the new version restores it.
     let rebuilt =
         match replay::rebuild_reporting(journal, registry, want, want.seq, Start::Snapshot) {
-            Err(RebuildFailure {
-                error: Error::Journal(JournalError::RetainedAway { .. }),
-                ..
-            }) => replay::rebuild_reporting(
-                journal,
-                registry,
-                want,
-                want.seq,
-                Start::SnapshotOf(old_version),
-            )?,
+            Err(RebuildFailure { error, .. }) if error.kind() == ErrorKind::RetainedAway => {
+                replay::rebuild_reporting(
+                    journal,
+                    registry,
+                    want,
+                    want.seq,
+                    Start::SnapshotOf(old_version),
+                )?
+            }
             other => other?,
         };
     let snapshot_readable = journal

@@ -198,6 +198,15 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
     }
     api.get("/v1/devices/t1/journal?from=1")
         .assert_error(410, "retained-away");
+    // A pass at start says what holds the journal back, before any index checkpoint.
+    let status = poll_until(Duration::from_secs(30), "a retention pass at start", || {
+        let status = api.get("/v1/journal").body;
+        (status["retention"]["passes"].as_u64() >= Some(1)).then_some(status)
+    });
+    assert!(
+        status["retention"]["pinned_by"]["reason"].is_string(),
+        "{status}"
+    );
     assert!(server.terminate().success());
     let server = Server::start(&data, &FLAGS);
     let api = server.api();
@@ -350,10 +359,17 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     // of either version (v2 restores v1's), which is what the 410 names; the CLI's offline
     // replay, on the same data directory, rebuilds the same state there.
     let gone = rt.state_at("m-0", 1).await.expect_err("retained away");
-    let drover::Error::Journal(drover::journal::JournalError::RetainedAway { oldest }) = gone
+    assert_eq!(gone.code(), "retained-away");
+    let drover::Error::StateRetainedAway {
+        oldest,
+        events_from,
+        requested: 1,
+    } = gone
     else {
         panic!("{gone:?}")
     };
+    let num = rt.journal().device("m-0").expect("m-0").num;
+    assert_eq!(events_from, rt.journal().oldest_retained_seq(num), "{gone}");
     let v1_snapshots: Vec<u64> = {
         let num = rt.journal().device("m-0").expect("m-0").num;
         rt.journal()
@@ -384,10 +400,28 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
         drover::replay::Start::Snapshot,
     )
     .expect_err("before the oldest snapshot");
-    // One sentence, not the journal's repeated by the error chain.
+    // One sentence, not the journal's repeated by the error chain; it says where the events
+    // kept begin and from where states can be rebuilt.
     let text = format!("{offline_gone:#}");
     assert_eq!(text.matches("retention").count(), 1, "{text}");
-    assert!(text.contains(&format!("before seq {oldest}")), "{text}");
+    assert!(
+        text.contains(&format!("before seq {events_from}"))
+            && text.contains(&format!("states from seq {oldest} on")),
+        "{text}"
+    );
+    // A rebuild from `init` needs seq 1: the journal's own answer.
+    let genesis = drover::replay::offline(
+        dir.path(),
+        "m-0",
+        Some(oldest),
+        drover::replay::Start::Genesis,
+    )
+    .expect_err("history gone");
+    let text = format!("{genesis:#}");
+    assert!(
+        text.contains(&format!("history before seq {events_from} was deleted")),
+        "{text}"
+    );
     // Passivated before v2 took a snapshot of its own: the next activation comes up from
     // the same old snapshot (a replay from `init` would need the history that went).
     let live = |rt: &drover::Runtime| {

@@ -1127,7 +1127,7 @@ async fn settings_out_of_range_are_refused_naming_the_setting() {
         ),
         (
             Runtime::builder(dir.path()).journal_segment_bytes(1),
-            "journal segment bytes is 1, under the minimum of 4096",
+            "journal segment bytes (--journal-segment-bytes) is 1, under the minimum of 4096",
         ),
     ];
     for (builder, expected) in cases {

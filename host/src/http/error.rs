@@ -249,7 +249,8 @@ impl From<Error> for ApiError {
             origin: Origin::Runtime,
             plugin: PluginRefusal::of(&e),
             oldest_seq: match &e {
-                Error::Journal(JournalError::RetainedAway { oldest }) => Some(*oldest),
+                Error::Journal(JournalError::RetainedAway { oldest })
+                | Error::StateRetainedAway { oldest, .. } => Some(*oldest),
                 _ => None,
             },
         }

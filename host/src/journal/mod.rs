@@ -1066,9 +1066,11 @@ impl Journal {
             .map_or(0, |d| d.dead_letters.iter().filter(|o| **o < from).count())
     }
 
-    /// The most recent dead letters of device `num`, oldest first (at most 100): events its
-    /// plugin failed on, and messages it sent that could not be delivered (code
-    /// `undeliverable`, `after_seq` the seq of the record that sent it, `event` the message).
+    /// The most recent dead letters of device `num` (at most 100), in the order of the
+    /// device's history (`after_seq`; a message found undeliverable after a later one was is
+    /// listed before it): events its plugin failed on, and messages it sent that could not be
+    /// delivered (code `undeliverable`, `after_seq` the seq of the record that sent it,
+    /// `event` the message).
     pub fn dead_letters(&self, num: u32) -> Result<Vec<DeadLetter>, JournalError> {
         let from = self.retained_from();
         let offsets: Vec<u64> = self
@@ -1131,7 +1133,11 @@ impl Journal {
             })
             // One deleted by a retention pass since the offsets were copied: gone.
             .filter(|r| !matches!(r, Err(JournalError::RetainedAway { .. })))
-            .collect()
+            .collect::<Result<Vec<DeadLetter>, JournalError>>()
+            .map(|mut letters| {
+                letters.sort_by_key(|d| d.after_seq);
+                letters
+            })
     }
 
     /// What device `num` still owes: pending timers, undelivered messages, unacknowledged

@@ -70,8 +70,8 @@ pub struct Retention {
 pub struct Pin {
     /// The device, for the device reasons; `None` for the journal's own bounds.
     pub device: Option<String>,
-    /// A device's: `no-snapshot`, `snapshot` (its latest snapshot, or the
-    /// `keep_events` events kept before it) or `pending-effects`. The journal's own:
+    /// A device's: `no-snapshot`, `snapshot` (its latest snapshot), `keep-events` (the
+    /// [`Retention::keep_events`] events kept before it) or `pending-effects`. The journal's own:
     /// `index-checkpoint` (a pass never deletes past the index checkpoint on disk, less the
     /// [`IDENTITY_BYTES`](super::index_checkpoint::IDENTITY_BYTES) before it that an open
     /// reads back to trust it: the next checkpoint moves it) or `keep-hours` (a segment
@@ -136,10 +136,11 @@ fn bounds(
                 .find(|s| s.version == d.version)
                 .copied();
             let (first, why) = match snapshot {
-                Some(s) => (
+                Some(s) if retention.keep_events > 0 => (
                     (s.seq + 1).saturating_sub(retention.keep_events).max(1),
-                    "snapshot",
+                    "keep-events",
                 ),
+                Some(s) => (s.seq + 1, "snapshot"),
                 None => (1, "no-snapshot"),
             };
             let pending = d.fx.as_deref().and_then(|fx| {

@@ -3130,3 +3130,31 @@ async fn retention_raises_an_older_journal_to_the_current_format_before_deleting
     assert_eq!(journal.recovery().format, FORMAT_VERSION);
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(6000));
 }
+
+/// Dead letters are listed in the order of the device's history (`after_seq`), whatever the
+/// order their records were written in (a message found undeliverable after a later one).
+#[tokio::test]
+async fn dead_letters_are_listed_in_the_order_of_the_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 6).await;
+    let writer = journal.device_writer(0, 8);
+    for after_seq in [5, 3, 6] {
+        writer.append_dead_letter(DeadLetter {
+            device: 0,
+            after_seq,
+            at_ms: 5,
+            version: 0,
+            event: b"{}".to_vec(),
+            code: "undeliverable".into(),
+            message: format!("sent at {after_seq}"),
+        });
+    }
+    journal.barrier().await.expect("durable");
+    let listed: Vec<u64> = journal
+        .dead_letters(0)
+        .expect("dead letters")
+        .iter()
+        .map(|d| d.after_seq)
+        .collect();
+    assert_eq!(listed, [3, 5, 6]);
+}
