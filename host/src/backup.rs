@@ -29,8 +29,11 @@ use crate::journal::{self, Journal, StorageBackend};
 /// What [`backup`] copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupSummary {
-    /// Journal bytes copied (the confirmed length).
+    /// Journal bytes copied: from `journal_from` to the confirmed length.
     pub journal_bytes: u64,
+    /// The first journal position copied: 0, or where the journal begins once retention
+    /// deleted its first segments.
+    pub journal_from: u64,
     /// Journal bytes that were past the confirmed length at the time (not copied).
     pub left_out: u64,
     /// Devices in the copied journal.
@@ -143,11 +146,11 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     File::open(to)?.sync_all()?;
 
     // The copy must open as it is; what it holds is what was copied.
-    let devices = Journal::open_read_only(to)
-        .context("checking the copied journal")?
-        .device_count();
+    let copied = Journal::open_read_only(to).context("checking the copied journal")?;
+    let (devices, journal_from) = (copied.device_count(), copied.retained_from());
     Ok(BackupSummary {
-        journal_bytes: confirmed,
+        journal_bytes: confirmed.saturating_sub(journal_from),
+        journal_from,
         left_out: size.saturating_sub(confirmed),
         devices,
         plugin_files,

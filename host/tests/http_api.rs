@@ -232,6 +232,9 @@ fn provision_send_and_read_back_both_plugins() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("created porch (thermostat v1)"), "{out}");
+    let (ok, out, err) = cli(&["journal", "porch", "--server", url]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "porch: no records yet");
     let (ok, out, err) = cli(&["plugins", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("misbehave (current v1, latest v1)"), "{out}");

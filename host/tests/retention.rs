@@ -175,6 +175,14 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
         copy.to_str().expect("utf-8"),
     ]);
     assert!(ok, "{out}{err}");
+    // It counts the bytes it copied, which start where retention left the journal.
+    let copied_from: u64 = out
+        .split("(from position ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(copied_from > 0, "{out}");
     let restored = Server::start(&copy, &FLAGS);
     let copied = restored.api();
     for (d, state) in ["t1", "t2"].iter().zip(&live) {
@@ -661,6 +669,27 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
         .expect("segments");
     assert!(segments > low, "{segments} segments");
     assert_eq!(api.get("/v1/devices/t1").body["seq"], 8000);
+    drop(server);
+
+    // A hard limit too low for the segments and the connection cap is warned of at start.
+    let tight = 2048.min(hard.rlim_max);
+    let server = Server::start_with(&data, &["--journal-segment-bytes", "4096"], |cmd| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: tight,
+                    rlim_max: tight,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let log = server.log_text();
+    assert!(log.contains("the open-files limit is low"), "{log}");
     drop(server);
 
     let (ok, _, err) = support::cli(&[

@@ -247,6 +247,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
     })?;
     let id = segment(&device);
     let mut from = args.from;
+    let mut first_page = true;
     loop {
         let start = from.map(|f| format!("from={f}&")).unwrap_or_default();
         let (text, page): (String, PageOut) = api.call_json(api.get(&format!(
@@ -255,6 +256,17 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         )))?;
         if args.json {
             println!("{text}");
+        } else if first_page && page.records.is_empty() && args.from.is_none() {
+            // Nothing at all: a new device, or one whose whole history retention deleted.
+            let (_, summary): (String, Value) =
+                api.call_json(api.get(&format!("/v1/devices/{id}")))?;
+            match summary["seq"].as_u64().unwrap_or(0) {
+                0 => println!("{device}: no records yet"),
+                seq => println!(
+                    "{device}: no records kept: journal retention deleted its history up to seq \
+                     {seq} (its state lives on in its latest snapshot)"
+                ),
+            }
         } else {
             for r in &page.records {
                 if r.lost {
@@ -284,6 +296,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        first_page = false;
         match page.next {
             Some(next) if args.all => from = Some(next),
             Some(next) => {

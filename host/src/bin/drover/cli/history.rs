@@ -171,10 +171,18 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     let summary = drover::backup::backup(&args.data, &args.to)?;
     println!(
-        "backed up {} device(s): {} journal bytes ({} bytes not yet proven durable left out), \
-         {} plugin file(s), to {}",
+        "backed up {} device(s): {} journal bytes{} ({} bytes not yet proven durable left \
+         out), {} plugin file(s), to {}",
         summary.devices,
         summary.journal_bytes,
+        if summary.journal_from > 0 {
+            format!(
+                " (from position {}: retention deleted what came before)",
+                summary.journal_from
+            )
+        } else {
+            String::new()
+        },
         summary.left_out,
         summary.plugin_files,
         args.to.display()

@@ -360,6 +360,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening {}", args.data.display()))?;
     let server = Server::start_on(rt.clone(), listener, args.tuning.limits())?;
+    warn_if_descriptors_are_short(
+        rt.journal_status().retention.segments,
+        &args.tuning.limits(),
+    );
     announce(&server)?;
 
     shutdown_signal().await;
@@ -373,6 +377,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.shutdown().await;
     tracing::info!(drained, "stopped");
     Ok(())
+}
+
+/// Warns at start when the open-files limit (already raised to the hard one, see `main`)
+/// leaves little room beside the journal's segment files, each of which stays open, and the
+/// connection cap: commits would otherwise fail later with "Too many open files".
+fn warn_if_descriptors_are_short(segments: usize, limits: &drover::http::Limits) {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid, writable `rlimit` for the duration of the call.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return;
+        }
+        // Segments, connections, and a margin for the index's run files, plugins and logs.
+        let needed = (segments + limits.max_connections + 256) as u64;
+        if limit.rlim_cur < needed {
+            tracing::warn!(
+                open_files_limit = limit.rlim_cur,
+                segments,
+                max_connections = limits.max_connections,
+                "the open-files limit is low for this journal's segment files and the connection \
+                 cap: raise the hard limit (ulimit -Hn) or --journal-segment-bytes, or lower \
+                 --max-connections"
+            );
+        }
+    }
 }
 
 /// Prints the machine-readable listening line on stdout.
