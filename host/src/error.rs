@@ -94,11 +94,7 @@ pub enum Error {
     /// device's history (its events from `events_from` on are kept), and a rebuild starts
     /// from a snapshot, the oldest the index keeps (its last 8) being at `oldest`. Code
     /// `retained-away`, like the journal's own.
-    #[error(
-        "the state at seq {requested} cannot be rebuilt: journal retention deleted the \
-         device's history before seq {events_from}, and a rebuild starts from a snapshot, the \
-         oldest kept being at seq {oldest}: states from seq {oldest} on can be rebuilt"
-    )]
+    #[error("{}", state_retained_away(*requested, *oldest, *events_from))]
     StateRetainedAway {
         requested: u64,
         oldest: u64,
@@ -237,6 +233,23 @@ impl From<CallError> for Error {
             CallError::Trap(m) => Error::Trap(m),
             CallError::Timeout(d) => Error::Timeout(d),
         }
+    }
+}
+
+/// The message of [`Error::StateRetainedAway`].
+fn state_retained_away(requested: u64, oldest: u64, events_from: u64) -> String {
+    let gone = format!(
+        "the state at seq {requested} cannot be rebuilt: journal retention deleted the \
+         device's history before seq {events_from}, and a rebuild starts from a snapshot"
+    );
+    if requested < oldest {
+        format!(
+            "{gone}, the oldest kept being at seq {oldest}: states from seq {oldest} on can be rebuilt"
+        )
+    } else {
+        // The snapshots before it are there but did not restore (damaged, or of a version
+        // the device's own cannot read).
+        format!("{gone}, and none kept before it restores")
     }
 }
 

@@ -102,7 +102,7 @@ pub fn rebuild_reporting(
         {
             f.error = Error::StateRetainedAway {
                 requested: upto.min(device.seq),
-                oldest: oldest_rebuildable(journal, device),
+                oldest: oldest_rebuildable(journal, registry, device),
                 events_from,
             };
         }
@@ -112,18 +112,38 @@ pub fn rebuild_reporting(
 
 /// The oldest seq whose state [`rebuild`] can produce for `device` (`0`, right after
 /// provisioning, while the journal holds its whole history). Once retention deleted the
-/// start of its history, that of the oldest snapshot kept, of any plugin version: a device
-/// upgraded after retention comes up from its old version's snapshot (`Start::Snapshot`
-/// tries those when its history is gone).
-pub fn oldest_rebuildable(journal: &Journal, device: &DeviceHead) -> u64 {
+/// start of its history, that of the oldest snapshot kept that the device's version
+/// restores: its own snapshots, and older ones of another version (a device upgraded after
+/// retention came up from its old version's snapshot; `Start::Snapshot` tries those when
+/// its history is gone) if a probe instance restores them. Probes run only here, on the
+/// error path of a read of the past. The device's seq when no snapshot qualifies.
+pub fn oldest_rebuildable(journal: &Journal, registry: &Registry, device: &DeviceHead) -> u64 {
     if journal.oldest_retained_seq(device.num) <= 1 {
         return 0;
     }
-    journal
-        .snapshots(device.num)
+    let snapshots = journal.snapshots(device.num);
+    let own = snapshots
         .iter()
+        .filter(|s| s.version == device.version)
         .map(|s| s.seq)
-        .min()
+        .min();
+    let restores = |snap: &SnapshotRef| -> bool {
+        let probe = || -> Result<(), Error> {
+            let data = journal.read_snapshot(*snap)?;
+            let compiled = registry.compiled(device.version)?;
+            let mut instance = compiled.instantiate(device.id.clone())?;
+            let budget = compiled.engine().config().call_timeout;
+            instance.within(budget, |i| i.restore(&data))?;
+            Ok(())
+        };
+        probe().is_ok()
+    };
+    snapshots
+        .iter()
+        .filter(|s| s.version != device.version && own.is_none_or(|o| s.seq < o))
+        .find(|s| restores(s))
+        .map(|s| s.seq)
+        .or(own)
         .unwrap_or(device.seq)
 }
 

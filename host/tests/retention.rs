@@ -671,9 +671,15 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     assert_eq!(api.get("/v1/devices/t1").body["seq"], 8000);
     drop(server);
 
-    // A hard limit too low for the segments and the connection cap is warned of at start.
+    // A hard limit too low for the segments and the connection cap set is warned of at start.
     let tight = 2048.min(hard.rlim_max);
-    let server = Server::start_with(&data, &["--journal-segment-bytes", "4096"], |cmd| {
+    let flags = [
+        "--journal-segment-bytes",
+        "4096",
+        "--max-connections",
+        "4096",
+    ];
+    let server = Server::start_with(&data, &flags, |cmd| {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {

@@ -663,8 +663,9 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
             DeviceStatus::Active
         );
     }
-    // Counted, not gauged: on a loaded machine `p1` may be passivated already.
-    assert_eq!(rt.metrics().activations.load(Relaxed), 2);
+    // Counted, not gauged: on a loaded machine `p1` may be passivated already (and a stall
+    // of a second between two sends would passivate and reactivate a device once more).
+    assert!(rt.metrics().activations.load(Relaxed) >= 2);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rt.metrics().live_instances.load(Relaxed) > 0 {
         assert!(
@@ -673,7 +674,11 @@ async fn idle_devices_are_passivated_and_reactivate_from_snapshot_and_tail() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(rt.metrics().passivations.load(Relaxed), 2);
+    // Every activation ended in a passivation.
+    assert_eq!(
+        rt.metrics().passivations.load(Relaxed),
+        rt.metrics().activations.load(Relaxed)
+    );
     // Passivation left a snapshot covering everything, so reactivation replays nothing.
     rt.journal()
         .barrier()

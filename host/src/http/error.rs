@@ -163,7 +163,8 @@ pub struct ErrorDetail<'a> {
     pub message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin: Option<&'a PluginRefusal>,
-    /// `410 retained-away`: the oldest seq of the device the journal still holds.
+    /// `410 retained-away`: the oldest seq of the device the journal still holds, or for a
+    /// state (`state?at=`), the oldest seq whose state can still be rebuilt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_seq: Option<u64>,
 }

@@ -202,7 +202,8 @@ pub struct MarkerAt {
     pub at: u64,
     /// Its end.
     pub end: u64,
-    /// Synced (an idle writer's marker is written without a sync).
+    /// Synced (an idle writer's marker is written without a sync, unless an index checkpoint
+    /// is due).
     pub synced: bool,
 }
 

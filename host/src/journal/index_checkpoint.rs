@@ -77,7 +77,7 @@ pub const FILE: &str = "checkpoint";
 const MAGIC: &[u8; 8] = b"DRVIXCK3";
 
 /// How many bytes at each end of the checkpointed prefix its CRCs cover.
-pub(crate) const IDENTITY_BYTES: u64 = 64 << 10;
+const IDENTITY_BYTES: u64 = 64 << 10;
 
 /// The bytes `small_crc` covers: the first plugin versions and devices.
 const IDENTITY_SMALL: u64 = 4 << 10;

@@ -26,7 +26,8 @@
 //! # When
 //!
 //! After each index checkpoint the index's thread writes, and on request
-//! ([`Journal::retain_now`](super::Journal::retain_now)). The pass reads the index under
+//! ([`Journal::retain_now`](super::Journal::retain_now); a runtime asks for one at start,
+//! and after asking devices that held a pass back for fresh snapshots). The pass reads the index under
 //! its read lock in turns of 4,096 devices, and looks up the offsets it needs (which may read
 //! run files) between turns, without the lock, so commits wait for a turn at most. A device
 //! bounded by its snapshot needs no lookup: the snapshot's position is in the index. With
@@ -73,8 +74,7 @@ pub struct Pin {
     /// A device's: `no-snapshot`, `snapshot` (its latest snapshot), `keep-events` (the
     /// [`Retention::keep_events`] events kept before it) or `pending-effects`. The journal's own:
     /// `index-checkpoint` (a pass never deletes past the index checkpoint on disk, less the
-    /// [`IDENTITY_BYTES`](super::index_checkpoint::IDENTITY_BYTES) before it that an open
-    /// reads back to trust it: the next checkpoint moves it) or `keep-hours` (a segment
+    /// 64 KiB before it that an open reads back to trust it: the next checkpoint moves it) or `keep-hours` (a segment
     /// written within [`Retention::keep_for`]).
     pub reason: &'static str,
     /// The position it holds.
@@ -89,7 +89,8 @@ pub struct RetentionState {
     pub deleted_bytes: AtomicU64,
     /// Passes run since open.
     pub passes: AtomicU64,
-    /// What held the last pass back (`None` before the first pass, or if nothing did).
+    /// What held the last pass back (`None` before the first pass: a pass under
+    /// `after-snapshot` always names something, if only the index checkpoint).
     pub pinned_by: Mutex<Option<Pin>>,
     /// Passes take turns.
     pub running: Mutex<()>,

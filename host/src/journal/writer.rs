@@ -20,7 +20,8 @@
 //!    length last synced, so a batch starts only after the previous one's `fdatasync` returned
 //!    and a marker proves every byte before its batch durable: only the last batch in the file
 //!    can have been torn by a crash (see `journal/recovery.rs`). An idle writer's empty-batch
-//!    marker is not synced, so the next batch's marker counts it as part of its own batch. A
+//!    marker is not synced (unless an index checkpoint is due, which is taken only at a
+//!    synced marker), so the next batch's marker counts it as part of its own batch. A
 //!    format-2 or -3 file is raised to format 4 (header rewritten and synced) before the first
 //!    batch that carries a marker; a header-less format-1 file gets no markers.
 
@@ -39,8 +40,9 @@ use super::{JournalError, Lane, Stats, StorageBackend};
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// After this long without work, the writer writes the marker of an empty batch (without a
-/// sync): it proves the last batch durable to a reader of the file, so an online backup of an
-/// idle server copies everything acknowledged (see `crate::backup`).
+/// sync, unless an index checkpoint is due): it proves the last batch durable to a reader of
+/// the file, so an online backup of an idle server copies everything acknowledged (see
+/// `crate::backup`).
 const IDLE_CONFIRM: Duration = Duration::from_millis(50);
 
 /// A batch of at least this many entries means the journal is under load: the writer then

@@ -83,14 +83,21 @@ fn raise_open_files_limit() {
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
             return;
         }
-        if limit.rlim_cur >= limit.rlim_max {
-            return;
-        }
         let soft = limit.rlim_cur;
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: `limit` is a valid `rlimit`; raising the soft limit up to the hard one
-        // needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        // An unlimited hard limit (macOS) is refused as a soft one: then the kernel's
+        // per-process cap, at most (Go does the same with macOS's 10,240).
+        for to in [limit.rlim_max, 1 << 20, 10_240] {
+            if to <= soft || to > limit.rlim_max {
+                continue;
+            }
+            limit.rlim_cur = to;
+            // SAFETY: `limit` is a valid `rlimit`; raising the soft limit up to the hard
+            // one needs no privilege.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+                return;
+            }
+        }
+        if soft < limit.rlim_max {
             tracing::debug!(soft, "the open-files limit could not be raised");
         }
     }

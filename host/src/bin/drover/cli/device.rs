@@ -248,6 +248,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
     let id = segment(&device);
     let mut from = args.from;
     let mut first_page = true;
+    let mut read_again = false;
     loop {
         let start = from.map(|f| format!("from={f}&")).unwrap_or_default();
         let (text, page): (String, PageOut) = api.call_json(api.get(&format!(
@@ -262,6 +263,11 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
                 api.call_json(api.get(&format!("/v1/devices/{id}")))?;
             match summary["seq"].as_u64().unwrap_or(0) {
                 0 => println!("{device}: no records yet"),
+                // Its first records may have come in between the two reads.
+                _ if !read_again => {
+                    read_again = true;
+                    continue;
+                }
                 seq => println!(
                     "{device}: no records kept: journal retention deleted its history up to seq \
                      {seq} (its state lives on in its latest snapshot)"

@@ -362,7 +362,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::start_on(rt.clone(), listener, args.tuning.limits())?;
     warn_if_descriptors_are_short(
         rt.journal_status().retention.segments,
-        &args.tuning.limits(),
+        args.tuning.max_connections,
     );
     announce(&server)?;
 
@@ -381,8 +381,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Warns at start when the open-files limit (already raised to the hard one, see `main`)
 /// leaves little room beside the journal's segment files, each of which stays open, and the
-/// connection cap: commits would otherwise fail later with "Too many open files".
-fn warn_if_descriptors_are_short(segments: usize, limits: &drover::http::Limits) {
+/// connection cap if one was set (the default, 8,192, is over many hosts' hard limit and
+/// rarely reached): commits would otherwise fail later with "Too many open files".
+fn warn_if_descriptors_are_short(segments: usize, max_connections: Option<usize>) {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit {
@@ -393,15 +394,17 @@ fn warn_if_descriptors_are_short(segments: usize, limits: &drover::http::Limits)
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
             return;
         }
-        // Segments, connections, and a margin for the index's run files, plugins and logs.
-        let needed = (segments + limits.max_connections + 256) as u64;
+        // Segments, connections, and a margin for the index's run files, plugins, logs and
+        // the connections of a server without a cap set.
+        let connections = max_connections.unwrap_or(0);
+        let needed = (segments + connections + 1024) as u64;
         if limit.rlim_cur < needed {
             tracing::warn!(
                 open_files_limit = limit.rlim_cur,
                 segments,
-                max_connections = limits.max_connections,
-                "the open-files limit is low for this journal's segment files and the connection \
-                 cap: raise the hard limit (ulimit -Hn) or --journal-segment-bytes, or lower \
+                max_connections = connections,
+                "the open-files limit is low for this journal's segment files and connections: \
+                 raise the hard limit (ulimit -Hn) or --journal-segment-bytes, or lower \
                  --max-connections"
             );
         }
