@@ -270,7 +270,8 @@ pub fn export(
                         crate::journal::JournalError::RetainedAway { oldest } => anyhow::anyhow!(
                             "device `{}`: its history before seq {oldest} was deleted by the \
                              journal's retention policy; `--kept` exports each device from its \
-                             oldest record kept (for reading: import refuses it)",
+                             oldest record kept (`--from {oldest}` this one; for reading: \
+                             import refuses either)",
                             head.id
                         ),
                         other => anyhow::Error::from(other),
