@@ -182,6 +182,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How often the runtime looks for devices whose old snapshot held a retention pass back,
+    /// to ask them for a fresh snapshot (default 5 s; `None`: never, and segments such a
+    /// device holds stay until it snapshots on its own or
+    /// [`Runtime::refresh_retention`](crate::Runtime::refresh_retention) is called).
+    pub fn retention_refresh(mut self, every: Option<Duration>) -> Self {
+        self.config.retention_refresh = every;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs

@@ -113,6 +113,9 @@ pub mod defaults {
     /// holds neither a connection nor the shutdown. 64 MiB (the largest plugin) at 10 Mbit/s
     /// takes ~54 s.
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+    /// How often the runtime looks for devices whose old snapshot held a retention pass back
+    /// (it acts only after a pass: one per index checkpoint, and one at start).
+    pub const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);
     /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
     /// are closed. Well under the process's file limit (20,000 on this machine's kind).
     pub const MAX_CONNECTIONS: usize = 8192;
@@ -257,6 +260,9 @@ pub struct Config {
     pub segment_bytes: u64,
     /// Which history the journal deletes (see [`crate::journal::Retention`]).
     pub retention: crate::journal::Retention,
+    /// How often the runtime looks for devices whose old snapshot held a retention pass back,
+    /// to ask them for a fresh one (`None`: never; see `Runtime::refresh_retention`).
+    pub retention_refresh: Option<Duration>,
 }
 
 impl Default for Config {
@@ -272,6 +278,7 @@ impl Default for Config {
             scrub_rate: crate::journal::SCRUB_RATE,
             segment_bytes: crate::journal::SEGMENT_BYTES,
             retention: crate::journal::Retention::default(),
+            retention_refresh: Some(defaults::RETENTION_REFRESH_EVERY),
         }
     }
 }

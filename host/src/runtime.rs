@@ -897,9 +897,6 @@ fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     }
 }
 
-/// How often the retention refresher looks for a pass that was held back.
-const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);
-
 /// Devices asked for a snapshot per refresh: each may cost an activation (~100 µs of CPU and
 /// an instance until it passivates again), so a fleet of idle devices is refreshed in
 /// steps, oldest first, one step per retention pass.
@@ -909,9 +906,10 @@ const RETENTION_REFRESH_MAX: usize = 1000;
 const RETENTION_ASK_AGAIN_AFTER: u64 = 10;
 
 /// Runs a retention pass at start (so that `pinned_by` says what holds the journal back
-/// before the first index checkpoint, and what the last run left deletable goes); then,
-/// after each pass (one per index checkpoint) that left segments the checkpoint would let go,
-/// asks the devices holding them for a fresh snapshot, waits a moment for those to be
+/// before the first index checkpoint, and what the last run left deletable goes); then
+/// (every `Config::retention_refresh`, unless that is `None`), after each pass (one per
+/// index checkpoint) that left segments the checkpoint would let go, asks the devices
+/// holding them for a fresh snapshot, waits a moment for those to be
 /// durable and runs another pass. Holds the runtime only while it works, never across a
 /// sleep; ends with it.
 async fn refresh_retention(shared: std::sync::Weak<Shared>) {
@@ -927,8 +925,11 @@ async fn refresh_retention(shared: std::sync::Weak<Shared>) {
     {
         tracing::warn!(error = %e, "journal retention at start");
     }
+    let Some(every) = runtime(&shared).and_then(|rt| rt.shared.config.retention_refresh) else {
+        return;
+    };
     loop {
-        tokio::time::sleep(RETENTION_REFRESH_EVERY).await;
+        tokio::time::sleep(every).await;
         let asked = {
             let Some(rt) = runtime(&shared) else {
                 return;

@@ -247,8 +247,18 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
 }
 
 /// A runtime of the `misbehave` test plugin whose journal retains: 4 KiB segments, an index
-/// checkpoint (and so a retention pass) every 16 KiB, a snapshot every 8 events.
+/// checkpoint (and so a retention pass) every 16 KiB, a snapshot every 8 events; no
+/// background refresher (the tests ask for refreshes when they mean to).
 async fn retaining_runtime(dir: &std::path::Path, idle: Duration) -> drover::Runtime {
+    retaining_runtime_refreshing(dir, idle, None).await
+}
+
+/// [`retaining_runtime`] with the background refresher looking every `refresh`.
+async fn retaining_runtime_refreshing(
+    dir: &std::path::Path,
+    idle: Duration,
+    refresh: Option<Duration>,
+) -> drover::Runtime {
     use drover::journal::{Retention, RetentionPolicy};
     drover::Runtime::builder(dir)
         .plugin_dir(support::PluginDir)
@@ -260,6 +270,7 @@ async fn retaining_runtime(dir: &std::path::Path, idle: Duration) -> drover::Run
             policy: RetentionPolicy::AfterSnapshot,
             ..Retention::default()
         })
+        .retention_refresh(refresh)
         .open()
         .await
         .expect("runtime opens")
@@ -707,4 +718,65 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     ]);
     assert!(!ok);
     assert!(err.contains("under the minimum of 4096"), "{err}");
+}
+
+/// The runtime's background refresher does on its own what the test above asks for: after a
+/// pass held back by an idle device's old snapshot, the device is asked for a fresh one and
+/// the segments behind the old one go, its state unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_refresher_frees_what_an_idle_device_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = retaining_runtime_refreshing(
+        dir.path(),
+        Duration::from_millis(200),
+        Some(Duration::from_millis(200)),
+    )
+    .await;
+    rt.provision("quiet", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    for _ in 0..10 {
+        rt.send("quiet", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    let before: Value =
+        serde_json::from_str(&rt.device("quiet").await.expect("quiet").state).expect("JSON");
+    // The snapshot `quiet` takes when it passivates (after its last event) is what holds
+    // retention once the busy device has written far past it.
+    let quiet = rt.journal().device("quiet").expect("quiet").num;
+    let start = std::time::Instant::now();
+    let held = loop {
+        if let Some(s) = rt.journal().snapshots(quiet).last().filter(|s| s.seq == 10) {
+            break s.offset;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never passivated"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    rt.provision("busy", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    for _ in 0..3000 {
+        rt.send("busy", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    // Passes follow the index checkpoints; the refresher asks `quiet` for a fresh snapshot
+    // and runs another pass: the segments up to (and past) its old snapshot go.
+    let start = std::time::Instant::now();
+    while rt.journal().retained_from() <= held {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "quiet still holds retention: {:?}",
+            rt.journal().retention()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after: Value =
+        serde_json::from_str(&rt.device("quiet").await.expect("quiet").state).expect("JSON");
+    assert_eq!(after, before, "the same state");
+    assert_eq!(
+        rt.send("quiet", r#"{"type":"ok"}"#).await.expect("ok").seq,
+        11
+    );
+    rt.shutdown().await;
 }
