@@ -27,9 +27,10 @@
 //!
 //! After each index checkpoint the index's thread writes, and on request
 //! ([`Journal::retain_now`](super::Journal::retain_now); a runtime asks for one at start,
-//! and after asking devices that held a pass back for fresh snapshots). The pass reads the index under
-//! its read lock in turns of 4,096 devices, and looks up the offsets it needs (which may read
-//! run files) between turns, without the lock, so commits wait for a turn at most. A device
+//! and after asking devices that held a pass back for fresh snapshots). The pass reads the
+//! index under its read lock in turns of 4,096 devices, and looks up the offsets it needs
+//! (which may read run files) between turns, without the lock, so commits wait for a turn
+//! at most. A device
 //! bounded by its snapshot needs no lookup: the snapshot's position is in the index. With
 //! `keep_events` > 0, or without a snapshot, one offset is looked up per device (measured in
 //! `cargo bench -p drover --bench journal`: see the README).
@@ -72,10 +73,10 @@ pub struct Pin {
     /// The device, for the device reasons; `None` for the journal's own bounds.
     pub device: Option<String>,
     /// A device's: `no-snapshot`, `snapshot` (its latest snapshot), `keep-events` (the
-    /// [`Retention::keep_events`] events kept before it) or `pending-effects`. The journal's own:
-    /// `index-checkpoint` (a pass never deletes past the index checkpoint on disk, less the
-    /// 64 KiB before it that an open reads back to trust it: the next checkpoint moves it) or `keep-hours` (a segment
-    /// written within [`Retention::keep_for`]).
+    /// [`Retention::keep_events`] events kept before it) or `pending-effects`. The journal's
+    /// own: `index-checkpoint` (a pass never deletes past the index checkpoint on disk, less
+    /// the 64 KiB before it that an open reads back to trust it: the next checkpoint moves
+    /// it) or `keep-hours` (a segment written within [`Retention::keep_for`]).
     pub reason: &'static str,
     /// The position it holds.
     pub position: u64,

@@ -989,7 +989,10 @@ async fn an_unsynced_idle_marker_is_part_of_the_next_commit_a_crash_can_tear() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = seeded(dir.path(), 1).await;
     // Idle: the writer marks its last commit proven, without a sync (50 ms after it).
-    let idle_marker = |image: &[u8]| matches!(records_of(image).pop(), Some((_, _, Record::Commit { offset, batch_start })) if offset == batch_start);
+    let idle_marker = |image: &[u8]| {
+        let last = records_of(image).pop();
+        matches!(last, Some((_, _, Record::Commit { offset, batch_start })) if offset == batch_start)
+    };
     for _ in 0..1000 {
         if idle_marker(&crash_image(dir.path())) {
             break;
