@@ -244,8 +244,8 @@ fn state_retained_away(requested: u64, oldest: u64, events_from: u64) -> String 
     );
     if requested < oldest {
         format!(
-            "{gone}, the oldest kept being at seq {oldest}: states from seq {oldest} on can be \
-             rebuilt"
+            "{gone}, the oldest the index keeps (its last 8) being at seq {oldest}; states from \
+             seq {oldest} on can be rebuilt"
         )
     } else {
         // The snapshots before it are there but did not restore (damaged, or of a version

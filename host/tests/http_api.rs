@@ -235,6 +235,9 @@ fn provision_send_and_read_back_both_plugins() {
     let (ok, out, err) = cli(&["journal", "porch", "--server", url]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "porch: no records yet");
+    let (ok, out, err) = cli(&["journal", "porch", "--from", "1", "--server", url]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "porch: no records from seq 1");
     let (ok, out, err) = cli(&["plugins", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("misbehave (current v1, latest v1)"), "{out}");

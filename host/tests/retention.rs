@@ -114,6 +114,13 @@ fn retention_deletes_what_every_device_has_a_later_snapshot_of_and_answers_410_f
     // An export of the whole history names what went and the way to what is kept; `--kept`
     // exports each device from its oldest record kept, which import refuses as partial.
     let data_arg = data.to_str().expect("utf-8");
+    // A replay from `init` needs seq 1, and says so.
+    let (ok, _, err) = support::cli(&["replay", "t1", "--data", data_arg, "--genesis"]);
+    assert!(!ok);
+    assert!(
+        err.contains("retained-away") && err.contains("--genesis replays every transition"),
+        "{err}"
+    );
     let (ok, _, err) = support::cli(&["journal", "export", "--all", "--data", data_arg]);
     assert!(!ok);
     assert!(err.contains("retention") && err.contains("--kept"), "{err}");
@@ -707,6 +714,26 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     });
     let log = server.log_text();
     assert!(log.contains("the open-files limit is low"), "{log}");
+    drop(server);
+    // Without a cap set, the default one is lowered to what the limit holds.
+    let server = Server::start_with(&data, &["--journal-segment-bytes", "4096"], |cmd| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: tight,
+                    rlim_max: tight,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let log = server.log_text();
+    assert!(log.contains("connection cap lowered"), "{log}");
+    assert_eq!(server.api().get("/healthz").status, 200);
     drop(server);
 
     let (ok, _, err) = support::cli(&[

@@ -257,7 +257,9 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         )))?;
         if args.json {
             println!("{text}");
-        } else if first_page && page.records.is_empty() && args.from.is_none() {
+        } else if let Some(from) = args.from.filter(|_| first_page && page.records.is_empty()) {
+            println!("{device}: no records from seq {from}");
+        } else if first_page && page.records.is_empty() {
             // Nothing at all: a new device, or one whose whole history retention deleted.
             let (_, summary): (String, Value) =
                 api.call_json(api.get(&format!("/v1/devices/{id}")))?;

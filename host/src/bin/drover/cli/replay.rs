@@ -41,7 +41,19 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     } else {
         Start::Snapshot
     };
-    let snap = replay::offline(&args.data, &args.device, args.to, start)?;
+    let snap = replay::offline(&args.data, &args.device, args.to, start).map_err(|e| {
+        let retained = e
+            .downcast_ref::<drover::Error>()
+            .is_some_and(|d| d.kind() == drover::ErrorKind::RetainedAway);
+        if args.genesis && retained {
+            e.context(
+                "--genesis replays every transition from seq 1; without it, a rebuild starts \
+                 from a snapshot kept",
+            )
+        } else {
+            e
+        }
+    })?;
     let out = Out {
         seq: snap.seq,
         state: drover::http::json::Json(snap.state),

@@ -359,11 +359,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .open(&args.data, args.plugins.as_deref())
         .await
         .with_context(|| format!("opening {}", args.data.display()))?;
-    let server = Server::start_on(rt.clone(), listener, args.tuning.limits())?;
-    warn_if_descriptors_are_short(
+    let mut limits = args.tuning.limits();
+    fit_to_open_files(
         rt.journal_status().retention.segments,
-        args.tuning.max_connections,
+        &mut limits,
+        args.tuning.max_connections.is_some(),
     );
+    let server = Server::start_on(rt.clone(), listener, limits)?;
     announce(&server)?;
 
     shutdown_signal().await;
@@ -379,11 +381,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Warns at start when the open-files limit (already raised to the hard one, see `main`)
-/// leaves little room beside the journal's segment files, each of which stays open, and the
-/// connection cap if one was set (the default, 8,192, is over many hosts' hard limit and
-/// rarely reached): commits would otherwise fail later with "Too many open files".
-fn warn_if_descriptors_are_short(segments: usize, max_connections: Option<usize>) {
+/// Descriptors kept for what is neither a segment nor a connection: the index's run files,
+/// plugin files, logs, the listener.
+const OTHER_DESCRIPTORS: usize = 1024;
+
+/// Fits the connection cap to the open-files limit (already raised to the hard one, see
+/// `main`), beside the journal's segment files, each of which stays open: past the limit,
+/// accepting fails and commits fail with "Too many open files", where past the cap a client
+/// gets a clear 503. The default cap (8,192) is lowered to what fits (at least 64), with a
+/// log line; a cap set with `--max-connections` is kept, with a warning if it does not fit.
+fn fit_to_open_files(segments: usize, limits: &mut drover::http::Limits, explicit: bool) {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit {
@@ -394,19 +401,29 @@ fn warn_if_descriptors_are_short(segments: usize, max_connections: Option<usize>
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
             return;
         }
-        // Segments, connections, and a margin for the index's run files, plugins, logs and
-        // the connections of a server without a cap set.
-        let connections = max_connections.unwrap_or(0);
-        let needed = (segments + connections + 1024) as u64;
-        if limit.rlim_cur < needed {
+        let open_files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+        let room = open_files.saturating_sub(segments + OTHER_DESCRIPTORS);
+        if limits.max_connections <= room {
+            return;
+        }
+        if explicit {
             tracing::warn!(
-                open_files_limit = limit.rlim_cur,
+                open_files_limit = open_files,
                 segments,
-                max_connections = connections,
+                max_connections = limits.max_connections,
                 "the open-files limit is low for this journal's segment files and connections: \
                  raise the hard limit (ulimit -Hn) or --journal-segment-bytes, or lower \
                  --max-connections"
             );
+        } else {
+            let fits = room.max(64);
+            tracing::info!(
+                open_files_limit = open_files,
+                segments,
+                max_connections = fits,
+                "connection cap lowered to fit the open-files limit (raise ulimit -Hn for more)"
+            );
+            limits.max_connections = fits;
         }
     }
 }
