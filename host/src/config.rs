@@ -117,7 +117,8 @@ pub mod defaults {
     /// (it acts only after a pass: one per index checkpoint, and one at start).
     pub const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);
     /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
-    /// are closed. Well under the process's file limit (20,000 on this machine's kind).
+    /// are closed. Well under the process's file limit (20,000 on this machine's kind);
+    /// `drover serve` lowers it to what a lower limit holds beside the journal's segments.
     pub const MAX_CONNECTIONS: usize = 8192;
     /// How long a graceful shutdown lets open requests finish.
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -305,8 +306,8 @@ impl Config {
         if self.segment_bytes < crate::journal::MIN_SEGMENT_BYTES {
             return Err(format!(
                 "journal segment bytes (--journal-segment-bytes) is {}, under the minimum of \
-                 {}: each segment is a file \
-                 the server keeps open, and smaller ones make a file per commit",
+                 {}: each segment is a file the server keeps open, and smaller ones make a file \
+                 per commit",
                 self.segment_bytes,
                 crate::journal::MIN_SEGMENT_BYTES
             ));
