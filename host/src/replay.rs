@@ -127,24 +127,30 @@ pub fn oldest_rebuildable(journal: &Journal, registry: &Registry, device: &Devic
         .filter(|s| s.version == device.version)
         .map(|s| s.seq)
         .min();
-    let restores = |snap: &SnapshotRef| -> bool {
-        let probe = || -> Result<(), Error> {
-            let data = journal.read_snapshot(*snap)?;
-            let compiled = registry.compiled(device.version)?;
-            let mut instance = compiled.instantiate(device.id.clone())?;
-            let budget = compiled.engine().config().call_timeout;
-            instance.within(budget, |i| i.restore(&data))?;
-            Ok(())
-        };
-        probe().is_ok()
-    };
     snapshots
         .iter()
         .filter(|s| s.version != device.version && own.is_none_or(|o| s.seq < o))
-        .find(|s| restores(s))
+        .find(|s| probe_restore(journal, registry, device, **s).is_ok())
         .map(|s| s.seq)
         .or(own)
         .unwrap_or(device.seq)
+}
+
+/// Whether a fresh instance of `device`'s version restores snapshot `snap` (of any version)
+/// within one call budget: the probe behind [`oldest_rebuildable`] and an upgrade's
+/// `snapshot_readable`.
+pub fn probe_restore(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    snap: SnapshotRef,
+) -> Result<(), Error> {
+    let data = journal.read_snapshot(snap)?;
+    let compiled = registry.compiled(device.version)?;
+    let mut instance = compiled.instantiate(device.id.clone())?;
+    let budget = compiled.engine().config().call_timeout;
+    instance.within(budget, |i| i.restore(&data))?;
+    Ok(())
 }
 
 fn rebuild_from(

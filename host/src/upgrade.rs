@@ -24,7 +24,7 @@
 
 use serde::Serialize;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::ErrorKind;
 use crate::journal::{DeviceHead, Journal};
 use crate::registry::Registry;
 use crate::replay::{self, RebuildFailure, Rebuilt, Start};
@@ -133,15 +133,7 @@ pub fn bring_up(
         .into_iter()
         .rev()
         .find(|s| s.seq <= want.seq && s.version == old_version)
-        .map(|snap| -> Result<(), Error> {
-            let data = journal.read_snapshot(snap)?;
-            let compiled = registry.compiled(want.version)?;
-            let mut probe = compiled.instantiate(want.id.clone())?;
-            let budget = compiled.engine().config().call_timeout;
-            probe.within(budget, |i| i.restore(&data))?;
-            Ok(())
-        })
-        .map(|r| r.is_ok());
+        .map(|snap| replay::probe_restore(journal, registry, want, snap).is_ok());
     Ok((rebuilt, snapshot_readable))
 }
 

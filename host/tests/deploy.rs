@@ -368,14 +368,7 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
         .await
         .unwrap();
     assert!(new, "other bytes are another version");
-    // Records, not bytes: an idle writer adds the marker of an empty batch on its own.
-    let records = || {
-        rt.journal()
-            .stats()
-            .records
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let written = records();
+    let written = support::records_written(&rt);
 
     let report = rt
         .dry_run("misbehave", v2.version, Selection::Sample(10))
@@ -419,7 +412,11 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
         .await
         .unwrap_err();
     assert_eq!(unknown.kind(), ErrorKind::UnknownVersion);
-    assert_eq!(records(), written, "a dry-run writes nothing");
+    assert_eq!(
+        support::records_written(&rt),
+        written,
+        "a dry-run writes nothing"
+    );
     rt.shutdown().await;
 }
 

@@ -629,13 +629,33 @@ async fn an_idle_device_holding_retention_back_is_asked_for_a_fresh_snapshot() {
     rt.shutdown().await;
 }
 
+/// `drover serve` on `data` with `flags`, started under open-files limits `soft` and `hard`
+/// (as a shell's `ulimit -Sn`/`-Hn` would set them).
+fn start_with_open_files(data: &std::path::Path, flags: &[&str], soft: u64, hard: u64) -> Server {
+    use std::os::unix::process::CommandExt as _;
+    Server::start_with(data, flags, |cmd| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+}
+
 /// Every segment is a file the server keeps open: under a shell's low soft limit on open
 /// files (`ulimit -Sn 64`), small segments used to run it out of descriptors ("Too many open
 /// files" on commit). The server raises its soft limit to the hard one at start, and a
 /// segment size under the minimum is refused.
 #[test]
 fn small_segments_under_a_low_open_files_limit_keep_committing() {
-    use std::os::unix::process::CommandExt as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let mut hard = libc::rlimit {
@@ -648,21 +668,12 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
         0
     );
     let low = 64.min(hard.rlim_max);
-    let server = Server::start_with(&data, &["--journal-segment-bytes", "4096"], |cmd| {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: low,
-                    rlim_max: hard.rlim_max,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let server = start_with_open_files(
+        &data,
+        &["--journal-segment-bytes", "4096"],
+        low,
+        hard.rlim_max,
+    );
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
     let open_files: Vec<&str> = limits
         .lines()
@@ -697,40 +708,12 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
         "--max-connections",
         "4096",
     ];
-    let server = Server::start_with(&data, &flags, |cmd| {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: tight,
-                    rlim_max: tight,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let server = start_with_open_files(&data, &flags, tight, tight);
     let log = server.log_text();
     assert!(log.contains("the open-files limit is low"), "{log}");
     drop(server);
     // Without a cap set, the default one is lowered to what the limit holds.
-    let server = Server::start_with(&data, &["--journal-segment-bytes", "4096"], |cmd| {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: tight,
-                    rlim_max: tight,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let server = start_with_open_files(&data, &["--journal-segment-bytes", "4096"], tight, tight);
     let log = server.log_text();
     assert!(log.contains("connection cap lowered"), "{log}");
     assert_eq!(server.api().get("/healthz").status, 200);

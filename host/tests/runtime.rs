@@ -408,14 +408,7 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
     ];
     for (device, event, code) in cases {
         rt.journal().barrier().await.expect("settled");
-        // Records, not bytes: an idle writer adds the marker of an empty batch on its own.
-        let records = || {
-            rt.journal()
-                .stats()
-                .records
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
-        let len = records();
+        let len = support::records_written(&rt);
         let letters = |id: &str| rt.dead_letters(id).map_or(0, |d| d.len());
         let dead_before = letters(device);
         let seqs = (
@@ -430,7 +423,11 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         if matches!(code, "trap" | "timeout" | "output-too-large") {
             assert_eq!(letters(device), dead_before + 1, "{event}: one dead letter");
         } else {
-            assert_eq!(records(), len, "{event} wrote to the journal");
+            assert_eq!(
+                support::records_written(&rt),
+                len,
+                "{event} wrote to the journal"
+            );
         }
         assert_eq!(
             (

@@ -75,14 +75,9 @@ fn restore_sigpipe() {
 fn raise_open_files_limit() {
     #[cfg(unix)]
     {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `limit` is a valid, writable `rlimit` for the duration of the call.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let Some(mut limit) = open_files_limit() else {
             return;
-        }
+        };
         let soft = limit.rlim_cur;
         // An unlimited hard limit (macOS) is refused as a soft one: then the kernel's
         // per-process cap, at most (Go does the same with macOS's 10,240).
@@ -101,4 +96,15 @@ fn raise_open_files_limit() {
             tracing::debug!(soft, "the open-files limit could not be raised");
         }
     }
+}
+
+/// The process's limit on open files (soft and hard), if it can be read.
+#[cfg(unix)]
+fn open_files_limit() -> Option<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable `rlimit` for the duration of the call.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
 }

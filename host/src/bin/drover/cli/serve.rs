@@ -393,14 +393,9 @@ const OTHER_DESCRIPTORS: usize = 1024;
 fn fit_to_open_files(segments: usize, limits: &mut drover::http::Limits, explicit: bool) {
     #[cfg(unix)]
     {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `limit` is a valid, writable `rlimit` for the duration of the call.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let Some(limit) = crate::open_files_limit() else {
             return;
-        }
+        };
         let open_files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
         let room = open_files.saturating_sub(segments + OTHER_DESCRIPTORS);
         if limits.max_connections <= room {
