@@ -24,6 +24,8 @@ use drover::registry::Registry;
 use drover::replay::{self, Start};
 use hdrhistogram::Histogram;
 
+#[path = "support/allocator.rs"]
+mod allocator;
 #[path = "support/mod.rs"]
 mod common;
 use common::{THERMOSTAT, env_or};

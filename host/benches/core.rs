@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use drover::Runtime;
 use hdrhistogram::Histogram;
 
+#[path = "support/allocator.rs"]
+mod allocator;
 #[path = "support/mod.rs"]
 mod common;
 use common::{THERMOSTAT, env_or};

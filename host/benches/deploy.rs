@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use drover::registry::Origin;
 use drover::{Runtime, Selection};
 
+#[path = "support/allocator.rs"]
+mod allocator;
 #[path = "support/mod.rs"]
 mod common;
 use common::{THERMOSTAT, env_or};

@@ -48,6 +48,8 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+#[path = "support/allocator.rs"]
+mod allocator;
 #[path = "support/mod.rs"]
 mod common;
 use common::env_or;

@@ -42,6 +42,8 @@ mod plugins;
 use common::{THERMOSTAT, env_or};
 
 /// Bytes the allocator has handed out and not taken back (glibc's `mallinfo2`): heap in use,
+/// which is why this bench, unlike the others, runs on glibc's malloc rather than the
+/// binary's mimalloc (`support/allocator.rs`): its rates are those of glibc's allocator.
 /// which, unlike the resident set, goes down when memory is freed and leaves out the guests'
 /// linear memories (wasmtime maps those itself).
 fn heap_bytes() -> u64 {

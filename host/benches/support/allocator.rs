@@ -1,0 +1,8 @@
+//! The `drover` binary's allocator (see its `main.rs`), so that a bench measures what
+//! `drover serve` runs; `--no-default-features --features cli` measures glibc's malloc.
+//! Included with `#[path]` by the benches that run the runtime, except `timers`, whose heap
+//! figures come from glibc's own counters.
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
