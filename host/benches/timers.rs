@@ -5,7 +5,7 @@
 //! with M timers over M devices (default 1,000,000): it writes two journals straight through
 //! the journal API (no guest runs), M devices with one event each, setting a timer due in an
 //! hour in one and no timer in the other, then opens them side by side and prints the heap
-//! in use per timer (glibc `mallinfo2`): of the journal's index (each device's pending
+//! in use per timer (see `heap_bytes`): of the journal's index (each device's pending
 //! timers), and of a runtime (index plus the timer wheel), and how long the runtime took to
 //! arm them all at open. Once the timers are overdue it opens that journal again and prints
 //! how soon the first fired and how many fired in the next five seconds.
@@ -16,8 +16,8 @@
 //! 1. **baseline**: one reading to each device without a timer (activation + event + commit);
 //! 2. **schedule**: one reading to each device with one: the same, plus a kind-9 record and a
 //!    timer set, its index entry and its place in the wheel. Prints both rates and the heap
-//!    memory per pending timer: growth of the heap in use (glibc `mallinfo2`, which leaves
-//!    out guest memories) over round 2 minus over round 1, divided by N;
+//!    memory per pending timer: growth of the heap in use (`heap_bytes`, which leaves out
+//!    guest memories) over round 2 minus over round 1, divided by N;
 //! 3. **firing**: waits until every timer fired (the thermostat marks itself offline) and
 //!    prints the lateness of each firing (its record's `at_ms` minus its due time) p50 /
 //!    p99 / max, and how long the whole wave took from the first due time;
@@ -41,15 +41,112 @@ mod common;
 mod plugins;
 use common::{THERMOSTAT, env_or};
 
-/// Bytes the allocator has handed out and not taken back (glibc's `mallinfo2`): heap in use,
-/// which is why this bench, unlike the others, runs on glibc's malloc rather than the
-/// binary's mimalloc (`support/allocator.rs`): its rates are those of glibc's allocator.
-/// which, unlike the resident set, goes down when memory is freed and leaves out the guests'
-/// linear memories (wasmtime maps those itself).
+/// Bytes the allocator has handed out and not taken back: heap in use, which, unlike the
+/// resident set, goes down when memory is freed and leaves out the guests' linear memories
+/// (wasmtime maps those itself). With mimalloc (the binary's allocator, on by default), the
+/// usable size of every live block as [`Counting`] tracks it; with glibc's malloc
+/// (`--no-default-features --features cli`), its `mallinfo2` counters.
 fn heap_bytes() -> u64 {
-    // SAFETY: `mallinfo2` only reads the allocator's counters.
-    let info = unsafe { libc::mallinfo2() };
-    (info.uordblks + info.hblkhd) as u64
+    #[cfg(feature = "mimalloc")]
+    {
+        counting::in_use()
+    }
+    #[cfg(not(feature = "mimalloc"))]
+    {
+        // SAFETY: `mallinfo2` only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        (info.uordblks + info.hblkhd) as u64
+    }
+}
+
+/// mimalloc, as the binary runs it, counting the usable size of the blocks it hands out
+/// (size-class rounding included, as glibc's counters include chunk overhead). The counts
+/// are spread over cache-line-sized shards picked per thread, so threads do not contend on
+/// one counter on every allocation.
+#[cfg(feature = "mimalloc")]
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+    use mimalloc::MiMalloc;
+
+    const SHARDS: usize = 64;
+
+    #[repr(align(64))]
+    struct Shard(AtomicI64);
+
+    static SHARD: [Shard; SHARDS] = [const { Shard(AtomicI64::new(0)) }; SHARDS];
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        // `const` and without a destructor: safe to touch from inside the allocator.
+        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+
+    fn add(bytes: i64) {
+        let i = MINE
+            .try_with(|m| {
+                if m.get() == usize::MAX {
+                    m.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+                }
+                m.get()
+            })
+            .unwrap_or(0);
+        SHARD[i].0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn in_use() -> u64 {
+        SHARD
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum::<i64>()
+            .max(0) as u64
+    }
+
+    pub struct Counting;
+
+    // SAFETY: every call is forwarded to mimalloc; the counting only reads the blocks' sizes.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: forwarded with the caller's guarantees.
+            let p = unsafe { MiMalloc.alloc(layout) };
+            if !p.is_null() {
+                // SAFETY: `p` is a live block of mimalloc's.
+                add(unsafe { MiMalloc.usable_size(p) } as i64);
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: forwarded with the caller's guarantees.
+            let p = unsafe { MiMalloc.alloc_zeroed(layout) };
+            if !p.is_null() {
+                // SAFETY: `p` is a live block of mimalloc's.
+                add(unsafe { MiMalloc.usable_size(p) } as i64);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` is a live block of mimalloc's until the call below.
+            add(-(unsafe { MiMalloc.usable_size(ptr) } as i64));
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { MiMalloc.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: `ptr` is a live block of mimalloc's until the call below.
+            let before = unsafe { MiMalloc.usable_size(ptr) } as i64;
+            // SAFETY: forwarded with the caller's guarantees.
+            let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                // SAFETY: `p` is a live block of mimalloc's.
+                add(unsafe { MiMalloc.usable_size(p) } as i64 - before);
+            }
+            p
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
 }
 
 async fn open(root: &std::path::Path, n: usize) -> anyhow::Result<Runtime> {
