@@ -13,8 +13,8 @@
 //! # Small by design
 //!
 //! A fleet may have a million pending timers, so the wheel holds one entry per *device*, not
-//! per timer: `(earliest due time, device number)`, 16 bytes in a B-tree plus 16 in a map
-//! from the device to its entry. When an entry falls due the wheel asks the index which of
+//! per timer: `(earliest due time, device number)`, 16 bytes in a B-tree, plus 8 bytes per
+//! device number up to the highest with a timer, where each device's entry is. When an entry falls due the wheel asks the index which of
 //! that device's timers are due (and puts the device back at the next one); the timer's
 //! event is not in memory at all, the actor reads it from the record that set the timer.
 //! The index keeps 40 bytes and the key per timer (see [`crate::journal::TimerEntry`]).
@@ -25,7 +25,7 @@
 //! leaves the wheel only once the host's clock has reached its due time, and the event's
 //! `at_ms` is taken after that.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,23 +57,42 @@ pub struct TimerWheel {
 struct Wheel {
     /// (due, device number): each device with pending timers once, at its earliest.
     due: BTreeSet<(u64, u32)>,
-    /// Each device's place in `due`.
-    at: HashMap<u32, u64>,
+    /// Each device's place in `due`, by device number ([`NOWHERE`]: not in it). Device
+    /// numbers are dense journal-local ids, so a vector costs 8 bytes per device up to the
+    /// highest number with a timer; a hash map cost ~34 per device with one (entries padded
+    /// to 16 bytes, a table at most 7/8 full that doubles).
+    at: Vec<u64>,
 }
+
+/// In [`Wheel::at`]: the device has no entry. A timer due at `u64::MAX` ms never falls due,
+/// so a device whose earliest timer is due then needs no entry either.
+const NOWHERE: u64 = u64::MAX;
 
 impl Wheel {
     /// Puts device `num` at `due_ms` (or nowhere); returns whether that is now the earliest
     /// entry of all, so the task must look again.
     fn place(&mut self, num: u32, due_ms: Option<u64>) -> bool {
-        if let Some(old) = self.at.remove(&num) {
-            self.due.remove(&(old, num));
+        let i = num as usize;
+        if let Some(old) = self.at.get_mut(i)
+            && *old != NOWHERE
+        {
+            self.due.remove(&(*old, num));
+            *old = NOWHERE;
         }
-        let Some(due_ms) = due_ms else {
+        let Some(due_ms) = due_ms.filter(|&d| d != NOWHERE) else {
             return false;
         };
-        self.at.insert(num, due_ms);
+        if self.at.len() <= i {
+            self.at.resize(i + 1, NOWHERE);
+        }
+        self.at[i] = due_ms;
         self.due.insert((due_ms, num));
         self.due.first() == Some(&(due_ms, num))
+    }
+
+    /// Whether device `num` has an entry.
+    fn placed(&self, num: u32) -> bool {
+        self.at.get(num as usize).is_some_and(|&d| d != NOWHERE)
     }
 }
 
@@ -95,6 +114,11 @@ impl TimerWheel {
         schedule.sort_unstable_by_key(|&(num, due)| (due, num));
         {
             let mut wheel = self.state.lock();
+            if let Some(top) = schedule.iter().map(|&(num, _)| num as usize).max()
+                && wheel.at.len() <= top
+            {
+                wheel.at.resize(top + 1, NOWHERE);
+            }
             for (num, due) in schedule {
                 wheel.place(num, Some(due));
             }
@@ -148,7 +172,7 @@ impl TimerWheel {
             {
                 let mut wheel = self.state.lock();
                 for (num, next_ms) in next_of {
-                    if !wheel.at.contains_key(&num) {
+                    if !wheel.placed(num) {
                         wheel.place(num, next_ms);
                     }
                 }
@@ -183,7 +207,7 @@ impl TimerWheel {
             match wheel.due.first() {
                 Some(&(due, num)) if due <= now => {
                     wheel.due.pop_first();
-                    wheel.at.remove(&num);
+                    wheel.at[num as usize] = NOWHERE;
                     out.push(num);
                 }
                 _ => break,
@@ -229,6 +253,36 @@ mod tests {
         assert_eq!(wheel.scheduled(), 0);
         wheel.sync(2, &VecMap::default());
         let state = wheel.state.lock();
-        assert!(state.at.is_empty() && state.due.is_empty());
+        assert!(state.at.iter().all(|&d| d == NOWHERE) && state.due.is_empty());
+    }
+
+    #[test]
+    fn devices_placed_at_start_move_and_leave_like_any_other() {
+        let wheel = TimerWheel::default();
+        wheel.place_all(vec![(7, 300), (3, 100), (0, 200)]);
+        assert_eq!(wheel.scheduled(), 3);
+        // Device 7 gets an earlier timer; device 0 cancels its own.
+        wheel.sync(7, &map(vec![("x", timer(50, 2))]));
+        wheel.sync(0, &VecMap::default());
+        assert_eq!(wheel.scheduled(), 2);
+        let (due, next) = wheel.take_due(100);
+        assert_eq!(due, [7, 3]);
+        assert_eq!(next, None);
+        // A device far past any placed so far.
+        wheel.sync(1_000, &map(vec![("x", timer(400, 1))]));
+        assert_eq!(wheel.take_due(400).0, [1_000]);
+        assert_eq!(wheel.scheduled(), 0);
+    }
+
+    #[test]
+    fn a_timer_due_at_the_end_of_time_never_falls_due_and_takes_no_place() {
+        let wheel = TimerWheel::default();
+        wheel.sync(4, &map(vec![("x", timer(u64::MAX, 1))]));
+        assert_eq!(wheel.scheduled(), 0);
+        // A device placed earlier and moved there leaves the wheel.
+        wheel.sync(5, &map(vec![("x", timer(10, 1))]));
+        wheel.sync(5, &map(vec![("x", timer(u64::MAX, 2))]));
+        assert_eq!(wheel.scheduled(), 0);
+        assert_eq!(wheel.take_due(u64::MAX).0, Vec::<u32>::new());
     }
 }
