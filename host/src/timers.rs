@@ -13,8 +13,9 @@
 //! # Small by design
 //!
 //! A fleet may have a million pending timers, so the wheel holds one entry per *device*, not
-//! per timer: `(earliest due time, device number)`, 16 bytes in a B-tree, plus 8 bytes per
-//! device number up to the highest with a timer, where each device's entry is. When an entry falls due the wheel asks the index which of
+//! per timer: `(earliest due time, device number)` in a B-tree (16 bytes, ~24 with the
+//! tree's nodes when it is built whole at start), plus 8 bytes per device number up to the
+//! highest with a timer, where each device's entry is. When an entry falls due the wheel asks the index which of
 //! that device's timers are due (and puts the device back at the next one); the timer's
 //! event is not in memory at all, the actor reads it from the record that set the timer.
 //! The index keeps 40 bytes and the key per timer (see [`crate::journal::TimerEntry`]).
@@ -110,18 +111,34 @@ impl TimerWheel {
         if schedule.is_empty() {
             return;
         }
-        // In the set's order: a B-tree filled in order packs its nodes fuller.
-        schedule.sort_unstable_by_key(|&(num, due)| (due, num));
+        // One entry per device: the last one given wins, as if placed one by one.
+        schedule.reverse();
+        schedule.sort_by_key(|&(num, _)| num);
+        schedule.dedup_by_key(|&mut (num, _)| num);
         {
             let mut wheel = self.state.lock();
-            if let Some(top) = schedule.iter().map(|&(num, _)| num as usize).max()
-                && wheel.at.len() <= top
+            if let Some(&(top, _)) = schedule.last()
+                && wheel.at.len() <= top as usize
             {
-                wheel.at.resize(top + 1, NOWHERE);
+                wheel.at.resize(top as usize + 1, NOWHERE);
             }
+            let mut fresh = Vec::with_capacity(schedule.len());
             for (num, due) in schedule {
-                wheel.place(num, Some(due));
+                let i = num as usize;
+                let old = std::mem::replace(&mut wheel.at[i], NOWHERE);
+                if old != NOWHERE {
+                    wheel.due.remove(&(old, num));
+                }
+                if due != NOWHERE {
+                    wheel.at[i] = due;
+                    fresh.push((due, num));
+                }
             }
+            // Built whole from sorted entries, a B-tree's nodes are full; inserted one by one
+            // in order, each split leaves a node about half full: the wheel of a million
+            // devices, vector included, measured 32 bytes per device instead of 52.
+            let mut fresh: BTreeSet<(u64, u32)> = fresh.into_iter().collect();
+            wheel.due.append(&mut fresh);
         }
         self.wake.notify_one();
     }
@@ -272,6 +289,11 @@ mod tests {
         wheel.sync(1_000, &map(vec![("x", timer(400, 1))]));
         assert_eq!(wheel.take_due(400).0, [1_000]);
         assert_eq!(wheel.scheduled(), 0);
+        // Placed twice in one go, and again over an entry it has: the last place wins.
+        wheel.sync(9, &map(vec![("x", timer(900, 1))]));
+        wheel.place_all(vec![(9, 500), (8, 600), (9, 20)]);
+        assert_eq!(wheel.scheduled(), 2);
+        assert_eq!(wheel.take_due(599), (vec![9], Some(600)));
     }
 
     #[test]
