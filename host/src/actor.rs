@@ -31,6 +31,7 @@
 //! * A commit fails: the writer fails every unacknowledged record of this device and fences
 //!   its generation; the actor notices before its next message and rebuilds from the journal.
 
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -864,7 +865,7 @@ impl Actor {
                 key, set, due_ms, ..
             } => match self.timer_owed(key, *set, *due_ms).await {
                 Some(t) => {
-                    every_ms = t.every_ms;
+                    every_ms = t.every_ms.map(NonZeroU64::get);
                     true
                 }
                 None => false,

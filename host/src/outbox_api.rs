@@ -171,7 +171,7 @@ impl Runtime {
                 TimerView {
                     key: key.into(),
                     due_ms: t.due_ms,
-                    every_ms: t.every_ms,
+                    every_ms: t.every_ms.map(std::num::NonZeroU64::get),
                     event: fx
                         .as_ref()
                         .and_then(|fx| fx.timer_event(t.set.index))

@@ -2491,7 +2491,7 @@ fn expected_owed() -> Vec<(String, DeviceFx)> {
         "tick".into(),
         TimerEntry {
             due_ms: 5000,
-            every_ms: Some(1000),
+            every_ms: std::num::NonZeroU64::new(1000),
             set: EffectId { seq: 1, index: 2 },
         },
     );
