@@ -15,10 +15,11 @@
 //! A fleet may have a million pending timers, so the wheel holds one entry per *device*, not
 //! per timer: `(earliest due time, device number)` in a B-tree (16 bytes, ~24 with the
 //! tree's nodes when it is built whole at start), plus 8 bytes per device number up to the
-//! highest with a timer, where each device's entry is. When an entry falls due the wheel asks the index which of
-//! that device's timers are due (and puts the device back at the next one); the timer's
-//! event is not in memory at all, the actor reads it from the record that set the timer.
-//! The index keeps 40 bytes and the key per timer (see [`crate::journal::TimerEntry`]).
+//! highest that ever had a timer (numbers are not reused), where each device's entry is.
+//! When an entry falls due the wheel asks the index which of that device's timers are due
+//! (and puts the device back at the next one); the timer's event is not in memory at all,
+//! the actor reads it from the record that set the timer. The index keeps 32 bytes and the
+//! key per timer (see [`crate::journal::TimerEntry`]).
 //!
 //! Firing a timer puts a [`Message::Internal`] with origin `timer` into the device's mailbox
 //! (activating it). The actor checks it against the journal before handling it, so a timer

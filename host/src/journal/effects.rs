@@ -116,10 +116,19 @@ pub struct TimerEntry {
     pub due_ms: u64,
     /// The period of a periodic timer (a period of 0 in a record is taken as 1 ms, as
     /// `decide` clamps what a guest asks for); non-zero so the option costs no extra word.
+    /// Read leniently: an index checkpoint written before it was non-zero may hold a 0.
+    #[serde(deserialize_with = "period_at_least_1ms")]
     pub every_ms: Option<NonZeroU64>,
     /// The effect that set it: a firing names it, so a firing of a timer since replaced is
     /// recognised and dropped.
     pub set: EffectId,
+}
+
+/// Reads a period as the index stores it, a 0 as 1 ms (see [`TimerEntry::every_ms`]).
+fn period_at_least_1ms<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<NonZeroU64>, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.and_then(|p| NonZeroU64::new(p.max(1))))
 }
 
 impl TimerEntry {
@@ -197,7 +206,7 @@ pub enum MessageTurn {
     NotOwed,
 }
 
-/// A small ordered map in one sorted `Vec`. A device has a handful of timers and owed effects
+/// A small ordered map in one sorted vector. A device has a handful of timers and owed effects
 /// at a time; a `BTreeMap` would allocate a whole node (11 slots, ~1 KiB for timers) for the
 /// first one, and a fleet holds one per device. A `ThinVec` keeps its length and capacity in
 /// its allocation, so a map is one pointer (an empty one allocates nothing): [`DeviceFx`],
@@ -453,6 +462,44 @@ impl Fx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_map_is_written_as_the_vector_it_was_before() {
+        let entries = vec![(1u64, 10u32), (2, 20), (3, 30)];
+        let map: VecMap<u64, u32> = entries.iter().copied().collect();
+        let bytes = postcard::to_allocvec(&map).expect("encodes");
+        assert_eq!(bytes, postcard::to_allocvec(&entries).expect("encodes"));
+        let back: VecMap<u64, u32> = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(back, map);
+    }
+
+    #[test]
+    fn a_timer_entry_reads_as_it_was_written_before_its_period_was_non_zero() {
+        // The shape an index checkpoint held before: the period a plain optional integer.
+        #[derive(Serialize)]
+        struct Before {
+            due_ms: u64,
+            every_ms: Option<u64>,
+            set: EffectId,
+        }
+        let set = EffectId { seq: 7, index: 1 };
+        for (every, read) in [(None, None), (Some(0), Some(1)), (Some(5_000), Some(5_000))] {
+            let bytes = postcard::to_allocvec(&Before {
+                due_ms: 42,
+                every_ms: every,
+                set,
+            })
+            .expect("encodes");
+            let entry: TimerEntry = postcard::from_bytes(&bytes).expect("decodes");
+            assert_eq!(entry.due_ms, 42);
+            assert_eq!(entry.every_ms.map(NonZeroU64::get), read);
+            assert_eq!(entry.set, set);
+            // And what it writes now is what it wrote then (for a period that was not 0).
+            if every != Some(0) {
+                assert_eq!(postcard::to_allocvec(&entry).expect("encodes"), bytes);
+            }
+        }
+    }
 
     fn timer(key: &str, due_ms: u64, every_ms: Option<u64>) -> Effect {
         Effect::SetTimer {
