@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use thin_vec::ThinVec;
+
 use super::effects::{DeviceFx, EffectId, Fx, Sent};
 use super::record::Record;
 use super::runs::{Run, Runs, Spill};
@@ -42,12 +44,16 @@ pub struct DeviceInfo {
     pub seq: u64,
     /// Offsets of the records of the last `tail.len()` seqs (up to `seq`); those of earlier
     /// seqs are in the index's runs.
-    pub tail: Vec<u64>,
+    ///
+    /// This and the next two are `ThinVec`s (length and capacity in the allocation, one
+    /// pointer here): a fleet holds one `DeviceInfo` per device in a hash table whose slots
+    /// are mostly empty, so each word saved here is saved about twice.
+    pub tail: ThinVec<u64>,
     /// `(seq, version, offset)` of the last [`SNAPSHOTS_KEPT`] snapshots, in seq order.
-    pub snapshots: Vec<SnapshotRef>,
+    pub snapshots: ThinVec<SnapshotRef>,
     /// Offsets of the device's most recent dead letters (at most [`DEAD_LETTERS_KEPT`]),
-    /// undeliverable messages included.
-    pub dead_letters: std::collections::VecDeque<u64>,
+    /// undeliverable messages included, oldest first.
+    pub dead_letters: ThinVec<u64>,
     /// Pending timers, undelivered messages and unacknowledged commands (see
     /// `journal/effects.rs`); `None` for a device with none.
     pub fx: Option<Box<DeviceFx>>,
@@ -88,9 +94,9 @@ impl DeviceInfo {
             config,
             created_at_ms,
             seq: 0,
-            tail: Vec::new(),
-            snapshots: Vec::new(),
-            dead_letters: Default::default(),
+            tail: ThinVec::new(),
+            snapshots: ThinVec::new(),
+            dead_letters: ThinVec::new(),
             fx: None,
         }
     }
@@ -472,9 +478,9 @@ impl Index {
             IndexEffect::Undeliverable { device, id } => {
                 if let Some(d) = self.devices.get_mut(&device) {
                     if d.dead_letters.len() == DEAD_LETTERS_KEPT {
-                        d.dead_letters.pop_front();
+                        d.dead_letters.remove(0);
                     }
-                    d.dead_letters.push_back(offset);
+                    d.dead_letters.push(offset);
                 }
                 self.strike_sent(device, id);
             }
@@ -510,9 +516,9 @@ impl Index {
             IndexEffect::DeadLetter { device } => {
                 if let Some(d) = self.devices.get_mut(&device) {
                     if d.dead_letters.len() == DEAD_LETTERS_KEPT {
-                        d.dead_letters.pop_front();
+                        d.dead_letters.remove(0);
                     }
-                    d.dead_letters.push_back(offset);
+                    d.dead_letters.push(offset);
                 }
             }
             IndexEffect::Removed { device } => {
@@ -622,7 +628,7 @@ impl Index {
             .devices
             .values()
             .filter(|d| !d.tail.is_empty())
-            .map(|d| (d.num, d.tail_from(), d.tail.clone()))
+            .map(|d| (d.num, d.tail_from(), d.tail.to_vec()))
             .collect();
         devices.sort_unstable_by_key(|d| d.0);
         SpillPlan { devices }
@@ -665,7 +671,7 @@ impl Index {
             return;
         };
         // Alone with the index: the tails are moved out, not copied.
-        let mut devices: Vec<(u32, u64, Vec<u64>)> = self
+        let mut devices: Vec<(u32, u64, ThinVec<u64>)> = self
             .devices
             .values_mut()
             .filter(|d| !d.tail.is_empty())

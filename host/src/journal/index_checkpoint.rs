@@ -165,9 +165,9 @@ impl Image {
                 config: d.config.to_vec(),
                 created_at_ms: d.created_at_ms,
                 seq: d.seq,
-                tail: d.tail.clone(),
-                snapshots: d.snapshots.clone(),
-                dead_letters: d.dead_letters.iter().copied().collect(),
+                tail: d.tail.to_vec(),
+                snapshots: d.snapshots.to_vec(),
+                dead_letters: d.dead_letters.to_vec(),
                 fx: d.fx.as_deref().cloned(),
             })
             .collect();
@@ -594,8 +594,8 @@ impl Checkpoints {
                 d.created_at_ms,
             );
             info.seq = d.seq;
-            info.tail = d.tail;
-            info.snapshots = d.snapshots;
+            info.tail = d.tail.into();
+            info.snapshots = d.snapshots.into();
             info.dead_letters = d.dead_letters.into();
             info.fx = d.fx.filter(|fx| !fx.is_empty()).map(Box::new);
             if index.devices.insert(d.num, info).is_some() {
