@@ -74,22 +74,32 @@ impl Wheel {
     /// Puts device `num` at `due_ms` (or nowhere); returns whether that is now the earliest
     /// entry of all, so the task must look again.
     fn place(&mut self, num: u32, due_ms: Option<u64>) -> bool {
-        let i = num as usize;
-        if let Some(old) = self.at.get_mut(i)
+        self.unplace(num);
+        let Some(due_ms) = due_ms.filter(|&d| d != NOWHERE) else {
+            return false;
+        };
+        self.mark(num, due_ms);
+        self.due.insert((due_ms, num));
+        self.due.first() == Some(&(due_ms, num))
+    }
+
+    /// Takes device `num`'s entry, if it has one, out of `due`.
+    fn unplace(&mut self, num: u32) {
+        if let Some(old) = self.at.get_mut(num as usize)
             && *old != NOWHERE
         {
             self.due.remove(&(*old, num));
             *old = NOWHERE;
         }
-        let Some(due_ms) = due_ms.filter(|&d| d != NOWHERE) else {
-            return false;
-        };
+    }
+
+    /// Records that device `num`'s entry is at `due_ms` (the caller puts it in `due`).
+    fn mark(&mut self, num: u32, due_ms: u64) {
+        let i = num as usize;
         if self.at.len() <= i {
             self.at.resize(i + 1, NOWHERE);
         }
         self.at[i] = due_ms;
-        self.due.insert((due_ms, num));
-        self.due.first() == Some(&(due_ms, num))
     }
 
     /// Whether device `num` has an entry.
@@ -125,13 +135,9 @@ impl TimerWheel {
             }
             let mut fresh = Vec::with_capacity(schedule.len());
             for (num, due) in schedule {
-                let i = num as usize;
-                let old = std::mem::replace(&mut wheel.at[i], NOWHERE);
-                if old != NOWHERE {
-                    wheel.due.remove(&(old, num));
-                }
+                wheel.unplace(num);
                 if due != NOWHERE {
-                    wheel.at[i] = due;
+                    wheel.mark(num, due);
                     fresh.push((due, num));
                 }
             }

@@ -124,11 +124,16 @@ pub struct TimerEntry {
     pub set: EffectId,
 }
 
-/// Reads a period as the index stores it, a 0 as 1 ms (see [`TimerEntry::every_ms`]).
+/// A timer's period as the index keeps it: a 0 as 1 ms (see [`TimerEntry::every_ms`]).
+fn period(every_ms: Option<u64>) -> Option<NonZeroU64> {
+    every_ms.and_then(|p| NonZeroU64::new(p.max(1)))
+}
+
+/// Reads a period as the index stores it, through [`period`].
 fn period_at_least_1ms<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<NonZeroU64>, D::Error> {
-    Ok(Option::<u64>::deserialize(d)?.and_then(|p| NonZeroU64::new(p.max(1))))
+    Ok(period(Option::<u64>::deserialize(d)?))
 }
 
 impl TimerEntry {
@@ -393,7 +398,7 @@ impl DeviceFx {
                         key.as_str().into(),
                         TimerEntry {
                             due_ms: *due_ms,
-                            every_ms: every_ms.and_then(|p| NonZeroU64::new(p.max(1))),
+                            every_ms: period(*every_ms),
                             set: id,
                         },
                     );

@@ -111,6 +111,14 @@ impl DeviceInfo {
         self.seq + 1 - self.tail.len() as u64
     }
 
+    /// Indexes the dead letter at `offset`, forgetting the oldest past [`DEAD_LETTERS_KEPT`].
+    fn keep_dead_letter(&mut self, offset: u64) {
+        if self.dead_letters.len() == DEAD_LETTERS_KEPT {
+            self.dead_letters.remove(0);
+        }
+        self.dead_letters.push(offset);
+    }
+
     /// The newest snapshot of `version` taken at or before `seq`.
     pub fn snapshot_at(&self, seq: u64, version: u32) -> Option<SnapshotRef> {
         self.snapshots
@@ -477,10 +485,7 @@ impl Index {
             }
             IndexEffect::Undeliverable { device, id } => {
                 if let Some(d) = self.devices.get_mut(&device) {
-                    if d.dead_letters.len() == DEAD_LETTERS_KEPT {
-                        d.dead_letters.remove(0);
-                    }
-                    d.dead_letters.push(offset);
+                    d.keep_dead_letter(offset);
                 }
                 self.strike_sent(device, id);
             }
@@ -515,10 +520,7 @@ impl Index {
             }
             IndexEffect::DeadLetter { device } => {
                 if let Some(d) = self.devices.get_mut(&device) {
-                    if d.dead_letters.len() == DEAD_LETTERS_KEPT {
-                        d.dead_letters.remove(0);
-                    }
-                    d.dead_letters.push(offset);
+                    d.keep_dead_letter(offset);
                 }
             }
             IndexEffect::Removed { device } => {
