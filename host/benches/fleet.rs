@@ -6,12 +6,15 @@
 //! all of them. It prints, per N:
 //!
 //! * RSS (resident set, `/proc/self/status`) and PSS after provisioning and after activation;
-//!   **per passivated device** = growth over provisioning / N, **per live actor** = growth
-//!   over activation / N. Both include everything the process keeps per device (journal
-//!   index, router entry, the instance with its store and the guest pages it touched).
-//!   Built with mimalloc (the default) the per-passivated column prints `n/a`: growth that
-//!   small is lost in the pages mimalloc keeps for reuse; measure it on glibc's malloc with
-//!   `--no-default-features --features cli`.
+//!   **per live actor** = RSS growth over activation / N: everything the process keeps per
+//!   live device (the instance with its store, the guest pages it touched, the actor and its
+//!   mailbox).
+//! * the heap in use (`support/heap.rs`: the allocator's own count of live blocks, which
+//!   leaves out the guests' linear memories, mapped by wasmtime itself): **per passivated
+//!   device** = growth over provisioning / N (journal index, router entry), and **heap per
+//!   live actor** = growth over activation / N (the host's side of a live actor). RSS is
+//!   too coarse for the first: the allocator keeps freed pages for reuse, and growth under
+//!   1 KiB per device is lost in them.
 //! * memory mappings (`/proc/self/maps` lines) with N live: the kernel caps a process at
 //!   `vm.max_map_count` (65,530 here), which is what limited live instances before.
 //! * events/s over the N live actors (durable, 4,096 in flight).
@@ -27,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use drover::Runtime;
 
-#[path = "support/allocator.rs"]
-mod allocator;
 #[path = "support/mod.rs"]
 mod common;
+#[path = "support/heap.rs"]
+mod heap;
 use common::{THERMOSTAT, env_or};
+use heap::heap_bytes;
 
 /// (RSS, PSS) of this process in KiB.
 fn memory_kib() -> (u64, u64) {
@@ -65,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:>9} {:>8} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>10} {:>10}",
+        "{:>9} {:>8} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
         "provisnd",
         "live",
         "RSS idle",
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         "B/passivatd",
         "B/live RSS",
         "B/live PSS",
+        "B/live heap",
         "mappings",
         "events/s",
         "activate/s"
@@ -95,7 +100,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
         .open()
         .await?;
     let ids: Arc<Vec<String>> = Arc::new((0..provisioned).map(|i| format!("t-{i:07}")).collect());
-    let (base_rss, _) = memory_kib();
+    let base_heap = heap_bytes();
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in ids.chunks(provisioned.div_ceil(512)) {
         let rt = rt.clone();
@@ -112,6 +117,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
         r??;
     }
     let (idle_rss, idle_pss) = memory_kib();
+    let idle_heap = heap_bytes();
 
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -131,6 +137,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
     }
     let activate_rate = live as f64 / started.elapsed().as_secs_f64();
     let (live_rss, live_pss) = memory_kib();
+    let live_heap = heap_bytes();
     let maps = mappings();
     if let Ok(out) = std::env::var("DROVER_BENCH_MAPS_OUT") {
         std::fs::copy("/proc/self/maps", out)?;
@@ -173,26 +180,16 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
         r??;
     }
     let rate = events as f64 / start.elapsed().as_secs_f64();
-    // mimalloc keeps the pages it frees for reuse, so growth as small as a passivated
-    // device's (under 1 KiB) is lost in them: that column needs glibc's malloc
-    // (`--no-default-features --features cli`).
-    let per_passivated = if cfg!(feature = "mimalloc") {
-        "n/a".to_string()
-    } else {
-        format!(
-            "{:.0}",
-            (idle_rss.saturating_sub(base_rss) * 1024) as f64 / provisioned as f64
-        )
-    };
     println!(
-        "{:>9} {:>8} {:>10} {:>10} {:>12} {:>12.0} {:>9.0} {:>9} {:>10.0} {:>10.0}",
+        "{:>9} {:>8} {:>10} {:>10} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0}",
         provisioned,
         actually_live,
         idle_rss,
         live_rss,
-        per_passivated,
+        idle_heap.saturating_sub(base_heap) as f64 / provisioned as f64,
         (live_rss.saturating_sub(idle_rss) * 1024) as f64 / live as f64,
         (live_pss.saturating_sub(idle_pss) * 1024) as f64 / live as f64,
+        live_heap.saturating_sub(idle_heap) as f64 / live as f64,
         maps,
         rate,
         activate_rate,
