@@ -217,7 +217,9 @@ pub enum Message {
         /// The event; `None` for a timer firing, whose event the actor reads from the record
         /// that set the timer (the wheel and the index do not keep timers' events).
         event: Option<String>,
-        origin: Origin,
+        /// Boxed: it is the largest field of any message, and every live actor's mailbox
+        /// holds a first block of 32 messages' room whether it is used or not.
+        origin: Box<Origin>,
     },
     /// Write a snapshot of the current state now (activating the device if it is not live):
     /// retention asks a device whose old snapshot holds back the deletion of old segments
@@ -497,15 +499,17 @@ impl Actor {
                             self.internal_not_handled(&origin);
                         }
                         Message::Internal { event, origin } => {
-                            self.on_internal(event, origin).await
+                            self.on_internal(event, *origin).await
                         }
-                        Message::Query { reply } => self.on_query(reply).await,
-                        Message::Snapshot => self.on_snapshot_request().await,
+                        // The rare requests' futures are boxed, so the task every live actor
+                        // keeps is sized for the event path only.
+                        Message::Query { reply } => Box::pin(self.on_query(reply)).await,
+                        Message::Snapshot => Box::pin(self.on_snapshot_request()).await,
                         Message::Upgrade { version, reply } => {
-                            let report = self.on_upgrade(version).await;
+                            let report = Box::pin(self.on_upgrade(version)).await;
                             let _ = reply.send(report);
                         }
-                        Message::Export { reply } => self.on_export(reply).await,
+                        Message::Export { reply } => Box::pin(self.on_export(reply)).await,
                     }
                     if sleep.is_elapsed() {
                         sleep.as_mut().reset(last_activity + idle);

@@ -84,11 +84,11 @@ impl Postman {
             to,
             Message::Internal {
                 event: Some(event),
-                origin: Origin::Message {
+                origin: Box::new(Origin::Message {
                     sender: sender.to_string(),
                     num,
                     id,
-                },
+                }),
             },
         );
     }
@@ -287,10 +287,10 @@ fn sync_timers(journal: &Journal, timers: &TimerWheel, num: u32) {
 /// Who sent `msg` (id, device number) and its id, if it is a message.
 fn sent_by(msg: &Message) -> Option<(String, u32, EffectId)> {
     match msg {
-        Message::Internal {
-            origin: Origin::Message { sender, num, id },
-            ..
-        } => Some((sender.clone(), *num, *id)),
+        Message::Internal { origin, .. } => match &**origin {
+            Origin::Message { sender, num, id } => Some((sender.clone(), *num, *id)),
+            _ => None,
+        },
         _ => None,
     }
 }

@@ -180,12 +180,12 @@ impl TimerWheel {
                         Message::Internal {
                             // Read by the actor from the record that set the timer.
                             event: None,
-                            origin: Origin::Timer {
+                            origin: Box::new(Origin::Timer {
                                 key: key.into(),
                                 set: t.set,
                                 due_ms: t.due_ms,
                                 missed: 0,
-                            },
+                            }),
                         },
                     );
                 }
