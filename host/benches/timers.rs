@@ -44,7 +44,6 @@ use heap::heap_bytes;
 mod plugins;
 use common::{THERMOSTAT, env_or};
 
-
 async fn open(root: &std::path::Path, n: usize) -> anyhow::Result<Runtime> {
     Runtime::builder(root)
         .plugin("thermostat", THERMOSTAT)
