@@ -19,6 +19,11 @@
 //!   `vm.max_map_count` (65,530 here), which is what limited live instances before.
 //! * events/s over the N live actors (durable, 4,096 in flight).
 //!
+//! Last, **growth**: 1,000 devices of the test plugin `misbehave`, live after one small
+//! event each, then one event each whose transition is 64 KiB, which makes the guest grow its
+//! memory: prints the resident growth per actor (what a grown memory costs; see
+//! `host/src/engine/memory.rs`).
+//!
 //! Options (environment): `DROVER_BENCH_LIVE` (sizes, default `10000,100000`),
 //! `DROVER_BENCH_PROVISIONED` (devices provisioned per size, default: the size; e.g.
 //! `1000000` with size 100000 measures 1M provisioned, 100k live), `DROVER_BENCH_EVENTS`
@@ -34,6 +39,8 @@ use drover::Runtime;
 mod common;
 #[path = "support/heap.rs"]
 mod heap;
+#[path = "../tests/support/plugins.rs"]
+mod plugins;
 use common::{THERMOSTAT, env_or};
 use heap::heap_bytes;
 
@@ -86,6 +93,39 @@ fn main() -> anyhow::Result<()> {
         let provisioned = env_or("DROVER_BENCH_PROVISIONED", live as u64).max(live as u64);
         rt.block_on(run(provisioned as usize, live))?;
     }
+    rt.block_on(growth(1000))?;
+    Ok(())
+}
+
+/// Resident growth per live actor when each guest grows its memory once.
+async fn growth(n: usize) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-fleet-growth");
+    let _ = std::fs::remove_dir_all(&root);
+    let misbehave = std::fs::read(plugins::plugin_dir().join("misbehave.wasm"))?;
+    let rt = Runtime::builder(&root)
+        .plugin("misbehave", misbehave)
+        .idle_timeout(Duration::from_secs(3600))
+        .open()
+        .await?;
+    let ids: Vec<String> = (0..n).map(|i| format!("m-{i:05}")).collect();
+    for id in &ids {
+        rt.provision(id, "misbehave", &serde_json::json!({}))
+            .await?;
+        rt.send(id, r#"{"type":"ok"}"#).await?;
+    }
+    let (before, _) = memory_kib();
+    for id in &ids {
+        rt.send(id, r#"{"type":"big","kb":64}"#).await?;
+    }
+    let (after, _) = memory_kib();
+    println!(
+        "growth: {n} live misbehave actors, one 64 KiB transition each (the guest grows its \
+         memory): {:.0} KiB more resident per actor",
+        after.saturating_sub(before) as f64 / n as f64
+    );
+    rt.shutdown().await;
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
 

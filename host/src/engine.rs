@@ -39,6 +39,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 pub use crate::config::EngineConfig;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
 
+mod memory;
 mod stdio;
 
 mod bindings {
@@ -192,8 +193,8 @@ impl Engine {
         // so mappings stop being the limit (see `host/DESIGN.md`, "Live instances"). The
         // costs, measured: every access is bounds-checked (no guard pages; guest calls
         // 10-20% dearer, a few percent of an event), instantiation copies the data segments
-        // (a few µs), and `memory.grow` moves the memory (a guest grows it rarely: its
-        // allocator asks for 64 KiB at a time and keeps what it got).
+        // (a few µs), and `memory.grow` may move the memory (`engine/memory.rs` moves it
+        // with `mremap`: no copy, and pages never touched stay unbacked).
         // `EngineConfig::guard_pages` trades that for faster guest code on fewer instances.
         if !config.guard_pages {
             wasm.memory_reservation(0);
@@ -201,6 +202,9 @@ impl Engine {
             wasm.memory_guard_size(0);
             wasm.guard_before_linear_memory(false);
             wasm.memory_init_cow(false);
+            // Growth by `mremap` rather than wasmtime's copy into a new mapping, which made
+            // every page of the memory resident (see `engine/memory.rs`).
+            wasm.with_host_memory(Arc::new(memory::CompactMemories));
         }
         let engine = wasmtime::Engine::new(&wasm)?;
 
