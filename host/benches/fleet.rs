@@ -10,7 +10,7 @@
 //!   live device (the instance with its store, the guest pages it touched, the actor and its
 //!   mailbox).
 //! * the heap in use (`support/heap.rs`: the allocator's own count of live blocks, which
-//!   leaves out the guests' linear memories, mapped by wasmtime itself): **per passivated
+//!   leaves out the guests' linear memories, which are mappings of their own): **per passivated
 //!   device** = growth over provisioning / N (journal index, router entry), and **heap per
 //!   live actor** = growth over activation / N (the host's side of a live actor). RSS is
 //!   too coarse for the first: the allocator keeps freed pages for reuse, and growth under
@@ -21,8 +21,8 @@
 //!
 //! Last, **growth**: 1,000 devices of the test plugin `misbehave`, live after one small
 //! event each, then one event each whose transition is 64 KiB, which makes the guest grow its
-//! memory: prints the resident growth per actor (what a grown memory costs; see
-//! `host/src/engine/memory.rs`).
+//! memory: prints the resident growth per actor and the memory mappings before and after
+//! (what a grown memory costs; see `host/src/engine/memory.rs`).
 //!
 //! Options (environment): `DROVER_BENCH_LIVE` (sizes, default `10000,100000`),
 //! `DROVER_BENCH_PROVISIONED` (devices provisioned per size, default: the size; e.g.
@@ -113,14 +113,15 @@ async fn growth(n: usize) -> anyhow::Result<()> {
             .await?;
         rt.send(id, r#"{"type":"ok"}"#).await?;
     }
-    let (before, _) = memory_kib();
+    let ((before, _), maps_before) = (memory_kib(), mappings());
     for id in &ids {
         rt.send(id, r#"{"type":"big","kb":64}"#).await?;
     }
-    let (after, _) = memory_kib();
+    let ((after, _), maps_after) = (memory_kib(), mappings());
     println!(
         "growth: {n} live misbehave actors, one 64 KiB transition each (the guest grows its \
-         memory): {:.0} KiB more resident per actor",
+         memory): {:.0} KiB more resident per actor; memory mappings {maps_before} -> \
+         {maps_after}",
         after.saturating_sub(before) as f64 / n as f64
     );
     rt.shutdown().await;

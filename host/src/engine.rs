@@ -193,8 +193,8 @@ impl Engine {
         // so mappings stop being the limit (see `host/DESIGN.md`, "Live instances"). The
         // costs, measured: every access is bounds-checked (no guard pages; guest calls
         // 10-20% dearer, a few percent of an event), instantiation copies the data segments
-        // (a few µs), and `memory.grow` may move the memory (`engine/memory.rs` moves it
-        // with `mremap`: no copy, and pages never touched stay unbacked).
+        // (a few µs), and a `memory.grow` past twice the size moves the memory (see
+        // `engine/memory.rs`).
         // `EngineConfig::guard_pages` trades that for faster guest code on fewer instances.
         if !config.guard_pages {
             wasm.memory_reservation(0);
@@ -202,8 +202,8 @@ impl Engine {
             wasm.memory_guard_size(0);
             wasm.guard_before_linear_memory(false);
             wasm.memory_init_cow(false);
-            // Growth by `mremap` rather than wasmtime's copy into a new mapping, which made
-            // every page of the memory resident (see `engine/memory.rs`).
+            // Memories with room to grow in place, moved (when they must) without copying
+            // untouched pages: wasmtime's move made every page resident (`engine/memory.rs`).
             wasm.with_host_memory(Arc::new(memory::CompactMemories));
         }
         let engine = wasmtime::Engine::new(&wasm)?;

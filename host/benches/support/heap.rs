@@ -5,7 +5,7 @@
 
 /// Bytes the allocator has handed out and not taken back: heap in use, which, unlike the
 /// resident set, goes down when memory is freed and leaves out the guests' linear memories
-/// (wasmtime maps those itself). With mimalloc (the binary's allocator, on by default), the
+/// (mappings of their own, see `host/src/engine/memory.rs`). With mimalloc (the binary's allocator, on by default), the
 /// usable size of every live block as [`Counting`] tracks it; with glibc's malloc
 /// (`--no-default-features --features cli`), its `mallinfo2` counters.
 pub fn heap_bytes() -> u64 {

@@ -1,9 +1,9 @@
-//! Guest linear memories laid out compactly, grown without copying.
+//! Guest linear memories laid out compactly, grown without making untouched pages resident.
 //!
 //! By default (`EngineConfig::guard_pages` off) every guest memory is one anonymous read-write
-//! mapping of exactly its current size: no reservation beyond it, no guard pages, so adjacent
-//! memories merge into few kernel mappings and one process holds 100k+ live instances (see
-//! `host/DESIGN.md`, "Live instances"). The price is that a memory that grows must move.
+//! mapping: no `PROT_NONE` reservation, no guard pages, so adjacent memories merge into few
+//! kernel mappings and one process holds 100k+ live instances (see `host/DESIGN.md`, "Live
+//! instances"). The price is that a memory that outgrows its mapping must move.
 //!
 //! wasmtime moves such a memory by mapping a new region and copying the old contents into it.
 //! The copy writes every byte of the old size, so every page of the new region becomes
@@ -13,11 +13,15 @@
 //! that actor ~1.2 MiB resident until passivation, 20x its size, and a fleet of them would
 //! run the machine out of memory well under its live-instance cap.
 //!
-//! [`CompactMemories`] creates the memories instead. Growth is `mremap(MREMAP_MAYMOVE)`: the
-//! kernel extends the mapping in place when the address space after it is free and otherwise
-//! moves its page tables, so pages never touched stay unbacked and nothing is copied. Memory
-//! is the guest's, so only the host's bookkeeping lives here; bounds checks are in the
-//! compiled code (no guard region is promised, see [`CompactMemories::new_memory`]).
+//! [`CompactMemories`] creates the memories instead, each mapped with room to double in
+//! place (see [`CompactMemory`]). Past that a memory grows in place if the address space
+//! after it is free (`mremap` without `MREMAP_MAYMOVE`), and otherwise into a fresh mapping
+//! into which only the pages that hold something are copied, so pages the guest never
+//! touched stay unbacked. (Moving it with `MREMAP_MAYMOVE` would copy nothing either, but a
+//! moved region never merges with its neighbours again: each grown memory would cost one of
+//! the process's 65,530 mappings, the limit this layout exists to avoid.) Memory is the
+//! guest's, so only the host's bookkeeping lives here; bounds checks are in the compiled code
+//! (no guard region is promised, see [`CompactMemories::new_memory`]).
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -54,6 +58,13 @@ unsafe impl MemoryCreator for CompactMemories {
 
 /// One guest memory: `mapped` bytes at `base` (a multiple of the host's page size, 0 for a
 /// memory of size 0, which maps nothing), of which the guest sees `size`.
+///
+/// The mapping is twice the size it was made or last moved for, read-write throughout: the
+/// guest cannot reach past `size` (every access is bounds-checked against it), pages never
+/// touched cost no memory, and a read-write tail merges with the neighbours as a `PROT_NONE`
+/// reservation would not. So the common growths (a guest's allocator asks for 64 KiB at a
+/// time) happen in place, and a memory moves, leaving a hole in the address space that may
+/// split a merged mapping, only each time it doubles.
 pub(crate) struct CompactMemory {
     base: NonNull<u8>,
     mapped: usize,
@@ -76,8 +87,12 @@ fn round_up(bytes: usize) -> Option<usize> {
 }
 
 impl CompactMemory {
+    /// A memory of `size` bytes, mapped with room to grow to twice that in place.
     pub(crate) fn new(size: usize) -> std::io::Result<CompactMemory> {
-        let mapped = round_up(size).ok_or(std::io::ErrorKind::OutOfMemory)?;
+        let mapped = size
+            .checked_mul(2)
+            .and_then(round_up)
+            .ok_or(std::io::ErrorKind::OutOfMemory)?;
         if mapped == 0 {
             return Ok(CompactMemory {
                 base: NonNull::dangling(),
@@ -102,7 +117,7 @@ impl CompactMemory {
 
 // SAFETY: `as_ptr` points at `byte_capacity` bytes, readable, writable and zero-filled where
 // never written; growth within `byte_capacity` never moves `as_ptr`; growth beyond it keeps
-// the contents (mremap moves page tables, not data).
+// the contents (extended in place, or every non-zero page copied).
 unsafe impl LinearMemory for CompactMemory {
     fn byte_size(&self) -> usize {
         self.size
@@ -123,20 +138,48 @@ unsafe impl LinearMemory for CompactMemory {
             *self = CompactMemory::new(new_size)?;
             return Ok(());
         }
-        // SAFETY: `base..base + mapped` is this value's own mapping; after the call only the
-        // returned address is used. The kernel keeps the contents and zero-fills the rest.
-        let ptr = unsafe {
+        // In place when the address space after the mapping is free: the mapping just
+        // extends (and stays mergeable with its neighbours).
+        // SAFETY: `base..base + mapped` is this value's own mapping; without `MAYMOVE` the
+        // kernel either extends it where it is or fails and leaves it as it was.
+        let in_place = unsafe {
             mm::mremap(
                 self.base.as_ptr().cast::<c_void>(),
                 self.mapped,
                 new_mapped,
-                MremapFlags::MAYMOVE,
-            )?
+                MremapFlags::empty(),
+            )
         };
-        self.base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| wasmtime::format_err!("mremap returned a null address"))?;
-        self.mapped = new_mapped;
-        self.size = new_size;
+        if in_place.is_ok() {
+            self.mapped = new_mapped;
+            self.size = new_size;
+            return Ok(());
+        }
+        // Elsewhere: a fresh mapping, into which only the pages holding something are
+        // copied. Not `mremap(MREMAP_MAYMOVE)`: a moved region keeps its own page offset
+        // and anonymous-memory record and never merges with its new neighbours again, so
+        // each grown memory would cost a kernel mapping (`vm.max_map_count`, see the module
+        // docs). Reading a page the guest never touched maps the kernel's shared zero page,
+        // which costs no memory; a page that reads as zeros needs no copy, since the new
+        // mapping reads as zeros too. Pages swapped out are read back, not skipped.
+        let grown = CompactMemory::new(new_size)?;
+        let page = page_size();
+        for offset in (0..self.mapped).step_by(page) {
+            // SAFETY: both ranges are within their own mappings, and they do not overlap
+            // (two distinct live mappings).
+            unsafe {
+                let src = std::slice::from_raw_parts(self.base.as_ptr().add(offset), page);
+                if src.iter().any(|b| *b != 0) {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        grown.base.as_ptr().add(offset),
+                        page,
+                    );
+                }
+            }
+        }
+        // The old mapping goes with the old value.
+        *self = grown;
         Ok(())
     }
 
@@ -187,7 +230,9 @@ mod tests {
         let before = resident_pages(&m);
         assert!(before <= 2, "{before} pages resident after two writes");
 
+        let base = m.as_ptr();
         m.grow_to(18 * WASM_PAGE).unwrap();
+        assert_eq!(m.as_ptr(), base, "a first growth happens in place");
         assert_eq!(m.byte_size(), 18 * WASM_PAGE);
         assert!(m.byte_capacity() >= 18 * WASM_PAGE);
         // SAFETY: within the memory.
@@ -202,13 +247,52 @@ mod tests {
             m.as_ptr().add(18 * WASM_PAGE - 1).write(1);
         }
         // The read and the write above touched one new page each (a read maps the shared
-        // zero page, which mincore counts). A copying move would have made all 18 wasm pages
-        // (288 host pages) resident.
+        // zero page, which mincore counts). A move that copied the whole memory would have
+        // made the 17 old wasm pages (272 host pages) resident.
         let after = resident_pages(&m);
         assert!(
             after <= before + 2,
             "{after} pages resident after growing (was {before})"
         );
+    }
+
+    #[test]
+    fn a_memory_with_no_room_after_it_moves_and_copies_only_what_it_holds() {
+        let mut m = CompactMemory::new(17 * WASM_PAGE).unwrap();
+        // Take the address space right after the memory, so it cannot grow in place.
+        // SAFETY: `MAP_FIXED_NOREPLACE` never replaces a mapping; if the range is taken
+        // already (by the kernel's placement of an earlier mapping), it is blocked anyway.
+        let blocker = unsafe {
+            mm::mmap_anonymous(
+                m.as_ptr().add(m.mapped).cast(),
+                page_size(),
+                ProtFlags::READ,
+                MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
+            )
+        };
+        // SAFETY: within the memory.
+        unsafe {
+            m.as_ptr().add(3 * WASM_PAGE + 5).write(42);
+            m.as_ptr().add(16 * WASM_PAGE).write(7);
+        }
+        let before = m.as_ptr();
+        let past_room = m.byte_capacity() + WASM_PAGE;
+        m.grow_to(past_room).unwrap();
+        assert_ne!(m.as_ptr(), before, "no room after it: the memory moved");
+        assert_eq!(m.byte_size(), past_room);
+        // SAFETY: within the memory.
+        unsafe {
+            assert_eq!(m.as_ptr().add(3 * WASM_PAGE + 5).read(), 42);
+            assert_eq!(m.as_ptr().add(16 * WASM_PAGE).read(), 7);
+        }
+        // Only the two pages written were copied; reading them back above touched nothing
+        // else.
+        let resident = resident_pages(&m);
+        assert!(resident <= 2, "{resident} pages resident after the move");
+        if let Ok(p) = blocker {
+            // SAFETY: the test's own page.
+            unsafe { mm::munmap(p, page_size()).unwrap() };
+        }
     }
 
     #[test]
