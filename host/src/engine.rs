@@ -189,12 +189,12 @@ impl Engine {
         // a process's memory mappings (`vm.max_map_count`, 65,530 by default); wasmtime's
         // defaults cost ~4 per instance (a 4 GiB reservation, guard regions, a copy-on-write
         // image of the data segments), which capped a process near 16k. Here a memory is one
-        // anonymous read-write mapping of exactly its current size, and adjacent ones merge,
-        // so mappings stop being the limit (see `host/DESIGN.md`, "Live instances"). The
-        // costs, measured: every access is bounds-checked (no guard pages; guest calls
-        // 10-20% dearer, a few percent of an event), instantiation copies the data segments
-        // (a few µs), and a `memory.grow` past twice the size moves the memory (see
-        // `engine/memory.rs`).
+        // anonymous read-write mapping (twice its size: room to grow in place), and adjacent
+        // ones merge, so mappings stop being the limit (see `host/DESIGN.md`, "Live
+        // instances"). The costs, measured: every access is bounds-checked (no guard pages;
+        // guest calls 10-20% dearer, a few percent of an event), instantiation copies the
+        // data segments (a few µs), and a memory that outgrows its mapping may have to move
+        // (see `engine/memory.rs`).
         // `EngineConfig::guard_pages` trades that for faster guest code on fewer instances.
         if !config.guard_pages {
             wasm.memory_reservation(0);

@@ -59,7 +59,7 @@ unsafe impl MemoryCreator for CompactMemories {
 /// One guest memory: `mapped` bytes at `base` (a multiple of the host's page size, 0 for a
 /// memory of size 0, which maps nothing), of which the guest sees `size`.
 ///
-/// The mapping is twice the size it was made or last moved for, read-write throughout: the
+/// The mapping is twice the size it was made for or last outgrew, read-write throughout: the
 /// guest cannot reach past `size` (every access is bounds-checked against it), pages never
 /// touched cost no memory, and a read-write tail merges with the neighbours as a `PROT_NONE`
 /// reservation would not. So the common growths (a guest's allocator asks for 64 KiB at a
@@ -100,6 +100,10 @@ impl CompactMemory {
                 size,
             });
         }
+        // `NORESERVE`: the room to grow is address space, not memory, so it is not charged
+        // against the commit limit (in the kernel's default overcommit modes; a host with
+        // `vm.overcommit_memory = 2` charges it all the same, as it charged the megabyte of
+        // guest stack before).
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks: it
         // aliases nothing.
         let ptr = unsafe {
@@ -107,7 +111,7 @@ impl CompactMemory {
                 std::ptr::null_mut(),
                 mapped,
                 ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )?
         };
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(std::io::ErrorKind::OutOfMemory)?;
@@ -132,7 +136,10 @@ unsafe impl LinearMemory for CompactMemory {
             self.size = self.size.max(new_size);
             return Ok(());
         }
-        let new_mapped = round_up(new_size)
+        // Room to double again, as at creation.
+        let new_mapped = new_size
+            .checked_mul(2)
+            .and_then(round_up)
             .ok_or_else(|| wasmtime::format_err!("memory size {new_size} overflows"))?;
         if self.mapped == 0 {
             *self = CompactMemory::new(new_size)?;
@@ -162,14 +169,18 @@ unsafe impl LinearMemory for CompactMemory {
         // docs). Reading a page the guest never touched maps the kernel's shared zero page,
         // which costs no memory; a page that reads as zeros needs no copy, since the new
         // mapping reads as zeros too. Pages swapped out are read back, not skipped.
+        // Only up to the current size: the guest never reached past it.
         let grown = CompactMemory::new(new_size)?;
         let page = page_size();
-        for offset in (0..self.mapped).step_by(page) {
+        let used = round_up(self.size).unwrap_or(self.mapped).min(self.mapped);
+        for offset in (0..used).step_by(page) {
             // SAFETY: both ranges are within their own mappings, and they do not overlap
-            // (two distinct live mappings).
+            // (two distinct live mappings). Mappings are page-aligned, so the words are
+            // aligned.
             unsafe {
                 let src = std::slice::from_raw_parts(self.base.as_ptr().add(offset), page);
-                if src.iter().any(|b| *b != 0) {
+                let words = std::slice::from_raw_parts(src.as_ptr().cast::<u64>(), page / 8);
+                if words.iter().fold(0, |acc, w| acc | w) != 0 {
                     std::ptr::copy_nonoverlapping(
                         src.as_ptr(),
                         grown.base.as_ptr().add(offset),
@@ -231,6 +242,7 @@ mod tests {
         assert!(before <= 2, "{before} pages resident after two writes");
 
         let base = m.as_ptr();
+        assert!(m.byte_capacity() >= 34 * WASM_PAGE, "room to double");
         m.grow_to(18 * WASM_PAGE).unwrap();
         assert_eq!(m.as_ptr(), base, "a first growth happens in place");
         assert_eq!(m.byte_size(), 18 * WASM_PAGE);
