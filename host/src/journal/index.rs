@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use thin_vec::ThinVec;
 
+use super::device_table::DeviceTable;
 use super::effects::{DeviceFx, EffectId, Fx, Sent};
 use super::record::Record;
 use super::runs::{Run, Runs, Spill};
@@ -46,8 +47,7 @@ pub struct DeviceInfo {
     /// seqs are in the index's runs.
     ///
     /// This and the next two are `ThinVec`s (length and capacity in the allocation, one
-    /// pointer here): a fleet holds one `DeviceInfo` per device in a hash table whose slots
-    /// are mostly empty, so each word saved here is saved about twice.
+    /// pointer here): a fleet holds one `DeviceInfo` per device (see `device_table.rs`).
     pub tail: ThinVec<u64>,
     /// `(seq, version, offset)` of the last [`SNAPSHOTS_KEPT`] snapshots, in seq order.
     pub snapshots: ThinVec<SnapshotRef>,
@@ -176,7 +176,7 @@ pub enum IndexEffect {
 #[derive(Debug, Default, Clone)]
 pub struct Index {
     pub versions: Vec<VersionInfo>,
-    pub devices: HashMap<u32, DeviceInfo>,
+    pub devices: DeviceTable,
     pub by_id: HashMap<Arc<str>, u32>,
     /// One past the highest device number ever recorded, removed devices included: numbers
     /// are never reused, so an old record can never be taken for a new device's.

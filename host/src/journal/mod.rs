@@ -47,6 +47,7 @@
 //!   survives a crash.
 
 mod checkpoint;
+mod device_table;
 pub mod effects;
 mod index;
 mod index_checkpoint;
