@@ -7,6 +7,14 @@
 //! allocated as numbers reach them, so it never copies itself whole to grow, and a number far
 //! beyond the others (a damaged or hand-made journal) costs one chunk and a pointer per
 //! skipped chunk, not a slot per skipped number. A removed device leaves an empty slot.
+//!
+//! Lookups by id go through a hash table of device numbers alone (4 B a slot, hashed and
+//! compared through the device's own id), where a `HashMap<Arc<str>, u32>` kept a second
+//! 24 B key per device.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 use super::index::DeviceInfo;
 
@@ -15,22 +23,60 @@ use super::index::DeviceInfo;
 const CHUNK: usize = 1024;
 
 /// Devices by number, with the part of `HashMap<u32, DeviceInfo>`'s interface the index
-/// uses. Iteration is in number order.
+/// uses, and by id. Iteration is in number order. Ids are unique: [`DeviceTable::insert`]
+/// expects the caller to have checked (`num_of`).
 #[derive(Debug, Default, Clone)]
 pub struct DeviceTable {
     chunks: Vec<Option<Box<[Option<DeviceInfo>]>>>,
     len: usize,
+    by_id: HashTable<u32>,
+    hasher: std::hash::RandomState,
 }
+
+type Chunks = [Option<Box<[Option<DeviceInfo>]>>];
 
 fn place(num: u32) -> (usize, usize) {
     let n = num as usize;
     (n / CHUNK, n % CHUNK)
 }
 
+fn slot(chunks: &Chunks, num: u32) -> Option<&DeviceInfo> {
+    let (c, i) = place(num);
+    chunks.get(c)?.as_ref()?[i].as_ref()
+}
+
 impl DeviceTable {
     pub fn get(&self, num: &u32) -> Option<&DeviceInfo> {
-        let (c, i) = place(*num);
-        self.chunks.get(c)?.as_ref()?[i].as_ref()
+        slot(&self.chunks, *num)
+    }
+
+    /// The number of the device with this id.
+    pub fn num_of(&self, id: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(id);
+        let chunks = &self.chunks;
+        self.by_id
+            .find(hash, |n| slot(chunks, *n).is_some_and(|d| &*d.id == id))
+            .copied()
+    }
+
+    /// The device with this id.
+    pub fn by_id(&self, id: &str) -> Option<&DeviceInfo> {
+        self.num_of(id).and_then(|n| self.get(&n))
+    }
+
+    pub fn contains_id(&self, id: &str) -> bool {
+        self.num_of(id).is_some()
+    }
+
+    /// Takes `num` out of the id table, while its device is still in its slot.
+    fn unfile(&mut self, num: u32) {
+        let Some(id) = slot(&self.chunks, num).map(|d| d.id.clone()) else {
+            return;
+        };
+        let hash = self.hasher.hash_one(&*id);
+        if let Ok(entry) = self.by_id.find_entry(hash, |n| *n == num) {
+            entry.remove();
+        }
     }
 
     pub fn get_mut(&mut self, num: &u32) -> Option<&mut DeviceInfo> {
@@ -45,6 +91,12 @@ impl DeviceTable {
     /// Puts `info` in slot `num` (which must be `info.num`), returning what was there.
     pub fn insert(&mut self, num: u32, info: DeviceInfo) -> Option<DeviceInfo> {
         debug_assert_eq!(num, info.num, "a device is filed under its own number");
+        debug_assert!(
+            self.num_of(&info.id).is_none_or(|n| n == num),
+            "device ids are unique"
+        );
+        self.unfile(num);
+        let hash = self.hasher.hash_one(&*info.id);
         let (c, i) = place(num);
         if self.chunks.len() <= c {
             self.chunks.resize_with(c + 1, || None);
@@ -54,10 +106,15 @@ impl DeviceTable {
         if old.is_none() {
             self.len += 1;
         }
+        let (chunks, hasher) = (&self.chunks, &self.hasher);
+        self.by_id.insert_unique(hash, num, |n| {
+            slot(chunks, *n).map_or(0, |d| hasher.hash_one(&*d.id))
+        });
         old
     }
 
     pub fn remove(&mut self, num: &u32) -> Option<DeviceInfo> {
+        self.unfile(*num);
         let (c, i) = place(*num);
         let old = self.chunks.get_mut(c)?.as_mut()?[i].take();
         if old.is_some() {
@@ -118,6 +175,9 @@ mod tests {
         }
         assert_eq!(t.len(), 5);
         assert_eq!(t.get(&1024).map(|d| &*d.id), Some("d1024"));
+        assert_eq!(t.num_of("d3000"), Some(3000));
+        assert_eq!(t.by_id("d5").map(|d| d.num), Some(5));
+        assert!(!t.contains_id("d6") && !t.contains_id(""));
         assert!(t.get(&6).is_none() && t.get(&2048).is_none() && t.get(&9999).is_none());
         t.get_mut(&5).unwrap().seq = 9;
         assert_eq!(t.get(&5).unwrap().seq, 9);
@@ -127,6 +187,7 @@ mod tests {
         assert_eq!((t.len(), t.get(&5).unwrap().version), (5, 3));
         assert_eq!(t.remove(&1023).map(|d| d.num), Some(1023));
         assert!(t.remove(&1023).is_none() && !t.contains_key(&1023));
+        assert!(!t.contains_id("d1023") && t.contains_id("d1024"));
         assert_eq!(t.len(), 4);
         assert_eq!(t.keys().copied().collect::<Vec<_>>(), [0, 5, 1024, 3000]);
         assert!(t.iter().all(|(n, d)| *n == d.num));
@@ -134,6 +195,26 @@ mod tests {
             d.seq = 1;
         }
         assert!(t.values().all(|d| d.seq == 1));
+    }
+
+    #[test]
+    fn ids_stay_found_as_the_table_grows_and_shrinks() {
+        let mut t = DeviceTable::default();
+        for num in 0..5000 {
+            t.insert(num, device(num));
+        }
+        for num in (0..5000).step_by(3) {
+            t.remove(&num);
+        }
+        for num in 0..5000u32 {
+            let want = (num % 3 != 0).then_some(num);
+            assert_eq!(t.num_of(&format!("d{num}")), want, "d{num}");
+        }
+        // A number filed again under another id answers to the new one only.
+        let mut renamed = device(1);
+        renamed.id = Arc::from("other");
+        t.insert(1, renamed);
+        assert_eq!((t.num_of("other"), t.num_of("d1")), (Some(1), None));
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! event for the recent events only: older offsets are spilled to run files (see
 //! `journal/runs.rs`), which cost 24 bytes per device per run in memory.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use thin_vec::ThinVec;
@@ -176,8 +175,8 @@ pub enum IndexEffect {
 #[derive(Debug, Default, Clone)]
 pub struct Index {
     pub versions: Vec<VersionInfo>,
+    /// Devices by number and by id.
     pub devices: DeviceTable,
-    pub by_id: HashMap<Arc<str>, u32>,
     /// One past the highest device number ever recorded, removed devices included: numbers
     /// are never reused, so an old record can never be taken for a new device's.
     pub next_num: u32,
@@ -311,7 +310,7 @@ impl Index {
                 at_ms,
             } => {
                 self.check_version(*version)?;
-                if self.by_id.get(id.as_str()).is_some_and(|n| n != num) {
+                if self.devices.num_of(id).is_some_and(|n| n != *num) {
                     return Err(Inconsistency::DuplicateDevice {
                         id: id.clone(),
                         num: *num,
@@ -459,7 +458,6 @@ impl Index {
                         existing.config = d.config;
                     }
                     None => {
-                        self.by_id.insert(d.id.clone(), d.num);
                         self.devices.insert(d.num, d);
                     }
                 }
@@ -525,7 +523,6 @@ impl Index {
             }
             IndexEffect::Removed { device } => {
                 if let Some(d) = self.devices.remove(&device) {
-                    self.by_id.remove(&d.id);
                     self.tail_entries -= d.tail.len() as u64;
                 }
                 self.removed.insert(device);
@@ -566,7 +563,7 @@ impl Index {
 
     /// The device with this id, if provisioned.
     pub fn device(&self, id: &str) -> Option<&DeviceInfo> {
-        self.by_id.get(id).and_then(|n| self.devices.get(n))
+        self.devices.by_id(id)
     }
 
     /// The next free device number.

@@ -581,7 +581,7 @@ impl Checkpoints {
                 return Err(bad(format!("device {} does not add up", d.num)));
             }
             let id: Arc<str> = Arc::from(d.id.as_str());
-            if index.by_id.insert(id.clone(), d.num).is_some() {
+            if index.devices.contains_id(&id) {
                 return Err(bad(format!("device `{id}` listed twice")));
             }
             seqs.push((d.num, d.seq));

@@ -750,7 +750,12 @@ impl Journal {
 
     /// Ids of every provisioned device, sorted.
     pub fn device_ids(&self) -> Vec<Arc<str>> {
-        let mut ids: Vec<Arc<str>> = self.index().by_id.keys().cloned().collect();
+        let mut ids: Vec<Arc<str>> = self
+            .index()
+            .devices
+            .values()
+            .map(|d| d.id.clone())
+            .collect();
         ids.sort_unstable();
         ids
     }

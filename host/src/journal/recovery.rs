@@ -1180,12 +1180,10 @@ impl Tail {
         let known = self
             .known
             .get(&num)
-            .filter(|d| !shadow.by_id.contains_key(d.id.as_str()))
+            .filter(|d| !shadow.devices.contains_id(&d.id))
             .cloned();
         let guessed = self.guesses.iter().find_map(|g| match g {
-            Record::Device { num: n, id, .. }
-                if *n == num && !shadow.by_id.contains_key(id.as_str()) =>
-            {
+            Record::Device { num: n, id, .. } if *n == num && !shadow.devices.contains_id(id) => {
                 Some(g.clone())
             }
             _ => None,
@@ -1407,7 +1405,7 @@ fn scan_tail(
             if shadow.removed.contains(num) {
                 continue;
             }
-            if !shadow.devices.contains_key(num) && !shadow.by_id.contains_key(id.as_str()) {
+            if !shadow.devices.contains_key(num) && !shadow.devices.contains_id(id) {
                 tail.ensure_device(&mut shadow, &mut out, *num, *version)?;
             }
             if let Some(now) = shadow.devices.get(num).map(|d| d.seq())
