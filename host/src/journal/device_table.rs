@@ -5,8 +5,10 @@
 //! replaces held ~190 B a device at a million of them (a table that doubles is up to half
 //! empty, plus a control byte a slot). The table is cut into chunks of [`CHUNK`] slots
 //! allocated as numbers reach them, so it never copies itself whole to grow, and a number far
-//! beyond the others (a damaged or hand-made journal) costs one chunk and a pointer per
-//! skipped chunk, not a slot per skipped number. A removed device leaves an empty slot.
+//! beyond the others (a damaged or hand-made journal) costs one chunk and a pointer (8 B) per
+//! skipped chunk, not a slot per skipped number. A removed device leaves an empty slot; a
+//! chunk whose devices are all removed is freed, so a fleet that churns costs memory for the
+//! devices it has, not for every number it ever handed out.
 //!
 //! Lookups by id go through a hash table of device numbers alone (4 B a slot, hashed and
 //! compared through the device's own id), where a `HashMap<Arc<str>, u32>` kept a second
@@ -27,13 +29,24 @@ const CHUNK: usize = 1024;
 /// expects the caller to have checked (`num_of`).
 #[derive(Debug, Default, Clone)]
 pub struct DeviceTable {
-    chunks: Vec<Option<Box<[Option<DeviceInfo>]>>>,
+    chunks: Vec<Option<Chunk>>,
     len: usize,
     by_id: HashTable<u32>,
     hasher: std::hash::RandomState,
 }
 
-type Chunks = [Option<Box<[Option<DeviceInfo>]>>];
+/// A fixed-size chunk behind one thin pointer.
+type Chunk = Box<[Option<DeviceInfo>; CHUNK]>;
+type Chunks = [Option<Chunk>];
+
+fn new_chunk() -> Chunk {
+    // Built on the heap: a `[None; CHUNK]` on the stack first would be 88 KiB of it.
+    let slots: Box<[Option<DeviceInfo>]> = (0..CHUNK).map(|_| None).collect();
+    match slots.try_into() {
+        Ok(chunk) => chunk,
+        Err(_) => unreachable!("collected exactly CHUNK slots"),
+    }
+}
 
 fn place(num: u32) -> (usize, usize) {
     let n = num as usize;
@@ -101,7 +114,7 @@ impl DeviceTable {
         if self.chunks.len() <= c {
             self.chunks.resize_with(c + 1, || None);
         }
-        let chunk = self.chunks[c].get_or_insert_with(|| (0..CHUNK).map(|_| None).collect());
+        let chunk = self.chunks[c].get_or_insert_with(new_chunk);
         let old = chunk[i].replace(info);
         if old.is_none() {
             self.len += 1;
@@ -116,9 +129,15 @@ impl DeviceTable {
     pub fn remove(&mut self, num: &u32) -> Option<DeviceInfo> {
         self.unfile(*num);
         let (c, i) = place(*num);
-        let old = self.chunks.get_mut(c)?.as_mut()?[i].take();
+        let chunk = self.chunks.get_mut(c)?.as_mut()?;
+        let old = chunk[i].take();
         if old.is_some() {
             self.len -= 1;
+            // Removals are rare (an operator's `DELETE`): a scan of the chunk is cheap next
+            // to keeping a count in every chunk.
+            if chunk.iter().all(Option::is_none) {
+                self.chunks[c] = None;
+            }
         }
         old
     }
@@ -188,6 +207,11 @@ mod tests {
         assert_eq!(t.remove(&1023).map(|d| d.num), Some(1023));
         assert!(t.remove(&1023).is_none() && !t.contains_key(&1023));
         assert!(!t.contains_id("d1023") && t.contains_id("d1024"));
+        assert_eq!(
+            t.by_id.len(),
+            t.len(),
+            "a removed device leaves no id behind"
+        );
         assert_eq!(t.len(), 4);
         assert_eq!(t.keys().copied().collect::<Vec<_>>(), [0, 5, 1024, 3000]);
         assert!(t.iter().all(|(n, d)| *n == d.num));
@@ -210,19 +234,48 @@ mod tests {
             let want = (num % 3 != 0).then_some(num);
             assert_eq!(t.num_of(&format!("d{num}")), want, "d{num}");
         }
+        assert_eq!(t.by_id.len(), t.len());
         // A number filed again under another id answers to the new one only.
         let mut renamed = device(1);
         renamed.id = Arc::from("other");
         t.insert(1, renamed);
         assert_eq!((t.num_of("other"), t.num_of("d1")), (Some(1), None));
+        assert_eq!(
+            t.by_id.len(),
+            t.len(),
+            "the old id went with the old device"
+        );
+    }
+
+    #[test]
+    fn a_chunk_whose_devices_are_all_removed_is_freed() {
+        let mut t = DeviceTable::default();
+        for num in 0..3000 {
+            t.insert(num, device(num));
+        }
+        for num in 1024..2048 {
+            t.remove(&num);
+        }
+        assert_eq!(
+            t.chunks.iter().flatten().count(),
+            2,
+            "the middle chunk went"
+        );
+        assert!(t.get(&1500).is_none() && t.get(&2048).is_some());
+        t.insert(1500, device(1500));
+        assert_eq!(t.chunks.iter().flatten().count(), 3);
+        assert_eq!(t.keys().count(), 3000 - 1024 + 1);
     }
 
     #[test]
     fn a_number_far_beyond_the_others_costs_one_chunk() {
         let mut t = DeviceTable::default();
-        t.insert(u32::MAX, device(u32::MAX));
-        assert_eq!(t.len(), 1);
-        assert_eq!(t.chunks.iter().flatten().count(), 1);
-        assert_eq!(t.keys().copied().collect::<Vec<_>>(), [u32::MAX]);
+        t.insert(3, device(3));
+        t.insert(50_000_000, device(50_000_000));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.chunks.iter().flatten().count(), 2);
+        assert_eq!(t.keys().copied().collect::<Vec<_>>(), [3, 50_000_000]);
+        // The pointers to skipped chunks are thin: 8 B each.
+        assert_eq!(std::mem::size_of::<Option<Chunk>>(), 8);
     }
 }

@@ -705,3 +705,50 @@ impl SpillPlan {
         self.devices.iter().map(|(n, f, o)| (*n, *f, o.as_slice()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provision(index: &mut Index, num: u32, id: &str) -> Result<(), Inconsistency> {
+        let effect = index.effect_of(&Record::Device {
+            num,
+            id: id.into(),
+            version: 0,
+            config: b"{}".to_vec(),
+            at_ms: 0,
+        })?;
+        index.apply(effect, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn an_id_taken_by_another_device_number_is_refused_and_a_rebind_is_not() {
+        let mut index = Index::default();
+        let version = index
+            .effect_of(&Record::Version {
+                id: 0,
+                plugin: "p".into(),
+                number: 1,
+                digest: [0; 32],
+                at_ms: 0,
+            })
+            .unwrap();
+        index.apply(version, 0);
+        provision(&mut index, 0, "a").unwrap();
+        provision(&mut index, 1, "b").unwrap();
+        assert!(matches!(
+            provision(&mut index, 2, "a"),
+            Err(Inconsistency::DuplicateDevice { num: 2, .. })
+        ));
+        // The same id under its own number is a re-provisioning: kept, one device.
+        provision(&mut index, 0, "a").unwrap();
+        assert_eq!(index.devices.len(), 2);
+        assert_eq!(index.device("a").map(|d| d.num), Some(0));
+        assert_eq!(index.device("b").map(|d| d.num), Some(1));
+        index.apply(IndexEffect::Removed { device: 0 }, 0);
+        assert!(index.device("a").is_none());
+        provision(&mut index, 2, "a").unwrap();
+        assert_eq!(index.device("a").map(|d| d.num), Some(2));
+    }
+}
