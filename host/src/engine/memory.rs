@@ -115,7 +115,18 @@ impl CompactMemory {
             )?
         };
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(std::io::ErrorKind::OutOfMemory)?;
-        Ok(CompactMemory { base, mapped, size })
+        let memory = CompactMemory { base, mapped, size };
+        // No transparent huge pages. Merged, the memories of many actors form one large
+        // mapping; on a host whose THP setting is `always` the first touch of any page in
+        // an aligned 2 MiB of it would back all 2 MiB, a few of one actor's pages and the
+        // untouched room of its neighbours alike, and make an idle actor cost its whole
+        // mapping. Every guest memory carries the same advice, so they still merge. Advice
+        // only: a kernel built without huge pages refuses it (`EINVAL`), and has none to give.
+        // SAFETY: advice on this value's own mapping; it changes no contents.
+        if let Err(e) = unsafe { mm::madvise(ptr, mapped, mm::Advice::LinuxNoHugepage) } {
+            tracing::debug!(error = %e, "no MADV_NOHUGEPAGE for a guest memory");
+        }
+        Ok(memory)
     }
 }
 
@@ -305,6 +316,39 @@ mod tests {
             // SAFETY: the test's own page.
             unsafe { mm::munmap(p, page_size()).unwrap() };
         }
+    }
+
+    /// The `VmFlags` of the kernel mapping that holds `addr` (`/proc/self/smaps`).
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = lo <= addr && addr < hi;
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                return flags.trim().to_string();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn memories_are_advised_against_huge_pages_through_growth() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return; // a kernel without huge pages: nothing to advise against
+        }
+        let mut m = CompactMemory::new(17 * WASM_PAGE).unwrap();
+        let flags = vm_flags(m.as_ptr() as usize);
+        assert!(flags.split(' ').any(|f| f == "nh"), "VmFlags: {flags}");
+        // Past its room, into a fresh mapping or extended in place: advised all the same.
+        m.grow_to(m.byte_capacity() + WASM_PAGE).unwrap();
+        let end = m.as_ptr() as usize + m.byte_size() - 1;
+        let flags = vm_flags(end);
+        assert!(flags.split(' ').any(|f| f == "nh"), "VmFlags: {flags}");
     }
 
     #[test]
