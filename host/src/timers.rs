@@ -13,13 +13,13 @@
 //! # Small by design
 //!
 //! A fleet may have a million pending timers, so the wheel holds one entry per *device*, not
-//! per timer: `(earliest due time, device number)` in a B-tree (16 bytes, ~24 with the
+//! per timer: `(earliest due time, device number)` in a B-tree (12 bytes, ~14 with the
 //! tree's nodes when it is built whole at start), plus 8 bytes per device number up to the
 //! highest that ever had a timer (numbers are not reused), where each device's entry is.
 //! When an entry falls due the wheel asks the index which of that device's timers are due
 //! (and puts the device back at the next one); the timer's event is not in memory at all,
-//! the actor reads it from the record that set the timer. The index keeps 32 bytes and the
-//! key per timer (see [`crate::journal::TimerEntry`]).
+//! the actor reads it from the record that set the timer. The index keeps 32 bytes and a
+//! pointer to the shared key per timer (see [`crate::journal::TimerEntry`]).
 //!
 //! Firing a timer puts a [`Message::Internal`] with origin `timer` into the device's mailbox
 //! (activating it). The actor checks it against the journal before handling it, so a timer
@@ -38,7 +38,7 @@ use crate::actor::Message;
 use crate::clock;
 use crate::dispatch::Postman;
 use crate::journal::effects::VecMap;
-use crate::journal::{Journal, Origin, TimerEntry};
+use crate::journal::{Journal, Origin, TimerEntry, TimerKey};
 use crate::metrics::Metrics;
 
 /// The longest the wheel sleeps without looking again, so a wall clock stepped forward is
@@ -57,13 +57,39 @@ pub struct TimerWheel {
 
 #[derive(Default)]
 struct Wheel {
-    /// (due, device number): each device with pending timers once, at its earliest.
-    due: BTreeSet<(u64, u32)>,
+    /// Each device with pending timers once, at its earliest.
+    due: BTreeSet<Slot>,
     /// Each device's place in `due`, by device number ([`NOWHERE`]: not in it). Device
     /// numbers are dense journal-local ids, so a vector costs 8 bytes per device up to the
     /// highest number with a timer; a hash map cost ~34 per device with one (entries padded
     /// to 16 bytes, a table at most 7/8 full that doubles).
     at: Vec<u64>,
+}
+
+/// An entry of [`Wheel::due`]: a due time and a device number, ordered by due time, then
+/// device. Twelve bytes with 4-byte alignment where `(u64, u32)` takes sixteen: the B-tree
+/// keeps eleven entries per node, so a million devices' worth of entries is ~4 MB smaller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Slot {
+    // Field order is the order: the derived `Ord` compares the due time's high half, then
+    // its low half, then the device.
+    due_hi: u32,
+    due_lo: u32,
+    num: u32,
+}
+
+impl Slot {
+    fn new(due_ms: u64, num: u32) -> Slot {
+        Slot {
+            due_hi: (due_ms >> 32) as u32,
+            due_lo: due_ms as u32,
+            num,
+        }
+    }
+
+    fn due_ms(self) -> u64 {
+        (u64::from(self.due_hi) << 32) | u64::from(self.due_lo)
+    }
 }
 
 /// In [`Wheel::at`]: the device has no entry. A timer due at `u64::MAX` ms never falls due,
@@ -79,8 +105,9 @@ impl Wheel {
             return false;
         };
         self.mark(num, due_ms);
-        self.due.insert((due_ms, num));
-        self.due.first() == Some(&(due_ms, num))
+        let slot = Slot::new(due_ms, num);
+        self.due.insert(slot);
+        self.due.first() == Some(&slot)
     }
 
     /// Takes device `num`'s entry, if it has one, out of `due`.
@@ -88,7 +115,7 @@ impl Wheel {
         if let Some(old) = self.at.get_mut(num as usize)
             && *old != NOWHERE
         {
-            self.due.remove(&(*old, num));
+            self.due.remove(&Slot::new(*old, num));
             *old = NOWHERE;
         }
     }
@@ -110,7 +137,7 @@ impl Wheel {
 
 impl TimerWheel {
     /// Makes device `num`'s entry match `timers` (its pending timers, as the index has them).
-    pub fn sync(&self, num: u32, timers: &VecMap<Box<str>, TimerEntry>) {
+    pub fn sync(&self, num: u32, timers: &VecMap<TimerKey, TimerEntry>) {
         let earliest = timers.values().map(|t| t.due_ms).min();
         if self.state.lock().place(num, earliest) {
             self.wake.notify_one();
@@ -138,13 +165,13 @@ impl TimerWheel {
                 wheel.unplace(num);
                 if due != NOWHERE {
                     wheel.mark(num, due);
-                    fresh.push((due, num));
+                    fresh.push(Slot::new(due, num));
                 }
             }
             // Built whole from sorted entries, a B-tree's nodes are full; inserted one by one
             // in order, each split leaves a node about half full: the wheel of a million
             // devices, vector included, measured 32 bytes per device instead of 52.
-            let mut fresh: BTreeSet<(u64, u32)> = fresh.into_iter().collect();
+            let mut fresh: BTreeSet<Slot> = fresh.into_iter().collect();
             wheel.due.append(&mut fresh);
         }
         self.wake.notify_one();
@@ -210,7 +237,7 @@ impl TimerWheel {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let next = self.state.lock().due.first().map(|e| e.0).or(next);
+            let next = self.state.lock().due.first().map(|e| e.due_ms()).or(next);
             let sleep = match next {
                 Some(at) => Duration::from_millis(at.saturating_sub(now)).min(MAX_SLEEP),
                 None => MAX_SLEEP,
@@ -229,15 +256,15 @@ impl TimerWheel {
         let mut out = Vec::new();
         while out.len() < BATCH {
             match wheel.due.first() {
-                Some(&(due, num)) if due <= now => {
+                Some(&slot) if slot.due_ms() <= now => {
                     wheel.due.pop_first();
-                    wheel.at[num as usize] = NOWHERE;
-                    out.push(num);
+                    wheel.at[slot.num as usize] = NOWHERE;
+                    out.push(slot.num);
                 }
                 _ => break,
             }
         }
-        let next = wheel.due.first().map(|e| e.0);
+        let next = wheel.due.first().map(|e| e.due_ms());
         (out, next)
     }
 }
@@ -255,7 +282,7 @@ mod tests {
         }
     }
 
-    fn map(entries: Vec<(&str, TimerEntry)>) -> VecMap<Box<str>, TimerEntry> {
+    fn map(entries: Vec<(&str, TimerEntry)>) -> VecMap<TimerKey, TimerEntry> {
         entries.into_iter().map(|(k, t)| (k.into(), t)).collect()
     }
 
@@ -313,5 +340,25 @@ mod tests {
         wheel.sync(5, &map(vec![("x", timer(u64::MAX, 2))]));
         assert_eq!(wheel.scheduled(), 0);
         assert_eq!(wheel.take_due(u64::MAX).0, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn slots_order_by_due_time_across_the_halves_then_by_device() {
+        let dues = [
+            0,
+            1,
+            u64::from(u32::MAX),
+            1 << 32,
+            (1 << 32) + 1,
+            u64::MAX - 1,
+        ];
+        for (i, &a) in dues.iter().enumerate() {
+            assert_eq!(Slot::new(a, 7).due_ms(), a);
+            for &b in &dues[i + 1..] {
+                assert!(Slot::new(a, u32::MAX) < Slot::new(b, 0), "{a} before {b}");
+            }
+            assert!(Slot::new(a, 1) < Slot::new(a, 2));
+        }
+        assert_eq!(std::mem::size_of::<Slot>(), 12);
     }
 }

@@ -22,9 +22,12 @@
 //! record's effects.
 
 use std::num::NonZeroU64;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thin_vec::ThinVec;
+
+use super::intern::TIMER_KEYS;
 
 /// The stable id of one effect: the seq of the record that holds it and its place among that
 /// record's effects. With the device id it names the effect across restarts, so receivers can
@@ -108,7 +111,68 @@ impl Fx {
     }
 }
 
-/// A pending timer: 32 bytes, plus its key. A fleet may hold a million of them, so the event
+/// A timer's key as the index keeps it: one shared copy per distinct key (most devices of a
+/// fleet use the same few), so a pending timer's key costs a pointer (see `intern.rs`).
+/// Read from a checkpoint, a key is shared like any other.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimerKey(Arc<str>);
+
+impl TimerKey {
+    pub fn new(key: &str) -> TimerKey {
+        TimerKey(TIMER_KEYS.intern(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for TimerKey {
+    fn from(key: &str) -> TimerKey {
+        TimerKey::new(key)
+    }
+}
+
+impl std::borrow::Borrow<str> for TimerKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TimerKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<TimerKey> for String {
+    fn from(key: TimerKey) -> String {
+        key.0.to_string()
+    }
+}
+
+impl std::fmt::Display for TimerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for TimerKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TimerKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TimerKey, D::Error> {
+        Ok(TimerKey::new(&<std::borrow::Cow<'de, str>>::deserialize(
+            d,
+        )?))
+    }
+}
+
+/// A pending timer: 32 bytes, plus its key (a [`TimerKey`]). A fleet may hold a million of them, so the event
 /// its firing hands to `handle` is not kept here: it is read from the record that set the
 /// timer (effect `set`, see [`Fx::timer_event`]) when the timer fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,7 +214,7 @@ impl TimerEntry {
 pub struct DueTimers {
     pub device: std::sync::Arc<str>,
     /// The timers due, by key.
-    pub due: Vec<(Box<str>, TimerEntry)>,
+    pub due: Vec<(TimerKey, TimerEntry)>,
     /// When the earliest of the device's other timers is due, if it has any.
     pub next_ms: Option<u64>,
 }
@@ -168,7 +232,7 @@ pub struct CommandEntry {
 /// used effects, so they cost nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFx {
-    pub timers: VecMap<Box<str>, TimerEntry>,
+    pub timers: VecMap<TimerKey, TimerEntry>,
     /// Messages this device sent whose target has not handled them yet: id → target.
     pub sent: VecMap<EffectId, Sent>,
     /// Commands not yet acknowledged (nor expired): id → when issued and until when.

@@ -37,7 +37,8 @@ pub struct DeviceInfo {
     pub id: Arc<str>,
     /// The plugin version the device is bound to.
     pub version: u32,
-    /// JSON configuration given at provisioning.
+    /// JSON configuration given at provisioning: one shared copy per distinct config (most
+    /// devices of a fleet are provisioned alike; see `intern.rs`).
     pub config: Arc<[u8]>,
     pub created_at_ms: u64,
     /// The seq of the device's last durable event (0 if none). Seqs are dense from 1.
@@ -320,7 +321,7 @@ impl Index {
                     *num,
                     Arc::from(id.as_str()),
                     *version,
-                    Arc::from(config.as_slice()),
+                    super::intern::CONFIGS.intern(config),
                     *at_ms,
                 ))
             }

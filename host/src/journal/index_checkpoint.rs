@@ -590,7 +590,7 @@ impl Checkpoints {
                 d.num,
                 id,
                 d.version,
-                Arc::from(d.config.as_slice()),
+                super::intern::CONFIGS.intern(&d.config),
                 d.created_at_ms,
             );
             info.seq = d.seq;

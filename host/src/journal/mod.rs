@@ -13,7 +13,9 @@
 //! * [`segments`]: the production backend, the range kept as bounded segment files;
 //! * `retention.rs` (private): retention passes: which segments may go, and deleting them;
 //! * `record.rs` (private): the record format and the file header;
-//! * `index.rs` (private): the in-memory index of durable records;
+//! * `index.rs` (private): the in-memory index of durable records; `device_table.rs` holds
+//!   its devices by number and id, `intern.rs` the one copy of configs and timer keys that
+//!   many devices share;
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
 //! * `recovery.rs` (private): the scan on open, torn tail versus media damage ([`Damaged`]),
 //!   and [`salvage`];
@@ -51,6 +53,7 @@ mod device_table;
 pub mod effects;
 mod index;
 mod index_checkpoint;
+mod intern;
 mod record;
 mod recovery;
 mod retention;
@@ -71,7 +74,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::Notify;
 
 pub use effects::{
-    DeviceFx, DueTimers, Effect, EffectId, Fx, MessageTurn, Origin, Sent, TimerEntry,
+    DeviceFx, DueTimers, Effect, EffectId, Fx, MessageTurn, Origin, Sent, TimerEntry, TimerKey,
 };
 use index::{DeviceInfo, Index, IndexEffect};
 pub use index::{SnapshotRef, VersionInfo};
@@ -622,7 +625,13 @@ impl Journal {
             config: config.to_vec(),
             at_ms,
         };
-        let info = DeviceInfo::new(num, Arc::from(id), version, Arc::from(config), at_ms);
+        let info = DeviceInfo::new(
+            num,
+            Arc::from(id),
+            version,
+            intern::CONFIGS.intern(config),
+            at_ms,
+        );
         let head = DeviceHead::of(&info);
         self.append(&record, IndexEffect::Device(info)).await?;
         Ok(head)
