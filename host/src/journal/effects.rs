@@ -713,4 +713,17 @@ mod tests {
         fx.sent.remove(&id(1, 0));
         assert_eq!(fx.turn(id(2, 0), "b", none), MessageTurn::Next);
     }
+
+    #[test]
+    fn timer_keys_share_one_copy_however_they_arrive_and_read_back_as_plain_strings() {
+        let set = TimerKey::new("heartbeat");
+        // As an index checkpoint reads it back.
+        let read: TimerKey = serde_json::from_str(r#""heartbeat""#).expect("a key");
+        assert!(Arc::ptr_eq(&set.0, &read.0));
+        assert_eq!(serde_json::to_string(&read).expect("json"), r#""heartbeat""#);
+        let map: VecMap<TimerKey, u32> =
+            serde_json::from_str(r#"[["heartbeat",1],["poll",2]]"#).expect("a map");
+        assert_eq!(map.get("poll"), Some(&2));
+        assert!(map.keys().any(|k| Arc::ptr_eq(&k.0, &set.0)));
+    }
 }
