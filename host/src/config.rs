@@ -40,37 +40,64 @@ pub mod defaults {
     /// store and instance, mailbox and actor), so this leaves headroom for larger guests.
     pub const LIVE_ACTOR_BUDGET_BYTES: u64 = 96 * 1024;
     /// Share of the machine's (or the cgroup's) memory the default cap may spend on live
-    /// actors; passivated devices cost ~0.5 KiB each and stay outside this budget.
+    /// actors; passivated devices cost ~0.2 KiB each and stay outside this budget.
     pub const LIVE_MEMORY_SHARE: f64 = 0.5;
     /// Bounds of the default cap, whatever the machine.
     pub const MAX_LIVE_RANGE: (usize, usize) = (1_000, 1_000_000);
+
+    /// Address space charged per live actor against the commit limit of a host with
+    /// `vm.overcommit_memory = 2` (strict accounting), where every mapped byte counts
+    /// whether touched or not: a guest memory is mapped at twice its size (room to grow in
+    /// place, see `engine/memory.rs`), and the thermostat's is ~1.1 MiB (1 MiB of it the
+    /// stack Rust guests reserve).
+    pub const STRICT_COMMIT_PER_ACTOR_BYTES: u64 = 3 * 1024 * 1024;
 
     /// Default live-instance cap: what this machine can hold, half its memory at
     /// [`LIVE_ACTOR_BUDGET_BYTES`] each (131,072 on a 24 GiB machine), within
     /// [`MAX_LIVE_RANGE`]. Instances no longer cost memory mappings (see
     /// [`crate::engine::Engine::new`]), so memory is the limit. Reads `/proc/meminfo` and the
-    /// cgroup v2 limit; 100,000 where neither can be read.
+    /// cgroup v2 limit; 100,000 where neither can be read. On a host with strict overcommit
+    /// accounting, also at most half its commit limit at [`STRICT_COMMIT_PER_ACTOR_BYTES`]
+    /// each: past that, instantiating fails (`ENOMEM`) where the cap would have passivated
+    /// the least recently used actor instead.
     pub fn max_live() -> usize {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-            let kib: u64 = m
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let overcommit = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").ok();
+        let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+        max_live_of(meminfo.as_deref(), overcommit.as_deref(), cgroup.as_deref())
+    }
+
+    /// [`max_live`] from the contents of `/proc/meminfo`, `/proc/sys/vm/overcommit_memory`
+    /// and the cgroup's `memory.max`, where they could be read.
+    pub(crate) fn max_live_of(
+        meminfo: Option<&str>,
+        overcommit: Option<&str>,
+        cgroup: Option<&str>,
+    ) -> usize {
+        let field = |name: &str| -> Option<u64> {
+            let kib: u64 = meminfo?
                 .lines()
-                .find(|l| l.starts_with("MemTotal:"))?
+                .find(|l| l.starts_with(name))?
                 .split_whitespace()
                 .nth(1)?
                 .parse()
                 .ok()?;
             Some(kib * 1024)
-        });
-        let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let memory = match (meminfo, cgroup) {
+        };
+        let cgroup = cgroup.and_then(|v| v.trim().parse::<u64>().ok());
+        let memory = match (field("MemTotal:"), cgroup) {
             (Some(m), Some(c)) => m.min(c),
             (Some(m), None) => m,
             (None, Some(c)) => c,
             (None, None) => return 100_000,
         };
-        let n = (memory as f64 * LIVE_MEMORY_SHARE) as u64 / LIVE_ACTOR_BUDGET_BYTES;
+        let mut n = (memory as f64 * LIVE_MEMORY_SHARE) as u64 / LIVE_ACTOR_BUDGET_BYTES;
+        if overcommit.map(str::trim) == Some("2")
+            && let Some(limit) = field("CommitLimit:")
+        {
+            let strict = (limit as f64 * LIVE_MEMORY_SHARE) as u64 / STRICT_COMMIT_PER_ACTOR_BYTES;
+            n = n.min(strict);
+        }
         (n as usize).clamp(MAX_LIVE_RANGE.0, MAX_LIVE_RANGE.1)
     }
     /// Most live instances with [`super::EngineConfig::guard_pages`]: each instance then
@@ -383,5 +410,45 @@ mod millis {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let ms = <u64 as serde::Deserialize>::deserialize(d)?;
         Ok(Duration::from_millis(ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::defaults::*;
+
+    const MEMINFO_24G: &str = "MemTotal:       25165824 kB\nMemFree:        20000000 kB\n\
+                               CommitLimit:    12582912 kB\nCommitted_AS:    1000000 kB\n";
+
+    #[test]
+    fn the_default_live_cap_follows_memory_the_cgroup_and_a_strict_commit_limit() {
+        // Half of 24 GiB at 96 KiB each.
+        assert_eq!(max_live_of(Some(MEMINFO_24G), Some("0\n"), None), 131_072);
+        // Heuristic overcommit (1) is treated like the default.
+        assert_eq!(max_live_of(Some(MEMINFO_24G), Some("1\n"), None), 131_072);
+        // A cgroup limit of 2 GiB below the machine's memory.
+        assert_eq!(
+            max_live_of(Some(MEMINFO_24G), Some("0"), Some("2147483648\n")),
+            10_922
+        );
+        // `max` in the cgroup means no limit.
+        assert_eq!(max_live_of(Some(MEMINFO_24G), None, Some("max\n")), 131_072);
+        // Strict accounting: half of a 12 GiB commit limit at 3 MiB each.
+        assert_eq!(max_live_of(Some(MEMINFO_24G), Some("2\n"), None), 2_048);
+        // Strict accounting without a commit limit to read changes nothing.
+        assert_eq!(
+            max_live_of(Some("MemTotal: 25165824 kB\n"), Some("2"), None),
+            131_072
+        );
+        // Never below the floor, and a fixed figure where nothing can be read.
+        assert_eq!(
+            max_live_of(
+                Some("MemTotal: 1024 kB\nCommitLimit: 1024 kB\n"),
+                Some("2"),
+                None
+            ),
+            MAX_LIVE_RANGE.0
+        );
+        assert_eq!(max_live_of(None, None, None), 100_000);
     }
 }

@@ -720,7 +720,10 @@ mod tests {
         // As an index checkpoint reads it back.
         let read: TimerKey = serde_json::from_str(r#""heartbeat""#).expect("a key");
         assert!(Arc::ptr_eq(&set.0, &read.0));
-        assert_eq!(serde_json::to_string(&read).expect("json"), r#""heartbeat""#);
+        assert_eq!(
+            serde_json::to_string(&read).expect("json"),
+            r#""heartbeat""#
+        );
         let map: VecMap<TimerKey, u32> =
             serde_json::from_str(r#"[["heartbeat",1],["poll",2]]"#).expect("a map");
         assert_eq!(map.get("poll"), Some(&2));
