@@ -111,9 +111,9 @@ impl Fx {
     }
 }
 
-/// A timer's key as the index keeps it: one shared copy per distinct key (most devices of a
-/// fleet use the same few), so a pending timer's key costs a pointer (see `intern.rs`).
-/// Read from a checkpoint, a key is shared like any other.
+/// A timer's key as the index keeps it: shared through a small cache (see `intern.rs`), so
+/// the key most devices of a fleet use (a `heartbeat`) costs each of them a pointer. Read
+/// from a checkpoint, a key is shared like any other.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TimerKey(Arc<str>);
 
@@ -166,9 +166,19 @@ impl Serialize for TimerKey {
 
 impl<'de> Deserialize<'de> for TimerKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TimerKey, D::Error> {
-        Ok(TimerKey::new(&<std::borrow::Cow<'de, str>>::deserialize(
-            d,
-        )?))
+        /// Reads the key in place (no `String` per key when a checkpoint of a million
+        /// timers is read back).
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = TimerKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a timer key")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<TimerKey, E> {
+                Ok(TimerKey::new(key))
+            }
+        }
+        d.deserialize_str(Key)
     }
 }
 
@@ -458,14 +468,19 @@ impl DeviceFx {
                     every_ms,
                     ..
                 } => {
-                    self.timers.insert(
-                        key.as_str().into(),
-                        TimerEntry {
-                            due_ms: *due_ms,
-                            every_ms: period(*every_ms),
-                            set: id,
-                        },
-                    );
+                    let timer = TimerEntry {
+                        due_ms: *due_ms,
+                        every_ms: period(*every_ms),
+                        set: id,
+                    };
+                    // A timer set again (a heartbeat, every event) keeps its key: only a new
+                    // key goes through the shared cache and its lock.
+                    match self.timers.get_mut(key.as_str()) {
+                        Some(pending) => *pending = timer,
+                        None => {
+                            self.timers.insert(TimerKey::new(key), timer);
+                        }
+                    }
                 }
                 Effect::CancelTimer { key } => {
                     self.timers.remove(key.as_str());

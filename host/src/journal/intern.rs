@@ -2,82 +2,92 @@
 //!
 //! A fleet is mostly many devices of a few kinds: a million thermostats provisioned with the
 //! same config, each with a `heartbeat` timer. The journal's index keeps these per device,
-//! and as separate allocations they were the largest parts of its per-device entries after
-//! the entry itself (a config of a few dozen bytes costs 48 with its `Arc` header; a key, 16).
-//! [`Interner::intern`] hands out one `Arc` per distinct value instead, so they cost a
-//! pointer each.
+//! and as separate allocations they were, after the entry itself, the largest parts of a
+//! device's memory (a config of a few bytes costs 32 with its `Arc` header, a key 16). An
+//! [`Interner`] hands out the copy it has seen last of a value instead, so a value most
+//! devices share costs each of them a pointer.
 //!
-//! # Release
+//! # A cache, not a table
 //!
-//! Values come from guests and clients (a key per order number, a config per device), so
-//! the table must not keep what no device holds any more. It is swept when it has doubled
-//! since the last sweep: values held only by the table are dropped. Memory stays within
-//! twice what is in use (plus [`MIN_SWEEP`] entries), and a sweep's cost is paid for by the
-//! insertions that made it due. Correctness never depends on sharing: values are compared
-//! by content everywhere, so a value interned twice (after a sweep, or built elsewhere) is
-//! only a copy.
+//! Values come from guests and clients, and nothing says they repeat: a config per device
+//! with its serial number in it, a key per order. A table of every distinct value would make
+//! those dearer (a slot per value on top of the value) and would have to be swept of values
+//! nobody holds any more. This is a small direct-mapped cache instead: [`SLOTS`] slots, a
+//! value goes to the slot its hash picks, replacing what was there. A value that keeps
+//! coming back (the fleet's common config, its timer keys) stays and is shared; one that
+//! does not costs nothing but its own allocation, as before; two common values that pick
+//! the same slot take turns and share less, never wrongly. The cache holds at most [`SLOTS`]
+//! values of at most [`MAX_BYTES`] each, whatever the fleet; larger values are not cached.
 //!
-//! Crates such as `internment` free a value when its last holder drops it, which costs a
-//! lookup in a global table on every drop; here a drop is a plain `Arc` drop and the table
-//! catches up at its next sweep.
+//! Correctness never depends on sharing: values are compared by content everywhere.
 
-use std::collections::HashSet;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-/// Below this many entries the table is not swept.
-const MIN_SWEEP: usize = 1024;
+/// Slots of one cache.
+const SLOTS: usize = 1024;
+
+/// Largest value cached, in bytes: bounds what the cache keeps alive to 4 MiB.
+const MAX_BYTES: usize = 4096;
 
 /// See the module docs.
 pub(crate) struct Interner<T: ?Sized + 'static> {
-    table: LazyLock<Mutex<Table<T>>>,
+    cache: LazyLock<Cache<T>>,
 }
 
-struct Table<T: ?Sized> {
-    values: HashSet<Arc<T>>,
-    /// The size at which the next insertion sweeps first.
-    sweep_at: usize,
+struct Cache<T: ?Sized> {
+    hasher: std::hash::RandomState,
+    slots: Mutex<Vec<Option<Arc<T>>>>,
 }
 
-impl<T: ?Sized + Hash + Eq> Interner<T> {
+/// What an [`Interner`] can hold: a value with a size in bytes.
+pub(crate) trait Internable: Hash + Eq {
+    fn bytes(&self) -> usize;
+}
+
+impl Internable for str {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Internable for [u8] {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T: ?Sized + Internable> Interner<T> {
     pub(crate) const fn new() -> Interner<T> {
         Interner {
-            table: LazyLock::new(|| {
-                Mutex::new(Table {
-                    values: HashSet::new(),
-                    sweep_at: MIN_SWEEP,
-                })
+            cache: LazyLock::new(|| Cache {
+                hasher: std::hash::RandomState::new(),
+                slots: Mutex::new(vec![None; SLOTS]),
             }),
         }
     }
 
-    /// The shared copy of `value`.
+    /// A copy of `value`: the cached one when the cache has it.
     pub(crate) fn intern(&self, value: &T) -> Arc<T>
     where
         for<'a> Arc<T>: From<&'a T>,
     {
-        let mut table = self.table.lock();
-        if let Some(shared) = table.values.get(value) {
-            return shared.clone();
+        if value.bytes() > MAX_BYTES {
+            return Arc::from(value);
         }
-        if table.values.len() >= table.sweep_at {
-            // Under the lock a count of 1 cannot rise: the table's is the only copy left and
-            // handing out another goes through this lock.
-            table.values.retain(|v| Arc::strong_count(v) > 1);
-            table.sweep_at = (2 * table.values.len()).max(MIN_SWEEP);
+        let cache = &*self.cache;
+        let slot = cache.hasher.hash_one(value) as usize % SLOTS;
+        let mut slots = cache.slots.lock();
+        match &slots[slot] {
+            Some(cached) if **cached == *value => cached.clone(),
+            _ => {
+                let fresh: Arc<T> = Arc::from(value);
+                slots[slot] = Some(fresh.clone());
+                fresh
+            }
         }
-        let shared: Arc<T> = Arc::from(value);
-        table.values.insert(shared.clone());
-        shared
-    }
-
-    /// Distinct values in the table (those no device holds any more included, until the
-    /// next sweep).
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.table.lock().values.len()
     }
 }
 
@@ -93,36 +103,35 @@ mod tests {
 
     #[test]
     fn equal_values_share_one_copy_and_different_ones_do_not() {
-        let table: Interner<str> = Interner::new();
-        let a = table.intern("heartbeat");
-        let b = table.intern("heartbeat");
-        let c = table.intern("offline");
+        let cache: Interner<str> = Interner::new();
+        let a = cache.intern("heartbeat");
+        let b = cache.intern("heartbeat");
+        let c = cache.intern("offline");
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!((&*a, &*c), ("heartbeat", "offline"));
     }
 
     #[test]
-    fn values_nobody_holds_are_released_by_the_next_sweep_and_held_ones_kept() {
-        let table: Interner<[u8]> = Interner::new();
-        let kept = table.intern(b"kept");
-        // A client that gives every device its own config, each device removed later.
-        for i in 0..10 * MIN_SWEEP {
-            drop(table.intern(format!("config {i}").as_bytes()));
+    fn the_cache_holds_a_bounded_number_of_values_and_keeps_sharing_what_recurs() {
+        let cache: Interner<[u8]> = Interner::new();
+        let common = cache.intern(b"{}");
+        // A client that gives every device its own config, each device removed later: the
+        // cache keeps at most one value per slot alive.
+        for i in 0..20 * SLOTS {
+            let fresh = cache.intern(format!("config {i}").as_bytes());
+            assert_eq!(&*fresh, format!("config {i}").as_bytes());
+            // The common config keeps coming back, as in a fleet provisioned alike.
+            assert_eq!(&*cache.intern(b"{}"), b"{}");
         }
-        // Never more than twice what is held, plus the floor.
-        assert!(table.len() <= MIN_SWEEP + 1, "{} entries", table.len());
-        assert!(Arc::ptr_eq(&kept, &table.intern(b"kept")));
-        // Many held at once are all kept through sweeps.
-        let held: Vec<Arc<[u8]>> = (0..3 * MIN_SWEEP)
-            .map(|i| table.intern(format!("held {i}").as_bytes()))
-            .collect();
-        for (i, h) in held.iter().enumerate() {
-            assert!(Arc::ptr_eq(
-                h,
-                &table.intern(format!("held {i}").as_bytes())
-            ));
-        }
-        assert!(table.len() <= 2 * (held.len() + 1) + MIN_SWEEP);
+        let held = cache.cache.slots.lock().iter().flatten().count();
+        assert!(held <= SLOTS);
+        // Whatever was evicted, the common value is shared again from its next use on.
+        let again = cache.intern(b"{}");
+        assert!(Arc::ptr_eq(&again, &cache.intern(b"{}")));
+        assert_eq!(common, again);
+        // A value over the size limit is a copy of its own, never cached.
+        let big = vec![7u8; MAX_BYTES + 1];
+        assert!(!Arc::ptr_eq(&cache.intern(&big), &cache.intern(&big)));
     }
 }

@@ -14,8 +14,8 @@
 //! * `retention.rs` (private): retention passes: which segments may go, and deleting them;
 //! * `record.rs` (private): the record format and the file header;
 //! * `index.rs` (private): the in-memory index of durable records; `device_table.rs` holds
-//!   its devices by number and id, `intern.rs` the one copy of configs and timer keys that
-//!   many devices share;
+//!   its devices by number and id, `intern.rs` the cache that shares configs and timer keys
+//!   among the devices that use the same ones;
 //! * `writer.rs` (private): the group-commit thread and its commit markers;
 //! * `recovery.rs` (private): the scan on open, torn tail versus media damage ([`Damaged`]),
 //!   and [`salvage`];
