@@ -238,8 +238,10 @@ pub struct CommandEntry {
     pub expires_ms: Option<u64>,
 }
 
-/// What a device still owes or is owed. Absent (`None` in the index) for devices that never
-/// used effects, so they cost nothing.
+/// What a device still owes or is owed, as one value: what folding a record changes, what
+/// an index checkpoint writes, what the API reads. The index keeps it in two parts (the
+/// timers in the device's entry, the rest in a block few devices need; see
+/// `DeviceInfo::with_fx`), so a device that never used effects costs nothing for them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFx {
     pub timers: VecMap<TimerKey, TimerEntry>,
@@ -497,11 +499,20 @@ impl DeviceFx {
         to: &str,
         in_flight: impl Fn(EffectId) -> bool,
     ) -> MessageTurn {
-        if self.sent.get(&id).and_then(Sent::owed_to) != Some(to) {
+        Self::turn_in(&self.sent, id, to, in_flight)
+    }
+
+    /// [`DeviceFx::turn`] over a device's messages sent ([`DeviceFx::sent`]) alone.
+    pub fn turn_in(
+        sent: &VecMap<EffectId, Sent>,
+        id: EffectId,
+        to: &str,
+        in_flight: impl Fn(EffectId) -> bool,
+    ) -> MessageTurn {
+        if sent.get(&id).and_then(Sent::owed_to) != Some(to) {
             return MessageTurn::NotOwed;
         }
-        match self
-            .sent
+        match sent
             .before(&id)
             .find(|(earlier, sent)| sent.owed_to() == Some(to) && !in_flight(**earlier))
         {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use thin_vec::ThinVec;
 
 use super::device_table::DeviceTable;
-use super::effects::{DeviceFx, EffectId, Fx, Sent};
+use super::effects::{CommandEntry, DeviceFx, EffectId, Fx, Sent, TimerEntry, TimerKey, VecMap};
 use super::record::Record;
 use super::runs::{Run, Runs, Spill};
 
@@ -51,12 +51,34 @@ pub struct DeviceInfo {
     pub tail: ThinVec<u64>,
     /// `(seq, version, offset)` of the last [`SNAPSHOTS_KEPT`] snapshots, in seq order.
     pub snapshots: ThinVec<SnapshotRef>,
+    /// Pending timers (see `journal/effects.rs`). In the entry rather than with the rest of
+    /// the device's effects in [`Rare`]: a fleet where every device keeps a heartbeat timer
+    /// would pay for that block on every device (24 B a timer of the 112 B it cost).
+    pub timers: Timers,
+    /// What few devices have (messages not yet handled, commands not yet acknowledged,
+    /// dead letters); `None` for a device with none. See [`DeviceInfo::with_fx`].
+    rare: Option<Box<Rare>>,
+}
+
+/// A device's pending timers by key (see `journal/effects.rs`).
+pub type Timers = VecMap<TimerKey, TimerEntry>;
+
+/// The part of a device's entry that most devices never need.
+#[derive(Debug, Clone, Default)]
+struct Rare {
+    /// Messages this device sent whose target has not handled them yet.
+    sent: VecMap<EffectId, Sent>,
+    /// Commands not yet acknowledged (nor expired).
+    outbox: VecMap<EffectId, CommandEntry>,
     /// Offsets of the device's most recent dead letters (at most [`DEAD_LETTERS_KEPT`]),
     /// undeliverable messages included, oldest first.
-    pub dead_letters: ThinVec<u64>,
-    /// Pending timers, undelivered messages and unacknowledged commands (see
-    /// `journal/effects.rs`); `None` for a device with none.
-    pub fx: Option<Box<DeviceFx>>,
+    dead_letters: ThinVec<u64>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.sent.is_empty() && self.outbox.is_empty() && self.dead_letters.is_empty()
+    }
 }
 
 /// The most seqs one kind-8 record may stand for (salvage writes longer runs as several), so
@@ -96,8 +118,81 @@ impl DeviceInfo {
             seq: 0,
             tail: ThinVec::new(),
             snapshots: ThinVec::new(),
-            dead_letters: ThinVec::new(),
-            fx: None,
+            timers: VecMap::default(),
+            rare: None,
+        }
+    }
+
+    /// Offsets of the device's most recent dead letters, oldest first.
+    pub fn dead_letters(&self) -> &[u64] {
+        self.rare.as_deref().map_or(&[], |r| &r.dead_letters)
+    }
+
+    /// Messages this device sent that are not handled yet, if any.
+    pub fn sent(&self) -> Option<&VecMap<EffectId, Sent>> {
+        self.rare.as_deref().map(|r| &r.sent)
+    }
+
+    /// Commands not yet acknowledged, if any.
+    pub fn outbox(&self) -> Option<&VecMap<EffectId, CommandEntry>> {
+        self.rare.as_deref().map(|r| &r.outbox)
+    }
+
+    /// A copy of what the device owes or is owed (`None`: nothing).
+    pub fn fx(&self) -> Option<DeviceFx> {
+        let fx = DeviceFx {
+            timers: self.timers.clone(),
+            sent: self.sent().cloned().unwrap_or_default(),
+            outbox: self.outbox().cloned().unwrap_or_default(),
+        };
+        (!fx.is_empty()).then_some(fx)
+    }
+
+    /// Runs `f` on what the device owes or is owed, as one [`DeviceFx`], and keeps the
+    /// result. The parts are moved out of the entry and back (pointers, no copy), and a
+    /// block left empty is freed.
+    pub fn with_fx<R>(&mut self, f: impl FnOnce(&mut DeviceFx) -> R) -> R {
+        let mut fx = DeviceFx {
+            timers: std::mem::take(&mut self.timers),
+            ..DeviceFx::default()
+        };
+        if let Some(r) = self.rare.as_deref_mut() {
+            fx.sent = std::mem::take(&mut r.sent);
+            fx.outbox = std::mem::take(&mut r.outbox);
+        }
+        let out = f(&mut fx);
+        self.set_fx(fx);
+        out
+    }
+
+    /// Replaces what the device owes or is owed.
+    pub fn set_fx(&mut self, fx: DeviceFx) {
+        let DeviceFx {
+            timers,
+            sent,
+            outbox,
+        } = fx;
+        self.timers = timers;
+        if sent.is_empty() && outbox.is_empty() && self.rare.is_none() {
+            return;
+        }
+        let rare = self.rare.get_or_insert_with(Default::default);
+        rare.sent = sent;
+        rare.outbox = outbox;
+        if rare.is_empty() {
+            self.rare = None;
+        }
+    }
+
+    /// Replaces the device's dead letters (offsets, oldest first).
+    pub fn set_dead_letters(&mut self, dead_letters: ThinVec<u64>) {
+        if dead_letters.is_empty() && self.rare.is_none() {
+            return;
+        }
+        let rare = self.rare.get_or_insert_with(Default::default);
+        rare.dead_letters = dead_letters;
+        if rare.is_empty() {
+            self.rare = None;
         }
     }
 
@@ -113,10 +208,11 @@ impl DeviceInfo {
 
     /// Indexes the dead letter at `offset`, forgetting the oldest past [`DEAD_LETTERS_KEPT`].
     fn keep_dead_letter(&mut self, offset: u64) {
-        if self.dead_letters.len() == DEAD_LETTERS_KEPT {
-            self.dead_letters.remove(0);
+        let letters = &mut self.rare.get_or_insert_with(Default::default).dead_letters;
+        if letters.len() == DEAD_LETTERS_KEPT {
+            letters.remove(0);
         }
-        self.dead_letters.push(offset);
+        letters.push(offset);
     }
 
     /// The newest snapshot of `version` taken at or before `seq`.
@@ -471,11 +567,7 @@ impl Index {
                     self.tail_entries += 1;
                     if let Some(fx) = fx {
                         let (at_ms, fx) = *fx;
-                        let state = d.fx.get_or_insert_with(Default::default);
-                        state.fold(seq, at_ms, &fx);
-                        if state.is_empty() {
-                            d.fx = None;
-                        }
+                        d.with_fx(|state| state.fold(seq, at_ms, &fx));
                         if let Some((sender, id)) = fx.delivered() {
                             self.strike_sent(sender, id);
                         }
@@ -492,13 +584,12 @@ impl Index {
                 // A command acknowledged, or a message settled by an import: ids are unique
                 // per device, so at most one of the two maps holds it.
                 if let Some(d) = self.devices.get_mut(&device)
-                    && let Some(fx) = d.fx.as_mut()
+                    && d.rare.is_some()
                 {
-                    fx.outbox.remove(&id);
-                    fx.sent.remove(&id);
-                    if fx.is_empty() {
-                        d.fx = None;
-                    }
+                    d.with_fx(|fx| {
+                        fx.outbox.remove(&id);
+                        fx.sent.remove(&id);
+                    });
                 }
             }
             IndexEffect::Snapshot {
@@ -549,16 +640,11 @@ impl Index {
             return;
         };
         if id.seq > d.seq {
-            d.fx.get_or_insert_with(Default::default)
-                .sent
-                .insert(id, Sent::HandledAhead);
+            d.with_fx(|fx| fx.sent.insert(id, Sent::HandledAhead));
             return;
         }
-        if let Some(fx) = d.fx.as_mut() {
-            fx.sent.remove(&id);
-            if fx.is_empty() {
-                d.fx = None;
-            }
+        if d.rare.is_some() {
+            d.with_fx(|fx| fx.sent.remove(&id));
         }
     }
 
@@ -751,5 +837,57 @@ mod tests {
         assert!(index.device("a").is_none());
         provision(&mut index, 2, "a").unwrap();
         assert_eq!(index.device("a").map(|d| d.num), Some(2));
+    }
+
+    #[test]
+    fn timers_live_in_the_entry_and_the_rare_block_exists_only_while_it_holds_something() {
+        use crate::journal::effects::{CommandEntry, Effect, Origin};
+        let mut d = DeviceInfo::new(0, Arc::from("d"), 0, Arc::from(&b"{}"[..]), 0);
+        // The entry did not grow for the timers it now holds.
+        assert!(std::mem::size_of::<DeviceInfo>() <= 88);
+        let fx = |effects| Fx {
+            origin: Origin::External,
+            effects,
+        };
+        let set = fx(vec![Effect::SetTimer {
+            key: "heartbeat".into(),
+            due_ms: 100,
+            every_ms: None,
+            event: "{}".into(),
+        }]);
+        d.with_fx(|state| state.fold(1, 0, &set));
+        assert!(d.timers.contains_key("heartbeat"));
+        assert!(d.rare.is_none(), "a timer alone needs no block");
+        // A command and a dead letter need the block; the timer stays where it is.
+        let command = fx(vec![Effect::Command {
+            payload: "{}".into(),
+            ttl_ms: None,
+        }]);
+        d.with_fx(|state| state.fold(2, 0, &command));
+        d.keep_dead_letter(4096);
+        assert_eq!(d.outbox().map(VecMap::len), Some(1));
+        assert_eq!(d.dead_letters(), [4096]);
+        assert!(d.timers.contains_key("heartbeat"));
+        let copy = d.fx().expect("owes something");
+        assert_eq!((copy.timers.len(), copy.outbox.len()), (1, 1));
+        // The command acknowledged: the dead letter keeps the block.
+        d.with_fx(|state| state.outbox.remove(&EffectId { seq: 2, index: 0 }));
+        assert!(d.rare.is_some() && d.outbox().is_some_and(VecMap::is_empty));
+        // Dead letters gone and nothing else in it: the block is freed.
+        d.set_dead_letters(ThinVec::new());
+        assert!(d.rare.is_none());
+        // A checkpoint's copy put back whole.
+        let mut whole = copy.clone();
+        whole.outbox.insert(
+            EffectId { seq: 3, index: 0 },
+            CommandEntry {
+                at_ms: 0,
+                expires_ms: None,
+            },
+        );
+        d.set_fx(whole.clone());
+        assert_eq!(d.fx(), Some(whole));
+        d.set_fx(DeviceFx::default());
+        assert!(d.rare.is_none() && d.timers.is_empty() && d.fx().is_none());
     }
 }

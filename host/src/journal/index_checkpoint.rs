@@ -167,8 +167,8 @@ impl Image {
                 seq: d.seq,
                 tail: d.tail.to_vec(),
                 snapshots: d.snapshots.to_vec(),
-                dead_letters: d.dead_letters.to_vec(),
-                fx: d.fx.as_deref().cloned(),
+                dead_letters: d.dead_letters().to_vec(),
+                fx: d.fx(),
             })
             .collect();
         devices.sort_unstable_by_key(|d| d.num);
@@ -596,8 +596,10 @@ impl Checkpoints {
             info.seq = d.seq;
             info.tail = d.tail.into();
             info.snapshots = d.snapshots.into();
-            info.dead_letters = d.dead_letters.into();
-            info.fx = d.fx.filter(|fx| !fx.is_empty()).map(Box::new);
+            info.set_dead_letters(d.dead_letters.into());
+            if let Some(fx) = d.fx {
+                info.set_fx(fx);
+            }
             if index.devices.insert(d.num, info).is_some() {
                 return Err(bad(format!("device {} listed twice", d.num)));
             }

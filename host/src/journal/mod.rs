@@ -1075,10 +1075,9 @@ impl Journal {
     /// reads say what went rather than leave it out silently.
     pub fn dead_letters_retained_away(&self, num: u32) -> usize {
         let from = self.retained_from();
-        self.index()
-            .devices
-            .get(&num)
-            .map_or(0, |d| d.dead_letters.iter().filter(|o| **o < from).count())
+        self.index().devices.get(&num).map_or(0, |d| {
+            d.dead_letters().iter().filter(|o| **o < from).count()
+        })
     }
 
     /// The most recent dead letters of device `num` (at most 100), in the order of the
@@ -1093,7 +1092,7 @@ impl Journal {
             .devices
             .get(&num)
             .map(|d| {
-                d.dead_letters
+                d.dead_letters()
                     .iter()
                     .copied()
                     .filter(|o| *o >= from)
@@ -1158,10 +1157,7 @@ impl Journal {
     /// What device `num` still owes: pending timers, undelivered messages, unacknowledged
     /// commands (durable records only).
     pub fn device_fx(&self, num: u32) -> Option<DeviceFx> {
-        self.index()
-            .devices
-            .get(&num)
-            .and_then(|d| d.fx.as_deref().cloned())
+        self.index().devices.get(&num).and_then(|d| d.fx())
     }
 
     /// Whether message `id` of device `num` is still owed to device `to` (sent to it,
@@ -1170,8 +1166,7 @@ impl Journal {
         self.index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .and_then(|fx| fx.sent.get(&id))
+            .and_then(|d| d.sent()?.get(&id))
             .is_some_and(|sent| sent.owed_to() == Some(to))
     }
 
@@ -1188,8 +1183,10 @@ impl Journal {
         self.index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .map_or(MessageTurn::NotOwed, |fx| fx.turn(id, to, in_flight))
+            .and_then(|d| d.sent())
+            .map_or(MessageTurn::NotOwed, |sent| {
+                DeviceFx::turn_in(sent, id, to, in_flight)
+            })
     }
 
     /// Device `num`'s outbox: its commands not yet acknowledged, oldest first. Commands whose
@@ -1200,28 +1197,23 @@ impl Journal {
             .index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .is_some_and(|fx| {
-                fx.outbox
+            .and_then(|d| d.outbox())
+            .is_some_and(|outbox| {
+                outbox
                     .values()
                     .any(|c| c.expires_ms.is_some_and(|e| e <= now_ms))
             });
         if expired {
             let mut index = self.inner.shared.index.write();
-            if let Some(d) = index.devices.get_mut(&num)
-                && let Some(fx) = d.fx.as_mut()
-            {
-                fx.expire(now_ms);
-                if fx.is_empty() {
-                    d.fx = None;
-                }
+            if let Some(d) = index.devices.get_mut(&num) {
+                d.with_fx(|fx| fx.expire(now_ms));
             }
         }
         self.index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .map(|fx| fx.outbox.iter().map(|(id, c)| (*id, *c)).collect())
+            .and_then(|d| d.outbox())
+            .map(|outbox| outbox.iter().map(|(id, c)| (*id, *c)).collect())
             .unwrap_or_default()
     }
 
@@ -1231,8 +1223,8 @@ impl Journal {
         self.index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .map_or(0, |fx| fx.outbox.len())
+            .and_then(|d| d.outbox())
+            .map_or(0, |outbox| outbox.len())
     }
 
     /// Every message still owed to any of `targets`: (sender's id and number, the message's
@@ -1246,9 +1238,9 @@ impl Journal {
         let mut out: Vec<(Arc<str>, u32, EffectId, Arc<str>)> = index
             .devices
             .values()
-            .filter_map(|d| Some((d, d.fx.as_deref()?)))
-            .flat_map(|(d, fx)| {
-                fx.sent.iter().filter_map(|(id, sent)| {
+            .filter_map(|d| Some((d, d.sent()?)))
+            .flat_map(|(d, sent)| {
+                sent.iter().filter_map(|(id, sent)| {
                     let to = targets.get(sent.owed_to()?)?;
                     Some((d.id.clone(), d.num, *id, to.clone()))
                 })
@@ -1264,9 +1256,9 @@ impl Journal {
         self.index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .map_or(0, |fx| {
-                fx.sent.values().filter(|s| s.owed_to().is_some()).count()
+            .and_then(|d| d.sent())
+            .map_or(0, |sent| {
+                sent.values().filter(|s| s.owed_to().is_some()).count()
             })
     }
 
@@ -1275,8 +1267,7 @@ impl Journal {
         self.index()
             .devices
             .get(&num)
-            .and_then(|d| d.fx.as_deref())
-            .and_then(|fx| fx.timers.get(key).copied())
+            .and_then(|d| d.timers.get(key).copied())
     }
 
     /// For each device of `nums`, its pending timers due by `now_ms`, with the device's id
@@ -1297,12 +1288,7 @@ impl Journal {
     fn due_of(d: &index::DeviceInfo, now_ms: u64) -> DueTimers {
         let mut due = Vec::new();
         let mut next_ms: Option<u64> = None;
-        for (key, t) in
-            d.fx.as_deref()
-                .map(|fx| fx.timers.iter())
-                .into_iter()
-                .flatten()
-        {
+        for (key, t) in d.timers.iter() {
             if t.due_ms <= now_ms {
                 due.push((key.clone(), *t));
             } else {
@@ -1330,7 +1316,7 @@ impl Journal {
             .devices
             .values()
             .filter_map(|d| {
-                let earliest = d.fx.as_deref()?.timers.values().map(|t| t.due_ms).min()?;
+                let earliest = d.timers.values().map(|t| t.due_ms).min()?;
                 Some((d.num, earliest))
             })
             .collect()
@@ -1344,12 +1330,11 @@ impl Journal {
             .devices
             .values()
             .filter_map(|d| {
-                let owed: Vec<(EffectId, String)> =
-                    d.fx.as_deref()?
-                        .sent
-                        .iter()
-                        .filter_map(|(id, s)| Some((*id, s.owed_to()?.to_string())))
-                        .collect();
+                let owed: Vec<(EffectId, String)> = d
+                    .sent()?
+                    .iter()
+                    .filter_map(|(id, s)| Some((*id, s.owed_to()?.to_string())))
+                    .collect();
                 (!owed.is_empty()).then(|| (d.id.clone(), d.num, owed))
             })
             .collect();
@@ -1362,7 +1347,7 @@ impl Journal {
         self.index()
             .devices
             .values()
-            .filter_map(|d| Some((d.id.clone(), d.num, d.fx.as_deref()?.clone())))
+            .filter_map(|d| Some((d.id.clone(), d.num, d.fx()?)))
             .collect()
     }
 

@@ -145,19 +145,24 @@ fn bounds(
                 Some(s) => (s.seq + 1, "snapshot"),
                 None => (1, "no-snapshot"),
             };
-            let pending = d.fx.as_deref().and_then(|fx| {
-                fx.timers
-                    .values()
-                    .map(|t| t.set.seq)
-                    .chain(
-                        fx.sent
-                            .iter()
-                            .filter(|(_, s)| s.owed_to().is_some())
-                            .map(|(id, _)| id.seq),
-                    )
-                    .chain(fx.outbox.keys().map(|id| id.seq))
-                    .min()
-            });
+            let pending = d
+                .timers
+                .values()
+                .map(|t| t.set.seq)
+                .chain(
+                    d.sent()
+                        .into_iter()
+                        .flat_map(|sent| sent.iter())
+                        .filter(|(_, s)| s.owed_to().is_some())
+                        .map(|(id, _)| id.seq),
+                )
+                .chain(
+                    d.outbox()
+                        .into_iter()
+                        .flat_map(|o| o.keys())
+                        .map(|id| id.seq),
+                )
+                .min();
             let (needed, why) = match pending {
                 Some(p) if p < first => (p, "pending-effects"),
                 _ => (first, why),

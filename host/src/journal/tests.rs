@@ -1680,7 +1680,7 @@ fn fingerprint_of(journal: &Journal, lengths: bool) -> String {
                 d.created_at_ms,
                 d.seq,
                 d.snapshots,
-                d.dead_letters
+                d.dead_letters()
             )
         })
         .collect();
