@@ -241,8 +241,10 @@ pub struct Activity {
     pub last_used_ms: AtomicU64,
     /// Whether it holds an instance.
     pub live: AtomicBool,
-    /// Whether it sits out a quarantine.
-    pub quarantined: AtomicBool,
+    /// Until when it sits out a quarantine, in ms of [`crate::clock::mono_ms`] (0: none).
+    /// An end time rather than a flag: a quarantine ends by itself, with no message to the
+    /// actor that would lower a flag, and a listing must not go on showing it.
+    pub quarantined_until_ms: AtomicU64,
     /// The plugin version (journal-local id) it runs, or will run at activation.
     pub version: AtomicU32,
 }
@@ -282,6 +284,7 @@ pub fn spawn(env: Arc<ActorEnv>, head: DeviceHead, after_crash: bool) -> ActorHa
     let actor = Actor {
         activity: activity.clone(),
         failures: 0,
+        last_failure: None,
         quarantine: None,
         writer,
         env,
@@ -325,6 +328,8 @@ struct Actor {
     activity: Arc<Activity>,
     /// Consecutive fatal guest failures (traps, timeouts, failed activations).
     failures: u32,
+    /// When the last of them happened.
+    last_failure: Option<Instant>,
     /// While set and in the future, events fail fast without running the guest.
     quarantine: Option<Quarantine>,
     env: Arc<ActorEnv>,
@@ -371,6 +376,11 @@ const QUARANTINE_AFTER: u32 = 3;
 /// First quarantine; each further failure right after one doubles it, up to the maximum.
 const QUARANTINE_FIRST: Duration = Duration::from_secs(5);
 const QUARANTINE_MAX: Duration = Duration::from_secs(300);
+
+/// How long an idle actor with failures counted keeps its task (and so the counts) before
+/// it may be retired: twice the longest quarantine, so every retry of a timer firing or
+/// message and the end of any quarantine come while the counts are still there.
+const REMEMBER_FAILURES: Duration = Duration::from_secs(600);
 
 /// A timeout is not deterministic (a loaded machine), so a message or timer firing the guest
 /// timed out on is tried again; after this many timeouts it is consumed like one the guest
@@ -524,6 +534,11 @@ impl Actor {
                         self.passivate();
                         sleep.as_mut().reset(now + idle);
                     } else if self.quarantine.is_none()
+                        // What supervision counts lives in this task: retired, a device
+                        // whose retries come less often than two idle periods would start
+                        // each one from zero and never be quarantined, nor its timer
+                        // firing ever consumed.
+                        && self.forgets_nothing()
                         && self.writer.is_idle()
                         && self
                             .env
@@ -578,6 +593,7 @@ impl Actor {
     /// success resets the count (in `on_event`).
     fn record_failure(&mut self, e: &Error) {
         self.failures += 1;
+        self.last_failure = Some(Instant::now());
         if self.failures >= QUARANTINE_AFTER {
             // Exponential, with ±25% jitter so devices that failed together (one bad plugin
             // version) do not all come back in the same instant.
@@ -593,19 +609,34 @@ impl Actor {
                 error = %e,
                 "device quarantined"
             );
+            let until = Instant::now() + length;
             self.quarantine = Some(Quarantine {
-                until: Instant::now() + length,
+                until,
                 length,
                 last: e.to_string(),
             });
-            self.activity.quarantined.store(true, Ordering::Relaxed);
+            self.activity
+                .quarantined_until_ms
+                .store(clock::mono_ms(until).max(1), Ordering::Relaxed);
         }
+    }
+
+    /// Whether retiring the task loses nothing supervision still needs: no failures counted
+    /// (toward a quarantine, or toward consuming an internal event that timed out), or
+    /// none for [`REMEMBER_FAILURES`], longer than any retry or quarantine takes to come.
+    fn forgets_nothing(&self) -> bool {
+        (self.failures == 0 && self.timeouts.is_empty())
+            || self
+                .last_failure
+                .is_some_and(|t| t.elapsed() > REMEMBER_FAILURES)
     }
 
     fn recovered(&mut self) {
         self.failures = 0;
         if self.quarantine.take().is_some() {
-            self.activity.quarantined.store(false, Ordering::Relaxed);
+            self.activity
+                .quarantined_until_ms
+                .store(0, Ordering::Relaxed);
         }
     }
 

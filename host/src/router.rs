@@ -265,7 +265,12 @@ impl Router {
     pub fn status(&self, id: &str) -> crate::view::DeviceStatus {
         use crate::view::DeviceStatus;
         match self.actors.read().get(id) {
-            Some(a) if a.activity.quarantined.load(Ordering::Relaxed) => DeviceStatus::Quarantined,
+            Some(a)
+                if a.activity.quarantined_until_ms.load(Ordering::Relaxed)
+                    > crate::clock::mono_ms(std::time::Instant::now()) =>
+            {
+                DeviceStatus::Quarantined
+            }
             Some(a) if a.activity.live.load(Ordering::Relaxed) => DeviceStatus::Active,
             _ => DeviceStatus::Passivated,
         }

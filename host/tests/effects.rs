@@ -569,6 +569,50 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_firing_that_keeps_timing_out_is_consumed_after_three_even_if_idle_between() {
+    // The retries come every few seconds, far apart against an idle timeout of 100 ms: the
+    // device is passivated between them, and its actor used to be retired too, forgetting
+    // how often the firing had timed out, so it was retried for ever.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_millis(400))
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("m", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    let arm = json!({"type": "arm", "key": "slow", "after_ms": 50, "event": {"type": "loop"}});
+    rt.send("m", &arm.to_string()).await.expect("armed");
+    let started = Instant::now();
+    while !rt.timers("m").expect("timers").is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "still pending after {:?}: {:?}",
+            started.elapsed(),
+            rt.dead_letters("m").expect("dead letters")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rt.journal().barrier().await.expect("durable");
+    let timeouts = rt
+        .dead_letters("m")
+        .expect("dead letters")
+        .iter()
+        .filter(|d| d.code == "timeout")
+        .count();
+    assert_eq!(timeouts, 3, "consumed at its third timeout");
+    assert_eq!(
+        timer_firings(&rt, "m").len(),
+        1,
+        "one record: the consumption"
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_target_traps_on_is_consumed_in_its_place_and_never_redelivered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = open(dir.path()).await;

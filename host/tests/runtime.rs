@@ -893,6 +893,73 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_further_apart_than_idle_periods_still_quarantine_and_a_listing_sees_it_end() {
+    // Idle periods far shorter than the time between failures: between two failures the
+    // device is passivated, and its actor would be retired (two idle periods), which used
+    // to forget the count, so a device failing every few seconds was never quarantined (and
+    // a timer firing that kept timing out was retried for ever).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("flaky", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    rt.provision("calm", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // A healthy device idle as long is retired: the idle periods are short enough.
+    rt.send("calm", r#"{"type":"ok"}"#).await.expect("ok");
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let err = rt
+            .send("flaky", r#"{"type":"panic"}"#)
+            .await
+            .expect_err("traps");
+        assert_eq!(err.code(), "trap", "failure {i}: {err}");
+    }
+    assert_eq!(rt.status("calm"), DeviceStatus::Passivated);
+    assert_eq!(
+        rt.live_actors(),
+        1,
+        "only the failing device keeps its actor"
+    );
+    let err = rt
+        .send("flaky", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("quarantined");
+    assert_eq!(err.code(), "quarantined", "{err}");
+    assert_eq!(rt.status("flaky"), DeviceStatus::Quarantined);
+    // The quarantine (5 s, ±25%) ends by itself: the listing's status, read without asking
+    // the actor, follows it, as the actor's own answer does.
+    let started = std::time::Instant::now();
+    while rt.status("flaky") == DeviceStatus::Quarantined {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the listing still says quarantined after the quarantine ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(
+        rt.device("flaky").await.expect("read").status,
+        DeviceStatus::Quarantined
+    );
+    assert_eq!(
+        rt.send("flaky", r#"{"type":"ok"}"#)
+            .await
+            .expect("runs")
+            .seq,
+        1
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_page_stops_at_a_few_megabytes_and_continues_from_next() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = open(dir.path(), 1000).await;
