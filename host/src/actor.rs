@@ -1081,7 +1081,7 @@ impl Actor {
         self.env
             .journal
             .timer(self.head.num, key)
-            .filter(|t| t.set == set && t.due_ms == due_ms)
+            .filter(|t| t.set() == set && t.due_ms == due_ms)
     }
 
     /// Handles one event; returns whether its record was submitted to the journal.

@@ -590,6 +590,16 @@ fn check(
                 if !r.lost && r.event.is_none() && r.event_text.is_none() {
                     bail!("device `{id}` seq {}: no event", r.seq);
                 }
+                if let Some(fx) = &r.fx
+                    && fx.effects.len() > crate::decide::MAX_EFFECTS
+                {
+                    bail!(
+                        "device `{id}` seq {}: {} effects, over the limit of {} per event",
+                        r.seq,
+                        fx.effects.len(),
+                        crate::decide::MAX_EFFECTS
+                    );
+                }
                 *next += 1;
                 records += 1;
             }

@@ -159,11 +159,11 @@ impl Runtime {
             .timers
             .into_iter()
             .map(|(key, t)| {
-                let fx = records.entry(t.set.seq).or_insert_with(|| {
-                    match journal.record_fx(head.num, t.set.seq) {
+                let fx = records.entry(t.set().seq).or_insert_with(|| {
+                    match journal.record_fx(head.num, t.set().seq) {
                         Ok(fx) => fx,
                         Err(e) => {
-                            tracing::warn!(device = id, seq = t.set.seq, error = %e, "cannot read the record that set a timer");
+                            tracing::warn!(device = id, seq = t.set().seq, error = %e, "cannot read the record that set a timer");
                             None
                         }
                     }
@@ -174,7 +174,7 @@ impl Runtime {
                     every_ms: t.every_ms.map(std::num::NonZeroU64::get),
                     event: fx
                         .as_ref()
-                        .and_then(|fx| fx.timer_event(t.set.index))
+                        .and_then(|fx| fx.timer_event(t.set().index))
                         .unwrap_or("null")
                         .to_string(),
                 }

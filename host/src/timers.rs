@@ -209,7 +209,7 @@ impl TimerWheel {
                             event: None,
                             origin: Box::new(Origin::Timer {
                                 key: key.into(),
-                                set: t.set,
+                                set: t.set(),
                                 due_ms: t.due_ms,
                                 missed: 0,
                             }),
@@ -275,11 +275,7 @@ mod tests {
     use crate::journal::EffectId;
 
     fn timer(due_ms: u64, seq: u64) -> TimerEntry {
-        TimerEntry {
-            due_ms,
-            every_ms: None,
-            set: EffectId { seq, index: 0 },
-        }
+        TimerEntry::new(due_ms, None, EffectId { seq, index: 0 }).expect("indexable")
     }
 
     fn map(entries: Vec<(&str, TimerEntry)>) -> VecMap<TimerKey, TimerEntry> {

@@ -177,6 +177,16 @@ fn export_then_import_reproduces_every_device_exactly() {
         83 + (t1_end - t1 - 1)
     );
     twice.push(&end);
+    // A record with more effects than an event may have (this host cannot write one).
+    let cancel = r#"{"type":"cancel_timer","key":"k"}"#;
+    let effects = vec![cancel; 1025].join(",");
+    let too_many = text.replacen(
+        r#"{"kind":"record","#,
+        &format!(
+            r#"{{"kind":"record","fx":{{"origin":{{"type":"external"}},"effects":[{effects}]}},"#
+        ),
+        1,
+    );
     let cases = [
         (lines[..lines.len() - 1].join("\n"), "cut short"),
         (
@@ -193,6 +203,7 @@ fn export_then_import_reproduces_every_device_exactly() {
             "device id",
         ),
         (r#"{"a":1}"#.to_string(), "not a Drover export"),
+        (too_many, "1025 effects, over the limit of 1024 per event"),
         (not_wasm(&text), "does not load"),
         (
             text.replace(r#""plugin":"door-lock""#, r#""plugin":"../evil""#),

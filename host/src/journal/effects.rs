@@ -115,7 +115,7 @@ impl Fx {
 /// the key most devices of a fleet use (a `heartbeat`) costs each of them a pointer. Read
 /// from a checkpoint, a key is shared like any other.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TimerKey(Arc<str>);
+pub struct TimerKey(Arc<Box<str>>);
 
 impl TimerKey {
     pub fn new(key: &str) -> TimerKey {
@@ -182,20 +182,67 @@ impl<'de> Deserialize<'de> for TimerKey {
     }
 }
 
-/// A pending timer: 32 bytes, plus its key (a [`TimerKey`]). A fleet may hold a million of them, so the event
-/// its firing hands to `handle` is not kept here: it is read from the record that set the
-/// timer (effect `set`, see [`Fx::timer_event`]) when the timer fires.
+/// A pending timer: 24 bytes, plus its key (a [`TimerKey`]). A fleet may hold a million of
+/// them, so the event its firing hands to `handle` is not kept here: it is read from the
+/// record that set the timer (effect [`TimerEntry::set`], see [`Fx::timer_event`]) when the
+/// timer fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TimerImage", into = "TimerImage")]
 pub struct TimerEntry {
     pub due_ms: u64,
     /// The period of a periodic timer (a period of 0 in a record is taken as 1 ms, as
     /// `decide` clamps what a guest asks for); non-zero so the option costs no extra word.
-    /// Read leniently: an index checkpoint written before it was non-zero may hold a 0.
-    #[serde(deserialize_with = "period_at_least_1ms")]
     pub every_ms: Option<NonZeroU64>,
-    /// The effect that set it: a firing names it, so a firing of a timer since replaced is
-    /// recognised and dropped.
-    pub set: EffectId,
+    /// The effect that set it, in one word (see [`TimerEntry::set`]).
+    set: u64,
+}
+
+/// Bits of a packed effect id ([`TimerEntry::set`]) that hold the effect's index: an event
+/// has at most 1,024 effects (`decide::MAX_EFFECTS`).
+const INDEX_BITS: u32 = 12;
+
+/// The highest seq whose effects can set a timer: 2^52 - 1 (4.5 × 10^15 events of one
+/// device, centuries at any rate a device can sustain). Recovery and import refuse a
+/// record beyond it, or with more effects than [`INDEX_BITS`] can number, as one this host
+/// cannot have written.
+pub const MAX_EFFECT_SEQ: u64 = (1 << (64 - INDEX_BITS)) - 1;
+
+/// Whether the effects of a record `seq` with `effects` effects can all be indexed.
+pub fn indexable(seq: u64, effects: usize) -> bool {
+    seq <= MAX_EFFECT_SEQ && effects <= 1 << INDEX_BITS
+}
+
+/// A timer as an index checkpoint writes it: the shape it had before its effect id was
+/// packed, so checkpoints read the same either way.
+#[derive(Serialize, Deserialize)]
+struct TimerImage {
+    due_ms: u64,
+    /// Read leniently: a checkpoint written before periods were non-zero may hold a 0.
+    #[serde(deserialize_with = "period_at_least_1ms")]
+    every_ms: Option<NonZeroU64>,
+    set: EffectId,
+}
+
+impl TryFrom<TimerImage> for TimerEntry {
+    type Error = String;
+    fn try_from(t: TimerImage) -> Result<TimerEntry, String> {
+        TimerEntry::new(t.due_ms, t.every_ms, t.set).ok_or_else(|| {
+            format!(
+                "timer set by effect {:?}: beyond what can be indexed",
+                t.set
+            )
+        })
+    }
+}
+
+impl From<TimerEntry> for TimerImage {
+    fn from(t: TimerEntry) -> TimerImage {
+        TimerImage {
+            due_ms: t.due_ms,
+            every_ms: t.every_ms,
+            set: t.set(),
+        }
+    }
 }
 
 /// A timer's period as the index keeps it: a 0 as 1 ms (see [`TimerEntry::every_ms`]).
@@ -211,6 +258,25 @@ fn period_at_least_1ms<'de, D: serde::Deserializer<'de>>(
 }
 
 impl TimerEntry {
+    /// A timer set by effect `set`; `None` if `set` is beyond [`MAX_EFFECT_SEQ`] or its
+    /// index does not fit [`INDEX_BITS`] (see [`indexable`]).
+    pub fn new(due_ms: u64, every_ms: Option<NonZeroU64>, set: EffectId) -> Option<TimerEntry> {
+        indexable(set.seq, set.index as usize + 1).then_some(TimerEntry {
+            due_ms,
+            every_ms,
+            set: (set.seq << INDEX_BITS) | u64::from(set.index),
+        })
+    }
+
+    /// The effect that set it: a firing names it, so a firing of a timer since replaced is
+    /// recognised and dropped.
+    pub fn set(&self) -> EffectId {
+        EffectId {
+            seq: self.set >> INDEX_BITS,
+            index: (self.set & ((1 << INDEX_BITS) - 1)) as u32,
+        }
+    }
+
     /// Where a periodic timer goes after a firing at `due_ms` with `missed` periods folded in.
     pub fn next_due(&self, due_ms: u64, missed: u64) -> Option<u64> {
         let every = self.every_ms?.get();
@@ -434,7 +500,7 @@ impl DeviceFx {
             missed,
         } = &fx.origin
             && let Some(timer) = self.timers.get_mut(key.as_str())
-            && timer.set == *set
+            && timer.set() == *set
             && timer.due_ms == *due_ms
         {
             match timer.next_due(*due_ms, *missed) {
@@ -470,10 +536,11 @@ impl DeviceFx {
                     every_ms,
                     ..
                 } => {
-                    let timer = TimerEntry {
-                        due_ms: *due_ms,
-                        every_ms: period(*every_ms),
-                        set: id,
+                    // Recovery and import refuse records beyond what can be indexed (see
+                    // `indexable`) and a live event has at most 1,024 effects.
+                    let Some(timer) = TimerEntry::new(*due_ms, period(*every_ms), id) else {
+                        tracing::error!(?id, "a timer set beyond what the index can number");
+                        continue;
                     };
                     // A timer set again (a heartbeat, every event) keeps its key: only a new
                     // key goes through the shared cache and its lock.
@@ -588,7 +655,7 @@ mod tests {
             let entry: TimerEntry = postcard::from_bytes(&bytes).expect("decodes");
             assert_eq!(entry.due_ms, 42);
             assert_eq!(entry.every_ms.map(NonZeroU64::get), read);
-            assert_eq!(entry.set, set);
+            assert_eq!(entry.set(), set);
             // And what it writes now is what it wrote then (for a period that was not 0).
             if every != Some(0) {
                 assert_eq!(postcard::to_allocvec(&entry).expect("encodes"), bytes);
@@ -754,5 +821,96 @@ mod tests {
             serde_json::from_str(r#"[["heartbeat",1],["poll",2]]"#).expect("a map");
         assert_eq!(map.get("poll"), Some(&2));
         assert!(map.keys().any(|k| Arc::ptr_eq(&k.0, &set.0)));
+    }
+
+    #[test]
+    fn a_timer_keeps_the_effect_that_set_it_exactly_up_to_the_bounds_and_refuses_beyond() {
+        let max_index = (1 << INDEX_BITS) - 1;
+        for set in [
+            EffectId { seq: 0, index: 0 },
+            EffectId {
+                seq: 1,
+                index: 1023,
+            },
+            EffectId {
+                seq: MAX_EFFECT_SEQ,
+                index: max_index,
+            },
+        ] {
+            let t = TimerEntry::new(9, NonZeroU64::new(5), set).expect("indexable");
+            assert_eq!(
+                (t.set(), t.due_ms, t.every_ms),
+                (set, 9, NonZeroU64::new(5))
+            );
+        }
+        assert!(
+            TimerEntry::new(
+                0,
+                None,
+                EffectId {
+                    seq: 1,
+                    index: max_index + 1
+                }
+            )
+            .is_none()
+        );
+        assert!(
+            TimerEntry::new(
+                0,
+                None,
+                EffectId {
+                    seq: MAX_EFFECT_SEQ + 1,
+                    index: 0
+                }
+            )
+            .is_none()
+        );
+        assert_eq!(std::mem::size_of::<TimerEntry>(), 24);
+        assert!(indexable(MAX_EFFECT_SEQ, 1 << INDEX_BITS));
+        assert!(!indexable(MAX_EFFECT_SEQ + 1, 1));
+        assert!(!indexable(1, (1 << INDEX_BITS) + 1));
+    }
+
+    #[test]
+    fn index_checkpoints_hold_timers_in_the_shape_they_had_before_ids_were_packed() {
+        // The entry as checkpoints wrote it before (postcard is positional: the fields and
+        // their order are the format).
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Before {
+            due_ms: u64,
+            every_ms: Option<u64>,
+            set: EffectId,
+        }
+        let before = Before {
+            due_ms: 1_800_000_000_000,
+            every_ms: Some(60_000),
+            set: EffectId { seq: 77, index: 3 },
+        };
+        let bytes = postcard::to_stdvec(&before).expect("encode");
+        let read: TimerEntry = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(read.set(), before.set);
+        assert_eq!(
+            (read.due_ms, read.every_ms),
+            (before.due_ms, NonZeroU64::new(60_000))
+        );
+        assert_eq!(postcard::to_stdvec(&read).expect("encode"), bytes);
+        // A 0 period of an older checkpoint reads as 1 ms, as before.
+        let zero = Before {
+            every_ms: Some(0),
+            ..before
+        };
+        let read: TimerEntry =
+            postcard::from_bytes(&postcard::to_stdvec(&zero).expect("encode")).expect("decode");
+        assert_eq!(read.every_ms, NonZeroU64::new(1));
+        // An id beyond what can be packed is refused, not wrapped.
+        let beyond = Before {
+            set: EffectId {
+                seq: MAX_EFFECT_SEQ + 1,
+                index: 0,
+            },
+            ..zero
+        };
+        let bytes = postcard::to_stdvec(&beyond).expect("encode");
+        assert!(postcard::from_bytes::<TimerEntry>(&bytes).is_err());
     }
 }

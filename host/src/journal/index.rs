@@ -374,6 +374,14 @@ pub enum Inconsistency {
     DuplicateVersion(u32),
     #[error("device `{id}` provisioned again under another number ({num})")]
     DuplicateDevice { id: String, num: u32 },
+    /// More effects than one event may have, or a seq beyond what effect ids can hold (see
+    /// `effects::indexable`): a record this host cannot have written.
+    #[error("device {device} record {seq} has {effects} effects: beyond what can be indexed")]
+    Unindexable {
+        device: u32,
+        seq: u64,
+        effects: usize,
+    },
 }
 
 impl Index {
@@ -432,6 +440,15 @@ impl Index {
                         device: e.device,
                         expected: device.seq() + 1,
                         found: e.seq,
+                    });
+                }
+                if let Some(fx) = &e.fx
+                    && !super::effects::indexable(e.seq, fx.effects.len())
+                {
+                    return Err(Inconsistency::Unindexable {
+                        device: e.device,
+                        seq: e.seq,
+                        effects: fx.effects.len(),
                     });
                 }
                 IndexEffect::Event {
@@ -889,5 +906,68 @@ mod tests {
         assert_eq!(d.fx(), Some(whole));
         d.set_fx(DeviceFx::default());
         assert!(d.rare.is_none() && d.timers.is_empty() && d.fx().is_none());
+    }
+
+    #[test]
+    fn a_record_with_more_effects_or_a_higher_seq_than_ids_can_hold_is_refused() {
+        use crate::journal::effects::{Effect, MAX_EFFECT_SEQ, Origin};
+        use crate::journal::record::EventRecord;
+        let mut index = Index::default();
+        let version = index
+            .effect_of(&Record::Version {
+                id: 0,
+                plugin: "p".into(),
+                number: 1,
+                digest: [0; 32],
+                at_ms: 0,
+            })
+            .unwrap();
+        index.apply(version, 0);
+        provision(&mut index, 0, "a").unwrap();
+        let timer = |key: &str| Effect::SetTimer {
+            key: key.into(),
+            due_ms: 1,
+            every_ms: None,
+            event: "{}".into(),
+        };
+        let record = |seq: u64, effects: Vec<Effect>| {
+            Record::Event(EventRecord {
+                device: 0,
+                seq,
+                at_ms: 0,
+                version: 0,
+                event: b"{}".to_vec(),
+                transitions: vec![],
+                lost: false,
+                fx: Some(Fx {
+                    origin: Origin::External,
+                    effects,
+                }),
+            })
+        };
+        let many: Vec<Effect> = (0..5000).map(|i| timer(&format!("k{i}"))).collect();
+        assert!(matches!(
+            index.effect_of(&record(1, many)),
+            Err(Inconsistency::Unindexable {
+                device: 0,
+                seq: 1,
+                effects: 5000
+            })
+        ));
+        // A seq beyond the bound (reached only by a record this host cannot have written;
+        // here the device's seq is set so the record is otherwise the next one).
+        index.devices.get_mut(&0).unwrap().seq = MAX_EFFECT_SEQ;
+        assert!(matches!(
+            index.effect_of(&record(MAX_EFFECT_SEQ + 1, vec![timer("k")])),
+            Err(Inconsistency::Unindexable { .. })
+        ));
+        // Within bounds it is indexed, timer and all.
+        index.devices.get_mut(&0).unwrap().seq = MAX_EFFECT_SEQ - 1;
+        let ok = index
+            .effect_of(&record(MAX_EFFECT_SEQ, vec![timer("k")]))
+            .unwrap();
+        index.apply(ok, 0);
+        let d = index.devices.get(&0).unwrap();
+        assert_eq!(d.timers.get("k").map(|t| t.set().seq), Some(MAX_EFFECT_SEQ));
     }
 }

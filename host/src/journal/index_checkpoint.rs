@@ -568,7 +568,7 @@ impl Checkpoints {
                     .all(|s| s.seq <= d.seq && s.offset < image.at)
                 && d.fx.as_ref().is_none_or(|fx| {
                     fx.is_well_formed()
-                        && fx.timers.values().all(|t| t.set.seq <= d.seq)
+                        && fx.timers.values().all(|t| t.set().seq <= d.seq)
                         && fx
                             .sent
                             .iter()

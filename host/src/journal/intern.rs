@@ -22,6 +22,7 @@
 //! Correctness never depends on sharing: values are compared by content everywhere.
 
 use std::hash::{BuildHasher, Hash};
+use std::marker::PhantomData;
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
@@ -32,14 +33,45 @@ const SLOTS: usize = 1024;
 /// Largest value cached, in bytes: bounds what the cache keeps alive to 4 MiB.
 const MAX_BYTES: usize = 4096;
 
-/// See the module docs.
-pub(crate) struct Interner<T: ?Sized + 'static> {
-    cache: LazyLock<Cache<T>>,
+/// See the module docs. Hands out `S`, a shared copy of a `T`.
+pub(crate) struct Interner<T: ?Sized + 'static, S: 'static> {
+    cache: LazyLock<Cache<S>>,
+    of: PhantomData<fn(&T)>,
 }
 
-struct Cache<T: ?Sized> {
+struct Cache<S> {
     hasher: std::hash::RandomState,
-    slots: Mutex<Vec<Option<Arc<T>>>>,
+    slots: Mutex<Vec<Option<S>>>,
+}
+
+/// A shared copy of a `T`.
+pub(crate) trait Shared<T: ?Sized>: Clone {
+    fn new(value: &T) -> Self;
+    fn value(&self) -> &T;
+}
+
+impl<T: ?Sized> Shared<T> for Arc<T>
+where
+    for<'a> Arc<T>: From<&'a T>,
+{
+    fn new(value: &T) -> Arc<T> {
+        Arc::from(value)
+    }
+    fn value(&self) -> &T {
+        self
+    }
+}
+
+/// A string behind a thin pointer: 8 bytes where an `Arc<str>` takes 16, for values held
+/// many times over (a timer key per pending timer); the second indirection is to a copy
+/// most holders share.
+impl Shared<str> for Arc<Box<str>> {
+    fn new(value: &str) -> Arc<Box<str>> {
+        Arc::new(Box::from(value))
+    }
+    fn value(&self) -> &str {
+        self
+    }
 }
 
 /// What an [`Interner`] can hold: a value with a size in bytes.
@@ -59,31 +91,29 @@ impl Internable for [u8] {
     }
 }
 
-impl<T: ?Sized + Internable> Interner<T> {
-    pub(crate) const fn new() -> Interner<T> {
+impl<T: ?Sized + Internable, S: Shared<T>> Interner<T, S> {
+    pub(crate) const fn new() -> Interner<T, S> {
         Interner {
             cache: LazyLock::new(|| Cache {
                 hasher: std::hash::RandomState::new(),
                 slots: Mutex::new(vec![None; SLOTS]),
             }),
+            of: PhantomData,
         }
     }
 
     /// A copy of `value`: the cached one when the cache has it.
-    pub(crate) fn intern(&self, value: &T) -> Arc<T>
-    where
-        for<'a> Arc<T>: From<&'a T>,
-    {
+    pub(crate) fn intern(&self, value: &T) -> S {
         if value.bytes() > MAX_BYTES {
-            return Arc::from(value);
+            return S::new(value);
         }
         let cache = &*self.cache;
         let slot = cache.hasher.hash_one(value) as usize % SLOTS;
         let mut slots = cache.slots.lock();
         match &slots[slot] {
-            Some(cached) if **cached == *value => cached.clone(),
+            Some(cached) if cached.value() == value => cached.clone(),
             _ => {
-                let fresh: Arc<T> = Arc::from(value);
+                let fresh = S::new(value);
                 slots[slot] = Some(fresh.clone());
                 fresh
             }
@@ -92,10 +122,10 @@ impl<T: ?Sized + Internable> Interner<T> {
 }
 
 /// Device configs (see `DeviceInfo::config`).
-pub(crate) static CONFIGS: Interner<[u8]> = Interner::new();
+pub(crate) static CONFIGS: Interner<[u8], Arc<[u8]>> = Interner::new();
 
-/// Timer keys (see `effects::TimerKey`).
-pub(crate) static TIMER_KEYS: Interner<str> = Interner::new();
+/// Timer keys (see `effects::TimerKey`), behind thin pointers.
+pub(crate) static TIMER_KEYS: Interner<str, Arc<Box<str>>> = Interner::new();
 
 #[cfg(test)]
 mod tests {
@@ -103,18 +133,18 @@ mod tests {
 
     #[test]
     fn equal_values_share_one_copy_and_different_ones_do_not() {
-        let cache: Interner<str> = Interner::new();
+        let cache: Interner<str, Arc<Box<str>>> = Interner::new();
         let a = cache.intern("heartbeat");
         let b = cache.intern("heartbeat");
         let c = cache.intern("offline");
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &c));
-        assert_eq!((&*a, &*c), ("heartbeat", "offline"));
+        assert_eq!((a.value(), c.value()), ("heartbeat", "offline"));
     }
 
     #[test]
     fn the_cache_holds_a_bounded_number_of_values_and_keeps_sharing_what_recurs() {
-        let cache: Interner<[u8]> = Interner::new();
+        let cache: Interner<[u8], Arc<[u8]>> = Interner::new();
         let common = cache.intern(b"{}");
         // A client that gives every device its own config, each device removed later: the
         // cache keeps at most one value per slot alive.

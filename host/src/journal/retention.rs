@@ -148,7 +148,7 @@ fn bounds(
             let pending = d
                 .timers
                 .values()
-                .map(|t| t.set.seq)
+                .map(|t| t.set().seq)
                 .chain(
                     d.sent()
                         .into_iter()

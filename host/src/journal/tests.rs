@@ -2368,9 +2368,9 @@ fn owed(journal: &Journal) -> Vec<(String, DeviceFx)> {
         .map(|(id, num, fx)| {
             // The index keeps no events: each pending timer's is read from its record.
             for (key, t) in fx.timers.iter() {
-                let fx = journal.record_fx(num, t.set.seq).expect("read");
+                let fx = journal.record_fx(num, t.set().seq).expect("read");
                 assert_eq!(
-                    fx.as_ref().and_then(|fx| fx.timer_event(t.set.index)),
+                    fx.as_ref().and_then(|fx| fx.timer_event(t.set().index)),
                     Some(format!(r#"{{"timer":"{key}"}}"#).as_str()),
                     "{id}: the event of timer {key}"
                 );
@@ -2481,19 +2481,16 @@ fn expected_owed() -> Vec<(String, DeviceFx)> {
     let mut fx = DeviceFx::default();
     fx.timers.insert(
         "once".into(),
-        TimerEntry {
-            due_ms: 7000,
-            every_ms: None,
-            set: EffectId { seq: 2, index: 0 },
-        },
+        TimerEntry::new(7000, None, EffectId { seq: 2, index: 0 }).expect("indexable"),
     );
     fx.timers.insert(
         "tick".into(),
-        TimerEntry {
-            due_ms: 5000,
-            every_ms: std::num::NonZeroU64::new(1000),
-            set: EffectId { seq: 1, index: 2 },
-        },
+        TimerEntry::new(
+            5000,
+            std::num::NonZeroU64::new(1000),
+            EffectId { seq: 1, index: 2 },
+        )
+        .expect("indexable"),
     );
     fx.sent.insert(
         EffectId { seq: 2, index: 2 },
