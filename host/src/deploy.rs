@@ -69,6 +69,10 @@ pub struct DeployTotals {
     /// if it can fold their history (else they stay on theirs, with a warning in the log and
     /// `drover_upgrade_failures_total`).
     pub pending_lazy: usize,
+    /// Devices that came to the new version while the deploy ran without the deploy moving
+    /// them: activated meanwhile (and upgraded at activation), or provisioned meanwhile.
+    /// With the others above, every device of the plugin is counted once.
+    pub upgraded_at_activation: usize,
 }
 
 /// The journal check of a deploy: see the module docs.
@@ -358,6 +362,17 @@ impl Runtime {
             .filter(|d| d.outcome == UpgradeOutcome::Failed)
             .map(|d| d.device.as_str())
             .collect();
+        let before: std::collections::HashSet<&str> = already.iter().map(|h| &*h.id).collect();
+        let moved: std::collections::HashSet<&str> = devices
+            .iter()
+            .filter(|d| d.outcome != UpgradeOutcome::Lazy)
+            .map(|d| d.device.as_str())
+            .collect();
+        totals.upgraded_at_activation = all
+            .iter()
+            .filter(|h| h.version == target.id)
+            .filter(|h| !before.contains(&*h.id) && !moved.contains(&*h.id))
+            .count();
         for h in all.iter().filter(|h| h.version != target.id) {
             if failed.contains(&*h.id) {
                 // Counted in `failed`.

@@ -73,6 +73,69 @@ async fn assert_live_equals_full_replay(rt: &Runtime, dir: &Path, id: &str) {
     );
 }
 
+/// A deploy's totals count every device of the plugin once, those that came to the new
+/// version by an activation while the deploy ran included (a fresh-user trial saw 10 of 23
+/// accounted for with a live cap of 5 under load: the others had been upgraded at their
+/// activations meanwhile and fell in no total).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_counts_every_device_once_even_those_that_activate_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .max_live_instances(4)
+        .mailbox_capacity(4096)
+        .open()
+        .await
+        .expect("runtime opens");
+    let ids: Arc<Vec<String>> = Arc::new((0..24).map(|i| format!("a-{i:02}")).collect());
+    for id in ids.iter() {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+        rt.send(id, OK).await.unwrap();
+    }
+    rt.register_plugin(
+        "misbehave",
+        support::misbehave_variant("v2"),
+        Origin::Upload,
+    )
+    .await
+    .unwrap();
+    // Load over every device: with 4 live at most, devices keep passivating and activating,
+    // so some activate (and move to v2 at activation) while the deploy runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (rt, ids, stop) = (rt.clone(), ids.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                rt.send(&ids[i % ids.len()], OK)
+                    .await
+                    .expect("acknowledged");
+                i += 4;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = rt.deploy("misbehave", 2, false).await.expect("deploy");
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let t = &report.totals;
+    assert_eq!(t.devices, 24);
+    assert_eq!(
+        t.upgraded
+            + t.failed
+            + t.unchanged
+            + t.cannot_fold
+            + t.pending_lazy
+            + t.upgraded_at_activation,
+        t.devices,
+        "every device counted once: {t:?}"
+    );
+    rt.shutdown().await;
+}
+
 /// Acceptance 2: while clients send events to 1,000 devices, deploying v2 moves every live
 /// device; every acknowledged event is in the journal exactly once and in order; afterwards
 /// each device runs v2, its state equals a full replay under v2, and the new behavior is live.

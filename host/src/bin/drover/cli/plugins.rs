@@ -260,7 +260,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{} ({} ms)",
+        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{} ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -278,6 +278,10 @@ pub fn print_deploy(r: &Value) {
         match n(&t["cannot_fold"]) {
             0 => String::new(),
             k => format!(", {k} cannot fold it and stay on theirs"),
+        },
+        match n(&t["upgraded_at_activation"]) {
+            0 => String::new(),
+            k => format!(", {k} came to it at an activation meanwhile"),
         },
         n(&r["elapsed_ms"]),
     );
