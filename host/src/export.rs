@@ -438,8 +438,10 @@ fn lines(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Line
 }
 
 /// The components of the export, checked against their digests: `(plugin, number) ->
-/// (digest, bytes, current)`.
-type Components = HashMap<(String, u32), (String, Option<Vec<u8>>, bool)>;
+/// (digest, bytes, current)`. Ordered: an import registers them in the source's version
+/// order, so the target numbers them in that order too (a hash map's order made a source's
+/// latest version an older number in the target).
+type Components = std::collections::BTreeMap<(String, u32), (String, Option<Vec<u8>>, bool)>;
 
 /// Checks the whole export before anything is written (see the module docs); `exists` says
 /// whether a device id is already in the target; with `engine`, every component is also
@@ -665,11 +667,17 @@ async fn write(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
     // (plugin, number in the export) -> journal version id in the target.
     let mut ids: HashMap<(String, u32), u32> = HashMap::new();
     let mut current = Vec::new();
+    // The export's current version becomes current only for a plugin new to the target: an
+    // import never changes what the target's own devices run or get. Decided before any is
+    // registered (once its first version is, a plugin is no longer new).
+    let new_plugins: std::collections::HashSet<String> = components
+        .keys()
+        .map(|(plugin, _)| plugin.clone())
+        .filter(|plugin| rt.shared.registry.current(plugin).is_none())
+        .collect();
     for ((plugin, number), (digest, bytes, is_current)) in components {
         let Some(bytes) = bytes else { continue };
-        // The export's current version becomes current only for a plugin new to the target:
-        // an import never changes what the target's own devices run or get.
-        let new_plugin = rt.shared.registry.current(&plugin).is_none();
+        let new_plugin = new_plugins.contains(&plugin);
         let (_, new) = rt
             .register_plugin(&plugin, bytes, Origin::Upload)
             .await

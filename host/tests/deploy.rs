@@ -645,3 +645,65 @@ async fn plugin_versions_are_removed_only_when_unused() {
     assert_eq!(rt.current_version("misbehave"), Some(back.version));
     rt.shutdown().await;
 }
+
+/// An import numbers a plugin's versions in the source's order: the source's latest is the
+/// target's latest, each number names the same component (by digest) on both sides, and the
+/// devices run the same components. (Registered in a hash map's order, a source's v3 could
+/// become the target's v1.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_numbers_plugin_versions_in_the_sources_order() {
+    let root = tempfile::tempdir().unwrap();
+    let source = root.path().join("source");
+    let rt = open(&source).await;
+    rt.provision("d1", "misbehave", &json!({})).await.unwrap();
+    rt.send("d1", OK).await.unwrap();
+    let v2 = support::misbehave_variant("v2");
+    for bytes in [v2.clone(), identical_rebuild(&v2)] {
+        let (v, _) = rt
+            .register_plugin("misbehave", bytes, Origin::Upload)
+            .await
+            .unwrap();
+        rt.deploy("misbehave", v.version, false).await.unwrap();
+        rt.provision(&format!("d{}", v.version), "misbehave", &json!({}))
+            .await
+            .unwrap();
+        rt.send("d1", OK).await.unwrap();
+    }
+    let digests = |rt: &Runtime| -> Vec<(u32, [u8; 32])> {
+        rt.journal()
+            .versions()
+            .into_iter()
+            .filter(|v| v.plugin == "misbehave")
+            .map(|v| (v.number, v.digest))
+            .collect()
+    };
+    let before = digests(&rt);
+    assert_eq!(before.len(), 3);
+    let runs = |rt: &Runtime| -> Vec<u32> {
+        ["d1", "d2", "d3"]
+            .iter()
+            .map(|id| version(rt, id))
+            .collect()
+    };
+    let ran = runs(&rt);
+    rt.shutdown().await;
+    drop(rt);
+
+    let file = root.path().join("fleet.jsonl");
+    let mut out = std::fs::File::create(&file).unwrap();
+    drover::export::export(&source, None, drover::export::ExportStart::Seq(1), &mut out)
+        .expect("export");
+    drop(out);
+    let target = root.path().join("target");
+    drover::export::import(&target, &file)
+        .await
+        .expect("import");
+    // Opened without a plugin directory, whose files would become current at start.
+    let rt = Runtime::builder(&target).open().await.expect("runtime opens");
+    let mut after = digests(&rt);
+    after.sort();
+    assert_eq!(after, before, "the same numbers for the same components");
+    assert_eq!(rt.current_version("misbehave"), Some(3));
+    assert_eq!(runs(&rt), ran);
+    rt.shutdown().await;
+}

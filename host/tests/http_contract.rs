@@ -661,6 +661,14 @@ async fn every_bad_input_answers_its_status_and_code() {
             "invalid-id",
         ),
         case(
+            "dry-run naming a device twice",
+            M::POST,
+            "/v1/plugins/thermostat/dry-run",
+            json_bytes(json!({"version": 1, "devices": ["ghost", "ghost"]})),
+            400,
+            "malformed-request",
+        ),
+        case(
             "dry-run of an unknown device",
             M::POST,
             "/v1/plugins/thermostat/dry-run",

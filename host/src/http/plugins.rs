@@ -164,7 +164,15 @@ pub async fn dry_run(
                 "at most {MAX_DRY_RUN_DEVICES} devices per dry-run"
             )));
         }
-        (Some(ids), None) => Selection::Devices(ids),
+        (Some(ids), None) => {
+            let mut seen = std::collections::HashSet::with_capacity(ids.len());
+            if let Some(twice) = ids.iter().find(|id| !seen.insert(id.as_str())) {
+                return Err(ApiError::malformed_request(format!(
+                    "device `{twice}` is listed twice: name each device once"
+                )));
+            }
+            Selection::Devices(ids)
+        }
         (None, n) => {
             Selection::Sample(n.unwrap_or(DEFAULT_DRY_RUN_SAMPLE).min(MAX_DRY_RUN_DEVICES))
         }
