@@ -533,7 +533,7 @@ impl Actor {
                     } else if self.live.is_some() {
                         self.passivate();
                         sleep.as_mut().reset(now + idle);
-                    } else if self.quarantine.is_none()
+                    } else if !self.in_quarantine()
                         // What supervision counts lives in this task: retired, a device
                         // whose retries come less often than two idle periods would start
                         // each one from zero and never be quarantined, nor its timer

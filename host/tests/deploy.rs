@@ -699,7 +699,10 @@ async fn an_import_numbers_plugin_versions_in_the_sources_order() {
         .await
         .expect("import");
     // Opened without a plugin directory, whose files would become current at start.
-    let rt = Runtime::builder(&target).open().await.expect("runtime opens");
+    let rt = Runtime::builder(&target)
+        .open()
+        .await
+        .expect("runtime opens");
     let mut after = digests(&rt);
     after.sort();
     assert_eq!(after, before, "the same numbers for the same components");

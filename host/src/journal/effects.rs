@@ -212,6 +212,10 @@ pub fn indexable(seq: u64, effects: usize) -> bool {
     seq <= MAX_EFFECT_SEQ && effects <= 1 << INDEX_BITS
 }
 
+// Every event this host writes can be indexed: its effects are capped below what an index
+// can number (the live fold has no way to refuse a record that is already durable).
+const _: () = assert!(crate::decide::MAX_EFFECTS <= 1 << INDEX_BITS);
+
 /// A timer as an index checkpoint writes it: the shape it had before its effect id was
 /// packed, so checkpoints read the same either way.
 #[derive(Serialize, Deserialize)]
@@ -261,7 +265,8 @@ impl TimerEntry {
     /// A timer set by effect `set`; `None` if `set` is beyond [`MAX_EFFECT_SEQ`] or its
     /// index does not fit [`INDEX_BITS`] (see [`indexable`]).
     pub fn new(due_ms: u64, every_ms: Option<NonZeroU64>, set: EffectId) -> Option<TimerEntry> {
-        indexable(set.seq, set.index as usize + 1).then_some(TimerEntry {
+        let fits = set.seq <= MAX_EFFECT_SEQ && u64::from(set.index) < 1 << INDEX_BITS;
+        fits.then_some(TimerEntry {
             due_ms,
             every_ms,
             set: (set.seq << INDEX_BITS) | u64::from(set.index),
@@ -426,6 +431,10 @@ impl<K: Ord, V> VecMap<K, V> {
 
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
         self.0.retain(|(k, v)| keep(k, v));
+        if self.0.is_empty() {
+            // As `remove`: an empty map allocates nothing.
+            self.0 = ThinVec::new();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -539,6 +548,7 @@ impl DeviceFx {
                     // Recovery and import refuse records beyond what can be indexed (see
                     // `indexable`) and a live event has at most 1,024 effects.
                     let Some(timer) = TimerEntry::new(*due_ms, period(*every_ms), id) else {
+                        debug_assert!(false, "a timer set by {id:?}, beyond the index's bounds");
                         tracing::error!(?id, "a timer set beyond what the index can number");
                         continue;
                     };

@@ -374,9 +374,13 @@ pub enum Inconsistency {
     DuplicateVersion(u32),
     #[error("device `{id}` provisioned again under another number ({num})")]
     DuplicateDevice { id: String, num: u32 },
-    /// More effects than one event may have, or a seq beyond what effect ids can hold (see
-    /// `effects::indexable`): a record this host cannot have written.
-    #[error("device {device} record {seq} has {effects} effects: beyond what can be indexed")]
+    /// More effects than an index can number (4,096; this host writes at most 1,024 per
+    /// event), or a seq beyond what effect ids can hold (2^52; see `effects::indexable`): a
+    /// record this host cannot have written.
+    #[error(
+        "device {device} record {seq} ({effects} effects) is beyond what can be indexed: \
+         at most 4,096 effects and a seq below 2^52"
+    )]
     Unindexable {
         device: u32,
         seq: u64,
