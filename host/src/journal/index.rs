@@ -149,9 +149,18 @@ impl DeviceInfo {
     }
 
     /// Runs `f` on what the device owes or is owed, as one [`DeviceFx`], and keeps the
-    /// result. The parts are moved out of the entry and back (pointers, no copy), and a
-    /// block left empty is freed.
+    /// result. The parts are moved out of the entry and back (pointers, no copy), however
+    /// `f` ends (a panic included: the index outlives it), and a block left empty is freed.
     pub fn with_fx<R>(&mut self, f: impl FnOnce(&mut DeviceFx) -> R) -> R {
+        struct Back<'a> {
+            info: &'a mut DeviceInfo,
+            fx: DeviceFx,
+        }
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                self.info.set_fx(std::mem::take(&mut self.fx));
+            }
+        }
         let mut fx = DeviceFx {
             timers: std::mem::take(&mut self.timers),
             ..DeviceFx::default()
@@ -160,9 +169,8 @@ impl DeviceInfo {
             fx.sent = std::mem::take(&mut r.sent);
             fx.outbox = std::mem::take(&mut r.outbox);
         }
-        let out = f(&mut fx);
-        self.set_fx(fx);
-        out
+        let mut back = Back { info: self, fx };
+        f(&mut back.fx)
     }
 
     /// Replaces what the device owes or is owed.
@@ -908,6 +916,15 @@ mod tests {
         );
         d.set_fx(whole.clone());
         assert_eq!(d.fx(), Some(whole));
+        // A fold that panics half way leaves what it had in the entry, not nothing.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            d.with_fx(|state| {
+                state.outbox.retain(|_, _| false);
+                panic!("a fold that fails");
+            })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(d.timers.len(), 1, "the timers are back in the entry");
         d.set_fx(DeviceFx::default());
         assert!(d.rare.is_none() && d.timers.is_empty() && d.fx().is_none());
     }
