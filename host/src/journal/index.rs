@@ -838,8 +838,8 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn an_id_taken_by_another_device_number_is_refused_and_a_rebind_is_not() {
+    /// An index with plugin version 0 recorded.
+    fn with_version() -> Index {
         let mut index = Index::default();
         let version = index
             .effect_of(&Record::Version {
@@ -851,6 +851,12 @@ mod tests {
             })
             .unwrap();
         index.apply(version, 0);
+        index
+    }
+
+    #[test]
+    fn an_id_taken_by_another_device_number_is_refused_and_a_rebind_is_not() {
+        let mut index = with_version();
         provision(&mut index, 0, "a").unwrap();
         provision(&mut index, 1, "b").unwrap();
         assert!(matches!(
@@ -933,17 +939,7 @@ mod tests {
     fn a_record_with_more_effects_or_a_higher_seq_than_ids_can_hold_is_refused() {
         use crate::journal::effects::{Effect, MAX_EFFECT_SEQ, Origin};
         use crate::journal::record::EventRecord;
-        let mut index = Index::default();
-        let version = index
-            .effect_of(&Record::Version {
-                id: 0,
-                plugin: "p".into(),
-                number: 1,
-                digest: [0; 32],
-                at_ms: 0,
-            })
-            .unwrap();
-        index.apply(version, 0);
+        let mut index = with_version();
         provision(&mut index, 0, "a").unwrap();
         let timer = |key: &str| Effect::SetTimer {
             key: key.into(),
