@@ -18,8 +18,9 @@
 //! highest that ever had a timer (numbers are not reused), where each device's entry is.
 //! When an entry falls due the wheel asks the index which of that device's timers are due
 //! (and puts the device back at the next one); the timer's event is not in memory at all,
-//! the actor reads it from the record that set the timer. The index keeps 32 bytes and a
-//! pointer to the shared key per timer (see [`crate::journal::TimerEntry`]).
+//! the actor reads it from the record that set the timer. The index keeps 32 bytes per
+//! timer: the timer and a pointer to its shared key, in a box of its own when it is the
+//! device's only one (see [`crate::journal::TimerEntry`]).
 //!
 //! Firing a timer puts a [`Message::Internal`] with origin `timer` into the device's mailbox
 //! (activating it). The actor checks it against the journal before handling it, so a timer

@@ -360,16 +360,65 @@ pub enum MessageTurn {
 
 /// A small ordered map in one sorted vector. A device has a handful of timers and owed effects
 /// at a time; a `BTreeMap` would allocate a whole node (11 slots, ~1 KiB for timers) for the
-/// first one, and a fleet holds one per device. A `ThinVec` keeps its length and capacity in
-/// its allocation, so a map is one pointer (an empty one allocates nothing): [`DeviceFx`],
-/// three maps, is 24 bytes instead of 72.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct VecMap<K, V>(ThinVec<(K, V)>);
+/// first one, and a fleet holds one per device. The map is one pointer (an empty one
+/// allocates nothing): [`DeviceFx`], three maps, is 24 bytes instead of 72.
+///
+/// Most maps hold one entry (a device's heartbeat timer), so one entry is a box of just that
+/// entry: 32 bytes for a timer, where a `ThinVec` of one (its length and capacity in the
+/// allocation) took 48. From the second entry on, the box holds a `ThinVec`. Invariant:
+/// `None` when empty, [`Entries::One`] for one entry, [`Entries::Many`] for two or more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecMap<K, V>(Option<Box<Entries<K, V>>>);
+
+/// The storage of a non-empty [`VecMap`]. An enum rather than a `ThinVec` of one: with a
+/// pointer among the entry's fields, the variant tag sits in that pointer's niche, so `One`
+/// is the entry's own size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entries<K, V> {
+    One((K, V)),
+    Many(ThinVec<(K, V)>),
+}
 
 impl<K, V> Default for VecMap<K, V> {
     fn default() -> Self {
-        VecMap(ThinVec::new())
+        VecMap(None)
+    }
+}
+
+impl<K, V> VecMap<K, V> {
+    fn as_slice(&self) -> &[(K, V)] {
+        match self.0.as_deref() {
+            None => &[],
+            Some(Entries::One(entry)) => std::slice::from_ref(entry),
+            Some(Entries::Many(entries)) => entries,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [(K, V)] {
+        match self.0.as_deref_mut() {
+            None => &mut [],
+            Some(Entries::One(entry)) => std::slice::from_mut(entry),
+            Some(Entries::Many(entries)) => entries,
+        }
+    }
+
+    /// Restores the invariant after entries left a `Many`.
+    fn settle(&mut self) {
+        let Some(Entries::Many(entries)) = self.0.as_deref_mut() else {
+            return;
+        };
+        if entries.len() >= 2 {
+            return;
+        }
+        match entries.pop() {
+            // In the same box.
+            Some(entry) => {
+                if let Some(b) = self.0.as_deref_mut() {
+                    *b = Entries::One(entry);
+                }
+            }
+            None => self.0 = None,
+        }
     }
 }
 
@@ -378,21 +427,23 @@ impl<K: Ord, V> VecMap<K, V> {
     where
         K: std::borrow::Borrow<Q>,
     {
-        self.0.binary_search_by(|(k, _)| k.borrow().cmp(key))
+        self.as_slice()
+            .binary_search_by(|(k, _)| k.borrow().cmp(key))
     }
 
     pub fn get<Q: Ord + ?Sized>(&self, key: &Q) -> Option<&V>
     where
         K: std::borrow::Borrow<Q>,
     {
-        self.find(key).ok().map(|i| &self.0[i].1)
+        self.find(key).ok().map(|i| &self.as_slice()[i].1)
     }
 
     pub fn get_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
     where
         K: std::borrow::Borrow<Q>,
     {
-        self.find(key).ok().map(|i| &mut self.0[i].1)
+        let i = self.find(key).ok()?;
+        Some(&mut self.as_mut_slice()[i].1)
     }
 
     pub fn contains_key<Q: Ord + ?Sized>(&self, key: &Q) -> bool
@@ -403,18 +454,31 @@ impl<K: Ord, V> VecMap<K, V> {
     }
 
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        match self.find(&key) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
-            Err(i) => {
-                // A vector's first growth makes room for four entries; most devices hold one
-                // (a heartbeat), and a fleet holds a million of these maps.
-                if self.0.len() < 4 {
-                    self.0.reserve_exact(1);
-                }
-                self.0.insert(i, (key, value));
-                None
+        let i = match self.find(&key) {
+            Ok(i) => return Some(std::mem::replace(&mut self.as_mut_slice()[i].1, value)),
+            Err(i) => i,
+        };
+        let Some(entries) = self.0.as_deref_mut() else {
+            self.0 = Some(Box::new(Entries::One((key, value))));
+            return None;
+        };
+        if let Entries::One(_) = entries {
+            // The second entry: the same box now holds a vector of both.
+            let many = Entries::Many(ThinVec::with_capacity(2));
+            if let Entries::One(first) = std::mem::replace(entries, many)
+                && let Entries::Many(vec) = entries
+            {
+                vec.push(first);
             }
         }
+        if let Entries::Many(vec) = entries {
+            // A vector's growth doubles; a device holds a handful of timers at most.
+            if vec.len() < 4 {
+                vec.reserve_exact(1);
+            }
+            vec.insert(i, (key, value));
+        }
+        None
     }
 
     pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
@@ -422,27 +486,40 @@ impl<K: Ord, V> VecMap<K, V> {
         K: std::borrow::Borrow<Q>,
     {
         let i = self.find(key).ok()?;
-        let (_, v) = self.0.remove(i);
-        if self.0.is_empty() {
-            self.0 = ThinVec::new();
+        match self.0.as_deref_mut()? {
+            Entries::One(_) => match self.0.take().map(|b| *b) {
+                Some(Entries::One((_, v))) => Some(v),
+                _ => None,
+            },
+            Entries::Many(vec) => {
+                let (_, v) = vec.remove(i);
+                self.settle();
+                Some(v)
+            }
         }
-        Some(v)
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        self.0.retain(|(k, v)| keep(k, v));
-        if self.0.is_empty() {
-            // As `remove`: an empty map allocates nothing.
-            self.0 = ThinVec::new();
+        match self.0.as_deref_mut() {
+            None => {}
+            Some(Entries::One((k, v))) => {
+                if !keep(k, v) {
+                    self.0 = None;
+                }
+            }
+            Some(Entries::Many(entries)) => {
+                entries.retain(|(k, v)| keep(k, v));
+                self.settle();
+            }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_slice().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
 
     /// The entries whose key is below `key`, in key order.
@@ -451,25 +528,25 @@ impl<K: Ord, V> VecMap<K, V> {
         K: std::borrow::Borrow<Q>,
     {
         let end = self.find(key).unwrap_or_else(|i| i);
-        self.0[..end].iter().map(|(k, v)| (k, v))
+        self.as_slice()[..end].iter().map(|(k, v)| (k, v))
     }
 
     /// In key order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.0.iter().map(|(k, v)| (k, v))
+        self.as_slice().iter().map(|(k, v)| (k, v))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &K> {
-        self.0.iter().map(|(k, _)| k)
+        self.as_slice().iter().map(|(k, _)| k)
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().map(|(_, v)| v)
+        self.as_slice().iter().map(|(_, v)| v)
     }
 
     /// Whether the keys are strictly increasing (a map read from a checkpoint is checked).
     pub fn is_sorted(&self) -> bool {
-        self.0.windows(2).all(|w| w[0].0 < w[1].0)
+        self.as_slice().windows(2).all(|w| w[0].0 < w[1].0)
     }
 }
 
@@ -479,7 +556,11 @@ impl<K, V> IntoIterator for VecMap<K, V> {
 
     /// In key order.
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        match self.0.map(|b| *b) {
+            None => ThinVec::new().into_iter(),
+            Some(Entries::One(entry)) => thin_vec::thin_vec![entry].into_iter(),
+            Some(Entries::Many(entries)) => entries.into_iter(),
+        }
     }
 }
 
@@ -490,6 +571,30 @@ impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
             map.insert(k, v);
         }
         map
+    }
+}
+
+/// The shape a `ThinVec` of pairs had (a sequence of `(key, value)`), so checkpoints written
+/// before read the same. A map read back is checked with [`VecMap::is_sorted`] by its reader;
+/// reading does not sort, so a damaged order is found rather than hidden.
+impl<K: Serialize, V: Serialize> Serialize for VecMap<K, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.as_slice())
+    }
+}
+
+impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for VecMap<K, V> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut entries = ThinVec::<(K, V)>::deserialize(deserializer)?;
+        let repr = match entries.len() {
+            0 => None,
+            1 => entries.pop().map(|entry| Box::new(Entries::One(entry))),
+            _ => {
+                entries.shrink_to_fit();
+                Some(Box::new(Entries::Many(entries)))
+            }
+        };
+        Ok(VecMap(repr))
     }
 }
 
@@ -637,12 +742,85 @@ mod tests {
 
     #[test]
     fn a_map_is_written_as_the_vector_it_was_before() {
-        let entries = vec![(1u64, 10u32), (2, 20), (3, 30)];
-        let map: VecMap<u64, u32> = entries.iter().copied().collect();
-        let bytes = postcard::to_allocvec(&map).expect("encodes");
-        assert_eq!(bytes, postcard::to_allocvec(&entries).expect("encodes"));
-        let back: VecMap<u64, u32> = postcard::from_bytes(&bytes).expect("decodes");
-        assert_eq!(back, map);
+        for n in 0..4u64 {
+            let entries: Vec<(u64, u32)> = (1..=n).map(|k| (k, k as u32 * 10)).collect();
+            let map: VecMap<u64, u32> = entries.iter().copied().collect();
+            let bytes = postcard::to_allocvec(&map).expect("encodes");
+            assert_eq!(bytes, postcard::to_allocvec(&entries).expect("encodes"));
+            let back: VecMap<u64, u32> = postcard::from_bytes(&bytes).expect("decodes");
+            assert_eq!(back, map, "{n} entries");
+            assert_eq!(back.iter().count(), entries.len());
+        }
+    }
+
+    /// Whether `map` is in the shape its length calls for (see [`VecMap`]).
+    fn settled<K, V>(map: &VecMap<K, V>) -> bool {
+        match (map.as_slice().len(), map.0.as_deref()) {
+            (0, None) | (1, Some(Entries::One(_))) => true,
+            (n, Some(Entries::Many(_))) => n >= 2,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn a_map_of_one_timer_is_one_box_of_that_timer_and_keeps_its_shape_through_changes() {
+        // The niche: a map of one timer allocates just the 32 bytes of key pointer and timer.
+        assert_eq!(std::mem::size_of::<Entries<TimerKey, TimerEntry>>(), 32);
+        assert_eq!(std::mem::size_of::<VecMap<TimerKey, TimerEntry>>(), 8);
+        let t = |due_ms| TimerEntry::new(due_ms, None, EffectId { seq: 1, index: 0 }).expect("ok");
+        let mut map = VecMap::<TimerKey, TimerEntry>::default();
+        assert!(settled(&map) && map.is_empty());
+        assert_eq!(map.insert("b".into(), t(2)), None);
+        assert!(settled(&map) && matches!(map.0.as_deref(), Some(Entries::One(_))));
+        assert_eq!(map.insert("b".into(), t(3)).map(|t| t.due_ms), Some(2));
+        assert_eq!(map.len(), 1);
+        // A key before and one after the first: kept in key order.
+        map.insert("a".into(), t(1));
+        map.insert("c".into(), t(4));
+        assert!(settled(&map));
+        let keys: Vec<&str> = map.keys().map(|k| &**k.0).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert_eq!(map.get("b").map(|t| t.due_ms), Some(3));
+        if let Some(t) = map.get_mut("c") {
+            t.due_ms = 5;
+        }
+        assert_eq!(
+            map.values().map(|t| t.due_ms).collect::<Vec<_>>(),
+            [1, 3, 5]
+        );
+        assert_eq!(map.before("c").count(), 2);
+        assert_eq!(map.remove("b").map(|t| t.due_ms), Some(3));
+        assert_eq!(map.remove("b"), None);
+        assert!(settled(&map) && map.len() == 2);
+        // Back to one: a box of one again.
+        assert_eq!(map.remove("a").map(|t| t.due_ms), Some(1));
+        assert!(settled(&map) && matches!(map.0.as_deref(), Some(Entries::One(_))));
+        assert_eq!(map.get("c").map(|t| t.due_ms), Some(5));
+        assert_eq!(map.remove("c").map(|t| t.due_ms), Some(5));
+        assert!(settled(&map) && map.is_empty());
+        // Retain down to one and to none, from a box of one and from a vector.
+        let mut map: VecMap<u64, u64> = (0..5).map(|k| (k, k)).collect();
+        map.retain(|&k, _| k == 3);
+        assert!(settled(&map) && map.iter().eq([(&3, &3)]));
+        map.retain(|_, _| true);
+        assert!(settled(&map) && map.len() == 1);
+        map.retain(|_, _| false);
+        assert!(settled(&map) && map.is_empty());
+        let mut map: VecMap<u64, u64> = (0..5).map(|k| (k, k)).collect();
+        map.retain(|_, _| false);
+        assert!(settled(&map) && map.is_empty());
+        let all: Vec<(u64, u64)> = (0..3)
+            .map(|k| (k, k))
+            .collect::<VecMap<_, _>>()
+            .into_iter()
+            .collect();
+        assert_eq!(all, [(0, 0), (1, 1), (2, 2)]);
+        let one: Vec<(u64, u64)> = [(7, 7)]
+            .into_iter()
+            .collect::<VecMap<_, _>>()
+            .into_iter()
+            .collect();
+        assert_eq!(one, [(7, 7)]);
     }
 
     #[test]
