@@ -58,6 +58,25 @@ fn memory_kib() -> (u64, u64) {
     (field(&status, "VmRSS:"), field(&rollup, "Pss:"))
 }
 
+/// The peak resident set (`VmHWM`) in KiB since the last [`reset_peak`].
+fn peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets the peak resident set to the current one (`clear_refs` value 5, Linux 4.0+), so
+/// each size's peak is its own.
+fn reset_peak() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::debug!(error = %e, "cannot reset the peak resident set");
+    }
+}
+
 fn mappings() -> usize {
     std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count())
 }
@@ -76,11 +95,12 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:>9} {:>8} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
+        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
         "provisnd",
         "live",
         "RSS idle",
         "RSS live",
+        "RSS peak",
         "B/passivatd",
         "B/live RSS",
         "B/live PSS",
@@ -134,6 +154,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
     let root =
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-fleet-{live}"));
     let _ = std::fs::remove_dir_all(&root);
+    reset_peak();
     let rt = Runtime::builder(&root)
         .plugin("thermostat", THERMOSTAT)
         .max_live_instances(live + 1024)
@@ -222,11 +243,12 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
     }
     let rate = events as f64 / start.elapsed().as_secs_f64();
     println!(
-        "{:>9} {:>8} {:>10} {:>10} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0}",
+        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0}",
         provisioned,
         actually_live,
         idle_rss,
         live_rss,
+        peak_kib(),
         idle_heap.saturating_sub(base_heap) as f64 / provisioned as f64,
         (live_rss.saturating_sub(idle_rss) * 1024) as f64 / live as f64,
         (live_pss.saturating_sub(idle_pss) * 1024) as f64 / live as f64,
