@@ -260,11 +260,27 @@ impl RuntimeBuilder {
             plugins.extend(read_plugin_dir(dir)?);
         }
         for (name, bytes) in plugins {
+            let before = rt.current_version(&name);
             let (v, new) = rt
                 .register_plugin(&name, bytes, crate::registry::Origin::Startup)
                 .await
                 .with_context(|| format!("registering plugin `{name}`"))?;
             tracing::info!(plugin = %v.name, version = v.version, new, "plugin ready");
+            let after = rt.current_version(&name);
+            if let (Some(before), Some(after)) = (before, after)
+                && before != after
+            {
+                // A start-up file that changed replaces the current version without the
+                // dry-run a deploy makes: say so, the operator may not have meant it.
+                tracing::warn!(
+                    plugin = %v.name,
+                    version = after,
+                    was = before,
+                    "this plugin's start-up file is not the version that was current: it is \
+                     current now, without a dry-run; devices move to it at their next \
+                     activation (`drover plugin rollback` returns to the one before)"
+                );
+            }
         }
         Ok(rt)
     }

@@ -488,16 +488,40 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_never_replaces_an_uploaded_current_version() {
     let dir = tempfile::tempdir().unwrap();
+    // The builder logs on the thread that opens it: this one.
+    let logs = Logs::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    const REPLACED: &str = "is not the version that was current";
     let startup = |bytes: Vec<u8>| Runtime::builder(dir.path()).plugin("m", bytes).open();
     let rt = startup(v1()).await.unwrap();
     rt.provision("a", "m", &json!({})).await.unwrap();
     rt.send("a", OK).await.unwrap();
     rt.shutdown().await;
     drop(rt);
+    assert!(
+        !logs.text().contains(REPLACED),
+        "a first version replaces nothing"
+    );
 
-    // New start-up bytes over a start-up version: they become current.
+    // New start-up bytes over a start-up version: they become current, with a warning (no
+    // dry-run checked them).
     let rt = startup(identical_rebuild(&v1())).await.unwrap();
     assert_eq!(rt.current_version("m"), Some(2));
+    let warned: Vec<String> = logs
+        .text()
+        .lines()
+        .filter(|l| l.contains(REPLACED))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        warned.len() == 1 && warned[0].contains("WARN") && warned[0].contains("was=1"),
+        "{warned:?}"
+    );
     // An upload, deployed.
     let (v3, _) = rt
         .register_plugin("m", support::misbehave_variant("v2"), Origin::Upload)
@@ -508,9 +532,11 @@ async fn a_restart_never_replaces_an_uploaded_current_version() {
     rt.shutdown().await;
     drop(rt);
 
-    // Restarting with the original start-up plugin keeps the deployed upload current.
+    // Restarting with the original start-up plugin keeps the deployed upload current, and
+    // so warns of nothing.
     let rt = startup(v1()).await.unwrap();
     assert_eq!(rt.current_version("m"), Some(3));
+    assert_eq!(logs.text().matches(REPLACED).count(), 1);
     rt.send("a", OK).await.unwrap();
     assert_eq!(version(&rt, "a"), 3);
     assert_eq!(
@@ -709,4 +735,33 @@ async fn an_import_numbers_plugin_versions_in_the_sources_order() {
     assert_eq!(rt.current_version("misbehave"), Some(3));
     assert_eq!(runs(&rt), ran);
     rt.shutdown().await;
+}
+
+/// What a test's subscriber wrote, shared with the test.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
 }
