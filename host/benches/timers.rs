@@ -323,17 +323,12 @@ async fn burst(n: usize, spread_ms: u64) -> anyhow::Result<()> {
     let first = drover::clock::now_ms() + 5_000;
     // The last one due.
     let due = first + spread_ms;
-    let numbered: Arc<Vec<String>> = Arc::new(
-        ids.iter()
-            .enumerate()
-            .map(|(i, id)| format!("{i} {id}"))
-            .collect(),
-    );
-    each(&rt, &numbered, move |rt, numbered| {
-        let (i, id) = numbered.split_once(' ').unwrap_or(("0", &numbered));
-        let at_ms = first + i.parse::<u64>().unwrap_or(0) * spread_ms / n as u64;
+    each(&rt, &ids, move |rt, id| {
+        // Device `m-{i}` is due `i / n` of the spread after the first.
+        let i: u64 = id.trim_start_matches("m-").parse().unwrap_or(0);
+        let at_ms = first + i * spread_ms / n as u64;
         let arm = format!(r#"{{"type":"arm","key":"k","at_ms":{at_ms},"event":{{"type":"ok"}}}}"#);
-        send(rt, id.to_string(), arm)
+        send(rt, id, arm)
     })
     .await?;
     let armed = drover::clock::now_ms();
