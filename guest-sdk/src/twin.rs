@@ -46,6 +46,13 @@ pub struct Twin {
     /// The last desired version the device's reports matched.
     #[serde(default)]
     pub reached: Option<u64>,
+    /// The time to live of the commands the twin sends, in ms (`None`: until acknowledged).
+    /// A delta sent again supersedes the one before, but both stay in the device's outbox
+    /// until acknowledged, and count toward its cap: with a time to live, superseded ones a
+    /// gateway never acknowledged leave by themselves. Set it when the twin is made (in
+    /// `init`, say): it is part of the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_ttl_ms: Option<u64>,
 }
 
 /// A change of a [`Twin`]: journal it inside the plugin's own transition type.
@@ -183,9 +190,12 @@ impl Twin {
     }
 
     fn send_delta(&self, ctx: &Context) {
-        ctx.command(&serde_json::json!({
-            "twin": {"version": self.version, "set": self.delta()}
-        }));
+        ctx.command_with_ttl(
+            &serde_json::json!({
+                "twin": {"version": self.version, "set": self.delta()}
+            }),
+            self.command_ttl_ms,
+        );
     }
 }
 
@@ -253,6 +263,41 @@ mod tests {
         let ctx = Context::new("t", 5, 0, 0);
         assert!(twin.desire(&ctx, props(json!({"setpoint": 21}))).is_empty());
         assert!(commands(&ctx).is_empty());
+    }
+
+    #[test]
+    fn twin_commands_carry_the_twins_time_to_live_and_old_states_read_without_one() {
+        let ttls = |ctx: &Context| -> Vec<Option<u64>> {
+            ctx.effects()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Command { ttl_ms, .. } => Some(ttl_ms),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut twin = Twin::default();
+        let ctx = Context::new("t", 1, 0, 0);
+        let changes = twin.desire(&ctx, props(json!({"mode": "eco"})));
+        fold(&mut twin, changes);
+        assert_eq!(ttls(&ctx), [None]);
+        twin.command_ttl_ms = Some(60_000);
+        let ctx = Context::new("t", 2, 0, 0);
+        twin.reconnected(&ctx);
+        assert_eq!(ttls(&ctx), [Some(60_000)]);
+        // A state written before the field existed reads as no time to live, and one without
+        // a time to live is written as before.
+        let old: Twin = serde_json::from_value(
+            json!({"desired": {}, "reported": {}, "version": 3, "reached": 3}),
+        )
+        .expect("reads");
+        assert_eq!(old.command_ttl_ms, None);
+        assert!(
+            serde_json::to_value(&old)
+                .expect("writes")
+                .get("command_ttl_ms")
+                .is_none()
+        );
     }
 
     #[test]

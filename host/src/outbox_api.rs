@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use crate::Runtime;
 use crate::clock;
+use crate::decide::MAX_EFFECTS;
 use crate::error::Error;
-use crate::journal::{Effect, EffectId};
+use crate::journal::effects::MAX_EFFECT_SEQ;
+use crate::journal::{DeviceHead, Effect, EffectId};
 use crate::view::{CommandView, TimerView};
 
 /// The longest a long poll of an outbox may wait.
@@ -25,6 +27,12 @@ impl Runtime {
 
     fn commands_inner(&self, id: &str) -> Result<Vec<CommandView>, Error> {
         let head = self.head(id)?;
+        self.commands_of(&head)
+    }
+
+    /// The outbox of the device `head` names (not of whichever device has its id now).
+    fn commands_of(&self, head: &DeviceHead) -> Result<Vec<CommandView>, Error> {
+        let id = &head.id;
         let journal = &self.shared.journal;
         let pending = journal.outbox(head.num, clock::now_ms());
         // One read per record, however many commands it issued.
@@ -63,6 +71,10 @@ impl Runtime {
     /// [`Runtime::commands`], waiting up to `wait` (at most [`MAX_COMMAND_WAIT`]) for one to
     /// arrive when there is none: a long poll, so a gateway gets a command as soon as its
     /// record is durable without polling in a loop.
+    ///
+    /// A wait is for the device the id named when it began: if that device is removed
+    /// meanwhile, the wait ends with [`Error::UnknownDevice`], even once the id is provisioned
+    /// again (a new device, whose commands are not the waiter's).
     pub async fn wait_commands(&self, id: &str, wait: Duration) -> Result<Vec<CommandView>, Error> {
         let head = match self.head(id) {
             Ok(h) => h,
@@ -75,7 +87,8 @@ impl Runtime {
             let arrived = notify.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            let commands = self.commands(id)?;
+            let commands =
+                self.counted(self.same_device(&head).and_then(|h| self.commands_of(&h)))?;
             if !commands.is_empty() || self.shared.outbox.is_closed() {
                 return Ok(commands);
             }
@@ -88,14 +101,27 @@ impl Runtime {
     /// A watch of device `id`'s outbox: each [`CommandWatch::next`] answers the commands not
     /// answered before by this watch (for a stream: each command once per connection until
     /// it is acknowledged; a new connection gets every waiting command again).
+    ///
+    /// Like a long poll, a watch is for the device the id named when it began: it ends
+    /// (`None`) when that device is removed.
     pub fn watch_commands(&self, id: &str) -> Result<CommandWatch, Error> {
         let head = self.counted(self.head(id))?;
         Ok(CommandWatch {
             notify: self.shared.outbox.waiter(&head.id),
             rt: self.clone(),
-            id: id.to_string(),
+            head,
             seen: Default::default(),
         })
+    }
+
+    /// The device `head` names, as it is now; [`Error::UnknownDevice`] once it was removed,
+    /// even if its id was provisioned again since (device numbers are never reused).
+    fn same_device(&self, head: &DeviceHead) -> Result<DeviceHead, Error> {
+        match self.head(&head.id) {
+            Ok(now) if now.num == head.num => Ok(now),
+            Ok(_) | Err(Error::UnknownDevice(_)) => Err(Error::UnknownDevice(head.id.to_string())),
+            Err(e) => Err(e),
+        }
     }
 
     /// Acknowledges command `command` (`"<seq>.<index>"`, as [`CommandView::id`]) of device
@@ -199,7 +225,8 @@ impl Runtime {
 /// See [`Runtime::watch_commands`].
 pub struct CommandWatch {
     rt: Runtime,
-    id: String,
+    /// The device watched, as it was when the watch began.
+    head: DeviceHead,
     notify: std::sync::Arc<tokio::sync::Notify>,
     /// Ids answered already and still waiting.
     seen: std::collections::HashSet<String>,
@@ -207,7 +234,8 @@ pub struct CommandWatch {
 
 impl CommandWatch {
     /// The commands that arrived since the last call (every waiting one the first time),
-    /// waiting for one if there are none; `None` once the runtime is stopping.
+    /// waiting for one if there are none; `None` once the runtime is stopping or the device
+    /// was removed.
     pub async fn next(&mut self) -> Result<Option<Vec<CommandView>>, Error> {
         loop {
             // Registered before the read, so a command that lands in between still wakes it.
@@ -217,7 +245,12 @@ impl CommandWatch {
             if self.rt.shared.outbox.is_closed() {
                 return Ok(None);
             }
-            let all = self.rt.commands(&self.id)?;
+            let head = match self.rt.same_device(&self.head) {
+                Ok(head) => head,
+                Err(Error::UnknownDevice(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let all = self.rt.commands_of(&head)?;
             let waiting: std::collections::HashSet<&str> =
                 all.iter().map(|c| c.id.as_str()).collect();
             self.seen.retain(|id| waiting.contains(id.as_str()));
@@ -234,16 +267,80 @@ impl CommandWatch {
     }
 }
 
-/// `"<seq>.<index>"` → the effect id.
+/// `"<seq>.<index>"` → the effect id: exactly as the outbox lists ids (decimal digits, no
+/// sign, no leading zero), and within what a record can hold (seq 1 to
+/// [`MAX_EFFECT_SEQ`], index below [`MAX_EFFECTS`]), so an id echoed back is the id listed.
 fn parse_command_id(text: &str) -> Result<EffectId, Error> {
-    let bad = || {
+    let bad = |why: &str| {
         Error::MalformedEvent(format!(
-            "`{text}` is not a command id (`<seq>.<index>`, as listed by the outbox)"
+            "`{text}` is not a command id (`<seq>.<index>`, as listed by the outbox){why}"
         ))
     };
-    let (seq, index) = text.split_once('.').ok_or_else(bad)?;
+    let number = |part: &str| -> Option<u64> {
+        let canonical = !part.is_empty()
+            && part.bytes().all(|b| b.is_ascii_digit())
+            && (part == "0" || !part.starts_with('0'));
+        canonical.then(|| part.parse().ok()).flatten()
+    };
+    let (seq, index) = text.split_once('.').ok_or_else(|| bad(""))?;
+    let (Some(seq), Some(index)) = (number(seq), number(index)) else {
+        return Err(bad(""));
+    };
+    if seq == 0 || seq > MAX_EFFECT_SEQ || index >= MAX_EFFECTS as u64 {
+        return Err(bad(&format!(
+            ": no command has it (seq 1 to {MAX_EFFECT_SEQ}, index 0 to {})",
+            MAX_EFFECTS - 1
+        )));
+    }
     Ok(EffectId {
-        seq: seq.parse().map_err(|_| bad())?,
-        index: index.parse().map_err(|_| bad())?,
+        seq,
+        index: index as u32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_id_is_read_only_in_the_form_the_outbox_lists() {
+        let id = |seq, index| EffectId { seq, index };
+        assert_eq!(parse_command_id("1.0").ok(), Some(id(1, 0)));
+        assert_eq!(parse_command_id("250.17").ok(), Some(id(250, 17)));
+        let top = format!("{MAX_EFFECT_SEQ}.{}", MAX_EFFECTS - 1);
+        assert_eq!(
+            parse_command_id(&top).ok(),
+            Some(id(MAX_EFFECT_SEQ, MAX_EFFECTS as u32 - 1))
+        );
+        for bad in [
+            "",
+            ".",
+            "1",
+            "1.",
+            ".0",
+            "x.y",
+            "+1.0",
+            "1.+0",
+            "-1.0",
+            "002.000",
+            "01.0",
+            "1.00",
+            " 1.0",
+            "1.0 ",
+            "1.2.3",
+            "0x2.0",
+            "1e3.0",
+            "0.0",
+            // Beyond what a record can hold.
+            "4503599627370496.0",
+            "18446744073709551615.0",
+            "18446744073709551616.0",
+            "1.1024",
+            "1.65536",
+            "1.4294967296",
+        ] {
+            let err = parse_command_id(bad).expect_err(bad);
+            assert_eq!(err.code(), "malformed-event", "{bad}");
+        }
+    }
 }

@@ -94,6 +94,9 @@ impl Runtime {
         journal.record_removal(head.num, at_ms).await?;
         // Its timers are gone with it: out of the wheel now rather than at their due time.
         self.shared.timers.sync(head.num, &Default::default());
+        // Long polls and command streams of the device end now (they wait for this device,
+        // not for a new one provisioned under its id).
+        self.shared.outbox.notify(id);
         Ok(Removal {
             id: id.to_string(),
             seq: head.seq,

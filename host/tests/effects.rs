@@ -371,6 +371,56 @@ async fn commands_wait_in_the_outbox_until_acknowledged_and_survive_a_restart() 
     rt.shutdown().await;
 }
 
+/// A long poll or a command stream waits for the device its id named when it began: when
+/// that device is removed it ends, and a device provisioned again under the id is a new one,
+/// whose commands it never gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_commands_ends_when_its_device_is_removed_and_never_sees_a_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    let config = json!({"commands": true, "setpoint": 21});
+    rt.provision("t", "thermostat", &config)
+        .await
+        .expect("provision");
+    let poll = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.wait_commands("t", Duration::from_secs(30)).await })
+    };
+    let mut watch = rt.watch_commands("t").expect("watch");
+    let watching = tokio::spawn(async move { watch.next().await });
+    // Not looking when the device goes: it looks again only after the id is taken again.
+    let mut late = rt.watch_commands("t").expect("watch");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    rt.remove_device("t", false).await.expect("removed");
+    let err = poll.await.expect("task").expect_err("the device is gone");
+    assert_eq!(err.code(), "unknown-device", "{err}");
+    let ended = watching.await.expect("task").expect("no error");
+    assert!(ended.is_none(), "the stream ends: {ended:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken by the removal, not by the 60 s look-again: {:?}",
+        started.elapsed()
+    );
+
+    // A watch of the old device that looks only after the id was provisioned again ends the
+    // same way; one that begins after gets the new device's commands.
+    rt.provision("t", "thermostat", &config)
+        .await
+        .expect("provision again");
+    let mut fresh = rt.watch_commands("t").expect("watch the new one");
+    let ack = rt.send("t", &reading(18.0)).await.expect("reading");
+    let got = fresh.next().await.expect("reads").expect("a command");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, format!("{}.0", ack.seq));
+    let old = late.next().await.expect("no error");
+    assert!(
+        old.is_none(),
+        "the old device's watch sees nothing of the new one: {old:?}"
+    );
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_built_against_the_first_contract_still_loads_and_runs() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -466,13 +466,25 @@ pub async fn timers(State(app): State<App>, Id(id): Id) -> Result<Response, ApiE
     Ok(json::ok(&serde_json::json!({ "timers": timers })))
 }
 
+/// The query of a route that takes none: any parameter is refused rather than ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
 /// `GET /v1/devices/{id}/commands/stream`: the outbox as server-sent events. Every waiting
 /// command is sent at once, then each new one as it becomes durable: `event: command`, `id:
 /// <seq>.<index>`, `data:` the command view as JSON (as in `GET .../commands`). A command is
 /// sent once per connection; until acknowledged, a new connection gets it again. A comment
 /// line every 15 s keeps proxies from closing an idle stream; the stream ends when the
 /// server stops.
-pub async fn commands_stream(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+///
+/// It takes no query parameters (`wait_ms` is the list's): any is 400 `malformed-query`. The
+/// stream also ends when the device is removed.
+pub async fn commands_stream(
+    State(app): State<App>,
+    Id(id): Id,
+    QueryOf(NoQuery {}): QueryOf<NoQuery>,
+) -> Result<Response, ApiError> {
     use axum::response::IntoResponse;
     use axum::response::sse::{Event, KeepAlive, Sse};
     let watch = app.rt.watch_commands(&id)?;
