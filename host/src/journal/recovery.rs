@@ -94,8 +94,10 @@ pub(super) enum Cut {
 pub struct Damaged {
     /// The journal file.
     pub path: String,
-    /// Offset of the first damaged byte.
+    /// Offset of the first damaged byte: its position in the journal (over all segments).
     pub offset: u64,
+    /// The file that holds that byte and where in it, when the storage knows (a segment).
+    pub file: Option<(String, u64)>,
     /// Why the record there was rejected.
     pub reason: String,
     /// Every damaged byte range (`start..end`) from `offset` on.
@@ -143,14 +145,21 @@ impl Damaged {
 
 impl std::fmt::Display for Damaged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = match &self.file {
+            Some((file, at)) if (file.as_str(), *at) != (self.path.as_str(), self.offset) => {
+                format!(
+                    "{file}: damaged record at byte {at} (journal position {})",
+                    self.offset
+                )
+            }
+            _ => format!("{}: damaged record at offset {}", self.path, self.offset),
+        };
         write!(
             f,
-            "{}: damaged record at offset {} ({}): that is media damage, not a torn write \
+            "{place} ({}): that is media damage, not a torn write \
              (it lies in the part of the file proven durable: before the last commit, or \
              within the length the last clean stop recorded): {} damaged byte(s) in {} \
              range(s), followed by {} intact record(s)",
-            self.path,
-            self.offset,
             self.reason,
             self.damaged_bytes(),
             self.ranges.len(),
@@ -1028,6 +1037,9 @@ impl Tail {
                 .path()
                 .map_or_else(|| "journal".to_string(), |p| p.display().to_string()),
             offset,
+            file: storage
+                .file_of(offset)
+                .map(|(p, at)| (p.display().to_string(), at)),
             reason,
             ranges: self.ranges.clone(),
             intact_after: self.intact,

@@ -495,6 +495,15 @@ impl StorageBackend for SegmentedBackend {
         Some(&self.origin)
     }
 
+    fn file_of(&self, position: u64) -> Option<(PathBuf, u64)> {
+        let segments = self.segments.read();
+        let i = segments
+            .partition_point(|s| s.first <= position)
+            .checked_sub(1)?;
+        let s = &segments[i];
+        Some((s.path.clone(), s.header + (position - s.first)))
+    }
+
     fn retained_from(&self) -> u64 {
         self.segments.read().first().map_or(0, |s| s.first)
     }

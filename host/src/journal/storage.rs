@@ -44,6 +44,12 @@ pub trait StorageBackend: Send + Sync {
     fn path(&self) -> Option<&Path> {
         None
     }
+    /// The file that holds `position`, and the byte of that file it is at: what a report
+    /// of damage names, for an operator to look at. By default [`Self::path`] at the
+    /// position itself (one file, no header).
+    fn file_of(&self, position: u64) -> Option<(PathBuf, u64)> {
+        self.path().map(|p| (p.to_path_buf(), position))
+    }
     /// The first position still stored: 0 unless retention deleted the oldest segments
     /// (`journal/retention.rs`). Reads before it fail with `NotFound`.
     fn retained_from(&self) -> u64 {
@@ -281,6 +287,10 @@ impl StorageBackend for FaultyBackend {
         self.inner.path()
     }
 
+    fn file_of(&self, position: u64) -> Option<(PathBuf, u64)> {
+        self.inner.file_of(position)
+    }
+
     fn retained_from(&self) -> u64 {
         self.inner.retained_from()
     }
@@ -427,6 +437,10 @@ impl StorageBackend for Tolerant<'_> {
 
     fn path(&self) -> Option<&Path> {
         self.inner.path()
+    }
+
+    fn file_of(&self, position: u64) -> Option<(PathBuf, u64)> {
+        self.inner.file_of(position)
     }
 
     fn retained_from(&self) -> u64 {

@@ -2727,6 +2727,20 @@ async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segmen
         .expect("refused");
     let damage = Damaged::of(&err).expect("a damage report");
     assert_eq!(damage.offset, victim.first, "the position, across segments");
+    // The report names the segment file and the byte in it, not `journal.log`.
+    let victim_path = victim.path.display().to_string();
+    assert_eq!(
+        damage.file,
+        Some((victim_path.clone(), segments::SEGMENT_HEADER_LEN))
+    );
+    let said = err.to_string();
+    assert!(
+        said.contains(&format!(
+            "{victim_path}: damaged record at byte 32 (journal position {})",
+            victim.first
+        )),
+        "{said}"
+    );
     assert_eq!(
         damage.devices,
         vec![Affected {
