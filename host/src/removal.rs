@@ -235,6 +235,14 @@ impl Runtime {
                 if r.lost {
                     line["lost"] = true.into();
                 }
+                // As the journal API shows them: a message or timer firing says where it
+                // came from, and a record with effects lists them.
+                if let Some(origin) = &r.origin {
+                    line["origin"] = json(origin);
+                }
+                if !r.effects.is_empty() {
+                    line["effects"] = r.effects.iter().map(|e| json(e)).collect();
+                }
                 writeln!(out, "{line}").map_err(io)?;
             }
             match page.next {

@@ -108,8 +108,40 @@ async fn a_timer_set_before_a_restart_fires_after_it_once() {
         rt.timer_wheel_devices() == 1
     })
     .await;
-    rt.remove_device("t", false).await.expect("removed");
+    let history = records(&rt, "t");
+    let removal = rt.remove_device("t", true).await.expect("removed");
     assert_eq!(rt.timer_wheel_devices(), 0);
+
+    // Its archive keeps where each event came from and the effects it had, as the journal
+    // API showed them.
+    let archive = std::fs::read_to_string(removal.archive.expect("archived")).expect("archive");
+    let lines: Vec<Value> = archive
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), history.len());
+    for (line, r) in lines.iter().zip(&history) {
+        assert_eq!(line["seq"], r.seq);
+        assert_eq!(line.get("origin").cloned(), origin(r), "{line}");
+        let effects: Vec<Value> = r
+            .effects
+            .iter()
+            .map(|e| serde_json::from_str(e).expect("effect JSON"))
+            .collect();
+        match line.get("effects") {
+            Some(listed) => assert_eq!(listed, &Value::from(effects), "{line}"),
+            None => assert!(effects.is_empty(), "{line}"),
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l["origin"]["type"] == "timer"),
+        "{archive}"
+    );
+    assert!(
+        lines.iter().any(|l| l.get("effects").is_some()),
+        "{archive}"
+    );
     rt.shutdown().await;
 }
 
