@@ -254,6 +254,10 @@ pub struct JournalOptions {
 /// a run of 32 MiB (written in well under a second).
 pub const INDEX_SPILL_AT: u64 = 1 << 22;
 
+/// Opens [`Journal::open_read_only`] makes when a live writer keeps changing the files under
+/// it: each one that finds damage while the files changed starts again.
+const READ_ONLY_TRIES: u32 = 4;
+
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
@@ -552,9 +556,39 @@ impl Journal {
     /// Opens the journal in `dir` for reading only: no writer, no lock needed, and a bad tail
     /// is reported but left on disk (the owner of the directory cuts it on its next open).
     /// For offline tools such as `drover replay`, which may run beside a live server.
+    ///
+    /// A live server may add a segment (and write an index checkpoint that covers it) between
+    /// the moment the segments are listed and the moment they are read: the journal then
+    /// looks cut short of what its checkpoint proves durable, which is media damage in a
+    /// journal at rest. So damage found while the directory's files changed under the open is
+    /// not believed: the open starts again (up to [`READ_ONLY_TRIES`] times).
     pub fn open_read_only(dir: &Path) -> std::io::Result<Journal> {
-        let storage = Arc::new(SegmentedBackend::open_read_only(dir)?);
-        let (index, recovery) = recover(&*storage, Cut::Never, None)?;
+        Self::open_read_only_with(dir, |_| {})
+    }
+
+    /// [`Journal::open_read_only`], calling `listed(attempt)` after each listing of the
+    /// segments and before reading them: where a test makes a writer move meanwhile.
+    pub(crate) fn open_read_only_with(
+        dir: &Path,
+        mut listed: impl FnMut(u32),
+    ) -> std::io::Result<Journal> {
+        let mut attempt = 0;
+        let (storage, index, recovery) = loop {
+            let storage = Arc::new(SegmentedBackend::open_read_only(dir)?);
+            listed(attempt);
+            match recover(&*storage, Cut::Never, None) {
+                Ok((index, recovery)) => break (storage, index, recovery),
+                Err(e)
+                    if attempt + 1 < READ_ONLY_TRIES
+                        && Damaged::of(&e).is_some()
+                        && storage.changed_since_listed() =>
+                {
+                    tracing::info!(error = %e, "journal: files changed while opening them read-only (a live writer); opening again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let shared = Arc::new(writer::Shared {
             index: RwLock::new(index),
             stats: Stats::default(),

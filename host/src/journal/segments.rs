@@ -329,6 +329,21 @@ impl SegmentedBackend {
         self.segment_bytes
     }
 
+    /// Whether the directory's segments differ from those this backend listed when it
+    /// opened (one more, one fewer, or one of another length): a writer moved meanwhile. What
+    /// cannot be listed counts as changed.
+    pub fn changed_since_listed(&self) -> bool {
+        let Ok(now) = SegmentedBackend::list(&self.dir) else {
+            return true;
+        };
+        let seen = self.segments();
+        now.len() != seen.len()
+            || now
+                .iter()
+                .zip(&seen)
+                .any(|(a, b)| (a.first, a.len) != (b.first, b.len))
+    }
+
     /// The segments as they are now.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         let end = self.end.load(Ordering::Acquire);

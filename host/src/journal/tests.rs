@@ -2696,6 +2696,57 @@ async fn segments_roll_over_and_a_reopen_reads_every_record_across_them() {
     assert_eq!(journal.read_events(0, 1, 300).expect("read"), before);
 }
 
+/// A read-only open beside a live writer (`drover journal export` beside `drover serve`): the
+/// writer adds segments and records a longer journal between the reader's listing of the
+/// segments and its reading them. The journal then looks cut short of what its checkpoint
+/// proves durable, which is damage in a journal at rest; here the files changed under the
+/// open, so it opens again and sees everything. At rest, the same shortfall is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_beside_a_writer_that_moves_on_opens_again_instead_of_reporting_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    segmented(dir.path(), 512, 100).await;
+    let writer = open_segmented(dir.path(), 512, false).expect("the live writer");
+    let mut attempts = 0;
+    let reader = Journal::open_read_only_with(dir.path(), |attempt| {
+        attempts += 1;
+        if attempt == 0 {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    for seq in 101..=200 {
+                        let (r, e) = event(0, seq);
+                        writer.append(&r, e).await.expect("event");
+                    }
+                })
+            });
+            writer.close();
+        }
+    })
+    .expect("opened again, not refused as damage");
+    assert_eq!(attempts, 2);
+    assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(200));
+    assert_eq!(reader.read_events(0, 200, 200).expect("read")[0].seq, 200);
+    drop((reader, writer));
+
+    // At rest: the last segment cut short of what the clean close recorded is damage, found
+    // on the first open, which does not start again.
+    let last = SegmentedBackend::list(dir.path())
+        .expect("list")
+        .pop()
+        .expect("last");
+    let len = std::fs::metadata(&last.path).expect("meta").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&last.path)
+        .and_then(|f| f.set_len(len - 40))
+        .expect("cut");
+    let mut attempts = 0;
+    let err = Journal::open_read_only_with(dir.path(), |_| attempts += 1)
+        .err()
+        .expect("refused");
+    assert!(Damaged::of(&err).is_some(), "{err}");
+    assert_eq!(attempts, 1);
+}
+
 #[tokio::test]
 async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segments_records() {
     let dir = tempfile::tempdir().expect("tempdir");
