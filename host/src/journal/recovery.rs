@@ -737,10 +737,21 @@ fn scan_prefix(
     let mut offset = start;
     let mut last_marker = None;
     let mut from_checkpoint = None;
+    // Why the index checkpoint was not used, for a journal that cannot open without it.
+    let mut unusable: Option<String> = None;
     if let Some(checkpoints) = checkpoints.filter(|_| from_index_checkpoint) {
         let cut = checkpoint.as_ref().is_some_and(|c| c.cut_short(file_len));
         // `every == 0`: checkpoints are off; one left by an earlier run is not used either.
         let usable = checkpoints.every > 0 && !(bad_header || cut || format < writer::MARKERS_FROM);
+        if let Some(c) = checkpoint.as_ref().filter(|_| cut) {
+            unusable = Some(format!(
+                "the journal is {file_len} bytes long but was {} when a checkpoint last \
+                 recorded it: it was cut short or its last segment damaged",
+                c.len
+            ));
+        } else if bad_header {
+            unusable = Some("the journal's file header is damaged".to_string());
+        }
         let loaded = match image {
             Ok(Some(image)) if usable => checkpoints
                 .load(image, storage, format, start, file_len, spill.as_ref())
@@ -789,14 +800,21 @@ fn scan_prefix(
             }
             // A file cut short: refused below, with the checkpoint kept as evidence.
             Ok(None) if cut => {}
-            Ok(None) => tidy(&[]),
+            Ok(None) => {
+                if usable {
+                    unusable.get_or_insert_with(|| "there is none".to_string());
+                }
+                tidy(&[]);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!(error = %e, "journal: index checkpoint not trusted; scanning the whole journal");
+                unusable.get_or_insert_with(|| format!("it is not trusted: {e}"));
                 tidy(&[]);
             }
             // It could not be read (a transient error): scan, but leave it for the next open.
             Err(e) => {
                 tracing::warn!(error = %e, "journal: index checkpoint unreadable; scanning the whole journal");
+                unusable.get_or_insert_with(|| format!("it could not be read: {e}"));
             }
         }
     }
@@ -815,8 +833,9 @@ fn scan_prefix(
                 format!(
                     "the journal's history before position {retained} was deleted by its \
                      retention policy, so it opens only from its index checkpoint \
-                     (journal.log.index/checkpoint), which is missing or not usable (see the \
-                     log above for why): restore the data directory from a backup"
+                     (journal.log.index/checkpoint), which is not usable: {}; restore the data \
+                     directory from a backup",
+                    unusable.as_deref().unwrap_or("see the log above for why")
                 )
             },
         ));

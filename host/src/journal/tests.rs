@@ -3037,7 +3037,10 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     std::fs::rename(index.join("checkpoint"), dir.join("kept")).expect("move");
     let err = retaining(dir, 10).err().expect("refused");
     assert!(
-        err.to_string().contains("deleted by its retention policy"),
+        err.to_string().contains("deleted by its retention policy")
+            && err
+                .to_string()
+                .contains("which is not usable: there is none"),
         "{err}"
     );
     std::fs::rename(dir.join("kept"), index.join("checkpoint")).expect("back");
@@ -3045,6 +3048,21 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(3001));
     journal.close();
     drop(journal);
+
+    // Its last segment cut short: refused, saying so rather than pointing at a log.
+    let last = SegmentedBackend::list(dir)
+        .expect("list")
+        .pop()
+        .expect("last");
+    let whole = std::fs::read(&last.path).expect("read");
+    std::fs::write(&last.path, &whole[..whole.len() - 40]).expect("cut");
+    let err = retaining(dir, 10).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("it was cut short or its last segment damaged"),
+        "{err}"
+    );
+    std::fs::write(&last.path, &whole).expect("restored");
 
     // Salvage reads from position 0, which is gone: refused, nothing touched.
     let before = SegmentedBackend::list(dir).expect("list");
