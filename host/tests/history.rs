@@ -143,6 +143,11 @@ fn export_then_import_reproduces_every_device_exactly() {
         .send("t1", &json!({"type": "reading", "celsius": 30.0}));
     assert_eq!(ack["seq"], json!(41));
 
+    // Into a directory its server runs on: refused as such (not as devices that exist).
+    let (ok, _, err) = import(&file, &target);
+    assert!(!ok);
+    assert!(err.contains("is in use by another Drover process"), "{err}");
+
     // Importing again is refused before anything is written.
     drop(imported);
     let len = std::fs::metadata(target.join("journal.log"))
