@@ -501,12 +501,8 @@ impl<K: Ord, V> VecMap<K, V> {
 
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
         match self.0.as_deref_mut() {
-            None => {}
-            Some(Entries::One((k, v))) => {
-                if !keep(k, v) {
-                    self.0 = None;
-                }
-            }
+            Some(Entries::One((k, v))) if !keep(k, v) => self.0 = None,
+            None | Some(Entries::One(_)) => {}
             Some(Entries::Many(entries)) => {
                 entries.retain(|(k, v)| keep(k, v));
                 self.settle();
