@@ -629,9 +629,10 @@ fn check(
 /// directory is even opened for writing, and if anything fails once writing began, the
 /// devices written so far are removed again, so a retry starts from where it began.
 pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummary> {
-    // A directory a server runs on is refused as such, before its devices are compared with
-    // the file's (the writing below takes the lock for good).
-    if data_dir.is_dir() {
+    // A directory a server runs on (it has a `LOCK`) is refused as such, before its devices
+    // are compared with the file's; the writing below takes the lock for good. Without a
+    // `LOCK` nothing runs there, and none is left behind by a check that fails.
+    if data_dir.join("LOCK").exists() {
         drop(crate::builder::lock_data_dir(data_dir)?);
     }
     let existing: Option<Journal> = if data_dir.join(crate::journal::FILE_NAME).exists() {

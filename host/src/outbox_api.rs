@@ -50,6 +50,8 @@ impl Runtime {
                     .and_then(|r| r.fx.as_ref())
                     .and_then(|fx| fx.effects.get(cid.index as usize));
                 let Some(Effect::Command { payload, .. }) = payload else {
+                    // Removed between the index and the read: gone, not broken.
+                    self.same_device(head)?;
                     return Err(Error::Internal(format!(
                         "command {}.{} of `{id}` is not in its record",
                         cid.seq, cid.index

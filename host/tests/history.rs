@@ -222,6 +222,13 @@ fn export_then_import_reproduces_every_device_exactly() {
         assert!(err.contains(why), "{why}: {err}");
         assert!(!fresh.exists(), "{why}: nothing was written");
     }
+    // Into an existing empty directory: refused the same, and it stays empty (no `LOCK`).
+    std::fs::create_dir(&fresh).expect("mkdir");
+    std::fs::write(&bad, r#"{"a":1}"#).expect("write");
+    let (ok, _, err) = import(&bad, &fresh);
+    assert!(!ok && err.contains("not a Drover export"), "{err}");
+    assert_eq!(std::fs::read_dir(&fresh).expect("dir").count(), 0);
+    std::fs::remove_dir(&fresh).expect("rmdir");
 
     // A history the plugin cannot fold is written, found out, and undone: a retry with the
     // good file then imports everything.

@@ -560,7 +560,8 @@ impl Journal {
     /// A live server may add a segment (and write an index checkpoint that covers it) between
     /// the moment the segments are listed and the moment they are read: the journal then
     /// looks cut short of what its checkpoint proves durable, which is media damage in a
-    /// journal at rest. So damage found while the directory's files changed under the open is
+    /// journal at rest (or, in a journal retention shortened, an index checkpoint it cannot
+    /// open from). So such a refusal while the directory's files changed under the open is
     /// not believed: the open starts again (up to [`READ_ONLY_TRIES`] times).
     pub fn open_read_only(dir: &Path) -> std::io::Result<Journal> {
         Self::open_read_only_with(dir, |_| {})
@@ -578,9 +579,11 @@ impl Journal {
             listed(attempt);
             match recover(&*storage, Cut::Never, None) {
                 Ok((index, recovery)) => break (storage, index, recovery),
+                // Damage, or a retained journal refused for looking cut short of its index
+                // checkpoint: both `InvalidData`.
                 Err(e)
                     if attempt + 1 < READ_ONLY_TRIES
-                        && Damaged::of(&e).is_some()
+                        && e.kind() == std::io::ErrorKind::InvalidData
                         && storage.changed_since_listed() =>
                 {
                     tracing::info!(error = %e, "journal: files changed while opening them read-only (a live writer); opening again");

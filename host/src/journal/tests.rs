@@ -2904,7 +2904,8 @@ async fn retention_keeps_what_a_device_without_a_later_snapshot_needs() {
     assert_eq!(journal.retention().pinned_by, Some(pin));
 }
 
-#[tokio::test]
+// Two workers: the last part runs a writer while a read-only open blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_segments_behind_every_snapshot_and_reads_say_what_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = retaining(dir.path(), 10).expect("open");
@@ -3063,6 +3064,30 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
         "{err}"
     );
     std::fs::write(&last.path, &whole).expect("restored");
+
+    // Beside a live writer that moves on between a reader's listing of the segments and its
+    // reading them (the reader would find the journal cut short of the index checkpoint it
+    // must open from): the reader opens again.
+    let writer = retaining(dir, 10).expect("the live writer");
+    let mut attempts = 0;
+    let reader = Journal::open_read_only_with(dir, |attempt| {
+        attempts += 1;
+        if attempt == 0 {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    for seq in 3002..=3400 {
+                        let (r, e) = event(0, seq);
+                        writer.append(&r, e).await.expect("event");
+                    }
+                })
+            });
+            writer.close();
+        }
+    })
+    .expect("opened again, not refused");
+    assert_eq!(attempts, 2);
+    assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(3400));
+    drop((reader, writer));
 
     // Salvage reads from position 0, which is gone: refused, nothing touched.
     let before = SegmentedBackend::list(dir).expect("list");
