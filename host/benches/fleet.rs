@@ -44,29 +44,28 @@ mod plugins;
 use common::{THERMOSTAT, env_or};
 use heap::heap_bytes;
 
+/// Field `name` (e.g. `VmRSS:`) of a `/proc` status-like `text`, in KiB (0 if absent).
+fn kib_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// (RSS, PSS) of this process in KiB.
 fn memory_kib() -> (u64, u64) {
-    let field = |text: &str, name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    (field(&status, "VmRSS:"), field(&rollup, "Pss:"))
+    (kib_field(&status, "VmRSS:"), kib_field(&rollup, "Pss:"))
 }
 
 /// The peak resident set (`VmHWM`) in KiB since the last [`reset_peak`].
 fn peak_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    kib_field(
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+        "VmHWM:",
+    )
 }
 
 /// Resets the peak resident set to the current one (`clear_refs` value 5, Linux 4.0+), so

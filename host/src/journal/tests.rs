@@ -2696,6 +2696,33 @@ async fn segments_roll_over_and_a_reopen_reads_every_record_across_them() {
     assert_eq!(journal.read_events(0, 1, 300).expect("read"), before);
 }
 
+/// Opens `dir` read-only while `writer`, between the reader's first listing of the segments
+/// and its reading them, appends device 0's events `seqs` and closes (recording the longer
+/// journal): a live server moving on under an export. Returns what the open gave and how
+/// many listings it made. Needs a multi-threaded runtime (the writer runs inside the hook).
+fn open_read_only_while(
+    dir: &Path,
+    writer: &Journal,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> (std::io::Result<Journal>, u32) {
+    let mut attempts = 0;
+    let reader = Journal::open_read_only_with(dir, |attempt| {
+        attempts += 1;
+        if attempt == 0 {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    for seq in seqs.clone() {
+                        let (r, e) = event(0, seq);
+                        writer.append(&r, e).await.expect("event");
+                    }
+                })
+            });
+            writer.close();
+        }
+    });
+    (reader, attempts)
+}
+
 /// A read-only open beside a live writer (`drover journal export` beside `drover serve`): the
 /// writer adds segments and records a longer journal between the reader's listing of the
 /// segments and its reading them. The journal then looks cut short of what its checkpoint
@@ -2706,22 +2733,8 @@ async fn a_read_only_open_beside_a_writer_that_moves_on_opens_again_instead_of_r
     let dir = tempfile::tempdir().expect("tempdir");
     segmented(dir.path(), 512, 100).await;
     let writer = open_segmented(dir.path(), 512, false).expect("the live writer");
-    let mut attempts = 0;
-    let reader = Journal::open_read_only_with(dir.path(), |attempt| {
-        attempts += 1;
-        if attempt == 0 {
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    for seq in 101..=200 {
-                        let (r, e) = event(0, seq);
-                        writer.append(&r, e).await.expect("event");
-                    }
-                })
-            });
-            writer.close();
-        }
-    })
-    .expect("opened again, not refused as damage");
+    let (reader, attempts) = open_read_only_while(dir.path(), &writer, 101..=200);
+    let reader = reader.expect("opened again, not refused as damage");
     assert_eq!(attempts, 2);
     assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(200));
     assert_eq!(reader.read_events(0, 200, 200).expect("read")[0].seq, 200);
@@ -3069,22 +3082,8 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     // reading them (the reader would find the journal cut short of the index checkpoint it
     // must open from): the reader opens again.
     let writer = retaining(dir, 10).expect("the live writer");
-    let mut attempts = 0;
-    let reader = Journal::open_read_only_with(dir, |attempt| {
-        attempts += 1;
-        if attempt == 0 {
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    for seq in 3002..=3400 {
-                        let (r, e) = event(0, seq);
-                        writer.append(&r, e).await.expect("event");
-                    }
-                })
-            });
-            writer.close();
-        }
-    })
-    .expect("opened again, not refused");
+    let (reader, attempts) = open_read_only_while(dir, &writer, 3002..=3400);
+    let reader = reader.expect("opened again, not refused");
     assert_eq!(attempts, 2);
     assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(3400));
     drop((reader, writer));
