@@ -472,6 +472,8 @@ impl Actor {
                     match msg {
                         Message::Passivate => self.passivate(),
                         Message::Resume { reply } => {
+                            // A device that is not quarantined is left as it is: its count
+                            // of failures in a row stands.
                             if self.quarantine.is_some() {
                                 tracing::info!(device = %self.head.id, "quarantine lifted on request");
                                 // Messages dropped meanwhile come now, not at its planned end.
@@ -479,23 +481,25 @@ impl Actor {
                                     .env
                                     .dispatch
                                     .send(Durable::redeliver(&self.head, Duration::ZERO));
+                                self.recovered();
                             }
-                            self.recovered();
                             let _ = reply.send(Ok(self.status()));
                         }
-                        Message::Event { reply, .. } if self.in_quarantine() => {
-                            if let Some(e) = self.quarantined() {
-                                let _ = reply.send(Err(e));
-                            }
-                        }
+                        // One reading of the clock: a quarantine ending between two would
+                        // drop the reply unanswered.
                         Message::Event {
                             event,
                             accepted,
                             reply,
-                        } => {
-                            self.on_event(event, Origin::External, None, accepted, Some(reply))
-                                .await;
-                        }
+                        } => match self.quarantined() {
+                            Some(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                            None => {
+                                self.on_event(event, Origin::External, None, accepted, Some(reply))
+                                    .await;
+                            }
+                        },
                         Message::Internal { .. } if self.stopping() => {
                             // Still owed in the journal: the next start sends it again. A
                             // stop answers the events it accepted from outside; it does not
@@ -691,6 +695,10 @@ impl Actor {
             return Err(Error::UnknownDevice(self.head.id.to_string()));
         }
         self.head = fresh;
+        // A failed upgrade may have advertised a version this device does not run.
+        self.activity
+            .version
+            .store(self.head.version, Ordering::Relaxed);
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
         let rebuilt = match self.lazy_upgrade()? {
             Some(rebuilt) => rebuilt,
@@ -723,6 +731,23 @@ impl Actor {
             // replay needs): a snapshot of its own version, so the next activation does not
             // depend on that one, and retention is not held back until the next one is due.
             self.snapshot();
+        }
+        // A deploy or rollback that moved the plugin's current version while this device was
+        // activating did not see it live (it was not yet), so it counted on the activation to
+        // move it, which read the version before: move it now, as the deploy would have.
+        // (The live flag is set above before this read, the deploy sets the version before it
+        // reads the flags, both under locks: one of the two sees the other.)
+        let from = self.head.version;
+        if let Some(to) = self.env.registry.target_of(from)
+            && to != from
+            && !self
+                .env
+                .upgrade_failures
+                .lock()
+                .contains(&(self.head.num, to))
+        {
+            let report = Box::pin(self.on_upgrade(to)).await;
+            tracing::info!(device = %self.head.id, outcome = ?report.outcome, "moved to the version a deploy made current while it activated");
         }
         Ok(())
     }
@@ -1141,6 +1166,9 @@ impl Actor {
         let internal = origin != Origin::External;
         // A message or timer firing that trapped: consumed, then the instance is dropped.
         let mut poisoned: Option<(Error, bool)> = None;
+        // One refused, or whose output was refused: consumed, but no success either, so the
+        // failures counted toward a quarantine stand (as after a refused external event).
+        let mut refused = false;
         let decided = decide::decide(&mut live.instance, &ctx, &event, max_output, budget);
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
@@ -1174,9 +1202,10 @@ impl Actor {
             // transitions), or it would come back at every start.
             Err(Failed {
                 error: Error::Rejected { code, message },
-                ..
+                instance_lost: false,
             }) if internal => {
                 tracing::debug!(device = %self.head.id, seq, %code, %message, "internal event refused by the plugin");
+                refused = true;
                 decide::Decided::default()
             }
             // So is one whose output the host refuses (too large, an invalid effect): the
@@ -1194,6 +1223,7 @@ impl Actor {
                     code: error.code().to_string(),
                     message: error.to_string(),
                 });
+                refused = true;
                 decide::Decided::default()
             }
             // And so is one the guest traps on: a trap is deterministic (the same state and
@@ -1224,8 +1254,17 @@ impl Actor {
                 instance_lost,
             }) => {
                 // A refusal is the plugin's answer; anything else is a fault on this input:
-                // kept as a dead letter so it is visible and can be re-sent after a fix.
-                if !matches!(error, Error::Rejected { .. }) {
+                // kept as a dead letter so it is visible and can be re-sent after a fix. Not
+                // a message or timer firing that comes again (a timeout, below the count that
+                // consumes it): one that later succeeds is no dead letter, and re-sending it
+                // would handle it twice.
+                if internal {
+                    self.env
+                        .metrics
+                        .internal_retried
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event failed: it comes again");
+                } else if !matches!(error, Error::Rejected { .. }) {
                     self.writer.append_dead_letter(DeadLetter {
                         device: self.head.num,
                         after_seq: seq - 1,
@@ -1258,6 +1297,7 @@ impl Actor {
             && self.env.config.snapshot_every > 0
             && live.since_snapshot >= self.env.config.snapshot_every;
         match &poisoned {
+            None if refused => {}
             None => self.recovered(),
             Some((error, lost)) => {
                 // The record below consumes the event; the next event rebuilds the device

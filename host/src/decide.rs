@@ -88,7 +88,15 @@ fn decide_now(
         instance_lost: false,
     })?;
     fold(instance, transitions.iter().map(String::as_str)).map_err(|error| Failed {
-        error,
+        // `apply` refusing what its own `handle` just returned is a plugin bug, and the state
+        // is half-changed: a fault like a trap (the instance goes, a dead letter is kept, a
+        // message or timer firing is consumed), not a refusal the sender could act on.
+        error: match error {
+            Error::Rejected { code, message } => Error::Trap(format!(
+                "apply refused a transition its handle returned ({code}: {message})"
+            )),
+            other => other,
+        },
         instance_lost: true,
     })?;
     Ok(Decided {

@@ -42,6 +42,9 @@ pub struct Metrics {
     /// replaced or cancelled meanwhile, the device quarantined (delivered again when the
     /// quarantine ends), or the runtime stopping (again at the next start).
     pub internal_dropped: AtomicU64,
+    /// Messages and timer firings that failed in a way that may pass (a timeout short of the
+    /// count that consumes it) and come again.
+    pub internal_retried: AtomicU64,
     /// Commands for devices that became durable (entered an outbox).
     pub commands_issued: AtomicU64,
     /// Commands acknowledged.
@@ -148,6 +151,12 @@ impl Metrics {
             "drover_internal_dropped_total",
             "Messages and timer firings dropped on arrival: already handled, timer replaced or cancelled, device quarantined (delivered again when the quarantine ends), or the runtime stopping (again at the next start).",
             &self.internal_dropped,
+        );
+        counter(
+            &mut out,
+            "drover_internal_retried_total",
+            "Messages and timer firings that timed out (short of the third timeout, which consumes one as a dead letter) and come again.",
+            &self.internal_retried,
         );
         counter(
             &mut out,

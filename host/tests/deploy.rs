@@ -404,6 +404,76 @@ async fn passivated_devices_upgrade_lazily_at_their_next_activation() {
     rt.shutdown().await;
 }
 
+/// A rollback that lands while a device is being brought up on the new version at its
+/// activation still moves that device back. The activation read the current version before
+/// its instance was live, and a deploy swaps only the devices live when it points: the device
+/// stayed on the version rolled back from until it was next passivated (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_activating_while_a_rollback_lands_ends_on_the_version_rolled_back_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_secs(5))
+        .activation_timeout(Duration::from_secs(20))
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    rt.provision("s", "misbehave", &json!({})).await.unwrap();
+    let slow = |spin: u64, count: u32| {
+        json!({"type": "slow_apply", "spin": spin, "count": count}).to_string()
+    };
+    // Guests have no clock: calibrate the spin.
+    let probe = 20_000_000u64;
+    let started = std::time::Instant::now();
+    rt.send("s", &slow(probe, 1)).await.unwrap();
+    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
+    // A history whose fold takes ~0.8 s: what bringing the device up on another version
+    // replays.
+    rt.send("s", &slow((0.2 / per_spin.max(1e-12)) as u64, 4))
+        .await
+        .unwrap();
+    let live = |rt: &Runtime| rt.metrics().live_instances.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        if live(&rt) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(live(&rt), 0, "passivated");
+    let (v2, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
+    assert_eq!(report.totals.pending_lazy, 1);
+
+    // The next event brings it up on v2 at its activation; the rollback lands meanwhile.
+    let event = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.send("s", OK).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = rt.rollback("misbehave", false).await.unwrap();
+    assert_eq!(
+        report.totals.live, 0,
+        "not live yet when the rollback pointed"
+    );
+    event.await.unwrap().expect("acknowledged");
+    assert_eq!(
+        version(&rt, "s"),
+        1,
+        "handled on the version rolled back to"
+    );
+    assert_eq!(count(&rt, "s").await, 1, "v1 counts by one");
+    assert_live_equals_full_replay(&rt, dir.path(), "s").await;
+    rt.shutdown().await;
+}
+
 /// Acceptance 5: a behavior change yields the expected divergences with the first seq and a
 /// diff; an identical rebuild yields none; a dry-run writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -386,6 +386,8 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         ("m", r#"{"type":"alloc","mb":64}"#.into(), "trap"),
         ("m", r#"{"type":"big","kb":64}"#.into(), "output-too-large"),
         ("m", r#"{"type":"panic_on_apply"}"#.into(), "trap"),
+        // `apply` refusing what `handle` returned is a plugin fault, not a refusal.
+        ("m", r#"{"type":"refuse_on_apply"}"#.into(), "trap"),
         (
             "t",
             r#"{"type":"set_point","celsius":99}"#.into(),
@@ -445,7 +447,7 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
             assert_eq!(ack.seq, seqs.0.unwrap_or(0) + 1);
         }
     }
-    assert_eq!(state(&rt, "m").await["count"], json!(7));
+    assert_eq!(state(&rt, "m").await["count"], json!(8));
     if let Err(e) = rt.send("m", r#"{"type":"panic"}"#).await {
         assert!(
             e.to_string().contains("panic"),

@@ -32,6 +32,7 @@
 //! | `{"type": "print", "message": "..."}` | `println!` the message and `eprintln!` it with `stderr: ` before it (std's WASI stdio), no transition |
 //! | `{"type": "echo"}` | one transition `{"type": "echoed", "device_id": .., "seq": .., "at_ms": .., "seed": ..}` copying the event context |
 //! | `{"type": "panic_on_apply"}` | one transition `{"type": "poison"}` whose `apply` panics: handle succeeds, apply (and every replay) traps |
+//! | `{"type": "refuse_on_apply"}` | transitions `{"type": "counted", "count": N}` then `{"type": "unreadable"}`, which `apply` refuses (`invalid-transition`) after applying the first |
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //!
 //! # State
@@ -109,6 +110,9 @@ pub enum Event {
     Echo,
     /// Return a transition whose `apply` panics.
     PanicOnApply,
+    /// Return `counted` (the next count) then a transition `apply` cannot read: the state is
+    /// half-changed when `apply` refuses the second.
+    RefuseOnApply,
     /// Return `count` transitions whose `apply` each spins `spin` iterations.
     SlowApply {
         /// Loop iterations per apply.
@@ -192,6 +196,10 @@ pub enum Transition {
     },
     /// Panics when applied.
     Poison,
+    /// Written by `handle`, refused by `apply` (a schema mismatch, as a plugin bug makes
+    /// one): never deserialized.
+    #[serde(skip_deserializing)]
+    Unreadable,
     /// A `send` event relayed its event.
     Relayed {
         /// The event's tag.
@@ -272,6 +280,12 @@ impl Device for Misbehave {
                 seed: ctx.seed(),
             }],
             Event::PanicOnApply => vec![Transition::Poison],
+            Event::RefuseOnApply => vec![
+                Transition::Counted {
+                    count: self.count + STEP,
+                },
+                Transition::Unreadable,
+            ],
             Event::SlowApply { spin, count } => {
                 (0..count).map(|_| Transition::Slow { spin }).collect()
             }
@@ -308,6 +322,7 @@ impl Device for Misbehave {
                 self.count = count
             }
             Transition::Poison => panic!("misbehave: poison transition applied"),
+            Transition::Unreadable => unreachable!("never deserialized"),
             Transition::Slow { spin } => {
                 let mut x = 0u64;
                 for i in 0..spin {
@@ -377,6 +392,22 @@ mod tests {
         let out = i.handle(&ctx(), r#"{"type":"panic_on_apply"}"#).unwrap();
         assert_eq!(out, [r#"{"type":"poison"}"#]);
         let _ = i.apply(&out[0]);
+    }
+
+    #[test]
+    fn refuse_on_apply_half_applies_then_refuses() {
+        let mut i = ready();
+        let out = i.handle(&ctx(), r#"{"type":"refuse_on_apply"}"#).unwrap();
+        assert_eq!(
+            out,
+            [
+                r#"{"type":"counted","count":1}"#,
+                r#"{"type":"unreadable"}"#
+            ]
+        );
+        i.apply(&out[0]).unwrap();
+        assert_eq!(i.apply(&out[1]).unwrap_err().code, "invalid-transition");
+        assert_eq!(i.query(), r#"{"applied":1,"count":1}"#);
     }
 
     #[test]
