@@ -412,6 +412,9 @@ struct Quarantine {
     until: Instant,
     length: Duration,
     last: String,
+    /// The last failure was an activation: reads answer at once instead of trying it again
+    /// (each try may hold a thread for the whole activation budget, and fails the same way).
+    activation: bool,
 }
 
 /// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
@@ -582,6 +585,18 @@ impl Actor {
         })
     }
 
+    /// The error to answer a read with instead of activating: quarantined by failed
+    /// activations and not live. (A device quarantined for failing events still activates
+    /// for a read: its last durable state is readable.)
+    fn unreadable(&self) -> Option<Error> {
+        let activation = self.quarantine.as_ref().is_some_and(|q| q.activation);
+        if activation && self.live.is_none() {
+            self.quarantined()
+        } else {
+            None
+        }
+    }
+
     /// The status a read reports.
     fn status(&self) -> DeviceStatus {
         if self.in_quarantine() {
@@ -618,6 +633,7 @@ impl Actor {
                 until,
                 length,
                 last: e.to_string(),
+                activation: matches!(e, Error::Activation(_)),
             });
             self.activity
                 .quarantined_until_ms
@@ -1449,6 +1465,10 @@ impl Actor {
         &mut self,
         reply: oneshot::Sender<Result<(DeviceState, DeviceStatus), Error>>,
     ) {
+        if let Some(e) = self.unreadable() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let status = self.status();
         let result = match self.ensure_live().await {
             Ok(()) => match self
@@ -1496,6 +1516,10 @@ impl Actor {
     }
 
     async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
+        if let Some(e) = self.unreadable() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         if let Err(e) = self.ensure_live().await {
             let _ = reply.send(Err(e));
             return;

@@ -894,6 +894,59 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     rt.shutdown().await;
 }
 
+/// A device quarantined because it cannot activate answers reads at once with the
+/// quarantine: each read used to try the activation again, holding an actor thread for the
+/// whole activation budget to fail the same way, and counting nothing (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_quarantined_for_failed_activations_answers_reads_without_activating() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_secs(3))
+        .activation_timeout(Duration::from_millis(300))
+        .snapshot_every(1000)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("a", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // A tail of ~0.75 s of `apply`s after the last snapshot: each event is within its own
+    // budget, but an activation replaying them all is not.
+    let spin = spins_for(&rt, "a", 0.25).await;
+    for _ in 0..3 {
+        rt.send(
+            "a",
+            &format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#),
+        )
+        .await
+        .expect("within the event budget");
+    }
+    // A trap drops the instance without a snapshot: the next event must replay that tail.
+    let err = rt
+        .send("a", r#"{"type":"panic"}"#)
+        .await
+        .expect_err("traps");
+    assert_eq!(err.code(), "trap");
+    for _ in 0..2 {
+        let err = rt
+            .send("a", r#"{"type":"ok"}"#)
+            .await
+            .expect_err("cannot activate");
+        assert_ne!(err.code(), "quarantined", "{err}");
+    }
+    let err = rt
+        .send("a", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("quarantined");
+    assert_eq!(err.code(), "quarantined", "{err}");
+    // Answered by the quarantine, not by another activation that fails.
+    let err = rt.device("a").await.expect_err("no state to read");
+    assert_eq!(err.code(), "quarantined", "{err}");
+    assert!(err.to_string().contains("time budget"), "says why: {err}");
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_further_apart_than_idle_periods_still_quarantine_and_a_listing_sees_it_end() {
     // Idle periods far shorter than the time between failures: between two failures the
