@@ -61,6 +61,9 @@ pub struct ActorEnv {
     pub config: ActorConfig,
     /// Time budget of one event (handle plus every apply).
     pub call_timeout: Duration,
+    /// Time budget of one activation (restore and the replay of the tail after it): a device
+    /// snapshots before its tail could take a quarter of it to replay (see `Live::tail_cost`).
+    pub activation_timeout: Duration,
     /// The router, seen through what actors may ask of it. Weak: the router owns the actors.
     pub directory: Weak<dyn Directory>,
     /// Set when the router stops taking messages. A flag of its own rather than a question
@@ -453,6 +456,12 @@ struct Live {
     /// Timestamp of that event; stamps never go backwards within a device.
     last_at_ms: u64,
     since_snapshot: u64,
+    /// Guest time spent on what the last snapshot does not cover (`handle`s included: an
+    /// over-estimate of replaying it). Past a quarter of the activation budget a snapshot is
+    /// taken whatever `snapshot_every` says: a tail of slow `apply`s, each well within its
+    /// event's budget, could otherwise add up to more than an activation may take, and the
+    /// device could never be rebuilt after a trap or a crash.
+    tail_cost: Duration,
 }
 
 impl Actor {
@@ -716,6 +725,7 @@ impl Actor {
             .version
             .store(self.head.version, Ordering::Relaxed);
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
+        let started = Instant::now();
         let rebuilt = match self.lazy_upgrade()? {
             Some(rebuilt) => rebuilt,
             None => replay::rebuild(
@@ -741,6 +751,11 @@ impl Actor {
             seq: rebuilt.seq,
             last_at_ms: rebuilt.last_at_ms,
             since_snapshot: rebuilt.applied,
+            tail_cost: if rebuilt.applied > 0 {
+                started.elapsed()
+            } else {
+                Duration::ZERO
+            },
         });
         if foreign {
             // Came up from another version's snapshot (retention deleted the history a
@@ -886,6 +901,7 @@ impl Actor {
                 if let Some(live) = self.live.as_mut() {
                     live.instance = rebuilt.instance;
                     live.since_snapshot = rebuilt.applied;
+                    live.tail_cost = started.elapsed();
                     self.head = want;
                     self.activity.version.store(to, Ordering::Relaxed);
                     self.env
@@ -1185,7 +1201,9 @@ impl Actor {
         // One refused, or whose output was refused: consumed, but no success either, so the
         // failures counted toward a quarantine stand (as after a refused external event).
         let mut refused = false;
+        let started = Instant::now();
         let decided = decide::decide(&mut live.instance, &ctx, &event, max_output, budget);
+        let took = started.elapsed();
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
             (
@@ -1309,9 +1327,13 @@ impl Actor {
         live.seq = seq;
         live.last_at_ms = at_ms;
         live.since_snapshot += count;
+        if count > 0 {
+            live.tail_cost += took;
+        }
         let take_snapshot = poisoned.is_none()
-            && self.env.config.snapshot_every > 0
-            && live.since_snapshot >= self.env.config.snapshot_every;
+            && ((self.env.config.snapshot_every > 0
+                && live.since_snapshot >= self.env.config.snapshot_every)
+                || live.tail_cost >= self.env.activation_timeout / 4);
         match &poisoned {
             None if refused => {}
             None => self.recovered(),
@@ -1433,6 +1455,7 @@ impl Actor {
                 {
                     Ok(()) => {
                         live.since_snapshot = 0;
+                        live.tail_cost = Duration::ZERO;
                         self.env.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
                     }
                     // Would not fit a journal record; the device just replays a longer tail.
@@ -1485,7 +1508,14 @@ impl Actor {
                     Err(Error::from(e))
                 }
             },
-            Err(e) => Err(e),
+            Err(e) => {
+                // Counted like one an event met: reads of a device that cannot activate
+                // quarantine it too, and are then answered at once (`unreadable`).
+                if matches!(e, Error::Activation(_)) {
+                    self.record_failure(&e);
+                }
+                Err(e)
+            }
         };
         if status != DeviceStatus::Active {
             self.passivate();
@@ -1521,6 +1551,9 @@ impl Actor {
             return;
         }
         if let Err(e) = self.ensure_live().await {
+            if matches!(e, Error::Activation(_)) {
+                self.record_failure(&e);
+            }
             let _ = reply.send(Err(e));
             return;
         }

@@ -129,6 +129,7 @@ impl Runtime {
             metrics: metrics.clone(),
             config: config.actor.clone(),
             call_timeout: config.engine.call_timeout,
+            activation_timeout: config.engine.activation_timeout,
             directory,
             closing: Default::default(),
             pool: handle.clone(),
