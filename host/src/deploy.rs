@@ -117,7 +117,13 @@ impl Runtime {
         version: u32,
         force: bool,
     ) -> Result<DeployReport, Error> {
-        let result = self.deploy_inner(plugin, Some(version), force).await;
+        // In a task of its own (see `Runtime::detached`): a deploy half-done because its
+        // caller went away would leave the fleet split between versions without a report.
+        let (rt, plugin) = (self.clone(), plugin.to_string());
+        let result = Runtime::detached("deploy", async move {
+            rt.deploy_inner(&plugin, Some(version), force).await
+        })
+        .await;
         self.counted(result)
     }
 
@@ -125,7 +131,11 @@ impl Runtime {
     /// same way a deploy moves devices (refused, unless `force`, when the sample shows devices
     /// whose newer transitions that version cannot fold).
     pub async fn rollback(&self, plugin: &str, force: bool) -> Result<DeployReport, Error> {
-        let result = self.deploy_inner(plugin, None, force).await;
+        let (rt, plugin) = (self.clone(), plugin.to_string());
+        let result = Runtime::detached("rollback", async move {
+            rt.deploy_inner(&plugin, None, force).await
+        })
+        .await;
         self.counted(result)
     }
 

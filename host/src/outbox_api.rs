@@ -130,7 +130,13 @@ impl Runtime {
     /// `id`, once durable: it leaves the outbox for good. Returns whether it was still
     /// pending; acknowledging twice (a gateway retrying) is not an error.
     pub async fn ack_command(&self, id: &str, command: &str) -> Result<bool, Error> {
-        let result = self.ack_inner(id, command).await;
+        // In a task of its own (see `Runtime::detached`): an acknowledgement dropped while its
+        // record was on its way left its command marked as being acknowledged for good.
+        let (rt, id, command) = (self.clone(), id.to_string(), command.to_string());
+        let result = Runtime::detached("acknowledgement", async move {
+            rt.ack_inner(&id, &command).await
+        })
+        .await;
         self.counted(result)
     }
 

@@ -48,9 +48,11 @@ impl Runtime {
         // In a task of its own: a caller that goes away (an HTTP client hanging up) must not
         // stop a removal half-way, with the device barred from every message.
         let (rt, owned) = (self.clone(), id.to_string());
-        let result = tokio::spawn(async move { rt.remove_inner(&owned, archive).await })
-            .await
-            .unwrap_or_else(|e| Err(Error::Internal(format!("removal task: {e}"))));
+        let result = Runtime::detached(
+            "removal",
+            async move { rt.remove_inner(&owned, archive).await },
+        )
+        .await;
         self.counted(result)
     }
 
@@ -107,11 +109,12 @@ impl Runtime {
     /// Removes version `version` of plugin `plugin` (see the module docs): 409
     /// [`Error::VersionInUse`] while a device runs it or it is current.
     pub async fn remove_plugin_version(&self, plugin: &str, version: u32) -> Result<(), Error> {
-        let result = async {
-            self.check_open()?;
-            let v = self.shared.registry.find(plugin, version)?;
-            self.remove_versions(plugin, &[v.id]).await
-        }
+        let (rt, plugin) = (self.clone(), plugin.to_string());
+        let result = Runtime::detached("version removal", async move {
+            rt.check_open()?;
+            let v = rt.shared.registry.find(&plugin, version)?;
+            rt.remove_versions(&plugin, &[v.id]).await
+        })
         .await;
         self.counted(result)
     }
@@ -119,20 +122,21 @@ impl Runtime {
     /// Removes plugin `plugin` and all its versions: 409 [`Error::VersionInUse`] while a device
     /// runs any of them. Returns the version numbers removed.
     pub async fn remove_plugin(&self, plugin: &str) -> Result<Vec<u32>, Error> {
-        let result = async {
-            self.check_open()?;
-            let registry = &self.shared.registry;
-            if registry.current(plugin).is_none() {
-                return Err(Error::UnknownPlugin(plugin.to_string()));
+        let (rt, plugin) = (self.clone(), plugin.to_string());
+        let result = Runtime::detached("plugin removal", async move {
+            rt.check_open()?;
+            let registry = &rt.shared.registry;
+            if registry.current(&plugin).is_none() {
+                return Err(Error::UnknownPlugin(plugin));
             }
-            let ids = registry.version_ids(plugin);
+            let ids = registry.version_ids(&plugin);
             let numbers = ids
                 .iter()
                 .filter_map(|id| registry.version(*id).map(|v| v.number))
                 .collect();
-            self.remove_versions(plugin, &ids).await?;
+            rt.remove_versions(&plugin, &ids).await?;
             Ok(numbers)
-        }
+        })
         .await;
         self.counted(result)
     }

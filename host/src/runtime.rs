@@ -215,6 +215,20 @@ impl Runtime {
         result
     }
 
+    /// Runs `work` in a task of its own and waits for it. For work that writes to the journal
+    /// and then updates what the runtime holds in memory: a caller that goes away (an HTTP
+    /// client hanging up, a timeout) drops its future at any await, and half-done work of
+    /// this kind left them disagreeing (a version id or a device id given twice, which the
+    /// next open refuses as damage). The task finishes whatever happens to the caller.
+    pub(crate) async fn detached<T: Send + 'static>(
+        what: &str,
+        work: impl Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> Result<T, Error> {
+        tokio::spawn(work)
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("{what} task: {e}"))))
+    }
+
     /// Validates and registers a plugin version (a no-op returning the existing version if
     /// a version of `name` has the same bytes). The bool says whether it is new. Whether it
     /// becomes the current version depends on `origin` (see [`crate::registry`]): an upload
@@ -225,10 +239,12 @@ impl Runtime {
         bytes: Vec<u8>,
         origin: Origin,
     ) -> Result<(PluginVersion, bool), Error> {
-        let result = match self.check_open() {
-            Ok(()) => self.shared.registry.register(name, bytes, origin).await,
-            Err(e) => Err(e),
-        };
+        let (rt, name) = (self.clone(), name.to_string());
+        let result = Runtime::detached("registration", async move {
+            rt.check_open()?;
+            rt.shared.registry.register(&name, bytes, origin).await
+        })
+        .await;
         self.counted(result)
     }
 
@@ -252,7 +268,16 @@ impl Runtime {
         plugin: &str,
         config: &serde_json::Value,
     ) -> Result<(DeviceSummary, bool), Error> {
-        let result = self.provision_inner(id, plugin, config).await;
+        let (rt, id, plugin, config) = (
+            self.clone(),
+            id.to_string(),
+            plugin.to_string(),
+            config.clone(),
+        );
+        let result = Runtime::detached("provisioning", async move {
+            rt.provision_inner(&id, &plugin, &config).await
+        })
+        .await;
         self.counted(result)
     }
 
@@ -267,8 +292,9 @@ impl Runtime {
         let config_text =
             serde_json::to_string(config).map_err(|e| Error::MalformedConfig(e.to_string()))?;
         // One provisioning per id at a time, from before the existence check until the record
-        // is durable (the guard releases it on every path, cancellation included): two
-        // concurrent PUTs must never both find the id free and create it twice.
+        // is durable: two concurrent PUTs must never both find the id free and create it
+        // twice. (This runs in a task of its own, so a caller going away does not release
+        // the claim before the record is durable.)
         let _claim = self.claim_provisioning(id).await?;
         let _binding = self.shared.binding.read().await;
         if let Some(existing) = self.summary(id) {

@@ -474,6 +474,59 @@ async fn a_device_activating_while_a_rollback_lands_ends_on_the_version_rolled_b
     rt.shutdown().await;
 }
 
+/// An upload whose caller goes away (an HTTP client hanging up) is registered all the same:
+/// one cut short while its version record was on its way to disk used to leave the version
+/// in the journal but not in the registry, so the next upload was given the same version id
+/// and the next open refused the journal as damaged (found by a review). An upload of the
+/// same bytes again answers the version it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_caller_goes_away_is_registered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let bytes = identical_rebuild(&v1());
+    let cut = tokio::time::timeout(
+        Duration::from_millis(1),
+        rt.register_plugin("misbehave", bytes.clone(), Origin::Upload),
+    )
+    .await;
+    assert!(cut.is_err(), "compiling takes longer than 1 ms");
+    let misbehave_versions = |rt: &Runtime| {
+        rt.plugins()
+            .iter()
+            .find(|(name, _)| name == "misbehave")
+            .map_or(0, |(_, v)| v.len())
+    };
+    let mut versions = 0;
+    for _ in 0..200 {
+        versions = misbehave_versions(&rt);
+        if versions == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(versions, 2, "registered although its caller went away");
+    let (again, new) = rt
+        .register_plugin("misbehave", bytes, Origin::Upload)
+        .await
+        .unwrap();
+    assert!(!new);
+    assert_eq!(again.version, 2);
+    let (other, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v2"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    assert_eq!(other.version, 3);
+    rt.shutdown().await;
+    drop(rt);
+    let rt = open(dir.path()).await;
+    assert_eq!(misbehave_versions(&rt), 3);
+    rt.shutdown().await;
+}
+
 /// Acceptance 5: a behavior change yields the expected divergences with the first seq and a
 /// diff; an identical rebuild yields none; a dry-run writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -894,6 +894,40 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     rt.shutdown().await;
 }
 
+/// A provisioning whose caller goes away (an HTTP client hanging up, a timeout) still
+/// finishes: it used to release its claim on the id at once, so a second PUT of the same id,
+/// arriving while the first one's record was on its way to disk, created the device a second
+/// time, and the next open refused the journal as damaged (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_whose_caller_goes_away_never_creates_the_device_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || Runtime::builder(dir.path()).plugin_dir(PLUGINS).open();
+    let rt = open().await.expect("runtime");
+    let devices = 80u64;
+    for i in 0..devices {
+        let id = format!("d{i}");
+        // Cut short anywhere from before the claim to after the record is durable.
+        let delay = Duration::from_micros(40 * (i % 40));
+        let first = tokio::time::timeout(delay, rt.provision(&id, "misbehave", &json!({}))).await;
+        let (_, created) = rt
+            .provision(&id, "misbehave", &json!({}))
+            .await
+            .expect("provisions");
+        if let Ok(first) = first {
+            assert!(first.expect("provisions").1, "{id}");
+            assert!(!created, "{id}: created twice");
+        }
+    }
+    assert_eq!(rt.journal().device_count(), devices as usize);
+    rt.shutdown().await;
+    drop(rt);
+    let rt = open()
+        .await
+        .expect("the journal opens: no id was given twice");
+    assert_eq!(rt.journal().device_count(), devices as usize);
+    rt.shutdown().await;
+}
+
 /// A tail of slow `apply`s, each event well within its budget, is snapshotted before it adds
 /// up to more than an activation may take: a trap (or a crash) then finds the device
 /// rebuildable. It used to wait for `snapshot_every` transitions, and a device of 50 events
