@@ -140,6 +140,11 @@ pub mod defaults {
     /// holds neither a connection nor the shutdown. 64 MiB (the largest plugin) at 10 Mbit/s
     /// takes ~54 s.
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+    /// How long writing an answer may make no progress (the client does not read it): past
+    /// it the connection is closed, so a client that stops reading holds neither a
+    /// connection nor the unsent answer (a journal page is up to ~4 MiB) nor the shutdown.
+    /// Twice the command stream's 15 s keep-alive comment, so an idle stream never trips it.
+    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
     /// How often the runtime looks for devices whose old snapshot held a retention pass back
     /// (it acts only after a pass: one per index checkpoint, and one at start).
     pub const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);

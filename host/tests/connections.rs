@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use drover::Runtime;
 use drover::http::{Limits, Server};
 
+mod support;
+
 async fn serve(limits: Limits) -> (tempfile::TempDir, Runtime, Server) {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path()).open().await.expect("runtime");
@@ -251,5 +253,75 @@ async fn only_connections_whose_body_was_read_are_kept_alive() {
     assert!(first.starts_with("HTTP/1.1 404"), "{answer}");
     assert!(!first.contains("connection: close"), "{answer}");
     server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}
+
+/// A client that stops reading its answer is cut off once writing it makes no progress for
+/// the write timeout: it used to hold its connection (and the unsent answer, a journal page of
+/// up to ~4 MiB) for ever, so 8,192 of them held every connection (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answer_is_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("m", "misbehave", &serde_json::json!({}))
+        .await
+        .expect("provision");
+    // ~6 MB of history: a page of it is more than the loopback socket buffers hold.
+    for _ in 0..6 {
+        rt.send("m", r#"{"type":"big","kb":1000}"#)
+            .await
+            .expect("big");
+    }
+    let server = Server::start(
+        rt.clone(),
+        "127.0.0.1:0",
+        Limits {
+            write_timeout: Duration::from_millis(500),
+            max_connections: 1,
+            ..Limits::default()
+        },
+    )
+    .await
+    .expect("server");
+    let addr = server.local_addr();
+    // Asks for the page and never reads it, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stalled,
+        b"GET /v1/devices/m/journal?limit=10 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    // While it holds the only connection, others are refused; once the write timeout cuts it
+    // off, they are served.
+    let started = Instant::now();
+    let answer = tokio::task::spawn_blocking(move || {
+        loop {
+            let mut conn = connect(addr);
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .expect("request");
+            let (answer, _) = read_to_close(conn);
+            if answer.starts_with("HTTP/1.1 200") || started.elapsed() > Duration::from_secs(20) {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "served only after {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+    server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
 }

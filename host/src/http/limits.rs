@@ -33,6 +33,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Longest a client may take to send a request body.
     pub body_read_timeout: std::time::Duration,
+    /// Longest writing an answer may make no progress (a client that stops reading).
+    pub write_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -47,6 +49,7 @@ impl Default for Limits {
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
+            write_timeout: defaults::WRITE_TIMEOUT,
         }
     }
 }

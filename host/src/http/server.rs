@@ -23,6 +23,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
+use tokio_io_timeout::TimeoutStream;
 
 use super::Limits;
 use crate::Runtime;
@@ -51,7 +52,8 @@ impl Server {
     ///
     /// Each connection is served by hyper's HTTP/1 with a header-read timeout
     /// ([`Limits::header_read_timeout`]), which also bounds how long a keep-alive connection
-    /// may sit idle, and at most [`Limits::max_connections`] are open at once.
+    /// may sit idle, and a write timeout ([`Limits::write_timeout`]) for clients that stop
+    /// reading; at most [`Limits::max_connections`] are open at once.
     pub async fn start(rt: Runtime, listen: &str, limits: Limits) -> anyhow::Result<Server> {
         Server::start_on(rt, bind(listen).await?, limits)
     }
@@ -66,6 +68,7 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let addr = listener.local_addr().context("reading the bound address")?;
         let header_timeout = limits.header_read_timeout;
+        let write_timeout = limits.write_timeout;
         let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         let app = super::router(rt.clone(), limits);
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -100,10 +103,18 @@ impl Server {
                     });
                     continue;
                 };
+                // hyper has no write timeout: a client that stops reading would hold its
+                // connection and the unsent answer for ever. A write that makes no progress
+                // for `write_timeout` fails, and the connection with it.
+                let mut io = TimeoutStream::new(tcp);
+                io.set_write_timeout(Some(write_timeout));
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+                    .serve_connection(
+                        TokioIo::new(Box::pin(io)),
+                        TowerToHyperService::new(app.clone()),
+                    );
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -152,6 +152,12 @@ pub struct Tuning {
     ))]
     pub body_read_timeout_secs: Option<u64>,
     #[arg(long, help = help(
+        "Seconds writing an answer may make no progress (a client that stops reading) before \
+         its connection is closed",
+        defaults::WRITE_TIMEOUT.as_secs(),
+    ))]
+    pub write_timeout_secs: Option<u64>,
+    #[arg(long, help = help(
         "Most open HTTP connections; past it new ones get 503 too-many-connections",
         defaults::MAX_CONNECTIONS,
     ))]
@@ -226,6 +232,9 @@ impl Tuning {
         }
         if let Some(secs) = self.body_read_timeout_secs {
             limits.body_read_timeout = Duration::from_secs(secs.max(1));
+        }
+        if let Some(secs) = self.write_timeout_secs {
+            limits.write_timeout = Duration::from_secs(secs.max(1));
         }
         if let Some(n) = self.max_connections {
             limits.max_connections = n.max(1);
