@@ -39,6 +39,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 pub use crate::config::EngineConfig;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
 
+mod guest_log;
 mod memory;
 mod stdio;
 
@@ -113,6 +114,8 @@ pub struct GuestState {
     last_error: Option<String>,
     /// Partial lines the guest printed (see `stdio`).
     stdio: stdio::Buffers,
+    /// Lines the guest may still log in this unit of work (see `guest_log`).
+    log_budget: guest_log::Budget,
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -123,7 +126,10 @@ impl bindings::drover::device::host::Host for GuestState {
         while !message.is_char_boundary(end) {
             end -= 1;
         }
-        let message = &message[..end];
+        if !self.log_budget.take(device) {
+            return;
+        }
+        let message = guest_log::sanitize(&message[..end]);
         // A log line must never take down the actor: whatever the subscriber does (a full
         // disk under stderr, a panicking writer), the guest call goes on.
         let logged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match level {
@@ -425,6 +431,7 @@ impl CompiledPlugin {
             device,
             last_error: None,
             stdio: stdio::Buffers::default(),
+            log_budget: guest_log::Budget::default(),
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -578,6 +585,9 @@ impl Instance {
     /// from now (see the type's docs).
     pub fn within<T>(&mut self, budget: Duration, f: impl FnOnce(&mut Instance) -> T) -> T {
         let outer = self.unit.replace(budget);
+        if outer.is_none() {
+            self.renew_log_budget();
+        }
         self.store.set_epoch_deadline(self.ticks(budget));
         let out = f(self);
         self.unit = outer;
@@ -591,8 +601,14 @@ impl Instance {
 
     fn arm(&mut self) {
         if self.unit.is_none() {
+            self.renew_log_budget();
             self.store.set_epoch_deadline(self.ticks(self.call_timeout));
         }
+    }
+
+    fn renew_log_budget(&mut self) {
+        let state = self.store.data_mut();
+        state.log_budget.renew(&state.device);
     }
 
     fn settle<T>(

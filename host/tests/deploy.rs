@@ -612,7 +612,7 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
 async fn a_restart_never_replaces_an_uploaded_current_version() {
     let dir = tempfile::tempdir().unwrap();
     // The builder logs on the thread that opens it: this one.
-    let logs = Logs::default();
+    let logs = support::Logs::default();
     let _logging = tracing::subscriber::set_default(
         tracing_subscriber::fmt()
             .with_writer(logs.clone())
@@ -858,33 +858,4 @@ async fn an_import_numbers_plugin_versions_in_the_sources_order() {
     assert_eq!(rt.current_version("misbehave"), Some(3));
     assert_eq!(runs(&rt), ran);
     rt.shutdown().await;
-}
-
-/// What a test's subscriber wrote, shared with the test.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
-    }
 }

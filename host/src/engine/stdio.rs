@@ -87,7 +87,11 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
             None => break,
         };
         let text = String::from_utf8_lossy(line);
-        let text = text.trim_end_matches('\r');
+        let text = super::guest_log::sanitize(text.trim_end_matches('\r'));
+        start = next;
+        if !state.log_budget.take(&device) {
+            continue;
+        }
         // As for `host.log`: a log write that fails must not take down the guest call.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if stream == STDERR {
@@ -96,9 +100,8 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
                 tracing::info!(target: "drover::guest", device = &*device, stream = "stdout", "{text}");
             }
         }));
-        start = next;
     }
-    buf.drain(..start);
+    state.stdio.of(stream).drain(..start);
     Ok(())
 }
 
