@@ -606,9 +606,12 @@ impl Instance {
         }
     }
 
+    /// A new unit of work: its log budget is whole again, and what an earlier unit last
+    /// said on error is not quoted by a trap of this one.
     fn renew_log_budget(&mut self) {
         let state = self.store.data_mut();
         state.log_budget.renew(&state.device);
+        state.last_error = None;
     }
 
     fn settle<T>(

@@ -448,6 +448,16 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         }
     }
     assert_eq!(state(&rt, "m").await["count"], json!(8));
+    // Out of guest memory: the error says so (the guest's own last words on stderr), not
+    // only what its abort path tripped over on the way out (an import it may not use).
+    let err = rt
+        .send("m", r#"{"type":"alloc","mb":64}"#)
+        .await
+        .expect_err("over the memory cap");
+    assert!(
+        err.to_string().contains("memory allocation of"),
+        "names the cause: {err}"
+    );
     if let Err(e) = rt.send("m", r#"{"type":"panic"}"#).await {
         assert!(
             e.to_string().contains("panic"),

@@ -89,6 +89,12 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
         let text = String::from_utf8_lossy(line);
         let text = super::guest_log::sanitize(text.trim_end_matches('\r'));
         start = next;
+        if stream == STDERR {
+            // A guest's last words before a trap often come this way (Rust's "memory
+            // allocation of N bytes failed" on the way to an abort): the trap's message
+            // quotes them, as it does an error `host.log` line.
+            state.last_error = Some(text.to_string());
+        }
         if !state.log_budget.take(&device) {
             continue;
         }
