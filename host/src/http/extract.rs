@@ -98,7 +98,13 @@ impl FromRequest<super::App> for Body {
 
     async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
         let limit = state.limits.body_read_timeout;
-        match tokio::time::timeout(limit, Bytes::from_request(req, state)).await {
+        let mut stopping = state.stopping.subscribe();
+        let read = tokio::select! {
+            read = tokio::time::timeout(limit, Bytes::from_request(req, state)) => read,
+            // The server stops: not waited for (the request was not handled; retry later).
+            _ = stopping.wait_for(|s| *s) => return Err(crate::Error::ShuttingDown.into()),
+        };
+        match read {
             Ok(read) => read.map(Body).map_err(body_rejection),
             Err(_) => Err(ApiError::http(
                 StatusCode::REQUEST_TIMEOUT,

@@ -75,6 +75,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Request counters rendered after the runtime's own on `/metrics`.
     pub metrics: metrics::HttpMetrics,
+    /// Set when the server stops: a request body still arriving is not waited for (the
+    /// request gets 503 `shutting-down`, so a client stalled mid-body does not hold the
+    /// shutdown).
+    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The state as handlers receive it.
@@ -93,10 +97,20 @@ fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
 /// Builds the v1 router for `rt`. Separate from [`Server`] so tests and embedders can mount
 /// it on their own listener or inside a larger router.
 pub fn router(rt: Runtime, limits: Limits) -> Router {
+    router_stopping(rt, limits, Arc::new(tokio::sync::watch::Sender::new(false)))
+}
+
+/// [`router`], whose request bodies stop being waited for once `stopping` is set.
+pub(crate) fn router_stopping(
+    rt: Runtime,
+    limits: Limits,
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
+) -> Router {
     let app: App = Arc::new(AppState {
         rt,
         limits: limits.clone(),
         metrics: metrics::HttpMetrics::default(),
+        stopping,
     });
     Router::new()
         .route("/v1/devices", get(devices::list))

@@ -4,7 +4,10 @@
 //!
 //! 1. stop accepting connections (the listening socket is closed);
 //! 2. let in-flight requests finish and close idle keep-alive connections (each request is
-//!    answered once its event is durable, so a drained request is a durable one);
+//!    answered once its event is durable, so a drained request is a durable one); a request
+//!    body still arriving is answered 503 `shutting-down` without waiting for it, and a
+//!    connection with no request being handled (a head still arriving, an answer not read)
+//!    is closed after a short grace;
 //! 3. the caller then runs [`Runtime::shutdown`](crate::Runtime::shutdown), which drains the
 //!    mailboxes and flushes the journal.
 //!
@@ -13,6 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -46,6 +50,84 @@ connection: close\r\n\
 content-length: 94\r\n\r\n\
 {\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
 
+/// How long a connection with no request being handled may stay open once the server stops:
+/// a request head still arriving, or an answer (a journal page) still being written. After it
+/// the connection is closed, so such clients do not hold the shutdown for the header-read or
+/// write timeout.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// What one connection is doing, for [`closed_when_idle`].
+#[derive(Clone, Default)]
+struct Busy {
+    /// Requests whose handler runs (an event waiting for its durability, a deploy...).
+    handling: Arc<AtomicUsize>,
+    /// Answers whose body is still being written.
+    answering: Arc<AtomicUsize>,
+}
+
+/// An answer's body, counted in [`Busy::answering`] until written (or dropped).
+struct Answer {
+    body: axum::body::Body,
+    _writing: InFlight,
+}
+
+impl http_body::Body for Answer {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<axum::body::Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts something under way on a connection while it lives (cancellation included).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(busy: &Arc<AtomicUsize>) -> InFlight {
+        busy.fetch_add(1, Ordering::AcqRel);
+        InFlight(busy.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Completes once the connection may be closed at shutdown: the server is stopping,
+/// [`SHUTDOWN_GRACE`] has passed, no request is being handled (one being handled is waited
+/// for, bounded by the drain timeout; its body, if still arriving, is not: `extract::Body`
+/// answers 503 `shutting-down`), and every answer was written or had one more grace to be.
+/// Until then hyper serves the connection, and closes it itself after an answer.
+async fn closed_when_idle(mut stopping: tokio::sync::watch::Receiver<bool>, busy: &Busy) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        // The server went without stopping: nothing to do.
+        return std::future::pending().await;
+    }
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let poll = Duration::from_millis(20);
+    while busy.handling.load(Ordering::Acquire) > 0 {
+        tokio::time::sleep(poll).await;
+    }
+    let written_by = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while busy.answering.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < written_by {
+        tokio::time::sleep(poll).await;
+    }
+}
+
 impl Server {
     /// Binds `listen` (`host:port`; port 0 picks a free one) and starts serving the v1 API of
     /// `rt` on the current tokio runtime.
@@ -70,7 +152,8 @@ impl Server {
         let header_timeout = limits.header_read_timeout;
         let write_timeout = limits.write_timeout;
         let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-        let app = super::router(rt.clone(), limits);
+        let stopping = Arc::new(tokio::sync::watch::Sender::new(false));
+        let app = super::router_stopping(rt.clone(), limits, stopping.clone());
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
@@ -108,24 +191,50 @@ impl Server {
                 // for `write_timeout` fails, and the connection with it.
                 let mut io = TimeoutStream::new(tcp);
                 io.set_write_timeout(Some(write_timeout));
+                // Requests being handled, and answers being written, on this connection (see
+                // `closed_when_idle`).
+                let busy = Busy::default();
+                let service = {
+                    let (tower, busy) = (TowerToHyperService::new(app.clone()), busy.clone());
+                    hyper::service::service_fn(move |req| {
+                        let handling = InFlight::enter(&busy.handling);
+                        let answer = hyper::service::Service::call(&tower, req);
+                        let answering = busy.answering.clone();
+                        async move {
+                            let answer = answer.await.map(|response| {
+                                response.map(|body| Answer {
+                                    body,
+                                    _writing: InFlight::enter(&answering),
+                                })
+                            });
+                            drop(handling);
+                            answer
+                        }
+                    })
+                };
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
-                    .serve_connection(
-                        TokioIo::new(Box::pin(io)),
-                        TowerToHyperService::new(app.clone()),
-                    );
+                    .serve_connection(TokioIo::new(Box::pin(io)), service);
                 let conn = graceful.watch(conn);
+                let stopping = stopping.subscribe();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection closed with an error");
+                    tokio::select! {
+                        served = conn => if let Err(e) = served {
+                            tracing::debug!(%peer, error = %e, "connection closed with an error");
+                        },
+                        () = closed_when_idle(stopping, &busy) => {
+                            tracing::debug!(%peer, "connection closed at shutdown: no request was being handled");
+                        }
                     }
                     drop(permit);
                 });
             }
             // Step 1 done (the listener is dropped here); step 2: idle connections close
-            // now, busy ones after their current request.
+            // now, busy ones after their current request, and the rest (a request head or
+            // an answer still on its way) after a short grace.
             drop(listener);
+            stopping.send_replace(true);
             graceful.shutdown().await;
         });
         tracing::info!(%addr, "HTTP API listening");

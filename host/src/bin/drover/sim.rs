@@ -643,6 +643,8 @@ struct Shared {
     cfg: SimConfig,
     target: Target,
     stop: AtomicBool,
+    /// Wakes the workers waiting for an answer when `stop` is set.
+    stopping: tokio::sync::Notify,
     /// Events handed out (for `--events`).
     issued: AtomicU64,
     /// Requests scheduled (rate mode).
@@ -662,7 +664,29 @@ struct Shared {
 /// refused or reset) before it stops instead of counting failures to the end of its run.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
 
+/// The longest the simulator waits for one answer. A request whose connection the server
+/// closed could be left waiting for ever by the HTTP client (seen against a listener that
+/// closes every connection at once: 2 runs in 8 hung until their duration ended); it then
+/// counts as a transport failure, like a refused connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Completes once the run is to stop: a worker waiting for an answer leaves then.
+async fn stopped(shared: &Shared) {
+    loop {
+        let woken = shared.stopping.notified();
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        woken.await;
+    }
+}
+
 impl Shared {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.stopping.notify_waiters();
+    }
+
     fn fail(&self, code: String, events: u64) {
         self.failed.fetch_add(events, Ordering::Relaxed);
         *self.errors.lock().entry(code).or_default() += events;
@@ -695,6 +719,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         cfg: cfg.clone(),
         target: Target::parse(&cfg.server)?,
         stop: AtomicBool::new(false),
+        stopping: tokio::sync::Notify::new(),
         issued: AtomicU64::new(0),
         slots: AtomicU64::new(0),
         start: Instant::now(),
@@ -731,14 +756,14 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         let shared = shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(d).await;
-            shared.stop.store(true, Ordering::Relaxed);
+            shared.stop();
         });
     }
     for w in workers {
         w.await.context("simulator worker")?;
     }
     let elapsed = shared.start.elapsed();
-    shared.stop.store(true, Ordering::Relaxed);
+    shared.stop();
     if let Some(p) = progress {
         p.abort();
         let _ = p.await;
@@ -838,9 +863,17 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
             (Method::POST, "/v1/events".to_string())
         };
 
-        let result = conn
-            .call(method, &path, Bytes::copy_from_slice(body.as_bytes()))
-            .await;
+        let call = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            conn.call(method, &path, Bytes::copy_from_slice(body.as_bytes())),
+        );
+        let result = tokio::select! {
+            result = call => result.unwrap_or_else(|_| {
+                conn.sender = None;
+                Err(anyhow::anyhow!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))
+            }),
+            () = stopped(&shared) => return,
+        };
         let latency = scheduled.elapsed();
         shared.requests.fetch_add(1, Ordering::Relaxed);
         if result.is_ok() {
@@ -856,7 +889,7 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
                     .saturating_sub(shared.answered_ms.load(Ordering::Relaxed));
                 if silent >= GIVE_UP_AFTER.as_millis() as u64 {
                     shared.gave_up.store(true, Ordering::Relaxed);
-                    shared.stop.store(true, Ordering::Relaxed);
+                    shared.stop();
                     return;
                 }
                 // Do not spin on a dead server.
