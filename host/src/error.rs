@@ -24,6 +24,10 @@ pub enum Error {
     MalformedEvent(String),
     #[error("malformed configuration: {0}")]
     MalformedConfig(String),
+    /// The plugin's `init` refused the configuration (kind [`ErrorKind::MalformedConfig`]),
+    /// with its own code and message.
+    #[error("malformed configuration: the plugin refused it: {code}: {message}")]
+    ConfigRefused { code: String, message: String },
     #[error("payload of {size} bytes exceeds the limit of {limit}")]
     PayloadTooLarge { size: usize, limit: usize },
     #[error("the device's plugin refused the event: {code}: {message}")]
@@ -193,7 +197,7 @@ impl Error {
             Error::InvalidId(_) => ErrorKind::InvalidId,
             Error::DeviceConflict { .. } => ErrorKind::DeviceConflict,
             Error::MalformedEvent(_) => ErrorKind::MalformedEvent,
-            Error::MalformedConfig(_) => ErrorKind::MalformedConfig,
+            Error::MalformedConfig(_) | Error::ConfigRefused { .. } => ErrorKind::MalformedConfig,
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::Rejected { .. } => ErrorKind::Rejected,
             Error::Trap(_) => ErrorKind::Trap,

@@ -322,7 +322,7 @@ impl Runtime {
                 let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
                 trial.init(&trial_id, &trial_config).map_err(|e| match e {
                     crate::engine::CallError::Rejected { code, message } => {
-                        Error::MalformedConfig(format!("{code}: {message}"))
+                        Error::ConfigRefused { code, message }
                     }
                     other => Error::from(other),
                 })

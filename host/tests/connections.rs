@@ -83,11 +83,29 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
         // Let the server accept the four before the fifth arrives.
         std::thread::sleep(Duration::from_millis(200));
         let (answer, _) = read_to_close(connect(addr));
+        // One that is sending a request when refused still reads the 503. (The server also
+        // reads and drops what it sends before closing: a close with unread data sends a
+        // reset, which over a network can destroy the 503 before it is read; Linux loopback
+        // delivers the 503 either way, so this does not tell the two apart.)
+        let mut sending = connect(addr);
+        let body = vec![b'x'; 256 * 1024];
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = sending.write_all(head.as_bytes());
+        let _ = sending.write_all(&body);
+        let (while_sending, _) = read_to_close(sending);
         drop(held);
-        answer
+        (answer, while_sending)
     })
     .await
     .expect("client");
+    let (answer, while_sending) = answer;
+    assert!(
+        while_sending.starts_with("HTTP/1.1 503"),
+        "refused while sending: {while_sending:?}"
+    );
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("retry-after: 1"), "{answer}");
     let body = answer.split("\r\n\r\n").nth(1).expect("a body");

@@ -51,8 +51,11 @@ impl Reply {
             .expect("`error` is an object");
         let mut keys: Vec<_> = error.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        // A plugin's refusal carries the plugin's own code and message besides.
-        let expected: &[&str] = if code == "rejected" {
+        // A plugin's refusal (of an event, or of a configuration in `init`) carries the
+        // plugin's own code and message besides.
+        let refusal = code == "rejected"
+            || (code == "malformed-config" && self.text.contains("the plugin refused it"));
+        let expected: &[&str] = if refusal {
             &["code", "message", "plugin"]
         } else {
             &["code", "message"]
@@ -783,6 +786,27 @@ async fn plugin_faults_are_422_and_say_so() {
         // One success in between, so the failures do not add up to a quarantine.
         c.send("bad", &json!({"type": "ok"})).await;
     }
+    c.rt.shutdown().await;
+}
+
+/// A configuration the plugin's `init` refuses is 400 `malformed-config` with the plugin's
+/// own code and message under `plugin`, as every plugin refusal (a fresh-user trial found it
+/// missing: the plugin's words were only in the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_the_plugin_refuses_says_the_plugins_code() {
+    let c = Contract::open_with(|b| b).await;
+    let r = c
+        .put(
+            "/v1/devices/m",
+            &json!({"plugin": "misbehave", "config": {"fail_init": true}}),
+        )
+        .await;
+    r.assert_error(400, "malformed-config", "refused");
+    assert_eq!(r.body["error"]["plugin"]["code"], "rejected", "{}", r.body);
+    assert_eq!(
+        r.body["error"]["plugin"]["message"],
+        "init failed on request (fail_init)"
+    );
     c.rt.shutdown().await;
 }
 

@@ -87,10 +87,12 @@ impl PluginRefusal {
     /// The refusal inside `e`, if `e` is one.
     pub fn of(e: &Error) -> Option<PluginRefusal> {
         match e {
-            Error::Rejected { code, message } => Some(PluginRefusal {
-                code: code.clone(),
-                message: message.clone(),
-            }),
+            Error::Rejected { code, message } | Error::ConfigRefused { code, message } => {
+                Some(PluginRefusal {
+                    code: code.clone(),
+                    message: message.clone(),
+                })
+            }
             _ => None,
         }
     }

@@ -24,7 +24,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_io_timeout::TimeoutStream;
@@ -178,10 +178,17 @@ impl Server {
                     tracing::warn!(%peer, "too many open connections: refusing one");
                     tokio::spawn(async move {
                         let mut tcp = tcp;
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            tcp.write_all(TOO_MANY_CONNECTIONS),
-                        )
+                        // A lingering close: closing with the client's request unread would
+                        // make the kernel answer with a reset, which can reach a client still
+                        // sending before the 503 does (RFC 9112, 9.6). So: the answer, our
+                        // half closed, and what the client sends read and dropped, for 1 s.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            tcp.write_all(TOO_MANY_CONNECTIONS).await?;
+                            tcp.shutdown().await?;
+                            let mut sink = [0u8; 4096];
+                            while tcp.read(&mut sink).await? > 0 {}
+                            std::io::Result::Ok(())
+                        })
                         .await;
                     });
                     continue;

@@ -1,0 +1,86 @@
+//! What a guest logs reaches the server's log escaped and bounded. Its own test binary: the
+//! test captures the log through a subscriber of its own thread, and tracing caches, per
+//! call site, whether anyone listens; other tests running the same call sites on other
+//! threads at the same time made it miss lines.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+mod support;
+
+/// A guest's log lines cannot pass for the host's, nor flood the log: control characters in
+/// what it logs or prints are escaped, so a message holding a newline and a fake timestamp
+/// stays one line of `drover::guest` (a fresh-user trial forged an `ERROR drover::journal`
+/// line), and one event logs at most 100 lines, the rest counted in one warning.
+#[test]
+fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
+    use drover::engine::{Engine, EngineConfig, EventContext, Origin};
+    let logs = support::Logs::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    let bytes =
+        std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built");
+    let plugin = engine.compile(&bytes).expect("compiles");
+    let mut m = plugin.instantiate("m".into()).expect("instance");
+    m.init("m", "{}").expect("init");
+    let ctx = EventContext {
+        device_id: "m".into(),
+        seq: 1,
+        at_ms: 1_700_000_000_000,
+        seed: 7,
+        origin: Origin::External,
+    };
+    let forged = "one\n2026-12-02T00:00:00.000000Z ERROR drover::journal: FORGED\u{1b}[2K";
+    for event in [
+        json!({"type": "log", "level": "error", "message": forged}),
+        json!({"type": "print", "message": forged}),
+    ] {
+        m.within(Duration::from_secs(5), |m| {
+            m.handle(&ctx, &event.to_string())
+        })
+        .expect("handled");
+    }
+    let text = logs.text();
+    let forged_lines: Vec<&str> = text.lines().filter(|l| l.contains("FORGED")).collect();
+    // The log line (its newline escaped: one line), and the printed line and its `stderr: `
+    // copy (printing splits at newlines, each line labelled): all the guest's.
+    assert_eq!(forged_lines.len(), 3, "{text}");
+    assert!(forged_lines[0].contains(r"one\n2026"), "{text}");
+    for line in forged_lines {
+        assert!(line.contains("drover::guest"), "{line}");
+        assert!(
+            line.contains(r"\u{1b}[2K"),
+            "the escape sequence escaped: {line}"
+        );
+        assert!(!line.contains('\u{1b}'), "{line}");
+    }
+
+    // 150 lines printed (and copied to stderr) in one event: 100 logged, then one warning.
+    let flood = (0..150)
+        .map(|i| format!("flood {i}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let event = json!({"type": "print", "message": flood});
+    m.within(Duration::from_secs(5), |m| {
+        m.handle(&ctx, &event.to_string())
+    })
+    .expect("handled");
+    let text = logs.text();
+    assert_eq!(text.lines().filter(|l| l.contains("flood ")).count(), 100);
+    assert!(text.contains("dropping the rest of this event's"), "{text}");
+    // The next event may log again, and hears how many were dropped.
+    let event = json!({"type": "log", "message": "after the flood"});
+    m.within(Duration::from_secs(5), |m| {
+        m.handle(&ctx, &event.to_string())
+    })
+    .expect("handled");
+    let text = logs.text();
+    assert!(text.contains("after the flood"), "{text}");
+    assert!(text.contains("dropped=200"), "{text}");
+}
