@@ -497,6 +497,13 @@ impl Actor {
                             }
                             let _ = reply.send(Ok(self.status()));
                         }
+                        // Stopping, and nobody waits for the answer (the server closed its
+                        // connection at the drain timeout, or the caller went away): never
+                        // acknowledged, so not handled either, lest a mailbox of slow events
+                        // hold the stop for minutes.
+                        Message::Event { reply, .. } if reply.is_closed() && self.stopping() => {
+                            drop(reply);
+                        }
                         // One reading of the clock: a quarantine ending between two would
                         // drop the reply unanswered.
                         Message::Event {

@@ -129,15 +129,15 @@ impl bindings::drover::device::host::Host for GuestState {
         if !self.log_budget.take(device) {
             return;
         }
-        let message = guest_log::sanitize(&message[..end]);
+        let message = &message[..end];
         // A log line must never take down the actor: whatever the subscriber does (a full
         // disk under stderr, a panicking writer), the guest call goes on.
         let logged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match level {
-            LogLevel::Trace => tracing::trace!(target: "drover::guest", device, "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "drover::guest", device, "{message}"),
-            LogLevel::Info => tracing::info!(target: "drover::guest", device, "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "drover::guest", device, "{message}"),
-            LogLevel::Error => tracing::error!(target: "drover::guest", device, "{message}"),
+            LogLevel::Trace => tracing::trace!(target: "drover::guest", device, "{message:?}"),
+            LogLevel::Debug => tracing::debug!(target: "drover::guest", device, "{message:?}"),
+            LogLevel::Info => tracing::info!(target: "drover::guest", device, "{message:?}"),
+            LogLevel::Warn => tracing::warn!(target: "drover::guest", device, "{message:?}"),
+            LogLevel::Error => tracing::error!(target: "drover::guest", device, "{message:?}"),
         }));
         drop(logged);
         if level == LogLevel::Error {

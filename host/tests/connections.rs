@@ -366,3 +366,80 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off() {
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
 }
+
+/// Past the drain timeout nothing holds a stop: the connections still open are closed, and
+/// the events they were waiting for, never acknowledged, are not handled either. A fresh-user
+/// trial saw answers go out 52 s after SIGTERM with a 30 s drain timeout: the connections
+/// outlived it, and the mailbox of slow events was worked through to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_drain_timeout_connections_close_and_their_queued_events_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_secs(2))
+        .mailbox_capacity(256)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("s", "misbehave", &serde_json::json!({}))
+        .await
+        .expect("provision");
+    // Guests have no clock: calibrate a ~150 ms event.
+    let probe = 20_000_000u64;
+    let started = Instant::now();
+    rt.send(
+        "s",
+        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
+    )
+    .await
+    .expect("probe");
+    let spin = (0.15 * probe as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64;
+    let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    // 40 of them queued for the one device: ~6 s of work.
+    let body = format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#);
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut conn = connect(addr);
+                let request = format!(
+                    "POST /v1/devices/s/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(request.as_bytes()).expect("request");
+                read_to_close(conn)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let drained = server.shutdown(Duration::from_millis(500)).await;
+    assert!(!drained, "40 slow events cannot drain in 0.5 s");
+    rt.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+    let answered = clients
+        .into_iter()
+        .map(|c| c.join().expect("client").0)
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    assert!(
+        answered < 40,
+        "the stop did not wait for every queued event"
+    );
+    // What was acknowledged is durable; nothing else was handled.
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .expect("reopens");
+    let seq = rt.summary("s").expect("s").seq;
+    assert!(seq > answered as u64, "{seq} records, {answered} answered");
+    rt.shutdown().await;
+}

@@ -36,7 +36,8 @@ fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
         seed: 7,
         origin: Origin::External,
     };
-    let forged = "one\n2026-12-02T00:00:00.000000Z ERROR drover::journal: FORGED\u{1b}[2K";
+    let forged =
+        "one\n2026-12-02T00:00:00.000000Z ERROR drover::journal: FORGED\u{1b}[2K device=\"good\"";
     for event in [
         json!({"type": "log", "level": "error", "message": forged}),
         json!({"type": "print", "message": forged}),
@@ -59,6 +60,12 @@ fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
             "the escape sequence escaped: {line}"
         );
         assert!(!line.contains('\u{1b}'), "{line}");
+        // A quote cannot forge a field: the guest's line is quoted, its quotes escaped.
+        assert!(line.contains(r#"device=\"good\""#), "{line}");
+        assert!(
+            line.ends_with(r#"device="m""#) || line.contains(r#"device="m" stream="#),
+            "{line}"
+        );
     }
 
     // 150 lines printed (and copied to stderr) in one event: 100 logged, then one warning.

@@ -2,33 +2,16 @@
 //! to put there.
 //!
 //! A guest is untrusted. A message holding a newline could forge a line that looks like the
-//! host's own (`... ERROR drover::journal: ...`), terminal escape sequences could rewrite
-//! what an operator sees, and a guest logging in a loop could flood the log and the disk
-//! under it. So control characters are escaped (`\n`, `\u{1b}`), and one event (or other unit
-//! of guest work: an activation, a read) logs at most [`LINES_PER_UNIT`] lines; the rest are
-//! dropped, counted, and reported in one line when the next unit starts.
-
-use std::borrow::Cow;
+//! host's own (`... ERROR drover::journal: ...`), a quote could forge a field (`device="b"`),
+//! terminal escape sequences could rewrite what an operator sees, and a guest logging in a
+//! loop could flood the log and the disk under it. So a guest's line is logged quoted, as
+//! Rust debug-formats a string (`"a \"b\"\n\u{1b}"`: quotes, control and invisible
+//! characters escaped), and one event (or other unit of guest work: an activation, a read)
+//! logs at most [`LINES_PER_UNIT`] lines; the rest are dropped, counted, and reported when
+//! the next unit starts.
 
 /// Most lines one unit of guest work may log (`host.log` and printed lines together).
 pub const LINES_PER_UNIT: u32 = 100;
-
-/// `text` with its control characters escaped as Rust escapes them (`\n`, `\r`, `\t`,
-/// `\u{1b}`); borrowed when there are none, the common case.
-pub fn sanitize(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
 
 /// The lines a guest may still log in the current unit of work.
 #[derive(Debug, Default)]
@@ -70,15 +53,6 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_characters_are_escaped_and_nothing_else_changes() {
-        assert!(matches!(sanitize("plain: \"quoted\" é"), Cow::Borrowed(_)));
-        assert_eq!(
-            sanitize("a\nZ ERROR drover::journal: forged\r\u{1b}[2J\ttab"),
-            "a\\nZ ERROR drover::journal: forged\\r\\u{1b}[2J\\ttab"
-        );
-    }
 
     #[test]
     fn a_unit_logs_at_most_its_budget() {

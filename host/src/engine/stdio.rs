@@ -87,7 +87,7 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
             None => break,
         };
         let text = String::from_utf8_lossy(line);
-        let text = super::guest_log::sanitize(text.trim_end_matches('\r'));
+        let text = text.trim_end_matches('\r');
         start = next;
         if stream == STDERR {
             // A guest's last words before a trap often come this way (Rust's "memory
@@ -101,9 +101,9 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
         // As for `host.log`: a log write that fails must not take down the guest call.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if stream == STDERR {
-                tracing::warn!(target: "drover::guest", device = &*device, stream = "stderr", "{text}");
+                tracing::warn!(target: "drover::guest", device = &*device, stream = "stderr", "{text:?}");
             } else {
-                tracing::info!(target: "drover::guest", device = &*device, stream = "stdout", "{text}");
+                tracing::info!(target: "drover::guest", device = &*device, stream = "stdout", "{text:?}");
             }
         }));
     }

@@ -38,6 +38,8 @@ pub struct Server {
     rt: Runtime,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    /// Set when the drain timeout passes: every connection still open is closed.
+    abandon: Arc<tokio::sync::watch::Sender<bool>>,
     task: JoinHandle<()>,
 }
 
@@ -153,6 +155,8 @@ impl Server {
         let write_timeout = limits.write_timeout;
         let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         let stopping = Arc::new(tokio::sync::watch::Sender::new(false));
+        let abandon = Arc::new(tokio::sync::watch::Sender::new(false));
+        let abandoning = abandon.clone();
         let app = super::router_stopping(rt.clone(), limits, stopping.clone());
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -225,6 +229,7 @@ impl Server {
                     .serve_connection(TokioIo::new(Box::pin(io)), service);
                 let conn = graceful.watch(conn);
                 let stopping = stopping.subscribe();
+                let mut abandoned = abandoning.subscribe();
                 tokio::spawn(async move {
                     tokio::select! {
                         served = conn => if let Err(e) = served {
@@ -233,6 +238,9 @@ impl Server {
                         () = closed_when_idle(stopping, &busy) => {
                             tracing::debug!(%peer, "connection closed at shutdown: no request was being handled");
                         }
+                        // The drain timeout passed: closed whatever it is doing (its request,
+                        // if any, was never answered, so never acknowledged).
+                        _ = abandoned.wait_for(|a| *a) => {}
                     }
                     drop(permit);
                 });
@@ -249,6 +257,7 @@ impl Server {
             rt,
             addr,
             stop: Some(stop),
+            abandon,
             task,
         })
     }
@@ -279,6 +288,7 @@ impl Server {
                     ?drain,
                     "connections still open after the drain timeout; closing them"
                 );
+                self.abandon.send_replace(true);
                 self.task.abort();
                 false
             }
