@@ -651,7 +651,19 @@ impl Instance {
                 let state = self.store.data_mut();
                 tracing::warn!(device = %state.device, error = ?e, "guest trapped");
                 if let Some(logged) = state.last_error.take() {
-                    msg = format!("{logged} ({msg})");
+                    msg = if msg.contains("unknown import") {
+                        // An abort (Rust's out-of-memory path) that tripped over an import on
+                        // its way out: the guest's last words are the story, not the import.
+                        format!("{logged} (the guest aborted)")
+                    } else {
+                        format!("{logged} ({msg})")
+                    };
+                    if logged.starts_with("memory allocation of") {
+                        msg.push_str(
+                            "; each instance's memory is capped by the server \
+                             (`--max-guest-memory`)",
+                        );
+                    }
                 }
                 Err(CallError::Trap(msg))
             }

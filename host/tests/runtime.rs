@@ -454,9 +454,14 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         .send("m", r#"{"type":"alloc","mb":64}"#)
         .await
         .expect_err("over the memory cap");
+    let message = err.to_string();
     assert!(
-        err.to_string().contains("memory allocation of"),
-        "names the cause: {err}"
+        message.contains("memory allocation of") && message.contains("--max-guest-memory"),
+        "names the cause and the cap: {err}"
+    );
+    assert!(
+        !message.contains("backtrace") && !message.contains("unknown import"),
+        "not what the abort path tripped over: {err}"
     );
     if let Err(e) = rt.send("m", r#"{"type":"panic"}"#).await {
         assert!(
