@@ -384,22 +384,13 @@ async fn past_the_drain_timeout_connections_close_and_their_queued_events_are_dr
     rt.provision("s", "misbehave", &serde_json::json!({}))
         .await
         .expect("provision");
-    // Guests have no clock: calibrate a ~150 ms event.
-    let probe = 20_000_000u64;
-    let started = Instant::now();
-    rt.send(
-        "s",
-        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
-    )
-    .await
-    .expect("probe");
-    let spin = (0.15 * probe as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64;
+    let spin = support::spins_for(&rt, "s", 0.15).await;
     let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
         .await
         .expect("server");
     let addr = server.local_addr();
     // 40 of them queued for the one device: ~6 s of work.
-    let body = format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#);
+    let body = support::slow_apply(spin, 1);
     let clients: Vec<_> = (0..40)
         .map(|_| {
             let body = body.clone();

@@ -56,6 +56,28 @@ async fn count(rt: &Runtime, id: &str) -> u64 {
     state["count"].as_u64().expect("count")
 }
 
+/// Waits (up to 5 s) until every instance is passivated.
+async fn until_passivated(rt: &Runtime) {
+    for _ in 0..100 {
+        if rt.metrics().live_instances.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Registers misbehave's `v2` build as an upload.
+async fn register_v2(rt: &Runtime) -> drover::PluginVersion {
+    rt.register_plugin(
+        "misbehave",
+        support::misbehave_variant("v2"),
+        Origin::Upload,
+    )
+    .await
+    .unwrap()
+    .0
+}
+
 fn version(rt: &Runtime, id: &str) -> u32 {
     rt.summary(id).expect("device").version
 }
@@ -256,14 +278,7 @@ async fn deploy_under_load_moves_every_live_device_and_loses_no_event() {
 async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
     let rt = open(dir.path()).await;
-    let (v2, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::misbehave_variant("v2"),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let v2 = register_v2(&rt).await;
     rt.deploy("misbehave", v2.version, false).await.unwrap();
     // Under v2: two `ok`s count to 4 (v3 folds it), three count to 6 (v3 traps at seq 3).
     for i in 0..12 {
@@ -363,21 +378,9 @@ async fn passivated_devices_upgrade_lazily_at_their_next_activation() {
         }
     }
     let live = |rt: &Runtime| rt.metrics().live_instances.load(Ordering::Relaxed);
-    for _ in 0..100 {
-        if live(&rt) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_passivated(&rt).await;
     assert_eq!(live(&rt), 0, "every device passivated");
-    let (v2, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::misbehave_variant("v2"),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let v2 = register_v2(&rt).await;
     let activations = rt.metrics().activations.load(Ordering::Relaxed);
     let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
     assert_eq!(report.totals.live, 0);
@@ -420,35 +423,17 @@ async fn a_device_activating_while_a_rollback_lands_ends_on_the_version_rolled_b
         .await
         .unwrap();
     rt.provision("s", "misbehave", &json!({})).await.unwrap();
-    let slow = |spin: u64, count: u32| {
-        json!({"type": "slow_apply", "spin": spin, "count": count}).to_string()
-    };
-    // Guests have no clock: calibrate the spin.
-    let probe = 20_000_000u64;
-    let started = std::time::Instant::now();
-    rt.send("s", &slow(probe, 1)).await.unwrap();
-    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
+    let spin = support::spins_for(&rt, "s", 0.2).await;
     // A history whose fold takes ~0.8 s: what bringing the device up on another version
     // replays.
-    rt.send("s", &slow((0.2 / per_spin.max(1e-12)) as u64, 4))
-        .await
-        .unwrap();
-    let live = |rt: &Runtime| rt.metrics().live_instances.load(Ordering::Relaxed);
-    for _ in 0..100 {
-        if live(&rt) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(live(&rt), 0, "passivated");
-    let (v2, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::misbehave_variant("v2"),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    rt.send("s", &support::slow_apply(spin, 4)).await.unwrap();
+    until_passivated(&rt).await;
+    assert_eq!(
+        rt.metrics().live_instances.load(Ordering::Relaxed),
+        0,
+        "passivated"
+    );
+    let v2 = register_v2(&rt).await;
     let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
     assert_eq!(report.totals.pending_lazy, 1);
 
@@ -541,14 +526,7 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
         }
         rt.send(&id, r#"{"type":"echo"}"#).await.unwrap();
     }
-    let (v2, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::misbehave_variant("v2"),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let v2 = register_v2(&rt).await;
     let (same, new) = rt
         .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
         .await
@@ -612,13 +590,7 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
 async fn a_restart_never_replaces_an_uploaded_current_version() {
     let dir = tempfile::tempdir().unwrap();
     // The builder logs on the thread that opens it: this one.
-    let logs = support::Logs::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .finish(),
-    );
+    let (logs, _logging) = support::Logs::capture();
     const REPLACED: &str = "is not the version that was current";
     let startup = |bytes: Vec<u8>| Runtime::builder(dir.path()).plugin("m", bytes).open();
     let rt = startup(v1()).await.unwrap();

@@ -16,13 +16,7 @@ mod support;
 #[test]
 fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
     use drover::engine::{Engine, EngineConfig, EventContext, Origin};
-    let logs = support::Logs::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .finish(),
-    );
+    let (logs, _logging) = support::Logs::capture();
     let engine = Engine::new(EngineConfig::default()).expect("engine");
     let bytes =
         std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built");

@@ -961,15 +961,12 @@ async fn a_slow_tail_is_snapshotted_before_it_outgrows_the_activation_budget() {
     rt.provision("s", "misbehave", &json!({}))
         .await
         .expect("provision");
-    let spin = spins_for(&rt, "s", 0.08).await;
+    let spin = support::spins_for(&rt, "s", 0.08).await;
     // ~1 s of `apply`s: more than the activation budget, in events of ~80 ms.
     for _ in 0..12 {
-        rt.send(
-            "s",
-            &format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#),
-        )
-        .await
-        .expect("within the event budget");
+        rt.send("s", &support::slow_apply(spin, 1))
+            .await
+            .expect("within the event budget");
     }
     let snapshots = rt
         .journal()
@@ -1144,21 +1141,6 @@ async fn a_journal_page_stops_at_a_few_megabytes_and_continues_from_next() {
     rt.shutdown().await;
 }
 
-/// How many `slow_apply` spins take `seconds` on this machine, measured on device `id` (a
-/// misbehave device; the probe event is committed). Guests have no clock, so tests calibrate.
-async fn spins_for(rt: &Runtime, id: &str, seconds: f64) -> u64 {
-    let probe = 20_000_000u64;
-    let started = std::time::Instant::now();
-    rt.send(
-        id,
-        &format!(r#"{{"type":"slow_apply","spin":{probe},"count":1}}"#),
-    )
-    .await
-    .expect("probe");
-    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
-    (seconds / per_spin.max(1e-12)) as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1174,13 +1156,10 @@ async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     rt.provision("slow", "misbehave", &json!({}))
         .await
         .expect("provision");
-    let spin = spins_for(&rt, "slow", 0.7).await;
-    rt.send(
-        "slow",
-        &format!(r#"{{"type":"slow_apply","spin":{spin},"count":1}}"#),
-    )
-    .await
-    .expect("a 0.7 s apply is within the server's 5 s budget");
+    let spin = support::spins_for(&rt, "slow", 0.7).await;
+    rt.send("slow", &support::slow_apply(spin, 1))
+        .await
+        .expect("a 0.7 s apply is within the server's 5 s budget");
     let engine = rt.config().engine.clone();
     rt.shutdown().await;
 
@@ -1226,13 +1205,10 @@ async fn the_time_budget_bounds_a_whole_event_not_each_call() {
         .expect("provision");
     // 20 applies of ~120 ms each: every call is well under the 400 ms budget, the event is
     // six times over it.
-    let spin = spins_for(&rt, "s", 0.12).await;
+    let spin = support::spins_for(&rt, "s", 0.12).await;
     let started = std::time::Instant::now();
     let err = rt
-        .send(
-            "s",
-            &format!(r#"{{"type":"slow_apply","spin":{spin},"count":20}}"#),
-        )
+        .send("s", &support::slow_apply(spin, 20))
         .await
         .expect_err("the event exceeds its budget");
     let took = started.elapsed();

@@ -453,6 +453,18 @@ pub fn records_written(rt: &drover::Runtime) -> u64 {
 pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Logs {
+    /// A subscriber writing here, the default of the calling thread while the guard lives.
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(logs.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        (logs, guard)
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
@@ -475,4 +487,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
     fn make_writer(&'a self) -> Logs {
         self.clone()
     }
+}
+
+/// A misbehave `slow_apply` event: `count` transitions whose `apply` each spins `spin` times.
+pub fn slow_apply(spin: u64, count: u32) -> String {
+    format!(r#"{{"type":"slow_apply","spin":{spin},"count":{count}}}"#)
+}
+
+/// How many `slow_apply` spins take `seconds` on this machine, measured on device `id` (a
+/// misbehave device; the probe event is committed). Guests have no clock, so tests calibrate.
+pub async fn spins_for(rt: &drover::Runtime, id: &str, seconds: f64) -> u64 {
+    let probe = 20_000_000u64;
+    let started = Instant::now();
+    rt.send(id, &slow_apply(probe, 1)).await.expect("probe");
+    let per_spin = started.elapsed().as_secs_f64() / probe as f64;
+    (seconds / per_spin.max(1e-12)) as u64
 }
