@@ -1,6 +1,6 @@
 //! Write Drover device behaviors in plain Rust.
 //!
-//! A Drover plugin is a WebAssembly component exporting the `drover:device@0.2.0` world
+//! A Drover plugin is a WebAssembly component exporting the `drover:device@0.3.0` world
 //! (`wit/device.wit`). That contract speaks JSON strings and snapshot bytes so the host never
 //! needs to know a plugin's schema. This crate lets a plugin author forget about it: you write
 //! one serde-serializable struct that *is* the device's state, implement [`Device`] for it,
@@ -597,6 +597,16 @@ impl<T: Device> Instance<T> {
         Ok(())
     }
 
+    /// WIT `apply-batch`: [`Instance::apply`] of each transition in order, stopping at the
+    /// first refused one. On error, the index of that transition (those before it are
+    /// applied) and why.
+    pub fn apply_batch<S: AsRef<str>>(&mut self, transitions: &[S]) -> Result<(), (usize, Error)> {
+        for (index, t) in transitions.iter().enumerate() {
+            self.apply(t.as_ref()).map_err(|e| (index, e))?;
+        }
+        Ok(())
+    }
+
     /// WIT `handle` whole: the transitions as JSON and the effects `handle` asked for
     /// through `ctx` (taken out of it), without changing the state.
     pub fn decide(&self, ctx: &Context, event: &str) -> Result<Outcome, Error> {
@@ -796,6 +806,8 @@ macro_rules! export_device {
                     $crate::__private::apply(&INSTANCE, transition)
                 }
 
+                $crate::__apply_batch_export!(INSTANCE);
+
                 fn snapshot() -> ::std::vec::Vec<u8> {
                     $crate::__private::snapshot(&INSTANCE)
                 }
@@ -824,6 +836,29 @@ macro_rules! export_device {
     };
 }
 
+/// Glue for [`export_device!`]: the `apply-batch` export, which contracts before `0.3.0`
+/// (the `contract-v0-1` and `contract-v0-2` features) do not have. Not a public API.
+#[cfg(not(any(feature = "contract-v0-1", feature = "contract-v0-2")))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __apply_batch_export {
+    ($slot:ident) => {
+        fn apply_batch(
+            transitions: ::std::vec::Vec<::std::string::String>,
+        ) -> ::core::result::Result<(), $crate::__private::BatchRefusal> {
+            $crate::__private::apply_batch(&$slot, transitions)
+        }
+    };
+}
+
+/// Glue for [`export_device!`]: nothing, for a contract before `0.3.0`. Not a public API.
+#[cfg(any(feature = "contract-v0-1", feature = "contract-v0-2"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __apply_batch_export {
+    ($slot:ident) => {};
+}
+
 /// Glue for [`export_device!`]; not a public API.
 #[doc(hidden)]
 pub mod __private {
@@ -840,6 +875,8 @@ pub mod __private {
         #[cfg(not(feature = "contract-v0-1"))]
         use super::bindings::drover::device::types as wit;
         pub use super::bindings::{DeviceError, EventContext, Guest, Outcome, export};
+        #[cfg(not(any(feature = "contract-v0-1", feature = "contract-v0-2")))]
+        pub use wit::BatchRefusal;
 
         /// The slot [`export_device!`] generates for the concrete device type.
         pub type Slot<T> = LocalKey<RefCell<Instance<T>>>;
@@ -951,7 +988,7 @@ pub mod __private {
                 if !outcome.effects.is_empty() {
                     return Err(Error::new(
                         crate::codes::INTERNAL,
-                        "effects need the drover:device@0.2.0 contract; this plugin is built \
+                        "effects need the drover:device@0.2.0 contract or later; this plugin is built \
                          against 0.1.0 (the `contract-v0-1` feature)",
                     )
                     .into());
@@ -976,6 +1013,21 @@ pub mod __private {
                 .map_err(Into::into)
         }
 
+        #[cfg(not(any(feature = "contract-v0-1", feature = "contract-v0-2")))]
+        pub fn apply_batch<T: Device>(
+            slot: &'static Slot<T>,
+            transitions: Vec<String>,
+        ) -> Result<(), BatchRefusal> {
+            ensure_panic_hook();
+            slot.with_borrow_mut(|i| i.apply_batch(&transitions))
+                .map_err(|(index, e)| BatchRefusal {
+                    // A batch never holds more than u32::MAX transitions (the host bounds it
+                    // far lower); saturate rather than wrap if one ever did.
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    error: e.into(),
+                })
+        }
+
         pub fn snapshot<T: Device>(slot: &'static Slot<T>) -> Vec<u8> {
             ensure_panic_hook();
             slot.with_borrow(|i| i.snapshot())
@@ -997,11 +1049,32 @@ pub mod __private {
     }
 
     /// The wit-bindgen bindings of the `device` world.
-    #[cfg(all(target_arch = "wasm32", not(feature = "contract-v0-1")))]
+    #[cfg(all(
+        target_arch = "wasm32",
+        not(any(feature = "contract-v0-1", feature = "contract-v0-2"))
+    ))]
     #[allow(missing_docs, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
             path: "../wit",
+            world: "device",
+            pub_export_macro: true,
+            default_bindings_module: "drover_guest::__private::bindings",
+        });
+    }
+
+    /// The bindings of the frozen second contract (`wit/v0.2.0`), for the feature
+    /// `contract-v0-2`: a plugin built with it is what a plugin built before `apply-batch`
+    /// existed looks like to the host.
+    #[cfg(all(
+        target_arch = "wasm32",
+        feature = "contract-v0-2",
+        not(feature = "contract-v0-1")
+    ))]
+    #[allow(missing_docs, clippy::all)]
+    pub mod bindings {
+        wit_bindgen::generate!({
+            path: "../wit/v0.2.0",
             world: "device",
             pub_export_macro: true,
             default_bindings_module: "drover_guest::__private::bindings",

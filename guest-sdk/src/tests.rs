@@ -107,6 +107,35 @@ fn handle_then_apply_round_trips_json() {
 }
 
 #[test]
+fn apply_batch_applies_in_order_and_stops_at_the_first_refusal() {
+    let switched = |on: bool, at: u64| format!(r#"{{"type":"switched","on":{on},"at_ms":{at}}}"#);
+    let mut i = ready();
+    i.apply_batch(&[switched(true, 1), switched(false, 2), switched(true, 3)])
+        .unwrap();
+    let state = i.state().unwrap();
+    assert_eq!(
+        (state.on, state.switches, state.last_at_ms),
+        (true, 3, Some(3))
+    );
+    // Refused at index 1: the one before it is applied, it and the one after are not.
+    let (index, err) = i
+        .apply_batch(&[
+            switched(false, 4),
+            r#"{"type":"dimmed"}"#.into(),
+            switched(true, 6),
+        ])
+        .unwrap_err();
+    assert_eq!(index, 1);
+    assert_eq!(err.code, codes::INVALID_TRANSITION, "{err}");
+    let state = i.state().unwrap();
+    assert_eq!(
+        (state.on, state.switches, state.last_at_ms),
+        (false, 4, Some(4))
+    );
+    assert_eq!(i.apply_batch::<&str>(&[]), Ok(()));
+}
+
+#[test]
 fn malformed_inputs_become_typed_errors() {
     let mut i = ready();
     for bad in [

@@ -303,11 +303,13 @@ fn one_pass(
                 }
             }
             if let Folder::Own(instance) = &mut folder {
-                let transitions = record
+                let transitions: Vec<&str> = record
                     .transitions
                     .iter()
-                    .map(|t| std::str::from_utf8(t).unwrap_or_default());
-                let folded = instance.within(limits.call_timeout, |i| decide::fold(i, transitions));
+                    .map(|t| std::str::from_utf8(t).unwrap_or_default())
+                    .collect();
+                let folded =
+                    instance.within(limits.call_timeout, |i| decide::fold(i, &transitions));
                 if let Err(e) = folded {
                     out.fold_failed_seq = Some(record.seq);
                     out.error.get_or_insert(format!(

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, Func, HasSelf, Linker};
 
 pub use crate::config::EngineConfig;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
@@ -50,6 +50,14 @@ mod bindings {
     });
 }
 
+/// The second contract, frozen: plugins built against it keep loading (see `wit/device.wit`).
+mod bindings_v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2.0",
+        world: "device",
+    });
+}
+
 /// The first contract, frozen: plugins built against it keep loading (see `wit/device.wit`).
 mod bindings_v1 {
     wasmtime::component::bindgen!({
@@ -60,16 +68,20 @@ mod bindings_v1 {
 
 use bindings::drover::device::host::LogLevel;
 pub use bindings::drover::device::types::{
-    Command as GuestCommand, Effect as GuestEffect, EventContext, Message as GuestMessage,
-    MessageOrigin, Origin, Outcome, Timer as GuestTimer, TimerOrigin,
+    BatchRefusal, Command as GuestCommand, Effect as GuestEffect, EventContext,
+    Message as GuestMessage, MessageOrigin, Origin, Outcome, Timer as GuestTimer, TimerOrigin,
 };
 use bindings::{Device, DevicePre};
 
 /// The version of the WIT package this host's SDK builds against (the newest it links).
-pub const WIT_PACKAGE: &str = "drover:device@0.2.0";
+pub const WIT_PACKAGE: &str = "drover:device@0.3.0";
 
 /// Every contract version the host links, oldest first.
-pub const WIT_PACKAGES: [&str; 2] = ["drover:device@0.1.0", "drover:device@0.2.0"];
+pub const WIT_PACKAGES: [&str; 3] = [
+    "drover:device@0.1.0",
+    "drover:device@0.2.0",
+    "drover:device@0.3.0",
+];
 
 /// Why a guest call did not return normally.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,7 +110,9 @@ impl CallError {
 pub enum PluginError {
     #[error("not a valid WebAssembly component: {0}")]
     Invalid(String),
-    #[error("component does not fit the `device` world of drover:device@0.1.0 or @0.2.0: {0}")]
+    #[error(
+        "component does not fit the `device` world of drover:device@0.1.0, @0.2.0 or @0.3.0: {0}"
+    )]
     Incompatible(String),
 }
 
@@ -164,6 +178,22 @@ impl bindings_v1::drover::device::host::Host for GuestState {
 
 impl bindings_v1::drover::device::types::Host for GuestState {}
 
+impl bindings_v2::drover::device::host::Host for GuestState {
+    fn log(&mut self, level: bindings_v2::drover::device::host::LogLevel, message: String) {
+        use bindings_v2::drover::device::host::LogLevel as V2;
+        let level = match level {
+            V2::Trace => LogLevel::Trace,
+            V2::Debug => LogLevel::Debug,
+            V2::Info => LogLevel::Info,
+            V2::Warn => LogLevel::Warn,
+            V2::Error => LogLevel::Error,
+        };
+        bindings::drover::device::host::Host::log(self, level, message)
+    }
+}
+
+impl bindings_v2::drover::device::types::Host for GuestState {}
+
 /// The process-wide engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -217,6 +247,7 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
         bindings_v1::Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
+        bindings_v2::Device::add_to_linker::<_, HasSelf<GuestState>>(&mut linker, |s| s)?;
         stdio::add_to_linker(&mut linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -331,16 +362,28 @@ impl Engine {
         // The newest contract first; a component exporting neither is explained in terms
         // of the newest.
         let exports = match DevicePre::new(pre.clone()) {
-            Ok(v2) => Pre::V2(v2),
-            Err(e) => match bindings_v1::DevicePre::new(pre) {
-                Ok(v1) => Pre::V1(v1),
-                Err(_) => {
-                    return Err(PluginError::Incompatible(format!(
-                        "{e:#}: the component does not export the `device` world; a Rust \
-                         plugin exports it with `drover_guest::export_device!(YourState);` at \
-                         the crate's top level"
-                    )));
-                }
+            Ok(v3) => {
+                let indices = bindings::DeviceIndices::new(v3.instance_pre())
+                    .map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
+                let batch = component
+                    .get_export_index(None, "apply-batch")
+                    .ok_or_else(|| {
+                        PluginError::Incompatible("no `apply-batch` export".to_string())
+                    })?;
+                Pre::V3(v3, indices, batch)
+            }
+            Err(e) => match bindings_v2::DevicePre::new(pre.clone()) {
+                Ok(v2) => Pre::V2(v2),
+                Err(_) => match bindings_v1::DevicePre::new(pre) {
+                    Ok(v1) => Pre::V1(v1),
+                    Err(_) => {
+                        return Err(PluginError::Incompatible(format!(
+                            "{e:#}: the component does not export the `device` world; a Rust \
+                             plugin exports it with `drover_guest::export_device!(YourState);` \
+                             at the crate's top level"
+                        )));
+                    }
+                },
             },
         };
         Ok(CompiledPlugin {
@@ -353,13 +396,22 @@ impl Engine {
 /// A pre-instantiated component, by the contract version it exports.
 enum Pre {
     V1(bindings_v1::DevicePre<GuestState>),
-    V2(DevicePre<GuestState>),
+    V2(bindings_v2::DevicePre<GuestState>),
+    /// With where `apply-batch` is among the exports: the bindings call it with owned
+    /// strings only, and a batch is borrowed from journal reads.
+    V3(
+        DevicePre<GuestState>,
+        bindings::DeviceIndices,
+        ComponentExportIndex,
+    ),
 }
 
 /// A live instance's exports, by contract version.
 enum Exports {
     V1(bindings_v1::Device),
-    V2(Device),
+    V2(bindings_v2::Device),
+    /// With `apply-batch`, called directly (see [`Pre::V3`]).
+    V3(Device, Func),
 }
 
 /// Refuses bytes that are not a component before Cranelift sees them, saying what they are
@@ -444,6 +496,17 @@ impl CompiledPlugin {
         let device = match &*self.pre {
             Pre::V1(pre) => pre.instantiate(&mut store).map(Exports::V1),
             Pre::V2(pre) => pre.instantiate(&mut store).map(Exports::V2),
+            Pre::V3(pre, indices, batch) => {
+                pre.instance_pre()
+                    .instantiate(&mut store)
+                    .and_then(|instance| {
+                        let device = indices.load(&mut store, &instance)?;
+                        let batch = instance.get_func(&mut store, batch).ok_or_else(|| {
+                            wasmtime::format_err!("the component has no `apply-batch` function")
+                        })?;
+                        Ok(Exports::V3(device, batch))
+                    })
+            }
         }
         .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
         Ok(Instance {
@@ -465,6 +528,7 @@ impl CompiledPlugin {
         match &*self.pre {
             Pre::V1(_) => WIT_PACKAGES[0],
             Pre::V2(_) => WIT_PACKAGES[1],
+            Pre::V3(..) => WIT_PACKAGES[2],
         }
     }
 }
@@ -476,6 +540,83 @@ fn v1_error(
         code: e.code,
         message: e.message,
     }
+}
+
+fn v2_error(
+    e: bindings_v2::drover::device::types::DeviceError,
+) -> bindings::drover::device::types::DeviceError {
+    bindings::drover::device::types::DeviceError {
+        code: e.code,
+        message: e.message,
+    }
+}
+
+/// The `0.2.0` shapes of the event context and the outcome: the same as today's, in the
+/// frozen package's own types.
+mod v2_shapes {
+    use super::bindings::drover::device::types as now;
+    use super::bindings_v2::drover::device::types as v2;
+
+    pub(super) fn context(ctx: &now::EventContext) -> v2::EventContext {
+        v2::EventContext {
+            device_id: ctx.device_id.clone(),
+            seq: ctx.seq,
+            at_ms: ctx.at_ms,
+            seed: ctx.seed,
+            origin: match &ctx.origin {
+                now::Origin::External => v2::Origin::External,
+                now::Origin::Message(m) => v2::Origin::Message(v2::MessageOrigin {
+                    sender: m.sender.clone(),
+                    seq: m.seq,
+                    index: m.index,
+                }),
+                now::Origin::Timer(t) => v2::Origin::Timer(v2::TimerOrigin {
+                    key: t.key.clone(),
+                    due_ms: t.due_ms,
+                    missed: t.missed,
+                }),
+            },
+        }
+    }
+
+    pub(super) fn outcome(o: v2::Outcome) -> now::Outcome {
+        now::Outcome {
+            transitions: o.transitions,
+            effects: o
+                .effects
+                .into_iter()
+                .map(|e| match e {
+                    v2::Effect::Command(c) => now::Effect::Command(now::Command {
+                        payload: c.payload,
+                        ttl_ms: c.ttl_ms,
+                    }),
+                    v2::Effect::Send(m) => now::Effect::Send(now::Message {
+                        to: m.to,
+                        event: m.event,
+                    }),
+                    v2::Effect::SetTimer(t) => now::Effect::SetTimer(now::Timer {
+                        key: t.key,
+                        due_ms: t.due_ms,
+                        every_ms: t.every_ms,
+                        event: t.event,
+                    }),
+                    v2::Effect::CancelTimer(key) => now::Effect::CancelTimer(key),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why [`Instance::apply_batch`] stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// How many of the batch's transitions were applied before the one that failed, when
+    /// that is known: always for a refusal, and for every error of a plugin built before
+    /// `0.3.0` (applied one call each). Unknown (`None`) for a trap or timeout inside one
+    /// `apply-batch` call: the instance is lost then, and the caller may replay one by one
+    /// to find the transition (see `replay`).
+    pub applied: Option<usize>,
+    pub error: CallError,
 }
 
 /// One device's live guest instance. Not `Sync`: exactly one actor owns it.
@@ -505,7 +646,10 @@ impl Instance {
             Exports::V1(d) => d
                 .call_init(&mut self.store, device_id, config)
                 .map(|r| r.map_err(v1_error)),
-            Exports::V2(d) => d.call_init(&mut self.store, device_id, config),
+            Exports::V2(d) => d
+                .call_init(&mut self.store, device_id, config)
+                .map(|r| r.map_err(v2_error)),
+            Exports::V3(d, _) => d.call_init(&mut self.store, device_id, config),
         };
         self.settle(r)
     }
@@ -530,7 +674,10 @@ impl Instance {
                     .map_err(v1_error)
                 })
             }
-            Exports::V2(d) => d.call_handle(&mut self.store, ctx, event),
+            Exports::V2(d) => d
+                .call_handle(&mut self.store, &v2_shapes::context(ctx), event)
+                .map(|r| r.map(v2_shapes::outcome).map_err(v2_error)),
+            Exports::V3(d, _) => d.call_handle(&mut self.store, ctx, event),
         };
         self.settle(r)
     }
@@ -542,9 +689,64 @@ impl Instance {
             Exports::V1(d) => d
                 .call_apply(&mut self.store, transition)
                 .map(|r| r.map_err(v1_error)),
-            Exports::V2(d) => d.call_apply(&mut self.store, transition),
+            Exports::V2(d) => d
+                .call_apply(&mut self.store, transition)
+                .map(|r| r.map_err(v2_error)),
+            Exports::V3(d, _) => d.call_apply(&mut self.store, transition),
         };
         self.settle(r)
+    }
+
+    /// Applies transitions in order, as [`Instance::apply`] of each would, in one guest call
+    /// for a plugin built against `0.3.0` (one call each before). Callers bound a batch (see
+    /// [`batches`]): the guest holds all of it in its memory at once.
+    pub fn apply_batch(&mut self, transitions: &[&str]) -> Result<(), BatchError> {
+        let batch = match &self.device {
+            Exports::V3(_, batch) if transitions.len() > 1 => *batch,
+            _ => {
+                for (applied, t) in transitions.iter().enumerate() {
+                    self.apply(t).map_err(|error| BatchError {
+                        applied: Some(applied),
+                        error,
+                    })?;
+                }
+                return Ok(());
+            }
+        };
+        self.arm();
+        // Type-checked per call rather than trusted: a walk of two small types, little
+        // against the calls a batch saves.
+        let r = batch
+            .typed::<(&[&str],), (Result<(), BatchRefusal>,)>(&self.store)
+            .and_then(|f| f.call(&mut self.store, (transitions,)));
+        match r {
+            Ok((Ok(()),)) => Ok(()),
+            Ok((Err(refusal),)) => match usize::try_from(refusal.index) {
+                Ok(applied) if applied < transitions.len() => Err(BatchError {
+                    applied: Some(applied),
+                    error: CallError::Rejected {
+                        code: refusal.error.code,
+                        message: refusal.error.message,
+                    },
+                }),
+                // A refusal of a transition the batch does not hold: nothing it says about
+                // its state can be trusted.
+                _ => Err(BatchError {
+                    applied: None,
+                    error: CallError::Trap(format!(
+                        "apply-batch refused transition {} of a batch of {} ({}: {})",
+                        refusal.index,
+                        transitions.len(),
+                        refusal.error.code,
+                        refusal.error.message
+                    )),
+                }),
+            },
+            Err(e) => Err(BatchError {
+                applied: None,
+                error: self.fault(e),
+            }),
+        }
     }
 
     /// Serializes the state.
@@ -553,6 +755,7 @@ impl Instance {
         let r = match &self.device {
             Exports::V1(d) => d.call_snapshot(&mut self.store),
             Exports::V2(d) => d.call_snapshot(&mut self.store),
+            Exports::V3(d, _) => d.call_snapshot(&mut self.store),
         }
         .map(Ok);
         self.settle(r)
@@ -565,7 +768,10 @@ impl Instance {
             Exports::V1(d) => d
                 .call_restore(&mut self.store, snapshot)
                 .map(|r| r.map_err(v1_error)),
-            Exports::V2(d) => d.call_restore(&mut self.store, snapshot),
+            Exports::V2(d) => d
+                .call_restore(&mut self.store, snapshot)
+                .map(|r| r.map_err(v2_error)),
+            Exports::V3(d, _) => d.call_restore(&mut self.store, snapshot),
         };
         self.settle(r)
     }
@@ -576,6 +782,7 @@ impl Instance {
         let r = match &self.device {
             Exports::V1(d) => d.call_query(&mut self.store),
             Exports::V2(d) => d.call_query(&mut self.store),
+            Exports::V3(d, _) => d.call_query(&mut self.store),
         }
         .map(Ok);
         self.settle(r)
@@ -624,49 +831,52 @@ impl Instance {
                 code: e.code,
                 message: e.message,
             }),
-            Err(e) => {
-                if matches!(
-                    e.downcast_ref::<wasmtime::Trap>(),
-                    Some(wasmtime::Trap::Interrupt)
-                ) {
-                    return Err(CallError::Timeout(self.unit.unwrap_or(self.call_timeout)));
+            Err(e) => Err(self.fault(e)),
+        }
+    }
+
+    /// What a call that did not return means: a timeout, or a trap told briefly.
+    fn fault(&mut self, e: wasmtime::Error) -> CallError {
+        if matches!(
+            e.downcast_ref::<wasmtime::Trap>(),
+            Some(wasmtime::Trap::Interrupt)
+        ) {
+            return CallError::Timeout(self.unit.unwrap_or(self.call_timeout));
+        }
+        let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => trap.to_string(),
+            None => {
+                let raw = format!("{e:#}");
+                if raw.contains("unknown import") {
+                    format!(
+                        "{raw}: guests have no input, environment or exit (print, or \
+                         log through the host's `log`, instead)"
+                    )
+                } else {
+                    raw
                 }
-                let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
-                    Some(trap) => trap.to_string(),
-                    None => {
-                        let raw = format!("{e:#}");
-                        if raw.contains("unknown import") {
-                            format!(
-                                "{raw}: guests have no input, environment or exit (print, or \
-                                 log through the host's `log`, instead)"
-                            )
-                        } else {
-                            raw
-                        }
-                    }
-                };
-                // Clients get the short story: the guest's own last words (a Rust guest's
-                // panic message and location) and the kind of trap. The full error, with the
-                // guest's backtrace, goes to the server log.
-                let state = self.store.data_mut();
-                tracing::warn!(device = %state.device, error = ?e, "guest trapped");
-                if let Some(logged) = state.last_error.take() {
-                    msg = if msg.contains("unknown import") {
-                        // An abort (Rust's out-of-memory path) that tripped over an import on
-                        // its way out: the guest's last words are the story, not the import.
-                        format!("{logged} (the guest aborted)")
-                    } else {
-                        format!("{logged} ({msg})")
-                    };
-                    if logged.starts_with("memory allocation of") {
-                        msg.push_str(
-                            "; each instance's memory is capped by the server \
-                             (`--max-guest-memory`)",
-                        );
-                    }
-                }
-                Err(CallError::Trap(msg))
+            }
+        };
+        // Clients get the short story: the guest's own last words (a Rust guest's
+        // panic message and location) and the kind of trap. The full error, with the
+        // guest's backtrace, goes to the server log.
+        let state = self.store.data_mut();
+        tracing::warn!(device = %state.device, error = ?e, "guest trapped");
+        if let Some(logged) = state.last_error.take() {
+            msg = if msg.contains("unknown import") {
+                // An abort (Rust's out-of-memory path) that tripped over an import on
+                // its way out: the guest's last words are the story, not the import.
+                format!("{logged} (the guest aborted)")
+            } else {
+                format!("{logged} ({msg})")
+            };
+            if logged.starts_with("memory allocation of") {
+                msg.push_str(
+                    "; each instance's memory is capped by the server \
+                     (`--max-guest-memory`)",
+                );
             }
         }
+        CallError::Trap(msg)
     }
 }

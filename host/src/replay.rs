@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::config::EngineConfig;
 use crate::decide;
-use crate::engine::{Engine, Instance};
+use crate::engine::{CallError, Engine, Instance};
 use crate::error::Error;
 use crate::journal::{DeviceHead, Journal, JournalError, SnapshotRef};
 use crate::registry::Registry;
@@ -19,6 +19,9 @@ use crate::view::DeviceState;
 
 /// How many event records are read from the journal per step of a replay.
 const CHUNK: u64 = 1024;
+
+/// Most transitions per guest call when folding history (`apply-batch`, contract `0.3.0`).
+const BATCHED: usize = decide::BATCH_TRANSITIONS;
 
 /// Where to start a rebuild from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +72,18 @@ pub struct RebuildFailure {
     /// instantiation, `init` or reading the journal).
     pub seq: Option<u64>,
     pub error: Error,
+    /// A trap inside one `apply-batch` call of several transitions: `seq` is the batch's
+    /// first, not necessarily the one that trapped (see [`rebuild_reporting`]).
+    pub(crate) unlocated: bool,
 }
 
 impl From<Error> for RebuildFailure {
     fn from(error: Error) -> Self {
-        RebuildFailure { seq: None, error }
+        RebuildFailure {
+            seq: None,
+            error,
+            unlocated: false,
+        }
     }
 }
 
@@ -91,7 +101,16 @@ pub fn rebuild_reporting(
     upto: u64,
     start: Start,
 ) -> Result<Rebuilt, RebuildFailure> {
-    rebuild_from(journal, registry, device, upto, start).map_err(|mut f| {
+    let rebuilt = match rebuild_from(journal, registry, device, upto, start, BATCHED) {
+        // A trap in a batch does not say which transition trapped: once more, one `apply`
+        // per transition, finds it (replay is deterministic), on the failure path only.
+        Err(f) if f.unlocated => {
+            tracing::debug!(device = %device.id, error = %f.error, "locating a trap in a batch");
+            rebuild_from(journal, registry, device, upto, start, 1)
+        }
+        other => other,
+    };
+    rebuilt.map_err(|mut f| {
         // What retention deleted is answered with the oldest seq a rebuild from a snapshot can
         // still reach, not the oldest event kept: events are of no use without a snapshot
         // before them. (A rebuild from `init` needs seq 1: the journal's answer stands.)
@@ -159,6 +178,7 @@ fn rebuild_from(
     device: &DeviceHead,
     upto: u64,
     start: Start,
+    batch: usize,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
@@ -255,39 +275,60 @@ fn rebuild_from(
     while next <= upto {
         let to = (next + CHUNK - 1).min(upto);
         let records = journal.read_events(device.num, next, to)?;
-        let mut at = None;
-        instance
-            .within(left(), |instance| -> Result<(), RebuildFailure> {
-                for record in &records {
-                    at = Some(record.seq);
-                    if record.lost {
-                        // Salvaged away: nothing to apply, and its time is the salvage's.
-                        continue;
+        // The chunk's transitions in order, and where each record's begin, so that a batch
+        // failing at one transition is blamed on the record that holds it.
+        let mut transitions: Vec<&str> = Vec::new();
+        let mut firsts: Vec<(u64, usize)> = Vec::new();
+        // Salvaged-away records have nothing to apply, and their time is the salvage's.
+        for record in records.iter().filter(|r| !r.lost) {
+            firsts.push((record.seq, transitions.len()));
+            for t in &record.transitions {
+                transitions.push(std::str::from_utf8(t).map_err(|_| RebuildFailure {
+                    seq: Some(record.seq),
+                    error: Error::Activation(format!(
+                        "seq {}: transition is not UTF-8",
+                        record.seq
+                    )),
+                    unlocated: false,
+                })?);
+            }
+        }
+        let seq_of = |index: usize| {
+            let holders = firsts.partition_point(|&(_, first)| first <= index);
+            firsts[holders.saturating_sub(1)].0
+        };
+        instance.within(left(), |instance| -> Result<(), RebuildFailure> {
+            let mut done = 0;
+            for batch in decide::batches(&transitions, batch) {
+                instance.apply_batch(batch).map_err(|e| match e.applied {
+                    Some(n) => {
+                        let seq = seq_of(done + n);
+                        RebuildFailure {
+                            seq: Some(seq),
+                            error: Error::Activation(format!("replaying seq {seq}: {}", e.error)),
+                            unlocated: false,
+                        }
                     }
-                    let transitions = record
-                        .transitions
-                        .iter()
-                        .map(|t| std::str::from_utf8(t))
-                        .collect::<Result<Vec<&str>, _>>()
-                        .map_err(|_| {
-                            Error::Activation(format!(
-                                "seq {}: transition is not UTF-8",
-                                record.seq
-                            ))
-                        })?;
-                    applied += decide::fold(instance, transitions).map_err(|e| RebuildFailure {
-                        seq: Some(record.seq),
-                        error: Error::Activation(format!("replaying seq {}: {e}", record.seq)),
-                    })?;
-                    last_at_ms = record.at_ms;
-                }
-                Ok(())
-            })
-            .map_err(|mut f| {
-                // A deadline that expired between records is blamed on the last one started.
-                f.seq = f.seq.or(at);
-                f
-            })?;
+                    None => {
+                        let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
+                        RebuildFailure {
+                            seq: Some(first),
+                            error: Error::Activation(format!(
+                                "replaying seqs {first} to {last}: {}",
+                                e.error
+                            )),
+                            unlocated: matches!(e.error, CallError::Trap(_)),
+                        }
+                    }
+                })?;
+                done += batch.len();
+            }
+            Ok(())
+        })?;
+        applied += transitions.len() as u64;
+        if let Some(record) = records.iter().rev().find(|r| !r.lost) {
+            last_at_ms = record.at_ms;
+        }
         next = to + 1;
     }
     if from > 0 && from == upto {

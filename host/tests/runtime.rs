@@ -1577,3 +1577,81 @@ async fn a_device_whose_component_is_missing_says_so() {
     assert_eq!(err.kind(), ErrorKind::PluginUnavailable, "{err}");
     rt.shutdown().await;
 }
+
+/// Histories are folded many transitions per guest call (`apply-batch`): a record the plugin
+/// cannot fold in the middle of a batch is still named exactly, whether the plugin refuses
+/// it (the batch says which one) or traps on it (found by folding once more, one call each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_that_cannot_be_folded_names_the_record_it_fails_at_inside_a_batch() {
+    use drover::journal::JournalOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 1_000).await;
+    for id in ["refused", "trapped", "fine"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+        rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    rt.shutdown().await;
+    drop(rt);
+    // Recorded after the passivation snapshot at seq 1: seqs 2-6 fold, seq 7 does not (a
+    // transition the plugin's `apply` refuses, or one it traps on), seqs 8-9 fold.
+    {
+        let journal = Journal::open(dir.path(), &JournalOptions::default()).expect("journal");
+        for (id, bad) in [
+            ("refused", json!({"type": "no_such_transition"})),
+            ("trapped", json!({"type": "poison"})),
+            ("fine", json!({"type": "counted", "count": 7})),
+        ] {
+            let head = journal.device(id).expect("device");
+            let writer = journal.device_writer(head.num, 64);
+            let mut done = Vec::new();
+            for seq in 2..=9u64 {
+                let transition = if seq == 7 {
+                    bad.clone()
+                } else {
+                    json!({"type": "counted", "count": seq})
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                writer.append_event(
+                    seq,
+                    drover::clock::now_ms(),
+                    head.version,
+                    r#"{"type":"ok"}"#,
+                    vec![transition.to_string()],
+                    None,
+                    move |r, _| {
+                        let _ = tx.send(r);
+                    },
+                );
+                done.push(rx);
+            }
+            for rx in done {
+                rx.await.expect("completion").expect("durable");
+            }
+        }
+        journal.close();
+    }
+    let rt = open(dir.path(), 1_000).await;
+    let fine = state(&rt, "fine").await;
+    assert_eq!(
+        (fine["count"].as_u64(), fine["applied"].as_u64()),
+        (Some(9), Some(9))
+    );
+    for (id, why) in [
+        ("refused", "invalid-transition"),
+        ("trapped", "poison transition applied"),
+    ] {
+        let err = rt.device(id).await.expect_err("cannot activate");
+        assert_eq!(err.code(), "activation-failed", "{err}");
+        let text = err.to_string();
+        assert!(text.contains("replaying seq 7:"), "{id}: {text}");
+        assert!(text.contains(why), "{id}: {text}");
+        // What `drover replay` and reads of the past say is the same.
+        let err = rt.state_at(id, 9).await.expect_err("cannot fold");
+        assert!(err.to_string().contains("replaying seq 7:"), "{id}: {err}");
+        let below = rt.state_at(id, 6).await.expect("folds up to seq 6").state;
+        assert_eq!(parse(&below)["count"], 6, "{id}");
+    }
+    rt.shutdown().await;
+}

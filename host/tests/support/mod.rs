@@ -18,7 +18,7 @@ mod plugins;
 #[allow(unused_imports)] // each test binary uses its own part of the support code
 pub use plugins::{
     cargo_command, misbehave_variant, outside_target_dir, plugin_dir, strip_build_env,
-    thermostat_v0_1,
+    thermostat_v0_1, thermostat_v0_2,
 };
 
 /// [`plugin_dir`] where a constant is wanted: converts to the directory's path (for

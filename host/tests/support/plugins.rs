@@ -70,6 +70,13 @@ pub fn thermostat_v0_1() -> Vec<u8> {
     variant("contract-v0-1", "thermostat", "drover-guest/contract-v0-1")
 }
 
+/// The `thermostat` example built against the frozen second contract,
+/// `drover:device@0.2.0` (the SDK's `contract-v0-2` feature): effects, but no `apply-batch`,
+/// so the host replays it one `apply` call per transition. In a target directory of its own.
+pub fn thermostat_v0_2() -> Vec<u8> {
+    variant("contract-v0-2", "thermostat", "drover-guest/contract-v0-2")
+}
+
 /// Plugin `package` built with cargo `features` in target directory `dir` (under the
 /// plugins' own), one build at a time.
 fn variant(dir: &str, package: &str, features: &str) -> Vec<u8> {
