@@ -32,13 +32,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, ComponentExportIndex, Func, HasSelf, Linker};
 
 pub use crate::config::EngineConfig;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 
+pub(crate) mod cpu_clock;
 mod guest_log;
 mod memory;
 mod stdio;
@@ -130,6 +131,56 @@ pub struct GuestState {
     stdio: stdio::Buffers,
     /// Lines the guest may still log in this unit of work (see `guest_log`).
     log_budget: guest_log::Budget,
+    /// The time budget of the unit of work under way (see `cpu_clock`).
+    clock: UnitClock,
+}
+
+/// A unit of work's time budget, in CPU time of the thread that runs it, and where it began.
+#[derive(Debug, Clone, Copy)]
+struct UnitClock {
+    budget: Duration,
+    /// The thread's CPU time at the start (a recent sample: never later than the start).
+    cpu_start: Duration,
+    wall_start: Instant,
+    epoch_tick: Duration,
+}
+
+/// How many times its budget a unit may take in wall-clock time, waiting for a core included,
+/// before it ends as a timeout whatever CPU time it used: a bound for a thread starved for
+/// long, or a host call that blocks (a log line into a full pipe).
+const WALL_LIMIT: u32 = 4;
+
+impl UnitClock {
+    fn start(budget: Duration, epoch_tick: Duration) -> UnitClock {
+        UnitClock {
+            budget,
+            cpu_start: cpu_clock::recent(),
+            wall_start: Instant::now(),
+            epoch_tick,
+        }
+    }
+
+    /// Epoch ticks until the deadline should next be looked at for `left` of budget: one
+    /// more than it spans, since the current tick may be about to end.
+    fn ticks(left: Duration, epoch_tick: Duration) -> u64 {
+        (left.as_nanos() / epoch_tick.as_nanos().max(1)).max(1) as u64 + 1
+    }
+}
+
+/// The epoch deadline passed: the unit's wall-clock time ran out, not necessarily its CPU
+/// time. Continues for what is left of the CPU budget, or interrupts (a timeout).
+fn deadline_reached(
+    store: wasmtime::StoreContextMut<'_, GuestState>,
+) -> wasmtime::Result<UpdateDeadline> {
+    let unit = store.data().clock;
+    let used = cpu_clock::now().saturating_sub(unit.cpu_start);
+    if used >= unit.budget || unit.wall_start.elapsed() >= unit.budget * WALL_LIMIT {
+        return Err(wasmtime::Trap::Interrupt.into());
+    }
+    Ok(UpdateDeadline::Continue(UnitClock::ticks(
+        unit.budget - used,
+        unit.epoch_tick,
+    )))
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -260,7 +311,11 @@ impl Engine {
                 while !stop.load(Ordering::Acquire) {
                     std::thread::sleep(tick);
                     match ticker_engine.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
+                        Some(engine) => {
+                            // Samples first: a deadline this tick reaches then sees them.
+                            cpu_clock::sample_all();
+                            engine.increment_epoch();
+                        }
                         None => break,
                     }
                 }
@@ -484,15 +539,16 @@ impl CompiledPlugin {
             last_error: None,
             stdio: stdio::Buffers::default(),
             log_budget: guest_log::Budget::default(),
+            clock: UnitClock::start(inner.config.call_timeout, inner.config.epoch_tick),
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_callback(deadline_reached);
         // Instantiation runs the component's start code: one call's budget.
-        let call_ticks = (inner.config.call_timeout.as_nanos()
-            / inner.config.epoch_tick.as_nanos().max(1))
-        .max(1) as u64
-            + 1;
-        store.set_epoch_deadline(call_ticks);
+        store.set_epoch_deadline(UnitClock::ticks(
+            inner.config.call_timeout,
+            inner.config.epoch_tick,
+        ));
         let device = match &*self.pre {
             Pre::V1(pre) => pre.instantiate(&mut store).map(Exports::V1),
             Pre::V2(pre) => pre.instantiate(&mut store).map(Exports::V2),
@@ -611,10 +667,11 @@ mod v2_shapes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchError {
     /// How many of the batch's transitions were applied before the one that failed, when
-    /// that is known: always for a refusal, and for every error of a plugin built before
-    /// `0.3.0` (applied one call each). Unknown (`None`) for a trap or timeout inside one
-    /// `apply-batch` call: the instance is lost then, and the caller may replay one by one
-    /// to find the transition (see `replay`).
+    /// that is known: for a refusal of a transition in the batch, and for every error of a
+    /// plugin built before `0.3.0` (applied one call each). Unknown (`None`) for a trap or
+    /// timeout inside one `apply-batch` call, and for a refusal naming a transition the batch
+    /// does not hold (then a [`CallError::Trap`]): the instance is lost then, and the caller
+    /// may replay one by one to find the transition (see `replay`).
     pub applied: Option<usize>,
     pub error: CallError,
 }
@@ -624,11 +681,16 @@ pub struct BatchError {
 /// # Time budgets
 ///
 /// A guest call runs under an epoch deadline. Work that takes several calls (an event:
-/// `handle` then one `apply` per transition; an activation: `restore` then the replayed
-/// `apply`s) runs inside [`Instance::within`], which gives the whole unit one budget:
+/// `handle` then its transitions applied; an activation: `restore` then the replayed
+/// transitions) runs inside [`Instance::within`], which gives the whole unit one budget:
 /// otherwise a `handle` returning thousands of transitions whose `apply`s each stay just under
 /// the per-call deadline could hold a thread for hours. Outside a unit each call gets
-/// [`EngineConfig::call_timeout`].
+/// [`EngineConfig::call_timeout`] (an `apply-batch` is one call).
+///
+/// Budgets count the CPU time of the thread that runs the guest, not the time it waited for
+/// a core (see `engine/cpu_clock.rs`): the epoch deadline passing only makes the engine look
+/// at the thread's CPU clock and let the guest go on for what is left. A unit that takes
+/// `WALL_LIMIT` (4) times its budget in wall-clock time ends as a timeout regardless.
 pub struct Instance {
     store: Store<GuestState>,
     device: Exports,
@@ -699,7 +761,9 @@ impl Instance {
 
     /// Applies transitions in order, as [`Instance::apply`] of each would, in one guest call
     /// for a plugin built against `0.3.0` (one call each before). Callers bound a batch (see
-    /// [`batches`]): the guest holds all of it in its memory at once.
+    /// `decide::batches`): the guest holds all of it in its memory at once. Meant
+    /// to run inside a unit ([`Instance::within`]); outside one, the whole batch gets one
+    /// call's budget.
     pub fn apply_batch(&mut self, transitions: &[&str]) -> Result<(), BatchError> {
         let batch = match &self.device {
             Exports::V3(_, batch) if transitions.len() > 1 => *batch,
@@ -792,24 +856,29 @@ impl Instance {
     /// from now (see the type's docs).
     pub fn within<T>(&mut self, budget: Duration, f: impl FnOnce(&mut Instance) -> T) -> T {
         let outer = self.unit.replace(budget);
+        let outer_clock = self.store.data().clock;
         if outer.is_none() {
             self.renew_log_budget();
         }
-        self.store.set_epoch_deadline(self.ticks(budget));
+        self.start_clock(budget);
         let out = f(self);
         self.unit = outer;
+        // The outer unit's deadline may now come early: looked at then, it goes on.
+        self.store.data_mut().clock = outer_clock;
         out
     }
 
-    /// Epoch ticks for `budget`, plus one: the current tick may be about to end.
-    fn ticks(&self, budget: Duration) -> u64 {
-        (budget.as_nanos() / self.epoch_tick.as_nanos().max(1)).max(1) as u64 + 1
+    /// A budget starts: its clock, and the first time the deadline is looked at.
+    fn start_clock(&mut self, budget: Duration) {
+        self.store.data_mut().clock = UnitClock::start(budget, self.epoch_tick);
+        self.store
+            .set_epoch_deadline(UnitClock::ticks(budget, self.epoch_tick));
     }
 
     fn arm(&mut self) {
         if self.unit.is_none() {
             self.renew_log_budget();
-            self.store.set_epoch_deadline(self.ticks(self.call_timeout));
+            self.start_clock(self.call_timeout);
         }
     }
 

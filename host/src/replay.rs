@@ -75,6 +75,8 @@ pub struct RebuildFailure {
     /// A trap inside one `apply-batch` call of several transitions: `seq` is the batch's
     /// first, not necessarily the one that trapped (see [`rebuild_reporting`]).
     pub(crate) unlocated: bool,
+    /// The plugin trapped (rather than refused, timed out, or the journal failed).
+    pub(crate) trapped: bool,
 }
 
 impl From<Error> for RebuildFailure {
@@ -83,6 +85,7 @@ impl From<Error> for RebuildFailure {
             seq: None,
             error,
             unlocated: false,
+            trapped: false,
         }
     }
 }
@@ -101,12 +104,30 @@ pub fn rebuild_reporting(
     upto: u64,
     start: Start,
 ) -> Result<Rebuilt, RebuildFailure> {
-    let rebuilt = match rebuild_from(journal, registry, device, upto, start, BATCHED) {
-        // A trap in a batch does not say which transition trapped: once more, one `apply`
-        // per transition, finds it (replay is deterministic), on the failure path only.
-        Err(f) if f.unlocated => {
-            tracing::debug!(device = %device.id, error = %f.error, "locating a trap in a batch");
-            rebuild_from(journal, registry, device, upto, start, 1)
+    // One budget for the whole rebuild (restore, init, every replayed apply), not per call,
+    // shared by the search for a trap below.
+    let deadline = Instant::now() + registry.engine().config().activation_timeout;
+    let rebuilt = match rebuild_from(journal, registry, device, upto, start, deadline, None) {
+        // A trap in a batch does not say which transition trapped. Replay is deterministic:
+        // once more, in batches up to that batch and one `apply` per transition from it on,
+        // finds it. On the failure path only. If that ends otherwise than in a trap at or
+        // after the batch (its time ran out), the first failure stands; if it succeeds, the
+        // batch itself was the trouble (a guest near its memory cap), and the state stands.
+        Err(first) if first.unlocated => {
+            let from = first.seq;
+            tracing::debug!(device = %device.id, error = %first.error, "locating a trap in a batch");
+            match rebuild_from(journal, registry, device, upto, start, deadline, from) {
+                Err(located) if located.trapped && located.seq >= from => Err(located),
+                Ok(rebuilt) => {
+                    tracing::warn!(
+                        device = %device.id,
+                        error = %first.error,
+                        "a batch of transitions trapped, one at a time they fold"
+                    );
+                    Ok(rebuilt)
+                }
+                Err(_) => Err(first),
+            }
         }
         other => other,
     };
@@ -178,13 +199,12 @@ fn rebuild_from(
     device: &DeviceHead,
     upto: u64,
     start: Start,
-    batch: usize,
+    deadline: Instant,
+    one_by_one_from: Option<u64>,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
     let activation = |e: crate::engine::CallError| Error::Activation(e.to_string());
-    // One budget for the whole rebuild (restore, init, every replayed apply), not per call.
-    let deadline = Instant::now() + compiled.engine().config().activation_timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
 
     // Newest usable snapshot first; one that will not restore falls back to the one before
@@ -276,48 +296,68 @@ fn rebuild_from(
         let to = (next + CHUNK - 1).min(upto);
         let records = journal.read_events(device.num, next, to)?;
         // The chunk's transitions in order, and where each record's begin, so that a batch
-        // failing at one transition is blamed on the record that holds it.
+        // failing at one transition is blamed on the record that holds it. A record that is
+        // not UTF-8 ends the chunk: what comes before it is folded first, so an earlier
+        // record that will not fold is still the one named.
         let mut transitions: Vec<&str> = Vec::new();
         let mut firsts: Vec<(u64, usize)> = Vec::new();
+        let mut unreadable = None;
         // Salvaged-away records have nothing to apply, and their time is the salvage's.
-        for record in records.iter().filter(|r| !r.lost) {
+        'records: for record in records.iter().filter(|r| !r.lost) {
             firsts.push((record.seq, transitions.len()));
             for t in &record.transitions {
-                transitions.push(std::str::from_utf8(t).map_err(|_| RebuildFailure {
-                    seq: Some(record.seq),
-                    error: Error::Activation(format!(
-                        "seq {}: transition is not UTF-8",
-                        record.seq
-                    )),
-                    unlocated: false,
-                })?);
+                match std::str::from_utf8(t) {
+                    Ok(t) => transitions.push(t),
+                    Err(_) => {
+                        unreadable = Some(record.seq);
+                        transitions.truncate(firsts.pop().map_or(0, |(_, first)| first));
+                        break 'records;
+                    }
+                }
             }
         }
         let seq_of = |index: usize| {
             let holders = firsts.partition_point(|&(_, first)| first <= index);
             firsts[holders.saturating_sub(1)].0
         };
+        // Batched, except (when locating a trap) from the batch that trapped on.
+        let split = one_by_one_from.map_or(transitions.len(), |from| {
+            firsts
+                .iter()
+                .find(|&&(seq, _)| seq >= from)
+                .map_or(transitions.len(), |&(_, first)| first)
+        });
+        let (batched, single) = transitions.split_at(split);
         instance.within(left(), |instance| -> Result<(), RebuildFailure> {
             let mut done = 0;
-            for batch in decide::batches(&transitions, batch) {
-                instance.apply_batch(batch).map_err(|e| match e.applied {
-                    Some(n) => {
-                        let seq = seq_of(done + n);
-                        RebuildFailure {
-                            seq: Some(seq),
-                            error: Error::Activation(format!("replaying seq {seq}: {}", e.error)),
-                            unlocated: false,
+            let runs = decide::batches(batched, BATCHED).chain(decide::batches(single, 1));
+            for batch in runs {
+                instance.apply_batch(batch).map_err(|e| {
+                    let trapped = matches!(e.error, CallError::Trap(_));
+                    let error = Error::from(e.error);
+                    match e.applied {
+                        Some(n) => {
+                            let seq = seq_of(done + n);
+                            RebuildFailure {
+                                seq: Some(seq),
+                                error: Error::Activation(format!("replaying seq {seq}: {error}")),
+                                unlocated: false,
+                                trapped,
+                            }
                         }
-                    }
-                    None => {
-                        let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
-                        RebuildFailure {
-                            seq: Some(first),
-                            error: Error::Activation(format!(
-                                "replaying seqs {first} to {last}: {}",
-                                e.error
-                            )),
-                            unlocated: matches!(e.error, CallError::Trap(_)),
+                        // A trap or timeout inside one call of several transitions: blamed on
+                        // the batch's first record (a trap is then located, see
+                        // `rebuild_reporting`).
+                        None => {
+                            let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
+                            RebuildFailure {
+                                seq: Some(first),
+                                error: Error::Activation(format!(
+                                    "replaying seqs {first} to {last}: {error}"
+                                )),
+                                unlocated: trapped,
+                                trapped,
+                            }
                         }
                     }
                 })?;
@@ -325,6 +365,14 @@ fn rebuild_from(
             }
             Ok(())
         })?;
+        if let Some(seq) = unreadable {
+            return Err(RebuildFailure {
+                seq: Some(seq),
+                error: Error::Activation(format!("seq {seq}: transition is not UTF-8")),
+                unlocated: false,
+                trapped: false,
+            });
+        }
         applied += transitions.len() as u64;
         if let Some(record) = records.iter().rev().find(|r| !r.lost) {
             last_at_ms = record.at_ms;

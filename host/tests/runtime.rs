@@ -1655,3 +1655,52 @@ async fn a_history_that_cannot_be_folded_names_the_record_it_fails_at_inside_a_b
     }
     rt.shutdown().await;
 }
+
+/// A time budget counts the CPU time a guest used, not the time its thread waited for a
+/// core: an event that needs 40% of its budget is handled while the machine is oversubscribed
+/// three times over, though it takes longer than its budget in wall-clock time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = Duration::from_millis(300);
+    let rt = open(dir.path(), 1_000).await;
+    rt.provision("s", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    let spin = support::spins_for(&rt, "s", 0.4 * budget.as_secs_f64()).await;
+
+    // Three busy threads per core, as long as the event runs.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..3 * cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let handled = rt.send("s", &support::slow_apply(spin, 1)).await;
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().expect("hog");
+    }
+    assert!(
+        took > budget,
+        "the event waited for a core, or this test proves nothing: {took:?}"
+    );
+    handled.expect("handled: 40% of its budget in CPU time");
+
+    // A guest that does use its whole budget still times out.
+    let err = rt
+        .send("s", &support::slow_apply(spin * 4, 1))
+        .await
+        .expect_err("over its budget");
+    assert_eq!(err.code(), "timeout", "{err}");
+    rt.shutdown().await;
+}

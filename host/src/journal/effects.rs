@@ -1,7 +1,7 @@
 //! Effects as the journal records them, and the per-device state they leave behind: pending
 //! timers, undelivered messages and the command outbox.
 //!
-//! An event handled by a plugin built against `drover:device@0.2.0` may produce effects
+//! An event handled by a plugin built against `drover:device@0.2.0` or later may produce effects
 //! besides transitions (see `wit/device.wit`). They are part of the event's own journal record
 //! (kind 9, which is kind 3 plus an [`Fx`] block), so they are durable exactly when the
 //! transitions are, and replay, which folds transitions only, never sees them again.
