@@ -105,8 +105,8 @@ pub mod defaults {
     pub const GUARD_PAGES_MAX_LIVE: usize = 14_000;
     /// Largest accepted event. At most [`super::MAX_PAYLOAD_LIMIT`].
     pub const MAX_EVENT_BYTES: usize = 64 * 1024;
-    /// Longest one event (its `handle` and every `apply`) or one other guest call may run;
-    /// guest calls normally take microseconds.
+    /// Most CPU time one event (its `handle` and every `apply`) or one other guest call may
+    /// use (and 4 times it in wall-clock time); guest calls normally take microseconds.
     pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
     /// Longest one activation (restore a snapshot, replay the tail) may run. Replay applies
     /// ~2M transitions/s, so this covers a tail of millions of transitions.
@@ -167,8 +167,9 @@ pub const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct EngineConfig {
-    /// Longest one event (`handle` plus every `apply`), or one other guest call, may run
-    /// before it is interrupted.
+    /// Most CPU time one event (`handle` plus every `apply`), or one other guest call, may use
+    /// before it is interrupted (and 4 times it in wall-clock time, waiting for a core
+    /// included; see `engine/cpu_clock.rs`).
     #[serde(with = "millis")]
     pub call_timeout: Duration,
     /// Longest one activation (restore plus the replayed tail) may run.

@@ -100,7 +100,8 @@ pub struct Tuning {
     ))]
     pub snapshot_every: Option<u64>,
     #[arg(long, help = help(
-        "Longest a guest call may run, in milliseconds",
+        "Most CPU time one event (handle plus every apply) or other guest call may use, in \
+         milliseconds (4 times it in wall-clock time at most)",
         defaults::CALL_TIMEOUT.as_millis(),
     ))]
     pub call_timeout_ms: Option<u64>,
@@ -163,7 +164,8 @@ pub struct Tuning {
     ))]
     pub max_connections: Option<usize>,
     #[arg(long, help = help(
-        "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds",
+        "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds \
+         (its guest calls count CPU time, not waits for a core)",
         defaults::ACTIVATION_TIMEOUT.as_millis(),
     ))]
     pub activation_timeout_ms: Option<u64>,
