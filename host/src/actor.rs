@@ -153,10 +153,6 @@ impl ActorPool {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("drover-actor")
-            // Guest time budgets count these threads' CPU time from the epoch ticker's
-            // samples (see `engine/cpu_clock.rs`).
-            .on_thread_start(crate::engine::cpu_clock::register_current_thread)
-            .on_thread_stop(crate::engine::cpu_clock::unregister_current_thread)
             .enable_time()
             .build()?;
         Ok(ActorPool {

@@ -10,14 +10,12 @@
 //! starved for minutes, a host call stuck on a blocked log pipe) still ends as a timeout.
 //!
 //! Reading a thread's CPU clock is a system call (~300 ns here, `CLOCK_THREAD_CPUTIME_ID`):
-//! too dear for every event. A unit's starting point is therefore a *sample*: threads that
-//! run guest code all the time (the actor pool's) are registered here, and the epoch ticker
-//! reads their clocks once per tick. A sample is at most one tick old, so a unit is charged
-//! at most one tick (10 ms by default) of CPU time it did not use: it may end that much
-//! early, never late. Other threads (a deploy's, `drover replay`'s) read their clock at the
-//! start of each unit.
+//! too dear for every event. A unit's starting point is therefore a *sample*: a thread that
+//! runs guest code is registered here at its first unit (and unregistered when it ends), and
+//! the epoch ticker reads the clocks of all registered threads once per tick. A sample is at
+//! most one tick old, so a unit is charged at most one tick (10 ms by default) of CPU time it
+//! did not use: it may end that much early, never late.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,38 +31,41 @@ struct Slot {
 static THREADS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
 
 thread_local! {
-    static MINE: RefCell<Option<Arc<Slot>>> = const { RefCell::new(None) };
+    /// The calling thread's registration, made at its first unit of guest work and undone
+    /// when the thread ends (a thread's clock id may name another thread later).
+    static MINE: Registration = Registration::new();
 }
 
-/// Registers the calling thread, whose units of guest work then start from the ticker's
-/// samples instead of a clock read. For threads that run guest code all along (the actor
-/// pool's `on_thread_start`); undone by [`unregister_current_thread`].
-pub fn register_current_thread() {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `pthread_self` is the calling thread, alive for this call; `clock` is a valid
-    // out-pointer.
-    if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } != 0 {
-        return;
-    }
-    let slot = Arc::new(Slot {
-        clock,
-        sampled: AtomicU64::new(read(clock).unwrap_or(0)),
-    });
-    THREADS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(slot.clone());
-    MINE.with_borrow_mut(|mine| *mine = Some(slot));
-}
+struct Registration(Option<Arc<Slot>>);
 
-/// Undoes [`register_current_thread`] (the pool's `on_thread_stop`): a thread that ended
-/// must not be sampled, its clock id may name another thread later.
-pub fn unregister_current_thread() {
-    if let Some(slot) = MINE.with_borrow_mut(Option::take) {
+impl Registration {
+    fn new() -> Registration {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `pthread_self` is the calling thread, alive for this call; `clock` is a
+        // valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } != 0 {
+            return Registration(None);
+        }
+        let slot = Arc::new(Slot {
+            clock,
+            sampled: AtomicU64::new(read(clock).unwrap_or(0)),
+        });
         THREADS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|s| !Arc::ptr_eq(s, &slot));
+            .push(slot.clone());
+        Registration(Some(slot))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|s| !Arc::ptr_eq(s, &slot));
+        }
     }
 }
 
@@ -82,13 +83,15 @@ pub(crate) fn now() -> Duration {
     Duration::from_nanos(read(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0))
 }
 
-/// The calling thread's CPU time a moment ago: the last sample of a registered thread (at
-/// most one epoch tick old, so never later than [`now`]), else a clock read.
+/// The calling thread's CPU time a moment ago: the ticker's last sample of it (at most one
+/// epoch tick old, so never later than [`now`]). The first call on a thread registers it.
 pub(crate) fn recent() -> Duration {
-    MINE.with_borrow(|mine| match mine {
+    MINE.try_with(|mine| match &mine.0 {
         Some(slot) => Duration::from_nanos(slot.sampled.load(Ordering::Relaxed)),
         None => now(),
     })
+    // A thread already tearing down its thread-locals reads its clock.
+    .unwrap_or_else(|_| now())
 }
 
 fn read(clock: libc::clockid_t) -> Option<u64> {
@@ -118,7 +121,13 @@ mod tests {
     #[test]
     fn a_thread_is_charged_for_the_cpu_it_used_and_samples_lag_behind() {
         std::thread::spawn(|| {
-            register_current_thread();
+            // The first reading registers the thread.
+            recent();
+            let mine = MINE.with(|m| m.0.clone()).expect("registered");
+            let sampled =
+                |slot: &Arc<Slot>| THREADS.lock().unwrap().iter().any(|s| Arc::ptr_eq(s, slot));
+            assert!(sampled(&mine));
+            sample_all();
             let before = recent();
             spin(Duration::from_millis(30));
             // Not sampled since: the sample has not moved, the clock has.
@@ -132,15 +141,19 @@ mod tests {
             let before = now();
             std::thread::sleep(Duration::from_millis(30));
             assert!(now() - before < Duration::from_millis(10));
-            let registered = THREADS.lock().unwrap().len();
-            unregister_current_thread();
-            assert_eq!(THREADS.lock().unwrap().len(), registered - 1);
-            // Unregistered, the thread reads its clock: no lag any more.
-            let before = recent();
-            spin(Duration::from_millis(30));
-            assert!(recent() - before >= Duration::from_millis(20));
+            mine
         })
         .join()
+        .map(|mine| {
+            // The thread ended: it is not sampled any more.
+            assert!(
+                !THREADS
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|s| Arc::ptr_eq(s, &mine))
+            );
+        })
         .expect("thread");
     }
 }
