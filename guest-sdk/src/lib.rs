@@ -106,7 +106,9 @@
 //! Refuse an event by returning an [`Error`]; nothing of it is recorded. A panic is a bug: in a
 //! component the SDK sends its message and location to the host's log (error level) and the
 //! instance traps, after which the host discards it and rebuilds the device from its journal.
-//! Components get no stdout/stderr (calling them traps), so use [`log`] instead of `println!`.
+//! `println!` and `eprintln!` work: the host logs each line under the device (at info and warn
+//! level), escaped and bounded like [`log`] lines. [`log`] picks the level. A trap's message
+//! quotes the last error-level or stderr line; there is no input, environment or exit (those trap).
 #![warn(missing_docs)]
 
 use std::fmt;
@@ -881,10 +883,8 @@ pub mod __private {
         /// The slot [`export_device!`] generates for the concrete device type.
         pub type Slot<T> = LocalKey<RefCell<Instance<T>>>;
 
-        /// Routes panic messages to `host.log` at error level. The default hook writes to
-        /// WASI stderr, which the host does not provide (calling it traps before the message
-        /// gets anywhere); with this hook the message reaches the host's log, then the panic
-        /// aborts as usual (a trap).
+        /// Routes panic messages to `host.log` at error level, with their location, so the
+        /// trap the host reports quotes them; then the panic aborts as usual (a trap).
         fn ensure_panic_hook() {
             static HOOK: std::sync::Once = std::sync::Once::new();
             HOOK.call_once(|| {

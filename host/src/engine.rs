@@ -148,7 +148,7 @@ struct UnitClock {
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
 /// before it ends as a timeout whatever CPU time it used: a bound for a thread starved for
 /// long, or a host call that blocks (a log line into a full pipe).
-const WALL_LIMIT: u32 = 4;
+pub(crate) const WALL_LIMIT: u32 = 4;
 
 impl UnitClock {
     fn start(budget: Duration, epoch_tick: Duration) -> UnitClock {

@@ -7,11 +7,11 @@
 //! effects and needs no clock.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::EngineConfig;
 use crate::decide;
-use crate::engine::{CallError, Engine, Instance};
+use crate::engine::{CallError, Engine, Instance, WALL_LIMIT, cpu_clock};
 use crate::error::Error;
 use crate::journal::{DeviceHead, Journal, JournalError, SnapshotRef};
 use crate::registry::Registry;
@@ -106,8 +106,8 @@ pub fn rebuild_reporting(
 ) -> Result<Rebuilt, RebuildFailure> {
     // One budget for the whole rebuild (restore, init, every replayed apply), not per call,
     // shared by the search for a trap below.
-    let deadline = Instant::now() + registry.engine().config().activation_timeout;
-    let rebuilt = match rebuild_from(journal, registry, device, upto, start, deadline, None) {
+    let budget = Budget::start(registry.engine().config().activation_timeout);
+    let rebuilt = match rebuild_from(journal, registry, device, upto, start, &budget, None) {
         // A trap in a batch does not say which transition trapped. Replay is deterministic:
         // once more, in batches up to that batch and one `apply` per transition from it on,
         // finds it. On the failure path only. If that ends otherwise than in a trap at or
@@ -116,7 +116,7 @@ pub fn rebuild_reporting(
         Err(first) if first.unlocated => {
             let from = first.seq;
             tracing::debug!(device = %device.id, error = %first.error, "locating a trap in a batch");
-            match rebuild_from(journal, registry, device, upto, start, deadline, from) {
+            match rebuild_from(journal, registry, device, upto, start, &budget, from) {
                 Err(located) if located.trapped && located.seq >= from => Err(located),
                 Ok(rebuilt) => {
                     tracing::warn!(
@@ -193,19 +193,55 @@ pub fn probe_restore(
     Ok(())
 }
 
+/// A rebuild's time budget: the activation budget, in CPU time of the thread that runs it
+/// (guest calls and journal reads alike), as each guest call's budget is; and, like theirs, at
+/// most `WALL_LIMIT` times it in wall-clock time. Each step's guest calls get what is left.
+struct Budget {
+    total: Duration,
+    cpu_start: Duration,
+    wall_start: Instant,
+}
+
+impl Budget {
+    fn start(total: Duration) -> Budget {
+        Budget {
+            total,
+            cpu_start: cpu_clock::now(),
+            wall_start: Instant::now(),
+        }
+    }
+
+    /// A guest call's timeout told as the rebuild's: it ran out of the whole budget, not of
+    /// the part of it that was left for that call.
+    fn whole(&self, e: CallError) -> CallError {
+        match e {
+            CallError::Timeout(_) => CallError::Timeout(self.total),
+            other => other,
+        }
+    }
+
+    fn left(&self) -> Duration {
+        if self.wall_start.elapsed() >= self.total * WALL_LIMIT {
+            return Duration::ZERO;
+        }
+        let used = cpu_clock::now().saturating_sub(self.cpu_start);
+        self.total.saturating_sub(used)
+    }
+}
+
 fn rebuild_from(
     journal: &Journal,
     registry: &Registry,
     device: &DeviceHead,
     upto: u64,
     start: Start,
-    deadline: Instant,
+    budget: &Budget,
     one_by_one_from: Option<u64>,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
     let activation = |e: crate::engine::CallError| Error::Activation(e.to_string());
-    let left = || deadline.saturating_duration_since(Instant::now());
+    let left = || budget.left();
 
     // Newest usable snapshot first; one that will not restore falls back to the one before
     // it, and past a few failures to a full replay from `init`.
@@ -252,7 +288,7 @@ fn rebuild_from(
             .and_then(|data| {
                 instance
                     .within(left(), |i| i.restore(&data))
-                    .map_err(Error::from)
+                    .map_err(|e| Error::from(budget.whole(e)))
             });
         match outcome {
             Ok(()) => {
@@ -284,7 +320,7 @@ fn rebuild_from(
                 .map_err(|_| Error::Activation("stored config is not UTF-8".into()))?;
             instance
                 .within(left(), |i| i.init(&device.id, config))
-                .map_err(activation)?;
+                .map_err(|e| activation(budget.whole(e)))?;
             (instance, 0)
         }
     };
@@ -334,24 +370,27 @@ fn rebuild_from(
             for batch in runs {
                 instance.apply_batch(batch).map_err(|e| {
                     let trapped = matches!(e.error, CallError::Trap(_));
-                    let error = Error::from(e.error);
+                    // Running out of time is no record's fault: none is named as the one
+                    // that cannot be folded (`seq`), though the message says where it was.
+                    let timed_out = matches!(e.error, CallError::Timeout(_));
+                    let error = Error::from(budget.whole(e.error));
                     match e.applied {
                         Some(n) => {
                             let seq = seq_of(done + n);
                             RebuildFailure {
-                                seq: Some(seq),
+                                seq: (!timed_out).then_some(seq),
                                 error: Error::Activation(format!("replaying seq {seq}: {error}")),
                                 unlocated: false,
                                 trapped,
                             }
                         }
-                        // A trap or timeout inside one call of several transitions: blamed on
-                        // the batch's first record (a trap is then located, see
+                        // A trap or timeout inside one call of several transitions: a trap is
+                        // blamed on the batch's first record, then located (see
                         // `rebuild_reporting`).
                         None => {
                             let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
                             RebuildFailure {
-                                seq: Some(first),
+                                seq: (!timed_out).then_some(first),
                                 error: Error::Activation(format!(
                                     "replaying seqs {first} to {last}: {error}"
                                 )),

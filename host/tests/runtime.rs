@@ -1704,3 +1704,67 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
     assert_eq!(err.code(), "timeout", "{err}");
     rt.shutdown().await;
 }
+
+/// A rebuild's budget is CPU time across all of it: a replay longer than one journal chunk
+/// (1,024 records) that needs half its budget is not cut off for waiting for a core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = Duration::from_secs(2);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_secs(1))
+        .activation_timeout(budget)
+        .snapshot_every(100_000)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("long", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    let spin = support::spins_for(&rt, "long", 0.3).await;
+    // ~0.6 s of folding in each of two chunks: slow records first, then enough cheap ones
+    // to fill the first chunk, then slow ones again.
+    let slow = async |n| {
+        for _ in 0..n {
+            rt.send("long", &support::slow_apply(spin, 1))
+                .await
+                .expect("slow");
+        }
+    };
+    slow(2).await;
+    for _ in 0..1_100 {
+        rt.send("long", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    slow(2).await;
+    rt.shutdown().await;
+    drop(rt);
+
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..3 * cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let replayed = replay::offline(dir.path(), "long", None, Start::Genesis);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().expect("hog");
+    }
+    assert!(
+        took > budget,
+        "the replay waited for a core, or this test proves nothing: {took:?}"
+    );
+    let replayed = replayed.expect("about half its budget in CPU time");
+    assert_eq!(replayed.seq, 1_105);
+    assert_eq!(parse(&replayed.state)["applied"], json!(1_105));
+}
