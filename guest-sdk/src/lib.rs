@@ -108,7 +108,8 @@
 //! instance traps, after which the host discards it and rebuilds the device from its journal.
 //! `println!` and `eprintln!` work: the host logs each line under the device (at info and warn
 //! level), escaped and bounded like [`log`] lines. [`log`] picks the level. A trap's message
-//! quotes the last error-level or stderr line; there is no input, environment or exit (those trap).
+//! quotes the last error-level or stderr line. There is no input, environment or exit (they
+//! trap).
 #![warn(missing_docs)]
 
 use std::fmt;
