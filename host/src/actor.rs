@@ -1215,7 +1215,7 @@ impl Actor {
         let timed_out_enough = match (&decided, key) {
             (
                 Err(Failed {
-                    error: Error::Timeout(_),
+                    error: Error::Timeout(_) | Error::Starved(_),
                     ..
                 }),
                 Some(key),

@@ -97,6 +97,15 @@ pub enum CallError {
     /// The guest exceeded its time budget. The instance must be discarded.
     #[error("guest exceeded its {0:?} time budget")]
     Timeout(Duration),
+    /// The guest was interrupted within its CPU budget, having waited for a core so long that
+    /// its unit took `WALL_LIMIT` times its budget in wall-clock time: the machine is
+    /// overloaded, the guest is not at fault. The instance must be discarded.
+    #[error(
+        "guest interrupted after {} times its {budget:?} budget in wall-clock time, waiting \
+         for a core, having used {used:?} of CPU: the server is overloaded",
+        WALL_LIMIT
+    )]
+    Starved { budget: Duration, used: Duration },
 }
 
 impl CallError {
@@ -133,6 +142,9 @@ pub struct GuestState {
     log_budget: guest_log::Budget,
     /// The time budget of the unit of work under way (see `cpu_clock`).
     clock: UnitClock,
+    /// Set when the unit was interrupted by the wall-clock bound, within its CPU budget:
+    /// the CPU time it had used.
+    starved: Option<Duration>,
 }
 
 /// A unit of work's time budget, in CPU time of the thread that runs it, and where it began.
@@ -170,11 +182,15 @@ impl UnitClock {
 /// The epoch deadline passed: the unit's wall-clock time ran out, not necessarily its CPU
 /// time. Continues for what is left of the CPU budget, or interrupts (a timeout).
 fn deadline_reached(
-    store: wasmtime::StoreContextMut<'_, GuestState>,
+    mut store: wasmtime::StoreContextMut<'_, GuestState>,
 ) -> wasmtime::Result<UpdateDeadline> {
     let unit = store.data().clock;
     let used = cpu_clock::now().saturating_sub(unit.cpu_start);
-    if used >= unit.budget || unit.wall_start.elapsed() >= unit.budget * WALL_LIMIT {
+    if used >= unit.budget {
+        return Err(wasmtime::Trap::Interrupt.into());
+    }
+    if unit.wall_start.elapsed() >= unit.budget * WALL_LIMIT {
+        store.data_mut().starved = Some(used);
         return Err(wasmtime::Trap::Interrupt.into());
     }
     Ok(UpdateDeadline::Continue(UnitClock::ticks(
@@ -540,6 +556,7 @@ impl CompiledPlugin {
             stdio: stdio::Buffers::default(),
             log_budget: guest_log::Budget::default(),
             clock: UnitClock::start(inner.config.call_timeout, inner.config.epoch_tick),
+            starved: None,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -871,6 +888,7 @@ impl Instance {
     /// A budget starts: its clock, and the first time the deadline is looked at.
     fn start_clock(&mut self, budget: Duration) {
         self.store.data_mut().clock = UnitClock::start(budget, self.epoch_tick);
+        self.store.data_mut().starved = None;
         self.store
             .set_epoch_deadline(UnitClock::ticks(budget, self.epoch_tick));
     }
@@ -910,7 +928,11 @@ impl Instance {
             e.downcast_ref::<wasmtime::Trap>(),
             Some(wasmtime::Trap::Interrupt)
         ) {
-            return CallError::Timeout(self.unit.unwrap_or(self.call_timeout));
+            let budget = self.unit.unwrap_or(self.call_timeout);
+            return match self.store.data_mut().starved.take() {
+                Some(used) => CallError::Starved { budget, used },
+                None => CallError::Timeout(budget),
+            };
         }
         let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => trap.to_string(),

@@ -36,6 +36,11 @@ pub enum Error {
     Trap(String),
     #[error("the device's plugin exceeded its time budget of {0:?}")]
     Timeout(std::time::Duration),
+    /// A guest interrupted within its CPU budget because it waited for a core too long (the
+    /// machine is overloaded; see `engine/cpu_clock.rs`). Told apart from [`Error::Timeout`]
+    /// by its message only: the same code and status, and supervision treats it alike.
+    #[error("{0}")]
+    Starved(String),
     #[error(
         "the device's plugin produced {size} bytes of output (transitions and effects), over the \
          limit of {limit}"
@@ -201,7 +206,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::Rejected { .. } => ErrorKind::Rejected,
             Error::Trap(_) => ErrorKind::Trap,
-            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Timeout(_) | Error::Starved(_) => ErrorKind::Timeout,
             Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
             Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
             Error::MailboxFull => ErrorKind::MailboxFull,
@@ -236,6 +241,7 @@ impl From<CallError> for Error {
             CallError::Rejected { code, message } => Error::Rejected { code, message },
             CallError::Trap(m) => Error::Trap(m),
             CallError::Timeout(d) => Error::Timeout(d),
+            starved @ CallError::Starved { .. } => Error::Starved(starved.to_string()),
         }
     }
 }

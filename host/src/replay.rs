@@ -372,7 +372,8 @@ fn rebuild_from(
                     let trapped = matches!(e.error, CallError::Trap(_));
                     // Running out of time is no record's fault: none is named as the one
                     // that cannot be folded (`seq`), though the message says where it was.
-                    let timed_out = matches!(e.error, CallError::Timeout(_));
+                    let timed_out =
+                        matches!(e.error, CallError::Timeout(_) | CallError::Starved { .. });
                     let error = Error::from(budget.whole(e.error));
                     match e.applied {
                         Some(n) => {

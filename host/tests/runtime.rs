@@ -1702,6 +1702,35 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
         .await
         .expect_err("over its budget");
     assert_eq!(err.code(), "timeout", "{err}");
+    assert!(
+        err.to_string().contains("exceeded its time budget"),
+        "{err}"
+    );
+
+    // Starved of cores for over four times its budget, the same event is interrupted all the
+    // same, and told apart: the machine is overloaded, the guest is not at fault.
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..16 * cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let starved = rt.send("s", &support::slow_apply(spin, 1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().expect("hog");
+    }
+    let err = starved.expect_err("waited too long for a core");
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert!(
+        err.to_string().contains("waiting for a core") && err.to_string().contains("overloaded"),
+        "{err}"
+    );
     rt.shutdown().await;
 }
 
