@@ -1668,37 +1668,56 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
     rt.provision("s", "misbehave", &json!({}))
         .await
         .expect("provision");
-    let spin = support::spins_for(&rt, "s", 0.4 * budget.as_secs_f64()).await;
-
-    // Three busy threads per core, as long as the event runs.
+    // Other tests run beside this one: the least contended of three probes is the closest
+    // to the machine's speed.
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "s", 0.4 * budget.as_secs_f64()).await);
+    }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let stop = Arc::new(AtomicBool::new(false));
-    let hogs: Vec<_> = (0..3 * cores)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
+    // Busy threads per core, while `f` runs.
+    let hogged = async |per_core: usize, event: String| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let hogs: Vec<_> = (0..per_core * cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
             })
-        })
-        .collect();
-    let started = std::time::Instant::now();
-    let handled = rt.send("s", &support::slow_apply(spin, 1)).await;
-    let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for hog in hogs {
-        hog.join().expect("hog");
+            .collect();
+        let started = std::time::Instant::now();
+        let handled = rt.send("s", &event).await;
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for hog in hogs {
+            hog.join().expect("hog");
+        }
+        (handled, took)
+    };
+
+    // More busy threads until the event waits for a core long enough to outlast its budget
+    // in wall-clock time (three per core usually do); handled each time.
+    let mut waited = None;
+    for per_core in [3, 6, 9] {
+        let (handled, took) = hogged(per_core, support::slow_apply(spin, 1)).await;
+        handled.expect("handled: 40% of its budget in CPU time");
+        if took > budget {
+            waited = Some(took);
+            break;
+        }
     }
     assert!(
-        took > budget,
-        "the event waited for a core, or this test proves nothing: {took:?}"
+        waited.is_some(),
+        "the event never waited for a core long enough: this test proves nothing"
     );
-    handled.expect("handled: 40% of its budget in CPU time");
 
-    // A guest that does use its whole budget still times out.
+    // A guest that does use its whole budget still times out. (Twenty times the 40% event:
+    // over its budget whatever the calibration's error, since probes only ever run slow.)
     let err = rt
-        .send("s", &support::slow_apply(spin * 4, 1))
+        .send("s", &support::slow_apply(spin * 20, 1))
         .await
         .expect_err("over its budget");
     assert_eq!(err.code(), "timeout", "{err}");
@@ -1707,24 +1726,11 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
         "{err}"
     );
 
-    // Starved of cores for over four times its budget, the same event is interrupted all the
-    // same, and told apart: the machine is overloaded, the guest is not at fault.
-    let stop = Arc::new(AtomicBool::new(false));
-    let hogs: Vec<_> = (0..16 * cores)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        })
-        .collect();
-    let starved = rt.send("s", &support::slow_apply(spin, 1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for hog in hogs {
-        hog.join().expect("hog");
-    }
+    // Starved of cores for over four times its budget, an event within its CPU budget (60% of
+    // it) is interrupted all the same, and told apart: the machine is overloaded, the guest is
+    // not at fault.
+    // (32 busy threads per core: starved even if a slow probe made the event far cheaper.)
+    let (starved, _) = hogged(32, support::slow_apply(spin * 3 / 2, 1)).await;
     let err = starved.expect_err("waited too long for a core");
     assert_eq!(err.code(), "timeout", "{err}");
     assert!(
@@ -1752,7 +1758,11 @@ async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
     rt.provision("long", "misbehave", &json!({}))
         .await
         .expect("provision");
-    let spin = support::spins_for(&rt, "long", 0.3).await;
+    // The least contended of three probes (other tests run beside this one).
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "long", 0.3).await);
+    }
     // ~0.6 s of folding in each of two chunks: slow records first, then enough cheap ones
     // to fill the first chunk, then slow ones again.
     let slow = async |n| {
@@ -1794,6 +1804,6 @@ async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
         "the replay waited for a core, or this test proves nothing: {took:?}"
     );
     let replayed = replayed.expect("about half its budget in CPU time");
-    assert_eq!(replayed.seq, 1_105);
-    assert_eq!(parse(&replayed.state)["applied"], json!(1_105));
+    assert_eq!(replayed.seq, 1_107);
+    assert_eq!(parse(&replayed.state)["applied"], json!(1_107));
 }
