@@ -187,6 +187,57 @@ async fn shutdown_is_not_held_by_clients_that_never_finish_a_request() {
     );
 }
 
+/// A body whose last bytes arrive just after the server stops is still handled: its client
+/// sent it before the server stopped, and answering 503 to it made a SIGKILL test's honest
+/// clients fail under a graceful stop (a clean-clone CI run). It gets the 1 s shutdown grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_finishing_just_after_the_server_stops_is_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("t", "thermostat", &serde_json::json!({}))
+        .await
+        .expect("provision");
+    let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    let body = br#"{"type":"reading","celsius":19.5}"#;
+    let (stopping, stopped) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        let mut conn = connect(addr);
+        let head = format!(
+            "POST /v1/devices/t/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).expect("head");
+        conn.write_all(&body[..10]).expect("part of the body");
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the server stops");
+        std::thread::sleep(Duration::from_millis(200));
+        conn.write_all(&body[10..]).expect("the rest of the body");
+        read_to_close(conn)
+    });
+    // Let the server accept it and start reading the body before it stops listening.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stopping.send(()).expect("client waits");
+    let drained = shutdown.await.expect("shutdown");
+    assert!(drained, "drained without hitting the drain timeout");
+    let (answer, _) = tokio::task::spawn_blocking(move || client.join().expect("client"))
+        .await
+        .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""seq":1"#), "{answer}");
+    rt.shutdown().await;
+}
+
 /// A request whose declared length is over the route's limit gets its 413, in the API's
 /// error shape, before any `100 Continue`: the client never sends the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,17 +46,23 @@ fn event(nonce: &str, n: usize) -> Value {
 
 /// Starts the load: single-event clients on their own devices and a shared one, plus a
 /// gateway client sending batches. Each thread stops at the first transport error (the
-/// server died) or when `stop` is set, and returns what was acknowledged.
+/// server died) or when `stop` is set, and returns what was acknowledged. Once
+/// `terminating` is set (SIGTERM was sent), a 503 `shutting-down` also stops a thread: that
+/// request was refused, not acknowledged. Any other answer but 200 fails the test.
 fn start_load(
     url: &str,
     round: usize,
     stop: &Arc<AtomicBool>,
+    terminating: &Arc<AtomicBool>,
     count: &Arc<AtomicUsize>,
 ) -> Vec<std::thread::JoinHandle<Vec<Acked>>> {
+    let refused = |terminating: &AtomicBool, a: &support::Answer| {
+        terminating.load(Ordering::SeqCst) && a.status == 503 && a.text.contains("shutting-down")
+    };
     let mut threads = Vec::new();
     for c in 0..SINGLE_CLIENTS {
         let api = Api::new(url);
-        let (stop, count) = (stop.clone(), count.clone());
+        let (stop, terminating, count) = (stop.clone(), terminating.clone(), count.clone());
         threads.push(std::thread::spawn(move || {
             let mut devices = own_devices(c);
             devices.push(SHARED.to_string());
@@ -74,6 +80,8 @@ fn start_load(
                         acked.push((device.clone(), nonce, a.body["seq"].as_u64().unwrap()));
                         count.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(a) if refused(&terminating, &a) => break,
+                    Ok(a) if refused(&terminating, &a) => break,
                     Ok(a) => panic!("unexpected answer {}: {}", a.status, a.text),
                     Err(_) => break,
                 }
@@ -82,7 +90,7 @@ fn start_load(
         }));
     }
     let api = Api::new(url);
-    let (stop, count) = (stop.clone(), count.clone());
+    let (stop, terminating, count) = (stop.clone(), terminating.clone(), count.clone());
     threads.push(std::thread::spawn(move || {
         let devices = batch_devices();
         let mut acked = Vec::new();
@@ -116,6 +124,8 @@ fn start_load(
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                Ok(a) if refused(&terminating, &a) => break,
+                Ok(a) if refused(&terminating, &a) => break,
                 Ok(a) => panic!("unexpected answer {}: {}", a.status, a.text),
                 Err(_) => break,
             }
@@ -217,7 +227,8 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
     for round in 0..ROUNDS {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicUsize::new(0));
-        let threads = start_load(&server.url, round, &stop, &count);
+        let never = Arc::new(AtomicBool::new(false));
+        let threads = start_load(&server.url, round, &stop, &never, &count);
         // Under load for sure, then a random moment within the next half second.
         poll_until(Duration::from_secs(60), "the load to get going", || {
             (count.load(Ordering::Relaxed) >= 40).then_some(())
@@ -261,10 +272,12 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
     // everything acknowledged, up to the last answer, is there after the restart.
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
-    let threads = start_load(&server.url, ROUNDS, &stop, &count);
+    let terminating = Arc::new(AtomicBool::new(false));
+    let threads = start_load(&server.url, ROUNDS, &stop, &terminating, &count);
     poll_until(Duration::from_secs(60), "the load to get going", || {
         (count.load(Ordering::Relaxed) >= 40).then_some(())
     });
+    terminating.store(true, Ordering::SeqCst);
     let status = server.terminate();
     assert!(status.success(), "graceful exit under load: {status}");
     stop.store(true, Ordering::Relaxed);

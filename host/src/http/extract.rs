@@ -99,10 +99,21 @@ impl FromRequest<super::App> for Body {
     async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
         let limit = state.limits.body_read_timeout;
         let mut stopping = state.stopping.subscribe();
+        // Once the server stops, a body still arriving gets the shutdown grace and no more: a
+        // small body whose bytes were in flight is handled (its client sent it before the
+        // server stopped), one stalled mid-way does not hold the shutdown.
+        let stopped = async move {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                // The server went without stopping: never.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(super::server::SHUTDOWN_GRACE).await;
+        };
         let read = tokio::select! {
+            biased;
             read = tokio::time::timeout(limit, Bytes::from_request(req, state)) => read,
-            // The server stops: not waited for (the request was not handled; retry later).
-            _ = stopping.wait_for(|s| *s) => return Err(crate::Error::ShuttingDown.into()),
+            // Not handled (retry later or elsewhere).
+            () = stopped => return Err(crate::Error::ShuttingDown.into()),
         };
         match read {
             Ok(read) => read.map(Body).map_err(body_rejection),

@@ -75,9 +75,9 @@ pub struct AppState {
     pub limits: Limits,
     /// Request counters rendered after the runtime's own on `/metrics`.
     pub metrics: metrics::HttpMetrics,
-    /// Set when the server stops: a request body still arriving is not waited for (the
-    /// request gets 503 `shutting-down`, so a client stalled mid-body does not hold the
-    /// shutdown).
+    /// Set when the server stops: a request body still arriving is waited for a short grace
+    /// and no longer (then the request gets 503 `shutting-down`, so a client stalled
+    /// mid-body does not hold the shutdown).
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 

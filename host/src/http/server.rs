@@ -5,9 +5,9 @@
 //! 1. stop accepting connections (the listening socket is closed);
 //! 2. let in-flight requests finish and close idle keep-alive connections (each request is
 //!    answered once its event is durable, so a drained request is a durable one); a request
-//!    body still arriving is answered 503 `shutting-down` without waiting for it, and a
-//!    connection with no request being handled (a head still arriving, an answer not read)
-//!    is closed after a short grace;
+//!    body still arriving gets a short grace ([`SHUTDOWN_GRACE`]) and is then answered 503
+//!    `shutting-down`, and a connection with no request being handled (a head still
+//!    arriving, an answer not read) is closed after the same grace;
 //! 3. the caller then runs [`Runtime::shutdown`](crate::Runtime::shutdown), which drains the
 //!    mailboxes and flushes the journal.
 //!
@@ -55,8 +55,8 @@ content-length: 94\r\n\r\n\
 /// How long a connection with no request being handled may stay open once the server stops:
 /// a request head still arriving, or an answer (a journal page) still being written. After it
 /// the connection is closed, so such clients do not hold the shutdown for the header-read or
-/// write timeout.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// write timeout. A request body still arriving gets the same grace before its 503.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// What one connection is doing, for [`closed_when_idle`].
 #[derive(Clone, Default)]
