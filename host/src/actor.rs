@@ -1213,9 +1213,17 @@ impl Actor {
         let took = started.elapsed();
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
+            // Waiting for a core is no fault of the event's: it comes again, uncounted.
             (
                 Err(Failed {
-                    error: Error::Timeout(_) | Error::Starved(_),
+                    error: Error::Starved(_),
+                    ..
+                }),
+                _,
+            ) => false,
+            (
+                Err(Failed {
+                    error: Error::Timeout(_),
                     ..
                 }),
                 Some(key),
@@ -1305,7 +1313,9 @@ impl Actor {
                         .internal_retried
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event failed: it comes again");
-                } else if !matches!(error, Error::Rejected { .. }) {
+                } else if !matches!(error, Error::Rejected { .. } | Error::Starved(_)) {
+                    // (An overloaded server is no fault of the event's: re-sending it is
+                    // what the 503 asks for.)
                     self.writer.append_dead_letter(DeadLetter {
                         device: self.head.num,
                         after_seq: seq - 1,
@@ -1317,7 +1327,11 @@ impl Actor {
                     });
                 }
                 if instance_lost {
-                    self.record_failure(&error);
+                    // Interrupted mid-call, the instance is discarded whatever the reason;
+                    // only the plugin's own failures count toward a quarantine.
+                    if !matches!(error, Error::Starved(_)) {
+                        self.record_failure(&error);
+                    }
                     tracing::warn!(
                         device = %self.head.id,
                         seq,

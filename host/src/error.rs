@@ -37,8 +37,9 @@ pub enum Error {
     #[error("the device's plugin exceeded its time budget of {0:?}")]
     Timeout(std::time::Duration),
     /// A guest interrupted within its CPU budget because it waited for a core too long (the
-    /// machine is overloaded; see `engine/cpu_clock.rs`). Told apart from [`Error::Timeout`]
-    /// by its message only: the same code and status, and supervision treats it alike.
+    /// machine is overloaded; see `engine/cpu_clock.rs`). Not the plugin's fault, nor the
+    /// request's: code `overloaded` (503, retry later), and supervision does not count it
+    /// (no dead letter, no step toward a quarantine, an internal event comes again).
     #[error("{0}")]
     Starved(String),
     #[error(
@@ -188,6 +189,8 @@ error_kinds! {
     Journal => "journal",
     ActivationFailed => "activation-failed",
     PluginUnavailable => "plugin-unavailable",
+    /// A guest call waited for a core too long: the server has more work than cores.
+    Overloaded => "overloaded",
     ShuttingDown => "shutting-down",
     Internal => "internal",
 }
@@ -206,7 +209,8 @@ impl Error {
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::Rejected { .. } => ErrorKind::Rejected,
             Error::Trap(_) => ErrorKind::Trap,
-            Error::Timeout(_) | Error::Starved(_) => ErrorKind::Timeout,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Starved(_) => ErrorKind::Overloaded,
             Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
             Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
             Error::MailboxFull => ErrorKind::MailboxFull,

@@ -213,9 +213,23 @@ impl Budget {
 
     /// A guest call's timeout told as the rebuild's: it ran out of the whole budget, not of
     /// the part of it that was left for that call.
+    /// A rebuild that ran past `WALL_LIMIT` times its budget within its CPU budget waited for
+    /// a core: starved, though the call that noticed had nothing left (a timeout of its own).
     fn whole(&self, e: CallError) -> CallError {
         match e {
-            CallError::Timeout(_) => CallError::Timeout(self.total),
+            CallError::Timeout(_) | CallError::Starved { .. } => {
+                let used = cpu_clock::now().saturating_sub(self.cpu_start);
+                let starved = matches!(e, CallError::Starved { .. })
+                    || self.wall_start.elapsed() >= self.total * WALL_LIMIT;
+                if starved && used < self.total {
+                    CallError::Starved {
+                        budget: self.total,
+                        used,
+                    }
+                } else {
+                    CallError::Timeout(self.total)
+                }
+            }
             other => other,
         }
     }
@@ -226,6 +240,16 @@ impl Budget {
         }
         let used = cpu_clock::now().saturating_sub(self.cpu_start);
         self.total.saturating_sub(used)
+    }
+}
+
+/// An activation that failed on a guest call: the plugin's fault (`activation-failed`), or,
+/// when the guest waited for a core too long, the machine's (`overloaded`, which supervision
+/// does not count toward a quarantine).
+fn activation_failed(context: String, error: Error) -> Error {
+    match error {
+        Error::Starved(m) => Error::Starved(format!("{context}{m}")),
+        other => Error::Activation(format!("{context}{other}")),
     }
 }
 
@@ -240,7 +264,10 @@ fn rebuild_from(
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
-    let activation = |e: crate::engine::CallError| Error::Activation(e.to_string());
+    let activation = |e: CallError| match e {
+        starved @ CallError::Starved { .. } => Error::from(starved),
+        e => Error::Activation(e.to_string()),
+    };
     let left = || budget.left();
 
     // Newest usable snapshot first; one that will not restore falls back to the one before
@@ -296,6 +323,8 @@ fn rebuild_from(
                 foreign = snap.version != device.version;
                 break;
             }
+            // The machine's fault, not the snapshot's: an older one would starve alike.
+            Err(e @ Error::Starved(_)) => return Err(e.into()),
             Err(e) => {
                 let next = match candidates.get(i + 1) {
                     Some(older) => format!("trying the snapshot at seq {}", older.seq),
@@ -380,7 +409,7 @@ fn rebuild_from(
                             let seq = seq_of(done + n);
                             RebuildFailure {
                                 seq: (!timed_out).then_some(seq),
-                                error: Error::Activation(format!("replaying seq {seq}: {error}")),
+                                error: activation_failed(format!("replaying seq {seq}: "), error),
                                 unlocated: false,
                                 trapped,
                             }
@@ -392,9 +421,10 @@ fn rebuild_from(
                             let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
                             RebuildFailure {
                                 seq: (!timed_out).then_some(first),
-                                error: Error::Activation(format!(
-                                    "replaying seqs {first} to {last}: {error}"
-                                )),
+                                error: activation_failed(
+                                    format!("replaying seqs {first} to {last}: "),
+                                    error,
+                                ),
                                 unlocated: trapped,
                                 trapped,
                             }
@@ -491,4 +521,53 @@ pub fn offline(
         seq: rebuilt.seq,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rebuild past `WALL_LIMIT` times its budget that used little CPU was starved, even
+    /// when the call that noticed timed out on the nothing it had left; one that used its
+    /// budget timed out, whatever the clock on the wall says.
+    #[test]
+    fn a_rebuild_that_waited_for_cores_is_starved_not_timed_out() {
+        let total = Duration::from_millis(10);
+        let waited = Budget {
+            total,
+            cpu_start: cpu_clock::now(),
+            wall_start: Instant::now() - total * (WALL_LIMIT + 1),
+        };
+        let starved = waited.whole(CallError::Timeout(Duration::ZERO));
+        assert!(matches!(
+            starved,
+            CallError::Starved { budget, .. } if budget == total
+        ));
+        assert!(matches!(
+            activation_failed("replaying seq 7: ".into(), Error::from(starved)),
+            Error::Starved(m) if m.starts_with("replaying seq 7: ")
+        ));
+        // This thread's clock must have run past twice the budget for the start below.
+        while cpu_clock::now() < total * 3 {
+            std::hint::spin_loop();
+        }
+        let busy = Budget {
+            total,
+            cpu_start: cpu_clock::now() - total * 2,
+            wall_start: Instant::now() - total * (WALL_LIMIT + 1),
+        };
+        assert!(matches!(
+            busy.whole(CallError::Timeout(Duration::ZERO)),
+            CallError::Timeout(t) if t == total
+        ));
+        let fresh = Budget::start(total);
+        assert!(matches!(
+            fresh.whole(CallError::Timeout(Duration::from_millis(3))),
+            CallError::Timeout(t) if t == total
+        ));
+        assert!(matches!(
+            activation_failed("replaying seq 7: ".into(), Error::Trap("boom".into())),
+            Error::Activation(m) if m.starts_with("replaying seq 7: ")
+        ));
+    }
 }

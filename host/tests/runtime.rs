@@ -1730,13 +1730,30 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
     // it) is interrupted all the same, and told apart: the machine is overloaded, the guest is
     // not at fault.
     // (32 busy threads per core: starved even if a slow probe made the event far cheaper.)
+    let letters = async || {
+        rt.journal().barrier().await.expect("settled");
+        rt.dead_letters("s").map_or(0, |d| d.len())
+    };
+    assert_eq!(letters().await, 1, "the timeout is a dead letter");
     let (starved, _) = hogged(32, support::slow_apply(spin * 3 / 2, 1)).await;
     let err = starved.expect_err("waited too long for a core");
-    assert_eq!(err.code(), "timeout", "{err}");
+    assert_eq!(err.code(), "overloaded", "{err}");
     assert!(
         err.to_string().contains("waiting for a core") && err.to_string().contains("overloaded"),
         "{err}"
     );
+    // Nor does supervision count it: no dead letter (re-sending it is the remedy), and no step
+    // toward a quarantine, so a timeout after it is the second failure, not the third.
+    assert_eq!(letters().await, 1, "no dead letter for a starved event");
+    let err = rt
+        .send("s", &support::slow_apply(spin * 20, 1))
+        .await
+        .expect_err("over its budget");
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert_eq!(letters().await, 2);
+    rt.send("s", &support::slow_apply(1, 1))
+        .await
+        .expect("two failures in a row do not quarantine");
     rt.shutdown().await;
 }
 
