@@ -255,6 +255,15 @@ impl Runtime {
             .into_iter()
             .partition(|h| h.version == target.id);
         let sample = self.sample(plugin, &target, spread(others, SAMPLE)).await;
+        let overloaded = sample.devices.iter().filter(|d| d.overloaded).count();
+        if overloaded > 0 && !force {
+            // Not the candidate's fault, but nothing was proved about it either.
+            return Err(Error::Starved(format!(
+                "the dry-run of {overloaded} of {} sampled devices waited for a core too long                  (the server is overloaded), so version {} of `{plugin}` was not checked and                  nothing was deployed; deploy again when the server is less loaded, or force                  the deploy",
+                sample.devices.len(),
+                target.number,
+            )));
+        }
         let unfoldable: Vec<&crate::dry_run::DeviceDryRun> =
             sample.devices.iter().filter(|d| !d.folds).collect();
         if !unfoldable.is_empty() && !force {

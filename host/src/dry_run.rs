@@ -89,6 +89,11 @@ pub struct DeviceDryRun {
     /// journal could not be read).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The dry-run stopped because a guest call waited for a core too long (code
+    /// `overloaded`): it says nothing about the candidate, so this device is neither
+    /// identical nor diverged. Run it again when the server is less loaded.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overloaded: bool,
 }
 
 /// Dry-runs plugin version `candidate` (journal-local id) on `device`'s recorded history.
@@ -118,9 +123,17 @@ pub fn device(
         folds: true,
         fold_failed_seq: None,
         error: None,
+        overloaded: false,
     };
-    if let Err(e) = one_pass(journal, registry, head, candidate, limits, &mut out) {
-        out.error.get_or_insert(e.to_string());
+    match one_pass(journal, registry, head, candidate, limits, &mut out) {
+        Ok(()) => {}
+        Err(e @ Error::Starved(_)) => {
+            out.overloaded = true;
+            out.error = Some(e.to_string());
+        }
+        Err(e) => {
+            out.error.get_or_insert(e.to_string());
+        }
     }
     out.identical = out.error.is_none() && out.diverged_events == 0 && out.state_matches;
     out
@@ -160,7 +173,7 @@ fn one_pass(
     let mut decider = match started {
         Ok(d) => Some(d),
         Err(e) => {
-            out.folds = false;
+            out.folds = matches!(e, Error::Starved(_));
             return Err(e);
         }
     };
@@ -184,8 +197,9 @@ fn one_pass(
         if let Some(d) = decider.as_mut()
             && let Err(e) = d.within(limits.call_timeout, |i| i.restore(&data))
         {
-            out.folds = false;
-            return Err(Error::from(e));
+            let e = Error::from(e);
+            out.folds = matches!(e, Error::Starved(_));
+            return Err(e);
         }
         next = snap.seq + 1;
         Start::SnapshotOf(head.version)
@@ -217,6 +231,14 @@ fn one_pass(
                     limits.call_timeout,
                 )
             });
+            // Waiting for a core is no divergence: the whole dry-run is inconclusive.
+            if let Some(Err(Failed {
+                error: e @ Error::Starved(_),
+                ..
+            })) = &decided
+            {
+                return Err(e.clone());
+            }
             let same = match &decided {
                 Some(Ok(decided)) => {
                     let ts = &decided.transitions;
@@ -263,6 +285,7 @@ fn one_pass(
                         start,
                     ) {
                         Ok(r) => Folder::Own(Box::new(r.instance)),
+                        Err(f) if matches!(f.error, Error::Starved(_)) => return Err(f.error),
                         Err(f) => {
                             out.fold_failed_seq = f.seq;
                             out.error.get_or_insert(format!(
@@ -310,6 +333,9 @@ fn one_pass(
                     .collect();
                 let folded =
                     instance.within(limits.call_timeout, |i| decide::fold(i, &transitions));
+                if let Err(e @ Error::Starved(_)) = folded {
+                    return Err(e);
+                }
                 if let Err(e) = folded {
                     out.fold_failed_seq = Some(record.seq);
                     out.error.get_or_insert(format!(
@@ -389,6 +415,9 @@ pub struct DryRunTotals {
     pub state_differs: usize,
     /// Devices whose recorded transitions the candidate cannot fold.
     pub cannot_fold: usize,
+    /// Devices whose dry-run was cut short by an overloaded server (neither identical nor
+    /// diverged: see [`DeviceDryRun::overloaded`]).
+    pub overloaded: usize,
     pub events: u64,
     /// Re-decided events per second of wall time.
     pub events_per_s: u64,
@@ -415,6 +444,10 @@ pub fn run(
     };
     for d in &devices {
         totals.events += d.events;
+        if d.overloaded {
+            totals.overloaded += 1;
+            continue;
+        }
         if d.identical {
             totals.identical += 1;
         } else {

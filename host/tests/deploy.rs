@@ -584,6 +584,76 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
     rt.shutdown().await;
 }
 
+/// A dry-run whose guest calls wait for a core too long (an overloaded server) proves
+/// nothing about the candidate: the device is reported `overloaded`, neither identical nor
+/// diverged, and a deploy is refused with 503 `overloaded` instead of moving devices or
+/// calling a sound version one that cannot fold (both happened before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(300);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(budget)
+        .activation_timeout(budget)
+        .snapshot_every(100_000)
+        .open()
+        .await
+        .expect("runtime opens");
+    // Calibrated on a device of its own: the device compared holds one slow event only.
+    rt.provision("probe", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "probe", 0.4 * budget.as_secs_f64()).await);
+    }
+    rt.provision("s", "misbehave", &json!({})).await.unwrap();
+    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
+        .await
+        .expect("60% of its budget");
+    let (same, _) = rt
+        .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
+        .await
+        .unwrap();
+    let current = rt.current_version("misbehave");
+    let only_s = || Selection::Devices(vec!["s".into()]);
+    let report = rt
+        .dry_run("misbehave", same.version, only_s())
+        .await
+        .unwrap();
+    assert_eq!(report.totals.identical, 1, "unloaded: {:?}", report.devices);
+
+    // 32 busy threads per core: each guest call waits for a core past 4 times its budget.
+    let hogs = support::Hogs::start(32);
+    let report = rt
+        .dry_run("misbehave", same.version, only_s())
+        .await
+        .unwrap();
+    let refused = rt.deploy("misbehave", same.version, false).await;
+    drop(hogs);
+    let d = &report.devices[0];
+    assert!(d.overloaded && d.folds && !d.identical, "{d:?}");
+    assert!(
+        d.error.as_deref().is_some_and(|e| e.contains("overloaded")),
+        "{d:?}"
+    );
+    assert_eq!(
+        (
+            report.totals.overloaded,
+            report.totals.diverged,
+            report.totals.cannot_fold,
+            report.totals.state_differs
+        ),
+        (1, 0, 0, 0)
+    );
+    let refused = refused.expect_err("not deployed on an unproved dry-run");
+    assert_eq!(refused.kind(), ErrorKind::Overloaded, "{refused}");
+    assert!(refused.to_string().contains("less loaded"), "{refused}");
+    assert_eq!(rt.current_version("misbehave"), current, "nothing moved");
+    rt.shutdown().await;
+}
+
 /// Acceptance 8: restarting with the start-up plugins after an upload keeps the uploaded
 /// version current; a start-up plugin replaces only a start-up version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

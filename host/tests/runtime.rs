@@ -1661,7 +1661,6 @@ async fn a_history_that_cannot_be_folded_names_the_record_it_fails_at_inside_a_b
 /// three times over, though it takes longer than its budget in wall-clock time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().expect("tempdir");
     let budget = Duration::from_millis(300);
     let rt = open(dir.path(), 1_000).await;
@@ -1674,27 +1673,13 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
     for _ in 0..3 {
         spin = spin.max(support::spins_for(&rt, "s", 0.4 * budget.as_secs_f64()).await);
     }
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Busy threads per core, while `f` runs.
+    // Busy threads per core, while the event is handled.
     let hogged = async |per_core: usize, event: String| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let hogs: Vec<_> = (0..per_core * cores)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::hint::spin_loop();
-                    }
-                })
-            })
-            .collect();
+        let hogs = support::Hogs::start(per_core);
         let started = std::time::Instant::now();
         let handled = rt.send("s", &event).await;
         let took = started.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        for hog in hogs {
-            hog.join().expect("hog");
-        }
+        drop(hogs);
         (handled, took)
     };
 
@@ -1761,7 +1746,6 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
 /// (1,024 records) that needs half its budget is not cut off for waiting for a core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().expect("tempdir");
     let budget = Duration::from_secs(2);
     let rt = Runtime::builder(dir.path())
@@ -1797,25 +1781,11 @@ async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
     rt.shutdown().await;
     drop(rt);
 
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let stop = Arc::new(AtomicBool::new(false));
-    let hogs: Vec<_> = (0..3 * cores)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        })
-        .collect();
+    let hogs = support::Hogs::start(3);
     let started = std::time::Instant::now();
     let replayed = replay::offline(dir.path(), "long", None, Start::Genesis);
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for hog in hogs {
-        hog.join().expect("hog");
-    }
+    drop(hogs);
     assert!(
         took > budget,
         "the replay waited for a core, or this test proves nothing: {took:?}"

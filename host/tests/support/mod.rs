@@ -503,3 +503,39 @@ pub async fn spins_for(rt: &drover::Runtime, id: &str, seconds: f64) -> u64 {
     let per_spin = started.elapsed().as_secs_f64() / probe as f64;
     (seconds / per_spin.max(1e-12)) as u64
 }
+
+/// Busy threads that keep every core oversubscribed while alive: `per_core` spinning threads
+/// per core, stopped and joined on drop. Tests of CPU-time budgets use them to make a guest
+/// wait for a core (its wall-clock time grows, its CPU time does not).
+pub struct Hogs {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    pub fn start(per_core: usize) -> Hogs {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..per_core * cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Hogs { stop, threads }
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

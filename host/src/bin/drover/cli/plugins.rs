@@ -343,12 +343,25 @@ pub fn print_dry_run(r: &Value) {
         plural(n(&t["events"]), "event", "events"),
         n(&t["events_per_s"]),
     );
+    if n(&t["overloaded"]) > 0 {
+        println!(
+            "{} not checked: the server is overloaded (guest calls waited for a core); run it again when it is less loaded",
+            plural(n(&t["overloaded"]), "device", "devices")
+        );
+    }
     let version = r["version"].as_u64().unwrap_or(0);
     for d in r["devices"].as_array().into_iter().flatten() {
         let id = d["device"].as_str().unwrap_or("?");
         let events = plural(n(&d["events"]), "event", "events");
         if d["identical"] == true {
             println!("{id}: identical ({events})");
+            continue;
+        }
+        if d["overloaded"] == true {
+            println!(
+                "{id}: not checked, the server is overloaded: {}",
+                d["error"].as_str().unwrap_or("")
+            );
             continue;
         }
         // One header per device, so every detail below is under the device it belongs to.
