@@ -1216,7 +1216,7 @@ impl Actor {
             // Waiting for a core is no fault of the event's: it comes again, uncounted.
             (
                 Err(Failed {
-                    error: Error::Starved(_),
+                    error: Error::Overloaded(_),
                     ..
                 }),
                 _,
@@ -1313,7 +1313,7 @@ impl Actor {
                         .internal_retried
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event failed: it comes again");
-                } else if !matches!(error, Error::Rejected { .. } | Error::Starved(_)) {
+                } else if !matches!(error, Error::Rejected { .. } | Error::Overloaded(_)) {
                     // (An overloaded server is no fault of the event's: re-sending it is
                     // what the 503 asks for.)
                     self.writer.append_dead_letter(DeadLetter {
@@ -1329,7 +1329,7 @@ impl Actor {
                 if instance_lost {
                     // Interrupted mid-call, the instance is discarded whatever the reason;
                     // only the plugin's own failures count toward a quarantine.
-                    if !matches!(error, Error::Starved(_)) {
+                    if !matches!(error, Error::Overloaded(_)) {
                         self.record_failure(&error);
                     }
                     tracing::warn!(

@@ -48,6 +48,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Most bytes all live instances' memories together may grow past their initial sizes
+    /// (default a quarter of the machine's memory: see
+    /// [`defaults::guest_memory_budget`](crate::config::defaults::guest_memory_budget)).
+    pub fn guest_memory_budget(mut self, bytes: u64) -> Self {
+        self.config.engine.guest_memory_budget = bytes;
+        self
+    }
+
     /// Snapshot a device after this many transitions (default 1,000; 0 disables).
     pub fn snapshot_every(mut self, n: u64) -> Self {
         self.config.actor.snapshot_every = n;

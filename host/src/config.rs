@@ -67,6 +67,50 @@ pub mod defaults {
         max_live_of(meminfo.as_deref(), overcommit.as_deref(), cgroup.as_deref())
     }
 
+    /// Share of the machine's (or the cgroup's) memory the default guest memory budget
+    /// allows live guest memories to grow by, beside the [`LIVE_MEMORY_SHARE`] the default
+    /// live-instance cap spends on actors as they start.
+    pub const GUEST_MEMORY_SHARE: f64 = 0.25;
+    /// The default guest memory budget where the machine's memory cannot be read.
+    pub const GUEST_MEMORY_BUDGET_UNKNOWN: u64 = 4 << 30;
+
+    /// Default [`super::EngineConfig::guest_memory_budget`]: [`GUEST_MEMORY_SHARE`] of this
+    /// machine's memory, or its cgroup's limit if lower (6 GiB on a 24 GiB machine).
+    pub fn guest_memory_budget() -> u64 {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+        guest_memory_budget_of(meminfo.as_deref(), cgroup.as_deref())
+    }
+
+    /// [`guest_memory_budget`] from the contents of `/proc/meminfo` and the cgroup's
+    /// `memory.max`, where they could be read.
+    pub(crate) fn guest_memory_budget_of(meminfo: Option<&str>, cgroup: Option<&str>) -> u64 {
+        machine_memory(meminfo, cgroup).map_or(GUEST_MEMORY_BUDGET_UNKNOWN, |m| {
+            (m as f64 * GUEST_MEMORY_SHARE) as u64
+        })
+    }
+
+    /// `MemTotal` (or another `/proc/meminfo` field), in bytes.
+    fn meminfo_field(meminfo: Option<&str>, name: &str) -> Option<u64> {
+        let kib: u64 = meminfo?
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
+    /// The machine's memory, or its cgroup's limit if that is lower.
+    fn machine_memory(meminfo: Option<&str>, cgroup: Option<&str>) -> Option<u64> {
+        let cgroup = cgroup.and_then(|v| v.trim().parse::<u64>().ok());
+        match (meminfo_field(meminfo, "MemTotal:"), cgroup) {
+            (Some(m), Some(c)) => Some(m.min(c)),
+            (m, c) => m.or(c),
+        }
+    }
+
     /// [`max_live`] from the contents of `/proc/meminfo`, `/proc/sys/vm/overcommit_memory`
     /// and the cgroup's `memory.max`, where they could be read.
     pub(crate) fn max_live_of(
@@ -74,22 +118,9 @@ pub mod defaults {
         overcommit: Option<&str>,
         cgroup: Option<&str>,
     ) -> usize {
-        let field = |name: &str| -> Option<u64> {
-            let kib: u64 = meminfo?
-                .lines()
-                .find(|l| l.starts_with(name))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(kib * 1024)
-        };
-        let cgroup = cgroup.and_then(|v| v.trim().parse::<u64>().ok());
-        let memory = match (field("MemTotal:"), cgroup) {
-            (Some(m), Some(c)) => m.min(c),
-            (Some(m), None) => m,
-            (None, Some(c)) => c,
-            (None, None) => return 100_000,
+        let field = |name: &str| meminfo_field(meminfo, name);
+        let Some(memory) = machine_memory(meminfo, cgroup) else {
+            return 100_000;
         };
         let mut n = (memory as f64 * LIVE_MEMORY_SHARE) as u64 / LIVE_ACTOR_BUDGET_BYTES;
         if overcommit.map(str::trim) == Some("2")
@@ -177,6 +208,11 @@ pub struct EngineConfig {
     pub activation_timeout: Duration,
     /// Cap on one instance's linear memory, in bytes.
     pub max_memory: usize,
+    /// Most bytes all live instances' linear memories together may grow past their initial
+    /// sizes; a growth past it fails the guest call with `overloaded` (see
+    /// `engine/limits.rs`). Absent from settings recorded before it: the default.
+    #[serde(default = "defaults::guest_memory_budget")]
+    pub guest_memory_budget: u64,
     /// Lay linear memories out the wasmtime-default way (a 4 GiB reservation with guard
     /// regions each) instead of compactly: guest code skips explicit bounds checks and runs
     /// ~20% faster (the guest bench: handle + apply 2.3-2.5 µs instead of 2.75-3.2 µs), but each
@@ -194,6 +230,7 @@ impl Default for EngineConfig {
             call_timeout: defaults::CALL_TIMEOUT,
             activation_timeout: defaults::ACTIVATION_TIMEOUT,
             max_memory: defaults::MAX_GUEST_MEMORY,
+            guest_memory_budget: defaults::guest_memory_budget(),
             guard_pages: false,
             epoch_tick: defaults::EPOCH_TICK,
         }
@@ -456,5 +493,22 @@ mod tests {
             MAX_LIVE_RANGE.0
         );
         assert_eq!(max_live_of(None, None, None), 100_000);
+    }
+
+    #[test]
+    fn the_default_guest_memory_budget_is_a_quarter_of_memory_or_the_cgroup() {
+        assert_eq!(guest_memory_budget_of(Some(MEMINFO_24G), None), 6 << 30);
+        assert_eq!(
+            guest_memory_budget_of(Some(MEMINFO_24G), Some("2147483648\n")),
+            512 << 20
+        );
+        assert_eq!(
+            guest_memory_budget_of(Some(MEMINFO_24G), Some("max\n")),
+            6 << 30
+        );
+        assert_eq!(
+            guest_memory_budget_of(None, None),
+            GUEST_MEMORY_BUDGET_UNKNOWN
+        );
     }
 }

@@ -258,7 +258,7 @@ impl Runtime {
         let overloaded = sample.devices.iter().filter(|d| d.overloaded).count();
         if overloaded > 0 && !force {
             // Not the candidate's fault, but nothing was proved about it either.
-            return Err(Error::Starved(format!(
+            return Err(Error::Overloaded(format!(
                 "the dry-run of {overloaded} of {} sampled devices waited for a core too long                  (the server is overloaded), so version {} of `{plugin}` was not checked and                  nothing was deployed; deploy again when the server is less loaded, or force                  the deploy",
                 sample.devices.len(),
                 target.number,

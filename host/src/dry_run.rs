@@ -127,7 +127,7 @@ pub fn device(
     };
     match one_pass(journal, registry, head, candidate, limits, &mut out) {
         Ok(()) => {}
-        Err(e @ Error::Starved(_)) => {
+        Err(e @ Error::Overloaded(_)) => {
             out.overloaded = true;
             out.error = Some(e.to_string());
         }
@@ -173,7 +173,7 @@ fn one_pass(
     let mut decider = match started {
         Ok(d) => Some(d),
         Err(e) => {
-            out.folds = matches!(e, Error::Starved(_));
+            out.folds = matches!(e, Error::Overloaded(_));
             return Err(e);
         }
     };
@@ -198,7 +198,7 @@ fn one_pass(
             && let Err(e) = d.within(limits.call_timeout, |i| i.restore(&data))
         {
             let e = Error::from(e);
-            out.folds = matches!(e, Error::Starved(_));
+            out.folds = matches!(e, Error::Overloaded(_));
             return Err(e);
         }
         next = snap.seq + 1;
@@ -233,7 +233,7 @@ fn one_pass(
             });
             // Waiting for a core is no divergence: the whole dry-run is inconclusive.
             if let Some(Err(Failed {
-                error: e @ Error::Starved(_),
+                error: e @ Error::Overloaded(_),
                 ..
             })) = &decided
             {
@@ -285,7 +285,7 @@ fn one_pass(
                         start,
                     ) {
                         Ok(r) => Folder::Own(Box::new(r.instance)),
-                        Err(f) if matches!(f.error, Error::Starved(_)) => return Err(f.error),
+                        Err(f) if matches!(f.error, Error::Overloaded(_)) => return Err(f.error),
                         Err(f) => {
                             out.fold_failed_seq = f.seq;
                             out.error.get_or_insert(format!(
@@ -333,7 +333,7 @@ fn one_pass(
                     .collect();
                 let folded =
                     instance.within(limits.call_timeout, |i| decide::fold(i, &transitions));
-                if let Err(e @ Error::Starved(_)) = folded {
+                if let Err(e @ Error::Overloaded(_)) = folded {
                     return Err(e);
                 }
                 if let Err(e) = folded {

@@ -37,11 +37,14 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, ComponentExportIndex, Func, HasSelf, Linker};
 
 pub use crate::config::EngineConfig;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 
 pub(crate) mod cpu_clock;
 mod guest_log;
+mod limits;
 mod memory;
+
+pub use limits::GuestMemoryRefusal;
 mod stdio;
 
 mod bindings {
@@ -106,12 +109,29 @@ pub enum CallError {
         WALL_LIMIT
     )]
     Starved { budget: Duration, used: Duration },
+    /// The guest's memory could not grow: all live guest memories together had grown to the
+    /// engine's budget (see `engine/limits.rs`). The server is overloaded, the guest is not
+    /// at fault. The instance must be discarded.
+    #[error(
+        "guest memory growth refused: the live guest memories have grown {} bytes past their \
+         initial sizes, of the server's guest memory budget of {} (`--guest-memory-budget-mib`), \
+         and this instance asked for {} past its own: the server is overloaded",
+        .0.grown,
+        .0.budget,
+        .0.asked
+    )]
+    GuestMemory(GuestMemoryRefusal),
 }
 
 impl CallError {
     /// Whether the instance must be discarded after this error.
     pub fn is_fatal(&self) -> bool {
         !matches!(self, CallError::Rejected { .. })
+    }
+
+    /// Whether the server, not the guest, lacked what the call needed (a core, memory).
+    pub fn is_overload(&self) -> bool {
+        matches!(self, CallError::Starved { .. } | CallError::GuestMemory(_))
     }
 }
 
@@ -133,7 +153,7 @@ const ACCEPTED_IMPORTS: [&str; 3] = ["drover:device/", "wasi:io/", "wasi:cli/"];
 /// Per-store data: the memory cap, and the last error the guest logged (a panicking guest
 /// logs its panic message before it traps).
 pub struct GuestState {
-    limits: StoreLimits,
+    limits: limits::GuestLimits,
     device: Arc<str>,
     last_error: Option<String>,
     /// Partial lines the guest printed (see `stdio`).
@@ -271,6 +291,8 @@ struct EngineInner {
     engine: wasmtime::Engine,
     linker: Linker<GuestState>,
     config: EngineConfig,
+    /// Shared by every instance of this engine (see `engine/limits.rs`).
+    memory_budget: Arc<limits::GuestMemoryBudget>,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -340,6 +362,7 @@ impl Engine {
             inner: Arc::new(EngineInner {
                 engine,
                 linker,
+                memory_budget: limits::GuestMemoryBudget::new(config.guest_memory_budget),
                 config,
                 stop_ticker,
             }),
@@ -349,6 +372,13 @@ impl Engine {
     /// The settings this engine was built with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// Bytes the live guest memories of this engine have grown past their initial sizes,
+    /// and the most they may ([`EngineConfig::guest_memory_budget`]).
+    pub fn guest_memory(&self) -> (u64, u64) {
+        let b = &self.inner.memory_budget;
+        (b.grown(), b.budget())
     }
 
     /// Compiles a component (or loads a precompiled artifact) and checks it against the
@@ -545,12 +575,15 @@ impl CompiledPlugin {
     pub fn instantiate(&self, device: Arc<str>) -> Result<Instance, CallError> {
         let inner = &self.engine.inner;
         let state = GuestState {
-            limits: StoreLimitsBuilder::new()
-                .memory_size(inner.config.max_memory)
-                .instances(4)
-                .tables(16)
-                .memories(1)
-                .build(),
+            limits: limits::GuestLimits::new(
+                StoreLimitsBuilder::new()
+                    .memory_size(inner.config.max_memory)
+                    .instances(4)
+                    .tables(16)
+                    .memories(1)
+                    .build(),
+                inner.memory_budget.clone(),
+            ),
             device,
             last_error: None,
             stdio: stdio::Buffers::default(),
@@ -889,6 +922,7 @@ impl Instance {
     fn start_clock(&mut self, budget: Duration) {
         self.store.data_mut().clock = UnitClock::start(budget, self.epoch_tick);
         self.store.data_mut().starved = None;
+        let _ = self.store.data_mut().limits.take_refusal();
         self.store
             .set_epoch_deadline(UnitClock::ticks(budget, self.epoch_tick));
     }
@@ -933,6 +967,11 @@ impl Instance {
                 Some(used) => CallError::Starved { budget, used },
                 None => CallError::Timeout(budget),
             };
+        }
+        if let Some(refused) = self.store.data_mut().limits.take_refusal() {
+            // Whatever the guest did next (a Rust guest aborts), the budget was the cause.
+            tracing::warn!(device = %self.store.data().device, error = %e, "guest failed after the guest memory budget refused a growth");
+            return CallError::GuestMemory(refused);
         }
         let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => trap.to_string(),

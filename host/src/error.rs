@@ -36,12 +36,14 @@ pub enum Error {
     Trap(String),
     #[error("the device's plugin exceeded its time budget of {0:?}")]
     Timeout(std::time::Duration),
-    /// A guest interrupted within its CPU budget because it waited for a core too long (the
-    /// machine is overloaded; see `engine/cpu_clock.rs`). Not the plugin's fault, nor the
-    /// request's: code `overloaded` (503, retry later), and supervision does not count it
-    /// (no dead letter, no step toward a quarantine, an internal event comes again).
+    /// The server lacked a resource the guest needed, not through the plugin's fault nor the
+    /// request's: a guest interrupted within its CPU budget because it waited for a core too
+    /// long (see `engine/cpu_clock.rs`), or a memory growth the fleet's guest memory budget
+    /// refused (see `engine/limits.rs`). Code `overloaded` (503, retry later); supervision
+    /// does not count it (no dead letter, no step toward a quarantine, an internal event
+    /// comes again).
     #[error("{0}")]
-    Starved(String),
+    Overloaded(String),
     #[error(
         "the device's plugin produced {size} bytes of output (transitions and effects), over the \
          limit of {limit}"
@@ -210,7 +212,7 @@ impl Error {
             Error::Rejected { .. } => ErrorKind::Rejected,
             Error::Trap(_) => ErrorKind::Trap,
             Error::Timeout(_) => ErrorKind::Timeout,
-            Error::Starved(_) => ErrorKind::Overloaded,
+            Error::Overloaded(_) => ErrorKind::Overloaded,
             Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
             Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
             Error::MailboxFull => ErrorKind::MailboxFull,
@@ -245,7 +247,9 @@ impl From<CallError> for Error {
             CallError::Rejected { code, message } => Error::Rejected { code, message },
             CallError::Trap(m) => Error::Trap(m),
             CallError::Timeout(d) => Error::Timeout(d),
-            starved @ CallError::Starved { .. } => Error::Starved(starved.to_string()),
+            e @ (CallError::Starved { .. } | CallError::GuestMemory(_)) => {
+                Error::Overloaded(e.to_string())
+            }
         }
     }
 }

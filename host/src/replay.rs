@@ -248,7 +248,7 @@ impl Budget {
 /// does not count toward a quarantine).
 fn activation_failed(context: String, error: Error) -> Error {
     match error {
-        Error::Starved(m) => Error::Starved(format!("{context}{m}")),
+        Error::Overloaded(m) => Error::Overloaded(format!("{context}{m}")),
         other => Error::Activation(format!("{context}{other}")),
     }
 }
@@ -264,9 +264,12 @@ fn rebuild_from(
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     let compiled = registry.compiled(device.version)?;
-    let activation = |e: CallError| match e {
-        starved @ CallError::Starved { .. } => Error::from(starved),
-        e => Error::Activation(e.to_string()),
+    let activation = |e: CallError| {
+        if e.is_overload() {
+            Error::from(e)
+        } else {
+            Error::Activation(e.to_string())
+        }
     };
     let left = || budget.left();
 
@@ -324,7 +327,7 @@ fn rebuild_from(
                 break;
             }
             // The machine's fault, not the snapshot's: an older one would starve alike.
-            Err(e @ Error::Starved(_)) => return Err(e.into()),
+            Err(e @ Error::Overloaded(_)) => return Err(e.into()),
             Err(e) => {
                 let next = match candidates.get(i + 1) {
                     Some(older) => format!("trying the snapshot at seq {}", older.seq),
@@ -399,10 +402,11 @@ fn rebuild_from(
             for batch in runs {
                 instance.apply_batch(batch).map_err(|e| {
                     let trapped = matches!(e.error, CallError::Trap(_));
-                    // Running out of time is no record's fault: none is named as the one
-                    // that cannot be folded (`seq`), though the message says where it was.
+                    // Running out of time (or the server out of memory) is no record's
+                    // fault: none is named as the one that cannot be folded (`seq`), though
+                    // the message says where it was.
                     let timed_out =
-                        matches!(e.error, CallError::Timeout(_) | CallError::Starved { .. });
+                        matches!(e.error, CallError::Timeout(_)) || e.error.is_overload();
                     let error = Error::from(budget.whole(e.error));
                     match e.applied {
                         Some(n) => {
@@ -545,7 +549,7 @@ mod tests {
         ));
         assert!(matches!(
             activation_failed("replaying seq 7: ".into(), Error::from(starved)),
-            Error::Starved(m) if m.starts_with("replaying seq 7: ")
+            Error::Overloaded(m) if m.starts_with("replaying seq 7: ")
         ));
         // This thread's clock must have run past twice the budget for the start below.
         while cpu_clock::now() < total * 3 {

@@ -742,11 +742,22 @@ impl Runtime {
         let scrub = journal.scrub();
         let retention = journal.retention();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        let (guest_grown, guest_budget) = self.shared.registry.engine().guest_memory();
         self.shared.metrics.render(&[
             (
                 "drover_live_actors",
                 "Devices with a live actor.",
                 self.live_actors() as u64,
+            ),
+            (
+                "drover_guest_memory_grown_bytes",
+                "Bytes the live guest memories have grown past their initial sizes (counted against the guest memory budget).",
+                guest_grown,
+            ),
+            (
+                "drover_guest_memory_budget_bytes",
+                "Most bytes the live guest memories may grow past their initial sizes (--guest-memory-budget-mib).",
+                guest_budget,
             ),
             (
                 "drover_devices",

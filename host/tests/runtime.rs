@@ -1794,3 +1794,53 @@ async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
     assert_eq!(replayed.seq, 1_107);
     assert_eq!(parse(&replayed.state)["applied"], json!(1_107));
 }
+
+/// All live guest memories share one budget of growth past their initial sizes: a growth
+/// past it fails that event with `overloaded`, the server's fault, not the plugin's (no dead
+/// letter, no step toward a quarantine however often), and the budget comes back when the
+/// instance holding it goes. Without it, many devices of a plugin that keeps what it
+/// allocates could each take up to their own cap (64 MiB) until the kernel killed the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_memories_share_one_budget_and_a_growth_past_it_is_overloaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .guest_memory_budget(12 << 20)
+        .open()
+        .await
+        .expect("runtime");
+    let grown = |rt: &Runtime| -> u64 {
+        let metrics = rt.render_metrics();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("drover_guest_memory_grown_bytes "))
+            .expect("the metric");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(
+        rt.render_metrics()
+            .contains("drover_guest_memory_budget_bytes 12582912")
+    );
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    let alloc = r#"{"type":"alloc","mb":8}"#;
+    rt.send("a", alloc).await.expect("8 of the 12 MiB");
+    assert!(grown(&rt) >= 8 << 20, "{}", grown(&rt));
+    for _ in 0..4 {
+        let err = rt.send("b", alloc).await.expect_err("16 > 12 MiB");
+        assert_eq!(err.code(), "overloaded", "{err}");
+        assert!(err.to_string().contains("guest memory budget"), "{err}");
+    }
+    rt.journal().barrier().await.expect("settled");
+    assert_eq!(rt.dead_letters("b").map_or(0, |d| d.len()), 0);
+    rt.send("b", r#"{"type":"ok"}"#)
+        .await
+        .expect("four refusals do not quarantine");
+    rt.remove_device("a", false).await.expect("remove");
+    assert!(grown(&rt) < 1 << 20, "given back: {}", grown(&rt));
+    rt.send("b", alloc).await.expect("fits once a is gone");
+    rt.shutdown().await;
+}

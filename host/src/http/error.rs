@@ -314,7 +314,7 @@ mod tests {
                 404,
             ),
             (Error::ShuttingDown, 503),
-            (Error::Starved("waited".into()), 503),
+            (Error::Overloaded("waited".into()), 503),
             (
                 Error::Journal(JournalError::RetainedAway { oldest: 40 }),
                 410,

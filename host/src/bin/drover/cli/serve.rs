@@ -111,6 +111,13 @@ pub struct Tuning {
     ))]
     pub max_guest_memory: Option<usize>,
     #[arg(long, help = help(
+        "Most MiB all live guest memories together may grow past their initial sizes; a \
+         growth past it fails that event with 503 overloaded. The default is a quarter of this \
+         machine's memory",
+        defaults::guest_memory_budget() >> 20,
+    ))]
+    pub guest_memory_budget_mib: Option<u64>,
+    #[arg(long, help = help(
         "Largest accepted event, in bytes (at most 16 MiB)",
         defaults::MAX_EVENT_BYTES,
     ))]
@@ -287,6 +294,9 @@ impl Tuning {
         }
         if let Some(n) = self.max_guest_memory {
             b = b.max_guest_memory(n);
+        }
+        if let Some(mib) = self.guest_memory_budget_mib {
+            b = b.guest_memory_budget(mib.saturating_mul(1 << 20));
         }
         if let Some(n) = self.max_event_bytes {
             b = b.max_event_bytes(n);
