@@ -139,8 +139,8 @@ pub mod defaults {
     /// Most CPU time one event (its `handle` and every `apply`) or one other guest call may
     /// use (and 4 times it in wall-clock time); guest calls normally take microseconds.
     pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
-    /// Longest one activation (restore a snapshot, replay the tail) may run. Replay applies
-    /// ~2M transitions/s, so this covers a tail of millions of transitions.
+    /// Longest one activation (restore a snapshot, replay the tail) may run in CPU time,
+    /// before the allowance each replayed transition adds (`replay::REPLAY_ALLOWANCE`, 10 µs).
     pub const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(5);
     /// Cap on one instance's linear memory.
     pub const MAX_GUEST_MEMORY: usize = 64 * 1024 * 1024;
@@ -203,7 +203,8 @@ pub struct EngineConfig {
     /// included; see `engine/cpu_clock.rs`).
     #[serde(with = "millis")]
     pub call_timeout: Duration,
-    /// Longest one activation (restore plus the replayed tail) may run.
+    /// Longest one activation (restore plus the replayed tail) may run in CPU time, plus
+    /// 10 µs per transition it replays (see `replay.rs`, `Budget`).
     #[serde(with = "millis")]
     pub activation_timeout: Duration,
     /// Cap on one instance's linear memory, in bytes.

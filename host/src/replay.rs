@@ -193,41 +193,67 @@ pub fn probe_restore(
     Ok(())
 }
 
-/// A rebuild's time budget: the activation budget, in CPU time of the thread that runs it
-/// (guest calls and journal reads alike), as each guest call's budget is; and, like theirs, at
-/// most `WALL_LIMIT` times it in wall-clock time. Each step's guest calls get what is left.
+/// A rebuild's time budget: the activation budget, plus [`REPLAY_ALLOWANCE`] for each
+/// transition it folds, in CPU time of the thread that runs it (guest calls and journal reads
+/// alike), as each guest call's budget is; and, like theirs, at most `WALL_LIMIT` times it in
+/// wall-clock time. Each step's guest calls get what is left.
+///
+/// The allowance is why a long history can be folded at all: a deploy folds a device's whole
+/// journal into the new version, and so does an activation without a snapshot of its
+/// version. A fixed budget failed every such rebuild past a few million transitions, and
+/// each retry (at every activation) spent the whole budget again. A guest that loops still
+/// stops: the budget only grows with what was read from the journal.
 struct Budget {
-    total: Duration,
+    base: Duration,
+    allowance: std::cell::Cell<Duration>,
     cpu_start: Duration,
     wall_start: Instant,
 }
 
+/// CPU time a rebuild's budget grows by per transition it folds: ten times what folding one
+/// takes here (~1 µs, see the activation bench), so that only a guest far slower than a
+/// healthy one runs out.
+pub(crate) const REPLAY_ALLOWANCE: Duration = Duration::from_micros(10);
+
 impl Budget {
-    fn start(total: Duration) -> Budget {
+    fn start(base: Duration) -> Budget {
         Budget {
-            total,
+            base,
+            allowance: std::cell::Cell::new(Duration::ZERO),
             cpu_start: cpu_clock::now(),
             wall_start: Instant::now(),
         }
     }
 
+    fn total(&self) -> Duration {
+        self.base + self.allowance.get()
+    }
+
+    /// `transitions` more to fold: the budget grows by their allowance.
+    fn allow(&self, transitions: usize) {
+        let more = REPLAY_ALLOWANCE.saturating_mul(u32::try_from(transitions).unwrap_or(u32::MAX));
+        self.allowance
+            .set(self.allowance.get().saturating_add(more));
+    }
+
     /// A guest call's timeout told as the rebuild's: it ran out of the whole budget, not of
-    /// the part of it that was left for that call.
-    /// A rebuild that ran past `WALL_LIMIT` times its budget within its CPU budget waited for
-    /// a core: starved, though the call that noticed had nothing left (a timeout of its own).
+    /// the part of it that was left for that call. And a rebuild that ran past `WALL_LIMIT`
+    /// times its budget within its CPU budget waited for a core: starved, though the call
+    /// that noticed had nothing left (a timeout of its own).
     fn whole(&self, e: CallError) -> CallError {
+        let total = self.total();
         match e {
             CallError::Timeout(_) | CallError::Starved { .. } => {
                 let used = cpu_clock::now().saturating_sub(self.cpu_start);
                 let starved = matches!(e, CallError::Starved { .. })
-                    || self.wall_start.elapsed() >= self.total * WALL_LIMIT;
-                if starved && used < self.total {
+                    || self.wall_start.elapsed() >= total * WALL_LIMIT;
+                if starved && used < total {
                     CallError::Starved {
-                        budget: self.total,
+                        budget: total,
                         used,
                     }
                 } else {
-                    CallError::Timeout(self.total)
+                    CallError::Timeout(total)
                 }
             }
             other => other,
@@ -235,11 +261,12 @@ impl Budget {
     }
 
     fn left(&self) -> Duration {
-        if self.wall_start.elapsed() >= self.total * WALL_LIMIT {
+        let total = self.total();
+        if self.wall_start.elapsed() >= total * WALL_LIMIT {
             return Duration::ZERO;
         }
         let used = cpu_clock::now().saturating_sub(self.cpu_start);
-        self.total.saturating_sub(used)
+        total.saturating_sub(used)
     }
 }
 
@@ -384,6 +411,7 @@ fn rebuild_from(
                 }
             }
         }
+        budget.allow(transitions.len());
         let seq_of = |index: usize| {
             let holders = firsts.partition_point(|&(_, first)| first <= index);
             firsts[holders.saturating_sub(1)].0
@@ -538,7 +566,8 @@ mod tests {
     fn a_rebuild_that_waited_for_cores_is_starved_not_timed_out() {
         let total = Duration::from_millis(10);
         let waited = Budget {
-            total,
+            base: total,
+            allowance: Default::default(),
             cpu_start: cpu_clock::now(),
             wall_start: Instant::now() - total * (WALL_LIMIT + 1),
         };
@@ -556,7 +585,8 @@ mod tests {
             std::hint::spin_loop();
         }
         let busy = Budget {
-            total,
+            base: total,
+            allowance: Default::default(),
             cpu_start: cpu_clock::now() - total * 2,
             wall_start: Instant::now() - total * (WALL_LIMIT + 1),
         };

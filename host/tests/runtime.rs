@@ -1844,3 +1844,35 @@ async fn guest_memories_share_one_budget_and_a_growth_past_it_is_overloaded() {
     rt.send("b", alloc).await.expect("fits once a is gone");
     rt.shutdown().await;
 }
+
+/// A rebuild's budget grows with the history it folds (10 µs of CPU time per transition on
+/// top of the activation budget): a history too long for the activation budget alone still
+/// folds, where before every such rebuild (a deploy's, an activation without a snapshot)
+/// failed, and failed again at each retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_folds_within_a_budget_that_grows_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .activation_timeout(Duration::from_millis(10))
+        .snapshot_every(0)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("long", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // 50,000 transitions: well over 10 ms to read and fold (~1 µs each in the guest alone),
+    // well within 10 ms + 500 ms.
+    for _ in 0..50 {
+        rt.send("long", &support::slow_apply(0, 1_000))
+            .await
+            .expect("a thousand transitions");
+    }
+    rt.shutdown().await;
+    drop(rt);
+    let replayed =
+        replay::offline(dir.path(), "long", None, Start::Genesis).expect("folds in its budget");
+    assert_eq!(replayed.seq, 50);
+    assert_eq!(parse(&replayed.state)["applied"], json!(50_000));
+}

@@ -171,8 +171,9 @@ pub struct Tuning {
     ))]
     pub max_connections: Option<usize>,
     #[arg(long, help = help(
-        "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds \
-         (its guest calls count CPU time, not waits for a core)",
+        "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds, \
+         plus 10 us per transition it replays (its guest calls count CPU time, not waits for a \
+         core)",
         defaults::ACTIVATION_TIMEOUT.as_millis(),
     ))]
     pub activation_timeout_ms: Option<u64>,
