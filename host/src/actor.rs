@@ -810,6 +810,9 @@ impl Actor {
         let mut want = self.head.clone();
         want.version = to;
         match upgrade::bring_up(&self.env.journal, &self.env.registry, &want, from) {
+            // The server lacked a core or memory: nothing is known about the version. This
+            // activation fails as overloaded (retry), the next one tries again.
+            Err(f) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
             Ok((rebuilt, _)) => {
                 self.writer.append_rebind(&want, clock::now_ms());
                 let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
@@ -888,6 +891,12 @@ impl Actor {
         }
         want.version = to;
         match upgrade::bring_up(&self.env.journal, registry, &want, from) {
+            // Nothing is known about the version: the device stays as it is and moves at its
+            // next activation, like one that was not live (not remembered as a failure).
+            Err(f) if matches!(f.error, Error::Overloaded(_)) => {
+                report.error = Some(format!("{}; it moves at its next activation", f.error));
+                tracing::warn!(device = %self.head.id, error = %f.error, "upgrade put off: the server is overloaded");
+            }
             Err(f) => {
                 report.outcome = UpgradeOutcome::Failed;
                 report.failed_seq = f.seq;

@@ -439,6 +439,16 @@ impl Config {
         if self.actor.idle_timeout.is_zero() {
             return Err("idle timeout must be more than zero".into());
         }
+        // Below one instance's cap, an event that needs the cap could never be handled, and
+        // would be told `overloaded` (retry) for ever.
+        if self.engine.guest_memory_budget < self.engine.max_memory as u64 {
+            return Err(format!(
+                "the guest memory budget ({} MiB) is below one instance's memory cap ({} MiB): \
+                 raise it, or lower the cap",
+                self.engine.guest_memory_budget >> 20,
+                self.engine.max_memory >> 20
+            ));
+        }
         Ok(())
     }
 }

@@ -259,7 +259,9 @@ impl Runtime {
         if overloaded > 0 && !force {
             // Not the candidate's fault, but nothing was proved about it either.
             return Err(Error::Overloaded(format!(
-                "the dry-run of {overloaded} of {} sampled devices waited for a core too long                  (the server is overloaded), so version {} of `{plugin}` was not checked and                  nothing was deployed; deploy again when the server is less loaded, or force                  the deploy",
+                "the dry-run of {overloaded} of {} sampled devices lacked a core or memory (the \
+                 server is overloaded), so version {} of `{plugin}` was not checked and nothing \
+                 was deployed; deploy again when the server is less loaded, or force the deploy",
                 sample.devices.len(),
                 target.number,
             )));

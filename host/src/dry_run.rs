@@ -89,9 +89,10 @@ pub struct DeviceDryRun {
     /// journal could not be read).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The dry-run stopped because a guest call waited for a core too long (code
-    /// `overloaded`): it says nothing about the candidate, so this device is neither
-    /// identical nor diverged. Run it again when the server is less loaded.
+    /// The dry-run stopped, before it found anything, because the server lacked a core or
+    /// memory for a guest call (code `overloaded`): it says nothing about the candidate, so
+    /// this device is neither identical nor diverged. Run it again when the server is less
+    /// loaded.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub overloaded: bool,
 }
@@ -127,7 +128,9 @@ pub fn device(
     };
     match one_pass(journal, registry, head, candidate, limits, &mut out) {
         Ok(()) => {}
-        Err(e @ Error::Overloaded(_)) => {
+        // What was found before the overload stands (the candidate cannot fold, or decided
+        // differently); only a run that found nothing yet says nothing.
+        Err(e @ Error::Overloaded(_)) if out.folds && out.diverged_events == 0 => {
             out.overloaded = true;
             out.error = Some(e.to_string());
         }
@@ -292,6 +295,7 @@ fn one_pass(
                                 "cannot fold the recorded transitions: {}",
                                 f.error
                             ));
+                            out.folds = false;
                             Folder::Failed
                         }
                     };
@@ -342,6 +346,7 @@ fn one_pass(
                         "cannot fold the recorded transitions at seq {}: {e}",
                         record.seq
                     ));
+                    out.folds = false;
                     folder = Folder::Failed;
                 }
             }

@@ -178,8 +178,9 @@ struct UnitClock {
 }
 
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
-/// before it ends as a timeout whatever CPU time it used: a bound for a thread starved for
-/// long, or a host call that blocks (a log line into a full pipe).
+/// before it is interrupted whatever CPU time it used (as `CallError::Starved` within its CPU
+/// budget): a bound for a thread starved for long, or a host call that blocks (a log line
+/// into a full pipe).
 pub(crate) const WALL_LIMIT: u32 = 4;
 
 impl UnitClock {
@@ -562,6 +563,29 @@ fn denied_import(name: &str) -> String {
     format!("`{name}`: {why}")
 }
 
+/// Why instantiation (the component's start code) failed: a timeout, and the server's
+/// overload (a core, memory) told apart from the guest's fault, as for any call.
+fn instantiation_fault(
+    store: &mut Store<GuestState>,
+    budget: Duration,
+    e: wasmtime::Error,
+) -> CallError {
+    let state = store.data_mut();
+    if let Some(refused) = state.limits.take_refusal() {
+        return CallError::GuestMemory(refused);
+    }
+    if matches!(
+        e.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    ) {
+        return match state.starved.take() {
+            Some(used) => CallError::Starved { budget, used },
+            None => CallError::Timeout(budget),
+        };
+    }
+    CallError::Trap(format!("instantiation failed: {e:#}"))
+}
+
 /// A plugin version compiled for this engine, ready to instantiate. Cheap to clone.
 #[derive(Clone)]
 pub struct CompiledPlugin {
@@ -614,7 +638,7 @@ impl CompiledPlugin {
                     })
             }
         }
-        .map_err(|e| CallError::Trap(format!("instantiation failed: {e:#}")))?;
+        .map_err(|e| instantiation_fault(&mut store, inner.config.call_timeout, e))?;
         Ok(Instance {
             store,
             device,
@@ -922,12 +946,15 @@ impl Instance {
     fn start_clock(&mut self, budget: Duration) {
         self.store.data_mut().clock = UnitClock::start(budget, self.epoch_tick);
         self.store.data_mut().starved = None;
-        let _ = self.store.data_mut().limits.take_refusal();
         self.store
             .set_epoch_deadline(UnitClock::ticks(budget, self.epoch_tick));
     }
 
+    /// Before each guest call: its unit's clock if it is a unit of its own; and a memory
+    /// growth refused in an earlier call that returned is forgotten, so that only a failure
+    /// of the call it happened in is blamed on it.
     fn arm(&mut self) {
+        let _ = self.store.data_mut().limits.take_refusal();
         if self.unit.is_none() {
             self.renew_log_budget();
             self.start_clock(self.call_timeout);

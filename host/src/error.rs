@@ -191,7 +191,8 @@ error_kinds! {
     Journal => "journal",
     ActivationFailed => "activation-failed",
     PluginUnavailable => "plugin-unavailable",
-    /// A guest call waited for a core too long: the server has more work than cores.
+    /// The server lacked a core (a guest call waited too long for one) or memory (the fleet's
+    /// guest memory budget refused a growth) for a guest call.
     Overloaded => "overloaded",
     ShuttingDown => "shutting-down",
     Internal => "internal",

@@ -43,7 +43,7 @@ pub struct Metrics {
     /// quarantine ends), or the runtime stopping (again at the next start).
     pub internal_dropped: AtomicU64,
     /// Messages and timer firings that failed in a way that may pass (a timeout short of the
-    /// count that consumes it) and come again.
+    /// count that consumes it, the server's overload) and come again.
     pub internal_retried: AtomicU64,
     /// Commands for devices that became durable (entered an outbox).
     pub commands_issued: AtomicU64,
@@ -155,7 +155,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_internal_retried_total",
-            "Messages and timer firings that timed out (short of the third timeout, which consumes one as a dead letter) and come again.",
+            "Messages and timer firings that timed out (short of the third timeout, which consumes one as a dead letter) or met an overloaded server, and come again.",
             &self.internal_retried,
         );
         counter(

@@ -224,9 +224,21 @@ async fn a_body_finishing_just_after_the_server_stops_is_handled() {
         read_to_close(conn)
     });
     // Let the server accept it and start reading the body before it stops listening.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(30)).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The server stops waiting for bodies as it closes its listener: once a connection is
+    // refused, the rest of the body arrives after the stop, as this test needs.
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..1000 {
+            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the listener never closed");
+    })
+    .await
+    .expect("listener closed");
     stopping.send(()).expect("client waits");
     let drained = shutdown.await.expect("shutdown");
     assert!(drained, "drained without hitting the drain timeout");

@@ -31,25 +31,6 @@ async fn open(dir: &Path) -> Runtime {
         .expect("runtime opens")
 }
 
-fn v1() -> Vec<u8> {
-    std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built")
-}
-
-/// The same component with a custom section appended: other bytes (another version),
-/// identical behavior. A component-level custom section is id 0, a LEB128 size, then a
-/// name and a payload.
-fn identical_rebuild(bytes: &[u8]) -> Vec<u8> {
-    let name = b"drover-test-rebuild";
-    let payload = b"same code, other bytes";
-    let mut out = bytes.to_vec();
-    out.push(0);
-    out.push((1 + name.len() + payload.len()) as u8);
-    out.push(name.len() as u8);
-    out.extend_from_slice(name);
-    out.extend_from_slice(payload);
-    out
-}
-
 async fn count(rt: &Runtime, id: &str) -> u64 {
     let view = rt.device(id).await.expect("device reads");
     let state: Value = serde_json::from_str(&view.state).expect("state is JSON");
@@ -468,7 +449,7 @@ async fn a_device_activating_while_a_rollback_lands_ends_on_the_version_rolled_b
 async fn an_upload_whose_caller_goes_away_is_registered_once() {
     let dir = tempfile::tempdir().unwrap();
     let rt = open(dir.path()).await;
-    let bytes = identical_rebuild(&v1());
+    let bytes = support::identical_rebuild(&support::misbehave_v1());
     let cut = tokio::time::timeout(
         Duration::from_millis(1),
         rt.register_plugin("misbehave", bytes.clone(), Origin::Upload),
@@ -528,7 +509,11 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
     }
     let v2 = register_v2(&rt).await;
     let (same, new) = rt
-        .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
+        .register_plugin(
+            "misbehave",
+            support::identical_rebuild(&support::misbehave_v1()),
+            Origin::Upload,
+        )
         .await
         .unwrap();
     assert!(new, "other bytes are another version");
@@ -584,76 +569,6 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
     rt.shutdown().await;
 }
 
-/// A dry-run whose guest calls wait for a core too long (an overloaded server) proves
-/// nothing about the candidate: the device is reported `overloaded`, neither identical nor
-/// diverged, and a deploy is refused with 503 `overloaded` instead of moving devices or
-/// calling a sound version one that cannot fold (both happened before).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
-    let dir = tempfile::tempdir().unwrap();
-    let budget = Duration::from_millis(300);
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .call_timeout(budget)
-        .activation_timeout(budget)
-        .snapshot_every(100_000)
-        .open()
-        .await
-        .expect("runtime opens");
-    // Calibrated on a device of its own: the device compared holds one slow event only.
-    rt.provision("probe", "misbehave", &json!({}))
-        .await
-        .unwrap();
-    let mut spin = 0;
-    for _ in 0..3 {
-        spin = spin.max(support::spins_for(&rt, "probe", 0.4 * budget.as_secs_f64()).await);
-    }
-    rt.provision("s", "misbehave", &json!({})).await.unwrap();
-    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
-        .await
-        .expect("60% of its budget");
-    let (same, _) = rt
-        .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
-        .await
-        .unwrap();
-    let current = rt.current_version("misbehave");
-    let only_s = || Selection::Devices(vec!["s".into()]);
-    let report = rt
-        .dry_run("misbehave", same.version, only_s())
-        .await
-        .unwrap();
-    assert_eq!(report.totals.identical, 1, "unloaded: {:?}", report.devices);
-
-    // 32 busy threads per core: each guest call waits for a core past 4 times its budget.
-    let hogs = support::Hogs::start(32);
-    let report = rt
-        .dry_run("misbehave", same.version, only_s())
-        .await
-        .unwrap();
-    let refused = rt.deploy("misbehave", same.version, false).await;
-    drop(hogs);
-    let d = &report.devices[0];
-    assert!(d.overloaded && d.folds && !d.identical, "{d:?}");
-    assert!(
-        d.error.as_deref().is_some_and(|e| e.contains("overloaded")),
-        "{d:?}"
-    );
-    assert_eq!(
-        (
-            report.totals.overloaded,
-            report.totals.diverged,
-            report.totals.cannot_fold,
-            report.totals.state_differs
-        ),
-        (1, 0, 0, 0)
-    );
-    let refused = refused.expect_err("not deployed on an unproved dry-run");
-    assert_eq!(refused.kind(), ErrorKind::Overloaded, "{refused}");
-    assert!(refused.to_string().contains("less loaded"), "{refused}");
-    assert_eq!(rt.current_version("misbehave"), current, "nothing moved");
-    rt.shutdown().await;
-}
-
 /// Acceptance 8: restarting with the start-up plugins after an upload keeps the uploaded
 /// version current; a start-up plugin replaces only a start-up version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,7 +578,7 @@ async fn a_restart_never_replaces_an_uploaded_current_version() {
     let (logs, _logging) = support::Logs::capture();
     const REPLACED: &str = "is not the version that was current";
     let startup = |bytes: Vec<u8>| Runtime::builder(dir.path()).plugin("m", bytes).open();
-    let rt = startup(v1()).await.unwrap();
+    let rt = startup(support::misbehave_v1()).await.unwrap();
     rt.provision("a", "m", &json!({})).await.unwrap();
     rt.send("a", OK).await.unwrap();
     rt.shutdown().await;
@@ -675,7 +590,9 @@ async fn a_restart_never_replaces_an_uploaded_current_version() {
 
     // New start-up bytes over a start-up version: they become current, with a warning (no
     // dry-run checked them).
-    let rt = startup(identical_rebuild(&v1())).await.unwrap();
+    let rt = startup(support::identical_rebuild(&support::misbehave_v1()))
+        .await
+        .unwrap();
     assert_eq!(rt.current_version("m"), Some(2));
     let warned: Vec<String> = logs
         .text()
@@ -699,7 +616,7 @@ async fn a_restart_never_replaces_an_uploaded_current_version() {
 
     // Restarting with the original start-up plugin keeps the deployed upload current, and
     // so warns of nothing.
-    let rt = startup(v1()).await.unwrap();
+    let rt = startup(support::misbehave_v1()).await.unwrap();
     assert_eq!(rt.current_version("m"), Some(3));
     assert_eq!(logs.text().matches(REPLACED).count(), 1);
     rt.send("a", OK).await.unwrap();
@@ -746,7 +663,11 @@ async fn plugin_versions_are_removed_only_when_unused() {
     rt.provision("d", "misbehave", &json!({})).await.unwrap();
     rt.send("d", OK).await.unwrap();
     let (v2, _) = rt
-        .register_plugin("misbehave", identical_rebuild(&v1()), Origin::Upload)
+        .register_plugin(
+            "misbehave",
+            support::identical_rebuild(&support::misbehave_v1()),
+            Origin::Upload,
+        )
         .await
         .unwrap();
     let (v3, _) = rt
@@ -791,9 +712,13 @@ async fn plugin_versions_are_removed_only_when_unused() {
     rt.remove_device("d", false).await.unwrap();
     // The current version goes only with the whole plugin.
     let thermostat = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
-    rt.register_plugin("thermostat", identical_rebuild(&thermostat), Origin::Upload)
-        .await
-        .unwrap();
+    rt.register_plugin(
+        "thermostat",
+        support::identical_rebuild(&thermostat),
+        Origin::Upload,
+    )
+    .await
+    .unwrap();
     let why = in_use(rt.remove_plugin_version("thermostat", 1).await.unwrap_err());
     assert!(why.contains("current"), "{why}");
     assert_eq!(rt.remove_plugin("misbehave").await.unwrap(), [v3.version]);
@@ -808,10 +733,10 @@ async fn plugin_versions_are_removed_only_when_unused() {
 
     // The same bytes under another plugin name share the stored file: removing one keeps
     // the other loadable.
-    rt.register_plugin("twin-a", v1(), Origin::Upload)
+    rt.register_plugin("twin-a", support::misbehave_v1(), Origin::Upload)
         .await
         .unwrap();
-    rt.register_plugin("twin-b", v1(), Origin::Upload)
+    rt.register_plugin("twin-b", support::misbehave_v1(), Origin::Upload)
         .await
         .unwrap();
     rt.remove_plugin("twin-a").await.unwrap();
@@ -828,7 +753,7 @@ async fn plugin_versions_are_removed_only_when_unused() {
     let rt = Runtime::builder(dir.path()).open().await.unwrap();
     assert!(rt.plugins().iter().all(|(n, _)| n != "misbehave"));
     let (back, new) = rt
-        .register_plugin("misbehave", v1(), Origin::Upload)
+        .register_plugin("misbehave", support::misbehave_v1(), Origin::Upload)
         .await
         .unwrap();
     assert!(new);
@@ -849,7 +774,7 @@ async fn an_import_numbers_plugin_versions_in_the_sources_order() {
     rt.provision("d1", "misbehave", &json!({})).await.unwrap();
     rt.send("d1", OK).await.unwrap();
     let v2 = support::misbehave_variant("v2");
-    for bytes in [v2.clone(), identical_rebuild(&v2)] {
+    for bytes in [v2.clone(), support::identical_rebuild(&v2)] {
         let (v, _) = rt
             .register_plugin("misbehave", bytes, Origin::Upload)
             .await

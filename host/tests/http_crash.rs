@@ -81,7 +81,6 @@ fn start_load(
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(a) if refused(&terminating, &a) => break,
-                    Ok(a) if refused(&terminating, &a) => break,
                     Ok(a) => panic!("unexpected answer {}: {}", a.status, a.text),
                     Err(_) => break,
                 }
@@ -124,7 +123,6 @@ fn start_load(
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(a) if refused(&terminating, &a) => break,
                 Ok(a) if refused(&terminating, &a) => break,
                 Ok(a) => panic!("unexpected answer {}: {}", a.status, a.text),
                 Err(_) => break,

@@ -7,7 +7,8 @@
 //! to *look*: when it passes, the engine's callback reads the thread's CPU clock and gives
 //! the guest what is left of its budget in CPU time (see `Instance::within`). A unit that
 //! waits far longer than its budget in wall-clock time (`WALL_LIMIT` times it: a thread
-//! starved for minutes, a host call stuck on a blocked log pipe) still ends as a timeout.
+//! starved for minutes, a host call stuck on a blocked log pipe) is still interrupted, and
+//! told apart: `CallError::Starved`, the server's overload (`503 overloaded`).
 //!
 //! Reading a thread's CPU clock is a system call (~300 ns here, `CLOCK_THREAD_CPUTIME_ID`):
 //! too dear for every event. A unit's starting point is therefore a *sample*: a thread that

@@ -85,8 +85,10 @@ pub(crate) struct GuestLimits {
     initial: Option<usize>,
     /// Bytes of the budget this store holds.
     taken: u64,
-    /// What it held before the growth under way, given back if that growth fails.
-    before: u64,
+    /// Bytes the last allowed growth took, given back if wasmtime then reports it failed.
+    /// (wasmtime also reports failures it never asked about, for memories with custom page
+    /// sizes, which the engine does not enable; then this is 0 or an earlier growth's.)
+    pending: u64,
     /// Set when the budget refused a growth (see [`GuestLimits::take_refusal`]).
     refused: Option<GuestMemoryRefusal>,
 }
@@ -98,7 +100,7 @@ impl GuestLimits {
             budget,
             initial: None,
             taken: 0,
-            before: 0,
+            pending: 0,
             refused: None,
         }
     }
@@ -121,13 +123,14 @@ impl ResourceLimiter for GuestLimits {
         }
         let initial = *self.initial.get_or_insert(desired);
         let past = desired.saturating_sub(initial) as u64;
-        self.before = self.taken;
+        self.pending = 0;
         if past <= self.taken {
             return Ok(true);
         }
         let more = past - self.taken;
         if self.budget.take(more) {
             self.taken = past;
+            self.pending = more;
             Ok(true)
         } else {
             self.refused = Some(GuestMemoryRefusal {
@@ -141,8 +144,9 @@ impl ResourceLimiter for GuestLimits {
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
         // Allowed, then the mapping failed: the memory kept its size.
-        self.budget.give_back(self.taken - self.before);
-        self.taken = self.before;
+        let pending = std::mem::take(&mut self.pending);
+        self.budget.give_back(pending);
+        self.taken -= pending;
         self.store.memory_grow_failed(error)
     }
 
@@ -253,5 +257,8 @@ mod tests {
         a.memory_grow_failed(wasmtime::format_err!("no room"))
             .unwrap();
         assert_eq!(budget.grown(), 2 * MIB as u64, "the last growth only");
+        a.memory_grow_failed(wasmtime::format_err!("again"))
+            .unwrap();
+        assert_eq!(budget.grown(), 2 * MIB as u64, "given back once");
     }
 }

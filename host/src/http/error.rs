@@ -18,7 +18,7 @@
 //! | 429 | `mailbox-full`, `outbox-full`, `messages-pending` (with `Retry-After`) | slow down and retry (after acknowledging commands, for `outbox-full`; once the device's message targets catch up, for `messages-pending`) |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
 //! | 501 | `not-implemented` | |
-//! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `overloaded` (the plugin's call waited for a core over 4 times its time budget: more work than cores, the plugin is not at fault), `too-many-connections`, all with `Retry-After`; `plugin-unavailable` (the component of the device's plugin version is missing, e.g. a placeholder salvage rebuilt: deploy a version), without | retry later or elsewhere |
+//! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `overloaded` (the plugin's call waited for a core over 4 times its time budget, or the fleet's guest memory budget refused it memory: the plugin is not at fault), `too-many-connections`, all with `Retry-After`; `plugin-unavailable` (the component of the device's plugin version is missing, e.g. a placeholder salvage rebuilt: deploy a version), without | retry later or elsewhere |
 //!
 //! A state asked for at a seq the device has not reached is 404 `seq-out-of-range`: the
 //! request is well formed, the record does not exist yet.

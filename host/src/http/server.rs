@@ -111,8 +111,9 @@ impl Drop for InFlight {
 
 /// Completes once the connection may be closed at shutdown: the server is stopping,
 /// [`SHUTDOWN_GRACE`] has passed, no request is being handled (one being handled is waited
-/// for, bounded by the drain timeout; its body, if still arriving, is not: `extract::Body`
-/// answers 503 `shutting-down`), and every answer was written or had one more grace to be.
+/// for, bounded by the drain timeout; its body, if still arriving, only for the same grace:
+/// then `extract::Body` answers 503 `shutting-down`), and every answer was written or had
+/// one more grace to be.
 /// Until then hyper serves the connection, and closes it itself after an answer.
 async fn closed_when_idle(mut stopping: tokio::sync::watch::Receiver<bool>, busy: &Busy) {
     if stopping.wait_for(|s| *s).await.is_err() {

@@ -539,3 +539,23 @@ impl Drop for Hogs {
         }
     }
 }
+
+/// The `misbehave` test plugin's default build.
+pub fn misbehave_v1() -> Vec<u8> {
+    std::fs::read(plugin_dir().join("misbehave.wasm")).expect("misbehave built")
+}
+
+/// The same component with a custom section appended: other bytes (another version),
+/// identical behavior. A component-level custom section is id 0, a LEB128 size, then a
+/// name and a payload.
+pub fn identical_rebuild(bytes: &[u8]) -> Vec<u8> {
+    let name = b"drover-test-rebuild";
+    let payload = b"same code, other bytes";
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push((1 + name.len() + payload.len()) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(payload);
+    out
+}

@@ -302,12 +302,16 @@ pub fn print_deploy(r: &Value) {
     let s = &r["sample"]["totals"];
     if n(&s["devices"]) > 0 {
         println!(
-            "  dry-run sample of {}: {} identical, {} decide differently, {} end in another state, {} cannot fold",
+            "  dry-run sample of {}: {} identical, {} decide differently, {} end in another state, {} cannot fold{}",
             n(&s["devices"]),
             n(&s["identical"]),
             n(&s["decide_differently"]),
             n(&s["state_differs"]),
             n(&s["cannot_fold"]),
+            match n(&s["overloaded"]) {
+                0 => String::new(),
+                k => format!(", {k} not checked (the server was overloaded)"),
+            },
         );
     }
     for d in r["devices"].as_array().into_iter().flatten() {
@@ -345,7 +349,7 @@ pub fn print_dry_run(r: &Value) {
     );
     if n(&t["overloaded"]) > 0 {
         println!(
-            "{} not checked: the server is overloaded (guest calls waited for a core); run it again when it is less loaded",
+            "{} not checked: the server is overloaded (guest calls lacked a core or memory); run it again when it is less loaded",
             plural(n(&t["overloaded"]), "device", "devices")
         );
     }

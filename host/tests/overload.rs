@@ -1,0 +1,411 @@
+//! The server's overload, told apart from the plugin's faults: a guest call that waits for a
+//! core past 4 times its budget within its CPU budget, or a memory growth past the fleet's
+//! guest memory budget, is `503 overloaded` (no dead letter, no step toward a quarantine, no
+//! dry-run divergence, no deploy on an unproved sample); budgets count CPU time, not waits
+//! for a core, and a rebuild's grows with the history it folds.
+//!
+//! These tests oversubscribe the cores on purpose (busy threads, see `support::Hogs`), which
+//! would starve tests running beside them: they run one at a time ([`serial`]), in a test
+//! binary of their own (cargo runs test binaries one after another).
+
+use std::path::Path;
+use std::time::Duration;
+
+use drover::registry::Origin;
+use drover::replay::{self, Start};
+use drover::{ErrorKind, Runtime, Selection};
+use serde_json::{Value, json};
+
+mod support;
+
+const PLUGINS: support::PluginDir = support::PluginDir;
+
+/// Held for a whole test: one at a time. (An async lock: each test has its own runtime, and
+/// one that fails releases it as it unwinds.)
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+async fn open(dir: &Path, snapshot_every: u64) -> Runtime {
+    Runtime::builder(dir)
+        .plugin_dir(PLUGINS)
+        .snapshot_every(snapshot_every)
+        .call_timeout(Duration::from_millis(300))
+        .mailbox_capacity(4096)
+        .open()
+        .await
+        .expect("runtime opens")
+}
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).expect("valid JSON")
+}
+
+/// A time budget counts the CPU time a guest used, not the time its thread waited for a
+/// core: an event that needs 40% of its budget is handled while the machine is oversubscribed
+/// three times over, though it takes longer than its budget in wall-clock time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = Duration::from_millis(300);
+    let rt = open(dir.path(), 1_000).await;
+    rt.provision("s", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // Other tests run beside this one: the least contended of three probes is the closest
+    // to the machine's speed.
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "s", 0.4 * budget.as_secs_f64()).await);
+    }
+    // Busy threads per core, while the event is handled.
+    let hogged = async |per_core: usize, event: String| {
+        let hogs = support::Hogs::start(per_core);
+        let started = std::time::Instant::now();
+        let handled = rt.send("s", &event).await;
+        let took = started.elapsed();
+        drop(hogs);
+        (handled, took)
+    };
+
+    // More busy threads until the event waits for a core long enough to outlast its budget
+    // in wall-clock time (three per core usually do); handled each time.
+    let mut waited = None;
+    for per_core in [3, 6, 9] {
+        let (handled, took) = hogged(per_core, support::slow_apply(spin, 1)).await;
+        handled.expect("handled: 40% of its budget in CPU time");
+        if took > budget {
+            waited = Some(took);
+            break;
+        }
+    }
+    assert!(
+        waited.is_some(),
+        "the event never waited for a core long enough: this test proves nothing"
+    );
+
+    // A guest that does use its whole budget still times out. (Twenty times the 40% event:
+    // over its budget whatever the calibration's error, since probes only ever run slow.)
+    let err = rt
+        .send("s", &support::slow_apply(spin * 20, 1))
+        .await
+        .expect_err("over its budget");
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert!(
+        err.to_string().contains("exceeded its time budget"),
+        "{err}"
+    );
+
+    // Starved of cores for over four times its budget, an event within its CPU budget (60% of
+    // it) is interrupted all the same, and told apart: the machine is overloaded, the guest is
+    // not at fault.
+    // (32 busy threads per core: starved even if a slow probe made the event far cheaper.)
+    let letters = async || {
+        rt.journal().barrier().await.expect("settled");
+        rt.dead_letters("s").map_or(0, |d| d.len())
+    };
+    assert_eq!(letters().await, 1, "the timeout is a dead letter");
+    let (starved, _) = hogged(32, support::slow_apply(spin * 3 / 2, 1)).await;
+    let err = starved.expect_err("waited too long for a core");
+    assert_eq!(err.code(), "overloaded", "{err}");
+    assert!(
+        err.to_string().contains("waiting for a core") && err.to_string().contains("overloaded"),
+        "{err}"
+    );
+    // Nor does supervision count it: no dead letter (re-sending it is the remedy), and no step
+    // toward a quarantine, so a timeout after it is the second failure, not the third.
+    assert_eq!(letters().await, 1, "no dead letter for a starved event");
+    let err = rt
+        .send("s", &support::slow_apply(spin * 20, 1))
+        .await
+        .expect_err("over its budget");
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert_eq!(letters().await, 2);
+    rt.send("s", &support::slow_apply(1, 1))
+        .await
+        .expect("two failures in a row do not quarantine");
+    rt.shutdown().await;
+}
+
+/// A rebuild's budget is CPU time across all of it: a replay longer than one journal chunk
+/// (1,024 records) that needs half its budget is not cut off for waiting for a core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = Duration::from_secs(2);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_secs(1))
+        .activation_timeout(budget)
+        .snapshot_every(100_000)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("long", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // The least contended of three probes (other tests run beside this one).
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "long", 0.3).await);
+    }
+    // ~0.6 s of folding in each of two chunks: slow records first, then enough cheap ones
+    // to fill the first chunk, then slow ones again.
+    let slow = async |n| {
+        for _ in 0..n {
+            rt.send("long", &support::slow_apply(spin, 1))
+                .await
+                .expect("slow");
+        }
+    };
+    slow(2).await;
+    for _ in 0..1_100 {
+        rt.send("long", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    slow(2).await;
+    rt.shutdown().await;
+    drop(rt);
+
+    let hogs = support::Hogs::start(3);
+    let started = std::time::Instant::now();
+    let replayed = replay::offline(dir.path(), "long", None, Start::Genesis);
+    let took = started.elapsed();
+    drop(hogs);
+    assert!(
+        took > budget,
+        "the replay waited for a core, or this test proves nothing: {took:?}"
+    );
+    let replayed = replayed.expect("about half its budget in CPU time");
+    assert_eq!(replayed.seq, 1_107);
+    assert_eq!(parse(&replayed.state)["applied"], json!(1_107));
+}
+
+/// All live guest memories share one budget of growth past their initial sizes: a growth
+/// past it fails that event with `overloaded`, the server's fault, not the plugin's (no dead
+/// letter, no step toward a quarantine however often), and the budget comes back when the
+/// instance holding it goes. Without it, many devices of a plugin that keeps what it
+/// allocates could each take up to their own cap (64 MiB) until the kernel killed the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_memories_share_one_budget_and_a_growth_past_it_is_overloaded() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_guest_memory(12 << 20)
+        .guest_memory_budget(12 << 20)
+        .open()
+        .await
+        .expect("runtime");
+    let grown = |rt: &Runtime| -> u64 {
+        let metrics = rt.render_metrics();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("drover_guest_memory_grown_bytes "))
+            .expect("the metric");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(
+        rt.render_metrics()
+            .contains("drover_guest_memory_budget_bytes 12582912")
+    );
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    let alloc = r#"{"type":"alloc","mb":8}"#;
+    rt.send("a", alloc).await.expect("8 of the 12 MiB");
+    assert!(grown(&rt) >= 8 << 20, "{}", grown(&rt));
+    for _ in 0..4 {
+        let err = rt.send("b", alloc).await.expect_err("16 > 12 MiB");
+        assert_eq!(err.code(), "overloaded", "{err}");
+        assert!(err.to_string().contains("guest memory budget"), "{err}");
+    }
+    rt.journal().barrier().await.expect("settled");
+    assert_eq!(rt.dead_letters("b").map_or(0, |d| d.len()), 0);
+    rt.send("b", r#"{"type":"ok"}"#)
+        .await
+        .expect("four refusals do not quarantine");
+    rt.remove_device("a", false).await.expect("remove");
+    assert!(grown(&rt) < 1 << 20, "given back: {}", grown(&rt));
+    rt.send("b", alloc).await.expect("fits once a is gone");
+    rt.shutdown().await;
+}
+
+/// A rebuild's budget grows with the history it folds (10 µs of CPU time per transition on
+/// top of the activation budget): a history too long for the activation budget alone still
+/// folds, where before every such rebuild (a deploy's, an activation without a snapshot)
+/// failed, and failed again at each retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_folds_within_a_budget_that_grows_with_it() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .activation_timeout(Duration::from_millis(10))
+        .snapshot_every(0)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision("long", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // 50,000 transitions: well over 10 ms to read and fold (~1 µs each in the guest alone),
+    // well within 10 ms + 500 ms.
+    for _ in 0..50 {
+        rt.send("long", &support::slow_apply(0, 1_000))
+            .await
+            .expect("a thousand transitions");
+    }
+    rt.shutdown().await;
+    drop(rt);
+    let replayed =
+        replay::offline(dir.path(), "long", None, Start::Genesis).expect("folds in its budget");
+    assert_eq!(replayed.seq, 50);
+    assert_eq!(parse(&replayed.state)["applied"], json!(50_000));
+}
+
+/// A dry-run whose guest calls wait for a core too long (an overloaded server) proves
+/// nothing about the candidate: the device is reported `overloaded`, neither identical nor
+/// diverged, and a deploy is refused with 503 `overloaded` instead of moving devices or
+/// calling a sound version one that cannot fold (both happened before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(300);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(budget)
+        .activation_timeout(budget)
+        .snapshot_every(100_000)
+        .open()
+        .await
+        .expect("runtime opens");
+    // Calibrated on a device of its own: the device compared holds one slow event only.
+    rt.provision("probe", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "probe", 0.4 * budget.as_secs_f64()).await);
+    }
+    rt.provision("s", "misbehave", &json!({})).await.unwrap();
+    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
+        .await
+        .expect("60% of its budget");
+    let (same, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::identical_rebuild(&support::misbehave_v1()),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    let current = rt.current_version("misbehave");
+    let only_s = || Selection::Devices(vec!["s".into()]);
+    let report = rt
+        .dry_run("misbehave", same.version, only_s())
+        .await
+        .unwrap();
+    assert_eq!(report.totals.identical, 1, "unloaded: {:?}", report.devices);
+
+    // 32 busy threads per core: each guest call waits for a core past 4 times its budget.
+    let hogs = support::Hogs::start(32);
+    let report = rt
+        .dry_run("misbehave", same.version, only_s())
+        .await
+        .unwrap();
+    let refused = rt.deploy("misbehave", same.version, false).await;
+    drop(hogs);
+    let d = &report.devices[0];
+    assert!(d.overloaded && d.folds && !d.identical, "{d:?}");
+    assert!(
+        d.error.as_deref().is_some_and(|e| e.contains("overloaded")),
+        "{d:?}"
+    );
+    assert_eq!(
+        (
+            report.totals.overloaded,
+            report.totals.diverged,
+            report.totals.cannot_fold,
+            report.totals.state_differs
+        ),
+        (1, 0, 0, 0)
+    );
+    let refused = refused.expect_err("not deployed on an unproved dry-run");
+    assert_eq!(refused.kind(), ErrorKind::Overloaded, "{refused}");
+    assert!(refused.to_string().contains("less loaded"), "{refused}");
+    assert_eq!(rt.current_version("misbehave"), current, "nothing moved");
+    rt.shutdown().await;
+}
+
+/// A live device whose upgrade the server lacks a core for is put off, not failed: the
+/// deploy reports it `lazy` (it moves at its next activation) and it does move then. Before,
+/// it was remembered as unable to run the new version, and stayed behind until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(300);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(budget)
+        .activation_timeout(budget)
+        .snapshot_every(100_000)
+        // Long enough to stay live through the deploy (its sample is starved too), short
+        // enough to passivate soon after.
+        .idle_timeout(Duration::from_secs(6))
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("probe", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(&rt, "probe", 0.4 * budget.as_secs_f64()).await);
+    }
+    rt.provision("s", "misbehave", &json!({})).await.unwrap();
+    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
+        .await
+        .expect("60% of its budget");
+    let (same, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::identical_rebuild(&support::misbehave_v1()),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+
+    let hogs = support::Hogs::start(32);
+    let report = rt.deploy("misbehave", same.version, true).await;
+    drop(hogs);
+    let report = report.expect("a forced deploy goes on");
+    let s = report
+        .devices
+        .iter()
+        .find(|d| d.device == "s")
+        .expect("s was live");
+    assert_eq!(s.outcome, drover::upgrade::UpgradeOutcome::Lazy, "{s:?}");
+    assert!(
+        s.error.as_deref().is_some_and(|e| e.contains("overloaded")),
+        "{s:?}"
+    );
+    assert_eq!(report.totals.failed, 0, "{report:?}");
+
+    // Idle, it passivates (untouched: a read would keep it live); its next event activates
+    // it on the deployed version.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    rt.send("s", r#"{"type":"ok"}"#).await.expect("handled");
+    assert_eq!(
+        rt.summary("s").map(|d| d.version),
+        Some(same.version),
+        "moved at its next activation"
+    );
+    rt.shutdown().await;
+}
