@@ -187,6 +187,9 @@ pub trait Directory: Send + Sync {
     fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
     /// The count of live instances went over the cap: passivate the least recently used.
     fn over_capacity(&self);
+    /// A guest call failed as overloaded: if the guest memory budget is nearly taken,
+    /// passivate the least recently used instances that hold some of it.
+    fn memory_pressure(&self);
 }
 
 /// A message in an actor's mailbox.
@@ -250,6 +253,10 @@ pub struct Activity {
     pub quarantined_until_ms: AtomicU64,
     /// The plugin version (journal-local id) it runs, or will run at activation.
     pub version: AtomicU32,
+    /// Bytes its instance's memory has grown past its initial size (its share of the guest
+    /// memory budget, as of its last event or activation; 0 when not live): what passivating
+    /// it would give back under memory pressure.
+    pub grown_memory: AtomicU64,
 }
 
 /// The sending side of a live actor, and its task.
@@ -440,6 +447,7 @@ impl LiveToken {
 impl Drop for LiveToken {
     fn drop(&mut self) {
         self.1.live.store(false, Ordering::Relaxed);
+        self.1.grown_memory.store(0, Ordering::Relaxed);
         self.0
             .metrics
             .live_instances
@@ -657,6 +665,16 @@ impl Actor {
         }
     }
 
+    /// After a call that failed as overloaded: if it was for memory, the router passivates
+    /// idle instances holding some, so that the retry the 503 asks for finds room.
+    fn relieve(&self, e: &Error) {
+        if matches!(e, Error::Overloaded(_))
+            && let Some(directory) = self.env.directory.upgrade()
+        {
+            directory.memory_pressure();
+        }
+    }
+
     /// Whether retiring the task loses nothing supervision still needs: no failures counted
     /// (toward a quarantine, or toward consuming an internal event that timed out), or
     /// none for [`REMEMBER_FAILURES`], longer than any retry or quarantine takes to come.
@@ -752,6 +770,9 @@ impl Actor {
             "activated"
         );
         let foreign = rebuilt.foreign_snapshot;
+        self.activity
+            .grown_memory
+            .store(rebuilt.instance.grown_memory(), Ordering::Relaxed);
         self.live = Some(Live {
             _token: LiveToken::new(&self.env, &self.activity),
             instance: rebuilt.instance,
@@ -1184,6 +1205,7 @@ impl Actor {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
             }
+            self.relieve(&e);
             answer(reply, Err(e));
             return false;
         }
@@ -1220,6 +1242,9 @@ impl Actor {
         let started = Instant::now();
         let decided = decide::decide(&mut live.instance, &ctx, &event, max_output, budget);
         let took = started.elapsed();
+        self.activity
+            .grown_memory
+            .store(live.instance.grown_memory(), Ordering::Relaxed);
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
             // Waiting for a core is no fault of the event's: it comes again, uncounted.
@@ -1311,6 +1336,7 @@ impl Actor {
                 error,
                 instance_lost,
             }) => {
+                self.relieve(&error);
                 // A refusal is the plugin's answer; anything else is a fault on this input:
                 // kept as a dead letter so it is visible and can be re-sent after a fix. Not
                 // a message or timer firing that comes again (a timeout, below the count that

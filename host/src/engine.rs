@@ -382,6 +382,12 @@ impl Engine {
         (b.grown(), b.budget())
     }
 
+    /// Whether the guest memory budget refused a growth since the last call (which the
+    /// caller is then to relieve, by passivating instances that hold some of it).
+    pub fn take_guest_memory_refusal(&self) -> bool {
+        self.inner.memory_budget.take_refused()
+    }
+
     /// Compiles a component (or loads a precompiled artifact) and checks it against the
     /// `device` world and the imports Drover grants.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
@@ -948,6 +954,12 @@ impl Instance {
         self.store.data_mut().starved = None;
         self.store
             .set_epoch_deadline(UnitClock::ticks(budget, self.epoch_tick));
+    }
+
+    /// Bytes this instance's memory has grown past its initial size: its share of the
+    /// engine's guest memory budget (see `engine/limits.rs`).
+    pub fn grown_memory(&self) -> u64 {
+        self.store.data().limits.taken()
     }
 
     /// Before each guest call: its unit's clock if it is a unit of its own; and a memory

@@ -294,6 +294,51 @@ impl Router {
         n
     }
 
+    /// The guest memory budget refused a growth: asks the least recently used live actors
+    /// that hold some of it to passivate, until what they give back brings it to half taken
+    /// (the margin keeps a fleet near the budget from sweeping at every growth). Instances
+    /// are a cache of the journal, so this is the live cap's eviction, by memory.
+    fn relieve_memory(self: Arc<Self>) {
+        let pool = self.env.pool.clone();
+        pool.spawn(async move {
+            let (grown, budget) = self.env.registry.engine().guest_memory();
+            let need = grown.saturating_sub(budget / 2);
+            let mut candidates: Vec<(u64, u64, mpsc::Sender<Message>)> = self
+                .actors
+                .read()
+                .values()
+                .filter(|a| a.activity.live.load(Ordering::Relaxed))
+                .map(|a| {
+                    (
+                        a.activity.last_used_ms.load(Ordering::Relaxed),
+                        a.activity.grown_memory.load(Ordering::Relaxed),
+                        a.tx.clone(),
+                    )
+                })
+                .filter(|c| c.1 > 0)
+                .collect();
+            candidates.sort_unstable_by_key(|c| c.0);
+            let (mut freed, mut asked) = (0u64, 0usize);
+            for (_, memory, tx) in candidates {
+                if freed >= need {
+                    break;
+                }
+                // A full mailbox means the device is busy, hence not a good victim anyway.
+                if tx.try_send(Message::Passivate).is_ok() {
+                    freed += memory;
+                    asked += 1;
+                }
+            }
+            tracing::info!(
+                grown,
+                budget,
+                passivating = asked,
+                freeing = freed,
+                "guest memory budget refused a growth: passivating least recently used instances that hold memory"
+            );
+        });
+    }
+
     /// Asks the least recently used live actors to passivate until the live count is 10%
     /// under the cap (the margin keeps a busy runtime from sweeping on every activation).
     fn evict_lru(self: Arc<Self>) {
@@ -343,6 +388,14 @@ impl Directory for Router {
     fn over_capacity(&self) {
         if let Some(me) = self.me.upgrade() {
             me.evict_lru();
+        }
+    }
+
+    fn memory_pressure(&self) {
+        if let Some(me) = self.me.upgrade()
+            && me.env.registry.engine().take_guest_memory_refusal()
+        {
+            me.relieve_memory();
         }
     }
 }

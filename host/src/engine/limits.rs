@@ -10,7 +10,8 @@
 //! the guest then fails (a Rust guest aborts) and the engine tells why
 //! ([`super::CallError::GuestMemory`]): the server's fault, `503 overloaded`, no step toward
 //! the device's quarantine. The budget comes back as instances are dropped (passivation,
-//! eviction, the failed call itself).
+//! eviction, the failed call itself), and a refusal makes the router passivate the least
+//! recently used instances that hold some of it (`Router::relieve_memory`).
 //!
 //! What is counted is each linear memory's size past its initial size, not resident pages.
 //! An initial memory (a Rust guest's ~1.06 MiB, mostly stack it never touches) costs only the
@@ -31,6 +32,8 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 pub(crate) struct GuestMemoryBudget {
     budget: u64,
     grown: AtomicU64,
+    /// Set when a growth is refused, taken by whoever relieves the pressure (the router).
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl GuestMemoryBudget {
@@ -38,6 +41,7 @@ impl GuestMemoryBudget {
         Arc::new(GuestMemoryBudget {
             budget,
             grown: AtomicU64::new(0),
+            refused: Default::default(),
         })
     }
 
@@ -63,6 +67,11 @@ impl GuestMemoryBudget {
 
     pub(crate) fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// Whether a growth was refused since the last call.
+    pub(crate) fn take_refused(&self) -> bool {
+        self.refused.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -105,6 +114,11 @@ impl GuestLimits {
         }
     }
 
+    /// Bytes of the budget this store holds: its memory's growth past its initial size.
+    pub(crate) fn taken(&self) -> u64 {
+        self.taken
+    }
+
     /// The budget's refusal since the last call, if any (and forgets it).
     pub(crate) fn take_refusal(&mut self) -> Option<GuestMemoryRefusal> {
         self.refused.take()
@@ -133,6 +147,7 @@ impl ResourceLimiter for GuestLimits {
             self.pending = more;
             Ok(true)
         } else {
+            self.budget.refused.store(true, Ordering::Release);
             self.refused = Some(GuestMemoryRefusal {
                 asked: past,
                 grown: self.budget.grown(),
