@@ -187,8 +187,8 @@ pub trait Directory: Send + Sync {
     fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
     /// The count of live instances went over the cap: passivate the least recently used.
     fn over_capacity(&self);
-    /// A guest call failed as overloaded: if the guest memory budget is nearly taken,
-    /// passivate the least recently used instances that hold some of it.
+    /// A guest call failed as overloaded: if the guest memory budget refused a growth since
+    /// the last relief, passivate the least recently used instances that hold some of it.
     fn memory_pressure(&self);
 }
 
@@ -1247,7 +1247,8 @@ impl Actor {
             .store(live.instance.grown_memory(), Ordering::Relaxed);
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
-            // Waiting for a core is no fault of the event's: it comes again, uncounted.
+            // The server's overload (a core, memory) is no fault of the event's: it comes
+            // again, uncounted.
             (
                 Err(Failed {
                     error: Error::Overloaded(_),
