@@ -187,9 +187,6 @@ pub trait Directory: Send + Sync {
     fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
     /// The count of live instances went over the cap: passivate the least recently used.
     fn over_capacity(&self);
-    /// A guest call failed as overloaded: if the guest memory budget refused a growth since
-    /// the last relief, passivate the least recently used instances that hold some of it.
-    fn memory_pressure(&self);
 }
 
 /// A message in an actor's mailbox.
@@ -554,6 +551,7 @@ impl Actor {
                         }
                         Message::Export { reply } => Box::pin(self.on_export(reply)).await,
                     }
+                    self.note_memory();
                     if sleep.is_elapsed() {
                         sleep.as_mut().reset(last_activity + idle);
                     }
@@ -667,13 +665,16 @@ impl Actor {
         }
     }
 
-    /// After a call that failed as overloaded: if it was for memory, the router passivates
-    /// idle instances holding some, so that the retry the 503 asks for finds room.
-    fn relieve(&self, e: &Error) {
-        if matches!(e, Error::Overloaded(_))
-            && let Some(directory) = self.env.directory.upgrade()
-        {
-            directory.memory_pressure();
+    /// After each message: tells the router how much memory the live instance has grown
+    /// past its initial size, if that changed (an event, a snapshot, a read, an upgrade's new
+    /// instance may all grow it). From a copy of its own, so the event path adds no store.
+    fn note_memory(&mut self) {
+        if let Some(live) = self.live.as_mut() {
+            let grown = live.instance.grown_memory();
+            if grown != live.grown_memory {
+                live.grown_memory = grown;
+                self.activity.grown_memory.store(grown, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1209,7 +1210,6 @@ impl Actor {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
             }
-            self.relieve(&e);
             answer(reply, Err(e));
             return false;
         }
@@ -1246,14 +1246,6 @@ impl Actor {
         let started = Instant::now();
         let decided = decide::decide(&mut live.instance, &ctx, &event, max_output, budget);
         let took = started.elapsed();
-        // Told the router only when it changed, from a copy of its own: the router writes
-        // `last_used_ms` beside it for every message, and touching that cache line at every
-        // event cost up to 7% events/s at 10k devices in the core bench.
-        let grown = live.instance.grown_memory();
-        if grown != live.grown_memory {
-            live.grown_memory = grown;
-            self.activity.grown_memory.store(grown, Ordering::Relaxed);
-        }
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
             // The server's overload (a core, memory) is no fault of the event's: it comes
@@ -1346,7 +1338,6 @@ impl Actor {
                 error,
                 instance_lost,
             }) => {
-                self.relieve(&error);
                 // A refusal is the plugin's answer; anything else is a fault on this input:
                 // kept as a dead letter so it is visible and can be re-sent after a fix. Not
                 // a message or timer firing that comes again (a timeout, below the count that

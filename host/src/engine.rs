@@ -382,10 +382,11 @@ impl Engine {
         (b.grown(), b.budget())
     }
 
-    /// Whether the guest memory budget refused a growth since the last call (which the
-    /// caller is then to relieve, by passivating instances that hold some of it).
-    pub fn take_guest_memory_refusal(&self) -> bool {
-        self.inner.memory_budget.take_refused()
+    /// Sets what runs at each growth the guest memory budget refuses, on the thread of the
+    /// guest call (keep it cheap): the runtime's passivates instances that hold memory. Once;
+    /// later calls are ignored.
+    pub fn on_guest_memory_refusal(&self, relieve: impl Fn() + Send + Sync + 'static) {
+        self.inner.memory_budget.on_refusal(Box::new(relieve));
     }
 
     /// Compiles a component (or loads a precompiled artifact) and checks it against the

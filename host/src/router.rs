@@ -52,6 +52,9 @@ pub struct Router {
     actors: RwLock<ActorTable>,
     /// Set while an LRU passivation sweep is running, so activations do not pile up sweeps.
     evicting: AtomicBool,
+    /// Set while a passivation sweep for memory is running (see `relieve_memory`), so that a
+    /// burst of refusals runs one at a time.
+    relieving: AtomicBool,
     /// Devices being removed: no actor may start for them (see [`Router::stop_for_removal`]).
     removing: parking_lot::Mutex<std::collections::HashSet<String>>,
     me: Weak<Router>,
@@ -66,6 +69,7 @@ impl Router {
                 env: Arc::new(make_env(directory)),
                 actors: RwLock::new(ActorTable::default()),
                 evicting: AtomicBool::new(false),
+                relieving: AtomicBool::new(false),
                 removing: Default::default(),
                 me: me.clone(),
             }
@@ -294,11 +298,15 @@ impl Router {
         n
     }
 
-    /// The guest memory budget refused a growth: asks the least recently used live actors
-    /// that hold some of it to passivate, until what they give back brings it to half taken
-    /// (the margin keeps a fleet near the budget from sweeping at every growth). Instances
+    /// The guest memory budget refused a growth (the engine's refusal hook calls this, see
+    /// `Runtime`'s construction): asks the least recently used live actors that hold some of
+    /// it to passivate, until what they give back brings it to half taken (the margin keeps a
+    /// fleet near the budget from sweeping at every growth). One sweep at a time. Instances
     /// are a cache of the journal, so this is the live cap's eviction, by memory.
-    fn relieve_memory(self: Arc<Self>) {
+    pub(crate) fn relieve_memory(self: Arc<Self>) {
+        if self.relieving.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let pool = self.env.pool.clone();
         pool.spawn(async move {
             let (grown, budget) = self.env.registry.engine().guest_memory();
@@ -329,13 +337,16 @@ impl Router {
                     asked += 1;
                 }
             }
-            tracing::info!(
-                grown,
-                budget,
-                passivating = asked,
-                freeing = freed,
-                "guest memory budget refused a growth: passivating least recently used instances that hold memory"
-            );
+            if asked > 0 {
+                tracing::info!(
+                    grown,
+                    budget,
+                    passivating = asked,
+                    freeing = freed,
+                    "guest memory budget refused a growth: passivating least recently used instances that hold memory"
+                );
+            }
+            self.relieving.store(false, Ordering::Release);
         });
     }
 
@@ -388,14 +399,6 @@ impl Directory for Router {
     fn over_capacity(&self) {
         if let Some(me) = self.me.upgrade() {
             me.evict_lru();
-        }
-    }
-
-    fn memory_pressure(&self) {
-        if let Some(me) = self.me.upgrade()
-            && me.env.registry.engine().take_guest_memory_refusal()
-        {
-            me.relieve_memory();
         }
     }
 }

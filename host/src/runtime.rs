@@ -136,6 +136,14 @@ impl Runtime {
             upgrade_failures: Default::default(),
             dispatch,
         });
+        // A growth the guest memory budget refuses, wherever it happens (an event, a read, a
+        // snapshot, a dry-run), makes the router passivate instances that hold memory.
+        let relief = Arc::downgrade(&router);
+        registry.engine().on_guest_memory_refusal(move || {
+            if let Some(router) = relief.upgrade() {
+                router.relieve_memory();
+            }
+        });
         let postman = Postman::new(
             Arc::downgrade(&router),
             journal.clone(),

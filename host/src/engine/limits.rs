@@ -28,12 +28,12 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 
 /// The bytes all live guest memories of one engine have grown past their initial sizes, and
 /// the most they may.
-#[derive(Debug)]
 pub(crate) struct GuestMemoryBudget {
     budget: u64,
     grown: AtomicU64,
-    /// Set when a growth is refused, taken by whoever relieves the pressure (the router).
-    refused: std::sync::atomic::AtomicBool,
+    /// Called at each refusal, on the thread of the guest call (so it must be cheap: the
+    /// runtime's spawns the router's relief, see `Router::relieve_memory`).
+    on_refusal: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl GuestMemoryBudget {
@@ -41,7 +41,7 @@ impl GuestMemoryBudget {
         Arc::new(GuestMemoryBudget {
             budget,
             grown: AtomicU64::new(0),
-            refused: Default::default(),
+            on_refusal: std::sync::OnceLock::new(),
         })
     }
 
@@ -69,9 +69,9 @@ impl GuestMemoryBudget {
         self.budget
     }
 
-    /// Whether a growth was refused since the last call.
-    pub(crate) fn take_refused(&self) -> bool {
-        self.refused.swap(false, Ordering::AcqRel)
+    /// Sets what to do at each refusal (once: later calls are ignored).
+    pub(crate) fn on_refusal(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_refusal.set(f);
     }
 }
 
@@ -147,7 +147,9 @@ impl ResourceLimiter for GuestLimits {
             self.pending = more;
             Ok(true)
         } else {
-            self.budget.refused.store(true, Ordering::Release);
+            if let Some(relieve) = self.budget.on_refusal.get() {
+                relieve();
+            }
             self.refused = Some(GuestMemoryRefusal {
                 asked: past,
                 grown: self.budget.grown(),
