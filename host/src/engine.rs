@@ -43,9 +43,9 @@ pub(crate) mod cpu_clock;
 mod guest_log;
 mod limits;
 mod memory;
+mod stdio;
 
 pub use limits::GuestMemoryRefusal;
-mod stdio;
 
 mod bindings {
     wasmtime::component::bindgen!({
