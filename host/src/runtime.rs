@@ -418,6 +418,13 @@ impl Runtime {
             .collect()
     }
 
+    /// One page of [`Runtime::device_ids`]: the first `limit` ids strictly after `after`, and
+    /// whether more follow (see [`Journal::device_ids_page`]).
+    pub fn device_ids_page(&self, after: Option<&str>, limit: usize) -> (Vec<String>, bool) {
+        let (ids, more) = self.shared.journal.device_ids_page(after, limit);
+        (ids.iter().map(|id| id.to_string()).collect(), more)
+    }
+
     /// Sends one event (JSON text) to device `id` and waits until the record it produced is
     /// durable. Fails fast with [`Error::MailboxFull`] when the device is saturated.
     pub async fn send(&self, id: &str, event: &str) -> Result<Committed, Error> {

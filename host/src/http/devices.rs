@@ -147,14 +147,8 @@ pub async fn list(
     QueryOf(q): QueryOf<ListQuery>,
 ) -> Result<Response, ApiError> {
     let limit = page_size(q.limit, 1000, 10_000)?;
-    let ids = app.rt.device_ids();
-    let start = match &q.after {
-        Some(after) => ids.partition_point(|id| id.as_str() <= after.as_str()),
-        None => 0,
-    };
-    let rest = &ids[start.min(ids.len())..];
-    let page: Vec<String> = rest.iter().take(limit).cloned().collect();
-    let next = (rest.len() > limit).then(|| page.last().cloned()).flatten();
+    let (page, more) = app.rt.device_ids_page(q.after.as_deref(), limit);
+    let next = more.then(|| page.last().cloned()).flatten();
     if !q.detail {
         return Ok(json::ok(&DeviceList {
             devices: page,

@@ -3265,3 +3265,45 @@ async fn dead_letters_are_listed_in_the_order_of_the_history() {
         .collect();
     assert_eq!(listed, [3, 5, 6]);
 }
+
+/// A page of ids is the same as slicing the sorted list of every id, wherever it starts and
+/// however long it is, and paging through with `next` visits each id once, in order.
+#[tokio::test]
+async fn a_page_of_device_ids_is_a_slice_of_the_sorted_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open_dir(dir.path()).expect("open");
+    provision(&journal, 500).await;
+    let all = journal.device_ids();
+    assert_eq!(all.len(), 500);
+    for after in [
+        None,
+        Some(""),
+        Some("d1"),
+        Some("d250"),
+        Some("d3x"),
+        Some("d499"),
+        Some("z"),
+    ] {
+        for limit in [0, 1, 7, 100, 499, 500, 10_000] {
+            let start = after.map_or(0, |a| all.partition_point(|id| &**id <= a));
+            let want: Vec<Arc<str>> = all[start..].iter().take(limit).cloned().collect();
+            let (page, more) = journal.device_ids_page(after, limit);
+            assert_eq!(page, want, "after {after:?}, limit {limit}");
+            assert_eq!(
+                more,
+                all.len() - start > limit,
+                "after {after:?}, limit {limit}"
+            );
+        }
+    }
+    let (mut seen, mut after) = (Vec::new(), None::<Arc<str>>);
+    loop {
+        let (page, more) = journal.device_ids_page(after.as_deref(), 33);
+        seen.extend(page.iter().cloned());
+        if !more {
+            break;
+        }
+        after = page.last().cloned();
+    }
+    assert_eq!(seen, all);
+}
