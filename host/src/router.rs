@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
 
-use crate::actor::{self, ActorEnv, ActorHandle, Directory, Message};
+use crate::actor::{self, Activity, ActorEnv, ActorHandle, Directory, Message};
 use crate::error::{Error, validate_id};
 
 /// Why [`Router::offer`] did not take a message.
@@ -298,6 +298,31 @@ impl Router {
         n
     }
 
+    /// The live actors whose activity passes `keep`, least recently used first, each with
+    /// its grown memory and a sender: the victims of the sweeps below.
+    fn least_recently_used(
+        &self,
+        keep: impl Fn(&Activity) -> bool,
+    ) -> Vec<(u64, mpsc::Sender<Message>)> {
+        let mut live: Vec<(u64, u64, mpsc::Sender<Message>)> = self
+            .actors
+            .read()
+            .values()
+            .filter(|a| a.activity.live.load(Ordering::Relaxed) && keep(&a.activity))
+            .map(|a| {
+                (
+                    a.activity.last_used_ms.load(Ordering::Relaxed),
+                    a.activity.grown_memory.load(Ordering::Relaxed),
+                    a.tx.clone(),
+                )
+            })
+            .collect();
+        live.sort_unstable_by_key(|c| c.0);
+        live.into_iter()
+            .map(|(_, memory, tx)| (memory, tx))
+            .collect()
+    }
+
     /// The guest memory budget refused a growth (the engine's refusal hook calls this, see
     /// `Runtime`'s construction): asks the least recently used live actors that hold some of
     /// it to passivate, until what they give back brings it to half taken (the margin keeps a
@@ -311,23 +336,8 @@ impl Router {
         pool.spawn(async move {
             let (grown, budget) = self.env.registry.engine().guest_memory();
             let need = grown.saturating_sub(budget / 2);
-            let mut candidates: Vec<(u64, u64, mpsc::Sender<Message>)> = self
-                .actors
-                .read()
-                .values()
-                .filter(|a| a.activity.live.load(Ordering::Relaxed))
-                .map(|a| {
-                    (
-                        a.activity.last_used_ms.load(Ordering::Relaxed),
-                        a.activity.grown_memory.load(Ordering::Relaxed),
-                        a.tx.clone(),
-                    )
-                })
-                .filter(|c| c.1 > 0)
-                .collect();
-            candidates.sort_unstable_by_key(|c| c.0);
             let (mut freed, mut asked) = (0u64, 0usize);
-            for (_, memory, tx) in candidates {
+            for (memory, tx) in self.least_recently_used(|a| a.grown_memory.load(Ordering::Relaxed) > 0) {
                 if freed >= need {
                     break;
                 }
@@ -362,22 +372,9 @@ impl Router {
             let target = cap - cap / 10;
             let live = self.env.metrics.live_instances.load(Ordering::Relaxed);
             if live > target {
-                let mut candidates: Vec<(u64, mpsc::Sender<Message>)> = self
-                    .actors
-                    .read()
-                    .values()
-                    .filter(|a| a.activity.live.load(Ordering::Relaxed))
-                    .map(|a| {
-                        (
-                            a.activity.last_used_ms.load(Ordering::Relaxed),
-                            a.tx.clone(),
-                        )
-                    })
-                    .collect();
-                candidates.sort_unstable_by_key(|c| c.0);
                 let excess = (live - target) as usize;
                 tracing::debug!(live, cap, excess, "passivating least recently used devices");
-                for (_, tx) in candidates.into_iter().take(excess) {
+                for (_, tx) in self.least_recently_used(|_| true).into_iter().take(excess) {
                     // A full mailbox means the device is busy, hence not a good victim anyway.
                     let _ = tx.try_send(Message::Passivate);
                 }

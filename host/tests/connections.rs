@@ -20,6 +20,19 @@ async fn serve(limits: Limits) -> (tempfile::TempDir, Runtime, Server) {
     (dir, rt, server)
 }
 
+/// A runtime with the test plugins and one device `id` of `plugin`.
+async fn with_device(dir: &std::path::Path, id: &str, plugin: &str) -> Runtime {
+    let rt = Runtime::builder(dir)
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .expect("runtime");
+    rt.provision(id, plugin, &serde_json::json!({}))
+        .await
+        .expect("provision");
+    rt
+}
+
 fn limits(header_ms: u64, max_connections: usize) -> Limits {
     Limits {
         header_read_timeout: Duration::from_millis(header_ms),
@@ -193,14 +206,7 @@ async fn shutdown_is_not_held_by_clients_that_never_finish_a_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_finishing_just_after_the_server_stops_is_handled() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .open()
-        .await
-        .expect("runtime");
-    rt.provision("t", "thermostat", &serde_json::json!({}))
-        .await
-        .expect("provision");
+    let rt = with_device(dir.path(), "t", "thermostat").await;
     let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
         .await
         .expect("server");
@@ -366,14 +372,7 @@ async fn only_connections_whose_body_was_read_are_kept_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_answer_is_cut_off() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .open()
-        .await
-        .expect("runtime");
-    rt.provision("m", "misbehave", &serde_json::json!({}))
-        .await
-        .expect("provision");
+    let rt = with_device(dir.path(), "m", "misbehave").await;
     // ~6 MB of history: a page of it is more than the loopback socket buffers hold.
     for _ in 0..6 {
         rt.send("m", r#"{"type":"big","kb":1000}"#)

@@ -38,6 +38,51 @@ async fn open(dir: &Path, snapshot_every: u64) -> Runtime {
         .expect("runtime opens")
 }
 
+/// How many `slow_apply` spins take `seconds` here, measured on device `id`: the least
+/// contended of three probes (probes only ever run slow), the closest to the machine's speed.
+async fn calibrated(rt: &Runtime, id: &str, seconds: f64) -> u64 {
+    let mut spin = 0;
+    for _ in 0..3 {
+        spin = spin.max(support::spins_for(rt, id, seconds).await);
+    }
+    spin
+}
+
+/// A runtime from `builder` whose events and activations each get `budget`, with a device
+/// `s` whose history is one event that needs 60% of it (calibrated on a device `probe` of
+/// its own), and an identical rebuild of its plugin registered: what a dry-run, a deploy or
+/// an upgrade then compares.
+async fn one_slow_device(
+    builder: drover::RuntimeBuilder,
+    budget: Duration,
+) -> (Runtime, drover::PluginVersion) {
+    let rt = builder
+        .plugin_dir(PLUGINS)
+        .call_timeout(budget)
+        .activation_timeout(budget)
+        .snapshot_every(100_000)
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("probe", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    let spin = calibrated(&rt, "probe", 0.4 * budget.as_secs_f64()).await;
+    rt.provision("s", "misbehave", &json!({})).await.unwrap();
+    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
+        .await
+        .expect("60% of its budget");
+    let (same, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::identical_rebuild(&support::misbehave_v1()),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    (rt, same)
+}
+
 fn parse(text: &str) -> Value {
     serde_json::from_str(text).expect("valid JSON")
 }
@@ -54,12 +99,7 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
     rt.provision("s", "misbehave", &json!({}))
         .await
         .expect("provision");
-    // Other tests run beside this one: the least contended of three probes is the closest
-    // to the machine's speed.
-    let mut spin = 0;
-    for _ in 0..3 {
-        spin = spin.max(support::spins_for(&rt, "s", 0.4 * budget.as_secs_f64()).await);
-    }
+    let spin = calibrated(&rt, "s", 0.4 * budget.as_secs_f64()).await;
     // Busy threads per core, while the event is handled.
     let hogged = async |per_core: usize, event: String| {
         let hogs = support::Hogs::start(per_core);
@@ -147,11 +187,7 @@ async fn a_long_replay_is_charged_the_cpu_time_it_used_across_journal_chunks() {
     rt.provision("long", "misbehave", &json!({}))
         .await
         .expect("provision");
-    // The least contended of three probes (other tests run beside this one).
-    let mut spin = 0;
-    for _ in 0..3 {
-        spin = spin.max(support::spins_for(&rt, "long", 0.3).await);
-    }
+    let spin = calibrated(&rt, "long", 0.3).await;
     // ~0.6 s of folding in each of two chunks: slow records first, then enough cheap ones
     // to fill the first chunk, then slow ones again.
     let slow = async |n| {
@@ -292,35 +328,8 @@ async fn a_long_history_folds_within_a_budget_that_grows_with_it() {
 async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let budget = Duration::from_millis(300);
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .call_timeout(budget)
-        .activation_timeout(budget)
-        .snapshot_every(100_000)
-        .open()
-        .await
-        .expect("runtime opens");
-    // Calibrated on a device of its own: the device compared holds one slow event only.
-    rt.provision("probe", "misbehave", &json!({}))
-        .await
-        .unwrap();
-    let mut spin = 0;
-    for _ in 0..3 {
-        spin = spin.max(support::spins_for(&rt, "probe", 0.4 * budget.as_secs_f64()).await);
-    }
-    rt.provision("s", "misbehave", &json!({})).await.unwrap();
-    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
-        .await
-        .expect("60% of its budget");
-    let (same, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::identical_rebuild(&support::misbehave_v1()),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let (rt, same) =
+        one_slow_device(Runtime::builder(dir.path()), Duration::from_millis(300)).await;
     let current = rt.current_version("misbehave");
     let only_s = || Selection::Devices(vec!["s".into()]);
     let report = rt
@@ -366,37 +375,14 @@ async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
 async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let budget = Duration::from_millis(300);
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(PLUGINS)
-        .call_timeout(budget)
-        .activation_timeout(budget)
-        .snapshot_every(100_000)
-        // Long enough to stay live through the deploy (its sample is starved too), short
-        // enough to passivate soon after.
-        .idle_timeout(Duration::from_secs(6))
-        .open()
-        .await
-        .expect("runtime opens");
-    rt.provision("probe", "misbehave", &json!({}))
-        .await
-        .unwrap();
-    let mut spin = 0;
-    for _ in 0..3 {
-        spin = spin.max(support::spins_for(&rt, "probe", 0.4 * budget.as_secs_f64()).await);
-    }
-    rt.provision("s", "misbehave", &json!({})).await.unwrap();
-    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
-        .await
-        .expect("60% of its budget");
-    let (same, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::identical_rebuild(&support::misbehave_v1()),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    // Long enough to stay live through the deploy (its sample is starved too), short enough
+    // to passivate soon after.
+    let idle = Duration::from_secs(6);
+    let (rt, same) = one_slow_device(
+        Runtime::builder(dir.path()).idle_timeout(idle),
+        Duration::from_millis(300),
+    )
+    .await;
 
     let hogs = support::Hogs::start(32);
     let report = rt.deploy("misbehave", same.version, true).await;
