@@ -506,6 +506,19 @@ mod tests {
         assert_eq!(max_live_of(None, None, None), 100_000);
     }
 
+    /// A guest memory budget below one instance's cap is refused with both figures: an event
+    /// that needs the cap could never be handled, and would answer `overloaded` for ever.
+    #[test]
+    fn a_guest_memory_budget_below_one_instance_cap_is_refused() {
+        let mut config = super::Config::default();
+        config.engine.max_memory = 64 << 20;
+        config.engine.guest_memory_budget = 16 << 20;
+        let err = config.validate().expect_err("below the cap");
+        assert!(err.contains("16 MiB") && err.contains("64 MiB"), "{err}");
+        config.engine.guest_memory_budget = 64 << 20;
+        assert_eq!(config.validate(), Ok(()));
+    }
+
     #[test]
     fn the_default_guest_memory_budget_is_a_quarter_of_memory_or_the_cgroup() {
         assert_eq!(guest_memory_budget_of(Some(MEMINFO_24G), None), 6 << 30);
