@@ -469,6 +469,10 @@ struct Live {
     tail_cost: Duration,
     /// What `Activity::grown_memory` was last told.
     grown_memory: u64,
+    /// A live upgrade was put off because the server was overloaded: when to try it again.
+    /// A busy device may not passivate for hours, and its next activation is what would
+    /// otherwise move it; an idle one passivates and moves at activation (this goes with it).
+    upgrade_retry: Option<Instant>,
 }
 
 impl Actor {
@@ -488,6 +492,14 @@ impl Actor {
                     self.activity
                         .last_used_ms
                         .store(clock::mono_ms(last_activity.into_std()), Ordering::Relaxed);
+                    if self
+                        .live
+                        .as_ref()
+                        .and_then(|l| l.upgrade_retry)
+                        .is_some_and(|due| last_activity.into_std() >= due)
+                    {
+                        Box::pin(self.retry_upgrade()).await;
+                    }
                     match msg {
                         Message::Passivate => self.passivate(),
                         Message::Resume { reply } => {
@@ -789,6 +801,7 @@ impl Actor {
             } else {
                 Duration::ZERO
             },
+            upgrade_retry: None,
         });
         if foreign {
             // Came up from another version's snapshot (retention deleted the history a
@@ -920,8 +933,16 @@ impl Actor {
             // Nothing is known about the version: the device stays as it is and moves at its
             // next activation, like one that was not live (not remembered as a failure).
             Err(f) if matches!(f.error, Error::Overloaded(_)) => {
-                report.error = Some(format!("{}; it moves at its next activation", f.error));
+                report.error = Some(format!(
+                    "{}; tried again before its first message {} s from now, or at its next \
+                     activation",
+                    f.error,
+                    INTERNAL_RETRY.as_secs()
+                ));
                 tracing::warn!(device = %self.head.id, error = %f.error, "upgrade put off: the server is overloaded");
+                if let Some(live) = self.live.as_mut() {
+                    live.upgrade_retry = Some(Instant::now() + INTERNAL_RETRY);
+                }
             }
             Err(f) => {
                 report.outcome = UpgradeOutcome::Failed;
@@ -961,6 +982,36 @@ impl Actor {
         }
         report.pause_us = started.elapsed().as_micros() as u64;
         report
+    }
+
+    /// Tries again a live upgrade that was put off (see `Live::upgrade_retry`), to the
+    /// plugin's current version now (a later deploy or a rollback may have moved it).
+    async fn retry_upgrade(&mut self) {
+        if let Some(live) = self.live.as_mut() {
+            live.upgrade_retry = None;
+        }
+        let from = self.head.version;
+        let Some(to) = self.env.registry.target_of(from) else {
+            return;
+        };
+        if to == from
+            || self
+                .env
+                .upgrade_failures
+                .lock()
+                .contains(&(self.head.num, to))
+        {
+            return;
+        }
+        let report = self.on_upgrade(to).await;
+        tracing::info!(
+            device = %self.head.id,
+            from = report.from,
+            to = report.to,
+            outcome = ?report.outcome,
+            error = report.error.as_deref().unwrap_or(""),
+            "put-off upgrade tried again"
+        );
     }
 
     /// Checks an internal event (see [`Message::Internal`]) against the journal, then

@@ -52,7 +52,9 @@ pub enum UpgradeOutcome {
     /// Already on the new version.
     Unchanged,
     /// Not live (passivated, or its instance was lost meanwhile): it comes up on the new
-    /// version at its next activation, and nothing of it was read.
+    /// version at its next activation, and nothing of it was read. Also a live device the
+    /// server was too overloaded to bring up (the line's `error` says so): it tries again
+    /// shortly, before a later message.
     Lazy,
 }
 

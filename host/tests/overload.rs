@@ -9,6 +9,7 @@
 //! binary of their own (cargo runs test binaries one after another).
 
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use drover::registry::Origin;
@@ -375,8 +376,8 @@ async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
 async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    // Long enough to stay live through the deploy (its sample is starved too), short enough
-    // to passivate soon after.
+    // Long enough to stay live through the deploy (its sample is starved too) and between
+    // the events below.
     let idle = Duration::from_secs(6);
     let (rt, same) = one_slow_device(
         Runtime::builder(dir.path()).idle_timeout(idle),
@@ -400,14 +401,27 @@ async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
     );
     assert_eq!(report.totals.failed, 0, "{report:?}");
 
-    // Idle, it passivates (untouched: a read would keep it live); its next event activates
-    // it on the deployed version.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    rt.send("s", r#"{"type":"ok"}"#).await.expect("handled");
+    // Kept busy, it never passivates: the put-off upgrade is tried again while it stays
+    // live (`INTERNAL_RETRY` after it was put off), so it does not wait for an idle period
+    // that may never come.
+    // (Activations, not passivations: the idle probe passivates meanwhile.)
+    let activations = rt.metrics().activations.load(Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        rt.send("s", r#"{"type":"ok"}"#).await.expect("handled");
+        if rt.summary("s").map(|d| d.version) == Some(same.version) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still on the old version 12 s after the upgrade was put off"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert_eq!(
-        rt.summary("s").map(|d| d.version),
-        Some(same.version),
-        "moved at its next activation"
+        rt.metrics().activations.load(Relaxed),
+        activations,
+        "moved while live, not at an activation"
     );
     rt.shutdown().await;
 }
