@@ -80,5 +80,5 @@ pub use removal::Removal;
 pub use runtime::Runtime;
 pub use view::{
     CommandView, Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView,
-    JournalEntry, JournalPage, TimerView,
+    JournalEntry, JournalPage, PendingUpgrade, TimerView,
 };

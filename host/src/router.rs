@@ -61,6 +61,12 @@ pub struct Router {
 }
 
 impl Router {
+    /// Whether bringing device number `num` up on version `to` failed (see
+    /// `ActorEnv::upgrade_failures`): then nothing tries again until a restart.
+    pub fn upgrade_failed(&self, num: u32, to: u32) -> bool {
+        self.env.upgrade_failures.lock().contains(&(num, to))
+    }
+
     /// A router whose actors get `env` (with its directory pointed back at this router).
     pub fn new(make_env: impl FnOnce(Weak<dyn Directory>) -> ActorEnv) -> Arc<Router> {
         Arc::new_cyclic(|me: &Weak<Router>| {

@@ -43,7 +43,7 @@ use crate::router::Router;
 use crate::timers::TimerWheel;
 use crate::view::{
     Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
-    JournalPage, JournalStatus,
+    JournalPage, JournalStatus, PendingUpgrade,
 };
 
 /// The runtime handle. Cheap to clone; see the module docs.
@@ -398,7 +398,17 @@ impl Runtime {
 
     fn describe(&self, head: &DeviceHead) -> DeviceSummary {
         let (plugin, version) = self.plugin_of(head.version);
+        let upgrade = self
+            .shared
+            .registry
+            .target_of(head.version)
+            .filter(|&to| to != head.version)
+            .map(|to| PendingUpgrade {
+                to: self.plugin_of(to).1,
+                failed: self.shared.router.upgrade_failed(head.num, to),
+            });
         DeviceSummary {
+            upgrade,
             id: head.id.to_string(),
             plugin,
             version,

@@ -308,6 +308,16 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
     assert_eq!(count(&rt, "d-09").await, before + 2);
     assert_eq!(version(&rt, "d-09"), 2);
     assert_eq!(version(&rt, "d-00"), 3);
+    // The ones left behind say where they are headed, and that nothing moves them now.
+    let upgrade = |id: &str| rt.summary(id).and_then(|d| d.upgrade);
+    assert_eq!(
+        upgrade("d-09"),
+        Some(drover::PendingUpgrade {
+            to: 3,
+            failed: true
+        })
+    );
+    assert_eq!(upgrade("d-00"), None, "on the current version");
 
     assert_eq!(
         (
@@ -329,6 +339,7 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
     for i in 0..12 {
         let id = format!("d-{i:02}");
         assert_eq!(version(&rt, &id), 2, "{id}");
+        assert_eq!(upgrade(&id), None, "{id}");
         assert_live_equals_full_replay(&rt, dir.path(), &id).await;
     }
     // Back to v1, and nothing further to roll back to.
@@ -373,6 +384,13 @@ async fn passivated_devices_upgrade_lazily_at_their_next_activation() {
     );
     assert_eq!(live(&rt), 0);
     assert_eq!(version(&rt, "p-05"), 1, "not upgraded until it activates");
+    assert_eq!(
+        rt.summary("p-05").and_then(|d| d.upgrade),
+        Some(drover::PendingUpgrade {
+            to: 2,
+            failed: false
+        })
+    );
 
     for i in 0..20 {
         let id = format!("p-{i:02}");

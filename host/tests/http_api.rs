@@ -193,7 +193,13 @@ fn provision_send_and_read_back_both_plugins() {
     assert_eq!(deployed.status, 200, "{}", deployed.text);
     assert_eq!(deployed.body["to"], 2);
     assert_eq!(deployed.body["totals"]["failed"], 0);
-    assert_eq!(api.get("/v1/devices/hall").body["version"], 2);
+    let hall = api.get("/v1/devices/hall").body;
+    assert_eq!(hall["version"], 2);
+    assert_eq!(
+        hall.get("upgrade"),
+        Some(&Value::Null),
+        "on the current version: {hall}"
+    );
     let back = api.post("/v1/plugins/thermostat/rollback", &json!({}));
     assert_eq!(back.status, 200, "{}", back.text);
     assert_eq!(back.body["to"], 1);

@@ -11,7 +11,8 @@ use super::extract::{Body, Id, QueryOf};
 use super::json::{self, Json};
 use crate::error::Error;
 use crate::view::{
-    CommandView, Committed, DeadLetterView, DeviceStatus, DeviceSummary, JournalEntry, TimerView,
+    CommandView, Committed, DeadLetterView, DeviceStatus, DeviceSummary, JournalEntry,
+    PendingUpgrade, TimerView,
 };
 
 /// Body of `PUT /v1/devices/{id}`.
@@ -84,6 +85,9 @@ struct DeviceOut {
     state: Json,
     config: serde_json::Value,
     created_at_ms: u64,
+    /// `{"to", "failed"}` when the device does not run its plugin's current version, else
+    /// null (see [`PendingUpgrade`]).
+    upgrade: Option<PendingUpgrade>,
 }
 
 /// `GET /v1/devices/{id}`: the device with its current durable state.
@@ -96,6 +100,7 @@ pub async fn show(State(app): State<App>, Id(id): Id) -> Result<Response, ApiErr
         seq,
         config,
         created_at_ms,
+        upgrade,
     } = view.summary;
     Ok(json::ok(&DeviceOut {
         id,
@@ -106,6 +111,7 @@ pub async fn show(State(app): State<App>, Id(id): Id) -> Result<Response, ApiErr
         state: Json(view.state),
         config,
         created_at_ms,
+        upgrade,
     }))
 }
 

@@ -89,6 +89,16 @@ struct DeviceOut {
     seq: u64,
     status: String,
     state: Value,
+    /// `{"to", "failed"}` when behind its plugin's current version (absent from older
+    /// servers).
+    #[serde(default)]
+    upgrade: Option<Upgrade>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Upgrade {
+    to: u32,
+    failed: bool,
 }
 
 /// `{"seq","state"}`.
@@ -119,8 +129,17 @@ pub fn state(args: StateArgs) -> anyhow::Result<ExitCode> {
             if args.client.json {
                 println!("{text}");
             } else {
+                let behind = match out.upgrade {
+                    Some(Upgrade { to, failed: false }) => {
+                        format!("  (headed for v{to}, the current version)")
+                    }
+                    Some(Upgrade { to, failed: true }) => {
+                        format!("  (stays: could not be brought up on v{to}, the current version)")
+                    }
+                    None => String::new(),
+                };
                 println!(
-                    "{}  {} v{}  seq {}  {}",
+                    "{}  {} v{}  seq {}  {}{behind}",
                     out.id, out.plugin, out.version, out.seq, out.status
                 );
                 println!("{}", pretty(&out.state, ""));
