@@ -492,11 +492,15 @@ impl Actor {
                     self.activity
                         .last_used_ms
                         .store(clock::mono_ms(last_activity.into_std()), Ordering::Relaxed);
+                    // Not before an upgrade (a deploy's own: its report would read
+                    // `unchanged`) or a passivation (which makes it moot), nor while stopping.
                     if self
                         .live
                         .as_ref()
                         .and_then(|l| l.upgrade_retry)
                         .is_some_and(|due| last_activity.into_std() >= due)
+                        && !matches!(msg, Message::Upgrade { .. } | Message::Passivate)
+                        && !self.stopping()
                     {
                         Box::pin(self.retry_upgrade()).await;
                     }
