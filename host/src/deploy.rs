@@ -96,7 +96,7 @@ pub struct DeployReport {
     pub forced: bool,
     pub totals: DeployTotals,
     pub elapsed_ms: u64,
-    /// Pauses of the upgraded devices' mailboxes, µs.
+    /// How long the deploy held live devices' mailboxes (their fold, upgraded or not), µs.
     pub pause_p50_us: u64,
     pub pause_p99_us: u64,
     pub pause_max_us: u64,
@@ -369,13 +369,15 @@ impl Runtime {
         let mut pauses = Vec::new();
         for d in &devices {
             match d.outcome {
-                UpgradeOutcome::Upgraded => {
-                    totals.upgraded += 1;
-                    pauses.push(d.pause_us);
-                }
+                UpgradeOutcome::Upgraded => totals.upgraded += 1,
                 UpgradeOutcome::Failed => totals.failed += 1,
                 UpgradeOutcome::Unchanged => totals.unchanged += 1,
                 UpgradeOutcome::Lazy => {}
+            }
+            // A device that failed, or whose upgrade was put off, held its events as long
+            // as its fold ran too.
+            if d.pause_us > 0 {
+                pauses.push(d.pause_us);
             }
         }
         let failed: std::collections::HashSet<&str> = devices

@@ -302,6 +302,13 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
         }
     }
     assert_eq!(report.totals.pending_lazy, 0);
+    // The pause figures count every mailbox the deploy held, the failed devices' too.
+    assert_eq!(
+        Some(report.pause_max_us),
+        report.devices.iter().map(|d| d.pause_us).max(),
+        "{:?}",
+        report.devices
+    );
     // A device left on v2 keeps working on v2.
     let before = count(&rt, "d-09").await;
     rt.send("d-09", OK).await.unwrap();
