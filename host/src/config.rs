@@ -82,6 +82,13 @@ pub mod defaults {
         guest_memory_budget_of(meminfo.as_deref(), cgroup.as_deref())
     }
 
+    /// This machine's memory, or its cgroup's limit if that is lower, where it can be read.
+    pub fn memory() -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok();
+        machine_memory(meminfo.as_deref(), cgroup.as_deref())
+    }
+
     /// [`guest_memory_budget`] from the contents of `/proc/meminfo` and the cgroup's
     /// `memory.max`, where they could be read.
     pub(crate) fn guest_memory_budget_of(meminfo: Option<&str>, cgroup: Option<&str>) -> u64 {
@@ -355,6 +362,20 @@ impl Default for Config {
     }
 }
 
+/// The smallest cap on one guest memory: one page of WebAssembly memory.
+const MIN_GUEST_MEMORY: u64 = 64 << 10;
+/// The largest cap on one guest memory: all a 32-bit memory can address.
+const MAX_GUEST_MEMORY_CAP: u64 = 4 << 30;
+
+/// `n` bytes for a message: whole MiB as such, anything else exactly.
+fn bytes(n: u64) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
 impl Config {
     /// Checks every setting is in range: counts and sizes at least 1, the event and output
     /// limits at most [`MAX_PAYLOAD_LIMIT`], time budgets at least one deadline tick.
@@ -367,7 +388,6 @@ impl Config {
             ("max messages pending", self.actor.max_messages_pending),
             ("max event bytes", self.max_event_bytes),
             ("max output bytes", self.actor.max_output_bytes),
-            ("max guest memory", self.engine.max_memory),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -439,14 +459,25 @@ impl Config {
         if self.actor.idle_timeout.is_zero() {
             return Err("idle timeout must be more than zero".into());
         }
+        // A guest memory is made of 64 KiB pages, and a 32-bit one holds at most 4 GiB.
+        let max_memory = self.engine.max_memory as u64;
+        if !(MIN_GUEST_MEMORY..=MAX_GUEST_MEMORY_CAP).contains(&max_memory) {
+            return Err(format!(
+                "max guest memory is {}, outside {} to {}: a guest's linear memory is made of \
+                 64 KiB pages, and a 32-bit one holds at most 4 GiB",
+                bytes(max_memory),
+                bytes(MIN_GUEST_MEMORY),
+                bytes(MAX_GUEST_MEMORY_CAP)
+            ));
+        }
         // Below one instance's cap, an event that needs the cap could never be handled, and
         // would be told `overloaded` (retry) for ever.
-        if self.engine.guest_memory_budget < self.engine.max_memory as u64 {
+        if self.engine.guest_memory_budget < max_memory {
             return Err(format!(
-                "the guest memory budget ({} MiB) is below one instance's memory cap ({} MiB): \
-                 raise it, or lower the cap",
-                self.engine.guest_memory_budget >> 20,
-                self.engine.max_memory >> 20
+                "the guest memory budget ({}) is below one instance's memory cap ({}): raise \
+                 it, or lower the cap",
+                bytes(self.engine.guest_memory_budget),
+                bytes(max_memory)
             ));
         }
         Ok(())
@@ -517,6 +548,29 @@ mod tests {
         assert!(err.contains("16 MiB") && err.contains("64 MiB"), "{err}");
         config.engine.guest_memory_budget = 64 << 20;
         assert_eq!(config.validate(), Ok(()));
+        // Not rounded to whole MiB, which made both figures read "64 MiB".
+        config.engine.max_memory = (64 << 20) + 1;
+        let err = config.validate().expect_err("one byte below the cap");
+        assert!(
+            err.contains("(64 MiB)") && err.contains(&format!("({} bytes)", (64 << 20) + 1)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_guest_memory_cap_is_between_one_wasm_page_and_4_gib() {
+        let mut config = super::Config::default();
+        // Whatever this machine's memory makes the default.
+        config.engine.guest_memory_budget = 8 << 30;
+        for refused in [0, 100, (64 << 10) - 1, (4 << 30) + 1] {
+            config.engine.max_memory = refused;
+            let err = config.validate().expect_err("out of range");
+            assert!(err.contains("64 KiB pages"), "{refused}: {err}");
+        }
+        for accepted in [64 << 10, 4 << 30] {
+            config.engine.max_memory = accepted;
+            assert_eq!(config.validate(), Ok(()), "{accepted}");
+        }
     }
 
     #[test]

@@ -144,7 +144,15 @@ pub enum PluginError {
         "component does not fit the `device` world of drover:device@0.1.0, @0.2.0 or @0.3.0: {0}"
     )]
     Incompatible(String),
+    /// The component could never be instantiated under this engine's limits (its memory
+    /// starts larger than the cap on one instance's memory): refused when it is registered
+    /// or loaded, rather than failing every device as if the plugin trapped.
+    #[error("the plugin does not fit this server's limits: {0}")]
+    Unfit(String),
 }
+
+/// Bytes in a page of WebAssembly linear memory.
+const WASM_PAGE: u64 = 64 << 10;
 
 /// Import namespaces a plugin may name: Drover's own, and the WASI interfaces the Rust
 /// `wasm32-wasip2` std imports whether or not it uses them (stubbed as traps).
@@ -444,6 +452,20 @@ impl Engine {
 
     fn prepare(&self, component: Component) -> Result<CompiledPlugin, PluginError> {
         let engine = &self.inner.engine;
+        let cap = self.inner.config.max_memory as u64;
+        if let Some(pages) = component
+            .resources_required()
+            .and_then(|r| r.max_initial_memory_size)
+            && pages.saturating_mul(WASM_PAGE) > cap
+        {
+            return Err(PluginError::Unfit(format!(
+                "its linear memory starts at {} bytes ({pages} pages of 64 KiB), over the cap on \
+                 one instance's memory of {cap} bytes (`--max-guest-memory`): raise the cap, or \
+                 build the plugin with a smaller initial memory (a Rust guest's starts with its \
+                 stack, 1 MiB by default)",
+                pages.saturating_mul(WASM_PAGE)
+            )));
+        }
         // Every refused import at once, each with its likely cause in the guest's code.
         let denied: Vec<String> = component
             .component_type()

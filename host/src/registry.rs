@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
-use crate::engine::{CompiledPlugin, Engine};
+use crate::engine::{CompiledPlugin, Engine, PluginError};
 use crate::error::{Error, validate_id};
 use crate::journal::{Journal, VersionInfo};
 
@@ -510,6 +510,8 @@ impl Registry {
         let cwasm = self.dir.join(format!("{digest}.cwasm"));
         let compiled = match self.engine.load_precompiled(&cwasm) {
             Ok(c) => c,
+            // Compiling it again would not make it fit.
+            Err(e @ PluginError::Unfit(_)) => return Err(e.into()),
             Err(e) => {
                 if cwasm.exists() {
                     tracing::info!(error = %e, "precompiled plugin unusable; recompiling");

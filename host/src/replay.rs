@@ -290,7 +290,12 @@ fn rebuild_from(
     one_by_one_from: Option<u64>,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
-    let compiled = registry.compiled(device.version)?;
+    // A recorded version this server cannot load (its memory starts over this server's cap,
+    // say) fails the activation, like an instance that cannot start.
+    let compiled = registry.compiled(device.version).map_err(|e| match e {
+        Error::InvalidPlugin(m) => Error::Activation(format!("its plugin cannot be loaded: {m}")),
+        e => e,
+    })?;
     let activation = |e: CallError| {
         if e.is_overload() {
             Error::from(e)

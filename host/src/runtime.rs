@@ -110,6 +110,16 @@ impl Runtime {
         config: Config,
         lock: File,
     ) -> anyhow::Result<Runtime> {
+        if let Some(memory) = crate::config::defaults::memory()
+            && config.engine.guest_memory_budget > memory
+        {
+            tracing::warn!(
+                budget_bytes = config.engine.guest_memory_budget,
+                machine_bytes = memory,
+                "the guest memory budget is larger than this machine's memory: the kernel may \
+                 kill the server before the budget refuses a growth"
+            );
+        }
         let engine = Engine::new(config.engine.clone()).context("creating the wasm engine")?;
         let registry = Arc::new(
             Registry::open(engine, journal.clone(), data_dir)

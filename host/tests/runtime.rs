@@ -1022,6 +1022,10 @@ async fn a_device_that_cannot_activate_is_quarantined_by_reads_too_and_then_answ
     for _ in 0..2 {
         let err = rt.device("a").await.expect_err("cannot activate");
         assert_eq!(err.code(), "activation-failed", "{err}");
+        assert!(
+            err.to_string().contains("--max-guest-memory"),
+            "names the cap: {err}"
+        );
     }
     let err = rt
         .send("a", r#"{"type":"ok"}"#)
@@ -1040,6 +1044,45 @@ async fn a_device_that_cannot_activate_is_quarantined_by_reads_too_and_then_answ
         .await
         .expect_err("quarantined");
     assert_eq!(err.code(), "quarantined", "{err}");
+    rt.shutdown().await;
+}
+
+/// A plugin whose memory starts over the server's cap on one instance's memory could never
+/// run a device: it is refused when registered, naming the cap, instead of every
+/// provisioning answering that the plugin trapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_whose_memory_starts_over_the_cap_is_refused_at_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let thermostat = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
+    // The thermostat's memory starts at 17 pages (1 MiB of stack, then its data).
+    let err = Runtime::builder(dir.path())
+        .plugin("thermostat", thermostat.clone())
+        .max_guest_memory(1 << 20)
+        .open()
+        .await
+        .err()
+        .expect("refused at start");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("does not fit")
+            && text.contains("1114112 bytes")
+            && text.contains("--max-guest-memory"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .max_guest_memory(1 << 20)
+        .open()
+        .await
+        .expect("runtime");
+    let err = rt
+        .register_plugin("thermostat", thermostat, drover::registry::Origin::Upload)
+        .await
+        .expect_err("does not fit");
+    assert_eq!(err.code(), "invalid-plugin", "{err}");
+    assert!(err.to_string().contains("does not fit"), "{err}");
+    assert!(rt.plugins().is_empty(), "nothing registered");
     rt.shutdown().await;
 }
 

@@ -110,7 +110,7 @@ pub struct Tuning {
         defaults::MAX_GUEST_MEMORY,
     ))]
     pub max_guest_memory: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_BUDGET_MIB), help = help(
         "Most MiB all live guest memories together may grow past their initial sizes; a \
          growth past it fails that event with 503 overloaded. The default is a quarter of this \
          machine's memory",
@@ -297,7 +297,7 @@ impl Tuning {
             b = b.max_guest_memory(n);
         }
         if let Some(mib) = self.guest_memory_budget_mib {
-            b = b.guest_memory_budget(mib.saturating_mul(1 << 20));
+            b = b.guest_memory_budget(mib << 20);
         }
         if let Some(n) = self.max_event_bytes {
             b = b.max_event_bytes(n);
@@ -407,6 +407,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// plugin files, logs, the listener.
 const OTHER_DESCRIPTORS: usize = 1024;
 
+/// The largest `--guest-memory-budget-mib` whose bytes fit a `u64`.
+const MAX_BUDGET_MIB: u64 = u64::MAX >> 20;
+
 /// Fits the connection cap to the open-files limit (already raised to the hard one, see
 /// `main`), beside the journal's segment files, each of which stays open: past the limit,
 /// accepting fails and commits fail with "Too many open files", where past the cap a client
@@ -481,6 +484,23 @@ mod tests {
         assert_eq!(args.tuning.drain_timeout(), defaults::DRAIN_TIMEOUT);
         assert_eq!(args.data, Path::new("./data"));
         assert_eq!(args.listen, "127.0.0.1:7070");
+    }
+
+    /// A budget whose bytes do not fit 64 bits is refused by the parser, not saturated into
+    /// a budget of 16 EiB.
+    #[test]
+    fn a_guest_memory_budget_too_large_for_its_bytes_is_refused() {
+        let parse = |mib: &str| {
+            Cli::try_parse_from(["drover", "serve", "--guest-memory-budget-mib", mib])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let err = parse("99999999999999999").expect_err("overflows");
+        assert!(err.contains("--guest-memory-budget-mib"), "{err}");
+        parse("0").expect_err("at least 1");
+        let args = serve(&["--guest-memory-budget-mib", &(u64::MAX >> 20).to_string()]);
+        let config = args.tuning.builder(Path::new("unused")).config().clone();
+        assert_eq!(config.engine.guest_memory_budget, (u64::MAX >> 20) << 20);
     }
 
     #[test]
