@@ -200,6 +200,15 @@ fn provision_send_and_read_back_both_plugins() {
         Some(&Value::Null),
         "on the current version: {hall}"
     );
+    let listed = api.get("/v1/devices?detail=true").body;
+    assert!(
+        listed["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d.get("upgrade") == Some(&Value::Null)),
+        "{listed}"
+    );
     let back = api.post("/v1/plugins/thermostat/rollback", &json!({}));
     assert_eq!(back.status, 200, "{}", back.text);
     assert_eq!(back.body["to"], 1);
@@ -270,7 +279,11 @@ fn provision_send_and_read_back_both_plugins() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(table[0], ["ID", "PLUGIN", "STATUS", "SEQ"], "{out}");
+    assert_eq!(
+        table[0],
+        ["ID", "PLUGIN", "STATUS", "SEQ", "UPGRADE"],
+        "{out}"
+    );
     assert_eq!(table[2][0], "hall", "{out}");
     assert_eq!(table[2][1..3], ["thermostat", "v1"], "{out}");
     assert_eq!(table[2][4], "8", "{out}");

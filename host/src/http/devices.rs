@@ -123,7 +123,8 @@ pub struct ListQuery {
     after: Option<String>,
     /// Page size, 1..=10000 (default 1000).
     limit: Option<usize>,
-    /// `true`: each device as `{"id","plugin","version","seq","status"}` instead of its id.
+    /// `true`: each device as `{"id","plugin","version","seq","status","upgrade"}` instead of
+    /// its id.
     /// Read from the journal and the router: no device is woken.
     #[serde(default)]
     detail: bool,
@@ -145,6 +146,9 @@ struct DeviceLine {
     version: u32,
     seq: u64,
     status: DeviceStatus,
+    /// As in `GET /v1/devices/{id}`: where a device behind its plugin's current version is
+    /// headed, else null; so a fleet's stragglers are found without reading each device.
+    upgrade: Option<PendingUpgrade>,
 }
 
 /// `GET /v1/devices?after=ID&limit=N`: device ids in order, a page at a time.
@@ -171,6 +175,7 @@ pub async fn list(
                 plugin: s.plugin,
                 version: s.version,
                 seq: s.seq,
+                upgrade: s.upgrade,
             })
         })
         .collect();

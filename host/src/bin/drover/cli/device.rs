@@ -414,6 +414,19 @@ struct DeviceLine {
     version: u32,
     seq: u64,
     status: String,
+    #[serde(default)]
+    upgrade: Option<Upgrade>,
+}
+
+impl Upgrade {
+    /// The listing's last column: `-> vN`, with `(failed)` when nothing will move it.
+    fn column(&self) -> String {
+        if self.failed {
+            format!("-> v{} (failed)", self.to)
+        } else {
+            format!("-> v{}", self.to)
+        }
+    }
 }
 
 /// Lists every device: id, plugin and version, status, seq (a page of requests at a time;
@@ -440,7 +453,7 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
                 .max(2);
             if header {
                 println!(
-                    "{:<width$}  {:<20} {:<11} {:>10}",
+                    "{:<width$}  {:<20} {:<11} {:>10}  UPGRADE",
                     "ID", "PLUGIN", "STATUS", "SEQ"
                 );
                 header = false;
@@ -450,8 +463,9 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
                     println!("{}", d.id);
                 } else {
                     let plugin = format!("{} v{}", d.plugin, d.version);
+                    let upgrade = d.upgrade.as_ref().map(Upgrade::column).unwrap_or_default();
                     println!(
-                        "{:<width$}  {plugin:<20} {:<11} {:>10}",
+                        "{:<width$}  {plugin:<20} {:<11} {:>10}  {upgrade}",
                         d.id, d.status, d.seq
                     );
                 }
