@@ -208,6 +208,11 @@ impl UnitClock {
     }
 }
 
+/// Whole epoch ticks of `tick` in `elapsed` of wall-clock time: where the epoch should be.
+fn ticks_due(elapsed: Duration, tick: Duration) -> u64 {
+    (elapsed.as_nanos() / tick.as_nanos().max(1)) as u64
+}
+
 /// The epoch deadline passed: the unit's wall-clock time ran out, not necessarily its CPU
 /// time. Continues for what is left of the CPU budget, or interrupts (a timeout).
 fn deadline_reached(
@@ -355,13 +360,23 @@ impl Engine {
         std::thread::Builder::new()
             .name("drover-epoch".into())
             .spawn(move || {
+                let started = Instant::now();
+                let mut ticked = 0;
                 while !stop.load(Ordering::Acquire) {
                     std::thread::sleep(tick);
                     match ticker_engine.upgrade() {
                         Some(engine) => {
                             // Samples first: a deadline this tick reaches then sees them.
                             cpu_clock::sample_all();
-                            engine.increment_epoch();
+                            // The epoch follows the wall clock, not this thread's wake-ups:
+                            // on a machine starved of cores it wakes late, and a deadline
+                            // counted in wake-ups came twice as late as its budget said (a
+                            // starved fold held a device 39 s where 4x its budget was 20 s).
+                            let due = ticks_due(started.elapsed(), tick);
+                            while ticked < due {
+                                engine.increment_epoch();
+                                ticked += 1;
+                            }
                         }
                         None => break,
                     }
@@ -1070,5 +1085,27 @@ impl Instance {
             }
         }
         CallError::Trap(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::ticks_due;
+
+    /// A ticker that wakes late (its thread starved of a core) catches up to the wall clock
+    /// at once, so deadlines counted in ticks keep to wall-clock time.
+    #[test]
+    fn the_epoch_follows_the_wall_clock_through_late_wake_ups() {
+        let tick = Duration::from_millis(10);
+        assert_eq!(ticks_due(Duration::from_millis(9), tick), 0);
+        assert_eq!(ticks_due(Duration::from_millis(10), tick), 1);
+        // Woken 20 s late: 2,000 ticks due, not one.
+        assert_eq!(ticks_due(Duration::from_millis(20_015), tick), 2_001);
+        assert_eq!(
+            ticks_due(Duration::from_secs(1), Duration::ZERO),
+            1_000_000_000
+        );
     }
 }
