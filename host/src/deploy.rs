@@ -401,6 +401,9 @@ impl Runtime {
                 // Counted in `failed`.
             } else if cannot_fold.contains(&*h.id) {
                 totals.cannot_fold += 1;
+                // Its history did not fold: a fold at its next activation would fail the same
+                // way (the fold is deterministic). It stays on its version, and says so.
+                self.shared.router.note_upgrade_failed(h.num, target.id);
             } else {
                 totals.pending_lazy += 1;
             }

@@ -67,6 +67,13 @@ impl Router {
         self.env.upgrade_failures.lock().contains(&(num, to))
     }
 
+    /// Remembers that version `to` cannot bring device number `num` up (a deploy's sample
+    /// folded its history and failed), so that its activations do not try again until a
+    /// restart, and its `upgrade` says so.
+    pub fn note_upgrade_failed(&self, num: u32, to: u32) {
+        self.env.upgrade_failures.lock().insert((num, to));
+    }
+
     /// A router whose actors get `env` (with its directory pointed back at this router).
     pub fn new(make_env: impl FnOnce(Weak<dyn Directory>) -> ActorEnv) -> Arc<Router> {
         Arc::new_cyclic(|me: &Weak<Router>| {

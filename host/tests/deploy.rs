@@ -357,6 +357,76 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
     rt.shutdown().await;
 }
 
+/// Passivated devices whose history the deploy's sample could not fold stay on their version
+/// and say so at once (`upgrade.failed`), and their next activation does not fold the whole
+/// history again to fail the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .snapshot_every(8)
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    let v2 = register_v2(&rt).await;
+    rt.deploy("misbehave", v2.version, false).await.unwrap();
+    // Under v2: one `ok` counts to 2 (v3 folds it, and takes one more), three count to 6
+    // (v3 traps at seq 3).
+    for i in 0..4 {
+        let id = format!("c-{i:02}");
+        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+        for _ in 0..(if i < 2 { 1 } else { 3 }) {
+            rt.send(&id, OK).await.unwrap();
+        }
+    }
+    until_passivated(&rt).await;
+    let (v3, _) = rt
+        .register_plugin(
+            "misbehave",
+            support::misbehave_variant("v3"),
+            Origin::Upload,
+        )
+        .await
+        .unwrap();
+    let report = rt.deploy("misbehave", v3.version, true).await.unwrap();
+    assert_eq!(report.totals.live, 0, "{report:?}");
+    assert_eq!(report.totals.cannot_fold, 2, "{:?}", report.totals);
+    let upgrade = |id: &str| rt.summary(id).and_then(|d| d.upgrade);
+    let pending = |failed| {
+        Some(drover::PendingUpgrade {
+            to: v3.version,
+            failed,
+        })
+    };
+    assert_eq!(
+        upgrade("c-03"),
+        pending(true),
+        "the sample found it cannot fold"
+    );
+    assert_eq!(
+        upgrade("c-00"),
+        pending(false),
+        "moves at its next activation"
+    );
+
+    let failures = rt.metrics().upgrade_failures.load(Ordering::Relaxed);
+    rt.send("c-03", OK)
+        .await
+        .expect("handled on its own version");
+    assert_eq!(version(&rt, "c-03"), 2);
+    assert_eq!(
+        rt.metrics().upgrade_failures.load(Ordering::Relaxed),
+        failures,
+        "its activation did not fold the history again"
+    );
+    rt.send("c-00", OK).await.expect("handled");
+    assert_eq!(version(&rt, "c-00"), v3.version);
+    assert_eq!(upgrade("c-00"), None);
+    rt.shutdown().await;
+}
+
 /// Acceptance 4: passivated devices are not woken by a deploy; they come back on the new
 /// version at their next activation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
