@@ -30,7 +30,8 @@ fn empty_object() -> serde_json::Value {
 }
 
 /// `PUT /v1/devices/{id}`: creates the device (201) or confirms an identical one (200). The
-/// answer is the stored device: `{"id","plugin","version","seq","config","created_at_ms"}`.
+/// answer is the stored device: `{"id","plugin","version","seq","config","created_at_ms",
+/// "upgrade"}`.
 pub async fn provision(
     State(app): State<App>,
     Id(id): Id,
