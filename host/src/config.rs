@@ -446,6 +446,12 @@ impl Config {
             ));
         }
         let tick = self.engine.epoch_tick;
+        // The ticker thread wakes once a tick and advances the epoch to the wall clock.
+        if tick < std::time::Duration::from_millis(1) {
+            return Err(format!(
+                "the deadline clock's tick is {tick:?}, under the minimum of 1 ms"
+            ));
+        }
         for (name, d) in [
             ("call timeout", self.engine.call_timeout),
             ("activation timeout", self.engine.activation_timeout),
@@ -571,6 +577,16 @@ mod tests {
             config.engine.max_memory = accepted;
             assert_eq!(config.validate(), Ok(()), "{accepted}");
         }
+    }
+
+    #[test]
+    fn a_deadline_tick_under_a_millisecond_is_refused() {
+        let mut config = super::Config::default();
+        config.engine.epoch_tick = std::time::Duration::ZERO;
+        let err = config.validate().expect_err("no tick");
+        assert!(err.contains("1 ms"), "{err}");
+        config.engine.epoch_tick = std::time::Duration::from_millis(1);
+        assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]
