@@ -472,8 +472,25 @@ struct Live {
     /// A live upgrade was put off because the server was overloaded: when to try it again.
     /// A busy device may not passivate for hours, and its next activation is what would
     /// otherwise move it; an idle one passivates and moves at activation (this goes with it).
-    upgrade_retry: Option<Instant>,
+    upgrade_retry: Option<UpgradeRetry>,
 }
+
+/// A put-off live upgrade to try again (see `Live::upgrade_retry`).
+#[derive(Debug, Clone, Copy)]
+struct UpgradeRetry {
+    due: Instant,
+    /// The version it was put off for: if the plugin's current version moved since, that
+    /// deploy sends its own upgrade and this one is dropped.
+    to: u32,
+    /// Tries put off so far. Each fold under overload may hold the device's events up to
+    /// the wall-clock bound, so they back off (`INTERNAL_RETRY` doubled each time, jittered)
+    /// and stop after [`UPGRADE_RETRIES`], leaving the move to the next activation.
+    tries: u32,
+}
+
+/// How many times a put-off live upgrade is tried again before it is left to the device's
+/// next activation: 5, 10, 20 and 40 s (±25%) after each put-off.
+const UPGRADE_RETRIES: u32 = 4;
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
@@ -498,7 +515,7 @@ impl Actor {
                         .live
                         .as_ref()
                         .and_then(|l| l.upgrade_retry)
-                        .is_some_and(|due| last_activity.into_std() >= due)
+                        .is_some_and(|r| last_activity.into_std() >= r.due)
                         && !matches!(msg, Message::Upgrade { .. } | Message::Passivate)
                         && !self.stopping()
                     {
@@ -938,14 +955,18 @@ impl Actor {
             // next activation, like one that was not live (not remembered as a failure).
             Err(f) if matches!(f.error, Error::Overloaded(_)) => {
                 report.error = Some(format!(
-                    "{}; tried again before its first message {} s from now, or at its next \
-                     activation",
+                    "{}; tried again, live, a few times over the next minute and a half \
+                     (first about {} s from now), else at its next activation",
                     f.error,
                     INTERNAL_RETRY.as_secs()
                 ));
                 tracing::warn!(device = %self.head.id, error = %f.error, "upgrade put off: the server is overloaded");
                 if let Some(live) = self.live.as_mut() {
-                    live.upgrade_retry = Some(Instant::now() + INTERNAL_RETRY);
+                    live.upgrade_retry = Some(UpgradeRetry {
+                        due: Instant::now() + INTERNAL_RETRY.mul_f64(0.75 + 0.5 * clock::jitter()),
+                        to,
+                        tries: 0,
+                    });
                 }
             }
             Err(f) => {
@@ -991,23 +1012,38 @@ impl Actor {
     /// Tries again a live upgrade that was put off (see `Live::upgrade_retry`), to the
     /// plugin's current version now (a later deploy or a rollback may have moved it).
     async fn retry_upgrade(&mut self) {
-        if let Some(live) = self.live.as_mut() {
-            live.upgrade_retry = None;
-        }
-        let from = self.head.version;
-        let Some(to) = self.env.registry.target_of(from) else {
+        let Some(retry) = self.live.as_mut().and_then(|l| l.upgrade_retry.take()) else {
             return;
         };
-        if to == from
+        let from = self.head.version;
+        // Moved since (a rollback, another deploy: that one sends its own upgrade), or
+        // found unable to bring the device up.
+        if self.env.registry.target_of(from) != Some(retry.to)
+            || retry.to == from
             || self
                 .env
                 .upgrade_failures
                 .lock()
-                .contains(&(self.head.num, to))
+                .contains(&(self.head.num, retry.to))
         {
             return;
         }
-        let report = self.on_upgrade(to).await;
+        let report = self.on_upgrade(retry.to).await;
+        // Put off again: later, or (after the last try) at the next activation.
+        if let Some(live) = self.live.as_mut()
+            && let Some(again) = live.upgrade_retry.as_mut()
+        {
+            let tries = retry.tries + 1;
+            if tries >= UPGRADE_RETRIES {
+                live.upgrade_retry = None;
+            } else {
+                again.tries = tries;
+                again.due = Instant::now()
+                    + INTERNAL_RETRY
+                        .saturating_mul(1 << tries)
+                        .mul_f64(0.75 + 0.5 * clock::jitter());
+            }
+        }
         tracing::info!(
             device = %self.head.id,
             from = report.from,
