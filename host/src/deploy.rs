@@ -306,6 +306,23 @@ impl Runtime {
             rollback,
             "deploying"
         );
+        // The devices whose history the sample could not fold stay on their version, and say
+        // so from now on: a fold at their next activation would fail the same way (folding is
+        // deterministic), so it is not tried until a restart. Unless the device has a
+        // snapshot the target version took itself (a rollback): the sample folded from
+        // elsewhere than an activation would start.
+        for id in &cannot_fold {
+            if let Some(h) = self.shared.journal.device(id)
+                && !self
+                    .shared
+                    .journal
+                    .snapshots(h.num)
+                    .iter()
+                    .any(|snap| snap.version == target.id)
+            {
+                self.shared.router.note_upgrade_failed(h.num, target.id);
+            }
+        }
 
         // 3. Swap live devices, several at a time.
         let reg = registry.clone();
@@ -401,9 +418,6 @@ impl Runtime {
                 // Counted in `failed`.
             } else if cannot_fold.contains(&*h.id) {
                 totals.cannot_fold += 1;
-                // Its history did not fold: a fold at its next activation would fail the same
-                // way (the fold is deterministic). It stays on its version, and says so.
-                self.shared.router.note_upgrade_failed(h.num, target.id);
             } else {
                 totals.pending_lazy += 1;
             }
