@@ -906,6 +906,21 @@ impl Actor {
     /// Events that arrive meanwhile wait in the mailbox; none is lost or reordered.
     async fn on_upgrade(&mut self, to: u32) -> DeviceUpgrade {
         let started = Instant::now();
+        let mut report = self.upgrade_live(to, started).await;
+        // Every way it ended that held the device's events says for how long, not only the
+        // fold that succeeded (a deploy's pause figures count them all).
+        if matches!(
+            report.outcome,
+            UpgradeOutcome::Failed | UpgradeOutcome::Upgraded
+        ) || report.error.is_some()
+        {
+            report.pause_us = started.elapsed().as_micros() as u64;
+        }
+        report
+    }
+
+    /// The upgrade itself; [`Actor::on_upgrade`] times it.
+    async fn upgrade_live(&mut self, to: u32, started: Instant) -> DeviceUpgrade {
         let registry = &self.env.registry;
         let number = |id: u32| registry.version(id).map_or(0, |v| v.number);
         let from = self.head.version;
@@ -1005,7 +1020,6 @@ impl Actor {
                 }
             }
         }
-        report.pause_us = started.elapsed().as_micros() as u64;
         report
     }
 

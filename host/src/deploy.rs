@@ -383,18 +383,12 @@ impl Runtime {
             unchanged: already.len(),
             ..Default::default()
         };
-        let mut pauses = Vec::new();
         for d in &devices {
             match d.outcome {
                 UpgradeOutcome::Upgraded => totals.upgraded += 1,
                 UpgradeOutcome::Failed => totals.failed += 1,
                 UpgradeOutcome::Unchanged => totals.unchanged += 1,
                 UpgradeOutcome::Lazy => {}
-            }
-            // A device that failed, or whose upgrade was put off, held its events as long
-            // as its fold ran too.
-            if d.pause_us > 0 {
-                pauses.push(d.pause_us);
             }
         }
         let failed: std::collections::HashSet<&str> = devices
@@ -431,14 +425,7 @@ impl Runtime {
                     .map(|e| format!("{}: {e}", d.device))
             })
             .collect();
-        pauses.sort_unstable();
-        let pct = |p: f64| -> u64 {
-            if pauses.is_empty() {
-                0
-            } else {
-                pauses[((pauses.len() - 1) as f64 * p).round() as usize]
-            }
-        };
+        let (pause_p50_us, pause_p99_us, pause_max_us) = pause_percentiles(&devices);
         let report = DeployReport {
             plugin: plugin.to_string(),
             from: current.number,
@@ -446,9 +433,9 @@ impl Runtime {
             rollback,
             forced: force,
             elapsed_ms: started.elapsed().as_millis() as u64,
-            pause_p50_us: pct(0.5),
-            pause_p99_us: pct(0.99),
-            pause_max_us: pauses.last().copied().unwrap_or(0),
+            pause_p50_us,
+            pause_p99_us,
+            pause_max_us,
             journal_check: JournalCheck {
                 devices: totals.upgraded,
                 ok: problems.is_empty(),
@@ -507,4 +494,54 @@ fn spread(mut heads: Vec<DeviceHead>, n: usize) -> Vec<DeviceHead> {
     (0..n)
         .map(|i| heads[(i as f64 * step) as usize].clone())
         .collect()
+}
+
+/// p50, p99 and max of how long the deploy held live devices' mailboxes, in µs: every device
+/// it held, whatever came of it (a device that failed, or whose upgrade was put off, held its
+/// events as long as its fold ran), not only the upgraded ones.
+fn pause_percentiles(devices: &[DeviceUpgrade]) -> (u64, u64, u64) {
+    let mut pauses: Vec<u64> = devices
+        .iter()
+        .map(|d| d.pause_us)
+        .filter(|&p| p > 0)
+        .collect();
+    pauses.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if pauses.is_empty() {
+            0
+        } else {
+            pauses[((pauses.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    (pct(0.5), pct(0.99), pauses.last().copied().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_count_every_held_mailbox_not_only_the_upgraded() {
+        let line = |outcome, pause_us| {
+            let mut d = DeviceUpgrade::lazy("d", 1, 2, 7);
+            d.outcome = outcome;
+            d.pause_us = pause_us;
+            d
+        };
+        // Every live device failed: their folds held their events all the same.
+        let failed = [
+            line(UpgradeOutcome::Failed, 300),
+            line(UpgradeOutcome::Failed, 100),
+            line(UpgradeOutcome::Lazy, 0),
+        ];
+        assert_eq!(pause_percentiles(&failed), (300, 300, 300));
+        let mixed = [
+            line(UpgradeOutcome::Upgraded, 50),
+            line(UpgradeOutcome::Failed, 900),
+            line(UpgradeOutcome::Lazy, 400),
+            line(UpgradeOutcome::Unchanged, 0),
+        ];
+        assert_eq!(pause_percentiles(&mixed), (400, 900, 900));
+        assert_eq!(pause_percentiles(&[]), (0, 0, 0));
+    }
 }
