@@ -966,8 +966,9 @@ impl Actor {
         }
         want.version = to;
         match upgrade::bring_up(&self.env.journal, registry, &want, from) {
-            // Nothing is known about the version: the device stays as it is and moves at its
-            // next activation, like one that was not live (not remembered as a failure).
+            // Nothing is known about the version: the device stays as it is (not remembered
+            // as a failure) and tries again later, live (`Live::upgrade_retry`), or moves at
+            // its next activation.
             Err(f) if matches!(f.error, Error::Overloaded(_)) => {
                 report.error = Some(format!(
                     "{}; tried again, live, a few times over the next minute and a half \
@@ -1023,8 +1024,8 @@ impl Actor {
         report
     }
 
-    /// Tries again a live upgrade that was put off (see `Live::upgrade_retry`), to the
-    /// plugin's current version now (a later deploy or a rollback may have moved it).
+    /// Tries again a live upgrade that was put off (see `Live::upgrade_retry`), to the version
+    /// it was put off for if that is still the plugin's current one.
     async fn retry_upgrade(&mut self) {
         let Some(retry) = self.live.as_mut().and_then(|l| l.upgrade_retry.take()) else {
             return;
