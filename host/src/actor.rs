@@ -488,6 +488,10 @@ struct UpgradeRetry {
     tries: u32,
 }
 
+/// Time one message may hold an actor thread before the actor lets others run before its
+/// next message: a tenth of the default event budget, far above a healthy event (µs).
+const YIELD_AFTER: Duration = Duration::from_millis(25);
+
 /// How many times a put-off live upgrade is tried again before it is left to the device's
 /// next activation: 5, 10, 20 and 40 s (±25%) after each put-off.
 const UPGRADE_RETRIES: u32 = 4;
@@ -585,6 +589,14 @@ impl Actor {
                         Message::Export { reply } => Box::pin(self.on_export(reply)).await,
                     }
                     self.note_memory();
+                    // A message that held this thread long (a slow or spinning guest) lets
+                    // the other actors waiting for a thread go first: a device with a backlog
+                    // of such events would otherwise keep the thread for all of them (tokio
+                    // counts a task's messages, not their time), and healthy devices' events
+                    // wait behind the whole backlog.
+                    if last_activity.elapsed() >= YIELD_AFTER {
+                        tokio::task::yield_now().await;
+                    }
                     if sleep.is_elapsed() {
                         sleep.as_mut().reset(last_activity + idle);
                     }

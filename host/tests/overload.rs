@@ -425,3 +425,48 @@ async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
     );
     rt.shutdown().await;
 }
+
+/// A device with a backlog of slow events lets other devices' events through between them:
+/// on one actor thread, a healthy device's event sent while the backlog runs is answered
+/// before the backlog is done, not after all of it (a fresh-user trial saw a thermostat wait
+/// 2.2 s behind eight looping devices' backlogs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_slow_events_does_not_keep_the_actor_thread() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .actor_threads(1)
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("slow", "misbehave", &json!({})).await.unwrap();
+    rt.provision("ok", "misbehave", &json!({})).await.unwrap();
+    rt.send("ok", r#"{"type":"ok"}"#).await.expect("live");
+    // ~80 ms each, within the 250 ms budget: slow, not failing.
+    let spin = calibrated(&rt, "slow", 0.08).await;
+    let backlog: Vec<_> = (0..6)
+        .map(|_| {
+            let rt = rt.clone();
+            let event = support::slow_apply(spin, 1);
+            tokio::spawn(async move {
+                rt.send("slow", &event).await.expect("handled");
+                std::time::Instant::now()
+            })
+        })
+        .collect();
+    // The backlog is queued and its first event running.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled");
+    let healthy_done = std::time::Instant::now();
+    let mut last = healthy_done;
+    for done in backlog {
+        last = last.max(done.await.unwrap());
+    }
+    assert!(
+        healthy_done + Duration::from_millis(100) < last,
+        "the healthy event waited for the slow device's whole backlog ({:?} before its end)",
+        last.saturating_duration_since(healthy_done)
+    );
+    rt.shutdown().await;
+}
