@@ -49,14 +49,20 @@ async fn until_passivated(rt: &Runtime) {
 
 /// Registers misbehave's `v2` build as an upload.
 async fn register_v2(rt: &Runtime) -> drover::PluginVersion {
-    rt.register_plugin(
-        "misbehave",
-        support::misbehave_variant("v2"),
-        Origin::Upload,
-    )
-    .await
-    .unwrap()
-    .0
+    support::upload_misbehave(rt, support::misbehave_variant("v2"))
+        .await
+        .0
+}
+
+/// A runtime whose idle devices passivate within a tenth of a second.
+async fn open_passivating(dir: &Path) -> Runtime {
+    Runtime::builder(dir)
+        .plugin_dir(support::PluginDir)
+        .snapshot_every(8)
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap()
 }
 
 fn version(rt: &Runtime, id: &str) -> u32 {
@@ -269,14 +275,7 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
             rt.send(&id, OK).await.unwrap();
         }
     }
-    let (v3, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::misbehave_variant("v3"),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let (v3, _) = support::upload_misbehave(&rt, support::misbehave_variant("v3")).await;
 
     let refused = rt.deploy("misbehave", v3.version, false).await.unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::DeployRefused, "{refused}");
@@ -363,13 +362,7 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .snapshot_every(8)
-        .idle_timeout(Duration::from_millis(100))
-        .open()
-        .await
-        .unwrap();
+    let rt = open_passivating(dir.path()).await;
     let v2 = register_v2(&rt).await;
     rt.deploy("misbehave", v2.version, false).await.unwrap();
     // Under v2: one `ok` counts to 2 (v3 folds it, and takes one more), three count to 6
@@ -382,14 +375,7 @@ async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
         }
     }
     until_passivated(&rt).await;
-    let (v3, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::misbehave_variant("v3"),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let (v3, _) = support::upload_misbehave(&rt, support::misbehave_variant("v3")).await;
     let report = rt.deploy("misbehave", v3.version, true).await.unwrap();
     assert_eq!(report.totals.live, 0, "{report:?}");
     assert_eq!(report.totals.cannot_fold, 2, "{:?}", report.totals);
@@ -432,13 +418,7 @@ async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passivated_devices_upgrade_lazily_at_their_next_activation() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .snapshot_every(8)
-        .idle_timeout(Duration::from_millis(100))
-        .open()
-        .await
-        .unwrap();
+    let rt = open_passivating(dir.path()).await;
     for i in 0..20 {
         let id = format!("p-{i:02}");
         rt.provision(&id, "misbehave", &json!({})).await.unwrap();
@@ -603,14 +583,8 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
         rt.send(&id, r#"{"type":"echo"}"#).await.unwrap();
     }
     let v2 = register_v2(&rt).await;
-    let (same, new) = rt
-        .register_plugin(
-            "misbehave",
-            support::identical_rebuild(&support::misbehave_v1()),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let (same, new) =
+        support::upload_misbehave(&rt, support::identical_rebuild(&support::misbehave_v1())).await;
     assert!(new, "other bytes are another version");
     let written = support::records_written(&rt);
 

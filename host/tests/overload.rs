@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use drover::registry::Origin;
 use drover::replay::{self, Start};
 use drover::{ErrorKind, Runtime, Selection};
 use serde_json::{Value, json};
@@ -73,14 +72,8 @@ async fn one_slow_device(
     rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
         .await
         .expect("60% of its budget");
-    let (same, _) = rt
-        .register_plugin(
-            "misbehave",
-            support::identical_rebuild(&support::misbehave_v1()),
-            Origin::Upload,
-        )
-        .await
-        .unwrap();
+    let (same, _) =
+        support::upload_misbehave(&rt, support::identical_rebuild(&support::misbehave_v1())).await;
     (rt, same)
 }
 

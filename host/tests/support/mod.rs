@@ -540,6 +540,16 @@ impl Drop for Hogs {
     }
 }
 
+/// Uploads `bytes` as a version of the `misbehave` plugin: the version, and whether it is new.
+pub async fn upload_misbehave(
+    rt: &drover::Runtime,
+    bytes: Vec<u8>,
+) -> (drover::PluginVersion, bool) {
+    rt.register_plugin("misbehave", bytes, drover::registry::Origin::Upload)
+        .await
+        .expect("the upload registers")
+}
+
 /// The `misbehave` test plugin's default build.
 pub fn misbehave_v1() -> Vec<u8> {
     std::fs::read(plugin_dir().join("misbehave.wasm")).expect("misbehave built")
