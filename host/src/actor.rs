@@ -1362,7 +1362,8 @@ impl Actor {
         // failures counted toward a quarantine stand (as after a refused external event).
         let mut refused = false;
         let started = Instant::now();
-        let decided = decide::decide(&mut live.instance, &ctx, &event, max_output, budget);
+        let decided =
+            decide::decide_preemptible(&mut live.instance, &ctx, &event, max_output, budget).await;
         let took = started.elapsed();
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {

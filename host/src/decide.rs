@@ -15,6 +15,8 @@
 //! as it was (handle does not change state); a trap or timeout in `handle`, and any failure
 //! in `apply` (the state is then half-changed), loses the instance.
 
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::engine::{EventContext, GuestEffect, Instance};
@@ -49,6 +51,9 @@ pub struct Failed {
 /// against `max_output_bytes` and the effects against what the host can carry out, then
 /// `apply`s each transition, all within one time budget (`budget`: the whole event, not each
 /// call). Returns the transitions and effects to journal.
+///
+/// The guest calls hold the calling thread to the end: for a dry-run's sandboxed instances,
+/// on a blocking thread of their own. The live actor uses [`decide_preemptible`].
 pub fn decide(
     instance: &mut Instance,
     ctx: &EventContext,
@@ -56,21 +61,51 @@ pub fn decide(
     max_output_bytes: usize,
     budget: Duration,
 ) -> Result<Decided, Failed> {
-    instance.within(budget, |instance| {
-        decide_now(instance, ctx, event, max_output_bytes)
-    })
+    let scope = instance.begin_unit(budget, false);
+    // Not preemptible: every guest call returns before the first poll does.
+    let decided = {
+        let mut decided = std::pin::pin!(decide_now(instance, ctx, event, max_output_bytes));
+        match decided
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(decided) => decided,
+            Poll::Pending => unreachable!("a unit that is not preemptible never yields"),
+        }
+    };
+    instance.end_unit(scope);
+    decided
 }
 
-fn decide_now(
+/// [`decide`], preemptible if the plugin has run slow (see
+/// `engine::Instance::handle_preemptible`): a guest that spins yields its thread at each
+/// epoch tick, so other devices' events on the actor threads go on meanwhile.
+pub async fn decide_preemptible(
+    instance: &mut Instance,
+    ctx: &EventContext,
+    event: &str,
+    max_output_bytes: usize,
+    budget: Duration,
+) -> Result<Decided, Failed> {
+    let scope = instance.begin_unit(budget, true);
+    let decided = decide_now(instance, ctx, event, max_output_bytes).await;
+    instance.end_unit(scope);
+    decided
+}
+
+async fn decide_now(
     instance: &mut Instance,
     ctx: &EventContext,
     event: &str,
     max_output_bytes: usize,
 ) -> Result<Decided, Failed> {
-    let outcome = instance.handle(ctx, event).map_err(|e| Failed {
-        instance_lost: e.is_fatal(),
-        error: Error::from(e),
-    })?;
+    let outcome = instance
+        .handle_preemptible(ctx, event)
+        .await
+        .map_err(|e| Failed {
+            instance_lost: e.is_fatal(),
+            error: Error::from(e),
+        })?;
     let transitions = outcome.transitions;
     let size: usize = transitions.iter().map(String::len).sum::<usize>()
         + outcome.effects.iter().map(payload_len).sum::<usize>();
@@ -88,11 +123,18 @@ fn decide_now(
         instance_lost: false,
     })?;
     let borrowed: Vec<&str> = transitions.iter().map(String::as_str).collect();
-    fold(instance, &borrowed).map_err(|error| Failed {
+    let mut folded = Ok(());
+    for batch in batches(&borrowed, BATCH_TRANSITIONS) {
+        folded = instance.apply_batch_preemptible(batch).await;
+        if folded.is_err() {
+            break;
+        }
+    }
+    folded.map_err(|e| Failed {
         // `apply` refusing what its own `handle` just returned is a plugin bug, and the state
         // is half-changed: a fault like a trap (the instance goes, a dead letter is kept, a
         // message or timer firing is consumed), not a refusal the sender could act on.
-        error: match error {
+        error: match Error::from(e.error) {
             Error::Rejected { code, message } => Error::Trap(format!(
                 "apply refused a transition its handle returned ({code}: {message})"
             )),

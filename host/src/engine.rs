@@ -43,6 +43,7 @@ pub(crate) mod cpu_clock;
 mod guest_log;
 mod limits;
 mod memory;
+mod stacks;
 mod stdio;
 
 pub use limits::GuestMemoryRefusal;
@@ -71,6 +72,7 @@ mod bindings_v1 {
 }
 
 use bindings::drover::device::host::LogLevel;
+use bindings::drover::device::types::DeviceError;
 pub use bindings::drover::device::types::{
     BatchRefusal, Command as GuestCommand, Effect as GuestEffect, EventContext,
     Message as GuestMessage, MessageOrigin, Origin, Outcome, Timer as GuestTimer, TimerOrigin,
@@ -173,6 +175,12 @@ pub struct GuestState {
     /// Set when the unit was interrupted by the wall-clock bound, within its CPU budget:
     /// the CPU time it had used.
     starved: Option<Duration>,
+    /// Set while a call runs on a fiber of its own (see [`Instance::handle_preemptible`]):
+    /// only then may the guest yield its thread at a deadline.
+    on_fiber: bool,
+    /// Shared by every instance of the plugin version: set once a unit of any of them used
+    /// more than an epoch tick of CPU time (see [`CompiledPlugin::ran_slow`]).
+    ran_slow: Arc<AtomicBool>,
 }
 
 /// A unit of work's time budget, in CPU time of the thread that runs it, and where it began.
@@ -180,9 +188,15 @@ pub struct GuestState {
 struct UnitClock {
     budget: Duration,
     /// The thread's CPU time at the start (a recent sample: never later than the start).
+    /// After a yield, moved so that the thread now running the unit reads what it had used.
     cpu_start: Duration,
+    /// When the unit began; after a yield, moved so that the time it waited to be resumed
+    /// is not counted (that was the server being fair, not the server being overloaded).
     wall_start: Instant,
     epoch_tick: Duration,
+    /// The unit yielded its thread at its last deadline: the next look starts its clocks
+    /// again on whatever thread resumed it. With what it had used by then.
+    resumed: Option<(Duration, Duration)>,
 }
 
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
@@ -198,7 +212,15 @@ impl UnitClock {
             cpu_start: cpu_clock::recent(),
             wall_start: Instant::now(),
             epoch_tick,
+            resumed: None,
         }
+    }
+
+    /// Epoch ticks until the deadline is first looked at: within an epoch tick or two, so
+    /// that a unit running long is seen (and, on a fiber, yields) early; or its whole budget
+    /// if that is shorter.
+    fn first_look(budget: Duration, epoch_tick: Duration) -> u64 {
+        UnitClock::ticks(budget.min(epoch_tick), epoch_tick)
     }
 
     /// Epoch ticks until the deadline should next be looked at for `left` of budget: one
@@ -213,19 +235,39 @@ fn ticks_due(elapsed: Duration, tick: Duration) -> u64 {
     (elapsed.as_nanos() / tick.as_nanos().max(1)) as u64
 }
 
-/// The epoch deadline passed: the unit's wall-clock time ran out, not necessarily its CPU
-/// time. Continues for what is left of the CPU budget, or interrupts (a timeout).
+/// The epoch deadline passed: a look at the unit's clocks. Interrupts a unit past its CPU
+/// budget (a timeout) or far past it in wall-clock time (starved); otherwise marks the plugin
+/// slow if the unit has used over a tick, and lets the guest go on: on a fiber, after
+/// yielding its thread to whatever else waits for one; otherwise for what is left of its
+/// budget.
 fn deadline_reached(
     mut store: wasmtime::StoreContextMut<'_, GuestState>,
 ) -> wasmtime::Result<UpdateDeadline> {
-    let unit = store.data().clock;
+    let state = store.data_mut();
+    let unit = &mut state.clock;
+    if let Some((cpu_used, wall_used)) = unit.resumed.take() {
+        // The first look after a yield (the deadline was due at once): the clocks go on
+        // from what the unit had used, on the thread that resumed it.
+        unit.cpu_start = cpu_clock::now().saturating_sub(cpu_used);
+        let now = Instant::now();
+        unit.wall_start = now.checked_sub(wall_used).unwrap_or(now);
+        return Ok(UpdateDeadline::Continue(1));
+    }
     let used = cpu_clock::now().saturating_sub(unit.cpu_start);
     if used >= unit.budget {
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    if unit.wall_start.elapsed() >= unit.budget * WALL_LIMIT {
-        store.data_mut().starved = Some(used);
+    let wall = unit.wall_start.elapsed();
+    if wall >= unit.budget * WALL_LIMIT {
+        state.starved = Some(used);
         return Err(wasmtime::Trap::Interrupt.into());
+    }
+    if used >= unit.epoch_tick {
+        state.ran_slow.store(true, Ordering::Relaxed);
+    }
+    if state.on_fiber {
+        unit.resumed = Some((used, wall));
+        return Ok(UpdateDeadline::Yield(0));
     }
     Ok(UpdateDeadline::Continue(UnitClock::ticks(
         unit.budget - used,
@@ -307,6 +349,8 @@ struct EngineInner {
     config: EngineConfig,
     /// Shared by every instance of this engine (see `engine/limits.rs`).
     memory_budget: Arc<limits::GuestMemoryBudget>,
+    /// Fiber stacks of preemptible calls (see `engine/stacks.rs`).
+    stacks: Arc<stacks::StackPool>,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -345,6 +389,9 @@ impl Engine {
             // untouched pages: wasmtime's move made every page resident (`engine/memory.rs`).
             wasm.with_host_memory(Arc::new(memory::CompactMemories));
         }
+        // Preemptible calls' fiber stacks, from a pool (`engine/stacks.rs`).
+        let stacks = stacks::StackPool::new();
+        wasm.with_host_stack(Arc::new(stacks::PooledStacks(stacks.clone())));
         let engine = wasmtime::Engine::new(&wasm)?;
 
         let mut linker = Linker::new(&engine);
@@ -389,6 +436,7 @@ impl Engine {
                 linker,
                 memory_budget: limits::GuestMemoryBudget::new(config.guest_memory_budget),
                 config,
+                stacks,
                 stop_ticker,
             }),
         })
@@ -512,12 +560,17 @@ impl Engine {
             Ok(v3) => {
                 let indices = bindings::DeviceIndices::new(v3.instance_pre())
                     .map_err(|e| PluginError::Incompatible(format!("{e:#}")))?;
-                let batch = component
-                    .get_export_index(None, "apply-batch")
-                    .ok_or_else(|| {
-                        PluginError::Incompatible("no `apply-batch` export".to_string())
-                    })?;
-                Pre::V3(v3, indices, batch)
+                let export = |name: &str| {
+                    component
+                        .get_export_index(None, name)
+                        .ok_or_else(|| PluginError::Incompatible(format!("no `{name}` export")))
+                };
+                let direct = V3Exports {
+                    handle: export("handle")?,
+                    apply: export("apply")?,
+                    batch: export("apply-batch")?,
+                };
+                Pre::V3(v3, indices, direct)
             }
             Err(e) => match bindings_v2::DevicePre::new(pre.clone()) {
                 Ok(v2) => Pre::V2(v2),
@@ -536,6 +589,7 @@ impl Engine {
         Ok(CompiledPlugin {
             engine: self.clone(),
             pre: Arc::new(exports),
+            ran_slow: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -544,21 +598,30 @@ impl Engine {
 enum Pre {
     V1(bindings_v1::DevicePre<GuestState>),
     V2(bindings_v2::DevicePre<GuestState>),
-    /// With where `apply-batch` is among the exports: the bindings call it with owned
-    /// strings only, and a batch is borrowed from journal reads.
+    /// With where the exports called directly are (see [`V3Exports`]).
     V3(
         DevicePre<GuestState>,
         bindings::DeviceIndices,
-        ComponentExportIndex,
+        V3Exports<ComponentExportIndex>,
     ),
+}
+
+/// Exports of a `0.3.0` plugin called directly rather than through the bindings: `apply-batch`
+/// (the bindings call it with owned strings only, and a batch is borrowed from journal
+/// reads), and `handle` and `apply` when called on a fiber (the bindings call either
+/// synchronously or asynchronously, not both).
+struct V3Exports<F> {
+    handle: F,
+    apply: F,
+    batch: F,
 }
 
 /// A live instance's exports, by contract version.
 enum Exports {
     V1(bindings_v1::Device),
     V2(bindings_v2::Device),
-    /// With `apply-batch`, called directly (see [`Pre::V3`]).
-    V3(Device, Func),
+    /// With the functions called directly (see [`V3Exports`]).
+    V3(Device, V3Exports<Func>),
 }
 
 /// Refuses bytes that are not a component before Cranelift sees them, saying what they are
@@ -636,6 +699,10 @@ fn instantiation_fault(
 pub struct CompiledPlugin {
     engine: Engine,
     pre: Arc<Pre>,
+    /// Set once a unit of work of any instance of this version used more than an epoch
+    /// tick of CPU time: from then on its instances' events run preemptible (see
+    /// [`Instance::handle_preemptible`]).
+    ran_slow: Arc<AtomicBool>,
 }
 
 impl CompiledPlugin {
@@ -659,6 +726,8 @@ impl CompiledPlugin {
             log_budget: guest_log::Budget::default(),
             clock: UnitClock::start(inner.config.call_timeout, inner.config.epoch_tick),
             starved: None,
+            on_fiber: false,
+            ran_slow: self.ran_slow.clone(),
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -671,15 +740,22 @@ impl CompiledPlugin {
         let device = match &*self.pre {
             Pre::V1(pre) => pre.instantiate(&mut store).map(Exports::V1),
             Pre::V2(pre) => pre.instantiate(&mut store).map(Exports::V2),
-            Pre::V3(pre, indices, batch) => {
+            Pre::V3(pre, indices, direct) => {
                 pre.instance_pre()
                     .instantiate(&mut store)
                     .and_then(|instance| {
                         let device = indices.load(&mut store, &instance)?;
-                        let batch = instance.get_func(&mut store, batch).ok_or_else(|| {
-                            wasmtime::format_err!("the component has no `apply-batch` function")
-                        })?;
-                        Ok(Exports::V3(device, batch))
+                        let mut func = |index| {
+                            instance.get_func(&mut store, index).ok_or_else(|| {
+                                wasmtime::format_err!("the component lacks an export it declares")
+                            })
+                        };
+                        let direct = V3Exports {
+                            handle: func(direct.handle)?,
+                            apply: func(direct.apply)?,
+                            batch: func(direct.batch)?,
+                        };
+                        Ok(Exports::V3(device, direct))
                     })
             }
         }
@@ -690,6 +766,9 @@ impl CompiledPlugin {
             epoch_tick: inner.config.epoch_tick,
             call_timeout: inner.config.call_timeout,
             unit: None,
+            preempt: false,
+            holds_stack: false,
+            stacks: inner.stacks.clone(),
         })
     }
 
@@ -817,6 +896,24 @@ pub struct Instance {
     call_timeout: Duration,
     /// The budget of the unit of work under way, if any: calls inside it do not re-arm.
     unit: Option<Duration>,
+    /// The unit under way runs its `handle` and `apply` calls on a fiber, preemptible.
+    preempt: bool,
+    /// The store holds a fiber stack (from its first preemptible call until it drops).
+    holds_stack: bool,
+    stacks: Arc<stacks::StackPool>,
+}
+
+/// Most fiber stacks held by stores at once, across the engine: each is two memory mappings
+/// (stack and guard page) and the pages its calls touched, held by its store until the store
+/// drops. Past it, units of slow plugins' instances that hold no stack yet run as before, not
+/// preemptible. 4,096 stacks are 8,192 of the kernel's 65,530 mappings a process may have.
+const MAX_FIBER_STACKS: usize = 4096;
+
+/// What [`Instance::begin_unit`] put aside: the enclosing unit, if any, to be restored.
+pub struct UnitScope {
+    outer: Option<Duration>,
+    outer_clock: UnitClock,
+    outer_preempt: bool,
 }
 
 impl Instance {
@@ -885,7 +982,7 @@ impl Instance {
     /// call's budget.
     pub fn apply_batch(&mut self, transitions: &[&str]) -> Result<(), BatchError> {
         let batch = match &self.device {
-            Exports::V3(_, batch) if transitions.len() > 1 => *batch,
+            Exports::V3(_, direct) if transitions.len() > 1 => direct.batch,
             _ => {
                 for (applied, t) in transitions.iter().enumerate() {
                     self.apply(t).map_err(|error| BatchError {
@@ -902,10 +999,86 @@ impl Instance {
         let r = batch
             .typed::<(&[&str],), (Result<(), BatchRefusal>,)>(&self.store)
             .and_then(|f| f.call(&mut self.store, (transitions,)));
+        self.batch_outcome(r, transitions.len())
+    }
+
+    /// [`Instance::handle`], preemptible when the unit under way is (see
+    /// [`Instance::begin_unit`]): the guest then runs on a fiber and yields its thread at
+    /// each epoch tick, so a guest that spins holds an actor thread a tick at a time while
+    /// other devices' events go on, instead of for its whole budget.
+    pub async fn handle_preemptible(
+        &mut self,
+        ctx: &EventContext,
+        event: &str,
+    ) -> Result<Outcome, CallError> {
+        let handle = match &self.device {
+            Exports::V3(_, direct) if self.preempt => direct.handle,
+            _ => return self.handle(ctx, event),
+        };
+        self.arm();
+        self.store.data_mut().on_fiber = true;
+        let r = match handle
+            .typed::<(&EventContext, &str), (Result<Outcome, DeviceError>,)>(&self.store)
+        {
+            Ok(f) => f.call_async(&mut self.store, (ctx, event)).await,
+            Err(e) => Err(e),
+        };
+        self.left_fiber();
+        self.settle(r.map(|(r,)| r))
+    }
+
+    /// [`Instance::apply_batch`], preemptible as [`Instance::handle_preemptible`] is.
+    pub async fn apply_batch_preemptible(
+        &mut self,
+        transitions: &[&str],
+    ) -> Result<(), BatchError> {
+        let (apply, batch) = match &self.device {
+            Exports::V3(_, direct) if self.preempt => (direct.apply, direct.batch),
+            _ => return self.apply_batch(transitions),
+        };
+        let [one] = transitions else {
+            if transitions.is_empty() {
+                return Ok(());
+            }
+            self.arm();
+            self.store.data_mut().on_fiber = true;
+            let r = match batch.typed::<(&[&str],), (Result<(), BatchRefusal>,)>(&self.store) {
+                Ok(f) => f.call_async(&mut self.store, (transitions,)).await,
+                Err(e) => Err(e),
+            };
+            self.left_fiber();
+            return self.batch_outcome(r, transitions.len());
+        };
+        self.arm();
+        self.store.data_mut().on_fiber = true;
+        let r = match apply.typed::<(&str,), (Result<(), DeviceError>,)>(&self.store) {
+            Ok(f) => f.call_async(&mut self.store, (*one,)).await,
+            Err(e) => Err(e),
+        };
+        self.left_fiber();
+        self.settle(r.map(|(r,)| r)).map_err(|error| BatchError {
+            applied: Some(0),
+            error,
+        })
+    }
+
+    /// After a call on a fiber: the store now holds a fiber stack (see `engine/stacks.rs`).
+    fn left_fiber(&mut self) {
+        self.store.data_mut().on_fiber = false;
+        self.holds_stack = true;
+    }
+
+    /// What an `apply-batch` call of `len` transitions returned, as [`Instance::apply_batch`]
+    /// tells it.
+    fn batch_outcome(
+        &mut self,
+        r: wasmtime::Result<(Result<(), BatchRefusal>,)>,
+        len: usize,
+    ) -> Result<(), BatchError> {
         match r {
             Ok((Ok(()),)) => Ok(()),
             Ok((Err(refusal),)) => match usize::try_from(refusal.index) {
-                Ok(applied) if applied < transitions.len() => Err(BatchError {
+                Ok(applied) if applied < len => Err(BatchError {
                     applied: Some(applied),
                     error: CallError::Rejected {
                         code: refusal.error.code,
@@ -917,11 +1090,8 @@ impl Instance {
                 _ => Err(BatchError {
                     applied: None,
                     error: CallError::Trap(format!(
-                        "apply-batch refused transition {} of a batch of {} ({}: {})",
-                        refusal.index,
-                        transitions.len(),
-                        refusal.error.code,
-                        refusal.error.message
+                        "apply-batch refused transition {} of a batch of {len} ({}: {})",
+                        refusal.index, refusal.error.code, refusal.error.message
                     )),
                 }),
             },
@@ -972,19 +1142,48 @@ impl Instance {
     }
 
     /// Runs `f` as one unit of work: every guest call inside shares one deadline, `budget`
-    /// from now (see the type's docs).
+    /// from now (see the type's docs). Its calls are not preemptible.
     pub fn within<T>(&mut self, budget: Duration, f: impl FnOnce(&mut Instance) -> T) -> T {
-        let outer = self.unit.replace(budget);
-        let outer_clock = self.store.data().clock;
-        if outer.is_none() {
+        let scope = self.begin_unit(budget, false);
+        let out = f(self);
+        self.end_unit(scope);
+        out
+    }
+
+    /// Starts a unit of work of `budget` (see [`Instance::within`]), whose `handle` and
+    /// `apply` calls through [`Instance::handle_preemptible`] and
+    /// [`Instance::apply_batch_preemptible`] run preemptible if `preemptible` is asked and
+    /// the plugin has run slow (see [`CompiledPlugin::ran_slow`]). End it with
+    /// [`Instance::end_unit`].
+    pub fn begin_unit(&mut self, budget: Duration, preemptible: bool) -> UnitScope {
+        let scope = UnitScope {
+            outer: self.unit.replace(budget),
+            outer_clock: self.store.data().clock,
+            outer_preempt: self.preempt,
+        };
+        if scope.outer.is_none() {
             self.renew_log_budget();
         }
+        self.preempt = preemptible && self.may_preempt();
         self.start_clock(budget);
-        let out = f(self);
-        self.unit = outer;
+        scope
+    }
+
+    /// Ends the unit [`Instance::begin_unit`] started.
+    pub fn end_unit(&mut self, scope: UnitScope) {
+        self.unit = scope.outer;
+        self.preempt = scope.outer_preempt;
         // The outer unit's deadline may now come early: looked at then, it goes on.
-        self.store.data_mut().clock = outer_clock;
-        out
+        self.store.data_mut().clock = scope.outer_clock;
+    }
+
+    /// Whether a unit may run preemptible: the plugin has run slow, and this store holds a
+    /// fiber stack or one is to be had within [`MAX_FIBER_STACKS`]. Fast plugins' calls stay
+    /// synchronous: a fiber costs a switch each way (~130 ns a call) and a stack per store.
+    fn may_preempt(&self) -> bool {
+        self.store.data().ran_slow.load(Ordering::Relaxed)
+            && matches!(self.device, Exports::V3(..))
+            && (self.holds_stack || self.stacks.held() < MAX_FIBER_STACKS)
     }
 
     /// A budget starts: its clock, and the first time the deadline is looked at.
@@ -992,7 +1191,7 @@ impl Instance {
         self.store.data_mut().clock = UnitClock::start(budget, self.epoch_tick);
         self.store.data_mut().starved = None;
         self.store
-            .set_epoch_deadline(UnitClock::ticks(budget, self.epoch_tick));
+            .set_epoch_deadline(UnitClock::first_look(budget, self.epoch_tick));
     }
 
     /// Bytes this instance's memory has grown past its initial size: its share of the
@@ -1006,6 +1205,8 @@ impl Instance {
     /// of the call it happened in is blamed on it.
     fn arm(&mut self) {
         let _ = self.store.data_mut().limits.take_refusal();
+        // A preemptible call dropped before it returned left this set.
+        self.store.data_mut().on_fiber = false;
         if self.unit.is_none() {
             self.renew_log_budget();
             self.start_clock(self.call_timeout);

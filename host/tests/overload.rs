@@ -463,3 +463,53 @@ async fn a_backlog_of_slow_events_does_not_keep_the_actor_thread() {
     );
     rt.shutdown().await;
 }
+
+/// A guest that spins yields its actor thread at each epoch tick once its plugin has run
+/// slow: on one actor thread, a healthy device's event sent while a looping event runs is
+/// answered long before that event's budget ends; and the looping event still ends as a
+/// `timeout` after its budget of CPU time, counted across the threads and slices it ran in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_guest_yields_its_actor_thread_to_other_devices() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .actor_threads(1)
+        .call_timeout(budget)
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["first", "spinner", "ok"] {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+    }
+    rt.send("ok", r#"{"type":"ok"}"#).await.expect("live");
+    // The plugin's first long event holds the thread for its whole budget, and marks the
+    // plugin slow.
+    let first = rt
+        .send("first", r#"{"type":"loop"}"#)
+        .await
+        .expect_err("loops");
+    assert_eq!(first.kind(), ErrorKind::Timeout, "{first}");
+    let started = std::time::Instant::now();
+    let spinner = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.send("spinner", r#"{"type":"loop"}"#).await })
+    };
+    // The looping event is running.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled");
+    let waited = sent.elapsed();
+    let looped = spinner.await.unwrap().expect_err("loops");
+    let looped_for = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "the healthy event waited {waited:?} for a spinning guest on its thread"
+    );
+    // Its whole CPU budget, not cut short by the time it gave away, nor called the server's
+    // overload for the time it waited to be resumed.
+    assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
+    assert!(looped_for >= budget, "timed out after {looped_for:?}");
+    rt.shutdown().await;
+}
