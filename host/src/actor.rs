@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock;
 pub use crate::config::ActorConfig;
 use crate::decide::{self, Failed};
-use crate::engine::Instance;
+use crate::engine::{EventContext, Instance};
 use crate::error::Error;
 use crate::journal::{
     DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, MessageTurn,
@@ -73,6 +73,8 @@ pub struct ActorEnv {
     /// Where actors run: a runtime of their own, so guest code never holds the threads that
     /// accept connections and answer `/healthz` (see [`ActorPool`]).
     pub pool: tokio::runtime::Handle,
+    /// Where the events of plugins that have run slow run (see [`ActorPool`]).
+    pub slow_lane: tokio::runtime::Handle,
     /// (device number, plugin version id) pairs that failed to upgrade: activations do not
     /// retry them until the process restarts (actors come and go; this outlives them).
     pub upgrade_failures: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
@@ -127,6 +129,51 @@ impl Durable {
     }
 }
 
+/// Decides `event` on the live instance, on the slow lane if its plugin has run slow (see
+/// [`ActorPool`]): the instance goes there for the event and comes back. Lost (`live` left
+/// empty, the instance lost) only if the slow lane's task panicked.
+async fn decide_live(
+    live: &mut Option<Live>,
+    env: &ActorEnv,
+    ctx: &EventContext,
+    event: &str,
+    max_output: usize,
+    budget: Duration,
+) -> Result<decide::Decided, Failed> {
+    let lost = |why: String| Failed {
+        error: Error::Internal(why),
+        instance_lost: true,
+    };
+    let mut moved = match live {
+        Some(current) if !current.instance.ran_slow() => {
+            return decide::decide_preemptible(
+                &mut current.instance,
+                ctx,
+                event,
+                max_output,
+                budget,
+            )
+            .await;
+        }
+        Some(_) => live.take().ok_or_else(|| lost("no live instance".into()))?,
+        None => return Err(lost("no live instance".into())),
+    };
+    env.metrics.slow_lane_events.fetch_add(1, Ordering::Relaxed);
+    let (ctx, event) = (ctx.clone(), event.to_owned());
+    let task = env.slow_lane.spawn(async move {
+        let decided =
+            decide::decide_preemptible(&mut moved.instance, &ctx, &event, max_output, budget).await;
+        (moved, decided)
+    });
+    match task.await {
+        Ok((back, decided)) => {
+            *live = Some(back);
+            decided
+        }
+        Err(e) => Err(lost(format!("the slow lane lost the instance: {e}"))),
+    }
+}
+
 /// How long a timer firing or a message that was not recorded (the guest timed out on it, the
 /// device could not activate, a commit failed) waits before it comes again. A quarantined
 /// device gets its messages again when the quarantine ends.
@@ -143,20 +190,49 @@ const HANDLED_PRUNE: usize = 256;
 /// accepting connections, answering `/healthz` and refusing with 429/503 on time. On a
 /// machine with few cores the kernel still shares the cores between both; what the split
 /// guarantees is that a spinning guest never sits on a thread an HTTP task is waiting for.
+///
+/// # The slow lane
+///
+/// Events of a plugin that has run slow (a unit of work over an epoch tick of CPU time, see
+/// `CompiledPlugin::ran_slow`) run on a second runtime, `drover-slow`, with as many threads:
+/// the actor stays on the pool and its instance goes to the slow lane for the event. There
+/// each guest call runs on a fiber that yields its thread at every epoch tick, so slow
+/// devices take turns among themselves; and a healthy device's event on the pool waits for
+/// the kernel to give its thread a core, not for a spinning guest's tick or budget. With
+/// eight devices looping on two cores, a thermostat's readings had a p99 of 3.6-5.5 ms,
+/// against ~20 ms with every guest on the pool yielding at each tick, and ~1 s before guests
+/// yielded (`cargo bench -p drover --bench fairness`, 2026-12-02).
+///
+/// The slow lane runs at the same priority as the pool. At nice +10 the same bench measured
+/// 0.7-5 ms, but a slow guest then got a tenth of a core whenever the pool was busy, so a
+/// looping guest ran into the wall-clock bound (`503 overloaded`, no step toward a
+/// quarantine) instead of its CPU budget (a `timeout`), and was never quarantined.
 pub struct ActorPool {
     runtime: Option<tokio::runtime::Runtime>,
+    slow: Option<tokio::runtime::Runtime>,
 }
 
 impl ActorPool {
-    /// Starts `threads` worker threads named `drover-actor`.
+    /// Starts `threads` worker threads named `drover-actor`, and as many for the slow lane,
+    /// `drover-slow`.
     pub fn new(threads: usize) -> std::io::Result<ActorPool> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("drover-actor")
             .enable_time()
             .build()?;
+        let slow = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("drover-slow")
+            // A slow device's event arrives from the pool, into the global queue, which a
+            // worker otherwise looks at once every 31 tasks it runs: behind guests that each
+            // run a tick (10 ms) before yielding, that was a wait of ~0.5 s.
+            .global_queue_interval(1)
+            .enable_time()
+            .build()?;
         Ok(ActorPool {
             runtime: Some(runtime),
+            slow: Some(slow),
         })
     }
 
@@ -167,13 +243,24 @@ impl ActorPool {
             None => tokio::runtime::Handle::current(),
         }
     }
+
+    /// A handle to spawn onto the slow lane.
+    pub fn slow_lane(&self) -> tokio::runtime::Handle {
+        match &self.slow {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
 }
 
 impl Drop for ActorPool {
     fn drop(&mut self) {
         // A runtime may not be dropped (which blocks) from async code: let it go in the
         // background. Actors are drained by `Runtime::shutdown` before this.
-        if let Some(rt) = self.runtime.take() {
+        for rt in [self.runtime.take(), self.slow.take()]
+            .into_iter()
+            .flatten()
+        {
             rt.shutdown_background();
         }
     }
@@ -1363,7 +1450,7 @@ impl Actor {
         let mut refused = false;
         let started = Instant::now();
         let decided =
-            decide::decide_preemptible(&mut live.instance, &ctx, &event, max_output, budget).await;
+            decide_live(&mut self.live, &self.env, &ctx, &event, max_output, budget).await;
         let took = started.elapsed();
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
@@ -1498,6 +1585,14 @@ impl Actor {
                 answer(reply, Err(error));
                 return false;
             }
+        };
+        let Some(live) = self.live.as_mut() else {
+            // Lost on the slow lane (a panic there): the next event rebuilds the device.
+            answer(
+                reply,
+                Err(Error::Internal("the live instance was lost".into())),
+            );
+            return false;
         };
         let count = decided.transitions.len() as u64;
         live.seq = seq;

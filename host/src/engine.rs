@@ -772,6 +772,14 @@ impl CompiledPlugin {
         })
     }
 
+    /// Whether a unit of work of an instance of this version has used more than an epoch
+    /// tick of CPU time. From then on the live events of its instances run preemptible
+    /// (see [`Instance::handle_preemptible`]); until then every call holds its thread to the
+    /// end, which spares fast plugins a fiber per call and a stack per instance.
+    pub fn ran_slow(&self) -> bool {
+        self.ran_slow.load(Ordering::Relaxed)
+    }
+
     /// The engine this plugin was compiled for.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -896,7 +904,8 @@ pub struct Instance {
     call_timeout: Duration,
     /// The budget of the unit of work under way, if any: calls inside it do not re-arm.
     unit: Option<Duration>,
-    /// The unit under way runs its `handle` and `apply` calls on a fiber, preemptible.
+    /// The unit under way may run its `handle` and `apply` calls on a fiber, preemptible:
+    /// each does once the plugin has run slow (see [`Instance::may_preempt`]).
     preempt: bool,
     /// The store holds a fiber stack (from its first preemptible call until it drops).
     holds_stack: bool,
@@ -1012,7 +1021,7 @@ impl Instance {
         event: &str,
     ) -> Result<Outcome, CallError> {
         let handle = match &self.device {
-            Exports::V3(_, direct) if self.preempt => direct.handle,
+            Exports::V3(_, direct) if self.preempt && self.may_preempt() => direct.handle,
             _ => return self.handle(ctx, event),
         };
         self.arm();
@@ -1033,7 +1042,9 @@ impl Instance {
         transitions: &[&str],
     ) -> Result<(), BatchError> {
         let (apply, batch) = match &self.device {
-            Exports::V3(_, direct) if self.preempt => (direct.apply, direct.batch),
+            Exports::V3(_, direct) if self.preempt && self.may_preempt() => {
+                (direct.apply, direct.batch)
+            }
             _ => return self.apply_batch(transitions),
         };
         let [one] = transitions else {
@@ -1153,8 +1164,9 @@ impl Instance {
     /// Starts a unit of work of `budget` (see [`Instance::within`]), whose `handle` and
     /// `apply` calls through [`Instance::handle_preemptible`] and
     /// [`Instance::apply_batch_preemptible`] run preemptible if `preemptible` is asked and
-    /// the plugin has run slow (see [`CompiledPlugin::ran_slow`]). End it with
-    /// [`Instance::end_unit`].
+    /// the plugin has run slow by the time of the call (see [`CompiledPlugin::ran_slow`]: a
+    /// unit whose first slow `apply` marked the plugin runs its next ones preemptible). End
+    /// it with [`Instance::end_unit`].
     pub fn begin_unit(&mut self, budget: Duration, preemptible: bool) -> UnitScope {
         let scope = UnitScope {
             outer: self.unit.replace(budget),
@@ -1164,7 +1176,7 @@ impl Instance {
         if scope.outer.is_none() {
             self.renew_log_budget();
         }
-        self.preempt = preemptible && self.may_preempt();
+        self.preempt = preemptible;
         self.start_clock(budget);
         scope
     }
@@ -1177,11 +1189,16 @@ impl Instance {
         self.store.data_mut().clock = scope.outer_clock;
     }
 
+    /// Whether the plugin version has run slow (see [`CompiledPlugin::ran_slow`]).
+    pub fn ran_slow(&self) -> bool {
+        self.store.data().ran_slow.load(Ordering::Relaxed)
+    }
+
     /// Whether a unit may run preemptible: the plugin has run slow, and this store holds a
     /// fiber stack or one is to be had within [`MAX_FIBER_STACKS`]. Fast plugins' calls stay
     /// synchronous: a fiber costs a switch each way (~130 ns a call) and a stack per store.
     fn may_preempt(&self) -> bool {
-        self.store.data().ran_slow.load(Ordering::Relaxed)
+        self.ran_slow()
             && matches!(self.device, Exports::V3(..))
             && (self.holds_stack || self.stacks.held() < MAX_FIBER_STACKS)
     }

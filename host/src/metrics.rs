@@ -25,6 +25,9 @@ pub struct Metrics {
     pub passivations: AtomicU64,
     /// Actor tasks that panicked (each is restarted by the next message).
     pub actor_panics: AtomicU64,
+    /// Events of plugins that have run slow, decided on the slow lane (see
+    /// `actor::ActorPool`).
+    pub slow_lane_events: AtomicU64,
     /// Devices moved to another plugin version (deploy, rollback, or lazily at activation).
     pub upgrades: AtomicU64,
     /// Devices that could not be brought up on a new version and stayed on their old one.
@@ -127,6 +130,12 @@ impl Metrics {
             "drover_actor_panics_total",
             "Actor tasks that panicked and were restarted from the journal.",
             &self.actor_panics,
+        );
+        counter(
+            &mut out,
+            "drover_slow_lane_events_total",
+            "Events decided on the slow lane: those of plugin versions that have run a unit of work over an epoch tick (10 ms) of CPU time, which run at a lower priority and yield their thread at each tick.",
+            &self.slow_lane_events,
         );
         counter(
             &mut out,

@@ -143,6 +143,7 @@ impl Runtime {
             directory,
             closing: Default::default(),
             pool: handle.clone(),
+            slow_lane: pool.slow_lane(),
             upgrade_failures: Default::default(),
             dispatch,
         });

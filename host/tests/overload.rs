@@ -464,16 +464,11 @@ async fn a_backlog_of_slow_events_does_not_keep_the_actor_thread() {
     rt.shutdown().await;
 }
 
-/// A guest that spins yields its actor thread at each epoch tick once its plugin has run
-/// slow: on one actor thread, a healthy device's event sent while a looping event runs is
-/// answered long before that event's budget ends; and the looping event still ends as a
-/// `timeout` after its budget of CPU time, counted across the threads and slices it ran in.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spinning_guest_yields_its_actor_thread_to_other_devices() {
-    let _serial = serial().await;
-    let dir = tempfile::tempdir().unwrap();
-    let budget = Duration::from_millis(1200);
-    let rt = Runtime::builder(dir.path())
+/// A runtime on one actor thread (and one slow-lane thread) whose events get `budget`, with
+/// misbehave devices `first`, `spinner` and `ok` and a thermostat `thermo`, the misbehave
+/// plugin marked slow by a looping event of `first` (on the pool: its first slow event).
+async fn one_thread_and_a_slow_plugin(dir: &Path, budget: Duration) -> Runtime {
+    let rt = Runtime::builder(dir)
         .plugin_dir(PLUGINS)
         .actor_threads(1)
         .call_timeout(budget)
@@ -483,14 +478,29 @@ async fn a_spinning_guest_yields_its_actor_thread_to_other_devices() {
     for id in ["first", "spinner", "ok"] {
         rt.provision(id, "misbehave", &json!({})).await.unwrap();
     }
+    rt.provision("thermo", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .unwrap();
     rt.send("ok", r#"{"type":"ok"}"#).await.expect("live");
-    // The plugin's first long event holds the thread for its whole budget, and marks the
-    // plugin slow.
+    rt.send("thermo", r#"{"type":"reading","celsius":20.0}"#)
+        .await
+        .expect("live");
     let first = rt
         .send("first", r#"{"type":"loop"}"#)
         .await
         .expect_err("loops");
     assert_eq!(first.kind(), ErrorKind::Timeout, "{first}");
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 0);
+    rt
+}
+
+/// Sends a looping event to `spinner` and, once it runs, one event `event` to `id`: how long
+/// that waited, and how the looping event ended and after how long.
+async fn beside_a_spinner(
+    rt: &Runtime,
+    id: &str,
+    event: &str,
+) -> (Duration, drover::Error, Duration) {
     let started = std::time::Instant::now();
     let spinner = {
         let rt = rt.clone();
@@ -499,17 +509,50 @@ async fn a_spinning_guest_yields_its_actor_thread_to_other_devices() {
     // The looping event is running.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let sent = std::time::Instant::now();
-    rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled");
+    rt.send(id, event).await.expect("handled");
     let waited = sent.elapsed();
     let looped = spinner.await.unwrap().expect_err("loops");
-    let looped_for = started.elapsed();
+    (waited, looped, started.elapsed())
+}
+
+/// Once a plugin has run slow, its events run on the slow lane: a healthy device of another
+/// plugin, on the only actor thread, is answered while one of them spins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_ran_slow_runs_on_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = one_thread_and_a_slow_plugin(dir.path(), budget).await;
+    let (waited, looped, _) =
+        beside_a_spinner(&rt, "thermo", r#"{"type":"reading","celsius":20.5}"#).await;
     assert!(
         waited < Duration::from_millis(400),
-        "the healthy event waited {waited:?} for a spinning guest on its thread"
+        "the thermostat waited {waited:?} for a spinning guest"
     );
-    // Its whole CPU budget, not cut short by the time it gave away, nor called the server's
-    // overload for the time it waited to be resumed.
+    assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
+    // The looping event went to the slow lane; the thermostat's did not.
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 1);
+    rt.shutdown().await;
+}
+
+/// Guests on the slow lane take turns: each call yields its thread at every epoch tick, so
+/// on one slow-lane thread another device of the slow plugin is answered while a guest
+/// spins, long before that guest's budget ends; and the looping event still ends as a
+/// `timeout` after its budget of CPU time, counted across the slices it ran in (the time
+/// it waited to be resumed is neither charged nor called the server's overload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_guests_on_the_slow_lane_take_turns() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = one_thread_and_a_slow_plugin(dir.path(), budget).await;
+    let (waited, looped, looped_for) = beside_a_spinner(&rt, "ok", r#"{"type":"ok"}"#).await;
+    assert!(
+        waited < Duration::from_millis(400),
+        "the slow plugin's healthy event waited {waited:?} for a spinning guest"
+    );
     assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
     assert!(looped_for >= budget, "timed out after {looped_for:?}");
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 2);
     rt.shutdown().await;
 }
