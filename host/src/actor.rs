@@ -885,9 +885,26 @@ impl Actor {
             .version
             .store(self.head.version, Ordering::Relaxed);
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
+        // A plugin that has run slow folds on the slow lane: its `apply`s may be slow too, and
+        // an activation's budget is seconds.
         let started = Instant::now();
         let rebuilt = match self.lazy_upgrade()? {
             Some(rebuilt) => rebuilt,
+            None if self.env.registry.ran_slow(self.head.version) => {
+                self.env
+                    .metrics
+                    .slow_lane_activations
+                    .fetch_add(1, Ordering::Relaxed);
+                let (journal, registry) = (self.env.journal.clone(), self.env.registry.clone());
+                let head = self.head.clone();
+                self.env
+                    .slow_lane
+                    .spawn(async move {
+                        replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))??
+            }
             None => replay::rebuild(
                 &self.env.journal,
                 &self.env.registry,

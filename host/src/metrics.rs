@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Events of plugins that have run slow, decided on the slow lane (see
     /// `actor::ActorPool`).
     pub slow_lane_events: AtomicU64,
+    /// Activations of devices of plugins that have run slow, on the slow lane.
+    pub slow_lane_activations: AtomicU64,
     /// Devices moved to another plugin version (deploy, rollback, or lazily at activation).
     pub upgrades: AtomicU64,
     /// Devices that could not be brought up on a new version and stayed on their old one.
@@ -136,6 +138,12 @@ impl Metrics {
             "drover_slow_lane_events_total",
             "Events decided on the slow lane: those of plugin versions that have run a unit of work over an epoch tick (10 ms) of CPU time, which run at a lower priority and yield their thread at each tick.",
             &self.slow_lane_events,
+        );
+        counter(
+            &mut out,
+            "drover_slow_lane_activations_total",
+            "Activations folded on the slow lane: those of devices of plugin versions that have run slow.",
+            &self.slow_lane_activations,
         );
         counter(
             &mut out,

@@ -558,6 +558,15 @@ impl Registry {
         Ok(compiled)
     }
 
+    /// Whether version `id` is compiled and has run slow (see [`CompiledPlugin::ran_slow`]):
+    /// its activations then run on the slow lane (see `actor::ActorPool`).
+    pub fn ran_slow(&self, id: u32) -> bool {
+        self.compiled
+            .lock()
+            .get(&id)
+            .is_some_and(CompiledPlugin::ran_slow)
+    }
+
     /// Shared access to the engine.
     pub fn engine(&self) -> &Engine {
         &self.engine

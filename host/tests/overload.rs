@@ -556,3 +556,22 @@ async fn spinning_guests_on_the_slow_lane_take_turns() {
     assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 2);
     rt.shutdown().await;
 }
+
+/// A device of a plugin that has run slow activates on the slow lane too (an activation's
+/// budget is seconds, and its `apply`s may be as slow as the events'), and comes up with
+/// the state it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_ran_slow_activates_on_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = one_thread_and_a_slow_plugin(dir.path(), Duration::from_millis(600)).await;
+    let before = rt.metrics().slow_lane_activations.load(Relaxed);
+    // `first` lost its instance to the timeout: its next event activates it.
+    let ack = rt
+        .send("first", r#"{"type":"ok"}"#)
+        .await
+        .expect("activates");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
+    assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), before + 1);
+    rt.shutdown().await;
+}
