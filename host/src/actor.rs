@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock;
 pub use crate::config::ActorConfig;
 use crate::decide::{self, Failed};
-use crate::engine::{EventContext, Instance};
+use crate::engine::{EventContext, Instance, Preemption};
 use crate::error::Error;
 use crate::journal::{
     DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, MessageTurn,
@@ -130,8 +130,9 @@ impl Durable {
 }
 
 /// Decides `event` on the live instance, on the slow lane if its plugin has run slow (see
-/// [`ActorPool`]): the instance goes there for the event and comes back. Lost (`live` left
-/// empty, the instance lost) only if the slow lane's task panicked.
+/// [`ActorPool`]): the instance goes there for the event and comes back. A panic there
+/// unwinds this actor's task, as one on the pool would. Lost (`live` left empty) only if the
+/// slow lane stopped under it (the process stopping).
 async fn decide_live(
     live: &mut Option<Live>,
     env: &ActorEnv,
@@ -146,12 +147,13 @@ async fn decide_live(
     };
     let mut moved = match live {
         Some(current) if !current.instance.ran_slow() => {
-            return decide::decide_preemptible(
+            return decide::decide_with(
                 &mut current.instance,
                 ctx,
                 event,
                 max_output,
                 budget,
+                Preemption::Move,
             )
             .await;
         }
@@ -161,8 +163,15 @@ async fn decide_live(
     env.metrics.slow_lane_events.fetch_add(1, Ordering::Relaxed);
     let (ctx, event) = (ctx.clone(), event.to_owned());
     let task = env.slow_lane.spawn(async move {
-        let decided =
-            decide::decide_preemptible(&mut moved.instance, &ctx, &event, max_output, budget).await;
+        let decided = decide::decide_with(
+            &mut moved.instance,
+            &ctx,
+            &event,
+            max_output,
+            budget,
+            Preemption::Yield,
+        )
+        .await;
         (moved, decided)
     });
     match task.await {
@@ -170,6 +179,9 @@ async fn decide_live(
             *live = Some(back);
             decided
         }
+        // A panic is the actor's, as it would have been on the pool: supervision rebuilds
+        // the device (see `spawn`), no plugin is blamed.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => Err(lost(format!("the slow lane lost the instance: {e}"))),
     }
 }
@@ -193,7 +205,7 @@ const HANDLED_PRUNE: usize = 256;
 ///
 /// # The slow lane
 ///
-/// Events of a plugin that has run slow (a unit of work over an epoch tick of CPU time, see
+/// Events of a plugin that has run slow (an event that used two epoch ticks, 20 ms, of CPU time, see
 /// `CompiledPlugin::ran_slow`) run on a second runtime, `drover-slow`, with as many threads:
 /// the actor stays on the pool and its instance goes to the slow lane for the event. There
 /// each guest call runs on a fiber that yields its thread at every epoch tick, so slow
@@ -1466,8 +1478,23 @@ impl Actor {
         // failures counted toward a quarantine stand (as after a refused external event).
         let mut refused = false;
         let started = Instant::now();
-        let decided =
+        let mut decided =
             decide_live(&mut self.live, &self.env, &ctx, &event, max_output, budget).await;
+        if decided.is_err() && self.live.as_mut().is_some_and(|l| l.instance.take_moved()) {
+            // Its plugin turned out slow during this event, on the pool: stopped there (the
+            // instance may be half-changed), the device is rebuilt on the slow lane and the
+            // event decided again there from the start.
+            self.live = None;
+            if let Err(e) = self.ensure_live().await {
+                if matches!(e, Error::Activation(_)) {
+                    self.record_failure(&e);
+                }
+                answer(reply, Err(e));
+                return false;
+            }
+            decided =
+                decide_live(&mut self.live, &self.env, &ctx, &event, max_output, budget).await;
+        }
         let took = started.elapsed();
         let key = InternalKey::of(&origin);
         let timed_out_enough = match (&decided, key) {
@@ -1604,7 +1631,7 @@ impl Actor {
             }
         };
         let Some(live) = self.live.as_mut() else {
-            // Lost on the slow lane (a panic there): the next event rebuilds the device.
+            // Lost on the slow lane (it stopped under it): the next event rebuilds the device.
             answer(
                 reply,
                 Err(Error::Internal("the live instance was lost".into())),

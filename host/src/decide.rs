@@ -19,7 +19,7 @@ use std::future::Future;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use crate::engine::{EventContext, GuestEffect, Instance};
+use crate::engine::{EventContext, GuestEffect, Instance, Preemption};
 use crate::error::{Error, validate_id};
 use crate::journal::{Effect, Origin};
 
@@ -53,7 +53,7 @@ pub struct Failed {
 /// call). Returns the transitions and effects to journal.
 ///
 /// The guest calls hold the calling thread to the end: for a dry-run's sandboxed instances,
-/// on a blocking thread of their own. The live actor uses [`decide_preemptible`].
+/// on a blocking thread of their own. The live actor uses [`decide_with`].
 pub fn decide(
     instance: &mut Instance,
     ctx: &EventContext,
@@ -61,7 +61,7 @@ pub fn decide(
     max_output_bytes: usize,
     budget: Duration,
 ) -> Result<Decided, Failed> {
-    let scope = instance.begin_unit(budget, false);
+    let scope = instance.begin_unit(budget, Preemption::None);
     // Not preemptible: every guest call returns before the first poll does.
     let decided = {
         let mut decided = std::pin::pin!(decide_now(instance, ctx, event, max_output_bytes));
@@ -77,17 +77,19 @@ pub fn decide(
     decided
 }
 
-/// [`decide`], preemptible if the plugin has run slow (see
-/// `engine::Instance::handle_preemptible`): a guest that spins yields its thread at each
-/// epoch tick, so other devices' events on the actor threads go on meanwhile.
-pub async fn decide_preemptible(
+/// [`decide`], giving its thread back as `preemption` says: stopped to run again on the slow
+/// lane ([`Preemption::Move`], then [`Instance::take_moved`] says so), or yielding its
+/// thread at each epoch tick ([`Preemption::Yield`]) so that other devices' events go on
+/// meanwhile.
+pub async fn decide_with(
     instance: &mut Instance,
     ctx: &EventContext,
     event: &str,
     max_output_bytes: usize,
     budget: Duration,
+    preemption: Preemption,
 ) -> Result<Decided, Failed> {
-    let scope = instance.begin_unit(budget, true);
+    let scope = instance.begin_unit(budget, preemption);
     let decided = decide_now(instance, ctx, event, max_output_bytes).await;
     instance.end_unit(scope);
     decided

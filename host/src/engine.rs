@@ -123,6 +123,11 @@ pub enum CallError {
         .0.asked
     )]
     GuestMemory(GuestMemoryRefusal),
+    /// The unit of work was stopped at its first look past two epoch ticks of CPU time, to run
+    /// again from the start elsewhere (see [`Preemption::Move`]). The instance must be
+    /// discarded. The actor that asked for it runs the unit again; it reaches no client.
+    #[error("guest call stopped after an epoch tick, to run again on the slow lane")]
+    Moved,
 }
 
 impl CallError {
@@ -179,46 +184,117 @@ pub struct GuestState {
     /// only then may the guest yield its thread at a deadline.
     on_fiber: bool,
     /// Shared by every instance of the plugin version: set once a unit of any of them used
-    /// more than an epoch tick of CPU time (see [`CompiledPlugin::ran_slow`]).
+    /// two epoch ticks of CPU time on an event (see [`CompiledPlugin::ran_slow`]).
     ran_slow: Arc<AtomicBool>,
+    /// How the unit under way may give its thread back (see [`Instance::begin_unit`]).
+    preemption: Preemption,
+    /// The unit was stopped so ([`CallError::Moved`]), until [`Instance::take_moved`].
+    moved: bool,
+}
+
+/// How a unit of work may give its thread back (see [`Instance::begin_unit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preemption {
+    /// Never: every call holds its thread to the end (activations, reads, a dry-run's
+    /// re-decisions).
+    None,
+    /// Stopped at its first look past two epoch ticks of CPU time ([`CallError::Moved`]), to
+    /// run again from the start elsewhere, and the plugin marked slow: the actor pool's events,
+    /// whose plugin had not run slow when they began. `handle` changes no state and the
+    /// journal holds all the rest, so running an event again is safe; the instance goes.
+    Move,
+    /// Each `handle` and `apply` runs on a fiber that yields its thread at every epoch tick,
+    /// if the plugin has run slow (see [`Instance::handle_preemptible`]): the slow lane's
+    /// events.
+    Yield,
 }
 
 /// A unit of work's time budget, in CPU time of the thread that runs it, and where it began.
+///
+/// A unit on a fiber runs in slices, one per poll, each perhaps on another thread: what the
+/// earlier slices used is kept apart from where the current one began, in the CPU clock of
+/// the thread running it (a thread's clock starts at zero when the thread does, so the two
+/// cannot be folded into one start point).
 #[derive(Debug, Clone, Copy)]
 struct UnitClock {
     budget: Duration,
-    /// The thread's CPU time at the start (a recent sample: never later than the start).
-    /// After a yield, moved so that the thread now running the unit reads what it had used.
-    cpu_start: Duration,
-    /// When the unit began; after a yield, moved so that the time it waited to be resumed
-    /// is not counted (that was the server being fair, not the server being overloaded).
-    wall_start: Instant,
     epoch_tick: Duration,
-    /// The unit yielded its thread at its last deadline: the next look starts its clocks
-    /// again on whatever thread resumed it. With what it had used by then.
-    resumed: Option<(Duration, Duration)>,
+    /// CPU time the unit's earlier slices used.
+    cpu_before: Duration,
+    /// The running thread's CPU time when the current slice began (for the first, a recent
+    /// sample: never later than the start).
+    cpu_start: Duration,
+    /// Wall-clock time the earlier slices ran, waiting for a core included, waiting for
+    /// their turn between slices not.
+    wall_before: Duration,
+    /// When the current slice began.
+    wall_start: Instant,
+    /// When the unit began: bounds its whole time, turns waited included ([`QUEUE_LIMIT`]).
+    began: Instant,
+    /// The unit yielded its thread at its last look: the next look, due at once after it is
+    /// resumed, begins a slice on whatever thread resumed it.
+    yielded: bool,
 }
 
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
 /// before it is interrupted whatever CPU time it used (as `CallError::Starved` within its CPU
 /// budget): a bound for a thread starved for long, or a host call that blocks (a log line
-/// into a full pipe).
+/// into a full pipe). Time a preemptible unit waited for its turn between slices does not
+/// count (that is the server being fair, not short of cores); [`QUEUE_LIMIT`] bounds it.
 pub(crate) const WALL_LIMIT: u32 = 4;
+
+/// How many times its budget a unit may take in wall-clock time all told, waiting for its
+/// turn between slices included, before it is interrupted as starved: on the slow lane, with
+/// many guests spinning at once, a unit's turns come further apart the more there are.
+const QUEUE_LIMIT: u32 = WALL_LIMIT * WALL_LIMIT;
+
+/// CPU time a unit of an event must use, as seen at a look at its deadline, for its plugin to
+/// count as having run slow: two epoch ticks, since a unit's first start point is a sample up
+/// to a tick old.
+const SLOW_TICKS: u32 = 2;
 
 impl UnitClock {
     fn start(budget: Duration, epoch_tick: Duration) -> UnitClock {
+        let now = Instant::now();
         UnitClock {
             budget,
-            cpu_start: cpu_clock::recent(),
-            wall_start: Instant::now(),
             epoch_tick,
-            resumed: None,
+            cpu_before: Duration::ZERO,
+            cpu_start: cpu_clock::recent(),
+            wall_before: Duration::ZERO,
+            wall_start: now,
+            began: now,
+            yielded: false,
         }
     }
 
-    /// Epoch ticks until the deadline is first looked at: within an epoch tick or two, so
-    /// that a unit running long is seen (and, on a fiber, yields) early; or its whole budget
-    /// if that is shorter.
+    /// CPU time the unit used, the running thread's clock reading `cpu_now`.
+    fn used(&self, cpu_now: Duration) -> Duration {
+        self.cpu_before + cpu_now.saturating_sub(self.cpu_start)
+    }
+
+    /// Wall-clock time the unit ran, not counting the turns it waited between slices.
+    fn ran(&self, now: Instant) -> Duration {
+        self.wall_before + now.saturating_duration_since(self.wall_start)
+    }
+
+    /// The unit yields its thread, having used `used` of CPU and run `ran`.
+    fn suspend(&mut self, used: Duration, ran: Duration) {
+        self.cpu_before = used;
+        self.wall_before = ran;
+        self.yielded = true;
+    }
+
+    /// The unit was resumed on a thread whose CPU clock reads `cpu_now`: a slice begins.
+    fn resume(&mut self, cpu_now: Duration, now: Instant) {
+        self.cpu_start = cpu_now;
+        self.wall_start = now;
+        self.yielded = false;
+    }
+
+    /// Epoch ticks until the deadline is first looked at: within two epoch ticks, so that a
+    /// unit running long is seen (and, on a fiber, yields) early; or its whole budget if that
+    /// is shorter.
     fn first_look(budget: Duration, epoch_tick: Duration) -> u64 {
         UnitClock::ticks(budget.min(epoch_tick), epoch_tick)
     }
@@ -236,37 +312,51 @@ fn ticks_due(elapsed: Duration, tick: Duration) -> u64 {
 }
 
 /// The epoch deadline passed: a look at the unit's clocks. Interrupts a unit past its CPU
-/// budget (a timeout) or far past it in wall-clock time (starved); otherwise marks the plugin
-/// slow if the unit has used over a tick, and lets the guest go on: on a fiber, after
-/// yielding its thread to whatever else waits for one; otherwise for what is left of its
-/// budget.
+/// budget (a timeout) or far past it in wall-clock time (starved). An event's unit that has
+/// used two ticks marks its plugin slow, and one on the actor pool is then stopped, to run
+/// again on the slow lane ([`Preemption::Move`]). Otherwise the guest goes on: on a fiber,
+/// after yielding its thread to whatever else waits for one; otherwise for what is left of
+/// its budget.
 fn deadline_reached(
     mut store: wasmtime::StoreContextMut<'_, GuestState>,
 ) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
     let unit = &mut state.clock;
-    if let Some((cpu_used, wall_used)) = unit.resumed.take() {
-        // The first look after a yield (the deadline was due at once): the clocks go on
-        // from what the unit had used, on the thread that resumed it.
-        unit.cpu_start = cpu_clock::now().saturating_sub(cpu_used);
-        let now = Instant::now();
-        unit.wall_start = now.checked_sub(wall_used).unwrap_or(now);
+    let (cpu_now, now) = (cpu_clock::now(), Instant::now());
+    if unit.yielded {
+        // The first look after a yield (the deadline was due at once).
+        unit.resume(cpu_now, now);
+        if now.saturating_duration_since(unit.began) >= unit.budget * QUEUE_LIMIT {
+            state.starved = Some(unit.cpu_before);
+            return Err(wasmtime::Trap::Interrupt.into());
+        }
         return Ok(UpdateDeadline::Continue(1));
     }
-    let used = cpu_clock::now().saturating_sub(unit.cpu_start);
+    let used = unit.used(cpu_now);
     if used >= unit.budget {
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    let wall = unit.wall_start.elapsed();
-    if wall >= unit.budget * WALL_LIMIT {
+    let ran = unit.ran(now);
+    if ran >= unit.budget * WALL_LIMIT
+        || now.saturating_duration_since(unit.began) >= unit.budget * QUEUE_LIMIT
+    {
         state.starved = Some(used);
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    if used >= unit.epoch_tick {
-        state.ran_slow.store(true, Ordering::Relaxed);
+    if state.preemption != Preemption::None {
+        if used >= unit.epoch_tick * SLOW_TICKS {
+            state.ran_slow.store(true, Ordering::Relaxed);
+            if state.preemption == Preemption::Move {
+                state.moved = true;
+                return Err(wasmtime::Trap::Interrupt.into());
+            }
+        } else if state.preemption == Preemption::Move {
+            // Looked at each tick until it is seen slow, or ends.
+            return Ok(UpdateDeadline::Continue(1));
+        }
     }
     if state.on_fiber {
-        unit.resumed = Some((used, wall));
+        unit.suspend(used, ran);
         return Ok(UpdateDeadline::Yield(0));
     }
     Ok(UpdateDeadline::Continue(UnitClock::ticks(
@@ -728,6 +818,8 @@ impl CompiledPlugin {
             starved: None,
             on_fiber: false,
             ran_slow: self.ran_slow.clone(),
+            preemption: Preemption::None,
+            moved: false,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -772,10 +864,13 @@ impl CompiledPlugin {
         })
     }
 
-    /// Whether a unit of work of an instance of this version has used more than an epoch
-    /// tick of CPU time. From then on the live events of its instances run preemptible
-    /// (see [`Instance::handle_preemptible`]); until then every call holds its thread to the
-    /// end, which spares fast plugins a fiber per call and a stack per instance.
+    /// Whether an event of an instance of this version has used two epoch ticks (20 ms) of
+    /// CPU time. From then on its instances' events and activations run on the slow lane
+    /// (see `actor::ActorPool`), their calls preemptible (see
+    /// [`Instance::handle_preemptible`]); until then every call holds its thread to the end,
+    /// which spares fast plugins a fiber per call and a stack per instance. Activations,
+    /// reads and dry-runs never mark it: a long fold is not a slow plugin. Kept until the
+    /// process ends.
     pub fn ran_slow(&self) -> bool {
         self.ran_slow.load(Ordering::Relaxed)
     }
@@ -923,6 +1018,7 @@ pub struct UnitScope {
     outer: Option<Duration>,
     outer_clock: UnitClock,
     outer_preempt: bool,
+    outer_preemption: Preemption,
 }
 
 impl Instance {
@@ -1026,13 +1122,13 @@ impl Instance {
         };
         self.arm();
         self.store.data_mut().on_fiber = true;
-        let r = match handle
+        let (began, r) = match handle
             .typed::<(&EventContext, &str), (Result<Outcome, DeviceError>,)>(&self.store)
         {
-            Ok(f) => f.call_async(&mut self.store, (ctx, event)).await,
-            Err(e) => Err(e),
+            Ok(f) => (true, f.call_async(&mut self.store, (ctx, event)).await),
+            Err(e) => (false, Err(e)),
         };
-        self.left_fiber();
+        self.left_fiber(began);
         self.settle(r.map(|(r,)| r))
     }
 
@@ -1053,30 +1149,32 @@ impl Instance {
             }
             self.arm();
             self.store.data_mut().on_fiber = true;
-            let r = match batch.typed::<(&[&str],), (Result<(), BatchRefusal>,)>(&self.store) {
-                Ok(f) => f.call_async(&mut self.store, (transitions,)).await,
-                Err(e) => Err(e),
-            };
-            self.left_fiber();
+            let (began, r) =
+                match batch.typed::<(&[&str],), (Result<(), BatchRefusal>,)>(&self.store) {
+                    Ok(f) => (true, f.call_async(&mut self.store, (transitions,)).await),
+                    Err(e) => (false, Err(e)),
+                };
+            self.left_fiber(began);
             return self.batch_outcome(r, transitions.len());
         };
         self.arm();
         self.store.data_mut().on_fiber = true;
-        let r = match apply.typed::<(&str,), (Result<(), DeviceError>,)>(&self.store) {
-            Ok(f) => f.call_async(&mut self.store, (*one,)).await,
-            Err(e) => Err(e),
+        let (began, r) = match apply.typed::<(&str,), (Result<(), DeviceError>,)>(&self.store) {
+            Ok(f) => (true, f.call_async(&mut self.store, (*one,)).await),
+            Err(e) => (false, Err(e)),
         };
-        self.left_fiber();
+        self.left_fiber(began);
         self.settle(r.map(|(r,)| r)).map_err(|error| BatchError {
             applied: Some(0),
             error,
         })
     }
 
-    /// After a call on a fiber: the store now holds a fiber stack (see `engine/stacks.rs`).
-    fn left_fiber(&mut self) {
+    /// After a call on a fiber: the store now holds a fiber stack (see `engine/stacks.rs`),
+    /// unless the call never began (`began` false: the export's type did not check).
+    fn left_fiber(&mut self, began: bool) {
         self.store.data_mut().on_fiber = false;
-        self.holds_stack = true;
+        self.holds_stack |= began;
     }
 
     /// What an `apply-batch` call of `len` transitions returned, as [`Instance::apply_batch`]
@@ -1155,36 +1253,46 @@ impl Instance {
     /// Runs `f` as one unit of work: every guest call inside shares one deadline, `budget`
     /// from now (see the type's docs). Its calls are not preemptible.
     pub fn within<T>(&mut self, budget: Duration, f: impl FnOnce(&mut Instance) -> T) -> T {
-        let scope = self.begin_unit(budget, false);
+        let scope = self.begin_unit(budget, Preemption::None);
         let out = f(self);
         self.end_unit(scope);
         out
     }
 
-    /// Starts a unit of work of `budget` (see [`Instance::within`]), whose `handle` and
-    /// `apply` calls through [`Instance::handle_preemptible`] and
-    /// [`Instance::apply_batch_preemptible`] run preemptible if `preemptible` is asked and
-    /// the plugin has run slow by the time of the call (see [`CompiledPlugin::ran_slow`]: a
-    /// unit whose first slow `apply` marked the plugin runs its next ones preemptible). End
-    /// it with [`Instance::end_unit`].
-    pub fn begin_unit(&mut self, budget: Duration, preemptible: bool) -> UnitScope {
+    /// Starts a unit of work of `budget` (see [`Instance::within`]), which gives its thread
+    /// back as `preemption` says. With [`Preemption::Yield`] its `handle` and `apply` calls
+    /// through [`Instance::handle_preemptible`] and [`Instance::apply_batch_preemptible`] run
+    /// preemptible once the plugin has run slow (see [`CompiledPlugin::ran_slow`]). End it
+    /// with [`Instance::end_unit`].
+    pub fn begin_unit(&mut self, budget: Duration, preemption: Preemption) -> UnitScope {
+        let state = self.store.data_mut();
         let scope = UnitScope {
             outer: self.unit.replace(budget),
-            outer_clock: self.store.data().clock,
+            outer_clock: state.clock,
             outer_preempt: self.preempt,
+            outer_preemption: state.preemption,
         };
+        state.preemption = preemption;
+        state.moved = false;
         if scope.outer.is_none() {
             self.renew_log_budget();
         }
-        self.preempt = preemptible;
+        self.preempt = preemption == Preemption::Yield;
         self.start_clock(budget);
         scope
+    }
+
+    /// Whether the last unit was stopped to run again elsewhere ([`CallError::Moved`]); the
+    /// mark is cleared.
+    pub fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.store.data_mut().moved)
     }
 
     /// Ends the unit [`Instance::begin_unit`] started.
     pub fn end_unit(&mut self, scope: UnitScope) {
         self.unit = scope.outer;
         self.preempt = scope.outer_preempt;
+        self.store.data_mut().preemption = scope.outer_preemption;
         // The outer unit's deadline may now come early: looked at then, it goes on.
         self.store.data_mut().clock = scope.outer_clock;
     }
@@ -1259,6 +1367,9 @@ impl Instance {
             Some(wasmtime::Trap::Interrupt)
         ) {
             let budget = self.unit.unwrap_or(self.call_timeout);
+            if self.store.data().moved {
+                return CallError::Moved;
+            }
             return match self.store.data_mut().starved.take() {
                 Some(used) => CallError::Starved { budget, used },
                 None => CallError::Timeout(budget),
@@ -1311,7 +1422,7 @@ impl Instance {
 mod tests {
     use std::time::Duration;
 
-    use super::ticks_due;
+    use super::{UnitClock, ticks_due};
 
     /// A ticker that wakes late (its thread starved of a core) catches up to the wall clock
     /// at once, so deadlines counted in ticks keep to wall-clock time.
@@ -1322,5 +1433,26 @@ mod tests {
         assert_eq!(ticks_due(Duration::from_millis(10), tick), 1);
         // Woken 20 s late: 2,000 ticks due, not one.
         assert_eq!(ticks_due(Duration::from_millis(20_015), tick), 2_001);
+    }
+
+    /// A unit resumed on another thread, whose CPU clock reads less than the unit had used
+    /// (a younger thread), is charged what it used before plus its new slice; and the turn it
+    /// waited between slices is not counted as running time.
+    #[test]
+    fn a_unit_is_charged_its_slices_wherever_they_ran() {
+        let ms = Duration::from_millis;
+        let mut unit = UnitClock::start(ms(250), ms(10));
+        // Began on a thread whose clock read 500 ms; used 100 ms there, ran 120 ms.
+        unit.cpu_start = ms(500);
+        let began = unit.wall_start;
+        assert_eq!(unit.used(ms(600)), ms(100));
+        unit.suspend(ms(100), ms(120));
+        // Resumed 300 ms later on a thread whose clock reads 10 ms.
+        let resumed = began + ms(420);
+        unit.resume(ms(10), resumed);
+        assert_eq!(unit.used(ms(15)), ms(105));
+        assert_eq!(unit.ran(resumed + ms(5)), ms(125));
+        // Its whole time, turns included, is what bounds the queue.
+        assert_eq!(resumed + ms(5) - unit.began, ms(425));
     }
 }

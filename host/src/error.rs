@@ -251,6 +251,7 @@ impl From<CallError> for Error {
             e @ (CallError::Starved { .. } | CallError::GuestMemory(_)) => {
                 Error::Overloaded(e.to_string())
             }
+            e @ CallError::Moved => Error::Internal(e.to_string()),
         }
     }
 }

@@ -136,7 +136,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_slow_lane_events_total",
-            "Events decided on the slow lane: those of plugin versions that have run a unit of work over an epoch tick (10 ms) of CPU time, which run at a lower priority and yield their thread at each tick.",
+            "Events decided on the slow lane: those of plugin versions that have run an event of over two epoch ticks (20 ms) of CPU time, whose guest calls yield their thread at each tick.",
             &self.slow_lane_events,
         );
         counter(

@@ -465,9 +465,8 @@ async fn a_backlog_of_slow_events_does_not_keep_the_actor_thread() {
 }
 
 /// A runtime on one actor thread (and one slow-lane thread) whose events get `budget`, with
-/// misbehave devices `first`, `spinner` and `ok` and a thermostat `thermo`, the misbehave
-/// plugin marked slow by a looping event of `first` (on the pool: its first slow event).
-async fn one_thread_and_a_slow_plugin(dir: &Path, budget: Duration) -> Runtime {
+/// misbehave devices `first`, `spinner` and `ok` and a thermostat `thermo`, all live.
+async fn one_thread(dir: &Path, budget: Duration) -> Runtime {
     let rt = Runtime::builder(dir)
         .plugin_dir(PLUGINS)
         .actor_threads(1)
@@ -485,12 +484,19 @@ async fn one_thread_and_a_slow_plugin(dir: &Path, budget: Duration) -> Runtime {
     rt.send("thermo", r#"{"type":"reading","celsius":20.0}"#)
         .await
         .expect("live");
+    rt
+}
+
+/// [`one_thread`], the misbehave plugin marked slow by a looping event of `first` (moved to
+/// the slow lane, see `a_plugins_first_slow_event_moves_to_the_slow_lane`).
+async fn one_thread_and_a_slow_plugin(dir: &Path, budget: Duration) -> Runtime {
+    let rt = one_thread(dir, budget).await;
     let first = rt
         .send("first", r#"{"type":"loop"}"#)
         .await
         .expect_err("loops");
     assert_eq!(first.kind(), ErrorKind::Timeout, "{first}");
-    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 0);
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 1);
     rt
 }
 
@@ -498,13 +504,14 @@ async fn one_thread_and_a_slow_plugin(dir: &Path, budget: Duration) -> Runtime {
 /// that waited, and how the looping event ended and after how long.
 async fn beside_a_spinner(
     rt: &Runtime,
+    spinner: &str,
     id: &str,
     event: &str,
 ) -> (Duration, drover::Error, Duration) {
     let started = std::time::Instant::now();
     let spinner = {
-        let rt = rt.clone();
-        tokio::spawn(async move { rt.send("spinner", r#"{"type":"loop"}"#).await })
+        let (rt, spinner) = (rt.clone(), spinner.to_string());
+        tokio::spawn(async move { rt.send(&spinner, r#"{"type":"loop"}"#).await })
     };
     // The looping event is running.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -523,15 +530,20 @@ async fn a_plugin_that_ran_slow_runs_on_the_slow_lane() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Duration::from_millis(1200);
     let rt = one_thread_and_a_slow_plugin(dir.path(), budget).await;
-    let (waited, looped, _) =
-        beside_a_spinner(&rt, "thermo", r#"{"type":"reading","celsius":20.5}"#).await;
+    let (waited, looped, _) = beside_a_spinner(
+        &rt,
+        "spinner",
+        "thermo",
+        r#"{"type":"reading","celsius":20.5}"#,
+    )
+    .await;
     assert!(
         waited < Duration::from_millis(400),
         "the thermostat waited {waited:?} for a spinning guest"
     );
     assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
     // The looping event went to the slow lane; the thermostat's did not.
-    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 1);
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 2);
     rt.shutdown().await;
 }
 
@@ -546,14 +558,46 @@ async fn spinning_guests_on_the_slow_lane_take_turns() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Duration::from_millis(1200);
     let rt = one_thread_and_a_slow_plugin(dir.path(), budget).await;
-    let (waited, looped, looped_for) = beside_a_spinner(&rt, "ok", r#"{"type":"ok"}"#).await;
+    let (waited, looped, looped_for) =
+        beside_a_spinner(&rt, "spinner", "ok", r#"{"type":"ok"}"#).await;
     assert!(
         waited < Duration::from_millis(400),
         "the slow plugin's healthy event waited {waited:?} for a spinning guest"
     );
     assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
     assert!(looped_for >= budget, "timed out after {looped_for:?}");
-    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 2);
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 3);
+    rt.shutdown().await;
+}
+
+/// A plugin's first slow event, on the actor pool, is stopped there once seen past two epoch
+/// ticks and runs again from the start on the slow lane, its device rebuilt there: a healthy
+/// device on the only actor thread is answered meanwhile, and the looping event still ends
+/// as a `timeout` after its whole budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_first_slow_event_moves_to_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = one_thread(dir.path(), budget).await;
+    let (waited, looped, looped_for) = beside_a_spinner(
+        &rt,
+        "first",
+        "thermo",
+        r#"{"type":"reading","celsius":20.5}"#,
+    )
+    .await;
+    assert!(
+        waited < Duration::from_millis(400),
+        "the thermostat waited {waited:?} for the plugin's first slow event"
+    );
+    assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
+    assert!(looped_for >= budget, "timed out after {looped_for:?}");
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 1);
+    assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), 1);
+    // The device's healthy events go on, on the slow lane, from the state it had.
+    let ack = rt.send("first", r#"{"type":"ok"}"#).await.expect("handled");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
     rt.shutdown().await;
 }
 

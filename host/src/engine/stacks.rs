@@ -1,18 +1,16 @@
-//! Fiber stacks for preemptible guest calls, shared by every instance through a pool.
+//! Fiber stacks for preemptible guest calls, reused across instances through a pool.
 //!
 //! A preemptible call (see `Instance::handle_preemptible`) runs the guest on a fiber of its
 //! own, so that it can yield its thread at an epoch tick and be resumed later, possibly on
-//! another thread. wasmtime's default is a fresh `mmap` per fiber stack, kept by its store
-//! until the store drops. Neither fits a fleet: a stack per live instance is two more memory
-//! mappings each (stack and guard page; 100k live actors would pass the kernel's 65,530
-//! mappings), and a fresh mapping per call costs several system calls and page faults.
+//! another thread. wasmtime takes a stack for a store's first such call and keeps it until
+//! the store drops (wasmtime 48 offers no public way to give it back sooner). Each is two
+//! memory mappings (stack and guard page) and the pages its calls touched: the engine caps
+//! the stacks held at once (`MAX_FIBER_STACKS`), and only instances of plugins that have run
+//! slow take one.
 //!
-//! So the instance gives its stack back after every preemptible call
-//! (`Store::flush_fiber_stack`), and the stack comes back here, to be handed to the next
-//! call of any instance. The pool holds as many stacks as calls were ever under way at once
-//! (the actor threads' running calls plus the guests suspended at a yield), and keeps at most
-//! [`KEEP`] of them unused. A stack's pages a call touched stay resident while it waits in
-//! the pool: [`KEEP`] bounds that too.
+//! A stack given back (its store dropped: the device passivated, evicted or failed) comes
+//! here, its pages released (`MADV_DONTNEED`), and is handed to the next store that needs
+//! one instead of a fresh mapping; at most [`KEEP`] wait unused, the rest are unmapped.
 //!
 //! Reusing a stack across devices shows a guest nothing of another: a guest reaches only its
 //! own linear memory, never the native stack its compiled code runs on.
@@ -51,7 +49,18 @@ impl StackPool {
         self.held.fetch_sub(1, Ordering::Relaxed);
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < KEEP {
-            free.push(stack);
+            // Its touched pages go back to the system; the next use faults in zeroes.
+            // SAFETY: the stack's own usable range, which nothing runs on any more.
+            let released = unsafe {
+                mm::madvise(
+                    stack.usable_start().cast(),
+                    stack.usable(),
+                    mm::Advice::LinuxDontNeed,
+                )
+            };
+            if released.is_ok() {
+                free.push(stack);
+            }
         }
         // Otherwise dropped here, unmapped.
     }
@@ -72,7 +81,7 @@ unsafe impl StackCreator for PooledStacks {
     fn new_stack(&self, size: usize, zeroed: bool) -> wasmtime::Result<Box<dyn StackMemory>> {
         let reused = {
             let mut free = self.0.free.lock().unwrap_or_else(|e| e.into_inner());
-            // A stack of another size (never, with one engine config) is left to be dropped.
+            // One engine asks for one size; a stack of another would wait here unused.
             let at = free.iter().rposition(|s| s.usable() == size);
             at.map(|i| free.swap_remove(i))
         };
