@@ -43,6 +43,10 @@ pub struct PluginVersion {
     pub version: u32,
     pub digest: String,
     pub registered_at_ms: u64,
+    /// An event of this version used two epoch ticks (20 ms) of CPU time since the server
+    /// started: its devices' events and activations run on the slow lane (see
+    /// `actor::ActorPool`). Forgotten at a restart.
+    pub slow_lane: bool,
 }
 
 /// Where a registration came from; decides whether it may become current (module docs).
@@ -68,12 +72,13 @@ struct Pointer {
 const PREVIOUS_KEPT: usize = 32;
 
 impl PluginVersion {
-    fn from_info(v: &VersionInfo) -> Self {
+    fn from_info(v: &VersionInfo, slow_lane: bool) -> Self {
         PluginVersion {
             name: v.plugin.clone(),
             version: v.number,
             digest: format!("sha256:{}", hex::encode(v.digest)),
             registered_at_ms: v.at_ms,
+            slow_lane,
         }
     }
 }
@@ -250,7 +255,7 @@ impl Registry {
                 if origin == Origin::Startup && self.startup_may_point(name) {
                     self.point(v.id, Origin::Startup)?;
                 }
-                return Ok((PluginVersion::from_info(&v), false));
+                return Ok((PluginVersion::from_info(&v, self.ran_slow(v.id)), false));
             }
             (
                 table.versions.len() as u32,
@@ -300,7 +305,7 @@ impl Registry {
             return Err(e);
         }
         tracing::info!(plugin = name, version = number, current = becomes_current, digest = %hex::encode(digest), "plugin registered");
-        Ok((PluginVersion::from_info(&info), true))
+        Ok((PluginVersion::from_info(&info, false), true))
     }
 
     /// Whether a start-up registration may move `name`'s current version: only while the
@@ -484,9 +489,10 @@ impl Registry {
             .iter()
             .filter(|v| !table.removed.contains(&v.id))
         {
+            let shown = PluginVersion::from_info(v, self.ran_slow(v.id));
             match out.iter_mut().find(|(n, _)| *n == v.plugin) {
-                Some((_, versions)) => versions.push(PluginVersion::from_info(v)),
-                None => out.push((v.plugin.clone(), vec![PluginVersion::from_info(v)])),
+                Some((_, versions)) => versions.push(shown),
+                None => out.push((v.plugin.clone(), vec![shown])),
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -499,7 +505,7 @@ impl Registry {
             .read()
             .versions
             .get(id as usize)
-            .map(PluginVersion::from_info)
+            .map(|v| PluginVersion::from_info(v, self.ran_slow(id)))
     }
 
     /// Remembers that version `id` does not fit this engine's limits; the error to return.

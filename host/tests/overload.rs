@@ -580,6 +580,17 @@ async fn a_plugins_first_slow_event_moves_to_the_slow_lane() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Duration::from_millis(1200);
     let rt = one_thread(dir.path(), budget).await;
+    let on_slow_lane = |rt: &Runtime| -> Vec<(String, bool)> {
+        rt.plugins()
+            .into_iter()
+            .filter(|(name, _)| name == "misbehave" || name == "thermostat")
+            .map(|(name, versions)| (name, versions.iter().any(|v| v.slow_lane)))
+            .collect()
+    };
+    assert_eq!(
+        on_slow_lane(&rt),
+        [("misbehave".into(), false), ("thermostat".into(), false)]
+    );
     let (waited, looped, looped_for) = beside_a_spinner(
         &rt,
         "first",
@@ -595,6 +606,11 @@ async fn a_plugins_first_slow_event_moves_to_the_slow_lane() {
     assert!(looped_for >= budget, "timed out after {looped_for:?}");
     assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 1);
     assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), 1);
+    // The listing says which plugin runs there.
+    assert_eq!(
+        on_slow_lane(&rt),
+        [("misbehave".into(), true), ("thermostat".into(), false)]
+    );
     // The device's healthy events go on, on the slow lane, from the state it had.
     let ack = rt.send("first", r#"{"type":"ok"}"#).await.expect("handled");
     assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
