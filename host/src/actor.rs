@@ -792,7 +792,7 @@ impl Actor {
             tracing::warn!(
                 device = %self.head.id,
                 failures = self.failures,
-                seconds = length.as_secs(),
+                seconds = length.as_secs_f64(),
                 error = %e,
                 "device quarantined"
             );

@@ -72,7 +72,7 @@ pub enum Error {
     MessagesPending { pending: usize, limit: usize },
     #[error(
         "the device is quarantined after {failures} consecutive plugin failures (last: {last}); \
-         it is retried in {retry_in_ms} ms"
+         it accepts events again in {retry_in_ms} ms"
     )]
     Quarantined {
         failures: u32,
