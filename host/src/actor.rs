@@ -129,6 +129,11 @@ impl Durable {
     }
 }
 
+/// How many times one event may be stopped and handled afresh on the slow lane
+/// (`CallError::Moved`): once for the plugin turning out slow, once more for a version that
+/// moved while the device was rebuilt. Past that the stop is told as the server's overload.
+const MAX_MOVES: u32 = 2;
+
 /// Decides `event` on the live instance, on the slow lane if its plugin has run slow (see
 /// [`ActorPool`]): the instance goes there for the event and comes back. A panic there
 /// unwinds this actor's task, as one on the pool would. Lost (`live` left empty) only if the
@@ -658,7 +663,7 @@ impl Actor {
                                 let _ = reply.send(Err(e));
                             }
                             None => {
-                                self.on_event(event, Origin::External, None, accepted, Some(reply))
+                                self.on_event(event, Origin::External, None, accepted, Some(reply), 0)
                                     .await;
                             }
                         },
@@ -1274,7 +1279,7 @@ impl Actor {
             }
         };
         let submitted = self
-            .on_event(event, origin.clone(), every_ms, Instant::now(), None)
+            .on_event(event, origin.clone(), every_ms, Instant::now(), None, 0)
             .await;
         match origin {
             // Handled (its record is on its way): a second copy in the mailbox is dropped.
@@ -1419,7 +1424,8 @@ impl Actor {
 
     /// Handles one event; returns whether its record was submitted to the journal.
     /// `every_ms` is the period of the timer an `Origin::Timer` event fires (looked up with
-    /// the check that it is owed, so not a second time here).
+    /// the check that it is owed, so not a second time here). `moves`: how many times this
+    /// event was already stopped to run on the slow lane (see [`MAX_MOVES`]).
     async fn on_event(
         &mut self,
         event: String,
@@ -1427,6 +1433,7 @@ impl Actor {
         every_ms: Option<u64>,
         accepted: Instant,
         reply: Option<oneshot::Sender<Result<Committed, Error>>>,
+        moves: u32,
     ) -> bool {
         let answer = |reply: Option<oneshot::Sender<Result<Committed, Error>>>, r| {
             if let Some(reply) = reply {
@@ -1478,22 +1485,19 @@ impl Actor {
         // failures counted toward a quarantine stand (as after a refused external event).
         let mut refused = false;
         let started = Instant::now();
-        let mut decided =
+        let decided =
             decide_live(&mut self.live, &self.env, &ctx, &event, max_output, budget).await;
-        if decided.is_err() && self.live.as_mut().is_some_and(|l| l.instance.take_moved()) {
-            // Its plugin turned out slow during this event, on the pool: stopped there (the
-            // instance may be half-changed), the device is rebuilt on the slow lane and the
-            // event decided again there from the start.
+        if decided.is_err()
+            && moves < MAX_MOVES
+            && self.live.as_mut().is_some_and(|l| l.instance.take_moved())
+        {
+            // Its plugin turned out slow during this event, on the pool: stopped there. The
+            // instance may be half-changed and goes; the event is handled afresh, as after
+            // any lost instance: the device rebuilt (on the slow lane now), its seq and clock
+            // read again (a commit that failed meanwhile, a version that moved, show there).
             self.live = None;
-            if let Err(e) = self.ensure_live().await {
-                if matches!(e, Error::Activation(_)) {
-                    self.record_failure(&e);
-                }
-                answer(reply, Err(e));
-                return false;
-            }
-            decided =
-                decide_live(&mut self.live, &self.env, &ctx, &event, max_output, budget).await;
+            return Box::pin(self.on_event(event, origin, every_ms, accepted, reply, moves + 1))
+                .await;
         }
         let took = started.elapsed();
         let key = InternalKey::of(&origin);

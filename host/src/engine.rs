@@ -248,9 +248,8 @@ pub(crate) const WALL_LIMIT: u32 = 4;
 /// many guests spinning at once, a unit's turns come further apart the more there are.
 const QUEUE_LIMIT: u32 = WALL_LIMIT * WALL_LIMIT;
 
-/// CPU time a unit of an event must use, as seen at a look at its deadline, for its plugin to
-/// count as having run slow: two epoch ticks, since a unit's first start point is a sample up
-/// to a tick old.
+/// Epoch ticks of CPU time a unit of an event must use, as seen at a look at its deadline, for
+/// its plugin to count as having run slow (see [`UnitClock::slow_after`]).
 const SLOW_TICKS: u32 = 2;
 
 impl UnitClock {
@@ -268,9 +267,18 @@ impl UnitClock {
         }
     }
 
-    /// CPU time the unit used, the running thread's clock reading `cpu_now`.
-    fn used(&self, cpu_now: Duration) -> Duration {
-        self.cpu_before + cpu_now.saturating_sub(self.cpu_start)
+    /// CPU time the unit used, the running thread's clock reading `cpu_now` at `now`. A
+    /// slice is charged at most its wall-clock time: its start point may be a sample taken
+    /// before it began, and a ticker that woke late leaves the sample older than a tick.
+    fn used(&self, cpu_now: Duration, now: Instant) -> Duration {
+        let slice = cpu_now.saturating_sub(self.cpu_start);
+        self.cpu_before + slice.min(now.saturating_duration_since(self.wall_start))
+    }
+
+    /// CPU time past which an event's unit shows its plugin slow: two epoch ticks (a unit's
+    /// first start point is a sample up to a tick old), or half its budget if that is less.
+    fn slow_after(&self) -> Duration {
+        (self.epoch_tick * SLOW_TICKS).min(self.budget / 2)
     }
 
     /// Wall-clock time the unit ran, not counting the turns it waited between slices.
@@ -332,7 +340,12 @@ fn deadline_reached(
         }
         return Ok(UpdateDeadline::Continue(1));
     }
-    let used = unit.used(cpu_now);
+    let used = unit.used(cpu_now, now);
+    let slow = state.preemption != Preemption::None && used >= unit.slow_after();
+    if slow {
+        // Marked even if the unit ends here: a plugin whose events time out is slow too.
+        state.ran_slow.store(true, Ordering::Relaxed);
+    }
     if used >= unit.budget {
         return Err(wasmtime::Trap::Interrupt.into());
     }
@@ -343,17 +356,13 @@ fn deadline_reached(
         state.starved = Some(used);
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    if state.preemption != Preemption::None {
-        if used >= unit.epoch_tick * SLOW_TICKS {
-            state.ran_slow.store(true, Ordering::Relaxed);
-            if state.preemption == Preemption::Move {
-                state.moved = true;
-                return Err(wasmtime::Trap::Interrupt.into());
-            }
-        } else if state.preemption == Preemption::Move {
-            // Looked at each tick until it is seen slow, or ends.
-            return Ok(UpdateDeadline::Continue(1));
+    if state.preemption == Preemption::Move {
+        if slow {
+            state.moved = true;
+            return Err(wasmtime::Trap::Interrupt.into());
         }
+        // Looked at each tick until it is seen slow, or ends.
+        return Ok(UpdateDeadline::Continue(1));
     }
     if state.on_fiber {
         unit.suspend(used, ran);
@@ -1445,14 +1454,32 @@ mod tests {
         // Began on a thread whose clock read 500 ms; used 100 ms there, ran 120 ms.
         unit.cpu_start = ms(500);
         let began = unit.wall_start;
-        assert_eq!(unit.used(ms(600)), ms(100));
+        assert_eq!(unit.used(ms(600), began + ms(120)), ms(100));
         unit.suspend(ms(100), ms(120));
         // Resumed 300 ms later on a thread whose clock reads 10 ms.
         let resumed = began + ms(420);
         unit.resume(ms(10), resumed);
-        assert_eq!(unit.used(ms(15)), ms(105));
+        assert_eq!(unit.used(ms(15), resumed + ms(5)), ms(105));
         assert_eq!(unit.ran(resumed + ms(5)), ms(125));
         // Its whole time, turns included, is what bounds the queue.
         assert_eq!(resumed + ms(5) - unit.began, ms(425));
+    }
+
+    /// A start point sampled long before the unit began (a ticker that woke late) does not
+    /// charge the unit for the CPU time the thread used before it: a slice is charged at most
+    /// its wall-clock time.
+    #[test]
+    fn a_stale_sample_charges_no_more_than_the_slice_lasted() {
+        let ms = Duration::from_millis;
+        let mut unit = UnitClock::start(ms(250), ms(10));
+        // The sample is 80 ms of other work old; the unit has run 3 ms.
+        unit.cpu_start = ms(1000);
+        assert_eq!(unit.used(ms(1083), unit.wall_start + ms(3)), ms(3));
+        // Below the slow mark, which is two ticks, or half a short budget.
+        assert_eq!(unit.slow_after(), ms(20));
+        assert_eq!(
+            UnitClock::start(ms(15), ms(10)).slow_after(),
+            ms(7) + ms(1) / 2
+        );
     }
 }

@@ -251,7 +251,8 @@ impl From<CallError> for Error {
             e @ (CallError::Starved { .. } | CallError::GuestMemory(_)) => {
                 Error::Overloaded(e.to_string())
             }
-            e @ CallError::Moved => Error::Internal(e.to_string()),
+            // Only past `actor::MAX_MOVES`: not the plugin's fault, and it comes again.
+            e @ CallError::Moved => Error::Overloaded(e.to_string()),
         }
     }
 }

@@ -560,8 +560,9 @@ impl Registry {
                 c
             }
         };
-        self.compiled.lock().insert(id, compiled.clone());
-        Ok(compiled)
+        // Loaded twice at once, the copy already kept wins: instances share its state (such
+        // as whether the version has run slow).
+        Ok(self.compiled.lock().entry(id).or_insert(compiled).clone())
     }
 
     /// Whether version `id` is compiled and has run slow (see [`CompiledPlugin::ran_slow`]):

@@ -257,6 +257,7 @@ fn provision_send_and_read_back_both_plugins() {
     assert!(ok, "{err}");
     assert!(out.contains("misbehave (current v1, latest v1)"), "{out}");
     assert!(out.contains("thermostat (current v1, latest v2)"), "{out}");
+    assert!(!out.contains("slow lane"), "no event here ran slow: {out}");
     let (ok, out, err) = cli(&["plugin", "diff", "thermostat", "2", "--server", url]);
     assert!(ok, "{err}");
     assert!(
@@ -834,6 +835,18 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
             "temperature_recorded"
         );
     }
+    // The looping event showed the plugin slow: its version says so, the thermostat's not.
+    let plugins = api.get("/v1/plugins").body;
+    let slow_lane = |name: &str| {
+        plugins["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .map(|p| p["versions"][0]["slow_lane"].clone())
+    };
+    assert_eq!(slow_lane("misbehave"), Some(json!(true)), "{plugins}");
+    assert_eq!(slow_lane("thermostat"), Some(json!(false)), "{plugins}");
     // The bad device was rebuilt from its journal and goes on at seq 2.
     let ack = api.send("bad", &json!({"type": "ok"}));
     assert_eq!(ack["seq"], 2);

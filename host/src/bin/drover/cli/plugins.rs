@@ -247,10 +247,15 @@ fn print_plugin(p: &Value) {
     for v in p["versions"].as_array().into_iter().flatten() {
         let n = v["version"].as_u64().unwrap_or(0);
         println!(
-            "  {} v{n:<4} {}  {}",
+            "  {} v{n:<4} {}  {}{}",
             if n == current { "*" } else { " " },
             timestamp(v["registered_at_ms"].as_u64().unwrap_or(0)),
-            v["digest"].as_str().unwrap_or("")
+            v["digest"].as_str().unwrap_or(""),
+            if v["slow_lane"].as_bool() == Some(true) {
+                "  (slow lane)"
+            } else {
+                ""
+            }
         );
     }
 }
