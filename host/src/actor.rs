@@ -210,15 +210,17 @@ const HANDLED_PRUNE: usize = 256;
 ///
 /// # The slow lane
 ///
-/// Events of a plugin that has run slow (an event that used two epoch ticks, 20 ms, of CPU time, see
-/// `CompiledPlugin::ran_slow`) run on a second runtime, `drover-slow`, with as many threads:
-/// the actor stays on the pool and its instance goes to the slow lane for the event. There
-/// each guest call runs on a fiber that yields its thread at every epoch tick, so slow
-/// devices take turns among themselves; and a healthy device's event on the pool waits for
-/// the kernel to give its thread a core, not for a spinning guest's tick or budget. With
-/// eight devices looping on two cores, a thermostat's readings had a p99 of 3.6-5.5 ms,
-/// against ~20 ms with every guest on the pool yielding at each tick, and ~1 s before guests
-/// yielded (`cargo bench -p drover --bench fairness`, 2026-12-02).
+/// Events and activations of a plugin that has run slow (an event that used two epoch ticks,
+/// 20 ms, of CPU time, see `CompiledPlugin::ran_slow`) run on a second runtime,
+/// `drover-slow`, with as many threads: the actor stays on the pool and its instance goes to
+/// the slow lane for the event. There each guest call runs on a fiber that yields its thread
+/// at every epoch tick, so slow devices take turns among themselves; and a healthy device's
+/// event on the pool waits for the kernel to give its thread a core, not for a spinning
+/// guest's tick or budget. The event that shows a plugin slow is stopped on the pool and
+/// handled afresh here (`Preemption::Move`, see `on_event`). With eight devices looping on
+/// two cores, a thermostat's readings had a p99 of 2.8-4.9 ms, against 19-21 ms with every
+/// guest on the pool yielding at each tick, and ~1 s before guests yielded (`cargo bench -p
+/// drover --bench fairness`, 2026-12-02).
 ///
 /// The slow lane runs at the same priority as the pool. At nice +10 the same bench measured
 /// 0.7-5 ms, but a slow guest then got a tenth of a core whenever the pool was busy, so a
@@ -920,7 +922,11 @@ impl Actor {
                         replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
                     })
                     .await
-                    .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))??
+                    .map_err(|e| match e.try_into_panic() {
+                        // The actor's own panic, as on the pool (see `decide_live`).
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        Err(e) => Error::Internal(format!("activation on the slow lane: {e}")),
+                    })??
             }
             None => replay::rebuild(
                 &self.env.journal,

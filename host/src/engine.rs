@@ -126,7 +126,7 @@ pub enum CallError {
     /// The unit of work was stopped at its first look past two epoch ticks of CPU time, to run
     /// again from the start elsewhere (see [`Preemption::Move`]). The instance must be
     /// discarded. The actor that asked for it runs the unit again; it reaches no client.
-    #[error("guest call stopped after an epoch tick, to run again on the slow lane")]
+    #[error("guest call stopped after two epoch ticks, to run again on the slow lane")]
     Moved,
 }
 
