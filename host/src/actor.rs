@@ -212,36 +212,41 @@ const HANDLED_PRUNE: usize = 256;
 ///
 /// Events and activations of a plugin that has run slow (an event that used two epoch ticks,
 /// 20 ms, of CPU time, see `CompiledPlugin::ran_slow`) run on a second runtime,
-/// `drover-slow`, with as many threads: the actor stays on the pool and its instance goes to
-/// the slow lane for the event. There each guest call runs on a fiber that yields its thread
-/// at every epoch tick, so slow devices take turns among themselves; and a healthy device's
-/// event on the pool waits for the kernel to give its thread a core, not for a spinning
-/// guest's tick or budget. The event that shows a plugin slow is stopped on the pool and
-/// handled afresh here (`Preemption::Move`, see `on_event`). With eight devices looping on
-/// two cores, a thermostat's readings had a p99 of 2.8-4.9 ms, against 19-21 ms with every
-/// guest on the pool yielding at each tick, and ~1 s before guests yielded (`cargo bench -p
-/// drover --bench fairness`, 2026-12-02).
+/// `drover-slow`, of half as many threads (at least one; `ActorConfig::slow_threads`): the
+/// actor stays on the pool and its instance goes to the slow lane for the event. There each
+/// guest call runs on a fiber that yields its thread at every epoch tick, so slow devices
+/// take turns among themselves; and however many guests spin, they hold at most half the
+/// cores, so a healthy device's event on the pool finds one. The event that shows a plugin
+/// slow is stopped on the pool and handled afresh here (`Preemption::Move`, see `on_event`).
 ///
-/// The slow lane runs at the same priority as the pool. At nice +10 the same bench measured
-/// 0.7-5 ms, but a slow guest then got a tenth of a core whenever the pool was busy, so a
-/// looping guest ran into the wall-clock bound (`503 overloaded`, no step toward a
-/// quarantine) instead of its CPU budget (a `timeout`), and was never quarantined.
+/// With eight devices looping on two cores, a thermostat's readings had a p99 of 0.50-0.92
+/// ms, within its unloaded p99 (0.63-1.02 ms); with as many slow-lane threads as the pool's,
+/// 2.8-4.9 ms (a woken thread waited for the kernel to preempt a spinning one); with every
+/// guest on the pool yielding at each tick, 19-21 ms; ~1 s before guests yielded (`cargo
+/// bench -p drover --bench fairness`, 2026-12-02). The price: slow guests get half the
+/// cores even when healthy devices leave the rest idle.
+///
+/// The slow lane runs at the same priority as the pool. At nice +10 (with as many threads)
+/// the same bench measured 0.7-5 ms, but a slow guest then got a tenth of a core whenever
+/// the pool was busy, so a looping guest ran into the wall-clock bound (`503 overloaded`, no
+/// step toward a quarantine) instead of its CPU budget (a `timeout`), and was never
+/// quarantined.
 pub struct ActorPool {
     runtime: Option<tokio::runtime::Runtime>,
     slow: Option<tokio::runtime::Runtime>,
 }
 
 impl ActorPool {
-    /// Starts `threads` worker threads named `drover-actor`, and as many for the slow lane,
-    /// `drover-slow`.
-    pub fn new(threads: usize) -> std::io::Result<ActorPool> {
+    /// Starts `threads` worker threads named `drover-actor`, and `slow_threads` for the slow
+    /// lane, `drover-slow` (at least one each).
+    pub fn new(threads: usize, slow_threads: usize) -> std::io::Result<ActorPool> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("drover-actor")
             .enable_time()
             .build()?;
         let slow = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+            .worker_threads(slow_threads.max(1))
             .thread_name("drover-slow")
             // A slow device's event arrives from the pool, into the global queue, which a
             // worker otherwise looks at once every 31 tasks it runs: behind guests that each

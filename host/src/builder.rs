@@ -123,6 +123,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Threads of the slow lane, where the events of plugins that have run slow run (default
+    /// 0: half the actor threads, at least one, so that slow guests never take every core
+    /// from healthy devices; see `actor::ActorPool`).
+    pub fn slow_lane_threads(mut self, n: usize) -> Self {
+        self.config.actor.slow_threads = n;
+        self
+    }
+
     /// Records per device that may be waiting for the disk (default 128).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.config.actor.max_in_flight = n;

@@ -290,11 +290,26 @@ pub struct ActorConfig {
     pub max_live: usize,
     /// Threads that run actors and guest code (0: one per core).
     pub threads: usize,
+    /// Threads of the slow lane, which runs the events of plugins that have run slow (0:
+    /// half of `threads`, at least one; see `actor::ActorPool`).
+    pub slow_threads: usize,
     /// Unacknowledged commands per device past which its external events are refused.
     pub max_outbox: usize,
     /// Messages per device not yet handled by their targets past which its external events
     /// are refused.
     pub max_messages_pending: usize,
+}
+
+impl ActorConfig {
+    /// The slow lane's threads beside `threads` actor threads: as set, or half as many (at
+    /// least one), so that slow guests never hold every core and a healthy device's event
+    /// finds one (see `actor::ActorPool`).
+    pub fn slow_lane_threads(&self, threads: usize) -> usize {
+        match self.slow_threads {
+            0 => (threads / 2).max(1),
+            n => n,
+        }
+    }
 }
 
 impl Default for ActorConfig {
@@ -307,6 +322,7 @@ impl Default for ActorConfig {
             idle_timeout: defaults::IDLE_TIMEOUT,
             max_live: defaults::max_live(),
             threads: 0,
+            slow_threads: 0,
             max_outbox: defaults::MAX_OUTBOX,
             max_messages_pending: defaults::MAX_MESSAGES_PENDING,
         }
@@ -506,6 +522,7 @@ mod millis {
 
 #[cfg(test)]
 mod tests {
+    use super::ActorConfig;
     use super::defaults::*;
 
     const MEMINFO_24G: &str = "MemTotal:       25165824 kB\nMemFree:        20000000 kB\n\
@@ -561,6 +578,22 @@ mod tests {
             err.contains("(64 MiB)") && err.contains(&format!("({} bytes)", (64 << 20) + 1)),
             "{err}"
         );
+    }
+
+    /// By default the slow lane has half the actor threads, at least one, so that spinning
+    /// guests never hold every core; a setting overrides it.
+    #[test]
+    fn the_slow_lane_has_half_the_actor_threads_by_default() {
+        let actor = ActorConfig::default();
+        assert_eq!(
+            [1, 2, 3, 8].map(|n| actor.slow_lane_threads(n)),
+            [1, 1, 1, 4]
+        );
+        let set = ActorConfig {
+            slow_threads: 3,
+            ..ActorConfig::default()
+        };
+        assert_eq!(set.slow_lane_threads(2), 3);
     }
 
     #[test]

@@ -130,7 +130,8 @@ impl Runtime {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let pool = ActorPool::new(threads).context("starting the actor threads")?;
+        let pool = ActorPool::new(threads, config.actor.slow_lane_threads(threads))
+            .context("starting the actor threads")?;
         let handle = pool.handle();
         let (dispatch, owed) = tokio::sync::mpsc::unbounded_channel();
         let router = Router::new(|directory| ActorEnv {
