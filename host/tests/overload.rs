@@ -617,6 +617,38 @@ async fn a_plugins_first_slow_event_moves_to_the_slow_lane() {
     rt.shutdown().await;
 }
 
+/// Many guests looping at once on the slow lane each end as a `timeout` on their own CPU
+/// budget, however long they waited for their turns: a plugin doing that is quarantined,
+/// where being told the server is overloaded would let it loop, and come again, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_guests_looping_at_once_on_the_slow_lane_each_time_out() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(100);
+    let rt = one_thread_and_a_slow_plugin(dir.path(), budget).await;
+    // Twenty turns of 100 ms on the one slow-lane thread: the last waits ~2 s, 20x its budget.
+    let ids: Vec<String> = (0..20).map(|i| format!("loop-{i}")).collect();
+    for id in &ids {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+    }
+    let looping: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (rt, id) = (rt.clone(), id.clone());
+            tokio::spawn(async move { rt.send(&id, r#"{"type":"loop"}"#).await })
+        })
+        .collect();
+    let mut kinds = Vec::new();
+    for l in looping {
+        kinds.push(l.await.unwrap().expect_err("loops").kind());
+    }
+    assert!(
+        kinds.iter().all(|k| *k == ErrorKind::Timeout),
+        "every looping event times out: {kinds:?}"
+    );
+    rt.shutdown().await;
+}
+
 /// A device of a plugin that has run slow activates on the slow lane too (an activation's
 /// budget is seconds, and its `apply`s may be as slow as the events'), and comes up with
 /// the state it had.
