@@ -179,16 +179,23 @@ async fn decide_live(
         .await;
         (moved, decided)
     });
-    match task.await {
+    match on_slow_lane(task).await {
         Ok((back, decided)) => {
             *live = Some(back);
             decided
         }
-        // A panic is the actor's, as it would have been on the pool: supervision rebuilds
-        // the device (see `spawn`), no plugin is blamed.
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(lost(format!("the slow lane lost the instance: {e}"))),
+        Err(why) => Err(lost(format!("the slow lane lost the instance: {why}"))),
     }
+}
+
+/// What a task on the slow lane returned. Its panic is the actor's, as it would have been on
+/// the pool: it unwinds the actor's task, supervision rebuilds the device (see `spawn`), and
+/// no plugin is blamed. `Err` only if the slow lane stopped under it.
+async fn on_slow_lane<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
+    task.await.map_err(|e| match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        Err(e) => e,
+    })
 }
 
 /// How long a timer firing or a message that was not recorded (the guest timed out on it, the
@@ -921,17 +928,12 @@ impl Actor {
                     .fetch_add(1, Ordering::Relaxed);
                 let (journal, registry) = (self.env.journal.clone(), self.env.registry.clone());
                 let head = self.head.clone();
-                self.env
-                    .slow_lane
-                    .spawn(async move {
-                        replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
-                    })
+                let task = self.env.slow_lane.spawn(async move {
+                    replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
+                });
+                on_slow_lane(task)
                     .await
-                    .map_err(|e| match e.try_into_panic() {
-                        // The actor's own panic, as on the pool (see `decide_live`).
-                        Ok(panic) => std::panic::resume_unwind(panic),
-                        Err(e) => Error::Internal(format!("activation on the slow lane: {e}")),
-                    })??
+                    .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))??
             }
             None => replay::rebuild(
                 &self.env.journal,

@@ -856,7 +856,6 @@ impl CompiledPlugin {
             epoch_tick: inner.config.epoch_tick,
             call_timeout: inner.config.call_timeout,
             unit: None,
-            preempt: false,
             holds_stack: false,
             stacks: inner.stacks.clone(),
         })
@@ -997,9 +996,6 @@ pub struct Instance {
     call_timeout: Duration,
     /// The budget of the unit of work under way, if any: calls inside it do not re-arm.
     unit: Option<Duration>,
-    /// The unit under way may run its `handle` and `apply` calls on a fiber, preemptible:
-    /// each does once the plugin has run slow (see [`Instance::may_preempt`]).
-    preempt: bool,
     /// The store holds a fiber stack (from its first preemptible call until it drops).
     holds_stack: bool,
     stacks: Arc<stacks::StackPool>,
@@ -1015,7 +1011,6 @@ const MAX_FIBER_STACKS: usize = 4096;
 pub struct UnitScope {
     outer: Option<Duration>,
     outer_clock: UnitClock,
-    outer_preempt: bool,
     outer_preemption: Preemption,
 }
 
@@ -1115,18 +1110,15 @@ impl Instance {
         event: &str,
     ) -> Result<Outcome, CallError> {
         let handle = match &self.device {
-            Exports::V3(_, direct) if self.preempt && self.may_preempt() => direct.handle,
+            Exports::V3(_, direct) if self.may_preempt() => direct.handle,
             _ => return self.handle(ctx, event),
         };
-        self.arm();
-        self.store.data_mut().on_fiber = true;
-        let (began, r) = match handle
-            .typed::<(&EventContext, &str), (Result<Outcome, DeviceError>,)>(&self.store)
-        {
-            Ok(f) => (true, f.call_async(&mut self.store, (ctx, event)).await),
-            Err(e) => (false, Err(e)),
-        };
-        self.left_fiber(began);
+        let r = self
+            .call_on_fiber::<(&EventContext, &str), (Result<Outcome, DeviceError>,)>(
+                handle,
+                (ctx, event),
+            )
+            .await;
         self.settle(r.map(|(r,)| r))
     }
 
@@ -1136,43 +1128,46 @@ impl Instance {
         transitions: &[&str],
     ) -> Result<(), BatchError> {
         let (apply, batch) = match &self.device {
-            Exports::V3(_, direct) if self.preempt && self.may_preempt() => {
-                (direct.apply, direct.batch)
-            }
+            Exports::V3(_, direct) if self.may_preempt() => (direct.apply, direct.batch),
             _ => return self.apply_batch(transitions),
         };
         let [one] = transitions else {
             if transitions.is_empty() {
                 return Ok(());
             }
-            self.arm();
-            self.store.data_mut().on_fiber = true;
-            let (began, r) =
-                match batch.typed::<(&[&str],), (Result<(), BatchRefusal>,)>(&self.store) {
-                    Ok(f) => (true, f.call_async(&mut self.store, (transitions,)).await),
-                    Err(e) => (false, Err(e)),
-                };
-            self.left_fiber(began);
+            let r = self
+                .call_on_fiber::<(&[&str],), (Result<(), BatchRefusal>,)>(batch, (transitions,))
+                .await;
             return self.batch_outcome(r, transitions.len());
         };
-        self.arm();
-        self.store.data_mut().on_fiber = true;
-        let (began, r) = match apply.typed::<(&str,), (Result<(), DeviceError>,)>(&self.store) {
-            Ok(f) => (true, f.call_async(&mut self.store, (*one,)).await),
-            Err(e) => (false, Err(e)),
-        };
-        self.left_fiber(began);
+        let r = self
+            .call_on_fiber::<(&str,), (Result<(), DeviceError>,)>(apply, (*one,))
+            .await;
         self.settle(r.map(|(r,)| r)).map_err(|error| BatchError {
             applied: Some(0),
             error,
         })
     }
 
-    /// After a call on a fiber: the store now holds a fiber stack (see `engine/stacks.rs`),
-    /// unless the call never began (`began` false: the export's type did not check).
-    fn left_fiber(&mut self, began: bool) {
+    /// Calls `func` on a fiber, where the guest may yield at a deadline. Its types are checked
+    /// per call, as `apply-batch`'s are. Afterwards the store holds a fiber stack (see
+    /// `engine/stacks.rs`), unless the call never began (the types did not check).
+    async fn call_on_fiber<P, R>(&mut self, func: Func, params: P) -> wasmtime::Result<R>
+    where
+        P: wasmtime::component::ComponentNamedList + wasmtime::component::Lower + Send + Sync,
+        R: wasmtime::component::ComponentNamedList
+            + wasmtime::component::Lift
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.arm();
+        let typed = func.typed::<P, R>(&self.store)?;
+        self.store.data_mut().on_fiber = true;
+        let r = typed.call_async(&mut self.store, params).await;
         self.store.data_mut().on_fiber = false;
-        self.holds_stack |= began;
+        self.holds_stack = true;
+        r
     }
 
     /// What an `apply-batch` call of `len` transitions returned, as [`Instance::apply_batch`]
@@ -1267,7 +1262,6 @@ impl Instance {
         let scope = UnitScope {
             outer: self.unit.replace(budget),
             outer_clock: state.clock,
-            outer_preempt: self.preempt,
             outer_preemption: state.preemption,
         };
         state.preemption = preemption;
@@ -1275,7 +1269,6 @@ impl Instance {
         if scope.outer.is_none() {
             self.renew_log_budget();
         }
-        self.preempt = preemption == Preemption::Yield;
         self.start_clock(budget);
         scope
     }
@@ -1289,7 +1282,6 @@ impl Instance {
     /// Ends the unit [`Instance::begin_unit`] started.
     pub fn end_unit(&mut self, scope: UnitScope) {
         self.unit = scope.outer;
-        self.preempt = scope.outer_preempt;
         self.store.data_mut().preemption = scope.outer_preemption;
         // The outer unit's deadline may now come early: looked at then, it goes on.
         self.store.data_mut().clock = scope.outer_clock;
@@ -1300,11 +1292,13 @@ impl Instance {
         self.store.data().ran_slow.load(Ordering::Relaxed)
     }
 
-    /// Whether a unit may run preemptible: the plugin has run slow, and this store holds a
-    /// fiber stack or one is to be had within [`MAX_FIBER_STACKS`]. Fast plugins' calls stay
-    /// synchronous: a fiber costs a switch each way (~130 ns a call) and a stack per store.
+    /// Whether a call may run preemptible: its unit asked ([`Preemption::Yield`]), the plugin
+    /// has run slow, and this store holds a fiber stack or one is to be had within
+    /// [`MAX_FIBER_STACKS`]. Fast plugins' calls stay synchronous: a fiber costs a switch each
+    /// way (~130 ns a call) and a stack per store.
     fn may_preempt(&self) -> bool {
-        self.ran_slow()
+        self.store.data().preemption == Preemption::Yield
+            && self.ran_slow()
             && matches!(self.device, Exports::V3(..))
             && (self.holds_stack || self.stacks.held() < MAX_FIBER_STACKS)
     }
