@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock;
 pub use crate::config::ActorConfig;
 use crate::decide::{self, Failed};
-use crate::engine::{EventContext, Instance, Preemption};
+use crate::engine::{CallError, EventContext, Instance, Preemption};
 use crate::error::Error;
 use crate::journal::{
     DeadLetter, DeviceHead, DeviceWriter, Effect, EffectId, Fx, Journal, JournalError, MessageTurn,
@@ -150,7 +150,7 @@ async fn decide_live(
         error: Error::Internal(why),
         instance_lost: true,
     };
-    let mut moved = match live {
+    match live {
         Some(current) if !current.instance.ran_slow() => {
             return decide::decide_with(
                 &mut current.instance,
@@ -162,12 +162,12 @@ async fn decide_live(
             )
             .await;
         }
-        Some(_) => live.take().ok_or_else(|| lost("no live instance".into()))?,
+        Some(_) => {}
         None => return Err(lost("no live instance".into())),
-    };
+    }
     env.metrics.slow_lane_events.fetch_add(1, Ordering::Relaxed);
     let (ctx, event) = (ctx.clone(), event.to_owned());
-    let task = env.slow_lane.spawn(async move {
+    to_slow_lane(live, env, move |mut moved| async move {
         let decided = decide::decide_with(
             &mut moved.instance,
             &ctx,
@@ -178,13 +178,51 @@ async fn decide_live(
         )
         .await;
         (moved, decided)
-    });
-    match on_slow_lane(task).await {
-        Ok((back, decided)) => {
-            *live = Some(back);
-            decided
+    })
+    .await
+    .map_err(lost)?
+}
+
+/// Reads the live instance's state, where [`decide_live`] would decide an event: on the pool
+/// (stopped there once seen slow, `Preemption::Move`), or on the slow lane if its plugin has
+/// run slow. The outer `Err` if there is no live instance, or the slow lane lost it.
+async fn query_live(
+    live: &mut Option<Live>,
+    env: &ActorEnv,
+) -> Result<Result<String, CallError>, String> {
+    match live {
+        Some(current) if !current.instance.ran_slow() => {
+            return Ok(current.instance.query_unit(Preemption::Move).await);
         }
-        Err(why) => Err(lost(format!("the slow lane lost the instance: {why}"))),
+        Some(_) => {}
+        None => return Err("no live instance".into()),
+    }
+    env.metrics.slow_lane_reads.fetch_add(1, Ordering::Relaxed);
+    to_slow_lane(live, env, |mut moved| async move {
+        let state = moved.instance.query_unit(Preemption::Yield).await;
+        (moved, state)
+    })
+    .await
+}
+
+/// Runs `unit` on the slow lane with the live instance, which it hands back with its result.
+/// `Err` (the instance lost, `live` left empty) only if the slow lane stopped under it.
+async fn to_slow_lane<T, F>(
+    live: &mut Option<Live>,
+    env: &ActorEnv,
+    unit: impl FnOnce(Live) -> F,
+) -> Result<T, String>
+where
+    F: Future<Output = (Live, T)> + Send + 'static,
+    T: Send + 'static,
+{
+    let moved = live.take().ok_or("no live instance")?;
+    match on_slow_lane(env.slow_lane.spawn(unit(moved))).await {
+        Ok((back, out)) => {
+            *live = Some(back);
+            Ok(out)
+        }
+        Err(why) => Err(format!("the slow lane lost the instance: {why}")),
     }
 }
 
@@ -1825,28 +1863,37 @@ impl Actor {
             return;
         }
         let status = self.status();
-        let result = match self.ensure_live().await {
-            Ok(()) => match self
-                .live
-                .as_mut()
-                .map(|live| (live.seq, live.instance.query()))
-            {
-                None => Err(Error::Internal("no live instance".into())),
-                Some((seq, Ok(state))) => Ok((DeviceState { seq, state }, status)),
-                Some((_, Err(e))) => {
-                    if e.is_fatal() {
-                        self.live = None;
-                    }
-                    Err(Error::from(e))
-                }
-            },
-            Err(e) => {
+        let mut moves = 0;
+        let result = loop {
+            if let Err(e) = self.ensure_live().await {
                 // Counted like one an event met: reads of a device that cannot activate
                 // quarantine it too, and are then answered at once (`unreadable`).
                 if matches!(e, Error::Activation(_)) {
                     self.record_failure(&e);
                 }
-                Err(e)
+                break Err(e);
+            }
+            match query_live(&mut self.live, &self.env).await {
+                Err(lost) => break Err(Error::Internal(lost)),
+                Ok(Ok(state)) => {
+                    let seq = self.live.as_ref().map_or(self.head.seq, |live| live.seq);
+                    break Ok((DeviceState { seq, state }, status));
+                }
+                Ok(Err(e)) => {
+                    if e.is_fatal() {
+                        // Stopped on the pool as its plugin turned out slow (see `on_event`):
+                        // read again, on the slow lane, from a rebuilt instance.
+                        let moved = self
+                            .live
+                            .take()
+                            .is_some_and(|mut l| l.instance.take_moved());
+                        if moved && moves < MAX_MOVES {
+                            moves += 1;
+                            continue;
+                        }
+                    }
+                    break Err(Error::from(e));
+                }
             }
         };
         if status != DeviceStatus::Active {

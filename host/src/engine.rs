@@ -184,7 +184,7 @@ pub struct GuestState {
     /// only then may the guest yield its thread at a deadline.
     on_fiber: bool,
     /// Shared by every instance of the plugin version: set once a unit of any of them used
-    /// two epoch ticks of CPU time on an event (see [`CompiledPlugin::ran_slow`]).
+    /// two epoch ticks of CPU time on an event or a read (see [`CompiledPlugin::ran_slow`]).
     ran_slow: Arc<AtomicBool>,
     /// How the unit under way may give its thread back (see [`Instance::begin_unit`]).
     preemption: Preemption,
@@ -195,17 +195,18 @@ pub struct GuestState {
 /// How a unit of work may give its thread back (see [`Instance::begin_unit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preemption {
-    /// Never: every call holds its thread to the end (activations, reads, a dry-run's
+    /// Never: every call holds its thread to the end (activations, snapshots, a dry-run's
     /// re-decisions).
     None,
     /// Stopped at its first look past two epoch ticks of CPU time ([`CallError::Moved`]), to
-    /// run again from the start elsewhere, and the plugin marked slow: the actor pool's events,
-    /// whose plugin had not run slow when they began. `handle` changes no state and the
-    /// journal holds all the rest, so running an event again is safe; the instance goes.
+    /// run again from the start elsewhere, and the plugin marked slow: the actor pool's events
+    /// and reads, whose plugin had not run slow when they began. `handle` and `query` change
+    /// no state and the journal holds all the rest, so running an event or a read again is
+    /// safe; the instance goes.
     Move,
-    /// Each `handle` and `apply` runs on a fiber that yields its thread at every epoch tick,
-    /// if the plugin has run slow (see [`Instance::handle_preemptible`]): the slow lane's
-    /// events.
+    /// Each `handle`, `apply` and `query` runs on a fiber that yields its thread at every
+    /// epoch tick, if the plugin has run slow (see [`Instance::handle_preemptible`]): the slow
+    /// lane's events and reads.
     Yield,
 }
 
@@ -315,8 +316,8 @@ fn ticks_due(elapsed: Duration, tick: Duration) -> u64 {
 }
 
 /// The epoch deadline passed: a look at the unit's clocks. Interrupts a unit past its CPU
-/// budget (a timeout) or far past it in wall-clock time (starved). An event's unit that has
-/// used two ticks marks its plugin slow, and one on the actor pool is then stopped, to run
+/// budget (a timeout) or far past it in wall-clock time (starved). An event's or a read's
+/// unit that has used two ticks marks its plugin slow, and one on the actor pool is then stopped, to run
 /// again on the slow lane ([`Preemption::Move`]). Otherwise the guest goes on: on a fiber,
 /// after yielding its thread to whatever else waits for one; otherwise for what is left of
 /// its budget.
@@ -657,6 +658,7 @@ impl Engine {
                     handle: export("handle")?,
                     apply: export("apply")?,
                     batch: export("apply-batch")?,
+                    query: export("query")?,
                 };
                 Pre::V3(v3, indices, direct)
             }
@@ -696,12 +698,13 @@ enum Pre {
 
 /// Exports of a `0.3.0` plugin called directly rather than through the bindings: `apply-batch`
 /// (the bindings call it with owned strings only, and a batch is borrowed from journal
-/// reads), and `handle` and `apply` when called on a fiber (the bindings call either
+/// reads), and `handle`, `apply` and `query` when called on a fiber (the bindings call either
 /// synchronously or asynchronously, not both).
 struct V3Exports<F> {
     handle: F,
     apply: F,
     batch: F,
+    query: F,
 }
 
 /// A live instance's exports, by contract version.
@@ -844,6 +847,7 @@ impl CompiledPlugin {
                             handle: func(direct.handle)?,
                             apply: func(direct.apply)?,
                             batch: func(direct.batch)?,
+                            query: func(direct.query)?,
                         };
                         Ok(Exports::V3(device, direct))
                     })
@@ -861,12 +865,12 @@ impl CompiledPlugin {
         })
     }
 
-    /// Whether an event of an instance of this version has used two epoch ticks (20 ms) of
-    /// CPU time. From then on its instances' events and activations run on the slow lane
-    /// (see `actor::ActorPool`), their calls preemptible (see
+    /// Whether an event or a read of an instance of this version has used two epoch ticks
+    /// (20 ms) of CPU time. From then on its instances' events, reads and activations run on
+    /// the slow lane (see `actor::ActorPool`), their calls preemptible (see
     /// [`Instance::handle_preemptible`]); until then every call holds its thread to the end,
     /// which spares fast plugins a fiber per call and a stack per instance. Activations,
-    /// reads and dry-runs never mark it: a long fold is not a slow plugin. Kept until the
+    /// snapshots and dry-runs never mark it: a long fold is not a slow plugin. Kept until the
     /// process ends.
     pub fn ran_slow(&self) -> bool {
         self.ran_slow.load(Ordering::Relaxed)
@@ -1241,6 +1245,25 @@ impl Instance {
         }
         .map(Ok);
         self.settle(r)
+    }
+
+    /// Reads the state as a unit of work of its own (one call's budget) that gives its thread
+    /// back as `preemption` says: on the actor pool stopped once seen slow
+    /// ([`Preemption::Move`]), to be read again on the slow lane, where it runs on a fiber
+    /// ([`Preemption::Yield`]) if the plugin has run slow, as [`Instance::handle_preemptible`]
+    /// does. A read that uses two epoch ticks marks its plugin slow, as an event does.
+    pub async fn query_unit(&mut self, preemption: Preemption) -> Result<String, CallError> {
+        let scope = self.begin_unit(self.call_timeout, preemption);
+        let r = match &self.device {
+            Exports::V3(_, direct) if self.may_preempt() => {
+                let query = direct.query;
+                let r = self.call_on_fiber::<(), (String,)>(query, ()).await;
+                self.settle(r.map(|(state,)| Ok(state)))
+            }
+            _ => self.query(),
+        };
+        self.end_unit(scope);
+        r
     }
 
     /// Runs `f` as one unit of work: every guest call inside shares one deadline, `budget`

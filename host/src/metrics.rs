@@ -30,6 +30,8 @@ pub struct Metrics {
     pub slow_lane_events: AtomicU64,
     /// Activations of devices of plugins that have run slow, on the slow lane.
     pub slow_lane_activations: AtomicU64,
+    /// Reads of live state (`query`) run on the slow lane.
+    pub slow_lane_reads: AtomicU64,
     /// Devices moved to another plugin version (deploy, rollback, or lazily at activation).
     pub upgrades: AtomicU64,
     /// Devices that could not be brought up on a new version and stayed on their old one.
@@ -136,7 +138,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_slow_lane_events_total",
-            "Events decided on the slow lane: those of plugin versions that have run an event of over two epoch ticks (20 ms) of CPU time, whose guest calls yield their thread at each tick.",
+            "Events decided on the slow lane: those of plugin versions that have run an event or a read of over two epoch ticks (20 ms) of CPU time, whose guest calls yield their thread at each tick.",
             &self.slow_lane_events,
         );
         counter(
@@ -144,6 +146,12 @@ impl Metrics {
             "drover_slow_lane_activations_total",
             "Activations folded on the slow lane: those of devices of plugin versions that have run slow.",
             &self.slow_lane_activations,
+        );
+        counter(
+            &mut out,
+            "drover_slow_lane_reads_total",
+            "Reads of devices' state run on the slow lane: those of plugin versions that have run slow.",
+            &self.slow_lane_reads,
         );
         counter(
             &mut out,

@@ -617,6 +617,56 @@ async fn a_plugins_first_slow_event_moves_to_the_slow_lane() {
     rt.shutdown().await;
 }
 
+/// A read whose `query` spins is stopped on the actor pool once seen slow and read again on
+/// the slow lane, where it yields at each tick: a healthy device on the only actor thread is
+/// answered meanwhile, and the read still ends as a `timeout` after its whole budget. The
+/// plugin is marked slow by it, so its reads and events go to the slow lane from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_read_moves_to_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = one_thread(dir.path(), budget).await;
+    rt.send("spinner", r#"{"type":"loop_on_read"}"#)
+        .await
+        .expect("recorded");
+    let started = std::time::Instant::now();
+    let read = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.device("spinner").await })
+    };
+    // The read is spinning.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
+        .await
+        .expect("handled");
+    let waited = sent.elapsed();
+    let looped = read.await.unwrap().expect_err("the read loops");
+    assert!(
+        waited < Duration::from_millis(400),
+        "the thermostat waited {waited:?} for a spinning read"
+    );
+    assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
+    assert!(
+        started.elapsed() >= budget,
+        "timed out after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(rt.metrics().slow_lane_reads.load(Relaxed), 1);
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 0);
+    let misbehave_slow = rt
+        .plugins()
+        .into_iter()
+        .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane));
+    assert!(misbehave_slow, "the read marked its plugin slow");
+    // Another device of the plugin reads its state, on the slow lane now.
+    let ok = rt.device("ok").await.expect("reads");
+    assert_eq!(parse(&ok.state), json!({"count": 1, "applied": 1}));
+    assert_eq!(rt.metrics().slow_lane_reads.load(Relaxed), 2);
+    rt.shutdown().await;
+}
+
 /// Many guests looping at once on the slow lane each end as a `timeout` on their own CPU
 /// budget, however long they waited for their turns: a plugin doing that is quarantined,
 /// where being told the server is overloaded would let it loop, and come again, for ever.

@@ -34,10 +34,13 @@
 //! | `{"type": "panic_on_apply"}` | one transition `{"type": "poison"}` whose `apply` panics: handle succeeds, apply (and every replay) traps |
 //! | `{"type": "refuse_on_apply"}` | transitions `{"type": "counted", "count": N}` then `{"type": "unreadable"}`, which `apply` refuses (`invalid-transition`) after applying the first |
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
+//! | `{"type": "loop_on_read"}` | one transition `{"type": "loops_on_read"}`: from then on every read of the state (`query`) spins forever |
 //!
 //! # State
 //!
-//! `{"count": N, "applied": M}`: `ok` events counted, and transitions applied of any kind.
+//! `{"count": N, "applied": M}`: `ok` events counted, and transitions applied of any kind;
+//! `"loops_on_read": true` too once a `loop_on_read` event is applied (never read back: the
+//! read spins).
 #![warn(missing_docs)]
 
 use std::cell::RefCell;
@@ -61,6 +64,9 @@ pub struct Misbehave {
     pub count: u64,
     /// Transitions applied, of any kind.
     pub applied: u64,
+    /// Reads spin forever (a `loop_on_read` event was applied).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub loops_on_read: bool,
 }
 
 /// Provisioning configuration.
@@ -113,6 +119,8 @@ pub enum Event {
     /// Return `counted` (the next count) then a transition `apply` cannot read: the state is
     /// half-changed when `apply` refuses the second.
     RefuseOnApply,
+    /// Return a transition after which every read spins forever.
+    LoopOnRead,
     /// Return `count` transitions whose `apply` each spins `spin` iterations.
     SlowApply {
         /// Loop iterations per apply.
@@ -210,6 +218,8 @@ pub enum Transition {
         /// Loop iterations.
         spin: u64,
     },
+    /// Every read from then on spins forever.
+    LoopsOnRead,
 }
 
 /// How much `ok` adds to the count: see "Versions for the deploy tests".
@@ -289,6 +299,7 @@ impl Device for Misbehave {
             Event::SlowApply { spin, count } => {
                 (0..count).map(|_| Transition::Slow { spin }).collect()
             }
+            Event::LoopOnRead => vec![Transition::LoopsOnRead],
             Event::Send { to, event, tag } => {
                 ctx.send(to, &event);
                 vec![Transition::Relayed { tag }]
@@ -330,11 +341,22 @@ impl Device for Misbehave {
                 }
                 std::hint::black_box(x);
             }
+            Transition::LoopsOnRead => self.loops_on_read = true,
             Transition::Allocated { .. }
             | Transition::Big { .. }
             | Transition::Echoed { .. }
             | Transition::Relayed { .. } => {}
         }
+    }
+
+    fn query(&self) -> drover_guest::serde_json::Value {
+        if self.loops_on_read {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        drover_guest::serde_json::to_value(self).expect("the state serializes")
     }
 }
 
