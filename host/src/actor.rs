@@ -255,14 +255,14 @@ const HANDLED_PRUNE: usize = 256;
 ///
 /// # The slow lane
 ///
-/// Events and activations of a plugin that has run slow (an event that used two epoch ticks,
-/// 20 ms, of CPU time, see `CompiledPlugin::ran_slow`) run on a second runtime,
+/// Events, reads and activations of a plugin that has run slow (an event or a read that used
+/// two epoch ticks, 20 ms, of CPU time, see `CompiledPlugin::ran_slow`) run on a second runtime,
 /// `drover-slow`, of half as many threads (at least one; `ActorConfig::slow_threads`): the
 /// actor stays on the pool and its instance goes to the slow lane for the event. There each
 /// guest call runs on a fiber that yields its thread at every epoch tick, so slow devices
 /// take turns among themselves; and however many guests spin, they hold at most half the
-/// cores, so a healthy device's event on the pool finds one. The event that shows a plugin
-/// slow is stopped on the pool and handled afresh here (`Preemption::Move`, see `on_event`).
+/// cores, so a healthy device's event on the pool finds one. The event or read that shows a
+/// plugin slow is stopped on the pool and handled afresh here (`Preemption::Move`, see `on_event`).
 ///
 /// With eight devices looping on two cores, a thermostat's readings had a p99 of 0.50-0.92
 /// ms, within its unloaded p99 (0.63-1.02 ms); with as many slow-lane threads as the pool's,
