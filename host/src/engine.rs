@@ -230,6 +230,11 @@ struct UnitClock {
     wall_before: Duration,
     /// When the current slice began.
     wall_start: Instant,
+    /// CPU time the earlier slices surely used: counted from clock readings only.
+    sure_before: Duration,
+    /// The running thread's CPU clock as read at the current slice's first look, or at its
+    /// resumption: where what it surely used is counted from (see [`UnitClock::surely_used`]).
+    sure_start: Option<Duration>,
     /// The unit yielded its thread at its last look: the next look, due at once after it is
     /// resumed, begins a slice on whatever thread resumed it.
     yielded: bool,
@@ -245,8 +250,8 @@ struct UnitClock {
 /// server is overloaded and coming again).
 pub(crate) const WALL_LIMIT: u32 = 4;
 
-/// Epoch ticks of CPU time a unit of an event must use, as seen at a look at its deadline, for
-/// its plugin to count as having run slow (see [`UnitClock::slow_after`]).
+/// Epoch ticks of CPU time a unit of an event or a read must use, as seen at a look at its
+/// deadline, for its plugin to count as having run slow (see [`UnitClock::shows_slow`]).
 const SLOW_TICKS: u32 = 2;
 
 impl UnitClock {
@@ -259,6 +264,8 @@ impl UnitClock {
             cpu_start: cpu_clock::recent(),
             wall_before: Duration::ZERO,
             wall_start: now,
+            sure_before: Duration::ZERO,
+            sure_start: None,
             yielded: false,
         }
     }
@@ -277,14 +284,38 @@ impl UnitClock {
         (self.epoch_tick * SLOW_TICKS).min(self.budget / 2)
     }
 
+    /// CPU time the unit surely used, the running thread's clock reading `cpu_now`: counted
+    /// from clock readings only, never from a sample, so from the current slice's first look
+    /// (which this is, if none was before) or its resumption. Less than [`UnitClock::used`]
+    /// by the first slice's time before its first look.
+    fn surely_used(&mut self, cpu_now: Duration) -> Duration {
+        let start = *self.sure_start.get_or_insert(cpu_now);
+        self.sure_before + cpu_now.saturating_sub(start)
+    }
+
+    /// Whether a unit that used `used` by its estimate and `surely` by clock readings shows its
+    /// plugin slow: past [`UnitClock::slow_after`], and a quarter of it (half a tick) surely.
+    ///
+    /// The estimate alone is not enough. Its start point is a sample that may be a tick old,
+    /// or more when the ticker woke late, and charges the unit for what its thread ran before
+    /// it, up to what the slice lasted in wall-clock time. On a machine short of cores a
+    /// thread preempted in the middle of a 5 µs event for 20 ms was charged 20 ms: with four
+    /// busy processes beside a server on two cores, the thermostat was marked slow within
+    /// seconds, and its whole fleet went to the slow lane.
+    fn shows_slow(&self, used: Duration, surely: Duration) -> bool {
+        used >= self.slow_after() && surely >= self.slow_after() / 4
+    }
+
     /// Wall-clock time the unit ran, not counting the turns it waited between slices.
     fn ran(&self, now: Instant) -> Duration {
         self.wall_before + now.saturating_duration_since(self.wall_start)
     }
 
-    /// The unit yields its thread, having used `used` of CPU and run `ran`.
-    fn suspend(&mut self, used: Duration, ran: Duration) {
+    /// The unit yields its thread, having used `used` of CPU (`surely` of it surely, see
+    /// [`UnitClock::surely_used`]) and run `ran`.
+    fn suspend(&mut self, used: Duration, surely: Duration, ran: Duration) {
         self.cpu_before = used;
+        self.sure_before = surely;
         self.wall_before = ran;
         self.yielded = true;
     }
@@ -292,6 +323,7 @@ impl UnitClock {
     /// The unit was resumed on a thread whose CPU clock reads `cpu_now`: a slice begins.
     fn resume(&mut self, cpu_now: Duration, now: Instant) {
         self.cpu_start = cpu_now;
+        self.sure_start = Some(cpu_now);
         self.wall_start = now;
         self.yielded = false;
     }
@@ -317,8 +349,9 @@ fn ticks_due(elapsed: Duration, tick: Duration) -> u64 {
 
 /// The epoch deadline passed: a look at the unit's clocks. Interrupts a unit past its CPU
 /// budget (a timeout) or far past it in wall-clock time (starved). An event's or a read's
-/// unit that has used two ticks marks its plugin slow, and one on the actor pool is then stopped, to run
-/// again on the slow lane ([`Preemption::Move`]). Otherwise the guest goes on: on a fiber,
+/// unit that has used two ticks (see [`UnitClock::shows_slow`]) marks its plugin slow, and
+/// one on the actor pool is then stopped, to run again on the slow lane
+/// ([`Preemption::Move`]). Otherwise the guest goes on: on a fiber,
 /// after yielding its thread to whatever else waits for one; otherwise for what is left of
 /// its budget.
 fn deadline_reached(
@@ -333,10 +366,17 @@ fn deadline_reached(
         return Ok(UpdateDeadline::Continue(1));
     }
     let used = unit.used(cpu_now, now);
-    let slow = state.preemption != Preemption::None && used >= unit.slow_after();
-    if slow {
-        // Marked even if the unit ends here: a plugin whose events time out is slow too.
-        state.ran_slow.store(true, Ordering::Relaxed);
+    let surely = unit.surely_used(cpu_now);
+    let slow = state.preemption != Preemption::None && unit.shows_slow(used, surely);
+    // Marked even if the unit ends here: a plugin whose events time out is slow too.
+    if slow && !state.ran_slow.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            device = %state.device,
+            cpu_ms = used.as_secs_f64() * 1e3,
+            surely_ms = surely.as_secs_f64() * 1e3,
+            "a guest call of this device's plugin version ran slow: from now on its devices' \
+             events, reads and activations run on the slow lane"
+        );
     }
     if used >= unit.budget {
         return Err(wasmtime::Trap::Interrupt.into());
@@ -355,7 +395,7 @@ fn deadline_reached(
         return Ok(UpdateDeadline::Continue(1));
     }
     if state.on_fiber {
-        unit.suspend(used, ran);
+        unit.suspend(used, surely, ran);
         return Ok(UpdateDeadline::Yield(0));
     }
     Ok(UpdateDeadline::Continue(UnitClock::ticks(
@@ -1461,7 +1501,7 @@ mod tests {
         unit.cpu_start = ms(500);
         let began = unit.wall_start;
         assert_eq!(unit.used(ms(600), began + ms(120)), ms(100));
-        unit.suspend(ms(100), ms(120));
+        unit.suspend(ms(100), ms(90), ms(120));
         // Resumed 300 ms later on a thread whose clock reads 10 ms.
         let resumed = began + ms(420);
         unit.resume(ms(10), resumed);
@@ -1485,5 +1525,33 @@ mod tests {
             UnitClock::start(ms(15), ms(10)).slow_after(),
             ms(7) + ms(1) / 2
         );
+    }
+
+    /// A unit whose thread was preempted for long in the middle of a short call, its start
+    /// point a sample from well before it began, is charged two ticks by its estimate; it is
+    /// not seen slow, since the clock readings from its first look on show it used nothing
+    /// more. A unit that spins is seen slow at its next look.
+    #[test]
+    fn a_unit_held_up_by_the_kernel_is_not_seen_slow() {
+        let ms = Duration::from_millis;
+        let mut unit = UnitClock::start(ms(250), ms(10));
+        // Sampled 30 ms of other work ago; its thread was then preempted for 25 ms.
+        unit.cpu_start = ms(1000);
+        let first_look = unit.wall_start + ms(25);
+        let used = unit.used(ms(1030), first_look);
+        assert_eq!(used, ms(25));
+        let surely = unit.surely_used(ms(1030));
+        assert_eq!(surely, Duration::ZERO);
+        assert!(!unit.shows_slow(used, surely));
+        // A spinning unit, a tick later: 10 ms more, surely.
+        let (cpu, next_look) = (ms(1040), first_look + ms(10));
+        let (used, surely) = (unit.used(cpu, next_look), unit.surely_used(cpu));
+        assert_eq!((used, surely), (ms(35), ms(10)));
+        assert!(unit.shows_slow(used, surely));
+        // What a slice surely used is kept across a yield; the next slice counts from its
+        // resumption.
+        unit.suspend(used, surely, unit.ran(next_look));
+        unit.resume(ms(7), next_look + ms(100));
+        assert_eq!(unit.surely_used(ms(9)), ms(12));
     }
 }
