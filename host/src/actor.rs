@@ -571,9 +571,21 @@ impl InternalKey {
 }
 
 /// A device sitting out a quarantine.
+/// A quarantine's length before and after jitter, after one whose length before jitter was
+/// `previous` (none: the first since the device last recovered). Exponential, `QUARANTINE_FIRST`
+/// doubled on each relapse up to `QUARANTINE_MAX`, with ±25% jitter (`jitter` in `[0, 1)`)
+/// so devices that failed together (one bad plugin version) do not all come back in the same
+/// instant. The jitter is applied to the length it returns only: doubled jittered lengths
+/// compounded it, drifting a fourth quarantine to 53 s where the rule says 30-50 s.
+fn quarantine_length(previous: Option<Duration>, jitter: f64) -> (Duration, Duration) {
+    let nominal = previous.map_or(QUARANTINE_FIRST, |p| (p * 2).min(QUARANTINE_MAX));
+    (nominal, nominal.mul_f64(0.75 + 0.5 * jitter))
+}
+
 struct Quarantine {
     until: Instant,
-    length: Duration,
+    /// Its length before jitter: the next one is twice it (see [`quarantine_length`]).
+    nominal: Duration,
     last: String,
     /// The last failure was an activation: reads answer at once instead of trying it again
     /// (each try may hold a thread for the whole activation budget, and fails the same way).
@@ -839,13 +851,8 @@ impl Actor {
         self.failures += 1;
         self.last_failure = Some(Instant::now());
         if self.failures >= QUARANTINE_AFTER {
-            // Exponential, with ±25% jitter so devices that failed together (one bad plugin
-            // version) do not all come back in the same instant.
-            let length = match &self.quarantine {
-                Some(q) => (q.length * 2).min(QUARANTINE_MAX),
-                None => QUARANTINE_FIRST,
-            };
-            let length = length.mul_f64(0.75 + 0.5 * clock::jitter());
+            let (nominal, length) =
+                quarantine_length(self.quarantine.as_ref().map(|q| q.nominal), clock::jitter());
             tracing::warn!(
                 device = %self.head.id,
                 failures = self.failures,
@@ -856,7 +863,7 @@ impl Actor {
             let until = Instant::now() + length;
             self.quarantine = Some(Quarantine {
                 until,
-                length,
+                nominal,
                 last: e.to_string(),
                 activation: matches!(e, Error::Activation(_)),
             });
@@ -1891,6 +1898,11 @@ impl Actor {
                             moves += 1;
                             continue;
                         }
+                        tracing::warn!(
+                            device = %self.head.id,
+                            error = %e,
+                            "guest failed on a read: discarding the instance"
+                        );
                     }
                     break Err(Error::from(e));
                 }
@@ -1950,6 +1962,30 @@ impl Actor {
                     self.live = None;
                 }
                 let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each quarantine is `QUARANTINE_FIRST` doubled per relapse, capped, within ±25%,
+    /// whatever the jitter drew before: it does not compound.
+    #[test]
+    fn quarantine_lengths_double_with_a_jitter_that_does_not_compound() {
+        for jitter in [0.0, 0.5, 0.999_999] {
+            let mut previous = None;
+            for relapse in 0..10 {
+                let (nominal, length) = quarantine_length(previous, jitter);
+                let rule = (QUARANTINE_FIRST * 2u32.pow(relapse)).min(QUARANTINE_MAX);
+                assert_eq!(nominal, rule);
+                assert!(
+                    length >= rule.mul_f64(0.75) && length <= rule.mul_f64(1.25),
+                    "relapse {relapse}, jitter {jitter}: {length:?} outside {rule:?} ±25%"
+                );
+                previous = Some(nominal);
             }
         }
     }
