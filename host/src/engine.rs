@@ -31,7 +31,7 @@
 //! * Outputs are bounded by the caller (see the actor), which refuses oversized transitions.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, ComponentExportIndex, Func, HasSelf, Linker};
@@ -185,11 +185,53 @@ pub struct GuestState {
     on_fiber: bool,
     /// Shared by every instance of the plugin version: set once a unit of any of them used
     /// two epoch ticks of CPU time on an event or a read (see [`CompiledPlugin::ran_slow`]).
-    ran_slow: Arc<AtomicBool>,
+    ran_slow: Arc<SlowMark>,
     /// How the unit under way may give its thread back (see [`Instance::begin_unit`]).
     preemption: Preemption,
     /// The unit was stopped so ([`CallError::Moved`]), until [`Instance::take_moved`].
     moved: bool,
+}
+
+/// Whether a plugin version runs slow, shared by its instances (see
+/// [`CompiledPlugin::ran_slow`]).
+///
+/// Set by a unit that showed it slow ([`UnitClock::shows_slow`]); cleared again once
+/// [`FORGIVE_AFTER`] units of the version in a row on the slow lane ended before their
+/// deadline was first looked at (within a tick or two), so that one slow event, or a mark
+/// set wrongly, does not keep a fleet on half the cores until the process restarts. A
+/// plugin slow on one event in more than that many stays there; one slow more rarely comes
+/// back to the pool and, on its next slow event, moves again (three or four ticks of a pool
+/// thread).
+#[derive(Debug, Default)]
+pub(crate) struct SlowMark {
+    slow: AtomicBool,
+    /// Units in a row on the slow lane that ended without a look at their deadline.
+    fast_streak: AtomicU32,
+}
+
+/// Units of a version in a row on the slow lane that end within a tick, after which the
+/// version is no longer taken to run slow (see [`SlowMark`]).
+pub const FORGIVE_AFTER: u32 = 10_000;
+
+impl SlowMark {
+    /// A unit on the slow lane ended; `looked`: its deadline was looked at.
+    fn unit_ended(&self, looked: bool, device: &str) {
+        if looked {
+            self.fast_streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.fast_streak.fetch_add(1, Ordering::Relaxed) + 1 >= FORGIVE_AFTER {
+            self.fast_streak.store(0, Ordering::Relaxed);
+            if self.slow.swap(false, Ordering::Relaxed) {
+                tracing::info!(
+                    device,
+                    units = FORGIVE_AFTER,
+                    "this device's plugin version ran fast on its last units on the slow \
+                     lane: its devices run on the actor pool again"
+                );
+            }
+        }
+    }
 }
 
 /// How a unit of work may give its thread back (see [`Instance::begin_unit`]).
@@ -238,6 +280,8 @@ struct UnitClock {
     /// The unit yielded its thread at its last look: the next look, due at once after it is
     /// resumed, begins a slice on whatever thread resumed it.
     yielded: bool,
+    /// Its deadline was looked at: it ran a tick or more (see [`SlowMark`]).
+    looked: bool,
 }
 
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
@@ -267,6 +311,7 @@ impl UnitClock {
             sure_before: Duration::ZERO,
             sure_start: None,
             yielded: false,
+            looked: false,
         }
     }
 
@@ -360,6 +405,7 @@ fn deadline_reached(
     let state = store.data_mut();
     let unit = &mut state.clock;
     let (cpu_now, now) = (cpu_clock::now(), Instant::now());
+    unit.looked = true;
     if unit.yielded {
         // The first look after a yield (the deadline was due at once).
         unit.resume(cpu_now, now);
@@ -369,7 +415,7 @@ fn deadline_reached(
     let surely = unit.surely_used(cpu_now);
     let slow = state.preemption != Preemption::None && unit.shows_slow(used, surely);
     // Marked even if the unit ends here: a plugin whose events time out is slow too.
-    if slow && !state.ran_slow.swap(true, Ordering::Relaxed) {
+    if slow && !state.ran_slow.slow.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             device = %state.device,
             cpu_ms = used.as_secs_f64() * 1e3,
@@ -719,7 +765,7 @@ impl Engine {
         Ok(CompiledPlugin {
             engine: self.clone(),
             pre: Arc::new(exports),
-            ran_slow: Arc::new(AtomicBool::new(false)),
+            ran_slow: Arc::new(SlowMark::default()),
         })
     }
 }
@@ -833,7 +879,7 @@ pub struct CompiledPlugin {
     /// Set once a unit of work of any instance of this version used more than an epoch
     /// tick of CPU time: from then on its instances' events run preemptible (see
     /// [`Instance::handle_preemptible`]).
-    ran_slow: Arc<AtomicBool>,
+    ran_slow: Arc<SlowMark>,
 }
 
 impl CompiledPlugin {
@@ -910,10 +956,11 @@ impl CompiledPlugin {
     /// the slow lane (see `actor::ActorPool`), their calls preemptible (see
     /// [`Instance::handle_preemptible`]); until then every call holds its thread to the end,
     /// which spares fast plugins a fiber per call and a stack per instance. Activations,
-    /// snapshots and dry-runs never mark it: a long fold is not a slow plugin. Kept until the
-    /// process ends.
+    /// snapshots and dry-runs never mark it: a long fold is not a slow plugin. Cleared after
+    /// [`FORGIVE_AFTER`] fast units in a row on the slow lane (see [`SlowMark`]), and at a
+    /// restart.
     pub fn ran_slow(&self) -> bool {
-        self.ran_slow.load(Ordering::Relaxed)
+        self.ran_slow.slow.load(Ordering::Relaxed)
     }
 
     /// The engine this plugin was compiled for.
@@ -1344,6 +1391,10 @@ impl Instance {
 
     /// Ends the unit [`Instance::begin_unit`] started.
     pub fn end_unit(&mut self, scope: UnitScope) {
+        let state = self.store.data();
+        if state.preemption == Preemption::Yield {
+            state.ran_slow.unit_ended(state.clock.looked, &state.device);
+        }
         self.unit = scope.outer;
         self.store.data_mut().preemption = scope.outer_preemption;
         // The outer unit's deadline may now come early: looked at then, it goes on.
@@ -1352,7 +1403,7 @@ impl Instance {
 
     /// Whether the plugin version has run slow (see [`CompiledPlugin::ran_slow`]).
     pub fn ran_slow(&self) -> bool {
-        self.store.data().ran_slow.load(Ordering::Relaxed)
+        self.store.data().ran_slow.slow.load(Ordering::Relaxed)
     }
 
     /// Whether a call may run preemptible: its unit asked ([`Preemption::Yield`]), the plugin

@@ -667,6 +667,63 @@ async fn a_looping_read_moves_to_the_slow_lane() {
     rt.shutdown().await;
 }
 
+/// A plugin marked slow whose units then all end within a tick, `FORGIVE_AFTER` of them in a
+/// row on the slow lane, is no longer taken to run slow: its devices' events run on the
+/// actor pool again. One slow event, or a mark set wrongly, does not keep a fleet on half
+/// the cores until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_whose_events_run_fast_again_returns_to_the_pool() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = one_thread_and_a_slow_plugin(dir.path(), Duration::from_millis(600)).await;
+    let slow = |rt: &Runtime| {
+        rt.plugins()
+            .into_iter()
+            .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane))
+    };
+    assert!(slow(&rt));
+    let ids: Vec<String> = (0..16).map(|i| format!("fast-{i}")).collect();
+    for id in &ids {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+    }
+    let per_device = drover::engine::FORGIVE_AFTER as usize / ids.len() + 1;
+    let senders: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (rt, id) = (rt.clone(), id.clone());
+            tokio::spawn(async move {
+                for _ in 0..per_device {
+                    rt.send(&id, r#"{"type":"ok"}"#).await.expect("handled");
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(
+        !slow(&rt),
+        "still marked slow after {} fast events",
+        per_device * ids.len()
+    );
+    let on_lane = rt.metrics().slow_lane_events.load(Relaxed);
+    let ack = rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(2));
+    assert_eq!(
+        rt.metrics().slow_lane_events.load(Relaxed),
+        on_lane,
+        "ran on the pool"
+    );
+    // Slow again: the next looping event moves it back.
+    let looped = rt
+        .send("spinner", r#"{"type":"loop"}"#)
+        .await
+        .expect_err("loops");
+    assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
+    assert!(slow(&rt));
+    rt.shutdown().await;
+}
+
 /// Many guests looping at once on the slow lane each end as a `timeout` on their own CPU
 /// budget, however long they waited for their turns: a plugin doing that is quarantined,
 /// where being told the server is overloaded would let it loop, and come again, for ever.
