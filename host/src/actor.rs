@@ -570,7 +570,6 @@ impl InternalKey {
     }
 }
 
-/// A device sitting out a quarantine.
 /// A quarantine's length before and after jitter, after one whose length before jitter was
 /// `previous` (none: the first since the device last recovered). Exponential, `QUARANTINE_FIRST`
 /// doubled on each relapse up to `QUARANTINE_MAX`, with ±25% jitter (`jitter` in `[0, 1)`)
@@ -582,6 +581,7 @@ fn quarantine_length(previous: Option<Duration>, jitter: f64) -> (Duration, Dura
     (nominal, nominal.mul_f64(0.75 + 0.5 * jitter))
 }
 
+/// A device sitting out a quarantine.
 struct Quarantine {
     until: Instant,
     /// Its length before jitter: the next one is twice it (see [`quarantine_length`]).
@@ -1898,11 +1898,14 @@ impl Actor {
                             moves += 1;
                             continue;
                         }
-                        tracing::warn!(
+                        // Past `MAX_MOVES` it is answered as the server's overload.
+                        if !moved {
+                            tracing::warn!(
                             device = %self.head.id,
                             error = %e,
-                            "guest failed on a read: discarding the instance"
-                        );
+                                "guest failed on a read: discarding the instance"
+                            );
+                        }
                     }
                     break Err(Error::from(e));
                 }

@@ -183,8 +183,8 @@ pub struct GuestState {
     /// Set while a call runs on a fiber of its own (see [`Instance::handle_preemptible`]):
     /// only then may the guest yield its thread at a deadline.
     on_fiber: bool,
-    /// Shared by every instance of the plugin version: set once a unit of any of them used
-    /// two epoch ticks of CPU time on an event or a read (see [`CompiledPlugin::ran_slow`]).
+    /// Shared by every instance of the plugin version: whether it runs slow (see
+    /// [`CompiledPlugin::ran_slow`]).
     ran_slow: Arc<SlowMark>,
     /// How the unit under way may give its thread back (see [`Instance::begin_unit`]).
     preemption: Preemption,
@@ -392,30 +392,85 @@ fn ticks_due(elapsed: Duration, tick: Duration) -> u64 {
     (elapsed.as_nanos() / tick.as_nanos().max(1)) as u64
 }
 
-/// The epoch deadline passed: a look at the unit's clocks. Interrupts a unit past its CPU
-/// budget (a timeout) or far past it in wall-clock time (starved). An event's or a read's
-/// unit that has used two ticks (see [`UnitClock::shows_slow`]) marks its plugin slow, and
-/// one on the actor pool is then stopped, to run again on the slow lane
-/// ([`Preemption::Move`]). Otherwise the guest goes on: on a fiber,
-/// after yielding its thread to whatever else waits for one; otherwise for what is left of
-/// its budget.
+/// What a look at a unit's deadline decided (see [`UnitClock::look`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Go on; look again in this many ticks.
+    Continue(u64),
+    /// Yield the thread (on a fiber); look again at once when resumed.
+    Yield,
+    /// Past its CPU budget: a timeout.
+    Timeout,
+    /// Far past its budget in wall-clock time within its CPU budget, having used this much.
+    Starved(Duration),
+    /// Stop, to run again on the slow lane ([`Preemption::Move`]).
+    Move,
+}
+
+impl UnitClock {
+    /// A look at the unit's clocks, the running thread's CPU clock reading `cpu_now` at `now`:
+    /// what to do, and, if the unit shows its plugin slow (an event's or a read's unit, see
+    /// [`UnitClock::shows_slow`]; a unit that times out shows it too), the CPU time it used and
+    /// surely used.
+    fn look(
+        &mut self,
+        cpu_now: Duration,
+        now: Instant,
+        preemption: Preemption,
+        on_fiber: bool,
+    ) -> (Verdict, Option<(Duration, Duration)>) {
+        self.looked = true;
+        if self.yielded {
+            // The first look after a yield (the deadline was due at once).
+            self.resume(cpu_now, now);
+            return (Verdict::Continue(1), None);
+        }
+        let used = self.used(cpu_now, now);
+        let surely = self.surely_used(cpu_now);
+        let timed_out = used >= self.budget;
+        // A timeout marks its plugin without the sure part: with a budget under three ticks
+        // the first look, where nothing is sure yet, may be the last.
+        let slow = preemption != Preemption::None
+            && (self.shows_slow(used, surely) || (timed_out && used >= self.slow_after()));
+        let verdict = if timed_out {
+            Verdict::Timeout
+        } else if self.ran(now) >= self.budget * WALL_LIMIT {
+            Verdict::Starved(used)
+        } else if preemption == Preemption::Move {
+            // Looked at each tick until it is seen slow, or ends.
+            if slow {
+                Verdict::Move
+            } else {
+                Verdict::Continue(1)
+            }
+        } else if on_fiber {
+            self.suspend(used, surely, self.ran(now));
+            Verdict::Yield
+        } else {
+            Verdict::Continue(UnitClock::ticks(self.budget - used, self.epoch_tick))
+        };
+        (verdict, slow.then_some((used, surely)))
+    }
+}
+
+/// The epoch deadline passed: a look at the unit's clocks ([`UnitClock::look`]). Interrupts a
+/// unit past its CPU budget (a timeout) or far past it in wall-clock time (starved). An
+/// event's or a read's unit that has used two ticks marks its plugin slow, and one on the
+/// actor pool is then stopped, to run again on the slow lane ([`Preemption::Move`]).
+/// Otherwise the guest goes on: on a fiber, after yielding its thread to whatever else waits
+/// for one; otherwise for what is left of its budget.
 fn deadline_reached(
     mut store: wasmtime::StoreContextMut<'_, GuestState>,
 ) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
-    let unit = &mut state.clock;
     let (cpu_now, now) = (cpu_clock::now(), Instant::now());
-    unit.looked = true;
-    if unit.yielded {
-        // The first look after a yield (the deadline was due at once).
-        unit.resume(cpu_now, now);
-        return Ok(UpdateDeadline::Continue(1));
-    }
-    let used = unit.used(cpu_now, now);
-    let surely = unit.surely_used(cpu_now);
-    let slow = state.preemption != Preemption::None && unit.shows_slow(used, surely);
+    let (verdict, slow) = state
+        .clock
+        .look(cpu_now, now, state.preemption, state.on_fiber);
     // Marked even if the unit ends here: a plugin whose events time out is slow too.
-    if slow && !state.ran_slow.slow.swap(true, Ordering::Relaxed) {
+    if let Some((used, surely)) = slow
+        && !state.ran_slow.slow.swap(true, Ordering::Relaxed)
+    {
         tracing::warn!(
             device = %state.device,
             cpu_ms = used.as_secs_f64() * 1e3,
@@ -424,30 +479,19 @@ fn deadline_reached(
              events, reads and activations run on the slow lane"
         );
     }
-    if used >= unit.budget {
-        return Err(wasmtime::Trap::Interrupt.into());
-    }
-    let ran = unit.ran(now);
-    if ran >= unit.budget * WALL_LIMIT {
-        state.starved = Some(used);
-        return Err(wasmtime::Trap::Interrupt.into());
-    }
-    if state.preemption == Preemption::Move {
-        if slow {
-            state.moved = true;
-            return Err(wasmtime::Trap::Interrupt.into());
+    match verdict {
+        Verdict::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
+        Verdict::Yield => Ok(UpdateDeadline::Yield(0)),
+        Verdict::Timeout => Err(wasmtime::Trap::Interrupt.into()),
+        Verdict::Starved(used) => {
+            state.starved = Some(used);
+            Err(wasmtime::Trap::Interrupt.into())
         }
-        // Looked at each tick until it is seen slow, or ends.
-        return Ok(UpdateDeadline::Continue(1));
+        Verdict::Move => {
+            state.moved = true;
+            Err(wasmtime::Trap::Interrupt.into())
+        }
     }
-    if state.on_fiber {
-        unit.suspend(used, surely, ran);
-        return Ok(UpdateDeadline::Yield(0));
-    }
-    Ok(UpdateDeadline::Continue(UnitClock::ticks(
-        unit.budget - used,
-        unit.epoch_tick,
-    )))
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -876,9 +920,7 @@ fn instantiation_fault(
 pub struct CompiledPlugin {
     engine: Engine,
     pre: Arc<Pre>,
-    /// Set once a unit of work of any instance of this version used more than an epoch
-    /// tick of CPU time: from then on its instances' events run preemptible (see
-    /// [`Instance::handle_preemptible`]).
+    /// Whether this version runs slow (see [`CompiledPlugin::ran_slow`]).
     ran_slow: Arc<SlowMark>,
 }
 
@@ -1528,7 +1570,7 @@ impl Instance {
 mod tests {
     use std::time::Duration;
 
-    use super::{UnitClock, ticks_due};
+    use super::{Preemption, UnitClock, Verdict, ticks_due};
 
     /// A ticker that wakes late (its thread starved of a core) catches up to the wall clock
     /// at once, so deadlines counted in ticks keep to wall-clock time.
@@ -1576,6 +1618,40 @@ mod tests {
             UnitClock::start(ms(15), ms(10)).slow_after(),
             ms(7) + ms(1) / 2
         );
+    }
+
+    /// Through [`UnitClock::look`], as the deadline callback decides: on the actor pool, a
+    /// unit held up by the kernel with a stale start sample goes on and marks nothing; one
+    /// that spins is moved and marks its plugin at its next look; one that runs out of a
+    /// short budget at its first look times out and marks its plugin.
+    #[test]
+    fn a_look_moves_a_spinning_unit_but_not_one_held_up_by_the_kernel() {
+        let ms = Duration::from_millis;
+        let mut unit = UnitClock::start(ms(250), ms(10));
+        unit.cpu_start = ms(1000);
+        let began = unit.wall_start;
+        let first = unit.look(ms(1030), began + ms(25), Preemption::Move, false);
+        assert_eq!(first, (Verdict::Continue(1), None));
+        let next = unit.look(ms(1040), began + ms(35), Preemption::Move, false);
+        assert_eq!(next, (Verdict::Move, Some((ms(35), ms(10)))));
+        // Not an event's or a read's unit: never marks, never moves.
+        let mut fold = UnitClock::start(ms(250), ms(10));
+        fold.cpu_start = ms(1000);
+        fold.look(ms(1030), began + ms(25), Preemption::None, false);
+        let (verdict, slow) = fold.look(ms(1040), began + ms(35), Preemption::None, false);
+        assert!(matches!(verdict, Verdict::Continue(_)) && slow.is_none());
+        // A 15 ms budget runs out at the first look.
+        let mut short = UnitClock::start(ms(15), ms(10));
+        short.cpu_start = ms(1000);
+        let out = short.look(ms(1016), short.wall_start + ms(16), Preemption::Move, false);
+        assert_eq!(out, (Verdict::Timeout, Some((ms(16), ms(0)))));
+        // On a fiber the unit yields, and the look after its resumption goes on.
+        let mut fiber = UnitClock::start(ms(250), ms(10));
+        fiber.cpu_start = ms(1000);
+        let yielded = fiber.look(ms(1012), fiber.wall_start + ms(12), Preemption::Yield, true);
+        assert_eq!(yielded.0, Verdict::Yield);
+        let resumed = fiber.look(ms(3), fiber.wall_start + ms(40), Preemption::Yield, true);
+        assert_eq!(resumed, (Verdict::Continue(1), None));
     }
 
     /// A unit whose thread was preempted for long in the middle of a short call, its start
