@@ -200,7 +200,7 @@ pub struct GuestState {
 /// deadline was first looked at (within a tick or two), so that one slow event, or a mark
 /// set wrongly, does not keep a fleet on half the cores until the process restarts. A
 /// plugin slow on one event in more than that many stays there; one slow more rarely comes
-/// back to the pool and, on its next slow event, moves again (three or four ticks of a pool
+/// back to the pool and, on its next slow event, moves again (two or three ticks of a pool
 /// thread).
 #[derive(Debug, Default)]
 pub(crate) struct SlowMark {
@@ -378,6 +378,19 @@ impl UnitClock {
     /// is shorter.
     fn first_look(budget: Duration, epoch_tick: Duration) -> u64 {
         UnitClock::ticks(budget.min(epoch_tick), epoch_tick)
+    }
+
+    /// [`UnitClock::first_look`] for a unit that gives its thread back as `preemption` says.
+    /// A unit on the actor pool that may be moved is first looked at the next tick, within
+    /// one: that look reads the thread's clock, from which what the unit surely used is
+    /// counted (see [`UnitClock::surely_used`]), so a spinning unit is seen slow two or three
+    /// ticks in, not three or four. A unit shorter than a tick is looked at only if a tick
+    /// ends during it (a 5 µs event: one in 2,000).
+    fn first_look_for(budget: Duration, epoch_tick: Duration, preemption: Preemption) -> u64 {
+        match preemption {
+            Preemption::Move => 1,
+            Preemption::None | Preemption::Yield => UnitClock::first_look(budget, epoch_tick),
+        }
     }
 
     /// Epoch ticks until the deadline should next be looked at for `left` of budget: one
@@ -1422,6 +1435,11 @@ impl Instance {
             self.renew_log_budget();
         }
         self.start_clock(budget);
+        self.store.set_epoch_deadline(UnitClock::first_look_for(
+            budget,
+            self.epoch_tick,
+            preemption,
+        ));
         scope
     }
 
@@ -1618,6 +1636,17 @@ mod tests {
             UnitClock::start(ms(15), ms(10)).slow_after(),
             ms(7) + ms(1) / 2
         );
+    }
+
+    /// A unit that may be moved off the pool is first looked at within a tick, so that what
+    /// it surely used is counted from early on; others within two.
+    #[test]
+    fn a_unit_that_may_move_is_looked_at_within_a_tick() {
+        let ms = Duration::from_millis;
+        let first = |p| UnitClock::first_look_for(ms(250), ms(10), p);
+        assert_eq!(first(Preemption::Move), 1);
+        assert_eq!(first(Preemption::Yield), 2);
+        assert_eq!(first(Preemption::None), 2);
     }
 
     /// Through [`UnitClock::look`], as the deadline callback decides: on the actor pool, a
