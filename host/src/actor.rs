@@ -1901,8 +1901,8 @@ impl Actor {
                         // Past `MAX_MOVES` it is answered as the server's overload.
                         if !moved {
                             tracing::warn!(
-                            device = %self.head.id,
-                            error = %e,
+                                device = %self.head.id,
+                                error = %e,
                                 "guest failed on a read: discarding the instance"
                             );
                         }
