@@ -196,8 +196,8 @@ pub struct GuestState {
 /// [`CompiledPlugin::ran_slow`]).
 ///
 /// Set by a unit that showed it slow ([`UnitClock::shows_slow`]); cleared again once
-/// [`FORGIVE_AFTER`] units of the version in a row on the slow lane ended before their
-/// deadline was first looked at (within a tick or two), so that one slow event, or a mark
+/// [`FORGIVE_AFTER`] units of the version in a row on the slow lane ended without showing it
+/// slow, so that one slow event, or a mark
 /// set wrongly, does not keep a fleet on half the cores until the process restarts. A
 /// plugin slow on one event in more than that many stays there; one slow more rarely comes
 /// back to the pool and, on its next slow event, moves again (two or three ticks of a pool
@@ -205,18 +205,20 @@ pub struct GuestState {
 #[derive(Debug, Default)]
 pub(crate) struct SlowMark {
     slow: AtomicBool,
-    /// Units in a row on the slow lane that ended without a look at their deadline.
+    /// Units in a row on the slow lane that ended without showing the version slow. (Not
+    /// "without a look at their deadline": a thread held off its core for a tick in the
+    /// middle of a fast unit is looked at, and on a loaded machine that broke every streak.)
     fast_streak: AtomicU32,
 }
 
-/// Units of a version in a row on the slow lane that end within a tick, after which the
+/// Units of a version in a row on the slow lane that end without showing it slow, after which the
 /// version is no longer taken to run slow (see [`SlowMark`]).
 pub const FORGIVE_AFTER: u32 = 10_000;
 
 impl SlowMark {
-    /// A unit on the slow lane ended; `looked`: its deadline was looked at.
-    fn unit_ended(&self, looked: bool, device: &str) {
-        if looked {
+    /// A unit on the slow lane ended; `seen_slow`: a look at its deadline showed it slow.
+    fn unit_ended(&self, seen_slow: bool, device: &str) {
+        if seen_slow {
             self.fast_streak.store(0, Ordering::Relaxed);
             return;
         }
@@ -280,8 +282,8 @@ struct UnitClock {
     /// The unit yielded its thread at its last look: the next look, due at once after it is
     /// resumed, begins a slice on whatever thread resumed it.
     yielded: bool,
-    /// Its deadline was looked at: it ran a tick or more (see [`SlowMark`]).
-    looked: bool,
+    /// A look showed it slow (see [`UnitClock::shows_slow`] and [`SlowMark`]).
+    seen_slow: bool,
 }
 
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
@@ -311,7 +313,7 @@ impl UnitClock {
             sure_before: Duration::ZERO,
             sure_start: None,
             yielded: false,
-            looked: false,
+            seen_slow: false,
         }
     }
 
@@ -432,7 +434,6 @@ impl UnitClock {
         preemption: Preemption,
         on_fiber: bool,
     ) -> (Verdict, Option<(Duration, Duration)>) {
-        self.looked = true;
         if self.yielded {
             // The first look after a yield (the deadline was due at once).
             self.resume(cpu_now, now);
@@ -462,6 +463,7 @@ impl UnitClock {
         } else {
             Verdict::Continue(UnitClock::ticks(self.budget - used, self.epoch_tick))
         };
+        self.seen_slow |= slow;
         (verdict, slow.then_some((used, surely)))
     }
 }
@@ -1453,7 +1455,9 @@ impl Instance {
     pub fn end_unit(&mut self, scope: UnitScope) {
         let state = self.store.data();
         if state.preemption == Preemption::Yield {
-            state.ran_slow.unit_ended(state.clock.looked, &state.device);
+            state
+                .ran_slow
+                .unit_ended(state.clock.seen_slow, &state.device);
         }
         self.unit = scope.outer;
         self.store.data_mut().preemption = scope.outer_preemption;
