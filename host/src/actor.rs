@@ -961,32 +961,29 @@ impl Actor {
             .version
             .store(self.head.version, Ordering::Relaxed);
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
-        // A plugin that has run slow folds on the slow lane: its `apply`s may be slow too, and
-        // an activation's budget is seconds.
+        // A plugin that has run slow folds on the slow lane: its `restore` or `apply`s may be
+        // slow too, and an activation's budget is seconds. One that turns out slow here
+        // (a unit of the rebuild used two epoch ticks) is stopped and folded there afresh.
         let started = Instant::now();
+        let version = self.head.version;
         let rebuilt = match self.lazy_upgrade()? {
             Some(rebuilt) => rebuilt,
-            None if self.env.registry.ran_slow(self.head.version) => {
-                self.env
-                    .metrics
-                    .slow_lane_activations
-                    .fetch_add(1, Ordering::Relaxed);
-                let (journal, registry) = (self.env.journal.clone(), self.env.registry.clone());
-                let head = self.head.clone();
-                let task = self.env.slow_lane.spawn(async move {
-                    replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
-                });
-                on_slow_lane(task)
-                    .await
-                    .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))??
-            }
-            None => replay::rebuild(
+            None if self.env.registry.ran_slow(version) => self.activate_on_slow_lane().await?,
+            None => match replay::rebuild_as(
                 &self.env.journal,
                 &self.env.registry,
                 &self.head,
                 self.head.seq,
                 Start::Snapshot,
-            )?,
+                Preemption::Move,
+            ) {
+                // Stopped as its plugin turned out slow, or short of a core or of memory
+                // while it is now marked slow: either way the slow lane is where it goes.
+                Err(Error::Overloaded(_)) if self.env.registry.ran_slow(version) => {
+                    self.activate_on_slow_lane().await?
+                }
+                other => other?,
+            },
         };
         self.env.metrics.activations.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -1039,6 +1036,23 @@ impl Actor {
             tracing::info!(device = %self.head.id, outcome = ?report.outcome, "moved to the version a deploy made current while it activated");
         }
         Ok(())
+    }
+
+    /// Rebuilds the device on the slow lane, where an activation of a plugin that has run slow
+    /// holds a slow-lane thread rather than one of the pool's.
+    async fn activate_on_slow_lane(&self) -> Result<replay::Rebuilt, Error> {
+        self.env
+            .metrics
+            .slow_lane_activations
+            .fetch_add(1, Ordering::Relaxed);
+        let (journal, registry) = (self.env.journal.clone(), self.env.registry.clone());
+        let head = self.head.clone();
+        let task = self.env.slow_lane.spawn(async move {
+            replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
+        });
+        on_slow_lane(task)
+            .await
+            .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))?
     }
 
     /// At activation: if the plugin's current version is not the one this device runs (a

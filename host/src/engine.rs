@@ -136,9 +136,14 @@ impl CallError {
         !matches!(self, CallError::Rejected { .. })
     }
 
-    /// Whether the server, not the guest, lacked what the call needed (a core, memory).
+    /// Whether the call failed for no fault of the guest's: the server lacked what it needed
+    /// (a core, memory), or it was stopped to run again on the slow lane
+    /// ([`CallError::Moved`]).
     pub fn is_overload(&self) -> bool {
-        matches!(self, CallError::Starved { .. } | CallError::GuestMemory(_))
+        matches!(
+            self,
+            CallError::Starved { .. } | CallError::GuestMemory(_) | CallError::Moved
+        )
     }
 }
 
@@ -239,14 +244,14 @@ impl SlowMark {
 /// How a unit of work may give its thread back (see [`Instance::begin_unit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preemption {
-    /// Never: every call holds its thread to the end (activations, snapshots, a dry-run's
-    /// re-decisions).
+    /// Never: every call holds its thread to the end (snapshots, a dry-run's re-decisions,
+    /// deploy folds, activations on the slow lane).
     None,
     /// Stopped at its first look past two epoch ticks of CPU time ([`CallError::Moved`]), to
-    /// run again from the start elsewhere, and the plugin marked slow: the actor pool's events
-    /// and reads, whose plugin had not run slow when they began. `handle` and `query` change
-    /// no state and the journal holds all the rest, so running an event or a read again is
-    /// safe; the instance goes.
+    /// run again from the start elsewhere, and the plugin marked slow: the actor pool's events,
+    /// reads and activations, whose plugin had not run slow when they began. `handle` and
+    /// `query` change no state, an activation builds a fresh instance, and the journal holds
+    /// all the rest, so running any of them again is safe; the instance goes.
     Move,
     /// Each `handle`, `apply` and `query` runs on a fiber that yields its thread at every
     /// epoch tick, if the plugin has run slow (see [`Instance::handle_preemptible`]): the slow
@@ -1413,7 +1418,19 @@ impl Instance {
     /// Runs `f` as one unit of work: every guest call inside shares one deadline, `budget`
     /// from now (see the type's docs). Its calls are not preemptible.
     pub fn within<T>(&mut self, budget: Duration, f: impl FnOnce(&mut Instance) -> T) -> T {
-        let scope = self.begin_unit(budget, Preemption::None);
+        self.within_as(budget, Preemption::None, f)
+    }
+
+    /// [`Instance::within`], stopped as `preemption` says: with [`Preemption::Move`], at its
+    /// first look past two epoch ticks ([`CallError::Moved`], the plugin marked slow). The
+    /// calls inside are synchronous, so [`Preemption::Yield`] is [`Preemption::None`] here.
+    pub fn within_as<T>(
+        &mut self,
+        budget: Duration,
+        preemption: Preemption,
+        f: impl FnOnce(&mut Instance) -> T,
+    ) -> T {
+        let scope = self.begin_unit(budget, preemption);
         let out = f(self);
         self.end_unit(scope);
         out
@@ -1436,12 +1453,7 @@ impl Instance {
         if scope.outer.is_none() {
             self.renew_log_budget();
         }
-        self.start_clock(budget);
-        self.store.set_epoch_deadline(UnitClock::first_look_for(
-            budget,
-            self.epoch_tick,
-            preemption,
-        ));
+        self.start_clock(budget, preemption);
         scope
     }
 
@@ -1481,12 +1493,16 @@ impl Instance {
             && (self.holds_stack || self.stacks.held() < MAX_FIBER_STACKS)
     }
 
-    /// A budget starts: its clock, and the first time the deadline is looked at.
-    fn start_clock(&mut self, budget: Duration) {
+    /// A budget starts: its clock, and the first time the deadline is looked at (see
+    /// [`UnitClock::first_look_for`]).
+    fn start_clock(&mut self, budget: Duration, preemption: Preemption) {
         self.store.data_mut().clock = UnitClock::start(budget, self.epoch_tick);
         self.store.data_mut().starved = None;
-        self.store
-            .set_epoch_deadline(UnitClock::first_look(budget, self.epoch_tick));
+        self.store.set_epoch_deadline(UnitClock::first_look_for(
+            budget,
+            self.epoch_tick,
+            preemption,
+        ));
     }
 
     /// Bytes this instance's memory has grown past its initial size: its share of the
@@ -1504,7 +1520,7 @@ impl Instance {
         self.store.data_mut().on_fiber = false;
         if self.unit.is_none() {
             self.renew_log_budget();
-            self.start_clock(self.call_timeout);
+            self.start_clock(self.call_timeout, Preemption::None);
         }
     }
 

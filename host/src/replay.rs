@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::EngineConfig;
 use crate::decide;
-use crate::engine::{CallError, Engine, Instance, WALL_LIMIT, cpu_clock};
+use crate::engine::{CallError, Engine, Instance, Preemption, WALL_LIMIT, cpu_clock};
 use crate::error::Error;
 use crate::journal::{DeviceHead, Journal, JournalError, SnapshotRef};
 use crate::registry::Registry;
@@ -62,7 +62,24 @@ pub fn rebuild(
     upto: u64,
     start: Start,
 ) -> Result<Rebuilt, Error> {
-    rebuild_reporting(journal, registry, device, upto, start).map_err(|f| f.error)
+    rebuild_as(journal, registry, device, upto, start, Preemption::None)
+}
+
+/// [`rebuild`], each of its guest calls' units stopped as `preemption` says: an actor on the
+/// pool activates a device of a plugin that has not run slow with [`Preemption::Move`], and a
+/// rebuild stopped so (a restore, an `init` or a chunk of replayed `apply`s that used two
+/// epoch ticks: the plugin is now marked slow) fails as `Error::Overloaded`, to be done
+/// again on the slow lane. A healthy long replay is not stopped: each chunk of 1,024
+/// records is a unit of its own.
+pub fn rebuild_as(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+    preemption: Preemption,
+) -> Result<Rebuilt, Error> {
+    rebuild_reporting_as(journal, registry, device, upto, start, preemption).map_err(|f| f.error)
 }
 
 /// Why a rebuild failed, and at which recorded seq if it was folding the journal.
@@ -104,10 +121,33 @@ pub fn rebuild_reporting(
     upto: u64,
     start: Start,
 ) -> Result<Rebuilt, RebuildFailure> {
+    rebuild_reporting_as(journal, registry, device, upto, start, Preemption::None)
+}
+
+fn rebuild_reporting_as(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+    preemption: Preemption,
+) -> Result<Rebuilt, RebuildFailure> {
     // One budget for the whole rebuild (restore, init, every replayed apply), not per call,
     // shared by the search for a trap below.
     let budget = Budget::start(registry.engine().config().activation_timeout);
-    let rebuilt = match rebuild_from(journal, registry, device, upto, start, &budget, None) {
+    let from_scratch = |one_by_one_from| {
+        rebuild_from(
+            journal,
+            registry,
+            device,
+            upto,
+            start,
+            &budget,
+            preemption,
+            one_by_one_from,
+        )
+    };
+    let rebuilt = match from_scratch(None) {
         // A trap in a batch does not say which transition trapped. Replay is deterministic:
         // once more, in batches up to that batch and one `apply` per transition from it on,
         // finds it. On the failure path only. If that ends otherwise than in a trap at or
@@ -116,7 +156,7 @@ pub fn rebuild_reporting(
         Err(first) if first.unlocated => {
             let from = first.seq;
             tracing::debug!(device = %device.id, error = %first.error, "locating a trap in a batch");
-            match rebuild_from(journal, registry, device, upto, start, &budget, from) {
+            match from_scratch(from) {
                 Err(located) if located.trapped && located.seq >= from => Err(located),
                 Ok(rebuilt) => {
                     tracing::warn!(
@@ -287,6 +327,7 @@ fn rebuild_from(
     upto: u64,
     start: Start,
     budget: &Budget,
+    preemption: Preemption,
     one_by_one_from: Option<u64>,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
@@ -349,7 +390,7 @@ fn rebuild_from(
             .map_err(Error::from)
             .and_then(|data| {
                 instance
-                    .within(left(), |i| i.restore(&data))
+                    .within_as(left(), preemption, |i| i.restore(&data))
                     .map_err(|e| Error::from(budget.whole(e)))
             });
         match outcome {
@@ -383,7 +424,7 @@ fn rebuild_from(
             let config = std::str::from_utf8(&device.config)
                 .map_err(|_| Error::Activation("stored config is not UTF-8".into()))?;
             instance
-                .within(left(), |i| i.init(&device.id, config))
+                .within_as(left(), preemption, |i| i.init(&device.id, config))
                 .map_err(|e| activation(budget.whole(e)))?;
             (instance, 0)
         }
@@ -429,49 +470,56 @@ fn rebuild_from(
                 .map_or(transitions.len(), |&(_, first)| first)
         });
         let (batched, single) = transitions.split_at(split);
-        instance.within(left(), |instance| -> Result<(), RebuildFailure> {
-            let mut done = 0;
-            let runs = decide::batches(batched, BATCHED).chain(decide::batches(single, 1));
-            for batch in runs {
-                instance.apply_batch(batch).map_err(|e| {
-                    let trapped = matches!(e.error, CallError::Trap(_));
-                    // Running out of time (or the server out of memory) is no record's
-                    // fault: none is named as the one that cannot be folded (`seq`), though
-                    // the message says where it was.
-                    let timed_out =
-                        matches!(e.error, CallError::Timeout(_)) || e.error.is_overload();
-                    let error = Error::from(budget.whole(e.error));
-                    match e.applied {
-                        Some(n) => {
-                            let seq = seq_of(done + n);
-                            RebuildFailure {
-                                seq: (!timed_out).then_some(seq),
-                                error: activation_failed(format!("replaying seq {seq}: "), error),
-                                unlocated: false,
-                                trapped,
+        instance.within_as(
+            left(),
+            preemption,
+            |instance| -> Result<(), RebuildFailure> {
+                let mut done = 0;
+                let runs = decide::batches(batched, BATCHED).chain(decide::batches(single, 1));
+                for batch in runs {
+                    instance.apply_batch(batch).map_err(|e| {
+                        let trapped = matches!(e.error, CallError::Trap(_));
+                        // Running out of time (or the server out of memory, or a stop to
+                        // fold on the slow lane) is no record's fault: none is named as the
+                        // one that cannot be folded (`seq`), though the message says where.
+                        let timed_out =
+                            matches!(e.error, CallError::Timeout(_)) || e.error.is_overload();
+                        let error = Error::from(budget.whole(e.error));
+                        match e.applied {
+                            Some(n) => {
+                                let seq = seq_of(done + n);
+                                RebuildFailure {
+                                    seq: (!timed_out).then_some(seq),
+                                    error: activation_failed(
+                                        format!("replaying seq {seq}: "),
+                                        error,
+                                    ),
+                                    unlocated: false,
+                                    trapped,
+                                }
+                            }
+                            // A trap or timeout inside one call of several transitions: a trap is
+                            // blamed on the batch's first record, then located (see
+                            // `rebuild_reporting`).
+                            None => {
+                                let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
+                                RebuildFailure {
+                                    seq: (!timed_out).then_some(first),
+                                    error: activation_failed(
+                                        format!("replaying seqs {first} to {last}: "),
+                                        error,
+                                    ),
+                                    unlocated: trapped,
+                                    trapped,
+                                }
                             }
                         }
-                        // A trap or timeout inside one call of several transitions: a trap is
-                        // blamed on the batch's first record, then located (see
-                        // `rebuild_reporting`).
-                        None => {
-                            let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
-                            RebuildFailure {
-                                seq: (!timed_out).then_some(first),
-                                error: activation_failed(
-                                    format!("replaying seqs {first} to {last}: "),
-                                    error,
-                                ),
-                                unlocated: trapped,
-                                trapped,
-                            }
-                        }
-                    }
-                })?;
-                done += batch.len();
-            }
-            Ok(())
-        })?;
+                    })?;
+                    done += batch.len();
+                }
+                Ok(())
+            },
+        )?;
         if let Some(seq) = unreadable {
             return Err(RebuildFailure {
                 seq: Some(seq),

@@ -774,3 +774,72 @@ async fn a_plugin_that_ran_slow_activates_on_the_slow_lane() {
     assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), before + 1);
     rt.shutdown().await;
 }
+
+/// An activation whose `restore` spins, of a plugin that has not run slow, is stopped on the
+/// actor pool once seen slow and done again on the slow lane: a healthy device on the only
+/// actor thread is answered meanwhile. There the snapshot times out after the activation's
+/// budget and the device comes up by replaying its history from `init`, as a snapshot that
+/// will not restore always does; the plugin is marked slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A snapshot whose `restore` spins.
+        let rt = Runtime::builder(dir.path())
+            .plugin_dir(PLUGINS)
+            .snapshot_every(1)
+            .open()
+            .await
+            .expect("runtime opens");
+        rt.provision("spinner", "misbehave", &json!({}))
+            .await
+            .unwrap();
+        rt.send("spinner", r#"{"type":"loop_on_restore"}"#)
+            .await
+            .expect("handled");
+        rt.shutdown().await;
+    }
+    let budget = Duration::from_millis(1500);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .actor_threads(1)
+        .activation_timeout(budget)
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("thermo", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .unwrap();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.0}"#)
+        .await
+        .expect("live");
+    let started = std::time::Instant::now();
+    let spinner = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.send("spinner", r#"{"type":"ok"}"#).await })
+    };
+    // The activation is restoring.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
+        .await
+        .expect("handled");
+    let waited = sent.elapsed();
+    let ack = spinner.await.unwrap().expect("activates from its history");
+    let took = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "the thermostat waited {waited:?} for the plugin's first slow activation"
+    );
+    assert!(took >= budget, "the restore ended after {took:?}");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
+    assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), 1);
+    assert!(
+        rt.plugins()
+            .into_iter()
+            .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane)),
+        "the plugin is marked slow"
+    );
+    rt.shutdown().await;
+}

@@ -35,12 +35,13 @@
 //! | `{"type": "refuse_on_apply"}` | transitions `{"type": "counted", "count": N}` then `{"type": "unreadable"}`, which `apply` refuses (`invalid-transition`) after applying the first |
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //! | `{"type": "loop_on_read"}` | one transition `{"type": "loops_on_read"}`: from then on every read of the state (`query`) spins forever |
+//! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
 //!
 //! # State
 //!
 //! `{"count": N, "applied": M}`: `ok` events counted, and transitions applied of any kind;
 //! `"loops_on_read": true` too once a `loop_on_read` event is applied (never read back: the
-//! read spins).
+//! read spins), and `"loops_on_restore": true` once a `loop_on_restore` one is.
 #![warn(missing_docs)]
 
 use std::cell::RefCell;
@@ -67,6 +68,10 @@ pub struct Misbehave {
     /// Reads spin forever (a `loop_on_read` event was applied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loops_on_read: bool,
+    /// Restoring a snapshot of this state spins forever (a `loop_on_restore` event was
+    /// applied).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub loops_on_restore: bool,
 }
 
 /// Provisioning configuration.
@@ -121,6 +126,8 @@ pub enum Event {
     RefuseOnApply,
     /// Return a transition after which every read spins forever.
     LoopOnRead,
+    /// Return a transition after which restoring a snapshot spins forever.
+    LoopOnRestore,
     /// Return `count` transitions whose `apply` each spins `spin` iterations.
     SlowApply {
         /// Loop iterations per apply.
@@ -220,6 +227,8 @@ pub enum Transition {
     },
     /// Every read from then on spins forever.
     LoopsOnRead,
+    /// Restoring a snapshot from then on spins forever.
+    LoopsOnRestore,
 }
 
 /// How much `ok` adds to the count: see "Versions for the deploy tests".
@@ -300,6 +309,7 @@ impl Device for Misbehave {
                 (0..count).map(|_| Transition::Slow { spin }).collect()
             }
             Event::LoopOnRead => vec![Transition::LoopsOnRead],
+            Event::LoopOnRestore => vec![Transition::LoopsOnRestore],
             Event::Send { to, event, tag } => {
                 ctx.send(to, &event);
                 vec![Transition::Relayed { tag }]
@@ -342,11 +352,28 @@ impl Device for Misbehave {
                 std::hint::black_box(x);
             }
             Transition::LoopsOnRead => self.loops_on_read = true,
+            Transition::LoopsOnRestore => self.loops_on_restore = true,
             Transition::Allocated { .. }
             | Transition::Big { .. }
             | Transition::Echoed { .. }
             | Transition::Relayed { .. } => {}
         }
+    }
+
+    fn restore(snapshot: &[u8]) -> Result<Self, Error> {
+        let state: Misbehave = drover_guest::serde_json::from_slice(snapshot).map_err(|e| {
+            Error::new(
+                drover_guest::codes::INVALID_SNAPSHOT,
+                format!("not a state: {e}"),
+            )
+        })?;
+        if state.loops_on_restore {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Ok(state)
     }
 
     fn query(&self) -> drover_guest::serde_json::Value {
