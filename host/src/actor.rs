@@ -32,6 +32,7 @@
 //!   its generation; the actor notices before its next message and rebuilds from the journal.
 
 use std::num::NonZeroU64;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -183,24 +184,43 @@ async fn decide_live(
     .map_err(lost)?
 }
 
-/// Reads the live instance's state, where [`decide_live`] would decide an event: on the pool
-/// (stopped there once seen slow, `Preemption::Move`), or on the slow lane if its plugin has
-/// run slow. The outer `Err` if there is no live instance, or the slow lane lost it.
-async fn query_live(
+/// A guest call that changes no state, run as a unit of its own ([`Instance::query_unit`],
+/// [`Instance::snapshot_unit`]), as [`read_live`] runs it.
+type ReadUnit<R> = for<'a> fn(&'a mut Instance, Preemption) -> ReadFuture<'a, R>;
+
+type ReadFuture<'a, R> = Pin<Box<dyn Future<Output = Result<R, CallError>> + Send + 'a>>;
+
+fn query_unit(i: &mut Instance, p: Preemption) -> ReadFuture<'_, String> {
+    Box::pin(i.query_unit(p))
+}
+
+fn snapshot_unit(i: &mut Instance, p: Preemption) -> ReadFuture<'_, Vec<u8>> {
+    Box::pin(i.snapshot_unit(p))
+}
+
+/// Runs `unit` (a read of the state, a snapshot) on the live instance where [`decide_live`]
+/// would decide an event: on the pool (stopped there once seen slow, `Preemption::Move`), or
+/// on the slow lane if its plugin has run slow, counted in `slow_lane`. The outer `Err` if
+/// there is no live instance, or the slow lane lost it.
+async fn read_live<R: Send + 'static>(
     live: &mut Option<Live>,
     env: &ActorEnv,
-) -> Result<Result<String, CallError>, String> {
+    unit: ReadUnit<R>,
+    slow_lane: Option<&AtomicU64>,
+) -> Result<Result<R, CallError>, String> {
     match live {
         Some(current) if !current.instance.ran_slow() => {
-            return Ok(current.instance.query_unit(Preemption::Move).await);
+            return Ok(unit(&mut current.instance, Preemption::Move).await);
         }
         Some(_) => {}
         None => return Err("no live instance".into()),
     }
-    env.metrics.slow_lane_reads.fetch_add(1, Ordering::Relaxed);
-    to_slow_lane(live, env, |mut moved| async move {
-        let state = moved.instance.query_unit(Preemption::Yield).await;
-        (moved, state)
+    if let Some(counter) = slow_lane {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    to_slow_lane(live, env, move |mut moved| async move {
+        let out = unit(&mut moved.instance, Preemption::Yield).await;
+        (moved, out)
     })
     .await
 }
@@ -694,7 +714,7 @@ impl Actor {
                         Box::pin(self.retry_upgrade()).await;
                     }
                     match msg {
-                        Message::Passivate => self.passivate(),
+                        Message::Passivate => self.passivate().await,
                         Message::Resume { reply } => {
                             // A device that is not quarantined is left as it is: its count
                             // of failures in a row stands.
@@ -775,7 +795,7 @@ impl Actor {
                     if now < deadline {
                         sleep.as_mut().reset(deadline);
                     } else if self.live.is_some() {
-                        self.passivate();
+                        self.passivate().await;
                         sleep.as_mut().reset(now + idle);
                     } else if !self.in_quarantine()
                         // What supervision counts lives in this task: retired, a device
@@ -801,7 +821,7 @@ impl Actor {
             }
         }
         // The mailbox is closed and drained: leave a snapshot so the next start replays less.
-        self.passivate();
+        self.passivate().await;
     }
 
     /// Whether a quarantine is under way (no error built: checked for every event).
@@ -908,10 +928,10 @@ impl Actor {
     /// Drops the instance after snapshotting what the last snapshot does not cover. The task
     /// and its mailbox stay for one more idle period (then they are retired too); the next
     /// message reactivates the device from snapshot + tail.
-    fn passivate(&mut self) {
+    async fn passivate(&mut self) {
         self.timer_record = None;
         if self.live.as_ref().is_some_and(|l| l.since_snapshot > 0) {
-            self.snapshot();
+            self.snapshot().await;
         }
         if self.live.take().is_some() {
             tracing::debug!(device = %self.head.id, "passivated");
@@ -966,7 +986,7 @@ impl Actor {
         // (a unit of the rebuild used two epoch ticks) is stopped and folded there afresh.
         let started = Instant::now();
         let version = self.head.version;
-        let rebuilt = match self.lazy_upgrade()? {
+        let rebuilt = match self.lazy_upgrade().await? {
             Some(rebuilt) => rebuilt,
             None if self.env.registry.ran_slow(version) => self.activate_on_slow_lane().await?,
             None => match replay::rebuild_as(
@@ -1016,7 +1036,7 @@ impl Actor {
             // Came up from another version's snapshot (retention deleted the history a
             // replay needs): a snapshot of its own version, so the next activation does not
             // depend on that one, and retention is not held back until the next one is due.
-            self.snapshot();
+            self.snapshot().await;
         }
         // A deploy or rollback that moved the plugin's current version while this device was
         // activating did not see it live (it was not yet), so it counted on the activation to
@@ -1055,11 +1075,43 @@ impl Actor {
             .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))?
     }
 
+    /// Folds the device's history into version `want.version` ([`upgrade::bring_up`]) where its
+    /// events would run: on the slow lane if that version has run slow, else on the pool,
+    /// stopped there once seen slow and folded again on the slow lane, as an activation is.
+    async fn bring_up(
+        &self,
+        want: &DeviceHead,
+        from: u32,
+    ) -> Result<(replay::Rebuilt, Option<bool>), replay::RebuildFailure> {
+        let registry = &self.env.registry;
+        if !registry.ran_slow(want.version) {
+            match upgrade::bring_up(&self.env.journal, registry, want, from, Preemption::Move) {
+                Err(f)
+                    if matches!(f.error, Error::Overloaded(_))
+                        && registry.ran_slow(want.version) => {}
+                other => return other,
+            }
+        }
+        let (journal, registry, want) = (
+            self.env.journal.clone(),
+            self.env.registry.clone(),
+            want.clone(),
+        );
+        let task = self.env.slow_lane.spawn(async move {
+            upgrade::bring_up(&journal, &registry, &want, from, Preemption::None)
+        });
+        on_slow_lane(task).await.map_err(|e| {
+            replay::RebuildFailure::from(Error::Internal(format!(
+                "folding a new version on the slow lane: {e}"
+            )))
+        })?
+    }
+
     /// At activation: if the plugin's current version is not the one this device runs (a
     /// deploy happened while it was passivated), brings it up on the current one. Returns
     /// `None` to activate on the device's own version: no deploy pending, or the current
     /// version cannot fold this device's history (logged, not retried until restart).
-    fn lazy_upgrade(&mut self) -> Result<Option<replay::Rebuilt>, Error> {
+    async fn lazy_upgrade(&mut self) -> Result<Option<replay::Rebuilt>, Error> {
         let from = self.head.version;
         let Some(to) = self.env.registry.target_of(from) else {
             return Ok(None);
@@ -1074,7 +1126,7 @@ impl Actor {
         }
         let mut want = self.head.clone();
         want.version = to;
-        match upgrade::bring_up(&self.env.journal, &self.env.registry, &want, from) {
+        match self.bring_up(&want, from).await {
             // The server lacked a core or memory: nothing is known about the version. This
             // activation fails as overloaded (retry), the next one tries again.
             Err(f) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
@@ -1170,7 +1222,7 @@ impl Actor {
             return report;
         }
         want.version = to;
-        match upgrade::bring_up(&self.env.journal, registry, &want, from) {
+        match self.bring_up(&want, from).await {
             // Nothing is known about the version: the device stays as it is (not remembered
             // as a failure) and tries again later, live (`Live::upgrade_retry`), or moves at
             // its next activation.
@@ -1221,7 +1273,7 @@ impl Actor {
                     report.outcome = UpgradeOutcome::Upgraded;
                     // The next activation starts from the new version's own snapshot.
                     if rebuilt.applied > 0 || rebuilt.foreign_snapshot {
-                        self.snapshot();
+                        self.snapshot().await;
                     }
                 }
             }
@@ -1807,7 +1859,7 @@ impl Actor {
         );
 
         if take_snapshot {
-            self.snapshot();
+            self.snapshot().await;
         }
         true
     }
@@ -1825,20 +1877,27 @@ impl Actor {
             tracing::debug!(device = %self.head.id, error = %e, "no snapshot for retention: the device did not activate");
             return;
         }
-        self.snapshot();
+        self.snapshot().await;
         if !was_live {
-            self.passivate();
+            self.passivate().await;
         }
     }
 
     /// Submits a snapshot of the current state. Best effort: a failure only means a longer
-    /// replay at the next activation.
-    fn snapshot(&mut self) {
+    /// replay at the next activation. Taken where an event would be decided (see
+    /// [`read_live`]); one stopped on the pool as its plugin turned out slow is not taken
+    /// again: the instance is lost with it, and the next one is taken on the slow lane.
+    async fn snapshot(&mut self) {
+        let taken = read_live(&mut self.live, &self.env, snapshot_unit, None).await;
         let Some(live) = self.live.as_mut() else {
+            if let Err(lost) = taken {
+                tracing::warn!(device = %self.head.id, error = %lost, "snapshot not taken");
+            }
             return;
         };
-        match live.instance.snapshot() {
-            Ok(data) => {
+        match taken {
+            Err(_) => {}
+            Ok(Ok(data)) => {
                 let bytes = data.len();
                 match self
                     .writer
@@ -1858,12 +1917,19 @@ impl Actor {
                     ),
                 }
             }
-            Err(e) => {
-                tracing::warn!(
-                    device = %self.head.id,
-                    error = %e,
-                    "snapshot failed; discarding the instance"
-                );
+            Ok(Err(e)) => {
+                if e.is_fatal() && live.instance.take_moved() {
+                    tracing::debug!(
+                        device = %self.head.id,
+                        "snapshot stopped as its plugin turned out slow; discarding the instance"
+                    );
+                } else {
+                    tracing::warn!(
+                        device = %self.head.id,
+                        error = %e,
+                        "snapshot failed; discarding the instance"
+                    );
+                }
                 if e.is_fatal() {
                     self.live = None;
                 }
@@ -1894,7 +1960,8 @@ impl Actor {
                 }
                 break Err(e);
             }
-            match query_live(&mut self.live, &self.env).await {
+            let slow_lane = Some(&self.env.metrics.slow_lane_reads);
+            match read_live(&mut self.live, &self.env, query_unit, slow_lane).await {
                 Err(lost) => break Err(Error::Internal(lost)),
                 Ok(Ok(state)) => {
                     let seq = self.live.as_ref().map_or(self.head.seq, |live| live.seq);
@@ -1926,7 +1993,7 @@ impl Actor {
             }
         };
         if status != DeviceStatus::Active {
-            self.passivate();
+            self.passivate().await;
         }
         match result {
             Ok(answer) => self.reply_when_durable(answer, reply),
@@ -1953,32 +2020,48 @@ impl Actor {
         }));
     }
 
+    /// Answers [`Message::Export`]: the guest's snapshot bytes, taken as a read is (see
+    /// [`Actor::on_query`]).
     async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
         if let Some(e) = self.unreadable() {
             let _ = reply.send(Err(e));
             return;
         }
-        if let Err(e) = self.ensure_live().await {
-            if matches!(e, Error::Activation(_)) {
-                self.record_failure(&e);
-            }
-            let _ = reply.send(Err(e));
-            return;
-        }
-        let Some(live) = self.live.as_mut() else {
-            let _ = reply.send(Err(Error::Internal("no live instance".into())));
-            return;
-        };
-        match live.instance.snapshot() {
-            Ok(bytes) => {
-                let seq = live.seq;
-                self.reply_when_durable((seq, bytes), reply);
-            }
-            Err(e) => {
-                if e.is_fatal() {
-                    self.live = None;
+        let mut moves = 0;
+        let result = loop {
+            if let Err(e) = self.ensure_live().await {
+                if matches!(e, Error::Activation(_)) {
+                    self.record_failure(&e);
                 }
-                let _ = reply.send(Err(e.into()));
+                break Err(e);
+            }
+            match read_live(&mut self.live, &self.env, snapshot_unit, None).await {
+                Err(lost) => break Err(Error::Internal(lost)),
+                Ok(Ok(bytes)) => {
+                    let seq = self.live.as_ref().map_or(self.head.seq, |live| live.seq);
+                    break Ok((seq, bytes));
+                }
+                Ok(Err(e)) => {
+                    if e.is_fatal() {
+                        // Stopped on the pool as its plugin turned out slow: taken again, on
+                        // the slow lane, from a rebuilt instance (as a read is, `on_query`).
+                        let moved = self
+                            .live
+                            .take()
+                            .is_some_and(|mut l| l.instance.take_moved());
+                        if moved && moves < MAX_MOVES {
+                            moves += 1;
+                            continue;
+                        }
+                    }
+                    break Err(Error::from(e));
+                }
+            }
+        };
+        match result {
+            Ok(answer) => self.reply_when_durable(answer, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
             }
         }
     }

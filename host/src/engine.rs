@@ -809,8 +809,9 @@ impl Engine {
                     apply: export("apply")?,
                     batch: export("apply-batch")?,
                     query: export("query")?,
+                    snapshot: export("snapshot")?,
                 };
-                Pre::V3(v3, indices, direct)
+                Pre::V3(v3, indices, Box::new(direct))
             }
             Err(e) => match bindings_v2::DevicePre::new(pre.clone()) {
                 Ok(v2) => Pre::V2(v2),
@@ -842,19 +843,20 @@ enum Pre {
     V3(
         DevicePre<GuestState>,
         bindings::DeviceIndices,
-        V3Exports<ComponentExportIndex>,
+        Box<V3Exports<ComponentExportIndex>>,
     ),
 }
 
 /// Exports of a `0.3.0` plugin called directly rather than through the bindings: `apply-batch`
 /// (the bindings call it with owned strings only, and a batch is borrowed from journal
-/// reads), and `handle`, `apply` and `query` when called on a fiber (the bindings call either
-/// synchronously or asynchronously, not both).
+/// reads), and `handle`, `apply`, `query` and `snapshot` when called on a fiber (the bindings
+/// call either synchronously or asynchronously, not both).
 struct V3Exports<F> {
     handle: F,
     apply: F,
     batch: F,
     query: F,
+    snapshot: F,
 }
 
 /// A live instance's exports, by contract version.
@@ -996,6 +998,7 @@ impl CompiledPlugin {
                             apply: func(direct.apply)?,
                             batch: func(direct.batch)?,
                             query: func(direct.query)?,
+                            snapshot: func(direct.snapshot)?,
                         };
                         Ok(Exports::V3(device, direct))
                     })
@@ -1402,14 +1405,37 @@ impl Instance {
     /// ([`Preemption::Yield`]) if the plugin has run slow, as [`Instance::handle_preemptible`]
     /// does. A read that uses two epoch ticks marks its plugin slow, as an event does.
     pub async fn query_unit(&mut self, preemption: Preemption) -> Result<String, CallError> {
+        self.read_unit(preemption, |exports| exports.query, Instance::query)
+            .await
+    }
+
+    /// Serializes the state as a unit of work of its own, as [`Instance::query_unit`] reads it:
+    /// a `snapshot` that spins is stopped on the pool once seen slow, or yields on the slow
+    /// lane, instead of holding an actor thread for a whole call budget.
+    pub async fn snapshot_unit(&mut self, preemption: Preemption) -> Result<Vec<u8>, CallError> {
+        self.read_unit(preemption, |exports| exports.snapshot, Instance::snapshot)
+            .await
+    }
+
+    /// A call that changes no state, taking no argument, as one unit of work of one call's
+    /// budget: on a fiber through `export` if it may be preempted, else through `sync`.
+    async fn read_unit<R>(
+        &mut self,
+        preemption: Preemption,
+        export: fn(&V3Exports<Func>) -> Func,
+        sync: fn(&mut Instance) -> Result<R, CallError>,
+    ) -> Result<R, CallError>
+    where
+        R: wasmtime::component::ComponentType + wasmtime::component::Lift + Send + Sync + 'static,
+    {
         let scope = self.begin_unit(self.call_timeout, preemption);
         let r = match &self.device {
             Exports::V3(_, direct) if self.may_preempt() => {
-                let query = direct.query;
-                let r = self.call_on_fiber::<(), (String,)>(query, ()).await;
-                self.settle(r.map(|(state,)| Ok(state)))
+                let func = export(direct);
+                let r = self.call_on_fiber::<(), (R,)>(func, ()).await;
+                self.settle(r.map(|(out,)| Ok(out)))
             }
-            _ => self.query(),
+            _ => sync(self),
         };
         self.end_unit(scope);
         r

@@ -124,7 +124,8 @@ pub fn rebuild_reporting(
     rebuild_reporting_as(journal, registry, device, upto, start, Preemption::None)
 }
 
-fn rebuild_reporting_as(
+/// [`rebuild_reporting`], stopped as `preemption` says (see [`rebuild_as`]).
+pub(crate) fn rebuild_reporting_as(
     journal: &Journal,
     registry: &Registry,
     device: &DeviceHead,
@@ -134,7 +135,7 @@ fn rebuild_reporting_as(
 ) -> Result<Rebuilt, RebuildFailure> {
     // One budget for the whole rebuild (restore, init, every replayed apply), not per call,
     // shared by the search for a trap below.
-    let budget = Budget::start(registry.engine().config().activation_timeout);
+    let budget = Budget::start(registry.engine().config().activation_timeout, preemption);
     let from_scratch = |one_by_one_from| {
         rebuild_from(
             journal,
@@ -143,7 +144,6 @@ fn rebuild_reporting_as(
             upto,
             start,
             &budget,
-            preemption,
             one_by_one_from,
         )
     };
@@ -248,6 +248,8 @@ struct Budget {
     allowance: std::cell::Cell<Duration>,
     cpu_start: Duration,
     wall_start: Instant,
+    /// How the rebuild's units give their thread back (see [`rebuild_as`]).
+    preemption: Preemption,
 }
 
 /// CPU time a rebuild's budget grows by per transition it folds: ten times what folding one
@@ -256,12 +258,13 @@ struct Budget {
 pub(crate) const REPLAY_ALLOWANCE: Duration = Duration::from_micros(10);
 
 impl Budget {
-    fn start(base: Duration) -> Budget {
+    fn start(base: Duration, preemption: Preemption) -> Budget {
         Budget {
             base,
             allowance: std::cell::Cell::new(Duration::ZERO),
             cpu_start: cpu_clock::now(),
             wall_start: Instant::now(),
+            preemption,
         }
     }
 
@@ -327,7 +330,6 @@ fn rebuild_from(
     upto: u64,
     start: Start,
     budget: &Budget,
-    preemption: Preemption,
     one_by_one_from: Option<u64>,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
@@ -345,6 +347,7 @@ fn rebuild_from(
         }
     };
     let left = || budget.left();
+    let preemption = budget.preemption;
 
     // Newest usable snapshot first; one that will not restore falls back to the one before
     // it, and past a few failures to a full replay from `init`.
@@ -623,6 +626,7 @@ mod tests {
             allowance: Default::default(),
             cpu_start: cpu_clock::now(),
             wall_start: Instant::now() - total * (WALL_LIMIT + 1),
+            preemption: Preemption::None,
         };
         let starved = waited.whole(CallError::Timeout(Duration::ZERO));
         assert!(matches!(
@@ -642,12 +646,13 @@ mod tests {
             allowance: Default::default(),
             cpu_start: cpu_clock::now() - total * 2,
             wall_start: Instant::now() - total * (WALL_LIMIT + 1),
+            preemption: Preemption::None,
         };
         assert!(matches!(
             busy.whole(CallError::Timeout(Duration::ZERO)),
             CallError::Timeout(t) if t == total
         ));
-        let fresh = Budget::start(total);
+        let fresh = Budget::start(total, Preemption::None);
         assert!(matches!(
             fresh.whole(CallError::Timeout(Duration::from_millis(3))),
             CallError::Timeout(t) if t == total

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use crate::actor::{ActorEnv, ActorPool, Message};
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Postman};
-use crate::engine::Engine;
+use crate::engine::{CallError, Engine, Preemption};
 use crate::error::{Error, validate_id};
 use crate::journal::{DeviceHead, Journal, Recovery, ScrubState};
 use crate::metrics::Metrics;
@@ -334,21 +334,40 @@ impl Runtime {
             .ok_or_else(|| Error::UnknownPlugin(plugin.to_string()))?;
 
         // Trial init: a config the plugin refuses would make a device that can never activate.
-        // Guest code, so on the actors' threads.
+        // Guest code, so where events run: on the actor pool, stopped there once seen slow
+        // (`Preemption::Move`) and tried again on the slow lane, where a plugin that has run
+        // slow runs it from the start.
         let compiled = self.shared.registry.compiled(version.id)?;
         let (trial_id, trial_config) = (id.to_string(), config_text.clone());
-        self.pool()?
-            .spawn(async move {
-                let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
-                trial.init(&trial_id, &trial_config).map_err(|e| match e {
-                    crate::engine::CallError::Rejected { code, message } => {
-                        Error::ConfigRefused { code, message }
-                    }
-                    other => Error::from(other),
-                })
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("trial init task: {e}")))??;
+        let on_the_pool = !compiled.ran_slow();
+        let trial = Arc::new(move |preemption| -> Result<Result<(), CallError>, Error> {
+            let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
+            let budget = compiled.engine().config().call_timeout;
+            Ok(trial.within_as(budget, preemption, |t| t.init(&trial_id, &trial_config)))
+        });
+        let task_failed =
+            |e: tokio::task::JoinError| Error::Internal(format!("trial init task: {e}"));
+        // A plugin that has run slow goes to the slow lane at once, as if stopped on the pool.
+        let mut init = Err(CallError::Moved);
+        if on_the_pool {
+            let trial = trial.clone();
+            init = self
+                .pool()?
+                .spawn(async move { trial(Preemption::Move) })
+                .await
+                .map_err(task_failed)??;
+        }
+        if matches!(init, Err(CallError::Moved)) {
+            init = self
+                .slow_lane()?
+                .spawn(async move { trial(Preemption::None) })
+                .await
+                .map_err(task_failed)??;
+        }
+        init.map_err(|e| match e {
+            CallError::Rejected { code, message } => Error::ConfigRefused { code, message },
+            other => Error::from(other),
+        })?;
 
         let head = self
             .shared
@@ -933,13 +952,22 @@ impl Runtime {
         tracing::info!(actors = n, "runtime stopped");
     }
 
+    /// The actor pool's threads (see [`ActorPool`]).
     pub(crate) fn pool(&self) -> Result<tokio::runtime::Handle, Error> {
-        self.shared
-            .pool
-            .lock()
-            .as_ref()
-            .map(ActorPool::handle)
-            .ok_or(Error::ShuttingDown)
+        self.actor_threads(ActorPool::handle)
+    }
+
+    /// The actor pool's slow lane (see [`ActorPool`]).
+    pub(crate) fn slow_lane(&self) -> Result<tokio::runtime::Handle, Error> {
+        self.actor_threads(ActorPool::slow_lane)
+    }
+
+    fn actor_threads(
+        &self,
+        which: fn(&ActorPool) -> tokio::runtime::Handle,
+    ) -> Result<tokio::runtime::Handle, Error> {
+        let pool = self.shared.pool.lock();
+        pool.as_ref().map(which).ok_or(Error::ShuttingDown)
     }
 
     pub(crate) fn check_open(&self) -> Result<(), Error> {

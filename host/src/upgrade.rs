@@ -24,6 +24,7 @@
 
 use serde::Serialize;
 
+use crate::engine::Preemption;
 use crate::error::ErrorKind;
 use crate::journal::{DeviceHead, Journal};
 use crate::registry::Registry;
@@ -107,29 +108,40 @@ impl DeviceUpgrade {
 }
 
 /// A new instance of `want.version` at the device's seq `want.seq`, and whether that version
-/// reads the newest snapshot of `old_version` (the device's version until now).
+/// reads the newest snapshot of `old_version` (the device's version until now). The fold's
+/// units are stopped as `preemption` says (see [`replay::rebuild_as`]): an actor on the pool
+/// folds a version not yet slow with [`Preemption::Move`], and one stopped so fails as the
+/// server's overload, to be folded again on the slow lane.
 pub fn bring_up(
     journal: &Journal,
     registry: &Registry,
     want: &DeviceHead,
     old_version: u32,
+    preemption: Preemption,
 ) -> Result<(Rebuilt, Option<bool>), RebuildFailure> {
     // Only snapshots taken by `want.version` itself qualify (the rebuild filters by version).
     // When the history a replay needs was deleted by retention, the newest snapshot of the
     // old version is the only start left: used if the new version restores it.
-    let rebuilt =
-        match replay::rebuild_reporting(journal, registry, want, want.seq, Start::Snapshot) {
-            Err(RebuildFailure { error, .. }) if error.kind() == ErrorKind::RetainedAway => {
-                replay::rebuild_reporting(
-                    journal,
-                    registry,
-                    want,
-                    want.seq,
-                    Start::SnapshotOf(old_version),
-                )?
-            }
-            other => other?,
-        };
+    let rebuilt = match replay::rebuild_reporting_as(
+        journal,
+        registry,
+        want,
+        want.seq,
+        Start::Snapshot,
+        preemption,
+    ) {
+        Err(RebuildFailure { error, .. }) if error.kind() == ErrorKind::RetainedAway => {
+            replay::rebuild_reporting_as(
+                journal,
+                registry,
+                want,
+                want.seq,
+                Start::SnapshotOf(old_version),
+                preemption,
+            )?
+        }
+        other => other?,
+    };
     let snapshot_readable = journal
         .snapshots(want.num)
         .into_iter()

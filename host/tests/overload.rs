@@ -843,3 +843,158 @@ async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
     );
     rt.shutdown().await;
 }
+
+/// A snapshot whose `snapshot` spins, of a plugin that has not run slow, is stopped on the
+/// actor pool once seen slow (its instance lost with it, as after any failed snapshot): a
+/// healthy device on the only actor thread is answered meanwhile. The plugin is marked slow,
+/// and the device's next events, and their snapshots, run on the slow lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_first_slow_snapshot_is_stopped_on_the_pool() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .actor_threads(1)
+        .call_timeout(budget)
+        .snapshot_every(1)
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("spinner", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    rt.provision("thermo", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .unwrap();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.0}"#)
+        .await
+        .expect("live");
+    // Handled and acknowledged; the snapshot after it spins.
+    rt.send("spinner", r#"{"type":"loop_on_snapshot"}"#)
+        .await
+        .expect("handled");
+    let sent = std::time::Instant::now();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
+        .await
+        .expect("handled");
+    let waited = sent.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "the thermostat waited {waited:?} for the plugin's first slow snapshot"
+    );
+    assert!(
+        rt.plugins()
+            .into_iter()
+            .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane)),
+        "the plugin is marked slow"
+    );
+    // The device goes on from its history, on the slow lane; its snapshots still fail.
+    let events = rt.metrics().slow_lane_events.load(Relaxed);
+    let ack = rt
+        .send("spinner", r#"{"type":"ok"}"#)
+        .await
+        .expect("handled");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
+    assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), events + 1);
+    rt.shutdown().await;
+}
+
+/// Provisioning's trial `init` runs where events do: one that spins, of a plugin that has not
+/// run slow, is stopped on the actor pool once seen slow and tried again on the slow lane. A
+/// healthy device on the only actor thread is answered meanwhile, and the provisioning fails
+/// as a timeout after its call budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_init_that_spins_moves_to_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1200);
+    let rt = one_thread(dir.path(), budget).await;
+    let started = std::time::Instant::now();
+    let provisioning = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            rt.provision("looper", "misbehave", &json!({"loop_init": true}))
+                .await
+        })
+    };
+    // The trial `init` is spinning.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
+        .await
+        .expect("handled");
+    let waited = sent.elapsed();
+    let refused = provisioning.await.unwrap().expect_err("init spins");
+    let took = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "the thermostat waited {waited:?} for a spinning trial init"
+    );
+    assert_eq!(refused.kind(), ErrorKind::Timeout, "{refused}");
+    assert!(took >= budget, "timed out after {took:?}");
+    let unknown = rt.device("looper").await.expect_err("not provisioned");
+    assert_eq!(unknown.kind(), ErrorKind::UnknownDevice, "{unknown}");
+    rt.shutdown().await;
+}
+
+/// A deploy's fold of a live device runs where its events do: one of a version not yet slow
+/// that uses two epoch ticks is stopped on the actor pool, the version marked slow, and
+/// folded again on the slow lane. A healthy device on the only actor thread is answered
+/// meanwhile, and the device is upgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_deploy_fold_moves_to_the_slow_lane() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(2000);
+    let (rt, same) = one_slow_device(Runtime::builder(dir.path()).actor_threads(1), budget).await;
+    rt.provision("thermo", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .unwrap();
+    rt.send("thermo", r#"{"type":"reading","celsius":20.0}"#)
+        .await
+        .expect("live");
+    let started = std::time::Instant::now();
+    let deploy = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.deploy("misbehave", same.version, true).await })
+    };
+    // The deploy first checks the fold on a blocking thread, then `s` folds its history
+    // into the new version: readings all along, the longest wait kept.
+    let mut waited = Duration::ZERO;
+    while !deploy.is_finished() {
+        let sent = std::time::Instant::now();
+        rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
+            .await
+            .expect("handled");
+        waited = waited.max(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = deploy.await.unwrap().expect("deployed");
+    let took = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "the thermostat waited {waited:?} for a slow deploy fold"
+    );
+    let s = report
+        .devices
+        .iter()
+        .find(|d| d.device == "s")
+        .expect("s was live");
+    assert_eq!(
+        s.outcome,
+        drover::upgrade::UpgradeOutcome::Upgraded,
+        "{s:?}"
+    );
+    assert!(took >= budget * 3 / 5, "folded in {took:?}");
+    let slow: Vec<u32> = rt
+        .plugins()
+        .into_iter()
+        .filter(|(name, _)| name == "misbehave")
+        .flat_map(|(_, versions)| versions)
+        .filter(|v| v.slow_lane)
+        .map(|v| v.version)
+        .collect();
+    assert!(slow.contains(&same.version), "marked slow: {slow:?}");
+    rt.shutdown().await;
+}

@@ -16,7 +16,8 @@
 //!
 //! # Config
 //!
-//! Any JSON object (or none). `{"fail_init": true}` makes `init` fail with code `rejected`.
+//! Any JSON object (or none). `{"fail_init": true}` makes `init` fail with code `rejected`;
+//! `{"loop_init": true}` makes it spin forever.
 //!
 //! # Events and what they do
 //!
@@ -35,13 +36,15 @@
 //! | `{"type": "refuse_on_apply"}` | transitions `{"type": "counted", "count": N}` then `{"type": "unreadable"}`, which `apply` refuses (`invalid-transition`) after applying the first |
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //! | `{"type": "loop_on_read"}` | one transition `{"type": "loops_on_read"}`: from then on every read of the state (`query`) spins forever |
+//! | `{"type": "loop_on_snapshot"}` | one transition `{"type": "loops_on_snapshot"}`: from then on every `snapshot` spins forever |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
 //!
 //! # State
 //!
 //! `{"count": N, "applied": M}`: `ok` events counted, and transitions applied of any kind;
 //! `"loops_on_read": true` too once a `loop_on_read` event is applied (never read back: the
-//! read spins), and `"loops_on_restore": true` once a `loop_on_restore` one is.
+//! read spins), `"loops_on_snapshot": true` once a `loop_on_snapshot` one is, and
+//! `"loops_on_restore": true` once a `loop_on_restore` one is.
 #![warn(missing_docs)]
 
 use std::cell::RefCell;
@@ -68,6 +71,9 @@ pub struct Misbehave {
     /// Reads spin forever (a `loop_on_read` event was applied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loops_on_read: bool,
+    /// Snapshots spin forever (a `loop_on_snapshot` event was applied).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub loops_on_snapshot: bool,
     /// Restoring a snapshot of this state spins forever (a `loop_on_restore` event was
     /// applied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -80,6 +86,9 @@ pub struct Config {
     /// Make `init` fail.
     #[serde(default)]
     pub fail_init: bool,
+    /// Make `init` spin forever.
+    #[serde(default)]
+    pub loop_init: bool,
 }
 
 /// An incoming event; see the crate docs.
@@ -126,6 +135,8 @@ pub enum Event {
     RefuseOnApply,
     /// Return a transition after which every read spins forever.
     LoopOnRead,
+    /// Return a transition after which every snapshot spins forever.
+    LoopOnSnapshot,
     /// Return a transition after which restoring a snapshot spins forever.
     LoopOnRestore,
     /// Return `count` transitions whose `apply` each spins `spin` iterations.
@@ -227,6 +238,8 @@ pub enum Transition {
     },
     /// Every read from then on spins forever.
     LoopsOnRead,
+    /// Every snapshot from then on spins forever.
+    LoopsOnSnapshot,
     /// Restoring a snapshot from then on spins forever.
     LoopsOnRestore,
 }
@@ -242,6 +255,12 @@ impl Device for Misbehave {
     fn init(_device_id: &str, config: Config) -> Result<Self, Error> {
         if config.fail_init {
             return Err(Error::new(REJECTED, "init failed on request (fail_init)"));
+        }
+        if config.loop_init {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
         }
         Ok(Misbehave::default())
     }
@@ -309,6 +328,7 @@ impl Device for Misbehave {
                 (0..count).map(|_| Transition::Slow { spin }).collect()
             }
             Event::LoopOnRead => vec![Transition::LoopsOnRead],
+            Event::LoopOnSnapshot => vec![Transition::LoopsOnSnapshot],
             Event::LoopOnRestore => vec![Transition::LoopsOnRestore],
             Event::Send { to, event, tag } => {
                 ctx.send(to, &event);
@@ -352,12 +372,23 @@ impl Device for Misbehave {
                 std::hint::black_box(x);
             }
             Transition::LoopsOnRead => self.loops_on_read = true,
+            Transition::LoopsOnSnapshot => self.loops_on_snapshot = true,
             Transition::LoopsOnRestore => self.loops_on_restore = true,
             Transition::Allocated { .. }
             | Transition::Big { .. }
             | Transition::Echoed { .. }
             | Transition::Relayed { .. } => {}
         }
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        if self.loops_on_snapshot {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        drover_guest::serde_json::to_vec(self).expect("the state serializes")
     }
 
     fn restore(snapshot: &[u8]) -> Result<Self, Error> {
