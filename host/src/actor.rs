@@ -955,6 +955,15 @@ impl Actor {
         if self.live.is_some() {
             return Ok(());
         }
+        // Boxed: an activation's future (a lazy upgrade's fold, a snapshot) is kilobytes,
+        // and every actor task would carry it; one allocation per activation is nothing
+        // beside an instantiation.
+        Box::pin(self.activate(true)).await
+    }
+
+    /// Rebuilds the instance from the journal (see [`Actor::ensure_live`]). One that came
+    /// up from another version's snapshot takes one of its own at once if `own_snapshot`.
+    async fn activate(&mut self, own_snapshot: bool) -> Result<(), Error> {
         // Records this actor already submitted must be durable (or failed) before the journal
         // is read, or the rebuild would miss them. Nothing in flight: no round trip.
         if self.must_sync || !self.writer.is_idle() {
@@ -1032,11 +1041,17 @@ impl Actor {
             },
             upgrade_retry: None,
         });
-        if foreign {
+        if foreign && own_snapshot {
             // Came up from another version's snapshot (retention deleted the history a
             // replay needs): a snapshot of its own version, so the next activation does not
             // depend on that one, and retention is not held back until the next one is due.
             self.snapshot().await;
+            if self.live.is_none() {
+                // The snapshot lost the instance (stopped on the pool as its plugin turned
+                // out slow, or trapped): activate again, once, on the slow lane if it is
+                // slow now, and leave the snapshot to when one is next due.
+                return Box::pin(self.activate(false)).await;
+            }
         }
         // A deploy or rollback that moved the plugin's current version while this device was
         // activating did not see it live (it was not yet), so it counted on the activation to
@@ -1068,7 +1083,7 @@ impl Actor {
         let (journal, registry) = (self.env.journal.clone(), self.env.registry.clone());
         let head = self.head.clone();
         let task = self.env.slow_lane.spawn(async move {
-            replay::rebuild(&journal, &registry, &head, head.seq, Start::Snapshot)
+            replay::rebuild_preemptible(&journal, &registry, &head, head.seq, Start::Snapshot).await
         });
         on_slow_lane(task)
             .await
@@ -1085,7 +1100,16 @@ impl Actor {
     ) -> Result<(replay::Rebuilt, Option<bool>), replay::RebuildFailure> {
         let registry = &self.env.registry;
         if !registry.ran_slow(want.version) {
-            match upgrade::bring_up(&self.env.journal, registry, want, from, Preemption::Move) {
+            // Boxed: a fold's future is kilobytes, and every actor task would carry it.
+            let on_pool = Box::pin(upgrade::bring_up(
+                &self.env.journal,
+                registry,
+                want,
+                from,
+                Preemption::Move,
+            ))
+            .await;
+            match on_pool {
                 Err(f)
                     if matches!(f.error, Error::Overloaded(_))
                         && registry.ran_slow(want.version) => {}
@@ -1098,7 +1122,7 @@ impl Actor {
             want.clone(),
         );
         let task = self.env.slow_lane.spawn(async move {
-            upgrade::bring_up(&journal, &registry, &want, from, Preemption::None)
+            upgrade::bring_up(&journal, &registry, &want, from, Preemption::Yield).await
         });
         on_slow_lane(task).await.map_err(|e| {
             replay::RebuildFailure::from(Error::Internal(format!(

@@ -244,18 +244,19 @@ impl SlowMark {
 /// How a unit of work may give its thread back (see [`Instance::begin_unit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preemption {
-    /// Never: every call holds its thread to the end (snapshots, a dry-run's re-decisions,
-    /// deploy folds, activations on the slow lane).
+    /// Never: every call holds its thread to the end (a dry-run's re-decisions, `state?at=`
+    /// and `drover replay` rebuilds, on blocking threads).
     None,
     /// Stopped at its first look past two epoch ticks of CPU time ([`CallError::Moved`]), to
     /// run again from the start elsewhere, and the plugin marked slow: the actor pool's events,
-    /// reads and activations, whose plugin had not run slow when they began. `handle` and
-    /// `query` change no state, an activation builds a fresh instance, and the journal holds
-    /// all the rest, so running any of them again is safe; the instance goes.
+    /// reads, snapshots, activations, deploy folds and trial `init`s, whose plugin had not run
+    /// slow when they began. `handle`, `query` and `snapshot` change no state, an activation
+    /// or a fold builds a fresh instance, and the journal holds all the rest, so running any
+    /// of them again is safe; the instance goes.
     Move,
-    /// Each `handle`, `apply` and `query` runs on a fiber that yields its thread at every
-    /// epoch tick, if the plugin has run slow (see [`Instance::handle_preemptible`]): the slow
-    /// lane's events and reads.
+    /// Each call runs on a fiber that yields its thread at every epoch tick, if the plugin has
+    /// run slow (see [`Instance::handle_preemptible`]): the slow lane's events, reads,
+    /// snapshots, activations, folds and trial `init`s.
     Yield,
 }
 
@@ -289,6 +290,9 @@ struct UnitClock {
     yielded: bool,
     /// A look showed it slow (see [`UnitClock::shows_slow`] and [`SlowMark`]).
     seen_slow: bool,
+    /// CPU time the unit may use before it shows its plugin slow, if more than two ticks:
+    /// a chunk of a fold, as long as the history it folds (see [`Instance::expect_cpu`]).
+    slow_floor: Duration,
 }
 
 /// How many times its budget a unit may take in wall-clock time, waiting for a core included,
@@ -301,7 +305,7 @@ struct UnitClock {
 /// server is overloaded and coming again).
 pub(crate) const WALL_LIMIT: u32 = 4;
 
-/// Epoch ticks of CPU time a unit of an event or a read must use, as seen at a look at its
+/// Epoch ticks of CPU time a unit that may be preempted must use, as seen at a look at its
 /// deadline, for its plugin to count as having run slow (see [`UnitClock::shows_slow`]).
 const SLOW_TICKS: u32 = 2;
 
@@ -319,6 +323,7 @@ impl UnitClock {
             sure_start: None,
             yielded: false,
             seen_slow: false,
+            slow_floor: Duration::ZERO,
         }
     }
 
@@ -330,10 +335,13 @@ impl UnitClock {
         self.cpu_before + slice.min(now.saturating_duration_since(self.wall_start))
     }
 
-    /// CPU time past which an event's unit shows its plugin slow: two epoch ticks (a unit's
-    /// first start point is a sample up to a tick old), or half its budget if that is less.
+    /// CPU time past which a unit shows its plugin slow: two epoch ticks (a unit's first
+    /// start point is a sample up to a tick old), or half its budget if that is less; or a
+    /// fold's chunk's allowance if that is more (see [`Instance::expect_cpu`]).
     fn slow_after(&self) -> Duration {
-        (self.epoch_tick * SLOW_TICKS).min(self.budget / 2)
+        (self.epoch_tick * SLOW_TICKS)
+            .min(self.budget / 2)
+            .max(self.slow_floor)
     }
 
     /// CPU time the unit surely used, the running thread's clock reading `cpu_now`: counted
@@ -429,7 +437,7 @@ enum Verdict {
 
 impl UnitClock {
     /// A look at the unit's clocks, the running thread's CPU clock reading `cpu_now` at `now`:
-    /// what to do, and, if the unit shows its plugin slow (an event's or a read's unit, see
+    /// what to do, and, if the unit shows its plugin slow (a unit that may be preempted, see
     /// [`UnitClock::shows_slow`]; a unit that times out shows it too), the CPU time it used and
     /// surely used.
     fn look(
@@ -449,7 +457,10 @@ impl UnitClock {
         let timed_out = used >= self.budget;
         // A timeout marks its plugin without the sure part: with a budget under three ticks
         // the first look, where nothing is sure yet, may be the last.
+        // A unit with no budget at all (a rebuild that has waited its wall-clock bound out)
+        // times out at its first look, having shown nothing of its plugin.
         let slow = preemption != Preemption::None
+            && !self.budget.is_zero()
             && (self.shows_slow(used, surely) || (timed_out && used >= self.slow_after()));
         let verdict = if timed_out {
             Verdict::Timeout
@@ -475,7 +486,7 @@ impl UnitClock {
 
 /// The epoch deadline passed: a look at the unit's clocks ([`UnitClock::look`]). Interrupts a
 /// unit past its CPU budget (a timeout) or far past it in wall-clock time (starved). An
-/// event's or a read's unit that has used two ticks marks its plugin slow, and one on the
+/// unit that may be preempted and has used two ticks marks its plugin slow, and one on the
 /// actor pool is then stopped, to run again on the slow lane ([`Preemption::Move`]).
 /// Otherwise the guest goes on: on a fiber, after yielding its thread to whatever else waits
 /// for one; otherwise for what is left of its budget.
@@ -805,6 +816,8 @@ impl Engine {
                         .ok_or_else(|| PluginError::Incompatible(format!("no `{name}` export")))
                 };
                 let direct = V3Exports {
+                    init: export("init")?,
+                    restore: export("restore")?,
                     handle: export("handle")?,
                     apply: export("apply")?,
                     batch: export("apply-batch")?,
@@ -849,9 +862,11 @@ enum Pre {
 
 /// Exports of a `0.3.0` plugin called directly rather than through the bindings: `apply-batch`
 /// (the bindings call it with owned strings only, and a batch is borrowed from journal
-/// reads), and `handle`, `apply`, `query` and `snapshot` when called on a fiber (the bindings
-/// call either synchronously or asynchronously, not both).
+/// reads), and `init`, `restore`, `handle`, `apply`, `query` and `snapshot` when called on a
+/// fiber (the bindings call either synchronously or asynchronously, not both).
 struct V3Exports<F> {
+    init: F,
+    restore: F,
     handle: F,
     apply: F,
     batch: F,
@@ -994,6 +1009,8 @@ impl CompiledPlugin {
                             })
                         };
                         let direct = V3Exports {
+                            init: func(direct.init)?,
+                            restore: func(direct.restore)?,
                             handle: func(direct.handle)?,
                             apply: func(direct.apply)?,
                             batch: func(direct.batch)?,
@@ -1016,12 +1033,14 @@ impl CompiledPlugin {
         })
     }
 
-    /// Whether an event or a read of an instance of this version has used two epoch ticks
-    /// (20 ms) of CPU time. From then on its instances' events, reads and activations run on
-    /// the slow lane (see `actor::ActorPool`), their calls preemptible (see
-    /// [`Instance::handle_preemptible`]); until then every call holds its thread to the end,
-    /// which spares fast plugins a fiber per call and a stack per instance. Activations,
-    /// snapshots and dry-runs never mark it: a long fold is not a slow plugin. Cleared after
+    /// Whether a unit of work of an instance of this version on the actor pool (an event, a
+    /// read, a snapshot, a `restore` or `init`, a chunk of a fold) has used two epoch ticks
+    /// (20 ms) of CPU time, or, for a chunk of a fold, more than its transitions' allowance
+    /// (see [`Instance::expect_cpu`]: a long fold is not a slow plugin). From then on its
+    /// instances' events, reads, snapshots, activations and folds run on the slow lane (see
+    /// `actor::ActorPool`), their calls preemptible (see [`Instance::handle_preemptible`]);
+    /// until then every call holds its thread to the end, which spares fast plugins a fiber
+    /// per call and a stack per instance. Dry-runs never mark it. Cleared after
     /// [`FORGIVE_AFTER`] fast units in a row on the slow lane (see [`SlowMark`]), and at a
     /// restart.
     pub fn ran_slow(&self) -> bool {
@@ -1256,6 +1275,35 @@ impl Instance {
         self.batch_outcome(r, transitions.len())
     }
 
+    /// [`Instance::init`], preemptible as [`Instance::handle_preemptible`] is: an activation or
+    /// a trial `init` on the slow lane that spins holds its thread a tick at a time.
+    pub async fn init_preemptible(
+        &mut self,
+        device_id: &str,
+        config: &str,
+    ) -> Result<(), CallError> {
+        let init = match &self.device {
+            Exports::V3(_, direct) if self.may_preempt() => direct.init,
+            _ => return self.init(device_id, config),
+        };
+        let r = self
+            .call_on_fiber::<(&str, &str), (Result<(), DeviceError>,)>(init, (device_id, config))
+            .await;
+        self.settle(r.map(|(r,)| r))
+    }
+
+    /// [`Instance::restore`], preemptible as [`Instance::handle_preemptible`] is.
+    pub async fn restore_preemptible(&mut self, snapshot: &[u8]) -> Result<(), CallError> {
+        let restore = match &self.device {
+            Exports::V3(_, direct) if self.may_preempt() => direct.restore,
+            _ => return self.restore(snapshot),
+        };
+        let r = self
+            .call_on_fiber::<(&[u8],), (Result<(), DeviceError>,)>(restore, (snapshot,))
+            .await;
+        self.settle(r.map(|(r,)| r))
+    }
+
     /// [`Instance::handle`], preemptible when the unit under way is (see
     /// [`Instance::begin_unit`]): the guest then runs on a fiber and yields its thread at
     /// each epoch tick, so a guest that spins holds an actor thread a tick at a time while
@@ -1449,7 +1497,8 @@ impl Instance {
 
     /// [`Instance::within`], stopped as `preemption` says: with [`Preemption::Move`], at its
     /// first look past two epoch ticks ([`CallError::Moved`], the plugin marked slow). The
-    /// calls inside are synchronous, so [`Preemption::Yield`] is [`Preemption::None`] here.
+    /// calls inside are synchronous: with [`Preemption::Yield`] they hold the thread as with
+    /// [`Preemption::None`], though a look may still mark the plugin slow.
     pub fn within_as<T>(
         &mut self,
         budget: Duration,
@@ -1463,10 +1512,10 @@ impl Instance {
     }
 
     /// Starts a unit of work of `budget` (see [`Instance::within`]), which gives its thread
-    /// back as `preemption` says. With [`Preemption::Yield`] its `handle` and `apply` calls
-    /// through [`Instance::handle_preemptible`] and [`Instance::apply_batch_preemptible`] run
-    /// preemptible once the plugin has run slow (see [`CompiledPlugin::ran_slow`]). End it
-    /// with [`Instance::end_unit`].
+    /// back as `preemption` says. With [`Preemption::Yield`] its calls through the
+    /// `*_preemptible` and `*_unit` methods ([`Instance::handle_preemptible`],
+    /// [`Instance::restore_preemptible`], ...) run preemptible once the plugin has run slow
+    /// (see [`CompiledPlugin::ran_slow`]). End it with [`Instance::end_unit`].
     pub fn begin_unit(&mut self, budget: Duration, preemption: Preemption) -> UnitScope {
         let state = self.store.data_mut();
         let scope = UnitScope {
@@ -1481,6 +1530,30 @@ impl Instance {
         }
         self.start_clock(budget, preemption);
         scope
+    }
+
+    /// The CPU time the unit under way used so far, and the wall-clock time it ran (the turns
+    /// it waited between slices not counted): what a rebuild whose units yield is charged
+    /// (see `replay::Budget`), where the thread's clock also counts the units of others.
+    pub fn unit_spent(&self) -> (Duration, Duration) {
+        let clock = &self.store.data().clock;
+        if clock.yielded {
+            // Resumed and returned without a look at its deadline since: its last slice
+            // began on a thread this may not be, and the turn it waited is not to be charged.
+            // (Its run since the resumption is short: a look comes at once, at the next
+            // loop head or call.)
+            return (clock.cpu_before, clock.wall_before);
+        }
+        let now = Instant::now();
+        (clock.used(cpu_clock::now(), now), clock.ran(now))
+    }
+
+    /// Lets the unit under way use `floor` of CPU time before it shows its plugin slow, if
+    /// that is more than two epoch ticks: a chunk of a fold holds as many `apply`s as its
+    /// history has transitions (up to 1,024 records' worth), and one whose healthy `apply`s
+    /// add up to two ticks shows no slow plugin.
+    pub fn expect_cpu(&mut self, floor: Duration) {
+        self.store.data_mut().clock.slow_floor = floor;
     }
 
     /// Whether the last unit was stopped to run again elsewhere ([`CallError::Moved`]); the
@@ -1709,7 +1782,7 @@ mod tests {
         assert_eq!(first, (Verdict::Continue(1), None));
         let next = unit.look(ms(1040), began + ms(35), Preemption::Move, false);
         assert_eq!(next, (Verdict::Move, Some((ms(35), ms(10)))));
-        // Not an event's or a read's unit: never marks, never moves.
+        // A unit that may not be preempted (a dry-run's): never marks, never moves.
         let mut fold = UnitClock::start(ms(250), ms(10));
         fold.cpu_start = ms(1000);
         fold.look(ms(1030), began + ms(25), Preemption::None, false);
@@ -1727,6 +1800,26 @@ mod tests {
         assert_eq!(yielded.0, Verdict::Yield);
         let resumed = fiber.look(ms(3), fiber.wall_start + ms(40), Preemption::Yield, true);
         assert_eq!(resumed, (Verdict::Continue(1), None));
+        // A chunk of a fold allowed 30 ms goes on past two ticks, and moves past its floor.
+        let mut chunk = UnitClock::start(ms(250), ms(10));
+        chunk.slow_floor = ms(30);
+        chunk.cpu_start = ms(1000);
+        let at = chunk.wall_start;
+        chunk.look(ms(1010), at + ms(10), Preemption::Move, false);
+        let two_ticks = chunk.look(ms(1025), at + ms(25), Preemption::Move, false);
+        assert_eq!(two_ticks, (Verdict::Continue(1), None));
+        let past = chunk.look(ms(1035), at + ms(35), Preemption::Move, false);
+        assert_eq!(past, (Verdict::Move, Some((ms(35), ms(25)))));
+        // No budget left (a rebuild past its wall-clock bound): a timeout that marks nothing.
+        let mut none_left = UnitClock::start(Duration::ZERO, ms(10));
+        none_left.cpu_start = ms(1000);
+        let out = none_left.look(
+            ms(1030),
+            none_left.wall_start + ms(30),
+            Preemption::Move,
+            false,
+        );
+        assert_eq!(out, (Verdict::Timeout, None));
     }
 
     /// A unit whose thread was preempted for long in the middle of a short call, its start

@@ -43,9 +43,11 @@ pub struct PluginVersion {
     pub version: u32,
     pub digest: String,
     pub registered_at_ms: u64,
-    /// An event of this version used two epoch ticks (20 ms) of CPU time since the server
-    /// started: its devices' events and activations run on the slow lane (see
-    /// `actor::ActorPool`). Forgotten at a restart.
+    /// A unit of work of this version (an event, a read, a snapshot, a trial `init`, a step
+    /// of an activation or fold) used two epoch ticks (20 ms) of CPU time since the server
+    /// started (see `engine::CompiledPlugin::ran_slow`): its devices' guest work runs on the
+    /// slow lane (see `actor::ActorPool`). Forgotten at a restart, and after 10,000 fast
+    /// units in a row there.
     pub slow_lane: bool,
 }
 

@@ -6,12 +6,14 @@
 //! order. Transitions are applied as recorded; `handle` is never called, so replay has no side
 //! effects and needs no clock.
 
+use std::future::Future;
 use std::path::Path;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::config::EngineConfig;
 use crate::decide;
-use crate::engine::{CallError, Engine, Instance, Preemption, WALL_LIMIT, cpu_clock};
+use crate::engine::{CallError, Engine, Instance, Preemption, UnitScope, WALL_LIMIT, cpu_clock};
 use crate::error::Error;
 use crate::journal::{DeviceHead, Journal, JournalError, SnapshotRef};
 use crate::registry::Registry;
@@ -82,6 +84,24 @@ pub fn rebuild_as(
     rebuild_reporting_as(journal, registry, device, upto, start, preemption).map_err(|f| f.error)
 }
 
+/// [`rebuild`] on the slow lane: each of its guest calls (`restore`, `init`, every batch of
+/// `apply`s) runs on a fiber that yields its thread at each epoch tick once the plugin has
+/// run slow ([`Preemption::Yield`]), so a rebuild that spins holds a slow-lane thread a tick
+/// at a time, and the other slow devices' events, reads and activations go on meanwhile.
+/// Its budget is charged what its own units used, not its thread's clock, which counts the
+/// units of others run between its slices.
+pub(crate) async fn rebuild_preemptible(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+) -> Result<Rebuilt, Error> {
+    rebuild_reporting_with(journal, registry, device, upto, start, Preemption::Yield)
+        .await
+        .map_err(|f| f.error)
+}
+
 /// Why a rebuild failed, and at which recorded seq if it was folding the journal.
 #[derive(Debug)]
 pub struct RebuildFailure {
@@ -124,8 +144,37 @@ pub fn rebuild_reporting(
     rebuild_reporting_as(journal, registry, device, upto, start, Preemption::None)
 }
 
-/// [`rebuild_reporting`], stopped as `preemption` says (see [`rebuild_as`]).
+/// [`rebuild_reporting`], stopped as `preemption` says (see [`rebuild_as`]). Its guest calls
+/// hold the calling thread to the end: [`Preemption::Yield`] is taken as
+/// [`Preemption::None`] (see [`rebuild_preemptible`] for a rebuild that yields).
 pub(crate) fn rebuild_reporting_as(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+    preemption: Preemption,
+) -> Result<Rebuilt, RebuildFailure> {
+    let preemption = match preemption {
+        Preemption::Yield => Preemption::None,
+        other => other,
+    };
+    let rebuilt = std::pin::pin!(rebuild_reporting_with(
+        journal, registry, device, upto, start, preemption
+    ));
+    // Not preemptible: every guest call returns before the first poll does.
+    match rebuilt.poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(RebuildFailure::from(Error::Internal(
+            "a rebuild that may not yield yielded".into(),
+        ))),
+    }
+}
+
+/// [`rebuild_reporting`], each guest call's unit giving its thread back as `preemption`
+/// says: with [`Preemption::Yield`] as [`rebuild_preemptible`] does; otherwise it never
+/// yields (see [`rebuild_reporting_as`]).
+pub(crate) async fn rebuild_reporting_with(
     journal: &Journal,
     registry: &Registry,
     device: &DeviceHead,
@@ -135,19 +184,9 @@ pub(crate) fn rebuild_reporting_as(
 ) -> Result<Rebuilt, RebuildFailure> {
     // One budget for the whole rebuild (restore, init, every replayed apply), not per call,
     // shared by the search for a trap below.
-    let budget = Budget::start(registry.engine().config().activation_timeout, preemption);
-    let from_scratch = |one_by_one_from| {
-        rebuild_from(
-            journal,
-            registry,
-            device,
-            upto,
-            start,
-            &budget,
-            one_by_one_from,
-        )
-    };
-    let rebuilt = match from_scratch(None) {
+    let mut budget = Budget::start(registry.engine().config().activation_timeout, preemption);
+    let first = rebuild_from(journal, registry, device, upto, start, &mut budget, None).await;
+    let rebuilt = match first {
         // A trap in a batch does not say which transition trapped. Replay is deterministic:
         // once more, in batches up to that batch and one `apply` per transition from it on,
         // finds it. On the failure path only. If that ends otherwise than in a trap at or
@@ -156,8 +195,19 @@ pub(crate) fn rebuild_reporting_as(
         Err(first) if first.unlocated => {
             let from = first.seq;
             tracing::debug!(device = %device.id, error = %first.error, "locating a trap in a batch");
-            match from_scratch(from) {
+            match rebuild_from(journal, registry, device, upto, start, &mut budget, from).await {
                 Err(located) if located.trapped && located.seq >= from => Err(located),
+                // Stopped on the pool to be done again on the slow lane (the plugin is slow
+                // now): the caller retries there. Any other failure (short of a core or of
+                // memory with what little budget the search had left) leaves the trap
+                // found first as the story.
+                Err(located)
+                    if budget.preemption == Preemption::Move
+                        && matches!(located.error, Error::Overloaded(_))
+                        && registry.ran_slow(device.version) =>
+                {
+                    Err(located)
+                }
                 Ok(rebuilt) => {
                     tracing::warn!(
                         device = %device.id,
@@ -233,10 +283,31 @@ pub fn probe_restore(
     Ok(())
 }
 
+/// [`probe_restore`], its call's unit giving its thread back as `preemption` says (see
+/// [`rebuild_reporting_with`]).
+pub(crate) async fn probe_restore_with(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    snap: SnapshotRef,
+    preemption: Preemption,
+) -> Result<(), Error> {
+    let data = journal.read_snapshot(snap)?;
+    let compiled = registry.compiled(device.version)?;
+    let mut instance = compiled.instantiate(device.id.clone())?;
+    let scope = instance.begin_unit(compiled.engine().config().call_timeout, preemption);
+    let restored = instance.restore_preemptible(&data).await;
+    instance.end_unit(scope);
+    Ok(restored?)
+}
+
 /// A rebuild's time budget: the activation budget, plus [`REPLAY_ALLOWANCE`] for each
 /// transition it folds, in CPU time of the thread that runs it (guest calls and journal reads
 /// alike), as each guest call's budget is; and, like theirs, at most `WALL_LIMIT` times it in
-/// wall-clock time. Each step's guest calls get what is left.
+/// wall-clock time. Each step's guest calls get what is left. A rebuild whose units yield
+/// ([`Preemption::Yield`], on the slow lane) is charged what its units used and ran instead:
+/// between its slices its thread runs other devices' units, and a thread may resume it
+/// that did not start it.
 ///
 /// The allowance is why a long history can be folded at all: a deploy folds a device's whole
 /// journal into the new version, and so does an activation without a snapshot of its
@@ -245,11 +316,20 @@ pub fn probe_restore(
 /// stops: the budget only grows with what was read from the journal.
 struct Budget {
     base: Duration,
-    allowance: std::cell::Cell<Duration>,
-    cpu_start: Duration,
-    wall_start: Instant,
+    allowance: Duration,
     /// How the rebuild's units give their thread back (see [`rebuild_as`]).
     preemption: Preemption,
+    /// The CPU and wall-clock time charged before `cpu_since` and `wall_since`: with
+    /// [`Preemption::Yield`], what the units that ended used and ran (their turns waited
+    /// between slices not counted) and the host's work between them; otherwise nothing, the
+    /// thread's clocks since the start telling it all.
+    used_before: Duration,
+    ran_before: Duration,
+    /// The running thread's CPU clock and the wall clock where the current stretch began:
+    /// the start, or (with [`Preemption::Yield`]) the end of the last unit. The host's work
+    /// between two units runs on one thread without a yield.
+    cpu_since: Duration,
+    wall_since: Instant,
 }
 
 /// CPU time a rebuild's budget grows by per transition it folds: ten times what folding one
@@ -261,22 +341,57 @@ impl Budget {
     fn start(base: Duration, preemption: Preemption) -> Budget {
         Budget {
             base,
-            allowance: std::cell::Cell::new(Duration::ZERO),
-            cpu_start: cpu_clock::now(),
-            wall_start: Instant::now(),
+            allowance: Duration::ZERO,
             preemption,
+            used_before: Duration::ZERO,
+            ran_before: Duration::ZERO,
+            cpu_since: cpu_clock::now(),
+            wall_since: Instant::now(),
         }
     }
 
     fn total(&self) -> Duration {
-        self.base + self.allowance.get()
+        self.base + self.allowance
     }
 
     /// `transitions` more to fold: the budget grows by their allowance.
-    fn allow(&self, transitions: usize) {
+    fn allow(&mut self, transitions: usize) {
         let more = REPLAY_ALLOWANCE.saturating_mul(u32::try_from(transitions).unwrap_or(u32::MAX));
-        self.allowance
-            .set(self.allowance.get().saturating_add(more));
+        self.allowance = self.allowance.saturating_add(more);
+    }
+
+    /// The CPU time the rebuild used so far (outside a unit that yields).
+    fn used(&self) -> Duration {
+        self.used_before + cpu_clock::now().saturating_sub(self.cpu_since)
+    }
+
+    /// The wall-clock time the rebuild ran so far (outside a unit that yields).
+    fn ran(&self) -> Duration {
+        self.ran_before + self.wall_since.elapsed()
+    }
+
+    /// A unit of the rebuild's guest calls begins on `instance`, with what is left. One that
+    /// may yield is charged its own time when it ends (see [`Budget::end`]), not its
+    /// thread's, which runs other devices' units between its slices.
+    fn begin(&mut self, instance: &mut Instance) -> UnitScope {
+        let scope = instance.begin_unit(self.left(), self.preemption);
+        if self.preemption == Preemption::Yield {
+            self.used_before = self.used();
+            self.ran_before = self.ran();
+        }
+        scope
+    }
+
+    /// The unit [`Budget::begin`] began ends, charged to the budget.
+    fn end(&mut self, instance: &mut Instance, scope: UnitScope) {
+        if self.preemption == Preemption::Yield {
+            let (used, ran) = instance.unit_spent();
+            self.used_before += used;
+            self.ran_before += ran;
+            self.cpu_since = cpu_clock::now();
+            self.wall_since = Instant::now();
+        }
+        instance.end_unit(scope);
     }
 
     /// A guest call's timeout told as the rebuild's: it ran out of the whole budget, not of
@@ -287,9 +402,9 @@ impl Budget {
         let total = self.total();
         match e {
             CallError::Timeout(_) | CallError::Starved { .. } => {
-                let used = cpu_clock::now().saturating_sub(self.cpu_start);
-                let starved = matches!(e, CallError::Starved { .. })
-                    || self.wall_start.elapsed() >= total * WALL_LIMIT;
+                let used = self.used();
+                let starved =
+                    matches!(e, CallError::Starved { .. }) || self.ran() >= total * WALL_LIMIT;
                 if starved && used < total {
                     CallError::Starved {
                         budget: total,
@@ -305,11 +420,10 @@ impl Budget {
 
     fn left(&self) -> Duration {
         let total = self.total();
-        if self.wall_start.elapsed() >= total * WALL_LIMIT {
+        if self.ran() >= total * WALL_LIMIT {
             return Duration::ZERO;
         }
-        let used = cpu_clock::now().saturating_sub(self.cpu_start);
-        total.saturating_sub(used)
+        total.saturating_sub(self.used())
     }
 }
 
@@ -323,13 +437,13 @@ fn activation_failed(context: String, error: Error) -> Error {
     }
 }
 
-fn rebuild_from(
+async fn rebuild_from(
     journal: &Journal,
     registry: &Registry,
     device: &DeviceHead,
     upto: u64,
     start: Start,
-    budget: &Budget,
+    budget: &mut Budget,
     one_by_one_from: Option<u64>,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
@@ -346,8 +460,6 @@ fn rebuild_from(
             Error::Activation(e.to_string())
         }
     };
-    let left = || budget.left();
-    let preemption = budget.preemption;
 
     // Newest usable snapshot first; one that will not restore falls back to the one before
     // it, and past a few failures to a full replay from `init`.
@@ -388,14 +500,15 @@ fn rebuild_from(
         let mut instance = compiled
             .instantiate(device.id.clone())
             .map_err(activation)?;
-        let outcome = journal
-            .read_snapshot(*snap)
-            .map_err(Error::from)
-            .and_then(|data| {
-                instance
-                    .within_as(left(), preemption, |i| i.restore(&data))
-                    .map_err(|e| Error::from(budget.whole(e)))
-            });
+        let outcome = match journal.read_snapshot(*snap) {
+            Ok(data) => {
+                let scope = budget.begin(&mut instance);
+                let restored = instance.restore_preemptible(&data).await;
+                budget.end(&mut instance, scope);
+                restored.map_err(|e| Error::from(budget.whole(e)))
+            }
+            Err(e) => Err(Error::from(e)),
+        };
         match outcome {
             Ok(()) => {
                 restored = Some((instance, snap.seq));
@@ -426,9 +539,10 @@ fn rebuild_from(
                 .map_err(activation)?;
             let config = std::str::from_utf8(&device.config)
                 .map_err(|_| Error::Activation("stored config is not UTF-8".into()))?;
-            instance
-                .within_as(left(), preemption, |i| i.init(&device.id, config))
-                .map_err(|e| activation(budget.whole(e)))?;
+            let scope = budget.begin(&mut instance);
+            let initialized = instance.init_preemptible(&device.id, config).await;
+            budget.end(&mut instance, scope);
+            initialized.map_err(|e| activation(budget.whole(e)))?;
             (instance, 0)
         }
     };
@@ -473,56 +587,57 @@ fn rebuild_from(
                 .map_or(transitions.len(), |&(_, first)| first)
         });
         let (batched, single) = transitions.split_at(split);
-        instance.within_as(
-            left(),
-            preemption,
-            |instance| -> Result<(), RebuildFailure> {
-                let mut done = 0;
-                let runs = decide::batches(batched, BATCHED).chain(decide::batches(single, 1));
-                for batch in runs {
-                    instance.apply_batch(batch).map_err(|e| {
-                        let trapped = matches!(e.error, CallError::Trap(_));
-                        // Running out of time (or the server out of memory, or a stop to
-                        // fold on the slow lane) is no record's fault: none is named as the
-                        // one that cannot be folded (`seq`), though the message says where.
-                        let timed_out =
-                            matches!(e.error, CallError::Timeout(_)) || e.error.is_overload();
-                        let error = Error::from(budget.whole(e.error));
-                        match e.applied {
-                            Some(n) => {
-                                let seq = seq_of(done + n);
-                                RebuildFailure {
-                                    seq: (!timed_out).then_some(seq),
-                                    error: activation_failed(
-                                        format!("replaying seq {seq}: "),
-                                        error,
-                                    ),
-                                    unlocated: false,
-                                    trapped,
-                                }
-                            }
-                            // A trap or timeout inside one call of several transitions: a trap is
-                            // blamed on the batch's first record, then located (see
-                            // `rebuild_reporting`).
-                            None => {
-                                let (first, last) = (seq_of(done), seq_of(done + batch.len() - 1));
-                                RebuildFailure {
-                                    seq: (!timed_out).then_some(first),
-                                    error: activation_failed(
-                                        format!("replaying seqs {first} to {last}: "),
-                                        error,
-                                    ),
-                                    unlocated: trapped,
-                                    trapped,
-                                }
-                            }
-                        }
-                    })?;
-                    done += batch.len();
+        let scope = budget.begin(&mut instance);
+        // Healthy `apply`s of a long chunk may add up to more than two ticks (see
+        // `REPLAY_ALLOWANCE`).
+        instance.expect_cpu(
+            REPLAY_ALLOWANCE.saturating_mul(u32::try_from(transitions.len()).unwrap_or(u32::MAX)),
+        );
+        let mut done = 0;
+        let mut failed = None;
+        let runs = decide::batches(batched, BATCHED).chain(decide::batches(single, 1));
+        for batch in runs {
+            if let Err(e) = instance.apply_batch_preemptible(batch).await {
+                failed = Some((e, done, batch.len()));
+                break;
+            }
+            done += batch.len();
+        }
+        budget.end(&mut instance, scope);
+        if let Some((e, done, len)) = failed {
+            let trapped = matches!(e.error, CallError::Trap(_));
+            // Running out of time (or the server out of memory, or a stop to fold on the
+            // slow lane) is no record's fault: none is named as the one that cannot be
+            // folded (`seq`), though the message says where.
+            let timed_out = matches!(e.error, CallError::Timeout(_)) || e.error.is_overload();
+            let error = Error::from(budget.whole(e.error));
+            return Err(match e.applied {
+                Some(n) => {
+                    let seq = seq_of(done + n);
+                    RebuildFailure {
+                        seq: (!timed_out).then_some(seq),
+                        error: activation_failed(format!("replaying seq {seq}: "), error),
+                        unlocated: false,
+                        trapped,
+                    }
                 }
-                Ok(())
-            },
-        )?;
+                // A trap or timeout inside one call of several transitions: a trap is
+                // blamed on the batch's first record, then located (see
+                // `rebuild_reporting`).
+                None => {
+                    let (first, last) = (seq_of(done), seq_of(done + len - 1));
+                    RebuildFailure {
+                        seq: (!timed_out).then_some(first),
+                        error: activation_failed(
+                            format!("replaying seqs {first} to {last}: "),
+                            error,
+                        ),
+                        unlocated: trapped,
+                        trapped,
+                    }
+                }
+            });
+        }
         if let Some(seq) = unreadable {
             return Err(RebuildFailure {
                 seq: Some(seq),
@@ -624,9 +739,11 @@ mod tests {
         let waited = Budget {
             base: total,
             allowance: Default::default(),
-            cpu_start: cpu_clock::now(),
-            wall_start: Instant::now() - total * (WALL_LIMIT + 1),
             preemption: Preemption::None,
+            used_before: Duration::ZERO,
+            ran_before: Duration::ZERO,
+            cpu_since: cpu_clock::now(),
+            wall_since: Instant::now() - total * (WALL_LIMIT + 1),
         };
         let starved = waited.whole(CallError::Timeout(Duration::ZERO));
         assert!(matches!(
@@ -644,9 +761,11 @@ mod tests {
         let busy = Budget {
             base: total,
             allowance: Default::default(),
-            cpu_start: cpu_clock::now() - total * 2,
-            wall_start: Instant::now() - total * (WALL_LIMIT + 1),
             preemption: Preemption::None,
+            used_before: Duration::ZERO,
+            ran_before: Duration::ZERO,
+            cpu_since: cpu_clock::now() - total * 2,
+            wall_since: Instant::now() - total * (WALL_LIMIT + 1),
         };
         assert!(matches!(
             busy.whole(CallError::Timeout(Duration::ZERO)),

@@ -340,10 +340,18 @@ impl Runtime {
         let compiled = self.shared.registry.compiled(version.id)?;
         let (trial_id, trial_config) = (id.to_string(), config_text.clone());
         let on_the_pool = !compiled.ran_slow();
-        let trial = Arc::new(move |preemption| -> Result<Result<(), CallError>, Error> {
-            let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
-            let budget = compiled.engine().config().call_timeout;
-            Ok(trial.within_as(budget, preemption, |t| t.init(&trial_id, &trial_config)))
+        // On the pool stopped once seen slow; on the slow lane yielding at each tick, so that
+        // an `init` that spins holds a slow-lane thread a tick at a time.
+        let trial = Arc::new(move |preemption| {
+            let (compiled, trial_id, trial_config) =
+                (compiled.clone(), trial_id.clone(), trial_config.clone());
+            async move {
+                let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
+                let scope = trial.begin_unit(compiled.engine().config().call_timeout, preemption);
+                let init = trial.init_preemptible(&trial_id, &trial_config).await;
+                trial.end_unit(scope);
+                Ok::<_, Error>(init)
+            }
         });
         let task_failed =
             |e: tokio::task::JoinError| Error::Internal(format!("trial init task: {e}"));
@@ -353,14 +361,14 @@ impl Runtime {
             let trial = trial.clone();
             init = self
                 .pool()?
-                .spawn(async move { trial(Preemption::Move) })
+                .spawn(async move { trial(Preemption::Move).await })
                 .await
                 .map_err(task_failed)??;
         }
         if matches!(init, Err(CallError::Moved)) {
             init = self
                 .slow_lane()?
-                .spawn(async move { trial(Preemption::None) })
+                .spawn(async move { trial(Preemption::Yield).await })
                 .await
                 .map_err(task_failed)??;
         }

@@ -25,7 +25,7 @@
 use serde::Serialize;
 
 use crate::engine::Preemption;
-use crate::error::ErrorKind;
+use crate::error::{Error, ErrorKind};
 use crate::journal::{DeviceHead, Journal};
 use crate::registry::Registry;
 use crate::replay::{self, RebuildFailure, Rebuilt, Start};
@@ -112,7 +112,7 @@ impl DeviceUpgrade {
 /// units are stopped as `preemption` says (see [`replay::rebuild_as`]): an actor on the pool
 /// folds a version not yet slow with [`Preemption::Move`], and one stopped so fails as the
 /// server's overload, to be folded again on the slow lane.
-pub fn bring_up(
+pub async fn bring_up(
     journal: &Journal,
     registry: &Registry,
     want: &DeviceHead,
@@ -122,32 +122,49 @@ pub fn bring_up(
     // Only snapshots taken by `want.version` itself qualify (the rebuild filters by version).
     // When the history a replay needs was deleted by retention, the newest snapshot of the
     // old version is the only start left: used if the new version restores it.
-    let rebuilt = match replay::rebuild_reporting_as(
+    let rebuilt = match replay::rebuild_reporting_with(
         journal,
         registry,
         want,
         want.seq,
         Start::Snapshot,
         preemption,
-    ) {
+    )
+    .await
+    {
         Err(RebuildFailure { error, .. }) if error.kind() == ErrorKind::RetainedAway => {
-            replay::rebuild_reporting_as(
+            replay::rebuild_reporting_with(
                 journal,
                 registry,
                 want,
                 want.seq,
                 Start::SnapshotOf(old_version),
                 preemption,
-            )?
+            )
+            .await?
         }
         other => other?,
     };
-    let snapshot_readable = journal
+    let old_snapshot = journal
         .snapshots(want.num)
         .into_iter()
         .rev()
-        .find(|s| s.seq <= want.seq && s.version == old_version)
-        .map(|snap| replay::probe_restore(journal, registry, want, snap).is_ok());
+        .find(|s| s.seq <= want.seq && s.version == old_version);
+    let snapshot_readable = match old_snapshot {
+        Some(snap) => Some(
+            match replay::probe_restore_with(journal, registry, want, snap, preemption).await {
+                // Stopped on the pool as the version turned out slow: the fold is done again
+                // on the slow lane. (Any other failure only means the old snapshot is not read.)
+                Err(e @ Error::Overloaded(_))
+                    if preemption == Preemption::Move && registry.ran_slow(want.version) =>
+                {
+                    return Err(e.into());
+                }
+                r => r.is_ok(),
+            },
+        ),
+        None => None,
+    };
     Ok((rebuilt, snapshot_readable))
 }
 

@@ -844,6 +844,132 @@ async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
     rt.shutdown().await;
 }
 
+/// A chunk of a fold holds as many `apply`s as its records have transitions: a deploy's fold
+/// of a live device whose one chunk of healthy `apply`s (~5 µs each, 10,000 of them, ~50 ms)
+/// adds up to more than two epoch ticks is no slow plugin: it is neither stopped on the pool
+/// nor marks the new version slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_chunk_of_healthy_applies_does_not_mark_its_plugin_slow() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path(), 100_000).await;
+    rt.provision("probe", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    rt.provision("long", "misbehave", &json!({})).await.unwrap();
+    let spin = calibrated(&rt, "probe", 4e-6).await.max(1);
+    // Its own history is slow (each probe ~20 ms in one `apply`): not part of the deploy.
+    rt.remove_device("probe", false).await.expect("removed");
+    for _ in 0..40 {
+        rt.send("long", &support::slow_apply(spin, 250))
+            .await
+            .expect("250 healthy applies");
+    }
+    let (same, _) =
+        support::upload_misbehave(&rt, support::identical_rebuild(&support::misbehave_v1())).await;
+    let report = rt
+        .deploy("misbehave", same.version, true)
+        .await
+        .expect("deployed");
+    let long = report
+        .devices
+        .iter()
+        .find(|d| d.device == "long")
+        .expect("long was live");
+    assert_eq!(
+        long.outcome,
+        drover::upgrade::UpgradeOutcome::Upgraded,
+        "{long:?}"
+    );
+    assert_eq!(long.applied, 10_000, "{long:?}");
+    assert!(
+        long.pause_us >= 25_000,
+        "the fold took under two ticks and a half, or this test proves nothing: {long:?}"
+    );
+    let slow: Vec<u32> = rt
+        .plugins()
+        .into_iter()
+        .filter(|(name, _)| name == "misbehave")
+        .flat_map(|(_, versions)| versions)
+        .filter(|v| v.slow_lane)
+        .map(|v| v.version)
+        .collect();
+    assert!(
+        !slow.contains(&same.version),
+        "a long fold marked its version {} slow: {slow:?}",
+        same.version
+    );
+    rt.shutdown().await;
+}
+
+/// On the slow lane an activation yields its thread at each epoch tick, as an event does:
+/// while a device of a slow plugin activates from a snapshot whose `restore` spins, another
+/// device of that plugin, on the only slow-lane thread, is answered long before the
+/// activation's budget ends; the activation still times out on that snapshot after its
+/// budget of CPU time and comes up from its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_activation_on_the_slow_lane_lets_other_slow_devices_go_on() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A snapshot whose `restore` spins.
+        let rt = Runtime::builder(dir.path())
+            .plugin_dir(PLUGINS)
+            .snapshot_every(1)
+            .open()
+            .await
+            .expect("runtime opens");
+        rt.provision("spinner", "misbehave", &json!({}))
+            .await
+            .unwrap();
+        rt.send("spinner", r#"{"type":"loop_on_restore"}"#)
+            .await
+            .expect("handled");
+        rt.shutdown().await;
+    }
+    let budget = Duration::from_millis(1500);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .actor_threads(1)
+        .slow_lane_threads(1)
+        .call_timeout(Duration::from_millis(300))
+        .activation_timeout(budget)
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["first", "ok"] {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+    }
+    let first = rt
+        .send("first", r#"{"type":"loop"}"#)
+        .await
+        .expect_err("loops");
+    assert_eq!(first.kind(), ErrorKind::Timeout, "{first}");
+    rt.send("ok", r#"{"type":"ok"}"#).await.expect("live");
+    let activations = rt.metrics().slow_lane_activations.load(Relaxed);
+    let started = std::time::Instant::now();
+    let spinner = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.send("spinner", r#"{"type":"ok"}"#).await })
+    };
+    // The activation is restoring, on the slow lane.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    let ack = rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled");
+    let waited = sent.elapsed();
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(2));
+    let ack = spinner.await.unwrap().expect("activates from its history");
+    let took = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(400),
+        "a slow plugin's healthy event waited {waited:?} for a spinning activation"
+    );
+    assert!(took >= budget, "the restore ended after {took:?}");
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
+    assert!(rt.metrics().slow_lane_activations.load(Relaxed) > activations);
+    rt.shutdown().await;
+}
+
 /// A snapshot whose `snapshot` spins, of a plugin that has not run slow, is stopped on the
 /// actor pool once seen slow (its instance lost with it, as after any failed snapshot): a
 /// healthy device on the only actor thread is answered meanwhile. The plugin is marked slow,
