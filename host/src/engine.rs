@@ -1368,7 +1368,10 @@ impl Instance {
         self.arm();
         let typed = func.typed::<P, R>(&self.store)?;
         self.store.data_mut().on_fiber = true;
-        let r = typed.call_async(&mut self.store, params).await;
+        // Boxed: wasmtime's future of a call on a fiber is large, and every future that may
+        // make one (an actor's event, read or activation) would carry it, though only the
+        // calls of slow plugins run so.
+        let r = Box::pin(typed.call_async(&mut self.store, params)).await;
         self.store.data_mut().on_fiber = false;
         self.holds_stack = true;
         r
