@@ -79,6 +79,13 @@ pub struct ActorEnv {
     /// (device number, plugin version id) pairs that failed to upgrade: activations do not
     /// retry them until the process restarts (actors come and go; this outlives them).
     pub upgrade_failures: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// (device number, plugin version id) pairs whose snapshots failed, taken (a trap or a
+    /// timeout in `snapshot`) or restored (at an activation): no more are taken, and
+    /// activations replay the device's history rather than try its snapshots, until the
+    /// process restarts. Without it, a device whose snapshots spin on `restore` spent the
+    /// whole activation budget at every activation, and wrote another such snapshot when it
+    /// was passivated again; one whose `snapshot` spins lost its instance at every snapshot.
+    pub snapshots_off: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
     /// Where a record with effects goes once it is durable (see `crate::dispatch`).
     pub dispatch: mpsc::UnboundedSender<Durable>,
 }
@@ -995,25 +1002,38 @@ impl Actor {
         // (a unit of the rebuild used two epoch ticks) is stopped and folded there afresh.
         let started = Instant::now();
         let version = self.head.version;
+        // Snapshots that would not restore are not tried again (see `snapshots_off`), unless
+        // retention deleted the history a replay from `init` needs.
+        let start =
+            if self.snapshots_off() && self.env.journal.oldest_retained_seq(self.head.num) <= 1 {
+                Start::Genesis
+            } else {
+                Start::Snapshot
+            };
         let rebuilt = match self.lazy_upgrade().await? {
             Some(rebuilt) => rebuilt,
-            None if self.env.registry.ran_slow(version) => self.activate_on_slow_lane().await?,
+            None if self.env.registry.ran_slow(version) => {
+                self.activate_on_slow_lane(start).await?
+            }
             None => match replay::rebuild_as(
                 &self.env.journal,
                 &self.env.registry,
                 &self.head,
                 self.head.seq,
-                Start::Snapshot,
+                start,
                 Preemption::Move,
             ) {
                 // Stopped as its plugin turned out slow, or short of a core or of memory
                 // while it is now marked slow: either way the slow lane is where it goes.
                 Err(Error::Overloaded(_)) if self.env.registry.ran_slow(version) => {
-                    self.activate_on_slow_lane().await?
+                    self.activate_on_slow_lane(start).await?
                 }
                 other => other?,
             },
         };
+        if rebuilt.snapshot_failed {
+            self.turn_snapshots_off("a snapshot would not restore");
+        }
         self.env.metrics.activations.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             device = %self.head.id,
@@ -1075,7 +1095,7 @@ impl Actor {
 
     /// Rebuilds the device on the slow lane, where an activation of a plugin that has run slow
     /// holds a slow-lane thread rather than one of the pool's.
-    async fn activate_on_slow_lane(&self) -> Result<replay::Rebuilt, Error> {
+    async fn activate_on_slow_lane(&self, start: Start) -> Result<replay::Rebuilt, Error> {
         self.env
             .metrics
             .slow_lane_activations
@@ -1083,7 +1103,7 @@ impl Actor {
         let (journal, registry) = (self.env.journal.clone(), self.env.registry.clone());
         let head = self.head.clone();
         let task = self.env.slow_lane.spawn(async move {
-            replay::rebuild_preemptible(&journal, &registry, &head, head.seq, Start::Snapshot).await
+            replay::rebuild_preemptible(&journal, &registry, &head, head.seq, start).await
         });
         on_slow_lane(task)
             .await
@@ -1912,6 +1932,9 @@ impl Actor {
     /// [`read_live`]); one stopped on the pool as its plugin turned out slow is not taken
     /// again: the instance is lost with it, and the next one is taken on the slow lane.
     async fn snapshot(&mut self) {
+        if self.snapshots_off() {
+            return;
+        }
         let taken = read_live(&mut self.live, &self.env, snapshot_unit, None).await;
         let Some(live) = self.live.as_mut() else {
             if let Err(lost) = taken {
@@ -1953,11 +1976,43 @@ impl Actor {
                         error = %e,
                         "snapshot failed; discarding the instance"
                     );
+                    if !e.is_overload() {
+                        self.turn_snapshots_off("a snapshot failed");
+                    }
                 }
                 if e.is_fatal() {
                     self.live = None;
                 }
             }
+        }
+    }
+
+    /// Whether this device's snapshots are off on its version (see `ActorEnv::snapshots_off`).
+    fn snapshots_off(&self) -> bool {
+        self.env
+            .snapshots_off
+            .lock()
+            .contains(&(self.head.num, self.head.version))
+    }
+
+    /// Turns this device's snapshots off on its version, `why`: counted and logged once.
+    fn turn_snapshots_off(&self, why: &str) {
+        self.env
+            .metrics
+            .snapshot_failures
+            .fetch_add(1, Ordering::Relaxed);
+        if self
+            .env
+            .snapshots_off
+            .lock()
+            .insert((self.head.num, self.head.version))
+        {
+            tracing::warn!(
+                device = %self.head.id,
+                version = self.head.version,
+                "{why}: no more snapshots are taken of this device on this plugin version \
+                 until the server restarts, and its activations replay its history"
+            );
         }
     }
 

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub transitions_committed: AtomicU64,
     pub activations: AtomicU64,
     pub snapshots: AtomicU64,
+    /// Snapshots that failed to be taken (`snapshot` trapped or timed out) or to restore at
+    /// an activation: each turns its device's snapshots off on that version until restart.
+    pub snapshot_failures: AtomicU64,
     pub passivations: AtomicU64,
     /// Actor tasks that panicked (each is restarted by the next message).
     pub actor_panics: AtomicU64,
@@ -122,6 +125,12 @@ impl Metrics {
             "drover_snapshots_total",
             "Snapshots written.",
             &self.snapshots,
+        );
+        counter(
+            &mut out,
+            "drover_snapshot_failures_total",
+            "Snapshots that trapped or timed out when taken, or would not restore at an activation; each turns its device's snapshots off on that plugin version until restart.",
+            &self.snapshot_failures,
         );
         counter(
             &mut out,

@@ -52,6 +52,9 @@ pub struct Rebuilt {
     /// retention deleted the history a replay needs): the caller takes a snapshot of its own
     /// at once, so later activations do not depend on the old one.
     pub foreign_snapshot: bool,
+    /// A snapshot tried first would not restore (the plugin's fault, not the server's): the
+    /// rebuild fell back to an older one or to `init`.
+    pub snapshot_failed: bool,
     /// Transitions applied after the starting point.
     pub applied: u64,
 }
@@ -496,6 +499,7 @@ async fn rebuild_from(
     };
     let mut restored = None;
     let mut foreign = false;
+    let mut snapshot_failed = false;
     for (i, snap) in candidates.iter().enumerate() {
         let mut instance = compiled
             .instantiate(device.id.clone())
@@ -518,6 +522,7 @@ async fn rebuild_from(
             // The machine's fault, not the snapshot's: an older one would starve alike.
             Err(e @ Error::Overloaded(_)) => return Err(e.into()),
             Err(e) => {
+                snapshot_failed = true;
                 let next = match candidates.get(i + 1) {
                     Some(older) => format!("trying the snapshot at seq {}", older.seq),
                     None => "replaying from the start".to_string(),
@@ -672,6 +677,7 @@ async fn rebuild_from(
         last_at_ms,
         snapshot: restored_seq(from),
         foreign_snapshot: foreign,
+        snapshot_failed,
         applied,
     })
 }

@@ -146,6 +146,7 @@ impl Runtime {
             pool: handle.clone(),
             slow_lane: pool.slow_lane(),
             upgrade_failures: Default::default(),
+            snapshots_off: Default::default(),
             dispatch,
         });
         // A growth the guest memory budget refuses, wherever it happens (an event, a read, a

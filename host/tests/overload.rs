@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use drover::replay::{self, Start};
-use drover::{ErrorKind, Runtime, Selection};
+use drover::{DeviceStatus, ErrorKind, Runtime, Selection};
 use serde_json::{Value, json};
 
 mod support;
@@ -75,6 +75,19 @@ async fn one_slow_device(
     let (same, _) =
         support::upload_misbehave(&rt, support::identical_rebuild(&support::misbehave_v1())).await;
     (rt, same)
+}
+
+/// Leaves in `dir` a misbehave device `spinner`, passivated, whose snapshots' `restore`
+/// spins (its history from `init` still folds).
+async fn a_snapshot_whose_restore_spins(dir: &Path) {
+    let rt = open(dir, 1).await;
+    rt.provision("spinner", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    rt.send("spinner", r#"{"type":"loop_on_restore"}"#)
+        .await
+        .expect("handled");
+    rt.shutdown().await;
 }
 
 fn parse(text: &str) -> Value {
@@ -784,22 +797,7 @@ async fn a_plugin_that_ran_slow_activates_on_the_slow_lane() {
 async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    {
-        // A snapshot whose `restore` spins.
-        let rt = Runtime::builder(dir.path())
-            .plugin_dir(PLUGINS)
-            .snapshot_every(1)
-            .open()
-            .await
-            .expect("runtime opens");
-        rt.provision("spinner", "misbehave", &json!({}))
-            .await
-            .unwrap();
-        rt.send("spinner", r#"{"type":"loop_on_restore"}"#)
-            .await
-            .expect("handled");
-        rt.shutdown().await;
-    }
+    a_snapshot_whose_restore_spins(dir.path()).await;
     let budget = Duration::from_millis(1500);
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
@@ -911,22 +909,7 @@ async fn a_long_chunk_of_healthy_applies_does_not_mark_its_plugin_slow() {
 async fn a_spinning_activation_on_the_slow_lane_lets_other_slow_devices_go_on() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    {
-        // A snapshot whose `restore` spins.
-        let rt = Runtime::builder(dir.path())
-            .plugin_dir(PLUGINS)
-            .snapshot_every(1)
-            .open()
-            .await
-            .expect("runtime opens");
-        rt.provision("spinner", "misbehave", &json!({}))
-            .await
-            .unwrap();
-        rt.send("spinner", r#"{"type":"loop_on_restore"}"#)
-            .await
-            .expect("handled");
-        rt.shutdown().await;
-    }
+    a_snapshot_whose_restore_spins(dir.path()).await;
     let budget = Duration::from_millis(1500);
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
@@ -967,6 +950,78 @@ async fn a_spinning_activation_on_the_slow_lane_lets_other_slow_devices_go_on() 
     assert!(took >= budget, "the restore ended after {took:?}");
     assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
     assert!(rt.metrics().slow_lane_activations.load(Relaxed) > activations);
+    rt.shutdown().await;
+}
+
+/// A device whose snapshots will not restore (its `restore` spins) pays for them once: the
+/// first activation spends its budget on the newest snapshot and replays from `init`; from
+/// then on the device's snapshots are off on that version, so its passivation writes no
+/// other such snapshot and the next activation replays at once. (Before, every read of the
+/// passivated device took the whole activation budget and wrote one more such snapshot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_snapshots_will_not_restore_pays_for_them_once() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    a_snapshot_whose_restore_spins(dir.path()).await;
+    let budget = Duration::from_millis(800);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .activation_timeout(budget)
+        .open()
+        .await
+        .expect("runtime opens");
+    let read = async || {
+        let started = std::time::Instant::now();
+        let view = rt.device("spinner").await.expect("reads from its history");
+        assert_eq!(view.status, DeviceStatus::Passivated);
+        started.elapsed()
+    };
+    let first = read().await;
+    assert!(first >= budget, "the first read took {first:?}");
+    let written = support::records_written(&rt);
+    let second = read().await;
+    assert!(
+        second < budget / 2,
+        "the snapshot that will not restore was tried again: {second:?}"
+    );
+    assert_eq!(
+        support::records_written(&rt),
+        written,
+        "a read of a passivated device wrote a snapshot"
+    );
+    assert_eq!(rt.metrics().snapshot_failures.load(Relaxed), 1);
+    rt.shutdown().await;
+}
+
+/// A device whose `snapshot` spins loses its instance to the first snapshot that times out,
+/// not to every one: its snapshots are then off on that version, and it stays live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_snapshot_fails_stops_taking_them() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path(), 2).await;
+    rt.provision("s", "misbehave", &json!({})).await.unwrap();
+    rt.send("s", r#"{"type":"loop_on_snapshot"}"#)
+        .await
+        .expect("handled");
+    // The first snapshot is moved off the pool (the plugin turns slow), the next one times
+    // out on the slow lane: snapshots off.
+    for _ in 0..5 {
+        rt.send("s", r#"{"type":"ok"}"#).await.expect("handled");
+    }
+    assert_eq!(rt.metrics().snapshot_failures.load(Relaxed), 1);
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        rt.send("s", r#"{"type":"ok"}"#).await.expect("handled");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(250),
+        "snapshots were still taken: {took:?}"
+    );
+    let view = rt.device("s").await.expect("reads");
+    assert_eq!(view.status, DeviceStatus::Active);
+    assert_eq!(parse(&view.state)["count"], json!(9));
     rt.shutdown().await;
 }
 
