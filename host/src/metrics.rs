@@ -35,6 +35,8 @@ pub struct Metrics {
     pub slow_lane_activations: AtomicU64,
     /// Reads of live state (`query`) run on the slow lane.
     pub slow_lane_reads: AtomicU64,
+    /// Provisioning's trial `init`s run on the slow lane.
+    pub slow_lane_provisions: AtomicU64,
     /// Devices moved to another plugin version (deploy, rollback, or lazily at activation).
     pub upgrades: AtomicU64,
     /// Devices that could not be brought up on a new version and stayed on their old one.
@@ -161,6 +163,12 @@ impl Metrics {
             "drover_slow_lane_reads_total",
             "Reads of devices' state run on the slow lane: those of plugin versions that have run slow.",
             &self.slow_lane_reads,
+        );
+        counter(
+            &mut out,
+            "drover_slow_lane_provisions_total",
+            "Provisioning's trial inits run on the slow lane: those of plugin versions that have run slow, and those that turned out slow on the actor pool.",
+            &self.slow_lane_provisions,
         );
         counter(
             &mut out,

@@ -367,6 +367,10 @@ impl Runtime {
                 .map_err(task_failed)??;
         }
         if matches!(init, Err(CallError::Moved)) {
+            self.shared
+                .metrics
+                .slow_lane_provisions
+                .fetch_add(1, Ordering::Relaxed);
             init = self
                 .slow_lane()?
                 .spawn(async move { trial(Preemption::Yield).await })

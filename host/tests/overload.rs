@@ -1114,6 +1114,7 @@ async fn a_trial_init_that_spins_moves_to_the_slow_lane() {
     );
     assert_eq!(refused.kind(), ErrorKind::Timeout, "{refused}");
     assert!(took >= budget, "timed out after {took:?}");
+    assert_eq!(rt.metrics().slow_lane_provisions.load(Relaxed), 1);
     let unknown = rt.device("looper").await.expect_err("not provisioned");
     assert_eq!(unknown.kind(), ErrorKind::UnknownDevice, "{unknown}");
     rt.shutdown().await;
