@@ -90,6 +90,17 @@ async fn a_snapshot_whose_restore_spins(dir: &Path) {
     rt.shutdown().await;
 }
 
+/// The misbehave plugin's versions marked slow (see `PluginVersion::slow_lane`).
+fn slow_versions(rt: &Runtime) -> Vec<u32> {
+    rt.plugins()
+        .into_iter()
+        .filter(|(name, _)| name == "misbehave")
+        .flat_map(|(_, versions)| versions)
+        .filter(|v| v.slow_lane)
+        .map(|v| v.version)
+        .collect()
+}
+
 fn parse(text: &str) -> Value {
     serde_json::from_str(text).expect("valid JSON")
 }
@@ -668,11 +679,10 @@ async fn a_looping_read_moves_to_the_slow_lane() {
     );
     assert_eq!(rt.metrics().slow_lane_reads.load(Relaxed), 1);
     assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 0);
-    let misbehave_slow = rt
-        .plugins()
-        .into_iter()
-        .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane));
-    assert!(misbehave_slow, "the read marked its plugin slow");
+    assert!(
+        !slow_versions(&rt).is_empty(),
+        "the read marked its plugin slow"
+    );
     // Another device of the plugin reads its state, on the slow lane now.
     let ok = rt.device("ok").await.expect("reads");
     assert_eq!(parse(&ok.state), json!({"count": 1, "applied": 1}));
@@ -689,11 +699,7 @@ async fn a_slow_plugin_whose_events_run_fast_again_returns_to_the_pool() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let rt = one_thread_and_a_slow_plugin(dir.path(), Duration::from_millis(600)).await;
-    let slow = |rt: &Runtime| {
-        rt.plugins()
-            .into_iter()
-            .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane))
-    };
+    let slow = |rt: &Runtime| !slow_versions(rt).is_empty();
     assert!(slow(&rt));
     let ids: Vec<String> = (0..16).map(|i| format!("fast-{i}")).collect();
     for id in &ids {
@@ -833,12 +839,7 @@ async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
     assert!(took >= budget, "the restore ended after {took:?}");
     assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
     assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), 1);
-    assert!(
-        rt.plugins()
-            .into_iter()
-            .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane)),
-        "the plugin is marked slow"
-    );
+    assert!(!slow_versions(&rt).is_empty(), "the plugin is marked slow");
     rt.shutdown().await;
 }
 
@@ -884,14 +885,7 @@ async fn a_long_chunk_of_healthy_applies_does_not_mark_its_plugin_slow() {
         long.pause_us >= 25_000,
         "the fold took under two ticks and a half, or this test proves nothing: {long:?}"
     );
-    let slow: Vec<u32> = rt
-        .plugins()
-        .into_iter()
-        .filter(|(name, _)| name == "misbehave")
-        .flat_map(|(_, versions)| versions)
-        .filter(|v| v.slow_lane)
-        .map(|v| v.version)
-        .collect();
+    let slow = slow_versions(&rt);
     assert!(
         !slow.contains(&same.version),
         "a long fold marked its version {} slow: {slow:?}",
@@ -1064,12 +1058,7 @@ async fn a_plugins_first_slow_snapshot_is_stopped_on_the_pool() {
         waited < Duration::from_millis(400),
         "the thermostat waited {waited:?} for the plugin's first slow snapshot"
     );
-    assert!(
-        rt.plugins()
-            .into_iter()
-            .any(|(name, versions)| name == "misbehave" && versions.iter().any(|v| v.slow_lane)),
-        "the plugin is marked slow"
-    );
+    assert!(!slow_versions(&rt).is_empty(), "the plugin is marked slow");
     // The device goes on from its history, on the slow lane; its snapshots still fail.
     let events = rt.metrics().slow_lane_events.load(Relaxed);
     let ack = rt
@@ -1169,14 +1158,7 @@ async fn a_slow_deploy_fold_moves_to_the_slow_lane() {
         "{s:?}"
     );
     assert!(took >= budget * 3 / 5, "folded in {took:?}");
-    let slow: Vec<u32> = rt
-        .plugins()
-        .into_iter()
-        .filter(|(name, _)| name == "misbehave")
-        .flat_map(|(_, versions)| versions)
-        .filter(|v| v.slow_lane)
-        .map(|v| v.version)
-        .collect();
+    let slow = slow_versions(&rt);
     assert!(slow.contains(&same.version), "marked slow: {slow:?}");
     rt.shutdown().await;
 }
