@@ -1012,7 +1012,7 @@ impl Actor {
             };
         let rebuilt = match self.lazy_upgrade().await? {
             Some(rebuilt) => rebuilt,
-            None if self.env.registry.ran_slow(version) => {
+            None if self.env.registry.setup_runs_slow(version) => {
                 self.activate_on_slow_lane(start).await?
             }
             None => match replay::rebuild_as(
@@ -1025,7 +1025,7 @@ impl Actor {
             ) {
                 // Stopped as its plugin turned out slow, or short of a core or of memory
                 // while it is now marked slow: either way the slow lane is where it goes.
-                Err(Error::Overloaded(_)) if self.env.registry.ran_slow(version) => {
+                Err(Error::Overloaded(_)) if self.env.registry.setup_runs_slow(version) => {
                     self.activate_on_slow_lane(start).await?
                 }
                 other => other?,
@@ -1119,7 +1119,7 @@ impl Actor {
         from: u32,
     ) -> Result<(replay::Rebuilt, Option<bool>), replay::RebuildFailure> {
         let registry = &self.env.registry;
-        if !registry.ran_slow(want.version) {
+        if !registry.setup_runs_slow(want.version) {
             // Boxed: a fold's future is kilobytes, and every actor task would carry it.
             let on_pool = Box::pin(upgrade::bring_up(
                 &self.env.journal,
@@ -1132,7 +1132,7 @@ impl Actor {
             match on_pool {
                 Err(f)
                     if matches!(f.error, Error::Overloaded(_))
-                        && registry.ran_slow(want.version) => {}
+                        && registry.setup_runs_slow(want.version) => {}
                 other => return other,
             }
         }

@@ -188,11 +188,14 @@ pub struct GuestState {
     /// Set while a call runs on a fiber of its own (see [`Instance::handle_preemptible`]):
     /// only then may the guest yield its thread at a deadline.
     on_fiber: bool,
-    /// Shared by every instance of the plugin version: whether it runs slow (see
-    /// [`CompiledPlugin::ran_slow`]).
-    ran_slow: Arc<SlowMark>,
+    /// Shared by every instance of the plugin version: whether its events or its setup work
+    /// run slow (see [`CompiledPlugin::ran_slow`] and [`CompiledPlugin::setup_runs_slow`]).
+    slow_marks: Arc<SlowMarks>,
     /// How the unit under way may give its thread back (see [`Instance::begin_unit`]).
     preemption: Preemption,
+    /// The unit under way builds a state rather than serving a live one (see
+    /// [`Instance::begin_setup_unit`]): it marks, and goes by, the setup mark.
+    setup: bool,
     /// The unit was stopped so ([`CallError::Moved`]), until [`Instance::take_moved`].
     moved: bool,
 }
@@ -208,12 +211,42 @@ pub struct GuestState {
 /// back to the pool and, on its next slow event, moves again (two or three ticks of a pool
 /// thread).
 #[derive(Debug, Default)]
-pub(crate) struct SlowMark {
+struct SlowMark {
     slow: AtomicBool,
     /// Units in a row on the slow lane that ended without showing the version slow. (Not
     /// "without a look at their deadline": a thread held off its core for a tick in the
     /// middle of a fast unit is looked at, and on a loaded machine that broke every streak.)
     fast_streak: AtomicU32,
+}
+
+/// A plugin version's two marks. A unit that builds a state (an activation's `restore`,
+/// `init` and replayed `apply`s, a deploy's fold, provisioning's trial `init`: see
+/// [`Instance::begin_setup_unit`]) marks `setup`; the rest (events, reads, snapshots: work on
+/// a live instance) mark `events`. Apart because the two are paid for differently: a plugin
+/// whose `init` builds a large table, or whose large states take 20 ms to `restore`, has
+/// slow activations and fast events, and its fleet's events belong on the pool; with one
+/// mark, each activation sent them all to the slow lane (half the cores, a fiber per call)
+/// and, as activations are frequent, kept them there.
+#[derive(Debug, Default)]
+pub(crate) struct SlowMarks {
+    events: SlowMark,
+    setup: SlowMark,
+}
+
+impl SlowMarks {
+    /// The mark a unit of this kind sets and clears.
+    fn of(&self, setup: bool) -> &SlowMark {
+        if setup { &self.setup } else { &self.events }
+    }
+
+    fn events_slow(&self) -> bool {
+        self.events.slow.load(Ordering::Relaxed)
+    }
+
+    /// Setup work goes where slow events go too: a fold's `apply`s are the events' own.
+    fn setup_slow(&self) -> bool {
+        self.events_slow() || self.setup.slow.load(Ordering::Relaxed)
+    }
 }
 
 /// Units of a version in a row on the slow lane that end without showing it slow, after which the
@@ -500,15 +533,31 @@ fn deadline_reached(
         .look(cpu_now, now, state.preemption, state.on_fiber);
     // Marked even if the unit ends here: a plugin whose events time out is slow too.
     if let Some((used, surely)) = slow
-        && !state.ran_slow.slow.swap(true, Ordering::Relaxed)
+        && !state
+            .slow_marks
+            .of(state.setup)
+            .slow
+            .swap(true, Ordering::Relaxed)
     {
-        tracing::warn!(
-            device = %state.device,
-            cpu_ms = used.as_secs_f64() * 1e3,
-            surely_ms = surely.as_secs_f64() * 1e3,
-            "a guest call of this device's plugin version ran slow: from now on its devices' \
-             events, reads and activations run on the slow lane"
-        );
+        let (cpu_ms, surely_ms) = (used.as_secs_f64() * 1e3, surely.as_secs_f64() * 1e3);
+        if state.setup {
+            tracing::warn!(
+                device = %state.device,
+                cpu_ms,
+                surely_ms,
+                "building this device's state (`restore`, `init` or replayed `apply`s) ran \
+                 slow: from now on its plugin version's activations and folds run on the slow \
+                 lane (its events stay where they are)"
+            );
+        } else {
+            tracing::warn!(
+                device = %state.device,
+                cpu_ms,
+                surely_ms,
+                "a guest call of this device's plugin version ran slow: from now on its \
+                 devices' events, reads and activations run on the slow lane"
+            );
+        }
     }
     match verdict {
         Verdict::Continue(ticks) => Ok(UpdateDeadline::Continue(ticks)),
@@ -843,7 +892,7 @@ impl Engine {
         Ok(CompiledPlugin {
             engine: self.clone(),
             pre: Arc::new(exports),
-            ran_slow: Arc::new(SlowMark::default()),
+            slow_marks: Arc::new(SlowMarks::default()),
         })
     }
 }
@@ -958,7 +1007,7 @@ pub struct CompiledPlugin {
     engine: Engine,
     pre: Arc<Pre>,
     /// Whether this version runs slow (see [`CompiledPlugin::ran_slow`]).
-    ran_slow: Arc<SlowMark>,
+    slow_marks: Arc<SlowMarks>,
 }
 
 impl CompiledPlugin {
@@ -983,8 +1032,9 @@ impl CompiledPlugin {
             clock: UnitClock::start(inner.config.call_timeout, inner.config.epoch_tick),
             starved: None,
             on_fiber: false,
-            ran_slow: self.ran_slow.clone(),
+            slow_marks: self.slow_marks.clone(),
             preemption: Preemption::None,
+            setup: false,
             moved: false,
         };
         let mut store = Store::new(&inner.engine, state);
@@ -1033,18 +1083,26 @@ impl CompiledPlugin {
         })
     }
 
-    /// Whether a unit of work of an instance of this version on the actor pool (an event, a
-    /// read, a snapshot, a `restore` or `init`, a chunk of a fold) has used two epoch ticks
-    /// (20 ms) of CPU time, or, for a chunk of a fold, more than its transitions' allowance
-    /// (see [`Instance::expect_cpu`]: a long fold is not a slow plugin). From then on its
-    /// instances' events, reads, snapshots, activations and folds run on the slow lane (see
+    /// Whether a unit of work on a live instance of this version (an event, a read, a
+    /// snapshot) has used two epoch ticks (20 ms) of CPU time. From then on its instances'
+    /// events, reads, snapshots, activations and folds run on the slow lane (see
     /// `actor::ActorPool`), their calls preemptible (see [`Instance::handle_preemptible`]);
     /// until then every call holds its thread to the end, which spares fast plugins a fiber
     /// per call and a stack per instance. Dry-runs never mark it. Cleared after
     /// [`FORGIVE_AFTER`] fast units in a row on the slow lane (see [`SlowMark`]), and at a
-    /// restart.
+    /// restart. Slow setup work marks [`CompiledPlugin::setup_runs_slow`] instead.
     pub fn ran_slow(&self) -> bool {
-        self.ran_slow.slow.load(Ordering::Relaxed)
+        self.slow_marks.events_slow()
+    }
+
+    /// Whether this version's activations, deploy folds and trial `init`s run on the slow
+    /// lane: it [ran slow](CompiledPlugin::ran_slow), or a unit that builds a state (a
+    /// `restore` or `init`, a chunk of a fold: see [`Instance::begin_setup_unit`]) used two
+    /// epoch ticks, or, for a chunk of a fold, more than its transitions' allowance (see
+    /// [`Instance::expect_cpu`]: a long fold is not a slow plugin). Cleared as the other mark
+    /// is, by fast setup units on the slow lane.
+    pub fn setup_runs_slow(&self) -> bool {
+        self.slow_marks.setup_slow()
     }
 
     /// The engine this plugin was compiled for.
@@ -1187,6 +1245,7 @@ pub struct UnitScope {
     outer: Option<Duration>,
     outer_clock: UnitClock,
     outer_preemption: Preemption,
+    outer_setup: bool,
 }
 
 impl Instance {
@@ -1525,13 +1584,26 @@ impl Instance {
             outer: self.unit.replace(budget),
             outer_clock: state.clock,
             outer_preemption: state.preemption,
+            outer_setup: state.setup,
         };
         state.preemption = preemption;
+        state.setup = false;
         state.moved = false;
         if scope.outer.is_none() {
             self.renew_log_budget();
         }
         self.start_clock(budget, preemption);
+        scope
+    }
+
+    /// [`Instance::begin_unit`] for a unit that builds a state rather than serving a live one:
+    /// an activation's `restore`, `init` or chunk of replayed `apply`s, a deploy's fold,
+    /// provisioning's trial `init`. It marks [`CompiledPlugin::setup_runs_slow`] rather than
+    /// [`CompiledPlugin::ran_slow`], and its calls are preemptible on the slow lane if either
+    /// mark is set.
+    pub fn begin_setup_unit(&mut self, budget: Duration, preemption: Preemption) -> UnitScope {
+        let scope = self.begin_unit(budget, preemption);
+        self.store.data_mut().setup = true;
         scope
     }
 
@@ -1570,27 +1642,36 @@ impl Instance {
         let state = self.store.data();
         if state.preemption == Preemption::Yield {
             state
-                .ran_slow
+                .slow_marks
+                .of(state.setup)
                 .unit_ended(state.clock.seen_slow, &state.device);
         }
         self.unit = scope.outer;
         self.store.data_mut().preemption = scope.outer_preemption;
+        self.store.data_mut().setup = scope.outer_setup;
         // The outer unit's deadline may now come early: looked at then, it goes on.
         self.store.data_mut().clock = scope.outer_clock;
     }
 
     /// Whether the plugin version has run slow (see [`CompiledPlugin::ran_slow`]).
     pub fn ran_slow(&self) -> bool {
-        self.store.data().ran_slow.slow.load(Ordering::Relaxed)
+        self.store.data().slow_marks.events_slow()
     }
 
     /// Whether a call may run preemptible: its unit asked ([`Preemption::Yield`]), the plugin
-    /// has run slow, and this store holds a fiber stack or one is to be had within
-    /// [`MAX_FIBER_STACKS`]. Fast plugins' calls stay synchronous: a fiber costs a switch each
-    /// way (~130 ns a call) and a stack per store.
+    /// has run slow at work of this unit's kind (a unit that builds a state: see
+    /// [`CompiledPlugin::setup_runs_slow`]), and this store holds a fiber stack or one is to
+    /// be had within [`MAX_FIBER_STACKS`]. Fast plugins' calls stay synchronous: a fiber
+    /// costs a switch each way (~130 ns a call) and a stack per store.
     fn may_preempt(&self) -> bool {
-        self.store.data().preemption == Preemption::Yield
-            && self.ran_slow()
+        let state = self.store.data();
+        let slow = if state.setup {
+            state.slow_marks.setup_slow()
+        } else {
+            state.slow_marks.events_slow()
+        };
+        state.preemption == Preemption::Yield
+            && slow
             && matches!(self.device, Exports::V3(..))
             && (self.holds_stack || self.stacks.held() < MAX_FIBER_STACKS)
     }

@@ -43,12 +43,18 @@ pub struct PluginVersion {
     pub version: u32,
     pub digest: String,
     pub registered_at_ms: u64,
-    /// A unit of work of this version (an event, a read, a snapshot, a trial `init`, a step
-    /// of an activation or fold) used two epoch ticks (20 ms) of CPU time since the server
-    /// started (see `engine::CompiledPlugin::ran_slow`): its devices' guest work runs on the
-    /// slow lane (see `actor::ActorPool`). Forgotten at a restart, and after 10,000 fast
-    /// units in a row there.
+    /// A unit of work on a live instance of this version (an event, a read, a snapshot) used
+    /// two epoch ticks (20 ms) of CPU time since the server started (see
+    /// `engine::CompiledPlugin::ran_slow`): its devices' guest work runs on the slow lane
+    /// (see `actor::ActorPool`). Forgotten at a restart, and after 10,000 fast units in a
+    /// row there.
     pub slow_lane: bool,
+    /// Its devices' activations, deploy folds and provisioning's trial `init`s run on the
+    /// slow lane: `slow_lane`, or building a state (a `restore`, an `init`, a chunk of
+    /// replayed `apply`s) used two epoch ticks since the server started (see
+    /// `engine::CompiledPlugin::setup_runs_slow`); its events stay on the pool unless
+    /// `slow_lane`. Forgotten as `slow_lane` is.
+    pub slow_setup: bool,
 }
 
 /// Where a registration came from; decides whether it may become current (module docs).
@@ -74,13 +80,15 @@ struct Pointer {
 const PREVIOUS_KEPT: usize = 32;
 
 impl PluginVersion {
-    fn from_info(v: &VersionInfo, slow_lane: bool) -> Self {
+    /// `slow`: the version's (`slow_lane`, `slow_setup`).
+    fn from_info(v: &VersionInfo, slow: (bool, bool)) -> Self {
         PluginVersion {
             name: v.plugin.clone(),
             version: v.number,
             digest: format!("sha256:{}", hex::encode(v.digest)),
             registered_at_ms: v.at_ms,
-            slow_lane,
+            slow_lane: slow.0,
+            slow_setup: slow.1,
         }
     }
 }
@@ -257,7 +265,7 @@ impl Registry {
                 if origin == Origin::Startup && self.startup_may_point(name) {
                     self.point(v.id, Origin::Startup)?;
                 }
-                return Ok((PluginVersion::from_info(&v, self.ran_slow(v.id)), false));
+                return Ok((PluginVersion::from_info(&v, self.slow_marks(v.id)), false));
             }
             (
                 table.versions.len() as u32,
@@ -307,7 +315,7 @@ impl Registry {
             return Err(e);
         }
         tracing::info!(plugin = name, version = number, current = becomes_current, digest = %hex::encode(digest), "plugin registered");
-        Ok((PluginVersion::from_info(&info, false), true))
+        Ok((PluginVersion::from_info(&info, (false, false)), true))
     }
 
     /// Whether a start-up registration may move `name`'s current version: only while the
@@ -491,7 +499,7 @@ impl Registry {
             .iter()
             .filter(|v| !table.removed.contains(&v.id))
         {
-            let shown = PluginVersion::from_info(v, self.ran_slow(v.id));
+            let shown = PluginVersion::from_info(v, self.slow_marks(v.id));
             match out.iter_mut().find(|(n, _)| *n == v.plugin) {
                 Some((_, versions)) => versions.push(shown),
                 None => out.push((v.plugin.clone(), vec![shown])),
@@ -507,7 +515,7 @@ impl Registry {
             .read()
             .versions
             .get(id as usize)
-            .map(|v| PluginVersion::from_info(v, self.ran_slow(id)))
+            .map(|v| PluginVersion::from_info(v, self.slow_marks(id)))
     }
 
     /// Remembers that version `id` does not fit this engine's limits; the error to return.
@@ -568,12 +576,29 @@ impl Registry {
     }
 
     /// Whether version `id` is compiled and has run slow (see [`CompiledPlugin::ran_slow`]):
-    /// its activations then run on the slow lane (see `actor::ActorPool`).
+    /// its devices' events and reads then run on the slow lane (see `actor::ActorPool`).
     pub fn ran_slow(&self, id: u32) -> bool {
         self.compiled
             .lock()
             .get(&id)
             .is_some_and(CompiledPlugin::ran_slow)
+    }
+
+    /// Version `id`'s marks as `PluginVersion` shows them: (`slow_lane`, `slow_setup`).
+    fn slow_marks(&self, id: u32) -> (bool, bool) {
+        self.compiled
+            .lock()
+            .get(&id)
+            .map_or((false, false), |c| (c.ran_slow(), c.setup_runs_slow()))
+    }
+
+    /// Whether version `id` is compiled and its activations, folds and trial `init`s run on
+    /// the slow lane (see [`CompiledPlugin::setup_runs_slow`]).
+    pub fn setup_runs_slow(&self, id: u32) -> bool {
+        self.compiled
+            .lock()
+            .get(&id)
+            .is_some_and(CompiledPlugin::setup_runs_slow)
     }
 
     /// Shared access to the engine.

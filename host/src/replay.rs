@@ -207,7 +207,7 @@ pub(crate) async fn rebuild_reporting_with(
                 Err(located)
                     if budget.preemption == Preemption::Move
                         && matches!(located.error, Error::Overloaded(_))
-                        && registry.ran_slow(device.version) =>
+                        && registry.setup_runs_slow(device.version) =>
                 {
                     Err(located)
                 }
@@ -298,7 +298,7 @@ pub(crate) async fn probe_restore_with(
     let data = journal.read_snapshot(snap)?;
     let compiled = registry.compiled(device.version)?;
     let mut instance = compiled.instantiate(device.id.clone())?;
-    let scope = instance.begin_unit(compiled.engine().config().call_timeout, preemption);
+    let scope = instance.begin_setup_unit(compiled.engine().config().call_timeout, preemption);
     let restored = instance.restore_preemptible(&data).await;
     instance.end_unit(scope);
     Ok(restored?)
@@ -377,7 +377,7 @@ impl Budget {
     /// may yield is charged its own time when it ends (see [`Budget::end`]), not its
     /// thread's, which runs other devices' units between its slices.
     fn begin(&mut self, instance: &mut Instance) -> UnitScope {
-        let scope = instance.begin_unit(self.left(), self.preemption);
+        let scope = instance.begin_setup_unit(self.left(), self.preemption);
         if self.preemption == Preemption::Yield {
             self.used_before = self.used();
             self.ran_before = self.ran();

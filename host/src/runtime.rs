@@ -340,7 +340,7 @@ impl Runtime {
         // slow runs it from the start.
         let compiled = self.shared.registry.compiled(version.id)?;
         let (trial_id, trial_config) = (id.to_string(), config_text.clone());
-        let on_the_pool = !compiled.ran_slow();
+        let on_the_pool = !compiled.setup_runs_slow();
         // On the pool stopped once seen slow; on the slow lane yielding at each tick, so that
         // an `init` that spins holds a slow-lane thread a tick at a time.
         let trial = Arc::new(move |preemption| {
@@ -348,7 +348,8 @@ impl Runtime {
                 (compiled.clone(), trial_id.clone(), trial_config.clone());
             async move {
                 let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
-                let scope = trial.begin_unit(compiled.engine().config().call_timeout, preemption);
+                let scope =
+                    trial.begin_setup_unit(compiled.engine().config().call_timeout, preemption);
                 let init = trial.init_preemptible(&trial_id, &trial_config).await;
                 trial.end_unit(scope);
                 Ok::<_, Error>(init)

@@ -156,7 +156,7 @@ pub async fn bring_up(
                 // Stopped on the pool as the version turned out slow: the fold is done again
                 // on the slow lane. (Any other failure only means the old snapshot is not read.)
                 Err(e @ Error::Overloaded(_))
-                    if preemption == Preemption::Move && registry.ran_slow(want.version) =>
+                    if preemption == Preemption::Move && registry.setup_runs_slow(want.version) =>
                 {
                     return Err(e.into());
                 }

@@ -837,16 +837,28 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     }
     // The looping event showed the plugin slow: its version says so, the thermostat's not.
     let plugins = api.get("/v1/plugins").body;
-    let slow_lane = |name: &str| {
+    // Its activations follow its events to the slow lane.
+    let marks = |name: &str| {
         plugins["plugins"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|p| p["name"] == name)
-            .map(|p| p["versions"][0]["slow_lane"].clone())
+            .map(|p| {
+                let v = &p["versions"][0];
+                (v["slow_lane"].clone(), v["slow_setup"].clone())
+            })
     };
-    assert_eq!(slow_lane("misbehave"), Some(json!(true)), "{plugins}");
-    assert_eq!(slow_lane("thermostat"), Some(json!(false)), "{plugins}");
+    assert_eq!(
+        marks("misbehave"),
+        Some((json!(true), json!(true))),
+        "{plugins}"
+    );
+    assert_eq!(
+        marks("thermostat"),
+        Some((json!(false), json!(false))),
+        "{plugins}"
+    );
     // The bad device was rebuilt from its journal and goes on at seq 2.
     let ack = api.send("bad", &json!({"type": "ok"}));
     assert_eq!(ack["seq"], 2);

@@ -92,11 +92,21 @@ async fn a_snapshot_whose_restore_spins(dir: &Path) {
 
 /// The misbehave plugin's versions marked slow (see `PluginVersion::slow_lane`).
 fn slow_versions(rt: &Runtime) -> Vec<u32> {
+    misbehave_versions(rt, |v| v.slow_lane)
+}
+
+/// The misbehave plugin's versions whose activations and folds run on the slow lane (see
+/// `PluginVersion::slow_setup`).
+fn slow_setup_versions(rt: &Runtime) -> Vec<u32> {
+    misbehave_versions(rt, |v| v.slow_setup)
+}
+
+fn misbehave_versions(rt: &Runtime, marked: fn(&drover::PluginVersion) -> bool) -> Vec<u32> {
     rt.plugins()
         .into_iter()
         .filter(|(name, _)| name == "misbehave")
         .flat_map(|(_, versions)| versions)
-        .filter(|v| v.slow_lane)
+        .filter(marked)
         .map(|v| v.version)
         .collect()
 }
@@ -839,7 +849,11 @@ async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
     assert!(took >= budget, "the restore ended after {took:?}");
     assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
     assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), 1);
-    assert!(!slow_versions(&rt).is_empty(), "the plugin is marked slow");
+    assert!(
+        !slow_setup_versions(&rt).is_empty(),
+        "the plugin's activations are marked slow"
+    );
+    assert_eq!(slow_versions(&rt), Vec::<u32>::new(), "its events are not");
     rt.shutdown().await;
 }
 
@@ -891,6 +905,55 @@ async fn a_long_chunk_of_healthy_applies_does_not_mark_its_plugin_slow() {
         "a long fold marked its version {} slow: {slow:?}",
         same.version
     );
+    rt.shutdown().await;
+}
+
+/// A plugin slow to build a state and quick at its events (an `init` that spins ~100 ms, as
+/// one that builds a large table would) has its activations and trial `init`s on the slow
+/// lane and its events on the pool: slow setup work marks its own mark. (With one mark, the
+/// trial `init` sent every event of the plugin to the slow lane.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_slow_to_build_its_state_keeps_its_events_on_the_pool() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let _serial = serial().await;
+    // Calibrated on a runtime of its own: the probe's slow `apply`s mark its plugin slow.
+    let spin = {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = open(dir.path(), 1_000).await;
+        rt.provision("probe", "misbehave", &json!({}))
+            .await
+            .unwrap();
+        let spin = calibrated(&rt, "probe", 0.1).await;
+        rt.shutdown().await;
+        spin
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .call_timeout(Duration::from_secs(2))
+        .snapshot_every(100_000)
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("heavy", "misbehave", &json!({ "init_spin": spin }))
+        .await
+        .expect("a slow init is no failed one");
+    let metrics = rt.metrics();
+    assert_eq!(metrics.slow_lane_provisions.load(Relaxed), 1);
+    for _ in 0..20 {
+        rt.send("heavy", r#"{"type":"ok"}"#).await.expect("handled");
+    }
+    assert_eq!(
+        metrics.slow_lane_events.load(Relaxed),
+        0,
+        "a slow `init` sent the plugin's events to the slow lane"
+    );
+    assert_eq!(metrics.slow_lane_activations.load(Relaxed), 1);
+    assert_eq!(slow_versions(&rt), Vec::<u32>::new());
+    assert_eq!(slow_setup_versions(&rt).len(), 1);
+    // The device is what its events made it.
+    let view = rt.device("heavy").await.expect("read");
+    assert_eq!(parse(&view.state)["count"], json!(20));
     rt.shutdown().await;
 }
 
@@ -1158,7 +1221,12 @@ async fn a_slow_deploy_fold_moves_to_the_slow_lane() {
         "{s:?}"
     );
     assert!(took >= budget * 3 / 5, "folded in {took:?}");
+    let slow = slow_setup_versions(&rt);
+    assert!(slow.contains(&same.version), "folds marked slow: {slow:?}");
     let slow = slow_versions(&rt);
-    assert!(slow.contains(&same.version), "marked slow: {slow:?}");
+    assert!(
+        !slow.contains(&same.version),
+        "events marked slow: {slow:?}"
+    );
     rt.shutdown().await;
 }

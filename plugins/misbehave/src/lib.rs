@@ -17,7 +17,9 @@
 //! # Config
 //!
 //! Any JSON object (or none). `{"fail_init": true}` makes `init` fail with code `rejected`;
-//! `{"loop_init": true}` makes it spin forever.
+//! `{"loop_init": true}` makes it spin forever; `{"init_spin": S}` makes it spin `S` loop
+//! iterations (the `slow_apply` loop) and then succeed: a plugin whose state is costly to
+//! build and whose events are cheap.
 //!
 //! # Events and what they do
 //!
@@ -89,6 +91,9 @@ pub struct Config {
     /// Make `init` spin forever.
     #[serde(default)]
     pub loop_init: bool,
+    /// Loop iterations `init` spins before it succeeds.
+    #[serde(default)]
+    pub init_spin: u64,
 }
 
 /// An incoming event; see the crate docs.
@@ -262,6 +267,7 @@ impl Device for Misbehave {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
         }
+        spin(config.init_spin);
         Ok(Misbehave::default())
     }
 
@@ -364,13 +370,7 @@ impl Device for Misbehave {
             }
             Transition::Poison => panic!("misbehave: poison transition applied"),
             Transition::Unreadable => unreachable!("never deserialized"),
-            Transition::Slow { spin } => {
-                let mut x = 0u64;
-                for i in 0..spin {
-                    x = std::hint::black_box(x.wrapping_add(i));
-                }
-                std::hint::black_box(x);
-            }
+            Transition::Slow { spin: spins } => spin(spins),
             Transition::LoopsOnRead => self.loops_on_read = true,
             Transition::LoopsOnSnapshot => self.loops_on_snapshot = true,
             Transition::LoopsOnRestore => self.loops_on_restore = true,
@@ -419,6 +419,15 @@ impl Device for Misbehave {
 }
 
 drover_guest::export_device!(Misbehave);
+
+/// Spins `iterations` loop iterations (guests have no clock: tests calibrate the count).
+fn spin(iterations: u64) {
+    let mut x = 0u64;
+    for i in 0..iterations {
+        x = std::hint::black_box(x.wrapping_add(i));
+    }
+    std::hint::black_box(x);
+}
 
 #[cfg(test)]
 mod tests {
@@ -519,3 +528,4 @@ mod tests {
         );
     }
 }
+

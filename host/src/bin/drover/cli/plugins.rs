@@ -253,6 +253,8 @@ fn print_plugin(p: &Value) {
             v["digest"].as_str().unwrap_or(""),
             if v["slow_lane"].as_bool() == Some(true) {
                 "  (slow lane)"
+            } else if v["slow_setup"].as_bool() == Some(true) {
+                "  (activations on the slow lane)"
             } else {
                 ""
             }
