@@ -2029,48 +2029,10 @@ impl Actor {
             return;
         }
         let status = self.status();
-        let mut moves = 0;
-        let result = loop {
-            if let Err(e) = self.ensure_live().await {
-                // Counted like one an event met: reads of a device that cannot activate
-                // quarantine it too, and are then answered at once (`unreadable`).
-                if matches!(e, Error::Activation(_)) {
-                    self.record_failure(&e);
-                }
-                break Err(e);
-            }
-            let slow_lane = Some(&self.env.metrics.slow_lane_reads);
-            match read_live(&mut self.live, &self.env, query_unit, slow_lane).await {
-                Err(lost) => break Err(Error::Internal(lost)),
-                Ok(Ok(state)) => {
-                    let seq = self.live.as_ref().map_or(self.head.seq, |live| live.seq);
-                    break Ok((DeviceState { seq, state }, status));
-                }
-                Ok(Err(e)) => {
-                    if e.is_fatal() {
-                        // Stopped on the pool as its plugin turned out slow (see `on_event`):
-                        // read again, on the slow lane, from a rebuilt instance.
-                        let moved = self
-                            .live
-                            .take()
-                            .is_some_and(|mut l| l.instance.take_moved());
-                        if moved && moves < MAX_MOVES {
-                            moves += 1;
-                            continue;
-                        }
-                        // Past `MAX_MOVES` it is answered as the server's overload.
-                        if !moved {
-                            tracing::warn!(
-                                device = %self.head.id,
-                                error = %e,
-                                "guest failed on a read: discarding the instance"
-                            );
-                        }
-                    }
-                    break Err(Error::from(e));
-                }
-            }
-        };
+        let result = self
+            .read_state(query_unit, true)
+            .await
+            .map(|(seq, state)| (DeviceState { seq, state }, status));
         if status != DeviceStatus::Active {
             self.passivate().await;
         }
@@ -2099,31 +2061,37 @@ impl Actor {
         }));
     }
 
-    /// Answers [`Message::Export`]: the guest's snapshot bytes, taken as a read is (see
-    /// [`Actor::on_query`]).
-    async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
-        if let Some(e) = self.unreadable() {
-            let _ = reply.send(Err(e));
-            return;
-        }
+    /// Runs `unit` (a read of the state, a snapshot for an export) on the device's live
+    /// instance, activating it first if need be, and returns it with the seq it reflects.
+    /// `counted`: a run on the slow lane counts in `drover_slow_lane_reads_total`.
+    ///
+    /// A unit stopped on the pool as its plugin turned out slow (see `on_event`) is run again,
+    /// on the slow lane, from a rebuilt instance; past [`MAX_MOVES`] it is answered as the
+    /// server's overload. Any other failure of the guest discards the instance. A device that
+    /// cannot activate has the failure counted as one an event met: reads of it quarantine it
+    /// too, and are then answered at once (`unreadable`).
+    async fn read_state<R: Send + 'static>(
+        &mut self,
+        unit: ReadUnit<R>,
+        counted: bool,
+    ) -> Result<(u64, R), Error> {
         let mut moves = 0;
-        let result = loop {
+        loop {
             if let Err(e) = self.ensure_live().await {
                 if matches!(e, Error::Activation(_)) {
                     self.record_failure(&e);
                 }
-                break Err(e);
+                return Err(e);
             }
-            match read_live(&mut self.live, &self.env, snapshot_unit, None).await {
-                Err(lost) => break Err(Error::Internal(lost)),
-                Ok(Ok(bytes)) => {
+            let slow_lane = counted.then_some(&self.env.metrics.slow_lane_reads);
+            match read_live(&mut self.live, &self.env, unit, slow_lane).await {
+                Err(lost) => return Err(Error::Internal(lost)),
+                Ok(Ok(out)) => {
                     let seq = self.live.as_ref().map_or(self.head.seq, |live| live.seq);
-                    break Ok((seq, bytes));
+                    return Ok((seq, out));
                 }
                 Ok(Err(e)) => {
                     if e.is_fatal() {
-                        // Stopped on the pool as its plugin turned out slow: taken again, on
-                        // the slow lane, from a rebuilt instance (as a read is, `on_query`).
                         let moved = self
                             .live
                             .take()
@@ -2132,11 +2100,28 @@ impl Actor {
                             moves += 1;
                             continue;
                         }
+                        if !moved {
+                            tracing::warn!(
+                                device = %self.head.id,
+                                error = %e,
+                                "guest failed on a read: discarding the instance"
+                            );
+                        }
                     }
-                    break Err(Error::from(e));
+                    return Err(Error::from(e));
                 }
             }
-        };
+        }
+    }
+
+    /// Answers [`Message::Export`]: the guest's snapshot bytes, taken as a read is (see
+    /// [`Actor::on_query`]).
+    async fn on_export(&mut self, reply: oneshot::Sender<Result<(u64, Vec<u8>), Error>>) {
+        if let Some(e) = self.unreadable() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let result = self.read_state(snapshot_unit, false).await;
         match result {
             Ok(answer) => self.reply_when_durable(answer, reply),
             Err(e) => {
