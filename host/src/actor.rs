@@ -283,7 +283,8 @@ const HANDLED_PRUNE: usize = 256;
 /// # The slow lane
 ///
 /// Events, reads and activations of a plugin that has run slow (an event or a read that used
-/// two epoch ticks, 20 ms, of CPU time, see `CompiledPlugin::ran_slow`) run on a second runtime,
+/// two epoch ticks, 20 ms, of CPU time, see `CompiledPlugin::ran_slow`), and the activations
+/// alone of one slow only to build a state (`CompiledPlugin::setup_runs_slow`), run on a second runtime,
 /// `drover-slow`, of half as many threads (at least one; `ActorConfig::slow_threads`): the
 /// actor stays on the pool and its instance goes to the slow lane for the event. There each
 /// guest call runs on a fiber that yields its thread at every epoch tick, so slow devices
@@ -997,8 +998,9 @@ impl Actor {
             .version
             .store(self.head.version, Ordering::Relaxed);
         // Runs on this worker: snapshots keep the tail short, so activation is tens of µs.
-        // A plugin that has run slow folds on the slow lane: its `restore` or `apply`s may be
-        // slow too, and an activation's budget is seconds. One that turns out slow here
+        // A plugin that has run slow, or built a state slowly (see
+        // `CompiledPlugin::setup_runs_slow`), folds on the slow lane: its `restore` or
+        // `apply`s may be slow too, and an activation's budget is seconds. One that turns out slow here
         // (a unit of the rebuild used two epoch ticks) is stopped and folded there afresh.
         let started = Instant::now();
         let version = self.head.version;
@@ -1093,7 +1095,7 @@ impl Actor {
         Ok(())
     }
 
-    /// Rebuilds the device on the slow lane, where an activation of a plugin that has run slow
+    /// Rebuilds the device on the slow lane, where an activation of a plugin slow to build a state
     /// holds a slow-lane thread rather than one of the pool's.
     async fn activate_on_slow_lane(&self, start: Start) -> Result<replay::Rebuilt, Error> {
         self.env
@@ -1111,7 +1113,8 @@ impl Actor {
     }
 
     /// Folds the device's history into version `want.version` ([`upgrade::bring_up`]) where its
-    /// events would run: on the slow lane if that version has run slow, else on the pool,
+    /// activations would run: on the slow lane if that version builds states slowly (see
+    /// `CompiledPlugin::setup_runs_slow`), else on the pool,
     /// stopped there once seen slow and folded again on the slow lane, as an activation is.
     async fn bring_up(
         &self,

@@ -239,6 +239,36 @@ impl SlowMarks {
         if setup { &self.setup } else { &self.events }
     }
 
+    /// A unit of this kind on the slow lane ended (see [`SlowMark::unit_ended`]); a mark it
+    /// cleared is logged.
+    fn unit_ended(&self, setup: bool, seen_slow: bool, device: &str) {
+        if !self.of(setup).unit_ended(seen_slow) {
+            return;
+        }
+        if setup {
+            tracing::info!(
+                device,
+                units = FORGIVE_AFTER,
+                "this device's plugin version built states fast on its last activations, folds \
+                 and trial inits on the slow lane: they run on the actor pool again, unless its \
+                 events are still marked slow"
+            );
+        } else {
+            tracing::info!(
+                device,
+                units = FORGIVE_AFTER,
+                "this device's plugin version ran fast on its last units on the slow \
+                 lane: its devices' events and reads run on the actor pool again"
+            );
+        }
+    }
+
+    /// (`events_slow`, `setup_slow`), each mark read once, so the second includes the first.
+    fn both(&self) -> (bool, bool) {
+        let events = self.events_slow();
+        (events, events || self.setup.slow.load(Ordering::Relaxed))
+    }
+
     fn events_slow(&self) -> bool {
         self.events.slow.load(Ordering::Relaxed)
     }
@@ -254,23 +284,32 @@ impl SlowMarks {
 pub const FORGIVE_AFTER: u32 = 10_000;
 
 impl SlowMark {
+    /// Sets the mark; whether it was clear. The streak starts afresh: units that ran fast on
+    /// the slow lane while it was clear (there for the other mark) do not count toward
+    /// forgiving it.
+    fn set(&self) -> bool {
+        let was_clear = !self.slow.swap(true, Ordering::Relaxed);
+        if was_clear {
+            self.fast_streak.store(0, Ordering::Relaxed);
+        }
+        was_clear
+    }
+
     /// A unit on the slow lane ended; `seen_slow`: a look at its deadline showed it slow.
-    fn unit_ended(&self, seen_slow: bool, device: &str) {
+    /// Whether that cleared the mark (see [`FORGIVE_AFTER`]).
+    fn unit_ended(&self, seen_slow: bool) -> bool {
         if seen_slow {
             self.fast_streak.store(0, Ordering::Relaxed);
-            return;
+            return false;
+        }
+        if !self.slow.load(Ordering::Relaxed) {
+            return false;
         }
         if self.fast_streak.fetch_add(1, Ordering::Relaxed) + 1 >= FORGIVE_AFTER {
             self.fast_streak.store(0, Ordering::Relaxed);
-            if self.slow.swap(false, Ordering::Relaxed) {
-                tracing::info!(
-                    device,
-                    units = FORGIVE_AFTER,
-                    "this device's plugin version ran fast on its last units on the slow \
-                     lane: its devices run on the actor pool again"
-                );
-            }
+            return self.slow.swap(false, Ordering::Relaxed);
         }
+        false
     }
 }
 
@@ -533,11 +572,7 @@ fn deadline_reached(
         .look(cpu_now, now, state.preemption, state.on_fiber);
     // Marked even if the unit ends here: a plugin whose events time out is slow too.
     if let Some((used, surely)) = slow
-        && !state
-            .slow_marks
-            .of(state.setup)
-            .slow
-            .swap(true, Ordering::Relaxed)
+        && state.slow_marks.of(state.setup).set()
     {
         let (cpu_ms, surely_ms) = (used.as_secs_f64() * 1e3, surely.as_secs_f64() * 1e3);
         if state.setup {
@@ -1006,7 +1041,8 @@ fn instantiation_fault(
 pub struct CompiledPlugin {
     engine: Engine,
     pre: Arc<Pre>,
-    /// Whether this version runs slow (see [`CompiledPlugin::ran_slow`]).
+    /// Whether this version's events, or its setup work, run slow (see
+    /// [`CompiledPlugin::ran_slow`] and [`CompiledPlugin::setup_runs_slow`]).
     slow_marks: Arc<SlowMarks>,
 }
 
@@ -1103,6 +1139,12 @@ impl CompiledPlugin {
     /// is, by fast setup units on the slow lane.
     pub fn setup_runs_slow(&self) -> bool {
         self.slow_marks.setup_slow()
+    }
+
+    /// ([`CompiledPlugin::ran_slow`], [`CompiledPlugin::setup_runs_slow`]) read together:
+    /// the second is true whenever the first is.
+    pub fn slow_marks(&self) -> (bool, bool) {
+        self.slow_marks.both()
     }
 
     /// The engine this plugin was compiled for.
@@ -1577,7 +1619,8 @@ impl Instance {
     /// back as `preemption` says. With [`Preemption::Yield`] its calls through the
     /// `*_preemptible` and `*_unit` methods ([`Instance::handle_preemptible`],
     /// [`Instance::restore_preemptible`], ...) run preemptible once the plugin has run slow
-    /// (see [`CompiledPlugin::ran_slow`]). End it with [`Instance::end_unit`].
+    /// (see [`CompiledPlugin::ran_slow`]; for a unit that builds a state,
+    /// [`Instance::begin_setup_unit`]). End it with [`Instance::end_unit`].
     pub fn begin_unit(&mut self, budget: Duration, preemption: Preemption) -> UnitScope {
         let state = self.store.data_mut();
         let scope = UnitScope {
@@ -1643,8 +1686,7 @@ impl Instance {
         if state.preemption == Preemption::Yield {
             state
                 .slow_marks
-                .of(state.setup)
-                .unit_ended(state.clock.seen_slow, &state.device);
+                .unit_ended(state.setup, state.clock.seen_slow, &state.device);
         }
         self.unit = scope.outer;
         self.store.data_mut().preemption = scope.outer_preemption;
@@ -1665,13 +1707,12 @@ impl Instance {
     /// costs a switch each way (~130 ns a call) and a stack per store.
     fn may_preempt(&self) -> bool {
         let state = self.store.data();
-        let slow = if state.setup {
-            state.slow_marks.setup_slow()
-        } else {
-            state.slow_marks.events_slow()
-        };
         state.preemption == Preemption::Yield
-            && slow
+            && if state.setup {
+                state.slow_marks.setup_slow()
+            } else {
+                state.slow_marks.events_slow()
+            }
             && matches!(self.device, Exports::V3(..))
             && (self.holds_stack || self.stacks.held() < MAX_FIBER_STACKS)
     }
@@ -1791,7 +1832,43 @@ impl Instance {
 mod tests {
     use std::time::Duration;
 
-    use super::{Preemption, UnitClock, Verdict, ticks_due};
+    use super::{FORGIVE_AFTER, Preemption, SlowMarks, UnitClock, Verdict, ticks_due};
+    use std::sync::atomic::Ordering;
+
+    /// Each mark is cleared by `FORGIVE_AFTER` fast units of its own kind in a row on the
+    /// slow lane, counted only while it is set: fast setup units there while only the events
+    /// mark was set do not forgive a setup mark set later, and a slow unit starts the count
+    /// afresh.
+    #[test]
+    fn each_mark_is_forgiven_by_fast_units_of_its_kind_while_it_is_set() {
+        let marks = SlowMarks::default();
+        let setup_set = |m: &SlowMarks| m.setup.slow.load(Ordering::Relaxed);
+        assert!(marks.of(false).set());
+        assert_eq!(marks.both(), (true, true), "setup work follows slow events");
+        for _ in 0..FORGIVE_AFTER / 2 {
+            marks.unit_ended(true, false, "d");
+        }
+        assert!(marks.of(true).set(), "it was clear");
+        assert!(!marks.of(true).set(), "set already");
+        for _ in 1..FORGIVE_AFTER {
+            marks.unit_ended(true, false, "d");
+        }
+        assert!(setup_set(&marks), "forgiven by units run before it was set");
+        marks.unit_ended(true, false, "d");
+        assert!(!setup_set(&marks));
+        assert_eq!(marks.both(), (true, true), "the events' mark stands");
+
+        for _ in 1..FORGIVE_AFTER {
+            marks.unit_ended(false, false, "d");
+        }
+        marks.unit_ended(false, true, "d");
+        for _ in 1..FORGIVE_AFTER {
+            marks.unit_ended(false, false, "d");
+        }
+        assert_eq!(marks.both(), (true, true), "a slow unit restarts the count");
+        marks.unit_ended(false, false, "d");
+        assert_eq!(marks.both(), (false, false));
+    }
 
     /// A ticker that wakes late (its thread starved of a core) catches up to the wall clock
     /// at once, so deadlines counted in ticks keep to wall-clock time.

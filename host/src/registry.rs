@@ -589,7 +589,7 @@ impl Registry {
         self.compiled
             .lock()
             .get(&id)
-            .map_or((false, false), |c| (c.ran_slow(), c.setup_runs_slow()))
+            .map_or((false, false), CompiledPlugin::slow_marks)
     }
 
     /// Whether version `id` is compiled and its activations, folds and trial `init`s run on

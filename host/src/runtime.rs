@@ -335,9 +335,9 @@ impl Runtime {
             .ok_or_else(|| Error::UnknownPlugin(plugin.to_string()))?;
 
         // Trial init: a config the plugin refuses would make a device that can never activate.
-        // Guest code, so where events run: on the actor pool, stopped there once seen slow
-        // (`Preemption::Move`) and tried again on the slow lane, where a plugin that has run
-        // slow runs it from the start.
+        // Guest code, so where activations run: on the actor pool, stopped there once seen
+        // slow (`Preemption::Move`) and tried again on the slow lane, where a plugin slow to
+        // build a state runs it from the start.
         let compiled = self.shared.registry.compiled(version.id)?;
         let (trial_id, trial_config) = (id.to_string(), config_text.clone());
         let on_the_pool = !compiled.setup_runs_slow();
@@ -357,7 +357,8 @@ impl Runtime {
         });
         let task_failed =
             |e: tokio::task::JoinError| Error::Internal(format!("trial init task: {e}"));
-        // A plugin that has run slow goes to the slow lane at once, as if stopped on the pool.
+        // A plugin slow to build a state (or slow at all) goes to the slow lane at once, as if
+        // stopped on the pool.
         let mut init = Err(CallError::Moved);
         if on_the_pool {
             let trial = trial.clone();
