@@ -581,8 +581,8 @@ fn deadline_reached(
                 cpu_ms,
                 surely_ms,
                 "building this device's state (`restore`, `init` or replayed `apply`s) ran \
-                 slow: from now on its plugin version's activations and folds run on the slow \
-                 lane (its events stay where they are)"
+                 slow: from now on its plugin version's activations, folds and trial inits run \
+                 on the slow lane (its events stay where they are)"
             );
         } else {
             tracing::warn!(

@@ -348,8 +348,11 @@ impl Runtime {
                 (compiled.clone(), trial_id.clone(), trial_config.clone());
             async move {
                 let mut trial = compiled.instantiate(Arc::from(trial_id.as_str()))?;
-                let scope =
-                    trial.begin_setup_unit(compiled.engine().config().call_timeout, preemption);
+                // An activation's budget: the same `init` runs again at the device's first
+                // activation, within that budget; a trial held to one event's budget refused
+                // devices that would have activated (an `init` of 250 ms to 5 s).
+                let budget = compiled.engine().config().activation_timeout;
+                let scope = trial.begin_setup_unit(budget, preemption);
                 let init = trial.init_preemptible(&trial_id, &trial_config).await;
                 trial.end_unit(scope);
                 Ok::<_, Error>(init)
@@ -379,9 +382,12 @@ impl Runtime {
                 .await
                 .map_err(task_failed)??;
         }
-        init.map_err(|e| match e {
-            CallError::Rejected { code, message } => Error::ConfigRefused { code, message },
-            other => Error::from(other),
+        init.map_err(|e| {
+            tracing::info!(device = id, plugin, error = %e, "provisioning refused: the plugin's `init` failed on its config");
+            match e {
+                CallError::Rejected { code, message } => Error::ConfigRefused { code, message },
+                other => Error::from(other),
+            }
         })?;
 
         let head = self

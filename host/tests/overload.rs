@@ -501,7 +501,12 @@ async fn a_backlog_of_slow_events_does_not_keep_the_actor_thread() {
 /// A runtime on one actor thread (and one slow-lane thread) whose events get `budget`, with
 /// misbehave devices `first`, `spinner` and `ok` and a thermostat `thermo`, all live.
 async fn one_thread(dir: &Path, budget: Duration) -> Runtime {
-    let rt = Runtime::builder(dir)
+    one_thread_from(Runtime::builder(dir), budget).await
+}
+
+/// [`one_thread`] from `builder`.
+async fn one_thread_from(builder: drover::RuntimeBuilder, budget: Duration) -> Runtime {
+    let rt = builder
         .plugin_dir(PLUGINS)
         .actor_threads(1)
         .call_timeout(budget)
@@ -1138,13 +1143,14 @@ async fn a_plugins_first_slow_snapshot_is_stopped_on_the_pool() {
 /// Provisioning's trial `init` runs where events do: one that spins, of a plugin that has not
 /// run slow, is stopped on the actor pool once seen slow and tried again on the slow lane. A
 /// healthy device on the only actor thread is answered meanwhile, and the provisioning fails
-/// as a timeout after its call budget.
+/// as a timeout after an activation's budget (the `init` runs again in one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trial_init_that_spins_moves_to_the_slow_lane() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let budget = Duration::from_millis(1200);
-    let rt = one_thread(dir.path(), budget).await;
+    let builder = Runtime::builder(dir.path()).activation_timeout(budget);
+    let rt = one_thread_from(builder, Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let provisioning = {
         let rt = rt.clone();
