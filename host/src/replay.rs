@@ -504,6 +504,9 @@ async fn rebuild_from(
         let mut instance = compiled
             .instantiate(device.id.clone())
             .map_err(activation)?;
+        // What this snapshot had: a timeout reads as the whole rebuild's budget (`whole`),
+        // and one tried after another used most of it had little.
+        let had = budget.left();
         let outcome = match journal.read_snapshot(*snap) {
             Ok(data) => {
                 let scope = budget.begin(&mut instance);
@@ -531,6 +534,7 @@ async fn rebuild_from(
                     device = %device.id,
                     seq = snap.seq,
                     error = %e,
+                    budget_left_ms = had.as_millis(),
                     "snapshot did not restore; {next}"
                 );
             }
