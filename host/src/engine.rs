@@ -200,12 +200,12 @@ pub struct GuestState {
     moved: bool,
 }
 
-/// Whether a plugin version runs slow, shared by its instances (see
-/// [`CompiledPlugin::ran_slow`]).
+/// One of a plugin version's two marks (see [`SlowMarks`]): whether its events, or its setup
+/// work, run slow, shared by its instances.
 ///
-/// Set by a unit that showed it slow ([`UnitClock::shows_slow`]); cleared again once
-/// [`FORGIVE_AFTER`] units of the version in a row on the slow lane ended without showing it
-/// slow, so that one slow event, or a mark
+/// Set by a unit of its kind that showed it slow ([`UnitClock::shows_slow`]); cleared again
+/// once [`FORGIVE_AFTER`] units of its kind in a row on the slow lane, while it was set, ended
+/// without showing it slow, so that one slow event, or a mark
 /// set wrongly, does not keep a fleet on half the cores until the process restarts. A
 /// plugin slow on one event in more than that many stays there; one slow more rarely comes
 /// back to the pool and, on its next slow event, moves again (two or three ticks of a pool
@@ -275,7 +275,7 @@ impl SlowMarks {
 
     /// Setup work goes where slow events go too: a fold's `apply`s are the events' own.
     fn setup_slow(&self) -> bool {
-        self.events_slow() || self.setup.slow.load(Ordering::Relaxed)
+        self.both().1
     }
 }
 
