@@ -539,6 +539,30 @@ async fn one_thread_and_a_slow_plugin(dir: &Path, budget: Duration) -> Runtime {
     rt
 }
 
+/// Starts `slow` (a request whose guest work spins) in a task of its own and, once it has run
+/// 100 ms, runs `healthy`: how long `healthy` took, what it answered, what `slow` answered,
+/// and how long `slow` took from its start.
+async fn while_spinning<S: Send + 'static, H>(
+    slow: impl Future<Output = S> + Send + 'static,
+    healthy: impl Future<Output = H>,
+) -> (Duration, H, S, Duration) {
+    let started = std::time::Instant::now();
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    let answer = healthy.await;
+    let waited = sent.elapsed();
+    let slow = slow.await.expect("the slow request's task");
+    (waited, answer, slow, started.elapsed())
+}
+
+/// The thermostat `thermo`'s next reading, which must be handled.
+async fn a_reading(rt: &Runtime) {
+    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
+        .await
+        .expect("handled");
+}
+
 /// Sends a looping event to `spinner` and, once it runs, one event `event` to `id`: how long
 /// that waited, and how the looping event ended and after how long.
 async fn beside_a_spinner(
@@ -547,18 +571,13 @@ async fn beside_a_spinner(
     id: &str,
     event: &str,
 ) -> (Duration, drover::Error, Duration) {
-    let started = std::time::Instant::now();
-    let spinner = {
-        let (rt, spinner) = (rt.clone(), spinner.to_string());
-        tokio::spawn(async move { rt.send(&spinner, r#"{"type":"loop"}"#).await })
-    };
-    // The looping event is running.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = std::time::Instant::now();
-    rt.send(id, event).await.expect("handled");
-    let waited = sent.elapsed();
-    let looped = spinner.await.unwrap().expect_err("loops");
-    (waited, looped, started.elapsed())
+    let (rt2, spinner) = (rt.clone(), spinner.to_string());
+    let (waited, _, looped, took) = while_spinning(
+        async move { rt2.send(&spinner, r#"{"type":"loop"}"#).await },
+        async { rt.send(id, event).await.expect("handled") },
+    )
+    .await;
+    (waited, looped.expect_err("loops"), took)
 }
 
 /// Once a plugin has run slow, its events run on the slow lane: a healthy device of another
@@ -669,29 +688,19 @@ async fn a_looping_read_moves_to_the_slow_lane() {
     rt.send("spinner", r#"{"type":"loop_on_read"}"#)
         .await
         .expect("recorded");
-    let started = std::time::Instant::now();
-    let read = {
-        let rt = rt.clone();
-        tokio::spawn(async move { rt.device("spinner").await })
-    };
-    // The read is spinning.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = std::time::Instant::now();
-    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
-        .await
-        .expect("handled");
-    let waited = sent.elapsed();
-    let looped = read.await.unwrap().expect_err("the read loops");
+    let reader = rt.clone();
+    let (waited, (), read, took) = while_spinning(
+        async move { reader.device("spinner").await },
+        a_reading(&rt),
+    )
+    .await;
+    let looped = read.expect_err("the read loops");
     assert!(
         waited < Duration::from_millis(400),
         "the thermostat waited {waited:?} for a spinning read"
     );
     assert_eq!(looped.kind(), ErrorKind::Timeout, "{looped}");
-    assert!(
-        started.elapsed() >= budget,
-        "timed out after {:?}",
-        started.elapsed()
-    );
+    assert!(took >= budget, "timed out after {took:?}");
     assert_eq!(rt.metrics().slow_lane_reads.load(Relaxed), 1);
     assert_eq!(rt.metrics().slow_lane_events.load(Relaxed), 0);
     assert!(
@@ -833,20 +842,13 @@ async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
     rt.send("thermo", r#"{"type":"reading","celsius":20.0}"#)
         .await
         .expect("live");
-    let started = std::time::Instant::now();
-    let spinner = {
-        let rt = rt.clone();
-        tokio::spawn(async move { rt.send("spinner", r#"{"type":"ok"}"#).await })
-    };
-    // The activation is restoring.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = std::time::Instant::now();
-    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
-        .await
-        .expect("handled");
-    let waited = sent.elapsed();
-    let ack = spinner.await.unwrap().expect("activates from its history");
-    let took = started.elapsed();
+    let sender = rt.clone();
+    let (waited, (), ack, took) = while_spinning(
+        async move { sender.send("spinner", r#"{"type":"ok"}"#).await },
+        a_reading(&rt),
+    )
+    .await;
+    let ack = ack.expect("activates from its history");
     assert!(
         waited < Duration::from_millis(400),
         "the thermostat waited {waited:?} for the plugin's first slow activation"
@@ -994,19 +996,14 @@ async fn a_spinning_activation_on_the_slow_lane_lets_other_slow_devices_go_on() 
     assert_eq!(first.kind(), ErrorKind::Timeout, "{first}");
     rt.send("ok", r#"{"type":"ok"}"#).await.expect("live");
     let activations = rt.metrics().slow_lane_activations.load(Relaxed);
-    let started = std::time::Instant::now();
-    let spinner = {
-        let rt = rt.clone();
-        tokio::spawn(async move { rt.send("spinner", r#"{"type":"ok"}"#).await })
-    };
-    // The activation is restoring, on the slow lane.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = std::time::Instant::now();
-    let ack = rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled");
-    let waited = sent.elapsed();
-    assert_eq!(parse(&ack.transitions[0])["count"], json!(2));
-    let ack = spinner.await.unwrap().expect("activates from its history");
-    let took = started.elapsed();
+    let sender = rt.clone();
+    let (waited, healthy, ack, took) = while_spinning(
+        async move { sender.send("spinner", r#"{"type":"ok"}"#).await },
+        async { rt.send("ok", r#"{"type":"ok"}"#).await.expect("handled") },
+    )
+    .await;
+    assert_eq!(parse(&healthy.transitions[0])["count"], json!(2));
+    let ack = ack.expect("activates from its history");
     assert!(
         waited < Duration::from_millis(400),
         "a slow plugin's healthy event waited {waited:?} for a spinning activation"
@@ -1120,9 +1117,7 @@ async fn a_plugins_first_slow_snapshot_is_stopped_on_the_pool() {
         .await
         .expect("handled");
     let sent = std::time::Instant::now();
-    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
-        .await
-        .expect("handled");
+    a_reading(&rt).await;
     let waited = sent.elapsed();
     assert!(
         waited < Duration::from_millis(400),
@@ -1151,23 +1146,17 @@ async fn a_trial_init_that_spins_moves_to_the_slow_lane() {
     let budget = Duration::from_millis(1200);
     let builder = Runtime::builder(dir.path()).activation_timeout(budget);
     let rt = one_thread_from(builder, Duration::from_millis(300)).await;
-    let started = std::time::Instant::now();
-    let provisioning = {
-        let rt = rt.clone();
-        tokio::spawn(async move {
-            rt.provision("looper", "misbehave", &json!({"loop_init": true}))
+    let provisioner = rt.clone();
+    let (waited, (), provisioned, took) = while_spinning(
+        async move {
+            provisioner
+                .provision("looper", "misbehave", &json!({"loop_init": true}))
                 .await
-        })
-    };
-    // The trial `init` is spinning.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = std::time::Instant::now();
-    rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
-        .await
-        .expect("handled");
-    let waited = sent.elapsed();
-    let refused = provisioning.await.unwrap().expect_err("init spins");
-    let took = started.elapsed();
+        },
+        a_reading(&rt),
+    )
+    .await;
+    let refused = provisioned.expect_err("init spins");
     assert!(
         waited < Duration::from_millis(400),
         "the thermostat waited {waited:?} for a spinning trial init"
@@ -1206,9 +1195,7 @@ async fn a_slow_deploy_fold_moves_to_the_slow_lane() {
     let mut waited = Duration::ZERO;
     while !deploy.is_finished() {
         let sent = std::time::Instant::now();
-        rt.send("thermo", r#"{"type":"reading","celsius":20.5}"#)
-            .await
-            .expect("handled");
+        a_reading(&rt).await;
         waited = waited.max(sent.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
