@@ -52,7 +52,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::replay::{self, Start};
 use crate::upgrade::{self, DeviceUpgrade, UpgradeOutcome};
-use crate::view::{Committed, DeviceState, DeviceStatus};
+use crate::view::{Committed, DeviceState, DeviceStatus, QuarantineView};
 
 /// Everything an actor uses, shared by all actors of a runtime.
 pub struct ActorEnv {
@@ -382,7 +382,7 @@ pub enum Message {
     },
     /// The durable state and the lifecycle status as the read found it.
     Query {
-        reply: oneshot::Sender<Result<(DeviceState, DeviceStatus), Error>>,
+        reply: oneshot::Sender<Result<Read, Error>>,
     },
     /// The guest's snapshot bytes of the current durable state, with its seq.
     Export {
@@ -419,6 +419,10 @@ pub enum Message {
         reply: oneshot::Sender<DeviceUpgrade>,
     },
 }
+
+/// A read's answer: the durable state, the lifecycle status as the read found it, and, while
+/// quarantined, why.
+pub type Read = (DeviceState, DeviceStatus, Option<QuarantineView>);
 
 /// What the router can see of an actor without asking it: for least-recently-used
 /// passivation and for the status of a device.
@@ -841,12 +845,22 @@ impl Actor {
 
     /// The error to answer events with while quarantined.
     fn quarantined(&self) -> Option<Error> {
+        let q = self.quarantine_view()?;
+        Some(Error::Quarantined {
+            failures: q.failures,
+            last: q.last_error,
+            retry_in_ms: q.ends_in_ms,
+        })
+    }
+
+    /// Why the device is quarantined and for how long, while it is.
+    fn quarantine_view(&self) -> Option<QuarantineView> {
         let q = self.quarantine.as_ref()?;
         let now = Instant::now();
-        (now < q.until).then(|| Error::Quarantined {
+        (now < q.until).then(|| QuarantineView {
             failures: self.failures,
-            last: q.last.clone(),
-            retry_in_ms: (q.until - now).as_millis() as u64,
+            last_error: q.last.clone(),
+            ends_in_ms: (q.until - now).as_millis() as u64,
         })
     }
 
@@ -2023,19 +2037,22 @@ impl Actor {
     /// passivated device is activated for the read and passivated again right after, so a
     /// dashboard polling every device neither fills the live-instance cap nor evicts the
     /// devices that are busy.
-    async fn on_query(
-        &mut self,
-        reply: oneshot::Sender<Result<(DeviceState, DeviceStatus), Error>>,
-    ) {
+    async fn on_query(&mut self, reply: oneshot::Sender<Result<Read, Error>>) {
         if let Some(e) = self.unreadable() {
             let _ = reply.send(Err(e));
             return;
         }
-        let status = self.status();
+        // One reading of the clock for both: a quarantine ending between two would show a
+        // `quarantined` status without its reason.
+        let quarantine = self.quarantine_view();
+        let status = match quarantine {
+            Some(_) => DeviceStatus::Quarantined,
+            None => self.status(),
+        };
         let result = self
             .read_state(query_unit, true)
             .await
-            .map(|(seq, state)| (DeviceState { seq, state }, status));
+            .map(|(seq, state)| (DeviceState { seq, state }, status, quarantine));
         if status != DeviceStatus::Active {
             self.passivate().await;
         }

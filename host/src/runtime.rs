@@ -560,7 +560,7 @@ impl Runtime {
     async fn device_inner(&self, id: &str) -> Result<DeviceView, Error> {
         let (reply, rx) = oneshot::channel();
         self.shared.router.deliver(id, Message::Query { reply })?;
-        let (state, status) = rx.await.unwrap_or_else(|_| Err(self.actor_gone()))?;
+        let (state, status, quarantine) = rx.await.unwrap_or_else(|_| Err(self.actor_gone()))?;
         let mut summary = self
             .summary(id)
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
@@ -568,6 +568,7 @@ impl Runtime {
         Ok(DeviceView {
             summary,
             status,
+            quarantine,
             state: state.state,
         })
     }

@@ -78,6 +78,20 @@ pub struct PendingUpgrade {
     pub failed: bool,
 }
 
+/// Why a device is quarantined and until when: what an operator needs to decide whether to
+/// fix the plugin, wait, or resume the device. (Before, only the events refused during the
+/// quarantine carried the reason; a read said `quarantined` and nothing more.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuarantineView {
+    /// Guest failures in a row that led to it (three start a quarantine; each failure after
+    /// it ends doubles the next one).
+    pub failures: u32,
+    /// The last of them, as the event that met it was answered (e.g. `guest trapped: ...`).
+    pub last_error: String,
+    /// Milliseconds until the device takes events again by itself (a resume ends it now).
+    pub ends_in_ms: u64,
+}
+
 /// A device with its current durable state.
 #[derive(Debug, Clone)]
 pub struct DeviceView {
@@ -85,6 +99,8 @@ pub struct DeviceView {
     /// The lifecycle status when the read arrived. A read does not change it: reading a
     /// passivated device answers from a temporary instance and leaves it passivated.
     pub status: DeviceStatus,
+    /// Set when `status` is [`DeviceStatus::Quarantined`]: why, and for how long.
+    pub quarantine: Option<QuarantineView>,
     /// The guest's `query` answer, JSON text.
     pub state: String,
 }

@@ -835,6 +835,21 @@ async fn a_quarantined_device_answers_503_with_retry_after() {
     let view = c.get("/v1/devices/bad").await;
     assert_eq!(view.status, StatusCode::OK, "{}", view.text);
     assert_eq!(view.body["status"], "quarantined", "{}", view.text);
+    // And why, and for how long: what the refused event was told.
+    let q = &view.body["quarantine"];
+    assert_eq!(q["failures"], 3, "{}", view.text);
+    let last = q["last_error"].as_str().expect("last_error");
+    assert!(last.contains("panic"), "{last}");
+    let ends = q["ends_in_ms"].as_u64().expect("ends_in_ms");
+    assert!(
+        ends > 0 && ends <= secs * 1000,
+        "{ends} ms, Retry-After {secs} s"
+    );
+    // Resumed, it says nothing of it any more.
+    c.post("/v1/devices/bad/resume", &json!({})).await;
+    let view = c.get("/v1/devices/bad").await;
+    assert_ne!(view.body["status"], "quarantined", "{}", view.text);
+    assert!(view.body["quarantine"].is_null(), "{}", view.text);
     c.rt.shutdown().await;
 }
 

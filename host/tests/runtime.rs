@@ -869,6 +869,13 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     let view = rt.device("bad").await.expect("reads are served");
     assert_eq!(view.status, DeviceStatus::Quarantined);
     assert_eq!(view.summary.seq, 0);
+    let q = view
+        .quarantine
+        .expect("a quarantined device's read says why");
+    assert_eq!(q.failures, 3, "{q:?}");
+    // The last of the three was a `loop`.
+    assert!(q.last_error.contains("time budget"), "{q:?}");
+    assert!(q.ends_in_ms > 0, "{q:?}");
     assert!(rt.metrics().errors(ErrorKind::Quarantined) >= 20);
     // The three events the plugin failed on are dead letters, with the error each got;
     // refused ones (quarantine) are not.

@@ -12,7 +12,7 @@ use super::json::{self, Json};
 use crate::error::Error;
 use crate::view::{
     CommandView, Committed, DeadLetterView, DeviceStatus, DeviceSummary, JournalEntry,
-    PendingUpgrade, TimerView,
+    PendingUpgrade, QuarantineView, TimerView,
 };
 
 /// Body of `PUT /v1/devices/{id}`.
@@ -89,6 +89,9 @@ struct DeviceOut {
     /// `{"to", "failed"}` when the device does not run its plugin's current version, else
     /// null (see [`PendingUpgrade`]).
     upgrade: Option<PendingUpgrade>,
+    /// `{"failures", "last_error", "ends_in_ms"}` while quarantined, else null (see
+    /// [`QuarantineView`]).
+    quarantine: Option<QuarantineView>,
 }
 
 /// `GET /v1/devices/{id}`: the device with its current durable state.
@@ -113,6 +116,7 @@ pub async fn show(State(app): State<App>, Id(id): Id) -> Result<Response, ApiErr
         config,
         created_at_ms,
         upgrade,
+        quarantine: view.quarantine,
     }))
 }
 

@@ -93,6 +93,17 @@ struct DeviceOut {
     /// servers).
     #[serde(default)]
     upgrade: Option<Upgrade>,
+    /// While quarantined (absent from older servers).
+    #[serde(default)]
+    quarantine: Option<Quarantine>,
+}
+
+/// `{"failures","last_error","ends_in_ms"}`.
+#[derive(Debug, Deserialize)]
+struct Quarantine {
+    failures: u32,
+    last_error: String,
+    ends_in_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +153,15 @@ pub fn state(args: StateArgs) -> anyhow::Result<ExitCode> {
                     "{}  {} v{}  seq {}  {}{behind}",
                     out.id, out.plugin, out.version, out.seq, out.status
                 );
+                if let Some(q) = out.quarantine {
+                    println!(
+                        "quarantined after {} failures in a row, for {:.1} s more (`drover resume {}` ends it now); last: {}",
+                        q.failures,
+                        q.ends_in_ms as f64 / 1000.0,
+                        out.id,
+                        q.last_error
+                    );
+                }
                 println!("{}", pretty(&out.state, ""));
             }
         }
