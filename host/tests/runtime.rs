@@ -1019,13 +1019,27 @@ async fn a_device_that_cannot_activate_is_quarantined_by_reads_too_and_then_answ
     rt.shutdown().await;
     drop(rt);
     // Restarted with a guest memory cap no instance of the plugin fits in: every activation
-    // fails, the same way each time.
+    // fails, the same way each time. The start says so at once (the version is registered
+    // already, so it is not refused as a new upload would be).
+    let (logs, _logging) = support::Logs::capture();
     let rt = Runtime::builder(dir.path())
         .plugin_dir(PLUGINS)
         .max_guest_memory(64 * 1024)
         .open()
         .await
         .expect("runtime");
+    let warned: Vec<String> = logs
+        .text()
+        .lines()
+        .filter(|l| l.contains("current version cannot run on this server"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        warned.iter().any(|l| l.contains("WARN")
+            && l.contains("plugin=misbehave")
+            && l.contains("--max-guest-memory")),
+        "{warned:?}"
+    );
     for _ in 0..2 {
         let err = rt.device("a").await.expect_err("cannot activate");
         assert_eq!(err.code(), "activation-failed", "{err}");
