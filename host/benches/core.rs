@@ -11,6 +11,10 @@
 //! `DROVER_BENCH_WARMUP` (events per device before measuring, default 5),
 //! `DROVER_BENCH_GUARD_PAGES` (set: wasmtime's default memory layout, see
 //! `EngineConfig::guard_pages`).
+//! `DROVER_BENCH_BATCH` (default 0: every event is its own task's `send`, awaited before
+//! that task sends the next; N > 0: `DROVER_BENCH_INFLIGHT / N` tasks each put N events into
+//! their mailboxes at once and then await them in turn, as `POST /v1/events` does with a
+//! gateway's batch, so the caller wakes once per group commit instead of once per event).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,7 +109,55 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for w in 0..in_flight {
+    let batch = env_or("DROVER_BENCH_BATCH", 0) as usize;
+    for w in (0..in_flight.div_ceil(batch.max(1))).filter(|_| batch > 0) {
+        let (rt, ids, next) = (rt.clone(), ids.clone(), next.clone());
+        workers.spawn(async move {
+            let mut samples: Vec<u32> = Vec::with_capacity(events as usize / in_flight + batch);
+            // Worker w's batches go to the devices after the previous worker's, as a gateway
+            // in front of a slice of the fleet would forward them.
+            let mut i = w * batch;
+            loop {
+                let first = next.fetch_add(batch as u64, Ordering::Relaxed);
+                if first >= events {
+                    break;
+                }
+                let t = Instant::now();
+                let mut sends = Vec::with_capacity(batch);
+                {
+                    // Not `Send`: dropped before the first await.
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    let rt = &rt;
+                    for n in first..(first + batch as u64).min(events) {
+                        let id = &ids[i % ids.len()];
+                        i += 1;
+                        let event = reading(n, ids.len());
+                        let mut send = Box::pin(async move { (id, rt.send(id, &event).await) });
+                        // The first poll puts the event into the mailbox, in order.
+                        let polled = std::future::Future::poll(send.as_mut(), &mut cx);
+                        sends.push((send, polled));
+                    }
+                }
+                i += batch * (in_flight / batch).saturating_sub(1);
+                for (send, polled) in sends {
+                    let (id, mut sent) = match polled {
+                        std::task::Poll::Ready(r) => r,
+                        std::task::Poll::Pending => send.await,
+                    };
+                    while let Err(drover::Error::MailboxFull) = sent {
+                        tokio::task::yield_now().await;
+                        sent = rt.send(id, &reading(first, ids.len())).await;
+                    }
+                    if let Err(e) = sent {
+                        return Err(anyhow::anyhow!("{id}: {e}"));
+                    }
+                    samples.push(t.elapsed().as_micros().clamp(1, u32::MAX as u128) as u32);
+                }
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    for w in (0..in_flight).filter(|_| batch == 0) {
         let rt = rt.clone();
         let ids = ids.clone();
         let next = next.clone();
@@ -121,11 +173,7 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
                 }
                 let id = &ids[i % ids.len()];
                 i += in_flight;
-                // Each device's readings drift slowly through the hysteresis band, as a real
-                // sensor's would: mostly one transition per event, sometimes two.
-                let step = n / ids.len() as u64;
-                let celsius = 19.0 + (step % 50) as f64 / 10.0;
-                let event = format!(r#"{{"type":"reading","celsius":{celsius}}}"#);
+                let event = reading(n, ids.len());
                 let t = Instant::now();
                 loop {
                     match rt.send(id, &event).await {
@@ -161,4 +209,13 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     let _ = std::fs::remove_dir_all(&root);
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// Event `n` of the run over `devices` devices. Each device's readings drift slowly through
+/// the hysteresis band, as a real sensor's would: mostly one transition per event, sometimes
+/// two.
+fn reading(n: u64, devices: usize) -> String {
+    let step = n / devices as u64;
+    let celsius = 19.0 + (step % 50) as f64 / 10.0;
+    format!(r#"{{"type":"reading","celsius":{celsius}}}"#)
 }

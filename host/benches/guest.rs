@@ -2,7 +2,11 @@
 //!
 //! `cargo bench -p drover --bench guest` prints medians of: instantiate + init, handle + apply
 //! of one reading, snapshot, restore, and replay throughput (`apply` per transition and
-//! `apply-batch` of 256).
+//! `apply-batch` of 256). Also handle + apply of one reading with each event going to the
+//! next of many live instances in turn (`DROVER_BENCH_FLEETS`, default `1000,10000`): what a
+//! call costs on an instance that has gone cold in the caches, as in a fleet where every
+//! event wakes a different device; and a near-empty call round-robin the same way, the
+//! host's share of that price.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -108,10 +112,68 @@ fn main() -> anyhow::Result<()> {
         batched.push(borrowed.len() as f64 / t.elapsed().as_secs_f64());
     }
 
-    // The floor: a call that does almost nothing (misbehave's `query` of a two-field state).
     let misbehave = engine.compile(&std::fs::read(
         plugins::plugin_dir().join("misbehave.wasm"),
     )?)?;
+    // The same events round-robin over many instances, one event each per turn, as a fleet
+    // whose every event wakes a different device runs them: by the time an instance's turn
+    // comes again, what its call touches (its store, instances and guest pages) has left the
+    // caches. Single-threaded, no actor and no journal: the cold instance's price alone.
+    let fleets: Vec<usize> = std::env::var("DROVER_BENCH_FLEETS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let mut round_robin = Vec::new();
+    for &n in &fleets {
+        let mut fleet = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut j = plugin.instantiate(id.clone())?;
+            j.init(&id, config)?;
+            fleet.push(j);
+        }
+        let mut rounds = Vec::new();
+        let mut seq = 0u64;
+        // At least 100,000 events per size, in at least three rounds, so the median is of runs
+        // long enough to time.
+        for round in 0..(100_000 / n).max(3) {
+            let t = Instant::now();
+            for j in fleet.iter_mut() {
+                seq += 1;
+                let ctx = EventContext {
+                    device_id: "t-1".into(),
+                    seq,
+                    at_ms: 1_700_000_000_000,
+                    seed: 7,
+                    origin: drover::engine::Origin::External,
+                };
+                for tr in j.handle(&ctx, &events[round % events.len()])?.transitions {
+                    j.apply(&tr)?;
+                }
+            }
+            rounds.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        }
+        drop(fleet);
+        // The same for a call that does almost nothing (misbehave's `query`), whose guest
+        // touches little memory of its own: what is left is the host's side of a cold call.
+        let mut fleet = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut m = misbehave.instantiate(id.clone())?;
+            m.init(&id, "{}")?;
+            fleet.push(m);
+        }
+        let mut bare = Vec::new();
+        for _ in 0..(100_000 / n).max(3) {
+            let t = Instant::now();
+            for m in fleet.iter_mut() {
+                m.query()?;
+            }
+            bare.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        }
+        round_robin.push((n, median(rounds), median(bare)));
+    }
+
+    // The floor: a call that does almost nothing (misbehave's `query` of a two-field state).
     let mut m = misbehave.instantiate(id.clone())?;
     m.init(&id, "{}")?;
     let mut bare = Vec::new();
@@ -127,6 +189,11 @@ fn main() -> anyhow::Result<()> {
     println!("  near-empty call (query) {:>8.2} µs", median(bare));
     println!("  instantiate + init      {:>8.1} µs", median(inst_us));
     println!("  handle + apply (1 event){:>8.2} µs", median(per_event));
+    for (n, event, bare) in round_robin {
+        println!(
+            "  round-robin over {n:>6} instances: handle + apply {event:>6.2} µs, near-empty call {bare:>6.2} µs"
+        );
+    }
     println!(
         "  snapshot                {:>8.2} µs ({} bytes)",
         median(snap_us),
