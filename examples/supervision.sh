@@ -16,24 +16,34 @@ run "$DROVER" plugin push sensor target/wasm32-wasip2/release/sensor.wasm
 run "$DROVER" provision s-1 --plugin sensor --config '{"threshold": 30}'
 run "$DROVER" send s-1 '{"type":"reading","value":12}'
 
-step "three events it traps on: each answered with the error (the command exits 1)"
-for v in -1 -2 -3; do
-    if run "$DROVER" send s-1 "{\"type\":\"reading\",\"value\":$v}"; then
-        echo "expected the plugin to trap" >&2
+# expect_failure CODE COMMAND...: runs the command, which must fail with the API error CODE.
+expect_failure() {
+    local code="$1" err
+    shift
+    printf '$ %s\n' "$*"
+    if err="$("$@" 2>&1)"; then
+        echo "expected it to fail with $code" >&2
         exit 1
     fi
+    echo "$err"
+    grep -q "^error: $code:" <<<"$err" || { echo "expected $code" >&2; exit 1; }
+}
+
+step "three events it traps on: each answered with the error (the command exits 1)"
+for v in -1 -2 -3; do
+    expect_failure trap "$DROVER" send s-1 "{\"type\":\"reading\",\"value\":$v}"
 done
 
+# The quarantine lasts 5 s (within ±25%): what follows reads it at once.
 step "quarantined: events are refused without running the guest"
-if run "$DROVER" send s-1 '{"type":"reading","value":13}'; then
-    echo "expected a quarantined device to refuse the event" >&2
-    exit 1
-fi
+expect_failure quarantined "$DROVER" send s-1 '{"type":"reading","value":13}'
 
 step "reads still answer the last durable state, with the reason"
-run "$DROVER" state s-1
-"$DROVER" state s-1 | grep -q 'quarantined after 3 failures'
-curl -sS "$DROVER_SERVER/v1/devices/s-1" | grep -q '"quarantine":{"failures":3'
+state="$("$DROVER" state s-1)"
+echo "$state"
+grep -q 'quarantined after 3 failures' <<<"$state"
+view="$(curl -sS "$DROVER_SERVER/v1/devices/s-1")"
+grep -q '"quarantine":{"failures":3' <<<"$view"
 
 step "the events it failed on, kept to re-send after a fix"
 run "$DROVER" dead-letters s-1

@@ -12,9 +12,10 @@
 //! `DROVER_BENCH_GUARD_PAGES` (set: wasmtime's default memory layout, see
 //! `EngineConfig::guard_pages`).
 //! `DROVER_BENCH_BATCH` (default 0: every event is its own task's `send`, awaited before
-//! that task sends the next; N > 0: `DROVER_BENCH_INFLIGHT / N` tasks each put N events into
-//! their mailboxes at once and then await them in turn, as `POST /v1/events` does with a
-//! gateway's batch, so the caller wakes once per group commit instead of once per event).
+//! that task sends the next; N > 0: `DROVER_BENCH_INFLIGHT / N` tasks (at least one) each put
+//! N events, to N consecutive devices, into their mailboxes at once and then await them in
+//! turn, as `POST /v1/events` does with a gateway's batch, so the caller wakes once per group
+//! commit instead of once per event; latency is then from the start of the event's batch).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,14 +111,18 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     let batch = env_or("DROVER_BENCH_BATCH", 0) as usize;
-    for w in (0..in_flight.div_ceil(batch.max(1))).filter(|_| batch > 0) {
+    let batchers = if batch > 0 {
+        (in_flight / batch).max(1)
+    } else {
+        0
+    };
+    for _ in 0..batchers {
         let (rt, ids, next) = (rt.clone(), ids.clone(), next.clone());
         workers.spawn(async move {
-            let mut samples: Vec<u32> = Vec::with_capacity(events as usize / in_flight + batch);
-            // Worker w's batches go to the devices after the previous worker's, as a gateway
-            // in front of a slice of the fleet would forward them.
-            let mut i = w * batch;
+            let mut samples: Vec<u32> = Vec::with_capacity(events as usize / batchers + batch);
             loop {
+                // Events `first..first + batch`, to as many consecutive devices: every device
+                // gets one event per pass over the fleet, as in the unbatched mode.
                 let first = next.fetch_add(batch as u64, Ordering::Relaxed);
                 if first >= events {
                     break;
@@ -129,24 +134,24 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
                     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                     let rt = &rt;
                     for n in first..(first + batch as u64).min(events) {
-                        let id = &ids[i % ids.len()];
-                        i += 1;
+                        let id = &ids[n as usize % ids.len()];
                         let event = reading(n, ids.len());
-                        let mut send = Box::pin(async move { (id, rt.send(id, &event).await) });
+                        let mut send = Box::pin(async move { (n, id, rt.send(id, &event).await) });
                         // The first poll puts the event into the mailbox, in order.
                         let polled = std::future::Future::poll(send.as_mut(), &mut cx);
                         sends.push((send, polled));
                     }
                 }
-                i += batch * (in_flight / batch).saturating_sub(1);
                 for (send, polled) in sends {
-                    let (id, mut sent) = match polled {
+                    let (n, id, mut sent) = match polled {
                         std::task::Poll::Ready(r) => r,
                         std::task::Poll::Pending => send.await,
                     };
+                    // Refused, not queued: the same event again (it may now follow a later
+                    // one of its device, which the thermostat takes in any order).
                     while let Err(drover::Error::MailboxFull) = sent {
                         tokio::task::yield_now().await;
-                        sent = rt.send(id, &reading(first, ids.len())).await;
+                        sent = rt.send(id, &reading(n, ids.len())).await;
                     }
                     if let Err(e) = sent {
                         return Err(anyhow::anyhow!("{id}: {e}"));

@@ -382,7 +382,7 @@ pub enum Message {
     },
     /// The durable state and the lifecycle status as the read found it.
     Query {
-        reply: oneshot::Sender<Result<Read, Error>>,
+        reply: oneshot::Sender<Result<QueryAnswer, Error>>,
     },
     /// The guest's snapshot bytes of the current durable state, with its seq.
     Export {
@@ -422,7 +422,7 @@ pub enum Message {
 
 /// A read's answer: the durable state, the lifecycle status as the read found it, and, while
 /// quarantined, why.
-pub type Read = (DeviceState, DeviceStatus, Option<QuarantineView>);
+pub type QueryAnswer = (DeviceState, DeviceStatus, Option<QuarantineView>);
 
 /// What the router can see of an actor without asking it: for least-recently-used
 /// passivation and for the status of a device.
@@ -2037,7 +2037,7 @@ impl Actor {
     /// passivated device is activated for the read and passivated again right after, so a
     /// dashboard polling every device neither fills the live-instance cap nor evicts the
     /// devices that are busy.
-    async fn on_query(&mut self, reply: oneshot::Sender<Result<Read, Error>>) {
+    async fn on_query(&mut self, reply: oneshot::Sender<Result<QueryAnswer, Error>>) {
         if let Some(e) = self.unreadable() {
             let _ = reply.send(Err(e));
             return;

@@ -301,20 +301,16 @@ impl RuntimeBuilder {
         // A version registered by an earlier start is loaded at its first use (a start-up
         // file with the same bytes is not compiled again): one that does not fit this start's
         // limits (a lower `--max-guest-memory`) would show only as its devices failing to
-        // activate, one by one. Loading each current version now (its precompiled artifact:
-        // ~0.1 ms) says so at once.
-        for (name, _) in rt.plugins() {
-            let Some(current) = rt.shared.registry.current(&name) else {
-                continue;
-            };
-            if let Err(e) = rt.shared.registry.compiled(current.id) {
+        // activate, one by one. Each current version's precompiled artifact says so at once.
+        for v in rt.shared.registry.currents() {
+            if let Some(why) = rt.shared.registry.unfit_by_artifact(v.id) {
                 tracing::warn!(
-                    plugin = %name,
-                    version = current.number,
-                    error = %e,
-                    "this plugin's current version cannot run on this server: its devices \
-                     will fail to activate (and be quarantined) until the limits allow it or \
-                     another version is deployed"
+                    plugin = %v.plugin,
+                    version = v.number,
+                    why,
+                    "this plugin's current version does not fit this server's limits: its \
+                     devices will fail to activate (and be quarantined) until the limits allow \
+                     it or another version is deployed"
                 );
             }
         }

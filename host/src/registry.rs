@@ -485,6 +485,38 @@ impl Registry {
         table.versions.get(id as usize).cloned()
     }
 
+    /// Every plugin's current version.
+    pub fn currents(&self) -> Vec<VersionInfo> {
+        let table = self.table.read();
+        table
+            .current
+            .values()
+            .filter_map(|p| table.versions.get(p.current as usize).cloned())
+            .collect()
+    }
+
+    /// Why version `id` cannot run under this engine's limits (see `PluginError::Unfit`), as
+    /// far as its precompiled artifact tells: loading one maps a file (~0.1 ms), where
+    /// [`Registry::compiled`] would compile the component if the artifact is missing or
+    /// stale (~84 ms and more each). `None` if it fits or the artifact cannot tell; the
+    /// version is not kept loaded either way.
+    pub fn unfit_by_artifact(&self, id: u32) -> Option<String> {
+        if let Some(why) = self.unfit.lock().get(&id) {
+            return Some(why.clone());
+        }
+        let version = self.version(id)?;
+        let cwasm = self
+            .dir
+            .join(format!("{}.cwasm", hex::encode(version.digest)));
+        match self.engine.load_precompiled(&cwasm) {
+            Err(PluginError::Unfit(why)) => {
+                self.unfit.lock().insert(id, why.clone());
+                Some(why)
+            }
+            _ => None,
+        }
+    }
+
     /// The version with journal-local id `id`.
     pub fn version(&self, id: u32) -> Option<VersionInfo> {
         self.table.read().versions.get(id as usize).cloned()

@@ -92,8 +92,10 @@ pub struct QuarantineView {
     pub ends_in_ms: u64,
 }
 
-/// A device with its current durable state.
+/// A device with its current durable state. (Non-exhaustive: reads gain fields, as
+/// `quarantine` came.)
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DeviceView {
     pub summary: DeviceSummary,
     /// The lifecycle status when the read arrived. A read does not change it: reading a

@@ -1031,7 +1031,7 @@ async fn a_device_that_cannot_activate_is_quarantined_by_reads_too_and_then_answ
     let warned: Vec<String> = logs
         .text()
         .lines()
-        .filter(|l| l.contains("current version cannot run on this server"))
+        .filter(|l| l.contains("current version does not fit this server's limits"))
         .map(str::to_string)
         .collect();
     assert!(
