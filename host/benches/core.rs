@@ -111,11 +111,8 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     let batch = env_or("DROVER_BENCH_BATCH", 0) as usize;
-    let batchers = if batch > 0 {
-        (in_flight / batch).max(1)
-    } else {
-        0
-    };
+    // None without batches (0), else at least one.
+    let batchers = in_flight.checked_div(batch).map_or(0, |n| n.max(1));
     for _ in 0..batchers {
         let (rt, ids, next) = (rt.clone(), ids.clone(), next.clone());
         workers.spawn(async move {
