@@ -45,6 +45,14 @@ grep -q 'quarantined after 3 failures' <<<"$state"
 view="$(curl -sS "$DROVER_SERVER/v1/devices/s-1")"
 grep -q '"quarantine":{"failures":3' <<<"$view"
 
+step "the fleet's quarantined devices, and the count to alert on"
+listed="$("$DROVER" devices --quarantined)"
+echo "$listed"
+grep -q '^s-1 ' <<<"$listed"
+metrics="$(curl -sS "$DROVER_SERVER/metrics")"
+grep '^drover_quarantined_devices ' <<<"$metrics"
+grep -q '^drover_quarantined_devices 1$' <<<"$metrics"
+
 step "the events it failed on, kept to re-send after a fix"
 run "$DROVER" dead-letters s-1
 

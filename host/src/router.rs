@@ -293,6 +293,21 @@ impl Router {
         }
     }
 
+    /// The ids of the devices quarantined now, in byte order. Only actors can be (a
+    /// quarantined actor is not retired), so this walks the actors, not the fleet.
+    pub fn quarantined(&self) -> Vec<String> {
+        let now = crate::clock::mono_ms(std::time::Instant::now());
+        let mut ids: Vec<String> = self
+            .actors
+            .read()
+            .iter()
+            .filter(|(_, a)| a.activity.quarantined_until_ms.load(Ordering::Relaxed) > now)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Number of devices with an actor (a task and mailbox; its instance may be passivated).
     pub fn actors(&self) -> usize {
         self.actors.read().len()

@@ -440,6 +440,11 @@ impl Runtime {
         self.shared.router.status(id)
     }
 
+    /// The ids of the devices quarantined now, in byte order (see [`Runtime::resume`]).
+    pub fn quarantined_devices(&self) -> Vec<String> {
+        self.shared.router.quarantined()
+    }
+
     /// Plugin name and version number of the version with journal-local id `id`.
     fn plugin_of(&self, id: u32) -> (String, u32) {
         self.shared
@@ -826,6 +831,11 @@ impl Runtime {
                 "drover_live_actors",
                 "Devices with a live actor.",
                 self.live_actors() as u64,
+            ),
+            (
+                "drover_quarantined_devices",
+                "Devices quarantined now: their plugin failed on them repeatedly, their events are refused until the quarantine ends or POST /v1/devices/{id}/resume.",
+                self.shared.router.quarantined().len() as u64,
             ),
             (
                 "drover_guest_memory_grown_bytes",

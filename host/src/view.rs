@@ -86,7 +86,8 @@ pub struct QuarantineView {
     /// Guest failures in a row that led to it (three start a quarantine; each failure after
     /// it ends doubles the next one).
     pub failures: u32,
-    /// The last of them, as the event that met it was answered (e.g. `guest trapped: ...`).
+    /// The last of them, as the event that met it was answered (e.g. `the device's plugin
+    /// trapped: ...`).
     pub last_error: String,
     /// Milliseconds until the device takes events again by itself (a resume ends it now).
     pub ends_in_ms: u64,

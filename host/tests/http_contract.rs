@@ -845,11 +845,42 @@ async fn a_quarantined_device_answers_503_with_retry_after() {
         ends > 0 && ends <= secs * 1000,
         "{ends} ms, Retry-After {secs} s"
     );
+    // Found without walking the fleet, and counted for alerts.
+    c.provision("fine", "misbehave").await;
+    let listed = c.get("/v1/devices?status=quarantined").await;
+    assert_eq!(listed.body["devices"], json!(["bad"]), "{}", listed.text);
+    let detailed = c.get("/v1/devices?status=quarantined&detail=true").await;
+    assert_eq!(
+        detailed.body["devices"][0]["status"], "quarantined",
+        "{}",
+        detailed.text
+    );
+    let page = c.get("/v1/devices?status=quarantined&after=bad").await;
+    assert_eq!(page.body["devices"], json!([]), "{}", page.text);
+    c.get("/v1/devices?status=active").await.assert_error(
+        400,
+        "malformed-query",
+        "only quarantined is a filter",
+    );
+    let metrics = c.get("/metrics").await;
+    assert!(
+        metrics.text.contains("\ndrover_quarantined_devices 1\n"),
+        "{}",
+        metrics.text
+    );
     // Resumed, it says nothing of it any more.
     c.post("/v1/devices/bad/resume", &json!({})).await;
     let view = c.get("/v1/devices/bad").await;
     assert_ne!(view.body["status"], "quarantined", "{}", view.text);
     assert!(view.body["quarantine"].is_null(), "{}", view.text);
+    let listed = c.get("/v1/devices?status=quarantined").await;
+    assert_eq!(listed.body["devices"], json!([]), "{}", listed.text);
+    let metrics = c.get("/metrics").await;
+    assert!(
+        metrics.text.contains("\ndrover_quarantined_devices 0\n"),
+        "{}",
+        metrics.text
+    );
     c.rt.shutdown().await;
 }
 

@@ -133,6 +133,9 @@ pub struct ListQuery {
     /// Read from the journal and the router: no device is woken.
     #[serde(default)]
     detail: bool,
+    /// `quarantined`: only the devices quarantined now (found among the actors, not by a
+    /// walk of the fleet), paged the same way.
+    status: Option<String>,
 }
 
 /// One page of device ids.
@@ -162,7 +165,24 @@ pub async fn list(
     QueryOf(q): QueryOf<ListQuery>,
 ) -> Result<Response, ApiError> {
     let limit = page_size(q.limit, 1000, 10_000)?;
-    let (page, more) = app.rt.device_ids_page(q.after.as_deref(), limit);
+    let (page, more) = match q.status.as_deref() {
+        None => app.rt.device_ids_page(q.after.as_deref(), limit),
+        Some("quarantined") => {
+            let mut ids = app.rt.quarantined_devices();
+            if let Some(after) = q.after.as_deref() {
+                ids.retain(|id| id.as_str() > after);
+            }
+            let more = ids.len() > limit;
+            ids.truncate(limit);
+            (ids, more)
+        }
+        Some(other) => {
+            return Err(ApiError::malformed_query(format!(
+                "status={other} is not a filter: the one is `quarantined` (the active and the \
+                 passivated are most of the fleet: list them all with detail=true)"
+            )));
+        }
+    };
     let next = more.then(|| page.last().cloned()).flatten();
     if !q.detail {
         return Ok(json::ok(&DeviceList {

@@ -415,6 +415,9 @@ pub struct DevicesArgs {
     /// Only the ids, one per line (for scripts).
     #[arg(long)]
     pub ids: bool,
+    /// Only the devices quarantined now (`drover state ID` says why).
+    #[arg(long)]
+    pub quarantined: bool,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -456,9 +459,14 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
     let mut after: Option<String> = None;
     let mut header = !args.ids && !args.client.json;
     loop {
+        let filter = if args.quarantined {
+            "&status=quarantined"
+        } else {
+            ""
+        };
         let path = match &after {
-            Some(a) => format!("/v1/devices?detail=true&after={}", segment(a)),
-            None => "/v1/devices?detail=true".to_string(),
+            Some(a) => format!("/v1/devices?detail=true{filter}&after={}", segment(a)),
+            None => format!("/v1/devices?detail=true{filter}"),
         };
         let (text, page): (String, DeviceList) = api.call_json(api.get(&path))?;
         if args.client.json {
