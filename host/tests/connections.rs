@@ -496,3 +496,115 @@ async fn past_the_drain_timeout_connections_close_and_their_queued_events_are_dr
     assert!(seq > answered as u64, "{seq} records, {answered} answered");
     rt.shutdown().await;
 }
+
+/// Sends `request` on a new connection and reads until the server closes it.
+fn exchange(addr: SocketAddr, request: Vec<u8>) -> String {
+    let mut conn = connect(addr);
+    // The server may answer and close before it has read all of it.
+    let _ = conn.write_all(&request);
+    read_to_close(conn).0
+}
+
+/// Heads hyper cannot parse are answered before any route runs: they used to get hyper's
+/// bare 400 (or 431, 414) with no body, so a client looking for the error shape found none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_cannot_parse_get_the_error_shape() {
+    let (_dir, rt, server) = serve(limits(5_000, 100)).await;
+    let addr = server.local_addr();
+    let many_headers: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "two different lengths",
+            b"POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+              Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"
+                .to_vec(),
+            "HTTP/1.1 400",
+            "malformed-request",
+        ),
+        (
+            "a transfer coding that is not chunked",
+            b"POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+              Transfer-Encoding: gzip\r\n\r\n{}"
+                .to_vec(),
+            "HTTP/1.1 400",
+            "malformed-request",
+        ),
+        (
+            "a header line without a colon",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nNot A Header\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+            "malformed-request",
+        ),
+        (
+            "a broken request line",
+            b"GET\x01 /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+            "malformed-request",
+        ),
+        (
+            "too many headers",
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+            "HTTP/1.1 431",
+            "headers-too-large",
+        ),
+        (
+            "a path over 64 KiB",
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+            "HTTP/1.1 414",
+            "uri-too-long",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let answer = tokio::task::spawn_blocking(move || exchange(addr, request))
+            .await
+            .expect("client");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{what}: no head in {answer:?}"));
+        assert!(head.starts_with(status), "{what}: {answer}");
+        assert!(
+            head.contains("content-type: application/json"),
+            "{what}: {answer}"
+        );
+        assert!(head.contains("connection: close"), "{what}: {answer}");
+        let json: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("{what}: body {body:?} is not JSON: {e}"));
+        assert_eq!(json["error"]["code"], code, "{what}: {answer}");
+    }
+
+    // A good request before a bad one on the same connection keeps its own answer.
+    let answer = tokio::task::spawn_blocking(move || {
+        exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n".to_vec(),
+        )
+    })
+    .await
+    .expect("client");
+    let second = answer.find("HTTP/1.1 400").expect("the garbage answered");
+    assert!(answer[..second].starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer[..second].ends_with("{\"status\":\"ok\"}"),
+        "{answer}"
+    );
+    assert!(
+        answer[second..].contains("\"malformed-request\""),
+        "{answer}"
+    );
+
+    // Counted where the other refusals before routing are.
+    let metrics = reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("drover_http_errors_total{code=\"malformed-request\"} 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("drover_http_errors_total{code=\"headers-too-large\"} 1"));
+    assert!(metrics.contains("drover_http_errors_total{code=\"uri-too-long\"} 1"));
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}

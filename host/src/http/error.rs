@@ -14,6 +14,8 @@
 //! | 405 | `method-not-allowed` | |
 //! | 409 | `device-conflict` | the id is taken by another plugin or config |
 //! | 413 | `payload-too-large` | |
+//! | 414 | `uri-too-long` | |
+//! | 431 | `headers-too-large` | |
 //! | 422 | `rejected`, `trap`, `timeout`, `output-too-large`, `invalid-plugin` | the request was fine, the plugin refused or failed on it |
 //! | 429 | `mailbox-full`, `outbox-full`, `messages-pending` (with `Retry-After`) | slow down and retry (after acknowledging commands, for `outbox-full`; once the device's message targets catch up, for `messages-pending`) |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
@@ -49,6 +51,11 @@ pub mod codes {
     /// The server is at its connection cap; written by the accept loop, which then closes
     /// the connection (see [`super::super::server`]).
     pub const TOO_MANY_CONNECTIONS: &str = "too-many-connections";
+    /// The request head has more headers or bytes than the server parses (431; see
+    /// [`super::super::framing`]).
+    pub const HEADERS_TOO_LARGE: &str = "headers-too-large";
+    /// The request's path and query are longer than the server parses (414).
+    pub const URI_TOO_LONG: &str = "uri-too-long";
 }
 
 /// Who raised an error: counted separately on `/metrics`, since the runtime counts its own.

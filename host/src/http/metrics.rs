@@ -44,8 +44,10 @@ const UNMATCHED: usize = ROUTES.len();
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// HTTP-level error codes counted here; the runtime's codes are counted by the runtime.
-const HTTP_CODES: [&str; 9] = [
+const HTTP_CODES: [&str; 11] = [
     codes::MALFORMED_REQUEST,
+    codes::HEADERS_TOO_LARGE,
+    codes::URI_TOO_LONG,
     codes::BODY_TIMEOUT,
     codes::MALFORMED_QUERY,
     codes::NOT_FOUND,
@@ -73,6 +75,19 @@ impl HttpMetrics {
         {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A request hyper could not parse, answered with `code` before any route ran (see
+    /// [`super::framing`]): counted under `unmatched`.
+    pub(crate) fn record_unparsed(&self, status: axum::http::StatusCode, code: &'static str) {
+        self.record(
+            UNMATCHED,
+            status.as_u16(),
+            Some(ErrorMark {
+                code,
+                origin: Origin::Http,
+            }),
+        );
     }
 
     /// Requests answered so far on `route` (a template from the route table) with a status in

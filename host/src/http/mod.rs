@@ -35,7 +35,7 @@
 //!
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`],
 //! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
-//! error shape; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
+//! error shape; `framing` the same shape for requests hyper cannot parse; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
 //! connections stay open after an answer; [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
 //! HTTP-level counters.
@@ -46,6 +46,7 @@ pub mod batch;
 pub mod devices;
 pub mod error;
 pub mod extract;
+mod framing;
 pub mod journal;
 pub mod json;
 pub mod keep_alive;
@@ -97,21 +98,18 @@ fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
 /// Builds the v1 router for `rt`. Separate from [`Server`] so tests and embedders can mount
 /// it on their own listener or inside a larger router.
 pub fn router(rt: Runtime, limits: Limits) -> Router {
-    router_stopping(rt, limits, Arc::new(tokio::sync::watch::Sender::new(false)))
+    router_of(Arc::new(AppState {
+        rt,
+        limits,
+        metrics: metrics::HttpMetrics::default(),
+        stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
+    }))
 }
 
-/// [`router`], whose request bodies stop being waited for once `stopping` is set.
-pub(crate) fn router_stopping(
-    rt: Runtime,
-    limits: Limits,
-    stopping: Arc<tokio::sync::watch::Sender<bool>>,
-) -> Router {
-    let app: App = Arc::new(AppState {
-        rt,
-        limits: limits.clone(),
-        metrics: metrics::HttpMetrics::default(),
-        stopping,
-    });
+/// The v1 router over `app`: the server keeps `app` too, to count what it answers before
+/// routing (see [`framing`]).
+pub(crate) fn router_of(app: App) -> Router {
+    let limits = app.limits.clone();
     Router::new()
         .route("/v1/devices", get(devices::list))
         .route(

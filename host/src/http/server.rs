@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_io_timeout::TimeoutStream;
 
 use super::Limits;
+use super::framing::ShapedErrors;
 use crate::Runtime;
 
 /// A running HTTP server. Dropping it without [`Server::shutdown`] stops nothing: the serving
@@ -158,7 +159,13 @@ impl Server {
         let stopping = Arc::new(tokio::sync::watch::Sender::new(false));
         let abandon = Arc::new(tokio::sync::watch::Sender::new(false));
         let abandoning = abandon.clone();
-        let app = super::router_stopping(rt.clone(), limits, stopping.clone());
+        let state: super::App = Arc::new(super::AppState {
+            rt: rt.clone(),
+            limits,
+            metrics: super::metrics::HttpMetrics::default(),
+            stopping: stopping.clone(),
+        });
+        let app = super::router_of(state.clone());
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
@@ -203,6 +210,8 @@ impl Server {
                 // for `write_timeout` fails, and the connection with it.
                 let mut io = TimeoutStream::new(tcp);
                 io.set_write_timeout(Some(write_timeout));
+                // hyper's bare answer to a head it cannot parse becomes the API's error.
+                let io = ShapedErrors::new(Box::pin(io), state.clone());
                 // Requests being handled, and answers being written, on this connection (see
                 // `closed_when_idle`).
                 let busy = Busy::default();
@@ -227,7 +236,7 @@ impl Server {
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(Box::pin(io)), service);
+                    .serve_connection(TokioIo::new(io), service);
                 let conn = graceful.watch(conn);
                 let stopping = stopping.subscribe();
                 let mut abandoned = abandoning.subscribe();
