@@ -442,6 +442,18 @@ pub struct Activity {
     /// memory budget, as of its last event or activation; 0 when not live): what passivating
     /// it would give back under memory pressure.
     pub grown_memory: AtomicU64,
+    /// What started the quarantine `quarantined_until_ms` bounds: the failures in a row and
+    /// the last one's error, for listings that show the quarantined with their reason
+    /// without a message to each actor. Boxed: set only for a device that failed, and every
+    /// actor carries the field.
+    pub quarantine_cause: parking_lot::Mutex<Option<Box<QuarantineCause>>>,
+}
+
+/// See [`Activity::quarantine_cause`].
+#[derive(Debug)]
+pub struct QuarantineCause {
+    pub failures: u32,
+    pub last_error: String,
 }
 
 /// The sending side of a live actor, and its task.
@@ -909,6 +921,10 @@ impl Actor {
                 last: e.to_string(),
                 activation: matches!(e, Error::Activation(_)),
             });
+            *self.activity.quarantine_cause.lock() = Some(Box::new(QuarantineCause {
+                failures: self.failures,
+                last_error: e.to_string(),
+            }));
             self.activity
                 .quarantined_until_ms
                 .store(clock::mono_ms(until).max(1), Ordering::Relaxed);
@@ -944,6 +960,7 @@ impl Actor {
             self.activity
                 .quarantined_until_ms
                 .store(0, Ordering::Relaxed);
+            *self.activity.quarantine_cause.lock() = None;
         }
     }
 

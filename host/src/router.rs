@@ -280,16 +280,44 @@ impl Router {
     /// Where device `id` is in its lifecycle, as its actor last recorded it, without asking
     /// (or waking) it: no actor or no instance is passivated.
     pub fn status(&self, id: &str) -> crate::view::DeviceStatus {
-        use crate::view::DeviceStatus;
-        match self.actors.read().get(id) {
-            Some(a)
-                if a.activity.quarantined_until_ms.load(Ordering::Relaxed)
-                    > crate::clock::mono_ms(std::time::Instant::now()) =>
-            {
-                DeviceStatus::Quarantined
-            }
-            Some(a) if a.activity.live.load(Ordering::Relaxed) => DeviceStatus::Active,
-            _ => DeviceStatus::Passivated,
+        self.status_and_quarantine(id).0
+    }
+
+    /// [`Router::status`] and, while quarantined, why and for how long (from the actor's
+    /// shared activity: no message to the actor, which may be busy). One read of both, so
+    /// a listing never shows a reason beside another status.
+    pub fn status_and_quarantine(
+        &self,
+        id: &str,
+    ) -> (
+        crate::view::DeviceStatus,
+        Option<crate::view::QuarantineView>,
+    ) {
+        use crate::view::{DeviceStatus, QuarantineView};
+        let actors = self.actors.read();
+        let Some(a) = actors.get(id) else {
+            return (DeviceStatus::Passivated, None);
+        };
+        let until = a.activity.quarantined_until_ms.load(Ordering::Relaxed);
+        let now = crate::clock::mono_ms(std::time::Instant::now());
+        if until > now {
+            // The cause is set before the end time, so it is there unless a resume is
+            // clearing both right now.
+            let view = a
+                .activity
+                .quarantine_cause
+                .lock()
+                .as_ref()
+                .map(|c| QuarantineView {
+                    failures: c.failures,
+                    last_error: c.last_error.clone(),
+                    ends_in_ms: until - now,
+                });
+            (DeviceStatus::Quarantined, view)
+        } else if a.activity.live.load(Ordering::Relaxed) {
+            (DeviceStatus::Active, None)
+        } else {
+            (DeviceStatus::Passivated, None)
         }
     }
 

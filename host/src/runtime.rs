@@ -43,7 +43,7 @@ use crate::router::Router;
 use crate::timers::TimerWheel;
 use crate::view::{
     Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView, JournalEntry,
-    JournalPage, JournalStatus, PendingUpgrade,
+    JournalPage, JournalStatus, PendingUpgrade, QuarantineView,
 };
 
 /// The runtime handle. Cheap to clone; see the module docs.
@@ -438,6 +438,12 @@ impl Runtime {
     /// fleet must not activate it). [`Runtime::device`] is exact: it asks the actor.
     pub fn status(&self, id: &str) -> DeviceStatus {
         self.shared.router.status(id)
+    }
+
+    /// [`Runtime::status`] and, while quarantined, why and for how long (as a read's
+    /// `quarantine`); wakes nothing.
+    pub fn status_and_quarantine(&self, id: &str) -> (DeviceStatus, Option<QuarantineView>) {
+        self.shared.router.status_and_quarantine(id)
     }
 
     /// The ids of the devices quarantined now, in byte order (see [`Runtime::resume`]).

@@ -855,6 +855,17 @@ async fn a_quarantined_device_answers_503_with_retry_after() {
         "{}",
         detailed.text
     );
+    // Each with its reason, as the device's own read gives it.
+    let line = &detailed.body["devices"][0]["quarantine"];
+    assert_eq!(line["failures"], 3, "{}", detailed.text);
+    assert_eq!(line["last_error"], q["last_error"], "{}", detailed.text);
+    assert!(line["ends_in_ms"].as_u64().expect("ends_in_ms") <= ends);
+    let all = c.get("/v1/devices?detail=true").await;
+    let fine = all.body["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|l| l["id"] == "fine"))
+        .expect("fine listed");
+    assert!(fine["quarantine"].is_null(), "{}", all.text);
     let page = c.get("/v1/devices?status=quarantined&after=bad").await;
     assert_eq!(page.body["devices"], json!([]), "{}", page.text);
     c.get("/v1/devices?status=active").await.assert_error(
@@ -875,6 +886,14 @@ async fn a_quarantined_device_answers_503_with_retry_after() {
     assert!(view.body["quarantine"].is_null(), "{}", view.text);
     let listed = c.get("/v1/devices?status=quarantined").await;
     assert_eq!(listed.body["devices"], json!([]), "{}", listed.text);
+    let all = c.get("/v1/devices?detail=true").await;
+    assert!(
+        all.body["devices"]
+            .as_array()
+            .is_some_and(|d| d.iter().all(|l| l["quarantine"].is_null())),
+        "{}",
+        all.text
+    );
     let metrics = c.get("/metrics").await;
     assert!(
         metrics.text.contains("\ndrover_quarantined_devices 0\n"),

@@ -157,6 +157,9 @@ struct DeviceLine {
     /// As in `GET /v1/devices/{id}`: where a device behind its plugin's current version is
     /// headed, else null; so a fleet's stragglers are found without reading each device.
     upgrade: Option<PendingUpgrade>,
+    /// As in `GET /v1/devices/{id}`: why and for how long it is quarantined, else null; so
+    /// `?status=quarantined&detail=true` gives each one's reason in one request.
+    quarantine: Option<QuarantineView>,
 }
 
 /// `GET /v1/devices?after=ID&limit=N`: device ids in order, a page at a time.
@@ -194,8 +197,10 @@ pub async fn list(
         .into_iter()
         .filter_map(|id| {
             let s = app.rt.summary(&id)?;
+            let (status, quarantine) = app.rt.status_and_quarantine(&id);
             Some(DeviceLine {
-                status: app.rt.status(&id),
+                status,
+                quarantine,
                 id,
                 plugin: s.plugin,
                 version: s.version,

@@ -415,7 +415,8 @@ pub struct DevicesArgs {
     /// Only the ids, one per line (for scripts).
     #[arg(long)]
     pub ids: bool,
-    /// Only the devices quarantined now (`drover state ID` says why).
+    /// Only the devices quarantined now, each with its last failure and how long it has
+    /// left (`drover resume ID` ends one now).
     #[arg(long)]
     pub quarantined: bool,
     #[command(flatten)]
@@ -439,6 +440,21 @@ struct DeviceLine {
     status: String,
     #[serde(default)]
     upgrade: Option<Upgrade>,
+    /// While quarantined (absent from older servers).
+    #[serde(default)]
+    quarantine: Option<Quarantine>,
+}
+
+impl Quarantine {
+    /// The quarantined listing's last column: how many failures, how long left, the last.
+    fn column(&self) -> String {
+        format!(
+            "{} failures, {:.0} s left: {}",
+            self.failures,
+            (self.ends_in_ms as f64 / 1000.0).ceil(),
+            self.last_error
+        )
+    }
 }
 
 impl Upgrade {
@@ -480,8 +496,13 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or(2)
                 .max(2);
             if header {
+                let last = if args.quarantined {
+                    "QUARANTINE"
+                } else {
+                    "UPGRADE"
+                };
                 println!(
-                    "{:<width$}  {:<20} {:<11} {:>10}  UPGRADE",
+                    "{:<width$}  {:<20} {:<11} {:>10}  {last}",
                     "ID", "PLUGIN", "STATUS", "SEQ"
                 );
                 header = false;
@@ -491,10 +512,17 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
                     println!("{}", d.id);
                 } else {
                     let plugin = format!("{} v{}", d.plugin, d.version);
-                    let upgrade = d.upgrade.as_ref().map(Upgrade::column).unwrap_or_default();
+                    let last = if args.quarantined {
+                        d.quarantine.as_ref().map(Quarantine::column)
+                    } else {
+                        d.upgrade.as_ref().map(Upgrade::column)
+                    };
                     println!(
-                        "{:<width$}  {plugin:<20} {:<11} {:>10}  {upgrade}",
-                        d.id, d.status, d.seq
+                        "{:<width$}  {plugin:<20} {:<11} {:>10}  {}",
+                        d.id,
+                        d.status,
+                        d.seq,
+                        last.unwrap_or_default()
                     );
                 }
             }
