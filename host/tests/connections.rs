@@ -592,6 +592,27 @@ async fn requests_hyper_cannot_parse_get_the_error_shape() {
         "{answer}"
     );
 
+    // After an HTTP/1.0 request kept alive, hyper answers in 1.0 (found by a review).
+    let answer = tokio::task::spawn_blocking(move || {
+        exchange(
+            addr,
+            b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+              GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await
+    .expect("client");
+    let second = answer.find("HTTP/1.0 400").expect("the bad one answered");
+    assert!(
+        answer[..second].ends_with("{\"status\":\"ok\"}"),
+        "{answer}"
+    );
+    assert!(
+        answer[second..].contains("\"malformed-request\""),
+        "{answer}"
+    );
+
     // Counted where the other refusals before routing are.
     let metrics = reqwest::get(format!("{}/metrics", server.url()))
         .await
@@ -600,7 +621,7 @@ async fn requests_hyper_cannot_parse_get_the_error_shape() {
         .await
         .expect("text");
     assert!(
-        metrics.contains("drover_http_errors_total{code=\"malformed-request\"} 5"),
+        metrics.contains("drover_http_errors_total{code=\"malformed-request\"} 6"),
         "{metrics}"
     );
     assert!(metrics.contains("drover_http_errors_total{code=\"headers-too-large\"} 1"));

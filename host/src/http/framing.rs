@@ -17,12 +17,17 @@
 //! `uri-too-long`), still with `connection: close`, and counts it on `/metrics`
 //! (`drover_http_errors_total`, and `drover_http_requests_total` under `unmatched`).
 //!
+//! hyper answers in the version of the last request it parsed on the connection, so after an
+//! HTTP/1.0 one the line is `HTTP/1.0` and `connection: close` is left out (1.0 closes by
+//! default); the replacement keeps the version.
+//!
 //! If a later hyper writes its answer differently, nothing breaks: the bare answer goes out
 //! as before, and the test `connections::requests_hyper_cannot_parse_get_the_error_shape`
 //! fails.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::http::StatusCode;
@@ -32,16 +37,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::App;
 use super::error::{ApiError, codes};
 
-/// What follows the status line in hyper's automatic answer (hyper 1.12).
-const AUTOMATIC_HEADERS: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\n";
+/// The header every automatic answer has, and no answer of the API's right after its status
+/// line (theirs start with `content-type`).
+const EMPTY_LENGTH: &[u8] = b"content-length: 0\r\n";
+
+/// What hyper puts between the status line and [`EMPTY_LENGTH`] when the connection is
+/// HTTP/1.1 (an HTTP/1.0 one closes without saying so).
+const CLOSE: &[u8] = b"connection: close\r\n";
 
 /// The end of a head.
 const HEAD_END: &[u8] = b"\r\n\r\n";
 
-/// Each automatic answer's status line, with the error the API gives in its place.
+/// `HTTP/1.1 ` or `HTTP/1.0 `: hyper answers in the version of the last request it parsed.
+const VERSION_LEN: usize = b"HTTP/1.1 ".len();
+
+/// Each automatic answer's status (after the version), with the error the API gives in its
+/// place.
 const AUTOMATIC: [(&[u8], StatusCode, &str, &str); 3] = [
     (
-        b"HTTP/1.1 400 Bad Request",
+        b"400 Bad Request\r\n",
         StatusCode::BAD_REQUEST,
         codes::MALFORMED_REQUEST,
         "the request is not valid HTTP/1.1: a malformed request line or header, or an \
@@ -49,14 +63,14 @@ const AUTOMATIC: [(&[u8], StatusCode, &str, &str); 3] = [
          end in chunked); the connection is closed",
     ),
     (
-        b"HTTP/1.1 431 Request Header Fields Too Large",
+        b"431 Request Header Fields Too Large\r\n",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         codes::HEADERS_TOO_LARGE,
         "the request head has more than 100 headers or is over 400 KiB; the connection is \
          closed",
     ),
     (
-        b"HTTP/1.1 414 URI Too Long",
+        b"414 URI Too Long\r\n",
         StatusCode::URI_TOO_LONG,
         codes::URI_TOO_LONG,
         "the request's path and query are over 64 KiB; the connection is closed",
@@ -68,7 +82,8 @@ const AUTOMATIC: [(&[u8], StatusCode, &str, &str); 3] = [
 /// only at their end, where it would be, with one substring search.
 pub(crate) struct ShapedErrors<S> {
     inner: S,
-    app: App,
+    /// Told of each answer replaced (the server counts it on `/metrics`).
+    on_replaced: Replaced,
     /// The answer being written in place of hyper's.
     replacing: Option<Replacement>,
 }
@@ -81,45 +96,86 @@ struct Replacement {
     stands_for: usize,
 }
 
+/// What [`ShapedErrors`] tells of an answer it replaced: its status and code.
+pub(crate) type Replaced = Arc<dyn Fn(StatusCode, &'static str) + Send + Sync>;
+
+/// A [`Replaced`] that counts on `app`'s `/metrics`.
+pub(crate) fn counted_by(app: App) -> Replaced {
+    Arc::new(move |status, code| app.metrics.record_unparsed(status, code))
+}
+
 impl<S> ShapedErrors<S> {
-    pub(crate) fn new(inner: S, app: App) -> Self {
+    pub(crate) fn new(inner: S, on_replaced: Replaced) -> Self {
         ShapedErrors {
             inner,
-            app,
+            on_replaced,
             replacing: None,
         }
     }
 }
 
-/// Where hyper's automatic answer starts in `buf`, if `buf` ends with one, and which one.
-fn automatic_answer(buf: &[u8]) -> Option<(usize, usize)> {
+/// An automatic answer found at the end of a write.
+#[derive(Debug, PartialEq, Eq)]
+struct Found {
+    /// Where it starts.
+    start: usize,
+    /// Which of [`AUTOMATIC`].
+    which: usize,
+    /// `HTTP/1.1` or `HTTP/1.0`, as hyper wrote it.
+    version: [u8; 8],
+}
+
+/// Where hyper's automatic answer starts in `buf`, if `buf` ends with one: the status line,
+/// `connection: close` (HTTP/1.1 only), `content-length: 0`, any other headers (`date`), the
+/// blank line, and nothing after it.
+fn automatic_answer(buf: &[u8]) -> Option<Found> {
     if !buf.ends_with(HEAD_END) {
         return None;
     }
-    let headers = memmem::rfind(buf, AUTOMATIC_HEADERS)?;
-    // Exactly one head from there to the end: the date line, then the blank line.
-    let rest = &buf[headers + AUTOMATIC_HEADERS.len() - 2..];
-    if memmem::find(rest, HEAD_END) != Some(rest.len() - HEAD_END.len()) {
+    let length = memmem::rfind(buf, EMPTY_LENGTH)?;
+    // One head from there to the end.
+    let rest = &buf[length..];
+    if memmem::find(rest, HEAD_END) != Some(rest.len() - HEAD_END.len())
+        || length < 2
+        || &buf[length - 2..length] != b"\r\n"
+    {
         return None;
     }
-    AUTOMATIC.iter().enumerate().find_map(|(i, (line, ..))| {
-        let start = headers.checked_sub(line.len())?;
-        (&buf[start..headers] == *line).then_some((start, i))
-    })
+    // Right after the status line, or after `connection: close` right after it.
+    let head = &buf[..length];
+    let head = head.strip_suffix(CLOSE).unwrap_or(head);
+    AUTOMATIC
+        .iter()
+        .enumerate()
+        .find_map(|(which, (status, ..))| {
+            let start = head.len().checked_sub(VERSION_LEN + status.len())?;
+            let line = &head[start..];
+            let version: [u8; 8] = line.get(..8)?.try_into().ok()?;
+            let known = &version == b"HTTP/1.1" || &version == b"HTTP/1.0";
+            (known && line[8] == b' ' && &line[VERSION_LEN..] == *status).then_some(Found {
+                start,
+                which,
+                version,
+            })
+        })
 }
 
-/// The API's answer in place of automatic answer `which`.
-fn replacement(which: usize) -> Option<(StatusCode, &'static str, Vec<u8>)> {
-    let (_, status, code, message) = AUTOMATIC.get(which)?;
+/// The API's answer in place of `found`, in the same HTTP version.
+fn replacement(found: &Found) -> Option<(StatusCode, &'static str, Vec<u8>)> {
+    let (_, status, code, message) = AUTOMATIC.get(found.which)?;
     let body = serde_json::to_vec(&ApiError::http(*status, code, *message).body()).ok()?;
-    let mut bytes = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nconnection: close\r\n\
-         content-length: {}\r\n\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    )
-    .into_bytes();
+    let mut bytes = found.version.to_vec();
+    bytes.extend_from_slice(
+        format!(
+            " {} {}\r\ncontent-type: application/json\r\nconnection: close\r\n\
+             content-length: {}\r\ndate: {}\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len(),
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
+        )
+        .as_bytes(),
+    );
     bytes.extend_from_slice(&body);
     Some((*status, code, bytes))
 }
@@ -136,19 +192,19 @@ impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
             let Some(last) = bufs.iter().rposition(|b| !b.is_empty()) else {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             };
-            let Some((start, which)) = automatic_answer(&bufs[last]) else {
+            let Some(found) = automatic_answer(&bufs[last]) else {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             };
-            if last > 0 || start > 0 {
+            if found.start > 0 || bufs[..last].iter().any(|b| !b.is_empty()) {
                 // What comes before it first: hyper hands the rest back afterwards.
                 let mut before: Vec<IoSlice<'_>> = bufs[..last].to_vec();
-                before.push(IoSlice::new(&bufs[last][..start]));
+                before.push(IoSlice::new(&bufs[last][..found.start]));
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, &before);
             }
-            let Some((status, code, bytes)) = replacement(which) else {
+            let Some((status, code, bytes)) = replacement(&found) else {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             };
-            self.app.metrics.record_unparsed(status, code);
+            (self.on_replaced)(status, code);
             tracing::debug!(%status, "answering a request hyper could not parse");
             self.replacing = Some(Replacement {
                 bytes,
@@ -166,7 +222,9 @@ impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
             }
             r.written += n;
         }
-        let stands_for = r.stands_for;
+        // hyper retries a write with the same buffer; never claim more than it handed over.
+        let handed: usize = bufs.iter().map(|b| b.len()).sum();
+        let stands_for = r.stands_for.min(handed);
         self.replacing = None;
         Poll::Ready(Ok(stands_for))
     }
@@ -219,13 +277,21 @@ mod tests {
     const HYPER_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
         content-length: 0\r\ndate: Thu, 03 Dec 2026 13:18:13 GMT\r\n\r\n";
 
+    fn found(start: usize, which: usize, version: &[u8; 8]) -> Option<Found> {
+        Some(Found {
+            start,
+            which,
+            version: *version,
+        })
+    }
+
     #[test]
     fn finds_the_automatic_answer_only_at_the_end_of_a_write() {
-        assert_eq!(automatic_answer(HYPER_400), Some((0, 0)));
+        assert_eq!(automatic_answer(HYPER_400), found(0, 0, b"HTTP/1.1"));
         let ours = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
             content-length: 15\r\n\r\n{\"status\":\"ok\"}";
         let both = [&ours[..], HYPER_400].concat();
-        assert_eq!(automatic_answer(&both), Some((ours.len(), 0)));
+        assert_eq!(automatic_answer(&both), found(ours.len(), 0, b"HTTP/1.1"));
         // Followed by anything: not hyper's last answer.
         assert_eq!(automatic_answer(&[HYPER_400, &ours[..]].concat()), None);
         assert_eq!(automatic_answer(ours), None);
@@ -235,20 +301,156 @@ mod tests {
         assert_eq!(automatic_answer(api), None);
         let too_large = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
             content-length: 0\r\ndate: x\r\n\r\n";
-        assert_eq!(automatic_answer(too_large), Some((0, 1)));
+        assert_eq!(automatic_answer(too_large), found(0, 1, b"HTTP/1.1"));
+        // After an HTTP/1.0 request, hyper answers in 1.0 and does not say it closes.
+        let old = b"HTTP/1.0 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\
+            date: x\r\n\r\n";
+        assert_eq!(automatic_answer(old), found(0, 1, b"HTTP/1.0"));
+        assert_eq!(
+            automatic_answer(&[&ours[..], old].concat()),
+            found(ours.len(), 1, b"HTTP/1.0")
+        );
+    }
+
+    /// A socket that takes at most `chunk` bytes a call and is not ready every other call.
+    struct Socket {
+        out: Vec<u8>,
+        chunk: usize,
+        ready: bool,
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.chunk);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn shaped(
+        chunk: usize,
+    ) -> (
+        ShapedErrors<Socket>,
+        Arc<std::sync::Mutex<Vec<&'static str>>>,
+    ) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let socket = Socket {
+            out: Vec::new(),
+            chunk,
+            ready: false,
+        };
+        let on_replaced: Replaced = Arc::new(move |_, code| {
+            if let Ok(mut log) = log.lock() {
+                log.push(code);
+            }
+        });
+        (ShapedErrors::new(socket, on_replaced), seen)
+    }
+
+    /// Writes `bufs` as hyper does: again and again, from where the last write stopped.
+    fn write_all(w: &mut ShapedErrors<Socket>, bufs: &[&[u8]]) {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let whole = bufs.concat();
+        let mut done = 0;
+        while done < whole.len() {
+            // Keep the caller's slices where they are not yet written.
+            let mut slices = Vec::new();
+            let mut at = 0;
+            for b in bufs {
+                let (from, to) = (done.max(at), at + b.len());
+                if from < to {
+                    slices.push(IoSlice::new(&whole[from..to]));
+                } else {
+                    slices.push(IoSlice::new(&[]));
+                }
+                at = to;
+            }
+            match Pin::new(&mut *w).poll_write_vectored(&mut cx, &slices) {
+                Poll::Ready(Ok(n)) => {
+                    assert!(n > 0 && n <= whole.len() - done, "wrote {n}");
+                    done += n;
+                }
+                Poll::Ready(Err(e)) => panic!("write failed: {e}"),
+                Poll::Pending => {}
+            }
+        }
+    }
+
+    #[test]
+    fn writes_what_comes_before_then_the_replacement_whatever_the_socket_takes() {
+        let ours: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+            content-length: 15\r\n\r\n{\"status\":\"ok\"}";
+        for chunk in [1, 7, 50, 4096] {
+            let (mut w, seen) = shaped(chunk);
+            write_all(&mut w, &[&[], ours, &[], HYPER_400]);
+            let out = String::from_utf8(w.inner.out.clone()).expect("utf-8");
+            let rest = out.strip_prefix(std::str::from_utf8(ours).expect("utf-8"));
+            let rest = rest.unwrap_or_else(|| panic!("{chunk}: {out}"));
+            assert!(
+                rest.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{chunk}: {out}"
+            );
+            assert!(rest.ends_with("\"}}"), "{chunk}: {out}");
+            assert_eq!(*seen.lock().expect("log"), ["malformed-request"], "{chunk}");
+        }
+        // Alone behind an empty slice, and the answer never claims more than it was handed.
+        let (mut w, _) = shaped(10);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let slices = [IoSlice::new(&[]), IoSlice::new(HYPER_400)];
+        assert!(
+            Pin::new(&mut w)
+                .poll_write_vectored(&mut cx, &slices)
+                .is_pending()
+        );
+        let other = [IoSlice::new(b"x")];
+        let written = loop {
+            if let Poll::Ready(r) = Pin::new(&mut w).poll_write_vectored(&mut cx, &other) {
+                break r.expect("written");
+            }
+        };
+        assert_eq!(written, 1);
+        assert!(
+            w.inner
+                .out
+                .starts_with(b"HTTP/1.1 400 Bad Request\r\ncontent-type")
+        );
     }
 
     #[test]
     fn the_replacement_is_the_error_shape_with_its_length() {
-        let (status, code, bytes) = replacement(0).expect("a replacement");
+        let (status, code, bytes) = replacement(&Found {
+            start: 0,
+            which: 0,
+            version: *b"HTTP/1.0",
+        })
+        .expect("a replacement");
         assert_eq!(
             (status, code),
             (StatusCode::BAD_REQUEST, "malformed-request")
         );
         let text = String::from_utf8(bytes).expect("utf-8");
         let (head, body) = text.split_once("\r\n\r\n").expect("a head");
-        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(head.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{head}");
         assert!(head.contains("connection: close"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
         assert!(
             head.contains(&format!("content-length: {}", body.len())),
             "{head}"

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_io_timeout::TimeoutStream;
 
 use super::Limits;
-use super::framing::ShapedErrors;
+use super::framing::{self, ShapedErrors};
 use crate::Runtime;
 
 /// A running HTTP server. Dropping it without [`Server::shutdown`] stops nothing: the serving
@@ -165,7 +165,8 @@ impl Server {
             metrics: super::metrics::HttpMetrics::default(),
             stopping: stopping.clone(),
         });
-        let app = super::router_of(state.clone());
+        let replaced = framing::counted_by(state.clone());
+        let app = super::router_of(state);
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
@@ -211,7 +212,7 @@ impl Server {
                 let mut io = TimeoutStream::new(tcp);
                 io.set_write_timeout(Some(write_timeout));
                 // hyper's bare answer to a head it cannot parse becomes the API's error.
-                let io = ShapedErrors::new(Box::pin(io), state.clone());
+                let io = ShapedErrors::new(Box::pin(io), replaced.clone());
                 // Requests being handled, and answers being written, on this connection (see
                 // `closed_when_idle`).
                 let busy = Busy::default();
