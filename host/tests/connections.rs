@@ -629,3 +629,39 @@ async fn requests_hyper_cannot_parse_get_the_error_shape() {
     server.shutdown(Duration::from_secs(1)).await;
     rt.shutdown().await;
 }
+
+/// A client that sends its request and then shuts down its side of the connection (as `nc
+/// -N` and some scripts do) gets its answer: hyper used to close at once, so the request was
+/// handled (an event even made durable) and never answered (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = with_device(dir.path(), "t1", "thermostat").await;
+    let server = Server::start(rt.clone(), "127.0.0.1:0", limits(5_000, 100))
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        let body = br#"{"type":"reading","celsius":21.5}"#;
+        conn.write_all(
+            format!(
+                "POST /v1/devices/t1/events HTTP/1.1\r\nHost: x\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .expect("head");
+        conn.write_all(body).expect("body");
+        conn.shutdown(std::net::Shutdown::Write)
+            .expect("half close");
+        read_to_close(conn).0
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("\"seq\":1"), "{answer}");
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}

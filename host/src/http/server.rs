@@ -236,6 +236,10 @@ impl Server {
                 };
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
+                    // A client that shuts down its side once its request is sent (`nc -N`,
+                    // some scripts) still gets the answer; hyper would close at once, after
+                    // its request was handled (an event made durable) but never answered.
+                    .half_close(true)
                     .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(io), service);
                 let conn = graceful.watch(conn);
