@@ -925,9 +925,10 @@ impl Actor {
                 failures: self.failures,
                 last_error: e.to_string(),
             }));
+            // Release: a listing that sees the end time sees the cause set before it.
             self.activity
                 .quarantined_until_ms
-                .store(clock::mono_ms(until).max(1), Ordering::Relaxed);
+                .store(clock::mono_ms(until).max(1), Ordering::Release);
         }
     }
 

@@ -298,11 +298,11 @@ impl Router {
         let Some(a) = actors.get(id) else {
             return (DeviceStatus::Passivated, None);
         };
-        let until = a.activity.quarantined_until_ms.load(Ordering::Relaxed);
+        let until = a.activity.quarantined_until_ms.load(Ordering::Acquire);
         let now = crate::clock::mono_ms(std::time::Instant::now());
         if until > now {
-            // The cause is set before the end time, so it is there unless a resume is
-            // clearing both right now.
+            // The cause is set before the end time is stored (release), so it is there
+            // unless a resume is clearing both right now.
             let view = a
                 .activity
                 .quarantine_cause
