@@ -630,7 +630,6 @@ struct Quarantine {
     until: Instant,
     /// Its length before jitter: the next one is twice it (see [`quarantine_length`]).
     nominal: Duration,
-    last: String,
     /// The last failure was an activation: reads answer at once instead of trying it again
     /// (each try may hold a thread for the whole activation budget, and fails the same way).
     activation: bool,
@@ -871,7 +870,13 @@ impl Actor {
         let now = Instant::now();
         (now < q.until).then(|| QuarantineView {
             failures: self.failures,
-            last_error: q.last.clone(),
+            // Set with the quarantine and cleared with it (`record_failure`, `recovered`).
+            last_error: self
+                .activity
+                .quarantine_cause
+                .lock()
+                .as_ref()
+                .map_or_else(String::new, |c| c.last_error.clone()),
             ends_in_ms: (q.until - now).as_millis() as u64,
         })
     }
@@ -918,7 +923,6 @@ impl Actor {
             self.quarantine = Some(Quarantine {
                 until,
                 nominal,
-                last: e.to_string(),
                 activation: matches!(e, Error::Activation(_)),
             });
             *self.activity.quarantine_cause.lock() = Some(Box::new(QuarantineCause {

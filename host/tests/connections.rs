@@ -54,6 +54,14 @@ fn read_to_close(mut conn: TcpStream) -> (String, Duration) {
     )
 }
 
+/// The head of `POST /v1/devices/{device}/events` with a JSON body of `len` bytes.
+fn event_head(device: &str, len: usize) -> String {
+    format!(
+        "POST /v1/devices/{device}/events HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    )
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).expect("connect")
 }
@@ -323,15 +331,8 @@ async fn only_connections_whose_body_was_read_are_kept_alive() {
     let (answer, took) = tokio::task::spawn_blocking(move || {
         let mut conn = connect(addr);
         let body = vec![b' '; 100 * 1024];
-        conn.write_all(
-            format!(
-                "POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .expect("head");
+        conn.write_all(event_head("d1", body.len()).as_bytes())
+            .expect("head");
         // The server may answer and close before it has read all of this.
         let _ = conn.write_all(&body);
         read_to_close(conn)
@@ -644,15 +645,8 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     let answer = tokio::task::spawn_blocking(move || {
         let mut conn = connect(addr);
         let body = br#"{"type":"reading","celsius":21.5}"#;
-        conn.write_all(
-            format!(
-                "POST /v1/devices/t1/events HTTP/1.1\r\nHost: x\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .expect("head");
+        conn.write_all(event_head("t1", body.len()).as_bytes())
+            .expect("head");
         conn.write_all(body).expect("body");
         conn.shutdown(std::net::Shutdown::Write)
             .expect("half close");
