@@ -631,6 +631,108 @@ async fn requests_hyper_cannot_parse_get_the_error_shape() {
     rt.shutdown().await;
 }
 
+/// A client that opens with HTTP/2's preface (h2c with prior knowledge, `curl
+/// --http2-prior-knowledge`) is told the server speaks HTTP/1.1: hyper used to close such a
+/// connection without a byte, so the client could not tell a refusal from a crash (found by
+/// a review). Requests of HTTP/1 whose first read is a beginning of the preface's first line
+/// are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_speaking_http2_is_told_the_server_speaks_http1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = with_device(dir.path(), "t1", "thermostat").await;
+    let server = Server::start(rt.clone(), "127.0.0.1:0", limits(5_000, 100))
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    // The whole preface and an empty SETTINGS frame, at once and then in pieces that stop
+    // inside its first line.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
+    let pieces: Vec<Vec<Vec<u8>>> = vec![
+        vec![preface.clone()],
+        vec![
+            preface[..1].to_vec(),
+            preface[1..9].to_vec(),
+            preface[9..].to_vec(),
+        ],
+    ];
+    for parts in pieces {
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut conn = connect(addr);
+            conn.set_nodelay(true).expect("nodelay");
+            for part in parts {
+                conn.write_all(&part).expect("write");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            read_to_close(conn).0
+        })
+        .await
+        .expect("client");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no head in {answer:?}"));
+        assert!(head.starts_with("HTTP/1.1 505"), "{answer}");
+        assert!(head.contains("connection: close"), "{answer}");
+        let json: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert_eq!(
+            json["error"]["code"], "http-version-not-supported",
+            "{answer}"
+        );
+    }
+
+    // HTTP/1 requests that begin like the preface, sent a byte or a few at a time: a
+    // `POST` (its `P`) and a `PUT` of a new device (`P`, then `PUT`).
+    let body = r#"{"type":"reading","celsius":19.5}"#;
+    let post = format!("{}{body}", event_head("t1", body.len())).into_bytes();
+    let config = r#"{"plugin":"thermostat","config":{}}"#;
+    let put = format!(
+        "PUT /v1/devices/t2 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{config}",
+        config.len()
+    )
+    .into_bytes();
+    let requests: Vec<(Vec<usize>, Vec<u8>, &str)> = vec![
+        (vec![1], post, "HTTP/1.1 200"),
+        (vec![1, 3], put, "HTTP/1.1 201"),
+    ];
+    for (cuts, request, status) in requests {
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut conn = connect(addr);
+            conn.set_nodelay(true).expect("nodelay");
+            let mut from = 0;
+            for cut in cuts {
+                conn.write_all(&request[from..cut]).expect("write");
+                std::thread::sleep(Duration::from_millis(50));
+                from = cut;
+            }
+            conn.write_all(&request[from..]).expect("write");
+            let mut answer = vec![0u8; 4096];
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let n = conn.read(&mut answer).expect("read");
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        })
+        .await
+        .expect("client");
+        assert!(answer.starts_with(status), "{answer}");
+    }
+    let device = rt.device("t1").await.expect("device");
+    assert_eq!(device.summary.seq, 1, "the POST's event made durable once");
+    rt.device("t2").await.expect("the PUT provisioned t2");
+
+    let metrics = reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("drover_http_errors_total{code=\"http-version-not-supported\"} 2"),
+        "{metrics}"
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}
+
 /// A client that sends its request and then shuts down its side of the connection (as `nc
 /// -N` and some scripts do) gets its answer: hyper used to close at once, so the request was
 /// handled (an event even made durable) and never answered (found by a review).

@@ -20,6 +20,7 @@
 //! | 429 | `mailbox-full`, `outbox-full`, `messages-pending` (with `Retry-After`) | slow down and retry (after acknowledging commands, for `outbox-full`; once the device's message targets catch up, for `messages-pending`) |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
 //! | 501 | `not-implemented` | |
+//! | 505 | `http-version-not-supported` | the connection opened with HTTP/2's preface: speak HTTP/1.1 |
 //! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `overloaded` (the plugin's call waited for a core over 4 times its time budget, or the fleet's guest memory budget refused it memory: the plugin is not at fault), `too-many-connections`, all with `Retry-After`; `plugin-unavailable` (the component of the device's plugin version is missing, e.g. a placeholder salvage rebuilt: deploy a version), without | retry later or elsewhere |
 //!
 //! A state asked for at a seq the device has not reached is 404 `seq-out-of-range`: the
@@ -56,6 +57,9 @@ pub mod codes {
     pub const HEADERS_TOO_LARGE: &str = "headers-too-large";
     /// The request's path and query are longer than the server parses (414).
     pub const URI_TOO_LONG: &str = "uri-too-long";
+    /// The connection opened with HTTP/2's preface; the server speaks HTTP/1.1 (505; see
+    /// [`super::super::framing`]).
+    pub const HTTP_VERSION_NOT_SUPPORTED: &str = "http-version-not-supported";
 }
 
 /// Who raised an error: counted separately on `/metrics`, since the runtime counts its own.

@@ -24,6 +24,16 @@
 //! If a later hyper writes its answer differently, nothing breaks: the bare answer goes out
 //! as before, and the test `connections::requests_hyper_cannot_parse_get_the_error_shape`
 //! fails.
+//!
+//! One head hyper refuses without answering at all: HTTP/2's connection preface (`PRI *
+//! HTTP/2.0`, what a client with prior knowledge of h2c sends first). It closes the
+//! connection with nothing written, so the client cannot tell a refusal from a crash. The
+//! server speaks HTTP/1.1 only, so [`ShapedErrors`] looks at the first bytes a connection
+//! sends and, when they are the preface, answers `505` `http-version-not-supported` itself
+//! and shows hyper the end of the stream (which it takes as a client that left). Any other
+//! first byte decides it at once, without a copy; only a first read that stops inside the
+//! preface's first line is held until the next. A preface after other requests on the same
+//! connection still gets hyper's silence (no client sends one there).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -77,15 +87,35 @@ const AUTOMATIC: [(&[u8], StatusCode, &str, &str); 3] = [
     ),
 ];
 
+/// The first line of HTTP/2's connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// A connection's byte stream, with hyper's automatic answers replaced by the API's (see the
-/// module docs). Reads pass through untouched; writes are scanned for the automatic answer
-/// only at their end, where it would be, with one substring search.
+/// module docs). Reads pass through untouched once the first bytes show HTTP/1; writes are
+/// scanned for the automatic answer only at their end, where it would be, with one
+/// substring search.
 pub(crate) struct ShapedErrors<S> {
     inner: S,
     /// Told of each answer replaced (the server counts it on `/metrics`).
     on_replaced: Replaced,
     /// The answer being written in place of hyper's.
     replacing: Option<Replacement>,
+    /// What the connection's first bytes showed.
+    start: Start,
+}
+
+/// Whether a connection opened with HTTP/2's preface (see the module docs).
+enum Start {
+    /// Not known yet: the bytes read so far (none, or a beginning of the preface's first
+    /// line), kept back from hyper.
+    Sniffing(Vec<u8>),
+    /// HTTP/1: bytes kept back while sniffing, still to hand to hyper, and how many it has.
+    Releasing(Vec<u8>, usize),
+    /// HTTP/1, everything handed over: reads go straight through.
+    Passing,
+    /// The preface: the answer being written; hyper then reads the end of the stream.
+    Refusing(Replacement),
+    Refused,
 }
 
 struct Replacement {
@@ -110,6 +140,7 @@ impl<S> ShapedErrors<S> {
             inner,
             on_replaced,
             replacing: None,
+            start: Start::Sniffing(Vec::new()),
         }
     }
 }
@@ -230,13 +261,115 @@ impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ShapedErrors<S> {
+/// The API's answer to HTTP/2's preface.
+fn h2_refusal() -> Option<Vec<u8>> {
+    let status = StatusCode::HTTP_VERSION_NOT_SUPPORTED;
+    let body = serde_json::to_vec(
+        &ApiError::http(
+            status,
+            codes::HTTP_VERSION_NOT_SUPPORTED,
+            "this server speaks HTTP/1.1 only (HTTP/2 with prior knowledge is not served); \
+             the connection is closed",
+        )
+        .body(),
+    )
+    .ok()?;
+    let mut bytes = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nconnection: close\r\n\
+         content-length: {}\r\ndate: {}\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&body);
+    Some(bytes)
+}
+
+/// Whether `bytes` could still be, or are, the start of HTTP/2's preface.
+fn may_be_preface(bytes: &[u8]) -> bool {
+    let n = bytes.len().min(H2_PREFACE.len());
+    bytes[..n] == H2_PREFACE[..n]
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ShapedErrors<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            match &mut this.start {
+                Start::Passing => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                Start::Releasing(held, given) => {
+                    let n = buf.remaining().min(held.len() - *given);
+                    buf.put_slice(&held[*given..*given + n]);
+                    *given += n;
+                    if *given == held.len() {
+                        this.start = Start::Passing;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Start::Sniffing(held) => {
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                    let new = &buf.filled()[before..];
+                    if held.is_empty() && !(new.is_empty() || may_be_preface(new)) {
+                        // Any request of HTTP/1: hyper has it as read, no copy.
+                        this.start = Start::Passing;
+                        return Poll::Ready(Ok(()));
+                    }
+                    let ended = new.is_empty();
+                    held.extend_from_slice(new);
+                    buf.set_filled(before);
+                    if ended || !may_be_preface(held) {
+                        // What was kept back goes to hyper, then the end of the stream, if
+                        // that is what came.
+                        let held = std::mem::take(held);
+                        this.start = if held.is_empty() {
+                            Start::Passing
+                        } else {
+                            Start::Releasing(held, 0)
+                        };
+                        if ended && matches!(this.start, Start::Passing) {
+                            return Poll::Ready(Ok(()));
+                        }
+                    } else if held.len() >= H2_PREFACE.len() {
+                        let Some(bytes) = h2_refusal() else {
+                            this.start = Start::Refused;
+                            continue;
+                        };
+                        (this.on_replaced)(
+                            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                            codes::HTTP_VERSION_NOT_SUPPORTED,
+                        );
+                        tracing::debug!("refusing an HTTP/2 connection preface");
+                        this.start = Start::Refusing(Replacement {
+                            bytes,
+                            written: 0,
+                            stands_for: 0,
+                        });
+                    }
+                    // Else a beginning of the preface's first line: read on.
+                }
+                Start::Refusing(r) => {
+                    while r.written < r.bytes.len() {
+                        let n = ready!(
+                            Pin::new(&mut this.inner).poll_write(cx, &r.bytes[r.written..])
+                        )?;
+                        if n == 0 {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                        }
+                        r.written += n;
+                    }
+                    this.start = Start::Refused;
+                }
+                // The end of the stream, for hyper: it closes the connection.
+                Start::Refused => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 
@@ -312,11 +445,31 @@ mod tests {
         );
     }
 
-    /// A socket that takes at most `chunk` bytes a call and is not ready every other call.
+    /// A socket that takes at most `chunk` bytes a call and is not ready every other call,
+    /// and whose reads give `input`'s pieces one at a time (as much of each as fits), then
+    /// the end of the stream.
     struct Socket {
         out: Vec<u8>,
         chunk: usize,
         ready: bool,
+        input: std::collections::VecDeque<Vec<u8>>,
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut piece) = self.input.pop_front() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece[..n]);
+                if n < piece.len() {
+                    self.input.push_front(piece.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
     }
 
     impl AsyncWrite for Socket {
@@ -356,6 +509,7 @@ mod tests {
             out: Vec::new(),
             chunk,
             ready: false,
+            input: Default::default(),
         };
         let on_replaced: Replaced = Arc::new(move |_, code| {
             if let Ok(mut log) = log.lock() {
@@ -432,6 +586,66 @@ mod tests {
                 .out
                 .starts_with(b"HTTP/1.1 400 Bad Request\r\ncontent-type")
         );
+    }
+
+    /// Reads everything through `w` with a buffer of `size` bytes, as hyper would.
+    fn read_all(w: &mut ShapedErrors<Socket>, size: usize) -> Vec<u8> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut got = Vec::new();
+        loop {
+            let mut space = vec![0u8; size];
+            let mut buf = ReadBuf::new(&mut space);
+            match Pin::new(&mut *w).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return got,
+                Poll::Ready(Ok(())) => got.extend_from_slice(buf.filled()),
+                Poll::Ready(Err(e)) => panic!("read failed: {e}"),
+                Poll::Pending => {}
+            }
+        }
+    }
+
+    #[test]
+    fn http1_passes_through_and_the_http2_preface_is_refused_however_it_arrives() {
+        let post: &[u8] = b"POST /v1/events HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}";
+        let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+        let splits: [&[usize]; 5] = [&[], &[1], &[1, 2], &[3, 9], &[15, 16]];
+        for size in [1, 3, 8192] {
+            for cuts in splits {
+                let pieces = |bytes: &[u8]| {
+                    let mut from = 0;
+                    let mut out: Vec<Vec<u8>> = Vec::new();
+                    for &cut in cuts.iter().chain([bytes.len()].iter()) {
+                        out.push(bytes[from..cut].to_vec());
+                        from = cut;
+                    }
+                    out
+                };
+                let (mut w, seen) = shaped(4096);
+                w.inner.input = pieces(post).into();
+                assert_eq!(read_all(&mut w, size), post, "{size} {cuts:?}");
+                assert!(w.inner.out.is_empty());
+                assert!(seen.lock().expect("log").is_empty());
+
+                let (mut w, seen) = shaped(4096);
+                w.inner.input = pieces(preface).into();
+                assert_eq!(read_all(&mut w, size), b"", "{size} {cuts:?}");
+                let out = String::from_utf8(w.inner.out.clone()).expect("utf-8");
+                assert!(
+                    out.starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"),
+                    "{out}"
+                );
+                assert!(out.contains("\"http-version-not-supported\""), "{out}");
+                assert_eq!(*seen.lock().expect("log"), ["http-version-not-supported"]);
+            }
+        }
+        // A beginning of the preface, then the end of the stream: handed over as it came.
+        let (mut w, _) = shaped(4096);
+        w.inner.input = vec![b"PRI *".to_vec()].into();
+        assert_eq!(read_all(&mut w, 2), b"PRI *");
+        assert!(w.inner.out.is_empty());
+        // Nothing at all: the end of the stream.
+        let (mut w, _) = shaped(4096);
+        assert_eq!(read_all(&mut w, 64), b"");
     }
 
     #[test]
