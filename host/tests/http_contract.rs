@@ -444,6 +444,64 @@ async fn every_bad_input_answers_its_status_and_code() {
             400,
             "malformed-query",
         ),
+        // Every route refuses the parameters it does not take, never ignores them (a review
+        // found `dead-letters?limit=5` answering every letter, as if it had been heard).
+        case(
+            "dead letters with a limit (they take none)",
+            M::GET,
+            "/v1/devices/t1/dead-letters?limit=5",
+            "",
+            400,
+            "malformed-query",
+        ),
+        case(
+            "a device's read with a parameter",
+            M::GET,
+            "/v1/devices/t1?foo=1",
+            "",
+            400,
+            "malformed-query",
+        ),
+        case(
+            "timers with a parameter",
+            M::GET,
+            "/v1/devices/t1/timers?x=1",
+            "",
+            400,
+            "malformed-query",
+        ),
+        case(
+            "resume with a parameter",
+            M::POST,
+            "/v1/devices/t1/resume?x=1",
+            "",
+            400,
+            "malformed-query",
+        ),
+        case(
+            "an event with a parameter",
+            M::POST,
+            "/v1/devices/t1/events?sync=false",
+            json_bytes(json!({"type": "reading", "celsius": 20.0})),
+            400,
+            "malformed-query",
+        ),
+        case(
+            "the plugin list with a parameter",
+            M::GET,
+            "/v1/plugins?name=thermostat",
+            "",
+            400,
+            "malformed-query",
+        ),
+        case(
+            "the journal with a parameter",
+            M::GET,
+            "/v1/journal?verbose=1",
+            "",
+            400,
+            "malformed-query",
+        ),
         case(
             "ack of a command id with a sign",
             M::POST,
@@ -749,6 +807,16 @@ async fn every_bad_input_answers_its_status_and_code() {
         reply.assert_error(case.status, case.code, case.what);
         assert_eq!(reply.retry_after, None, "{}: no Retry-After", case.what);
     }
+    let refused = c.get("/v1/devices/t1/dead-letters?limit=5&x").await;
+    let message = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("dead-letters takes no query parameters (got `limit`, `x`)"),
+        "{message}"
+    );
+    // An empty query is none; probes and scrapers may add their own to /healthz and /metrics.
+    assert_eq!(c.get("/v1/devices/t1/timers?").await.status, 200);
+    assert_eq!(c.get("/healthz?probe=lb").await.status, 200);
+    assert_eq!(c.get("/metrics?format=text").await.status, 200);
 
     // Nothing was written: the journal and the device list are as before.
     assert_eq!(c.get("/v1/devices/t1/journal").await.body, journal_before);

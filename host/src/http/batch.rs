@@ -65,7 +65,7 @@ use serde_json::value::RawValue;
 use super::App;
 use super::devices::Ack;
 use super::error::{ApiError, PluginRefusal, message_of};
-use super::extract::Body;
+use super::extract::{Body, NoQuery};
 use super::json;
 use crate::error::{Error, validate_id};
 use crate::view::Committed;
@@ -179,7 +179,7 @@ fn enqueue<'a>(
 }
 
 /// `POST /v1/events`: see the module docs.
-pub async fn ingest(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
+pub async fn ingest(State(app): State<App>, _: NoQuery, body: Body) -> Result<Response, ApiError> {
     let batch: BatchIn<'_> = body.json()?;
     let n = batch.events.len();
     let max = app.limits.max_batch_items;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::App;
 use super::error::ApiError;
-use super::extract::{Body, Id, QueryOf};
+use super::extract::{Body, Id, NoQuery, QueryOf};
 use super::json::{self, Json};
 use crate::error::Error;
 use crate::view::{
@@ -35,6 +35,7 @@ fn empty_object() -> serde_json::Value {
 pub async fn provision(
     State(app): State<App>,
     Id(id): Id,
+    _: NoQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: ProvisionBody = body.json()?;
@@ -68,7 +69,12 @@ impl From<Committed> for Ack {
 
 /// `POST /v1/devices/{id}/events`: the body is the event (any JSON value). Answers
 /// `{"seq","at","transitions"}` once the record is durable.
-pub async fn send(State(app): State<App>, Id(id): Id, body: Body) -> Result<Response, ApiError> {
+pub async fn send(
+    State(app): State<App>,
+    Id(id): Id,
+    _: NoQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
     let event = body.text(|m| ApiError::refused(Error::MalformedEvent(m)))?;
     let committed = app.rt.send(&id, event).await?;
     Ok(json::ok(&Ack::from(committed)))
@@ -95,7 +101,7 @@ struct DeviceOut {
 }
 
 /// `GET /v1/devices/{id}`: the device with its current durable state.
-pub async fn show(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+pub async fn show(State(app): State<App>, Id(id): Id, _: NoQuery) -> Result<Response, ApiError> {
     let view = app.rt.device(&id).await?;
     let DeviceSummary {
         id,
@@ -348,7 +354,7 @@ struct Resumed {
 
 /// `POST /v1/devices/{id}/resume`: ends the device's quarantine now (after fixing what made
 /// its plugin fail), so its next event runs the guest again. 200 `{"id","status"}`.
-pub async fn resume(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+pub async fn resume(State(app): State<App>, Id(id): Id, _: NoQuery) -> Result<Response, ApiError> {
     let status = app.rt.resume(&id).await?;
     Ok(json::ok(&Resumed { id, status }))
 }
@@ -393,7 +399,11 @@ struct DeadLetters {
 /// (trap, timeout, oversized output), oldest first, at most 100:
 /// `{"dead_letters": [{"after_seq","at_ms","plugin","version","code","message","event"}],
 /// "retained_away": n}`.
-pub async fn dead_letters(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+pub async fn dead_letters(
+    State(app): State<App>,
+    Id(id): Id,
+    _: NoQuery,
+) -> Result<Response, ApiError> {
     let rt = app.rt.clone();
     let (letters, retained_away) = tokio::task::spawn_blocking(move || {
         // Listed first: a retention pass between the two reads may count a letter listed,
@@ -468,6 +478,7 @@ pub async fn commands(
 pub async fn ack_command(
     State(app): State<App>,
     super::extract::IdAndCommand(id, command): super::extract::IdAndCommand,
+    _: NoQuery,
 ) -> Result<Response, ApiError> {
     let acked = app.rt.ack_command(&id, &command).await?;
     Ok(json::ok(
@@ -485,7 +496,7 @@ struct TimerOut {
 
 /// `GET /v1/devices/{id}/timers`: the device's pending durable timers:
 /// `{"timers":[{"key","due_ms","every_ms","event"}]}`.
-pub async fn timers(State(app): State<App>, Id(id): Id) -> Result<Response, ApiError> {
+pub async fn timers(State(app): State<App>, Id(id): Id, _: NoQuery) -> Result<Response, ApiError> {
     let rt = app.rt.clone();
     // Events are read from the records that set the timers: off the async workers.
     let timers = tokio::task::spawn_blocking(move || rt.timers(&id))
@@ -501,11 +512,6 @@ pub async fn timers(State(app): State<App>, Id(id): Id) -> Result<Response, ApiE
     Ok(json::ok(&serde_json::json!({ "timers": timers })))
 }
 
-/// The query of a route that takes none: any parameter is refused rather than ignored.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoQuery {}
-
 /// `GET /v1/devices/{id}/commands/stream`: the outbox as server-sent events. Every waiting
 /// command is sent at once, then each new one as it becomes durable: `event: command`, `id:
 /// <seq>.<index>`, `data:` the command view as JSON (as in `GET .../commands`). A command is
@@ -518,7 +524,7 @@ pub struct NoQuery {}
 pub async fn commands_stream(
     State(app): State<App>,
     Id(id): Id,
-    QueryOf(NoQuery {}): QueryOf<NoQuery>,
+    _: NoQuery,
 ) -> Result<Response, ApiError> {
     use axum::response::IntoResponse;
     use axum::response::sse::{Event, KeepAlive, Sse};

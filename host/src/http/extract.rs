@@ -72,6 +72,39 @@ fn path_rejection(r: PathRejection) -> ApiError {
     ApiError::refused(Error::InvalidId(r.body_text()))
 }
 
+/// For a route that takes no query parameters: any is 400 `malformed-query`, never ignored,
+/// so a parameter a client expects to do something (`dead-letters?limit=5`) cannot be
+/// dropped without a word. Routes that take parameters refuse the ones they do not know the
+/// same way ([`QueryOf`] of a struct with `deny_unknown_fields`). `/healthz` and `/metrics`
+/// do not use it: probes and scrapers add parameters of their own.
+#[derive(Debug, Clone, Copy)]
+pub struct NoQuery;
+
+impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        if query.is_empty() {
+            return Ok(NoQuery);
+        }
+        let names: Vec<String> = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .take(5)
+            .map(|pair| {
+                let name = pair.split('=').next().unwrap_or(pair);
+                format!("`{}`", name.chars().take(64).collect::<String>())
+            })
+            .collect();
+        Err(ApiError::malformed_query(format!(
+            "{} takes no query parameters (got {})",
+            parts.uri.path(),
+            names.join(", ")
+        )))
+    }
+}
+
 /// Query parameters deserialized into `T`; a parameter that does not parse is 400
 /// `malformed-query`.
 #[derive(Debug, Clone)]

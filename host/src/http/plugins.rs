@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::App;
 use super::error::ApiError;
-use super::extract::{Body, Id, NameAndVersion};
+use super::extract::{Body, Id, NameAndVersion, NoQuery};
 use super::json;
 use crate::Selection;
 use crate::registry::{Origin, PluginVersion};
@@ -26,6 +26,7 @@ struct Uploaded {
 pub async fn upload(
     State(app): State<App>,
     Id(name): Id,
+    _: NoQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let (v, new) = app
@@ -66,7 +67,7 @@ struct PluginList {
 }
 
 /// `GET /v1/plugins`: every plugin with its versions, by name.
-pub async fn list(State(app): State<App>) -> Response {
+pub async fn list(State(app): State<App>, _: NoQuery) -> Response {
     let plugins = app
         .rt
         .plugins()
@@ -96,6 +97,7 @@ struct DeployBody {
 pub async fn deploy(
     State(app): State<App>,
     Id(name): Id,
+    _: NoQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: DeployBody = body.json()?;
@@ -117,6 +119,7 @@ struct RollbackBody {
 pub async fn rollback(
     State(app): State<App>,
     Id(name): Id,
+    _: NoQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: RollbackBody = if body.0.iter().all(u8::is_ascii_whitespace) {
@@ -150,6 +153,7 @@ const MAX_DRY_RUN_DEVICES: usize = 1000;
 pub async fn dry_run(
     State(app): State<App>,
     Id(name): Id,
+    _: NoQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: DryRunBody = body.json()?;
@@ -184,7 +188,11 @@ pub async fn dry_run(
 /// `DELETE /v1/plugins/{name}`: removes the plugin and every version (see
 /// `crate::removal`). 200 `{"name","removed":[versions]}`; 409 `version-in-use` while a device
 /// runs one of them.
-pub async fn remove(State(app): State<App>, Id(name): Id) -> Result<Response, ApiError> {
+pub async fn remove(
+    State(app): State<App>,
+    Id(name): Id,
+    _: NoQuery,
+) -> Result<Response, ApiError> {
     let removed = app.rt.remove_plugin(&name).await?;
     Ok(json::ok(
         &serde_json::json!({"name": name, "removed": removed}),
@@ -197,6 +205,7 @@ pub async fn remove(State(app): State<App>, Id(name): Id) -> Result<Response, Ap
 pub async fn remove_version(
     State(app): State<App>,
     NameAndVersion(name, version): NameAndVersion,
+    _: NoQuery,
 ) -> Result<Response, ApiError> {
     app.rt.remove_plugin_version(&name, version).await?;
     Ok(json::ok(
