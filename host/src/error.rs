@@ -18,8 +18,15 @@ pub enum Error {
     UnknownVersion { plugin: String, version: u32 },
     #[error("invalid id: {0}")]
     InvalidId(String),
-    #[error("device `{id}` already exists with plugin `{plugin}` and another configuration")]
-    DeviceConflict { id: String, plugin: String },
+    /// The id is taken by a device of plugin `plugin`; `asked` is the plugin the request
+    /// named when it is another, and `other_config` whether the configuration differs.
+    #[error("{}", conflict_message(id, plugin, asked.as_deref(), *other_config))]
+    DeviceConflict {
+        id: String,
+        plugin: String,
+        asked: Option<String>,
+        other_config: bool,
+    },
     #[error("malformed event: {0}")]
     MalformedEvent(String),
     #[error("malformed configuration: {0}")]
@@ -196,6 +203,22 @@ error_kinds! {
     Overloaded => "overloaded",
     ShuttingDown => "shutting-down",
     Internal => "internal",
+}
+
+/// What [`Error::DeviceConflict`] says: what differs, the plugin, the configuration or both.
+fn conflict_message(id: &str, plugin: &str, asked: Option<&str>, other_config: bool) -> String {
+    match (asked, other_config) {
+        (Some(asked), true) => format!(
+            "device `{id}` already exists with plugin `{plugin}` (not `{asked}`) and another \
+             configuration"
+        ),
+        (Some(asked), false) => {
+            format!("device `{id}` already exists with plugin `{plugin}`, not `{asked}`")
+        }
+        (None, _) => {
+            format!("device `{id}` already exists with plugin `{plugin}` and another configuration")
+        }
+    }
 }
 
 impl Error {

@@ -319,12 +319,15 @@ impl Runtime {
         let _claim = self.claim_provisioning(id).await?;
         let _binding = self.shared.binding.read().await;
         if let Some(existing) = self.summary(id) {
-            return if existing.plugin == plugin && same_json(&existing.config, config) {
+            let other_config = !same_json(&existing.config, config);
+            return if existing.plugin == plugin && !other_config {
                 Ok((existing, false))
             } else {
                 Err(Error::DeviceConflict {
                     id: id.to_string(),
+                    asked: (existing.plugin != plugin).then(|| plugin.to_string()),
                     plugin: existing.plugin,
+                    other_config,
                 })
             };
         }

@@ -119,6 +119,30 @@ async fn devices_of_both_plugins_compute_their_state_from_events() {
         .await
         .expect_err("conflict");
     assert_eq!(err.code(), "device-conflict");
+    assert_eq!(
+        err.to_string(),
+        "device `hall` already exists with plugin `thermostat` and another configuration"
+    );
+    // The message names what differs: the plugin (a review found it blaming an identical
+    // configuration), or both.
+    let config = json!({"setpoint": 21.0});
+    let err = rt
+        .provision("hall", "door-lock", &config)
+        .await
+        .expect_err("conflict");
+    assert_eq!(
+        err.to_string(),
+        "device `hall` already exists with plugin `thermostat`, not `door-lock`"
+    );
+    let err = rt
+        .provision("hall", "door-lock", &json!({}))
+        .await
+        .expect_err("conflict");
+    assert_eq!(
+        err.to_string(),
+        "device `hall` already exists with plugin `thermostat` (not `door-lock`) and another \
+         configuration"
+    );
 
     let page = rt.journal_page("hall", 1, 10).expect("journal");
     assert_eq!(page.records.len(), 1);
