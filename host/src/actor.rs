@@ -2046,9 +2046,17 @@ impl Actor {
             .lock()
             .insert((self.head.num, self.head.version))
         {
+            // The plugin and its version number as the API shows them, not the journal's
+            // id of the version (a review matched `version=2` against the wrong one).
+            let (plugin, number) = self
+                .env
+                .registry
+                .version(self.head.version)
+                .map_or((String::new(), 0), |v| (v.plugin, v.number));
             tracing::warn!(
                 device = %self.head.id,
-                version = self.head.version,
+                plugin,
+                version = number,
                 "{why}: no more snapshots are taken of this device on this plugin version \
                  until the server restarts, and its activations replay its history"
             );

@@ -161,8 +161,12 @@ impl Runtime {
                 });
             }
         }
+        let numbers: Vec<u32> = ids
+            .iter()
+            .filter_map(|id| registry.version(*id).map(|v| v.number))
+            .collect();
         registry.remove_versions(plugin, ids).await?;
-        tracing::info!(plugin, versions = ?ids, "plugin versions removed");
+        tracing::info!(plugin, versions = ?numbers, "plugin versions removed");
         Ok(())
     }
 
