@@ -265,6 +265,8 @@ impl RuntimeBuilder {
             None => Journal::open(dir, &options),
         }
         .with_context(|| format!("opening the journal in {}", dir.display()))?;
+        // Before anything serves or dispatches: an import stopped part-way is undone.
+        crate::export::undo_interrupted_import(dir, &journal).await?;
         self.config
             .engine
             .store(dir)

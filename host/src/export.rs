@@ -54,6 +54,19 @@
 //! the devices written so far are removed again (their records stay in the journal, belonging
 //! to no device) so a retry starts from where it began. A partial export (`from` > 1, or a
 //! device whose `first_seq` > 1) cannot be imported.
+//!
+//! An import stopped part-way (killed, the machine lost) cannot undo itself, so it leaves a
+//! note: before its first write it puts `IMPORTING.json` in the data directory (written
+//! atomically: temp file, fsync, rename, fsync of the directory), `{"export": PATH,
+//! "devices": [ID, ...]}`, the ids of every device the file holds, none of which the target
+//! had (checked under the directory's lock). It removes the note once the import succeeded
+//! or was undone. Whatever opens the directory for writing next (a server, another import)
+//! finds the note first and removes every device it lists that exists, as the undo above
+//! would, before anything else runs ([`undo_interrupted_import`]), with a warning; so the
+//! retry starts from where the first import began, and no server serves a device whose
+//! history was cut short. (Before, a killed import left devices provisioned with part of
+//! their history or none, which a server then served and extended at seqs the source had
+//! used, and a retry refused as already there.)
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -635,6 +648,11 @@ pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummar
     if data_dir.join("LOCK").exists() {
         drop(crate::builder::lock_data_dir(data_dir)?);
     }
+    // An earlier import of this directory that was stopped part-way is undone first (by the
+    // runtime's open, see the module docs), so that its devices do not count as existing.
+    if data_dir.join(IMPORTING).exists() {
+        Runtime::builder(data_dir).open().await?.shutdown().await;
+    }
     let existing: Option<Journal> = if data_dir.join(crate::journal::FILE_NAME).exists() {
         Some(
             Journal::open_read_only(data_dir)
@@ -660,11 +678,100 @@ pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummar
     result
 }
 
+/// The note an import leaves in its target data directory while it writes (see the module
+/// docs).
+pub(crate) const IMPORTING: &str = "IMPORTING.json";
+
+/// What [`IMPORTING`] holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Importing {
+    /// The export being imported, for the warning.
+    export: String,
+    /// Every device of the export: none was in the target before.
+    devices: Vec<String>,
+}
+
+fn remove_note(note: &Path) -> anyhow::Result<()> {
+    std::fs::remove_file(note).with_context(|| format!("removing {}", note.display()))?;
+    if let Some(dir) = note.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Undoes an import into `dir` that was stopped part-way, if its note is there: removes every
+/// device the note lists that `journal` has, then the note (see the module docs). Runs when a
+/// data directory is opened for writing, before anything else does.
+pub(crate) async fn undo_interrupted_import(dir: &Path, journal: &Journal) -> anyhow::Result<()> {
+    let note = dir.join(IMPORTING);
+    let bytes = match std::fs::read(&note) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", note.display())),
+    };
+    let importing: Importing = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} (left by an import stopped part-way) is not readable; it lists the devices \
+             that import wrote: remove them and the file by hand",
+            note.display()
+        )
+    })?;
+    let mut removed = 0usize;
+    for id in &importing.devices {
+        if let Some(head) = journal.device(id) {
+            journal
+                .record_removal(head.num, crate::clock::now_ms())
+                .await
+                .with_context(|| format!("undoing the unfinished import of device `{id}`"))?;
+            removed += 1;
+        }
+    }
+    remove_note(&note)?;
+    tracing::warn!(
+        export = %importing.export,
+        devices = removed,
+        "an import into this data directory was stopped before it finished: the devices it \
+         had written are removed again (their records stay in the journal, belonging to no \
+         device); run the import again"
+    );
+    Ok(())
+}
+
 /// The writing half of [`import`], on the target's runtime.
 async fn write(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
     // Checked again under the data directory's lock: nobody can add a device meanwhile.
     let journal = rt.journal().clone();
-    let (components, _) = check(path, &|id| journal.device(id).is_some(), None)?;
+    let (components, devices) = check(path, &|id| journal.device(id).is_some(), None)?;
+    // The note that undoes this import if it is stopped part-way, durable before the first
+    // write (see the module docs).
+    let note = rt.shared.data_dir.join(IMPORTING);
+    let importing = Importing {
+        export: path.display().to_string(),
+        devices,
+    };
+    crate::registry::write_replace(&note, &serde_json::to_vec(&importing)?)
+        .with_context(|| format!("writing {}", note.display()))?;
+    let mut left_behind = false;
+    let result = write_noted(rt, path, components, &mut left_behind).await;
+    // Done, or undone: nothing is left to undo. Devices the undo could not remove keep the
+    // note, for the next open to remove.
+    if !left_behind {
+        remove_note(&note)?;
+    }
+    result
+}
+
+/// The rest of [`write`], once its note is down; sets `left_behind` if it fails and cannot
+/// remove every device it wrote.
+async fn write_noted(
+    rt: &Runtime,
+    path: &Path,
+    components: Components,
+    left_behind: &mut bool,
+) -> anyhow::Result<ImportSummary> {
+    let journal = rt.journal().clone();
     journal
         .require_format(crate::journal::FORMAT_VERSION)
         .context("the target journal cannot hold lost seqs")?;
@@ -734,9 +841,10 @@ async fn write(rt: &Runtime, path: &Path) -> anyhow::Result<ImportSummary> {
             }
         }
         if !left.is_empty() {
+            *left_behind = true;
             return Err(e.context(format!(
-                "import failed and could not be fully undone: devices {} remain in the \
-                 target; remove them (`drover remove`) before importing again",
+                "import failed and could not be fully undone: devices {} remain in the target; the next server or import on \
+                 it removes them first",
                 left.join(", ")
             )));
         }

@@ -640,7 +640,7 @@ impl Registry {
 }
 
 /// Replaces a file atomically: temp file, fsync, rename, fsync the directory.
-fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     {
         let mut f = File::create(&tmp)?;

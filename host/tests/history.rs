@@ -91,6 +91,93 @@ fn states(server: &Server, ids: &[&str]) -> Vec<(Vec<Value>, Value)> {
         .collect()
 }
 
+/// What an import killed part-way leaves in `target`: its note, and some of the file's
+/// devices with part of their history (`t1`, 3 of its 41 records) or none (`lock`).
+fn a_killed_import(target: &Path, file: &Path) {
+    let server = Server::start(target, &[]);
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({"setpoint": 20.0}));
+    for i in 0..3 {
+        api.send(
+            "t1",
+            &json!({"type": "reading", "celsius": 15.0 + f64::from(i) * 0.7}),
+        );
+    }
+    api.provision("lock", "door-lock", json!({"code": "1234"}));
+    drop(server);
+    let note = json!({"export": file, "devices": ["t1", "t2", "lock"]});
+    std::fs::write(target.join("IMPORTING.json"), note.to_string()).expect("note");
+}
+
+/// An import stopped part-way (a review killed one: 206 of 2,000 devices were left at seq 0,
+/// served, and extended at seqs the source had used; importing again was refused as
+/// "already exists") is undone by whatever opens its directory next: a server starts
+/// without the cut-short devices, and importing again reproduces every device exactly.
+#[test]
+fn an_import_stopped_part_way_is_undone_by_the_next_open() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let server = Server::start(&source, &[]);
+    fleet(&server);
+    let ids = ["t1", "t2", "lock"];
+    let before = states(&server, &ids);
+    drop(server);
+    let file = root.path().join("fleet.jsonl");
+    let (ok, out, err) = cli(&[
+        "journal",
+        "export",
+        "--all",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "-o",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{out}{err}");
+
+    // A server on it first: the cut-short devices are gone, with a warning.
+    let served = root.path().join("served");
+    a_killed_import(&served, &file);
+    let server = Server::start(&served, &[]);
+    for id in ids {
+        server
+            .api()
+            .get(&format!("/v1/devices/{id}"))
+            .assert_error(404, "unknown-device");
+    }
+    assert!(!served.join("IMPORTING.json").exists());
+    assert!(
+        server
+            .log_text()
+            .contains("an import into this data directory was stopped before it finished"),
+        "{}",
+        server.log_text()
+    );
+    drop(server);
+    let (ok, out, err) = import(&file, &served);
+    assert!(ok, "{out}{err}");
+    let server = Server::start(&served, &[]);
+    assert_eq!(states(&server, &ids), before);
+    drop(server);
+
+    // Or the import again, at once.
+    let retried = root.path().join("retried");
+    a_killed_import(&retried, &file);
+    let (ok, out, err) = import(&file, &retried);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("imported 3 device(s), 83 record(s)"), "{out}");
+    assert!(!retried.join("IMPORTING.json").exists());
+    let server = Server::start(&retried, &[]);
+    assert_eq!(states(&server, &ids), before);
+    let ack = server
+        .api()
+        .send("t1", &json!({"type": "reading", "celsius": 30.0}));
+    assert_eq!(
+        ack["seq"],
+        json!(41),
+        "t1 goes on from the source's history"
+    );
+}
+
 #[test]
 fn export_then_import_reproduces_every_device_exactly() {
     let root = tempfile::tempdir().expect("tempdir");
