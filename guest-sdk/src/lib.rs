@@ -289,9 +289,10 @@ impl Timer {
 
     /// Fires again every `period_ms` milliseconds after the first time, until cancelled or
     /// replaced. After downtime a periodic timer fires once, with the count of periods it
-    /// missed ([`Origin::Timer`]'s `missed`).
+    /// missed ([`Origin::Timer`]'s `missed`). The host refuses a period under 1,000 ms (the
+    /// event then fails with `invalid-effect`): each firing is an event in the journal.
     pub fn every_ms(mut self, period_ms: u64) -> Timer {
-        self.every_ms = Some(period_ms.max(1));
+        self.every_ms = Some(period_ms);
         self
     }
 }

@@ -173,6 +173,9 @@ pub enum Event {
         /// Due time, ms since the Unix epoch (instead of `after_ms`).
         #[serde(default)]
         at_ms: Option<u64>,
+        /// Period, ms: a periodic timer (any period, the host's floor included).
+        #[serde(default)]
+        every_ms: Option<u64>,
         /// The event the firing delivers.
         event: drover_guest::serde_json::Value,
     },
@@ -344,6 +347,7 @@ impl Device for Misbehave {
                 key,
                 after_ms,
                 at_ms,
+                every_ms,
                 event,
             } => {
                 // Version 2 arms 1 ms later: the same transitions, other effects (for the
@@ -352,6 +356,10 @@ impl Device for Misbehave {
                 let timer = match at_ms {
                     Some(at) => drover_guest::Timer::at_ms(at + later),
                     None => drover_guest::Timer::after_ms(after_ms + later),
+                };
+                let timer = match every_ms {
+                    Some(period) => timer.every_ms(period),
+                    None => timer,
                 };
                 ctx.set_timer(key, timer, &event);
                 Vec::new()
