@@ -18,8 +18,9 @@
 //!
 //! JSON lines: first the device (`{"device", "plugin", "version", "config",
 //! "created_at_ms", "seq", "removed_at_ms"}`), then one line per journal record in seq order
-//! (`{"seq", "at_ms", "plugin", "version", "event", "transitions"}`, the shape of
-//! `GET /v1/devices/{id}/journal`). Written to a temporary file, fsynced, then renamed.
+//! (`{"seq", "at", "plugin", "version", "event", "transitions"}` and `lost`, `origin`,
+//! `effects` when present: what `GET /v1/devices/{id}/journal` shows of it; before
+//! 2026-12-03 `at` was written `at_ms`). Written to a temporary file, fsynced, then renamed.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -234,7 +235,7 @@ impl Runtime {
             for r in &page.records {
                 let mut line = serde_json::json!({
                     "seq": r.seq,
-                    "at_ms": r.at_ms,
+                    "at": r.at_ms,
                     "plugin": r.plugin,
                     "version": r.version,
                     "event": json(&r.event),
