@@ -310,6 +310,22 @@ impl Runtime {
     ) -> Result<(DeviceSummary, bool), Error> {
         validate_id(id)?;
         self.check_open()?;
+        // An object, as the API and the CLI say: a plugin's serde reads a struct from an
+        // array as readily (`[1]` became a setpoint of 1.0, found by a review), and `null`
+        // is no configuration.
+        if !config.is_object() {
+            let kind = match config {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            };
+            return Err(Error::MalformedConfig(format!(
+                "the configuration is {kind}: it must be a JSON object (`{{}}` for none)"
+            )));
+        }
         let config_text =
             serde_json::to_string(config).map_err(|e| Error::MalformedConfig(e.to_string()))?;
         // One provisioning per id at a time, from before the existence check until the record

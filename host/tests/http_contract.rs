@@ -599,6 +599,24 @@ async fn every_bad_input_answers_its_status_and_code() {
             400,
             "malformed-request",
         ),
+        // A configuration is an object: the thermostat read `[1]` as a setpoint of 1.0
+        // (found by a review).
+        case(
+            "config that is an array",
+            M::PUT,
+            "/v1/devices/t2",
+            json_bytes(json!({"plugin": "thermostat", "config": [1]})),
+            400,
+            "malformed-config",
+        ),
+        case(
+            "config that is null",
+            M::PUT,
+            "/v1/devices/t2",
+            json_bytes(json!({"plugin": "thermostat", "config": null})),
+            400,
+            "malformed-config",
+        ),
         case(
             "config the plugin refuses",
             M::PUT,
