@@ -264,6 +264,32 @@ fn provision_send_and_read_back_both_plugins() {
         out.contains("thermostat v2 on 2 devices: 2 identical, 0 decide differently"),
         "{out}"
     );
+    // A version some device cannot fold: the diff says so and exits 1, as the deploy it
+    // stands for would be refused (a review found it exiting 0).
+    api.provision("m", "misbehave", json!({}));
+    for _ in 0..5 {
+        api.send("m", &json!({"type": "ok"}));
+    }
+    let up = api.call(
+        Method::POST,
+        "/v1/plugins/misbehave",
+        Some(support::misbehave_variant("v3")),
+    );
+    assert_eq!(up.status, 201, "{}", up.text);
+    let (ok, out, _) = cli(&[
+        "plugin",
+        "diff",
+        "misbehave",
+        "2",
+        "--device",
+        "m",
+        "--server",
+        url,
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("1 cannot fold"), "{out}");
+    let removed = api.call(Method::DELETE, "/v1/devices/m", None);
+    assert_eq!(removed.status, 200, "{}", removed.text);
     let (ok, out, err) = cli(&["plugin", "deploy", "thermostat", "2", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("thermostat v1 -> v2: of 2 devices"), "{out}");

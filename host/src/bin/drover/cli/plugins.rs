@@ -64,7 +64,8 @@ pub enum PluginsAction {
     #[command(alias = "rm")]
     Remove { name: String, version: Option<u32> },
     /// Dry-run VERSION of plugin NAME on recorded history: would it decide the same, can it
-    /// fold, and how would the state differ. Writes nothing.
+    /// fold, and how would the state differ. Writes nothing. Exits 1 when some device cannot
+    /// fold it (a deploy would be refused), so a script can gate a deploy on it.
     Diff {
         name: String,
         version: u32,
@@ -200,6 +201,9 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 println!("{text}");
             } else {
                 print_dry_run(&report);
+            }
+            if report["totals"]["cannot_fold"].as_u64().unwrap_or(0) > 0 {
+                return Ok(ExitCode::from(1));
             }
         }
     }
