@@ -843,8 +843,8 @@ async fn write_noted(
         if !left.is_empty() {
             *left_behind = true;
             return Err(e.context(format!(
-                "import failed and could not be fully undone: devices {} remain in the target; the next server or import on \
-                 it removes them first",
+                "import failed and could not be fully undone: devices {} remain in the \
+                 target; the next server or import on it removes them first",
                 left.join(", ")
             )));
         }

@@ -833,6 +833,7 @@ async fn every_bad_input_answers_its_status_and_code() {
     );
     // An empty query is none; probes and scrapers may add their own to /healthz and /metrics.
     assert_eq!(c.get("/v1/devices/t1/timers?").await.status, 200);
+    assert_eq!(c.get("/v1/devices/t1/timers?&&").await.status, 200);
     assert_eq!(c.get("/healthz?probe=lb").await.status, 200);
     assert_eq!(c.get("/metrics?format=text").await.status, 200);
 

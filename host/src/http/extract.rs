@@ -85,7 +85,8 @@ impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or("");
-        if query.is_empty() {
+        // `?` alone, or with nothing between its `&`s, names no parameter.
+        if query.split('&').all(str::is_empty) {
             return Ok(NoQuery);
         }
         let names: Vec<String> = query
