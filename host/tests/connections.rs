@@ -62,6 +62,16 @@ fn event_head(device: &str, len: usize) -> String {
     )
 }
 
+/// The server's `/metrics` page.
+async fn metrics_text(server: &Server) -> String {
+    reqwest::get(format!("{}/metrics", server.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).expect("connect")
 }
@@ -617,12 +627,7 @@ async fn requests_hyper_cannot_parse_get_the_error_shape() {
     );
 
     // Counted where the other refusals before routing are.
-    let metrics = reqwest::get(format!("{}/metrics", server.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&server).await;
     assert!(
         metrics.contains("drover_http_errors_total{code=\"malformed-request\"} 6"),
         "{metrics}"
@@ -721,12 +726,7 @@ async fn a_client_speaking_http2_is_told_the_server_speaks_http1() {
     assert_eq!(device.summary.seq, 1, "the POST's event made durable once");
     rt.device("t2").await.expect("the PUT provisioned t2");
 
-    let metrics = reqwest::get(format!("{}/metrics", server.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&server).await;
     assert!(
         metrics.contains("drover_http_errors_total{code=\"http-version-not-supported\"} 2"),
         "{metrics}"

@@ -58,6 +58,19 @@ fn not_wasm(text: &str) -> String {
         .join("\n")
 }
 
+/// `drover journal export --all --data SOURCE -o FILE`: (success, stdout, stderr).
+fn export_all(source: &Path, file: &Path) -> (bool, String, String) {
+    cli(&[
+        "journal",
+        "export",
+        "--all",
+        "--data",
+        source.to_str().expect("utf-8"),
+        "-o",
+        file.to_str().expect("utf-8"),
+    ])
+}
+
 /// `drover journal import FILE --data DATA`: (success, stdout, stderr).
 fn import(file: &Path, data: &Path) -> (bool, String, String) {
     cli(&[
@@ -123,15 +136,7 @@ fn an_import_stopped_part_way_is_undone_by_the_next_open() {
     let before = states(&server, &ids);
     drop(server);
     let file = root.path().join("fleet.jsonl");
-    let (ok, out, err) = cli(&[
-        "journal",
-        "export",
-        "--all",
-        "--data",
-        source.to_str().expect("utf-8"),
-        "-o",
-        file.to_str().expect("utf-8"),
-    ]);
+    let (ok, out, err) = export_all(&source, &file);
     assert!(ok, "{out}{err}");
 
     // A server on it first: the cut-short devices are gone, with a warning.
@@ -189,15 +194,7 @@ fn export_then_import_reproduces_every_device_exactly() {
 
     // Exported beside the live server.
     let file = root.path().join("fleet.jsonl");
-    let (ok, out, err) = cli(&[
-        "journal",
-        "export",
-        "--all",
-        "--data",
-        source.to_str().expect("utf-8"),
-        "-o",
-        file.to_str().expect("utf-8"),
-    ]);
+    let (ok, out, err) = export_all(&source, &file);
     assert!(ok, "{out}{err}");
     assert!(out.contains("exported 3 device(s), 83 record(s)"), "{out}");
     let text = std::fs::read_to_string(&file).expect("export");
