@@ -183,6 +183,12 @@ pub mod defaults {
     /// connection nor the unsent answer (a journal page is up to ~4 MiB) nor the shutdown.
     /// Twice the command stream's 15 s keep-alive comment, so an idle stream never trips it.
     pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// How long, once the server stops, a connection with no request being handled may stay
+    /// open (a request head still arriving, an answer still being written), and how long a
+    /// request body still arriving may take before its 503 `shutting-down`. Long enough for
+    /// bytes already in flight when the server stopped; short, so a stalled client does not
+    /// hold the shutdown for the read or write timeouts.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
     /// How often the runtime looks for devices whose old snapshot held a retention pass back
     /// (it acts only after a pass: one per index checkpoint, and one at start).
     pub const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);

@@ -132,6 +132,7 @@ impl FromRequest<super::App> for Body {
 
     async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
         let limit = state.limits.body_read_timeout;
+        let grace = state.limits.shutdown_grace;
         let mut stopping = state.stopping.subscribe();
         // Once the server stops, a body still arriving gets the shutdown grace and no more: a
         // small body whose bytes were in flight is handled (its client sent it before the
@@ -141,7 +142,7 @@ impl FromRequest<super::App> for Body {
                 // The server went without stopping: never.
                 std::future::pending::<()>().await;
             }
-            tokio::time::sleep(super::server::SHUTDOWN_GRACE).await;
+            tokio::time::sleep(grace).await;
         };
         let read = tokio::select! {
             biased;

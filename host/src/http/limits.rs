@@ -35,6 +35,10 @@ pub struct Limits {
     pub body_read_timeout: std::time::Duration,
     /// Longest writing an answer may make no progress (a client that stops reading).
     pub write_timeout: std::time::Duration,
+    /// Once the server stops: how long a connection with no request being handled may stay
+    /// open (a request head still arriving, an answer still being written) and a request
+    /// body may still arrive (then 503 `shutting-down`).
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +54,7 @@ impl Default for Limits {
             max_connections: defaults::MAX_CONNECTIONS,
             body_read_timeout: defaults::BODY_READ_TIMEOUT,
             write_timeout: defaults::WRITE_TIMEOUT,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! 1. stop accepting connections (the listening socket is closed);
 //! 2. let in-flight requests finish and close idle keep-alive connections (each request is
 //!    answered once its event is durable, so a drained request is a durable one); a request
-//!    body still arriving gets a short grace ([`SHUTDOWN_GRACE`]) and is then answered 503
+//!    body still arriving gets a short grace ([`Limits::shutdown_grace`], 1 s) and is then answered 503
 //!    `shutting-down`, and a connection with no request being handled (a head still
 //!    arriving, an answer not read) is closed after the same grace;
 //! 3. the caller then runs [`Runtime::shutdown`](crate::Runtime::shutdown), which drains the
@@ -52,12 +52,6 @@ retry-after: 1\r\n\
 connection: close\r\n\
 content-length: 94\r\n\r\n\
 {\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
-
-/// How long a connection with no request being handled may stay open once the server stops:
-/// a request head still arriving, or an answer (a journal page) still being written. After it
-/// the connection is closed, so such clients do not hold the shutdown for the header-read or
-/// write timeout. A request body still arriving gets the same grace before its 503.
-pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// What one connection is doing, for [`closed_when_idle`].
 #[derive(Clone, Default)]
@@ -111,22 +105,26 @@ impl Drop for InFlight {
 }
 
 /// Completes once the connection may be closed at shutdown: the server is stopping,
-/// [`SHUTDOWN_GRACE`] has passed, no request is being handled (one being handled is waited
+/// `grace` ([`Limits::shutdown_grace`]) has passed, no request is being handled (one being handled is waited
 /// for, bounded by the drain timeout; its body, if still arriving, only for the same grace:
 /// then `extract::Body` answers 503 `shutting-down`), and every answer was written or had
 /// one more grace to be.
 /// Until then hyper serves the connection, and closes it itself after an answer.
-async fn closed_when_idle(mut stopping: tokio::sync::watch::Receiver<bool>, busy: &Busy) {
+async fn closed_when_idle(
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    busy: &Busy,
+    grace: Duration,
+) {
     if stopping.wait_for(|s| *s).await.is_err() {
         // The server went without stopping: nothing to do.
         return std::future::pending().await;
     }
-    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    tokio::time::sleep(grace).await;
     let poll = Duration::from_millis(20);
     while busy.handling.load(Ordering::Acquire) > 0 {
         tokio::time::sleep(poll).await;
     }
-    let written_by = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let written_by = tokio::time::Instant::now() + grace;
     while busy.answering.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < written_by {
         tokio::time::sleep(poll).await;
     }
@@ -155,6 +153,7 @@ impl Server {
         let addr = listener.local_addr().context("reading the bound address")?;
         let header_timeout = limits.header_read_timeout;
         let write_timeout = limits.write_timeout;
+        let grace = limits.shutdown_grace;
         let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         let stopping = Arc::new(tokio::sync::watch::Sender::new(false));
         let abandon = Arc::new(tokio::sync::watch::Sender::new(false));
@@ -250,7 +249,7 @@ impl Server {
                         served = conn => if let Err(e) = served {
                             tracing::debug!(%peer, error = %e, "connection closed with an error");
                         },
-                        () = closed_when_idle(stopping, &busy) => {
+                        () = closed_when_idle(stopping, &busy, grace) => {
                             tracing::debug!(%peer, "connection closed at shutdown: no request was being handled");
                         }
                         // The drain timeout passed: closed whatever it is doing (its request,
