@@ -194,8 +194,20 @@ fn automatic_answer(buf: &[u8]) -> Option<Found> {
 /// The API's answer in place of `found`, in the same HTTP version.
 fn replacement(found: &Found) -> Option<(StatusCode, &'static str, Vec<u8>)> {
     let (_, status, code, message) = AUTOMATIC.get(found.which)?;
-    let body = serde_json::to_vec(&ApiError::http(*status, code, *message).body()).ok()?;
-    let mut bytes = found.version.to_vec();
+    let bytes = closing_answer(&found.version, *status, code, message)?;
+    Some((*status, code, bytes))
+}
+
+/// A whole answer in the API's error shape that closes the connection: status line (in
+/// `version`, the client's own), headers, JSON body.
+fn closing_answer(
+    version: &[u8],
+    status: StatusCode,
+    code: &'static str,
+    message: &'static str,
+) -> Option<Vec<u8>> {
+    let body = serde_json::to_vec(&ApiError::http(status, code, message).body()).ok()?;
+    let mut bytes = version.to_vec();
     bytes.extend_from_slice(
         format!(
             " {} {}\r\ncontent-type: application/json\r\nconnection: close\r\n\
@@ -208,7 +220,7 @@ fn replacement(found: &Found) -> Option<(StatusCode, &'static str, Vec<u8>)> {
         .as_bytes(),
     );
     bytes.extend_from_slice(&body);
-    Some((*status, code, bytes))
+    Some(bytes)
 }
 
 impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
@@ -263,28 +275,13 @@ impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
 
 /// The API's answer to HTTP/2's preface.
 fn h2_refusal() -> Option<Vec<u8>> {
-    let status = StatusCode::HTTP_VERSION_NOT_SUPPORTED;
-    let body = serde_json::to_vec(
-        &ApiError::http(
-            status,
-            codes::HTTP_VERSION_NOT_SUPPORTED,
-            "this server speaks HTTP/1.1 only (HTTP/2 with prior knowledge is not served); \
-             the connection is closed",
-        )
-        .body(),
+    closing_answer(
+        b"HTTP/1.1",
+        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        codes::HTTP_VERSION_NOT_SUPPORTED,
+        "this server speaks HTTP/1.1 only (HTTP/2 with prior knowledge is not served); \
+         the connection is closed",
     )
-    .ok()?;
-    let mut bytes = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nconnection: close\r\n\
-         content-length: {}\r\ndate: {}\r\n\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len(),
-        httpdate::fmt_http_date(std::time::SystemTime::now()),
-    )
-    .into_bytes();
-    bytes.extend_from_slice(&body);
-    Some(bytes)
 }
 
 /// Whether `bytes` could still be, or are, the start of HTTP/2's preface.
