@@ -15,6 +15,8 @@
 //!   live actor** = growth over activation / N (the host's side of a live actor). RSS is
 //!   too coarse for the first: the allocator keeps freed pages for reuse, and growth under
 //!   1 KiB per device is lost in them.
+//! * page tables per live actor (`VmPTE` growth over activation / N): not in the resident
+//!   set, but memory all the same, spent on mapping each actor's scattered guest pages.
 //! * memory mappings (`/proc/self/maps` lines) with N live: the kernel caps a process at
 //!   `vm.max_map_count` (65,530 here), which is what limited live instances before.
 //! * events/s over the N live actors (durable, 4,096 in flight).
@@ -53,11 +55,17 @@ fn kib_field(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// (RSS, PSS) of this process in KiB.
-fn memory_kib() -> (u64, u64) {
+/// (RSS, PSS, page tables) of this process in KiB. Page tables are not part of the resident
+/// set, but they are memory the kernel spends on the process's mappings: a live actor's few
+/// touched guest pages need a page-table page of their own unless neighbours share it.
+fn memory_kib() -> (u64, u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    (kib_field(&status, "VmRSS:"), kib_field(&rollup, "Pss:"))
+    (
+        kib_field(&status, "VmRSS:"),
+        kib_field(&rollup, "Pss:"),
+        kib_field(&status, "VmPTE:"),
+    )
 }
 
 /// The peak resident set (`VmHWM`) in KiB since the last [`reset_peak`].
@@ -94,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
+        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
         "provisnd",
         "live",
         "RSS idle",
@@ -104,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         "B/live RSS",
         "B/live PSS",
         "B/live heap",
+        "B/live PTE",
         "mappings",
         "events/s",
         "activate/s"
@@ -132,11 +141,11 @@ async fn growth(n: usize) -> anyhow::Result<()> {
             .await?;
         rt.send(id, r#"{"type":"ok"}"#).await?;
     }
-    let ((before, _), maps_before) = (memory_kib(), mappings());
+    let ((before, _, _), maps_before) = (memory_kib(), mappings());
     for id in &ids {
         rt.send(id, r#"{"type":"big","kb":64}"#).await?;
     }
-    let ((after, _), maps_after) = (memory_kib(), mappings());
+    let ((after, _, _), maps_after) = (memory_kib(), mappings());
     println!(
         "growth: {n} live misbehave actors, one 64 KiB transition each (the guest grows its \
          memory): {:.0} KiB more resident per actor; memory mappings {maps_before} -> \
@@ -177,7 +186,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    let (idle_rss, idle_pss) = memory_kib();
+    let (idle_rss, idle_pss, idle_pte) = memory_kib();
     let idle_heap = heap_bytes();
 
     let started = Instant::now();
@@ -197,7 +206,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
         r??;
     }
     let activate_rate = live as f64 / started.elapsed().as_secs_f64();
-    let (live_rss, live_pss) = memory_kib();
+    let (live_rss, live_pss, live_pte) = memory_kib();
     let live_heap = heap_bytes();
     let maps = mappings();
     if let Ok(out) = std::env::var("DROVER_BENCH_MAPS_OUT") {
@@ -242,7 +251,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
     }
     let rate = events as f64 / start.elapsed().as_secs_f64();
     println!(
-        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0}",
+        "{:>9} {:>8} {:>10} {:>10} {:>10} {:>12.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>10.0}",
         provisioned,
         actually_live,
         idle_rss,
@@ -252,6 +261,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
         (live_rss.saturating_sub(idle_rss) * 1024) as f64 / live as f64,
         (live_pss.saturating_sub(idle_pss) * 1024) as f64 / live as f64,
         live_heap.saturating_sub(idle_heap) as f64 / live as f64,
+        (live_pte.saturating_sub(idle_pte) * 1024) as f64 / live as f64,
         maps,
         rate,
         activate_rate,

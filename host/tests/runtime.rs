@@ -408,6 +408,8 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         ("m", r#"{"type":"panic"}"#.into(), "trap"),
         ("m", r#"{"type":"loop"}"#.into(), "timeout"),
         ("m", r#"{"type":"alloc","mb":64}"#.into(), "trap"),
+        // Past the guest's stack (62 KiB).
+        ("m", r#"{"type":"recurse","depth":100}"#.into(), "trap"),
         ("m", r#"{"type":"big","kb":64}"#.into(), "output-too-large"),
         ("m", r#"{"type":"panic_on_apply"}"#.into(), "trap"),
         // `apply` refusing what `handle` returned is a plugin fault, not a refusal.
@@ -471,7 +473,7 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
             assert_eq!(ack.seq, seqs.0.unwrap_or(0) + 1);
         }
     }
-    assert_eq!(state(&rt, "m").await["count"], json!(8));
+    assert_eq!(state(&rt, "m").await["count"], json!(9));
     // Out of guest memory: the error says so (the guest's own last words on stderr), not
     // only what its abort path tripped over on the way out (an import it may not use).
     let err = rt
@@ -532,6 +534,48 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
     assert!(rt.plugins().iter().all(|(n, _)| n != "broken"));
     assert!(rt.metrics().errors(ErrorKind::Trap) >= 3);
     assert!(rt.metrics().errors(ErrorKind::InvalidPlugin) >= 1);
+    rt.shutdown().await;
+}
+
+/// Guests get a 62 KiB stack (the SDK's `guest-sdk/plugin-build.rs`), not Rust's 1 MiB: what
+/// plugins do fits, parsing JSON as deep as serde_json allows included, and running off it
+/// fails one event, not the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_stack_holds_deep_calls_and_running_off_it_fails_one_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 1000).await;
+    rt.provision("m", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    rt.send("m", r#"{"type":"recurse","depth":48}"#)
+        .await
+        .expect("48 KiB of stack");
+    // serde_json refuses nesting past 128 levels (the event object and its tag take two).
+    let nested = |levels: usize| {
+        format!(
+            r#"{{"type":"nested","value":{}{}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        )
+    };
+    rt.send("m", &nested(126)).await.expect("126 levels parse");
+    let err = rt.send("m", &nested(127)).await.expect_err("too deep");
+    assert_eq!(err.code(), "rejected", "{err}");
+    assert!(err.to_string().contains("recursion limit"), "{err}");
+
+    // Stack-first layout: off the stack is off the bottom of memory, never into the data.
+    let err = rt
+        .send("m", r#"{"type":"recurse","depth":64}"#)
+        .await
+        .expect_err("past the stack");
+    assert_eq!(err.code(), "trap", "{err}");
+    assert!(err.to_string().contains("out of bounds"), "{err}");
+    let ack = rt.send("m", r#"{"type":"ok"}"#).await.expect("goes on");
+    assert_eq!(
+        ack.seq, 3,
+        "the failed events recorded nothing but a dead letter"
+    );
+    assert_eq!(state(&rt, "m").await["count"], json!(1));
     rt.shutdown().await;
 }
 
@@ -1099,10 +1143,11 @@ async fn a_device_that_cannot_activate_is_quarantined_by_reads_too_and_then_answ
 async fn a_plugin_whose_memory_starts_over_the_cap_is_refused_at_registration() {
     let dir = tempfile::tempdir().unwrap();
     let thermostat = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
-    // The thermostat's memory starts at 17 pages (1 MiB of stack, then its data).
+    // The thermostat's memory starts at 2 pages (62 KiB of stack, then its data and heap);
+    // the cap's floor is one.
     let err = Runtime::builder(dir.path())
         .plugin("thermostat", thermostat.clone())
-        .max_guest_memory(1 << 20)
+        .max_guest_memory(64 << 10)
         .open()
         .await
         .err()
@@ -1110,14 +1155,14 @@ async fn a_plugin_whose_memory_starts_over_the_cap_is_refused_at_registration() 
     let text = format!("{err:#}");
     assert!(
         text.contains("does not fit")
-            && text.contains("1114112 bytes")
+            && text.contains("131072 bytes")
             && text.contains("--max-guest-memory"),
         "{text}"
     );
 
     let dir = tempfile::tempdir().unwrap();
     let rt = Runtime::builder(dir.path())
-        .max_guest_memory(1 << 20)
+        .max_guest_memory(64 << 10)
         .open()
         .await
         .expect("runtime");

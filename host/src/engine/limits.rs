@@ -14,9 +14,9 @@
 //! recently used instances that hold some of it (`Router::relieve_memory`).
 //!
 //! What is counted is each linear memory's size past its initial size, not resident pages.
-//! An initial memory (a Rust guest's ~1.06 MiB, mostly stack it never touches) costs only the
-//! pages touched, which the live-instance cap budgets for; grown memory is what a guest asked
-//! for, and a Rust guest grows its heap to use it.
+//! An initial memory (a Rust guest's ~1.06 MiB, or 128 KiB with the SDK's build script, mostly
+//! stack it never touches) costs only the pages touched, which the live-instance cap budgets
+//! for; grown memory is what a guest asked for, and a Rust guest grows its heap to use it.
 //!
 //! [`EngineConfig::max_memory`]: crate::config::EngineConfig::max_memory
 //! [`EngineConfig::guest_memory_budget`]: crate::config::EngineConfig::guest_memory_budget

@@ -8,8 +8,8 @@
 //! wasmtime moves such a memory by mapping a new region and copying the old contents into it.
 //! The copy writes every byte of the old size, so every page of the new region becomes
 //! resident, including the pages the guest never touched: a Rust guest's memory starts at
-//! 1 MiB of stack plus its data and heap (~1.06 MiB), of which an idle actor has touched
-//! ~40 KiB. One `memory.grow` (a transition or an event of a few dozen KiB is enough) made
+//! 1 MiB of stack plus its data and heap (~1.06 MiB; 128 KiB with the 62 KiB stack the SDK's
+//! `plugin-build.rs` links), of which an idle actor has touched ~40 KiB. One `memory.grow` (a transition or an event of a few dozen KiB is enough) made
 //! that actor ~1.2 MiB resident until passivation, 20x its size, and a fleet of them would
 //! run the machine out of memory well under its live-instance cap.
 //!

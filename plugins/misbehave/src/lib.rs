@@ -39,6 +39,8 @@
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //! | `{"type": "loop_on_read"}` | one transition `{"type": "loops_on_read"}`: from then on every read of the state (`query`) spins forever |
 //! | `{"type": "loop_on_snapshot"}` | one transition `{"type": "loops_on_snapshot"}`: from then on every `snapshot` spins forever |
+//! | `{"type": "recurse", "depth": N}` | recurses N calls deep, each keeping 1 KiB on the guest's stack (its linear memory), no transition; past the stack (62 KiB, set by the SDK's `plugin-build.rs`) it traps |
+//! | `{"type": "nested", "value": V}` | parses V (any JSON, nested as deep as serde_json allows) into a `serde_json::Value`, no transition |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
 //!
 //! # State
@@ -144,6 +146,16 @@ pub enum Event {
     LoopOnSnapshot,
     /// Return a transition after which restoring a snapshot spins forever.
     LoopOnRestore,
+    /// Recurse `depth` calls deep with 1 KiB of guest stack each.
+    Recurse {
+        /// Calls.
+        depth: u32,
+    },
+    /// Parse any JSON into a `serde_json::Value`: deep nesting through the SDK's parser.
+    Nested {
+        /// The JSON.
+        value: drover_guest::serde_json::Value,
+    },
     /// Return `count` transitions whose `apply` each spins `spin` iterations.
     SlowApply {
         /// Loop iterations per apply.
@@ -320,6 +332,14 @@ impl Device for Misbehave {
                 log::log(level, message);
                 vec![]
             }
+            Event::Recurse { depth } => {
+                std::hint::black_box(recurse(depth));
+                vec![]
+            }
+            Event::Nested { value } => {
+                std::hint::black_box(value);
+                vec![]
+            }
             Event::Echo => vec![Transition::Echoed {
                 device_id: ctx.device_id().to_owned(),
                 seq: ctx.seq(),
@@ -435,6 +455,20 @@ fn spin(iterations: u64) {
         x = std::hint::black_box(x.wrapping_add(i));
     }
     std::hint::black_box(x);
+}
+
+/// Recurses `depth` calls deep, each frame holding 1 KiB in the guest's linear memory (the
+/// buffer's address escapes, so it cannot live in wasm locals) and using it after the call
+/// returns (so the recursion cannot become a loop).
+#[inline(never)]
+fn recurse(depth: u32) -> u64 {
+    let mut frame = [0u8; 1024];
+    frame[depth as usize % 1024] = depth as u8;
+    let frame = std::hint::black_box(&mut frame);
+    if depth == 0 {
+        return 0;
+    }
+    recurse(depth - 1) + u64::from(frame[depth as usize % 1024])
 }
 
 #[cfg(test)]

@@ -63,6 +63,13 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
     if !sdk.join("Cargo.toml").is_file() {
         anyhow::bail!("{} holds no Cargo.toml: not the guest SDK", sdk.display());
     }
+    if !sdk.join("plugin-build.rs").is_file() {
+        anyhow::bail!(
+            "{} holds no plugin-build.rs (the guest memory layout): an SDK older than this \
+             drover; pass --sdk DIR with the `guest-sdk` of this drover's source tree",
+            sdk.display()
+        );
+    }
     let dir = args.path.unwrap_or_else(|| PathBuf::from(name));
     if dir.exists() && std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_some()) {
         anyhow::bail!("{} already exists and is not empty", dir.display());
