@@ -86,8 +86,10 @@
 //! ```
 //!
 //! Build the component with `cargo build --release --target wasm32-wasip2` in a crate made by
-//! `drover new` (its `Cargo.toml` has the release settings guests want; the crate needs
-//! `crate-type = ["cdylib", "rlib"]`), or `drover dev`, which builds and uploads on every save.
+//! `drover new` (its `Cargo.toml` has the release settings guests want and names this SDK's
+//! `plugin-build.rs` as its build script, which links a 62 KiB guest stack instead of 1 MiB;
+//! the crate needs `crate-type = ["cdylib", "rlib"]`), or `drover dev`, which builds and
+//! uploads on every save.
 //! In Drover's own workspace the plugins build with `--profile plugin -p <crate>`. The SDK
 //! re-exports [`serde_json`] (as `drover_guest::serde_json`), so a guest that reads or writes
 //! JSON itself, in a custom `restore` say, needs no dependency of its own on it.
