@@ -24,7 +24,8 @@
 //! in locals (arrays, structs passed by reference, buffers on the stack), not every frame:
 //! parsing JSON nested 128 deep (serde_json's limit) takes a few KiB. A guest that recurses
 //! deeper than its stack traps (the stack is first, so it runs off the bottom of memory, never
-//! into the data): the event is rejected with the trap, the instance is rebuilt from the
+//! into the data; the server's message says the stack overflowed, it seems, when one function
+//! fills the backtrace): the event is rejected with the trap, the instance is rebuilt from the
 //! journal and the device goes on. A plugin that needs more sets its own
 //! `-zstack-size=BYTES` here (a multiple of 16).
 

@@ -1791,6 +1791,13 @@ impl Instance {
             return CallError::GuestMemory(refused);
         }
         let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::MemoryOutOfBounds) if looks_like_recursion(&e) => format!(
+                "{}: the guest's stack overflowed, it seems (one function repeats down \
+                 the backtrace); a plugin built with the SDK's `plugin-build.rs` has \
+                 {} KiB of stack",
+                wasmtime::Trap::MemoryOutOfBounds,
+                GUEST_STACK_KIB
+            ),
             Some(trap) => trap.to_string(),
             None => {
                 let raw = format!("{e:#}");
@@ -1826,6 +1833,25 @@ impl Instance {
         }
         CallError::Trap(msg)
     }
+}
+
+/// The guest stack `guest-sdk/plugin-build.rs` links, for the message of a likely overflow.
+const GUEST_STACK_KIB: u32 = 62;
+
+/// Whether a trap's backtrace reads as runaway recursion: some function makes up at least 8
+/// of its frames. A Rust guest's stack is first in its memory, so running off it is an
+/// out-of-bounds access like any other, which on its own tells a plugin author nothing;
+/// wasmtime keeps the innermost 20 frames, and a plain bad access is rarely that deep in one
+/// function (mutual recursion of up to two functions still shows).
+fn looks_like_recursion(e: &wasmtime::Error) -> bool {
+    let Some(trace) = e.downcast_ref::<wasmtime::WasmBacktrace>() else {
+        return false;
+    };
+    let mut counts = std::collections::HashMap::<u32, usize>::new();
+    for frame in trace.frames() {
+        *counts.entry(frame.func_index()).or_default() += 1;
+    }
+    counts.values().any(|&n| n >= 8)
 }
 
 #[cfg(test)]

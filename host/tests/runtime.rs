@@ -569,7 +569,10 @@ async fn a_guest_stack_holds_deep_calls_and_running_off_it_fails_one_event() {
         .await
         .expect_err("past the stack");
     assert_eq!(err.code(), "trap", "{err}");
-    assert!(err.to_string().contains("out of bounds"), "{err}");
+    assert!(
+        err.to_string().contains("out of bounds") && err.to_string().contains("stack overflowed"),
+        "says what probably happened: {err}"
+    );
     let ack = rt.send("m", r#"{"type":"ok"}"#).await.expect("goes on");
     assert_eq!(
         ack.seq, 3,
