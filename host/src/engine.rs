@@ -1835,7 +1835,8 @@ impl Instance {
     }
 }
 
-/// The guest stack `guest-sdk/plugin-build.rs` links, for the message of a likely overflow.
+/// The guest stack `guest-sdk/plugin-build.rs` links, for the message of a likely overflow
+/// (a unit test checks the two agree).
 const GUEST_STACK_KIB: u32 = 62;
 
 /// Whether a trap's backtrace reads as runaway recursion: some function makes up at least 8
@@ -1860,6 +1861,17 @@ mod tests {
 
     use super::{FORGIVE_AFTER, Preemption, SlowMarks, UnitClock, Verdict, ticks_due};
     use std::sync::atomic::Ordering;
+
+    /// The stack the overflow message names is the one the SDK's build script links.
+    #[test]
+    fn the_stack_named_in_messages_is_the_one_the_sdk_links() {
+        let script = include_str!("../../guest-sdk/plugin-build.rs");
+        let line = format!(
+            "const STACK_BYTES: u32 = {} * 1024;",
+            super::GUEST_STACK_KIB
+        );
+        assert!(script.contains(&line), "plugin-build.rs lacks `{line}`");
+    }
 
     /// Each mark is cleared by `FORGIVE_AFTER` fast units of its own kind in a row on the
     /// slow lane, counted only while it is set: fast setup units there while only the events
