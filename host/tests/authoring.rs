@@ -191,6 +191,29 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     let s1 = device(&url, "s1");
     assert_eq!(s1["version"], 2);
     assert_eq!(s1["state"]["readings"], 4);
+
+    // Ctrl-C: the local server stops as `drover serve` does (its journal index checkpointed
+    // on the way out), and then the process.
+    let pid = libc::pid_t::try_from(dev.child.id()).expect("pid");
+    // SAFETY: kill(2) of our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    dev.wait_for("stopped");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = dev.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drover dev still runs after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        tmp.path().join("dev-data/journal.log.checkpoint").is_file(),
+        "a graceful stop checkpoints the journal index"
+    );
     drop(dev);
 
     // `--once` reports a failed build in its exit status, for scripts and CI.

@@ -17,9 +17,17 @@
 //! 4. **show**: the state diff of a few live devices, and where the time went.
 //!
 //! The machine-readable line `live: NAME vN` marks each version going live.
+//!
+//! SIGTERM or Ctrl-C stops it: a build under way is stopped (its cargo is sent SIGTERM), and
+//! the local server shuts down as `drover serve` does (in-flight requests answered, mailboxes
+//! drained, the journal flushed and its index checkpointed), then `stopped` is printed. A
+//! second signal exits at once.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -105,31 +113,53 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         server: url.clone(),
         json: false,
     })?;
+    let (wake, woken) = mpsc::channel();
+    let stop = Stop::default();
+    // Signals end the loop; the thread running it is busy in a build or a deploy, or waits
+    // for file changes, so the signal is caught on the async threads and handed over.
+    tokio.spawn({
+        let (wake, stop) = (wake.clone(), stop.clone());
+        async move {
+            drover::http::server::shutdown_signal().await;
+            println!("stopping (a second Ctrl-C exits at once)");
+            stop.request();
+            let _ = wake.send(Wake::Stop);
+            drover::http::server::shutdown_signal().await;
+            std::process::exit(130);
+        }
+    });
     let mut dev = Dev {
         api,
         dir: dir.clone(),
         name,
         force: args.force,
         live_version: None,
+        stop: stop.clone(),
     };
     let mut code = ExitCode::SUCCESS;
-    if args.once {
+    let outcome = if args.once {
         if !dev.cycle() {
             code = ExitCode::FAILURE;
         }
+        Ok(())
     } else {
         println!(
             "watching {} (plugin `{}`, server {url}); Ctrl-C stops",
             dir.display(),
             dev.name
         );
-        dev.watch(Duration::from_millis(args.debounce_ms))?;
-    }
+        dev.watch(Duration::from_millis(args.debounce_ms), wake, woken)
+    };
+    // The local server stops gracefully however the loop ended.
     if let Some((rt, server)) = local {
         tokio.block_on(async {
             server.shutdown(Duration::from_secs(5)).await;
             rt.shutdown().await;
         });
+    }
+    outcome?;
+    if stop.requested() {
+        println!("stopped");
     }
     Ok(code)
 }
@@ -166,23 +196,78 @@ struct Dev {
     force: bool,
     /// The version this loop last made live.
     live_version: Option<u64>,
+    stop: Stop,
+}
+
+/// What wakes the watch loop.
+enum Wake {
+    /// The file watcher's report.
+    Files(notify_debouncer_mini::DebounceEventResult),
+    /// A signal: stop.
+    Stop,
+}
+
+/// A stop asked for by a signal, and the cargo build to end with it.
+#[derive(Clone, Default)]
+struct Stop {
+    requested: Arc<AtomicBool>,
+    /// The process id of the cargo build under way, 0 if none.
+    building: Arc<AtomicU32>,
+}
+
+impl Stop {
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Marks the stop and sends the build under way, if any, SIGTERM: cargo and its
+    /// compilers, which run in a process group of their own.
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        self.kill_build();
+    }
+
+    fn kill_build(&self) {
+        let pid = self.building.load(Ordering::Acquire);
+        if let Ok(pid) = libc::pid_t::try_from(pid)
+            && pid > 0
+        {
+            // SAFETY: a plain kill(2) of our own child's process group, recorded while it
+            // runs and cleared before the child is reaped (`wait_then_clear`), so the id
+            // names no other process.
+            unsafe { libc::kill(-pid, libc::SIGTERM) };
+        }
+    }
 }
 
 impl Dev {
     /// Runs a first cycle, then one after each quiet period following a change, until the
     /// process ends. The watcher starts first and each cycle compares against the sources
     /// as they were when its build started, so a save made during a build is not lost.
-    fn watch(&mut self, debounce: Duration) -> anyhow::Result<()> {
-        let (tx, rx) = mpsc::channel();
-        let mut debouncer = new_debouncer(debounce, tx).context("starting the file watcher")?;
+    /// Ends when `woken` says stop.
+    fn watch(
+        &mut self,
+        debounce: Duration,
+        wake: mpsc::Sender<Wake>,
+        woken: mpsc::Receiver<Wake>,
+    ) -> anyhow::Result<()> {
+        let mut debouncer = new_debouncer(debounce, move |r| {
+            let _ = wake.send(Wake::Files(r));
+        })
+        .context("starting the file watcher")?;
         debouncer
             .watcher()
             .watch(&self.dir, RecursiveMode::Recursive)
             .with_context(|| format!("watching {}", self.dir.display()))?;
         let mut seen = self.fingerprint();
         self.cycle();
-        for batch in rx {
-            let Ok(events) = batch else { continue };
+        for woke in woken {
+            if self.stop.requested() {
+                break;
+            }
+            let Wake::Files(Ok(events)) = woke else {
+                continue;
+            };
             // The watcher also reports reads (cargo reads the manifest on every build): only
             // a change of a source file's size or modification time counts.
             if events.iter().any(|e| self.is_source(&e.path)) {
@@ -241,10 +326,17 @@ impl Dev {
     /// Build, push, deploy, show. Failures are printed; the loop goes on. Returns whether
     /// the build went live on every live device.
     fn cycle(&mut self) -> bool {
+        if self.stop.requested() {
+            return false;
+        }
         let started = Instant::now();
         println!("building {} ...", self.name);
         let wasm = match self.build() {
             Ok(path) => path,
+            Err(_) if self.stop.requested() => {
+                println!("build stopped");
+                return false;
+            }
             Err(e) => {
                 let serving = if self.live_version.is_some() {
                     "the version that was live keeps serving"
@@ -294,8 +386,16 @@ impl Dev {
             .current_dir(&self.dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // A group of its own (leader: cargo), so a stop ends its compilers with it; a
+            // terminal's Ctrl-C reaches this process, which stops the group.
+            .process_group(0)
             .spawn()
             .context("running cargo (is it installed?)")?;
+        self.stop.building.store(child.id(), Ordering::Release);
+        // A signal that came between the check in `cycle` and the spawn found no build.
+        if self.stop.requested() {
+            self.stop.kill_build();
+        }
         let mut artifact = None;
         if let Some(stdout) = child.stdout.take() {
             use std::io::BufRead as _;
@@ -318,7 +418,8 @@ impl Dev {
                 }
             }
         }
-        let status = child.wait().context("waiting for cargo")?;
+        let status =
+            wait_then_clear(&mut child, &self.stop.building).context("waiting for cargo")?;
         if !status.success() {
             anyhow::bail!("cargo build exited with {status} (its errors are above)");
         }
@@ -444,4 +545,31 @@ impl Dev {
             })
             .collect()
     }
+}
+
+/// Waits for `child` to exit, clears `building`, then reaps it: until reaped its process id
+/// cannot be reused, so a stop that read the id from `building` signals this child's group
+/// and no other.
+fn wait_then_clear(
+    child: &mut std::process::Child,
+    building: &AtomicU32,
+) -> std::io::Result<std::process::ExitStatus> {
+    let id = child.id();
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid; waitid writes into it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child's exit without reaping it (`WNOWAIT`); `wait`
+        // below reaps it.
+        let r = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            building.store(0, Ordering::Release);
+            return Err(e);
+        }
+    }
+    building.store(0, Ordering::Release);
+    child.wait()
 }
