@@ -336,6 +336,44 @@ fn provision_send_and_read_back_both_plugins() {
     assert_eq!(custom["plugin"], "misbehave", "{custom}");
     let (ok, _, err) = cli(&["sim", "--server", url, "--plugin", "misbehave", "--quiet"]);
     assert!(!ok && err.contains("--event"), "{err}");
+    // A slow rate ends with its duration: each of the 32 workers used to sleep to its next
+    // slot first, 16 s past a 2 s run at 2 events/s.
+    let paced = |extra: &[&str]| {
+        let mut args = vec![
+            "sim",
+            "--server",
+            url,
+            "--plugin",
+            "misbehave",
+            "--prefix",
+            "paced-",
+            "--event",
+            r#"{"type": "ok"}"#,
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    let started = std::time::Instant::now();
+    let (ok, out, err) = paced(&["--devices", "3", "--rate", "2", "--duration", "2"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "a 2 s run took {:?}",
+        started.elapsed()
+    );
+    // Settings no run can honour are refused before anything is provisioned.
+    for (extra, says) in [
+        (&["--rate", "0", "--duration", "2"][..], "--rate"),
+        (&["--rate=-1"], "--rate"),
+        (&["--concurrency", "0"], "--concurrency"),
+        (&["--concurrency", "100000"], "--concurrency"),
+        (&["--devices", "0"], "at least one device"),
+    ] {
+        let (ok, _, err) = paced(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("provisioning"), "{extra:?}: {err}");
+    }
     // A reader that goes away early (`drover devices | head`): no panic, just gone.
     let mut child = std::process::Command::new(support::BIN)
         .args(["devices", "--server", url])

@@ -296,7 +296,39 @@ impl Default for SimConfig {
     }
 }
 
+/// Most requests in flight: each is a connection of its own, and a server takes 8,192 by
+/// default (`--max-connections`); past a few thousand the simulator measures its own
+/// scheduling more than the server.
+pub const MAX_CONCURRENCY: usize = 4096;
+
+/// Latency recorders, shared by the workers round-robin past this many: each holds two
+/// histograms of ~160 KB, so one per worker made 10,000 workers take 3.5 GB.
+const MAX_RECORDERS: usize = 64;
+
 impl SimConfig {
+    /// Refuses settings no run can honour, before anything is provisioned or sent.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.devices == 0 {
+            bail!("the fleet needs at least one device (--devices)");
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            bail!(
+                "--concurrency is the requests in flight, each on a connection of its own: 1 to \
+                 {MAX_CONCURRENCY} (got {})",
+                self.concurrency
+            );
+        }
+        if let Load::Rate(rate) = self.load
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            bail!("--rate is events per second: a positive number (got {rate})");
+        }
+        if self.duration.is_none() && self.events.is_none() {
+            bail!("give a duration or an event count");
+        }
+        Ok(())
+    }
+
     /// The id and type of device `i`.
     pub fn device(&self, i: usize) -> (String, Kind) {
         let kind = match self.fleet {
@@ -601,6 +633,7 @@ fn error_code(status: StatusCode, body: &[u8]) -> String {
 
 /// Provisions every device of `cfg` (idempotent: existing identical devices are fine).
 pub async fn provision(cfg: &SimConfig) -> anyhow::Result<()> {
+    cfg.check()?;
     let target = Target::parse(&cfg.server)?;
     let next = Arc::new(AtomicU64::new(0));
     let workers = cfg.concurrency.clamp(1, 64);
@@ -707,14 +740,9 @@ fn histogram() -> Histogram<u64> {
 /// Runs the simulation described by `cfg` against an already provisioned fleet (see
 /// [`provision`]).
 pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
-    if cfg.devices == 0 {
-        bail!("the fleet needs at least one device");
-    }
-    if cfg.duration.is_none() && cfg.events.is_none() {
-        bail!("give a duration or an event count");
-    }
+    cfg.check()?;
     let batch = cfg.batch.max(1);
-    let concurrency = cfg.concurrency.max(1);
+    let concurrency = cfg.concurrency;
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         target: Target::parse(&cfg.server)?,
@@ -730,7 +758,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         answered_ms: AtomicU64::new(0),
         gave_up: AtomicBool::new(false),
     });
-    let recorders: Vec<Arc<Mutex<Recorder>>> = (0..concurrency)
+    let recorders: Vec<Arc<Mutex<Recorder>>> = (0..concurrency.min(MAX_RECORDERS))
         .map(|_| {
             Arc::new(Mutex::new(Recorder {
                 interval: histogram(),
@@ -739,12 +767,10 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         })
         .collect();
 
-    let workers: Vec<_> = recorders
-        .iter()
-        .enumerate()
-        .map(|(w, rec)| {
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
             let shared = shared.clone();
-            let rec = rec.clone();
+            let rec = recorders[w % recorders.len()].clone();
             tokio::spawn(worker(shared, rec, w as u64, batch))
         })
         .collect();
@@ -833,9 +859,18 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
                 let slot = shared.slots.fetch_add(1, Ordering::Relaxed);
                 let at = shared.start
                     + Duration::from_secs_f64(slot as f64 * batch as f64 / rate.max(1e-3));
-                tokio::time::sleep_until(at.into()).await;
+                // The stop ends the wait: a slow rate's next slot may be far past the
+                // duration (32 workers at 2 events/s each wait 16 s for theirs). Registered
+                // before the flag is read, so a stop between the two is not missed.
+                let stopped = shared.stopping.notified();
+                tokio::pin!(stopped);
+                stopped.as_mut().enable();
                 if shared.stop.load(Ordering::Relaxed) {
                     return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = stopped => return,
                 }
                 at
             }

@@ -38,7 +38,8 @@ pub struct LoadArgs {
     /// Send this many events per second (default: closed loop, as fast as answered).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Requests in flight (closed loop), or at most in flight (with --rate).
+    /// Requests in flight (closed loop), or at most in flight (with --rate); 1 to 4,096,
+    /// each on a connection of its own.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// Seconds to run (default 10 unless --events is given).
@@ -144,6 +145,7 @@ fn tokio_runtime(name: &str, workers: Option<usize>) -> anyhow::Result<tokio::ru
 /// non-zero if no event at all was acknowledged.
 pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.load.config(&args.server)?;
+    cfg.check()?;
     let summary = tokio_runtime("drover-sim", None)?.block_on(async {
         if !args.no_provision {
             eprintln!(
