@@ -446,7 +446,20 @@ struct Commands {
 pub struct CommandsQuery {
     /// With an empty outbox, wait up to this many ms (at most 60,000) for a command: a
     /// long poll. Absent or 0: answer at once.
+    #[serde(default, deserialize_with = "saturating_ms")]
     wait_ms: Option<u64>,
+}
+
+/// A count of milliseconds in a query: digits, any number of them (past `u64` it is
+/// `u64::MAX`, which the long poll's cap then takes down like any large value).
+fn saturating_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` is not a number of milliseconds (digits only)"
+        )));
+    }
+    Ok(Some(text.parse().unwrap_or(u64::MAX)))
 }
 
 /// `GET /v1/devices/{id}/commands[?wait_ms=N]`: the device's outbox, the commands its plugin
@@ -553,4 +566,36 @@ pub async fn commands_stream(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CommandsQuery;
+
+    fn wait_ms(query: &str) -> Result<Option<u64>, String> {
+        let uri: axum::http::Uri = format!("/v1/devices/t/commands?{query}")
+            .parse()
+            .expect("uri");
+        axum::extract::Query::<CommandsQuery>::try_from_uri(&uri)
+            .map(|q| q.0.wait_ms)
+            .map_err(|e| e.body_text())
+    }
+
+    /// The README: more than 60,000 is taken as 60,000, however many digits it has; what is
+    /// not digits is refused.
+    #[test]
+    fn a_long_poll_wait_saturates_and_only_digits_are_one() {
+        assert_eq!(wait_ms(""), Ok(None));
+        assert_eq!(wait_ms("wait_ms=0"), Ok(Some(0)));
+        assert_eq!(wait_ms("wait_ms=25000"), Ok(Some(25_000)));
+        assert_eq!(wait_ms("wait_ms=18446744073709551615"), Ok(Some(u64::MAX)));
+        assert_eq!(
+            wait_ms("wait_ms=99999999999999999999999"),
+            Ok(Some(u64::MAX))
+        );
+        for bad in ["-1", "1.5", "0x10", "", "%201", "ten"] {
+            let err = wait_ms(&format!("wait_ms={bad}")).expect_err(bad);
+            assert!(err.contains("not a number of milliseconds"), "{bad}: {err}");
+        }
+    }
 }
