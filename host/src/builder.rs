@@ -70,8 +70,9 @@ impl RuntimeBuilder {
     }
 
     /// Commands that may wait unacknowledged in one device's outbox before its events from
-    /// outside are refused with [`crate::Error::OutboxFull`] (default 1,000). Messages and
-    /// timer firings are never refused for it.
+    /// outside are refused with [`crate::Error::OutboxFull`] (default 1,000), counting the
+    /// commands of its events not yet durable. Messages and timer firings are never refused
+    /// for it.
     pub fn max_outbox(mut self, n: usize) -> Self {
         self.config.actor.max_outbox = n;
         self
@@ -80,7 +81,8 @@ impl RuntimeBuilder {
     /// Messages one device may have sent that their targets have not handled yet before its
     /// events from outside are refused with [`crate::Error::MessagesPending`] (default
     /// 1,000): backpressure from a target that falls behind (or is quarantined) to the
-    /// devices feeding it. Messages and timer firings are never refused for it.
+    /// devices feeding it. The messages of its events not yet durable count. Messages and
+    /// timer firings are never refused for it.
     pub fn max_messages_pending(mut self, n: usize) -> Self {
         self.config.actor.max_messages_pending = n;
         self

@@ -667,6 +667,56 @@ async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledg
     rt.shutdown().await;
 }
 
+/// Events in flight count against the caps. Pipelined, each event passed a check that the
+/// ones before it had not moved yet, their records not being durable: a review drove 10
+/// commands past an outbox cap of 5 with concurrent clients, and 9 messages past a
+/// backpressure cap of 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_do_not_pass_the_outbox_or_backpressure_caps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_outbox(5)
+        .max_messages_pending(5)
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["c", "s", "q"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // `q` is quarantined: it handles none of the messages sent to it.
+    for _ in 0..3 {
+        let _ = rt.send("q", r#"{"type":"panic"}"#).await;
+    }
+    let relay = json!({"type": "send", "to": "q", "event": {"type": "ok"}}).to_string();
+    for (device, event, code) in [
+        ("c", r#"{"type":"command"}"#.to_string(), "outbox-full"),
+        ("s", relay, "messages-pending"),
+    ] {
+        let sends: Vec<_> = (0..40)
+            .map(|_| {
+                let (rt, event) = (rt.clone(), event.clone());
+                tokio::spawn(async move { rt.send(device, &event).await })
+            })
+            .collect();
+        let mut accepted = 0;
+        for s in sends {
+            match s.await.expect("task") {
+                Ok(_) => accepted += 1,
+                Err(e) => assert_eq!(e.code(), code, "{e}"),
+            }
+        }
+        assert_eq!(accepted, 5, "{device}: one effect each, up to the cap of 5");
+    }
+    rt.journal().barrier().await.expect("settled");
+    assert_eq!(rt.commands("c").expect("outbox").len(), 5);
+    let s = rt.journal().device("s").expect("s").num;
+    assert_eq!(rt.journal().sent_len(s), 5);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapping_one_is_consumed()
  {

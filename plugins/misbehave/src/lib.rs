@@ -39,6 +39,7 @@
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //! | `{"type": "loop_on_read"}` | one transition `{"type": "loops_on_read"}`: from then on every read of the state (`query`) spins forever |
 //! | `{"type": "loop_on_snapshot"}` | one transition `{"type": "loops_on_snapshot"}`: from then on every `snapshot` spins forever |
+//! | `{"type": "command"}` | one command `{"type": "ping"}` to its outbox, no transition |
 //! | `{"type": "recurse", "depth": N}` | recurses N calls deep, each keeping 1 KiB on the guest's stack (its linear memory), no transition; past the stack (62 KiB, set by the SDK's `plugin-build.rs`) it traps |
 //! | `{"type": "nested", "value": V}` | parses V (any JSON, nested as deep as serde_json allows) into a `serde_json::Value`, no transition |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
@@ -146,6 +147,8 @@ pub enum Event {
     LoopOnSnapshot,
     /// Return a transition after which restoring a snapshot spins forever.
     LoopOnRestore,
+    /// Issue one command.
+    Command,
     /// Recurse `depth` calls deep with 1 KiB of guest stack each.
     Recurse {
         /// Calls.
@@ -330,6 +333,10 @@ impl Device for Misbehave {
                     LogLevel::Error => Level::Error,
                 };
                 log::log(level, message);
+                vec![]
+            }
+            Event::Command => {
+                ctx.command(&drover_guest::serde_json::json!({"type": "ping"}));
                 vec![]
             }
             Event::Recurse { depth } => {
