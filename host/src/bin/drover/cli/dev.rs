@@ -1,7 +1,7 @@
 //! `drover dev [DIR]`: the plugin author's loop. Save a file; the new behavior is live in the
 //! running devices, their state kept.
 //!
-//! Starts a local server (data in `DIR/target/drover-dev`, so devices survive restarts of
+//! Starts a local server (data in `DIR/target/drover-dev-data`, so devices survive restarts of
 //! `drover dev`) or targets one (`--server`), then on start and after every change under
 //! `DIR` (debounced; `target/` and hidden directories ignored):
 //!
@@ -52,7 +52,9 @@ pub struct DevArgs {
     /// Target this server instead of starting a local one.
     #[arg(long, env = "DROVER_SERVER")]
     pub server: Option<String>,
-    /// Data directory of the local server (default: DIR/target/drover-dev).
+    /// Data directory of the local server (default: DIR/target/drover-dev-data; not
+    /// `target/drover-dev`, which is cargo's own directory for the `drover-dev` profile's
+    /// build scripts, and which `cargo clean --profile drover-dev` empties).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Address of the local server.
@@ -94,7 +96,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             let data = args
                 .data
                 .clone()
-                .unwrap_or_else(|| dir.join("target").join("drover-dev"));
+                .unwrap_or_else(|| dir.join("target").join("drover-dev-data"));
             let (rt, server) = tokio.block_on(async {
                 let rt = drover::Runtime::builder(&data)
                     .open()
