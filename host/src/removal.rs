@@ -12,7 +12,8 @@
 //! whole journal to `<data>/archive/<id>.<ms>.jsonl`, and records the removal in the journal
 //! (record kind 6). The device's records stay in the journal file: the index forgets the
 //! device, its id answers `unknown-device`, and the id may be provisioned again as a new
-//! device starting at seq 1.
+//! device starting at seq 1. Messages other devices still owe it become undeliverable (their
+//! senders' dead letters), so none reaches that new device.
 //!
 //! # The archive
 //!
@@ -97,6 +98,7 @@ impl Runtime {
         journal.record_removal(head.num, at_ms).await?;
         // Its timers are gone with it: out of the wheel now rather than at their due time.
         self.shared.timers.sync(head.num, &Default::default());
+        self.undeliverable_to_removed(id, at_ms).await;
         // Long polls and command streams of the device end now (they wait for this device,
         // not for a new one provisioned under its id).
         self.shared.outbox.notify(id);
@@ -105,6 +107,30 @@ impl Runtime {
             seq: head.seq,
             archive,
         })
+    }
+
+    /// Messages other devices still owe to removed device `id` become undeliverable now,
+    /// while the removal still bars the id from provisioning: they were sent to this device,
+    /// not to a new one provisioned later under its id, which their next redelivery (a
+    /// quarantined target's come after its quarantine) would otherwise reach. The senders'
+    /// dead letters say so at once, and their backpressure lifts at once. Best effort: one
+    /// that cannot be recorded stays owed and is found undeliverable at its next delivery,
+    /// or at the next start.
+    async fn undeliverable_to_removed(&self, id: &str, at_ms: u64) {
+        let journal = &self.shared.journal;
+        let target: std::collections::HashSet<std::sync::Arc<str>> = [id.into()].into();
+        for (sender, num, message, _) in journal.owed_to_any(&target) {
+            self.shared
+                .metrics
+                .messages_undeliverable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = journal
+                .record_undeliverable(num, message, id, "device removed", at_ms)
+                .await
+            {
+                tracing::warn!(%sender, to = id, seq = message.seq, index = message.index, error = %e, "recording a message to a removed device as undeliverable failed; it stays owed");
+            }
+        }
     }
 
     /// Removes version `version` of plugin `plugin` (see the module docs): 409

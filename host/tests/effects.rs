@@ -667,6 +667,61 @@ async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledg
     rt.shutdown().await;
 }
 
+/// Messages owed to a device that is removed are undeliverable at once: the senders' dead
+/// letters say so and their backpressure lifts, and a device provisioned again under the id
+/// (a new device) never gets them. A review saw the new device handle them when the old
+/// one's quarantine ended, and the sender held back until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_owed_to_a_removed_device_are_undeliverable_not_handed_to_its_successor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_messages_pending(2)
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    for _ in 0..3 {
+        let _ = rt.send("b", r#"{"type":"panic"}"#).await;
+    }
+    let relay = json!({"type": "send", "to": "b", "event": {"type": "ok"}}).to_string();
+    rt.send("a", &relay).await.expect("first");
+    rt.send("a", &relay).await.expect("second");
+    let a = rt.journal().device("a").expect("a").num;
+    eventually("two messages owed", async || rt.journal().sent_len(a) == 2).await;
+    let err = rt.send("a", &relay).await.expect_err("held back");
+    assert_eq!(err.code(), "messages-pending", "{err}");
+
+    rt.remove_device("b", false).await.expect("removed");
+    // At once, not at the quarantine's end.
+    assert_eq!(rt.journal().sent_len(a), 0, "nothing owed");
+    let dead = rt.dead_letters("a").expect("dead letters");
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead.iter().all(|d| d.code == "undeliverable"), "{dead:?}");
+    assert!(dead[0].message.contains("removed"), "{}", dead[0].message);
+    rt.provision("b", "misbehave", &json!({}))
+        .await
+        .expect("a new b");
+    // The old b's quarantine (5 s) ends: its redeliveries find nothing owed.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        rt.device("b").await.expect("b").summary.seq,
+        0,
+        "new b got none"
+    );
+    assert_eq!(
+        rt.dead_letters("a").expect("dead letters").len(),
+        2,
+        "once each"
+    );
+    rt.send("a", &relay).await.expect("room again");
+    rt.shutdown().await;
+}
+
 /// Events in flight count against the caps. Pipelined, each event passed a check that the
 /// ones before it had not moved yet, their records not being durable: a review drove 10
 /// commands past an outbox cap of 5 with concurrent clients, and 9 messages past a

@@ -1427,6 +1427,11 @@ impl Journal {
             // The sender is gone (removed): nothing of it is owed any more.
             return Ok(());
         }
+        if !self.message_owed(num, id, to) {
+            // Settled already (a removal found it undeliverable before a redelivery did):
+            // one dead letter per message.
+            return Ok(());
+        }
         self.require_format(record::EFFECTS_FROM)?;
         self.append(
             &Record::Undeliverable {
