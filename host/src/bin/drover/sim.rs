@@ -154,14 +154,31 @@ impl Custom {
 /// Refuses a malformed placeholder up front rather than sending it as a literal string.
 fn check_placeholders(v: &serde_json::Value) -> anyhow::Result<()> {
     use serde_json::Value;
+    const USE: &str = "use {{int:LO:HI}}, {{float:LO:HI}} or {{pick:A|B}}";
     match v {
         Value::String(s) if s.starts_with("{{") && s.ends_with("}}") => {
-            if placeholder(s, &mut Rng(1)).is_none() {
-                bail!(
-                    "`{s}` is not a placeholder: use {{{{int:LO:HI}}}}, {{{{float:LO:HI}}}} or {{{{pick:A|B}}}}"
-                );
+            if placeholder(s, &mut Rng(1)).is_some() {
+                return Ok(());
             }
-            Ok(())
+            let bounds = s
+                .strip_prefix("{{")
+                .and_then(|s| s.strip_suffix("}}"))
+                .and_then(|inner| inner.split_once(':'))
+                .filter(|(kind, _)| matches!(*kind, "int" | "float"))
+                .and_then(|(_, args)| args.split_once(':'))
+                .and_then(|(lo, hi)| Some((lo.parse::<f64>().ok()?, hi.parse::<f64>().ok()?)));
+            match bounds {
+                Some((lo, hi)) if lo > hi => bail!("`{s}`: LO ({lo}) is above HI ({hi})"),
+                _ => bail!("`{s}` is not a placeholder: {USE}"),
+            }
+        }
+        // A placeholder fills a whole string; within other text it would go out as it is.
+        Value::String(s)
+            if ["{{int:", "{{float:", "{{pick:"]
+                .iter()
+                .any(|p| s.contains(p)) =>
+        {
+            bail!("`{s}`: a placeholder must be the whole string (\"{{{{int:1:9}}}}\"); {USE}")
         }
         Value::Array(a) => a.iter().try_for_each(check_placeholders),
         Value::Object(o) => o.values().try_for_each(check_placeholders),
@@ -1063,6 +1080,12 @@ mod tests {
             2
         );
         assert!(Custom::parse_templates(r#"{"a": "{{int:9:1}}"}"#).is_err());
+        let err = Custom::parse_templates(r#"{"a": "{{int:5:1}}"}"#).unwrap_err();
+        assert!(err.to_string().contains("above"), "{err}");
+        for partial in [r#"{"a": "{{int:1:2"}"#, r#"{"a": "x{{int:1:2}}y"}"#] {
+            let err = Custom::parse_templates(partial).unwrap_err();
+            assert!(err.to_string().contains("whole string"), "{partial}: {err}");
+        }
         assert!(Custom::parse_templates(r#"{"a": "{{dice}}"}"#).is_err());
         assert!(Custom::parse_templates("  ").is_err());
     }

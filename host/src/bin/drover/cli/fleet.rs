@@ -26,7 +26,8 @@ pub struct LoadArgs {
     #[arg(long, default_value = "{}")]
     pub config: String,
     /// An event template (JSON; repeatable). Strings `{{int:LO:HI}}`, `{{float:LO:HI}}` and
-    /// `{{pick:A|B}}` inside it become random values per event.
+    /// `{{pick:A|B}}` inside it become random values per event (numbers, numbers, one of
+    /// the words as a string); a placeholder is a whole string.
     #[arg(long = "event", value_name = "JSON")]
     pub event_templates: Vec<String>,
     /// Event templates from a file: a JSON array, or one JSON event per line.
