@@ -334,6 +334,13 @@ impl Runtime {
         // the claim before the record is durable.)
         let _claim = self.claim_provisioning(id).await?;
         let _binding = self.shared.binding.read().await;
+        // A plugin that does not exist is the first thing wrong with the request, whether or
+        // not the id is taken (a conflict named it as if it could be provisioned).
+        let version = self
+            .shared
+            .registry
+            .current(plugin)
+            .ok_or_else(|| Error::UnknownPlugin(plugin.to_string()))?;
         if let Some(existing) = self.summary(id) {
             let other_config = !same_json(&existing.config, config);
             return if existing.plugin == plugin && !other_config {
@@ -347,11 +354,6 @@ impl Runtime {
                 })
             };
         }
-        let version = self
-            .shared
-            .registry
-            .current(plugin)
-            .ok_or_else(|| Error::UnknownPlugin(plugin.to_string()))?;
 
         // Trial init: a config the plugin refuses would make a device that can never activate.
         // Guest code, so where activations run: on the actor pool, stopped there once seen

@@ -143,6 +143,12 @@ async fn devices_of_both_plugins_compute_their_state_from_events() {
         "device `hall` already exists with plugin `thermostat` (not `door-lock`) and another \
          configuration"
     );
+    // A plugin that does not exist is what is wrong first, taken id or not.
+    let err = rt
+        .provision("hall", "no-such-plugin", &config)
+        .await
+        .expect_err("unknown plugin");
+    assert_eq!(err.code(), "unknown-plugin", "{err}");
 
     let page = rt.journal_page("hall", 1, 10).expect("journal");
     assert_eq!(page.records.len(), 1);
