@@ -373,13 +373,13 @@ pub trait Directory: Send + Sync {
     fn over_capacity(&self);
 }
 
-/// A message in an actor's mailbox.
+/// A message in an actor's mailbox: 16 bytes, every variant's payload one pointer at most.
+/// Each live actor's mailbox keeps a first block of room for 32 messages whether it is used
+/// or not, so the message's size is paid 32 times per live actor (48-byte messages made that
+/// block 1.5 KiB); boxing an event costs one small allocation beside its text's.
 pub enum Message {
-    Event {
-        event: String,
-        accepted: Instant,
-        reply: oneshot::Sender<Result<Committed, Error>>,
-    },
+    /// An event from outside.
+    Event(Box<ExternalEvent>),
     /// The durable state and the lifecycle status as the read found it.
     Query {
         reply: oneshot::Sender<Result<QueryAnswer, Error>>,
@@ -400,24 +400,35 @@ pub enum Message {
     /// first (a message already handled or a timer replaced meanwhile is dropped), a refusal
     /// consumes it (recorded with no transitions, so it is not delivered again), and nobody
     /// waits for an answer. See `crate::dispatch`.
-    Internal {
-        /// The event; `None` for a timer firing, whose event the actor reads from the record
-        /// that set the timer (the wheel and the index do not keep timers' events).
-        event: Option<String>,
-        /// Boxed: it is the largest field of any message, and every live actor's mailbox
-        /// holds a first block of 32 messages' room whether it is used or not.
-        origin: Box<Origin>,
-    },
+    Internal(Box<InternalEvent>),
     /// Write a snapshot of the current state now (activating the device if it is not live):
     /// retention asks a device whose old snapshot holds back the deletion of old segments
     /// (see `Runtime::refresh_retention`). Nobody waits for it.
     Snapshot,
     /// Move to plugin version `version` between two events (a deploy or rollback): see
     /// `crate::upgrade`.
-    Upgrade {
-        version: u32,
-        reply: oneshot::Sender<DeviceUpgrade>,
-    },
+    Upgrade(Box<UpgradeRequest>),
+}
+
+/// [`Message::Event`]: the event's JSON text, when it was accepted, and who waits.
+pub struct ExternalEvent {
+    pub event: String,
+    pub accepted: Instant,
+    pub reply: oneshot::Sender<Result<Committed, Error>>,
+}
+
+/// [`Message::Internal`].
+pub struct InternalEvent {
+    /// The event; `None` for a timer firing, whose event the actor reads from the record
+    /// that set the timer (the wheel and the index do not keep timers' events).
+    pub event: Option<String>,
+    pub origin: Origin,
+}
+
+/// [`Message::Upgrade`]: the plugin version to move to, and who waits for the report.
+pub struct UpgradeRequest {
+    pub version: u32,
+    pub reply: oneshot::Sender<DeviceUpgrade>,
 }
 
 /// A read's answer: the durable state, the lifecycle status as the read found it, and, while
@@ -759,7 +770,7 @@ impl Actor {
                         .as_ref()
                         .and_then(|l| l.upgrade_retry)
                         .is_some_and(|r| last_activity.into_std() >= r.due)
-                        && !matches!(msg, Message::Upgrade { .. } | Message::Passivate)
+                        && !matches!(msg, Message::Upgrade(_) | Message::Passivate)
                         && !self.stopping()
                     {
                         Box::pin(self.retry_upgrade()).await;
@@ -784,46 +795,46 @@ impl Actor {
                         // connection at the drain timeout, or the caller went away): never
                         // acknowledged, so not handled either, lest a mailbox of slow events
                         // hold the stop for minutes.
-                        Message::Event { reply, .. } if reply.is_closed() && self.stopping() => {
-                            drop(reply);
-                        }
+                        Message::Event(e) if e.reply.is_closed() && self.stopping() => drop(e),
                         // One reading of the clock: a quarantine ending between two would
                         // drop the reply unanswered.
-                        Message::Event {
-                            event,
-                            accepted,
-                            reply,
-                        } => match self.quarantined() {
-                            Some(e) => {
-                                let _ = reply.send(Err(e));
+                        Message::Event(e) => match self.quarantined() {
+                            Some(refused) => {
+                                let _ = e.reply.send(Err(refused));
                             }
                             None => {
+                                let ExternalEvent {
+                                    event,
+                                    accepted,
+                                    reply,
+                                } = *e;
                                 self.on_event(event, Origin::External, None, accepted, Some(reply), 0)
                                     .await;
                             }
                         },
-                        Message::Internal { .. } if self.stopping() => {
+                        Message::Internal(_) if self.stopping() => {
                             // Still owed in the journal: the next start sends it again. A
                             // stop answers the events it accepted from outside; it does not
                             // wait for a burst of timer firings or messages to be handled.
                             self.env.metrics.internal_dropped.fetch_add(1, Ordering::Relaxed);
                         }
-                        Message::Internal { origin, .. } if self.in_quarantine() => {
+                        Message::Internal(internal) if self.in_quarantine() => {
                             // Still owed in the journal: a timer is put back in the wheel for
                             // later, a message is delivered again when the quarantine ends.
                             self.env.metrics.internal_dropped.fetch_add(1, Ordering::Relaxed);
-                            self.internal_not_handled(&origin);
+                            self.internal_not_handled(&internal.origin);
                         }
-                        Message::Internal { event, origin } => {
-                            self.on_internal(event, *origin).await
+                        Message::Internal(internal) => {
+                            let InternalEvent { event, origin } = *internal;
+                            self.on_internal(event, origin).await
                         }
                         // The rare requests' futures are boxed, so the task every live actor
                         // keeps is sized for the event path only.
                         Message::Query { reply } => Box::pin(self.on_query(reply)).await,
                         Message::Snapshot => Box::pin(self.on_snapshot_request()).await,
-                        Message::Upgrade { version, reply } => {
-                            let report = Box::pin(self.on_upgrade(version)).await;
-                            let _ = reply.send(report);
+                        Message::Upgrade(request) => {
+                            let report = Box::pin(self.on_upgrade(request.version)).await;
+                            let _ = request.reply.send(report);
                         }
                         Message::Export { reply } => Box::pin(self.on_export(reply)).await,
                     }
@@ -2234,6 +2245,12 @@ impl Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every live actor's mailbox keeps room for 32 messages (see [`Message`]).
+    #[test]
+    fn a_mailbox_message_is_two_words() {
+        assert_eq!(std::mem::size_of::<Message>(), 16);
+    }
 
     /// Each quarantine is `QUARANTINE_FIRST` doubled per relapse, capped, within ±25%,
     /// whatever the jitter drew before: it does not compound.

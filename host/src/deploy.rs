@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::actor::Message;
+use crate::actor::{Message, UpgradeRequest};
 use crate::dry_run::{self, DryRunReport, Limits};
 use crate::error::Error;
 use crate::journal::{DeviceHead, VersionInfo};
@@ -342,10 +342,10 @@ impl Runtime {
         let mut devices: Vec<DeviceUpgrade> = futures::stream::iter(live)
             .map(|(id, tx)| async move {
                 let (reply, rx) = oneshot::channel();
-                let msg = Message::Upgrade {
+                let msg = Message::Upgrade(Box::new(UpgradeRequest {
                     version: target_id,
                     reply,
-                };
+                }));
                 // Waits for room: the upgrade queues behind the events already in the mailbox.
                 let report = match tx.send(msg).await {
                     Ok(()) => rx.await.ok(),

@@ -33,7 +33,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::actor::{Durable, Message};
+use crate::actor::{Durable, InternalEvent, Message};
 use crate::clock;
 use crate::error::Error;
 use crate::journal::{Effect, EffectId, Journal, Origin};
@@ -82,14 +82,14 @@ impl Postman {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.post(
             to,
-            Message::Internal {
+            Message::Internal(Box::new(InternalEvent {
                 event: Some(event),
-                origin: Box::new(Origin::Message {
+                origin: Origin::Message {
                     sender: sender.to_string(),
                     num,
                     id,
-                }),
-            },
+                },
+            })),
         );
     }
 
@@ -287,7 +287,7 @@ fn sync_timers(journal: &Journal, timers: &TimerWheel, num: u32) {
 /// Who sent `msg` (id, device number) and its id, if it is a message.
 fn sent_by(msg: &Message) -> Option<(String, u32, EffectId)> {
     match msg {
-        Message::Internal { origin, .. } => match &**origin {
+        Message::Internal(internal) => match &internal.origin {
             Origin::Message { sender, num, id } => Some((sender.clone(), *num, *id)),
             _ => None,
         },

@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::actor::{ActorEnv, ActorPool, Message};
+use crate::actor::{ActorEnv, ActorPool, ExternalEvent, Message};
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Postman};
 use crate::engine::{CallError, Engine, Preemption};
@@ -561,11 +561,11 @@ impl Runtime {
 
     async fn send_valid(&self, id: &str, event: &str) -> Result<Committed, Error> {
         let (reply, rx) = oneshot::channel();
-        let msg = Message::Event {
+        let msg = Message::Event(Box::new(ExternalEvent {
             event: event.to_string(),
             accepted: Instant::now(),
             reply,
-        };
+        }));
         self.shared.router.deliver(id, msg)?;
         rx.await.unwrap_or_else(|_| Err(self.actor_gone()))
     }

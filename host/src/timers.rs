@@ -35,7 +35,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::actor::Message;
+use crate::actor::{InternalEvent, Message};
 use crate::clock;
 use crate::dispatch::Postman;
 use crate::journal::effects::VecMap;
@@ -205,16 +205,16 @@ impl TimerWheel {
                     fired += 1;
                     postman.post(
                         &timers.device,
-                        Message::Internal {
+                        Message::Internal(Box::new(InternalEvent {
                             // Read by the actor from the record that set the timer.
                             event: None,
-                            origin: Box::new(Origin::Timer {
+                            origin: Origin::Timer {
                                 key: key.into(),
                                 set: t.set(),
                                 due_ms: t.due_ms,
                                 missed: 0,
-                            }),
-                        },
+                            },
+                        })),
                     );
                 }
                 next_of.push((num, timers.next_ms));
