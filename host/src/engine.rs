@@ -1793,8 +1793,8 @@ impl Instance {
         let mut msg = match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::MemoryOutOfBounds) if looks_like_recursion(&e) => format!(
                 "{}: the guest's stack overflowed, it seems (one function repeats down \
-                 the backtrace); a plugin built with the SDK's `plugin-build.rs` has \
-                 {} KiB of stack",
+                 the backtrace); plugins built with the SDK's `plugin-build.rs` have \
+                 {} KiB of stack, others Rust's 1 MiB",
                 wasmtime::Trap::MemoryOutOfBounds,
                 GUEST_STACK_KIB
             ),

@@ -369,6 +369,8 @@ fn provision_send_and_read_back_both_plugins() {
         (&["--concurrency", "0"], "--concurrency"),
         (&["--concurrency", "100000"], "--concurrency"),
         (&["--devices", "0"], "at least one device"),
+        (&["--duration", "0"], "--duration"),
+        (&["--events", "0"], "--events"),
     ] {
         let (ok, _, err) = paced(extra);
         assert!(!ok && err.contains(says), "{extra:?}: {err}");

@@ -206,13 +206,29 @@ fn placeholder(s: &str, rng: &mut Rng) -> Option<serde_json::Value> {
         "int" => {
             let (lo, hi) = args.split_once(':')?;
             let (lo, hi): (i64, i64) = (lo.parse().ok()?, hi.parse().ok()?);
-            (hi >= lo).then(|| (lo + rng.below((hi - lo) as u64 + 1) as i64).into())
+            // In i128: the span of the whole i64 range does not fit an i64.
+            let span = (i128::from(hi) - i128::from(lo) + 1) as u128;
+            let draw = if span > u128::from(u64::MAX) {
+                u128::from(rng.below(u64::MAX))
+            } else {
+                u128::from(rng.below(span as u64))
+            };
+            (hi >= lo).then(|| ((i128::from(lo) + draw as i128) as i64).into())
         }
         "float" => {
             let (lo, hi) = args.split_once(':')?;
             let (lo, hi): (f64, f64) = (lo.parse().ok()?, hi.parse().ok()?);
-            let x = lo + (hi - lo) * rng.below(10_001) as f64 / 10_000.0;
-            (hi >= lo).then(|| ((x * 100.0).round() / 100.0).into())
+            // Interpolated, not `lo + (hi - lo) * t`, whose span overflows to infinity for
+            // bounds near f64's limits (and JSON has no infinity: it went out as `null`).
+            let t = rng.below(10_001) as f64 / 10_000.0;
+            let x = lo * (1.0 - t) + hi * t;
+            // Two decimals, as readings have; past 1e15 an f64 has none to round.
+            let x = if x.abs() < 1e15 {
+                (x * 100.0).round() / 100.0
+            } else {
+                x
+            };
+            (hi >= lo && x.is_finite()).then(|| x.into())
         }
         "pick" => {
             let words: Vec<&str> = args.split('|').collect();
@@ -343,6 +359,12 @@ impl SimConfig {
         if self.duration.is_none() && self.events.is_none() {
             bail!("give a duration or an event count");
         }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            bail!("--duration is seconds to run: more than 0");
+        }
+        if self.events == Some(0) {
+            bail!("--events is how many to send: at least 1");
+        }
         Ok(())
     }
 
@@ -423,6 +445,10 @@ pub struct Summary {
     pub elapsed_secs: f64,
     /// HTTP requests answered (or failed).
     pub requests: u64,
+    /// Requests still waiting for their answer when the run stopped: neither answered nor
+    /// failed, so counted in none of the figures above or below.
+    #[serde(default)]
+    pub unanswered: u64,
     pub events_ok: u64,
     pub events_failed: u64,
     /// Acknowledged (durable) events per second.
@@ -464,6 +490,7 @@ pub fn fmt_count(n: u64) -> String {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pacing = match self.target_rate {
+            Some(r) if r < 10.0 => format!("at {r} events/s"),
             Some(r) => format!("at {} events/s", fmt_count(r as u64)),
             None => "closed loop".to_string(),
         };
@@ -503,6 +530,13 @@ impl fmt::Display for Summary {
                 .map(|(code, n)| format!("{code} {}", fmt_count(*n)))
                 .collect();
             writeln!(f, "  errors: {}", list.join(", "))?;
+        }
+        if self.unanswered > 0 {
+            writeln!(
+                f,
+                "  {} requests still unanswered when the run stopped (not counted)",
+                fmt_count(self.unanswered)
+            )?;
         }
         if let Some(why) = &self.stopped_early {
             writeln!(f, "  stopped early: {why}")?;
@@ -669,9 +703,14 @@ pub async fn provision(cfg: &SimConfig) -> anyhow::Result<()> {
                 let (plugin, config) = cfg.provisioning(kind);
                 let body =
                     serde_json::to_vec(&serde_json::json!({"plugin": plugin, "config": config}))?;
-                let (status, answer) = conn
-                    .call(Method::PUT, &format!("/v1/devices/{id}"), body.into())
+                let path = format!("/v1/devices/{id}");
+                let call = conn.call(Method::PUT, &path, body.into());
+                let (status, answer) = tokio::time::timeout(REQUEST_TIMEOUT, call)
                     .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+                    })
+                    .and_then(|answered| answered)
                     .with_context(|| format!("provisioning {id}"))?;
                 if !status.is_success() {
                     bail!(
@@ -701,6 +740,8 @@ struct Shared {
     slots: AtomicU64,
     start: Instant,
     requests: AtomicU64,
+    /// Requests in flight when the run stopped.
+    unanswered: AtomicU64,
     ok: AtomicU64,
     failed: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -769,6 +810,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         slots: AtomicU64::new(0),
         start: Instant::now(),
         requests: AtomicU64::new(0),
+        unanswered: AtomicU64::new(0),
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
@@ -835,6 +877,7 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         batch,
         elapsed_secs: elapsed.as_secs_f64(),
         requests: shared.requests.load(Ordering::Relaxed),
+        unanswered: shared.unanswered.load(Ordering::Relaxed),
         events_ok: ok,
         events_failed: shared.failed.load(Ordering::Relaxed),
         events_per_sec: ok as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -924,7 +967,10 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
                 conn.sender = None;
                 Err(anyhow::anyhow!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))
             }),
-            () = stopped(&shared) => return,
+            () = stopped(&shared) => {
+                shared.unanswered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         };
         let latency = scheduled.elapsed();
         shared.requests.fetch_add(1, Ordering::Relaxed);
@@ -1080,6 +1126,16 @@ mod tests {
             2
         );
         assert!(Custom::parse_templates(r#"{"a": "{{int:9:1}}"}"#).is_err());
+        // The whole i64 range and f64's extremes: no overflow, no `null`.
+        let wide = Custom::parse_templates(
+            r#"{"i": "{{int:-9223372036854775808:9223372036854775807}}", "f": "{{float:-1e308:1e308}}"}"#,
+        )
+        .expect("valid");
+        let mut rng = Rng(7);
+        for _ in 0..200 {
+            let v = fill(&wide[0], &mut rng);
+            assert!(v["i"].is_i64() && v["f"].is_f64(), "{v}");
+        }
         let err = Custom::parse_templates(r#"{"a": "{{int:5:1}}"}"#).unwrap_err();
         assert!(err.to_string().contains("above"), "{err}");
         for partial in [r#"{"a": "{{int:1:2"}"#, r#"{"a": "x{{int:1:2}}y"}"#] {

@@ -26,8 +26,8 @@ pub struct LoadArgs {
     #[arg(long, default_value = "{}")]
     pub config: String,
     /// An event template (JSON; repeatable). Strings `{{int:LO:HI}}`, `{{float:LO:HI}}` and
-    /// `{{pick:A|B}}` inside it become random values per event (numbers, numbers, one of
-    /// the words as a string); a placeholder is a whole string.
+    /// `{{pick:A|B}}` inside it become random values per event (an integer, a number
+    /// rounded to 2 decimals, one of the words as a string); a placeholder is a whole string.
     #[arg(long = "event", value_name = "JSON")]
     pub event_templates: Vec<String>,
     /// Event templates from a file: a JSON array, or one JSON event per line.
@@ -159,6 +159,9 @@ pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
         sim::run(&cfg).await
     })?;
     print_summary(&summary, args.json)?;
+    if summary.events_ok == 0 && summary.stopped_early.is_none() {
+        eprintln!("error: no event was acknowledged");
+    }
     Ok(
         if summary.events_ok > 0 && summary.stopped_early.is_none() {
             ExitCode::SUCCESS
