@@ -59,6 +59,23 @@ async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Provisions `misbehave` devices `ids`, then quarantines `stuck` (three traps in a row): a
+/// target that handles none of the messages sent to it until resumed.
+async fn misbehave_with_one_stuck(rt: &Runtime, ids: &[&str], stuck: &str) {
+    for id in ids {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    for _ in 0..3 {
+        let err = rt
+            .send(stuck, r#"{"type":"panic"}"#)
+            .await
+            .expect_err("traps");
+        assert_eq!(err.code(), "trap", "{err}");
+    }
+}
+
 fn reading(celsius: f64) -> String {
     json!({"type": "reading", "celsius": celsius}).to_string()
 }
@@ -566,19 +583,7 @@ async fn a_sender_whose_target_is_stuck_is_held_back_and_the_target_gets_its_mes
         .open()
         .await
         .expect("runtime opens");
-    for id in ["a", "b"] {
-        rt.provision(id, "misbehave", &json!({}))
-            .await
-            .expect("provision");
-    }
-    // Three traps in a row quarantine `b`.
-    for _ in 0..3 {
-        let err = rt
-            .send("b", r#"{"type":"panic"}"#)
-            .await
-            .expect_err("traps");
-        assert_eq!(err.code(), "trap", "{err}");
-    }
+    misbehave_with_one_stuck(&rt, &["a", "b"], "b").await;
     assert_eq!(
         rt.device("b").await.expect("b").status,
         drover::view::DeviceStatus::Quarantined
@@ -680,14 +685,7 @@ async fn messages_owed_to_a_removed_device_are_undeliverable_not_handed_to_its_s
         .open()
         .await
         .expect("runtime opens");
-    for id in ["a", "b"] {
-        rt.provision(id, "misbehave", &json!({}))
-            .await
-            .expect("provision");
-    }
-    for _ in 0..3 {
-        let _ = rt.send("b", r#"{"type":"panic"}"#).await;
-    }
+    misbehave_with_one_stuck(&rt, &["a", "b"], "b").await;
     let relay = json!({"type": "send", "to": "b", "event": {"type": "ok"}}).to_string();
     rt.send("a", &relay).await.expect("first");
     rt.send("a", &relay).await.expect("second");
@@ -736,15 +734,7 @@ async fn concurrent_events_do_not_pass_the_outbox_or_backpressure_caps() {
         .open()
         .await
         .expect("runtime opens");
-    for id in ["c", "s", "q"] {
-        rt.provision(id, "misbehave", &json!({}))
-            .await
-            .expect("provision");
-    }
-    // `q` is quarantined: it handles none of the messages sent to it.
-    for _ in 0..3 {
-        let _ = rt.send("q", r#"{"type":"panic"}"#).await;
-    }
+    misbehave_with_one_stuck(&rt, &["c", "s", "q"], "q").await;
     let relay = json!({"type": "send", "to": "q", "event": {"type": "ok"}}).to_string();
     for (device, event, code) in [
         ("c", r#"{"type":"command"}"#.to_string(), "outbox-full"),
