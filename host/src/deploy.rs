@@ -19,8 +19,13 @@
 //!    check each device made before switching: the live instance's seq equals the seq of
 //!    its last durable event, so no acknowledged event was lost or applied twice.
 //!
-//! A rollback is a deploy of the version that was current before, the same way (forced: the
-//! devices ran it already).
+//! Between 1 and 2, passivated devices outside the sample are folded with `V` too, as their
+//! next activation will, for up to [`FOLD_CHECK_BUDGET`]: one that cannot be refuses the
+//! deploy as the sample does (see [`DeployTotals::fold_checked`]).
+//!
+//! A rollback is a deploy of the version that was current before, the same way: checked
+//! first, since the devices may have recorded transitions of the newer version that the
+//! older one cannot fold.
 
 use std::time::Instant;
 
@@ -30,17 +35,34 @@ use tokio::sync::oneshot;
 
 use crate::actor::{Message, UpgradeRequest};
 use crate::dry_run::{self, DryRunReport, Limits};
+use crate::engine::Preemption;
 use crate::error::Error;
+use crate::error::ErrorKind;
 use crate::journal::{DeviceHead, VersionInfo};
 use crate::registry::Origin;
 use crate::runtime::Runtime;
-use crate::upgrade::{DeviceUpgrade, UpgradeOutcome};
+use crate::upgrade::{self, DeviceUpgrade, UpgradeOutcome};
+use std::sync::Arc;
 
 /// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
 const UPGRADES_PER_THREAD: usize = 8;
 
 /// Devices a deploy dry-runs before it changes anything.
 pub const SAMPLE: usize = 16;
+
+/// How long a deploy may spend folding the history of passivated devices outside its sample
+/// before it changes anything (see `DeployTotals::fold_checked`). A fold is ~0.1-1 ms for a
+/// device with a snapshot and a short tail, so a few thousand devices are checked; a larger
+/// fleet is checked in part, a different part at each deploy.
+pub const FOLD_CHECK_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What [`Runtime::fold_check`] found.
+struct FoldCheck {
+    /// Devices whose history was folded, successfully or not.
+    checked: usize,
+    /// (device, seq it failed at, why) of those that could not be folded.
+    cannot_fold: Vec<(String, Option<u64>, String)>,
+}
 
 /// Which devices a dry-run looks at.
 #[derive(Debug, Clone)]
@@ -69,6 +91,11 @@ pub struct DeployTotals {
     /// if it can fold their history (else they stay on theirs, with a warning in the log and
     /// `drover_upgrade_failures_total`).
     pub pending_lazy: usize,
+    /// Passivated devices outside the sample whose history the new version was checked to
+    /// fold before anything changed, as their activation will (those it could not fold are
+    /// in `cannot_fold`): all of them unless the check ran out of its time budget
+    /// ([`FOLD_CHECK_BUDGET`]); `pending_lazy` less the checked ones were not checked.
+    pub fold_checked: usize,
     /// Devices that came to the new version while the deploy ran without the deploy moving
     /// them: activated meanwhile (and upgraded at activation), or provisioned meanwhile.
     /// With the others above, every device of the plugin is counted once.
@@ -254,7 +281,9 @@ impl Runtime {
             .devices_of(plugin)
             .into_iter()
             .partition(|h| h.version == target.id);
-        let sample = self.sample(plugin, &target, spread(others, SAMPLE)).await;
+        let sample = self
+            .sample(plugin, &target, spread(others.clone(), SAMPLE))
+            .await;
         let overloaded = sample.devices.iter().filter(|d| d.overloaded).count();
         if overloaded > 0 && !force {
             // Not the candidate's fault, but nothing was proved about it either.
@@ -290,8 +319,53 @@ impl Runtime {
                 target.number,
             )));
         }
-        let cannot_fold: std::collections::HashSet<String> =
+        let mut cannot_fold: std::collections::HashSet<String> =
             unfoldable.iter().map(|d| d.device.clone()).collect();
+
+        // 1b. Check beyond the sample. Passivated devices move at their next activation, where
+        // a history the version cannot fold leaves them on their old one after the deploy
+        // reported success; the sample alone, always the same devices, missed them. So the
+        // rest are folded too, as their activation would, in a random order (for a rollback,
+        // those that ran the version being left first: their newer transitions are the
+        // risk), until the budget is spent. Live devices are folded by the swap itself.
+        let sampled: std::collections::HashSet<&str> =
+            sample.devices.iter().map(|d| d.device.as_str()).collect();
+        let live_now: std::collections::HashSet<Arc<str>> = self
+            .shared
+            .router
+            .live_where(|_| true)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let unchecked: Vec<DeviceHead> = others
+            .iter()
+            .filter(|h| !sampled.contains(&*h.id) && !live_now.contains(&h.id))
+            .cloned()
+            .collect();
+        let check = self
+            .fold_check(unchecked, target.id, current.id, FOLD_CHECK_BUDGET)
+            .await;
+        if !check.cannot_fold.is_empty() && !force {
+            let (first, seq, error) = &check.cannot_fold[0];
+            return Err(Error::DeployRefused(format!(
+                "version {} of `{plugin}` cannot fold the recorded transitions of {} of the {} \
+                 devices checked beyond the sample ({}); the first: {first}{}: {error}. `drover \
+                 plugin diff {plugin} {} --device ID` shows each; force the deploy to move the \
+                 others and leave these on their version",
+                target.number,
+                check.cannot_fold.len(),
+                check.checked,
+                check
+                    .cannot_fold
+                    .iter()
+                    .map(|(id, _, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                seq.map_or_else(String::new, |s| format!(" at seq {s}")),
+                target.number,
+            )));
+        }
+        cannot_fold.extend(check.cannot_fold.into_iter().map(|(id, _, _)| id));
 
         // 2. Point.
         if rollback {
@@ -381,6 +455,7 @@ impl Runtime {
             devices: all.len(),
             live: devices.len(),
             unchanged: already.len(),
+            fold_checked: check.checked,
             ..Default::default()
         };
         for d in &devices {
@@ -455,6 +530,63 @@ impl Runtime {
             "deploy done"
         );
         Ok(report)
+    }
+
+    /// Folds the history of each of `heads` with version `target` as the device's next
+    /// activation would ([`upgrade::bring_up`]), on a blocking thread, until `budget` is
+    /// spent: devices that ran version `leaving` first, the rest in a random order.
+    async fn fold_check(
+        &self,
+        mut heads: Vec<DeviceHead>,
+        target: u32,
+        leaving: u32,
+        budget: std::time::Duration,
+    ) -> FoldCheck {
+        let nonce = crate::clock::seed("fold-check", crate::clock::jitter().to_bits());
+        heads.sort_by_cached_key(|h| (h.version != leaving, crate::clock::seed(&h.id, nonce)));
+        let (journal, registry) = (self.shared.journal.clone(), self.shared.registry.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut check = FoldCheck {
+                checked: 0,
+                cannot_fold: Vec::new(),
+            };
+            for head in heads {
+                if started.elapsed() >= budget {
+                    break;
+                }
+                let want = DeviceHead {
+                    version: target,
+                    ..head.clone()
+                };
+                let folded = futures::executor::block_on(upgrade::bring_up(
+                    &journal,
+                    &registry,
+                    &want,
+                    head.version,
+                    Preemption::None,
+                ));
+                match folded {
+                    Ok(_) => check.checked += 1,
+                    // Nothing proved either way: left to its activation.
+                    Err(f) if f.error.kind() == ErrorKind::Overloaded => {}
+                    Err(f) => {
+                        check.checked += 1;
+                        check
+                            .cannot_fold
+                            .push((head.id.to_string(), f.seq, f.error.to_string()));
+                    }
+                }
+            }
+            check
+        });
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "fold check task failed");
+            FoldCheck {
+                checked: 0,
+                cannot_fold: Vec::new(),
+            }
+        })
     }
 
     /// How many devices upgrade at once: a few per actor thread, enough to overlap one

@@ -413,6 +413,82 @@ async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
     rt.shutdown().await;
 }
 
+/// A passivated device outside the deploy's sample whose history the version cannot fold
+/// refuses the deploy too (it found none before: the sample is always the same 16 devices,
+/// and such a device stayed on its old version at its next activation while the deploy
+/// reported success); forced, the deploy leaves it on its version at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passivated_device_the_sample_misses_is_checked_before_the_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open_passivating(dir.path()).await;
+    let v2 = register_v2(&rt).await;
+    rt.deploy("misbehave", v2.version, false).await.unwrap();
+    // Under v2 one `ok` counts to 2 (v3 folds it); three count to 6 (v3 traps at seq 3). Of
+    // 40 devices the sample takes every 2.5th by id: c-01 is not one of them.
+    for i in 0..40 {
+        let id = format!("c-{i:02}");
+        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+        for _ in 0..(if i == 1 { 3 } else { 1 }) {
+            rt.send(&id, OK).await.unwrap();
+        }
+    }
+    until_passivated(&rt).await;
+    let (v3, _) = support::upload_misbehave(&rt, support::misbehave_variant("v3")).await;
+    let diff = rt
+        .dry_run(
+            "misbehave",
+            v3.version,
+            Selection::Sample(drover::DEPLOY_SAMPLE),
+        )
+        .await
+        .unwrap();
+    assert!(
+        diff.devices.iter().all(|d| d.device != "c-01" && d.folds),
+        "the sample misses it: {:?}",
+        diff.devices
+    );
+
+    let refused = rt.deploy("misbehave", v3.version, false).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::DeployRefused, "{refused}");
+    let message = refused.to_string();
+    assert!(
+        message.contains("1 of the 24 devices checked beyond the sample (c-01)")
+            && message.contains("at seq 3"),
+        "{message}"
+    );
+    assert_eq!(
+        rt.current_version("misbehave"),
+        Some(v2.version),
+        "nothing changed"
+    );
+
+    let report = rt.deploy("misbehave", v3.version, true).await.unwrap();
+    assert_eq!(
+        (
+            report.totals.fold_checked,
+            report.totals.cannot_fold,
+            report.totals.pending_lazy
+        ),
+        (24, 1, 39),
+        "{:?}",
+        report.totals
+    );
+    assert_eq!(
+        rt.summary("c-01").and_then(|d| d.upgrade),
+        Some(drover::PendingUpgrade {
+            to: v3.version,
+            failed: true
+        })
+    );
+    rt.send("c-01", OK)
+        .await
+        .expect("handled on its own version");
+    assert_eq!(version(&rt, "c-01"), v2.version);
+    rt.send("c-02", OK).await.expect("handled");
+    assert_eq!(version(&rt, "c-02"), v3.version);
+    rt.shutdown().await;
+}
+
 /// Acceptance 4: passivated devices are not woken by a deploy; they come back on the new
 /// version at their next activation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -271,7 +271,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{} ({} ms)",
+        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{} ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -286,6 +286,11 @@ pub fn print_deploy(r: &Value) {
         n(&t["failed"]),
         n(&t["unchanged"]),
         n(&t["pending_lazy"]),
+        match (n(&t["pending_lazy"]), n(&t["fold_checked"])) {
+            (0, _) => String::new(),
+            (_, 0) => " (none checked beforehand)".to_string(),
+            (_, k) => format!(" ({k} passivated devices checked beforehand to fold it)"),
+        },
         match n(&t["cannot_fold"]) {
             0 => String::new(),
             k => format!(", {k} cannot fold it and stay on theirs"),
