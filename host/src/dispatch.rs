@@ -28,6 +28,7 @@
 //! and dispatches nothing.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -77,9 +78,6 @@ impl Postman {
 
     /// Sends message `id` of device `sender` (number `num`) to `to`.
     pub fn send(&self, sender: &Arc<str>, num: u32, id: EffectId, to: &str, event: String) {
-        self.metrics
-            .messages_delivered
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.post(
             to,
             Message::Internal(Box::new(InternalEvent {
@@ -191,8 +189,9 @@ impl Postman {
         let Some(router) = self.router.upgrade() else {
             return;
         };
+        let counter = self.counter_of(&msg);
         match router.offer(to, msg).map_err(|r| *r) {
-            Ok(()) => {}
+            Ok(()) => Self::count(counter),
             Err(Refused::Full(msg)) => {
                 parked.insert(to.to_string(), VecDeque::from([msg]));
                 if let Some(me) = self.me.upgrade() {
@@ -224,8 +223,10 @@ impl Postman {
             let Some(router) = self.router.upgrade() else {
                 return;
             };
+            let counter = self.counter_of(&msg);
             match router.deliver_waiting(&to, msg).await.map_err(|r| *r) {
-                Ok(()) | Err(Refused::Full(_)) => {}
+                Ok(()) => Self::count(counter),
+                Err(Refused::Full(_)) => {}
                 Err(Refused::Error(Error::ShuttingDown, _)) => {
                     // Still owed in the journal: the next start sends it again.
                     self.parked.lock().remove(&to);
@@ -233,6 +234,25 @@ impl Postman {
                 }
                 Err(Refused::Error(e, msg)) => self.undeliverable(&to, msg, e),
             }
+        }
+    }
+
+    /// What counts `msg` once it is in its target's mailbox (not before: one that turns out
+    /// undeliverable, or is dropped with a removed device's timers, was never delivered).
+    fn counter_of(&self, msg: &Message) -> Option<&AtomicU64> {
+        match msg {
+            Message::Internal(internal) => match internal.origin {
+                Origin::Message { .. } => Some(&self.metrics.messages_delivered),
+                Origin::Timer { .. } => Some(&self.metrics.timers_fired),
+                Origin::External => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn count(counter: Option<&AtomicU64>) {
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -258,18 +278,23 @@ impl Postman {
             // A timer of a device removed meanwhile: nothing owed.
             return;
         };
-        self.metrics
-            .messages_undeliverable
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(sender = %sender, to, seq = id.seq, index = id.index, "message undeliverable: no such device");
-        let journal = self.journal.clone();
+        let (journal, metrics) = (self.journal.clone(), self.metrics.clone());
         let to = to.to_string();
         self.pool.spawn(async move {
-            if let Err(e) = journal
+            match journal
                 .record_undeliverable(num, id, &to, "no such device", clock::now_ms())
                 .await
             {
-                tracing::warn!(sender = %sender, to, error = %e, "recording an undeliverable message failed; it is retried at the next start");
+                // Counted once per dead letter: a message a removal settled already, or whose
+                // sender is gone, is not one.
+                Ok(true) => {
+                    metrics.messages_undeliverable.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(sender = %sender, to, seq = id.seq, index = id.index, "message undeliverable: no such device");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(sender = %sender, to, error = %e, "recording an undeliverable message failed; it is retried at the next start");
+                }
             }
         });
     }

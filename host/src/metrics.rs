@@ -46,9 +46,11 @@ pub struct Metrics {
     /// Messages put into other devices' mailboxes, redeliveries included (see
     /// `crate::dispatch`).
     pub messages_delivered: AtomicU64,
-    /// Messages found undeliverable (unknown target), listed as the sender's dead letters.
+    /// Messages found undeliverable (unknown or removed target), counted once each when its
+    /// dead letter is recorded.
     pub messages_undeliverable: AtomicU64,
-    /// Timer firings delivered to their device.
+    /// Timer firings put into their device's mailbox (not those of a device removed
+    /// meanwhile).
     pub timers_fired: AtomicU64,
     /// Internal events (messages, timer firings) dropped on arrival: already handled, timer
     /// replaced or cancelled meanwhile, the device quarantined (delivered again when the
@@ -179,7 +181,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_messages_undeliverable_total",
-            "Messages whose target does not exist (listed as the sender's dead letters).",
+            "Messages whose target does not exist or was removed: one per dead letter of the sender's.",
             &self.messages_undeliverable,
         );
         counter(

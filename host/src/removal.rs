@@ -120,15 +120,21 @@ impl Runtime {
         let journal = &self.shared.journal;
         let target: std::collections::HashSet<std::sync::Arc<str>> = [id.into()].into();
         for (sender, num, message, _) in journal.owed_to_any(&target) {
-            self.shared
-                .metrics
-                .messages_undeliverable
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) = journal
+            match journal
                 .record_undeliverable(num, message, id, "device removed", at_ms)
                 .await
             {
-                tracing::warn!(%sender, to = id, seq = message.seq, index = message.index, error = %e, "recording a message to a removed device as undeliverable failed; it stays owed");
+                Ok(recorded) => {
+                    if recorded {
+                        self.shared
+                            .metrics
+                            .messages_undeliverable
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%sender, to = id, seq = message.seq, index = message.index, error = %e, "recording a message to a removed device as undeliverable failed; it stays owed");
+                }
             }
         }
     }

@@ -173,11 +173,7 @@ impl Runtime {
         );
         let mut effect_tasks = vec![
             handle.spawn(dispatcher.run(owed)),
-            handle.spawn(
-                timers
-                    .clone()
-                    .run(journal.clone(), postman, metrics.clone()),
-            ),
+            handle.spawn(timers.clone().run(journal.clone(), postman)),
         ];
         let rt = Runtime {
             shared: Arc::new(Shared {

@@ -40,7 +40,6 @@ use crate::clock;
 use crate::dispatch::Postman;
 use crate::journal::effects::VecMap;
 use crate::journal::{Journal, Origin, TimerEntry, TimerKey};
-use crate::metrics::Metrics;
 
 /// The longest the wheel sleeps without looking again, so a wall clock stepped forward is
 /// noticed within this.
@@ -184,12 +183,7 @@ impl TimerWheel {
     }
 
     /// Fires timers as they fall due, forever (the runtime aborts it at shutdown).
-    pub async fn run(
-        self: Arc<Self>,
-        journal: Journal,
-        postman: Arc<Postman>,
-        metrics: Arc<Metrics>,
-    ) {
+    pub async fn run(self: Arc<Self>, journal: Journal, postman: Arc<Postman>) {
         loop {
             // Registered before looking, so a sync between the look and the sleep wakes it.
             let woken = self.wake.notified();
@@ -197,12 +191,10 @@ impl TimerWheel {
             woken.as_mut().enable();
             let now = clock::now_ms();
             let (devices, next) = self.take_due(now);
-            let mut fired = 0u64;
             let due = journal.due_timers(&devices, now);
             let mut next_of = Vec::with_capacity(due.len());
             for (num, timers) in due {
                 for (key, t) in timers.due {
-                    fired += 1;
                     postman.post(
                         &timers.device,
                         Message::Internal(Box::new(InternalEvent {
@@ -228,11 +220,6 @@ impl TimerWheel {
                         wheel.place(num, next_ms);
                     }
                 }
-            }
-            if fired > 0 {
-                metrics
-                    .timers_fired
-                    .fetch_add(fired, std::sync::atomic::Ordering::Relaxed);
             }
             if devices.len() == BATCH {
                 tokio::task::yield_now().await;

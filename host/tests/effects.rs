@@ -720,6 +720,66 @@ async fn messages_owed_to_a_removed_device_are_undeliverable_not_handed_to_its_s
     rt.shutdown().await;
 }
 
+/// The message counters say what became of each message, once: one to no device is
+/// undeliverable, not delivered (it was counted delivered before it was found undeliverable),
+/// and messages waiting for room in the full mailbox of a device removed meanwhile are one
+/// dead letter each (the removal counted them, then again each copy that reached the removed
+/// id: 14 for 7 dead letters in a review's run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_counters_count_each_message_once_by_what_became_of_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .mailbox_capacity(2)
+        .open()
+        .await
+        .expect("runtime opens");
+    for id in ["a", "b"] {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    let counters = || {
+        let m = rt.metrics();
+        (
+            m.messages_delivered.load(Ordering::Relaxed),
+            m.messages_undeliverable.load(Ordering::Relaxed),
+        )
+    };
+    let relay = |to: &str| json!({"type": "send", "to": to, "event": {"type": "ok"}}).to_string();
+    rt.send("a", &relay("nobody")).await.expect("sent");
+    eventually("a dead letter", async || {
+        rt.dead_letters("a").is_ok_and(|d| d.len() == 1)
+    })
+    .await;
+    assert_eq!(counters(), (0, 1), "undeliverable, never delivered");
+
+    // b busy with slow events, its mailbox of 2 full: a's messages wait for room.
+    let slow = json!({"type": "slow_apply", "spin": 30_000_000, "count": 1}).to_string();
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let (rt, slow) = (rt.clone(), slow.clone());
+            tokio::spawn(async move { rt.send("b", &slow).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..10 {
+        rt.send("a", &relay("b")).await.expect("sent");
+    }
+    rt.remove_device("b", false).await.expect("removed");
+    for b in busy {
+        let _ = b.await.expect("task");
+    }
+    // The copies that waited reach the removed id meanwhile.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dead = rt.dead_letters("a").expect("dead letters").len() as u64;
+    assert!(dead > 1, "some of the ten were owed to b when it went");
+    let (delivered, undeliverable) = counters();
+    assert_eq!(undeliverable, dead, "one count per dead letter");
+    assert!(delivered <= 10, "{delivered}");
+    rt.shutdown().await;
+}
+
 /// Events in flight count against the caps. Pipelined, each event passed a check that the
 /// ones before it had not moved yet, their records not being durable: a review drove 10
 /// commands past an outbox cap of 5 with concurrent clients, and 9 messages past a

@@ -1414,7 +1414,9 @@ impl Journal {
     }
 
     /// Records that message `id` of device `num` could not be delivered to `to`, and waits
-    /// until it is durable: it stops being owed and is listed with the dead letters.
+    /// until it is durable: it stops being owed and is listed with the dead letters. `false`
+    /// when there was nothing to record: the message is no longer owed (settled already, or
+    /// its sender removed).
     pub async fn record_undeliverable(
         &self,
         num: u32,
@@ -1422,15 +1424,15 @@ impl Journal {
         to: &str,
         reason: &str,
         at_ms: u64,
-    ) -> Result<(), JournalError> {
+    ) -> Result<bool, JournalError> {
         if !self.index().devices.contains_key(&num) {
             // The sender is gone (removed): nothing of it is owed any more.
-            return Ok(());
+            return Ok(false);
         }
         if !self.message_owed(num, id, to) {
             // Settled already (a removal found it undeliverable before a redelivery did):
             // one dead letter per message.
-            return Ok(());
+            return Ok(false);
         }
         self.require_format(record::EFFECTS_FROM)?;
         self.append(
@@ -1444,6 +1446,7 @@ impl Journal {
             IndexEffect::Undeliverable { device: num, id },
         )
         .await
+        .map(|()| true)
     }
 
     /// Records that command `id` of device `num` was acknowledged, and waits until it is
