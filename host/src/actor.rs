@@ -458,6 +458,10 @@ pub struct Activity {
     /// without a message to each actor. Boxed: set only for a device that failed, and every
     /// actor carries the field.
     pub quarantine_cause: parking_lot::Mutex<Option<Box<QuarantineCause>>>,
+    /// Set by the router before it closes the mailbox of a device being removed: the actor
+    /// drains it and drops its instance without the passivation snapshot, which nothing would
+    /// ever read (a removal closes the device's history for good).
+    pub removing: AtomicBool,
 }
 
 /// See [`Activity::quarantine_cause`].
@@ -821,8 +825,11 @@ impl Actor {
                     }
                 }
             }
-            // The mailbox is closed and drained: leave a snapshot so the next start replays less.
-            self.passivate().await;
+            // The mailbox is closed and drained: leave a snapshot so the next start replays
+            // less, unless the device is being removed (the instance goes with the actor).
+            if !self.activity.removing.load(Ordering::Acquire) {
+                self.passivate().await;
+            }
         }
     }
 

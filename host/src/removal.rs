@@ -78,7 +78,7 @@ impl Runtime {
 
     async fn remove_stopped(&self, id: &str, archive: bool) -> Result<Removal, Error> {
         let journal = &self.shared.journal;
-        // The stopped actor's last appends (and a passivation snapshot) must be durable
+        // The stopped actor's last appends (it takes no passivation snapshot) must be durable
         // before the device's history is archived and closed.
         journal.barrier().await?;
         let head = journal

@@ -247,6 +247,7 @@ impl Router {
         self.removing.lock().insert(id.to_string());
         let handle = self.actors.write().remove(id);
         if let Some(handle) = handle {
+            handle.activity.removing.store(true, Ordering::Release);
             handle.closed().await;
         }
     }
