@@ -837,8 +837,18 @@ fn backpressure_floods_get_429_and_accepted_events_stay_in_order() {
             acked.push((seq, format!("b-{n}")));
         } else {
             assert_eq!(r["error"]["code"], "mailbox-full", "item {n}: {r}");
+            // What the single send's `Retry-After` says, per item.
+            assert_eq!(r["error"]["retry_after_s"], 1, "item {n}: {r}");
         }
     }
+    assert_eq!(
+        batch
+            .headers
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1"),
+        "a batch with items to resend says when"
+    );
     let batch_seqs: Vec<u64> = results[..first_refused]
         .iter()
         .map(|r| r["seq"].as_u64().unwrap())
@@ -1042,6 +1052,20 @@ fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
     ]);
     assert!(!ok);
     assert!(err.contains("is a file, not a directory"), "{err}");
+
+    // A batch limit of 0 refused every batch; one of 100,000,000 allowed ~95 GiB bodies.
+    for n in ["0", "100000000"] {
+        let (ok, _, err) = cli(&[
+            "serve",
+            "--max-batch-items",
+            n,
+            "--data",
+            data.to_str().expect("utf-8"),
+        ]);
+        assert!(!ok, "--max-batch-items {n}");
+        assert!(err.contains("1..=1000000"), "{err}");
+        assert!(!data.exists(), "the data directory was created");
+    }
 }
 
 /// A simulator whose server answers nothing (here: nothing listens) stops after a few

@@ -30,7 +30,9 @@
 //! * **Backpressure keeps order.** If an item is refused because its device's mailbox is full,
 //!   every later item of that device in the batch is refused with `mailbox-full` too, even if
 //!   the mailbox drained meanwhile. So the refused items of a device are a suffix of its
-//!   accepted-or-refused sequence, and resending them in order (after `Retry-After`) keeps the
+//!   accepted-or-refused sequence, and resending them in order (after `Retry-After`: the
+//!   answer carries one, the soonest of its items', when any item was refused for a reason
+//!   that retrying cures, and each such item its own `retry_after_s`) keeps the
 //!   device's order intact. (Items refused for their own content, such as a malformed event or
 //!   a plugin refusal, do not hold back later items, as with single sends.)
 //! * **Bounded.** At most [`Limits::max_batch_items`] items and
@@ -64,7 +66,7 @@ use serde_json::value::RawValue;
 
 use super::App;
 use super::devices::Ack;
-use super::error::{ApiError, PluginRefusal, message_of};
+use super::error::{ApiError, PluginRefusal, message_of, retry_after};
 use super::extract::{Body, NoQuery};
 use super::json;
 use crate::error::{Error, validate_id};
@@ -96,13 +98,17 @@ enum ItemOut {
     Err { error: ErrorOut },
 }
 
-/// A per-item error: `{"code","message","plugin"?}`, the detail of the API's error shape.
+/// A per-item error: `{"code","message","plugin"?,"retry_after_s"?}`, the detail of the
+/// API's error shape; `retry_after_s` is what the same error's `Retry-After` header says on a
+/// single send (`mailbox-full` and the other 429s, `quarantined`, ...).
 #[derive(Debug, Serialize)]
 struct ErrorOut {
     code: &'static str,
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     plugin: Option<PluginRefusal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_s: Option<u32>,
 }
 
 impl From<Result<Committed, Error>> for ItemOut {
@@ -114,6 +120,7 @@ impl From<Result<Committed, Error>> for ItemOut {
                     code: e.code(),
                     message: message_of(&e),
                     plugin: PluginRefusal::of(&e),
+                    retry_after_s: retry_after(&e),
                 },
             },
         }
@@ -202,17 +209,32 @@ pub async fn ingest(State(app): State<App>, _: NoQuery, body: Body) -> Result<Re
     }
 
     let mut ok = 0;
+    // The soonest any refused item may go again: a gateway that resends them all at once
+    // waits this long (each item's own `retry_after_s` says more).
+    let mut soonest: Option<u32> = None;
     let results: Vec<ItemOut> = results
         .into_iter()
         .map(|r| {
             let r = r.unwrap_or_else(|| Err(Error::Internal("batch item lost".into())));
             ok += usize::from(r.is_ok());
+            if let Err(e) = &r
+                && let Some(secs) = retry_after(e)
+            {
+                soonest = Some(soonest.map_or(secs, |s| s.min(secs)));
+            }
             ItemOut::from(r)
         })
         .collect();
-    Ok(json::ok(&BatchOut {
+    let mut response = json::ok(&BatchOut {
         ok,
         failed: n - ok,
         results,
-    }))
+    });
+    if let Some(secs) = soonest {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs),
+        );
+    }
+    Ok(response)
 }

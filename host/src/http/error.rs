@@ -242,20 +242,27 @@ pub fn message_of(e: &Error) -> String {
     }
 }
 
+/// Seconds after which sending again may succeed, for the errors that say to retry (429s and
+/// 503s but `plugin-unavailable`): the `Retry-After` header of a single request, and
+/// `retry_after_s` of a batch item.
+pub(crate) fn retry_after(e: &Error) -> Option<u32> {
+    match (e, status_of(e)) {
+        (Error::Quarantined { retry_in_ms, .. }, _) => Some(
+            u32::try_from(retry_in_ms.div_ceil(1000))
+                .unwrap_or(u32::MAX)
+                .max(1),
+        ),
+        // Retrying does not help until someone deploys a version.
+        (Error::PluginUnavailable { .. }, _) => None,
+        (_, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => Some(1),
+        _ => None,
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = status_of(&e);
-        let retry_after = match (&e, status) {
-            (Error::Quarantined { retry_in_ms, .. }, _) => Some(
-                u32::try_from(retry_in_ms.div_ceil(1000))
-                    .unwrap_or(u32::MAX)
-                    .max(1),
-            ),
-            // Retrying does not help until someone deploys a version.
-            (Error::PluginUnavailable { .. }, _) => None,
-            (_, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => Some(1),
-            _ => None,
-        };
+        let retry_after = retry_after(&e);
         ApiError {
             status,
             code: e.code(),

@@ -138,8 +138,10 @@ pub struct Tuning {
         defaults::MAX_PLUGIN_BYTES,
     ))]
     pub max_plugin_bytes: Option<usize>,
-    #[arg(long, help = help(
-        "Most events in one `POST /v1/events` batch",
+    // At least 1 (0 refused every batch but the empty one), at most 1,000,000: the body
+    // limit follows at 1 KiB per item, and 100,000,000 made it ~95 GiB.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000), help = help(
+        "Most events in one `POST /v1/events` batch (1 to 1,000,000)",
         defaults::MAX_BATCH_ITEMS,
     ))]
     pub max_batch_items: Option<usize>,
