@@ -170,6 +170,13 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     assert_ne!(source, edited, "the template has the line the test edits");
     std::fs::write(&lib, &edited).unwrap();
     dev.wait_for("live: sensor v2");
+    // Compared at the seq s1 had before the deploy: its two readings are below both
+    // thresholds, so the new version's state there is the same.
+    assert!(
+        dev.seen.iter().any(|l| l == "  s1: state unchanged"),
+        "{}",
+        dev.seen.join("\n")
+    );
     let ack = send(&url, "s1", json!({"type": "reading", "value": 50}));
     assert_eq!(
         ack["transitions"].as_array().unwrap().len(),

@@ -473,12 +473,14 @@ impl Dev {
             left_behind = report["totals"]["failed"].as_u64().unwrap_or(0)
                 + report["totals"]["cannot_fold"].as_u64().unwrap_or(0);
         }
-        let after = self.states(&devices);
-        for ((id, old), (_, new)) in before.iter().zip(&after) {
-            let (Some(old), Some(new)) = (old, new) else {
+        // At the seq read before the deploy, rebuilt with the device's version now: events
+        // handled meanwhile (a simulated fleet keeps sending) are not the change's effect.
+        for (id, old) in &before {
+            let Some((seq, old)) = old else { continue };
+            let Some((_, new)) = self.state(id, Some(*seq)) else {
                 continue;
             };
-            let diff = drover::dry_run::state_diff(old, new);
+            let diff = drover::dry_run::state_diff(old, &new);
             if diff.is_empty() {
                 println!("  {id}: state unchanged");
             }
@@ -535,17 +537,25 @@ impl Dev {
         Ok(out)
     }
 
-    fn states(&self, ids: &[String]) -> Vec<(String, Option<Value>)> {
+    /// Each device's seq and state now.
+    fn states(&self, ids: &[String]) -> Vec<(String, Option<(u64, Value)>)> {
         ids.iter()
-            .map(|id| {
-                let state = self
-                    .api
-                    .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id))))
-                    .ok()
-                    .map(|(_, d)| d["state"].clone());
-                (id.clone(), state)
-            })
+            .map(|id| (id.clone(), self.state(id, None)))
             .collect()
+    }
+
+    /// Device `id`'s seq and state: now, or right after record `at`, rebuilt from the
+    /// journal by the version it runs (`GET /v1/devices/{id}/state`).
+    fn state(&self, id: &str, at: Option<u64>) -> Option<(u64, Value)> {
+        let query = at.map_or_else(String::new, |seq| format!("?at={seq}"));
+        let (_, body) = self
+            .api
+            .call_json::<Value>(
+                self.api
+                    .get(&format!("/v1/devices/{}/state{query}", segment(id))),
+            )
+            .ok()?;
+        Some((body["seq"].as_u64()?, body["state"].clone()))
     }
 }
 
