@@ -674,6 +674,26 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
             "malformed-request",
             "batch not JSON",
         ),
+        // serde took a struct's fields as an array too: this one was a batch of one event.
+        (
+            api.post_raw(
+                "/v1/events",
+                br#"[[["t1",{"type":"reading","celsius":19}]]]"#,
+            ),
+            400,
+            "malformed-request",
+            "batch as an array",
+        ),
+        (
+            api.call(
+                Method::PUT,
+                "/v1/devices/t9",
+                Some(br#"["thermostat"]"#.to_vec()),
+            ),
+            400,
+            "malformed-request",
+            "provisioning body as an array",
+        ),
         (api.get("/v1/nothing"), 404, "not-found", "unknown route"),
         (
             api.call(Method::PATCH, "/v1/devices/t1", None),

@@ -209,8 +209,19 @@ impl Body {
 
     /// The body parsed as JSON into `T` (borrowing from it where `T` allows); any failure is
     /// 400 `malformed-request`.
+    ///
+    /// Every body of the API is an object: serde would also take a struct's fields as an
+    /// array in order (`[[["t2", {...}]]]` was a batch), and its refusal of other shapes
+    /// named the server's own types.
     pub fn json<'a, T: serde::Deserialize<'a>>(&'a self) -> Result<T, ApiError> {
-        serde_json::from_slice(&self.0)
-            .map_err(|e| ApiError::malformed_request(format!("invalid JSON body: {e}")))
+        let invalid =
+            |e: serde_json::Error| ApiError::malformed_request(format!("invalid JSON body: {e}"));
+        if self.0.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&self.0).map_err(invalid)?;
+            return Err(ApiError::malformed_request(
+                "the body must be a JSON object".to_string(),
+            ));
+        }
+        serde_json::from_slice(&self.0).map_err(invalid)
     }
 }
