@@ -21,7 +21,9 @@
 //! "created_at_ms", "seq", "removed_at_ms"}`), then one line per journal record in seq order
 //! (`{"seq", "at", "plugin", "version", "event", "transitions"}` and `lost`, `origin`,
 //! `effects` when present: what `GET /v1/devices/{id}/journal` shows of it; before
-//! 2026-12-03 `at` was written `at_ms`). Written to a temporary file, fsynced, then renamed.
+//! 2026-12-03 `at` was written `at_ms`). Written to a temporary file, fsynced, then renamed,
+//! before the removal is recorded; an archive whose removal was never recorded (a crash in
+//! between) is deleted at the next start, so every archive is of a removed device.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -95,7 +97,13 @@ impl Runtime {
         } else {
             None
         };
-        journal.record_removal(head.num, at_ms).await?;
+        if let Err(e) = journal.record_removal(head.num, at_ms).await {
+            // Not removed: an archive would say it was (see `sweep_unfinished_archives`).
+            if let Some(path) = &archive {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
         // Its timers are gone with it: out of the wheel now rather than at their due time.
         self.shared.timers.sync(head.num, &Default::default());
         self.undeliverable_to_removed(id, at_ms).await;
@@ -204,6 +212,57 @@ impl Runtime {
     }
 
     /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.
+    /// Deletes the archives of devices that were not removed after all: a removal writes its
+    /// archive before it records the removal, so a crash (or a failed write) between the two
+    /// left an archive, whose header says `removed_at_ms`, of a device that is still served
+    /// (a review found one after a SIGKILL among 60 removals). An archive is such a leftover
+    /// when the journal has its device, created at the same time, at or past its seq: the
+    /// same device, whose history the journal still holds in full. Run at open, before any
+    /// removal; best effort (an archive that cannot be read is left alone).
+    pub(crate) fn sweep_unfinished_archives(&self) {
+        let dir = self.shared.data_dir.join("archive");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) == Some("tmp") {
+                // A write that never finished: never renamed into place.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+                continue;
+            }
+            let Some(header) = archive_header(&path) else {
+                continue;
+            };
+            let field = |k: &str| header.get(k).and_then(serde_json::Value::as_u64);
+            let (Some(id), Some(created), Some(seq)) = (
+                header.get("device").and_then(serde_json::Value::as_str),
+                field("created_at_ms"),
+                field("seq"),
+            ) else {
+                continue;
+            };
+            let still_there = self
+                .shared
+                .journal
+                .device(id)
+                .is_some_and(|h| h.created_at_ms == created && h.seq >= seq);
+            if still_there {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::warn!(device = id, path = %path.display(), "deleted the archive of a removal that did not complete (the device is still served)")
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = id, path = %path.display(), error = %e, "cannot delete the archive of a removal that did not complete")
+                    }
+                }
+            }
+        }
+    }
+
     fn write_archive(&self, id: &str, seq: u64, at_ms: u64) -> Result<PathBuf, Error> {
         let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
         let summary = self
@@ -294,4 +353,13 @@ impl Runtime {
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)
     }
+}
+
+/// The first line of the archive at `path`, parsed.
+fn archive_header(path: &std::path::Path) -> Option<serde_json::Value> {
+    use std::io::BufRead as _;
+    let file = std::fs::File::open(path).ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(file).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
 }

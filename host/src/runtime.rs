@@ -200,6 +200,7 @@ impl Runtime {
             effect_tasks.push(handle.spawn(refresh_retention(Arc::downgrade(&rt.shared))));
         }
         *rt.shared.effect_tasks.lock() = effect_tasks;
+        rt.sweep_unfinished_archives();
         Ok(rt)
     }
 

@@ -1580,6 +1580,69 @@ async fn a_removal_takes_no_snapshot_of_the_device() {
     rt.shutdown().await;
 }
 
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A removal writes its archive before it records the removal: a crash between the two left
+/// the archive of a device that is still served (a review's SIGKILL among 60 removals). The
+/// next start deletes such a leftover, and a half-written one, and keeps the archives of
+/// devices that were removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_of_a_removal_that_did_not_complete_is_deleted_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let rt = open(&a, 1000).await;
+    for id in ["r", "gone"] {
+        rt.provision(id, "thermostat", &json!({}))
+            .await
+            .expect("provision");
+        rt.send(id, r#"{"type":"reading","celsius":19.0}"#)
+            .await
+            .expect("event");
+    }
+    rt.remove_device("gone", true).await.expect("removed");
+    rt.shutdown().await;
+    // `b`: the journal as it was before `r`'s removal was recorded.
+    copy_tree(&a, &b);
+    let rt = open(&a, 1000).await;
+    let removal = rt.remove_device("r", true).await.expect("removed");
+    rt.shutdown().await;
+    let archive = removal.archive.expect("an archive");
+    let name = archive.file_name().expect("name");
+    std::fs::copy(&archive, b.join("archive").join(name)).expect("copy");
+    std::fs::write(b.join("archive").join("x.1.jsonl.tmp"), b"{").expect("tmp");
+    let names = |dir: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir.join("archive"))
+            .expect("archive dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&b).len(), 3);
+
+    let rt = open(&b, 1000).await;
+    assert_eq!(rt.summary("r").expect("still served").seq, 1);
+    let left = names(&b);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with("gone."), "{left:?}");
+    rt.shutdown().await;
+    // Where the removal did complete, its archive stays.
+    let rt = open(&a, 1000).await;
+    assert_eq!(names(&a).len(), 2);
+    rt.shutdown().await;
+}
+
 /// Removing a device: events racing the removal either commit before it or get
 /// `unknown-device`; the archive holds its whole history; the id comes back as a new device
 /// from seq 1; all of it survives a restart.
