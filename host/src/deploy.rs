@@ -19,9 +19,9 @@
 //!    check each device made before switching: the live instance's seq equals the seq of
 //!    its last durable event, so no acknowledged event was lost or applied twice.
 //!
-//! Between 1 and 2, passivated devices outside the sample are folded with `V` too, as their
-//! next activation will, for up to [`FOLD_CHECK_BUDGET`]: one that cannot be refuses the
-//! deploy as the sample does (see [`DeployTotals::fold_checked`]).
+//! Between 1 and 2, the devices outside the sample are folded with `V` too, as their next
+//! activation will, for up to [`FOLD_CHECK_BUDGET`]: one that cannot be refuses the deploy
+//! as the sample does (see [`DeployTotals::fold_checked`]).
 //!
 //! A rollback is a deploy of the version that was current before, the same way: checked
 //! first, since the devices may have recorded transitions of the newer version that the
@@ -91,10 +91,10 @@ pub struct DeployTotals {
     /// if it can fold their history (else they stay on theirs, with a warning in the log and
     /// `drover_upgrade_failures_total`).
     pub pending_lazy: usize,
-    /// Passivated devices outside the sample whose history the new version was checked to
-    /// fold before anything changed, as their activation will (those it could not fold are
-    /// in `cannot_fold`): all of them unless the check ran out of its time budget
-    /// ([`FOLD_CHECK_BUDGET`]); `pending_lazy` less the checked ones were not checked.
+    /// Devices outside the sample whose history the new version was checked to fold before
+    /// anything changed, as their activation will (those it could not fold are in
+    /// `cannot_fold`, or `failed` if live): all of them unless the check ran out of its time
+    /// budget ([`FOLD_CHECK_BUDGET`]).
     pub fold_checked: usize,
     /// Devices that came to the new version while the deploy ran without the deploy moving
     /// them: activated meanwhile (and upgraded at activation), or provisioned meanwhile.
@@ -325,9 +325,10 @@ impl Runtime {
         // 1b. Check beyond the sample. Passivated devices move at their next activation, where
         // a history the version cannot fold leaves them on their old one after the deploy
         // reported success; the sample alone, always the same devices, missed them. So the
-        // rest are folded too, as their activation would, in a random order (for a rollback,
-        // those that ran the version being left first: their newer transitions are the
-        // risk), until the budget is spent. Live devices are folded by the swap itself.
+        // rest are folded too, as their activation would, until the budget is spent: for a
+        // rollback those that ran the version being left first (their newer transitions are
+        // the risk), then the live ones (the swap folds them again, but one that passivates
+        // before it would be neither checked nor moved), the rest in a random order.
         let sampled: std::collections::HashSet<&str> =
             sample.devices.iter().map(|d| d.device.as_str()).collect();
         let live_now: std::collections::HashSet<Arc<str>> = self
@@ -339,11 +340,17 @@ impl Runtime {
             .collect();
         let unchecked: Vec<DeviceHead> = others
             .iter()
-            .filter(|h| !sampled.contains(&*h.id) && !live_now.contains(&h.id))
+            .filter(|h| !sampled.contains(&*h.id))
             .cloned()
             .collect();
         let check = self
-            .fold_check(unchecked, target.id, current.id, FOLD_CHECK_BUDGET)
+            .fold_check(
+                unchecked,
+                &live_now,
+                target.id,
+                current.id,
+                FOLD_CHECK_BUDGET,
+            )
             .await;
         if !check.cannot_fold.is_empty() && !force {
             let (first, seq, error) = &check.cannot_fold[0];
@@ -365,7 +372,9 @@ impl Runtime {
                 target.number,
             )));
         }
-        cannot_fold.extend(check.cannot_fold.into_iter().map(|(id, _, _)| id));
+        // Found as their activation would find it: marked failed whatever snapshots they have.
+        let checked_unfoldable: Vec<String> =
+            check.cannot_fold.into_iter().map(|(id, _, _)| id).collect();
 
         // 2. Point.
         if rollback {
@@ -397,6 +406,12 @@ impl Runtime {
                 self.shared.router.note_upgrade_failed(h.num, target.id);
             }
         }
+        for id in &checked_unfoldable {
+            if let Some(h) = self.shared.journal.device(id) {
+                self.shared.router.note_upgrade_failed(h.num, target.id);
+            }
+        }
+        cannot_fold.extend(checked_unfoldable);
 
         // 3. Swap live devices, several at a time.
         let reg = registry.clone();
@@ -454,41 +469,34 @@ impl Runtime {
         let mut totals = DeployTotals {
             devices: all.len(),
             live: devices.len(),
-            unchanged: already.len(),
             fold_checked: check.checked,
             ..Default::default()
         };
-        for d in &devices {
-            match d.outcome {
-                UpgradeOutcome::Upgraded => totals.upgraded += 1,
-                UpgradeOutcome::Failed => totals.failed += 1,
-                UpgradeOutcome::Unchanged => totals.unchanged += 1,
-                UpgradeOutcome::Lazy => {}
-            }
-        }
-        let failed: std::collections::HashSet<&str> = devices
+        // Each device once, by what it is now: a device that moved during the deploy (one
+        // on V activated while the check ran, and was brought up on the version being left
+        // before the swap moved it back) is counted by the swap's outcome, not also as one
+        // that was on V from the start.
+        let outcomes: std::collections::HashMap<&str, UpgradeOutcome> = devices
             .iter()
-            .filter(|d| d.outcome == UpgradeOutcome::Failed)
-            .map(|d| d.device.as_str())
+            .map(|d| (d.device.as_str(), d.outcome))
             .collect();
         let before: std::collections::HashSet<&str> = already.iter().map(|h| &*h.id).collect();
-        let moved: std::collections::HashSet<&str> = devices
-            .iter()
-            .filter(|d| d.outcome != UpgradeOutcome::Lazy)
-            .map(|d| d.device.as_str())
-            .collect();
-        totals.upgraded_at_activation = all
-            .iter()
-            .filter(|h| h.version == target.id)
-            .filter(|h| !before.contains(&*h.id) && !moved.contains(&*h.id))
-            .count();
-        for h in all.iter().filter(|h| h.version != target.id) {
-            if failed.contains(&*h.id) {
-                // Counted in `failed`.
-            } else if cannot_fold.contains(&*h.id) {
-                totals.cannot_fold += 1;
-            } else {
-                totals.pending_lazy += 1;
+        for h in &all {
+            match outcomes.get(&*h.id) {
+                Some(UpgradeOutcome::Upgraded) => totals.upgraded += 1,
+                Some(UpgradeOutcome::Failed) => totals.failed += 1,
+                Some(UpgradeOutcome::Unchanged) => totals.unchanged += 1,
+                Some(UpgradeOutcome::Lazy) | None if h.version == target.id => {
+                    if before.contains(&*h.id) {
+                        totals.unchanged += 1;
+                    } else {
+                        totals.upgraded_at_activation += 1;
+                    }
+                }
+                Some(UpgradeOutcome::Lazy) | None if cannot_fold.contains(&*h.id) => {
+                    totals.cannot_fold += 1;
+                }
+                Some(UpgradeOutcome::Lazy) | None => totals.pending_lazy += 1,
             }
         }
         let problems: Vec<String> = devices
@@ -534,16 +542,24 @@ impl Runtime {
 
     /// Folds the history of each of `heads` with version `target` as the device's next
     /// activation would ([`upgrade::bring_up`]), on a blocking thread, until `budget` is
-    /// spent: devices that ran version `leaving` first, the rest in a random order.
+    /// spent: devices that ran version `leaving` first, then the `live` ones, the rest in a
+    /// random order.
     async fn fold_check(
         &self,
         mut heads: Vec<DeviceHead>,
+        live: &std::collections::HashSet<Arc<str>>,
         target: u32,
         leaving: u32,
         budget: std::time::Duration,
     ) -> FoldCheck {
         let nonce = crate::clock::seed("fold-check", crate::clock::jitter().to_bits());
-        heads.sort_by_cached_key(|h| (h.version != leaving, crate::clock::seed(&h.id, nonce)));
+        heads.sort_by_cached_key(|h| {
+            (
+                h.version != leaving,
+                !live.contains(&h.id),
+                crate::clock::seed(&h.id, nonce),
+            )
+        });
         let (journal, registry) = (self.shared.journal.clone(), self.shared.registry.clone());
         let task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();

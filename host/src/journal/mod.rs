@@ -329,6 +329,11 @@ struct Inner {
     scrubber: Mutex<Option<JoinHandle<()>>>,
     next_device: AtomicU32,
     recovery: Recovery,
+    /// Messages (sender, id) whose undeliverable record is on its way: the check that a
+    /// message is still owed and its record are not one step, and a removal's sweep and a
+    /// redelivery finding the target gone could both pass the check (two dead letters for
+    /// one message, seen by a review). Whoever marks it here first records it.
+    settling: parking_lot::Mutex<std::collections::HashSet<(u32, EffectId)>>,
 }
 
 impl Drop for Inner {
@@ -548,6 +553,7 @@ impl Journal {
                 scrub,
                 scrubber: Mutex::new(scrubber),
                 next_device: AtomicU32::new(next_device),
+                settling: Default::default(),
                 recovery,
             }),
         })
@@ -613,6 +619,7 @@ impl Journal {
                 scrub: Arc::new(scrub::Scrub::not_needed()),
                 scrubber: Mutex::new(None),
                 next_device: AtomicU32::new(u32::MAX),
+                settling: Default::default(),
                 recovery,
             }),
         })
@@ -1429,6 +1436,24 @@ impl Journal {
             // The sender is gone (removed): nothing of it is owed any more.
             return Ok(false);
         }
+        if !self.inner.settling.lock().insert((num, id)) {
+            // Being recorded by someone else right now.
+            return Ok(false);
+        }
+        let recorded = self.settle_undeliverable(num, id, to, reason, at_ms).await;
+        self.inner.settling.lock().remove(&(num, id));
+        recorded
+    }
+
+    /// [`Journal::record_undeliverable`] once it holds the message's mark.
+    async fn settle_undeliverable(
+        &self,
+        num: u32,
+        id: EffectId,
+        to: &str,
+        reason: &str,
+        at_ms: u64,
+    ) -> Result<bool, JournalError> {
         if !self.message_owed(num, id, to) {
             // Settled already (a removal found it undeliverable before a redelivery did):
             // one dead letter per message.

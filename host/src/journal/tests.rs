@@ -2589,6 +2589,37 @@ async fn the_first_effect_raises_a_format_4_journal_and_a_format_1_one_refuses_i
     assert_eq!(journal.device("a").map(|d| d.seq), Some(3));
 }
 
+/// Two parties finding one message undeliverable at once (a removal's sweep and a
+/// redelivery): one dead letter, recorded by whoever came first. Both passed the check that
+/// it was owed before either record was durable, and it got two (a review's removal of a
+/// room with 3,000 senders).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_found_undeliverable_twice_at_once_gets_one_dead_letter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open_checkpointing(dir.path(), 64, 0).expect("open");
+    provision(&journal, 1).await;
+    let w = journal.device_writer(0, 8);
+    append_fx(
+        &w,
+        1,
+        1000,
+        external(vec![Effect::Send {
+            to: "x".into(),
+            event: "{}".into(),
+        }]),
+    )
+    .await;
+    let id = EffectId { seq: 1, index: 0 };
+    let (a, b) = tokio::join!(
+        journal.record_undeliverable(0, id, "x", "device removed", 1100),
+        journal.record_undeliverable(0, id, "x", "no such device", 1200),
+    );
+    let recorded = [a.expect("first"), b.expect("second")];
+    assert_eq!(recorded.iter().filter(|r| **r).count(), 1, "{recorded:?}");
+    assert_eq!(journal.dead_letters(0).expect("dead letters").len(), 1);
+    assert!(owed(&journal).is_empty());
+}
+
 #[tokio::test]
 async fn an_acknowledgement_or_undeliverable_racing_a_removal_is_no_damage() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -477,6 +477,19 @@ impl Dev {
         // handled meanwhile (a simulated fleet keeps sending) are not the change's effect.
         for (id, old) in &before {
             let Some((seq, old)) = old else { continue };
+            // One the deploy did not move (passivated, or left behind) would compare its old
+            // version with itself.
+            let runs = self
+                .api
+                .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id))))
+                .ok()
+                .and_then(|(_, d)| d["version"].as_u64());
+            if runs != Some(version) {
+                println!(
+                    "  {id}: not on v{version} yet (it moves at its next activation, if it can)"
+                );
+                continue;
+            }
             let Some((_, new)) = self.state(id, Some(*seq)) else {
                 continue;
             };
