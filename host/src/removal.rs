@@ -211,7 +211,6 @@ impl Runtime {
         Ok(())
     }
 
-    /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.
     /// Deletes the archives of devices that were not removed after all: a removal writes its
     /// archive before it records the removal, so a crash (or a failed write) between the two
     /// left an archive, whose header says `removed_at_ms`, of a device that is still served
@@ -263,6 +262,7 @@ impl Runtime {
         }
     }
 
+    /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.
     fn write_archive(&self, id: &str, seq: u64, at_ms: u64) -> Result<PathBuf, Error> {
         let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
         let summary = self
