@@ -336,6 +336,31 @@ struct Inner {
     settling: parking_lot::Mutex<std::collections::HashSet<(u32, EffectId)>>,
 }
 
+/// A message's mark in `Inner::settling` while its undeliverable record is written, let go
+/// when dropped: when the record is durable, fails, or its caller goes away.
+struct SettlingMark<'a> {
+    marks: &'a parking_lot::Mutex<std::collections::HashSet<(u32, EffectId)>>,
+    key: (u32, EffectId),
+}
+
+impl<'a> SettlingMark<'a> {
+    /// The mark, unless someone holds it already.
+    fn take(
+        marks: &'a parking_lot::Mutex<std::collections::HashSet<(u32, EffectId)>>,
+        key: (u32, EffectId),
+    ) -> Option<SettlingMark<'a>> {
+        // Not `then_some`: it would build (and drop, unmarking) a mark for a refusal too.
+        let marked = marks.lock().insert(key);
+        marked.then(|| SettlingMark { marks, key })
+    }
+}
+
+impl Drop for SettlingMark<'_> {
+    fn drop(&mut self) {
+        self.marks.lock().remove(&self.key);
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
@@ -1436,24 +1461,10 @@ impl Journal {
             // The sender is gone (removed): nothing of it is owed any more.
             return Ok(false);
         }
-        if !self.inner.settling.lock().insert((num, id)) {
+        let Some(_mark) = SettlingMark::take(&self.inner.settling, (num, id)) else {
             // Being recorded by someone else right now.
             return Ok(false);
-        }
-        let recorded = self.settle_undeliverable(num, id, to, reason, at_ms).await;
-        self.inner.settling.lock().remove(&(num, id));
-        recorded
-    }
-
-    /// [`Journal::record_undeliverable`] once it holds the message's mark.
-    async fn settle_undeliverable(
-        &self,
-        num: u32,
-        id: EffectId,
-        to: &str,
-        reason: &str,
-        at_ms: u64,
-    ) -> Result<bool, JournalError> {
+        };
         if !self.message_owed(num, id, to) {
             // Settled already (a removal found it undeliverable before a redelivery did):
             // one dead letter per message.
