@@ -499,7 +499,8 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
     let state = api.get("/v1/devices/t1").body;
 
     let long = "a".repeat(129);
-    let cases: Vec<(Answer, u16, &str, &str)> = vec![
+    let cases: Vec<(Answer, u16, &str, &str)> =
+        vec![
         (
             api.post_raw("/v1/devices/t1/events", b"{\"type\":"),
             400,
@@ -683,6 +684,12 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
             400,
             "malformed-request",
             "batch as an array",
+        ),
+        (
+            api.post_raw("/v1/events", br#"{"events":[["t1",{"type":"reading","celsius":19}]]}"#),
+            400,
+            "malformed-request",
+            "batch item as an array",
         ),
         (
             api.call(

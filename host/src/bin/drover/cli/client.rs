@@ -27,9 +27,11 @@ pub struct ClientOpts {
     pub json: bool,
 }
 
-/// The server answered with an error.
+/// The server answered with an error. Shown message first, as the server wrote it, then the
+/// code scripts match on: most messages already start with the code's words
+/// (`deploy refused: ...` for `deploy-refused`), which `code: message` printed twice.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{code}: {message} (HTTP {status})")]
+#[error("{message} ({code}, HTTP {status})")]
 pub struct ApiFailure {
     pub status: u16,
     pub code: String,
