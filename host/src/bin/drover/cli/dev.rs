@@ -40,6 +40,10 @@ use super::client::{ApiClient, ApiFailure, ClientOpts, segment};
 use super::plugins::print_deploy;
 use super::serve::announce;
 
+/// Devices a save's state diff looks through for ones of the plugin (see
+/// [`Dev::sample_devices`]): ten pages of the device list.
+const SAMPLE_WALK: usize = 10_000;
+
 /// `drover dev [DIR] [--server URL | --data DIR --listen ADDR]`.
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -527,24 +531,33 @@ impl Dev {
         Ok(left_behind == 0)
     }
 
-    /// Up to `n` devices of this plugin (the first ones in id order).
+    /// Up to `n` devices of this plugin, the first ones in id order: pages of the fleet with
+    /// their plugins (`detail=true`, one request per 1,000 devices, none woken), at most
+    /// [`SAMPLE_WALK`] devices deep so a save never waits on a walk of a large fleet.
     fn sample_devices(&self, n: usize) -> anyhow::Result<Vec<String>> {
-        let (_, page): (String, Value) =
-            self.api.call_json(self.api.get("/v1/devices?limit=200"))?;
         let mut out = Vec::new();
-        for id in page["devices"].as_array().into_iter().flatten() {
-            let Some(id) = id.as_str() else { continue };
-            let Ok((_, d)) = self
-                .api
-                .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id))))
-            else {
-                continue;
-            };
-            if d["plugin"] == self.name.as_str() {
-                out.push(id.to_string());
-                if out.len() == n {
-                    break;
+        let mut after = String::new();
+        let mut walked = 0;
+        while out.len() < n && walked < SAMPLE_WALK {
+            let path = format!(
+                "/v1/devices?detail=true&limit=1000&after={}",
+                segment(&after)
+            );
+            let (_, page): (String, Value) = self.api.call_json(self.api.get(&path))?;
+            for d in page["devices"].as_array().into_iter().flatten() {
+                walked += 1;
+                if d["plugin"] == self.name.as_str()
+                    && let Some(id) = d["id"].as_str()
+                {
+                    out.push(id.to_string());
+                    if out.len() == n {
+                        break;
+                    }
                 }
+            }
+            match page["next"].as_str() {
+                Some(next) => after = next.to_string(),
+                None => break,
             }
         }
         Ok(out)
