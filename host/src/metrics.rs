@@ -49,6 +49,8 @@ pub struct Metrics {
     /// Messages found undeliverable (unknown or removed target), counted once each when its
     /// dead letter is recorded.
     pub messages_undeliverable: AtomicU64,
+    /// Messages a removed device still owed: cancelled with it (see `crate::removal`).
+    pub messages_cancelled: AtomicU64,
     /// Timer firings put into their device's mailbox (not those of a device removed
     /// meanwhile).
     pub timers_fired: AtomicU64,
@@ -183,6 +185,12 @@ impl Metrics {
             "drover_messages_undeliverable_total",
             "Messages whose target does not exist or was removed: one per dead letter of the sender's.",
             &self.messages_undeliverable,
+        );
+        counter(
+            &mut out,
+            "drover_messages_cancelled_total",
+            "Messages a removed device had sent that their targets had not handled yet: cancelled with the device, never delivered (the removal's answer counts them too).",
+            &self.messages_cancelled,
         );
         counter(
             &mut out,

@@ -15,6 +15,15 @@
 //! device starting at seq 1. Messages other devices still owe it become undeliverable (their
 //! senders' dead letters), so none reaches that new device.
 //!
+//! What the device itself still owes goes with it ([`Cancelled`], counted as the removal
+//! record is folded into the index, so exactly what was owed at that point): messages its
+//! targets have not handled (a copy on its way is dropped on arrival: the sender's index entry
+//! that listed it as owed is gone), unacknowledged commands (its outbox answers 404) and
+//! pending timers. Delivering the messages anyway would need the removed device's owed set
+//! kept, checkpointed and retained after it, for a sender nobody can read any more. The
+//! removal's answer, a warning in the log and `drover_messages_cancelled_total` say what
+//! was cancelled, so a decommissioning that would drop effects is seen, not silent.
+//!
 //! # The archive
 //!
 //! JSON lines: first the device (`{"device", "plugin", "version", "config",
@@ -32,6 +41,7 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::error::{Error, validate_id};
+use crate::journal::Cancelled;
 use crate::runtime::Runtime;
 
 /// What a removal did.
@@ -42,6 +52,8 @@ pub struct Removal {
     pub seq: u64,
     /// The archive written, if one was asked for.
     pub archive: Option<PathBuf>,
+    /// What the device still owed as it went: never done now (see the module docs).
+    pub cancelled: Cancelled,
 }
 
 impl Runtime {
@@ -73,7 +85,21 @@ impl Runtime {
         let result = self.remove_stopped(id, archive).await;
         router.end_removal(id);
         if let Ok(r) = &result {
-            tracing::info!(device = id, seq = r.seq, archive = ?r.archive, "device removed");
+            let c = r.cancelled;
+            if c == Cancelled::default() {
+                tracing::info!(device = id, seq = r.seq, archive = ?r.archive, "device removed");
+            } else {
+                tracing::warn!(
+                    device = id,
+                    seq = r.seq,
+                    archive = ?r.archive,
+                    messages = c.messages,
+                    commands = c.commands,
+                    timers = c.timers,
+                    "device removed; what it still owed is cancelled: messages its targets had \
+                     not handled, commands not acknowledged, timers pending"
+                );
+            }
         }
         result
     }
@@ -97,13 +123,20 @@ impl Runtime {
         } else {
             None
         };
-        if let Err(e) = journal.record_removal(head.num, at_ms).await {
-            // Not removed: an archive would say it was (see `sweep_unfinished_archives`).
-            if let Some(path) = &archive {
-                let _ = std::fs::remove_file(path);
+        let cancelled = match journal.record_removal(head.num, at_ms).await {
+            Ok(cancelled) => cancelled,
+            Err(e) => {
+                // Not removed: an archive would say it was (see `sweep_unfinished_archives`).
+                if let Some(path) = &archive {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
+        self.shared.metrics.messages_cancelled.fetch_add(
+            cancelled.messages as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // Its timers are gone with it: out of the wheel now rather than at their due time.
         self.shared.timers.sync(head.num, &Default::default());
         self.undeliverable_to_removed(id, at_ms).await;
@@ -114,6 +147,7 @@ impl Runtime {
             id: id.to_string(),
             seq: head.seq,
             archive,
+            cancelled,
         })
     }
 

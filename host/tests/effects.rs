@@ -1073,6 +1073,52 @@ async fn a_message_the_target_keeps_timing_out_on_is_consumed_after_three_tries_
     rt.shutdown().await;
 }
 
+/// What a removed device still owed is cancelled with it, and said so: its answer counts the
+/// messages its targets had not handled, its unacknowledged commands and its pending timers,
+/// and the messages count in `drover_messages_cancelled_total`. A review found two
+/// acknowledged messages of a removed sender vanish with no trace but a count of dropped
+/// arrivals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_sender_cancels_what_it_still_owed_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    misbehave_with_one_stuck(&rt, &["s", "t", "u"], "t").await;
+    let relay = |to: &str| json!({"type": "send", "to": to, "event": {"type": "ok"}}).to_string();
+    // Two to the quarantined t (owed), one to u (handled: not owed any more).
+    for to in ["t", "t", "u"] {
+        rt.send("s", &relay(to)).await.expect("sent");
+    }
+    eventually("u handles its message", async || {
+        rt.device("u").await.expect("u").summary.seq == 1
+    })
+    .await;
+    rt.send("s", r#"{"type":"command"}"#)
+        .await
+        .expect("command");
+    let arm = json!({"type": "arm", "key": "k", "after_ms": 3_600_000, "event": {"type": "ok"}});
+    rt.send("s", &arm.to_string()).await.expect("timer");
+
+    let removal = rt.remove_device("s", false).await.expect("removed");
+    let c = removal.cancelled;
+    assert_eq!(
+        (c.messages, c.commands, c.timers),
+        (2, 1, 1),
+        "{:?}",
+        removal
+    );
+    assert_eq!(rt.metrics().messages_cancelled.load(Ordering::Relaxed), 2);
+    let answer = serde_json::to_value(&removal).expect("serializes");
+    assert_eq!(
+        answer["cancelled"],
+        json!({"messages": 2, "commands": 1, "timers": 1})
+    );
+    // And they are never delivered: t, resumed, handles nothing of s's.
+    rt.resume("t").await.expect("resumed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rt.device("t").await.expect("t").summary.seq, 0);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_removed_and_provisioned_again_is_a_new_sender() {
     let dir = tempfile::tempdir().expect("tempdir");

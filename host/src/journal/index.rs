@@ -138,6 +138,19 @@ impl DeviceInfo {
         self.rare.as_deref().map(|r| &r.outbox)
     }
 
+    /// What the device still owes, counted as its removal drops it: messages its targets
+    /// have not handled, commands not acknowledged (those past their time to live, which no
+    /// read has dropped yet, included), timers pending.
+    fn owed_at_removal(&self) -> Cancelled {
+        Cancelled {
+            messages: self
+                .sent()
+                .map_or(0, |s| s.values().filter(|s| s.owed_to().is_some()).count()),
+            commands: self.outbox().map_or(0, |o| o.len()),
+            timers: self.timers.len(),
+        }
+    }
+
     /// A copy of what the device owes or is owed (`None`: nothing).
     pub fn fx(&self) -> Option<DeviceFx> {
         let fx = DeviceFx {
@@ -233,6 +246,16 @@ impl DeviceInfo {
     }
 }
 
+/// What a removed device still owed when its removal became durable, and so will never be
+/// done: messages not yet handled by their targets (a target drops any copy that reaches it
+/// afterwards), commands not yet acknowledged, timers pending. See `crate::removal`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Cancelled {
+    pub messages: usize,
+    pub commands: usize,
+    pub timers: usize,
+}
+
 /// What the index learns when a record becomes durable.
 #[derive(Debug, Default)]
 pub enum IndexEffect {
@@ -256,6 +279,9 @@ pub enum IndexEffect {
     },
     Removed {
         device: u32,
+        /// Where the removal learns what the device still owed as it left, read from its
+        /// entry as the entry goes (`None` when records are folded at an open).
+        cancelled: Option<Arc<std::sync::OnceLock<Cancelled>>>,
     },
     /// Seqs `from..=to` lost to media damage (a salvage's kind-8 record).
     Lost {
@@ -529,7 +555,10 @@ impl Index {
                 if !self.devices.contains_key(device) {
                     return Err(Inconsistency::UnknownDevice(*device));
                 }
-                IndexEffect::Removed { device: *device }
+                IndexEffect::Removed {
+                    device: *device,
+                    cancelled: None,
+                }
             }
             // Where a marker sits is recovery's business; the index learns nothing from it.
             Record::Commit { .. } => IndexEffect::None,
@@ -642,8 +671,11 @@ impl Index {
                     d.keep_dead_letter(offset);
                 }
             }
-            IndexEffect::Removed { device } => {
+            IndexEffect::Removed { device, cancelled } => {
                 if let Some(d) = self.devices.remove(&device) {
+                    if let Some(slot) = cancelled {
+                        let _ = slot.set(d.owed_at_removal());
+                    }
                     self.tail_entries -= d.tail.len() as u64;
                 }
                 self.removed.insert(device);
@@ -868,7 +900,13 @@ mod tests {
         assert_eq!(index.devices.len(), 2);
         assert_eq!(index.device("a").map(|d| d.num), Some(0));
         assert_eq!(index.device("b").map(|d| d.num), Some(1));
-        index.apply(IndexEffect::Removed { device: 0 }, 0);
+        index.apply(
+            IndexEffect::Removed {
+                device: 0,
+                cancelled: None,
+            },
+            0,
+        );
         assert!(index.device("a").is_none());
         provision(&mut index, 2, "a").unwrap();
         assert_eq!(index.device("a").map(|d| d.num), Some(2));

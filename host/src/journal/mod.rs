@@ -76,8 +76,8 @@ use tokio::sync::Notify;
 pub use effects::{
     DeviceFx, DueTimers, Effect, EffectId, Fx, MessageTurn, Origin, Sent, TimerEntry, TimerKey,
 };
+pub use index::{Cancelled, SnapshotRef, VersionInfo};
 use index::{DeviceInfo, Index, IndexEffect};
-pub use index::{SnapshotRef, VersionInfo};
 pub use index_checkpoint::INDEX_CHECKPOINT_EVERY;
 use record::Record;
 pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
@@ -709,14 +709,20 @@ impl Journal {
     /// Records that device `num` is removed, and waits until it is durable. Its records stay
     /// in the file; the index forgets it, and its id may be provisioned again as a new device
     /// (with a new number: numbers are never reused). The caller makes sure nothing else
-    /// writes for the device meanwhile (its actor is stopped).
-    pub async fn record_removal(&self, num: u32, at_ms: u64) -> Result<(), JournalError> {
+    /// writes for the device meanwhile (its actor is stopped). Returns what the device still
+    /// owed as the removal became durable, which is never done now.
+    pub async fn record_removal(&self, num: u32, at_ms: u64) -> Result<Cancelled, JournalError> {
         self.require_format(3)?;
+        let cancelled = Arc::new(std::sync::OnceLock::new());
         self.append(
             &Record::Removed { device: num, at_ms },
-            IndexEffect::Removed { device: num },
+            IndexEffect::Removed {
+                device: num,
+                cancelled: Some(cancelled.clone()),
+            },
         )
-        .await
+        .await?;
+        Ok(cancelled.get().copied().unwrap_or_default())
     }
 
     /// Makes sure the file's header names at least `format` before a record that needs it is

@@ -3017,7 +3017,10 @@ async fn a_alone_past_the_checkpoints_identity_bytes(journal: &Journal) {
             device: 1,
             at_ms: 5,
         },
-        IndexEffect::Removed { device: 1 },
+        IndexEffect::Removed {
+            device: 1,
+            cancelled: None,
+        },
     );
     journal.append(&r, e).await.expect("remove b");
     // Eight at a time: commits (and so segments, which end at a commit) stay small, so

@@ -597,6 +597,17 @@ pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
             ),
             None => println!("removed {} at seq {}", args.device, out["seq"]),
         }
+        let c = &out["cancelled"];
+        let count = |k: &str| c[k].as_u64().unwrap_or(0);
+        if count("messages") + count("commands") + count("timers") > 0 {
+            println!(
+                "cancelled with it: {} message(s) its targets had not handled, {} command(s) \
+                 not acknowledged, {} timer(s) pending",
+                count("messages"),
+                count("commands"),
+                count("timers")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
