@@ -1894,6 +1894,7 @@ impl Actor {
                 // a message or timer firing that comes again (a timeout, below the count that
                 // consumes it): one that later succeeds is no dead letter, and re-sending it
                 // would handle it twice.
+                let mut lettered = false;
                 if internal {
                     self.env
                         .metrics
@@ -1912,6 +1913,7 @@ impl Actor {
                         code: error.code().to_string(),
                         message: error.to_string(),
                     });
+                    lettered = true;
                 }
                 if instance_lost {
                     // Interrupted mid-call, the instance is discarded whatever the reason;
@@ -1927,7 +1929,16 @@ impl Actor {
                     );
                     self.live = None;
                 }
-                answer(reply, Err(error));
+                if lettered && reply.is_some() {
+                    // Answered once the dead letter is durable, so a client that reads the
+                    // list on its error finds it there (a review's script found it missing
+                    // in 24 of 30 tries, 0.3-1 ms before it was). Whether it was written or
+                    // not, the error is the event's own.
+                    self.writer
+                        .when_durable(Box::new(move |_| answer(reply, Err(error))));
+                } else {
+                    answer(reply, Err(error));
+                }
                 return false;
             }
         };
