@@ -267,15 +267,28 @@ impl EngineConfig {
     }
 
     /// Records these settings in `data_dir` (atomically: temp file, fsync, rename), for
-    /// offline tools that must run guests exactly as the server does.
+    /// offline tools that must run guests exactly as the server does. Settings already
+    /// recorded as they are write nothing: a server restarted on a full disk must get as far
+    /// as its retention pass, which is what frees space (a review's server could not start
+    /// there, failing on this file).
     pub fn store(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write as _;
         let path = data_dir.join(Self::FILE_NAME);
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        if std::fs::read(&path).is_ok_and(|recorded| recorded == bytes) {
+            return Ok(());
+        }
         let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 
@@ -643,5 +656,31 @@ mod tests {
             guest_memory_budget_of(None, None),
             GUEST_MEMORY_BUDGET_UNKNOWN
         );
+    }
+
+    /// Settings already recorded as they are write nothing (a server restarted on a full
+    /// disk could not start, failing on this file); changed ones replace the file.
+    #[test]
+    fn engine_settings_recorded_as_they_are_are_not_written_again() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(super::EngineConfig::FILE_NAME);
+        let mut engine = super::EngineConfig::default();
+        engine.store(dir.path()).expect("recorded");
+        let first = std::fs::metadata(&path).expect("file").ino();
+        engine.store(dir.path()).expect("recorded again");
+        assert_eq!(
+            std::fs::metadata(&path).expect("file").ino(),
+            first,
+            "rewritten"
+        );
+        engine.max_memory += 65536;
+        engine.store(dir.path()).expect("changed");
+        assert_ne!(
+            std::fs::metadata(&path).expect("file").ino(),
+            first,
+            "not rewritten"
+        );
+        assert!(!dir.path().join("engine.json.tmp").exists());
     }
 }

@@ -109,7 +109,9 @@ struct Table {
 #[serde(untagged)]
 enum Saved {
     Now {
-        current: HashMap<String, Pointer>,
+        /// In name order: the same table is the same bytes, so an unchanged one is not
+        /// written again (see [`Registry::save`]).
+        current: std::collections::BTreeMap<String, Pointer>,
         #[serde(default)]
         removed: std::collections::BTreeSet<u32>,
     },
@@ -200,7 +202,7 @@ impl Registry {
                 let saved: Saved = serde_json::from_slice(&bytes)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 let (saved, removed) = match saved {
-                    Saved::Now { current, removed } => (current, removed),
+                    Saved::Now { current, removed } => (current.into_iter().collect(), removed),
                     Saved::Pointers(current) => (current, Default::default()),
                 };
                 table.removed = removed;
@@ -455,13 +457,19 @@ impl Registry {
         table.current.get(plugin).map(|p| p.current)
     }
 
-    /// Writes the pointers (temp file, fsync, rename, fsync directory).
+    /// Writes the pointers (temp file, fsync, rename, fsync directory), unless the file
+    /// already says the same: a start registers its plugin directory's versions again, and
+    /// on a full disk that rewrite stopped the server from starting at all.
     fn save(&self, table: &Table) -> Result<(), Error> {
         let bytes = serde_json::to_vec_pretty(&Saved::Now {
-            current: table.current.clone(),
+            current: table.current.clone().into_iter().collect(),
             removed: table.removed.clone(),
         })
         .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
+        let path = self.dir.join(POINTERS_FILE);
+        if std::fs::read(&path).is_ok_and(|saved| saved == bytes) {
+            return Ok(());
+        }
         write_replace(&self.dir.join(POINTERS_FILE), &bytes)
             .map_err(|e| Error::Internal(format!("recording the current plugin versions: {e}")))
     }

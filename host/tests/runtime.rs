@@ -1924,3 +1924,30 @@ async fn a_history_that_cannot_be_folded_names_the_record_it_fails_at_inside_a_b
     }
     rt.shutdown().await;
 }
+
+/// A restart with the same settings and plugins rewrites neither `engine.json` nor
+/// `plugins/current.json`: on a full disk those rewrites kept the server from starting at
+/// all, so its retention pass, which frees space, never ran (a review's full tmpfs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_same_settings_and_plugins_rewrites_no_file() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 0).await;
+    rt.provision("t", "thermostat", &json!({}))
+        .await
+        .expect("provision");
+    rt.shutdown().await;
+    let files = ["engine.json", "plugins/current.json"];
+    let inodes = || {
+        files.map(|f| {
+            std::fs::metadata(dir.path().join(f))
+                .unwrap_or_else(|e| panic!("{f}: {e}"))
+                .ino()
+        })
+    };
+    let before = inodes();
+    let rt = open(dir.path(), 0).await;
+    assert_eq!(rt.device("t").await.expect("reads").summary.seq, 0);
+    rt.shutdown().await;
+    assert_eq!(inodes(), before, "{files:?} rewritten");
+}
