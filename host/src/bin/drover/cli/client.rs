@@ -134,8 +134,21 @@ fn read(response: Response) -> anyhow::Result<(u16, String)> {
 }
 
 /// `s` as one path segment: percent-encodes everything but unreserved characters, so an id
-/// the server would refuse reaches it as typed instead of changing the path.
-pub fn segment(s: &str) -> String {
+/// the server would refuse reaches it as typed instead of changing the path. `.` and `..`
+/// are refused here: a URL library resolves them (encoded too, as `%2E`), so the request
+/// would go to another route or device, such as `drover send ..` to the batch endpoint.
+pub fn segment(s: &str) -> anyhow::Result<String> {
+    if s == "." || s == ".." {
+        anyhow::bail!(
+            "`{s}` cannot be a device, plugin or command id (invalid-id): it names a path, \
+             not a segment of one"
+        );
+    }
+    Ok(query_value(s))
+}
+
+/// `s` percent-encoded as a query parameter's value (where `.` and `..` mean nothing).
+pub fn query_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':' | b'@') {
@@ -153,8 +166,14 @@ mod tests {
 
     #[test]
     fn segments_are_percent_encoded() {
-        assert_eq!(segment("hall-1"), "hall-1");
-        assert_eq!(segment("a/b c"), "a%2Fb%20c");
-        assert_eq!(segment("site:a@3"), "site:a@3");
+        assert_eq!(segment("hall-1").unwrap(), "hall-1");
+        assert_eq!(segment("a/b c").unwrap(), "a%2Fb%20c");
+        assert_eq!(segment("site:a@3").unwrap(), "site:a@3");
+        assert_eq!(segment("..a").unwrap(), "..a");
+        for dots in [".", ".."] {
+            let err = segment(dots).expect_err("a path, not a segment");
+            assert!(err.to_string().contains("invalid-id"), "{err}");
+        }
+        assert_eq!(query_value(".."), "..");
     }
 }

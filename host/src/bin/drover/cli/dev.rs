@@ -36,7 +36,7 @@ use clap::Args;
 use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode};
 use serde_json::{Value, json};
 
-use super::client::{ApiClient, ApiFailure, ClientOpts, segment};
+use super::client::{ApiClient, ApiFailure, ClientOpts, query_value, segment};
 use super::plugins::print_deploy;
 use super::serve::announce;
 
@@ -443,7 +443,7 @@ impl Dev {
     ) -> anyhow::Result<bool> {
         let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
         let size = bytes.len();
-        let plugin = segment(&self.name);
+        let plugin = segment(&self.name)?;
         let req = self
             .api
             .post(&format!("/v1/plugins/{plugin}"))
@@ -485,7 +485,7 @@ impl Dev {
             // version with itself.
             let runs = self
                 .api
-                .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id))))
+                .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id)?)))
                 .ok()
                 .and_then(|(_, d)| d["version"].as_u64());
             if runs != Some(version) {
@@ -541,7 +541,7 @@ impl Dev {
         while out.len() < n && walked < SAMPLE_WALK {
             let path = format!(
                 "/v1/devices?detail=true&limit=1000&after={}",
-                segment(&after)
+                query_value(&after)
             );
             let (_, page): (String, Value) = self.api.call_json(self.api.get(&path))?;
             for d in page["devices"].as_array().into_iter().flatten() {
@@ -578,7 +578,7 @@ impl Dev {
             .api
             .call_json::<Value>(
                 self.api
-                    .get(&format!("/v1/devices/{}/state{query}", segment(id))),
+                    .get(&format!("/v1/devices/{}/state{query}", segment(id).ok()?)),
             )
             .ok()?;
         Some((body["seq"].as_u64()?, body["state"].clone()))

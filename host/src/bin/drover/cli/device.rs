@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::client::{ApiClient, ClientOpts, segment};
+use super::client::{ApiClient, ClientOpts, query_value, segment};
 use super::format::{pretty, timestamp};
 
 /// `drover send`.
@@ -44,7 +44,7 @@ pub fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.event
     };
-    let path = format!("/v1/devices/{}/events", segment(&args.device));
+    let path = format!("/v1/devices/{}/events", segment(&args.device)?);
     let (text, ack): (String, Ack) = api.call_json(
         api.post(&path)
             .header("content-type", "application/json")
@@ -122,7 +122,7 @@ struct StateOut {
 /// Prints a device's state.
 pub fn state(args: StateArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
-    let id = segment(&args.device);
+    let id = segment(&args.device)?;
     match args.at {
         Some(at) => {
             let (text, out): (String, StateOut) =
@@ -284,7 +284,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         server: args.server.clone(),
         json: args.json,
     })?;
-    let id = segment(&device);
+    let id = segment(&device)?;
     let mut from = args.from;
     let mut first_page = true;
     let mut read_again = false;
@@ -389,7 +389,7 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--config is not JSON: {}", args.config))?;
     let body = serde_json::json!({"plugin": args.plugin, "config": config});
     let req = api
-        .put(&format!("/v1/devices/{}", segment(&args.device)))
+        .put(&format!("/v1/devices/{}", segment(&args.device)?))
         .json(&body);
     let (status, text) = api.call(req)?;
     if args.client.json {
@@ -481,7 +481,7 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
             ""
         };
         let path = match &after {
-            Some(a) => format!("/v1/devices?detail=true{filter}&after={}", segment(a)),
+            Some(a) => format!("/v1/devices?detail=true{filter}&after={}", query_value(a)),
             None => format!("/v1/devices?detail=true{filter}"),
         };
         let (text, page): (String, DeviceList) = api.call_json(api.get(&path))?;
@@ -554,7 +554,7 @@ struct ResumedOut {
 /// Ends a device's quarantine now (`POST /v1/devices/{id}/resume`).
 pub fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
-    let id = segment(&args.device);
+    let id = segment(&args.device)?;
     let (text, out): (String, ResumedOut) =
         api.call_json(api.post(&format!("/v1/devices/{id}/resume")))?;
     if args.client.json {
@@ -580,7 +580,7 @@ pub struct RemoveArgs {
 /// Removes a device (`DELETE /v1/devices/{id}`).
 pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
-    let id = segment(&args.device);
+    let id = segment(&args.device)?;
     let path = if args.archive {
         format!("/v1/devices/{id}?archive=true")
     } else {
@@ -644,7 +644,7 @@ struct DeadLetterOut {
 /// Lists the events a device's plugin failed on (`GET /v1/devices/{id}/dead-letters`).
 pub fn dead_letters(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
-    let id = segment(&args.device);
+    let id = segment(&args.device)?;
     let (text, out): (String, DeadLettersOut) =
         api.call_json(api.get(&format!("/v1/devices/{id}/dead-letters")))?;
     if args.client.json {

@@ -69,7 +69,7 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
     match args.action {
         CommandsAction::List { device } => {
-            let path = format!("/v1/devices/{}/commands", segment(&device));
+            let path = format!("/v1/devices/{}/commands", segment(&device)?);
             let (text, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
             if args.client.json {
                 println!("{text}");
@@ -82,7 +82,7 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         CommandsAction::Watch { device, ack } => {
-            let id = segment(&device);
+            let id = segment(&device)?;
             let mut shown = std::collections::HashSet::new();
             loop {
                 let path = format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}");
@@ -109,7 +109,7 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
                         print_command(&c);
                     }
                     if ack {
-                        let path = format!("/v1/devices/{id}/commands/{}/ack", segment(&c.id));
+                        let path = format!("/v1/devices/{id}/commands/{}/ack", segment(&c.id)?);
                         let (_, answer): (String, Value) = api.call_json(api.post(&path))?;
                         // Said on stderr, so that stdout stays one command per line.
                         if answer["acked"] == true {
@@ -132,8 +132,8 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
         CommandsAction::Ack { device, id } => {
             let path = format!(
                 "/v1/devices/{}/commands/{}/ack",
-                segment(&device),
-                segment(&id)
+                segment(&device)?,
+                segment(&id)?
             );
             let (text, out): (String, Value) = api.call_json(api.post(&path))?;
             if args.client.json {
@@ -170,7 +170,7 @@ pub struct TimersArgs {
 /// Lists a device's pending durable timers (`GET /v1/devices/{id}/timers`).
 pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
-    let path = format!("/v1/devices/{}/timers", segment(&args.device));
+    let path = format!("/v1/devices/{}/timers", segment(&args.device)?);
     let (text, out): (String, Value) = api.call_json(api.get(&path))?;
     if args.client.json {
         println!("{text}");

@@ -115,7 +115,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let req = api
-                .post(&format!("/v1/plugins/{}", segment(&name)))
+                .post(&format!("/v1/plugins/{}", segment(&name)?))
                 .header("content-type", "application/wasm")
                 .body(bytes);
             let (status, text) = api.call(req)?;
@@ -154,7 +154,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
         }
         PluginsAction::Rollback { name, force } => {
             let req = api
-                .post(&format!("/v1/plugins/{}/rollback", segment(&name)))
+                .post(&format!("/v1/plugins/{}/rollback", segment(&name)?))
                 .json(&json!({"force": force}));
             let (text, report): (String, Value) = api.call_json(req)?;
             if json_out {
@@ -166,8 +166,8 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
         }
         PluginsAction::Remove { name, version } => {
             let path = match version {
-                Some(v) => format!("/v1/plugins/{}/versions/{v}", segment(&name)),
-                None => format!("/v1/plugins/{}", segment(&name)),
+                Some(v) => format!("/v1/plugins/{}/versions/{v}", segment(&name)?),
+                None => format!("/v1/plugins/{}", segment(&name)?),
             };
             let (text, out): (String, Value) = api.call_json(api.delete(&path))?;
             if json_out {
@@ -194,7 +194,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 json!({"version": version, "devices": devices})
             };
             let req = api
-                .post(&format!("/v1/plugins/{}/dry-run", segment(&name)))
+                .post(&format!("/v1/plugins/{}/dry-run", segment(&name)?))
                 .json(&body);
             let (text, report): (String, Value) = api.call_json(req)?;
             if json_out {
@@ -217,7 +217,7 @@ fn deploy_and_print(
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
     let req = api
-        .post(&format!("/v1/plugins/{}/deploy", segment(name)))
+        .post(&format!("/v1/plugins/{}/deploy", segment(name)?))
         .json(&body);
     let (text, report): (String, Value) = api.call_json(req)?;
     if json_out {
