@@ -161,6 +161,21 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
     .await
     .expect("client");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Each refusal is counted where the API's other refusals are (a review found none).
+    let metrics = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        read_to_close(conn).0
+    })
+    .await
+    .expect("client");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("drover_http_errors_total{code=\"too-many-connections\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count of refused connections: {metrics}"));
+    assert!(refused >= 2, "{refused}");
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
 }

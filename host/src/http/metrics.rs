@@ -44,8 +44,9 @@ const UNMATCHED: usize = ROUTES.len();
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// HTTP-level error codes counted here; the runtime's codes are counted by the runtime.
-const HTTP_CODES: [&str; 12] = [
+const HTTP_CODES: [&str; 13] = [
     codes::MALFORMED_REQUEST,
+    codes::TOO_MANY_CONNECTIONS,
     codes::HEADERS_TOO_LARGE,
     codes::URI_TOO_LONG,
     codes::HTTP_VERSION_NOT_SUPPORTED,

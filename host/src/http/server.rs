@@ -188,6 +188,11 @@ impl Server {
                 }
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "too many open connections: refusing one");
+                    // Counted as the API's other refusals are, so it can be alerted on.
+                    replaced(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        super::error::codes::TOO_MANY_CONNECTIONS,
+                    );
                     tokio::spawn(async move {
                         let mut tcp = tcp;
                         // A lingering close: closing with the client's request unread would
