@@ -185,6 +185,14 @@ fn provision_send_and_read_back_both_plugins() {
         &json!({"version": 2, "devices": ["hall"], "sample": 3}),
     )
     .assert_error(400, "malformed-request");
+    // A dry-run of no device checks nothing: a script gating a deploy on it would pass.
+    for nothing in [
+        json!({"version": 2, "sample": 0}),
+        json!({"version": 2, "devices": []}),
+    ] {
+        api.post("/v1/plugins/thermostat/dry-run", &nothing)
+            .assert_error(400, "malformed-request");
+    }
     api.post("/v1/plugins/thermostat/deploy", &json!({"version": 9}))
         .assert_error(404, "unknown-version");
     api.post("/v1/plugins/thermostat/deploy", &json!({"versoin": 2}))

@@ -163,6 +163,18 @@ pub async fn dry_run(
                 "give either `devices` or `sample`, not both",
             ));
         }
+        // A dry-run of no device checks nothing, and a script gating a deploy on its totals
+        // would pass a version the deploy refuses.
+        (Some(ids), None) if ids.is_empty() => {
+            return Err(ApiError::malformed_request(
+                "`devices` is empty: name at least one device, or give a `sample`",
+            ));
+        }
+        (None, Some(0)) => {
+            return Err(ApiError::malformed_request(format!(
+                "`sample` is 0: sample 1 to {MAX_DRY_RUN_DEVICES} devices"
+            )));
+        }
         (Some(ids), None) if ids.len() > MAX_DRY_RUN_DEVICES => {
             return Err(ApiError::malformed_request(format!(
                 "at most {MAX_DRY_RUN_DEVICES} devices per dry-run"

@@ -72,9 +72,9 @@ pub enum PluginsAction {
         /// Devices to compare (default: a sample spread over the plugin's devices).
         #[arg(long = "device", value_name = "ID")]
         devices: Vec<String>,
-        /// How many devices to sample when none are named.
-        #[arg(long, default_value_t = 16)]
-        sample: usize,
+        /// How many devices to sample when none are named (1 to 1,000).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        sample: u32,
     },
 }
 
