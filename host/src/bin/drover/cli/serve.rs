@@ -60,10 +60,14 @@ fn help(what: &str, default: impl std::fmt::Display) -> String {
 /// one of `Runtime::builder` for the runtime, of `Limits::default` for the HTTP layer, both
 /// from [`drover::config::defaults`]), which the help text shows. There is no second copy of
 /// any default here.
+/// The longest any of the server's timeouts may be set to: a day, in seconds.
+const MAX_TIMEOUT_SECS: u64 = 86_400;
+
 #[derive(Debug, Clone, Default, Args)]
 pub struct Tuning {
-    #[arg(long, help = help(
-        "Messages that may wait in one device's mailbox before senders get 429",
+    // Bounded: past tokio's semaphore limit (2^61) every event panicked a worker.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000), help = help(
+        "Messages that may wait in one device's mailbox before senders get 429 (1 to 1,000,000)",
         defaults::MAILBOX,
     ))]
     pub mailbox: Option<usize>,
@@ -145,30 +149,34 @@ pub struct Tuning {
         defaults::MAX_BATCH_ITEMS,
     ))]
     pub max_batch_items: Option<usize>,
-    #[arg(long, help = help(
-        "Seconds to let open requests finish at shutdown",
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS), help = help(
+        "Seconds to let open requests finish at shutdown (0 to 86,400)",
         defaults::DRAIN_TIMEOUT.as_secs(),
     ))]
     pub drain_timeout_secs: Option<u64>,
-    #[arg(long, help = help(
+    // Timeouts are 1 s to a day: 0 was taken as 1, and u64::MAX overflowed the deadline, which
+    // dropped every connection unanswered.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS), help = help(
         "Seconds a client may take to send a request head (and a keep-alive connection may \
-         stay idle)",
+         stay idle; 1 to 86,400)",
         defaults::HEADER_READ_TIMEOUT.as_secs(),
     ))]
     pub header_read_timeout_secs: Option<u64>,
-    #[arg(long, help = help(
-        "Seconds a client may take to send a request body",
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS), help = help(
+        "Seconds a client may take to send a request body (1 to 86,400)",
         defaults::BODY_READ_TIMEOUT.as_secs(),
     ))]
     pub body_read_timeout_secs: Option<u64>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS), help = help(
         "Seconds writing an answer may make no progress (a client that stops reading) before \
-         its connection is closed",
+         its connection is closed (1 to 86,400)",
         defaults::WRITE_TIMEOUT.as_secs(),
     ))]
     pub write_timeout_secs: Option<u64>,
-    #[arg(long, help = help(
-        "Most open HTTP connections; past it new ones get 503 too-many-connections",
+    // 0 served one connection; u64::MAX panicked at start.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000), help = help(
+        "Most open HTTP connections; past it new ones get 503 too-many-connections (1 to \
+         1,000,000, and at most what the open-files limit leaves room for)",
         defaults::MAX_CONNECTIONS,
     ))]
     pub max_connections: Option<usize>,
@@ -240,16 +248,16 @@ impl Tuning {
             limits.max_batch_bytes = limits.max_batch_bytes.max(n.saturating_mul(1024));
         }
         if let Some(secs) = self.header_read_timeout_secs {
-            limits.header_read_timeout = Duration::from_secs(secs.max(1));
+            limits.header_read_timeout = Duration::from_secs(secs);
         }
         if let Some(secs) = self.body_read_timeout_secs {
-            limits.body_read_timeout = Duration::from_secs(secs.max(1));
+            limits.body_read_timeout = Duration::from_secs(secs);
         }
         if let Some(secs) = self.write_timeout_secs {
-            limits.write_timeout = Duration::from_secs(secs.max(1));
+            limits.write_timeout = Duration::from_secs(secs);
         }
         if let Some(n) = self.max_connections {
-            limits.max_connections = n.max(1);
+            limits.max_connections = n;
         }
         limits
     }
