@@ -1101,6 +1101,26 @@ fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
         assert!(err.contains("1..=1000000"), "{err}");
         assert!(!data.exists(), "the data directory was created");
     }
+    // 0 was taken as 1; past the bounds a worker or the start panicked.
+    for (flag, n, range) in [
+        ("--header-read-timeout-secs", "0", "1..=86400"),
+        (
+            "--header-read-timeout-secs",
+            "18446744073709551615",
+            "1..=86400",
+        ),
+        ("--body-read-timeout-secs", "0", "1..=86400"),
+        ("--write-timeout-secs", "0", "1..=86400"),
+        ("--drain-timeout-secs", "86401", "0..=86400"),
+        ("--max-connections", "0", "1..=1000000"),
+        ("--max-connections", "18446744073709551615", "1..=1000000"),
+        ("--mailbox", "2305843009213693952", "1..=1000000"),
+    ] {
+        let (ok, _, err) = cli(&["serve", flag, n, "--data", data.to_str().expect("utf-8")]);
+        assert!(!ok, "{flag} {n}");
+        assert!(err.contains(range), "{flag} {n}: {err}");
+        assert!(!data.exists(), "the data directory was created");
+    }
 }
 
 /// A simulator whose server answers nothing (here: nothing listens) stops after a few
