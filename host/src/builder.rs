@@ -247,6 +247,12 @@ impl RuntimeBuilder {
         self.config
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid runtime settings: {e}"))?;
+        // Read (and their names checked) before anything is opened or written: a plugin
+        // directory the start refuses must leave the data directory as it was.
+        let mut plugins = self.plugins;
+        for plugin_dir in &self.plugin_dirs {
+            plugins.extend(read_plugin_dir(plugin_dir)?);
+        }
         let dir = &self.data_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lock = lock_data_dir(dir)?;
@@ -275,10 +281,6 @@ impl RuntimeBuilder {
             .with_context(|| format!("recording the engine settings in {}", dir.display()))?;
         let rt = Runtime::start(dir, journal, self.config, lock)?;
 
-        let mut plugins = self.plugins;
-        for dir in &self.plugin_dirs {
-            plugins.extend(read_plugin_dir(dir)?);
-        }
         for (name, bytes) in plugins {
             let before = rt.current_version(&name);
             let (v, new) = rt
@@ -343,11 +345,22 @@ fn read_plugin_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     for entry in entries {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "wasm") {
+            // Hidden files are an editor's or a copy's leftovers (`.#x.wasm`, `._x.wasm`),
+            // not plugins: `.x` would have become a plugin named so.
+            if path
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+            {
+                tracing::debug!(file = %path.display(), "hidden file in the plugin directory: skipped");
+                continue;
+            }
             let name = path
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .with_context(|| format!("plugin file name {} is not UTF-8", path.display()))?
                 .to_string();
+            crate::error::validate_id(&name)
+                .map_err(|e| anyhow::anyhow!("{}: not a plugin name: {e}", path.display()))?;
             let bytes =
                 std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             out.push((name, bytes));

@@ -1951,3 +1951,38 @@ async fn a_restart_with_the_same_settings_and_plugins_rewrites_no_file() {
     rt.shutdown().await;
     assert_eq!(inodes(), before, "{files:?} rewritten");
 }
+
+/// A plugin directory's hidden files are no plugins (`.x.wasm` became a plugin `.x`), and
+/// one whose file names are no plugin names refuses the start before anything is written
+/// (a review found the plugins before the bad name registered in a start it refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_directory_is_checked_whole_and_its_hidden_files_skipped() {
+    let plugins = tempfile::tempdir().expect("tempdir");
+    let thermostat = std::fs::read(PLUGINS.join("thermostat.wasm")).expect("thermostat");
+    std::fs::write(plugins.path().join("thermostat.wasm"), &thermostat).expect("write");
+    std::fs::write(plugins.path().join(".thermostat.wasm"), &thermostat).expect("write");
+    std::fs::write(plugins.path().join("bad name.wasm"), &thermostat).expect("write");
+    let data = tempfile::tempdir().expect("tempdir");
+    let err = Runtime::builder(data.path())
+        .plugin_dir(plugins.path())
+        .open()
+        .await
+        .map(|_| ())
+        .expect_err("a file name that is no plugin name");
+    assert!(format!("{err:#}").contains("bad name.wasm"), "{err:#}");
+    assert_eq!(
+        std::fs::read_dir(data.path()).expect("data dir").count(),
+        0,
+        "a refused start wrote into the data directory"
+    );
+
+    std::fs::remove_file(plugins.path().join("bad name.wasm")).expect("remove");
+    let rt = Runtime::builder(data.path())
+        .plugin_dir(plugins.path())
+        .open()
+        .await
+        .expect("opens");
+    let names: Vec<String> = rt.plugins().into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["thermostat"]);
+    rt.shutdown().await;
+}
