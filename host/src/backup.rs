@@ -12,11 +12,19 @@
 //!    batch still being synced, or one that fails and is cut back, is left out; a writer
 //!    idle for 50 ms marks its last batch proven, so a backup of an idle server holds
 //!    everything acknowledged);
-//! 3. every plugin component (and its precompiled artifact) and `engine.json`.
+//! 3. every plugin component (and its precompiled artifact), `engine.json`, and the archives
+//!    of removed devices (`archive/`, written once each; once retention has deleted a
+//!    removed device's records, its archive is the only copy of its history).
 //!
-//! Each file is synced, then the directory. The copy is a data directory like any other:
-//! `drover serve --data <copy>` starts on it (the journal's last batch shows no close marker,
-//! exactly as after a `kill -9`, which recovery takes as it is).
+//! Each file is synced, then the directory. All of it is written into a hidden directory
+//! beside the target (`.NAME.backup-partial`), checked to open, and only then renamed to the
+//! target and the parent synced: a backup killed part-way (out of memory, a reboot) leaves
+//! no directory that looks like a backup, only the hidden one, which the next backup to the
+//! same target removes. (Written in place, a killed copy held a cut journal and no plugins,
+//! and a server started on it reported a torn commit and served devices that could not
+//! run.) The copy is a data directory like any other: `drover serve --data <copy>` starts on
+//! it (the journal's last batch shows no close marker, exactly as after a `kill -9`, which
+//! recovery takes as it is).
 
 use std::fs::File;
 use std::io::Write;
@@ -40,10 +48,13 @@ pub struct BackupSummary {
     pub devices: usize,
     /// Plugin files copied (components and precompiled artifacts).
     pub plugin_files: usize,
+    /// Archives of removed devices copied.
+    pub archives: usize,
 }
 
 /// Copies the data directory `data_dir` to `to`, which must not exist yet or be empty, and
-/// must not be inside `data_dir`. If the copy fails, what it created is removed again.
+/// must not be inside `data_dir`. The copy appears at `to` whole or not at all (see the
+/// module docs); if it fails, what it created is removed again.
 pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     if journal::SegmentedBackend::list(data_dir)
         .with_context(|| format!("reading {}", data_dir.display()))?
@@ -63,18 +74,35 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
             to.display()
         );
     }
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    let result = copy(data_dir, to);
+    let (Some(name), Some(parent)) = (to.file_name(), to.parent()) else {
+        bail!("{} names no directory to back up into", to.display());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let mut staged = std::ffi::OsString::from(".");
+    staged.push(name);
+    staged.push(".backup-partial");
+    let stage = parent.join(staged);
+    // A backup to this target killed part-way.
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage)
+            .with_context(|| format!("removing {} (a backup killed part-way)", stage.display()))?;
+    }
+    std::fs::create_dir(&stage).with_context(|| format!("creating {}", stage.display()))?;
+    let result = copy(data_dir, &stage).and_then(|summary| {
+        // Over the empty directory if there is one (rename replaces an empty directory).
+        std::fs::rename(&stage, to)
+            .with_context(|| format!("renaming {} to {}", stage.display(), to.display()))?;
+        File::open(parent)?.sync_all()?;
+        Ok(summary)
+    });
     if result.is_err() {
-        // Leave nothing half-made behind, so a retry can use the same directory.
-        if existed {
-            for e in std::fs::read_dir(to).into_iter().flatten().flatten() {
-                let _ =
-                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
-            }
-        } else {
-            let _ = std::fs::remove_dir_all(to);
-        }
+        // Leave nothing half-made behind, so a retry can use the same target.
+        let _ = std::fs::remove_dir_all(&stage);
     }
     result
 }
@@ -142,6 +170,27 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     if engine.exists() {
         copy_synced(&engine, &to.join("engine.json"))?;
     }
+    let mut archives = 0;
+    match std::fs::read_dir(data_dir.join(crate::removal::ARCHIVE_DIR)) {
+        Ok(entries) => {
+            std::fs::create_dir_all(to.join(crate::removal::ARCHIVE_DIR))?;
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name();
+                // Finished archives only: a `.tmp` is one being written, or a crash's.
+                if name.to_str().is_some_and(|n| n.ends_with(".jsonl")) {
+                    copy_synced(
+                        &entry.path(),
+                        &to.join(crate::removal::ARCHIVE_DIR).join(&name),
+                    )?;
+                    archives += 1;
+                }
+            }
+            File::open(to.join(crate::removal::ARCHIVE_DIR))?.sync_all()?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("reading the archives of removed devices"),
+    }
     File::open(to.join("plugins"))?.sync_all()?;
     File::open(to)?.sync_all()?;
 
@@ -154,6 +203,7 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
         left_out: size.saturating_sub(confirmed),
         devices,
         plugin_files,
+        archives,
     })
 }
 

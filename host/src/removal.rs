@@ -44,6 +44,9 @@ use crate::error::{Error, validate_id};
 use crate::journal::Cancelled;
 use crate::runtime::Runtime;
 
+/// The data directory's folder of removed devices' archives.
+pub(crate) const ARCHIVE_DIR: &str = "archive";
+
 /// What a removal did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Removal {
@@ -253,7 +256,7 @@ impl Runtime {
     /// same device, whose history the journal still holds in full. Run at open, before any
     /// removal; best effort (an archive that cannot be read is left alone).
     pub(crate) fn sweep_unfinished_archives(&self) {
-        let dir = self.shared.data_dir.join("archive");
+        let dir = self.shared.data_dir.join(ARCHIVE_DIR);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return;
         };
@@ -302,7 +305,7 @@ impl Runtime {
         let summary = self
             .summary(id)
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
-        let dir = self.shared.data_dir.join("archive");
+        let dir = self.shared.data_dir.join(ARCHIVE_DIR);
         std::fs::create_dir_all(&dir).map_err(io)?;
         let path = dir.join(format!("{id}.{at_ms}.jsonl"));
         let tmp = path.with_extension("jsonl.tmp");

@@ -408,6 +408,55 @@ fn a_backup_under_load_starts_and_holds_a_prefix_of_every_history() {
     assert!(err.contains("not empty"), "{err}");
 }
 
+/// A backup appears at its target whole or not at all: it is written beside it, hidden, and
+/// renamed into place once it opens, so one killed part-way leaves only the hidden directory,
+/// which the next backup to the same target removes. (Written in place, a killed copy held a
+/// cut journal and no plugins, and a server started on it without a word.) Archives of
+/// removed devices are copied too: once retention has deleted their records, they are the
+/// only copy of those histories.
+#[test]
+fn a_backup_appears_whole_or_not_at_all_and_carries_the_archives() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let server = Server::start(&source, &[]);
+    fleet(&server);
+    let api = server.api();
+    api.provision("gone", "thermostat", json!({}));
+    api.send("gone", &json!({"type": "reading", "celsius": 12.5}));
+    let removed = api.call(
+        reqwest::Method::DELETE,
+        "/v1/devices/gone?archive=true",
+        None,
+    );
+    assert_eq!(removed.status, 200, "{}", removed.text);
+    support::wait_until_idle_proven(&source);
+
+    // What a backup killed part-way left: a hidden stage with part of a copy.
+    let copy = root.path().join("copy");
+    let stage = root.path().join(".copy.backup-partial");
+    std::fs::create_dir_all(stage.join("plugins")).expect("stage");
+    std::fs::write(stage.join("journal.log"), b"DROVERJL cut short").expect("stage");
+    assert!(!copy.exists());
+
+    let (ok, out, err) = backup(&source, &copy);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("1 archive(s)"), "{out}");
+    assert!(!stage.exists(), "the stage is left behind");
+    let archives: Vec<_> = std::fs::read_dir(copy.join("archive"))
+        .expect("archives copied")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(archives.len(), 1, "{archives:?}");
+    assert!(
+        archives[0].to_str().is_some_and(|n| n.starts_with("gone.")),
+        "{archives:?}"
+    );
+    let live = states(&server, &["t1", "t2", "lock"]);
+    drop(server);
+    let restored = Server::start(&copy, &[]);
+    assert_eq!(states(&restored, &["t1", "t2", "lock"]), live);
+}
+
 /// `journal export|import` and `backup` work on data directories: their help offers no
 /// server flags that they would silently ignore, while reading a journal page does.
 #[test]

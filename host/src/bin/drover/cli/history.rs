@@ -172,7 +172,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     let summary = drover::backup::backup(&args.data, &args.to)?;
     println!(
         "backed up {} device(s): {} journal bytes{} ({} bytes not yet proven durable left \
-         out), {} plugin file(s), to {}",
+         out), {} plugin file(s), {} archive(s) of removed devices, to {}",
         summary.devices,
         summary.journal_bytes,
         if summary.journal_from > 0 {
@@ -185,6 +185,7 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         },
         summary.left_out,
         summary.plugin_files,
+        summary.archives,
         args.to.display()
     );
     Ok(ExitCode::SUCCESS)
