@@ -29,8 +29,10 @@
 //! JSON lines: first the device (`{"device", "plugin", "version", "config",
 //! "created_at_ms", "seq", "removed_at_ms"}`), then one line per journal record in seq order
 //! (`{"seq", "at", "plugin", "version", "event", "transitions"}` and `lost`, `origin`,
-//! `effects` when present: what `GET /v1/devices/{id}/journal` shows of it; before
-//! 2026-12-03 `at` was written `at_ms`). Written to a temporary file, fsynced, then renamed,
+//! `effects` when present: what `GET /v1/devices/{id}/journal` shows of it, event and
+//! transitions in the text recorded; before 2026-12-03 `at` was written `at_ms`, and before
+//! 2026-12-04 the texts went through a `serde_json::Value`, which sorted their keys and
+//! rounded numbers past 64 bits). Written to a temporary file, fsynced, then renamed,
 //! before the removal is recorded; an archive whose removal was never recorded (a crash in
 //! between) is deleted at the next start, so every archive is of a removed device.
 
@@ -41,8 +43,26 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::error::{Error, validate_id};
+use crate::http::json::{self, Json};
 use crate::journal::Cancelled;
 use crate::runtime::Runtime;
+
+/// One record of an archive: the journal API's shape (`GET /v1/devices/{id}/journal`).
+#[derive(Serialize)]
+struct ArchivedRecord<'a> {
+    seq: u64,
+    at: u64,
+    event: Json,
+    transitions: Vec<Json>,
+    plugin: &'a str,
+    version: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    lost: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<Json>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    effects: Vec<Json>,
+}
 
 /// The data directory's folder of removed devices' archives.
 pub(crate) const ARCHIVE_DIR: &str = "archive";
@@ -341,10 +361,6 @@ impl Runtime {
         at_ms: u64,
     ) -> Result<(), Error> {
         let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
-        let json = |v: &str| {
-            serde_json::from_str::<serde_json::Value>(v)
-                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
-        };
         let mut out = std::io::BufWriter::new(file);
         let header = serde_json::json!({
             "device": id,
@@ -361,26 +377,23 @@ impl Runtime {
         while from <= seq {
             let page = self.journal_page(id, from, 1000)?;
             for r in &page.records {
-                let mut line = serde_json::json!({
-                    "seq": r.seq,
-                    "at": r.at_ms,
-                    "plugin": r.plugin,
-                    "version": r.version,
-                    "event": json(&r.event),
-                    "transitions": r.transitions.iter().map(|t| json(t)).collect::<Vec<_>>(),
-                });
-                if r.lost {
-                    line["lost"] = true.into();
-                }
-                // As the journal API shows them: a message or timer firing says where it
-                // came from, and a record with effects lists them.
-                if let Some(origin) = &r.origin {
-                    line["origin"] = json(origin);
-                }
-                if !r.effects.is_empty() {
-                    line["effects"] = r.effects.iter().map(|e| json(e)).collect();
-                }
-                writeln!(out, "{line}").map_err(io)?;
+                // As the journal API shows them, texts exactly as recorded (a number past
+                // 64 bits, key order): through a `Value` they were re-formatted. A message
+                // or timer firing says where it came from, and a record with effects lists
+                // them.
+                let line = ArchivedRecord {
+                    seq: r.seq,
+                    at: r.at_ms,
+                    event: Json(r.event.clone()),
+                    transitions: json::all(r.transitions.clone()),
+                    plugin: &r.plugin,
+                    version: r.version,
+                    lost: r.lost,
+                    origin: r.origin.clone().map(Json),
+                    effects: json::all(r.effects.clone()),
+                };
+                serde_json::to_writer(&mut out, &line).map_err(|e| io(e.into()))?;
+                writeln!(out).map_err(io)?;
             }
             match page.next {
                 Some(next) => from = next,
