@@ -919,6 +919,11 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
                 let slot = shared.slots.fetch_add(1, Ordering::Relaxed);
                 let at = shared.start
                     + Duration::from_secs_f64(slot as f64 * batch as f64 / rate.max(1e-3));
+                // Slots 0 to R·D - 1: the one due as the run ends is not sent (it made
+                // `--rate 10 --duration 1` send 11).
+                if cfg.duration.is_some_and(|d| at >= shared.start + d) {
+                    return;
+                }
                 // The stop ends the wait: a slow rate's next slot may be far past the
                 // duration (32 workers at 2 events/s each wait 16 s for theirs). Registered
                 // before the flag is read, so a stop between the two is not missed.

@@ -22,9 +22,9 @@ pub struct LoadArgs {
     /// of any plugin on the server, with `--event` or `--events-file` templates.
     #[arg(long, default_value = "mixed")]
     pub plugin: String,
-    /// Provisioning config of a plugin without a built-in generator (JSON).
-    #[arg(long, default_value = "{}")]
-    pub config: String,
+    /// Provisioning config of a plugin without a built-in generator (JSON; default `{}`).
+    #[arg(long)]
+    pub config: Option<String>,
     /// An event template (JSON; repeatable). Strings `{{int:LO:HI}}`, `{{float:LO:HI}}` and
     /// `{{pick:A|B}}` inside it become random values per event (an integer, a number
     /// rounded to 2 decimals, one of the words as a string); a placeholder is a whole string.
@@ -50,7 +50,7 @@ pub struct LoadArgs {
     #[arg(long)]
     pub events: Option<u64>,
     /// Events per request: above 1, gateway batches via POST /v1/events.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub batch: usize,
     /// No progress line.
     #[arg(long)]
@@ -85,12 +85,19 @@ impl LoadArgs {
             ),
             Fleet::Custom => Some(std::sync::Arc::new(Custom {
                 plugin: self.plugin.clone(),
-                config: serde_json::from_str(&self.config).context("--config is not JSON")?,
+                config: serde_json::from_str(self.config.as_deref().unwrap_or("{}"))
+                    .context("--config is not JSON")?,
                 templates,
             })),
             _ if !templates.is_empty() => anyhow::bail!(
                 "--event and --events-file are for plugins without a built-in generator; `{}` \
                  has one",
+                self.plugin
+            ),
+            // A built-in generator provisions with the config its events are made for.
+            _ if self.config.is_some() => anyhow::bail!(
+                "--config is for plugins without a built-in generator; `{}` has one (and \
+                 provisions with its own config)",
                 self.plugin
             ),
             _ => None,
