@@ -232,6 +232,35 @@ fn provision_send_and_read_back_both_plugins() {
     let (ok, out, err) = cli(&["state", "hall", "--at", "3", "--json", "--server", url]);
     assert!(ok, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), s3);
+    // Listings: JSON lines, one device (or id) each, whatever the paging.
+    let (ok, out, err) = cli(&["devices", "--json", "--server", url]);
+    assert!(ok, "{err}");
+    let listed: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        listed
+            .iter()
+            .any(|d| d["id"] == "hall" && d["plugin"] == "thermostat"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&["devices", "--ids", "--json", "--server", url]);
+    assert!(ok, "{err}");
+    let ids: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ids.len(), listed.len(), "{out}");
+    assert!(ids.contains(&json!("hall")), "{out}");
+    let (ok, out, err) = cli(&["journal", "hall", "--all", "--json", "--server", url]);
+    assert!(ok, "{err}");
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 7, "{out}");
+    assert_eq!(records[0]["seq"], 1);
     let (ok, out, err) = cli(&[
         "send",
         "hall",

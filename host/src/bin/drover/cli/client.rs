@@ -22,7 +22,8 @@ pub struct ClientOpts {
         default_value = "http://127.0.0.1:7070"
     )]
     pub server: String,
-    /// Print the server's JSON answer as is instead of readable text.
+    /// Print the server's JSON answer as is instead of readable text (`devices`, which
+    /// pages: JSON lines, one device each).
     #[arg(long, global = true)]
     pub json: bool,
 }

@@ -193,7 +193,8 @@ pub struct JournalArgs {
     /// Base URL of the server.
     #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070")]
     pub server: String,
-    /// Print the server's JSON answer as is instead of readable text.
+    /// Print the server's JSON answer as is instead of readable text (with `--all`, JSON
+    /// lines: one record each).
     #[arg(long)]
     pub json: bool,
 }
@@ -294,7 +295,14 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
             "/v1/devices/{id}/journal?{start}limit={}",
             args.limit
         )))?;
-        if args.json {
+        if args.json && args.all {
+            // Every page: JSON lines, one record each (a document per page did not parse as
+            // one).
+            let raw: Value = serde_json::from_str(&text)?;
+            for r in raw["records"].as_array().into_iter().flatten() {
+                println!("{r}");
+            }
+        } else if args.json {
             println!("{text}");
         } else if let Some(from) = args.from.filter(|_| first_page && page.records.is_empty()) {
             println!("{device}: no records from seq {from}");
@@ -486,7 +494,16 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
         };
         let (text, page): (String, DeviceList) = api.call_json(api.get(&path))?;
         if args.client.json {
-            println!("{text}");
+            // JSON lines, one per device whatever the paging (a document per page did not
+            // parse as one): each device as the server lists it, or with `--ids` its id.
+            let raw: serde_json::Value = serde_json::from_str(&text)?;
+            for d in raw["devices"].as_array().into_iter().flatten() {
+                if args.ids {
+                    println!("{}", d["id"]);
+                } else {
+                    println!("{d}");
+                }
+            }
         } else {
             let width = page
                 .devices

@@ -98,7 +98,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         PluginsAction::Show { name } => {
-            let (text, list): (String, Value) = api.call_json(api.get("/v1/plugins"))?;
+            let (_, list): (String, Value) = api.call_json(api.get("/v1/plugins"))?;
             let Some(p) = list["plugins"]
                 .as_array()
                 .and_then(|ps| ps.iter().find(|p| p["name"] == name.as_str()))
@@ -106,7 +106,8 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("no plugin `{name}` on this server");
             };
             if json_out {
-                println!("{text}");
+                // This plugin's entry of the list, not the whole list.
+                println!("{p}");
                 return Ok(ExitCode::SUCCESS);
             }
             print_plugin(p);
@@ -130,10 +131,17 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 u["version"].as_u64().unwrap_or(0),
                 u["digest"].as_str().unwrap_or("?"),
             );
-            if status == 201 {
-                println!("{n} v{v} registered ({digest})");
+            // With --deploy and --json, stdout is the deploy report alone (one JSON document);
+            // the upload's line goes to stderr.
+            let line = if status == 201 {
+                format!("{n} v{v} registered ({digest})")
             } else {
-                println!("{n} v{v} already has these bytes ({digest}): unchanged");
+                format!("{n} v{v} already has these bytes ({digest}): unchanged")
+            };
+            if json_out {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
             }
             if deploy {
                 let version = u["version"].as_u64().unwrap_or(0);
