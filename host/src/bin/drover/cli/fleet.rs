@@ -331,7 +331,7 @@ pub struct BenchHttpArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
-    /// Seconds of warm-up before each fleet size (activates the actors).
+    /// Seconds of warm-up before each fleet size (activates the actors; 0: none).
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
     /// Requests in flight for single events.
@@ -480,8 +480,10 @@ fn bench_http(args: BenchHttpArgs) -> anyhow::Result<ExitCode> {
             };
             eprintln!("{devices} devices: provisioning ...");
             sim::provision(&base).await?;
-            // Warm-up: every device activated, caches and connections hot.
-            sim::run(&base).await?;
+            // Warm-up: every device activated, caches and connections hot (none with 0).
+            if args.warmup > 0.0 {
+                sim::run(&base).await?;
+            }
             let single = SimConfig {
                 duration: Some(Duration::from_secs_f64(args.duration)),
                 ..base.clone()
