@@ -471,7 +471,7 @@ fn bench_http(args: BenchHttpArgs) -> anyhow::Result<ExitCode> {
                 prefix: "bench-".into(),
                 load: Load::Closed,
                 concurrency: args.concurrency,
-                duration: Some(Duration::from_secs_f64(args.warmup)),
+                duration: Some(Duration::from_secs_f64(args.duration)),
                 events: None,
                 batch: 1,
                 progress: false,
@@ -482,12 +482,13 @@ fn bench_http(args: BenchHttpArgs) -> anyhow::Result<ExitCode> {
             sim::provision(&base).await?;
             // Warm-up: every device activated, caches and connections hot (none with 0).
             if args.warmup > 0.0 {
-                sim::run(&base).await?;
+                let warmup = SimConfig {
+                    duration: Some(Duration::from_secs_f64(args.warmup)),
+                    ..base.clone()
+                };
+                sim::run(&warmup).await?;
             }
-            let single = SimConfig {
-                duration: Some(Duration::from_secs_f64(args.duration)),
-                ..base.clone()
-            };
+            let single = base.clone();
             eprintln!("{devices} devices: single events ...");
             results.push(measure(&single).await?);
             let batched = SimConfig {
@@ -545,9 +546,14 @@ fn bench_http(args: BenchHttpArgs) -> anyhow::Result<ExitCode> {
                 errors
             );
         }
+        let whose = if args.server.is_some() {
+            "the clients only: the server is another process"
+        } else {
+            "server and clients together"
+        };
         println!(
             "(latency is per request: a batch counts once; CPU/event is this process's CPU \
-             time, server and clients together, per acknowledged event)"
+             time, {whose}, per acknowledged event)"
         );
     }
     Ok(ExitCode::SUCCESS)
