@@ -558,7 +558,7 @@ pub(super) fn salvage_from(
     std::fs::rename(&tmp, path)?;
     // The new `journal.log` holds every segment's intact records: the later segments are
     // kept aside with the original. (A crash before they are moved leaves segments that do
-    // not follow the new file: the open refuses, nothing is lost.)
+    // not follow the new file: the open refuses, saying so, and nothing is lost.)
     if let Some(dir) = path.parent() {
         for segment in SegmentedBackend::list(dir)? {
             if segment.first > 0 {

@@ -264,6 +264,19 @@ impl SegmentedBackend {
         }
         for pair in segments.windows(2) {
             let end = pair[0].first + pair[0].data_len()?;
+            if pair[0].first == 0 && end > pair[1].first {
+                // Only a salvage writes a `journal.log` past the first segment: it holds every
+                // intact record of all of them, and a crash came before it moved them aside.
+                return Err(damaged(format!(
+                    "{} ends at position {end}, past the start of the next segment, {} ({}): \
+                     a --salvage was interrupted after writing its new journal.log, which \
+                     holds every intact record. Move the segment files after it aside (a \
+                     completed salvage renames them to *.damaged-N) and start again",
+                    pair[0].path.display(),
+                    pair[1].path.display(),
+                    pair[1].first
+                )));
+            }
             if end != pair[1].first {
                 return Err(damaged(format!(
                     "journal segment {} ends at position {end} but the next one, {}, starts at {}: \

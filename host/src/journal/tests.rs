@@ -2865,6 +2865,36 @@ async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segmen
         .filter(|e| e.file_name().to_string_lossy().contains(".seg.damaged-"))
         .count();
     assert_eq!(aside, segments.len() - 1);
+
+    // A salvage killed after its new `journal.log` was in place but before the later
+    // segments were moved aside: the open says what happened and what to do, not that a
+    // segment is missing.
+    journal.close();
+    drop(journal);
+    let moved: Vec<(std::path::PathBuf, std::path::PathBuf)> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (seg, _) = name.split_once(".damaged-")?;
+            seg.ends_with(".seg")
+                .then(|| (e.path(), dir.path().join(seg)))
+        })
+        .collect();
+    for (aside, back) in &moved {
+        std::fs::rename(aside, back).expect("back");
+    }
+    let err = open_segmented(dir.path(), 512, false)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("--salvage was interrupted"),
+        "{err}"
+    );
+    for (aside, back) in &moved {
+        std::fs::rename(back, aside).expect("aside again");
+    }
+    let journal = open_segmented(dir.path(), 512, false).expect("opens once moved aside");
     let (r, e) = event(0, 301);
     journal.append(&r, e).await.expect("event 301");
     journal.close();
