@@ -30,8 +30,8 @@ pub struct ExportArgs {
     /// Export every device.
     #[arg(long)]
     pub all: bool,
-    /// First seq of each device's records (a partial export cannot be imported).
-    #[arg(long, default_value_t = 1)]
+    /// First seq of each device's records, from 1 (a partial export cannot be imported).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub from: u64,
     /// Each device from its oldest record journal retention kept (`--retention
     /// after-snapshot`): everything still readable. For reading; import refuses it.
