@@ -457,14 +457,32 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
              first segments: restore the data directory from a backup instead",
         ));
     }
-    salvage_from(&SegmentedBackend::open_read_only(dir)?, path)
+    // A damaged segment header (its records may all be intact) refuses a normal open: read
+    // past it here, and rewrite the journal even if no record is damaged.
+    let mut damaged_headers = Vec::new();
+    let source = SegmentedBackend::open_for_salvage(dir, &mut damaged_headers)?;
+    for why in &damaged_headers {
+        tracing::warn!(damage = %why, "journal salvage: a segment header is damaged; its segment is read at the position its file name gives");
+    }
+    salvage_from_with(&source, path, damaged_headers.first().cloned())
 }
 
 /// [`salvage`], reading the damaged journal through `source` (the file at `path`, or a test's
 /// view of it that fails on command); what is written goes beside `path`.
+#[cfg(test)]
 pub(super) fn salvage_from(
     source: &dyn StorageBackend,
     path: &Path,
+) -> std::io::Result<Option<Salvaged>> {
+    salvage_from_with(source, path, None)
+}
+
+/// [`salvage_from`], rewriting the journal for `forced` (a damaged segment header) even when
+/// every record reads back intact.
+fn salvage_from_with(
+    source: &dyn StorageBackend,
+    path: &Path,
+    forced: Option<String>,
 ) -> std::io::Result<Option<Salvaged>> {
     let tolerant = Tolerant::new(source);
     let storage = &tolerant;
@@ -478,7 +496,10 @@ pub(super) fn salvage_from(
         Some((reason, _)) => reason,
         None if cut_short => cut_short_reason(&prefix),
         None if prefix.bad_header => "the file header is damaged (checksum mismatch)".into(),
-        None => return Ok(None),
+        None => match &forced {
+            Some(why) => why.clone(),
+            None => return Ok(None),
+        },
     };
     let offset = prefix.end;
     let tmp = side_file(path, "salvage");
@@ -512,6 +533,7 @@ pub(super) fn salvage_from(
         && !cut_short
         && unreadable.is_empty()
         && !prefix.bad_header
+        && forced.is_none()
     {
         // A torn tail, not damage: the normal open cuts it.
         drop(out);

@@ -156,13 +156,25 @@ impl SegmentedBackend {
     /// Opens the segments in `dir` (creating `journal.log` if there are none), new ones
     /// starting once the last holds `segment_bytes`. New segment headers name `format`.
     pub fn open(dir: &Path, segment_bytes: u64, format: u32) -> io::Result<SegmentedBackend> {
-        SegmentedBackend::open_with(dir, segment_bytes, format, false)
+        SegmentedBackend::open_with(dir, segment_bytes, format, false, None)
     }
 
     /// Opens the segments in `dir` for reading; every write fails. A torn last segment
     /// header is left on disk (and its segment ignored).
     pub fn open_read_only(dir: &Path) -> io::Result<SegmentedBackend> {
-        SegmentedBackend::open_with(dir, u64::MAX, 0, true)
+        SegmentedBackend::open_with(dir, u64::MAX, 0, true, None)
+    }
+
+    /// [`SegmentedBackend::open_read_only`] for salvage: a segment whose header is damaged
+    /// (or names another position) is read all the same, at the position its file name
+    /// gives, since the header only repeats that (and the format, which the records do not
+    /// depend on); each such segment is named in `damaged_headers`. A normal open refuses
+    /// them, and salvage, which rewrites the journal, is what repairs them.
+    pub fn open_for_salvage(
+        dir: &Path,
+        damaged_headers: &mut Vec<String>,
+    ) -> io::Result<SegmentedBackend> {
+        SegmentedBackend::open_with(dir, u64::MAX, 0, true, Some(damaged_headers))
     }
 
     fn open_with(
@@ -170,6 +182,7 @@ impl SegmentedBackend {
         segment_bytes: u64,
         format: u32,
         read_only: bool,
+        mut tolerate_headers: Option<&mut Vec<String>>,
     ) -> io::Result<SegmentedBackend> {
         let origin = dir.join(FILE_NAME);
         let mut found = SegmentedBackend::list(dir)?;
@@ -231,20 +244,19 @@ impl SegmentedBackend {
                     }
                     continue;
                 }
-                match parsed {
-                    Ok((_, first)) if first == info.first => {}
-                    Ok((_, first)) => {
-                        return Err(damaged(format!(
-                            "journal segment {} says it starts at position {first}, not {}",
-                            info.path.display(),
-                            info.first
-                        )));
-                    }
-                    Err(why) => {
-                        return Err(damaged(format!(
-                            "journal segment {}: {why}",
-                            info.path.display()
-                        )));
+                let why = match parsed {
+                    Ok((_, first)) if first == info.first => None,
+                    Ok((_, first)) => Some(format!(
+                        "journal segment {} says it starts at position {first}, not {}",
+                        info.path.display(),
+                        info.first
+                    )),
+                    Err(why) => Some(format!("journal segment {}: {why}", info.path.display())),
+                };
+                if let Some(why) = why {
+                    match tolerate_headers.as_deref_mut() {
+                        Some(damaged_headers) => damaged_headers.push(why),
+                        None => return Err(damaged(why)),
                     }
                 }
             }
