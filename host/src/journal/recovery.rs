@@ -457,14 +457,15 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
              first segments: restore the data directory from a backup instead",
         ));
     }
-    // A damaged segment header (its records may all be intact) refuses a normal open: read
-    // past it here, and rewrite the journal even if no record is damaged.
-    let mut damaged_headers = Vec::new();
-    let source = SegmentedBackend::open_for_salvage(dir, &mut damaged_headers)?;
-    for why in &damaged_headers {
-        tracing::warn!(damage = %why, "journal salvage: a segment header is damaged; its segment is read at the position its file name gives");
+    // A damaged segment header (its records may all be intact) or a missing segment refuses
+    // a normal open: read past them here (the missing positions as unreadable bytes), and
+    // rewrite the journal even if no record is damaged.
+    let mut tolerated = Vec::new();
+    let source = SegmentedBackend::open_for_salvage(dir, &mut tolerated)?;
+    for why in &tolerated {
+        tracing::warn!(damage = %why, "journal salvage: reading past a damaged segment header (at the position its file name gives) or a missing segment (as unreadable bytes)");
     }
-    salvage_from_with(&source, path, damaged_headers.first().cloned())
+    salvage_from_with(&source, path, tolerated.first().cloned())
 }
 
 /// [`salvage`], reading the damaged journal through `source` (the file at `path`, or a test's

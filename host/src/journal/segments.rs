@@ -150,6 +150,10 @@ pub struct SegmentedBackend {
     /// Earlier segments written since the last sync (a format raise rewrites the header of
     /// `journal.log`): synced with the last one.
     dirty: Mutex<Vec<Arc<Segment>>>,
+    /// Positions no segment holds (a segment missing or cut short), `start..end`: only in a
+    /// salvage's view ([`SegmentedBackend::open_for_salvage`]), which reads them as `EIO`, so
+    /// salvage takes them for unreadable media and marks the seqs there lost.
+    holes: Vec<(u64, u64)>,
 }
 
 impl SegmentedBackend {
@@ -168,13 +172,15 @@ impl SegmentedBackend {
     /// [`SegmentedBackend::open_read_only`] for salvage: a segment whose header is damaged
     /// (or names another position) is read all the same, at the position its file name
     /// gives, since the header only repeats that (and the format, which the records do not
-    /// depend on); each such segment is named in `damaged_headers`. A normal open refuses
-    /// them, and salvage, which rewrites the journal, is what repairs them.
+    /// depend on), and positions no segment holds (one missing or cut short) read as
+    /// unreadable media (see `holes`). Each such fault is described in `tolerated`. A
+    /// normal open refuses them, and salvage, which rewrites the journal, is what repairs
+    /// them.
     pub fn open_for_salvage(
         dir: &Path,
-        damaged_headers: &mut Vec<String>,
+        tolerated: &mut Vec<String>,
     ) -> io::Result<SegmentedBackend> {
-        SegmentedBackend::open_with(dir, u64::MAX, 0, true, Some(damaged_headers))
+        SegmentedBackend::open_with(dir, u64::MAX, 0, true, Some(tolerated))
     }
 
     fn open_with(
@@ -182,7 +188,7 @@ impl SegmentedBackend {
         segment_bytes: u64,
         format: u32,
         read_only: bool,
-        mut tolerate_headers: Option<&mut Vec<String>>,
+        mut tolerated: Option<&mut Vec<String>>,
     ) -> io::Result<SegmentedBackend> {
         let origin = dir.join(FILE_NAME);
         let mut found = SegmentedBackend::list(dir)?;
@@ -200,6 +206,7 @@ impl SegmentedBackend {
             });
         }
         let mut segments = Vec::with_capacity(found.len());
+        let mut holes = Vec::new();
         let last = found.len() - 1;
         for (i, info) in found.iter().enumerate() {
             let header = if info.first == 0 {
@@ -254,8 +261,8 @@ impl SegmentedBackend {
                     Err(why) => Some(format!("journal segment {}: {why}", info.path.display())),
                 };
                 if let Some(why) = why {
-                    match tolerate_headers.as_deref_mut() {
-                        Some(damaged_headers) => damaged_headers.push(why),
+                    match tolerated.as_deref_mut() {
+                        Some(tolerated) => tolerated.push(why),
                         None => return Err(damaged(why)),
                     }
                 }
@@ -290,13 +297,22 @@ impl SegmentedBackend {
                 )));
             }
             if end != pair[1].first {
-                return Err(damaged(format!(
+                let why = format!(
                     "journal segment {} ends at position {end} but the next one, {}, starts at {}: \
                      a segment is missing or was cut short",
                     pair[0].path.display(),
                     pair[1].path.display(),
                     pair[1].first
-                )));
+                );
+                match tolerated.as_deref_mut() {
+                    // Salvage reads the missing positions as unreadable bytes: the seqs whose
+                    // records were there are marked lost, every other record is kept.
+                    Some(damaged) if end < pair[1].first => {
+                        damaged.push(why);
+                        holes.push((end, pair[1].first));
+                    }
+                    _ => return Err(self::damaged(why)),
+                }
             }
         }
         if !read_only && found.first().is_some_and(|f| f.first == 0 && f.len == 0) {
@@ -316,6 +332,7 @@ impl SegmentedBackend {
             segments: RwLock::new(segments),
             end: AtomicU64::new(last),
             dirty: Mutex::new(Vec::new()),
+            holes,
         })
     }
 
@@ -455,6 +472,15 @@ impl StorageBackend for SegmentedBackend {
     }
 
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        let len = buf.len() as u64;
+        if self
+            .holes
+            .iter()
+            .any(|&(start, end)| offset < end && start < offset + len)
+        {
+            const EIO: i32 = 5;
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
         while !buf.is_empty() {
             let (segment, end) = self.locate(offset)?;
             let n = (buf.len() as u64).min(end - offset) as usize;
@@ -552,6 +578,10 @@ impl StorageBackend for SegmentedBackend {
 
     fn retained_from(&self) -> u64 {
         self.segments.read().first().map_or(0, |s| s.first)
+    }
+
+    fn holes(&self) -> Vec<(u64, u64)> {
+        self.holes.clone()
     }
 
     fn segment_count(&self) -> usize {

@@ -59,6 +59,11 @@ pub trait StorageBackend: Send + Sync {
     fn segment_count(&self) -> usize {
         1
     }
+    /// Positions no file holds, `start..end` (a missing segment, in a salvage's view of
+    /// the journal only): reads of them fail as unreadable media.
+    fn holes(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
     /// The first position of the segment holding `pos` (what a deletion up to `pos` keeps).
     fn segment_start(&self, _pos: u64) -> u64 {
         0
@@ -406,9 +411,31 @@ impl StorageBackend for Tolerant<'_> {
             done => return done,
         }
         let end = offset + buf.len() as u64;
+        // Pieces end at sector boundaries and at holes' edges, so the bytes beside a hole
+        // read as they are; a hole is unreadable as a whole, remembered once.
+        let holes = self.inner.holes();
+        let edges: Vec<u64> = holes
+            .iter()
+            .flat_map(|&(a, b)| [a, b])
+            .filter(|e| offset < *e && *e < end)
+            .collect();
         let mut at = offset;
         while at < end {
-            let next = ((at / Self::SECTOR + 1) * Self::SECTOR).min(end);
+            if let Some(&(hole_start, hole_end)) = holes.iter().find(|&&(a, b)| a <= at && at < b) {
+                let next = hole_end.min(end);
+                buf[(at - offset) as usize..(next - offset) as usize].fill(0);
+                let missing = io::Error::other("no segment holds these positions");
+                self.remember(hole_start, hole_end, &missing);
+                at = next;
+                continue;
+            }
+            let edge = edges
+                .iter()
+                .copied()
+                .filter(|e| *e > at)
+                .min()
+                .unwrap_or(end);
+            let next = ((at / Self::SECTOR + 1) * Self::SECTOR).min(end).min(edge);
             let piece = &mut buf[(at - offset) as usize..(next - offset) as usize];
             match self.inner.read_exact_at(piece, at) {
                 Ok(()) => {}
@@ -445,5 +472,9 @@ impl StorageBackend for Tolerant<'_> {
 
     fn retained_from(&self) -> u64 {
         self.inner.retained_from()
+    }
+
+    fn holes(&self) -> Vec<(u64, u64)> {
+        self.inner.holes()
     }
 }

@@ -2935,6 +2935,46 @@ async fn a_damaged_segment_header_is_salvaged_with_every_record_kept() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(300));
 }
 
+/// A segment missing from the middle refuses a normal open, and salvage marks the seqs it
+/// held lost and keeps every other record (it refused, as a plain open does).
+#[tokio::test]
+async fn a_missing_segment_is_salvaged_as_lost_seqs_and_the_rest_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = segmented(dir.path(), 512, 300).await;
+    let segments = SegmentedBackend::list(dir.path()).expect("list");
+    let victim = &segments[segments.len() / 2];
+    std::fs::remove_file(&victim.path).expect("remove");
+
+    let err = open_segmented(dir.path(), 512, false)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("a segment is missing"), "{err}");
+
+    let journal = open_segmented(dir.path(), 512, true).expect("salvaged");
+    let salvaged = journal.recovery().salvaged.clone().expect("a salvage ran");
+    assert!(salvaged.lost_seqs > 0, "{salvaged:?}");
+    let after = journal.read_events(0, 1, 300).expect("read");
+    assert_eq!(after.len(), before.len());
+    let lost = after.iter().filter(|a| a.lost).count() as u64;
+    assert_eq!(lost, salvaged.lost_seqs);
+    // The lost seqs are the missing segment's, in one run; the rest are as written.
+    let first_lost = after.iter().position(|a| a.lost).expect("some lost");
+    assert!(
+        after[first_lost..first_lost + lost as usize]
+            .iter()
+            .all(|a| a.lost)
+    );
+    for (a, b) in after.iter().zip(&before) {
+        if !a.lost {
+            assert_eq!(a, b);
+        }
+    }
+    journal.close();
+    drop(journal);
+    let journal = open_segmented(dir.path(), 512, false).expect("opens as it is");
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(300));
+}
+
 fn snapshot(device: u32, seq: u64) -> (Record, IndexEffect) {
     (
         Record::Snapshot {
