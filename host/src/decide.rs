@@ -238,6 +238,18 @@ fn effects_of(effects: Vec<GuestEffect>) -> Result<Vec<Effect>, Error> {
                 GuestEffect::SetTimer(t) => {
                     key(&t.key)?;
                     json("a timer's event", &t.event)?;
+                    if t.due_ms > MAX_TIMER_MS || t.every_ms.is_some_and(|p| p > MAX_TIMER_MS) {
+                        return Err(Error::InvalidEffect(format!(
+                            "timer `{}` is due at {} ms{}: due times and periods are at most \
+                             {MAX_TIMER_MS} ms (2^53 - 1, the integers a JSON client reads \
+                             exactly; year 287396)",
+                            t.key,
+                            t.due_ms,
+                            t.every_ms
+                                .map(|p| format!(" every {p} ms"))
+                                .unwrap_or_default()
+                        )));
+                    }
                     if let Some(period) = t.every_ms.filter(|p| *p < MIN_TIMER_PERIOD_MS) {
                         return Err(Error::InvalidEffect(format!(
                             "timer `{}` repeats every {period} ms: a periodic timer repeats \
@@ -261,6 +273,12 @@ fn effects_of(effects: Vec<GuestEffect>) -> Result<Vec<Effect>, Error> {
         })
         .collect()
 }
+
+/// The latest due time, and the longest period, of a timer: 2^53 - 1 ms, the largest integer
+/// a JSON client reading into a double (JavaScript's `Number`) gets exactly, so the API's
+/// timer listings never show a time a dashboard reads wrong. A guest that saturates a time
+/// (`after_ms(u64::MAX)`) gets `invalid-effect`, not a timer due at a time no one can read.
+pub const MAX_TIMER_MS: u64 = (1 << 53) - 1;
 
 /// The shortest period of a periodic timer. Each firing is an event, handled and made durable
 /// like any other: a period of 1 ms (what a period of 0 became before) wrote ~4,600 records a

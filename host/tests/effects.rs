@@ -1370,6 +1370,19 @@ async fn a_periodic_timer_repeats_at_most_once_a_second() {
         );
     }
     assert!(rt.timers("m").expect("timers").is_empty());
+    // Due times and periods past 2^53 - 1 ms (what a JSON client reads exactly) are refused
+    // too: a saturated `u64::MAX` was listed as a number no client could read right.
+    for timer in [
+        json!({"type": "arm", "key": "far", "at_ms": u64::MAX, "event": {"type": "ok"}}),
+        json!({"type": "arm", "key": "far", "after_ms": u64::MAX, "event": {"type": "ok"}}),
+        json!({"type": "arm", "key": "far", "after_ms": 1000, "every_ms": u64::MAX,
+               "event": {"type": "ok"}}),
+    ] {
+        let err = rt.send("m", &timer.to_string()).await.expect_err("refused");
+        assert_eq!(err.code(), "invalid-effect", "{timer}: {err}");
+        assert!(err.to_string().contains("2^53 - 1"), "{err}");
+    }
+    assert!(rt.timers("m").expect("timers").is_empty());
     rt.send("m", &arm(1_000))
         .await
         .expect("once a second is fine");
