@@ -1144,6 +1144,9 @@ fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
         ("--max-connections", "0", "1..=1000000"),
         ("--max-connections", "18446744073709551615", "1..=1000000"),
         ("--mailbox", "2305843009213693952", "1..=1000000"),
+        ("--call-timeout-ms", "18446744073709551615", "1..=3600000"),
+        ("--activation-timeout-ms", "0", "1..=3600000"),
+        ("--max-plugin-bytes", "0", "1..=1073741824"),
     ] {
         let (ok, _, err) = cli(&["serve", flag, n, "--data", data.to_str().expect("utf-8")]);
         assert!(!ok, "{flag} {n}");

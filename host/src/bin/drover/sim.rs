@@ -365,7 +365,28 @@ impl SimConfig {
         if self.events == Some(0) {
             bail!("--events is how many to send: at least 1");
         }
+        // Ids go into request paths as they are: one the server would refuse (`../`, `?`)
+        // would reach another route instead.
+        for i in [0, self.devices - 1] {
+            let (id, _) = self.device(i);
+            drover::error::validate_id(&id).map_err(|e| {
+                anyhow::anyhow!(
+                    "--prefix `{}` makes ids the server refuses: {e}",
+                    self.prefix
+                )
+            })?;
+        }
         Ok(())
+    }
+
+    /// The most events a paced run sends: its rate times its duration (`None`: no such cap).
+    /// Batches are cut to it, or whole ones would overshoot (`--rate 10 --duration 1 --batch
+    /// 4` sent 12).
+    fn paced_events(&self) -> Option<u64> {
+        match (self.load, self.duration) {
+            (Load::Rate(rate), Some(d)) => Some((rate * d.as_secs_f64()).round().max(1.0) as u64),
+            _ => None,
+        }
     }
 
     /// The id and type of device `i`.
@@ -903,7 +924,7 @@ async fn worker(shared: Arc<Shared>, rec: Arc<Mutex<Recorder>>, w: u64, batch: u
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        let n = match cfg.events {
+        let n = match cfg.events.into_iter().chain(cfg.paced_events()).min() {
             Some(limit) => {
                 let t = shared.issued.fetch_add(batch as u64, Ordering::Relaxed);
                 if t >= limit {

@@ -139,6 +139,9 @@ fn read(response: Response) -> anyhow::Result<(u16, String)> {
 /// are refused here: a URL library resolves them (encoded too, as `%2E`), so the request
 /// would go to another route or device, such as `drover send ..` to the batch endpoint.
 pub fn segment(s: &str) -> anyhow::Result<String> {
+    if s.is_empty() {
+        anyhow::bail!("an empty id names no device, plugin or command (invalid-id)");
+    }
     if s == "." || s == ".." {
         anyhow::bail!(
             "`{s}` cannot be a device, plugin or command id (invalid-id): it names a path, \
@@ -171,7 +174,7 @@ mod tests {
         assert_eq!(segment("a/b c").unwrap(), "a%2Fb%20c");
         assert_eq!(segment("site:a@3").unwrap(), "site:a@3");
         assert_eq!(segment("..a").unwrap(), "..a");
-        for dots in [".", ".."] {
+        for dots in ["", ".", ".."] {
             let err = segment(dots).expect_err("a path, not a segment");
             assert!(err.to_string().contains("invalid-id"), "{err}");
         }

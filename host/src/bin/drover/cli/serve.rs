@@ -63,6 +63,9 @@ fn help(what: &str, default: impl std::fmt::Display) -> String {
 /// The longest any of the server's timeouts may be set to: a day, in seconds.
 const MAX_TIMEOUT_SECS: u64 = 86_400;
 
+/// The most a guest's time budget (a call's, an activation's) may be set to: an hour, in ms.
+const MAX_GUEST_BUDGET_MS: u64 = 3_600_000;
+
 #[derive(Debug, Clone, Default, Args)]
 pub struct Tuning {
     // Bounded: past tokio's semaphore limit (2^61) every event panicked a worker.
@@ -103,9 +106,11 @@ pub struct Tuning {
         defaults::SNAPSHOT_EVERY,
     ))]
     pub snapshot_every: Option<u64>,
-    #[arg(long, help = help(
+    // At most an hour: with u64::MAX a looping guest held its thread, and a shutdown, for
+    // ever.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_GUEST_BUDGET_MS), help = help(
         "Most CPU time one event (handle plus every apply) or other guest call may use, in \
-         milliseconds (4 times it in wall-clock time at most)",
+         milliseconds (4 times it in wall-clock time at most; 1 to 3,600,000)",
         defaults::CALL_TIMEOUT.as_millis(),
     ))]
     pub call_timeout_ms: Option<u64>,
@@ -137,8 +142,9 @@ pub struct Tuning {
         defaults::COMMIT_DELAY.as_micros(),
     ))]
     pub commit_delay_us: Option<u64>,
-    #[arg(long, help = help(
-        "Largest accepted plugin upload, in bytes",
+    // 0 refused every upload.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 30), help = help(
+        "Largest accepted plugin upload, in bytes (1 to 1 GiB)",
         defaults::MAX_PLUGIN_BYTES,
     ))]
     pub max_plugin_bytes: Option<usize>,
@@ -180,10 +186,10 @@ pub struct Tuning {
         defaults::MAX_CONNECTIONS,
     ))]
     pub max_connections: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_GUEST_BUDGET_MS), help = help(
         "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds, \
          plus 10 us per transition it replays (its guest calls count CPU time, not waits for a \
-         core)",
+         core; 1 to 3,600,000)",
         defaults::ACTIVATION_TIMEOUT.as_millis(),
     ))]
     pub activation_timeout_ms: Option<u64>,
