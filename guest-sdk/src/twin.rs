@@ -32,7 +32,7 @@ use crate::Context;
 
 /// Desired and reported properties of a device, with the desired version. See the module
 /// docs.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Twin {
     /// What the operator wants, by property.
     #[serde(default)]
@@ -56,7 +56,7 @@ pub struct Twin {
 }
 
 /// A change of a [`Twin`]: journal it inside the plugin's own transition type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TwinChange {
     /// The desired properties `set` changed; the desired version is now `version`.

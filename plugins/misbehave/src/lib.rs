@@ -43,10 +43,14 @@
 //! | `{"type": "recurse", "depth": N}` | recurses N calls deep, each keeping 1 KiB on the guest's stack (its linear memory), no transition; past the stack (62 KiB, set by the SDK's `plugin-build.rs`) it traps |
 //! | `{"type": "nested", "value": V}` | parses V (any JSON, nested as deep as serde_json allows) into a `serde_json::Value`, no transition |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
+//! | `{"type": "desire", "set": {...}}` | the device twin (`drover_guest::twin`): the operator desires properties; transitions `{"type": "twin", "change": {...}}`, and the delta as a command |
+//! | `{"type": "report", "set": {...}, "reported_wins": false}` | the device reports properties (a local change is put back, or with `reported_wins` adopted) |
+//! | `{"type": "reconnected"}` | the whole delta sent again as a command, no transition |
 //!
 //! # State
 //!
 //! `{"count": N, "applied": M}`: `ok` events counted, and transitions applied of any kind;
+//! `"twin"` once the twin events were used;
 //! `"loops_on_read": true` too once a `loop_on_read` event is applied (never read back: the
 //! read spins), `"loops_on_snapshot": true` once a `loop_on_snapshot` one is, and
 //! `"loops_on_restore": true` once a `loop_on_restore` one is.
@@ -55,6 +59,8 @@
 use std::cell::RefCell;
 
 use drover_guest::log::{self, Level};
+use drover_guest::serde_json::{Map, Value};
+use drover_guest::twin::{LocalChange, Twin, TwinChange};
 use drover_guest::{Context, Device, Error};
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +89,21 @@ pub struct Misbehave {
     /// applied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loops_on_restore: bool,
+    /// The device twin, once `desire` or `report` events are used (the config's
+    /// `twin_ttl_ms` sets its commands' time to live).
+    #[serde(default, skip_serializing_if = "Twin::is_unused")]
+    pub twin: Twin,
+}
+
+/// What the state leaves out until the twin is used.
+trait Unused {
+    fn is_unused(&self) -> bool;
+}
+
+impl Unused for Twin {
+    fn is_unused(&self) -> bool {
+        *self == Twin::default()
+    }
 }
 
 /// Provisioning configuration.
@@ -97,6 +118,9 @@ pub struct Config {
     /// Loop iterations `init` spins before it succeeds.
     #[serde(default)]
     pub init_spin: u64,
+    /// The time to live of the twin's commands, ms.
+    #[serde(default)]
+    pub twin_ttl_ms: Option<u64>,
 }
 
 /// An incoming event; see the crate docs.
@@ -194,6 +218,22 @@ pub enum Event {
         /// The event the firing delivers.
         event: drover_guest::serde_json::Value,
     },
+    /// The operator desires twin properties `set`.
+    Desire {
+        /// The properties.
+        set: Map<String, Value>,
+    },
+    /// The device reports twin properties `set`; with `reported_wins`, a local change of a
+    /// desired property is adopted instead of put back.
+    Report {
+        /// The properties.
+        set: Map<String, Value>,
+        /// The local-change policy is `ReportedWins`.
+        #[serde(default)]
+        reported_wins: bool,
+    },
+    /// The device came back: the whole twin delta again.
+    Reconnected,
 }
 
 /// Log level of a `log` event.
@@ -254,6 +294,11 @@ pub enum Transition {
         /// The event's tag.
         tag: u64,
     },
+    /// A change of the device twin.
+    Twin {
+        /// The change.
+        change: TwinChange,
+    },
     /// Spins `spin` iterations when applied.
     Slow {
         /// Loop iterations.
@@ -286,7 +331,9 @@ impl Device for Misbehave {
             }
         }
         spin(config.init_spin);
-        Ok(Misbehave::default())
+        let mut state = Misbehave::default();
+        state.twin.command_ttl_ms = config.twin_ttl_ms;
+        Ok(state)
     }
 
     fn handle(&self, ctx: &Context, event: Event) -> Result<Vec<Transition>, Error> {
@@ -370,6 +417,19 @@ impl Device for Misbehave {
                 ctx.send(to, &event);
                 vec![Transition::Relayed { tag }]
             }
+            Event::Desire { set } => twin(self.twin.desire(ctx, set)),
+            Event::Report { set, reported_wins } => {
+                let policy = if reported_wins {
+                    LocalChange::ReportedWins
+                } else {
+                    LocalChange::DesiredWins
+                };
+                twin(self.twin.report(ctx, set, policy))
+            }
+            Event::Reconnected => {
+                self.twin.reconnected(ctx);
+                Vec::new()
+            }
             Event::Arm {
                 key,
                 after_ms,
@@ -409,6 +469,7 @@ impl Device for Misbehave {
             Transition::LoopsOnRead => self.loops_on_read = true,
             Transition::LoopsOnSnapshot => self.loops_on_snapshot = true,
             Transition::LoopsOnRestore => self.loops_on_restore = true,
+            Transition::Twin { change } => self.twin.apply(change),
             Transition::Allocated { .. }
             | Transition::Big { .. }
             | Transition::Echoed { .. }
@@ -476,6 +537,14 @@ fn recurse(depth: u32) -> u64 {
         return 0;
     }
     recurse(depth - 1) + u64::from(frame[depth as usize % 1024])
+}
+
+/// Twin changes as transitions.
+fn twin(changes: Vec<TwinChange>) -> Vec<Transition> {
+    changes
+        .into_iter()
+        .map(|change| Transition::Twin { change })
+        .collect()
 }
 
 #[cfg(test)]
