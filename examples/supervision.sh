@@ -26,7 +26,8 @@ expect_failure() {
         exit 1
     fi
     echo "$err"
-    grep -q "^error: $code:" <<<"$err" || { echo "expected $code" >&2; exit 1; }
+    # The CLI prints `error: MESSAGE (CODE, HTTP STATUS)`.
+    grep -q "^error: .*($code, HTTP [0-9]*)\$" <<<"$err" || { echo "expected $code" >&2; exit 1; }
 }
 
 step "three events it traps on: each answered with the error (the command exits 1)"
