@@ -478,8 +478,9 @@ pub(super) fn salvage_from(
     salvage_from_with(source, path, None)
 }
 
-/// [`salvage_from`], rewriting the journal for `forced` (a damaged segment header) even when
-/// every record reads back intact.
+/// [`salvage_from`], rewriting the journal for `forced` (what
+/// [`SegmentedBackend::open_for_salvage`] read past: a damaged segment header, a missing
+/// segment) even when every record that is there reads back intact.
 fn salvage_from_with(
     source: &dyn StorageBackend,
     path: &Path,
