@@ -45,26 +45,9 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::error::{Error, validate_id};
-use crate::http::json::{self, Json};
+use crate::http::devices::RecordOut;
 use crate::journal::Cancelled;
 use crate::runtime::Runtime;
-
-/// One record of an archive: the journal API's shape (`GET /v1/devices/{id}/journal`).
-#[derive(Serialize)]
-struct ArchivedRecord<'a> {
-    seq: u64,
-    at: u64,
-    event: Json,
-    transitions: Vec<Json>,
-    plugin: &'a str,
-    version: u32,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    lost: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    origin: Option<Json>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    effects: Vec<Json>,
-}
 
 /// The data directory's folder of removed devices' archives.
 pub(crate) const ARCHIVE_DIR: &str = "archive";
@@ -378,26 +361,17 @@ impl Runtime {
         let mut from = first;
         while from <= seq {
             let page = self.journal_page(id, from, 1000)?;
-            for r in &page.records {
+            let next = page.next;
+            for r in page.records {
                 // As the journal API shows them, texts exactly as recorded (a number past
                 // 64 bits, key order): through a `Value` they were re-formatted. A message
                 // or timer firing says where it came from, and a record with effects lists
                 // them.
-                let line = ArchivedRecord {
-                    seq: r.seq,
-                    at: r.at_ms,
-                    event: Json(r.event.clone()),
-                    transitions: json::all(r.transitions.clone()),
-                    plugin: &r.plugin,
-                    version: r.version,
-                    lost: r.lost,
-                    origin: r.origin.clone().map(Json),
-                    effects: json::all(r.effects.clone()),
-                };
+                let line = RecordOut::from(r);
                 serde_json::to_writer(&mut out, &line).map_err(|e| io(e.into()))?;
                 writeln!(out).map_err(io)?;
             }
-            match page.next {
+            match next {
                 Some(next) => from = next,
                 None => break,
             }

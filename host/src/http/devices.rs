@@ -237,9 +237,9 @@ pub struct JournalQuery {
     limit: Option<usize>,
 }
 
-/// One journal record as the API shows it.
+/// One journal record as the API shows it (and a removal's archive writes it).
 #[derive(Debug, Serialize)]
-struct RecordOut {
+pub(crate) struct RecordOut {
     seq: u64,
     /// Host time of the event, ms since the Unix epoch.
     at: u64,
