@@ -268,27 +268,10 @@ impl EngineConfig {
 
     /// Records these settings in `data_dir` (atomically: temp file, fsync, rename), for
     /// offline tools that must run guests exactly as the server does. Settings already
-    /// recorded as they are write nothing: a server restarted on a full disk must get as far
-    /// as its retention pass, which is what frees space (a review's server could not start
-    /// there, failing on this file).
+    /// recorded as they are write nothing (see `registry::write_replace_if_changed`).
     pub fn store(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
-        use std::io::Write as _;
-        let path = data_dir.join(Self::FILE_NAME);
         let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        if std::fs::read(&path).is_ok_and(|recorded| recorded == bytes) {
-            return Ok(());
-        }
-        let tmp = path.with_extension("json.tmp");
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        crate::registry::write_replace_if_changed(&data_dir.join(Self::FILE_NAME), &bytes)
     }
 }
 
@@ -681,6 +664,7 @@ mod tests {
             first,
             "not rewritten"
         );
-        assert!(!dir.path().join("engine.json.tmp").exists());
+        // No temp file left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
     }
 }

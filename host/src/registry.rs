@@ -458,19 +458,14 @@ impl Registry {
     }
 
     /// Writes the pointers (temp file, fsync, rename, fsync directory), unless the file
-    /// already says the same: a start registers its plugin directory's versions again, and
-    /// on a full disk that rewrite stopped the server from starting at all.
+    /// already says the same (see [`write_replace_if_changed`]).
     fn save(&self, table: &Table) -> Result<(), Error> {
         let bytes = serde_json::to_vec_pretty(&Saved::Now {
             current: table.current.clone().into_iter().collect(),
             removed: table.removed.clone(),
         })
         .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
-        let path = self.dir.join(POINTERS_FILE);
-        if std::fs::read(&path).is_ok_and(|saved| saved == bytes) {
-            return Ok(());
-        }
-        write_replace(&self.dir.join(POINTERS_FILE), &bytes)
+        write_replace_if_changed(&self.dir.join(POINTERS_FILE), &bytes)
             .map_err(|e| Error::Internal(format!("recording the current plugin versions: {e}")))
     }
 
@@ -647,19 +642,34 @@ impl Registry {
     }
 }
 
-/// Replaces a file atomically: temp file, fsync, rename, fsync the directory.
+/// Replaces a file atomically: temp file, fsync, rename, fsync the directory. A failed write
+/// leaves no temp file (a full disk keeps no half-written one).
 pub(crate) fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
+    let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)?;
+    written?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// [`write_replace`], unless the file already holds `bytes`: a start records its settings
+/// and plugin pointers again, and on a full disk those rewrites kept the server from
+/// starting at all (its retention pass, which frees space, never ran).
+pub(crate) fn write_replace_if_changed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if std::fs::read(path).is_ok_and(|recorded| recorded == bytes) {
+        return Ok(());
+    }
+    write_replace(path, bytes)
 }
 
 /// Writes a content-addressed file atomically (temp file, fsync, rename, fsync dir); a file
