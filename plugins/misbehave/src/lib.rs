@@ -91,19 +91,13 @@ pub struct Misbehave {
     pub loops_on_restore: bool,
     /// The device twin, once `desire` or `report` events are used (the config's
     /// `twin_ttl_ms` sets its commands' time to live).
-    #[serde(default, skip_serializing_if = "Twin::is_unused")]
+    #[serde(default, skip_serializing_if = "twin_unused")]
     pub twin: Twin,
 }
 
-/// What the state leaves out until the twin is used.
-trait Unused {
-    fn is_unused(&self) -> bool;
-}
-
-impl Unused for Twin {
-    fn is_unused(&self) -> bool {
-        *self == Twin::default()
-    }
+/// The state leaves the twin out until it is used.
+fn twin_unused(twin: &Twin) -> bool {
+    *twin == Twin::default()
 }
 
 /// Provisioning configuration.
