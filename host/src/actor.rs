@@ -268,6 +268,10 @@ async fn on_slow_lane<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::t
 /// device gets its messages again when the quarantine ends.
 pub const INTERNAL_RETRY: Duration = Duration::from_secs(5);
 
+/// How often an actor waiting for a fold on the slow lane looks whether the server is
+/// stopping (see `Actor::bring_up`).
+const STOPPING_POLL: Duration = Duration::from_millis(100);
+
 /// Size of an actor's set of handled messages past which the durable ones are dropped from
 /// it (at most `max_in_flight` are not).
 const HANDLED_PRUNE: usize = 256;
@@ -916,6 +920,23 @@ impl Actor {
             // keeps is sized for the event path only.
             Message::Query { reply } => Box::pin(self.on_query(reply)).await,
             Message::Snapshot => Box::pin(self.on_snapshot_request()).await,
+            // A fold of a new version can take the whole activation budget: not started while
+            // stopping, where nothing would use it (the device moves at its next activation).
+            Message::Upgrade(request) if self.stopping() => {
+                let registry = &self.env.registry;
+                let number = |id: u32| registry.version(id).map_or(0, |v| v.number);
+                let mut report = DeviceUpgrade::lazy(
+                    &self.head.id,
+                    number(self.head.version),
+                    number(request.version),
+                    self.head.seq,
+                );
+                report.error = Some(
+                    "not tried: the server is shutting down; it moves at its next activation"
+                        .into(),
+                );
+                let _ = request.reply.send(report);
+            }
             Message::Upgrade(request) => {
                 let report = Box::pin(self.on_upgrade(request.version)).await;
                 let _ = request.reply.send(report);
@@ -1266,14 +1287,33 @@ impl Actor {
             self.env.registry.clone(),
             want.clone(),
         );
-        let task = self.env.slow_lane.spawn(async move {
+        let mut task = self.env.slow_lane.spawn(async move {
             upgrade::bring_up(&journal, &registry, &want, from, Preemption::Yield).await
         });
-        on_slow_lane(task).await.map_err(|e| {
-            replay::RebuildFailure::from(Error::Internal(format!(
-                "folding a new version on the slow lane: {e}"
-            )))
-        })?
+        // Folds on the slow lane share its thread: many at once (a deploy of a version that
+        // spins) each run for seconds. None of them holds a shutdown: the fold yields at each
+        // tick of its budget, where the abort stops it.
+        let finished = loop {
+            tokio::select! {
+                finished = &mut task => break finished,
+                () = tokio::time::sleep(STOPPING_POLL) => {
+                    if self.stopping() {
+                        task.abort();
+                        return Err(replay::RebuildFailure::from(Error::ShuttingDown));
+                    }
+                }
+            }
+        };
+        finished
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => e,
+            })
+            .map_err(|e| {
+                replay::RebuildFailure::from(Error::Internal(format!(
+                    "folding a new version on the slow lane: {e}"
+                )))
+            })?
     }
 
     /// At activation: if the plugin's current version is not the one this device runs (a
@@ -1298,7 +1338,8 @@ impl Actor {
         match self.bring_up(&want, from).await {
             // The server lacked a core or memory: nothing is known about the version. This
             // activation fails as overloaded (retry), the next one tries again.
-            Err(f) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
+            // Stopping: the activation fails (nobody waits for it); nothing is known either.
+            Err(f) if matches!(f.error, Error::Overloaded(_) | Error::ShuttingDown) => Err(f.error),
             Ok((rebuilt, _)) => {
                 self.writer.append_rebind(&want, clock::now_ms());
                 let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
@@ -1411,10 +1452,15 @@ impl Actor {
                     });
                 }
             }
+            Err(f) if matches!(f.error, Error::ShuttingDown) => {
+                report.error = Some(
+                    "stopped: the server is shutting down; it moves at its next activation".into(),
+                );
+            }
             Err(f) => {
                 report.outcome = UpgradeOutcome::Failed;
                 report.failed_seq = f.seq;
-                report.error = Some(f.error.to_string());
+                report.error = Some(upgrade::failure_text(&f.error));
                 self.env.upgrade_failures.lock().insert((self.head.num, to));
                 self.env
                     .metrics

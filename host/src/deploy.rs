@@ -47,6 +47,17 @@ use std::sync::Arc;
 /// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
 const UPGRADES_PER_THREAD: usize = 8;
 
+/// Live devices whose fold of the new version failed after running at least [`SLOW_FAILURE`]
+/// after which a deploy folds no more of them (see `Runtime::deploy_inner`, step 3).
+pub const SLOW_FAILURES_BEFORE_STOPPING: usize = 3;
+
+/// How long a failed fold must have held its device for it to count toward
+/// [`SLOW_FAILURES_BEFORE_STOPPING`] (or half the activation budget, if less): a version that
+/// traps fails in milliseconds and costs little to try on every device; one that spins fails
+/// only at the end of the activation budget (5 s by default), per device, while the device's
+/// events wait.
+pub const SLOW_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Devices a deploy dry-runs before it changes anything.
 pub const SAMPLE: usize = 16;
 
@@ -321,6 +332,14 @@ impl Runtime {
         }
         let mut cannot_fold: std::collections::HashSet<String> =
             unfoldable.iter().map(|d| d.device.clone()).collect();
+        // The sample's findings, by device: where and why the version could not fold it.
+        let sample_failures: std::collections::HashMap<String, (Option<u64>, String)> = unfoldable
+            .iter()
+            .map(|d| {
+                let error = d.error.clone().unwrap_or_else(|| "no detail".into());
+                (d.device.clone(), (d.fold_failed_seq, error))
+            })
+            .collect();
 
         // 1b. Check beyond the sample. Passivated devices move at their next activation, where
         // a history the version cannot fold leaves them on their old one after the deploy
@@ -373,8 +392,7 @@ impl Runtime {
             )));
         }
         // Found as their activation would find it: marked failed whatever snapshots they have.
-        let checked_unfoldable: Vec<String> =
-            check.cannot_fold.into_iter().map(|(id, _, _)| id).collect();
+        let checked_unfoldable = check.cannot_fold;
 
         // 2. Point.
         if rollback {
@@ -394,6 +412,10 @@ impl Runtime {
         // deterministic), so it is not tried until a restart. Unless the device has a
         // snapshot the target version took itself (a rollback): the sample folded from
         // elsewhere than an activation would start.
+        // Those noted are not folded again below either, live or not: the swap would spend
+        // on each what the check did (the whole activation budget, for a version that spins).
+        let mut known_unfoldable: std::collections::HashMap<String, (Option<u64>, String)> =
+            Default::default();
         for id in &cannot_fold {
             if let Some(h) = self.shared.journal.device(id)
                 && !self
@@ -404,14 +426,18 @@ impl Runtime {
                     .any(|snap| snap.version == target.id)
             {
                 self.shared.router.note_upgrade_failed(h.num, target.id);
+                if let Some(found) = sample_failures.get(id) {
+                    known_unfoldable.insert(id.clone(), found.clone());
+                }
             }
         }
-        for id in &checked_unfoldable {
-            if let Some(h) = self.shared.journal.device(id) {
+        for (id, seq, error) in checked_unfoldable {
+            if let Some(h) = self.shared.journal.device(&id) {
                 self.shared.router.note_upgrade_failed(h.num, target.id);
+                known_unfoldable.insert(id.clone(), (seq, error));
             }
+            cannot_fold.insert(id);
         }
-        cannot_fold.extend(checked_unfoldable);
 
         // 3. Swap live devices, several at a time.
         let reg = registry.clone();
@@ -428,8 +454,64 @@ impl Runtime {
         // threads.
         let in_parallel = self.upgrade_parallelism();
         let (from_number, to_number) = (current.number, target.number);
+        // A version that spins in its fold fails each live device only when the device's
+        // activation budget runs out, while the device's events wait; on the slow lane, where
+        // such a version runs, one device after the other. Past a few such failures the rest
+        // are left to their next activation instead of each paying it now.
+        // And once the version shows slow, its folds go to the one slow-lane thread, where
+        // several at once only take turns, each holding its device's events all the while:
+        // one at a time then, the rest waiting here with their mailboxes open.
+        let slow_failures = std::sync::atomic::AtomicUsize::new(0);
+        let slow_failure = SLOW_FAILURE.min(self.shared.config.engine.activation_timeout / 2);
+        let slow_gate = tokio::sync::Semaphore::new(1);
+        let (slow_failures, known_unfoldable, slow_gate) =
+            (&slow_failures, &known_unfoldable, &slow_gate);
         let mut devices: Vec<DeviceUpgrade> = futures::stream::iter(live)
             .map(|(id, tx)| async move {
+                let line = |outcome: UpgradeOutcome, error: String| {
+                    let seq = self.shared.journal.device(&id).map_or(0, |h| h.seq);
+                    let mut line = DeviceUpgrade::lazy(&id, from_number, to_number, seq);
+                    line.outcome = outcome;
+                    line.error = Some(error);
+                    line
+                };
+                if let Some((seq, error)) = known_unfoldable.get(&*id) {
+                    let mut line = line(
+                        UpgradeOutcome::Failed,
+                        format!(
+                            "{error} (found by the deploy's check before the swap; a fold is \
+                             deterministic, so it was not folded again)"
+                        ),
+                    );
+                    line.failed_seq = *seq;
+                    return line;
+                }
+                let _one_at_a_time = if registry.setup_runs_slow(target_id) {
+                    slow_gate.acquire().await.ok()
+                } else {
+                    None
+                };
+                if self.check_open().is_err() {
+                    return line(
+                        UpgradeOutcome::Lazy,
+                        "not tried: the server is shutting down; it moves at its next \
+                         activation"
+                            .into(),
+                    );
+                }
+                let slow = slow_failures.load(std::sync::atomic::Ordering::Relaxed);
+                if slow >= SLOW_FAILURES_BEFORE_STOPPING {
+                    return line(
+                        UpgradeOutcome::Lazy,
+                        format!(
+                            "not tried: version {to_number} failed to fold {slow} devices of \
+                             this deploy after running over {} ms each, so no more are folded \
+                             now; it moves at its next activation if version {to_number} can \
+                             fold its history",
+                            slow_failure.as_millis()
+                        ),
+                    );
+                }
                 let (reply, rx) = oneshot::channel();
                 let msg = Message::Upgrade(Box::new(UpgradeRequest {
                     version: target_id,
@@ -440,7 +522,14 @@ impl Runtime {
                     Ok(()) => rx.await.ok(),
                     Err(_) => None,
                 };
-                report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, from_number, to_number, 0))
+                let report =
+                    report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, from_number, to_number, 0));
+                if report.outcome == UpgradeOutcome::Failed
+                    && report.pause_us >= slow_failure.as_micros() as u64
+                {
+                    slow_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                report
             })
             .buffer_unordered(in_parallel)
             .collect()
@@ -588,9 +677,11 @@ impl Runtime {
                     Err(f) if f.error.kind() == ErrorKind::Overloaded => {}
                     Err(f) => {
                         check.checked += 1;
-                        check
-                            .cannot_fold
-                            .push((head.id.to_string(), f.seq, f.error.to_string()));
+                        check.cannot_fold.push((
+                            head.id.to_string(),
+                            f.seq,
+                            upgrade::failure_text(&f.error),
+                        ));
                     }
                 }
             }

@@ -170,7 +170,12 @@ fn one_pass(
     // A candidate that cannot even start on this device cannot fold its history.
     let started = registry.compiled(candidate).and_then(|compiled| {
         let mut d = compiled.instantiate(head.id.clone())?;
-        d.within(limits.call_timeout, |i| i.init(&head.id, config))?;
+        // `Rejected`'s own words speak of an event: this is the device's config.
+        d.within(limits.call_timeout, |i| i.init(&head.id, config))
+            .map_err(|e| match Error::from(e) {
+                Error::Rejected { code, message } => Error::ConfigRefused { code, message },
+                e => e,
+            })?;
         Ok(d)
     });
     let mut decider = match started {

@@ -72,7 +72,10 @@ pub mod view;
 
 pub use builder::RuntimeBuilder;
 pub use config::Config;
-pub use deploy::{DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE, Selection};
+pub use deploy::{
+    DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE,
+    SLOW_FAILURES_BEFORE_STOPPING, Selection,
+};
 pub use error::{Error, ErrorKind};
 pub use outbox_api::MAX_COMMAND_WAIT;
 pub use registry::PluginVersion;

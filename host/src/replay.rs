@@ -436,6 +436,10 @@ impl Budget {
 fn activation_failed(context: String, error: Error) -> Error {
     match error {
         Error::Overloaded(m) => Error::Overloaded(format!("{context}{m}")),
+        // `Rejected`'s own words speak of an event: here it is a recorded transition.
+        Error::Rejected { code, message } => Error::Activation(format!(
+            "{context}the plugin refused the recorded transition: {code}: {message}"
+        )),
         other => Error::Activation(format!("{context}{other}")),
     }
 }
@@ -551,7 +555,12 @@ async fn rebuild_from(
             let scope = budget.begin(&mut instance);
             let initialized = instance.init_preemptible(&device.id, config).await;
             budget.end(&mut instance, scope);
-            initialized.map_err(|e| activation(budget.whole(e)))?;
+            initialized.map_err(|e| match budget.whole(e) {
+                CallError::Rejected { code, message } => Error::Activation(format!(
+                    "`init` refused the device's stored config: {code}: {message}"
+                )),
+                e => activation(e),
+            })?;
             (instance, 0)
         }
     };

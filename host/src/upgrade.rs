@@ -107,6 +107,18 @@ impl DeviceUpgrade {
     }
 }
 
+/// Why a new version could not be brought up, for a deploy's report: the new version failed,
+/// not the device, so `Error::Activation`'s own words ("the device failed to activate") would
+/// blame the instance that goes on running.
+pub(crate) fn failure_text(error: &Error) -> String {
+    match error {
+        Error::Activation(why) => {
+            format!("the new version cannot be brought up to the device's seq: {why}")
+        }
+        e => e.to_string(),
+    }
+}
+
 /// A new instance of `want.version` at the device's seq `want.seq`, and whether that version
 /// reads the newest snapshot of `old_version` (the device's version until now). The fold's
 /// units are stopped as `preemption` says (see [`replay::rebuild_as`]): an actor on the pool

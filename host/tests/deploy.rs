@@ -356,6 +356,137 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
     rt.shutdown().await;
 }
 
+/// `DEVICES` live misbehave devices that each counted to 5, which misbehave's `v4` spins
+/// for ever folding, and `v4` uploaded (not deployed).
+async fn fleet_v4_cannot_fold(dir: &Path, activation: Duration) -> (Runtime, u32) {
+    let rt = Runtime::builder(dir)
+        .plugin_dir(support::PluginDir)
+        .activation_timeout(activation)
+        .actor_threads(2)
+        .mailbox_capacity(4096)
+        .open()
+        .await
+        .expect("runtime opens");
+    let sends = (0..DEVICES).map(|i| {
+        let rt = rt.clone();
+        async move {
+            let id = format!("s-{i:02}");
+            rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+            for _ in 0..5 {
+                rt.send(&id, OK).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+    let (v4, _) = support::upload_misbehave(&rt, support::misbehave_variant("v4")).await;
+    (rt, v4.version)
+}
+
+const DEVICES: usize = 80;
+
+/// A forced deploy of a version whose fold spins does not spend the activation budget on
+/// every live device in turn (each device's events waiting all the while): devices the
+/// sample or the fold check already found unable to fold are not folded again, and past a
+/// few slow failures the rest are left to their next activation. Nothing moves, nothing is
+/// lost, and the devices keep working on their version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_millis(200)).await;
+    let report = rt.deploy("misbehave", v4, true).await.unwrap();
+    assert_eq!(report.devices.len(), DEVICES, "every device was live");
+    assert_eq!(report.totals.upgraded, 0, "{:?}", report.totals);
+    let said = |d: &drover::upgrade::DeviceUpgrade, what: &str| {
+        d.error.as_deref().is_some_and(|e| e.contains(what))
+    };
+    let known: Vec<_> = report
+        .devices
+        .iter()
+        .filter(|d| said(d, "found by the deploy's check"))
+        .collect();
+    let not_tried = report
+        .devices
+        .iter()
+        .filter(|d| said(d, "not tried"))
+        .count();
+    let folded = report
+        .devices
+        .iter()
+        .filter(|d| d.outcome == UpgradeOutcome::Failed && !said(d, "found by"))
+        .count();
+    // The sample's 16 at least.
+    assert!(known.len() >= 16, "{:?}", report.devices);
+    assert!(
+        known
+            .iter()
+            .all(|d| d.outcome == UpgradeOutcome::Failed && d.seq == 5 && d.pause_us == 0),
+        "{known:?}"
+    );
+    // Two actor threads: 16 devices upgrade at once; a few more after the version shows
+    // slow, one at a time, then none.
+    assert!(not_tried >= 1, "{:?}", report.devices);
+    assert!(
+        folded <= 16 + drover::SLOW_FAILURES_BEFORE_STOPPING,
+        "{folded} folded: {:?}",
+        report.devices
+    );
+    assert_eq!(
+        known.len() + not_tried + folded,
+        DEVICES,
+        "{:?}",
+        report.devices
+    );
+    // Those not tried move at their next activation, so they are pending, not failed.
+    assert_eq!(report.totals.pending_lazy, not_tried, "{:?}", report.totals);
+    assert_eq!(
+        report.totals.failed,
+        known.len() + folded,
+        "{:?}",
+        report.totals
+    );
+    for i in [0, DEVICES / 2, DEVICES - 1] {
+        let id = format!("s-{i:02}");
+        assert_eq!(version(&rt, &id), 1, "{id}");
+        rt.send(&id, OK).await.unwrap();
+        assert_eq!(count(&rt, &id).await, 6, "{id}");
+        assert_live_equals_full_replay(&rt, dir.path(), &id).await;
+    }
+    rt.shutdown().await;
+}
+
+/// A shutdown in the middle of such a deploy is not held by the folds: those under way stop,
+/// those not started are not started, and each device stays on its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_is_not_held_by_a_deploy_folding_a_version_that_spins() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 folds at once on the slow lane's one thread, 2 s of CPU each: half a minute.
+    let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_secs(2)).await;
+    let deploy = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.deploy("misbehave", v4, true).await }
+    });
+    // The version is pointed at right before the live devices get their upgrades.
+    while rt.current_version("misbehave") != Some(v4) {
+        assert!(!deploy.is_finished(), "{:?}", deploy.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    rt.shutdown().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    let report = deploy.await.unwrap().unwrap();
+    assert_eq!(report.totals.upgraded, 0, "{:?}", report.totals);
+    drop(rt);
+    let rt = open(dir.path()).await;
+    for i in 0..DEVICES {
+        let id = format!("s-{i:02}");
+        assert_eq!(version(&rt, &id), 1, "{id}");
+    }
+    assert_live_equals_full_replay(&rt, dir.path(), "s-07").await;
+    rt.shutdown().await;
+}
+
 /// Passivated devices whose history the deploy's sample could not fold stay on their version
 /// and say so at once (`upgrade.failed`), and their next activation does not fold the whole
 /// history again to fail the same way.

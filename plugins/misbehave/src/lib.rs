@@ -9,7 +9,8 @@
 //!
 //! Built with feature `v2`, `ok` counts by two (a behavior change: recorded histories still
 //! fold, decisions differ). Built with `v3`, `apply` refuses (traps on) a count over 4, so a
-//! device that counted past 4 cannot be brought up on it. With `hashmap`, it uses a std
+//! device that counted past 4 cannot be brought up on it; with `v4`, `apply` spins for ever on
+//! such a count instead (a fold that only its time budget stops). With `hashmap`, it uses a std
 //! `HashMap` (whose default hasher imports `wasi:random/insecure-seed`): the upload tests'
 //! example of a refused import. Only the host's deploy tests build
 //! these; the default build is neither.
@@ -454,6 +455,12 @@ impl Device for Misbehave {
             Transition::Counted { count } => {
                 if cfg!(feature = "v3") && count > 4 {
                     panic!("misbehave v3: cannot fold a count over 4 (got {count})");
+                }
+                if cfg!(feature = "v4") && count > 4 {
+                    let mut n: u64 = 0;
+                    loop {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
                 }
                 self.count = count
             }

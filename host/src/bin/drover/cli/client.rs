@@ -39,6 +39,14 @@ pub struct ApiFailure {
     pub message: String,
 }
 
+/// How long a request may wait for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a deploy, rollback or dry-run may take to answer: each runs to its end on the
+/// server whatever the client does (a forced deploy of a version that spins can hold each
+/// live device for its activation budget), and the report is what the command is for.
+pub const LONG_OPERATION_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// A client for one server.
 pub struct ApiClient {
     base: String,
@@ -49,7 +57,7 @@ impl ApiClient {
     /// A client for the server in `opts`.
     pub fn new(opts: &ClientOpts) -> anyhow::Result<ApiClient> {
         let http = Client::builder()
-            .timeout(Duration::from_secs(60))
+            .timeout(REQUEST_TIMEOUT)
             .build()
             .context("creating the HTTP client")?;
         Ok(ApiClient {
@@ -85,9 +93,19 @@ impl ApiClient {
     /// Sends `req`; a non-2xx answer becomes an [`ApiFailure`]. Returns the status and the
     /// body text.
     pub fn call(&self, req: RequestBuilder) -> anyhow::Result<(u16, String)> {
-        let response = req
-            .send()
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let response = req.send().map_err(|e| {
+            if e.is_timeout() {
+                // Reached, but slow: "cannot reach" would say nothing happened.
+                anyhow::anyhow!(
+                    "the server at {} did not answer in time ({e}); what was asked may still be \
+                     going on there (a deploy or rollback runs to its end: `drover plugin show \
+                     NAME` shows the current version, `drover devices` each device's)",
+                    self.base
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.base))
+            }
+        })?;
         read(response)
     }
 

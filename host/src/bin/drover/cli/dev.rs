@@ -36,7 +36,9 @@ use clap::Args;
 use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode};
 use serde_json::{Value, json};
 
-use super::client::{ApiClient, ApiFailure, ClientOpts, query_value, segment};
+use super::client::{
+    ApiClient, ApiFailure, ClientOpts, LONG_OPERATION_TIMEOUT, query_value, segment,
+};
 use super::plugins::print_deploy;
 use super::serve::announce;
 
@@ -95,7 +97,18 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     // The local server, if any, runs on the tokio threads; this thread runs the loop with the
     // blocking client.
     let (url, local) = match &args.server {
-        Some(url) => (url.clone(), None),
+        Some(url) => {
+            // `DROVER_SERVER`, exported for the other commands, also picks it here: say so,
+            // or the missing local server looks like a failure to start one.
+            let from_env = !std::env::args().any(|a| a == "--server" || a.starts_with("--server="));
+            if from_env {
+                println!(
+                    "using the server at {url} (from DROVER_SERVER); no local server is started \
+                     (unset DROVER_SERVER to get one)"
+                );
+            }
+            (url.clone(), None)
+        }
         None => {
             let data = args
                 .data
@@ -358,8 +371,9 @@ impl Dev {
             Ok(ok) => ok,
             Err(e) => {
                 match e.downcast_ref::<ApiFailure>() {
+                    // The server's message starts with "deploy refused: " itself.
                     Some(f) if f.code == "deploy-refused" => println!(
-                        "deploy refused: {}\n  (the new version stays registered, the devices on \
+                        "{}\n  (the new version stays registered, the devices on \
                          their version; `drover plugin diff {} VERSION` shows why; `drover dev \
                          --force` deploys every save anyway, leaving such devices behind)",
                         f.message, self.name
@@ -471,6 +485,7 @@ impl Dev {
             let req = self
                 .api
                 .post(&format!("/v1/plugins/{plugin}/deploy"))
+                .timeout(LONG_OPERATION_TIMEOUT)
                 .json(&json!({"version": version, "force": self.force}));
             let (_, report): (String, Value) = self.api.call_json(req)?;
             print_deploy(&report);

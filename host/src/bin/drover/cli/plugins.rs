@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::client::{ApiClient, ClientOpts, segment};
+use super::client::{ApiClient, ClientOpts, LONG_OPERATION_TIMEOUT, segment};
 use super::format::{pretty, timestamp};
 
 /// `drover plugin [push|list|show|deploy|rollback|diff]`.
@@ -163,6 +163,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
         PluginsAction::Rollback { name, force } => {
             let req = api
                 .post(&format!("/v1/plugins/{}/rollback", segment(&name)?))
+                .timeout(LONG_OPERATION_TIMEOUT)
                 .json(&json!({"force": force}));
             let (text, report): (String, Value) = api.call_json(req)?;
             if json_out {
@@ -203,6 +204,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             };
             let req = api
                 .post(&format!("/v1/plugins/{}/dry-run", segment(&name)?))
+                .timeout(LONG_OPERATION_TIMEOUT)
                 .json(&body);
             let (text, report): (String, Value) = api.call_json(req)?;
             if json_out {
@@ -226,6 +228,7 @@ fn deploy_and_print(
 ) -> anyhow::Result<ExitCode> {
     let req = api
         .post(&format!("/v1/plugins/{}/deploy", segment(name)?))
+        .timeout(LONG_OPERATION_TIMEOUT)
         .json(&body);
     let (text, report): (String, Value) = api.call_json(req)?;
     if json_out {
