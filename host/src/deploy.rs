@@ -111,6 +111,12 @@ pub struct DeployTotals {
     /// them: activated meanwhile (and upgraded at activation), or provisioned meanwhile.
     /// With the others above, every device of the plugin is counted once.
     pub upgraded_at_activation: usize,
+    /// Quarantined devices left on the version being left whose quarantine the deploy ended
+    /// (counted above too, as `pending_lazy`): the version that failed them is no longer
+    /// current, so their next message brings them up on the new one rather than waiting out
+    /// a quarantine earned under the old (three failures on the new one quarantine them
+    /// again). Not those the new version cannot fold.
+    pub quarantines_ended: usize,
 }
 
 /// The journal check of a deploy: see the module docs.
@@ -553,12 +559,40 @@ impl Runtime {
             }
         }
 
+        // 3b. End the quarantines earned under the versions being left.
+        let reg = registry.clone();
+        let plugin_name = plugin.to_string();
+        let quarantined = self.shared.router.quarantined_where(move |v| {
+            v != target_id
+                && reg
+                    .version(v)
+                    .is_some_and(|info| info.plugin == plugin_name)
+        });
+        let mut quarantines_ended = 0;
+        for id in quarantined {
+            let Some(head) = self.shared.journal.device(&id) else {
+                continue;
+            };
+            if cannot_fold.contains(&*id) || self.shared.router.upgrade_failed(head.num, target_id)
+            {
+                continue;
+            }
+            match self.resume(&id).await {
+                Ok(_) => {
+                    tracing::info!(device = %id, to = target.number, "quarantine ended by the deploy");
+                    quarantines_ended += 1;
+                }
+                Err(e) => tracing::warn!(device = %id, error = %e, "could not end a quarantine"),
+            }
+        }
+
         // 4. Report.
         let all = self.devices_of(plugin);
         let mut totals = DeployTotals {
             devices: all.len(),
             live: devices.len(),
             fold_checked: check.checked,
+            quarantines_ended,
             ..Default::default()
         };
         // Each device once, by what it is now: a device that moved during the deploy (one

@@ -322,6 +322,21 @@ impl Router {
         }
     }
 
+    /// The ids of the devices quarantined now whose version (the one they run, or will run at
+    /// activation) satisfies `pick` (a deploy's devices left behind).
+    pub fn quarantined_where(&self, pick: impl Fn(u32) -> bool) -> Vec<Arc<str>> {
+        let now = crate::clock::mono_ms(std::time::Instant::now());
+        self.actors
+            .read()
+            .iter()
+            .filter(|(_, a)| {
+                a.activity.quarantined_until_ms.load(Ordering::Relaxed) > now
+                    && pick(a.activity.version.load(Ordering::Relaxed))
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// The ids of the devices quarantined now, in byte order. Only actors can be (a
     /// quarantined actor is not retired), so this walks the actors, not the fleet.
     pub fn quarantined(&self) -> Vec<String> {

@@ -487,6 +487,38 @@ async fn a_shutdown_is_not_held_by_a_deploy_folding_a_version_that_spins() {
     rt.shutdown().await;
 }
 
+/// A device quarantined under the version being left is let out by the deploy: the version
+/// that failed it is no longer current, and its next event runs on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_ends_the_quarantines_earned_under_the_version_it_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    rt.provision("q", "misbehave", &json!({})).await.unwrap();
+    rt.send("q", OK).await.unwrap();
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let err = rt.send("q", r#"{"type":"panic"}"#).await.unwrap_err();
+        assert_eq!(err.code(), "trap", "failure {i}: {err}");
+    }
+    let err = rt.send("q", OK).await.unwrap_err();
+    assert_eq!(err.code(), "quarantined", "{err}");
+    assert_eq!(rt.status("q"), drover::view::DeviceStatus::Quarantined);
+
+    let v2 = register_v2(&rt).await;
+    let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
+    assert_eq!(report.totals.quarantines_ended, 1, "{:?}", report.totals);
+    assert_eq!(report.totals.pending_lazy, 1, "{:?}", report.totals);
+    assert_ne!(rt.status("q"), drover::view::DeviceStatus::Quarantined);
+    // v2 counts by two: the event ran on the new version.
+    rt.send("q", OK).await.unwrap();
+    assert_eq!(version(&rt, "q"), 2);
+    assert_eq!(count(&rt, "q").await, 3);
+    assert_live_equals_full_replay(&rt, dir.path(), "q").await;
+    rt.shutdown().await;
+}
+
 /// Passivated devices whose history the deploy's sample could not fold stay on their version
 /// and say so at once (`upgrade.failed`), and their next activation does not fold the whole
 /// history again to fail the same way.
