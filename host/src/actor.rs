@@ -77,8 +77,8 @@ pub struct ActorEnv {
     /// Where the events of plugins that have run slow run (see [`ActorPool`]).
     pub slow_lane: tokio::runtime::Handle,
     /// (device number, plugin version id) pairs that failed to upgrade: activations do not
-    /// retry them until the process restarts (actors come and go; this outlives them).
-    pub upgrade_failures: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// retry them (actors come and go; this outlives them, and restarts too).
+    pub upgrade_failures: upgrade::FailedUpgrades,
     /// (device number, plugin version id) pairs whose snapshots failed, taken (a trap or a
     /// timeout in `snapshot`) or restored (at an activation): no more are taken, and
     /// activations replay the device's history rather than try its snapshots, until the
@@ -1226,11 +1226,7 @@ impl Actor {
         let from = self.head.version;
         if let Some(to) = self.env.registry.target_of(from)
             && to != from
-            && !self
-                .env
-                .upgrade_failures
-                .lock()
-                .contains(&(self.head.num, to))
+            && !self.env.upgrade_failures.contains(self.head.num, to)
         {
             let report = Box::pin(self.on_upgrade(to)).await;
             tracing::info!(device = %self.head.id, outcome = ?report.outcome, "moved to the version a deploy made current while it activated");
@@ -1325,11 +1321,7 @@ impl Actor {
         let Some(to) = self.env.registry.target_of(from) else {
             return Ok(None);
         };
-        let failed_before = self
-            .env
-            .upgrade_failures
-            .lock()
-            .contains(&(self.head.num, to));
+        let failed_before = self.env.upgrade_failures.contains(self.head.num, to);
         if to == from || failed_before {
             return Ok(None);
         }
@@ -1363,7 +1355,7 @@ impl Actor {
                     .metrics
                     .upgrade_failures
                     .fetch_add(1, Ordering::Relaxed);
-                self.env.upgrade_failures.lock().insert((self.head.num, to));
+                self.env.upgrade_failures.insert(self.head.num, to);
                 Ok(None)
             }
         }
@@ -1461,7 +1453,7 @@ impl Actor {
                 report.outcome = UpgradeOutcome::Failed;
                 report.failed_seq = f.seq;
                 report.error = Some(upgrade::failure_text(&f.error));
-                self.env.upgrade_failures.lock().insert((self.head.num, to));
+                self.env.upgrade_failures.insert(self.head.num, to);
                 self.env
                     .metrics
                     .upgrade_failures
@@ -1480,10 +1472,7 @@ impl Actor {
                     live.tail_cost = started.elapsed();
                     self.head = want;
                     self.activity.version.store(to, Ordering::Relaxed);
-                    self.env
-                        .upgrade_failures
-                        .lock()
-                        .remove(&(self.head.num, to));
+                    self.env.upgrade_failures.remove(self.head.num, to);
                     self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                     report.outcome = UpgradeOutcome::Upgraded;
                     // The next activation starts from the new version's own snapshot.
@@ -1507,11 +1496,7 @@ impl Actor {
         // found unable to bring the device up.
         if self.env.registry.target_of(from) != Some(retry.to)
             || retry.to == from
-            || self
-                .env
-                .upgrade_failures
-                .lock()
-                .contains(&(self.head.num, retry.to))
+            || self.env.upgrade_failures.contains(self.head.num, retry.to)
         {
             return;
         }

@@ -415,13 +415,17 @@ impl Runtime {
         );
         // The devices whose history the sample could not fold stay on their version, and say
         // so from now on: a fold at their next activation would fail the same way (folding is
-        // deterministic), so it is not tried until a restart. Unless the device has a
+        // deterministic), so it is not tried until a deploy (see `FailedUpgrades`). Unless the device has a
         // snapshot the target version took itself (a rollback): the sample folded from
         // elsewhere than an activation would start.
         // Those noted are not folded again below either, live or not: the swap would spend
         // on each what the check did (the whole activation budget, for a version that spins).
         let mut known_unfoldable: std::collections::HashMap<String, (Option<u64>, String)> =
             Default::default();
+        // What earlier deploys of this version found is replaced by what this one found (a
+        // larger budget, or a fixed journal, may let devices through now).
+        self.shared.router.forget_upgrade_failures(target.id);
+        let mut failed_nums = Vec::new();
         for id in &cannot_fold {
             if let Some(h) = self.shared.journal.device(id)
                 && !self
@@ -431,7 +435,7 @@ impl Runtime {
                     .iter()
                     .any(|snap| snap.version == target.id)
             {
-                self.shared.router.note_upgrade_failed(h.num, target.id);
+                failed_nums.push(h.num);
                 if let Some(found) = sample_failures.get(id) {
                     known_unfoldable.insert(id.clone(), found.clone());
                 }
@@ -439,11 +443,14 @@ impl Runtime {
         }
         for (id, seq, error) in checked_unfoldable {
             if let Some(h) = self.shared.journal.device(&id) {
-                self.shared.router.note_upgrade_failed(h.num, target.id);
+                failed_nums.push(h.num);
                 known_unfoldable.insert(id.clone(), (seq, error));
             }
             cannot_fold.insert(id);
         }
+        self.shared
+            .router
+            .note_upgrades_failed(failed_nums, target.id);
 
         // 3. Swap live devices, several at a time.
         let reg = registry.clone();

@@ -62,16 +62,23 @@ pub struct Router {
 
 impl Router {
     /// Whether bringing device number `num` up on version `to` failed (see
-    /// `ActorEnv::upgrade_failures`): then nothing tries again until a restart.
+    /// `ActorEnv::upgrade_failures`): then nothing tries again until a deploy.
     pub fn upgrade_failed(&self, num: u32, to: u32) -> bool {
-        self.env.upgrade_failures.lock().contains(&(num, to))
+        self.env.upgrade_failures.contains(num, to)
     }
 
-    /// Remembers that version `to` cannot bring device number `num` up (a deploy's sample
-    /// folded its history and failed), so that its activations do not try again until a
-    /// restart, and its `upgrade` says so.
-    pub fn note_upgrade_failed(&self, num: u32, to: u32) {
-        self.env.upgrade_failures.lock().insert((num, to));
+    /// Remembers that version `to` cannot bring these devices (numbers) up (a deploy's
+    /// checks folded their histories and failed), so that their activations do not try again
+    /// until a deploy, and their `upgrade` says so.
+    pub fn note_upgrades_failed(&self, nums: impl IntoIterator<Item = u32>, to: u32) {
+        self.env
+            .upgrade_failures
+            .insert_all(nums.into_iter().map(|num| (num, to)));
+    }
+
+    /// Forgets which devices version `to` could not bring up: a deploy of it checks afresh.
+    pub fn forget_upgrade_failures(&self, to: u32) {
+        self.env.upgrade_failures.forget_version(to);
     }
 
     /// A router whose actors get `env` (with its directory pointed back at this router).

@@ -145,7 +145,7 @@ impl Runtime {
             closing: Default::default(),
             pool: handle.clone(),
             slow_lane: pool.slow_lane(),
-            upgrade_failures: Default::default(),
+            upgrade_failures: crate::upgrade::FailedUpgrades::open(&data_dir.join("plugins")),
             snapshots_off: Default::default(),
             dispatch,
         });

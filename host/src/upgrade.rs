@@ -188,3 +188,124 @@ pub fn path_of(rebuilt: &Rebuilt) -> UpgradePath {
         UpgradePath::Replay
     }
 }
+
+/// The (device number, plugin version id) pairs that version could not bring up: a deploy's
+/// check found the device's history unfoldable, or a live or lazy upgrade failed. Activations
+/// do not try such a pair again, and the device's `upgrade` says `failed: true`, until a
+/// deploy of that version (which checks afresh) or of another.
+///
+/// Kept in `DATA/plugins/upgrade-failures.json` (atomic replace), not only in memory: a fold
+/// is deterministic, and one that spins costs the whole activation budget (5 s by default,
+/// on the slow lane) per device. Forgotten at a restart, a forced deploy that left a
+/// thousand devices behind on such a version cost each of them that at its first activation
+/// after every restart, and a read of one waited for it. The file is a cache of conclusions
+/// the journal can always reproduce: missing or unreadable, each pair is tried once more.
+/// Device numbers are the journal's, never reused, so a device removed and provisioned
+/// again under its id starts with a clean slate.
+pub struct FailedUpgrades {
+    pairs: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
+    /// Where they are kept (`None`: memory only, for tests of the actor alone).
+    path: Option<std::path::PathBuf>,
+    /// Serializes writes of the file; each writes the set as it is when the write starts.
+    writing: parking_lot::Mutex<()>,
+}
+
+/// The file's name in `DATA/plugins/`.
+const FAILED_UPGRADES_FILE: &str = "upgrade-failures.json";
+
+impl FailedUpgrades {
+    /// The pairs recorded in `plugins_dir`, if any (a damaged file is logged and ignored).
+    pub fn open(plugins_dir: &std::path::Path) -> FailedUpgrades {
+        let path = plugins_dir.join(FAILED_UPGRADES_FILE);
+        let pairs = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<(u32, u32)>>(&bytes) {
+                Ok(pairs) => pairs.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "unreadable record of failed upgrades: ignored (each device left behind tries its upgrade once more)");
+                    Default::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the record of failed upgrades: ignored");
+                Default::default()
+            }
+        };
+        FailedUpgrades {
+            pairs: parking_lot::Mutex::new(pairs),
+            path: Some(path),
+            writing: Default::default(),
+        }
+    }
+
+    /// Whether version `to` failed to bring device number `num` up.
+    pub fn contains(&self, num: u32, to: u32) -> bool {
+        self.pairs.lock().contains(&(num, to))
+    }
+
+    /// Records that version `to` cannot bring device number `num` up.
+    pub fn insert(&self, num: u32, to: u32) {
+        if self.pairs.lock().insert((num, to)) {
+            self.persist();
+        }
+    }
+
+    /// Records several at once (one write).
+    pub fn insert_all(&self, pairs: impl IntoIterator<Item = (u32, u32)>) {
+        let added = {
+            let mut set = self.pairs.lock();
+            pairs
+                .into_iter()
+                .fold(false, |added, p| set.insert(p) | added)
+        };
+        if added {
+            self.persist();
+        }
+    }
+
+    /// Forgets that version `to` failed device number `num` (it was brought up after all).
+    pub fn remove(&self, num: u32, to: u32) {
+        if self.pairs.lock().remove(&(num, to)) {
+            self.persist();
+        }
+    }
+
+    /// Forgets every failure of version `to`: a deploy of it checks the devices afresh.
+    pub fn forget_version(&self, to: u32) {
+        let removed = {
+            let mut set = self.pairs.lock();
+            let before = set.len();
+            set.retain(|&(_, v)| v != to);
+            set.len() != before
+        };
+        if removed {
+            self.persist();
+        }
+    }
+
+    /// Writes the set as it is now. A failed write (a full disk) is logged: the pairs stay
+    /// known until a restart, as before the file existed.
+    fn persist(&self) {
+        let Some(path) = &self.path else { return };
+        let _one_writer = self.writing.lock();
+        let mut pairs: Vec<(u32, u32)> = self.pairs.lock().iter().copied().collect();
+        pairs.sort_unstable();
+        let written = serde_json::to_vec(&pairs)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::registry::write_replace_if_changed(path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot record a failed upgrade: it is tried once more after a restart");
+        }
+    }
+}
+
+impl Default for FailedUpgrades {
+    /// Memory only.
+    fn default() -> FailedUpgrades {
+        FailedUpgrades {
+            pairs: Default::default(),
+            path: None,
+            writing: Default::default(),
+        }
+    }
+}

@@ -65,15 +65,15 @@ pub struct DeviceSummary {
 ///
 /// A deploy moves the live devices it can and leaves the rest to their next activation; one
 /// that version could not fold (a forced deploy) stays on its own. Without this, such a
-/// device showed only an older `version`, and which of them would never move until a
-/// restart was in a log line.
+/// device showed only an older `version`, and which of them would never move was in a log
+/// line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PendingUpgrade {
     /// The plugin's current version (number): where the device is headed.
     pub to: u32,
     /// `true`: bringing the device up on `to` failed (its history does not fold, or `init`
-    /// or `restore` failed), so it stays on its own version and is not tried again until the
-    /// server restarts or a deploy of another version. `false`: it moves at its next activation (or, live,
+    /// or `restore` failed), so it stays on its own version and is not tried again, restarts
+    /// included, until a deploy of that version or another. `false`: it moves at its next activation (or, live,
     /// shortly: a live upgrade put off for overload tries again).
     pub failed: bool,
 }

@@ -574,6 +574,54 @@ async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
     assert_eq!(version(&rt, "c-00"), v3.version);
     assert_eq!(upgrade("c-00"), None);
     rt.shutdown().await;
+    drop(rt);
+
+    // A restart remembers: the failed device is not folded again at its activation (a
+    // version that spins would cost it the whole activation budget after every restart).
+    let rt = open_passivating(dir.path()).await;
+    let upgrade = |id: &str| rt.summary(id).and_then(|d| d.upgrade);
+    assert_eq!(
+        upgrade("c-03"),
+        pending(true),
+        "still known after a restart"
+    );
+    rt.send("c-03", OK)
+        .await
+        .expect("handled on its own version");
+    assert_eq!(version(&rt, "c-03"), 2);
+    assert_eq!(
+        rt.metrics().upgrade_failures.load(Ordering::Relaxed),
+        0,
+        "its activation after the restart did not fold the history again"
+    );
+    // A deploy of the same version again checks afresh (and finds the same).
+    until_passivated(&rt).await;
+    let again = rt.deploy("misbehave", v3.version, true).await.unwrap();
+    assert_eq!(again.totals.cannot_fold, 2, "{:?}", again.totals);
+    assert_eq!(upgrade("c-03"), pending(true));
+    rt.shutdown().await;
+    drop(rt);
+
+    // The record is a cache: damaged, it is ignored, and the device tries once more.
+    std::fs::write(
+        dir.path().join("plugins/upgrade-failures.json"),
+        b"{not json",
+    )
+    .unwrap();
+    let rt = open_passivating(dir.path()).await;
+    let upgrade = |id: &str| rt.summary(id).and_then(|d| d.upgrade);
+    assert_eq!(
+        upgrade("c-03"),
+        pending(false),
+        "forgotten with the damaged file"
+    );
+    rt.send("c-03", OK)
+        .await
+        .expect("handled on its own version");
+    assert_eq!(version(&rt, "c-03"), 2);
+    assert_eq!(rt.metrics().upgrade_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(upgrade("c-03"), pending(true), "found again");
+    rt.shutdown().await;
 }
 
 /// A passivated device outside the deploy's sample whose history the version cannot fold
