@@ -79,6 +79,10 @@ pub struct ActorEnv {
     /// (device number, plugin version id) pairs that failed to upgrade: activations do not
     /// retry them (actors come and go; this outlives them, and restarts too).
     pub upgrade_failures: upgrade::FailedUpgrades,
+    /// Set when the server starts to stop (before it drains its connections): no fold of a
+    /// new version starts, and those under way stop, so a version that spins never holds
+    /// the drain. Devices stay on their version and move at a later activation.
+    pub upgrades_stopped: AtomicBool,
     /// (device number, plugin version id) pairs whose snapshots failed, taken (a trap or a
     /// timeout in `snapshot`) or restored (at an activation): no more are taken, and
     /// activations replay the device's history rather than try its snapshots, until the
@@ -922,7 +926,7 @@ impl Actor {
             Message::Snapshot => Box::pin(self.on_snapshot_request()).await,
             // A fold of a new version can take the whole activation budget: not started while
             // stopping, where nothing would use it (the device moves at its next activation).
-            Message::Upgrade(request) if self.stopping() => {
+            Message::Upgrade(request) if self.upgrades_stopped() => {
                 let registry = &self.env.registry;
                 let number = |id: u32| registry.version(id).map_or(0, |v| v.number);
                 let mut report = DeviceUpgrade::lazy(
@@ -1293,7 +1297,7 @@ impl Actor {
             tokio::select! {
                 finished = &mut task => break finished,
                 () = tokio::time::sleep(STOPPING_POLL) => {
-                    if self.stopping() {
+                    if self.upgrades_stopped() {
                         task.abort();
                         return Err(replay::RebuildFailure::from(Error::ShuttingDown));
                     }
@@ -1322,7 +1326,7 @@ impl Actor {
             return Ok(None);
         };
         let failed_before = self.env.upgrade_failures.contains(self.head.num, to);
-        if to == from || failed_before {
+        if to == from || failed_before || self.upgrades_stopped() {
             return Ok(None);
         }
         let mut want = self.head.clone();
@@ -1330,8 +1334,10 @@ impl Actor {
         match self.bring_up(&want, from).await {
             // The server lacked a core or memory: nothing is known about the version. This
             // activation fails as overloaded (retry), the next one tries again.
-            // Stopping: the activation fails (nobody waits for it); nothing is known either.
-            Err(f) if matches!(f.error, Error::Overloaded(_) | Error::ShuttingDown) => Err(f.error),
+            Err(f) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
+            // Stopped as the server stops: nothing is known; the device comes up on its own
+            // version and tries at a later activation.
+            Err(f) if matches!(f.error, Error::ShuttingDown) => Ok(None),
             Ok((rebuilt, _)) => {
                 self.writer.append_rebind(&want, clock::now_ms());
                 let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
@@ -1644,6 +1650,12 @@ impl Actor {
     /// Whether the runtime is shutting down.
     fn stopping(&self) -> bool {
         self.env.closing.load(Ordering::Acquire) || self.env.directory.strong_count() == 0
+    }
+
+    /// Whether folds of new versions must not start or go on (see
+    /// [`ActorEnv::upgrades_stopped`]).
+    fn upgrades_stopped(&self) -> bool {
+        self.stopping() || self.env.upgrades_stopped.load(Ordering::Acquire)
     }
 
     /// Refuses an event from outside while the device's outbox is at its cap, counting the

@@ -73,6 +73,8 @@ struct FoldCheck {
     checked: usize,
     /// (device, seq it failed at, why) of those that could not be folded.
     cannot_fold: Vec<(String, Option<u64>, String)>,
+    /// Of those, the ones whose fold ran out of its time budget.
+    timed_out: usize,
 }
 
 /// Which devices a dry-run looks at.
@@ -277,6 +279,9 @@ impl Runtime {
         force: bool,
     ) -> Result<DeployReport, Error> {
         self.check_open()?;
+        if self.shared.router.upgrades_stopped() {
+            return Err(Error::ShuttingDown);
+        }
         let _one_at_a_time = self.shared.deploying.lock().await;
         let started = Instant::now();
         let registry = &self.shared.registry;
@@ -399,6 +404,9 @@ impl Runtime {
         }
         // Found as their activation would find it: marked failed whatever snapshots they have.
         let checked_unfoldable = check.cannot_fold;
+        // Whether the checks saw the version run out of time: then it may spin on live
+        // devices too (see step 3).
+        let spun_in_checks = check.timed_out > 0 || sample.devices.iter().any(|d| d.timed_out);
 
         // 2. Point.
         if rollback {
@@ -471,9 +479,10 @@ impl Runtime {
         // activation budget runs out, while the device's events wait; on the slow lane, where
         // such a version runs, one device after the other. Past a few such failures the rest
         // are left to their next activation instead of each paying it now.
-        // And once the version shows slow, its folds go to the one slow-lane thread, where
-        // several at once only take turns, each holding its device's events all the while:
-        // one at a time then, the rest waiting here with their mailboxes open.
+        // And once the version shows slow (or ran out of time in the checks above), its folds
+        // go to the one slow-lane thread, where several at once only take turns, each holding
+        // its device's events all the while: one at a time then, the rest waiting here with
+        // their mailboxes open.
         let slow_failures = std::sync::atomic::AtomicUsize::new(0);
         let slow_failure = SLOW_FAILURE.min(self.shared.config.engine.activation_timeout / 2);
         let slow_gate = tokio::sync::Semaphore::new(1);
@@ -499,12 +508,12 @@ impl Runtime {
                     line.failed_seq = *seq;
                     return line;
                 }
-                let _one_at_a_time = if registry.setup_runs_slow(target_id) {
+                let _one_at_a_time = if spun_in_checks || registry.setup_runs_slow(target_id) {
                     slow_gate.acquire().await.ok()
                 } else {
                     None
                 };
-                if self.check_open().is_err() {
+                if self.check_open().is_err() || self.shared.router.upgrades_stopped() {
                     return line(
                         UpgradeOutcome::Lazy,
                         "not tried: the server is shutting down; it moves at its next \
@@ -691,14 +700,16 @@ impl Runtime {
             )
         });
         let (journal, registry) = (self.shared.journal.clone(), self.shared.registry.clone());
+        let router = self.shared.router.clone();
         let task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut check = FoldCheck {
                 checked: 0,
                 cannot_fold: Vec::new(),
+                timed_out: 0,
             };
             for head in heads {
-                if started.elapsed() >= budget {
+                if started.elapsed() >= budget || router.upgrades_stopped() {
                     break;
                 }
                 let want = DeviceHead {
@@ -718,6 +729,7 @@ impl Runtime {
                     Err(f) if f.error.kind() == ErrorKind::Overloaded => {}
                     Err(f) => {
                         check.checked += 1;
+                        check.timed_out += usize::from(f.timed_out);
                         check.cannot_fold.push((
                             head.id.to_string(),
                             f.seq,
@@ -733,6 +745,7 @@ impl Runtime {
             FoldCheck {
                 checked: 0,
                 cannot_fold: Vec::new(),
+                timed_out: 0,
             }
         })
     }

@@ -95,6 +95,10 @@ pub struct DeviceDryRun {
     /// loaded.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub overloaded: bool,
+    /// The candidate ran out of its time budget on this device (a decision or a fold that
+    /// spins); a deploy then folds its live devices one at a time (see `crate::deploy`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
 }
 
 /// Dry-runs plugin version `candidate` (journal-local id) on `device`'s recorded history.
@@ -125,6 +129,7 @@ pub fn device(
         fold_failed_seq: None,
         error: None,
         overloaded: false,
+        timed_out: false,
     };
     match one_pass(journal, registry, head, candidate, limits, &mut out) {
         Ok(()) => {}
@@ -295,6 +300,7 @@ fn one_pass(
                         Ok(r) => Folder::Own(Box::new(r.instance)),
                         Err(f) if matches!(f.error, Error::Overloaded(_)) => return Err(f.error),
                         Err(f) => {
+                            out.timed_out |= f.timed_out;
                             out.fold_failed_seq = f.seq;
                             out.error.get_or_insert(format!(
                                 "cannot fold the recorded transitions: {}",
@@ -326,6 +332,7 @@ fn one_pass(
                         error,
                     }) = decided
                     {
+                        out.timed_out |= matches!(error, Error::Timeout(_));
                         out.error = Some(format!(
                             "the candidate failed at seq {} and its state is lost: {error}",
                             record.seq
@@ -346,6 +353,7 @@ fn one_pass(
                     return Err(e);
                 }
                 if let Err(e) = folded {
+                    out.timed_out |= matches!(e, Error::Timeout(_));
                     out.fold_failed_seq = Some(record.seq);
                     out.error.get_or_insert(format!(
                         "cannot fold the recorded transitions at seq {}: {e}",

@@ -117,12 +117,16 @@ pub struct RebuildFailure {
     pub(crate) unlocated: bool,
     /// The plugin trapped (rather than refused, timed out, or the journal failed).
     pub(crate) trapped: bool,
+    /// The plugin ran out of its time budget (a fold that spins): the failure cost that
+    /// budget, which a deploy weighs before folding more devices (see `crate::deploy`).
+    pub(crate) timed_out: bool,
 }
 
 impl From<Error> for RebuildFailure {
     fn from(error: Error) -> Self {
         RebuildFailure {
             seq: None,
+            timed_out: matches!(error, Error::Timeout(_)),
             error,
             unlocated: false,
             trapped: false,
@@ -558,8 +562,13 @@ async fn rebuild_from(
             initialized.map_err(|e| match budget.whole(e) {
                 CallError::Rejected { code, message } => Error::Activation(format!(
                     "`init` refused the device's stored config: {code}: {message}"
-                )),
-                e => activation(e),
+                ))
+                .into(),
+                e @ CallError::Timeout(_) => RebuildFailure {
+                    timed_out: true,
+                    ..activation(e).into()
+                },
+                e => activation(e).into(),
             })?;
             (instance, 0)
         }
@@ -627,7 +636,8 @@ async fn rebuild_from(
             // Running out of time (or the server out of memory, or a stop to fold on the
             // slow lane) is no record's fault: none is named as the one that cannot be
             // folded (`seq`), though the message says where.
-            let timed_out = matches!(e.error, CallError::Timeout(_)) || e.error.is_overload();
+            let out_of_time = matches!(e.error, CallError::Timeout(_));
+            let timed_out = out_of_time || e.error.is_overload();
             let error = Error::from(budget.whole(e.error));
             return Err(match e.applied {
                 Some(n) => {
@@ -637,6 +647,7 @@ async fn rebuild_from(
                         error: activation_failed(format!("replaying seq {seq}: "), error),
                         unlocated: false,
                         trapped,
+                        timed_out: out_of_time,
                     }
                 }
                 // A trap or timeout inside one call of several transitions: a trap is
@@ -652,6 +663,7 @@ async fn rebuild_from(
                         ),
                         unlocated: trapped,
                         trapped,
+                        timed_out: out_of_time,
                     }
                 }
             });
@@ -662,6 +674,7 @@ async fn rebuild_from(
                 error: Error::Activation(format!("seq {seq}: transition is not UTF-8")),
                 unlocated: false,
                 trapped: false,
+                timed_out: false,
             });
         }
         applied += transitions.len() as u64;

@@ -76,6 +76,16 @@ impl Router {
             .insert_all(nums.into_iter().map(|num| (num, to)));
     }
 
+    /// See [`crate::Runtime::stop_upgrades`].
+    pub fn stop_upgrades(&self) {
+        self.env.upgrades_stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Router::stop_upgrades`] was called.
+    pub fn upgrades_stopped(&self) -> bool {
+        self.env.upgrades_stopped.load(Ordering::Acquire)
+    }
+
     /// Forgets which devices version `to` could not bring up: a deploy of it checks afresh.
     pub fn forget_upgrade_failures(&self, to: u32) {
         self.env.upgrade_failures.forget_version(to);

@@ -147,6 +147,7 @@ impl Runtime {
             slow_lane: pool.slow_lane(),
             upgrade_failures: crate::upgrade::FailedUpgrades::open(&data_dir.join("plugins")),
             snapshots_off: Default::default(),
+            upgrades_stopped: Default::default(),
             dispatch,
         });
         // A growth the guest memory budget refuses, wherever it happens (an event, a read, a
@@ -993,6 +994,7 @@ impl Runtime {
         if self.shared.closing.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.stop_upgrades();
         // No more dispatching: whatever is still owed stays in the journal, for the next start.
         for task in self.shared.effect_tasks.lock().drain(..) {
             task.abort();
@@ -1006,6 +1008,15 @@ impl Runtime {
         self.shared.pool.lock().take();
         self.shared.lock.lock().take();
         tracing::info!(actors = n, "runtime stopped");
+    }
+
+    /// Starts no more folds of new plugin versions and stops those under way (a deploy's
+    /// live upgrades, lazy upgrades at activation): the devices stay on their versions and
+    /// move at a later activation. What a server does before it drains its connections, so a
+    /// version whose fold spins never holds the drain; events go on being served meanwhile.
+    /// Called by [`crate::http::Server::shutdown`] and [`Runtime::shutdown`].
+    pub fn stop_upgrades(&self) {
+        self.shared.router.stop_upgrades();
     }
 
     /// The actor pool's threads (see [`ActorPool`]).

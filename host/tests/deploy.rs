@@ -422,11 +422,11 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
             .all(|d| d.outcome == UpgradeOutcome::Failed && d.seq == 5 && d.pause_us == 0),
         "{known:?}"
     );
-    // Two actor threads: 16 devices upgrade at once; a few more after the version shows
-    // slow, one at a time, then none.
+    // The sample saw the version run out of time: one device at a time, and none after
+    // three slow failures.
     assert!(not_tried >= 1, "{:?}", report.devices);
     assert!(
-        folded <= 16 + drover::SLOW_FAILURES_BEFORE_STOPPING,
+        folded <= drover::SLOW_FAILURES_BEFORE_STOPPING,
         "{folded} folded: {:?}",
         report.devices
     );
@@ -454,13 +454,14 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
     rt.shutdown().await;
 }
 
-/// A shutdown in the middle of such a deploy is not held by the folds: those under way stop,
-/// those not started are not started, and each device stays on its version.
+/// A server that starts to stop (before it drains its connections) stops such a deploy's
+/// folds: the one under way ends, no other starts, the deploy answers at once, events go on
+/// being served meanwhile, and each device stays on its version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_is_not_held_by_a_deploy_folding_a_version_that_spins() {
+async fn a_stopping_server_stops_a_deploy_folding_a_version_that_spins() {
     let dir = tempfile::tempdir().unwrap();
-    // 16 folds at once on the slow lane's one thread, 2 s of CPU each: half a minute.
-    let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_secs(2)).await;
+    // One fold at a time (the checks saw the version spin), 6 s of CPU each, up to three.
+    let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_secs(6)).await;
     let deploy = tokio::spawn({
         let rt = rt.clone();
         async move { rt.deploy("misbehave", v4, true).await }
@@ -472,17 +473,37 @@ async fn a_shutdown_is_not_held_by_a_deploy_folding_a_version_that_spins() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
-    rt.shutdown().await;
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    rt.stop_upgrades();
     let report = deploy.await.unwrap().unwrap();
+    let took = started.elapsed();
+    // The fold under way had over 5 s of its budget left.
+    assert!(
+        took < Duration::from_secs(4),
+        "the deploy ended {took:?} after the stop"
+    );
     assert_eq!(report.totals.upgraded, 0, "{:?}", report.totals);
+    let stopped = report
+        .devices
+        .iter()
+        .filter(|d| {
+            d.outcome == UpgradeOutcome::Lazy
+                && d.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("shutting down"))
+        })
+        .count();
+    assert!(stopped > 0, "{:?}", report.devices);
+    // Still serving, on the old version.
+    rt.send("s-07", OK).await.unwrap();
+    assert_eq!(version(&rt, "s-07"), 1);
+    rt.shutdown().await;
     drop(rt);
     let rt = open(dir.path()).await;
     for i in 0..DEVICES {
         let id = format!("s-{i:02}");
         assert_eq!(version(&rt, &id), 1, "{id}");
     }
+    assert_eq!(count(&rt, "s-07").await, 6);
     assert_live_equals_full_replay(&rt, dir.path(), "s-07").await;
     rt.shutdown().await;
 }
@@ -493,6 +514,8 @@ async fn a_shutdown_is_not_held_by_a_deploy_folding_a_version_that_spins() {
 async fn a_deploy_ends_the_quarantines_earned_under_the_version_it_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let rt = open(dir.path()).await;
+    // Built and registered first: the quarantine lasts 5 s (±25%).
+    let v2 = register_v2(&rt).await;
     rt.provision("q", "misbehave", &json!({})).await.unwrap();
     rt.send("q", OK).await.unwrap();
     for i in 0..3 {
@@ -506,7 +529,6 @@ async fn a_deploy_ends_the_quarantines_earned_under_the_version_it_leaves() {
     assert_eq!(err.code(), "quarantined", "{err}");
     assert_eq!(rt.status("q"), drover::view::DeviceStatus::Quarantined);
 
-    let v2 = register_v2(&rt).await;
     let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
     assert_eq!(report.totals.quarantines_ended, 1, "{:?}", report.totals);
     assert_eq!(report.totals.pending_lazy, 1, "{:?}", report.totals);

@@ -300,6 +300,8 @@ impl Server {
         // Long polls and command streams would otherwise hold their connections (and the
         // drain) until they time out.
         self.rt.stop_waiting();
+        // A deploy's folds of a version that spins would hold the drain to its end.
+        self.rt.stop_upgrades();
         match tokio::time::timeout(drain, &mut self.task).await {
             Ok(_) => true,
             Err(_) => {
