@@ -334,7 +334,8 @@ fn one_pass(
                     {
                         out.timed_out |= matches!(error, Error::Timeout(_));
                         out.error = Some(format!(
-                            "the candidate failed at seq {} and its state is lost: {error}",
+                            "the candidate failed at seq {} (its instance is discarded, so nothing after \
+                             it is compared): {error}",
                             record.seq
                         ));
                         decider = None;

@@ -374,9 +374,9 @@ impl Dev {
                     // The server's message starts with "deploy refused: " itself.
                     Some(f) if f.code == "deploy-refused" => println!(
                         "{}\n  (the new version stays registered, the devices on \
-                         their version; `drover plugin diff {} VERSION` shows why; `drover dev \
-                         --force` deploys every save anyway, leaving such devices behind)",
-                        f.message, self.name
+                         their version; `drover dev --force` deploys every save anyway, \
+                         leaving such devices behind)",
+                        f.message
                     ),
                     _ => println!("push/deploy failed: {e:#}"),
                 }
@@ -498,15 +498,27 @@ impl Dev {
             let Some((seq, old)) = old else { continue };
             // One the deploy did not move (passivated, or left behind) would compare its old
             // version with itself.
-            let runs = self
+            let device = self
                 .api
                 .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id)?)))
                 .ok()
-                .and_then(|(_, d)| d["version"].as_u64());
+                .map(|(_, d)| d);
+            let runs = device.as_ref().and_then(|d| d["version"].as_u64());
             if runs != Some(version) {
-                println!(
-                    "  {id}: not on v{version} yet (it moves at its next activation, if it can)"
-                );
+                let failed = device
+                    .as_ref()
+                    .is_some_and(|d| d["upgrade"]["failed"] == true);
+                if failed {
+                    println!(
+                        "  {id}: stays on v{} (v{version} cannot bring it up; not tried again \
+                         until a deploy)",
+                        runs.unwrap_or(0)
+                    );
+                } else {
+                    println!(
+                        "  {id}: not on v{version} yet (it moves at its next activation, if it can)"
+                    );
+                }
                 continue;
             }
             let Some((_, new)) = self.state(id, Some(*seq)) else {

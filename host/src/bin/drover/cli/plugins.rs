@@ -300,7 +300,7 @@ pub fn print_deploy(r: &Value) {
         match (n(&t["pending_lazy"]), n(&t["fold_checked"])) {
             (0, _) => String::new(),
             (_, 0) => " (none checked beforehand)".to_string(),
-            (_, k) => format!(" ({k} passivated devices checked beforehand to fold it)"),
+            (_, k) => format!(" ({k} devices beyond the sample checked beforehand to fold it)"),
         },
         match n(&t["cannot_fold"]) {
             0 => String::new(),
@@ -343,14 +343,16 @@ pub fn print_deploy(r: &Value) {
     }
     for d in r["devices"].as_array().into_iter().flatten() {
         if d["outcome"] == "failed" {
+            // The seq the new version failed at, not the device's own.
             let at = d["failed_seq"]
                 .as_u64()
-                .map(|s| format!(" at seq {s}"))
+                .map(|s| format!(", failing at seq {s}"))
                 .unwrap_or_default();
             println!(
-                "  {} stays on v{}{at}: {}",
+                "  {} stays on v{} (v{} cannot bring it up{at}): {}",
                 d["device"].as_str().unwrap_or("?"),
                 d["from"],
+                d["to"],
                 d["error"].as_str().unwrap_or("")
             );
         }
@@ -400,6 +402,10 @@ pub fn print_dry_run(r: &Value) {
         if d["folds"] != true {
             what.push(match d["fold_failed_seq"].as_u64() {
                 Some(seq) => format!("cannot fold its recorded transitions at seq {seq}"),
+                // Failed before the first event: the config or the snapshot, not a transition.
+                None if n(&d["events"]) == 0 => {
+                    "cannot start on this device (its `init` or `restore` failed)".to_string()
+                }
                 None => "cannot fold its recorded transitions".to_string(),
             });
         }
@@ -409,7 +415,8 @@ pub fn print_dry_run(r: &Value) {
                 n(&d["diverged_events"])
             ));
         }
-        if d["state_matches"] != true {
+        // A candidate that could not fold has no state of its own to compare.
+        if d["state_matches"] != true && d["folds"] == true {
             what.push("ends in another state".to_string());
         }
         println!("{id}: {}", what.join("; "));
