@@ -47,8 +47,9 @@ use std::sync::Arc;
 /// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
 const UPGRADES_PER_THREAD: usize = 8;
 
-/// Live devices whose fold of the new version failed after running at least [`SLOW_FAILURE`]
-/// after which a deploy folds no more of them (see `Runtime::deploy_inner`, step 3).
+/// How many live devices' folds of the new version may fail after running at least
+/// [`SLOW_FAILURE`] before a deploy folds no more of them (see `Runtime::deploy_inner`, step
+/// 3): the rest move at their next activation, if they can.
 pub const SLOW_FAILURES_BEFORE_STOPPING: usize = 3;
 
 /// How long a failed fold must have held its device for it to count toward
@@ -423,11 +424,11 @@ impl Runtime {
         );
         // The devices whose history the sample could not fold stay on their version, and say
         // so from now on: a fold at their next activation would fail the same way (folding is
-        // deterministic), so it is not tried until a deploy (see `FailedUpgrades`). Unless the device has a
-        // snapshot the target version took itself (a rollback): the sample folded from
-        // elsewhere than an activation would start.
-        // Those noted are not folded again below either, live or not: the swap would spend
-        // on each what the check did (the whole activation budget, for a version that spins).
+        // deterministic), so it is not tried until a deploy (see `upgrade::FailedUpgrades`).
+        // Unless the device has a snapshot the target version took itself (a rollback): the
+        // sample folded from elsewhere than an activation would start. Those noted are not
+        // folded again below either, live or not: the swap would spend on each what the check
+        // did (the whole activation budget, for a version that spins).
         let mut known_unfoldable: std::collections::HashMap<String, (Option<u64>, String)> =
             Default::default();
         // What earlier deploys of this version found is replaced by what this one found (a

@@ -204,8 +204,8 @@ pub fn path_of(rebuilt: &Rebuilt) -> UpgradePath {
 /// again under its id starts with a clean slate.
 pub struct FailedUpgrades {
     pairs: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
-    /// Where they are kept (`None`: memory only, for tests of the actor alone).
-    path: Option<std::path::PathBuf>,
+    /// Where they are kept.
+    path: std::path::PathBuf,
     /// Serializes writes of the file; each writes the set as it is when the write starts.
     writing: parking_lot::Mutex<()>,
 }
@@ -233,7 +233,7 @@ impl FailedUpgrades {
         };
         FailedUpgrades {
             pairs: parking_lot::Mutex::new(pairs),
-            path: Some(path),
+            path,
             writing: Default::default(),
         }
     }
@@ -286,7 +286,7 @@ impl FailedUpgrades {
     /// Writes the set as it is now. A failed write (a full disk) is logged: the pairs stay
     /// known until a restart, as before the file existed.
     fn persist(&self) {
-        let Some(path) = &self.path else { return };
+        let path = &self.path;
         let _one_writer = self.writing.lock();
         let mut pairs: Vec<(u32, u32)> = self.pairs.lock().iter().copied().collect();
         pairs.sort_unstable();
@@ -295,17 +295,6 @@ impl FailedUpgrades {
             .and_then(|bytes| crate::registry::write_replace_if_changed(path, &bytes));
         if let Err(e) = written {
             tracing::warn!(file = %path.display(), error = %e, "cannot record a failed upgrade: it is tried once more after a restart");
-        }
-    }
-}
-
-impl Default for FailedUpgrades {
-    /// Memory only.
-    fn default() -> FailedUpgrades {
-        FailedUpgrades {
-            pairs: Default::default(),
-            path: None,
-            writing: Default::default(),
         }
     }
 }
