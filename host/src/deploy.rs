@@ -409,6 +409,11 @@ impl Runtime {
         // devices too (see step 3).
         let spun_in_checks = check.timed_out > 0 || sample.devices.iter().any(|d| d.timed_out);
 
+        // The server began to stop while the checks ran: nothing is changed.
+        if self.shared.router.upgrades_stopped() {
+            return Err(Error::ShuttingDown);
+        }
+
         // 2. Point.
         if rollback {
             registry.point_back(plugin)?;

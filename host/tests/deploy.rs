@@ -508,6 +508,25 @@ async fn a_stopping_server_stops_a_deploy_folding_a_version_that_spins() {
     rt.shutdown().await;
 }
 
+/// A server that starts to stop while the deploy's checks run changes nothing: the version
+/// is not made current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_whose_checks_a_stop_overtakes_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_millis(300)).await;
+    let deploy = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.deploy("misbehave", v4, true).await }
+    });
+    // The sample alone takes 16 calls of 250 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rt.stop_upgrades();
+    let err = deploy.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ShuttingDown, "{err}");
+    assert_eq!(rt.current_version("misbehave"), Some(1));
+    rt.shutdown().await;
+}
+
 /// A device quarantined under the version being left is let out by the deploy: the version
 /// that failed it is no longer current, and its next event runs on the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
