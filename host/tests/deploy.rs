@@ -384,6 +384,15 @@ async fn fleet_v4_cannot_fold(dir: &Path, activation: Duration) -> (Runtime, u32
 
 const DEVICES: usize = 80;
 
+/// A forced deploy of misbehave's version `v` in a task of its own, to act while it runs.
+fn spawn_forced_deploy(
+    rt: &Runtime,
+    v: u32,
+) -> tokio::task::JoinHandle<Result<drover::DeployReport, drover::Error>> {
+    let rt = rt.clone();
+    tokio::spawn(async move { rt.deploy("misbehave", v, true).await })
+}
+
 /// A forced deploy of a version whose fold spins does not spend the activation budget on
 /// every live device in turn (each device's events waiting all the while): devices the
 /// sample or the fold check already found unable to fold are not folded again, and past a
@@ -462,10 +471,7 @@ async fn a_stopping_server_stops_a_deploy_folding_a_version_that_spins() {
     let dir = tempfile::tempdir().unwrap();
     // One fold at a time (the checks saw the version spin), 6 s of CPU each, up to three.
     let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_secs(6)).await;
-    let deploy = tokio::spawn({
-        let rt = rt.clone();
-        async move { rt.deploy("misbehave", v4, true).await }
-    });
+    let deploy = spawn_forced_deploy(&rt, v4);
     // The version is pointed at right before the live devices get their upgrades.
     while rt.current_version("misbehave") != Some(v4) {
         assert!(!deploy.is_finished(), "{:?}", deploy.await);
@@ -514,10 +520,7 @@ async fn a_stopping_server_stops_a_deploy_folding_a_version_that_spins() {
 async fn a_deploy_whose_checks_a_stop_overtakes_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_millis(300)).await;
-    let deploy = tokio::spawn({
-        let rt = rt.clone();
-        async move { rt.deploy("misbehave", v4, true).await }
-    });
+    let deploy = spawn_forced_deploy(&rt, v4);
     // The sample alone takes 16 calls of 250 ms.
     tokio::time::sleep(Duration::from_millis(500)).await;
     rt.stop_upgrades();
