@@ -79,6 +79,8 @@ pub struct ActorEnv {
     /// (device number, plugin version id) pairs that failed to upgrade: activations do not
     /// retry them (actors come and go; this outlives them, and restarts too).
     pub upgrade_failures: upgrade::FailedUpgrades,
+    /// Turns and counts of slow failures of versions' folds (see [`upgrade::SlowFolds`]).
+    pub slow_folds: upgrade::SlowFolds,
     /// Set when the server starts to stop (before it drains its connections): no fold of a
     /// new version starts, and those under way stop, so a version that spins never holds
     /// the drain. Devices stay on their version and move at a later activation.
@@ -752,6 +754,27 @@ struct Live {
     upgrade_retry: Option<UpgradeRetry>,
 }
 
+/// Why [`Actor::bring_up`] did not bring a device up on a version.
+enum NotBroughtUp {
+    /// The fold failed, was stopped as the server stops, or lacked a core or memory.
+    Failed(replay::RebuildFailure),
+    /// The version runs slow and another device's fold of it held its turn past the wait
+    /// (see [`upgrade::SlowFolds`]): nothing is known, the upgrade is put off.
+    NoTurn,
+    /// The version failed slowly on this many devices in a row: not tried.
+    GivenUp(usize),
+}
+
+/// What an activation does about a pending upgrade (see `Actor::lazy_upgrade`).
+enum LazyUpgrade {
+    /// Brought up on the plugin's current version.
+    Upgraded(Box<replay::Rebuilt>),
+    /// Comes up on its own version.
+    Stay,
+    /// Comes up on its own version and tries this one again, live, later.
+    PutOff(u32),
+}
+
 /// A put-off live upgrade to try again (see `Live::upgrade_retry`).
 #[derive(Debug, Clone, Copy)]
 struct UpgradeRetry {
@@ -1159,7 +1182,12 @@ impl Actor {
             } else {
                 Start::Snapshot
             };
-        let rebuilt = match self.lazy_upgrade().await? {
+        let (upgraded, put_off) = match self.lazy_upgrade().await? {
+            LazyUpgrade::Upgraded(rebuilt) => (Some(*rebuilt), None),
+            LazyUpgrade::Stay => (None, None),
+            LazyUpgrade::PutOff(to) => (None, Some(to)),
+        };
+        let rebuilt = match upgraded {
             Some(rebuilt) => rebuilt,
             None if self.env.registry.setup_runs_slow(version) => {
                 self.activate_on_slow_lane(start).await?
@@ -1208,7 +1236,11 @@ impl Actor {
             } else {
                 Duration::ZERO
             },
-            upgrade_retry: None,
+            upgrade_retry: put_off.map(|to| UpgradeRetry {
+                due: Instant::now() + INTERNAL_RETRY.mul_f64(0.75 + 0.5 * clock::jitter()),
+                to,
+                tries: 0,
+            }),
         });
         if foreign && own_snapshot {
             // Came up from another version's snapshot (retention deleted the history a
@@ -1227,9 +1259,11 @@ impl Actor {
         // move it, which read the version before: move it now, as the deploy would have.
         // (The live flag is set above before this read, the deploy sets the version before it
         // reads the flags, both under locks: one of the two sees the other.)
+        // (Not one whose upgrade was just put off: its turn would not come now either.)
         let from = self.head.version;
         if let Some(to) = self.env.registry.target_of(from)
             && to != from
+            && put_off.is_none()
             && !self.env.upgrade_failures.contains(self.head.num, to)
         {
             let report = Box::pin(self.on_upgrade(to)).await;
@@ -1255,17 +1289,41 @@ impl Actor {
             .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))?
     }
 
+    /// How long a fold must have run for its failure to count toward giving its version up,
+    /// and how long a device waits for a slow version's turn (see [`upgrade::SlowFolds`]).
+    fn slow_failure(&self) -> Duration {
+        upgrade::SLOW_FAILURE.min(self.env.activation_timeout / 2)
+    }
+
     /// Folds the device's history into version `want.version` ([`upgrade::bring_up`]) where its
     /// activations would run: on the slow lane if that version builds states slowly (see
     /// `CompiledPlugin::setup_runs_slow`), else on the pool,
     /// stopped there once seen slow and folded again on the slow lane, as an activation is.
+    /// On the slow lane a version's folds go one device at a time, and a version that failed
+    /// slowly on several devices in a row is not tried (see [`upgrade::SlowFolds`]).
     async fn bring_up(
         &self,
         want: &DeviceHead,
         from: u32,
-    ) -> Result<(replay::Rebuilt, Option<bool>), replay::RebuildFailure> {
+    ) -> Result<(replay::Rebuilt, Option<bool>), NotBroughtUp> {
         let registry = &self.env.registry;
+        let folds = self.env.slow_folds.of(want.version);
+        if let Some(slow) = folds.given_up() {
+            return Err(NotBroughtUp::GivenUp(slow));
+        }
+        let slow_failure = self.slow_failure();
+        let note = |r: &Result<(replay::Rebuilt, Option<bool>), replay::RebuildFailure>,
+                    took: Duration| {
+            match r {
+                Ok(_) => folds.note(true, false),
+                // Nothing is known of the version when the server stopped the fold or lacked
+                // a core or memory for it.
+                Err(f) if matches!(f.error, Error::ShuttingDown | Error::Overloaded(_)) => {}
+                Err(f) => folds.note(false, f.timed_out || took >= slow_failure),
+            }
+        };
         if !registry.setup_runs_slow(want.version) {
+            let started = Instant::now();
             // Boxed: a fold's future is kilobytes, and every actor task would carry it.
             let on_pool = Box::pin(upgrade::bring_up(
                 &self.env.journal,
@@ -1279,9 +1337,21 @@ impl Actor {
                 Err(f)
                     if matches!(f.error, Error::Overloaded(_))
                         && registry.setup_runs_slow(want.version) => {}
-                other => return other,
+                other => {
+                    note(&other, started.elapsed());
+                    return other.map_err(NotBroughtUp::Failed);
+                }
             }
         }
+        // The slow lane's folds of this version, one at a time: several at once would only
+        // take turns on its thread, each holding its device's events until all of them end.
+        let Some(_turn) = folds.turn(slow_failure).await else {
+            return Err(NotBroughtUp::NoTurn);
+        };
+        if let Some(slow) = folds.given_up() {
+            return Err(NotBroughtUp::GivenUp(slow));
+        }
+        let started = Instant::now();
         let (journal, registry, want) = (
             self.env.journal.clone(),
             self.env.registry.clone(),
@@ -1290,21 +1360,22 @@ impl Actor {
         let mut task = self.env.slow_lane.spawn(async move {
             upgrade::bring_up(&journal, &registry, &want, from, Preemption::Yield).await
         });
-        // Folds on the slow lane share its thread: many at once (a deploy of a version that
-        // spins) each run for seconds. None of them holds a shutdown: the fold yields at each
-        // tick of its budget, where the abort stops it.
+        // A fold on the slow lane runs for up to the activation budget. None of them holds a
+        // shutdown: the fold yields at each tick of its budget, where the abort stops it.
         let finished = loop {
             tokio::select! {
                 finished = &mut task => break finished,
                 () = tokio::time::sleep(STOPPING_POLL) => {
                     if self.upgrades_stopped() {
                         task.abort();
-                        return Err(replay::RebuildFailure::from(Error::ShuttingDown));
+                        return Err(NotBroughtUp::Failed(replay::RebuildFailure::from(
+                            Error::ShuttingDown,
+                        )));
                     }
                 }
             }
         };
-        finished
+        let folded = finished
             .map_err(|e| match e.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
                 Err(e) => e,
@@ -1313,42 +1384,62 @@ impl Actor {
                 replay::RebuildFailure::from(Error::Internal(format!(
                     "folding a new version on the slow lane: {e}"
                 )))
-            })?
+            })
+            .and_then(|r| r);
+        note(&folded, started.elapsed());
+        folded.map_err(NotBroughtUp::Failed)
     }
 
     /// At activation: if the plugin's current version is not the one this device runs (a
-    /// deploy happened while it was passivated), brings it up on the current one. Returns
-    /// `None` to activate on the device's own version: no deploy pending, or the current
-    /// version cannot fold this device's history (logged, not retried until restart).
-    async fn lazy_upgrade(&mut self) -> Result<Option<replay::Rebuilt>, Error> {
+    /// deploy happened while it was passivated), brings it up on the current one. Else the
+    /// device activates on its own version: no deploy pending, the current version cannot
+    /// fold this device's history (recorded, not tried again until a deploy) or was given up
+    /// (see [`upgrade::SlowFolds`]; recorded the same way), or its turn did not come (put
+    /// off: tried again, live, later).
+    async fn lazy_upgrade(&mut self) -> Result<LazyUpgrade, Error> {
         let from = self.head.version;
         let Some(to) = self.env.registry.target_of(from) else {
-            return Ok(None);
+            return Ok(LazyUpgrade::Stay);
         };
         let failed_before = self.env.upgrade_failures.contains(self.head.num, to);
         if to == from || failed_before || self.upgrades_stopped() {
-            return Ok(None);
+            return Ok(LazyUpgrade::Stay);
         }
         let mut want = self.head.clone();
         want.version = to;
+        let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
         match self.bring_up(&want, from).await {
             // The server lacked a core or memory: nothing is known about the version. This
             // activation fails as overloaded (retry), the next one tries again.
-            Err(f) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
+            Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
             // Stopped as the server stops: nothing is known; the device comes up on its own
             // version and tries at a later activation.
-            Err(f) if matches!(f.error, Error::ShuttingDown) => Ok(None),
+            Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::ShuttingDown) => {
+                Ok(LazyUpgrade::Stay)
+            }
+            Err(NotBroughtUp::NoTurn) => {
+                tracing::info!(device = %self.head.id, from = number(from), to = number(to), "upgrade at activation put off: another device's fold of the version, which runs slow, holds its turn");
+                Ok(LazyUpgrade::PutOff(to))
+            }
+            Err(NotBroughtUp::GivenUp(slow)) => {
+                let why = upgrade::given_up_text(number(to), slow, self.slow_failure());
+                tracing::warn!(device = %self.head.id, from = number(from), to = number(to), "{why}; it stays on its own version");
+                self.env
+                    .metrics
+                    .upgrades_not_tried
+                    .fetch_add(1, Ordering::Relaxed);
+                self.env.upgrade_failures.insert(self.head.num, to);
+                Ok(LazyUpgrade::Stay)
+            }
             Ok((rebuilt, _)) => {
                 self.writer.append_rebind(&want, clock::now_ms());
-                let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
                 tracing::info!(device = %self.head.id, from = number(from), to = number(to), seq = want.seq, "upgraded at activation");
                 self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                 self.head = want;
                 self.activity.version.store(to, Ordering::Relaxed);
-                Ok(Some(rebuilt))
+                Ok(LazyUpgrade::Upgraded(Box::new(rebuilt)))
             }
-            Err(f) => {
-                let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
+            Err(NotBroughtUp::Failed(f)) => {
                 tracing::warn!(
                     device = %self.head.id,
                     from = number(from),
@@ -1362,7 +1453,7 @@ impl Actor {
                     .upgrade_failures
                     .fetch_add(1, Ordering::Relaxed);
                 self.env.upgrade_failures.insert(self.head.num, to);
-                Ok(None)
+                Ok(LazyUpgrade::Stay)
             }
         }
     }
@@ -1431,31 +1522,37 @@ impl Actor {
         }
         want.version = to;
         match self.bring_up(&want, from).await {
-            // Nothing is known about the version: the device stays as it is (not remembered
-            // as a failure) and tries again later, live (`Live::upgrade_retry`), or moves at
-            // its next activation.
-            Err(f) if matches!(f.error, Error::Overloaded(_)) => {
-                report.error = Some(format!(
-                    "{}; tried again, live, a few times over the next minute and a half \
-                     (first about {} s from now), else at its next activation",
-                    f.error,
-                    INTERNAL_RETRY.as_secs()
-                ));
-                tracing::warn!(device = %self.head.id, error = %f.error, "upgrade put off: the server is overloaded");
-                if let Some(live) = self.live.as_mut() {
-                    live.upgrade_retry = Some(UpgradeRetry {
-                        due: Instant::now() + INTERNAL_RETRY.mul_f64(0.75 + 0.5 * clock::jitter()),
-                        to,
-                        tries: 0,
-                    });
-                }
+            Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::Overloaded(_)) => {
+                self.put_off_upgrade(&mut report, to, f.error.to_string());
             }
-            Err(f) if matches!(f.error, Error::ShuttingDown) => {
+            Err(NotBroughtUp::NoTurn) => {
+                let why = format!(
+                    "put off: another device's fold of version {}, which runs slow, held its \
+                     turn over {} ms",
+                    number(to),
+                    self.slow_failure().as_millis()
+                );
+                self.put_off_upgrade(&mut report, to, why);
+            }
+            Err(NotBroughtUp::GivenUp(slow)) => {
+                report.outcome = UpgradeOutcome::Failed;
+                report.error = Some(upgrade::given_up_text(
+                    number(to),
+                    slow,
+                    self.slow_failure(),
+                ));
+                self.env.upgrade_failures.insert(self.head.num, to);
+                self.env
+                    .metrics
+                    .upgrades_not_tried
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::ShuttingDown) => {
                 report.error = Some(
                     "stopped: the server is shutting down; it moves at its next activation".into(),
                 );
             }
-            Err(f) => {
+            Err(NotBroughtUp::Failed(f)) => {
                 report.outcome = UpgradeOutcome::Failed;
                 report.failed_seq = f.seq;
                 report.error = Some(upgrade::failure_text(&f.error));
@@ -1489,6 +1586,25 @@ impl Actor {
             }
         }
         report
+    }
+
+    /// A live upgrade to `to` that could not be tried now, for `why`: nothing is known about
+    /// the version, so the device stays as it is (not remembered as a failure) and tries again
+    /// later, live (`Live::upgrade_retry`), or moves at its next activation.
+    fn put_off_upgrade(&mut self, report: &mut DeviceUpgrade, to: u32, why: String) {
+        tracing::warn!(device = %self.head.id, error = %why, "upgrade put off");
+        report.error = Some(format!(
+            "{why}; tried again, live, a few times over the next minute and a half (first \
+             about {} s from now), else at its next activation",
+            INTERNAL_RETRY.as_secs()
+        ));
+        if let Some(live) = self.live.as_mut() {
+            live.upgrade_retry = Some(UpgradeRetry {
+                due: Instant::now() + INTERNAL_RETRY.mul_f64(0.75 + 0.5 * clock::jitter()),
+                to,
+                tries: 0,
+            });
+        }
     }
 
     /// Tries again a live upgrade that was put off (see `Live::upgrade_retry`), to the version

@@ -41,23 +41,11 @@ use crate::error::ErrorKind;
 use crate::journal::{DeviceHead, VersionInfo};
 use crate::registry::Origin;
 use crate::runtime::Runtime;
-use crate::upgrade::{self, DeviceUpgrade, UpgradeOutcome};
+use crate::upgrade::{self, DeviceUpgrade, SLOW_FAILURE, UpgradeOutcome};
 use std::sync::Arc;
 
 /// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
 const UPGRADES_PER_THREAD: usize = 8;
-
-/// How many live devices' folds of the new version may fail after running at least
-/// [`SLOW_FAILURE`] before a deploy folds no more of them (see `Runtime::deploy_inner`, step
-/// 3): the rest move at their next activation, if they can.
-pub const SLOW_FAILURES_BEFORE_STOPPING: usize = 3;
-
-/// How long a failed fold must have held its device for it to count toward
-/// [`SLOW_FAILURES_BEFORE_STOPPING`] (or half the activation budget, if less): a version that
-/// traps fails in milliseconds and costs little to try on every device; one that spins fails
-/// only at the end of the activation budget (5 s by default), per device, while the device's
-/// events wait.
-pub const SLOW_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Devices a deploy dry-runs before it changes anything.
 pub const SAMPLE: usize = 16;
@@ -483,17 +471,18 @@ impl Runtime {
         let (from_number, to_number) = (current.number, target.number);
         // A version that spins in its fold fails each live device only when the device's
         // activation budget runs out, while the device's events wait; on the slow lane, where
-        // such a version runs, one device after the other. Past a few such failures the rest
-        // are left to their next activation instead of each paying it now.
+        // such a version runs, one device after the other. Past a few such failures in a row
+        // the version is given up (`upgrade::SlowFolds`, counted by the actors' folds): the
+        // rest are not tried, now or at their activation, instead of each paying it.
         // And once the version shows slow (or ran out of time in the checks above), its folds
         // go to the one slow-lane thread, where several at once only take turns, each holding
         // its device's events all the while: one at a time then, the rest waiting here with
         // their mailboxes open.
-        let slow_failures = std::sync::atomic::AtomicUsize::new(0);
         let slow_failure = SLOW_FAILURE.min(self.shared.config.engine.activation_timeout / 2);
         let slow_gate = tokio::sync::Semaphore::new(1);
-        let (slow_failures, known_unfoldable, slow_gate) =
-            (&slow_failures, &known_unfoldable, &slow_gate);
+        // The live devices the given-up version was not tried on.
+        let not_tried = parking_lot::Mutex::new(Vec::new());
+        let (known_unfoldable, slow_gate, not_tried) = (&known_unfoldable, &slow_gate, &not_tried);
         let mut devices: Vec<DeviceUpgrade> = futures::stream::iter(live)
             .map(|(id, tx)| async move {
                 let line = |outcome: UpgradeOutcome, error: String| {
@@ -527,17 +516,14 @@ impl Runtime {
                             .into(),
                     );
                 }
-                let slow = slow_failures.load(std::sync::atomic::Ordering::Relaxed);
-                if slow >= SLOW_FAILURES_BEFORE_STOPPING {
+                if let Some(slow) = self.shared.router.upgrade_given_up(target_id) {
+                    // Recorded as failed below, all at once.
+                    if let Some(h) = self.shared.journal.device(&id) {
+                        not_tried.lock().push(h.num);
+                    }
                     return line(
-                        UpgradeOutcome::Lazy,
-                        format!(
-                            "not tried: version {to_number} failed to fold {slow} devices of \
-                             this deploy after running over {} ms each, so no more are folded \
-                             now; it moves at its next activation if version {to_number} can \
-                             fold its history",
-                            slow_failure.as_millis()
-                        ),
+                        UpgradeOutcome::Failed,
+                        upgrade::given_up_text(to_number, slow, slow_failure),
                     );
                 }
                 let (reply, rx) = oneshot::channel();
@@ -550,19 +536,21 @@ impl Runtime {
                     Ok(()) => rx.await.ok(),
                     Err(_) => None,
                 };
-                let report =
-                    report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, from_number, to_number, 0));
-                if report.outcome == UpgradeOutcome::Failed
-                    && report.pause_us >= slow_failure.as_micros() as u64
-                {
-                    slow_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                report
+                report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, from_number, to_number, 0))
             })
             .buffer_unordered(in_parallel)
             .collect()
             .await;
         devices.sort_by(|a, b| a.device.cmp(&b.device));
+        // Those the given-up version was not tried on stay on their version as if it had
+        // failed on them, activations included, until it is deployed again.
+        let not_tried = std::mem::take(&mut *not_tried.lock());
+        self.shared
+            .router
+            .note_upgrades_not_tried(not_tried.len() as u64);
+        self.shared
+            .router
+            .note_upgrades_failed(not_tried, target_id);
         // The new bindings were queued without waiting; the report speaks of durable ones.
         self.shared.journal.barrier().await?;
         for d in devices

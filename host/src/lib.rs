@@ -72,15 +72,13 @@ pub mod view;
 
 pub use builder::RuntimeBuilder;
 pub use config::Config;
-pub use deploy::{
-    DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE,
-    SLOW_FAILURES_BEFORE_STOPPING, Selection,
-};
+pub use deploy::{DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE, Selection};
 pub use error::{Error, ErrorKind};
 pub use outbox_api::MAX_COMMAND_WAIT;
 pub use registry::PluginVersion;
 pub use removal::Removal;
 pub use runtime::Runtime;
+pub use upgrade::SLOW_FAILURES_BEFORE_STOPPING;
 pub use view::{
     CommandView, Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView,
     JournalEntry, JournalPage, PendingUpgrade, TimerView,

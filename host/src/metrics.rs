@@ -41,6 +41,10 @@ pub struct Metrics {
     pub upgrades: AtomicU64,
     /// Devices that could not be brought up on a new version and stayed on their old one.
     pub upgrade_failures: AtomicU64,
+    /// Devices a version was not tried on, given up after failing slowly on several devices
+    /// in a row (see `SLOW_FAILURES_BEFORE_STOPPING`); each stays on its own version,
+    /// recorded as failed on that one.
+    pub upgrades_not_tried: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
     /// Messages put into other devices' mailboxes, redeliveries included (see
@@ -233,6 +237,12 @@ impl Metrics {
             "drover_upgrade_failures_total",
             "Devices that could not be brought up on a new plugin version and stayed on their old one.",
             &self.upgrade_failures,
+        );
+        counter(
+            &mut out,
+            "drover_upgrades_not_tried_total",
+            "Devices a plugin version was not tried on, given up after failing slowly on several devices in a row; each stays on its old version.",
+            &self.upgrades_not_tried,
         );
         let _ = writeln!(
             out,

@@ -86,9 +86,25 @@ impl Router {
         self.env.upgrades_stopped.load(Ordering::Acquire)
     }
 
-    /// Forgets which devices version `to` could not bring up: a deploy of it checks afresh.
+    /// Forgets which devices version `to` could not bring up, and that it was given up after
+    /// slow failures (see `upgrade::SlowFolds`): a deploy of it checks afresh.
     pub fn forget_upgrade_failures(&self, to: u32) {
         self.env.upgrade_failures.forget_version(to);
+        self.env.slow_folds.forget(to);
+    }
+
+    /// How many folds of version `to` failed slowly in a row, if so many that it is tried on
+    /// no more devices (see `upgrade::SlowFolds`).
+    pub fn upgrade_given_up(&self, to: u32) -> Option<usize> {
+        self.env.slow_folds.given_up(to)
+    }
+
+    /// Counts devices a given-up version was not tried on (see `Router::upgrade_given_up`).
+    pub fn note_upgrades_not_tried(&self, devices: u64) {
+        self.env
+            .metrics
+            .upgrades_not_tried
+            .fetch_add(devices, Ordering::Relaxed);
     }
 
     /// A router whose actors get `env` (with its directory pointed back at this router).

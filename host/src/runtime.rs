@@ -146,6 +146,7 @@ impl Runtime {
             pool: handle.clone(),
             slow_lane: pool.slow_lane(),
             upgrade_failures: crate::upgrade::FailedUpgrades::open(&data_dir.join("plugins")),
+            slow_folds: Default::default(),
             snapshots_off: Default::default(),
             upgrades_stopped: Default::default(),
             dispatch,

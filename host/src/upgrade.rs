@@ -298,3 +298,120 @@ impl FailedUpgrades {
         }
     }
 }
+
+/// How many folds of one version may fail in a row, each after running at least
+/// [`SLOW_FAILURE`], before that version is tried on no more devices (see [`SlowFolds`]): not
+/// by the deploy under way (the rest of its live devices are listed failed, `not tried`),
+/// nor at later activations, until a deploy of it again.
+pub const SLOW_FAILURES_BEFORE_STOPPING: usize = 3;
+
+/// How long a failed fold must have run for it to count toward
+/// [`SLOW_FAILURES_BEFORE_STOPPING`] (or half the activation budget, if less), and how long a
+/// device waits for its turn to fold a version that runs slow (see [`SlowFolds`]). A version
+/// that traps fails in milliseconds and costs little to try on every device; one that spins
+/// fails only at the end of the activation budget (5 s by default) per device, while the
+/// device's events wait.
+pub const SLOW_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Folds of plugin versions that run slow, across the fleet: one device at a time per
+/// version, and none after [`SLOW_FAILURES_BEFORE_STOPPING`] slow failures in a row.
+///
+/// A version whose fold spins fails a device only when the device's activation budget runs
+/// out (counted in CPU time, 5 s by default), and such folds run on the slow lane, where
+/// several at once only take turns. So devices left behind by a forced deploy of such a
+/// version, activating together (after a restart, say), each waited for all of their folds:
+/// 20 of them, about 100 s each, for their first event. Now a fold of a version that runs
+/// slow takes the version's turn; a device that cannot have it within [`SLOW_FAILURE`] (or
+/// half the activation budget) comes up on its own version and answers its event, its
+/// upgrade put off and tried again later, as a live upgrade put off for overload is. And once
+/// [`SLOW_FAILURES_BEFORE_STOPPING`] folds in a row failed after running that long, the
+/// version is tried on no more devices: each is recorded as failed on it
+/// ([`FailedUpgrades`]), as if its own fold had failed, until a deploy of the version again,
+/// which forgets this (a fold that succeeds resets the count).
+///
+/// In memory only: after a restart a version that spins costs at most that many more slow
+/// folds, one at a time, before it is given up again (each device it failed or was given up
+/// on is in [`FailedUpgrades`], which is kept).
+#[derive(Default)]
+pub(crate) struct SlowFolds {
+    versions: parking_lot::Mutex<std::collections::HashMap<u32, std::sync::Arc<VersionFolds>>>,
+}
+
+/// One version's turn and count of slow failures (see [`SlowFolds`]).
+pub(crate) struct VersionFolds {
+    turn: tokio::sync::Semaphore,
+    slow_in_a_row: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowFolds {
+    /// Version `version`'s turn and count.
+    pub(crate) fn of(&self, version: u32) -> std::sync::Arc<VersionFolds> {
+        self.versions
+            .lock()
+            .entry(version)
+            .or_insert_with(|| {
+                std::sync::Arc::new(VersionFolds {
+                    turn: tokio::sync::Semaphore::new(1),
+                    slow_in_a_row: Default::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Forgets what folds of `version` showed: a deploy of it tries afresh.
+    pub(crate) fn forget(&self, version: u32) {
+        self.versions.lock().remove(&version);
+    }
+
+    /// How many folds of `version` failed slowly in a row, if that many that it is given up.
+    pub(crate) fn given_up(&self, version: u32) -> Option<usize> {
+        let folds = self.versions.lock().get(&version).cloned()?;
+        folds.given_up()
+    }
+}
+
+impl VersionFolds {
+    /// Waits up to `wait` for this version's turn to fold; `None` if it did not come.
+    pub(crate) async fn turn(
+        &self,
+        wait: std::time::Duration,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout(wait, self.turn.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// Records how a fold ended: a success resets the count, a failure after running at least
+    /// the slow-failure time adds to it, a quick failure leaves it.
+    pub(crate) fn note(&self, succeeded: bool, failed_slowly: bool) {
+        use std::sync::atomic::Ordering;
+        if succeeded {
+            self.slow_in_a_row.store(0, Ordering::Relaxed);
+        } else if failed_slowly {
+            self.slow_in_a_row.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The count of slow failures in a row, once it reached
+    /// [`SLOW_FAILURES_BEFORE_STOPPING`].
+    pub(crate) fn given_up(&self) -> Option<usize> {
+        let n = self
+            .slow_in_a_row
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (n >= SLOW_FAILURES_BEFORE_STOPPING).then_some(n)
+    }
+}
+
+/// Why a version given up (see [`SlowFolds`]) was not tried on a device.
+pub(crate) fn given_up_text(
+    to_number: u32,
+    slow: usize,
+    slow_failure: std::time::Duration,
+) -> String {
+    format!(
+        "not tried: version {to_number} failed to fold {slow} devices in a row after running \
+         over {} ms each, so it is tried on no more devices until it is deployed again",
+        slow_failure.as_millis()
+    )
+}

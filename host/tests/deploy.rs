@@ -396,8 +396,8 @@ fn spawn_forced_deploy(
 /// A forced deploy of a version whose fold spins does not spend the activation budget on
 /// every live device in turn (each device's events waiting all the while): devices the
 /// sample or the fold check already found unable to fold are not folded again, and past a
-/// few slow failures the rest are left to their next activation. Nothing moves, nothing is
-/// lost, and the devices keep working on their version.
+/// few slow failures in a row the version is tried on no more devices. Nothing moves,
+/// nothing is lost, and the devices keep working on their version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,7 +421,9 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
     let folded = report
         .devices
         .iter()
-        .filter(|d| d.outcome == UpgradeOutcome::Failed && !said(d, "found by"))
+        .filter(|d| {
+            d.outcome == UpgradeOutcome::Failed && !said(d, "found by") && !said(d, "not tried")
+        })
         .count();
     // The sample's 16 at least.
     assert!(known.len() >= 16, "{:?}", report.devices);
@@ -445,13 +447,13 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
         "{:?}",
         report.devices
     );
-    // Those not tried move at their next activation, so they are pending, not failed.
-    assert_eq!(report.totals.pending_lazy, not_tried, "{:?}", report.totals);
+    // Those not tried stay on their version as if it had failed on them: not tried at
+    // their activation either.
+    assert_eq!(report.totals.pending_lazy, 0, "{:?}", report.totals);
+    assert_eq!(report.totals.failed, DEVICES, "{:?}", report.totals);
     assert_eq!(
-        report.totals.failed,
-        known.len() + folded,
-        "{:?}",
-        report.totals
+        rt.metrics().upgrades_not_tried.load(Ordering::Relaxed),
+        not_tried as u64
     );
     for i in [0, DEVICES / 2, DEVICES - 1] {
         let id = format!("s-{i:02}");
@@ -460,6 +462,96 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
         assert_eq!(count(&rt, &id).await, 6, "{id}");
         assert_live_equals_full_replay(&rt, dir.path(), &id).await;
     }
+    rt.shutdown().await;
+}
+
+/// Devices behind on a version whose fold spins, activating together, do not wait for each
+/// other's folds: they fold it one at a time, a device whose turn does not come soon comes up
+/// on its own version and answers its event, and after three slow failures in a row the
+/// version is tried on no more devices. (They used to fold it all at once on the slow lane,
+/// taking turns at its thread: 20 devices' first events each waited for all 20 folds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .activation_timeout(Duration::from_millis(300))
+        .idle_timeout(Duration::from_millis(100))
+        .mailbox_capacity(4096)
+        .open()
+        .await
+        .expect("runtime opens");
+    let sends = (0..DEVICES).map(|i| {
+        let rt = rt.clone();
+        async move {
+            let id = format!("s-{i:02}");
+            rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+            for _ in 0..5 {
+                rt.send(&id, OK).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+    until_passivated(&rt).await;
+    let (v4, _) = support::upload_misbehave(&rt, support::misbehave_variant("v4")).await;
+    // The checks fold a part of the passivated fleet (each fold spins for its whole budget);
+    // the rest are left to their activation.
+    let report = rt.deploy("misbehave", v4.version, true).await.unwrap();
+    assert_eq!(report.totals.live, 0, "{:?}", report.totals);
+    let pending = |failed| {
+        Some(drover::PendingUpgrade {
+            to: v4.version,
+            failed,
+        })
+    };
+    let upgrade = |id: &str| rt.summary(id).and_then(|d| d.upgrade);
+    let behind: Vec<String> = (0..DEVICES)
+        .map(|i| format!("s-{i:02}"))
+        .filter(|id| upgrade(id) == pending(false))
+        .collect();
+    assert!(behind.len() >= 24, "{:?}", report.totals);
+    let (burst, later) = behind.split_at(20);
+
+    let failures = || rt.metrics().upgrade_failures.load(Ordering::Relaxed);
+    let not_tried = || rt.metrics().upgrades_not_tried.load(Ordering::Relaxed);
+    let before = failures();
+    let started = std::time::Instant::now();
+    let answered = futures::future::join_all(burst.iter().map(|id| {
+        let rt = rt.clone();
+        async move { rt.send(id, OK).await }
+    }))
+    .await;
+    eprintln!("20 first events answered in {:?}", started.elapsed());
+    for (id, r) in burst.iter().zip(&answered) {
+        assert!(r.is_ok(), "{id}: {r:?}");
+        assert_eq!(version(&rt, id), 1, "{id}");
+    }
+    let slow = drover::SLOW_FAILURES_BEFORE_STOPPING as u64;
+    assert!(
+        failures() - before <= slow,
+        "{} folds of the version ran",
+        failures() - before
+    );
+
+    // Their next activations try it again, one at a time, until it is given up.
+    until_passivated(&rt).await;
+    for id in burst {
+        rt.send(id, OK).await.expect("handled on its own version");
+        assert_eq!(version(&rt, id), 1, "{id}");
+    }
+    assert_eq!(failures() - before, slow, "three slow failures, no more");
+    assert!(
+        burst.iter().all(|id| upgrade(id) == pending(true)),
+        "every device stays on its version, recorded as failed"
+    );
+    assert_eq!(not_tried(), burst.len() as u64 - slow);
+    // Given up for the devices that have not activated since, too.
+    rt.send(&later[0], OK).await.expect("handled");
+    assert_eq!(upgrade(&later[0]), pending(true));
+    assert_eq!(failures() - before, slow);
+    assert_eq!(not_tried(), burst.len() as u64 - slow + 1);
+    assert_eq!(count(&rt, &later[0]).await, 6);
+    assert_live_equals_full_replay(&rt, dir.path(), &later[0]).await;
     rt.shutdown().await;
 }
 

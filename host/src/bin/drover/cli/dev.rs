@@ -510,8 +510,8 @@ impl Dev {
                     .is_some_and(|d| d["upgrade"]["failed"] == true);
                 if failed {
                     println!(
-                        "  {id}: stays on v{} (v{version} cannot bring it up; not tried again \
-                         until a deploy)",
+                        "  {id}: stays on v{} (v{version} could not bring it up, or was given up \
+                         after slow failures; not tried again until a deploy)",
                         runs.unwrap_or(0)
                     );
                 } else {

@@ -348,12 +348,18 @@ pub fn print_deploy(r: &Value) {
                 .as_u64()
                 .map(|s| format!(", failing at seq {s}"))
                 .unwrap_or_default();
+            let error = d["error"].as_str().unwrap_or("");
+            // A version given up after slow failures elsewhere was never run on this one.
+            let why = if error.starts_with("not tried") {
+                "was not tried on it".to_string()
+            } else {
+                format!("cannot bring it up{at}")
+            };
             println!(
-                "  {} stays on v{} (v{} cannot bring it up{at}): {}",
+                "  {} stays on v{} (v{} {why}): {error}",
                 d["device"].as_str().unwrap_or("?"),
                 d["from"],
                 d["to"],
-                d["error"].as_str().unwrap_or("")
             );
         }
     }
