@@ -1409,9 +1409,13 @@ impl Actor {
         want.version = to;
         let number = |id: u32| self.env.registry.version(id).map_or(0, |v| v.number);
         match self.bring_up(&want, from).await {
-            // The server lacked a core or memory: nothing is known about the version. This
-            // activation fails as overloaded (retry), the next one tries again.
-            Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
+            // The server lacked a core or memory: nothing is known about the version. The
+            // device comes up on its own version (if the server has what that takes) and
+            // answers; the upgrade is put off.
+            Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::Overloaded(_)) => {
+                tracing::info!(device = %self.head.id, from = number(from), to = number(to), error = %f.error, "upgrade at activation put off");
+                Ok(LazyUpgrade::PutOff(to))
+            }
             // Stopped as the server stops: nothing is known; the device comes up on its own
             // version and tries at a later activation.
             Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::ShuttingDown) => {

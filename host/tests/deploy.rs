@@ -425,8 +425,20 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
             d.outcome == UpgradeOutcome::Failed && !said(d, "found by") && !said(d, "not tried")
         })
         .count();
-    // The sample's 16 at least.
-    assert!(known.len() >= 16, "{:?}", report.devices);
+    // Put off: the server lacked a core for the fold (a busy test machine), nothing known.
+    let put_off = report
+        .devices
+        .iter()
+        .filter(|d| d.outcome == UpgradeOutcome::Lazy && said(d, "tried again"))
+        .count();
+    // The sample's 16 at least, but those whose dry-run lacked a core.
+    let unchecked = report
+        .sample
+        .devices
+        .iter()
+        .filter(|d| d.overloaded)
+        .count();
+    assert!(known.len() + unchecked >= 16, "{:?}", report.devices);
     assert!(
         known
             .iter()
@@ -435,22 +447,24 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
     );
     // The sample saw the version run out of time: one device at a time, and none after
     // three slow failures.
-    assert!(not_tried >= 1, "{:?}", report.devices);
-    assert!(
-        folded <= drover::SLOW_FAILURES_BEFORE_STOPPING,
-        "{folded} folded: {:?}",
-        report.devices
-    );
+    let slow = drover::SLOW_FAILURES_BEFORE_STOPPING;
+    assert!(folded <= slow, "{folded} folded: {:?}", report.devices);
+    assert!(not_tried >= 1 || folded < slow, "{:?}", report.devices);
     assert_eq!(
-        known.len() + not_tried + folded,
+        known.len() + not_tried + folded + put_off,
         DEVICES,
         "{:?}",
         report.devices
     );
     // Those not tried stay on their version as if it had failed on them: not tried at
     // their activation either.
-    assert_eq!(report.totals.pending_lazy, 0, "{:?}", report.totals);
-    assert_eq!(report.totals.failed, DEVICES, "{:?}", report.totals);
+    assert_eq!(report.totals.pending_lazy, put_off, "{:?}", report.totals);
+    assert_eq!(
+        report.totals.failed,
+        DEVICES - put_off,
+        "{:?}",
+        report.totals
+    );
     assert_eq!(
         rt.metrics().upgrades_not_tried.load(Ordering::Relaxed),
         not_tried as u64
@@ -533,11 +547,21 @@ async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_ti
         failures() - before
     );
 
-    // Their next activations try it again, one at a time, until it is given up.
-    until_passivated(&rt).await;
-    for id in burst {
-        rt.send(id, OK).await.expect("handled on its own version");
-        assert_eq!(version(&rt, id), 1, "{id}");
+    // Their next activations try it again, one at a time, until it is given up. (A fold the
+    // server lacked a core for, on a busy machine, says nothing and is put off again.)
+    for _round in 0..5 {
+        let left: Vec<&String> = burst
+            .iter()
+            .filter(|id| upgrade(id) == pending(false))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        until_passivated(&rt).await;
+        for id in left {
+            rt.send(id, OK).await.expect("handled on its own version");
+            assert_eq!(version(&rt, id), 1, "{id}");
+        }
     }
     assert_eq!(failures() - before, slow, "three slow failures, no more");
     assert!(
@@ -551,6 +575,9 @@ async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_ti
     assert_eq!(failures() - before, slow);
     assert_eq!(not_tried(), burst.len() as u64 - slow + 1);
     assert_eq!(count(&rt, &later[0]).await, 6);
+    for id in burst {
+        assert!(count(&rt, id).await >= 7, "{id}: no event lost");
+    }
     assert_live_equals_full_replay(&rt, dir.path(), &later[0]).await;
     rt.shutdown().await;
 }
