@@ -1598,8 +1598,8 @@ impl Actor {
     fn put_off_upgrade(&mut self, report: &mut DeviceUpgrade, to: u32, why: String) {
         tracing::warn!(device = %self.head.id, error = %why, "upgrade put off");
         report.error = Some(format!(
-            "{why}; tried again, live, a few times over the next minute and a half (first \
-             about {} s from now), else at its next activation",
+            "{why}; tried again, live, before its first message once about {} s have passed \
+             (then 10, 20 and 40 s after each further put-off), else at its next activation",
             INTERNAL_RETRY.as_secs()
         ));
         if let Some(live) = self.live.as_mut() {

@@ -93,6 +93,11 @@ pub struct DeployTotals {
     /// if it can fold their history (else they stay on theirs, with a warning in the log and
     /// `drover_upgrade_failures_total`).
     pub pending_lazy: usize,
+    /// Other devices not live now, behind on the new version, which was given up after
+    /// failing slowly on several devices in a row (`SLOW_FAILURES_BEFORE_STOPPING`): they stay
+    /// on theirs, not tried at their activation either, until a deploy of it again (live
+    /// ones so left are in `failed`, `not tried`).
+    pub not_tried: usize,
     /// Devices outside the sample whose history the new version was checked to fold before
     /// anything changed, as their activation will (those it could not fold are in
     /// `cannot_fold`, or `failed` if live): all of them unless the check ran out of its time
@@ -426,7 +431,14 @@ impl Runtime {
             Default::default();
         // What earlier deploys of this version found is replaced by what this one found (a
         // larger budget, or a fixed journal, may let devices through now).
-        self.shared.router.forget_upgrade_failures(target.id);
+        // And what versions of the plugin no longer current found is of no more use (a
+        // deploy or rollback to one forgets it again first).
+        let reg = registry.clone();
+        let plugin_name = plugin.to_string();
+        self.shared.router.forget_upgrade_failures(move |v| {
+            reg.version(v)
+                .is_some_and(|info| info.plugin == plugin_name)
+        });
         let mut failed_nums = Vec::new();
         for id in &cannot_fold {
             if let Some(h) = self.shared.journal.device(id)
@@ -450,6 +462,10 @@ impl Runtime {
             }
             cannot_fold.insert(id);
         }
+        self.shared.metrics.upgrade_failures.fetch_add(
+            failed_nums.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.shared
             .router
             .note_upgrades_failed(failed_nums, target.id);
@@ -485,9 +501,19 @@ impl Runtime {
         let (known_unfoldable, slow_gate, not_tried) = (&known_unfoldable, &slow_gate, &not_tried);
         let mut devices: Vec<DeviceUpgrade> = futures::stream::iter(live)
             .map(|(id, tx)| async move {
+                // The version the device runs (a deploy of the current version again finds
+                // devices left behind on older ones), and its seq.
+                let now = || {
+                    let head = self.shared.journal.device(&id);
+                    let from = head
+                        .as_ref()
+                        .and_then(|h| registry.version(h.version))
+                        .map_or(from_number, |v| v.number);
+                    (from, head.map_or(0, |h| h.seq))
+                };
                 let line = |outcome: UpgradeOutcome, error: String| {
-                    let seq = self.shared.journal.device(&id).map_or(0, |h| h.seq);
-                    let mut line = DeviceUpgrade::lazy(&id, from_number, to_number, seq);
+                    let (from, seq) = now();
+                    let mut line = DeviceUpgrade::lazy(&id, from, to_number, seq);
                     line.outcome = outcome;
                     line.error = Some(error);
                     line
@@ -536,7 +562,7 @@ impl Runtime {
                     Ok(()) => rx.await.ok(),
                     Err(_) => None,
                 };
-                report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, from_number, to_number, 0))
+                report.unwrap_or_else(|| DeviceUpgrade::lazy(&id, now().0, to_number, 0))
             })
             .buffer_unordered(in_parallel)
             .collect()
@@ -614,6 +640,7 @@ impl Runtime {
             .map(|d| (d.device.as_str(), d.outcome))
             .collect();
         let before: std::collections::HashSet<&str> = already.iter().map(|h| &*h.id).collect();
+        let given_up = self.shared.router.upgrade_given_up(target.id).is_some();
         for h in &all {
             match outcomes.get(&*h.id) {
                 Some(UpgradeOutcome::Upgraded) => totals.upgraded += 1,
@@ -629,6 +656,7 @@ impl Runtime {
                 Some(UpgradeOutcome::Lazy) | None if cannot_fold.contains(&*h.id) => {
                     totals.cannot_fold += 1;
                 }
+                Some(UpgradeOutcome::Lazy) | None if given_up => totals.not_tried += 1,
                 Some(UpgradeOutcome::Lazy) | None => totals.pending_lazy += 1,
             }
         }
@@ -702,25 +730,37 @@ impl Runtime {
                 cannot_fold: Vec::new(),
                 timed_out: 0,
             };
+            let activation = registry.engine().config().activation_timeout;
             for head in heads {
-                if started.elapsed() >= budget || router.upgrades_stopped() {
+                let left = budget.saturating_sub(started.elapsed());
+                if left.is_zero() || router.upgrades_stopped() {
                     break;
                 }
                 let want = DeviceHead {
                     version: target,
                     ..head.clone()
                 };
-                let folded = futures::executor::block_on(upgrade::bring_up(
+                // No more than the check has left (a version that spins would otherwise
+                // hold it a whole activation budget past its own).
+                let within = left.min(activation);
+                let folded = futures::executor::block_on(upgrade::bring_up_within(
                     &journal,
                     &registry,
                     &want,
                     head.version,
                     Preemption::None,
+                    within,
                 ));
                 match folded {
                     Ok(_) => check.checked += 1,
                     // Nothing proved either way: left to its activation.
                     Err(f) if f.error.kind() == ErrorKind::Overloaded => {}
+                    // Out of the check's time, not of the activation budget: nothing proved
+                    // (its activation has the whole budget), though the version runs long.
+                    Err(f) if f.timed_out && within < activation => {
+                        check.timed_out += 1;
+                        break;
+                    }
                     Err(f) => {
                         check.checked += 1;
                         check.timed_out += usize::from(f.timed_out);

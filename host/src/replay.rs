@@ -189,9 +189,24 @@ pub(crate) async fn rebuild_reporting_with(
     start: Start,
     preemption: Preemption,
 ) -> Result<Rebuilt, RebuildFailure> {
+    let budget = registry.engine().config().activation_timeout;
+    rebuild_reporting_within(journal, registry, device, upto, start, preemption, budget).await
+}
+
+/// [`rebuild_reporting_with`] within `budget` instead of the activation budget (plus the
+/// same allowance per transition folded).
+pub(crate) async fn rebuild_reporting_within(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+    preemption: Preemption,
+    budget: Duration,
+) -> Result<Rebuilt, RebuildFailure> {
     // One budget for the whole rebuild (restore, init, every replayed apply), not per call,
     // shared by the search for a trap below.
-    let mut budget = Budget::start(registry.engine().config().activation_timeout, preemption);
+    let mut budget = Budget::start(budget, preemption);
     let first = rebuild_from(journal, registry, device, upto, start, &mut budget, None).await;
     let rebuilt = match first {
         // A trap in a batch does not say which transition trapped. Replay is deterministic:

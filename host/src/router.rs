@@ -63,8 +63,10 @@ pub struct Router {
 impl Router {
     /// Whether bringing device number `num` up on version `to` failed (see
     /// `ActorEnv::upgrade_failures`): then nothing tries again until a deploy.
+    /// A version given up after slow failures (see `upgrade::SlowFolds`) counts as failed
+    /// for every device still behind on it: none of them is tried.
     pub fn upgrade_failed(&self, num: u32, to: u32) -> bool {
-        self.env.upgrade_failures.contains(num, to)
+        self.env.upgrade_failures.contains(num, to) || self.env.slow_folds.given_up(to).is_some()
     }
 
     /// Remembers that version `to` cannot bring these devices (numbers) up (a deploy's
@@ -86,11 +88,12 @@ impl Router {
         self.env.upgrades_stopped.load(Ordering::Acquire)
     }
 
-    /// Forgets which devices version `to` could not bring up, and that it was given up after
-    /// slow failures (see `upgrade::SlowFolds`): a deploy of it checks afresh.
-    pub fn forget_upgrade_failures(&self, to: u32) {
-        self.env.upgrade_failures.forget_version(to);
-        self.env.slow_folds.forget(to);
+    /// Forgets which devices the versions `versions` says could not bring up, and whether
+    /// they were given up after slow failures (see `upgrade::SlowFolds`): a deploy checks its
+    /// version afresh, and what versions no longer current failed is of no more use.
+    pub fn forget_upgrade_failures(&self, versions: impl Fn(u32) -> bool) {
+        self.env.upgrade_failures.forget_versions(&versions);
+        self.env.slow_folds.forget(versions);
     }
 
     /// How many folds of version `to` failed slowly in a row, if so many that it is tried on

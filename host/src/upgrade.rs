@@ -131,27 +131,43 @@ pub async fn bring_up(
     old_version: u32,
     preemption: Preemption,
 ) -> Result<(Rebuilt, Option<bool>), RebuildFailure> {
+    let budget = registry.engine().config().activation_timeout;
+    bring_up_within(journal, registry, want, old_version, preemption, budget).await
+}
+
+/// [`bring_up`] within `budget` rather than the activation budget (a deploy's fold check
+/// spends no more than what it has left).
+pub(crate) async fn bring_up_within(
+    journal: &Journal,
+    registry: &Registry,
+    want: &DeviceHead,
+    old_version: u32,
+    preemption: Preemption,
+    budget: std::time::Duration,
+) -> Result<(Rebuilt, Option<bool>), RebuildFailure> {
     // Only snapshots taken by `want.version` itself qualify (the rebuild filters by version).
     // When the history a replay needs was deleted by retention, the newest snapshot of the
     // old version is the only start left: used if the new version restores it.
-    let rebuilt = match replay::rebuild_reporting_with(
+    let rebuilt = match replay::rebuild_reporting_within(
         journal,
         registry,
         want,
         want.seq,
         Start::Snapshot,
         preemption,
+        budget,
     )
     .await
     {
         Err(RebuildFailure { error, .. }) if error.kind() == ErrorKind::RetainedAway => {
-            replay::rebuild_reporting_with(
+            replay::rebuild_reporting_within(
                 journal,
                 registry,
                 want,
                 want.seq,
                 Start::SnapshotOf(old_version),
                 preemption,
+                budget,
             )
             .await?
         }
@@ -270,12 +286,13 @@ impl FailedUpgrades {
         }
     }
 
-    /// Forgets every failure of version `to`: a deploy of it checks the devices afresh.
-    pub fn forget_version(&self, to: u32) {
+    /// Forgets every failure of the versions `versions` says: a deploy of one checks the
+    /// devices afresh.
+    pub fn forget_versions(&self, versions: impl Fn(u32) -> bool) {
         let removed = {
             let mut set = self.pairs.lock();
             let before = set.len();
-            set.retain(|&(_, v)| v != to);
+            set.retain(|&(_, v)| !versions(v));
             set.len() != before
         };
         if removed {
@@ -358,9 +375,9 @@ impl SlowFolds {
             .clone()
     }
 
-    /// Forgets what folds of `version` showed: a deploy of it tries afresh.
-    pub(crate) fn forget(&self, version: u32) {
-        self.versions.lock().remove(&version);
+    /// Forgets what folds of the versions `versions` says showed: a deploy tries afresh.
+    pub(crate) fn forget(&self, versions: impl Fn(u32) -> bool) {
+        self.versions.lock().retain(|&v, _| !versions(v));
     }
 
     /// How many folds of `version` failed slowly in a row, if that many that it is given up.

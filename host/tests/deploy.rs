@@ -138,6 +138,7 @@ async fn a_deploy_counts_every_device_once_even_those_that_activate_while_it_run
             + t.unchanged
             + t.cannot_fold
             + t.pending_lazy
+            + t.not_tried
             + t.upgraded_at_activation,
         t.devices,
         "every device counted once: {t:?}"
@@ -469,6 +470,20 @@ async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() 
         rt.metrics().upgrades_not_tried.load(Ordering::Relaxed),
         not_tried as u64
     );
+    // A deploy of the same version again tries afresh, and names each device's own version
+    // as the one it comes from (the plugin's current one is already the target).
+    let again = rt.deploy("misbehave", v4, true).await.unwrap();
+    assert_eq!(again.from, again.to);
+    assert_eq!(again.devices.len(), DEVICES, "{:?}", again.totals);
+    assert!(
+        again
+            .devices
+            .iter()
+            .all(|d| d.from == 1 && d.to == again.to),
+        "{:?}",
+        again.devices
+    );
+    assert_eq!(again.totals.upgraded, 0, "{:?}", again.totals);
     for i in [0, DEVICES / 2, DEVICES - 1] {
         let id = format!("s-{i:02}");
         assert_eq!(version(&rt, &id), 1, "{id}");
@@ -536,9 +551,12 @@ async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_ti
     }))
     .await;
     eprintln!("20 first events answered in {:?}", started.elapsed());
+    // Events each device handled, of those sent.
+    let mut sent: std::collections::HashMap<String, u64> = Default::default();
     for (id, r) in burst.iter().zip(&answered) {
         assert!(r.is_ok(), "{id}: {r:?}");
         assert_eq!(version(&rt, id), 1, "{id}");
+        sent.insert(id.clone(), 6);
     }
     let slow = drover::SLOW_FAILURES_BEFORE_STOPPING as u64;
     assert!(
@@ -561,6 +579,7 @@ async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_ti
         for id in left {
             rt.send(id, OK).await.expect("handled on its own version");
             assert_eq!(version(&rt, id), 1, "{id}");
+            *sent.entry(id.clone()).or_default() += 1;
         }
     }
     assert_eq!(failures() - before, slow, "three slow failures, no more");
@@ -569,16 +588,83 @@ async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_ti
         "every device stays on its version, recorded as failed"
     );
     assert_eq!(not_tried(), burst.len() as u64 - slow);
-    // Given up for the devices that have not activated since, too.
+    // Given up for the devices that have not activated since, too: they say so at once.
+    assert_eq!(upgrade(&later[1]), pending(true));
     rt.send(&later[0], OK).await.expect("handled");
     assert_eq!(upgrade(&later[0]), pending(true));
     assert_eq!(failures() - before, slow);
     assert_eq!(not_tried(), burst.len() as u64 - slow + 1);
     assert_eq!(count(&rt, &later[0]).await, 6);
     for id in burst {
-        assert!(count(&rt, id).await >= 7, "{id}: no event lost");
+        assert_eq!(count(&rt, id).await, sent[id], "{id}: no event lost");
     }
     assert_live_equals_full_replay(&rt, dir.path(), &later[0]).await;
+    rt.shutdown().await;
+}
+
+/// The deploy's fold check stays within its budget (`FOLD_CHECK_BUDGET`, 2 s): a fold of a
+/// version that spins started near its end gets only what is left, and one cut short so
+/// proves nothing (its device is left to its activation, not marked unable to fold). It
+/// used to get the whole activation budget and overrun the check by that much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fold_check_stays_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_millis(50))
+        .activation_timeout(Duration::from_millis(1500))
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime opens");
+    for i in 0..24 {
+        let id = format!("s-{i:02}");
+        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+        for _ in 0..5 {
+            rt.send(&id, OK).await.unwrap();
+        }
+    }
+    until_passivated(&rt).await;
+    let (v4, _) = support::upload_misbehave(&rt, support::misbehave_variant("v4")).await;
+    let report = rt.deploy("misbehave", v4.version, true).await.unwrap();
+    let sampled_unfoldable = report
+        .sample
+        .devices
+        .iter()
+        .filter(|d| !d.folds && !d.overloaded)
+        .count();
+    // The first fold outside the sample spins for its whole 1.5 s budget; the next gets what
+    // is left of the check's 2 s and is cut short.
+    assert!(report.totals.fold_checked <= 1, "{:?}", report.totals);
+    assert!(
+        report.totals.cannot_fold <= sampled_unfoldable + 1,
+        "{:?}",
+        report.totals
+    );
+    eprintln!(
+        "deploy {} ms, of which the sample {} ms",
+        report.elapsed_ms, report.sample.elapsed_ms
+    );
+    // Those left are tried at their activation, with the whole budget (and found unable).
+    let behind: Vec<String> = (0..24)
+        .map(|i| format!("s-{i:02}"))
+        .filter(|id| {
+            rt.summary(id)
+                .and_then(|d| d.upgrade)
+                .is_some_and(|u| !u.failed)
+        })
+        .collect();
+    assert!(!behind.is_empty());
+    rt.send(&behind[0], OK)
+        .await
+        .expect("handled on its own version");
+    assert_eq!(version(&rt, &behind[0]), 1);
+    assert_eq!(
+        rt.summary(&behind[0])
+            .and_then(|d| d.upgrade)
+            .map(|u| u.failed),
+        Some(true)
+    );
     rt.shutdown().await;
 }
 

@@ -145,7 +145,10 @@ pub fn state(args: StateArgs) -> anyhow::Result<ExitCode> {
                         format!("  (headed for v{to}, the current version)")
                     }
                     Some(Upgrade { to, failed: true }) => {
-                        format!("  (stays: could not be brought up on v{to}, the current version)")
+                        format!(
+                            "  (stays: v{to}, the current version, could not bring it up, or \
+                             was given up after failing slowly on other devices)"
+                        )
                     }
                     None => String::new(),
                 };

@@ -282,7 +282,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{} ({} ms)",
+        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{}{} ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -300,7 +300,15 @@ pub fn print_deploy(r: &Value) {
         match (n(&t["pending_lazy"]), n(&t["fold_checked"])) {
             (0, _) => String::new(),
             (_, 0) => " (none checked beforehand)".to_string(),
-            (_, k) => format!(" ({k} devices beyond the sample checked beforehand to fold it)"),
+            (_, 1) => " (1 device beyond the sample checked beforehand)".to_string(),
+            (_, k) => format!(" ({k} devices beyond the sample checked beforehand)"),
+        },
+        match n(&t["not_tried"]) {
+            0 => String::new(),
+            k => format!(
+                ", {k} passivated not tried (the version was given up after failing slowly; they \
+                 stay on theirs)"
+            ),
         },
         match n(&t["cannot_fold"]) {
             0 => String::new(),
