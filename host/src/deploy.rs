@@ -248,8 +248,13 @@ impl Runtime {
             call_timeout: self.shared.config.engine.call_timeout,
         };
         let (plugin, id) = (plugin.to_string(), candidate.id);
+        // A server that starts to stop does not wait for the rest of the sample: the deploy
+        // changes nothing then (see `deploy_inner`).
+        let router = self.shared.router.clone();
         let task = tokio::task::spawn_blocking(move || {
-            dry_run::run(&journal, &registry, &plugin, id, &heads, limits)
+            dry_run::run_until(&journal, &registry, &plugin, id, &heads, limits, || {
+                router.upgrades_stopped()
+            })
         });
         match task.await {
             Ok(report) => report,

@@ -451,9 +451,27 @@ pub fn run(
     heads: &[DeviceHead],
     limits: Limits,
 ) -> DryRunReport {
+    run_until(journal, registry, plugin, candidate, heads, limits, || {
+        false
+    })
+}
+
+/// [`run`], stopping before the next device once `stop` says so (a server that stops):
+/// the report then covers the devices dry-run so far. One device's dry-run is bounded by
+/// its budgets (a candidate that spins fails at its first call's), so a stop waits for one.
+pub fn run_until(
+    journal: &Journal,
+    registry: &Registry,
+    plugin: &str,
+    candidate: u32,
+    heads: &[DeviceHead],
+    limits: Limits,
+    stop: impl Fn() -> bool,
+) -> DryRunReport {
     let started = Instant::now();
     let devices: Vec<DeviceDryRun> = heads
         .iter()
+        .take_while(|_| !stop())
         .map(|h| device(journal, registry, h, candidate, limits))
         .collect();
     let elapsed = started.elapsed();

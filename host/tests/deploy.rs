@@ -728,9 +728,17 @@ async fn a_deploy_whose_checks_a_stop_overtakes_changes_nothing() {
     let deploy = spawn_forced_deploy(&rt, v4);
     // The sample alone takes 16 calls of 250 ms.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = std::time::Instant::now();
     rt.stop_upgrades();
     let err = deploy.await.unwrap().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ShuttingDown, "{err}");
+    // The sample stops before its next device (each fails within its 300 ms budget; the
+    // whole sample and fold check would take 5-7 s).
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "answered {took:?} after the stop"
+    );
     assert_eq!(rt.current_version("misbehave"), Some(1));
     rt.shutdown().await;
 }
