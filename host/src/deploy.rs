@@ -41,7 +41,9 @@ use crate::error::ErrorKind;
 use crate::journal::{DeviceHead, VersionInfo};
 use crate::registry::Origin;
 use crate::runtime::Runtime;
-use crate::upgrade::{self, DeviceUpgrade, SLOW_FAILURE, UpgradeOutcome};
+use crate::upgrade::{
+    self, DeviceUpgrade, SLOW_FAILURE, SLOW_FAILURES_BEFORE_STOPPING, UpgradeOutcome,
+};
 use std::sync::Arc;
 
 /// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
@@ -208,7 +210,7 @@ impl Runtime {
                 self.heads_of(plugin, &ids)?
             }
         };
-        Ok(self.sample(plugin, &candidate, heads).await)
+        Ok(self.sample(plugin, &candidate, heads, false).await)
     }
 
     /// The heads of devices `ids`, each checked to be a device of `plugin`.
@@ -234,12 +236,17 @@ impl Runtime {
             .collect()
     }
 
-    /// Runs a dry-run of `candidate` on `heads` on a blocking thread.
+    /// Runs a dry-run of `candidate` on `heads` on a blocking thread. A deploy's sample
+    /// (`deploying`) ends early once the last [`SLOW_FAILURES_BEFORE_STOPPING`] devices ran
+    /// out of time: each cost the candidate's whole budget, and what the deploy does next is
+    /// settled (refused, or, forced, its live folds go one at a time and stop after as many
+    /// slow failures). A dry-run asked for runs to its end.
     async fn sample(
         &self,
         plugin: &str,
         candidate: &VersionInfo,
         heads: Vec<DeviceHead>,
+        deploying: bool,
     ) -> DryRunReport {
         let journal = self.shared.journal.clone();
         let registry = self.shared.registry.clone();
@@ -252,8 +259,12 @@ impl Runtime {
         // changes nothing then (see `deploy_inner`).
         let router = self.shared.router.clone();
         let task = tokio::task::spawn_blocking(move || {
-            dry_run::run_until(&journal, &registry, &plugin, id, &heads, limits, || {
-                router.upgrades_stopped()
+            dry_run::run_until(&journal, &registry, &plugin, id, &heads, limits, |so_far| {
+                let spins = so_far.len() >= SLOW_FAILURES_BEFORE_STOPPING
+                    && so_far[so_far.len() - SLOW_FAILURES_BEFORE_STOPPING..]
+                        .iter()
+                        .all(|d| d.timed_out);
+                router.upgrades_stopped() || (deploying && spins)
             })
         });
         match task.await {
@@ -303,7 +314,7 @@ impl Runtime {
             .into_iter()
             .partition(|h| h.version == target.id);
         let sample = self
-            .sample(plugin, &target, spread(others.clone(), SAMPLE))
+            .sample(plugin, &target, spread(others.clone(), SAMPLE), true)
             .await;
         let overloaded = sample.devices.iter().filter(|d| d.overloaded).count();
         if overloaded > 0 && !force {

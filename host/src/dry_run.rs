@@ -451,14 +451,15 @@ pub fn run(
     heads: &[DeviceHead],
     limits: Limits,
 ) -> DryRunReport {
-    run_until(journal, registry, plugin, candidate, heads, limits, || {
+    run_until(journal, registry, plugin, candidate, heads, limits, |_| {
         false
     })
 }
 
-/// [`run`], stopping before the next device once `stop` says so (a server that stops):
-/// the report then covers the devices dry-run so far. One device's dry-run is bounded by
-/// its budgets (a candidate that spins fails at its first call's), so a stop waits for one.
+/// [`run`], stopping before the next device once `stop`, given the devices dry-run so far,
+/// says so (a server that stops, a candidate that spins): the report then covers those.
+/// One device's dry-run is bounded by its budgets (a candidate that spins fails at its
+/// first call's), so a stop waits for one.
 pub fn run_until(
     journal: &Journal,
     registry: &Registry,
@@ -466,14 +467,16 @@ pub fn run_until(
     candidate: u32,
     heads: &[DeviceHead],
     limits: Limits,
-    stop: impl Fn() -> bool,
+    stop: impl Fn(&[DeviceDryRun]) -> bool,
 ) -> DryRunReport {
     let started = Instant::now();
-    let devices: Vec<DeviceDryRun> = heads
-        .iter()
-        .take_while(|_| !stop())
-        .map(|h| device(journal, registry, h, candidate, limits))
-        .collect();
+    let mut devices: Vec<DeviceDryRun> = Vec::with_capacity(heads.len());
+    for h in heads {
+        if stop(&devices) {
+            break;
+        }
+        devices.push(device(journal, registry, h, candidate, limits));
+    }
     let elapsed = started.elapsed();
     let mut totals = DryRunTotals {
         devices: devices.len(),
