@@ -313,9 +313,9 @@ impl Runtime {
             .devices_of(plugin)
             .into_iter()
             .partition(|h| h.version == target.id);
-        let sample = self
-            .sample(plugin, &target, spread(others.clone(), SAMPLE), true)
-            .await;
+        let sampled = spread(others.clone(), SAMPLE);
+        let planned = sampled.len();
+        let sample = self.sample(plugin, &target, sampled, true).await;
         let overloaded = sample.devices.iter().filter(|d| d.overloaded).count();
         if overloaded > 0 && !force {
             // Not the candidate's fault, but nothing was proved about it either.
@@ -335,10 +335,30 @@ impl Runtime {
                 None => d.device.clone(),
             };
             let first = unfoldable[0];
+            // A sample cut short because the version spins says so, and what forcing it does.
+            let spins = if unfoldable.iter().any(|d| d.timed_out) {
+                format!(
+                    " It ran out of time{}: forced, it moves only the devices it folds in \
+                     time, and is given up after {SLOW_FAILURES_BEFORE_STOPPING} devices in \
+                     a row failed slowly.",
+                    if sample.devices.len() < planned {
+                        format!(
+                            " (the sample stopped after {} of {planned} devices, the last \
+                             {SLOW_FAILURES_BEFORE_STOPPING} out of time)",
+                            sample.devices.len()
+                        )
+                    } else {
+                        String::new()
+                    }
+                )
+            } else {
+                String::new()
+            };
             return Err(Error::DeployRefused(format!(
                 "version {} of `{plugin}` cannot fold the recorded transitions of {} of {} \
-                 sampled devices ({}); the first: {}. `drover plugin diff {plugin} {}` shows \
-                 each; force the deploy to move the others and leave these on their version",
+                 sampled devices ({}); the first: {}.{spins} `drover plugin diff {plugin} {}` \
+                 shows each; force the deploy to move the others and leave these on their \
+                 version",
                 target.number,
                 unfoldable.len(),
                 sample.devices.len(),

@@ -41,9 +41,11 @@ pub struct Metrics {
     pub upgrades: AtomicU64,
     /// Devices that could not be brought up on a new version and stayed on their old one.
     pub upgrade_failures: AtomicU64,
-    /// Devices a version was not tried on, given up after failing slowly on several devices
-    /// in a row (see `SLOW_FAILURES_BEFORE_STOPPING`); each stays on its own version,
-    /// recorded as failed on that one.
+    /// Devices a version was not tried on when their turn came (live in a deploy, or at an
+    /// activation), given up after failing slowly on several devices in a row (see
+    /// `SLOW_FAILURES_BEFORE_STOPPING`); each stays on its own version, recorded as failed on
+    /// that one. (A deploy's `totals.not_tried` counts the passivated devices instead, whose
+    /// turn has not come.)
     pub upgrades_not_tried: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
@@ -241,7 +243,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_upgrades_not_tried_total",
-            "Devices a plugin version was not tried on, given up after failing slowly on several devices in a row; each stays on its old version.",
+            "Devices a plugin version was not tried on when their turn came (live in a deploy, or at an activation), given up after failing slowly on several devices in a row; each stays on its old version.",
             &self.upgrades_not_tried,
         );
         let _ = writeln!(

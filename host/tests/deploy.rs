@@ -403,6 +403,21 @@ fn spawn_forced_deploy(
 async fn a_forced_deploy_of_a_version_that_spins_in_its_fold_stops_folding_it() {
     let dir = tempfile::tempdir().unwrap();
     let (rt, v4) = fleet_v4_cannot_fold(dir.path(), Duration::from_millis(200)).await;
+    // Unforced, it is refused once three sampled devices in a row ran out of time, saying
+    // so and what forcing it would do.
+    // (A sampled device the server lacked a core for, on a busy machine, refuses it as
+    // overloaded instead: nothing was proved.)
+    let refused = rt.deploy("misbehave", v4, false).await.unwrap_err();
+    let why = refused.to_string();
+    match refused.kind() {
+        ErrorKind::DeployRefused => assert!(
+            why.contains("ran out of time") && why.contains("given up after 3"),
+            "{why}"
+        ),
+        ErrorKind::Overloaded => {}
+        other => panic!("{other:?}: {why}"),
+    }
+    assert_eq!(rt.current_version("misbehave"), Some(1));
     let report = rt.deploy("misbehave", v4, true).await.unwrap();
     assert_eq!(report.devices.len(), DEVICES, "every device was live");
     assert_eq!(report.totals.upgraded, 0, "{:?}", report.totals);

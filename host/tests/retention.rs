@@ -333,6 +333,13 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
     assert!(rt.dead_letters("m-0").expect("dead letters").is_empty());
     assert_eq!(rt.dead_letters_retained_away("m-0").expect("count"), 1);
 
+    // Registered (compiled: a second or more in a debug build on a busy machine) before the
+    // events below, so that no device's idle timeout runs out between them and the deploy
+    // (a passivation snapshot would leave the dry-run nothing to compare).
+    let (v2, _) = rt
+        .register_plugin("misbehave", v2_component, drover::registry::Origin::Upload)
+        .await
+        .expect("v2");
     // Three more events on each device, after its last snapshot: the dry-run and the
     // upgrade fold them.
     for id in devices {
@@ -340,10 +347,6 @@ async fn a_deploy_after_retention_starts_each_device_from_its_old_versions_snaps
             rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
         }
     }
-    let (v2, _) = rt
-        .register_plugin("misbehave", v2_component, drover::registry::Origin::Upload)
-        .await
-        .expect("v2");
     let report = rt
         .deploy("misbehave", v2.version, false)
         .await
