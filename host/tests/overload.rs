@@ -422,8 +422,12 @@ async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
         .find(|d| d.device == "s")
         .expect("s was live");
     assert_eq!(s.outcome, drover::upgrade::UpgradeOutcome::Lazy, "{s:?}");
+    // Starved of cores, or of the version's turn (the probe's fold of the same slow version
+    // held it, starved too): put off either way, nothing known about the version.
     assert!(
-        s.error.as_deref().is_some_and(|e| e.contains("overloaded")),
+        s.error
+            .as_deref()
+            .is_some_and(|e| e.contains("overloaded") || e.contains("put off")),
         "{s:?}"
     );
     assert_eq!(report.totals.failed, 0, "{report:?}");
