@@ -1292,7 +1292,7 @@ impl Actor {
     /// How long a fold must have run for its failure to count toward giving its version up,
     /// and how long a device waits for a slow version's turn (see [`upgrade::SlowFolds`]).
     fn slow_failure(&self) -> Duration {
-        upgrade::SLOW_FAILURE.min(self.env.activation_timeout / 2)
+        upgrade::slow_failure(self.env.activation_timeout)
     }
 
     /// Folds the device's history into version `want.version` ([`upgrade::bring_up`]) where its
@@ -1428,11 +1428,7 @@ impl Actor {
             Err(NotBroughtUp::GivenUp(slow)) => {
                 let why = upgrade::given_up_text(number(to), slow, self.slow_failure());
                 tracing::warn!(device = %self.head.id, from = number(from), to = number(to), "{why}; it stays on its own version");
-                self.env
-                    .metrics
-                    .upgrades_not_tried
-                    .fetch_add(1, Ordering::Relaxed);
-                self.env.upgrade_failures.insert(self.head.num, to);
+                self.stays_behind(to, true);
                 Ok(LazyUpgrade::Stay)
             }
             Ok((rebuilt, _)) => {
@@ -1452,11 +1448,7 @@ impl Actor {
                     error = %f.error,
                     "cannot bring the device up on its plugin's current version; it stays on its own"
                 );
-                self.env
-                    .metrics
-                    .upgrade_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                self.env.upgrade_failures.insert(self.head.num, to);
+                self.stays_behind(to, false);
                 Ok(LazyUpgrade::Stay)
             }
         }
@@ -1545,11 +1537,7 @@ impl Actor {
                     slow,
                     self.slow_failure(),
                 ));
-                self.env.upgrade_failures.insert(self.head.num, to);
-                self.env
-                    .metrics
-                    .upgrades_not_tried
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stays_behind(to, true);
             }
             Err(NotBroughtUp::Failed(f)) if matches!(f.error, Error::ShuttingDown) => {
                 report.error = Some(
@@ -1560,11 +1548,7 @@ impl Actor {
                 report.outcome = UpgradeOutcome::Failed;
                 report.failed_seq = f.seq;
                 report.error = Some(upgrade::failure_text(&f.error));
-                self.env.upgrade_failures.insert(self.head.num, to);
-                self.env
-                    .metrics
-                    .upgrade_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.stays_behind(to, false);
             }
             Ok((rebuilt, snapshot_readable)) => {
                 report.path = Some(upgrade::path_of(&rebuilt));
@@ -1590,6 +1574,20 @@ impl Actor {
             }
         }
         report
+    }
+
+    /// Records that this device stays on its version rather than move to `to`, not tried
+    /// again until a deploy: `to` failed to bring it up, or was given up (`given_up`, see
+    /// [`upgrade::SlowFolds`]); each counted in its own metric.
+    fn stays_behind(&self, to: u32, given_up: bool) {
+        self.env.upgrade_failures.insert(self.head.num, to);
+        let metrics = &self.env.metrics;
+        let counter = if given_up {
+            &metrics.upgrades_not_tried
+        } else {
+            &metrics.upgrade_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A live upgrade to `to` that could not be tried now, for `why`: nothing is known about

@@ -41,9 +41,7 @@ use crate::error::ErrorKind;
 use crate::journal::{DeviceHead, VersionInfo};
 use crate::registry::Origin;
 use crate::runtime::Runtime;
-use crate::upgrade::{
-    self, DeviceUpgrade, SLOW_FAILURE, SLOW_FAILURES_BEFORE_STOPPING, UpgradeOutcome,
-};
+use crate::upgrade::{self, DeviceUpgrade, SLOW_FAILURES_BEFORE_STOPPING, UpgradeOutcome};
 use std::sync::Arc;
 
 /// Devices upgrading at once per actor thread (see `upgrade_parallelism`).
@@ -530,7 +528,7 @@ impl Runtime {
         // go to the one slow-lane thread, where several at once only take turns, each holding
         // its device's events all the while: one at a time then, the rest waiting here with
         // their mailboxes open.
-        let slow_failure = SLOW_FAILURE.min(self.shared.config.engine.activation_timeout / 2);
+        let slow_failure = upgrade::slow_failure(self.shared.config.engine.activation_timeout);
         let slow_gate = tokio::sync::Semaphore::new(1);
         // The live devices the given-up version was not tried on.
         let not_tried = parking_lot::Mutex::new(Vec::new());

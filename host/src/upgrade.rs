@@ -330,6 +330,11 @@ pub const SLOW_FAILURES_BEFORE_STOPPING: usize = 3;
 /// device's events wait.
 pub const SLOW_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// [`SLOW_FAILURE`], or half of `activation` (the activation budget) if that is less.
+pub(crate) fn slow_failure(activation: std::time::Duration) -> std::time::Duration {
+    SLOW_FAILURE.min(activation / 2)
+}
+
 /// Folds of plugin versions that run slow, across the fleet: one device at a time per
 /// version, and none after [`SLOW_FAILURES_BEFORE_STOPPING`] slow failures in a row.
 ///

@@ -357,6 +357,22 @@ async fn a_version_that_cannot_fold_some_histories_is_refused_then_partial_then_
     rt.shutdown().await;
 }
 
+/// Provisions misbehave devices `s-00` .. (`devices` of them), each sent 5 `ok` events (a
+/// count of 5, which misbehave's `v4` spins for ever folding).
+async fn counted_to_five(rt: &Runtime, devices: usize) {
+    let sends = (0..devices).map(|i| {
+        let rt = rt.clone();
+        async move {
+            let id = format!("s-{i:02}");
+            rt.provision(&id, "misbehave", &json!({})).await.unwrap();
+            for _ in 0..5 {
+                rt.send(&id, OK).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
 /// `DEVICES` live misbehave devices that each counted to 5, which misbehave's `v4` spins
 /// for ever folding, and `v4` uploaded (not deployed).
 async fn fleet_v4_cannot_fold(dir: &Path, activation: Duration) -> (Runtime, u32) {
@@ -368,17 +384,7 @@ async fn fleet_v4_cannot_fold(dir: &Path, activation: Duration) -> (Runtime, u32
         .open()
         .await
         .expect("runtime opens");
-    let sends = (0..DEVICES).map(|i| {
-        let rt = rt.clone();
-        async move {
-            let id = format!("s-{i:02}");
-            rt.provision(&id, "misbehave", &json!({})).await.unwrap();
-            for _ in 0..5 {
-                rt.send(&id, OK).await.unwrap();
-            }
-        }
-    });
-    futures::future::join_all(sends).await;
+    counted_to_five(&rt, DEVICES).await;
     let (v4, _) = support::upload_misbehave(&rt, support::misbehave_variant("v4")).await;
     (rt, v4.version)
 }
@@ -531,17 +537,7 @@ async fn devices_activating_together_on_a_version_that_spins_fold_it_one_at_a_ti
         .open()
         .await
         .expect("runtime opens");
-    let sends = (0..DEVICES).map(|i| {
-        let rt = rt.clone();
-        async move {
-            let id = format!("s-{i:02}");
-            rt.provision(&id, "misbehave", &json!({})).await.unwrap();
-            for _ in 0..5 {
-                rt.send(&id, OK).await.unwrap();
-            }
-        }
-    });
-    futures::future::join_all(sends).await;
+    counted_to_five(&rt, DEVICES).await;
     until_passivated(&rt).await;
     let (v4, _) = support::upload_misbehave(&rt, support::misbehave_variant("v4")).await;
     // The checks fold a part of the passivated fleet (each fold spins for its whole budget);
@@ -638,13 +634,7 @@ async fn the_fold_check_stays_within_its_budget() {
         .open()
         .await
         .expect("runtime opens");
-    for i in 0..24 {
-        let id = format!("s-{i:02}");
-        rt.provision(&id, "misbehave", &json!({})).await.unwrap();
-        for _ in 0..5 {
-            rt.send(&id, OK).await.unwrap();
-        }
-    }
+    counted_to_five(&rt, 24).await;
     until_passivated(&rt).await;
     let (v4, _) = support::upload_misbehave(&rt, support::misbehave_variant("v4")).await;
     let report = rt.deploy("misbehave", v4.version, true).await.unwrap();
