@@ -12,7 +12,9 @@
 //!    batch still being synced, or one that fails and is cut back, is left out; a writer
 //!    idle for 50 ms marks its last batch proven, so a backup of an idle server holds
 //!    everything acknowledged);
-//! 3. every plugin component (and its precompiled artifact), `engine.json`, and the archives
+//! 3. every plugin component (and its precompiled artifact), the record of failed upgrades
+//!    (`plugins/upgrade-failures.json`, in device numbers the copy keeps), `engine.json`,
+//!    and the archives
 //!    of removed devices (`archive/`, written once each; once retention has deleted a
 //!    removed device's records, its archive is the only copy of its history).
 //!
@@ -165,6 +167,24 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
         let mut f = File::create(to.join("plugins").join("current.json"))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
+    }
+    // The devices a plugin version could not bring up (`upgrade::FailedUpgrades`), in the
+    // journal's device numbers, which the copy keeps. Replaced atomically, so a read sees a
+    // whole file; one a moment stale costs a device at most one more fold.
+    let failures = data_dir
+        .join("plugins")
+        .join(crate::upgrade::FAILED_UPGRADES_FILE);
+    match std::fs::read(&failures) {
+        Ok(bytes) => {
+            let mut f = File::create(
+                to.join("plugins")
+                    .join(crate::upgrade::FAILED_UPGRADES_FILE),
+            )?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("reading the record of failed upgrades"),
     }
     let engine = data_dir.join("engine.json");
     if engine.exists() {

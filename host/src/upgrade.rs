@@ -227,7 +227,7 @@ pub struct FailedUpgrades {
 }
 
 /// The file's name in `DATA/plugins/`.
-const FAILED_UPGRADES_FILE: &str = "upgrade-failures.json";
+pub(crate) const FAILED_UPGRADES_FILE: &str = "upgrade-failures.json";
 
 impl FailedUpgrades {
     /// The pairs recorded in `plugins_dir`, if any (a damaged file is logged and ignored).

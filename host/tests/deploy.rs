@@ -867,8 +867,35 @@ async fn passivated_devices_the_sample_cannot_fold_are_marked_failed_at_once() {
     let again = rt.deploy("misbehave", v3.version, true).await.unwrap();
     assert_eq!(again.totals.cannot_fold, 2, "{:?}", again.totals);
     assert_eq!(upgrade("c-03"), pending(true));
+    // A backup carries the record: a server started on the copy does not fold it again.
+    let copy_root = tempfile::tempdir().unwrap();
+    let copy = copy_root.path().join("copy");
+    let source = dir.path().to_path_buf();
+    let to = copy.clone();
+    tokio::task::spawn_blocking(move || drover::backup::backup(&source, &to))
+        .await
+        .unwrap()
+        .expect("backup");
     rt.shutdown().await;
     drop(rt);
+    let restored = open_passivating(&copy).await;
+    assert_eq!(
+        restored.summary("c-03").and_then(|d| d.upgrade),
+        pending(true),
+        "known in the backup"
+    );
+    restored
+        .send("c-03", OK)
+        .await
+        .expect("handled on its own version");
+    assert_eq!(version(&restored, "c-03"), 2);
+    assert_eq!(
+        restored.metrics().upgrade_failures.load(Ordering::Relaxed),
+        0,
+        "its activation on the copy did not fold the history again"
+    );
+    restored.shutdown().await;
+    drop(restored);
 
     // The record is a cache: damaged, it is ignored, and the device tries once more.
     std::fs::write(
