@@ -137,14 +137,21 @@ pub fn device(
         // differently); only a run that found nothing yet says nothing.
         Err(e @ Error::Overloaded(_)) if out.folds && out.diverged_events == 0 => {
             out.overloaded = true;
-            out.error = Some(e.to_string());
+            out.error = Some(candidate_says(&e));
         }
         Err(e) => {
-            out.error.get_or_insert(e.to_string());
+            out.error.get_or_insert(candidate_says(&e));
         }
     }
     out.identical = out.error.is_none() && out.diverged_events == 0 && out.state_matches;
     out
+}
+
+/// An error as a dry run reports it: what the runtime words as "the device's plugin" did
+/// is, here, what the candidate version did (the device's own version is not run).
+fn candidate_says(e: &Error) -> String {
+    e.to_string()
+        .replacen("the device's plugin", "the candidate version", 1)
 }
 
 /// The candidate's fold instance, once decisions diverged.
@@ -304,7 +311,7 @@ fn one_pass(
                             out.fold_failed_seq = f.seq;
                             out.error.get_or_insert(format!(
                                 "cannot fold the recorded transitions: {}",
-                                f.error
+                                candidate_says(&f.error)
                             ));
                             out.folds = false;
                             Folder::Failed
@@ -322,7 +329,7 @@ fn one_pass(
                                 .as_ref()
                                 .ok()
                                 .map(|d| d.transitions.iter().map(|t| parse(t)).collect()),
-                            error: decided.as_ref().err().map(|f| f.error.to_string()),
+                            error: decided.as_ref().err().map(|f| candidate_says(&f.error)),
                             recorded_effects: Vec::new(),
                             candidate_effects: None,
                         });
@@ -357,8 +364,9 @@ fn one_pass(
                     out.timed_out |= matches!(e, Error::Timeout(_));
                     out.fold_failed_seq = Some(record.seq);
                     out.error.get_or_insert(format!(
-                        "cannot fold the recorded transitions at seq {}: {e}",
-                        record.seq
+                        "cannot fold the recorded transitions at seq {}: {}",
+                        record.seq,
+                        candidate_says(&e)
                     ));
                     out.folds = false;
                     folder = Folder::Failed;

@@ -953,6 +953,23 @@ async fn a_passivated_device_the_sample_misses_is_checked_before_the_deploy() {
         "the sample misses it: {:?}",
         diff.devices
     );
+    // Asked about it, the dry run blames the candidate, not the device's own version.
+    let diff = rt
+        .dry_run(
+            "misbehave",
+            v3.version,
+            Selection::Devices(vec!["c-01".into()]),
+        )
+        .await
+        .unwrap();
+    let error = diff.devices[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("the candidate version trapped")
+            && !error.contains("device's plugin")
+            && !diff.devices[0].folds,
+        "{:?}",
+        diff.devices
+    );
 
     let refused = rt.deploy("misbehave", v3.version, false).await.unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::DeployRefused, "{refused}");
