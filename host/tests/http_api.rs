@@ -1085,6 +1085,62 @@ fn a_server_whose_stderr_is_a_full_disk_keeps_serving() {
     let _ = child.wait();
 }
 
+/// Nor can its stdout: on a full disk, or a pipe whose reader is gone, the listening line is
+/// lost (and logged) and the server serves all the same (it used to exit at once, code 1,
+/// "writing to stdout").
+#[test]
+fn a_server_whose_stdout_cannot_be_written_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    for (case, stdout) in [
+        (
+            "full disk",
+            std::process::Stdio::from(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .expect("/dev/full"),
+            ),
+        ),
+        ("closed pipe", std::process::Stdio::piped()),
+    ] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut child = std::process::Command::new(support::BIN)
+            .arg("serve")
+            .arg("--data")
+            .arg(dir.path().join(case.replace(' ', "-")))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--plugins"])
+            .arg(support::plugin_dir())
+            .stdout(stdout)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning drover serve");
+        // The reader goes away before the server writes its line.
+        drop(child.stdout.take());
+        let api = Api::new(&format!("http://127.0.0.1:{port}"));
+        let up = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(
+                child.try_wait().expect("status").is_none(),
+                "{case}: the server exited"
+            );
+            api.try_call(reqwest::Method::GET, "/healthz", None)
+                .is_ok_and(|r| r.status == 200)
+        });
+        assert!(up, "{case}: never served");
+        api.provision("out", "misbehave", json!({}));
+        assert_eq!(api.send("out", &json!({"type": "ok"}))["seq"], 1, "{case}");
+        assert!(
+            child.try_wait().expect("status").is_none(),
+            "{case}: exited"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// `drover serve` checks its address and its data directory before it touches anything: a
 /// port in use fails without creating the data directory, and a `--data` that is a file
 /// says so.

@@ -124,7 +124,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                         .await?;
                 anyhow::Ok((rt, server))
             })?;
-            announce(&server)?;
+            announce(&server);
             (server.url(), Some((rt, server)))
         }
     };

@@ -220,7 +220,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening {}", args.data.display()))?;
     let server = Server::start_on(rt.clone(), listener, args.tuning.limits())?;
-    announce(&server)?;
+    announce(&server);
     let url = server.url();
     let cfg = args.load.config(&url)?;
     println!(

@@ -404,7 +404,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.tuning.max_connections.is_some(),
     );
     let server = Server::start_on(rt.clone(), listener, limits)?;
-    announce(&server)?;
+    announce(&server);
 
     shutdown_signal().await;
     // A second signal while draining: leave now. Every acknowledged event is already durable.
@@ -464,12 +464,15 @@ fn fit_to_open_files(segments: usize, limits: &mut drover::http::Limits, explici
     }
 }
 
-/// Prints the machine-readable listening line on stdout.
-pub fn announce(server: &Server) -> anyhow::Result<()> {
+/// Prints the machine-readable listening line on stdout. A stdout that cannot take it (a
+/// full disk, a pipe whose reader is gone) is logged, and the server serves all the same:
+/// output can never take the server down (it used to exit at once).
+pub fn announce(server: &Server) {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "drover listening on {}", server.url()).context("writing to stdout")?;
-    out.flush().context("flushing stdout")?;
-    Ok(())
+    let written = writeln!(out, "drover listening on {}", server.url()).and_then(|()| out.flush());
+    if let Err(e) = written {
+        tracing::warn!(url = %server.url(), error = %e, "cannot write the listening line to stdout; serving all the same");
+    }
 }
 
 #[cfg(test)]
