@@ -1192,7 +1192,7 @@ impl Actor {
             None if self.env.registry.setup_runs_slow(version) => {
                 self.activate_on_slow_lane(start).await?
             }
-            None => match replay::rebuild_as(
+            None => match replay::rebuild_reporting_as(
                 &self.env.journal,
                 &self.env.registry,
                 &self.head,
@@ -1202,10 +1202,13 @@ impl Actor {
             ) {
                 // Stopped as its plugin turned out slow, or short of a core or of memory
                 // while it is now marked slow: either way the slow lane is where it goes.
-                Err(Error::Overloaded(_)) if self.env.registry.setup_runs_slow(version) => {
+                Err(f)
+                    if matches!(f.error, Error::Overloaded(_))
+                        && self.env.registry.setup_runs_slow(version) =>
+                {
                     self.activate_on_slow_lane(start).await?
                 }
-                other => other?,
+                other => self.after_rebuild(other)?,
             },
         };
         if rebuilt.snapshot_failed {
@@ -1284,9 +1287,30 @@ impl Actor {
         let task = self.env.slow_lane.spawn(async move {
             replay::rebuild_preemptible(&journal, &registry, &head, head.seq, start).await
         });
-        on_slow_lane(task)
+        let rebuilt = on_slow_lane(task)
             .await
-            .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))?
+            .map_err(|e| Error::Internal(format!("activation on the slow lane: {e}")))?;
+        self.after_rebuild(rebuilt)
+    }
+
+    /// An activation's rebuild, done: a snapshot that would not restore is not tried again
+    /// (see `snapshots_off`), whether the rebuild then succeeded or not. Kept on after a
+    /// failure, a snapshot whose `restore` spins cost every activation after it that time
+    /// again, and left the replay from `init` too little to finish: the device never came
+    /// up, though its history folds.
+    fn after_rebuild(
+        &self,
+        rebuilt: Result<replay::Rebuilt, replay::RebuildFailure>,
+    ) -> Result<replay::Rebuilt, Error> {
+        match rebuilt {
+            Ok(rebuilt) => Ok(rebuilt),
+            Err(f) => {
+                if f.snapshot_failed {
+                    self.turn_snapshots_off("a snapshot would not restore");
+                }
+                Err(f.error)
+            }
+        }
     }
 
     /// How long a fold must have run for its failure to count toward giving its version up,

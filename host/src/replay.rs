@@ -99,10 +99,8 @@ pub(crate) async fn rebuild_preemptible(
     device: &DeviceHead,
     upto: u64,
     start: Start,
-) -> Result<Rebuilt, Error> {
-    rebuild_reporting_with(journal, registry, device, upto, start, Preemption::Yield)
-        .await
-        .map_err(|f| f.error)
+) -> Result<Rebuilt, RebuildFailure> {
+    rebuild_reporting_with(journal, registry, device, upto, start, Preemption::Yield).await
 }
 
 /// Why a rebuild failed, and at which recorded seq if it was folding the journal.
@@ -120,6 +118,14 @@ pub struct RebuildFailure {
     /// The plugin ran out of its time budget (a fold that spins): the failure cost that
     /// budget, which a deploy weighs before folding more devices (see `crate::deploy`).
     pub(crate) timed_out: bool,
+    /// A snapshot would not restore on the way (the plugin's fault), as in
+    /// [`Rebuilt::snapshot_failed`]: an actor stops trying its snapshots even though the
+    /// rebuild failed, so that its next activation replays from `init` with a whole budget
+    /// instead of spending it on the same snapshot again.
+    pub(crate) snapshot_failed: bool,
+    /// The snapshot restored before the failure, if any: the failure was in folding the
+    /// tail after it.
+    pub(crate) restored: Option<u64>,
 }
 
 impl From<Error> for RebuildFailure {
@@ -130,6 +136,8 @@ impl From<Error> for RebuildFailure {
             error,
             unlocated: false,
             trapped: false,
+            snapshot_failed: false,
+            restored: None,
         }
     }
 }
@@ -238,6 +246,46 @@ pub(crate) async fn rebuild_reporting_within(
                     );
                     Ok(rebuilt)
                 }
+                Err(_) => Err(first),
+            }
+        }
+        other => other,
+    };
+    let rebuilt = match rebuilt {
+        // The tail after a snapshot would not fold, though the snapshot restored: a state
+        // restored whole may need more guest memory than the one built event by event did
+        // (the snapshot's bytes and the state they make, side by side), and such a device,
+        // fine until a restart, became unreadable at every activation after it. A replay from
+        // `init`, with what is left of the budget, is the same history without the snapshot;
+        // if it fails too, the first failure is the story.
+        Err(first)
+            if start == Start::Snapshot
+                && first.restored.is_some()
+                && first.seq.is_some()
+                && !first.timed_out
+                && journal.oldest_retained_seq(device.num) <= 1 =>
+        {
+            tracing::warn!(
+                device = %device.id,
+                snapshot = first.restored,
+                error = %first.error,
+                "the history after a snapshot would not fold; replaying from the start"
+            );
+            match rebuild_from(
+                journal,
+                registry,
+                device,
+                upto,
+                Start::Genesis,
+                &mut budget,
+                None,
+            )
+            .await
+            {
+                Ok(rebuilt) => Ok(Rebuilt {
+                    snapshot_failed: true,
+                    ..rebuilt
+                }),
                 Err(_) => Err(first),
             }
         }
@@ -396,7 +444,12 @@ impl Budget {
     /// may yield is charged its own time when it ends (see [`Budget::end`]), not its
     /// thread's, which runs other devices' units between its slices.
     fn begin(&mut self, instance: &mut Instance) -> UnitScope {
-        let scope = instance.begin_setup_unit(self.left(), self.preemption);
+        self.begin_within(instance, Duration::MAX)
+    }
+
+    /// [`Budget::begin`], the unit given at most `cap` of what is left.
+    fn begin_within(&mut self, instance: &mut Instance, cap: Duration) -> UnitScope {
+        let scope = instance.begin_setup_unit(self.left().min(cap), self.preemption);
         if self.preemption == Preemption::Yield {
             self.used_before = self.used();
             self.ran_before = self.ran();
@@ -463,6 +516,13 @@ fn activation_failed(context: String, error: Error) -> Error {
     }
 }
 
+/// What a rebuild tried before it failed (see [`RebuildFailure`]).
+#[derive(Default)]
+struct Tried {
+    snapshot_failed: bool,
+    restored: Option<u64>,
+}
+
 async fn rebuild_from(
     journal: &Journal,
     registry: &Registry,
@@ -471,6 +531,36 @@ async fn rebuild_from(
     start: Start,
     budget: &mut Budget,
     one_by_one_from: Option<u64>,
+) -> Result<Rebuilt, RebuildFailure> {
+    let mut tried = Tried::default();
+    rebuild_trying(
+        journal,
+        registry,
+        device,
+        upto,
+        start,
+        budget,
+        one_by_one_from,
+        &mut tried,
+    )
+    .await
+    .map_err(|f| RebuildFailure {
+        snapshot_failed: tried.snapshot_failed,
+        restored: tried.restored,
+        ..f
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rebuild_trying(
+    journal: &Journal,
+    registry: &Registry,
+    device: &DeviceHead,
+    upto: u64,
+    start: Start,
+    budget: &mut Budget,
+    one_by_one_from: Option<u64>,
+    tried: &mut Tried,
 ) -> Result<Rebuilt, RebuildFailure> {
     let upto = upto.min(device.seq);
     // A recorded version this server cannot load (its memory starts over this server's cap,
@@ -522,7 +612,16 @@ async fn rebuild_from(
     };
     let mut restored = None;
     let mut foreign = false;
-    let mut snapshot_failed = false;
+    // Whether a replay from `init` is there to fall back on: retention has not deleted the
+    // start of the history.
+    let from_init = journal.oldest_retained_seq(device.num) <= 1;
+    // The restores together get at most half of the budget when a replay from `init` can
+    // follow them, shared among the snapshots still to try: restores that spin leave the
+    // replay the other half. Given all of it, the replay started with nothing and failed,
+    // and every activation after spent its budget on the same snapshot again. (A healthy
+    // `restore` takes a small part of its share: it only deserializes a state.)
+    let at_start = budget.left();
+    let restores = if from_init { at_start / 2 } else { at_start };
     for (i, snap) in candidates.iter().enumerate() {
         let mut instance = compiled
             .instantiate(device.id.clone())
@@ -530,12 +629,24 @@ async fn rebuild_from(
         // What this snapshot had: a timeout reads as the whole rebuild's budget (`whole`),
         // and one tried after another used most of it had little.
         let had = budget.left();
+        let tries_left = u32::try_from(candidates.len() - i).unwrap_or(u32::MAX);
+        let fallback = from_init || tries_left > 1;
+        let cap = if fallback {
+            restores.saturating_sub(at_start.saturating_sub(had)) / tries_left
+        } else {
+            had
+        };
         let outcome = match journal.read_snapshot(*snap) {
             Ok(data) => {
-                let scope = budget.begin(&mut instance);
+                let scope = budget.begin_within(&mut instance, cap);
                 let restored = instance.restore_preemptible(&data).await;
                 budget.end(&mut instance, scope);
-                restored.map_err(|e| Error::from(budget.whole(e)))
+                restored.map_err(|e| match e {
+                    CallError::Timeout(_) if fallback => Error::Activation(format!(
+                        "its `restore` ran past {cap:?}, its share of the rebuild's budget"
+                    )),
+                    e => Error::from(budget.whole(e)),
+                })
             }
             Err(e) => Err(Error::from(e)),
         };
@@ -548,7 +659,7 @@ async fn rebuild_from(
             // The machine's fault, not the snapshot's: an older one would starve alike.
             Err(e @ Error::Overloaded(_)) => return Err(e.into()),
             Err(e) => {
-                snapshot_failed = true;
+                tried.snapshot_failed = true;
                 let next = match candidates.get(i + 1) {
                     Some(older) => format!("trying the snapshot at seq {}", older.seq),
                     None => "replaying from the start".to_string(),
@@ -563,6 +674,7 @@ async fn rebuild_from(
             }
         }
     }
+    tried.restored = restored.as_ref().map(|(_, seq)| *seq);
     let (mut instance, from) = match restored {
         Some((instance, seq)) => (instance, seq),
         None => {
@@ -663,6 +775,8 @@ async fn rebuild_from(
                         unlocated: false,
                         trapped,
                         timed_out: out_of_time,
+                        snapshot_failed: false,
+                        restored: None,
                     }
                 }
                 // A trap or timeout inside one call of several transitions: a trap is
@@ -679,6 +793,8 @@ async fn rebuild_from(
                         unlocated: trapped,
                         trapped,
                         timed_out: out_of_time,
+                        snapshot_failed: false,
+                        restored: None,
                     }
                 }
             });
@@ -690,6 +806,8 @@ async fn rebuild_from(
                 unlocated: false,
                 trapped: false,
                 timed_out: false,
+                snapshot_failed: false,
+                restored: None,
             });
         }
         applied += transitions.len() as u64;
@@ -718,7 +836,7 @@ async fn rebuild_from(
         last_at_ms,
         snapshot: restored_seq(from),
         foreign_snapshot: foreign,
-        snapshot_failed,
+        snapshot_failed: tried.snapshot_failed,
         applied,
     })
 }

@@ -417,3 +417,48 @@ fn media_damage_refuses_to_start_and_salvage_keeps_every_intact_event() {
     assert_eq!(journal.len(), 101);
     assert!(server.log_text().contains("listening"));
 }
+
+/// A snapshot that restores, followed by a tail that will not fold on the restored state
+/// (in life, a state near its memory cap restored whole beside its snapshot's bytes; here
+/// misbehave's `fragile` transition), falls back to a replay from `init`: after a crash left
+/// that tail, the device comes up, and its past reads the same. (Before, every activation
+/// failed, and after three the device was quarantined, though its history folds.)
+#[test]
+fn a_tail_that_will_not_fold_after_its_snapshot_is_replayed_from_init() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let flags = ["--snapshot-every", "2"];
+    let mut server = Server::start(&data, &flags);
+    let api = server.api();
+    api.provision("fragile", "misbehave", json!({}));
+    for (seq, event) in [
+        json!({"type": "ok"}),
+        json!({"type": "ok"}),
+        json!({"type": "fragile_after_restore"}),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(api.send("fragile", event)["seq"], json!(seq + 1));
+    }
+    // No passivation snapshot: the snapshot at seq 2 is the newest, with seq 3 after it.
+    server.kill();
+
+    let server = Server::start(&data, &flags);
+    let api = server.api();
+    let device = api.get("/v1/devices/fragile");
+    assert_eq!(device.status, 200, "{}", device.text);
+    assert_eq!(device.body["state"]["count"], 2, "{}", device.text);
+    assert_eq!(device.body["state"]["applied"], 3, "{}", device.text);
+    assert_eq!(api.send("fragile", &json!({"type": "ok"}))["seq"], 4);
+    let past = api.get("/v1/devices/fragile/state?at=3");
+    assert_eq!(past.status, 200, "{}", past.text);
+    assert_eq!(past.body["state"]["applied"], 3, "{}", past.text);
+    assert!(
+        server
+            .log_text()
+            .contains("the history after a snapshot would not fold; replaying from the start"),
+        "{}",
+        server.log_text()
+    );
+}

@@ -857,7 +857,7 @@ async fn a_plugins_first_slow_activation_moves_to_the_slow_lane() {
         waited < Duration::from_millis(400),
         "the thermostat waited {waited:?} for the plugin's first slow activation"
     );
-    assert!(took >= budget, "the restore ended after {took:?}");
+    assert!(took >= budget / 2, "the restore ended after {took:?}");
     assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
     assert_eq!(rt.metrics().slow_lane_activations.load(Relaxed), 1);
     assert!(
@@ -1012,14 +1012,14 @@ async fn a_spinning_activation_on_the_slow_lane_lets_other_slow_devices_go_on() 
         waited < Duration::from_millis(400),
         "a slow plugin's healthy event waited {waited:?} for a spinning activation"
     );
-    assert!(took >= budget, "the restore ended after {took:?}");
+    assert!(took >= budget / 2, "the restore ended after {took:?}");
     assert_eq!(parse(&ack.transitions[0])["count"], json!(1));
     assert!(rt.metrics().slow_lane_activations.load(Relaxed) > activations);
     rt.shutdown().await;
 }
 
 /// A device whose snapshots will not restore (its `restore` spins) pays for them once: the
-/// first activation spends its budget on the newest snapshot and replays from `init`; from
+/// first activation spends half its budget on the newest snapshot and replays from `init`; from
 /// then on the device's snapshots are off on that version, so its passivation writes no
 /// other such snapshot and the next activation replays at once. (Before, every read of the
 /// passivated device took the whole activation budget and wrote one more such snapshot.)
@@ -1042,7 +1042,7 @@ async fn a_device_whose_snapshots_will_not_restore_pays_for_them_once() {
         started.elapsed()
     };
     let first = read().await;
-    assert!(first >= budget, "the first read took {first:?}");
+    assert!(first >= budget / 2, "the first read took {first:?}");
     let written = support::records_written(&rt);
     let second = read().await;
     assert!(
@@ -1227,5 +1227,99 @@ async fn a_slow_deploy_fold_moves_to_the_slow_lane() {
         !slow.contains(&same.version),
         "events marked slow: {slow:?}"
     );
+    rt.shutdown().await;
+}
+
+/// Leaves in `dir` a misbehave device `spinner`, passivated, whose history from `init`
+/// folds in about `replay` of CPU time (five `slow_apply` events) and whose three newest
+/// snapshots' `restore` spins; returns the runtime's settings for reopening it.
+async fn snapshots_that_spin_over_a_slow_history(dir: &Path, replay: Duration) {
+    let rt = Runtime::builder(dir)
+        .plugin_dir(PLUGINS)
+        .snapshot_every(1)
+        .call_timeout(Duration::from_secs(2))
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("probe", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    let spin = calibrated(&rt, "probe", replay.as_secs_f64() / 5.0).await;
+    rt.provision("spinner", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        rt.send("spinner", &support::slow_apply(spin, 1))
+            .await
+            .expect("within its call budget");
+    }
+    // A snapshot after each event: the newest three are taken after this one.
+    for event in [
+        r#"{"type":"loop_on_restore"}"#,
+        r#"{"type":"ok"}"#,
+        r#"{"type":"ok"}"#,
+    ] {
+        rt.send("spinner", event).await.expect("handled");
+    }
+    rt.shutdown().await;
+}
+
+/// Snapshots whose `restore` spins take at most half of an activation's budget together: the
+/// replay from `init` that follows has the other half. (Before, the newest one took the
+/// whole budget, the replay failed at its first look at the clock, and so did every
+/// activation after it: a device whose history folds in a fifth of its budget never came up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_whose_restore_spins_leave_the_replay_half_the_budget() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1500);
+    snapshots_that_spin_over_a_slow_history(dir.path(), budget / 5).await;
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .activation_timeout(budget)
+        .open()
+        .await
+        .expect("runtime opens");
+    let started = std::time::Instant::now();
+    let ack = rt
+        .send("spinner", r#"{"type":"ok"}"#)
+        .await
+        .expect("activates from its history in the same activation");
+    let took = started.elapsed();
+    assert_eq!(ack.seq, 9);
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(3));
+    assert!(took >= budget / 2, "the restores ended after {took:?}");
+    assert_eq!(rt.metrics().snapshot_failures.load(Relaxed), 1);
+    rt.shutdown().await;
+}
+
+/// An activation that fails after a snapshot would not restore still stops trying the
+/// device's snapshots: the next one replays from `init` with the whole budget. Here the
+/// restores take half of it and the replay needs about 90%: the first activation fails, the
+/// second comes up. (Before, every activation spent its budget on the same snapshot again,
+/// and the device was quarantined after three, though its history folds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_that_fails_after_a_snapshot_would_not_restore_stops_trying_it() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Duration::from_millis(1500);
+    snapshots_that_spin_over_a_slow_history(dir.path(), budget.mul_f64(0.9)).await;
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .activation_timeout(budget)
+        .open()
+        .await
+        .expect("runtime opens");
+    let first = rt
+        .send("spinner", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("half a budget is too little for the replay");
+    assert_eq!(first.kind(), ErrorKind::ActivationFailed, "{first}");
+    let ack = rt
+        .send("spinner", r#"{"type":"ok"}"#)
+        .await
+        .expect("replays from `init` with the whole budget");
+    assert_eq!(ack.seq, 9);
+    assert_eq!(parse(&ack.transitions[0])["count"], json!(3));
     rt.shutdown().await;
 }

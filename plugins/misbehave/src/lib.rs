@@ -44,6 +44,7 @@
 //! | `{"type": "recurse", "depth": N}` | recurses N calls deep, each keeping 1 KiB on the guest's stack (its linear memory), no transition; past the stack (62 KiB, set by the SDK's `plugin-build.rs`) it traps |
 //! | `{"type": "nested", "value": V}` | parses V (any JSON, nested as deep as serde_json allows) into a `serde_json::Value`, no transition |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
+//! | `{"type": "fragile_after_restore"}` | one transition `{"type": "fragile"}` whose `apply` panics on a state restored from a snapshot and folds on one built from `init`: a state that, restored whole, needs more than the one built event by event (the snapshot's bytes and the state side by side in guest memory) |
 //! | `{"type": "desire", "set": {...}}` | the device twin (`drover_guest::twin`): the operator desires properties; transitions `{"type": "twin", "change": {...}}`, and the delta as a command |
 //! | `{"type": "report", "set": {...}, "reported_wins": false}` | the device reports properties (a local change is put back, or with `reported_wins` adopted) |
 //! | `{"type": "reconnected"}` | the whole delta sent again as a command, no transition |
@@ -90,6 +91,9 @@ pub struct Misbehave {
     /// applied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loops_on_restore: bool,
+    /// This instance's state came from `restore` (not kept in snapshots or reads).
+    #[serde(skip)]
+    pub restored: bool,
     /// The device twin, once `desire` or `report` events are used (the config's
     /// `twin_ttl_ms` sets its commands' time to live).
     #[serde(default, skip_serializing_if = "twin_unused")]
@@ -166,6 +170,8 @@ pub enum Event {
     LoopOnSnapshot,
     /// Return a transition after which restoring a snapshot spins forever.
     LoopOnRestore,
+    /// Return a transition whose `apply` panics on a restored state.
+    FragileAfterRestore,
     /// Issue one command.
     Command,
     /// Recurse `depth` calls deep with 1 KiB of guest stack each.
@@ -305,6 +311,8 @@ pub enum Transition {
     LoopsOnSnapshot,
     /// Restoring a snapshot from then on spins forever.
     LoopsOnRestore,
+    /// Panics when applied to a state restored from a snapshot.
+    Fragile,
 }
 
 /// How much `ok` adds to the count: see "Versions for the deploy tests".
@@ -408,6 +416,7 @@ impl Device for Misbehave {
             Event::LoopOnRead => vec![Transition::LoopsOnRead],
             Event::LoopOnSnapshot => vec![Transition::LoopsOnSnapshot],
             Event::LoopOnRestore => vec![Transition::LoopsOnRestore],
+            Event::FragileAfterRestore => vec![Transition::Fragile],
             Event::Send { to, event, tag } => {
                 ctx.send(to, &event);
                 vec![Transition::Relayed { tag }]
@@ -470,6 +479,10 @@ impl Device for Misbehave {
             Transition::LoopsOnRead => self.loops_on_read = true,
             Transition::LoopsOnSnapshot => self.loops_on_snapshot = true,
             Transition::LoopsOnRestore => self.loops_on_restore = true,
+            Transition::Fragile if self.restored => {
+                panic!("misbehave: a fragile transition applied to a restored state")
+            }
+            Transition::Fragile => {}
             Transition::Twin { change } => self.twin.apply(change),
             Transition::Allocated { .. }
             | Transition::Big { .. }
@@ -501,7 +514,10 @@ impl Device for Misbehave {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
         }
-        Ok(state)
+        Ok(Misbehave {
+            restored: true,
+            ..state
+        })
     }
 
     fn query(&self) -> drover_guest::serde_json::Value {
