@@ -529,6 +529,114 @@ async fn past_the_drain_timeout_connections_close_and_their_queued_events_are_dr
     rt.shutdown().await;
 }
 
+/// A body whose chunked framing is broken gets `400 malformed-request` saying so (it said
+/// only "error reading a body from connection").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chunked_body_is_refused_saying_why() {
+    let (_dir, rt, server) = serve(limits(5_000, 100)).await;
+    let addr = server.local_addr();
+    for (case, chunks) in [
+        ("size not hex", "ZZ\r\n{}\r\n0\r\n\r\n"),
+        ("no line end after a chunk", "2\r\n{}XX0\r\n\r\n"),
+    ] {
+        let answer = exchange(
+            addr,
+            format!(
+                "POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n{chunks}"
+            )
+            .into_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 400"), "{case}: {answer}");
+        assert!(
+            answer.contains("malformed-request") && answer.contains("chunked framing"),
+            "{case}: {answer}"
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}
+
+/// A batch still waiting at the drain timeout answers with what it has: each item made
+/// durable its seq, each other one `503 shutting-down`, and the items not yet handled are
+/// not handled. (Its connection used to be closed without an answer, though most of its
+/// items were durable: a gateway resending the batch duplicated them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_secs(2))
+        .open()
+        .await
+        .expect("runtime");
+    for id in ["s", "f", "probe"] {
+        rt.provision(id, "misbehave", &serde_json::json!({}))
+            .await
+            .expect("provision");
+    }
+    let spin = support::spins_for(&rt, "probe", 0.15).await;
+    let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    // A quick item, 12 slow ones of one device (~1.8 s of work), a quick one.
+    let slow: serde_json::Value = serde_json::from_str(&support::slow_apply(spin, 1)).unwrap();
+    let ok = serde_json::json!({"type": "ok"});
+    let mut events = vec![serde_json::json!({"device": "f", "event": ok})];
+    events.extend((0..12).map(|_| serde_json::json!({"device": "s", "event": slow})));
+    events.push(serde_json::json!({"device": "f", "event": ok}));
+    let body = serde_json::json!({ "events": events }).to_string();
+    let client = std::thread::spawn(move || {
+        let mut conn = connect(addr);
+        let request = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).expect("request");
+        read_to_close(conn).0
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let drained = server.shutdown(Duration::from_millis(500)).await;
+    assert!(!drained, "12 slow events cannot drain in 0.5 s");
+    rt.shutdown().await;
+    let answer = client.join().expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, json) = answer.split_once("\r\n\r\n").expect("a body");
+    let batch: serde_json::Value = serde_json::from_str(json).expect("JSON");
+    let results = batch["results"].as_array().expect("results");
+    assert_eq!(results.len(), 14, "{batch}");
+    assert_eq!(results[0]["seq"], 1, "{batch}");
+    assert_eq!(results[13]["seq"], 2, "{batch}");
+    let durable = results[1..13].iter().filter(|r| r["seq"].is_u64()).count();
+    let cut: Vec<_> = results[1..13]
+        .iter()
+        .filter(|r| r["error"]["code"] == "shutting-down")
+        .collect();
+    assert!(durable > 0 && !cut.is_empty(), "{batch}");
+    assert_eq!(durable + cut.len(), 12, "{batch}");
+    assert!(
+        cut[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("drain timeout")),
+        "{batch}"
+    );
+    assert_eq!(batch["ok"], durable + 2, "{batch}");
+    // What was answered with a seq is durable; of the rest, only the one its device was
+    // handling at the cut may be.
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .expect("reopens");
+    let seq = rt.summary("s").expect("s").seq;
+    assert!(
+        seq == durable as u64 || seq == durable as u64 + 1,
+        "{seq} records, {durable} answered durable"
+    );
+    rt.shutdown().await;
+}
+
 /// Sends `request` on a new connection and reads until the server closes it.
 fn exchange(addr: SocketAddr, request: Vec<u8>) -> String {
     let mut conn = connect(addr);

@@ -1141,6 +1141,38 @@ fn a_server_whose_stdout_cannot_be_written_keeps_serving() {
     }
 }
 
+/// Connections refused over the cap are logged at most once a second, with their count: a
+/// client opening connections in a loop cannot flood the log (it wrote one line each).
+#[test]
+fn refused_connections_do_not_flood_the_log() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--max-connections", "2"]);
+    let addr = server.addr.clone();
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Each is accepted before the next is refused.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..50 {
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+        let _ = conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        assert!(answer.contains("too-many-connections"), "{answer}");
+    }
+    drop(held);
+    let log = server.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("too many open connections"))
+        .count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} lines for 50 refusals:\n{log}"
+    );
+}
+
 /// `drover serve` checks its address and its data directory before it touches anything: a
 /// port in use fails without creating the data directory, and a `--data` that is a file
 /// says so.

@@ -61,6 +61,7 @@ use std::task::{Context, Poll};
 
 use axum::extract::State;
 use axum::response::Response;
+use futures::FutureExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -155,6 +156,32 @@ impl From<Result<Committed, Error>> for ItemOut {
     }
 }
 
+impl ItemOut {
+    /// An item still waiting for durability when the server's drain timeout cut the batch
+    /// short (see [`super::AppState::cut_short`]).
+    fn cut_short() -> ItemOut {
+        ItemOut::Err {
+            error: ErrorOut {
+                code: Error::ShuttingDown.code(),
+                message: "the server stopped at its drain timeout before this event was \
+                          durable: not acknowledged; its device may have been handling it \
+                          then, and then it is durable (read the device's journal before \
+                          sending it again)"
+                    .to_string(),
+                plugin: None,
+                retry_after_s: None,
+            },
+        }
+    }
+}
+
+/// Resolves once the server's drain timeout cuts batches short; never if it does not.
+async fn cut_short_signal(cut: &mut tokio::sync::watch::Receiver<bool>) {
+    if cut.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The answer to a batch.
 #[derive(Debug, Serialize)]
 struct BatchOut {
@@ -231,9 +258,22 @@ pub async fn ingest(State(app): State<App>, _: NoQuery, body: Body) -> Result<Re
     let (mut results, pending) = enqueue(&app, &batch.events);
     // Every item is in its mailbox already; awaiting them one after the other costs one
     // wake-up per group commit (the rest are ready when their turn comes), fewer than a
-    // `join_all` that tracks each future as its own task.
-    for (i, send) in pending {
-        results[i] = Some(send.await);
+    // `join_all` that tracks each future as its own task. At the server's drain timeout the
+    // batch answers with what it has (see `cut_short`); the items still waiting stay `None`.
+    let mut cut = app.cut_short.subscribe();
+    let mut cut_short = false;
+    for (i, mut send) in pending {
+        results[i] = if cut_short {
+            send.as_mut().now_or_never()
+        } else {
+            tokio::select! {
+                r = &mut send => Some(r),
+                () = cut_short_signal(&mut cut) => {
+                    cut_short = true;
+                    send.as_mut().now_or_never()
+                }
+            }
+        };
     }
 
     let mut ok = 0;
@@ -243,7 +283,9 @@ pub async fn ingest(State(app): State<App>, _: NoQuery, body: Body) -> Result<Re
     let results: Vec<ItemOut> = results
         .into_iter()
         .map(|r| {
-            let r = r.unwrap_or_else(|| Err(Error::Internal("batch item lost".into())));
+            let Some(r) = r else {
+                return ItemOut::cut_short();
+            };
             ok += usize::from(r.is_ok());
             if let Err(e) = &r
                 && let Some(secs) = retry_after(e)

@@ -197,7 +197,14 @@ fn body_rejection(r: BytesRejection) -> ApiError {
             "the request body exceeds this route's size limit",
         )
     } else {
-        ApiError::malformed_request(r.body_text())
+        // hyper's own words ("error reading a body from connection") do not say what was
+        // wrong; a body that fails here has a broken chunked framing (a chunk size that is
+        // not hex, a chunk shorter than it said) or a connection that broke mid-body.
+        ApiError::malformed_request(format!(
+            "the request body could not be read: its chunked framing is malformed, or the \
+             connection broke before its end ({})",
+            r.body_text()
+        ))
     }
 }
 

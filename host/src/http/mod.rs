@@ -80,6 +80,12 @@ pub struct AppState {
     /// and no longer (then the request gets 503 `shutting-down`, so a client stalled
     /// mid-body does not hold the shutdown).
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Set at the drain timeout, a moment before the connections still open are closed: a
+    /// batch still waiting answers at once with what it has, each item not yet durable
+    /// `503 shutting-down` (`http/batch.rs`). Closed without an answer, a gateway could not
+    /// tell the items that were made durable (often most of the batch) from the rest, and
+    /// resent them all.
+    pub cut_short: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The state as handlers receive it.
@@ -103,6 +109,7 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         limits,
         metrics: metrics::HttpMetrics::default(),
         stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
+        cut_short: Arc::new(tokio::sync::watch::Sender::new(false)),
     }))
 }
 

@@ -41,6 +41,9 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     /// Set when the drain timeout passes: every connection still open is closed.
     abandon: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Set at the drain timeout first: batches answer with what they have
+    /// ([`super::AppState::cut_short`]).
+    cut_short: Arc<tokio::sync::watch::Sender<bool>>,
     task: JoinHandle<()>,
 }
 
@@ -52,6 +55,37 @@ retry-after: 1\r\n\
 connection: close\r\n\
 content-length: 94\r\n\r\n\
 {\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
+
+/// How long batches cut short at the drain timeout get to write their answers before every
+/// connection still open is closed.
+const CUT_SHORT_WRITE: Duration = Duration::from_millis(500);
+
+/// Connections refused over the cap, logged at most once a second with how many there were
+/// since the last line: one line each let a client opening connections in a loop flood the
+/// log (436 lines for 436 refusals in a review). `drover_http_errors_total` counts each.
+#[derive(Default)]
+struct Refusals {
+    unlogged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn note(&mut self, peer: SocketAddr) {
+        self.unlogged += 1;
+        if self.logged_at.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+            tracing::warn!(
+                %peer,
+                refused = self.unlogged,
+                "too many open connections: refused {} since the last such line (at most one a second)",
+                self.unlogged
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(std::time::Instant::now());
+        }
+    }
+}
 
 /// What one connection is doing, for [`closed_when_idle`].
 #[derive(Clone, Default)]
@@ -158,17 +192,20 @@ impl Server {
         let stopping = Arc::new(tokio::sync::watch::Sender::new(false));
         let abandon = Arc::new(tokio::sync::watch::Sender::new(false));
         let abandoning = abandon.clone();
+        let cut_short = Arc::new(tokio::sync::watch::Sender::new(false));
         let state: super::App = Arc::new(super::AppState {
             rt: rt.clone(),
             limits,
             metrics: super::metrics::HttpMetrics::default(),
             stopping: stopping.clone(),
+            cut_short: cut_short.clone(),
         });
         let replaced = framing::counted_by(state.clone());
         let app = super::router_of(state);
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
+            let mut refusals = Refusals::default();
             loop {
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
@@ -187,7 +224,7 @@ impl Server {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "too many open connections: refusing one");
+                    refusals.note(peer);
                     // Counted as the API's other refusals are, so it can be alerted on.
                     replaced(
                         axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -277,6 +314,7 @@ impl Server {
             addr,
             stop: Some(stop),
             abandon,
+            cut_short,
             task,
         })
     }
@@ -302,18 +340,28 @@ impl Server {
         self.rt.stop_waiting();
         // A deploy's folds of a version that spins would hold the drain to its end.
         self.rt.stop_upgrades();
-        match tokio::time::timeout(drain, &mut self.task).await {
-            Ok(_) => true,
-            Err(_) => {
-                tracing::warn!(
-                    ?drain,
-                    "connections still open after the drain timeout; closing them"
-                );
-                self.abandon.send_replace(true);
-                self.task.abort();
-                false
-            }
+        if tokio::time::timeout(drain, &mut self.task).await.is_ok() {
+            return true;
         }
+        // Batches still waiting answer with what they have, and get a moment to be written.
+        self.cut_short.send_replace(true);
+        if tokio::time::timeout(CUT_SHORT_WRITE, &mut self.task)
+            .await
+            .is_ok()
+        {
+            tracing::warn!(
+                ?drain,
+                "requests still waiting at the drain timeout were answered 503 shutting-down"
+            );
+            return false;
+        }
+        tracing::warn!(
+            ?drain,
+            "connections still open after the drain timeout; closing them"
+        );
+        self.abandon.send_replace(true);
+        self.task.abort();
+        false
     }
 }
 
