@@ -259,6 +259,19 @@ fn one_pass(
             {
                 return Err(e.clone());
             }
+            // Effects are compared as recorded (their payloads are the plugin's JSON texts).
+            let recorded_effects = record.fx.as_ref().map_or(&[][..], |fx| &fx.effects[..]);
+            // A message or timer firing the candidate refuses, traps or runs out of time on
+            // is consumed with nothing, as it is recorded when the recorded version did the
+            // same (a poison message): no divergence. (An external event refused is not
+            // recorded at all, so there it is one.)
+            let consumed_alike = record
+                .fx
+                .as_ref()
+                .is_some_and(|fx| !matches!(fx.origin, Origin::External))
+                && record.transitions.is_empty()
+                && recorded_effects.is_empty()
+                && matches!(&decided, Some(Err(_)));
             let same = match &decided {
                 Some(Ok(decided)) => {
                     let ts = &decided.transitions;
@@ -267,10 +280,15 @@ fn one_pass(
                             a.as_bytes() == b.as_slice() || parse(a) == parse_bytes(b)
                         })
                 }
-                _ => false,
+                _ => consumed_alike,
             };
-            // Effects are compared as recorded (their payloads are the plugin's JSON texts).
-            let recorded_effects = record.fx.as_ref().map_or(&[][..], |fx| &fx.effects[..]);
+            let lost = matches!(
+                &decided,
+                Some(Err(Failed {
+                    instance_lost: true,
+                    ..
+                }))
+            );
             let same_effects = match &decided {
                 Some(Ok(decided)) => decided.effects == recorded_effects,
                 _ => true,
@@ -342,12 +360,49 @@ fn one_pass(
                         out.timed_out |= matches!(error, Error::Timeout(_));
                         out.error = Some(format!(
                             "the candidate failed at seq {} (its instance is discarded, so nothing after \
-                             it is compared): {error}",
-                            record.seq
+                             it is compared): {}",
+                            record.seq,
+                            candidate_says(&error)
                         ));
                         decider = None;
                     }
                 }
+            }
+            if consumed_alike && lost {
+                // The live device rebuilds its instance from the journal at its next event:
+                // so does the candidate's here, while its state is still the recorded one.
+                decider = match folder {
+                    Folder::SameAsDecider => {
+                        match replay::rebuild_reporting(journal, registry, &want, record.seq, start)
+                        {
+                            Ok(r) => Some(r.instance),
+                            Err(f) if matches!(f.error, Error::Overloaded(_)) => {
+                                return Err(f.error);
+                            }
+                            Err(f) => {
+                                out.timed_out |= f.timed_out;
+                                out.fold_failed_seq = f.seq;
+                                out.error.get_or_insert(format!(
+                                    "cannot fold the recorded transitions: {}",
+                                    candidate_says(&f.error)
+                                ));
+                                out.folds = false;
+                                folder = Folder::Failed;
+                                None
+                            }
+                        }
+                    }
+                    // Its state was its own already: what it would be rebuilt from is not
+                    // recorded, so nothing after this is compared.
+                    _ => {
+                        out.error.get_or_insert(format!(
+                            "the candidate failed at seq {} after its decisions had diverged \
+                             (its instance is discarded, so nothing after it is compared)",
+                            record.seq
+                        ));
+                        None
+                    }
+                };
             }
             if let Folder::Own(instance) = &mut folder {
                 let transitions: Vec<&str> = record

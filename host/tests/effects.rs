@@ -1003,6 +1003,22 @@ async fn a_message_the_target_traps_on_is_consumed_in_its_place_and_never_redeli
     let rt = open(dir.path()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     check(&rt).await;
+    // A dry run of the same behavior sees the poison consumed alike, and compares every
+    // message after it (it reported a divergence there, and compared nothing after it).
+    let (same, _) =
+        support::upload_misbehave(&rt, support::identical_rebuild(&support::misbehave_v1())).await;
+    let report = rt
+        .dry_run(
+            "misbehave",
+            same.version,
+            drover::Selection::Devices(vec!["b".into()]),
+        )
+        .await
+        .expect("dry-run");
+    let d = &report.devices[0];
+    assert!(d.identical && d.folds && d.state_matches, "{d:?}");
+    assert_eq!((d.events, d.diverged_events), (10, 0), "{d:?}");
+    assert_eq!(d.error, None, "{d:?}");
     rt.shutdown().await;
 }
 
