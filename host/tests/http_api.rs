@@ -769,6 +769,20 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
         (status, body["error"]["code"].as_str()),
         (400, Some("invalid-id"))
     );
+    // An unknown route is named with its method and target, a target that is no path too
+    // (it said "no route for " with nothing after it).
+    for (method, target, said) in [
+        ("GET", "/v1/nothing", "no route for GET /v1/nothing"),
+        (
+            "CONNECT",
+            "example.org:80",
+            "no route for CONNECT example.org:80",
+        ),
+    ] {
+        let (status, body) = raw_request(&server.addr, method, target, b"");
+        assert_eq!(status, 404, "{method} {target}: {body}");
+        assert_eq!(body["error"]["message"], said, "{body}");
+    }
     // A batch: per-item errors, the good item goes through.
     let batch = api.post(
         "/v1/events",

@@ -39,12 +39,17 @@ pub async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-/// Any path no route has: 404 `not-found`.
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+/// Any path no route has: 404 `not-found`. A request target that is no path (`CONNECT
+/// host:port`, `OPTIONS *`) is named as sent: its path is empty.
+pub async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let target = match uri.path() {
+        "" | "/" if uri.authority().is_some() || uri.to_string() == "*" => uri.to_string(),
+        path => path.to_string(),
+    };
     ApiError::http(
         StatusCode::NOT_FOUND,
         codes::NOT_FOUND,
-        format!("no route for {}", uri.path()),
+        format!("no route for {method} {target}"),
     )
 }
 
