@@ -836,14 +836,22 @@ impl Engine {
         Ok((self.prepare(component)?, artifact))
     }
 
-    /// Loads an artifact produced by [`Engine::precompile`] from a file that only Drover
-    /// writes. Fails (and the caller recompiles) if it was built by another engine config or
-    /// wasmtime version.
+    /// Loads an artifact produced by [`Engine::precompile`] and sealed with [`seal_artifact`]
+    /// from a file that only Drover writes. Fails (and the caller recompiles) if its seal
+    /// does not match its bytes (damaged on disk, or written before artifacts were sealed),
+    /// or if it was built by another engine config or wasmtime version.
     pub fn load_precompiled(&self, path: &std::path::Path) -> Result<CompiledPlugin, PluginError> {
-        // SAFETY: the file is written by `precompile` into the runtime's own data directory,
-        // content-addressed and written atomically; wasmtime still checks its header, version
-        // and engine settings before using it.
-        let component = unsafe { Component::deserialize_file(&self.inner.engine, path) }
+        let sealed = std::fs::read(path).map_err(|e| PluginError::Invalid(e.to_string()))?;
+        let artifact = unseal_artifact(&sealed).ok_or_else(|| {
+            PluginError::Invalid(format!(
+                "{} is damaged or unsealed: its checksum does not match its bytes",
+                path.display()
+            ))
+        })?;
+        // SAFETY: the bytes are what `precompile` produced in this runtime's own data
+        // directory: their seal (a sha256 of them) matches, so no byte changed on disk since,
+        // and wasmtime still checks their header, version and engine settings before use.
+        let component = unsafe { Component::deserialize(&self.inner.engine, artifact) }
             .map_err(|e| PluginError::Invalid(format!("{e:#}")))?;
         self.prepare(component)
     }
@@ -964,6 +972,32 @@ enum Exports {
     V2(bindings_v2::Device),
     /// With the functions called directly (see [`V3Exports`]).
     V3(Device, V3Exports<Func>),
+}
+
+/// What ends a sealed artifact: this tag, then the sha256 of the bytes before it.
+const SEAL: &[u8; 8] = b"DROVERCW";
+
+/// An artifact of [`Engine::precompile`] as the registry stores it: its bytes, then
+/// [`SEAL`] and their sha256. A precompiled artifact is machine code the server maps and
+/// runs as it is (wasmtime checks its header, not its code); unsealed, one changed byte on
+/// disk ran as the plugin's code with no warning, served wrong states and left them in
+/// snapshots (a review changed one byte of a string constant).
+pub fn seal_artifact(artifact: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut sealed = Vec::with_capacity(artifact.len() + SEAL.len() + 32);
+    sealed.extend_from_slice(artifact);
+    sealed.extend_from_slice(SEAL);
+    sealed.extend_from_slice(&sha2::Sha256::digest(artifact));
+    sealed
+}
+
+/// The artifact inside `sealed`, if its seal matches its bytes.
+fn unseal_artifact(sealed: &[u8]) -> Option<&[u8]> {
+    use sha2::Digest as _;
+    let body_len = sealed.len().checked_sub(SEAL.len() + 32)?;
+    let (body, seal) = sealed.split_at(body_len);
+    let (tag, sum) = seal.split_at(SEAL.len());
+    (tag == SEAL && sha2::Sha256::digest(body).as_slice() == sum).then_some(body)
 }
 
 /// Refuses bytes that are not a component before Cranelift sees them, saying what they are

@@ -309,8 +309,19 @@ pub fn export(
     for id in &used {
         let v = name(*id)?;
         let hex = hex::encode(v.digest);
-        let component = std::fs::read(plugins_dir.join(format!("{hex}.wasm")))
+        let file = plugins_dir.join(format!("{hex}.wasm"));
+        // A component whose bytes no longer match its digest is damaged: exported as
+        // missing (the import says so), never under a digest that is not its own.
+        let component = std::fs::read(&file)
             .ok()
+            .filter(|b| {
+                use sha2::Digest as _;
+                let intact = <[u8; 32]>::from(sha2::Sha256::digest(b)) == v.digest;
+                if !intact {
+                    tracing::warn!(file = %file.display(), "plugin component damaged (its bytes do not match their sha256): exported without it");
+                }
+                intact
+            })
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
         let line = PluginLine {
             kind: "plugin".into(),

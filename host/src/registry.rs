@@ -187,6 +187,7 @@ impl Registry {
         if !dir.exists() {
             std::fs::create_dir_all(&dir)?;
         }
+        remove_stale_temporaries(&dir);
         let mut table = Table::default();
         let versions = journal.versions();
         // Before pointers were recorded, the newest version of a plugin was its current one.
@@ -283,7 +284,10 @@ impl Registry {
             write_once(&dir.join(format!("{hex}.wasm")), &bytes)
                 .map_err(|e| Error::Internal(format!("storing plugin: {e}")))?;
             if !artifact.is_empty()
-                && let Err(e) = write_once(&dir.join(format!("{hex}.cwasm")), &artifact)
+                && let Err(e) = write_once(
+                    &dir.join(format!("{hex}.cwasm")),
+                    &crate::engine::seal_artifact(&artifact),
+                )
             {
                 tracing::warn!(error = %e, "could not cache precompiled plugin");
             }
@@ -579,7 +583,7 @@ impl Registry {
             Err(PluginError::Unfit(why)) => return Err(self.note_unfit(id, why)),
             Err(e) => {
                 if cwasm.exists() {
-                    tracing::info!(error = %e, "precompiled plugin unusable; recompiling");
+                    tracing::warn!(file = %cwasm.display(), error = %e, "precompiled plugin unusable; recompiling it from its component");
                 }
                 let wasm = self.dir.join(format!("{digest}.wasm"));
                 let bytes = std::fs::read(&wasm).map_err(|e| {
@@ -594,13 +598,27 @@ impl Registry {
                         },
                     }
                 })?;
+                // Content-addressed: bytes that do not hash to their name are not the
+                // component that was registered (damaged on disk), and must not run as it.
+                if <[u8; 32]>::from(Sha256::digest(&bytes)) != version.digest {
+                    tracing::error!(file = %wasm.display(), plugin = %version.plugin, version = version.number, "plugin component damaged: its bytes do not match their sha256");
+                    return Err(Error::PluginUnavailable {
+                        plugin: version.plugin.clone(),
+                        version: version.number,
+                        why: format!(
+                            "its component (sha256 {digest}) is damaged in the data directory: \
+                             its bytes no longer match their digest (restore \
+                             plugins/{digest}.wasm from a backup)"
+                        ),
+                    });
+                }
                 let c = match self.engine.compile(&bytes) {
                     Err(PluginError::Unfit(why)) => return Err(self.note_unfit(id, why)),
                     other => other?,
                 };
                 if let Ok(artifact) = self.engine.precompile(&bytes) {
                     let _ = std::fs::remove_file(&cwasm);
-                    let _ = write_once(&cwasm, &artifact);
+                    let _ = write_once(&cwasm, &crate::engine::seal_artifact(&artifact));
                 }
                 c
             }
@@ -672,17 +690,56 @@ pub(crate) fn write_replace_if_changed(path: &Path, bytes: &[u8]) -> std::io::Re
     write_replace(path, bytes)
 }
 
+/// What a temporary file's extension starts with (`<digest>.tmp<pid>`), before the process id.
+const TMP: &str = "tmp";
+
+/// Removes the temporary files of plugin writes that a killed process left in `dir` (its
+/// pid in the name, no longer running): each held the part of a component or artifact
+/// written before the kill, and on a full disk kept the space an operator had just freed.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, ext)| ext.strip_prefix(TMP))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let running = pid == std::process::id()
+            || (cfg!(target_os = "linux") && Path::new("/proc").join(pid.to_string()).exists());
+        if !running {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed a plugin file a stopped process left half written")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a plugin file a stopped process left half written")
+                }
+            }
+        }
+    }
+}
+
 /// Writes a content-addressed file atomically (temp file, fsync, rename, fsync dir); a file
 /// that already exists is left alone since its name is its content.
 fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = File::create(&tmp)?;
+    let tmp = path.with_extension(format!("{TMP}{}", std::process::id()));
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A part written (a full disk) would keep its space for ever: nothing else removes it.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {

@@ -1995,3 +1995,77 @@ async fn a_plugin_directory_is_checked_whole_and_its_hidden_files_skipped() {
     assert_eq!(names, ["thermostat"]);
     rt.shutdown().await;
 }
+
+/// The files of the thermostat's stored version in `dir`: its component and its artifact.
+fn thermostat_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(support::plugin_dir().join("thermostat.wasm")).expect("component");
+    let hex = hex::encode(sha2::Sha256::digest(&bytes));
+    let plugins = dir.join("plugins");
+    (
+        plugins.join(format!("{hex}.wasm")),
+        plugins.join(format!("{hex}.cwasm")),
+    )
+}
+
+/// Changes the first `last_celsius` in `file` to `last_celsiu0`: a one-byte change that
+/// still runs, and shows in the state if it does.
+fn damage_a_name(file: &Path) {
+    let mut bytes = std::fs::read(file).expect("read");
+    let at = bytes
+        .windows(12)
+        .position(|w| w == b"last_celsius")
+        .expect("the name is in the file");
+    bytes[at + 11] = b'0';
+    std::fs::write(file, bytes).expect("write");
+}
+
+/// Stored plugin files are checked before they run: a precompiled artifact with one byte
+/// changed is compiled again from its component, and a component whose bytes no longer
+/// match their digest is not run at all (the device's plugin is unavailable, saying why).
+/// Before, both ran as they were: a changed byte of a string constant renamed a field of
+/// every state the version served, and of the snapshots it took. Temporary files a killed
+/// upload left are removed at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_plugin_files_never_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 1_000).await;
+    rt.provision("t", "thermostat", &json!({"setpoint": 21.0}))
+        .await
+        .expect("provision");
+    rt.send("t", r#"{"type":"reading","celsius":25.0}"#)
+        .await
+        .expect("reading");
+    rt.shutdown().await;
+    drop(rt);
+    let (wasm, cwasm) = thermostat_files(dir.path());
+
+    damage_a_name(&cwasm);
+    let left = dir.path().join("plugins").join("0123abcd.tmp4000000");
+    std::fs::write(&left, b"half an upload").expect("temporary");
+    let rt = open(dir.path(), 1_000).await;
+    assert!(!left.exists(), "a killed upload's temporary file is left");
+    rt.send("t", r#"{"type":"reading","celsius":15.0}"#)
+        .await
+        .expect("reading");
+    let state = parse(&rt.device("t").await.expect("t").state);
+    assert_eq!(state["last_celsius"], json!(15.0), "{state}");
+    rt.shutdown().await;
+    drop(rt);
+    let rebuilt = std::fs::read(&cwasm).expect("artifact");
+    assert!(
+        !rebuilt.windows(12).any(|w| w == b"last_celsiu0"),
+        "the damaged artifact is compiled again"
+    );
+
+    damage_a_name(&wasm);
+    std::fs::remove_file(&cwasm).expect("artifact");
+    let rt = open(dir.path(), 1_000).await;
+    let refused = rt
+        .send("t", r#"{"type":"reading","celsius":16.0}"#)
+        .await
+        .expect_err("a damaged component does not run");
+    assert_eq!(refused.kind(), ErrorKind::PluginUnavailable, "{refused}");
+    assert!(refused.to_string().contains("damaged"), "{refused}");
+    rt.shutdown().await;
+}

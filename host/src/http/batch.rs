@@ -262,15 +262,19 @@ pub async fn ingest(State(app): State<App>, _: NoQuery, body: Body) -> Result<Re
     // batch answers with what it has (see `cut_short`); the items still waiting stay `None`.
     let mut cut = app.cut_short.subscribe();
     let mut cut_short = false;
+    // Once cut short, each item's reply is looked at once: outside tokio's cooperative
+    // budget, which after 128 looks in one poll says "not yet" to every later one (a review
+    // saw items durable long before the cut answered `shutting-down`).
+    let look = |send: &mut SendFuture<'_>| tokio::task::unconstrained(send.as_mut()).now_or_never();
     for (i, mut send) in pending {
         results[i] = if cut_short {
-            send.as_mut().now_or_never()
+            look(&mut send)
         } else {
             tokio::select! {
                 r = &mut send => Some(r),
                 () = cut_short_signal(&mut cut) => {
                     cut_short = true;
-                    send.as_mut().now_or_never()
+                    look(&mut send)
                 }
             }
         };

@@ -43,7 +43,7 @@ pub async fn metrics(State(app): State<App>) -> Response {
 /// host:port`, `OPTIONS *`) is named as sent: its path is empty.
 pub async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     let target = match uri.path() {
-        "" | "/" if uri.authority().is_some() || uri.to_string() == "*" => uri.to_string(),
+        "" | "/" if uri.authority().is_some() || uri == "*" => uri.to_string(),
         path => path.to_string(),
     };
     ApiError::http(
