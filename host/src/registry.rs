@@ -198,10 +198,20 @@ impl Registry {
         for p in table.current.values_mut() {
             p.previous.clear();
         }
-        match std::fs::read(dir.join(POINTERS_FILE)) {
+        let pointers = dir.join(POINTERS_FILE);
+        match std::fs::read(&pointers) {
             Ok(bytes) => {
-                let saved: Saved = serde_json::from_slice(&bytes)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{} is damaged ({e}): it says which version of each plugin is \
+                             current; restore it from a backup (deleted, each plugin's newest \
+                             version is taken as current, and the rollback history is lost)",
+                            pointers.display()
+                        ),
+                    )
+                })?;
                 let (saved, removed) = match saved {
                     Saved::Now { current, removed } => (current.into_iter().collect(), removed),
                     Saved::Pointers(current) => (current, Default::default()),
@@ -232,7 +242,21 @@ impl Registry {
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Written at the first registration, so missing beside recorded versions
+                // means deleted (or lost): each plugin's newest version stands, as if
+                // deployed, so that no start-up file moves it back (it undid deploys made
+                // over HTTP without a word).
+                for p in table.current.values_mut() {
+                    p.origin = Origin::Upload;
+                }
+                if !table.current.is_empty() {
+                    tracing::warn!(
+                        file = %pointers.display(),
+                        "the record of each plugin's current version is missing: each plugin's newest version is taken as current and no start-up file moves it; the rollback history is lost (restore the file from a backup to get them back)"
+                    );
+                }
+            }
             Err(e) => return Err(e),
         }
         Ok(Registry {

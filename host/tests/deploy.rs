@@ -1494,3 +1494,44 @@ async fn an_import_numbers_plugin_versions_in_the_sources_order() {
     assert_eq!(runs(&rt), ran);
     rt.shutdown().await;
 }
+
+/// The record of each plugin's current version (`plugins/current.json`) lost: the newest
+/// version stands and no start-up file moves it back (it undid a deploy without a word);
+/// damaged: the start is refused naming the file (it named only serde's complaint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_record_of_current_versions_undoes_no_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    rt.provision("d", "misbehave", &json!({})).await.unwrap();
+    let v2 = register_v2(&rt).await;
+    rt.deploy("misbehave", v2.version, false).await.unwrap();
+    rt.send("d", OK).await.unwrap();
+    assert_eq!(version(&rt, "d"), v2.version);
+    rt.shutdown().await;
+    drop(rt);
+    let pointers = dir.path().join("plugins/current.json");
+
+    std::fs::write(&pointers, b"{\"current\": [").unwrap();
+    let refused = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .err()
+        .expect("a damaged record refuses the start");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("current.json is damaged") && message.contains("backup"),
+        "{message}"
+    );
+
+    std::fs::remove_file(&pointers).unwrap();
+    let rt = open(dir.path()).await;
+    assert_eq!(rt.current_version("misbehave"), Some(v2.version));
+    rt.send("d", OK).await.unwrap();
+    assert_eq!(
+        version(&rt, "d"),
+        v2.version,
+        "moved back by the start-up file"
+    );
+    rt.shutdown().await;
+}
