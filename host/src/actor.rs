@@ -83,7 +83,10 @@ pub struct ActorEnv {
     pub slow_folds: upgrade::SlowFolds,
     /// Set when the server starts to stop (before it drains its connections): no fold of a
     /// new version starts, and those under way stop, so a version that spins never holds
-    /// the drain. Devices stay on their version and move at a later activation.
+    /// the drain. Devices stay on their version and move at a later activation. And an
+    /// event nobody waits for any more (its connection closed, a batch answered at the
+    /// drain timeout) is not handled from then on: never acknowledged, and a batch cut short
+    /// told its caller so.
     pub upgrades_stopped: AtomicBool,
     /// (device number, plugin version id) pairs whose snapshots failed, taken (a trap or a
     /// timeout in `snapshot`) or restored (at an activation): no more are taken, and
@@ -901,10 +904,11 @@ impl Actor {
                 let _ = reply.send(Ok(self.status()));
             }
             // Stopping, and nobody waits for the answer (the server closed its
-            // connection at the drain timeout, or the caller went away): never
-            // acknowledged, so not handled either, lest a mailbox of slow events
-            // hold the stop for minutes.
-            Message::Event(e) if e.reply.is_closed() && self.stopping() => drop(e),
+            // connection at the drain timeout, answered a batch cut short there, or the
+            // caller went away): never acknowledged, so not handled either, lest a
+            // mailbox of slow events hold the stop for minutes, or a batch's items
+            // answered `shutting-down` be made durable after all.
+            Message::Event(e) if e.reply.is_closed() && self.upgrades_stopped() => drop(e),
             // One reading of the clock: a quarantine ending between two would
             // drop the reply unanswered.
             Message::Event(e) => match self.quarantined() {

@@ -175,6 +175,9 @@ impl ItemOut {
     }
 }
 
+/// How long a batch cut short waits for the commits under way before it answers.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Resolves once the server's drain timeout cuts batches short; never if it does not.
 async fn cut_short_signal(cut: &mut tokio::sync::watch::Receiver<bool>) {
     if cut.wait_for(|c| *c).await.is_err() {
@@ -274,6 +277,9 @@ pub async fn ingest(State(app): State<App>, _: NoQuery, body: Body) -> Result<Re
                 r = &mut send => Some(r),
                 () = cut_short_signal(&mut cut) => {
                     cut_short = true;
+                    // Items already handed to the journal are durable within a commit or
+                    // two: waited for, they are answered with their seq, not as cut off.
+                    tokio::time::sleep(SETTLE).await;
                     look(&mut send)
                 }
             }

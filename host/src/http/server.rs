@@ -44,6 +44,9 @@ pub struct Server {
     /// Set at the drain timeout first: batches answer with what they have
     /// ([`super::AppState::cut_short`]).
     cut_short: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How long those answers get to be made and written before every connection still open
+    /// is closed: the shutdown grace ([`Limits::shutdown_grace`]).
+    cut_short_write: Duration,
     task: JoinHandle<()>,
 }
 
@@ -55,10 +58,6 @@ retry-after: 1\r\n\
 connection: close\r\n\
 content-length: 94\r\n\r\n\
 {\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
-
-/// How long batches cut short at the drain timeout get to write their answers before every
-/// connection still open is closed.
-const CUT_SHORT_WRITE: Duration = Duration::from_millis(500);
 
 /// Connections refused over the cap, logged at most once a second with how many there were
 /// since the last line: one line each let a client opening connections in a loop flood the
@@ -92,6 +91,9 @@ impl Refusals {
 struct Busy {
     /// Requests whose handler runs (an event waiting for its durability, a deploy...).
     handling: Arc<AtomicUsize>,
+    /// Answers made so far (a handler done): one made after the server began to stop may
+    /// still be in hyper's buffer, see [`closed_when_idle`].
+    answers: Arc<AtomicUsize>,
     /// Answers whose body is still being written.
     answering: Arc<AtomicUsize>,
 }
@@ -153,6 +155,7 @@ async fn closed_when_idle(
         // The server went without stopping: nothing to do.
         return std::future::pending().await;
     }
+    let answers = busy.answers.load(Ordering::Acquire);
     tokio::time::sleep(grace).await;
     let poll = Duration::from_millis(20);
     while busy.handling.load(Ordering::Acquire) > 0 {
@@ -161,6 +164,12 @@ async fn closed_when_idle(
     let written_by = tokio::time::Instant::now() + grace;
     while busy.answering.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < written_by {
         tokio::time::sleep(poll).await;
+    }
+    if busy.answers.load(Ordering::Acquire) != answers {
+        // hyper takes an answer's body whole and writes it from its own buffer: the body is
+        // done before the bytes are sent. Its graceful close ends the connection once they
+        // are; closed here at once, a large answer (a batch's) was cut off mid-body.
+        tokio::time::sleep_until(written_by).await;
     }
 }
 
@@ -263,6 +272,7 @@ impl Server {
                         let handling = InFlight::enter(&busy.handling);
                         let answer = hyper::service::Service::call(&tower, req);
                         let answering = busy.answering.clone();
+                        let answers = busy.answers.clone();
                         async move {
                             let answer = answer.await.map(|response| {
                                 response.map(|body| Answer {
@@ -271,6 +281,7 @@ impl Server {
                                 })
                             });
                             drop(handling);
+                            answers.fetch_add(1, Ordering::AcqRel);
                             answer
                         }
                     })
@@ -315,6 +326,7 @@ impl Server {
             stop: Some(stop),
             abandon,
             cut_short,
+            cut_short_write: grace,
             task,
         })
     }
@@ -345,7 +357,7 @@ impl Server {
         }
         // Batches still waiting answer with what they have, and get a moment to be written.
         self.cut_short.send_replace(true);
-        if tokio::time::timeout(CUT_SHORT_WRITE, &mut self.task)
+        if tokio::time::timeout(self.cut_short_write, &mut self.task)
             .await
             .is_ok()
         {
