@@ -258,9 +258,19 @@ impl EngineConfig {
     /// The settings recorded in `data_dir` by the runtime that owns it, or the defaults if
     /// none were recorded.
     pub fn load(data_dir: &std::path::Path) -> std::io::Result<EngineConfig> {
-        match std::fs::read(data_dir.join(Self::FILE_NAME)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        let path = data_dir.join(Self::FILE_NAME);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is damaged ({e}): it records the server's guest settings (time \
+                         budgets, memory cap); a server started on the directory writes it \
+                         again from its flags, or restore it from a backup",
+                        path.display()
+                    ),
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EngineConfig::default()),
             Err(e) => Err(e),
         }
@@ -526,6 +536,20 @@ mod millis {
 mod tests {
     use super::ActorConfig;
     use super::defaults::*;
+
+    /// A damaged `engine.json` is named in the error (it said only serde's complaint, and
+    /// `drover replay` printed "EOF while parsing a string at line 3 column 15").
+    #[test]
+    fn a_damaged_engine_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(super::EngineConfig::FILE_NAME),
+            b"{\n  \"call_timeout\": \"",
+        )
+        .expect("write");
+        let e = super::EngineConfig::load(dir.path()).expect_err("damaged");
+        assert!(e.to_string().contains("engine.json is damaged"), "{e}");
+    }
 
     const MEMINFO_24G: &str = "MemTotal:       25165824 kB\nMemFree:        20000000 kB\n\
                                CommitLimit:    12582912 kB\nCommitted_AS:    1000000 kB\n";

@@ -1018,12 +1018,23 @@ impl Journal {
                 format!("a command acknowledgement of device {device}")
             }
         };
-        tracing::error!(
-            offset,
-            %wanted,
-            %found,
-            "journal: the index points at the wrong record; its checkpoint is removed so the next start rebuilds it from the journal"
-        );
+        // A read-only open (`drover replay`, an export) has no checkpoint of its own to remove:
+        // it must not say it removed the server's.
+        if self.index().spill.is_some() {
+            tracing::error!(
+                offset,
+                %wanted,
+                %found,
+                "journal: the index points at the wrong record; its checkpoint is removed so the next start rebuilds it from the journal"
+            );
+        } else {
+            tracing::error!(
+                offset,
+                %wanted,
+                %found,
+                "journal: the index points at the wrong record (read-only: its checkpoint is left; a server started on the directory trusts it until it reads this record, then removes it)"
+            );
+        }
         self.discard_checkpoint();
         JournalError::Read {
             offset,

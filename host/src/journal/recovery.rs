@@ -385,15 +385,33 @@ pub(super) fn recover(
         Some(path) => {
             let saved_to = side_file(path, &format!("dropped-{offset}"));
             // Streamed, so a large tail does not need to fit in memory.
-            let mut saved = File::create(&saved_to)?;
-            let mut source = SeqReader {
-                backend: storage,
-                pos: offset,
-                len: file_len,
-            };
-            std::io::copy(&mut source, &mut saved)?;
-            saved.sync_all()?;
-            Some(saved_to)
+            let saved = File::create(&saved_to).and_then(|mut saved| {
+                let mut source = SeqReader {
+                    backend: storage,
+                    pos: offset,
+                    len: file_len,
+                };
+                std::io::copy(&mut source, &mut saved)?;
+                saved.sync_all()
+            });
+            match saved {
+                Ok(()) => Some(saved_to),
+                // The tail is a torn write, never acknowledged: its copy is for the curious.
+                // On a full disk the copy cannot be written, and the cut is what frees the
+                // space; refusing the start for it kept a crashed server down until an
+                // operator freed space by hand.
+                Err(e) => {
+                    let _ = std::fs::remove_file(&saved_to);
+                    tracing::warn!(
+                        file = %saved_to.display(),
+                        offset,
+                        bytes = dropped,
+                        error = %e,
+                        "cannot save a copy of the torn tail (never acknowledged); cutting it all the same"
+                    );
+                    None
+                }
+            }
         }
         None => None,
     };

@@ -243,6 +243,27 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5));
 }
 
+/// A torn tail whose copy cannot be written (here its name is taken by a directory; in life,
+/// a full disk) is cut all the same: it was never acknowledged, and the cut is what frees
+/// the space. (The start failed with "No space left on device" and nothing else.)
+#[tokio::test]
+async fn a_torn_tail_whose_copy_cannot_be_written_is_cut_all_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = seeded(dir.path(), 5).await;
+    let intact = journal.read_events(0, 1, 4).expect("read");
+    let last = journal.index().offset_of(0, 5).expect("offset") as usize;
+    let image = crash_image(dir.path());
+    crash_with(journal, dir.path(), &image[..last + 10]);
+    let taken = dir.path().join(format!("{FILE_NAME}.dropped-{last}"));
+    std::fs::create_dir(&taken).expect("the copy's name taken");
+
+    let (journal, recovery) = open_dir(dir.path()).expect("opens");
+    let dropped = recovery.dropped.expect("torn tail reported");
+    assert!(dropped.torn && dropped.saved_to.is_none(), "{dropped:?}");
+    assert_eq!(journal.read_events(0, 1, 4).expect("read"), intact);
+    assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(4));
+}
+
 #[tokio::test]
 async fn a_flipped_byte_in_the_last_commit_of_a_crash_is_a_torn_write() {
     let dir = tempfile::tempdir().expect("tempdir");
