@@ -142,11 +142,15 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
         tries += 1;
         match copy_journal(data_dir, to) {
             Ok(done) => break done,
-            Err(e) if tries < 3 => {
+            // Only a copy that does not open may be one the journal changed under; a write
+            // that failed (a full disk) fails the same way again, and says so at once.
+            Err(e) if tries < 3 && !failed_to_write(&e) => {
                 tracing::warn!(error = %e, "backup: the journal changed under the copy; taking it again");
                 remove_journal_copy(to)?;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(e).with_context(|| format!("copying the journal into {}", to.display()));
+            }
         }
     };
 
@@ -395,6 +399,22 @@ fn copy_index(data_dir: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `e` is a write the target refused for want of space or quota: not a journal that
+/// changed under the copy.
+fn failed_to_write(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::PermissionDenied
+            )
+        })
+}
+
 /// Removes what a journal copy that failed left in `to`.
 fn remove_journal_copy(to: &Path) -> anyhow::Result<()> {
     for segment in journal::SegmentedBackend::list(to)? {
@@ -412,4 +432,24 @@ fn copy_synced(from: &Path, to: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     File::open(to)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failed_to_write;
+
+    /// A full target disk is not a journal that changed under the copy: the copy is not
+    /// taken again, twice, logging that it changed (a review saw exactly that on ENOSPC).
+    #[test]
+    fn a_full_target_is_no_journal_that_changed() {
+        let full = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            .context("copying the journal");
+        assert!(failed_to_write(&full));
+        let changed = anyhow::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "torn commit",
+        ))
+        .context("checking the copied journal");
+        assert!(!failed_to_write(&changed));
+    }
 }
