@@ -149,7 +149,8 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
                 remove_journal_copy(to)?;
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("copying the journal into {}", to.display()));
+                return Err(e)
+                    .with_context(|| format!("copying the journal into {}", to.display()));
             }
         }
     };

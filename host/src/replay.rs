@@ -544,10 +544,20 @@ async fn rebuild_from(
         &mut tried,
     )
     .await
-    .map_err(|f| RebuildFailure {
-        snapshot_failed: tried.snapshot_failed,
-        restored: tried.restored,
-        ..f
+    .map_err(|mut f| {
+        // The budget named is the whole rebuild's: say where the part the replay lacked went.
+        if f.timed_out
+            && tried.snapshot_failed
+            && tried.restored.is_none()
+            && let Error::Activation(message) = &mut f.error
+        {
+            message.push_str(" (after snapshots that would not restore used up to half of it)");
+        }
+        RebuildFailure {
+            snapshot_failed: tried.snapshot_failed,
+            restored: tried.restored,
+            ..f
+        }
     })
 }
 
