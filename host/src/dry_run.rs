@@ -163,6 +163,33 @@ enum Folder {
     Failed,
 }
 
+/// The candidate (`want`) brought up to `seq` by folding the recorded transitions; `None`
+/// if it cannot fold them (recorded in `out`). A server short of a core or of memory is
+/// the error: the dry run is inconclusive.
+fn folded_up_to(
+    journal: &Journal,
+    registry: &Registry,
+    want: &DeviceHead,
+    seq: u64,
+    start: Start,
+    out: &mut DeviceDryRun,
+) -> Result<Option<Instance>, Error> {
+    match replay::rebuild_reporting(journal, registry, want, seq, start) {
+        Ok(r) => Ok(Some(r.instance)),
+        Err(f) if matches!(f.error, Error::Overloaded(_)) => Err(f.error),
+        Err(f) => {
+            out.timed_out |= f.timed_out;
+            out.fold_failed_seq = f.seq;
+            out.error.get_or_insert(format!(
+                "cannot fold the recorded transitions: {}",
+                candidate_says(&f.error)
+            ));
+            out.folds = false;
+            Ok(None)
+        }
+    }
+}
+
 fn one_pass(
     journal: &Journal,
     registry: &Registry,
@@ -315,26 +342,11 @@ fn one_pass(
                 // From here the decider's state is its own: fold the recorded transitions in
                 // an instance of their own, brought up to just before this event.
                 if matches!(folder, Folder::SameAsDecider) {
-                    folder = match replay::rebuild_reporting(
-                        journal,
-                        registry,
-                        &want,
-                        record.seq - 1,
-                        start,
-                    ) {
-                        Ok(r) => Folder::Own(Box::new(r.instance)),
-                        Err(f) if matches!(f.error, Error::Overloaded(_)) => return Err(f.error),
-                        Err(f) => {
-                            out.timed_out |= f.timed_out;
-                            out.fold_failed_seq = f.seq;
-                            out.error.get_or_insert(format!(
-                                "cannot fold the recorded transitions: {}",
-                                candidate_says(&f.error)
-                            ));
-                            out.folds = false;
-                            Folder::Failed
-                        }
-                    };
+                    folder =
+                        match folded_up_to(journal, registry, &want, record.seq - 1, start, out)? {
+                            Some(instance) => Folder::Own(Box::new(instance)),
+                            None => Folder::Failed,
+                        };
                 }
                 if let Some(decided) = decided {
                     out.diverged_events += 1;
@@ -373,24 +385,12 @@ fn one_pass(
                 // so does the candidate's here, while its state is still the recorded one.
                 decider = match folder {
                     Folder::SameAsDecider => {
-                        match replay::rebuild_reporting(journal, registry, &want, record.seq, start)
-                        {
-                            Ok(r) => Some(r.instance),
-                            Err(f) if matches!(f.error, Error::Overloaded(_)) => {
-                                return Err(f.error);
-                            }
-                            Err(f) => {
-                                out.timed_out |= f.timed_out;
-                                out.fold_failed_seq = f.seq;
-                                out.error.get_or_insert(format!(
-                                    "cannot fold the recorded transitions: {}",
-                                    candidate_says(&f.error)
-                                ));
-                                out.folds = false;
-                                folder = Folder::Failed;
-                                None
-                            }
+                        let rebuilt =
+                            folded_up_to(journal, registry, &want, record.seq, start, out)?;
+                        if rebuilt.is_none() {
+                            folder = Folder::Failed;
                         }
+                        rebuilt
                     }
                     // Its state was its own already: what it would be rebuilt from is not
                     // recorded, so nothing after this is compared.

@@ -565,22 +565,7 @@ async fn a_broken_chunked_body_is_refused_saying_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
     let _serial = serial().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(support::PluginDir)
-        .call_timeout(Duration::from_secs(2))
-        .open()
-        .await
-        .expect("runtime");
-    for id in ["s", "f", "probe"] {
-        rt.provision(id, "misbehave", &serde_json::json!({}))
-            .await
-            .expect("provision");
-    }
-    let spin = support::spins_for(&rt, "probe", 0.15).await;
-    let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
-        .await
-        .expect("server");
+    let (dir, rt, server, spin) = slow_and_quick().await;
     let addr = server.local_addr();
     // A quick item, 16 slow ones of one device (~2.4 s of work), then 200 quick ones of
     // another, all durable long before the cut though the handler reaches them only after
@@ -590,16 +575,7 @@ async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
     let mut events = vec![serde_json::json!({"device": "f", "event": ok})];
     events.extend((0..16).map(|_| serde_json::json!({"device": "s", "event": slow})));
     events.extend((0..200).map(|_| serde_json::json!({"device": "f", "event": ok})));
-    let body = serde_json::json!({ "events": events }).to_string();
-    let client = std::thread::spawn(move || {
-        let mut conn = connect(addr);
-        let request = format!(
-            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        conn.write_all(request.as_bytes()).expect("request");
-        read_to_close(conn).0
-    });
+    let client = post_batch(addr, &events, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let drained = server.shutdown(Duration::from_millis(500)).await;
     assert!(!drained, "16 slow events cannot drain in 0.5 s");
@@ -650,6 +626,36 @@ async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_answer_finished_while_draining_is_written_whole() {
     let _serial = serial().await;
+    let (_dir, rt, server, spin) = slow_and_quick().await;
+    let addr = server.local_addr();
+    // ~1.2 s of slow items, past the shutdown grace, and 120 items answering 64 KiB each.
+    let slow: serde_json::Value = serde_json::from_str(&support::slow_apply(spin, 1)).unwrap();
+    let big = serde_json::json!({"type": "big", "kb": 64});
+    let mut events: Vec<_> = (0..8)
+        .map(|_| serde_json::json!({"device": "s", "event": slow}))
+        .collect();
+    events.extend((0..120).map(|_| serde_json::json!({"device": "f", "event": big})));
+    // A client slower than loopback: the answer waits in the server's buffers.
+    let client = post_batch(addr, &events, Duration::from_millis(1800));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let drained = server.shutdown(Duration::from_secs(20)).await;
+    assert!(drained, "drained within its timeout");
+    rt.shutdown().await;
+    let answer = client.join().expect("client");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    let (_, json) = answer.split_once("\r\n\r\n").expect("a body");
+    let batch: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("a whole answer ({} bytes of body): {e}", json.len()));
+    assert_eq!(batch["ok"], 128, "{}", &json[..json.len().min(300)]);
+}
+
+/// A server over misbehave devices `s` (for slow events), `f` (for quick ones) and `probe`,
+/// and how many `slow_apply` spins take 0.15 s here.
+async fn slow_and_quick() -> (tempfile::TempDir, Runtime, Server, u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = Runtime::builder(dir.path())
         .plugin_dir(support::PluginDir)
@@ -666,40 +672,27 @@ async fn a_large_answer_finished_while_draining_is_written_whole() {
     let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
         .await
         .expect("server");
-    let addr = server.local_addr();
-    // ~1.2 s of slow items, past the shutdown grace, and 120 items answering 64 KiB each.
-    let slow: serde_json::Value = serde_json::from_str(&support::slow_apply(spin, 1)).unwrap();
-    let big = serde_json::json!({"type": "big", "kb": 64});
-    let mut events: Vec<_> = (0..8)
-        .map(|_| serde_json::json!({"device": "s", "event": slow}))
-        .collect();
-    events.extend((0..120).map(|_| serde_json::json!({"device": "f", "event": big})));
+    (dir, rt, server, spin)
+}
+
+/// Posts `events` as one batch on a connection of its own, waits `before_reading`, and reads
+/// the answer until the server closes the connection.
+fn post_batch(
+    addr: SocketAddr,
+    events: &[serde_json::Value],
+    before_reading: Duration,
+) -> std::thread::JoinHandle<String> {
     let body = serde_json::json!({ "events": events }).to_string();
-    let client = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut conn = connect(addr);
         let request = format!(
             "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         conn.write_all(request.as_bytes()).expect("request");
-        // A client slower than loopback: the answer waits in the server's buffers.
-        std::thread::sleep(Duration::from_millis(1800));
+        std::thread::sleep(before_reading);
         read_to_close(conn).0
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let drained = server.shutdown(Duration::from_secs(20)).await;
-    assert!(drained, "drained within its timeout");
-    rt.shutdown().await;
-    let answer = client.join().expect("client");
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "{}",
-        &answer[..answer.len().min(300)]
-    );
-    let (_, json) = answer.split_once("\r\n\r\n").expect("a body");
-    let batch: serde_json::Value = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("a whole answer ({} bytes of body): {e}", json.len()));
-    assert_eq!(batch["ok"], 128, "{}", &json[..json.len().min(300)]);
+    })
 }
 
 /// Held by the tests whose slow events are calibrated against the machine: one at a time,
