@@ -605,8 +605,9 @@ async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
         "{batch}"
     );
     assert_eq!(batch["ok"], durable + 201, "{batch}");
-    // What was answered with a seq is durable; of the rest, only the one its device was
-    // handling at the cut may be (those handed to the journal are waited for).
+    // What was answered with a seq is durable; of the rest, only what its device had under
+    // way at the cut may be: the event it was handling, and (the actor pipelines) the one
+    // whose commit a loaded machine had not finished within the batch's wait.
     let rt = Runtime::builder(dir.path())
         .plugin_dir(support::PluginDir)
         .open()
@@ -614,7 +615,7 @@ async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
         .expect("reopens");
     let seq = rt.summary("s").expect("s").seq;
     assert!(
-        seq == durable as u64 || seq == durable as u64 + 1,
+        (durable as u64..=durable as u64 + 2).contains(&seq),
         "{seq} records, {durable} answered durable"
     );
     rt.shutdown().await;
