@@ -754,8 +754,11 @@ async fn message_counters_count_each_message_once_by_what_became_of_it() {
     .await;
     assert_eq!(counters(), (0, 1), "undeliverable, never delivered");
 
-    // b busy with slow events, its mailbox of 2 full: a's messages wait for room.
-    let slow = json!({"type": "slow_apply", "spin": 30_000_000, "count": 1}).to_string();
+    // b busy with slow events, its mailbox of 2 full: a's messages wait for room. The slow
+    // events take ~0.6 s each whatever the machine (calibrated): on a CI disk whose fsyncs
+    // were slow, ten relays committed one by one outlasted a fixed spin, b took every
+    // message and none was owed when it went.
+    let slow = support::slow_apply(support::spins_for(&rt, "b", 0.6).await, 1);
     let busy: Vec<_> = (0..3)
         .map(|_| {
             let (rt, slow) = (rt.clone(), slow.clone());
@@ -766,6 +769,10 @@ async fn message_counters_count_each_message_once_by_what_became_of_it() {
     for _ in 0..10 {
         rt.send("a", &relay("b")).await.expect("sent");
     }
+    assert!(
+        busy.iter().any(|b| !b.is_finished()),
+        "b still busy when it goes"
+    );
     rt.remove_device("b", false).await.expect("removed");
     for b in busy {
         let _ = b.await.expect("task");
