@@ -209,6 +209,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Free bytes on the data directory's filesystem under which
+    /// [`Runtime::readiness`](crate::Runtime::readiness) (`GET /readyz`) says the server is
+    /// not ready (default 64 MiB: one record of the largest size the journal accepts). A
+    /// probe, not a limit: writes are tried whatever the free space.
+    pub fn min_free_space(mut self, bytes: u64) -> Self {
+        self.config.min_free_space = bytes;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs

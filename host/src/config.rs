@@ -192,6 +192,10 @@ pub mod defaults {
     /// How often the runtime looks for devices whose old snapshot held a retention pass back
     /// (it acts only after a pass: one per index checkpoint, and one at start).
     pub const RETENTION_REFRESH_EVERY: Duration = Duration::from_secs(5);
+    /// Free bytes on the data directory's filesystem under which `/readyz` answers not ready
+    /// (`disk-low`, see `crate::readiness`): one record of the largest size the journal
+    /// accepts (`journal::record::MAX_BODY_LEN`), so a ready server can take any event.
+    pub const MIN_FREE_SPACE: u64 = 64 << 20;
     /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
     /// are closed. Well under the process's file limit (20,000 on this machine's kind);
     /// `drover serve` lowers it to what a lower limit holds beside the journal's segments.
@@ -370,6 +374,9 @@ pub struct Config {
     /// How often the runtime looks for devices whose old snapshot held a retention pass back,
     /// to ask them for a fresh one (`None`: never; see `Runtime::refresh_retention`).
     pub retention_refresh: Option<Duration>,
+    /// Free bytes on the data directory's filesystem under which the server says it is not
+    /// ready (see `crate::readiness`).
+    pub min_free_space: u64,
 }
 
 impl Default for Config {
@@ -386,6 +393,7 @@ impl Default for Config {
             segment_bytes: crate::journal::SEGMENT_BYTES,
             retention: crate::journal::Retention::default(),
             retention_refresh: Some(defaults::RETENTION_REFRESH_EVERY),
+            min_free_space: defaults::MIN_FREE_SPACE,
         }
     }
 }

@@ -137,6 +137,12 @@ pub enum Error {
         version: u32,
         why: String,
     },
+    /// A write to the data directory outside the journal (a plugin's component, the record
+    /// of current plugin versions, a removed device's archive) found the disk full: code
+    /// `journal` and 503 like a commit on a full disk, since it is the same condition and
+    /// clears the same way.
+    #[error("{what}: the disk is full ({message}); retry once space is freed")]
+    StorageFull { what: String, message: String },
     #[error("the runtime is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -251,7 +257,7 @@ impl Error {
             Error::Journal(JournalError::RetainedAway { .. }) | Error::StateRetainedAway { .. } => {
                 ErrorKind::RetainedAway
             }
-            Error::Journal(_) => ErrorKind::Journal,
+            Error::Journal(_) | Error::StorageFull { .. } => ErrorKind::Journal,
             Error::Activation(_) => ErrorKind::ActivationFailed,
             Error::PluginUnavailable { .. } => ErrorKind::PluginUnavailable,
             Error::ShuttingDown => ErrorKind::ShuttingDown,
@@ -262,6 +268,21 @@ impl Error {
     /// A short stable word naming the kind of error, as used in the HTTP error shape.
     pub fn code(&self) -> &'static str {
         self.kind().code()
+    }
+}
+
+impl Error {
+    /// A failed write of `what` to the data directory: [`Error::StorageFull`] when the disk
+    /// (or the user's quota) is full, which clears once space is freed; internal otherwise.
+    pub(crate) fn writing(what: &str, e: std::io::Error) -> Error {
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        match e.kind() {
+            StorageFull | QuotaExceeded => Error::StorageFull {
+                what: what.to_string(),
+                message: e.to_string(),
+            },
+            _ => Error::Internal(format!("{what}: {e}")),
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub mod journal;
 pub mod metrics;
 mod outbox;
 mod outbox_api;
+pub mod readiness;
 pub mod registry;
 mod removal;
 pub mod replay;

@@ -306,7 +306,7 @@ impl Registry {
             let (compiled, artifact) = engine.compile_with_artifact(&bytes)?;
             let hex = hex::encode(digest);
             write_once(&dir.join(format!("{hex}.wasm")), &bytes)
-                .map_err(|e| Error::Internal(format!("storing plugin: {e}")))?;
+                .map_err(|e| Error::writing("storing the plugin's component", e))?;
             if !artifact.is_empty()
                 && let Err(e) = write_once(
                     &dir.join(format!("{hex}.cwasm")),
@@ -494,7 +494,7 @@ impl Registry {
         })
         .map_err(|e| Error::Internal(format!("encoding plugin pointers: {e}")))?;
         write_replace_if_changed(&self.dir.join(POINTERS_FILE), &bytes)
-            .map_err(|e| Error::Internal(format!("recording the current plugin versions: {e}")))
+            .map_err(|e| Error::writing("recording the current plugin versions", e))
     }
 
     /// Changes the table with `change` durably: on a copy, saved, then made the table. One

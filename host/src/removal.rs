@@ -306,7 +306,7 @@ impl Runtime {
 
     /// Writes device `id`'s journal to `<data>/archive/<id>.<at_ms>.jsonl`.
     fn write_archive(&self, id: &str, seq: u64, at_ms: u64) -> Result<PathBuf, Error> {
-        let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
+        let io = |e: std::io::Error| Error::writing("writing the archive", e);
         let summary = self
             .summary(id)
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
@@ -345,7 +345,7 @@ impl Runtime {
         seq: u64,
         at_ms: u64,
     ) -> Result<(), Error> {
-        let io = |e: std::io::Error| Error::Internal(format!("writing the archive: {e}"));
+        let io = |e: std::io::Error| Error::writing("writing the archive", e);
         let mut out = std::io::BufWriter::new(file);
         let header = serde_json::json!({
             "device": id,

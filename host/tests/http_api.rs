@@ -1155,6 +1155,52 @@ fn a_server_whose_stdout_cannot_be_written_keeps_serving() {
     }
 }
 
+/// `/readyz` says whether events sent now can be made durable; `/healthz` only that the
+/// process answers. With less free space on the data directory's filesystem than the
+/// threshold (here one no disk has), the server is not ready (`disk-low`, with `Retry-After`)
+/// while it still serves every request. (A review filled a tmpfs: `/healthz` said ok and
+/// nothing but the metrics told a load balancer that every event would fail.)
+#[test]
+fn readiness_says_when_the_disk_is_too_full_to_take_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    let ready = server.api().get("/readyz");
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    assert_eq!(ready.body, json!({"status": "ready", "reasons": []}));
+    drop(server);
+
+    let server = Server::start(&data, &["--ready-min-free-bytes", &u64::MAX.to_string()]);
+    let api = server.api();
+    let not = api.get("/readyz");
+    assert_eq!(not.status, 503, "{}", not.text);
+    assert_eq!(not.body["status"], "not-ready", "{}", not.text);
+    let reasons = not.body["reasons"].as_array().expect("reasons");
+    assert_eq!(reasons.len(), 1, "{}", not.text);
+    assert_eq!(reasons[0]["code"], "disk-low", "{}", not.text);
+    let message = reasons[0]["message"].as_str().expect("message");
+    assert!(
+        message.contains(&data.display().to_string()) && message.contains("bytes free"),
+        "says where and how much: {message}"
+    );
+    assert_eq!(
+        not.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(api.get("/healthz").status, 200, "alive all the same");
+    api.provision("t", "thermostat", json!({}));
+    assert_eq!(
+        api.send("t", &reading(20.0))["seq"],
+        1,
+        "advice, not a refusal"
+    );
+    let metrics = api.get("/metrics").text;
+    assert!(
+        metrics.contains(r#"route="/readyz""#),
+        "counted under its route"
+    );
+}
+
 /// Connections refused over the cap are logged at most once a second, with their count: a
 /// client opening connections in a loop cannot flood the log (it wrote one line each).
 #[test]

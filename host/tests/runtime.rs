@@ -687,6 +687,43 @@ async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap(
     rt.shutdown().await;
 }
 
+/// Readiness names a journal that went read-only (a failed commit it could not cut back off
+/// the file: every later event fails until a restart) and a stop under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_read_only_journal_and_a_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = FileBackend::open(&dir.path().join(drover::journal::FILE_NAME)).expect("file");
+    let (storage, faults) = FaultyBackend::new(file);
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .journal_storage(Arc::new(storage))
+        // Whatever the test machine's disk holds: this test is not about free space.
+        .min_free_space(0)
+        .open()
+        .await
+        .expect("runtime opens");
+    let codes = |rt: &Runtime| -> Vec<&'static str> {
+        rt.readiness().reasons.iter().map(|r| r.code).collect()
+    };
+    assert!(rt.readiness().is_ready(), "{:?}", rt.readiness());
+    rt.provision("c", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    faults.fail_syncs(1);
+    faults.fail_set_lens(1);
+    rt.send("c", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("the commit fails");
+    assert_eq!(codes(&rt), ["journal-read-only"]);
+    let err = rt
+        .send("c", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("read-only");
+    assert_eq!(err.code(), "journal", "{err}");
+    rt.shutdown().await;
+    assert_eq!(codes(&rt), ["shutting-down", "journal-read-only"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_reopens_over_a_torn_journal_with_the_intact_prefix() {
     let dir = tempfile::tempdir().expect("tempdir");

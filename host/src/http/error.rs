@@ -344,12 +344,35 @@ mod tests {
                 }),
                 503,
             ),
+            // A plugin upload on a full disk answered 500 internal, where an event got a
+            // retryable 503.
+            (
+                Error::writing(
+                    "storing the plugin's component",
+                    std::io::Error::from(std::io::ErrorKind::StorageFull),
+                ),
+                503,
+            ),
+            (
+                Error::writing(
+                    "storing the plugin's component",
+                    std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                ),
+                500,
+            ),
         ];
         for (e, status) in cases {
             let api = ApiError::from(e.clone());
             assert_eq!(api.status.as_u16(), status, "{e}");
             assert_eq!(api.code, e.code());
         }
+        let disk = ApiError::from(Error::writing(
+            "writing the archive",
+            std::io::Error::from(std::io::ErrorKind::QuotaExceeded),
+        ));
+        assert_eq!(disk.code, "journal");
+        assert_eq!(disk.retry_after, Some(1));
+        assert!(disk.message.contains("disk is full"), "{}", disk.message);
         let full = ApiError::from(Error::MailboxFull).into_response();
         assert_eq!(full.headers()[header::RETRY_AFTER], "1");
         assert!(message_of(&Error::Trap("x".into())).contains("plugin"));

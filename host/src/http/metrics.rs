@@ -16,7 +16,7 @@ use super::App;
 use super::error::{ErrorMark, Origin, codes};
 
 /// Route templates counted individually; anything else is counted as `unmatched`.
-const ROUTES: [&str; 22] = [
+const ROUTES: [&str; 23] = [
     "/v1/devices",
     "/v1/devices/{id}",
     "/v1/devices/{id}/events",
@@ -38,6 +38,7 @@ const ROUTES: [&str; 22] = [
     "/v1/journal",
     "/v1/journal/retention",
     "/healthz",
+    "/readyz",
     "/metrics",
 ];
 const UNMATCHED: usize = ROUTES.len();

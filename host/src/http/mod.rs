@@ -32,6 +32,7 @@
 //! | `GET /v1/journal` | 200 `{"durable_bytes","retention":{...}}`: segments and retention |
 //! | `POST /v1/journal/retention` | 200 `{"deleted_segments","deleted_bytes","retained_from","pinned_by"}` |
 //! | `GET /healthz`, `GET /metrics` | liveness; Prometheus text |
+//! | `GET /readyz` | readiness: 200 ready, 503 `{"status":"not-ready","reasons":[...]}` (see [`crate::readiness`]) |
 //!
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`],
 //! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
@@ -177,6 +178,7 @@ pub(crate) fn router_of(app: App) -> Router {
         .route("/v1/journal", get(journal::show))
         .route("/v1/journal/retention", post(journal::retain))
         .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)

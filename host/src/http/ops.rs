@@ -4,12 +4,55 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::App;
+use serde::Serialize;
+
 use super::error::{ApiError, codes};
+use super::{App, json};
+use crate::readiness::{NotReady, SHUTTING_DOWN};
 
 /// `GET /healthz`: 200 `{"status":"ok"}` while the server takes requests.
 pub async fn healthz() -> Response {
     json_static(r#"{"status":"ok"}"#)
+}
+
+/// Answer of `GET /readyz`.
+#[derive(Serialize)]
+struct Ready<'a> {
+    /// `ready` or `not-ready`.
+    status: &'static str,
+    /// Why not, each `{"code","message"}` (see `crate::readiness`); empty when ready.
+    reasons: &'a [NotReady],
+}
+
+/// `GET /readyz`: 200 `{"status":"ready","reasons":[]}` when an event sent now can be made
+/// durable; otherwise 503 `{"status":"not-ready","reasons":[{"code","message"}, ...]}` with
+/// `Retry-After: 1` (see `crate::readiness`). Unlike `/healthz`, a full disk or a stop under
+/// way makes it fail, so a load balancer sends requests elsewhere without restarting this
+/// server, which would not help.
+pub async fn readyz(State(app): State<App>) -> Response {
+    let mut readiness = app.rt.readiness();
+    let stopping = *app.stopping.borrow();
+    if stopping && !readiness.reasons.iter().any(|r| r.code == SHUTTING_DOWN) {
+        readiness.reasons.insert(0, NotReady::shutting_down());
+    }
+    let (status, word) = if readiness.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not-ready")
+    };
+    let mut response = json::reply(
+        status,
+        &Ready {
+            status: word,
+            reasons: &readiness.reasons,
+        },
+    );
+    if !readiness.is_ready() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+    }
+    response
 }
 
 fn json_static(body: &'static str) -> Response {

@@ -1529,6 +1529,12 @@ impl Journal {
         &self.inner.shared.stats
     }
 
+    /// Whether the journal refuses appends: a failed commit could not be cut back off the
+    /// file (or the journal was opened read-only). Cleared only by opening it again.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.shared.broken.load(Ordering::Acquire)
+    }
+
     /// Length of the durable prefix of the journal.
     pub fn durable_len(&self) -> u64 {
         self.index().durable_len

@@ -211,6 +211,12 @@ pub struct Tuning {
         drover::journal::SEGMENT_BYTES,
     ))]
     pub journal_segment_bytes: Option<u64>,
+    #[arg(long, help = help(
+        "Free bytes on the data directory's filesystem under which GET /readyz answers 503 \
+         disk-low (a probe for load balancers; writes are tried whatever the free space)",
+        defaults::MIN_FREE_SPACE,
+    ))]
+    pub ready_min_free_bytes: Option<u64>,
     /// Which journal history to delete: `keep-all` (every seq stays readable and
     /// replayable), or `after-snapshot` (whole segments once every device in them has a
     /// later snapshot and nothing pending in them; see `GET /v1/journal`) [default: keep-all]
@@ -332,6 +338,9 @@ impl Tuning {
         }
         if let Some(bytes) = self.journal_segment_bytes {
             b = b.journal_segment_bytes(bytes);
+        }
+        if let Some(bytes) = self.ready_min_free_bytes {
+            b = b.min_free_space(bytes);
         }
         if self.retention.is_some()
             || self.retention_keep_events.is_some()
