@@ -531,9 +531,10 @@ async fn past_the_drain_timeout_connections_close_and_their_queued_events_are_dr
 }
 
 /// A body whose chunked framing is broken gets `400 malformed-request` saying so (it said
-/// only "error reading a body from connection").
+/// only "error reading a body from connection"); one with a transfer coding besides
+/// `chunked` gets `501 not-implemented` naming it (it got `400`, its bytes still compressed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_chunked_body_is_refused_saying_why() {
+async fn a_broken_or_coded_chunked_body_is_refused_saying_why() {
     let (_dir, rt, server) = serve(limits(5_000, 100)).await;
     let addr = server.local_addr();
     for (case, chunks) in [
@@ -552,6 +553,24 @@ async fn a_broken_chunked_body_is_refused_saying_why() {
         assert!(
             answer.contains("malformed-request") && answer.contains("chunked framing"),
             "{case}: {answer}"
+        );
+    }
+    // A coding hyper does not undo is refused for what it is, not as a malformed body (the
+    // route got the still compressed bytes).
+    for coding in ["gzip, chunked", "deflate,chunked", "x-custom, chunked"] {
+        let answer = exchange(
+            addr,
+            format!(
+                "POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+                 Transfer-Encoding: {coding}\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 501"), "{coding}: {answer}");
+        let named = coding.split(',').next().unwrap_or_default();
+        assert!(
+            answer.contains("not-implemented") && answer.contains(&format!("`{named}`")),
+            "{coding}: {answer}"
         );
     }
     server.shutdown(Duration::from_secs(5)).await;

@@ -19,7 +19,7 @@
 //! | 422 | `rejected`, `trap`, `timeout`, `output-too-large`, `invalid-plugin` | the request was fine, the plugin refused or failed on it |
 //! | 429 | `mailbox-full`, `outbox-full`, `messages-pending` (with `Retry-After`) | slow down and retry (after acknowledging commands, for `outbox-full`; once the device's message targets catch up, for `messages-pending`) |
 //! | 500 | `internal`, `activation-failed`, `journal` (read errors) | the server's fault |
-//! | 501 | `not-implemented` | |
+//! | 501 | `not-implemented` | the body has a transfer coding other than `chunked` (`gzip`): send it uncoded |
 //! | 505 | `http-version-not-supported` | the connection opened with HTTP/2's preface: speak HTTP/1.1 |
 //! | 503 | `shutting-down`, `journal` (write errors; a full disk says so), `quarantined` (the plugin failed on this device repeatedly), `overloaded` (the plugin's call waited for a core over 4 times its time budget, or the fleet's guest memory budget refused it memory: the plugin is not at fault), `too-many-connections`, all with `Retry-After`; `plugin-unavailable` (the component of the device's plugin version is missing, e.g. a placeholder salvage rebuilt: deploy a version), without | retry later or elsewhere |
 //!
@@ -43,7 +43,8 @@ pub mod codes {
     pub const NOT_FOUND: &str = "not-found";
     /// The route exists but not with this method.
     pub const METHOD_NOT_ALLOWED: &str = "method-not-allowed";
-    /// The route is reserved for a later version.
+    /// The route is reserved for a later version, or the request's transfer coding is not
+    /// one the server undoes (only `chunked` is).
     pub const NOT_IMPLEMENTED: &str = "not-implemented";
     /// The body exceeds the route's limit (same code as the runtime's own size check).
     pub const PAYLOAD_TOO_LARGE: &str = "payload-too-large";

@@ -164,15 +164,37 @@ impl FromRequest<super::App> for Body {
     }
 }
 
-/// Refuses a request whose declared `Content-Length` is over `max` before its body is read
-/// (see `limits.rs`); the route's `DefaultBodyLimit` still counts the bytes of a body that
-/// declares no length.
+/// Refuses, before its body is read, a request whose head already says the body cannot be
+/// taken: a declared `Content-Length` over `max` (413, see `limits.rs`; the route's
+/// `DefaultBodyLimit` still counts the bytes of a body that declares no length), or a
+/// transfer coding other than `chunked` (501, as RFC 9112 section 6.1 asks of a server that
+/// does not understand one: hyper undoes `chunked` and would hand the route the still
+/// compressed bytes of `gzip, chunked`, refused as malformed JSON, which blamed the body).
 pub async fn declared_length(
     max: usize,
     req: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    let unknown_coding = req
+        .headers()
+        .get_all(axum::http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+        .map(str::to_string);
+    if let Some(coding) = unknown_coding {
+        return ApiError::http(
+            StatusCode::NOT_IMPLEMENTED,
+            codes::NOT_IMPLEMENTED,
+            format!(
+                "transfer coding `{coding}` is not supported: send the body as it is, with \
+                 Content-Length or Transfer-Encoding: chunked"
+            ),
+        )
+        .into_response();
+    }
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
