@@ -34,6 +34,7 @@
 //! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
 //! * `outbox_api`: the runtime's face of effects: a device's commands (long poll,
 //!   acknowledgement) and timers.
+//! * [`readiness`]: whether an event sent now could be made durable (`GET /readyz`).
 //! * `removal`: removing a device, with an archive of its history ([`Runtime::remove_device`]).
 //! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
 //!   ([`Runtime::deploy`], [`DeployReport`]).
