@@ -8,7 +8,7 @@
 //!
 //! | code | when | until |
 //! | --- | --- | --- |
-//! | `shutting-down` | a stop has begun (SIGTERM, [`Runtime::shutdown`]) | the process exits |
+//! | `shutting-down` | a stop has begun ([`Runtime::shutdown`], or the HTTP server's: `drover serve` closes its listener at once, so over HTTP only a request already arriving sees it, and a probe after it is refused its connection) | the process exits |
 //! | `journal-read-only` | a failed commit could not be cut back off the journal, which then refuses appends | a restart (recovery cuts the torn batch) |
 //! | `disk-low` | the data directory's filesystem has fewer free bytes than [`Config::min_free_space`](crate::Config::min_free_space) (default [`MIN_FREE_SPACE`](crate::config::defaults::MIN_FREE_SPACE), one record of the largest size the journal accepts) | space is freed: the check is made at each probe |
 //! | `disk-unknown` | the free space of the data directory's filesystem cannot be read | it can |

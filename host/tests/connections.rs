@@ -557,11 +557,17 @@ async fn a_broken_or_coded_chunked_body_is_refused_saying_why() {
     }
     // A coding hyper does not undo is refused for what it is, not as a malformed body (the
     // route got the still compressed bytes).
-    for coding in ["gzip, chunked", "deflate,chunked", "x-custom, chunked"] {
+    // On every route, whether it takes a body or not.
+    for (coding, path) in [
+        ("gzip, chunked", "POST /v1/devices/d1/events"),
+        ("deflate,chunked", "POST /v1/events"),
+        ("x-custom, chunked", "GET /healthz"),
+        ("gzip, chunked", "GET /no-such-route"),
+    ] {
         let answer = exchange(
             addr,
             format!(
-                "POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+                "{path} HTTP/1.1\r\nHost: x\r\n\
                  Transfer-Encoding: {coding}\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
             )
             .into_bytes(),
@@ -573,6 +579,23 @@ async fn a_broken_or_coded_chunked_body_is_refused_saying_why() {
             "{coding}: {answer}"
         );
     }
+    // HTTP/1.1 allows `chunked` once: twice, a proxy in front could frame the body otherwise.
+    let answer = exchange(
+        addr,
+        b"POST /v1/devices/d1/events HTTP/1.1\r\nHost: x\r\n\
+          Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+            .to_vec(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("malformed-request") && answer.contains("more than once"),
+        "{answer}"
+    );
+    let errors = metrics_text(&server).await;
+    assert!(
+        errors.contains(r#"drover_http_errors_total{code="not-implemented"} 4"#),
+        "each counted: {errors}"
+    );
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
 }

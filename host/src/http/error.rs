@@ -239,6 +239,10 @@ pub fn message_of(e: &Error) -> String {
         | Error::InvalidEffect(_) => {
             format!("{e} (a fault of the device's plugin, not of the request)")
         }
+        // The same advice as any other write that found the disk full (`Error::StorageFull`).
+        Error::Journal(j) if j.is_storage_full() => {
+            format!("{e}: the disk is full; retry once space is freed")
+        }
         _ => e.to_string(),
     }
 }
@@ -374,6 +378,17 @@ mod tests {
         assert_eq!(disk.code, "journal");
         assert_eq!(disk.retry_after, Some(1));
         assert!(disk.message.contains("disk is full"), "{}", disk.message);
+        let commit = ApiError::from(Error::Journal(JournalError::Commit {
+            kind: std::io::ErrorKind::StorageFull,
+            message: "write: No space left on device (os error 28)".into(),
+        }));
+        assert!(
+            commit
+                .message
+                .ends_with("the disk is full; retry once space is freed"),
+            "{}",
+            commit.message
+        );
         let full = ApiError::from(Error::MailboxFull).into_response();
         assert_eq!(full.headers()[header::RETRY_AFTER], "1");
         assert!(message_of(&Error::Trap("x".into())).contains("plugin"));

@@ -164,27 +164,34 @@ impl FromRequest<super::App> for Body {
     }
 }
 
-/// Refuses, before its body is read, a request whose head already says the body cannot be
-/// taken: a declared `Content-Length` over `max` (413, see `limits.rs`; the route's
-/// `DefaultBodyLimit` still counts the bytes of a body that declares no length), or a
-/// transfer coding other than `chunked` (501, as RFC 9112 section 6.1 asks of a server that
-/// does not understand one: hyper undoes `chunked` and would hand the route the still
-/// compressed bytes of `gzip, chunked`, refused as malformed JSON, which blamed the body).
-pub async fn declared_length(
-    max: usize,
+/// Refuses, on every route and before any body is read, a request whose transfer codings
+/// are not just `chunked` once. Another coding is 501 (as RFC 9112 section 6.1 asks of a
+/// server that does not understand one): hyper undoes `chunked` only, and handed the route
+/// the still compressed bytes of `gzip, chunked`, refused as malformed JSON, which blamed the
+/// body. `chunked` twice is 400: HTTP/1.1 forbids it, and hyper undid it once, so a proxy
+/// in front that read it otherwise would see another request boundary than the server.
+pub async fn transfer_codings(
     req: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let unknown_coding = req
+    let mut chunked = 0;
+    let mut unknown = None;
+    for coding in req
         .headers()
         .get_all(axum::http::header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("?").split(','))
         .map(str::trim)
-        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
-        .map(str::to_string);
-    if let Some(coding) = unknown_coding {
+        .filter(|c| !c.is_empty())
+    {
+        if coding.eq_ignore_ascii_case("chunked") {
+            chunked += 1;
+        } else if unknown.is_none() {
+            unknown = Some(coding.to_string());
+        }
+    }
+    if let Some(coding) = unknown {
         return ApiError::http(
             StatusCode::NOT_IMPLEMENTED,
             codes::NOT_IMPLEMENTED,
@@ -195,6 +202,24 @@ pub async fn declared_length(
         )
         .into_response();
     }
+    if chunked > 1 {
+        return ApiError::malformed_request(
+            "Transfer-Encoding names `chunked` more than once; HTTP/1.1 allows it once, last",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Refuses a request whose declared `Content-Length` is over `max` before its body is read
+/// (see `limits.rs`); the route's `DefaultBodyLimit` still counts the bytes of a body that
+/// declares no length.
+pub async fn declared_length(
+    max: usize,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

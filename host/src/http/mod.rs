@@ -182,6 +182,8 @@ pub(crate) fn router_of(app: App) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        // Inside `track`, so that its refusals are counted like any other answer.
+        .layer(axum::middleware::from_fn(extract::transfer_codings))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             metrics::track,
