@@ -107,9 +107,15 @@ pub enum JournalError {
         message: String,
     },
     /// An earlier record of the same device failed to commit, so this one was not written
-    /// either (it would have left a hole in the device's seqs).
-    #[error("an earlier record of this device failed to commit")]
-    Fenced,
+    /// either (it would have left a hole in the device's seqs). `kind` and `cause` are those
+    /// of the journal's last failed commit, most likely that record's: a device whose
+    /// activation after a restart on a full disk could not write its marker said only "an
+    /// earlier record failed" to a read that had sent nothing, without naming the disk.
+    #[error("an earlier record of this device failed to commit ({cause})")]
+    Fenced {
+        kind: std::io::ErrorKind,
+        cause: String,
+    },
     /// The journal could not be restored after a failed commit and refuses further appends.
     #[error("journal is read-only after an unrecoverable write failure")]
     ReadOnly,
@@ -140,6 +146,9 @@ impl JournalError {
         matches!(
             self,
             JournalError::Commit {
+                kind: std::io::ErrorKind::StorageFull,
+                ..
+            } | JournalError::Fenced {
                 kind: std::io::ErrorKind::StorageFull,
                 ..
             }
@@ -511,6 +520,7 @@ impl Journal {
             spiller: Mutex::new(None),
             retention: options.retention.clone(),
             retention_state: Default::default(),
+            last_failure: Default::default(),
         });
         let (tx, rx) = channel();
         // The spiller's wake-up sender is in place before the writer runs; the spiller starts
@@ -633,6 +643,7 @@ impl Journal {
             spiller: Mutex::new(None),
             retention: Retention::default(),
             retention_state: Default::default(),
+            last_failure: Default::default(),
         });
         Ok(Journal {
             inner: Arc::new(Inner {
@@ -1930,11 +1941,12 @@ impl DeviceWriter {
     /// commit could take back).
     pub fn when_durable(&self, done: OnDurable) {
         let lane = self.lane.clone();
+        let shared = self.journal.inner.shared.clone();
         let generation = self.generation;
         self.journal.submit(Entry::Barrier(Box::new(move |r| {
             let r = r.and_then(|()| {
                 if lane.is_failed(generation) {
-                    Err(JournalError::Fenced)
+                    Err(shared.fenced())
                 } else {
                     Ok(())
                 }

@@ -400,7 +400,12 @@ async fn a_failed_commit_fails_the_batch_and_fences_the_device_without_a_gap() {
 
     // The same incarnation's next record (seq 5) must not land after the missing seq 4.
     let fenced = append_event(&writer, 5);
-    assert_eq!(fenced.await.expect("completion"), Err(JournalError::Fenced));
+    let fenced = fenced.await.expect("completion").expect_err("fenced");
+    assert!(
+        matches!(&fenced, JournalError::Fenced { cause, .. } if cause.contains("injected")),
+        "names the failure that fenced it: {fenced}"
+    );
+    assert!(fenced.is_storage_full(), "and its kind: {fenced:?}");
     assert_eq!(
         journal.durable_len(),
         len,

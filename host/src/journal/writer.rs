@@ -104,12 +104,24 @@ pub struct Shared {
     /// Which history to delete (`journal/retention.rs`), and what was deleted.
     pub retention: super::Retention,
     pub retention_state: super::retention::RetentionState,
+    /// The error kind and message of the last failed commit: the cause a fenced record
+    /// reports (see [`JournalError::Fenced`]).
+    pub last_failure: parking_lot::Mutex<Option<(std::io::ErrorKind, String)>>,
 }
 
 /// The first format whose batches end with commit markers.
 pub const MARKERS_FROM: u32 = 4;
 
 impl Shared {
+    /// The error of a record refused because an earlier one of its device failed.
+    pub fn fenced(&self) -> JournalError {
+        let (kind, cause) = self.last_failure.lock().clone().unwrap_or((
+            std::io::ErrorKind::Other,
+            "the cause was not recorded".to_string(),
+        ));
+        JournalError::Fenced { kind, cause }
+    }
+
     /// Makes sure the file's header names at least `format`, raising it (durably, before
     /// any record that needs it is written) if it names format 2 or later. A header-less
     /// format-1 file cannot be raised in place: `Ok(false)`.
@@ -322,7 +334,7 @@ fn commit(
             let refused = if broken {
                 Some(JournalError::ReadOnly)
             } else if lane.as_ref().is_some_and(|(l, g)| l.is_failed(*g)) {
-                Some(JournalError::Fenced)
+                Some(shared.fenced())
             } else {
                 None
             };
@@ -450,6 +462,7 @@ fn commit(
                 kind: err.kind(),
                 message: err.to_string(),
             };
+            *shared.last_failure.lock() = Some((err.kind(), err.to_string()));
             for entry in batch.drain(..) {
                 if let Entry::Append {
                     lane: Some((lane, generation)),
