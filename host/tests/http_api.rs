@@ -1201,6 +1201,41 @@ fn readiness_says_when_the_disk_is_too_full_to_take_events() {
     );
 }
 
+/// A client command whose body the server refuses before reading it (a component over the
+/// upload limit) says why and exits 1. The server answers and closes the connection
+/// mid-upload, and the client's next write raised SIGPIPE, which one-shot commands do not
+/// ignore: it died silently with status 141. A bad plugin name is now refused before the
+/// upload.
+#[test]
+fn an_upload_the_server_refuses_before_reading_it_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let url = server.url.as_str();
+    // Far more than the socket buffers take before the server has answered.
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, vec![0u8; 8 << 20]).expect("big file");
+    let big = big.to_str().expect("utf-8 path");
+    let (ok, out, err) = cli(&["plugin", "push", "bad/name", big, "--server", url]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("invalid-id"), "says why: {err}");
+    let huge = dir.path().join("huge.wasm");
+    std::fs::write(&huge, vec![0u8; (64 << 20) + 1]).expect("huge file");
+    let huge = huge.to_str().expect("utf-8 path");
+    let out = std::process::Command::new(support::BIN)
+        .args(["plugin", "push", "huge", huge, "--server", url])
+        .output()
+        .expect("running drover");
+    assert_eq!(out.status.code(), Some(1), "{:?}", out.status);
+    // Either the server's answer, when the client read it before its write failed, or what
+    // the closed connection means (the answer is lost with it).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("payload-too-large, HTTP 413")
+            || err.contains("refused the request without reading it"),
+        "says why: {err}"
+    );
+}
+
 /// Connections refused over the cap are logged at most once a second, with their count: a
 /// client opening connections in a loop cannot flood the log (it wrote one line each).
 #[test]

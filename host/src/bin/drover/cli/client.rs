@@ -47,6 +47,55 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// live device for its activation budget), and the report is what the command is for.
 pub const LONG_OPERATION_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Runs `f` with SIGPIPE blocked in this thread, so that the threads `f` spawns start with
+/// it blocked. A one-shot command dies of SIGPIPE when its reader goes away (see `main`),
+/// but a write to a socket the server has closed raises SIGPIPE too: a server that refuses a
+/// large body before reading it (413, or 400 for a bad name) and closes the connection
+/// killed the client mid-upload, silently, with status 141. Blocked in the client's thread,
+/// that write fails with `EPIPE` instead (the signal stays pending on a thread that never
+/// unblocks it), and the server's answer is read and shown.
+fn with_sigpipe_blocked<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(unix)]
+    {
+        // SAFETY: plain signal-set manipulation on this thread's own mask, with sets
+        // initialised by `sigemptyset` / filled in by `pthread_sigmask`.
+        let old = unsafe {
+            let mut pipe: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut pipe);
+            libc::sigaddset(&mut pipe, libc::SIGPIPE);
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut old);
+            old
+        };
+        let out = f();
+        // SAFETY: restores the mask saved above.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
+        out
+    }
+    #[cfg(not(unix))]
+    f()
+}
+
+/// Whether the request failed because the server closed the connection while its body was
+/// being written (`EPIPE`, or a reset).
+fn closed_mid_body(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// A client for one server.
 pub struct ApiClient {
     base: String,
@@ -56,9 +105,9 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for the server in `opts`.
     pub fn new(opts: &ClientOpts) -> anyhow::Result<ApiClient> {
-        let http = Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .build()
+        // The client's requests run on a thread it spawns here, which inherits this
+        // thread's signal mask.
+        let http = with_sigpipe_blocked(|| Client::builder().timeout(REQUEST_TIMEOUT).build())
             .context("creating the HTTP client")?;
         Ok(ApiClient {
             base: opts.server.trim_end_matches('/').to_string(),
@@ -93,15 +142,36 @@ impl ApiClient {
     /// Sends `req`; a non-2xx answer becomes an [`ApiFailure`]. Returns the status and the
     /// body text.
     pub fn call(&self, req: RequestBuilder) -> anyhow::Result<(u16, String)> {
-        let response = req.send().map_err(|e| {
+        let req = req.build().context("building the request")?;
+        let path = req.url().path().to_string();
+        let body_len = req.body().and_then(|b| b.as_bytes()).map_or(0, <[u8]>::len);
+        let response = self.http.execute(req).map_err(|e| {
             if e.is_timeout() {
                 // Reached, but slow: "cannot reach" would say nothing happened.
+                let hint = if path.ends_with("/deploy") || path.ends_with("/rollback") {
+                    " (a deploy or rollback runs to its end: `drover plugin show NAME` shows \
+                     the current version, `drover devices` each device's)"
+                } else {
+                    ""
+                };
                 anyhow::anyhow!(
                     "the server at {} did not answer in time ({e}); what was asked may still be \
-                     going on there (a deploy or rollback runs to its end: `drover plugin show \
-                     NAME` shows the current version, `drover devices` each device's)",
+                     going on there{hint}",
                     self.base
                 )
+            } else if body_len > 0 && closed_mid_body(&e) {
+                // Reached: it answered (413, or 400) and closed before reading the body, and
+                // the answer was lost with the connection.
+                anyhow::Error::new(e).context(format!(
+                    "the server at {} closed the connection before it had read the request's \
+                     body of {body_len} bytes: it refused the request without reading it, most \
+                     likely because the body is over its limit (`drover serve` \
+                     --max-plugin-bytes, default {} MiB, for plugins; --max-event-bytes, \
+                     default {} KiB, for events)",
+                    self.base,
+                    drover::config::defaults::MAX_PLUGIN_BYTES >> 20,
+                    drover::config::defaults::MAX_EVENT_BYTES >> 10,
+                ))
             } else {
                 anyhow::Error::new(e).context(format!("cannot reach the server at {}", self.base))
             }

@@ -113,6 +113,8 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             print_plugin(p);
         }
         PluginsAction::Push { name, file, deploy } => {
+            // The server's own rule, checked before a large upload is sent for nothing.
+            drover::error::validate_id(&name)?;
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let req = api
