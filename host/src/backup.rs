@@ -11,7 +11,10 @@
 //!    batch boundary, and every record before it was durable before the copy started (a
 //!    batch still being synced, or one that fails and is cut back, is left out; a writer
 //!    idle for 50 ms marks its last batch proven, so a backup of an idle server holds
-//!    everything acknowledged);
+//!    everything acknowledged). A directory no server runs on (its lock is free) is copied
+//!    to its valid length, as a server starting on it would keep it: nothing can be
+//!    mid-sync there, and a killed server's last batch, or a backup's, has no later marker;
+//!    the lock is held (shared) to the end, so no server starts on it meanwhile;
 //! 3. every plugin component (and its precompiled artifact), the record of failed upgrades
 //!    (`plugins/upgrade-failures.json`, in device numbers the copy keeps), `engine.json`,
 //!    and the archives
@@ -95,7 +98,9 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
             .with_context(|| format!("removing {} (a backup killed part-way)", stage.display()))?;
     }
     std::fs::create_dir(&stage).with_context(|| format!("creating {}", stage.display()))?;
-    let result = copy(data_dir, &stage).and_then(|summary| {
+    // Held to the end of the copy: no server starts on the directory meanwhile.
+    let offline = Offline::take(data_dir)?;
+    let result = copy(data_dir, &stage, offline.is_some()).and_then(|summary| {
         // Over the empty directory if there is one (rename replaces an empty directory).
         std::fs::rename(&stage, to)
             .with_context(|| format!("renaming {} to {}", stage.display(), to.display()))?;
@@ -109,7 +114,36 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     result
 }
 
-fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
+/// Proof that no server runs on a data directory: its lock, held (or no `LOCK` file, which
+/// every server creates). A journal nobody writes is copied whole, up to its valid length:
+/// its last batch has no later commit marker when its server was killed, or was itself a
+/// backup (whose journal ends at its last batch), and leaving that batch out, as an online
+/// copy must, lost acknowledged events at each backup of a backup.
+struct Offline {
+    _lock: Option<File>,
+}
+
+impl Offline {
+    fn take(data_dir: &Path) -> anyhow::Result<Option<Offline>> {
+        let path = data_dir.join("LOCK");
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some(Offline { _lock: None }));
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(Some(Offline { _lock: Some(file) })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+    }
+}
+
+fn copy(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<BackupSummary> {
     let source_dir = data_dir
         .canonicalize()
         .with_context(|| format!("resolving {}", data_dir.display()))?;
@@ -140,7 +174,7 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     let mut tries = 0;
     let (confirmed, size) = loop {
         tries += 1;
-        match copy_journal(data_dir, to) {
+        match copy_journal(data_dir, to, offline) {
             Ok(done) => break done,
             // Only a copy that does not open may be one the journal changed under; a write
             // that failed (a full disk) fails the same way again, and says so at once.
@@ -195,6 +229,18 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     if engine.exists() {
         copy_synced(&engine, &to.join("engine.json"))?;
     }
+    // An import stopped part-way: the note makes a server started on the copy undo it, as
+    // one started on the original would. Without it the copy looked whole and served the
+    // devices the import had cut short.
+    let importing = data_dir.join(crate::export::IMPORTING);
+    if importing.exists() {
+        copy_synced(&importing, &to.join(crate::export::IMPORTING))?;
+        tracing::warn!(
+            "{} holds an import stopped part-way; the backup carries its note, and a server \
+             started on the backup undoes it",
+            data_dir.display()
+        );
+    }
     let mut archives = 0;
     match std::fs::read_dir(data_dir.join(crate::removal::ARCHIVE_DIR)) {
         Ok(entries) => {
@@ -232,10 +278,11 @@ fn copy(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
     })
 }
 
-/// Copies the journal's confirmed prefix into `to` (and, for a journal that retention
-/// shortened, its index checkpoint and runs, first); returns the length copied and the
-/// journal's length at the time. The copy is checked to open.
-fn copy_journal(data_dir: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
+/// Copies the journal's confirmed prefix into `to` (its whole valid prefix when `offline`:
+/// nothing writes it) (and, for a journal that retention shortened, its index checkpoint and
+/// runs, first); returns the length copied and the journal's length at the time. The copy is
+/// checked to open.
+fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u64, u64)> {
     let retained = journal::SegmentedBackend::list(data_dir)?
         .first()
         .map_or(0, |s| s.first);
@@ -257,10 +304,13 @@ fn copy_journal(data_dir: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
     // The index checkpoint's position was synced before it was written, so it is durable
     // even when no later marker proves it yet (it may end on the marker of an idle writer),
     // and the copy must reach it to open from the copied checkpoint.
-    let confirmed = opened
-        .recovery()
-        .confirmed_len
-        .max(opened.recovery().from_checkpoint.unwrap_or(0));
+    let recovery = opened.recovery();
+    let confirmed = if offline {
+        recovery.valid_len
+    } else {
+        recovery.confirmed_len
+    }
+    .max(recovery.from_checkpoint.unwrap_or(0));
     drop(opened);
     // One file: `journal.log` from position 0, or one segment from the first one kept.
     let mut copy = File::create(to.join(journal::segments::segment_name(retained)))?;

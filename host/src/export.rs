@@ -237,6 +237,7 @@ pub fn export(
     start: ExportStart,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExportSummary> {
+    refuse_unfinished_import(data_dir)?;
     let journal = Journal::open_read_only(data_dir)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
     let engine = Engine::new(EngineConfig::load(data_dir)?)?;
@@ -692,6 +693,21 @@ pub async fn import(data_dir: &Path, path: &Path) -> anyhow::Result<ImportSummar
 /// The note an import leaves in its target data directory while it writes (see the module
 /// docs).
 pub(crate) const IMPORTING: &str = "IMPORTING.json";
+
+/// Refuses to read a data directory holding an import stopped part-way: its devices' histories
+/// are cut short, and the next server start (or the import run again) undoes them. An export
+/// of it carried a valid end line and imported cleanly elsewhere, with the devices cut short.
+pub(crate) fn refuse_unfinished_import(data_dir: &Path) -> anyhow::Result<()> {
+    if data_dir.join(IMPORTING).exists() {
+        bail!(
+            "{} holds an import that was stopped part-way ({IMPORTING}): its devices are \
+             incomplete. Run the import again, or start `drover serve` on the directory, \
+             which undoes it; then read it",
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// What [`IMPORTING`] holds.
 #[derive(Debug, Serialize, Deserialize)]

@@ -872,6 +872,7 @@ pub fn offline(
     start: Start,
 ) -> anyhow::Result<DeviceState> {
     use anyhow::Context as _;
+    crate::export::refuse_unfinished_import(data_dir)?;
     let journal = Journal::open_read_only(data_dir)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
     if let Some(d) = &journal.recovery().dropped {

@@ -122,6 +122,64 @@ fn a_killed_import(target: &Path, file: &Path) {
     std::fs::write(target.join("IMPORTING.json"), note.to_string()).expect("note");
 }
 
+/// A backup of a directory no server runs on holds its whole journal: one of a killed
+/// server's directory, and one of that backup, and so on. Its last batch has no later commit
+/// marker, which an online copy must leave out; copied that way, each backup of a backup
+/// lost the last acknowledged batch (a review: seq 3, then 2). And a directory holding an
+/// import stopped part-way is not read as if it were whole: export and replay refuse it, and
+/// its backup carries the import's note, so a server on the backup undoes the import too (a
+/// review's backup dropped the note and served the cut-short devices at seq 0).
+#[test]
+fn backups_of_stopped_directories_hold_everything_and_an_unfinished_import_stays_unfinished() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let mut server = Server::start(&source, &[]);
+    server.api().provision("k1", "thermostat", json!({}));
+    for i in 0..3 {
+        let ack = server.api().send(
+            "k1",
+            &json!({"type": "reading", "celsius": 18.0 + f64::from(i)}),
+        );
+        assert_eq!(ack["seq"], i + 1);
+    }
+    let before = states(&server, &["k1"]);
+    server.kill();
+    let mut from = source;
+    for n in 1..=3 {
+        let to = root.path().join(format!("backup{n}"));
+        let (ok, out, err) = backup(&from, &to);
+        assert!(ok, "backup {n}: {out}{err}");
+        assert!(!out.contains("left out"), "backup {n}: {out}");
+        from = to;
+    }
+    let server = Server::start(&from, &[]);
+    assert_eq!(
+        states(&server, &["k1"]),
+        before,
+        "a backup of a backup of a backup"
+    );
+    drop(server);
+
+    let file = root.path().join("fleet.jsonl");
+    let (ok, out, err) = export_all(&from, &file);
+    assert!(ok, "{out}{err}");
+    let cut = root.path().join("cut");
+    a_killed_import(&cut, &file);
+    let (ok, _, err) = export_all(&cut, &root.path().join("again.jsonl"));
+    assert!(!ok && err.contains("stopped part-way"), "export: {err}");
+    let (ok, _, err) = cli(&["replay", "t1", "--data", cut.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("stopped part-way"), "replay: {err}");
+    let copy = root.path().join("copy");
+    let (ok, out, err) = backup(&cut, &copy);
+    assert!(ok, "{out}{err}");
+    assert!(copy.join("IMPORTING.json").exists(), "the note travels");
+    let server = Server::start(&copy, &[]);
+    server
+        .api()
+        .get("/v1/devices/t1")
+        .assert_error(404, "unknown-device");
+}
+
 /// An import stopped part-way (a review killed one: 206 of 2,000 devices were left at seq 0,
 /// served, and extended at seqs the source had used; importing again was refused as
 /// "already exists") is undone by whatever opens its directory next: a server starts

@@ -171,8 +171,8 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
     let summary = drover::backup::backup(&args.data, &args.to)?;
     println!(
-        "backed up {} device(s): {} journal bytes{} ({} bytes not yet proven durable left \
-         out), {} plugin file(s), {} archive(s) of removed devices, to {}",
+        "backed up {} device(s): {} journal bytes{}{}, {} plugin file(s), {} archive(s) of \
+         removed devices, to {}",
         summary.devices,
         summary.journal_bytes,
         if summary.journal_from > 0 {
@@ -183,7 +183,15 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         } else {
             String::new()
         },
-        summary.left_out,
+        // Only a server's journal has bytes left out: a batch it had not proven durable yet.
+        if summary.left_out > 0 {
+            format!(
+                " ({} bytes the running server had not proven durable yet left out)",
+                summary.left_out
+            )
+        } else {
+            String::new()
+        },
         summary.plugin_files,
         summary.archives,
         args.to.display()
