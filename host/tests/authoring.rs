@@ -241,3 +241,34 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
         "{stdout}"
     );
 }
+
+/// `drover new` refuses, before creating anything, a name no crate can take: one that is not
+/// an identifier, and one the crate would share with a crate it links (a review scaffolded
+/// `serde`, `drover-guest` and `std`: none of them built).
+#[test]
+fn drover_new_refuses_names_a_plugin_crate_cannot_take() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for name in [
+        "serde",
+        "drover-guest",
+        "drover_guest",
+        "serde-json",
+        "std",
+        "core",
+    ] {
+        let (ok, _, err) = support::cli_in(tmp.path(), &["new", name]);
+        assert!(!ok, "{name} accepted");
+        assert!(err.contains("links"), "{name}: {err}");
+    }
+    for name in ["9lives", "a/b", ""] {
+        let (ok, _, err) = support::cli_in(tmp.path(), &["new", name]);
+        assert!(
+            !ok && err.contains("not a valid plugin name"),
+            "{name}: {err}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(tmp.path()).expect("tmp").next().is_none(),
+        "nothing created"
+    );
+}

@@ -37,6 +37,17 @@ fn built_in_sdk() -> PathBuf {
         .map_or_else(|| PathBuf::from("guest-sdk"), |p| p.join("guest-sdk"))
 }
 
+/// Crate names (with `_` for `-`) a plugin crate links, so cannot take.
+const RESERVED: &[&str] = &[
+    "drover_guest",
+    "serde",
+    "serde_json",
+    "std",
+    "core",
+    "alloc",
+    "proc_macro",
+];
+
 /// Runs `drover new`.
 pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
     let name = args.name.as_str();
@@ -50,6 +61,18 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!(
             "`{name}` is not a valid plugin name: use a letter, then letters, digits, `-` or `_` \
              (at most 64)"
+        );
+    }
+    // A crate may not share its name with a crate it links: the template's dependencies
+    // (rustc: "multiple candidates for rlib dependency `serde`"; cargo: a package collision
+    // for `drover-guest`) and the standard library's crates (doc-tests cannot resolve the
+    // prelude of a crate named `std`).
+    let crate_name = name.replace('-', "_");
+    if RESERVED.contains(&crate_name.as_str()) {
+        anyhow::bail!(
+            "`{name}` cannot be a plugin name: the plugin's crate would share its name with a \
+             crate it links ({}); pick another",
+            RESERVED.join(", ")
         );
     }
     let sdk = args.sdk.unwrap_or_else(built_in_sdk);
@@ -71,6 +94,9 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let dir = args.path.unwrap_or_else(|| PathBuf::from(name));
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{} is a file: pass a new or empty directory", dir.display());
+    }
     if dir.exists() && std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_some()) {
         anyhow::bail!("{} already exists and is not empty", dir.display());
     }
