@@ -1236,6 +1236,40 @@ fn an_upload_the_server_refuses_before_reading_it_says_why() {
     );
 }
 
+/// A client command pointed at something that is not a Drover server says so, instead of
+/// printing the other server's page whole (or nothing, for an empty body); a server address
+/// without its scheme is refused saying what to add.
+#[test]
+fn a_client_pointed_at_another_server_says_so() {
+    for body in [
+        "",
+        "<!DOCTYPE HTML>\n<html><body>\n<h1>Not Found</h1></body></html>",
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let other = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut head = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut head);
+            std::io::Write::write_all(&mut conn, answer.as_bytes()).expect("answer");
+        });
+        let (ok, _, err) = cli(&["state", "hall", "--server", &url]);
+        other.join().expect("other server");
+        assert!(!ok, "{err}");
+        assert!(err.contains("is a Drover server at that address"), "{err}");
+        assert!(
+            !err.contains('\n') || err.trim_end().lines().count() == 1,
+            "one line: {err}"
+        );
+    }
+    let (ok, _, err) = cli(&["state", "hall", "--server", "127.0.0.1:9"]);
+    assert!(!ok && err.contains("http://127.0.0.1:9"), "{err}");
+}
+
 /// Connections refused over the cap are logged at most once a second, with their count: a
 /// client opening connections in a loop cannot flood the log (it wrote one line each).
 #[test]

@@ -105,6 +105,13 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for the server in `opts`.
     pub fn new(opts: &ClientOpts) -> anyhow::Result<ApiClient> {
+        if !opts.server.contains("://") {
+            anyhow::bail!(
+                "--server `{}` is not a URL: give its scheme too, as in http://{}",
+                opts.server,
+                opts.server
+            );
+        }
         // The client's requests run on a thread it spawns here, which inherits this
         // thread's signal mask.
         let http = with_sigpipe_blocked(|| Client::builder().timeout(REQUEST_TIMEOUT).build())
@@ -213,11 +220,24 @@ fn read(response: Response) -> anyhow::Result<(u16, String)> {
             code: error.code,
             message: error.message,
         },
-        Err(_) => ApiFailure {
-            status,
-            code: "http".into(),
-            message: text,
-        },
+        // Another server at that address (a proxy's error page, another service): say so,
+        // rather than print its page whole, or nothing for an empty body.
+        Err(_) => {
+            let said: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let said = match said.char_indices().nth(200) {
+                Some((cut, _)) => format!("{} ...", &said[..cut]),
+                None if said.is_empty() => "an empty body".to_string(),
+                None => said,
+            };
+            ApiFailure {
+                status,
+                code: "http".into(),
+                message: format!(
+                    "the answer is not in Drover's error shape; is a Drover server at that \
+                     address? It said: {said}"
+                ),
+            }
+        }
     };
     Err(failure.into())
 }
