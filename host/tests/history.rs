@@ -160,6 +160,12 @@ fn backups_of_stopped_directories_hold_everything_and_an_unfinished_import_stays
     );
     drop(server);
 
+    // An export into a directory is refused before anything is written beside it.
+    let (ok, _, err) = export_all(&from, root.path());
+    assert!(!ok && err.contains("is a directory"), "{err}");
+    let mut partial = root.path().as_os_str().to_owned();
+    partial.push(".partial");
+    assert!(!std::path::Path::new(&partial).exists());
     let file = root.path().join("fleet.jsonl");
     let (ok, out, err) = export_all(&from, &file);
     assert!(ok, "{out}{err}");

@@ -87,6 +87,15 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = match &args.output {
         Some(path) => {
+            // Checked first: a directory was found only at the rename, after the whole
+            // export had been written beside it.
+            if path.is_dir() {
+                anyhow::bail!(
+                    "{} is a directory: give the export file's path, such as {}",
+                    path.display(),
+                    path.join("fleet.jsonl").display()
+                );
+            }
             // Written beside the target and renamed over it once complete, so the target
             // never holds half an export; removed again if the export fails.
             let mut tmp = path.clone().into_os_string();

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::client::{ApiClient, ClientOpts, LONG_OPERATION_TIMEOUT, segment};
+use super::client::{ApiClient, ApiFailure, ClientOpts, LONG_OPERATION_TIMEOUT, segment};
 use super::format::{pretty, timestamp};
 
 /// `drover plugin [push|list|show|deploy|rollback|diff]`.
@@ -232,7 +232,17 @@ fn deploy_and_print(
         .post(&format!("/v1/plugins/{}/deploy", segment(name)?))
         .timeout(LONG_OPERATION_TIMEOUT)
         .json(&body);
-    let (text, report): (String, Value) = api.call_json(req)?;
+    let (text, report): (String, Value) = api.call_json(req).map_err(|e| {
+        // The server's words are the API's ("force the deploy"); the flag is the CLI's.
+        if e.downcast_ref::<ApiFailure>()
+            .is_some_and(|f| f.code == "deploy-refused")
+            && body["force"] != true
+        {
+            e.context("`--force` would deploy anyway, leaving such devices on their version")
+        } else {
+            e
+        }
+    })?;
     if json_out {
         println!("{text}");
     } else {
