@@ -192,7 +192,11 @@ fn package_name(dir: &Path) -> anyhow::Result<String> {
         .output()
         .context("running cargo metadata")?;
     if !output.status.success() {
-        anyhow::bail!("{} is not a cargo crate", dir.display());
+        // Cargo said why above (stderr is inherited): no Cargo.toml is one reason of many.
+        anyhow::bail!(
+            "`cargo metadata` failed in {} (see cargo's message above); is it a cargo crate?",
+            dir.display()
+        );
     }
     let meta: Value = serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
     match meta["packages"].as_array().map(Vec::as_slice) {
