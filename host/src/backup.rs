@@ -47,8 +47,12 @@ pub struct BackupSummary {
     /// The first journal position copied: 0, or where the journal begins once retention
     /// deleted its first segments.
     pub journal_from: u64,
-    /// Journal bytes that were past the confirmed length at the time (not copied).
+    /// Journal bytes that were past the confirmed length at the time (not copied): a batch
+    /// the running server had not proven durable yet, or, with no server running
+    /// (`offline`), a torn tail that a server starting on the directory would cut too.
     pub left_out: u64,
+    /// Whether no server ran on the directory during the copy.
+    pub offline: bool,
     /// Devices in the copied journal.
     pub devices: usize,
     /// Plugin files copied (components and precompiled artifacts).
@@ -272,6 +276,7 @@ fn copy(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<BackupSumma
         journal_bytes: confirmed.saturating_sub(journal_from),
         journal_from,
         left_out: size.saturating_sub(confirmed),
+        offline,
         devices,
         plugin_files,
         archives,

@@ -1241,14 +1241,18 @@ fn an_upload_the_server_refuses_before_reading_it_says_why() {
 /// without its scheme is refused saying what to add.
 #[test]
 fn a_client_pointed_at_another_server_says_so() {
-    for body in [
-        "",
-        "<!DOCTYPE HTML>\n<html><body>\n<h1>Not Found</h1></body></html>",
+    for (status, body) in [
+        ("404 Not Found", ""),
+        (
+            "404 Not Found",
+            "<!DOCTYPE HTML>\n<html><body>\n<h1>Not Found</h1></body></html>",
+        ),
+        ("200 OK", "<html>hi</html>"),
     ] {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let answer = format!(
-            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         let other = std::thread::spawn(move || {

@@ -192,8 +192,14 @@ impl ApiClient {
         req: RequestBuilder,
     ) -> anyhow::Result<(String, T)> {
         let (_, text) = self.call(req)?;
-        let value = serde_json::from_str(&text)
-            .with_context(|| format!("the server answered something unexpected: {text}"))?;
+        let value = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "the server at {} answered something unexpected ({e}); is a Drover server at \
+                 that address? It said: {}",
+                self.base,
+                excerpt(&text)
+            )
+        })?;
         Ok((text, value))
     }
 }
@@ -222,24 +228,27 @@ fn read(response: Response) -> anyhow::Result<(u16, String)> {
         },
         // Another server at that address (a proxy's error page, another service): say so,
         // rather than print its page whole, or nothing for an empty body.
-        Err(_) => {
-            let said: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-            let said = match said.char_indices().nth(200) {
-                Some((cut, _)) => format!("{} ...", &said[..cut]),
-                None if said.is_empty() => "an empty body".to_string(),
-                None => said,
-            };
-            ApiFailure {
-                status,
-                code: "http".into(),
-                message: format!(
-                    "the answer is not in Drover's error shape; is a Drover server at that \
-                     address? It said: {said}"
-                ),
-            }
-        }
+        Err(_) => ApiFailure {
+            status,
+            code: "http".into(),
+            message: format!(
+                "the answer is not in Drover's error shape; is a Drover server at that \
+                 address? It said: {}",
+                excerpt(&text)
+            ),
+        },
     };
     Err(failure.into())
+}
+
+/// The start of an answer that is not Drover's, on one line.
+fn excerpt(text: &str) -> String {
+    let said: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match said.char_indices().nth(200) {
+        Some((cut, _)) => format!("{} ...", &said[..cut]),
+        None if said.is_empty() => "an empty body".to_string(),
+        None => said,
+    }
 }
 
 /// `s` as one path segment: percent-encodes everything but unreserved characters, so an id

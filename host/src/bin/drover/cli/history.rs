@@ -192,14 +192,14 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         } else {
             String::new()
         },
-        // Only a server's journal has bytes left out: a batch it had not proven durable yet.
-        if summary.left_out > 0 {
-            format!(
-                " ({} bytes the running server had not proven durable yet left out)",
-                summary.left_out
-            )
-        } else {
-            String::new()
+        match (summary.left_out, summary.offline) {
+            (0, _) => String::new(),
+            (n, true) => format!(
+                " ({n} bytes of a torn tail left out, as a server starting on it would cut them)"
+            ),
+            (n, false) => {
+                format!(" ({n} bytes the running server had not proven durable yet left out)")
+            }
         },
         summary.plugin_files,
         summary.archives,
