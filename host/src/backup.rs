@@ -410,24 +410,15 @@ impl Pinned {
     /// Removes the links a backup that died left behind (its process is gone): they would
     /// keep deleted segments' bytes on disk.
     fn remove_stale(data_dir: &Path) {
-        let Ok(entries) = std::fs::read_dir(data_dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("backup-"))
+        let pid_of = |name: &str| {
+            name.strip_prefix("backup-")
                 .and_then(|n| n.strip_suffix(".tmp"))
                 .and_then(|n| n.split('-').next())
                 .and_then(|pid| pid.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if !Path::new("/proc").join(pid.to_string()).exists() {
-                tracing::info!(dir = %entry.path().display(), "backup: removing the links of a backup that did not finish");
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+        };
+        for entry in crate::leftovers::of_stopped_processes(data_dir, pid_of) {
+            tracing::info!(dir = %entry.path().display(), "backup: removing the links of a backup that did not finish");
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

@@ -34,6 +34,7 @@
 //! * `runtime`, `builder`: the [`Runtime`] facade and its [`RuntimeBuilder`].
 //! * `outbox_api`: the runtime's face of effects: a device's commands (long poll,
 //!   acknowledgement) and timers.
+//! * `leftovers`: files a killed process left behind, found by the process id in their name.
 //! * [`readiness`]: whether an event sent now could be made durable (`GET /readyz`).
 //! * `removal`: removing a device, with an archive of its history ([`Runtime::remove_device`]).
 //! * `deploy`: deploy, rollback and dry-run across the fleet, while it runs
@@ -59,6 +60,7 @@ pub mod error;
 pub mod export;
 pub mod http;
 pub mod journal;
+mod leftovers;
 pub mod metrics;
 mod outbox;
 mod outbox_api;

@@ -721,29 +721,18 @@ const TMP: &str = "tmp";
 /// pid in the name, no longer running): each held the part of a component or artifact
 /// written before the kill, and on a full disk kept the space an operator had just freed.
 fn remove_stale_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.rsplit_once('.'))
+    let pid_of = |name: &str| {
+        name.rsplit_once('.')
             .and_then(|(_, ext)| ext.strip_prefix(TMP))
             .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let running = pid == std::process::id()
-            || (cfg!(target_os = "linux") && Path::new("/proc").join(pid.to_string()).exists());
-        if !running {
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => {
-                    tracing::info!(file = %entry.path().display(), "removed a plugin file a stopped process left half written")
-                }
-                Err(e) => {
-                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a plugin file a stopped process left half written")
-                }
+    };
+    for entry in crate::leftovers::of_stopped_processes(dir, pid_of) {
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                tracing::info!(file = %entry.path().display(), "removed a plugin file a stopped process left half written")
+            }
+            Err(e) => {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a plugin file a stopped process left half written")
             }
         }
     }
