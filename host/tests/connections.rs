@@ -612,7 +612,7 @@ async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
     // A quick item, 16 slow ones of one device (~2.4 s of work), then 200 quick ones of
     // another, all durable long before the cut though the handler reaches them only after
     // the slow ones.
-    let slow: serde_json::Value = serde_json::from_str(&support::slow_apply(spin, 1)).unwrap();
+    let slow = slow_event(spin);
     let ok = serde_json::json!({"type": "ok"});
     let mut events = vec![serde_json::json!({"device": "f", "event": ok})];
     events.extend((0..16).map(|_| serde_json::json!({"device": "s", "event": slow})));
@@ -622,11 +622,7 @@ async fn a_batch_cut_short_at_the_drain_timeout_answers_what_it_has() {
     let drained = server.shutdown(Duration::from_millis(500)).await;
     assert!(!drained, "16 slow events cannot drain in 0.5 s");
     rt.shutdown().await;
-    let answer = client.join().expect("client");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let (_, json) = answer.split_once("\r\n\r\n").expect("a body");
-    let batch: serde_json::Value = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("a whole answer ({} bytes of body): {e}", json.len()));
+    let batch = batch_answer(&client.join().expect("client"));
     let results = batch["results"].as_array().expect("results");
     assert_eq!(results.len(), 217, "{batch}");
     assert_eq!(results[0]["seq"], 1, "{batch}");
@@ -672,7 +668,7 @@ async fn a_large_answer_finished_while_draining_is_written_whole() {
     let (_dir, rt, server, spin) = slow_and_quick().await;
     let addr = server.local_addr();
     // ~1.2 s of slow items, past the shutdown grace, and 120 items answering 64 KiB each.
-    let slow: serde_json::Value = serde_json::from_str(&support::slow_apply(spin, 1)).unwrap();
+    let slow = slow_event(spin);
     let big = serde_json::json!({"type": "big", "kb": 64});
     let mut events: Vec<_> = (0..8)
         .map(|_| serde_json::json!({"device": "s", "event": slow}))
@@ -684,16 +680,8 @@ async fn a_large_answer_finished_while_draining_is_written_whole() {
     let drained = server.shutdown(Duration::from_secs(20)).await;
     assert!(drained, "drained within its timeout");
     rt.shutdown().await;
-    let answer = client.join().expect("client");
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "{}",
-        &answer[..answer.len().min(300)]
-    );
-    let (_, json) = answer.split_once("\r\n\r\n").expect("a body");
-    let batch: serde_json::Value = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("a whole answer ({} bytes of body): {e}", json.len()));
-    assert_eq!(batch["ok"], 128, "{}", &json[..json.len().min(300)]);
+    let batch = batch_answer(&client.join().expect("client"));
+    assert_eq!(batch["ok"], 128, "{}", batch["ok"]);
 }
 
 /// A server over misbehave devices `s` (for slow events), `f` (for quick ones) and `probe`,
@@ -716,6 +704,23 @@ async fn slow_and_quick() -> (tempfile::TempDir, Runtime, Server, u64) {
         .await
         .expect("server");
     (dir, rt, server, spin)
+}
+
+/// A misbehave event whose one transition's `apply` spins `spin` times.
+fn slow_event(spin: u64) -> serde_json::Value {
+    serde_json::from_str(&support::slow_apply(spin, 1)).expect("a slow_apply event")
+}
+
+/// The JSON body of a batch's raw answer, which must be a whole `200`.
+fn batch_answer(answer: &str) -> serde_json::Value {
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    let (_, json) = answer.split_once("\r\n\r\n").expect("a body");
+    serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("a whole answer ({} bytes of body): {e}", json.len()))
 }
 
 /// Posts `events` as one batch on a connection of its own, waits `before_reading`, and reads

@@ -639,16 +639,23 @@ async fn concurrent_senders_to_one_device_see_increasing_seqs_in_journal_order()
     rt.shutdown().await;
 }
 
+/// A runtime builder over `dir` with the test plugins and a journal whose storage fails on
+/// command (through the returned handle), as a full disk or a failing device would.
+fn on_faulty_storage(dir: &Path) -> (drover::RuntimeBuilder, Arc<drover::journal::Faults>) {
+    let file = FileBackend::open(&dir.join(drover::journal::FILE_NAME)).expect("file");
+    let (storage, faults) = FaultyBackend::new(file);
+    let builder = Runtime::builder(dir)
+        .plugin_dir(PLUGINS)
+        .journal_storage(Arc::new(storage));
+    (builder, faults)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // The journal's storage fails on command, as a full disk would.
-    let file = FileBackend::open(&dir.path().join(drover::journal::FILE_NAME)).expect("file");
-    let (storage, faults) = FaultyBackend::new(file);
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(PLUGINS)
+    let (builder, faults) = on_faulty_storage(dir.path());
+    let rt = builder
         .snapshot_every(3)
-        .journal_storage(Arc::new(storage))
         .open()
         .await
         .expect("runtime opens");
@@ -692,11 +699,8 @@ async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_names_a_read_only_journal_and_a_stop() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = FileBackend::open(&dir.path().join(drover::journal::FILE_NAME)).expect("file");
-    let (storage, faults) = FaultyBackend::new(file);
-    let rt = Runtime::builder(dir.path())
-        .plugin_dir(PLUGINS)
-        .journal_storage(Arc::new(storage))
+    let (builder, faults) = on_faulty_storage(dir.path());
+    let rt = builder
         // Whatever the test machine's disk holds: this test is not about free space.
         .min_free_space(0)
         .open()

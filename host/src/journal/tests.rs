@@ -201,15 +201,21 @@ async fn records_survive_reopen_with_the_same_index() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(10));
 }
 
+/// Five records of device 0 in `dir`, then a crash in the middle of writing the fifth: only
+/// its first 10 bytes arrived. Returns the four intact events and the fifth's offset.
+async fn torn_fifth_record(dir: &Path) -> (Vec<record::EventRecord>, usize) {
+    let journal = seeded(dir, 5).await;
+    let intact = journal.read_events(0, 1, 4).expect("read");
+    let last = journal.index().offset_of(0, 5).expect("offset") as usize;
+    let image = crash_image(dir);
+    crash_with(journal, dir, &image[..last + 10]);
+    (intact, last)
+}
+
 #[tokio::test]
 async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = seeded(dir.path(), 5).await;
-    let intact = journal.read_events(0, 1, 4).expect("read");
-    let last = journal.index().offset_of(0, 5).expect("offset") as usize;
-    let image = crash_image(dir.path());
-    // The process died in the middle of writing record 5: only its first 10 bytes arrived.
-    crash_with(journal, dir.path(), &image[..last + 10]);
+    let (intact, last) = torn_fifth_record(dir.path()).await;
 
     let (journal, recovery) = open_dir(dir.path()).expect("reopen");
     let dropped = recovery.dropped.expect("torn tail reported");
@@ -249,11 +255,7 @@ async fn a_torn_last_record_is_reported_and_dropped_never_applied() {
 #[tokio::test]
 async fn a_torn_tail_whose_copy_cannot_be_written_is_cut_all_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = seeded(dir.path(), 5).await;
-    let intact = journal.read_events(0, 1, 4).expect("read");
-    let last = journal.index().offset_of(0, 5).expect("offset") as usize;
-    let image = crash_image(dir.path());
-    crash_with(journal, dir.path(), &image[..last + 10]);
+    let (intact, last) = torn_fifth_record(dir.path()).await;
     let taken = dir.path().join(format!("{FILE_NAME}.dropped-{last}"));
     std::fs::create_dir(&taken).expect("the copy's name taken");
 
