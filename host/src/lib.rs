@@ -24,7 +24,9 @@
 //! * [`metrics`]: counters and latency histogram in Prometheus format.
 //! * [`upgrade`]: one device brought up on another plugin version by folding its history.
 //! * [`dry_run`]: a plugin version re-deciding a device's recorded events, compared.
-//! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits.
+//! * `actor`: the per-device actor loop: mailbox, guest calls, pipelined commits; its
+//!   supervision (quarantine and backoff), the threads guest code runs on (the pool and the
+//!   slow lane), moves to another plugin version, and internal events, each a file of its own.
 //! * `router`: device id → actor, activation on demand, the live-instance cap.
 //! * `outbox`: who waits for a device's commands (long polls, streams).
 //! * `dispatch`: effects carried out after commit: messages into mailboxes (in order per
