@@ -604,13 +604,35 @@ impl Runtime {
         devices.sort_by(|a, b| a.device.cmp(&b.device));
         // Those the given-up version was not tried on stay on their version as if it had
         // failed on them, activations included, until it is deployed again.
-        let not_tried = std::mem::take(&mut *not_tried.lock());
-        self.shared
-            .router
-            .note_upgrades_not_tried(not_tried.len() as u64);
-        self.shared
+        let mut not_tried = std::mem::take(&mut *not_tried.lock());
+        // A live device whose fold was put off (the server lacked a core for it) before the
+        // version was given up finds it given up when it tries again: it is not tried, like
+        // the devices the deploy reached after the give-up, and its line says so now rather
+        // than promise a retry. (One that has tried again already was recorded then, and is
+        // not counted twice.)
+        if let Some(slow) = self.shared.router.upgrade_given_up(target_id)
+            && self.check_open().is_ok()
+        {
+            for d in devices
+                .iter_mut()
+                .filter(|d| d.outcome == UpgradeOutcome::Lazy)
+            {
+                let Some(h) = self.shared.journal.device(&d.device) else {
+                    continue;
+                };
+                if h.version == target_id {
+                    continue;
+                }
+                not_tried.push(h.num);
+                d.outcome = UpgradeOutcome::Failed;
+                d.error = Some(upgrade::given_up_text(to_number, slow, slow_failure));
+            }
+        }
+        let newly = self
+            .shared
             .router
             .note_upgrades_failed(not_tried, target_id);
+        self.shared.router.note_upgrades_not_tried(newly as u64);
         // The new bindings were queued without waiting; the report speaks of durable ones.
         self.shared.journal.barrier().await?;
         for d in devices

@@ -72,10 +72,10 @@ impl Router {
     /// Remembers that version `to` cannot bring these devices (numbers) up (a deploy's
     /// checks folded their histories and failed), so that their activations do not try again
     /// until a deploy, and their `upgrade` says so.
-    pub fn note_upgrades_failed(&self, nums: impl IntoIterator<Item = u32>, to: u32) {
+    pub fn note_upgrades_failed(&self, nums: impl IntoIterator<Item = u32>, to: u32) -> usize {
         self.env
             .upgrade_failures
-            .insert_all(nums.into_iter().map(|num| (num, to)));
+            .insert_all(nums.into_iter().map(|num| (num, to)))
     }
 
     /// See [`crate::Runtime::stop_upgrades`].

@@ -266,17 +266,16 @@ impl FailedUpgrades {
         }
     }
 
-    /// Records several at once (one write).
-    pub fn insert_all(&self, pairs: impl IntoIterator<Item = (u32, u32)>) {
+    /// Records several at once (one write); returns how many were not recorded before.
+    pub fn insert_all(&self, pairs: impl IntoIterator<Item = (u32, u32)>) -> usize {
         let added = {
             let mut set = self.pairs.lock();
-            pairs
-                .into_iter()
-                .fold(false, |added, p| set.insert(p) | added)
+            pairs.into_iter().filter(|&p| set.insert(p)).count()
         };
-        if added {
+        if added > 0 {
             self.persist();
         }
+        added
     }
 
     /// Forgets that version `to` failed device number `num` (it was brought up after all).
