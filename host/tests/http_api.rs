@@ -1411,3 +1411,82 @@ fn the_simulator_stops_when_the_server_answers_nothing() {
         "{out}{err}"
     );
 }
+
+/// Every command `drover demo` prints for looking around works on the fleet it just ran, run
+/// as printed: each `curl` answers 200 and each `drover` command succeeds. A door-lock
+/// fleet was once told to send thermostat readings (422), and a custom event template holds
+/// what a shell would take apart unless it is quoted.
+#[test]
+fn the_commands_demo_prints_work_for_every_fleet() {
+    let custom = r#"{"type":"report","device":"it's t-1","celsius":"{{float:18:24}}","heating":false,"online":true}"#;
+    let fleets: [&[&str]; 3] = [
+        &[],
+        &["--plugin", "door-lock"],
+        &["--plugin", "room", "--event", custom],
+    ];
+    for fleet in fleets {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut demo = std::process::Command::new(support::BIN)
+            .args(["demo", "--listen", "127.0.0.1:0", "--devices", "4"])
+            .args(["--duration", "1", "--concurrency", "2", "--quiet", "--data"])
+            .arg(&data)
+            .args(fleet)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+        let mut printed = Vec::new();
+        for line in std::io::BufRead::lines(stdout) {
+            let line = line.unwrap();
+            let serving = line.starts_with("serving on");
+            printed.push(line);
+            if serving {
+                break;
+            }
+        }
+        assert!(
+            printed.iter().any(|l| l.starts_with("serving on")),
+            "{fleet:?}: {printed:?}"
+        );
+        let client = reqwest::blocking::Client::new();
+        let (mut curls, mut sends) = (0, 0);
+        // The directions are the indented lines.
+        for line in printed.iter().filter(|l| l.starts_with("  ")) {
+            let Some(words) = shlex::split(line.trim()) else {
+                continue;
+            };
+            // A pipe into grep ends the command.
+            let words: Vec<&str> = words
+                .iter()
+                .map(String::as_str)
+                .take_while(|w| *w != "|")
+                .collect();
+            match words.first() {
+                Some(&"curl") => {
+                    let url = words.iter().find(|w| w.starts_with("http://")).unwrap();
+                    let body = words.iter().position(|w| *w == "-d").map(|i| words[i + 1]);
+                    let answer = match body {
+                        Some(body) => client.post(*url).body(body.to_string()).send(),
+                        None => client.get(*url).send(),
+                    }
+                    .unwrap();
+                    let status = answer.status();
+                    assert_eq!(status, 200, "{fleet:?}: {line}: {}", answer.text().unwrap());
+                    curls += 1;
+                }
+                Some(&"drover") => {
+                    let (ok, out, err) = cli(&words[1..]);
+                    assert!(ok, "{fleet:?}: {line}: {out}{err}");
+                    sends += usize::from(words.get(1) == Some(&"send"));
+                }
+                _ => {}
+            }
+        }
+        assert!(curls >= 4 && sends >= 1, "{fleet:?}: {printed:?}");
+        // Ctrl-C stops it gracefully.
+        unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+        assert!(demo.wait().unwrap().success(), "{fleet:?}");
+    }
+}

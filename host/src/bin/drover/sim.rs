@@ -408,6 +408,26 @@ impl SimConfig {
         }
     }
 
+    /// Events a device of `kind` takes in any state, for the directions `drover demo` prints:
+    /// two of the built-in generator's, or one drawn from the custom templates.
+    pub fn examples(&self, kind: Kind) -> Vec<String> {
+        match kind {
+            Kind::Thermostat => vec![
+                r#"{"type":"reading","celsius":17.5}"#.into(),
+                r#"{"type":"set_point","celsius":23}"#.into(),
+            ],
+            Kind::DoorLock => vec![
+                format!(r#"{{"type":"unlock","code":"{DOOR_CODE}"}}"#),
+                r#"{"type":"battery","percent":80}"#.into(),
+            ],
+            Kind::Custom => {
+                let mut event = String::new();
+                self.event(kind, &mut Rng::new(self.seed), &mut event);
+                vec![event]
+            }
+        }
+    }
+
     /// The plugin and config a device of `kind` is provisioned with.
     pub fn provisioning(&self, kind: Kind) -> (String, serde_json::Value) {
         match (kind, &self.custom) {

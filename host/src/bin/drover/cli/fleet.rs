@@ -260,51 +260,69 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 fn print_directions(cfg: &SimConfig, url: &str, data: &Path) {
-    let (thermo, _) = cfg.device(0);
-    let door = (0..cfg.devices)
+    let (first, kind) = cfg.device(0);
+    // Events that device takes: the thermostat's readings would be refused by a door lock
+    // or any other plugin's device.
+    let examples: Vec<String> = cfg.examples(kind).iter().map(|e| word(e)).collect();
+    let other = (0..cfg.devices)
         .map(|i| cfg.device(i))
-        .find(|(_, k)| *k == sim::Kind::DoorLock)
-        .map(|(id, _)| id);
+        .find(|(_, k)| *k != kind);
     let server = if url == "http://127.0.0.1:7070" {
         String::new()
     } else {
         format!(" --server {url}")
     };
     println!("\nLook at a device:");
-    println!("  curl -s {url}/v1/devices/{thermo}");
-    println!("  curl -s '{url}/v1/devices/{thermo}/journal?from=1&limit=5'");
-    println!("  curl -s '{url}/v1/devices/{thermo}/state?at=1'");
-    println!(
-        "  curl -s -X POST {url}/v1/devices/{thermo}/events -d '{{\"type\":\"reading\",\"celsius\":17.5}}'"
-    );
+    println!("  curl -s {url}/v1/devices/{first}");
+    println!("  curl -s '{url}/v1/devices/{first}/journal?from=1&limit=5'");
+    println!("  curl -s '{url}/v1/devices/{first}/state?at=1'");
+    if let Some(event) = examples.first() {
+        println!("  curl -s -X POST {url}/v1/devices/{first}/events -d {event}");
+    }
     println!("  curl -s {url}/metrics | grep drover_events_total");
     println!("or with the CLI:");
-    println!("  drover state {thermo}{server}");
-    println!("  drover journal {thermo} --limit 5{server}");
-    println!("  drover send {thermo} '{{\"type\":\"set_point\",\"celsius\":23}}'{server}");
-    if let Some(door) = door {
-        println!("  drover send {door} '{{\"type\":\"unlock\",\"code\":\"4711\"}}'{server}");
+    println!("  drover state {first}{server}");
+    println!("  drover journal {first} --limit 5{server}");
+    if let Some(event) = examples.last() {
+        println!("  drover send {first} {event}{server}");
+    }
+    if let Some((id, kind)) = other
+        && let Some(event) = cfg.examples(kind).first()
+    {
+        println!("  drover send {id} {}{server}", word(event));
     }
     println!(
-        "  drover replay {thermo} --data {}   (offline, from the journal)",
-        data.display()
+        "  drover replay {first} --data {}   # offline, from the journal",
+        word(&data.display().to_string())
     );
+}
+
+/// `text` as one word for a POSIX shell, so that a printed command can be pasted: as it is
+/// if it is plain, else in single quotes, each of its own closed and escaped (a custom event
+/// template may hold one).
+fn word(text: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:@%+=,-".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
 }
 
 /// What to look at once a demo run with `--exit` has stopped its server.
 fn print_offline_directions(cfg: &SimConfig, data: &Path) {
-    let (thermo, _) = cfg.device(0);
+    let (first, _) = cfg.device(0);
     println!(
         "\nThe server has stopped; the fleet is in {}:",
         data.display()
     );
     println!(
-        "  drover replay {thermo} --data {}   (a device rebuilt from the journal)",
-        data.display()
+        "  drover replay {first} --data {}   # a device rebuilt from the journal",
+        word(&data.display().to_string())
     );
     println!(
-        "  drover serve --data {}   (serve it again)",
-        data.display()
+        "  drover serve --data {}   # serve it again",
+        word(&data.display().to_string())
     );
 }
 
