@@ -787,6 +787,57 @@ async fn a_deploy_ends_the_quarantines_earned_under_the_version_it_leaves() {
     rt.shutdown().await;
 }
 
+/// Failures counted under a version say nothing of the next: a device whose quarantine ran
+/// out before the deploy (so the deploy had none to end) starts its count afresh on the new
+/// version, and so do failures a rollback moves a device away from before they reached a
+/// quarantine. (One trap on the new version used to quarantine it again, for twice as long.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_device_counts_its_failures_afresh_on_the_new_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let v2 = register_v2(&rt).await;
+    rt.provision("q", "misbehave", &json!({})).await.unwrap();
+    rt.send("q", OK).await.unwrap();
+    let trap = |why: &'static str| {
+        let rt = rt.clone();
+        async move {
+            let err = rt.send("q", r#"{"type":"panic"}"#).await.unwrap_err();
+            assert_eq!(err.code(), "trap", "{why}: {err}");
+        }
+    };
+    for _ in 0..3 {
+        trap("under v1").await;
+    }
+    assert_eq!(rt.status("q"), drover::view::DeviceStatus::Quarantined);
+    // The first quarantine lasts 5 s ±25%.
+    let ran_out = std::time::Instant::now() + Duration::from_secs(8);
+    while rt.status("q") == drover::view::DeviceStatus::Quarantined {
+        assert!(
+            std::time::Instant::now() < ran_out,
+            "the quarantine never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = rt.deploy("misbehave", v2.version, false).await.unwrap();
+    assert_eq!(report.totals.quarantines_ended, 0, "{:?}", report.totals);
+    trap("one failure under v2").await;
+    // v2 counts by two: the event ran on the new version, whose count had one failure.
+    rt.send("q", OK).await.unwrap();
+    assert_eq!(version(&rt, "q"), 2);
+    assert_eq!(count(&rt, "q").await, 3);
+
+    // Two failures under v2, then a rollback: one more under v1 is its first there.
+    trap("first under v2").await;
+    trap("second under v2").await;
+    rt.rollback("misbehave", false).await.unwrap();
+    trap("one failure back under v1").await;
+    rt.send("q", OK).await.unwrap();
+    assert_eq!(version(&rt, "q"), 1);
+    assert_eq!(count(&rt, "q").await, 4);
+    assert_live_equals_full_replay(&rt, dir.path(), "q").await;
+    rt.shutdown().await;
+}
+
 /// Passivated devices whose history the deploy's sample could not fold stay on their version
 /// and say so at once (`upgrade.failed`), and their next activation does not fold the whole
 /// history again to fail the same way.

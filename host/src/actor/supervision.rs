@@ -173,6 +173,28 @@ impl Actor {
                 .is_some_and(|t| t.elapsed() > REMEMBER_FAILURES)
     }
 
+    /// The device now runs another plugin version (a deploy or a rollback moved it, live or
+    /// at its activation): failures under the version it left, and the doubling of their
+    /// quarantines, say nothing of this one, so its count starts afresh, as a `resume` does.
+    /// A deploy ends the quarantines under way itself; this also covers one that ran out
+    /// before the deploy looked (its count and length stood, so one failure on the new
+    /// version quarantined the device again, for twice as long), and failures that had not
+    /// yet reached a quarantine.
+    pub(super) fn moved_to_another_version(&mut self) {
+        if self.failures == 0 && self.quarantine.is_none() {
+            return;
+        }
+        if self.in_quarantine() {
+            // Messages held back meanwhile come now, not at its planned end.
+            let _ = self
+                .env
+                .dispatch
+                .send(Durable::redeliver(&self.head, Duration::ZERO));
+        }
+        tracing::info!(device = %self.head.id, failures = self.failures, "failures counted under the plugin version left are forgotten");
+        self.recovered();
+    }
+
     pub(super) fn recovered(&mut self) {
         self.failures = 0;
         if self.quarantine.take().is_some() {

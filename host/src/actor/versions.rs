@@ -185,6 +185,7 @@ impl Actor {
                 self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                 self.head = want;
                 self.activity.version.store(to, Ordering::Relaxed);
+                self.moved_to_another_version();
                 Ok(LazyUpgrade::Upgraded(Box::new(rebuilt)))
             }
             Err(NotBroughtUp::Failed(f)) => {
@@ -311,6 +312,7 @@ impl Actor {
                     live.tail_cost = started.elapsed();
                     self.head = want;
                     self.activity.version.store(to, Ordering::Relaxed);
+                    self.moved_to_another_version();
                     self.env.upgrade_failures.remove(self.head.num, to);
                     self.env.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
                     report.outcome = UpgradeOutcome::Upgraded;
