@@ -327,6 +327,17 @@ fn provision_send_and_read_back_both_plugins() {
     assert!(out.contains("1 cannot fold"), "{out}");
     let removed = api.call(Method::DELETE, "/v1/devices/m", None);
     assert_eq!(removed.status, 200, "{}", removed.text);
+    // A device quarantined under the version left: the deploy's lines say it was let out.
+    api.provision("mq", "misbehave", json!({}));
+    for _ in 0..3 {
+        let trapped = api.post("/v1/devices/mq/events", &json!({"type": "panic"}));
+        trapped.assert_error(422, "trap");
+    }
+    let (ok, out, err) = cli(&["plugin", "deploy", "misbehave", "2", "--server", url]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(", 1 quarantine ended"), "{out}");
+    let removed = api.call(Method::DELETE, "/v1/devices/mq", None);
+    assert_eq!(removed.status, 200, "{}", removed.text);
     let (ok, out, err) = cli(&["plugin", "deploy", "thermostat", "2", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("thermostat v1 -> v2: of 2 devices"), "{out}");

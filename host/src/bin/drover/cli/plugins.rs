@@ -294,7 +294,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{}{} ({} ms)",
+        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{}{}{} ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -329,6 +329,11 @@ pub fn print_deploy(r: &Value) {
         match n(&t["upgraded_at_activation"]) {
             0 => String::new(),
             k => format!(", {k} came to it at an activation meanwhile"),
+        },
+        match n(&t["quarantines_ended"]) {
+            0 => String::new(),
+            1 => ", 1 quarantine ended".to_string(),
+            k => format!(", {k} quarantines ended"),
         },
         n(&r["elapsed_ms"]),
     );
