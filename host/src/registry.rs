@@ -79,6 +79,20 @@ struct Pointer {
 /// How many earlier current versions a plugin remembers for rollback.
 const PREVIOUS_KEPT: usize = 32;
 
+impl Pointer {
+    /// Keeps the history a stack of real steps back once versions left it: each rollback
+    /// goes to another version than the one it leaves. Removing the version between two
+    /// entries of one version made them neighbours (v1, v2, v3, v2 with v3 removed: v1, v2,
+    /// v2), and removing the one after the current version's last entry left that entry on
+    /// top, so the next rollback went to the version already current, changing nothing.
+    fn tidy_history(&mut self) {
+        self.previous.dedup();
+        while self.previous.last() == Some(&self.current) {
+            self.previous.pop();
+        }
+    }
+}
+
 impl PluginVersion {
     /// `slow`: the version's (`slow_lane`, `slow_setup`).
     fn from_info(v: &VersionInfo, slow: (bool, bool)) -> Self {
@@ -231,14 +245,14 @@ impl Registry {
                         |id: u32| versions.get(id as usize).is_some_and(|v| v.plugin == name);
                     if known(p.current) {
                         let previous = p.previous.into_iter().filter(|id| known(*id)).collect();
-                        table.current.insert(
-                            name,
-                            Pointer {
-                                current: p.current,
-                                origin: p.origin,
-                                previous,
-                            },
-                        );
+                        let mut pointer = Pointer {
+                            current: p.current,
+                            origin: p.origin,
+                            previous,
+                        };
+                        // An older server's removals could leave it untidy.
+                        pointer.tidy_history();
+                        table.current.insert(name, pointer);
                     }
                 }
             }
@@ -436,6 +450,7 @@ impl Registry {
                 table.current.remove(name);
             } else if let Some(p) = table.current.get_mut(name) {
                 p.previous.retain(|id| !ids.contains(id));
+                p.tidy_history();
             }
             // Files are content-addressed: keep those another live version (of any plugin)
             // has the same bytes as.

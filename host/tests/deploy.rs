@@ -1373,6 +1373,41 @@ async fn an_upload_with_a_refused_import_names_its_cause_and_stores_nothing() {
     rt.shutdown().await;
 }
 
+/// Removing a version keeps the rollback history a stack of real steps back, also across a
+/// restart: after v1 → v2 → v3 → v2 and the removal of v3, a rollback goes to v1 (it went
+/// to v2, the version already current, and changed nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_a_version_is_removed_still_goes_one_step_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let register = |bytes: Vec<u8>| {
+        let rt = rt.clone();
+        async move {
+            let (v, _) = rt
+                .register_plugin("misbehave", bytes, Origin::Upload)
+                .await
+                .unwrap();
+            v.version
+        }
+    };
+    let v2 = register(support::identical_rebuild(&support::misbehave_v1())).await;
+    let v3 = register(support::misbehave_variant("v2")).await;
+    for v in [v2, v3, v2] {
+        rt.deploy("misbehave", v, false).await.unwrap();
+    }
+    rt.remove_plugin_version("misbehave", v3).await.unwrap();
+    rt.shutdown().await;
+    drop(rt);
+    let rt = open(dir.path()).await;
+    assert_eq!(rt.current_version("misbehave"), Some(v2));
+    let back = rt.rollback("misbehave", false).await.unwrap();
+    assert_eq!((back.from, back.to), (v2, 1));
+    assert_eq!(rt.current_version("misbehave"), Some(1));
+    let none = rt.rollback("misbehave", false).await.unwrap_err();
+    assert_eq!(none.kind(), ErrorKind::DeployRefused, "{none}");
+    rt.shutdown().await;
+}
+
 /// A plugin version can be removed once no device runs it and it is not current; a plugin,
 /// once no device runs any of its versions. Removals survive a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
