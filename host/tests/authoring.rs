@@ -199,8 +199,22 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     assert_eq!(s1["version"], 2);
     assert_eq!(s1["state"]["readings"], 4);
 
-    // Ctrl-C: the local server stops as `drover serve` does (its journal index checkpointed
-    // on the way out), and then the process.
+    // Ctrl-C while rustc compiles the plugin: the local server stops as `drover serve` does
+    // (its journal index checkpointed on the way out), and then the process. A compile cut
+    // short could leave the crate's incremental cache so that every later build of the same
+    // sources failed to link (`--once` below builds them).
+    let fixed = edited.replace("self.threshold + 100.0", "self.threshold + 200.0");
+    std::fs::write(&lib, &fixed).unwrap();
+    let compiling = Instant::now() + Duration::from_secs(60);
+    while !rustc_compiles("sensor") {
+        assert!(
+            Instant::now() < compiling,
+            "rustc never compiled the plugin"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Into its code generation (a stop as it starts leaves nothing to spoil).
+    std::thread::sleep(Duration::from_millis(DEV_STOP_AFTER_MS));
     let pid = libc::pid_t::try_from(dev.child.id()).expect("pid");
     // SAFETY: kill(2) of our own child, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGINT) };
@@ -223,23 +237,61 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     );
     drop(dev);
 
-    // `--once` reports a failed build in its exit status, for scripts and CI.
-    let mut once = Command::new(support::BIN);
-    support::strip_build_env(&mut once);
-    let out = once
-        .arg("dev")
-        .arg(&krate)
-        .args(["--once", "--listen", "127.0.0.1:0", "--data"])
-        .arg(tmp.path().join("once-data"))
-        .env("CARGO_TARGET_DIR", support::outside_target_dir())
-        .output()
-        .expect("drover dev --once");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{stdout}");
+    let once = |data: &str| {
+        let mut once = Command::new(support::BIN);
+        support::strip_build_env(&mut once);
+        let out = once
+            .arg("dev")
+            .arg(&krate)
+            .args(["--once", "--listen", "127.0.0.1:0", "--data"])
+            .arg(tmp.path().join(data))
+            .env("CARGO_TARGET_DIR", support::outside_target_dir())
+            .output()
+            .expect("drover dev --once");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // The sources the stopped build compiled build now.
+    let (ok, stdout) = once("once-data");
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("live: sensor v1"), "{stdout}");
+    // `--once` reports a failed build in its exit status, for scripts and CI, and says what
+    // keeps serving: the version an earlier run made current, or nothing.
+    std::fs::write(&lib, format!("{fixed}\nfn broken( {{\n")).unwrap();
+    let (ok, stdout) = once("once-data");
+    assert!(!ok, "{stdout}");
+    assert!(
+        stdout.contains("build failed")
+            && stdout.contains("v1, current on the server, keeps serving"),
+        "{stdout}"
+    );
+    let (ok, stdout) = once("fresh-data");
+    assert!(!ok, "{stdout}");
     assert!(
         stdout.contains("build failed") && stdout.contains("nothing is live yet"),
         "{stdout}"
     );
+}
+
+/// How long after rustc starts on the plugin the test stops `drover dev`.
+const DEV_STOP_AFTER_MS: u64 = 200;
+
+/// Whether a rustc compiling crate `name` for the wasm target runs now.
+fn rustc_compiles(name: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.windows(2)
+            .any(|w| w[0] == b"--crate-name" && w[1] == name.as_bytes())
+            && args.iter().any(|a| a.ends_with(b"wasm32-wasip2"))
+    })
 }
 
 /// `drover new` refuses, before creating anything, a name no crate can take: one that is not

@@ -18,7 +18,8 @@
 //!
 //! The machine-readable line `live: NAME vN` marks each version going live.
 //!
-//! SIGTERM or Ctrl-C stops it: a build under way is stopped (its cargo is sent SIGTERM), and
+//! SIGTERM or Ctrl-C stops it: a build under way is stopped (its cargo is sent SIGTERM, and
+//! the crate's incremental cache, which a compile cut short can leave unusable, is dropped), and
 //! the local server shuts down as `drover serve` does (in-flight requests answered, mailboxes
 //! drained, the journal flushed and its index checkpointed), then `stopped` is printed. A
 //! second signal exits at once.
@@ -85,10 +86,24 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         .dir
         .canonicalize()
         .with_context(|| format!("no plugin crate at {}", args.dir.display()))?;
+    let meta = cargo_metadata(&dir)?;
     let name = match &args.name {
         Some(n) => n.clone(),
-        None => package_name(&dir)?,
+        None => package_name(&dir, &meta)?,
     };
+    let target_dir = meta["target_directory"]
+        .as_str()
+        .map_or_else(|| dir.join("target"), PathBuf::from);
+    // The crates' names as rustc knows them (`-` made `_`), which name their incremental
+    // caches.
+    let crates = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["name"].as_str())
+        .map(|n| n.replace('-', "_"))
+        .collect();
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("drover-dev")
@@ -154,6 +169,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         force: args.force,
         live_version: None,
         stop: stop.clone(),
+        target_dir,
+        crates,
     };
     let mut code = ExitCode::SUCCESS;
     let outcome = if args.once {
@@ -183,8 +200,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// The crate's package name, from `cargo metadata`.
-fn package_name(dir: &Path) -> anyhow::Result<String> {
+/// `cargo metadata` of the crate in `dir` (its packages, its target directory).
+fn cargo_metadata(dir: &Path) -> anyhow::Result<Value> {
     let output = cargo()
         .args(["metadata", "--no-deps", "--format-version", "1"])
         .current_dir(dir)
@@ -198,7 +215,11 @@ fn package_name(dir: &Path) -> anyhow::Result<String> {
             dir.display()
         );
     }
-    let meta: Value = serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
+    serde_json::from_slice(&output.stdout).context("reading cargo metadata")
+}
+
+/// The crate's package name, from its `cargo metadata`.
+fn package_name(dir: &Path, meta: &Value) -> anyhow::Result<String> {
     match meta["packages"].as_array().map(Vec::as_slice) {
         Some([one]) => Ok(one["name"].as_str().unwrap_or_default().to_string()),
         _ => anyhow::bail!(
@@ -220,6 +241,10 @@ struct Dev {
     /// The version this loop last made live.
     live_version: Option<u64>,
     stop: Stop,
+    /// Cargo's target directory for the crate.
+    target_dir: PathBuf,
+    /// The crate's targets, by the names rustc gives them.
+    crates: Vec<String>,
 }
 
 /// What wakes the watch loop.
@@ -361,12 +386,7 @@ impl Dev {
                 return false;
             }
             Err(e) => {
-                let serving = if self.live_version.is_some() {
-                    "the version that was live keeps serving"
-                } else {
-                    "nothing is live yet"
-                };
-                println!("build failed: {e:#}; {serving}");
+                println!("build failed: {e:#}; {}", self.serving());
                 return false;
             }
         };
@@ -444,6 +464,9 @@ impl Dev {
         }
         let status =
             wait_then_clear(&mut child, &self.stop.building).context("waiting for cargo")?;
+        if !status.success() && self.stop.requested() {
+            self.forget_incremental(profile);
+        }
         if !status.success() {
             anyhow::bail!("cargo build exited with {status} (its errors are above)");
         }
@@ -451,6 +474,59 @@ impl Dev {
             "cargo built no .wasm component: the crate needs `crate-type = [\"cdylib\", \"rlib\"]` \
              (and `rustup target add wasm32-wasip2`)",
         )
+    }
+
+    /// What serves while a build fails: the version this loop made live, else the plugin's
+    /// current version on the server (made live by an earlier `drover dev` or a deploy).
+    fn serving(&self) -> String {
+        if self.live_version.is_some() {
+            return "the version that was live keeps serving".into();
+        }
+        match self.current_on_server() {
+            Ok(Some(v)) => format!("v{v}, current on the server, keeps serving"),
+            Ok(None) => "nothing is live yet".into(),
+            Err(_) => "the server did not say what is live".into(),
+        }
+    }
+
+    /// The plugin's current version on the server, if it has the plugin.
+    fn current_on_server(&self) -> anyhow::Result<Option<u64>> {
+        let (_, list): (String, Value) = self.api.call_json(self.api.get("/v1/plugins"))?;
+        Ok(list["plugins"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == self.name.as_str()))
+            .and_then(|p| p["current"].as_u64()))
+    }
+
+    /// Drops the crate's incremental compilation caches for `profile` (other crates' in a
+    /// shared target directory stay). A build stopped part-way (Ctrl-C while rustc compiled
+    /// the plugin) can leave them inconsistent: every later build of the same sources then
+    /// failed to link (`relocation ... against an undefined symbol anon...`) until the
+    /// sources changed, which read as an error in the plugin's code. The next build compiles
+    /// the crate whole once instead.
+    fn forget_incremental(&self, profile: &str) {
+        let caches = self
+            .target_dir
+            .join("wasm32-wasip2")
+            .join(profile)
+            .join("incremental");
+        let Ok(entries) = std::fs::read_dir(&caches) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = self.crates.iter().any(|c| {
+                name.strip_prefix(c.as_str())
+                    .is_some_and(|r| r.starts_with('-'))
+            });
+            if ours && let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                println!(
+                    "could not remove {} after the stopped build ({e}); if the next build \
+                     fails to link, remove it by hand",
+                    entry.path().display()
+                );
+            }
+        }
     }
 
     fn push_and_deploy(
@@ -471,12 +547,7 @@ impl Dev {
         let up: Value = serde_json::from_str(&text).context("reading the upload answer")?;
         let version = up["version"].as_u64().unwrap_or(0);
         let pushed = started.elapsed();
-        let (_, list): (String, Value) = self.api.call_json(self.api.get("/v1/plugins"))?;
-        let current = list["plugins"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == self.name.as_str()))
-            .and_then(|p| p["current"].as_u64())
-            .unwrap_or(0);
+        let current = self.current_on_server()?.unwrap_or(0);
         if status == 200 && current == version {
             println!("no change: v{version} is live");
             self.live_version = Some(version);
