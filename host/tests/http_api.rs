@@ -403,12 +403,21 @@ fn provision_send_and_read_back_both_plugins() {
         cli(&args)
     };
     let started = std::time::Instant::now();
-    let (ok, out, err) = paced(&["--devices", "3", "--rate", "2", "--duration", "2"]);
+    let (ok, out, err) = paced(&["--devices", "3", "--rate", "2", "--duration", "2", "--json"]);
     assert!(ok, "{out}\n{err}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(8),
         "a 2 s run took {:?}",
         started.elapsed()
+    );
+    // And it lasts its duration: the rate it reports is over the whole of it, not over the
+    // time until its last slot's answer (2 events over 3 s at 0.5 events/s read "1 events/s").
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["events_ok"], 4, "{summary}");
+    assert!(
+        summary["elapsed_secs"].as_f64().unwrap() >= 2.0
+            && summary["events_per_sec"].as_f64().unwrap() <= 2.0,
+        "{summary}"
     );
     // Settings no run can honour are refused before anything is provisioned.
     for (extra, says) in [

@@ -888,6 +888,13 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
     for w in workers {
         w.await.context("simulator worker")?;
     }
+    // A paced run lasts its duration: its last slot comes before the end (up to one period
+    // before), and the rate it reports is over the whole of it.
+    if let (Load::Rate(_), Some(d)) = (cfg.load, cfg.duration)
+        && !shared.gave_up.load(Ordering::Relaxed)
+    {
+        tokio::time::sleep_until((shared.start + d).into()).await;
+    }
     let elapsed = shared.start.elapsed();
     shared.stop();
     if let Some(p) = progress {
