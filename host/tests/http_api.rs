@@ -703,6 +703,12 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
             "limit=0",
         ),
         (
+            api.get("/v1/devices/t1/journal?limit=-1"),
+            400,
+            "malformed-query",
+            "limit=-1",
+        ),
+        (
             api.get("/v1/devices/t1/journal?from=99999999999999999999999"),
             400,
             "malformed-query",
@@ -769,6 +775,14 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
     for (answer, status, code, what) in &cases {
         eprintln!("case: {what}");
         answer.assert_error(*status, code);
+    }
+    // A page size past every cap is capped, however many digits it has (20 were a 400).
+    for path in [
+        "/v1/devices/t1/journal?limit=99999999999999999999",
+        "/v1/devices?limit=99999999999999999999",
+    ] {
+        let page = api.get(path);
+        assert_eq!(page.status, 200, "{path}: {}", page.text);
     }
     // Paths a URL library would normalize: sent raw.
     for (path, what) in [

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::App;
 use super::error::ApiError;
-use super::extract::{Body, Id, NoQuery, QueryOf};
+use super::extract::{Body, Id, NoQuery, QueryOf, saturating};
 use super::json::{self, Json};
 use crate::error::Error;
 use crate::view::{
@@ -133,6 +133,7 @@ pub struct ListQuery {
     /// Ids strictly after this one (the previous page's `next`).
     after: Option<String>,
     /// Page size, 1..=10000 (default 1000).
+    #[serde(default, deserialize_with = "saturating")]
     limit: Option<usize>,
     /// `true`: each device as `{"id","plugin","version","seq","status","upgrade"}` instead of
     /// its id.
@@ -234,6 +235,7 @@ pub struct JournalQuery {
     /// First seq of the page (default: the oldest kept, 1 unless retention deleted history).
     from: Option<u64>,
     /// Records per page, 1..=the server's page limit (default 100; larger is clamped).
+    #[serde(default, deserialize_with = "saturating")]
     limit: Option<usize>,
 }
 
@@ -446,20 +448,8 @@ struct Commands {
 pub struct CommandsQuery {
     /// With an empty outbox, wait up to this many ms (at most 60,000) for a command: a
     /// long poll. Absent or 0: answer at once.
-    #[serde(default, deserialize_with = "saturating_ms")]
+    #[serde(default, deserialize_with = "saturating")]
     wait_ms: Option<u64>,
-}
-
-/// A count of milliseconds in a query: digits, any number of them (past `u64` it is
-/// `u64::MAX`, which the long poll's cap then takes down like any large value).
-fn saturating_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(serde::de::Error::custom(format!(
-            "`{text}` is not a number of milliseconds (digits only)"
-        )));
-    }
-    Ok(Some(text.parse().unwrap_or(u64::MAX)))
 }
 
 /// `GET /v1/devices/{id}/commands[?wait_ms=N]`: the device's outbox, the commands its plugin
@@ -595,7 +585,7 @@ mod tests {
         );
         for bad in ["-1", "1.5", "0x10", "", "%201", "ten"] {
             let err = wait_ms(&format!("wait_ms={bad}")).expect_err(bad);
-            assert!(err.contains("not a number of milliseconds"), "{bad}: {err}");
+            assert!(err.contains("is not a whole number"), "{bad}: {err}");
         }
     }
 }

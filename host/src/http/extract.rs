@@ -72,6 +72,40 @@ fn path_rejection(r: PathRejection) -> ApiError {
     ApiError::refused(Error::InvalidId(r.body_text()))
 }
 
+/// A whole number in a query string that the route caps (a page size, a wait in ms), for
+/// `#[serde(default, deserialize_with = "saturating")]`: digits only, any number of them. One
+/// too large for its type is the type's maximum, which the route's cap then takes like any
+/// large value: the README caps a large `limit` rather than refusing it, however many digits
+/// it has (20 digits were refused as "number too large", 19 capped). Seqs are not capped:
+/// one past `u64` names nothing and stays a `malformed-query`.
+pub(crate) fn saturating<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + Largest,
+{
+    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` is not a whole number (digits only)"
+        )));
+    }
+    // Digits only: the one way parsing fails is overflow.
+    Ok(Some(text.parse().unwrap_or(T::LARGEST)))
+}
+
+/// The largest value of a number type (for [`saturating`]).
+pub(crate) trait Largest {
+    const LARGEST: Self;
+}
+
+impl Largest for u64 {
+    const LARGEST: u64 = u64::MAX;
+}
+
+impl Largest for usize {
+    const LARGEST: usize = usize::MAX;
+}
+
 /// For a route that takes no query parameters: any is 400 `malformed-query`, never ignored,
 /// so a parameter a client expects to do something (`dead-letters?limit=5`) cannot be
 /// dropped without a word. Routes that take parameters refuse the ones they do not know the
