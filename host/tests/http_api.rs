@@ -261,6 +261,20 @@ fn provision_send_and_read_back_both_plugins() {
         .collect();
     assert_eq!(records.len(), 7, "{out}");
     assert_eq!(records[0]["seq"], 1);
+    // Each record as the server wrote it, byte for byte as in the page's own answer
+    // (through a `Value` the keys came out sorted: `{"at":..` first, and an event's too).
+    let (ok, page, err) = cli(&["journal", "hall", "--json", "--server", url]);
+    assert!(ok, "{err}");
+    for line in out.lines() {
+        assert!(page.contains(line), "{line} is not in {page}");
+    }
+    assert!(out.starts_with(r#"{"seq":1,"#), "{out}");
+    let (ok, out, err) = cli(&["devices", "--json", "--server", url]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with(r#"{"id":"hall","#)),
+        "{out}"
+    );
     let (ok, out, err) = cli(&[
         "send",
         "hall",

@@ -301,8 +301,7 @@ pub fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         if args.json && args.all {
             // Every page: JSON lines, one record each (a document per page did not parse as
             // one).
-            let raw: Value = serde_json::from_str(&text)?;
-            for r in raw["records"].as_array().into_iter().flatten() {
+            for r in raw_items(&text, "records")? {
                 println!("{r}");
             }
         } else if args.json {
@@ -499,9 +498,9 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
         if args.client.json {
             // JSON lines, one per device whatever the paging (a document per page did not
             // parse as one): each device as the server lists it, or with `--ids` its id.
-            let raw: serde_json::Value = serde_json::from_str(&text)?;
-            for d in raw["devices"].as_array().into_iter().flatten() {
+            for d in raw_items(&text, "devices")? {
                 if args.ids {
+                    let d: Value = serde_json::from_str(d.get())?;
                     println!("{}", d["id"]);
                 } else {
                     println!("{d}");
@@ -553,6 +552,23 @@ pub fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The items of the array `field` of a JSON answer, each as the server wrote it: through a
+/// `Value` an object's keys came out sorted, so a recorded event sent as
+/// `{"type":"reading","celsius":19.5}` was printed as `{"celsius":19.5,"type":"reading"}`,
+/// not the raw answer `--json` promises.
+fn raw_items<'a>(
+    text: &'a str,
+    field: &str,
+) -> anyhow::Result<Vec<&'a serde_json::value::RawValue>> {
+    let answer: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_str(text).context("reading the server's answer")?;
+    match answer.get(field) {
+        Some(items) => Ok(serde_json::from_str(items.get())
+            .with_context(|| format!("reading the answer's `{field}`"))?),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `drover resume`.
