@@ -1460,6 +1460,102 @@ fn the_simulator_stops_when_the_server_answers_nothing() {
     );
 }
 
+/// Ctrl-C ends a simulation with its summary, as load tools do, in `drover sim` (exit 130)
+/// and in `drover demo`, which then stops instead of serving on. `sim` printed nothing, and
+/// `demo` ignored the Ctrl-C until its simulation had run its course, then served on.
+#[test]
+fn a_simulation_interrupted_by_ctrl_c_reports_what_it_did() {
+    let wait = |child: &mut std::process::Child, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} runs on after Ctrl-C"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let interrupt = |child: &std::process::Child| {
+        // SAFETY: kill(2) of our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let mut sim = std::process::Command::new(support::BIN)
+        .args(["sim", "--server", &server.url, "--devices", "5"])
+        .args([
+            "--duration",
+            "120",
+            "--concurrency",
+            "2",
+            "--quiet",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    support::poll_until(
+        std::time::Duration::from_secs(30),
+        "acknowledged events",
+        || (server.journal_len() > 0).then_some(()),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    interrupt(&sim);
+    let status = wait(&mut sim, "drover sim");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut sim.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(status.code(), Some(130), "{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["stopped_early"], "interrupted", "{summary}");
+    assert!(summary["events_ok"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        summary["elapsed_secs"].as_f64().unwrap() < 60.0,
+        "{summary}"
+    );
+    drop(server);
+
+    let mut demo = std::process::Command::new(support::BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--devices", "4"])
+        .args([
+            "--duration",
+            "120",
+            "--concurrency",
+            "2",
+            "--quiet",
+            "--data",
+        ])
+        .arg(dir.path().join("demo"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(demo.stdout.take().unwrap()));
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("simulating") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    interrupt(&demo);
+    let status = wait(&mut demo, "drover demo");
+    let printed: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(status.success(), "{status}: {printed:?}");
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("stopped early: interrupted")),
+        "{printed:?}"
+    );
+    assert!(
+        !printed.iter().any(|l| l.starts_with("serving on")),
+        "{printed:?}"
+    );
+}
+
 /// Every command `drover demo` prints for looking around works on the fleet it just ran, run
 /// as printed: each `curl` answers 200 and each `drover` command succeeds. A door-lock
 /// fleet was once told to send thermostat readings (422), and a custom event template holds

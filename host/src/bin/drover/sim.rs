@@ -499,9 +499,12 @@ pub struct Summary {
     /// Failed events by error code (`transport` for connection failures).
     pub errors: BTreeMap<String, u64>,
     /// Why the run stopped before its duration or event count (the server stopped
-    /// answering), if it did.
+    /// answering, or Ctrl-C), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped_early: Option<String>,
+    /// The run was stopped by Ctrl-C or SIGTERM (see [`run_until`]).
+    #[serde(skip)]
+    pub interrupted: bool,
 }
 
 /// Microseconds as a short readable duration.
@@ -839,6 +842,18 @@ fn histogram() -> Histogram<u64> {
 /// Runs the simulation described by `cfg` against an already provisioned fleet (see
 /// [`provision`]).
 pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
+    run_until(cfg, std::future::pending()).await
+}
+
+/// [`run`], stopped early when `interrupt` completes (a Ctrl-C): requests under way are
+/// answered, no more are sent, and the summary covers what was sent until then
+/// (`interrupted`, and `stopped_early` says so). Interrupted, a load tool that printed
+/// nothing left its user with no figures, and `drover demo` ignored the Ctrl-C until its
+/// simulation had run its course, then served on as if it had never come.
+pub async fn run_until(
+    cfg: &SimConfig,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Summary> {
     cfg.check()?;
     let batch = cfg.batch.max(1);
     let concurrency = cfg.concurrency;
@@ -885,15 +900,34 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
             shared.stop();
         });
     }
-    for w in workers {
-        w.await.context("simulator worker")?;
-    }
+    let done = async {
+        for w in workers {
+            w.await.context("simulator worker")?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(done, interrupt);
+    let interrupted = tokio::select! {
+        finished = &mut done => {
+            finished?;
+            false
+        }
+        () = &mut interrupt => {
+            shared.stop();
+            done.await?;
+            true
+        }
+    };
     // A paced run lasts its duration: its last slot comes before the end (up to one period
     // before), and the rate it reports is over the whole of it.
     if let (Load::Rate(_), Some(d)) = (cfg.load, cfg.duration)
         && !shared.gave_up.load(Ordering::Relaxed)
+        && !interrupted
     {
-        tokio::time::sleep_until((shared.start + d).into()).await;
+        tokio::select! {
+            () = tokio::time::sleep_until((shared.start + d).into()) => {}
+            () = &mut interrupt => {}
+        }
     }
     let elapsed = shared.start.elapsed();
     shared.stop();
@@ -931,13 +965,18 @@ pub async fn run(cfg: &SimConfig) -> anyhow::Result<Summary> {
         events_per_sec: ok as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_us: Latency::of(&total),
         errors: shared.errors.lock().clone(),
-        stopped_early: shared.gave_up.load(Ordering::Relaxed).then(|| {
-            format!(
-                "{} answered nothing for {} s (stopped or unreachable)",
-                cfg.server,
-                GIVE_UP_AFTER.as_secs()
-            )
-        }),
+        stopped_early: if interrupted {
+            Some("interrupted".into())
+        } else {
+            shared.gave_up.load(Ordering::Relaxed).then(|| {
+                format!(
+                    "{} answered nothing for {} s (stopped or unreachable)",
+                    cfg.server,
+                    GIVE_UP_AFTER.as_secs()
+                )
+            })
+        },
+        interrupted,
     })
 }
 

@@ -163,14 +163,18 @@ pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
             );
             sim::provision(&cfg).await?;
         }
-        sim::run(&cfg).await
+        // Ctrl-C ends the run with its summary, as load tools do.
+        sim::run_until(&cfg, shutdown_signal()).await
     })?;
     print_summary(&summary, args.json)?;
     if summary.events_ok == 0 && summary.stopped_early.is_none() {
         eprintln!("error: no event was acknowledged");
     }
     Ok(
-        if summary.events_ok > 0 && summary.stopped_early.is_none() {
+        // 128 + SIGINT, as a shell reports a command a Ctrl-C ended.
+        if summary.interrupted {
+            ExitCode::from(130)
+        } else if summary.events_ok > 0 && summary.stopped_early.is_none() {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -233,29 +237,49 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             (None, None) => "a while".into(),
         }
     );
+    // Listening from the start: a Ctrl-C during the simulation stops it and then the demo
+    // (it was ignored until the simulation had run its course, and then served on).
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let outcome = async {
-        sim::provision(&cfg).await?;
-        sim::run(&cfg).await
+        tokio::select! {
+            provisioned = sim::provision(&cfg) => provisioned?,
+            () = &mut stop => {
+                let _ = stop_tx.send(());
+                anyhow::bail!("interrupted while provisioning");
+            }
+        }
+        let interrupted = async {
+            (&mut stop).await;
+            let _ = stop_tx.send(());
+        };
+        sim::run_until(&cfg, interrupted).await
     }
     .await;
+    let interrupted = stop_rx.await.is_ok();
     match &outcome {
         Ok(summary) => {
             println!();
             print!("{summary}");
-            if args.exit {
+            if args.exit || interrupted {
                 print_offline_directions(&cfg, &args.data);
             } else {
                 print_directions(&cfg, &url, &args.data);
             }
         }
+        Err(_) if interrupted => println!("\ninterrupted before the simulation started"),
         Err(e) => tracing::error!(error = %e, "simulation failed"),
     }
-    if !args.exit {
+    if !args.exit && !interrupted {
         println!("\nserving on {url} until Ctrl-C");
-        shutdown_signal().await;
+        stop.await;
     }
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
+    if interrupted {
+        return Ok(());
+    }
     outcome.map(|_| ())
 }
 
