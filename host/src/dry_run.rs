@@ -77,6 +77,11 @@ pub struct DeviceDryRun {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_divergence: Option<Divergence>,
     pub state_matches: bool,
+    /// Whether the states were compared at all (not when the dry-run stopped before the
+    /// end, e.g. the candidate's `init` failed): only then does `state_matches: false` mean
+    /// the device ends in another state.
+    #[serde(skip)]
+    pub state_compared: bool,
     /// Recorded state → candidate's state, when they differ.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub state_diff: Vec<StateChange>,
@@ -122,6 +127,7 @@ pub fn device(
         diverged_events: 0,
         first_divergence: None,
         state_matches: false,
+        state_compared: false,
         state_diff: Vec::new(),
         // Until a fold fails: a failure elsewhere (the device's own version, a journal read)
         // says nothing about the candidate and must not block its deploy.
@@ -436,6 +442,7 @@ fn one_pass(
     };
     let candidate_state = parse(&decider.query()?);
     out.state_matches = candidate_state == recorded_state;
+    out.state_compared = true;
     if !out.state_matches {
         out.state_diff = state_diff(&recorded_state, &candidate_state);
     }
@@ -541,31 +548,7 @@ pub fn run_until(
         devices.push(device(journal, registry, h, candidate, limits));
     }
     let elapsed = started.elapsed();
-    let mut totals = DryRunTotals {
-        devices: devices.len(),
-        ..Default::default()
-    };
-    for d in &devices {
-        totals.events += d.events;
-        if d.overloaded {
-            totals.overloaded += 1;
-            continue;
-        }
-        if d.identical {
-            totals.identical += 1;
-        } else {
-            totals.diverged += 1;
-        }
-        if !d.folds {
-            totals.cannot_fold += 1;
-        }
-        if d.diverged_events > 0 {
-            totals.decide_differently += 1;
-        }
-        if !d.state_matches {
-            totals.state_differs += 1;
-        }
-    }
+    let mut totals = DryRunTotals::of(&devices);
     totals.events_per_s = (totals.events as f64 / elapsed.as_secs_f64().max(1e-9)) as u64;
     DryRunReport {
         plugin: plugin.to_string(),
@@ -573,5 +556,96 @@ pub fn run_until(
         devices,
         totals,
         elapsed_ms: elapsed.as_millis() as u64,
+    }
+}
+
+impl DryRunTotals {
+    /// The totals of `devices` (all but the rate).
+    fn of(devices: &[DeviceDryRun]) -> DryRunTotals {
+        let mut totals = DryRunTotals {
+            devices: devices.len(),
+            ..Default::default()
+        };
+        for d in devices {
+            totals.events += d.events;
+            if d.overloaded {
+                totals.overloaded += 1;
+                continue;
+            }
+            if d.identical {
+                totals.identical += 1;
+            } else {
+                totals.diverged += 1;
+            }
+            if !d.folds {
+                totals.cannot_fold += 1;
+            }
+            if d.diverged_events > 0 {
+                totals.decide_differently += 1;
+            }
+            // A device the dry-run stopped on before the end (a candidate whose `init` fails)
+            // was counted here too, beside `cannot_fold`, though no state was compared.
+            if d.state_compared && !d.state_matches {
+                totals.state_differs += 1;
+            }
+        }
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str) -> DeviceDryRun {
+        DeviceDryRun {
+            device: id.into(),
+            recorded_version: 1,
+            events: 3,
+            identical: false,
+            diverged_events: 0,
+            first_divergence: None,
+            state_matches: false,
+            state_compared: false,
+            state_diff: Vec::new(),
+            folds: true,
+            fold_failed_seq: None,
+            error: None,
+            overloaded: false,
+            timed_out: false,
+        }
+    }
+
+    /// A device the dry-run stopped on before comparing states (the candidate's `init`
+    /// failed) cannot fold; it does not also end in another state, which nobody compared.
+    #[test]
+    fn a_device_whose_states_were_not_compared_does_not_differ_in_state() {
+        let init_failed = DeviceDryRun {
+            folds: false,
+            error: Some("init failed".into()),
+            ..device("a")
+        };
+        let differs = DeviceDryRun {
+            state_compared: true,
+            ..device("b")
+        };
+        let same = DeviceDryRun {
+            state_compared: true,
+            state_matches: true,
+            identical: true,
+            ..device("c")
+        };
+        let t = DryRunTotals::of(&[init_failed, differs, same]);
+        assert_eq!(
+            (
+                t.devices,
+                t.identical,
+                t.diverged,
+                t.cannot_fold,
+                t.state_differs
+            ),
+            (3, 1, 2, 1, 1)
+        );
+        assert_eq!(t.events, 9);
     }
 }
