@@ -257,6 +257,16 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     let (ok, stdout) = once("once-data");
     assert!(ok, "{stdout}");
     assert!(stdout.contains("live: sensor v1"), "{stdout}");
+    // A build `drover dev` did not see end (a second Ctrl-C exits at once, a kill -9) leaves
+    // its marker: the next build drops the crate's incremental cache first.
+    let profile_dir = support::outside_target_dir().join("wasm32-wasip2/drover-dev");
+    let planted = profile_dir.join("incremental/sensor-planted");
+    std::fs::create_dir_all(&planted).unwrap();
+    std::fs::write(profile_dir.join(".drover-dev-building-sensor"), b"").unwrap();
+    let (ok, stdout) = once("once-data");
+    assert!(ok, "{stdout}");
+    assert!(!planted.exists(), "the incremental cache was kept");
+    assert!(!profile_dir.join(".drover-dev-building-sensor").exists());
     // `--once` reports a failed build in its exit status, for scripts and CI, and says what
     // keeps serving: the version an earlier run made current, or nothing.
     std::fs::write(&lib, format!("{fixed}\nfn broken( {{\n")).unwrap();

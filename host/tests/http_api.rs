@@ -1484,20 +1484,22 @@ fn a_simulation_interrupted_by_ctrl_c_reports_what_it_did() {
     };
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), &[]);
-    let mut sim = std::process::Command::new(support::BIN)
-        .args(["sim", "--server", &server.url, "--devices", "5"])
-        .args([
-            "--duration",
-            "120",
-            "--concurrency",
-            "2",
-            "--quiet",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sim = support::Reaped(
+        std::process::Command::new(support::BIN)
+            .args(["sim", "--server", &server.url, "--devices", "5"])
+            .args([
+                "--duration",
+                "120",
+                "--concurrency",
+                "2",
+                "--quiet",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     support::poll_until(
         std::time::Duration::from_secs(30),
         "acknowledged events",
@@ -1518,21 +1520,23 @@ fn a_simulation_interrupted_by_ctrl_c_reports_what_it_did() {
     );
     drop(server);
 
-    let mut demo = std::process::Command::new(support::BIN)
-        .args(["demo", "--listen", "127.0.0.1:0", "--devices", "4"])
-        .args([
-            "--duration",
-            "120",
-            "--concurrency",
-            "2",
-            "--quiet",
-            "--data",
-        ])
-        .arg(dir.path().join("demo"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut demo = support::Reaped(
+        std::process::Command::new(support::BIN)
+            .args(["demo", "--listen", "127.0.0.1:0", "--devices", "4"])
+            .args([
+                "--duration",
+                "120",
+                "--concurrency",
+                "2",
+                "--quiet",
+                "--data",
+            ])
+            .arg(dir.path().join("demo"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(demo.stdout.take().unwrap()));
     for line in lines.by_ref() {
         if line.unwrap().starts_with("simulating") {
@@ -1571,15 +1575,17 @@ fn the_commands_demo_prints_work_for_every_fleet() {
     for fleet in fleets {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let mut demo = std::process::Command::new(support::BIN)
-            .args(["demo", "--listen", "127.0.0.1:0", "--devices", "4"])
-            .args(["--duration", "1", "--concurrency", "2", "--quiet", "--data"])
-            .arg(&data)
-            .args(fleet)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut demo = support::Reaped(
+            std::process::Command::new(support::BIN)
+                .args(["demo", "--listen", "127.0.0.1:0", "--devices", "4"])
+                .args(["--duration", "1", "--concurrency", "2", "--quiet", "--data"])
+                .arg(&data)
+                .args(fleet)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
         let mut printed = Vec::new();
         for line in std::io::BufRead::lines(stdout) {

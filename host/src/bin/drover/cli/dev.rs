@@ -155,7 +155,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         let (wake, stop) = (wake.clone(), stop.clone());
         async move {
             drover::http::server::shutdown_signal().await;
-            println!("stopping (a second Ctrl-C exits at once)");
+            println!("stopping (a second Ctrl-C or SIGTERM exits at once)");
             stop.request();
             let _ = wake.send(Wake::Stop);
             drover::http::server::shutdown_signal().await;
@@ -418,6 +418,16 @@ impl Dev {
         } else {
             "release"
         };
+        // A build this loop did not see to its end (a second Ctrl-C exits at once; a kill -9)
+        // may have left the crate's incremental cache broken: dropped before building.
+        let marker = self.build_marker(profile);
+        if marker.exists() {
+            self.forget_incremental(profile);
+        }
+        if let Some(dir) = marker.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(&marker, b"");
         let mut child = cargo()
             .args([
                 "build",
@@ -467,6 +477,7 @@ impl Dev {
         if !status.success() && self.stop.requested() {
             self.forget_incremental(profile);
         }
+        let _ = std::fs::remove_file(&marker);
         if !status.success() {
             anyhow::bail!("cargo build exited with {status} (its errors are above)");
         }
@@ -476,15 +487,15 @@ impl Dev {
         )
     }
 
-    /// What serves while a build fails: the version this loop made live, else the plugin's
-    /// current version on the server (made live by an earlier `drover dev` or a deploy).
+    /// What serves while a build fails: the plugin's current version on the server (made
+    /// live by this loop, an earlier one, a deploy or a rollback), as the server says now.
     fn serving(&self) -> String {
-        if self.live_version.is_some() {
-            return "the version that was live keeps serving".into();
-        }
         match self.current_on_server() {
             Ok(Some(v)) => format!("v{v}, current on the server, keeps serving"),
             Ok(None) => "nothing is live yet".into(),
+            Err(_) if self.live_version.is_some() => {
+                "the version that was live keeps serving".into()
+            }
             Err(_) => "the server did not say what is live".into(),
         }
     }
@@ -496,6 +507,16 @@ impl Dev {
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["name"] == self.name.as_str()))
             .and_then(|p| p["current"].as_u64()))
+    }
+
+    /// A file that says a build of this crate for `profile` is under way: one left behind
+    /// means the last build ended without this loop seeing it end.
+    fn build_marker(&self, profile: &str) -> PathBuf {
+        let name = self.crates.first().map_or("plugin", String::as_str);
+        self.target_dir
+            .join("wasm32-wasip2")
+            .join(profile)
+            .join(format!(".drover-dev-building-{name}"))
     }
 
     /// Drops the crate's incremental compilation caches for `profile` (other crates' in a
