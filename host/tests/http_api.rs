@@ -185,6 +185,19 @@ fn provision_send_and_read_back_both_plugins() {
         &json!({"version": 2, "devices": ["hall"], "sample": 3}),
     )
     .assert_error(400, "malformed-request");
+    // A sample past every cap is capped, however large (past u64 JSON reads it as a float,
+    // which was refused); one that is no count of devices is refused.
+    for (sample, status) in [
+        ("99999999999999999999", 200),
+        ("null", 200),
+        ("-1", 400),
+        ("1.5", 400),
+        ("\"3\"", 400),
+    ] {
+        let body = format!(r#"{{"version": 2, "sample": {sample}}}"#);
+        let answer = api.post_raw("/v1/plugins/thermostat/dry-run", body.as_bytes());
+        assert_eq!(answer.status, status, "sample {sample}: {}", answer.text);
+    }
     // A dry-run of no device checks nothing: a script gating a deploy on it would pass.
     for nothing in [
         json!({"version": 2, "sample": 0}),
@@ -269,6 +282,17 @@ fn provision_send_and_read_back_both_plugins() {
         assert!(page.contains(line), "{line} is not in {page}");
     }
     assert!(out.starts_with(r#"{"seq":1,"#), "{out}");
+    // A page size past any cap goes to the server, which caps it.
+    let (ok, out, err) = cli(&[
+        "journal",
+        "hall",
+        "--limit",
+        "99999999999999999999",
+        "--server",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("#7 "), "{out}");
     let (ok, out, err) = cli(&["devices", "--json", "--server", url]);
     assert!(ok, "{err}");
     assert!(

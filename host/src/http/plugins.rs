@@ -138,8 +138,46 @@ struct DryRunBody {
     version: u32,
     #[serde(default)]
     devices: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_count")]
     sample: Option<usize>,
+}
+
+/// A count in a JSON body that the route caps: any whole number, however large. Past `u64`
+/// serde_json reads an integer as a float (`1e20`), which a `usize` refused, though a larger
+/// `sample` is documented as capped; past `usize` it is `usize::MAX`, which the cap takes.
+fn whole_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = Option<usize>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number of devices, 0 or more")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(usize::try_from(n).unwrap_or(usize::MAX)))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            u64::try_from(n)
+                .map(|n| Some(usize::try_from(n).unwrap_or(usize::MAX)))
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+            if n >= 0.0 && n.fract() == 0.0 {
+                // `as` saturates: past `usize` is `usize::MAX`.
+                Ok(Some(n as usize))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(n), &self))
+            }
+        }
+    }
+    d.deserialize_any(Whole)
 }
 
 /// Devices a dry-run samples when the body names neither devices nor a sample size.

@@ -186,7 +186,7 @@ pub struct JournalArgs {
     #[arg(long)]
     pub from: Option<u64>,
     /// Records per page (the server caps it).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = page_size)]
     pub limit: usize,
     /// Follow the pages to the end of the journal instead of stopping after one.
     #[arg(long)]
@@ -200,6 +200,16 @@ pub struct JournalArgs {
     /// lines: one record each).
     #[arg(long)]
     pub json: bool,
+}
+
+/// A page size as given: digits, any number of them; one past `usize` is `usize::MAX`, which
+/// the server caps like any large one (clap's own parser refused it as "too large" though
+/// `--help` says the server caps it).
+fn page_size(text: &str) -> Result<usize, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{text}` is not a whole number"));
+    }
+    Ok(text.parse().unwrap_or(usize::MAX))
 }
 
 /// One journal record.
