@@ -1593,7 +1593,8 @@ fn the_commands_demo_prints_work_for_every_fleet() {
     let custom = r#"{"type":"report","device":"it's t-1","celsius":"{{float:18:24}}","heating":false,"online":true}"#;
     let fleets: [&[&str]; 3] = [
         &[],
-        &["--plugin", "door-lock"],
+        // Ids that start with `-` are not taken for options.
+        &["--plugin", "door-lock", "--prefix=-"],
         &["--plugin", "room", "--event", custom],
     ];
     for fleet in fleets {

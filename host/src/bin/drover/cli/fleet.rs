@@ -305,20 +305,36 @@ fn print_directions(cfg: &SimConfig, url: &str, data: &Path) {
     }
     println!("  curl -s {url}/metrics | grep drover_events_total");
     println!("or with the CLI:");
-    println!("  drover state {first}{server}");
-    println!("  drover journal {first} --limit 5{server}");
+    println!("  {}", drover("state", &server, &[&first]));
+    println!(
+        "  {}",
+        drover("journal", &format!(" --limit 5{server}"), &[&first])
+    );
     if let Some(event) = examples.last() {
-        println!("  drover send {first} {event}{server}");
+        println!("  {}", drover("send", &server, &[&first, event]));
     }
     if let Some((id, kind)) = other
         && let Some(event) = cfg.examples(kind).first()
     {
-        println!("  drover send {id} {}{server}", word(event));
+        println!("  {}", drover("send", &server, &[&id, &word(event)]));
     }
+    let data = format!(" --data {}", word(&data.display().to_string()));
     println!(
-        "  drover replay {first} --data {}   # offline, from the journal",
-        word(&data.display().to_string())
+        "  {}   # offline, from the journal",
+        drover("replay", &data, &[&first])
     );
+}
+
+/// A `drover` command line to print: `drover CMD ARGS OPTIONS`, or, when the first argument
+/// (a device id from `--prefix`) starts with `-` and would be read as an option,
+/// `drover CMD OPTIONS -- ARGS`.
+fn drover(command: &str, options: &str, args: &[&str]) -> String {
+    let args = args.join(" ");
+    if args.starts_with('-') {
+        format!("drover {command}{options} -- {args}")
+    } else {
+        format!("drover {command} {args}{options}")
+    }
 }
 
 /// `text` as one word for a POSIX shell, so that a printed command can be pasted: as it is
@@ -341,8 +357,12 @@ fn print_offline_directions(cfg: &SimConfig, data: &Path) {
         data.display()
     );
     println!(
-        "  drover replay {first} --data {}   # a device rebuilt from the journal",
-        word(&data.display().to_string())
+        "  {}   # a device rebuilt from the journal",
+        drover(
+            "replay",
+            &format!(" --data {}", word(&data.display().to_string())),
+            &[&first]
+        )
     );
     println!(
         "  drover serve --data {}   # serve it again",
