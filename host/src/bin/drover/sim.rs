@@ -531,6 +531,18 @@ pub fn fmt_count(n: u64) -> String {
     out
 }
 
+/// Events per second as read: whole and grouped from 100 on, with two significant decimals
+/// below (a paced run at 0.67 events/s read "1 events/s", one at 0.2 "0 events/s").
+fn fmt_rate(rate: f64) -> String {
+    if rate >= 100.0 {
+        fmt_count(rate.round() as u64)
+    } else if rate >= 10.0 {
+        format!("{rate:.1}")
+    } else {
+        format!("{rate:.2}")
+    }
+}
+
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pacing = match self.target_rate {
@@ -555,7 +567,7 @@ impl fmt::Display for Summary {
             fmt_count(self.events_ok),
             fmt_count(self.events_failed),
             fmt_count(self.requests),
-            fmt_count(self.events_per_sec.round() as u64)
+            fmt_rate(self.events_per_sec)
         )?;
         let l = &self.latency_us;
         writeln!(
@@ -1236,6 +1248,14 @@ mod tests {
         }
         assert!(Custom::parse_templates(r#"{"a": "{{dice}}"}"#).is_err());
         assert!(Custom::parse_templates("  ").is_err());
+    }
+
+    #[test]
+    fn rates_below_a_hundred_keep_their_decimals() {
+        assert_eq!(fmt_rate(0.2), "0.20");
+        assert_eq!(fmt_rate(2.0 / 3.0), "0.67");
+        assert_eq!(fmt_rate(42.25), "42.2");
+        assert_eq!(fmt_rate(12_345.6), "12,346");
     }
 
     #[test]
