@@ -334,6 +334,9 @@ fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u6
         at += n as u64;
     }
     copy.sync_all()?;
+    // Where the copy begins is where retention had deleted to: what a server on it checks
+    // its first segment against.
+    journal::segments::record_retained_floor(to, retained)?;
     if retained > 0 {
         Journal::open_read_only(to).context("checking the copied journal and index")?;
     }

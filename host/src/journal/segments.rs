@@ -34,6 +34,14 @@
 //!   than its header holds no record and is removed.
 //! * Cutting the range back (a torn tail, a failed commit) removes whole segments after the
 //!   new end and cuts the one it falls in.
+//! * `journal.retained` ([`RETAINED_FILE`]) holds the position the journal may begin at: 0,
+//!   or how far retention deleted. Retention writes it (durably, replacing it whole) before
+//!   it unlinks a segment, so a journal whose first segment begins past it lost its first
+//!   files to something else (deleted by hand, a bad copy) and refuses to open, naming the
+//!   missing positions: without it, the index checkpoint opened what was left as if
+//!   retention had deleted the rest, and every acknowledged record in the lost files read as
+//!   "retained away", under `keep-all` too. A directory without it (written before it
+//!   existed) gets one at its first writable open, at where the journal then begins.
 
 use std::fs::File;
 use std::io;
@@ -46,6 +54,40 @@ use parking_lot::{Mutex, RwLock};
 
 use super::FILE_NAME;
 use super::storage::{Deleted, StorageBackend};
+
+/// The file holding the position the journal may begin at (see the module's rules).
+pub const RETAINED_FILE: &str = "journal.retained";
+
+/// The position recorded in `dir`'s [`RETAINED_FILE`], if it has one.
+pub fn retained_floor(dir: &Path) -> io::Result<Option<u64>> {
+    let path = dir.join(RETAINED_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            damaged(format!(
+                "{} does not hold a journal position (it says {:?}): restore it from a backup, \
+                 or write there the first position of the first journal segment left",
+                path.display(),
+                text.chars().take(40).collect::<String>()
+            ))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records durably that the journal in `dir` may begin at `position` (see
+/// [`RETAINED_FILE`]): written beside it, synced, renamed over it, the directory synced.
+pub fn record_retained_floor(dir: &Path, position: u64) -> io::Result<()> {
+    let path = dir.join(RETAINED_FILE);
+    let temp = dir.join(format!("{RETAINED_FILE}.{}.tmp", std::process::id()));
+    {
+        let mut file = File::create(&temp)?;
+        std::io::Write::write_all(&mut file, format!("{position}\n").as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temp, &path)?;
+    sync_dir(dir)
+}
 
 /// Bytes of a segment header (`journal.log` has none: it starts at position 0).
 pub const SEGMENT_HEADER_LEN: u64 = 32;
@@ -319,6 +361,38 @@ impl SegmentedBackend {
             // A new `journal.log`: the file itself must survive a crash.
             segments[0].file.sync_all()?;
             sync_dir(dir)?;
+        }
+        // Where the journal may begin: past what retention recorded, its first files were
+        // lost to something else.
+        let begins = segments[0].first;
+        match retained_floor(dir)? {
+            Some(floor) if begins <= floor => {}
+            Some(floor) => {
+                let why = format!(
+                    "the journal in {} begins at position {begins} ({}), but retention deleted \
+                     it only up to position {floor} ({RETAINED_FILE}): the segment files for \
+                     positions {floor} to {begins} are missing (deleted by hand, or lost in a \
+                     copy) and every record in them with them. Restore them from a backup; \
+                     `drover serve --salvage` cannot bring them back",
+                    dir.display(),
+                    segments[0].path.display(),
+                );
+                match tolerated {
+                    Some(tolerated) => tolerated.push(why),
+                    None => return Err(damaged(why)),
+                }
+            }
+            None if read_only => {}
+            None => {
+                if begins > 0 {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        begins,
+                        "journal: it begins past position 0 and no record says retention deleted up to there (a journal written before retention recorded it); recording position {begins} as where it may begin"
+                    );
+                }
+                record_retained_floor(dir, begins)?;
+            }
         }
         let last = segments
             .last()
@@ -604,8 +678,11 @@ impl StorageBackend for SegmentedBackend {
         // it: the writer and readers never wait for the file system. A reader already
         // holding one keeps reading it (an open file outlives its name).
         let mut kept_recent = false;
-        let gone: Vec<(Arc<Segment>, u64)> = {
-            let mut segments = self.segments.write();
+        // Where the journal will begin: recorded before anything is unlinked (see
+        // `RETAINED_FILE`), outside the lock. The list only grows at its end meanwhile (the
+        // writer), or is cut back far past `pos` (a failed commit at the tail).
+        let begins = {
+            let segments = self.segments.read();
             let mut n = 0;
             while n + 1 < segments.len() && segments[n + 1].first <= pos {
                 if let Some(cutoff) = written_before
@@ -616,6 +693,22 @@ impl StorageBackend for SegmentedBackend {
                 }
                 n += 1;
             }
+            (n > 0).then(|| segments[n].first)
+        };
+        let Some(begins) = begins else {
+            return Ok(Deleted {
+                files: 0,
+                bytes: 0,
+                kept_recent,
+            });
+        };
+        record_retained_floor(&self.dir, begins)?;
+        let gone: Vec<(Arc<Segment>, u64)> = {
+            let mut segments = self.segments.write();
+            // The segment `begins` starts stays first (`n` is never past the last).
+            let n = segments
+                .partition_point(|s| s.first < begins)
+                .min(segments.len().saturating_sub(1));
             let ends: Vec<u64> = segments[1..=n].iter().map(|s| s.first).collect();
             segments.drain(..n).zip(ends).collect()
         };
