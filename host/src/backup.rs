@@ -298,12 +298,10 @@ fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u6
         None
     };
     let from = pinned.as_ref().map_or(data_dir, |p| p.dir.as_path());
-    let source = journal::SegmentedBackend::open_read_only(from)?;
-    let retained = source.retained_from();
+    let retained = journal::SegmentedBackend::open_read_only(from)?.retained_from();
     if retained > 0 {
         copy_index(from, to)?;
     }
-    let size = source.size()?;
     let opened = Journal::open_read_only(from)
         .with_context(|| format!("opening the journal in {}", data_dir.display()))?;
     // The index checkpoint's position was synced before it was written, so it is durable
@@ -317,6 +315,12 @@ fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u6
     }
     .max(recovery.from_checkpoint.unwrap_or(0));
     drop(opened);
+    // Listed after the length was read: a writer that made a new segment meanwhile (small
+    // segments under load) put part of that length in a file a listing taken before it
+    // lacked, and the copy read short ("failed to fill whole buffer"). A retained journal is
+    // read from links taken at one moment, where nothing changes.
+    let source = journal::SegmentedBackend::open_read_only(from)?;
+    let size = source.size()?;
     // One file: `journal.log` from position 0, or one segment from the first one kept.
     let mut copy = File::create(to.join(journal::segments::segment_name(retained)))?;
     if retained > 0 {

@@ -616,7 +616,20 @@ impl Journal {
     ) -> std::io::Result<Journal> {
         let mut attempt = 0;
         let (storage, index, recovery) = loop {
-            let storage = Arc::new(SegmentedBackend::open_read_only(dir)?);
+            let storage = match SegmentedBackend::open_read_only(dir) {
+                Ok(storage) => Arc::new(storage),
+                // Segments that do not line up, listed while a writer created and (retention)
+                // deleted them: listed again before it is believed.
+                Err(e)
+                    if attempt + 1 < READ_ONLY_TRIES
+                        && e.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    tracing::info!(error = %e, "journal: segments changed while listing them read-only (a live writer); listing again");
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             listed(attempt);
             match recover(&*storage, Cut::Never, None) {
                 Ok((index, recovery)) => break (storage, index, recovery),

@@ -437,6 +437,7 @@ impl SegmentedBackend {
             });
         }
         found.sort_by_key(|s| s.first);
+        fill_gaps(dir, &mut found)?;
         Ok(found)
     }
 
@@ -729,6 +730,48 @@ impl StorageBackend for SegmentedBackend {
             kept_recent,
         })
     }
+}
+
+/// Adds to a sorted listing of segments the ones it missed. A directory listing beside a
+/// live writer can miss a file created during it (a hashed directory is walked in hash
+/// order: a segment created behind the walk is not seen, the next one, created ahead of it,
+/// is), which read as a missing segment, media damage, to `drover replay`, `journal export`
+/// and `backup` beside a server writing small segments. A segment's name says where it
+/// starts, so the one that should follow each is looked up by name (a path lookup has no
+/// such race); only a segment that truly is not there is left for the open to report.
+pub(crate) fn fill_gaps(dir: &Path, found: &mut Vec<SegmentInfo>) -> io::Result<()> {
+    let mut i = 0;
+    while i + 1 < found.len() {
+        let header = if found[i].first == 0 {
+            0
+        } else {
+            SEGMENT_HEADER_LEN
+        };
+        // Its length now: listed while it was the last, it may have grown since.
+        let len = match std::fs::metadata(&found[i].path) {
+            Ok(m) => m.len().saturating_sub(header),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => found[i].len,
+            Err(e) => return Err(e),
+        };
+        let end = found[i].first + len;
+        if end < found[i + 1].first {
+            let path = dir.join(segment_name(end));
+            match std::fs::metadata(&path) {
+                Ok(m) => found.insert(
+                    i + 1,
+                    SegmentInfo {
+                        path,
+                        first: end,
+                        len: m.len().saturating_sub(SEGMENT_HEADER_LEN),
+                    },
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 fn damaged(message: String) -> io::Error {

@@ -3529,3 +3529,28 @@ async fn first_segments_lost_to_anything_but_retention_refuse_to_open() {
     std::fs::remove_file(first).expect("remove");
     missing(retaining(dir.path(), 10));
 }
+
+/// A listing that missed a segment (a directory walked while a writer created files: one
+/// created behind the walk is not seen, the next one is) gets it back by name, so a
+/// read-only open beside a live server does not take it for a missing segment; only a file
+/// that truly is not there stays missing.
+#[tokio::test]
+async fn a_segment_a_listing_missed_is_found_by_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    segmented(dir.path(), 512, 300).await;
+    let all = SegmentedBackend::list(dir.path()).expect("list");
+    assert!(all.len() > 4, "{} segments", all.len());
+    let key = |l: &[segments::SegmentInfo]| -> Vec<(u64, u64)> {
+        l.iter().map(|s| (s.first, s.len)).collect()
+    };
+    let mut missed: Vec<_> = SegmentedBackend::list(dir.path()).expect("list");
+    missed.remove(2);
+    missed.remove(2);
+    segments::fill_gaps(dir.path(), &mut missed).expect("fill");
+    assert_eq!(key(&missed), key(&all));
+    // One really gone stays gone (the open reports it).
+    std::fs::remove_file(&all[2].path).expect("remove");
+    let listed = SegmentedBackend::list(dir.path()).expect("list");
+    assert_eq!(listed.len(), all.len() - 1);
+    assert!(listed.iter().all(|s| s.first != all[2].first));
+}
