@@ -417,16 +417,22 @@ impl Pinned {
     /// Removes the links a backup that died left behind (its process is gone): they would
     /// keep deleted segments' bytes on disk.
     fn remove_stale(data_dir: &Path) {
-        let pid_of = |name: &str| {
-            name.strip_prefix("backup-")
-                .and_then(|n| n.strip_suffix(".tmp"))
-                .and_then(|n| n.split('-').next())
-                .and_then(|pid| pid.parse::<u32>().ok())
-        };
-        for entry in crate::leftovers::of_stopped_processes(data_dir, pid_of) {
-            tracing::info!(dir = %entry.path().display(), "backup: removing the links of a backup that did not finish");
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+        remove_stale_links(data_dir);
+    }
+}
+
+/// Removes the hard links (`DATA/backup-PID-N.tmp/`) of backups whose process is gone (a
+/// killed `drover backup`): at the next backup, and when a server opens the directory.
+pub(crate) fn remove_stale_links(data_dir: &Path) {
+    let pid_of = |name: &str| {
+        name.strip_prefix("backup-")
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+    };
+    for entry in crate::leftovers::of_stopped_processes(data_dir, pid_of) {
+        tracing::info!(dir = %entry.path().display(), "backup: removing the links of a backup that did not finish");
+        let _ = std::fs::remove_dir_all(entry.path());
     }
 }
 

@@ -265,6 +265,9 @@ impl RuntimeBuilder {
         let dir = &self.data_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lock = lock_data_dir(dir)?;
+        // A killed `drover backup`'s hard links hold the bytes of segments retention deletes,
+        // which it would count as freed.
+        crate::backup::remove_stale_links(dir);
         let options = JournalOptions {
             salvage: self.config.salvage,
             commit_delay: self.config.commit_delay,

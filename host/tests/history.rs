@@ -515,10 +515,22 @@ fn a_backup_appears_whole_or_not_at_all_and_carries_the_archives() {
         archives[0].to_str().is_some_and(|n| n.starts_with("gone.")),
         "{archives:?}"
     );
+    // Where the copy's journal may begin goes with it (see `journal/segments.rs`).
+    assert_eq!(
+        std::fs::read_to_string(copy.join("journal.retained")).expect("carried"),
+        "0\n"
+    );
+    // The links a killed backup left in a data directory (a process id no process can
+    // have) go when a server opens it: they would hold the bytes of segments retention
+    // deletes.
+    let links = copy.join("backup-4194305-0.tmp");
+    std::fs::create_dir_all(&links).expect("links");
+    std::fs::write(links.join("journal.log"), b"a link").expect("link");
     let live = states(&server, &["t1", "t2", "lock"]);
     drop(server);
     let restored = Server::start(&copy, &[]);
     assert_eq!(states(&restored, &["t1", "t2", "lock"]), live);
+    assert!(!links.exists(), "a killed backup's links were kept");
 }
 
 /// `journal export|import` and `backup` work on data directories: their help offers no
