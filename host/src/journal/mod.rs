@@ -462,7 +462,24 @@ impl Journal {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let salvaged = if options.salvage {
-            salvage(&path)?
+            salvage(&path).map_err(|e| {
+                // Its new journal, cut short, is no use to anyone and holds the space a
+                // retry needs.
+                let partial = recovery::side_file(&path, "salvage");
+                let _ = std::fs::remove_file(&partial);
+                if e.kind() == std::io::ErrorKind::StorageFull {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "salvage writes a new journal beside the damaged one, as large as \
+                             its intact records, and the disk is full ({e}); nothing was \
+                             changed: free as much space as the journal takes and start again"
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?
         } else {
             None
         };
