@@ -512,11 +512,10 @@ impl Dev {
     /// A file that says a build of this crate for `profile` is under way: one left behind
     /// means the last build ended without this loop seeing it end.
     fn build_marker(&self, profile: &str) -> PathBuf {
-        let name = self.crates.first().map_or("plugin", String::as_str);
         self.target_dir
             .join("wasm32-wasip2")
             .join(profile)
-            .join(format!(".drover-dev-building-{name}"))
+            .join(format!(".drover-dev-building-{}", self.name))
     }
 
     /// Drops the crate's incremental compilation caches for `profile` (other crates' in a
