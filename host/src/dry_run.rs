@@ -106,6 +106,30 @@ pub struct DeviceDryRun {
     pub timed_out: bool,
 }
 
+impl DeviceDryRun {
+    /// A device's line before anything was checked: nothing found, and it folds until a
+    /// fold fails (a failure elsewhere, the device's own version or a journal read, says
+    /// nothing about the candidate and must not block its deploy).
+    fn unchecked(device: &str, recorded_version: u32) -> DeviceDryRun {
+        DeviceDryRun {
+            device: device.to_string(),
+            recorded_version,
+            events: 0,
+            identical: false,
+            diverged_events: 0,
+            first_divergence: None,
+            state_matches: false,
+            state_compared: false,
+            state_diff: Vec::new(),
+            folds: true,
+            fold_failed_seq: None,
+            error: None,
+            overloaded: false,
+            timed_out: false,
+        }
+    }
+}
+
 /// Dry-runs plugin version `candidate` (journal-local id) on `device`'s recorded history.
 ///
 /// One pass over the journal. The candidate re-decides each recorded event; while its
@@ -119,24 +143,10 @@ pub fn device(
     candidate: u32,
     limits: Limits,
 ) -> DeviceDryRun {
-    let mut out = DeviceDryRun {
-        device: head.id.to_string(),
-        recorded_version: registry.version(head.version).map_or(0, |v| v.number),
-        events: 0,
-        identical: false,
-        diverged_events: 0,
-        first_divergence: None,
-        state_matches: false,
-        state_compared: false,
-        state_diff: Vec::new(),
-        // Until a fold fails: a failure elsewhere (the device's own version, a journal read)
-        // says nothing about the candidate and must not block its deploy.
-        folds: true,
-        fold_failed_seq: None,
-        error: None,
-        overloaded: false,
-        timed_out: false,
-    };
+    let mut out = DeviceDryRun::unchecked(
+        &head.id,
+        registry.version(head.version).map_or(0, |v| v.number),
+    );
     match one_pass(journal, registry, head, candidate, limits, &mut out) {
         Ok(()) => {}
         // What was found before the overload stands (the candidate cannot fold, or decided
@@ -599,20 +609,8 @@ mod tests {
 
     fn device(id: &str) -> DeviceDryRun {
         DeviceDryRun {
-            device: id.into(),
-            recorded_version: 1,
             events: 3,
-            identical: false,
-            diverged_events: 0,
-            first_divergence: None,
-            state_matches: false,
-            state_compared: false,
-            state_diff: Vec::new(),
-            folds: true,
-            fold_failed_seq: None,
-            error: None,
-            overloaded: false,
-            timed_out: false,
+            ..DeviceDryRun::unchecked(id, 1)
         }
     }
 
