@@ -87,7 +87,13 @@ pub(super) fn write_checkpoint(path: &Path, index: &Index, len: u64) -> std::io:
 }
 
 pub(super) fn read_checkpoint(storage: &dyn StorageBackend) -> Option<Checkpoint> {
-    let path = side_file(storage.path()?, "checkpoint");
+    read_checkpoint_of(storage.path()?)
+}
+
+/// [`read_checkpoint`] of the journal whose first file is `origin`, before any backend is
+/// open on it.
+pub(super) fn read_checkpoint_of(origin: &Path) -> Option<Checkpoint> {
+    let path = side_file(origin, "checkpoint");
     let bytes = std::fs::read(&path).ok()?;
     let trimmed = bytes.trim_ascii_end();
     let (json, crc) = match trimmed.rsplit(|b| *b == b'\n').next() {

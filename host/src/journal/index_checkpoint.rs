@@ -225,6 +225,19 @@ pub struct Checkpoints {
     on_disk_format: std::sync::atomic::AtomicU32,
 }
 
+/// A checkpoint as [`Checkpoints::read`] found it: its image, and its runs opened.
+pub struct Found {
+    image: Image,
+    runs: io::Result<Vec<Arc<Run>>>,
+}
+
+impl Found {
+    /// The index image the file holds.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+}
+
 /// What an open takes from a checkpoint it trusts.
 pub struct Loaded {
     /// The index at the checkpoint's position, its runs in place.
@@ -385,9 +398,23 @@ impl Checkpoints {
         written.map(|()| (MAGIC.len() + body.len() + 4) as u64)
     }
 
+    /// Reads the checkpoint file (see [`Checkpoints::read_image`]) and opens the runs it
+    /// names, so that [`Checkpoints::load`] can use them even if the server that owns them
+    /// deletes them meanwhile (an open file stays readable).
+    pub fn read(&self) -> io::Result<Option<Found>> {
+        let Some(mut image) = self.read_image()? else {
+            return Ok(None);
+        };
+        let runs = std::mem::take(&mut image.runs)
+            .into_iter()
+            .map(|r| Run::load(&self.dir, &r.name, r.blocks))
+            .collect();
+        Ok(Some(Found { image, runs }))
+    }
+
     /// Reads and decodes the checkpoint file, checking only that it is whole. Read before
     /// the journal's length (a server beside a read-only open may write a newer one).
-    pub fn read_image(&self) -> io::Result<Option<Image>> {
+    fn read_image(&self) -> io::Result<Option<Image>> {
         let bytes = match std::fs::read(self.dir.join(FILE)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -454,7 +481,7 @@ impl Checkpoints {
     /// runs, opened here, stay readable even if the server that owns them removes them).
     pub fn load(
         &self,
-        image: Image,
+        found: Found,
         storage: &dyn StorageBackend,
         journal_format: u32,
         start: u64,
@@ -462,6 +489,7 @@ impl Checkpoints {
         spill: Option<&Arc<Spill>>,
     ) -> io::Result<Loaded> {
         let bad = untrusted;
+        let Found { image, runs } = found;
         if image.journal_format != journal_format {
             return Err(bad(format!(
                 "taken of a format-{} journal; this one is format {journal_format}",
@@ -519,12 +547,7 @@ impl Checkpoints {
                     .into(),
             ));
         }
-        let runs = image
-            .runs
-            .into_iter()
-            .map(|r| Run::load(&self.dir, &r.name, r.blocks))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| bad(format!("a run it names: {e}")))?;
+        let runs = runs.map_err(|e| bad(format!("a run it names: {e}")))?;
         let keep: Vec<String> = runs.iter().map(|r| r.name().to_string()).collect();
         // Each device's runs hold its seqs from 1 on, in order, without gaps or overlaps:
         // the next seq after them, per device.

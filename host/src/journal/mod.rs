@@ -518,7 +518,7 @@ impl Journal {
             }
             _ => None,
         };
-        let (mut index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone())?;
+        let (mut index, mut recovery) = recover(&*storage, Cut::Tail, spill.clone(), None)?;
         recovery.salvaged = salvaged;
         let scrub_plan = index.scrub.take();
         let durable_len = recovery.valid_len;
@@ -615,12 +615,14 @@ impl Journal {
     /// is reported but left on disk (the owner of the directory cuts it on its next open).
     /// For offline tools such as `drover replay`, which may run beside a live server.
     ///
-    /// A live server may add a segment (and write an index checkpoint that covers it) between
-    /// the moment the segments are listed and the moment they are read: the journal then
-    /// looks cut short of what its checkpoint proves durable, which is media damage in a
-    /// journal at rest (or, in a journal retention shortened, an index checkpoint it cannot
-    /// open from). So such a refusal while the directory's files changed under the open is
-    /// not believed: the open starts again (up to [`READ_ONLY_TRIES`] times).
+    /// A live server goes on writing while the open lists and reads the segments. The
+    /// records of how long the journal was (a clean close's checkpoint, the index
+    /// checkpoint) are read before the listing: the server writes each only once the bytes it
+    /// covers exist, so they never claim more than the listing holds, and the open sees the
+    /// journal as it was listed. Retention may still delete a segment the open listed, or the
+    /// bytes an index checkpoint read first is tied to: a refusal while the directory's files
+    /// changed under the open is not believed, and the open starts again (up to
+    /// [`READ_ONLY_TRIES`] times).
     pub fn open_read_only(dir: &Path) -> std::io::Result<Journal> {
         Self::open_read_only_with(dir, |_| {})
     }
@@ -633,6 +635,7 @@ impl Journal {
     ) -> std::io::Result<Journal> {
         let mut attempt = 0;
         let (storage, index, recovery) = loop {
+            let first = recovery::ReadFirst::read(&dir.join(FILE_NAME));
             let storage = match SegmentedBackend::open_read_only(dir) {
                 Ok(storage) => Arc::new(storage),
                 // Segments that do not line up, listed while a writer created and (retention)
@@ -648,7 +651,7 @@ impl Journal {
                 Err(e) => return Err(e),
             };
             listed(attempt);
-            match recover(&*storage, Cut::Never, None) {
+            match recover(&*storage, Cut::Never, None, Some(first)) {
                 Ok((index, recovery)) => break (storage, index, recovery),
                 // Damage, or a retained journal refused for looking cut short of its index
                 // checkpoint: both `InvalidData`.

@@ -59,9 +59,11 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::checkpoint::{Checkpoint, CheckpointDevice, read_checkpoint, write_checkpoint};
+use super::checkpoint::{
+    Checkpoint, CheckpointDevice, read_checkpoint, read_checkpoint_of, write_checkpoint,
+};
 use super::index::{Inconsistency, Index, MAX_LOST_RUN, MarkerAt};
-use super::index_checkpoint::Checkpoints;
+use super::index_checkpoint::{Checkpoints, Found};
 use super::record::{self, DecodeError, Record};
 use super::runs::Spill;
 use super::segments::SegmentedBackend;
@@ -280,12 +282,41 @@ struct Prefix {
     from_checkpoint: Option<u64>,
 }
 
+/// What a read-only open reads before it lists the segments: the last clean close's
+/// checkpoint and the index checkpoint, with the runs it names opened.
+///
+/// A live server writes either only once the bytes it covers are in the segments, so read
+/// first, neither claims more than the listing that follows holds. Read after, they could:
+/// a busy server with small segments and frequent index checkpoints moves its checkpoint on
+/// within the time a listing of thousands of segments takes, and every retry of the open
+/// then saw a checkpoint past its listing (a journal cut short, or one retention shortened
+/// that cannot open from its checkpoint: both refused as damage).
+pub(super) struct ReadFirst {
+    checkpoint: Option<Checkpoint>,
+    index: std::io::Result<Option<Found>>,
+}
+
+impl ReadFirst {
+    /// Reads them for the journal whose first file is `origin`.
+    pub(super) fn read(origin: &Path) -> ReadFirst {
+        let checkpoints = Checkpoints::new(
+            &side_file(origin, "index"),
+            super::index_checkpoint::INDEX_CHECKPOINT_EVERY,
+        );
+        ReadFirst {
+            checkpoint: read_checkpoint_of(origin),
+            index: checkpoints.read(),
+        }
+    }
+}
+
 /// Scans the journal from the start, building the index; cuts a torn tail and refuses damage
 /// (see the module docs).
 pub(super) fn recover(
     storage: &dyn StorageBackend,
     cut: Cut,
     spill: Option<Arc<Spill>>,
+    first: Option<ReadFirst>,
 ) -> std::io::Result<(Index, Recovery)> {
     let tolerant = Tolerant::new(storage);
     let storage: &dyn StorageBackend = &tolerant;
@@ -294,7 +325,7 @@ pub(super) fn recover(
         damage.unreadable = tolerant.unreadable();
         std::io::Error::new(std::io::ErrorKind::InvalidData, damage)
     };
-    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail), spill, true)?;
+    let prefix = scan_prefix(storage, matches!(cut, Cut::Tail), spill, true, first)?;
     let confirmed_len = match prefix.last_marker {
         // The last batch in the file is proven durable by nothing after it.
         Some(m) if m.end >= prefix.end => m.batch_start,
@@ -507,7 +538,7 @@ fn salvage_from_with(
     let tolerant = Tolerant::new(source);
     let storage = &tolerant;
     // Every record: salvage must see all the damage.
-    let prefix = scan_prefix(storage, false, None, false)?;
+    let prefix = scan_prefix(storage, false, None, false, None)?;
     let cut_short = prefix
         .checkpoint
         .as_ref()
@@ -684,6 +715,7 @@ fn scan_prefix(
     writable: bool,
     spill: Option<Arc<Spill>>,
     from_index_checkpoint: bool,
+    first: Option<ReadFirst>,
 ) -> std::io::Result<Prefix> {
     // An index checkpoint saves scanning what came before it (see
     // `journal/index_checkpoint.rs`); the scrub reads that part later. A read-only open (no
@@ -703,17 +735,23 @@ fn scan_prefix(
     // Before the length: a server closing cleanly meanwhile writes its checkpoint after its
     // last bytes, so a checkpoint read first never claims more than the length read next.
     // An index checkpoint proves its position durable just as well: the longer one counts.
-    let mut checkpoint = read_checkpoint(storage);
-    let image = checkpoints.map(|c| c.read_image());
+    // A read-only open read both before it listed the segments (see [`ReadFirst`]).
+    let (mut checkpoint, image) = match first {
+        Some(first) => (first.checkpoint, checkpoints.map(|_| first.index)),
+        None => (read_checkpoint(storage), checkpoints.map(|c| c.read())),
+    };
     let file_len = storage.size()?;
     if let Some(Ok(Some(image))) = &image
         && file_len < record::FILE_HEADER_LEN as u64
     {
         // Not even a header: an index checkpoint says how long it was (checked below, once
         // the header is read, for longer files). Before the header is written afresh.
-        if let Some(b) =
-            Checkpoints::as_clean_close(image, storage, record::FILE_HEADER_LEN as u64, file_len)
-            && checkpoint.as_ref().is_none_or(|a| b.len > a.len)
+        if let Some(b) = Checkpoints::as_clean_close(
+            image.image(),
+            storage,
+            record::FILE_HEADER_LEN as u64,
+            file_len,
+        ) && checkpoint.as_ref().is_none_or(|a| b.len > a.len)
         {
             checkpoint = Some(b);
         }
@@ -726,7 +764,7 @@ fn scan_prefix(
     let header = if retained > 0 {
         record::FileHeader::Present {
             format: match &image {
-                Some(Ok(Some(image))) => image.journal_format(),
+                Some(Ok(Some(image))) => image.image().journal_format(),
                 _ => FORMAT_VERSION,
             },
         }
@@ -762,7 +800,7 @@ fn scan_prefix(
         Some(Ok(Some(image))) => {
             // An index checkpoint of this journal proves its position durable just as well:
             // the longer of the two counts for a file cut short.
-            if let Some(b) = Checkpoints::as_clean_close(&image, storage, start, file_len)
+            if let Some(b) = Checkpoints::as_clean_close(image.image(), storage, start, file_len)
                 && checkpoint.as_ref().is_none_or(|a| b.len > a.len)
             {
                 checkpoint = Some(b);

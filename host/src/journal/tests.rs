@@ -2783,21 +2783,28 @@ fn open_read_only_while(
 }
 
 /// A read-only open beside a live writer (`drover journal export` beside `drover serve`): the
-/// writer adds segments and records a longer journal between the reader's listing of the
-/// segments and its reading them. The journal then looks cut short of what its checkpoint
-/// proves durable, which is damage in a journal at rest; here the files changed under the
-/// open, so it opens again and sees everything. At rest, the same shortfall is still refused.
+/// writer adds segments and records a longer journal (its clean close) between the reader's
+/// listing of the segments and its reading them. The reader read that record before it
+/// listed, so it opens the journal as it was listed, not refused as cut short of what the
+/// newer record proves durable; the next open sees everything. At rest, the same shortfall
+/// is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_open_beside_a_writer_that_moves_on_opens_again_instead_of_reporting_damage() {
+async fn a_read_only_open_beside_a_writer_that_moves_on_opens_without_reporting_damage() {
     let dir = tempfile::tempdir().expect("tempdir");
     segmented(dir.path(), 512, 100).await;
     let writer = open_segmented(dir.path(), 512, false).expect("the live writer");
     let (reader, attempts) = open_read_only_while(dir.path(), &writer, 101..=200);
-    let reader = reader.expect("opened again, not refused as damage");
-    assert_eq!(attempts, 2);
+    let reader = reader.expect("opened, not refused as damage");
+    assert_eq!(attempts, 1);
+    let seen = reader.index().device("a").map(DeviceInfo::seq).expect("a");
+    assert!((100..=200).contains(&seen), "{seen}");
+    let events = reader.read_events(0, 1, seen).expect("read");
+    assert_eq!(events.len() as u64, seen);
+    drop((reader, writer));
+    let reader = Journal::open_read_only(dir.path()).expect("at rest");
     assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(200));
     assert_eq!(reader.read_events(0, 200, 200).expect("read")[0].seq, 200);
-    drop((reader, writer));
+    drop(reader);
 
     // At rest: the last segment cut short of what the clean close recorded is damage, found
     // on the first open, which does not start again.
@@ -2817,6 +2824,77 @@ async fn a_read_only_open_beside_a_writer_that_moves_on_opens_again_instead_of_r
         .expect("refused");
     assert!(Damaged::of(&err).is_some(), "{err}");
     assert_eq!(attempts, 1);
+}
+
+/// `drover replay` or an export beside a busy server with small segments and frequent index
+/// checkpoints: each time the open lists the segments, the server writes on and writes an
+/// index checkpoint past the listing before the open reads it. Read after the listing, that
+/// checkpoint made every try look cut short (or, in a journal retention shortened, left it
+/// no checkpoint it could open from), and the open failed as damaged. Read before, it never
+/// claims more than the listing holds, with or without retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_is_not_refused_when_the_writer_checkpoints_past_each_listing() {
+    for retained in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = if retained {
+            let writer = retaining(dir.path(), 10).expect("open");
+            a_alone_past_the_checkpoints_identity_bytes(&writer).await;
+            writer.retain_now().expect("pass");
+            assert!(writer.retained_from() > 0, "retention deleted segments");
+            writer
+        } else {
+            let options = JournalOptions {
+                segment_bytes: 2048,
+                index_spill_at: 64,
+                index_checkpoint_every: 8192,
+                scrub_rate: 0,
+                ..JournalOptions::default()
+            };
+            let writer = Journal::open(dir.path(), &options).expect("open");
+            snapshotting_fleet(&writer, 400).await;
+            writer
+        };
+        let mut next = writer.index().device("a").map(DeviceInfo::seq).expect("a") + 1;
+        let written_at = writer.index().checkpoint_at;
+        assert!(written_at > 0, "an index checkpoint");
+        let mut attempts = 0;
+        let reader = Journal::open_read_only_with(dir.path(), |_| {
+            attempts += 1;
+            let before = writer.index().checkpoint_at;
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    // Until the writer has written a newer checkpoint.
+                    let device = writer.device_writer(0, 8);
+                    for _ in 0..100 {
+                        let acks: Vec<_> = (next..next + 40)
+                            .map(|seq| append_event(&device, seq))
+                            .collect();
+                        for ack in acks {
+                            ack.await.expect("answered").expect("durable");
+                        }
+                        next += 40;
+                        index_settled(&writer).await;
+                        if writer.index().checkpoint_at > before {
+                            return;
+                        }
+                    }
+                    panic!("no newer index checkpoint");
+                })
+            });
+        });
+        let reader = reader.unwrap_or_else(|e| panic!("retained: {retained}: refused: {e}"));
+        assert_eq!(attempts, 1, "retained: {retained}");
+        let seen = reader.index().device("a").map(DeviceInfo::seq).expect("a");
+        assert!(seen < next, "{seen}");
+        let oldest = reader.oldest_retained_seq(0);
+        let events = reader.read_events(0, oldest, seen).expect("read");
+        assert_eq!(
+            events.len() as u64,
+            seen - oldest + 1,
+            "retained: {retained}"
+        );
+        drop((reader, writer));
+    }
 }
 
 #[tokio::test]
@@ -3243,14 +3321,19 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     std::fs::write(&last.path, &whole).expect("restored");
 
     // Beside a live writer that moves on between a reader's listing of the segments and its
-    // reading them (the reader would find the journal cut short of the index checkpoint it
-    // must open from): the reader opens again.
+    // reading them (had the reader read the index checkpoint it must open from after the
+    // listing, it would have found the journal cut short of it): the reader opens the
+    // journal as listed, and the next open sees the rest.
     let writer = retaining(dir, 10).expect("the live writer");
     let (reader, attempts) = open_read_only_while(dir, &writer, 3002..=3400);
-    let reader = reader.expect("opened again, not refused");
-    assert_eq!(attempts, 2);
-    assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(3400));
+    let reader = reader.expect("opened, not refused");
+    assert_eq!(attempts, 1);
+    let seen = reader.index().device("a").map(DeviceInfo::seq).expect("a");
+    assert!((3001..=3400).contains(&seen), "{seen}");
     drop((reader, writer));
+    let reader = Journal::open_read_only(dir).expect("read-only");
+    assert_eq!(reader.index().device("a").map(DeviceInfo::seq), Some(3400));
+    drop(reader);
 
     // Salvage reads from position 0, which is gone: refused, nothing touched.
     let before = SegmentedBackend::list(dir).expect("list");
