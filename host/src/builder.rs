@@ -218,6 +218,16 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Free file descriptors under the process's open-files limit under which
+    /// [`Runtime::readiness`](crate::Runtime::readiness) (`GET /readyz`) says the server is
+    /// not ready (default [`MIN_FREE_FILES`](crate::config::defaults::MIN_FREE_FILES)). A
+    /// probe, not a limit. Checked where the process's descriptors can be counted (Linux's
+    /// `/proc/self/fd`).
+    pub fn min_free_files(mut self, files: u64) -> Self {
+        self.config.min_free_files = files;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs

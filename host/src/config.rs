@@ -196,6 +196,12 @@ pub mod defaults {
     /// (`disk-low`, see `crate::readiness`): one record of the largest size the journal
     /// accepts (`journal::record::MAX_BODY_LEN`), so a ready server can take any event.
     pub const MIN_FREE_SPACE: u64 = 64 << 20;
+    /// Free file descriptors under which `/readyz` answers not ready (`files-low`, see
+    /// `crate::readiness`): room for the next journal segment, the index's next run files and
+    /// a snapshot being written, with a margin for descriptors other threads open meanwhile.
+    /// Every journal segment stays open, so small segments (`--journal-segment-bytes`) walk a
+    /// server towards its limit, and past it every commit fails with "Too many open files".
+    pub const MIN_FREE_FILES: u64 = 64;
     /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
     /// are closed. Well under the process's file limit (20,000 on this machine's kind);
     /// `drover serve` lowers it to what a lower limit holds beside the journal's segments.
@@ -377,6 +383,9 @@ pub struct Config {
     /// Free bytes on the data directory's filesystem under which the server says it is not
     /// ready (see `crate::readiness`).
     pub min_free_space: u64,
+    /// Free file descriptors (under the process's open-files limit) under which the server
+    /// says it is not ready (see `crate::readiness`).
+    pub min_free_files: u64,
 }
 
 impl Default for Config {
@@ -394,6 +403,7 @@ impl Default for Config {
             retention: crate::journal::Retention::default(),
             retention_refresh: Some(defaults::RETENTION_REFRESH_EVERY),
             min_free_space: defaults::MIN_FREE_SPACE,
+            min_free_files: defaults::MIN_FREE_FILES,
         }
     }
 }

@@ -737,6 +737,81 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     assert!(err.contains("under the minimum of 4096"), "{err}");
 }
 
+/// Small segments walk a server towards its open-files limit, one descriptor per segment,
+/// and past it every commit that starts a segment fails with "Too many open files". `/readyz`
+/// used to say ready all the while. Now it says `files-low` while free descriptors are still
+/// left, so a load balancer moves traffic before the first failure; nothing acknowledged is
+/// lost, and a restart with a higher limit is ready again.
+#[test]
+fn readiness_says_files_low_before_small_segments_use_up_the_descriptors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let limit = 256;
+    let server = start_with_open_files(&data, &["--journal-segment-bytes", "4096"], limit, limit);
+    let api = server.api();
+    api.provision("t1", "thermostat", json!({"setpoint": 20.0}));
+    let codes = |api: &support::Api| -> Vec<String> {
+        let answer = api.get("/readyz");
+        answer.body["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .map(|r| r["code"].as_str().expect("code").to_string())
+            .collect()
+    };
+    assert_eq!(codes(&api), Vec::<String>::new(), "ready at first");
+    let mut acknowledged = 0u64;
+    let mut not_ready_at = None;
+    let mut failure = None;
+    // Each batch's commit (~10 KiB) starts a segment of its own.
+    for batch in 0..1000 {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({"device": "t1", "event": {"type": "reading", "celsius": 15.0 + (i % 13) as f64}}))
+            .collect();
+        let answer = api.post("/v1/events", &json!({ "events": events }));
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        let failed = answer.body["failed"].as_u64().expect("failed");
+        acknowledged += 100 - failed;
+        if failed > 0 {
+            failure = Some((batch, answer.text));
+            break;
+        }
+        if not_ready_at.is_none() && codes(&api).contains(&"files-low".to_string()) {
+            not_ready_at = Some(batch);
+            let answer = api.get("/readyz");
+            assert_eq!(answer.status, 503, "{}", answer.text);
+            let message = answer.body["reasons"][0]["message"]
+                .as_str()
+                .expect("message");
+            assert!(
+                message.contains("segment files") && message.contains("ulimit -Hn"),
+                "says why and what helps: {message}"
+            );
+        }
+    }
+    let not_ready_at = not_ready_at.expect("files-low before the limit");
+    let (failed_at, failed) = failure.expect("commits fail at the limit");
+    assert!(
+        failed.contains("Too many open files"),
+        "the failure is the one readiness warned of: {failed}"
+    );
+    assert!(
+        not_ready_at + 3 < failed_at,
+        "warned at batch {not_ready_at}, failed at {failed_at}"
+    );
+    assert!(codes(&api).contains(&"files-low".to_string()));
+    drop(server);
+
+    let server = Server::start(&data, &["--journal-segment-bytes", "4096"]);
+    let api = server.api();
+    assert_eq!(
+        codes(&api),
+        Vec::<String>::new(),
+        "ready under a higher limit"
+    );
+    assert_eq!(api.get("/v1/devices/t1").body["seq"], acknowledged);
+}
+
 /// The runtime's background refresher does on its own what the test above asks for: after a
 /// pass held back by an idle device's old snapshot, the device is asked for a fresh one and
 /// the segments behind the old one go, its state unchanged.

@@ -217,6 +217,12 @@ pub struct Tuning {
         defaults::MIN_FREE_SPACE,
     ))]
     pub ready_min_free_bytes: Option<u64>,
+    #[arg(long, help = help(
+        "Free file descriptors under the open-files limit under which GET /readyz answers 503 \
+         files-low (every journal segment stays open; past the limit every commit fails)",
+        defaults::MIN_FREE_FILES,
+    ))]
+    pub ready_min_free_files: Option<u64>,
     /// Which journal history to delete: `keep-all` (every seq stays readable and
     /// replayable), or `after-snapshot` (whole segments once every device in them has a
     /// later snapshot and nothing pending in them; see `GET /v1/journal`) [default: keep-all]
@@ -341,6 +347,9 @@ impl Tuning {
         }
         if let Some(bytes) = self.ready_min_free_bytes {
             b = b.min_free_space(bytes);
+        }
+        if let Some(files) = self.ready_min_free_files {
+            b = b.min_free_files(files);
         }
         if self.retention.is_some()
             || self.retention_keep_events.is_some()
