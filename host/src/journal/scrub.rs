@@ -69,7 +69,8 @@ pub enum ScrubState {
     Running,
     /// Every record before the checkpoint read back intact.
     Clean,
-    /// Damage at `offset`; the checkpoint was removed, so the next open refuses.
+    /// Damage at `offset`; the checkpoint was removed, so the next open refuses. `reason`
+    /// begins with the file and its byte, as an open's damage report does.
     Damaged {
         offset: u64,
         reason: String,
@@ -176,6 +177,7 @@ pub fn run(
             }
         }
         Err((offset, reason)) if storage.retained_from() > 0 => {
+            let reason = in_file(storage, offset, reason);
             // The journal opens only from its checkpoint (retention deleted its start): the
             // checkpoint stays, and the damage is reported here and in the metrics.
             tracing::error!(
@@ -188,6 +190,7 @@ pub fn run(
             ScrubState::Damaged { offset, reason }
         }
         Err((offset, reason)) => {
+            let reason = in_file(storage, offset, reason);
             tracing::error!(
                 offset,
                 %reason,
@@ -200,6 +203,18 @@ pub fn run(
         }
     };
     *scrub.state.lock() = state;
+}
+
+/// `reason` for damage at `offset`, after the file that holds it and the byte in that file
+/// (segments have their own numbering), as recovery's reports name them.
+fn in_file(storage: &dyn StorageBackend, offset: u64, reason: String) -> String {
+    match storage.file_of(offset) {
+        Some((path, byte)) => format!(
+            "{}: damaged record at byte {byte} (journal position {offset}): {reason}",
+            path.display()
+        ),
+        None => reason,
+    }
 }
 
 /// Reads `plan.start..plan.end`; `Ok(false)` if stopped, `Err((offset, why))` on damage.

@@ -1952,7 +1952,14 @@ async fn the_scrub_finds_damage_before_the_checkpoint_and_the_next_open_refuses(
     assert!(journal.recovery().from_checkpoint.is_some());
     let status = scrubbed(&journal).await;
     match &status.state {
-        ScrubState::Damaged { offset, .. } => assert_eq!(*offset, at as u64),
+        ScrubState::Damaged { offset, reason } => {
+            assert_eq!(*offset, at as u64);
+            let file = dir.path().join(FILE_NAME).display().to_string();
+            assert!(
+                reason.starts_with(&format!("{file}: damaged record at byte {at} ")),
+                "names the file and byte: {reason}"
+            );
+        }
         other => panic!("the scrub should find the damage: {other:?}"),
     }
     assert!(!index_dir(dir.path()).join("checkpoint").exists());
