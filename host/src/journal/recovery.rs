@@ -368,7 +368,11 @@ pub(super) fn recover(
     let Some((reason, torn)) = prefix.bad.clone() else {
         if cut_short {
             let (tail, _) = scan_tail(storage, &prefix, None)?;
-            return Err(damaged(&tail, prefix.end, cut_short_reason(&prefix)));
+            return Err(damaged(
+                &tail,
+                prefix.end,
+                cut_short_reason(storage, &prefix),
+            ));
         }
         let mut index = prefix.index;
         index.durable_len = prefix.end;
@@ -391,7 +395,7 @@ pub(super) fn recover(
     let unreadable = !tolerant.unreadable().is_empty();
     if offset < tearable_from(&prefix, &tail) || cut_short || unreadable {
         let reason = if cut_short {
-            format!("{reason}; {}", cut_short_reason(&prefix))
+            format!("{reason}; {}", cut_short_reason(storage, &prefix))
         } else if unreadable {
             format!("{reason}; part of the file cannot be read (I/O error)")
         } else {
@@ -545,7 +549,7 @@ fn salvage_from_with(
         .is_some_and(|c| c.cut_short(prefix.file_len));
     let reason = match prefix.bad.clone() {
         Some((reason, _)) => reason,
-        None if cut_short => cut_short_reason(&prefix),
+        None if cut_short => cut_short_reason(storage, &prefix),
         None if prefix.bad_header => "the file header is damaged (checksum mismatch)".into(),
         None => match &forced {
             Some(why) => why.clone(),
@@ -697,14 +701,28 @@ fn tearable_from(prefix: &Prefix, tail: &Tail) -> u64 {
     })
 }
 
-fn cut_short_reason(prefix: &Prefix) -> String {
-    format!(
-        "the file is {} bytes long but was {} at its last checkpoint (journal.log.checkpoint, or \
-         journal.log.index/checkpoint): it was cut short (if it was restored from a backup on \
-         purpose, remove those two first)",
-        prefix.file_len,
-        prefix.checkpoint.as_ref().map_or(0, |c| c.len)
-    )
+/// Why a journal shorter than its last checkpoint recorded is refused. It names the file the
+/// journal now ends in: either that file was cut, or the segment files after it are gone (a
+/// deleted newest segment used to read as if the one before it were damaged).
+fn cut_short_reason(storage: &dyn StorageBackend, prefix: &Prefix) -> String {
+    let was = prefix.checkpoint.as_ref().map_or(0, |c| c.len);
+    let ends = prefix.file_len;
+    let checkpoints = "journal.log.checkpoint, or journal.log.index/checkpoint";
+    match storage.file_of(ends.saturating_sub(1)) {
+        Some((file, byte)) => format!(
+            "the journal ends at position {ends}, the end of {} ({} bytes), but was {was} long \
+             at its last checkpoint ({checkpoints}): that file was cut short, or segment files \
+             after it are missing (if the data directory was restored from a backup on purpose, \
+             remove those two checkpoints first)",
+            file.display(),
+            byte + u64::from(ends > 0),
+        ),
+        None => format!(
+            "the journal is {ends} bytes long but was {was} at its last checkpoint \
+             ({checkpoints}): it was cut short (if it was restored from a backup on purpose, \
+             remove those two first)"
+        ),
+    }
 }
 
 /// Scans the journal into an index; from the index checkpoint on, if `from_index_checkpoint`
@@ -826,7 +844,8 @@ fn scan_prefix(
         if let Some(c) = checkpoint.as_ref().filter(|_| cut) {
             unusable = Some(format!(
                 "the journal is {file_len} bytes long but was {} when a checkpoint last \
-                 recorded it: it was cut short or its last segment damaged",
+                 recorded it: its last segment was cut short or damaged, or segment files \
+                 after it are missing",
                 c.len
             ));
         } else if bad_header {

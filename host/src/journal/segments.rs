@@ -305,7 +305,7 @@ impl SegmentedBackend {
                 if let Some(why) = why {
                     match tolerated.as_deref_mut() {
                         Some(tolerated) => tolerated.push(why),
-                        None => return Err(damaged(why)),
+                        None => return Err(damaged(format!("{why}; {SALVAGE_READS_ON}"))),
                     }
                 }
             }
@@ -352,6 +352,9 @@ impl SegmentedBackend {
                     Some(damaged) if end < pair[1].first => {
                         damaged.push(why);
                         holes.push((end, pair[1].first));
+                    }
+                    None if end < pair[1].first => {
+                        return Err(self::damaged(format!("{why}; {SALVAGE_READS_ON}")));
                     }
                     _ => return Err(self::damaged(why)),
                 }
@@ -774,6 +777,12 @@ pub(crate) fn fill_gaps(dir: &Path, found: &mut Vec<SegmentInfo>) -> io::Result<
     Ok(())
 }
 
+/// What a refusal for a damaged segment header or a missing segment adds: salvage reads past
+/// both (see [`SegmentedBackend::open_for_salvage`]).
+const SALVAGE_READS_ON: &str = "media damage, not a torn write: keep a copy of the data \
+     directory; `drover serve --salvage` keeps every intact record, marks the seqs whose \
+     records are lost so they are never reused, and sets the damaged files aside";
+
 fn damaged(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
@@ -921,6 +930,7 @@ mod tests {
             .expect("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("checksum"), "{err}");
+        assert!(err.to_string().contains("--salvage"), "{err}");
         std::fs::write(victim, &original).expect("put back");
 
         // A missing segment in the middle.
@@ -930,6 +940,7 @@ mod tests {
             .expect("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("missing"), "{err}");
+        assert!(err.to_string().contains("--salvage"), "{err}");
         std::fs::rename(dir.path().join("aside"), victim).expect("back");
         SegmentedBackend::open(dir.path(), 64, 5).expect("whole again");
     }

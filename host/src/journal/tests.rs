@@ -1447,7 +1447,7 @@ async fn a_journal_cut_inside_its_header_is_refused_and_left_as_found() {
         assert!(err.to_string().contains("cut short"), "{err}");
         assert!(
             err.to_string()
-                .contains(&format!("the file is {len} bytes long")),
+                .contains(&format!("the end of {} ({len} bytes)", path.display())),
             "{err}"
         );
         assert_eq!(
@@ -2813,6 +2813,24 @@ async fn a_read_only_open_beside_a_writer_that_moves_on_opens_without_reporting_
     assert_eq!(reader.read_events(0, 200, 200).expect("read")[0].seq, 200);
     drop(reader);
 
+    // At rest, the newest segment deleted: refused, naming the segment the journal now ends
+    // in and what may be wrong (it used to read as damage in that segment only).
+    let mut segments = SegmentedBackend::list(dir.path()).expect("list");
+    let newest = segments.pop().expect("newest");
+    let before = segments.last().expect("the one before");
+    std::fs::rename(&newest.path, dir.path().join("aside")).expect("aside");
+    let err = Journal::open_read_only(dir.path()).err().expect("refused");
+    let said = err.to_string();
+    assert!(
+        said.contains(&format!(
+            "the journal ends at position {}, the end of {} (",
+            newest.first,
+            before.path.display()
+        )) && said.contains("segment files after it are missing"),
+        "{said}"
+    );
+    std::fs::rename(dir.path().join("aside"), &newest.path).expect("back");
+
     // At rest: the last segment cut short of what the clean close recorded is damage, found
     // on the first open, which does not start again.
     let last = SegmentedBackend::list(dir.path())
@@ -3321,8 +3339,9 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     std::fs::write(&last.path, &whole[..whole.len() - 40]).expect("cut");
     let err = retaining(dir, 10).err().expect("refused");
     assert!(
-        err.to_string()
-            .contains("it was cut short or its last segment damaged"),
+        err.to_string().contains(
+            "its last segment was cut short or damaged, or segment files after it are missing"
+        ),
         "{err}"
     );
     std::fs::write(&last.path, &whole).expect("restored");
