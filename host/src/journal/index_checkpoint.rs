@@ -539,13 +539,28 @@ impl Checkpoints {
                  position {retained})"
             )));
         }
-        let head_ok = retained > start
-            || crc_of(storage, start, image.at.min(start + IDENTITY_BYTES))? == image.head_crc;
-        if !head_ok || crc_of(storage, end_from, image.at)? != image.end_crc {
-            return Err(bad(
-                "the journal's bytes differ from those it was taken of (a different or rewritten journal)"
-                    .into(),
-            ));
+        let head_end = image.at.min(start + IDENTITY_BYTES);
+        let head_ok = retained > start || crc_of(storage, start, head_end)? == image.head_crc;
+        let differ = if !head_ok {
+            Some((start, head_end))
+        } else if crc_of(storage, end_from, image.at)? != image.end_crc {
+            Some((end_from, image.at))
+        } else {
+            None
+        };
+        if let Some((from, to)) = differ {
+            // Where: a journal retention shortened opens only from this checkpoint, so this
+            // is what an operator gets to go on.
+            let place = |at: u64| match storage.file_of(at) {
+                Some((file, byte)) => format!("{} byte {byte}", file.display()),
+                None => format!("position {at}"),
+            };
+            return Err(bad(format!(
+                "the journal's bytes from position {from} to {to} ({} to {}) differ from those \
+                 it was taken of: media damage there, or a different or rewritten journal",
+                place(from),
+                place(to.saturating_sub(1)),
+            )));
         }
         let runs = runs.map_err(|e| bad(format!("a run it names: {e}")))?;
         let keep: Vec<String> = runs.iter().map(|r| r.name().to_string()).collect();

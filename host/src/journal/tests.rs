@@ -3346,6 +3346,34 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     );
     std::fs::write(&last.path, &whole).expect("restored");
 
+    // A flipped bit in the bytes that tie the index checkpoint to the journal (its last
+    // 64 KiB): the only way to open it is gone, and the refusal says where to look (it used
+    // to name no file and no position).
+    let at = Journal::open_read_only(dir)
+        .expect("read-only")
+        .recovery()
+        .from_checkpoint
+        .expect("from its checkpoint");
+    let spoilt = at - 100;
+    let holder = SegmentedBackend::list(dir)
+        .expect("list")
+        .into_iter()
+        .rfind(|s| s.first <= spoilt)
+        .expect("a segment holds it");
+    let byte = spoilt - holder.first + segments::SEGMENT_HEADER_LEN;
+    let whole = std::fs::read(&holder.path).expect("read");
+    let mut bytes = whole.clone();
+    bytes[byte as usize] ^= 0x10;
+    std::fs::write(&holder.path, &bytes).expect("spoil");
+    let err = retaining(dir, 10).err().expect("refused");
+    let said = err.to_string();
+    assert!(
+        said.contains("media damage there")
+            && said.contains(&format!("to {} byte ", holder.path.display())),
+        "{said}"
+    );
+    std::fs::write(&holder.path, &whole).expect("restored");
+
     // Beside a live writer that moves on between a reader's listing of the segments and its
     // reading them (had the reader read the index checkpoint it must open from after the
     // listing, it would have found the journal cut short of it): the reader opens the
