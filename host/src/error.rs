@@ -14,6 +14,10 @@ pub enum Error {
     UnknownDevice(String),
     #[error("unknown plugin `{0}`")]
     UnknownPlugin(String),
+    /// A command id no event of the device ever issued (its seq is past the device's, or
+    /// its record holds no command at that index): a gateway acknowledging the wrong ids.
+    #[error("device `{device}` never issued command `{command}`")]
+    UnknownCommand { device: String, command: String },
     #[error("plugin `{plugin}` has no version {version}")]
     UnknownVersion { plugin: String, version: u32 },
     #[error("invalid id: {0}")]
@@ -179,6 +183,8 @@ macro_rules! error_kinds {
 error_kinds! {
     UnknownDevice => "unknown-device",
     UnknownPlugin => "unknown-plugin",
+    /// A command id the device never issued.
+    UnknownCommand => "unknown-command",
     UnknownVersion => "unknown-version",
     InvalidId => "invalid-id",
     DeviceConflict => "device-conflict",
@@ -233,6 +239,7 @@ impl Error {
         match self {
             Error::UnknownDevice(_) => ErrorKind::UnknownDevice,
             Error::UnknownPlugin(_) => ErrorKind::UnknownPlugin,
+            Error::UnknownCommand { .. } => ErrorKind::UnknownCommand,
             Error::UnknownVersion { .. } => ErrorKind::UnknownVersion,
             Error::InvalidId(_) => ErrorKind::InvalidId,
             Error::DeviceConflict { .. } => ErrorKind::DeviceConflict,

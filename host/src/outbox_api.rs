@@ -128,7 +128,9 @@ impl Runtime {
 
     /// Acknowledges command `command` (`"<seq>.<index>"`, as [`CommandView::id`]) of device
     /// `id`, once durable: it leaves the outbox for good. Returns whether it was still
-    /// pending; acknowledging twice (a gateway retrying) is not an error.
+    /// pending; acknowledging twice (a gateway retrying) is not an error, nor is one that
+    /// expired. An id the device never issued is [`Error::UnknownCommand`] (where retention
+    /// deleted its record, that cannot be told, and it answers `false`).
     pub async fn ack_command(&self, id: &str, command: &str) -> Result<bool, Error> {
         // In a task of its own (see `Runtime::detached`): an acknowledgement dropped while its
         // record was on its way left its command marked as being acknowledged for good.
@@ -151,7 +153,34 @@ impl Runtime {
         }
         let result = self.ack_pending(head.num, cid).await;
         self.shared.acking.lock().remove(&(head.num, cid));
-        result
+        match result {
+            Ok(false) if !self.issued(&head, cid).await => Err(Error::UnknownCommand {
+                device: id.to_string(),
+                command: command.to_string(),
+            }),
+            other => other,
+        }
+    }
+
+    /// Whether device `head` ever issued command `cid`, as far as its journal tells: `true`
+    /// when its record cannot be read (retention deleted it), since only a record says no.
+    async fn issued(&self, head: &DeviceHead, cid: EffectId) -> bool {
+        if cid.seq > head.seq {
+            return false;
+        }
+        let (rt, num) = (self.clone(), head.num);
+        // A read of the journal file: off the async workers.
+        let read =
+            tokio::task::spawn_blocking(move || rt.shared.journal.record_fx(num, cid.seq)).await;
+        match read {
+            Ok(Ok(fx)) => fx.is_some_and(|fx| {
+                matches!(
+                    fx.effects.get(cid.index as usize),
+                    Some(Effect::Command { .. })
+                )
+            }),
+            _ => true,
+        }
     }
 
     async fn ack_pending(&self, num: u32, cid: EffectId) -> Result<bool, Error> {

@@ -400,6 +400,13 @@ async fn commands_wait_in_the_outbox_until_acknowledged_and_survive_a_restart() 
     assert!(rt.commands("t").expect("outbox").is_empty());
     let err = rt.ack_command("t", "x.y").await.expect_err("bad id");
     assert_eq!(err.code(), "malformed-event");
+    // Ids the device never issued (a gateway acknowledging the wrong ids): past its seq, or
+    // where its record holds no command. They used to answer `false` like a repeated one.
+    for never in [format!("{}.0", ack.seq + 100), format!("{}.1", ack.seq)] {
+        let err = rt.ack_command("t", &never).await.expect_err("never issued");
+        assert_eq!(err.code(), "unknown-command", "{never}: {err}");
+        assert!(err.to_string().contains(&never), "{err}");
+    }
 
     // An unacknowledged command survives a restart, with its id.
     let off = rt.send("t", &reading(25.0)).await.expect("reading");

@@ -519,6 +519,14 @@ async fn every_bad_input_answers_its_status_and_code() {
             "malformed-event",
         ),
         case(
+            "ack of a command the device never issued",
+            M::POST,
+            "/v1/devices/t1/commands/4503599627370495.0/ack",
+            "",
+            404,
+            "unknown-command",
+        ),
+        case(
             "ack of a command id beyond what a record holds",
             M::POST,
             "/v1/devices/t1/commands/1.65536/ack",

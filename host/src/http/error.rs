@@ -200,6 +200,7 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::UnknownDevice
         | ErrorKind::UnknownPlugin
+        | ErrorKind::UnknownCommand
         | ErrorKind::UnknownVersion
         | ErrorKind::SeqOutOfRange => StatusCode::NOT_FOUND,
         ErrorKind::RetainedAway => StatusCode::GONE,
@@ -319,6 +320,13 @@ mod tests {
     fn statuses_follow_whose_fault_it_is() {
         let cases = [
             (Error::UnknownDevice("d".into()), 404),
+            (
+                Error::UnknownCommand {
+                    device: "d".into(),
+                    command: "3.0".into(),
+                },
+                404,
+            ),
             (Error::InvalidId("x".into()), 400),
             (Error::MailboxFull, 429),
             (
