@@ -11,14 +11,17 @@
 //! | `shutting-down` | a stop has begun ([`Runtime::shutdown`], or the HTTP server's: `drover serve` closes its listener at once, so over HTTP only a request already arriving sees it, and a probe after it is refused its connection) | the process exits |
 //! | `journal-read-only` | a failed commit could not be cut back off the journal, which then refuses appends | a restart (recovery cuts the torn batch) |
 //! | `disk-low` | the data directory's filesystem has fewer free bytes than [`Config::min_free_space`](crate::Config::min_free_space) (default [`MIN_FREE_SPACE`](crate::config::defaults::MIN_FREE_SPACE), one record of the largest size the journal accepts) | space is freed: the check is made at each probe |
-//! | `disk-unknown` | the free space of the data directory's filesystem cannot be read | it can |
+//! | `disk-unknown` | the free space of the data directory's filesystem cannot be read, or (over HTTP) its check has not returned within [`PROBE_WAIT`] | it can |
 //! | `files-low` | fewer file descriptors are free under the process's open-files limit than [`Config::min_free_files`](crate::Config::min_free_files) (default [`MIN_FREE_FILES`](crate::config::defaults::MIN_FREE_FILES)): every journal segment stays open, and past the limit every commit that starts a segment fails with "Too many open files" | descriptors are freed (retention deletes segments, connections close) or the limit is raised: counted at each probe (Linux only, from `/proc/self/fd`) |
 //!
 //! Not ready is advice for routing, not a refusal: every request is still served as it would
 //! be otherwise (reads answer; a write that finds the disk full gets its `503 journal`).
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::Runtime;
@@ -61,10 +64,48 @@ impl NotReady {
 }
 
 impl Runtime {
-    /// Whether this server should be sent requests now (see the module docs). Cheap enough
-    /// for a probe every second: two atomic loads, one `statvfs`, and a listing of
-    /// `/proc/self/fd` (a few milliseconds at 20,000 open files).
+    /// Whether this server should be sent requests now (see the module docs), checked on
+    /// the calling thread: two atomic loads, one `statvfs`, and a listing of `/proc/self/fd`
+    /// (a few milliseconds at 20,000 open files). `GET /readyz` uses
+    /// [`Runtime::readiness_probe`], which keeps a hung filesystem off its thread.
     pub fn readiness(&self) -> Readiness {
+        let mut reasons = self.state_reasons();
+        reasons.extend(self.filesystem_reasons());
+        Readiness { reasons }
+    }
+
+    /// [`Runtime::readiness`] with the filesystem checks on a blocking thread, waited for
+    /// at most [`PROBE_WAIT`], and at most one under way: a data directory on a network
+    /// filesystem that stopped answering holds that one thread, and every probe meanwhile
+    /// answers at once, not ready (`disk-unknown`), instead of holding an HTTP worker each or
+    /// piling up threads behind the first.
+    pub async fn readiness_probe(&self) -> Readiness {
+        let mut reasons = self.state_reasons();
+        let rt = self.clone();
+        let dir = self.shared.data_dir.clone();
+        reasons.extend(
+            self.shared
+                .probe
+                .run(
+                    PROBE_WAIT,
+                    move || rt.filesystem_reasons(),
+                    move |waited| NotReady {
+                        code: "disk-unknown",
+                        message: format!(
+                            "the check of the data directory's filesystem ({}) has not returned \
+                             for {:.1} s (a hung or very slow filesystem?)",
+                            dir.display(),
+                            waited.as_secs_f64()
+                        ),
+                    },
+                )
+                .await,
+        );
+        Readiness { reasons }
+    }
+
+    /// What atomics tell: a stop under way, a read-only journal.
+    fn state_reasons(&self) -> Vec<NotReady> {
         let mut reasons = Vec::new();
         if self.check_open().is_err() {
             reasons.push(NotReady::shutting_down());
@@ -77,6 +118,12 @@ impl Runtime {
                     .into(),
             });
         }
+        reasons
+    }
+
+    /// What the filesystem and the kernel tell: free space, free file descriptors.
+    fn filesystem_reasons(&self) -> Vec<NotReady> {
+        let mut reasons = Vec::new();
         let dir = &self.shared.data_dir;
         let min = self.config().min_free_space;
         match free_bytes(dir) {
@@ -117,7 +164,59 @@ impl Runtime {
                 });
             }
         }
-        Readiness { reasons }
+        reasons
+    }
+}
+
+/// How long `GET /readyz` waits for its filesystem checks (see [`Runtime::readiness_probe`]).
+pub const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// The filesystem checks of readiness probes, one under way at a time.
+#[derive(Debug, Default)]
+pub(crate) struct Probe {
+    /// When the check under way started.
+    since: Mutex<Option<Instant>>,
+}
+
+impl Probe {
+    /// Runs `check` on a blocking thread and waits up to `wait` for its reasons; if it has not
+    /// returned by then, or one started earlier is still under way, answers `stuck(how long)`
+    /// instead (the check goes on, and the first probe after it returns starts another).
+    async fn run(
+        self: &Arc<Probe>,
+        wait: Duration,
+        check: impl FnOnce() -> Vec<NotReady> + Send + 'static,
+        stuck: impl Fn(Duration) -> NotReady,
+    ) -> Vec<NotReady> {
+        let started = {
+            let mut since = self.since.lock();
+            if let Some(started) = *since {
+                return vec![stuck(started.elapsed())];
+            }
+            let now = Instant::now();
+            *since = Some(now);
+            now
+        };
+        /// Ends the check's turn however the check ends (a panic included).
+        struct Done(Arc<Probe>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                *self.0.since.lock() = None;
+            }
+        }
+        let done = Done(self.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let _done = done;
+            check()
+        });
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(reasons)) => reasons,
+            Ok(Err(e)) => vec![NotReady {
+                code: "disk-unknown",
+                message: format!("the check of the data directory's filesystem failed: {e}"),
+            }],
+            Err(_) => vec![stuck(started.elapsed())],
+        }
     }
 }
 
@@ -171,5 +270,72 @@ mod tests {
         );
         let gone = dir.path().join("no-such-dir");
         assert!(free_bytes(&gone).is_err());
+    }
+
+    /// A check that does not return (a hung network filesystem) holds one blocking thread:
+    /// the probe waiting for it answers not ready once its wait is up, probes meanwhile
+    /// answer at once without starting another check, and the first probe after it returns
+    /// runs a fresh one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_that_hangs_holds_one_thread_and_probes_answer_meanwhile() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let probe = Arc::new(Probe::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let stuck = |waited: Duration| NotReady {
+            code: "disk-unknown",
+            message: format!("{waited:?}"),
+        };
+        let check = {
+            let started = started.clone();
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _ = hung.recv();
+                vec![]
+            }
+        };
+        let at = Instant::now();
+        let first = probe.run(Duration::from_millis(100), check, stuck).await;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].code, "disk-unknown");
+        assert!(
+            at.elapsed() < Duration::from_secs(5),
+            "waited {:?}",
+            at.elapsed()
+        );
+        for _ in 0..10 {
+            let again = probe
+                .run(Duration::from_secs(60), || panic!("not started"), stuck)
+                .await;
+            assert_eq!(again[0].code, "disk-unknown");
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 1, "one check under way");
+
+        release.send(()).expect("release");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fresh = probe
+                .run(
+                    Duration::from_secs(10),
+                    || vec![NotReady::shutting_down()],
+                    stuck,
+                )
+                .await;
+            if fresh[0].code == SHUTTING_DOWN {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hung check never ended its turn"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A check that panics ends its turn too.
+        let panicked = probe
+            .run(Duration::from_secs(10), || panic!("boom"), stuck)
+            .await;
+        assert!(panicked[0].message.contains("failed"), "{:?}", panicked);
+        let after = probe.run(Duration::from_secs(10), Vec::new, stuck).await;
+        assert!(after.is_empty(), "{after:?}");
     }
 }

@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     /// Commands being acknowledged right now (device number, command id): see
     /// `Runtime::ack_command`.
     pub(crate) acking: Mutex<HashSet<(u32, crate::journal::EffectId)>>,
+    /// The filesystem checks of `GET /readyz`, one at a time (see `crate::readiness`).
+    pub(crate) probe: Arc<crate::readiness::Probe>,
 }
 
 /// An id being provisioned; released on drop.
@@ -196,6 +198,7 @@ impl Runtime {
                 effect_tasks: Mutex::new(Vec::new()),
                 retention_asked: Mutex::new(std::collections::HashMap::new()),
                 acking: Mutex::new(HashSet::new()),
+                probe: Default::default(),
             }),
         };
         if rt.shared.config.retention.policy != crate::journal::RetentionPolicy::KeepAll {

@@ -30,7 +30,7 @@ struct Ready<'a> {
 /// way makes it fail, so a load balancer sends requests elsewhere without restarting this
 /// server, which would not help.
 pub async fn readyz(State(app): State<App>) -> Response {
-    let mut readiness = app.rt.readiness();
+    let mut readiness = app.rt.readiness_probe().await;
     let stopping = *app.stopping.borrow();
     if stopping && !readiness.reasons.iter().any(|r| r.code == SHUTTING_DOWN) {
         readiness.reasons.insert(0, NotReady::shutting_down());
