@@ -236,6 +236,11 @@ impl Found {
     pub fn image(&self) -> &Image {
         &self.image
     }
+
+    /// Whether a run it names was not there to open.
+    pub fn runs_missing(&self) -> bool {
+        matches!(&self.runs, Err(e) if e.kind() == io::ErrorKind::NotFound)
+    }
 }
 
 /// What an open takes from a checkpoint it trusts.

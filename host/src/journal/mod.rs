@@ -265,7 +265,7 @@ pub const INDEX_SPILL_AT: u64 = 1 << 22;
 
 /// Opens [`Journal::open_read_only`] makes when a live writer keeps changing the files under
 /// it: each one that finds damage while the files changed starts again.
-const READ_ONLY_TRIES: u32 = 4;
+const READ_ONLY_TRIES: u32 = 8;
 
 impl Default for JournalOptions {
     fn default() -> Self {
@@ -631,18 +631,33 @@ impl Journal {
     /// segments and before reading them: where a test makes a writer move meanwhile.
     pub(crate) fn open_read_only_with(
         dir: &Path,
+        listed: impl FnMut(u32),
+    ) -> std::io::Result<Journal> {
+        Self::open_read_only_hooked(dir, |_| {}, listed)
+    }
+
+    /// [`Journal::open_read_only_with`], also calling `read_first(attempt)` after the
+    /// checkpoints are read and before the segments are listed.
+    pub(crate) fn open_read_only_hooked(
+        dir: &Path,
+        mut read_first: impl FnMut(u32),
         mut listed: impl FnMut(u32),
     ) -> std::io::Result<Journal> {
         let mut attempt = 0;
         let (storage, index, recovery) = loop {
             let first = recovery::ReadFirst::read(&dir.join(FILE_NAME));
+            let watch = first.watch.clone();
+            read_first(attempt);
             let storage = match SegmentedBackend::open_read_only(dir) {
                 Ok(storage) => Arc::new(storage),
-                // Segments that do not line up, listed while a writer created and (retention)
-                // deleted them: listed again before it is believed.
+                // Segments that do not line up, or one gone before it could be opened, listed
+                // while a writer created and (retention) deleted them: listed again before it
+                // is believed.
                 Err(e)
                     if attempt + 1 < READ_ONLY_TRIES
-                        && e.kind() == std::io::ErrorKind::InvalidData =>
+                        && (e.kind() == std::io::ErrorKind::InvalidData
+                            || (e.kind() == std::io::ErrorKind::NotFound
+                                && SegmentedBackend::list(dir).is_ok_and(|s| !s.is_empty()))) =>
                 {
                     tracing::info!(error = %e, "journal: segments changed while listing them read-only (a live writer); listing again");
                     attempt += 1;
@@ -654,11 +669,12 @@ impl Journal {
             match recover(&*storage, Cut::Never, None, Some(first)) {
                 Ok((index, recovery)) => break (storage, index, recovery),
                 // Damage, or a retained journal refused for looking cut short of its index
-                // checkpoint: both `InvalidData`.
+                // checkpoint, or whose checkpoint's bytes retention deleted once a newer one
+                // was written: all `InvalidData`.
                 Err(e)
                     if attempt + 1 < READ_ONLY_TRIES
                         && e.kind() == std::io::ErrorKind::InvalidData
-                        && storage.changed_since_listed() =>
+                        && (storage.changed_since_listed() || watch.changed()) =>
                 {
                     tracing::info!(error = %e, "journal: files changed while opening them read-only (a live writer); opening again");
                     attempt += 1;

@@ -294,18 +294,67 @@ struct Prefix {
 pub(super) struct ReadFirst {
     checkpoint: Option<Checkpoint>,
     index: std::io::Result<Option<Found>>,
+    /// The index checkpoint file as it was when read.
+    pub(super) watch: IndexWatch,
 }
+
+/// The index checkpoint file as a read-only open read it: whether a live server replaced
+/// it since (and so may have deleted, by retention, what the one read needs).
+#[derive(Clone)]
+pub(super) struct IndexWatch {
+    file: PathBuf,
+    stamp: Option<FileStamp>,
+}
+
+impl IndexWatch {
+    pub(super) fn changed(&self) -> bool {
+        stamp_of(&self.file) != self.stamp
+    }
+}
+
+/// What tells one version of a file from the next: it is replaced whole by a rename.
+type FileStamp = (u64, u64, Option<std::time::SystemTime>);
+
+fn stamp_of(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.len(), meta.modified().ok()))
+}
+
+/// How many times [`ReadFirst::read`] reads the index checkpoint again when the runs it
+/// names were deleted before it could open them.
+const RUN_RACES: u32 = 8;
 
 impl ReadFirst {
     /// Reads them for the journal whose first file is `origin`.
     pub(super) fn read(origin: &Path) -> ReadFirst {
-        let checkpoints = Checkpoints::new(
-            &side_file(origin, "index"),
-            super::index_checkpoint::INDEX_CHECKPOINT_EVERY,
-        );
-        ReadFirst {
-            checkpoint: read_checkpoint_of(origin),
-            index: checkpoints.read(),
+        let index_dir = side_file(origin, "index");
+        let checkpoints =
+            Checkpoints::new(&index_dir, super::index_checkpoint::INDEX_CHECKPOINT_EVERY);
+        let index_file = index_dir.join(super::index_checkpoint::FILE);
+        let checkpoint = read_checkpoint_of(origin);
+        let mut tries = 0;
+        loop {
+            let stamp = stamp_of(&index_file);
+            let index = checkpoints.read();
+            tries += 1;
+            // A live server wrote a newer checkpoint and merged away the runs this one names
+            // between the two reads: read the newer one.
+            if tries < RUN_RACES
+                && let Ok(Some(found)) = &index
+                && found.runs_missing()
+                && stamp_of(&index_file) != stamp
+            {
+                continue;
+            }
+            return ReadFirst {
+                checkpoint,
+                index,
+                watch: IndexWatch {
+                    file: index_file,
+                    stamp,
+                },
+            };
         }
     }
 }

@@ -2922,6 +2922,61 @@ async fn a_read_only_open_is_not_refused_when_the_writer_checkpoints_past_each_l
     }
 }
 
+/// Beside a server whose retention deletes segments as it goes: between the open's reading
+/// the index checkpoint and its listing the segments, the server writes newer checkpoints
+/// and retention deletes the bytes the one read is tied to. The listing, made after that,
+/// matches the directory, so the refusal ("not usable ... restore the data directory from a
+/// backup") used to be believed; the checkpoint file was replaced meanwhile, so the open now
+/// starts again and opens from the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_starts_again_when_retention_deletes_what_its_checkpoint_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = retaining(dir.path(), 10).expect("open");
+    a_alone_past_the_checkpoints_identity_bytes(&writer).await;
+    writer.retain_now().expect("pass");
+    let read_at = writer.index().checkpoint_at;
+    let mut next = 3001;
+    let mut listings = 0;
+    let reader = Journal::open_read_only_hooked(
+        dir.path(),
+        |attempt| {
+            if attempt > 0 {
+                return;
+            }
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let device = writer.device_writer(0, 8);
+                    for _ in 0..200 {
+                        if writer.retained_from() > read_at - (64 << 10) {
+                            return;
+                        }
+                        let acks: Vec<_> = (next..next + 50)
+                            .map(|seq| append_event(&device, seq))
+                            .collect();
+                        device
+                            .append_snapshot(next + 49, 0, b"state".to_vec())
+                            .expect("snapshot");
+                        for ack in acks {
+                            ack.await.expect("answered").expect("durable");
+                        }
+                        next += 50;
+                        writer.barrier().await.expect("snapshot durable");
+                        index_settled(&writer).await;
+                        writer.retain_now().expect("pass");
+                    }
+                    panic!("retention never deleted the checkpoint's bytes");
+                })
+            });
+        },
+        |_| listings += 1,
+    );
+    let reader = reader.unwrap_or_else(|e| panic!("refused: {e}"));
+    assert_eq!(listings, 2, "opened again");
+    let seen = reader.index().device("a").map(DeviceInfo::seq).expect("a");
+    assert!(seen >= next - 1, "{seen} of {}", next - 1);
+    drop((reader, writer));
+}
+
 #[tokio::test]
 async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segments_records() {
     let dir = tempfile::tempdir().expect("tempdir");
