@@ -231,11 +231,21 @@ fn open_files() -> Option<OpenFiles> {
     #[cfg(target_os = "linux")]
     {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current?;
-        // The listing's own descriptor is open while it is read: not counted.
-        let open = std::fs::read_dir("/proc/self/fd")
-            .ok()?
-            .count()
-            .saturating_sub(1) as u64;
+        let open = match std::fs::read_dir("/proc/self/fd") {
+            // The listing's own descriptor is open while it is read: not counted.
+            Ok(listing) => listing.count().saturating_sub(1) as u64,
+            // Not one descriptor free to list them with: every one is open. (Taken for "cannot
+            // tell", this said ready exactly when every commit failed.)
+            Err(e)
+                if matches!(
+                    rustix::io::Errno::from_io_error(&e),
+                    Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
+                ) =>
+            {
+                limit
+            }
+            Err(_) => return None,
+        };
         Some(OpenFiles { open, limit })
     }
     #[cfg(not(target_os = "linux"))]
