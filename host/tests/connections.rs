@@ -1003,3 +1003,82 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     server.shutdown(Duration::from_secs(1)).await;
     rt.shutdown().await;
 }
+
+/// A long poll or a command stream whose client goes (a reset, or a close) frees its place
+/// under the connection cap at once. It held it until its wait ran out (a minute for a
+/// `wait_ms=60000` poll, up to 15 s for a stream): a few thousand abandoned polls, a second
+/// of work for a client, kept every new connection, `/healthz` included, refused for a
+/// minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_whose_client_goes_frees_its_connection_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = with_device(dir.path(), "t", "thermostat").await;
+    let server = Server::start(rt.clone(), "127.0.0.1:0", limits(10_000, 4))
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    let healthz = move || {
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        read_to_close(conn).0
+    };
+    tokio::task::spawn_blocking(move || {
+        for target in [
+            "/v1/devices/t/commands?wait_ms=30000",
+            "/v1/devices/t/commands/stream",
+        ] {
+            for reset in [true, false] {
+                let held: Vec<TcpStream> = (0..4)
+                    .map(|_| {
+                        let mut conn = connect(addr);
+                        conn.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                            .expect("request");
+                        conn
+                    })
+                    .collect();
+                std::thread::sleep(Duration::from_millis(300));
+                let full = healthz();
+                assert!(full.starts_with("HTTP/1.1 503"), "{target}: at the cap: {full}");
+                for conn in held {
+                    if reset {
+                        // SO_LINGER 0: the close sends a reset.
+                        let linger = libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        };
+                        // SAFETY: a valid socket and a `linger` of the size given.
+                        let set = unsafe {
+                            libc::setsockopt(
+                                std::os::fd::AsRawFd::as_raw_fd(&conn),
+                                libc::SOL_SOCKET,
+                                libc::SO_LINGER,
+                                (&raw const linger).cast(),
+                                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                            )
+                        };
+                        assert_eq!(set, 0);
+                    }
+                    drop(conn);
+                }
+                let gone = Instant::now();
+                loop {
+                    let answer = healthz();
+                    if answer.starts_with("HTTP/1.1 200") {
+                        break;
+                    }
+                    assert!(
+                        gone.elapsed() < Duration::from_secs(5),
+                        "{target} (reset: {reset}): still refused {:?} after its clients went: {answer}",
+                        gone.elapsed()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
+    .await
+    .expect("client");
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}

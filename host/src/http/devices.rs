@@ -457,13 +457,23 @@ pub struct CommandsQuery {
 /// `{"commands":[{"id":"<seq>.<index>","seq","index","at_ms","expires_ms","command"}]}`.
 /// Reading does not acknowledge: a command is answered again until
 /// `POST /v1/devices/{id}/commands/{command}/ack`.
+///
+/// A waiting poll whose client goes (a reset, or its side closed) ends at once: it held its
+/// connection's place under the connection cap until the wait ran out (see `http/peer.rs`).
 pub async fn commands(
     State(app): State<App>,
+    peer: Option<axum::Extension<super::peer::Peer>>,
     Id(id): Id,
     QueryOf(q): QueryOf<CommandsQuery>,
 ) -> Result<Response, ApiError> {
     let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0));
-    let commands = app.rt.wait_commands(&id, wait).await?;
+    let commands = tokio::select! {
+        commands = app.rt.wait_commands(&id, wait) => commands?,
+        // What the outbox holds now: a client that only closed its side still reads it.
+        () = super::peer::gone(peer.map(|p| p.0)) => {
+            app.rt.wait_commands(&id, std::time::Duration::ZERO).await?
+        }
+    };
     Ok(json::ok(&Commands {
         commands: commands
             .into_iter()
@@ -526,11 +536,13 @@ pub async fn timers(State(app): State<App>, Id(id): Id, _: NoQuery) -> Result<Re
 /// stream also ends when the device is removed.
 pub async fn commands_stream(
     State(app): State<App>,
+    peer: Option<axum::Extension<super::peer::Peer>>,
     Id(id): Id,
     _: NoQuery,
 ) -> Result<Response, ApiError> {
     use axum::response::IntoResponse;
     use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt as _;
     let watch = app.rt.watch_commands(&id)?;
     let stream = futures::stream::unfold(
         (watch, std::collections::VecDeque::new()),
@@ -553,6 +565,8 @@ pub async fn commands_stream(
             }
         },
     );
+    // Ends when the client goes, not at the next comment it would fail to write.
+    let stream = stream.take_until(super::peer::gone(peer.map(|p| p.0)));
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
         .into_response())

@@ -54,6 +54,7 @@ pub mod keep_alive;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod peer;
 pub mod plugins;
 pub mod server;
 

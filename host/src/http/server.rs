@@ -232,6 +232,7 @@ impl Server {
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
+                let client = super::peer::Peer::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
                     refusals.note(peer);
                     // Counted as the API's other refusals are, so it can be alerted on.
@@ -268,7 +269,8 @@ impl Server {
                 let busy = Busy::default();
                 let service = {
                     let (tower, busy) = (TowerToHyperService::new(app.clone()), busy.clone());
-                    hyper::service::service_fn(move |req| {
+                    hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+                        req.extensions_mut().insert(client);
                         let handling = InFlight::enter(&busy.handling);
                         let answer = hyper::service::Service::call(&tower, req);
                         let answering = busy.answering.clone();
