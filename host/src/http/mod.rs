@@ -37,7 +37,8 @@
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`],
 //! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
 //! error shape; `framing` the same shape for requests hyper cannot parse; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
-//! connections stay open after an answer; [`json`] the
+//! connections stay open after an answer; [`peer`] whether a waiting request's client is
+//! still there; [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
 //! HTTP-level counters.
 //!
