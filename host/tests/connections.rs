@@ -149,7 +149,7 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut conn = connect(addr);
-            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            conn.write_all(b"GET /v1/journal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 .expect("request");
             let answer = read_to_close(conn).0;
             if !answer.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
@@ -1017,9 +1017,10 @@ async fn a_waiting_request_whose_client_goes_frees_its_connection_at_once() {
         .await
         .expect("server");
     let addr = server.local_addr();
+    // Not a probe: probes are answered past the cap.
     let healthz = move || {
         let mut conn = connect(addr);
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        conn.write_all(b"GET /v1/journal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .expect("request");
         read_to_close(conn).0
     };
@@ -1079,6 +1080,49 @@ async fn a_waiting_request_whose_client_goes_frees_its_connection_at_once() {
     })
     .await
     .expect("client");
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}
+
+/// Past the connection cap, `GET /healthz` and `GET /readyz` are still answered as usual
+/// (with the connection closed after), and every other request still gets the 503. They were
+/// refused too, so a flood of connections failed an orchestrator's liveness probe, and it
+/// restarted a server that was only busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_past_the_connection_cap() {
+    let (_dir, rt, server) = serve(limits(10_000, 4)).await;
+    let addr = server.local_addr();
+    let answers = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let ask = |request: &[u8]| {
+            let mut conn = connect(addr);
+            conn.write_all(request).expect("request");
+            read_to_close(conn)
+        };
+        let answers = (
+            ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ask(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ask(b"GET /v1/journal HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ask(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+        );
+        drop(held);
+        answers
+    })
+    .await
+    .expect("client");
+    let ((healthz, healthz_took), (readyz, _), (journal, _), (post, _)) = answers;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert!(healthz.contains("connection: close"), "{healthz}");
+    assert!(healthz.ends_with(r#"{"status":"ok"}"#), "{healthz}");
+    // Closed after the answer, not held until the lingering close's second is up.
+    assert!(healthz_took < Duration::from_secs(5), "{healthz_took:?}");
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+    assert!(readyz.contains(r#""status":"ready""#), "{readyz}");
+    for refused in [&journal, &post] {
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("too-many-connections"), "{refused}");
+    }
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
 }

@@ -38,7 +38,7 @@
 //! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
 //! error shape; `framing` the same shape for requests hyper cannot parse; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
 //! connections stay open after an answer; [`peer`] whether a waiting request's client is
-//! still there; [`json`] the
+//! still there; `overflow` what a connection past the cap gets (probes are still answered); [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
 //! HTTP-level counters.
 //!
@@ -55,6 +55,7 @@ pub mod keep_alive;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+mod overflow;
 pub mod peer;
 pub mod plugins;
 pub mod server;

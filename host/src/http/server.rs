@@ -24,13 +24,13 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_io_timeout::TimeoutStream;
 
 use super::Limits;
 use super::framing::{self, ShapedErrors};
+use super::overflow;
 use crate::Runtime;
 
 /// A running HTTP server. Dropping it without [`Server::shutdown`] stops nothing: the serving
@@ -49,15 +49,6 @@ pub struct Server {
     cut_short_write: Duration,
     task: JoinHandle<()>,
 }
-
-/// The answer to a connection over [`Limits::max_connections`], written before closing it
-/// (code [`super::error::codes::TOO_MANY_CONNECTIONS`]).
-const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-connection: close\r\n\
-content-length: 94\r\n\r\n\
-{\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
 
 /// Connections refused over the cap, logged at most once a second with how many there were
 /// since the last line: one line each let a client opening connections in a loop flood the
@@ -214,7 +205,8 @@ impl Server {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
-            let mut refusals = Refusals::default();
+            let refusals = Arc::new(parking_lot::Mutex::new(Refusals::default()));
+            let probes_past_cap = Arc::new(Semaphore::new(overflow::PROBES_PAST_CAP));
             loop {
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
@@ -234,26 +226,22 @@ impl Server {
                 }
                 let client = super::peer::Peer::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    refusals.note(peer);
-                    // Counted as the API's other refusals are, so it can be alerted on.
-                    replaced(
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        super::error::codes::TOO_MANY_CONNECTIONS,
-                    );
+                    // A probe is answered all the same (see `http/overflow.rs`).
+                    let probe_place = probes_past_cap.clone().try_acquire_owned().ok();
+                    let (app, replaced, refusals) =
+                        (app.clone(), replaced.clone(), refusals.clone());
                     tokio::spawn(async move {
-                        let mut tcp = tcp;
-                        // A lingering close: closing with the client's request unread would
-                        // make the kernel answer with a reset, which can reach a client still
-                        // sending before the 503 does (RFC 9112, 9.6). So: the answer, our
-                        // half closed, and what the client sends read and dropped, for 1 s.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                            tcp.write_all(TOO_MANY_CONNECTIONS).await?;
-                            tcp.shutdown().await?;
-                            let mut sink = [0u8; 4096];
-                            while tcp.read(&mut sink).await? > 0 {}
-                            std::io::Result::Ok(())
+                        let read_line = probe_place.is_some();
+                        overflow::answer(tcp, read_line, app, move || {
+                            refusals.lock().note(peer);
+                            // Counted as the API's other refusals are, so it can be alerted on.
+                            replaced(
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                super::error::codes::TOO_MANY_CONNECTIONS,
+                            );
                         })
                         .await;
+                        drop(probe_place);
                     });
                     continue;
                 };

@@ -1,0 +1,166 @@
+//! Connections past the connection cap: a health or readiness probe is still answered;
+//! anything else gets `503 too-many-connections`.
+//!
+//! Refusing every connection past [`Limits::max_connections`](super::Limits) refused
+//! `/healthz` and `/readyz` too. A flood of connections (slow clients holding theirs until
+//! the header timeout, a burst of gateways) then failed an orchestrator's liveness probe, and
+//! it restarted a server that was only busy: that frees nothing the flood will not take
+//! again, and drops every request in flight. So past the cap the request line is read (for at
+//! most [`LINE_WAIT`], and for at most [`PROBES_PAST_CAP`] connections at once; past those,
+//! the 503 goes at once, as before): `GET /healthz` and `GET /readyz` are answered as usual,
+//! and the connection closed after.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Connections past the cap whose request line is read at once, to answer probes.
+pub(crate) const PROBES_PAST_CAP: usize = 64;
+
+/// How long the request line of a connection past the cap may take to arrive.
+pub(crate) const LINE_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest request line read past the cap (a probe's is a few dozen bytes).
+const LINE_MAX: usize = 1024;
+
+/// The answer to a connection over the cap that is not a probe (code
+/// [`super::error::codes::TOO_MANY_CONNECTIONS`]).
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 94\r\n\r\n\
+{\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
+
+/// Answers a connection over the cap and closes it: a probe (when `read_line`, a place among
+/// the [`PROBES_PAST_CAP`]) through `app`, anything else with [`TOO_MANY_CONNECTIONS`], after
+/// calling `refused`.
+pub(crate) async fn answer(
+    mut tcp: TcpStream,
+    read_line: bool,
+    app: axum::Router,
+    refused: impl FnOnce(),
+) {
+    let mut head = Vec::new();
+    let probe = if read_line {
+        tokio::time::timeout(LINE_WAIT, read_request_line(&mut tcp, &mut head))
+            .await
+            .ok()
+            .and_then(|read| read.ok())
+            .and_then(|()| probe_of(&head))
+    } else {
+        None
+    };
+    let answer = match probe {
+        Some(path) => probe_answer(app, path).await,
+        None => None,
+    };
+    let answer = answer.unwrap_or_else(|| {
+        refused();
+        TOO_MANY_CONNECTIONS.to_vec()
+    });
+    // A lingering close: closing with the client's request unread would make the kernel
+    // answer with a reset, which can reach a client still sending before the answer does
+    // (RFC 9112, 9.6). So: the answer, our half closed, and what the client sends read and
+    // dropped, for 1 s.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(&answer).await?;
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while tcp.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Reads into `head` up to the end of the first line (or [`LINE_MAX`] bytes, or the end).
+async fn read_request_line(tcp: &mut TcpStream, head: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < LINE_MAX {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// The probe a request line asks for: `GET /healthz` or `GET /readyz`, HTTP/1.x, exactly.
+fn probe_of(head: &[u8]) -> Option<&'static str> {
+    let end = head.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&head[..end]).ok()?;
+    let mut words = line.split(' ');
+    let (method, target, version) = (words.next()?, words.next()?, words.next()?);
+    if method != "GET" || words.next().is_some() || !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    match target {
+        "/healthz" => Some("/healthz"),
+        "/readyz" => Some("/readyz"),
+        _ => None,
+    }
+}
+
+/// The API's own answer to `GET path`, as bytes to write, with the connection closed after.
+async fn probe_answer(app: axum::Router, path: &'static str) -> Option<Vec<u8>> {
+    let request = axum::http::Request::get(path).body(Body::empty()).ok()?;
+    let service = TowerToHyperService::new(app);
+    let response = hyper::service::Service::call(&service, request)
+        .await
+        .ok()?;
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 10).await.ok()?;
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        if name == axum::http::header::CONTENT_LENGTH || name == axum::http::header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "connection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_two_probes_are_probes() {
+        assert_eq!(
+            probe_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+            Some("/healthz")
+        );
+        assert_eq!(probe_of(b"GET /readyz HTTP/1.0\r\n"), Some("/readyz"));
+        for line in [
+            &b"GET /healthz HTTP/1.1"[..],
+            b"POST /healthz HTTP/1.1\r\n",
+            b"GET /healthz?x=1 HTTP/1.1\r\n",
+            b"GET /v1/devices HTTP/1.1\r\n",
+            b"GET /healthz HTTP/2.0\r\n",
+            b"GET  /healthz HTTP/1.1\r\n",
+            b"GET /healthz HTTP/1.1 x\r\n",
+        ] {
+            assert_eq!(probe_of(line), None, "{}", String::from_utf8_lossy(line));
+        }
+    }
+}
