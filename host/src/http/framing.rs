@@ -3,7 +3,7 @@
 //! hyper answers a request head it cannot parse itself, before any route or service runs: a
 //! broken request line or header, two different `Content-Length`s, a `Transfer-Encoding`
 //! that does not end in `chunked` (`400`), more than 100 headers or a head over ~400 KiB
-//! (`431`), a path over 64 KiB (`414`). The answer is bare (no body) and the connection is
+//! (`431`), a path and query of 65,535 bytes or more (`414`). The answer is bare (no body) and the connection is
 //! closed after it; hyper 1 has no hook to shape it. A client that branches on the API's
 //! `{"error": {"code", "message"}}` then found nothing to read.
 //!
@@ -76,14 +76,15 @@ const AUTOMATIC: [(&[u8], StatusCode, &str, &str); 3] = [
         b"431 Request Header Fields Too Large\r\n",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         codes::HEADERS_TOO_LARGE,
-        "the request head has more than 100 headers or is over 400 KiB; the connection is \
-         closed",
+        "the request head has more than 100 headers, a header name of 64 KiB or more, or is \
+         over 400 KiB; the connection is closed",
     ),
     (
         b"414 URI Too Long\r\n",
         StatusCode::URI_TOO_LONG,
         codes::URI_TOO_LONG,
-        "the request's path and query are over 64 KiB; the connection is closed",
+        "the request's path and query are 65,535 bytes or longer (at most 65,534); the \
+         connection is closed",
     ),
 ];
 
