@@ -855,6 +855,13 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
         assert_eq!(status, 404, "{method} {target}: {body}");
         assert_eq!(body["error"]["message"], said, "{body}");
     }
+    // A long method or path is not repeated whole (a 100 KB method made a 100 KB answer).
+    let long = "A".repeat(100_000);
+    let (status, body) = raw_request(&server.addr, &long, "/", b"");
+    assert_eq!(status, 404, "{body}");
+    let said = body["error"]["message"].as_str().expect("message");
+    assert!(said.len() < 400, "{} bytes", said.len());
+    assert!(said.ends_with("... (100000 bytes) /"), "{said}");
     // A batch: per-item errors, the good item goes through.
     let batch = api.post(
         "/v1/events",

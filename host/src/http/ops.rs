@@ -92,8 +92,29 @@ pub async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiE
     ApiError::http(
         StatusCode::NOT_FOUND,
         codes::NOT_FOUND,
-        format!("no route for {method} {target}"),
+        format!(
+            "no route for {} {}",
+            echoed(method.as_str()),
+            echoed(&target)
+        ),
     )
+}
+
+/// The most of a client's method or path an error message repeats: a 100 KB method made a
+/// 100 KB answer.
+const ECHOED: usize = 200;
+
+/// `text` as an error message repeats it: whole up to [`ECHOED`] bytes, else its start
+/// and how long it was.
+fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= ECHOED {
+        return text.into();
+    }
+    let mut end = ECHOED;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len()).into()
 }
 
 /// A route called with a method it does not take: 405 `method-not-allowed`.
@@ -101,6 +122,10 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
     ApiError::http(
         StatusCode::METHOD_NOT_ALLOWED,
         codes::METHOD_NOT_ALLOWED,
-        format!("{} does not take {method}", uri.path()),
+        format!(
+            "{} does not take {}",
+            echoed(uri.path()),
+            echoed(method.as_str())
+        ),
     )
 }
