@@ -707,6 +707,48 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     assert_eq!(api.get("/v1/devices/t1").body["seq"], 8000);
     drop(server);
 
+    // Under a hard limit the segments do not fit in, the start fails saying what holds the
+    // descriptors and what to raise (it said only "Too many open files").
+    let under = segments / 2;
+    let mut command = std::process::Command::new(support::BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data);
+    {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: under,
+                    rlim_max: under,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = command.output().expect("run");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("ran out of file descriptors")
+            && said.contains(&format!("open-files limit {under}"))
+            && said.contains(&format!("{segments} segment files"))
+            && said.contains("ulimit -Hn"),
+        "{said}"
+    );
+    // Just over it: it starts, and says at once that few are free.
+    let server = start_with_open_files(&data, &[], segments + 40, segments + 40);
+    let log = server.log_text();
+    assert!(
+        log.contains("starting with few file descriptors free"),
+        "{log}"
+    );
+    drop(server);
+
     // A hard limit too low for the segments and the connection cap set is warned of at start.
     let tight = 2048.min(hard.rlim_max);
     let flags = [

@@ -410,17 +410,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.data.display()
         );
     }
-    let rt = args
-        .tuning
-        .open(&args.data, args.plugins.as_deref())
-        .await
-        .with_context(|| format!("opening {}", args.data.display()))?;
+    let rt = match args.tuning.open(&args.data, args.plugins.as_deref()).await {
+        Ok(rt) => rt,
+        Err(e) if format!("{e:#}").contains("Too many open files") => {
+            return Err(e.context(out_of_descriptors(&args.data)));
+        }
+        Err(e) => return Err(e.context(format!("opening {}", args.data.display()))),
+    };
     let mut limits = args.tuning.limits();
     fit_to_open_files(
         rt.journal_status().retention.segments,
         &mut limits,
         args.tuning.max_connections.is_some(),
     );
+    // Few descriptors free (a limit close to the segments' count, or a threshold over the
+    // limit): said at start, not only by `/readyz`.
+    for reason in rt.readiness().reasons {
+        if reason.code == "files-low" {
+            tracing::warn!(reason = %reason.message, "starting with few file descriptors free: GET /readyz answers 503 files-low until more are");
+        }
+    }
     let server = Server::start_on(rt.clone(), listener, limits)?;
     announce(&server);
 
@@ -435,6 +444,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.shutdown().await;
     tracing::info!(drained, "stopped");
     Ok(())
+}
+
+/// What a start that ran out of file descriptors says: how many segments hold one each,
+/// and what to raise.
+fn out_of_descriptors(data: &Path) -> String {
+    let segments = drover::journal::SegmentedBackend::list(data).map_or(0, |s| s.len());
+    #[cfg(unix)]
+    let limit =
+        crate::open_files_limit().map_or_else(|| "unknown".to_string(), |l| l.rlim_cur.to_string());
+    #[cfg(not(unix))]
+    let limit = "unknown";
+    format!(
+        "opening {}: the process ran out of file descriptors (open-files limit {limit}): each of \
+         the journal's {segments} segment files is kept open, beside the index's files and the \
+         connections; raise the limit (ulimit -Hn, or LimitNOFILE= under systemd)",
+        data.display()
+    )
 }
 
 /// Descriptors kept for what is neither a segment nor a connection: the index's run files,
