@@ -119,6 +119,10 @@ pub struct Damaged {
     /// Byte ranges (`start..end`) the storage failed to read (an I/O error such as `EIO`: a
     /// bad sector). They read as damaged bytes and salvage skips them like any others.
     pub unreadable: Vec<(u64, u64)>,
+    /// The journal's first position still stored. Past 0, retention deleted its first
+    /// segments, and salvage, which reads a journal from its first record, cannot repair it:
+    /// the advice is a backup instead.
+    pub retained_from: u64,
 }
 
 /// One device that salvage would leave short of records.
@@ -222,6 +226,16 @@ impl std::fmt::Display for Damaged {
                  records there cannot be known",
                 self.unrecognized
             )?;
+        }
+        if self.retained_from > 0 {
+            return write!(
+                f,
+                ". Refusing to open. Keep a copy of the data directory; retention deleted this \
+                 journal's history before position {}, and `drover serve --salvage` reads a \
+                 journal from its first record, so it cannot repair this one: restore the data \
+                 directory from a backup",
+                self.retained_from
+            );
         }
         write!(
             f,
@@ -1213,6 +1227,7 @@ impl Tail {
             rebuilt: self.rebuilt.clone(),
             unrecognized: self.unrecognized,
             unreadable: Vec::new(),
+            retained_from: storage.retained_from(),
             devices: self
                 .affected
                 .iter()

@@ -305,7 +305,7 @@ impl SegmentedBackend {
                 if let Some(why) = why {
                     match tolerated.as_deref_mut() {
                         Some(tolerated) => tolerated.push(why),
-                        None => return Err(damaged(format!("{why}; {SALVAGE_READS_ON}"))),
+                        None => return Err(damaged(format!("{why}; {}", advice(&found)))),
                     }
                 }
             }
@@ -354,7 +354,7 @@ impl SegmentedBackend {
                         holes.push((end, pair[1].first));
                     }
                     None if end < pair[1].first => {
-                        return Err(self::damaged(format!("{why}; {SALVAGE_READS_ON}")));
+                        return Err(self::damaged(format!("{why}; {}", advice(&found))));
                     }
                     _ => return Err(self::damaged(why)),
                 }
@@ -782,6 +782,21 @@ pub(crate) fn fill_gaps(dir: &Path, found: &mut Vec<SegmentInfo>) -> io::Result<
 const SALVAGE_READS_ON: &str = "media damage, not a torn write: keep a copy of the data \
      directory; `drover serve --salvage` keeps every intact record, marks the seqs whose \
      records are lost so they are never reused, and sets the damaged files aside";
+
+/// What a refusal for damage in `segments` advises: salvage, unless retention deleted the
+/// journal's start, which salvage reads from.
+fn advice(segments: &[SegmentInfo]) -> String {
+    match segments.first() {
+        Some(first) if first.first > 0 => format!(
+            "media damage, not a torn write: keep a copy of the data directory; retention \
+             deleted this journal's history before position {}, and `drover serve --salvage` \
+             reads a journal from its first record, so it cannot repair this one: restore the \
+             data directory from a backup",
+            first.first
+        ),
+        _ => SALVAGE_READS_ON.to_string(),
+    }
+}
 
 fn damaged(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)

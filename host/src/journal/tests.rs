@@ -3429,6 +3429,25 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     );
     std::fs::write(&holder.path, &whole).expect("restored");
 
+    // A damaged segment header: salvage cannot repair a journal retention shortened (it
+    // reads from the first record), so the refusal points to a backup, not to `--salvage`
+    // (which then refused).
+    let first = SegmentedBackend::list(dir)
+        .expect("list")
+        .into_iter()
+        .next()
+        .expect("a first segment");
+    let whole = std::fs::read(&first.path).expect("read");
+    let mut bytes = whole.clone();
+    bytes[3] ^= 0x01;
+    std::fs::write(&first.path, &bytes).expect("spoil");
+    let said = retaining(dir, 10).err().expect("refused").to_string();
+    assert!(
+        said.contains("restore the data directory from a backup") && !said.contains("keeps every"),
+        "{said}"
+    );
+    std::fs::write(&first.path, &whole).expect("restored");
+
     // Beside a live writer that moves on between a reader's listing of the segments and its
     // reading them (had the reader read the index checkpoint it must open from after the
     // listing, it would have found the journal cut short of it): the reader opens the
@@ -3745,4 +3764,39 @@ async fn a_segment_a_listing_missed_is_found_by_its_name() {
     let listed = SegmentedBackend::list(dir.path()).expect("list");
     assert_eq!(listed.len(), all.len() - 1);
     assert!(listed.iter().all(|s| s.first != all[2].first));
+}
+
+/// Damage in a journal retention shortened: salvage reads from the first record, which is
+/// gone, so the report advises a backup (it advised `--salvage`, which then refused).
+#[test]
+fn damage_in_a_journal_retention_shortened_advises_a_backup_not_salvage() {
+    let damage = Damaged {
+        path: "journal.log".into(),
+        offset: 5000,
+        file: None,
+        reason: "checksum mismatch".into(),
+        ranges: vec![(5000, 5010)],
+        intact_after: 0,
+        devices: Vec::new(),
+        rebuilt: Vec::new(),
+        unrecognized: 0,
+        unreadable: Vec::new(),
+        retained_from: 4096,
+    };
+    let said = damage.to_string();
+    assert!(
+        said.contains("restore the data directory from a backup")
+            && said.contains("before position 4096")
+            && !said.contains("keeps every"),
+        "{said}"
+    );
+    let said = Damaged {
+        retained_from: 0,
+        ..damage
+    }
+    .to_string();
+    assert!(
+        said.contains("`drover serve --salvage` keeps every"),
+        "{said}"
+    );
 }
