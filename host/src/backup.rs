@@ -181,10 +181,19 @@ fn copy(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<BackupSumma
         match copy_journal(data_dir, to, offline) {
             Ok(done) => break done,
             // Only a copy that does not open may be one the journal changed under; a write
-            // that failed (a full disk) fails the same way again, and says so at once.
-            Err(e) if tries < 3 && !failed_to_write(&e) => {
+            // that failed (a full disk) fails the same way again, and says so at once, and
+            // nothing changes under a directory no server runs on.
+            Err(e) if tries < 3 && !offline && !failed_to_write(&e) => {
                 tracing::warn!(error = %e, "backup: the journal changed under the copy; taking it again");
                 remove_journal_copy(to)?;
+            }
+            Err(e) if damaged(&e) => {
+                return Err(e).context(format!(
+                    "a backup copies only a journal that opens, and this one is damaged: keep a \
+                     copy of the data directory as it is (`cp -a {} ...` while no server runs on \
+                     it), then follow what the journal says:",
+                    data_dir.display()
+                ));
             }
             Err(e) => {
                 return Err(e)
@@ -473,6 +482,15 @@ fn failed_to_write(e: &anyhow::Error) -> bool {
                     | std::io::ErrorKind::PermissionDenied
             )
         })
+}
+
+/// Whether `e` is the journal refusing to open for media damage.
+fn damaged(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            journal::Damaged::of(io).is_some() || io.to_string().contains("media damage")
+        })
+    })
 }
 
 /// Removes what a journal copy that failed left in `to`.

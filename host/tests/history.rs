@@ -190,6 +190,40 @@ fn backups_of_stopped_directories_hold_everything_and_an_unfinished_import_stays
 /// served, and extended at seqs the source had used; importing again was refused as
 /// "already exists") is undone by whatever opens its directory next: a server starts
 /// without the cut-short devices, and importing again reproduces every device exactly.
+/// A backup of a stopped directory whose journal is damaged refuses at once and says what to
+/// do: it warned twice that the journal "changed under the copy" (nothing runs on it) and
+/// then failed with the damage alone, though the damage report advises keeping a copy.
+#[test]
+fn a_backup_of_a_stopped_damaged_directory_says_why_at_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let mut server = Server::start(&source, &["--journal-segment-bytes", "4096"]);
+    let api = server.api();
+    api.provision("k1", "thermostat", json!({}));
+    for i in 0..150 {
+        api.send(
+            "k1",
+            &json!({"type": "reading", "celsius": 18.0 + f64::from(i % 7)}),
+        );
+    }
+    assert!(server.terminate().success());
+    let segments = drover::journal::SegmentedBackend::list(&source).expect("list");
+    assert!(segments.len() > 4, "{} segments", segments.len());
+    let victim = &segments[segments.len() / 2].path;
+    let mut bytes = std::fs::read(victim).expect("read");
+    bytes[40] ^= 0x20;
+    std::fs::write(victim, &bytes).expect("spoil");
+    let to = root.path().join("copy");
+    let (ok, out, err) = backup(&source, &to);
+    assert!(!ok, "{out}{err}");
+    assert!(!err.contains("taking it again"), "{err}");
+    assert!(
+        err.contains("a backup copies only a journal that opens") && err.contains("--salvage"),
+        "{err}"
+    );
+    assert!(!to.exists());
+}
+
 #[test]
 fn an_import_stopped_part_way_is_undone_by_the_next_open() {
     let root = tempfile::tempdir().expect("tempdir");
