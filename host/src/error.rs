@@ -125,7 +125,7 @@ pub enum Error {
     },
     // Not `#[from]`: that would also make it the `source`, and error chains (`{:#}` in the
     // CLI) would print its sentence twice.
-    #[error("journal: {0}")]
+    #[error("{}", journal_message(.0))]
     Journal(JournalError),
     #[error("the device failed to activate: {0}")]
     Activation(String),
@@ -215,6 +215,17 @@ error_kinds! {
     Overloaded => "overloaded",
     ShuttingDown => "shutting-down",
     Internal => "internal",
+}
+
+/// What [`Error::Journal`] says: the journal's error, named as the journal's once ("journal:
+/// journal commit failed" said it twice).
+fn journal_message(e: &JournalError) -> String {
+    let said = e.to_string();
+    if said.starts_with("journal") {
+        said
+    } else {
+        format!("journal: {said}")
+    }
 }
 
 /// What [`Error::DeviceConflict`] says: what differs, the plugin, the configuration or both.
@@ -376,6 +387,23 @@ mod tests {
         }
         let codes: std::collections::HashSet<_> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
         assert_eq!(codes.len(), ErrorKind::ALL.len());
+    }
+
+    #[test]
+    fn a_journal_error_names_the_journal_once() {
+        let commit = Error::Journal(JournalError::Commit {
+            kind: std::io::ErrorKind::Other,
+            message: "write: Too many open files (os error 24)".into(),
+        });
+        assert_eq!(
+            commit.to_string(),
+            "journal commit failed: write: Too many open files (os error 24)"
+        );
+        let too_large = Error::Journal(JournalError::TooLarge(9));
+        assert_eq!(
+            too_large.to_string(),
+            "journal: record of 9 bytes exceeds the journal's limit"
+        );
     }
 
     #[test]
