@@ -619,3 +619,73 @@ fn a_failed_export_leaves_no_file() {
         assert!(left.is_empty(), "{device}: left {left:?}: {err}");
     }
 }
+
+/// `-o` naming something other than a regular file: a FIFO (or a device such as `/dev/null`)
+/// is written to as it is, and a symbolic link's target gets the export. The export was
+/// written beside the path and renamed over it, which replaced the FIFO, the link, or, run
+/// as root with `-o /dev/null`, the system's `/dev/null` with a regular file.
+#[test]
+fn an_export_to_a_fifo_or_a_link_writes_through_it() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let root = tempfile::tempdir().expect("tempdir");
+    let source = root.path().join("source");
+    let server = Server::start(&source, &[]);
+    server.api().provision("t1", "thermostat", json!({}));
+    server
+        .api()
+        .send("t1", &json!({"type": "reading", "celsius": 19.0}));
+    drop(server);
+    let fifo = root.path().join("pipe");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).expect("read the fifo"))
+    };
+    let export = |to: &Path| {
+        cli(&[
+            "journal",
+            "export",
+            "t1",
+            "--data",
+            source.to_str().expect("utf-8"),
+            "-o",
+            to.to_str().expect("utf-8"),
+        ])
+    };
+    let (ok, out, err) = export(&fifo);
+    assert!(ok, "{out}{err}");
+    // Before joining the reader: had the export not written to the fifo, it waits for ever.
+    let kind = std::fs::symlink_metadata(&fifo)
+        .expect("still there")
+        .file_type();
+    assert!(kind.is_fifo(), "the fifo was replaced: {kind:?}");
+    let through_fifo = reader.join().expect("reader");
+    assert!(
+        through_fifo.ends_with("{\"kind\":\"end\",\"devices\":1,\"records\":1}\n"),
+        "the whole export came through the fifo"
+    );
+
+    let target = root.path().join("real.jsonl");
+    std::fs::write(&target, "old").expect("write");
+    let link = root.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let (ok, out, err) = export(&link);
+    assert!(ok, "{out}{err}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink(),
+        "the link was replaced"
+    );
+    let written = std::fs::read_to_string(&target).expect("target");
+    assert!(
+        written.starts_with(r#"{"kind":"drover-export""#)
+            && written.contains(r#""device":"t1""#)
+            && written.ends_with("{\"kind\":\"end\",\"devices\":1,\"records\":1}\n"),
+        "the link's target holds the export: {}",
+        &written[written.len().saturating_sub(200)..]
+    );
+}

@@ -96,6 +96,25 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
                     path.join("fleet.jsonl").display()
                 );
             }
+            // A device, a FIFO or a socket (`-o /dev/null`, `-o >(gzip > f)`) is written to as
+            // it is: renamed over, it was replaced by a regular file (as root, `/dev/null`
+            // itself, which then broke every program writing to it).
+            if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let mut out = std::io::BufWriter::new(file);
+                let summary = drover::export::export(&args.data, only, start, &mut out)?;
+                out.flush()
+                    .with_context(|| format!("writing {}", path.display()))?;
+                return finish_export(&summary, path);
+            }
+            // A symbolic link's target is what is replaced, not the link.
+            let path = &std::fs::canonicalize(path)
+                .ok()
+                .filter(|_| path.is_symlink())
+                .unwrap_or_else(|| path.clone());
             // Written beside the target and renamed over it once complete, so the target
             // never holds half an export; removed again if the export fails.
             let mut tmp = path.clone().into_os_string();
@@ -125,21 +144,38 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             summary
         }
     };
+    match &args.output {
+        Some(path) => finish_export(&summary, path),
+        None => {
+            tracing::info!(
+                devices = summary.devices,
+                records = summary.records,
+                plugins = summary.plugins,
+                "exported"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Logs and prints what an export to `path` wrote.
+fn finish_export(
+    summary: &drover::export::ExportSummary,
+    path: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
     tracing::info!(
         devices = summary.devices,
         records = summary.records,
         plugins = summary.plugins,
         "exported"
     );
-    if let Some(path) = &args.output {
-        println!(
-            "exported {} device(s), {} record(s), {} plugin version(s) to {}",
-            summary.devices,
-            summary.records,
-            summary.plugins,
-            path.display()
-        );
-    }
+    println!(
+        "exported {} device(s), {} record(s), {} plugin version(s) to {}",
+        summary.devices,
+        summary.records,
+        summary.plugins,
+        path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
