@@ -680,6 +680,22 @@ fn an_export_to_a_fifo_or_a_link_writes_through_it() {
             .is_symlink(),
         "the link was replaced"
     );
+    // A link whose target does not exist yet: the target is created, the link kept.
+    let dangling = root.path().join("dangling.jsonl");
+    std::os::unix::fs::symlink("later.jsonl", &dangling).expect("symlink");
+    let (ok, out, err) = export(&dangling);
+    assert!(ok, "{out}{err}");
+    assert!(
+        std::fs::symlink_metadata(&dangling)
+            .expect("link")
+            .file_type()
+            .is_symlink(),
+        "the dangling link was replaced"
+    );
+    assert!(
+        root.path().join("later.jsonl").is_file(),
+        "its target created"
+    );
     let written = std::fs::read_to_string(&target).expect("target");
     assert!(
         written.starts_with(r#"{"kind":"drover-export""#)

@@ -55,7 +55,7 @@ pub(crate) async fn answer(
         None
     };
     let answer = match probe {
-        Some(path) => probe_answer(app, path).await,
+        Some(target) => probe_answer(app, target).await,
         None => None,
     };
     let answer = answer.unwrap_or_else(|| {
@@ -89,8 +89,9 @@ async fn read_request_line(tcp: &mut TcpStream, head: &mut Vec<u8>) -> std::io::
     Ok(())
 }
 
-/// The probe a request line asks for: `GET /healthz` or `GET /readyz`, HTTP/1.x, exactly.
-fn probe_of(head: &[u8]) -> Option<&'static str> {
+/// The probe a request line asks for: `GET /healthz` or `GET /readyz` (with any query, which
+/// probes add and the routes ignore), HTTP/1.x; its target as sent.
+fn probe_of(head: &[u8]) -> Option<&str> {
     let end = head.windows(2).position(|w| w == b"\r\n")?;
     let line = std::str::from_utf8(&head[..end]).ok()?;
     let mut words = line.split(' ');
@@ -98,16 +99,13 @@ fn probe_of(head: &[u8]) -> Option<&'static str> {
     if method != "GET" || words.next().is_some() || !version.starts_with("HTTP/1.") {
         return None;
     }
-    match target {
-        "/healthz" => Some("/healthz"),
-        "/readyz" => Some("/readyz"),
-        _ => None,
-    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    matches!(path, "/healthz" | "/readyz").then_some(target)
 }
 
-/// The API's own answer to `GET path`, as bytes to write, with the connection closed after.
-async fn probe_answer(app: axum::Router, path: &'static str) -> Option<Vec<u8>> {
-    let request = axum::http::Request::get(path).body(Body::empty()).ok()?;
+/// The API's own answer to `GET target`, as bytes to write, with the connection closed after.
+async fn probe_answer(app: axum::Router, target: &str) -> Option<Vec<u8>> {
+    let request = axum::http::Request::get(target).body(Body::empty()).ok()?;
     let service = TowerToHyperService::new(app);
     let response = hyper::service::Service::call(&service, request)
         .await
@@ -151,10 +149,16 @@ mod tests {
             Some("/healthz")
         );
         assert_eq!(probe_of(b"GET /readyz HTTP/1.0\r\n"), Some("/readyz"));
+        // Probes add queries, which the routes ignore.
+        assert_eq!(
+            probe_of(b"GET /readyz?probe=1 HTTP/1.1\r\n"),
+            Some("/readyz?probe=1")
+        );
         for line in [
             &b"GET /healthz HTTP/1.1"[..],
             b"POST /healthz HTTP/1.1\r\n",
-            b"GET /healthz?x=1 HTTP/1.1\r\n",
+            b"GET /healthz/ HTTP/1.1\r\n",
+            b"GET /healthzx?x=1 HTTP/1.1\r\n",
             b"GET /v1/devices HTTP/1.1\r\n",
             b"GET /healthz HTTP/2.0\r\n",
             b"GET  /healthz HTTP/1.1\r\n",

@@ -110,11 +110,8 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("writing {}", path.display()))?;
                 return finish_export(&summary, path);
             }
-            // A symbolic link's target is what is replaced, not the link.
-            let path = &std::fs::canonicalize(path)
-                .ok()
-                .filter(|_| path.is_symlink())
-                .unwrap_or_else(|| path.clone());
+            // A symbolic link's target is what is replaced (or created), not the link.
+            let path = &through_links(path);
             // Written beside the target and renamed over it once complete, so the target
             // never holds half an export; removed again if the export fails.
             let mut tmp = path.clone().into_os_string();
@@ -156,6 +153,23 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `path` with the symbolic links it is followed through, even to a target that does not
+/// exist yet (which an export then creates, as a shell's `>` would).
+fn through_links(path: &std::path::Path) -> std::path::PathBuf {
+    let mut path = path.to_path_buf();
+    // As many as the kernel follows (`ELOOP` past it).
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&path) else {
+            break;
+        };
+        path = match path.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    path
 }
 
 /// Logs and prints what an export to `path` wrote.
