@@ -3422,9 +3422,19 @@ async fn a_reads_say_what_is_gone(journal: Journal, dir: &Path, from: u64) {
     std::fs::write(&holder.path, &bytes).expect("spoil");
     let err = retaining(dir, 10).err().expect("refused");
     let said = err.to_string();
+    // The range named ends at the checkpoint's position, in whichever segment holds it.
+    let last_byte = SegmentedBackend::list(dir)
+        .expect("list")
+        .into_iter()
+        .rfind(|s| s.first < at)
+        .expect("a segment holds it");
     assert!(
         said.contains("media damage there")
-            && said.contains(&format!("to {} byte ", holder.path.display())),
+            && said.contains(&format!(
+                "to {} byte {})",
+                last_byte.path.display(),
+                at - 1 - last_byte.first + segments::SEGMENT_HEADER_LEN
+            )),
         "{said}"
     );
     std::fs::write(&holder.path, &whole).expect("restored");
