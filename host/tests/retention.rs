@@ -639,22 +639,25 @@ async fn an_idle_device_holding_retention_back_is_asked_for_a_fresh_snapshot() {
 /// `drover serve` on `data` with `flags`, started under open-files limits `soft` and `hard`
 /// (as a shell's `ulimit -Sn`/`-Hn` would set them).
 fn start_with_open_files(data: &std::path::Path, flags: &[&str], soft: u64, hard: u64) -> Server {
+    Server::start_with(data, flags, |cmd| limit_open_files(cmd, soft, hard))
+}
+
+/// Makes `cmd` run under open-files limits `soft` and `hard`.
+fn limit_open_files(cmd: &mut std::process::Command, soft: u64, hard: u64) {
     use std::os::unix::process::CommandExt as _;
-    Server::start_with(data, flags, |cmd| {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    })
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Every segment is a file the server keeps open: under a shell's low soft limit on open
@@ -714,22 +717,7 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(&data);
-    {
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: under,
-                    rlim_max: under,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    limit_open_files(&mut command, under, under);
     let out = command.output().expect("run");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");

@@ -2868,14 +2868,7 @@ async fn a_read_only_open_is_not_refused_when_the_writer_checkpoints_past_each_l
             assert!(writer.retained_from() > 0, "retention deleted segments");
             writer
         } else {
-            let options = JournalOptions {
-                segment_bytes: 2048,
-                index_spill_at: 64,
-                index_checkpoint_every: 8192,
-                scrub_rate: 0,
-                ..JournalOptions::default()
-            };
-            let writer = Journal::open(dir.path(), &options).expect("open");
+            let writer = Journal::open(dir.path(), &keep_all_checkpointing()).expect("open");
             snapshotting_fleet(&writer, 400).await;
             writer
         };
@@ -3175,6 +3168,17 @@ fn snapshot(device: u32, seq: u64) -> (Record, IndexEffect) {
             version: 0,
         },
     )
+}
+
+/// [`retaining`]'s small segments and frequent index checkpoints, with every record kept.
+fn keep_all_checkpointing() -> JournalOptions {
+    JournalOptions {
+        segment_bytes: 2048,
+        index_spill_at: 64,
+        index_checkpoint_every: 8192,
+        scrub_rate: 0,
+        ..JournalOptions::default()
+    }
 }
 
 fn retaining(dir: &Path, keep_events: u64) -> std::io::Result<Journal> {
@@ -3701,13 +3705,7 @@ async fn a_page_of_device_ids_is_a_slice_of_the_sorted_ids() {
 #[tokio::test]
 async fn first_segments_lost_to_anything_but_retention_refuse_to_open() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let keep_all = JournalOptions {
-        segment_bytes: 2048,
-        index_spill_at: 64,
-        index_checkpoint_every: 8192,
-        scrub_rate: 0,
-        ..JournalOptions::default()
-    };
+    let keep_all = keep_all_checkpointing();
     let journal = Journal::open(dir.path(), &keep_all).expect("open");
     // Long enough that the index checkpoint's own checks lie past the first segment.
     snapshotting_fleet(&journal, 3000).await;
