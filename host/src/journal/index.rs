@@ -841,7 +841,7 @@ impl Index {
                 return;
             }
         }
-        if let Some(merged) = spill.merge_tier(&self.runs, &self.removed) {
+        if let Some(merged) = spill.merge_tier(&self.runs, &self.removed, 0) {
             self.runs = merged;
         }
     }

@@ -410,9 +410,10 @@ impl Checkpoints {
         let Some(mut image) = self.read_image()? else {
             return Ok(None);
         };
+        let at = image.at;
         let runs = std::mem::take(&mut image.runs)
             .into_iter()
-            .map(|r| Run::load(&self.dir, &r.name, r.blocks))
+            .map(|r| Run::load(&self.dir, &r.name, r.blocks, at))
             .collect();
         Ok(Some(Found { image, runs }))
     }
@@ -570,11 +571,15 @@ impl Checkpoints {
         let runs = runs.map_err(|e| bad(format!("a run it names: {e}")))?;
         let keep: Vec<String> = runs.iter().map(|r| r.name().to_string()).collect();
         // Each device's runs hold its seqs from 1 on, in order, without gaps or overlaps:
-        // the next seq after them, per device.
+        // the next seq after them, per device. In a journal retention shortened, from any
+        // seq on (the runs that held the first ones may have been dropped: `runs.rs`).
+        let shed = retained > start;
         let mut in_runs: HashMap<u32, u64> = HashMap::new();
         for run in &runs {
             for b in run.blocks() {
-                let next = in_runs.entry(b.num).or_insert(1);
+                let next = in_runs
+                    .entry(b.num)
+                    .or_insert(if shed { b.first_seq } else { 1 });
                 if b.first_seq != *next {
                     return Err(bad(format!(
                         "the runs of device {} are not in order",
@@ -602,7 +607,10 @@ impl Checkpoints {
                 && d.num < image.next_num
                 && !index.removed.contains(&d.num)
                 && d.tail.len() as u64 <= d.seq
-                && in_runs.get(&d.num).copied().unwrap_or(1) - 1 + d.tail.len() as u64 == d.seq
+                && in_runs.get(&d.num).map_or(
+                    shed || d.tail.len() as u64 == d.seq,
+                    |next| next - 1 + d.tail.len() as u64 == d.seq,
+                )
                 && d.snapshots.len() <= SNAPSHOTS_KEPT
                 && d.dead_letters.len() <= DEAD_LETTERS_KEPT
                 && d.tail.iter().chain(&d.dead_letters).all(|&o| o < image.at)
@@ -654,7 +662,7 @@ impl Checkpoints {
             synced: true,
         };
         index.next_num = image.next_num;
-        index.runs = Runs::from_list(runs.clone());
+        index.runs = Runs::from_list(runs.clone(), shed);
         index.durable_len = image.at;
         index.records = image.records;
         index.checkpoint_at = image.at;

@@ -409,7 +409,7 @@ fn spiller(
         // holds O(devices) (the tails would be up to 32 MiB, copied under the index lock and
         // written again in every checkpoint), and the runs hold the offsets once.
         let checkpoint = shared.index.read().wants_checkpoint();
-        spill_once(shared, spill, checkpoint);
+        spill_once(shared, storage, spill, checkpoint);
         let written = spill.checkpoints.write(
             &shared.index,
             storage,
@@ -421,12 +421,43 @@ fn spiller(
         {
             tracing::warn!(error = %e, "journal retention: nothing deleted this time");
         }
+        drop_retained_runs(shared, storage);
     }
+}
+
+/// Drops the runs that point only into segments retention deleted (this thread's pass or
+/// one asked for elsewhere), so that the index on disk shrinks with the journal (see
+/// "Retention" in `journal/runs.rs`). Files no checkpoint names go at once; the others when
+/// the next checkpoint no longer names them.
+fn drop_retained_runs(shared: &writer::Shared, storage: &dyn StorageBackend) {
+    let retained_from = storage.retained_from();
+    if retained_from == 0 {
+        return;
+    }
+    let mut index = shared.index.write();
+    let Some(kept) = index.runs.without_retained(retained_from) else {
+        return;
+    };
+    let (before, after) = (index.runs.len(), kept.len());
+    let dropped = std::mem::replace(&mut index.runs, kept);
+    drop(index);
+    // Their files are removed as the last reference goes: not under the index lock.
+    drop(dropped);
+    tracing::debug!(
+        runs = before - after,
+        retained_from,
+        "journal index: dropped runs that point only into deleted segments"
+    );
 }
 
 /// One spill and the merge it calls for, if the index wants one (or has any tails, if
 /// `force`).
-fn spill_once(shared: &writer::Shared, spill: &runs::Spill, force: bool) {
+fn spill_once(
+    shared: &writer::Shared,
+    storage: &dyn StorageBackend,
+    spill: &runs::Spill,
+    force: bool,
+) {
     {
         // A wake-up sent while the last spill ran may be stale.
         let plan = {
@@ -449,7 +480,7 @@ fn spill_once(shared: &writer::Shared, spill: &runs::Spill, force: bool) {
             let index = shared.index.read();
             (index.runs.clone(), index.removed.clone())
         };
-        if let Some(merged) = spill.merge_tier(&now, &removed) {
+        if let Some(merged) = spill.merge_tier(&now, &removed, storage.retained_from()) {
             shared.index.write().runs = merged;
         }
     }

@@ -19,6 +19,19 @@
 //! about log2(history / flush size) runs, each record's offset is rewritten as many times,
 //! and the memory per device is one 24-byte entry per run that holds it.
 //!
+//! # Retention
+//!
+//! Retention (`journal/retention.rs`) deletes the oldest segments, and with them the records
+//! whose offsets the oldest runs hold: without more, the runs would keep 8 bytes of every
+//! event ever written while the journal itself stays small. So once retention has deleted
+//! everything a run points into (its largest offset is below the first position still
+//! stored), the run is dropped, oldest runs first. A run holds every device's tail as it was
+//! when it was written, so its largest offset is the journal's length then, and later runs
+//! have larger ones: the runs dropped are a prefix of the list, and each device's seqs in the
+//! runs left stay consecutive, starting past 1. A lookup of a seq before a device's first one
+//! in the runs answers [`SHED`], an offset below any the journal still stores, and the read
+//! answers what retention deleted as it always has (`RetainedAway`).
+//!
 //! Runs are derived data: the journal is the truth. They are synced before an index checkpoint
 //! (`journal/index_checkpoint.rs`) names them (most are merged away before); a run that no checkpoint
 //! names is removed once the index no longer uses it, and on open every file of the
@@ -53,6 +66,10 @@ pub struct Run {
     /// Ascending by device number.
     blocks: Vec<Block>,
     entries: u64,
+    /// No offset in the run is larger (see "Retention" in the module docs): exact for a run
+    /// written by this open, the position of the index checkpoint that named it for one
+    /// loaded from there (every offset it holds is before that position).
+    max_offset: u64,
     /// Named by the index checkpoint on disk: its file outlives it (see the module docs).
     pub(super) pinned: AtomicBool,
     /// Its file is synced (done before a checkpoint names it: [`Run::sync`]).
@@ -79,6 +96,8 @@ struct RunWriter {
     path: PathBuf,
     blocks: Vec<Block>,
     pos: u64,
+    /// The largest offset appended.
+    max_offset: u64,
     /// Offsets encoded, written with one call.
     bytes: Vec<u8>,
 }
@@ -106,6 +125,7 @@ impl RunWriter {
             path,
             blocks: Vec::new(),
             pos: 0,
+            max_offset: 0,
             bytes: Vec::new(),
         })
     }
@@ -143,6 +163,7 @@ impl RunWriter {
             self.bytes.reserve(chunk.len() * 8);
             for o in chunk {
                 self.bytes.extend_from_slice(&o.to_le_bytes());
+                self.max_offset = self.max_offset.max(*o);
             }
             out.write_all(&self.bytes)?;
             self.pos += chunk.len() as u64 * 8;
@@ -171,6 +192,7 @@ impl RunWriter {
             path: std::mem::take(&mut self.path),
             blocks: std::mem::take(&mut self.blocks),
             entries: self.pos / 8,
+            max_offset: self.max_offset,
             pinned: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
@@ -179,10 +201,10 @@ impl RunWriter {
 }
 
 impl Run {
-    /// Opens the run file `name` in `dir` as an index checkpoint describes it, pinned. Checks
-    /// that the directory fits the file (ascending devices, blocks inside it, no overlaps),
-    /// so a damaged or stale description fails here rather than on a read.
-    pub fn load(dir: &Path, name: &str, blocks: Vec<Block>) -> io::Result<Arc<Run>> {
+    /// Opens the run file `name` in `dir` as an index checkpoint at position `at` describes
+    /// it, pinned. Checks that the directory fits the file (ascending devices, blocks inside
+    /// it, no overlaps), so a damaged or stale description fails here rather than on a read.
+    pub fn load(dir: &Path, name: &str, blocks: Vec<Block>, at: u64) -> io::Result<Arc<Run>> {
         if name.contains('/') || !name.starts_with("run-") {
             return Err(io::Error::other(format!("`{name}` is not a run file name")));
         }
@@ -216,6 +238,7 @@ impl Run {
             path,
             blocks,
             entries: pos / 8,
+            max_offset: at,
             pinned: AtomicBool::new(true),
             synced: AtomicBool::new(true),
             sync_failed: AtomicBool::new(false),
@@ -282,16 +305,36 @@ impl Run {
     }
 }
 
+/// What a lookup answers for a seq whose offset was dropped with its run after retention
+/// deleted its record (see "Retention" in the module docs): below any position the journal
+/// still stores, so a read of it answers what retention deleted.
+pub const SHED: u64 = 0;
+
 /// The runs of one index, oldest first, shared by the index and its readers.
 #[derive(Debug, Clone, Default)]
 pub struct Runs {
     list: Vec<Arc<Run>>,
+    /// Runs were dropped after retention (or may have been, in a journal retention
+    /// shortened): a device's seqs in the runs may start past 1, and the seqs before its
+    /// first read as [`SHED`].
+    shed: bool,
 }
 
 impl Runs {
     /// Offsets of seqs `from..=to` of device `num` held in runs, appended to `out` in seq
-    /// order. The runs hold a prefix of the device's seqs; the caller adds the tail.
+    /// order. The runs hold a prefix of the device's seqs (after retention, the seqs before
+    /// the first they hold read as [`SHED`]); the caller adds the tail.
     pub fn read(&self, num: u32, from: u64, to: u64, out: &mut Vec<u64>) -> io::Result<()> {
+        if self.shed {
+            let first = self
+                .list
+                .iter()
+                .find_map(|r| r.blocks_of(num).first().map(|b| b.first_seq));
+            let shed_to = first.map_or(to, |f| to.min(f - 1));
+            if from <= shed_to {
+                out.extend(std::iter::repeat_n(SHED, (shed_to - from + 1) as usize));
+            }
+        }
         for run in &self.list {
             for block in run.blocks_of(num) {
                 run.read(block, from, to, out)?;
@@ -310,9 +353,25 @@ impl Runs {
         &self.list
     }
 
-    /// Runs made of `list`, oldest first (loaded from an index checkpoint).
-    pub fn from_list(list: Vec<Arc<Run>>) -> Runs {
-        Runs { list }
+    /// Runs made of `list`, oldest first (loaded from an index checkpoint); `shed`: of a
+    /// journal retention shortened, whose devices' seqs in them may start past 1.
+    pub fn from_list(list: Vec<Arc<Run>>, shed: bool) -> Runs {
+        Runs { list, shed }
+    }
+
+    /// `self` without its oldest runs that point only into what retention deleted (every
+    /// offset below `retained_from`, the first position still stored), or `None` if there
+    /// are none. See "Retention" in the module docs.
+    pub fn without_retained(&self, retained_from: u64) -> Option<Runs> {
+        let gone = self
+            .list
+            .iter()
+            .take_while(|r| r.max_offset < retained_from)
+            .count();
+        (gone > 0).then(|| Runs {
+            list: self.list[gone..].to_vec(),
+            shed: true,
+        })
     }
 
     /// Entries held in all runs.
@@ -418,17 +477,24 @@ impl Spill {
     /// (see [`Spill::to_merge`]), or `None` when nothing needs merging or the merge failed
     /// (logged; the runs stay as they are, as good). The caller swaps the result in; only one
     /// thread ever changes an index's runs, so nothing can have changed them meanwhile.
+    /// `retained_from`: the first position the journal still stores (see [`Spill::merge`]).
     pub fn merge_tier(
         &self,
         runs: &Runs,
         removed: &std::collections::HashSet<u32>,
+        retained_from: u64,
     ) -> Option<Runs> {
         let n = Spill::to_merge(runs);
         if n == 0 {
             return None;
         }
-        match self.merge(runs, n, removed) {
-            Ok(merged) => Some(runs.merged(n, merged)),
+        match self.merge(runs, n, removed, retained_from) {
+            Ok(merged) => {
+                let all = n == runs.list.len();
+                let mut runs = runs.merged(n, merged);
+                runs.shed |= all && retained_from > 0;
+                Some(runs)
+            }
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::warn!(error = %e, "journal index: merging runs failed; kept as they are");
@@ -457,12 +523,23 @@ impl Spill {
     /// Merges the last `n` runs of `runs` into one new run (the device blocks of older runs
     /// first, since they hold lower seqs), leaving out the devices in `removed`. Copies at most
     /// [`MERGE_CHUNK`] offsets at a time, so a device with a long history costs no memory.
+    ///
+    /// A merge of every run also leaves out the offsets below `retained_from` (records
+    /// retention deleted): no older run holds the device's earlier seqs, so its seqs in the
+    /// runs stay consecutive, starting past 1 (see "Retention" in the module docs). A merge of
+    /// fewer keeps them: leaving them out would open a gap after the older runs' seqs.
     pub fn merge(
         &self,
         runs: &Runs,
         n: usize,
         removed: &std::collections::HashSet<u32>,
+        retained_from: u64,
     ) -> io::Result<Arc<Run>> {
+        let shed_below = if n == runs.list.len() {
+            retained_from
+        } else {
+            0
+        };
         let merged = &runs.list[runs.list.len() - n..];
         let mut nums: Vec<u32> = merged
             .iter()
@@ -490,7 +567,9 @@ impl Spill {
                         let to = last.min(from + MERGE_CHUNK - 1);
                         offsets.clear();
                         old.read(block, from, to, &mut offsets)?;
-                        run.append(num, from, &offsets)?;
+                        // A device's offsets grow with its seqs: those deleted come first.
+                        let gone = offsets.partition_point(|o| *o < shed_below);
+                        run.append(num, from + gone as u64, &offsets[gone..])?;
                         from = to + 1;
                     }
                 }
@@ -508,14 +587,20 @@ impl Runs {
     pub fn with(&self, run: Arc<Run>) -> Runs {
         let mut list = self.list.clone();
         list.push(run);
-        Runs { list }
+        Runs {
+            list,
+            shed: self.shed,
+        }
     }
 
     /// `self` with its last `n` runs replaced by `merged`.
     pub fn merged(&self, n: usize, merged: Arc<Run>) -> Runs {
         let mut list = self.list[..self.list.len() - n].to_vec();
         list.push(merged);
-        Runs { list }
+        Runs {
+            list,
+            shed: self.shed,
+        }
     }
 }
 
@@ -551,7 +636,7 @@ mod tests {
             .expect("run");
         let runs = Runs::default().with(first).with(second);
         let removed = std::collections::HashSet::from([3u32]);
-        let merged = spill.merge(&runs, 2, &removed).expect("merge");
+        let merged = spill.merge(&runs, 2, &removed, 0).expect("merge");
         assert_eq!(merged.blocks_of(1).len(), 1, "one block per device");
         assert!(merged.blocks_of(3).is_empty());
         let runs = runs.merged(2, merged);
@@ -565,5 +650,49 @@ mod tests {
         out.clear();
         runs.read(2, 1, 3, &mut out).expect("read");
         assert_eq!(out, offsets(1, 3));
+    }
+
+    /// After retention deleted the journal's start: the oldest runs whose every offset is
+    /// below what is still stored are dropped (and no others), a lookup of the seqs they held
+    /// answers [`SHED`], and a merge of every run leaves such offsets out, but a merge of
+    /// fewer keeps them (the older runs hold the device's earlier seqs).
+    #[test]
+    fn runs_behind_retention_are_dropped_and_their_seqs_read_as_shed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = Spill::open(&dir.path().join("runs"), 4, 0).expect("spill");
+        let offsets = |from: u64, n: u64| (from..from + n).map(|s| s * 10).collect::<Vec<_>>();
+        let first = spill
+            .write([(1, 1, &offsets(1, 20)[..]), (2, 1, &offsets(1, 3)[..])])
+            .expect("run");
+        let second = spill.write([(1, 21, &offsets(21, 15)[..])]).expect("run");
+        let runs = Runs::default().with(first).with(second);
+        let mut out = Vec::new();
+        assert!(runs.without_retained(200).is_none(), "offset 200 is stored");
+        let kept = runs.without_retained(201).expect("the first run went");
+        assert_eq!(kept.len(), 1);
+        assert!(kept.without_retained(350).is_none());
+        kept.read(1, 18, 22, &mut out).expect("read");
+        assert_eq!(out, [SHED, SHED, SHED, 210, 220]);
+        out.clear();
+        kept.read(2, 1, 3, &mut out).expect("read");
+        assert_eq!(out, [SHED; 3], "every run that held it went");
+        out.clear();
+        runs.read(2, 1, 3, &mut out).expect("read");
+        assert_eq!(out, offsets(1, 3), "nothing is shed before a run is dropped");
+
+        let none = std::collections::HashSet::new();
+        let whole = spill.merge(&runs, 2, &none, 155).expect("merge");
+        assert_eq!(whole.blocks_of(1)[0].first_seq, 16);
+        assert!(whole.blocks_of(2).is_empty(), "all of it was deleted");
+        assert!(runs.merged(2, whole).without_retained(155).is_none());
+        let merged = spill.merge_tier(&runs, &none, 155).expect("merged");
+        out.clear();
+        merged.read(1, 14, 17, &mut out).expect("read");
+        assert_eq!(out, [SHED, SHED, 160, 170]);
+
+        let third = spill.write([(1, 36, &offsets(36, 2)[..])]).expect("run");
+        let three = runs.with(third);
+        let newer = spill.merge(&three, 2, &none, 255).expect("merge");
+        assert_eq!(newer.blocks_of(1)[0].first_seq, 21, "the first run holds 1..=20");
     }
 }

@@ -3808,3 +3808,89 @@ fn damage_in_a_journal_retention_shortened_advises_a_backup_not_salvage() {
         "{said}"
     );
 }
+
+/// Retention deletes the index's runs with the segments they point into: after a long
+/// history the run files hold about what the journal keeps, not 8 bytes of every event ever
+/// written. Reads of what went still answer `RetainedAway` with the oldest seq kept, also
+/// after a restart (which opens from a checkpoint whose runs start past seq 1) and from a
+/// read-only open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_the_index_runs_that_point_only_into_deleted_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 10).expect("open");
+    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
+    let writer = journal.device_writer(0, 64);
+    let mut acks = Vec::new();
+    let last = 20_000;
+    for seq in 3001..=last {
+        acks.push(append_event(&writer, seq));
+        if seq % 50 == 0 {
+            writer
+                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
+                .expect("snapshot");
+        }
+        if seq % 64 == 0 || seq == last {
+            for ack in acks.drain(..) {
+                ack.await.expect("answered").expect("durable");
+            }
+        }
+    }
+    journal.barrier().await.expect("snapshots durable");
+    index_settled(&journal).await;
+    journal.retain_now().expect("pass");
+    // The spiller drops runs after each of its passes; one more spill's worth wakes it.
+    for seq in last + 1..=last + 200 {
+        append_event(&writer, seq)
+            .await
+            .expect("answered")
+            .expect("durable");
+    }
+    let last = last + 200;
+    index_settled(&journal).await;
+
+    let oldest = journal.oldest_retained_seq(0);
+    assert!(oldest > 3000, "retention went past the first events: {oldest}");
+    let runs_bytes = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir.join("journal.log.index"))
+            .expect("runs' directory")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum()
+    };
+    // 20,600 events were written (400 of a device since removed). The runs hold what the
+    // journal keeps, and what it kept when they were written or last merged whole (retention
+    // moves on after each index checkpoint): a small multiple, far from all of them.
+    let usage = journal.index_usage();
+    let kept = last - oldest + 1;
+    let bound = 4 * kept + 4 * 64;
+    assert!(
+        usage.spilled_offsets <= bound,
+        "{usage:?}, {kept} events kept"
+    );
+    // Files only the checkpoint on disk still names stay until the next one.
+    assert!(
+        runs_bytes(dir.path()) <= 2 * 8 * bound,
+        "{} bytes of runs on disk, {kept} events kept",
+        runs_bytes(dir.path())
+    );
+    let expect_gone = Err(JournalError::RetainedAway { oldest });
+    assert_eq!(journal.read_events(0, 1, last), expect_gone);
+    assert_eq!(journal.read_events(0, oldest - 1, oldest), expect_gone);
+    let events = journal.read_events(0, oldest, last).expect("kept");
+    assert_eq!(events.len() as u64, kept);
+    assert!(events.iter().zip(oldest..).all(|(e, seq)| e.seq == seq));
+    journal.close();
+    drop(journal);
+
+    // A restart opens from the index checkpoint, whose runs hold `a` from past seq 1.
+    let journal = retaining(dir.path(), 10).expect("reopen");
+    assert_eq!(journal.oldest_retained_seq(0), oldest);
+    assert_eq!(journal.read_events(0, 1, last), expect_gone);
+    assert_eq!(journal.read_events(0, oldest, last).expect("kept"), events);
+    journal.close();
+    drop(journal);
+    let reader = Journal::open_read_only(dir.path()).expect("read-only");
+    assert_eq!(reader.oldest_retained_seq(0), oldest);
+    assert_eq!(reader.read_events(0, oldest, last).expect("kept"), events);
+}
