@@ -607,10 +607,11 @@ impl Checkpoints {
                 && d.num < image.next_num
                 && !index.removed.contains(&d.num)
                 && d.tail.len() as u64 <= d.seq
-                && in_runs.get(&d.num).map_or(
-                    shed || d.tail.len() as u64 == d.seq,
-                    |next| next - 1 + d.tail.len() as u64 == d.seq,
-                )
+                && in_runs
+                    .get(&d.num)
+                    .map_or(shed || d.tail.len() as u64 == d.seq, |next| {
+                        next - 1 + d.tail.len() as u64 == d.seq
+                    })
                 && d.snapshots.len() <= SNAPSHOTS_KEPT
                 && d.dead_letters.len() <= DEAD_LETTERS_KEPT
                 && d.tail.iter().chain(&d.dead_letters).all(|&o| o < image.at)

@@ -678,7 +678,11 @@ mod tests {
         assert_eq!(out, [SHED; 3], "every run that held it went");
         out.clear();
         runs.read(2, 1, 3, &mut out).expect("read");
-        assert_eq!(out, offsets(1, 3), "nothing is shed before a run is dropped");
+        assert_eq!(
+            out,
+            offsets(1, 3),
+            "nothing is shed before a run is dropped"
+        );
 
         let none = std::collections::HashSet::new();
         let whole = spill.merge(&runs, 2, &none, 155).expect("merge");
@@ -693,6 +697,10 @@ mod tests {
         let third = spill.write([(1, 36, &offsets(36, 2)[..])]).expect("run");
         let three = runs.with(third);
         let newer = spill.merge(&three, 2, &none, 255).expect("merge");
-        assert_eq!(newer.blocks_of(1)[0].first_seq, 21, "the first run holds 1..=20");
+        assert_eq!(
+            newer.blocks_of(1)[0].first_seq,
+            21,
+            "the first run holds 1..=20"
+        );
     }
 }

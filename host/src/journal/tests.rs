@@ -3849,7 +3849,10 @@ async fn retention_drops_the_index_runs_that_point_only_into_deleted_segments() 
     index_settled(&journal).await;
 
     let oldest = journal.oldest_retained_seq(0);
-    assert!(oldest > 3000, "retention went past the first events: {oldest}");
+    assert!(
+        oldest > 3000,
+        "retention went past the first events: {oldest}"
+    );
     let runs_bytes = |dir: &Path| -> u64 {
         std::fs::read_dir(dir.join("journal.log.index"))
             .expect("runs' directory")
