@@ -187,6 +187,7 @@ pub(crate) fn router_of(app: App) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         // Inside `track`, so that its refusals are counted like any other answer.
         .layer(axum::middleware::from_fn(extract::transfer_codings))
+        .layer(axum::middleware::from_fn(extract::host))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             metrics::track,

@@ -106,7 +106,7 @@ const ECHOED: usize = 200;
 
 /// `text` as an error message repeats it: whole up to [`ECHOED`] bytes, else its start
 /// and how long it was.
-fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
     if text.len() <= ECHOED {
         return text.into();
     }
