@@ -449,6 +449,15 @@ impl Config {
                 crate::journal::MIN_SEGMENT_BYTES
             ));
         }
+        if (1..crate::journal::MIN_SEGMENT_BYTES).contains(&self.index_checkpoint_every) {
+            return Err(format!(
+                "index checkpoint bytes (--index-checkpoint-bytes) is {}, under the minimum of \
+                 {} (or 0: never): each checkpoint writes the whole index, every device's head, \
+                 so a smaller interval would write one after nearly every commit",
+                self.index_checkpoint_every,
+                crate::journal::MIN_SEGMENT_BYTES
+            ));
+        }
         let retaining = self.retention.policy != crate::journal::RetentionPolicy::KeepAll;
         if retaining && (self.index_spill_at == 0 || self.index_checkpoint_every == 0) {
             return Err(
@@ -653,6 +662,25 @@ mod tests {
         for accepted in [64 << 10, 4 << 30] {
             config.engine.max_memory = accepted;
             assert_eq!(config.validate(), Ok(()), "{accepted}");
+        }
+    }
+
+    /// `--index-checkpoint-bytes 1` was accepted, and wrote the whole index after every
+    /// commit.
+    #[test]
+    fn an_index_checkpoint_interval_under_the_minimum_is_refused_and_zero_is_not() {
+        let mut config = super::Config::default();
+        for bytes in [1, crate::journal::MIN_SEGMENT_BYTES - 1] {
+            config.index_checkpoint_every = bytes;
+            let err = config.validate().expect_err("too small");
+            assert!(
+                err.contains("--index-checkpoint-bytes") && err.contains("minimum of 4096"),
+                "{err}"
+            );
+        }
+        for bytes in [0, crate::journal::MIN_SEGMENT_BYTES] {
+            config.index_checkpoint_every = bytes;
+            assert_eq!(config.validate(), Ok(()), "{bytes}");
         }
     }
 

@@ -195,7 +195,7 @@ pub struct Tuning {
     pub activation_timeout_ms: Option<u64>,
     #[arg(long, help = help(
         "Bytes of journal between checkpoints of its index (a restart reads the last one and \
-         scans only the records after it; 0: never)",
+         scans only the records after it; 0: never, else at least 4096)",
         drover::journal::INDEX_CHECKPOINT_EVERY,
     ))]
     pub index_checkpoint_bytes: Option<u64>,
