@@ -417,7 +417,7 @@ fn spiller(
             false,
         );
         if written.is_some()
-            && let Err(e) = retention::retain(shared, storage, spill)
+            && let Err(e) = retention::retain(shared, storage, spill, false)
         {
             tracing::warn!(error = %e, "journal retention: nothing deleted this time");
         }
@@ -882,6 +882,10 @@ impl Journal {
         if let Some(handle) = self.inner.spiller.lock().take() {
             let _ = handle.join();
         }
+        // A pass asked for elsewhere (`retain_now`) that is under way finishes before the
+        // close returns, so what it deletes is done and logged before the caller says it
+        // stopped; later ones do nothing (they check `closing` under this lock).
+        drop(self.inner.shared.retention_state.running.lock());
     }
 
     /// Queues an entry for the writer. Never blocks; the entry's completion reports the
@@ -1174,7 +1178,7 @@ impl Journal {
         let spill = self.index().spill.clone();
         match spill {
             Some(spill) if !self.inner.shared.broken.load(Ordering::Acquire) => {
-                retention::retain(&self.inner.shared, &*self.inner.storage, &spill)
+                retention::retain(&self.inner.shared, &*self.inner.storage, &spill, true)
                     .map_err(JournalError::Retention)
             }
             _ => Ok(RetentionPass {

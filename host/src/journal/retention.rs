@@ -331,11 +331,14 @@ pub struct RetentionPass {
 }
 
 /// One retention pass (see `journal/retention.rs`): deletes the segments that end before
-/// both the lowest position a device still needs and the index checkpoint on disk.
+/// both the lowest position a device still needs and the index checkpoint on disk. With
+/// `unless_closing`, nothing once the journal is closing (a pass asked for from outside, which
+/// a close waits for: see `Journal::close`).
 pub(super) fn retain(
     shared: &super::writer::Shared,
     storage: &dyn StorageBackend,
     spill: &super::runs::Spill,
+    unless_closing: bool,
 ) -> Result<RetentionPass, String> {
     let retention = &shared.retention;
     if retention.policy == RetentionPolicy::KeepAll {
@@ -345,6 +348,12 @@ pub(super) fn retain(
         });
     }
     let _turn = shared.retention_state.running.lock();
+    if unless_closing && shared.closing.load(Ordering::Acquire) {
+        return Ok(RetentionPass {
+            retained_from: storage.retained_from(),
+            ..RetentionPass::default()
+        });
+    }
     // The first segment holds the header that names the journal's format: before it can go,
     // the format is raised to the current one, and the deletion waits for an index
     // checkpoint taken at it (see `Checkpoints::identity_from`).

@@ -3897,3 +3897,31 @@ async fn retention_drops_the_index_runs_that_point_only_into_deleted_segments() 
     assert_eq!(reader.oldest_retained_seq(0), oldest);
     assert_eq!(reader.read_events(0, oldest, last).expect("kept"), events);
 }
+
+/// A retention pass asked for after the journal closed deletes nothing, and one under way
+/// when it closes finishes first: a server logged segments deleted after it said it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_pass_asked_for_after_close_deletes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 0).expect("open");
+    // `a` snapshots as it goes; `b` never does, so the passes after each index checkpoint
+    // delete nothing.
+    snapshotting_fleet(&journal, 1500).await;
+    assert_eq!(journal.retention().deleted_segments, 0);
+    // `b`'s first snapshot frees every segment but the last ones: the next pass may go.
+    let (r, e) = snapshot(1, 1500);
+    journal.append(&r, e).await.expect("snapshot of b");
+    let segments = SegmentedBackend::list(dir.path()).expect("list").len();
+    journal.close();
+    let pass = journal.retain_now().expect("pass");
+    assert_eq!(pass.deleted_segments, 0, "{pass:?}");
+    assert_eq!(
+        SegmentedBackend::list(dir.path()).expect("list").len(),
+        segments
+    );
+    drop(journal);
+    // What it held back goes at the next start's pass.
+    let journal = retaining(dir.path(), 0).expect("reopen");
+    let pass = journal.retain_now().expect("pass");
+    assert!(pass.deleted_segments > 0, "{pass:?}");
+}
