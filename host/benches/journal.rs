@@ -25,7 +25,8 @@
 //! * **retention**: the append rate with `--retention after-snapshot` deleting segments as
 //!   it goes (each device snapshots every 100 events; 32 MiB segments and index checkpoints)
 //!   against keeping everything, then one more retention pass timed on its own, with what it
-//!   deleted and the bytes left on disk.
+//!   deleted and the bytes left on disk; offsets are spilled every 64Ki records in both, and
+//!   the index's run files on disk right after the appends are printed for each.
 //!
 //! And the cost of one retention pass over a large fleet (`DROVER_BENCH_RETENTION_DEVICES`,
 //! default 1,000,000; 0 skips it): three events per device, a snapshot after the second,
@@ -179,6 +180,20 @@ fn segment_bytes_on_disk(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes of the index's run files beside the journal in `dir`.
+fn run_bytes_on_disk(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("journal.log.index"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// The two same-run comparisons described in the module docs.
 async fn compare(root: &std::path::Path, records: u64) -> anyhow::Result<()> {
     use drover::journal::{FileBackend, Retention, RetentionPolicy};
@@ -191,6 +206,8 @@ async fn compare(root: &std::path::Path, records: u64) -> anyhow::Result<()> {
     let rate = |d: std::time::Duration| records as f64 / d.as_secs_f64();
     let (mut segmented, mut one_file) = (Vec::new(), Vec::new());
     let (mut keep_all, mut retaining) = (Vec::new(), Vec::new());
+    // The index's runs on disk right after the appends: (keep-all, retention), each round.
+    let mut runs_on_disk = Vec::new();
     let mut last_pass = None;
     for _ in 0..3 {
         let dir = root.join("compare");
@@ -213,6 +230,9 @@ async fn compare(root: &std::path::Path, records: u64) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             let options = JournalOptions {
                 index_checkpoint_every: SEGMENT,
+                // Offsets spilled every 64Ki records rather than 4Mi, so that the runs on
+                // disk compare too (both policies alike).
+                index_spill_at: 64 << 10,
                 retention: Retention {
                     policy,
                     ..Retention::default()
@@ -221,9 +241,17 @@ async fn compare(root: &std::path::Path, records: u64) -> anyhow::Result<()> {
             };
             let journal = Journal::open(&dir, &options)?;
             let took = fill(&journal, records, DEVICES, 100).await?;
+            let runs = (
+                run_bytes_on_disk(&dir),
+                journal.index_usage().spilled_offsets,
+            );
             if policy == RetentionPolicy::KeepAll {
                 keep_all.push(rate(took));
+                runs_on_disk.push((runs, (0, 0)));
             } else {
+                if let Some(last) = runs_on_disk.last_mut() {
+                    last.1 = runs;
+                }
                 retaining.push(rate(took));
                 // Once the index's thread has written its last checkpoint.
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -267,6 +295,13 @@ async fn compare(root: &std::path::Path, records: u64) -> anyhow::Result<()> {
         median(retaining.clone()) / 1e3,
         runs(&retaining)
     );
+    for ((kept_bytes, kept_offsets), (retained_bytes, retained_offsets)) in &runs_on_disk {
+        println!(
+            "  index runs on disk after the appends: keep-all {:.1} MiB ({kept_offsets} offsets), retention {:.1} MiB ({retained_offsets} offsets)",
+            *kept_bytes as f64 / (1 << 20) as f64,
+            *retained_bytes as f64 / (1 << 20) as f64,
+        );
+    }
     if let Some((secs, pass, status, before, after)) = last_pass {
         println!(
             "  retention while appending: {} segments, {} MiB deleted; {} MiB on disk once the appends were done",
