@@ -421,19 +421,41 @@ fn spiller(
         {
             tracing::warn!(error = %e, "journal retention: nothing deleted this time");
         }
-        drop_retained_runs(shared, storage);
+        drop_retained_runs(shared, storage, spill, true);
     }
 }
 
-/// Drops the runs that point only into segments retention deleted (this thread's pass or
-/// one asked for elsewhere), so that the index on disk shrinks with the journal (see
-/// "Retention" in `journal/runs.rs`). Files no checkpoint names go at once; the others when
-/// the next checkpoint no longer names them.
-fn drop_retained_runs(shared: &writer::Shared, storage: &dyn StorageBackend) {
+/// Drops the runs that point only into segments retention deleted, so that the index on
+/// disk shrinks with the journal (see "Retention" in `journal/runs.rs`): on the index's
+/// thread after each of its passes, and after a pass asked for elsewhere (`retain_now`),
+/// which does not `wait` for a spill or merge under way (the index's thread drops them after
+/// it). Files no checkpoint names go at once; the others when the next checkpoint no longer
+/// names them.
+fn drop_retained_runs(
+    shared: &writer::Shared,
+    storage: &dyn StorageBackend,
+    spill: &runs::Spill,
+    wait: bool,
+) {
     let retained_from = storage.retained_from();
-    if retained_from == 0 {
+    if retained_from == 0 || shared.closing.load(Ordering::Acquire) {
         return;
     }
+    let _changing = if wait {
+        spill.changing.lock()
+    } else {
+        match spill.changing.try_lock() {
+            Some(guard) => guard,
+            None => return,
+        }
+    };
+    // Runs loaded from an index checkpoint know only a bound on their offsets: learned from
+    // their files first, without the index lock.
+    let runs = shared.index.read().runs.clone();
+    if let Err(e) = runs.learn_max_offsets(retained_from) {
+        tracing::warn!(error = %e, "journal index: reading a run file failed; it is kept");
+    }
+    drop(runs);
     let mut index = shared.index.write();
     let Some(kept) = index.runs.without_retained(retained_from) else {
         return;
@@ -458,6 +480,7 @@ fn spill_once(
     spill: &runs::Spill,
     force: bool,
 ) {
+    let _changing = spill.changing.lock();
     {
         // A wake-up sent while the last spill ran may be stale.
         let plan = {
@@ -1178,8 +1201,13 @@ impl Journal {
         let spill = self.index().spill.clone();
         match spill {
             Some(spill) if !self.inner.shared.broken.load(Ordering::Acquire) => {
-                retention::retain(&self.inner.shared, &*self.inner.storage, &spill, true)
-                    .map_err(JournalError::Retention)
+                let pass =
+                    retention::retain(&self.inner.shared, &*self.inner.storage, &spill, true)
+                        .map_err(JournalError::Retention)?;
+                // Also when this pass deleted nothing: an earlier one may have, before runs
+                // loaded from an index checkpoint learned how far their offsets go.
+                drop_retained_runs(&self.inner.shared, &*self.inner.storage, &spill, false);
+                Ok(pass)
             }
             _ => Ok(RetentionPass {
                 retained_from: self.retained_from(),

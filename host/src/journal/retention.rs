@@ -386,6 +386,9 @@ pub(super) fn retain(
         },
     };
     let mark = pin.position.min(limit);
+    // A device may need what is already gone (its `keep_events` raised since): it holds the
+    // journal where it now begins; its lookup answered an offset before that (`runs::SHED`).
+    pin.position = pin.position.max(storage.retained_from());
     let Deleted {
         files,
         bytes,

@@ -44,7 +44,7 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::index_checkpoint::Checkpoints;
 
@@ -67,9 +67,12 @@ pub struct Run {
     blocks: Vec<Block>,
     entries: u64,
     /// No offset in the run is larger (see "Retention" in the module docs): exact for a run
-    /// written by this open, the position of the index checkpoint that named it for one
-    /// loaded from there (every offset it holds is before that position).
-    max_offset: u64,
+    /// written by this open; for one loaded from an index checkpoint, the checkpoint's
+    /// position (every offset it holds is before it) until [`Run::learn_max_offset`] reads
+    /// the file.
+    max_offset: AtomicU64,
+    /// `max_offset` is the largest offset in the run, not only a bound.
+    max_exact: AtomicBool,
     /// Named by the index checkpoint on disk: its file outlives it (see the module docs).
     pub(super) pinned: AtomicBool,
     /// Its file is synced (done before a checkpoint names it: [`Run::sync`]).
@@ -192,7 +195,8 @@ impl RunWriter {
             path: std::mem::take(&mut self.path),
             blocks: std::mem::take(&mut self.blocks),
             entries: self.pos / 8,
-            max_offset: self.max_offset,
+            max_offset: AtomicU64::new(self.max_offset),
+            max_exact: AtomicBool::new(true),
             pinned: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
@@ -238,11 +242,37 @@ impl Run {
             path,
             blocks,
             entries: pos / 8,
-            max_offset: at,
+            max_offset: AtomicU64::new(at),
+            max_exact: AtomicBool::new(false),
             pinned: AtomicBool::new(true),
             synced: AtomicBool::new(true),
             sync_failed: AtomicBool::new(false),
         }))
+    }
+
+    /// Reads the file for its largest offset, unless that is known: a run loaded from an index
+    /// checkpoint knows only a bound, the checkpoint's position, which retention passes long
+    /// before its offsets (a stop after a burst, then a quiet server). One sequential read of
+    /// the file, once per run; without the index lock.
+    fn learn_max_offset(&self) -> io::Result<u64> {
+        if self.max_exact.load(Ordering::Acquire) {
+            return Ok(self.max_offset.load(Ordering::Acquire));
+        }
+        let mut max = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        let len = self.entries * 8;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            for c in buf[..n].chunks_exact(8) {
+                max = max.max(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+            }
+            at += n as u64;
+        }
+        self.max_offset.store(max, Ordering::Release);
+        self.max_exact.store(true, Ordering::Release);
+        Ok(max)
     }
 
     /// Syncs the run's file, once: before an index checkpoint names it.
@@ -359,6 +389,20 @@ impl Runs {
         Runs { list, shed }
     }
 
+    /// Learns the largest offset of the oldest runs whose bound does not show them below
+    /// `retained_from` (runs loaded from an index checkpoint), as far as
+    /// [`Runs::without_retained`] could drop: call it without the index lock, before that.
+    pub fn learn_max_offsets(&self, retained_from: u64) -> io::Result<()> {
+        for run in &self.list {
+            if run.max_offset.load(Ordering::Acquire) >= retained_from
+                && run.learn_max_offset()? >= retained_from
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// `self` without its oldest runs that point only into what retention deleted (every
     /// offset below `retained_from`, the first position still stored), or `None` if there
     /// are none. See "Retention" in the module docs.
@@ -366,7 +410,7 @@ impl Runs {
         let gone = self
             .list
             .iter()
-            .take_while(|r| r.max_offset < retained_from)
+            .take_while(|r| r.max_offset.load(Ordering::Acquire) < retained_from)
             .count();
         (gone > 0).then(|| Runs {
             list: self.list[gone..].to_vec(),
@@ -398,6 +442,10 @@ pub struct Spill {
     pub checkpoints: Checkpoints,
     /// Set when the journal closes: a merge in progress gives up.
     pub stopping: AtomicBool,
+    /// Held by whoever is changing the index's runs (the index's thread while it spills and
+    /// merges, a retention pass asked for elsewhere while it drops runs): a merge swaps in
+    /// runs computed from the list it started with, which must not have changed meanwhile.
+    pub changing: parking_lot::Mutex<()>,
     next_id: std::sync::atomic::AtomicU64,
     /// Which open this is: run files of other opens (earlier processes, whose files a
     /// checkpoint may name, or an earlier open in this process whose runs are dropped late)
@@ -423,6 +471,7 @@ impl Spill {
             flush_at: flush_at.max(1),
             checkpoints: Checkpoints::new(dir, checkpoint_every),
             stopping: AtomicBool::new(false),
+            changing: parking_lot::Mutex::new(()),
             next_id: Default::default(),
             open: format!(
                 "{started:x}-{}",
