@@ -422,9 +422,9 @@ impl Registry {
 
     /// Removes versions `ids` of plugin `name` (the caller checked that no device runs them):
     /// they leave the list, cannot be deployed, and their files are deleted. Removing the
-    /// current version is refused unless every version of the plugin goes, which removes the
-    /// plugin. The journal's version records stay (ids are dense).
-    pub async fn remove_versions(&self, name: &str, ids: &[u32]) -> Result<(), Error> {
+    /// current version is refused unless the caller removes the `whole` plugin, every version
+    /// of it. The journal's version records stay (ids are dense).
+    pub async fn remove_versions(&self, name: &str, ids: &[u32], whole: bool) -> Result<(), Error> {
         // No registration meanwhile: one could be about to reuse a file deleted here.
         let _no_registration = self.registering.lock().await;
         let digests: Vec<[u8; 32]> = self.update(|table| {
@@ -437,12 +437,21 @@ impl Registry {
                 .filter(|v| v.plugin == name && !table.removed.contains(&v.id))
                 .filter(|v| !ids.contains(&v.id))
                 .count();
-            if ids.contains(&pointer.current) && remaining > 0 {
+            if ids.contains(&pointer.current) && (remaining > 0 || !whole) {
+                // Removing the only version by its number used to remove the plugin: not
+                // what was asked, and not what the API says.
                 let number = table.versions[pointer.current as usize].number;
                 return Err(Error::VersionInUse {
                     plugin: name.to_string(),
                     version: number,
-                    why: "it is the current version: deploy another first".into(),
+                    why: if remaining > 0 {
+                        "it is the current version: deploy another first".into()
+                    } else {
+                        format!(
+                            "it is the plugin's only version: remove the plugin instead \
+                             (`DELETE /v1/plugins/{name}`, `drover plugin remove {name}`)"
+                        )
+                    },
                 });
             }
             table.removed.extend(ids.iter().copied());

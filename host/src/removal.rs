@@ -196,7 +196,7 @@ impl Runtime {
         let result = Runtime::detached("version removal", async move {
             rt.check_open()?;
             let v = rt.shared.registry.find(&plugin, version)?;
-            rt.remove_versions(&plugin, &[v.id]).await
+            rt.remove_versions(&plugin, &[v.id], false).await
         })
         .await;
         self.counted(result)
@@ -217,14 +217,15 @@ impl Runtime {
                 .iter()
                 .filter_map(|id| registry.version(*id).map(|v| v.number))
                 .collect();
-            rt.remove_versions(&plugin, &ids).await?;
+            rt.remove_versions(&plugin, &ids, true).await?;
             Ok(numbers)
         })
         .await;
         self.counted(result)
     }
 
-    async fn remove_versions(&self, plugin: &str, ids: &[u32]) -> Result<(), Error> {
+    /// `whole`: every version of the plugin, removing it (see `Registry::remove_versions`).
+    async fn remove_versions(&self, plugin: &str, ids: &[u32], whole: bool) -> Result<(), Error> {
         // No provisioning, deploy or rollback while versions go.
         let _binding = self.shared.binding.write().await;
         let _no_deploy = self.shared.deploying.lock().await;
@@ -248,7 +249,7 @@ impl Runtime {
             .iter()
             .filter_map(|id| registry.version(*id).map(|v| v.number))
             .collect();
-        registry.remove_versions(plugin, ids).await?;
+        registry.remove_versions(plugin, ids, whole).await?;
         tracing::info!(plugin, versions = ?numbers, "plugin versions removed");
         Ok(())
     }

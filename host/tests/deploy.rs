@@ -1469,6 +1469,18 @@ async fn plugin_versions_are_removed_only_when_unused() {
     rt.remove_plugin_version("misbehave", 1).await.unwrap();
     in_use(rt.remove_plugin("misbehave").await.unwrap_err());
     rt.remove_device("d", false).await.unwrap();
+    // The only version, current and unused, is refused by its number too (it removed the
+    // whole plugin, found by a review); the plugin's removal takes it.
+    let why = in_use(
+        rt.remove_plugin_version("misbehave", v3.version)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        why.contains("only version") && why.contains("DELETE /v1/plugins/misbehave"),
+        "{why}"
+    );
+    assert!(rt.plugins().iter().any(|(n, _)| n == "misbehave"));
     // The current version goes only with the whole plugin.
     let thermostat = std::fs::read(support::plugin_dir().join("thermostat.wasm")).unwrap();
     rt.register_plugin(
