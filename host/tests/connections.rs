@@ -909,10 +909,10 @@ async fn requests_hyper_cannot_parse_get_the_error_shape() {
     rt.shutdown().await;
 }
 
-/// An HTTP/1.1 request without exactly one `Host` header holding a host and optional port
-/// is refused with 400 `malformed-request` before any route runs, as RFC 9112 section 3.2
-/// asks (found by a review: such requests were served); an empty one (a target with no
-/// authority) and HTTP/1.0 requests without one are served.
+/// A request with two `Host` headers or one that is not a host and optional port, and an
+/// HTTP/1.1 request with none, is refused with 400 `malformed-request` before any route runs,
+/// as RFC 9112 section 3.2 asks (found by a review: such requests were served); an empty one
+/// (a target with no authority) and HTTP/1.0 requests without one are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_one_valid_host_header_is_refused() {
     let (_dir, rt, server) = serve(limits(5_000, 100)).await;
@@ -948,6 +948,26 @@ async fn a_request_without_one_valid_host_header_is_refused() {
             format!("POST /v1/devices/x/events HTTP/1.1\r\nContent-Length: 2\r\n{close}\r\n{{}}"),
             "400",
             "has no Host header",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: a,b\r\n{close}\r\n"),
+            "400",
+            "Host `a,b` is not a host and optional port",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: a:99999\r\n{close}\r\n"),
+            "400",
+            "is not a host and optional port",
+        ),
+        (
+            "GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n".to_string(),
+            "400",
+            "more than one Host header",
+        ),
+        (
+            "GET /healthz HTTP/1.0\r\nHost: a b\r\n\r\n".to_string(),
+            "400",
+            "is not a host and optional port",
         ),
         (
             format!("GET /healthz HTTP/1.1\r\nHost:\r\n{close}\r\n"),

@@ -314,44 +314,127 @@ impl Body {
     }
 }
 
-/// Refuses, on every route and before any body is read, an HTTP/1.1 request without exactly
-/// one `Host` header holding a host and optional port (or nothing, which a client sends for a
-/// target with no authority): 400 `malformed-request`, as RFC 9112 section 3.2 asks of every
-/// server. Every HTTP/1.1 client sends one; a request without, or with two that disagree, is
-/// a broken client or one probing for a proxy in front that would route it by another host
-/// than the server saw. HTTP/1.0 requests, which predate the header, pass.
+/// Refuses, on every route and before any body is read, a request with more than one `Host`
+/// header or one that does not hold a host and optional port (or nothing, which a client
+/// sends for a target with no authority), and an HTTP/1.1 request with none: 400
+/// `malformed-request`, as RFC 9112 section 3.2 asks of every server. Every HTTP/1.1 client
+/// sends one; a request without, or with two (or two merged into one line, `a,b`), is a
+/// broken client or one probing for a proxy in front that would route it by another host than
+/// the server saw. HTTP/1.0 requests, which predate the header, may leave it out.
 pub async fn host(req: Request, next: axum::middleware::Next) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    if req.version() != axum::http::Version::HTTP_11 {
-        return next.run(req).await;
-    }
     let mut hosts = req.headers().get_all(axum::http::header::HOST).iter();
     let refusal = match (hosts.next(), hosts.next()) {
-        (None, _) => Some(
+        (None, _) if req.version() == axum::http::Version::HTTP_11 => Some(
             "the request has no Host header; HTTP/1.1 requires one (RFC 9112, section 3.2)"
                 .to_string(),
         ),
+        (None, _) => None,
         (Some(_), Some(_)) => Some(
-            "the request has more than one Host header; HTTP/1.1 allows one (RFC 9112, \
-             section 3.2)"
+            "the request has more than one Host header; HTTP allows one (RFC 9112, section 3.2)"
                 .to_string(),
         ),
-        (Some(value), None) => {
-            let text = value.to_str().ok();
-            let valid = text.is_some_and(|t| {
-                t.is_empty()
-                    || (!t.contains('@') && t.parse::<axum::http::uri::Authority>().is_ok())
-            });
-            (!valid).then(|| {
-                format!(
-                    "Host `{}` is not a host and optional port (RFC 9112, section 3.2)",
-                    super::ops::echoed(&String::from_utf8_lossy(value.as_bytes()))
-                )
-            })
-        }
+        (Some(value), None) => (!value.to_str().is_ok_and(is_host_and_port)).then(|| {
+            format!(
+                "Host `{}` is not a host and optional port (RFC 9112, section 3.2)",
+                super::ops::echoed(&String::from_utf8_lossy(value.as_bytes()))
+            )
+        }),
     };
     match refusal {
         Some(message) => ApiError::malformed_request(message).into_response(),
         None => next.run(req).await,
+    }
+}
+
+/// Whether `value` is a `Host` field value: empty, or `uri-host [ ":" port ]` (RFC 3986): an
+/// IPv6 literal in brackets or a name of unreserved characters, sub-delimiters and
+/// percent-escapes, and a port of at most 65535. A comma, which RFC 3986 allows in a name, is
+/// refused: it is what two Host lines merged into one look like.
+fn is_host_and_port(value: &str) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    let (host, port) = if let Some(literal) = value.strip_prefix('[') {
+        let Some((address, rest)) = literal.split_once(']') else {
+            return false;
+        };
+        if address.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match rest.strip_prefix(':') {
+            Some(port) => (None, Some(port)),
+            None if rest.is_empty() => (None, None),
+            None => return false,
+        }
+    } else {
+        match value.rsplit_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(value), None),
+        }
+    };
+    let name_ok = host.is_none_or(|h| {
+        let bytes = h.as_bytes();
+        !h.is_empty()
+            && bytes.iter().enumerate().all(|(i, b)| match b {
+                b'%' => bytes
+                    .get(i + 1..i + 3)
+                    .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)),
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
+                | b'+' | b';' | b'=' => true,
+                b => b.is_ascii_alphanumeric(),
+            })
+    });
+    let port_ok = port.is_none_or(|p| {
+        p.is_empty()
+            || (p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u32>().is_ok_and(|n| n <= 65535))
+    });
+    name_ok && port_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_host_and_port;
+
+    #[test]
+    fn host_values_are_a_host_and_an_optional_port() {
+        for ok in [
+            "",
+            "a",
+            "a:80",
+            "a:",
+            "example.com:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:8080",
+            "xn--bcher-kva.example",
+            "a%20b",
+            "a_b~c!$&'()*+;=d",
+            "a:65535",
+        ] {
+            assert!(is_host_and_port(ok), "{ok:?} refused");
+        }
+        for bad in [
+            "a b",
+            "a/b",
+            "u@a",
+            "a:80:90",
+            "[::1",
+            "a:xyz",
+            "a:99999999",
+            "a:65536",
+            ":80",
+            "a,b",
+            "[zz]",
+            "[::1]x",
+            "a%2",
+            "a%zz",
+            "a?b",
+            "a#b",
+        ] {
+            assert!(!is_host_and_port(bad), "{bad:?} accepted");
+        }
     }
 }
