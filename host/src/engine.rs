@@ -1005,6 +1005,11 @@ fn unseal_artifact(sealed: &[u8]) -> Option<&[u8]> {
 fn check_shape(bytes: &[u8]) -> Result<(), PluginError> {
     const BUILD: &str = "build the plugin for `wasm32-wasip2` (`rustup target add wasm32-wasip2`, \
                          then `cargo build --release --target wasm32-wasip2`)";
+    if bytes.is_empty() {
+        return Err(PluginError::Invalid(format!(
+            "the upload is empty: send the `.wasm` component's bytes as the body; {BUILD}"
+        )));
+    }
     if !bytes.starts_with(b"\0asm") {
         return Err(PluginError::Invalid(format!(
             "not WebAssembly (no `\\0asm` header): upload the `.wasm` component; {BUILD}"

@@ -363,6 +363,17 @@ fn provision_send_and_read_back_both_plugins() {
     ]);
     assert!(!ok, "{out}");
     assert!(out.contains("1 cannot fold"), "{out}");
+    // The deploy it stands for is refused: the server's reason first, then the CLI's flag
+    // (the hint came first, found by a review).
+    let (ok, _, err) = cli(&["plugin", "deploy", "misbehave", "2", "--server", url]);
+    assert!(!ok, "{err}");
+    let reason = err.find("deploy refused");
+    let hint = err.find("`--force` would deploy anyway");
+    assert!(
+        matches!((reason, hint), (Some(r), Some(h)) if r < h)
+            && err.contains("(deploy-refused, HTTP 409)"),
+        "{err}"
+    );
     let removed = api.call(Method::DELETE, "/v1/devices/m", None);
     assert_eq!(removed.status, 200, "{}", removed.text);
     // A device quarantined under the version left: the deploy's lines say it was let out.

@@ -321,8 +321,16 @@ impl Body {
 /// sends one; a request without, or with two (or two merged into one line, `a,b`), is a
 /// broken client or one probing for a proxy in front that would route it by another host than
 /// the server saw. HTTP/1.0 requests, which predate the header, may leave it out.
+///
+/// Only requests read off a connection (those the server gives a [`Peer`](super::peer::Peer))
+/// are checked: the header is the wire protocol's, and a request made in process (an embedder
+/// calling [`router`](super::router) with tower's `oneshot`, the answer to a probe past the
+/// connection cap) has none to give.
 pub async fn host(req: Request, next: axum::middleware::Next) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    if req.extensions().get::<super::peer::Peer>().is_none() {
+        return next.run(req).await;
+    }
     let mut hosts = req.headers().get_all(axum::http::header::HOST).iter();
     let refusal = match (hosts.next(), hosts.next()) {
         (None, _) if req.version() == axum::http::Version::HTTP_11 => Some(

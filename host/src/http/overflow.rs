@@ -105,12 +105,7 @@ fn probe_of(head: &[u8]) -> Option<&str> {
 
 /// The API's own answer to `GET target`, as bytes to write, with the connection closed after.
 async fn probe_answer(app: axum::Router, target: &str) -> Option<Vec<u8>> {
-    // An empty Host: the API refuses an HTTP/1.1 request without one (see `extract::host`),
-    // and the probe's own was not read.
-    let request = axum::http::Request::get(target)
-        .header(axum::http::header::HOST, "")
-        .body(Body::empty())
-        .ok()?;
+    let request = axum::http::Request::get(target).body(Body::empty()).ok()?;
     let service = TowerToHyperService::new(app);
     let response = hyper::service::Service::call(&service, request)
         .await

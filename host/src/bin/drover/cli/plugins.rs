@@ -233,14 +233,17 @@ fn deploy_and_print(
         .timeout(LONG_OPERATION_TIMEOUT)
         .json(&body);
     let (text, report): (String, Value) = api.call_json(req).map_err(|e| {
-        // The server's words are the API's ("force the deploy"); the flag is the CLI's.
-        if e.downcast_ref::<ApiFailure>()
-            .is_some_and(|f| f.code == "deploy-refused")
-            && body["force"] != true
-        {
-            e.context("`--force` would deploy anyway, leaving such devices on their version")
-        } else {
-            e
+        // The server's words are the API's ("force the deploy"); the flag is the CLI's. Said
+        // after the reason the server gives, which a context would have come before.
+        match e.downcast::<ApiFailure>() {
+            Ok(mut f) if f.code == "deploy-refused" && body["force"] != true => {
+                f.message.push_str(
+                    "; `--force` would deploy anyway, leaving such devices on their version",
+                );
+                f.into()
+            }
+            Ok(f) => f.into(),
+            Err(e) => e,
         }
     })?;
     if json_out {
