@@ -355,8 +355,8 @@ impl Runtime {
             return Err(Error::DeployRefused(format!(
                 "version {} of `{plugin}` cannot fold the recorded transitions of {} of {} \
                  sampled devices ({}); the first: {}.{spins} `drover plugin diff {plugin} {}` \
-                 shows each; force the deploy to move the others and leave these on their \
-                 version",
+                 shows each; forced (`\"force\": true`), the deploy moves the devices it can \
+                 fold and leaves these on their version",
                 target.number,
                 unfoldable.len(),
                 sample.devices.len(),
@@ -415,8 +415,8 @@ impl Runtime {
             return Err(Error::DeployRefused(format!(
                 "version {} of `{plugin}` cannot fold the recorded transitions of {} of the {} \
                  devices checked beyond the sample ({}); the first: {first}{}: {error}. `drover \
-                 plugin diff {plugin} {} --device ID` shows each; force the deploy to move the \
-                 others and leave these on their version",
+                 plugin diff {plugin} {} --device ID` shows each; forced (`\"force\": true`), the \
+                 deploy moves the devices it can fold and leaves these on their version",
                 target.number,
                 check.cannot_fold.len(),
                 check.checked,

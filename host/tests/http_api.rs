@@ -363,14 +363,15 @@ fn provision_send_and_read_back_both_plugins() {
     ]);
     assert!(!ok, "{out}");
     assert!(out.contains("1 cannot fold"), "{out}");
-    // The deploy it stands for is refused: the server's reason first, then the CLI's flag
-    // (the hint came first, found by a review).
+    // The deploy it stands for is refused: the server's reason first, then how to force it,
+    // once, in the CLI's words (the hint came first, and the advice twice, found by reviews).
     let (ok, _, err) = cli(&["plugin", "deploy", "misbehave", "2", "--server", url]);
     assert!(!ok, "{err}");
     let reason = err.find("deploy refused");
-    let hint = err.find("`--force` would deploy anyway");
+    let hint = err.find("forced (`--force`), the deploy moves the devices it can fold");
     assert!(
         matches!((reason, hint), (Some(r), Some(h)) if r < h)
+            && err.matches("force").count() == 2
             && err.contains("(deploy-refused, HTTP 409)"),
         "{err}"
     );

@@ -223,6 +223,10 @@ pub struct Checkpoints {
     /// was taken of.
     on_disk_at: AtomicU64,
     on_disk_format: std::sync::atomic::AtomicU32,
+    /// The index no longer uses a run the checkpoint on disk names (dropped after retention,
+    /// `runs.rs`): the next checkpoint is due at once, whatever the journal grew, so that the
+    /// run's file goes rather than wait for writes.
+    runs_released: AtomicBool,
 }
 
 /// A checkpoint as [`Checkpoints::read`] found it: its image, and its runs opened.
@@ -270,7 +274,14 @@ impl Checkpoints {
             scrubbed_on_disk: AtomicU64::new(0),
             on_disk_at: AtomicU64::new(0),
             on_disk_format: std::sync::atomic::AtomicU32::new(0),
+            runs_released: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that the index dropped a run the checkpoint on disk names (see
+    /// `Checkpoints::runs_released`).
+    pub fn release_runs(&self) {
+        self.runs_released.store(true, Ordering::Release);
     }
 
     /// The first position the checkpoint on disk needs to be trusted by an open (its
@@ -292,7 +303,8 @@ impl Checkpoints {
     }
 
     /// Whether `index` is due a checkpoint: at a synced marker, the journal at least one
-    /// interval long and grown by one since the last checkpoint (by anything, when closing).
+    /// interval long and grown by one since the last checkpoint (by anything, when closing;
+    /// not at all, when the index dropped runs the last one names).
     pub fn due(&self, index: &Index, closing: bool) -> bool {
         if self.every == 0 || self.disabled.load(Ordering::Acquire) {
             return false;
@@ -300,13 +312,14 @@ impl Checkpoints {
         let at_marker = index
             .last_marker
             .is_some_and(|m| m.synced && m.end == index.durable_len);
-        let grown = if closing {
-            index.durable_len > index.checkpoint_at
-                || self.scrubbed.load(Ordering::Acquire)
-                    != self.scrubbed_on_disk.load(Ordering::Acquire)
-        } else {
-            index.durable_len >= index.checkpoint_at.saturating_add(self.every)
-        };
+        let grown = self.runs_released.load(Ordering::Acquire)
+            || if closing {
+                index.durable_len > index.checkpoint_at
+                    || self.scrubbed.load(Ordering::Acquire)
+                        != self.scrubbed_on_disk.load(Ordering::Acquire)
+            } else {
+                index.durable_len >= index.checkpoint_at.saturating_add(self.every)
+            };
         at_marker && grown && index.durable_len >= self.every
     }
 
@@ -328,6 +341,9 @@ impl Checkpoints {
             if !self.due(&index, closing) {
                 return None;
             }
+            // Taken now: a run dropped after this copy makes the next one due again. A
+            // failed write waits for another interval, as for any checkpoint.
+            self.runs_released.store(false, Ordering::Release);
             let marker = index.last_marker?;
             (
                 Image::of(&index, journal_format, marker, scrubbed),

@@ -461,10 +461,25 @@ fn drop_retained_runs(
         return;
     };
     let (before, after) = (index.runs.len(), kept.len());
+    let pinned = index.runs.list()[..before - after]
+        .iter()
+        .any(|r| r.pinned.load(Ordering::Acquire));
     let dropped = std::mem::replace(&mut index.runs, kept);
     drop(index);
     // Their files are removed as the last reference goes: not under the index lock.
     drop(dropped);
+    if pinned {
+        // The checkpoint on disk names them, which keeps their files: a new one, now, lets
+        // them go without waiting for an interval of writes (a quiet server after a pass
+        // that deleted most of the journal).
+        spill.checkpoints.release_runs();
+        spill.checkpoints.write(
+            &shared.index,
+            storage,
+            shared.format.load(Ordering::Acquire),
+            false,
+        );
+    }
     tracing::debug!(
         runs = before - after,
         retained_from,

@@ -3809,6 +3809,16 @@ fn damage_in_a_journal_retention_shortened_advises_a_backup_not_salvage() {
     );
 }
 
+/// Bytes of the index's run files beside the journal in `dir`.
+fn run_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("journal.log.index"))
+        .expect("runs' directory")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum()
+}
+
 /// Retention deletes the index's runs with the segments they point into: after a long
 /// history the run files hold about what the journal keeps, not 8 bytes of every event ever
 /// written. Reads of what went still answer `RetainedAway` with the oldest seq kept, also
@@ -3853,14 +3863,6 @@ async fn retention_drops_the_index_runs_that_point_only_into_deleted_segments() 
         oldest > 3000,
         "retention went past the first events: {oldest}"
     );
-    let runs_bytes = |dir: &Path| -> u64 {
-        std::fs::read_dir(dir.join("journal.log.index"))
-            .expect("runs' directory")
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("run-"))
-            .map(|e| e.metadata().map_or(0, |m| m.len()))
-            .sum()
-    };
     // 20,600 events were written (400 of a device since removed). The runs hold what the
     // journal keeps, and what it kept when they were written or last merged whole (retention
     // moves on after each index checkpoint): a small multiple, far from all of them.
@@ -3873,9 +3875,9 @@ async fn retention_drops_the_index_runs_that_point_only_into_deleted_segments() 
     );
     // Files only the checkpoint on disk still names stay until the next one.
     assert!(
-        runs_bytes(dir.path()) <= 2 * 8 * bound,
+        run_bytes(dir.path()) <= 2 * 8 * bound,
         "{} bytes of runs on disk, {kept} events kept",
-        runs_bytes(dir.path())
+        run_bytes(dir.path())
     );
     let expect_gone = Err(JournalError::RetainedAway { oldest });
     assert_eq!(journal.read_events(0, 1, last), expect_gone);
@@ -3974,6 +3976,13 @@ async fn runs_are_dropped_after_a_restart_that_lowers_keep_events_without_new_wr
         assert!(
             usage.spilled_offsets <= 4 * kept + 4 * 64,
             "round {round}: {usage:?}, {kept} events kept"
+        );
+        // Their files too: the checkpoint on disk named them, and a new one is written at
+        // once (the verification run found them kept until the next interval of writes).
+        assert!(
+            run_bytes(dir.path()) <= 8 * (4 * kept + 4 * 64),
+            "round {round}: {} bytes of runs on disk, {kept} events kept",
+            run_bytes(dir.path())
         );
         assert_eq!(
             journal.read_events(0, 1, last),

@@ -233,13 +233,17 @@ fn deploy_and_print(
         .timeout(LONG_OPERATION_TIMEOUT)
         .json(&body);
     let (text, report): (String, Value) = api.call_json(req).map_err(|e| {
-        // The server's words are the API's ("force the deploy"); the flag is the CLI's. Said
-        // after the reason the server gives, which a context would have come before.
+        // The server's words are the API's (`"force": true`); the flag is the CLI's.
         match e.downcast::<ApiFailure>() {
             Ok(mut f) if f.code == "deploy-refused" && body["force"] != true => {
-                f.message.push_str(
-                    "; `--force` would deploy anyway, leaving such devices on their version",
-                );
+                const API: &str = "(`\"force\": true`)";
+                if f.message.contains(API) {
+                    f.message = f.message.replace(API, "(`--force`)");
+                } else {
+                    f.message.push_str(
+                        "; `--force` would deploy anyway, leaving such devices on their version",
+                    );
+                }
                 f.into()
             }
             Ok(f) => f.into(),
