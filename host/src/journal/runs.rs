@@ -30,7 +30,11 @@
 //! have larger ones: the runs dropped are a prefix of the list, and each device's seqs in the
 //! runs left stay consecutive, starting past 1. A lookup of a seq before a device's first one
 //! in the runs answers [`SHED`], an offset below any the journal still stores, and the read
-//! answers what retention deleted as it always has (`RetainedAway`).
+//! answers what retention deleted as it always has (`RetainedAway`). Runs are dropped after
+//! every retention pass (`Journal::retain_now` and the index's thread); a run loaded from an
+//! index checkpoint knows only the checkpoint's position as a bound on its offsets, until
+//! its file is read once for the largest; and the checkpoint on disk, which keeps the files
+//! it names, is rewritten at once when a run it names is dropped.
 //!
 //! Runs are derived data: the journal is the truth. They are synced before an index checkpoint
 //! (`journal/index_checkpoint.rs`) names them (most are merged away before); a run that no checkpoint
