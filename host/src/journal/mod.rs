@@ -429,8 +429,8 @@ fn spiller(
 /// disk shrinks with the journal (see "Retention" in `journal/runs.rs`): on the index's
 /// thread after each of its passes, and after a pass asked for elsewhere (`retain_now`),
 /// which does not `wait` for a spill or merge under way (the index's thread drops them after
-/// it). Files no checkpoint names go at once; the others when the next checkpoint no longer
-/// names them.
+/// it). Files no checkpoint names go at once; when the checkpoint on disk names one, a new
+/// checkpoint is written at once, which lets them go.
 fn drop_retained_runs(
     shared: &writer::Shared,
     storage: &dyn StorageBackend,
