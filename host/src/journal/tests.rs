@@ -3995,3 +3995,27 @@ async fn runs_are_dropped_after_a_restart_that_lowers_keep_events_without_new_wr
         journal.close();
     }
 }
+
+/// A device that needs what retention already deleted (its `keep_events` raised since) holds
+/// the journal where it now begins, and `pinned_by` says so: it named a position before the
+/// journal's start (found by a verification run: `position: 0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_needing_deleted_history_pins_where_the_journal_begins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 10).expect("open");
+    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
+    journal.retain_now().expect("pass");
+    let from = journal.retained_from();
+    assert!(from > 0);
+    journal.close();
+    drop(journal);
+    let journal = retaining(dir.path(), 100_000).expect("reopen");
+    let pass = journal.retain_now().expect("pass");
+    assert_eq!(pass.deleted_segments, 0, "{pass:?}");
+    let pin = pass.pinned_by.expect("pinned");
+    assert_eq!(
+        (pin.device.as_deref(), pin.reason, pin.position),
+        (Some("a"), "keep-events", from),
+        "{pin:?}"
+    );
+}
