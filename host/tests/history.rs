@@ -673,25 +673,19 @@ fn an_export_to_a_fifo_or_a_link_writes_through_it() {
     std::os::unix::fs::symlink(&target, &link).expect("symlink");
     let (ok, out, err) = export(&link);
     assert!(ok, "{out}{err}");
-    assert!(
-        std::fs::symlink_metadata(&link)
+    let is_link = |path: &std::path::Path| {
+        std::fs::symlink_metadata(path)
             .expect("link")
             .file_type()
-            .is_symlink(),
-        "the link was replaced"
-    );
+            .is_symlink()
+    };
+    assert!(is_link(&link), "the link was replaced");
     // A link whose target does not exist yet: the target is created, the link kept.
     let dangling = root.path().join("dangling.jsonl");
     std::os::unix::fs::symlink("later.jsonl", &dangling).expect("symlink");
     let (ok, out, err) = export(&dangling);
     assert!(ok, "{out}{err}");
-    assert!(
-        std::fs::symlink_metadata(&dangling)
-            .expect("link")
-            .file_type()
-            .is_symlink(),
-        "the dangling link was replaced"
-    );
+    assert!(is_link(&dangling), "the dangling link was replaced");
     assert!(
         root.path().join("later.jsonl").is_file(),
         "its target created"

@@ -449,25 +449,23 @@ fn drop_retained_runs(
             None => return,
         }
     };
-    // Runs loaded from an index checkpoint know only a bound on their offsets: learned from
-    // their files first, without the index lock.
+    // Worked out on a copy, without the index lock (runs loaded from an index checkpoint
+    // know only a bound on their offsets, and learn them from their files): the runs cannot
+    // change meanwhile, `changing` is held.
     let runs = shared.index.read().runs.clone();
     if let Err(e) = runs.learn_max_offsets(retained_from) {
         tracing::warn!(error = %e, "journal index: reading a run file failed; it is kept");
     }
-    drop(runs);
-    let mut index = shared.index.write();
-    let Some(kept) = index.runs.without_retained(retained_from) else {
+    let Some(kept) = runs.without_retained(retained_from) else {
         return;
     };
-    let (before, after) = (index.runs.len(), kept.len());
-    let pinned = index.runs.list()[..before - after]
+    let (before, after) = (runs.len(), kept.len());
+    let pinned = runs.list()[..before - after]
         .iter()
         .any(|r| r.pinned.load(Ordering::Acquire));
-    let dropped = std::mem::replace(&mut index.runs, kept);
-    drop(index);
+    let replaced = std::mem::replace(&mut shared.index.write().runs, kept);
     // Their files are removed as the last reference goes: not under the index lock.
-    drop(dropped);
+    drop((replaced, runs));
     if pinned {
         // The checkpoint on disk names them, which keeps their files: a new one, now, lets
         // them go without waiting for an interval of writes (a quiet server after a pass

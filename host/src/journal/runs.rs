@@ -661,6 +661,18 @@ impl Runs {
 mod tests {
     use super::*;
 
+    /// Offsets of seqs `from..from + n` of a device: ten times the seq.
+    fn offsets(from: u64, n: u64) -> Vec<u64> {
+        (from..from + n).map(|s| s * 10).collect()
+    }
+
+    /// A run of device 1's seqs 1..=20 and device 2's 1..=3.
+    fn first_run(spill: &Spill) -> Arc<Run> {
+        spill
+            .write([(1, 1, &offsets(1, 20)[..]), (2, 1, &offsets(1, 3)[..])])
+            .expect("run")
+    }
+
     /// A run whose writing fails part way (dropped before `finish`) leaves no file behind.
     #[test]
     fn an_unfinished_run_removes_its_file() {
@@ -680,10 +692,7 @@ mod tests {
     fn merges_keep_every_offset_in_order_and_drop_removed_devices() {
         let dir = tempfile::tempdir().expect("tempdir");
         let spill = Spill::open(&dir.path().join("runs"), 4, 0).expect("spill");
-        let offsets = |from: u64, n: u64| (from..from + n).map(|s| s * 10).collect::<Vec<_>>();
-        let first = spill
-            .write([(1, 1, &offsets(1, 20)[..]), (2, 1, &offsets(1, 3)[..])])
-            .expect("run");
+        let first = first_run(&spill);
         let second = spill
             .write([(1, 21, &offsets(21, 9)[..]), (3, 1, &offsets(1, 5)[..])])
             .expect("run");
@@ -713,10 +722,7 @@ mod tests {
     fn runs_behind_retention_are_dropped_and_their_seqs_read_as_shed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let spill = Spill::open(&dir.path().join("runs"), 4, 0).expect("spill");
-        let offsets = |from: u64, n: u64| (from..from + n).map(|s| s * 10).collect::<Vec<_>>();
-        let first = spill
-            .write([(1, 1, &offsets(1, 20)[..]), (2, 1, &offsets(1, 3)[..])])
-            .expect("run");
+        let first = first_run(&spill);
         let second = spill.write([(1, 21, &offsets(21, 15)[..])]).expect("run");
         let runs = Runs::default().with(first).with(second);
         let mut out = Vec::new();

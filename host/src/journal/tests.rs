@@ -3317,16 +3317,23 @@ async fn a_alone_past_the_checkpoints_identity_bytes(journal: &Journal) {
     journal.append(&r, e).await.expect("remove b");
     // Eight at a time: commits (and so segments, which end at a commit) stay small, so
     // `a`'s bound at its end and the checkpoint's 64 KiB before it never share a segment.
-    let writer = journal.device_writer(0, 8);
+    a_writes(journal, 401..=3000, 8).await;
+}
+
+/// Device `a`'s events `seqs`, `at_once` in flight, with a snapshot every 50; then waits until
+/// they are durable and the index's thread is idle.
+async fn a_writes(journal: &Journal, seqs: std::ops::RangeInclusive<u64>, at_once: usize) {
+    let writer = journal.device_writer(0, at_once);
+    let last = *seqs.end();
     let mut acks = Vec::new();
-    for seq in 401..=3000 {
+    for seq in seqs {
         acks.push(append_event(&writer, seq));
         if seq % 50 == 0 {
             writer
                 .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
                 .expect("snapshot");
         }
-        if seq % 8 == 0 || seq == 3000 {
+        if seq % at_once as u64 == 0 || seq == last {
             for ack in acks.drain(..) {
                 ack.await.expect("answered").expect("durable");
             }
@@ -3829,25 +3836,10 @@ async fn retention_drops_the_index_runs_that_point_only_into_deleted_segments() 
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = retaining(dir.path(), 10).expect("open");
     a_alone_past_the_checkpoints_identity_bytes(&journal).await;
-    let writer = journal.device_writer(0, 64);
-    let mut acks = Vec::new();
     let last = 20_000;
-    for seq in 3001..=last {
-        acks.push(append_event(&writer, seq));
-        if seq % 50 == 0 {
-            writer
-                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
-                .expect("snapshot");
-        }
-        if seq % 64 == 0 || seq == last {
-            for ack in acks.drain(..) {
-                ack.await.expect("answered").expect("durable");
-            }
-        }
-    }
-    journal.barrier().await.expect("snapshots durable");
-    index_settled(&journal).await;
+    a_writes(&journal, 3001..=last, 64).await;
     journal.retain_now().expect("pass");
+    let writer = journal.device_writer(0, 64);
     // The spiller drops runs after each of its passes; one more spill's worth wakes it.
     for seq in last + 1..=last + 200 {
         append_event(&writer, seq)
@@ -3938,24 +3930,8 @@ async fn runs_are_dropped_after_a_restart_that_lowers_keep_events_without_new_wr
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = retaining(dir.path(), 100_000).expect("open");
     a_alone_past_the_checkpoints_identity_bytes(&journal).await;
-    let writer = journal.device_writer(0, 64);
     let last = 12_000;
-    let mut acks = Vec::new();
-    for seq in 3001..=last {
-        acks.push(append_event(&writer, seq));
-        if seq % 50 == 0 {
-            writer
-                .append_snapshot(seq, 0, format!("state at {seq}").into_bytes())
-                .expect("snapshot");
-        }
-        if seq % 64 == 0 || seq == last {
-            for ack in acks.drain(..) {
-                ack.await.expect("answered").expect("durable");
-            }
-        }
-    }
-    journal.barrier().await.expect("snapshots durable");
-    index_settled(&journal).await;
+    a_writes(&journal, 3001..=last, 64).await;
     assert_eq!(
         journal.retention().deleted_segments,
         0,
