@@ -1142,6 +1142,48 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     );
 }
 
+/// `drover timers` on a quarantined device says why a timer past its due time has not
+/// fired: firings wait for the quarantine to end. The listing alone showed a due time in the
+/// past, which reads as a lost timer.
+#[test]
+fn timers_of_a_quarantined_device_say_why_they_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+    api.provision("q", "misbehave", json!({}));
+    let arm = json!({"type": "arm", "key": "later", "after_ms": 300, "event": {"type": "ok"}});
+    api.send("q", &arm);
+    let (ok, out, err) = cli(&["timers", "q", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("later  due "), "{out}");
+    assert!(
+        !out.contains("quarantined"),
+        "not due yet, not quarantined: {out}"
+    );
+
+    for _ in 0..3 {
+        api.post("/v1/devices/q/events", &json!({"type": "panic"}))
+            .assert_error(422, "trap");
+    }
+    // Past its due time, inside the quarantine (5 s, less a quarter at most).
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let (ok, out, err) = cli(&["timers", "q", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("later  due "), "{out}");
+    assert!(
+        out.contains("quarantined for") && out.contains("`drover resume q`"),
+        "{out}"
+    );
+    assert!(out.contains("fire when it ends"), "{out}");
+
+    // Resumed, the timer fires and the listing is empty.
+    api.post("/v1/devices/q/resume", &json!({}));
+    support::poll_until(std::time::Duration::from_secs(20), "the firing", || {
+        let (_, out, _) = cli(&["timers", "q", "--server", &server.url]);
+        out.contains("no timers").then_some(())
+    });
+}
+
 /// Logging can never take down the server: with stderr on a full disk (`/dev/full`) it
 /// starts, provisions, handles events and answers reads (it used to panic at start-up).
 #[test]

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::client::{ApiClient, ClientOpts, segment};
+use super::client::{ApiClient, ApiFailure, ClientOpts, segment};
 use super::format::timestamp;
 
 /// `drover commands`.
@@ -179,7 +179,14 @@ pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
     let timers = out["timers"].as_array().cloned().unwrap_or_default();
     if timers.is_empty() {
         println!("{}: no timers", args.device);
+        return Ok(ExitCode::SUCCESS);
     }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let overdue = timers
+        .iter()
+        .any(|t| t["due_ms"].as_u64().is_some_and(|due| due < now_ms));
     for t in timers {
         let every = t["every_ms"]
             .as_u64()
@@ -192,5 +199,38 @@ pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
             t["event"]
         );
     }
+    if overdue && let Some(why) = quarantine(&api, &args.device) {
+        println!("{why}");
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why a device's due timers have not fired, when it is quarantined: firings wait for the
+/// quarantine to end (see the README's "Effects"), so a due time in the past is no lost
+/// timer. `None` when it is not quarantined or its state cannot be read for another reason
+/// (the listing above stands on its own).
+fn quarantine(api: &ApiClient, device: &str) -> Option<String> {
+    let path = format!("/v1/devices/{}", segment(device).ok()?);
+    let waits = "timers past their due time fire when it ends";
+    match api.call_json::<Value>(api.get(&path)) {
+        Ok((_, out)) => {
+            let q = out.get("quarantine").filter(|q| q.is_object())?;
+            Some(format!(
+                "quarantined for {:.1} s more (`drover resume {device}` ends it now): {waits}; \
+                 last failure: {}",
+                q["ends_in_ms"].as_u64().unwrap_or_default() as f64 / 1000.0,
+                q["last_error"].as_str().unwrap_or_default()
+            ))
+        }
+        // Quarantined because it could not activate: no state to read, the reason instead.
+        Err(e) => {
+            let failure = e.downcast_ref::<ApiFailure>()?;
+            (failure.code == "quarantined").then(|| {
+                format!(
+                    "quarantined (`drover resume {device}` ends it now): {waits}; {}",
+                    failure.message
+                )
+            })
+        }
+    }
 }
