@@ -48,6 +48,7 @@
 //! | `{"type": "desire", "set": {...}}` | the device twin (`drover_guest::twin`): the operator desires properties; transitions `{"type": "twin", "change": {...}}`, and the delta as a command |
 //! | `{"type": "report", "set": {...}, "reported_wins": false}` | the device reports properties (a local change is put back, or with `reported_wins` adopted) |
 //! | `{"type": "reconnected"}` | the whole delta sent again as a command, no transition |
+//! | `{"type": "accrue", "by": N}` | one transition `{"type": "accrued", "by": N}`, whose `apply` adds `N × 0.1` to the state's `accrued`: a float the state computes rather than reads, whose digits run long (0.1 + 0.2 is 0.30000000000000004) |
 //!
 //! # State
 //!
@@ -55,7 +56,8 @@
 //! `"twin"` once the twin events were used;
 //! `"loops_on_read": true` too once a `loop_on_read` event is applied (never read back: the
 //! read spins), `"loops_on_snapshot": true` once a `loop_on_snapshot` one is, and
-//! `"loops_on_restore": true` once a `loop_on_restore` one is.
+//! `"loops_on_restore": true` once a `loop_on_restore` one is; `"accrued"` once an `accrue`
+//! event is.
 #![warn(missing_docs)]
 
 use std::cell::RefCell;
@@ -75,7 +77,7 @@ std::thread_local! {
 }
 
 /// The state (its snapshot and queried JSON).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Misbehave {
     /// `ok` events applied.
     pub count: u64,
@@ -98,6 +100,14 @@ pub struct Misbehave {
     /// `twin_ttl_ms` sets its commands' time to live).
     #[serde(default, skip_serializing_if = "twin_unused")]
     pub twin: Twin,
+    /// The sum of `accrue` events' `by × 0.1`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub accrued: f64,
+}
+
+/// The state leaves `accrued` out until it is used.
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The state leaves the twin out until it is used.
@@ -159,6 +169,11 @@ pub enum Event {
     },
     /// Return the event context as a transition.
     Echo,
+    /// Add `by × 0.1` to the state's `accrued`.
+    Accrue {
+        /// Tenths to add.
+        by: u64,
+    },
     /// Return a transition whose `apply` panics.
     PanicOnApply,
     /// Return `counted` (the next count) then a transition `apply` cannot read: the state is
@@ -313,6 +328,11 @@ pub enum Transition {
     LoopsOnRestore,
     /// Panics when applied to a state restored from a snapshot.
     Fragile,
+    /// `by × 0.1` added to `accrued`.
+    Accrued {
+        /// Tenths added.
+        by: u64,
+    },
 }
 
 /// How much `ok` adds to the count: see "Versions for the deploy tests".
@@ -397,6 +417,7 @@ impl Device for Misbehave {
                 std::hint::black_box(value);
                 vec![]
             }
+            Event::Accrue { by } => vec![Transition::Accrued { by }],
             Event::Echo => vec![Transition::Echoed {
                 device_id: ctx.device_id().to_owned(),
                 seq: ctx.seq(),
@@ -461,6 +482,7 @@ impl Device for Misbehave {
     fn apply(&mut self, transition: Transition) {
         self.applied += 1;
         match transition {
+            Transition::Accrued { by } => self.accrued += by as f64 * 0.1,
             Transition::Counted { count } => {
                 if cfg!(feature = "v3") && count > 4 {
                     panic!("misbehave v3: cannot fold a count over 4 (got {count})");
