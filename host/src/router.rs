@@ -394,16 +394,34 @@ impl Router {
     }
 
     /// Stops taking messages, closes every mailbox and waits until each actor has handled
-    /// what was already in it. Returns how many actors there were.
-    pub async fn shutdown(&self) -> usize {
+    /// what was already in it and taken its final snapshot, until `deadline` if there is one.
+    /// Returns how many actors there were, and how many were still stopping at the deadline.
+    ///
+    /// Those are left to the actor threads' own stop (`ActorPool`'s drop cancels them at
+    /// their next await). Nothing acknowledged is at stake: an event is answered only once
+    /// durable. What they give up is their final snapshot, a saving for the next start (it
+    /// replays a longer tail), which a guest whose snapshots spin to their time budget would
+    /// otherwise make cost a budget per device, one after another.
+    pub async fn shutdown(&self, deadline: Option<tokio::time::Instant>) -> (usize, usize) {
         self.env.closing.store(true, Ordering::Release);
         let actors: Vec<ActorHandle> = self.actors.write().drain().map(|(_, a)| a).collect();
         let n = actors.len();
-        for a in actors {
-            // Dropping the last sender closes the mailbox; the actor exits after draining it.
-            a.closed().await;
+        // Every mailbox closed at once: the actors stop side by side, not one after another.
+        let tasks: Vec<_> = actors.into_iter().map(ActorHandle::close).collect();
+        let mut stopped = 0;
+        let all = async {
+            for task in tasks {
+                ActorHandle::stopped(task).await;
+                stopped += 1;
+            }
+        };
+        match deadline {
+            Some(deadline) => {
+                let _ = tokio::time::timeout_at(deadline, all).await;
+            }
+            None => all.await,
         }
-        n
+        (n, n - stopped)
     }
 
     /// The live actors whose activity passes `keep`, least recently used first, each with

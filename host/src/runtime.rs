@@ -992,9 +992,22 @@ impl Runtime {
         ])
     }
 
-    /// Stops taking requests, lets every actor finish the messages already in its mailbox,
-    /// waits until their records are durable, and stops the journal writer.
+    /// Stops taking requests, lets every actor finish the messages already in its mailbox
+    /// and take its final snapshot, waits until their records are durable, and stops the
+    /// journal writer.
     pub async fn shutdown(&self) {
+        self.stop(None).await;
+    }
+
+    /// [`Runtime::shutdown`], waiting for the actors until `deadline` at most: a server's
+    /// stop within its drain timeout (`drover serve --drain-timeout-secs`). Actors still
+    /// stopping then are left without their final snapshot (see `Router::shutdown`); what
+    /// they made durable stays durable, and their next activation replays a longer tail.
+    pub async fn shutdown_by(&self, deadline: std::time::Instant) {
+        self.stop(Some(deadline.into())).await;
+    }
+
+    async fn stop(&self, deadline: Option<tokio::time::Instant>) {
         if self.shared.closing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -1004,7 +1017,15 @@ impl Runtime {
             task.abort();
         }
         self.shared.outbox.close();
-        let n = self.shared.router.shutdown().await;
+        let (n, still_stopping) = self.shared.router.shutdown(deadline).await;
+        if still_stopping > 0 {
+            tracing::warn!(
+                actors = still_stopping,
+                "actors still stopping at the deadline (the drain timeout) are left without \
+                 their final snapshot: what they made durable stays, and their next \
+                 activation replays a longer tail"
+            );
+        }
         if let Err(e) = self.shared.journal.barrier().await {
             tracing::error!(error = %e, "final journal flush failed");
         }

@@ -303,6 +303,43 @@ fn sigkill_under_load_loses_no_acknowledged_event() {
     assert!(server.terminate().success());
 }
 
+/// Nothing holds a graceful stop past the drain timeout, final snapshots included: devices
+/// whose every snapshot spins to its time budget (1 s here) each held the stop for that
+/// budget, one after another, so 12 of them took 12 s past a 2 s drain timeout. What they
+/// made durable is all there after the restart.
+#[test]
+fn sigterm_is_not_held_past_the_drain_timeout_by_final_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let flags = ["--drain-timeout-secs", "2", "--call-timeout-ms", "1000"];
+    let mut server = Server::start(&data, &flags);
+    let api = server.api();
+    let devices: Vec<String> = (0..12).map(|i| format!("spin-{i}")).collect();
+    for id in &devices {
+        api.provision(id, "misbehave", json!({}));
+        api.send(id, &json!({"type": "ok"}));
+        api.send(id, &json!({"type": "loop_on_snapshot"}));
+    }
+    let asked = std::time::Instant::now();
+    assert!(server.terminate().success());
+    let took = asked.elapsed();
+    // 2 s of drain, the rest slack for a loaded machine; 12 s and more without the bound.
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+    let log = server.log_text();
+    assert!(log.contains("left without their final snapshot"), "{log}");
+
+    let server = Server::start(&data, &flags);
+    let api = server.api();
+    for id in &devices {
+        let device = api.get(&format!("/v1/devices/{id}/journal")).body;
+        assert_eq!(
+            device["records"].as_array().map(Vec::len),
+            Some(2),
+            "{id}: {device}"
+        );
+    }
+}
+
 #[test]
 fn media_damage_refuses_to_start_and_salvage_keeps_every_intact_event() {
     let root = tempfile::tempdir().expect("tempdir");

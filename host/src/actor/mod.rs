@@ -296,8 +296,19 @@ pub struct ActorHandle {
 impl ActorHandle {
     /// Closes the mailbox and waits until the actor has handled everything already in it.
     pub async fn closed(self) {
+        Self::stopped(self.close()).await;
+    }
+
+    /// Closes the mailbox: the actor stops once it has handled what is already in it and
+    /// taken its final snapshot. Await the task with [`ActorHandle::stopped`].
+    pub fn close(self) -> tokio::task::JoinHandle<()> {
         drop(self.tx);
-        if let Err(e) = self.task.await {
+        self.task
+    }
+
+    /// Waits for a task [`ActorHandle::close`] returned.
+    pub async fn stopped(task: tokio::task::JoinHandle<()>) {
+        if let Err(e) = task.await {
             tracing::error!(error = %e, "actor task failed");
         }
     }

@@ -9,7 +9,9 @@
 //!    `shutting-down`, and a connection with no request being handled (a head still
 //!    arriving, an answer not read) is closed after the same grace;
 //! 3. the caller then runs [`Runtime::shutdown`](crate::Runtime::shutdown), which drains the
-//!    mailboxes and flushes the journal.
+//!    mailboxes and flushes the journal (`drover serve` runs
+//!    [`Runtime::shutdown_by`](crate::Runtime::shutdown_by) with what is left of the drain
+//!    timeout, so that guests whose final snapshots are slow cannot hold the stop either).
 //!
 //! Step 2 is bounded by a drain timeout so a client that never finishes its request cannot
 //! hold the process up; requests cut off there were never acknowledged.

@@ -440,8 +440,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting without waiting for the drain");
         std::process::exit(130);
     });
-    let drained = server.shutdown(args.tuning.drain_timeout()).await;
-    rt.shutdown().await;
+    // One deadline for the whole stop: connections first, then the actors (their final
+    // snapshots), with at least the shutdown grace left for those.
+    let drain = args.tuning.drain_timeout();
+    let deadline = std::time::Instant::now() + drain;
+    let drained = server.shutdown(drain).await;
+    rt.shutdown_by(
+        deadline.max(std::time::Instant::now() + drover::config::defaults::SHUTDOWN_GRACE),
+    )
+    .await;
     tracing::info!(drained, "stopped");
     Ok(())
 }
