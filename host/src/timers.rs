@@ -24,7 +24,20 @@
 //!
 //! Firing a timer puts a [`Message::Internal`] with origin `timer` into the device's mailbox
 //! (activating it). The actor checks it against the journal before handling it, so a timer
-//! cancelled or replaced after it left the wheel never fires. A timer never fires early: it
+//! cancelled or replaced after it left the wheel never fires.
+//!
+//! # Handed out once
+//!
+//! A timer handed to its device stays pending in the index until the record of its firing is
+//! durable, and every such record syncs the device's entry. Were the entry put back at the
+//! earliest pending timer, a device with N timers due together would have the N − 1 still
+//! in its mailbox handed out again after each firing: N²/2 messages (5,000 timers made 7.6M,
+//! and periodic ones did it every period). So the wheel remembers, per device, what it last
+//! handed out as a watermark ([`Handed`]: when, and the last record whose timers it
+//! covered), and a sync schedules only timers past it. What was handed out is left to the
+//! actor, which handles it, consumes it, or asks for it again itself (a quarantine, a
+//! timeout: `Durable::timer_retry`); if it is still pending [`HANDED_OUT_FOR`] later (lost
+//! with an actor task that panicked, or a long backlog) it is handed out again. A timer never fires early: it
 //! leaves the wheel only once the host's clock has reached its due time, and the event's
 //! `at_ms` is taken after that.
 
@@ -48,6 +61,11 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// The most devices taken in one turn before the task yields.
 const BATCH: usize = 4096;
 
+/// How long timers handed to a device are left to its actor before the wheel hands out the
+/// ones still pending again, ms: the actor's own retry of a firing it could not handle
+/// (`crate::actor::INTERNAL_RETRY`, 5 s) comes first.
+const HANDED_OUT_FOR: u64 = 5_000;
+
 /// See the module docs.
 #[derive(Default)]
 pub struct TimerWheel {
@@ -64,6 +82,28 @@ struct Wheel {
     /// highest number with a timer; a hash map cost ~34 per device with one (entries padded
     /// to 16 bytes, a table at most 7/8 full that doubles).
     at: Vec<u64>,
+    /// What was last handed out to each device whose firings may still be in its mailbox
+    /// (see "Handed out once"): few devices at a time, so a map.
+    handed: std::collections::HashMap<u32, Handed>,
+}
+
+/// Timers handed to a device: every timer due by `at_ms` that a record up to `seq` set.
+/// A timer set later, even one due earlier, is not among them (its record came after).
+#[derive(Debug, Clone, Copy)]
+struct Handed {
+    at_ms: u64,
+    seq: u64,
+}
+
+impl Handed {
+    fn covers(self, t: &TimerEntry) -> bool {
+        t.due_ms <= self.at_ms && t.set().seq <= self.seq
+    }
+
+    /// Whether it is time to hand out again what is still pending.
+    fn stale(self, now_ms: u64) -> bool {
+        now_ms >= self.at_ms.saturating_add(HANDED_OUT_FOR)
+    }
 }
 
 /// An entry of [`Wheel::due`]: a due time and a device number, ordered by due time, then
@@ -133,13 +173,43 @@ impl Wheel {
     fn placed(&self, num: u32) -> bool {
         self.at.get(num as usize).is_some_and(|&d| d != NOWHERE)
     }
+
+    /// When device `num` must be looked at next, given its pending `timers`: its earliest
+    /// timer not handed out yet, or, while some handed out are still pending, when they go
+    /// stale. Forgets a hand-out that is stale or fully resolved.
+    fn next_look(
+        &mut self,
+        num: u32,
+        timers: &VecMap<TimerKey, TimerEntry>,
+        now_ms: u64,
+    ) -> Option<u64> {
+        let earliest = |skip: Option<Handed>| {
+            timers
+                .values()
+                .filter(|t| !skip.is_some_and(|h| h.covers(t)))
+                .map(|t| t.due_ms)
+                .min()
+        };
+        let Some(&handed) = self.handed.get(&num) else {
+            return earliest(None);
+        };
+        if handed.stale(now_ms) || !timers.values().any(|t| handed.covers(t)) {
+            self.handed.remove(&num);
+            return earliest(None);
+        }
+        let again = handed.at_ms.saturating_add(HANDED_OUT_FOR);
+        Some(earliest(Some(handed)).map_or(again, |e| e.min(again)))
+    }
 }
 
 impl TimerWheel {
     /// Makes device `num`'s entry match `timers` (its pending timers, as the index has them).
     pub fn sync(&self, num: u32, timers: &VecMap<TimerKey, TimerEntry>) {
-        let earliest = timers.values().map(|t| t.due_ms).min();
-        if self.state.lock().place(num, earliest) {
+        let now = clock::now_ms();
+        let mut wheel = self.state.lock();
+        let next = wheel.next_look(num, timers, now);
+        if wheel.place(num, next) {
+            drop(wheel);
             self.wake.notify_one();
         }
     }
@@ -194,7 +264,12 @@ impl TimerWheel {
             let due = journal.due_timers(&devices, now);
             let mut next_of = Vec::with_capacity(due.len());
             for (num, timers) in due {
+                let handed = self.hand_out(num, &timers.due, now);
                 for (key, t) in timers.due {
+                    if handed.is_some_and(|h| h.covers(&t)) {
+                        // In its mailbox already, from an earlier hand-out still fresh.
+                        continue;
+                    }
                     postman.post(
                         &timers.device,
                         Message::Internal(Box::new(InternalEvent {
@@ -212,12 +287,21 @@ impl TimerWheel {
                 next_of.push((num, timers.next_ms));
             }
             // The due ones are back at their next due time (or gone) once their firing
-            // records are durable (a sync); until then each device waits for its others.
+            // records are durable (a sync); until then each device waits for its others, or
+            // until what it was handed goes stale.
             {
                 let mut wheel = self.state.lock();
                 for (num, next_ms) in next_of {
                     if !wheel.placed(num) {
-                        wheel.place(num, next_ms);
+                        let again = wheel
+                            .handed
+                            .get(&num)
+                            .map(|h| h.at_ms.saturating_add(HANDED_OUT_FOR));
+                        let next = match (next_ms, again) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        wheel.place(num, next);
                     }
                 }
             }
@@ -235,6 +319,20 @@ impl TimerWheel {
                 () = &mut woken => {}
             }
         }
+    }
+
+    /// Records that device `num` is handed its `due` timers at `now`; returns the hand-out
+    /// still fresh before it, whose timers are in the mailbox already (`None` if it was
+    /// stale: what it covered is handed out again).
+    fn hand_out(&self, num: u32, due: &[(TimerKey, TimerEntry)], now: u64) -> Option<Handed> {
+        let Some(seq) = due.iter().map(|(_, t)| t.set().seq).max() else {
+            return None;
+        };
+        let mut wheel = self.state.lock();
+        let before = wheel.handed.get(&num).copied().filter(|h| !h.stale(now));
+        let seq = before.map_or(seq, |h| h.seq.max(seq));
+        wheel.handed.insert(num, Handed { at_ms: now, seq });
+        before
     }
 
     /// Takes up to [`BATCH`] devices with an entry due at `now`, and says when the next
@@ -312,6 +410,58 @@ mod tests {
         wheel.place_all(vec![(9, 500), (8, 600), (9, 20)]);
         assert_eq!(wheel.scheduled(), 2);
         assert_eq!(wheel.take_due(599), (vec![9], Some(600)));
+    }
+
+    #[test]
+    fn timers_handed_out_are_not_handed_out_again_until_stale() {
+        let wheel = TimerWheel::default();
+        // Three timers set by record 1, due together at 100; one set by record 2 at 900.
+        let pending = map(vec![
+            ("a", timer(100, 1)),
+            ("b", timer(100, 1)),
+            ("c", timer(100, 1)),
+            ("d", timer(900, 2)),
+        ]);
+        wheel.state.lock().place(3, Some(100));
+        assert_eq!(wheel.take_due(200).0, [3]);
+        let due: Vec<_> = pending
+            .iter()
+            .filter(|(_, t)| t.due_ms <= 200)
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        assert!(
+            wheel.hand_out(3, &due, 200).is_none(),
+            "nothing handed before"
+        );
+        let look = |pending: &VecMap<TimerKey, TimerEntry>, now| {
+            wheel.state.lock().next_look(3, pending, now)
+        };
+        // `a` fired: its record's sync finds `b` and `c` pending, handed out, so the device
+        // waits for `d`, not for them.
+        let mut left = pending.clone();
+        left.remove(&TimerKey::from("a"));
+        assert_eq!(look(&left, 250), Some(900));
+        // A timer set afterwards (record 5), due in the past, is not among those handed out.
+        let mut late = left.clone();
+        late.insert("e".into(), timer(50, 5));
+        assert_eq!(look(&late, 260), Some(50));
+        // Handed out again only once stale, if still pending.
+        let mut stuck = left.clone();
+        stuck.remove(&TimerKey::from("d"));
+        assert_eq!(look(&stuck, 300), Some(200 + HANDED_OUT_FOR));
+        assert_eq!(look(&stuck, 200 + HANDED_OUT_FOR), Some(100));
+        assert!(
+            wheel.state.lock().handed.is_empty(),
+            "a stale hand-out is forgotten"
+        );
+        // A hand-out whose timers all fired is forgotten at the next sync.
+        assert!(wheel.hand_out(3, &due, 300).is_none());
+        assert_eq!(look(&map(vec![("d", timer(900, 2))]), 400), Some(900));
+        assert!(wheel.state.lock().handed.is_empty());
+        // Handed out while an earlier hand-out is fresh: the earlier one's timers are skipped.
+        assert!(wheel.hand_out(3, &due, 400).is_none());
+        let before = wheel.hand_out(3, &due, 500).expect("fresh");
+        assert!(due.iter().all(|(_, t)| before.covers(t)));
     }
 
     #[test]
