@@ -120,7 +120,7 @@ async fn decide_now(
             instance_lost: false,
         });
     }
-    let effects = effects_of(outcome.effects).map_err(|error| Failed {
+    let effects = effects_of(outcome.effects, ctx.at_ms).map_err(|error| Failed {
         error,
         instance_lost: false,
     })?;
@@ -190,10 +190,11 @@ fn payload_len(e: &GuestEffect) -> usize {
     }
 }
 
-/// Checks the guest's effects and turns them into what the journal records. Payloads must be
-/// JSON (they become events and commands other parties parse), targets valid device ids,
-/// timer keys non-empty and short.
-fn effects_of(effects: Vec<GuestEffect>) -> Result<Vec<Effect>, Error> {
+/// Checks the guest's effects, of an event at `at_ms`, and turns them into what the journal
+/// records. Payloads must be JSON (they become events and commands other parties parse),
+/// targets valid device ids, timer keys non-empty and short, times readable (see
+/// [`MAX_TIMER_MS`]).
+fn effects_of(effects: Vec<GuestEffect>, at_ms: u64) -> Result<Vec<Effect>, Error> {
     if effects.len() > MAX_EFFECTS {
         return Err(Error::InvalidEffect(format!(
             "{} effects from one event, over the limit of {MAX_EFFECTS}",
@@ -221,6 +222,15 @@ fn effects_of(effects: Vec<GuestEffect>) -> Result<Vec<Effect>, Error> {
             Ok(match e {
                 GuestEffect::Command(c) => {
                     json("a command", &c.payload)?;
+                    if let Some(ttl) = c.ttl_ms.filter(|t| at_ms.saturating_add(*t) > MAX_TIMER_MS)
+                    {
+                        return Err(Error::InvalidEffect(format!(
+                            "a command's time to live of {ttl} ms ends past {MAX_TIMER_MS} ms \
+                             (2^53 - 1, the integers a JSON client reads exactly; year 287396): \
+                             leave the time to live out for a command that waits until \
+                             acknowledged"
+                        )));
+                    }
                     Effect::Command {
                         payload: c.payload,
                         ttl_ms: c.ttl_ms,
@@ -274,9 +284,10 @@ fn effects_of(effects: Vec<GuestEffect>) -> Result<Vec<Effect>, Error> {
         .collect()
 }
 
-/// The latest due time, and the longest period, of a timer: 2^53 - 1 ms, the largest integer
-/// a JSON client reading into a double (JavaScript's `Number`) gets exactly, so the API's
-/// timer listings never show a time a dashboard reads wrong. A guest that saturates a time
+/// The latest due time, and the longest period, of a timer, and the latest time a command
+/// expires: 2^53 - 1 ms, the largest integer a JSON client reading into a double
+/// (JavaScript's `Number`) gets exactly, so the API's timer and outbox listings never show a
+/// time a dashboard reads wrong. A guest that saturates a time
 /// (`after_ms(u64::MAX)`) gets `invalid-effect`, not a timer due at a time no one can read.
 pub const MAX_TIMER_MS: u64 = (1 << 53) - 1;
 

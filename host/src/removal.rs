@@ -121,6 +121,9 @@ impl Runtime {
             .device(id)
             .ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
         let at_ms = clock::now_ms();
+        // Commands past their time to live leave the outbox, as a read of it would drop them:
+        // they are not owed, so the removal does not count them as cancelled.
+        journal.outbox(head.num, at_ms);
         let archive = if archive {
             // File writes and fsyncs: off the async threads.
             let (rt, owned, seq) = (self.clone(), id.to_string(), head.seq);

@@ -1454,6 +1454,25 @@ async fn a_periodic_timer_repeats_at_most_once_a_second() {
         assert!(err.to_string().contains("2^53 - 1"), "{err}");
     }
     assert!(rt.timers("m").expect("timers").is_empty());
+    // So is a command whose time to live ends past it (the twin's commands carry the
+    // configured one): its `expires_ms` was listed as 2^64 - 1.
+    for ttl in [u64::MAX, 1 << 53] {
+        rt.provision(
+            &format!("c{ttl}"),
+            "misbehave",
+            &json!({"twin_ttl_ms": ttl}),
+        )
+        .await
+        .expect("provision");
+        let desire = json!({"type": "desire", "set": {"mode": "eco"}}).to_string();
+        let err = rt
+            .send(&format!("c{ttl}"), &desire)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), "invalid-effect", "{ttl}: {err}");
+        assert!(err.to_string().contains("2^53 - 1"), "{err}");
+        assert!(rt.commands(&format!("c{ttl}")).expect("outbox").is_empty());
+    }
     rt.send("m", &arm(1_000))
         .await
         .expect("once a second is fine");
@@ -1468,6 +1487,27 @@ async fn a_periodic_timer_repeats_at_most_once_a_second() {
 /// whole delta; the last report records the version reached and sends nothing; a local
 /// change is put back; and the state rebuilt from the journal after a restart is the live
 /// one. (The twin was tested only natively in the SDK: no plugin used it through the host.)
+/// A command past its time to live is not owed: removing its device does not count it as
+/// cancelled, whether or not its outbox was read since (a read is what dropped it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_cancels_no_command_past_its_time_to_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    for (id, ttl_ms) in [("short", 200), ("long", 600_000)] {
+        rt.provision(id, "misbehave", &json!({"twin_ttl_ms": ttl_ms}))
+            .await
+            .expect("provision");
+        let desire = json!({"type": "desire", "set": {"mode": "eco"}});
+        rt.send(id, &desire.to_string()).await.expect("desired");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let short = rt.remove_device("short", false).await.expect("removed");
+    assert_eq!(short.cancelled.commands, 0, "{:?}", short.cancelled);
+    let long = rt.remove_device("long", false).await.expect("removed");
+    assert_eq!(long.cancelled.commands, 1, "{:?}", long.cancelled);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_twin_sends_its_delta_until_reported_and_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -139,8 +139,8 @@ impl DeviceInfo {
     }
 
     /// What the device still owes, counted as its removal drops it: messages its targets
-    /// have not handled, commands not acknowledged (those past their time to live, which no
-    /// read has dropped yet, included), timers pending.
+    /// have not handled, commands not acknowledged (a removal first drops those past their
+    /// time to live, as a read of the outbox does), timers pending.
     fn owed_at_removal(&self) -> Cancelled {
         Cancelled {
             messages: self

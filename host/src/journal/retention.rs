@@ -126,6 +126,10 @@ fn bounds(
     mut visit: impl FnMut(Pin, bool),
 ) -> Result<(), String> {
     let nums: Vec<u32> = index.read().devices.keys().copied().collect();
+    // A command past its time to live is no longer owed, though it stays in the index until
+    // a read of its outbox drops it: it pins nothing (an outbox nobody reads held every
+    // later segment for good).
+    let now_ms = crate::clock::now_ms();
     let mut turn_bounds = Vec::new();
     for turn in nums.chunks(DEVICES_PER_TURN) {
         let index = index.read();
@@ -159,8 +163,9 @@ fn bounds(
                 .chain(
                     d.outbox()
                         .into_iter()
-                        .flat_map(|o| o.keys())
-                        .map(|id| id.seq),
+                        .flat_map(|o| o.iter())
+                        .filter(|(_, c)| c.expires_ms.is_none_or(|e| e > now_ms))
+                        .map(|(id, _)| id.seq),
                 )
                 .min();
             let (needed, why) = match pending {

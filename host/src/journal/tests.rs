@@ -3549,6 +3549,57 @@ async fn retention_keeps_the_record_of_a_pending_timer() {
     assert!(journal.record_fx(0, 1).expect("readable").is_some());
 }
 
+/// A command pins the record that issued it while it waits for its acknowledgement, and
+/// no longer once past its time to live, even if nobody read the outbox (which is what
+/// drops it from the index): such a command held every later segment for good.
+#[tokio::test]
+async fn retention_lets_go_of_a_command_past_its_time_to_live() {
+    for (ttl_ms, pinned) in [(None, true), (Some(500), false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = retaining(dir.path(), 0).expect("open");
+        let (r, e) = version_record(0);
+        journal.append(&r, e).await.expect("version");
+        let (r, e) = device_record(0, "a");
+        journal.append(&r, e).await.expect("device");
+        let fx = Fx {
+            origin: Origin::External,
+            effects: vec![Effect::Command {
+                payload: r#"{"type":"ping"}"#.into(),
+                ttl_ms,
+            }],
+        };
+        let record = Record::Event(EventRecord {
+            device: 0,
+            seq: 1,
+            at_ms: 1001,
+            version: 0,
+            event: b"{}".to_vec(),
+            transitions: vec![],
+            lost: false,
+            fx: Some(fx.clone()),
+        });
+        let effect = IndexEffect::Event {
+            device: 0,
+            seq: 1,
+            fx: Some(Box::new((1001, fx))),
+        };
+        journal.append(&record, effect).await.expect("event 1");
+        let issued = journal.index().offset_of(0, 1).expect("offset");
+        events_with_snapshots(&journal, 0, 2, 3000, 50).await;
+        index_settled(&journal).await;
+        let pass = journal.retain_now().expect("pass");
+        let pin = pass.pinned_by.expect("pinned");
+        assert_eq!(
+            pin.reason == "pending-effects",
+            pinned,
+            "ttl {ttl_ms:?}: {pin:?}"
+        );
+        assert_eq!(journal.retained_from() <= issued, pinned, "ttl {ttl_ms:?}");
+        // The outbox was never read: the expired command is still in the index.
+        assert_eq!(journal.outbox_len(0), 1, "ttl {ttl_ms:?}");
+    }
+}
+
 /// Events `from..=to` of device `num` and a snapshot every `every` (0: none), pipelined 100
 /// at a time (so they take many commits, and segments roll over between them).
 async fn events_with_snapshots(journal: &Journal, num: u32, from: u64, to: u64, every: u64) {
