@@ -273,6 +273,7 @@ impl Registry {
             }
             Err(e) => return Err(e),
         }
+        check_components(&dir, &table);
         Ok(Registry {
             engine,
             journal,
@@ -303,6 +304,13 @@ impl Registry {
             let live = |v: &&VersionInfo| !table.removed.contains(&v.id);
             if let Some(v) = mine().filter(live).find(|v| v.digest == digest).cloned() {
                 drop(table);
+                // The bytes just given are the ones registered: a stored copy damaged or
+                // lost since is written again from them (what the damaged copy's error
+                // advises).
+                let wasm = self.dir.join(format!("{}.wasm", hex::encode(digest)));
+                if let Err(e) = write_component(&wasm, &bytes, &digest) {
+                    return Err(Error::writing("storing the plugin's component", e));
+                }
                 if origin == Origin::Startup && self.startup_may_point(name) {
                     self.point(v.id, Origin::Startup)?;
                 }
@@ -319,7 +327,7 @@ impl Registry {
         let compiled = tokio::task::spawn_blocking(move || -> Result<CompiledPlugin, Error> {
             let (compiled, artifact) = engine.compile_with_artifact(&bytes)?;
             let hex = hex::encode(digest);
-            write_once(&dir.join(format!("{hex}.wasm")), &bytes)
+            write_component(&dir.join(format!("{hex}.wasm")), &bytes, &digest)
                 .map_err(|e| Error::writing("storing the plugin's component", e))?;
             if !artifact.is_empty()
                 && let Err(e) = write_once(
@@ -758,6 +766,57 @@ fn remove_stale_temporaries(dir: &Path) {
             Err(e) => {
                 tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a plugin file a stopped process left half written")
             }
+        }
+    }
+}
+
+/// Says, at open, which stored components of versions not removed are missing or damaged
+/// (their bytes no longer hash to their name). Their devices run on from the precompiled
+/// artifact while it is intact (made from the bytes as registered), so without this the
+/// damage showed only once the artifact had to be made again, or in a backup's copy.
+fn check_components(dir: &Path, table: &Table) {
+    let mut seen = std::collections::HashSet::new();
+    for v in table
+        .versions
+        .iter()
+        .filter(|v| !table.removed.contains(&v.id))
+    {
+        if !seen.insert(v.digest) {
+            continue;
+        }
+        let hex = hex::encode(v.digest);
+        let wasm = dir.join(format!("{hex}.wasm"));
+        let damage = match std::fs::read(&wasm) {
+            Ok(bytes) if <[u8; 32]>::from(Sha256::digest(&bytes)) == v.digest => continue,
+            Ok(_) => "damaged: its bytes no longer match their sha256".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing".to_string(),
+            Err(e) => format!("unreadable: {e}"),
+        };
+        tracing::error!(
+            file = %wasm.display(),
+            plugin = %v.plugin,
+            version = v.number,
+            "plugin component {damage}; its devices run from its precompiled artifact while \
+             that is intact, and answer 503 plugin-unavailable once it is not; upload the \
+             same plugin file again (`drover plugin push`) or restore plugins/{hex}.wasm from \
+             a backup to repair it"
+        );
+    }
+}
+
+/// Stores a component (`bytes`, whose sha256 is `digest`) at `path`, its content-addressed
+/// name: left alone if a file there already holds exactly those bytes, written afresh (see
+/// [`write_replace`]) if it is missing, or damaged (its bytes no longer hash to its name),
+/// so an upload of the same bytes repairs it.
+fn write_component(path: &Path, bytes: &[u8], digest: &[u8; 32]) -> std::io::Result<()> {
+    match std::fs::read(path) {
+        Ok(stored) if <[u8; 32]>::from(Sha256::digest(&stored)) == *digest => Ok(()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        found => {
+            if found.is_ok() {
+                tracing::warn!(file = %path.display(), "plugin component damaged on disk: written again from the uploaded bytes");
+            }
+            write_replace(path, bytes)
         }
     }
 }

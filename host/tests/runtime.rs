@@ -1942,6 +1942,66 @@ async fn a_device_whose_component_is_missing_says_so() {
     rt.shutdown().await;
 }
 
+/// A stored component whose bytes no longer match their digest is reported when the data
+/// directory is opened (its devices run on from the intact precompiled artifact, so nothing
+/// else showed it), and uploading the same plugin file again repairs it: the upload answered
+/// the existing version and left the damaged file, whose devices then stayed unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_component_is_reported_at_open_and_repaired_by_uploading_it_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path(), 0).await;
+    rt.provision("t1", "thermostat", &json!({}))
+        .await
+        .expect("provision");
+    let reading = r#"{"type":"reading","celsius":20}"#;
+    rt.send("t1", reading).await.expect("event");
+    let digest = rt
+        .journal()
+        .versions()
+        .into_iter()
+        .find(|v| v.plugin == "thermostat")
+        .map(|v| hex::encode(v.digest))
+        .expect("thermostat");
+    rt.shutdown().await;
+    drop(rt);
+    let wasm = dir.path().join("plugins").join(format!("{digest}.wasm"));
+    let good = std::fs::read(&wasm).expect("component");
+    let mut damaged = good.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle..middle + 4].copy_from_slice(b"XXXX");
+    std::fs::write(&wasm, &damaged).expect("damage it");
+
+    {
+        let (logs, _logging) = support::Logs::capture();
+        let journal = Journal::open_read_only(dir.path()).expect("journal");
+        let engine = drover::engine::Engine::new(Default::default()).expect("engine");
+        drover::registry::Registry::open(engine, journal, dir.path()).expect("registry");
+        let text = logs.text();
+        assert!(
+            text.contains("plugin component damaged") && text.contains("plugin push"),
+            "{text}"
+        );
+    }
+
+    // Without its artifact the device cannot run, until the same file is uploaded again.
+    std::fs::remove_file(wasm.with_extension("cwasm")).expect("remove the artifact");
+    let rt = Runtime::builder(dir.path())
+        .call_timeout(Duration::from_millis(300))
+        .open()
+        .await
+        .expect("runtime opens");
+    let err = rt.send("t1", reading).await.expect_err("no component");
+    assert_eq!(err.kind(), ErrorKind::PluginUnavailable, "{err}");
+    let (version, new) = rt
+        .register_plugin("thermostat", good.clone(), drover::registry::Origin::Upload)
+        .await
+        .expect("uploaded");
+    assert!(!new, "the same version: {version:?}");
+    assert_eq!(std::fs::read(&wasm).expect("component"), good, "repaired");
+    rt.send("t1", reading).await.expect("runs again");
+    rt.shutdown().await;
+}
+
 /// Histories are folded many transitions per guest call (`apply-batch`): a record the plugin
 /// cannot fold in the middle of a batch is still named exactly, whether the plugin refuses
 /// it (the batch says which one) or traps on it (found by folding once more, one call each).
