@@ -395,6 +395,21 @@ fn provision_send_and_read_back_both_plugins() {
     let (ok, out, err) = cli(&["plugin", "rollback", "thermostat", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("thermostat v2 -> v1 (rollback)"), "{out}");
+    // A rollback refused alike says so in the CLI's words too (it printed the API's).
+    let (ok, _, err) = cli(&["plugin", "deploy", "misbehave", "1", "--server", url]);
+    assert!(ok, "{err}");
+    api.provision("m5", "misbehave", json!({}));
+    for _ in 0..5 {
+        api.send("m5", &json!({"type": "ok"}));
+    }
+    let (ok, _, err) = cli(&["plugin", "rollback", "misbehave", "--server", url]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("(`--force`)") && !err.contains("\"force\": true"),
+        "{err}"
+    );
+    let removed = api.call(Method::DELETE, "/v1/devices/m5", None);
+    assert_eq!(removed.status, 200, "{}", removed.text);
     let (ok, out, _) = cli(&["devices", "--ids", "--server", url]);
     assert!(ok);
     assert_eq!(out.lines().collect::<Vec<_>>(), ["front", "hall", "porch"]);

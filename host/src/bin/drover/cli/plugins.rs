@@ -147,7 +147,8 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             }
             if deploy {
                 let version = u["version"].as_u64().unwrap_or(0);
-                return deploy_and_print(&api, &name, json!({"version": version}), json_out);
+                let path = format!("/v1/plugins/{}/deploy", segment(&name)?);
+                return deploy_and_print(&api, &path, json!({"version": version}), json_out);
             }
         }
         PluginsAction::Deploy {
@@ -155,25 +156,17 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             version,
             force,
         } => {
+            let path = format!("/v1/plugins/{}/deploy", segment(&name)?);
             return deploy_and_print(
                 &api,
-                &name,
+                &path,
                 json!({"version": version, "force": force}),
                 json_out,
             );
         }
         PluginsAction::Rollback { name, force } => {
-            let req = api
-                .post(&format!("/v1/plugins/{}/rollback", segment(&name)?))
-                .timeout(LONG_OPERATION_TIMEOUT)
-                .json(&json!({"force": force}));
-            let (text, report): (String, Value) = api.call_json(req)?;
-            if json_out {
-                println!("{text}");
-            } else {
-                print_deploy(&report);
-            }
-            return Ok(outcome(&report));
+            let path = format!("/v1/plugins/{}/rollback", segment(&name)?);
+            return deploy_and_print(&api, &path, json!({"force": force}), json_out);
         }
         PluginsAction::Remove { name, version } => {
             let path = match version {
@@ -222,16 +215,14 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Posts a deploy or rollback (`path`) and prints its report.
 fn deploy_and_print(
     api: &ApiClient,
-    name: &str,
+    path: &str,
     body: Value,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
-    let req = api
-        .post(&format!("/v1/plugins/{}/deploy", segment(name)?))
-        .timeout(LONG_OPERATION_TIMEOUT)
-        .json(&body);
+    let req = api.post(path).timeout(LONG_OPERATION_TIMEOUT).json(&body);
     let (text, report): (String, Value) = api.call_json(req).map_err(|e| {
         // The server's words are the API's (`"force": true`); the flag is the CLI's.
         match e.downcast::<ApiFailure>() {
@@ -241,7 +232,8 @@ fn deploy_and_print(
                     f.message = f.message.replace(API, "(`--force`)");
                 } else {
                     f.message.push_str(
-                        "; `--force` would deploy anyway, leaving such devices on their version",
+                        "; `--force` would move the plugin anyway, leaving such devices on their \
+                         version",
                     );
                 }
                 f.into()
