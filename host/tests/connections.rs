@@ -998,6 +998,19 @@ async fn a_request_without_one_valid_host_header_is_refused() {
             assert!(answer.contains("\"malformed-request\""), "{answer}");
         }
     }
+    // Refused, the connection is closed at once, whatever the client asked for (a GET's
+    // stayed open until the header timeout, 5 s here).
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+            .expect("write");
+        read_to_close(conn)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
     server.shutdown(Duration::from_secs(1)).await;
     rt.shutdown().await;
 }

@@ -350,7 +350,16 @@ pub async fn host(req: Request, next: axum::middleware::Next) -> axum::response:
         }),
     };
     match refusal {
-        Some(message) => ApiError::malformed_request(message).into_response(),
+        Some(message) => {
+            // Closed, as every request refused before routing is: a client this broken (or
+            // probing) is not kept on a keep-alive connection until the header timeout.
+            let mut response = ApiError::malformed_request(message).into_response();
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
         None => next.run(req).await,
     }
 }
