@@ -1157,6 +1157,30 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     );
 }
 
+/// A timer's key is the guest's choice of up to 256 bytes: the CLI prints its control
+/// characters escaped, so a key cannot forge lines of `drover timers` or `drover journal`, or
+/// send the terminal escape sequences.
+#[test]
+fn timer_keys_cannot_forge_cli_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+    api.provision("k", "misbehave", json!({}));
+    let key = "evil\nfake  due 1970  {}\u{1b}[31mRED";
+    let arm = json!({"type": "arm", "key": key, "after_ms": 600_000, "event": {"type": "ok"}});
+    api.send("k", &arm);
+    for args in [["timers", "k"], ["journal", "k"]] {
+        let (ok, out, err) = cli(&[args[0], args[1], "--server", &server.url]);
+        assert!(ok, "{err}");
+        assert!(!out.contains('\u{1b}'), "{out:?}");
+        assert!(
+            out.lines().all(|l| !l.starts_with("fake")),
+            "a forged line: {out}"
+        );
+        assert!(out.contains("evil\\nfake"), "{out}");
+    }
+}
+
 /// `drover timers` on a quarantined device says why a timer past its due time has not
 /// fired: firings wait for the quarantine to end. The listing alone showed a due time in the
 /// past, which reads as a lost timer.

@@ -10,7 +10,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::client::{ApiClient, ClientOpts, query_value, segment};
-use super::format::{pretty, timestamp};
+use super::format::{one_line, pretty, timestamp};
 
 /// `drover send`.
 #[derive(Debug, Args)]
@@ -250,7 +250,7 @@ fn origin_line(o: &Value) -> String {
             };
             format!(
                 "timer {} due {}{missed}",
-                o["key"].as_str().unwrap_or("?"),
+                one_line(o["key"].as_str().unwrap_or("?")),
                 timestamp(o["due_ms"].as_u64().unwrap_or(0))
             )
         }
@@ -260,7 +260,7 @@ fn origin_line(o: &Value) -> String {
 
 /// One line for an effect, as `drover journal` prints it.
 fn effect_line(e: &Value) -> String {
-    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let text = |v: &Value| one_line(v.as_str().unwrap_or(""));
     match e["type"].as_str() {
         Some("send") => format!("send to {}: {}", text(&e["to"]), text(&e["event"])),
         Some("command") => format!("command: {}", text(&e["payload"])),

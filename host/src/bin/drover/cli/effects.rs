@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::client::{ApiClient, ApiFailure, ClientOpts, segment};
-use super::format::timestamp;
+use super::format::{one_line, timestamp};
 
 /// `drover commands`.
 #[derive(Debug, Args)]
@@ -194,7 +194,7 @@ pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         println!(
             "{}  due {}{every}  {}",
-            t["key"].as_str().unwrap_or_default(),
+            one_line(t["key"].as_str().unwrap_or_default()),
             timestamp(t["due_ms"].as_u64().unwrap_or_default()),
             t["event"]
         );

@@ -1,5 +1,21 @@
 //! Readable output for the client commands.
 
+/// `text` (a timer's key, an effect's payload: what a guest chose) as the terminal should
+/// show it: control characters (a newline, an escape sequence) written as escapes (`\n`,
+/// `\u{1b}`), so a guest cannot forge lines of the output or drive the terminal; the rest as
+/// is.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `ms` since the Unix epoch as an RFC 3339 UTC timestamp with milliseconds.
 pub fn timestamp(ms: u64) -> String {
     let secs = ms / 1000;
@@ -47,5 +63,14 @@ mod tests {
         assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(timestamp(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(one_line("heartbeat"), "heartbeat");
+        assert_eq!(one_line(r#"{"a": "b\"c"}"#), r#"{"a": "b\"c"}"#);
+        assert_eq!(one_line("evil\nfake  due 1970"), "evil\\nfake  due 1970");
+        assert_eq!(one_line("\u{1b}[31mRED"), "\\u{1b}[31mRED");
+        assert_eq!(one_line("tab\there é"), "tab\\there é");
     }
 }
