@@ -10,6 +10,7 @@
 //! In dependency order: no module uses one listed after it.
 //!
 //! * [`clock`]: host time and per-event seeds (guests have no clock of their own).
+//! * `log_limit`: lines a burst would repeat, logged at most once a second with a count.
 //! * [`config`]: every setting and its default, in one place.
 //! * [`view`]: what callers get back: devices, states, journal pages.
 //! * [`engine`]: wasmtime setup, what guests may import, containment of bad guests.
@@ -63,6 +64,7 @@ pub mod export;
 pub mod http;
 pub mod journal;
 mod leftovers;
+mod log_limit;
 pub mod metrics;
 mod outbox;
 mod outbox_api;

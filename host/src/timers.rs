@@ -325,9 +325,7 @@ impl TimerWheel {
     /// still fresh before it, whose timers are in the mailbox already (`None` if it was
     /// stale: what it covered is handed out again).
     fn hand_out(&self, num: u32, due: &[(TimerKey, TimerEntry)], now: u64) -> Option<Handed> {
-        let Some(seq) = due.iter().map(|(_, t)| t.set().seq).max() else {
-            return None;
-        };
+        let seq = due.iter().map(|(_, t)| t.set().seq).max()?;
         let mut wheel = self.state.lock();
         let before = wheel.handed.get(&num).copied().filter(|h| !h.stale(now));
         let seq = before.map_or(seq, |h| h.seq.max(seq));

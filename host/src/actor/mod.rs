@@ -116,6 +116,9 @@ pub struct ActorEnv {
     pub snapshots_off: parking_lot::Mutex<std::collections::HashSet<(u32, u32)>>,
     /// Where a record with effects goes once it is durable (see `crate::dispatch`).
     pub dispatch: mpsc::UnboundedSender<Durable>,
+    /// Actors rebuilt after a failed commit, logged at most once a second: a failing disk
+    /// fails every device's commits at once (see `crate::log_limit`).
+    pub rebuild_log: parking_lot::Mutex<crate::log_limit::LogLimit>,
 }
 
 /// A durable record whose effects are owed: what the actor hands the dispatcher from the
@@ -698,10 +701,14 @@ impl Actor {
     /// none or a commit of the current one failed.
     async fn ensure_live(&mut self) -> Result<(), Error> {
         if self.live.is_some() && self.writer.is_fenced() {
-            tracing::warn!(
-                device = %self.head.id,
-                "commit failed under this actor: rebuilding from the journal"
-            );
+            if let Some(rebuilt) = self.env.rebuild_log.lock().due() {
+                tracing::warn!(
+                    device = %self.head.id,
+                    rebuilt,
+                    "commit failed under this actor: rebuilding from the journal ({rebuilt} \
+                     devices since the last such line, at most one a second)"
+                );
+            }
             self.live = None;
         }
         if self.live.is_some() {

@@ -56,25 +56,16 @@ pub struct Server {
 /// since the last line: one line each let a client opening connections in a loop flood the
 /// log (436 lines for 436 refusals in a review). `drover_http_errors_total` counts each.
 #[derive(Default)]
-struct Refusals {
-    unlogged: u64,
-    logged_at: Option<std::time::Instant>,
-}
+struct Refusals(crate::log_limit::LogLimit);
 
 impl Refusals {
-    const EVERY: Duration = Duration::from_secs(1);
-
     fn note(&mut self, peer: SocketAddr) {
-        self.unlogged += 1;
-        if self.logged_at.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+        if let Some(refused) = self.0.due() {
             tracing::warn!(
                 %peer,
-                refused = self.unlogged,
-                "too many open connections: refused {} since the last such line (at most one a second)",
-                self.unlogged
+                refused,
+                "too many open connections: refused {refused} since the last such line (at most one a second)",
             );
-            self.unlogged = 0;
-            self.logged_at = Some(std::time::Instant::now());
         }
     }
 }

@@ -605,6 +605,7 @@ impl Journal {
             retention: options.retention.clone(),
             retention_state: Default::default(),
             last_failure: Default::default(),
+            failure_log: Default::default(),
         });
         let (tx, rx) = channel();
         // The spiller's wake-up sender is in place before the writer runs; the spiller starts
@@ -760,6 +761,7 @@ impl Journal {
             retention: Retention::default(),
             retention_state: Default::default(),
             last_failure: Default::default(),
+            failure_log: Default::default(),
         });
         Ok(Journal {
             inner: Arc::new(Inner {

@@ -107,6 +107,8 @@ pub struct Shared {
     /// The error kind and message of the last failed commit: the cause a fenced record
     /// reports (see [`JournalError::Fenced`]).
     pub last_failure: parking_lot::Mutex<Option<(std::io::ErrorKind, String)>>,
+    /// Failed commits, logged at most once a second (see `crate::log_limit`).
+    pub failure_log: parking_lot::Mutex<crate::log_limit::LogLimit>,
 }
 
 /// The first format whose batches end with commit markers.
@@ -435,7 +437,14 @@ fn commit(
             }
         }
         Err(err) => {
-            tracing::error!(error = %err, batch = batch.len(), "journal commit failed");
+            if let Some(failed) = shared.failure_log.lock().due() {
+                tracing::error!(
+                    error = %err,
+                    batch = batch.len(),
+                    failed,
+                    "journal commit failed ({failed} since the last such line, at most one a second)"
+                );
+            }
             shared.stats.commit_failures.fetch_add(1, Ordering::Relaxed);
             let restored = storage.set_len(*durable_len).is_ok();
             if !restored {
