@@ -244,6 +244,18 @@ pub fn message_of(e: &Error) -> String {
         Error::Journal(j) if j.is_storage_full() => {
             format!("{e}: the disk is full; retry once space is freed")
         }
+        // EMFILE / ENFILE: no `ErrorKind` of its own on stable Rust, so told by its OS code.
+        Error::Journal(j)
+            if ["(os error 24)", "(os error 23)"]
+                .iter()
+                .any(|c| j.to_string().contains(c)) =>
+        {
+            format!(
+                "{e}: the server has run out of file descriptors (each journal segment and \
+                 connection holds one; `GET /readyz` says `files-low` first); retry once some \
+                 are free, and raise its limit (`ulimit -n`, `LimitNOFILE=`)"
+            )
+        }
         _ => e.to_string(),
     }
 }
@@ -396,6 +408,15 @@ mod tests {
                 .ends_with("the disk is full; retry once space is freed"),
             "{}",
             commit.message
+        );
+        let files = ApiError::from(Error::Journal(JournalError::Commit {
+            kind: std::io::ErrorKind::Other,
+            message: "opening segment: Too many open files (os error 24)".into(),
+        }));
+        assert!(
+            files.message.contains("out of file descriptors") && files.message.contains("ulimit"),
+            "{}",
+            files.message
         );
         let full = ApiError::from(Error::MailboxFull).into_response();
         assert_eq!(full.headers()[header::RETRY_AFTER], "1");
