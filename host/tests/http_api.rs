@@ -1157,6 +1157,38 @@ fn misbehaving_plugin_gets_422_and_harms_only_its_own_device() {
     );
 }
 
+/// `drover commands watch --json` prints each command as the server lists it, every field
+/// included (it printed four of the six, without `seq` and `index`).
+#[test]
+fn commands_watch_json_prints_the_servers_commands_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+    api.provision("g", "misbehave", json!({}));
+    api.send("g", &json!({"type": "command"}));
+    let listed = api.get("/v1/devices/g/commands").body["commands"][0].clone();
+    let mut watch = support::Reaped(
+        std::process::Command::new(support::BIN)
+            .args(["commands", "watch", "g", "--json", "--server", &server.url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(watch.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let printed: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(printed, listed, "{line}");
+    assert!(
+        printed["seq"].is_u64() && printed["index"].is_u64(),
+        "{line}"
+    );
+}
+
 /// A timer's key is the guest's choice of up to 256 bytes: the CLI prints its control
 /// characters escaped, so a key cannot forge lines of `drover timers` or `drover journal`, or
 /// send the terminal escape sequences.

@@ -53,12 +53,16 @@ struct CommandsOut {
     commands: Vec<CommandOut>,
 }
 
+/// One command as the server lists it; `watch --json` prints it whole, `rest` included
+/// (`seq`, `index`, and whatever a newer server adds).
 #[derive(Debug, Deserialize, serde::Serialize)]
 struct CommandOut {
     id: String,
     at_ms: u64,
     expires_ms: Option<u64>,
     command: Value,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 /// How long one long poll of `watch` waits, in ms (under the client's 60 s timeout).
