@@ -324,6 +324,17 @@ pub fn export(
                 intact
             })
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        if component.is_none() {
+            // Said here, where it can still be fixed (by restoring the file), not only by the
+            // import, which attributes those records to another version.
+            tracing::warn!(
+                plugin = %v.plugin,
+                version = v.number,
+                file = %file.display(),
+                "records of this version are exported without its component (removed from \
+                 this server, or damaged): an import attributes them to their device's version"
+            );
+        }
         let line = PluginLine {
             kind: "plugin".into(),
             plugin: v.plugin.clone(),

@@ -591,6 +591,55 @@ fn the_data_directory_commands_offer_no_server_flags() {
 
 /// An export that fails (an unknown device, a directory with no journal) exits non-zero with
 /// the reason and leaves no file behind, complete or partial.
+/// Records of a plugin version removed from the source (its devices moved on, then `plugin
+/// rm NAME V`) have no component in an export: the export warns, where restoring the file
+/// can still fix it, and the import says how many records it attributed to their device's
+/// version. The export said nothing before.
+#[test]
+fn records_of_a_removed_version_are_exported_with_a_warning_and_reattributed_on_import() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source");
+    let mut server = Server::start(&source, &[]);
+    let api = server.api();
+    api.provision("m", "misbehave", serde_json::json!({}));
+    for _ in 0..3 {
+        api.send("m", &serde_json::json!({"type": "ok"}));
+    }
+    let up = api.call(
+        reqwest::Method::POST,
+        "/v1/plugins/misbehave",
+        Some(support::misbehave_variant("v2")),
+    );
+    assert_eq!(up.status, 201, "{}", up.text);
+    let deployed = api.post(
+        "/v1/plugins/misbehave/deploy",
+        &serde_json::json!({"version": 2}),
+    );
+    assert_eq!(deployed.status, 200, "{}", deployed.text);
+    api.send("m", &serde_json::json!({"type": "ok"}));
+    let removed = api.call(
+        reqwest::Method::DELETE,
+        "/v1/plugins/misbehave/versions/1",
+        None,
+    );
+    assert_eq!(removed.status, 200, "{}", removed.text);
+    assert!(server.terminate().success());
+
+    let file = dir.path().join("m.jsonl");
+    let (ok, _, err) = export_all(&source, &file);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("exported without its component") && err.contains("misbehave"),
+        "{err}"
+    );
+    let (ok, out, err) = import(&file, &dir.path().join("imported"));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("3 record(s) named a plugin version not in the export"),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_failed_export_leaves_no_file() {
     let root = tempfile::tempdir().expect("tempdir");
