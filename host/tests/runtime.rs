@@ -2168,7 +2168,8 @@ fn damage_a_name(file: &Path) {
 
 /// Stored plugin files are checked before they run: a precompiled artifact with one byte
 /// changed is compiled again from its component, and a component whose bytes no longer
-/// match their digest is not run at all (the device's plugin is unavailable, saying why).
+/// match their digest is not run at all (the device's plugin is unavailable, saying why)
+/// until its bytes are given again (here by the start's plugin directory).
 /// Before, both ran as they were: a changed byte of a string constant renamed a field of
 /// every state the version served, and of the snapshots it took. Temporary files a killed
 /// upload left are removed at the next start.
@@ -2206,12 +2207,25 @@ async fn damaged_plugin_files_never_run() {
 
     damage_a_name(&wasm);
     std::fs::remove_file(&cwasm).expect("artifact");
-    let rt = open(dir.path(), 1_000).await;
+    // Opened without the plugin directory: nothing gives the component's bytes again.
+    let rt = Runtime::builder(dir.path())
+        .snapshot_every(1_000)
+        .call_timeout(Duration::from_millis(300))
+        .open()
+        .await
+        .expect("runtime opens");
     let refused = rt
         .send("t", r#"{"type":"reading","celsius":16.0}"#)
         .await
         .expect_err("a damaged component does not run");
     assert_eq!(refused.kind(), ErrorKind::PluginUnavailable, "{refused}");
     assert!(refused.to_string().contains("damaged"), "{refused}");
+    rt.shutdown().await;
+    drop(rt);
+    // A start with the plugin directory registers the same bytes again, which repairs it.
+    let rt = open(dir.path(), 1_000).await;
+    rt.send("t", r#"{"type":"reading","celsius":16.0}"#)
+        .await
+        .expect("repaired from the plugin directory");
     rt.shutdown().await;
 }
