@@ -130,11 +130,13 @@ pub enum Error {
     #[error("the device failed to activate: {0}")]
     Activation(String),
     /// The component of the plugin version a device runs is not in the data directory (a
-    /// version record rebuilt by salvage as a placeholder, or a file removed by hand):
-    /// nothing can run the device until a version of the plugin is uploaded and deployed.
+    /// version record rebuilt by salvage as a placeholder, or a file removed by hand) or is
+    /// damaged: nothing can run the device until that version's file is uploaded again
+    /// (which writes it afresh), or another version is uploaded and deployed.
     #[error(
-        "version {version} of plugin `{plugin}` cannot run: {why}; upload a version of the \
-         plugin and deploy it to run this device"
+        "version {version} of plugin `{plugin}` cannot run: {why}; upload that version's \
+         plugin file again (it is written afresh), or upload a version of the plugin and \
+         deploy it, to run this device"
     )]
     PluginUnavailable {
         plugin: String,

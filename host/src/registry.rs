@@ -814,7 +814,7 @@ fn write_component(path: &Path, bytes: &[u8], digest: &[u8; 32]) -> std::io::Res
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         found => {
             if found.is_ok() {
-                tracing::warn!(file = %path.display(), "plugin component damaged on disk: written again from the uploaded bytes");
+                tracing::warn!(file = %path.display(), "plugin component damaged on disk: written again from the same plugin file, given again");
             }
             write_replace(path, bytes)
         }

@@ -37,9 +37,10 @@
 //! covered), and a sync schedules only timers past it. What was handed out is left to the
 //! actor, which handles it, consumes it, or asks for it again itself (a quarantine, a
 //! timeout: `Durable::timer_retry`); if it is still pending [`HANDED_OUT_FOR`] later (lost
-//! with an actor task that panicked, or a long backlog) it is handed out again. A timer never fires early: it
-//! leaves the wheel only once the host's clock has reached its due time, and the event's
-//! `at_ms` is taken after that.
+//! with an actor task that panicked, or a long backlog) it is handed out again.
+//!
+//! A timer never fires early: it leaves the wheel only once the host's clock has reached its
+//! due time, and the event's `at_ms` is taken after that.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -262,6 +263,14 @@ impl TimerWheel {
             let now = clock::now_ms();
             let (devices, next) = self.take_due(now);
             let due = journal.due_timers(&devices, now);
+            if due.len() < devices.len() {
+                // Devices removed meanwhile: nothing of theirs is pending any more.
+                let found: std::collections::HashSet<u32> = due.iter().map(|(n, _)| *n).collect();
+                let mut wheel = self.state.lock();
+                for num in devices.iter().filter(|n| !found.contains(n)) {
+                    wheel.handed.remove(num);
+                }
+            }
             let mut next_of = Vec::with_capacity(due.len());
             for (num, timers) in due {
                 let handed = self.hand_out(num, &timers.due, now);

@@ -1226,7 +1226,7 @@ fn timers_of_a_quarantined_device_say_why_they_wait() {
     api.send("q", &arm);
     let (ok, out, err) = cli(&["timers", "q", "--server", &server.url]);
     assert!(ok, "{err}");
-    assert!(out.starts_with("later  due "), "{out}");
+    assert!(out.starts_with("\"later\"  due "), "{out}");
     assert!(
         !out.contains("quarantined"),
         "not due yet, not quarantined: {out}"
@@ -1240,12 +1240,12 @@ fn timers_of_a_quarantined_device_say_why_they_wait() {
     std::thread::sleep(std::time::Duration::from_millis(600));
     let (ok, out, err) = cli(&["timers", "q", "--server", &server.url]);
     assert!(ok, "{err}");
-    assert!(out.starts_with("later  due "), "{out}");
+    assert!(out.starts_with("\"later\"  due "), "{out}");
     assert!(
         out.contains("quarantined for") && out.contains("`drover resume q`"),
         "{out}"
     );
-    assert!(out.contains("fire when it ends"), "{out}");
+    assert!(out.contains("fire after it ends"), "{out}");
 
     // Resumed, the timer fires and the listing is empty.
     api.post("/v1/devices/q/resume", &json!({}));

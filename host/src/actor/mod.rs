@@ -706,7 +706,7 @@ impl Actor {
                     device = %self.head.id,
                     rebuilt,
                     "commit failed under this actor: rebuilding from the journal ({rebuilt} \
-                     devices since the last such line, at most one a second)"
+                     rebuilds since the last such line, at most one a second)"
                 );
             }
             self.live = None;

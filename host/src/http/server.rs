@@ -200,13 +200,22 @@ impl Server {
             let graceful = GracefulShutdown::new();
             let refusals = Arc::new(parking_lot::Mutex::new(Refusals::default()));
             let probes_past_cap = Arc::new(Semaphore::new(overflow::PROBES_PAST_CAP));
+            // Out of file descriptors, every accept fails for as long as it lasts.
+            let mut accept_failures = crate::log_limit::LogLimit::default();
             loop {
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
                         Err(e) => {
                             // Out of file descriptors and the like: back off, keep serving.
-                            tracing::warn!(error = %e, "accept failed");
+                            if let Some(failed) = accept_failures.due() {
+                                tracing::warn!(
+                                    error = %e,
+                                    failed,
+                                    "accept failed ({failed} since the last such line, at most \
+                                     one a second)"
+                                );
+                            }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }

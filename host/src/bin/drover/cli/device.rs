@@ -10,7 +10,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::client::{ApiClient, ClientOpts, query_value, segment};
-use super::format::{one_line, pretty, timestamp};
+use super::format::{one_line, pretty, quoted, timestamp};
 
 /// `drover send`.
 #[derive(Debug, Args)]
@@ -250,7 +250,7 @@ fn origin_line(o: &Value) -> String {
             };
             format!(
                 "timer {} due {}{missed}",
-                one_line(o["key"].as_str().unwrap_or("?")),
+                quoted(o["key"].as_str().unwrap_or("?")),
                 timestamp(o["due_ms"].as_u64().unwrap_or(0))
             )
         }
@@ -271,12 +271,12 @@ fn effect_line(e: &Value) -> String {
                 .unwrap_or_default();
             format!(
                 "timer {} at {}{every}: {}",
-                text(&e["key"]),
+                quoted(e["key"].as_str().unwrap_or("")),
                 timestamp(e["due_ms"].as_u64().unwrap_or(0)),
                 text(&e["event"])
             )
         }
-        Some("cancel_timer") => format!("cancel timer {}", text(&e["key"])),
+        Some("cancel_timer") => format!("cancel timer {}", quoted(e["key"].as_str().unwrap_or(""))),
         _ => e.to_string(),
     }
 }

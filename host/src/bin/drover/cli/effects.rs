@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::client::{ApiClient, ApiFailure, ClientOpts, segment};
-use super::format::{one_line, timestamp};
+use super::format::{quoted, timestamp};
 
 /// `drover commands`.
 #[derive(Debug, Args)]
@@ -198,7 +198,7 @@ pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         println!(
             "{}  due {}{every}  {}",
-            one_line(t["key"].as_str().unwrap_or_default()),
+            quoted(t["key"].as_str().unwrap_or_default()),
             timestamp(t["due_ms"].as_u64().unwrap_or_default()),
             t["event"]
         );
@@ -215,7 +215,8 @@ pub fn timers(args: TimersArgs) -> anyhow::Result<ExitCode> {
 /// (the listing above stands on its own).
 fn quarantine(api: &ApiClient, device: &str) -> Option<String> {
     let path = format!("/v1/devices/{}", segment(device).ok()?);
-    let waits = "timers past their due time fire when it ends";
+    let waits = "timers past their due time fire after it ends (a firing is tried again \
+                 every 5 s)";
     match api.call_json::<Value>(api.get(&path)) {
         Ok((_, out)) => {
             let q = out.get("quarantine").filter(|q| q.is_object())?;

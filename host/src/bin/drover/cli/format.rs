@@ -1,16 +1,24 @@
 //! Readable output for the client commands.
 
-/// `text` (a timer's key, an effect's payload: what a guest chose) as the terminal should
-/// show it: control characters (a newline, an escape sequence) written as escapes (`\n`,
-/// `\u{1b}`), so a guest cannot forge lines of the output or drive the terminal; the rest as
-/// is.
+/// A name a guest chose (a timer's key: any 1 to 256 bytes) quoted, with quotes,
+/// backslashes, control and invisible formatting characters (a right-to-left override)
+/// escaped as Rust writes them: it cannot pass for the text around it, such as a due time.
+pub fn quoted(name: &str) -> String {
+    format!("{name:?}")
+}
+
+/// `text` (an effect's payload: JSON a guest wrote) as the terminal should show it: control
+/// and invisible formatting characters (a newline, an escape sequence, a right-to-left
+/// override) written as Rust escapes them (`\n`, `\u{1b}`, `\u{202e}`), so a guest cannot
+/// forge lines of the output or drive the terminal; the rest, quotes and backslashes
+/// included, as is.
 pub fn one_line(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
+        if matches!(c, '\\' | '"' | '\'') {
             out.push(c);
+        } else {
+            out.extend(c.escape_debug());
         }
     }
     out
@@ -72,5 +80,14 @@ mod tests {
         assert_eq!(one_line("evil\nfake  due 1970"), "evil\\nfake  due 1970");
         assert_eq!(one_line("\u{1b}[31mRED"), "\\u{1b}[31mRED");
         assert_eq!(one_line("tab\there é"), "tab\\there é");
+        assert_eq!(one_line("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(quoted("heartbeat"), r#""heartbeat""#);
+        assert_eq!(
+            quoted("a\\nb"),
+            r#""a\\nb""#,
+            "a backslash is not a newline"
+        );
+        assert_eq!(quoted("x\u{202e}y"), r#""x\u{202e}y""#);
+        assert_eq!(quoted("k\"  due 1970"), r#""k\"  due 1970""#);
     }
 }
