@@ -298,29 +298,31 @@ impl Registry {
         validate_id(name)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let _guard = self.registering.lock().await;
-        let (id, number) = {
+        let (id, number, existing) = {
             let table = self.table.read();
             let mine = || table.versions.iter().filter(|v| v.plugin == name);
             let live = |v: &&VersionInfo| !table.removed.contains(&v.id);
-            if let Some(v) = mine().filter(live).find(|v| v.digest == digest).cloned() {
-                drop(table);
-                // The bytes just given are the ones registered: a stored copy damaged or
-                // lost since is written again from them (what the damaged copy's error
-                // advises).
-                let wasm = self.dir.join(format!("{}.wasm", hex::encode(digest)));
-                if let Err(e) = write_component(&wasm, &bytes, &digest) {
-                    return Err(Error::writing("storing the plugin's component", e));
-                }
-                if origin == Origin::Startup && self.startup_may_point(name) {
-                    self.point(v.id, Origin::Startup)?;
-                }
-                return Ok((PluginVersion::from_info(&v, self.slow_marks(v.id)), false));
-            }
+            let existing = mine().filter(live).find(|v| v.digest == digest).cloned();
             (
                 table.versions.len() as u32,
                 mine().next_back().map_or(1, |v| v.number + 1),
+                existing,
             )
         };
+        if let Some(v) = existing {
+            // The bytes just given are the ones registered: a stored copy damaged or lost
+            // since is written again from them (what the damaged copy's error advises). A
+            // read and a hash of up to the upload limit: off the async threads.
+            let wasm = self.dir.join(format!("{}.wasm", hex::encode(digest)));
+            tokio::task::spawn_blocking(move || write_component(&wasm, &bytes, &digest))
+                .await
+                .map_err(|e| Error::Internal(format!("storing the plugin's component: {e}")))?
+                .map_err(|e| Error::writing("storing the plugin's component", e))?;
+            if origin == Origin::Startup && self.startup_may_point(name) {
+                self.point(v.id, Origin::Startup)?;
+            }
+            return Ok((PluginVersion::from_info(&v, self.slow_marks(v.id)), false));
+        }
 
         let engine = self.engine.clone();
         let dir = self.dir.clone();
