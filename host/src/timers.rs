@@ -306,11 +306,7 @@ impl TimerWheel {
                             .handed
                             .get(&num)
                             .map(|h| h.at_ms.saturating_add(HANDED_OUT_FOR));
-                        let next = match (next_ms, again) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
-                        wheel.place(num, next);
+                        wheel.place(num, next_ms.into_iter().chain(again).min());
                     }
                 }
             }

@@ -1955,21 +1955,11 @@ async fn a_damaged_component_is_reported_at_open_and_repaired_by_uploading_it_ag
         .expect("provision");
     let reading = r#"{"type":"reading","celsius":20}"#;
     rt.send("t1", reading).await.expect("event");
-    let digest = rt
-        .journal()
-        .versions()
-        .into_iter()
-        .find(|v| v.plugin == "thermostat")
-        .map(|v| hex::encode(v.digest))
-        .expect("thermostat");
     rt.shutdown().await;
     drop(rt);
-    let wasm = dir.path().join("plugins").join(format!("{digest}.wasm"));
+    let (wasm, cwasm) = thermostat_files(dir.path());
     let good = std::fs::read(&wasm).expect("component");
-    let mut damaged = good.clone();
-    let middle = damaged.len() / 2;
-    damaged[middle..middle + 4].copy_from_slice(b"XXXX");
-    std::fs::write(&wasm, &damaged).expect("damage it");
+    damage_a_name(&wasm);
 
     {
         let (logs, _logging) = support::Logs::capture();
@@ -1984,7 +1974,7 @@ async fn a_damaged_component_is_reported_at_open_and_repaired_by_uploading_it_ag
     }
 
     // Without its artifact the device cannot run, until the same file is uploaded again.
-    std::fs::remove_file(wasm.with_extension("cwasm")).expect("remove the artifact");
+    std::fs::remove_file(&cwasm).expect("remove the artifact");
     let rt = Runtime::builder(dir.path())
         .call_timeout(Duration::from_millis(300))
         .open()

@@ -3501,31 +3501,16 @@ async fn retention_keeps_the_record_of_a_pending_timer() {
     let (r, e) = device_record(0, "a");
     journal.append(&r, e).await.expect("device");
     // Event 1 sets a timer due in a year; the snapshots after it do not free its record.
-    let fx = Fx {
-        origin: Origin::External,
-        effects: vec![Effect::SetTimer {
+    first_event_with(
+        &journal,
+        Effect::SetTimer {
             key: "yearly".into(),
             due_ms: 365 * 86_400_000,
             every_ms: None,
             event: r#"{"type":"report"}"#.into(),
-        }],
-    };
-    let record = Record::Event(EventRecord {
-        device: 0,
-        seq: 1,
-        at_ms: 1001,
-        version: 0,
-        event: b"{}".to_vec(),
-        transitions: vec![],
-        lost: false,
-        fx: Some(fx.clone()),
-    });
-    let effect = IndexEffect::Event {
-        device: 0,
-        seq: 1,
-        fx: Some(Box::new((1001, fx))),
-    };
-    journal.append(&record, effect).await.expect("event 1");
+        },
+    )
+    .await;
     let set = journal.index().offset_of(0, 1).expect("offset");
     let writer = journal.device_writer(0, 4096);
     let mut acks = Vec::new();
@@ -3549,6 +3534,30 @@ async fn retention_keeps_the_record_of_a_pending_timer() {
     assert!(journal.record_fx(0, 1).expect("readable").is_some());
 }
 
+/// Appends device 0's event 1 (an external event at 1001 ms) with `effect`.
+async fn first_event_with(journal: &Journal, effect: Effect) {
+    let fx = Fx {
+        origin: Origin::External,
+        effects: vec![effect],
+    };
+    let record = Record::Event(EventRecord {
+        device: 0,
+        seq: 1,
+        at_ms: 1001,
+        version: 0,
+        event: b"{}".to_vec(),
+        transitions: vec![],
+        lost: false,
+        fx: Some(fx.clone()),
+    });
+    let effect = IndexEffect::Event {
+        device: 0,
+        seq: 1,
+        fx: Some(Box::new((1001, fx))),
+    };
+    journal.append(&record, effect).await.expect("event 1");
+}
+
 /// A command pins the record that issued it while it waits for its acknowledgement, and
 /// no longer once past its time to live, even if nobody read the outbox (which is what
 /// drops it from the index): such a command held every later segment for good.
@@ -3561,29 +3570,14 @@ async fn retention_lets_go_of_a_command_past_its_time_to_live() {
         journal.append(&r, e).await.expect("version");
         let (r, e) = device_record(0, "a");
         journal.append(&r, e).await.expect("device");
-        let fx = Fx {
-            origin: Origin::External,
-            effects: vec![Effect::Command {
+        first_event_with(
+            &journal,
+            Effect::Command {
                 payload: r#"{"type":"ping"}"#.into(),
                 ttl_ms,
-            }],
-        };
-        let record = Record::Event(EventRecord {
-            device: 0,
-            seq: 1,
-            at_ms: 1001,
-            version: 0,
-            event: b"{}".to_vec(),
-            transitions: vec![],
-            lost: false,
-            fx: Some(fx.clone()),
-        });
-        let effect = IndexEffect::Event {
-            device: 0,
-            seq: 1,
-            fx: Some(Box::new((1001, fx))),
-        };
-        journal.append(&record, effect).await.expect("event 1");
+            },
+        )
+        .await;
         let issued = journal.index().offset_of(0, 1).expect("offset");
         events_with_snapshots(&journal, 0, 2, 3000, 50).await;
         index_settled(&journal).await;
