@@ -170,6 +170,16 @@ fn candidate_says(e: &Error) -> String {
         .replacen("the device's plugin", "the candidate version", 1)
 }
 
+/// [`candidate_says`] of an error folding recorded transitions: a refusal there is of a
+/// transition, not of an event (`apply` refused what `handle` once returned).
+fn candidate_folding_says(e: &Error) -> String {
+    candidate_says(e).replacen(
+        "the candidate version refused the event",
+        "the candidate version refused a recorded transition",
+        1,
+    )
+}
+
 /// The candidate's fold instance, once decisions diverged.
 enum Folder {
     /// Decisions have matched so far: the deciding instance folds the same transitions.
@@ -198,7 +208,7 @@ fn folded_up_to(
             out.fold_failed_seq = f.seq;
             out.error.get_or_insert(format!(
                 "cannot fold the recorded transitions: {}",
-                candidate_says(&f.error)
+                candidate_folding_says(&f.error)
             ));
             out.folds = false;
             Ok(None)
@@ -437,7 +447,7 @@ fn one_pass(
                     out.error.get_or_insert(format!(
                         "cannot fold the recorded transitions at seq {}: {}",
                         record.seq,
-                        candidate_says(&e)
+                        candidate_folding_says(&e)
                     ));
                     out.folds = false;
                     folder = Folder::Failed;
@@ -606,6 +616,25 @@ impl DryRunTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal while folding is of a recorded transition, a refusal while deciding of an
+    /// event (a fold failure read "the candidate version refused the event").
+    #[test]
+    fn a_refusal_while_folding_names_a_transition() {
+        let refused = Error::Rejected {
+            code: "invalid-transition".into(),
+            message: "unknown variant".into(),
+        };
+        assert_eq!(
+            candidate_folding_says(&refused),
+            "the candidate version refused a recorded transition: invalid-transition: unknown \
+             variant"
+        );
+        assert_eq!(
+            candidate_says(&refused),
+            "the candidate version refused the event: invalid-transition: unknown variant"
+        );
+    }
 
     fn device(id: &str) -> DeviceDryRun {
         DeviceDryRun {

@@ -104,6 +104,9 @@ pub enum Error {
         version: u32,
         why: String,
     },
+    /// A plugin cannot be removed while devices run any of its versions.
+    #[error("plugin `{plugin}` cannot be removed: {why}")]
+    PluginInUse { plugin: String, why: String },
     /// A plugin operation named a device that runs another plugin.
     #[error("device `{device}` runs plugin `{runs}`, not `{plugin}`")]
     WrongPlugin {
@@ -272,7 +275,7 @@ impl Error {
             Error::InvalidPlugin(_) => ErrorKind::InvalidPlugin,
             Error::DeployRefused(_) => ErrorKind::DeployRefused,
             Error::WrongPlugin { .. } => ErrorKind::WrongPlugin,
-            Error::VersionInUse { .. } => ErrorKind::VersionInUse,
+            Error::VersionInUse { .. } | Error::PluginInUse { .. } => ErrorKind::VersionInUse,
             Error::SeqOutOfRange { .. } => ErrorKind::SeqOutOfRange,
             Error::Journal(JournalError::RetainedAway { .. }) | Error::StateRetainedAway { .. } => {
                 ErrorKind::RetainedAway

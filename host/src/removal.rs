@@ -234,19 +234,45 @@ impl Runtime {
         let _no_deploy = self.shared.deploying.lock().await;
         let journal = &self.shared.journal;
         let registry = &self.shared.registry;
-        for id in ids {
-            let users = journal
+        let users_of = |id: u32| {
+            journal
                 .device_ids()
                 .iter()
-                .filter(|d| journal.device(d).is_some_and(|h| h.version == *id))
-                .count();
+                .filter(|d| journal.device(d).is_some_and(|h| h.version == id))
+                .count()
+        };
+        if whole {
+            let users: usize = ids.iter().map(|id| users_of(*id)).sum();
             if users > 0 {
-                return Err(Error::VersionInUse {
+                return Err(Error::PluginInUse {
                     plugin: plugin.to_string(),
-                    version: registry.version(*id).map_or(0, |v| v.number),
-                    why: format!("{users} device(s) run it: deploy another version or remove them"),
+                    why: format!("{users} device(s) run it: remove them first"),
                 });
             }
+        }
+        let current = registry.current(plugin);
+        for id in ids {
+            let users = users_of(*id);
+            if users == 0 {
+                continue;
+            }
+            let why = match &current {
+                // Devices behind the current version: passivated ones a deploy will move at
+                // their next activation, or ones it left behind.
+                Some(now) if now.id != *id => format!(
+                    "{users} device(s) are still on it: a passivated one moves to the current \
+                     version (v{}) at its next activation, which an event or a read of its state \
+                     brings about, and one a deploy left behind stays until it can fold a \
+                     version deployed to it; move or remove them first",
+                    now.number
+                ),
+                _ => format!("{users} device(s) run it: deploy another version or remove them"),
+            };
+            return Err(Error::VersionInUse {
+                plugin: plugin.to_string(),
+                version: registry.version(*id).map_or(0, |v| v.number),
+                why,
+            });
         }
         let numbers: Vec<u32> = ids
             .iter()

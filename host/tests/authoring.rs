@@ -199,6 +199,19 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     assert_eq!(s1["version"], 2);
     assert_eq!(s1["state"]["readings"], 4);
 
+    // A version that cannot fold s1's history (its `recorded` transitions renamed): the
+    // deploy is refused, in the words of `drover dev` and naming its server (it gave the
+    // API's `"force": true` and a `drover plugin diff` that went to the default server).
+    std::fs::write(&lib, edited.replace("Recorded", "Measured")).unwrap();
+    let refused = dev.wait_for("deploy refused: ");
+    assert!(
+        refused.contains("(`drover dev --force`)")
+            && refused.contains(&format!("`drover plugin diff --server {url} sensor 3`"))
+            && !refused.contains("\"force\""),
+        "{refused}"
+    );
+    assert_eq!(device(&url, "s1")["version"], 2);
+
     // Ctrl-C while rustc compiles the plugin: the local server stops as `drover serve` does
     // (its journal index checkpointed on the way out), and then the process. A compile cut
     // short could leave the crate's incremental cache so that every later build of the same

@@ -375,6 +375,32 @@ fn provision_send_and_read_back_both_plugins() {
             && err.contains("(deploy-refused, HTTP 409)"),
         "{err}"
     );
+    // The diff it suggests names this server, which is not the default, so that it runs as
+    // printed (it went to 127.0.0.1:7070).
+    assert!(
+        err.contains(&format!("`drover plugin diff --server {url} misbehave 2`")),
+        "{err}"
+    );
+    // `push --deploy` is refused alike, and takes the `--force` it is told of (it did not).
+    let v3_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(v3_file.path(), support::misbehave_variant("v3")).unwrap();
+    let v3_path = v3_file.path().to_str().unwrap();
+    let (ok, out, err) = cli(&[
+        "plugin",
+        "push",
+        "misbehave",
+        v3_path,
+        "--deploy",
+        "--server",
+        url,
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("misbehave v2 already has these bytes") && err.contains("(`--force`)"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = cli(&["plugin", "push", "misbehave", v3_path, "--force"]);
+    assert!(!ok && err.contains("--deploy"), "{err}");
     let removed = api.call(Method::DELETE, "/v1/devices/m", None);
     assert_eq!(removed.status, 200, "{}", removed.text);
     // A device quarantined under the version left: the deploy's lines say it was let out.
@@ -395,6 +421,13 @@ fn provision_send_and_read_back_both_plugins() {
     let (ok, out, err) = cli(&["plugin", "rollback", "thermostat", "--server", url]);
     assert!(ok, "{err}");
     assert!(out.contains("thermostat v2 -> v1 (rollback)"), "{out}");
+    // Nothing left to roll back to: no `--force` hint, which cannot help there (it had one).
+    let (ok, _, err) = cli(&["plugin", "rollback", "thermostat", "--server", url]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("no earlier current version") && !err.contains("force"),
+        "{err}"
+    );
     // A rollback refused alike says so in the CLI's words too (it printed the API's).
     let (ok, _, err) = cli(&["plugin", "deploy", "misbehave", "1", "--server", url]);
     assert!(ok, "{err}");
@@ -408,6 +441,37 @@ fn provision_send_and_read_back_both_plugins() {
         err.contains("(`--force`)") && !err.contains("\"force\": true"),
         "{err}"
     );
+    // A plugin in use names itself, not one version (it named the version m5 runs).
+    let (ok, _, err) = cli(&["plugin", "rm", "misbehave", "--server", url]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("plugin `misbehave` cannot be removed: 1 device(s) run it"),
+        "{err}"
+    );
+    // Forced from `push --deploy`: m5 stays on v1, which the deploy left behind (exit 1).
+    let (ok, out, err) = cli(&[
+        "plugin",
+        "push",
+        "misbehave",
+        v3_path,
+        "--deploy",
+        "--force",
+        "--server",
+        url,
+    ]);
+    assert!(!ok, "{err}");
+    assert!(out.contains("misbehave v1 -> v2"), "{out}{err}");
+    // The version it left devices on says how they move on, not to deploy another.
+    let (ok, _, err) = cli(&["plugin", "rm", "misbehave", "1", "--server", url]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("1 device(s) are still on it")
+            && err.contains("current version (v2)")
+            && !err.contains("deploy another"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["plugin", "deploy", "misbehave", "1", "--server", url]);
+    assert!(ok, "{err}");
     let removed = api.call(Method::DELETE, "/v1/devices/m5", None);
     assert_eq!(removed.status, 200, "{}", removed.text);
     let (ok, out, _) = cli(&["devices", "--ids", "--server", url]);

@@ -11,6 +11,9 @@ use clap::Args;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 
+/// The server client commands talk to unless told otherwise.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+
 /// Options every client command takes.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
@@ -19,7 +22,7 @@ pub struct ClientOpts {
         long,
         global = true,
         env = "DROVER_SERVER",
-        default_value = "http://127.0.0.1:7070"
+        default_value = DEFAULT_SERVER
     )]
     pub server: String,
     /// Print the server's JSON answer as is instead of readable text (`devices`, which
@@ -120,6 +123,11 @@ impl ApiClient {
             base: opts.server.trim_end_matches('/').to_string(),
             http,
         })
+    }
+
+    /// The server's base URL, as given (without a trailing `/`).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// The URL of `path` (which starts with `/`).

@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 use super::client::{
     ApiClient, ApiFailure, ClientOpts, LONG_OPERATION_TIMEOUT, query_value, segment,
 };
-use super::plugins::print_deploy;
+use super::plugins::{print_deploy, refusal_in_cli_words};
 use super::serve::announce;
 
 /// Devices a save's state diff looks through for ones of the plugin (see
@@ -397,10 +397,8 @@ impl Dev {
                 match e.downcast_ref::<ApiFailure>() {
                     // The server's message starts with "deploy refused: " itself.
                     Some(f) if f.code == "deploy-refused" => println!(
-                        "{}\n  (the new version stays registered, the devices on \
-                         their version; `drover dev --force` deploys every save anyway, \
-                         leaving such devices behind)",
-                        f.message
+                        "{}\n  (the new version stays registered, the devices on their version)",
+                        refusal_in_cli_words(&self.api, &f.message, "drover dev --force")
                     ),
                     _ => println!("push/deploy failed: {e:#}"),
                 }

@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::client::{ApiClient, ApiFailure, ClientOpts, LONG_OPERATION_TIMEOUT, segment};
+use super::client::{
+    ApiClient, ApiFailure, ClientOpts, DEFAULT_SERVER, LONG_OPERATION_TIMEOUT, segment,
+};
 use super::format::{pretty, timestamp};
 
 /// `drover plugin [push|list|show|deploy|rollback|diff]`.
@@ -38,6 +40,10 @@ pub enum PluginsAction {
         /// Deploy it right away (refused if it cannot fold sampled devices' history).
         #[arg(long)]
         deploy: bool,
+        /// With `--deploy`: deploy even if devices cannot fold the version (those stay on
+        /// their version), as `deploy --force` does.
+        #[arg(long, requires = "deploy")]
+        force: bool,
     },
     /// One plugin's versions and which is current.
     Show { name: String },
@@ -112,7 +118,12 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             }
             print_plugin(p);
         }
-        PluginsAction::Push { name, file, deploy } => {
+        PluginsAction::Push {
+            name,
+            file,
+            deploy,
+            force,
+        } => {
             // The server's own rule, checked before a large upload is sent for nothing.
             drover::error::validate_id(&name)?;
             let bytes =
@@ -148,7 +159,12 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             if deploy {
                 let version = u["version"].as_u64().unwrap_or(0);
                 let path = format!("/v1/plugins/{}/deploy", segment(&name)?);
-                return deploy_and_print(&api, &path, json!({"version": version}), json_out);
+                return deploy_and_print(
+                    &api,
+                    &path,
+                    json!({"version": version, "force": force}),
+                    json_out,
+                );
             }
         }
         PluginsAction::Deploy {
@@ -223,31 +239,41 @@ fn deploy_and_print(
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
     let req = api.post(path).timeout(LONG_OPERATION_TIMEOUT).json(&body);
-    let (text, report): (String, Value) = api.call_json(req).map_err(|e| {
-        // The server's words are the API's (`"force": true`); the flag is the CLI's.
-        match e.downcast::<ApiFailure>() {
-            Ok(mut f) if f.code == "deploy-refused" && body["force"] != true => {
-                const API: &str = "(`\"force\": true`)";
-                if f.message.contains(API) {
-                    f.message = f.message.replace(API, "(`--force`)");
-                } else {
-                    f.message.push_str(
-                        "; `--force` would move the plugin anyway, leaving such devices on their \
-                         version",
-                    );
+    let (text, report): (String, Value) =
+        api.call_json(req)
+            .map_err(|e| match e.downcast::<ApiFailure>() {
+                Ok(mut f) if f.code == "deploy-refused" => {
+                    f.message = refusal_in_cli_words(api, &f.message, "--force");
+                    f.into()
                 }
-                f.into()
-            }
-            Ok(f) => f.into(),
-            Err(e) => e,
-        }
-    })?;
+                Ok(f) => f.into(),
+                Err(e) => e,
+            })?;
     if json_out {
         println!("{text}");
     } else {
         print_deploy(&report);
     }
     Ok(outcome(&report))
+}
+
+/// How the server's deploy refusals say a deploy can be forced: the API's words.
+const FORCE_IN_API: &str = "(`\"force\": true`)";
+
+/// A deploy refusal in a command's words. The server names the API's `"force": true` where
+/// forcing would help (not where nothing can, such as a rollback with no earlier version);
+/// `force` is what does it from this command (`--force`, `drover dev --force`). The `drover
+/// plugin diff` it suggests names this command's server unless it is the default one, so
+/// that it can be run as printed.
+pub fn refusal_in_cli_words(api: &ApiClient, message: &str, force: &str) -> String {
+    let mut message = message.replace(FORCE_IN_API, &format!("(`{force}`)"));
+    if api.base() != DEFAULT_SERVER {
+        message = message.replace(
+            "`drover plugin diff ",
+            &format!("`drover plugin diff --server {} ", api.base()),
+        );
+    }
+    message
 }
 
 /// A deploy that left devices behind (failed, or a forced deploy whose devices cannot fold
@@ -288,6 +314,23 @@ fn print_plugin(p: &Value) {
     }
 }
 
+/// What a deploy report says of the passivated devices that move at their next activation:
+/// how many of them the version was checked to fold beforehand.
+fn checked_beforehand(r: &Value) -> String {
+    let (t, n) = (&r["totals"], |v: &Value| v.as_u64().unwrap_or(0));
+    match (n(&t["pending_lazy"]), n(&t["fold_checked"])) {
+        (0, _) => String::new(),
+        // The sample took every device not already on the version: each was checked (this
+        // said "none checked beforehand", counting only those beyond the sample).
+        _ if n(&r["sample"]["totals"]["devices"]) + n(&t["unchanged"]) >= n(&t["devices"]) => {
+            " (each checked beforehand, in the sample)".to_string()
+        }
+        (_, 0) => " (none beyond the sample checked beforehand)".to_string(),
+        (_, 1) => " (1 device beyond the sample checked beforehand)".to_string(),
+        (_, k) => format!(" ({k} devices beyond the sample checked beforehand)"),
+    }
+}
+
 /// Prints a deploy report as a few readable lines (the JSON has every detail).
 pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
@@ -308,12 +351,7 @@ pub fn print_deploy(r: &Value) {
         n(&t["failed"]),
         n(&t["unchanged"]),
         n(&t["pending_lazy"]),
-        match (n(&t["pending_lazy"]), n(&t["fold_checked"])) {
-            (0, _) => String::new(),
-            (_, 0) => " (none checked beforehand)".to_string(),
-            (_, 1) => " (1 device beyond the sample checked beforehand)".to_string(),
-            (_, k) => format!(" ({k} devices beyond the sample checked beforehand)"),
-        },
+        checked_beforehand(r),
         match n(&t["not_tried"]) {
             0 => String::new(),
             k => format!(
@@ -485,5 +523,30 @@ mod tests {
         assert_eq!(outcome(&report(0, 0)), ExitCode::SUCCESS);
         assert_eq!(outcome(&report(1, 0)), ExitCode::from(1));
         assert_eq!(outcome(&report(0, 1)), ExitCode::from(1));
+    }
+
+    /// Passivated devices the sample covered count as checked: a deploy to 6 passivated
+    /// devices, all sampled, said "(none checked beforehand)" (a review found it).
+    #[test]
+    fn devices_checked_in_the_sample_count_as_checked_beforehand() {
+        let report = |devices: u64, sampled: u64, pending: u64, beyond: u64| {
+            serde_json::json!({
+                "totals": {"devices": devices, "unchanged": 0, "pending_lazy": pending, "fold_checked": beyond},
+                "sample": {"totals": {"devices": sampled}},
+            })
+        };
+        assert_eq!(
+            checked_beforehand(&report(6, 6, 6, 0)),
+            " (each checked beforehand, in the sample)"
+        );
+        assert_eq!(
+            checked_beforehand(&report(60, 16, 50, 0)),
+            " (none beyond the sample checked beforehand)"
+        );
+        assert_eq!(
+            checked_beforehand(&report(60, 16, 50, 44)),
+            " (44 devices beyond the sample checked beforehand)"
+        );
+        assert_eq!(checked_beforehand(&report(6, 6, 0, 0)), "");
     }
 }
