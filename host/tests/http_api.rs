@@ -1862,3 +1862,43 @@ fn the_commands_demo_prints_work_for_every_fleet() {
         assert!(demo.wait().unwrap().success(), "{fleet:?}");
     }
 }
+
+/// A `--max-connections` past what the open-files limit leaves room for refuses the start,
+/// before the data directory is opened: it was kept with a warning, and a flood of idle
+/// connections then left the server answering nothing, `/healthz` included (a review held
+/// 20,400 with `--max-connections 1000000` under a limit of 20,000).
+#[test]
+fn a_connection_cap_the_open_files_limit_cannot_hold_refuses_the_start() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut serve = std::process::Command::new(support::BIN);
+    serve
+        .arg("serve")
+        .arg("--data")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--max-connections", "5000"]);
+    // SAFETY: setrlimit(2) only, in the child between fork and exec.
+    unsafe {
+        serve.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 2048,
+                rlim_max: 2048,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let out = serve.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--max-connections 5000 does not fit the open-files limit of 2048")
+            && err.contains("room for 1023 connections"),
+        "{err}"
+    );
+    assert!(!data.exists(), "nothing was opened");
+}

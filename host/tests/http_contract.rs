@@ -1106,6 +1106,14 @@ async fn an_oversized_plugin_upload_is_413_and_stores_nothing() {
         .expect("body");
     let body: Value = serde_json::from_slice(&bytes).expect("JSON");
     assert_eq!(body["error"]["code"], "payload-too-large", "{body}");
+    // No length was declared: the limit is named all the same (it said only "exceeds this
+    // route's size limit", found by a review).
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limit of 65536 bytes")),
+        "{body}"
+    );
     assert_eq!(stored(), before, "nothing stored");
     assert!(rt.plugins().iter().all(|(n, _)| n != "big"));
     rt.shutdown().await;

@@ -165,6 +165,7 @@ impl FromRequest<super::App> for Body {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
+        let route_limit = req.extensions().get::<RouteLimit>().map(|l| l.0);
         let limit = state.limits.body_read_timeout;
         let grace = state.limits.shutdown_grace;
         let mut stopping = state.stopping.subscribe();
@@ -185,7 +186,7 @@ impl FromRequest<super::App> for Body {
             () = stopped => return Err(crate::Error::ShuttingDown.into()),
         };
         match read {
-            Ok(read) => read.map(Body).map_err(body_rejection),
+            Ok(read) => read.map(Body).map_err(|r| body_rejection(r, route_limit)),
             Err(_) => Err(ApiError::http(
                 StatusCode::REQUEST_TIMEOUT,
                 codes::BODY_TIMEOUT,
@@ -245,14 +246,19 @@ pub async fn transfer_codings(
     next.run(req).await
 }
 
+/// A route's body limit in bytes, for the message of a body found over it as it arrived.
+#[derive(Debug, Clone, Copy)]
+struct RouteLimit(usize);
+
 /// Refuses a request whose declared `Content-Length` is over `max` before its body is read
 /// (see `limits.rs`); the route's `DefaultBodyLimit` still counts the bytes of a body that
-/// declares no length.
+/// declares no length, whose refusal names `max` too.
 pub async fn declared_length(
     max: usize,
-    req: Request,
+    mut req: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    req.extensions_mut().insert(RouteLimit(max));
     use axum::response::IntoResponse as _;
     let declared = req
         .headers()
@@ -270,12 +276,19 @@ pub async fn declared_length(
     }
 }
 
-fn body_rejection(r: BytesRejection) -> ApiError {
+fn body_rejection(r: BytesRejection, limit: Option<usize>) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::http(
             StatusCode::PAYLOAD_TOO_LARGE,
             codes::PAYLOAD_TOO_LARGE,
-            "the request body exceeds this route's size limit",
+            match limit {
+                // The body declared no length (chunked): it went over as it arrived.
+                Some(max) => format!(
+                    "the request body exceeds this route's limit of {max} bytes (its chunks went \
+                     past it as they arrived)"
+                ),
+                None => "the request body exceeds this route's size limit".to_string(),
+            },
         )
     } else {
         // hyper's own words ("error reading a body from connection") do not say what was

@@ -386,15 +386,27 @@ impl SegmentedBackend {
                 }
             }
             None if read_only => {}
+            None if begins == 0 => record_retained_floor(dir, 0)?,
+            // Every journal records its floor at its first open, so one that begins past 0
+            // with no record lost its first files and the record of where it may begin, both
+            // (to a hand, or a copy). It used to record where it now began and open: the lost
+            // records then read as retained away, even under `keep-all` (a review found it).
             None => {
-                if begins > 0 {
-                    tracing::warn!(
-                        dir = %dir.display(),
-                        begins,
-                        "journal: it begins past position 0 and no record says retention deleted up to there (a journal written before retention recorded it); recording position {begins} as where it may begin"
-                    );
+                let why = format!(
+                    "the journal in {} begins at position {begins} ({}), but {RETAINED_FILE}, \
+                     which records where retention let it begin, is missing: the segment files \
+                     for positions 0 to {begins} are missing with it (deleted by hand, or lost \
+                     in a copy) and every record in them, unless retention deleted them and \
+                     only {RETAINED_FILE} was lost. Restore them from a backup; if retention \
+                     did delete them, write {begins} into {} and start again",
+                    dir.display(),
+                    segments[0].path.display(),
+                    dir.join(RETAINED_FILE).display(),
+                );
+                match tolerated {
+                    Some(tolerated) => tolerated.push(why),
+                    None => return Err(damaged(why)),
                 }
-                record_retained_floor(dir, begins)?;
             }
         }
         let last = segments

@@ -3799,6 +3799,40 @@ async fn first_segments_lost_to_anything_but_retention_refuse_to_open() {
         .clone();
     std::fs::remove_file(first).expect("remove");
     missing(retaining(dir.path(), 10));
+
+    // The first segment lost with the record of where the journal may begin: refused alike,
+    // under `keep-all` too, saying how to go on if retention did delete them (it recorded
+    // where the journal then began and opened, every lost record read as retained away).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = retaining(dir.path(), 10).expect("open");
+    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
+    journal.retain_now().expect("pass");
+    let from = journal.retained_from();
+    assert!(from > 0, "retention deleted segments");
+    journal.close();
+    drop(journal);
+    std::fs::remove_file(dir.path().join("journal.retained")).expect("remove");
+    for opened in [
+        retaining(dir.path(), 10),
+        Journal::open(dir.path(), &keep_all),
+    ] {
+        let Err(e) = opened else {
+            panic!("opened without the record of where it begins");
+        };
+        let said = e.to_string();
+        assert!(
+            said.contains(&format!("begins at position {from}"))
+                && said.contains("journal.retained, which records where retention let it begin, is missing")
+                && said.contains(&format!("write {from} into")),
+            "{said}"
+        );
+    }
+    assert!(!dir.path().join("journal.retained").exists(), "nothing recorded");
+    // Written back as the message says, it opens as retention left it.
+    std::fs::write(dir.path().join("journal.retained"), format!("{from}\n")).expect("write");
+    let journal = retaining(dir.path(), 10).expect("opens");
+    assert_eq!(journal.retained_from(), from);
+    journal.close();
 }
 
 /// A listing that missed a segment (a directory walked while a writer created files: one

@@ -410,6 +410,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.data.display()
         );
     }
+    // Checked before the open, against the segment files already there: a cap that cannot
+    // fit is refused before anything starts.
+    let mut limits = args.tuning.limits();
+    let segments = drover::journal::SegmentedBackend::list(&args.data).map_or(0, |s| s.len());
+    fit_to_open_files(
+        segments.max(1),
+        &mut limits,
+        args.tuning.max_connections.is_some(),
+    )?;
     let rt = match args.tuning.open(&args.data, args.plugins.as_deref()).await {
         Ok(rt) => rt,
         Err(e) if format!("{e:#}").contains("Too many open files") => {
@@ -417,12 +426,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.context(format!("opening {}", args.data.display()))),
     };
-    let mut limits = args.tuning.limits();
-    fit_to_open_files(
-        rt.journal_status().retention.segments,
-        &mut limits,
-        args.tuning.max_connections.is_some(),
-    );
     // Few descriptors free (a limit close to the segments' count, or a threshold over the
     // limit): said at start, not only by `/readyz`.
     for reason in rt.readiness().reasons {
@@ -481,37 +484,51 @@ const MAX_BUDGET_MIB: u64 = u64::MAX >> 20;
 /// `main`), beside the journal's segment files, each of which stays open: past the limit,
 /// accepting fails and commits fail with "Too many open files", where past the cap a client
 /// gets a clear 503. The default cap (8,192) is lowered to what fits (at least 64), with a
-/// log line; a cap set with `--max-connections` is kept, with a warning if it does not fit.
-fn fit_to_open_files(segments: usize, limits: &mut drover::http::Limits, explicit: bool) {
+/// log line; a cap set with `--max-connections` that does not fit refuses the start (it was
+/// kept with a warning, and a flood of idle connections then left the server answering
+/// nothing, `/healthz` included, for as long as they stayed).
+fn fit_to_open_files(
+    segments: usize,
+    limits: &mut drover::http::Limits,
+    explicit: bool,
+) -> anyhow::Result<()> {
     #[cfg(unix)]
-    {
-        let Some(limit) = crate::open_files_limit() else {
-            return;
-        };
+    if let Some(limit) = crate::open_files_limit() {
         let open_files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
-        let room = open_files.saturating_sub(segments + OTHER_DESCRIPTORS);
-        if limits.max_connections <= room {
-            return;
+        match fit_cap(open_files, segments, limits.max_connections, explicit) {
+            Ok(cap) if cap == limits.max_connections => {}
+            Ok(cap) => {
+                tracing::info!(
+                    open_files_limit = open_files,
+                    segments,
+                    max_connections = cap,
+                    "connection cap lowered to fit the open-files limit (raise ulimit -Hn for more)"
+                );
+                limits.max_connections = cap;
+            }
+            Err(e) => anyhow::bail!(e),
         }
-        if explicit {
-            tracing::warn!(
-                open_files_limit = open_files,
-                segments,
-                max_connections = limits.max_connections,
-                "the open-files limit is low for this journal's segment files and connections: \
-                 raise the hard limit (ulimit -Hn) or --journal-segment-bytes, or lower \
-                 --max-connections"
-            );
-        } else {
-            let fits = room.max(64);
-            tracing::info!(
-                open_files_limit = open_files,
-                segments,
-                max_connections = fits,
-                "connection cap lowered to fit the open-files limit (raise ulimit -Hn for more)"
-            );
-            limits.max_connections = fits;
-        }
+    }
+    Ok(())
+}
+
+/// The connection cap that fits `open_files` descriptors beside `segments` segment files
+/// and [`OTHER_DESCRIPTORS`]: `cap` if it fits; else, for the default cap, what fits (at
+/// least 64); for a cap set explicitly, why the start is refused.
+fn fit_cap(open_files: usize, segments: usize, cap: usize, explicit: bool) -> Result<usize, String> {
+    let room = open_files.saturating_sub(segments + OTHER_DESCRIPTORS);
+    if cap <= room {
+        Ok(cap)
+    } else if explicit {
+        Err(format!(
+            "--max-connections {cap} does not fit the open-files limit of {open_files}: beside \
+             the journal's {segments} segment file(s) and {OTHER_DESCRIPTORS} other \
+             descriptors it leaves room for {room} connections, and past the limit the server \
+             cannot accept any connection, `/healthz` included; lower --max-connections to at \
+             most {room}, or raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd)"
+        ))
+    } else {
+        Ok(room.max(64))
     }
 }
 
@@ -542,6 +559,22 @@ mod tests {
     }
 
     /// One source of truth: `drover serve` without flags runs exactly the library's defaults.
+    #[test]
+    fn a_connection_cap_set_past_the_open_files_limit_refuses_the_start() {
+        // It was kept with a warning (found by a review: the server then answered nothing).
+        let refused = fit_cap(20_000, 1, 1_000_000, true).unwrap_err();
+        assert!(
+            refused.contains("--max-connections 1000000 does not fit the open-files limit of 20000")
+                && refused.contains("room for 18975 connections"),
+            "{refused}"
+        );
+        assert_eq!(fit_cap(20_000, 1, 18_975, true), Ok(18_975));
+        // The default is lowered to what fits, at least 64.
+        assert_eq!(fit_cap(4_096, 10, 8_192, false), Ok(3_062));
+        assert_eq!(fit_cap(1_024, 10, 8_192, false), Ok(64));
+        assert_eq!(fit_cap(1 << 20, 10, 8_192, false), Ok(8_192));
+    }
+
     #[test]
     fn no_flags_means_the_library_defaults() {
         let args = serve(&[]);
