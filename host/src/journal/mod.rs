@@ -1073,8 +1073,9 @@ impl Journal {
     }
 
     /// Removes the index checkpoint and writes no other, so that the next start scans and
-    /// checks the whole journal.
-    fn discard_checkpoint(&self) {
+    /// checks the whole journal. False where it is kept: a journal retention shortened opens
+    /// only from it, so the next start cannot check or rebuild anything.
+    fn discard_checkpoint(&self) -> bool {
         // Not while a retention pass may delete the journal's start (`try_lock`: an archive
         // that paused retention may be the reader that failed, on this very thread; the
         // pass re-checks the checkpoint right before it deletes).
@@ -1087,7 +1088,7 @@ impl Journal {
                 "journal: the index checkpoint is kept although a read failed, since the \
                  journal opens only from it (retention deleted its first segments)"
             );
-            return;
+            return false;
         }
         // The index guard is dropped first: `discard` takes the checkpoint lock, which a
         // checkpoint being written holds while it takes the index lock.
@@ -1095,6 +1096,7 @@ impl Journal {
         if let Some(spill) = spill {
             spill.checkpoints.discard();
         }
+        true
     }
 
     /// A record the index pointed at could not be read back: media damage in the journal, or
@@ -1113,15 +1115,21 @@ impl Journal {
         tracing::error!(
             offset,
             %reason,
-            "journal: a record could not be read back (media damage, or a damaged index); the next start checks the whole journal"
+            "journal: a record could not be read back (media damage, or a damaged index)"
         );
-        self.discard_checkpoint();
+        // A retained journal's next start opens from the same checkpoint and reads the same
+        // record: promising it a check that it cannot make sent operators round in circles.
+        let next = if self.discard_checkpoint() {
+            "the next start checks the whole journal, and refuses naming the damage or \
+             rebuilds the index"
+        } else {
+            "retention deleted the journal's first segments, so a restart opens from the same \
+             index checkpoint and cannot check or rebuild anything: restore the data directory \
+             from a backup"
+        };
         JournalError::Read {
             offset,
-            reason: format!(
-                "{reason} (media damage, or a damaged index: the next start checks the whole \
-                 journal, and refuses naming the damage or rebuilds the index)"
-            ),
+            reason: format!("{reason} (media damage, or a damaged index: {next})"),
         }
     }
 
@@ -1168,12 +1176,17 @@ impl Journal {
                 "journal: the index points at the wrong record (read-only: its checkpoint is left; a server started on the directory trusts it until it reads this record, then removes it)"
             );
         }
-        self.discard_checkpoint();
+        let next = if self.discard_checkpoint() {
+            "restart the server to rebuild the index from the journal"
+        } else {
+            "retention deleted the journal's first segments, so a restart opens from the same \
+             index checkpoint and cannot rebuild it: restore the data directory from a backup"
+        };
         JournalError::Read {
             offset,
             reason: format!(
                 "the index is damaged: it gave this offset for {wanted}, which holds {found} \
-                 (restart the server to rebuild the index from the journal)"
+                 ({next})"
             ),
         }
     }

@@ -543,7 +543,7 @@ pub(super) fn recover(
         dropped,
         %reason,
         saved_to = ?saved_to,
-        "journal: the last commit was torn by a crash; its unacknowledged tail was cut and not applied"
+        "journal: the last commit was torn, as a crash before it was durable leaves it: its tail, not acknowledged, was cut and not applied (damage to a durable last commit would read the same: its bytes are kept in saved_to)"
     );
     recovery.dropped = Some(DroppedTail {
         offset,

@@ -3655,6 +3655,29 @@ async fn a_read_of_what_a_retention_pass_just_deleted_answers_retained_away_and_
     drop(journal);
     let journal = retaining(dir.path(), 0).expect("still opens from its checkpoint");
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(5000));
+
+    // A record that will not read back in a journal retention shortened: its checkpoint is
+    // kept (the journal opens only from it), so the answer does not promise that the next
+    // start checks the whole journal (it did, and the restart served the same error).
+    let newest = *journal.snapshots(0).last().expect("a snapshot");
+    assert!(newest.offset >= journal.retained_from());
+    let holder = SegmentedBackend::list(dir.path())
+        .expect("list")
+        .into_iter()
+        .rfind(|s| s.first <= newest.offset)
+        .expect("a segment holds it");
+    let byte = newest.offset + 12 - holder.first + segments::SEGMENT_HEADER_LEN;
+    let mut bytes = std::fs::read(&holder.path).expect("read");
+    bytes[byte as usize] ^= 0x10;
+    std::fs::write(&holder.path, &bytes).expect("spoil");
+    match journal.read_snapshot(newest) {
+        Err(JournalError::Read { reason, .. }) => assert!(
+            reason.contains("restore the data directory from a backup")
+                && !reason.contains("the next start checks"),
+            "{reason}"
+        ),
+        other => panic!("read back: {other:?}"),
+    }
 }
 
 #[tokio::test]
