@@ -314,7 +314,7 @@ impl Registry {
             // since is written again from them (what the damaged copy's error advises). A
             // read and a hash of up to the upload limit: off the async threads.
             let wasm = self.dir.join(format!("{}.wasm", hex::encode(digest)));
-            tokio::task::spawn_blocking(move || write_component(&wasm, &bytes, &digest))
+            tokio::task::spawn_blocking(move || write_component(&wasm, &bytes, &digest, true))
                 .await
                 .map_err(|e| Error::Internal(format!("storing the plugin's component: {e}")))?
                 .map_err(|e| Error::writing("storing the plugin's component", e))?;
@@ -329,7 +329,7 @@ impl Registry {
         let compiled = tokio::task::spawn_blocking(move || -> Result<CompiledPlugin, Error> {
             let (compiled, artifact) = engine.compile_with_artifact(&bytes)?;
             let hex = hex::encode(digest);
-            write_component(&dir.join(format!("{hex}.wasm")), &bytes, &digest)
+            write_component(&dir.join(format!("{hex}.wasm")), &bytes, &digest, false)
                 .map_err(|e| Error::writing("storing the plugin's component", e))?;
             if !artifact.is_empty()
                 && let Err(e) = write_once(
@@ -809,14 +809,23 @@ fn check_components(dir: &Path, table: &Table) {
 /// Stores a component (`bytes`, whose sha256 is `digest`) at `path`, its content-addressed
 /// name: left alone if a file there already holds exactly those bytes, written afresh (see
 /// [`write_replace`]) if it is missing, or damaged (its bytes no longer hash to its name),
-/// so an upload of the same bytes repairs it.
-fn write_component(path: &Path, bytes: &[u8], digest: &[u8; 32]) -> std::io::Result<()> {
+/// so an upload of the same bytes repairs it. `registered`: the version exists already, so
+/// a missing file was lost, and its repair is logged as a damaged one's is (the client's
+/// answer is that of any upload of existing bytes).
+fn write_component(
+    path: &Path,
+    bytes: &[u8],
+    digest: &[u8; 32],
+    registered: bool,
+) -> std::io::Result<()> {
     match std::fs::read(path) {
         Ok(stored) if <[u8; 32]>::from(Sha256::digest(&stored)) == *digest => Ok(()),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         found => {
             if found.is_ok() {
                 tracing::warn!(file = %path.display(), "plugin component damaged on disk: written again from the same plugin file, given again");
+            } else if registered {
+                tracing::warn!(file = %path.display(), "plugin component missing on disk: written again from the same plugin file, given again");
             }
             write_replace(path, bytes)
         }
@@ -844,4 +853,61 @@ fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a test's subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A registered version's component lost from disk is written again by an upload of the
+    /// same bytes, and the log says so, as it does for a damaged one (the client's answer is
+    /// that of any upload of existing bytes; nothing said the repair had happened). A first
+    /// upload writes it with nothing to say.
+    #[test]
+    fn a_lost_component_written_again_is_logged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bytes = b"not really a component".to_vec();
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let path = dir.path().join(format!("{}.wasm", hex::encode(digest)));
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            write_component(&path, &bytes, &digest, false).expect("first write");
+            write_component(&path, &bytes, &digest, true).expect("intact: kept");
+            std::fs::remove_file(&path).expect("lose it");
+            write_component(&path, &bytes, &digest, true).expect("written again");
+            std::fs::write(&path, b"damaged").expect("damage it");
+            write_component(&path, &bytes, &digest, true).expect("written again");
+        });
+        assert_eq!(std::fs::read(&path).expect("stored"), bytes);
+        let text = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+        assert_eq!(
+            (
+                text.matches("plugin component missing on disk: written again").count(),
+                text.matches("plugin component damaged on disk: written again").count(),
+                text.lines().count(),
+            ),
+            (1, 1, 2),
+            "{text}"
+        );
+    }
 }

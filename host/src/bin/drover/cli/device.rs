@@ -616,7 +616,9 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
 pub struct RemoveArgs {
     /// The device id.
     pub device: String,
-    /// First write the device's whole history to `DATA/archive/ID.MS.jsonl` on the server.
+    /// First write the device's history to `DATA/archive/ID.MS.jsonl` on the server: from
+    /// the oldest record the journal kept, which is all of it unless retention deleted its
+    /// start (the file's header says where it begins, `first_seq`).
     #[arg(long)]
     pub archive: bool,
     #[command(flatten)]
@@ -638,7 +640,8 @@ pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
     } else {
         match out["archive"].as_str() {
             Some(archive) => println!(
-                "removed {} at seq {}; its history is archived in {archive} on the server",
+                "removed {} at seq {}; its history, from the oldest record the journal kept \
+                 (`first_seq` in the file's header), is archived in {archive} on the server",
                 args.device, out["seq"]
             ),
             None => println!("removed {} at seq {}", args.device, out["seq"]),
