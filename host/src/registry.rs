@@ -902,8 +902,10 @@ mod tests {
         let text = String::from_utf8_lossy(&logs.0.lock()).into_owned();
         assert_eq!(
             (
-                text.matches("plugin component missing on disk: written again").count(),
-                text.matches("plugin component damaged on disk: written again").count(),
+                text.matches("plugin component missing on disk: written again")
+                    .count(),
+                text.matches("plugin component damaged on disk: written again")
+                    .count(),
                 text.lines().count(),
             ),
             (1, 1, 2),

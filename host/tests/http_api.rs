@@ -1873,11 +1873,12 @@ fn a_connection_cap_the_open_files_limit_cannot_hold_refuses_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut serve = std::process::Command::new(support::BIN);
-    serve
-        .arg("serve")
-        .arg("--data")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--max-connections", "5000"]);
+    serve.arg("serve").arg("--data").arg(&data).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "5000",
+    ]);
     // SAFETY: setrlimit(2) only, in the child between fork and exec.
     unsafe {
         serve.pre_exec(|| {

@@ -3845,12 +3845,17 @@ async fn first_segments_lost_to_anything_but_retention_refuse_to_open() {
         let said = e.to_string();
         assert!(
             said.contains(&format!("begins at position {from}"))
-                && said.contains("journal.retained, which records where retention let it begin, is missing")
+                && said.contains(
+                    "journal.retained, which records where retention let it begin, is missing"
+                )
                 && said.contains(&format!("write {from} into")),
             "{said}"
         );
     }
-    assert!(!dir.path().join("journal.retained").exists(), "nothing recorded");
+    assert!(
+        !dir.path().join("journal.retained").exists(),
+        "nothing recorded"
+    );
     // Written back as the message says, it opens as retention left it.
     std::fs::write(dir.path().join("journal.retained"), format!("{from}\n")).expect("write");
     let journal = retaining(dir.path(), 10).expect("opens");

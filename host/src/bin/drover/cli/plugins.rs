@@ -331,6 +331,41 @@ fn checked_beforehand(r: &Value) -> String {
     }
 }
 
+/// Most sampled devices whose failures [`sample_failures`] lists one by one.
+const SAMPLE_FAILURES_SHOWN: usize = 3;
+
+/// Lines for the sampled devices on which the new version failed while it re-decided their
+/// recorded events (a trap, a timeout) though it folds their history: such a version is
+/// deployed, and its next events are likely to fail alike. The totals counted them among
+/// those that "decide differently", and a save whose `handle` trapped on every event went
+/// live under `drover dev` with nothing else said (a review found it).
+fn sample_failures(sample: &Value) -> Vec<String> {
+    let failed: Vec<&Value> = sample["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["folds"] == true && d["overloaded"] != true && d["error"].is_string())
+        .collect();
+    let mut lines: Vec<String> = failed
+        .iter()
+        .take(SAMPLE_FAILURES_SHOWN)
+        .map(|d| {
+            format!(
+                "  sampled {}: {}",
+                d["device"].as_str().unwrap_or("?"),
+                d["error"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    if failed.len() > SAMPLE_FAILURES_SHOWN {
+        lines.push(format!(
+            "  and {} more sampled device(s) it failed on (`--json` lists each)",
+            failed.len() - SAMPLE_FAILURES_SHOWN
+        ));
+    }
+    lines
+}
+
 /// Prints a deploy report as a few readable lines (the JSON has every detail).
 pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
@@ -402,6 +437,9 @@ pub fn print_deploy(r: &Value) {
                 k => format!(", {k} not checked (the server was overloaded)"),
             },
         );
+        for line in sample_failures(&r["sample"]) {
+            println!("{line}");
+        }
     }
     for d in r["devices"].as_array().into_iter().flatten() {
         if d["outcome"] == "failed" {
@@ -523,6 +561,32 @@ mod tests {
         assert_eq!(outcome(&report(0, 0)), ExitCode::SUCCESS);
         assert_eq!(outcome(&report(1, 0)), ExitCode::from(1));
         assert_eq!(outcome(&report(0, 1)), ExitCode::from(1));
+    }
+
+    /// Sampled devices the new version failed on while re-deciding their events are listed,
+    /// at most three; devices it cannot fold, or did not check, are said elsewhere.
+    #[test]
+    fn sampled_devices_a_version_failed_on_are_listed() {
+        let device = |id: &str, folds: bool, error: Option<&str>| serde_json::json!({"device": id, "folds": folds, "overloaded": false, "error": error});
+        let trapped = Some("the candidate failed at seq 3 (...): the candidate version trapped");
+        let sample = serde_json::json!({"devices": [
+            device("a", true, trapped),
+            device("b", true, None),
+            device("c", false, Some("cannot fold the recorded transitions at seq 2: ...")),
+        ]});
+        assert_eq!(
+            sample_failures(&sample),
+            [format!("  sampled a: {}", trapped.unwrap())]
+        );
+        let many: Vec<Value> = (0..5)
+            .map(|i| device(&format!("d{i}"), true, trapped))
+            .collect();
+        let lines = sample_failures(&serde_json::json!({"devices": many}));
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(
+            lines[3],
+            "  and 2 more sampled device(s) it failed on (`--json` lists each)"
+        );
     }
 
     /// Passivated devices the sample covered count as checked: a deploy to 6 passivated

@@ -515,7 +515,12 @@ fn fit_to_open_files(
 /// The connection cap that fits `open_files` descriptors beside `segments` segment files
 /// and [`OTHER_DESCRIPTORS`]: `cap` if it fits; else, for the default cap, what fits (at
 /// least 64); for a cap set explicitly, why the start is refused.
-fn fit_cap(open_files: usize, segments: usize, cap: usize, explicit: bool) -> Result<usize, String> {
+fn fit_cap(
+    open_files: usize,
+    segments: usize,
+    cap: usize,
+    explicit: bool,
+) -> Result<usize, String> {
     let room = open_files.saturating_sub(segments + OTHER_DESCRIPTORS);
     if cap <= room {
         Ok(cap)
@@ -564,7 +569,8 @@ mod tests {
         // It was kept with a warning (found by a review: the server then answered nothing).
         let refused = fit_cap(20_000, 1, 1_000_000, true).unwrap_err();
         assert!(
-            refused.contains("--max-connections 1000000 does not fit the open-files limit of 20000")
+            refused
+                .contains("--max-connections 1000000 does not fit the open-files limit of 20000")
                 && refused.contains("room for 18975 connections"),
             "{refused}"
         );
