@@ -1264,3 +1264,31 @@ async fn probes_are_answered_past_the_connection_cap() {
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;
 }
+
+/// Past the cap, connections that send nothing hold a probe's place only while their request
+/// line may still come (1 s), not through the lingering close after their refusal too: 64 of
+/// them every 2 s kept every place taken, and a flood of 80 silent connections failed every
+/// probe (a review found it). Here 64 silent ones are opened at once and held open; 1.5 s
+/// later their places are free again and a probe is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_past_the_cap_give_back_their_probe_places_after_a_second() {
+    let (_dir, rt, server) = serve(limits(10_000, 2)).await;
+    let addr = server.local_addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..2).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let silent: Vec<TcpStream> = (0..64).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut conn = connect(addr);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let (answer, _) = read_to_close(conn);
+        drop((held, silent));
+        answer
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}

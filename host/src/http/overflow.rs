@@ -35,17 +35,20 @@ connection: close\r\n\
 content-length: 94\r\n\r\n\
 {\"error\":{\"code\":\"too-many-connections\",\"message\":\"the server has too many open connections\"}}";
 
-/// Answers a connection over the cap and closes it: a probe (when `read_line`, a place among
-/// the [`PROBES_PAST_CAP`]) through `app`, anything else with [`TOO_MANY_CONNECTIONS`], after
-/// calling `refused`.
+/// Answers a connection over the cap and closes it: a probe (when given `probe_place`, a
+/// place among the [`PROBES_PAST_CAP`]) through `app`, anything else with
+/// [`TOO_MANY_CONNECTIONS`], after calling `refused`. The place is given back once the answer
+/// is known, before it is written and the connection lingers: held through the lingering
+/// close too, each connection that sent nothing kept it for up to 2 s, and 64 of them every
+/// 2 s failed every probe (a review's flood of 80).
 pub(crate) async fn answer(
     mut tcp: TcpStream,
-    read_line: bool,
+    probe_place: Option<tokio::sync::OwnedSemaphorePermit>,
     app: axum::Router,
     refused: impl FnOnce(),
 ) {
     let mut head = Vec::new();
-    let probe = if read_line {
+    let probe = if probe_place.is_some() {
         tokio::time::timeout(LINE_WAIT, read_request_line(&mut tcp, &mut head))
             .await
             .ok()
@@ -58,6 +61,7 @@ pub(crate) async fn answer(
         Some(target) => probe_answer(app, target).await,
         None => None,
     };
+    drop(probe_place);
     let answer = answer.unwrap_or_else(|| {
         refused();
         TOO_MANY_CONNECTIONS.to_vec()

@@ -233,8 +233,7 @@ impl Server {
                     let (app, replaced, refusals) =
                         (app.clone(), replaced.clone(), refusals.clone());
                     tokio::spawn(async move {
-                        let read_line = probe_place.is_some();
-                        overflow::answer(tcp, read_line, app, move || {
+                        overflow::answer(tcp, probe_place, app, move || {
                             refusals.lock().note(peer);
                             // Counted as the API's other refusals are, so it can be alerted on.
                             replaced(
@@ -243,7 +242,6 @@ impl Server {
                             );
                         })
                         .await;
-                        drop(probe_place);
                     });
                     continue;
                 };
