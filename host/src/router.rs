@@ -426,26 +426,32 @@ impl Router {
 
     /// The live actors whose activity passes `keep`, least recently used first, each with
     /// its grown memory and a sender: the victims of the sweeps below.
+    /// Those already asked to passivate are left out.
     fn least_recently_used(
         &self,
         keep: impl Fn(&Activity) -> bool,
-    ) -> Vec<(u64, mpsc::Sender<Message>)> {
-        let mut live: Vec<(u64, u64, mpsc::Sender<Message>)> = self
+    ) -> Vec<(u64, mpsc::Sender<Message>, Arc<Activity>)> {
+        let mut live: Vec<(u64, u64, mpsc::Sender<Message>, Arc<Activity>)> = self
             .actors
             .read()
             .values()
-            .filter(|a| a.activity.live.load(Ordering::Relaxed) && keep(&a.activity))
+            .filter(|a| {
+                a.activity.live.load(Ordering::Relaxed)
+                    && !a.activity.passivation_asked.load(Ordering::Relaxed)
+                    && keep(&a.activity)
+            })
             .map(|a| {
                 (
                     a.activity.last_used_ms.load(Ordering::Relaxed),
                     a.activity.grown_memory.load(Ordering::Relaxed),
                     a.tx.clone(),
+                    a.activity.clone(),
                 )
             })
             .collect();
         live.sort_unstable_by_key(|c| c.0);
         live.into_iter()
-            .map(|(_, memory, tx)| (memory, tx))
+            .map(|(_, memory, tx, activity)| (memory, tx, activity))
             .collect()
     }
 
@@ -463,12 +469,11 @@ impl Router {
             let (grown, budget) = self.env.registry.engine().guest_memory();
             let need = grown.saturating_sub(budget / 2);
             let (mut freed, mut asked) = (0u64, 0usize);
-            for (memory, tx) in self.least_recently_used(|a| a.grown_memory.load(Ordering::Relaxed) > 0) {
+            for (memory, tx, activity) in self.least_recently_used(|a| a.grown_memory.load(Ordering::Relaxed) > 0) {
                 if freed >= need {
                     break;
                 }
-                // A full mailbox means the device is busy, hence not a good victim anyway.
-                if tx.try_send(Message::Passivate).is_ok() {
+                if activity.ask_to_passivate(&tx) {
                     freed += memory;
                     asked += 1;
                 }
@@ -500,9 +505,9 @@ impl Router {
             if live > target {
                 let excess = (live - target) as usize;
                 tracing::debug!(live, cap, excess, "passivating least recently used devices");
-                for (_, tx) in self.least_recently_used(|_| true).into_iter().take(excess) {
-                    // A full mailbox means the device is busy, hence not a good victim anyway.
-                    let _ = tx.try_send(Message::Passivate);
+                for (_, tx, activity) in self.least_recently_used(|_| true).into_iter().take(excess)
+                {
+                    activity.ask_to_passivate(&tx);
                 }
             }
             self.evicting.store(false, Ordering::Release);

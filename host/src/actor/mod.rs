@@ -280,6 +280,29 @@ pub struct Activity {
     /// drains it and drops its instance without the passivation snapshot, which nothing would
     /// ever read (a removal closes the device's history for good).
     pub removing: AtomicBool,
+    /// Set by the router when it puts a [`Message::Passivate`] in the mailbox, cleared by
+    /// the actor as it takes it: the router's sweeps pass over an actor already asked. Each
+    /// sweep (one per activation over the live cap) asked the least recently used again,
+    /// and an actor slow to take its messages got one per sweep until its mailbox was full
+    /// and its events were refused `429 mailbox-full` (a review saw it with 32 requests in
+    /// flight).
+    pub passivation_asked: AtomicBool,
+}
+
+impl Activity {
+    /// Puts a [`Message::Passivate`] in `tx`, the mailbox of the actor this is the activity
+    /// of, unless one is there already; false if it is, or if the mailbox is full (a device
+    /// that busy is no good victim anyway).
+    pub(crate) fn ask_to_passivate(&self, tx: &mpsc::Sender<Message>) -> bool {
+        if self.passivation_asked.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        if tx.try_send(Message::Passivate).is_ok() {
+            return true;
+        }
+        self.passivation_asked.store(false, Ordering::Release);
+        false
+    }
 }
 
 /// See [`Activity::quarantine_cause`].
@@ -570,7 +593,12 @@ impl Actor {
             Box::pin(self.retry_upgrade()).await;
         }
         match msg {
-            Message::Passivate => self.passivate().await,
+            Message::Passivate => {
+                self.activity
+                    .passivation_asked
+                    .store(false, Ordering::Release);
+                self.passivate().await;
+            }
             Message::Resume { reply } => {
                 // A device that is not quarantined is left as it is: its count
                 // of failures in a row stands.
@@ -1500,5 +1528,34 @@ mod tests {
     #[test]
     fn a_mailbox_message_is_two_words() {
         assert_eq!(std::mem::size_of::<Message>(), 16);
+    }
+
+    /// An actor is asked to passivate once until it takes the request, however many sweeps
+    /// pick it: sweeps came one per activation over the live cap, and an actor slow to take
+    /// its messages got a request from each until its mailbox was full and its events were
+    /// refused `429 mailbox-full`. A full mailbox takes no request and leaves none pending.
+    #[test]
+    fn an_actor_is_asked_to_passivate_once_until_it_takes_the_request() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let activity = Activity::default();
+        assert!(activity.ask_to_passivate(&tx));
+        for _ in 0..10 {
+            assert!(!activity.ask_to_passivate(&tx), "asked already");
+        }
+        assert_eq!(rx.len(), 1);
+        // What the actor does as it takes it.
+        assert!(matches!(rx.try_recv(), Ok(Message::Passivate)));
+        activity.passivation_asked.store(false, Ordering::Release);
+        assert!(activity.ask_to_passivate(&tx), "asked again once taken");
+        let _ = rx.try_recv();
+        activity.passivation_asked.store(false, Ordering::Release);
+        for _ in 0..4 {
+            tx.try_send(Message::Snapshot).expect("room");
+        }
+        assert!(!activity.ask_to_passivate(&tx), "full");
+        assert!(
+            !activity.passivation_asked.load(Ordering::Acquire),
+            "nothing pending"
+        );
     }
 }
