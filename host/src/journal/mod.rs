@@ -548,6 +548,13 @@ impl Journal {
                 }
             })?
         } else {
+            // What a salvage killed before it finished left: its new journal, never put in
+            // place, which only holds the space (a salvage writes it afresh).
+            let partial = recovery::side_file(&path, "salvage");
+            if partial.exists() {
+                tracing::warn!(file = %partial.display(), "journal: removing the partial new journal a --salvage killed before it finished left");
+                std::fs::remove_file(&partial)?;
+            }
             None
         };
         let storage = SegmentedBackend::open(dir, options.segment_bytes, FORMAT_VERSION)?;

@@ -66,7 +66,7 @@ use super::index::{Inconsistency, Index, MAX_LOST_RUN, MarkerAt};
 use super::index_checkpoint::{Checkpoints, Found};
 use super::record::{self, DecodeError, Record};
 use super::runs::Spill;
-use super::segments::SegmentedBackend;
+use super::segments::{SegmentInfo, SegmentedBackend};
 use super::storage::{SeqReader, StorageBackend, Tolerant};
 use super::{DroppedTail, FILE_NAME, FORMAT_VERSION, Recovery, writer};
 
@@ -573,6 +573,7 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
              first segments: restore the data directory from a backup instead",
         ));
     }
+    finish_interrupted_salvage(dir, &segments)?;
     // A damaged segment header (its records may all be intact) or a missing segment refuses
     // a normal open: read past them here (the missing positions as unreadable bytes), and
     // rewrite the journal even if no record is damaged.
@@ -582,6 +583,35 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         tracing::warn!(damage = %why, "journal salvage: reading past a damaged segment header (at the position its file name gives) or a missing segment (as unreadable bytes)");
     }
     salvage_from_with(&source, path, tolerated.first().cloned())
+}
+
+/// Finishes a salvage killed after its new `journal.log` (every intact record of every
+/// segment) was in place but before it moved the later segments aside: it moves them aside
+/// now, as the salvage would have (`*.damaged-interrupted-<ms>`). Such a directory refused a
+/// normal open and `--salvage` alike, with only a hand to move the files (a review killed a
+/// salvage at 0.3 s). Nothing else writes a `journal.log` that reaches past the next
+/// segment's first position.
+fn finish_interrupted_salvage(dir: &Path, segments: &[SegmentInfo]) -> std::io::Result<()> {
+    let [first, next, ..] = segments else {
+        return Ok(());
+    };
+    if first.first != 0 || first.len <= next.first {
+        return Ok(());
+    }
+    let suffix = format!("damaged-interrupted-{}", wall_ms());
+    for segment in &segments[1..] {
+        std::fs::rename(&segment.path, side_file(&segment.path, &suffix))?;
+    }
+    File::open(dir)?.sync_all()?;
+    tracing::warn!(
+        journal_log_ends = first.len,
+        moved = segments.len() - 1,
+        suffix,
+        "journal salvage: an earlier salvage was interrupted after writing its new journal.log, \
+         which holds every intact record; the segment files after it are moved aside as it \
+         would have moved them"
+    );
+    Ok(())
 }
 
 /// [`salvage`], reading the damaged journal through `source` (the file at `path`, or a test's

@@ -331,8 +331,9 @@ impl SegmentedBackend {
                 return Err(damaged(format!(
                     "{} ends at position {end}, past the start of the next segment, {} ({}): \
                      a --salvage was interrupted after writing its new journal.log, which \
-                     holds every intact record. Move the segment files after it aside (a \
-                     completed salvage renames them to *.damaged-N) and start again",
+                     holds every intact record. Start again with --salvage, which finishes \
+                     it (moving the segment files after it aside, as a completed salvage \
+                     does)",
                     pair[0].path.display(),
                     pair[1].path.display(),
                     pair[1].first

@@ -3070,10 +3070,33 @@ async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segmen
         err.to_string().contains("--salvage was interrupted"),
         "{err}"
     );
-    for (aside, back) in &moved {
-        std::fs::rename(back, aside).expect("aside again");
-    }
-    let journal = open_segmented(dir.path(), 512, false).expect("opens once moved aside");
+    // `--salvage` finishes it: the segments go aside as the salvage would have moved them
+    // (it refused too, with the same words, and only a hand could move them).
+    let journal = open_segmented(dir.path(), 512, true).expect("the salvage finished");
+    assert!(
+        journal.recovery().salvaged.is_none(),
+        "nothing left to salvage"
+    );
+    assert_eq!(SegmentedBackend::list(dir.path()).expect("list").len(), 1);
+    let finished = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(".seg.damaged-interrupted-")
+        })
+        .count();
+    assert_eq!(finished, moved.len());
+    let read = journal.read_events(0, 1, 300).expect("read");
+    assert_eq!(read.len(), 300);
+    journal.close();
+    drop(journal);
+    // A partial new journal a salvage killed earlier left is removed by a plain start.
+    let partial = dir.path().join("journal.log.salvage");
+    std::fs::write(&partial, vec![7u8; 4096]).expect("partial");
+    let journal = open_segmented(dir.path(), 512, false).expect("opens");
+    assert!(!partial.exists(), "left behind");
     let (r, e) = event(0, 301);
     journal.append(&r, e).await.expect("event 301");
     journal.close();
