@@ -111,7 +111,11 @@ pub enum JournalError {
     /// of the journal's last failed commit, most likely that record's: a device whose
     /// activation after a restart on a full disk could not write its marker said only "an
     /// earlier record failed" to a read that had sent nothing, without naming the disk.
-    #[error("an earlier record of this device failed to commit ({cause})")]
+    #[error(
+        "an earlier record of this device failed to commit ({cause}): one of its events', or the \
+         marker or snapshot an activation writes (a read activates a device too); nothing more \
+         of it is written until it is rebuilt from the journal at its next message"
+    )]
     Fenced {
         kind: std::io::ErrorKind,
         cause: String,
