@@ -425,8 +425,9 @@ impl Router {
     }
 
     /// The live actors whose activity passes `keep`, least recently used first, each with
-    /// its grown memory and a sender: the victims of the sweeps below.
-    /// Those already asked to passivate are left out.
+    /// its grown memory, a sender and its activity: the victims of the sweeps below, which
+    /// count those already asked to passivate (see [`Activity::ask_to_passivate`]) as
+    /// passivating rather than ask them again.
     fn least_recently_used(
         &self,
         keep: impl Fn(&Activity) -> bool,
@@ -435,11 +436,7 @@ impl Router {
             .actors
             .read()
             .values()
-            .filter(|a| {
-                a.activity.live.load(Ordering::Relaxed)
-                    && !a.activity.passivation_asked.load(Ordering::Relaxed)
-                    && keep(&a.activity)
-            })
+            .filter(|a| a.activity.live.load(Ordering::Relaxed) && keep(&a.activity))
             .map(|a| {
                 (
                     a.activity.last_used_ms.load(Ordering::Relaxed),
@@ -473,7 +470,10 @@ impl Router {
                 if freed >= need {
                     break;
                 }
-                if activity.ask_to_passivate(&tx) {
+                if activity.passivation_asked.load(Ordering::Acquire) {
+                    // Asked by an earlier sweep: what it holds is as good as freed.
+                    freed += memory;
+                } else if activity.ask_to_passivate(&tx) {
                     freed += memory;
                     asked += 1;
                 }
@@ -505,8 +505,12 @@ impl Router {
             if live > target {
                 let excess = (live - target) as usize;
                 tracing::debug!(live, cap, excess, "passivating least recently used devices");
-                for (_, tx, activity) in self.least_recently_used(|_| true).into_iter().take(excess)
-                {
+                let candidates = self.least_recently_used(|_| true);
+                let asked = |a: &Activity| a.passivation_asked.load(Ordering::Acquire);
+                // Those an earlier sweep asked are on their way out: they count.
+                let pending = candidates.iter().filter(|c| asked(&c.2)).count();
+                let victims = candidates.into_iter().filter(|c| !asked(&c.2));
+                for (_, tx, activity) in victims.take(excess.saturating_sub(pending)) {
                     activity.ask_to_passivate(&tx);
                 }
             }
