@@ -737,18 +737,30 @@ fn small_segments_under_a_low_open_files_limit_keep_committing() {
     );
     drop(server);
 
-    // A hard limit too low for the segments and the connection cap set is warned of at start.
+    // A hard limit too low for the segments and the connection cap set refuses the start,
+    // saying how many fit (it was only warned of, and the server could then take in so many
+    // connections that it could accept none, `/healthz` included).
     let tight = 2048.min(hard.rlim_max);
-    let flags = [
-        "--journal-segment-bytes",
-        "4096",
-        "--max-connections",
-        "4096",
-    ];
-    let server = start_with_open_files(&data, &flags, tight, tight);
-    let log = server.log_text();
-    assert!(log.contains("the open-files limit is low"), "{log}");
-    drop(server);
+    let mut command = std::process::Command::new(support::BIN);
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "4096",
+        ])
+        .args(["--journal-segment-bytes", "4096", "--data"])
+        .arg(&data);
+    limit_open_files(&mut command, tight, tight);
+    let out = command.output().expect("run");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("--max-connections 4096 does not fit the open-files limit")
+            && said.contains(&format!("the journal's {segments} segment file(s)")),
+        "{said}"
+    );
     // Without a cap set, the default one is lowered to what the limit holds.
     let server = start_with_open_files(&data, &["--journal-segment-bytes", "4096"], tight, tight);
     let log = server.log_text();

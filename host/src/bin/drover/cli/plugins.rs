@@ -463,6 +463,42 @@ pub fn print_deploy(r: &Value) {
             );
         }
     }
+    for line in left_unfolded(r) {
+        println!("{line}");
+    }
+}
+
+/// Lines for the sampled devices a forced deploy left on their version because the new one
+/// cannot fold their history, and that it did not try to move live (those are listed with
+/// the devices it touched): passivated ones, which it only counted (a review found them
+/// named nowhere but in the JSON).
+fn left_unfolded(r: &Value) -> Vec<String> {
+    let touched: std::collections::HashSet<&str> = r["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["device"].as_str())
+        .collect();
+    r["sample"]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["folds"] == false && d["overloaded"] != true)
+        .filter(|d| d["device"].as_str().is_some_and(|id| !touched.contains(id)))
+        .map(|d| {
+            format!(
+                "  {} stays on v{} (v{} cannot fold its history{}): {}",
+                d["device"].as_str().unwrap_or("?"),
+                d["recorded_version"],
+                r["to"],
+                d["fold_failed_seq"]
+                    .as_u64()
+                    .map(|s| format!(", failing at seq {s}"))
+                    .unwrap_or_default(),
+                d["error"].as_str().unwrap_or("no detail"),
+            )
+        })
+        .collect()
 }
 
 /// Prints a dry-run report: totals, then each device's first divergence and state diff.
@@ -586,6 +622,29 @@ mod tests {
         assert_eq!(
             lines[3],
             "  and 2 more sampled device(s) it failed on (`--json` lists each)"
+        );
+    }
+
+    /// A forced deploy names the passivated devices it left because it cannot fold them, as
+    /// it names the live ones (it only counted them); those it touched are not named twice.
+    #[test]
+    fn passivated_devices_a_forced_deploy_left_behind_are_named() {
+        let report = serde_json::json!({
+            "to": 2,
+            "devices": [{"device": "live", "outcome": "failed"}],
+            "sample": {"devices": [
+                {"device": "r1", "recorded_version": 1, "folds": false, "fold_failed_seq": 4,
+                 "error": "cannot fold the recorded transitions at seq 4: refused"},
+                {"device": "live", "recorded_version": 1, "folds": false, "error": "x"},
+                {"device": "ok", "recorded_version": 1, "folds": true},
+            ]},
+        });
+        assert_eq!(
+            left_unfolded(&report),
+            [
+                "  r1 stays on v1 (v2 cannot fold its history, failing at seq 4): cannot fold the \
+              recorded transitions at seq 4: refused"
+            ]
         );
     }
 

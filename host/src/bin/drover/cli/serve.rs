@@ -512,16 +512,24 @@ fn fit_to_open_files(
     Ok(())
 }
 
+/// The fewest connections a cap is lowered to, however little room the open-files limit
+/// leaves by the count above ([`OTHER_DESCRIPTORS`] is a generous reserve: a server under a
+/// limit of 300 served 64 connections).
+const MIN_FITTED_CONNECTIONS: usize = 64;
+
 /// The connection cap that fits `open_files` descriptors beside `segments` segment files
-/// and [`OTHER_DESCRIPTORS`]: `cap` if it fits; else, for the default cap, what fits (at
-/// least 64); for a cap set explicitly, why the start is refused.
+/// and [`OTHER_DESCRIPTORS`] (at least [`MIN_FITTED_CONNECTIONS`]): `cap` if it fits; else,
+/// for the default cap, what fits; for a cap set explicitly, why the start is refused. One
+/// rule for both (an explicit 64 was refused where the default was lowered to 64 and ran).
 fn fit_cap(
     open_files: usize,
     segments: usize,
     cap: usize,
     explicit: bool,
 ) -> Result<usize, String> {
-    let room = open_files.saturating_sub(segments + OTHER_DESCRIPTORS);
+    let room = open_files
+        .saturating_sub(segments + OTHER_DESCRIPTORS)
+        .max(MIN_FITTED_CONNECTIONS);
     if cap <= room {
         Ok(cap)
     } else if explicit {
@@ -533,7 +541,7 @@ fn fit_cap(
              most {room}, or raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd)"
         ))
     } else {
-        Ok(room.max(64))
+        Ok(room)
     }
 }
 
@@ -579,6 +587,11 @@ mod tests {
         assert_eq!(fit_cap(4_096, 10, 8_192, false), Ok(3_062));
         assert_eq!(fit_cap(1_024, 10, 8_192, false), Ok(64));
         assert_eq!(fit_cap(1 << 20, 10, 8_192, false), Ok(8_192));
+        // One rule for a cap set and the default: 64 fit where the default is lowered to 64
+        // (it was refused, "at most 0", which the flag's range cannot take).
+        assert_eq!(fit_cap(1_000, 1, 64, true), Ok(64));
+        let refused = fit_cap(1_000, 1, 65, true).unwrap_err();
+        assert!(refused.contains("at most 64"), "{refused}");
     }
 
     #[test]
