@@ -604,16 +604,14 @@ mod tests {
     #[test]
     fn sampled_devices_a_version_failed_on_are_listed() {
         let device = |id: &str, folds: bool, error: Option<&str>| serde_json::json!({"device": id, "folds": folds, "overloaded": false, "error": error});
-        let trapped = Some("the candidate failed at seq 3 (...): the candidate version trapped");
+        let trap = "the candidate failed at seq 3 (...): the candidate version trapped";
+        let trapped = Some(trap);
         let sample = serde_json::json!({"devices": [
             device("a", true, trapped),
             device("b", true, None),
             device("c", false, Some("cannot fold the recorded transitions at seq 2: ...")),
         ]});
-        assert_eq!(
-            sample_failures(&sample),
-            [format!("  sampled a: {}", trapped.unwrap())]
-        );
+        assert_eq!(sample_failures(&sample), [format!("  sampled a: {trap}")]);
         let many: Vec<Value> = (0..5)
             .map(|i| device(&format!("d{i}"), true, trapped))
             .collect();
