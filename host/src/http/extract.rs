@@ -258,8 +258,8 @@ pub async fn declared_length(
     mut req: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    req.extensions_mut().insert(RouteLimit(max));
     use axum::response::IntoResponse as _;
+    req.extensions_mut().insert(RouteLimit(max));
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

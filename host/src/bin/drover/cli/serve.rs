@@ -571,10 +571,10 @@ mod tests {
         }
     }
 
-    /// One source of truth: `drover serve` without flags runs exactly the library's defaults.
+    /// A cap set past what the open-files limit leaves room for refuses the start: it was
+    /// kept with a warning, and the server then answered nothing (found by a review).
     #[test]
     fn a_connection_cap_set_past_the_open_files_limit_refuses_the_start() {
-        // It was kept with a warning (found by a review: the server then answered nothing).
         let refused = fit_cap(20_000, 1, 1_000_000, true).unwrap_err();
         assert!(
             refused
@@ -594,6 +594,7 @@ mod tests {
         assert!(refused.contains("at most 64"), "{refused}");
     }
 
+    /// One source of truth: `drover serve` without flags runs exactly the library's defaults.
     #[test]
     fn no_flags_means_the_library_defaults() {
         let args = serve(&[]);
