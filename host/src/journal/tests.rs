@@ -3795,6 +3795,18 @@ async fn a_page_of_device_ids_is_a_slice_of_the_sorted_ids() {
     assert_eq!(seen, all);
 }
 
+/// A closed journal in `dir` whose first segments one retention pass deleted; where it now
+/// begins.
+async fn retained_once(dir: &Path) -> u64 {
+    let journal = retaining(dir, 10).expect("open");
+    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
+    journal.retain_now().expect("pass");
+    let from = journal.retained_from();
+    assert!(from > 0, "retention deleted segments");
+    journal.close();
+    from
+}
+
 /// A journal whose first segments are gone though retention did not delete them (deleted by
 /// hand, lost in a copy) refuses to open, naming the missing positions: under `keep-all`,
 /// whose index checkpoint used to open what was left as if retention had deleted the rest
@@ -3826,13 +3838,7 @@ async fn first_segments_lost_to_anything_but_retention_refuse_to_open() {
     missing(Journal::open_read_only(dir.path()));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = retaining(dir.path(), 10).expect("open");
-    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
-    journal.retain_now().expect("pass");
-    let from = journal.retained_from();
-    assert!(from > 0, "retention deleted segments");
-    journal.close();
-    drop(journal);
+    let from = retained_once(dir.path()).await;
     assert_eq!(
         segments::retained_floor(dir.path()).expect("read"),
         Some(from)
@@ -3850,13 +3856,7 @@ async fn first_segments_lost_to_anything_but_retention_refuse_to_open() {
     // under `keep-all` too, saying how to go on if retention did delete them (it recorded
     // where the journal then began and opened, every lost record read as retained away).
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = retaining(dir.path(), 10).expect("open");
-    a_alone_past_the_checkpoints_identity_bytes(&journal).await;
-    journal.retain_now().expect("pass");
-    let from = journal.retained_from();
-    assert!(from > 0, "retention deleted segments");
-    journal.close();
-    drop(journal);
+    let from = retained_once(dir.path()).await;
     std::fs::remove_file(dir.path().join("journal.retained")).expect("remove");
     for opened in [
         retaining(dir.path(), 10),
