@@ -205,10 +205,7 @@ impl FromRequest<super::App> for Body {
 /// the still compressed bytes of `gzip, chunked`, refused as malformed JSON, which blamed the
 /// body. `chunked` twice is 400: HTTP/1.1 forbids it, and hyper undid it once, so a proxy
 /// in front that read it otherwise would see another request boundary than the server.
-pub async fn transfer_codings(
-    req: Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+pub(crate) fn transfer_codings(req: &Request) -> Option<axum::response::Response> {
     use axum::response::IntoResponse as _;
     let mut chunked = 0;
     let mut unknown = None;
@@ -227,23 +224,24 @@ pub async fn transfer_codings(
         }
     }
     if let Some(coding) = unknown {
-        return ApiError::http(
-            StatusCode::NOT_IMPLEMENTED,
-            codes::NOT_IMPLEMENTED,
-            format!(
-                "transfer coding `{coding}` is not supported: send the body as it is, with \
-                 Content-Length or Transfer-Encoding: chunked"
-            ),
-        )
-        .into_response();
+        return Some(
+            ApiError::http(
+                StatusCode::NOT_IMPLEMENTED,
+                codes::NOT_IMPLEMENTED,
+                format!(
+                    "transfer coding `{coding}` is not supported: send the body as it is, with \
+                     Content-Length or Transfer-Encoding: chunked"
+                ),
+            )
+            .into_response(),
+        );
     }
-    if chunked > 1 {
-        return ApiError::malformed_request(
+    (chunked > 1).then(|| {
+        ApiError::malformed_request(
             "Transfer-Encoding names `chunked` more than once; HTTP/1.1 allows it once, last",
         )
-        .into_response();
-    }
-    next.run(req).await
+        .into_response()
+    })
 }
 
 /// A route's body limit in bytes, for the message of a body found over it as it arrived.
@@ -339,11 +337,9 @@ impl Body {
 /// are checked: the header is the wire protocol's, and a request made in process (an embedder
 /// calling [`router`](super::router) with tower's `oneshot`, the answer to a probe past the
 /// connection cap) has none to give.
-pub async fn host(req: Request, next: axum::middleware::Next) -> axum::response::Response {
+pub(crate) fn host(req: &Request) -> Option<axum::response::Response> {
     use axum::response::IntoResponse as _;
-    if req.extensions().get::<super::peer::Peer>().is_none() {
-        return next.run(req).await;
-    }
+    req.extensions().get::<super::peer::Peer>()?;
     let mut hosts = req.headers().get_all(axum::http::header::HOST).iter();
     let refusal = match (hosts.next(), hosts.next()) {
         (None, _) if req.version() == axum::http::Version::HTTP_11 => Some(
@@ -362,19 +358,16 @@ pub async fn host(req: Request, next: axum::middleware::Next) -> axum::response:
             )
         }),
     };
-    match refusal {
-        Some(message) => {
-            // Closed, as every request refused before routing is: a client this broken (or
-            // probing) is not kept on a keep-alive connection until the header timeout.
-            let mut response = ApiError::malformed_request(message).into_response();
-            response.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-            response
-        }
-        None => next.run(req).await,
-    }
+    refusal.map(|message| {
+        // Closed, as every request refused before routing is: a client this broken (or
+        // probing) is not kept on a keep-alive connection until the header timeout.
+        let mut response = ApiError::malformed_request(message).into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        response
+    })
 }
 
 /// Whether `value` is a `Host` field value: empty, or `uri-host [ ":" port ]` (RFC 3986): an

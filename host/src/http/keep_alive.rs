@@ -18,24 +18,27 @@ use std::task::{Context, Poll};
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
 
-/// Middleware: answers to requests whose body was not read to its end say
-/// `Connection: close` (see the module docs).
-pub async fn close_unless_read(req: Request, next: Next) -> Response {
+/// Watches `req`'s body, if it has one: the flag is set once it has been read to its end.
+pub(crate) fn watch(req: Request) -> (Request, Option<Arc<AtomicBool>>) {
     let (parts, body) = req.into_parts();
     if http_body::Body::is_end_stream(&body) {
-        return next.run(Request::from_parts(parts, body)).await;
+        return (Request::from_parts(parts, body), None);
     }
     let read = Arc::new(AtomicBool::new(false));
     let body = Body::new(Watched {
         inner: body,
         read: read.clone(),
     });
-    let mut response = next.run(Request::from_parts(parts, body)).await;
-    if !read.load(Ordering::Acquire) {
+    (Request::from_parts(parts, body), Some(read))
+}
+
+/// Says `Connection: close` on `response` unless the body [`watch`] watched was read to its
+/// end (see the module docs).
+pub(crate) fn close_unless_read(mut response: Response, read: Option<&AtomicBool>) -> Response {
+    if read.is_some_and(|read| !read.load(Ordering::Acquire)) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

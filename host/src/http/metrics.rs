@@ -8,11 +8,9 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
 
-use super::App;
 use super::error::{ErrorMark, Origin, codes};
 
 /// Route templates counted individually; anything else is counted as `unmatched`.
@@ -144,8 +142,15 @@ impl HttpMetrics {
     }
 }
 
-/// Middleware counting every request (see the module docs).
-pub async fn track(State(app): State<App>, req: Request, next: Next) -> Response {
+/// Counts `req` (see the module docs) while `answer` answers it.
+pub(crate) async fn track<F>(
+    metrics: &HttpMetrics,
+    req: Request,
+    answer: impl FnOnce(Request) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     let matched = req.extensions().get::<MatchedPath>();
     let route = matched
         .and_then(|p| ROUTES.iter().position(|t| *t == p.as_str()))
@@ -156,9 +161,8 @@ pub async fn track(State(app): State<App>, req: Request, next: Next) -> Response
         matched.is_none() || route != UNMATCHED,
         "route {matched:?} is missing from the metrics table"
     );
-    let metrics = &app.metrics;
     let guard = InFlight::enter(&metrics.in_flight);
-    let response = next.run(req).await;
+    let response = answer(req).await;
     drop(guard);
     let mark = response.extensions().get::<ErrorMark>().copied();
     metrics.record(route, response.status().as_u16(), mark);

@@ -37,7 +37,8 @@
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`],
 //! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
 //! error shape; `framing` the same shape for requests hyper cannot parse; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
-//! connections stay open after an answer; [`peer`] whether a waiting request's client is
+//! connections stay open after an answer; [`front`] the one middleware around every route that
+//! applies those two and the counting; [`peer`] whether a waiting request's client is
 //! still there; `overflow` what a connection past the cap gets (probes are still answered); [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
 //! HTTP-level counters.
@@ -49,6 +50,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 mod framing;
+pub mod front;
 pub mod journal;
 pub mod json;
 pub mod keep_alive;
@@ -185,13 +187,9 @@ pub(crate) fn router_of(app: App) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        // Inside `track`, so that its refusals are counted like any other answer.
-        .layer(axum::middleware::from_fn(extract::transfer_codings))
-        .layer(axum::middleware::from_fn(extract::host))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
-            metrics::track,
+            front::front_door,
         ))
-        .layer(axum::middleware::from_fn(keep_alive::close_unless_read))
         .with_state(app)
 }
