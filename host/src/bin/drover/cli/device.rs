@@ -18,6 +18,8 @@ pub struct SendArgs {
     /// The device id.
     pub device: String,
     /// The event, a JSON value (`-` reads it from stdin).
+    // A negative number is a JSON value too (`drover send t1 -5`), not a flag.
+    #[arg(allow_negative_numbers = true)]
     pub event: String,
     #[command(flatten)]
     pub client: ClientOpts,
@@ -721,4 +723,29 @@ pub fn dead_letters(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
         println!("  {}", d.event);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn an_event_that_is_a_negative_number_is_not_taken_for_a_flag() {
+        let cli = Cli::try_parse_from(["drover", "send", "t1", "-5"]).expect("parses");
+        let Command::Send(args) = cli.command else {
+            panic!("not send: {:?}", cli.command);
+        };
+        assert_eq!((args.device.as_str(), args.event.as_str()), ("t1", "-5"));
+        // A device id that starts with `-` still needs `--`, as clap's own tip says.
+        let cli = Cli::try_parse_from(["drover", "send", "--", "-t1", "-2.5e3"]).expect("parses");
+        let Command::Send(args) = cli.command else {
+            panic!("not send: {:?}", cli.command);
+        };
+        assert_eq!(
+            (args.device.as_str(), args.event.as_str()),
+            ("-t1", "-2.5e3")
+        );
+    }
 }
