@@ -74,6 +74,11 @@ pub struct DeviceDryRun {
     pub identical: bool,
     /// Events whose transitions or effects differ.
     pub diverged_events: u64,
+    /// Of those, the events the candidate failed on (a trap, a timeout, an oversized
+    /// output: anything but a refusal, which is a decision) where the recorded version
+    /// decided. A failure discards the candidate's instance, so nothing after the first one
+    /// is compared, and this is 0 or 1.
+    pub failed_events: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_divergence: Option<Divergence>,
     pub state_matches: bool,
@@ -117,6 +122,7 @@ impl DeviceDryRun {
             events: 0,
             identical: false,
             diverged_events: 0,
+            failed_events: 0,
             first_divergence: None,
             state_matches: false,
             state_compared: false,
@@ -376,6 +382,12 @@ fn one_pass(
                 }
                 if let Some(decided) = decided {
                     out.diverged_events += 1;
+                    if decided
+                        .as_ref()
+                        .is_err_and(|f| !matches!(f.error, Error::Rejected { .. }))
+                    {
+                        out.failed_events += 1;
+                    }
                     if out.first_divergence.is_none() {
                         out.first_divergence = Some(Divergence {
                             seq: record.seq,
@@ -520,6 +532,10 @@ pub struct DryRunTotals {
     pub diverged: usize,
     /// Devices where some recorded event was decided differently.
     pub decide_differently: usize,
+    /// Of those, the devices where the candidate failed on an event (trapped, timed out,
+    /// wrote too much) rather than decided otherwise: such a version may fold every history
+    /// and still fail the fleet's next events.
+    pub failed_to_decide: usize,
     /// Devices whose final state differs from the recorded one.
     pub state_differs: usize,
     /// Devices whose recorded transitions the candidate cannot fold.
@@ -602,6 +618,9 @@ impl DryRunTotals {
             }
             if d.diverged_events > 0 {
                 totals.decide_differently += 1;
+            }
+            if d.failed_events > 0 {
+                totals.failed_to_decide += 1;
             }
             // A device the dry-run stopped on before the end (a candidate whose `init` fails)
             // was counted here too, beside `cannot_fold`, though no state was compared.

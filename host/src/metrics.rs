@@ -195,7 +195,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_messages_cancelled_total",
-            "Messages a removed device had sent that their targets had not handled yet: cancelled with the device, never delivered (the removal's answer counts them too).",
+            "Messages a removed device had sent that their targets had not handled durably when the removal was recorded: cancelled with the device (those a target had in hand then, up to its in-flight cap, still complete), the rest never delivered (the removal's answer counts them too).",
             &self.messages_cancelled,
         );
         counter(

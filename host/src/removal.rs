@@ -16,10 +16,9 @@
 //! senders' dead letters), so none reaches that new device.
 //!
 //! What the device itself still owes goes with it ([`Cancelled`], counted as the removal
-//! record is folded into the index, so exactly what was owed at that point; a message a
-//! target was in the middle of handling then still completes, and is counted there too):
-//! messages its
-//! targets have not handled (a copy on its way is dropped on arrival: the sender's index entry
+//! record is folded into the index, so exactly what was owed at that point; the messages a
+//! target had in hand then, handled and not yet durable, up to its in-flight cap, still
+//! complete, and are counted there too): messages its targets have not handled (a copy on its way is dropped on arrival: the sender's index entry
 //! that listed it as owed is gone), unacknowledged commands (its outbox answers 404) and
 //! pending timers. Delivering the messages anyway would need the removed device's owed set
 //! kept, checkpointed and retained after it, for a sender nobody can read any more. The

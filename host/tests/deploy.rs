@@ -1019,6 +1019,13 @@ async fn a_passivated_device_the_sample_misses_is_checked_before_the_deploy() {
         .await
         .unwrap();
     let error = diff.devices[0].error.as_deref().unwrap_or_default();
+    // It decides otherwise (from its own count), and fails only folding.
+    assert_eq!(
+        (diff.devices[0].failed_events, diff.totals.failed_to_decide),
+        (0, 0),
+        "{:?}",
+        diff.devices
+    );
     assert!(
         error.contains("the candidate version trapped")
             && !error.contains("device's plugin")
@@ -1223,6 +1230,52 @@ async fn an_upload_whose_caller_goes_away_is_registered_once() {
     rt.shutdown().await;
 }
 
+/// A candidate that fails on a recorded event (here a trap in the `apply` of what it decided)
+/// where the recorded version decided is counted apart from one that decides otherwise:
+/// deploy reports said only "decide differently" of a version that traps on every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_counts_the_devices_a_candidate_fails_on_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    rt.provision("f-5", "misbehave", &json!({})).await.unwrap();
+    rt.provision("f-2", "misbehave", &json!({})).await.unwrap();
+    for _ in 0..5 {
+        rt.send("f-5", OK).await.unwrap();
+    }
+    for _ in 0..2 {
+        rt.send("f-2", OK).await.unwrap();
+    }
+    // v3 counts as v1 does, and traps applying a count over 4: f-5's fifth `ok`.
+    let (v3, _) = support::upload_misbehave(&rt, support::misbehave_variant("v3")).await;
+    let report = rt
+        .dry_run("misbehave", v3.version, Selection::Sample(10))
+        .await
+        .unwrap();
+    let f5 = report.devices.iter().find(|d| d.device == "f-5").unwrap();
+    assert_eq!((f5.diverged_events, f5.failed_events), (1, 1), "{f5:?}");
+    let first = f5.first_divergence.as_ref().unwrap();
+    assert_eq!(first.seq, 5);
+    assert!(
+        first
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("trapped")),
+        "{first:?}"
+    );
+    let f2 = report.devices.iter().find(|d| d.device == "f-2").unwrap();
+    assert!(f2.identical && f2.failed_events == 0, "{f2:?}");
+    assert_eq!(
+        (
+            report.totals.decide_differently,
+            report.totals.failed_to_decide,
+            report.totals.identical
+        ),
+        (1, 1, 1),
+        "{:?}",
+        report.totals
+    );
+}
+
 /// Acceptance 5: a behavior change yields the expected divergences with the first seq and a
 /// diff; an identical rebuild yields none; a dry-run writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1254,6 +1307,11 @@ async fn dry_run_reports_divergences_and_an_identical_rebuild_has_none() {
     let d = &report.devices[0];
     assert!(d.folds && !d.identical && !d.state_matches);
     assert_eq!(d.diverged_events, 4, "the four `ok`s, not the echo");
+    assert_eq!(
+        (d.failed_events, report.totals.failed_to_decide),
+        (0, 0),
+        "v2 decides otherwise; it fails on nothing"
+    );
     let first = d.first_divergence.as_ref().unwrap();
     assert_eq!(first.seq, 1);
     assert_eq!(first.recorded, [json!({"type": "counted", "count": 1})]);

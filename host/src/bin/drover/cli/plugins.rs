@@ -334,11 +334,20 @@ fn checked_beforehand(r: &Value) -> String {
 /// Most sampled devices whose failures [`sample_failures`] lists one by one.
 const SAMPLE_FAILURES_SHOWN: usize = 3;
 
+/// What a dry-run's `decide differently` adds about the devices where the candidate failed
+/// (`totals.failed_to_decide`: a trap, a timeout) rather than decided otherwise: nothing when none did.
+fn by_failing(failed: u64) -> String {
+    match failed {
+        0 => String::new(),
+        k => format!(" ({k} of them by failing: a trap or a timeout)"),
+    }
+}
+
 /// Lines for the sampled devices on which the new version failed while it re-decided their
 /// recorded events (a trap, a timeout) though it folds their history: such a version is
-/// deployed, and its next events are likely to fail alike. The totals counted them among
-/// those that "decide differently", and a save whose `handle` trapped on every event went
-/// live under `drover dev` with nothing else said (a review found it).
+/// deployed, and its next events are likely to fail alike. The totals count them among
+/// those that "decide differently" (and in `failed_to_decide`), and a save whose `handle` trapped on
+/// every event went live under `drover dev` with nothing else said (a review found it).
 fn sample_failures(sample: &Value) -> Vec<String> {
     let failed: Vec<&Value> = sample["devices"]
         .as_array()
@@ -426,10 +435,11 @@ pub fn print_deploy(r: &Value) {
     let s = &r["sample"]["totals"];
     if n(&s["devices"]) > 0 {
         println!(
-            "  dry-run sample of {}: {} identical, {} decide differently, {} end in another state, {} cannot fold{}",
+            "  dry-run sample of {}: {} identical, {} decide differently{}, {} end in another state, {} cannot fold{}",
             n(&s["devices"]),
             n(&s["identical"]),
             n(&s["decide_differently"]),
+            by_failing(n(&s["failed_to_decide"])),
             n(&s["state_differs"]),
             n(&s["cannot_fold"]),
             match n(&s["overloaded"]) {
@@ -507,12 +517,13 @@ pub fn print_dry_run(r: &Value) {
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     let plural = |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
     println!(
-        "{} v{} on {}: {} identical, {} decide differently, {} end in another state, {} cannot fold ({} re-decided, {} events/s)",
+        "{} v{} on {}: {} identical, {} decide differently{}, {} end in another state, {} cannot fold ({} re-decided, {} events/s)",
         r["plugin"].as_str().unwrap_or("?"),
         r["version"],
         plural(n(&t["devices"]), "device", "devices"),
         n(&t["identical"]),
         n(&t["decide_differently"]),
+        by_failing(n(&t["failed_to_decide"])),
         n(&t["state_differs"]),
         n(&t["cannot_fold"]),
         plural(n(&t["events"]), "event", "events"),
