@@ -8,10 +8,11 @@
 //!    recorded in the journal before the file named it, so the journal cut taken next holds
 //!    them all;
 //! 2. the journal up to its confirmed length ([`crate::journal::Recovery::confirmed_len`]): a
-//!    batch boundary, and every record before it was durable before the copy started (a
-//!    batch still being synced, or one that fails and is cut back, is left out; a writer
-//!    idle for 50 ms marks its last batch proven, so a backup of an idle server holds
-//!    everything acknowledged). A directory no server runs on (its lock is free) is copied
+//!    batch boundary, and every record before it was durable before the copy started. The
+//!    last batch the copy finds is proven only by the server's next marker (its next batch,
+//!    or 50 ms later when it is idle), so the copy waits for that proof, up to 500 ms
+//!    ([`PROOF_WAIT`]): every event acknowledged before the backup began is in it, and only
+//!    a batch still being synced, or one that fails and is cut back, is left out. A directory no server runs on (its lock is free) is copied
 //!    to its valid length, as a server starting on it would keep it: nothing can be
 //!    mid-sync there, and a killed server's last batch, or a backup's, has no later marker;
 //!    the lock is held (shared) to the end, so no server starts on it meanwhile;
@@ -102,6 +103,10 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
             .with_context(|| format!("removing {} (a backup killed part-way)", stage.display()))?;
     }
     std::fs::create_dir(&stage).with_context(|| format!("creating {}", stage.display()))?;
+    // The links of a backup killed part-way keep deleted segments' bytes on disk: removed
+    // by the next backup of the directory, whatever its target and journal (they were left
+    // until a server restarted when the next backups took no links of their own).
+    remove_stale_links(data_dir);
     // Held to the end of the copy: no server starts on the directory meanwhile.
     let offline = Offline::take(data_dir)?;
     let result = copy(data_dir, &stage, offline.is_some()).and_then(|summary| {
@@ -317,19 +322,28 @@ fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u6
     // even when no later marker proves it yet (it may end on the marker of an idle writer),
     // and the copy must reach it to open from the copied checkpoint.
     let recovery = opened.recovery();
-    let confirmed = if offline {
-        recovery.valid_len
+    let valid_len = recovery.valid_len;
+    let mut confirmed = if offline {
+        valid_len
     } else {
         recovery.confirmed_len
     }
     .max(recovery.from_checkpoint.unwrap_or(0));
     drop(opened);
+    if confirmed < valid_len && wait_for_proof(from, confirmed, valid_len) {
+        confirmed = valid_len;
+    }
     // Listed after the length was read: a writer that made a new segment meanwhile (small
     // segments under load) put part of that length in a file a listing taken before it
     // lacked, and the copy read short ("failed to fill whole buffer"). A retained journal is
     // read from links taken at one moment, where nothing changes.
     let source = journal::SegmentedBackend::open_read_only(from)?;
-    let size = source.size()?;
+    // What the copy leaves out: nothing, when all past the cut is an idle writer's marker
+    // (an empty batch; said as bytes "not proven durable", it read as events left out).
+    let size = match journal::only_a_marker_after(&source, confirmed)? {
+        true => confirmed,
+        false => source.size()?,
+    };
     // One file: `journal.log` from position 0, or one segment from the first one kept.
     let mut copy = File::create(to.join(journal::segments::segment_name(retained)))?;
     if retained > 0 {
@@ -356,6 +370,49 @@ fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u6
     Ok((confirmed, size))
 }
 
+/// How long an online backup waits for the running server to prove the last batch it found
+/// durable: ten times the writer's idle marker (50 ms), and a busy writer proves each batch
+/// with the next within a commit.
+const PROOF_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Waits, up to [`PROOF_WAIT`], until the journal in `dir` proves its first `len` bytes
+/// durable; whether it did. Nothing is waited for when all past `confirmed`, what is proven
+/// already, is an idle writer's marker: an empty batch, which no later marker proves on an
+/// idle server, and which a copy cut at `confirmed` loses nothing of. The last batch a copy finds has no later marker yet, though it
+/// may well be durable and acknowledged: its server writes the proof with its next batch, or
+/// 50 ms later when idle. A copy that did not wait left out an event acknowledged just before
+/// it began (a review: 12 of 12 backups started right after an answer), and a server started
+/// on it handed that seq to another event. A batch still being synced, or one that fails
+/// and is cut back, is not proven within the wait, and is left out as before.
+fn wait_for_proof(dir: &Path, confirmed: u64, len: u64) -> bool {
+    let deadline = std::time::Instant::now() + PROOF_WAIT;
+    loop {
+        // Opened afresh each time: a writer that started a segment meanwhile put the proof
+        // in a file an earlier listing lacks. (A retained journal is read through links
+        // taken before: a proof in a segment made since is not seen, and the batch is left
+        // out, as before.)
+        let proven = journal::SegmentedBackend::open_read_only(dir).and_then(|storage| {
+            Ok(match journal::proven_durable(&storage, len)? {
+                true => Some(true),
+                false if journal::only_a_marker_after(&storage, confirmed)? => Some(false),
+                false => None,
+            })
+        });
+        match proven {
+            Ok(Some(proven)) => return proven,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "backup: cannot read the journal's tail for the proof of its last batch");
+                return false;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Hard links, in a directory inside the data directory, to a retained journal's segments and
 /// its index checkpoint and runs, all taken within a moment: a retention pass or a merge of
 /// runs that deletes files while the copy reads them cannot take them from under it (a link
@@ -370,7 +427,6 @@ impl Pinned {
     /// system without hard links): the copy then reads the files in place.
     fn take(data_dir: &Path) -> anyhow::Result<Option<Pinned>> {
         static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Pinned::remove_stale(data_dir);
         let index = format!("{}.index", journal::FILE_NAME);
         let mut last = None;
         for _ in 0..20 {
@@ -421,12 +477,6 @@ impl Pinned {
         Err(last
             .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
             .context("the journal's files kept changing while the backup linked them"))
-    }
-
-    /// Removes the links a backup that died left behind (its process is gone): they would
-    /// keep deleted segments' bytes on disk.
-    fn remove_stale(data_dir: &Path) {
-        remove_stale_links(data_dir);
     }
 }
 

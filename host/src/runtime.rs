@@ -889,7 +889,7 @@ impl Runtime {
             ),
             (
                 "drover_journal_bytes",
-                "Size of the durable journal.",
+                "Where the durable journal ends, in bytes from its first byte ever: retention-deleted bytes included (minus drover_journal_retained_from_bytes, what is on disk).",
                 journal.durable_len(),
             ),
             (

@@ -83,7 +83,7 @@ use record::Record;
 pub use record::{DeadLetter, EventRecord, FORMAT_VERSION};
 #[cfg(test)]
 use recovery::MAX_TORN_BYTES;
-pub use recovery::{Affected, Damaged, Salvaged, salvage};
+pub use recovery::{Affected, Damaged, Salvaged, only_a_marker_after, proven_durable, salvage};
 use recovery::{Cut, recover};
 pub use retention::{Pin, Retention, RetentionPass, RetentionPolicy, RetentionStatus};
 pub use scrub::{SCRUB_RATE, ScrubState, ScrubStatus};

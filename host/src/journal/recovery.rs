@@ -1703,6 +1703,30 @@ fn guesses_in(storage: &dyn StorageBackend, from: u64, to: u64) -> std::io::Resu
     Ok(guesses)
 }
 
+/// Whether `storage` now proves its first `len` bytes durable: an intact commit marker at or
+/// after `len` whose batch starts at or after it. A batch starts at the length last synced
+/// (`journal/writer.rs`, rule 5), so such a marker was written only once those bytes were.
+/// Reads only what lies past `len`: how an online backup waits for the last batch it found
+/// to be proven (`crate::backup`), without opening the whole journal again.
+pub fn proven_durable(storage: &dyn StorageBackend, len: u64) -> std::io::Result<bool> {
+    let file_len = storage.size()?;
+    if file_len <= len {
+        return Ok(false);
+    }
+    Ok(next_marker(storage, len, file_len)?.is_some_and(|(_, m)| m.batch_start >= len))
+}
+
+/// Whether all `storage` holds past `len` is the marker of one empty batch (an idle writer's,
+/// or a clean close's): nothing a copy cut at `len` leaves out.
+pub fn only_a_marker_after(storage: &dyn StorageBackend, len: u64) -> std::io::Result<bool> {
+    let file_len = storage.size()?;
+    if file_len <= len || file_len - len > record::MAX_COMMIT_LEN as u64 {
+        return Ok(false);
+    }
+    Ok(next_marker(storage, len, file_len)?
+        .is_some_and(|(at, m)| at == len && m.empty && m.end == file_len))
+}
+
 /// The next intact commit marker at or after `from`: its offset and what it says.
 fn next_marker(
     storage: &dyn StorageBackend,
