@@ -158,6 +158,10 @@ pub mod defaults {
     /// fsync, below it). Fewer, larger fsyncs cost the kernel less CPU per record: measured
     /// with the core bench, this was the second largest throughput win of the skeleton.
     pub const COMMIT_DELAY: Duration = Duration::from_micros(500);
+    /// The longest commit delay a journal takes: every commit under load waits it, and so
+    /// does a stop's last commit. Unbounded, `u64::MAX` µs stopped every commit and held a
+    /// shutdown for ever, and 10 s held a 1 s drain 20 s.
+    pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
 
     /// Largest JSON request body other than events and batches (provisioning, deploy).
     pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -427,13 +431,19 @@ impl Config {
     /// limits at most [`MAX_PAYLOAD_LIMIT`], time budgets at least one deadline tick.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
-            ("mailbox capacity", self.actor.mailbox),
-            ("max in flight", self.actor.max_in_flight),
-            ("max live instances", self.actor.max_live),
-            ("max outbox", self.actor.max_outbox),
-            ("max messages pending", self.actor.max_messages_pending),
-            ("max event bytes", self.max_event_bytes),
-            ("max output bytes", self.actor.max_output_bytes),
+            ("mailbox capacity (--mailbox)", self.actor.mailbox),
+            ("max in flight (--max-in-flight)", self.actor.max_in_flight),
+            ("max live instances (--max-live)", self.actor.max_live),
+            ("max outbox (--max-outbox)", self.actor.max_outbox),
+            (
+                "max messages pending (--max-messages-pending)",
+                self.actor.max_messages_pending,
+            ),
+            ("max event bytes (--max-event-bytes)", self.max_event_bytes),
+            (
+                "max output bytes (--max-output-bytes)",
+                self.actor.max_output_bytes,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -508,8 +518,11 @@ impl Config {
             ));
         }
         for (name, d) in [
-            ("call timeout", self.engine.call_timeout),
-            ("activation timeout", self.engine.activation_timeout),
+            ("call timeout (--call-timeout-ms)", self.engine.call_timeout),
+            (
+                "activation timeout (--activation-timeout-ms)",
+                self.engine.activation_timeout,
+            ),
         ] {
             if d < tick {
                 return Err(format!(
@@ -518,7 +531,15 @@ impl Config {
             }
         }
         if self.actor.idle_timeout.is_zero() {
-            return Err("idle timeout must be more than zero".into());
+            return Err("idle timeout (--idle-timeout-secs) must be more than zero".into());
+        }
+        if self.commit_delay > defaults::MAX_COMMIT_DELAY {
+            return Err(format!(
+                "commit delay (--commit-delay-us) is {:?}, over the most of {:?}: every commit \
+                 under load waits it, and a stop's last one too",
+                self.commit_delay,
+                defaults::MAX_COMMIT_DELAY
+            ));
         }
         // A guest memory is made of 64 KiB pages, and a 32-bit one holds at most 4 GiB.
         let max_memory = self.engine.max_memory as u64;

@@ -5,7 +5,7 @@
 //! one line per failed batch and one per device whose actor rebuilt after it, 56,661 lines in
 //! 20 s under 8 clients (found by a review), on the very disk that was full; out of file
 //! descriptors, every accept failed and was logged, 20 lines a second. Metrics count
-//! every occurrence (`drover_journal_commit_failures_total` and others); the log says that it
+//! every occurrence (`drover_journal_commit_failures` and others); the log says that it
 //! happens, and how often.
 
 use std::time::{Duration, Instant};

@@ -107,8 +107,9 @@ impl Metrics {
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// Renders everything in Prometheus text format; `gauges` adds point-in-time values.
-    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
+    /// Renders everything in Prometheus text format; `gauges` adds point-in-time values and
+    /// `counters` running totals kept elsewhere (the journal's), each `(name, help, value)`.
+    pub fn render(&self, gauges: &[(&str, &str, u64)], counters: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -290,6 +291,12 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
         out
     }
 }
@@ -304,7 +311,7 @@ mod tests {
         for kind in ErrorKind::ALL {
             m.error(*kind);
         }
-        let text = m.render(&[("drover_live_actors", "Live actors.", 3)]);
+        let text = m.render(&[("drover_live_actors", "Live actors.", 3)], &[]);
         for kind in ErrorKind::ALL {
             let code = kind.code();
             assert!(

@@ -856,7 +856,8 @@ impl Runtime {
         let retention = journal.retention();
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         let (guest_grown, guest_budget) = self.shared.registry.engine().guest_memory();
-        self.shared.metrics.render(&[
+        self.shared.metrics.render(
+            &[
             (
                 "drover_live_actors",
                 "Devices with a live actor.",
@@ -891,16 +892,6 @@ impl Runtime {
                 "drover_journal_bytes",
                 "Where the durable journal ends, in bytes from its first byte ever: retention-deleted bytes included (minus drover_journal_retained_from_bytes, what is on disk).",
                 journal.durable_len(),
-            ),
-            (
-                "drover_journal_commits",
-                "Group commits (fsyncs) since start.",
-                load(&stats.commits),
-            ),
-            (
-                "drover_journal_commit_failures",
-                "Failed group commits since start.",
-                load(&stats.commit_failures),
             ),
             (
                 "drover_journal_torn_tail_recoveries",
@@ -976,6 +967,24 @@ impl Runtime {
                 retention.retained_from,
             ),
             (
+                "drover_journal_salvaged_lost_seqs",
+                "Acknowledged seqs whose records this start's salvage found destroyed (marked lost, never reused).",
+                salvaged.map_or(0, |s| s.lost_seqs),
+            ),
+            ],
+            // Running totals since start: counters, though kept by the journal.
+            &[
+            (
+                "drover_journal_commits",
+                "Group commits (fsyncs) since start.",
+                load(&stats.commits),
+            ),
+            (
+                "drover_journal_commit_failures",
+                "Failed group commits since start.",
+                load(&stats.commit_failures),
+            ),
+            (
                 "drover_journal_retention_deleted_segments",
                 "Segment files retention deleted since start.",
                 retention.deleted_segments,
@@ -985,12 +994,8 @@ impl Runtime {
                 "Bytes of journal retention deleted since start.",
                 retention.deleted_bytes,
             ),
-            (
-                "drover_journal_salvaged_lost_seqs",
-                "Acknowledged seqs whose records this start's salvage found destroyed (marked lost, never reused).",
-                salvaged.map_or(0, |s| s.lost_seqs),
-            ),
-        ])
+            ],
+        )
     }
 
     /// Stops taking requests, lets every actor finish the messages already in its mailbox

@@ -85,3 +85,40 @@ fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
     assert!(text.contains("after the flood"), "{text}");
     assert!(text.contains("dropped=200"), "{text}");
 }
+
+/// A trap is one warning line naming the device and the trap, beside the guest's own last
+/// words; its backtrace goes to the debug level. Each trap wrote ~20 lines at warn, mostly
+/// frames a plugin built without names shows as `<wasm function 665>` (a review).
+#[test]
+fn a_trap_is_one_log_line() {
+    use drover::engine::{Engine, EngineConfig, EventContext, Origin};
+    let (logs, _logging) = support::Logs::capture();
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    let bytes =
+        std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built");
+    let plugin = engine.compile(&bytes).expect("compiles");
+    let mut m = plugin.instantiate("m".into()).expect("instance");
+    m.init("m", "{}").expect("init");
+    let ctx = EventContext {
+        device_id: "m".into(),
+        seq: 1,
+        at_ms: 1_700_000_000_000,
+        seed: 7,
+        origin: Origin::External,
+    };
+    let event = json!({"type": "panic"}).to_string();
+    m.within(Duration::from_secs(5), |m| m.handle(&ctx, &event))
+        .expect_err("it traps");
+    let text = logs.text();
+    let trapped: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("guest trapped"))
+        .collect();
+    assert_eq!(trapped.len(), 1, "{text}");
+    assert!(
+        trapped[0].contains("device=m ") && trapped[0].contains("unreachable"),
+        "{text}"
+    );
+    assert!(!text.contains("wasm backtrace"), "{text}");
+    assert!(text.lines().count() <= 3, "{text}");
+}

@@ -2219,3 +2219,35 @@ async fn damaged_plugin_files_never_run() {
         .expect("repaired from the plugin directory");
     rt.shutdown().await;
 }
+
+/// Every running total on `/metrics` is typed `counter` (a review found the journal's
+/// commits, failed commits and retention's deletions, "since start", typed `gauge`, which
+/// tools that read the type do not treat as totals that reset at a restart), and every
+/// `_total` is one.
+#[tokio::test]
+async fn running_totals_are_typed_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path(), 8).await;
+    let text = rt.render_metrics();
+    let mut typed = 0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# HELP ") else {
+            continue;
+        };
+        let (name, help) = rest.split_once(' ').unwrap();
+        let kind = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# TYPE {name} ")))
+            .unwrap_or_else(|| panic!("{name} has no TYPE"));
+        if help.contains("since start") || name.ends_with("_total") {
+            assert_eq!(kind, "counter", "{name}: {help}");
+            typed += 1;
+        }
+    }
+    assert!(
+        text.contains("# TYPE drover_journal_commits counter"),
+        "{text}"
+    );
+    assert!(typed > 10, "{typed} totals found");
+    rt.shutdown().await;
+}

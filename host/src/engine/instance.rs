@@ -665,10 +665,13 @@ impl Instance {
             }
         };
         // Clients get the short story: the guest's own last words (a Rust guest's
-        // panic message and location) and the kind of trap. The full error, with the
-        // guest's backtrace, goes to the server log.
+        // panic message and location) and the kind of trap, and so does the log, on one
+        // line; the guest's backtrace goes to the log at debug level. (It went with every
+        // trap: ~20 lines each, of frames a plugin built without names shows as
+        // `<wasm function 665>`, which broke line-based log processing.)
         let state = self.store.data_mut();
-        tracing::warn!(device = %state.device, error = ?e, "guest trapped");
+        tracing::warn!(device = %state.device, trap = %msg, "guest trapped");
+        tracing::debug!(device = %state.device, error = ?e, "guest trapped: the backtrace");
         if let Some(logged) = state.last_error.take() {
             msg = if msg.contains("unknown import") {
                 // An abort (Rust's out-of-memory path) that tripped over an import on

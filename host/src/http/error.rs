@@ -435,7 +435,7 @@ mod tests {
             metrics.error(*kind);
             assert_eq!(metrics.errors(*kind), 1, "{kind:?}");
         }
-        let text = metrics.render(&[]);
+        let text = metrics.render(&[], &[]);
         for kind in ErrorKind::ALL {
             let line = format!("drover_errors_total{{code=\"{}\"}} 1", kind.code());
             assert!(text.contains(&line), "{line}");

@@ -4125,3 +4125,49 @@ async fn a_device_needing_deleted_history_pins_where_the_journal_begins() {
         "{pin:?}"
     );
 }
+
+/// The commit delay is for a journal under load only: the first append after a pause is
+/// committed at once, however large the batch before the pause was. The writer looked only at
+/// the last batch's size, so after any burst the next lone event waited the whole delay (a
+/// review: a second, at `--commit-delay-us 1000000`, after 10 s of quiet). Three rounds: one
+/// slow fsync on a busy machine does not fail it; without the rule every round waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_append_after_a_pause_does_not_wait_the_commit_delay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let delay = Duration::from_millis(100);
+    let options = JournalOptions {
+        commit_delay: delay,
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(dir.path(), &options).expect("open");
+    let (r, e) = version_record(0);
+    journal.append(&r, e).await.expect("version");
+    let (r, e) = device_record(0, "a");
+    journal.append(&r, e).await.expect("device");
+    let writer = journal.device_writer(0, 1024);
+    let mut seq = 0;
+    let mut lone = Vec::new();
+    for _ in 0..3 {
+        let burst: Vec<_> = (0..64)
+            .map(|_| {
+                seq += 1;
+                append_event(&writer, seq)
+            })
+            .collect();
+        for done in burst {
+            done.await.expect("completion").expect("burst");
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        seq += 1;
+        let started = std::time::Instant::now();
+        append_event(&writer, seq)
+            .await
+            .expect("completion")
+            .expect("lone");
+        lone.push(started.elapsed());
+    }
+    assert!(
+        lone.iter().any(|took| *took < delay),
+        "every lone append after a pause waited the commit delay: {lone:?}"
+    );
+}

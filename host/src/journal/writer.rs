@@ -169,9 +169,14 @@ pub fn run(
     // An idle marker was tried since the last commit (written or not: not retried).
     let mut idle_done = confirmed;
     loop {
+        // Work already queued when the last commit ended: the journal is under load.
+        let queued = rx.try_recv().ok();
+        let under_load = queued.is_some();
         // Once closing, drain what is queued without waiting, then stop.
-        let first = if shared.closing.load(Ordering::Acquire) {
-            rx.try_recv().ok()
+        let first = if queued.is_some() {
+            queued
+        } else if shared.closing.load(Ordering::Acquire) {
+            None
         } else if idle_done || !shared.markers() {
             rx.recv().ok()
         } else {
@@ -194,10 +199,12 @@ pub fn run(
             }
         };
         let Some(first) = first else { break };
-        if last_records >= COMMIT_DELAY_MIN_BATCH {
+        if under_load && last_records >= COMMIT_DELAY_MIN_BATCH {
             // Sustained load: let the next batch grow a little before paying for an fsync.
             // Fewer, larger commits cost the kernel less CPU per record, and that CPU is the
-            // actors'. A quiet journal never waits.
+            // actors'. A quiet journal never waits, nor does the first entry after a pause,
+            // however large the batch before it was (that entry waited the whole delay, a
+            // second at `--commit-delay-us 1000000`, after every burst).
             if !commit_delay.is_zero() {
                 std::thread::sleep(commit_delay);
             }

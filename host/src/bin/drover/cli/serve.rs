@@ -27,6 +27,8 @@ use drover::{Runtime, RuntimeBuilder};
 
 /// `drover serve`.
 #[derive(Debug, Args)]
+// A negative value is one for its flag to refuse by its range, not an unknown flag `-1`.
+#[command(allow_negative_numbers = true)]
 pub struct ServeArgs {
     /// Data directory: journal, plugin store, lock.
     #[arg(long, default_value = "./data")]
@@ -66,6 +68,24 @@ const MAX_TIMEOUT_SECS: u64 = 86_400;
 /// The most a guest's time budget (a call's, an activation's) may be set to: an hour, in ms.
 const MAX_GUEST_BUDGET_MS: u64 = 3_600_000;
 
+/// The least a guest's time budget may be set to, in ms: the deadline clock's tick
+/// (`defaults::EPOCH_TICK`), the granularity at which a budget is looked at.
+const MIN_GUEST_BUDGET_MS: u64 = defaults::EPOCH_TICK.as_millis() as u64;
+
+/// The most `--commit-delay-us` takes (`defaults::MAX_COMMIT_DELAY`).
+const MAX_COMMIT_DELAY_US: u64 = defaults::MAX_COMMIT_DELAY.as_micros() as u64;
+
+/// Counts that must be at least 1 (0 refused every event, or served none).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+/// Event and output limits: 1 byte to `config::MAX_PAYLOAD_LIMIT` (16 MiB).
+fn payload_limit() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new()
+        .range(1..=drover::config::MAX_PAYLOAD_LIMIT as u64)
+}
+
 #[derive(Debug, Clone, Default, Args)]
 pub struct Tuning {
     // Bounded: past tokio's semaphore limit (2^61) every event panicked a worker.
@@ -74,43 +94,45 @@ pub struct Tuning {
         defaults::MAILBOX,
     ))]
     pub mailbox: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = at_least_one(), help = help(
         "Unacknowledged commands per device before its events get 429 outbox-full",
         defaults::MAX_OUTBOX,
     ))]
     pub max_outbox: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = at_least_one(), help = help(
         "Messages per device not yet handled by their targets before its events get 429 messages-pending",
         defaults::MAX_MESSAGES_PENDING,
     ))]
     pub max_messages_pending: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = at_least_one(), help = help(
         "Records per device that may be waiting for the disk",
         defaults::MAX_IN_FLIGHT,
     ))]
     pub max_in_flight: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = at_least_one(), help = help(
         "Keep at most this many devices' instances alive; past it the least recently used are \
          passivated (they reactivate from snapshot + journal on their next message). The default \
          is what this machine holds: half its memory at 96 KiB per live actor",
         defaults::max_live(),
     ))]
     pub max_live: Option<usize>,
-    #[arg(long, help = help(
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), help = help(
         "Passivate a device after this many seconds without a message",
         defaults::IDLE_TIMEOUT.as_secs(),
     ))]
     pub idle_timeout_secs: Option<u64>,
     #[arg(long, help = help(
-        "Snapshot a device after this many transitions (0 disables)",
+        "Snapshot a device after this many transitions (0: never by count; a device is still \
+         snapshotted when it passivates, so that it reactivates from there)",
         defaults::SNAPSHOT_EVERY,
     ))]
     pub snapshot_every: Option<u64>,
     // At most an hour: with u64::MAX a looping guest held its thread, and a shutdown, for
     // ever.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_GUEST_BUDGET_MS), help = help(
+    #[arg(long, value_parser = clap::value_parser!(u64).range(MIN_GUEST_BUDGET_MS..=MAX_GUEST_BUDGET_MS), help = help(
         "Most CPU time one event (handle plus every apply) or other guest call may use, in \
-         milliseconds (4 times it in wall-clock time at most; 1 to 3,600,000)",
+         milliseconds (4 times it in wall-clock time at most; 10, the deadline clock's tick, \
+         to 3,600,000)",
         defaults::CALL_TIMEOUT.as_millis(),
     ))]
     pub call_timeout_ms: Option<u64>,
@@ -126,19 +148,20 @@ pub struct Tuning {
         defaults::guest_memory_budget() >> 20,
     ))]
     pub guest_memory_budget_mib: Option<u64>,
-    #[arg(long, help = help(
-        "Largest accepted event, in bytes (at most 16 MiB)",
+    #[arg(long, value_parser = payload_limit(), help = help(
+        "Largest accepted event, in bytes (1 to 16 MiB)",
         defaults::MAX_EVENT_BYTES,
     ))]
     pub max_event_bytes: Option<usize>,
-    #[arg(long, help = help(
-        "Largest total size of the transitions of one event, in bytes (at most 16 MiB)",
+    #[arg(long, value_parser = payload_limit(), help = help(
+        "Largest total size of the transitions of one event, in bytes (1 to 16 MiB)",
         defaults::MAX_OUTPUT_BYTES,
     ))]
     pub max_output_bytes: Option<usize>,
-    #[arg(long, help = help(
-        "Microseconds the journal writer lets a batch grow once it is under load (0 commits \
-         as soon as the previous fsync returns)",
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_COMMIT_DELAY_US), help = help(
+        "Microseconds the journal writer lets a batch grow while it is under load (a batch of \
+         16 records or more, and the next already waiting; 0 commits as soon as the previous \
+         fsync returns; 0 to 100,000)",
         defaults::COMMIT_DELAY.as_micros(),
     ))]
     pub commit_delay_us: Option<u64>,
@@ -186,10 +209,10 @@ pub struct Tuning {
         defaults::MAX_CONNECTIONS,
     ))]
     pub max_connections: Option<usize>,
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_GUEST_BUDGET_MS), help = help(
+    #[arg(long, value_parser = clap::value_parser!(u64).range(MIN_GUEST_BUDGET_MS..=MAX_GUEST_BUDGET_MS), help = help(
         "Longest one activation (restore a snapshot, replay the tail) may run, in milliseconds, \
          plus 10 us per transition it replays (its guest calls count CPU time, not waits for a \
-         core; 1 to 3,600,000)",
+         core; 10 to 3,600,000)",
         defaults::ACTIVATION_TIMEOUT.as_millis(),
     ))]
     pub activation_timeout_ms: Option<u64>,
@@ -663,6 +686,60 @@ mod tests {
             }
         );
         assert_eq!(args.tuning.drain_timeout(), Duration::from_secs(3));
+    }
+
+    /// Each flag refuses what the runtime cannot take by its own name and range, before any
+    /// directory is opened: a review found `--commit-delay-us` unbounded (u64::MAX stopped
+    /// every commit and held a shutdown for ever), budgets under the deadline tick refused
+    /// by the runtime though the help said "1 to", zeros refused as "opening DIR: invalid
+    /// runtime settings", and `-1` taken for an unknown flag.
+    #[test]
+    fn out_of_range_values_are_refused_by_their_flags() {
+        let refused = |flag: &str, value: &str| {
+            let err = Cli::try_parse_from(["drover", "serve", flag, value])
+                .map(|_| ())
+                .expect_err(&format!("{flag} {value} is refused"))
+                .to_string();
+            assert!(err.contains(flag), "{flag} {value}: {err}");
+        };
+        for flag in [
+            "--max-outbox",
+            "--max-messages-pending",
+            "--max-in-flight",
+            "--max-live",
+            "--idle-timeout-secs",
+            "--max-event-bytes",
+            "--max-output-bytes",
+        ] {
+            refused(flag, "0");
+            refused(flag, "-1");
+        }
+        refused("--commit-delay-us", "100001");
+        refused("--commit-delay-us", "18446744073709551615");
+        refused("--max-event-bytes", "16777217");
+        for flag in ["--call-timeout-ms", "--activation-timeout-ms"] {
+            refused(flag, "9");
+            assert_eq!(
+                serve(&[flag, "10"])
+                    .tuning
+                    .builder(Path::new("unused"))
+                    .config()
+                    .validate(),
+                Ok(()),
+                "{flag} 10, the tick, is taken"
+            );
+        }
+        let most = serve(&["--commit-delay-us", "100000"]);
+        let config = most.tuning.builder(Path::new("unused")).config().clone();
+        assert_eq!(config.commit_delay, defaults::MAX_COMMIT_DELAY);
+        assert_eq!(config.validate(), Ok(()));
+        // An embedder's builder is held to the same bound.
+        let over = Runtime::builder(Path::new("unused"))
+            .commit_delay(Duration::from_secs(10))
+            .config()
+            .validate()
+            .expect_err("over the most");
+        assert!(over.contains("--commit-delay-us"), "{over}");
     }
 
     /// The help states each default from the library's constant.
