@@ -456,6 +456,21 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off() {
         "served only after {:?}",
         started.elapsed()
     );
+    // The operator sees the answer cut short: its request counts as answered (2xx), and a
+    // counter says one answer was cut (a review found no trace of it).
+    // (Asked again while the last probe's place under the cap of 1 comes back.)
+    let mut metrics = metrics_text(&server).await;
+    for _ in 0..50 {
+        if !metrics.contains("too-many-connections") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        metrics = metrics_text(&server).await;
+    }
+    assert!(
+        metrics.contains("\ndrover_http_write_timeouts_total 1\n"),
+        "{metrics}"
+    );
     drop(stalled);
     server.shutdown(Duration::from_secs(5)).await;
     rt.shutdown().await;

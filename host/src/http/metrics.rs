@@ -65,6 +65,7 @@ pub struct HttpMetrics {
     requests: [[AtomicU64; CLASSES.len()]; ROUTES.len() + 1],
     errors: [AtomicU64; HTTP_CODES.len()],
     in_flight: AtomicI64,
+    write_timeouts: AtomicU64,
 }
 
 impl HttpMetrics {
@@ -76,6 +77,13 @@ impl HttpMetrics {
         {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A connection closed because writing its answer made no progress for
+    /// `--write-timeout-secs` (a client that stopped reading): its request was counted by the
+    /// status it was answered with, and the answer was cut short.
+    pub(crate) fn record_write_timeout(&self) {
+        self.write_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request hyper could not parse, answered with `code` before any route ran (see
@@ -132,6 +140,13 @@ impl HttpMetrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP drover_http_write_timeouts_total Connections closed because writing an answer made no progress for --write-timeout-secs (a client that stopped reading): the answer was cut short (its request is counted by its status above).\n\
+             # TYPE drover_http_write_timeouts_total counter\n\
+             drover_http_write_timeouts_total {}",
+            self.write_timeouts.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP drover_http_in_flight HTTP requests being handled.\n\

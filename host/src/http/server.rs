@@ -194,6 +194,7 @@ impl Server {
             cut_short: cut_short.clone(),
         });
         let replaced = framing::counted_by(state.clone());
+        let counted = state.clone();
         let app = super::router_of(state);
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -202,6 +203,9 @@ impl Server {
             let probes_past_cap = Arc::new(Semaphore::new(overflow::PROBES_PAST_CAP));
             // Out of file descriptors, every accept fails for as long as it lasts.
             let mut accept_failures = crate::log_limit::LogLimit::default();
+            let write_timeouts = Arc::new(parking_lot::Mutex::new(
+                crate::log_limit::LogLimit::default(),
+            ));
             loop {
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
@@ -287,10 +291,28 @@ impl Server {
                 let conn = graceful.watch(conn);
                 let stopping = stopping.subscribe();
                 let mut abandoned = abandoning.subscribe();
+                let (counted, write_timeouts) = (counted.clone(), write_timeouts.clone());
                 tokio::spawn(async move {
                     tokio::select! {
                         served = conn => if let Err(e) = served {
-                            tracing::debug!(%peer, error = %e, "connection closed with an error");
+                            if timed_out_writing(&e) {
+                                // The operator's only trace of an answer cut short: counted,
+                                // and logged at most once a second.
+                                counted.metrics.record_write_timeout();
+                                if let Some(cut) = write_timeouts.lock().due() {
+                                    tracing::info!(
+                                        %peer,
+                                        cut,
+                                        timeout = ?write_timeout,
+                                        "an answer made no progress for the write timeout (the \
+                                         client stopped reading): connection closed, the answer \
+                                         cut short ({cut} since the last such line, at most one \
+                                         a second; drover_http_write_timeouts_total)"
+                                    );
+                                }
+                            } else {
+                                tracing::debug!(%peer, error = %e, "connection closed with an error");
+                            }
                         },
                         () = closed_when_idle(stopping, &busy, grace) => {
                             tracing::debug!(%peer, "connection closed at shutdown: no request was being handled");
@@ -400,4 +422,18 @@ pub async fn shutdown_signal() {
         () = ctrl_c => tracing::info!("Ctrl-C received: shutting down"),
         () = term => tracing::info!("SIGTERM received: shutting down"),
     }
+}
+
+/// Whether a connection's error is its write timeout (`--write-timeout-secs`): an I/O error
+/// of kind `TimedOut` under hyper's, which only the timed stream around the socket raises
+/// (hyper's own header timeout is not an I/O error).
+fn timed_out_writing(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
 }
