@@ -504,8 +504,9 @@ impl Config {
         }
         if self.engine.guard_pages && self.actor.max_live > defaults::GUARD_PAGES_MAX_LIVE {
             return Err(format!(
-                "max live instances is {}, but with guard pages a process holds at most ~16k \
-                 instances (memory mappings): set it to at most {}",
+                "max live instances (--max-live) is {}, but with guard pages (--guard-pages) \
+                 each instance costs ~4 memory mappings, and the kernel's limit of 65,530 stops a \
+                 process near 16k: set it to at most {}, which leaves room for the rest",
                 self.actor.max_live,
                 defaults::GUARD_PAGES_MAX_LIVE
             ));
