@@ -228,6 +228,17 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How long one group commit (write and `fdatasync`) may be under way before
+    /// [`Runtime::readiness`](crate::Runtime::readiness) (`GET /readyz`) says the server is not
+    /// ready, `commit-stalled` (default
+    /// [`COMMIT_STALLED_AFTER`](crate::config::defaults::COMMIT_STALLED_AFTER)): a disk that
+    /// stopped answering holds every event, and the probe is the operator's sign of it. A
+    /// probe, not a limit: the commit goes on.
+    pub fn commit_stalled_after(mut self, after: Duration) -> Self {
+        self.config.commit_stalled_after = after;
+        self
+    }
+
     /// Whether to open a journal with media damage by first rewriting it with every intact
     /// record and the lost seqs marked (default false: such a journal is refused, since the
     /// records after the damage were acknowledged; see [`crate::journal::salvage`]). Needs

@@ -206,6 +206,10 @@ pub mod defaults {
     /// Every journal segment stays open, so small segments (`--journal-segment-bytes`) walk a
     /// server towards its limit, and past it every commit fails with "Too many open files".
     pub const MIN_FREE_FILES: u64 = 64;
+    /// How long one group commit (its write and `fdatasync`) may be under way before
+    /// `GET /readyz` says the disk is not answering (`commit-stalled`). A healthy commit takes
+    /// milliseconds; an 8 MiB batch on this project's VMs under a second.
+    pub const COMMIT_STALLED_AFTER: Duration = Duration::from_secs(5);
     /// Open HTTP connections. Past it new connections get a 503 `too-many-connections` and
     /// are closed. Well under the process's file limit (20,000 on this machine's kind);
     /// `drover serve` lowers it to what a lower limit holds beside the journal's segments.
@@ -390,6 +394,9 @@ pub struct Config {
     /// Free file descriptors (under the process's open-files limit) under which the server
     /// says it is not ready (see `crate::readiness`).
     pub min_free_files: u64,
+    /// How long one group commit may be under way before the server says it is not ready
+    /// (`commit-stalled`, see `crate::readiness`).
+    pub commit_stalled_after: Duration,
 }
 
 impl Default for Config {
@@ -407,6 +414,7 @@ impl Default for Config {
             retention: crate::journal::Retention::default(),
             retention_refresh: Some(defaults::RETENTION_REFRESH_EVERY),
             min_free_space: defaults::MIN_FREE_SPACE,
+            commit_stalled_after: defaults::COMMIT_STALLED_AFTER,
             min_free_files: defaults::MIN_FREE_FILES,
         }
     }

@@ -9,6 +9,7 @@
 //! | code | when | until |
 //! | --- | --- | --- |
 //! | `shutting-down` | a stop has begun ([`Runtime::shutdown`], or the HTTP server's: `drover serve` closes its listener at once, so over HTTP only a request already arriving sees it, and a probe after it is refused its connection) | the process exits |
+//! | `commit-stalled` | one group commit (write and `fdatasync`) has been under way longer than [`Config::commit_stalled_after`](crate::Config::commit_stalled_after) (default [`COMMIT_STALLED_AFTER`](crate::config::defaults::COMMIT_STALLED_AFTER), 5 s): a disk that stopped answering, behind which every event waits (`/healthz` stays `ok`: restarting would not help) | the commit returns |
 //! | `journal-read-only` | a failed commit could not be cut back off the journal, which then refuses appends | a restart (recovery cuts the torn batch) |
 //! | `disk-low` | the data directory's filesystem has fewer free bytes than [`Config::min_free_space`](crate::Config::min_free_space) (default [`MIN_FREE_SPACE`](crate::config::defaults::MIN_FREE_SPACE), one record of the largest size the journal accepts) | space is freed: the check is made at each probe |
 //! | `disk-unknown` | the free space of the data directory's filesystem cannot be read, or (over HTTP) its check has not returned within [`PROBE_WAIT`] | it can |
@@ -43,8 +44,8 @@ impl Readiness {
 /// One reason a server is not ready (see the module docs for the codes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotReady {
-    /// A short stable word: `shutting-down`, `journal-read-only`, `disk-low`, `disk-unknown`,
-    /// `files-low`.
+    /// A short stable word: `shutting-down`, `commit-stalled`, `journal-read-only`,
+    /// `disk-low`, `disk-unknown`, `files-low`.
     pub code: &'static str,
     /// For humans: what is wrong and what clears it.
     pub message: String,
@@ -104,11 +105,28 @@ impl Runtime {
         Readiness { reasons }
     }
 
-    /// What atomics tell: a stop under way, a read-only journal.
+    /// What atomics tell: a stop under way, a commit stalled, a read-only journal.
     fn state_reasons(&self) -> Vec<NotReady> {
         let mut reasons = Vec::new();
         if self.check_open().is_err() {
             reasons.push(NotReady::shutting_down());
+        }
+        let stalled_after = self.config().commit_stalled_after;
+        if let Some(taken) = self
+            .journal()
+            .commit_under_way()
+            .filter(|taken| *taken >= stalled_after)
+        {
+            reasons.push(NotReady {
+                code: "commit-stalled",
+                message: format!(
+                    "a group commit (its write and fdatasync) has been under way for {:.1} s, \
+                     over {:.1} s: the data directory's disk is not answering, and every event \
+                     waits behind it",
+                    taken.as_secs_f64(),
+                    stalled_after.as_secs_f64()
+                ),
+            });
         }
         if self.journal().is_read_only() {
             reasons.push(NotReady {

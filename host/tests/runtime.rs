@@ -739,6 +739,46 @@ async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap(
     rt.shutdown().await;
 }
 
+/// Readiness names a commit that has been under way too long: a disk that stopped answering
+/// held every event while `/readyz` said ready (a review, through a commit delay of hours;
+/// any hung disk does the same). The event is answered once the disk answers, and readiness
+/// comes back with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_commit_that_stalls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (builder, faults) = on_faulty_storage(dir.path());
+    let rt = builder
+        .min_free_space(0)
+        .commit_stalled_after(Duration::from_millis(200))
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("c", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    assert!(rt.readiness().is_ready(), "{:?}", rt.readiness());
+    faults.stall_syncs(Some(Duration::from_millis(1500)));
+    let sent = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.send("c", r#"{"type":"ok"}"#).await })
+    };
+    let stalled = support::poll_until(Duration::from_secs(10), "commit-stalled", || {
+        let ready = rt.readiness();
+        ready
+            .reasons
+            .iter()
+            .find(|r| r.code == "commit-stalled")
+            .map(|r| r.message.clone())
+    });
+    assert!(stalled.contains("not answering"), "{stalled}");
+    faults.stall_syncs(None);
+    sent.await
+        .expect("task")
+        .expect("answered once the disk answers");
+    assert!(rt.readiness().is_ready(), "{:?}", rt.readiness());
+    rt.shutdown().await;
+}
+
 /// Readiness names a journal that went read-only (a failed commit it could not cut back off
 /// the file: every later event fails until a restart) and a stop under way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

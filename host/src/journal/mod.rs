@@ -175,6 +175,28 @@ pub struct Stats {
     pub commits: AtomicU64,
     /// Failed commits since open.
     pub commit_failures: AtomicU64,
+    /// When the group commit under way began, in microseconds since the journal opened,
+    /// plus one (0: none under way): how long a stalled disk has held the writer (see
+    /// [`Journal::commit_under_way`]).
+    pub commit_since_us: AtomicU64,
+    /// The moment `commit_since_us` counts from.
+    pub opened: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Stats {
+    fn origin(&self) -> std::time::Instant {
+        *self.opened.get_or_init(std::time::Instant::now)
+    }
+
+    /// Marks a group commit begun (`true`) or ended.
+    pub(crate) fn commit_under_way(&self, begun: bool) {
+        let since = if begun {
+            self.origin().elapsed().as_micros() as u64 + 1
+        } else {
+            0
+        };
+        self.commit_since_us.store(since, Ordering::Release);
+    }
 }
 
 /// What opening the journal found.
@@ -1689,6 +1711,18 @@ impl Journal {
     /// Write counters.
     pub fn stats(&self) -> &Stats {
         &self.inner.shared.stats
+    }
+
+    /// How long the group commit under way (its write and `fdatasync`) has taken so far;
+    /// `None` when none is. A disk that stopped answering shows here first: every event
+    /// waits behind that commit (`GET /readyz` says `commit-stalled`).
+    pub fn commit_under_way(&self) -> Option<Duration> {
+        let stats = &self.inner.shared.stats;
+        let since = stats.commit_since_us.load(Ordering::Acquire);
+        (since != 0).then(|| {
+            let began = Duration::from_micros(since - 1);
+            stats.origin().elapsed().saturating_sub(began)
+        })
     }
 
     /// Whether the journal refuses appends: a failed commit could not be cut back off the

@@ -173,6 +173,8 @@ pub struct Faults {
     writes: AtomicU32,
     set_lens: AtomicU32,
     kind: Mutex<Option<io::ErrorKind>>,
+    /// How long each sync waits before it is made: a disk that stopped answering.
+    stall: Mutex<Option<std::time::Duration>>,
     /// Offsets whose byte reads back flipped, as a bad sector would.
     rotten: Mutex<Vec<u64>>,
     /// Byte ranges whose reads fail, with the OS error they fail with (`EIO`: an unreadable
@@ -185,6 +187,12 @@ impl Faults {
     /// cache but not durable, as when `fdatasync` reports an I/O error).
     pub fn fail_syncs(&self, n: u32) {
         self.syncs.store(n, Ordering::Release);
+    }
+
+    /// Makes every sync wait `stall` before it is made (`None`: no more), as on a disk
+    /// that stopped answering for a while.
+    pub fn stall_syncs(&self, stall: Option<std::time::Duration>) {
+        *self.stall.lock() = stall;
     }
 
     /// Fails the next `n` writes.
@@ -279,6 +287,10 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let stall = *self.faults.stall.lock();
+        if let Some(stall) = stall {
+            std::thread::sleep(stall);
+        }
         self.faults.take(&self.faults.syncs, "fdatasync")?;
         self.inner.sync_data()
     }

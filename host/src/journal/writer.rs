@@ -224,6 +224,7 @@ pub fn run(
         }
         last_records = batch.len();
         let before = durable_len;
+        shared.stats.commit_under_way(true);
         commit(
             storage,
             &mut durable_len,
@@ -233,6 +234,7 @@ pub fn run(
             &mut batch,
             &shared,
         );
+        shared.stats.commit_under_way(false);
         batch.clear();
         if durable_len != before {
             confirmed = false;
