@@ -175,17 +175,17 @@ pub struct Stats {
     pub commits: AtomicU64,
     /// Failed commits since open.
     pub commit_failures: AtomicU64,
-    /// When the group commit under way began, in microseconds since the journal opened,
-    /// plus one (0: none under way): how long a stalled disk has held the writer (see
+    /// When the group commit under way began, in microseconds since `origin`, plus one (0:
+    /// none under way): how long a stalled disk has held the writer (see
     /// [`Journal::commit_under_way`]).
-    pub commit_since_us: AtomicU64,
-    /// The moment `commit_since_us` counts from.
-    pub opened: std::sync::OnceLock<std::time::Instant>,
+    commit_since_us: AtomicU64,
+    /// The moment `commit_since_us` counts from: the first commit's.
+    origin: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Stats {
     fn origin(&self) -> std::time::Instant {
-        *self.opened.get_or_init(std::time::Instant::now)
+        *self.origin.get_or_init(std::time::Instant::now)
     }
 
     /// Marks a group commit begun (`true`) or ended.
