@@ -421,9 +421,9 @@ impl Default for Config {
 }
 
 /// The smallest cap on one guest memory: one page of WebAssembly memory.
-const MIN_GUEST_MEMORY: u64 = 64 << 10;
+pub const MIN_GUEST_MEMORY: u64 = 64 << 10;
 /// The largest cap on one guest memory: all a 32-bit memory can address.
-const MAX_GUEST_MEMORY_CAP: u64 = 4 << 30;
+pub const MAX_GUEST_MEMORY_CAP: u64 = 4 << 30;
 
 /// `n` bytes for a message: whole MiB as such, anything else exactly.
 fn bytes(n: u64) -> String {

@@ -121,4 +121,24 @@ fn a_trap_is_one_log_line() {
     );
     assert!(!text.contains("wasm backtrace"), "{text}");
     assert!(text.lines().count() <= 3, "{text}");
+
+    // An abort that trips over an import the host does not give (Rust's out-of-memory path):
+    // one line too, saying what the client is told, the guest's last words first.
+    let mut m = plugin.instantiate("m".into()).expect("instance");
+    m.init("m", "{}").expect("init");
+    let event = json!({"type": "alloc", "mb": 100}).to_string();
+    m.within(Duration::from_secs(5), |m| m.handle(&ctx, &event))
+        .expect_err("it aborts");
+    let text = logs.text();
+    let trapped: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("guest trapped"))
+        .collect();
+    assert_eq!(trapped.len(), 2, "{text}");
+    assert!(
+        trapped[1].contains("memory allocation") && trapped[1].contains("the guest aborted"),
+        "{text}"
+    );
+    assert!(!text.contains("wasm function"), "{text}");
+    assert!(text.lines().count() <= 6, "{text}");
 }

@@ -1634,15 +1634,33 @@ fn serve_refuses_a_bad_address_or_data_path_before_creating_anything() {
         ("--max-connections", "0", "1..=1000000"),
         ("--max-connections", "18446744073709551615", "1..=1000000"),
         ("--mailbox", "2305843009213693952", "1..=1000000"),
-        ("--call-timeout-ms", "18446744073709551615", "1..=3600000"),
-        ("--activation-timeout-ms", "0", "1..=3600000"),
+        ("--call-timeout-ms", "18446744073709551615", "10..=3600000"),
+        ("--activation-timeout-ms", "0", "10..=3600000"),
         ("--max-plugin-bytes", "0", "1..=1073741824"),
+        ("--max-guest-memory", "0", "65536..=4294967296"),
+        ("--commit-delay-us", "18446744073709551615", "0..=100000"),
     ] {
         let (ok, _, err) = cli(&["serve", flag, n, "--data", data.to_str().expect("utf-8")]);
         assert!(!ok, "{flag} {n}");
         assert!(err.contains(range), "{flag} {n}: {err}");
         assert!(!data.exists(), "the data directory was created");
     }
+    // Settings only the runtime checks are the flags' fault too, said before the directory
+    // is looked at (they read "opening DIR: invalid runtime settings").
+    let (ok, _, err) = cli(&[
+        "serve",
+        "--journal-segment-bytes",
+        "0",
+        "--data",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("invalid settings: journal segment bytes (--journal-segment-bytes)")
+            && !err.contains("opening"),
+        "{err}"
+    );
+    assert!(!data.exists(), "the data directory was created");
 }
 
 /// A simulator whose server answers nothing (here: nothing listens) stops after a few

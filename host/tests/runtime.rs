@@ -1589,7 +1589,7 @@ async fn settings_out_of_range_are_refused_naming_the_setting() {
     let cases: Vec<(drover::RuntimeBuilder, &str)> = vec![
         (
             Runtime::builder(dir.path()).max_output_bytes(0),
-            "max output bytes must be at least 1",
+            "max output bytes (--max-output-bytes) must be at least 1",
         ),
         (
             Runtime::builder(dir.path()).max_event_bytes(20_000_000),
@@ -1597,15 +1597,15 @@ async fn settings_out_of_range_are_refused_naming_the_setting() {
         ),
         (
             Runtime::builder(dir.path()).mailbox_capacity(0),
-            "mailbox capacity must be at least 1",
+            "mailbox capacity (--mailbox) must be at least 1",
         ),
         (
             Runtime::builder(dir.path()).call_timeout(Duration::ZERO),
-            "call timeout is 0ns, shorter than",
+            "call timeout (--call-timeout-ms) is 0ns, shorter than",
         ),
         (
             Runtime::builder(dir.path()).idle_timeout(Duration::ZERO),
-            "idle timeout must be more than zero",
+            "idle timeout (--idle-timeout-secs) must be more than zero",
         ),
         (
             Runtime::builder(dir.path())

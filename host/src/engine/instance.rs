@@ -653,7 +653,16 @@ impl Instance {
             ),
             Some(trap) => trap.to_string(),
             None => {
-                let raw = format!("{e:#}");
+                // The error's chain without wasmtime's backtrace (frames of a plugin built
+                // without names read `<wasm function 665>`; ~20 lines in every message).
+                // wasmtime attaches the backtrace as the outermost context.
+                let backtrace = usize::from(e.downcast_ref::<wasmtime::WasmBacktrace>().is_some());
+                let raw = e
+                    .chain()
+                    .skip(backtrace)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(": ");
                 if raw.contains("unknown import") {
                     format!(
                         "{raw}: guests have no input, environment or exit (print, or \
@@ -670,7 +679,6 @@ impl Instance {
         // trap: ~20 lines each, of frames a plugin built without names shows as
         // `<wasm function 665>`, which broke line-based log processing.)
         let state = self.store.data_mut();
-        tracing::warn!(device = %state.device, trap = %msg, "guest trapped");
         tracing::debug!(device = %state.device, error = ?e, "guest trapped: the backtrace");
         if let Some(logged) = state.last_error.take() {
             msg = if msg.contains("unknown import") {
@@ -687,6 +695,7 @@ impl Instance {
                 );
             }
         }
+        tracing::warn!(device = %state.device, trap = %msg, "guest trapped");
         CallError::Trap(msg)
     }
 }

@@ -77,7 +77,7 @@ const MAX_COMMIT_DELAY_US: u64 = defaults::MAX_COMMIT_DELAY.as_micros() as u64;
 
 /// Counts that must be at least 1 (0 refused every event, or served none).
 fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=usize::MAX as u64)
 }
 
 /// Event and output limits: 1 byte to `config::MAX_PAYLOAD_LIMIT` (16 MiB).
@@ -95,29 +95,29 @@ pub struct Tuning {
     ))]
     pub mailbox: Option<usize>,
     #[arg(long, value_parser = at_least_one(), help = help(
-        "Unacknowledged commands per device before its events get 429 outbox-full",
+        "Unacknowledged commands per device before its events get 429 outbox-full (at least 1)",
         defaults::MAX_OUTBOX,
     ))]
     pub max_outbox: Option<usize>,
     #[arg(long, value_parser = at_least_one(), help = help(
-        "Messages per device not yet handled by their targets before its events get 429 messages-pending",
+        "Messages per device not yet handled by their targets before its events get 429 messages-pending (at least 1)",
         defaults::MAX_MESSAGES_PENDING,
     ))]
     pub max_messages_pending: Option<usize>,
     #[arg(long, value_parser = at_least_one(), help = help(
-        "Records per device that may be waiting for the disk",
+        "Records per device that may be waiting for the disk (at least 1)",
         defaults::MAX_IN_FLIGHT,
     ))]
     pub max_in_flight: Option<usize>,
     #[arg(long, value_parser = at_least_one(), help = help(
         "Keep at most this many devices' instances alive; past it the least recently used are \
          passivated (they reactivate from snapshot + journal on their next message). The default \
-         is what this machine holds: half its memory at 96 KiB per live actor",
+         is what this machine holds: half its memory at 96 KiB per live actor (at least 1)",
         defaults::max_live(),
     ))]
     pub max_live: Option<usize>,
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), help = help(
-        "Passivate a device after this many seconds without a message",
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=u64::MAX), help = help(
+        "Passivate a device after this many seconds without a message (at least 1)",
         defaults::IDLE_TIMEOUT.as_secs(),
     ))]
     pub idle_timeout_secs: Option<u64>,
@@ -136,8 +136,9 @@ pub struct Tuning {
         defaults::CALL_TIMEOUT.as_millis(),
     ))]
     pub call_timeout_ms: Option<u64>,
-    #[arg(long, help = help(
-        "Cap on one guest instance's linear memory, in bytes",
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+        .range(drover::config::MIN_GUEST_MEMORY..=drover::config::MAX_GUEST_MEMORY_CAP), help = help(
+        "Cap on one guest instance's linear memory, in bytes (65,536, one wasm page, to 4 GiB)",
         defaults::MAX_GUEST_MEMORY,
     ))]
     pub max_guest_memory: Option<usize>,
@@ -427,6 +428,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The address first: a bad one or a port in use fails before the data directory is
     // created, locked or scanned.
     let listener = drover::http::server::bind(&args.listen).await?;
+    // Settings out of range are the flags' fault, said before the data directory is looked
+    // at (they read "opening DIR: invalid runtime settings", which blamed the directory).
+    args.tuning
+        .builder(&args.data)
+        .config()
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     if args.data.exists() && !args.data.is_dir() {
         anyhow::bail!(
             "--data {} is a file, not a directory: give the directory to keep the journal and plugins in",
