@@ -12,8 +12,9 @@
 //!    last batch the copy finds is proven only by the server's next marker (its next batch,
 //!    or 50 ms later when it is idle), so the copy waits for that proof, up to 500 ms
 //!    ([`PROOF_WAIT`]): every event acknowledged before the backup began is in it, and only
-//!    a batch still being synced, or one that fails and is cut back, is left out. A directory no server runs on (its lock is free) is copied
-//!    to its valid length, as a server starting on it would keep it: nothing can be
+//!    a batch still being synced, or one that fails and is cut back, is left out. A
+//!    directory no server runs on (its lock is free) is copied to its valid length, as a
+//!    server starting on it would keep it: nothing can be
 //!    mid-sync there, and a killed server's last batch, or a backup's, has no later marker;
 //!    the lock is held (shared) to the end, so no server starts on it meanwhile;
 //! 3. every plugin component (and its precompiled artifact), the record of failed upgrades
@@ -376,11 +377,11 @@ fn copy_journal(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<(u6
 const PROOF_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Waits, up to [`PROOF_WAIT`], until the journal in `dir` proves its first `len` bytes
-/// durable; whether it did. Nothing is waited for when all past `confirmed`, what is proven
-/// already, is an idle writer's marker: an empty batch, which no later marker proves on an
-/// idle server, and which a copy cut at `confirmed` loses nothing of. The last batch a copy finds has no later marker yet, though it
+/// durable; whether it did. The last batch a copy finds has no later marker yet, though it
 /// may well be durable and acknowledged: its server writes the proof with its next batch, or
-/// 50 ms later when idle. A copy that did not wait left out an event acknowledged just before
+/// 50 ms later when idle. Nothing is waited for when all past `confirmed`, what is proven
+/// already, is an idle writer's marker: an empty batch, which no later marker proves on an
+/// idle server, and which a copy cut at `confirmed` loses nothing of. A copy that did not wait left out an event acknowledged just before
 /// it began (a review: 12 of 12 backups started right after an answer), and a server started
 /// on it handed that seq to another event. A batch still being synced, or one that fails
 /// and is cut back, is not proven within the wait, and is left out as before.
