@@ -224,7 +224,6 @@ pub fn run(
         }
         last_records = batch.len();
         let before = durable_len;
-        shared.stats.commit_under_way(true);
         commit(
             storage,
             &mut durable_len,
@@ -234,7 +233,6 @@ pub fn run(
             &mut batch,
             &shared,
         );
-        shared.stats.commit_under_way(false);
         batch.clear();
         if durable_len != before {
             confirmed = false;
@@ -391,7 +389,13 @@ fn commit(
                     }
                     .encode_into(buf);
                 }
-                write_and_sync(storage, *durable_len, buf)
+                // The I/O alone is watched (`GET /readyz`, `commit-stalled`), and it is
+                // over before any completion runs: a caller told its event is durable
+                // finds no commit under way.
+                shared.stats.commit_under_way(true);
+                let written = write_and_sync(storage, *durable_len, buf);
+                shared.stats.commit_under_way(false);
+                written
             })
     };
 
