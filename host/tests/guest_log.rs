@@ -9,27 +9,44 @@ use serde_json::json;
 
 mod support;
 
+use drover::engine::{CompiledPlugin, Engine, EngineConfig, EventContext, Instance, Origin};
+
+/// The `misbehave` test plugin, compiled.
+fn misbehave() -> CompiledPlugin {
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    let bytes =
+        std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built");
+    engine.compile(&bytes).expect("compiles")
+}
+
+/// A fresh instance of device `m`, initialised.
+fn device_m(plugin: &CompiledPlugin) -> Instance {
+    let mut m = plugin.instantiate("m".into()).expect("instance");
+    m.init("m", "{}").expect("init");
+    m
+}
+
+/// The context of device `m`'s first event.
+fn first_event_of_m() -> EventContext {
+    EventContext {
+        device_id: "m".into(),
+        seq: 1,
+        at_ms: 1_700_000_000_000,
+        seed: 7,
+        origin: Origin::External,
+    }
+}
+
 /// A guest's log lines cannot pass for the host's, nor flood the log: control characters in
 /// what it logs or prints are escaped, so a message holding a newline and a fake timestamp
 /// stays one line of `drover::guest` (a fresh-user trial forged an `ERROR drover::journal`
 /// line), and one event logs at most 100 lines, the rest counted in one warning.
 #[test]
 fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
-    use drover::engine::{Engine, EngineConfig, EventContext, Origin};
     let (logs, _logging) = support::Logs::capture();
-    let engine = Engine::new(EngineConfig::default()).expect("engine");
-    let bytes =
-        std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built");
-    let plugin = engine.compile(&bytes).expect("compiles");
-    let mut m = plugin.instantiate("m".into()).expect("instance");
-    m.init("m", "{}").expect("init");
-    let ctx = EventContext {
-        device_id: "m".into(),
-        seq: 1,
-        at_ms: 1_700_000_000_000,
-        seed: 7,
-        origin: Origin::External,
-    };
+    let plugin = misbehave();
+    let mut m = device_m(&plugin);
+    let ctx = first_event_of_m();
     let forged =
         "one\n2026-12-02T00:00:00.000000Z ERROR drover::journal: FORGED\u{1b}[2K device=\"good\"";
     for event in [
@@ -91,21 +108,10 @@ fn a_guest_cannot_forge_log_lines_or_flood_the_log() {
 /// frames a plugin built without names shows as `<wasm function 665>` (a review).
 #[test]
 fn a_trap_is_one_log_line() {
-    use drover::engine::{Engine, EngineConfig, EventContext, Origin};
     let (logs, _logging) = support::Logs::capture();
-    let engine = Engine::new(EngineConfig::default()).expect("engine");
-    let bytes =
-        std::fs::read(support::plugin_dir().join("misbehave.wasm")).expect("misbehave built");
-    let plugin = engine.compile(&bytes).expect("compiles");
-    let mut m = plugin.instantiate("m".into()).expect("instance");
-    m.init("m", "{}").expect("init");
-    let ctx = EventContext {
-        device_id: "m".into(),
-        seq: 1,
-        at_ms: 1_700_000_000_000,
-        seed: 7,
-        origin: Origin::External,
-    };
+    let plugin = misbehave();
+    let mut m = device_m(&plugin);
+    let ctx = first_event_of_m();
     let event = json!({"type": "panic"}).to_string();
     m.within(Duration::from_secs(5), |m| m.handle(&ctx, &event))
         .expect_err("it traps");
@@ -124,8 +130,7 @@ fn a_trap_is_one_log_line() {
 
     // An abort that trips over an import the host does not give (Rust's out-of-memory path):
     // one line too, saying what the client is told, the guest's last words first.
-    let mut m = plugin.instantiate("m".into()).expect("instance");
-    m.init("m", "{}").expect("init");
+    let mut m = device_m(&plugin);
     let event = json!({"type": "alloc", "mb": 100}).to_string();
     m.within(Duration::from_secs(5), |m| m.handle(&ctx, &event))
         .expect_err("it aborts");
