@@ -88,6 +88,17 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Bytes of messages between devices the process holds for targets whose mailbox is
+    /// full (default 64 MiB, a message counted as its event, its sender's id and 128 bytes).
+    /// Past it, a message for such a target is left in the journal, which owes it anyway,
+    /// and so is every later one for that target until, about a second later, they are all
+    /// read back from their records and sent again in each sender's order
+    /// (`drover_messages_spilled_total`). 0 holds none.
+    pub fn max_parked_bytes(mut self, bytes: usize) -> Self {
+        self.config.actor.max_parked_bytes = bytes;
+        self
+    }
+
     /// Drop a device's instance after this long without a message (default 5 minutes); the
     /// next message reactivates it from snapshot + journal tail.
     pub fn idle_timeout(mut self, d: Duration) -> Self {

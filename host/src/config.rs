@@ -25,6 +25,12 @@ pub mod defaults {
     /// a target is stuck (quarantined, say) or far slower than its senders, and what waits
     /// for it is held in memory until it catches up.
     pub const MAX_MESSAGES_PENDING: usize = 1_000;
+    /// Bytes of messages the process holds for targets whose mailbox is full before it
+    /// leaves further ones in the journal, read back a second later (`crate::dispatch`).
+    /// Each sender is bounded by [`MAX_MESSAGES_PENDING`], but a million senders are not:
+    /// 64 MiB holds ~400k small messages (~150 B each counted), far more than a burst, and
+    /// is a small share of the memory the live actors take.
+    pub const MAX_PARKED_BYTES: usize = 64 << 20;
     /// Records of one device that may be waiting for the disk (pipelining depth). Past it the
     /// actor stops taking messages, so backpressure reaches the sender.
     pub const MAX_IN_FLIGHT: usize = 128;
@@ -328,6 +334,9 @@ pub struct ActorConfig {
     /// Messages per device not yet handled by their targets past which its external events
     /// are refused.
     pub max_messages_pending: usize,
+    /// Bytes of messages held for targets with a full mailbox past which further ones are
+    /// left in the journal until a redelivery (0: never held).
+    pub max_parked_bytes: usize,
 }
 
 impl ActorConfig {
@@ -355,6 +364,7 @@ impl Default for ActorConfig {
             slow_threads: 0,
             max_outbox: defaults::MAX_OUTBOX,
             max_messages_pending: defaults::MAX_MESSAGES_PENDING,
+            max_parked_bytes: defaults::MAX_PARKED_BYTES,
         }
     }
 }

@@ -10,7 +10,11 @@
 //!   target's messages in a queue of their own, drained by a task that waits for room, and
 //!   everything later for that target queues behind them. So messages from one sender
 //!   arrive in the order they were sent, one slow device delays nobody else, and since no
-//!   actor ever waits on another's mailbox, full mailboxes cannot deadlock;
+//!   actor ever waits on another's mailbox, full mailboxes cannot deadlock. What is parked
+//!   is bounded for the whole process (`ActorConfig::max_parked_bytes`): past it, a message
+//!   for a target with a full mailbox is *spilled*, left to the journal that owes it (see
+//!   below), and so is every later one for that target until a redelivery a second later
+//!   reads them back from their records, in each sender's order;
 //! * a target that does not exist makes the message *undeliverable*: recorded (kind 10) and
 //!   listed with the sender's dead letters;
 //! * a record that set, cancelled or fired a timer makes the [`TimerWheel`] re-read that
@@ -50,8 +54,11 @@ pub struct Postman {
     journal: Journal,
     metrics: Arc<Metrics>,
     pool: tokio::runtime::Handle,
-    /// Targets whose mailbox was full: their messages, in order, for the task draining them.
-    parked: Mutex<HashMap<String, VecDeque<Message>>>,
+    /// Targets whose mailbox was full: their messages, in order, for the task draining
+    /// them; and those whose messages are spilled.
+    parked: Mutex<Parked>,
+    /// Bytes `parked` may hold before messages are spilled instead.
+    max_parked_bytes: usize,
     /// Devices waiting for a redelivery of what is owed to them, and when it is due (see
     /// `redeliver_later`).
     redeliveries: Mutex<HashMap<Arc<str>, std::time::Instant>>,
@@ -64,13 +71,15 @@ impl Postman {
         journal: Journal,
         metrics: Arc<Metrics>,
         pool: tokio::runtime::Handle,
+        max_parked_bytes: usize,
     ) -> Arc<Postman> {
         Arc::new_cyclic(|me| Postman {
             router,
             journal,
             metrics,
             pool,
-            parked: Mutex::new(HashMap::new()),
+            parked: Mutex::default(),
+            max_parked_bytes,
             redeliveries: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
@@ -155,6 +164,14 @@ impl Postman {
                 }
                 due.into_iter().collect()
             };
+            // What this scan finds goes to the mailboxes again (and spills again if there
+            // is still no room).
+            {
+                let mut parked = me.parked.lock();
+                for to in &targets {
+                    parked.spilled.remove(&**to);
+                }
+            }
             if targets.is_empty() {
                 return;
             }
@@ -182,8 +199,17 @@ impl Postman {
     /// an unknown device is recorded as undeliverable).
     pub fn post(&self, to: &str, msg: Message) {
         let mut parked = self.parked.lock();
-        if let Some(queue) = parked.get_mut(to) {
-            queue.push_back(msg);
+        let spillable = sent_by(&msg).is_some();
+        if spillable && parked.spilled.contains(to) {
+            drop(parked);
+            return self.spill(to);
+        }
+        if parked.queues.contains_key(to) {
+            if spillable && parked.bytes + cost(&msg) > self.max_parked_bytes {
+                return self.spill_from(parked, to);
+            }
+            parked.push(to, msg);
+            self.gauge(&parked);
             return;
         }
         let Some(router) = self.router.upgrade() else {
@@ -193,7 +219,11 @@ impl Postman {
         match router.offer(to, msg).map_err(|r| *r) {
             Ok(()) => Self::count(counter),
             Err(Refused::Full(msg)) => {
-                parked.insert(to.to_string(), VecDeque::from([msg]));
+                if spillable && parked.bytes + cost(&msg) > self.max_parked_bytes {
+                    return self.spill_from(parked, to);
+                }
+                parked.push(to, msg);
+                self.gauge(&parked);
                 if let Some(me) = self.me.upgrade() {
                     let to = to.to_string();
                     self.pool.spawn(async move { me.drain(to).await });
@@ -206,16 +236,49 @@ impl Postman {
         }
     }
 
+    /// Marks `to` spilled (its messages left to the journal until a redelivery), then
+    /// spills the message at hand.
+    fn spill_from(&self, mut parked: parking_lot::MutexGuard<'_, Parked>, to: &str) {
+        if parked.spilled.insert(to.to_string())
+            && let Some(targets) = parked.spill_log.due()
+        {
+            tracing::info!(
+                targets,
+                parked_bytes = parked.bytes,
+                "messages for devices with a full mailbox past the parking bound: left in the journal, sent again in a second"
+            );
+        }
+        drop(parked);
+        self.spill(to);
+    }
+
+    fn gauge(&self, parked: &Parked) {
+        self.metrics
+            .messages_parked_bytes
+            .store(parked.bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A message for spilled target `to`: still owed in the journal; a redelivery reads it
+    /// back from its record.
+    fn spill(&self, to: &str) {
+        self.metrics
+            .messages_spilled
+            .fetch_add(1, Ordering::Relaxed);
+        self.redeliver_later(Arc::from(to), SPILL_RETRY);
+    }
+
     /// Delivers what is parked for `to`, oldest first, waiting for room each time; ends
     /// when nothing is left (later messages then go straight to the mailbox again).
     async fn drain(self: Arc<Self>, to: String) {
         loop {
             let msg = {
                 let mut parked = self.parked.lock();
-                match parked.get_mut(&to).and_then(VecDeque::pop_front) {
+                let msg = parked.pop(&to);
+                self.gauge(&parked);
+                match msg {
                     Some(msg) => msg,
                     None => {
-                        parked.remove(&to);
+                        parked.forget(&to);
                         return;
                     }
                 }
@@ -229,7 +292,9 @@ impl Postman {
                 Err(Refused::Full(_)) => {}
                 Err(Refused::Error(Error::ShuttingDown, _)) => {
                     // Still owed in the journal: the next start sends it again.
-                    self.parked.lock().remove(&to);
+                    let mut parked = self.parked.lock();
+                    parked.forget(&to);
+                    self.gauge(&parked);
                     return;
                 }
                 Err(Refused::Error(e, msg)) => self.undeliverable(&to, msg, e),
@@ -297,6 +362,65 @@ impl Postman {
                 }
             }
         });
+    }
+}
+
+/// How long a spilled target waits before its owed messages are read back from the journal
+/// (rounded as [`Postman::redeliver_later`] does; one index scan serves every target due).
+const SPILL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Bytes a parked message is counted as: its event and sender, and ~128 for the message, its
+/// box and its place in the queue.
+fn cost(msg: &Message) -> usize {
+    const OVERHEAD: usize = 128;
+    match msg {
+        Message::Internal(internal) => {
+            let event = internal.event.as_ref().map_or(0, String::len);
+            let sender = match &internal.origin {
+                Origin::Message { sender, .. } => sender.len(),
+                _ => 0,
+            };
+            OVERHEAD + event + sender
+        }
+        _ => OVERHEAD,
+    }
+}
+
+/// What the [`Postman`] holds for targets whose mailbox was full.
+#[derive(Default)]
+struct Parked {
+    /// Each such target's messages, oldest first.
+    queues: HashMap<String, VecDeque<Message>>,
+    /// What `queues` holds, counted by [`cost`].
+    bytes: usize,
+    /// Targets whose messages are spilled until their redelivery.
+    spilled: std::collections::HashSet<String>,
+    /// Targets newly spilled, logged at most once a second.
+    spill_log: crate::log_limit::LogLimit,
+}
+
+impl Parked {
+    fn push(&mut self, to: &str, msg: Message) {
+        self.bytes += cost(&msg);
+        match self.queues.get_mut(to) {
+            Some(queue) => queue.push_back(msg),
+            None => {
+                self.queues.insert(to.to_string(), VecDeque::from([msg]));
+            }
+        }
+    }
+
+    fn pop(&mut self, to: &str) -> Option<Message> {
+        let msg = self.queues.get_mut(to)?.pop_front()?;
+        self.bytes -= cost(&msg);
+        Some(msg)
+    }
+
+    /// Drops `to`'s queue (its messages stay owed in the journal).
+    fn forget(&mut self, to: &str) {
+        if let Some(queue) = self.queues.remove(to) {
+            self.bytes -= queue.iter().map(cost).sum::<usize>();
+        }
     }
 }
 

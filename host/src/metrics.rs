@@ -55,6 +55,12 @@ pub struct Metrics {
     /// Messages found undeliverable (unknown or removed target), counted once each when its
     /// dead letter is recorded.
     pub messages_undeliverable: AtomicU64,
+    /// Messages left in the journal for a redelivery because what is parked for full
+    /// mailboxes was at its bound (`dispatch::Postman`).
+    pub messages_spilled: AtomicU64,
+    /// What the messages parked for full mailboxes hold now, counted as the bound counts
+    /// them (a gauge).
+    pub messages_parked_bytes: AtomicU64,
     /// Messages a removed device still owed: cancelled with it (see `crate::removal`).
     pub messages_cancelled: AtomicU64,
     /// Timer firings put into their device's mailbox (not those of a device removed
@@ -192,6 +198,12 @@ impl Metrics {
             "drover_messages_undeliverable_total",
             "Messages whose target does not exist or was removed: one per dead letter of the sender's.",
             &self.messages_undeliverable,
+        );
+        counter(
+            &mut out,
+            "drover_messages_spilled_total",
+            "Messages for a device with a full mailbox left in the journal, not held in memory, because the messages parked for full mailboxes were at their bound (--max-parked-mib); each is read back from its record and sent again about a second later.",
+            &self.messages_spilled,
         );
         counter(
             &mut out,

@@ -167,6 +167,7 @@ impl Runtime {
             journal.clone(),
             metrics.clone(),
             handle.clone(),
+            config.actor.max_parked_bytes,
         );
         let timers = Arc::new(TimerWheel::default());
         let outbox = Arc::new(Outbox::default());
@@ -877,6 +878,11 @@ impl Runtime {
                 "drover_guest_memory_budget_bytes",
                 "Most bytes the live guest memories may grow past their initial sizes (--guest-memory-budget-mib).",
                 guest_budget,
+            ),
+            (
+                "drover_messages_parked_bytes",
+                "Messages between devices held in memory for targets whose mailbox is full, in bytes (each counted as its event, its sender's id and 128); bounded by --max-parked-mib.",
+                load(&self.shared.metrics.messages_parked_bytes),
             ),
             (
                 "drover_devices",

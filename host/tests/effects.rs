@@ -835,6 +835,87 @@ async fn message_counters_count_each_message_once_by_what_became_of_it() {
     rt.shutdown().await;
 }
 
+/// What the process holds for full mailboxes is bounded: past `max_parked_bytes`, messages
+/// are left in the journal that owes them and read back a second later. Before the bound, a
+/// million senders each under their own backpressure cap could park without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_the_parking_bound_stay_in_the_journal_and_each_arrives_once_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bound = 1_000;
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .mailbox_capacity(1)
+        .max_parked_bytes(bound)
+        .call_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .expect("runtime opens");
+    let senders = ["s0", "s1", "s2", "s3", "s4", "s5"];
+    for id in senders.iter().chain(&["b"]) {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    // b busy for ~0.5 s, so its mailbox of 1 fills and the rest waits: ~6 messages (each
+    // counted ~145 B) fit under the bound, the other 24 spill.
+    let slow = support::slow_apply(support::spins_for(&rt, "b", 0.5).await, 1);
+    let busy = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.send("b", &slow).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let sends: Vec<_> = senders
+        .into_iter()
+        .map(|s| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                for tag in 0..5 {
+                    let relay =
+                        json!({"type": "send", "to": "b", "tag": tag, "event": {"type": "ok"}});
+                    rt.send(s, &relay.to_string()).await.expect("sent");
+                }
+            })
+        })
+        .collect();
+    for s in sends {
+        s.await.expect("task");
+    }
+    let parked = rt.metrics().messages_parked_bytes.load(Ordering::Relaxed);
+    assert!(parked <= bound as u64, "{parked} bytes parked");
+    busy.await.expect("task").expect("slow event");
+    // Read from the journal: a read through b's mailbox of 1 would find it full.
+    eventually("b handled all 30 messages", async || {
+        records(&rt, "b").len() == 32
+    })
+    .await;
+    let spilled = rt.metrics().messages_spilled.load(Ordering::Relaxed);
+    assert!(spilled > 0, "some messages spilled");
+    let mut seen = std::collections::HashMap::<String, Vec<u64>>::new();
+    for o in records(&rt, "b").iter().filter_map(origin) {
+        let sender = o["sender"].as_str().expect("sender").to_string();
+        seen.entry(sender)
+            .or_default()
+            .push(o["id"]["seq"].as_u64().expect("seq"));
+    }
+    for s in senders {
+        let seqs = &seen[s];
+        // Each sender's five relays, once each, in the order sent (its seqs 1 to 5).
+        assert_eq!(seqs, &[1, 2, 3, 4, 5], "{s}");
+        assert_eq!(
+            rt.journal()
+                .sent_len(rt.journal().device(s).expect("sender").num),
+            0,
+            "{s} owes nothing"
+        );
+    }
+    assert_eq!(state(&rt, "b").await["count"], 30);
+    assert_eq!(
+        rt.metrics().messages_parked_bytes.load(Ordering::Relaxed),
+        0
+    );
+    rt.shutdown().await;
+}
+
 /// Events in flight count against the caps. Pipelined, each event passed a check that the
 /// ones before it had not moved yet, their records not being durable: a review drove 10
 /// commands past an outbox cap of 5 with concurrent clients, and 9 messages past a

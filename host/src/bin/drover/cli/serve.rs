@@ -149,6 +149,13 @@ pub struct Tuning {
         defaults::guest_memory_budget() >> 20,
     ))]
     pub guest_memory_budget_mib: Option<u64>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_PARKED_MIB), help = help(
+        "Most MiB of messages between devices held in memory for targets whose mailbox is \
+         full (0 to 1,048,576); past it they are left in the journal and sent again a second \
+         later",
+        defaults::MAX_PARKED_BYTES >> 20,
+    ))]
+    pub max_parked_mib: Option<u64>,
     #[arg(long, value_parser = payload_limit(), help = help(
         "Largest accepted event, in bytes (1 to 16 MiB)",
         defaults::MAX_EVENT_BYTES,
@@ -351,6 +358,9 @@ impl Tuning {
         if let Some(mib) = self.guest_memory_budget_mib {
             b = b.guest_memory_budget(mib << 20);
         }
+        if let Some(mib) = self.max_parked_mib {
+            b = b.max_parked_bytes((mib << 20) as usize);
+        }
         if let Some(n) = self.max_event_bytes {
             b = b.max_event_bytes(n);
         }
@@ -510,6 +520,9 @@ const OTHER_DESCRIPTORS: usize = 1024;
 
 /// The largest `--guest-memory-budget-mib` whose bytes fit a `u64`.
 const MAX_BUDGET_MIB: u64 = u64::MAX >> 20;
+
+/// The most `--max-parked-mib` takes: 1 TiB.
+const MAX_PARKED_MIB: u64 = 1 << 20;
 
 /// Fits the connection cap to the open-files limit (already raised to the hard one, see
 /// `main`), beside the journal's segment files, each of which stays open: past the limit,
@@ -725,6 +738,11 @@ mod tests {
         refused("--commit-delay-us", "100001");
         refused("--commit-delay-us", "18446744073709551615");
         refused("--max-event-bytes", "16777217");
+        refused("--max-parked-mib", "1048577");
+        refused("--max-parked-mib", "-1");
+        let parked = serve(&["--max-parked-mib", "3"]);
+        let config = parked.tuning.builder(Path::new("unused")).config().clone();
+        assert_eq!(config.actor.max_parked_bytes, 3 << 20);
         for flag in ["--call-timeout-ms", "--activation-timeout-ms"] {
             refused(flag, "9");
             assert_eq!(
