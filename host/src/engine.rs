@@ -137,6 +137,12 @@ pub enum CallError {
     /// discarded. The actor that asked for it runs the unit again; it reaches no client.
     #[error("guest call stopped after two epoch ticks, to run again on the slow lane")]
     Moved,
+    /// The server is stopping ([`Engine::stop_guest_calls`]) and the unit of work had run
+    /// an epoch tick of CPU time: stopped rather than left to hold the stop for the rest of
+    /// its budget. Not the guest's fault, and nothing of it was written. The instance must
+    /// be discarded.
+    #[error("guest call stopped: the server is stopping (send it again once it is back)")]
+    Stopped,
 }
 
 impl CallError {
@@ -151,7 +157,10 @@ impl CallError {
     pub fn is_overload(&self) -> bool {
         matches!(
             self,
-            CallError::Starved { .. } | CallError::GuestMemory(_) | CallError::Moved
+            CallError::Starved { .. }
+                | CallError::GuestMemory(_)
+                | CallError::Moved
+                | CallError::Stopped
         )
     }
 }
@@ -207,6 +216,10 @@ pub struct GuestState {
     setup: bool,
     /// The unit was stopped so ([`CallError::Moved`]), until [`Instance::take_moved`].
     moved: bool,
+    /// Set by [`Engine::stop_guest_calls`], for every instance of the engine.
+    stopping: Arc<AtomicBool>,
+    /// The unit was interrupted because of it ([`CallError::Stopped`]).
+    stopped: bool,
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -286,6 +299,8 @@ struct EngineInner {
     /// Fiber stacks of preemptible calls (see `engine/stacks.rs`).
     stacks: Arc<stacks::StackPool>,
     stop_ticker: Arc<AtomicBool>,
+    /// See [`Engine::stop_guest_calls`].
+    stopping: Arc<AtomicBool>,
 }
 
 impl Drop for EngineInner {
@@ -372,8 +387,20 @@ impl Engine {
                 config,
                 stacks,
                 stop_ticker,
+                stopping: Arc::default(),
             }),
         })
+    }
+
+    /// From now on, a guest call that has run an epoch tick of CPU time (10 ms by default)
+    /// is stopped at its next look at its deadline, as [`CallError::Stopped`], which callers
+    /// treat like the server's overload: nothing is written, the client is told to send it
+    /// again, no step toward a quarantine. What a server does when it begins to stop, so
+    /// that guests that spin (a trial `init`, an activation, each with a budget of seconds,
+    /// queued on the slow lane) never hold the stop; short calls end as usual. Cannot be
+    /// undone: the engine is stopping.
+    pub fn stop_guest_calls(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
     }
 
     /// The settings this engine was built with.
@@ -667,6 +694,9 @@ fn instantiation_fault(
         e.downcast_ref::<wasmtime::Trap>(),
         Some(wasmtime::Trap::Interrupt)
     ) {
+        if state.stopped {
+            return CallError::Stopped;
+        }
         return match state.starved.take() {
             Some(used) => CallError::Starved { budget, used },
             None => CallError::Timeout(budget),
@@ -711,6 +741,8 @@ impl CompiledPlugin {
             preemption: Preemption::None,
             setup: false,
             moved: false,
+            stopping: inner.stopping.clone(),
+            stopped: false,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);

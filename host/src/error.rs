@@ -320,6 +320,9 @@ impl From<CallError> for Error {
             }
             // Only past `actor::MAX_MOVES`: not the plugin's fault, and it comes again.
             e @ CallError::Moved => Error::Overloaded(e.to_string()),
+            // Overload's handling fits (nothing written, not the guest's fault, comes again),
+            // and a stopping server is short of what the call needs: its time.
+            e @ CallError::Stopped => Error::Overloaded(e.to_string()),
         }
     }
 }

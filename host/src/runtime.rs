@@ -1024,6 +1024,7 @@ impl Runtime {
             return;
         }
         self.stop_upgrades();
+        self.stop_guest_calls();
         // No more dispatching: whatever is still owed stays in the journal, for the next start.
         for task in self.shared.effect_tasks.lock().drain(..) {
             task.abort();
@@ -1054,6 +1055,18 @@ impl Runtime {
     /// Called by [`crate::http::Server::shutdown`] and [`Runtime::shutdown`].
     pub fn stop_upgrades(&self) {
         self.shared.router.stop_upgrades();
+    }
+
+    /// Stops every guest call that runs an epoch tick of CPU time or more from now on
+    /// (`Engine::stop_guest_calls`): its request is answered `503 overloaded`, nothing
+    /// written, and a message or timer firing stays owed. Short calls end as usual, so the
+    /// events of a drain are served. What a server does before it drains its connections,
+    /// with [`Runtime::stop_upgrades`]: a guest that spins in a trial `init` or an
+    /// activation (seconds of budget each, one after another on the slow lane) held a stop
+    /// for the whole drain timeout. Called by [`crate::http::Server::shutdown`] and
+    /// [`Runtime::shutdown`]; cannot be undone.
+    pub fn stop_guest_calls(&self) {
+        self.shared.registry.engine().stop_guest_calls();
     }
 
     /// The actor pool's threads (see [`ActorPool`]).

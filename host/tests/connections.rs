@@ -545,6 +545,60 @@ async fn past_the_drain_timeout_connections_close_and_their_queued_events_are_dr
     rt.shutdown().await;
 }
 
+/// Guests that spin do not hold a stop either: a guest call that has run a tick when the
+/// stop begins is stopped, its request answered `503 overloaded`, nothing written. A
+/// fresh-user trial provisioned 8 devices of a plugin whose `init` spins and sent SIGTERM:
+/// the trial `init`s (5 s of budget each, in turn on the slow lane) held the stop for the
+/// whole 30 s drain timeout, and the requests were closed without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_is_not_held_by_guests_that_spin() {
+    let _serial = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .activation_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .expect("runtime");
+    let server = Server::start(rt.clone(), "127.0.0.1:0", Limits::default())
+        .await
+        .expect("server");
+    let addr = server.local_addr();
+    let body = r#"{"plugin": "misbehave", "config": {"loop_init": true}}"#;
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let request = format!(
+                    "PUT /v1/devices/spin{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                exchange(addr, request.into_bytes())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let drained = server.shutdown(Duration::from_secs(30)).await;
+    let took = started.elapsed();
+    assert!(drained, "drained within the drain timeout");
+    assert!(took < Duration::from_secs(3), "the stop took {took:?}");
+    rt.shutdown().await;
+    for (i, client) in clients.into_iter().enumerate() {
+        let answer = client.join().expect("client");
+        assert!(
+            answer.starts_with("HTTP/1.1 503") && answer.contains("the server is stopping"),
+            "spin{i}: {answer}"
+        );
+    }
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .open()
+        .await
+        .expect("reopens");
+    assert!(rt.summary("spin0").is_none(), "nothing was provisioned");
+    rt.shutdown().await;
+}
+
 /// A body whose chunked framing is broken gets `400 malformed-request` saying so (it said
 /// only "error reading a body from connection"); one with a transfer coding besides
 /// `chunked` gets `501 not-implemented` naming it (it got `400`, its bytes still compressed).

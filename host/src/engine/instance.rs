@@ -633,6 +633,9 @@ impl Instance {
             if self.store.data().moved {
                 return CallError::Moved;
             }
+            if self.store.data().stopped {
+                return CallError::Stopped;
+            }
             return match self.store.data_mut().starved.take() {
                 Some(used) => CallError::Starved { budget, used },
                 None => CallError::Timeout(budget),

@@ -204,7 +204,15 @@ pub(super) enum Verdict {
     Starved(Duration),
     /// Stop, to run again on the slow lane ([`Preemption::Move`]).
     Move,
+    /// Stop: the server is stopping and the unit has run a tick ([`CallError::Stopped`]).
+    Stopped,
 }
+
+/// Most epoch ticks between two looks at a unit's deadline, so that a unit that runs long
+/// sees a stop ([`crate::engine::Engine::stop_guest_calls`]) within about this many: a unit
+/// that is neither moved nor on a fiber would otherwise be looked at next when its budget
+/// ends, seconds away. A look reads a thread's CPU clock (~100 ns).
+const MAX_TICKS_BETWEEN_LOOKS: u64 = 10;
 
 impl UnitClock {
     /// A look at the unit's clocks, the running thread's CPU clock reading `cpu_now` at `now`:
@@ -217,6 +225,7 @@ impl UnitClock {
         now: Instant,
         preemption: Preemption,
         on_fiber: bool,
+        stopping: bool,
     ) -> (Verdict, Option<(Duration, Duration)>) {
         if self.yielded {
             // The first look after a yield (the deadline was due at once).
@@ -235,6 +244,8 @@ impl UnitClock {
             && (self.shows_slow(used, surely) || (timed_out && used >= self.slow_after()));
         let verdict = if timed_out {
             Verdict::Timeout
+        } else if stopping && used >= self.epoch_tick {
+            Verdict::Stopped
         } else if self.ran(now) >= self.budget * WALL_LIMIT {
             Verdict::Starved(used)
         } else if preemption == Preemption::Move {
@@ -248,7 +259,9 @@ impl UnitClock {
             self.suspend(used, surely, self.ran(now));
             Verdict::Yield
         } else {
-            Verdict::Continue(UnitClock::ticks(self.budget - used, self.epoch_tick))
+            Verdict::Continue(
+                UnitClock::ticks(self.budget - used, self.epoch_tick).min(MAX_TICKS_BETWEEN_LOOKS),
+            )
         };
         self.seen_slow |= slow;
         (verdict, slow.then_some((used, surely)))
@@ -266,9 +279,11 @@ pub(super) fn deadline_reached(
 ) -> wasmtime::Result<UpdateDeadline> {
     let state = store.data_mut();
     let (cpu_now, now) = (cpu_clock::now(), Instant::now());
-    let (verdict, slow) = state
-        .clock
-        .look(cpu_now, now, state.preemption, state.on_fiber);
+    let stopping = state.stopping.load(std::sync::atomic::Ordering::Acquire);
+    let (verdict, slow) =
+        state
+            .clock
+            .look(cpu_now, now, state.preemption, state.on_fiber, stopping);
     // Marked even if the unit ends here: a plugin whose events time out is slow too.
     if let Some((used, surely)) = slow
         && state.slow_marks.of(state.setup).set()
@@ -305,6 +320,10 @@ pub(super) fn deadline_reached(
             state.moved = true;
             Err(wasmtime::Trap::Interrupt.into())
         }
+        Verdict::Stopped => {
+            state.stopped = true;
+            Err(wasmtime::Trap::Interrupt.into())
+        }
     }
 }
 
@@ -312,7 +331,7 @@ pub(super) fn deadline_reached(
 mod tests {
     use std::time::Duration;
 
-    use super::{Preemption, UnitClock, Verdict, ticks_due};
+    use super::{MAX_TICKS_BETWEEN_LOOKS, Preemption, UnitClock, Verdict, ticks_due};
 
     /// A ticker that wakes late (its thread starved of a core) catches up to the wall clock
     /// at once, so deadlines counted in ticks keep to wall-clock time.
@@ -383,37 +402,55 @@ mod tests {
         let mut unit = UnitClock::start(ms(250), ms(10));
         unit.cpu_start = ms(1000);
         let began = unit.wall_start;
-        let first = unit.look(ms(1030), began + ms(25), Preemption::Move, false);
+        let first = unit.look(ms(1030), began + ms(25), Preemption::Move, false, false);
         assert_eq!(first, (Verdict::Continue(1), None));
-        let next = unit.look(ms(1040), began + ms(35), Preemption::Move, false);
+        let next = unit.look(ms(1040), began + ms(35), Preemption::Move, false, false);
         assert_eq!(next, (Verdict::Move, Some((ms(35), ms(10)))));
         // A unit that may not be preempted (a dry-run's): never marks, never moves.
         let mut fold = UnitClock::start(ms(250), ms(10));
         fold.cpu_start = ms(1000);
-        fold.look(ms(1030), began + ms(25), Preemption::None, false);
-        let (verdict, slow) = fold.look(ms(1040), began + ms(35), Preemption::None, false);
+        fold.look(ms(1030), began + ms(25), Preemption::None, false, false);
+        let (verdict, slow) = fold.look(ms(1040), began + ms(35), Preemption::None, false, false);
         assert!(matches!(verdict, Verdict::Continue(_)) && slow.is_none());
         // A 15 ms budget runs out at the first look.
         let mut short = UnitClock::start(ms(15), ms(10));
         short.cpu_start = ms(1000);
-        let out = short.look(ms(1016), short.wall_start + ms(16), Preemption::Move, false);
+        let out = short.look(
+            ms(1016),
+            short.wall_start + ms(16),
+            Preemption::Move,
+            false,
+            false,
+        );
         assert_eq!(out, (Verdict::Timeout, Some((ms(16), ms(0)))));
         // On a fiber the unit yields, and the look after its resumption goes on.
         let mut fiber = UnitClock::start(ms(250), ms(10));
         fiber.cpu_start = ms(1000);
-        let yielded = fiber.look(ms(1012), fiber.wall_start + ms(12), Preemption::Yield, true);
+        let yielded = fiber.look(
+            ms(1012),
+            fiber.wall_start + ms(12),
+            Preemption::Yield,
+            true,
+            false,
+        );
         assert_eq!(yielded.0, Verdict::Yield);
-        let resumed = fiber.look(ms(3), fiber.wall_start + ms(40), Preemption::Yield, true);
+        let resumed = fiber.look(
+            ms(3),
+            fiber.wall_start + ms(40),
+            Preemption::Yield,
+            true,
+            false,
+        );
         assert_eq!(resumed, (Verdict::Continue(1), None));
         // A chunk of a fold allowed 30 ms goes on past two ticks, and moves past its floor.
         let mut chunk = UnitClock::start(ms(250), ms(10));
         chunk.slow_floor = ms(30);
         chunk.cpu_start = ms(1000);
         let at = chunk.wall_start;
-        chunk.look(ms(1010), at + ms(10), Preemption::Move, false);
-        let two_ticks = chunk.look(ms(1025), at + ms(25), Preemption::Move, false);
+        chunk.look(ms(1010), at + ms(10), Preemption::Move, false, false);
+        let two_ticks = chunk.look(ms(1025), at + ms(25), Preemption::Move, false, false);
         assert_eq!(two_ticks, (Verdict::Continue(1), None));
-        let past = chunk.look(ms(1035), at + ms(35), Preemption::Move, false);
+        let past = chunk.look(ms(1035), at + ms(35), Preemption::Move, false, false);
         assert_eq!(past, (Verdict::Move, Some((ms(35), ms(25)))));
         // No budget left (a rebuild past its wall-clock bound): a timeout that marks nothing.
         let mut none_left = UnitClock::start(Duration::ZERO, ms(10));
@@ -423,8 +460,35 @@ mod tests {
             none_left.wall_start + ms(30),
             Preemption::Move,
             false,
+            false,
         );
         assert_eq!(out, (Verdict::Timeout, None));
+    }
+
+    /// A stopping server stops a unit that has run a tick of CPU time, whatever may preempt
+    /// it, and lets a shorter one go on; a unit that is never moved nor yields is looked at
+    /// at least every `MAX_TICKS_BETWEEN_LOOKS` ticks, so it sees the stop within them.
+    #[test]
+    fn a_stop_stops_a_unit_that_ran_a_tick_and_is_seen_within_ten_ticks() {
+        let ms = Duration::from_millis;
+        for preemption in [Preemption::None, Preemption::Move, Preemption::Yield] {
+            let mut unit = UnitClock::start(ms(5_000), ms(10));
+            unit.cpu_start = ms(1000);
+            let began = unit.wall_start;
+            let early = unit.look(ms(1004), began + ms(4), preemption, false, true);
+            assert!(
+                matches!(early.0, Verdict::Continue(_)),
+                "{preemption:?}: {early:?}"
+            );
+            let late = unit.look(ms(1012), began + ms(12), preemption, false, true);
+            assert_eq!(late.0, Verdict::Stopped, "{preemption:?}");
+        }
+        // Not stopping: a 5 s budget's unit is looked at again within ten ticks, not 500.
+        let mut unit = UnitClock::start(ms(5_000), ms(10));
+        unit.cpu_start = ms(1000);
+        let began = unit.wall_start;
+        let next = unit.look(ms(1012), began + ms(12), Preemption::None, false, false);
+        assert_eq!(next, (Verdict::Continue(MAX_TICKS_BETWEEN_LOOKS), None));
     }
 
     /// A unit whose thread was preempted for long in the middle of a short call, its start

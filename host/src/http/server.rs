@@ -362,8 +362,10 @@ impl Server {
         // Long polls and command streams would otherwise hold their connections (and the
         // drain) until they time out.
         self.rt.stop_waiting();
-        // A deploy's folds of a version that spins would hold the drain to its end.
+        // A deploy's folds of a version that spins would hold the drain to its end, and so
+        // would guests that spin in a trial `init` or an activation, queued on the slow lane.
         self.rt.stop_upgrades();
+        self.rt.stop_guest_calls();
         if tokio::time::timeout(drain, &mut self.task).await.is_ok() {
             return true;
         }
