@@ -145,7 +145,8 @@ pub mod codes {
     pub const NOT_INITIALIZED: &str = "not-initialized";
     /// A value is outside the range the device accepts.
     pub const OUT_OF_RANGE: &str = "out-of-range";
-    /// The plugin could not serialize its own output (a plugin bug).
+    /// The plugin failed in a way of its own (a plugin bug). The SDK itself panics instead
+    /// when a state, transition or effect does not serialize, so the host sees a fault.
     pub const INTERNAL: &str = "internal";
 }
 
@@ -227,8 +228,6 @@ pub struct Context {
     seed: u64,
     origin: Origin,
     effects: std::cell::RefCell<Vec<Effect>>,
-    /// The first effect whose payload did not serialize: `handle` then fails with it.
-    failed: std::cell::RefCell<Option<Error>>,
 }
 
 /// Why the event is being handled (WIT `origin`).
@@ -345,7 +344,6 @@ impl Context {
             seed,
             origin: Origin::External,
             effects: Default::default(),
-            failed: Default::default(),
         }
     }
 
@@ -390,9 +388,8 @@ impl Context {
 
     /// [`Context::command`], dropped unacknowledged `ttl_ms` after this event if `Some`.
     pub fn command_with_ttl(&self, command: &impl Serialize, ttl_ms: Option<u64>) {
-        if let Some(payload) = self.json(command) {
-            self.push(Effect::Command { payload, ttl_ms });
-        }
+        let payload = self.json(command);
+        self.push(Effect::Command { payload, ttl_ms });
     }
 
     /// Sends `event` (serialized as JSON; the target parses it as its own event type) to
@@ -400,21 +397,18 @@ impl Context {
     /// earlier message this device sent it. A message to a device that does not exist is
     /// listed with this device's dead letters.
     pub fn send(&self, to: impl Into<String>, event: &impl Serialize) {
-        if let Some(event) = self.json(event) {
-            self.push(Effect::Send {
-                to: to.into(),
-                event,
-            });
-        }
+        let event = self.json(event);
+        self.push(Effect::Send {
+            to: to.into(),
+            event,
+        });
     }
 
     /// Sets timer `key`: when it fires, `handle` gets `event` (this device's own event type,
     /// as JSON) with origin [`Origin::Timer`]. Setting a key again replaces the timer; a
     /// replaced or cancelled timer never fires. Timers are durable: they survive restarts.
     pub fn set_timer(&self, key: impl Into<String>, when: Timer, event: &impl Serialize) {
-        let Some(event) = self.json(event) else {
-            return;
-        };
+        let event = self.json(event);
         let due_ms = match when.due {
             Due::After(delay) => self.at_ms.saturating_add(delay),
             Due::At(at) => at,
@@ -441,27 +435,18 @@ impl Context {
         self.effects.borrow_mut().push(effect);
     }
 
-    fn json(&self, value: &impl Serialize) -> Option<String> {
-        match serde_json::to_string(value) {
-            Ok(json) => Some(json),
-            Err(e) => {
-                self.failed.borrow_mut().get_or_insert_with(|| {
-                    Error::new(
-                        codes::INTERNAL,
-                        format!("an effect's payload does not serialize: {e}"),
-                    )
-                });
-                None
-            }
-        }
+    /// An effect's payload as JSON. A payload that does not serialize (a map with non-string
+    /// keys, say) is the plugin's bug, not the event's: it panics, a trap in Wasm, so the host
+    /// keeps the event as a dead letter and counts the failure toward a quarantine, as for
+    /// any fault (a refusal would be the plugin's answer, neither).
+    fn json(&self, value: &impl Serialize) -> String {
+        serde_json::to_string(value)
+            .unwrap_or_else(|e| panic!("drover-guest: an effect's payload does not serialize: {e}"))
     }
 
-    /// Takes the effects out (for the host boundary), or the first serialization error.
-    fn take_effects(&self) -> Result<Vec<Effect>, Error> {
-        if let Some(e) = self.failed.borrow_mut().take() {
-            return Err(e);
-        }
-        Ok(std::mem::take(&mut *self.effects.borrow_mut()))
+    /// Takes the effects out (for the host boundary).
+    fn take_effects(&self) -> Vec<Effect> {
+        std::mem::take(&mut *self.effects.borrow_mut())
     }
 }
 
@@ -504,12 +489,15 @@ pub trait Device: Serialize + DeserializeOwned + Sized {
 
     /// The state as clients read it. Defaults to the state itself; override it to hide
     /// secrets or add derived values.
+    ///
+    /// # Panics
+    ///
+    /// The default panics (a trap in Wasm: the read fails with the message) if the state does
+    /// not serialize: the WIT `query` function returns the state only, and an error dressed
+    /// as a state would read as one.
     fn query(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_else(|e| {
-            serde_json::json!({
-                "error": {"code": codes::INTERNAL, "message": format!("state does not serialize: {e}")}
-            })
-        })
+        serde_json::to_value(self)
+            .unwrap_or_else(|e| panic!("drover-guest: the device state does not serialize: {e}"))
     }
 
     /// Serializes the state for a snapshot. Defaults to its JSON; override it only together
@@ -580,18 +568,17 @@ impl<T: Device> Instance<T> {
         let state = self.state.as_ref().ok_or_else(Error::not_initialized)?;
         let event = serde_json::from_str::<T::Event>(event)
             .map_err(|e| Error::new(codes::INVALID_EVENT, format!("malformed event: {e}")))?;
-        state
+        // A transition that does not serialize is the plugin's bug: a panic (a trap in Wasm),
+        // kept as a dead letter and counted toward a quarantine like any fault.
+        Ok(state
             .handle(ctx, event)?
             .iter()
             .map(|t| {
-                serde_json::to_string(t).map_err(|e| {
-                    Error::new(
-                        codes::INTERNAL,
-                        format!("a transition does not serialize: {e}"),
-                    )
+                serde_json::to_string(t).unwrap_or_else(|e| {
+                    panic!("drover-guest: a transition does not serialize: {e}")
                 })
             })
-            .collect()
+            .collect())
     }
 
     /// WIT `apply`: parses one transition and applies it.
@@ -625,7 +612,7 @@ impl<T: Device> Instance<T> {
         let effects = ctx.take_effects();
         Ok(Outcome {
             transitions: transitions?,
-            effects: effects?,
+            effects,
         })
     }
 

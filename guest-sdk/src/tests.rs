@@ -313,3 +313,101 @@ fn a_snapshot_restores_computed_floats_exactly() {
         );
     }
 }
+
+/// A device whose state, transitions or effect payloads hold a map with non-string keys,
+/// which JSON cannot write: a plugin bug the SDK turns into a panic (a trap in Wasm), not
+/// into a refusal or a state. A review found a read answering 200 with
+/// `{"error": {"code": "internal", ...}}` as the state, and a transition that would not
+/// serialize refused like a bad event: no dead letter, no step toward a quarantine.
+mod unserializable {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::{Context, Device, Error, Instance};
+
+    #[derive(Serialize, Deserialize, Default)]
+    struct Grid {
+        cells: Vec<u8>,
+        #[serde(skip_deserializing)]
+        broken: BTreeMap<(u8, u8), u8>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum GridEvent {
+        BadTransition,
+        BadCommand,
+        BreakState,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum GridTransition {
+        Mark {
+            #[serde(skip_deserializing)]
+            at: BTreeMap<(u8, u8), u8>,
+        },
+        Break,
+    }
+
+    impl Device for Grid {
+        type Config = serde_json::Value;
+        type Event = GridEvent;
+        type Transition = GridTransition;
+
+        fn init(_: &str, _: serde_json::Value) -> Result<Self, Error> {
+            Ok(Grid::default())
+        }
+
+        fn handle(&self, ctx: &Context, event: GridEvent) -> Result<Vec<GridTransition>, Error> {
+            Ok(match event {
+                GridEvent::BadTransition => vec![GridTransition::Mark {
+                    at: BTreeMap::from([((1, 2), 3)]),
+                }],
+                GridEvent::BadCommand => {
+                    ctx.command(&BTreeMap::from([((1u8, 2u8), 3u8)]));
+                    vec![]
+                }
+                GridEvent::BreakState => vec![GridTransition::Break],
+            })
+        }
+
+        fn apply(&mut self, transition: GridTransition) {
+            if let GridTransition::Break = transition {
+                self.broken.insert((0, 0), 0);
+            }
+        }
+    }
+
+    fn grid() -> Instance<Grid> {
+        let mut i = Instance::new();
+        i.init("g-1", "{}").expect("init");
+        i
+    }
+
+    fn ctx() -> Context {
+        Context::new("g-1", 1, 1_000, 7)
+    }
+
+    #[test]
+    #[should_panic(expected = "drover-guest: a transition does not serialize")]
+    fn a_transition_that_does_not_serialize_panics() {
+        let _ = grid().decide(&ctx(), r#"{"type": "bad_transition"}"#);
+    }
+
+    #[test]
+    #[should_panic(expected = "drover-guest: an effect's payload does not serialize")]
+    fn an_effect_that_does_not_serialize_panics() {
+        let _ = grid().decide(&ctx(), r#"{"type": "bad_command"}"#);
+    }
+
+    #[test]
+    #[should_panic(expected = "drover-guest: the device state does not serialize")]
+    fn a_state_that_does_not_serialize_panics_when_read() {
+        let mut g = grid();
+        g.handle_and_apply(&ctx(), r#"{"type": "break_state"}"#)
+            .expect("applied");
+        let _ = g.query();
+    }
+}
