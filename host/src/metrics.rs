@@ -47,6 +47,9 @@ pub struct Metrics {
     /// that one. (A deploy's `totals.not_tried` counts the passivated devices instead, whose
     /// turn has not come.)
     pub upgrades_not_tried: AtomicU64,
+    /// Instances the router had passivated: past the live-instance cap, or to give guest
+    /// memory back to its budget (also among `passivations`).
+    pub evictions: AtomicU64,
     /// Guest instances alive right now (a gauge).
     pub live_instances: AtomicU64,
     /// Messages put into other devices' mailboxes, redeliveries included (see
@@ -159,6 +162,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "drover_evictions_total",
+            "Instances passivated to keep the live count under the live-instance cap (--max-live) or to give guest memory back to its budget, least recently used first; also counted in drover_passivations_total.",
+            &self.evictions,
+        );
+        counter(
+            &mut out,
             "drover_actor_panics_total",
             "Actor tasks that panicked and were restarted from the journal.",
             &self.actor_panics,
@@ -266,7 +275,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP drover_errors_total Failed requests by error code.\n# TYPE drover_errors_total counter"
+            "# HELP drover_errors_total Requests (and batch items) the runtime failed, by error code; what the HTTP layer refuses before the runtime sees it (a body over its limit, an invalid id in the path, malformed framing) is in drover_http_errors_total instead.\n# TYPE drover_errors_total counter"
         );
         for (kind, v) in ErrorKind::ALL.iter().zip(&self.errors) {
             let _ = writeln!(

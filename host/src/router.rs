@@ -439,7 +439,7 @@ impl Router {
             .filter(|a| a.activity.live.load(Ordering::Relaxed) && keep(&a.activity))
             .map(|a| {
                 (
-                    a.activity.last_used_ms.load(Ordering::Relaxed),
+                    a.activity.last_used.load(Ordering::Relaxed),
                     a.activity.grown_memory.load(Ordering::Relaxed),
                     a.tx.clone(),
                     a.activity.clone(),

@@ -969,8 +969,6 @@ async fn past_the_live_instance_cap_the_least_recently_used_devices_are_passivat
             .await
             .expect("provision");
         rt.send(id, r#"{"type":"ok"}"#).await.expect("ok");
-        // Distinct recency stamps (they have millisecond resolution).
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while rt.metrics().live_instances.load(Relaxed) > 10 {
@@ -981,6 +979,25 @@ async fn past_the_live_instance_cap_the_least_recently_used_devices_are_passivat
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(rt.metrics().passivations.load(Relaxed) >= 20);
+    let evictions = rt.metrics().evictions.load(Relaxed);
+    assert!(
+        (20..=rt.metrics().passivations.load(Relaxed)).contains(&evictions),
+        "{evictions} evictions counted apart"
+    );
+    // Exactly the most recently used are live: used one after another, even within the same
+    // millisecond (recency was kept in milliseconds, and a review saw a device passivated
+    // before the one used the millisecond before it).
+    let live: Vec<bool> = ids
+        .iter()
+        .map(|id| rt.status(id) == drover::view::DeviceStatus::Active)
+        .collect();
+    let newest = live.iter().rev().take_while(|l| **l).count();
+    assert_eq!(
+        newest,
+        live.iter().filter(|l| **l).count(),
+        "the live ones are the newest: {live:?}"
+    );
+    assert!(newest > 0, "the last one used is live");
     // The most recent device is still live; every device still answers with its full state.
     for id in &ids {
         let ack = rt.send(id, r#"{"type":"ok"}"#).await.expect("reactivates");

@@ -253,12 +253,20 @@ pub struct UpgradeRequest {
 /// quarantined, why.
 pub type QueryAnswer = (DeviceState, DeviceStatus, Option<QuarantineView>);
 
+/// Ticks once per message any actor takes, process-wide: the order of use the live cap
+/// passivates by ([`Activity::last_used`]). One shared counter costs an atomic add per
+/// message, far below the message itself.
+pub static USE_CLOCK: AtomicU64 = AtomicU64::new(1);
+
 /// What the router can see of an actor without asking it: for least-recently-used
 /// passivation and for the status of a device.
 #[derive(Debug, Default)]
 pub struct Activity {
-    /// When the actor last took a message, in ms of [`crate::clock::mono_ms`].
-    pub last_used_ms: AtomicU64,
+    /// When the actor last took a message, as a tick of [`USE_CLOCK`]: an order, not a time.
+    /// Milliseconds tied for actors used within the same one, and the cap then passivated
+    /// one of them in no particular order (a review saw a device evicted before one used
+    /// the millisecond before it).
+    pub last_used: AtomicU64,
     /// Whether it holds an instance.
     pub live: AtomicBool,
     /// Until when it sits out a quarantine, in ms of [`crate::clock::mono_ms`] (0: none).
@@ -523,8 +531,8 @@ impl Actor {
                         let Some(msg) = msg else { break };
                         last_activity = tokio::time::Instant::now();
                         self.activity
-                            .last_used_ms
-                            .store(clock::mono_ms(last_activity.into_std()), Ordering::Relaxed);
+                            .last_used
+                            .store(USE_CLOCK.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
                         // One allocation per message, sized for what handling it awaits: in
                         // place, that state would be part of every live actor's task, idle or not
                         // (see `on_message`).
@@ -597,7 +605,10 @@ impl Actor {
                 self.activity
                     .passivation_asked
                     .store(false, Ordering::Release);
-                self.passivate().await;
+                // Only the router asks: the live cap, or the guest memory budget.
+                if self.passivate().await {
+                    self.env.metrics.evictions.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Message::Resume { reply } => {
                 // A device that is not quarantined is left as it is: its count
@@ -710,8 +721,8 @@ impl Actor {
 
     /// Drops the instance after snapshotting what the last snapshot does not cover. The task
     /// and its mailbox stay for one more idle period (then they are retired too); the next
-    /// message reactivates the device from snapshot + tail.
-    async fn passivate(&mut self) {
+    /// message reactivates the device from snapshot + tail. Whether there was an instance.
+    async fn passivate(&mut self) -> bool {
         self.timer_record = None;
         if self.live.as_ref().is_some_and(|l| l.since_snapshot > 0) {
             self.snapshot().await;
@@ -722,7 +733,9 @@ impl Actor {
                 .metrics
                 .passivations
                 .fetch_add(1, Ordering::Relaxed);
+            return true;
         }
+        false
     }
 
     /// Makes sure a consistent instance is live, rebuilding it from the journal if there is
