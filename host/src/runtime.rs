@@ -366,6 +366,7 @@ impl Runtime {
         let compiled = self.shared.registry.compiled(version.id)?;
         let (trial_id, trial_config) = (id.to_string(), config_text.clone());
         let on_the_pool = !compiled.setup_runs_slow();
+        let marks = compiled.clone();
         // On the pool stopped once seen slow; on the slow lane yielding at each tick, so that
         // an `init` that spins holds a slow-lane thread a tick at a time.
         let trial = Arc::new(move |preemption| {
@@ -392,7 +393,15 @@ impl Runtime {
             let trial = trial.clone();
             init = self
                 .pool()?
-                .spawn(async move { trial(Preemption::Move).await })
+                .spawn(async move {
+                    // Marked slow while this waited for a pool thread (the first of many
+                    // provisions at once, each spinning its two ticks before it is stopped):
+                    // straight to the slow lane, as activations and events go once marked.
+                    if marks.setup_runs_slow() {
+                        return Ok(Err(CallError::Moved));
+                    }
+                    trial(Preemption::Move).await
+                })
                 .await
                 .map_err(task_failed)??;
         }
@@ -1024,7 +1033,14 @@ impl Runtime {
             return;
         }
         self.stop_upgrades();
-        self.stop_guest_calls();
+        // Past the deadline, guest calls still running are stopped rather than waited for.
+        if let Some(deadline) = deadline {
+            let rt = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                rt.stop_guest_calls();
+            });
+        }
         // No more dispatching: whatever is still owed stays in the journal, for the next start.
         for task in self.shared.effect_tasks.lock().drain(..) {
             task.abort();
@@ -1059,12 +1075,12 @@ impl Runtime {
 
     /// Stops every guest call that runs an epoch tick of CPU time or more from now on
     /// (`Engine::stop_guest_calls`): its request is answered `503 overloaded`, nothing
-    /// written, and a message or timer firing stays owed. Short calls end as usual, so the
-    /// events of a drain are served. What a server does before it drains its connections,
-    /// with [`Runtime::stop_upgrades`]: a guest that spins in a trial `init` or an
-    /// activation (seconds of budget each, one after another on the slow lane) held a stop
-    /// for the whole drain timeout. Called by [`crate::http::Server::shutdown`] and
-    /// [`Runtime::shutdown`]; cannot be undone.
+    /// written, and a message or timer firing stays owed. Short calls end as usual. What a
+    /// server does when its drain timeout has passed: guests that spin in trial `init`s or
+    /// activations (seconds of budget each, one after another on the slow lane) held their
+    /// requests past it, which were then closed without an answer, and the stop after it.
+    /// Called by [`crate::http::Server::shutdown`] at its drain timeout and by
+    /// [`Runtime::shutdown_by`] at its deadline; cannot be undone.
     pub fn stop_guest_calls(&self) {
         self.shared.registry.engine().stop_guest_calls();
     }

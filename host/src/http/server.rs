@@ -362,14 +362,16 @@ impl Server {
         // Long polls and command streams would otherwise hold their connections (and the
         // drain) until they time out.
         self.rt.stop_waiting();
-        // A deploy's folds of a version that spins would hold the drain to its end, and so
-        // would guests that spin in a trial `init` or an activation, queued on the slow lane.
+        // A deploy's folds of a version that spins would hold the drain to its end.
         self.rt.stop_upgrades();
-        self.rt.stop_guest_calls();
         if tokio::time::timeout(drain, &mut self.task).await.is_ok() {
             return true;
         }
-        // Batches still waiting answer with what they have, and get a moment to be written.
+        // Guest calls still running (guests that spin in trial `init`s or activations, with
+        // seconds of budget each, in turn on the slow lane) are stopped, so their requests
+        // get an answer within the grace instead of being closed without one; batches still
+        // waiting answer with what they have. Both get a moment to be written.
+        self.rt.stop_guest_calls();
         self.cut_short.send_replace(true);
         if tokio::time::timeout(self.cut_short_write, &mut self.task)
             .await
