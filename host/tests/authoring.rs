@@ -123,6 +123,7 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     let (ok, out, err) = support::cli_in(tmp.path(), &["new", "sensor"]);
     assert!(ok, "{err}");
     assert!(out.contains("created plugin `sensor`"), "{out}");
+    assert!(out.contains("using the guest SDK at"), "{out}");
     let krate = tmp.path().join("sensor");
 
     let tested = cargo(&krate, &["test"]);

@@ -119,6 +119,9 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     println!("created plugin `{name}` in {}", dir.display());
+    // Said, since it is a path on this machine the crate now depends on (`--sdk` picks
+    // another): by default the SDK of the source tree this binary was built from.
+    println!("  using the guest SDK at {}", sdk.display());
     println!("  cd {}", dir.display());
     println!("  cargo test");
     println!("  drover dev .        # local server; rebuilds and hot-reloads on every save");

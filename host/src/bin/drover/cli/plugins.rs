@@ -52,6 +52,7 @@ pub enum PluginsAction {
     /// if devices were left on their version.
     Deploy {
         name: String,
+        #[arg(value_parser = version_number)]
         version: u32,
         /// Deploy even if the dry-run sample finds devices the version cannot fold (those
         /// stay on their version).
@@ -68,12 +69,17 @@ pub enum PluginsAction {
     },
     /// Remove VERSION of plugin NAME, or the whole plugin (refused while devices run it).
     #[command(alias = "rm")]
-    Remove { name: String, version: Option<u32> },
+    Remove {
+        name: String,
+        #[arg(value_parser = version_number)]
+        version: Option<u32>,
+    },
     /// Dry-run VERSION of plugin NAME on recorded history: would it decide the same, can it
     /// fold, and how would the state differ. Writes nothing. Exits 1 when some device cannot
     /// fold it (a deploy would be refused), so a script can gate a deploy on it.
     Diff {
         name: String,
+        #[arg(value_parser = version_number)]
         version: u32,
         /// Devices to compare (default: a sample spread over the plugin's devices).
         #[arg(long = "device", value_name = "ID")]
@@ -331,6 +337,15 @@ fn checked_beforehand(r: &Value) -> String {
     }
 }
 
+/// A version number as the CLI prints it, `4` or `v4` (`plugin list`, deploy reports and
+/// `drover dev` show `v4`; a review's `deploy sensor v4` got "invalid digit found in string").
+fn version_number(s: &str) -> Result<u32, String> {
+    s.strip_prefix('v')
+        .unwrap_or(s)
+        .parse::<u32>()
+        .map_err(|_| format!("`{s}` is not a version number: give one such as 4 (or v4)"))
+}
+
 /// Most sampled devices whose failures [`sample_failures`] lists one by one.
 const SAMPLE_FAILURES_SHOWN: usize = 3;
 
@@ -348,7 +363,8 @@ fn by_failing(failed: u64) -> String {
 /// deployed, and its next events are likely to fail alike. The totals count them among
 /// those that "decide differently" (and in `failed_to_decide`), and a save whose `handle` trapped on
 /// every event went live under `drover dev` with nothing else said (a review found it).
-fn sample_failures(sample: &Value) -> Vec<String> {
+fn sample_failures(report: &Value) -> Vec<String> {
+    let sample = &report["sample"];
     let failed: Vec<&Value> = sample["devices"]
         .as_array()
         .into_iter()
@@ -367,9 +383,15 @@ fn sample_failures(sample: &Value) -> Vec<String> {
         })
         .collect();
     if failed.len() > SAMPLE_FAILURES_SHOWN {
+        // Named as a command: `drover dev` prints this report too, and has no `--json`.
         lines.push(format!(
-            "  and {} more sampled device(s) it failed on (`--json` lists each)",
-            failed.len() - SAMPLE_FAILURES_SHOWN
+            "  and {} more sampled device(s) it failed on (`drover plugin diff {} {} --json` \
+             lists each)",
+            failed.len() - SAMPLE_FAILURES_SHOWN,
+            report["plugin"].as_str().unwrap_or("NAME"),
+            report["to"]
+                .as_u64()
+                .map_or("VERSION".to_string(), |v| v.to_string()),
         ));
     }
     lines
@@ -447,7 +469,7 @@ pub fn print_deploy(r: &Value) {
                 k => format!(", {k} not checked (the server was overloaded)"),
             },
         );
-        for line in sample_failures(&r["sample"]) {
+        for line in sample_failures(r) {
             println!("{line}");
         }
     }
@@ -613,24 +635,36 @@ mod tests {
     /// Sampled devices the new version failed on while re-deciding their events are listed,
     /// at most three; devices it cannot fold, or did not check, are said elsewhere.
     #[test]
+    fn versions_are_taken_as_printed() {
+        assert_eq!(version_number("4"), Ok(4));
+        assert_eq!(version_number("v4"), Ok(4));
+        let err = version_number("four").expect_err("not a number");
+        assert!(err.contains("such as 4 (or v4)"), "{err}");
+        assert!(version_number("v").is_err() && version_number("-1").is_err());
+    }
+
+    #[test]
     fn sampled_devices_a_version_failed_on_are_listed() {
         let device = |id: &str, folds: bool, error: Option<&str>| serde_json::json!({"device": id, "folds": folds, "overloaded": false, "error": error});
         let trap = "the candidate failed at seq 3 (...): the candidate version trapped";
         let trapped = Some(trap);
-        let sample = serde_json::json!({"devices": [
+        let report = serde_json::json!({"plugin": "sensor", "to": 4, "sample": {"devices": [
             device("a", true, trapped),
             device("b", true, None),
             device("c", false, Some("cannot fold the recorded transitions at seq 2: ...")),
-        ]});
-        assert_eq!(sample_failures(&sample), [format!("  sampled a: {trap}")]);
+        ]}});
+        assert_eq!(sample_failures(&report), [format!("  sampled a: {trap}")]);
         let many: Vec<Value> = (0..5)
             .map(|i| device(&format!("d{i}"), true, trapped))
             .collect();
-        let lines = sample_failures(&serde_json::json!({"devices": many}));
+        let lines = sample_failures(
+            &serde_json::json!({"plugin": "sensor", "to": 4, "sample": {"devices": many}}),
+        );
         assert_eq!(lines.len(), 4, "{lines:?}");
+        // A command that exists wherever the report is printed (`drover dev` has no `--json`).
         assert_eq!(
             lines[3],
-            "  and 2 more sampled device(s) it failed on (`--json` lists each)"
+            "  and 2 more sampled device(s) it failed on (`drover plugin diff sensor 4 --json` lists each)"
         );
     }
 
