@@ -655,6 +655,10 @@ async fn rebuild_trying(
                     CallError::Timeout(_) if fallback => Error::Activation(format!(
                         "its `restore` ran past {cap:?}, its share of the rebuild's budget"
                     )),
+                    // A refusal of the snapshot, said as one (`Rejected` speaks of an event).
+                    CallError::Rejected { code, message } => Error::Activation(format!(
+                        "its `restore` refused the snapshot: {code}: {message}"
+                    )),
                     e => Error::from(budget.whole(e)),
                 })
             }

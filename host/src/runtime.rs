@@ -538,7 +538,7 @@ impl Runtime {
         let checked = self.check_size(event).and_then(|()| {
             serde_json::from_str::<serde::de::IgnoredAny>(event)
                 .map(drop)
-                .map_err(|e| Error::MalformedEvent(e.to_string()))
+                .map_err(|e| Error::MalformedEvent(format!("not JSON: {e}")))
         });
         let result = match checked {
             Ok(()) => self.send_valid(id, event).await,

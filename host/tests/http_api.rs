@@ -591,7 +591,10 @@ fn provision_send_and_read_back_both_plugins() {
     );
     let (ok, _, err) = cli(&["send", "hall", "{not json", "--server", url]);
     assert!(!ok);
-    assert!(err.contains("malformed-event"), "{err}");
+    assert!(
+        err.contains("malformed-event") && err.contains("not JSON"),
+        "{err}"
+    );
 }
 
 /// Acceptance 2: a graceful restart on the same data directory serves every device with the
