@@ -91,9 +91,9 @@ impl RuntimeBuilder {
     /// Bytes of messages between devices the process holds for targets whose mailbox is
     /// full (default 64 MiB, a message counted as its event, its sender's id and 128 bytes).
     /// Past it, a message for such a target is left in the journal, which owes it anyway,
-    /// and so is every later one for that target until, about a second later, they are all
-    /// read back from their records and sent again in each sender's order
-    /// (`drover_messages_spilled_total`). 0 holds none.
+    /// and so is every later one for that target; from about a second later they are read
+    /// back from their records one at a time, as its mailbox makes room, in each sender's
+    /// order (`drover_messages_spilled_total`). 0 holds none.
     pub fn max_parked_bytes(mut self, bytes: usize) -> Self {
         self.config.actor.max_parked_bytes = bytes;
         self

@@ -13,8 +13,9 @@
 //!   actor ever waits on another's mailbox, full mailboxes cannot deadlock. What is parked
 //!   is bounded for the whole process (`ActorConfig::max_parked_bytes`): past it, a message
 //!   for a target with a full mailbox is *spilled*, left to the journal that owes it (see
-//!   below), and so is every later one for that target until a redelivery a second later
-//!   reads them back from their records, in each sender's order;
+//!   below), and so is every later one for that target; a redelivery a second later hands
+//!   their ids to the target's drain task, which reads each back from its record when there
+//!   is room, in each sender's order;
 //! * a target that does not exist makes the message *undeliverable*: recorded (kind 10) and
 //!   listed with the sender's dead letters;
 //! * a record that set, cancelled or fired a timer makes the [`TimerWheel`] re-read that
@@ -100,6 +101,18 @@ impl Postman {
         );
     }
 
+    /// The event of message `id` of device `sender` (number `num`), read from its record;
+    /// `None` (logged) if the record cannot be read or holds no such message.
+    fn read_owed(&self, sender: &str, num: u32, id: EffectId) -> Option<String> {
+        match self.journal.read_events(num, id.seq, id.seq) {
+            Ok(mut r) => sent_event(&r.pop()?, id).map(str::to_owned),
+            Err(e) => {
+                tracing::warn!(device = %sender, seq = id.seq, error = %e, "cannot read a record with owed messages; they stay owed");
+                None
+            }
+        }
+    }
+
     /// Sends again messages of device `sender` (number `num`) that are still owed, in id
     /// order, each read from its record; returns how many.
     pub fn resend(&self, sender: &Arc<str>, num: u32, mut owed: Vec<(EffectId, String)>) -> usize {
@@ -117,12 +130,8 @@ impl Postman {
             };
             while i < owed.len() && owed[i].0.seq == seq {
                 let (id, to) = &owed[i];
-                let effect = record
-                    .as_ref()
-                    .and_then(|r| r.fx.as_ref())
-                    .and_then(|fx| fx.effects.get(id.index as usize));
-                if let Some(Effect::Send { event, .. }) = effect {
-                    self.send(sender, num, *id, to, event.clone());
+                if let Some(event) = record.as_ref().and_then(|r| sent_event(r, *id)) {
+                    self.send(sender, num, *id, to, event.to_owned());
                     sent += 1;
                 }
                 i += 1;
@@ -164,18 +173,48 @@ impl Postman {
                 }
                 due.into_iter().collect()
             };
-            // What this scan finds goes to the mailboxes again (and spills again if there
-            // is still no room).
-            {
-                let mut parked = me.parked.lock();
-                for to in &targets {
-                    parked.spilled.remove(&**to);
-                }
-            }
             if targets.is_empty() {
                 return;
             }
-            let owed = me.journal.owed_to_any(&targets);
+            // A spilled target's owed messages go to its drain task as ids, each read from its
+            // record when there is room for it: sent again as messages, they would only spill
+            // again while its mailbox is full. Under the lock, so that its drain cannot end
+            // meanwhile and let later messages past them.
+            let owed = {
+                let mut parked = me.parked.lock();
+                let spilled: Vec<Arc<str>> = targets
+                    .iter()
+                    .filter(|to| parked.spilled.contains(&***to))
+                    .cloned()
+                    .collect();
+                for to in &spilled {
+                    parked.again.remove(&**to);
+                }
+                let mut owed = me.journal.owed_to_any(&targets);
+                let mut lists: HashMap<Arc<str>, OwedIds> = HashMap::new();
+                owed.retain(|(sender, num, id, to)| {
+                    if !parked.spilled.contains(&**to) {
+                        return true;
+                    }
+                    lists
+                        .entry(to.clone())
+                        .or_default()
+                        .push_back((sender.clone(), *num, *id));
+                    false
+                });
+                for to in spilled {
+                    let list = lists.remove(&to).unwrap_or_default();
+                    parked.from_journal.insert(to.to_string(), list);
+                    if !parked.queues.contains_key(&*to) {
+                        parked.queues.insert(to.to_string(), VecDeque::new());
+                        let me = me.clone();
+                        me.pool
+                            .clone()
+                            .spawn(async move { me.drain(to.to_string()).await });
+                    }
+                }
+                owed
+            };
             let mut sent = 0;
             for chunk in owed.chunk_by(|a, b| a.1 == b.1) {
                 let (sender, num) = (chunk[0].0.clone(), chunk[0].1);
@@ -201,6 +240,9 @@ impl Postman {
         let mut parked = self.parked.lock();
         let spillable = sent_by(&msg).is_some();
         if spillable && parked.spilled.contains(to) {
+            // Its drain reads the owed ones from the journal; this one is owed too, and the
+            // redelivery it asks for hands it over (see `redeliver_later`).
+            parked.again.insert(to.to_string());
             drop(parked);
             return self.spill(to);
         }
@@ -239,6 +281,7 @@ impl Postman {
     /// Marks `to` spilled (its messages left to the journal until a redelivery), then
     /// spills the message at hand.
     fn spill_from(&self, mut parked: parking_lot::MutexGuard<'_, Parked>, to: &str) {
+        parked.again.insert(to.to_string());
         if parked.spilled.insert(to.to_string())
             && let Some(targets) = parked.spill_log.due()
         {
@@ -267,19 +310,53 @@ impl Postman {
         self.redeliver_later(Arc::from(to), SPILL_RETRY);
     }
 
-    /// Delivers what is parked for `to`, oldest first, waiting for room each time; ends
-    /// when nothing is left (later messages then go straight to the mailbox again).
+    /// Delivers what is parked for `to`, oldest first, then, if it is spilled, what a
+    /// redelivery found owed to it, each read from its record (see `redeliver_later`),
+    /// waiting for room each time; ends when nothing is left. Later messages then go straight
+    /// to the mailbox again, unless some spilled meanwhile: those wait for the redelivery
+    /// they asked for, which starts a drain again.
     async fn drain(self: Arc<Self>, to: String) {
         loop {
-            let msg = {
+            let next = {
                 let mut parked = self.parked.lock();
                 let msg = parked.pop(&to);
                 self.gauge(&parked);
                 match msg {
-                    Some(msg) => msg,
-                    None => {
-                        parked.forget(&to);
-                        return;
+                    Some(msg) => Ok(msg),
+                    None => match parked
+                        .from_journal
+                        .get_mut(&to)
+                        .and_then(VecDeque::pop_front)
+                    {
+                        Some(owed) => Err(owed),
+                        None => {
+                            parked.from_journal.remove(&to);
+                            if !parked.again.contains(&to) {
+                                parked.spilled.remove(&to);
+                            }
+                            parked.forget(&to);
+                            return;
+                        }
+                    },
+                }
+            };
+            let msg = match next {
+                Ok(msg) => msg,
+                Err((sender, num, id)) => {
+                    // Handled meanwhile (a copy was already in its mailbox): not read again.
+                    if !self.journal.message_owed(num, id, &to) {
+                        continue;
+                    }
+                    match self.read_owed(&sender, num, id) {
+                        Some(event) => Message::Internal(Box::new(InternalEvent {
+                            event: Some(event),
+                            origin: Origin::Message {
+                                sender: sender.to_string(),
+                                num,
+                                id,
+                            },
+                        })),
+                        None => continue,
                     }
                 }
             };
@@ -294,6 +371,9 @@ impl Postman {
                     // Still owed in the journal: the next start sends it again.
                     let mut parked = self.parked.lock();
                     parked.forget(&to);
+                    parked.from_journal.remove(&to);
+                    parked.spilled.remove(&to);
+                    parked.again.remove(&to);
                     self.gauge(&parked);
                     return;
                 }
@@ -386,6 +466,9 @@ fn cost(msg: &Message) -> usize {
     }
 }
 
+/// Messages owed to one target, by sender (id, number) and message id, oldest first.
+type OwedIds = VecDeque<(Arc<str>, u32, EffectId)>;
+
 /// What the [`Postman`] holds for targets whose mailbox was full.
 #[derive(Default)]
 struct Parked {
@@ -393,8 +476,15 @@ struct Parked {
     queues: HashMap<String, VecDeque<Message>>,
     /// What `queues` holds, counted by [`cost`].
     bytes: usize,
-    /// Targets whose messages are spilled until their redelivery.
+    /// Targets whose messages are spilled: left in the journal, for their drain to read back
+    /// (see [`Postman::drain`]).
     spilled: std::collections::HashSet<String>,
+    /// Spilled targets with a message spilled since their last redelivery's scan: their
+    /// drain, once done, leaves them spilled for the next.
+    again: std::collections::HashSet<String>,
+    /// What a redelivery's scan found owed to each spilled target, by sender, seq and
+    /// index, for its drain to read and deliver.
+    from_journal: HashMap<String, OwedIds>,
     /// Targets newly spilled, logged at most once a second.
     spill_log: crate::log_limit::LogLimit,
 }
@@ -431,6 +521,14 @@ fn sync_timers(journal: &Journal, timers: &TimerWheel, num: u32) {
         .map(|fx| fx.timers)
         .unwrap_or_default();
     timers.sync(num, &pending);
+}
+
+/// The event of message `id` in its sender's `record`, if it holds one there.
+fn sent_event(record: &crate::journal::EventRecord, id: EffectId) -> Option<&str> {
+    match record.fx.as_ref()?.effects.get(id.index as usize)? {
+        Effect::Send { event, .. } => Some(event),
+        _ => None,
+    }
 }
 
 /// Who sent `msg` (id, device number) and its id, if it is a message.

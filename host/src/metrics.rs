@@ -211,7 +211,7 @@ impl Metrics {
         counter(
             &mut out,
             "drover_messages_spilled_total",
-            "Messages for a device with a full mailbox left in the journal, not held in memory, because the messages parked for full mailboxes were at their bound (--max-parked-mib); each is read back from its record and sent again about a second later.",
+            "Messages for a device with a full mailbox left in the journal, not held in memory, because the messages parked for full mailboxes were at their bound (--max-parked-mib); from about a second later each is read back from its record when its target has room.",
             &self.messages_spilled,
         );
         counter(

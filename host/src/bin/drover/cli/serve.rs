@@ -151,8 +151,8 @@ pub struct Tuning {
     pub guest_memory_budget_mib: Option<u64>,
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_PARKED_MIB), help = help(
         "Most MiB of messages between devices held in memory for targets whose mailbox is \
-         full (0 to 1,048,576); past it they are left in the journal and sent again a second \
-         later",
+         full (0 to 1,048,576); past it they are left in the journal and read back from it, \
+         from a second later, as their target makes room",
         defaults::MAX_PARKED_BYTES >> 20,
     ))]
     pub max_parked_mib: Option<u64>,
