@@ -379,7 +379,7 @@ impl Server {
         {
             tracing::warn!(
                 ?drain,
-                "requests still waiting at the drain timeout were answered 503 shutting-down"
+                "requests still waiting at the drain timeout were answered 503: shutting-down, or overloaded where their guest call was stopped"
             );
             return false;
         }

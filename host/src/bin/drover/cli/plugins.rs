@@ -340,7 +340,7 @@ fn checked_beforehand(r: &Value) -> String {
 /// A version number as the CLI prints it, `4` or `v4` (`plugin list`, deploy reports and
 /// `drover dev` show `v4`; a review's `deploy sensor v4` got "invalid digit found in string").
 fn version_number(s: &str) -> Result<u32, String> {
-    s.strip_prefix('v')
+    s.strip_prefix(['v', 'V'])
         .unwrap_or(s)
         .parse::<u32>()
         .map_err(|_| format!("`{s}` is not a version number: give one such as 4 (or v4)"))
@@ -638,6 +638,7 @@ mod tests {
     fn versions_are_taken_as_printed() {
         assert_eq!(version_number("4"), Ok(4));
         assert_eq!(version_number("v4"), Ok(4));
+        assert_eq!(version_number("V4"), Ok(4));
         let err = version_number("four").expect_err("not a number");
         assert!(err.contains("such as 4 (or v4)"), "{err}");
         assert!(version_number("v").is_err() && version_number("-1").is_err());
