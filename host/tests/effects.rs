@@ -685,6 +685,45 @@ async fn a_sender_whose_target_is_stuck_is_held_back_and_the_target_gets_its_mes
     rt.shutdown().await;
 }
 
+/// A quarantine that ends by itself delivers the messages it dropped as it ends. They came
+/// the 5 s retry after they were dropped, so one dropped late in a quarantine arrived ~5 s
+/// after the device took events again (a review: 4.6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_quarantine_dropped_arrive_as_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = open(dir.path()).await;
+    misbehave_with_one_stuck(&rt, &["a", "b"], "b").await;
+    let ends_in = || {
+        rt.status_and_quarantine("b")
+            .1
+            .map(|q| Duration::from_millis(q.ends_in_ms))
+    };
+    // Late in the quarantine, where the retry would come well after its end.
+    while ends_in().is_some_and(|left| left > Duration::from_millis(1_500)) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = ends_in().expect("still quarantined");
+    let sent = Instant::now();
+    for tag in [1, 2] {
+        let relay = json!({"type": "send", "to": "b", "tag": tag, "event": {"type": "ok"}});
+        rt.send("a", &relay.to_string()).await.expect("sent");
+    }
+    let handled = || {
+        records(&rt, "b")
+            .iter()
+            .filter_map(origin)
+            .filter(|o| o["type"] == "message")
+            .count()
+    };
+    eventually("b handled both", async || handled() == 2).await;
+    let took = sent.elapsed();
+    assert!(
+        took < left + Duration::from_millis(2_500),
+        "delivered {took:?} after sending, the quarantine ending {left:?} after"
+    );
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_refuses_events_from_outside_until_commands_are_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1120,7 +1159,11 @@ async fn a_timer_firing_that_keeps_timing_out_is_consumed_after_three_even_if_id
         timeouts, 1,
         "one dead letter: the third timeout, which consumed it"
     );
-    assert_eq!(rt.metrics().internal_retried.load(Ordering::Relaxed), 2);
+    // Two timeouts came again before the third consumed it; a try the server was too loaded
+    // to run (starved: `overloaded`, not counted as a timeout) comes again too (a local run
+    // beside a CI run saw 3).
+    let retried = rt.metrics().internal_retried.load(Ordering::Relaxed);
+    assert!((2..=4).contains(&retried), "{retried} tries came again");
     assert_eq!(
         timer_firings(&rt, "m").len(),
         1,

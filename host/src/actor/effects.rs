@@ -148,10 +148,15 @@ impl Actor {
             Origin::Timer { .. } => Durable::timer_retry(&self.head),
             Origin::Message { .. } => {
                 let after = match &self.quarantine {
-                    Some(q) => q.until.saturating_duration_since(Instant::now()),
-                    None => Duration::ZERO,
+                    // As the quarantine ends, not up to `INTERNAL_RETRY` after: a message
+                    // dropped late in it came ~5 s after the device took events again.
+                    Some(q) => q
+                        .until
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                    None => INTERNAL_RETRY,
                 };
-                Durable::redeliver(&self.head, after.max(INTERNAL_RETRY))
+                Durable::redeliver(&self.head, after)
             }
         };
         let _ = self.env.dispatch.send(d);
