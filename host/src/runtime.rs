@@ -1034,13 +1034,14 @@ impl Runtime {
         }
         self.stop_upgrades();
         // Past the deadline, guest calls still running are stopped rather than waited for.
-        if let Some(deadline) = deadline {
-            let rt = self.clone();
+        // (The engine alone: a clone of the runtime would keep it alive until the deadline.)
+        let stop_calls = deadline.map(|deadline| {
+            let engine = self.shared.registry.engine().clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until(deadline).await;
-                rt.stop_guest_calls();
-            });
-        }
+                engine.stop_guest_calls();
+            })
+        });
         // No more dispatching: whatever is still owed stays in the journal, for the next start.
         for task in self.shared.effect_tasks.lock().drain(..) {
             task.abort();
@@ -1061,6 +1062,9 @@ impl Runtime {
         self.shared.journal.close();
         self.shared.pool.lock().take();
         self.shared.lock.lock().take();
+        if let Some(task) = stop_calls {
+            task.abort();
+        }
         tracing::info!(actors = n, "runtime stopped");
     }
 
