@@ -88,17 +88,7 @@ impl Postman {
 
     /// Sends message `id` of device `sender` (number `num`) to `to`.
     pub fn send(&self, sender: &Arc<str>, num: u32, id: EffectId, to: &str, event: String) {
-        self.post(
-            to,
-            Message::Internal(Box::new(InternalEvent {
-                event: Some(event),
-                origin: Origin::Message {
-                    sender: sender.to_string(),
-                    num,
-                    id,
-                },
-            })),
-        );
+        self.post(to, message(sender, num, id, event));
     }
 
     /// The event of message `id` of device `sender` (number `num`), read from its record;
@@ -348,14 +338,7 @@ impl Postman {
                         continue;
                     }
                     match self.read_owed(&sender, num, id) {
-                        Some(event) => Message::Internal(Box::new(InternalEvent {
-                            event: Some(event),
-                            origin: Origin::Message {
-                                sender: sender.to_string(),
-                                num,
-                                id,
-                            },
-                        })),
+                        Some(event) => message(&sender, num, id, event),
                         None => continue,
                     }
                 }
@@ -371,9 +354,7 @@ impl Postman {
                     // Still owed in the journal: the next start sends it again.
                     let mut parked = self.parked.lock();
                     parked.forget(&to);
-                    parked.from_journal.remove(&to);
-                    parked.spilled.remove(&to);
-                    parked.again.remove(&to);
+                    parked.unspill(&to);
                     self.gauge(&parked);
                     return;
                 }
@@ -506,6 +487,14 @@ impl Parked {
         Some(msg)
     }
 
+    /// Forgets that `to` is spilled, and what was to be read back for it (all still owed in
+    /// the journal).
+    fn unspill(&mut self, to: &str) {
+        self.from_journal.remove(to);
+        self.spilled.remove(to);
+        self.again.remove(to);
+    }
+
     /// Drops `to`'s queue (its messages stay owed in the journal).
     fn forget(&mut self, to: &str) {
         if let Some(queue) = self.queues.remove(to) {
@@ -529,6 +518,18 @@ fn sent_event(record: &crate::journal::EventRecord, id: EffectId) -> Option<&str
         Effect::Send { event, .. } => Some(event),
         _ => None,
     }
+}
+
+/// Message `id` of device `sender` (number `num`), as it goes into its target's mailbox.
+fn message(sender: &str, num: u32, id: EffectId, event: String) -> Message {
+    Message::Internal(Box::new(InternalEvent {
+        event: Some(event),
+        origin: Origin::Message {
+            sender: sender.to_string(),
+            num,
+            id,
+        },
+    }))
 }
 
 /// Who sent `msg` (id, device number) and its id, if it is a message.
