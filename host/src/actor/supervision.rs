@@ -156,10 +156,13 @@ impl Actor {
                 failures: self.failures,
                 last_error: e.to_string(),
             }));
-            // Release: a listing that sees the end time sees the cause set before it.
+            // Release: a listing that sees the end time sees the cause set before it. Rounded
+            // up to the next millisecond: truncated, a listing would see the quarantine end
+            // up to a millisecond before the actor does, and a read right after would still
+            // answer `quarantined`.
             self.activity
                 .quarantined_until_ms
-                .store(clock::mono_ms(until).max(1), Ordering::Release);
+                .store(clock::mono_ms(until) + 1, Ordering::Release);
         }
     }
 
