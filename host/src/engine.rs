@@ -220,6 +220,9 @@ pub struct GuestState {
     stopping: Arc<AtomicBool>,
     /// The unit was interrupted because of it ([`CallError::Stopped`]).
     stopped: bool,
+    /// This instance runs again what another already ran and logged (see
+    /// [`Instance::rerun`]): its guest's lines and its traps go to the debug level.
+    rerun: bool,
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -234,9 +237,10 @@ impl bindings::drover::device::host::Host for GuestState {
             return;
         }
         let message = &message[..end];
+        let shown = if self.rerun { LogLevel::Debug } else { level };
         // A log line must never take down the actor: whatever the subscriber does (a full
         // disk under stderr, a panicking writer), the guest call goes on.
-        let logged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match level {
+        let logged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match shown {
             LogLevel::Trace => tracing::trace!(target: "drover::guest", device, "{message:?}"),
             LogLevel::Debug => tracing::debug!(target: "drover::guest", device, "{message:?}"),
             LogLevel::Info => tracing::info!(target: "drover::guest", device, "{message:?}"),
@@ -743,6 +747,7 @@ impl CompiledPlugin {
             moved: false,
             stopping: inner.stopping.clone(),
             stopped: false,
+            rerun: false,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);

@@ -632,10 +632,18 @@ async fn rebuild_trying(
     // `restore` takes a small part of its share: it only deserializes a state.)
     let at_start = budget.left();
     let restores = if from_init { at_start / 2 } else { at_start };
-    for (i, snap) in candidates.iter().enumerate() {
+    // The search for a trap in a batch runs again what the first pass ran and logged.
+    let instantiate = || {
         let mut instance = compiled
             .instantiate(device.id.clone())
             .map_err(activation)?;
+        if one_by_one_from.is_some() {
+            instance.rerun();
+        }
+        Ok::<_, Error>(instance)
+    };
+    for (i, snap) in candidates.iter().enumerate() {
+        let mut instance = instantiate()?;
         // What this snapshot had: a timeout reads as the whole rebuild's budget (`whole`),
         // and one tried after another used most of it had little.
         let had = budget.left();
@@ -692,9 +700,7 @@ async fn rebuild_trying(
     let (mut instance, from) = match restored {
         Some((instance, seq)) => (instance, seq),
         None => {
-            let mut instance = compiled
-                .instantiate(device.id.clone())
-                .map_err(activation)?;
+            let mut instance = instantiate()?;
             let config = std::str::from_utf8(&device.config)
                 .map_err(|_| Error::Activation("stored config is not UTF-8".into()))?;
             let scope = budget.begin(&mut instance);

@@ -147,3 +147,70 @@ fn a_trap_is_one_log_line() {
     assert!(!text.contains("wasm function"), "{text}");
     assert!(text.lines().count() <= 6, "{text}");
 }
+
+/// A batch of replayed transitions that traps is replayed again one `apply` at a time to
+/// find the one that trapped; that second pass meets the same trap, and logged it as a
+/// second warning, with the guest's panic message a second time (a review). It logs at the
+/// debug level: one fault, one warning.
+#[test]
+fn a_trap_found_again_by_a_rebuilds_search_is_not_logged_twice() {
+    use drover::replay::{self, Start};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    tokio.block_on(async {
+        let rt = drover::Runtime::builder(dir.path())
+            .plugin_dir(support::PluginDir)
+            .snapshot_every(3)
+            .open()
+            .await
+            .expect("runtime");
+        rt.provision("f", "misbehave", &json!({}))
+            .await
+            .expect("provision");
+        // A snapshot at seq 3, then two transitions that trap on a restored state (and fold
+        // on one built from `init`), then one more and the next snapshot.
+        for event in [
+            "ok",
+            "ok",
+            "ok",
+            "fragile_after_restore",
+            "fragile_after_restore",
+            "ok",
+        ] {
+            rt.send("f", &json!({ "type": event }).to_string())
+                .await
+                .expect("handled");
+        }
+        rt.shutdown().await;
+    });
+    drop(tokio);
+
+    let journal = drover::journal::Journal::open_read_only(dir.path()).expect("journal");
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    let registry =
+        drover::registry::Registry::open(engine, journal.clone(), dir.path()).expect("registry");
+    let head = journal.device("f").expect("head");
+    assert!(
+        journal.snapshots(head.num).iter().any(|s| s.seq == 3),
+        "{:?}",
+        journal.snapshots(head.num)
+    );
+    let (logs, _logging) = support::Logs::capture();
+    // From the snapshot at 3, the batch of 4 and 5 traps; the search finds 4; the replay
+    // from `init` the rebuild falls back on folds them.
+    let rebuilt = replay::rebuild(&journal, &registry, &head, 5, Start::Snapshot).expect("rebuilt");
+    assert_eq!(rebuilt.snapshot, None, "the fallback from `init`");
+    let text = logs.text();
+    let lines = |what: &[&str]| {
+        text.lines()
+            .filter(|l| what.iter().all(|w| l.contains(w)))
+            .count()
+    };
+    assert_eq!(lines(&[" WARN ", "guest trapped"]), 1, "{text}");
+    // The guest's own panic message (an error it logged on its way out), once.
+    assert_eq!(
+        lines(&["drover::guest:", "fragile transition applied"]),
+        1,
+        "{text}"
+    );
+}

@@ -527,6 +527,13 @@ impl Instance {
         self.store.data_mut().clock.slow_floor = floor;
     }
 
+    /// Marks this instance as running again what another already ran, and logged: a
+    /// rebuild's second pass to find which transition of a batch trapped. Its guest's log
+    /// lines and its traps go to the debug level, so one fault is one warning, not two.
+    pub fn rerun(&mut self) {
+        self.store.data_mut().rerun = true;
+    }
+
     /// Whether the last unit was stopped to run again elsewhere ([`CallError::Moved`]); the
     /// mark is cleared.
     pub fn take_moved(&mut self) -> bool {
@@ -698,7 +705,11 @@ impl Instance {
                 );
             }
         }
-        tracing::warn!(device = %state.device, trap = %msg, "guest trapped");
+        if state.rerun {
+            tracing::debug!(device = %state.device, trap = %msg, "guest trapped again (a rerun)");
+        } else {
+            tracing::warn!(device = %state.device, trap = %msg, "guest trapped");
+        }
         CallError::Trap(msg)
     }
 }

@@ -76,6 +76,7 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
         return Err(StreamError::Closed);
     }
     let device = state.device.clone();
+    let rerun = state.rerun;
     let buf = state.stdio.of(stream);
     buf.extend_from_slice(bytes);
     let mut start = 0;
@@ -100,7 +101,9 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
         }
         // As for `host.log`: a log write that fails must not take down the guest call.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if stream == STDERR {
+            if rerun {
+                tracing::debug!(target: "drover::guest", device = &*device, stream = if stream == STDERR { "stderr" } else { "stdout" }, "{text:?}");
+            } else if stream == STDERR {
                 tracing::warn!(target: "drover::guest", device = &*device, stream = "stderr", "{text:?}");
             } else {
                 tracing::info!(target: "drover::guest", device = &*device, stream = "stdout", "{text:?}");
