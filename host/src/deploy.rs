@@ -113,6 +113,9 @@ pub struct DeployTotals {
     /// a quarantine earned under the old (three failures on the new one quarantine them
     /// again). Not those the new version cannot fold.
     pub quarantines_ended: usize,
+    /// Live devices removed while the deploy ran (in `live`, not in `devices`): their
+    /// lines say `removed`. `fold_checked` may count devices removed since too.
+    pub removed: usize,
 }
 
 /// The journal check of a deploy: see the module docs.
@@ -635,12 +638,14 @@ impl Runtime {
         self.shared.router.note_upgrades_not_tried(newly as u64);
         // The new bindings were queued without waiting; the report speaks of durable ones.
         self.shared.journal.barrier().await?;
-        for d in devices
-            .iter_mut()
-            .filter(|d| d.outcome == UpgradeOutcome::Upgraded)
-        {
+        for d in &mut devices {
             let durable = self.shared.journal.device(&d.device).map(|h| h.version);
-            if durable != Some(target_id) {
+            if durable.is_none() {
+                // Removed meanwhile, whatever its fold did: a removal is no failed commit,
+                // and the device is left behind on no version.
+                d.outcome = UpgradeOutcome::Removed;
+                d.error = None;
+            } else if d.outcome == UpgradeOutcome::Upgraded && durable != Some(target_id) {
                 d.outcome = UpgradeOutcome::Failed;
                 d.error = Some(
                     "journal check: the new binding was not made durable (a failed commit); \
@@ -685,12 +690,18 @@ impl Runtime {
             live: devices.len(),
             fold_checked: check.checked,
             quarantines_ended,
+            removed: devices
+                .iter()
+                .filter(|d| d.outcome == UpgradeOutcome::Removed)
+                .count(),
             ..Default::default()
         };
         // Each device once, by what it is now: a device that moved during the deploy (one
         // on V activated while the check ran, and was brought up on the version being left
         // before the swap moved it back) is counted by the swap's outcome, not also as one
         // that was on V from the start.
+        // A device removed meanwhile and provisioned again under its id is a new device,
+        // counted as the deploy did not touch it.
         let outcomes: std::collections::HashMap<&str, UpgradeOutcome> = devices
             .iter()
             .map(|d| (d.device.as_str(), d.outcome))
@@ -702,18 +713,26 @@ impl Runtime {
                 Some(UpgradeOutcome::Upgraded) => totals.upgraded += 1,
                 Some(UpgradeOutcome::Failed) => totals.failed += 1,
                 Some(UpgradeOutcome::Unchanged) => totals.unchanged += 1,
-                Some(UpgradeOutcome::Lazy) | None if h.version == target.id => {
+                Some(UpgradeOutcome::Lazy | UpgradeOutcome::Removed) | None
+                    if h.version == target.id =>
+                {
                     if before.contains(&*h.id) {
                         totals.unchanged += 1;
                     } else {
                         totals.upgraded_at_activation += 1;
                     }
                 }
-                Some(UpgradeOutcome::Lazy) | None if cannot_fold.contains(&*h.id) => {
+                Some(UpgradeOutcome::Lazy | UpgradeOutcome::Removed) | None
+                    if cannot_fold.contains(&*h.id) =>
+                {
                     totals.cannot_fold += 1;
                 }
-                Some(UpgradeOutcome::Lazy) | None if given_up => totals.not_tried += 1,
-                Some(UpgradeOutcome::Lazy) | None => totals.pending_lazy += 1,
+                Some(UpgradeOutcome::Lazy | UpgradeOutcome::Removed) | None if given_up => {
+                    totals.not_tried += 1
+                }
+                Some(UpgradeOutcome::Lazy | UpgradeOutcome::Removed) | None => {
+                    totals.pending_lazy += 1
+                }
             }
         }
         let problems: Vec<String> = devices

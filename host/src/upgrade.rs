@@ -57,6 +57,8 @@ pub enum UpgradeOutcome {
     /// server was too overloaded to bring up (the line's `error` says so): it tries again
     /// shortly, before a later message.
     Lazy,
+    /// Removed (`DELETE /v1/devices/{id}`) while the deploy ran: it runs no version.
+    Removed,
 }
 
 /// One device's line in a deploy report.

@@ -82,6 +82,69 @@ async fn assert_live_equals_full_replay(rt: &Runtime, dir: &Path, id: &str) {
     );
 }
 
+/// A live device removed while a deploy runs is reported `removed`, not as a failed commit:
+/// a review removed 200 devices during a deploy and got lines saying "the new binding was
+/// not made durable (a failed commit)", a failed journal check, and totals of 0 failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_removed_while_a_deploy_runs_is_reported_removed_not_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .unwrap();
+    for id in ["gone", "slow", "stays"] {
+        rt.provision(id, "misbehave", &json!({})).await.unwrap();
+        rt.send(id, OK).await.unwrap();
+    }
+    let spin = support::spins_for(&rt, "slow", 1.5).await;
+    let v2 = register_v2(&rt).await;
+    // The deploy's upgrade of `slow` waits behind this event in its mailbox: the deploy
+    // runs for as long, and `gone` is upgraded and removed meanwhile.
+    let slow_event = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.send("slow", &support::slow_apply(spin, 1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deploy = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.deploy("misbehave", v2.version, false).await }
+    });
+    let started = std::time::Instant::now();
+    while version(&rt, "gone") != v2.version {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never upgraded"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rt.remove_device("gone", false).await.unwrap();
+    assert!(!deploy.is_finished(), "removed while the deploy runs");
+    let report = deploy.await.unwrap().expect("deploys");
+    slow_event
+        .await
+        .unwrap()
+        .expect("the slow event is handled");
+    let line = |id: &str| {
+        report
+            .devices
+            .iter()
+            .find(|d| d.device == id)
+            .unwrap_or_else(|| panic!("{id} listed: {report:?}"))
+    };
+    assert_eq!(line("gone").outcome, UpgradeOutcome::Removed, "{report:?}");
+    assert_eq!(line("gone").error, None);
+    assert_eq!(line("slow").outcome, UpgradeOutcome::Upgraded);
+    assert_eq!(line("stays").outcome, UpgradeOutcome::Upgraded);
+    assert!(report.journal_check.ok, "{:?}", report.journal_check);
+    let t = &report.totals;
+    assert_eq!((t.devices, t.live, t.removed), (2, 3, 1), "{t:?}");
+    assert_eq!((t.upgraded, t.failed), (2, 0), "{t:?}");
+    assert_eq!(version(&rt, "slow"), v2.version);
+    rt.shutdown().await;
+}
+
 /// A deploy's totals count every device of the plugin once, those that came to the new
 /// version by an activation while the deploy ran included (a fresh-user trial saw 10 of 23
 /// accounted for with a live cap of 5 under load: the others had been upgraded at their

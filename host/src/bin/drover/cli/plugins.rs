@@ -402,7 +402,7 @@ pub fn print_deploy(r: &Value) {
     let t = &r["totals"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     println!(
-        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{}{}{} ({} ms)",
+        "{} v{} -> v{}{}: of {} device{}, {} upgraded live, {} failed (stay on their version), {} already on it, {} move at their next activation{}{}{}{}{}{} ({} ms)",
         r["plugin"].as_str().unwrap_or("?"),
         r["from"],
         r["to"],
@@ -437,6 +437,10 @@ pub fn print_deploy(r: &Value) {
             0 => String::new(),
             1 => ", 1 quarantine ended".to_string(),
             k => format!(", {k} quarantines ended"),
+        },
+        match n(&t["removed"]) {
+            0 => String::new(),
+            k => format!(", {k} removed meanwhile"),
         },
         n(&r["elapsed_ms"]),
     );
