@@ -220,9 +220,8 @@ pub struct GuestState {
     stopping: Arc<AtomicBool>,
     /// The unit was interrupted because of it ([`CallError::Stopped`]).
     stopped: bool,
-    /// This instance runs again what another already ran and logged (see
-    /// [`Instance::rerun`]): its guest's lines and its traps go to the debug level.
-    rerun: bool,
+    /// Its guest's lines and its traps go to the debug level (see [`Instance::quiet`]).
+    quiet: bool,
 }
 
 impl bindings::drover::device::host::Host for GuestState {
@@ -237,7 +236,7 @@ impl bindings::drover::device::host::Host for GuestState {
             return;
         }
         let message = &message[..end];
-        let shown = if self.rerun { LogLevel::Debug } else { level };
+        let shown = if self.quiet { LogLevel::Debug } else { level };
         // A log line must never take down the actor: whatever the subscriber does (a full
         // disk under stderr, a panicking writer), the guest call goes on.
         let logged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match shown {
@@ -747,7 +746,7 @@ impl CompiledPlugin {
             moved: false,
             stopping: inner.stopping.clone(),
             stopped: false,
-            rerun: false,
+            quiet: false,
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| &mut s.limits);

@@ -348,6 +348,8 @@ pub fn probe_restore(
     let data = journal.read_snapshot(snap)?;
     let compiled = registry.compiled(device.version)?;
     let mut instance = compiled.instantiate(device.id.clone())?;
+    // A probe's failure is its answer, not a fault to warn of (a deploy probes every device).
+    instance.quiet();
     let budget = compiled.engine().config().call_timeout;
     instance.within(budget, |i| i.restore(&data))?;
     Ok(())
@@ -365,6 +367,7 @@ pub(crate) async fn probe_restore_with(
     let data = journal.read_snapshot(snap)?;
     let compiled = registry.compiled(device.version)?;
     let mut instance = compiled.instantiate(device.id.clone())?;
+    instance.quiet();
     let scope = instance.begin_setup_unit(compiled.engine().config().call_timeout, preemption);
     let restored = instance.restore_preemptible(&data).await;
     instance.end_unit(scope);
@@ -638,7 +641,7 @@ async fn rebuild_trying(
             .instantiate(device.id.clone())
             .map_err(activation)?;
         if one_by_one_from.is_some() {
-            instance.rerun();
+            instance.quiet();
         }
         Ok::<_, Error>(instance)
     };

@@ -527,11 +527,13 @@ impl Instance {
         self.store.data_mut().clock.slow_floor = floor;
     }
 
-    /// Marks this instance as running again what another already ran, and logged: a
-    /// rebuild's second pass to find which transition of a batch trapped. Its guest's log
-    /// lines and its traps go to the debug level, so one fault is one warning, not two.
-    pub fn rerun(&mut self) {
-        self.store.data_mut().rerun = true;
+    /// Makes this instance's guest log lines and traps go to the debug level. For an
+    /// instance that runs again what another already ran and logged (a rebuild's second
+    /// pass to find which transition of a batch trapped: one fault is one warning, not
+    /// two), or that probes something whose failure is information, not a fault (whether a
+    /// new version reads an old version's snapshot).
+    pub fn quiet(&mut self) {
+        self.store.data_mut().quiet = true;
     }
 
     /// Whether the last unit was stopped to run again elsewhere ([`CallError::Moved`]); the
@@ -705,8 +707,8 @@ impl Instance {
                 );
             }
         }
-        if state.rerun {
-            tracing::debug!(device = %state.device, trap = %msg, "guest trapped again (a rerun)");
+        if state.quiet {
+            tracing::debug!(device = %state.device, trap = %msg, "guest trapped (quiet: a rerun or a probe)");
         } else {
             tracing::warn!(device = %state.device, trap = %msg, "guest trapped");
         }

@@ -76,7 +76,7 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
         return Err(StreamError::Closed);
     }
     let device = state.device.clone();
-    let rerun = state.rerun;
+    let quiet = state.quiet;
     let buf = state.stdio.of(stream);
     buf.extend_from_slice(bytes);
     let mut start = 0;
@@ -101,7 +101,7 @@ fn write(state: &mut GuestState, stream: u32, bytes: &[u8]) -> Result<(), Stream
         }
         // As for `host.log`: a log write that fails must not take down the guest call.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if rerun {
+            if quiet {
                 tracing::debug!(target: "drover::guest", device = &*device, stream = if stream == STDERR { "stderr" } else { "stdout" }, "{text:?}");
             } else if stream == STDERR {
                 tracing::warn!(target: "drover::guest", device = &*device, stream = "stderr", "{text:?}");

@@ -44,6 +44,7 @@
 //! | `{"type": "recurse", "depth": N}` | recurses N calls deep, each keeping 1 KiB on the guest's stack (its linear memory), no transition; past the stack (62 KiB, set by the SDK's `plugin-build.rs`) it traps |
 //! | `{"type": "nested", "value": V}` | parses V (any JSON, nested as deep as serde_json allows) into a `serde_json::Value`, no transition |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
+//! | `{"type": "v2_cannot_restore"}` | one transition `{"type": "unrestorable_by_v2"}`: from then on the `v2` build's `restore` panics on a snapshot of the state (the default build's restores it) |
 //! | `{"type": "fragile_after_restore"}` | one transition `{"type": "fragile"}` whose `apply` panics on a state restored from a snapshot and folds on one built from `init`: a state that, restored whole, needs more than the one built event by event (the snapshot's bytes and the state side by side in guest memory) |
 //! | `{"type": "desire", "set": {...}}` | the device twin (`drover_guest::twin`): the operator desires properties; transitions `{"type": "twin", "change": {...}}`, and the delta as a command |
 //! | `{"type": "report", "set": {...}, "reported_wins": false}` | the device reports properties (a local change is put back, or with `reported_wins` adopted) |
@@ -56,8 +57,8 @@
 //! `"twin"` once the twin events were used;
 //! `"loops_on_read": true` too once a `loop_on_read` event is applied (never read back: the
 //! read spins), `"loops_on_snapshot": true` once a `loop_on_snapshot` one is, and
-//! `"loops_on_restore": true` once a `loop_on_restore` one is; `"accrued"` once an `accrue`
-//! event is.
+//! `"loops_on_restore": true` once a `loop_on_restore` one is, `"unrestorable_by_v2": true`
+//! once a `v2_cannot_restore` one is; `"accrued"` once an `accrue` event is.
 #![warn(missing_docs)]
 
 use std::cell::RefCell;
@@ -93,6 +94,10 @@ pub struct Misbehave {
     /// applied).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loops_on_restore: bool,
+    /// The `v2` build's `restore` panics on a snapshot of this state (a
+    /// `v2_cannot_restore` event was applied).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unrestorable_by_v2: bool,
     /// This instance's state came from `restore` (not kept in snapshots or reads).
     #[serde(skip)]
     pub restored: bool,
@@ -185,6 +190,8 @@ pub enum Event {
     LoopOnSnapshot,
     /// Return a transition after which restoring a snapshot spins forever.
     LoopOnRestore,
+    /// Return a transition after which the `v2` build's `restore` panics.
+    V2CannotRestore,
     /// Return a transition whose `apply` panics on a restored state.
     FragileAfterRestore,
     /// Issue one command.
@@ -326,6 +333,8 @@ pub enum Transition {
     LoopsOnSnapshot,
     /// Restoring a snapshot from then on spins forever.
     LoopsOnRestore,
+    /// The `v2` build's `restore` panics from then on.
+    UnrestorableByV2,
     /// Panics when applied to a state restored from a snapshot.
     Fragile,
     /// `by × 0.1` added to `accrued`.
@@ -437,6 +446,7 @@ impl Device for Misbehave {
             Event::LoopOnRead => vec![Transition::LoopsOnRead],
             Event::LoopOnSnapshot => vec![Transition::LoopsOnSnapshot],
             Event::LoopOnRestore => vec![Transition::LoopsOnRestore],
+            Event::V2CannotRestore => vec![Transition::UnrestorableByV2],
             Event::FragileAfterRestore => vec![Transition::Fragile],
             Event::Send { to, event, tag } => {
                 ctx.send(to, &event);
@@ -501,6 +511,7 @@ impl Device for Misbehave {
             Transition::LoopsOnRead => self.loops_on_read = true,
             Transition::LoopsOnSnapshot => self.loops_on_snapshot = true,
             Transition::LoopsOnRestore => self.loops_on_restore = true,
+            Transition::UnrestorableByV2 => self.unrestorable_by_v2 = true,
             Transition::Fragile if self.restored => {
                 panic!("misbehave: a fragile transition applied to a restored state")
             }
@@ -530,6 +541,9 @@ impl Device for Misbehave {
                 format!("not a state: {e}"),
             )
         })?;
+        if cfg!(feature = "v2") && state.unrestorable_by_v2 {
+            panic!("misbehave v2: cannot restore this snapshot");
+        }
         if state.loops_on_restore {
             let mut n: u64 = 0;
             loop {
