@@ -67,7 +67,8 @@ pub struct DeviceDryRun {
     pub device: String,
     /// The device's version (number) whose recorded history is compared.
     pub recorded_version: u32,
-    /// Recorded events re-decided.
+    /// Recorded events re-decided: up to and including the one the candidate failed on
+    /// when that discarded its instance (see `error`), not the history folded after it.
     pub events: u64,
     /// Whether every event got the same transitions and effects and the final states are
     /// equal.
@@ -294,7 +295,11 @@ fn one_pass(
                 // Destroyed by media damage: no event to re-decide, nothing was folded.
                 continue;
             }
-            out.events += 1;
+            // Re-decided only while the candidate has an instance: after it failed, the
+            // recorded transitions are still folded, but no decision is compared.
+            if decider.is_some() {
+                out.events += 1;
+            }
             let event = String::from_utf8_lossy(&record.event);
             let decided = decider.as_mut().map(|instance| {
                 let origin = record

@@ -1302,13 +1302,15 @@ async fn a_dry_run_counts_the_devices_a_candidate_fails_on_apart() {
     let rt = open(dir.path()).await;
     rt.provision("f-5", "misbehave", &json!({})).await.unwrap();
     rt.provision("f-2", "misbehave", &json!({})).await.unwrap();
-    for _ in 0..5 {
+    for _ in 0..8 {
         rt.send("f-5", OK).await.unwrap();
     }
     for _ in 0..2 {
         rt.send("f-2", OK).await.unwrap();
     }
-    // v3 counts as v1 does, and traps applying a count over 4: f-5's fifth `ok`.
+    // v3 counts as v1 does, and traps applying a count over 4: f-5's fifth `ok`. Its
+    // instance is then discarded: the three events after it are not re-decided, and are not
+    // counted as if they were (a review saw "299 events re-decided" for a failure at seq 5).
     let (v3, _) = support::upload_misbehave(&rt, support::misbehave_variant("v3")).await;
     let report = rt
         .dry_run("misbehave", v3.version, Selection::Sample(10))
@@ -1316,6 +1318,8 @@ async fn a_dry_run_counts_the_devices_a_candidate_fails_on_apart() {
         .unwrap();
     let f5 = report.devices.iter().find(|d| d.device == "f-5").unwrap();
     assert_eq!((f5.diverged_events, f5.failed_events), (1, 1), "{f5:?}");
+    assert_eq!(f5.events, 5, "{f5:?}");
+    assert_eq!(report.totals.events, 5 + 2, "{:?}", report.totals);
     let first = f5.first_divergence.as_ref().unwrap();
     assert_eq!(first.seq, 5);
     assert!(
