@@ -279,6 +279,19 @@ fn one_pass(
         {
             let e = Error::from(e);
             out.folds = matches!(e, Error::Overloaded(_));
+            if !out.folds {
+                // No event was refused and nothing was folded: the snapshot is the trouble.
+                out.error = Some(format!(
+                    "the candidate cannot restore the snapshot at seq {} (retention deleted \
+                     the history before it, so the device starts from it): {}",
+                    snap.seq,
+                    candidate_says(&e).replacen(
+                        "the candidate version refused the event",
+                        "`restore` refused it",
+                        1
+                    )
+                ));
+            }
             return Err(e);
         }
         next = snap.seq + 1;

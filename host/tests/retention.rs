@@ -287,6 +287,61 @@ async fn retaining_runtime_refreshing(
         .expect("runtime opens")
 }
 
+/// A dry run after retention starts from the recorded version's snapshot, which the
+/// candidate must restore; one that cannot is reported as such, not as "refused the event"
+/// (a review), nor as a fold that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_whose_candidate_cannot_restore_the_snapshot_left_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v2_component = support::misbehave_variant("v2");
+    let rt = retaining_runtime(dir.path(), Duration::from_secs(30)).await;
+    rt.provision("m", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    // The `v2` build's `restore` panics on a snapshot of this state.
+    rt.send("m", r#"{"type":"v2_cannot_restore"}"#)
+        .await
+        .expect("handled");
+    // Until retention has deleted the start of its history (which waits for an index
+    // checkpoint: 16 KiB of index here).
+    for _ in 0..20 {
+        for _ in 0..300 {
+            rt.send("m", r#"{"type":"ok"}"#).await.expect("ok");
+        }
+        rt.retain_now().await.expect("retention pass");
+        if rt
+            .journal()
+            .oldest_retained_seq(rt.journal().device("m").expect("m").num)
+            > 1
+        {
+            break;
+        }
+    }
+    let head = rt.journal().device("m").expect("m");
+    assert!(
+        rt.journal().oldest_retained_seq(head.num) > 1,
+        "history deleted"
+    );
+    let (v2, _) = rt
+        .register_plugin("misbehave", v2_component, drover::registry::Origin::Upload)
+        .await
+        .expect("v2");
+    let report = rt
+        .dry_run("misbehave", v2.version, drover::Selection::Sample(1))
+        .await
+        .expect("dry run");
+    let d = &report.devices[0];
+    let error = d.error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("the candidate cannot restore the snapshot at seq ")
+            && error.contains("cannot restore this snapshot"),
+        "{d:?}"
+    );
+    assert!(!error.contains("refused the event"), "{error}");
+    assert!(!d.identical && !d.folds, "{d:?}");
+    rt.shutdown().await;
+}
+
 /// A deploy after retention: the history a replay into the new version needs is gone, so
 /// each device comes up from its old version's latest snapshot, which the new version
 /// restores; the new behavior is live and nothing is lost.
