@@ -687,7 +687,8 @@ async fn rebuild_trying(
                 tried.snapshot_failed = true;
                 let next = match candidates.get(i + 1) {
                     Some(older) => format!("trying the snapshot at seq {}", older.seq),
-                    None => "replaying from the start".to_string(),
+                    None if from_init => "replaying from the start".to_string(),
+                    None => "no other start: retention deleted the history before it".to_string(),
                 };
                 tracing::warn!(
                     device = %device.id,
