@@ -81,6 +81,8 @@ pub struct Metrics {
     /// Commands acknowledged.
     pub commands_acked: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
+    /// Dead letters kept, by the kind of the failure (see [`Metrics::dead_letter`]).
+    dead_letters: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS_US.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -95,6 +97,19 @@ impl Metrics {
     /// Errors of `kind` counted so far.
     pub fn errors(&self, kind: ErrorKind) -> u64 {
         self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts one dead letter kept by the kind of its failure: an event the plugin failed
+    /// on, or a message or timer firing consumed as poison. These fail inside the server,
+    /// with no request to count them in `errors`: without this, a poison message showed only
+    /// by polling each device's dead letters.
+    pub fn dead_letter(&self, kind: ErrorKind) {
+        self.dead_letters[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Dead letters of `kind` kept so far.
+    pub fn dead_letters(&self, kind: ErrorKind) -> u64 {
+        self.dead_letters[kind as usize].load(Ordering::Relaxed)
     }
 
     /// Counts one durable event with `transitions` transitions, acknowledged `latency` after
@@ -284,6 +299,30 @@ impl Metrics {
                 kind.code(),
                 v.load(Ordering::Relaxed)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP drover_dead_letters_total Dead letters kept, by error code: events the plugin failed on (a trap, a timeout, output the host refused) and messages or timer firings consumed as poison; a message to no device is in drover_messages_undeliverable_total instead.\n# TYPE drover_dead_letters_total counter"
+        );
+        for (kind, v) in ErrorKind::ALL.iter().zip(&self.dead_letters) {
+            let v = v.load(Ordering::Relaxed);
+            // The codes dead letters usually have, from the start (so a rate over them has a
+            // first sample), and any other once it occurs: every error code would be mostly
+            // zeros that can never move.
+            let usual = matches!(
+                kind,
+                ErrorKind::Trap
+                    | ErrorKind::Timeout
+                    | ErrorKind::OutputTooLarge
+                    | ErrorKind::InvalidEffect
+            );
+            if usual || v > 0 {
+                let _ = writeln!(
+                    out,
+                    "drover_dead_letters_total{{code=\"{}\"}} {v}",
+                    kind.code()
+                );
+            }
         }
         let _ = writeln!(
             out,

@@ -1083,6 +1083,7 @@ impl Actor {
                 error: error @ (Error::OutputTooLarge { .. } | Error::InvalidEffect(_)),
                 instance_lost: false,
             }) if internal => {
+                self.env.metrics.dead_letter(error.kind());
                 self.writer.append_dead_letter(DeadLetter {
                     device: self.head.num,
                     after_seq: seq - 1,
@@ -1105,6 +1106,7 @@ impl Actor {
                 error,
                 instance_lost,
             }) if internal && (matches!(error, Error::Trap(_)) || timed_out_enough) => {
+                self.env.metrics.dead_letter(error.kind());
                 self.writer.append_dead_letter(DeadLetter {
                     device: self.head.num,
                     after_seq: seq - 1,
@@ -1137,6 +1139,7 @@ impl Actor {
                 } else if !matches!(error, Error::Rejected { .. } | Error::Overloaded(_)) {
                     // (An overloaded server is no fault of the event's: re-sending it is
                     // what the 503 asks for.)
+                    self.env.metrics.dead_letter(error.kind());
                     self.writer.append_dead_letter(DeadLetter {
                         device: self.head.num,
                         after_seq: seq - 1,
