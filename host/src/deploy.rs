@@ -517,6 +517,12 @@ impl Runtime {
                     .version(v)
                     .is_some_and(|info| info.plugin == plugin_name)
         });
+        // Each one's device number: the id may be removed and provisioned again meanwhile,
+        // a new device under the same id, which this deploy did not move.
+        let nums: std::collections::HashMap<Arc<str>, u32> = live
+            .iter()
+            .filter_map(|(id, _)| Some((id.clone(), self.shared.journal.device(id)?.num)))
+            .collect();
         // A bounded number of devices upgrade at a time: each one's mailbox waits only for
         // its own replay, and events of the rest of the fleet keep their share of the
         // threads.
@@ -639,10 +645,16 @@ impl Runtime {
         // The new bindings were queued without waiting; the report speaks of durable ones.
         self.shared.journal.barrier().await?;
         for d in &mut devices {
-            let durable = self.shared.journal.device(&d.device).map(|h| h.version);
+            let durable = self
+                .shared
+                .journal
+                .device(&d.device)
+                .filter(|h| nums.get(d.device.as_str()) == Some(&h.num))
+                .map(|h| h.version);
             if durable.is_none() {
-                // Removed meanwhile, whatever its fold did: a removal is no failed commit,
-                // and the device is left behind on no version.
+                // Removed meanwhile (and maybe provisioned again: another device), whatever
+                // its fold did: a removal is no failed commit, and the device is left behind
+                // on no version.
                 d.outcome = UpgradeOutcome::Removed;
                 d.error = None;
             } else if d.outcome == UpgradeOutcome::Upgraded && durable != Some(target_id) {

@@ -84,7 +84,9 @@ async fn assert_live_equals_full_replay(rt: &Runtime, dir: &Path, id: &str) {
 
 /// A live device removed while a deploy runs is reported `removed`, not as a failed commit:
 /// a review removed 200 devices during a deploy and got lines saying "the new binding was
-/// not made durable (a failed commit)", a failed journal check, and totals of 0 failed.
+/// not made durable (a failed commit)", a failed journal check, and totals of 0 failed. So
+/// is one removed and provisioned again under its id: that is another device, which the
+/// deploy did not move (a second review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_removed_while_a_deploy_runs_is_reported_removed_not_failed() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +96,7 @@ async fn a_device_removed_while_a_deploy_runs_is_reported_removed_not_failed() {
         .open()
         .await
         .unwrap();
-    for id in ["gone", "slow", "stays"] {
+    for id in ["gone", "back", "slow", "stays"] {
         rt.provision(id, "misbehave", &json!({})).await.unwrap();
         rt.send(id, OK).await.unwrap();
     }
@@ -112,7 +114,7 @@ async fn a_device_removed_while_a_deploy_runs_is_reported_removed_not_failed() {
         async move { rt.deploy("misbehave", v2.version, false).await }
     });
     let started = std::time::Instant::now();
-    while version(&rt, "gone") != v2.version {
+    while version(&rt, "gone") != v2.version || version(&rt, "back") != v2.version {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "never upgraded"
@@ -120,6 +122,8 @@ async fn a_device_removed_while_a_deploy_runs_is_reported_removed_not_failed() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     rt.remove_device("gone", false).await.unwrap();
+    rt.remove_device("back", false).await.unwrap();
+    rt.provision("back", "misbehave", &json!({})).await.unwrap();
     assert!(!deploy.is_finished(), "removed while the deploy runs");
     let report = deploy.await.unwrap().expect("deploys");
     slow_event
@@ -133,14 +137,18 @@ async fn a_device_removed_while_a_deploy_runs_is_reported_removed_not_failed() {
             .find(|d| d.device == id)
             .unwrap_or_else(|| panic!("{id} listed: {report:?}"))
     };
-    assert_eq!(line("gone").outcome, UpgradeOutcome::Removed, "{report:?}");
-    assert_eq!(line("gone").error, None);
+    for id in ["gone", "back"] {
+        assert_eq!(line(id).outcome, UpgradeOutcome::Removed, "{report:?}");
+        assert_eq!(line(id).error, None);
+    }
     assert_eq!(line("slow").outcome, UpgradeOutcome::Upgraded);
     assert_eq!(line("stays").outcome, UpgradeOutcome::Upgraded);
     assert!(report.journal_check.ok, "{:?}", report.journal_check);
     let t = &report.totals;
-    assert_eq!((t.devices, t.live, t.removed), (2, 3, 1), "{t:?}");
+    assert_eq!((t.devices, t.live, t.removed), (3, 4, 2), "{t:?}");
     assert_eq!((t.upgraded, t.failed), (2, 0), "{t:?}");
+    // The new `back`, provisioned on the current version while the deploy ran.
+    assert_eq!(t.upgraded_at_activation, 1, "{t:?}");
     assert_eq!(version(&rt, "slow"), v2.version);
     rt.shutdown().await;
 }
