@@ -537,6 +537,39 @@ fn left_unfolded(r: &Value) -> Vec<String> {
         .collect()
 }
 
+/// What a dry run found on one device that is not identical, in a few words.
+fn dry_run_findings(d: &Value) -> String {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let events = n(&d["events"]);
+    let mut what = Vec::new();
+    if d["folds"] != true {
+        what.push(match d["fold_failed_seq"].as_u64() {
+            Some(seq) => format!("cannot fold its recorded transitions at seq {seq}"),
+            // Failed before the first event: the config or the snapshot, not a transition.
+            None if events == 0 => {
+                "cannot start on this device (its `init` or `restore` failed)".to_string()
+            }
+            None => "cannot fold its recorded transitions".to_string(),
+        });
+    }
+    if n(&d["diverged_events"]) > 0 {
+        what.push(format!(
+            "decides differently on {} of {events} event{}",
+            n(&d["diverged_events"]),
+            if events == 1 { "" } else { "s" }
+        ));
+    }
+    // A candidate that could not fold has no state of its own to compare, and one whose
+    // run stopped before the end (its `error` says why) compared none.
+    if d["state_matches"] != true && d["folds"] == true && d["state_compared"] == true {
+        what.push("ends in another state".to_string());
+    }
+    if what.is_empty() {
+        what.push("not checked to the end (see the error)".to_string());
+    }
+    what.join("; ")
+}
+
 /// Prints a dry-run report: totals, then each device's first divergence and state diff.
 pub fn print_dry_run(r: &Value) {
     let t = &r["totals"];
@@ -577,28 +610,7 @@ pub fn print_dry_run(r: &Value) {
             continue;
         }
         // One header per device, so every detail below is under the device it belongs to.
-        let mut what = Vec::new();
-        if d["folds"] != true {
-            what.push(match d["fold_failed_seq"].as_u64() {
-                Some(seq) => format!("cannot fold its recorded transitions at seq {seq}"),
-                // Failed before the first event: the config or the snapshot, not a transition.
-                None if n(&d["events"]) == 0 => {
-                    "cannot start on this device (its `init` or `restore` failed)".to_string()
-                }
-                None => "cannot fold its recorded transitions".to_string(),
-            });
-        }
-        if n(&d["diverged_events"]) > 0 {
-            what.push(format!(
-                "decides differently on {} of {events}",
-                n(&d["diverged_events"])
-            ));
-        }
-        // A candidate that could not fold has no state of its own to compare.
-        if d["state_matches"] != true && d["folds"] == true {
-            what.push("ends in another state".to_string());
-        }
-        println!("{id}: {}", what.join("; "));
+        println!("{id}: {}", dry_run_findings(d));
         if let Some(f) = d["first_divergence"].as_object() {
             let line = |v: Option<&Value>| v.map_or_else(String::new, |v| v.to_string());
             println!("  first at seq {}", f.get("seq").map_or(0, n));
@@ -638,6 +650,26 @@ mod tests {
 
     /// Sampled devices the new version failed on while re-deciding their events are listed,
     /// at most three; devices it cannot fold, or did not check, are said elsewhere.
+    /// A device whose dry run stopped before its state was compared (its own version could
+    /// not rebuild the state retention left) read "ends in another state" (a review).
+    #[test]
+    fn a_dry_run_that_compared_no_state_does_not_say_it_differs() {
+        let device = |compared: bool, diverged: u64| {
+            json!({"device": "d", "events": 3, "folds": true, "diverged_events": diverged,
+                   "state_matches": false, "state_compared": compared,
+                   "error": if compared { Value::Null } else { json!("cannot be rebuilt") }})
+        };
+        assert_eq!(
+            dry_run_findings(&device(false, 0)),
+            "not checked to the end (see the error)"
+        );
+        assert_eq!(
+            dry_run_findings(&device(false, 1)),
+            "decides differently on 1 of 3 events"
+        );
+        assert_eq!(dry_run_findings(&device(true, 0)), "ends in another state");
+    }
+
     #[test]
     fn versions_are_taken_as_printed() {
         assert_eq!(version_number("4"), Ok(4));
