@@ -131,20 +131,36 @@ pub fn backup(data_dir: &Path, to: &Path) -> anyhow::Result<BackupSummary> {
 /// copy must, lost acknowledged events at each backup of a backup.
 struct Offline {
     _lock: Option<File>,
+    _dir: Option<File>,
 }
 
 impl Offline {
     fn take(data_dir: &Path) -> anyhow::Result<Option<Offline>> {
+        // A server holds the directory itself locked too (see `builder::lock_data_dir`):
+        // one whose `LOCK` file was deleted is still running.
+        let dir =
+            File::open(data_dir).with_context(|| format!("opening {}", data_dir.display()))?;
+        let dir = match dir.try_lock_shared() {
+            Ok(()) => Some(dir),
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(_)) => None,
+        };
         let path = data_dir.join("LOCK");
         let file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Some(Offline { _lock: None }));
+                return Ok(Some(Offline {
+                    _lock: None,
+                    _dir: dir,
+                }));
             }
             Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
         };
         match file.try_lock_shared() {
-            Ok(()) => Ok(Some(Offline { _lock: Some(file) })),
+            Ok(()) => Ok(Some(Offline {
+                _lock: Some(file),
+                _dir: dir,
+            })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).with_context(|| format!("locking {}", path.display()))

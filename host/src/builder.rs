@@ -414,16 +414,43 @@ fn read_plugin_dir(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
+/// The exclusive lock on a data directory, held while a runtime (or an import) writes it.
+pub(crate) struct DataDirLock {
+    _file: File,
+    _dir: Option<File>,
+}
+
 /// Takes an exclusive lock on the data directory so two processes never write one journal.
-pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+///
+/// Two locks: one on the `LOCK` file, and one on the directory itself. The file alone was
+/// defeated by deleting it while a server ran (a review): the next server created a new
+/// `LOCK`, locked that, and both wrote the journal, acknowledging the same seqs for
+/// different events. The directory cannot be replaced under a running server that way. (A
+/// file system that cannot lock a directory keeps the file's lock alone, with a warning.)
+pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
+    let in_use = || {
+        anyhow::anyhow!(
+            "data directory {} is in use by another Drover process",
+            dir.display()
+        )
+    };
+    let directory = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let directory = match directory.try_lock() {
+        Ok(()) => Some(directory),
+        Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot lock the data directory itself; relying on its LOCK file alone");
+            None
+        }
+    };
     let path = dir.join("LOCK");
     let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "data directory {} is in use by another Drover process",
-            dir.display()
-        ),
+        Ok(()) => Ok(DataDirLock {
+            _file: file,
+            _dir: directory,
+        }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(in_use()),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("locking {}", path.display()))
         }

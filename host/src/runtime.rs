@@ -19,7 +19,6 @@
 //! ```
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +64,7 @@ pub(crate) struct Shared {
     pub(crate) provisioning: Mutex<HashSet<String>>,
     /// The data directory's lock, released by [`Runtime::shutdown`] so the directory can be
     /// reopened in the same process.
-    pub(crate) lock: Mutex<Option<File>>,
+    pub(crate) lock: Mutex<Option<crate::builder::DataDirLock>>,
     /// The actors' threads; stopped by [`Runtime::shutdown`] (or when the last handle goes).
     pub(crate) pool: Mutex<Option<ActorPool>>,
     /// One deploy or rollback at a time (see `crate::deploy`).
@@ -110,7 +109,7 @@ impl Runtime {
         data_dir: &Path,
         journal: Journal,
         config: Config,
-        lock: File,
+        lock: crate::builder::DataDirLock,
     ) -> anyhow::Result<Runtime> {
         if let Some(memory) = crate::config::defaults::memory()
             && config.engine.guest_memory_budget > memory

@@ -1539,6 +1539,36 @@ async fn the_time_budget_bounds_a_whole_event_not_each_call() {
     rt.shutdown().await;
 }
 
+/// A second runtime on a data directory in use is refused, even once the first one's `LOCK`
+/// file was deleted: a review deleted it under a running server, started a second, and both
+/// acknowledged the same seqs for different events (the journal was damaged at the next
+/// start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_is_refused_even_without_its_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = open(dir.path(), 1000).await;
+    std::fs::remove_file(dir.path().join("LOCK")).expect("LOCK removed");
+    let second = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .open()
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{second:#}").contains("is in use by another Drover process"),
+        "{second:#}"
+    );
+    first.shutdown().await;
+    // Free again once the first is stopped.
+    Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .open()
+        .await
+        .expect("opens")
+        .shutdown()
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_that_will_not_restore_falls_back_to_the_one_before_then_to_genesis() {
     let dir = tempfile::tempdir().expect("tempdir");
