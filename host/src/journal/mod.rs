@@ -577,6 +577,25 @@ impl Journal {
             // What a salvage killed before it finished left: its new journal, never put in
             // place, which only holds the space (a salvage writes it afresh).
             let partial = recovery::side_file(&path, "salvage");
+            let moving = recovery::side_file(&path, recovery::SALVAGE_MOVING);
+            if moving.exists() {
+                if !partial.exists() {
+                    // Its new journal is in place, and segments it holds the records of may
+                    // be left: reading on would count their records twice.
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: a --salvage was interrupted after writing its new journal.log, \
+                             which holds every intact record, before it moved the segment \
+                             files after it aside. Start again with --salvage, which finishes \
+                             it",
+                            path.display()
+                        ),
+                    ));
+                }
+                // Killed before the rename: the old journal is whole.
+                std::fs::remove_file(&moving)?;
+            }
             if partial.exists() {
                 tracing::warn!(file = %partial.display(), "journal: removing the partial new journal a --salvage killed before it finished left");
                 std::fs::remove_file(&partial)?;

@@ -573,7 +573,7 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
              first segments: restore the data directory from a backup instead",
         ));
     }
-    finish_interrupted_salvage(dir, &segments)?;
+    finish_interrupted_salvage(path, &segments)?;
     // A damaged segment header (its records may all be intact) or a missing segment refuses
     // a normal open: read past them here (the missing positions as unreadable bytes), and
     // rewrite the journal even if no record is damaged.
@@ -591,21 +591,42 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
 /// normal open and `--salvage` alike, with only a hand to move the files (a review killed a
 /// salvage at 0.3 s). Nothing else writes a `journal.log` that reaches past the next
 /// segment's first position.
-fn finish_interrupted_salvage(dir: &Path, segments: &[SegmentInfo]) -> std::io::Result<()> {
-    let [first, next, ..] = segments else {
+///
+/// Found by its [`SALVAGE_MOVING`] mark, or, for a salvage by an earlier build, by a
+/// `journal.log` that reaches past the next segment's first position. That alone missed a
+/// salvage that dropped damaged bytes, whose new file ends before the last segments: a
+/// review killed one with two segments left, and the next salvage read their records again,
+/// a snapshot taken after a lost seq among them, so a device's state differed rebuilt from
+/// it or from `init`.
+fn finish_interrupted_salvage(path: &Path, segments: &[SegmentInfo]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let moving = side_file(path, SALVAGE_MOVING);
+    let marked = moving.exists();
+    if marked && side_file(path, "salvage").exists() {
+        // Killed before its new journal was renamed into place: the old one is whole, and
+        // this salvage starts over.
+        std::fs::remove_file(&moving)?;
+        File::open(dir)?.sync_all()?;
         return Ok(());
-    };
-    if first.first != 0 || first.len <= next.first {
+    }
+    let past_next =
+        matches!(segments, [first, next, ..] if first.first == 0 && first.len > next.first);
+    if !marked && !past_next {
         return Ok(());
     }
     let suffix = format!("damaged-interrupted-{}", wall_ms());
-    for segment in &segments[1..] {
+    let later: Vec<&SegmentInfo> = segments.iter().filter(|s| s.first > 0).collect();
+    for segment in &later {
         std::fs::rename(&segment.path, side_file(&segment.path, &suffix))?;
     }
     File::open(dir)?.sync_all()?;
+    if marked {
+        std::fs::remove_file(&moving)?;
+        File::open(dir)?.sync_all()?;
+    }
     tracing::warn!(
-        journal_log_ends = first.len,
-        moved = segments.len() - 1,
+        journal_log_ends = segments.first().map_or(0, |s| s.len),
+        moved = later.len(),
         suffix,
         "journal salvage: an earlier salvage was interrupted after writing its new journal.log, \
          which holds every intact record; the segment files after it are moved aside as it \
@@ -613,6 +634,11 @@ fn finish_interrupted_salvage(dir: &Path, segments: &[SegmentInfo]) -> std::io::
     );
     Ok(())
 }
+
+/// The mark a salvage leaves (synced) from just before it renames its new `journal.log` into
+/// place until it has moved every later segment aside: a crash in between leaves segment
+/// files the new journal already holds the records of, which only a salvage may move.
+pub(super) const SALVAGE_MOVING: &str = "salvage-moving";
 
 /// [`salvage`], reading the damaged journal through `source` (the file at `path`, or a test's
 /// view of it that fails on command); what is written goes beside `path`.
@@ -725,19 +751,26 @@ fn salvage_from_with(
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::rename(&tmp, path)?;
-    // The new `journal.log` holds every segment's intact records: the later segments are
-    // kept aside with the original. (A crash before they are moved leaves segments that do
-    // not follow the new file: the open refuses, saying so, and nothing is lost.)
-    if let Some(dir) = path.parent() {
-        for segment in SegmentedBackend::list(dir)? {
-            if segment.first > 0 {
-                let aside = side_file(&segment.path, &format!("damaged-{first}"));
-                std::fs::rename(&segment.path, aside)?;
-            }
-        }
-        File::open(dir)?.sync_all()?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let moving = side_file(path, SALVAGE_MOVING);
+    File::create(&moving)?.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&moving);
+        return Err(e);
     }
+    // The new `journal.log` holds every segment's intact records: the later segments are
+    // kept aside with the original. (A crash before they are all moved leaves the mark: the
+    // open refuses, saying so, the next salvage finishes the move, and nothing is lost.)
+    for segment in SegmentedBackend::list(dir)? {
+        if segment.first > 0 {
+            let aside = side_file(&segment.path, &format!("damaged-{first}"));
+            std::fs::rename(&segment.path, aside)?;
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    std::fs::remove_file(&moving)?;
+    File::open(dir)?.sync_all()?;
     let salvaged = Salvaged {
         kept: tail.intact - tail.set_aside,
         lost_seqs: tail.lost_seqs,

@@ -2970,6 +2970,76 @@ async fn a_read_only_open_starts_again_when_retention_deletes_what_its_checkpoin
     drop((reader, writer));
 }
 
+/// A salvage killed while it moved the later segments aside, with its new `journal.log`
+/// ending before the segments left (it dropped unreadable bytes): the open refuses, and the
+/// next salvage finishes the move rather than read those segments' records again (a review
+/// killed one so, and the second salvage brought back records the first had set aside).
+#[tokio::test]
+async fn a_salvage_killed_while_moving_segments_aside_is_finished_not_read_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    segmented(dir.path(), 512, 300).await;
+    let segments = SegmentedBackend::list(dir.path()).expect("list");
+    assert!(segments.len() > 4, "{}", segments.len());
+    // A missing segment in the middle: the salvage reads past it as unreadable bytes, so its
+    // new journal is a segment shorter than the old one.
+    std::fs::remove_file(&segments[segments.len() / 2].path).expect("removed");
+    let journal = open_segmented(dir.path(), 512, true).expect("salvage");
+    assert!(journal.recovery().salvaged.is_some());
+    let salvaged = journal.read_events(0, 1, 300).expect("read");
+    journal.close();
+    drop(journal);
+
+    // As if killed before it moved the last segment aside.
+    let last_aside = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (seg, _) = name.split_once(".damaged-")?;
+            let position: u64 = seg
+                .strip_prefix("journal.")?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()?;
+            Some((position, e.path(), dir.path().join(seg)))
+        })
+        .max()
+        .expect("segments set aside");
+    std::fs::rename(&last_aside.1, &last_aside.2).expect("back");
+    std::fs::write(dir.path().join("journal.log.salvage-moving"), b"").expect("mark");
+    assert!(
+        std::fs::metadata(dir.path().join(FILE_NAME))
+            .expect("stat")
+            .len()
+            < last_aside.0,
+        "the new journal ends before the segment left"
+    );
+
+    let err = open_segmented(dir.path(), 512, false)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("--salvage was interrupted"),
+        "{err}"
+    );
+    let journal = open_segmented(dir.path(), 512, true).expect("the salvage finished");
+    assert_eq!(SegmentedBackend::list(dir.path()).expect("list").len(), 1);
+    assert!(!dir.path().join("journal.log.salvage-moving").exists());
+    assert_eq!(journal.read_events(0, 1, 300).expect("read"), salvaged);
+    journal.close();
+    drop(journal);
+
+    // Killed before its rename: the mark and the partial new journal are left, and the old
+    // journal is whole; a plain start removes both and opens it.
+    let partial = dir.path().join("journal.log.salvage");
+    std::fs::write(&partial, vec![7u8; 4096]).expect("partial");
+    std::fs::write(dir.path().join("journal.log.salvage-moving"), b"").expect("mark");
+    let journal = open_segmented(dir.path(), 512, false).expect("opens");
+    assert!(!partial.exists() && !dir.path().join("journal.log.salvage-moving").exists());
+    assert_eq!(journal.read_events(0, 1, 300).expect("read"), salvaged);
+    journal.close();
+}
+
 #[tokio::test]
 async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segments_records() {
     let dir = tempfile::tempdir().expect("tempdir");
