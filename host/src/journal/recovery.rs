@@ -567,10 +567,23 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
         return Ok(None);
     }
     if segments[0].first > 0 {
+        // Deleted by retention (it recorded where the journal now begins), or lost.
+        let retained = super::segments::retained_floor(dir)
+            .ok()
+            .flatten()
+            .is_some_and(|floor| floor > 0);
+        let why = if retained {
+            "retention deleted this one's first segments"
+        } else {
+            "this one's first segment (`journal.log`, or the segments that began it) is \
+             missing, and retention deleted none"
+        };
         return Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
-            "salvage reads a journal from its first record, and retention deleted this one's \
-             first segments: restore the data directory from a backup instead",
+            format!(
+                "salvage reads a journal from its first record, and {why}: restore the data \
+                 directory from a backup instead"
+            ),
         ));
     }
     finish_interrupted_salvage(path, &segments)?;

@@ -2970,6 +2970,23 @@ async fn a_read_only_open_starts_again_when_retention_deletes_what_its_checkpoin
     drop((reader, writer));
 }
 
+/// A salvage of a journal whose `journal.log` was deleted by hand says that, not that
+/// retention deleted it (a review: `journal.retained` said 0).
+#[tokio::test]
+async fn a_salvage_without_the_first_segment_says_whether_retention_deleted_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    segmented(dir.path(), 512, 100).await;
+    std::fs::remove_file(dir.path().join(FILE_NAME)).expect("removed");
+    let err = open_segmented(dir.path(), 512, true)
+        .err()
+        .expect("refused");
+    let said = err.to_string();
+    assert!(
+        said.contains("is missing, and retention deleted none") && said.contains("backup"),
+        "{said}"
+    );
+}
+
 /// A salvage killed while it moved the later segments aside, with its new `journal.log`
 /// ending before the segments left (it dropped unreadable bytes): the open refuses, and the
 /// next salvage finishes the move rather than read those segments' records again (a review
