@@ -568,15 +568,23 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     }
     if segments[0].first > 0 {
         // Deleted by retention (it recorded where the journal now begins), or lost.
-        let retained = super::segments::retained_floor(dir)
-            .ok()
-            .flatten()
-            .is_some_and(|floor| floor > 0);
-        let why = if retained {
-            "retention deleted this one's first segments"
-        } else {
-            "this one's first segment (`journal.log`, or the segments that began it) is \
-             missing, and retention deleted none"
+        let begins = segments[0].first;
+        let why = match super::segments::retained_floor(dir) {
+            Ok(Some(floor)) if floor >= begins => {
+                "retention deleted this one's first segments".to_string()
+            }
+            Ok(Some(floor)) if floor > 0 => format!(
+                "retention deleted this one's segments before position {floor}, and those from \
+                 there to position {begins} are missing"
+            ),
+            Ok(Some(_)) => "this one's first segment (`journal.log`, or the segments that began \
+                 it) is missing, and retention deleted none"
+                .to_string(),
+            _ => format!(
+                "this one's first segments, before position {begins}, are missing (deleted by \
+                 retention, if its record of where the journal begins, `journal.retained`, was \
+                 lost too; or lost)"
+            ),
         };
         return Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,

@@ -2985,6 +2985,18 @@ async fn a_salvage_without_the_first_segment_says_whether_retention_deleted_it()
         said.contains("is missing, and retention deleted none") && said.contains("backup"),
         "{said}"
     );
+    // Without the record of where the journal begins, it cannot tell (a second review: it
+    // said "retention deleted none" all the same).
+    std::fs::remove_file(dir.path().join(segments::RETAINED_FILE)).expect("removed");
+    let said = open_segmented(dir.path(), 512, true)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        said.contains("are missing (deleted by retention, if its record")
+            && !said.contains("retention deleted none"),
+        "{said}"
+    );
 }
 
 /// A salvage killed while it moved the later segments aside, with its new `journal.log`
