@@ -19,6 +19,16 @@ fn misbehave() -> CompiledPlugin {
     engine.compile(&bytes).expect("compiles")
 }
 
+/// The journal and plugins of a stopped server's data directory, as `drover replay` opens
+/// them.
+fn offline(dir: &std::path::Path) -> (drover::journal::Journal, drover::registry::Registry) {
+    let journal = drover::journal::Journal::open_read_only(dir).expect("journal");
+    let engine = Engine::new(EngineConfig::default()).expect("engine");
+    let registry =
+        drover::registry::Registry::open(engine, journal.clone(), dir).expect("registry");
+    (journal, registry)
+}
+
 /// A fresh instance of device `m`, initialised.
 fn device_m(plugin: &CompiledPlugin) -> Instance {
     let mut m = plugin.instantiate("m".into()).expect("instance");
@@ -185,10 +195,7 @@ fn a_trap_found_again_by_a_rebuilds_search_is_not_logged_twice() {
     });
     drop(tokio);
 
-    let journal = drover::journal::Journal::open_read_only(dir.path()).expect("journal");
-    let engine = Engine::new(EngineConfig::default()).expect("engine");
-    let registry =
-        drover::registry::Registry::open(engine, journal.clone(), dir.path()).expect("registry");
+    let (journal, registry) = offline(dir.path());
     let head = journal.device("f").expect("head");
     assert!(
         journal.snapshots(head.num).iter().any(|s| s.seq == 3),
@@ -248,10 +255,7 @@ fn a_snapshot_probe_that_fails_logs_no_warning() {
     });
     drop(tokio);
 
-    let journal = drover::journal::Journal::open_read_only(dir.path()).expect("journal");
-    let engine = Engine::new(EngineConfig::default()).expect("engine");
-    let registry =
-        drover::registry::Registry::open(engine, journal.clone(), dir.path()).expect("registry");
+    let (journal, registry) = offline(dir.path());
     let head = journal.device("p").expect("head");
     let snapshot = *journal.snapshots(head.num).last().expect("a snapshot");
     let on_v2 = drover::journal::DeviceHead {
