@@ -593,8 +593,11 @@ impl Journal {
                         ),
                     ));
                 }
-                // Killed before the rename: the old journal is whole.
+                // Killed before the rename: the old journal is whole. The mark goes
+                // durably before the partial file does: a mark without it reads as a
+                // salvage past its rename.
                 std::fs::remove_file(&moving)?;
+                std::fs::File::open(dir)?.sync_all()?;
             }
             if partial.exists() {
                 tracing::warn!(file = %partial.display(), "journal: removing the partial new journal a --salvage killed before it finished left");

@@ -648,8 +648,6 @@ mod tests {
         assert_eq!(outcome(&report(0, 1)), ExitCode::from(1));
     }
 
-    /// Sampled devices the new version failed on while re-deciding their events are listed,
-    /// at most three; devices it cannot fold, or did not check, are said elsewhere.
     /// A device whose dry run stopped before its state was compared (its own version could
     /// not rebuild the state retention left) read "ends in another state" (a review).
     #[test]
@@ -680,6 +678,8 @@ mod tests {
         assert!(version_number("v").is_err() && version_number("-1").is_err());
     }
 
+    /// Sampled devices the new version failed on while re-deciding their events are listed,
+    /// at most three; devices it cannot fold, or did not check, are said elsewhere.
     #[test]
     fn sampled_devices_a_version_failed_on_are_listed() {
         let device = |id: &str, folds: bool, error: Option<&str>| serde_json::json!({"device": id, "folds": folds, "overloaded": false, "error": error});
