@@ -1174,7 +1174,15 @@ impl Journal {
         );
         // A retained journal's next start opens from the same checkpoint and reads the same
         // record: promising it a check that it cannot make sent operators round in circles.
-        let next = if self.discard_checkpoint() {
+        let next = if self.is_read_only() && self.retained_from() == 0 {
+            // An offline tool writes nothing, the checkpoint included: the server's next
+            // start opens from it as before and does not see this (a review: it was told it
+            // would).
+            "this read-only open changes nothing: the server's next start opens from its \
+             index checkpoint as before, and finds the damage only when it reads this record \
+             or its scrub reaches it; to check the whole journal now, start it once with \
+             --index-checkpoint-bytes 0"
+        } else if self.discard_checkpoint() {
             "the next start checks the whole journal, and refuses naming the damage or \
              rebuilds the index"
         } else {

@@ -1946,6 +1946,18 @@ async fn the_scrub_finds_damage_before_the_checkpoint_and_the_next_open_refuses(
     let reader = Journal::open_read_only(dir.path()).expect("read-only");
     assert!(reader.recovery().from_checkpoint.is_some());
     check_histories_of(&reader, 0, 1500);
+    // Its read of the damaged record says what happens next as it is: it removes no
+    // checkpoint (a review was told the next start would check the whole journal).
+    let said = reader
+        .read_events(1, 700, 700)
+        .err()
+        .expect("damaged")
+        .to_string();
+    assert!(
+        said.contains("this read-only open changes nothing")
+            && !said.contains("the next start checks the whole journal"),
+        "{said}"
+    );
     drop(reader);
 
     let journal = open_checkpointing(dir.path(), 64, every).expect("opens from the checkpoint");
