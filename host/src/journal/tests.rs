@@ -1950,8 +1950,7 @@ async fn the_scrub_finds_damage_before_the_checkpoint_and_the_next_open_refuses(
     // checkpoint (a review was told the next start would check the whole journal).
     let said = reader
         .read_events(1, 700, 700)
-        .err()
-        .expect("damaged")
+        .expect_err("damaged")
         .to_string();
     assert!(
         said.contains("this read-only open changes nothing")
