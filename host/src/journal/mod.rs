@@ -597,7 +597,7 @@ impl Journal {
                 // durably before the partial file does: a mark without it reads as a
                 // salvage past its rename.
                 std::fs::remove_file(&moving)?;
-                std::fs::File::open(dir)?.sync_all()?;
+                segments::sync_dir(dir)?;
             }
             if partial.exists() {
                 tracing::warn!(file = %partial.display(), "journal: removing the partial new journal a --salvage killed before it finished left");

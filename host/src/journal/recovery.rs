@@ -536,7 +536,7 @@ pub(super) fn recover(
         recovery.confirmed_len = offset;
     }
     if let Some(dir) = storage.path().and_then(Path::parent) {
-        File::open(dir)?.sync_all()?;
+        super::segments::sync_dir(dir)?;
     }
     tracing::warn!(
         offset,
@@ -627,7 +627,7 @@ fn finish_interrupted_salvage(path: &Path, segments: &[SegmentInfo]) -> std::io:
         // Killed before its new journal was renamed into place: the old one is whole, and
         // this salvage starts over.
         std::fs::remove_file(&moving)?;
-        File::open(dir)?.sync_all()?;
+        super::segments::sync_dir(dir)?;
         return Ok(());
     }
     let past_next =
@@ -640,10 +640,10 @@ fn finish_interrupted_salvage(path: &Path, segments: &[SegmentInfo]) -> std::io:
     for segment in &later {
         std::fs::rename(&segment.path, side_file(&segment.path, &suffix))?;
     }
-    File::open(dir)?.sync_all()?;
+    super::segments::sync_dir(dir)?;
     if marked {
         std::fs::remove_file(&moving)?;
-        File::open(dir)?.sync_all()?;
+        super::segments::sync_dir(dir)?;
     }
     tracing::warn!(
         journal_log_ends = segments.first().map_or(0, |s| s.len),
@@ -775,7 +775,7 @@ fn salvage_from_with(
     let dir = path.parent().unwrap_or(Path::new("."));
     let moving = side_file(path, SALVAGE_MOVING);
     File::create(&moving)?.sync_all()?;
-    File::open(dir)?.sync_all()?;
+    super::segments::sync_dir(dir)?;
     if let Err(e) = std::fs::rename(&tmp, path) {
         let _ = std::fs::remove_file(&moving);
         return Err(e);
@@ -789,9 +789,9 @@ fn salvage_from_with(
             std::fs::rename(&segment.path, aside)?;
         }
     }
-    File::open(dir)?.sync_all()?;
+    super::segments::sync_dir(dir)?;
     std::fs::remove_file(&moving)?;
-    File::open(dir)?.sync_all()?;
+    super::segments::sync_dir(dir)?;
     let salvaged = Salvaged {
         kept: tail.intact - tail.set_aside,
         lost_seqs: tail.lost_seqs,

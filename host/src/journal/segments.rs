@@ -815,7 +815,8 @@ fn damaged(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// Makes the directory's entries (files created, renamed or removed in it) durable.
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

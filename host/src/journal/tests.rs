@@ -2981,6 +2981,25 @@ async fn a_read_only_open_starts_again_when_retention_deletes_what_its_checkpoin
     drop((reader, writer));
 }
 
+/// The segment files a salvage set aside in `dir`: each one's first position, its path now,
+/// and the path it had.
+fn segments_set_aside(dir: &Path) -> Vec<(u64, std::path::PathBuf, std::path::PathBuf)> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (seg, _) = name.split_once(".damaged-")?;
+            let position: u64 = seg
+                .strip_prefix("journal.")?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()?;
+            Some((position, e.path(), dir.join(seg)))
+        })
+        .collect()
+}
+
 /// A salvage of a journal whose `journal.log` was deleted by hand says that, not that
 /// retention deleted it (a review: `journal.retained` said 0).
 #[tokio::test]
@@ -3030,19 +3049,8 @@ async fn a_salvage_killed_while_moving_segments_aside_is_finished_not_read_again
     drop(journal);
 
     // As if killed before it moved the last segment aside.
-    let last_aside = std::fs::read_dir(dir.path())
-        .expect("dir")
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (seg, _) = name.split_once(".damaged-")?;
-            let position: u64 = seg
-                .strip_prefix("journal.")?
-                .strip_suffix(".seg")?
-                .parse()
-                .ok()?;
-            Some((position, e.path(), dir.path().join(seg)))
-        })
+    let last_aside = segments_set_aside(dir.path())
+        .into_iter()
         .max()
         .expect("segments set aside");
     std::fs::rename(&last_aside.1, &last_aside.2).expect("back");
@@ -3160,17 +3168,8 @@ async fn damage_in_an_earlier_segment_refuses_and_salvage_keeps_the_later_segmen
     // segment is missing.
     journal.close();
     drop(journal);
-    let moved: Vec<(std::path::PathBuf, std::path::PathBuf)> = std::fs::read_dir(dir.path())
-        .expect("dir")
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (seg, _) = name.split_once(".damaged-")?;
-            seg.ends_with(".seg")
-                .then(|| (e.path(), dir.path().join(seg)))
-        })
-        .collect();
-    for (aside, back) in &moved {
+    let moved = segments_set_aside(dir.path());
+    for (_, aside, back) in &moved {
         std::fs::rename(aside, back).expect("back");
     }
     let err = open_segmented(dir.path(), 512, false)
