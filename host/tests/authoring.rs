@@ -299,6 +299,76 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     );
 }
 
+/// A `drover dev` killed outright (`kill -9`) while cargo builds leaves no build running (a
+/// review found `cargo build` and its compilers still at work after it). Cargo here is a
+/// script whose `build` sleeps for minutes, so only a stop outlives nothing.
+#[test]
+fn a_killed_drover_dev_leaves_no_build_running() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (ok, out, err) = support::cli_in(tmp.path(), &["new", "gauge"]);
+    assert!(ok, "{out}{err}");
+    let krate = tmp.path().join("gauge");
+    let pid_file = tmp.path().join("build.pid");
+    let real = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let script = tmp.path().join("cargo");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = build ]; then echo $$ > '{}'; exec sleep 300; fi\n\
+             exec '{}' \"$@\"\n",
+            pid_file.display(),
+            Path::new(&real).display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut dev = Command::new(support::BIN);
+    support::strip_build_env(&mut dev);
+    let mut dev = dev
+        .arg("dev")
+        .arg(&krate)
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("data"))
+        .env("CARGO", &script)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning drover dev");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let build: libc::pid_t = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "drover dev never ran a build");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    dev.kill().expect("kill -9");
+    dev.wait().expect("wait");
+
+    // Running, not a zombie waiting for a reaper (a process without a parent may be one in a
+    // container whose first process reaps nothing).
+    let runs = || {
+        std::fs::read_to_string(format!("/proc/{build}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runs() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = runs();
+    if left {
+        // SAFETY: kill(2) of the build this test started, seen running just now.
+        unsafe { libc::kill(build, libc::SIGKILL) };
+    }
+    assert!(!left, "the build outlived `drover dev` by 10 s");
+}
+
 /// How long after rustc starts on the plugin the test stops `drover dev`.
 const DEV_STOP_AFTER_MS: u64 = 200;
 

@@ -22,7 +22,8 @@
 //! the crate's incremental cache, which a compile cut short can leave unusable, is dropped), and
 //! the local server shuts down as `drover serve` does (in-flight requests answered, mailboxes
 //! drained, the journal flushed and its index checkpointed), then `stopped` is printed. A
-//! second signal exits at once.
+//! second signal exits at once. A `drover dev` that dies without stopping its build (a
+//! `kill -9`, a crash) leaves no cargo running: the kernel sends cargo SIGTERM.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -426,7 +427,8 @@ impl Dev {
             let _ = std::fs::create_dir_all(dir);
         }
         let _ = std::fs::write(&marker, b"");
-        let mut child = cargo()
+        let mut command = cargo();
+        command
             .args([
                 "build",
                 "--profile",
@@ -440,7 +442,26 @@ impl Dev {
             .stderr(Stdio::inherit())
             // A group of its own (leader: cargo), so a stop ends its compilers with it; a
             // terminal's Ctrl-C reaches this process, which stops the group.
-            .process_group(0)
+            .process_group(0);
+        // A `drover dev` that dies without stopping the build (`kill -9`, a crash) still
+        // ends it: the kernel sends cargo SIGTERM when the thread that spawned it exits, and
+        // this is the main thread, which lives as long as the process. Its compilers, which
+        // nothing signals, end at their next write to cargo's closed pipe.
+        let parent = rustix::process::getpid();
+        // SAFETY: the closure makes two system calls (prctl, getppid), async-signal-safe,
+        // and touches no state shared with the parent.
+        unsafe {
+            command.pre_exec(move || {
+                use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+                set_parent_process_death_signal(Some(Signal::TERM))?;
+                // Died before the prctl: no signal will come, so do not build at all.
+                if getppid() != Some(parent) {
+                    return Err(std::io::ErrorKind::Other.into());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .spawn()
             .context("running cargo (is it installed?)")?;
         self.stop.building.store(child.id(), Ordering::Release);
