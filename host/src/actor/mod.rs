@@ -1083,16 +1083,7 @@ impl Actor {
                 error: error @ (Error::OutputTooLarge { .. } | Error::InvalidEffect(_)),
                 instance_lost: false,
             }) if internal => {
-                self.env.metrics.dead_letter(error.kind());
-                self.writer.append_dead_letter(DeadLetter {
-                    device: self.head.num,
-                    after_seq: seq - 1,
-                    at_ms,
-                    version: self.head.version,
-                    event: event.clone().into_bytes(),
-                    code: error.code().to_string(),
-                    message: error.to_string(),
-                });
+                self.dead_letter(seq - 1, at_ms, event.clone().into_bytes(), &error);
                 refused = true;
                 decide::Decided::default()
             }
@@ -1106,16 +1097,7 @@ impl Actor {
                 error,
                 instance_lost,
             }) if internal && (matches!(error, Error::Trap(_)) || timed_out_enough) => {
-                self.env.metrics.dead_letter(error.kind());
-                self.writer.append_dead_letter(DeadLetter {
-                    device: self.head.num,
-                    after_seq: seq - 1,
-                    at_ms,
-                    version: self.head.version,
-                    event: event.clone().into_bytes(),
-                    code: error.code().to_string(),
-                    message: error.to_string(),
-                });
+                self.dead_letter(seq - 1, at_ms, event.clone().into_bytes(), &error);
                 tracing::warn!(device = %self.head.id, seq, ?origin, error = %error, "internal event trapped or kept timing out: consumed, kept as a dead letter");
                 poisoned = Some((error, instance_lost));
                 decide::Decided::default()
@@ -1139,16 +1121,7 @@ impl Actor {
                 } else if !matches!(error, Error::Rejected { .. } | Error::Overloaded(_)) {
                     // (An overloaded server is no fault of the event's: re-sending it is
                     // what the 503 asks for.)
-                    self.env.metrics.dead_letter(error.kind());
-                    self.writer.append_dead_letter(DeadLetter {
-                        device: self.head.num,
-                        after_seq: seq - 1,
-                        at_ms,
-                        version: self.head.version,
-                        event: event.into_bytes(),
-                        code: error.code().to_string(),
-                        message: error.to_string(),
-                    });
+                    self.dead_letter(seq - 1, at_ms, event.into_bytes(), &error);
                     lettered = true;
                 }
                 if instance_lost {
@@ -1306,6 +1279,21 @@ impl Actor {
     /// record it submitted, so it lands after the events it covers. Skipped while
     /// quarantined or stopping (retention asks again later). Like a read, it does not change
     /// the lifecycle: a device activated for it is passivated again right after.
+    /// Keeps `event`, which the plugin failed on with `error`, as a dead letter (best
+    /// effort: its sender, if any, has the error already) and counts it.
+    fn dead_letter(&self, after_seq: u64, at_ms: u64, event: Vec<u8>, error: &Error) {
+        self.env.metrics.dead_letter(error.kind());
+        self.writer.append_dead_letter(DeadLetter {
+            device: self.head.num,
+            after_seq,
+            at_ms,
+            version: self.head.version,
+            event,
+            code: error.code().to_string(),
+            message: error.to_string(),
+        });
+    }
+
     async fn on_snapshot_request(&mut self) {
         if self.in_quarantine() || self.stopping() {
             return;
