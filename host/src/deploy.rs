@@ -356,8 +356,9 @@ impl Runtime {
                 String::new()
             };
             return Err(Error::DeployRefused(format!(
-                "version {} of `{plugin}` cannot fold the recorded transitions of {} of {} \
-                 sampled devices ({}); the first: {}.{spins} `drover plugin diff {plugin} {}` \
+                "version {} of `{plugin}` cannot be brought up on {} of {} sampled devices \
+                 (its `init`, `restore` or fold of their recorded transitions failed: {}); the \
+                 first: {}.{spins} `drover plugin diff {plugin} {}` \
                  shows each; forced (`\"force\": true`), the deploy moves the devices it can \
                  fold and leaves these on their version",
                 target.number,
@@ -416,8 +417,9 @@ impl Runtime {
         if !check.cannot_fold.is_empty() && !force {
             let (first, seq, error) = &check.cannot_fold[0];
             return Err(Error::DeployRefused(format!(
-                "version {} of `{plugin}` cannot fold the recorded transitions of {} of the {} \
-                 devices checked beyond the sample ({}); the first: {first}{}: {error}. `drover \
+                "version {} of `{plugin}` cannot be brought up on {} of the {} devices \
+                 checked beyond the sample (its `init`, `restore` or fold of their recorded \
+                 transitions failed: {}); the first: {first}{}: {error}. `drover \
                  plugin diff {plugin} {} --device ID` shows each; forced (`\"force\": true`), the \
                  deploy moves the devices it can fold and leaves these on their version",
                 target.number,

@@ -86,7 +86,6 @@ pub struct DeviceDryRun {
     /// Whether the states were compared at all (not when the dry-run stopped before the
     /// end, e.g. the candidate's `init` failed): only then does `state_matches: false` mean
     /// the device ends in another state.
-    #[serde(skip)]
     pub state_compared: bool,
     /// Recorded state → candidate's state, when they differ.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -239,11 +238,15 @@ fn one_pass(
     want.version = candidate;
     let config = std::str::from_utf8(&head.config)
         .map_err(|_| Error::Internal("stored config is not UTF-8".into()))?;
-    // A candidate that cannot even start on this device cannot fold its history.
+    // A candidate that cannot even start on this device cannot fold its history. Starting
+    // (`init`, or `restore` below) is part of an activation, and gets an activation's budget,
+    // as the deploy's upgrade and the device's next activation give it: with an event's, a
+    // plugin whose `init` builds a large table was refused by every deploy (a review).
+    let setup_budget = registry.engine().config().activation_timeout;
     let started = registry.compiled(candidate).and_then(|compiled| {
         let mut d = compiled.instantiate(head.id.clone())?;
         // `Rejected`'s own words speak of an event: this is the device's config.
-        d.within(limits.call_timeout, |i| i.init(&head.id, config))
+        d.within(setup_budget, |i| i.init(&head.id, config))
             .map_err(|e| match Error::from(e) {
                 Error::Rejected { code, message } => Error::ConfigRefused { code, message },
                 e => e,
@@ -275,7 +278,7 @@ fn one_pass(
             }))?;
         let data = journal.read_snapshot(snap)?;
         if let Some(d) = decider.as_mut()
-            && let Err(e) = d.within(limits.call_timeout, |i| i.restore(&data))
+            && let Err(e) = d.within(setup_budget, |i| i.restore(&data))
         {
             let e = Error::from(e);
             out.folds = matches!(e, Error::Overloaded(_));

@@ -1109,7 +1109,7 @@ async fn a_passivated_device_the_sample_misses_is_checked_before_the_deploy() {
     assert_eq!(refused.kind(), ErrorKind::DeployRefused, "{refused}");
     let message = refused.to_string();
     assert!(
-        message.contains("1 of the 24 devices checked beyond the sample (c-01)")
+        message.contains("1 of the 24 devices checked beyond the sample (its `init`, `restore` or fold of their recorded transitions failed: c-01)")
             && message.contains("at seq 3"),
         "{message}"
     );
@@ -1349,6 +1349,41 @@ async fn a_dry_run_counts_the_devices_a_candidate_fails_on_apart() {
         "{:?}",
         report.totals
     );
+}
+
+/// A candidate whose `init` takes longer than an event's budget, and well under an
+/// activation's, is checked within an activation's, as its devices are brought up: a review
+/// found a device with a slow `init` refused by every deploy ("exceeded its time budget of
+/// 250ms"), and forced, left behind for good as unable to fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_init_is_checked_within_an_activations_budget_not_an_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_millis(10))
+        .open()
+        .await
+        .unwrap();
+    // ~25-300 ms of spinning, past the 10 ms event budget, on any machine the tests run on.
+    rt.provision("slow", "misbehave", &json!({"init_spin": 50_000_000u64}))
+        .await
+        .expect("a trial init gets an activation's budget");
+    rt.send("slow", OK).await.unwrap();
+    let v2 = register_v2(&rt).await;
+    let report = rt
+        .dry_run("misbehave", v2.version, Selection::Sample(4))
+        .await
+        .unwrap();
+    let d = &report.devices[0];
+    assert!(d.folds && d.error.is_none() && !d.timed_out, "{d:?}");
+    let report = rt
+        .deploy("misbehave", v2.version, false)
+        .await
+        .expect("deploy");
+    let t = &report.totals;
+    assert_eq!((t.upgraded, t.failed, t.cannot_fold), (1, 0, 0), "{t:?}");
+    assert_eq!(version(&rt, "slow"), v2.version);
+    rt.shutdown().await;
 }
 
 /// Acceptance 5: a behavior change yields the expected divergences with the first seq and a

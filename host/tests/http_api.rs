@@ -381,6 +381,31 @@ fn provision_send_and_read_back_both_plugins() {
         err.contains(&format!("`drover plugin diff --server {url} misbehave 2`")),
         "{err}"
     );
+    // A version whose decisions, and so its state, differ: the diff says both (it said
+    // "not checked to the end (see the error)" for a device with no error, reading a field
+    // the server did not send: a review).
+    let up = api.call(
+        Method::POST,
+        "/v1/plugins/misbehave",
+        Some(support::misbehave_variant("v2")),
+    );
+    assert_eq!(up.status, 201, "{}", up.text);
+    let (ok, out, err) = cli(&[
+        "plugin",
+        "diff",
+        "misbehave",
+        "3",
+        "--device",
+        "m",
+        "--server",
+        url,
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("m: decides differently on 5 of 5 events; ends in another state")
+            && !out.contains("see the error"),
+        "{out}"
+    );
     // `push --deploy` is refused alike, and takes the `--force` it is told of (it did not).
     let v3_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(v3_file.path(), support::misbehave_variant("v3")).unwrap();
