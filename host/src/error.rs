@@ -304,6 +304,17 @@ impl Error {
                 what: what.to_string(),
                 message: e.to_string(),
             },
+            // The process or the machine ran short of descriptors or memory for a moment (a
+            // flood of connections, a burst of activations): nothing was written, and a retry
+            // soon may well succeed, as with any overload. (A review saw a removal's archive
+            // answer `500 internal` at `--max-connections`' descriptor reserve.)
+            _ if matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+            ) =>
+            {
+                Error::Overloaded(format!("{what}: {e}; try again shortly"))
+            }
             _ => Error::Internal(format!("{what}: {e}")),
         }
     }
@@ -387,6 +398,18 @@ pub fn validate_id(id: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Out of descriptors or memory for a moment is an overload (503 with `Retry-After`),
+    /// not an internal error; a full disk keeps its own code; anything else is internal.
+    #[test]
+    fn a_write_short_of_descriptors_or_memory_is_an_overload() {
+        let writing = |errno| Error::writing("writing x", std::io::Error::from_raw_os_error(errno));
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM] {
+            assert_eq!(writing(errno).kind(), ErrorKind::Overloaded, "{errno}");
+        }
+        assert!(matches!(writing(libc::ENOSPC), Error::StorageFull { .. }));
+        assert_eq!(writing(libc::EIO).kind(), ErrorKind::Internal);
+    }
 
     #[test]
     fn kinds_are_listed_in_order_with_distinct_codes() {

@@ -279,6 +279,11 @@ pub(crate) fn retry_after(e: &Error) -> Option<u32> {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        // A fault of the server's own: the client gets its message, the operator a line (the
+        // `drover_errors_total{code="internal"}` count alone says nothing of what failed).
+        if e.kind() == ErrorKind::Internal {
+            tracing::error!(error = %e, "request failed on an internal error");
+        }
         let status = status_of(&e);
         let retry_after = retry_after(&e);
         ApiError {

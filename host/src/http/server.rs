@@ -393,11 +393,43 @@ impl Server {
     }
 }
 
-/// Binds `listen` (`host:port`; port 0 picks a free one), for [`Server::start_on`].
+/// Connections the kernel may hold, handshaken, before the server accepts them (clamped by
+/// the kernel to `net.core.somaxconn`). std's and tokio's `bind` ask for 128: a burst of a
+/// thousand clients connecting at once (a gateway fleet reconnecting after a network blip)
+/// then overflowed it, and each dropped handshake cost its client a 1 s SYN retransmission
+/// (a review measured p90 1.05 s). The accept loop drains the queue quickly; past the
+/// connection cap its refusals are answered there (`http/overflow.rs`).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `listen` (`host:port`; port 0 picks a free one), for [`Server::start_on`]: the
+/// first of its addresses that binds, as `TcpListener::bind` does.
 pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(listen)
+    let bind_one = |addr: std::net::SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's listeners do on Unix: a restart can bind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen)
         .await
-        .with_context(|| format!("binding {listen}"))
+        .with_context(|| format!("binding {listen}"))?
+    {
+        match bind_one(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => anyhow::Error::new(e),
+        None => anyhow::anyhow!("the name resolved to no address"),
+    })
+    .with_context(|| format!("binding {listen}"))
 }
 
 /// Resolves at the first SIGTERM or Ctrl-C (SIGINT).

@@ -131,8 +131,9 @@ pub fn writes_a_stream(cli: &Cli) -> bool {
 pub fn default_log_level(cli: &Cli) -> &'static str {
     match cli.command {
         Command::Serve(_) => "info",
-        // The local server's warnings (a device that stays on its version) matter here.
-        Command::Dev(_) => "warn,drover::deploy=info",
+        // The local server's warnings (a device that stays on its version) matter here, and
+        // so does what the plugin being written prints or logs (`println!` is at info).
+        Command::Dev(_) => "warn,drover::deploy=info,drover::guest=info",
         _ => "warn",
     }
 }
