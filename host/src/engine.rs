@@ -143,6 +143,14 @@ pub enum CallError {
     /// be discarded.
     #[error("guest call stopped: the server is stopping (send it again once it is back)")]
     Stopped,
+    /// The process could not get the memory or memory mappings a new instance needs (`mmap`
+    /// refused with `ENOMEM`: the machine's memory, or `vm.max_map_count` with guard pages).
+    /// The server is overloaded, the guest is not at fault; nothing was built.
+    #[error(
+        "instantiation failed: the server could not map memory for the instance ({0}): it is \
+         overloaded"
+    )]
+    HostMemory(String),
 }
 
 impl CallError {
@@ -161,6 +169,7 @@ impl CallError {
                 | CallError::GuestMemory(_)
                 | CallError::Moved
                 | CallError::Stopped
+                | CallError::HostMemory(_)
         )
     }
 }
@@ -705,7 +714,22 @@ fn instantiation_fault(
             None => CallError::Timeout(budget),
         };
     }
+    if short_of_memory(&e) {
+        return CallError::HostMemory(format!("{e:#}"));
+    }
     CallError::Trap(format!("instantiation failed: {e:#}"))
+}
+
+/// Whether an instantiation failed because the process could not map memory (`ENOMEM`):
+/// the host's trouble, not a trap of the guest's, so it must not count toward a quarantine
+/// (a review saw healthy devices answer `activation-failed` "guest trapped" as guard-page
+/// instances neared the mapping limit).
+fn short_of_memory(e: &wasmtime::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOMEM))
+    }) || format!("{e:#}").contains("Cannot allocate memory")
 }
 
 /// A plugin version compiled for this engine, ready to instantiate. Cheap to clone.
@@ -834,5 +858,24 @@ impl CompiledPlugin {
             Pre::V2(_) => WIT_PACKAGES[1],
             Pre::V3(..) => WIT_PACKAGES[2],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An instantiation short of memory or mappings (as wasmtime reports an `mmap` that
+    /// failed) is the server's overload; any other failure is the guest's trap.
+    #[test]
+    fn an_instantiation_short_of_memory_is_an_overload_not_a_trap() {
+        let enomem = wasmtime::Error::new(std::io::Error::from_raw_os_error(libc::ENOMEM))
+            .context("mmap failed to reserve 0x104000000 bytes");
+        assert!(short_of_memory(&enomem));
+        assert!(CallError::HostMemory(format!("{enomem:#}")).is_overload());
+        let text = wasmtime::format_err!("Cannot allocate memory (os error 12)");
+        assert!(short_of_memory(&text));
+        let trap = wasmtime::format_err!("unreachable executed");
+        assert!(!short_of_memory(&trap));
     }
 }

@@ -334,6 +334,7 @@ impl From<CallError> for Error {
             // Overload's handling fits (nothing written, not the guest's fault, comes again),
             // and a stopping server is short of what the call needs: its time.
             e @ CallError::Stopped => Error::Overloaded(e.to_string()),
+            e @ CallError::HostMemory(_) => Error::Overloaded(e.to_string()),
         }
     }
 }

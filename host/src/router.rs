@@ -4,7 +4,8 @@
 //! or starts one (the *virtual actor* model: a device has an actor whenever someone talks to
 //! it, and callers never manage its lifecycle). Actors leave the table on their own after two
 //! idle periods ([`Directory::retire`]), and the router passivates the least recently used
-//! instances when more than the cap are live ([`Directory::over_capacity`]).
+//! instances when an activation finds the live-instance cap reached
+//! ([`Directory::over_capacity`]; the cap itself is held by `actor/live_slots.rs`).
 //!
 //! The table is a `RwLock<HashMap>`: the hot path takes the read lock and clones a sender;
 //! the write lock is taken only to start or retire an actor, which is also where a sender
@@ -491,8 +492,9 @@ impl Router {
         });
     }
 
-    /// Asks the least recently used live actors to passivate until the live count is 10%
-    /// under the cap (the margin keeps a busy runtime from sweeping on every activation).
+    /// Asks the least recently used live actors to passivate until the slots of the cap in
+    /// use, with the activations waiting for one counted in, are 10% under the cap (at least
+    /// one under: the margin keeps a busy runtime from sweeping on every activation).
     fn evict_lru(self: Arc<Self>) {
         if self.evicting.swap(true, Ordering::AcqRel) {
             return;
@@ -500,8 +502,8 @@ impl Router {
         let pool = self.env.pool.clone();
         pool.spawn(async move {
             let cap = self.env.config.max_live as u64;
-            let target = cap - cap / 10;
-            let live = self.env.metrics.live_instances.load(Ordering::Relaxed);
+            let target = cap - (cap / 10).max(1);
+            let live = self.env.live_slots.demand() as u64;
             if live > target {
                 let excess = (live - target) as usize;
                 tracing::debug!(live, cap, excess, "passivating least recently used devices");

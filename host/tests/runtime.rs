@@ -1010,6 +1010,84 @@ async fn past_the_live_instance_cap_the_least_recently_used_devices_are_passivat
     rt.shutdown().await;
 }
 
+/// The cap holds while many devices activate at once: an activation waits for a slot (a
+/// review measured 6x a cap of 50 under one gateway batch, and with guard pages healthy
+/// devices failed for want of memory mappings). And a read of a passivated device at the
+/// cap evicts nobody: its instance goes right after the read (one read evicted a tenth of
+/// the cap's busy devices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_instance_cap_holds_under_concurrent_activations_and_a_read_evicts_nobody() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const CAP: u64 = 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(PLUGINS)
+        .max_live_instances(CAP as usize)
+        .open()
+        .await
+        .expect("runtime");
+    let ids: Vec<String> = (0..100).map(|i| format!("n{i:02}")).collect();
+    for id in &ids {
+        rt.provision(id, "misbehave", &json!({}))
+            .await
+            .expect("provision");
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (rt, done) = (rt.clone(), done.clone());
+        async move {
+            let mut peak = 0;
+            while !done.load(Relaxed) {
+                peak = peak.max(rt.metrics().live_instances.load(Relaxed));
+                tokio::task::yield_now().await;
+            }
+            peak
+        }
+    });
+    let senders: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (rt, id) = (rt.clone(), id.clone());
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    rt.send(&id, r#"{"type":"ok"}"#).await.expect("handled");
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    done.store(true, Relaxed);
+    let peak = sampler.await.unwrap();
+    assert!(
+        peak <= CAP,
+        "{peak} instances live at once under a cap of {CAP}"
+    );
+    assert!(rt.metrics().activations.load(Relaxed) >= 100);
+
+    // The cap (nearly) full with the most recent, then a read of one passivated long ago.
+    for id in &ids[80..] {
+        rt.send(id, r#"{"type":"ok"}"#).await.expect("handled");
+    }
+    // Passivations asked for by the last activation's sweep happen, then the read, then
+    // time for a sweep it would have asked for.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let evictions = rt.metrics().evictions.load(Relaxed);
+    let live = rt.metrics().live_instances.load(Relaxed);
+    assert_eq!(rt.status(&ids[0]), drover::view::DeviceStatus::Passivated);
+    let view = rt.device(&ids[0]).await.expect("reads");
+    assert_eq!(parse(&view.state)["count"], json!(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        rt.metrics().evictions.load(Relaxed),
+        evictions,
+        "the read evicted"
+    );
+    assert_eq!(rt.metrics().live_instances.load(Relaxed), live);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_provisioning_of_one_id_creates_it_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -64,12 +64,15 @@ use crate::view::{Committed, DeviceState, DeviceStatus, QuarantineView};
 
 mod effects;
 mod lanes;
+mod live_slots;
 mod supervision;
 mod versions;
 
 use effects::EffectsInFlight;
 pub use lanes::ActorPool;
 use lanes::*;
+use live_slots::LiveSlot;
+pub(crate) use live_slots::LiveSlots;
 use supervision::*;
 use versions::*;
 
@@ -119,6 +122,8 @@ pub struct ActorEnv {
     /// Actors rebuilt after a failed commit, logged at most once a second: a failing disk
     /// fails every device's commits at once (see `crate::log_limit`).
     pub rebuild_log: parking_lot::Mutex<crate::log_limit::LogLimit>,
+    /// The live-instance cap's slots: an instance is built only with one (see `live_slots`).
+    pub(crate) live_slots: LiveSlots,
 }
 
 /// A durable record whose effects are owed: what the actor hands the dispatcher from the
@@ -187,7 +192,8 @@ pub trait Directory: Send + Sync {
     /// mailbox `rx` is empty and the router holds the only sender). Returns whether it did:
     /// then the actor's task ends.
     fn retire(&self, id: &str, rx: &mpsc::Receiver<Message>) -> bool;
-    /// The count of live instances went over the cap: passivate the least recently used.
+    /// The live-instance cap is reached (an activation took the last slot, or found none):
+    /// passivate the least recently used.
     fn over_capacity(&self);
 }
 
@@ -457,28 +463,34 @@ struct Actor {
     timer_record: Option<(u64, Fx)>,
 }
 
-/// Counts live instances for the `drover_live_instances` gauge; decrements on drop, so
-/// every way an instance dies (passivation, trap, fenced commit) is counted.
-struct LiveToken(Arc<ActorEnv>, Arc<Activity>);
+/// Counts live instances for the `drover_live_instances` gauge and holds the instance's
+/// slot of the live-instance cap (none for a read's short-lived one, see `live_slots`);
+/// decrements and gives the slot back on drop, so every way an instance dies (passivation,
+/// trap, fenced commit, a panic) is counted.
+struct LiveToken {
+    env: Arc<ActorEnv>,
+    activity: Arc<Activity>,
+    /// Given back when dropped.
+    _slot: Option<LiveSlot>,
+}
 
 impl LiveToken {
-    fn new(env: &Arc<ActorEnv>, activity: &Arc<Activity>) -> LiveToken {
-        let live = env.metrics.live_instances.fetch_add(1, Ordering::Relaxed) + 1;
+    fn new(env: &Arc<ActorEnv>, activity: &Arc<Activity>, slot: Option<LiveSlot>) -> LiveToken {
+        env.metrics.live_instances.fetch_add(1, Ordering::Relaxed);
         activity.live.store(true, Ordering::Relaxed);
-        if live > env.config.max_live as u64
-            && let Some(directory) = env.directory.upgrade()
-        {
-            directory.over_capacity();
+        LiveToken {
+            env: env.clone(),
+            activity: activity.clone(),
+            _slot: slot,
         }
-        LiveToken(env.clone(), activity.clone())
     }
 }
 
 impl Drop for LiveToken {
     fn drop(&mut self) {
-        self.1.live.store(false, Ordering::Relaxed);
-        self.1.grown_memory.store(0, Ordering::Relaxed);
-        self.0
+        self.activity.live.store(false, Ordering::Relaxed);
+        self.activity.grown_memory.store(0, Ordering::Relaxed);
+        self.env
             .metrics
             .live_instances
             .fetch_sub(1, Ordering::Relaxed);
@@ -740,7 +752,9 @@ impl Actor {
 
     /// Makes sure a consistent instance is live, rebuilding it from the journal if there is
     /// none or a commit of the current one failed.
-    async fn ensure_live(&mut self) -> Result<(), Error> {
+    /// `transient`: the instance is for one read and is dropped right after it (see
+    /// `live_slots`).
+    async fn ensure_live(&mut self, transient: bool) -> Result<(), Error> {
         if self.live.is_some() && self.writer.is_fenced() {
             if let Some(rebuilt) = self.env.rebuild_log.lock().due() {
                 tracing::warn!(
@@ -758,12 +772,12 @@ impl Actor {
         // Boxed: an activation's future (a lazy upgrade's fold, a snapshot) is kilobytes,
         // and every actor task would carry it; one allocation per activation is nothing
         // beside an instantiation.
-        Box::pin(self.activate(true)).await
+        Box::pin(self.activate(true, transient)).await
     }
 
     /// Rebuilds the instance from the journal (see [`Actor::ensure_live`]). One that came
     /// up from another version's snapshot takes one of its own at once if `own_snapshot`.
-    async fn activate(&mut self, own_snapshot: bool) -> Result<(), Error> {
+    async fn activate(&mut self, own_snapshot: bool, transient: bool) -> Result<(), Error> {
         // Records this actor already submitted must be durable (or failed) before the journal
         // is read, or the rebuild would miss them. Nothing in flight: no round trip.
         if self.must_sync || !self.writer.is_idle() {
@@ -785,6 +799,23 @@ impl Actor {
             return Err(Error::UnknownDevice(self.head.id.to_string()));
         }
         self.head = fresh;
+        // A slot of the live-instance cap before any instance is built (a lazy upgrade's
+        // fold builds one too).
+        let slot = if transient {
+            self.env.live_slots.try_take()
+        } else {
+            let sweep = || {
+                if let Some(directory) = self.env.directory.upgrade() {
+                    directory.over_capacity();
+                }
+            };
+            Some(
+                self.env
+                    .live_slots
+                    .take(sweep, self.env.activation_timeout)
+                    .await?,
+            )
+        };
         // A failed upgrade may have advertised a version this device does not run.
         self.activity
             .version
@@ -851,7 +882,7 @@ impl Actor {
             .store(grown_memory, Ordering::Relaxed);
         self.live = Some(Live {
             grown_memory,
-            _token: LiveToken::new(&self.env, &self.activity),
+            _token: LiveToken::new(&self.env, &self.activity, slot),
             instance: rebuilt.instance,
             seq: rebuilt.seq,
             last_at_ms: rebuilt.last_at_ms,
@@ -876,7 +907,7 @@ impl Actor {
                 // The snapshot lost the instance (stopped on the pool as its plugin turned
                 // out slow, or trapped): activate again, once, on the slow lane if it is
                 // slow now, and leave the snapshot to when one is next due.
-                return Box::pin(self.activate(false)).await;
+                return Box::pin(self.activate(false, transient)).await;
             }
         }
         // A deploy or rollback that moved the plugin's current version while this device was
@@ -977,7 +1008,7 @@ impl Actor {
             answer(reply, Err(e));
             return false;
         }
-        if let Err(e) = self.ensure_live().await {
+        if let Err(e) = self.ensure_live(false).await {
             if matches!(e, Error::Activation(_)) {
                 self.record_failure(&e);
             }
@@ -1299,7 +1330,7 @@ impl Actor {
             return;
         }
         let was_live = self.live.is_some();
-        if let Err(e) = self.ensure_live().await {
+        if let Err(e) = self.ensure_live(!was_live).await {
             tracing::debug!(device = %self.head.id, error = %e, "no snapshot for retention: the device did not activate");
             return;
         }
@@ -1423,7 +1454,7 @@ impl Actor {
             None => self.status(),
         };
         let result = self
-            .read_state(query_unit, true)
+            .read_state(query_unit, true, status != DeviceStatus::Active)
             .await
             .map(|(seq, state)| (DeviceState { seq, state }, status, quarantine));
         if status != DeviceStatus::Active {
@@ -1456,7 +1487,8 @@ impl Actor {
 
     /// Runs `unit` (a read of the state, a snapshot for an export) on the device's live
     /// instance, activating it first if need be, and returns it with the seq it reflects.
-    /// `counted`: a run on the slow lane counts in `drover_slow_lane_reads_total`.
+    /// `counted`: a run on the slow lane counts in `drover_slow_lane_reads_total`;
+    /// `transient`: an instance it activates is dropped right after (see `live_slots`).
     ///
     /// A unit stopped on the pool as its plugin turned out slow (see `on_event`) is run again,
     /// on the slow lane, from a rebuilt instance; past [`MAX_MOVES`] it is answered as the
@@ -1467,10 +1499,11 @@ impl Actor {
         &mut self,
         unit: ReadUnit<R>,
         counted: bool,
+        transient: bool,
     ) -> Result<(u64, R), Error> {
         let mut moves = 0;
         loop {
-            if let Err(e) = self.ensure_live().await {
+            if let Err(e) = self.ensure_live(transient).await {
                 if matches!(e, Error::Activation(_)) {
                     self.record_failure(&e);
                 }
@@ -1514,7 +1547,7 @@ impl Actor {
             let _ = reply.send(Err(e));
             return;
         }
-        let result = self.read_state(snapshot_unit, false).await;
+        let result = self.read_state(snapshot_unit, false, false).await;
         match result {
             Ok(answer) => self.reply_when_durable(answer, reply),
             Err(e) => {
