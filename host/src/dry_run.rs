@@ -230,10 +230,20 @@ fn one_pass(
     limits: Limits,
     out: &mut DeviceDryRun,
 ) -> Result<(), Error> {
-    let recorded_state = {
-        let mut rebuilt = replay::rebuild(journal, registry, head, head.seq, Start::Snapshot)?;
-        parse(&rebuilt.instance.query()?)
-    };
+    // The device's own version, not the candidate, rebuilds and reads the recorded state:
+    // its failure is its own (a review saw the candidate blamed for the old `query`'s panic,
+    // in code the candidate no longer had).
+    let recorded_state = replay::rebuild(journal, registry, head, head.seq, Start::Snapshot)
+        .and_then(|mut rebuilt| Ok(parse(&rebuilt.instance.query()?)))
+        .inspect_err(|e| {
+            if !matches!(e, Error::Overloaded(_)) {
+                out.error = Some(format!(
+                    "the device's own version (v{}) could not rebuild or read its recorded \
+                     state, so nothing of the candidate was checked: {e}",
+                    out.recorded_version
+                ));
+            }
+        })?;
     let mut want = head.clone();
     want.version = candidate;
     let config = std::str::from_utf8(&head.config)

@@ -1386,6 +1386,37 @@ async fn a_slow_init_is_checked_within_an_activations_budget_not_an_events() {
     rt.shutdown().await;
 }
 
+/// A dry run whose device's own version cannot read the recorded state (its `query`
+/// spins) says so, and does not blame the candidate: a review saw "the candidate version
+/// trapped" for a panic in the old version's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_blames_the_devices_own_version_for_its_own_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .call_timeout(Duration::from_millis(50))
+        .open()
+        .await
+        .unwrap();
+    rt.provision("r", "misbehave", &json!({})).await.unwrap();
+    rt.send("r", OK).await.unwrap();
+    rt.send("r", r#"{"type":"loop_on_read"}"#).await.unwrap();
+    let v2 = register_v2(&rt).await;
+    let report = rt
+        .dry_run("misbehave", v2.version, Selection::Sample(4))
+        .await
+        .unwrap();
+    let d = &report.devices[0];
+    let error = d.error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("the device's own version (v1) could not rebuild or read")
+            && !error.contains("candidate version"),
+        "{d:?}"
+    );
+    assert!(d.folds && !d.identical, "{d:?}");
+    rt.shutdown().await;
+}
+
 /// Acceptance 5: a behavior change yields the expected divergences with the first seq and a
 /// diff; an identical rebuild yields none; a dry-run writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
