@@ -612,16 +612,21 @@ impl Dev {
             let Some((seq, old)) = old else { continue };
             // One the deploy did not move (passivated, or left behind) would compare its old
             // version with itself.
-            let device = self
+            // A read that fails (the new version's `query` traps) says so, not that the
+            // device is not on the version yet, which it may well be (a review).
+            let device = match self
                 .api
                 .call_json::<Value>(self.api.get(&format!("/v1/devices/{}", segment(id)?)))
-                .ok()
-                .map(|(_, d)| d);
-            let runs = device.as_ref().and_then(|d| d["version"].as_u64());
+            {
+                Ok((_, d)) => d,
+                Err(e) => {
+                    println!("  {id}: its state could not be read: {e:#}");
+                    continue;
+                }
+            };
+            let runs = device["version"].as_u64();
             if runs != Some(version) {
-                let failed = device
-                    .as_ref()
-                    .is_some_and(|d| d["upgrade"]["failed"] == true);
+                let failed = device["upgrade"]["failed"] == true;
                 if failed {
                     println!(
                         "  {id}: stays on v{} (v{version} could not bring it up, or was given up \
