@@ -128,9 +128,12 @@ pub use serde_json;
 
 /// Well-known [`Error::code`] values.
 ///
-/// Codes are short machine-readable words the host passes through to API clients
-/// (`{"error": {"code": ..., "message": ...}}`); clients branch on them, so they are
-/// constants rather than strings retyped in every plugin. Plugins may add their own codes.
+/// Codes are short machine-readable words the host passes through to API clients: a
+/// refused event answers `{"error": {"code": "rejected", "message": ..., "plugin": {"code":
+/// CODE, "message": ...}}}`, the plugin's code under `plugin` (the outer `code` is the
+/// host's, so a client tells a refusal from the server's own errors). Clients branch on
+/// them, so they are constants rather than strings retyped in every plugin. Plugins may add
+/// their own codes.
 pub mod codes {
     /// The event is not valid JSON, does not match the plugin's event type, or makes no sense
     /// for the device.

@@ -406,6 +406,29 @@ fn provision_send_and_read_back_both_plugins() {
             && !out.contains("see the error"),
         "{out}"
     );
+    // Same transitions, other effects (v2 arms a timer 1 ms later): the effects are shown,
+    // or the divergence printed two identical lines (a review).
+    api.provision("t", "misbehave", json!({}));
+    api.send(
+        "t",
+        &json!({"type": "arm", "key": "k", "after_ms": 600_000, "event": {"type": "ok"}}),
+    );
+    let (_, out, _) = cli(&[
+        "plugin",
+        "diff",
+        "misbehave",
+        "3",
+        "--device",
+        "t",
+        "--server",
+        url,
+    ]);
+    assert!(
+        out.contains("  recorded effects  [") && out.contains("  v3 effects  ["),
+        "{out}"
+    );
+    let gone = api.call(Method::DELETE, "/v1/devices/t", None);
+    assert_eq!(gone.status, 200, "{}", gone.text);
     // `push --deploy` is refused alike, and takes the `--force` it is told of (it did not).
     let v3_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(v3_file.path(), support::misbehave_variant("v3")).unwrap();

@@ -620,6 +620,12 @@ pub fn print_dry_run(r: &Value) {
                 Some(c) => println!("  v{version:<9} {c}"),
                 None => println!("  v{version:<9} {}", line(f.get("error"))),
             }
+            // Same transitions, other effects (a command, a message, a timer): the effects
+            // are the divergence, and the lines above alone looked identical (a review).
+            if let Some(c) = f.get("candidate_effects") {
+                println!("  recorded effects  {}", line(f.get("recorded_effects")));
+                println!("  v{version} effects  {c}");
+            }
         }
         if let Some(e) = d["error"].as_str() {
             println!("  error: {e}");
