@@ -177,6 +177,11 @@ pub mod defaults {
     pub const MAX_BATCH_ITEMS: usize = 10_000;
     /// Largest plugin upload; the example plugins are ~260 KB.
     pub const MAX_PLUGIN_BYTES: usize = 64 * 1024 * 1024;
+    /// Most bytes of request bodies the server buffers at once, all connections together: 8
+    /// plugin uploads, or 16 gateway batches, at their largest. Each route's limit bounds one
+    /// request; without this, 16 connections each sending a 60 MiB upload held 1 GiB (a
+    /// review), and the connection cap allows thousands.
+    pub const MAX_BUFFERED_BODY_BYTES: usize = 512 * 1024 * 1024;
     /// Most records one journal page may ask for.
     pub const MAX_PAGE: usize = 1000;
     /// How long a client may take to send a request head, and how long a keep-alive

@@ -322,6 +322,70 @@ async fn a_declared_length_over_the_limit_is_refused_before_100_continue() {
     rt.shutdown().await;
 }
 
+/// Bodies buffered at once share a budget: a client's declared body that does not fit
+/// while others are being read is refused `503 overloaded` with `Retry-After` before it is
+/// read, and fits once they are done (a review held 1 GiB with 16 connections each sending
+/// a 60 MiB upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_buffered_at_once_share_a_budget() {
+    let limits = Limits {
+        max_plugin_bytes: 1 << 20,
+        max_batch_bytes: 2 << 20,
+        // Raised to the largest route limit: 2 MiB.
+        max_buffered_body_bytes: 0,
+        ..limits(5_000, 100)
+    };
+    let (_dir, rt, server) = serve(limits).await;
+    let addr = server.local_addr();
+    let head = |len: usize, close: bool| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    const LEN: usize = 1_500_000;
+    tokio::task::spawn_blocking(move || {
+        // Its body arrives slowly: its 1.5 MB are reserved meanwhile.
+        let mut slow = connect(addr);
+        slow.write_all(head(LEN, false).as_bytes()).expect("head");
+        slow.write_all(b"{\"events\": [").expect("start");
+        std::thread::sleep(Duration::from_millis(300));
+        let mut refused = connect(addr);
+        refused.write_all(head(LEN, true).as_bytes()).expect("head");
+        let (answer, _) = read_to_close(refused);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.contains(r#""code":"overloaded""#)
+                && answer.contains("--max-buffered-body-mib")
+                && answer.to_ascii_lowercase().contains("retry-after: "),
+            "{answer}"
+        );
+        drop(slow);
+        // Its reservation is given back once the server sees the body will not come.
+        let body = format!("{{\"events\": []}}{}", " ".repeat(LEN - 14));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut conn = connect(addr);
+            conn.write_all(head(LEN, true).as_bytes()).expect("head");
+            conn.write_all(body.as_bytes()).expect("body");
+            let (answer, _) = read_to_close(conn);
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                answer.starts_with("HTTP/1.1 503") && Instant::now() < deadline,
+                "{answer}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("client");
+    server.shutdown(Duration::from_secs(1)).await;
+    rt.shutdown().await;
+}
+
 /// A client that stops in the middle of its body gets 408 `body-timeout` and its connection
 /// is closed, instead of holding it (and the shutdown) until the drain timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

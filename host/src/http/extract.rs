@@ -157,15 +157,56 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
 }
 
 /// The raw request body, within the route's [`axum::extract::DefaultBodyLimit`]. Over the
-/// limit is 413 `payload-too-large`; a body that cannot be read is 400 `malformed-request`.
-#[derive(Debug, Clone)]
-pub struct Body(pub Bytes);
+/// limit is 413 `payload-too-large`; a body that cannot be read is 400 `malformed-request`;
+/// one that does not fit in the buffered-body budget now is 503 `overloaded` (see
+/// `limits.rs`). Its reservation in that budget is held as long as the body is.
+#[derive(Debug)]
+pub struct Body(pub Bytes, #[allow(dead_code)] BodyReservation);
+
+/// A body's share of the buffered-body budget, given back when the body is dropped.
+#[derive(Debug)]
+pub struct BodyReservation(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Body {
+    /// Reserves the body's room in `state`'s budget before it is read: its declared length,
+    /// or (chunked) the route's limit, at most `limit`.
+    fn reserve(
+        req: &Request,
+        state: &super::App,
+        limit: Option<usize>,
+    ) -> Result<BodyReservation, ApiError> {
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let route = limit.unwrap_or(state.limits.max_request_bytes) as u64;
+        let bytes = declared.unwrap_or(route).min(route);
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        state
+            .body_budget
+            .clone()
+            .try_acquire_many_owned(kib)
+            .map(BodyReservation)
+            .map_err(|_| {
+                crate::Error::Overloaded(format!(
+                    "the server is buffering as many request bodies as it may at once ({} MiB \
+                     together, `--max-buffered-body-mib`) and this one's {} KiB do not fit now; \
+                     try again shortly",
+                    state.limits.body_budget_bytes() >> 20,
+                    kib
+                ))
+                .into()
+            })
+    }
+}
 
 impl FromRequest<super::App> for Body {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
         let route_limit = req.extensions().get::<RouteLimit>().map(|l| l.0);
+        let reservation = Body::reserve(&req, state, route_limit)?;
         let limit = state.limits.body_read_timeout;
         let grace = state.limits.shutdown_grace;
         let mut stopping = state.stopping.subscribe();
@@ -186,7 +227,9 @@ impl FromRequest<super::App> for Body {
             () = stopped => return Err(crate::Error::ShuttingDown.into()),
         };
         match read {
-            Ok(read) => read.map(Body).map_err(|r| body_rejection(r, route_limit)),
+            Ok(read) => read
+                .map(|bytes| Body(bytes, reservation))
+                .map_err(|r| body_rejection(r, route_limit)),
             Err(_) => Err(ApiError::http(
                 StatusCode::REQUEST_TIMEOUT,
                 codes::BODY_TIMEOUT,

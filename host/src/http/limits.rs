@@ -6,7 +6,11 @@
 //! cannot make the server hold an arbitrary amount of memory; a declared `Content-Length`
 //! over the cap is refused before the body is read at all (a client that sent
 //! `Expect: 100-continue` gets the 413 instead of a `100 Continue`). A body that does not
-//! arrive within [`Limits::body_read_timeout`] is 408 `body-timeout`.
+//! arrive within [`Limits::body_read_timeout`] is 408 `body-timeout`. And all bodies being
+//! buffered at once share a budget ([`Limits::max_buffered_body_bytes`]): each request
+//! reserves its declared length (a chunked one, its route's limit) before its body is read,
+//! and one that does not fit is `503 overloaded` with `Retry-After`, so many connections
+//! together cannot make the server hold more than that either.
 
 use crate::config::defaults;
 
@@ -24,6 +28,11 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Largest plugin upload (`POST /v1/plugins/{name}`).
     pub max_plugin_bytes: usize,
+    /// Most bytes of request bodies buffered at once, all connections together (at least
+    /// the largest route limit, so one request at its limit always fits; see
+    /// [`Limits::body_budget_bytes`]). A request whose body does not fit now is refused
+    /// `503 overloaded` with `Retry-After` before it is read.
+    pub max_buffered_body_bytes: usize,
     /// Most records one journal page may ask for.
     pub max_page: usize,
     /// Longest a client may take to send a request head, and longest a keep-alive
@@ -49,6 +58,7 @@ impl Default for Limits {
             max_batch_bytes: defaults::MAX_BATCH_BYTES,
             max_batch_items: defaults::MAX_BATCH_ITEMS,
             max_plugin_bytes: defaults::MAX_PLUGIN_BYTES,
+            max_buffered_body_bytes: defaults::MAX_BUFFERED_BODY_BYTES,
             max_page: defaults::MAX_PAGE,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,
@@ -56,5 +66,17 @@ impl Default for Limits {
             write_timeout: defaults::WRITE_TIMEOUT,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
         }
+    }
+}
+
+impl Limits {
+    /// The buffered-body budget in effect: [`Limits::max_buffered_body_bytes`], raised to the
+    /// largest route limit so that a single request at its limit is never refused by it.
+    pub fn body_budget_bytes(&self) -> usize {
+        self.max_buffered_body_bytes
+            .max(self.max_plugin_bytes)
+            .max(self.max_batch_bytes)
+            .max(self.max_request_bytes)
+            .max(self.max_event_bytes)
     }
 }

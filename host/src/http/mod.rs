@@ -92,6 +92,17 @@ pub struct AppState {
     /// tell the items that were made durable (often most of the batch) from the rest, and
     /// resent them all.
     pub cut_short: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The buffered-body budget, in KiB (see `limits.rs`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// [`AppState::body_budget`] for `limits`: one permit per KiB.
+pub(crate) fn body_budget(limits: &Limits) -> Arc<tokio::sync::Semaphore> {
+    let kib = limits.body_budget_bytes().div_ceil(1024);
+    Arc::new(tokio::sync::Semaphore::new(
+        kib.min(tokio::sync::Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize),
+    ))
 }
 
 /// The state as handlers receive it.
@@ -112,6 +123,7 @@ fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
 pub fn router(rt: Runtime, limits: Limits) -> Router {
     router_of(Arc::new(AppState {
         rt,
+        body_budget: body_budget(&limits),
         limits,
         metrics: metrics::HttpMetrics::default(),
         stopping: Arc::new(tokio::sync::watch::Sender::new(false)),

@@ -188,6 +188,7 @@ impl Server {
         let cut_short = Arc::new(tokio::sync::watch::Sender::new(false));
         let state: super::App = Arc::new(super::AppState {
             rt: rt.clone(),
+            body_budget: super::body_budget(&limits),
             limits,
             metrics: super::metrics::HttpMetrics::default(),
             stopping: stopping.clone(),

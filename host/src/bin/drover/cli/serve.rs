@@ -186,6 +186,13 @@ pub struct Tuning {
         defaults::MAX_BATCH_ITEMS,
     ))]
     pub max_batch_items: Option<usize>,
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 20), help = help(
+        "MiB of request bodies buffered at once, all connections together; a body that does \
+         not fit now is refused 503 overloaded (1 to 1,048,576; raised to the largest body \
+         limit)",
+        defaults::MAX_BUFFERED_BODY_BYTES >> 20,
+    ))]
+    pub max_buffered_body_mib: Option<usize>,
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS), help = help(
         "Seconds to let open requests finish at shutdown (0 to 86,400)",
         defaults::DRAIN_TIMEOUT.as_secs(),
@@ -289,6 +296,9 @@ impl Tuning {
         }
         if let Some(n) = self.max_plugin_bytes {
             limits.max_plugin_bytes = n;
+        }
+        if let Some(mib) = self.max_buffered_body_mib {
+            limits.max_buffered_body_bytes = mib << 20;
         }
         if let Some(n) = self.max_batch_items {
             limits.max_batch_items = n;
