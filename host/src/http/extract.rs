@@ -181,7 +181,15 @@ impl Body {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let route = limit.unwrap_or(state.limits.max_request_bytes) as u64;
-        let bytes = declared.unwrap_or(route).min(route);
+        let chunked = req
+            .headers()
+            .contains_key(axum::http::header::TRANSFER_ENCODING);
+        // Neither length nor chunks: no body at all (HTTP/1.1 framing).
+        let bytes = match declared {
+            Some(n) => n.min(route),
+            None if chunked => route,
+            None => 0,
+        };
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         state
             .body_budget
