@@ -885,6 +885,19 @@ pub fn offline(
     to: Option<u64>,
     start: Start,
 ) -> anyhow::Result<DeviceState> {
+    offline_within(data_dir, id, to, start, None)
+}
+
+/// [`offline`] within `budget` for the whole rebuild instead of the activation budget the
+/// server recorded: a device whose history outgrew that budget (it fails to activate, and
+/// is quarantined) can still be rebuilt here to see its state.
+pub fn offline_within(
+    data_dir: &Path,
+    id: &str,
+    to: Option<u64>,
+    start: Start,
+    budget: Option<std::time::Duration>,
+) -> anyhow::Result<DeviceState> {
     use anyhow::Context as _;
     crate::export::refuse_unfinished_import(data_dir)?;
     let journal = Journal::open_read_only(data_dir)
@@ -892,7 +905,11 @@ pub fn offline(
     if let Some(d) = &journal.recovery().dropped {
         tracing::warn!(offset = d.offset, reason = %d.reason, "journal has a bad tail; it is ignored");
     }
-    let engine = Engine::new(EngineConfig::load(data_dir)?)?;
+    let mut config = EngineConfig::load(data_dir)?;
+    if let Some(budget) = budget {
+        config.activation_timeout = budget;
+    }
+    let engine = Engine::new(config)?;
     let registry = Registry::open(engine, journal.clone(), data_dir)?;
     let head = journal
         .device(id)

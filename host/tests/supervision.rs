@@ -93,3 +93,42 @@ async fn a_panicking_actor_is_replaced_and_the_device_rebuilt_from_the_journal()
         .await
         .expect("shuts down");
 }
+
+/// A device whose history outgrew the activation budget can still be rebuilt offline with a
+/// larger one (`drover replay --activation-timeout-ms`): replay took only the budget the
+/// server recorded, and failed on that device as its activations did (a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_takes_a_larger_budget_for_a_history_that_outgrew_the_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder(dir.path())
+        .plugin_dir(support::PluginDir)
+        .activation_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    rt.provision("heavy", "misbehave", &json!({}))
+        .await
+        .unwrap();
+    // Each event's two `apply`s spin some milliseconds; all of them together, from `init`,
+    // far more than 100 ms.
+    for _ in 0..30 {
+        rt.send("heavy", r#"{"type":"slow_apply","spin":5000000,"count":2}"#)
+            .await
+            .expect("each event is within its budget");
+    }
+    rt.shutdown().await;
+    let data = dir.path().to_str().unwrap();
+    let (ok, _, err) = support::cli(&["replay", "heavy", "--genesis", "--data", data]);
+    assert!(!ok && err.contains("time budget"), "{err}");
+    let (ok, out, err) = support::cli(&[
+        "replay",
+        "heavy",
+        "--genesis",
+        "--activation-timeout-ms",
+        "600000",
+        "--data",
+        data,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains(r#""seq":30"#), "{out}");
+}

@@ -26,6 +26,11 @@ pub struct ReplayArgs {
     /// Ignore snapshots and replay every transition from `init` (the reference rebuild).
     #[arg(long)]
     pub genesis: bool,
+    /// Milliseconds the whole rebuild may take, instead of the server's activation budget
+    /// (`--activation-timeout-ms`, recorded in the data directory): to rebuild a device whose
+    /// history outgrew it (1 to 86,400,000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub activation_timeout_ms: Option<u64>,
 }
 
 #[derive(serde::Serialize)]
@@ -41,19 +46,23 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     } else {
         Start::Snapshot
     };
-    let snap = replay::offline(&args.data, &args.device, args.to, start).map_err(|e| {
-        let retained = e
-            .downcast_ref::<drover::Error>()
-            .is_some_and(|d| d.kind() == drover::ErrorKind::RetainedAway);
-        if args.genesis && retained {
-            e.context(
-                "--genesis replays every transition from seq 1; without it, a rebuild starts \
+    let budget = args
+        .activation_timeout_ms
+        .map(std::time::Duration::from_millis);
+    let snap =
+        replay::offline_within(&args.data, &args.device, args.to, start, budget).map_err(|e| {
+            let retained = e
+                .downcast_ref::<drover::Error>()
+                .is_some_and(|d| d.kind() == drover::ErrorKind::RetainedAway);
+            if args.genesis && retained {
+                e.context(
+                    "--genesis replays every transition from seq 1; without it, a rebuild starts \
                  from a snapshot kept",
-            )
-        } else {
-            e
-        }
-    })?;
+                )
+            } else {
+                e
+            }
+        })?;
     let out = Out {
         seq: snap.seq,
         state: drover::http::json::Json(snap.state),
