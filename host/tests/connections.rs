@@ -127,12 +127,25 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
         let _ = sending.write_all(head.as_bytes());
         let _ = sending.write_all(&body);
         let (while_sending, _) = read_to_close(sending);
+        // A probe is answered past the cap as below it: `HEAD` too, dated, with no body (a
+        // review saw `HEAD /healthz` refused and the answers undated).
+        let mut probe = connect(addr);
+        probe
+            .write_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("probe");
+        let (probed, _) = read_to_close(probe);
         drop(held);
-        (answer, while_sending)
+        (answer, while_sending, probed)
     })
     .await
     .expect("client");
-    let (answer, while_sending) = answer;
+    let (answer, while_sending, probed) = answer;
+    assert!(
+        probed.starts_with("HTTP/1.1 200")
+            && probed.contains("\r\ndate: ")
+            && probed.ends_with("\r\n\r\n"),
+        "{probed:?}"
+    );
     assert!(
         while_sending.starts_with("HTTP/1.1 503"),
         "refused while sending: {while_sending:?}"

@@ -58,7 +58,7 @@ pub(crate) async fn answer(
         None
     };
     let answer = match probe {
-        Some(target) => probe_answer(app, target).await,
+        Some((head_only, target)) => probe_answer(app, target, head_only).await,
         None => None,
     };
     drop(probe_place);
@@ -83,7 +83,7 @@ pub(crate) async fn answer(
 /// Reads into `head` up to the end of the first line (or [`LINE_MAX`] bytes, or the end).
 async fn read_request_line(tcp: &mut TcpStream, head: &mut Vec<u8>) -> std::io::Result<()> {
     let mut buf = [0u8; 256];
-    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < LINE_MAX {
+    while !head.contains(&b'\n') && head.len() < LINE_MAX {
         let n = tcp.read(&mut buf).await?;
         if n == 0 {
             break;
@@ -93,22 +93,31 @@ async fn read_request_line(tcp: &mut TcpStream, head: &mut Vec<u8>) -> std::io::
     Ok(())
 }
 
-/// The probe a request line asks for: `GET /healthz` or `GET /readyz` (with any query, which
-/// probes add and the routes ignore), HTTP/1.x; its target as sent.
-fn probe_of(head: &[u8]) -> Option<&str> {
-    let end = head.windows(2).position(|w| w == b"\r\n")?;
-    let line = std::str::from_utf8(&head[..end]).ok()?;
+/// The probe a request line asks for: `GET` or `HEAD` of `/healthz` or `/readyz` (with any
+/// query, which probes add and the routes ignore), HTTP/1.x, its line ended by CRLF or a
+/// bare LF (as hyper takes both below the cap); whether it is a `HEAD`, and its target as
+/// sent.
+fn probe_of(head: &[u8]) -> Option<(bool, &str)> {
+    let end = head.iter().position(|b| *b == b'\n')?;
+    let line = head[..end].strip_suffix(b"\r").unwrap_or(&head[..end]);
+    let line = std::str::from_utf8(line).ok()?;
     let mut words = line.split(' ');
     let (method, target, version) = (words.next()?, words.next()?, words.next()?);
-    if method != "GET" || words.next().is_some() || !version.starts_with("HTTP/1.") {
+    let head_only = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return None,
+    };
+    if words.next().is_some() || !version.starts_with("HTTP/1.") {
         return None;
     }
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    matches!(path, "/healthz" | "/readyz").then_some(target)
+    matches!(path, "/healthz" | "/readyz").then_some((head_only, target))
 }
 
-/// The API's own answer to `GET target`, as bytes to write, with the connection closed after.
-async fn probe_answer(app: axum::Router, target: &str) -> Option<Vec<u8>> {
+/// The API's own answer to `GET target` (without its body for a `HEAD`), as bytes to write,
+/// with the connection closed after and the `date` hyper adds below the cap.
+async fn probe_answer(app: axum::Router, target: &str, head_only: bool) -> Option<Vec<u8>> {
     let request = axum::http::Request::get(target).body(Body::empty()).ok()?;
     let service = TowerToHyperService::new(app);
     let response = hyper::service::Service::call(&service, request)
@@ -133,12 +142,15 @@ async fn probe_answer(app: axum::Router, target: &str) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(
         format!(
-            "connection: close\r\ncontent-length: {}\r\n\r\n",
+            "date: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
             body.len()
         )
         .as_bytes(),
     );
-    out.extend_from_slice(&body);
+    if !head_only {
+        out.extend_from_slice(&body);
+    }
     Some(out)
 }
 
@@ -150,13 +162,25 @@ mod tests {
     fn only_the_two_probes_are_probes() {
         assert_eq!(
             probe_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\n"),
-            Some("/healthz")
+            Some((false, "/healthz"))
         );
-        assert_eq!(probe_of(b"GET /readyz HTTP/1.0\r\n"), Some("/readyz"));
+        assert_eq!(
+            probe_of(b"GET /readyz HTTP/1.0\r\n"),
+            Some((false, "/readyz"))
+        );
         // Probes add queries, which the routes ignore.
         assert_eq!(
             probe_of(b"GET /readyz?probe=1 HTTP/1.1\r\n"),
-            Some("/readyz?probe=1")
+            Some((false, "/readyz?probe=1"))
+        );
+        // `HEAD`, and a bare LF, as below the cap (a review saw both refused past it).
+        assert_eq!(
+            probe_of(b"HEAD /healthz HTTP/1.1\r\n"),
+            Some((true, "/healthz"))
+        );
+        assert_eq!(
+            probe_of(b"GET /healthz HTTP/1.1\nHost: x\n"),
+            Some((false, "/healthz"))
         );
         for line in [
             &b"GET /healthz HTTP/1.1"[..],
