@@ -193,6 +193,42 @@ async fn past_the_connection_cap_new_clients_get_a_clear_503() {
     rt.shutdown().await;
 }
 
+/// A flood of connections past the cap holds a bounded number of descriptors: past 256
+/// being answered (each for up to a second), new ones are closed at once, unanswered (a
+/// review's flood took the descriptors left for the journal, and an archive failed with
+/// "Too many open files").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_connection_cap_is_closed_unanswered_past_a_bound() {
+    let (_dir, rt, server) = serve(limits(10_000, 4)).await;
+    let addr = server.local_addr();
+    let (answered, unanswered) = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // Connected and kept open (the server lingers a second on each it answers).
+        let flood: Vec<TcpStream> = (0..400).map(|_| connect(addr)).collect();
+        let (mut answered, mut unanswered) = (0, 0);
+        for conn in flood {
+            let (answer, _) = read_to_close(conn);
+            if answer.starts_with("HTTP/1.1 503") {
+                answered += 1;
+            } else {
+                assert!(answer.is_empty(), "{answer}");
+                unanswered += 1;
+            }
+        }
+        drop(held);
+        (answered, unanswered)
+    })
+    .await
+    .expect("client");
+    assert!(
+        (1..=256).contains(&answered) && answered + unanswered == 400,
+        "{answered} answered, {unanswered} not"
+    );
+    server.shutdown(Duration::from_secs(5)).await;
+    rt.shutdown().await;
+}
+
 /// Clients that never finish a request hold neither a connection nor the shutdown: one that
 /// stops halfway through its request head is closed a short grace after the server stops
 /// (not after the 10 s header-read timeout), and one that stops halfway through its body gets

@@ -9,6 +9,12 @@
 //! most [`LINE_WAIT`], and for at most [`PROBES_PAST_CAP`] connections at once; past those,
 //! the 503 goes at once, as before): `GET /healthz` and `GET /readyz` are answered as usual,
 //! and the connection closed after.
+//!
+//! Each answer past the cap holds its connection, and a file descriptor, for up to a second
+//! (the probe's line, then the lingering close), so at most [`ANSWERED_PAST_CAP`] are
+//! answered at once; past those a connection is closed at once, unanswered. Unbounded, a
+//! flood of new connections took the descriptors the cap had left for the journal, and a
+//! removal's archive failed with "Too many open files" (a review).
 
 use std::time::Duration;
 
@@ -19,6 +25,10 @@ use tokio::net::TcpStream;
 
 /// Connections past the cap whose request line is read at once, to answer probes.
 pub(crate) const PROBES_PAST_CAP: usize = 64;
+
+/// Connections past the cap answered at once (probes included); see the module docs. Within
+/// the descriptors `drover serve` keeps beside the cap (`cli/serve.rs`).
+pub(crate) const ANSWERED_PAST_CAP: usize = 256;
 
 /// How long the request line of a connection past the cap may take to arrive.
 pub(crate) const LINE_WAIT: Duration = Duration::from_secs(1);

@@ -202,6 +202,7 @@ impl Server {
             let graceful = GracefulShutdown::new();
             let refusals = Arc::new(parking_lot::Mutex::new(Refusals::default()));
             let probes_past_cap = Arc::new(Semaphore::new(overflow::PROBES_PAST_CAP));
+            let answered_past_cap = Arc::new(Semaphore::new(overflow::ANSWERED_PAST_CAP));
             // Out of file descriptors, every accept fails for as long as it lasts.
             let mut accept_failures = crate::log_limit::LogLimit::default();
             let write_timeouts = Arc::new(parking_lot::Mutex::new(
@@ -233,20 +234,29 @@ impl Server {
                 }
                 let client = super::peer::Peer::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    // A probe is answered all the same (see `http/overflow.rs`).
-                    let probe_place = probes_past_cap.clone().try_acquire_owned().ok();
-                    let (app, replaced, refusals) =
-                        (app.clone(), replaced.clone(), refusals.clone());
-                    tokio::spawn(async move {
-                        overflow::answer(tcp, probe_place, app, move || {
+                    let refuse = {
+                        let (replaced, refusals) = (replaced.clone(), refusals.clone());
+                        move || {
                             refusals.lock().note(peer);
                             // Counted as the API's other refusals are, so it can be alerted on.
                             replaced(
                                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                                 super::error::codes::TOO_MANY_CONNECTIONS,
                             );
-                        })
-                        .await;
+                        }
+                    };
+                    // Too many answered already: closed at once, its descriptor freed.
+                    let Ok(answering) = answered_past_cap.clone().try_acquire_owned() else {
+                        drop(tcp);
+                        refuse();
+                        continue;
+                    };
+                    // A probe is answered all the same (see `http/overflow.rs`).
+                    let probe_place = probes_past_cap.clone().try_acquire_owned().ok();
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let _answering = answering;
+                        overflow::answer(tcp, probe_place, app, refuse).await;
                     });
                     continue;
                 };

@@ -524,8 +524,9 @@ fn out_of_descriptors(data: &Path) -> String {
     )
 }
 
-/// Descriptors kept for what is neither a segment nor a connection: the index's run files,
-/// plugin files, logs, the listener.
+/// Descriptors kept for what is neither a segment nor a connection under the cap: the
+/// index's run files, plugin files, archives, logs, the listener, and the connections
+/// answered past the cap (at most 256 at once, `http/overflow.rs`).
 const OTHER_DESCRIPTORS: usize = 1024;
 
 /// The largest `--guest-memory-budget-mib` whose bytes fit a `u64`.
