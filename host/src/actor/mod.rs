@@ -1306,10 +1306,6 @@ impl Actor {
         true
     }
 
-    /// A snapshot asked for by retention: taken through this actor's lane, after every
-    /// record it submitted, so it lands after the events it covers. Skipped while
-    /// quarantined or stopping (retention asks again later). Like a read, it does not change
-    /// the lifecycle: a device activated for it is passivated again right after.
     /// Keeps `event`, which the plugin failed on with `error`, as a dead letter (best
     /// effort: its sender, if any, has the error already) and counts it.
     fn dead_letter(&self, after_seq: u64, at_ms: u64, event: Vec<u8>, error: &Error) {
@@ -1325,6 +1321,10 @@ impl Actor {
         });
     }
 
+    /// A snapshot asked for by retention: taken through this actor's lane, after every
+    /// record it submitted, so it lands after the events it covers. Skipped while
+    /// quarantined or stopping (retention asks again later). Like a read, it does not change
+    /// the lifecycle: a device activated for it is passivated again right after.
     async fn on_snapshot_request(&mut self) {
         if self.in_quarantine() || self.stopping() {
             return;
