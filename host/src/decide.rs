@@ -202,8 +202,7 @@ fn effects_of(effects: Vec<GuestEffect>, at_ms: u64) -> Result<Vec<Effect>, Erro
         )));
     }
     let json = |what: &str, text: &str| {
-        serde_json::from_str::<serde::de::IgnoredAny>(text)
-            .map(drop)
+        crate::json_check::check(text)
             .map_err(|e| Error::InvalidEffect(format!("{what} is not JSON: {e}")))
     };
     let key = |key: &str| {

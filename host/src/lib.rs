@@ -18,6 +18,7 @@
 //!   storage seam ([`journal::storage`]), kept in segment files ([`journal::segments`]) that
 //!   retention deletes once nothing in them is needed.
 //! * [`error`]: the typed errors every caller sees, and their [`ErrorKind`]s.
+//! * `json_check`: the strict check of JSON text from outside (events, guests' payloads).
 //! * [`registry`]: versioned, content-addressed plugins and which version is current.
 //! * `decide`: the one path from an event to state (handle + apply), shared by actors,
 //!   replay and dry-run.
@@ -63,6 +64,7 @@ pub mod error;
 pub mod export;
 pub mod http;
 pub mod journal;
+mod json_check;
 mod leftovers;
 mod log_limit;
 pub mod metrics;

@@ -535,33 +535,31 @@ impl Runtime {
     /// Sends one event (JSON text) to device `id` and waits until the record it produced is
     /// durable. Fails fast with [`Error::MailboxFull`] when the device is saturated.
     pub async fn send(&self, id: &str, event: &str) -> Result<Committed, Error> {
-        let checked = self.check_size(event).and_then(|()| {
-            serde_json::from_str::<serde::de::IgnoredAny>(event)
-                .map(drop)
-                .map_err(|e| Error::MalformedEvent(format!("not JSON: {e}")))
-        });
-        let result = match checked {
+        let result = match self.check_event(event) {
             Ok(()) => self.send_valid(id, event).await,
             Err(e) => Err(e),
         };
         self.counted(result)
     }
 
-    /// [`Runtime::send`] for an event that is already known to be JSON (a `RawValue` can only
-    /// hold valid JSON), as in a gateway batch: skips parsing it a second time.
+    /// [`Runtime::send`] for an event already held as a `RawValue`, as in a gateway batch.
+    /// Its syntax is known good, but a `RawValue` passes what a strict reader refuses (a lone
+    /// UTF-16 surrogate, a number past `f64`; see `json_check`), so it is checked as
+    /// [`Runtime::send`] checks.
     pub async fn send_json(
         &self,
         id: &str,
         event: &serde_json::value::RawValue,
     ) -> Result<Committed, Error> {
-        let result = match self.check_size(event.get()) {
+        let result = match self.check_event(event.get()) {
             Ok(()) => self.send_valid(id, event.get()).await,
             Err(e) => Err(e),
         };
         self.counted(result)
     }
 
-    fn check_size(&self, event: &str) -> Result<(), Error> {
+    /// An event within the size limit, one JSON document a strict reader reads back.
+    fn check_event(&self, event: &str) -> Result<(), Error> {
         let limit = self.shared.config.max_event_bytes;
         if event.len() > limit {
             return Err(Error::PayloadTooLarge {
@@ -569,7 +567,7 @@ impl Runtime {
                 limit,
             });
         }
-        Ok(())
+        crate::json_check::check(event).map_err(|e| Error::MalformedEvent(format!("not JSON: {e}")))
     }
 
     async fn send_valid(&self, id: &str, event: &str) -> Result<Committed, Error> {

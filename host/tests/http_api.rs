@@ -763,6 +763,24 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
             "not UTF-8",
         ),
         (
+            api.post_raw(
+                "/v1/devices/t1/events",
+                br#"{"type":"reading","celsius":20,"note":"\udc00"}"#,
+            ),
+            400,
+            "malformed-event",
+            "surrogate",
+        ),
+        (
+            api.post_raw(
+                "/v1/devices/t1/events",
+                br#"{"type":"reading","celsius":-1e400}"#,
+            ),
+            400,
+            "malformed-event",
+            "number out of range",
+        ),
+        (
             api.post_raw("/v1/devices/t1/events", &vec![b' '; 65 * 1024]),
             413,
             "payload-too-large",
@@ -1028,6 +1046,16 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
         batch.text
     );
     assert!(batch.body["results"][0]["error"].get("plugin").is_none());
+    // Items a batch holds as raw JSON are checked as strictly as a single event.
+    let batch = api.post_raw(
+        "/v1/events",
+        br#"{"events":[{"device":"t1","event":{"type":"reading","celsius":20,"n":"\ud800"}},
+                       {"device":"t1","event":{"type":"reading","celsius":1e400}}]}"#,
+    );
+    assert_eq!(batch.status, 200, "{}", batch.text);
+    for result in batch.body["results"].as_array().expect("results") {
+        assert_eq!(result["error"]["code"], "malformed-event", "{}", batch.text);
+    }
 
     // Nothing was written, nothing changed, and the server is fine.
     assert_eq!(

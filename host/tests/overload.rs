@@ -49,12 +49,13 @@ async fn calibrated(rt: &Runtime, id: &str, seconds: f64) -> u64 {
 }
 
 /// A runtime from `builder` whose events and activations each get `budget`, with a device
-/// `s` whose history is one event that needs 60% of it (calibrated on a device `probe` of
-/// its own), and an identical rebuild of its plugin registered: what a dry-run, a deploy or
-/// an upgrade then compares.
+/// `s` whose history is one event that needs `share` of it (calibrated on a device `probe`
+/// of its own), and an identical rebuild of its plugin registered: what a dry-run, a deploy
+/// or an upgrade then compares.
 async fn one_slow_device(
     builder: drover::RuntimeBuilder,
     budget: Duration,
+    share: f64,
 ) -> (Runtime, drover::PluginVersion) {
     let rt = builder
         .plugin_dir(PLUGINS)
@@ -67,11 +68,11 @@ async fn one_slow_device(
     rt.provision("probe", "misbehave", &json!({}))
         .await
         .unwrap();
-    let spin = calibrated(&rt, "probe", 0.4 * budget.as_secs_f64()).await;
+    let spin = calibrated(&rt, "probe", share * budget.as_secs_f64()).await;
     rt.provision("s", "misbehave", &json!({})).await.unwrap();
-    rt.send("s", &support::slow_apply(spin * 3 / 2, 1))
+    rt.send("s", &support::slow_apply(spin, 1))
         .await
-        .expect("60% of its budget");
+        .expect("within its budget");
     let (same, _) =
         support::upload_misbehave(&rt, support::identical_rebuild(&support::misbehave_v1())).await;
     (rt, same)
@@ -356,8 +357,12 @@ async fn a_long_history_folds_within_a_budget_that_grows_with_it() {
 async fn a_dry_run_starved_of_cores_is_overloaded_not_diverged() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let (rt, same) =
-        one_slow_device(Runtime::builder(dir.path()), Duration::from_millis(300)).await;
+    let (rt, same) = one_slow_device(
+        Runtime::builder(dir.path()),
+        Duration::from_millis(300),
+        0.6,
+    )
+    .await;
     let current = rt.current_version("misbehave");
     let only_s = || Selection::Devices(vec!["s".into()]);
     let report = rt
@@ -406,9 +411,15 @@ async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
     // Long enough to stay live through the deploy (its sample is starved too) and between
     // the events below.
     let idle = Duration::from_secs(6);
+    // 40% of its budget, not more: starved, its fold still waits for a core past 4 times
+    // the budget, and the retry's fold, on a machine merely busy (a CI run), keeps a wide
+    // margin of CPU time. At 60%, a CI run once saw the upgrade never tried again: what a
+    // retry that ran out of CPU time (a real failure) does, and a spin takes more CPU time
+    // on a core whose sibling thread is busy than it did when calibrated.
     let (rt, same) = one_slow_device(
         Runtime::builder(dir.path()).idle_timeout(idle),
         Duration::from_millis(300),
+        0.4,
     )
     .await;
 
@@ -445,9 +456,13 @@ async fn an_upgrade_starved_of_cores_is_put_off_not_failed() {
         if rt.summary("s").map(|d| d.version) == Some(same.version) {
             break;
         }
+        let m = rt.metrics();
         assert!(
             std::time::Instant::now() < deadline,
-            "still on the old version 25 s after the upgrade was put off"
+            "still on the old version 25 s after the upgrade was put off (upgrade failures \
+             {}, not tried {})",
+            m.upgrade_failures.load(Relaxed),
+            m.upgrades_not_tried.load(Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -1184,7 +1199,8 @@ async fn a_slow_deploy_fold_moves_to_the_slow_lane() {
     let _serial = serial().await;
     let dir = tempfile::tempdir().unwrap();
     let budget = Duration::from_millis(2000);
-    let (rt, same) = one_slow_device(Runtime::builder(dir.path()).actor_threads(1), budget).await;
+    let (rt, same) =
+        one_slow_device(Runtime::builder(dir.path()).actor_threads(1), budget, 0.6).await;
     rt.provision("thermo", "thermostat", &json!({"setpoint": 21.0}))
         .await
         .unwrap();

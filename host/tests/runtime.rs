@@ -477,6 +477,18 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         ),
         ("t", r#"{"type":"reading", "#.into(), "malformed-event"),
         ("t", "not json".into(), "malformed-event"),
+        // JSON's syntax, but no text (half of a UTF-16 pair) and no number a reader holds:
+        // the plugin refused them before, as `rejected`.
+        (
+            "t",
+            r#"{"type":"reading","celsius":20,"note":"\ud800"}"#.into(),
+            "malformed-event",
+        ),
+        (
+            "t",
+            r#"{"type":"reading","celsius":1e400}"#.into(),
+            "malformed-event",
+        ),
         (
             "t",
             format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000)),
