@@ -302,7 +302,7 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP drover_dead_letters_total Dead letters kept, by error code: events the plugin failed on (a trap, a timeout, output the host refused) and messages or timer firings consumed as poison; a message to no device is in drover_messages_undeliverable_total instead.\n# TYPE drover_dead_letters_total counter"
+            "# HELP drover_dead_letters_total Dead letters kept, by error code: events the plugin failed on (a trap, a timeout, output the host refused) and messages or timer firings consumed as poison or refused by the plugin (code rejected); a message to no device is in drover_messages_undeliverable_total instead.\n# TYPE drover_dead_letters_total counter"
         );
         for (kind, v) in ErrorKind::ALL.iter().zip(&self.dead_letters) {
             let v = v.load(Ordering::Relaxed);
@@ -315,6 +315,7 @@ impl Metrics {
                     | ErrorKind::Timeout
                     | ErrorKind::OutputTooLarge
                     | ErrorKind::InvalidEffect
+                    | ErrorKind::Rejected
             );
             if usual || v > 0 {
                 let _ = writeln!(

@@ -152,6 +152,7 @@ impl Runtime {
             upgrades_stopped: Default::default(),
             dispatch,
             rebuild_log: Default::default(),
+            refused_log: Default::default(),
             live_slots: crate::actor::LiveSlots::new(config.actor.max_live),
         });
         // A growth the guest memory budget refuses, wherever it happens (an event, a read, a

@@ -1053,7 +1053,8 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
     let arm = |key: &str, event: Value| {
         json!({"type": "arm", "key": key, "after_ms": 50, "event": event}).to_string()
     };
-    // Refused when it fires: consumed, recorded with no transitions, no dead letter.
+    // Refused when it fires: consumed, recorded with no transitions, and kept as a dead
+    // letter, since no sender hears of the refusal (it was silent before).
     rt.send("m", &arm("refused", json!({"type": "reject"})))
         .await
         .expect("armed");
@@ -1062,7 +1063,11 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
     })
     .await;
     assert!(rt.timers("m").expect("timers").is_empty());
-    assert!(rt.dead_letters("m").expect("dead letters").is_empty());
+    let dead = rt.dead_letters("m").expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].code, "rejected");
+    assert!(dead[0].message.contains("refused the event"), "{dead:?}");
+    assert_eq!(rt.metrics().dead_letters(drover::ErrorKind::Rejected), 1);
 
     // Traps when it fires: a trap is deterministic, so the firing is consumed too (recorded
     // with no transitions) and kept as a dead letter; it does not fire again.
@@ -1074,8 +1079,8 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
     })
     .await;
     let dead = rt.dead_letters("m").expect("dead letters");
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].code, "trap");
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[1].code, "trap");
     assert!(rt.timers("m").expect("timers").is_empty());
     assert_eq!(state(&rt, "m").await["count"], 0);
 
@@ -1090,9 +1095,9 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
     })
     .await;
     let dead = rt.dead_letters("m").expect("dead letters");
-    assert_eq!(dead.len(), 2, "{dead:?}");
-    assert_eq!(dead[1].code, "trap");
-    assert!(dead[1].message.contains("invalid-transition"), "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert_eq!(dead[2].code, "trap");
+    assert!(dead[2].message.contains("invalid-transition"), "{dead:?}");
     assert_eq!(state(&rt, "m").await["count"], 0);
     let seq = rt.summary("m").expect("m").seq;
     let replayed = rt.state_at("m", seq).await.expect("replayed").state;
@@ -1116,7 +1121,7 @@ async fn a_timer_whose_firing_times_out_fires_again_later_and_a_refused_or_trapp
     .await;
     assert_eq!(rt.timers("m").expect("timers").len(), 1, "still pending");
     assert_eq!(timer_firings(&rt, "m").len(), 3, "no record for a timeout");
-    assert_eq!(rt.dead_letters("m").expect("dead letters").len(), 2);
+    assert_eq!(rt.dead_letters("m").expect("dead letters").len(), 3);
     rt.shutdown().await;
 }
 
@@ -1160,10 +1165,11 @@ async fn a_timer_firing_that_keeps_timing_out_is_consumed_after_three_even_if_id
         "one dead letter: the third timeout, which consumed it"
     );
     // Two timeouts came again before the third consumed it; a try the server was too loaded
-    // to run (starved: `overloaded`, not counted as a timeout) comes again too (a local run
-    // beside a CI run saw 3).
+    // to run (starved: `overloaded`, not counted as a timeout) comes again too, as often as
+    // the machine is that loaded (a local run beside a CI run saw 3, one beside a test with
+    // 64 busy threads 5): no upper bound but the end of the retries, checked above.
     let retried = rt.metrics().internal_retried.load(Ordering::Relaxed);
-    assert!((2..=4).contains(&retried), "{retried} tries came again");
+    assert!(retried >= 2, "{retried} tries came again");
     assert_eq!(
         timer_firings(&rt, "m").len(),
         1,

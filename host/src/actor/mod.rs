@@ -122,6 +122,9 @@ pub struct ActorEnv {
     /// Actors rebuilt after a failed commit, logged at most once a second: a failing disk
     /// fails every device's commits at once (see `crate::log_limit`).
     pub rebuild_log: parking_lot::Mutex<crate::log_limit::LogLimit>,
+    /// Messages and timer firings plugins refused, logged at most once a second: a periodic
+    /// timer a new version refuses is refused every period, on every device that set it.
+    pub refused_log: parking_lot::Mutex<crate::log_limit::LogLimit>,
     /// The live-instance cap's slots: an instance is built only with one (see `live_slots`).
     pub(crate) live_slots: LiveSlots,
 }
@@ -1099,12 +1102,17 @@ impl Actor {
         let decided = match decided {
             Ok(d) => d,
             // A message or timer the plugin refuses is consumed all the same (recorded with no
-            // transitions), or it would come back at every start.
+            // transitions), or it would come back at every start. No sender hears of it, so it
+            // is kept as a dead letter: before, only a debug line told, and a periodic timer
+            // that a new version refused was refused every period with nothing to see.
             Err(Failed {
-                error: Error::Rejected { code, message },
+                error: error @ Error::Rejected { .. },
                 instance_lost: false,
             }) if internal => {
-                tracing::debug!(device = %self.head.id, seq, %code, %message, "internal event refused by the plugin");
+                self.dead_letter(seq - 1, at_ms, event.clone().into_bytes(), &error);
+                if let Some(refusals) = self.env.refused_log.lock().due() {
+                    tracing::info!(device = %self.head.id, seq, ?origin, error = %error, refusals, "a message or timer firing refused by the plugin: consumed, kept as a dead letter ({refusals} such refusals since the last such line, at most one a second)");
+                }
                 refused = true;
                 decide::Decided::default()
             }

@@ -398,7 +398,8 @@ struct DeadLetters {
 }
 
 /// `GET /v1/devices/{id}/dead-letters`: the most recent events the device's plugin failed on
-/// (trap, timeout, oversized output), oldest first, at most 100:
+/// (trap, timeout, oversized output; a message or timer firing it refused), and messages it
+/// sent that could not be delivered, oldest first, at most 100:
 /// `{"dead_letters": [{"after_seq","at_ms","plugin","version","code","message","event"}],
 /// "retained_away": n}`.
 pub async fn dead_letters(
