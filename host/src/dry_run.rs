@@ -438,7 +438,7 @@ fn one_pass(
                         error,
                     }) = decided
                     {
-                        out.timed_out |= matches!(error, Error::Timeout(_));
+                        out.timed_out |= matches!(error, Error::Timeout { .. });
                         out.error = Some(format!(
                             "the candidate failed at seq {} (its instance is discarded, so nothing after \
                              it is compared): {}",
@@ -485,7 +485,7 @@ fn one_pass(
                     return Err(e);
                 }
                 if let Err(e) = folded {
-                    out.timed_out |= matches!(e, Error::Timeout(_));
+                    out.timed_out |= matches!(e, Error::Timeout { .. });
                     out.fold_failed_seq = Some(record.seq);
                     out.error.get_or_insert(format!(
                         "cannot fold the recorded transitions at seq {}: {}",

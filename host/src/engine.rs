@@ -108,9 +108,15 @@ pub enum CallError {
     /// poisoned and must be discarded.
     #[error("guest trapped: {0}")]
     Trap(String),
-    /// The guest exceeded its time budget. The instance must be discarded.
-    #[error("guest exceeded its {0:?} time budget")]
-    Timeout(Duration),
+    /// The guest exceeded its time budget, `budget`, the whole unit's (an event's handle
+    /// and applies, an activation), and was stopped in `export` (the WIT export it was
+    /// running, or `instantiation`): which of a plugin's functions spins is the first thing
+    /// its author asks. The instance must be discarded.
+    #[error("guest exceeded its {budget:?} time budget (stopped in `{export}`)")]
+    Timeout {
+        budget: Duration,
+        export: &'static str,
+    },
     /// The guest was interrupted within its CPU budget, having waited for a core so long that
     /// its unit took `WALL_LIMIT` times its budget in wall-clock time: the machine is
     /// overloaded, the guest is not at fault. The instance must be discarded.
@@ -711,7 +717,10 @@ fn instantiation_fault(
         }
         return match state.starved.take() {
             Some(used) => CallError::Starved { budget, used },
-            None => CallError::Timeout(budget),
+            None => CallError::Timeout {
+                budget,
+                export: "instantiation",
+            },
         };
     }
     if short_of_memory(&e) {

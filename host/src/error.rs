@@ -45,8 +45,12 @@ pub enum Error {
     Rejected { code: String, message: String },
     #[error("the device's plugin trapped: {0}")]
     Trap(String),
-    #[error("the device's plugin exceeded its time budget of {0:?}")]
-    Timeout(std::time::Duration),
+    /// `export`: the plugin's function it was stopped in (see `CallError::Timeout`).
+    #[error("the device's plugin exceeded its time budget of {budget:?} (stopped in `{export}`)")]
+    Timeout {
+        budget: std::time::Duration,
+        export: &'static str,
+    },
     /// The server lacked a resource the guest needed, not through the plugin's fault nor the
     /// request's: a guest interrupted within its CPU budget because it waited for a core too
     /// long (see `engine/cpu_clock.rs`), or a memory growth the fleet's guest memory budget
@@ -264,7 +268,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::Rejected { .. } => ErrorKind::Rejected,
             Error::Trap(_) => ErrorKind::Trap,
-            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Overloaded(_) => ErrorKind::Overloaded,
             Error::OutputTooLarge { .. } => ErrorKind::OutputTooLarge,
             Error::InvalidEffect(_) => ErrorKind::InvalidEffect,
@@ -325,7 +329,7 @@ impl From<CallError> for Error {
         match e {
             CallError::Rejected { code, message } => Error::Rejected { code, message },
             CallError::Trap(m) => Error::Trap(m),
-            CallError::Timeout(d) => Error::Timeout(d),
+            CallError::Timeout { budget, export } => Error::Timeout { budget, export },
             e @ (CallError::Starved { .. } | CallError::GuestMemory(_)) => {
                 Error::Overloaded(e.to_string())
             }

@@ -9,69 +9,73 @@
 //! refused it") for what is malformed JSON, and a lenient plugin would have recorded text
 //! that no strict reader (the export's, another language's) can read back.
 //!
-//! [`check`] reads every string and number as a strict reader does, without building the
-//! document: strings without escapes are borrowed, not copied.
-
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+//! [`check`] reads the syntax with that same skim, which keeps no stack of its own and so takes
+//! nesting as deep as the size limit allows (the host sets no depth limit: a plugin may take
+//! deeper documents than serde_json's default 128 levels, and a reader that recursed would
+//! run the host's thread off its stack first). It then reads each string escape and each
+//! number of the text it now knows to be well formed, as a strict reader does.
 
 /// Whether `text` is one JSON document whose strings are all Unicode text and whose numbers
 /// all fit an `f64`; the error says where and why not.
-pub(crate) fn check(text: &str) -> Result<(), serde_json::Error> {
-    serde_json::from_str::<Strict>(text).map(drop)
+pub(crate) fn check(text: &str) -> Result<(), String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| e.to_string())?;
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => i = past_string(text, i + 1)?,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                // serde_json's own words for it, where it reads a number into an `f64`.
+                if text
+                    .get(start..i)
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .is_none_or(f64::is_infinite)
+                {
+                    return Err(format!("number out of range at byte {start}"));
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
 }
 
-/// A JSON value read in full and kept as nothing.
-struct Strict;
-
-impl<'de> Deserialize<'de> for Strict {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Strict)
+/// The index just past the string whose text begins at `i` (after its opening quote) of
+/// well-formed JSON `text`, once each `\u` escape in it is found to name a character.
+fn past_string(text: &str, mut i: usize) -> Result<usize, String> {
+    let b = text.as_bytes();
+    let hex = |at: usize| {
+        text.get(at..at + 4)
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    while i < b.len() {
+        match b[i] {
+            b'"' => return Ok(i + 1),
+            b'\\' if b.get(i + 1) == Some(&b'u') => match hex(i + 2) {
+                Some(0xD800..=0xDBFF) => {
+                    let low = (b.get(i + 6..i + 8) == Some(b"\\u"))
+                        .then(|| hex(i + 8))
+                        .flatten();
+                    if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                        return Err(format!("lone leading surrogate in hex escape at byte {i}"));
+                    }
+                    i += 12;
+                }
+                Some(0xDC00..=0xDFFF) => {
+                    return Err(format!("lone trailing surrogate in hex escape at byte {i}"));
+                }
+                _ => i += 6,
+            },
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
     }
-}
-
-impl<'de> Visitor<'de> for Strict {
-    type Value = Strict;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-
-    // serde_json itself refuses a number past `f64` ("number out of range") on this path.
-    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-
-    // A string reaches a visitor only once its escapes are decoded, which is where a lone
-    // surrogate is refused.
-    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-
-    fn visit_unit<E>(self) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
-        while seq.next_element::<Strict>()?.is_some() {}
-        Ok(Strict)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
-        while map.next_entry::<Strict, Strict>()?.is_some() {}
-        Ok(Strict)
-    }
+    Ok(i)
 }
 
 #[cfg(test)]
@@ -92,12 +96,14 @@ mod tests {
         ] {
             assert!(check(bad).is_err(), "{bad} passed");
             if bad.contains("e4") || bad.contains("e3") {
-                let e = check(bad).unwrap_err().to_string();
+                let e = check(bad).unwrap_err();
                 assert!(e.contains("number out of range"), "{bad}: {e}");
             }
         }
-        let e = check(r#"{"a":"x\udc00y"}"#).unwrap_err().to_string();
-        assert!(e.contains("surrogate"), "{e}");
+        let e = check(r#"{"a":"x\udc00y"}"#).unwrap_err();
+        assert_eq!(e, "lone trailing surrogate in hex escape at byte 7");
+        let e = check(r#"["\ud83d\u0041"]"#).unwrap_err();
+        assert_eq!(e, "lone leading surrogate in hex escape at byte 2");
     }
 
     #[test]
@@ -107,9 +113,15 @@ mod tests {
             r#""\ud83d\ude00 \u00e9 \n""#,
             r#"[null,true,false,-0,1.7976931348623157e308,18446744073709551615,123456789012345678901234567890]"#,
             r#"{"nested":[{"a":[[]]},{}],"e":1e-400}"#,
+            r#"{"t":"\\ud800 is text, not an escape","s":"\"1e400\"","u":"\u00e91e400"}"#,
+            r#"[0.5E+3,-2e-2,"é\u20ac",true]"#,
             " 7 ",
         ] {
             assert!(check(good).is_ok(), "{good}: {:?}", check(good));
         }
+        // No depth limit of the host's own: a plugin may read deeper documents, and the
+        // check keeps no stack.
+        let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000));
+        assert!(check(&deep).is_ok());
     }
 }

@@ -132,7 +132,7 @@ impl From<Error> for RebuildFailure {
     fn from(error: Error) -> Self {
         RebuildFailure {
             seq: None,
-            timed_out: matches!(error, Error::Timeout(_)),
+            timed_out: matches!(error, Error::Timeout { .. }),
             error,
             unlocated: false,
             trapped: false,
@@ -479,7 +479,7 @@ impl Budget {
     fn whole(&self, e: CallError) -> CallError {
         let total = self.total();
         match e {
-            CallError::Timeout(_) | CallError::Starved { .. } => {
+            CallError::Timeout { .. } | CallError::Starved { .. } => {
                 let used = self.used();
                 let starved =
                     matches!(e, CallError::Starved { .. }) || self.ran() >= total * WALL_LIMIT;
@@ -489,7 +489,14 @@ impl Budget {
                         used,
                     }
                 } else {
-                    CallError::Timeout(total)
+                    let export = match e {
+                        CallError::Timeout { export, .. } => export,
+                        _ => "the rebuild",
+                    };
+                    CallError::Timeout {
+                        budget: total,
+                        export,
+                    }
                 }
             }
             other => other,
@@ -663,7 +670,7 @@ async fn rebuild_trying(
                 let restored = instance.restore_preemptible(&data).await;
                 budget.end(&mut instance, scope);
                 restored.map_err(|e| match e {
-                    CallError::Timeout(_) if fallback => Error::Activation(format!(
+                    CallError::Timeout { .. } if fallback => Error::Activation(format!(
                         "its `restore` ran past {cap:?}, its share of the rebuild's budget"
                     )),
                     // A refusal of the snapshot, said as one (`Rejected` speaks of an event).
@@ -715,7 +722,7 @@ async fn rebuild_trying(
                     "`init` refused the device's stored config: {code}: {message}"
                 ))
                 .into(),
-                e @ CallError::Timeout(_) => RebuildFailure {
+                e @ CallError::Timeout { .. } => RebuildFailure {
                     timed_out: true,
                     ..activation(e).into()
                 },
@@ -787,7 +794,7 @@ async fn rebuild_trying(
             // Running out of time (or the server out of memory, or a stop to fold on the
             // slow lane) is no record's fault: none is named as the one that cannot be
             // folded (`seq`), though the message says where.
-            let out_of_time = matches!(e.error, CallError::Timeout(_));
+            let out_of_time = matches!(e.error, CallError::Timeout { .. });
             let timed_out = out_of_time || e.error.is_overload();
             let error = Error::from(budget.whole(e.error));
             return Err(match e.applied {
@@ -952,7 +959,11 @@ mod tests {
             cpu_since: cpu_clock::now(),
             wall_since: Instant::now() - total * (WALL_LIMIT + 1),
         };
-        let starved = waited.whole(CallError::Timeout(Duration::ZERO));
+        let timeout = |budget| CallError::Timeout {
+            budget,
+            export: "apply",
+        };
+        let starved = waited.whole(timeout(Duration::ZERO));
         assert!(matches!(
             starved,
             CallError::Starved { budget, .. } if budget == total
@@ -975,13 +986,13 @@ mod tests {
             wall_since: Instant::now() - total * (WALL_LIMIT + 1),
         };
         assert!(matches!(
-            busy.whole(CallError::Timeout(Duration::ZERO)),
-            CallError::Timeout(t) if t == total
+            busy.whole(timeout(Duration::ZERO)),
+            CallError::Timeout { budget, export: "apply" } if budget == total
         ));
         let fresh = Budget::start(total, Preemption::None);
         assert!(matches!(
-            fresh.whole(CallError::Timeout(Duration::from_millis(3))),
-            CallError::Timeout(t) if t == total
+            fresh.whole(timeout(Duration::from_millis(3))),
+            CallError::Timeout { budget, export: "apply" } if budget == total
         ));
         assert!(matches!(
             activation_failed("replaying seq 7: ".into(), Error::Trap("boom".into())),

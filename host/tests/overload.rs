@@ -162,8 +162,10 @@ async fn a_time_budget_counts_the_cpu_time_used_not_the_wait_for_a_core() {
         .await
         .expect_err("over its budget");
     assert_eq!(err.code(), "timeout", "{err}");
+    // And says which of the plugin's functions spun (a slow `apply`, not `handle`).
     assert!(
-        err.to_string().contains("exceeded its time budget"),
+        err.to_string()
+            .contains("exceeded its time budget of 300ms (stopped in `apply`)"),
         "{err}"
     );
 

@@ -506,7 +506,16 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
             rt.summary("m").map(|d| d.seq),
             rt.summary("t").map(|d| d.seq),
         );
-        let err = rt.send(device, &event).await.expect_err(&event);
+        let mut err = rt.send(device, &event).await.expect_err(&event);
+        // On a loaded machine (a CI run beside) the spinning guest may wait for a core past
+        // four times its budget before it has used it: the server's overload, which writes
+        // nothing and counts for nothing; sent again.
+        for _ in 0..5 {
+            if code != "timeout" || err.code() != "overloaded" {
+                break;
+            }
+            err = rt.send(device, &event).await.expect_err(&event);
+        }
         assert_eq!(err.code(), code, "{event}: {err}");
         rt.journal().barrier().await.expect("settled");
         // A fault of the plugin on this input leaves a dead letter and nothing else; any
@@ -1214,8 +1223,11 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
         .quarantine
         .expect("a quarantined device's read says why");
     assert_eq!(q.failures, 3, "{q:?}");
-    // The last of the three was a `loop`.
-    assert!(q.last_error.contains("time budget"), "{q:?}");
+    // The last of the three was a `loop`, which spins in `handle`.
+    assert!(
+        q.last_error.contains("time budget") && q.last_error.contains("(stopped in `handle`)"),
+        "{q:?}"
+    );
     assert!(q.ends_in_ms > 0, "{q:?}");
     assert!(rt.metrics().errors(ErrorKind::Quarantined) >= 20);
     // The three events the plugin failed on are dead letters, with the error each got;
@@ -1594,7 +1606,11 @@ async fn offline_replay_runs_guests_with_the_servers_engine_settings() {
     let err = replay::rebuild(&journal, &registry, &head, head.seq, Start::Genesis)
         .err()
         .expect("times out under the default deadline");
-    assert!(err.to_string().contains("time budget"), "{err}");
+    // Stopped in the replay's fold (`apply-batch` for a plugin of contract 0.3).
+    assert!(
+        err.to_string().contains("time budget") && err.to_string().contains("stopped in `apply"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1077,7 +1077,7 @@ impl Actor {
             ) => false,
             (
                 Err(Failed {
-                    error: Error::Timeout(_),
+                    error: Error::Timeout { .. },
                     ..
                 }),
                 Some(key),

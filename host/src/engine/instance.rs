@@ -156,7 +156,7 @@ impl Instance {
                 .map(|r| r.map_err(v2_error)),
             Exports::V3(d, _) => d.call_init(&mut self.store, device_id, config),
         };
-        self.settle(r)
+        self.settle("init", r)
     }
 
     /// Asks the guest what `event` means: the transitions (JSON documents) and effects. A
@@ -184,7 +184,7 @@ impl Instance {
                 .map(|r| r.map(v2_shapes::outcome).map_err(v2_error)),
             Exports::V3(d, _) => d.call_handle(&mut self.store, ctx, event),
         };
-        self.settle(r)
+        self.settle("handle", r)
     }
 
     /// Applies one transition.
@@ -199,7 +199,7 @@ impl Instance {
                 .map(|r| r.map_err(v2_error)),
             Exports::V3(d, _) => d.call_apply(&mut self.store, transition),
         };
-        self.settle(r)
+        self.settle("apply", r)
     }
 
     /// Applies transitions in order, as [`Instance::apply`] of each would, in one guest call
@@ -243,7 +243,7 @@ impl Instance {
         let r = self
             .call_on_fiber::<(&str, &str), (Result<(), DeviceError>,)>(init, (device_id, config))
             .await;
-        self.settle(r.map(|(r,)| r))
+        self.settle("init", r.map(|(r,)| r))
     }
 
     /// [`Instance::restore`], preemptible as [`Instance::handle_preemptible`] is.
@@ -255,7 +255,7 @@ impl Instance {
         let r = self
             .call_on_fiber::<(&[u8],), (Result<(), DeviceError>,)>(restore, (snapshot,))
             .await;
-        self.settle(r.map(|(r,)| r))
+        self.settle("restore", r.map(|(r,)| r))
     }
 
     /// [`Instance::handle`], preemptible when the unit under way is (see
@@ -277,7 +277,7 @@ impl Instance {
                 (ctx, event),
             )
             .await;
-        self.settle(r.map(|(r,)| r))
+        self.settle("handle", r.map(|(r,)| r))
     }
 
     /// [`Instance::apply_batch`], preemptible as [`Instance::handle_preemptible`] is.
@@ -301,10 +301,11 @@ impl Instance {
         let r = self
             .call_on_fiber::<(&str,), (Result<(), DeviceError>,)>(apply, (*one,))
             .await;
-        self.settle(r.map(|(r,)| r)).map_err(|error| BatchError {
-            applied: Some(0),
-            error,
-        })
+        self.settle("apply", r.map(|(r,)| r))
+            .map_err(|error| BatchError {
+                applied: Some(0),
+                error,
+            })
     }
 
     /// Calls `func` on a fiber, where the guest may yield at a deadline. Its types are checked
@@ -360,7 +361,7 @@ impl Instance {
             },
             Err(e) => Err(BatchError {
                 applied: None,
-                error: self.fault(e),
+                error: self.fault("apply-batch", e),
             }),
         }
     }
@@ -374,7 +375,7 @@ impl Instance {
             Exports::V3(d, _) => d.call_snapshot(&mut self.store),
         }
         .map(Ok);
-        self.settle(r)
+        self.settle("snapshot", r)
     }
 
     /// Replaces the state with a snapshot.
@@ -389,7 +390,7 @@ impl Instance {
                 .map(|r| r.map_err(v2_error)),
             Exports::V3(d, _) => d.call_restore(&mut self.store, snapshot),
         };
-        self.settle(r)
+        self.settle("restore", r)
     }
 
     /// The state as JSON text.
@@ -401,7 +402,7 @@ impl Instance {
             Exports::V3(d, _) => d.call_query(&mut self.store),
         }
         .map(Ok);
-        self.settle(r)
+        self.settle("query", r)
     }
 
     /// Reads the state as a unit of work of its own (one call's budget) that gives its thread
@@ -410,23 +411,35 @@ impl Instance {
     /// ([`Preemption::Yield`]) if the plugin has run slow, as [`Instance::handle_preemptible`]
     /// does. A read that uses two epoch ticks marks its plugin slow, as an event does.
     pub async fn query_unit(&mut self, preemption: Preemption) -> Result<String, CallError> {
-        self.read_unit(preemption, |exports| exports.query, Instance::query)
-            .await
+        self.read_unit(
+            preemption,
+            "query",
+            |exports| exports.query,
+            Instance::query,
+        )
+        .await
     }
 
     /// Serializes the state as a unit of work of its own, as [`Instance::query_unit`] reads it:
     /// a `snapshot` that spins is stopped on the pool once seen slow, or yields on the slow
     /// lane, instead of holding an actor thread for a whole call budget.
     pub async fn snapshot_unit(&mut self, preemption: Preemption) -> Result<Vec<u8>, CallError> {
-        self.read_unit(preemption, |exports| exports.snapshot, Instance::snapshot)
-            .await
+        self.read_unit(
+            preemption,
+            "snapshot",
+            |exports| exports.snapshot,
+            Instance::snapshot,
+        )
+        .await
     }
 
     /// A call that changes no state, taking no argument, as one unit of work of one call's
-    /// budget: on a fiber through `export` if it may be preempted, else through `sync`.
+    /// budget: on a fiber through `export` (WIT's `name`) if it may be preempted, else
+    /// through `sync`.
     async fn read_unit<R>(
         &mut self,
         preemption: Preemption,
+        name: &'static str,
         export: fn(&V3Exports<Func>) -> Func,
         sync: fn(&mut Instance) -> Result<R, CallError>,
     ) -> Result<R, CallError>
@@ -438,7 +451,7 @@ impl Instance {
             Exports::V3(_, direct) if self.may_preempt() => {
                 let func = export(direct);
                 let r = self.call_on_fiber::<(), (R,)>(func, ()).await;
-                self.settle(r.map(|(out,)| Ok(out)))
+                self.settle(name, r.map(|(out,)| Ok(out)))
             }
             _ => sync(self),
         };
@@ -620,6 +633,7 @@ impl Instance {
 
     fn settle<T>(
         &mut self,
+        export: &'static str,
         r: wasmtime::Result<Result<T, bindings::drover::device::types::DeviceError>>,
     ) -> Result<T, CallError> {
         match r {
@@ -628,12 +642,12 @@ impl Instance {
                 code: e.code,
                 message: e.message,
             }),
-            Err(e) => Err(self.fault(e)),
+            Err(e) => Err(self.fault(export, e)),
         }
     }
 
-    /// What a call that did not return means: a timeout, or a trap told briefly.
-    fn fault(&mut self, e: wasmtime::Error) -> CallError {
+    /// What a call of `export` that did not return means: a timeout, or a trap told briefly.
+    fn fault(&mut self, export: &'static str, e: wasmtime::Error) -> CallError {
         if matches!(
             e.downcast_ref::<wasmtime::Trap>(),
             Some(wasmtime::Trap::Interrupt)
@@ -647,7 +661,7 @@ impl Instance {
             }
             return match self.store.data_mut().starved.take() {
                 Some(used) => CallError::Starved { budget, used },
-                None => CallError::Timeout(budget),
+                None => CallError::Timeout { budget, export },
             };
         }
         if let Some(refused) = self.store.data_mut().limits.take_refusal() {

@@ -235,7 +235,7 @@ pub fn status_of_kind(kind: ErrorKind) -> StatusCode {
 pub fn message_of(e: &Error) -> String {
     match e {
         Error::Trap(_)
-        | Error::Timeout(_)
+        | Error::Timeout { .. }
         | Error::OutputTooLarge { .. }
         | Error::InvalidEffect(_) => {
             format!("{e} (a fault of the device's plugin, not of the request)")
