@@ -80,11 +80,17 @@ pub enum Error {
     OutboxFull { pending: usize, limit: usize },
     /// The device sent `pending` messages that their targets have not handled yet, at or
     /// over `limit`: a target is behind (or quarantined), so this device's events wait.
+    /// `behind`: the target owed the most of them, if one is known.
     #[error(
-        "the device has {pending} messages its targets have not handled yet (limit {limit}); \
-         retry once they catch up"
+        "the device has {pending} messages its targets have not handled yet (limit {limit}){}; \
+         retry once they catch up",
+        behind.as_ref().map_or(String::new(), |b| b.to_string())
     )]
-    MessagesPending { pending: usize, limit: usize },
+    MessagesPending {
+        pending: usize,
+        limit: usize,
+        behind: Option<Box<Behind>>,
+    },
     #[error(
         "the device is quarantined after {failures} consecutive plugin failures (last: {last}); \
          it accepts events again in {retry_in_ms} ms"
@@ -160,6 +166,31 @@ pub enum Error {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The target a sender held back by [`Error::MessagesPending`] owes the most messages to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behind {
+    pub target: String,
+    /// Of the sender's messages not handled yet, those owed to it.
+    pub owed: usize,
+    /// What is left of its quarantine, if that is what holds the messages (they arrive as it
+    /// ends): the refusal's `Retry-After`.
+    pub quarantined_for: Option<std::time::Duration>,
+}
+
+impl std::fmt::Display for Behind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, ", {} of them to `{}`", self.owed, self.target)?;
+        if let Some(left) = self.quarantined_for {
+            write!(
+                f,
+                ", which is quarantined for another {} s",
+                left.as_millis().div_ceil(1000)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Declares [`ErrorKind`] from one list, so [`ErrorKind::ALL`] holds every variant by

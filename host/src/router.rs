@@ -535,4 +535,16 @@ impl Directory for Router {
             me.evict_lru();
         }
     }
+
+    fn quarantine_left(&self, id: &str) -> Option<std::time::Duration> {
+        let until = self
+            .actors
+            .read()
+            .get(id)?
+            .activity
+            .quarantined_until_ms
+            .load(Ordering::Acquire);
+        let now = crate::clock::mono_ms(std::time::Instant::now());
+        (until > now).then(|| std::time::Duration::from_millis(until - now))
+    }
 }

@@ -650,7 +650,12 @@ async fn a_sender_whose_target_is_stuck_is_held_back_and_the_target_gets_its_mes
     .await;
     let err = rt.send("a", &relay(3)).await.expect_err("held back");
     assert_eq!(err.code(), "messages-pending", "{err}");
-    assert!(err.to_string().contains("2 messages"), "{err}");
+    // It names the target behind, and what holds it.
+    assert!(
+        err.to_string()
+            .contains("2 messages its targets have not handled yet (limit 2), 2 of them to `b`, which is quarantined for another"),
+        "{err}"
+    );
     assert_eq!(
         rt.device("a").await.expect("a").summary.seq,
         2,

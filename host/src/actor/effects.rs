@@ -222,7 +222,25 @@ impl Actor {
         };
         let limit = self.env.config.max_messages_pending;
         if pending >= limit {
-            return Err(Error::MessagesPending { pending, limit });
+            // Named, with its quarantine if that is what holds it: before, the sender's
+            // client had to find which device was behind on its own.
+            let behind = journal.most_owed_target(num).map(|(target, owed)| {
+                let quarantined_for = self
+                    .env
+                    .directory
+                    .upgrade()
+                    .and_then(|d| d.quarantine_left(&target));
+                Box::new(crate::error::Behind {
+                    target: target.to_string(),
+                    owed,
+                    quarantined_for,
+                })
+            });
+            return Err(Error::MessagesPending {
+                pending,
+                limit,
+                behind,
+            });
         }
         Ok(())
     }

@@ -198,6 +198,9 @@ pub trait Directory: Send + Sync {
     /// The live-instance cap is reached (an activation took the last slot, or found none):
     /// passivate the least recently used.
     fn over_capacity(&self);
+    /// How long device `id` is still quarantined for, if it is (a sender held back by it
+    /// says so, and when to retry).
+    fn quarantine_left(&self, id: &str) -> Option<Duration>;
 }
 
 /// A message in an actor's mailbox: 16 bytes, every variant's payload one pointer at most.

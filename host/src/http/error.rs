@@ -264,12 +264,16 @@ pub fn message_of(e: &Error) -> String {
 /// 503s but `plugin-unavailable`): the `Retry-After` header of a single request, and
 /// `retry_after_s` of a batch item.
 pub(crate) fn retry_after(e: &Error) -> Option<u32> {
+    let secs = |ms: u128| u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX).max(1);
     match (e, status_of(e)) {
-        (Error::Quarantined { retry_in_ms, .. }, _) => Some(
-            u32::try_from(retry_in_ms.div_ceil(1000))
-                .unwrap_or(u32::MAX)
-                .max(1),
-        ),
+        (Error::Quarantined { retry_in_ms, .. }, _) => Some(secs(u128::from(*retry_in_ms))),
+        // Held back by a quarantined target: its messages arrive as the quarantine ends.
+        (
+            Error::MessagesPending {
+                behind: Some(b), ..
+            },
+            _,
+        ) if b.quarantined_for.is_some() => b.quarantined_for.map(|left| secs(left.as_millis())),
         // Retrying does not help until someone deploys a version.
         (Error::PluginUnavailable { .. }, _) => None,
         (_, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => Some(1),
@@ -396,6 +400,25 @@ mod tests {
             assert_eq!(api.status.as_u16(), status, "{e}");
             assert_eq!(api.code, e.code());
         }
+        // A sender held back by a quarantined target retries as the quarantine ends.
+        let pending = |quarantined_for| Error::MessagesPending {
+            pending: 2,
+            limit: 2,
+            behind: Some(Box::new(crate::error::Behind {
+                target: "b".into(),
+                owed: 2,
+                quarantined_for,
+            })),
+        };
+        let held = ApiError::from(pending(Some(std::time::Duration::from_millis(4200))));
+        assert_eq!((held.status.as_u16(), held.retry_after), (429, Some(5)));
+        assert!(
+            held.message
+                .contains("(limit 2), 2 of them to `b`, which is quarantined for another 5 s;"),
+            "{}",
+            held.message
+        );
+        assert_eq!(ApiError::from(pending(None)).retry_after, Some(1));
         let disk = ApiError::from(Error::writing(
             "writing the archive",
             std::io::Error::from(std::io::ErrorKind::QuotaExceeded),

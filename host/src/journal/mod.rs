@@ -1587,6 +1587,22 @@ impl Journal {
             })
     }
 
+    /// The target owed the most of the messages device `num` sent that their targets have not
+    /// handled yet, with how many it is owed (ties: the least id). Walks the device's owed
+    /// messages: for a refusal that names the target, not for each event.
+    pub fn most_owed_target(&self, num: u32) -> Option<(Arc<str>, usize)> {
+        let index = self.index();
+        let sent = index.devices.get(&num)?.sent()?;
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for to in sent.values().filter_map(|s| s.owed_to()) {
+            *counts.entry(to).or_default() += 1;
+        }
+        let (to, n) = counts
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))?;
+        Some((Arc::from(to), n))
+    }
+
     /// Device `num`'s pending timer `key`, as durable.
     pub fn timer(&self, num: u32, key: &str) -> Option<TimerEntry> {
         self.index()
