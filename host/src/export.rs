@@ -214,13 +214,16 @@ struct Kind {
     kind: String,
 }
 
-/// JSON text as a raw value if it is JSON on one line, else as a string for the `*_text`
-/// field: a JSON text with line breaks (an event a client sent pretty-printed) would break
-/// the one-line-per-record format, and re-serializing it would change its bytes.
+/// JSON text as a raw value if it is JSON on one line that a strict reader reads (see
+/// `crate::json_check`), else as a string for the `*_text` field: a JSON text with line
+/// breaks (an event a client sent pretty-printed) would break the one-line-per-record format,
+/// and re-serializing it would change its bytes; one with a lone surrogate escape or a number
+/// past `f64` (an older server recorded such events) would make the line unreadable to a
+/// strict reader, and an import refuses it as JSON.
 fn raw_or_text(bytes: &[u8]) -> (Option<Box<RawValue>>, Option<String>) {
     match std::str::from_utf8(bytes)
         .ok()
-        .filter(|s| !s.contains(['\n', '\r']))
+        .filter(|s| !s.contains(['\n', '\r']) && crate::json_check::strict(s).is_ok())
         .and_then(|s| RawValue::from_string(s.to_string()).ok())
     {
         Some(raw) => (Some(raw), None),
@@ -479,6 +482,18 @@ fn lines(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Line
 /// latest version an older number in the target).
 type Components = std::collections::BTreeMap<(String, u32), (String, Option<Vec<u8>>, bool)>;
 
+/// JSON of an export line that a strict reader reads (see [`raw_or_text`]): the server
+/// refuses any other as an event, and an export writes such text recorded before it did as a
+/// string under `*_text`, never as JSON.
+fn strictly_json(raw: &RawValue) -> anyhow::Result<()> {
+    crate::json_check::strict(raw.get()).map_err(|e| {
+        anyhow::anyhow!(
+            "not JSON a strict reader reads back ({e}); text recorded so is given as a string, \
+             under `event_text`, `transitions_text` or `config_text`"
+        )
+    })
+}
+
 /// Checks the whole export before anything is written (see the module docs); `exists` says
 /// whether a device id is already in the target; with `engine`, every component is also
 /// compiled (what registering it would do first). Returns the components and the device ids.
@@ -606,6 +621,10 @@ fn check(
                 if d.config.is_none() && d.config_text.is_none() {
                     bail!("device `{}`: no config", d.device);
                 }
+                if let Some(config) = &d.config {
+                    strictly_json(config)
+                        .with_context(|| format!("device `{}`: config", d.device))?;
+                }
                 if let Some(first) = d.first_seq.filter(|f| *f > 1) {
                     bail!(
                         "{}: device `{}` starts at seq {first} (journal retention deleted its \
@@ -627,6 +646,14 @@ fn check(
                 }
                 if !r.lost && r.event.is_none() && r.event_text.is_none() {
                     bail!("device `{id}` seq {}: no event", r.seq);
+                }
+                if let Some(event) = &r.event {
+                    strictly_json(event)
+                        .with_context(|| format!("device `{id}` seq {}: event", r.seq))?;
+                }
+                for (i, t) in r.transitions.iter().flatten().enumerate() {
+                    strictly_json(t)
+                        .with_context(|| format!("device `{id}` seq {}: transition {i}", r.seq))?;
                 }
                 if let Some(fx) = &r.fx
                     && fx.effects.len() > crate::decide::MAX_EFFECTS

@@ -9,16 +9,32 @@
 //! refused it") for what is malformed JSON, and a lenient plugin would have recorded text
 //! that no strict reader (the export's, another language's) can read back.
 //!
-//! [`check`] reads the syntax with that same skim, which keeps no stack of its own and so takes
-//! nesting as deep as the size limit allows (the host sets no depth limit: a plugin may take
-//! deeper documents than serde_json's default 128 levels, and a reader that recursed would
-//! run the host's thread off its stack first). It then reads each string escape and each
-//! number of the text it now knows to be well formed, as a strict reader does.
+//! [`check`] reads each string escape and each number as a strict reader does, then the
+//! syntax with that same skim, which keeps no stack of its own and so takes nesting as deep
+//! as the size limit allows (the host sets no depth limit: a plugin may take deeper documents
+//! than serde_json's default 128 levels, and a reader that recursed would run the host's
+//! thread off its stack first). [`strict`] is the first half, for text whose syntax is known
+//! good (a `RawValue`).
+//!
+//! The same rule holds wherever JSON text crosses the server's edge: an import refuses such
+//! text as JSON (`crate::export`), and an answer embeds text that fails it as a string
+//! (`crate::http::json`), as it does text that is not JSON at all.
 
 /// Whether `text` is one JSON document whose strings are all Unicode text and whose numbers
 /// all fit an `f64`; the error says where and why not.
 pub(crate) fn check(text: &str) -> Result<(), String> {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| e.to_string())?;
+    // The strict reading first: its messages say what is wrong with an escape, where
+    // serde_json's skim says "unexpected end of hex escape" of a lone `"\ud800"`.
+    strict(text)?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// [`check`] but the syntax: every `\u` escape of a string names a character, every number
+/// fits an `f64`. Meant for text known to be JSON; any other text is read without panic, and
+/// what it finds wrong is then wrong.
+pub(crate) fn strict(text: &str) -> Result<(), String> {
     let b = text.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -30,13 +46,13 @@ pub(crate) fn check(text: &str) -> Result<(), String> {
                 {
                     i += 1;
                 }
-                // serde_json's own words for it, where it reads a number into an `f64`.
-                if text
-                    .get(start..i)
-                    .and_then(|n| n.parse::<f64>().ok())
-                    .is_none_or(f64::is_infinite)
-                {
-                    return Err(format!("number out of range at byte {start}"));
+                let number = text.get(start..i).unwrap_or_default();
+                if number.parse::<f64>().is_ok_and(f64::is_infinite) {
+                    return Err(format!(
+                        "number out of range at byte {start}: `{}` is past what a 64-bit float \
+                         holds",
+                        cut(number)
+                    ));
                 }
             }
             _ => i += 1,
@@ -45,29 +61,43 @@ pub(crate) fn check(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// At most 40 bytes of `number` (a number may be 64 KiB of digits), on a char boundary.
+fn cut(number: &str) -> String {
+    match number.get(..40) {
+        Some(head) if head.len() < number.len() => format!("{head}..."),
+        _ => number.to_string(),
+    }
+}
+
 /// The index just past the string whose text begins at `i` (after its opening quote) of
-/// well-formed JSON `text`, once each `\u` escape in it is found to name a character.
+/// JSON `text`, once each `\u` escape in it is found to name a character.
 fn past_string(text: &str, mut i: usize) -> Result<usize, String> {
     let b = text.as_bytes();
     let hex = |at: usize| {
         text.get(at..at + 4)
             .and_then(|h| u16::from_str_radix(h, 16).ok())
     };
+    let lone = |at: usize, unit: u16, half: &str, missing: &str| {
+        format!(
+            "`\\u{unit:04x}` at byte {at} is the {half} half of a UTF-16 surrogate pair with no \
+             {missing}: it names no character"
+        )
+    };
     while i < b.len() {
         match b[i] {
             b'"' => return Ok(i + 1),
             b'\\' if b.get(i + 1) == Some(&b'u') => match hex(i + 2) {
-                Some(0xD800..=0xDBFF) => {
+                Some(high @ 0xD800..=0xDBFF) => {
                     let low = (b.get(i + 6..i + 8) == Some(b"\\u"))
                         .then(|| hex(i + 8))
                         .flatten();
                     if !matches!(low, Some(0xDC00..=0xDFFF)) {
-                        return Err(format!("lone leading surrogate in hex escape at byte {i}"));
+                        return Err(lone(i, high, "leading", "trailing half after it"));
                     }
                     i += 12;
                 }
-                Some(0xDC00..=0xDFFF) => {
-                    return Err(format!("lone trailing surrogate in hex escape at byte {i}"));
+                Some(low @ 0xDC00..=0xDFFF) => {
+                    return Err(lone(i, low, "trailing", "leading half before it"));
                 }
                 _ => i += 6,
             },
@@ -101,9 +131,31 @@ mod tests {
             }
         }
         let e = check(r#"{"a":"x\udc00y"}"#).unwrap_err();
-        assert_eq!(e, "lone trailing surrogate in hex escape at byte 7");
+        assert_eq!(
+            e,
+            "`\\udc00` at byte 7 is the trailing half of a UTF-16 surrogate pair with no \
+             leading half before it: it names no character"
+        );
         let e = check(r#"["\ud83d\u0041"]"#).unwrap_err();
-        assert_eq!(e, "lone leading surrogate in hex escape at byte 2");
+        assert_eq!(
+            e,
+            "`\\ud83d` at byte 2 is the leading half of a UTF-16 surrogate pair with no \
+             trailing half after it: it names no character"
+        );
+        // serde_json's skim said "unexpected end of hex escape" of these.
+        assert!(check(r#""\ud800""#).unwrap_err().contains("leading half"));
+        assert!(
+            check(r#""\udc00\ud800""#)
+                .unwrap_err()
+                .contains("trailing half")
+        );
+        let e = check(&format!("[1{}]", "0".repeat(400))).unwrap_err();
+        assert!(
+            e.ends_with(
+                "`1000000000000000000000000000000000000000...` is past what a 64-bit float holds"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

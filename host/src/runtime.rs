@@ -536,7 +536,7 @@ impl Runtime {
     /// Sends one event (JSON text) to device `id` and waits until the record it produced is
     /// durable. Fails fast with [`Error::MailboxFull`] when the device is saturated.
     pub async fn send(&self, id: &str, event: &str) -> Result<Committed, Error> {
-        let result = match self.check_event(event) {
+        let result = match self.check_event(event, false) {
             Ok(()) => self.send_valid(id, event).await,
             Err(e) => Err(e),
         };
@@ -545,22 +545,22 @@ impl Runtime {
 
     /// [`Runtime::send`] for an event already held as a `RawValue`, as in a gateway batch.
     /// Its syntax is known good, but a `RawValue` passes what a strict reader refuses (a lone
-    /// UTF-16 surrogate, a number past `f64`; see `json_check`), so it is checked as
-    /// [`Runtime::send`] checks.
+    /// UTF-16 surrogate, a number past `f64`; see `json_check`), so that much is checked.
     pub async fn send_json(
         &self,
         id: &str,
         event: &serde_json::value::RawValue,
     ) -> Result<Committed, Error> {
-        let result = match self.check_event(event.get()) {
+        let result = match self.check_event(event.get(), true) {
             Ok(()) => self.send_valid(id, event.get()).await,
             Err(e) => Err(e),
         };
         self.counted(result)
     }
 
-    /// An event within the size limit, one JSON document a strict reader reads back.
-    fn check_event(&self, event: &str) -> Result<(), Error> {
+    /// An event within the size limit, one JSON document a strict reader reads back
+    /// (`syntax_checked`: its syntax is known good, and only the strict reading is left).
+    fn check_event(&self, event: &str, syntax_checked: bool) -> Result<(), Error> {
         let limit = self.shared.config.max_event_bytes;
         if event.len() > limit {
             return Err(Error::PayloadTooLarge {
@@ -568,7 +568,12 @@ impl Runtime {
                 limit,
             });
         }
-        crate::json_check::check(event).map_err(|e| Error::MalformedEvent(format!("not JSON: {e}")))
+        let checked = if syntax_checked {
+            crate::json_check::strict(event)
+        } else {
+            crate::json_check::check(event)
+        };
+        checked.map_err(|e| Error::MalformedEvent(format!("not JSON: {e}")))
     }
 
     async fn send_valid(&self, id: &str, event: &str) -> Result<Committed, Error> {

@@ -396,6 +396,15 @@ fn export_then_import_reproduces_every_device_exactly() {
             text.replace(r#""plugin":"door-lock""#, r#""plugin":"../evil""#),
             "plugin name",
         ),
+        // JSON only a strict reader refuses, where the server would refuse it as an event.
+        (
+            text.replacen(r#""event":{"#, r#""event":{"huge":1e400,"#, 1),
+            "event: not JSON a strict reader reads back (number out of range",
+        ),
+        (
+            text.replacen(r#""transitions":[{"#, r#""transitions":[{"n":"\ud800","#, 1),
+            "transition 0: not JSON a strict reader reads back (`\\ud800`",
+        ),
     ];
     for (contents, why) in cases {
         std::fs::write(&bad, contents).expect("write");
@@ -426,7 +435,32 @@ fn export_then_import_reproduces_every_device_exactly() {
     assert!(ok, "{out}{err}");
     let again = Server::start(&fresh, &[]);
     assert_eq!(states(&again, &ids), before);
+    drop(again);
     drop(server);
+
+    // An event an older server recorded though a strict reader refuses it (`1e400`), brought
+    // in as text: served, and exported again, as a string, never as JSON (a review saw it
+    // served raw, which made the whole journal page unreadable to such a reader).
+    let odd_event = r#"{"type":"reading","celsius":19.25,"n":1e400}"#;
+    let odd_file = root.path().join("odd.jsonl");
+    let pretty = r#""event_text":"{\n  \"type\": \"reading\",\r\n  \"celsius\": 19.25\n}""#;
+    let odd_line = format!(r#""event_text":{}"#, json!(odd_event));
+    std::fs::write(&odd_file, text.replacen(pretty, &odd_line, 1)).expect("write");
+    let odd = root.path().join("odd");
+    let (ok, out, err) = import(&odd_file, &odd);
+    assert!(ok, "{out}{err}");
+    let served = Server::start(&odd, &[]);
+    let records = served.api().journal("t2", 1000);
+    assert!(
+        records.iter().any(|r| r["event"] == json!(odd_event)),
+        "served as a string"
+    );
+    drop(served);
+    let exported = root.path().join("odd-again.jsonl");
+    let (ok, out, err) = export_all(&odd, &exported);
+    assert!(ok, "{out}{err}");
+    let text = std::fs::read_to_string(&exported).expect("export");
+    assert!(text.contains(&odd_line), "exported as text");
 }
 
 #[test]

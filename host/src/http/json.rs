@@ -7,7 +7,7 @@
 //!
 //! A guest is untrusted code and could answer text that is not one JSON document. Such text
 //! is written as a JSON *string* instead, so the answer stays valid JSON, and a warning is
-//! logged.
+//! logged; so is text a strict reader refuses (`crate::json_check`).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -20,10 +20,16 @@ pub struct Json(pub String);
 
 impl Serialize for Json {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Also text a strict reader refuses (a lone surrogate escape, a number past `f64`;
+        // see `json_check`), which an older server or an import may have recorded: embedded
+        // whole, it made the whole answer unreadable to such a client.
         match serde_json::from_str::<&RawValue>(&self.0) {
-            Ok(raw) => raw.serialize(s),
-            Err(_) => {
-                tracing::warn!("guest or journal text is not JSON; embedding it as a string");
+            Ok(raw) if crate::json_check::strict(raw.get()).is_ok() => raw.serialize(s),
+            _ => {
+                tracing::warn!(
+                    "guest or journal text is not JSON a strict reader reads; embedding it as \
+                     a string"
+                );
                 s.serialize_str(&self.0)
             }
         }

@@ -60,8 +60,9 @@ pub enum Command {
     Resume(device::ResumeArgs),
     /// Remove a device (its records stay in the journal; `--archive` also exports them).
     Remove(device::RemoveArgs),
-    /// List the events a device's plugin failed on (trap, timeout, oversized output) and the
-    /// messages it sent that could not be delivered.
+    /// List the events a device's plugin failed on (trap, timeout, oversized output, invalid
+    /// effect), the messages and timer firings it refused, and the messages it sent that
+    /// could not be delivered.
     DeadLetters(device::DeadLettersArgs),
     /// A device's outbox: the commands its plugin issued for the physical device (list,
     /// watch as they come, acknowledge).
