@@ -55,6 +55,11 @@ pub struct Rebuilt {
     /// A snapshot tried first would not restore (the plugin's fault, not the server's): the
     /// rebuild fell back to an older one or to `init`.
     pub snapshot_failed: bool,
+    /// A snapshot tried first could not be read from the journal (media damage, found by its
+    /// checksum): the rebuild fell back as for [`Rebuilt::snapshot_failed`], but the plugin is
+    /// not at fault, so its snapshots go on; the caller takes one at once, so neither the next
+    /// activation nor retention depends on the damaged one.
+    pub snapshot_unreadable: bool,
     /// Transitions applied after the starting point.
     pub applied: u64,
 }
@@ -530,6 +535,7 @@ fn activation_failed(context: String, error: Error) -> Error {
 #[derive(Default)]
 struct Tried {
     snapshot_failed: bool,
+    snapshot_unreadable: bool,
     restored: Option<u64>,
 }
 
@@ -664,6 +670,7 @@ async fn rebuild_trying(
         } else {
             had
         };
+        let mut unreadable = false;
         let outcome = match journal.read_snapshot(*snap) {
             Ok(data) => {
                 let scope = budget.begin_within(&mut instance, cap);
@@ -680,7 +687,10 @@ async fn rebuild_trying(
                     e => Error::from(budget.whole(e)),
                 })
             }
-            Err(e) => Err(Error::from(e)),
+            Err(e) => {
+                unreadable = true;
+                Err(Error::from(e))
+            }
         };
         match outcome {
             Ok(()) => {
@@ -691,18 +701,27 @@ async fn rebuild_trying(
             // The machine's fault, not the snapshot's: an older one would starve alike.
             Err(e @ Error::Overloaded(_)) => return Err(e.into()),
             Err(e) => {
-                tried.snapshot_failed = true;
+                if unreadable {
+                    tried.snapshot_unreadable = true;
+                } else {
+                    tried.snapshot_failed = true;
+                }
                 let next = match candidates.get(i + 1) {
                     Some(older) => format!("trying the snapshot at seq {}", older.seq),
                     None if from_init => "replaying from the start".to_string(),
                     None => "no other start: retention deleted the history before it".to_string(),
+                };
+                let what = if unreadable {
+                    "snapshot could not be read from the journal"
+                } else {
+                    "snapshot did not restore"
                 };
                 tracing::warn!(
                     device = %device.id,
                     seq = snap.seq,
                     error = %e,
                     budget_left_ms = had.as_millis(),
-                    "snapshot did not restore; {next}"
+                    "{what}; {next}"
                 );
             }
         }
@@ -868,6 +887,7 @@ async fn rebuild_trying(
         snapshot: restored_seq(from),
         foreign_snapshot: foreign,
         snapshot_failed: tried.snapshot_failed,
+        snapshot_unreadable: tried.snapshot_unreadable,
         applied,
     })
 }

@@ -882,6 +882,12 @@ impl Actor {
             "activated"
         );
         let foreign = rebuilt.foreign_snapshot;
+        // A snapshot damaged on disk was passed over: a new one now, so the next activation
+        // does not read past it again, and retention is not held back by it (its segment
+        // stays needed until a newer snapshot exists). Its snapshots stay on: before, media
+        // damage was taken for a `restore` that fails, and turned them off until a restart,
+        // which pinned retention for the whole time.
+        let unreadable = rebuilt.snapshot_unreadable;
         let grown_memory = rebuilt.instance.grown_memory();
         self.activity
             .grown_memory
@@ -904,7 +910,7 @@ impl Actor {
                 tries: 0,
             }),
         });
-        if foreign && own_snapshot {
+        if (foreign || unreadable) && own_snapshot {
             // Came up from another version's snapshot (retention deleted the history a
             // replay needs): a snapshot of its own version, so the next activation does not
             // depend on that one, and retention is not held back until the next one is due.
@@ -1114,7 +1120,7 @@ impl Actor {
             }) if internal => {
                 self.dead_letter(seq - 1, at_ms, event.clone().into_bytes(), &error);
                 if let Some(refusals) = self.env.refused_log.lock().due() {
-                    tracing::info!(device = %self.head.id, seq, ?origin, error = %error, refusals, "a message or timer firing refused by the plugin: consumed, kept as a dead letter ({refusals} such refusals since the last such line, at most one a second)");
+                    tracing::info!(device = %self.head.id, seq, ?origin, error = %error, refusals, "a message or timer firing refused by the plugin: consumed, kept as a dead letter (refusals since the last such line, at most one a second: {refusals})");
                 }
                 refused = true;
                 decide::Decided::default()
