@@ -295,6 +295,18 @@ impl Registry {
         bytes: Vec<u8>,
         origin: Origin,
     ) -> Result<(PluginVersion, bool), Error> {
+        let (v, registered) = self.register_reporting(name, bytes, origin).await?;
+        Ok((v, registered == Registered::New))
+    }
+
+    /// [`Registry::register`], saying also whether bytes of an existing version repaired its
+    /// stored copy ([`Registered::Repaired`]).
+    pub async fn register_reporting(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        origin: Origin,
+    ) -> Result<(PluginVersion, Registered), Error> {
         validate_id(name)?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let _guard = self.registering.lock().await;
@@ -314,14 +326,23 @@ impl Registry {
             // since is written again from them (what the damaged copy's error advises). A
             // read and a hash of up to the upload limit: off the async threads.
             let wasm = self.dir.join(format!("{}.wasm", hex::encode(digest)));
-            tokio::task::spawn_blocking(move || write_component(&wasm, &bytes, &digest, true))
-                .await
-                .map_err(|e| Error::Internal(format!("storing the plugin's component: {e}")))?
-                .map_err(|e| Error::writing("storing the plugin's component", e))?;
+            let rewritten =
+                tokio::task::spawn_blocking(move || write_component(&wasm, &bytes, &digest, true))
+                    .await
+                    .map_err(|e| Error::Internal(format!("storing the plugin's component: {e}")))?
+                    .map_err(|e| Error::writing("storing the plugin's component", e))?;
             if origin == Origin::Startup && self.startup_may_point(name) {
                 self.point(v.id, Origin::Startup)?;
             }
-            return Ok((PluginVersion::from_info(&v, self.slow_marks(v.id)), false));
+            let registered = if rewritten {
+                Registered::Repaired
+            } else {
+                Registered::Existing
+            };
+            return Ok((
+                PluginVersion::from_info(&v, self.slow_marks(v.id)),
+                registered,
+            ));
         }
 
         let engine = self.engine.clone();
@@ -369,7 +390,10 @@ impl Registry {
             return Err(e);
         }
         tracing::info!(plugin = name, version = number, current = becomes_current, digest = %hex::encode(digest), "plugin registered");
-        Ok((PluginVersion::from_info(&info, (false, false)), true))
+        Ok((
+            PluginVersion::from_info(&info, (false, false)),
+            Registered::New,
+        ))
     }
 
     /// Whether a start-up registration may move `name`'s current version: only while the
@@ -810,16 +834,16 @@ fn check_components(dir: &Path, table: &Table) {
 /// name: left alone if a file there already holds exactly those bytes, written afresh (see
 /// [`write_replace`]) if it is missing, or damaged (its bytes no longer hash to its name),
 /// so an upload of the same bytes repairs it. `registered`: the version exists already, so
-/// a missing file was lost, and its repair is logged as a damaged one's is (the client's
-/// answer is that of any upload of existing bytes).
+/// a missing file was lost, and its repair is logged as a damaged one's is. Returns whether
+/// it wrote the file.
 fn write_component(
     path: &Path,
     bytes: &[u8],
     digest: &[u8; 32],
     registered: bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     match std::fs::read(path) {
-        Ok(stored) if <[u8; 32]>::from(Sha256::digest(&stored)) == *digest => Ok(()),
+        Ok(stored) if <[u8; 32]>::from(Sha256::digest(&stored)) == *digest => Ok(false),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         found => {
             if found.is_ok() {
@@ -827,9 +851,21 @@ fn write_component(
             } else if registered {
                 tracing::warn!(file = %path.display(), "plugin component missing on disk: written again from the same plugin file, given again");
             }
-            write_replace(path, bytes)
+            write_replace(path, bytes).map(|()| true)
         }
     }
+}
+
+/// What a registration did ([`Registry::register_reporting`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// A new version.
+    New,
+    /// The bytes of an existing version, whose stored copy was intact.
+    Existing,
+    /// The bytes of an existing version, whose stored copy was damaged or missing and is
+    /// written again from them: what the damaged copy's error advises.
+    Repaired,
 }
 
 /// Writes a content-addressed file atomically (temp file, fsync, rename, fsync dir); a file

@@ -36,7 +36,7 @@ use crate::error::{Error, validate_id};
 use crate::journal::{DeviceHead, Journal, Recovery, ScrubState};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::{Origin, PluginVersion, Registry};
+use crate::registry::{Origin, PluginVersion, Registered, Registry};
 use crate::replay::{self, Start};
 use crate::router::Router;
 use crate::timers::TimerWheel;
@@ -265,10 +265,26 @@ impl Runtime {
         bytes: Vec<u8>,
         origin: Origin,
     ) -> Result<(PluginVersion, bool), Error> {
+        self.register_plugin_reporting(name, bytes, origin)
+            .await
+            .map(|(v, registered)| (v, registered == Registered::New))
+    }
+
+    /// [`Runtime::register_plugin`], saying also whether the bytes of an existing version
+    /// repaired its stored copy (see [`Registered`]).
+    pub async fn register_plugin_reporting(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        origin: Origin,
+    ) -> Result<(PluginVersion, Registered), Error> {
         let (rt, name) = (self.clone(), name.to_string());
         let result = Runtime::detached("registration", async move {
             rt.check_open()?;
-            rt.shared.registry.register(&name, bytes, origin).await
+            rt.shared
+                .registry
+                .register_reporting(&name, bytes, origin)
+                .await
         })
         .await;
         self.counted(result)

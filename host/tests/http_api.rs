@@ -449,6 +449,19 @@ fn provision_send_and_read_back_both_plugins() {
     );
     let (ok, _, err) = cli(&["plugin", "push", "misbehave", v3_path, "--force"]);
     assert!(!ok && err.contains("--deploy"), "{err}");
+    // Its stored copy damaged, the same push repairs it and says so (it said "unchanged").
+    let v3_bytes = std::fs::read(v3_file.path()).unwrap();
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&v3_bytes))
+    };
+    let stored = server.data.join("plugins").join(format!("{digest}.wasm"));
+    std::fs::write(&stored, b"rotten").expect("damage the stored copy");
+    let (ok, out, err) = cli(&["plugin", "push", "misbehave", v3_path, "--server", url]);
+    assert!(ok && out.contains("is written again from them (repaired)"), "{out}{err}");
+    assert_eq!(std::fs::read(&stored).unwrap(), v3_bytes);
+    let (ok, out, err) = cli(&["plugin", "push", "misbehave", v3_path, "--server", url]);
+    assert!(ok && out.ends_with(": unchanged\n"), "{out}{err}");
     let removed = api.call(Method::DELETE, "/v1/devices/m", None);
     assert_eq!(removed.status, 200, "{}", removed.text);
     // A device quarantined under the version left: the deploy's lines say it was let out.

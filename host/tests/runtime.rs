@@ -2248,13 +2248,21 @@ async fn a_damaged_component_is_reported_at_open_and_repaired_by_uploading_it_ag
         .expect("runtime opens");
     let err = rt.send("t1", reading).await.expect_err("no component");
     assert_eq!(err.kind(), ErrorKind::PluginUnavailable, "{err}");
-    let (version, new) = rt
-        .register_plugin("thermostat", good.clone(), drover::registry::Origin::Upload)
+    // The answer says it repaired the copy (a review saw `drover plugin push` print
+    // "unchanged" for the very upload that repaired it); an upload once more does not.
+    use drover::registry::{Origin, Registered};
+    let (version, registered) = rt
+        .register_plugin_reporting("thermostat", good.clone(), Origin::Upload)
         .await
         .expect("uploaded");
-    assert!(!new, "the same version: {version:?}");
+    assert_eq!(registered, Registered::Repaired, "{version:?}");
     assert_eq!(std::fs::read(&wasm).expect("component"), good, "repaired");
     rt.send("t1", reading).await.expect("runs again");
+    let (_, registered) = rt
+        .register_plugin_reporting("thermostat", good.clone(), Origin::Upload)
+        .await
+        .expect("uploaded");
+    assert_eq!(registered, Registered::Existing);
     rt.shutdown().await;
 }
 

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::extract::{Body, Id, NameAndVersion, NoQuery};
 use super::json;
 use crate::Selection;
-use crate::registry::{Origin, PluginVersion};
+use crate::registry::{Origin, PluginVersion, Registered};
 
 /// Answer of an upload.
 #[derive(Debug, Serialize)]
@@ -18,6 +18,10 @@ struct Uploaded {
     name: String,
     version: u32,
     digest: String,
+    /// The bytes of an existing version whose stored copy was damaged or missing, and is
+    /// written again from them (200). Absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    repaired: bool,
 }
 
 /// `POST /v1/plugins/{name}`: the body is the component's raw bytes. A new version is 201;
@@ -29,11 +33,11 @@ pub async fn upload(
     _: NoQuery,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (v, new) = app
+    let (v, registered) = app
         .rt
-        .register_plugin(&name, body.0.to_vec(), Origin::Upload)
+        .register_plugin_reporting(&name, body.0.to_vec(), Origin::Upload)
         .await?;
-    let status = if new {
+    let status = if registered == Registered::New {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -44,6 +48,7 @@ pub async fn upload(
             name: v.name,
             version: v.version,
             digest: v.digest,
+            repaired: registered == Registered::Repaired,
         },
     ))
 }

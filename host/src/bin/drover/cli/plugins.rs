@@ -154,6 +154,11 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
             // the upload's line goes to stderr.
             let line = if status == 201 {
                 format!("{n} v{v} registered ({digest})")
+            } else if u["repaired"] == true {
+                format!(
+                    "{n} v{v} already has these bytes ({digest}): its stored copy was damaged \
+                     or missing and is written again from them (repaired)"
+                )
             } else {
                 format!("{n} v{v} already has these bytes ({digest}): unchanged")
             };
