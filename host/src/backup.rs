@@ -206,14 +206,17 @@ fn copy(data_dir: &Path, to: &Path, offline: bool) -> anyhow::Result<BackupSumma
             // that failed (a full disk) fails the same way again, and says so at once, and
             // nothing changes under a directory no server runs on.
             Err(e) if tries < 3 && !offline && !failed_to_write(&e) => {
-                tracing::warn!(error = %e, "backup: the journal changed under the copy; taking it again");
+                // Said as what was seen: a copy found damaged says so here too, though a
+                // journal damaged on disk fails every try alike (a review read "changed under
+                // the copy" twice before the damage was named).
+                tracing::warn!(error = %format!("{e:#}"), "backup: the copy did not open (the journal may have changed under it); taking it again");
                 remove_journal_copy(to)?;
             }
             Err(e) if damaged(&e) => {
                 return Err(e).context(format!(
                     "a backup copies only a journal that opens, and this one is damaged: keep a \
                      copy of the data directory as it is (`cp -a {} ...` while no server runs on \
-                     it), then follow what the journal says:",
+                     it), then follow what the journal says",
                     data_dir.display()
                 ));
             }

@@ -221,6 +221,7 @@ fn a_backup_of_a_stopped_damaged_directory_says_why_at_once() {
         err.contains("a backup copies only a journal that opens") && err.contains("--salvage"),
         "{err}"
     );
+    assert!(!err.contains("says::"), "{err}");
     assert!(!to.exists());
 }
 

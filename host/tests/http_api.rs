@@ -458,7 +458,10 @@ fn provision_send_and_read_back_both_plugins() {
     let stored = server.data.join("plugins").join(format!("{digest}.wasm"));
     std::fs::write(&stored, b"rotten").expect("damage the stored copy");
     let (ok, out, err) = cli(&["plugin", "push", "misbehave", v3_path, "--server", url]);
-    assert!(ok && out.contains("is written again from them (repaired)"), "{out}{err}");
+    assert!(
+        ok && out.contains("is written again from them (repaired)"),
+        "{out}{err}"
+    );
     assert_eq!(std::fs::read(&stored).unwrap(), v3_bytes);
     let (ok, out, err) = cli(&["plugin", "push", "misbehave", v3_path, "--server", url]);
     assert!(ok && out.ends_with(": unchanged\n"), "{out}{err}");
