@@ -600,7 +600,7 @@ pub fn salvage(path: &Path) -> std::io::Result<Option<Salvaged>> {
     // rewrite the journal even if no record is damaged.
     let mut tolerated = Vec::new();
     let source = SegmentedBackend::open_for_salvage(dir, &mut tolerated)?;
-    for why in &tolerated {
+    for (_, why) in &tolerated {
         tracing::warn!(damage = %why, "journal salvage: reading past a damaged segment header (at the position its file name gives) or a missing segment (as unreadable bytes)");
     }
     salvage_from_with(&source, path, tolerated.first().cloned())
@@ -672,12 +672,13 @@ pub(super) fn salvage_from(
 }
 
 /// [`salvage_from`], rewriting the journal for `forced` (what
-/// [`SegmentedBackend::open_for_salvage`] read past: a damaged segment header, a missing
-/// segment) even when every record that is there reads back intact.
+/// [`SegmentedBackend::open_for_salvage`] read past, and the journal position it is at: a
+/// damaged segment header, a missing segment) even when every record that is there reads
+/// back intact.
 fn salvage_from_with(
     source: &dyn StorageBackend,
     path: &Path,
-    forced: Option<String>,
+    forced: Option<(u64, String)>,
 ) -> std::io::Result<Option<Salvaged>> {
     let tolerant = Tolerant::new(source);
     let storage = &tolerant;
@@ -692,7 +693,7 @@ fn salvage_from_with(
         None if cut_short => cut_short_reason(storage, &prefix),
         None if prefix.bad_header => "the file header is damaged (checksum mismatch)".into(),
         None => match &forced {
-            Some(why) => why.clone(),
+            Some((_, why)) => why.clone(),
             None => return Ok(None),
         },
     };
@@ -749,8 +750,22 @@ fn salvage_from_with(
     file.sync_all()?;
     drop(file);
 
-    // The first damaged byte: the header's, if that is where the damage is.
-    let first = if prefix.bad_header { 8 } else { offset };
+    // The first damaged byte: the header's, if that is where the damage is, or where what
+    // the segments' open read past is (a damaged segment header lies before every record
+    // of its segment, which the scan, reading at the positions the file names give, finds
+    // intact: it ends at the end of the journal).
+    let first = match &forced {
+        _ if prefix.bad_header => 8,
+        Some((at, _)) => offset.min(*at),
+        None => offset,
+    };
+    // Only a segment header read past: nothing is lost, and the scan's count of records
+    // kept after the damage (it found none) says nothing.
+    let header_only = forced.is_some()
+        && prefix.bad.is_none()
+        && !cut_short
+        && tail.lost_seqs == 0
+        && unreadable.is_empty();
     let mut damage = tail.damage(storage, first, reason);
     damage.unreadable = unreadable;
     if prefix.bad_header {
@@ -798,14 +813,23 @@ fn salvage_from_with(
         damage,
         original,
     };
-    tracing::warn!(
-        offset = first,
-        damaged_bytes = salvaged.damage.damaged_bytes(),
-        kept = salvaged.kept,
-        lost_seqs = salvaged.lost_seqs,
-        original = %salvaged.original.display(),
-        "journal salvaged: media damage skipped, every intact record kept, lost seqs marked"
-    );
+    if header_only {
+        tracing::warn!(
+            offset = first,
+            original = %salvaged.original.display(),
+            "journal salvaged: a damaged segment header read past (at the position its file \
+             name gives); every record kept, none lost"
+        );
+    } else {
+        tracing::warn!(
+            offset = first,
+            damaged_bytes = salvaged.damage.damaged_bytes(),
+            kept_after_damage = salvaged.kept,
+            lost_seqs = salvaged.lost_seqs,
+            original = %salvaged.original.display(),
+            "journal salvaged: media damage skipped, every intact record kept, lost seqs marked"
+        );
+    }
     Ok(Some(salvaged))
 }
 

@@ -215,12 +215,12 @@ impl SegmentedBackend {
     /// (or names another position) is read all the same, at the position its file name
     /// gives, since the header only repeats that (and the format, which the records do not
     /// depend on), and positions no segment holds (one missing or cut short) read as
-    /// unreadable media (see `holes`). Each such fault is described in `tolerated`. A
-    /// normal open refuses them, and salvage, which rewrites the journal, is what repairs
-    /// them.
+    /// unreadable media (see `holes`). Each such fault is described in `tolerated`, with
+    /// the journal position it is at. A normal open refuses them, and salvage, which
+    /// rewrites the journal, is what repairs them.
     pub fn open_for_salvage(
         dir: &Path,
-        tolerated: &mut Vec<String>,
+        tolerated: &mut Vec<(u64, String)>,
     ) -> io::Result<SegmentedBackend> {
         SegmentedBackend::open_with(dir, u64::MAX, 0, true, Some(tolerated))
     }
@@ -230,7 +230,7 @@ impl SegmentedBackend {
         segment_bytes: u64,
         format: u32,
         read_only: bool,
-        mut tolerated: Option<&mut Vec<String>>,
+        mut tolerated: Option<&mut Vec<(u64, String)>>,
     ) -> io::Result<SegmentedBackend> {
         let origin = dir.join(FILE_NAME);
         let mut found = SegmentedBackend::list(dir)?;
@@ -304,7 +304,7 @@ impl SegmentedBackend {
                 };
                 if let Some(why) = why {
                     match tolerated.as_deref_mut() {
-                        Some(tolerated) => tolerated.push(why),
+                        Some(tolerated) => tolerated.push((info.first, why)),
                         None => return Err(damaged(format!("{why}; {}", advice(&found)))),
                     }
                 }
@@ -351,7 +351,7 @@ impl SegmentedBackend {
                     // Salvage reads the missing positions as unreadable bytes: the seqs whose
                     // records were there are marked lost, every other record is kept.
                     Some(damaged) if end < pair[1].first => {
-                        damaged.push(why);
+                        damaged.push((end, why));
                         holes.push((end, pair[1].first));
                     }
                     None if end < pair[1].first => {
@@ -382,7 +382,7 @@ impl SegmentedBackend {
                     segments[0].path.display(),
                 );
                 match tolerated {
-                    Some(tolerated) => tolerated.push(why),
+                    Some(tolerated) => tolerated.push((begins, why)),
                     None => return Err(damaged(why)),
                 }
             }
@@ -405,7 +405,7 @@ impl SegmentedBackend {
                     dir.join(RETAINED_FILE).display(),
                 );
                 match tolerated {
-                    Some(tolerated) => tolerated.push(why),
+                    Some(tolerated) => tolerated.push((begins, why)),
                     None => return Err(damaged(why)),
                 }
             }

@@ -3239,6 +3239,17 @@ async fn a_damaged_segment_header_is_salvaged_with_every_record_kept() {
     let journal = open_segmented(dir.path(), 512, true).expect("salvaged");
     let salvaged = journal.recovery().salvaged.clone().expect("a salvage ran");
     assert_eq!(salvaged.lost_seqs, 0);
+    // Reported where the damaged header is, not at the end of the journal, where the scan
+    // of the records (all intact) ended (a review read a salvage report that named the end,
+    // and the files set aside under it).
+    assert_eq!(salvaged.damage.offset, victim.first, "{salvaged:?}");
+    assert!(
+        salvaged
+            .original
+            .to_string_lossy()
+            .ends_with(&format!("damaged-{}", victim.first)),
+        "{salvaged:?}"
+    );
     assert_eq!(journal.read_events(0, 1, 300).expect("read"), before);
     journal.close();
     drop(journal);
