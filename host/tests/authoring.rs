@@ -406,13 +406,16 @@ fn drover_new_refuses_names_a_plugin_crate_cannot_take() {
         assert!(!ok, "{name} accepted");
         assert!(err.contains("links"), "{name}: {err}");
     }
-    for name in ["9lives", "a/b", ""] {
+    for name in ["9lives", "a/b", "", "Parking_Spot"] {
         let (ok, _, err) = support::cli_in(tmp.path(), &["new", name]);
         assert!(
             !ok && err.contains("not a valid plugin name"),
             "{name}: {err}"
         );
     }
+    // Upper case made a crate rustc warned of at every build: refused, the lowercase named.
+    let (_, _, err) = support::cli_in(tmp.path(), &["new", "Parking_Spot"]);
+    assert!(err.contains("(`parking_spot`?)"), "{err}");
     assert!(
         std::fs::read_dir(tmp.path()).expect("tmp").next().is_none(),
         "nothing created"

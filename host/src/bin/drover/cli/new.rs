@@ -51,16 +51,24 @@ const RESERVED: &[&str] = &[
 /// Runs `drover new`.
 pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
     let name = args.name.as_str();
+    // Lowercase: rustc warns of a crate named otherwise ("should have a snake case name")
+    // at every build of the plugin, `drover dev`'s included.
     let valid = !name.is_empty()
         && name.len() <= 64
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && name.starts_with(|c: char| c.is_ascii_alphabetic());
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name.starts_with(|c: char| c.is_ascii_lowercase());
     if !valid {
+        let lower = name.to_ascii_lowercase();
+        let hint = if lower != name && lower.starts_with(|c: char| c.is_ascii_lowercase()) {
+            format!(" (`{lower}`?)")
+        } else {
+            String::new()
+        };
         anyhow::bail!(
-            "`{name}` is not a valid plugin name: use a letter, then letters, digits, `-` or `_` \
-             (at most 64)"
+            "`{name}` is not a valid plugin name: use a lowercase letter, then lowercase \
+             letters, digits, `-` or `_` (at most 64){hint}"
         );
     }
     // A crate may not share its name with a crate it links: the template's dependencies
