@@ -299,6 +299,33 @@ fn a_new_plugin_tests_builds_pushes_and_hot_reloads_on_save() {
     );
 }
 
+/// `drover dev` on a port in use fails before it creates its data directory (it left one
+/// behind, empty), as `drover serve` does.
+#[test]
+fn drover_dev_on_a_port_in_use_creates_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (ok, out, err) = support::cli_in(tmp.path(), &["new", "gauge"]);
+    assert!(ok, "{out}{err}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let data = tmp.path().join("data");
+    let (ok, out, err) = support::cli_in(
+        tmp.path(),
+        &[
+            "dev",
+            "gauge",
+            "--once",
+            "--listen",
+            &addr,
+            "--data",
+            data.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains(&addr), "{err}");
+    assert!(!data.exists(), "the data directory was created");
+}
+
 /// A `drover dev` killed outright (`kill -9`) while cargo builds leaves no build running (a
 /// review found `cargo build` and its compilers still at work after it). Cargo here is a
 /// script whose `build` sleeps for minutes, so only a stop outlives nothing.

@@ -131,13 +131,15 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                 .clone()
                 .unwrap_or_else(|| dir.join("target").join("drover-dev-data"));
             let (rt, server) = tokio.block_on(async {
+                // Bound first, as `drover serve` does: a port in use fails before the data
+                // directory is created (it was left behind, empty).
+                let listener = drover::http::server::bind(&args.listen).await?;
                 let rt = drover::Runtime::builder(&data)
                     .open()
                     .await
                     .with_context(|| format!("opening {}", data.display()))?;
                 let server =
-                    drover::http::Server::start(rt.clone(), &args.listen, Default::default())
-                        .await?;
+                    drover::http::Server::start_on(rt.clone(), listener, Default::default())?;
                 anyhow::Ok((rt, server))
             })?;
             announce(&server);
