@@ -111,8 +111,9 @@ impl Kind {
 
 /// A plugin without a built-in generator: its name, provisioning config, and event
 /// templates. A template is any JSON value; each string in it of the form `{{int:LO:HI}}`,
-/// `{{float:LO:HI}}` or `{{pick:A|B|C}}` is replaced, per event, by a random integer or
-/// number in `[LO, HI]` or one of the words. Each event picks a template at random.
+/// `{{float:LO:HI}}`, `{{pick:A|B|C}}` or `{{bool}}` is replaced, per event, by a random
+/// integer or number in `[LO, HI]`, one of the words, or `true` or `false`. Each event picks
+/// a template at random.
 #[derive(Debug, Clone)]
 pub struct Custom {
     pub plugin: String,
@@ -154,7 +155,7 @@ impl Custom {
 /// Refuses a malformed placeholder up front rather than sending it as a literal string.
 fn check_placeholders(v: &serde_json::Value) -> anyhow::Result<()> {
     use serde_json::Value;
-    const USE: &str = "use {{int:LO:HI}}, {{float:LO:HI}} or {{pick:A|B}}";
+    const USE: &str = "use {{int:LO:HI}}, {{float:LO:HI}}, {{pick:A|B}} or {{bool}}";
     match v {
         Value::String(s) if s.starts_with("{{") && s.ends_with("}}") => {
             if placeholder(s, &mut Rng(1)).is_some() {
@@ -174,7 +175,7 @@ fn check_placeholders(v: &serde_json::Value) -> anyhow::Result<()> {
         }
         // A placeholder fills a whole string; within other text it would go out as it is.
         Value::String(s)
-            if ["{{int:", "{{float:", "{{pick:"]
+            if ["{{int:", "{{float:", "{{pick:", "{{bool}}"]
                 .iter()
                 .any(|p| s.contains(p)) =>
         {
@@ -201,6 +202,9 @@ fn fill(v: &serde_json::Value, rng: &mut Rng) -> serde_json::Value {
 /// The value of one `{{kind:args}}` placeholder, or `None` if `s` is not one.
 fn placeholder(s: &str, rng: &mut Rng) -> Option<serde_json::Value> {
     let inner = s.strip_prefix("{{")?.strip_suffix("}}")?;
+    if inner == "bool" {
+        return Some((rng.below(2) == 1).into());
+    }
     let (kind, args) = inner.split_once(':')?;
     match kind {
         "int" => {
@@ -1195,7 +1199,7 @@ mod tests {
     fn templates_fill_placeholders_within_their_ranges() {
         let templates = Custom::parse_templates(
             r#"{"type": "reading", "value": "{{float:-5:40}}", "n": "{{int:1:3}}"}
-               {"type": "{{pick:open|closed}}", "tags": ["{{int:7:7}}", "plain"]}"#,
+               {"type": "{{pick:open|closed}}", "tags": ["{{int:7:7}}", "plain"], "on": "{{bool}}"}"#,
         )
         .unwrap();
         assert_eq!(templates.len(), 2);
@@ -1205,7 +1209,7 @@ mod tests {
             templates,
         };
         let mut rng = Rng::new(3);
-        let (mut readings, mut picks) = (0, 0);
+        let (mut readings, mut picks, mut on) = (0, 0, 0);
         for _ in 0..200 {
             let mut out = String::new();
             custom.event(&mut rng, &mut out);
@@ -1219,9 +1223,11 @@ mod tests {
                 picks += 1;
                 assert!(v["type"] == "open" || v["type"] == "closed", "{v}");
                 assert_eq!(v["tags"], serde_json::json!([7, "plain"]));
+                on += usize::from(v["on"].as_bool().expect("a boolean"));
             }
         }
         assert!(readings > 50 && picks > 50);
+        assert!(on > 10 && on < picks - 10, "{on} of {picks} true");
         // A JSON array works too; a broken placeholder or no template is refused.
         assert_eq!(
             Custom::parse_templates(r#"[{"a": 1}, {"b": 2}]"#)

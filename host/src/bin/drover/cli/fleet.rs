@@ -25,9 +25,10 @@ pub struct LoadArgs {
     /// Provisioning config of a plugin without a built-in generator (JSON; default `{}`).
     #[arg(long)]
     pub config: Option<String>,
-    /// An event template (JSON; repeatable). Strings `{{int:LO:HI}}`, `{{float:LO:HI}}` and
-    /// `{{pick:A|B}}` inside it become random values per event (an integer, a number
-    /// rounded to 2 decimals, one of the words as a string); a placeholder is a whole string.
+    /// An event template (JSON; repeatable). Strings `{{int:LO:HI}}`, `{{float:LO:HI}}`,
+    /// `{{pick:A|B}}` and `{{bool}}` inside it become random values per event (an integer, a
+    /// number rounded to 2 decimals, one of the words as a string, `true` or `false`); a
+    /// placeholder is a whole string.
     #[arg(long = "event", value_name = "JSON")]
     pub event_templates: Vec<String>,
     /// Event templates from a file: a JSON array, or one JSON event per line.
