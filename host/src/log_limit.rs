@@ -19,6 +19,14 @@ pub(crate) struct LogLimit {
 }
 
 impl LogLimit {
+    /// One that has logged nothing yet (for a `static`).
+    pub const fn new() -> LogLimit {
+        LogLimit {
+            unlogged: 0,
+            logged_at: None,
+        }
+    }
+
     /// At most one line this often.
     pub const EVERY: Duration = Duration::from_secs(1);
 

@@ -990,6 +990,21 @@ fn bad_input_is_refused_with_the_error_shape_and_writes_nothing() {
         eprintln!("case: {what}");
         answer.assert_error(*status, code);
     }
+    // Any JSON body's lone surrogate is said as an event's is (serde_json called this
+    // trailing half "lone leading surrogate").
+    let config = api.call(
+        Method::PUT,
+        "/v1/devices/t2",
+        Some(br#"{"plugin":"thermostat","config":{"\udc00":1}}"#.to_vec()),
+    );
+    config.assert_error(400, "malformed-request");
+    assert!(
+        config
+            .text
+            .contains("the trailing half of a UTF-16 surrogate pair"),
+        "{}",
+        config.text
+    );
     // A page size past every cap is capped, however many digits it has (20 were a 400).
     for path in [
         "/v1/devices/t1/journal?limit=99999999999999999999",

@@ -364,8 +364,20 @@ impl Body {
     /// array in order (`[[["t2", {...}]]]` was a batch), and its refusal of other shapes
     /// named the server's own types.
     pub fn json<'a, T: serde::Deserialize<'a>>(&'a self) -> Result<T, ApiError> {
-        let invalid =
-            |e: serde_json::Error| ApiError::malformed_request(format!("invalid JSON body: {e}"));
+        // A refusal of what only a strict reader refuses is said as an event's is
+        // (`json_check`): serde_json's own words for a lone surrogate were "unexpected end of
+        // hex escape", or "lone leading surrogate" of a trailing one. Only once serde_json
+        // refused the body: a batch holds its items raw, and each is refused on its own.
+        let invalid = |e: serde_json::Error| {
+            let strict = std::str::from_utf8(&self.0)
+                .ok()
+                .filter(|_| e.classify() == serde_json::error::Category::Syntax)
+                .and_then(|text| crate::json_check::strict(text).err());
+            ApiError::malformed_request(format!(
+                "invalid JSON body: {}",
+                strict.unwrap_or_else(|| e.to_string())
+            ))
+        };
         if self.0.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             serde_json::from_slice::<serde::de::IgnoredAny>(&self.0).map_err(invalid)?;
             return Err(ApiError::malformed_request(

@@ -26,10 +26,18 @@ impl Serialize for Json {
         match serde_json::from_str::<&RawValue>(&self.0) {
             Ok(raw) if crate::json_check::strict(raw.get()).is_ok() => raw.serialize(s),
             _ => {
-                tracing::warn!(
-                    "guest or journal text is not JSON a strict reader reads; embedding it as \
-                     a string"
-                );
+                // At most once a second: a journal page of such records logged a line each,
+                // at every read of it.
+                static NOT_JSON: parking_lot::Mutex<crate::log_limit::LogLimit> =
+                    parking_lot::Mutex::new(crate::log_limit::LogLimit::new());
+                if let Some(times) = NOT_JSON.lock().due() {
+                    tracing::warn!(
+                        times,
+                        "guest or journal text is not JSON a strict reader reads; embedding it \
+                         as a string (times since the last such line, at most one a second: \
+                         {times})"
+                    );
+                }
                 s.serialize_str(&self.0)
             }
         }

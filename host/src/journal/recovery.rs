@@ -759,9 +759,9 @@ fn salvage_from_with(
         Some((at, _)) => offset.min(*at),
         None => offset,
     };
-    // Only a segment header read past: nothing is lost, and the scan's count of records
-    // kept after the damage (it found none) says nothing.
-    let header_only = forced.is_some()
+    // Only a header damaged (the file's, or a segment's read past): nothing is lost, and the
+    // scan's count of records kept after the damage (it found none) says nothing.
+    let header_only = (forced.is_some() || prefix.bad_header)
         && prefix.bad.is_none()
         && !cut_short
         && tail.lost_seqs == 0
@@ -817,8 +817,8 @@ fn salvage_from_with(
         tracing::warn!(
             offset = first,
             original = %salvaged.original.display(),
-            "journal salvaged: a damaged segment header read past (at the position its file \
-             name gives); every record kept, none lost"
+            "journal salvaged: only a header was damaged (the journal file's, or a segment's, \
+             read at the position its file name gives); every record kept, none lost"
         );
     } else {
         tracing::warn!(

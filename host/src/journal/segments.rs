@@ -770,7 +770,10 @@ pub(crate) fn fill_gaps(dir: &Path, found: &mut Vec<SegmentInfo>) -> io::Result<
             Err(e) => return Err(e),
         };
         let end = found[i].first + len;
-        if end < found[i + 1].first {
+        // Not when it holds nothing (cut down to its header, or less): the segment at its end
+        // would be itself, inserted again after itself for ever (a review saw every journal
+        // reader spin at 100% CPU, silent, on such a file).
+        if len > 0 && end < found[i + 1].first {
             let path = dir.join(segment_name(end));
             match std::fs::metadata(&path) {
                 Ok(m) => found.insert(

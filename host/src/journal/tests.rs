@@ -3257,6 +3257,48 @@ async fn a_damaged_segment_header_is_salvaged_with_every_record_kept() {
     assert_eq!(journal.index().device("a").map(DeviceInfo::seq), Some(300));
 }
 
+/// A segment cut down to its header or less (a bad copy, a damaged disk), or a `journal.log`
+/// cut to nothing, is refused as a segment cut short, and salvage reads past it, its seqs
+/// marked lost. Before, listing the segments inserted such a file after itself for ever:
+/// every reader of the journal (serve, salvage, backup, export, replay) spun, silent.
+#[tokio::test]
+async fn a_segment_cut_to_its_header_is_refused_not_spun_on() {
+    for (victim, cut) in [(1usize, 32u64), (1, 10), (0, 0)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        segmented(dir.path(), 512, 300).await;
+        let segments = SegmentedBackend::list(dir.path()).expect("list");
+        let path = segments[segments.len() / 2 * victim].path.clone();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(cut))
+            .expect("cut");
+        // On a thread of its own with a deadline: a regression fails, it does not hang.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let at = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let listed = SegmentedBackend::list(&at).map(|l| l.len());
+            let plain = open_segmented(&at, 512, false).map(drop);
+            let _ = tx.send((listed, plain));
+        });
+        let (listed, plain) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the journal is read, not spun on");
+        assert_eq!(
+            listed.expect("listed"),
+            segments.len(),
+            "{}",
+            path.display()
+        );
+        let err = plain.expect_err("refused");
+        assert!(
+            err.to_string().contains("cut short") || err.to_string().contains("begins at position"),
+            "{}: {err}",
+            path.display()
+        );
+    }
+}
+
 /// A segment missing from the middle refuses a normal open, and salvage marks the seqs it
 /// held lost and keeps every other record (it refused, as a plain open does).
 #[tokio::test]
