@@ -63,21 +63,7 @@ async fn run(cap: usize, devices: usize, rounds: u64) -> anyhow::Result<()> {
         .open()
         .await?;
     let ids: Arc<Vec<String>> = Arc::new((0..devices).map(|i| format!("t-{i:07}")).collect());
-    let mut tasks = tokio::task::JoinSet::new();
-    for chunk in ids.chunks(devices.div_ceil(256)) {
-        let rt = rt.clone();
-        let chunk = chunk.to_vec();
-        tasks.spawn(async move {
-            for id in chunk {
-                rt.provision(&id, "thermostat", &serde_json::json!({"setpoint": 21.0}))
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    common::provision_thermostats(&rt, &ids, 256).await?;
     println!("cap {cap}, {devices} devices, 4096 senders, each device woken once per round");
     println!(
         "{:>5} {:>10} {:>9} {:>9} {:>9} {:>12}",

@@ -67,21 +67,7 @@ async fn run(devices: usize, events: u64, in_flight: usize) -> anyhow::Result<()
         .open()
         .await?;
     let ids: Arc<Vec<String>> = Arc::new((0..devices).map(|i| format!("t-{i:06}")).collect());
-    let mut provisioning = tokio::task::JoinSet::new();
-    for chunk in ids.chunks(256) {
-        let rt = rt.clone();
-        let chunk = chunk.to_vec();
-        provisioning.spawn(async move {
-            for id in chunk {
-                rt.provision(&id, "thermostat", &serde_json::json!({"setpoint": 21.0}))
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = provisioning.join_next().await {
-        r??;
-    }
+    common::provision_thermostats(&rt, &ids, devices.div_ceil(256)).await?;
     // Warm up: a few events per device, so that every instance is active and has touched
     // the guest memory pages it keeps using (the first write to a page is a copy-on-write
     // fault with a TLB shootdown); the measurement is then the steady state.

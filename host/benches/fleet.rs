@@ -171,21 +171,7 @@ async fn run(provisioned: usize, live: usize) -> anyhow::Result<()> {
         .await?;
     let ids: Arc<Vec<String>> = Arc::new((0..provisioned).map(|i| format!("t-{i:07}")).collect());
     let base_heap = heap_bytes();
-    let mut tasks = tokio::task::JoinSet::new();
-    for chunk in ids.chunks(provisioned.div_ceil(512)) {
-        let rt = rt.clone();
-        let chunk = chunk.to_vec();
-        tasks.spawn(async move {
-            for id in chunk {
-                rt.provision(&id, "thermostat", &serde_json::json!({"setpoint": 21.0}))
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    common::provision_thermostats(&rt, &ids, 512).await?;
     let (idle_rss, idle_pss, idle_pte) = memory_kib();
     let idle_heap = heap_bytes();
 
