@@ -84,7 +84,9 @@ pub use builder::RuntimeBuilder;
 pub use config::Config;
 pub use deploy::{DeployReport, DeployTotals, JournalCheck, SAMPLE as DEPLOY_SAMPLE, Selection};
 pub use error::{Error, ErrorKind};
-pub use outbox_api::MAX_COMMAND_WAIT;
+pub use outbox_api::{
+    DEFAULT_OUTBOX_PAGE, MAX_COMMAND_WAIT, MAX_OUTBOX_PAGE, OUTBOX_PAGE_BYTES, OutboxPage,
+};
 pub use registry::PluginVersion;
 pub use removal::Removal;
 pub use runtime::Runtime;

@@ -2,7 +2,6 @@
 //! id) and its pending timers. What is owed lives in the journal (`journal/effects.rs`);
 //! these read it and add the waiting.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::Runtime;
@@ -16,58 +15,125 @@ use crate::view::{CommandView, TimerView};
 /// The longest a long poll of an outbox may wait.
 pub const MAX_COMMAND_WAIT: Duration = Duration::from_secs(60);
 
+/// Default number of commands in a page of an outbox ([`Runtime::commands_page`]): the
+/// default outbox cap (`--max-outbox`), so a gateway within it gets everything in one read.
+pub const DEFAULT_OUTBOX_PAGE: usize = 1_000;
+
+/// Most commands in a page of an outbox: a larger `limit` is taken as this.
+pub const MAX_OUTBOX_PAGE: usize = 10_000;
+
+/// A page of an outbox also ends once its commands reach this many bytes (at least one
+/// command is always answered), as a journal page does: one command may be up to 1 MiB, and
+/// an outbox past its cap (messages and timer firings are never refused) may hold thousands,
+/// so without it one read would pull them all into memory at once, and each concurrent read
+/// once more.
+pub const OUTBOX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A page of a device's outbox: what [`Runtime::commands_page`] answers.
+#[derive(Debug, Clone)]
+pub struct OutboxPage {
+    /// Commands in id order (oldest first).
+    pub commands: Vec<crate::view::CommandView>,
+    /// The last id of this page, to pass as `after` for the next one; `None` on the last.
+    pub next: Option<String>,
+}
+
+/// Which part of an outbox a read answers.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    after: Option<EffectId>,
+    limit: usize,
+    bytes: usize,
+}
+
+impl Window {
+    const WHOLE: Window = Window {
+        after: None,
+        limit: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
 impl Runtime {
     /// Device `id`'s outbox: the commands its plugin issued that nobody acknowledged yet (and
     /// whose time to live has not ended), oldest first. Reading does not acknowledge: a
     /// command is delivered again at every read until [`Runtime::ack_command`].
+    ///
+    /// The whole outbox, whatever its size: a server answering clients reads it a page at a
+    /// time with [`Runtime::commands_page`].
     pub fn commands(&self, id: &str) -> Result<Vec<CommandView>, Error> {
-        let result = self.commands_inner(id);
+        let result = self
+            .head(id)
+            .and_then(|head| self.commands_of(&head, Window::WHOLE));
+        self.counted(result).map(|page| page.commands)
+    }
+
+    /// One page of device `id`'s outbox: the commands with ids after `after` (a command id,
+    /// `"<seq>.<index>"`, as listed; it need not be waiting any more), at most `limit` of
+    /// them (clamped to 1..=[`MAX_OUTBOX_PAGE`]), the page ending early once they reach
+    /// [`OUTBOX_PAGE_BYTES`]. A gateway that acknowledges what it read and reads again from
+    /// the start gets the rest; one that does not pages through with `next`.
+    pub fn commands_page(
+        &self,
+        id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<OutboxPage, Error> {
+        let result = window(after, limit)
+            .and_then(|w| self.head(id).and_then(|head| self.commands_of(&head, w)));
         self.counted(result)
     }
 
-    fn commands_inner(&self, id: &str) -> Result<Vec<CommandView>, Error> {
-        let head = self.head(id)?;
-        self.commands_of(&head)
-    }
-
-    /// The outbox of the device `head` names (not of whichever device has its id now).
-    fn commands_of(&self, head: &DeviceHead) -> Result<Vec<CommandView>, Error> {
+    /// The outbox of the device `head` names (not of whichever device has its id now), the
+    /// part `w` says. Records are read only for the commands answered.
+    fn commands_of(&self, head: &DeviceHead, w: Window) -> Result<OutboxPage, Error> {
         let id = &head.id;
         let journal = &self.shared.journal;
-        let pending = journal.outbox(head.num, clock::now_ms());
-        // One read per record, however many commands it issued.
-        let mut by_seq: BTreeMap<u64, Vec<(EffectId, crate::journal::effects::CommandEntry)>> =
-            BTreeMap::new();
-        for (id, c) in pending {
-            by_seq.entry(id.seq).or_default().push((id, c));
-        }
+        let mut pending = journal.outbox(head.num, clock::now_ms());
+        pending.retain(|(cid, _)| w.after.is_none_or(|after| *cid > after));
+        pending.sort_unstable_by_key(|(cid, _)| *cid);
         let mut out = Vec::new();
-        for (seq, commands) in by_seq {
-            let record = journal.read_events(head.num, seq, seq)?.pop();
-            for (cid, c) in commands {
-                let payload = record
-                    .as_ref()
-                    .and_then(|r| r.fx.as_ref())
-                    .and_then(|fx| fx.effects.get(cid.index as usize));
-                let Some(Effect::Command { payload, .. }) = payload else {
-                    // Removed between the index and the read: gone, not broken.
-                    self.same_device(head)?;
-                    return Err(Error::Internal(format!(
-                        "command {}.{} of `{id}` is not in its record",
-                        cid.seq, cid.index
-                    )));
-                };
-                out.push(CommandView {
-                    id: format!("{}.{}", cid.seq, cid.index),
-                    seq: cid.seq,
-                    index: cid.index,
-                    at_ms: c.at_ms,
-                    expires_ms: c.expires_ms,
-                    command: payload.clone(),
-                });
+        let mut bytes = 0usize;
+        let mut taken = 0;
+        // One read per record, however many commands it issued.
+        let mut record: Option<crate::journal::EventRecord> = None;
+        for (cid, c) in &pending {
+            if taken == w.limit || bytes >= w.bytes {
+                break;
             }
+            if record.as_ref().is_none_or(|r| r.seq != cid.seq) {
+                record = journal.read_events(head.num, cid.seq, cid.seq)?.pop();
+            }
+            let payload = record
+                .as_ref()
+                .and_then(|r| r.fx.as_ref())
+                .and_then(|fx| fx.effects.get(cid.index as usize));
+            let Some(Effect::Command { payload, .. }) = payload else {
+                // Removed between the index and the read: gone, not broken.
+                self.same_device(head)?;
+                return Err(Error::Internal(format!(
+                    "command {}.{} of `{id}` is not in its record",
+                    cid.seq, cid.index
+                )));
+            };
+            bytes = bytes.saturating_add(payload.len());
+            taken += 1;
+            out.push(CommandView {
+                id: format!("{}.{}", cid.seq, cid.index),
+                seq: cid.seq,
+                index: cid.index,
+                at_ms: c.at_ms,
+                expires_ms: c.expires_ms,
+                command: payload.clone(),
+            });
         }
-        Ok(out)
+        let next = (taken < pending.len())
+            .then(|| out.last().map(|c| c.id.clone()))
+            .flatten();
+        Ok(OutboxPage {
+            commands: out,
+            next,
+        })
     }
 
     /// [`Runtime::commands`], waiting up to `wait` (at most [`MAX_COMMAND_WAIT`]) for one to
@@ -78,8 +144,32 @@ impl Runtime {
     /// meanwhile, the wait ends with [`Error::UnknownDevice`], even once the id is provisioned
     /// again (a new device, whose commands are not the waiter's).
     pub async fn wait_commands(&self, id: &str, wait: Duration) -> Result<Vec<CommandView>, Error> {
-        let head = match self.head(id) {
-            Ok(h) => h,
+        let page = self.wait_outbox(id, Ok(Window::WHOLE), wait).await?;
+        Ok(page.commands)
+    }
+
+    /// [`Runtime::commands_page`], waiting up to `wait` (at most [`MAX_COMMAND_WAIT`]) for a
+    /// command after `after` when there is none: a gateway that keeps the last id it read
+    /// waits for new commands without acknowledging the old ones first. Removal ends the
+    /// wait as in [`Runtime::wait_commands`].
+    pub async fn wait_commands_page(
+        &self,
+        id: &str,
+        after: Option<&str>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<OutboxPage, Error> {
+        self.wait_outbox(id, window(after, limit), wait).await
+    }
+
+    async fn wait_outbox(
+        &self,
+        id: &str,
+        w: Result<Window, Error>,
+        wait: Duration,
+    ) -> Result<OutboxPage, Error> {
+        let (head, w) = match self.head(id).and_then(|head| Ok((head, w?))) {
+            Ok(hw) => hw,
             Err(e) => return self.counted(Err(e)),
         };
         let notify = self.shared.outbox.waiter(&head.id);
@@ -89,13 +179,15 @@ impl Runtime {
             let arrived = notify.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            let commands =
-                self.counted(self.same_device(&head).and_then(|h| self.commands_of(&h)))?;
-            if !commands.is_empty() || self.shared.outbox.is_closed() {
-                return Ok(commands);
+            let page = self.counted(
+                self.same_device(&head)
+                    .and_then(|h| self.commands_of(&h, w)),
+            )?;
+            if !page.commands.is_empty() || self.shared.outbox.is_closed() {
+                return Ok(page);
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                return Ok(Vec::new());
+                return Ok(page);
             }
         }
     }
@@ -112,7 +204,7 @@ impl Runtime {
             notify: self.shared.outbox.waiter(&head.id),
             rt: self.clone(),
             head,
-            seen: Default::default(),
+            last: None,
         })
     }
 
@@ -265,8 +357,8 @@ pub struct CommandWatch {
     /// The device watched, as it was when the watch began.
     head: DeviceHead,
     notify: std::sync::Arc<tokio::sync::Notify>,
-    /// Ids answered already and still waiting.
-    seen: std::collections::HashSet<String>,
+    /// The last command answered.
+    last: Option<EffectId>,
 }
 
 impl CommandWatch {
@@ -287,16 +379,22 @@ impl CommandWatch {
                 Err(Error::UnknownDevice(_)) => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let all = self.rt.commands_of(&head)?;
-            let waiting: std::collections::HashSet<&str> =
-                all.iter().map(|c| c.id.as_str()).collect();
-            self.seen.retain(|id| waiting.contains(id.as_str()));
-            let fresh: Vec<CommandView> = all
-                .into_iter()
-                .filter(|c| self.seen.insert(c.id.clone()))
-                .collect();
-            if !fresh.is_empty() {
-                return Ok(Some(fresh));
+            // A page at a time after the last one answered: a command issued later has a
+            // later record, so a larger id, and the outbox is never read whole.
+            let page = self.rt.commands_of(
+                &head,
+                Window {
+                    after: self.last,
+                    limit: DEFAULT_OUTBOX_PAGE,
+                    bytes: OUTBOX_PAGE_BYTES,
+                },
+            )?;
+            if let Some(last) = page.commands.last() {
+                self.last = Some(EffectId {
+                    seq: last.seq,
+                    index: last.index,
+                });
+                return Ok(Some(page.commands));
             }
             // Woken by a new command or a stop; looked at again now and then for expiries.
             let _ = tokio::time::timeout(MAX_COMMAND_WAIT, arrived).await;
@@ -304,10 +402,19 @@ impl CommandWatch {
     }
 }
 
+/// The part of an outbox a page after `after` (a command id) of `limit` commands reads.
+fn window(after: Option<&str>, limit: usize) -> Result<Window, Error> {
+    Ok(Window {
+        after: after.map(parse_command_id).transpose()?,
+        limit: limit.clamp(1, MAX_OUTBOX_PAGE),
+        bytes: OUTBOX_PAGE_BYTES,
+    })
+}
+
 /// `"<seq>.<index>"` → the effect id: exactly as the outbox lists ids (decimal digits, no
 /// sign, no leading zero), and within what a record can hold (seq 1 to
 /// [`MAX_EFFECT_SEQ`], index below [`MAX_EFFECTS`]), so an id echoed back is the id listed.
-fn parse_command_id(text: &str) -> Result<EffectId, Error> {
+pub(crate) fn parse_command_id(text: &str) -> Result<EffectId, Error> {
     let bad = |why: &str| {
         Error::MalformedEvent(format!(
             "`{text}` is not a command id (`<seq>.<index>`, as listed by the outbox){why}"

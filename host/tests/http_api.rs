@@ -1403,6 +1403,124 @@ fn commands_watch_json_prints_the_servers_commands_whole() {
     );
 }
 
+/// An outbox is read a page at a time: a page ends at `limit` commands or once they reach 4
+/// MiB, and `next` continues it. Before, one read answered every command at once: 1,000
+/// commands of ~100 KB made a 100 MB answer, and ten concurrent reads took the server from
+/// 53 MB to 1.3 GB. `after` also lets a long poll wait for new commands without
+/// acknowledging the old ones, and `drover commands list` follows `next` to the end.
+#[test]
+fn an_outbox_is_read_a_bounded_page_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+    api.provision("o", "misbehave", json!({}));
+    // 48 commands of 100 KiB: ~4.8 MB, past one page's 4 MiB.
+    for _ in 0..6 {
+        api.send("o", &json!({"type": "command", "count": 8, "kb": 100}));
+    }
+    let ids = |a: &Answer| -> Vec<String> {
+        a.body["commands"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}", &a.text[..a.text.len().min(300)]))
+            .iter()
+            .map(|c| c["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let first = api.get("/v1/devices/o/commands");
+    assert_eq!(first.status, 200);
+    let page1 = ids(&first);
+    assert!(
+        (40..48).contains(&page1.len()),
+        "a page ends once its commands reach 4 MiB: {} of 48",
+        page1.len()
+    );
+    assert!(
+        first.text.len() < 4 * 1024 * 1024 + 120 * 1024,
+        "{}",
+        first.text.len()
+    );
+    assert_eq!(first.body["next"], json!(page1.last().unwrap()));
+    let second = api.get(&format!(
+        "/v1/devices/o/commands?after={}",
+        page1.last().unwrap()
+    ));
+    let page2 = ids(&second);
+    assert_eq!(second.body["next"], Value::Null, "the last page");
+    let all: Vec<String> = page1.iter().chain(&page2).cloned().collect();
+    let expected: Vec<String> = (1..=6)
+        .flat_map(|seq| (0..8).map(move |i| format!("{seq}.{i}")))
+        .collect();
+    assert_eq!(all, expected, "every command once, in order");
+
+    let five = api.get("/v1/devices/o/commands?limit=5&after=3.6");
+    assert_eq!(ids(&five), ["3.7", "4.0", "4.1", "4.2", "4.3"]);
+    // A position, not a command that must be waiting (one acknowledged, say).
+    let between = api.get("/v1/devices/o/commands?limit=2&after=3.9");
+    assert_eq!(ids(&between), ["4.0", "4.1"]);
+    assert_eq!(five.body["next"], "4.3");
+    let past = api.get("/v1/devices/o/commands?after=99.0");
+    assert_eq!(ids(&past), Vec::<String>::new());
+    assert_eq!(past.body["next"], Value::Null);
+    api.get("/v1/devices/o/commands?limit=0")
+        .assert_error(400, "malformed-query");
+    for bad in ["x", "3", "3.", "03.1", "-1.0", "0.0"] {
+        let answer = api.get(&format!("/v1/devices/o/commands?after={bad}"));
+        answer.assert_error(400, "malformed-query");
+        assert!(
+            answer.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("after") && m.contains("<seq>.<index>")),
+            "{}",
+            answer.text
+        );
+    }
+    api.get("/v1/devices/nobody/commands?after=1.0")
+        .assert_error(404, "unknown-device");
+
+    // A long poll after the last command waits for a new one, and answers only it.
+    let url = format!(
+        "{}/v1/devices/o/commands?after=6.7&wait_ms=20000",
+        server.url
+    );
+    let poll = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let body: Value = reqwest::blocking::get(url).unwrap().json().unwrap();
+        (started.elapsed(), body)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    api.send("o", &json!({"type": "command"}));
+    let (took, body) = poll.join().unwrap();
+    assert_eq!(body["commands"].as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(body["commands"][0]["id"], "7.0", "{body}");
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+
+    // The CLI lists them all, across pages.
+    let (ok, out, err) = cli(&["commands", "list", "o", "--server", &server.url]);
+    assert!(ok, "{err}");
+    let listed: Vec<&str> = out.lines().filter_map(|l| l.split("  ").next()).collect();
+    let mut expected = expected;
+    expected.push("7.0".to_string());
+    assert_eq!(listed, expected);
+
+    // The stream sends them all too, a page at a time, each once.
+    let stream = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/devices/o/commands/stream", server.url))
+        .timeout(std::time::Duration::from_secs(60))
+        .send()
+        .unwrap();
+    let mut streamed = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
+        let line = line.unwrap();
+        if let Some(id) = line.strip_prefix("id: ") {
+            streamed.push(id.to_string());
+            if streamed.len() == expected.len() {
+                break;
+            }
+        }
+    }
+    assert_eq!(streamed, expected);
+}
+
 /// A timer's key is the guest's choice of up to 256 bytes: the CLI prints its control
 /// characters escaped, so a key cannot forge lines of `drover timers` or `drover journal`, or
 /// send the terminal escape sequences.

@@ -441,23 +441,32 @@ struct CommandOut {
 #[derive(Debug, Serialize)]
 struct Commands {
     commands: Vec<CommandOut>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    next: Option<String>,
 }
 
 /// Query of `GET /v1/devices/{id}/commands`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsQuery {
-    /// With an empty outbox, wait up to this many ms (at most 60,000) for a command: a
+    /// With nothing to answer, wait up to this many ms (at most 60,000) for a command: a
     /// long poll. Absent or 0: answer at once.
     #[serde(default, deserialize_with = "saturating")]
     wait_ms: Option<u64>,
+    /// Commands with ids after this one (`"<seq>.<index>"`, the previous page's `next`, or
+    /// the last id a gateway read).
+    after: Option<String>,
+    /// Page size, 1..=10,000 (default 1,000; larger is clamped).
+    #[serde(default, deserialize_with = "saturating")]
+    limit: Option<usize>,
 }
 
-/// `GET /v1/devices/{id}/commands[?wait_ms=N]`: the device's outbox, the commands its plugin
-/// issued that nobody acknowledged yet, oldest first:
-/// `{"commands":[{"id":"<seq>.<index>","seq","index","at_ms","expires_ms","command"}]}`.
-/// Reading does not acknowledge: a command is answered again until
-/// `POST /v1/devices/{id}/commands/{command}/ack`.
+/// `GET /v1/devices/{id}/commands[?wait_ms=N][&after=ID][&limit=N]`: the device's outbox, the
+/// commands its plugin issued that nobody acknowledged yet, oldest first, a page at a time:
+/// `{"commands":[{"id":"<seq>.<index>","seq","index","at_ms","expires_ms","command"}],
+/// "next"}`. A page holds up to `limit` commands and ends early once they reach 4 MiB
+/// (`drover::OUTBOX_PAGE_BYTES`). Reading does not acknowledge: a command is answered again
+/// until `POST /v1/devices/{id}/commands/{command}/ack`.
 ///
 /// A waiting poll whose client goes (a reset, or its side closed) ends at once: it held its
 /// connection's place under the connection cap until the wait ran out (see `http/peer.rs`).
@@ -468,21 +477,30 @@ pub async fn commands(
     QueryOf(q): QueryOf<CommandsQuery>,
 ) -> Result<Response, ApiError> {
     let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0));
-    let commands = tokio::select! {
-        commands = app.rt.wait_commands(&id, wait) => commands?,
+    let limit = page_size(q.limit, crate::DEFAULT_OUTBOX_PAGE, crate::MAX_OUTBOX_PAGE)?;
+    if let Some(after) = q.after.as_deref()
+        && let Err(Error::MalformedEvent(why)) = crate::outbox_api::parse_command_id(after)
+    {
+        return Err(ApiError::malformed_query(format!("after: {why}")));
+    }
+    let after = q.after.as_deref();
+    let page = tokio::select! {
+        page = app.rt.wait_commands_page(&id, after, limit, wait) => page?,
         // What the outbox holds now: a client that only closed its side still reads it.
         () = super::peer::gone(peer.map(|p| p.0)) => {
-            app.rt.wait_commands(&id, std::time::Duration::ZERO).await?
+            app.rt.commands_page(&id, after, limit)?
         }
     };
     Ok(json::ok(&Commands {
-        commands: commands
+        commands: page
+            .commands
             .into_iter()
             .map(|mut view| CommandOut {
                 command: Json(std::mem::take(&mut view.command)),
                 view,
             })
             .collect(),
+        next: page.next,
     }))
 }
 

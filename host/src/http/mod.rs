@@ -17,7 +17,7 @@
 //! | `GET /v1/devices/{id}/journal?from=&limit=` | 200 `{"records":[...],"next"}` |
 //! | `POST /v1/devices/{id}/resume` | 200 `{"id","status"}`: ends a quarantine now |
 //! | `GET /v1/devices/{id}/dead-letters` | 200 `{"dead_letters":[...],"retained_away":n}`: events the plugin failed on, undeliverable messages |
-//! | `GET /v1/devices/{id}/commands[?wait_ms=N]` | 200 `{"commands":[...]}`: the outbox, long-polled |
+//! | `GET /v1/devices/{id}/commands[?wait_ms=N][&after=ID][&limit=N]` | 200 `{"commands":[...],"next"}`: the outbox, a page at a time, long-polled |
 //! | `GET /v1/devices/{id}/commands/stream` | 200 `text/event-stream`: each command as it arrives |
 //! | `POST /v1/devices/{id}/commands/{command}/ack` | 200 `{"id","acked"}`: the command leaves the outbox |
 //! | `GET /v1/devices/{id}/timers` | 200 `{"timers":[...]}`: pending durable timers |

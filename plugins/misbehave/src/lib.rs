@@ -40,7 +40,7 @@
 //! | `{"type": "slow_apply", "spin": S, "count": K}` | `K` transitions `{"type": "slow", "spin": S}` whose `apply` each spins `S` loop iterations (guests have no clock: calibrate against the host's time) |
 //! | `{"type": "loop_on_read"}` | one transition `{"type": "loops_on_read"}`: from then on every read of the state (`query`) spins forever |
 //! | `{"type": "loop_on_snapshot"}` | one transition `{"type": "loops_on_snapshot"}`: from then on every `snapshot` spins forever |
-//! | `{"type": "command"}` | one command `{"type": "ping"}` to its outbox, no transition |
+//! | `{"type": "command", "count": K, "kb": N}` | `K` commands (default 1) `{"type": "ping"}` to its outbox, each with a `"payload"` of `N` KiB if `kb` is given, no transition |
 //! | `{"type": "recurse", "depth": N}` | recurses N calls deep, each keeping 1 KiB on the guest's stack (its linear memory), no transition; past the stack (62 KiB, set by the SDK's `plugin-build.rs`) it traps |
 //! | `{"type": "nested", "value": V}` | parses V (any JSON, nested as deep as serde_json allows) into a `serde_json::Value`, no transition |
 //! | `{"type": "loop_on_restore"}` | one transition `{"type": "loops_on_restore"}`: from then on `restore` spins forever on a snapshot taken after it (replays from `init` still fold) |
@@ -194,8 +194,16 @@ pub enum Event {
     V2CannotRestore,
     /// Return a transition whose `apply` panics on a restored state.
     FragileAfterRestore,
-    /// Issue one command.
-    Command,
+    /// Issue `count` commands (default 1), each `{"type": "ping"}`, or with `kb` a
+    /// `"payload"` of that many KiB too.
+    Command {
+        /// Commands to issue.
+        #[serde(default)]
+        count: Option<u32>,
+        /// KiB of payload in each.
+        #[serde(default)]
+        kb: Option<u32>,
+    },
     /// Recurse `depth` calls deep with 1 KiB of guest stack each.
     Recurse {
         /// Calls.
@@ -414,8 +422,17 @@ impl Device for Misbehave {
                 log::log(level, message);
                 vec![]
             }
-            Event::Command => {
-                ctx.command(&drover_guest::serde_json::json!({"type": "ping"}));
+            Event::Command { count, kb } => {
+                let command = match kb {
+                    None => drover_guest::serde_json::json!({"type": "ping"}),
+                    Some(kb) => drover_guest::serde_json::json!({
+                        "type": "ping",
+                        "payload": "x".repeat(kb as usize * 1024),
+                    }),
+                };
+                for _ in 0..count.unwrap_or(1) {
+                    ctx.command(&command);
+                }
                 vec![]
             }
             Event::Recurse { depth } => {

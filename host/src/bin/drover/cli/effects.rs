@@ -21,7 +21,9 @@ pub struct CommandsArgs {
 /// What to do with a device's outbox.
 #[derive(Debug, Subcommand)]
 pub enum CommandsAction {
-    /// Print the commands waiting for the device (not acknowledged yet).
+    /// Print the commands waiting for the device (not acknowledged yet), oldest first. With
+    /// `--json`, each page the server answered on a line of its own (one line unless the
+    /// outbox holds more than 1,000 commands or 4 MiB of them).
     List {
         /// The device id.
         device: String,
@@ -47,10 +49,13 @@ pub enum CommandsAction {
     },
 }
 
-/// `{"commands":[...]}`.
+/// `{"commands":[...],"next"}`: a page of the outbox.
 #[derive(Debug, Deserialize)]
 struct CommandsOut {
     commands: Vec<CommandOut>,
+    /// Where the next page starts (`after`), or none: this was the last.
+    #[serde(default)]
+    next: Option<String>,
 }
 
 /// One command as the server lists it; `watch --json` prints it whole, `rest` included
@@ -73,23 +78,46 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
     match args.action {
         CommandsAction::List { device } => {
-            let path = format!("/v1/devices/{}/commands", segment(&device)?);
-            let (text, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
-            if args.client.json {
-                println!("{text}");
-            } else if out.commands.is_empty() {
-                println!("{device}: no commands waiting");
-            } else {
-                for c in out.commands {
-                    print_command(&c);
+            let id = segment(&device)?;
+            // A page at a time (the server ends one at 1,000 commands or 4 MiB), printed as
+            // it comes: an outbox past its cap is not held in memory whole here either.
+            let mut after: Option<String> = None;
+            let mut listed = 0usize;
+            loop {
+                let path = match &after {
+                    None => format!("/v1/devices/{id}/commands"),
+                    Some(a) => format!("/v1/devices/{id}/commands?after={a}"),
+                };
+                let (text, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
+                listed += out.commands.len();
+                if args.client.json {
+                    println!("{text}");
+                } else {
+                    for c in &out.commands {
+                        print_command(c);
+                    }
                 }
+                match out.next {
+                    Some(next) => after = Some(segment(&next)?),
+                    None => break,
+                }
+            }
+            if listed == 0 && !args.client.json {
+                println!("{device}: no commands waiting");
             }
         }
         CommandsAction::Watch { device, ack } => {
             let id = segment(&device)?;
-            let mut shown = std::collections::HashSet::new();
+            // Each poll asks for what came after the last command printed: it waits for a
+            // new one rather than answering the waiting ones again.
+            let mut after: Option<String> = None;
             loop {
-                let path = format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}");
+                let path = match &after {
+                    None => format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}"),
+                    Some(a) => {
+                        format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}&after={a}")
+                    }
+                };
                 let out: CommandsOut = match api.call_json(api.get(&path)) {
                     Ok((_, out)) => out,
                     // The server restarting, or the connection dropping: a gateway keeps
@@ -101,12 +129,8 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
                     }
                     Err(e) => return Err(e),
                 };
-                let mut fresh = 0;
                 for c in out.commands {
-                    if !shown.insert(c.id.clone()) {
-                        continue;
-                    }
-                    fresh += 1;
+                    after = Some(segment(&c.id)?);
                     if args.client.json {
                         println!("{}", serde_json::to_string(&c)?);
                     } else {
@@ -125,11 +149,6 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
                             );
                         }
                     }
-                }
-                // Everything waiting was shown already (and not acknowledged): wait for
-                // something new instead of asking again at once.
-                if fresh == 0 && !ack {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
                 }
             }
         }
