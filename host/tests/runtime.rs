@@ -833,6 +833,75 @@ async fn a_failed_commit_fails_the_event_and_the_device_continues_without_a_gap(
     rt.shutdown().await;
 }
 
+/// A read needs nothing written: on a full disk it answers the durable state. A read of a
+/// passivated device activates it and passivates it again, and that passivation's snapshot
+/// (best effort: its loss only lengthens the next replay) failing on the full disk failed the
+/// read with `503 journal`, and fenced the device so that every later read failed too until
+/// its next event (a review, after a restart on a full disk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_full_disk_answers_and_a_failed_snapshot_fences_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (builder, faults) = on_faulty_storage(dir.path());
+    let rt = builder
+        .snapshot_every(1000)
+        .idle_timeout(Duration::from_millis(100))
+        .open()
+        .await
+        .expect("runtime opens");
+    rt.provision("c", "misbehave", &json!({}))
+        .await
+        .expect("provision");
+    for _ in 0..3 {
+        rt.send("c", r#"{"type":"ok"}"#).await.expect("ok");
+    }
+    let passivated = async || {
+        for _ in 0..100 {
+            if rt.status("c") == DeviceStatus::Passivated {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("not passivated");
+    };
+    // The disk fills before the device passivates: its passivation's snapshot fails too.
+    faults
+        .with_kind(std::io::ErrorKind::StorageFull)
+        .fail_syncs(u32::MAX);
+    passivated().await;
+    for read in 0..3 {
+        let view = rt.device("c").await.unwrap_or_else(|e| {
+            panic!("read {read} on a full disk: {e}");
+        });
+        assert_eq!(view.summary.seq, 3);
+        assert_eq!(parse(&view.state)["count"], json!(3), "read {read}");
+        assert_eq!(rt.status("c"), DeviceStatus::Passivated, "read {read}");
+    }
+    // Events still fail while it is full, with the disk named.
+    let err = rt
+        .send("c", r#"{"type":"ok"}"#)
+        .await
+        .expect_err("a full disk");
+    assert!(
+        matches!(&err, Error::Journal(j) if j.is_storage_full()),
+        "{err:?}"
+    );
+    // A snapshot that fails on a live device fences nothing either: reads go on.
+    faults.fail_syncs(0);
+    rt.send("c", r#"{"type":"ok"}"#).await.expect("space again");
+    faults.fail_syncs(u32::MAX);
+    passivated().await;
+    let view = rt.device("c").await.expect("read after a failed snapshot");
+    assert_eq!(parse(&view.state)["count"], json!(4));
+    // Space again: the device goes on where its durable history ends, as a replay says.
+    faults.fail_syncs(0);
+    let ack = rt.send("c", r#"{"type":"ok"}"#).await.expect("ok");
+    assert_eq!(ack.seq, 5);
+    let live = state(&rt, "c").await;
+    let replayed = rt.state_at("c", 5).await.expect("replay");
+    assert_eq!(live, parse(&replayed.state));
+    rt.shutdown().await;
+}
+
 /// Readiness names a commit that has been under way too long: a disk that stopped answering
 /// held every event while `/readyz` said ready (a review, through a commit delay of hours;
 /// any hung disk does the same). The event is answered once the disk answers, and readiness

@@ -1474,14 +1474,17 @@ impl Actor {
             .read_state(query_unit, true, status != DeviceStatus::Active)
             .await
             .map(|(seq, state)| (DeviceState { seq, state }, status, quarantine));
-        if status != DeviceStatus::Active {
-            self.passivate().await;
-        }
+        // Answered before the passivation: the answer waits only for what it read, not for
+        // the snapshot the passivation writes (best effort), whose failure on a full disk
+        // would fail the read.
         match result {
             Ok(answer) => self.reply_when_durable(answer, reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
+        }
+        if status != DeviceStatus::Active {
+            self.passivate().await;
         }
     }
 

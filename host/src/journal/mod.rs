@@ -113,8 +113,8 @@ pub enum JournalError {
     /// earlier record failed" to a read that had sent nothing, without naming the disk.
     #[error(
         "an earlier record of this device failed to commit ({cause}): one of its events', or the \
-         marker or snapshot an activation writes (a read activates a device too); nothing more \
-         of it is written until it is rebuilt from the journal at its next message"
+         marker an activation writes (a read activates a device too); nothing more of it is \
+         written until it is rebuilt from the journal at its next message"
     )]
     Fenced {
         kind: std::io::ErrorKind,

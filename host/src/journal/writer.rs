@@ -486,10 +486,16 @@ fn commit(
             };
             *shared.last_failure.lock() = Some((err.kind(), err.to_string()));
             for entry in batch.drain(..) {
+                // A snapshot takes no seq, so its loss leaves no hole in the device's
+                // history, only a longer replay: it fences nothing. (It fenced the device:
+                // on a full disk, the snapshot a read's passivation writes failed that read
+                // and every later one until the device's next event.)
                 if let Entry::Append {
                     lane: Some((lane, generation)),
+                    effect,
                     ..
                 } = &entry
+                    && !matches!(effect, IndexEffect::Snapshot { .. })
                 {
                     lane.fail(*generation);
                 }
