@@ -391,12 +391,15 @@ async fn a_declared_length_over_the_limit_is_refused_before_100_continue() {
     rt.shutdown().await;
 }
 
-/// Bodies buffered at once share a budget: a client's declared body that does not fit
-/// while others are being read is refused `503 overloaded` with `Retry-After` before it is
-/// read, and fits once they are done (a review held 1 GiB with 16 connections each sending
-/// a 60 MiB upload).
+/// Bodies buffered at once share a budget (a review held 1 GiB with 16 connections each
+/// sending a 60 MiB upload), taken as their bytes arrive: heads that declare large bodies and
+/// send nothing hold none of it. When room was taken for the declared length (a chunked
+/// body's whole route limit) before any byte came, eight such heads for 64 MiB uploads held
+/// the whole 512 MiB for the 60 s body timeout and every event meanwhile was refused `503
+/// overloaded` (another review). A body whose bytes do not fit while others are held is
+/// refused `503 overloaded` with `Retry-After`, and fits once they are given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_buffered_at_once_share_a_budget() {
+async fn bodies_buffered_at_once_share_a_budget_of_the_bytes_received() {
     let limits = Limits {
         max_plugin_bytes: 1 << 20,
         max_batch_bytes: 2 << 20,
@@ -406,23 +409,77 @@ async fn bodies_buffered_at_once_share_a_budget() {
     };
     let (_dir, rt, server) = serve(limits).await;
     let addr = server.local_addr();
-    let head = |len: usize, close: bool| {
+    let head = |len: Option<usize>, close: bool| {
         format!(
-            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Content-Length: {len}\r\n{}\r\n",
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{}{}\r\n",
+            match len {
+                Some(len) => format!("Content-Length: {len}\r\n"),
+                None => "Transfer-Encoding: chunked\r\n".to_string(),
+            },
             if close { "Connection: close\r\n" } else { "" }
         )
     };
     const LEN: usize = 1_500_000;
+    let batch = format!("{{\"events\": []}}{}", " ".repeat(LEN - 14));
     tokio::task::spawn_blocking(move || {
-        // Its body arrives slowly: its 1.5 MB are reserved meanwhile.
-        let mut slow = connect(addr);
-        slow.write_all(head(LEN, false).as_bytes()).expect("head");
-        slow.write_all(b"{\"events\": [").expect("start");
+        let post = |body: &str| {
+            let mut conn = connect(addr);
+            conn.write_all(head(Some(body.len()), true).as_bytes())
+                .expect("head");
+            conn.write_all(body.as_bytes()).expect("body");
+            read_to_close(conn).0
+        };
+        // Heads of bodies that never come, past the budget twice over: they hold nothing.
+        let idle: Vec<TcpStream> = (0..6)
+            .map(|i| {
+                let mut conn = connect(addr);
+                let len = (i % 2 == 0).then_some(LEN);
+                conn.write_all(head(len, false).as_bytes()).expect("head");
+                conn
+            })
+            .collect();
         std::thread::sleep(Duration::from_millis(300));
+        let answer = post(&batch);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // (Its device is unknown: the batch is answered 200, its item refused.)
+        let event = r#"{"events": [{"device": "t", "event": {"type": "reading", "celsius": 20}}]}"#;
+        let answer = post(event);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(idle);
+
+        // Its bytes arrive and stop short of the end: they are held meanwhile.
+        let mut slow = connect(addr);
+        slow.write_all(head(Some(LEN), false).as_bytes())
+            .expect("head");
+        slow.write_all(&batch.as_bytes()[..LEN - 50_000])
+            .expect("most of the body");
+        std::thread::sleep(Duration::from_millis(300));
+        // Another's bytes then find no room. Sent a piece at a time, each read by the server
+        // before the next, so that none is unread when it answers (a close with bytes
+        // unread would reset the connection, and the answer could be lost).
         let mut refused = connect(addr);
-        refused.write_all(head(LEN, true).as_bytes()).expect("head");
-        let (answer, _) = read_to_close(refused);
+        refused
+            .write_all(head(Some(LEN), true).as_bytes())
+            .expect("head");
+        refused
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        for piece in batch.as_bytes().chunks(16 * 1024) {
+            let mut buf = [0u8; 4096];
+            match std::io::Read::read(&mut refused, &mut buf) {
+                Ok(n) if n > 0 => {
+                    answer.extend_from_slice(&buf[..n]);
+                    break;
+                }
+                _ => {}
+            }
+            if refused.write_all(piece).is_err() {
+                break;
+            }
+        }
+        let (rest, _) = read_to_close(refused);
+        let answer = String::from_utf8_lossy(&answer).into_owned() + &rest;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(
             answer.contains(r#""code":"overloaded""#)
@@ -431,14 +488,10 @@ async fn bodies_buffered_at_once_share_a_budget() {
             "{answer}"
         );
         drop(slow);
-        // Its reservation is given back once the server sees the body will not come.
-        let body = format!("{{\"events\": []}}{}", " ".repeat(LEN - 14));
+        // Its share is given back once the server sees the body will not come.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let mut conn = connect(addr);
-            conn.write_all(head(LEN, true).as_bytes()).expect("head");
-            conn.write_all(body.as_bytes()).expect("body");
-            let (answer, _) = read_to_close(conn);
+            let answer = post(&batch);
             if answer.starts_with("HTTP/1.1 200") {
                 break;
             }
@@ -451,6 +504,19 @@ async fn bodies_buffered_at_once_share_a_budget() {
     })
     .await
     .expect("client");
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with(r#"drover_http_errors_total{code="overloaded"} "#)
+                && !l.ends_with(" 0")
+        ),
+        "counted where the HTTP layer's refusals are"
+    );
     server.shutdown(Duration::from_secs(1)).await;
     rt.shutdown().await;
 }

@@ -4,7 +4,7 @@
 //! bad query or an unreadable body is answered like every other error (see [`super::error`]).
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -156,56 +156,51 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
     }
 }
 
-/// The raw request body, within the route's [`axum::extract::DefaultBodyLimit`]. Over the
+/// The raw request body, within the route's limit (`limited` in `http/mod.rs`). Over the
 /// limit is 413 `payload-too-large`; a body that cannot be read is 400 `malformed-request`;
-/// one that does not fit in the buffered-body budget now is 503 `overloaded` (see
-/// `limits.rs`). Its reservation in that budget is held as long as the body is.
+/// one that does not fit in the buffered-body budget as it arrives is 503 `overloaded` (see
+/// `limits.rs`). Its share of that budget is held as long as the body is.
 #[derive(Debug)]
 pub struct Body(pub Bytes, #[allow(dead_code)] BodyReservation);
 
 /// A body's share of the buffered-body budget, given back when the body is dropped.
-#[derive(Debug)]
-pub struct BodyReservation(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+#[derive(Debug, Default)]
+pub struct BodyReservation(Option<tokio::sync::OwnedSemaphorePermit>);
 
-impl Body {
-    /// Reserves the body's room in `state`'s budget before it is read: its declared length,
-    /// or (chunked) the route's limit, at most `limit`.
-    fn reserve(
-        req: &Request,
-        state: &super::App,
-        limit: Option<usize>,
-    ) -> Result<BodyReservation, ApiError> {
-        let declared = req
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let route = limit.unwrap_or(state.limits.max_request_bytes) as u64;
-        let chunked = req
-            .headers()
-            .contains_key(axum::http::header::TRANSFER_ENCODING);
-        // Neither length nor chunks: no body at all (HTTP/1.1 framing).
-        let bytes = match declared {
-            Some(n) => n.min(route),
-            None if chunked => route,
-            None => 0,
-        };
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        state
+/// The budget is taken in steps of this many KiB (or up to the route's limit, if less), so
+/// that a body arriving in many small chunks does not take the semaphore at each.
+const RESERVE_STEP_KIB: u32 = 64;
+
+impl BodyReservation {
+    /// Grows the share to cover `len` bytes of a body whose route allows `max`; refused as
+    /// the server's overload when the budget has no room now.
+    fn cover(&mut self, len: usize, max: usize, state: &super::App) -> Result<(), ApiError> {
+        let kib = |b: usize| u32::try_from(b.div_ceil(1024)).unwrap_or(u32::MAX);
+        let held = self.0.as_ref().map_or(0, |p| p.num_permits()) as u32;
+        let needed = kib(len);
+        if needed <= held {
+            return Ok(());
+        }
+        let ask = (needed - held).max(RESERVE_STEP_KIB.min(kib(max).saturating_sub(held)));
+        let more = state
             .body_budget
             .clone()
-            .try_acquire_many_owned(kib)
-            .map(BodyReservation)
+            .try_acquire_many_owned(ask)
             .map_err(|_| {
-                crate::Error::Overloaded(format!(
+                // Counted as the HTTP layer's (`drover_http_errors_total`): the runtime never
+                // saw the request.
+                ApiError::refused(crate::Error::Overloaded(format!(
                     "the server is buffering as many request bodies as it may at once ({} MiB \
-                     together, `--max-buffered-body-mib`) and this one's {} KiB do not fit now; \
-                     try again shortly",
+                     together, `--max-buffered-body-mib`), and this one's next {ask} KiB did \
+                     not fit; try again shortly",
                     state.limits.body_budget_bytes() >> 20,
-                    kib
-                ))
-                .into()
-            })
+                )))
+            })?;
+        match &mut self.0 {
+            Some(permit) => permit.merge(more),
+            None => self.0 = Some(more),
+        }
+        Ok(())
     }
 }
 
@@ -214,7 +209,6 @@ impl FromRequest<super::App> for Body {
 
     async fn from_request(req: Request, state: &super::App) -> Result<Self, Self::Rejection> {
         let route_limit = req.extensions().get::<RouteLimit>().map(|l| l.0);
-        let reservation = Body::reserve(&req, state, route_limit)?;
         let limit = state.limits.body_read_timeout;
         let grace = state.limits.shutdown_grace;
         let mut stopping = state.stopping.subscribe();
@@ -230,14 +224,12 @@ impl FromRequest<super::App> for Body {
         };
         let read = tokio::select! {
             biased;
-            read = tokio::time::timeout(limit, Bytes::from_request(req, state)) => read,
+            read = tokio::time::timeout(limit, read_body(req, state, route_limit)) => read,
             // Not handled (retry later or elsewhere).
             () = stopped => return Err(crate::Error::ShuttingDown.into()),
         };
         match read {
-            Ok(read) => read
-                .map(|bytes| Body(bytes, reservation))
-                .map_err(|r| body_rejection(r, route_limit)),
+            Ok(read) => read,
             Err(_) => Err(ApiError::http(
                 StatusCode::REQUEST_TIMEOUT,
                 codes::BODY_TIMEOUT,
@@ -248,6 +240,51 @@ impl FromRequest<super::App> for Body {
             )),
         }
     }
+}
+
+/// Reads the body of `req` whole, at most its route's limit, taking its room in the
+/// buffered-body budget as its bytes arrive. Room taken before they arrive (the declared
+/// length, or a chunked body's whole route limit) let 8 connections that sent a head for a
+/// 64 MiB upload and then nothing hold the whole 512 MiB for the 60 s body timeout, and every
+/// event meanwhile was refused `503 overloaded` (a review).
+async fn read_body(
+    req: Request,
+    state: &super::App,
+    route_limit: Option<usize>,
+) -> Result<Body, ApiError> {
+    use futures::StreamExt as _;
+    let max = route_limit.unwrap_or(state.limits.max_request_bytes);
+    let mut reservation = BodyReservation::default();
+    let mut stream = req.into_body().into_data_stream();
+    // Most bodies arrive in one chunk, kept as it is; a second one starts a copy.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
+    let mut len = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| unreadable_body(&e.to_string()))?;
+        if chunk.is_empty() {
+            continue;
+        }
+        len = len.saturating_add(chunk.len());
+        if len > max {
+            return Err(over_limit(route_limit));
+        }
+        reservation.cover(len, max, state)?;
+        match first.take() {
+            None if joined.is_empty() => first = Some(chunk),
+            None => joined.extend_from_slice(&chunk),
+            Some(head) => {
+                joined.reserve(head.len() + chunk.len());
+                joined.extend_from_slice(&head);
+                joined.extend_from_slice(&chunk);
+            }
+        }
+    }
+    let bytes = match first {
+        Some(only) => only,
+        None => Bytes::from(joined),
+    };
+    Ok(Body(bytes, reservation))
 }
 
 /// Refuses, on every route and before any body is read, a request whose transfer codings
@@ -325,30 +362,31 @@ pub async fn declared_length(
     }
 }
 
-fn body_rejection(r: BytesRejection, limit: Option<usize>) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::http(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            codes::PAYLOAD_TOO_LARGE,
-            match limit {
-                // The body declared no length (chunked): it went over as it arrived.
-                Some(max) => format!(
-                    "the request body exceeds this route's limit of {max} bytes (its chunks went \
-                     past it as they arrived)"
-                ),
-                None => "the request body exceeds this route's size limit".to_string(),
-            },
-        )
-    } else {
-        // hyper's own words ("error reading a body from connection") do not say what was
-        // wrong; a body that fails here has a broken chunked framing (a chunk size that is
-        // not hex, a chunk shorter than it said) or a connection that broke mid-body.
-        ApiError::malformed_request(format!(
-            "the request body could not be read: its chunked framing is malformed, or the \
-             connection broke before its end ({})",
-            r.body_text()
-        ))
-    }
+/// A body that went past its route's limit as it arrived.
+fn over_limit(limit: Option<usize>) -> ApiError {
+    ApiError::http(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        codes::PAYLOAD_TOO_LARGE,
+        match limit {
+            // The body declared no length (chunked): it went over as it arrived.
+            Some(max) => format!(
+                "the request body exceeds this route's limit of {max} bytes (its chunks went \
+                 past it as they arrived)"
+            ),
+            None => "the request body exceeds this route's size limit".to_string(),
+        },
+    )
+}
+
+/// A body that could not be read: hyper's own words ("error reading a body from
+/// connection") do not say what was wrong; a body that fails here has a broken chunked
+/// framing (a chunk size that is not hex, a chunk shorter than it said) or a connection that
+/// broke mid-body.
+fn unreadable_body(cause: &str) -> ApiError {
+    ApiError::malformed_request(format!(
+        "the request body could not be read: its chunked framing is malformed, or the \
+         connection broke before its end ({cause})"
+    ))
 }
 
 impl Body {

@@ -7,10 +7,12 @@
 //! over the cap is refused before the body is read at all (a client that sent
 //! `Expect: 100-continue` gets the 413 instead of a `100 Continue`). A body that does not
 //! arrive within [`Limits::body_read_timeout`] is 408 `body-timeout`. And all bodies being
-//! buffered at once share a budget ([`Limits::max_buffered_body_bytes`]): each request
-//! reserves its declared length (a chunked one, its route's limit) before its body is read,
-//! and one that does not fit is `503 overloaded` with `Retry-After`, so many connections
-//! together cannot make the server hold more than that either.
+//! buffered at once share a budget ([`Limits::max_buffered_body_bytes`]): each request takes
+//! its room as its bytes arrive, and one whose next bytes do not fit is `503 overloaded` with
+//! `Retry-After`, so many connections together cannot make the server hold more than that
+//! either. Room is taken for bytes received, not declared: reserving the declared length (a
+//! chunked body's whole route limit) before any byte came let eight heads of 64 MiB uploads
+//! that sent nothing hold the whole budget for the body timeout, refusing every event.
 
 use crate::config::defaults;
 
@@ -30,8 +32,8 @@ pub struct Limits {
     pub max_plugin_bytes: usize,
     /// Most bytes of request bodies buffered at once, all connections together (at least
     /// the largest route limit, so one request at its limit always fits; see
-    /// [`Limits::body_budget_bytes`]). A request whose body does not fit now is refused
-    /// `503 overloaded` with `Retry-After` before it is read.
+    /// [`Limits::body_budget_bytes`]). A request whose body's next bytes do not fit now is
+    /// refused `503 overloaded` with `Retry-After`.
     pub max_buffered_body_bytes: usize,
     /// Most records one journal page may ask for.
     pub max_page: usize,

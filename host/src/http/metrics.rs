@@ -43,7 +43,7 @@ const UNMATCHED: usize = ROUTES.len();
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// HTTP-level error codes counted here; the runtime's codes are counted by the runtime.
-const HTTP_CODES: [&str; 13] = [
+const HTTP_CODES: [&str; 14] = [
     codes::MALFORMED_REQUEST,
     codes::TOO_MANY_CONNECTIONS,
     codes::HEADERS_TOO_LARGE,
@@ -57,6 +57,8 @@ const HTTP_CODES: [&str; 13] = [
     codes::PAYLOAD_TOO_LARGE,
     "invalid-id",
     "malformed-event",
+    // A body refused as the buffered-body budget had no room for it (`http/extract.rs`).
+    "overloaded",
 ];
 
 /// See the module docs.

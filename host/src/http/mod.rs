@@ -109,7 +109,7 @@ pub(crate) fn body_budget(limits: &Limits) -> Arc<tokio::sync::Semaphore> {
 pub type App = Arc<AppState>;
 
 /// `route` with a body limit of `max` bytes: the declared length checked before the body is
-/// read, then the bytes counted as they arrive (see `limits.rs`).
+/// read, then the bytes counted as they arrive by the `Body` extractor (see `limits.rs`).
 fn limited(route: MethodRouter<App>, max: usize) -> MethodRouter<App> {
     route
         .layer(DefaultBodyLimit::max(max))
