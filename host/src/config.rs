@@ -182,6 +182,11 @@ pub mod defaults {
     /// request; without this, 16 connections each sending a 60 MiB upload held 1 GiB (a
     /// review), and the connection cap allows thousands.
     pub const MAX_BUFFERED_BODY_BYTES: usize = 512 * 1024 * 1024;
+    /// Most bytes of answers of 64 KiB or more held for their clients at once, all
+    /// connections together (`http/answers.rs`): 128 journal pages at their largest. Without
+    /// it, 250 connections that asked for journal pages and read nothing held 1.1 GB for
+    /// the write timeout (a review).
+    pub const MAX_BUFFERED_ANSWER_BYTES: usize = 512 * 1024 * 1024;
     /// Most records one journal page may ask for.
     pub const MAX_PAGE: usize = 1000;
     /// How long a client may take to send a request head, and how long a keep-alive

@@ -1,5 +1,6 @@
 //! The one middleware every request passes through, around the router: it counts the request,
-//! refuses framing no route can use, and closes a connection whose request body went unread.
+//! refuses framing no route can use, counts large answers in the budget of answers held for
+//! their clients ([`answers`]), and closes a connection whose request body went unread.
 //!
 //! From the outside in: the body is watched ([`keep_alive`]), the request is counted
 //! ([`metrics`]: the refusals below included), then a broken `Host` and unsupported
@@ -12,15 +13,16 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::{App, extract, keep_alive, metrics};
+use super::{App, answers, extract, keep_alive, metrics};
 
 /// The middleware (see the module docs); the router applies it to every route and fallback.
 pub async fn front_door(State(app): State<App>, req: Request, next: Next) -> Response {
     let (req, read) = keep_alive::watch(req);
+    let held = app.clone();
     let response = metrics::track(&app.metrics, req, |req| async move {
         match extract::host(&req).or_else(|| extract::transfer_codings(&req)) {
             Some(refusal) => refusal,
-            None => next.run(req).await,
+            None => answers::hold(&held, next.run(req).await).await,
         }
     })
     .await;

@@ -35,6 +35,11 @@ pub struct Limits {
     /// [`Limits::body_budget_bytes`]). A request whose body's next bytes do not fit now is
     /// refused `503 overloaded` with `Retry-After`.
     pub max_buffered_body_bytes: usize,
+    /// Most bytes of answers held for their clients at once, all connections together (at
+    /// least 1 MiB; see `http/answers.rs`). An answer of 64 KiB or more that does not fit
+    /// now is replaced by `503 overloaded` with `Retry-After`; one larger than the whole
+    /// budget takes all of it.
+    pub max_buffered_answer_bytes: usize,
     /// Most records one journal page may ask for.
     pub max_page: usize,
     /// Longest a client may take to send a request head, and longest a keep-alive
@@ -61,6 +66,7 @@ impl Default for Limits {
             max_batch_items: defaults::MAX_BATCH_ITEMS,
             max_plugin_bytes: defaults::MAX_PLUGIN_BYTES,
             max_buffered_body_bytes: defaults::MAX_BUFFERED_BODY_BYTES,
+            max_buffered_answer_bytes: defaults::MAX_BUFFERED_ANSWER_BYTES,
             max_page: defaults::MAX_PAGE,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,
@@ -80,5 +86,11 @@ impl Limits {
             .max(self.max_batch_bytes)
             .max(self.max_request_bytes)
             .max(self.max_event_bytes)
+    }
+
+    /// The budget of answers held in effect: [`Limits::max_buffered_answer_bytes`], at least
+    /// 1 MiB.
+    pub fn answer_budget_bytes(&self) -> usize {
+        self.max_buffered_answer_bytes.max(1 << 20)
     }
 }

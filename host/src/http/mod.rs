@@ -37,14 +37,16 @@
 //! Layout: [`server`] binds, serves and shuts down; [`devices`], [`batch`], [`plugins`],
 //! [`journal`] and [`ops`] hold the handlers; [`extract`] the extractors that turn axum's rejections into the
 //! error shape; `framing` the same shape for requests hyper cannot parse; [`error`] the status mapping; [`limits`] the size limits; [`keep_alive`] which
-//! connections stay open after an answer; [`front`] the one middleware around every route that
-//! applies those two and the counting; [`peer`] whether a waiting request's client is
+//! connections stay open after an answer; `answers` the budget of answers held for their
+//! clients; [`front`] the one middleware around every route that applies those and the
+//! counting; [`peer`] whether a waiting request's client is
 //! still there; `overflow` what a connection past the cap gets (probes are still answered); [`json`] the
 //! raw-JSON helpers that keep guest output off the parse/reserialize path; [`metrics`] the
 //! HTTP-level counters.
 //!
 //! [`Runtime`]: crate::Runtime
 
+mod answers;
 pub mod batch;
 pub mod devices;
 pub mod error;
@@ -94,13 +96,25 @@ pub struct AppState {
     pub cut_short: Arc<tokio::sync::watch::Sender<bool>>,
     /// The buffered-body budget, in KiB (see `limits.rs`).
     pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// The budget of answers held for their clients, in KiB (see `answers.rs`).
+    pub answer_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// [`AppState::body_budget`] for `limits`: one permit per KiB.
 pub(crate) fn body_budget(limits: &Limits) -> Arc<tokio::sync::Semaphore> {
-    let kib = limits.body_budget_bytes().div_ceil(1024);
+    kib_budget(limits.body_budget_bytes())
+}
+
+/// [`AppState::answer_budget`] for `limits`: one permit per KiB.
+pub(crate) fn answer_budget(limits: &Limits) -> Arc<tokio::sync::Semaphore> {
+    kib_budget(limits.answer_budget_bytes())
+}
+
+fn kib_budget(bytes: usize) -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(
-        kib.min(tokio::sync::Semaphore::MAX_PERMITS)
+        bytes
+            .div_ceil(1024)
+            .min(tokio::sync::Semaphore::MAX_PERMITS)
             .min(u32::MAX as usize),
     ))
 }
@@ -124,6 +138,7 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
     router_of(Arc::new(AppState {
         rt,
         body_budget: body_budget(&limits),
+        answer_budget: answer_budget(&limits),
         limits,
         metrics: metrics::HttpMetrics::default(),
         stopping: Arc::new(tokio::sync::watch::Sender::new(false)),

@@ -189,6 +189,7 @@ impl Server {
         let state: super::App = Arc::new(super::AppState {
             rt: rt.clone(),
             body_budget: super::body_budget(&limits),
+            answer_budget: super::answer_budget(&limits),
             limits,
             metrics: super::metrics::HttpMetrics::default(),
             stopping: stopping.clone(),

@@ -193,6 +193,12 @@ pub struct Tuning {
         defaults::MAX_BUFFERED_BODY_BYTES >> 20,
     ))]
     pub max_buffered_body_mib: Option<usize>,
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 20), help = help(
+        "MiB of answers (of 64 KiB or more) held for their clients at once, all connections \
+         together; one that does not fit now is refused 503 overloaded (1 to 1,048,576)",
+        defaults::MAX_BUFFERED_ANSWER_BYTES >> 20,
+    ))]
+    pub max_buffered_answer_mib: Option<usize>,
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS), help = help(
         "Seconds to let open requests finish at shutdown (0 to 86,400)",
         defaults::DRAIN_TIMEOUT.as_secs(),
@@ -299,6 +305,9 @@ impl Tuning {
         }
         if let Some(mib) = self.max_buffered_body_mib {
             limits.max_buffered_body_bytes = mib << 20;
+        }
+        if let Some(mib) = self.max_buffered_answer_mib {
+            limits.max_buffered_answer_bytes = mib << 20;
         }
         if let Some(n) = self.max_batch_items {
             limits.max_batch_items = n;
