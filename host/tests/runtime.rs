@@ -561,6 +561,19 @@ async fn bad_requests_get_typed_errors_and_write_nothing() {
         !message.contains("backtrace") && !message.contains("unknown import"),
         "not what the abort path tripped over: {err}"
     );
+    // Out of memory in many small allocations (600,000 transitions), where the guest had no
+    // memory left to say so on stderr: the trap named only the environment import its abort
+    // path reads, sending the author after a bug that was not there (a review).
+    let err = rt
+        .send("m", r#"{"type":"slow_apply","spin":0,"count":600000}"#)
+        .await
+        .expect_err("over the memory cap");
+    let message = err.to_string();
+    assert!(
+        message.contains("ran out of memory") && message.contains("--max-guest-memory"),
+        "names the cause and the cap: {err}"
+    );
+    assert!(!message.contains("unknown import"), "{err}");
     if let Err(e) = rt.send("m", r#"{"type":"panic"}"#).await {
         assert!(
             e.to_string().contains("panic"),

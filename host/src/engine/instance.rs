@@ -615,6 +615,7 @@ impl Instance {
     /// of the call it happened in is blamed on it.
     fn arm(&mut self) {
         let _ = self.store.data_mut().limits.take_refusal();
+        let _ = self.store.data_mut().limits.take_capped();
         // A preemptible call dropped before it returned left this set.
         self.store.data_mut().on_fiber = false;
         if self.unit.is_none() {
@@ -706,6 +707,21 @@ impl Instance {
         // `<wasm function 665>`, which broke line-based log processing.)
         let state = self.store.data_mut();
         tracing::debug!(device = %state.device, error = ?e, "guest trapped: the backtrace");
+        let capped = state.limits.take_capped();
+        if let (Some(asked), None) = (capped, &state.last_error) {
+            // Out of memory before it could say so (its stderr needs memory too): the cap
+            // is the story, not how the guest died (a Rust guest's abort path reads
+            // `RUST_BACKTRACE`, an import it has not).
+            let how = if msg.contains("unknown import") {
+                "it then aborted".to_string()
+            } else {
+                msg
+            };
+            msg = format!(
+                "the guest ran out of memory: it asked to grow its memory to {asked} bytes, \
+                 past each instance's cap set by the server (`--max-guest-memory`) ({how})"
+            );
+        }
         if let Some(logged) = state.last_error.take() {
             msg = if msg.contains("unknown import") {
                 // An abort (Rust's out-of-memory path) that tripped over an import on

@@ -100,6 +100,9 @@ pub(crate) struct GuestLimits {
     pending: u64,
     /// Set when the budget refused a growth (see [`GuestLimits::take_refusal`]).
     refused: Option<GuestMemoryRefusal>,
+    /// The size a growth the instance's own cap refused asked for, kept until the call it
+    /// happened in ends (see [`GuestLimits::take_capped`]).
+    capped: Option<usize>,
 }
 
 impl GuestLimits {
@@ -111,6 +114,7 @@ impl GuestLimits {
             taken: 0,
             pending: 0,
             refused: None,
+            capped: None,
         }
     }
 
@@ -123,6 +127,14 @@ impl GuestLimits {
     pub(crate) fn take_refusal(&mut self) -> Option<GuestMemoryRefusal> {
         self.refused.take()
     }
+
+    /// The size (bytes) of a growth past the instance's own memory cap asked for since the
+    /// last call, if any (and forgets it): a guest that then fails ran out of memory,
+    /// whatever it did next (a Rust guest reads `RUST_BACKTRACE` on its way to abort, a
+    /// trap naming the environment import that told its author nothing).
+    pub(crate) fn take_capped(&mut self) -> Option<usize> {
+        self.capped.take()
+    }
 }
 
 impl ResourceLimiter for GuestLimits {
@@ -133,6 +145,7 @@ impl ResourceLimiter for GuestLimits {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if !self.store.memory_growing(current, desired, maximum)? {
+            self.capped = Some(desired);
             return Ok(false);
         }
         let initial = *self.initial.get_or_insert(desired);
