@@ -93,5 +93,5 @@ pub use runtime::Runtime;
 pub use upgrade::SLOW_FAILURES_BEFORE_STOPPING;
 pub use view::{
     CommandView, Committed, DeadLetterView, DeviceState, DeviceStatus, DeviceSummary, DeviceView,
-    JournalEntry, JournalPage, PendingUpgrade, TimerView,
+    JournalEntry, JournalPage, PendingUpgrade, Resumed, TimerView,
 };

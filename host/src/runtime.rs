@@ -670,9 +670,11 @@ impl Runtime {
         self.counted(result)
     }
 
-    /// Ends device `id`'s quarantine now, so its next event runs the guest again; answers
-    /// the status after. A device that is not quarantined is left as it is.
-    pub async fn resume(&self, id: &str) -> Result<DeviceStatus, Error> {
+    /// Ends device `id`'s quarantine now, so its next event runs the guest again, and starts
+    /// its count of failures in a row, and the doubling of its quarantines, afresh: a device
+    /// that is not quarantined has its failures forgotten too (they were kept: its next
+    /// failure would have quarantined it). Answers what it did and the status after.
+    pub async fn resume(&self, id: &str) -> Result<crate::view::Resumed, Error> {
         let (reply, rx) = oneshot::channel();
         let result = match self.shared.router.deliver(id, Message::Resume { reply }) {
             Ok(()) => rx.await.unwrap_or_else(|_| Err(self.actor_gone())),

@@ -165,6 +165,19 @@ pub struct DeadLetterView {
     pub message: String,
 }
 
+/// What [`crate::Runtime::resume`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Resumed {
+    /// The device's status after.
+    pub status: DeviceStatus,
+    /// Whether it was quarantined (and its quarantine was lifted).
+    pub was_quarantined: bool,
+    /// Its failures in a row that were forgotten: a device not quarantined may have some (the
+    /// next one would have quarantined it), and one whose quarantine ran out keeps its count
+    /// until an event succeeds.
+    pub failures_forgotten: u32,
+}
+
 /// A command waiting in a device's outbox (see `GET /v1/devices/{id}/commands`).
 #[derive(Debug, Clone, Serialize)]
 pub struct CommandView {

@@ -1580,11 +1580,49 @@ fn timers_of_a_quarantined_device_say_why_they_wait() {
     assert!(out.contains("fire after it ends"), "{out}");
 
     // Resumed, the timer fires and the listing is empty.
-    api.post("/v1/devices/q/resume", &json!({}));
+    let (ok, out, err) = cli(&["resume", "q", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(quarantine lifted)"), "{out}");
     support::poll_until(std::time::Duration::from_secs(20), "the firing", || {
         let (_, out, _) = cli(&["timers", "q", "--server", &server.url]);
         out.contains("no timers").then_some(())
     });
+
+    // A device not quarantined yet has its failures in a row forgotten too, and says so:
+    // resumed after two, it was quarantined by the next one (a review).
+    for _ in 0..2 {
+        api.post("/v1/devices/q/events", &json!({"type": "panic"}))
+            .assert_error(422, "trap");
+    }
+    let resumed = api.post("/v1/devices/q/resume", &json!({}));
+    assert_eq!(
+        resumed.body["was_quarantined"],
+        json!(false),
+        "{}",
+        resumed.text
+    );
+    assert_eq!(
+        resumed.body["failures_forgotten"],
+        json!(2),
+        "{}",
+        resumed.text
+    );
+    api.post("/v1/devices/q/events", &json!({"type": "panic"}))
+        .assert_error(422, "trap");
+    assert_ne!(
+        api.get("/v1/devices/q").body["status"],
+        json!("quarantined"),
+        "one failure after the resume"
+    );
+    let (ok, out, err) = cli(&["resume", "q", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("was not quarantined; its 1 failure is forgotten"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&["resume", "q", "--server", &server.url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("nothing to do"), "{out}");
 }
 
 /// Logging can never take down the server: with stderr on a full disk (`/dev/full`) it

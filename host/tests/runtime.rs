@@ -1409,10 +1409,10 @@ async fn a_device_whose_plugin_keeps_failing_is_quarantined_and_the_rest_run_on(
     assert!(rt.dead_letters("good").expect("none").is_empty());
 
     // An operator lifts the quarantine: the next event runs the guest again.
-    assert_eq!(
-        rt.resume("bad").await.expect("resume"),
-        DeviceStatus::Passivated
-    );
+    let resumed = rt.resume("bad").await.expect("resume");
+    assert_eq!(resumed.status, DeviceStatus::Passivated);
+    assert!(resumed.was_quarantined);
+    assert_eq!(resumed.failures_forgotten, 3);
     assert_eq!(
         rt.send("bad", r#"{"type":"ok"}"#).await.expect("runs").seq,
         1

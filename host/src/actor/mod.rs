@@ -223,7 +223,7 @@ pub enum Message {
     Passivate,
     /// End a quarantine now (an operator fixed the cause): the next event runs the guest.
     Resume {
-        reply: oneshot::Sender<Result<DeviceStatus, Error>>,
+        reply: oneshot::Sender<Result<crate::view::Resumed, Error>>,
     },
     /// An event from inside: a message another device sent (after its record was durable)
     /// or a timer of this device firing. Handled like an event, except that it is checked
@@ -629,18 +629,26 @@ impl Actor {
                 }
             }
             Message::Resume { reply } => {
-                // A device that is not quarantined is left as it is: its count
-                // of failures in a row stands.
-                if self.quarantine.is_some() {
+                let was_quarantined = self.quarantine.is_some();
+                let failures_forgotten = self.failures;
+                if was_quarantined {
                     tracing::info!(device = %self.head.id, "quarantine lifted on request");
                     // Messages dropped meanwhile come now, not at its planned end.
                     let _ = self
                         .env
                         .dispatch
                         .send(Durable::redeliver(&self.head, Duration::ZERO));
-                    self.recovered();
+                } else if failures_forgotten > 0 {
+                    // Not quarantined yet: its count starts afresh all the same (a review
+                    // resumed a device with two failures, and its next one quarantined it).
+                    tracing::info!(device = %self.head.id, failures = failures_forgotten, "failures in a row forgotten on request");
                 }
-                let _ = reply.send(Ok(self.status()));
+                self.recovered();
+                let _ = reply.send(Ok(crate::view::Resumed {
+                    status: self.status(),
+                    was_quarantined,
+                    failures_forgotten,
+                }));
             }
             // Stopping, and nobody waits for the answer (the server closed its
             // connection at the drain timeout, answered a batch cut short there, or the

@@ -351,14 +351,17 @@ pub async fn state(
 #[derive(Debug, Serialize)]
 struct Resumed {
     id: String,
-    status: DeviceStatus,
+    #[serde(flatten)]
+    what: crate::view::Resumed,
 }
 
 /// `POST /v1/devices/{id}/resume`: ends the device's quarantine now (after fixing what made
-/// its plugin fail), so its next event runs the guest again. 200 `{"id","status"}`.
+/// its plugin fail), so its next event runs the guest again, and starts its count of
+/// failures afresh (also when it is not quarantined). 200
+/// `{"id","status","was_quarantined","failures_forgotten"}`.
 pub async fn resume(State(app): State<App>, Id(id): Id, _: NoQuery) -> Result<Response, ApiError> {
-    let status = app.rt.resume(&id).await?;
-    Ok(json::ok(&Resumed { id, status }))
+    let what = app.rt.resume(&id).await?;
+    Ok(json::ok(&Resumed { id, what }))
 }
 
 /// Query of `DELETE /v1/devices/{id}`.

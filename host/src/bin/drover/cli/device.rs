@@ -597,6 +597,10 @@ pub struct ResumeArgs {
 struct ResumedOut {
     id: String,
     status: String,
+    #[serde(default)]
+    was_quarantined: bool,
+    #[serde(default)]
+    failures_forgotten: u32,
 }
 
 /// Ends a device's quarantine now (`POST /v1/devices/{id}/resume`).
@@ -608,7 +612,13 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
     if args.client.json {
         println!("{text}");
     } else {
-        println!("{}  {}", out.id, out.status);
+        let what = match (out.was_quarantined, out.failures_forgotten) {
+            (true, _) => "quarantine lifted".to_string(),
+            (false, 0) => "was not quarantined, and had no failures: nothing to do".to_string(),
+            (false, 1) => "was not quarantined; its 1 failure is forgotten".to_string(),
+            (false, n) => format!("was not quarantined; its {n} failures in a row are forgotten"),
+        };
+        println!("{}  {}  ({what})", out.id, out.status);
     }
     Ok(ExitCode::SUCCESS)
 }
