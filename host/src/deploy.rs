@@ -202,6 +202,24 @@ impl Runtime {
     ) -> Result<DryRunReport, Error> {
         self.check_open()?;
         let candidate = self.shared.registry.find(plugin, version)?;
+        // Its turn (see `Shared::dry_runs`); a deploy's own sample does not wait for it.
+        let _turn = {
+            let waiting = &self.shared.dry_runs_waiting;
+            waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Counted down however the wait ends (its caller may go away meanwhile).
+            struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _waiting = Waiting(waiting);
+            self.shared
+                .dry_runs
+                .acquire()
+                .await
+                .map_err(|_| Error::ShuttingDown)?
+        };
         let heads = match selection {
             Selection::Sample(n) => spread(self.devices_of(plugin), n),
             Selection::Devices(mut ids) => {
