@@ -342,6 +342,11 @@ impl Runtime {
         config: &serde_json::Value,
     ) -> Result<(DeviceSummary, bool), Error> {
         validate_id(id)?;
+        // A name no plugin can have (`../x`) is refused as such, not looked up.
+        validate_id(plugin).map_err(|e| match e {
+            Error::InvalidId(why) => Error::InvalidId(format!("the plugin name: {why}")),
+            other => other,
+        })?;
         self.check_open()?;
         // An object, as the API and the CLI say: a plugin's serde reads a struct from an
         // array as readily (`[1]` became a setpoint of 1.0, found by a review), and `null`

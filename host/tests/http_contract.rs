@@ -583,6 +583,24 @@ async fn every_bad_input_answers_its_status_and_code() {
             404,
             "unknown-plugin",
         ),
+        // A name no plugin can have is refused as the same name in a path is (it was 404
+        // `unknown-plugin`, as if it could exist).
+        case(
+            "invalid plugin name",
+            M::PUT,
+            "/v1/devices/t2",
+            json_bytes(json!({"plugin": "../x"})),
+            400,
+            "invalid-id",
+        ),
+        case(
+            "empty plugin name",
+            M::PUT,
+            "/v1/devices/t2",
+            json_bytes(json!({"plugin": ""})),
+            400,
+            "invalid-id",
+        ),
         case(
             "no plugin",
             M::PUT,

@@ -152,7 +152,52 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(t)| QueryOf(t))
-            .map_err(|r: QueryRejection| ApiError::malformed_query(r.body_text()))
+            .map_err(|r: QueryRejection| ApiError::malformed_query(short_quotes(&r.body_text())))
+    }
+}
+
+/// `text` with each long word it quotes cut to its start and length. serde's words for an
+/// unknown query parameter name it twice (once in backticks, once as the path of the
+/// error), and a 64 KiB parameter name made a 131 KB error answer (a review).
+fn short_quotes(text: &str) -> String {
+    const KEEP: usize = 48;
+    let mut out = String::with_capacity(text.len().min(1024));
+    let mut rest = text;
+    let mut inside = false;
+    while let Some(at) = rest.find('`') {
+        push_part(&mut out, &rest[..at], inside, KEEP);
+        out.push('`');
+        rest = &rest[at + 1..];
+        inside = !inside;
+    }
+    push_part(&mut out, rest, inside, KEEP);
+    out
+}
+
+/// Appends `part` to `out`, a quoted word cut whole, an unquoted one word by word.
+fn push_part(out: &mut String, part: &str, inside: bool, keep: usize) {
+    let cut = |word: &str| -> String {
+        if word.len() <= keep * 2 {
+            return word.to_string();
+        }
+        let mut end = keep;
+        while !word.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} bytes)", &word[..end], word.len())
+    };
+    if inside {
+        out.push_str(&cut(part));
+    } else {
+        // A word's trailing punctuation (the `:` after a path) is kept, not counted.
+        let words: Vec<String> = part
+            .split(' ')
+            .map(|w| {
+                let core = w.trim_end_matches([':', ',', '.', ';']);
+                format!("{}{}", cut(core), &w[core.len()..])
+            })
+            .collect();
+        out.push_str(&words.join(" "));
     }
 }
 
@@ -520,7 +565,24 @@ fn is_host_and_port(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_host_and_port;
+    use super::{is_host_and_port, short_quotes};
+
+    /// Long names are cut wherever the message has them; short ones and the rest stay.
+    #[test]
+    fn long_quoted_names_are_cut_to_their_start_and_length() {
+        let short = "Failed to deserialize query string: x: unknown field `x`, expected `after`";
+        assert_eq!(short_quotes(short), short);
+        let name = "é".repeat(30_000);
+        let text = format!(
+            "Failed to deserialize query string: {name}: unknown field `{name}`, expected one \
+             of `after`, `limit`"
+        );
+        let cut = short_quotes(&text);
+        assert!(cut.len() < 400, "{cut}");
+        assert_eq!(cut.matches("… (60000 bytes)").count(), 2, "{cut}");
+        assert!(cut.ends_with("expected one of `after`, `limit`"), "{cut}");
+        assert!(cut.contains("unknown field `éé"), "{cut}");
+    }
 
     #[test]
     fn host_values_are_a_host_and_an_optional_port() {
