@@ -656,6 +656,18 @@ fn the_data_directory_commands_offer_no_server_flags() {
     let (ok, out, err) = cli(&["journal", "--help"]);
     assert!(ok, "{err}");
     assert!(out.contains("--server"), "{out}");
+    // `--server` after `export` most likely means a device named `export` on a server: the
+    // error says how to write that (clap's own words were "unexpected argument").
+    for what in ["export", "import"] {
+        let (ok, out, err) = cli(&["journal", what, "--server", "http://127.0.0.1:1"]);
+        assert!(!ok, "{out}");
+        assert!(
+            err.contains(&format!(
+                "put the options first: `drover journal --server URL {what}`"
+            )),
+            "{err}"
+        );
+    }
 }
 
 /// An export that fails (an unknown device, a directory with no journal) exits non-zero with

@@ -25,7 +25,7 @@ pub enum JournalAction {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The device to export (or `--all`).
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    #[arg(required_unless_present_any = ["all", "server"], conflicts_with = "all")]
     pub device: Option<String>,
     /// Export every device.
     #[arg(long)]
@@ -43,16 +43,35 @@ pub struct ExportArgs {
     /// Write to this file instead of stdout.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    /// Not an option of `export`: taken only to say what was meant (see [`server_meant`]).
+    #[arg(long, hide = true)]
+    pub server: Option<String>,
 }
 
 /// `drover journal import`.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// The export file.
-    pub file: PathBuf,
+    #[arg(required_unless_present = "server")]
+    pub file: Option<PathBuf>,
     /// The data directory to import into (created if missing; no server may be using it).
     #[arg(long, default_value = "./data")]
     pub data: PathBuf,
+    /// Not an option of `import`: taken only to say what was meant (see [`server_meant`]).
+    #[arg(long, hide = true)]
+    pub server: Option<String>,
+}
+
+/// The error for `drover journal export|import --server URL`: those work on data
+/// directories, so it most likely names a device called `export` or `import` whose journal
+/// is to be read from a server, which clap took for the subcommand (its own words, "unexpected
+/// argument '--server' found", did not say how to write it).
+fn server_meant(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`drover journal {what}` works on a data directory (`--data DIR`), not a server. To read \
+         the journal of a device named `{what}` from a server, put the options first: `drover \
+         journal --server URL {what}`"
+    )
 }
 
 /// `drover backup`.
@@ -69,6 +88,8 @@ pub struct BackupArgs {
 /// Runs `drover journal export|import`.
 pub fn run(action: JournalAction) -> anyhow::Result<ExitCode> {
     match action {
+        JournalAction::Export(args) if args.server.is_some() => Err(server_meant("export")),
+        JournalAction::Import(args) if args.server.is_some() => Err(server_meant("import")),
         JournalAction::Export(args) => export(args),
         JournalAction::Import(args) => import(args),
     }
@@ -194,11 +215,15 @@ fn finish_export(
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    // Required unless `--server` was given, which `run` answers first.
+    let file = args
+        .file
+        .ok_or_else(|| anyhow::anyhow!("the export file to import is missing"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let summary = drover::export::import(&args.data, &args.file).await?;
+        let summary = drover::export::import(&args.data, &file).await?;
         println!(
             "imported {} device(s), {} record(s); {} plugin version(s) registered{}{}",
             summary.devices,
