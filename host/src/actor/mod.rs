@@ -795,7 +795,13 @@ impl Actor {
         // Records this actor already submitted must be durable (or failed) before the journal
         // is read, or the rebuild would miss them. Nothing in flight: no round trip.
         if self.must_sync || !self.writer.is_idle() {
-            self.env.journal.barrier().await?;
+            match self.env.journal.barrier().await {
+                // Settled either way: what failed is not in the journal the rebuild reads.
+                // (A failed commit failed the activation, and on a full disk the read that
+                // came while the previous read's passivation snapshot was in flight.)
+                Ok(()) | Err(JournalError::Commit { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
             self.must_sync = false;
         }
         // Nothing of this actor is in flight now: the journal alone says what is owed (a
@@ -1482,17 +1488,17 @@ impl Actor {
             .read_state(query_unit, true, status != DeviceStatus::Active)
             .await
             .map(|(seq, state)| (DeviceState { seq, state }, status, quarantine));
-        // Answered before the passivation: the answer waits only for what it read, not for
-        // the snapshot the passivation writes (best effort), whose failure on a full disk
-        // would fail the read.
+        // Passivated before it is answered, so that the answer finds it as it says it is;
+        // the snapshot the passivation writes (best effort) failing on a full disk fails
+        // nothing (see `DeviceWriter::when_durable`).
+        if status != DeviceStatus::Active {
+            self.passivate().await;
+        }
         match result {
             Ok(answer) => self.reply_when_durable(answer, reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
-        }
-        if status != DeviceStatus::Active {
-            self.passivate().await;
         }
     }
 

@@ -2170,18 +2170,22 @@ impl DeviceWriter {
     /// Runs `done` once everything this lane submitted so far is durable, with an error if
     /// any of it failed (so a read answered through it never shows what a crash or a failed
     /// commit could take back).
+    ///
+    /// A failed commit fails it only if it fenced the lane: a batch that failed with none of
+    /// the lane's records that fence (its snapshots fence nothing, see `writer.rs`) took
+    /// nothing a read could show. On a full disk, the barrier of a read that came while the
+    /// previous read's passivation snapshot was in flight failed with that batch, and the
+    /// read with it.
     pub fn when_durable(&self, done: OnDurable) {
         let lane = self.lane.clone();
         let shared = self.journal.inner.shared.clone();
         let generation = self.generation;
         self.journal.submit(Entry::Barrier(Box::new(move |r| {
-            let r = r.and_then(|()| {
-                if lane.is_failed(generation) {
-                    Err(shared.fenced())
-                } else {
-                    Ok(())
-                }
-            });
+            let r = match r {
+                Err(JournalError::Commit { .. }) | Ok(()) if !lane.is_failed(generation) => Ok(()),
+                Ok(()) => Err(shared.fenced()),
+                Err(e) => Err(e),
+            };
             done(r);
         })));
     }
