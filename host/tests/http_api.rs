@@ -1476,6 +1476,13 @@ fn an_outbox_is_read_a_bounded_page_at_a_time() {
     }
     api.get("/v1/devices/nobody/commands?after=1.0")
         .assert_error(404, "unknown-device");
+    // A long one is not echoed whole.
+    let long = api.get(&format!(
+        "/v1/devices/o/commands?after={}",
+        "7".repeat(20_000)
+    ));
+    long.assert_error(400, "malformed-query");
+    assert!(long.text.len() < 1000, "{}", long.text.len());
 
     // A long poll after the last command waits for a new one, and answers only it.
     let url = format!(

@@ -107,8 +107,9 @@ async fn hold_in(
         return ApiError::refused(crate::Error::Overloaded(format!(
             "the server holds as many answers for their clients as it may at once ({} MiB \
              together, `--max-buffered-answer-mib`: clients that read their answers slowly \
-             hold them) and this one's {kib} KiB do not fit now; try again shortly",
-            limits.answer_budget_bytes() >> 20
+             hold them) and this one's {} KiB do not fit now; try again shortly",
+            limits.answer_budget_bytes() >> 20,
+            len.div_ceil(1024)
         )))
         .into_response();
     };

@@ -484,7 +484,9 @@ pub async fn commands(
     if let Some(after) = q.after.as_deref()
         && let Err(Error::MalformedEvent(why)) = crate::outbox_api::parse_command_id(after)
     {
-        return Err(ApiError::malformed_query(format!("after: {why}")));
+        return Err(ApiError::malformed_query(super::extract::short_quotes(
+            &format!("after: {why}"),
+        )));
     }
     let after = q.after.as_deref();
     let page = tokio::select! {

@@ -159,7 +159,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryOf<T> {
 /// `text` with each long word it quotes cut to its start and length. serde's words for an
 /// unknown query parameter name it twice (once in backticks, once as the path of the
 /// error), and a 64 KiB parameter name made a 131 KB error answer (a review).
-fn short_quotes(text: &str) -> String {
+pub(crate) fn short_quotes(text: &str) -> String {
     const KEEP: usize = 48;
     let mut out = String::with_capacity(text.len().min(1024));
     let mut rest = text;
@@ -212,8 +212,11 @@ pub struct Body(pub Bytes, #[allow(dead_code)] BodyReservation);
 #[derive(Debug, Default)]
 pub struct BodyReservation(Option<tokio::sync::OwnedSemaphorePermit>);
 
-/// The budget is taken in steps of this many KiB (or up to the route's limit, if less), so
-/// that a body arriving in many small chunks does not take the semaphore at each.
+/// Past its first 64 KiB, a body takes the budget in steps of this many KiB (or up to the
+/// route's limit, if less), so that one arriving in many small chunks does not take the
+/// semaphore at each; below, it takes what it holds, so that a byte held by each of the
+/// 8,192 connections allowed takes 8 MiB, not the whole budget (a review: with 64 KiB
+/// taken for a first byte, 8,192 bytes would have refused every body).
 const RESERVE_STEP_KIB: u32 = 64;
 
 impl BodyReservation {
@@ -226,7 +229,11 @@ impl BodyReservation {
         if needed <= held {
             return Ok(());
         }
-        let ask = (needed - held).max(RESERVE_STEP_KIB.min(kib(max).saturating_sub(held)));
+        let ask = if needed <= RESERVE_STEP_KIB {
+            needed - held
+        } else {
+            (needed - held).max(RESERVE_STEP_KIB.min(kib(max).saturating_sub(held)))
+        };
         let more = state
             .body_budget
             .clone()

@@ -73,6 +73,30 @@ struct CommandOut {
 /// How long one long poll of `watch` waits, in ms (under the client's 60 s timeout).
 const WATCH_POLL_MS: u64 = 25_000;
 
+/// How often a read of the outbox is asked again while the server answers `503 overloaded`.
+const BUSY_TRIES: u32 = 30;
+
+/// `call`, asked again a second later while the server answers `503 overloaded` (it holds as
+/// many answers for slow readers as it may, say), up to [`BUSY_TRIES`] times: a gateway's
+/// watch died of the first such answer (a review), where the server asked it to come back.
+fn busy_retried<T>(mut call: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let mut tries = 0;
+    loop {
+        match call() {
+            Err(e)
+                if tries < BUSY_TRIES
+                    && e.downcast_ref::<ApiFailure>()
+                        .is_some_and(|f| f.status == 503 && f.code == "overloaded") =>
+            {
+                tries += 1;
+                tracing::warn!(error = %e, "the server is busy; asking again in 1 s");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs `drover commands`.
 pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
     let api = ApiClient::new(&args.client)?;
@@ -88,7 +112,8 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
                     None => format!("/v1/devices/{id}/commands"),
                     Some(a) => format!("/v1/devices/{id}/commands?after={a}"),
                 };
-                let (text, out): (String, CommandsOut) = api.call_json(api.get(&path))?;
+                let (text, out): (String, CommandsOut) =
+                    busy_retried(|| api.call_json(api.get(&path)))?;
                 listed += out.commands.len();
                 if args.client.json {
                     println!("{text}");
@@ -118,7 +143,7 @@ pub fn commands(args: CommandsArgs) -> anyhow::Result<ExitCode> {
                         format!("/v1/devices/{id}/commands?wait_ms={WATCH_POLL_MS}&after={a}")
                     }
                 };
-                let out: CommandsOut = match api.call_json(api.get(&path)) {
+                let out: CommandsOut = match busy_retried(|| api.call_json(api.get(&path))) {
                     Ok((_, out)) => out,
                     // The server restarting, or the connection dropping: a gateway keeps
                     // watching. An answer from the server (an unknown device) ends the watch.

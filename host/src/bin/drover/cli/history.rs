@@ -68,9 +68,9 @@ pub struct ImportArgs {
 /// argument '--server' found", did not say how to write it).
 fn server_meant(what: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "`drover journal {what}` works on a data directory (`--data DIR`), not a server. To read \
-         the journal of a device named `{what}` from a server, put the options first: `drover \
-         journal --server URL {what}`"
+        "`drover journal {what}` works on a data directory (`--data DIR`) and takes no \
+         `--server`. (To read the journal of a device named `{what}` from a server, put the \
+         options first: `drover journal --server URL {what}`)"
     )
 }
 
