@@ -175,6 +175,7 @@ pub async fn list(
     QueryOf(q): QueryOf<ListQuery>,
 ) -> Result<Response, ApiError> {
     let limit = page_size(q.limit, 1000, 10_000)?;
+    let _turn = app.page_turn().await?;
     let (page, more) = match q.status.as_deref() {
         None => app.rt.device_ids_page(q.after.as_deref(), limit),
         Some("quarantined") => {
@@ -297,6 +298,7 @@ pub async fn journal(
     let limit = page_size(q.limit, 100, app.limits.max_page)?;
     // Absent: from the oldest record kept (seq 1 unless retention deleted history).
     let from = q.from.unwrap_or(0);
+    let _turn = app.page_turn().await?;
     let rt = app.rt.clone();
     // Pages are read from the journal file: keep the reads off the async workers.
     let page = tokio::task::spawn_blocking(move || rt.journal_page(&id, from, limit))
@@ -410,6 +412,7 @@ pub async fn dead_letters(
     Id(id): Id,
     _: NoQuery,
 ) -> Result<Response, ApiError> {
+    let _turn = app.page_turn().await?;
     let rt = app.rt.clone();
     let (letters, retained_away) = tokio::task::spawn_blocking(move || {
         // Listed first: a retention pass between the two reads may count a letter listed,

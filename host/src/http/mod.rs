@@ -98,6 +98,28 @@ pub struct AppState {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// The budget of answers held for their clients, in KiB (see `answers.rs`).
     pub answer_budget: Arc<tokio::sync::Semaphore>,
+    /// Turns to build a page that may be large (a journal page, a page of devices, dead
+    /// letters): two per core at a time (see [`AppState::page_turn`]).
+    pub page_builds: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// A turn to build a page that may be large, waited for. A page is built whole (its
+    /// records, then its JSON) before it is held for its client (`answers.rs`): 250 clients
+    /// asking for 4 MiB journal pages at once built them all at once, and took a server past
+    /// 1 GB before the answer budget could refuse any (a review).
+    pub(crate) async fn page_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        self.page_builds
+            .acquire()
+            .await
+            .map_err(|_| ApiError::from(crate::Error::ShuttingDown))
+    }
+}
+
+/// [`AppState::page_builds`]: two turns per core.
+pub(crate) fn page_builds() -> Arc<tokio::sync::Semaphore> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    Arc::new(tokio::sync::Semaphore::new(2 * cores))
 }
 
 /// [`AppState::body_budget`] for `limits`: one permit per KiB.
@@ -139,6 +161,7 @@ pub fn router(rt: Runtime, limits: Limits) -> Router {
         rt,
         body_budget: body_budget(&limits),
         answer_budget: answer_budget(&limits),
+        page_builds: page_builds(),
         limits,
         metrics: metrics::HttpMetrics::default(),
         stopping: Arc::new(tokio::sync::watch::Sender::new(false)),

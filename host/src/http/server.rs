@@ -190,6 +190,7 @@ impl Server {
             rt: rt.clone(),
             body_budget: super::body_budget(&limits),
             answer_budget: super::answer_budget(&limits),
+            page_builds: super::page_builds(),
             limits,
             metrics: super::metrics::HttpMetrics::default(),
             stopping: stopping.clone(),
