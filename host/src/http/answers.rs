@@ -15,13 +15,17 @@
 //! connection cap bounds them together, and they must not be refused because pages are
 //! being read slowly.
 //!
-//! The share is held by the answer's body, which hands its bytes to hyper [`CHUNK`] at a
-//! time: hyper asks for the next piece only while its own write buffer holds less than ~400
-//! KiB (its `max_buf_size`), so the body, and the share, live until the client has read all
-//! but the last few hundred KiB. (Given a body whole, hyper copied all its bytes at once into
-//! its write buffer and dropped the body at once: a share held by the body was given back
-//! long before the client read anything. What hyper buffers, up to ~400 KiB per connection,
-//! is bounded by the connection cap.)
+//! The share is owned by the answer's bytes (`Bytes::from_owner`), handed to hyper [`CHUNK`]
+//! at a time: every piece hyper holds keeps it, so it is given back once hyper has handed the
+//! last piece to the socket (or dropped it with its connection), whether hyper queues pieces
+//! as they are or copies them into its write buffer (then it asks for the next piece only
+//! while that holds less than ~400 KiB). Given a body whole, hyper copied all of it at once
+//! and dropped the body: a share held by the body was given back long before the client read
+//! anything. What the kernel's socket buffer has taken (megabytes, over loopback) is not the
+//! process's memory, and is not counted.
+//!
+//! Pages are also built a few at a time ([`super::AppState::page_turn`]): held answers are
+//! bounded here, answers being built there.
 
 use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse as _, Response};

@@ -99,7 +99,7 @@ pub struct AppState {
     /// The budget of answers held for their clients, in KiB (see `answers.rs`).
     pub answer_budget: Arc<tokio::sync::Semaphore>,
     /// Turns to build a page that may be large (a journal page, a page of devices, dead
-    /// letters): two per core at a time (see [`AppState::page_turn`]).
+    /// letters): two per core at a time (see `AppState::page_turn`).
     pub page_builds: Arc<tokio::sync::Semaphore>,
 }
 
