@@ -52,6 +52,16 @@ impl Window {
         limit: usize::MAX,
         bytes: usize::MAX,
     };
+
+    /// A page after `after` of at most `limit` commands (clamped to 1..=[`MAX_OUTBOX_PAGE`])
+    /// and [`OUTBOX_PAGE_BYTES`].
+    fn page(after: Option<EffectId>, limit: usize) -> Window {
+        Window {
+            after,
+            limit: limit.clamp(1, MAX_OUTBOX_PAGE),
+            bytes: OUTBOX_PAGE_BYTES,
+        }
+    }
 }
 
 impl Runtime {
@@ -94,11 +104,10 @@ impl Runtime {
         pending.sort_unstable_by_key(|(cid, _)| *cid);
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let mut taken = 0;
         // One read per record, however many commands it issued.
         let mut record: Option<crate::journal::EventRecord> = None;
         for (cid, c) in &pending {
-            if taken == w.limit || bytes >= w.bytes {
+            if out.len() == w.limit || bytes >= w.bytes {
                 break;
             }
             if record.as_ref().is_none_or(|r| r.seq != cid.seq) {
@@ -117,7 +126,6 @@ impl Runtime {
                 )));
             };
             bytes = bytes.saturating_add(payload.len());
-            taken += 1;
             out.push(CommandView {
                 id: format!("{}.{}", cid.seq, cid.index),
                 seq: cid.seq,
@@ -127,7 +135,7 @@ impl Runtime {
                 command: payload.clone(),
             });
         }
-        let next = (taken < pending.len())
+        let next = (out.len() < pending.len())
             .then(|| out.last().map(|c| c.id.clone()))
             .flatten();
         Ok(OutboxPage {
@@ -381,14 +389,9 @@ impl CommandWatch {
             };
             // A page at a time after the last one answered: a command issued later has a
             // later record, so a larger id, and the outbox is never read whole.
-            let page = self.rt.commands_of(
-                &head,
-                Window {
-                    after: self.last,
-                    limit: DEFAULT_OUTBOX_PAGE,
-                    bytes: OUTBOX_PAGE_BYTES,
-                },
-            )?;
+            let page = self
+                .rt
+                .commands_of(&head, Window::page(self.last, DEFAULT_OUTBOX_PAGE))?;
             if let Some(last) = page.commands.last() {
                 self.last = Some(EffectId {
                     seq: last.seq,
@@ -404,11 +407,10 @@ impl CommandWatch {
 
 /// The part of an outbox a page after `after` (a command id) of `limit` commands reads.
 fn window(after: Option<&str>, limit: usize) -> Result<Window, Error> {
-    Ok(Window {
-        after: after.map(parse_command_id).transpose()?,
-        limit: limit.clamp(1, MAX_OUTBOX_PAGE),
-        bytes: OUTBOX_PAGE_BYTES,
-    })
+    Ok(Window::page(
+        after.map(parse_command_id).transpose()?,
+        limit,
+    ))
 }
 
 /// `"<seq>.<index>"` → the effect id: exactly as the outbox lists ids (decimal digits, no

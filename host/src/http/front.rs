@@ -18,11 +18,12 @@ use super::{App, answers, extract, keep_alive, metrics};
 /// The middleware (see the module docs); the router applies it to every route and fallback.
 pub async fn front_door(State(app): State<App>, req: Request, next: Next) -> Response {
     let (req, read) = keep_alive::watch(req);
-    let held = app.clone();
+    // Borrowed into the routed future: no clone of the state per request.
+    let held = &app;
     let response = metrics::track(&app.metrics, req, |req| async move {
         match extract::host(&req).or_else(|| extract::transfer_codings(&req)) {
             Some(refusal) => refusal,
-            None => answers::hold(&held, next.run(req).await).await,
+            None => answers::hold(held, next.run(req).await).await,
         }
     })
     .await;
